@@ -1,0 +1,14 @@
+//! Core types shared by every Tributary crate.
+//!
+//! An adapter turns bytes from a partner into an [`Envelope`] and hands it to the journal; the
+//! journal tracks each message through the [`MessageState`] machine. Nothing here does I/O.
+
+mod envelope;
+mod ids;
+mod state;
+mod time_util;
+
+pub use envelope::{Envelope, EnvelopeBuilder, Protocol};
+pub use ids::{deterministic_id, MessageId, PartnerId, TenantId};
+pub use state::{MessageState, StateError, StateKind};
+pub use time_util::{format_rfc3339_millis, now_millis, parse_rfc3339_millis};

@@ -1,0 +1,72 @@
+//! The shared runtime: storage handles, readiness and shutdown, plus the [`Source`] and [`Sink`]
+//! traits every adapter implements. The binary builds one [`Runtime`] and hands it to each
+//! registered component.
+
+use async_trait::async_trait;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use tokio_util::sync::CancellationToken;
+use tributary_storage::{AuditLog, Db, Journal, Store};
+
+/// Health of one component as `/ready` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ComponentStatus {
+    Starting,
+    Ready,
+    /// Not serving; `reason` is for operators (no PHI: addresses, config keys, error kinds).
+    Failed {
+        reason: String,
+    },
+}
+
+/// Readiness of every component; `/ready` answers 200 only when all are `Ready`.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    inner: Arc<RwLock<BTreeMap<String, ComponentStatus>>>,
+}
+
+impl Readiness {
+    pub fn set(&self, component: &str, status: ComponentStatus) {
+        if let Ok(mut m) = self.inner.write() {
+            m.insert(component.to_string(), status);
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, ComponentStatus> {
+        self.inner.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub fn all_ready(&self) -> bool {
+        let snap = self.snapshot();
+        !snap.is_empty() && snap.values().all(|s| *s == ComponentStatus::Ready)
+    }
+}
+
+/// Handles every component gets. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    pub db: Db,
+    pub journal: Arc<dyn Journal>,
+    pub store: Arc<dyn Store>,
+    pub audit: AuditLog,
+    pub readiness: Readiness,
+    /// Cancelled on SIGTERM/SIGINT: stop accepting, finish in-flight work, return.
+    pub shutdown: CancellationToken,
+}
+
+/// An ingress adapter's running listener (MLLP, SOAP, X12 over HTTP, AMQP queue, FHIR notifications).
+#[async_trait]
+pub trait Source: Send + 'static {
+    fn name(&self) -> &str;
+    /// Runs until `rt.shutdown` is cancelled; reports readiness under its name.
+    async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()>;
+}
+
+/// An egress relay draining the outbox (Kafka, AMQP, FHIR Subscriptions, downstream MLLP).
+#[async_trait]
+pub trait Sink: Send + 'static {
+    fn name(&self) -> &str;
+    async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()>;
+}

@@ -1,0 +1,222 @@
+//! Group commit: one thread owns every durable write.
+//!
+//! Callers submit a job (a closure that reads and writes through a [`Txn`]) over a bounded
+//! channel. The committer takes the first waiting job, then every job that queued up behind it
+//! (up to `max_group`), applies them all to one fjall write batch, and commits that batch with one
+//! `fsync`. Only then does any caller's future resolve. With N concurrent writers and a disk whose
+//! fsync costs ~4 ms, throughput grows ~N-fold instead of capping at ~250 writes/s.
+//!
+//! Jobs run one after the other on this thread, so a job sees the writes of the jobs before it in
+//! the same group (point reads only) and may keep counters (sequence numbers, the audit chain
+//! head) without locks. A job that returns an error leaves no writes behind.
+
+use crate::db::{Table, Tables};
+use crate::{Result, StorageError};
+use fjall::{Database, PersistMode};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+type Job = Box<dyn FnOnce(&mut Txn<'_>) -> Completion + Send>;
+
+/// Sequence counters owned by the committer thread; loaded from disk at open.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub journal_seq: u64,
+    pub outbox_seq: u64,
+    pub audit_seq: u64,
+    pub audit_head: [u8; 32],
+}
+
+type Op = (Table, Vec<u8>, Option<Vec<u8>>);
+
+/// The write view a job gets: point reads see earlier writes of the same group.
+pub struct Txn<'a> {
+    tables: &'a Tables,
+    pub counters: &'a mut Counters,
+    overlay: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    ops: Vec<Op>,
+    job_ops: Vec<Op>,
+}
+
+impl<'a> Txn<'a> {
+    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some((_, _, v)) = self
+            .job_ops
+            .iter()
+            .rev()
+            .find(|(t, k, _)| *t == table && k == key)
+        {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.overlay.get(&(table, key.to_vec())) {
+            return Ok(v.clone());
+        }
+        Ok(self.tables.get(table).get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.job_ops.push((table, key, Some(value)));
+    }
+
+    pub fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.job_ops.push((table, key, None));
+    }
+
+    fn finish_job(&mut self, keep: bool) {
+        let ops = std::mem::take(&mut self.job_ops);
+        if keep {
+            for (t, k, v) in ops {
+                self.overlay.insert((t, k.clone()), v.clone());
+                self.ops.push((t, k, v));
+            }
+        }
+    }
+}
+
+/// Counts for the benchmark and `/metrics`: jobs per fsync shows whether group commit works.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub groups: AtomicU64,
+    pub jobs: AtomicU64,
+}
+
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+    stats: Arc<CommitStats>,
+}
+
+impl Committer {
+    pub(crate) fn start(
+        db: Database,
+        tables: Tables,
+        counters: Counters,
+        max_group: usize,
+        queue_bound: usize,
+        sync: bool,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel::<Job>(queue_bound);
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = stats.clone();
+        let handle = std::thread::Builder::new()
+            .name("tributary-committer".into())
+            .spawn(move || run(db, tables, counters, rx, max_group, sync, thread_stats))?;
+        Ok((Self { tx, stats }, handle))
+    }
+
+    pub fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    fn job<R: Send + 'static>(
+        f: impl FnOnce(&mut Txn<'_>) -> Result<R> + Send + 'static,
+        reply: oneshot::Sender<Result<R>>,
+    ) -> Job {
+        Box::new(move |txn: &mut Txn<'_>| {
+            let res = f(txn);
+            txn.finish_job(res.is_ok());
+            Box::new(move |commit_error: Option<&str>| {
+                let out = match (res, commit_error) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Some(e)) => Err(StorageError::Io(std::io::Error::other(e.to_string()))),
+                    (Ok(r), None) => Ok(r),
+                };
+                let _ = reply.send(out);
+            })
+        })
+    }
+
+    /// Runs `f` inside the next group; resolves after the group's fsync.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Self::job(f, reply))
+            .await
+            .map_err(|_| StorageError::CommitterStopped)?;
+        rx.await.map_err(|_| StorageError::CommitterStopped)?
+    }
+
+    /// [`Committer::run`] for synchronous callers (CLI commands, the crash-test writer threads).
+    /// Must not be called from inside a tokio runtime.
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Txn<'_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Self::job(f, reply))
+            .map_err(|_| StorageError::CommitterStopped)?;
+        rx.blocking_recv()
+            .map_err(|_| StorageError::CommitterStopped)?
+    }
+}
+
+fn run(
+    db: Database,
+    tables: Tables,
+    mut counters: Counters,
+    mut rx: mpsc::Receiver<Job>,
+    max_group: usize,
+    sync: bool,
+    stats: Arc<CommitStats>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let saved = counters.clone();
+        let mut completions = Vec::with_capacity(64);
+        let ops = {
+            let mut txn = Txn {
+                tables: &tables,
+                counters: &mut counters,
+                overlay: HashMap::new(),
+                ops: Vec::new(),
+                job_ops: Vec::new(),
+            };
+            completions.push(first(&mut txn));
+            while completions.len() < max_group {
+                match rx.try_recv() {
+                    Ok(job) => completions.push(job(&mut txn)),
+                    Err(_) => break,
+                }
+            }
+            txn.ops
+        };
+        let result = if ops.is_empty() {
+            Ok(())
+        } else {
+            let mut batch = db.batch();
+            for (table, key, value) in ops {
+                let ks = tables.get(table);
+                match value {
+                    Some(v) => batch.insert(ks, key, v),
+                    None => batch.remove(ks, key),
+                }
+            }
+            let mode = if sync {
+                Some(PersistMode::SyncAll)
+            } else {
+                None
+            };
+            batch.durability(mode).commit()
+        };
+        stats.groups.fetch_add(1, Ordering::Relaxed);
+        stats
+            .jobs
+            .fetch_add(completions.len() as u64, Ordering::Relaxed);
+        let error = result.err().map(|e| {
+            tracing::error!(error = %e, "group commit failed; every write in the group is refused");
+            counters = saved;
+            e.to_string()
+        });
+        for done in completions {
+            done(error.as_deref());
+        }
+    }
+    if let Err(e) = db.persist(PersistMode::SyncAll) {
+        tracing::error!(error = %e, "final persist at shutdown failed");
+    }
+}

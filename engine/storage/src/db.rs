@@ -1,0 +1,211 @@
+use crate::committer::{Committer, Counters};
+use crate::keys;
+use crate::Result;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The keyspaces of the embedded store. One fjall database holds them all, so a write batch
+/// spanning resources, outbox and message state is atomic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// message id → postcard(Envelope)
+    Msg,
+    /// message id → postcard(StateRecord)
+    State,
+    /// journal seq (u64 BE) → message id: the order consumers read in
+    Seq,
+    /// dedup key → message id + received_at
+    Dedup,
+    /// received_at (i64 BE) + message id → payload length: time-range replay and retention
+    Time,
+    /// consumer name → u64 cursor
+    Cursor,
+    /// tenant \0 type \0 id → current version (JSON)
+    Res,
+    /// tenant \0 type \0 id \0 version BE → that version (JSON)
+    ResHist,
+    /// tenant \0 type \0 patient id \0 resource id → ()
+    IdxPatient,
+    /// tenant \0 type \0 system \0 value \0 id → ()
+    IdxIdent,
+    /// tenant \0 type \0 lastUpdated BE \0 id → ()
+    IdxUpdated,
+    /// outbox seq (u64 BE) → JSON event
+    Outbox,
+    /// audit seq (u64 BE) → entry
+    Audit,
+    /// small named values (counters, signing keys' metadata)
+    Meta,
+}
+
+impl Table {
+    const ALL: [Table; 14] = [
+        Table::Msg,
+        Table::State,
+        Table::Seq,
+        Table::Dedup,
+        Table::Time,
+        Table::Cursor,
+        Table::Res,
+        Table::ResHist,
+        Table::IdxPatient,
+        Table::IdxIdent,
+        Table::IdxUpdated,
+        Table::Outbox,
+        Table::Audit,
+        Table::Meta,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Table::Msg => "journal_msg",
+            Table::State => "journal_state",
+            Table::Seq => "journal_seq",
+            Table::Dedup => "journal_dedup",
+            Table::Time => "journal_time",
+            Table::Cursor => "cursors",
+            Table::Res => "res_current",
+            Table::ResHist => "res_history",
+            Table::IdxPatient => "idx_patient",
+            Table::IdxIdent => "idx_identifier",
+            Table::IdxUpdated => "idx_updated",
+            Table::Outbox => "outbox",
+            Table::Audit => "audit",
+            Table::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Tables(Arc<Vec<Keyspace>>);
+
+impl Tables {
+    pub fn get(&self, t: Table) -> &Keyspace {
+        &self.0[t as usize]
+    }
+}
+
+/// Tunables of the embedded store.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    /// Most jobs folded into one write batch and fsync.
+    pub max_group: usize,
+    /// Jobs waiting for the committer before submitters wait (backpressure).
+    pub queue_bound: usize,
+    /// fsync each group. Only benchmarks of the non-durable path turn this off.
+    pub sync: bool,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            max_group: 2048,
+            queue_bound: 16_384,
+            sync: true,
+        }
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Database,
+    tables: Tables,
+    committer: Option<Committer>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The embedded database: one directory, one fjall instance, one committer thread.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+impl Db {
+    pub fn open(path: impl AsRef<Path>, options: DbOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&path)?;
+        let db = Database::builder(&path).open()?;
+        let mut spaces = Vec::with_capacity(Table::ALL.len());
+        for t in Table::ALL {
+            spaces.push(db.keyspace(t.name(), KeyspaceCreateOptions::default)?);
+        }
+        let tables = Tables(Arc::new(spaces));
+        let counters = load_counters(&tables)?;
+        let (committer, thread) = Committer::start(
+            db.clone(),
+            tables.clone(),
+            counters,
+            options.max_group.max(1),
+            options.queue_bound.max(1),
+            options.sync,
+        )?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                tables,
+                committer: Some(committer),
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn committer(&self) -> &Committer {
+        self.inner
+            .committer
+            .as_ref()
+            .expect("committer lives as long as the Db")
+    }
+
+    pub(crate) fn tables(&self) -> &Tables {
+        &self.inner.tables
+    }
+
+    /// Bytes on disk, for `/metrics` and retention.
+    pub fn disk_space(&self) -> u64 {
+        self.inner.db.disk_space().unwrap_or(0)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The committer thread exits once every sender is gone; wait so the last group is synced.
+        drop(self.committer.take());
+        if let Some(handle) = self.thread.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn last_u64_key(ks: &Keyspace) -> Result<u64> {
+    match ks.last_key_value() {
+        Some(guard) => Ok(keys::read_u64(&guard.key()?).unwrap_or(0)),
+        None => Ok(0),
+    }
+}
+
+fn load_counters(tables: &Tables) -> Result<Counters> {
+    let mut c = Counters {
+        journal_seq: last_u64_key(tables.get(Table::Seq))?,
+        outbox_seq: last_u64_key(tables.get(Table::Outbox))?,
+        audit_seq: last_u64_key(tables.get(Table::Audit))?,
+        audit_head: [0; 32],
+    };
+    if let Some(guard) = tables.get(Table::Audit).last_key_value() {
+        let (_, v) = guard.into_inner()?;
+        c.audit_head = crate::audit::entry_hash(&v)?;
+    }
+    // Sequence numbers never go backwards, even after retention pruned the newest-but-one range.
+    if let Some(v) = tables.get(Table::Meta).get(b"journal_seq_floor")? {
+        c.journal_seq = c.journal_seq.max(keys::read_u64(&v).unwrap_or(0));
+    }
+    if let Some(v) = tables.get(Table::Meta).get(b"outbox_seq_floor")? {
+        c.outbox_seq = c.outbox_seq.max(keys::read_u64(&v).unwrap_or(0));
+    }
+    Ok(c)
+}

@@ -1,0 +1,37 @@
+use tributary_core::{MessageId, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("storage engine error: {0}")]
+    Engine(#[from] fjall::Error),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt record in {keyspace}: {detail}")]
+    Corrupt {
+        keyspace: &'static str,
+        detail: String,
+    },
+    #[error("message {0} is not in the journal")]
+    UnknownMessage(MessageId),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("version conflict on {resource}: expected version {expected}, current is {current}")]
+    VersionConflict {
+        resource: String,
+        expected: u64,
+        current: u64,
+    },
+    #[error("{resource} already exists")]
+    AlreadyExists { resource: String },
+    #[error("the storage committer has stopped")]
+    CommitterStopped,
+}
+
+impl StorageError {
+    pub(crate) fn corrupt(keyspace: &'static str, detail: impl ToString) -> Self {
+        StorageError::Corrupt {
+            keyspace,
+            detail: detail.to_string(),
+        }
+    }
+}

@@ -1,0 +1,660 @@
+use crate::committer::Txn;
+use crate::db::{Db, Table};
+use crate::keys;
+use crate::{Result, StorageError};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tributary_core::{Envelope, MessageId, MessageState, StateKind};
+
+/// Where a message is and how it got there. Stored apart from the envelope so a state change
+/// never rewrites the payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub state: MessageState,
+    /// The journal sequence number of the latest time this message was queued for processing.
+    pub seq: Option<u64>,
+    pub updated_at: i64,
+    /// How many times the message was queued (1 + replays).
+    pub attempts: u32,
+    /// Content hash of the mapping set that last processed this message.
+    pub mapping_version: Option<String>,
+    /// The last transitions, oldest first: (epoch millis, state).
+    pub history: Vec<(i64, StateKind)>,
+}
+
+const HISTORY_CAP: usize = 16;
+
+impl StateRecord {
+    fn push(&mut self, state: MessageState, at: i64) {
+        if self.history.len() == HISTORY_CAP {
+            self.history.remove(0);
+        }
+        self.history.push((at, state.kind()));
+        self.state = state;
+        self.updated_at = at;
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JournalRecord {
+    pub envelope: Envelope,
+    pub state: StateRecord,
+}
+
+/// What `append` promises: when it returns, the message is on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendReceipt {
+    pub id: MessageId,
+    /// Where consumers will find it; `None` for rejected messages, which are not processed.
+    pub seq: Option<u64>,
+    /// True when the dedup key matched an earlier message: nothing was stored, `id` is the
+    /// original's, and the sender should be acknowledged again.
+    pub duplicate: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub seq: u64,
+    pub id: MessageId,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub state: Option<StateKind>,
+    /// Inclusive lower bound on `received_at` (epoch millis).
+    pub since: Option<i64>,
+    /// Exclusive upper bound on `received_at`.
+    pub until: Option<i64>,
+    pub limit: Option<usize>,
+}
+
+/// Retention keeps the journal from only growing. Failed and rejected messages are never pruned:
+/// they wait for a human to fix and replay them.
+#[derive(Clone, Debug)]
+pub struct RetentionPolicy {
+    /// Delivered messages older than this are pruned.
+    pub delivered_max_age_ms: i64,
+    /// When the payloads of kept messages exceed this, the oldest delivered ones go first.
+    pub max_payload_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub pruned: u64,
+    pub bytes_freed: u64,
+    pub kept_for_attention: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    pub head_seq: u64,
+    pub approx_messages: u64,
+}
+
+/// The durable message journal: store before acknowledge, consume in order, replay, prune.
+#[async_trait]
+pub trait Journal: Send + Sync + 'static {
+    /// Stores a message for processing. Resolves only once it is on disk (group commit).
+    async fn append(&self, envelope: Envelope) -> Result<AppendReceipt>;
+    /// Stores a message that was refused at the door, with the reason, for inspection and replay.
+    async fn append_rejected(&self, envelope: Envelope, reason: String) -> Result<AppendReceipt>;
+    /// Moves a message along the state machine; illegal transitions are refused.
+    async fn transition(
+        &self,
+        id: MessageId,
+        to: MessageState,
+        mapping_version: Option<String>,
+    ) -> Result<StateRecord>;
+    fn get(&self, id: MessageId) -> Result<Option<JournalRecord>>;
+    /// Queue entries after `after_seq`, in order; the same message may appear again after a replay.
+    fn entries_after(&self, after_seq: u64, limit: usize) -> Result<Vec<JournalEntry>>;
+    fn cursor(&self, consumer: &str) -> Result<u64>;
+    async fn set_cursor(&self, consumer: &str, seq: u64) -> Result<()>;
+    fn list(&self, filter: &ListFilter) -> Result<Vec<(MessageId, i64, StateRecord)>>;
+    /// Queues messages again (state back to `received`); returns their new sequence numbers.
+    async fn replay(&self, ids: &[MessageId]) -> Result<Vec<u64>>;
+    async fn prune(&self, policy: &RetentionPolicy, now_ms: i64) -> Result<PruneStats>;
+    fn stats(&self) -> JournalStats;
+    /// Watches the head sequence number so consumers wake when something is appended.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+/// The embedded journal on the shared fjall database.
+#[derive(Clone)]
+pub struct FjallJournal {
+    db: Db,
+    dedup_window_ms: i64,
+    head: std::sync::Arc<watch::Sender<u64>>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("in-memory serialization cannot fail")
+}
+
+fn decode<'a, T: Deserialize<'a>>(table: &'static str, bytes: &'a [u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::corrupt(table, e))
+}
+
+fn time_key(received_at: i64, id: &MessageId) -> Vec<u8> {
+    let mut k = keys::i64_be(received_at).to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn load_state(txn: &Txn<'_>, id: MessageId) -> Result<StateRecord> {
+    let bytes = txn
+        .get(Table::State, id.as_bytes())?
+        .ok_or(StorageError::UnknownMessage(id))?;
+    decode("journal_state", &bytes)
+}
+
+fn enqueue(txn: &mut Txn<'_>, id: MessageId) -> u64 {
+    txn.counters.journal_seq += 1;
+    let seq = txn.counters.journal_seq;
+    txn.put(
+        Table::Seq,
+        keys::u64_be(seq).to_vec(),
+        id.as_bytes().to_vec(),
+    );
+    seq
+}
+
+impl FjallJournal {
+    pub fn new(db: Db, dedup_window_ms: i64) -> Self {
+        let head_seq = db
+            .tables()
+            .get(Table::Seq)
+            .last_key_value()
+            .and_then(|g| g.key().ok())
+            .and_then(|k| keys::read_u64(&k))
+            .unwrap_or(0);
+        let (head, _) = watch::channel(head_seq);
+        Self {
+            db,
+            dedup_window_ms,
+            head: std::sync::Arc::new(head),
+        }
+    }
+
+    fn notify(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.head.send_if_modified(|h| {
+                if seq > *h {
+                    *h = seq;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    async fn store(&self, envelope: Envelope, rejected: Option<String>) -> Result<AppendReceipt> {
+        let window = self.dedup_window_ms;
+        let receipt = self
+            .db
+            .committer()
+            .run(move |txn| {
+                let id = envelope.id;
+                if let Some(key) = &envelope.dedup_key {
+                    if let Some(prev) = txn.get(Table::Dedup, key.as_bytes())? {
+                        let prev_id = MessageId::from_bytes(
+                            prev[..16]
+                                .try_into()
+                                .map_err(|_| StorageError::corrupt("dedup", "short"))?,
+                        );
+                        let prev_at = keys::read_i64(&prev[16..]).unwrap_or(i64::MIN);
+                        if envelope.received_at.saturating_sub(prev_at) <= window {
+                            return Ok(AppendReceipt {
+                                id: prev_id,
+                                seq: None,
+                                duplicate: true,
+                            });
+                        }
+                    }
+                    let mut v = id.as_bytes().to_vec();
+                    v.extend_from_slice(&keys::i64_be(envelope.received_at));
+                    txn.put(Table::Dedup, key.as_bytes().to_vec(), v);
+                }
+                let now = envelope.received_at;
+                let (state, seq) = match rejected {
+                    Some(reason) => (MessageState::Rejected { reason }, None),
+                    None => (MessageState::Received, Some(enqueue(txn, id))),
+                };
+                let record = StateRecord {
+                    history: vec![(now, state.kind())],
+                    state,
+                    seq,
+                    updated_at: now,
+                    attempts: u32::from(seq.is_some()),
+                    mapping_version: None,
+                };
+                txn.put(
+                    Table::Time,
+                    time_key(envelope.received_at, &id),
+                    (envelope.payload.len() as u64).to_be_bytes().to_vec(),
+                );
+                txn.put(Table::State, id.as_bytes().to_vec(), encode(&record));
+                txn.put(Table::Msg, id.as_bytes().to_vec(), encode(&envelope));
+                Ok(AppendReceipt {
+                    id,
+                    seq,
+                    duplicate: false,
+                })
+            })
+            .await?;
+        self.notify(receipt.seq);
+        Ok(receipt)
+    }
+
+    fn read_state(&self, id: MessageId) -> Result<Option<StateRecord>> {
+        match self.db.tables().get(Table::State).get(id.as_bytes())? {
+            Some(b) => Ok(Some(decode("journal_state", &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn total_payload_and_candidates(
+        &self,
+        policy: &RetentionPolicy,
+        now_ms: i64,
+    ) -> Result<(Vec<(MessageId, u64)>, PruneStats)> {
+        let mut stats = PruneStats::default();
+        let mut total: u64 = 0;
+        let mut delivered: Vec<(MessageId, i64, u64)> = Vec::new();
+        for item in self.db.tables().get(Table::Time).iter() {
+            let (k, v) = item.into_inner()?;
+            let at = keys::read_i64(&k).unwrap_or(0);
+            let id = MessageId::from_bytes(
+                k[8..24]
+                    .try_into()
+                    .map_err(|_| StorageError::corrupt("journal_time", "short key"))?,
+            );
+            let len = keys::read_u64(&v).unwrap_or(0);
+            total += len;
+            match self.read_state(id)? {
+                Some(s) if s.state.kind() == StateKind::Delivered => delivered.push((id, at, len)),
+                Some(s) if s.state.kind().needs_attention() => stats.kept_for_attention += 1,
+                _ => {}
+            }
+        }
+        let cutoff = now_ms - policy.delivered_max_age_ms;
+        let mut chosen = Vec::new();
+        for (id, at, len) in delivered {
+            let over_budget = policy.max_payload_bytes.is_some_and(|max| total > max);
+            if at < cutoff || over_budget {
+                total = total.saturating_sub(len);
+                chosen.push((id, len));
+            }
+        }
+        Ok((chosen, stats))
+    }
+}
+
+#[async_trait]
+impl Journal for FjallJournal {
+    async fn append(&self, envelope: Envelope) -> Result<AppendReceipt> {
+        self.store(envelope, None).await
+    }
+
+    async fn append_rejected(&self, envelope: Envelope, reason: String) -> Result<AppendReceipt> {
+        self.store(envelope, Some(reason)).await
+    }
+
+    async fn transition(
+        &self,
+        id: MessageId,
+        to: MessageState,
+        mapping_version: Option<String>,
+    ) -> Result<StateRecord> {
+        let (record, seq) = self
+            .db
+            .committer()
+            .run(move |txn| {
+                let mut record = load_state(txn, id)?;
+                record.state.check_transition(&to)?;
+                let requeue = to.kind() == StateKind::Received;
+                record.push(to, tributary_core::now_millis());
+                if mapping_version.is_some() {
+                    record.mapping_version = mapping_version;
+                }
+                let mut seq = None;
+                if requeue {
+                    let s = enqueue(txn, id);
+                    record.seq = Some(s);
+                    record.attempts += 1;
+                    seq = Some(s);
+                }
+                txn.put(Table::State, id.as_bytes().to_vec(), encode(&record));
+                Ok((record, seq))
+            })
+            .await?;
+        self.notify(seq);
+        Ok(record)
+    }
+
+    fn get(&self, id: MessageId) -> Result<Option<JournalRecord>> {
+        let tables = self.db.tables();
+        let Some(env) = tables.get(Table::Msg).get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let envelope: Envelope = decode("journal_msg", &env)?;
+        let state = self
+            .read_state(id)?
+            .ok_or_else(|| StorageError::corrupt("journal_state", format!("missing for {id}")))?;
+        Ok(Some(JournalRecord { envelope, state }))
+    }
+
+    fn entries_after(&self, after_seq: u64, limit: usize) -> Result<Vec<JournalEntry>> {
+        let start = keys::u64_be(after_seq.saturating_add(1));
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for item in self.db.tables().get(Table::Seq).range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.into_inner()?;
+            let seq =
+                keys::read_u64(&k).ok_or_else(|| StorageError::corrupt("journal_seq", "key"))?;
+            let id = MessageId::from_bytes(
+                v[..]
+                    .try_into()
+                    .map_err(|_| StorageError::corrupt("journal_seq", "value"))?,
+            );
+            out.push(JournalEntry { seq, id });
+        }
+        Ok(out)
+    }
+
+    fn cursor(&self, consumer: &str) -> Result<u64> {
+        let key = [b"journal:", consumer.as_bytes()].concat();
+        Ok(self
+            .db
+            .tables()
+            .get(Table::Cursor)
+            .get(key)?
+            .and_then(|v| keys::read_u64(&v))
+            .unwrap_or(0))
+    }
+
+    async fn set_cursor(&self, consumer: &str, seq: u64) -> Result<()> {
+        let key = [b"journal:", consumer.as_bytes()].concat();
+        self.db
+            .committer()
+            .run(move |txn| {
+                txn.put(Table::Cursor, key, keys::u64_be(seq).to_vec());
+                Ok(())
+            })
+            .await
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<(MessageId, i64, StateRecord)>> {
+        let from = keys::i64_be(filter.since.unwrap_or(i64::MIN));
+        let to = keys::i64_be(filter.until.unwrap_or(i64::MAX));
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::Time).range(from..to) {
+            if out.len() >= limit {
+                break;
+            }
+            let k = item.key()?;
+            let at = keys::read_i64(&k).unwrap_or(0);
+            let id = MessageId::from_bytes(
+                k[8..24]
+                    .try_into()
+                    .map_err(|_| StorageError::corrupt("journal_time", "short key"))?,
+            );
+            if let Some(state) = self.read_state(id)? {
+                if filter.state.is_none_or(|s| s == state.state.kind()) {
+                    out.push((id, at, state));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn replay(&self, ids: &[MessageId]) -> Result<Vec<u64>> {
+        let mut seqs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let record = self.transition(*id, MessageState::Received, None).await?;
+            seqs.extend(record.seq);
+        }
+        Ok(seqs)
+    }
+
+    async fn prune(&self, policy: &RetentionPolicy, now_ms: i64) -> Result<PruneStats> {
+        let (chosen, mut stats) = self.total_payload_and_candidates(policy, now_ms)?;
+        for chunk in chosen.chunks(512) {
+            let chunk = chunk.to_vec();
+            let (n, bytes) = self
+                .db
+                .committer()
+                .run(move |txn| {
+                    let (mut n, mut bytes) = (0u64, 0u64);
+                    for (id, len) in chunk {
+                        let Ok(state) = load_state(txn, id) else {
+                            continue;
+                        };
+                        if state.state.kind() != StateKind::Delivered {
+                            continue;
+                        }
+                        let Some(env) = txn.get(Table::Msg, id.as_bytes())? else {
+                            continue;
+                        };
+                        let env: Envelope = decode("journal_msg", &env)?;
+                        if let Some(key) = &env.dedup_key {
+                            if let Some(d) = txn.get(Table::Dedup, key.as_bytes())? {
+                                if d.starts_with(id.as_bytes()) {
+                                    txn.delete(Table::Dedup, key.as_bytes().to_vec());
+                                }
+                            }
+                        }
+                        if let Some(seq) = state.seq {
+                            txn.delete(Table::Seq, keys::u64_be(seq).to_vec());
+                        }
+                        txn.delete(Table::Time, time_key(env.received_at, &id));
+                        txn.delete(Table::State, id.as_bytes().to_vec());
+                        txn.delete(Table::Msg, id.as_bytes().to_vec());
+                        n += 1;
+                        bytes += len;
+                    }
+                    let floor = keys::u64_be(txn.counters.journal_seq).to_vec();
+                    txn.put(Table::Meta, b"journal_seq_floor".to_vec(), floor);
+                    Ok((n, bytes))
+                })
+                .await?;
+            stats.pruned += n;
+            stats.bytes_freed += bytes;
+        }
+        Ok(stats)
+    }
+
+    fn stats(&self) -> JournalStats {
+        JournalStats {
+            head_seq: *self.head.borrow(),
+            approx_messages: self.db.tables().get(Table::Msg).approximate_len() as u64,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DbOptions;
+    use tributary_core::Protocol;
+
+    fn journal() -> (tempfile::TempDir, FjallJournal) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        (dir, FjallJournal::new(db, 60_000))
+    }
+
+    fn env(body: &str) -> Envelope {
+        Envelope::builder(Protocol::Hl7v2, body.as_bytes().to_vec())
+            .partner("lab")
+            .build()
+    }
+
+    #[tokio::test]
+    async fn append_is_readable_in_order_with_cursor() {
+        let (_d, j) = journal();
+        let a = j.append(env("a")).await.unwrap();
+        let b = j.append(env("b")).await.unwrap();
+        assert_eq!((a.seq, b.seq), (Some(1), Some(2)));
+        let entries = j.entries_after(0, 10).unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![a.id, b.id]
+        );
+        j.set_cursor("mapper", 1).await.unwrap();
+        assert_eq!(j.cursor("mapper").unwrap(), 1);
+        assert_eq!(j.entries_after(1, 10).unwrap().len(), 1);
+        let rec = j.get(a.id).unwrap().unwrap();
+        assert_eq!(&rec.envelope.payload[..], b"a");
+        assert_eq!(rec.state.state, MessageState::Received);
+    }
+
+    #[tokio::test]
+    async fn duplicate_within_window_returns_original() {
+        let (_d, j) = journal();
+        let first = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("lab/CTRL1")
+            .build();
+        let again = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("lab/CTRL1")
+            .build();
+        let r1 = j.append(first).await.unwrap();
+        let r2 = j.append(again.clone()).await.unwrap();
+        assert!(!r1.duplicate);
+        assert!(r2.duplicate);
+        assert_eq!(r2.id, r1.id);
+        assert!(j.get(again.id).unwrap().is_none());
+        assert_eq!(j.entries_after(0, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn dedup_window_expires() {
+        let (_d, j) = journal();
+        let old = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("k")
+            .received_at(1_000)
+            .build();
+        let new = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("k")
+            .received_at(1_000 + 60_001)
+            .build();
+        j.append(old).await.unwrap();
+        assert!(!j.append(new).await.unwrap().duplicate);
+    }
+
+    #[tokio::test]
+    async fn rejected_messages_are_kept_but_not_queued_until_replayed() {
+        let (_d, j) = journal();
+        let r = j
+            .append_rejected(env("garbage"), "no MSH segment".into())
+            .await
+            .unwrap();
+        assert_eq!(r.seq, None);
+        assert!(j.entries_after(0, 10).unwrap().is_empty());
+        let rec = j.get(r.id).unwrap().unwrap();
+        assert_eq!(rec.state.state.reason(), Some("no MSH segment"));
+        let seqs = j.replay(&[r.id]).await.unwrap();
+        assert_eq!(seqs, vec![1]);
+        assert_eq!(j.get(r.id).unwrap().unwrap().state.attempts, 1);
+    }
+
+    #[tokio::test]
+    async fn illegal_transition_is_refused_and_changes_nothing() {
+        let (_d, j) = journal();
+        let r = j.append(env("x")).await.unwrap();
+        let err = j
+            .transition(r.id, MessageState::Delivered, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::State(_)), "{err}");
+        assert_eq!(
+            j.get(r.id).unwrap().unwrap().state.state,
+            MessageState::Received
+        );
+        j.transition(r.id, MessageState::Mapped, Some("v1".into()))
+            .await
+            .unwrap();
+        let rec = j
+            .transition(r.id, MessageState::Committed, None)
+            .await
+            .unwrap();
+        assert_eq!(rec.mapping_version.as_deref(), Some("v1"));
+        assert_eq!(rec.history.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn prune_removes_old_delivered_and_keeps_failed() {
+        let (_d, j) = journal();
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let e = Envelope::builder(Protocol::Hl7v2, vec![b'x'; 100])
+                .received_at(1_000 + i)
+                .dedup_key(format!("k{i}"))
+                .build();
+            ids.push(j.append(e).await.unwrap().id);
+        }
+        for id in &ids[..2] {
+            j.transition(*id, MessageState::Committed, None)
+                .await
+                .unwrap();
+            j.transition(*id, MessageState::Delivered, None)
+                .await
+                .unwrap();
+        }
+        j.transition(ids[2], MessageState::Failed { reason: "r".into() }, None)
+            .await
+            .unwrap();
+        let policy = RetentionPolicy {
+            delivered_max_age_ms: 10,
+            max_payload_bytes: None,
+        };
+        let stats = j.prune(&policy, 5_000).await.unwrap();
+        assert_eq!(stats.pruned, 2);
+        assert_eq!(stats.bytes_freed, 200);
+        assert_eq!(stats.kept_for_attention, 1);
+        assert!(j.get(ids[0]).unwrap().is_none());
+        assert!(j.get(ids[2]).unwrap().is_some());
+        assert_eq!(j.entries_after(0, 10).unwrap().len(), 2);
+        // The dedup key of a pruned message is free again.
+        let again = Envelope::builder(Protocol::Hl7v2, &b"x"[..])
+            .dedup_key("k0")
+            .build();
+        assert!(!j.append(again).await.unwrap().duplicate);
+    }
+
+    #[tokio::test]
+    async fn sequence_survives_reopen_even_after_pruning_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+            let j = FjallJournal::new(db, 0);
+            j.append(env("a")).await.unwrap();
+            id = j.append(env("b")).await.unwrap().id;
+            j.transition(id, MessageState::Committed, None)
+                .await
+                .unwrap();
+            j.transition(id, MessageState::Delivered, None)
+                .await
+                .unwrap();
+            let policy = RetentionPolicy {
+                delivered_max_age_ms: 0,
+                max_payload_bytes: None,
+            };
+            let later = tributary_core::now_millis() + 1_000;
+            assert_eq!(j.prune(&policy, later).await.unwrap().pruned, 1);
+        }
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let j = FjallJournal::new(db, 0);
+        assert_eq!(j.append(env("c")).await.unwrap().seq, Some(3));
+    }
+}

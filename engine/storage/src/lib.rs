@@ -1,0 +1,31 @@
+//! Durable storage for Tributary: the message [`Journal`], the FHIR resource [`Store`] with its
+//! outbox, and the hash-chained audit log — behind traits, with an embedded default on fjall.
+//!
+//! Every durable write goes through one group committer (see [`committer`]): writes that arrive
+//! while an fsync is in flight are gathered into the next write batch and share the next fsync.
+//! A caller's future resolves only after the fsync that covered its write returned, which is what
+//! lets adapters acknowledge a message the moment `append` returns.
+
+mod audit;
+pub mod committer;
+mod db;
+mod error;
+mod journal;
+mod keys;
+mod outbox;
+mod store;
+
+pub use audit::{AuditEntry, AuditLog, AuditVerifyError, AuditVerifyReport};
+pub use db::{Db, DbOptions};
+pub use error::StorageError;
+pub use journal::{
+    AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
+    PruneStats, RetentionPolicy, StateRecord,
+};
+pub use outbox::{Outbox, OutboxEvent};
+pub use store::{
+    CommitOutcome, FjallStore, MessageUpdate, Precondition, ResourceWrite, Store, StoreTransaction,
+    StoredResource, WriteOp, WriteOutcome,
+};
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

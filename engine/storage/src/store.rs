@@ -1,0 +1,927 @@
+use crate::committer::Txn;
+use crate::db::{Db, Table};
+use crate::keys::{self, join, prefix};
+use crate::outbox::{Outbox, OutboxEvent};
+use crate::{Result, StorageError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use tributary_core::{
+    deterministic_id, format_rfc3339_millis, now_millis, MessageId, MessageState,
+};
+
+/// One version of a resource as stored. `json` is exactly what the API serves (with
+/// `meta.versionId` and `meta.lastUpdated` set), kept as bytes so a read needs no re-serialization.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredResource {
+    pub resource_type: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub json: Bytes,
+}
+
+impl StoredResource {
+    pub fn resource(&self) -> Result<Value> {
+        serde_json::from_slice(&self.json).map_err(|e| StorageError::corrupt("res_current", e))
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17 + self.json.len());
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(&keys::i64_be(self.last_updated));
+        out.push(u8::from(self.deleted));
+        out.extend_from_slice(&self.json);
+        out
+    }
+
+    fn decode(resource_type: &str, id: &str, bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < 17 {
+            return Err(StorageError::corrupt("res_current", "short record"));
+        }
+        Ok(Self {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version: keys::read_u64(&bytes[..8]).unwrap_or(0),
+            last_updated: keys::read_i64(&bytes[8..16]).unwrap_or(0),
+            deleted: bytes[16] == 1,
+            json: Bytes::copy_from_slice(&bytes[17..]),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum WriteOp {
+    /// Create or update. An update whose content equals the current version (ignoring `meta`)
+    /// creates no new version and raises no event, so replaying a message changes nothing.
+    Upsert(Value),
+    Delete,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// `If-Match: W/"n"`: refuse unless the current version is `n`.
+    VersionMatch(u64),
+    /// `If-None-Exist` / create: refuse if a live resource already has this id.
+    MustNotExist,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResourceWrite {
+    pub resource_type: String,
+    pub id: String,
+    pub op: WriteOp,
+    pub precondition: Precondition,
+}
+
+impl ResourceWrite {
+    pub fn upsert(resource_type: &str, id: &str, resource: Value) -> Self {
+        Self {
+            resource_type: resource_type.into(),
+            id: id.into(),
+            op: WriteOp::Upsert(resource),
+            precondition: Precondition::None,
+        }
+    }
+}
+
+/// The journal state change that commits together with the resources a message produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MessageUpdate {
+    pub id: MessageId,
+    pub state: MessageState,
+    pub mapping_version: Option<String>,
+}
+
+/// Everything one message (or one API transaction) changes, applied in one atomic, durable write.
+#[derive(Clone, Debug, Default)]
+pub struct StoreTransaction {
+    pub tenant: String,
+    pub writes: Vec<ResourceWrite>,
+    /// Extra events beyond the per-resource change events the store raises itself
+    /// (for example one `hl7v2.adt.A01` event per message).
+    pub events: Vec<OutboxEvent>,
+    pub message: Option<MessageUpdate>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOutcome {
+    pub resource_type: String,
+    pub id: String,
+    pub version: u64,
+    pub created: bool,
+    /// False when the write matched the current version and nothing was stored.
+    pub changed: bool,
+    pub last_updated: i64,
+    pub json: Bytes,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CommitOutcome {
+    pub writes: Vec<WriteOutcome>,
+    pub event_seqs: Vec<u64>,
+}
+
+/// The FHIR resource store: versioned resources, history and the indexes search needs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn commit(&self, tx: StoreTransaction) -> Result<CommitOutcome>;
+    /// The current version; a deleted resource comes back with `deleted = true` (HTTP 410).
+    fn read(&self, tenant: &str, rtype: &str, id: &str) -> Result<Option<StoredResource>>;
+    fn vread(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredResource>>;
+    /// Every version, newest first.
+    fn history(&self, tenant: &str, rtype: &str, id: &str) -> Result<Vec<StoredResource>>;
+    /// Every version of every resource of a type changed at or after `since`, newest first.
+    fn history_type(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        since: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>>;
+    /// Live resources of a type, in id order, starting after `after_id`.
+    fn list(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>>;
+    /// Ids of live resources of `rtype` in a patient's compartment (`rtype = None`: all types).
+    fn ids_by_patient(
+        &self,
+        tenant: &str,
+        patient_id: &str,
+        rtype: Option<&str>,
+    ) -> Result<Vec<(String, String)>>;
+    /// Ids of live resources with an identifier of this value (and system, when given).
+    fn ids_by_identifier(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> Result<Vec<String>>;
+    /// Ids of live resources last updated in `[from, to)`, oldest first.
+    fn ids_by_last_updated(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<String>>;
+    fn outbox(&self) -> &Outbox;
+}
+
+#[derive(Clone)]
+pub struct FjallStore {
+    db: Db,
+    outbox: Outbox,
+}
+
+/// References that put a resource in a patient's compartment (the common R4 search params).
+const PATIENT_REFERENCE_FIELDS: [&str; 5] =
+    ["subject", "patient", "beneficiary", "individual", "child"];
+
+/// Patient ids a resource belongs to: itself for a Patient, else its patient references.
+pub fn patient_ids(rtype: &str, id: &str, resource: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if rtype == "Patient" {
+        out.insert(id.to_string());
+        return out;
+    }
+    for field in PATIENT_REFERENCE_FIELDS {
+        if let Some(r) = resource
+            .get(field)
+            .and_then(|v| v.get("reference"))
+            .and_then(Value::as_str)
+        {
+            if let Some(pid) = r.strip_prefix("Patient/") {
+                out.insert(pid.to_string());
+            }
+        }
+    }
+    if rtype == "Encounter" || rtype == "Appointment" {
+        for p in resource
+            .get("participant")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let r = p
+                .get("actor")
+                .and_then(|a| a.get("reference"))
+                .and_then(Value::as_str);
+            if let Some(pid) = r.and_then(|r| r.strip_prefix("Patient/")) {
+                out.insert(pid.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn identifiers(resource: &Value) -> Vec<(String, String)> {
+    let list = match resource.get("identifier") {
+        Some(Value::Array(a)) => a.iter().collect::<Vec<_>>(),
+        Some(v @ Value::Object(_)) => vec![v],
+        _ => Vec::new(),
+    };
+    list.into_iter()
+        .filter_map(|i| {
+            let value = i.get("value")?.as_str()?.to_string();
+            let system = i
+                .get("system")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            Some((system, value))
+        })
+        .collect()
+}
+
+fn index_keys(
+    tenant: &str,
+    rtype: &str,
+    id: &str,
+    r: &StoredResource,
+) -> Result<Vec<(Table, Vec<u8>)>> {
+    let (t, ty, i) = (tenant.as_bytes(), rtype.as_bytes(), id.as_bytes());
+    let mut out = vec![(
+        Table::IdxUpdated,
+        join(&[t, ty, &keys::i64_be(r.last_updated), i]),
+    )];
+    if r.deleted {
+        return Ok(out);
+    }
+    let value = r.resource()?;
+    for pid in patient_ids(rtype, id, &value) {
+        out.push((Table::IdxPatient, join(&[t, pid.as_bytes(), ty, i])));
+    }
+    for (system, v) in identifiers(&value) {
+        out.push((
+            Table::IdxIdent,
+            join(&[t, ty, v.as_bytes(), system.as_bytes(), i]),
+        ));
+    }
+    Ok(out)
+}
+
+fn without_meta_stamps(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+        if meta.is_empty() {
+            v.as_object_mut().map(|o| o.remove("meta"));
+        }
+    }
+    v
+}
+
+fn res_key(tenant: &str, rtype: &str, id: &str) -> Vec<u8> {
+    join(&[tenant.as_bytes(), rtype.as_bytes(), id.as_bytes()])
+}
+
+fn hist_key(tenant: &str, rtype: &str, id: &str, version: u64) -> Vec<u8> {
+    join(&[
+        tenant.as_bytes(),
+        rtype.as_bytes(),
+        id.as_bytes(),
+        &keys::u64_be(version),
+    ])
+}
+
+fn label(rtype: &str, id: &str) -> String {
+    format!("{rtype}/{id}")
+}
+
+fn apply_write(
+    txn: &mut Txn<'_>,
+    tenant: &str,
+    w: ResourceWrite,
+    now: i64,
+) -> Result<WriteOutcome> {
+    let key = res_key(tenant, &w.resource_type, &w.id);
+    let current = match txn.get(Table::Res, &key)? {
+        Some(b) => Some(StoredResource::decode(&w.resource_type, &w.id, &b)?),
+        None => None,
+    };
+    let live = current.as_ref().filter(|c| !c.deleted);
+    match w.precondition {
+        Precondition::VersionMatch(expected) => {
+            let cur = current.as_ref().map_or(0, |c| c.version);
+            if cur != expected || live.is_none() {
+                return Err(StorageError::VersionConflict {
+                    resource: label(&w.resource_type, &w.id),
+                    expected,
+                    current: cur,
+                });
+            }
+        }
+        Precondition::MustNotExist if live.is_some() => {
+            return Err(StorageError::AlreadyExists {
+                resource: label(&w.resource_type, &w.id),
+            });
+        }
+        _ => {}
+    }
+    let next_version = current.as_ref().map_or(1, |c| c.version + 1);
+    let stored = match w.op {
+        WriteOp::Upsert(mut body) => {
+            if let Some(obj) = body.as_object_mut() {
+                obj.insert(
+                    "resourceType".into(),
+                    Value::String(w.resource_type.clone()),
+                );
+                obj.insert("id".into(), Value::String(w.id.clone()));
+            }
+            if let Some(live) = live {
+                if without_meta_stamps(&live.resource()?) == without_meta_stamps(&body) {
+                    return Ok(WriteOutcome {
+                        resource_type: w.resource_type,
+                        id: w.id,
+                        version: live.version,
+                        created: false,
+                        changed: false,
+                        last_updated: live.last_updated,
+                        json: live.json.clone(),
+                    });
+                }
+            }
+            if let Some(obj) = body.as_object_mut() {
+                let meta = obj
+                    .entry("meta")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Some(meta) = meta.as_object_mut() {
+                    meta.insert("versionId".into(), Value::String(next_version.to_string()));
+                    meta.insert(
+                        "lastUpdated".into(),
+                        Value::String(format_rfc3339_millis(now)),
+                    );
+                }
+            }
+            StoredResource {
+                resource_type: w.resource_type.clone(),
+                id: w.id.clone(),
+                version: next_version,
+                last_updated: now,
+                deleted: false,
+                json: Bytes::from(serde_json::to_vec(&body).expect("a Value always serializes")),
+            }
+        }
+        WriteOp::Delete => {
+            let Some(live) = live else {
+                // Deleting what is absent or already deleted is a no-op (FHIR: 200/204 either way).
+                return Ok(WriteOutcome {
+                    resource_type: w.resource_type,
+                    id: w.id,
+                    version: current.as_ref().map_or(0, |c| c.version),
+                    created: false,
+                    changed: false,
+                    last_updated: current.as_ref().map_or(now, |c| c.last_updated),
+                    json: Bytes::new(),
+                });
+            };
+            let _ = live;
+            StoredResource {
+                resource_type: w.resource_type.clone(),
+                id: w.id.clone(),
+                version: next_version,
+                last_updated: now,
+                deleted: true,
+                json: Bytes::new(),
+            }
+        }
+    };
+    let old_keys = match &current {
+        Some(c) => index_keys(tenant, &w.resource_type, &w.id, c)?,
+        None => Vec::new(),
+    };
+    let new_keys = index_keys(tenant, &w.resource_type, &w.id, &stored)?;
+    for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
+        txn.delete(k.0, k.1.clone());
+    }
+    for k in new_keys.iter().filter(|k| !old_keys.contains(k)) {
+        txn.put(k.0, k.1.clone(), Vec::new());
+    }
+    if stored.deleted {
+        // Deleted resources leave the updated index too: searches only see live resources.
+        for k in &new_keys {
+            txn.delete(k.0, k.1.clone());
+        }
+    }
+    let encoded = stored.encode();
+    txn.put(
+        Table::ResHist,
+        hist_key(tenant, &w.resource_type, &w.id, next_version),
+        encoded.clone(),
+    );
+    txn.put(Table::Res, key, encoded);
+    Ok(WriteOutcome {
+        resource_type: w.resource_type,
+        id: w.id,
+        version: next_version,
+        created: live.is_none(),
+        changed: true,
+        last_updated: now,
+        json: stored.json,
+    })
+}
+
+fn push_event(txn: &mut Txn<'_>, mut ev: OutboxEvent) -> u64 {
+    txn.counters.outbox_seq += 1;
+    ev.seq = txn.counters.outbox_seq;
+    let bytes = serde_json::to_vec(&ev).expect("events always serialize");
+    txn.put(Table::Outbox, keys::u64_be(ev.seq).to_vec(), bytes);
+    ev.seq
+}
+
+impl FjallStore {
+    pub fn new(db: Db) -> Self {
+        let outbox = Outbox::new(db.clone());
+        Self { db, outbox }
+    }
+
+    fn decode_res(&self, tenant: &str, key: &[u8], value: &[u8]) -> Result<StoredResource> {
+        let rest = &key[tenant.len() + 1..];
+        let mut parts = rest.splitn(2, |b| *b == keys::SEP);
+        let rtype = std::str::from_utf8(parts.next().unwrap_or_default()).unwrap_or_default();
+        let id_part = parts.next().unwrap_or_default();
+        let id_end = id_part
+            .iter()
+            .position(|b| *b == keys::SEP)
+            .unwrap_or(id_part.len());
+        let id = std::str::from_utf8(&id_part[..id_end]).unwrap_or_default();
+        StoredResource::decode(rtype, id, value)
+    }
+}
+
+#[async_trait]
+impl Store for FjallStore {
+    async fn commit(&self, tx: StoreTransaction) -> Result<CommitOutcome> {
+        let outcome = self
+            .db
+            .committer()
+            .run(move |txn| {
+                let now = now_millis();
+                let StoreTransaction {
+                    tenant,
+                    writes,
+                    events,
+                    message,
+                } = tx;
+                let source = message.as_ref().map(|m| m.id.to_string());
+                let version = message.as_ref().and_then(|m| m.mapping_version.clone());
+                let mut outcome = CommitOutcome::default();
+                for w in writes {
+                    outcome.writes.push(apply_write(txn, &tenant, w, now)?);
+                }
+                for w in outcome.writes.iter().filter(|w| w.changed) {
+                    let deleted = w.json.is_empty();
+                    let resource: Option<Value> = if deleted {
+                        None
+                    } else {
+                        serde_json::from_slice(&w.json).ok()
+                    };
+                    let patient = resource
+                        .as_ref()
+                        .and_then(|r| patient_ids(&w.resource_type, &w.id, r).into_iter().next());
+                    let kind = if deleted {
+                        "delete"
+                    } else if w.created {
+                        "create"
+                    } else {
+                        "update"
+                    };
+                    let ev = OutboxEvent {
+                        seq: 0,
+                        event_id: deterministic_id(&[
+                            &tenant,
+                            &w.resource_type,
+                            &w.id,
+                            &w.version.to_string(),
+                        ]),
+                        tenant: tenant.clone(),
+                        event_type: format!("fhir.{}.{kind}", w.resource_type),
+                        resource_type: Some(w.resource_type.clone()),
+                        resource_id: Some(w.id.clone()),
+                        version: Some(w.version),
+                        patient_id: patient,
+                        source_message: source.clone(),
+                        mapping_version: version.clone(),
+                        occurred_at: now,
+                        resource,
+                    };
+                    outcome.event_seqs.push(push_event(txn, ev));
+                }
+                for ev in events {
+                    outcome.event_seqs.push(push_event(txn, ev));
+                }
+                if let Some(m) = message {
+                    let key = m.id.as_bytes().to_vec();
+                    let bytes = txn
+                        .get(Table::State, &key)?
+                        .ok_or(StorageError::UnknownMessage(m.id))?;
+                    let mut record: crate::StateRecord = postcard::from_bytes(&bytes)
+                        .map_err(|e| StorageError::corrupt("journal_state", e))?;
+                    record.state.check_transition(&m.state)?;
+                    record.history.push((now, m.state.kind()));
+                    if record.history.len() > 16 {
+                        record.history.remove(0);
+                    }
+                    record.state = m.state;
+                    record.updated_at = now;
+                    if m.mapping_version.is_some() {
+                        record.mapping_version = m.mapping_version;
+                    }
+                    txn.put(
+                        Table::State,
+                        key,
+                        postcard::to_stdvec(&record).expect("serializes"),
+                    );
+                }
+                Ok(outcome)
+            })
+            .await?;
+        if let Some(last) = outcome.event_seqs.iter().max() {
+            let last = *last;
+            self.outbox.head.send_if_modified(|h| {
+                let bigger = last > *h;
+                if bigger {
+                    *h = last;
+                }
+                bigger
+            });
+        }
+        Ok(outcome)
+    }
+
+    fn read(&self, tenant: &str, rtype: &str, id: &str) -> Result<Option<StoredResource>> {
+        match self
+            .db
+            .tables()
+            .get(Table::Res)
+            .get(res_key(tenant, rtype, id))?
+        {
+            Some(b) => Ok(Some(StoredResource::decode(rtype, id, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn vread(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        id: &str,
+        version: u64,
+    ) -> Result<Option<StoredResource>> {
+        match self
+            .db
+            .tables()
+            .get(Table::ResHist)
+            .get(hist_key(tenant, rtype, id, version))?
+        {
+            Some(b) => Ok(Some(StoredResource::decode(rtype, id, &b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn history(&self, tenant: &str, rtype: &str, id: &str) -> Result<Vec<StoredResource>> {
+        let p = prefix(&[tenant.as_bytes(), rtype.as_bytes(), id.as_bytes()]);
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::ResHist).prefix(&p).rev() {
+            let (_, v) = item.into_inner()?;
+            out.push(StoredResource::decode(rtype, id, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn history_type(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        since: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>> {
+        let p = prefix(&[tenant.as_bytes(), rtype.as_bytes()]);
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::ResHist).prefix(&p) {
+            let (k, v) = item.into_inner()?;
+            let r = self.decode_res(tenant, &k, &v)?;
+            if since.is_none_or(|s| r.last_updated >= s) {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| {
+            b.last_updated
+                .cmp(&a.last_updated)
+                .then(b.version.cmp(&a.version))
+        });
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn list(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StoredResource>> {
+        let p = prefix(&[tenant.as_bytes(), rtype.as_bytes()]);
+        let start = match after_id {
+            Some(a) => {
+                let mut k = p.clone();
+                k.extend_from_slice(a.as_bytes());
+                k.push(1);
+                k
+            }
+            None => p.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::Res).range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.into_inner()?;
+            if !k.starts_with(&p) {
+                break;
+            }
+            let r = self.decode_res(tenant, &k, &v)?;
+            if !r.deleted {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn ids_by_patient(
+        &self,
+        tenant: &str,
+        patient_id: &str,
+        rtype: Option<&str>,
+    ) -> Result<Vec<(String, String)>> {
+        let mut parts: Vec<&[u8]> = vec![tenant.as_bytes(), patient_id.as_bytes()];
+        if let Some(t) = rtype {
+            parts.push(t.as_bytes());
+        }
+        let p = prefix(&parts);
+        let base = prefix(&[tenant.as_bytes(), patient_id.as_bytes()]).len();
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::IdxPatient).prefix(&p) {
+            let k = item.key()?;
+            let mut rest = k[base..].splitn(2, |b| *b == keys::SEP);
+            let t = String::from_utf8_lossy(rest.next().unwrap_or_default()).into_owned();
+            let id = String::from_utf8_lossy(rest.next().unwrap_or_default()).into_owned();
+            out.push((t, id));
+        }
+        Ok(out)
+    }
+
+    fn ids_by_identifier(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        system: Option<&str>,
+        value: &str,
+    ) -> Result<Vec<String>> {
+        let mut parts: Vec<&[u8]> = vec![tenant.as_bytes(), rtype.as_bytes(), value.as_bytes()];
+        if let Some(s) = system {
+            parts.push(s.as_bytes());
+        }
+        let p = prefix(&parts);
+        let base = prefix(&[tenant.as_bytes(), rtype.as_bytes(), value.as_bytes()]).len();
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::IdxIdent).prefix(&p) {
+            let k = item.key()?;
+            let rest = &k[base..];
+            let id_start = rest
+                .iter()
+                .position(|b| *b == keys::SEP)
+                .map_or(0, |i| i + 1);
+            out.push(String::from_utf8_lossy(&rest[id_start..]).into_owned());
+        }
+        out.dedup();
+        Ok(out)
+    }
+
+    fn ids_by_last_updated(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<String>> {
+        let lo = join(&[tenant.as_bytes(), rtype.as_bytes(), &keys::i64_be(from)]);
+        let hi = join(&[tenant.as_bytes(), rtype.as_bytes(), &keys::i64_be(to)]);
+        let mut out = Vec::new();
+        for item in self.db.tables().get(Table::IdxUpdated).range(lo..hi) {
+            let k = item.key()?;
+            let id_start = k.iter().rposition(|b| *b == keys::SEP).map_or(0, |i| i + 1);
+            out.push(String::from_utf8_lossy(&k[id_start..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DbOptions, FjallJournal, Journal};
+    use serde_json::json;
+    use tributary_core::{Envelope, Protocol};
+
+    fn store() -> (tempfile::TempDir, Db, FjallStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        (dir, db.clone(), FjallStore::new(db))
+    }
+
+    fn patient(id: &str, family: &str) -> ResourceWrite {
+        ResourceWrite::upsert(
+            "Patient",
+            id,
+            json!({"resourceType":"Patient","identifier":[{"system":"urn:mrn","value":"123"}],
+                   "name":[{"family":family}]}),
+        )
+    }
+
+    fn tx(writes: Vec<ResourceWrite>) -> StoreTransaction {
+        StoreTransaction {
+            tenant: "t1".into(),
+            writes,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn versions_history_and_identical_replays() {
+        let (_d, _db, s) = store();
+        let first = s.commit(tx(vec![patient("p1", "Doe")])).await.unwrap();
+        assert!(first.writes[0].created);
+        assert_eq!(first.event_seqs.len(), 1);
+        for _ in 0..3 {
+            let again = s.commit(tx(vec![patient("p1", "Doe")])).await.unwrap();
+            assert!(!again.writes[0].changed);
+            assert!(again.event_seqs.is_empty());
+        }
+        s.commit(tx(vec![patient("p1", "Roe")])).await.unwrap();
+        let cur = s.read("t1", "Patient", "p1").unwrap().unwrap();
+        assert_eq!(cur.version, 2);
+        let body = cur.resource().unwrap();
+        assert_eq!(body["meta"]["versionId"], "2");
+        assert_eq!(body["name"][0]["family"], "Roe");
+        let hist = s.history("t1", "Patient", "p1").unwrap();
+        assert_eq!(
+            hist.iter().map(|h| h.version).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(
+            s.vread("t1", "Patient", "p1", 1)
+                .unwrap()
+                .unwrap()
+                .resource()
+                .unwrap()["name"][0]["family"],
+            "Doe"
+        );
+        assert!(
+            s.read("t2", "Patient", "p1").unwrap().is_none(),
+            "tenants are isolated"
+        );
+    }
+
+    #[tokio::test]
+    async fn indexes_follow_updates_and_deletes() {
+        let (_d, _db, s) = store();
+        let obs = json!({"resourceType":"Observation","subject":{"reference":"Patient/p1"},
+                         "identifier":[{"system":"urn:lab","value":"o-9"}]});
+        s.commit(tx(vec![
+            patient("p1", "Doe"),
+            ResourceWrite::upsert("Observation", "o1", obs),
+        ]))
+        .await
+        .unwrap();
+        let mut comp = s.ids_by_patient("t1", "p1", None).unwrap();
+        comp.sort();
+        assert_eq!(
+            comp,
+            vec![
+                ("Observation".into(), "o1".into()),
+                ("Patient".into(), "p1".into())
+            ]
+        );
+        assert_eq!(
+            s.ids_by_identifier("t1", "Patient", Some("urn:mrn"), "123")
+                .unwrap(),
+            vec!["p1"]
+        );
+        assert_eq!(
+            s.ids_by_identifier("t1", "Patient", None, "123").unwrap(),
+            vec!["p1"]
+        );
+        assert!(s
+            .ids_by_identifier("t1", "Patient", Some("urn:other"), "123")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.ids_by_last_updated("t1", "Observation", 0, i64::MAX)
+                .unwrap(),
+            vec!["o1"]
+        );
+        let del = ResourceWrite {
+            resource_type: "Observation".into(),
+            id: "o1".into(),
+            op: WriteOp::Delete,
+            precondition: Precondition::None,
+        };
+        s.commit(tx(vec![del])).await.unwrap();
+        assert!(s.read("t1", "Observation", "o1").unwrap().unwrap().deleted);
+        assert_eq!(
+            s.ids_by_patient("t1", "p1", Some("Observation")).unwrap(),
+            vec![]
+        );
+        assert!(s
+            .ids_by_last_updated("t1", "Observation", 0, i64::MAX)
+            .unwrap()
+            .is_empty());
+        assert_eq!(s.list("t1", "Observation", None, 10).unwrap().len(), 0);
+        assert_eq!(s.list("t1", "Patient", None, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn preconditions_and_atomicity() {
+        let (_d, _db, s) = store();
+        s.commit(tx(vec![patient("p1", "Doe")])).await.unwrap();
+        let mut stale = patient("p1", "X");
+        stale.precondition = Precondition::VersionMatch(7);
+        let mut fresh = patient("p2", "New");
+        fresh.precondition = Precondition::MustNotExist;
+        let err = s.commit(tx(vec![fresh, stale])).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::VersionConflict {
+                    expected: 7,
+                    current: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            s.read("t1", "Patient", "p2").unwrap().is_none(),
+            "a failed transaction writes nothing"
+        );
+        let mut dup = patient("p1", "Y");
+        dup.precondition = Precondition::MustNotExist;
+        assert!(matches!(
+            s.commit(tx(vec![dup])).await.unwrap_err(),
+            StorageError::AlreadyExists { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn resources_outbox_and_message_state_commit_together() {
+        let (_d, db, s) = store();
+        let j = FjallJournal::new(db, 0);
+        let r = j
+            .append(Envelope::builder(Protocol::Hl7v2, &b"MSH"[..]).build())
+            .await
+            .unwrap();
+        let mut t = tx(vec![patient("p1", "Doe")]);
+        t.message = Some(MessageUpdate {
+            id: r.id,
+            state: MessageState::Committed,
+            mapping_version: Some("sha256:abc".into()),
+        });
+        let out = s.commit(t).await.unwrap();
+        let events = s.outbox().read_after(0, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].seq, out.event_seqs[0]);
+        assert_eq!(events[0].event_type, "fhir.Patient.create");
+        assert_eq!(events[0].patient_id.as_deref(), Some("p1"));
+        assert_eq!(
+            events[0].source_message.as_deref(),
+            Some(r.id.to_string().as_str())
+        );
+        let st = j.get(r.id).unwrap().unwrap().state;
+        assert_eq!(st.state, MessageState::Committed);
+        assert_eq!(st.mapping_version.as_deref(), Some("sha256:abc"));
+        s.outbox().ack("kafka", events[0].seq).await.unwrap();
+        assert_eq!(s.outbox().prune(&["kafka"]).await.unwrap(), 1);
+        assert!(s.outbox().read_after(0, 10).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,248 @@
+use crate::config::Config;
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tributary_core::{MessageId, StateKind};
+use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tributary",
+    version,
+    about = "Healthcare integration engine: HL7 v2, C-CDA, X12 and FHIR feeds in; FHIR R4 and events out.",
+    after_help = "Examples:\n  tributary serve                         # embedded default, ./tributary-data\n  tributary serve --config tributary.toml\n  tributary config check --config tributary.toml\n  tributary journal list --state failed"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where to find the configuration and the data directory; shared by every subcommand.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Common {
+    /// Configuration file (TOML). Without it, defaults apply (see deploy/tributary.example.toml).
+    #[arg(long, short = 'c', env = "TRIBUTARY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory; overrides `data_dir` from the config.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Log format: pretty or json; overrides `log.format`.
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+}
+
+impl Common {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(f) = &self.log_format {
+            config.log.format = f.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run every configured component in one process (HTTP facade, MLLP listener, pipeline).
+    #[command(
+        after_help = "Examples:\n  tributary serve\n  tributary serve --data-dir /var/lib/tributary --http-listen 0.0.0.0:8080\n  TRIBUTARY_LOG=debug tributary serve --log-format json"
+    )]
+    Serve(ServeArgs),
+    /// Check a configuration file without starting anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the message journal: list, show, stats.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+    /// Load generators and storage benchmarks.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// HTTP listen address; overrides `http.listen`.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+    /// MLLP listen address; overrides `mllp.listen` ("" disables).
+    #[arg(long)]
+    pub mllp_listen: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Parse and validate; prints the effective configuration as TOML.
+    #[command(
+        after_help = "Example:\n  tributary config check --config deploy/tributary.example.toml"
+    )]
+    Check(Common),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JournalCommand {
+    /// List messages (id, received time, state, attempts) — never their content.
+    #[command(
+        after_help = "Examples:\n  tributary journal list --state failed\n  tributary journal list --since 2026-11-01T00:00:00Z --limit 50"
+    )]
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// received, mapped, committed, delivered, failed or rejected
+        #[arg(long)]
+        state: Option<String>,
+        /// RFC 3339 time or YYYY-MM-DD (inclusive)
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 time or YYYY-MM-DD (exclusive)
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one message's metadata and state history; `--payload` prints its raw bytes.
+    Show {
+        #[command(flatten)]
+        common: Common,
+        id: String,
+        /// Print the raw message (contains PHI: for inspection by authorised staff only).
+        #[arg(long)]
+        payload: bool,
+    },
+    /// Head sequence number and approximate message count.
+    Stats(Common),
+}
+
+fn open_journal(config: &Config) -> anyhow::Result<FjallJournal> {
+    let db = Db::open(&config.data_dir, DbOptions::default())
+        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    Ok(FjallJournal::new(
+        db,
+        config.journal.dedup_window_secs as i64 * 1000,
+    ))
+}
+
+fn parse_time(flag: &str, s: &Option<String>) -> anyhow::Result<Option<i64>> {
+    s.as_deref()
+        .map(|s| {
+            tributary_core::parse_rfc3339_millis(s)
+                .with_context(|| format!("--{flag} {s:?}: expected RFC 3339 or YYYY-MM-DD"))
+        })
+        .transpose()
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let mut config = args.common.load()?;
+            if let Some(a) = args.http_listen {
+                config.http.listen = a;
+            }
+            if let Some(a) = args.mllp_listen {
+                config.mllp.listen = a;
+            }
+            config.validate()?;
+            crate::logging::init(&config.log.format, &config.log.level);
+            crate::serve::serve(config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check(common)) => {
+            let config = common.load()?;
+            println!("{}", toml::to_string_pretty(&config)?);
+            eprintln!("config ok");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Journal(cmd) => journal(cmd),
+        Command::Bench(cmd) => crate::bench::run(cmd),
+    }
+}
+
+fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        JournalCommand::List {
+            common,
+            state,
+            since,
+            until,
+            limit,
+        } => {
+            let config = common.load()?;
+            let state = match state.as_deref() {
+                None => None,
+                Some(s) => Some(StateKind::parse(s).with_context(|| {
+                    format!("--state {s:?}: expected one of received, mapped, committed, delivered, failed, rejected")
+                })?),
+            };
+            let filter = ListFilter {
+                state,
+                since: parse_time("since", &since)?,
+                until: parse_time("until", &until)?,
+                limit: Some(limit),
+            };
+            let j = open_journal(&config)?;
+            for (id, at, st) in j.list(&filter)? {
+                let reason = st.state.reason().unwrap_or("");
+                println!(
+                    "{id}\t{}\t{}\tattempts={}\t{reason}",
+                    tributary_core::format_rfc3339_millis(at),
+                    st.state.kind(),
+                    st.attempts
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JournalCommand::Show {
+            common,
+            id,
+            payload,
+        } => {
+            let config = common.load()?;
+            let id: MessageId = id.parse().context("message id must be a UUID")?;
+            let j = open_journal(&config)?;
+            let Some(rec) = j.get(id)? else {
+                eprintln!("message {id} is not in the journal");
+                return Ok(ExitCode::from(1));
+            };
+            let e = &rec.envelope;
+            let summary = serde_json::json!({
+                "id": e.id.to_string(),
+                "tenant": e.tenant,
+                "partner": e.partner,
+                "protocol": e.protocol,
+                "received_at": tributary_core::format_rfc3339_millis(e.received_at),
+                "ordering_key": e.ordering_key,
+                "bytes": e.payload.len(),
+                "meta": e.meta,
+                "state": rec.state.state.kind(),
+                "reason": rec.state.state.reason(),
+                "attempts": rec.state.attempts,
+                "mapping_version": rec.state.mapping_version,
+                "history": rec.state.history.iter()
+                    .map(|(at, k)| format!("{} {k}", tributary_core::format_rfc3339_millis(*at)))
+                    .collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            if payload {
+                use std::io::Write;
+                std::io::stdout().write_all(&e.payload)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JournalCommand::Stats(common) => {
+            let config = common.load()?;
+            let j = open_journal(&config)?;
+            let s = j.stats();
+            println!(
+                "head_seq={} approx_messages={}",
+                s.head_seq, s.approx_messages
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

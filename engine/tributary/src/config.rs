@@ -1,0 +1,369 @@
+//! `tributary.toml`: every key, its default and its meaning. The doc comments below are the
+//! operator documentation; `deploy/tributary.example.toml` shows them all.
+//!
+//! Loading is parse → environment overrides → [`Config::validate`] (no I/O). Any key can be set
+//! from the environment as `TRIBUTARY_<SECTION>__<KEY>` (double underscore between levels), e.g.
+//! `TRIBUTARY_HTTP__LISTEN=0.0.0.0:8080` or `TRIBUTARY_DATA_DIR=/var/lib/tributary`.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for `{key}`: {value:?} — {allowed}")]
+    Invalid {
+        key: String,
+        value: String,
+        allowed: String,
+    },
+}
+
+/// The whole configuration. With no file at all, every default applies (the embedded setup).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory holding the journal, the FHIR store, the outbox, the audit log and local keys.
+    /// Tributary writes nothing outside it.
+    pub data_dir: PathBuf,
+    /// Tenant that messages and requests belong to when nothing else says (the embedded setup).
+    pub default_tenant: String,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub mllp: MllpConfig,
+    pub journal: JournalConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./tributary-data"),
+            default_tenant: "default".into(),
+            log: LogConfig::default(),
+            http: HttpConfig::default(),
+            mllp: MllpConfig::default(),
+            journal: JournalConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` (human, for a terminal) or `json` (one object per line, for a log shipper).
+    pub format: String,
+    /// A `tracing` filter: `info`, `debug`, `tributary_storage=debug,info`, …
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "pretty".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP server (FHIR facade, `/health`, `/ready`).
+    pub listen: String,
+    /// A request taking longer than this is answered 503 and abandoned.
+    pub request_timeout_secs: u64,
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            request_timeout_secs: 30,
+            max_body_bytes: 10 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MllpConfig {
+    /// Address of the default HL7 v2 MLLP listener; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MllpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2575".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// A message whose de-duplication key (partner + control id) was seen within this window is
+    /// acknowledged again instead of being stored twice.
+    pub dedup_window_secs: u64,
+    /// Most writes sharing one fsync (group commit).
+    pub max_group: usize,
+    /// Writes waiting for the disk before writers are slowed down (backpressure).
+    pub queue_bound: usize,
+    pub retention: RetentionConfig,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            dedup_window_secs: 86_400,
+            max_group: 2048,
+            queue_bound: 16_384,
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delivered messages older than this are pruned. Failed and rejected ones are kept until
+    /// resolved, whatever their age.
+    pub delivered_max_age_hours: u64,
+    /// When the kept payloads exceed this many bytes, the oldest delivered messages go first.
+    /// 0 means no size limit.
+    pub max_payload_bytes: u64,
+    /// How often the pruner runs.
+    pub prune_interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            delivered_max_age_hours: 24 * 7,
+            max_payload_bytes: 0,
+            prune_interval_secs: 300,
+        }
+    }
+}
+
+fn invalid(key: &str, value: impl ToString, allowed: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+fn check_addr(key: &str, value: &str, may_be_empty: bool) -> Result<(), ConfigError> {
+    if may_be_empty && value.is_empty() {
+        return Ok(());
+    }
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| invalid(key, value, "expected IP:PORT, e.g. 127.0.0.1:8080"))
+}
+
+fn check_positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, value, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Reads the file (if any), applies `TRIBUTARY_*` environment overrides, validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.into(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_string()),
+        };
+        Self::from_toml(&text, &origin, std::env::vars())
+    }
+
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        apply_env(&mut table, env)?;
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+                origin: origin.into(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value without touching the network or the disk.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "", "a directory path"));
+        }
+        if self.default_tenant.is_empty()
+            || !self
+                .default_tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "default_tenant",
+                &self.default_tenant,
+                "letters, digits, - and _",
+            ));
+        }
+        if !["pretty", "json"].contains(&self.log.format.as_str()) {
+            return Err(invalid(
+                "log.format",
+                &self.log.format,
+                "one of: pretty, json",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "a tracing filter such as info or debug",
+            ));
+        }
+        check_addr("http.listen", &self.http.listen, false)?;
+        check_addr("mllp.listen", &self.mllp.listen, true)?;
+        check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
+        check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        check_positive("journal.max_group", self.journal.max_group as u64)?;
+        check_positive("journal.queue_bound", self.journal.queue_bound as u64)?;
+        check_positive(
+            "journal.retention.prune_interval_secs",
+            self.journal.retention.prune_interval_secs,
+        )?;
+        Ok(())
+    }
+}
+
+/// `TRIBUTARY_HTTP__LISTEN=…` sets `http.listen`. Values are read as TOML when they parse
+/// (numbers, booleans, arrays) and as strings otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("TRIBUTARY_") else {
+            continue;
+        };
+        if rest == "CONFIG" || rest.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let mut cur = &mut *table;
+        for (i, seg) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                cur.insert(seg.clone(), value.clone());
+            } else {
+                let entry = cur
+                    .entry(seg.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                cur = entry.as_table_mut().ok_or_else(|| {
+                    invalid(
+                        &path[..=i].join("."),
+                        &name,
+                        "this key is a value, not a section",
+                    )
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml(text, "test.toml", env)
+    }
+
+    #[test]
+    fn empty_config_is_the_embedded_default() {
+        assert_eq!(load("", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[http]\nlisten = \"127.0.0.1:1\"\nlistn = 3\n", &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("listn") && msg.contains("listen"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_key_value_and_allowed() {
+        let msg = load("[log]\nformat = \"xml\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("log.format") && msg.contains("xml") && msg.contains("pretty, json"),
+            "{msg}"
+        );
+        let msg = load("[http]\nlisten = \"localhost\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("http.listen") && msg.contains("IP:PORT"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_location() {
+        let msg = load("[journal]\nmax_group = \"many\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("max_group"), "{msg}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = load(
+            "[http]\nlisten = \"127.0.0.1:1\"\n",
+            &[
+                ("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:9999"),
+                ("TRIBUTARY_JOURNAL__RETENTION__PRUNE_INTERVAL_SECS", "7"),
+                ("TRIBUTARY_DATA_DIR", "/tmp/x"),
+                ("UNRELATED", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.http.listen, "127.0.0.1:9999");
+        assert_eq!(c.journal.retention.prune_interval_secs, 7);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        let err = load("", &[("TRIBUTARY_HTTP__PORT", "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+}
