@@ -14,6 +14,7 @@ pub mod codec;
 pub mod config;
 pub mod header;
 pub mod partners;
+pub mod sink;
 pub mod source;
 pub mod tls;
 
