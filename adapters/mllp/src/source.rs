@@ -662,6 +662,62 @@ pub fn dedup_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
     )
 }
 
+/// Why a message cannot be accepted: its header lacks what an ACK needs, or it does not parse.
+#[derive(Debug)]
+enum Rejection {
+    Header(header::HeaderError),
+    Parse(tributary_hl7v2::ParseError),
+}
+
+impl From<header::HeaderError> for Rejection {
+    fn from(e: header::HeaderError) -> Self {
+        Rejection::Header(e)
+    }
+}
+
+impl From<tributary_hl7v2::ParseError> for Rejection {
+    fn from(e: tributary_hl7v2::ParseError) -> Self {
+        Rejection::Parse(e)
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Header(e) => e.fmt(f),
+            Rejection::Parse(e) => e.fmt(f),
+        }
+    }
+}
+
+impl Rejection {
+    fn hl7_code(&self) -> (&'static str, &'static str) {
+        use tributary_hl7v2::ParseErrorKind as K;
+        match self {
+            Rejection::Header(e) => e.hl7_code(),
+            Rejection::Parse(p) => match p.kind {
+                K::Empty | K::MissingMsh { .. } | K::BadSegmentName => {
+                    ("100", "Segment sequence error")
+                }
+                K::BadDelimiters(_) | K::InvalidEncoding { .. } => ("102", "Data type error"),
+                K::UnsupportedCharset(_) => ("103", "Table value not found"),
+            },
+        }
+    }
+
+    fn location(&self) -> Option<(&'static str, u32)> {
+        use tributary_hl7v2::ParseErrorKind as K;
+        match self {
+            Rejection::Header(e) => e.location(),
+            Rejection::Parse(p) => match p.kind {
+                K::UnsupportedCharset(_) => Some(("MSH", 18)),
+                K::BadDelimiters(_) => Some(("MSH", 2)),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// Journals one message and builds its ACK. Returns the ACK (None when MSH-15 says not to send
 /// one) and the outcome.
 async fn handle_message(
@@ -673,7 +729,15 @@ async fn handle_message(
 ) -> (Option<Vec<u8>>, Outcome) {
     let cfg = &shared.cfg;
     let listener = cfg.name.as_str();
-    let parsed = Header::read(&payload).and_then(|h| h.require_ackable().map(|_| h));
+    let parsed = Header::read(&payload)
+        .and_then(|h| h.require_ackable().map(|_| h))
+        .map_err(Rejection::from)
+        .and_then(|h| {
+            // The full parse decides: charset per MSH-18, delimiters, segment structure.
+            tributary_hl7v2::Message::parse(&payload)
+                .map(|_| h)
+                .map_err(Rejection::from)
+        });
     let h = match parsed {
         Ok(h) => h,
         Err(e) => {
