@@ -148,6 +148,9 @@ pub struct MllpListenerConfig {
     pub allow_unknown_partners: bool,
     /// Partner id recorded for senders matching no partner when `allow_unknown_partners`.
     pub default_partner: String,
+    /// Honour MSH-15 `NE`/`ER`/`SU` literally and send no commit ACK where it says so. Off by
+    /// default: most MLLP senders block until they get a reply, so a commit ACK is always sent.
+    pub follow_msh15: bool,
     /// Write one PHI-free audit record per accepted message (refusals are always audited). It
     /// shares the journal's fsync.
     pub audit_accepted: bool,
@@ -172,6 +175,7 @@ impl Default for MllpListenerConfig {
             mapped_timeout_secs: 30,
             allow_unknown_partners: true,
             default_partner: "anonymous".into(),
+            follow_msh15: false,
             audit_accepted: true,
             tls: None,
             partners: Vec::new(),

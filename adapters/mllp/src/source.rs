@@ -485,9 +485,14 @@ fn enhanced(h: Option<&Header<'_>>) -> bool {
     h.is_some_and(|h| h.enhanced_mode())
 }
 
-fn reply_for(h: Option<&Header<'_>>, outcome: Outcome, err: Option<&AckError>) -> Option<Vec<u8>> {
+fn reply_for(
+    shared: &Shared,
+    h: Option<&Header<'_>>,
+    outcome: Outcome,
+    err: Option<&AckError>,
+) -> Option<Vec<u8>> {
     let code = outcome.code(enhanced(h));
-    ack::should_send(h, code).then(|| ack::build_ack(h, code, err))
+    (!shared.cfg.follow_msh15 || ack::should_send(h, code)).then(|| ack::build_ack(h, code, err))
 }
 
 fn message_type_of(h: &Header<'_>) -> String {
@@ -599,7 +604,7 @@ async fn handle_oversized(
         format!("frame exceeds {limit} bytes"),
     );
     Reply {
-        ack: reply_for(h.as_ref(), Outcome::Oversized, Some(&err)),
+        ack: reply_for(shared, h.as_ref(), Outcome::Oversized, Some(&err)),
         close: partner.is_none(),
     }
 }
@@ -772,7 +777,7 @@ async fn handle_message(
                 err = err.at(seg, n);
             }
             return (
-                reply_for(partial.as_ref(), Outcome::Unparseable, Some(&err)),
+                reply_for(shared, partial.as_ref(), Outcome::Unparseable, Some(&err)),
                 Outcome::Unparseable,
             );
         }
@@ -792,7 +797,7 @@ async fn handle_message(
         tracing::info!(listener, partner = %partner.id, message_type = %mt, "rate limited");
         let err = AckError::new(("207", "Application internal error"), "rate limited, retry");
         return (
-            reply_for(Some(&h), Outcome::RateLimited, Some(&err)),
+            reply_for(shared, Some(&h), Outcome::RateLimited, Some(&err)),
             Outcome::RateLimited,
         );
     }
@@ -834,7 +839,7 @@ async fn handle_message(
                 "message could not be stored, retry",
             );
             return (
-                reply_for(Some(&h), Outcome::StorageUnavailable, Some(&err)),
+                reply_for(shared, Some(&h), Outcome::StorageUnavailable, Some(&err)),
                 Outcome::StorageUnavailable,
             );
         }
@@ -877,7 +882,7 @@ async fn handle_message(
             }
         }
     }
-    (reply_for(Some(&h), outcome, err.as_ref()), outcome)
+    (reply_for(shared, Some(&h), outcome, err.as_ref()), outcome)
 }
 
 async fn handle_batch(

@@ -145,7 +145,19 @@ async fn unparseable_message_gets_ar_with_err_and_is_kept_as_rejected() {
 
 #[tokio::test]
 async fn enhanced_mode_sends_commit_acks_per_msh15() {
+    // by default a commit ACK is always sent (senders block for it), even for MSH-15 NE
     let h = start(MllpListenerConfig::default()).await;
+    let ne = b"MSH|^~\\&|A|B|C|D|||ORU^R01|N1|P|2.6|||NE|NE\rOBX|1\r";
+    assert_eq!(
+        read_msa(&send_plain(h.addr, ne).await),
+        Some((AckCode::CA, b"N1".to_vec()))
+    );
+    // with follow_msh15, MSH-15 is honoured literally
+    let h = start(MllpListenerConfig {
+        follow_msh15: true,
+        ..Default::default()
+    })
+    .await;
     let al = b"MSH|^~\\&|A|B|C|D|||ORU^R01^ORU_R01|E1|P|2.6|||AL|NE\rOBX|1\r";
     let ack = send_plain(h.addr, al).await;
     assert_eq!(read_msa(&ack), Some((AckCode::CA, b"E1".to_vec())));
