@@ -93,20 +93,9 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MllpConfig {
-    /// Address of the default HL7 v2 MLLP listener; empty disables it.
-    pub listen: String,
-}
-
-impl Default for MllpConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:2575".into(),
-        }
-    }
-}
+/// The `[mllp]` section (HL7 v2 over MLLP): `listen` for the default listener, and
+/// `[[mllp.listeners]]` for more; every key is documented in `tributary_mllp::config`.
+pub use tributary_mllp::MllpConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -247,7 +236,11 @@ impl Config {
             ));
         }
         check_addr("http.listen", &self.http.listen, false)?;
-        check_addr("mllp.listen", &self.mllp.listen, true)?;
+        self.mllp.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         check_positive("journal.max_group", self.journal.max_group as u64)?;
@@ -365,5 +358,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn mllp_listeners_are_configured_and_checked() {
+        let c = load(
+            "[mllp]\nlisten = \"\"\n[[mllp.listeners]]\nname = \"lab\"\nlisten = \"127.0.0.1:2576\"\n[[mllp.listeners.partners]]\nid = \"general-lab\"\nsource_cidrs = [\"10.0.0.0/8\"]\n",
+            &[],
+        )
+        .unwrap();
+        let l = c.mllp.effective_listeners();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].partners[0].id, "general-lab");
+        let msg = load("[mllp]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("mllp.listen") && msg.contains("IP:PORT"),
+            "{msg}"
+        );
+        let msg = load(
+            "[[mllp.listeners]]\nname = \"x\"\nack_after = \"later\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("later") && msg.contains("journal"), "{msg}");
     }
 }

@@ -56,6 +56,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     });
     rt.readiness.set("http", ComponentStatus::Ready);
 
+    // Ingress sources, one line per adapter.
+    for listener in config.mllp.effective_listeners() {
+        spawn_source(
+            &mut tasks,
+            &rt,
+            tributary_mllp::MllpSource::new(listener, &config.default_tenant),
+        );
+    }
+
     let shutdown = rt.shutdown.clone();
     tokio::select! {
         _ = wait_for_signal() => tracing::info!("shutdown requested"),
@@ -76,6 +85,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     drop(rt);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn spawn_source(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    rt: &Runtime,
+    source: impl tributary_runtime::Source,
+) {
+    let rt = rt.clone();
+    tasks.spawn(Box::new(source).run(rt));
 }
 
 async fn prune_loop(rt: Runtime, cfg: crate::config::RetentionConfig) -> anyhow::Result<()> {
