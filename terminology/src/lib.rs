@@ -52,7 +52,9 @@ impl ConceptMap {
                 return Err(TerminologyError {
                     map: name.to_string(),
                     line: i + 1,
-                    reason: "expected source, target system, target code[, display] separated by tabs".into(),
+                    reason:
+                        "expected source, target system, target code[, display] separated by tabs"
+                            .into(),
                 });
             }
             let target = Target {
@@ -90,26 +92,86 @@ pub struct Terminology {
 }
 
 const BUILTIN: &[(&str, &str)] = &[
-    ("v2-0001-gender", include_str!("../conceptmaps/v2-0001-gender.tsv")),
-    ("v2-0002-marital-status", include_str!("../conceptmaps/v2-0002-marital-status.tsv")),
-    ("v2-0004-encounter-class", include_str!("../conceptmaps/v2-0004-encounter-class.tsv")),
-    ("v2-0038-order-status", include_str!("../conceptmaps/v2-0038-order-status.tsv")),
-    ("v2-0078-interpretation", include_str!("../conceptmaps/v2-0078-interpretation.tsv")),
-    ("v2-0085-observation-status", include_str!("../conceptmaps/v2-0085-observation-status.tsv")),
-    ("v2-0119-order-control-status", include_str!("../conceptmaps/v2-0119-order-control-status.tsv")),
-    ("v2-0123-report-status", include_str!("../conceptmaps/v2-0123-report-status.tsv")),
-    ("v2-0127-allergy-category", include_str!("../conceptmaps/v2-0127-allergy-category.tsv")),
-    ("v2-0128-allergy-criticality", include_str!("../conceptmaps/v2-0128-allergy-criticality.tsv")),
-    ("v2-0190-address-type", include_str!("../conceptmaps/v2-0190-address-type.tsv")),
-    ("v2-0190-address-use", include_str!("../conceptmaps/v2-0190-address-use.tsv")),
-    ("v2-0200-name-use", include_str!("../conceptmaps/v2-0200-name-use.tsv")),
-    ("v2-0201-telecom-use", include_str!("../conceptmaps/v2-0201-telecom-use.tsv")),
-    ("v2-0202-telecom-system", include_str!("../conceptmaps/v2-0202-telecom-system.tsv")),
-    ("v2-0271-document-status", include_str!("../conceptmaps/v2-0271-document-status.tsv")),
-    ("v2-0278-appointment-status", include_str!("../conceptmaps/v2-0278-appointment-status.tsv")),
-    ("v2-0322-immunization-status", include_str!("../conceptmaps/v2-0322-immunization-status.tsv")),
-    ("v2-0485-priority", include_str!("../conceptmaps/v2-0485-priority.tsv")),
-    ("v2-0396-system", include_str!("../conceptmaps/v2-0396-system.tsv")),
+    (
+        "v2-0001-gender",
+        include_str!("../conceptmaps/v2-0001-gender.tsv"),
+    ),
+    (
+        "v2-0002-marital-status",
+        include_str!("../conceptmaps/v2-0002-marital-status.tsv"),
+    ),
+    (
+        "v2-0004-encounter-class",
+        include_str!("../conceptmaps/v2-0004-encounter-class.tsv"),
+    ),
+    (
+        "v2-0038-order-status",
+        include_str!("../conceptmaps/v2-0038-order-status.tsv"),
+    ),
+    (
+        "v2-0078-interpretation",
+        include_str!("../conceptmaps/v2-0078-interpretation.tsv"),
+    ),
+    (
+        "v2-0085-observation-status",
+        include_str!("../conceptmaps/v2-0085-observation-status.tsv"),
+    ),
+    (
+        "v2-0119-order-control-status",
+        include_str!("../conceptmaps/v2-0119-order-control-status.tsv"),
+    ),
+    (
+        "v2-0123-report-status",
+        include_str!("../conceptmaps/v2-0123-report-status.tsv"),
+    ),
+    (
+        "v2-0127-allergy-category",
+        include_str!("../conceptmaps/v2-0127-allergy-category.tsv"),
+    ),
+    (
+        "v2-0128-allergy-criticality",
+        include_str!("../conceptmaps/v2-0128-allergy-criticality.tsv"),
+    ),
+    (
+        "v2-0190-address-type",
+        include_str!("../conceptmaps/v2-0190-address-type.tsv"),
+    ),
+    (
+        "v2-0190-address-use",
+        include_str!("../conceptmaps/v2-0190-address-use.tsv"),
+    ),
+    (
+        "v2-0200-name-use",
+        include_str!("../conceptmaps/v2-0200-name-use.tsv"),
+    ),
+    (
+        "v2-0201-telecom-use",
+        include_str!("../conceptmaps/v2-0201-telecom-use.tsv"),
+    ),
+    (
+        "v2-0202-telecom-system",
+        include_str!("../conceptmaps/v2-0202-telecom-system.tsv"),
+    ),
+    (
+        "v2-0271-document-status",
+        include_str!("../conceptmaps/v2-0271-document-status.tsv"),
+    ),
+    (
+        "v2-0278-appointment-status",
+        include_str!("../conceptmaps/v2-0278-appointment-status.tsv"),
+    ),
+    (
+        "v2-0322-immunization-status",
+        include_str!("../conceptmaps/v2-0322-immunization-status.tsv"),
+    ),
+    (
+        "v2-0485-priority",
+        include_str!("../conceptmaps/v2-0485-priority.tsv"),
+    ),
+    (
+        "v2-0396-system",
+        include_str!("../conceptmaps/v2-0396-system.tsv"),
+    ),
 ];
 
 /// The built-in HL7 v2 tables, parsed once.
@@ -159,6 +221,21 @@ impl Terminology {
                     display: None,
                 });
             }
+            // A local coding system (`L`, `99ABC`) or a URI already: keep its name as a URI so
+            // the code stays interpretable, rather than dropping the system.
+            let code = code.trim();
+            if code.is_empty() {
+                return None;
+            }
+            return Some(Target {
+                system: "uri".into(),
+                code: if code.contains(':') {
+                    code.replace(char::is_whitespace, "%20")
+                } else {
+                    format!("urn:id:{}", code.replace(char::is_whitespace, "_"))
+                },
+                display: None,
+            });
         }
         m.translate(code).cloned()
     }
@@ -180,13 +257,22 @@ mod tests {
     fn translates_v2_tables() {
         let t = builtin();
         assert_eq!(t.translate("v2-0001-gender", "F").unwrap().code, "female");
-        assert_eq!(t.translate("v2-0004-encounter-class", "E").unwrap().code, "EMER");
-        assert_eq!(t.translate("v2-0004-encounter-class", "Q").unwrap().code, "UNK");
+        assert_eq!(
+            t.translate("v2-0004-encounter-class", "E").unwrap().code,
+            "EMER"
+        );
+        assert_eq!(
+            t.translate("v2-0004-encounter-class", "Q").unwrap().code,
+            "UNK"
+        );
         assert!(t.translate("v2-0001-gender", "Q").is_none());
         assert_eq!(
             t.translate("v2-0396-system", "HL70078").unwrap().code,
             "http://terminology.hl7.org/CodeSystem/v2-0078"
         );
-        assert_eq!(t.translate("v2-0396-system", "LN").unwrap().code, "http://loinc.org");
+        assert_eq!(
+            t.translate("v2-0396-system", "LN").unwrap().code,
+            "http://loinc.org"
+        );
     }
 }

@@ -32,7 +32,11 @@ pub struct LoadError {
 
 impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.col, self.message
+        )
     }
 }
 
@@ -107,6 +111,22 @@ pub(crate) enum Transform {
     Uri,
     /// `base64` — encode the text (for `Attachment.data`).
     Base64,
+    /// `endpoint` — an R4 `url` for MessageHeader endpoints: kept when it has a scheme
+    /// (`mllp://host:port`), else `mllp://` + the name with unsafe characters replaced.
+    Endpoint,
+    /// `comparator` — keep only a leading `<`, `<=`, `>`, `>=` (for `Quantity.comparator`).
+    Comparator,
+    /// `strip_comparator` — drop a leading `<`, `<=`, `>`, `>=` (for `Quantity.value`).
+    StripComparator,
+}
+
+/// What to do when a source value cannot become its FHIR type (a date that is not a date).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// Fail the message (it is kept, with the reason, for a fix and a replay).
+    Fail,
+    /// Leave the element out and record a warning (file, rule, source path — no value).
+    Warn,
 }
 
 #[derive(Clone, Debug)]
@@ -147,6 +167,8 @@ pub(crate) struct Rule {
     pub many: bool,
     /// `join: " "` — one value: the text of every selected source, joined.
     pub join: Option<String>,
+    /// `on_error:`; `None` follows the mapping set's `on_invalid_value`.
+    pub on_error: Option<OnError>,
 }
 
 #[derive(Clone, Debug)]
@@ -244,6 +266,8 @@ pub struct MappingSet {
     pub version: String,
     pub root: PathBuf,
     pub default_timezone: String,
+    /// `on_invalid_value` from mapping-set.yaml: what a rule without `on_error:` does.
+    pub on_invalid_value: OnError,
     pub(crate) maps: Vec<CompiledMap>,
     pub(crate) messages: Vec<MessageMap>,
     pub(crate) global_ignore: Vec<IgnorePattern>,
@@ -265,6 +289,20 @@ impl MappingSet {
         self.messages
             .iter()
             .flat_map(|m| m.matches.iter().map(|t| (t.clone(), m.file.to_string())))
+            .collect()
+    }
+
+    /// Message map files that have no fixture beside them.
+    pub fn message_maps_without_fixtures(&self) -> Vec<String> {
+        self.messages
+            .iter()
+            .filter(|m| {
+                !self
+                    .fixtures
+                    .iter()
+                    .any(|f| f.message_map.as_os_str() == m.file.as_ref())
+            })
+            .map(|m| m.file.to_string())
             .collect()
     }
 
@@ -332,7 +370,11 @@ impl MappingSet {
                 continue;
             }
             if node.as_map().is_none() {
-                c.err(&file, node.pos, "a mapping file is a YAML map (key: value)".into());
+                c.err(
+                    &file,
+                    node.pos,
+                    "a mapping file is a YAML map (key: value)".into(),
+                );
                 continue;
             }
             if node.get("message").is_some() {
@@ -348,20 +390,52 @@ impl MappingSet {
             }
         }
         let mut default_timezone = "Z".to_string();
+        let mut on_invalid_value = OnError::Fail;
         let mut global_ignore = Vec::new();
         if let Some((file, node)) = &settings {
-            c.check_keys(file, node, &["name", "description", "default_timezone", "ignore"]);
+            c.check_keys(
+                file,
+                node,
+                &[
+                    "name",
+                    "description",
+                    "default_timezone",
+                    "on_invalid_value",
+                    "ignore",
+                ],
+            );
+            if let Some(n) = node.get("on_invalid_value") {
+                match n.as_str() {
+                    Some("fail") => on_invalid_value = OnError::Fail,
+                    Some("warn") => on_invalid_value = OnError::Warn,
+                    other => c.err(
+                        file,
+                        n.pos,
+                        format!(
+                            "on_invalid_value is `fail` or `warn`, found `{}`",
+                            other.unwrap_or("")
+                        ),
+                    ),
+                }
+            }
             if let Some(tz) = node.get("default_timezone") {
                 let t = tz.as_str().unwrap_or("");
                 let ok = t == "Z"
                     || (t.len() == 6
                         && matches!(&t[..1], "+" | "-")
                         && t.as_bytes()[3] == b':'
-                        && t[1..3].bytes().chain(t[4..].bytes()).all(|b| b.is_ascii_digit()));
+                        && t[1..3]
+                            .bytes()
+                            .chain(t[4..].bytes())
+                            .all(|b| b.is_ascii_digit()));
                 if ok {
                     default_timezone = t.to_string();
                 } else {
-                    c.err(file, tz.pos, "default_timezone must be `Z` or `+HH:MM`/`-HH:MM`".into());
+                    c.err(
+                        file,
+                        tz.pos,
+                        "default_timezone must be `Z` or `+HH:MM`/`-HH:MM`".into(),
+                    );
                 }
             }
             global_ignore = c.ignore_list(file, node.get("ignore"));
@@ -376,8 +450,11 @@ impl MappingSet {
             if let Some(m) = c.message(&file, stem, &node) {
                 for t in &m.matches {
                     if let Some(prev) = seen.insert(t.clone(), file.clone()) {
-                        c.err(&file, node.get("message").map_or(node.pos, |n| n.pos),
-                            format!("message type {t} is already mapped by {prev}"));
+                        c.err(
+                            &file,
+                            node.get("message").map_or(node.pos, |n| n.pos),
+                            format!("message type {t} is already mapped by {prev}"),
+                        );
                     }
                 }
                 messages.push(m);
@@ -390,6 +467,7 @@ impl MappingSet {
             version,
             root: root.to_path_buf(),
             default_timezone,
+            on_invalid_value,
             maps: c.maps.into_iter().map(|m| m.compiled).collect(),
             messages,
             global_ignore,
@@ -419,7 +497,9 @@ fn find_fixtures(root: &Path, messages: &[MessageMap]) -> Vec<Fixture> {
     for m in messages {
         let file = PathBuf::from(m.file.as_ref());
         let Some(dir) = file.parent() else { continue };
-        let Ok(rd) = std::fs::read_dir(dir) else { continue };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            continue;
+        };
         let mut inputs: Vec<PathBuf> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
@@ -432,7 +512,11 @@ fn find_fixtures(root: &Path, messages: &[MessageMap]) -> Vec<Fixture> {
             .collect();
         inputs.sort();
         for input in inputs {
-            let stem = input.file_stem().unwrap_or_default().to_string_lossy().to_string();
+            let stem = input
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string();
             out.push(Fixture {
                 message_map: file.clone(),
                 expected: input.with_file_name(format!("{stem}.expected.json")),
@@ -462,8 +546,22 @@ struct Compiler {
 }
 
 const RULE_KEYS: &[&str] = &[
-    "set", "from", "value", "var", "map", "rules", "translate", "default", "ref", "create",
-    "when", "transform", "prefix", "join", "note",
+    "set",
+    "from",
+    "value",
+    "var",
+    "map",
+    "rules",
+    "translate",
+    "default",
+    "ref",
+    "create",
+    "when",
+    "transform",
+    "prefix",
+    "join",
+    "on_error",
+    "note",
 ];
 
 impl Compiler {
@@ -487,7 +585,10 @@ impl Compiler {
                 self.err(
                     file,
                     k.pos,
-                    format!("unknown key `{key}`{hint} (allowed: {})", allowed.join(", ")),
+                    format!(
+                        "unknown key `{key}`{hint} (allowed: {})",
+                        allowed.join(", ")
+                    ),
                 );
             }
         }
@@ -503,24 +604,37 @@ impl Compiler {
                 let hint = fhir::suggest_type(ty)
                     .map(|s| format!(" — did you mean `{s}`?"))
                     .unwrap_or_default();
-                self.err(file, to.map_or(node.pos, |n| n.pos),
-                    format!("`to:` must name a FHIR R4 datatype, found `{ty}`{hint}"));
+                self.err(
+                    file,
+                    to.map_or(node.pos, |n| n.pos),
+                    format!("`to:` must name a FHIR R4 datatype, found `{ty}`{hint}"),
+                );
                 return;
             };
             (static_ty, MapKind::Datatype)
         } else {
-            self.check_keys(file, &node, &["resource", "segment", "id", "description", "rules"]);
+            self.check_keys(
+                file,
+                &node,
+                &["resource", "segment", "id", "description", "rules"],
+            );
             let r = node.get("resource");
             let ty = r.and_then(Node::as_str).unwrap_or("");
             let Some(static_ty) = intern_type(ty).filter(|t| fhir::is_resource(t)) else {
                 let hint = fhir::suggest_type(ty)
                     .map(|s| format!(" — did you mean `{s}`?"))
                     .unwrap_or_default();
-                self.err(file, r.map_or(node.pos, |n| n.pos),
-                    format!("`resource:` must name a FHIR R4 resource type, found `{ty}`{hint}"));
+                self.err(
+                    file,
+                    r.map_or(node.pos, |n| n.pos),
+                    format!("`resource:` must name a FHIR R4 resource type, found `{ty}`{hint}"),
+                );
                 return;
             };
-            let segment = node.get("segment").and_then(Node::as_str).map(str::to_string);
+            let segment = node
+                .get("segment")
+                .and_then(Node::as_str)
+                .map(str::to_string);
             (
                 static_ty,
                 MapKind::Resource {
@@ -532,7 +646,11 @@ impl Compiler {
         };
         if let Some(&prev) = self.by_name.get(&name) {
             let prev_file = self.maps[prev].compiled.file.clone();
-            self.err(file, node.pos, format!("a map named `{name}` is already defined in {prev_file}"));
+            self.err(
+                file,
+                node.pos,
+                format!("a map named `{name}` is already defined in {prev_file}"),
+            );
             return;
         }
         self.by_name.insert(name.clone(), self.maps.len());
@@ -560,7 +678,11 @@ impl Compiler {
         if let Some(seg) = &context_seg {
             if seg.len() != 3 || !seg.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 let pos = node.get("segment").map_or(node.pos, |n| n.pos);
-                self.err(&file, pos, format!("`segment:` must be a segment id like PID, found `{seg}`"));
+                self.err(
+                    &file,
+                    pos,
+                    format!("`segment:` must be a segment id like PID, found `{seg}`"),
+                );
             }
         }
         if let MapKind::Resource { .. } = self.maps[i].compiled.kind {
@@ -598,9 +720,19 @@ impl Compiler {
         self.maps[i].refs = refs;
     }
 
-    fn rules(&mut self, file: &Arc<str>, node: &Node, owner: &'static str, refs: &mut Vec<(String, Pos)>) -> Vec<Rule> {
+    fn rules(
+        &mut self,
+        file: &Arc<str>,
+        node: &Node,
+        owner: &'static str,
+        refs: &mut Vec<(String, Pos)>,
+    ) -> Vec<Rule> {
         let Some(items) = node.as_seq() else {
-            self.err(file, node.pos, "`rules:` is a list of rules (`- set: …`)".into());
+            self.err(
+                file,
+                node.pos,
+                "`rules:` is a list of rules (`- set: …`)".into(),
+            );
             return Vec::new();
         };
         items
@@ -609,9 +741,19 @@ impl Compiler {
             .collect()
     }
 
-    fn rule(&mut self, file: &Arc<str>, node: &Node, owner: &'static str, refs: &mut Vec<(String, Pos)>) -> Option<Rule> {
+    fn rule(
+        &mut self,
+        file: &Arc<str>,
+        node: &Node,
+        owner: &'static str,
+        refs: &mut Vec<(String, Pos)>,
+    ) -> Option<Rule> {
         if node.as_map().is_none() {
-            self.err(file, node.pos, "a rule is a map with at least `set:`".into());
+            self.err(
+                file,
+                node.pos,
+                "a rule is a map with at least `set:`".into(),
+            );
             return None;
         }
         self.check_keys(file, node, RULE_KEYS);
@@ -621,7 +763,11 @@ impl Compiler {
             col: node.pos.col,
         };
         let Some(set_node) = node.get("set") else {
-            self.err(file, node.pos, "rule has no `set:` (the FHIR element it fills)".into());
+            self.err(
+                file,
+                node.pos,
+                "rule has no `set:` (the FHIR element it fills)".into(),
+            );
             return None;
         };
         let set = set_node.as_str().unwrap_or("").to_string();
@@ -657,7 +803,9 @@ impl Compiler {
                 Err((at, msg)) => {
                     let pos = Pos {
                         line: w.pos.line,
-                        col: w.pos.col + at + usize::from(matches!(w.kind, YKind::Scalar { quoted: true, .. })),
+                        col: w.pos.col
+                            + at
+                            + usize::from(matches!(w.kind, YKind::Scalar { quoted: true, .. })),
                     };
                     self.err(file, pos, format!("condition: {msg}"));
                     None
@@ -677,8 +825,11 @@ impl Compiler {
                     "trim" => transforms.push(Transform::Trim),
                     "uri" => transforms.push(Transform::Uri),
                     "base64" => transforms.push(Transform::Base64),
+                    "comparator" => transforms.push(Transform::Comparator),
+                    "endpoint" => transforms.push(Transform::Endpoint),
+                    "strip_comparator" => transforms.push(Transform::StripComparator),
                     other => self.err(file, it.pos, format!(
-                        "unknown transform `{other}` (allowed: upper, lower, trim, uri, base64; use `prefix:` to prepend text)")),
+                        "unknown transform `{other}` (allowed: upper, lower, trim, uri, endpoint, base64, comparator, strip_comparator; use `prefix:` to prepend text)")),
                 }
             }
         }
@@ -690,8 +841,14 @@ impl Compiler {
             .filter(|k| node.get(k).is_some())
             .collect();
         if kinds.len() > 1 {
-            self.err(file, node.pos, format!(
-                "a rule takes one of value/var/map/rules/translate/ref/create, this one has {}", kinds.join(" and ")));
+            self.err(
+                file,
+                node.pos,
+                format!(
+                    "a rule takes one of value/var/map/rules/translate/ref/create, this one has {}",
+                    kinds.join(" and ")
+                ),
+            );
             return None;
         }
         let prim = Prim::for_type(last.ty);
@@ -702,10 +859,21 @@ impl Compiler {
             }
             Some("var") => {
                 let Some(p) = prim else {
-                    self.err(file, set_node.pos, format!("`var:` fills a primitive element; `{set}` is a {}", last.ty));
+                    self.err(
+                        file,
+                        set_node.pos,
+                        format!("`var:` fills a primitive element; `{set}` is a {}", last.ty),
+                    );
                     return None;
                 };
-                RuleKind::Var(node.get("var")?.as_str().unwrap_or("").trim_start_matches('$').to_string(), p)
+                RuleKind::Var(
+                    node.get("var")?
+                        .as_str()
+                        .unwrap_or("")
+                        .trim_start_matches('$')
+                        .to_string(),
+                    p,
+                )
             }
             Some("map") => {
                 let m = node.get("map")?;
@@ -717,8 +885,14 @@ impl Compiler {
                     return None;
                 }
                 if produces != last.ty {
-                    self.err(file, m.pos, format!(
-                        "datatype map `{name}` produces {produces}, but `{set}` is a {}", last.ty));
+                    self.err(
+                        file,
+                        m.pos,
+                        format!(
+                            "datatype map `{name}` produces {produces}, but `{set}` is a {}",
+                            last.ty
+                        ),
+                    );
                     return None;
                 }
                 self.check_map_datatype(file, m.pos, &from, name);
@@ -726,7 +900,14 @@ impl Compiler {
             }
             Some("rules") => {
                 if prim.is_some() {
-                    self.err(file, set_node.pos, format!("nested `rules:` build an object; `{set}` is a primitive {}", last.ty));
+                    self.err(
+                        file,
+                        set_node.pos,
+                        format!(
+                            "nested `rules:` build an object; `{set}` is a primitive {}",
+                            last.ty
+                        ),
+                    );
                     return None;
                 }
                 let cond = usize::from(node.get("when").is_some());
@@ -751,17 +932,28 @@ impl Compiler {
                     let hint = fhir::closest(&map, names.iter().map(String::as_str))
                         .map(|s| format!(" — did you mean `{s}`?"))
                         .unwrap_or_default();
-                    self.err(file, node.get("translate")?.pos, format!("unknown ConceptMap `{map}`{hint}"));
+                    self.err(
+                        file,
+                        node.get("translate")?.pos,
+                        format!("unknown ConceptMap `{map}`{hint}"),
+                    );
                 }
                 RuleKind::Translate {
                     map,
                     out,
-                    default: node.get("default").and_then(Node::as_str).map(str::to_string),
+                    default: node
+                        .get("default")
+                        .and_then(Node::as_str)
+                        .map(str::to_string),
                 }
             }
             Some("ref") => {
                 if last.ty != "Reference" {
-                    self.err(file, set_node.pos, format!("`ref:` fills a Reference; `{set}` is a {}", last.ty));
+                    self.err(
+                        file,
+                        set_node.pos,
+                        format!("`ref:` fills a Reference; `{set}` is a {}", last.ty),
+                    );
                     return None;
                 }
                 let r = node.get("ref")?;
@@ -773,14 +965,25 @@ impl Compiler {
             }
             Some("create") => {
                 if last.ty != "Reference" {
-                    self.err(file, set_node.pos, format!("`create:` makes a resource and fills a Reference; `{set}` is a {}", last.ty));
+                    self.err(
+                        file,
+                        set_node.pos,
+                        format!(
+                            "`create:` makes a resource and fills a Reference; `{set}` is a {}",
+                            last.ty
+                        ),
+                    );
                     return None;
                 }
                 let m = node.get("create")?;
                 let name = m.as_str().unwrap_or("");
                 let idx = self.lookup_map(file, m.pos, name)?;
                 if !matches!(self.maps[idx].compiled.kind, MapKind::Resource { .. }) {
-                    self.err(file, m.pos, format!("`{name}` is a datatype map: use `map: {name}`"));
+                    self.err(
+                        file,
+                        m.pos,
+                        format!("`{name}` is a datatype map: use `map: {name}`"),
+                    );
                     return None;
                 }
                 RuleKind::Create(idx)
@@ -788,7 +991,11 @@ impl Compiler {
             _ => match prim {
                 Some(p) => {
                     if from.is_empty() && node.get("from").is_none() {
-                        self.err(file, node.pos, format!("rule for `{set}` needs `from:` (a source path) or `value:`"));
+                        self.err(
+                            file,
+                            node.pos,
+                            format!("rule for `{set}` needs `from:` (a source path) or `value:`"),
+                        );
                         return None;
                     }
                     RuleKind::Prim(p)
@@ -808,11 +1015,28 @@ impl Compiler {
                     "`{}` selects every repetition but `{set}` holds one value: use `[1]` or no index", p.text));
             }
         }
-        let join = node.get("join").map(|j| j.as_str().unwrap_or("").to_string());
+        let join = node
+            .get("join")
+            .map(|j| j.as_str().unwrap_or("").to_string());
         if join.is_some() && !matches!(kind, RuleKind::Prim(_)) {
             self.err(file, node.get("join").map_or(node.pos, |n| n.pos),
                 "`join:` combines text into one primitive value; it cannot be used with value/map/rules/translate/ref/create".into());
         }
+        let on_error = node.get("on_error").and_then(|n| match n.as_str() {
+            Some("fail") => Some(OnError::Fail),
+            Some("warn") => Some(OnError::Warn),
+            other => {
+                self.err(
+                    file,
+                    n.pos,
+                    format!(
+                        "on_error is `fail` or `warn`, found `{}`",
+                        other.unwrap_or("")
+                    ),
+                );
+                None
+            }
+        });
         Some(Rule {
             loc,
             set,
@@ -823,6 +1047,7 @@ impl Compiler {
             transforms,
             many: last.many,
             join,
+            on_error,
         })
     }
 
@@ -840,15 +1065,37 @@ impl Compiler {
     }
 
     /// `map: XPN` on `PID-3` (a CX) is a mistake the segment table can catch.
-    fn check_map_datatype(&mut self, file: &Arc<str>, pos: Pos, from: &[SourcePath], map_name: &str) {
-        let Some(idx) = self.by_name.get(map_name).copied() else { return };
-        let Some(dt) = self.maps[idx].node.get("datatype").and_then(Node::as_str).map(str::to_string) else { return };
+    fn check_map_datatype(
+        &mut self,
+        file: &Arc<str>,
+        pos: Pos,
+        from: &[SourcePath],
+        map_name: &str,
+    ) {
+        let Some(idx) = self.by_name.get(map_name).copied() else {
+            return;
+        };
+        let Some(dt) = self.maps[idx]
+            .node
+            .get("datatype")
+            .and_then(Node::as_str)
+            .map(str::to_string)
+        else {
+            return;
+        };
         for p in from {
-            let (Some(seg), true) = (&p.segment, p.steps.is_empty()) else { continue };
+            let (Some(seg), true) = (&p.segment, p.steps.is_empty()) else {
+                continue;
+            };
             if let Some(Some(ft)) = segments::field_type(seg, p.field) {
-                if !segments::compatible(ft, &dt) && !dt.split('|').any(|d| segments::compatible(ft, d)) {
-                    self.err(file, pos, format!(
-                        "{} is a {ft} field but map `{map_name}` reads {dt}", p.text));
+                if !segments::compatible(ft, &dt)
+                    && !dt.split('|').any(|d| segments::compatible(ft, d))
+                {
+                    self.err(
+                        file,
+                        pos,
+                        format!("{} is a {ft} field but map `{map_name}` reads {dt}", p.text),
+                    );
                 }
             }
         }
@@ -859,12 +1106,22 @@ impl Compiler {
         if let Some(n) = segments::field_count(seg) {
             // later versions append fields; allow a margin but catch obvious typos
             if p.field > n + 10 {
-                self.err(file, pos, format!("{} does not exist: {seg} has {n} fields in v2.5.1", p.text));
+                self.err(
+                    file,
+                    pos,
+                    format!("{} does not exist: {seg} has {n} fields in v2.5.1", p.text),
+                );
             }
         }
     }
 
-    fn target(&mut self, file: &Arc<str>, pos: Pos, owner: &'static str, set: &str) -> Option<Vec<Step>> {
+    fn target(
+        &mut self,
+        file: &Arc<str>,
+        pos: Pos,
+        owner: &'static str,
+        set: &str,
+    ) -> Option<Vec<Step>> {
         let mut steps = Vec::new();
         let mut ty = owner;
         for name in set.split('.') {
@@ -886,7 +1143,11 @@ impl Compiler {
                             .map(|s| format!(" — did you mean `{s}`?"))
                             .unwrap_or_default()
                     };
-                    self.err(file, pos, format!("`{name}` is not an element of FHIR R4 {ty}{hint}"));
+                    self.err(
+                        file,
+                        pos,
+                        format!("`{name}` is not an element of FHIR R4 {ty}{hint}"),
+                    );
                     return None;
                 }
             }
@@ -906,26 +1167,44 @@ impl Compiler {
                     "true" => Some(Value::Bool(true)),
                     "false" => Some(Value::Bool(false)),
                     _ => {
-                        self.err(file, node.pos, format!("a boolean is true or false, found `{text}`"));
+                        self.err(
+                            file,
+                            node.pos,
+                            format!("a boolean is true or false, found `{text}`"),
+                        );
                         None
                     }
                 },
-                Some(Prim::Decimal) | Some(Prim::Integer) => match text.parse::<serde_json::Number>() {
-                    Ok(n) => Some(Value::Number(n)),
-                    Err(_) => {
-                        self.err(file, node.pos, format!("expected a number for {ty}, found `{text}`"));
-                        None
+                Some(Prim::Decimal) | Some(Prim::Integer) => {
+                    match text.parse::<serde_json::Number>() {
+                        Ok(n) => Some(Value::Number(n)),
+                        Err(_) => {
+                            self.err(
+                                file,
+                                node.pos,
+                                format!("expected a number for {ty}, found `{text}`"),
+                            );
+                            None
+                        }
                     }
-                },
+                }
                 Some(_) => Some(Value::String(text.clone())),
                 None => {
-                    self.err(file, node.pos, format!("a {ty} is an object: write its elements as a map"));
+                    self.err(
+                        file,
+                        node.pos,
+                        format!("a {ty} is an object: write its elements as a map"),
+                    );
                     None
                 }
             },
             YKind::Map(entries) => {
                 if Prim::for_type(ty).is_some() {
-                    self.err(file, node.pos, format!("a {ty} is a single value, not a map"));
+                    self.err(
+                        file,
+                        node.pos,
+                        format!("a {ty} is a single value, not a map"),
+                    );
                     return None;
                 }
                 let mut obj = Map::new();
@@ -935,15 +1214,24 @@ impl Compiler {
                         let hint = fhir::suggest_element(ty, key)
                             .map(|s| format!(" — did you mean `{s}`?"))
                             .unwrap_or_default();
-                        self.err(file, k.pos, format!("`{key}` is not an element of FHIR R4 {ty}{hint}"));
+                        self.err(
+                            file,
+                            k.pos,
+                            format!("`{key}` is not an element of FHIR R4 {ty}{hint}"),
+                        );
                         continue;
                     };
                     let val = if e.many {
                         match v.as_seq() {
                             Some(items) => Value::Array(
-                                items.iter().filter_map(|i| self.constant(file, i, e.ty)).collect(),
+                                items
+                                    .iter()
+                                    .filter_map(|i| self.constant(file, i, e.ty))
+                                    .collect(),
                             ),
-                            None => Value::Array(self.constant(file, v, e.ty).into_iter().collect()),
+                            None => {
+                                Value::Array(self.constant(file, v, e.ty).into_iter().collect())
+                            }
                         }
                     } else {
                         match self.constant(file, v, e.ty) {
@@ -956,7 +1244,11 @@ impl Compiler {
                 Some(Value::Object(obj))
             }
             YKind::Seq(_) => {
-                self.err(file, node.pos, "a list constant goes in a rule per item".into());
+                self.err(
+                    file,
+                    node.pos,
+                    "a list constant goes in a rule per item".into(),
+                );
                 None
             }
         }
@@ -965,7 +1257,11 @@ impl Compiler {
     fn ignore_list(&mut self, file: &Arc<str>, node: Option<&Node>) -> Vec<IgnorePattern> {
         let Some(node) = node else { return Vec::new() };
         let Some(items) = node.as_seq() else {
-            self.err(file, node.pos, "`ignore:` is a list like [EVN, PID-19, MSH-7.2]".into());
+            self.err(
+                file,
+                node.pos,
+                "`ignore:` is a list like [EVN, PID-19, MSH-7.2]".into(),
+            );
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -979,7 +1275,11 @@ impl Compiler {
     }
 
     fn message(&mut self, file: &Arc<str>, name: String, node: &Node) -> Option<MessageMap> {
-        self.check_keys(file, node, &["message", "description", "vars", "ignore", "resources"]);
+        self.check_keys(
+            file,
+            node,
+            &["message", "description", "vars", "ignore", "resources"],
+        );
         let m = node.get("message")?;
         let items: Vec<&Node> = match m.as_seq() {
             Some(s) => s.iter().collect(),
@@ -990,18 +1290,29 @@ impl Compiler {
             let t = it.as_str().unwrap_or("");
             let ok = t.len() >= 5
                 && t.split_once('^').is_some_and(|(a, b)| {
-                    a.len() == 3 && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_alphanumeric())
+                    a.len() == 3
+                        && !b.is_empty()
+                        && a.bytes()
+                            .chain(b.bytes())
+                            .all(|c| c.is_ascii_alphanumeric())
                 });
             if ok {
                 matches.push(t.to_string());
             } else {
-                self.err(file, it.pos, format!("`message:` entries are TYPE^EVENT like ADT^A01, found `{t}`"));
+                self.err(
+                    file,
+                    it.pos,
+                    format!("`message:` entries are TYPE^EVENT like ADT^A01, found `{t}`"),
+                );
             }
         }
         let mut vars = BTreeMap::new();
         if let Some(v) = node.get("vars") {
             for (k, val) in v.as_map().unwrap_or(&[]) {
-                vars.insert(k.as_str().unwrap_or("").to_string(), val.as_str().unwrap_or("").to_string());
+                vars.insert(
+                    k.as_str().unwrap_or("").to_string(),
+                    val.as_str().unwrap_or("").to_string(),
+                );
             }
         }
         let ignore = self.ignore_list(file, node.get("ignore"));
@@ -1035,7 +1346,13 @@ impl Compiler {
         }
         for (k, pos) in self.var_uses(&entries) {
             if !vars.contains_key(&k) {
-                self.err(file, pos, format!("`${k}` is used by a map but not defined under `vars:` of this message map"));
+                self.err(
+                    file,
+                    pos,
+                    format!(
+                        "`${k}` is used by a map but not defined under `vars:` of this message map"
+                    ),
+                );
             }
         }
         Some(MessageMap {
@@ -1060,7 +1377,13 @@ impl Compiler {
             fn walk(rules: &[Rule], out: &mut Vec<(String, Pos)>, used: &mut Vec<usize>) {
                 for r in rules {
                     match &r.kind {
-                        RuleKind::Var(v, _) => out.push((v.clone(), Pos { line: r.loc.line, col: r.loc.col })),
+                        RuleKind::Var(v, _) => out.push((
+                            v.clone(),
+                            Pos {
+                                line: r.loc.line,
+                                col: r.loc.col,
+                            },
+                        )),
                         RuleKind::Nested(n) => walk(n, out, used),
                         RuleKind::Map(i) | RuleKind::Create(i) => used.push(*i),
                         _ => {}
@@ -1082,11 +1405,18 @@ impl Compiler {
             if let Some(g) = it.get("group") {
                 self.check_keys(file, it, &["group", "resources", "note"]);
                 let start: Vec<String> = match g.as_seq() {
-                    Some(s) => s.iter().filter_map(|n| n.as_str().map(str::to_string)).collect(),
+                    Some(s) => s
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_string))
+                        .collect(),
                     None => g.as_str().map(|s| vec![s.to_string()]).unwrap_or_default(),
                 };
                 if start.is_empty() {
-                    self.err(file, g.pos, "`group:` names the segment(s) that start a group, e.g. [ORC, OBR]".into());
+                    self.err(
+                        file,
+                        g.pos,
+                        "`group:` names the segment(s) that start a group, e.g. [ORC, OBR]".into(),
+                    );
                 }
                 let entries = match it.get("resources") {
                     Some(r) => self.entries(file, r, names),
@@ -1097,28 +1427,48 @@ impl Compiler {
             }
             self.check_keys(file, it, &["name", "segment", "map", "when", "note"]);
             let Some(mn) = it.get("map") else {
-                self.err(file, it.pos, "a resources entry needs `map:` (a resource map) or `group:`".into());
+                self.err(
+                    file,
+                    it.pos,
+                    "a resources entry needs `map:` (a resource map) or `group:`".into(),
+                );
                 continue;
             };
-            let Some(map) = self.lookup_map(file, mn.pos, mn.as_str().unwrap_or("")) else { continue };
+            let Some(map) = self.lookup_map(file, mn.pos, mn.as_str().unwrap_or("")) else {
+                continue;
+            };
             if !matches!(self.maps[map].compiled.kind, MapKind::Resource { .. }) {
                 self.err(file, mn.pos, "message maps list resource maps; a datatype map is used from a rule with `map:`".into());
                 continue;
             }
             let segment = it.get("segment").and_then(Node::as_str).map(str::to_string);
-            if let (Some(s), MapKind::Resource { segment: Some(ms), .. }) = (&segment, &self.maps[map].compiled.kind) {
+            if let (
+                Some(s),
+                MapKind::Resource {
+                    segment: Some(ms), ..
+                },
+            ) = (&segment, &self.maps[map].compiled.kind)
+            {
                 if s != ms {
-                    self.err(file, it.get("segment").map_or(it.pos, |n| n.pos), format!(
-                        "map `{}` is written for {ms} segments, not {s}", self.maps[map].compiled.name));
+                    self.err(
+                        file,
+                        it.get("segment").map_or(it.pos, |n| n.pos),
+                        format!(
+                            "map `{}` is written for {ms} segments, not {s}",
+                            self.maps[map].compiled.name
+                        ),
+                    );
                 }
             }
-            let when = it.get("when").and_then(|w| match cond::parse(w.as_str().unwrap_or("")) {
-                Ok(c) => Some(c),
-                Err((_, m)) => {
-                    self.err(file, w.pos, format!("condition: {m}"));
-                    None
-                }
-            });
+            let when = it
+                .get("when")
+                .and_then(|w| match cond::parse(w.as_str().unwrap_or("")) {
+                    Ok(c) => Some(c),
+                    Err((_, m)) => {
+                        self.err(file, w.pos, format!("condition: {m}"));
+                        None
+                    }
+                });
             let name = it.get("name").and_then(Node::as_str).map(str::to_string);
             if let Some(n) = &name {
                 if !names.contains(n) {

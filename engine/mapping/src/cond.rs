@@ -43,7 +43,10 @@ fn lex(s: &str) -> Result<Vec<(usize, Tok)>, (usize, String)> {
         } else if s[i..].starts_with("!=") {
             out.push((i, Tok::Op("!=")));
             i += 2;
-        } else if let Some(op) = ["(", ")", "[", "]", ","].iter().find(|o| o.as_bytes()[0] == c) {
+        } else if let Some(op) = ["(", ")", "[", "]", ","]
+            .iter()
+            .find(|o| o.as_bytes()[0] == c)
+        {
             out.push((i, Tok::Op(op)));
             i += 1;
         } else if c == b'\'' || c == b'"' {

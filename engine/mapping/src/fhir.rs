@@ -67,7 +67,11 @@ pub fn static_type_name(ty: &str) -> Option<&'static str> {
 
 /// The table's own `'static` copy of an element name.
 pub fn static_element_name(owner: &str, name: &str) -> Option<&'static str> {
-    table().elements.get(owner)?.get_key_value(name).map(|(k, _)| *k)
+    table()
+        .elements
+        .get(owner)?
+        .get_key_value(name)
+        .map(|(k, _)| *k)
 }
 
 /// FHIR primitive types: their values are JSON scalars.
@@ -124,7 +128,10 @@ mod tests {
         assert!(e.many);
         let g = element("Patient", "gender").unwrap();
         assert_eq!((g.ty, g.many), ("code", false));
-        assert_eq!(element("Observation", "valueQuantity").unwrap().ty, "Quantity");
+        assert_eq!(
+            element("Observation", "valueQuantity").unwrap().ty,
+            "Quantity"
+        );
         assert!(element("Patient", "gendr").is_none());
         assert_eq!(suggest_element("Patient", "gendr"), Some("gender"));
         assert!(is_resource("Encounter"));

@@ -16,6 +16,7 @@ mod compile;
 pub mod cond;
 pub mod datetime;
 pub mod fhir;
+pub mod fixtures;
 pub mod path;
 mod run;
 pub mod segments;
@@ -71,7 +72,14 @@ impl V2Source for Parsed<'_> {
             .and_then(|r| r.part(comp))
             .map_or(0, |c| c.parts().count())
     }
-    fn leaf(&self, seg: usize, field: usize, rep: usize, comp: usize, sub: usize) -> Option<Cow<'_, str>> {
+    fn leaf(
+        &self,
+        seg: usize,
+        field: usize,
+        rep: usize,
+        comp: usize,
+        sub: usize,
+    ) -> Option<Cow<'_, str>> {
         let v = self.segments[seg]
             .field(field)?
             .part(rep)?
@@ -82,6 +90,33 @@ impl V2Source for Parsed<'_> {
 }
 
 /// Maps one parsed message with the default options (tenant `default`, lineage on).
-pub fn run(set: &MappingSet, parsed: &Parsed<'_>, term: &Terminology) -> Result<MappedBundle, MappingError> {
+pub fn run(
+    set: &MappingSet,
+    parsed: &Parsed<'_>,
+    term: &Terminology,
+) -> Result<MappedBundle, MappingError> {
     set.run(parsed, term, &RunOptions::default())
+}
+
+/// Why a message (as bytes) could not be mapped: it did not parse, or mapping failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MapBytesError {
+    #[error("HL7 v2 parse error: {0}")]
+    Parse(#[from] tributary_hl7v2::ParseError),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+}
+
+impl MappingSet {
+    /// Parses `bytes` as an HL7 v2 message and maps it.
+    pub fn map_bytes(
+        &self,
+        bytes: &[u8],
+        term: &Terminology,
+        opts: &RunOptions<'_>,
+    ) -> Result<MappedBundle, MapBytesError> {
+        let msg = Message::parse(bytes)?;
+        let parsed = Parsed::new(&msg);
+        Ok(self.run(&parsed, term, opts)?)
+    }
 }

@@ -65,7 +65,9 @@ pub fn parse(text: &str) -> Result<SourcePath, String> {
                 .collect::<Result<Vec<_>, _>>()?
         };
         if steps.len() > 2 {
-            return Err("a relative path descends at most two levels (component.subcomponent)".into());
+            return Err(
+                "a relative path descends at most two levels (component.subcomponent)".into(),
+            );
         }
         return Ok(SourcePath {
             segment: None,
@@ -129,7 +131,10 @@ mod tests {
     fn parses_analyst_notation() {
         let p = parse("PID-3[1].4.1").unwrap();
         assert_eq!(p.segment.as_deref(), Some("PID"));
-        assert_eq!((p.field, p.rep, p.steps.clone()), (3, Rep::Index(1), vec![4, 1]));
+        assert_eq!(
+            (p.field, p.rep, p.steps.clone()),
+            (3, Rep::Index(1), vec![4, 1])
+        );
         let p = parse("PID.5.1").unwrap();
         assert_eq!((p.field, p.rep, p.steps), (5, Rep::Default, vec![1]));
         assert_eq!(parse("OBX-5[*]").unwrap().rep, Rep::All);

@@ -4,7 +4,7 @@
 //! non-empty source field no rule read. Pure: no I/O, no clock, no randomness.
 
 use crate::compile::{
-    Entry, IdPart, MapKind, MappingSet, Prim, Rule, RuleKind, Step, TransOut, Transform,
+    Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, Step, TransOut, Transform,
 };
 use crate::cond::{Cond, Operand};
 use crate::datetime;
@@ -65,10 +65,14 @@ pub struct MappedBundle {
 impl MappedBundle {
     /// (resource type, id, resource) for every entry.
     pub fn resources(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
-        self.bundle["entry"].as_array().into_iter().flatten().filter_map(|e| {
-            let r = &e["resource"];
-            Some((r["resourceType"].as_str()?, r["id"].as_str()?, r))
-        })
+        self.bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let r = &e["resource"];
+                Some((r["resourceType"].as_str()?, r["id"].as_str()?, r))
+            })
     }
 }
 
@@ -77,7 +81,9 @@ impl MappedBundle {
 pub enum MappingError {
     #[error("message has no MSH segment")]
     NoHeader,
-    #[error("no message map for {message_type} in mapping set {version} (maps exist for: {known})")]
+    #[error(
+        "no message map for {message_type} in mapping set {version} (maps exist for: {known})"
+    )]
     NoMapping {
         message_type: String,
         version: String,
@@ -200,6 +206,7 @@ impl MappingSet {
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
         r.mark(0, 9, 2);
+        r.mark(0, 9, 3);
         r.plan(&mm.entries, 0);
         for i in 0..r.instances.len() {
             r.build_instance(i)?;
@@ -415,8 +422,10 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
         let src = self.src;
         (1..=src.comp_count(seg, field, rep)).any(|c| {
-            (1..=src.sub_count(seg, field, rep, c))
-                .any(|s| src.leaf(seg, field, rep, c, s).is_some_and(|v| has_text(&v)))
+            (1..=src.sub_count(seg, field, rep, c)).any(|s| {
+                src.leaf(seg, field, rep, c, s)
+                    .is_some_and(|v| has_text(&v))
+            })
         })
     }
 
@@ -642,9 +651,13 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     }
                 }
                 if let (Some(c), false) = (first, parts.is_empty()) {
-                    let v = convert(*p, &parts.join(sep), &self.set.default_timezone)
-                        .map_err(|e| self.fail(rule, c, e))?;
-                    self.put(obj, rule, v, jpath, Some(c));
+                    let v = match convert(*p, &parts.join(sep), &self.set.default_timezone) {
+                        Ok(v) => Some(v),
+                        Err(e) => self.invalid(rule, c, e)?,
+                    };
+                    if let Some(v) = v {
+                        self.put(obj, rule, v, jpath, Some(c));
+                    }
                 }
                 continue;
             }
@@ -680,7 +693,9 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 let v = self.value(rule, c, element.as_deref().unwrap_or(""))?;
                 match v {
                     Some(v) => {
-                        let src = if rule.from.is_empty() && !matches!(rule.kind, RuleKind::Prim(_) | RuleKind::Translate { .. }) {
+                        let src = if rule.from.is_empty()
+                            && !matches!(rule.kind, RuleKind::Prim(_) | RuleKind::Translate { .. })
+                        {
                             None
                         } else {
                             Some(c)
@@ -712,7 +727,14 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
         Vec::new()
     }
 
-    fn put(&mut self, obj: &mut Map<String, Value>, rule: &Rule, v: Value, jpath: &str, src: Option<Ctx>) {
+    fn put(
+        &mut self,
+        obj: &mut Map<String, Value>,
+        rule: &Rule,
+        v: Value,
+        jpath: &str,
+        src: Option<Ctx>,
+    ) {
         if self.lineage.is_some() {
             let element = target_path(obj, &rule.target, jpath);
             let source = src.map(|c| self.concrete(c)).unwrap_or_default();
@@ -747,21 +769,51 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 Transform::Prefix(p) => format!("{p}{s}"),
                 Transform::Uri => to_uri(&s),
                 Transform::Base64 => base64(s.as_bytes()),
+                Transform::Endpoint => to_endpoint(&s),
+                Transform::Comparator => split_comparator(&s).0.to_string(),
+                Transform::StripComparator => split_comparator(&s).1.to_string(),
             };
         }
-        Some(s)
+        (!s.trim().is_empty()).then_some(s)
+    }
+
+    /// A conversion failure: fail the message, or (on_error: warn) leave the element out.
+    fn invalid(
+        &mut self,
+        rule: &Rule,
+        c: Ctx,
+        reason: String,
+    ) -> Result<Option<Value>, MappingError> {
+        match rule.on_error.unwrap_or(self.set.on_invalid_value) {
+            OnError::Fail => Err(self.fail(rule, c, reason)),
+            OnError::Warn => {
+                self.warnings.push(format!(
+                    "{}: value at {} left out of `{}`: {reason}",
+                    rule.loc,
+                    self.concrete(c),
+                    rule.set
+                ));
+                Ok(None)
+            }
+        }
     }
 
     fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Value>, MappingError> {
         Ok(match &rule.kind {
             RuleKind::Const(v) => Some(v.clone()),
             RuleKind::Var(name, p) => match self.vars.get(name) {
-                Some(v) => Some(convert(*p, v, &self.set.default_timezone).map_err(|e| self.fail(rule, c, e))?),
+                Some(v) => Some(
+                    convert(*p, v, &self.set.default_timezone)
+                        .map_err(|e| self.fail(rule, c, e))?,
+                ),
                 None => None,
             },
             RuleKind::Prim(p) => match self.text(rule, c) {
                 None => None,
-                Some(s) => Some(convert(*p, &s, &self.set.default_timezone).map_err(|e| self.fail(rule, c, e))?),
+                Some(s) => match convert(*p, &s, &self.set.default_timezone) {
+                    Ok(v) => Some(v),
+                    Err(e) => return self.invalid(rule, c, e),
+                },
             },
             RuleKind::Map(idx) => {
                 let set = self.set;
@@ -775,7 +827,9 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 (!o.is_empty()).then_some(Value::Object(o))
             }
             RuleKind::Translate { map, out, default } => {
-                let Some(code) = self.text(rule, c) else { return Ok(None) };
+                let Some(code) = self.text(rule, c) else {
+                    return Ok(None);
+                };
                 match self.term.translate(map, code.trim()) {
                     Some(t) => Some(match out {
                         TransOut::Code => Value::String(t.code),
@@ -837,8 +891,10 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     let nc = src.comp_count(seg, field, rep);
                     max_comp = max_comp.max(nc);
                     for comp in 1..=nc {
-                        let data = (1..=src.sub_count(seg, field, rep, comp))
-                            .any(|s| src.leaf(seg, field, rep, comp, s).is_some_and(|v| !v.is_empty()));
+                        let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
+                            src.leaf(seg, field, rep, comp, s)
+                                .is_some_and(|v| !v.is_empty())
+                        });
                         if data && !comps_with_data.contains(&comp) {
                             comps_with_data.push(comp);
                         }
@@ -854,7 +910,11 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     {
                         continue;
                     }
-                    let occ_s = if counts[name] > 1 { format!("[{o}]") } else { String::new() };
+                    let occ_s = if counts[name] > 1 {
+                        format!("[{o}]")
+                    } else {
+                        String::new()
+                    };
                     if max_comp <= 1 {
                         out.push(format!("{name}{occ_s}-{field}"));
                     } else {
@@ -882,7 +942,8 @@ fn coding(t: &tributary_terminology::Target) -> Value {
 pub fn to_uri(s: &str) -> String {
     let s = s.trim();
     let is_oid = s.contains('.')
-        && s.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        && s.split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if is_oid {
         return format!("urn:oid:{s}");
     }
@@ -907,21 +968,16 @@ fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
         }
         Prim::Uri => Value::String(t.replace(char::is_whitespace, "_")),
         Prim::Decimal => {
-            let n: serde_json::Number = t
-                .parse()
-                .ok()
-                .filter(|_| t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+')))
-                .ok_or_else(|| "not a decimal number".to_string())?;
-            Value::Number(n)
+            Value::Number(decimal(t).ok_or_else(|| "not a decimal number".to_string())?)
         }
         Prim::Integer => Value::Number(
             t.parse::<i64>()
                 .map_err(|_| "not an integer".to_string())?
                 .into(),
         ),
-        Prim::Boolean => Value::Bool(match t {
-            "Y" | "y" | "true" | "1" | "T" => true,
-            "N" | "n" | "false" | "0" | "F" => false,
+        Prim::Boolean => Value::Bool(match t.to_ascii_uppercase().as_str() {
+            "Y" | "YES" | "TRUE" | "1" | "T" => true,
+            "N" | "NO" | "FALSE" | "0" | "F" => false,
             _ => return Err("not a boolean (Y/N)".into()),
         }),
         Prim::Date => Value::String(datetime::to_date(t).map_err(|e| e.to_string())?),
@@ -996,18 +1052,79 @@ fn target_path(obj: &Map<String, Value>, steps: &[Step], jpath: &str) -> String 
     s
 }
 
-
 /// Standard base64 with padding (RFC 4648), for `Attachment.data`.
 fn base64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(A[(n >> 18) as usize & 63] as char);
         out.push(A[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { A[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { A[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
+}
+
+/// HL7 NM text as a JSON number: optional sign, digits, optional fraction; leading zeros dropped
+/// (`0065.88` → 65.88). Precision is kept as far as JSON numbers keep it.
+fn decimal(t: &str) -> Option<serde_json::Number> {
+    let (sign, rest) = match t.strip_prefix('-') {
+        Some(r) => ("-", r),
+        None => ("", t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (int, frac) = match rest.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (rest, None),
+    };
+    if (int.is_empty() && frac.is_none_or(str::is_empty))
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.is_none_or(|f| f.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let text = match frac {
+        Some(f) if !f.is_empty() => format!("{sign}{int}.{f}"),
+        _ => format!("{sign}{int}"),
+    };
+    text.parse().ok()
+}
+
+/// Splits a leading comparator (`<=`, `>=`, `<`, `>`) from a value.
+fn split_comparator(s: &str) -> (&str, &str) {
+    let t = s.trim();
+    for c in ["<=", ">=", "<", ">"] {
+        if let Some(rest) = t.strip_prefix(c) {
+            return (c, rest.trim());
+        }
+    }
+    ("", t)
+}
+
+/// A MessageHeader endpoint (R4 `url`, which validators require to have `scheme://`).
+pub fn to_endpoint(s: &str) -> String {
+    let s = s.trim();
+    if s.contains("://") {
+        return s.replace(char::is_whitespace, "%20");
+    }
+    let host: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') { c } else { '-' })
+        .collect();
+    format!("mllp://{host}")
 }

@@ -39,7 +39,9 @@ SFT: XON ST ST ST TX DT
 /// The datatype of `seg`-`field`: `Some(None)` when the segment is known but the field varies or
 /// lies beyond the table's last field (later versions add fields); `None` for unknown segments.
 pub fn field_type(seg: &str, field: usize) -> Option<Option<&'static str>> {
-    let line = TABLE.lines().find(|l| l.starts_with(seg) && l.as_bytes().get(3) == Some(&b':'))?;
+    let line = TABLE
+        .lines()
+        .find(|l| l.starts_with(seg) && l.as_bytes().get(3) == Some(&b':'))?;
     Some(
         line[4..]
             .split_whitespace()
@@ -50,7 +52,9 @@ pub fn field_type(seg: &str, field: usize) -> Option<Option<&'static str>> {
 
 /// Number of fields the table lists for a known segment.
 pub fn field_count(seg: &str) -> Option<usize> {
-    let line = TABLE.lines().find(|l| l.starts_with(seg) && l.as_bytes().get(3) == Some(&b':'))?;
+    let line = TABLE
+        .lines()
+        .find(|l| l.starts_with(seg) && l.as_bytes().get(3) == Some(&b':'))?;
     Some(line[4..].split_whitespace().count())
 }
 
@@ -58,13 +62,12 @@ pub fn field_count(seg: &str) -> Option<usize> {
 pub fn compatible(field_type: &str, map_type: &str) -> bool {
     fn family(t: &str) -> &str {
         match t {
-        "CE" | "CWE" | "CNE" => "CWE",
-        "TS" | "DTM" | "DT" => "DTM",
-        "XCN" | "XPN" | "CN" => t,
-        "EI" | "EIP" => "EI",
-        _ => t,
+            "CE" | "CWE" | "CNE" => "CWE",
+            "TS" | "DTM" | "DT" => "DTM",
+            "XCN" | "XPN" | "CN" => t,
+            "EI" | "EIP" => "EI",
+            _ => t,
         }
     }
-    family(field_type) == family(map_type)
-        || (family(map_type) == "EI" && field_type == "EIP")
+    family(field_type) == family(map_type) || (family(map_type) == "EI" && field_type == "EIP")
 }

@@ -14,8 +14,14 @@ pub trait V2Source {
     fn comp_count(&self, seg: usize, field: usize, rep: usize) -> usize;
     fn sub_count(&self, seg: usize, field: usize, rep: usize, comp: usize) -> usize;
     /// The unescaped text of one leaf; `None` when absent. The HL7 null `""` is returned as `""`.
-    fn leaf(&self, seg: usize, field: usize, rep: usize, comp: usize, sub: usize)
-        -> Option<Cow<'_, str>>;
+    fn leaf(
+        &self,
+        seg: usize,
+        field: usize,
+        rep: usize,
+        comp: usize,
+        sub: usize,
+    ) -> Option<Cow<'_, str>>;
 }
 
 /// A minimal splitter for tests and fixtures-free unit checks: `|^~\&`, CR or LF segments, no
@@ -69,7 +75,10 @@ impl V2Source for SplitMessage {
         self.segments[seg].1.len()
     }
     fn rep_count(&self, seg: usize, field: usize) -> usize {
-        self.segments[seg].1.get(field.wrapping_sub(1)).map_or(0, Vec::len)
+        self.segments[seg]
+            .1
+            .get(field.wrapping_sub(1))
+            .map_or(0, Vec::len)
     }
     fn comp_count(&self, seg: usize, field: usize, rep: usize) -> usize {
         self.segments[seg]
@@ -86,7 +95,14 @@ impl V2Source for SplitMessage {
             .and_then(|r| r.get(comp.wrapping_sub(1)))
             .map_or(0, Vec::len)
     }
-    fn leaf(&self, seg: usize, field: usize, rep: usize, comp: usize, sub: usize) -> Option<Cow<'_, str>> {
+    fn leaf(
+        &self,
+        seg: usize,
+        field: usize,
+        rep: usize,
+        comp: usize,
+        sub: usize,
+    ) -> Option<Cow<'_, str>> {
         self.segments[seg]
             .1
             .get(field.wrapping_sub(1))?

@@ -14,7 +14,10 @@ pub struct Pos {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kind {
     /// A scalar's text; `quoted` is true for '…' or "…" (never a number, bool or null).
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -118,7 +121,10 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(_) => {
                 if self.error.is_none() {
-                    self.error = Some((pos(&mark), "YAML aliases are not supported in mapping files".into()));
+                    self.error = Some((
+                        pos(&mark),
+                        "YAML aliases are not supported in mapping files".into(),
+                    ));
                 }
             }
             _ => {}
