@@ -403,20 +403,13 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
         None
     }
 
-    /// Every segment named `name` in the innermost scope holding one.
+    /// Every segment named `name` in the current scope (a segment group's own segments: the
+    /// NTEs after an OBX belong to that OBX), or in the whole message when at top level.
     fn find_segments(&self, name: &str, scope: usize) -> Vec<usize> {
-        let mut s = Some(scope);
-        while let Some(i) = s {
-            let sc = &self.scopes[i];
-            let found: Vec<usize> = (sc.start..sc.end)
-                .filter(|&k| self.src.segment_name(k) == name)
-                .collect();
-            if !found.is_empty() {
-                return found;
-            }
-            s = sc.parent;
-        }
-        Vec::new()
+        let sc = &self.scopes[scope];
+        (sc.start..sc.end)
+            .filter(|&k| self.src.segment_name(k) == name)
+            .collect()
     }
 
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
@@ -1124,7 +1117,13 @@ pub fn to_endpoint(s: &str) -> String {
     }
     let host: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     format!("mllp://{host}")
 }
