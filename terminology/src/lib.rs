@@ -133,6 +133,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0128-allergy-criticality.tsv"),
     ),
     (
+        "v2-0128-allergy-severity",
+        include_str!("../conceptmaps/v2-0128-allergy-severity.tsv"),
+    ),
+    (
         "v2-0190-address-type",
         include_str!("../conceptmaps/v2-0190-address-type.tsv"),
     ),
@@ -165,12 +169,12 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0322-immunization-status.tsv"),
     ),
     (
-        "v2-0485-priority",
-        include_str!("../conceptmaps/v2-0485-priority.tsv"),
-    ),
-    (
         "v2-0396-system",
         include_str!("../conceptmaps/v2-0396-system.tsv"),
+    ),
+    (
+        "v2-0485-priority",
+        include_str!("../conceptmaps/v2-0485-priority.tsv"),
     ),
 ];
 

@@ -308,46 +308,20 @@ impl MappingSet {
 
     /// Loads, checks and compiles the mapping set in `dir`.
     pub fn load(dir: &Path) -> Result<MappingSet, LoadErrors> {
-        let mut files = Vec::new();
-        collect_yaml(dir, dir, &mut files).map_err(|e| {
-            LoadErrors(vec![LoadError {
-                file: dir.display().to_string(),
-                line: 0,
-                col: 0,
-                message: format!("cannot read mapping directory: {e}"),
-            }])
-        })?;
-        files.sort();
-        let mut texts = Vec::new();
-        for rel in &files {
-            let full = dir.join(rel);
-            match std::fs::read_to_string(&full) {
-                Ok(t) => texts.push((rel.clone(), t)),
-                Err(e) => {
-                    return Err(LoadErrors(vec![LoadError {
-                        file: full.display().to_string(),
-                        line: 0,
-                        col: 0,
-                        message: format!("cannot read: {e}"),
-                    }]))
-                }
-            }
-        }
+        let texts = read_texts(dir)?;
         let mut set = Self::from_texts(dir, &texts)?;
         set.fixtures = find_fixtures(dir, &set.messages);
         Ok(set)
     }
 
+    /// The content hash `load` would give `dir`, without compiling (hot reload polls this).
+    pub fn version_of(dir: &Path) -> Result<String, LoadErrors> {
+        Ok(hash_texts(&read_texts(dir)?))
+    }
+
     /// Compiles a set from (relative path, text) pairs; `root` is used for display and fixtures.
     pub fn from_texts(root: &Path, texts: &[(PathBuf, String)]) -> Result<MappingSet, LoadErrors> {
-        let mut hasher = Sha256::new();
-        for (rel, text) in texts {
-            hasher.update(rel.to_string_lossy().as_bytes());
-            hasher.update([0]);
-            hasher.update(text.as_bytes());
-            hasher.update([0]);
-        }
-        let version = hex::encode(&hasher.finalize()[..8]);
+        let version = hash_texts(texts);
         let mut c = Compiler::default();
         let mut docs = Vec::new();
         for (rel, text) in texts {
@@ -474,6 +448,46 @@ impl MappingSet {
             fixtures: Vec::new(),
         })
     }
+}
+
+fn hash_texts(texts: &[(PathBuf, String)]) -> String {
+    let mut hasher = Sha256::new();
+    for (rel, text) in texts {
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+fn read_texts(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadErrors> {
+    let mut files = Vec::new();
+    collect_yaml(dir, dir, &mut files).map_err(|e| {
+        LoadErrors(vec![LoadError {
+            file: dir.display().to_string(),
+            line: 0,
+            col: 0,
+            message: format!("cannot read mapping directory: {e}"),
+        }])
+    })?;
+    files.sort();
+    let mut texts = Vec::new();
+    for rel in files {
+        let full = dir.join(&rel);
+        match std::fs::read_to_string(&full) {
+            Ok(t) => texts.push((rel, t)),
+            Err(e) => {
+                return Err(LoadErrors(vec![LoadError {
+                    file: full.display().to_string(),
+                    line: 0,
+                    col: 0,
+                    message: format!("cannot read: {e}"),
+                }]))
+            }
+        }
+    }
+    Ok(texts)
 }
 
 fn collect_yaml(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
