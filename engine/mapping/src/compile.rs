@@ -197,6 +197,7 @@ pub(crate) struct CompiledMap {
 }
 
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // a handful per message map, built once
 pub(crate) enum Entry {
     Resource {
         name: Option<String>,

@@ -161,11 +161,11 @@ impl MappingSet {
         let mm = self
             .messages
             .iter()
-            .find(|m| m.matches.iter().any(|t| *t == message_type))
+            .find(|m| m.matches.contains(&message_type))
             .or_else(|| {
                 self.messages
                     .iter()
-                    .find(|m| !structure.is_empty() && m.matches.iter().any(|t| *t == structure))
+                    .find(|m| !structure.is_empty() && m.matches.contains(&structure))
             })
             .ok_or_else(|| MappingError::NoMapping {
                 message_type: message_type.clone(),
@@ -1008,12 +1008,11 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
         };
     }
     if last.many {
-        match cur
+        if let Value::Array(a) = cur
             .entry(last.name)
             .or_insert_with(|| Value::Array(Vec::new()))
         {
-            Value::Array(a) => a.push(v),
-            _ => {}
+            a.push(v);
         }
     } else if !cur.contains_key(last.name) {
         cur.insert(last.name.into(), v);

@@ -26,8 +26,11 @@ pub trait V2Source {
 
 /// A minimal splitter for tests and fixtures-free unit checks: `|^~\&`, CR or LF segments, no
 /// escape handling. Production code uses the `tributary-hl7v2` parser.
+/// Fields → repetitions → components → subcomponents.
+type Fields = Vec<Vec<Vec<Vec<String>>>>;
+
 pub struct SplitMessage {
-    segments: Vec<(String, Vec<Vec<Vec<Vec<String>>>>)>,
+    segments: Vec<(String, Fields)>,
 }
 
 impl SplitMessage {
@@ -35,7 +38,7 @@ impl SplitMessage {
         let mut segments = Vec::new();
         for line in text.split(['\r', '\n']).filter(|l| l.len() >= 3) {
             let name = line[..3].to_string();
-            let mut fields: Vec<Vec<Vec<Vec<String>>>> = Vec::new();
+            let mut fields: Fields = Vec::new();
             let rest: Vec<&str> = line.split('|').skip(1).collect();
             if name == "MSH" {
                 fields.push(vec![vec![vec!["|".into()]]]);

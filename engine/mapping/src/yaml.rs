@@ -119,13 +119,11 @@ impl MarkedEventReceiver for Builder {
                     self.push_value(node);
                 }
             }
-            Event::Alias(_) => {
-                if self.error.is_none() {
-                    self.error = Some((
-                        pos(&mark),
-                        "YAML aliases are not supported in mapping files".into(),
-                    ));
-                }
+            Event::Alias(_) if self.error.is_none() => {
+                self.error = Some((
+                    pos(&mark),
+                    "YAML aliases are not supported in mapping files".into(),
+                ));
             }
             _ => {}
         }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tributary_core::{Envelope, MessageState, Protocol, StateKind};
 use tributary_pipeline::{
-    MappingConfig, MappingRegistry, Outcome, Pipeline, ReloadOutcome, UnconsumedPolicy,
+    MappingConfig, MappingRegistry, Pipeline, ReloadOutcome, UnconsumedPolicy,
 };
 use tributary_runtime::{Readiness, Runtime};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore, Journal};
+use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

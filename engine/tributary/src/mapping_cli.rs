@@ -89,7 +89,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
         // A batch file (FHS/BHS, or several MSH) maps message by message.
         let ranges = match tributary_hl7v2::split_batch(&all) {
             Ok(b) if b.messages.len() > 1 || b.enveloped => b.messages,
-            _ => vec![0..all.len()],
+            _ => std::iter::once(0..all.len()).collect(),
         };
         let many = ranges.len() > 1;
         for (n, range) in ranges.into_iter().enumerate() {

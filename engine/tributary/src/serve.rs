@@ -56,7 +56,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         })?;
         let pipeline =
             tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone());
-        rt.readiness.set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
+        rt.readiness
+            .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
         tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
     }
