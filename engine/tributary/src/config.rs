@@ -39,6 +39,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub mllp: MllpConfig,
     pub journal: JournalConfig,
+    /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
+    pub mapping: tributary_pipeline::MappingConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
+            mapping: tributary_pipeline::MappingConfig::default(),
         }
     }
 }
@@ -243,6 +246,11 @@ impl Config {
         })?;
         check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        self.mapping.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         check_positive("journal.max_group", self.journal.max_group as u64)?;
         check_positive("journal.queue_bound", self.journal.queue_bound as u64)?;
         check_positive(

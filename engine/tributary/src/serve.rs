@@ -42,6 +42,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
 
+    // The mapping pipeline: a mapping set that does not load stops startup with every
+    // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
+    let mapping_dir = config.mapping.hl7v2_dir();
+    let default_dir = config.mapping.dir == tributary_pipeline::MappingConfig::default().dir;
+    if !mapping_dir.is_dir() && default_dir {
+        // No mapping set next to a config-less `tributary serve`: ingest and journal still work;
+        // messages wait in `received` until a pipeline with mappings runs.
+        tracing::warn!(dir = %mapping_dir.display(), "no mapping set found; mapping pipeline not started");
+    } else {
+        let registry = tributary_pipeline::MappingRegistry::load(&mapping_dir).map_err(|e| {
+            anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
+        })?;
+        let pipeline =
+            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone());
+        rt.readiness
+            .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
+        let pipeline_rt = rt.clone();
+        tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
+    }
+
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
