@@ -39,6 +39,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub mllp: MllpConfig,
     pub journal: JournalConfig,
+    /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
+    pub facade: tributary_facade::FacadeConfig,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
+            facade: tributary_facade::FacadeConfig::default(),
         }
     }
 }
@@ -256,6 +259,11 @@ impl Config {
             "journal.retention.prune_interval_secs",
             self.journal.retention.prune_interval_secs,
         )?;
+        self.facade.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         Ok(())
     }
 }
