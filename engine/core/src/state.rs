@@ -106,14 +106,14 @@ impl MessageState {
     pub fn check_transition(&self, to: &MessageState) -> Result<(), StateError> {
         use StateKind::*;
         let (from_k, to_k) = (self.kind(), to.kind());
-        let ok = match (from_k, to_k) {
-            (_, Received) => true,
-            (Received, Mapped | Committed | Failed) => true,
-            (Mapped, Committed | Failed) => true,
-            (Committed, Delivered | Failed) => true,
-            (Delivered, Delivered) => true,
-            _ => false,
-        };
+        let ok = matches!(
+            (from_k, to_k),
+            (_, Received)
+                | (Received, Mapped | Committed | Failed)
+                | (Mapped, Committed | Failed)
+                | (Committed, Delivered | Failed)
+                | (Delivered, Delivered)
+        );
         if ok {
             Ok(())
         } else {

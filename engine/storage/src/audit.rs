@@ -100,7 +100,6 @@ impl AuditLog {
     /// Walks the whole chain. `Ok(Err(_))` names the first bad record; `Err` is a storage failure.
     pub fn verify(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
         let mut prev = [0u8; 32];
-        let mut expected_seq = 1u64;
         let mut count = 0u64;
         let bad = |seq, reason: &str| {
             Ok(Err(AuditVerifyError {
@@ -108,7 +107,7 @@ impl AuditLog {
                 reason: reason.to_string(),
             }))
         };
-        for item in self.db.tables().get(Table::Audit).iter() {
+        for (expected_seq, item) in (1u64..).zip(self.db.tables().get(Table::Audit).iter()) {
             let (k, v) = item.into_inner()?;
             let key_seq = keys::read_u64(&k).unwrap_or(0);
             let entry: AuditEntry = match serde_json::from_slice(&v) {
@@ -134,7 +133,6 @@ impl AuditLog {
                 );
             }
             prev = entry_hash(&v)?;
-            expected_seq += 1;
             count += 1;
         }
         let head = self.db.tables().get(Table::Meta).get(HEAD_KEY)?;

@@ -36,7 +36,8 @@ type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 pub struct Txn<'a> {
     tables: &'a Tables,
     pub counters: &'a mut Counters,
-    overlay: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// Latest op index in `ops` per key, for point reads within the group.
+    overlay: HashMap<(Table, Vec<u8>), usize>,
     ops: Vec<Op>,
     job_ops: Vec<Op>,
 }
@@ -51,8 +52,8 @@ impl<'a> Txn<'a> {
         {
             return Ok(v.clone());
         }
-        if let Some(v) = self.overlay.get(&(table, key.to_vec())) {
-            return Ok(v.clone());
+        if let Some(i) = self.overlay.get(&(table, key.to_vec())) {
+            return Ok(self.ops[*i].2.clone());
         }
         Ok(self.tables.get(table).get(key)?.map(|v| v.to_vec()))
     }
@@ -69,7 +70,7 @@ impl<'a> Txn<'a> {
         let ops = std::mem::take(&mut self.job_ops);
         if keep {
             for (t, k, v) in ops {
-                self.overlay.insert((t, k.clone()), v.clone());
+                self.overlay.insert((t, k.clone()), self.ops.len());
                 self.ops.push((t, k, v));
             }
         }
