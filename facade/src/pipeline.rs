@@ -141,8 +141,9 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
             d.user = principal.user.clone();
             d.role = principal.role.clone();
             d.scopes = Some(principal.scope_text.clone());
-            if let Some(p) = &principal.patient {
-                d.patient = Some(p.clone());
+            // The patient whose data is touched: what the URL names, else the token's context.
+            if d.patient.is_none() {
+                d.patient = principal.patient.clone();
             }
         });
     }

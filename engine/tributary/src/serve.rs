@@ -62,7 +62,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         rt: rt.clone(),
         facade,
     })
-    .layer(axum::extract::DefaultBodyLimit::max(config.http.max_body_bytes));
+    .layer(axum::extract::DefaultBodyLimit::max(
+        config.http.max_body_bytes,
+    ));
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)

@@ -5,13 +5,20 @@ use std::process::Command;
 
 #[test]
 fn example_config_is_valid_and_documents_the_defaults() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/tributary.example.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/tributary.example.toml"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(["config", "check", "--config", example])
         .env_remove("TRIBUTARY_CONFIG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let defaults = Command::new(env!("CARGO_BIN_EXE_tributary"))
         .args(["config", "check"])
         .env_remove("TRIBUTARY_CONFIG")
