@@ -41,6 +41,8 @@ pub struct Config {
     pub journal: JournalConfig,
     /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
     pub mapping: tributary_pipeline::MappingConfig,
+    /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
+    pub facade: tributary_facade::FacadeConfig,
 }
 
 impl Default for Config {
@@ -53,6 +55,7 @@ impl Default for Config {
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
             mapping: tributary_pipeline::MappingConfig::default(),
+            facade: tributary_facade::FacadeConfig::default(),
         }
     }
 }
@@ -257,6 +260,11 @@ impl Config {
             "journal.retention.prune_interval_secs",
             self.journal.retention.prune_interval_secs,
         )?;
+        self.facade.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         Ok(())
     }
 }

@@ -66,7 +66,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     tracing::info!(addr = %config.http.listen, "http listening");
-    let app = tributary_facade::app(tributary_facade::AppState { rt: rt.clone() });
+    let facade = tributary_facade::Facade::new(
+        config.facade.clone(),
+        &config.data_dir,
+        &config.default_tenant,
+    )
+    .context("setting up the FHIR facade")?;
+    let facade = std::sync::Arc::new(facade);
+    if !config.facade.auth.jwks_url.is_empty() {
+        // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
+        let f = facade.clone();
+        tokio::spawn(async move { f.auth.refresh_jwks().await });
+    }
+    let app = tributary_facade::app(tributary_facade::AppState {
+        rt: rt.clone(),
+        facade,
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(
+        config.http.max_body_bytes,
+    ));
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
