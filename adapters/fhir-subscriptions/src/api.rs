@@ -27,11 +27,29 @@ pub struct ApiState {
 }
 
 pub fn router(state: ApiState) -> Router {
+    router_at("", state)
+}
+
+/// The same routes under `prefix` (e.g. `/fhir`), as plain paths so the router merges with the
+/// facade's without a nesting conflict.
+pub fn router_at(prefix: &str, state: ApiState) -> Router {
     Router::new()
-        .route("/Subscription/{id}/$status", get(status))
-        .route("/Subscription/{id}/$events", get(events))
-        .route("/Subscription/$dead-letters", get(dead_letters))
-        .route("/subscription-hook/{partner}", post(inbound))
+        .route(
+            &format!("{prefix}/Subscription/{{id}}/$status"),
+            get(status),
+        )
+        .route(
+            &format!("{prefix}/Subscription/{{id}}/$events"),
+            get(events),
+        )
+        .route(
+            &format!("{prefix}/Subscription/$dead-letters"),
+            get(dead_letters),
+        )
+        .route(
+            &format!("{prefix}/subscription-hook/{{partner}}"),
+            post(inbound),
+        )
         .with_state(state)
 }
 

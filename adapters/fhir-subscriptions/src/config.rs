@@ -40,6 +40,9 @@ pub struct SubscriptionsConfig {
     /// Public base URL of our FHIR API; notifications reference `<base_url>/Subscription/<id>`
     /// and `<base_url>/<Type>/<id>`.
     pub base_url: String,
+    /// Where `$status`, `$events`, `$dead-letters` and `/subscription-hook/<partner>` are
+    /// mounted on the HTTP server (the FHIR base path).
+    pub path_prefix: String,
     /// Tenants whose `Subscription` resources are served. Empty = the default tenant.
     pub tenants: Vec<String>,
     /// How often `Subscription` resources are re-read from the store (new ones are also picked
@@ -68,6 +71,7 @@ impl Default for SubscriptionsConfig {
     fn default() -> Self {
         Self {
             base_url: "http://127.0.0.1:8080/fhir".into(),
+            path_prefix: "/fhir".into(),
             tenants: Vec::new(),
             rescan_secs: 5,
             retry_initial_ms: 1_000,
@@ -118,6 +122,13 @@ impl SubscriptionsConfig {
                 "base_url",
                 &self.base_url,
                 "an absolute http(s) URL without a trailing slash",
+            ));
+        }
+        if !self.path_prefix.starts_with('/') || self.path_prefix.ends_with('/') {
+            return Err(invalid(
+                "path_prefix",
+                &self.path_prefix,
+                "a path starting with / and not ending with /, e.g. /fhir",
             ));
         }
         for (key, v) in [

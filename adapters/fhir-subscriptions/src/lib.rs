@@ -35,12 +35,17 @@ pub fn service(
     ))
 }
 
-/// The HTTP routes (`$status`, `$events`, `$dead-letters`, `/subscription-hook/<partner>`).
+/// The HTTP routes (`$status`, `$events`, `$dead-letters`, `/subscription-hook/<partner>`)
+/// under the configured `path_prefix`.
 pub fn router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
-    api::router(api::ApiState {
-        service,
-        journal: rt.journal.clone(),
-    })
+    let prefix = service.cfg.path_prefix.clone();
+    api::router_at(
+        &prefix,
+        api::ApiState {
+            service,
+            journal: rt.journal.clone(),
+        },
+    )
 }
 
 /// The delivery engine as a registered [`Sink`].
