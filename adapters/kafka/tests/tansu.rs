@@ -160,8 +160,8 @@ async fn consume_until(
     }
 }
 
-/// Every committed event arrived; duplicates carry the same id and body; per patient key, the
-/// first occurrences come in commit (outbox) order.
+/// Every committed event arrived; duplicates carry the same id and body; per topic and patient
+/// key (one partition), the first occurrences come in commit (outbox) order.
 fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
     let events = store.outbox().read_after(0, 1_000_000).unwrap();
     let seq_of: HashMap<&str, u64> = events
@@ -169,7 +169,7 @@ fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
         .map(|e| (e.event_id.as_str(), e.seq))
         .collect();
     let mut first: HashMap<&str, &Received> = HashMap::new();
-    let mut per_key: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut per_key: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
     let mut duplicates = 0;
     for r in got {
         let seq = *seq_of
@@ -183,7 +183,10 @@ fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
             }
             None => {
                 first.insert(r.id(), r);
-                per_key.entry(r.key.as_str()).or_default().push(seq);
+                per_key
+                    .entry((r.topic.as_str(), r.key.as_str()))
+                    .or_default()
+                    .push(seq);
             }
         }
     }
@@ -202,7 +205,7 @@ fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
     for (key, seqs) in per_key {
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),
-            "events for key {key} arrived out of order: {seqs:?}"
+            "events for {key:?} arrived out of order: {seqs:?}"
         );
     }
     duplicates
