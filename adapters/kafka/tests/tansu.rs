@@ -162,7 +162,7 @@ async fn consume_until(
 
 /// Every committed event arrived; duplicates carry the same id and body; per topic and patient
 /// key (one partition), the first occurrences come in commit (outbox) order.
-fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
+fn check_delivery(store: &FjallStore, got: &[Received], want: &HashSet<String>) -> usize {
     let events = store.outbox().read_after(0, 1_000_000).unwrap();
     let seq_of: HashMap<&str, u64> = events
         .iter()
@@ -192,14 +192,14 @@ fn check_delivery(store: &FjallStore, got: &[Received]) -> usize {
     }
     let missing: Vec<_> = events
         .iter()
-        .filter(|e| !first.contains_key(e.event_id.as_str()))
+        .filter(|e| want.contains(&e.event_id) && !first.contains_key(e.event_id.as_str()))
         .map(|e| e.seq)
         .collect();
     assert!(
         missing.is_empty(),
         "{} of {} events never arrived (seqs {:?}…)",
         missing.len(),
-        events.len(),
+        want.len(),
         &missing[..missing.len().min(10)]
     );
     for (key, seqs) in per_key {
@@ -257,7 +257,7 @@ async fn relays_every_event_in_order_with_cloudevents_headers() {
     assert_eq!(want.len(), 300 + 60 + 60);
     let mut got = Vec::new();
     consume_until(&c, &mut got, &want, Duration::from_secs(30)).await;
-    check_delivery(&e.store, &got);
+    check_delivery(&e.store, &got, &want);
 
     // Headers and bodies as documented.
     let obs = got
@@ -338,7 +338,7 @@ async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
     let want = all_ids(&e.store);
     let mut got = Vec::new();
     consume_until(&c, &mut got, &want, Duration::from_secs(60)).await;
-    check_delivery(&e.store, &got);
+    check_delivery(&e.store, &got, &want);
     wait_for("kafka to be ready again", || {
         e.readiness.snapshot().get("kafka") == Some(&ComponentStatus::Ready)
     })
@@ -405,7 +405,7 @@ async fn broker_outages_lose_nothing() {
     eprintln!("broker thawed; outbox head {during}");
     let want = all_ids(&e.store);
     consume_until(&c, &mut got, &want, Duration::from_secs(60)).await;
-    check_delivery(&e.store, &got);
+    check_delivery(&e.store, &got, &want);
 
     // Outage 2: the broker dies. Tansu here keeps its log in memory only, so before killing it
     // the feed pauses until the consumer has read everything the broker holds (a real cluster
@@ -414,7 +414,7 @@ async fn broker_outages_lose_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let want = all_ids(&e.store);
     consume_until(&c, &mut got, &want, Duration::from_secs(30)).await;
-    check_delivery(&e.store, &got);
+    check_delivery(&e.store, &got, &want);
     broker.stop();
     drop(c);
     paused.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -428,7 +428,7 @@ async fn broker_outages_lose_nothing() {
     let c = consumer(&broker.bootstrap(), "outage-2");
     let want = all_ids(&e.store);
     consume_until(&c, &mut got, &want, Duration::from_secs(90)).await;
-    let dups = check_delivery(&e.store, &got);
+    let dups = check_delivery(&e.store, &got, &want);
     eprintln!(
         "{} events from {batches} batches delivered across two {outage:?} outages; {dups} duplicate deliveries (same id)",
         want.len()
@@ -438,6 +438,81 @@ async fn broker_outages_lose_nothing() {
         e.store.outbox().cursor("kafka").unwrap() == head
     })
     .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A client nobody here wrote: python `confluent-kafka` reads every event with its headers.
+/// Skips when python3 or the package is missing (`pip install confluent-kafka`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_confluent_kafka_consumer_reads_every_event() {
+    let Some(()) = tansu_or_skip("python_confluent_kafka_consumer_reads_every_event") else {
+        return;
+    };
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import confluent_kafka"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_client {
+        eprintln!("SKIP python_confluent_kafka_consumer_reads_every_event: python3 with confluent-kafka not installed (pip install confluent-kafka)");
+        return;
+    }
+    let broker = Tansu::start().unwrap();
+    let e = env();
+    for n in 0..100 {
+        commit_batch(&e.store, n, 5).await;
+    }
+    let shutdown = CancellationToken::new();
+    let relay = KafkaRelay::new(
+        relay_config(&broker.bootstrap()),
+        e.store.outbox().clone(),
+        e.readiness.clone(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let task = tokio::spawn(relay.run());
+    let want = all_ids(&e.store);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/consume.py");
+    let mut args = vec![
+        script.to_string(),
+        broker.bootstrap(),
+        "python-group".into(),
+        want.len().to_string(),
+        "90".into(),
+    ];
+    args.extend(TOPICS.iter().map(|t| t.to_string()));
+    let out = tokio::process::Command::new("python3")
+        .args(&args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Received> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Received {
+                topic: v["topic"].as_str().unwrap().into(),
+                key: v["key"].as_str().unwrap().into(),
+                headers: serde_json::from_value(v["headers"].clone()).unwrap(),
+                value: v["value"].clone(),
+            }
+        })
+        .collect();
+    check_delivery(&e.store, &got, &want);
+    for r in &got {
+        assert_eq!(r.headers["ce_specversion"], "1.0");
+        assert_eq!(r.headers["ce_tenant"], "t1");
+        assert!(
+            r.headers["ce_type"].starts_with("fhir.") || r.headers["ce_type"] == "hl7v2.adt.A08"
+        );
+    }
+    eprintln!("python confluent-kafka consumer read {} records", got.len());
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
