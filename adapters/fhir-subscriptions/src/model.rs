@@ -10,6 +10,11 @@ pub const TOPIC_BASE: &str = "http://tributary.dev/fhir/SubscriptionTopic";
 /// the subscriber then only ever receives that patient's events, whatever its filters say.
 pub const PATIENT_CONTEXT_EXT: &str =
     "http://tributary.dev/fhir/StructureDefinition/subscription-patient-context";
+/// Set by the facade from the creating token's scopes (`patient/Observation.rs` …): a
+/// comma-separated list of the resource types the subscriber may read; no other type is ever
+/// delivered. `*` or absent = no restriction beyond the topic.
+pub const ALLOWED_TYPES_EXT: &str =
+    "http://tributary.dev/fhir/StructureDefinition/subscription-allowed-types";
 
 /// What changed, as a topic trigger sees it.
 pub struct Change<'a> {
@@ -177,6 +182,8 @@ pub struct SubscriptionSpec {
     pub max_count: Option<usize>,
     pub end: Option<i64>,
     pub patient_context: Option<String>,
+    /// Resource types the creating token could read (`None` = unrestricted).
+    pub allowed_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -313,7 +320,18 @@ impl SubscriptionSpec {
             .and_then(|v| v.get("reference"))
             .and_then(Value::as_str)
             .map(|s| s.strip_prefix("Patient/").unwrap_or(s).to_string());
+        let allowed_types = ext(r, "subscription-allowed-types")
+            .and_then(|e| e.get("valueString"))
+            .and_then(Value::as_str)
+            .filter(|s| s.trim() != "*")
+            .map(|s| {
+                s.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect()
+            });
         Ok(Self {
+            allowed_types,
             tenant: tenant.to_string(),
             id: id.to_string(),
             version,
@@ -361,6 +379,14 @@ impl SubscriptionSpec {
         }
         if let Some(p) = &self.patient_context {
             if ev.patient_id.as_deref() != Some(p.as_str()) {
+                return false;
+            }
+        }
+        if let Some(types) = &self.allowed_types {
+            if !types
+                .iter()
+                .any(|t| Some(t.as_str()) == ev.resource_type.as_deref())
+            {
                 return false;
             }
         }
@@ -554,6 +580,19 @@ mod tests {
         }));
         assert!(!spec.matches(&Change {
             event: &theirs,
+            previous: None
+        }));
+        // Scopes for Observations only: an Encounter of the same patient is not delivered.
+        let mut s = sub("resource-change", None);
+        s["extension"] = json!([{"url": ALLOWED_TYPES_EXT, "valueString": "Observation"}]);
+        let spec = SubscriptionSpec::parse("t1", "s", 1, &s, false).unwrap();
+        let enc = event("Encounter", "create", "p1", json!({}));
+        assert!(spec.matches(&Change {
+            event: &mine,
+            previous: None
+        }));
+        assert!(!spec.matches(&Change {
+            event: &enc,
             previous: None
         }));
     }
