@@ -3,7 +3,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_runtime::{ComponentStatus, Readiness, Runtime};
+use tributary_runtime::{ComponentStatus, Readiness, Runtime, Sink, Source};
 use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore, RetentionPolicy};
 
 /// Opens the data directory and builds the shared runtime.
@@ -60,6 +60,34 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
         tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
+    // Egress relays and ingress adapters: one line each.
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    if let Some(k) = &config.kafka {
+        sinks.push(Box::new(tributary_kafka::KafkaSink::new(k.clone())?));
+    }
+    if let Some(a) = &config.amqp {
+        sinks.extend(tributary_amqp::AmqpEgress::new(a).map(|s| Box::new(s) as Box<dyn Sink>));
+        sources.extend(
+            tributary_amqp::AmqpIngress::new(a, &config.default_tenant)
+                .map(|s| Box::new(s) as Box<dyn Source>),
+        );
+    }
+    let mut extra_routes = axum::Router::new();
+    if let Some(s) = &config.subscriptions {
+        let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
+        extra_routes = extra_routes.merge(tributary_subscriptions::router(service.clone(), &rt));
+        sinks.push(Box::new(tributary_subscriptions::SubscriptionsSink::new(
+            service,
+        )));
+    }
+    for sink in sinks {
+        tracing::info!(sink = sink.name(), "starting sink");
+        tasks.spawn(sink.run(rt.clone()));
+    }
+    for source in sources {
+        tracing::info!(source = source.name(), "starting source");
+        tasks.spawn(source.run(rt.clone()));
     }
 
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
@@ -85,6 +113,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .layer(axum::extract::DefaultBodyLimit::max(
         config.http.max_body_bytes,
     ));
+    let app =
+        tributary_facade::app(tributary_facade::AppState { rt: rt.clone() }).merge(extra_routes);
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
