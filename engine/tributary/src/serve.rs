@@ -60,6 +60,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
         tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
+    }
+
     // Egress relays and ingress adapters: one line each.
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
@@ -112,9 +114,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     })
     .layer(axum::extract::DefaultBodyLimit::max(
         config.http.max_body_bytes,
-    ));
-    let app =
-        tributary_facade::app(tributary_facade::AppState { rt: rt.clone() }).merge(extra_routes);
+    ))
+    .merge(extra_routes);
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
