@@ -31,6 +31,49 @@ pub struct FacadeConfig {
     pub auth: AuthConfig,
     pub break_glass: BreakGlassConfig,
     pub rate_limit: RateLimitConfig,
+    /// Backend FHIR servers that serve some resource types (for some tenants) instead of the
+    /// built-in store. Requests to them pass the same policy stack; responses are filtered by the
+    /// caller's scopes and patient compartment before they leave.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A name for logs and audit records.
+    pub name: String,
+    /// Base URL of the backend's FHIR API, e.g. `https://lab-fhir.internal/fhir`.
+    pub url: String,
+    /// Resource types routed to this backend.
+    pub resource_types: Vec<String>,
+    /// Tenants routed to this backend; empty means every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Whole-request timeout, in seconds.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_secs: u64,
+    /// Connect timeout, in seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Idle pooled connections kept per backend host.
+    #[serde(default = "default_pool")]
+    pub pool_max_idle: usize,
+    /// Extra trusted CA certificate (PEM) for the backend's TLS certificate. Empty: system roots.
+    #[serde(default)]
+    pub ca_file: PathBuf,
+    /// Client certificate chain and private key (PEM, one file) for mutual TLS. Empty: none.
+    #[serde(default)]
+    pub client_identity_file: PathBuf,
+}
+
+fn default_backend_timeout() -> u64 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    3
+}
+fn default_pool() -> usize {
+    32
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -276,6 +319,50 @@ impl FacadeConfig {
                     "rate_limit.overrides",
                     k,
                     "a key `tenant` or `tenant/client`",
+                ));
+            }
+        }
+        let mut routed = std::collections::BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |k: &str| format!("backends[{i}].{k}");
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+                return Err(invalid(&key("url"), &b.url, "an http(s) URL"));
+            }
+            if b.resource_types.is_empty() {
+                return Err(invalid(
+                    &key("resource_types"),
+                    "[]",
+                    "at least one resource type",
+                ));
+            }
+            for t in &b.resource_types {
+                if !crate::policy::valid_type(t) {
+                    return Err(invalid(
+                        &key("resource_types"),
+                        t,
+                        "FHIR resource type names",
+                    ));
+                }
+                let tenants = if b.tenants.is_empty() {
+                    vec![String::from("*")]
+                } else {
+                    b.tenants.clone()
+                };
+                for tenant in tenants {
+                    if !routed.insert((tenant.clone(), t.clone())) {
+                        return Err(invalid(
+                            &key("resource_types"),
+                            t,
+                            "each (tenant, type) routed to one backend only",
+                        ));
+                    }
+                }
+            }
+            if b.timeout_secs == 0 || b.connect_timeout_secs == 0 {
+                return Err(invalid(
+                    &key("timeout_secs"),
+                    b.timeout_secs,
+                    "greater than 0",
                 ));
             }
         }

@@ -141,10 +141,9 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
             d.user = principal.user.clone();
             d.role = principal.role.clone();
             d.scopes = Some(principal.scope_text.clone());
-            // The patient whose data is touched: what the URL names, else the token's context.
-            if d.patient.is_none() {
-                d.patient = principal.patient.clone();
-            }
+            // The patient whose data is touched is what the URL or the resource names; the
+            // token's patient context is the fallback (see `AuditDraft::into_record`).
+            d.context_patient = principal.patient.clone();
         });
     }
     req.extensions_mut().insert(principal);

@@ -453,6 +453,8 @@ async fn patient_context_is_narrowed_everywhere() {
             .0,
         403
     );
+    // The audit names the patient whose data was asked for, not the token's own patient.
+    assert_eq!(e.audit().pop().unwrap()["patient"], "p2");
     assert_eq!(
         e.call("GET", "/fhir/Observation/o3/_history", Some(&t), None)
             .await
