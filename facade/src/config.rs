@@ -96,6 +96,18 @@ pub struct AuthConfig {
     pub jwks_url: String,
     /// Least interval between two JWKS fetches, in seconds.
     pub jwks_refresh_min_secs: u64,
+    /// RFC 7662 token introspection endpoint of the authorization server. Empty disables it.
+    /// Opaque (non-JWT) tokens are always introspected when it is set; see `introspect_jwts`.
+    pub introspection_url: String,
+    /// Client id the facade authenticates to the introspection endpoint with (HTTP Basic).
+    pub introspection_client_id: String,
+    /// File holding the matching client secret (kept out of this file).
+    pub introspection_secret_file: PathBuf,
+    /// Seconds an introspection answer is reused for reads. Writes are always introspected anew.
+    pub introspection_cache_secs: u64,
+    /// Also introspect JWTs (after their signature verified), so that a token revoked at the
+    /// authorization server fails within `introspection_cache_secs`.
+    pub introspect_jwts: bool,
     /// Role names a token's `role` claim may carry, mapped to what they may do:
     /// `view` (read/search), `edit` (read and write), `admin` (everything, plus admin endpoints),
     /// `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
@@ -113,6 +125,11 @@ impl Default for AuthConfig {
             jwks_file: PathBuf::new(),
             jwks_url: String::new(),
             jwks_refresh_min_secs: 60,
+            introspection_url: String::new(),
+            introspection_client_id: String::new(),
+            introspection_secret_file: PathBuf::new(),
+            introspection_cache_secs: 30,
+            introspect_jwts: false,
             roles: [
                 ("view", "view"),
                 ("edit", "edit"),
@@ -264,6 +281,20 @@ impl FacadeConfig {
                 "auth.jwks_url",
                 &a.jwks_url,
                 "an http(s) URL or empty",
+            ));
+        }
+        if !a.introspection_url.is_empty() && !http_url(&a.introspection_url) {
+            return Err(invalid(
+                "auth.introspection_url",
+                &a.introspection_url,
+                "an http(s) URL or empty",
+            ));
+        }
+        if a.introspect_jwts && a.introspection_url.is_empty() {
+            return Err(invalid(
+                "auth.introspect_jwts",
+                true,
+                "false, unless auth.introspection_url is set",
             ));
         }
         if !a.local_key && a.jwks_url.is_empty() && a.jwks_file.as_os_str().is_empty() {

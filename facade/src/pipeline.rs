@@ -130,7 +130,11 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
     let Some(token) = bearer(&req) else {
         return ApiError::Unauthorized("bearer token required".into()).into_response();
     };
-    let principal = match st.facade.auth.authenticate(token).await {
+    let write = req
+        .extensions()
+        .get::<FhirRequest>()
+        .is_some_and(|f| f.interaction.is_write());
+    let principal = match st.facade.auth.authenticate(token, write).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
