@@ -121,6 +121,7 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/{rtype}/{id}/{op}", get(rest::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))
         .route("/admin/consent/{id}/revoke", post(rest::revoke_consent))
+        .route("/admin/audit/verify", get(rest::verify_audit))
         .fallback(rest::not_found)
 }
 

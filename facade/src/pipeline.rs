@@ -62,7 +62,9 @@ pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> 
     let fhir = match path.strip_prefix("/fhir") {
         Some(rest) => classify(req.method(), rest, req.uri().query()),
         None => FhirRequest {
-            interaction: if path.starts_with("/admin/") {
+            interaction: if path == "/admin/audit/verify" {
+                Interaction::AuditQuery
+            } else if path.starts_with("/admin/") {
                 Interaction::Admin
             } else {
                 Interaction::Unknown

@@ -676,7 +676,22 @@ async fn roles_break_glass_and_audit_trail() {
             "{text}"
         );
     }
+    let (s, _, v) = e
+        .call("GET", "/admin/audit/verify", Some(&auditor), None)
+        .await;
+    assert_eq!(
+        (s, v["intact"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    assert!(v["entries"].as_u64().unwrap() > 5);
     let app_token = e.token("user/*.cruds", |_| {});
+    assert_eq!(
+        e.call("GET", "/admin/audit/verify", Some(&app_token), None)
+            .await
+            .0,
+        403
+    );
     assert_eq!(
         e.call("GET", "/fhir/AuditEvent", Some(&app_token), None)
             .await
