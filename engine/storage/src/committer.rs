@@ -16,7 +16,12 @@ use fjall::{Database, PersistMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+
+/// Longest a group waits for more jobs once it has one (see the gathering loop in `run`).
+const GATHER_BUDGET: Duration = Duration::from_micros(400);
+const GATHER_POLL: Duration = Duration::from_micros(40);
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn<'_>) -> Completion + Send>;
@@ -166,6 +171,7 @@ fn run(
     sync: bool,
     stats: Arc<CommitStats>,
 ) {
+    let mut last_group = 1usize;
     while let Some(first) = rx.blocking_recv() {
         let saved = counters.clone();
         let mut completions = Vec::with_capacity(64);
@@ -178,12 +184,24 @@ fn run(
                 job_ops: Vec::new(),
             };
             completions.push(first(&mut txn));
+            // Adaptive gathering: writers whose previous group just completed need a moment to
+            // submit again. When the last group was large (many concurrent writers), wait briefly
+            // for about as many jobs instead of committing the first few alone — otherwise the
+            // writers split into alternating half-size groups. A lone writer never waits.
+            let target = last_group.clamp(1, max_group);
+            let deadline = Instant::now() + GATHER_BUDGET;
             while completions.len() < max_group {
                 match rx.try_recv() {
                     Ok(job) => completions.push(job(&mut txn)),
+                    Err(mpsc::error::TryRecvError::Empty)
+                        if completions.len() < target && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(GATHER_POLL);
+                    }
                     Err(_) => break,
                 }
             }
+            last_group = completions.len();
             txn.ops
         };
         let result = if ops.is_empty() {

@@ -59,6 +59,16 @@ pub enum Command {
     /// Inspect the message journal: list, show, stats.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Convert HL7 v2 message files to FHIR R4 Bundles with a mapping set (no server needed).
+    Map(crate::mapping_cli::MapArgs),
+    /// Work on mapping sets: run fixtures (`test`), check files (`check`).
+    #[command(subcommand)]
+    Mapping(crate::mapping_cli::MappingCommand),
+    /// Queue failed (or selected) messages for mapping again, e.g. after fixing a mapping file.
+    #[command(
+        after_help = "Examples:\n  tributary replay --failed\n  tributary replay 0193f0c2-7a9e-7c4e-9d2b-1f2a3b4c5d6e"
+    )]
+    Replay(ReplayArgs),
     /// Load generators and storage benchmarks.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -161,6 +171,17 @@ pub struct ServeArgs {
     pub mllp_listen: Option<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Replay every message in state `failed`.
+    #[arg(long)]
+    pub failed: bool,
+    /// Message ids to replay.
+    pub ids: Vec<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
     /// Parse and validate; prints the effective configuration as TOML.
@@ -245,6 +266,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Journal(cmd) => journal(cmd),
         Command::Bench(cmd) => crate::bench::run(cmd),
+        Command::Map(args) => crate::mapping_cli::map(args),
+        Command::Mapping(cmd) => crate::mapping_cli::mapping(cmd),
+        Command::Replay(args) => replay(args),
         Command::Token(TokenCommand::Issue(args)) => issue_token(args),
         Command::Audit(cmd) => audit(cmd),
         Command::Consent(ConsentCommand::Revoke { common, id }) => {
@@ -422,4 +446,37 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = args.common.load()?;
+    let mut ids: Vec<MessageId> = args
+        .ids
+        .iter()
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{s:?} is not a message id (UUID)"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let j = open_journal(&config)?;
+    if args.failed {
+        let filter = ListFilter {
+            state: Some(StateKind::Failed),
+            ..Default::default()
+        };
+        ids.extend(j.list(&filter)?.into_iter().map(|(id, _, _)| id));
+    }
+    if ids.is_empty() {
+        eprintln!("nothing to replay: give message ids or --failed");
+        return Ok(ExitCode::from(1));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let seqs = rt.block_on(j.replay(&ids))?;
+    println!(
+        "queued {} message(s) for mapping again (a running `tributary serve` picks them up)",
+        seqs.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }
