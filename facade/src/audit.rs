@@ -20,6 +20,8 @@ pub struct AuditDraft {
     pub user: Option<String>,
     pub role: Option<String>,
     pub patient: Option<String>,
+    /// The token's patient context, recorded when nothing more specific is known.
+    pub context_patient: Option<String>,
     pub resource_type: Option<String>,
     pub resource_id: Option<String>,
     pub interaction: &'static str,
@@ -71,7 +73,7 @@ impl AuditDraft {
         opt(&mut m, "client", self.client);
         opt(&mut m, "user", self.user);
         opt(&mut m, "role", self.role);
-        opt(&mut m, "patient", self.patient);
+        opt(&mut m, "patient", self.patient.or(self.context_patient));
         opt(&mut m, "resource_type", self.resource_type);
         opt(&mut m, "resource_id", self.resource_id);
         m.insert("interaction".into(), json!(self.interaction));

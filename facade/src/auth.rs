@@ -41,7 +41,7 @@ pub struct Principal {
 #[derive(Deserialize)]
 struct Claims {
     sub: Option<String>,
-    exp: i64,
+    exp: Option<i64>,
     client_id: Option<String>,
     azp: Option<String>,
     #[serde(default)]
@@ -68,6 +68,9 @@ pub struct Authenticator {
     jwks_cache_path: PathBuf,
     last_fetch: Mutex<Option<Instant>>,
     http: Option<reqwest::Client>,
+    introspection_secret: String,
+    /// token → (principal, when introspected)
+    introspected: Mutex<HashMap<String, (Arc<Principal>, Instant)>>,
 }
 
 const VERIFIED_CACHE_MAX: usize = 50_000;
@@ -144,7 +147,20 @@ impl Authenticator {
                 keys.extend(parse_jwks(&text));
             }
         }
-        let http = (!cfg.jwks_url.is_empty()).then(|| {
+        let introspection_secret = if cfg.introspection_secret_file.as_os_str().is_empty() {
+            String::new()
+        } else {
+            std::fs::read_to_string(&cfg.introspection_secret_file)
+                .map_err(|e| {
+                    format!(
+                        "facade.auth.introspection_secret_file {}: {e}",
+                        cfg.introspection_secret_file.display()
+                    )
+                })?
+                .trim()
+                .to_string()
+        };
+        let http = (!cfg.jwks_url.is_empty() || !cfg.introspection_url.is_empty()).then(|| {
             reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .connect_timeout(Duration::from_secs(2))
@@ -160,13 +176,17 @@ impl Authenticator {
             jwks_cache_path,
             last_fetch: Mutex::new(None),
             http,
+            introspection_secret,
+            introspected: Mutex::new(HashMap::new()),
         })
     }
 
     /// Fetches the JWKS URL (if configured and not fetched within `jwks_refresh_min_secs`),
     /// merges its keys and writes the on-disk cache. Failures keep the cached keys.
     pub async fn refresh_jwks(&self) -> bool {
-        let Some(http) = &self.http else { return false };
+        let Some(http) = self.http.as_ref().filter(|_| !self.cfg.jwks_url.is_empty()) else {
+            return false;
+        };
         {
             let mut last = self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(at) = *last {
@@ -228,16 +248,130 @@ impl Authenticator {
         }
     }
 
-    /// Verifies a bearer token and checks revocation. Errors are deliberately coarse.
-    pub async fn authenticate(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+    /// Verifies a bearer token and checks revocation. Errors are deliberately coarse. `write`:
+    /// the request changes data, so an introspected token is introspected anew.
+    pub async fn authenticate(&self, token: &str, write: bool) -> Result<Arc<Principal>, ApiError> {
+        let is_jwt = token.split('.').count() == 3;
+        let introspection = !self.cfg.introspection_url.is_empty();
+        if !is_jwt {
+            if !introspection {
+                return Err(ApiError::Unauthorized("invalid bearer token".into()));
+            }
+            let p = self.introspect(token, write).await?;
+            self.check_revoked(&p)?;
+            return Ok(p);
+        }
+        let p = self.authenticate_jwt(token).await?;
+        if introspection && self.cfg.introspect_jwts {
+            // The signature is ours to check; whether the token is still active is the
+            // authorization server's.
+            self.introspect(token, write).await?;
+        }
+        Ok(p)
+    }
+
+    fn check_revoked(&self, principal: &Principal) -> Result<(), ApiError> {
+        for id in [&principal.grant, &principal.jti].into_iter().flatten() {
+            if self.revocations.is_revoked(id) {
+                return Err(ApiError::Unauthorized(
+                    "token grant has been revoked".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// RFC 7662: POST token=… to the introspection endpoint; answers are cached for reads.
+    async fn introspect(&self, token: &str, write: bool) -> Result<Arc<Principal>, ApiError> {
+        let ttl = Duration::from_secs(self.cfg.introspection_cache_secs);
+        let unusable = || ApiError::Unauthorized("token could not be introspected".into());
+        if !write {
+            let hit = self
+                .introspected
+                .lock()
+                .ok()
+                .and_then(|c| c.get(token).cloned());
+            if let Some((p, at)) = hit {
+                let now = tributary_core::now_millis() / 1000;
+                if at.elapsed() < ttl && p.exp >= now {
+                    return Ok(p);
+                }
+            }
+        }
+        let http = self.http.as_ref().ok_or_else(unusable)?;
+        let res = http
+            .post(&self.cfg.introspection_url)
+            .basic_auth(
+                &self.cfg.introspection_client_id,
+                Some(&self.introspection_secret),
+            )
+            .form(&[("token", token), ("token_type_hint", "access_token")])
+            .send()
+            .await
+            .map_err(|_| {
+                tracing::warn!("token introspection endpoint unreachable");
+                unusable()
+            })?;
+        if !res.status().is_success() {
+            tracing::warn!(
+                status = res.status().as_u16(),
+                "token introspection refused"
+            );
+            return Err(unusable());
+        }
+        let v: Value = res.json().await.map_err(|_| unusable())?;
+        if v.get("active").and_then(Value::as_bool) != Some(true) {
+            if let Ok(mut c) = self.introspected.lock() {
+                c.remove(token);
+            }
+            return Err(ApiError::Unauthorized("token is not active".into()));
+        }
+        if let Some(iss) = v.get("iss").and_then(Value::as_str) {
+            if !self.cfg.issuers.iter().any(|i| i == iss) {
+                return Err(ApiError::Unauthorized("token issuer not accepted".into()));
+            }
+        }
+        if let Some(aud) = v.get("aud") {
+            let auds: Vec<&str> = match aud {
+                Value::String(s) => vec![s.as_str()],
+                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            if !auds
+                .iter()
+                .any(|a| self.cfg.audiences.iter().any(|x| x == a))
+            {
+                return Err(ApiError::Unauthorized("token audience not accepted".into()));
+            }
+        }
+        let claims: Claims = serde_json::from_value(v).map_err(|_| unusable())?;
         let now = tributary_core::now_millis() / 1000;
+        if claims
+            .exp
+            .is_some_and(|e| e + (self.cfg.leeway_secs as i64) < now)
+        {
+            return Err(ApiError::Unauthorized("token expired".into()));
+        }
+        let p = Arc::new(self.principal(claims)?);
+        if let Ok(mut c) = self.introspected.lock() {
+            if c.len() >= VERIFIED_CACHE_MAX {
+                c.clear();
+            }
+            c.insert(token.to_string(), (p.clone(), Instant::now()));
+        }
+        Ok(p)
+    }
+
+    async fn authenticate_jwt(&self, token: &str) -> Result<Arc<Principal>, ApiError> {
+        let now = tributary_core::now_millis() / 1000;
+
         let cached = self
             .verified
             .lock()
             .ok()
             .and_then(|c| c.get(token).cloned());
         let principal = match cached {
-            Some(p) if p.exp + self.cfg.leeway_secs as i64 >= now => p,
+            Some(p) if p.exp.saturating_add(self.cfg.leeway_secs as i64) >= now => p,
             _ => {
                 let p = Arc::new(self.verify(token).await?);
                 if let Ok(mut c) = self.verified.lock() {
@@ -252,13 +386,7 @@ impl Authenticator {
                 p
             }
         };
-        for id in [&principal.grant, &principal.jti].into_iter().flatten() {
-            if self.revocations.is_revoked(id) {
-                return Err(ApiError::Unauthorized(
-                    "token grant has been revoked".into(),
-                ));
-            }
-        }
+        self.check_revoked(&principal)?;
         Ok(principal)
     }
 
@@ -289,7 +417,10 @@ impl Authenticator {
                 _ => bad(),
             }
         })?;
-        let c = data.claims;
+        self.principal(data.claims)
+    }
+
+    fn principal(&self, c: Claims) -> Result<Principal, ApiError> {
         let client_id = c
             .client_id
             .or(c.azp)
@@ -326,7 +457,7 @@ impl Authenticator {
             patient: c.patient,
             grant: c.grant,
             jti: c.jti,
-            exp: c.exp,
+            exp: c.exp.unwrap_or(i64::MAX),
         })
     }
 }
@@ -417,7 +548,7 @@ mod tests {
             },
         )
         .unwrap();
-        let p = auth.authenticate(&t).await.unwrap();
+        let p = auth.authenticate(&t, false).await.unwrap();
         assert_eq!(p.client_id, "app");
         assert_eq!(p.tenant, "acme");
         assert_eq!(p.patient.as_deref(), Some("p1"));
@@ -435,7 +566,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            auth.authenticate(&expired).await,
+            auth.authenticate(&expired, false).await,
             Err(ApiError::Unauthorized(_))
         ));
         let aud = issue(
@@ -447,7 +578,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            auth.authenticate(&aud).await,
+            auth.authenticate(&aud, false).await,
             Err(ApiError::Unauthorized(_))
         ));
         let other_dir = tempfile::tempdir().unwrap();
@@ -455,10 +586,10 @@ mod tests {
         foreign.kid = key.kid.clone();
         let forged = issue(&foreign, &req()).unwrap();
         assert!(matches!(
-            auth.authenticate(&forged).await,
+            auth.authenticate(&forged, false).await,
             Err(ApiError::Unauthorized(_))
         ));
-        assert!(auth.authenticate("not.a.jwt").await.is_err());
+        assert!(auth.authenticate("not.a.jwt", false).await.is_err());
     }
 
     #[tokio::test]
@@ -472,10 +603,10 @@ mod tests {
             },
         )
         .unwrap();
-        auth.authenticate(&t).await.unwrap();
+        auth.authenticate(&t, false).await.unwrap();
         crate::revocation::revoke_in_data_dir(dir.path(), "consent-7").unwrap();
         assert!(matches!(
-            auth.authenticate(&t).await,
+            auth.authenticate(&t, false).await,
             Err(ApiError::Unauthorized(_))
         ));
     }

@@ -31,6 +31,49 @@ pub struct FacadeConfig {
     pub auth: AuthConfig,
     pub break_glass: BreakGlassConfig,
     pub rate_limit: RateLimitConfig,
+    /// Backend FHIR servers that serve some resource types (for some tenants) instead of the
+    /// built-in store. Requests to them pass the same policy stack; responses are filtered by the
+    /// caller's scopes and patient compartment before they leave.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A name for logs and audit records.
+    pub name: String,
+    /// Base URL of the backend's FHIR API, e.g. `https://lab-fhir.internal/fhir`.
+    pub url: String,
+    /// Resource types routed to this backend.
+    pub resource_types: Vec<String>,
+    /// Tenants routed to this backend; empty means every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Whole-request timeout, in seconds.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_secs: u64,
+    /// Connect timeout, in seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Idle pooled connections kept per backend host.
+    #[serde(default = "default_pool")]
+    pub pool_max_idle: usize,
+    /// Extra trusted CA certificate (PEM) for the backend's TLS certificate. Empty: system roots.
+    #[serde(default)]
+    pub ca_file: PathBuf,
+    /// Client certificate chain and private key (PEM, one file) for mutual TLS. Empty: none.
+    #[serde(default)]
+    pub client_identity_file: PathBuf,
+}
+
+fn default_backend_timeout() -> u64 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    3
+}
+fn default_pool() -> usize {
+    32
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,6 +96,18 @@ pub struct AuthConfig {
     pub jwks_url: String,
     /// Least interval between two JWKS fetches, in seconds.
     pub jwks_refresh_min_secs: u64,
+    /// RFC 7662 token introspection endpoint of the authorization server. Empty disables it.
+    /// Opaque (non-JWT) tokens are always introspected when it is set; see `introspect_jwts`.
+    pub introspection_url: String,
+    /// Client id the facade authenticates to the introspection endpoint with (HTTP Basic).
+    pub introspection_client_id: String,
+    /// File holding the matching client secret (kept out of this file).
+    pub introspection_secret_file: PathBuf,
+    /// Seconds an introspection answer is reused for reads. Writes are always introspected anew.
+    pub introspection_cache_secs: u64,
+    /// Also introspect JWTs (after their signature verified), so that a token revoked at the
+    /// authorization server fails within `introspection_cache_secs`.
+    pub introspect_jwts: bool,
     /// Role names a token's `role` claim may carry, mapped to what they may do:
     /// `view` (read/search), `edit` (read and write), `admin` (everything, plus admin endpoints),
     /// `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
@@ -70,6 +125,11 @@ impl Default for AuthConfig {
             jwks_file: PathBuf::new(),
             jwks_url: String::new(),
             jwks_refresh_min_secs: 60,
+            introspection_url: String::new(),
+            introspection_client_id: String::new(),
+            introspection_secret_file: PathBuf::new(),
+            introspection_cache_secs: 30,
+            introspect_jwts: false,
             roles: [
                 ("view", "view"),
                 ("edit", "edit"),
@@ -223,6 +283,20 @@ impl FacadeConfig {
                 "an http(s) URL or empty",
             ));
         }
+        if !a.introspection_url.is_empty() && !http_url(&a.introspection_url) {
+            return Err(invalid(
+                "auth.introspection_url",
+                &a.introspection_url,
+                "an http(s) URL or empty",
+            ));
+        }
+        if a.introspect_jwts && a.introspection_url.is_empty() {
+            return Err(invalid(
+                "auth.introspect_jwts",
+                true,
+                "false, unless auth.introspection_url is set",
+            ));
+        }
         if !a.local_key && a.jwks_url.is_empty() && a.jwks_file.as_os_str().is_empty() {
             return Err(invalid(
                 "auth.local_key",
@@ -276,6 +350,50 @@ impl FacadeConfig {
                     "rate_limit.overrides",
                     k,
                     "a key `tenant` or `tenant/client`",
+                ));
+            }
+        }
+        let mut routed = std::collections::BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |k: &str| format!("backends[{i}].{k}");
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+                return Err(invalid(&key("url"), &b.url, "an http(s) URL"));
+            }
+            if b.resource_types.is_empty() {
+                return Err(invalid(
+                    &key("resource_types"),
+                    "[]",
+                    "at least one resource type",
+                ));
+            }
+            for t in &b.resource_types {
+                if !crate::policy::valid_type(t) {
+                    return Err(invalid(
+                        &key("resource_types"),
+                        t,
+                        "FHIR resource type names",
+                    ));
+                }
+                let tenants = if b.tenants.is_empty() {
+                    vec![String::from("*")]
+                } else {
+                    b.tenants.clone()
+                };
+                for tenant in tenants {
+                    if !routed.insert((tenant.clone(), t.clone())) {
+                        return Err(invalid(
+                            &key("resource_types"),
+                            t,
+                            "each (tenant, type) routed to one backend only",
+                        ));
+                    }
+                }
+            }
+            if b.timeout_secs == 0 || b.connect_timeout_secs == 0 {
+                return Err(invalid(
+                    &key("timeout_secs"),
+                    b.timeout_secs,
+                    "greater than 0",
                 ));
             }
         }

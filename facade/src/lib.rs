@@ -2,10 +2,12 @@
 //!
 //! Operational endpoints (`/health`, `/ready`), discovery (`/.well-known/smart-configuration`,
 //! `/.well-known/jwks.json`), and the FHIR R4 API at `/fhir` behind the policy stack of
-//! [`pipeline`]: request id → audit → authenticate → authorize → rate limit → handler.
+//! [`pipeline`]: request id → audit → authenticate → authorize → rate limit → handler (the
+//! store's, or a backend FHIR server's through [`backend::route`]).
 
 pub mod audit;
 pub mod auth;
+pub mod backend;
 mod capability;
 pub mod config;
 pub mod error;
@@ -42,6 +44,8 @@ pub enum FacadeError {
     Key(#[from] keys::KeyError),
     #[error("authentication setup: {0}")]
     Auth(String),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendSetupError),
 }
 
 /// The facade's own services, built once at start.
@@ -49,6 +53,7 @@ pub struct Facade {
     pub cfg: FacadeConfig,
     pub auth: Authenticator,
     pub limiter: ratelimit::RateLimiter,
+    pub backends: backend::Backends,
     pub local_key: Option<LocalSigningKey>,
     /// First 12 hex digits of the SHA-256 of the effective `[facade]` config: recorded in every
     /// audit record, so a reviewer knows which policy decided.
@@ -78,6 +83,7 @@ impl Facade {
         let digest = Sha256::digest(serde_json::to_vec(&cfg).unwrap_or_default());
         Ok(Self {
             limiter: ratelimit::RateLimiter::new(cfg.rate_limit.clone()),
+            backends: backend::Backends::new(&cfg.backends)?,
             policy_version: hex::encode(&digest[..6]),
             auth,
             local_key,
@@ -115,11 +121,13 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/{rtype}/{id}/{op}", get(rest::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))
         .route("/admin/consent/{id}/revoke", post(rest::revoke_consent))
+        .route("/admin/audit/verify", get(rest::verify_audit))
         .fallback(rest::not_found)
 }
 
 pub fn app(state: AppState) -> Router {
     let policy = fhir_routes()
+        .layer(from_fn_with_state(state.clone(), backend::route))
         .layer(from_fn_with_state(state.clone(), pipeline::rate_limit))
         .layer(from_fn_with_state(state.clone(), pipeline::authorize))
         .layer(from_fn_with_state(state.clone(), pipeline::authenticate))

@@ -62,7 +62,9 @@ pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> 
     let fhir = match path.strip_prefix("/fhir") {
         Some(rest) => classify(req.method(), rest, req.uri().query()),
         None => FhirRequest {
-            interaction: if path.starts_with("/admin/") {
+            interaction: if path == "/admin/audit/verify" {
+                Interaction::AuditQuery
+            } else if path.starts_with("/admin/") {
                 Interaction::Admin
             } else {
                 Interaction::Unknown
@@ -130,7 +132,11 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
     let Some(token) = bearer(&req) else {
         return ApiError::Unauthorized("bearer token required".into()).into_response();
     };
-    let principal = match st.facade.auth.authenticate(token).await {
+    let write = req
+        .extensions()
+        .get::<FhirRequest>()
+        .is_some_and(|f| f.interaction.is_write());
+    let principal = match st.facade.auth.authenticate(token, write).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -141,10 +147,9 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
             d.user = principal.user.clone();
             d.role = principal.role.clone();
             d.scopes = Some(principal.scope_text.clone());
-            // The patient whose data is touched: what the URL names, else the token's context.
-            if d.patient.is_none() {
-                d.patient = principal.patient.clone();
-            }
+            // The patient whose data is touched is what the URL or the resource names; the
+            // token's patient context is the fallback (see `AuditDraft::into_record`).
+            d.context_patient = principal.patient.clone();
         });
     }
     req.extensions_mut().insert(principal);

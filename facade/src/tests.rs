@@ -453,6 +453,8 @@ async fn patient_context_is_narrowed_everywhere() {
             .0,
         403
     );
+    // The audit names the patient whose data was asked for, not the token's own patient.
+    assert_eq!(e.audit().pop().unwrap()["patient"], "p2");
     assert_eq!(
         e.call("GET", "/fhir/Observation/o3/_history", Some(&t), None)
             .await
@@ -674,7 +676,22 @@ async fn roles_break_glass_and_audit_trail() {
             "{text}"
         );
     }
+    let (s, _, v) = e
+        .call("GET", "/admin/audit/verify", Some(&auditor), None)
+        .await;
+    assert_eq!(
+        (s, v["intact"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    assert!(v["entries"].as_u64().unwrap() > 5);
     let app_token = e.token("user/*.cruds", |_| {});
+    assert_eq!(
+        e.call("GET", "/admin/audit/verify", Some(&app_token), None)
+            .await
+            .0,
+        403
+    );
     assert_eq!(
         e.call("GET", "/fhir/AuditEvent", Some(&app_token), None)
             .await
@@ -799,4 +816,106 @@ async fn smart_configuration_and_jwks_are_served() {
         jwks["keys"][0].get("d").is_none(),
         "private key must never be served"
     );
+}
+
+/// A stand-in RFC 7662 endpoint: `good` is active (patient context p1), anything else inactive.
+/// Counts the calls it gets.
+async fn introspection_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let authed = req.to_ascii_lowercase().contains("authorization: basic ");
+                let body = if authed && req.contains("token=good&") {
+                    json!({"active": true, "client_id": "opaque-app", "sub": "u1", "scope": "patient/*.cruds", "patient": "p1", "aud": "tributary", "iss": "tributary", "exp": tributary_core::now_millis() / 1000 + 600})
+                } else {
+                    json!({"active": false})
+                };
+                let body = body.to_string();
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://{addr}/introspect"), calls)
+}
+
+#[tokio::test]
+async fn opaque_tokens_are_introspected_cached_for_reads_and_rechecked_for_writes() {
+    let (url, calls) = introspection_server().await;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cret\n").unwrap();
+    let mut cfg = FacadeConfig::default();
+    cfg.auth.introspection_url = url;
+    cfg.auth.introspection_client_id = "facade".into();
+    cfg.auth.introspection_secret_file = secret.path().to_path_buf();
+    cfg.validate().unwrap();
+    let e = env_with(cfg);
+    seed(&e).await;
+    let n = || calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some("good"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o1", Some("good"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(n(), 1, "reads reuse the cached answer");
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2", Some("good"), None)
+            .await
+            .0,
+        403,
+        "scopes and patient context apply"
+    );
+    let body = obs("o7", "p1", "laboratory");
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/fhir/Observation/o7",
+            Some("good"),
+            Some(body.clone())
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(n(), 2, "a write is introspected anew");
+    e.call("PUT", "/fhir/Observation/o7", Some("good"), Some(body))
+        .await;
+    assert_eq!(n(), 3);
+    assert_eq!(
+        e.call(
+            "GET",
+            "/fhir/Patient/p1",
+            Some("revoked-at-the-server"),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    let rec = e
+        .audit()
+        .into_iter()
+        .find(|r| r["client"] == "opaque-app")
+        .unwrap();
+    assert_eq!(rec["user"], "u1");
 }

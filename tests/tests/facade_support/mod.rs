@@ -71,11 +71,25 @@ impl Facade {
             .stderr(log)
             .spawn()
             .unwrap();
-        let server = Server {
+        let mut server = Server {
             child,
             http: http.clone(),
         };
-        server.wait_ready(Duration::from_secs(30));
+        // Fail with the server's own words if it exits during start-up (bad config, port taken).
+        for _ in 0..300 {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!(
+                    "server exited ({status}) during start-up; its log:\n{}",
+                    self.log()
+                );
+            }
+            if tributary_e2e::http_get(&http, "/ready").is_ok_and(|b| b.starts_with("HTTP/1.1 200"))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server.wait_ready(Duration::from_secs(1));
         self.base = format!("http://{http}");
         self.server = Some(server);
     }
