@@ -4,7 +4,7 @@
 //!
 //! Skips (saying so) when the corpus or the validators are absent; set
 //! TRIBUTARY_REQUIRE_VALIDATORS=1 (CI) to make their absence a failure.
-//! Install the validators with scripts/install-validators.sh.
+//! Install the validators with scripts/install-test-tools.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +44,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
         .args(["-c", "import fhir.resources, sys; sys.exit(0 if fhir.resources.__version__ == '6.4.0' else 1)"])
         .status()
         .is_ok_and(|s| s.success())
-        && repo().join("scripts/node_modules/fhir").is_dir();
+        && repo().join("scripts/node/node_modules/fhir").is_dir();
     let set = MappingSet::load(&repo().join("mappings/hl7v2")).unwrap();
     let term = tributary_terminology::builtin();
     let out = tempfile::tempdir().unwrap();
@@ -98,9 +98,9 @@ fn every_corpus_output_is_valid_fhir_r4() {
     if !validators {
         assert!(
             !require(),
-            "validators missing: run scripts/install-validators.sh"
+            "validators missing: run scripts/install-test-tools"
         );
-        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-validators.sh)");
+        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node/node_modules/fhir missing (scripts/install-test-tools)");
         return;
     }
     let status = Command::new("python3")
