@@ -954,7 +954,7 @@ pub fn to_uri(s: &str) -> String {
 fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
     let t = s.trim();
     Ok(match p {
-        Prim::String => Value::String(s.to_string()),
+        Prim::String => Value::String(t.to_string()),
         Prim::Code => {
             let c = t.split_whitespace().collect::<Vec<_>>().join(" ");
             Value::String(c)
