@@ -874,8 +874,20 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 *e += 1;
                 *e
             };
+            // the ignore patterns for this segment, checked once per segment
+            let seg_ignores: Vec<&crate::compile::IgnorePattern> = ignore
+                .iter()
+                .chain(self.set.global_ignore.iter())
+                .filter(|p| p.segment == name)
+                .collect();
+            if seg_ignores.iter().any(|p| p.field.is_none()) {
+                continue;
+            }
             for field in 1..=src.field_count(seg) {
                 if name == "MSH" && field <= 2 {
+                    continue;
+                }
+                if src.rep_count(seg, field) == 0 {
                     continue;
                 }
                 let mut comps_with_data: Vec<usize> = Vec::new();
@@ -896,10 +908,7 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 comps_with_data.sort_unstable();
                 for comp in comps_with_data {
                     if self.is_marked(seg, field, comp)
-                        || ignore
-                            .iter()
-                            .chain(self.set.global_ignore.iter())
-                            .any(|p| p.covers(name, field, comp))
+                        || seg_ignores.iter().any(|p| p.covers(name, field, comp))
                     {
                         continue;
                     }
