@@ -266,9 +266,10 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     segment,
                     map,
                     when,
-                    ..
+                    until,
                 } => {
                     let (start, end) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let end = self.until_end(start, end, until.as_deref());
                     let segs: Vec<usize> = match segment {
                         Some(s) => (start..end)
                             .filter(|&i| self.src.segment_name(i) == s)
@@ -307,8 +308,13 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                         }
                     }
                 }
-                Entry::Group { start, entries } => {
+                Entry::Group {
+                    start,
+                    entries,
+                    until,
+                } => {
                     let (s0, s1) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let s1 = self.until_end(s0, s1, until.as_deref());
                     let mut groups: Vec<(usize, usize)> = Vec::new();
                     let mut seen_rank: Option<usize> = None;
                     for i in s0..s1 {
@@ -339,6 +345,16 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     }
                 }
             }
+        }
+    }
+
+    /// The end of a scope range cut at the first `until` segment.
+    fn until_end(&self, start: usize, end: usize, until: Option<&str>) -> usize {
+        match until {
+            None => end,
+            Some(u) => (start..end)
+                .find(|&i| self.src.segment_name(i) == u)
+                .unwrap_or(end),
         }
     }
 
