@@ -242,7 +242,7 @@ impl MappingSet {
     }
 }
 
-impl<S: V2Source + ?Sized> Runner<'_, S> {
+impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn mark(&mut self, seg: usize, field: usize, comp: usize) {
         if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
             *f |= 1u64 << (comp.clamp(1, 64) - 1);
@@ -563,15 +563,37 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
         s
     }
 
-    fn operand(&mut self, o: &Operand, ctx: Ctx) -> Option<String> {
+    /// An operand's text, borrowed where possible (conditions run for many rules).
+    fn operand<'a>(&mut self, o: &'a Operand, ctx: Ctx) -> Option<Cow<'a, str>>
+    where
+        's: 'a,
+    {
         match o {
-            Operand::Literal(l) => Some(l.clone()),
-            Operand::Var(v) => self.vars.get(v).cloned(),
+            Operand::Literal(l) => Some(Cow::Borrowed(l.as_str())),
+            Operand::Var(v) => {
+                let vars: &'s BTreeMap<String, String> = self.vars;
+                vars.get(v).map(|s| Cow::Borrowed(s.as_str()))
+            }
             Operand::Path(p) => {
                 let c = *self.resolve(ctx, p, false).first()?;
-                self.leaf_value(c).map(|v| v.trim().to_string())
+                match self.leaf_text(c)? {
+                    Cow::Borrowed(b) => Some(Cow::Borrowed(b.trim())),
+                    Cow::Owned(o) => Some(Cow::Owned(o.trim().to_string())),
+                }
             }
         }
+    }
+
+    /// Like `leaf_value`, but borrowing from the message rather than from the runner.
+    fn leaf_text(&mut self, c: Ctx) -> Option<Cow<'s, str>> {
+        if c.rep == 0 {
+            return None;
+        }
+        let comp = c.comp.max(1);
+        self.mark(c.seg, c.field, comp);
+        let src: &'s S = self.src;
+        let v = src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        has_text(&v).then_some(v)
     }
 
     fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
@@ -1012,13 +1034,17 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
     };
     let mut cur = obj;
     for s in inner {
-        let slot = cur.entry(s.name).or_insert_with(|| {
-            if s.many {
+        if !cur.contains_key(s.name) {
+            let empty = if s.many {
                 Value::Array(Vec::new())
             } else {
                 Value::Object(Map::new())
-            }
-        });
+            };
+            cur.insert(s.name.to_string(), empty);
+        }
+        let Some(slot) = cur.get_mut(s.name) else {
+            return;
+        };
         let next = if let Value::Array(a) = slot {
             if a.is_empty() {
                 a.push(Value::Object(Map::new()));
@@ -1033,11 +1059,12 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
         };
     }
     if last.many {
-        if let Value::Array(a) = cur
-            .entry(last.name)
-            .or_insert_with(|| Value::Array(Vec::new()))
-        {
-            a.push(v);
+        match cur.get_mut(last.name) {
+            Some(Value::Array(a)) => a.push(v),
+            Some(_) => {}
+            None => {
+                cur.insert(last.name.to_string(), Value::Array(vec![v]));
+            }
         }
     } else if !cur.contains_key(last.name) {
         cur.insert(last.name.into(), v);
