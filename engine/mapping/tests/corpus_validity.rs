@@ -44,7 +44,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
         .args(["-c", "import fhir.resources, sys; sys.exit(0 if fhir.resources.__version__ == '6.4.0' else 1)"])
         .status()
         .is_ok_and(|s| s.success())
-        && repo().join("scripts/node/node_modules/fhir").is_dir();
+        && repo().join("scripts/node_modules/fhir").is_dir();
     let set = MappingSet::load(&repo().join("mappings/hl7v2")).unwrap();
     let term = tributary_terminology::builtin();
     let out = tempfile::tempdir().unwrap();
@@ -100,7 +100,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
             !require(),
             "validators missing: run scripts/install-test-tools"
         );
-        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node/node_modules/fhir missing (scripts/install-test-tools)");
+        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-test-tools)");
         return;
     }
     let status = Command::new("python3")

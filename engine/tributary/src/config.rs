@@ -41,6 +41,18 @@ pub struct Config {
     pub journal: JournalConfig,
     /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
     pub mapping: tributary_pipeline::MappingConfig,
+    /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
+    pub facade: tributary_facade::FacadeConfig,
+    /// Outbox → Kafka relay; absent = off (see `tributary_kafka::KafkaConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<tributary_kafka::KafkaConfig>,
+    /// RabbitMQ sink and/or queue source; absent = off (see `tributary_amqp::AmqpConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<tributary_amqp::AmqpConfig>,
+    /// FHIR Subscriptions out (rest-hook) and in; absent = off
+    /// (see `tributary_subscriptions::SubscriptionsConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<tributary_subscriptions::SubscriptionsConfig>,
 }
 
 impl Default for Config {
@@ -53,6 +65,10 @@ impl Default for Config {
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
             mapping: tributary_pipeline::MappingConfig::default(),
+            facade: tributary_facade::FacadeConfig::default(),
+            kafka: None,
+            amqp: None,
+            subscriptions: None,
         }
     }
 }
@@ -96,20 +112,9 @@ impl Default for HttpConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MllpConfig {
-    /// Address of the default HL7 v2 MLLP listener; empty disables it.
-    pub listen: String,
-}
-
-impl Default for MllpConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:2575".into(),
-        }
-    }
-}
+/// The `[mllp]` section (HL7 v2 over MLLP): `listen` for the default listener, and
+/// `[[mllp.listeners]]` for more; every key is documented in `tributary_mllp::config`.
+pub use tributary_mllp::MllpConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -250,7 +255,11 @@ impl Config {
             ));
         }
         check_addr("http.listen", &self.http.listen, false)?;
-        check_addr("mllp.listen", &self.mllp.listen, true)?;
+        self.mllp.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         self.mapping.validate().map_err(|e| ConfigError::Invalid {
@@ -264,6 +273,23 @@ impl Config {
             "journal.retention.prune_interval_secs",
             self.journal.retention.prune_interval_secs,
         )?;
+        self.facade.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
+        if let Some(k) = &self.kafka {
+            k.validate()
+                .map_err(|e| invalid(&format!("kafka.{}", e.key), e.value, &e.allowed))?;
+        }
+        if let Some(a) = &self.amqp {
+            a.validate()
+                .map_err(|e| invalid(&format!("amqp.{}", e.key), e.value, &e.allowed))?;
+        }
+        if let Some(s) = &self.subscriptions {
+            s.validate()
+                .map_err(|e| invalid(&format!("subscriptions.{}", e.key), e.value, &e.allowed))?;
+        }
         Ok(())
     }
 }
@@ -355,6 +381,30 @@ mod tests {
     }
 
     #[test]
+    fn broker_sections_are_optional_and_validated() {
+        let c = load("", &[]).unwrap();
+        assert!(c.kafka.is_none() && c.amqp.is_none());
+        let c = load(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[amqp.sink]\nexchange = \"ev\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.unwrap().resource_topic, "fhir.r4.{resource_type}");
+        assert_eq!(c.amqp.unwrap().sink.unwrap().exchange, "ev");
+        let msg = load("[kafka]\nbrokers = \"nope\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("kafka.brokers") && msg.contains("host:port"),
+            "{msg}"
+        );
+        let msg = load("[amqp.source]\nprefetch = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("amqp.source.prefetch"), "{msg}");
+    }
+
+    #[test]
     fn environment_overrides_file() {
         let c = load(
             "[http]\nlisten = \"127.0.0.1:1\"\n",
@@ -373,5 +423,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn mllp_listeners_are_configured_and_checked() {
+        let c = load(
+            "[mllp]\nlisten = \"\"\n[[mllp.listeners]]\nname = \"lab\"\nlisten = \"127.0.0.1:2576\"\n[[mllp.listeners.partners]]\nid = \"general-lab\"\nsource_cidrs = [\"10.0.0.0/8\"]\n",
+            &[],
+        )
+        .unwrap();
+        let l = c.mllp.effective_listeners();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].partners[0].id, "general-lab");
+        let msg = load("[mllp]\nlisten = \"nowhere\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("mllp.listen") && msg.contains("IP:PORT"),
+            "{msg}"
+        );
+        let msg = load(
+            "[[mllp.listeners]]\nname = \"x\"\nack_after = \"later\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("later") && msg.contains("journal"), "{msg}");
     }
 }

@@ -3,7 +3,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_runtime::{ComponentStatus, Readiness, Runtime};
+use tributary_runtime::{ComponentStatus, Readiness, Runtime, Sink, Source};
 use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore, RetentionPolicy};
 
 /// Opens the data directory and builds the shared runtime.
@@ -62,11 +62,60 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
     }
 
+    // Egress relays and ingress adapters: one line each.
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    if let Some(k) = &config.kafka {
+        sinks.push(Box::new(tributary_kafka::KafkaSink::new(k.clone())?));
+    }
+    if let Some(a) = &config.amqp {
+        sinks.extend(tributary_amqp::AmqpEgress::new(a).map(|s| Box::new(s) as Box<dyn Sink>));
+        sources.extend(
+            tributary_amqp::AmqpIngress::new(a, &config.default_tenant)
+                .map(|s| Box::new(s) as Box<dyn Source>),
+        );
+    }
+    let mut extra_routes = axum::Router::new();
+    if let Some(s) = &config.subscriptions {
+        let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
+        extra_routes = extra_routes.merge(tributary_subscriptions::router(service.clone(), &rt));
+        sinks.push(Box::new(tributary_subscriptions::SubscriptionsSink::new(
+            service,
+        )));
+    }
+    for sink in sinks {
+        tracing::info!(sink = sink.name(), "starting sink");
+        tasks.spawn(sink.run(rt.clone()));
+    }
+    for source in sources {
+        tracing::info!(source = source.name(), "starting source");
+        tasks.spawn(source.run(rt.clone()));
+    }
+
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     tracing::info!(addr = %config.http.listen, "http listening");
-    let app = tributary_facade::app(tributary_facade::AppState { rt: rt.clone() });
+    let facade = tributary_facade::Facade::new(
+        config.facade.clone(),
+        &config.data_dir,
+        &config.default_tenant,
+    )
+    .context("setting up the FHIR facade")?;
+    let facade = std::sync::Arc::new(facade);
+    if !config.facade.auth.jwks_url.is_empty() {
+        // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
+        let f = facade.clone();
+        tokio::spawn(async move { f.auth.refresh_jwks().await });
+    }
+    let app = tributary_facade::app(tributary_facade::AppState {
+        rt: rt.clone(),
+        facade,
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(
+        config.http.max_body_bytes,
+    ))
+    .merge(extra_routes);
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
@@ -75,6 +124,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .context("http server")
     });
     rt.readiness.set("http", ComponentStatus::Ready);
+
+    // Ingress sources, one line per adapter.
+    for listener in config.mllp.effective_listeners() {
+        spawn_source(
+            &mut tasks,
+            &rt,
+            tributary_mllp::MllpSource::new(listener, &config.default_tenant),
+        );
+    }
 
     let shutdown = rt.shutdown.clone();
     tokio::select! {
@@ -96,6 +154,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     drop(rt);
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn spawn_source(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    rt: &Runtime,
+    source: impl tributary_runtime::Source,
+) {
+    let rt = rt.clone();
+    tasks.spawn(Box::new(source).run(rt));
 }
 
 async fn prune_loop(rt: Runtime, cfg: crate::config::RetentionConfig) -> anyhow::Result<()> {

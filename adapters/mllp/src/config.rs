@@ -1,0 +1,407 @@
+//! `[mllp]` configuration. The doc comments are the operator documentation.
+//!
+//! ```toml
+//! [mllp]
+//! listen = "127.0.0.1:2575"          # the default, open, plain-TCP listener ("" disables it)
+//!
+//! [[mllp.listeners]]                 # more listeners, each with its own policy
+//! name = "mllp-tls"
+//! listen = "0.0.0.0:2576"
+//! allow_unknown_partners = false
+//! [mllp.listeners.tls]
+//! cert = "/etc/tributary/mllp.crt"
+//! key = "/etc/tributary/mllp.key"
+//! client_ca = "/etc/tributary/partners-ca.crt"
+//! require_client_cert = true
+//! [[mllp.listeners.partners]]
+//! id = "general-lab"
+//! cert_names = ["lab.general.example"]
+//! max_messages_per_sec = 200
+//! ```
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid value for `{key}`: {value:?} — {allowed}")]
+pub struct MllpConfigError {
+    pub key: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+fn invalid(key: String, value: impl ToString, allowed: &str) -> MllpConfigError {
+    MllpConfigError {
+        key,
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+/// The `[mllp]` section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MllpConfig {
+    /// Address of the default HL7 v2 MLLP listener (plain TCP, open to any sender, which is
+    /// recorded as partner `anonymous`); empty disables it. For TLS, partners and rate limits,
+    /// declare `[[mllp.listeners]]`.
+    pub listen: String,
+    /// Additional listeners with their own TLS, partner and acknowledgment settings.
+    pub listeners: Vec<MllpListenerConfig>,
+}
+
+impl Default for MllpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:2575".into(),
+            listeners: Vec::new(),
+        }
+    }
+}
+
+impl MllpConfig {
+    /// Every listener to run: the default one (when `listen` is set) first.
+    pub fn effective_listeners(&self) -> Vec<MllpListenerConfig> {
+        let mut out = Vec::new();
+        if !self.listen.is_empty() {
+            out.push(MllpListenerConfig {
+                listen: self.listen.clone(),
+                ..MllpListenerConfig::default()
+            });
+        }
+        out.extend(self.listeners.iter().cloned());
+        out
+    }
+
+    pub fn validate(&self) -> Result<(), MllpConfigError> {
+        if !self.listen.is_empty() {
+            check_addr("mllp.listen", &self.listen)?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, l) in self.effective_listeners().iter().enumerate() {
+            let prefix = if !self.listen.is_empty() && i == 0 {
+                "mllp".to_string()
+            } else {
+                let idx = if self.listen.is_empty() { i } else { i - 1 };
+                format!("mllp.listeners[{idx}]")
+            };
+            l.validate(&prefix)?;
+            if !names.insert(l.name.clone()) {
+                return Err(invalid(
+                    format!("{prefix}.name"),
+                    &l.name,
+                    "listener names must be unique (the default listener is named `mllp`)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When the sender gets its acknowledgment.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AckAfter {
+    /// As soon as the message is durably in the journal (fsync'd). The default.
+    #[default]
+    Journal,
+    /// After the mapping pipeline processed it: `AA` when mapped, `AE` with an ERR segment
+    /// naming the failing field when mapping failed. Original acknowledgment mode only; in
+    /// enhanced mode the commit ACK (`CA`) is still sent after the journal write.
+    Mapped,
+}
+
+/// One MLLP listener.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MllpListenerConfig {
+    /// Name in logs, audit records and `/ready` (letters, digits, `-`, `_`).
+    pub name: String,
+    /// `IP:PORT` to listen on.
+    pub listen: String,
+    /// Tenant of messages received here, unless the partner names its own; default: the
+    /// top-level `default_tenant`.
+    pub tenant: Option<String>,
+    /// Largest accepted message (bytes between the MLLP start and end blocks). Larger frames are
+    /// answered `AR`/`CR` "frame exceeds N bytes" and discarded without being buffered.
+    pub max_frame_bytes: usize,
+    /// Most simultaneous connections; further connections are closed at once (and logged).
+    pub max_connections: usize,
+    /// A connection with no complete message for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Once a message's start block arrived, the whole message must arrive within this time
+    /// (protects against slow-drip clients). Also bounds the TLS handshake.
+    pub read_timeout_secs: u64,
+    /// An ACK that cannot be written within this time (the client does not read) closes the
+    /// connection. The message stays journaled; the sender will resend and be ACKed as duplicate.
+    pub write_timeout_secs: u64,
+    /// `journal` (default) or `mapped`: see [`AckAfter`].
+    pub ack_after: AckAfter,
+    /// With `ack_after = "mapped"`: how long to wait for the pipeline. When it takes longer,
+    /// the sender gets `AA` with MSA-3 "stored; mapping pending" (the message is safe).
+    pub mapped_timeout_secs: u64,
+    /// When true, a sender matching no partner is accepted as `default_partner`. When false, it
+    /// gets `AR`/`CR` "unknown partner", an audit record, its bytes journaled as rejected, and
+    /// the connection is closed.
+    pub allow_unknown_partners: bool,
+    /// Partner id recorded for senders matching no partner when `allow_unknown_partners`.
+    pub default_partner: String,
+    /// Honour MSH-15 `NE`/`ER`/`SU` literally and send no commit ACK where it says so. Off by
+    /// default: most MLLP senders block until they get a reply, so a commit ACK is always sent.
+    pub follow_msh15: bool,
+    /// Write one PHI-free audit record per accepted message (refusals are always audited). It
+    /// shares the journal's fsync.
+    pub audit_accepted: bool,
+    /// TLS for this listener; absent means plain TCP (loopback or VPN use).
+    pub tls: Option<MllpTlsConfig>,
+    /// The partners allowed to send here.
+    pub partners: Vec<PartnerConfig>,
+}
+
+impl Default for MllpListenerConfig {
+    fn default() -> Self {
+        Self {
+            name: "mllp".into(),
+            listen: "127.0.0.1:2575".into(),
+            tenant: None,
+            max_frame_bytes: crate::codec::DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            idle_timeout_secs: 600,
+            read_timeout_secs: 60,
+            write_timeout_secs: 30,
+            ack_after: AckAfter::Journal,
+            mapped_timeout_secs: 30,
+            allow_unknown_partners: true,
+            default_partner: "anonymous".into(),
+            follow_msh15: false,
+            audit_accepted: true,
+            tls: None,
+            partners: Vec::new(),
+        }
+    }
+}
+
+/// TLS settings of a listener (rustls; TLS 1.2 and 1.3 only).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MllpTlsConfig {
+    /// PEM certificate chain of the listener.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of CAs that issue partner client certificates. Needed for mTLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse connections without a valid client certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the certificate, key and CA files are checked for changes and reloaded
+    /// (no restart needed). 0 disables reloading.
+    #[serde(default = "default_reload")]
+    pub reload_interval_secs: u64,
+}
+
+fn default_reload() -> u64 {
+    30
+}
+
+/// A sending system allowed on a listener.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartnerConfig {
+    /// Partner id: recorded on every message, part of the de-duplication key.
+    pub id: String,
+    /// Tenant of this partner's messages; default: the listener's tenant.
+    pub tenant: Option<String>,
+    /// Matches a TLS client certificate whose subject CN or any DNS/email/URI SAN equals one of
+    /// these (case-insensitive).
+    pub cert_names: Vec<String>,
+    /// Matches connections from these address ranges (`10.1.0.0/16`, `192.0.2.7/32`).
+    pub source_cidrs: Vec<String>,
+    /// Messages per second this partner may send (across all its connections); excess messages
+    /// get `AR`/`CE` "rate limited, retry". Absent: no limit.
+    pub max_messages_per_sec: Option<f64>,
+    /// Burst allowance above the rate; default: one second's worth.
+    pub burst: Option<u32>,
+}
+
+fn check_addr(key: &str, value: &str) -> Result<(), MllpConfigError> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| invalid(key.into(), value, "expected IP:PORT, e.g. 127.0.0.1:2575"))
+}
+
+fn check_name(key: String, value: &str) -> Result<(), MllpConfigError> {
+    if value.is_empty()
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(invalid(key, value, "letters, digits, -, _ and ."));
+    }
+    Ok(())
+}
+
+impl MllpListenerConfig {
+    /// Checks every value without I/O; `prefix` is the key path used in errors.
+    pub fn validate(&self, prefix: &str) -> Result<(), MllpConfigError> {
+        check_name(format!("{prefix}.name"), &self.name)?;
+        check_addr(&format!("{prefix}.listen"), &self.listen)?;
+        if let Some(t) = &self.tenant {
+            check_name(format!("{prefix}.tenant"), t)?;
+        }
+        for (key, v) in [
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_connections", self.max_connections as u64),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("read_timeout_secs", self.read_timeout_secs),
+            ("write_timeout_secs", self.write_timeout_secs),
+            ("mapped_timeout_secs", self.mapped_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    format!("{prefix}.{key}"),
+                    v,
+                    "must be greater than 0",
+                ));
+            }
+        }
+        if self.max_frame_bytes < 64 || self.max_frame_bytes > 1 << 30 {
+            return Err(invalid(
+                format!("{prefix}.max_frame_bytes"),
+                self.max_frame_bytes,
+                "between 64 and 1073741824 bytes",
+            ));
+        }
+        check_name(format!("{prefix}.default_partner"), &self.default_partner)?;
+        if let Some(tls) = &self.tls {
+            if tls.require_client_cert && tls.client_ca.is_none() {
+                return Err(invalid(
+                    format!("{prefix}.tls.client_ca"),
+                    "",
+                    "a CA bundle path is required when require_client_cert = true",
+                ));
+            }
+        }
+        if !self.allow_unknown_partners && self.partners.is_empty() {
+            return Err(invalid(
+                format!("{prefix}.partners"),
+                "[]",
+                "at least one partner when allow_unknown_partners = false",
+            ));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, p) in self.partners.iter().enumerate() {
+            let pk = format!("{prefix}.partners[{i}]");
+            check_name(format!("{pk}.id"), &p.id)?;
+            if !ids.insert(&p.id) {
+                return Err(invalid(
+                    format!("{pk}.id"),
+                    &p.id,
+                    "partner ids must be unique",
+                ));
+            }
+            if let Some(t) = &p.tenant {
+                check_name(format!("{pk}.tenant"), t)?;
+            }
+            if p.cert_names.is_empty() && p.source_cidrs.is_empty() {
+                return Err(invalid(
+                    format!("{pk}.cert_names"),
+                    "[]",
+                    "a partner needs cert_names or source_cidrs to be recognised",
+                ));
+            }
+            if !p.cert_names.is_empty() && self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                return Err(invalid(
+                    format!("{pk}.cert_names"),
+                    p.cert_names.join(","),
+                    "matching by certificate needs tls.client_ca on this listener",
+                ));
+            }
+            for c in &p.source_cidrs {
+                c.parse::<IpNet>().map_err(|_| {
+                    invalid(
+                        format!("{pk}.source_cidrs"),
+                        c,
+                        "an address range such as 10.0.0.0/8 or 192.0.2.7/32",
+                    )
+                })?;
+            }
+            if let Some(r) = p.max_messages_per_sec {
+                if !(r.is_finite() && r > 0.0) {
+                    return Err(invalid(
+                        format!("{pk}.max_messages_per_sec"),
+                        r,
+                        "a positive number",
+                    ));
+                }
+            }
+            if p.burst == Some(0) {
+                return Err(invalid(format!("{pk}.burst"), 0, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_one_open_listener() {
+        let c = MllpConfig::default();
+        c.validate().unwrap();
+        let l = c.effective_listeners();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].name, "mllp");
+        assert!(l[0].allow_unknown_partners);
+    }
+
+    #[test]
+    fn errors_name_key_value_and_allowed() {
+        let mut c = MllpConfig::default();
+        c.listeners.push(MllpListenerConfig {
+            name: "tls".into(),
+            listen: "127.0.0.1:1".into(),
+            partners: vec![PartnerConfig {
+                id: "lab".into(),
+                source_cidrs: vec!["10.0.0.0/33".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "mllp.listeners[0].partners[0].source_cidrs");
+        assert_eq!(e.value, "10.0.0.0/33");
+        c.listeners[0].partners[0].source_cidrs = vec!["10.0.0.0/8".into()];
+        c.validate().unwrap();
+        c.listeners[0].name = "mllp".into();
+        assert_eq!(c.validate().unwrap_err().key, "mllp.listeners[0].name");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<MllpListenerConfig>("lisen = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("lisen"));
+    }
+
+    #[test]
+    fn cert_partners_need_a_client_ca() {
+        let l = MllpListenerConfig {
+            partners: vec![PartnerConfig {
+                id: "lab".into(),
+                cert_names: vec!["lab.example".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            l.validate("mllp").unwrap_err().key,
+            "mllp.partners[0].cert_names"
+        );
+    }
+}

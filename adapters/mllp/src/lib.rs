@@ -1,0 +1,25 @@
+//! HL7 v2 over MLLP for Tributary.
+//!
+//! - [`codec`]: the MLLP framing codec (bounded, tolerant of junk between frames);
+//! - [`header`]: reading the MSH (and splitting batches) on raw bytes, enough to acknowledge;
+//! - [`ack`]: original/enhanced-mode ACKs, ERR segments, batch ACKs;
+//! - [`source`]: the listener (store-before-ACK, partners, rate limits, timeouts);
+//! - [`tls`]: rustls server/client setup with certificate reload;
+//! - [`partners`]: partner identification and rate limiting;
+//! - [`sink`]: the outbound MLLP client (persistent connection, wait for ACK, retry, TLS);
+//! - [`bench`]: the load generator behind `tributary bench mllp`.
+
+pub mod ack;
+pub mod codec;
+pub mod config;
+pub mod header;
+pub mod partners;
+pub mod sink;
+pub mod source;
+pub mod tls;
+
+pub use config::{AckAfter, MllpConfig, MllpListenerConfig, MllpTlsConfig, PartnerConfig};
+pub use source::{
+    ApplicationAck, ApplicationOutcome, JournalStateAck, ListenerContext, MllpError, MllpListener,
+    MllpSource,
+};

@@ -1,0 +1,1038 @@
+//! The MLLP listener: accept, identify the partner, read frames, journal, acknowledge.
+//!
+//! Per connection, messages are handled one at a time: the next frame is not read until the
+//! previous message is durable and its ACK written. That is the backpressure — when the journal
+//! lags, reads stop and TCP flow control slows the sender; nothing is buffered beyond one frame
+//! (bounded by `max_frame_bytes`). Timeouts bound every wait: idle between messages, read once a
+//! frame started (slow-drip clients), write of the ACK (clients that never read).
+//!
+//! Logs and audit records carry the listener, partner, remote address, message id, message type
+//! and outcome — never payload bytes, patient data or identifiers.
+
+use crate::ack::{self, AckError, Outcome};
+use crate::codec::{MllpCodec, MllpFrame};
+use crate::config::{AckAfter, MllpListenerConfig};
+use crate::header::{self, ascii_lossy, Header};
+use crate::partners::{Partner, Partners, PeerIdentity};
+use crate::tls::{ReloadingAcceptor, TlsError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tributary_core::{Envelope, MessageId, Protocol, StateKind};
+use tributary_runtime::{ComponentStatus, Runtime, Source};
+use tributary_storage::{AuditLog, Journal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MllpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("listener {listener}: {source}")]
+    Tls { listener: String, source: TlsError },
+}
+
+/// What the mapping pipeline reports for `ack_after = "mapped"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplicationOutcome {
+    /// Mapped (or further along).
+    Processed,
+    /// Mapping failed; `field` is the source field at fault (`PID-3`) when known.
+    Failed {
+        reason: String,
+        field: Option<String>,
+    },
+    /// Not finished within the wait; the message is stored and will be processed.
+    Pending,
+}
+
+/// The hook the pipeline provides so the listener can send application ACKs after mapping.
+#[async_trait]
+pub trait ApplicationAck: Send + Sync + 'static {
+    async fn wait_processed(&self, id: MessageId, timeout: Duration) -> ApplicationOutcome;
+}
+
+/// Default [`ApplicationAck`]: watches the message's journal state until the pipeline moves it
+/// to mapped/committed/delivered (→ processed) or failed/rejected (→ failed).
+pub struct JournalStateAck {
+    journal: Arc<dyn Journal>,
+    poll: Duration,
+}
+
+impl JournalStateAck {
+    pub fn new(journal: Arc<dyn Journal>) -> Self {
+        Self {
+            journal,
+            poll: Duration::from_millis(20),
+        }
+    }
+}
+
+/// First `SEG-n` token in a text (a mapping error's source path), e.g. `PID-3`.
+pub fn field_in(reason: &str) -> Option<String> {
+    reason
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+        .find_map(|tok| {
+            let (seg, rest) = tok.split_once(['-', '.'])?;
+            let num: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            (seg.len() == 3
+                && seg.chars().next()?.is_ascii_uppercase()
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+                && !num.is_empty())
+            .then(|| format!("{seg}-{num}"))
+        })
+}
+
+#[async_trait]
+impl ApplicationAck for JournalStateAck {
+    async fn wait_processed(&self, id: MessageId, timeout: Duration) -> ApplicationOutcome {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(rec)) = self.journal.get(id) {
+                match rec.state.state.kind() {
+                    StateKind::Mapped | StateKind::Committed | StateKind::Delivered => {
+                        return ApplicationOutcome::Processed
+                    }
+                    StateKind::Failed | StateKind::Rejected => {
+                        let reason = rec.state.state.reason().unwrap_or("").to_string();
+                        return ApplicationOutcome::Failed {
+                            field: field_in(&reason),
+                            reason,
+                        };
+                    }
+                    StateKind::Received => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return ApplicationOutcome::Pending;
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+/// Storage handles the listener writes to.
+#[derive(Clone)]
+pub struct ListenerContext {
+    pub journal: Arc<dyn Journal>,
+    pub audit: AuditLog,
+    /// Used with `ack_after = "mapped"`; default: [`JournalStateAck`].
+    pub app_ack: Option<Arc<dyn ApplicationAck>>,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+struct Shared {
+    cfg: MllpListenerConfig,
+    tenant: String,
+    partners: Partners,
+    journal: Arc<dyn Journal>,
+    audit: AuditLog,
+    app_ack: Arc<dyn ApplicationAck>,
+    tls: Option<ReloadingAcceptor>,
+    stats: Arc<ListenerStats>,
+    shutdown: CancellationToken,
+}
+
+/// A bound MLLP listener, ready to [`run`](MllpListener::run).
+pub struct MllpListener {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl MllpListener {
+    /// Binds the address and loads TLS material. `default_tenant` applies unless the listener or
+    /// a partner names another.
+    pub async fn bind(
+        cfg: MllpListenerConfig,
+        default_tenant: &str,
+        ctx: ListenerContext,
+    ) -> Result<Self, MllpError> {
+        // Many connections need many descriptors; raise the soft limit to the hard one.
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let tls = match &cfg.tls {
+            Some(t) => {
+                Some(
+                    ReloadingAcceptor::new(t.clone()).map_err(|source| MllpError::Tls {
+                        listener: cfg.name.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let listener = TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| MllpError::Bind {
+                addr: cfg.listen.clone(),
+                source,
+            })?;
+        let tenant = cfg.tenant.clone().unwrap_or_else(|| default_tenant.into());
+        let partners = Partners::new(&cfg, &tenant);
+        let app_ack = ctx
+            .app_ack
+            .unwrap_or_else(|| Arc::new(JournalStateAck::new(ctx.journal.clone())));
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                cfg,
+                tenant,
+                partners,
+                journal: ctx.journal,
+                audit: ctx.audit,
+                app_ack,
+                tls,
+                stats: Arc::default(),
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn stats(&self) -> Arc<ListenerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Forces a TLS reload now (tests, SIGHUP handlers).
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.shared.tls {
+            Some(t) => t.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Accepts connections until `shutdown` is cancelled, then lets connections finish the
+    /// message in hand (up to 10 s).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let shared = self.shared;
+        let name = shared.cfg.name.clone();
+        let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
+        let tracker = TaskTracker::new();
+        if let Some(tls) = shared.tls.clone() {
+            if let Some(every) = tls.reload_interval() {
+                let stop = shutdown.clone();
+                let listener = name.clone();
+                tracker.spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tick.tick() => {}
+                        }
+                        match tls.reload_if_changed() {
+                            Ok(true) => tracing::info!(listener, "TLS certificate reloaded"),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(listener, error = %e, "TLS reload failed; keeping the previous certificate"),
+                        }
+                    }
+                });
+            }
+        }
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(listener = %name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                shared
+                    .stats
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %name, remote = %addr, max = shared.cfg.max_connections, "connection limit reached; closing new connection");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let shared = shared.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                shared
+                    .stats
+                    .connections_open
+                    .fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .connections_total
+                    .fetch_add(1, Ordering::Relaxed);
+                accept_connection(&shared, tcp, addr, stop).await;
+                shared
+                    .stats
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+        shared.shutdown.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(listener = %name, "connections still open after 10 s; closing");
+        }
+    }
+}
+
+async fn accept_connection(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    stop: CancellationToken,
+) {
+    let listener = shared.cfg.name.as_str();
+    let mut identity = PeerIdentity {
+        addr: Some(addr.ip()),
+        cert_names: Vec::new(),
+    };
+    match &shared.tls {
+        None => serve_connection(shared, tcp, addr, identity, stop).await,
+        Some(tls) => {
+            let acceptor = tls.acceptor();
+            let handshake = tokio::time::timeout(
+                Duration::from_secs(shared.cfg.read_timeout_secs),
+                acceptor.accept(tcp),
+            )
+            .await;
+            match handshake {
+                Ok(Ok(stream)) => {
+                    if let Some(cert) = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                    {
+                        identity.cert_names = crate::tls::cert_names(cert);
+                    }
+                    serve_connection(shared, stream, addr, identity, stop).await
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(listener, remote = %addr, error = %e, "TLS handshake failed")
+                }
+                Err(_) => {
+                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(listener, remote = %addr, "TLS handshake timed out")
+                }
+            }
+        }
+    }
+}
+
+/// What to do after a frame.
+struct Reply {
+    ack: Option<Vec<u8>>,
+    close: bool,
+}
+
+async fn serve_connection<S>(
+    shared: &Arc<Shared>,
+    stream: S,
+    addr: SocketAddr,
+    identity: PeerIdentity,
+    stop: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.cfg;
+    let listener = cfg.name.as_str();
+    let partner = shared.partners.identify(&identity);
+    match &partner {
+        Some(p) => {
+            tracing::debug!(listener, remote = %addr, partner = %p.id, matched_by = p.matched_by, "connection opened")
+        }
+        None => {
+            tracing::warn!(listener, remote = %addr, "unknown partner; refusing its messages");
+            audit(shared, None, &addr, Outcome::UnknownPartner, None, None).await;
+        }
+    }
+    let mut framed = Framed::with_capacity(stream, MllpCodec::new(cfg.max_frame_bytes), 16 * 1024);
+    let idle = Duration::from_secs(cfg.idle_timeout_secs);
+    let read = Duration::from_secs(cfg.read_timeout_secs);
+    let write = Duration::from_secs(cfg.write_timeout_secs);
+    let check = read.min(Duration::from_secs(1));
+    let mut idle_deadline = Instant::now() + idle;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            f = framed.next() => f,
+            _ = tokio::time::sleep(check) => {
+                let now = Instant::now();
+                let slow = framed.codec().frame_started().is_some_and(|t| now >= t + read);
+                if slow || (framed.codec().frame_started().is_none() && now >= idle_deadline) {
+                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    let kind = if slow { "read timeout (message incomplete)" } else { "idle timeout" };
+                    tracing::info!(listener, remote = %addr, timeout = kind, "closing connection");
+                    break;
+                }
+                continue;
+            }
+        };
+        let frame = match frame {
+            None => break,
+            Some(Err(e)) => {
+                tracing::debug!(listener, remote = %addr, error = %e, "connection read failed");
+                break;
+            }
+            Some(Ok(f)) => f,
+        };
+        let reply = match frame {
+            MllpFrame::Message(payload) => {
+                handle_payload(shared, partner.as_ref(), &addr, payload).await
+            }
+            MllpFrame::Oversized { head, limit } => {
+                handle_oversized(shared, partner.as_ref(), &addr, head, limit).await
+            }
+        };
+        if let Some(ack) = reply.ack {
+            match tokio::time::timeout(write, framed.send(ack)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(listener, remote = %addr, error = %e, "ACK write failed");
+                    break;
+                }
+                Err(_) => {
+                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(listener, remote = %addr, "client does not read its ACKs; closing (messages are journaled)");
+                    break;
+                }
+            }
+        }
+        if reply.close {
+            break;
+        }
+        idle_deadline = Instant::now() + idle;
+    }
+    let junk = framed.codec().junk_bytes();
+    if junk > 0 {
+        tracing::info!(listener, remote = %addr, junk_bytes = junk, abandoned_frames = framed.codec().abandoned_frames(), "bytes outside MLLP frames were discarded");
+    }
+    tracing::debug!(listener, remote = %addr, "connection closed");
+}
+
+async fn audit(
+    shared: &Shared,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    outcome: Outcome,
+    id: Option<MessageId>,
+    message_type: Option<&str>,
+) {
+    let body = audit_body(shared, partner, addr, outcome, id, message_type);
+    if let Err(e) = shared.audit.append(vec![body]).await {
+        tracing::error!(listener = %shared.cfg.name, error = %e, "audit write failed");
+    }
+}
+
+fn audit_body(
+    shared: &Shared,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    outcome: Outcome,
+    id: Option<MessageId>,
+    message_type: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "ingress",
+        "protocol": "hl7v2-mllp",
+        "at": tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
+        "listener": shared.cfg.name,
+        "tenant": partner.map_or(shared.tenant.as_str(), |p| p.tenant.as_str()),
+        "partner": partner.map(|p| p.id.as_str()),
+        "remote_addr": addr.ip().to_string(),
+        "outcome": outcome.as_str(),
+        "message_id": id.map(|i| i.to_string()),
+        "message_type": message_type,
+    })
+}
+
+fn enhanced(h: Option<&Header<'_>>) -> bool {
+    h.is_some_and(|h| h.enhanced_mode())
+}
+
+fn reply_for(
+    shared: &Shared,
+    h: Option<&Header<'_>>,
+    outcome: Outcome,
+    err: Option<&AckError>,
+) -> Option<Vec<u8>> {
+    let code = outcome.code(enhanced(h));
+    (!shared.cfg.follow_msh15 || ack::should_send(h, code)).then(|| ack::build_ack(h, code, err))
+}
+
+fn message_type_of(h: &Header<'_>) -> String {
+    let mut t = ascii_lossy(h.message_code(), 8);
+    if !h.trigger_event().is_empty() {
+        t.push('^');
+        t.push_str(&ascii_lossy(h.trigger_event(), 8));
+    }
+    t
+}
+
+async fn handle_payload(
+    shared: &Arc<Shared>,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    payload: Bytes,
+) -> Reply {
+    let Some(partner) = partner else {
+        return refuse_unknown(shared, addr, payload).await;
+    };
+    if header::is_batch(&payload) {
+        return handle_batch(shared, partner, addr, payload).await;
+    }
+    let (ack, _) = handle_message(shared, partner, addr, payload, None).await;
+    Reply { ack, close: false }
+}
+
+async fn refuse_unknown(shared: &Arc<Shared>, addr: &SocketAddr, payload: Bytes) -> Reply {
+    let h = Header::read(&payload).ok();
+    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
+        .tenant(shared.tenant.clone())
+        .partner("unknown")
+        .meta("listener", shared.cfg.name.clone())
+        .meta("remote_addr", addr.ip().to_string());
+    if let Some(h) = &h {
+        env = add_header_meta(env, h);
+    }
+    let env = env.build();
+    let id = env.id;
+    let reason = format!("unknown partner on listener {}", shared.cfg.name);
+    if let Err(e) = shared.journal.append_rejected(env, reason).await {
+        tracing::error!(listener = %shared.cfg.name, error = %e, "journal write of a refused message failed");
+    }
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let mt = h.as_ref().map(message_type_of);
+    audit(
+        shared,
+        None,
+        addr,
+        Outcome::UnknownPartner,
+        Some(id),
+        mt.as_deref(),
+    )
+    .await;
+    tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, "message from unknown partner refused");
+    let err = AckError::new(
+        ("207", "Application internal error"),
+        "unknown partner: this sender is not configured on this listener",
+    );
+    Reply {
+        ack: Some(ack::build_ack(
+            h.as_ref(),
+            Outcome::UnknownPartner.code(enhanced(h.as_ref())),
+            Some(&err),
+        )),
+        close: true,
+    }
+}
+
+async fn handle_oversized(
+    shared: &Arc<Shared>,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    head: Bytes,
+    limit: usize,
+) -> Reply {
+    let h = Header::read(&head).ok();
+    let reason = format!(
+        "frame exceeds max_frame_bytes ({limit} bytes); first {} bytes kept",
+        head.len()
+    );
+    let mut env = Envelope::builder(Protocol::Hl7v2, head.clone())
+        .tenant(partner.map_or(shared.tenant.clone(), |p| p.tenant.clone()))
+        .partner(partner.map_or("unknown".to_string(), |p| p.id.clone()))
+        .meta("listener", shared.cfg.name.clone())
+        .meta("truncated", "true");
+    if let Some(h) = &h {
+        env = add_header_meta(env, h);
+    }
+    let env = env.build();
+    let id = env.id;
+    if let Err(e) = shared.journal.append_rejected(env, reason.clone()).await {
+        tracing::error!(listener = %shared.cfg.name, error = %e, "journal write of a rejected message failed");
+    }
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let mt = h.as_ref().map(message_type_of);
+    audit(
+        shared,
+        partner,
+        addr,
+        Outcome::Oversized,
+        Some(id),
+        mt.as_deref(),
+    )
+    .await;
+    tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, limit, "oversized frame rejected");
+    let err = AckError::new(
+        ("207", "Application internal error"),
+        format!("frame exceeds {limit} bytes"),
+    );
+    Reply {
+        ack: reply_for(shared, h.as_ref(), Outcome::Oversized, Some(&err)),
+        close: partner.is_none(),
+    }
+}
+
+fn add_header_meta(
+    mut env: tributary_core::EnvelopeBuilder,
+    h: &Header<'_>,
+) -> tributary_core::EnvelopeBuilder {
+    for (k, v) in [
+        ("message_type", h.message_code()),
+        ("trigger_event", h.trigger_event()),
+        ("message_structure", h.message_structure()),
+        ("version", h.version()),
+        ("control_id", h.control_id()),
+        ("processing_id", h.processing_id()),
+        ("charset", h.charset()),
+    ] {
+        if !v.is_empty() {
+            env = env.meta(k, ascii_lossy(v, 64));
+        }
+    }
+    env
+}
+
+/// `partner/p:<hash of PID-3 id + assigning authority>`, or `partner` when there is no PID-3:
+/// one patient's messages stay in order, and the key carries no identifier in clear.
+pub fn ordering_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
+    let d = h.delims;
+    for seg in header::segments(payload) {
+        let s = &payload[seg];
+        if s.len() > 4 && &s[..3] == b"PID" && s[3] == d.field {
+            let pid3 = s.split(|b| *b == d.field).nth(3).unwrap_or(&[]);
+            let first = pid3.split(|b| *b == d.repetition).next().unwrap_or(&[]);
+            let mut comps = first.split(|b| *b == d.component);
+            let id = comps.next().unwrap_or(&[]);
+            let authority = comps.nth(2).unwrap_or(&[]);
+            if id.is_empty() {
+                break;
+            }
+            let mut hasher = Sha256::new();
+            hasher.update(id);
+            hasher.update([0u8]);
+            hasher.update(authority);
+            let digest = hasher.finalize();
+            return format!("{partner}/p:{}", hex::encode(&digest[..8]));
+        }
+    }
+    partner.to_string()
+}
+
+/// `partner/MSH-10/<hash of everything after MSH>`: a resend (even with a regenerated MSH-7) is
+/// a duplicate; a different message that reuses a control id is not.
+pub fn dedup_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
+    let body = &payload[h.msh.end.min(payload.len())..];
+    let digest = Sha256::digest(body);
+    format!(
+        "{partner}/{}/{}",
+        ascii_lossy(h.control_id(), 64),
+        hex::encode(&digest[..8])
+    )
+}
+
+/// Why a message cannot be accepted: its header lacks what an ACK needs, or it does not parse.
+#[derive(Debug)]
+enum Rejection {
+    Header(header::HeaderError),
+    Parse(tributary_hl7v2::ParseError),
+}
+
+impl From<header::HeaderError> for Rejection {
+    fn from(e: header::HeaderError) -> Self {
+        Rejection::Header(e)
+    }
+}
+
+impl From<tributary_hl7v2::ParseError> for Rejection {
+    fn from(e: tributary_hl7v2::ParseError) -> Self {
+        Rejection::Parse(e)
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Header(e) => e.fmt(f),
+            Rejection::Parse(e) => e.fmt(f),
+        }
+    }
+}
+
+impl Rejection {
+    fn hl7_code(&self) -> (&'static str, &'static str) {
+        use tributary_hl7v2::ParseErrorKind as K;
+        match self {
+            Rejection::Header(e) => e.hl7_code(),
+            Rejection::Parse(p) => match p.kind {
+                K::Empty | K::MissingMsh { .. } | K::BadSegmentName => {
+                    ("100", "Segment sequence error")
+                }
+                K::BadDelimiters(_) | K::InvalidEncoding { .. } => ("102", "Data type error"),
+                K::UnsupportedCharset(_) => ("103", "Table value not found"),
+            },
+        }
+    }
+
+    fn location(&self) -> Option<(&'static str, u32)> {
+        use tributary_hl7v2::ParseErrorKind as K;
+        match self {
+            Rejection::Header(e) => e.location(),
+            Rejection::Parse(p) => match p.kind {
+                K::UnsupportedCharset(_) => Some(("MSH", 18)),
+                K::BadDelimiters(_) => Some(("MSH", 2)),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Journals one message and builds its ACK. Returns the ACK (None when MSH-15 says not to send
+/// one) and the outcome.
+async fn handle_message(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+    batch_id: Option<&str>,
+) -> (Option<Vec<u8>>, Outcome) {
+    let cfg = &shared.cfg;
+    let listener = cfg.name.as_str();
+    let parsed = Header::read(&payload)
+        .and_then(|h| h.require_ackable().map(|_| h))
+        .map_err(Rejection::from)
+        .and_then(|h| {
+            // The full parse decides: charset per MSH-18, delimiters, segment structure.
+            tributary_hl7v2::Message::parse(&payload)
+                .map(|_| h)
+                .map_err(Rejection::from)
+        });
+    let h = match parsed {
+        Ok(h) => h,
+        Err(e) => {
+            let partial = Header::read(&payload).ok();
+            let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
+                .tenant(partner.tenant.clone())
+                .partner(partner.id.clone())
+                .meta("listener", listener.to_string());
+            if let Some(h) = &partial {
+                env = add_header_meta(env, h);
+            }
+            let env = env.build();
+            let id = env.id;
+            let reason = format!("cannot acknowledge: {e}");
+            if let Err(se) = shared.journal.append_rejected(env, reason).await {
+                tracing::error!(listener, error = %se, "journal write of a rejected message failed");
+            }
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            let mt = partial.as_ref().map(message_type_of);
+            audit(
+                shared,
+                Some(partner),
+                addr,
+                Outcome::Unparseable,
+                Some(id),
+                mt.as_deref(),
+            )
+            .await;
+            tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "message rejected");
+            let mut err = AckError::new(e.hl7_code(), e.to_string());
+            if let Some((seg, n)) = e.location() {
+                err = err.at(seg, n);
+            }
+            return (
+                reply_for(shared, partial.as_ref(), Outcome::Unparseable, Some(&err)),
+                Outcome::Unparseable,
+            );
+        }
+    };
+    let mt = message_type_of(&h);
+    if !partner.admit() {
+        shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        audit(
+            shared,
+            Some(partner),
+            addr,
+            Outcome::RateLimited,
+            None,
+            Some(&mt),
+        )
+        .await;
+        tracing::info!(listener, partner = %partner.id, message_type = %mt, "rate limited");
+        let err = AckError::new(("207", "Application internal error"), "rate limited, retry");
+        return (
+            reply_for(shared, Some(&h), Outcome::RateLimited, Some(&err)),
+            Outcome::RateLimited,
+        );
+    }
+    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
+        .tenant(partner.tenant.clone())
+        .partner(partner.id.clone())
+        .ordering_key(ordering_key(&partner.id, &payload, &h))
+        .dedup_key(dedup_key(&partner.id, &payload, &h))
+        .meta("listener", listener.to_string());
+    env = add_header_meta(env, &h);
+    if let Some(b) = batch_id {
+        env = env.meta("batch_control_id", b.to_string());
+    }
+    let env = env.build();
+    let new_id = env.id;
+    let stored = if cfg.audit_accepted {
+        let body = audit_body(
+            shared,
+            Some(partner),
+            addr,
+            Outcome::Accepted,
+            Some(new_id),
+            Some(&mt),
+        );
+        let (j, a) = tokio::join!(shared.journal.append(env), shared.audit.append(vec![body]));
+        if let Err(e) = a {
+            tracing::error!(listener, error = %e, "audit write failed");
+        }
+        j
+    } else {
+        shared.journal.append(env).await
+    };
+    let receipt = match stored {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(listener, partner = %partner.id, message_type = %mt, error = %e, "journal write failed; NAK sent");
+            let err = AckError::new(
+                ("207", "Application internal error"),
+                "message could not be stored, retry",
+            );
+            return (
+                reply_for(shared, Some(&h), Outcome::StorageUnavailable, Some(&err)),
+                Outcome::StorageUnavailable,
+            );
+        }
+    };
+    let mut outcome = if receipt.duplicate {
+        shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(listener, partner = %partner.id, message_id = %receipt.id, message_type = %mt, "duplicate acknowledged again");
+        Outcome::Duplicate
+    } else {
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(listener, partner = %partner.id, message_id = %receipt.id, message_type = %mt, "message journaled");
+        Outcome::Accepted
+    };
+    let mut err = None;
+    if cfg.ack_after == AckAfter::Mapped && !h.enhanced_mode() {
+        match shared
+            .app_ack
+            .wait_processed(receipt.id, Duration::from_secs(cfg.mapped_timeout_secs))
+            .await
+        {
+            ApplicationOutcome::Processed => {}
+            ApplicationOutcome::Pending => {
+                tracing::info!(listener, message_id = %receipt.id, "mapping still pending at ACK time; AA sent (message is stored)");
+            }
+            ApplicationOutcome::Failed { reason, field } => {
+                outcome = Outcome::ApplicationError;
+                let mut e = AckError::new(
+                    ("207", "Application internal error"),
+                    format!("mapping failed: {reason}"),
+                );
+                if let Some((seg, n)) = field
+                    .as_deref()
+                    .and_then(|f| f.split_once('-'))
+                    .and_then(|(s, n)| Some((s.to_string(), n.parse::<u32>().ok()?)))
+                {
+                    e = e.at(&seg, n);
+                }
+                tracing::info!(listener, message_id = %receipt.id, "mapping failed; AE sent");
+                err = Some(e);
+            }
+        }
+    }
+    (reply_for(shared, Some(&h), outcome, err.as_ref()), outcome)
+}
+
+async fn handle_batch(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+) -> Reply {
+    let batch = header::split_batch(&payload);
+    let batch_id = batch
+        .bhs
+        .clone()
+        .or(batch.fhs.clone())
+        .and_then(|r| Header::read_segment(&payload, r).ok())
+        .map(|h| ascii_lossy(h.control_id(), 64))
+        .filter(|s| !s.is_empty());
+    if batch.messages.is_empty() {
+        // A batch envelope with no message in it: nothing to store but the envelope itself.
+        let (ack, _) = handle_message(shared, partner, addr, payload, None).await;
+        return Reply { ack, close: false };
+    }
+    let results: Vec<(Option<Vec<u8>>, Outcome)> = futures::stream::iter(batch.messages.clone())
+        .map(|r| {
+            let msg = payload.slice(r);
+            let batch_id = batch_id.clone();
+            async move { handle_message(shared, partner, addr, msg, batch_id.as_deref()).await }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    let acks: Vec<Vec<u8>> = results
+        .iter()
+        .enumerate()
+        .map(|(i, (ack, outcome))| match ack {
+            Some(a) => a.clone(),
+            // MSH-15 said not to ACK this one individually; the batch ACK still reports it.
+            None => {
+                let h = Header::read(&payload[batch.messages[i].clone()]).ok();
+                ack::build_ack(h.as_ref(), outcome.code(enhanced(h.as_ref())), None)
+            }
+        })
+        .collect();
+    tracing::info!(
+        listener = %shared.cfg.name,
+        partner = %partner.id,
+        messages = acks.len(),
+        accepted = results.iter().filter(|(_, o)| matches!(o, Outcome::Accepted | Outcome::Duplicate)).count(),
+        "batch processed"
+    );
+    Reply {
+        ack: Some(ack::build_batch_ack(&payload, &batch, &acks)),
+        close: false,
+    }
+}
+
+/// The registered [`Source`]: one MLLP listener inside `tributary serve`.
+pub struct MllpSource {
+    cfg: MllpListenerConfig,
+    default_tenant: String,
+    app_ack: Option<Arc<dyn ApplicationAck>>,
+}
+
+impl MllpSource {
+    pub fn new(cfg: MllpListenerConfig, default_tenant: impl Into<String>) -> Self {
+        Self {
+            cfg,
+            default_tenant: default_tenant.into(),
+            app_ack: None,
+        }
+    }
+
+    /// Lets the pipeline answer `ack_after = "mapped"` (default: watch the journal state).
+    pub fn with_application_ack(mut self, hook: Arc<dyn ApplicationAck>) -> Self {
+        self.app_ack = Some(hook);
+        self
+    }
+}
+
+#[async_trait]
+impl Source for MllpSource {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()> {
+        let name = self.cfg.name.clone();
+        rt.readiness.set(&name, ComponentStatus::Starting);
+        let ctx = ListenerContext {
+            journal: rt.journal.clone(),
+            audit: rt.audit.clone(),
+            app_ack: self.app_ack.clone(),
+        };
+        let listener = match MllpListener::bind(self.cfg.clone(), &self.default_tenant, ctx).await {
+            Ok(l) => l,
+            Err(e) => {
+                rt.readiness.set(
+                    &name,
+                    ComponentStatus::Failed {
+                        reason: e.to_string(),
+                    },
+                );
+                return Err(e.into());
+            }
+        };
+        let addr = listener.local_addr()?;
+        tracing::info!(listener = %name, addr = %addr, tls = self.cfg.tls.is_some(), "mllp listening");
+        rt.readiness.set(&name, ComponentStatus::Ready);
+        listener.run(rt.shutdown.clone()).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_is_found_in_mapping_errors() {
+        assert_eq!(
+            field_in("mappings/adt.map:12:3 rule patient: PID-3 is empty").as_deref(),
+            Some("PID-3")
+        );
+        assert_eq!(field_in("OBX.5.1 bad").as_deref(), Some("OBX-5"));
+        assert_eq!(field_in("no field here"), None);
+    }
+
+    #[test]
+    fn keys_carry_no_identifier_in_clear() {
+        let m = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\rPID|1||MRN123^^^HOSP||DOE^JANE\r";
+        let h = Header::read(m).unwrap();
+        let k = ordering_key("lab", m, &h);
+        assert!(k.starts_with("lab/p:"), "{k}");
+        assert!(!k.contains("MRN123"));
+        let d = dedup_key("lab", m, &h);
+        assert!(d.starts_with("lab/C1/"), "{d}");
+        let m2 = b"MSH|^~\\&|A|B|C|D|2025||ADT^A01|C1|P|2.5\rPID|1||MRN123^^^HOSP||DOE^JANE\r";
+        let h2 = Header::read(m2).unwrap();
+        assert_eq!(
+            dedup_key("lab", m2, &h2),
+            d,
+            "a resend with a new MSH-7 is a duplicate"
+        );
+        let m3 = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\rPID|1||OTHER^^^HOSP\r";
+        let h3 = Header::read(m3).unwrap();
+        assert_ne!(dedup_key("lab", m3, &h3), d);
+        assert_ne!(ordering_key("lab", m3, &h3), k);
+        let no_pid = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\r";
+        assert_eq!(
+            ordering_key("lab", no_pid, &Header::read(no_pid).unwrap()),
+            "lab"
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! Helpers for the MLLP end-to-end tests: run the real `tributary` binary, read its journal,
+//! find the shared corpus, make certificates.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tributary_storage::{Db, DbOptions, FjallJournal, Journal, JournalRecord, ListFilter};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `tributary` binary, built (once per test process) from this workspace.
+///
+/// `CARGO_BIN_EXE_*` only exists for a package's own binaries, so the e2e crate builds the
+/// binary itself with the same cargo and uses it from the target directory.
+pub fn tributary_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tributary", "--quiet"])
+            .current_dir(repo_root());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build -p tributary");
+        assert!(status.success(), "cargo build -p tributary failed");
+        // target/<profile>/deps/<test exe> → target/<profile>/tributary
+        let exe = std::env::current_exe().expect("test exe path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("tributary");
+        assert!(bin.exists(), "{} not found", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// The shared HL7 v2 corpus (`../shared/corpus/hl7v2` beside the repository), if present.
+pub fn corpus_dir() -> Option<PathBuf> {
+    let d = repo_root().join("../shared/corpus/hl7v2");
+    d.is_dir().then_some(d)
+}
+
+/// Every `.hl7` file under the corpus, sorted.
+pub fn corpus_files(dir: &Path) -> Vec<PathBuf> {
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "hl7") {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running `tributary serve`.
+pub struct Server {
+    pub child: Child,
+    pub mllp: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts the binary with `data_dir`, a default MLLP listener and `extra` TOML appended
+    /// (e.g. more `[[mllp.listeners]]`). Logs (JSON, debug level) go to `log`.
+    pub fn start(data_dir: &Path, log: &Path, extra: &str, wait_for: &[SocketAddr]) -> Server {
+        let mllp = free_addr();
+        let http = free_addr();
+        let config = data_dir.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"debug\"\n[http]\nlisten = \"{http}\"\n[mllp]\nlisten = \"{mllp}\"\n{extra}",
+                data_dir.display().to_string()
+            ),
+        )
+        .unwrap();
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(tributary_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("TRIBUTARY_LOG")
+            .stdout(Stdio::from(logfile.try_clone().unwrap()))
+            .stderr(Stdio::from(logfile))
+            .spawn()
+            .expect("start tributary");
+        let mut s = Server {
+            child,
+            mllp,
+            http,
+            data_dir: data_dir.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        let mut addrs = vec![mllp];
+        addrs.extend_from_slice(wait_for);
+        s.wait_listening(&addrs);
+        s
+    }
+
+    fn wait_listening(&mut self, addrs: &[SocketAddr]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for a in addrs {
+            while std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
+                if let Ok(Some(st)) = self.child.try_wait() {
+                    panic!(
+                        "tributary exited early ({st}); log:\n{}",
+                        std::fs::read_to_string(&self.log).unwrap_or_default()
+                    );
+                }
+                assert!(Instant::now() < deadline, "{a} not listening within 60 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                assert!(st.success(), "tributary exited with {st}");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tributary did not stop within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every journaled message, read straight from the data directory (server stopped).
+pub fn journal_records(data_dir: &Path) -> Vec<JournalRecord> {
+    let db = Db::open(data_dir, DbOptions::default()).expect("open data dir");
+    let j = FjallJournal::new(db, 0);
+    j.list(&ListFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|(id, _, _)| j.get(id).unwrap().unwrap())
+        .collect()
+}
+
+/// A CA with helpers to issue server and client certificates (PEM files).
+pub struct Pki {
+    pub ca: rcgen::Certificate,
+    pub ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        Self { ca, ca_key }
+    }
+
+    /// Writes `<dir>/<name>.crt` and `<dir>/<name>.key`.
+    pub fn issue(&self, dir: &Path, name: &str, cn: &str, sans: &[&str], client: bool) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    pub fn write_ca(&self, path: &Path) {
+        std::fs::write(path, self.ca.pem()).unwrap();
+    }
+}
