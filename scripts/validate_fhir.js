@@ -1,9 +1,10 @@
 // Validates FHIR R4 JSON files (Bundles: each entry's resource too) with npm fhir@4.12.0.
-// Usage: node scripts/validate_fhir.js FILES... ; install: (cd scripts && npm install fhir@4.12.0)
+// Usage: node scripts/validate_fhir.js FILES... ; install: scripts/install-test-tools
+// (npm fhir@4.12.0 into scripts/node_modules, pinned by scripts/package-lock.json)
 const fs = require('fs');
 let Fhir;
-try { ({ Fhir } = require('fhir')); } catch (e) {
-  console.error('npm package fhir@4.12.0 missing: (cd scripts && npm install fhir@4.12.0)');
+try { ({ Fhir } = require(require('path').join(__dirname, 'node_modules', 'fhir'))); } catch (e) {
+  console.error('npm package fhir@4.12.0 missing: run scripts/install-test-tools');
   process.exit(2);
 }
 const fhir = new Fhir();

@@ -3,7 +3,7 @@
 dateTime/date/instant (which fhir.resources does not enforce), then with npm fhir@4.12.0 through
 scripts/validate_fhir.js. Usage: scripts/validate_fhir.py DIR_OR_FILES... ; exit 1 on any error.
 
-Install: pip install 'fhir.resources==6.4.0' 'pydantic<2'; (cd scripts && npm install fhir@4.12.0)
+Install: scripts/install-test-tools (pip 'fhir.resources==6.4.0' 'pydantic<2'; npm fhir@4.12.0 in scripts/node_modules)
 """
 import json, os, re, subprocess, sys
 

@@ -205,10 +205,13 @@ pub(crate) enum Entry {
         segment: Option<String>,
         map: usize,
         when: Option<Cond>,
+        /// Only occurrences before the first `until` segment of the scope.
+        until: Option<String>,
     },
     Group {
         start: Vec<String>,
         entries: Vec<Entry>,
+        until: Option<String>,
     },
 }
 
@@ -1410,6 +1413,20 @@ impl Compiler {
         out
     }
 
+    fn until(&mut self, file: &Arc<str>, it: &Node) -> Option<String> {
+        let u = it.get("until")?;
+        let s = u.as_str().unwrap_or("");
+        if s.len() != 3 || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            self.err(
+                file,
+                u.pos,
+                format!("`until:` names a segment like ORC, found `{s}`"),
+            );
+            return None;
+        }
+        Some(s.to_string())
+    }
+
     fn entries(&mut self, file: &Arc<str>, node: &Node, names: &mut Vec<String>) -> Vec<Entry> {
         let Some(items) = node.as_seq() else {
             self.err(file, node.pos, "`resources:` is a list".into());
@@ -1418,7 +1435,7 @@ impl Compiler {
         let mut out = Vec::new();
         for it in items {
             if let Some(g) = it.get("group") {
-                self.check_keys(file, it, &["group", "resources", "note"]);
+                self.check_keys(file, it, &["group", "resources", "until", "note"]);
                 let start: Vec<String> = match g.as_seq() {
                     Some(s) => s
                         .iter()
@@ -1437,10 +1454,19 @@ impl Compiler {
                     Some(r) => self.entries(file, r, names),
                     None => Vec::new(),
                 };
-                out.push(Entry::Group { start, entries });
+                let until = self.until(file, it);
+                out.push(Entry::Group {
+                    start,
+                    entries,
+                    until,
+                });
                 continue;
             }
-            self.check_keys(file, it, &["name", "segment", "map", "when", "note"]);
+            self.check_keys(
+                file,
+                it,
+                &["name", "segment", "map", "when", "until", "note"],
+            );
             let Some(mn) = it.get("map") else {
                 self.err(
                     file,
@@ -1490,11 +1516,13 @@ impl Compiler {
                     names.push(n.clone());
                 }
             }
+            let until = self.until(file, it);
             out.push(Entry::Resource {
                 name,
                 segment,
                 map,
                 when,
+                until,
             });
         }
         out

@@ -28,49 +28,123 @@ pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions};
 pub use source::{SplitMessage, V2Source};
 
 use std::borrow::Cow;
-use tributary_hl7v2::{Message, Segment};
+use tributary_hl7v2::{Delimiters, Message};
 use tributary_terminology::Terminology;
 
-/// A parsed HL7 v2 message, indexed for the mapping runner.
+/// A parsed HL7 v2 message, indexed once (one pass over the text) so that every field,
+/// repetition, component and subcomponent is an O(1) lookup for the mapping runner.
 pub struct Parsed<'a> {
-    segments: Vec<Segment<'a>>,
+    delimiters: &'a Delimiters,
+    names: Vec<&'a str>,
+    /// Per segment: index of its first field in `fields`, and its field count.
+    segs: Vec<(u32, u32)>,
+    /// Per field: (first repetition in `reps`, repetition count); empty fields have 0.
+    fields: Vec<(u32, u32)>,
+    /// Per repetition: (first component in `comps`, component count).
+    reps: Vec<(u32, u32)>,
+    /// Per component: (first subcomponent in `leaves`, subcomponent count).
+    comps: Vec<(u32, u32)>,
+    /// Every subcomponent's raw (still escaped) text; `literal` marks MSH-1/MSH-2.
+    leaves: Vec<(&'a str, bool)>,
 }
 
 impl<'a> Parsed<'a> {
     pub fn new(msg: &'a Message) -> Self {
-        Self {
-            segments: msg.segments().collect(),
+        let d = msg.delimiters();
+        let mut p = Parsed {
+            delimiters: d,
+            names: Vec::with_capacity(msg.segment_count()),
+            segs: Vec::with_capacity(msg.segment_count()),
+            fields: Vec::with_capacity(msg.segment_count() * 16),
+            reps: Vec::with_capacity(msg.segment_count() * 16),
+            comps: Vec::with_capacity(msg.segment_count() * 24),
+            leaves: Vec::with_capacity(msg.segment_count() * 32),
+        };
+        for seg in msg.segments() {
+            let name = seg.name();
+            p.names.push(name);
+            let n = seg.field_count();
+            p.segs.push((p.fields.len() as u32, n as u32));
+            for f in 1..=n {
+                let raw = seg.field(f).map_or("", |v| v.raw());
+                if raw.is_empty() {
+                    p.fields.push((p.reps.len() as u32, 0));
+                    continue;
+                }
+                if name == "MSH" && f <= 2 {
+                    p.fields.push((p.reps.len() as u32, 1));
+                    p.reps.push((p.comps.len() as u32, 1));
+                    p.comps.push((p.leaves.len() as u32, 1));
+                    p.leaves.push((raw, true));
+                    continue;
+                }
+                let rep_start = p.reps.len() as u32;
+                let mut nrep = 0;
+                for rep in raw.split(d.repetition) {
+                    nrep += 1;
+                    let comp_start = p.comps.len() as u32;
+                    let mut ncomp = 0;
+                    for comp in rep.split(d.component) {
+                        ncomp += 1;
+                        let leaf_start = p.leaves.len() as u32;
+                        let mut nsub = 0;
+                        for sub in comp.split(d.subcomponent) {
+                            nsub += 1;
+                            p.leaves.push((sub, false));
+                        }
+                        p.comps.push((leaf_start, nsub));
+                    }
+                    p.reps.push((comp_start, ncomp));
+                }
+                p.fields.push((rep_start, nrep));
+            }
         }
+        p
+    }
+
+    fn field(&self, seg: usize, field: usize) -> Option<(u32, u32)> {
+        let (start, n) = *self.segs.get(seg)?;
+        if field == 0 || field > n as usize {
+            return None;
+        }
+        self.fields.get(start as usize + field - 1).copied()
+    }
+
+    fn rep(&self, seg: usize, field: usize, rep: usize) -> Option<(u32, u32)> {
+        let (start, n) = self.field(seg, field)?;
+        if rep == 0 || rep > n as usize {
+            return None;
+        }
+        self.reps.get(start as usize + rep - 1).copied()
+    }
+
+    fn comp(&self, seg: usize, field: usize, rep: usize, comp: usize) -> Option<(u32, u32)> {
+        let (start, n) = self.rep(seg, field, rep)?;
+        if comp == 0 || comp > n as usize {
+            return None;
+        }
+        self.comps.get(start as usize + comp - 1).copied()
     }
 }
 
 impl V2Source for Parsed<'_> {
     fn segment_count(&self) -> usize {
-        self.segments.len()
+        self.names.len()
     }
     fn segment_name(&self, seg: usize) -> &str {
-        self.segments[seg].name()
+        self.names[seg]
     }
     fn field_count(&self, seg: usize) -> usize {
-        self.segments[seg].field_count()
+        self.segs.get(seg).map_or(0, |s| s.1 as usize)
     }
     fn rep_count(&self, seg: usize, field: usize) -> usize {
-        self.segments[seg]
-            .field(field)
-            .map_or(0, |f| if f.is_empty() { 0 } else { f.parts().count() })
+        self.field(seg, field).map_or(0, |f| f.1 as usize)
     }
     fn comp_count(&self, seg: usize, field: usize, rep: usize) -> usize {
-        self.segments[seg]
-            .field(field)
-            .and_then(|f| f.part(rep))
-            .map_or(0, |r| r.parts().count())
+        self.rep(seg, field, rep).map_or(0, |r| r.1 as usize)
     }
     fn sub_count(&self, seg: usize, field: usize, rep: usize, comp: usize) -> usize {
-        self.segments[seg]
-            .field(field)
-            .and_then(|f| f.part(rep))
-            .and_then(|r| r.part(comp))
-            .map_or(0, |c| c.parts().count())
+        self.comp(seg, field, rep, comp).map_or(0, |c| c.1 as usize)
     }
     fn leaf(
         &self,
@@ -80,12 +154,16 @@ impl V2Source for Parsed<'_> {
         comp: usize,
         sub: usize,
     ) -> Option<Cow<'_, str>> {
-        let v = self.segments[seg]
-            .field(field)?
-            .part(rep)?
-            .part(comp)?
-            .part(sub)?;
-        Some(v.value())
+        let (start, n) = self.comp(seg, field, rep, comp)?;
+        if sub == 0 || sub > n as usize {
+            return None;
+        }
+        let (raw, literal) = *self.leaves.get(start as usize + sub - 1)?;
+        if literal || !raw.contains(self.delimiters.escape) {
+            Some(Cow::Borrowed(raw))
+        } else {
+            Some(tributary_hl7v2::unescape(raw, self.delimiters))
+        }
     }
 }
 

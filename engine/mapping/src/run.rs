@@ -242,7 +242,7 @@ impl MappingSet {
     }
 }
 
-impl<S: V2Source + ?Sized> Runner<'_, S> {
+impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn mark(&mut self, seg: usize, field: usize, comp: usize) {
         if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
             *f |= 1u64 << (comp.clamp(1, 64) - 1);
@@ -266,9 +266,10 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     segment,
                     map,
                     when,
-                    ..
+                    until,
                 } => {
                     let (start, end) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let end = self.until_end(start, end, until.as_deref());
                     let segs: Vec<usize> = match segment {
                         Some(s) => (start..end)
                             .filter(|&i| self.src.segment_name(i) == s)
@@ -307,8 +308,13 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                         }
                     }
                 }
-                Entry::Group { start, entries } => {
+                Entry::Group {
+                    start,
+                    entries,
+                    until,
+                } => {
                     let (s0, s1) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let s1 = self.until_end(s0, s1, until.as_deref());
                     let mut groups: Vec<(usize, usize)> = Vec::new();
                     let mut seen_rank: Option<usize> = None;
                     for i in s0..s1 {
@@ -339,6 +345,16 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                     }
                 }
             }
+        }
+    }
+
+    /// The end of a scope range cut at the first `until` segment.
+    fn until_end(&self, start: usize, end: usize, until: Option<&str>) -> usize {
+        match until {
+            None => end,
+            Some(u) => (start..end)
+                .find(|&i| self.src.segment_name(i) == u)
+                .unwrap_or(end),
         }
     }
 
@@ -547,15 +563,37 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
         s
     }
 
-    fn operand(&mut self, o: &Operand, ctx: Ctx) -> Option<String> {
+    /// An operand's text, borrowed where possible (conditions run for many rules).
+    fn operand<'a>(&mut self, o: &'a Operand, ctx: Ctx) -> Option<Cow<'a, str>>
+    where
+        's: 'a,
+    {
         match o {
-            Operand::Literal(l) => Some(l.clone()),
-            Operand::Var(v) => self.vars.get(v).cloned(),
+            Operand::Literal(l) => Some(Cow::Borrowed(l.as_str())),
+            Operand::Var(v) => {
+                let vars: &'s BTreeMap<String, String> = self.vars;
+                vars.get(v).map(|s| Cow::Borrowed(s.as_str()))
+            }
             Operand::Path(p) => {
                 let c = *self.resolve(ctx, p, false).first()?;
-                self.leaf_value(c).map(|v| v.trim().to_string())
+                match self.leaf_text(c)? {
+                    Cow::Borrowed(b) => Some(Cow::Borrowed(b.trim())),
+                    Cow::Owned(o) => Some(Cow::Owned(o.trim().to_string())),
+                }
             }
         }
+    }
+
+    /// Like `leaf_value`, but borrowing from the message rather than from the runner.
+    fn leaf_text(&mut self, c: Ctx) -> Option<Cow<'s, str>> {
+        if c.rep == 0 {
+            return None;
+        }
+        let comp = c.comp.max(1);
+        self.mark(c.seg, c.field, comp);
+        let src: &'s S = self.src;
+        let v = src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        has_text(&v).then_some(v)
     }
 
     fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
@@ -874,8 +912,20 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 *e += 1;
                 *e
             };
+            // the ignore patterns for this segment, checked once per segment
+            let seg_ignores: Vec<&crate::compile::IgnorePattern> = ignore
+                .iter()
+                .chain(self.set.global_ignore.iter())
+                .filter(|p| p.segment == name)
+                .collect();
+            if seg_ignores.iter().any(|p| p.field.is_none()) {
+                continue;
+            }
             for field in 1..=src.field_count(seg) {
                 if name == "MSH" && field <= 2 {
+                    continue;
+                }
+                if src.rep_count(seg, field) == 0 {
                     continue;
                 }
                 let mut comps_with_data: Vec<usize> = Vec::new();
@@ -896,10 +946,7 @@ impl<S: V2Source + ?Sized> Runner<'_, S> {
                 comps_with_data.sort_unstable();
                 for comp in comps_with_data {
                     if self.is_marked(seg, field, comp)
-                        || ignore
-                            .iter()
-                            .chain(self.set.global_ignore.iter())
-                            .any(|p| p.covers(name, field, comp))
+                        || seg_ignores.iter().any(|p| p.covers(name, field, comp))
                     {
                         continue;
                     }
@@ -954,7 +1001,7 @@ pub fn to_uri(s: &str) -> String {
 fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
     let t = s.trim();
     Ok(match p {
-        Prim::String => Value::String(s.to_string()),
+        Prim::String => Value::String(t.to_string()),
         Prim::Code => {
             let c = t.split_whitespace().collect::<Vec<_>>().join(" ");
             Value::String(c)
@@ -987,13 +1034,17 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
     };
     let mut cur = obj;
     for s in inner {
-        let slot = cur.entry(s.name).or_insert_with(|| {
-            if s.many {
+        if !cur.contains_key(s.name) {
+            let empty = if s.many {
                 Value::Array(Vec::new())
             } else {
                 Value::Object(Map::new())
-            }
-        });
+            };
+            cur.insert(s.name.to_string(), empty);
+        }
+        let Some(slot) = cur.get_mut(s.name) else {
+            return;
+        };
         let next = if let Value::Array(a) = slot {
             if a.is_empty() {
                 a.push(Value::Object(Map::new()));
@@ -1008,11 +1059,12 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
         };
     }
     if last.many {
-        if let Value::Array(a) = cur
-            .entry(last.name)
-            .or_insert_with(|| Value::Array(Vec::new()))
-        {
-            a.push(v);
+        match cur.get_mut(last.name) {
+            Some(Value::Array(a)) => a.push(v),
+            Some(_) => {}
+            None => {
+                cur.insert(last.name.to_string(), Value::Array(vec![v]));
+            }
         }
     } else if !cur.contains_key(last.name) {
         cur.insert(last.name.into(), v);

@@ -4,7 +4,7 @@
 //!
 //! Skips (saying so) when the corpus or the validators are absent; set
 //! TRIBUTARY_REQUIRE_VALIDATORS=1 (CI) to make their absence a failure.
-//! Install the validators with scripts/install-validators.sh.
+//! Install the validators with scripts/install-test-tools.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -98,9 +98,9 @@ fn every_corpus_output_is_valid_fhir_r4() {
     if !validators {
         assert!(
             !require(),
-            "validators missing: run scripts/install-validators.sh"
+            "validators missing: run scripts/install-test-tools"
         );
-        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-validators.sh)");
+        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-test-tools)");
         return;
     }
     let status = Command::new("python3")

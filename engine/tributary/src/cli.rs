@@ -467,6 +467,10 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         ids.extend(j.list(&filter)?.into_iter().map(|(id, _, _)| id));
     }
     if ids.is_empty() {
+        if args.failed {
+            println!("no failed messages");
+            return Ok(ExitCode::SUCCESS);
+        }
         eprintln!("nothing to replay: give message ids or --failed");
         return Ok(ExitCode::from(1));
     }
