@@ -16,6 +16,7 @@ use std::time::Duration;
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 
 type Got = Arc<Mutex<Vec<Value>>>;
+type Check = Box<dyn Fn(&[Value]) -> bool + Send>;
 
 async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
     got.lock().unwrap().push(b);
@@ -135,7 +136,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     let created: Value = res.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_string();
 
-    let wait = |what: &'static str, f: Box<dyn Fn(&[Value]) -> bool + Send>| {
+    let wait = |what: &'static str, f: Check| {
         let got = got.clone();
         async move {
             for _ in 0..300 {
