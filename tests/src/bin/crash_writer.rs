@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
                     &out,
                     format!("ACK {key} {} {}", receipt.id, receipt.duplicate),
                 );
-                if !receipt.duplicate && n % 3 == 0 {
+                if !receipt.duplicate && n.is_multiple_of(3) {
                     let id = receipt.id;
                     if journal
                         .transition(id, MessageState::Mapped, Some("v1".into()))
