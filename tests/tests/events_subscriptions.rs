@@ -182,6 +182,17 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         focus.iter().all(|u| u.contains("/Observation/")),
         "only Observations are notified: {focus:?}"
     );
+    // $status and $events sit behind the facade's policy stack: no token, no answer — and a
+    // client-supplied tenant header does not open a door either.
+    for op in ["$status", "$events"] {
+        let res = http
+            .get(format!("{base}/Subscription/{id}/{op}"))
+            .header("x-tributary-tenant", "default")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 401, "{op} without a token");
+    }
     // $status through the facade's policy stack, with the token.
     let res = http
         .get(format!("{base}/Subscription/{id}/$status"))

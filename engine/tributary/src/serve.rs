@@ -1,6 +1,5 @@
 use crate::config::Config;
 use anyhow::Context;
-use axum::response::IntoResponse;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -123,12 +122,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         rt: rt.clone(),
         facade,
     };
-    let extra_routes = extra_routes.merge(guard_with_facade_policy(guarded_routes, &state));
-    let app = tributary_facade::app(state)
+    // Every route, the partner-authenticated inbound hook included, gets the body limit.
+    let app = tributary_facade::app_with(state, guarded_routes)
+        .merge(extra_routes)
         .layer(axum::extract::DefaultBodyLimit::max(
             config.http.max_body_bytes,
-        ))
-        .merge(extra_routes);
+        ));
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)
@@ -176,81 +175,6 @@ fn spawn_source(
 ) {
     let rt = rt.clone();
     tasks.spawn(Box::new(source).run(rt));
-}
-
-/// Puts routes served by other crates behind the same request id → audit → authenticate →
-/// authorize → rate limit stack as the FHIR API, and tells them the tenant of the verified
-/// token through `x-tributary-tenant` (a client-sent value is always replaced).
-fn guard_with_facade_policy(
-    routes: axum::Router,
-    state: &tributary_facade::AppState,
-) -> axum::Router {
-    use axum::middleware::{from_fn, from_fn_with_state};
-    use tributary_facade::pipeline;
-    routes
-        .layer(from_fn(tenant_from_principal))
-        .layer(from_fn_with_state(state.clone(), pipeline::rate_limit))
-        .layer(from_fn_with_state(state.clone(), pipeline::authorize))
-        .layer(from_fn_with_state(state.clone(), pipeline::authenticate))
-        .layer(from_fn(classify_subscription_operation))
-        .layer(from_fn_with_state(state.clone(), pipeline::audit))
-        .layer(from_fn(pipeline::request_id))
-}
-
-/// The facade's classifier does not know the Subscription operations: authorize (and audit)
-/// `$status` / `$events` as a read of that Subscription and `$dead-letters` as a search of
-/// Subscriptions, so the token needs read scope on Subscription in its own tenant.
-async fn classify_subscription_operation(
-    mut req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use tributary_facade::policy::{FhirRequest, Interaction};
-    let segs: Vec<String> = req
-        .uri()
-        .path()
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect();
-    let (interaction, id) = match segs.as_slice() {
-        [.., t, id, op] if t == "Subscription" && (op == "$status" || op == "$events") => {
-            (Interaction::Read, Some(id.clone()))
-        }
-        [.., t, op] if t == "Subscription" && op == "$dead-letters" => (Interaction::Search, None),
-        _ => return axum::http::StatusCode::NOT_FOUND.into_response(),
-    };
-    if let Some(slot) = req.extensions().get::<tributary_facade::audit::AuditSlot>() {
-        slot.update(|d| {
-            d.interaction = interaction.name();
-            d.resource_type = Some("Subscription".into());
-            d.resource_id = id.clone().filter(|i| tributary_facade::policy::valid_id(i));
-        });
-    }
-    req.extensions_mut().insert(FhirRequest {
-        interaction,
-        resource_type: Some("Subscription".into()),
-        id,
-        params: Vec::new(),
-    });
-    next.run(req).await
-}
-
-async fn tenant_from_principal(
-    mut req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let tenant = req
-        .extensions()
-        .get::<Arc<tributary_facade::Principal>>()
-        .map(|p| p.tenant.clone());
-    req.headers_mut().remove("x-tributary-tenant");
-    match tenant.and_then(|t| axum::http::HeaderValue::from_str(&t).ok()) {
-        Some(v) => {
-            req.headers_mut().insert("x-tributary-tenant", v);
-            next.run(req).await
-        }
-        None => axum::http::StatusCode::UNAUTHORIZED.into_response(),
-    }
 }
 
 async fn prune_loop(rt: Runtime, cfg: crate::config::RetentionConfig) -> anyhow::Result<()> {
