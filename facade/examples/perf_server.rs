@@ -1,5 +1,5 @@
 //! Serves the same FHIR handlers twice over one durable store, for measuring the policy
-//! pipeline's cost in one run (docs/perf/facade.md):
+//! pipeline's cost in one run (docs/PERFORMANCE.md, "FHIR facade"):
 //!
 //! - `FULL` address: the real `app()` — JWT verification, SMART scopes, rate limit and durable,
 //!   hash-chained audit before every response;
