@@ -15,7 +15,7 @@ use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 
 fn message(client: usize, i: usize) -> Vec<u8> {
     // half original mode, half enhanced mode (CA)
-    let ack_modes = if i % 2 == 0 { "" } else { "|||AL|NE" };
+    let ack_modes = if i.is_multiple_of(2) { "" } else { "|||AL|NE" };
     format!(
         "MSH|^~\\&|KILLTEST|FAC{client}|TRIB|HIE|20240101120000||ORU^R01^ORU_R01|K{client}-{i}|P|2.5.1{ack_modes}\rPID|1||ID{client}X{i}^^^HOSP^MR||TESTPATIENT^K\rOBR|1||ORD{i}|GLU^Glucose\rOBX|1|NM|GLU^Glucose||{i}|mg/dL\r"
     )
