@@ -20,6 +20,8 @@ pub struct LoadOptions {
     pub rate: Option<f64>,
     /// TLS client configuration and server name.
     pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
+    /// Open a new connection for every message (for servers that close after one reply).
+    pub reconnect: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -143,8 +145,9 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             .filter(|r| *r > 0.0)
             .map(|r| Duration::from_secs_f64(connections as f64 / r));
         let run_id = run_id.clone();
+        let reconnect = opts.reconnect;
         tasks.push(tokio::spawn(async move {
-            let mut sender = MllpSender::new(cfg);
+            let mut sender = MllpSender::new(cfg.clone());
             let mut lat = Vec::with_capacity(count);
             let (mut pos, mut neg, mut err) = (0usize, 0usize, 0usize);
             let t0 = Instant::now();
@@ -156,6 +159,9 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                 let s = &samples[(c + i * connections) % samples.len()];
                 let msg = with_control_id(s, &format!("B{run_id}{c}x{i}"));
                 let t = Instant::now();
+                if reconnect {
+                    sender = MllpSender::new(cfg.clone());
+                }
                 match sender.send_once(&msg).await {
                     Ok(ack) => {
                         lat.push(t.elapsed().as_micros() as u64);

@@ -41,6 +41,9 @@ pub struct MllpBenchArgs {
     /// Server name to verify (TLS).
     #[arg(long, default_value = "localhost")]
     pub server_name: String,
+    /// Open a new connection for every message (for servers that close after each reply).
+    #[arg(long)]
+    pub reconnect: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +74,7 @@ fn mllp(args: MllpBenchArgs) -> anyhow::Result<ExitCode> {
         files: args.files.clone(),
         rate: args.rate,
         tls,
+        reconnect: args.reconnect,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
