@@ -11,6 +11,7 @@ BIN=$ROOT/target/release/tributary
 CORPUS=${CORPUS:-$ROOT/../shared/corpus/hl7v2}
 PEERS_DIR=${PEERS_DIR:-/tmp/mllp-peers}
 CONNS=${CONNS:-"1 8 32 128"}
+PEER_CONNS=${PEER_CONNS:-"8 32"}
 WORK=$(mktemp -d)
 # CR segment separators for every server (hl7apy's MLLP server accepts nothing else)
 ADT=$WORK/adt_a01.hl7; tr '\n' '\r' < "$CORPUS/ms-fhir-converter/ADT-A01-01.hl7" > "$ADT"
@@ -60,7 +61,7 @@ peer_run() { # label cmd... -- sample-name file conns
   "${cmd[@]}" "$p" >"$WORK/peer.log" 2>&1 &
   local pid=$!
   wait_port "$p"
-  local m; m=$(msgs_for "$conns"); [ "$label" = hl7apy ] && m=$(( m / 4 ))
+  local m; m=$(msgs_for "$conns"); [ "$label" = hl7apy ] && m=1000
   local rc=""; [ "$label" = hl7apy ] && rc=--reconnect
   local js; js=$(bench 127.0.0.1:$p "$conns" "$m" "$file" "" $rc || true)
   local rss; rss=$(awk '/VmHWM/{print $2}' /proc/$pid/status)
@@ -77,7 +78,7 @@ done
 tributary_run ADT "$ADT" 32 5000
 for s in ADT ORU; do
   f=$ADT; [ $s = ORU ] && f=$ORU
-  for c in ${PEER_CONNS:-"8 32"}; do
+  for c in $PEER_CONNS; do
     if [ -d "$PEERS_DIR/node_modules/@medplum/hl7" ]; then
       (cd "$PEERS_DIR" && cp "$ROOT/adapters/mllp/benches/peers/medplum_server.mjs" .)
       peer_run medplum node "$PEERS_DIR/medplum_server.mjs" $s "$f" "$c"
