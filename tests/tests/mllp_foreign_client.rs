@@ -40,30 +40,40 @@ fn python_hl7_mllp_send_gets_positive_acks() {
     let log = tmp.path().join("tributary.log");
     let server = Server::start(&data, &log, "", &[]);
     let mut control_ids = Vec::new();
-    for f in &files {
-        let out = Command::new("mllp_send")
-            .args(["--loose", "-p", &server.mllp.port().to_string(), "-f"])
-            .arg(f)
-            .arg("127.0.0.1")
-            .output()
-            .expect("run mllp_send");
-        assert!(out.status.success(), "mllp_send failed for {}", f.display());
-        let reply = String::from_utf8_lossy(&out.stdout).replace('\n', "\r");
-        let bytes = std::fs::read(f).unwrap();
-        let h = Header::read(&bytes).unwrap();
-        let cid = String::from_utf8_lossy(h.control_id()).to_string();
-        let expected = if h.enhanced_mode() { "CA" } else { "AA" };
-        let msa = reply
-            .split('\r')
-            .find(|s| s.starts_with("MSA|"))
-            .unwrap_or_else(|| panic!("no MSA in reply for {}: {reply:?}", f.display()));
-        assert_eq!(
-            msa.split('|').take(3).collect::<Vec<_>>(),
-            vec!["MSA", expected, cid.as_str()],
-            "{}",
-            f.display()
-        );
-        control_ids.push(cid);
+    // eight python clients at a time
+    for chunk in files.chunks(8) {
+        let children: Vec<_> = chunk
+            .iter()
+            .map(|f| {
+                Command::new("mllp_send")
+                    .args(["--loose", "-p", &server.mllp.port().to_string(), "-f"])
+                    .arg(f)
+                    .arg("127.0.0.1")
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("run mllp_send")
+            })
+            .collect();
+        for (f, child) in chunk.iter().zip(children) {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "mllp_send failed for {}", f.display());
+            let reply = String::from_utf8_lossy(&out.stdout).replace('\n', "\r");
+            let bytes = std::fs::read(f).unwrap();
+            let h = Header::read(&bytes).unwrap();
+            let cid = String::from_utf8_lossy(h.control_id()).to_string();
+            let expected = if h.enhanced_mode() { "CA" } else { "AA" };
+            let msa = reply
+                .split('\r')
+                .find(|s| s.starts_with("MSA|"))
+                .unwrap_or_else(|| panic!("no MSA in reply for {}: {reply:?}", f.display()));
+            assert_eq!(
+                msa.split('|').take(3).collect::<Vec<_>>(),
+                vec!["MSA", expected, cid.as_str()],
+                "{}",
+                f.display()
+            );
+            control_ids.push(cid);
+        }
     }
     server.stop();
     let stored: std::collections::HashSet<String> = journal_records(&data)
