@@ -26,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
                     }
                     let _ = tributary_mllp::header::split_batch(&m);
                 }
-                MllpFrame::Oversized { head, .. } => assert!(head.len() <= LIMIT + 2),
+                MllpFrame::Oversized { head, .. } => {
+                    // only bytes of the oversized frame itself
+                    assert!(head.len() <= LIMIT + 1);
+                    assert!(!head.contains(&0x1c) && !head.contains(&0x0b));
+                }
             }
         }
         assert!(buf.len() <= LIMIT + 2, "buffered {} bytes", buf.len());
