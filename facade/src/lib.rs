@@ -1,26 +1,196 @@
 //! The gateway facade: `fn app(state) -> Router`.
 //!
-//! Today it serves the operational endpoints (`/health`, `/ready`); the FHIR R4 API and its policy
-//! layers (authenticate → authorize → rate limit → audit) are added on the same router.
+//! Operational endpoints (`/health`, `/ready`), discovery (`/.well-known/smart-configuration`,
+//! `/.well-known/jwks.json`), and the FHIR R4 API at `/fhir` behind the policy stack of
+//! [`pipeline`]: request id → audit → authenticate → authorize → rate limit → handler (the
+//! store's, or a backend FHIR server's through [`backend::route`]).
+
+pub mod audit;
+pub mod auth;
+pub mod backend;
+mod capability;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod pipeline;
+pub mod policy;
+pub mod ratelimit;
+mod rest;
+pub mod revocation;
+pub mod scopes;
+mod search;
+mod transaction;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::middleware::{from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
 use tributary_runtime::Runtime;
+
+pub use auth::{Authenticator, IssueRequest, Principal};
+pub use config::FacadeConfig;
+pub use error::ApiError;
+pub use keys::LocalSigningKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FacadeError {
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error("authentication setup: {0}")]
+    Auth(String),
+    #[error(transparent)]
+    Backend(#[from] backend::BackendSetupError),
+}
+
+/// The facade's own services, built once at start.
+pub struct Facade {
+    pub cfg: FacadeConfig,
+    pub auth: Authenticator,
+    pub limiter: ratelimit::RateLimiter,
+    pub backends: backend::Backends,
+    pub local_key: Option<LocalSigningKey>,
+    /// First 12 hex digits of the SHA-256 of the effective `[facade]` config: recorded in every
+    /// audit record, so a reviewer knows which policy decided.
+    pub policy_version: String,
+}
+
+impl Facade {
+    pub fn new(
+        cfg: FacadeConfig,
+        data_dir: &Path,
+        default_tenant: &str,
+    ) -> Result<Self, FacadeError> {
+        let local_key = if cfg.auth.local_key {
+            Some(LocalSigningKey::load_or_create(data_dir)?)
+        } else {
+            None
+        };
+        let revocations = Arc::new(revocation::Revocations::open(data_dir));
+        let auth = Authenticator::new(
+            cfg.auth.clone(),
+            data_dir,
+            default_tenant,
+            local_key.as_ref(),
+            revocations,
+        )
+        .map_err(FacadeError::Auth)?;
+        let digest = Sha256::digest(serde_json::to_vec(&cfg).unwrap_or_default());
+        Ok(Self {
+            limiter: ratelimit::RateLimiter::new(cfg.rate_limit.clone()),
+            backends: backend::Backends::new(&cfg.backends)?,
+            policy_version: hex::encode(&digest[..6]),
+            auth,
+            local_key,
+            cfg,
+        })
+    }
+}
 
 /// Everything the handlers need. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub rt: Runtime,
+    pub facade: Arc<Facade>,
+}
+
+/// The FHIR routes alone, without any policy layer.
+fn fhir_routes() -> Router<AppState> {
+    Router::new()
+        .route("/fhir", post(transaction::transaction))
+        .route("/fhir/", post(transaction::transaction))
+        .route("/fhir/metadata", get(capability::metadata))
+        .route("/fhir/AuditEvent", get(rest::audit_events))
+        .route(
+            "/fhir/{rtype}",
+            get(search::search_get)
+                .post(rest::create)
+                .put(rest::conditional_update),
+        )
+        .route("/fhir/{rtype}/_search", post(search::search_post))
+        .route("/fhir/{rtype}/_history", get(rest::history_type))
+        .route(
+            "/fhir/{rtype}/{id}",
+            get(rest::read).put(rest::update).delete(rest::delete),
+        )
+        .route("/fhir/{rtype}/{id}/{op}", get(rest::instance_op))
+        .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))
+        .route("/admin/consent/{id}/revoke", post(rest::revoke_consent))
+        .route("/admin/audit/verify", get(rest::verify_audit))
+        .fallback(rest::not_found)
 }
 
 pub fn app(state: AppState) -> Router {
+    let policy = fhir_routes()
+        .layer(from_fn_with_state(state.clone(), backend::route))
+        .layer(from_fn_with_state(state.clone(), pipeline::rate_limit))
+        .layer(from_fn_with_state(state.clone(), pipeline::authorize))
+        .layer(from_fn_with_state(state.clone(), pipeline::authenticate))
+        .layer(from_fn_with_state(state.clone(), pipeline::audit))
+        .layer(from_fn(pipeline::request_id));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route(
+            "/.well-known/smart-configuration",
+            get(capability::smart_configuration),
+        )
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(capability::smart_configuration),
+        )
+        .route("/.well-known/jwks.json", get(capability::jwks))
+        .merge(policy)
+        .with_state(state)
+}
+
+/// The same handlers with no policy at all, every request acting as a `system/*.cruds` client
+/// of the default tenant. Only for measuring the pipeline's cost (`examples/perf_server.rs`);
+/// never served by `tributary serve`.
+pub fn app_without_pipeline(state: AppState, tenant: &str) -> Router {
+    let principal = Arc::new(Principal {
+        client_id: "perf-baseline".into(),
+        user: None,
+        tenant: tenant.into(),
+        role: None,
+        role_kind: None,
+        scopes: scopes::ScopeSet::parse("system/*.cruds"),
+        scope_text: "system/*.cruds".into(),
+        patient: None,
+        grant: None,
+        jti: None,
+        exp: i64::MAX,
+    });
+    let access = policy::Access {
+        principal: principal.clone(),
+        break_glass: false,
+    };
+    fhir_routes()
+        .layer(from_fn(
+            move |mut req: axum::extract::Request, next: axum::middleware::Next| {
+                let access = access.clone();
+                let principal = principal.clone();
+                async move {
+                    let path = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/fhir")
+                        .unwrap_or("")
+                        .to_string();
+                    let fhir = policy::classify(req.method(), &path, req.uri().query());
+                    req.extensions_mut().insert(fhir);
+                    req.extensions_mut().insert(audit::AuditSlot::default());
+                    req.extensions_mut().insert(principal);
+                    req.extensions_mut().insert(access);
+                    next.run(req).await
+                }
+            },
+        ))
         .with_state(state)
 }
 
@@ -47,45 +217,4 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::body::Body;
-    use axum::http::Request;
-    use std::sync::Arc;
-    use tower::ServiceExt;
-    use tributary_runtime::{ComponentStatus, Readiness};
-    use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
-
-    fn state(dir: &std::path::Path) -> AppState {
-        let db = Db::open(dir, DbOptions::default()).unwrap();
-        AppState {
-            rt: Runtime {
-                journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-                store: Arc::new(FjallStore::new(db.clone())),
-                audit: AuditLog::new(db.clone()),
-                db,
-                readiness: Readiness::default(),
-                shutdown: Default::default(),
-            },
-        }
-    }
-
-    #[tokio::test]
-    async fn ready_reflects_components() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = state(dir.path());
-        st.rt.readiness.set("store", ComponentStatus::Ready);
-        st.rt.readiness.set("mllp", ComponentStatus::Starting);
-        let req = || Request::get("/ready").body(Body::empty()).unwrap();
-        let res = app(st.clone()).oneshot(req()).await.unwrap();
-        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-        st.rt.readiness.set("mllp", ComponentStatus::Ready);
-        let res = app(st.clone()).oneshot(req()).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        let res = app(st)
-            .oneshot(Request::get("/health").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-    }
-}
+mod tests;

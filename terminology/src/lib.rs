@@ -1,10 +1,14 @@
 //! Terminology: named ConceptMaps that mapping files translate codes through.
 //!
-//! The mapping issue adds the built-in HL7 v2 tables it needs; the terminology issue grows this
+//! The built-in set is a small collection of HL7 v2 tables (administrative sex 0001, patient class
+//! 0004, abnormal flags 0078, observation result status 0085, marital status 0002, …) kept as data
+//! files in `terminology/conceptmaps/*.tsv` (one `source<TAB>target system<TAB>target code<TAB>
+//! display` per line; `*` is the fallback for unmapped codes). The terminology issue grows this
 //! into loadable CodeSystems, ValueSets and ConceptMaps with `$translate`, `$lookup` and
 //! `$validate-code` on the facade.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 /// A source code mapped to a target system and code, as a ConceptMap `group.element.target`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,11 +23,65 @@ pub struct Target {
 pub struct ConceptMap {
     pub name: String,
     pub entries: BTreeMap<String, Target>,
+    /// Target for codes the map does not list (ConceptMap `group.unmapped`, mode `fixed`).
+    pub unmapped: Option<Target>,
+}
+
+/// A malformed line in a ConceptMap data file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("conceptmap {map} line {line}: {reason}")]
+pub struct TerminologyError {
+    pub map: String,
+    pub line: usize,
+    pub reason: String,
 }
 
 impl ConceptMap {
+    /// Parses the TSV data format described in the crate docs.
+    pub fn parse(name: &str, text: &str) -> Result<Self, TerminologyError> {
+        let mut map = ConceptMap {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let cols: Vec<&str> = line.split('\t').collect();
+            if cols.len() < 3 || cols[0].is_empty() || cols[2].is_empty() {
+                return Err(TerminologyError {
+                    map: name.to_string(),
+                    line: i + 1,
+                    reason:
+                        "expected source, target system, target code[, display] separated by tabs"
+                            .into(),
+                });
+            }
+            let target = Target {
+                system: cols[1].to_string(),
+                code: cols[2].to_string(),
+                display: cols.get(3).filter(|d| !d.is_empty()).map(|d| d.to_string()),
+            };
+            if cols[0] == "*" {
+                map.unmapped = Some(target);
+            } else {
+                map.entries.insert(cols[0].to_string(), target);
+            }
+        }
+        Ok(map)
+    }
+
+    /// The target for `code`: an exact match, then a case-insensitive one, then the fallback.
     pub fn translate(&self, code: &str) -> Option<&Target> {
-        self.entries.get(code)
+        self.entries
+            .get(code)
+            .or_else(|| {
+                self.entries
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(code))
+                    .map(|(_, v)| v)
+            })
+            .or(self.unmapped.as_ref())
     }
 }
 
@@ -33,6 +91,108 @@ pub struct Terminology {
     maps: BTreeMap<String, ConceptMap>,
 }
 
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "v2-0001-gender",
+        include_str!("../conceptmaps/v2-0001-gender.tsv"),
+    ),
+    (
+        "v2-0002-marital-status",
+        include_str!("../conceptmaps/v2-0002-marital-status.tsv"),
+    ),
+    (
+        "v2-0004-encounter-class",
+        include_str!("../conceptmaps/v2-0004-encounter-class.tsv"),
+    ),
+    (
+        "v2-0038-order-status",
+        include_str!("../conceptmaps/v2-0038-order-status.tsv"),
+    ),
+    (
+        "v2-0078-interpretation",
+        include_str!("../conceptmaps/v2-0078-interpretation.tsv"),
+    ),
+    (
+        "v2-0085-observation-status",
+        include_str!("../conceptmaps/v2-0085-observation-status.tsv"),
+    ),
+    (
+        "v2-0119-order-control-status",
+        include_str!("../conceptmaps/v2-0119-order-control-status.tsv"),
+    ),
+    (
+        "v2-0123-report-status",
+        include_str!("../conceptmaps/v2-0123-report-status.tsv"),
+    ),
+    (
+        "v2-0127-allergy-category",
+        include_str!("../conceptmaps/v2-0127-allergy-category.tsv"),
+    ),
+    (
+        "v2-0128-allergy-criticality",
+        include_str!("../conceptmaps/v2-0128-allergy-criticality.tsv"),
+    ),
+    (
+        "v2-0128-allergy-severity",
+        include_str!("../conceptmaps/v2-0128-allergy-severity.tsv"),
+    ),
+    (
+        "v2-0190-address-type",
+        include_str!("../conceptmaps/v2-0190-address-type.tsv"),
+    ),
+    (
+        "v2-0190-address-use",
+        include_str!("../conceptmaps/v2-0190-address-use.tsv"),
+    ),
+    (
+        "v2-0200-name-use",
+        include_str!("../conceptmaps/v2-0200-name-use.tsv"),
+    ),
+    (
+        "v2-0201-telecom-use",
+        include_str!("../conceptmaps/v2-0201-telecom-use.tsv"),
+    ),
+    (
+        "v2-0202-telecom-system",
+        include_str!("../conceptmaps/v2-0202-telecom-system.tsv"),
+    ),
+    (
+        "v2-0271-document-status",
+        include_str!("../conceptmaps/v2-0271-document-status.tsv"),
+    ),
+    (
+        "v2-0278-appointment-status",
+        include_str!("../conceptmaps/v2-0278-appointment-status.tsv"),
+    ),
+    (
+        "v2-0322-immunization-status",
+        include_str!("../conceptmaps/v2-0322-immunization-status.tsv"),
+    ),
+    (
+        "v2-0396-system",
+        include_str!("../conceptmaps/v2-0396-system.tsv"),
+    ),
+    (
+        "v2-0485-priority",
+        include_str!("../conceptmaps/v2-0485-priority.tsv"),
+    ),
+];
+
+/// The built-in HL7 v2 tables, parsed once.
+pub fn builtin() -> &'static Terminology {
+    static T: OnceLock<Terminology> = OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = Terminology::default();
+        for (name, text) in BUILTIN {
+            // The data files ship with the crate; the `builtin_tables_parse` test keeps them valid.
+            if let Ok(map) = ConceptMap::parse(name, text) {
+                t.insert(map);
+            }
+        }
+        t
+    })
+}
+
 impl Terminology {
     pub fn insert(&mut self, map: ConceptMap) {
         self.maps.insert(map.name.clone(), map);
@@ -40,5 +200,83 @@ impl Terminology {
 
     pub fn map(&self, name: &str) -> Option<&ConceptMap> {
         self.maps.get(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.maps.keys().cloned().collect()
+    }
+
+    /// Translates `code` through the named map. `v2-0396-system` also turns `HL7nnnn` /
+    /// `HL7-nnnn` coding-system names into `http://terminology.hl7.org/CodeSystem/v2-nnnn`.
+    pub fn translate(&self, map: &str, code: &str) -> Option<Target> {
+        let m = self.maps.get(map)?;
+        if let Some(t) = m.entries.get(code) {
+            return Some(t.clone());
+        }
+        if map == "v2-0396-system" {
+            let digits = code
+                .strip_prefix("HL7")
+                .map(|d| d.trim_start_matches('-'))
+                .filter(|d| d.len() == 4 && d.bytes().all(|b| b.is_ascii_digit()));
+            if let Some(d) = digits {
+                return Some(Target {
+                    system: "uri".into(),
+                    code: format!("http://terminology.hl7.org/CodeSystem/v2-{d}"),
+                    display: None,
+                });
+            }
+            // A local coding system (`L`, `99ABC`) or a URI already: keep its name as a URI so
+            // the code stays interpretable, rather than dropping the system.
+            let code = code.trim();
+            if code.is_empty() {
+                return None;
+            }
+            return Some(Target {
+                system: "uri".into(),
+                code: if code.contains(':') {
+                    code.replace(char::is_whitespace, "%20")
+                } else {
+                    format!("urn:id:{}", code.replace(char::is_whitespace, "_"))
+                },
+                display: None,
+            });
+        }
+        m.translate(code).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_tables_parse() {
+        for (name, text) in BUILTIN {
+            ConceptMap::parse(name, text).unwrap();
+        }
+        assert_eq!(builtin().names().len(), BUILTIN.len());
+    }
+
+    #[test]
+    fn translates_v2_tables() {
+        let t = builtin();
+        assert_eq!(t.translate("v2-0001-gender", "F").unwrap().code, "female");
+        assert_eq!(
+            t.translate("v2-0004-encounter-class", "E").unwrap().code,
+            "EMER"
+        );
+        assert_eq!(
+            t.translate("v2-0004-encounter-class", "Q").unwrap().code,
+            "UNK"
+        );
+        assert!(t.translate("v2-0001-gender", "Q").is_none());
+        assert_eq!(
+            t.translate("v2-0396-system", "HL70078").unwrap().code,
+            "http://terminology.hl7.org/CodeSystem/v2-0078"
+        );
+        assert_eq!(
+            t.translate("v2-0396-system", "LN").unwrap().code,
+            "http://loinc.org"
+        );
     }
 }

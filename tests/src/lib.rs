@@ -1,1 +1,137 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by the end-to-end tests and their helper binaries.
+
+pub mod crash {
+    use sha2::{Digest, Sha256};
+
+    /// The 1 KiB payload a crash-test key always maps to, so the verifier can check it byte for
+    /// byte without having seen it.
+    pub fn payload_for(key: &str) -> Vec<u8> {
+        let seed = Sha256::digest(key.as_bytes());
+        let mut out = Vec::with_capacity(1024);
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'|');
+        while out.len() < 1024 {
+            out.extend_from_slice(&seed);
+        }
+        out.truncate(1024);
+        out
+    }
+}
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// Path of a workspace binary whose package has the same name (e.g. `tributary`), for tests
+/// that run it as a real process.
+///
+/// Integration tests only get `CARGO_BIN_EXE_*` for their own package, so this looks next to the
+/// test executable (`target/<profile>/`) and, when the binary is missing or older than nothing at
+/// all, builds it once with the same cargo and profile.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join(name);
+    BUILT.get_or_init(|| {
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .expect("running cargo build for the e2e binary");
+        assert!(status.success(), "cargo build --bin {name} failed");
+    });
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Path of the shared corpus folder (`../shared/corpus/<sub>` beside the repository), if present.
+pub fn corpus_dir(sub: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus")
+        .join(sub);
+    dir.is_dir().then_some(dir)
+}
+
+/// A free loopback TCP port (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `tributary serve` child process, killed on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub http: String,
+}
+
+impl Server {
+    /// Polls `GET /ready` until it answers 200 (or panics after `timeout`).
+    pub fn wait_ready(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(body) = http_get(&self.http, "/ready") {
+                if body.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server at {} never became ready",
+                self.http
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM (graceful shutdown) and waits for the exit status.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not stop within {timeout:?} of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal blocking HTTP/1.1 GET over a real socket: returns the whole response as text.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

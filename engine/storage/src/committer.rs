@@ -16,7 +16,12 @@ use fjall::{Database, PersistMode};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
+
+/// Longest a group waits for more jobs once it has one (see the gathering loop in `run`).
+const GATHER_BUDGET: Duration = Duration::from_micros(400);
+const GATHER_POLL: Duration = Duration::from_micros(40);
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn<'_>) -> Completion + Send>;
@@ -36,7 +41,8 @@ type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 pub struct Txn<'a> {
     tables: &'a Tables,
     pub counters: &'a mut Counters,
-    overlay: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// Latest op index in `ops` per key, for point reads within the group.
+    overlay: HashMap<(Table, Vec<u8>), usize>,
     ops: Vec<Op>,
     job_ops: Vec<Op>,
 }
@@ -51,8 +57,8 @@ impl<'a> Txn<'a> {
         {
             return Ok(v.clone());
         }
-        if let Some(v) = self.overlay.get(&(table, key.to_vec())) {
-            return Ok(v.clone());
+        if let Some(i) = self.overlay.get(&(table, key.to_vec())) {
+            return Ok(self.ops[*i].2.clone());
         }
         Ok(self.tables.get(table).get(key)?.map(|v| v.to_vec()))
     }
@@ -69,7 +75,7 @@ impl<'a> Txn<'a> {
         let ops = std::mem::take(&mut self.job_ops);
         if keep {
             for (t, k, v) in ops {
-                self.overlay.insert((t, k.clone()), v.clone());
+                self.overlay.insert((t, k.clone()), self.ops.len());
                 self.ops.push((t, k, v));
             }
         }
@@ -165,6 +171,7 @@ fn run(
     sync: bool,
     stats: Arc<CommitStats>,
 ) {
+    let mut last_group = 1usize;
     while let Some(first) = rx.blocking_recv() {
         let saved = counters.clone();
         let mut completions = Vec::with_capacity(64);
@@ -177,12 +184,24 @@ fn run(
                 job_ops: Vec::new(),
             };
             completions.push(first(&mut txn));
+            // Adaptive gathering: writers whose previous group just completed need a moment to
+            // submit again. When the last group was large (many concurrent writers), wait briefly
+            // for about as many jobs instead of committing the first few alone — otherwise the
+            // writers split into alternating half-size groups. A lone writer never waits.
+            let target = last_group.clamp(1, max_group);
+            let deadline = Instant::now() + GATHER_BUDGET;
             while completions.len() < max_group {
                 match rx.try_recv() {
                     Ok(job) => completions.push(job(&mut txn)),
+                    Err(mpsc::error::TryRecvError::Empty)
+                        if completions.len() < target && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(GATHER_POLL);
+                    }
                     Err(_) => break,
                 }
             }
+            last_group = completions.len();
             txn.ops
         };
         let result = if ops.is_empty() {

@@ -192,12 +192,17 @@ impl FjallJournal {
 
     async fn store(&self, envelope: Envelope, rejected: Option<String>) -> Result<AppendReceipt> {
         let window = self.dedup_window_ms;
+        // Encode here, on the caller's task: the committer thread is serial and must only write.
+        let id = envelope.id;
+        let received_at = envelope.received_at;
+        let payload_len = envelope.payload.len() as u64;
+        let dedup_key = envelope.dedup_key.clone();
+        let env_bytes = encode(&envelope);
         let receipt = self
             .db
             .committer()
             .run(move |txn| {
-                let id = envelope.id;
-                if let Some(key) = &envelope.dedup_key {
+                if let Some(key) = &dedup_key {
                     if let Some(prev) = txn.get(Table::Dedup, key.as_bytes())? {
                         let prev_id = MessageId::from_bytes(
                             prev[..16]
@@ -205,7 +210,7 @@ impl FjallJournal {
                                 .map_err(|_| StorageError::corrupt("dedup", "short"))?,
                         );
                         let prev_at = keys::read_i64(&prev[16..]).unwrap_or(i64::MIN);
-                        if envelope.received_at.saturating_sub(prev_at) <= window {
+                        if received_at.saturating_sub(prev_at) <= window {
                             return Ok(AppendReceipt {
                                 id: prev_id,
                                 seq: None,
@@ -214,29 +219,28 @@ impl FjallJournal {
                         }
                     }
                     let mut v = id.as_bytes().to_vec();
-                    v.extend_from_slice(&keys::i64_be(envelope.received_at));
+                    v.extend_from_slice(&keys::i64_be(received_at));
                     txn.put(Table::Dedup, key.as_bytes().to_vec(), v);
                 }
-                let now = envelope.received_at;
                 let (state, seq) = match rejected {
                     Some(reason) => (MessageState::Rejected { reason }, None),
                     None => (MessageState::Received, Some(enqueue(txn, id))),
                 };
                 let record = StateRecord {
-                    history: vec![(now, state.kind())],
+                    history: vec![(received_at, state.kind())],
                     state,
                     seq,
-                    updated_at: now,
+                    updated_at: received_at,
                     attempts: u32::from(seq.is_some()),
                     mapping_version: None,
                 };
                 txn.put(
                     Table::Time,
-                    time_key(envelope.received_at, &id),
-                    (envelope.payload.len() as u64).to_be_bytes().to_vec(),
+                    time_key(received_at, &id),
+                    payload_len.to_be_bytes().to_vec(),
                 );
                 txn.put(Table::State, id.as_bytes().to_vec(), encode(&record));
-                txn.put(Table::Msg, id.as_bytes().to_vec(), encode(&envelope));
+                txn.put(Table::Msg, id.as_bytes().to_vec(), env_bytes);
                 Ok(AppendReceipt {
                     id,
                     seq,

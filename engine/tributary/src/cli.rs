@@ -59,9 +59,104 @@ pub enum Command {
     /// Inspect the message journal: list, show, stats.
     #[command(subcommand)]
     Journal(JournalCommand),
+    /// Convert HL7 v2 message files to FHIR R4 Bundles with a mapping set (no server needed).
+    Map(crate::mapping_cli::MapArgs),
+    /// Work on mapping sets: run fixtures (`test`), check files (`check`).
+    #[command(subcommand)]
+    Mapping(crate::mapping_cli::MappingCommand),
+    /// Queue failed (or selected) messages for mapping again, e.g. after fixing a mapping file.
+    #[command(
+        after_help = "Examples:\n  tributary replay --failed\n  tributary replay 0193f0c2-7a9e-7c4e-9d2b-1f2a3b4c5d6e"
+    )]
+    Replay(ReplayArgs),
     /// Load generators and storage benchmarks.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Issue access tokens signed by the local key in the data directory.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Verify and export the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Revoke consents / grants: tokens issued under them fail from the next request on.
+    #[command(subcommand)]
+    Consent(ConsentCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Sign a token with the data directory's local key (created on first use). The token is the
+    /// last line printed.
+    #[command(
+        after_help = "Examples:\n  tributary token issue --client my-app --scope \"user/*.rs\"\n  tributary token issue --client portal --scope \"patient/*.rs\" --patient p1 --tenant acme\n  TOKEN=$(tributary token issue --client ops --scope \"system/*.cruds\" | tail -1)\n  curl -H \"Authorization: Bearer $TOKEN\" http://127.0.0.1:8080/fhir/Patient"
+    )]
+    Issue(IssueArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IssueArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Client id (`client_id` claim): rate limits and audit records are per client.
+    #[arg(long)]
+    pub client: String,
+    /// SMART scopes, space separated: "patient/Observation.rs user/*.read system/Patient.cruds".
+    #[arg(long)]
+    pub scope: String,
+    /// Patient context (a Patient resource id): patient/ scopes are narrowed to it.
+    #[arg(long)]
+    pub patient: Option<String>,
+    /// Tenant (default: `default_tenant` from the config).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Role: one of `facade.auth.roles` (view, edit, admin, audit, clinician by default).
+    #[arg(long)]
+    pub role: Option<String>,
+    /// User id (`sub`); defaults to the client id.
+    #[arg(long)]
+    pub sub: Option<String>,
+    /// Consent / grant id: revoking it (`tributary consent revoke`) invalidates the token.
+    #[arg(long)]
+    pub grant: Option<String>,
+    /// Lifetime in seconds (negative values issue an already expired token, for testing).
+    #[arg(long, default_value_t = 3600, allow_hyphen_values = true)]
+    pub ttl: i64,
+    /// Audience; defaults to the first of `facade.auth.audiences`.
+    #[arg(long)]
+    pub audience: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 1 naming the first bad record if anything was edited, deleted
+    /// or reordered.
+    #[command(after_help = "Example:\n  tributary audit verify --data-dir /var/lib/tributary")]
+    Verify(Common),
+    /// Print audit records as JSON lines (each with its seq and prev hash) for a SIEM.
+    #[command(
+        after_help = "Examples:\n  tributary audit export --since 2026-11-01\n  tributary audit export --since 2026-11-23T08:00:00Z --until 2026-11-24 > audit.jsonl"
+    )]
+    Export {
+        #[command(flatten)]
+        common: Common,
+        /// RFC 3339 time or YYYY-MM-DD (inclusive)
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 time or YYYY-MM-DD (exclusive)
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsentCommand {
+    /// Durably revoke a consent / grant id (matched against tokens' `grant` and `jti` claims).
+    #[command(after_help = "Example:\n  tributary consent revoke consent-2026-0042")]
+    Revoke {
+        #[command(flatten)]
+        common: Common,
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +169,17 @@ pub struct ServeArgs {
     /// MLLP listen address; overrides `mllp.listen` ("" disables).
     #[arg(long)]
     pub mllp_listen: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Replay every message in state `failed`.
+    #[arg(long)]
+    pub failed: bool,
+    /// Message ids to replay.
+    pub ids: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +266,101 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Journal(cmd) => journal(cmd),
         Command::Bench(cmd) => crate::bench::run(cmd),
+        Command::Map(args) => crate::mapping_cli::map(args),
+        Command::Mapping(cmd) => crate::mapping_cli::mapping(cmd),
+        Command::Replay(args) => replay(args),
+        Command::Token(TokenCommand::Issue(args)) => issue_token(args),
+        Command::Audit(cmd) => audit(cmd),
+        Command::Consent(ConsentCommand::Revoke { common, id }) => {
+            let config = common.load()?;
+            let path = tributary_facade::revocation::revoke_in_data_dir(&config.data_dir, &id)?;
+            eprintln!("revoked {id} (list: {})", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn issue_token(args: IssueArgs) -> anyhow::Result<ExitCode> {
+    let config = args.common.load()?;
+    let auth = &config.facade.auth;
+    if !auth.local_key {
+        anyhow::bail!("facade.auth.local_key is false: tokens come from your identity provider");
+    }
+    let key = tributary_facade::LocalSigningKey::load_or_create(&config.data_dir)?;
+    let req = tributary_facade::IssueRequest {
+        client_id: args.client,
+        scope: args.scope,
+        subject: args.sub,
+        patient: args.patient,
+        tenant: args.tenant,
+        role: args.role,
+        grant: args.grant,
+        ttl_secs: args.ttl,
+        issuer: auth.issuers[0].clone(),
+        audience: args.audience.unwrap_or_else(|| auth.audiences[0].clone()),
+        clock_offset_secs: 0,
+    };
+    let token = tributary_facade::auth::issue(&key, &req)?;
+    eprintln!(
+        "token for client {} (kid {}, expires in {} s):",
+        req.client_id, key.kid, req.ttl_secs
+    );
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify(common) => {
+            let config = common.load()?;
+            let db = Db::open(&config.data_dir, DbOptions::default())
+                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            match tributary_storage::AuditLog::new(db).verify()? {
+                Ok(report) => {
+                    println!(
+                        "audit chain intact: {} records, head {}",
+                        report.entries, report.head_hash
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(bad) => {
+                    println!("AUDIT CHAIN BROKEN at record {}: {}", bad.seq, bad.reason);
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        AuditCommand::Export {
+            common,
+            since,
+            until,
+        } => {
+            let config = common.load()?;
+            let since = parse_time("since", &since)?.unwrap_or(i64::MIN);
+            let until = parse_time("until", &until)?.unwrap_or(i64::MAX);
+            let db = Db::open(&config.data_dir, DbOptions::default())
+                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            let log = tributary_storage::AuditLog::new(db);
+            use std::io::Write;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut after = 0;
+            loop {
+                let batch = log.read_after(after, 4096)?;
+                if batch.is_empty() {
+                    break;
+                }
+                for e in batch {
+                    after = e.seq;
+                    let t = e.body.get("time").and_then(|v| v.as_i64()).unwrap_or(0);
+                    if t >= since && t < until {
+                        serde_json::to_writer(&mut out, &e)?;
+                        out.write_all(b"\n")?;
+                    }
+                }
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -245,4 +446,41 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = args.common.load()?;
+    let mut ids: Vec<MessageId> = args
+        .ids
+        .iter()
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{s:?} is not a message id (UUID)"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let j = open_journal(&config)?;
+    if args.failed {
+        let filter = ListFilter {
+            state: Some(StateKind::Failed),
+            ..Default::default()
+        };
+        ids.extend(j.list(&filter)?.into_iter().map(|(id, _, _)| id));
+    }
+    if ids.is_empty() {
+        if args.failed {
+            println!("no failed messages");
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("nothing to replay: give message ids or --failed");
+        return Ok(ExitCode::from(1));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let seqs = rt.block_on(j.replay(&ids))?;
+    println!(
+        "queued {} message(s) for mapping again (a running `tributary serve` picks them up)",
+        seqs.len()
+    );
+    Ok(ExitCode::SUCCESS)
 }

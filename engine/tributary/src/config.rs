@@ -39,6 +39,20 @@ pub struct Config {
     pub http: HttpConfig,
     pub mllp: MllpConfig,
     pub journal: JournalConfig,
+    /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
+    pub mapping: tributary_pipeline::MappingConfig,
+    /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
+    pub facade: tributary_facade::FacadeConfig,
+    /// Outbox → Kafka relay; absent = off (see `tributary_kafka::KafkaConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<tributary_kafka::KafkaConfig>,
+    /// RabbitMQ sink and/or queue source; absent = off (see `tributary_amqp::AmqpConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub amqp: Option<tributary_amqp::AmqpConfig>,
+    /// FHIR Subscriptions out (rest-hook) and in; absent = off
+    /// (see `tributary_subscriptions::SubscriptionsConfig`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriptions: Option<tributary_subscriptions::SubscriptionsConfig>,
 }
 
 impl Default for Config {
@@ -50,6 +64,11 @@ impl Default for Config {
             http: HttpConfig::default(),
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
+            mapping: tributary_pipeline::MappingConfig::default(),
+            facade: tributary_facade::FacadeConfig::default(),
+            kafka: None,
+            amqp: None,
+            subscriptions: None,
         }
     }
 }
@@ -243,12 +262,34 @@ impl Config {
         })?;
         check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        self.mapping.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
         check_positive("journal.max_group", self.journal.max_group as u64)?;
         check_positive("journal.queue_bound", self.journal.queue_bound as u64)?;
         check_positive(
             "journal.retention.prune_interval_secs",
             self.journal.retention.prune_interval_secs,
         )?;
+        self.facade.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            allowed: e.allowed,
+        })?;
+        if let Some(k) = &self.kafka {
+            k.validate()
+                .map_err(|e| invalid(&format!("kafka.{}", e.key), e.value, &e.allowed))?;
+        }
+        if let Some(a) = &self.amqp {
+            a.validate()
+                .map_err(|e| invalid(&format!("amqp.{}", e.key), e.value, &e.allowed))?;
+        }
+        if let Some(s) = &self.subscriptions {
+            s.validate()
+                .map_err(|e| invalid(&format!("subscriptions.{}", e.key), e.value, &e.allowed))?;
+        }
         Ok(())
     }
 }
@@ -337,6 +378,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("max_group"), "{msg}");
+    }
+
+    #[test]
+    fn broker_sections_are_optional_and_validated() {
+        let c = load("", &[]).unwrap();
+        assert!(c.kafka.is_none() && c.amqp.is_none());
+        let c = load(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[amqp.sink]\nexchange = \"ev\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.unwrap().resource_topic, "fhir.r4.{resource_type}");
+        assert_eq!(c.amqp.unwrap().sink.unwrap().exchange, "ev");
+        let msg = load("[kafka]\nbrokers = \"nope\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("kafka.brokers") && msg.contains("host:port"),
+            "{msg}"
+        );
+        let msg = load("[amqp.source]\nprefetch = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("amqp.source.prefetch"), "{msg}");
     }
 
     #[test]

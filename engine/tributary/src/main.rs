@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod config;
 mod logging;
+mod mapping_cli;
 mod serve;
 
 use clap::Parser;

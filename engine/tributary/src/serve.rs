@@ -3,7 +3,7 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_runtime::{ComponentStatus, Readiness, Runtime};
+use tributary_runtime::{ComponentStatus, Readiness, Runtime, Sink, Source};
 use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore, RetentionPolicy};
 
 /// Opens the data directory and builds the shared runtime.
@@ -42,11 +42,80 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
 
+    // The mapping pipeline: a mapping set that does not load stops startup with every
+    // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
+    let mapping_dir = config.mapping.hl7v2_dir();
+    let default_dir = config.mapping.dir == tributary_pipeline::MappingConfig::default().dir;
+    if !mapping_dir.is_dir() && default_dir {
+        // No mapping set next to a config-less `tributary serve`: ingest and journal still work;
+        // messages wait in `received` until a pipeline with mappings runs.
+        tracing::warn!(dir = %mapping_dir.display(), "no mapping set found; mapping pipeline not started");
+    } else {
+        let registry = tributary_pipeline::MappingRegistry::load(&mapping_dir).map_err(|e| {
+            anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
+        })?;
+        let pipeline =
+            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone());
+        rt.readiness
+            .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
+        let pipeline_rt = rt.clone();
+        tasks.spawn(async move { pipeline.run(pipeline_rt).await.context("pipeline") });
+    }
+
+    // Egress relays and ingress adapters: one line each.
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    if let Some(k) = &config.kafka {
+        sinks.push(Box::new(tributary_kafka::KafkaSink::new(k.clone())?));
+    }
+    if let Some(a) = &config.amqp {
+        sinks.extend(tributary_amqp::AmqpEgress::new(a).map(|s| Box::new(s) as Box<dyn Sink>));
+        sources.extend(
+            tributary_amqp::AmqpIngress::new(a, &config.default_tenant)
+                .map(|s| Box::new(s) as Box<dyn Source>),
+        );
+    }
+    let mut extra_routes = axum::Router::new();
+    if let Some(s) = &config.subscriptions {
+        let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
+        extra_routes = extra_routes.merge(tributary_subscriptions::router(service.clone(), &rt));
+        sinks.push(Box::new(tributary_subscriptions::SubscriptionsSink::new(
+            service,
+        )));
+    }
+    for sink in sinks {
+        tracing::info!(sink = sink.name(), "starting sink");
+        tasks.spawn(sink.run(rt.clone()));
+    }
+    for source in sources {
+        tracing::info!(source = source.name(), "starting source");
+        tasks.spawn(source.run(rt.clone()));
+    }
+
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     tracing::info!(addr = %config.http.listen, "http listening");
-    let app = tributary_facade::app(tributary_facade::AppState { rt: rt.clone() });
+    let facade = tributary_facade::Facade::new(
+        config.facade.clone(),
+        &config.data_dir,
+        &config.default_tenant,
+    )
+    .context("setting up the FHIR facade")?;
+    let facade = std::sync::Arc::new(facade);
+    if !config.facade.auth.jwks_url.is_empty() {
+        // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
+        let f = facade.clone();
+        tokio::spawn(async move { f.auth.refresh_jwks().await });
+    }
+    let app = tributary_facade::app(tributary_facade::AppState {
+        rt: rt.clone(),
+        facade,
+    })
+    .layer(axum::extract::DefaultBodyLimit::max(
+        config.http.max_body_bytes,
+    ))
+    .merge(extra_routes);
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)

@@ -1,0 +1,241 @@
+//! RabbitMQ queue → journal. Manual acknowledgements: a delivery is acked only after
+//! `journal.append` returned (the message is durable), so `kill -9` at any instant either leaves
+//! the message in the queue (redelivered) or in the journal (and a redelivery is recognised by
+//! its de-duplication key and not stored twice).
+
+use crate::config::{redact, AmqpConfig, AmqpSourceConfig, SourceProtocol};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tributary_core::{Envelope, Protocol};
+use tributary_runtime::{ComponentStatus, Readiness};
+use tributary_storage::Journal;
+
+/// HL7 v2 MSH-10 (message control id) of a message, if it has a readable MSH segment.
+pub fn hl7_control_id(payload: &[u8]) -> Option<String> {
+    let seg_end = payload
+        .iter()
+        .position(|b| *b == b'\r' || *b == b'\n')
+        .unwrap_or(payload.len());
+    let msh = payload.get(..seg_end)?;
+    if !msh.starts_with(b"MSH") || msh.len() < 4 {
+        return None;
+    }
+    let sep = msh[3];
+    // MSH-1 is the separator itself, so MSH-10 is the 10th element after splitting.
+    let field = msh.split(|b| *b == sep).nth(9)?;
+    let id = std::str::from_utf8(field).ok()?.trim();
+    (!id.is_empty() && id.len() <= 199).then(|| id.to_string())
+}
+
+pub struct AmqpSource {
+    cfg: AmqpConfig,
+    src: AmqpSourceConfig,
+    default_tenant: String,
+    journal: Arc<dyn Journal>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+    component: String,
+}
+
+impl AmqpSource {
+    pub fn new(
+        cfg: AmqpConfig,
+        default_tenant: &str,
+        journal: Arc<dyn Journal>,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> Option<Self> {
+        let src = cfg.source.clone()?;
+        Some(Self {
+            cfg,
+            src,
+            default_tenant: default_tenant.to_string(),
+            journal,
+            readiness,
+            shutdown,
+            component: "amqp-source".into(),
+        })
+    }
+
+    fn envelope(&self, d: &Delivery) -> Envelope {
+        let content_type = d
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
+        let protocol = match self.src.protocol {
+            SourceProtocol::Hl7v2 => Protocol::Hl7v2,
+            SourceProtocol::Fhir => Protocol::Fhir,
+            SourceProtocol::Auto if content_type.contains("fhir") => Protocol::Fhir,
+            SourceProtocol::Auto => Protocol::Hl7v2,
+        };
+        let tenant = if self.src.tenant.is_empty() {
+            &self.default_tenant
+        } else {
+            &self.src.tenant
+        };
+        let message_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_string());
+        let control_id = match protocol {
+            Protocol::Hl7v2 => hl7_control_id(&d.data),
+            _ => None,
+        };
+        let mut b = Envelope::builder(protocol, d.data.clone())
+            .tenant(tenant.as_str())
+            .partner(self.src.partner.as_str())
+            .meta("ingress", "amqp")
+            .meta("amqp.queue", self.src.queue.as_str());
+        if let Some(id) = control_id.as_ref().or(message_id.as_ref()) {
+            b = b.dedup_key(format!("{}/{id}", self.src.partner));
+        }
+        if let Some(id) = &control_id {
+            b = b.meta("hl7.control_id", id.as_str());
+        }
+        if let Some(id) = &message_id {
+            b = b.meta("amqp.message_id", id.as_str());
+        }
+        b.build()
+    }
+
+    /// Runs until shutdown; reconnects with backoff.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
+        self.readiness
+            .set(&self.component, ComponentStatus::Starting);
+        while !self.shutdown.is_cancelled() {
+            match self.consume(&mut backoff).await {
+                Ok(()) => break,
+                Err(reason) => {
+                    tracing::warn!(component = %self.component, %reason, retry_in_ms = backoff.as_millis() as u64, "amqp source: consumption stopped");
+                    self.readiness
+                        .set(&self.component, ComponentStatus::Failed { reason });
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, backoff: &mut Duration) -> Result<(), String> {
+        let broker = redact(&self.cfg.url);
+        let conn = Connection::connect(
+            &self.cfg.url,
+            ConnectionProperties::default().with_connection_name("tributary-ingest".into()),
+        )
+        .await
+        .map_err(|e| format!("connecting to {broker}: {e}"))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| format!("opening a channel: {e}"))?;
+        ch.basic_qos(self.src.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| format!("setting prefetch: {e}"))?;
+        if self.src.declare_queue {
+            ch.queue_declare(
+                self.src.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("declaring queue {}: {e}", self.src.queue))?;
+        }
+        let mut consumer = ch
+            .basic_consume(
+                self.src.queue.as_str().into(),
+                "tributary".into(),
+                BasicConsumeOptions {
+                    no_ack: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming queue {}: {e}", self.src.queue))?;
+        self.readiness.set(&self.component, ComponentStatus::Ready);
+        tracing::info!(component = %self.component, %broker, queue = %self.src.queue, prefetch = self.src.prefetch, "amqp source consuming");
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                n = consumer.next() => n,
+            };
+            let delivery = match next {
+                None => return Err("the broker cancelled the consumer".into()),
+                Some(Err(e)) => return Err(format!("consumer: {e}")),
+                Some(Ok(d)) => d,
+            };
+            if delivery.data.len() > self.src.max_message_bytes {
+                tracing::warn!(component = %self.component, queue = %self.src.queue, bytes = delivery.data.len(), limit = self.src.max_message_bytes, "message too large; rejected (not requeued)");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| format!("nack: {e}"))?;
+                continue;
+            }
+            let env = self.envelope(&delivery);
+            let protocol = env.protocol;
+            match self.journal.append(env).await {
+                Ok(receipt) => {
+                    // Durable now: only then tell the broker it may forget the message.
+                    delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map_err(|e| format!("ack: {e}"))?;
+                    tracing::debug!(component = %self.component, message = %receipt.id, %protocol, "journaled from amqp");
+                    *backoff = Duration::from_millis(self.cfg.retry_initial_ms);
+                }
+                Err(e) => {
+                    // Not stored: give it back to the queue and slow down.
+                    let _ = delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                    return Err(format!("journal append failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_id_from_msh10() {
+        let m = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-42|P|2.5\rPID|1||123";
+        assert_eq!(hl7_control_id(m).as_deref(), Some("CTRL-42"));
+        assert_eq!(hl7_control_id(b"PID|1"), None);
+        assert_eq!(hl7_control_id(b"MSH|^~\\&|A"), None);
+    }
+}

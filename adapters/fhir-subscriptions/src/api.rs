@@ -1,0 +1,467 @@
+//! HTTP side: `$status`, `$events`, the dead-letter list, and the inbound notification endpoint
+//! (Subscriptions in). Exported as one axum [`Router`] the binary mounts under the FHIR base.
+//!
+//! Tenant: taken from the `x-tributary-tenant` request header that the facade's authorization
+//! layer sets, else the default tenant.
+
+use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
+use crate::config::InboundPartner;
+use crate::engine::{SubState, SubscriptionService};
+use crate::model::{Content, SubscriptionSpec};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tributary_core::{Envelope, Protocol};
+use tributary_storage::Journal;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub service: Arc<SubscriptionService>,
+    pub journal: Arc<dyn Journal>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    router_at("", state)
+}
+
+/// The same routes under `prefix` (e.g. `/fhir`), as plain paths so the router merges with the
+/// facade's without a nesting conflict.
+pub fn router_at(prefix: &str, state: ApiState) -> Router {
+    Router::new()
+        .route(
+            &format!("{prefix}/Subscription/{{id}}/$status"),
+            get(status),
+        )
+        .route(
+            &format!("{prefix}/Subscription/{{id}}/$events"),
+            get(events),
+        )
+        .route(
+            &format!("{prefix}/Subscription/$dead-letters"),
+            get(dead_letters),
+        )
+        .route(
+            &format!("{prefix}/subscription-hook/{{partner}}"),
+            post(inbound),
+        )
+        .with_state(state)
+}
+
+fn outcome(code: StatusCode, issue: &str, text: &str) -> Response {
+    let body = json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": issue, "diagnostics": text}],
+    });
+    (
+        code,
+        [("content-type", "application/fhir+json")],
+        Json(body),
+    )
+        .into_response()
+}
+
+fn fhir(body: Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/fhir+json")],
+        Json(body),
+    )
+        .into_response()
+}
+
+fn tenant(state: &ApiState, headers: &HeaderMap) -> String {
+    headers
+        .get("x-tributary-tenant")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| state.service.default_tenant.clone())
+}
+
+/// The subscription's spec and state: from the running worker, else from the store.
+/// (The error is the finished HTTP answer; these are rare, so its size does not matter.)
+#[allow(clippy::result_large_err)]
+fn load(
+    state: &ApiState,
+    tenant: &str,
+    id: &str,
+) -> Result<(SubscriptionSpec, SubState), Response> {
+    if let Some(found) = state.service.state(tenant, id) {
+        return Ok(found);
+    }
+    let stored = state
+        .service
+        .store
+        .read(tenant, "Subscription", id)
+        .map_err(|_| {
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "store error",
+            )
+        })?
+        .filter(|r| !r.deleted)
+        .ok_or_else(|| outcome(StatusCode::NOT_FOUND, "not-found", "no such Subscription"))?;
+    let body = stored.resource().map_err(|_| {
+        outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "store error",
+        )
+    })?;
+    let spec = SubscriptionSpec::parse(tenant, id, stored.version, &body, true)
+        .map_err(|e| outcome(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string()))?;
+    let st = SubState {
+        status: spec.status.clone(),
+        error: body
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        ..Default::default()
+    };
+    Ok((spec, st))
+}
+
+async fn status(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let t = tenant(&state, &headers);
+    let (spec, st) = match load(&state, &t, &id) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    fhir(bundle::status_bundle(&StatusInfo {
+        base_url: &state.service.cfg.base_url,
+        spec: &spec,
+        status: &st.status,
+        events_since_start: st.events_since_start,
+        error: st.error.as_deref(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventsQuery {
+    events_since_number: Option<u64>,
+    events_until_number: Option<u64>,
+    content: Option<String>,
+}
+
+/// `$events`: past notifications re-built from the outbox (catch-up after downtime).
+async fn events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    let t = tenant(&state, &headers);
+    let (spec, st) = match load(&state, &t, &id) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let content = match q.content.as_deref() {
+        None => spec.content,
+        Some("empty") => Content::Empty,
+        Some("id-only") => Content::IdOnly,
+        Some("full-resource") => Content::FullResource,
+        Some(other) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                &format!("content {other:?}: expected empty, id-only or full-resource"),
+            )
+        }
+    };
+    let start = match state.service.start_of(&t, &id) {
+        Ok(0) | Err(_) => {
+            return outcome(
+                StatusCode::CONFLICT,
+                "not-found",
+                "this Subscription has not started delivering yet",
+            )
+        }
+        Ok(s) => s,
+    };
+    let since = q.events_since_number.unwrap_or(1).max(1);
+    let until = q.events_until_number.unwrap_or(u64::MAX);
+    let head = state.service.store.outbox().head();
+    let (total, found) = match state
+        .service
+        .numbered(&spec, start, head, since, until, 100)
+    {
+        Ok(x) => x,
+        Err(_) => {
+            return outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "store error",
+            )
+        }
+    };
+    let numbered: Vec<NumberedEvent<'_>> = found
+        .iter()
+        .map(|(n, e)| NumberedEvent {
+            number: *n,
+            event: e,
+        })
+        .collect();
+    fhir(bundle::notification_bundle(
+        &StatusInfo {
+            base_url: &state.service.cfg.base_url,
+            spec: &spec,
+            status: &st.status,
+            events_since_start: total.max(st.events_since_start),
+            error: st.error.as_deref(),
+        },
+        NotificationType::QueryEvent,
+        &numbered,
+        content,
+    ))
+}
+
+async fn dead_letters(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let t = tenant(&state, &headers);
+    let list: Vec<_> = state
+        .service
+        .dead_letters()
+        .into_iter()
+        .filter(|d| d.tenant == t)
+        .collect();
+    Json(json!({"deadLetters": list})).into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// OAuth2 client-credentials token for fetching from the upstream server.
+async fn upstream_token(
+    http: &reqwest::Client,
+    p: &InboundPartner,
+) -> Result<Option<String>, String> {
+    let Some(url) = &p.token_url else {
+        return Ok(None);
+    };
+    let mut form = vec![("grant_type", "client_credentials".to_string())];
+    if let Some(s) = &p.scope {
+        form.push(("scope", s.clone()));
+    }
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.replace(' ', "+")))
+        .collect::<Vec<_>>()
+        .join("&");
+    let r = http
+        .post(url)
+        .basic_auth(
+            p.client_id.as_deref().unwrap_or_default(),
+            p.client_secret.as_deref(),
+        )
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .map_err(|_| "token endpoint unreachable".to_string())?;
+    if !r.status().is_success() {
+        return Err(format!(
+            "token endpoint answered HTTP {}",
+            r.status().as_u16()
+        ));
+    }
+    let v: Value = r
+        .json()
+        .await
+        .map_err(|_| "token endpoint answered no JSON".to_string())?;
+    v.get("access_token")
+        .and_then(Value::as_str)
+        .map(|s| Some(s.to_string()))
+        .ok_or_else(|| "token response has no access_token".to_string())
+}
+
+/// Fills `resource` into id-only entries by reading them from the partner's server. Only
+/// references under `upstream_base_url` are fetched (never an arbitrary URL).
+async fn fetch_resources(
+    http: &reqwest::Client,
+    p: &InboundPartner,
+    bundle: &mut Value,
+) -> Result<usize, String> {
+    let Some(base) = p
+        .upstream_base_url
+        .as_deref()
+        .map(|b| b.trim_end_matches('/'))
+    else {
+        return Ok(0);
+    };
+    let token = upstream_token(http, p).await?;
+    let mut fetched = 0;
+    let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else {
+        return Ok(0);
+    };
+    for e in entries.iter_mut() {
+        if e.get("resource").is_some() {
+            continue;
+        }
+        let Some(url) = e.get("fullUrl").and_then(Value::as_str).map(str::to_string) else {
+            continue;
+        };
+        let target = if url.starts_with("http://") || url.starts_with("https://") {
+            if !url.starts_with(&format!("{base}/")) {
+                return Err("a focus reference is outside the partner's base URL".into());
+            }
+            url
+        } else {
+            format!("{base}/{}", url.trim_start_matches('/'))
+        };
+        if e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE") {
+            continue;
+        }
+        let mut req = http.get(&target).header("accept", "application/fhir+json");
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|_| "upstream server unreachable".to_string())?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "upstream read answered HTTP {}",
+                r.status().as_u16()
+            ));
+        }
+        let res: Value = r
+            .json()
+            .await
+            .map_err(|_| "upstream read answered no JSON".to_string())?;
+        e["resource"] = res;
+        fetched += 1;
+    }
+    Ok(fetched)
+}
+
+/// `POST /subscription-hook/<partner>`: a notification from an upstream FHIR server.
+/// Handshakes and heartbeats are answered; event notifications (id-only ones completed with
+/// the resources) are journaled as FHIR messages before the 200.
+async fn inbound(
+    State(state): State<ApiState>,
+    Path(partner): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(p) = state
+        .service
+        .cfg
+        .inbound
+        .iter()
+        .find(|p| p.partner == partner)
+        .cloned()
+    else {
+        return outcome(StatusCode::NOT_FOUND, "not-found", "unknown partner");
+    };
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), p.token.as_bytes()) {
+        tracing::warn!(%partner, "inbound notification with a bad or missing token");
+        return outcome(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "bad or missing bearer token",
+        );
+    }
+    let Ok(mut bundle) = serde_json::from_slice::<Value>(&body) else {
+        return outcome(StatusCode::BAD_REQUEST, "structure", "body is not JSON");
+    };
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "expected a notification Bundle",
+        );
+    }
+    let Some((kind, events)) = bundle::read_status(&bundle) else {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "the Bundle has no SubscriptionStatus parameters",
+        );
+    };
+    match kind.as_str() {
+        "handshake" | "heartbeat" => {
+            tracing::info!(%partner, kind, "inbound subscription notification");
+            return (StatusCode::OK, Json(json!({}))).into_response();
+        }
+        "event-notification" | "query-event" => {}
+        other => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                &format!("notification type {other:?} is not accepted"),
+            )
+        }
+    }
+    let fetched = match fetch_resources(&state.service.http, &p, &mut bundle).await {
+        Ok(n) => n,
+        Err(reason) => {
+            tracing::warn!(%partner, %reason, "inbound notification: fetching resources failed");
+            // 503: the sender retries later; nothing is journaled half-complete.
+            return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", &reason);
+        }
+    };
+    let sub = bundle
+        .pointer("/entry/0/resource/parameter")
+        .and_then(Value::as_array)
+        .and_then(|ps| {
+            ps.iter()
+                .find(|x| x.get("name").and_then(Value::as_str) == Some("subscription"))
+        })
+        .and_then(|x| x.pointer("/valueReference/reference"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let numbers: Vec<u64> = events.iter().map(|(n, _)| *n).collect();
+    let tenant = if p.tenant.is_empty() {
+        state.service.default_tenant.clone()
+    } else {
+        p.tenant.clone()
+    };
+    let mut env = Envelope::builder(
+        Protocol::Fhir,
+        serde_json::to_vec(&bundle).expect("a Value always serializes"),
+    )
+    .tenant(tenant)
+    .partner(partner.as_str())
+    .meta("ingress", "fhir-subscription")
+    .meta("fhir.notification", kind.as_str())
+    .meta("fhir.events", numbers.len().to_string())
+    .meta("fhir.fetched", fetched.to_string());
+    if let (Some(first), Some(last)) = (numbers.first(), numbers.last()) {
+        if *first > 0 {
+            env = env.dedup_key(format!("{partner}/{sub}/{first}-{last}"));
+        }
+    }
+    match state.journal.append(env.build()).await {
+        Ok(r) => {
+            tracing::info!(%partner, message = %r.id, events = numbers.len(), fetched, duplicate = r.duplicate, "inbound notification journaled");
+            (StatusCode::OK, Json(json!({}))).into_response()
+        }
+        Err(e) => {
+            tracing::error!(%partner, error = %e, "inbound notification could not be journaled");
+            outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "journal unavailable",
+            )
+        }
+    }
+}

@@ -1,0 +1,651 @@
+//! Delivery: one worker per active Subscription, each with its own durable outbox cursor
+//! (`sub:<tenant>/<id>`), so a subscriber whose endpoint is down holds back nobody else and
+//! resumes exactly where it stopped — after an outage or a restart.
+//!
+//! Per Subscription: handshake (status `requested` → `active`), then event-notification
+//! Bundles in outbox order (at most `max_count` events each), heartbeats when idle, retries with
+//! exponential backoff, and after `give_up_after_secs` the events are dead-lettered, the status
+//! becomes `error` (with the reason in `Subscription.error`) and delivery moves on. Event numbers
+//! count matching events from the subscription's start, so `$events` can recompute them.
+
+use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
+use crate::config::SubscriptionsConfig;
+use crate::model::{Change, ChannelType, SubscriptionSpec};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tributary_runtime::{ComponentStatus, Readiness};
+use tributary_storage::{
+    OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction, WriteOp,
+};
+
+/// A notification that could not be delivered before the give-up time.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DeadLetter {
+    pub tenant: String,
+    pub subscription: String,
+    pub event_numbers: Vec<u64>,
+    pub event_ids: Vec<String>,
+    /// HTTP status or transport error kind; never a payload.
+    pub reason: String,
+    pub at: String,
+}
+
+/// What `$status` and the operators see of one subscription.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SubState {
+    pub status: String,
+    pub events_since_start: u64,
+    pub error: Option<String>,
+    pub delivered_notifications: u64,
+    pub failed_attempts: u64,
+    pub heartbeats: u64,
+}
+
+struct SubHandle {
+    spec: RwLock<SubscriptionSpec>,
+    state: Mutex<SubState>,
+    cancel: CancellationToken,
+    changed: Notify,
+}
+
+/// Shared by the delivery workers and the HTTP operations (`$status`, `$events`).
+pub struct SubscriptionService {
+    pub(crate) cfg: SubscriptionsConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) default_tenant: String,
+    pub(crate) http: reqwest::Client,
+    subs: RwLock<HashMap<(String, String), Arc<SubHandle>>>,
+    dead_letters: Mutex<VecDeque<DeadLetter>>,
+}
+
+const MAX_DEAD_LETTERS: usize = 10_000;
+
+fn key(tenant: &str, id: &str) -> String {
+    format!("{tenant}/{id}")
+}
+
+impl SubscriptionService {
+    pub fn new(cfg: SubscriptionsConfig, store: Arc<dyn Store>, default_tenant: &str) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.request_timeout_ms))
+            .build()
+            .expect("an HTTP client with default TLS");
+        Arc::new(Self {
+            cfg,
+            store,
+            default_tenant: default_tenant.to_string(),
+            http,
+            subs: RwLock::default(),
+            dead_letters: Mutex::default(),
+        })
+    }
+
+    pub fn tenants(&self) -> Vec<String> {
+        if self.cfg.tenants.is_empty() {
+            vec![self.default_tenant.clone()]
+        } else {
+            self.cfg.tenants.clone()
+        }
+    }
+
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead_letters
+            .lock()
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn state(&self, tenant: &str, id: &str) -> Option<(SubscriptionSpec, SubState)> {
+        let subs = self.subs.read().ok()?;
+        let h = subs.get(&(tenant.to_string(), id.to_string()))?;
+        let spec = h.spec.read().ok()?.clone();
+        let state = h.state.lock().ok()?.clone();
+        Some((spec, state))
+    }
+
+    fn start_name(tenant: &str, id: &str) -> String {
+        format!("substart:{}", key(tenant, id))
+    }
+
+    fn cursor_name(tenant: &str, id: &str) -> String {
+        format!("sub:{}", key(tenant, id))
+    }
+
+    /// The outbox position a subscription starts after (its own creation), recorded durably
+    /// the first time it is seen.
+    async fn start_seq(
+        &self,
+        tenant: &str,
+        id: &str,
+        seen_at: u64,
+    ) -> tributary_storage::Result<u64> {
+        let outbox = self.store.outbox();
+        let name = Self::start_name(tenant, id);
+        match outbox.cursor(&name)? {
+            0 => {
+                let s = seen_at.max(1);
+                outbox.ack(&name, s).await?;
+                Ok(s)
+            }
+            s => Ok(s),
+        }
+    }
+
+    /// Does `ev` match `spec`? Reads the previous version only for topics that need it.
+    pub(crate) fn matches(&self, spec: &SubscriptionSpec, ev: &OutboxEvent) -> bool {
+        if ev.tenant != spec.tenant || ev.resource_type.is_none() {
+            return false;
+        }
+        let previous = if spec.topic().needs_previous() {
+            match (&ev.resource_type, &ev.resource_id, ev.version) {
+                (Some(t), Some(id), Some(v)) if v > 1 => self
+                    .store
+                    .vread(&ev.tenant, t, id, v - 1)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.resource().ok()),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        spec.matches(&Change {
+            event: ev,
+            previous: previous.as_ref(),
+        })
+    }
+
+    /// Matching events after `start`, numbered from 1, up to event number `until`, scanning
+    /// at most up to outbox position `upto`.
+    pub(crate) fn numbered(
+        &self,
+        spec: &SubscriptionSpec,
+        start: u64,
+        upto: u64,
+        since_number: u64,
+        until_number: u64,
+        limit: usize,
+    ) -> tributary_storage::Result<(u64, Vec<(u64, OutboxEvent)>)> {
+        let mut after = start;
+        let mut n = 0;
+        let mut out = Vec::new();
+        loop {
+            let batch = self.store.outbox().read_after(after, 1024)?;
+            if batch.is_empty() {
+                break;
+            }
+            for ev in batch {
+                if ev.seq > upto {
+                    return Ok((n, out));
+                }
+                after = ev.seq;
+                if self.matches(spec, &ev) {
+                    n += 1;
+                    if n >= since_number && n <= until_number && out.len() < limit {
+                        out.push((n, ev));
+                    }
+                }
+            }
+        }
+        Ok((n, out))
+    }
+
+    pub(crate) fn start_of(&self, tenant: &str, id: &str) -> tributary_storage::Result<u64> {
+        self.store.outbox().cursor(&Self::start_name(tenant, id))
+    }
+
+    fn dead_letter(&self, d: DeadLetter) {
+        tracing::warn!(subscription = %d.subscription, tenant = %d.tenant, events = d.event_ids.len(), reason = %d.reason, "subscription notification dead-lettered");
+        if let Ok(mut q) = self.dead_letters.lock() {
+            if q.len() >= MAX_DEAD_LETTERS {
+                q.pop_front();
+            }
+            q.push_back(d);
+        }
+    }
+
+    /// Writes `status` (and `error`) back into the stored Subscription, if it changed.
+    async fn set_status(&self, h: &SubHandle, status: &str, error: Option<&str>) {
+        let (tenant, id) = {
+            let spec = h.spec.read().expect("spec lock");
+            (spec.tenant.clone(), spec.id.clone())
+        };
+        if let Ok(mut st) = h.state.lock() {
+            st.status = status.to_string();
+            st.error = error.map(str::to_string);
+        }
+        let Ok(Some(cur)) = self.store.read(&tenant, "Subscription", &id) else {
+            return;
+        };
+        if cur.deleted {
+            return;
+        }
+        let Ok(mut body) = cur.resource() else { return };
+        let same_status = body.get("status").and_then(Value::as_str) == Some(status);
+        let same_error = body.get("error").and_then(Value::as_str) == error;
+        if same_status && same_error {
+            return;
+        }
+        body["status"] = Value::String(status.into());
+        match error {
+            Some(e) => body["error"] = Value::String(e.into()),
+            None => {
+                if let Some(o) = body.as_object_mut() {
+                    o.remove("error");
+                }
+            }
+        }
+        let tx = StoreTransaction {
+            tenant: tenant.clone(),
+            writes: vec![ResourceWrite {
+                resource_type: "Subscription".into(),
+                id: id.clone(),
+                op: WriteOp::Upsert(body),
+                precondition: Precondition::VersionMatch(cur.version),
+            }],
+            ..Default::default()
+        };
+        match self.store.commit(tx).await {
+            Ok(_) => {
+                tracing::info!(subscription = %id, %tenant, status, "subscription status changed")
+            }
+            Err(e) => {
+                tracing::warn!(subscription = %id, %tenant, error = %e, "could not record subscription status")
+            }
+        }
+    }
+
+    /// One POST of a Bundle to the subscriber; `Err` holds a PHI-free reason.
+    async fn post(&self, spec: &SubscriptionSpec, body: &Value) -> Result<(), String> {
+        let timeout = spec
+            .timeout_secs
+            .map(|s| Duration::from_secs(s.max(1)))
+            .unwrap_or(Duration::from_millis(self.cfg.request_timeout_ms))
+            .min(Duration::from_millis(self.cfg.request_timeout_ms));
+        let mut req = self
+            .http
+            .post(&spec.endpoint)
+            .timeout(timeout)
+            .header("content-type", "application/fhir+json")
+            .json(body);
+        for (k, v) in &spec.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("endpoint answered HTTP {}", r.status().as_u16())),
+            Err(e) if e.is_timeout() => Err("endpoint timed out".into()),
+            Err(e) if e.is_connect() => Err("endpoint refused or unreachable".into()),
+            Err(_) => Err("endpoint request failed".into()),
+        }
+    }
+
+    /// Posts with retries until success (`Ok`), give-up (`Err(reason)`) or cancellation
+    /// (`Ok(false)` meaning "not sent").
+    async fn post_with_retries(&self, h: &SubHandle, body: &Value) -> Result<bool, String> {
+        let began = Instant::now();
+        let give_up = Duration::from_secs(self.cfg.give_up_after_secs);
+        let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
+        loop {
+            let spec = h.spec.read().expect("spec lock").clone();
+            match self.post(&spec, body).await {
+                Ok(()) => return Ok(true),
+                Err(reason) => {
+                    if let Ok(mut st) = h.state.lock() {
+                        st.failed_attempts += 1;
+                    }
+                    tracing::debug!(subscription = %spec.id, %reason, "delivery attempt failed");
+                    if began.elapsed() + backoff > give_up {
+                        return Err(reason);
+                    }
+                    tokio::select! {
+                        _ = h.cancel.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
+                }
+            }
+        }
+    }
+
+    fn info<'a>(&'a self, spec: &'a SubscriptionSpec, st: &'a SubState) -> StatusInfo<'a> {
+        StatusInfo {
+            base_url: &self.cfg.base_url,
+            spec,
+            status: &st.status,
+            events_since_start: st.events_since_start,
+            error: st.error.as_deref(),
+        }
+    }
+
+    /// The life of one subscription's delivery.
+    async fn worker(
+        self: Arc<Self>,
+        h: Arc<SubHandle>,
+        seen_at: u64,
+    ) -> tributary_storage::Result<()> {
+        let (tenant, id) = {
+            let s = h.spec.read().expect("spec lock");
+            (s.tenant.clone(), s.id.clone())
+        };
+        let outbox = self.store.outbox().clone();
+        let start = self.start_seq(&tenant, &id, seen_at).await?;
+        let cursor_name = Self::cursor_name(&tenant, &id);
+        let mut cursor = outbox.cursor(&cursor_name)?.max(start);
+        let spec0 = h.spec.read().expect("spec lock").clone();
+        let (count, _) = self.numbered(&spec0, start, cursor, 1, 0, 0)?;
+        if let Ok(mut st) = h.state.lock() {
+            st.events_since_start = count;
+            st.status = spec0.status.clone();
+        }
+        tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
+
+        // Handshake.
+        if spec0.status == "requested" {
+            let st = h.state.lock().expect("state lock").clone();
+            let body = bundle::notification_bundle(
+                &self.info(&spec0, &st),
+                NotificationType::Handshake,
+                &[],
+                spec0.content,
+            );
+            match self.post_with_retries(&h, &body).await {
+                Ok(true) => self.set_status(&h, "active", None).await,
+                Ok(false) => return Ok(()),
+                Err(reason) => {
+                    self.set_status(&h, "error", Some(&format!("handshake failed: {reason}")))
+                        .await;
+                    return Ok(());
+                }
+            }
+        }
+
+        let mut head_rx = outbox.subscribe();
+        let mut last_sent = Instant::now();
+        loop {
+            if h.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let spec = h.spec.read().expect("spec lock").clone();
+            let max = spec
+                .max_count
+                .unwrap_or(usize::MAX)
+                .min(self.cfg.max_events_per_notification)
+                .max(1);
+            let mut matched = Vec::new();
+            let mut scanned = cursor;
+            for ev in outbox.read_after(cursor, 512)? {
+                scanned = ev.seq;
+                if self.matches(&spec, &ev) {
+                    matched.push(ev);
+                    if matched.len() >= max {
+                        break;
+                    }
+                }
+            }
+            if matched.is_empty() {
+                if scanned > cursor {
+                    cursor = scanned;
+                    outbox.ack(&cursor_name, cursor).await?;
+                    continue;
+                }
+                // Idle: wait for new events, a heartbeat, a spec change or shutdown.
+                let heartbeat = spec
+                    .heartbeat_secs
+                    .map(|s| Duration::from_secs(s.max(self.cfg.min_heartbeat_secs)));
+                let sleep = match heartbeat {
+                    Some(p) => p.saturating_sub(last_sent.elapsed()),
+                    None => Duration::from_secs(3600),
+                };
+                tokio::select! {
+                    _ = h.cancel.cancelled() => return Ok(()),
+                    r = head_rx.changed() => if r.is_err() { return Ok(()) },
+                    _ = h.changed.notified() => {}
+                    _ = tokio::time::sleep(sleep) => {
+                        if heartbeat.is_some() && last_sent.elapsed() >= heartbeat.unwrap_or_default() {
+                            let st = h.state.lock().expect("state lock").clone();
+                            let body = bundle::notification_bundle(&self.info(&spec, &st), NotificationType::Heartbeat, &[], spec.content);
+                            match self.post(&spec, &body).await {
+                                Ok(()) => {
+                                    if let Ok(mut st) = h.state.lock() { st.heartbeats += 1; }
+                                }
+                                Err(reason) => tracing::debug!(subscription = %id, %reason, "heartbeat failed"),
+                            }
+                            last_sent = Instant::now();
+                        }
+                    }
+                }
+                continue;
+            }
+
+            let first_number = h.state.lock().expect("state lock").events_since_start + 1;
+            let numbered: Vec<NumberedEvent<'_>> = matched
+                .iter()
+                .enumerate()
+                .map(|(i, event)| NumberedEvent {
+                    number: first_number + i as u64,
+                    event,
+                })
+                .collect();
+            let last_number = first_number + matched.len() as u64 - 1;
+            let mut st = h.state.lock().expect("state lock").clone();
+            st.events_since_start = last_number;
+            if st.status == "requested" {
+                st.status = "active".into();
+            }
+            let body = bundle::notification_bundle(
+                &self.info(&spec, &st),
+                NotificationType::EventNotification,
+                &numbered,
+                spec.content,
+            );
+            let outcome = self.post_with_retries(&h, &body).await;
+            let last_seq = matched.last().map_or(scanned, |e| e.seq);
+            match outcome {
+                Ok(false) => return Ok(()),
+                Ok(true) => {
+                    if let Ok(mut s) = h.state.lock() {
+                        s.events_since_start = last_number;
+                        s.delivered_notifications += 1;
+                    }
+                    let was_error = h.state.lock().map(|s| s.status == "error").unwrap_or(false);
+                    if was_error {
+                        self.set_status(&h, "active", None).await;
+                    }
+                }
+                Err(reason) => {
+                    if let Ok(mut s) = h.state.lock() {
+                        s.events_since_start = last_number;
+                    }
+                    self.dead_letter(DeadLetter {
+                        tenant: tenant.clone(),
+                        subscription: id.clone(),
+                        event_numbers: (first_number..=last_number).collect(),
+                        event_ids: matched.iter().map(|e| e.event_id.clone()).collect(),
+                        reason: reason.clone(),
+                        at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
+                    });
+                    self.set_status(&h, "error", Some(&format!("delivery gave up: {reason}")))
+                        .await;
+                }
+            }
+            last_sent = Instant::now();
+            cursor = last_seq;
+            outbox.ack(&cursor_name, cursor).await?;
+        }
+    }
+
+    /// Reads every Subscription of every served tenant and starts, updates or stops workers.
+    async fn rescan(
+        self: &Arc<Self>,
+        tasks: &mut tokio::task::JoinSet<()>,
+        shutdown: &CancellationToken,
+        created: &HashMap<(String, String), u64>,
+    ) -> tributary_storage::Result<()> {
+        let head = self.store.outbox().head();
+        let mut live = std::collections::HashSet::new();
+        for tenant in self.tenants() {
+            let mut after: Option<String> = None;
+            loop {
+                let page = self
+                    .store
+                    .list(&tenant, "Subscription", after.as_deref(), 200)?;
+                if page.is_empty() {
+                    break;
+                }
+                after = page.last().map(|r| r.id.clone());
+                for r in page {
+                    let Ok(body) = r.resource() else { continue };
+                    let k = (tenant.clone(), r.id.clone());
+                    let spec = match SubscriptionSpec::parse(
+                        &tenant,
+                        &r.id,
+                        r.version,
+                        &body,
+                        self.cfg.allow_http_endpoints,
+                    ) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let status = body.get("status").and_then(Value::as_str);
+                            if status != Some("error") && status != Some("off") {
+                                tracing::info!(subscription = %r.id, %tenant, error = %e, "subscription refused");
+                                self.write_refusal(&tenant, &r.id, r.version, body, &e.to_string())
+                                    .await;
+                            }
+                            continue;
+                        }
+                    };
+                    let expired = spec.end.is_some_and(|e| e <= tributary_core::now_millis());
+                    if spec.status == "off" || expired || spec.channel != ChannelType::RestHook {
+                        continue;
+                    }
+                    live.insert(k.clone());
+                    let existing = self.subs.read().expect("subs").get(&k).cloned();
+                    match existing {
+                        Some(h) => {
+                            let changed = {
+                                let cur = h.spec.read().expect("spec");
+                                cur.version != spec.version
+                            };
+                            if changed {
+                                *h.spec.write().expect("spec") = spec;
+                                h.changed.notify_one();
+                            }
+                        }
+                        None => {
+                            // Delivery starts after the Subscription's own creation event.
+                            let seen_at = created.get(&k).copied().unwrap_or(head);
+                            let h = Arc::new(SubHandle {
+                                spec: RwLock::new(spec),
+                                state: Mutex::new(SubState::default()),
+                                cancel: shutdown.child_token(),
+                                changed: Notify::new(),
+                            });
+                            self.subs.write().expect("subs").insert(k, h.clone());
+                            let me = self.clone();
+                            tasks.spawn(async move {
+                                let (t, i) = {
+                                    let s = h.spec.read().expect("spec");
+                                    (s.tenant.clone(), s.id.clone())
+                                };
+                                if let Err(e) = me.clone().worker(h, seen_at).await {
+                                    tracing::error!(subscription = %i, tenant = %t, error = %e, "subscription worker stopped");
+                                }
+                                me.subs.write().expect("subs").remove(&(t, i));
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        // Deleted, switched off or expired: stop their workers.
+        let stale: Vec<_> = self
+            .subs
+            .read()
+            .expect("subs")
+            .iter()
+            .filter(|(k, _)| !live.contains(*k))
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
+        for (k, h) in stale {
+            h.cancel.cancel();
+            self.subs.write().expect("subs").remove(&k);
+        }
+        Ok(())
+    }
+
+    async fn write_refusal(
+        &self,
+        tenant: &str,
+        id: &str,
+        version: u64,
+        mut body: Value,
+        reason: &str,
+    ) {
+        body["status"] = Value::String("error".into());
+        body["error"] = Value::String(reason.into());
+        let tx = StoreTransaction {
+            tenant: tenant.into(),
+            writes: vec![ResourceWrite {
+                resource_type: "Subscription".into(),
+                id: id.into(),
+                op: WriteOp::Upsert(body),
+                precondition: Precondition::VersionMatch(version),
+            }],
+            ..Default::default()
+        };
+        if let Err(e) = self.store.commit(tx).await {
+            tracing::warn!(subscription = %id, error = %e, "could not record subscription refusal");
+        }
+    }
+
+    /// Runs until shutdown: rescans on Subscription changes (seen in the outbox) and every
+    /// `rescan_secs`.
+    pub async fn run(
+        self: Arc<Self>,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> tributary_storage::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        let outbox = self.store.outbox().clone();
+        let mut head_rx = outbox.subscribe();
+        let mut seen = outbox.head();
+        self.rescan(&mut tasks, &shutdown, &HashMap::new()).await?;
+        readiness.set("subscriptions", ComponentStatus::Ready);
+        let mut tick = tokio::time::interval(Duration::from_secs(self.cfg.rescan_secs));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = head_rx.changed() => {
+                    if r.is_err() { break; }
+                    let head = outbox.head();
+                    let mut touched = false;
+                    let mut created = HashMap::new();
+                    for e in outbox.read_after(seen, head.saturating_sub(seen).min(10_000) as usize)? {
+                        if e.resource_type.as_deref() == Some("Subscription") {
+                            touched = true;
+                            if e.version == Some(1) {
+                                if let Some(id) = &e.resource_id {
+                                    created.insert((e.tenant.clone(), id.clone()), e.seq);
+                                }
+                            }
+                        }
+                    }
+                    seen = head;
+                    if touched {
+                        self.rescan(&mut tasks, &shutdown, &created).await?;
+                    }
+                }
+                _ = tick.tick() => self.rescan(&mut tasks, &shutdown, &HashMap::new()).await?,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! FHIR Subscriptions for Tributary (R4, Subscriptions Backport IG, topic-based).
+//!
+//! Out: clients create `Subscription` resources through the facade (generic CRUD, which checks
+//! scopes and tenant); this crate reads them from the store, matches every committed change
+//! against the [`model::TOPICS`] and the subscription's filters, and delivers rest-hook
+//! notifications ([`engine`]). In: partners' FHIR servers post notifications to
+//! `/subscription-hook/<partner>` ([`api`]), which are journaled as FHIR messages.
+//!
+//! The binary registers [`SubscriptionsSink`] and mounts [`api::router`].
+
+pub mod api;
+pub mod bundle;
+pub mod config;
+pub mod engine;
+pub mod model;
+
+pub use config::{InboundPartner, SubscriptionsConfig, SubscriptionsConfigError};
+pub use engine::{DeadLetter, SubscriptionService};
+
+use async_trait::async_trait;
+use std::sync::Arc;
+use tributary_runtime::{Runtime, Sink};
+
+/// Builds the shared service (for the sink and the router) from the config.
+pub fn service(
+    config: SubscriptionsConfig,
+    rt: &Runtime,
+    default_tenant: &str,
+) -> Result<Arc<SubscriptionService>, SubscriptionsConfigError> {
+    config.validate()?;
+    Ok(SubscriptionService::new(
+        config,
+        rt.store.clone(),
+        default_tenant,
+    ))
+}
+
+/// The HTTP routes (`$status`, `$events`, `$dead-letters`, `/subscription-hook/<partner>`)
+/// under the configured `path_prefix`.
+pub fn router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
+    let prefix = service.cfg.path_prefix.clone();
+    api::router_at(
+        &prefix,
+        api::ApiState {
+            service,
+            journal: rt.journal.clone(),
+        },
+    )
+}
+
+/// The delivery engine as a registered [`Sink`].
+pub struct SubscriptionsSink {
+    service: Arc<SubscriptionService>,
+}
+
+impl SubscriptionsSink {
+    pub fn new(service: Arc<SubscriptionService>) -> Self {
+        Self { service }
+    }
+}
+
+#[async_trait]
+impl Sink for SubscriptionsSink {
+    fn name(&self) -> &str {
+        "subscriptions"
+    }
+
+    async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()> {
+        self.service
+            .run(rt.readiness.clone(), rt.shutdown.clone())
+            .await?;
+        Ok(())
+    }
+}

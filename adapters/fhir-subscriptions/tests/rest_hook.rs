@@ -1,0 +1,670 @@
+//! Rest-hook delivery end to end, in process: resources committed through `Store::commit` (as
+//! the mapping pipeline and the facade do), notifications received by a real HTTP endpoint.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tributary_runtime::Readiness;
+use tributary_storage::{
+    Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, ResourceWrite, Store,
+    StoreTransaction,
+};
+use tributary_subscriptions::api::{router, ApiState};
+use tributary_subscriptions::bundle::read_status;
+use tributary_subscriptions::model::{BACKPORT, PATIENT_CONTEXT_EXT, TOPIC_BASE};
+use tributary_subscriptions::{InboundPartner, SubscriptionService, SubscriptionsConfig};
+
+/// A subscriber endpoint that records every Bundle it receives; can be taken down for real
+/// (its port closed) and brought back on the same port.
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<Value>>>,
+    status: Arc<Mutex<StatusCode>>,
+    stop: Option<CancellationToken>,
+}
+
+type ReceiverState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<StatusCode>>);
+
+async fn record(
+    State((got, status)): State<ReceiverState>,
+    headers: axum::http::HeaderMap,
+    Json(b): Json<Value>,
+) -> StatusCode {
+    let code = *status.lock().unwrap();
+    if code.is_success() {
+        assert_eq!(
+            headers.get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer sub-secret"),
+            "channel.header is sent"
+        );
+        got.lock().unwrap().push(b);
+    }
+    code
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut r = Self {
+            port,
+            got: Arc::default(),
+            status: Arc::new(Mutex::new(StatusCode::OK)),
+            stop: None,
+        };
+        r.serve(l);
+        r
+    }
+
+    fn serve(&mut self, l: tokio::net::TcpListener) {
+        let app = Router::new()
+            .route("/hook", post(record))
+            .with_state((self.got.clone(), self.status.clone()));
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .unwrap();
+        });
+        self.stop = Some(stop);
+    }
+
+    fn down(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.cancel();
+        }
+    }
+
+    async fn up(&mut self) {
+        for _ in 0..100 {
+            if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                self.serve(l);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not rebind the receiver port");
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn bundles(&self) -> Vec<Value> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn of_type(&self, kind: &str) -> Vec<Value> {
+        self.bundles()
+            .into_iter()
+            .filter(|b| read_status(b).map(|s| s.0) == Some(kind.to_string()))
+            .collect()
+    }
+
+    /// (event number, focus reference) of every event notified, in arrival order.
+    fn events(&self) -> Vec<(u64, Option<String>)> {
+        self.of_type("event-notification")
+            .iter()
+            .flat_map(|b| read_status(b).unwrap().1)
+            .collect()
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    store: Arc<FjallStore>,
+    journal: Arc<FjallJournal>,
+    service: Arc<SubscriptionService>,
+    shutdown: CancellationToken,
+}
+
+fn config() -> SubscriptionsConfig {
+    SubscriptionsConfig {
+        base_url: "http://tributary.test/fhir".into(),
+        tenants: vec!["t1".into()],
+        rescan_secs: 1,
+        retry_initial_ms: 100,
+        retry_max_ms: 2_000,
+        give_up_after_secs: 3_600,
+        request_timeout_ms: 2_000,
+        min_heartbeat_secs: 1,
+        allow_http_endpoints: true,
+        ..Default::default()
+    }
+}
+
+fn start(cfg: SubscriptionsConfig) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let store = Arc::new(FjallStore::new(db.clone()));
+    let journal = Arc::new(FjallJournal::new(db, 86_400_000));
+    let service = SubscriptionService::new(cfg, store.clone(), "t1");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
+    Env {
+        _dir: dir,
+        store,
+        journal,
+        service,
+        shutdown,
+    }
+}
+
+fn subscription(topic: &str, endpoint: &str, content: &str, criteria: Option<&str>) -> Value {
+    let mut s = json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BACKPORT}/backport-subscription")]},
+        "status": "requested",
+        "reason": "test",
+        "criteria": format!("{TOPIC_BASE}/{topic}"),
+        "channel": {
+            "extension": [{"url": format!("{BACKPORT}/backport-heartbeat-period"), "valueUnsignedInt": 1}],
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": content}]},
+            "header": ["Authorization: Bearer sub-secret"]
+        }
+    });
+    if let Some(c) = criteria {
+        s["_criteria"] = json!({"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": c}]});
+    }
+    s
+}
+
+async fn put(store: &FjallStore, rtype: &str, id: &str, body: Value) {
+    store
+        .commit(StoreTransaction {
+            tenant: "t1".into(),
+            writes: vec![ResourceWrite::upsert(rtype, id, body)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    for _ in 0..secs * 10 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn encounter(patient: &str, status: &str) -> Value {
+    json!({"resourceType": "Encounter", "status": status, "class": {"code": "IMP"},
+           "subject": {"reference": format!("Patient/{patient}")}})
+}
+
+async fn api_get(env: &Env, uri: &str) -> (StatusCode, Value) {
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+    });
+    let res = app
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let code = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_heartbeat_and_matching_notifications_only() {
+    let rx = Receiver::start().await;
+    let env = start(config());
+    put(
+        &env.store,
+        "Subscription",
+        "adm",
+        subscription(
+            "patient-admission",
+            &rx.url(),
+            "full-resource",
+            Some("Encounter?patient=Patient/p1"),
+        ),
+    )
+    .await;
+    wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    wait_for("status active", 20, || {
+        env.store
+            .read("t1", "Subscription", "adm")
+            .unwrap()
+            .unwrap()
+            .resource()
+            .unwrap()["status"]
+            == "active"
+    })
+    .await;
+
+    put(&env.store, "Encounter", "e1", encounter("p1", "planned")).await; // not an admission
+    put(
+        &env.store,
+        "Encounter",
+        "e1",
+        encounter("p1", "in-progress"),
+    )
+    .await; // admission: match
+    put(
+        &env.store,
+        "Encounter",
+        "e2",
+        encounter("p2", "in-progress"),
+    )
+    .await; // other patient
+    put(
+        &env.store,
+        "Observation",
+        "o1",
+        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
+    )
+    .await; // other topic
+    put(
+        &env.store,
+        "Encounter",
+        "e1",
+        encounter("p1", "in-progress"),
+    )
+    .await; // unchanged: no event
+    put(
+        &env.store,
+        "Encounter",
+        "e3",
+        encounter("p1", "in-progress"),
+    )
+    .await; // match
+
+    wait_for("two admissions", 20, || rx.events().len() >= 2).await;
+    wait_for("a heartbeat", 20, || !rx.of_type("heartbeat").is_empty()).await;
+    let events = rx.events();
+    assert_eq!(
+        events,
+        vec![
+            (1, Some("http://tributary.test/fhir/Encounter/e1".into())),
+            (2, Some("http://tributary.test/fhir/Encounter/e3".into())),
+        ]
+    );
+    let first = &rx.of_type("event-notification")[0];
+    assert_eq!(first["type"], "history");
+    assert_eq!(first["entry"][1]["resource"]["status"], "in-progress");
+    assert_eq!(first["entry"][1]["request"]["method"], "PUT");
+
+    let (code, st) = api_get(&env, "/Subscription/adm/$status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(st["type"], "searchset");
+    let params = &st["entry"][0]["resource"]["parameter"];
+    assert!(params
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "events-since-subscription-start" && p["valueString"] == "2"));
+    let (code, ev) = api_get(
+        &env,
+        "/Subscription/adm/$events?eventsSinceNumber=2&content=id-only",
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    let (kind, listed) = read_status(&ev).unwrap();
+    assert_eq!(kind, "query-event");
+    assert_eq!(
+        listed,
+        vec![(2, Some("http://tributary.test/fhir/Encounter/e3".into()))]
+    );
+    let (code, _) = api_get(&env, "/Subscription/nope/$status").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    env.shutdown.cancel();
+}
+
+/// The subscriber's endpoint is down (port closed) while changes keep coming; when it returns
+/// it receives every event, numbered without gaps, in order. `SUBS_OUTAGE_SECS` sets the outage
+/// (default 120 s: the two minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_down_then_receives_everything() {
+    let outage = std::env::var("SUBS_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120u64);
+    let mut rx = Receiver::start().await;
+    let env = start(SubscriptionsConfig {
+        retry_max_ms: 5_000,
+        ..config()
+    });
+    put(
+        &env.store,
+        "Subscription",
+        "obs",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    rx.down();
+    let began = std::time::Instant::now();
+    let mut n = 0;
+    while began.elapsed() < Duration::from_secs(outage) {
+        put(
+            &env.store,
+            "Observation",
+            &format!("o{n}"),
+            json!({"status": "final", "subject": {"reference": format!("Patient/p{}", n % 3)}}),
+        )
+        .await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(rx.events().is_empty(), "nothing delivered while down");
+    rx.up().await;
+    wait_for("every event after the outage", 60, || {
+        rx.events().len() >= n
+    })
+    .await;
+    let events = rx.events();
+    let numbers: Vec<u64> = events.iter().map(|e| e.0).collect();
+    assert_eq!(
+        numbers,
+        (1..=n as u64).collect::<Vec<_>>(),
+        "no gaps, no duplicates, in order"
+    );
+    for (i, (_, focus)) in events.iter().enumerate() {
+        assert_eq!(
+            focus.as_deref(),
+            Some(format!("http://tributary.test/fhir/Observation/o{i}").as_str())
+        );
+    }
+    eprintln!("{n} events delivered after a {outage} s endpoint outage");
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_context_subscriber_never_receives_another_patients_events() {
+    let rx = Receiver::start().await;
+    let env = start(config());
+    let mut s = subscription("resource-change", &rx.url(), "full-resource", None);
+    s["extension"] =
+        json!([{"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": "Patient/p1"}}]);
+    put(&env.store, "Subscription", "ctx", s).await;
+    wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    for i in 0..30 {
+        let p = format!("p{}", i % 3);
+        put(
+            &env.store,
+            "Patient",
+            &p,
+            json!({"active": true, "extension": [{"url": "urn:n", "valueInteger": i}]}),
+        )
+        .await;
+        put(
+            &env.store,
+            "Observation",
+            &format!("o{i}"),
+            json!({"status": "final", "subject": {"reference": format!("Patient/{p}")}}),
+        )
+        .await;
+        put(
+            &env.store,
+            "Encounter",
+            &format!("e{i}"),
+            encounter(&p, "in-progress"),
+        )
+        .await;
+    }
+    // p1 gets 10 Patient updates, 10 Observations, 10 Encounters.
+    wait_for("p1's 30 events", 30, || rx.events().len() >= 30).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bundles = rx.of_type("event-notification");
+    let mut count = 0;
+    for b in &bundles {
+        for e in b["entry"].as_array().unwrap().iter().skip(1) {
+            count += 1;
+            let r = &e["resource"];
+            let patient = if r["resourceType"] == "Patient" {
+                format!("Patient/{}", r["id"].as_str().unwrap())
+            } else {
+                r["subject"]["reference"].as_str().unwrap().to_string()
+            };
+            assert_eq!(patient, "Patient/p1", "another patient's event leaked");
+        }
+    }
+    assert_eq!(count, 30);
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn give_up_dead_letters_and_sets_error_then_recovers() {
+    let rx = Receiver::start().await;
+    let env = start(SubscriptionsConfig {
+        give_up_after_secs: 2,
+        retry_initial_ms: 200,
+        retry_max_ms: 500,
+        ..config()
+    });
+    put(
+        &env.store,
+        "Subscription",
+        "dl",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    *rx.status.lock().unwrap() = StatusCode::INTERNAL_SERVER_ERROR;
+    put(
+        &env.store,
+        "Observation",
+        "o1",
+        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
+    )
+    .await;
+    wait_for("status error", 30, || {
+        env.store
+            .read("t1", "Subscription", "dl")
+            .unwrap()
+            .unwrap()
+            .resource()
+            .unwrap()["status"]
+            == "error"
+    })
+    .await;
+    let (code, dl) = api_get(&env, "/Subscription/$dead-letters").await;
+    assert_eq!(code, StatusCode::OK);
+    let list = dl["deadLetters"].as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["subscription"], "dl");
+    assert_eq!(list[0]["event_numbers"], json!([1]));
+    assert!(list[0]["reason"].as_str().unwrap().contains("500"));
+    let (_, st) = api_get(&env, "/Subscription/dl/$status").await;
+    let params = st["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(params
+        .iter()
+        .any(|p| p["name"] == "status" && p["valueCode"] == "error"));
+    assert!(params.iter().any(|p| p["name"] == "error"));
+
+    // The endpoint recovers: the next event is delivered (number 2) and the status is active.
+    *rx.status.lock().unwrap() = StatusCode::OK;
+    put(
+        &env.store,
+        "Observation",
+        "o2",
+        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
+    )
+    .await;
+    wait_for("event 2", 30, || rx.events().iter().any(|e| e.0 == 2)).await;
+    wait_for("status active", 30, || {
+        env.store
+            .read("t1", "Subscription", "dl")
+            .unwrap()
+            .unwrap()
+            .resource()
+            .unwrap()["status"]
+            == "active"
+    })
+    .await;
+    env.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscription_gets_error_status() {
+    let env = start(config());
+    let mut s = subscription("no-such-topic", "http://127.0.0.1:9/hook", "id-only", None);
+    s["criteria"] = json!("http://example.org/topics/unknown");
+    put(&env.store, "Subscription", "bad", s).await;
+    wait_for("status error", 20, || {
+        let r = env
+            .store
+            .read("t1", "Subscription", "bad")
+            .unwrap()
+            .unwrap()
+            .resource()
+            .unwrap();
+        r["status"] == "error"
+            && r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not a topic"))
+    })
+    .await;
+    env.shutdown.cancel();
+}
+
+/// Subscriptions in: an upstream server's handshake is answered; an id-only notification is
+/// completed with the resource fetched (OAuth2 client credentials) and journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_notifications_are_fetched_and_journaled() {
+    // The upstream EHR: a token endpoint and one Encounter behind a bearer token.
+    let upstream = Router::new()
+        .route(
+            "/token",
+            post(|| async {
+                Json(json!({"access_token": "up-token", "token_type": "bearer", "expires_in": 300}))
+            }),
+        )
+        .route(
+            "/fhir/Encounter/{id}",
+            get(
+                |headers: axum::http::HeaderMap,
+                 axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some("Bearer up-token")
+                    {
+                        return (StatusCode::UNAUTHORIZED, Json(json!({})));
+                    }
+                    (
+                        StatusCode::OK,
+                        Json(
+                            json!({"resourceType": "Encounter", "id": id, "status": "in-progress"}),
+                        ),
+                    )
+                },
+            ),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+
+    let env = start(SubscriptionsConfig {
+        inbound: vec![InboundPartner {
+            partner: "ehr".into(),
+            token: "partner-token-0123456789".into(),
+            tenant: "t1".into(),
+            upstream_base_url: Some(format!("{base}/fhir")),
+            token_url: Some(format!("{base}/token")),
+            client_id: Some("tributary".into()),
+            client_secret: Some("s3cret".into()),
+            scope: Some("system/Encounter.read".into()),
+        }],
+        ..config()
+    });
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+    });
+    let post_bundle = |b: Value, token: &str| {
+        Request::post("/subscription-hook/ehr")
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/fhir+json")
+            .body(Body::from(serde_json::to_vec(&b).unwrap()))
+            .unwrap()
+    };
+    let status = |kind: &str, events: Value| {
+        let mut params = vec![
+            json!({"name": "subscription", "valueReference": {"reference": format!("{base}/fhir/Subscription/9")}}),
+            json!({"name": "topic", "valueCanonical": "http://example.org/topics/admission"}),
+            json!({"name": "status", "valueCode": "active"}),
+            json!({"name": "type", "valueCode": kind}),
+        ];
+        if let Some(a) = events.as_array() {
+            params.extend(a.iter().cloned());
+        }
+        json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": params}})
+    };
+    let handshake = json!({"resourceType": "Bundle", "type": "history", "entry": [status("handshake", json!([]))]});
+    let res = app
+        .clone()
+        .oneshot(post_bundle(handshake.clone(), "wrong-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = app
+        .clone()
+        .oneshot(post_bundle(handshake, "partner-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let event = json!([{"name": "notification-event", "part": [
+        {"name": "event-number", "valueString": "7"},
+        {"name": "focus", "valueReference": {"reference": format!("{base}/fhir/Encounter/enc-1")}}]}]);
+    let note = json!({"resourceType": "Bundle", "type": "history", "entry": [
+        status("event-notification", event),
+        {"fullUrl": format!("{base}/fhir/Encounter/enc-1"), "request": {"method": "PUT", "url": "Encounter/enc-1"}, "response": {"status": "200"}}
+    ]});
+    let res = app
+        .clone()
+        .oneshot(post_bundle(note.clone(), "partner-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // The same notification again (sender retry) is recognised, not journaled twice.
+    let res = app
+        .clone()
+        .oneshot(post_bundle(note, "partner-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    let listed = env
+        .journal
+        .list(&ListFilter {
+            limit: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        listed.len(),
+        1,
+        "handshake not journaled; retry de-duplicated"
+    );
+    let rec = env.journal.get(listed[0].0).unwrap().unwrap();
+    assert_eq!(rec.envelope.protocol, tributary_core::Protocol::Fhir);
+    assert_eq!(rec.envelope.partner.as_str(), "ehr");
+    let journaled: Value = serde_json::from_slice(&rec.envelope.payload).unwrap();
+    assert_eq!(
+        journaled["entry"][1]["resource"]["id"], "enc-1",
+        "id-only completed with the resource"
+    );
+    env.shutdown.cancel();
+}

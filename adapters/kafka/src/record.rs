@@ -1,0 +1,193 @@
+//! How one outbox event becomes one Kafka record: topic, key, CloudEvents headers, value.
+//! Pure: no I/O, so the mapping is unit-tested without a broker.
+
+use crate::config::{KafkaConfig, PayloadMode};
+use serde_json::json;
+use tributary_storage::OutboxEvent;
+
+/// A record ready to send. `headers` are the CloudEvents Kafka protocol binding (binary mode):
+/// `ce_id`, `ce_type`, `ce_source`, `ce_specversion`, `ce_time`, `ce_subject`, plus the
+/// extensions `ce_tenant` and `ce_mappingversion`, and `content-type`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KafkaRecord {
+    pub seq: u64,
+    pub event_id: String,
+    pub topic: String,
+    pub key: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub value: Vec<u8>,
+}
+
+pub const FHIR_JSON: &str = "application/fhir+json";
+pub const NOTIFICATION_JSON: &str = "application/json";
+
+/// The topic an event goes to (prefix included), or `None` when that family is turned off.
+pub fn topic_for(cfg: &KafkaConfig, ev: &OutboxEvent) -> Option<(String, String)> {
+    let base = match (&ev.resource_type, ev.event_type.starts_with("fhir.")) {
+        (Some(rt), true) => {
+            if cfg.resource_topic.is_empty() {
+                return None;
+            }
+            cfg.resource_topic.replace("{resource_type}", rt)
+        }
+        _ => {
+            if cfg.source_event_topic.is_empty() {
+                return None;
+            }
+            cfg.source_event_topic
+                .replace("{event_type}", &sanitize(&ev.event_type))
+        }
+    };
+    Some((format!("{}{base}", cfg.prefix_for(&ev.tenant)), base))
+}
+
+/// Kafka topic names allow `[A-Za-z0-9._-]`; anything else in an event type becomes `_`.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The id-only notification value: enough to fetch the resource, nothing clinical.
+pub fn notification(ev: &OutboxEvent) -> serde_json::Value {
+    json!({
+        "id": ev.event_id,
+        "type": ev.event_type,
+        "tenant": ev.tenant,
+        "resourceType": ev.resource_type,
+        "resourceId": ev.resource_id,
+        "versionId": ev.version.map(|v| v.to_string()),
+        "patient": ev.patient_id,
+        "sourceMessage": ev.source_message,
+        "mappingVersion": ev.mapping_version,
+        "occurredAt": tributary_core::format_rfc3339_millis(ev.occurred_at),
+    })
+}
+
+/// Builds the record for `ev`, or `None` when its topic family is disabled.
+pub fn build(cfg: &KafkaConfig, ev: &OutboxEvent) -> Option<KafkaRecord> {
+    let (topic, base) = topic_for(cfg, ev)?;
+    let mode = cfg.topic_payload.get(&base).copied().unwrap_or(cfg.payload);
+    let (value, content_type) = match (mode, &ev.resource) {
+        (PayloadMode::FullResource, Some(r)) => (
+            serde_json::to_vec(r).expect("a Value always serializes"),
+            FHIR_JSON,
+        ),
+        _ => (
+            serde_json::to_vec(&notification(ev)).expect("a Value always serializes"),
+            NOTIFICATION_JSON,
+        ),
+    };
+    let key = match (&ev.patient_id, &ev.resource_type, &ev.resource_id) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(t), Some(id)) => format!("{t}/{id}"),
+        _ => ev.event_id.clone(),
+    };
+    let mut headers = vec![
+        ("ce_specversion", "1.0".to_string()),
+        ("ce_id", ev.event_id.clone()),
+        ("ce_type", ev.event_type.clone()),
+        (
+            "ce_source",
+            cfg.event_source.replace("{tenant}", &ev.tenant),
+        ),
+        (
+            "ce_time",
+            tributary_core::format_rfc3339_millis(ev.occurred_at),
+        ),
+        ("ce_tenant", ev.tenant.clone()),
+        ("content-type", content_type.to_string()),
+    ];
+    if let (Some(t), Some(id)) = (&ev.resource_type, &ev.resource_id) {
+        let subject = match ev.version {
+            Some(v) => format!("{t}/{id}/_history/{v}"),
+            None => format!("{t}/{id}"),
+        };
+        headers.push(("ce_subject", subject));
+    }
+    if let Some(mv) = &ev.mapping_version {
+        headers.push(("ce_mappingversion", mv.clone()));
+    }
+    Some(KafkaRecord {
+        seq: ev.seq,
+        event_id: ev.event_id.clone(),
+        topic,
+        key,
+        headers,
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(event_type: &str, rt: Option<&str>) -> OutboxEvent {
+        OutboxEvent {
+            seq: 7,
+            event_id: "e1".into(),
+            tenant: "t1".into(),
+            event_type: event_type.into(),
+            resource_type: rt.map(str::to_string),
+            resource_id: rt.map(|_| "r1".to_string()),
+            version: rt.map(|_| 2),
+            patient_id: Some("p1".into()),
+            source_message: None,
+            mapping_version: Some("sha256:ab".into()),
+            occurred_at: 0,
+            resource: rt.map(|t| json!({"resourceType": t, "id": "r1"})),
+        }
+    }
+
+    fn header<'a>(r: &'a KafkaRecord, k: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(h, _)| *h == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn default_topics_keys_and_headers() {
+        let cfg = KafkaConfig::default();
+        let r = build(&cfg, &ev("fhir.Observation.create", Some("Observation"))).unwrap();
+        assert_eq!(r.topic, "fhir.r4.Observation");
+        assert_eq!(r.key, "p1");
+        assert_eq!(header(&r, "ce_id"), Some("e1"));
+        assert_eq!(header(&r, "ce_type"), Some("fhir.Observation.create"));
+        assert_eq!(header(&r, "ce_source"), Some("urn:tributary:t1"));
+        assert_eq!(header(&r, "ce_specversion"), Some("1.0"));
+        assert_eq!(header(&r, "ce_mappingversion"), Some("sha256:ab"));
+        assert_eq!(header(&r, "content-type"), Some(FHIR_JSON));
+        assert_eq!(header(&r, "ce_subject"), Some("Observation/r1/_history/2"));
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        assert_eq!(v["resourceType"], "Observation");
+
+        let r = build(&cfg, &ev("hl7v2.adt.A01", None)).unwrap();
+        assert_eq!(r.topic, "hl7v2.adt.A01");
+        assert_eq!(header(&r, "content-type"), Some(NOTIFICATION_JSON));
+    }
+
+    #[test]
+    fn prefixes_payload_overrides_and_disabled_families() {
+        let mut cfg = KafkaConfig {
+            topic_prefix: "{tenant}.".into(),
+            ..Default::default()
+        };
+        cfg.topic_payload
+            .insert("fhir.r4.Patient".into(), PayloadMode::IdOnly);
+        let r = build(&cfg, &ev("fhir.Patient.update", Some("Patient"))).unwrap();
+        assert_eq!(r.topic, "t1.fhir.r4.Patient");
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        assert_eq!(v["resourceId"], "r1");
+        assert_eq!(v["versionId"], "2");
+        assert!(v.get("name").is_none());
+        cfg.source_event_topic.clear();
+        assert!(build(&cfg, &ev("hl7v2.adt.A01", None)).is_none());
+    }
+}

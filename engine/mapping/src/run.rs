@@ -1,0 +1,1180 @@
+//! Running a compiled mapping set over one message: pick the message map, plan resource instances
+//! (with deterministic ids, so references resolve in any order), run the rules, assemble a FHIR R4
+//! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage and every
+//! non-empty source field no rule read. Pure: no I/O, no clock, no randomness.
+
+use crate::compile::{
+    Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, Step, TransOut, Transform,
+};
+use crate::cond::{Cond, Operand};
+use crate::datetime;
+use crate::path::{Rep, SourcePath};
+use crate::source::V2Source;
+use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use tributary_terminology::Terminology;
+
+/// Per-run settings.
+#[derive(Clone, Debug)]
+pub struct RunOptions<'a> {
+    /// Tenant the message belongs to: part of every deterministic id.
+    pub tenant: &'a str,
+    /// Record which source path and rule produced each element (`tributary map --explain`).
+    pub lineage: bool,
+}
+
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        Self {
+            tenant: "default",
+            lineage: true,
+        }
+    }
+}
+
+/// Which source path and which rule produced one element of the output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    /// `Patient/abc.name[0].family`
+    pub element: String,
+    /// `PID-5[1].1`; empty for constants.
+    pub source: String,
+    /// `mappings/hl7v2/datatypes/XPN.yaml:4`
+    pub rule: String,
+}
+
+/// The result of mapping one message.
+#[derive(Clone, Debug)]
+pub struct MappedBundle {
+    /// A FHIR R4 Bundle of type `transaction`.
+    pub bundle: Value,
+    /// `ADT^A01`
+    pub message_type: String,
+    /// The message map file that mapped it.
+    pub message_map: String,
+    /// Content hash of the mapping set.
+    pub version: String,
+    pub lineage: Vec<Lineage>,
+    /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
+    pub unconsumed: Vec<String>,
+    /// Things a human should know that did not fail the message (no values: PHI-free).
+    pub warnings: Vec<String>,
+}
+
+impl MappedBundle {
+    /// (resource type, id, resource) for every entry.
+    pub fn resources(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
+        self.bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let r = &e["resource"];
+                Some((r["resourceType"].as_str()?, r["id"].as_str()?, r))
+            })
+    }
+}
+
+/// Why a message could not be mapped. Names files, rules and source paths — never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error("message has no MSH segment")]
+    NoHeader,
+    #[error(
+        "no message map for {message_type} in mapping set {version} (maps exist for: {known})"
+    )]
+    NoMapping {
+        message_type: String,
+        version: String,
+        known: String,
+    },
+    #[error("{rule}: rule for `{set}` failed at {path}: {reason}")]
+    Rule {
+        /// `file:line`
+        rule: String,
+        set: String,
+        /// The concrete source path, e.g. `PID-7` or `OBX[2]-5`.
+        path: String,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    seg: usize,
+    field: usize,
+    rep: usize,
+    comp: usize,
+    sub: usize,
+    scope: usize,
+}
+
+struct Scope {
+    parent: Option<usize>,
+    start: usize,
+    end: usize,
+    names: HashMap<String, Vec<usize>>,
+}
+
+struct Instance {
+    map: usize,
+    ctx: Ctx,
+    rtype: &'static str,
+    id: String,
+}
+
+struct Runner<'s, S: V2Source + ?Sized> {
+    set: &'s MappingSet,
+    src: &'s S,
+    term: &'s Terminology,
+    tenant: &'s str,
+    vars: &'s BTreeMap<String, String>,
+    consumed: Vec<Vec<u64>>,
+    scopes: Vec<Scope>,
+    instances: Vec<Instance>,
+    out: Vec<Option<(String, Value)>>,
+    out_index: HashMap<(&'static str, String), usize>,
+    lineage: Option<Vec<Lineage>>,
+    warnings: Vec<String>,
+    msg_key: [String; 3],
+}
+
+fn has_text(s: &str) -> bool {
+    !s.is_empty() && s != "\"\""
+}
+
+impl MappingSet {
+    /// Maps one message. `src` is usually a [`crate::Parsed`] over the `tributary-hl7v2` parser.
+    pub fn run<S: V2Source + ?Sized>(
+        &self,
+        src: &S,
+        term: &Terminology,
+        opts: &RunOptions<'_>,
+    ) -> Result<MappedBundle, MappingError> {
+        if src.segment_count() == 0 || src.segment_name(0) != "MSH" {
+            return Err(MappingError::NoHeader);
+        }
+        let leaf = |f, c| src.leaf(0, f, 1, c, 1).unwrap_or(Cow::Borrowed(""));
+        let message_type = format!("{}^{}", leaf(9, 1), leaf(9, 2));
+        let structure = leaf(9, 3).replace('_', "^");
+        let mm = self
+            .messages
+            .iter()
+            .find(|m| m.matches.contains(&message_type))
+            .or_else(|| {
+                self.messages
+                    .iter()
+                    .find(|m| !structure.is_empty() && m.matches.contains(&structure))
+            })
+            .ok_or_else(|| MappingError::NoMapping {
+                message_type: message_type.clone(),
+                version: self.version.clone(),
+                known: self
+                    .messages
+                    .iter()
+                    .flat_map(|m| m.matches.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let mut r = Runner {
+            set: self,
+            src,
+            term,
+            tenant: opts.tenant,
+            vars: &mm.vars,
+            consumed: (0..src.segment_count())
+                .map(|s| vec![0u64; src.field_count(s) + 1])
+                .collect(),
+            scopes: vec![Scope {
+                parent: None,
+                start: 0,
+                end: src.segment_count(),
+                names: HashMap::new(),
+            }],
+            instances: Vec::new(),
+            out: Vec::new(),
+            out_index: HashMap::new(),
+            lineage: opts.lineage.then(Vec::new),
+            warnings: Vec::new(),
+            msg_key: [
+                leaf(3, 1).into_owned(),
+                leaf(4, 1).into_owned(),
+                src.leaf(0, 10, 1, 1, 1).unwrap_or_default().into_owned(),
+            ],
+        };
+        // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
+        r.mark(0, 9, 1);
+        r.mark(0, 9, 2);
+        r.mark(0, 9, 3);
+        r.plan(&mm.entries, 0);
+        for i in 0..r.instances.len() {
+            r.build_instance(i)?;
+        }
+        let unconsumed = r.unconsumed(&mm.ignore);
+        let entries: Vec<Value> = r
+            .out
+            .into_iter()
+            .flatten()
+            .map(|(url, res)| {
+                let mut e = Map::new();
+                e.insert("resource".into(), res);
+                let mut req = Map::new();
+                req.insert("method".into(), Value::String("PUT".into()));
+                req.insert("url".into(), Value::String(url));
+                e.insert("request".into(), Value::Object(req));
+                Value::Object(e)
+            })
+            .collect();
+        let mut bundle = Map::new();
+        bundle.insert("resourceType".into(), "Bundle".into());
+        bundle.insert("type".into(), "transaction".into());
+        bundle.insert("entry".into(), Value::Array(entries));
+        Ok(MappedBundle {
+            bundle: Value::Object(bundle),
+            message_type,
+            message_map: mm.file.to_string(),
+            version: self.version.clone(),
+            lineage: r.lineage.unwrap_or_default(),
+            unconsumed,
+            warnings: r.warnings,
+        })
+    }
+}
+
+impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
+    fn mark(&mut self, seg: usize, field: usize, comp: usize) {
+        if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
+            *f |= 1u64 << (comp.clamp(1, 64) - 1);
+        }
+    }
+
+    fn is_marked(&self, seg: usize, field: usize, comp: usize) -> bool {
+        self.consumed
+            .get(seg)
+            .and_then(|s| s.get(field))
+            .is_some_and(|f| f & (1u64 << (comp.clamp(1, 64) - 1)) != 0)
+    }
+
+    // ---- planning -------------------------------------------------------------------------
+
+    fn plan(&mut self, entries: &[Entry], scope: usize) {
+        for e in entries {
+            match e {
+                Entry::Resource {
+                    name,
+                    segment,
+                    map,
+                    when,
+                    until,
+                } => {
+                    let (start, end) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let end = self.until_end(start, end, until.as_deref());
+                    let segs: Vec<usize> = match segment {
+                        Some(s) => (start..end)
+                            .filter(|&i| self.src.segment_name(i) == s)
+                            .collect(),
+                        None => vec![start],
+                    };
+                    for seg in segs {
+                        let ctx = Ctx {
+                            seg,
+                            field: 0,
+                            rep: 0,
+                            comp: 0,
+                            sub: 0,
+                            scope,
+                        };
+                        if let Some(c) = when {
+                            if !self.eval(c, ctx) {
+                                continue;
+                            }
+                        }
+                        let (rtype, id) = self.instance_id(*map, ctx, 0);
+                        let idx = self.instances.len();
+                        self.instances.push(Instance {
+                            map: *map,
+                            ctx,
+                            rtype,
+                            id,
+                        });
+                        if let Some(n) = name {
+                            // visible in this scope and, for `ref:` to all of them, its ancestors
+                            let mut s = Some(scope);
+                            while let Some(i) = s {
+                                self.scopes[i].names.entry(n.clone()).or_default().push(idx);
+                                s = self.scopes[i].parent;
+                            }
+                        }
+                    }
+                }
+                Entry::Group {
+                    start,
+                    entries,
+                    until,
+                } => {
+                    let (s0, s1) = (self.scopes[scope].start, self.scopes[scope].end);
+                    let s1 = self.until_end(s0, s1, until.as_deref());
+                    let mut groups: Vec<(usize, usize)> = Vec::new();
+                    let mut seen_rank: Option<usize> = None;
+                    for i in s0..s1 {
+                        let name = self.src.segment_name(i);
+                        if let Some(rank) = start.iter().position(|s| s == name) {
+                            let new = match seen_rank {
+                                None => true,
+                                Some(r) => rank <= r,
+                            };
+                            if new {
+                                if let Some(last) = groups.last_mut() {
+                                    last.1 = i;
+                                }
+                                groups.push((i, s1));
+                            }
+                            seen_rank = Some(rank);
+                        }
+                    }
+                    for (gs, ge) in groups {
+                        let id = self.scopes.len();
+                        self.scopes.push(Scope {
+                            parent: Some(scope),
+                            start: gs,
+                            end: ge,
+                            names: HashMap::new(),
+                        });
+                        self.plan(entries, id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The end of a scope range cut at the first `until` segment.
+    fn until_end(&self, start: usize, end: usize, until: Option<&str>) -> usize {
+        match until {
+            None => end,
+            Some(u) => (start..end)
+                .find(|&i| self.src.segment_name(i) == u)
+                .unwrap_or(end),
+        }
+    }
+
+    fn instance_id(&mut self, map: usize, ctx: Ctx, salt: usize) -> (&'static str, String) {
+        let set = self.set;
+        let m = &set.maps[map];
+        let MapKind::Resource { resource, id, .. } = &m.kind else {
+            return ("Basic", String::new());
+        };
+        let mut parts: Vec<String> = Vec::with_capacity(id.len() + 2);
+        let mut any = false;
+        let mut key_empty = false;
+        for (k, p) in id.iter().enumerate() {
+            match p {
+                IdPart::Const(c) => parts.push(c.clone()),
+                IdPart::Path(sp) => {
+                    let v = self
+                        .resolve(ctx, sp, false)
+                        .first()
+                        .and_then(|c| self.leaf_value(*c))
+                        .map(|v| v.trim().to_string())
+                        .unwrap_or_default();
+                    any |= !v.is_empty();
+                    key_empty |= k == 0 && v.is_empty();
+                    parts.push(v);
+                }
+            }
+        }
+        let mut all: Vec<&str> = vec![self.tenant, resource];
+        let seg_s;
+        let salt_s;
+        if any && !key_empty {
+            all.extend(parts.iter().map(String::as_str));
+        } else {
+            // No identifying value: stable per message (replays give the same id), unique per place.
+            seg_s = ctx.seg.to_string();
+            salt_s = format!("{}.{}.{}", ctx.field, ctx.rep, salt);
+            all.extend([
+                "msg",
+                self.msg_key[0].as_str(),
+                self.msg_key[1].as_str(),
+                self.msg_key[2].as_str(),
+                m.name.as_str(),
+                seg_s.as_str(),
+                salt_s.as_str(),
+            ]);
+        }
+        (resource, tributary_core::deterministic_id(&all))
+    }
+
+    // ---- source access ---------------------------------------------------------------------
+
+    fn find_segment(&self, name: &str, scope: usize) -> Option<usize> {
+        let mut s = Some(scope);
+        while let Some(i) = s {
+            let sc = &self.scopes[i];
+            if let Some(found) = (sc.start..sc.end).find(|&k| self.src.segment_name(k) == name) {
+                return Some(found);
+            }
+            s = sc.parent;
+        }
+        None
+    }
+
+    /// Every segment named `name` in the current scope (a segment group's own segments: the
+    /// NTEs after an OBX belong to that OBX), or in the whole message when at top level.
+    fn find_segments(&self, name: &str, scope: usize) -> Vec<usize> {
+        let sc = &self.scopes[scope];
+        (sc.start..sc.end)
+            .filter(|&k| self.src.segment_name(k) == name)
+            .collect()
+    }
+
+    fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
+        let src = self.src;
+        (1..=src.comp_count(seg, field, rep)).any(|c| {
+            (1..=src.sub_count(seg, field, rep, c)).any(|s| {
+                src.leaf(seg, field, rep, c, s)
+                    .is_some_and(|v| has_text(&v))
+            })
+        })
+    }
+
+    fn ctx_has_data(&self, c: Ctx) -> bool {
+        if c.rep == 0 {
+            return true;
+        }
+        if c.comp == 0 {
+            return self.rep_has_data(c.seg, c.field, c.rep);
+        }
+        if c.sub == 0 {
+            return (1..=self.src.sub_count(c.seg, c.field, c.rep, c.comp)).any(|s| {
+                self.src
+                    .leaf(c.seg, c.field, c.rep, c.comp, s)
+                    .is_some_and(|v| has_text(&v))
+            });
+        }
+        self.src
+            .leaf(c.seg, c.field, c.rep, c.comp, c.sub)
+            .is_some_and(|v| has_text(&v))
+    }
+
+    /// Source locations a path selects from `ctx`, only those holding data.
+    fn resolve(&self, ctx: Ctx, p: &SourcePath, many: bool) -> Vec<Ctx> {
+        let mut out = Vec::new();
+        match &p.segment {
+            Some(segname) => {
+                let segs: Vec<usize> = if self.src.segment_name(ctx.seg) == segname {
+                    vec![ctx.seg]
+                } else if many {
+                    self.find_segments(segname, ctx.scope)
+                } else {
+                    self.find_segment(segname, ctx.scope).into_iter().collect()
+                };
+                for seg in segs {
+                    self.resolve_in(seg, ctx, p, many, &mut out);
+                }
+            }
+            None => {
+                if ctx.rep == 0 {
+                    return out;
+                }
+                let mut c = ctx;
+                for &s in &p.steps {
+                    if c.comp == 0 {
+                        c.comp = s;
+                    } else if c.sub == 0 {
+                        c.sub = s;
+                    } else {
+                        return out;
+                    }
+                }
+                if self.ctx_has_data(c) {
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
+    fn resolve_in(&self, seg: usize, ctx: Ctx, p: &SourcePath, many: bool, out: &mut Vec<Ctx>) {
+        {
+            {
+                let n = self.src.rep_count(seg, p.field);
+                let reps: Vec<usize> = match p.rep {
+                    Rep::Index(i) => vec![i],
+                    Rep::All => (1..=n).collect(),
+                    Rep::Default if many => (1..=n).collect(),
+                    Rep::Default => (1..=n)
+                        .find(|&r| self.rep_has_data(seg, p.field, r))
+                        .into_iter()
+                        .collect(),
+                };
+                for rep in reps {
+                    let c = Ctx {
+                        seg,
+                        field: p.field,
+                        rep,
+                        comp: p.steps.first().copied().unwrap_or(0),
+                        sub: p.steps.get(1).copied().unwrap_or(0),
+                        scope: ctx.scope,
+                    };
+                    if self.ctx_has_data(c) {
+                        out.push(c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The text at a location (first component/subcomponent when above a leaf); marks it used.
+    fn leaf_value(&mut self, c: Ctx) -> Option<Cow<'_, str>> {
+        if c.rep == 0 {
+            return None;
+        }
+        let comp = c.comp.max(1);
+        self.mark(c.seg, c.field, comp);
+        let v = self.src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        has_text(&v).then_some(v)
+    }
+
+    fn concrete(&self, c: Ctx) -> String {
+        let name = self.src.segment_name(c.seg);
+        let count = (0..self.src.segment_count())
+            .filter(|&i| self.src.segment_name(i) == name)
+            .count();
+        let mut s = name.to_string();
+        if count > 1 {
+            let occ = (0..=c.seg)
+                .filter(|&i| self.src.segment_name(i) == name)
+                .count();
+            s.push_str(&format!("[{occ}]"));
+        }
+        if c.field > 0 {
+            s.push_str(&format!("-{}", c.field));
+            if self.src.rep_count(c.seg, c.field) > 1 {
+                s.push_str(&format!("[{}]", c.rep));
+            }
+            if c.comp > 0 {
+                s.push_str(&format!(".{}", c.comp));
+                if c.sub > 0 {
+                    s.push_str(&format!(".{}", c.sub));
+                }
+            }
+        }
+        s
+    }
+
+    /// An operand's text, borrowed where possible (conditions run for many rules).
+    fn operand<'a>(&mut self, o: &'a Operand, ctx: Ctx) -> Option<Cow<'a, str>>
+    where
+        's: 'a,
+    {
+        match o {
+            Operand::Literal(l) => Some(Cow::Borrowed(l.as_str())),
+            Operand::Var(v) => {
+                let vars: &'s BTreeMap<String, String> = self.vars;
+                vars.get(v).map(|s| Cow::Borrowed(s.as_str()))
+            }
+            Operand::Path(p) => {
+                let c = *self.resolve(ctx, p, false).first()?;
+                match self.leaf_text(c)? {
+                    Cow::Borrowed(b) => Some(Cow::Borrowed(b.trim())),
+                    Cow::Owned(o) => Some(Cow::Owned(o.trim().to_string())),
+                }
+            }
+        }
+    }
+
+    /// Like `leaf_value`, but borrowing from the message rather than from the runner.
+    fn leaf_text(&mut self, c: Ctx) -> Option<Cow<'s, str>> {
+        if c.rep == 0 {
+            return None;
+        }
+        let comp = c.comp.max(1);
+        self.mark(c.seg, c.field, comp);
+        let src: &'s S = self.src;
+        let v = src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        has_text(&v).then_some(v)
+    }
+
+    fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
+        match c {
+            Cond::Exists(o) => self.operand(o, ctx).is_some_and(|v| !v.is_empty()),
+            Cond::Eq(a, b) => self.operand(a, ctx) == self.operand(b, ctx),
+            Cond::Ne(a, b) => self.operand(a, ctx) != self.operand(b, ctx),
+            Cond::In(a, items) => {
+                let v = self.operand(a, ctx);
+                v.is_some() && items.iter().any(|i| self.operand(i, ctx) == v)
+            }
+            Cond::Not(c) => !self.eval(c, ctx),
+            Cond::And(a, b) => self.eval(a, ctx) && self.eval(b, ctx),
+            Cond::Or(a, b) => self.eval(a, ctx) || self.eval(b, ctx),
+        }
+    }
+
+    // ---- building ----------------------------------------------------------------------------
+
+    fn build_instance(&mut self, i: usize) -> Result<(), MappingError> {
+        let (map, ctx, rtype, id) = {
+            let inst = &self.instances[i];
+            (inst.map, inst.ctx, inst.rtype, inst.id.clone())
+        };
+        self.build_resource(map, ctx, rtype, id)?;
+        Ok(())
+    }
+
+    /// Builds one resource into the bundle (once per type/id); returns its `Type/id`.
+    fn build_resource(
+        &mut self,
+        map: usize,
+        ctx: Ctx,
+        rtype: &'static str,
+        id: String,
+    ) -> Result<String, MappingError> {
+        let url = format!("{rtype}/{id}");
+        let set = self.set;
+        let rules = &set.maps[map].rules;
+        let key = (rtype, id.clone());
+        let duplicate = self.out_index.contains_key(&key);
+        let slot = self.out.len();
+        if !duplicate {
+            self.out_index.insert(key, slot);
+            self.out.push(None);
+        }
+        let mut obj = Map::new();
+        obj.insert("resourceType".into(), Value::String(rtype.into()));
+        obj.insert("id".into(), Value::String(id));
+        let lineage_mark = self.lineage.as_ref().map(Vec::len);
+        self.apply(rules, ctx, &mut obj, &url)?;
+        if duplicate {
+            // Same resource reached twice in one message (the same doctor as attending and
+            // referring): the first build stands; this one only counted its fields as read.
+            if let (Some(l), Some(m)) = (self.lineage.as_mut(), lineage_mark) {
+                l.truncate(m);
+            }
+        } else {
+            self.out[slot] = Some((url.clone(), Value::Object(obj)));
+        }
+        Ok(url)
+    }
+
+    fn apply(
+        &mut self,
+        rules: &[Rule],
+        ctx: Ctx,
+        obj: &mut Map<String, Value>,
+        jpath: &str,
+    ) -> Result<(), MappingError> {
+        for rule in rules {
+            if let Some(c) = &rule.when {
+                if !self.eval(c, ctx) {
+                    continue;
+                }
+            }
+            if let (Some(sep), RuleKind::Prim(p)) = (&rule.join, &rule.kind) {
+                let mut parts = Vec::new();
+                let mut first = None;
+                for path in &rule.from {
+                    for c in self.resolve(ctx, path, true) {
+                        first.get_or_insert(c);
+                        if let Some(t) = self.text(rule, c) {
+                            parts.push(t);
+                        }
+                    }
+                }
+                if let (Some(c), false) = (first, parts.is_empty()) {
+                    let v = match convert(*p, &parts.join(sep), &self.set.default_timezone) {
+                        Ok(v) => Some(v),
+                        Err(e) => self.invalid(rule, c, e)?,
+                    };
+                    if let Some(v) = v {
+                        self.put(obj, rule, v, jpath, Some(c));
+                    }
+                }
+                continue;
+            }
+            let sources: Vec<Ctx> = if rule.from.is_empty() {
+                vec![ctx]
+            } else {
+                let mut found = Vec::new();
+                for p in &rule.from {
+                    found = self.resolve(ctx, p, rule.many);
+                    if !found.is_empty() {
+                        break;
+                    }
+                }
+                found
+            };
+            if let RuleKind::Ref(name) = &rule.kind {
+                let targets = self.lookup_name(name, ctx.scope);
+                for t in targets.iter().take(if rule.many { usize::MAX } else { 1 }) {
+                    let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
+                    let mut r = Map::new();
+                    r.insert("reference".into(), Value::String(url));
+                    self.put(obj, rule, Value::Object(r), jpath, None);
+                }
+                continue;
+            }
+            for c in sources {
+                let element = if self.lineage.is_some() {
+                    Some(target_path(obj, &rule.target, jpath))
+                } else {
+                    None
+                };
+                let lmark = self.lineage.as_ref().map(Vec::len);
+                let v = self.value(rule, c, element.as_deref().unwrap_or(""))?;
+                match v {
+                    Some(v) => {
+                        let src = if rule.from.is_empty()
+                            && !matches!(rule.kind, RuleKind::Prim(_) | RuleKind::Translate { .. })
+                        {
+                            None
+                        } else {
+                            Some(c)
+                        };
+                        self.put(obj, rule, v, jpath, src);
+                        if !rule.many {
+                            break;
+                        }
+                    }
+                    None => {
+                        if let (Some(l), Some(m)) = (self.lineage.as_mut(), lmark) {
+                            l.truncate(m);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup_name(&self, name: &str, scope: usize) -> Vec<usize> {
+        let mut s = Some(scope);
+        while let Some(i) = s {
+            if let Some(v) = self.scopes[i].names.get(name) {
+                return v.clone();
+            }
+            s = self.scopes[i].parent;
+        }
+        Vec::new()
+    }
+
+    fn put(
+        &mut self,
+        obj: &mut Map<String, Value>,
+        rule: &Rule,
+        v: Value,
+        jpath: &str,
+        src: Option<Ctx>,
+    ) {
+        if self.lineage.is_some() {
+            let element = target_path(obj, &rule.target, jpath);
+            let source = src.map(|c| self.concrete(c)).unwrap_or_default();
+            if let Some(l) = self.lineage.as_mut() {
+                l.push(Lineage {
+                    element,
+                    source,
+                    rule: rule.loc.to_string(),
+                });
+            }
+        }
+        set_target(obj, &rule.target, v);
+    }
+
+    fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> MappingError {
+        MappingError::Rule {
+            rule: rule.loc.to_string(),
+            set: rule.set.clone(),
+            path: self.concrete(c),
+            reason,
+        }
+    }
+
+    fn text(&mut self, rule: &Rule, c: Ctx) -> Option<String> {
+        let raw = self.leaf_value(c)?;
+        let mut s = raw.into_owned();
+        for t in &rule.transforms {
+            s = match t {
+                Transform::Upper => s.to_uppercase(),
+                Transform::Lower => s.to_lowercase(),
+                Transform::Trim => s.trim().to_string(),
+                Transform::Prefix(p) => format!("{p}{s}"),
+                Transform::Uri => to_uri(&s),
+                Transform::Base64 => base64(s.as_bytes()),
+                Transform::Endpoint => to_endpoint(&s),
+                Transform::Comparator => split_comparator(&s).0.to_string(),
+                Transform::StripComparator => split_comparator(&s).1.to_string(),
+            };
+        }
+        (!s.trim().is_empty()).then_some(s)
+    }
+
+    /// A conversion failure: fail the message, or (on_error: warn) leave the element out.
+    fn invalid(
+        &mut self,
+        rule: &Rule,
+        c: Ctx,
+        reason: String,
+    ) -> Result<Option<Value>, MappingError> {
+        match rule.on_error.unwrap_or(self.set.on_invalid_value) {
+            OnError::Fail => Err(self.fail(rule, c, reason)),
+            OnError::Warn => {
+                self.warnings.push(format!(
+                    "{}: value at {} left out of `{}`: {reason}",
+                    rule.loc,
+                    self.concrete(c),
+                    rule.set
+                ));
+                Ok(None)
+            }
+        }
+    }
+
+    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Value>, MappingError> {
+        Ok(match &rule.kind {
+            RuleKind::Const(v) => Some(v.clone()),
+            RuleKind::Var(name, p) => match self.vars.get(name) {
+                Some(v) => Some(
+                    convert(*p, v, &self.set.default_timezone)
+                        .map_err(|e| self.fail(rule, c, e))?,
+                ),
+                None => None,
+            },
+            RuleKind::Prim(p) => match self.text(rule, c) {
+                None => None,
+                Some(s) => match convert(*p, &s, &self.set.default_timezone) {
+                    Ok(v) => Some(v),
+                    Err(e) => return self.invalid(rule, c, e),
+                },
+            },
+            RuleKind::Map(idx) => {
+                let set = self.set;
+                let mut o = Map::new();
+                self.apply(&set.maps[*idx].rules, c, &mut o, element)?;
+                (!o.is_empty()).then_some(Value::Object(o))
+            }
+            RuleKind::Nested(rules) => {
+                let mut o = Map::new();
+                self.apply(rules, c, &mut o, element)?;
+                (!o.is_empty()).then_some(Value::Object(o))
+            }
+            RuleKind::Translate { map, out, default } => {
+                let Some(code) = self.text(rule, c) else {
+                    return Ok(None);
+                };
+                match self.term.translate(map, code.trim()) {
+                    Some(t) => Some(match out {
+                        TransOut::Code => Value::String(t.code),
+                        TransOut::Coding => coding(&t),
+                        TransOut::CodeableConcept => {
+                            let mut cc = Map::new();
+                            cc.insert("coding".into(), Value::Array(vec![coding(&t)]));
+                            Value::Object(cc)
+                        }
+                    }),
+                    None => match default {
+                        Some(d) if *out == TransOut::Code => Some(Value::String(d.clone())),
+                        _ => {
+                            self.warnings.push(format!(
+                                "{}: code at {} is not in ConceptMap {map}; `{}` left empty",
+                                rule.loc,
+                                self.concrete(c),
+                                rule.set
+                            ));
+                            None
+                        }
+                    },
+                }
+            }
+            RuleKind::Ref(_) => None,
+            RuleKind::Create(idx) => {
+                let salt = rule.loc.line;
+                let (rtype, id) = self.instance_id(*idx, c, salt);
+                let url = self.build_resource(*idx, c, rtype, id)?;
+                let mut r = Map::new();
+                r.insert("reference".into(), Value::String(url));
+                Some(Value::Object(r))
+            }
+        })
+    }
+
+    fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<String> {
+        let src = self.src;
+        let mut out = Vec::new();
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for seg in 0..src.segment_count() {
+            *counts.entry(src.segment_name(seg)).or_default() += 1;
+        }
+        let mut occ: HashMap<&str, usize> = HashMap::new();
+        for seg in 0..src.segment_count() {
+            let name = src.segment_name(seg);
+            let o = {
+                let e = occ.entry(name).or_default();
+                *e += 1;
+                *e
+            };
+            // the ignore patterns for this segment, checked once per segment
+            let seg_ignores: Vec<&crate::compile::IgnorePattern> = ignore
+                .iter()
+                .chain(self.set.global_ignore.iter())
+                .filter(|p| p.segment == name)
+                .collect();
+            if seg_ignores.iter().any(|p| p.field.is_none()) {
+                continue;
+            }
+            for field in 1..=src.field_count(seg) {
+                if name == "MSH" && field <= 2 {
+                    continue;
+                }
+                if src.rep_count(seg, field) == 0 {
+                    continue;
+                }
+                let mut comps_with_data: Vec<usize> = Vec::new();
+                let mut max_comp = 0;
+                for rep in 1..=src.rep_count(seg, field) {
+                    let nc = src.comp_count(seg, field, rep);
+                    max_comp = max_comp.max(nc);
+                    for comp in 1..=nc {
+                        let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
+                            src.leaf(seg, field, rep, comp, s)
+                                .is_some_and(|v| !v.is_empty())
+                        });
+                        if data && !comps_with_data.contains(&comp) {
+                            comps_with_data.push(comp);
+                        }
+                    }
+                }
+                comps_with_data.sort_unstable();
+                for comp in comps_with_data {
+                    if self.is_marked(seg, field, comp)
+                        || seg_ignores.iter().any(|p| p.covers(name, field, comp))
+                    {
+                        continue;
+                    }
+                    let occ_s = if counts[name] > 1 {
+                        format!("[{o}]")
+                    } else {
+                        String::new()
+                    };
+                    if max_comp <= 1 {
+                        out.push(format!("{name}{occ_s}-{field}"));
+                    } else {
+                        out.push(format!("{name}{occ_s}-{field}.{comp}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn coding(t: &tributary_terminology::Target) -> Value {
+    let mut c = Map::new();
+    c.insert("system".into(), Value::String(t.system.clone()));
+    c.insert("code".into(), Value::String(t.code.clone()));
+    if let Some(d) = &t.display {
+        c.insert("display".into(), Value::String(d.clone()));
+    }
+    Value::Object(c)
+}
+
+/// An identifier namespace as a legal URI: OIDs become `urn:oid:`, UUIDs `urn:uuid:`, URLs and
+/// URNs stay, anything else becomes `urn:id:` with spaces replaced (R4 `uri` has no whitespace).
+pub fn to_uri(s: &str) -> String {
+    let s = s.trim();
+    let is_oid = s.contains('.')
+        && s.split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if is_oid {
+        return format!("urn:oid:{s}");
+    }
+    let is_uuid = s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if is_uuid {
+        return format!("urn:uuid:{s}");
+    }
+    if s.contains("://") || s.starts_with("urn:") {
+        return s.replace(' ', "%20");
+    }
+    format!("urn:id:{}", s.replace(char::is_whitespace, "_"))
+}
+
+/// Converts text to a FHIR primitive; the error never contains the value.
+fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
+    let t = s.trim();
+    Ok(match p {
+        Prim::String => Value::String(t.to_string()),
+        Prim::Code => {
+            let c = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            Value::String(c)
+        }
+        Prim::Uri => Value::String(t.replace(char::is_whitespace, "_")),
+        Prim::Decimal => {
+            Value::Number(decimal(t).ok_or_else(|| "not a decimal number".to_string())?)
+        }
+        Prim::Integer => Value::Number(
+            t.parse::<i64>()
+                .map_err(|_| "not an integer".to_string())?
+                .into(),
+        ),
+        Prim::Boolean => Value::Bool(match t.to_ascii_uppercase().as_str() {
+            "Y" | "YES" | "TRUE" | "1" | "T" => true,
+            "N" | "NO" | "FALSE" | "0" | "F" => false,
+            _ => return Err("not a boolean (Y/N)".into()),
+        }),
+        Prim::Date => Value::String(datetime::to_date(t).map_err(|e| e.to_string())?),
+        Prim::DateTime => Value::String(datetime::to_datetime(t, tz).map_err(|e| e.to_string())?),
+        Prim::Instant => Value::String(datetime::to_instant(t, tz).map_err(|e| e.to_string())?),
+        Prim::Time => Value::String(datetime::to_time(t).map_err(|e| e.to_string())?),
+    })
+}
+
+fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
+    let (last, inner) = match steps.split_last() {
+        Some(x) => x,
+        None => return,
+    };
+    let mut cur = obj;
+    for s in inner {
+        if !cur.contains_key(s.name) {
+            let empty = if s.many {
+                Value::Array(Vec::new())
+            } else {
+                Value::Object(Map::new())
+            };
+            cur.insert(s.name.to_string(), empty);
+        }
+        let Some(slot) = cur.get_mut(s.name) else {
+            return;
+        };
+        let next = if let Value::Array(a) = slot {
+            if a.is_empty() {
+                a.push(Value::Object(Map::new()));
+            }
+            &mut a[0]
+        } else {
+            slot
+        };
+        cur = match next {
+            Value::Object(o) => o,
+            _ => return,
+        };
+    }
+    if last.many {
+        match cur.get_mut(last.name) {
+            Some(Value::Array(a)) => a.push(v),
+            Some(_) => {}
+            None => {
+                cur.insert(last.name.to_string(), Value::Array(vec![v]));
+            }
+        }
+    } else if !cur.contains_key(last.name) {
+        cur.insert(last.name.into(), v);
+    }
+}
+
+fn target_path(obj: &Map<String, Value>, steps: &[Step], jpath: &str) -> String {
+    let mut s = jpath.to_string();
+    let mut cur = Some(obj);
+    for (i, st) in steps.iter().enumerate() {
+        s.push('.');
+        s.push_str(st.name);
+        let existing = cur.and_then(|o| o.get(st.name));
+        if st.many {
+            let idx = if i + 1 == steps.len() {
+                existing.and_then(Value::as_array).map_or(0, Vec::len)
+            } else {
+                0
+            };
+            s.push_str(&format!("[{idx}]"));
+            cur = existing
+                .and_then(Value::as_array)
+                .and_then(|a| a.first())
+                .and_then(Value::as_object);
+        } else {
+            cur = existing.and_then(Value::as_object);
+        }
+    }
+    s
+}
+
+/// Standard base64 with padding (RFC 4648), for `Attachment.data`.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(A[(n >> 18) as usize & 63] as char);
+        out.push(A[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// HL7 NM text as a JSON number: optional sign, digits, optional fraction; leading zeros dropped
+/// (`0065.88` → 65.88). Precision is kept as far as JSON numbers keep it.
+fn decimal(t: &str) -> Option<serde_json::Number> {
+    let (sign, rest) = match t.strip_prefix('-') {
+        Some(r) => ("-", r),
+        None => ("", t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (int, frac) = match rest.split_once('.') {
+        Some((i, f)) => (i, Some(f)),
+        None => (rest, None),
+    };
+    if (int.is_empty() && frac.is_none_or(str::is_empty))
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.is_none_or(|f| f.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let int = int.trim_start_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let text = match frac {
+        Some(f) if !f.is_empty() => format!("{sign}{int}.{f}"),
+        _ => format!("{sign}{int}"),
+    };
+    text.parse().ok()
+}
+
+/// Splits a leading comparator (`<=`, `>=`, `<`, `>`) from a value.
+fn split_comparator(s: &str) -> (&str, &str) {
+    let t = s.trim();
+    for c in ["<=", ">=", "<", ">"] {
+        if let Some(rest) = t.strip_prefix(c) {
+            return (c, rest.trim());
+        }
+    }
+    ("", t)
+}
+
+/// A MessageHeader endpoint (R4 `url`, which validators require to have `scheme://`).
+pub fn to_endpoint(s: &str) -> String {
+    let s = s.trim();
+    if s.contains("://") {
+        return s.replace(char::is_whitespace, "%20");
+    }
+    let host: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("mllp://{host}")
+}

@@ -1,0 +1,115 @@
+//! Over every HL7 v2 sample in ../shared/corpus/hl7v2 whose type the library maps: mapping
+//! succeeds, and every Bundle is valid FHIR R4 by two external validators — fhir.resources 6.4.0
+//! (+ the R4 date/dateTime/instant regexes) and npm fhir@4.12.0 — via scripts/validate_fhir.py.
+//!
+//! Skips (saying so) when the corpus or the validators are absent; set
+//! TRIBUTARY_REQUIRE_VALIDATORS=1 (CI) to make their absence a failure.
+//! Install the validators with scripts/install-test-tools.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tributary_mapping::{MapBytesError, MappingError, MappingSet, RunOptions};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn hl7_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            hl7_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "hl7") {
+            out.push(p);
+        }
+    }
+}
+
+fn require() -> bool {
+    std::env::var("TRIBUTARY_REQUIRE_VALIDATORS").is_ok_and(|v| v == "1")
+}
+
+#[test]
+fn every_corpus_output_is_valid_fhir_r4() {
+    let corpus = repo().join("../shared/corpus/hl7v2");
+    if !corpus.is_dir() {
+        assert!(!require(), "corpus {} absent", corpus.display());
+        eprintln!("SKIP: corpus {} absent", corpus.display());
+        return;
+    }
+    let validators = Command::new("python3")
+        .args(["-c", "import fhir.resources, sys; sys.exit(0 if fhir.resources.__version__ == '6.4.0' else 1)"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && repo().join("scripts/node_modules/fhir").is_dir();
+    let set = MappingSet::load(&repo().join("mappings/hl7v2")).unwrap();
+    let term = tributary_terminology::builtin();
+    let out = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    hl7_files(&corpus, &mut files);
+    files.sort();
+    let (mut mapped, mut unmapped_types, mut failures) = (0, 0, Vec::new());
+    for f in &files {
+        let all = std::fs::read(f).unwrap();
+        let ranges = match tributary_hl7v2::split_batch(&all) {
+            Ok(b) if b.messages.len() > 1 || b.enveloped => b.messages,
+            _ => std::iter::once(0..all.len()).collect(),
+        };
+        for (n, r) in ranges.into_iter().enumerate() {
+            match set.map_bytes(
+                &all[r],
+                term,
+                &RunOptions {
+                    tenant: "default",
+                    lineage: false,
+                },
+            ) {
+                Ok(m) => {
+                    mapped += 1;
+                    let name = format!(
+                        "{:04}-{n}-{}.json",
+                        mapped,
+                        f.file_stem().unwrap().to_string_lossy()
+                    );
+                    std::fs::write(
+                        out.path().join(name),
+                        serde_json::to_vec(&m.bundle).unwrap(),
+                    )
+                    .unwrap();
+                }
+                Err(MapBytesError::Mapping(MappingError::NoMapping { .. })) => unmapped_types += 1,
+                Err(e) => failures.push(format!("{}: {e}", f.display())),
+            }
+        }
+    }
+    eprintln!(
+        "corpus: {mapped} mapped, {unmapped_types} of message types outside the library, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "mapping failed:\n{}",
+        failures.join("\n")
+    );
+    assert!(mapped >= 300, "only {mapped} corpus messages mapped");
+    if !validators {
+        assert!(
+            !require(),
+            "validators missing: run scripts/install-test-tools"
+        );
+        eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-test-tools)");
+        return;
+    }
+    let status = Command::new("python3")
+        .arg(repo().join("scripts/validate_fhir.py"))
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "some outputs are not valid FHIR R4 (see the validator output above)"
+    );
+}

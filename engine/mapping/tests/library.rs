@@ -1,0 +1,370 @@
+//! The shipped mapping library: it loads, its fixtures pass (what `tributary mapping test` runs),
+//! load errors point at file:line:col, and the unconsumed-field report is complete.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use tributary_mapping::{fixtures, MappingSet, RunOptions, SplitMessage};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn library() -> MappingSet {
+    MappingSet::load(&repo().join("mappings/hl7v2")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn every_message_map_has_a_fixture_and_all_fixtures_pass() {
+    let set = library();
+    assert!(
+        set.message_maps_without_fixtures().is_empty(),
+        "{:?}",
+        set.message_maps_without_fixtures()
+    );
+    let outcomes = fixtures::run_fixtures(&set, tributary_terminology::builtin());
+    assert!(outcomes.len() >= 20);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.passed())
+        .map(|o| {
+            format!(
+                "{}: {:?} {:?}",
+                o.input.display(),
+                o.error,
+                o.differences.iter().take(5).collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "fixtures failed:\n{}", failed.join("\n"));
+    let types: BTreeSet<String> = set.message_types().into_iter().map(|(t, _)| t).collect();
+    for t in [
+        "ADT^A01", "ADT^A02", "ADT^A03", "ADT^A04", "ADT^A05", "ADT^A06", "ADT^A07", "ADT^A08",
+        "ADT^A11", "ADT^A12", "ADT^A13", "ADT^A28", "ADT^A31", "ADT^A40", "ORU^R01", "ORM^O01",
+        "OML^O21", "VXU^V04", "MDM^T02", "SIU^S12",
+    ] {
+        assert!(types.contains(t), "{t} is not mapped");
+    }
+}
+
+#[test]
+fn a_fixture_mismatch_is_a_readable_path_diff() {
+    let mut out = Vec::new();
+    let expected = serde_json::json!({"entry": [{"resource": {"gender": "female", "name": [{"family": "A"}]}}]});
+    let actual = serde_json::json!({"entry": [{"resource": {"gender": "male", "name": [{"family": "A"}], "active": true}}]});
+    fixtures::json_diff("", &expected, &actual, &mut out);
+    assert_eq!(
+        out,
+        vec![
+            "~ entry[0].resource.gender: expected \"female\", got \"male\"".to_string(),
+            "+ entry[0].resource.active: unexpected true".to_string(),
+        ]
+    );
+}
+
+fn load_texts(files: &[(&str, &str)]) -> Result<MappingSet, tributary_mapping::LoadErrors> {
+    let texts: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+        .collect();
+    MappingSet::from_texts(Path::new("m"), &texts)
+}
+
+const HEADER: &str = "resource: MessageHeader\nsegment: MSH\nrules:\n  - set: eventCoding\n    rules:\n      - set: code\n        from: MSH-9.2\n  - set: source.endpoint\n    value: mllp://x\n";
+
+#[test]
+fn load_errors_name_file_line_col_the_bad_element_and_a_suggestion() {
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: gendr\n    from: PID-8\n  - set: name\n    from: PID-5\n    map: XPM\n  - set: birthDate\n    from: PID-7[*]\n  - set: identifier\n    from: PID-3\n    map: XPN\n  - set: active\n    from: PID-0\n  - set: gender\n    when: PID-8 == F )\n    value: female\n";
+    let xpn = "datatype: XPN\nto: HumanName\nrules:\n  - set: family\n    from: .1\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let errs = load_texts(&[
+        ("segments/PID-Patient.yaml", pid),
+        ("datatypes/XPN.yaml", xpn),
+        ("messages/ADT.yaml", msg),
+    ])
+    .unwrap_err()
+    .0
+    .iter()
+    .map(|e| e.to_string())
+    .collect::<Vec<_>>();
+    let all = errs.join("\n");
+    assert!(all.contains("m/segments/PID-Patient.yaml:4:10: `gendr` is not an element of FHIR R4 Patient — did you mean `gender`?"), "{all}");
+    assert!(
+        all.contains("m/segments/PID-Patient.yaml:8:10: no map named `XPM` — did you mean `XPN`?"),
+        "{all}"
+    );
+    assert!(all.contains("PID-Patient.yaml:10:11: `PID-7[*]` selects every repetition but `birthDate` holds one value"), "{all}");
+    assert!(all.contains("PID-Patient.yaml:13:10: datatype map `XPN` produces HumanName, but `identifier` is a Identifier"), "{all}");
+    assert!(
+        all.contains("PID-Patient.yaml:15:11: field numbers start at 1"),
+        "{all}"
+    );
+    assert!(
+        all.contains("PID-Patient.yaml:17:22: condition: unexpected text after the condition"),
+        "{all}"
+    );
+    // YAML syntax errors have positions too
+    let errs = load_texts(&[(
+        "datatypes/XPN.yaml",
+        "datatype: XPN\nto: HumanName\nrules: [\n",
+    )])
+    .unwrap_err();
+    assert!(
+        errs.0[0].to_string().starts_with("m/datatypes/XPN.yaml:"),
+        "{}",
+        errs.0[0]
+    );
+}
+
+#[test]
+fn a_ref_to_a_name_the_message_map_lacks_is_a_load_error() {
+    let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: subject\n    ref: patient\n  - set: status\n    value: finished\n  - set: class\n    value:\n      code: IMP\n";
+    let msg = "message: [ADT^A03]\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
+    let errs = load_texts(&[
+        ("segments/PV1-Encounter.yaml", enc),
+        ("messages/ADT_A03.yaml", msg),
+    ])
+    .unwrap_err();
+    assert!(errs.to_string().contains("PV1-Encounter.yaml:5:10: `ref: patient` names no resource of message map m/messages/ADT_A03.yaml"), "{errs}");
+}
+
+/// Every non-empty component of every field, as `SEG-f.c` / `SEG[n]-f.c` (independent splitter).
+fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
+    let mut out = BTreeSet::new();
+    let segs: Vec<&str> = text.split(['\r', '\n']).filter(|l| l.len() >= 3).collect();
+    let mut occ = std::collections::HashMap::new();
+    for s in &segs {
+        let name = &s[..3];
+        let o = {
+            let e = occ.entry(name.to_string()).or_insert(0usize);
+            *e += 1;
+            *e
+        };
+        let fields: Vec<&str> = s.split('|').collect();
+        for (i, f) in fields.iter().enumerate().skip(1) {
+            let field = if name == "MSH" { i + 1 } else { i };
+            if name == "MSH" && field <= 2 {
+                continue;
+            }
+            for rep in f.split('~') {
+                for (c, comp) in rep.split('^').enumerate() {
+                    if comp.split('&').any(|x| !x.is_empty()) {
+                        out.insert((name.to_string(), o, field, c + 1));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn with_only_a_header_map_every_nonempty_field_of_a_corpus_message_is_reported() {
+    let path = repo().join("../shared/corpus/hl7v2/ms-fhir-converter/ADT-A01-01.hl7");
+    let Ok(bytes) = std::fs::read(&path) else {
+        eprintln!("SKIP: corpus sample {} absent", path.display());
+        return;
+    };
+    let text = String::from_utf8_lossy(&bytes)
+        .trim_start_matches('\u{feff}')
+        .to_string();
+    let msg = "message: [ADT^A01]\nresources:\n  - name: header\n    segment: MSH\n    map: MSH-MessageHeader\n";
+    let set = load_texts(&[
+        ("segments/MSH-MessageHeader.yaml", HEADER),
+        ("messages/ADT_A01.yaml", msg),
+    ])
+    .unwrap();
+    let src = SplitMessage::parse(&text);
+    let out = set
+        .run(
+            &src,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+    let reported: BTreeSet<String> = out.unconsumed.iter().cloned().collect();
+    let all = all_nonempty(&text);
+    let counts: std::collections::HashMap<String, usize> =
+        all.iter().fold(Default::default(), |mut m, (s, o, _, _)| {
+            let e = m.entry(s.clone()).or_insert(0);
+            *e = (*e).max(*o);
+            m
+        });
+    let mut missing = Vec::new();
+    for (seg, o, f, c) in &all {
+        if seg == "MSH" && (*f == 9 || (*f == 10)) {
+            continue; // MSH-9 picks the map; MSH-9.2 and MSH-10 are read by the header map
+        }
+        let occ = if counts[seg] > 1 {
+            format!("[{o}]")
+        } else {
+            String::new()
+        };
+        let field_form = format!("{seg}{occ}-{f}");
+        let comp_form = format!("{seg}{occ}-{f}.{c}");
+        if !reported.contains(&field_form) && !reported.contains(&comp_form) {
+            missing.push(comp_form);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "non-empty fields missing from the report: {missing:?}"
+    );
+    assert!(reported.iter().any(|r| r.starts_with("PID-5")));
+    assert!(reported.len() > 100, "{}", reported.len());
+}
+
+#[test]
+fn the_library_reports_what_it_leaves_unmapped_in_a_corpus_message() {
+    let path = repo().join("../shared/corpus/hl7v2/ms-fhir-converter/ADT-A01-01.hl7");
+    let Ok(bytes) = std::fs::read(&path) else {
+        eprintln!("SKIP: corpus sample {} absent", path.display());
+        return;
+    };
+    let out = library()
+        .map_bytes(
+            &bytes,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+    // ROL and DB1 have no segment map in the library: every non-empty field of them is listed
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    for (seg, _, f, c) in all_nonempty(&text).iter().filter(|(s, ..)| s == "DB1") {
+        let field = format!("{seg}-{f}");
+        let comp = format!("{seg}-{f}.{c}");
+        assert!(
+            out.unconsumed.contains(&field) || out.unconsumed.contains(&comp),
+            "{comp} not reported"
+        );
+    }
+    // and what it maps is not listed
+    assert!(!out
+        .unconsumed
+        .iter()
+        .any(|u| u == "PID-8" || u == "PID-5.1" || u == "PID-7"));
+}
+
+#[test]
+fn lineage_names_source_path_and_rule_for_each_element() {
+    let bytes = std::fs::read(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
+    let out = library()
+        .map_bytes(
+            &bytes,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+    let gender = out
+        .lineage
+        .iter()
+        .find(|l| l.element.ends_with(".gender") && l.element.starts_with("Patient/"))
+        .unwrap();
+    assert_eq!(gender.source, "PID-8");
+    assert!(
+        gender.rule.ends_with("segments/PID-Patient.yaml:59"),
+        "{}",
+        gender.rule
+    );
+    let family = out
+        .lineage
+        .iter()
+        .find(|l| l.element.starts_with("Patient/") && l.element.ends_with(".name[0].family"))
+        .unwrap();
+    assert_eq!(family.source, "PID-5[1].1.1");
+    assert!(family.rule.contains("datatypes/XPN.yaml:"));
+}
+
+#[test]
+fn ids_are_deterministic_per_tenant_and_source_identifier() {
+    let bytes = std::fs::read(repo().join("mappings/hl7v2/messages/ADT_A08.hl7")).unwrap();
+    let set = library();
+    let term = tributary_terminology::builtin();
+    let a = set
+        .map_bytes(
+            &bytes,
+            term,
+            &RunOptions {
+                tenant: "t1",
+                lineage: false,
+            },
+        )
+        .unwrap();
+    let b = set
+        .map_bytes(
+            &bytes,
+            term,
+            &RunOptions {
+                tenant: "t1",
+                lineage: false,
+            },
+        )
+        .unwrap();
+    let c = set
+        .map_bytes(
+            &bytes,
+            term,
+            &RunOptions {
+                tenant: "t2",
+                lineage: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(a.bundle, b.bundle);
+    let pid = |m: &tributary_mapping::MappedBundle| {
+        m.resources()
+            .find(|(t, _, _)| *t == "Patient")
+            .unwrap()
+            .1
+            .to_string()
+    };
+    assert_eq!(
+        pid(&a),
+        tributary_core::deterministic_id(&[
+            "t1",
+            "Patient",
+            "MRN70001",
+            "RIVERSIDE",
+            "2.16.840.1.113883.3.9999.1"
+        ])
+    );
+    assert_ne!(pid(&a), pid(&c));
+    // the Encounter references that Patient id
+    let enc = a.resources().find(|(t, _, _)| *t == "Encounter").unwrap().2;
+    assert_eq!(enc["subject"]["reference"], format!("Patient/{}", pid(&a)));
+    assert_eq!(a.bundle["type"], "transaction");
+    for e in a.bundle["entry"].as_array().unwrap() {
+        assert_eq!(e["request"]["method"], "PUT");
+    }
+}
+
+#[test]
+fn mapping_errors_carry_paths_never_values() {
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: birthDate\n    from: PID-7\n    on_error: fail\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let set = load_texts(&[
+        ("segments/PID-Patient.yaml", pid),
+        ("messages/ADT.yaml", msg),
+    ])
+    .unwrap();
+    let src = SplitMessage::parse(
+        "MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\rPID|1||X123||SECRETNAME||19AB0101\r",
+    );
+    let err = set
+        .run(
+            &src,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("m/segments/PID-Patient.yaml:4")
+            && err.contains("PID-7")
+            && err.contains("birthDate"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("19AB0101") && !err.contains("SECRETNAME") && !err.contains("X123"),
+        "{err}"
+    );
+}

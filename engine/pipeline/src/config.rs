@@ -1,0 +1,107 @@
+//! `[mapping]` in `tributary.toml`. The doc comments are the operator documentation.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// What the pipeline does with a message some of whose non-empty source fields no rule consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnconsumedPolicy {
+    /// Commit, and log the unconsumed field paths (never their values) with the message id.
+    Warn,
+    /// Do not commit: mark the message failed (`quarantined: …`, listing the paths). It is
+    /// re-queued automatically when a changed mapping set is loaded.
+    Quarantine,
+    /// Do not commit: mark the message failed (`rejected: …`); only `tributary replay` re-runs it.
+    Reject,
+}
+
+/// The `[mapping]` section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MappingConfig {
+    /// Directory of mapping sets; the HL7 v2 set is its `hl7v2/` subdirectory
+    /// (message maps, segment maps, datatype maps; see mappings/hl7v2/README.md).
+    pub dir: PathBuf,
+    /// `warn` (default), `quarantine` or `reject`: see [`UnconsumedPolicy`].
+    pub unconsumed: UnconsumedPolicy,
+    /// Mapping workers. Messages with the same ordering key (sender + patient) always go to the
+    /// same worker, so they are committed in journal order.
+    pub workers: usize,
+    /// Seconds between checks of the mapping directory for changes; 0 turns hot reload off.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("mappings"),
+            unconsumed: UnconsumedPolicy::Warn,
+            workers: 2,
+            reload_interval_secs: 2,
+        }
+    }
+}
+
+/// A `[mapping]` value outside what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for `{key}`: {value:?} — {allowed}")]
+pub struct MappingConfigError {
+    pub key: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+impl MappingConfig {
+    /// Checks values (no I/O: the directory is loaded, with file:line:col errors, at start).
+    pub fn validate(&self) -> Result<(), MappingConfigError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(MappingConfigError {
+                key: "mapping.dir".into(),
+                value: String::new(),
+                allowed: "a directory holding hl7v2/ (e.g. \"mappings\")".into(),
+            });
+        }
+        if !(1..=64).contains(&self.workers) {
+            return Err(MappingConfigError {
+                key: "mapping.workers".into(),
+                value: self.workers.to_string(),
+                allowed: "1 to 64".into(),
+            });
+        }
+        if self.reload_interval_secs > 3600 {
+            return Err(MappingConfigError {
+                key: "mapping.reload_interval_secs".into(),
+                value: self.reload_interval_secs.to_string(),
+                allowed: "0 (off) to 3600".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The HL7 v2 mapping set directory.
+    pub fn hl7v2_dir(&self) -> PathBuf {
+        self.dir.join("hl7v2")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_key_value_and_allowed() {
+        let c = MappingConfig {
+            workers: 0,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "mapping.workers");
+        assert!(e.to_string().contains("1 to 64"));
+        assert!(MappingConfig::default().validate().is_ok());
+        let bad: Result<MappingConfig, _> = toml::from_str("unconsumed = \"drop\"");
+        assert!(bad.is_err());
+        let bad: Result<MappingConfig, _> = toml::from_str("dirr = \"x\"");
+        assert!(bad.is_err(), "unknown keys are refused");
+    }
+}

@@ -1,0 +1,371 @@
+//! The mapping pipeline: workers take journaled HL7 v2 messages in journal order per ordering
+//! key (sender + patient), map them with the current mapping set, check the output, and commit
+//! resources + outbox events + the message state in one atomic, durable write. A message that
+//! cannot be mapped is marked `failed` with a reason naming the mapping file, rule and source
+//! path (never a value) and waits for a fix and `tributary replay`.
+//!
+//! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
+//! (each message is mapped by exactly one version, recorded on the message); a bad file never
+//! replaces a good set — the error is logged and the old version keeps running.
+
+mod config;
+mod registry;
+
+pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
+pub use registry::{MappingRegistry, ReloadOutcome};
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
+use tributary_mapping::{MappedBundle, RunOptions};
+use tributary_runtime::{ComponentStatus, Runtime};
+use tributary_storage::{
+    JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
+};
+
+/// Journal consumer name under which the pipeline keeps its cursor.
+pub const CONSUMER: &str = "pipeline.hl7v2";
+/// Readiness component name.
+pub const COMPONENT: &str = "pipeline";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+}
+
+/// What happened to one journal entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Committed {
+        resources: usize,
+        changed: usize,
+        unconsumed: usize,
+    },
+    Failed {
+        reason: String,
+    },
+    /// Not for this pipeline (another protocol), already processed, or queued again later.
+    Skipped,
+}
+
+/// The running pipeline: a mapping registry plus the policy from `[mapping]`.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub registry: Arc<MappingRegistry>,
+    pub config: MappingConfig,
+}
+
+fn shard_of(key: &str, workers: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % workers.max(1) as u64) as usize
+}
+
+impl Pipeline {
+    pub fn new(registry: Arc<MappingRegistry>, config: MappingConfig) -> Self {
+        Self { registry, config }
+    }
+
+    /// Runs until `rt.shutdown`: consume, map, commit; reload the mapping set when it changes.
+    pub async fn run(self, rt: Runtime) -> Result<(), PipelineError> {
+        rt.readiness.set(COMPONENT, ComponentStatus::Ready);
+        tracing::info!(
+            version = %self.registry.current().version,
+            workers = self.config.workers,
+            "pipeline started"
+        );
+        let mut head = rt.journal.subscribe();
+        let reload_every = Duration::from_secs(self.config.reload_interval_secs.max(1));
+        let mut reload_tick = tokio::time::interval(reload_every);
+        reload_tick.tick().await;
+        loop {
+            match self.step(&rt).await {
+                Ok(0) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pipeline step failed; retrying");
+                    tokio::select! {
+                        _ = rt.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = rt.shutdown.cancelled() => return Ok(()),
+                _ = head.changed() => {}
+                _ = reload_tick.tick(), if self.config.reload_interval_secs > 0 => {
+                    self.reload_and_requeue(&rt).await;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Checks the mapping directory; on a new good version, re-queues quarantined messages.
+    pub async fn reload_and_requeue(&self, rt: &Runtime) -> ReloadOutcome {
+        let outcome = self.registry.reload();
+        match &outcome {
+            ReloadOutcome::Unchanged => {}
+            ReloadOutcome::Reloaded { from, to } => {
+                tracing::info!(%from, %to, "mapping set reloaded");
+                let filter = tributary_storage::ListFilter {
+                    state: Some(StateKind::Failed),
+                    ..Default::default()
+                };
+                if let Ok(list) = rt.journal.list(&filter) {
+                    let ids: Vec<_> = list
+                        .into_iter()
+                        .filter(|(_, _, st)| {
+                            st.state
+                                .reason()
+                                .is_some_and(|r| r.starts_with("quarantined:"))
+                        })
+                        .map(|(id, _, _)| id)
+                        .collect();
+                    if !ids.is_empty() {
+                        tracing::info!(count = ids.len(), "re-queueing quarantined messages");
+                        if let Err(e) = rt.journal.replay(&ids).await {
+                            tracing::warn!(error = %e, "re-queue failed");
+                        }
+                    }
+                }
+            }
+            ReloadOutcome::Failed { errors } => {
+                // file:line:col and the bad path or element: no message content involved
+                tracing::error!(
+                    kept = %self.registry.current().version,
+                    errors = %errors,
+                    "mapping set change rejected; the previous version keeps running"
+                );
+            }
+        }
+        outcome
+    }
+
+    /// Processes everything queued after the cursor (one batch); returns how many entries.
+    pub async fn step(&self, rt: &Runtime) -> Result<usize, PipelineError> {
+        let cursor = rt.journal.cursor(CONSUMER)?;
+        let entries = rt.journal.entries_after(cursor, 512)?;
+        let Some(last) = entries.last().map(|e| e.seq) else {
+            return Ok(0);
+        };
+        let n = entries.len();
+        // Shard by ordering key: one key's messages go to one worker, in journal order.
+        let workers = self.config.workers.max(1);
+        let mut shards: Vec<Vec<(JournalEntry, String)>> = vec![Vec::new(); workers];
+        for e in entries {
+            let key = match rt.journal.get(e.id)? {
+                Some(r) => r.envelope.ordering_key,
+                None => continue,
+            };
+            shards[shard_of(&key, workers)].push((e, key));
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for shard in shards.into_iter().filter(|s| !s.is_empty()) {
+            let this = self.clone();
+            let rt = rt.clone();
+            set.spawn(async move {
+                for (e, _) in shard {
+                    this.process(&rt, e).await?;
+                }
+                Ok::<_, PipelineError>(())
+            });
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e),
+                Err(join) => tracing::error!(error = %join, "pipeline worker panicked"),
+            }
+        }
+        result?;
+        rt.journal.set_cursor(CONSUMER, last).await?;
+        Ok(n)
+    }
+
+    /// Maps and commits one journal entry.
+    pub async fn process(
+        &self,
+        rt: &Runtime,
+        entry: JournalEntry,
+    ) -> Result<Outcome, PipelineError> {
+        let Some(record) = rt.journal.get(entry.id)? else {
+            return Ok(Outcome::Skipped);
+        };
+        // Stale queue entry (replayed since) or already processed: nothing to do.
+        if record.state.state != MessageState::Received || record.state.seq != Some(entry.seq) {
+            return Ok(Outcome::Skipped);
+        }
+        let env = &record.envelope;
+        if env.protocol != Protocol::Hl7v2 {
+            return Ok(Outcome::Skipped);
+        }
+        // One version maps the whole message, even if a reload happens meanwhile.
+        let set = self.registry.current();
+        let version = set.version.clone();
+        let opts = RunOptions {
+            tenant: env.tenant.as_str(),
+            lineage: false,
+        };
+        let mapped = match set.map_bytes(&env.payload, tributary_terminology::builtin(), &opts) {
+            Ok(m) => m,
+            Err(e) => return self.fail(rt, env.id, e.to_string(), &version).await,
+        };
+        for w in &mapped.warnings {
+            tracing::warn!(message = %env.id, warning = %w, "mapping warning");
+        }
+        if !mapped.unconsumed.is_empty() {
+            let list = summarize(&mapped.unconsumed);
+            match self.config.unconsumed {
+                UnconsumedPolicy::Warn => tracing::warn!(
+                    message = %env.id,
+                    count = mapped.unconsumed.len(),
+                    fields = %list,
+                    "source fields no rule consumed"
+                ),
+                UnconsumedPolicy::Quarantine => {
+                    let reason = format!(
+                        "quarantined: {} source field(s) no rule consumed in {} (mapping set {version}): {list}",
+                        mapped.unconsumed.len(),
+                        mapped.message_map
+                    );
+                    return self.fail(rt, env.id, reason, &version).await;
+                }
+                UnconsumedPolicy::Reject => {
+                    let reason = format!(
+                        "rejected: {} source field(s) no rule consumed in {} (mapping set {version}): {list}",
+                        mapped.unconsumed.len(),
+                        mapped.message_map
+                    );
+                    return self.fail(rt, env.id, reason, &version).await;
+                }
+            }
+        }
+        if let Err(reason) = check_bundle(&mapped) {
+            return self
+                .fail(
+                    rt,
+                    env.id,
+                    format!("{}: {reason}", mapped.message_map),
+                    &version,
+                )
+                .await;
+        }
+        let writes: Vec<ResourceWrite> = mapped
+            .resources()
+            .map(|(t, id, r)| ResourceWrite::upsert(t, id, r.clone()))
+            .collect();
+        let patient = mapped
+            .resources()
+            .find(|(t, _, _)| *t == "Patient")
+            .map(|(_, id, _)| id.to_string());
+        let event_type = format!(
+            "hl7v2.{}",
+            mapped.message_type.replace('^', ".").to_ascii_lowercase()
+        );
+        let event = OutboxEvent {
+            seq: 0,
+            // stable per message: a replay raises the same event id, so consumers de-duplicate
+            event_id: deterministic_id(&[env.tenant.as_str(), "message", &env.id.to_string()]),
+            tenant: env.tenant.to_string(),
+            event_type,
+            resource_type: None,
+            resource_id: None,
+            version: None,
+            patient_id: patient,
+            source_message: Some(env.id.to_string()),
+            mapping_version: Some(version.clone()),
+            occurred_at: env.received_at,
+            resource: None,
+        };
+        let resources = writes.len();
+        let outcome = rt
+            .store
+            .commit(StoreTransaction {
+                tenant: env.tenant.to_string(),
+                writes,
+                events: vec![event],
+                message: Some(MessageUpdate {
+                    id: env.id,
+                    state: MessageState::Committed,
+                    mapping_version: Some(version.clone()),
+                }),
+            })
+            .await;
+        match outcome {
+            Ok(o) => {
+                let changed = o.writes.iter().filter(|w| w.changed).count();
+                tracing::debug!(message = %env.id, resources, changed, %version, "committed");
+                Ok(Outcome::Committed {
+                    resources,
+                    changed,
+                    unconsumed: mapped.unconsumed.len(),
+                })
+            }
+            // The message moved on meanwhile (a concurrent replay): its new queue entry maps it.
+            Err(StorageError::State(_)) => Ok(Outcome::Skipped),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn fail(
+        &self,
+        rt: &Runtime,
+        id: tributary_core::MessageId,
+        reason: String,
+        version: &str,
+    ) -> Result<Outcome, PipelineError> {
+        tracing::warn!(message = %id, %reason, "message failed");
+        rt.journal
+            .transition(
+                id,
+                MessageState::Failed {
+                    reason: reason.clone(),
+                },
+                Some(version.to_string()),
+            )
+            .await?;
+        Ok(Outcome::Failed { reason })
+    }
+}
+
+fn summarize(paths: &[String]) -> String {
+    let mut s = paths
+        .iter()
+        .take(50)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > 50 {
+        s.push_str(&format!(", … ({} more)", paths.len() - 50));
+    }
+    s
+}
+
+/// The output checks the store relies on: a transaction Bundle whose entries each carry a
+/// resource with a type and an id matching its `PUT` url, no two entries for one resource.
+fn check_bundle(m: &MappedBundle) -> Result<(), String> {
+    let entries = m.bundle["entry"]
+        .as_array()
+        .ok_or("bundle has no entry array")?;
+    let mut seen: HashMap<(String, String), ()> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let r = &e["resource"];
+        let (Some(t), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str()) else {
+            return Err(format!("entry {i} has no resourceType/id"));
+        };
+        if e["request"]["url"] != Value::String(format!("{t}/{id}")) {
+            return Err(format!("entry {i} request url does not match {t}/{{id}}"));
+        }
+        if seen.insert((t.to_string(), id.to_string()), ()).is_some() {
+            return Err(format!("two entries for {t} {id}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The pipeline against the real embedded journal and store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tributary_core::{Envelope, MessageState, Protocol, StateKind};
+use tributary_pipeline::{
+    MappingConfig, MappingRegistry, Pipeline, ReloadOutcome, UnconsumedPolicy,
+};
+use tributary_runtime::{Readiness, Runtime};
+use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn runtime(dir: &Path) -> Runtime {
+    let db = Db::open(dir, DbOptions::default()).unwrap();
+    Runtime {
+        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
+        store: Arc::new(FjallStore::new(db.clone())),
+        audit: AuditLog::new(db.clone()),
+        db,
+        readiness: Readiness::default(),
+        shutdown: CancellationToken::new(),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn pipeline(dir: &Path, policy: UnconsumedPolicy) -> Pipeline {
+    let registry = Arc::new(MappingRegistry::load(dir).expect("library loads"));
+    Pipeline::new(
+        registry,
+        MappingConfig {
+            unconsumed: policy,
+            ..Default::default()
+        },
+    )
+}
+
+async fn append(rt: &Runtime, payload: Vec<u8>) -> tributary_core::MessageId {
+    let env = Envelope::builder(Protocol::Hl7v2, payload)
+        .tenant("t1")
+        .partner("riverside")
+        .ordering_key("riverside/MRN70001")
+        .build();
+    rt.journal.append(env).await.unwrap().id
+}
+
+async fn drain(p: &Pipeline, rt: &Runtime) {
+    while p.step(rt).await.unwrap() > 0 {}
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(repo().join("mappings/hl7v2/messages").join(name)).unwrap()
+}
+
+#[tokio::test]
+async fn replaying_a_message_three_times_leaves_one_version_of_each_resource() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let id = append(&rt, fixture("ORU_R01.hl7")).await;
+    drain(&p, &rt).await;
+    let rec = rt.journal.get(id).unwrap().unwrap();
+    assert_eq!(
+        rec.state.state,
+        MessageState::Committed,
+        "{:?}",
+        rec.state.state
+    );
+    assert_eq!(
+        rec.state.mapping_version.as_deref(),
+        Some(p.registry.current().version.as_str())
+    );
+
+    let mapped = p
+        .registry
+        .current()
+        .map_bytes(
+            &fixture("ORU_R01.hl7"),
+            tributary_terminology::builtin(),
+            &tributary_mapping::RunOptions {
+                tenant: "t1",
+                lineage: false,
+            },
+        )
+        .unwrap();
+    let resources: Vec<(String, String)> = mapped
+        .resources()
+        .map(|(t, i, _)| (t.to_string(), i.to_string()))
+        .collect();
+    assert!(resources.len() >= 10, "an ORU gives many resources");
+    for _ in 0..3 {
+        rt.journal.replay(&[id]).await.unwrap();
+        drain(&p, &rt).await;
+        assert_eq!(
+            rt.journal.get(id).unwrap().unwrap().state.state,
+            MessageState::Committed
+        );
+    }
+    for (t, i) in &resources {
+        let history = rt.store.history("t1", t, i).unwrap();
+        assert_eq!(
+            history.len(),
+            1,
+            "{t}/{i} has {} versions after 3 replays",
+            history.len()
+        );
+    }
+    assert_eq!(rt.journal.get(id).unwrap().unwrap().state.attempts, 4);
+}
+
+#[tokio::test]
+async fn a_mapping_failure_names_file_rule_and_path_but_no_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let maps = tmp.path().join("maps");
+    copy_dir(&repo().join("mappings/hl7v2"), &maps);
+    // this deployment wants malformed values to fail the message
+    let settings = maps.join("mapping-set.yaml");
+    let text = std::fs::read_to_string(&settings)
+        .unwrap()
+        .replace("on_invalid_value: warn", "on_invalid_value: fail");
+    std::fs::write(&settings, text).unwrap();
+    let p = pipeline(&maps, UnconsumedPolicy::Warn);
+    let msg = String::from_utf8(fixture("ADT_A01.hl7"))
+        .unwrap()
+        .replace("|19800214|", "|1980XX14|");
+    let id = append(&rt, msg.into_bytes()).await;
+    drain(&p, &rt).await;
+    let rec = rt.journal.get(id).unwrap().unwrap();
+    let reason = rec
+        .state
+        .state
+        .reason()
+        .expect("failed with a reason")
+        .to_string();
+    assert_eq!(rec.state.state.kind(), StateKind::Failed);
+    assert!(reason.contains("segments/PID-Patient.yaml:"), "{reason}");
+    assert!(
+        reason.contains("birthDate") && reason.contains("PID-7"),
+        "{reason}"
+    );
+    for phi in ["1980XX14", "Testpatient", "MRN70001", "Avery"] {
+        assert!(!reason.contains(phi), "reason leaks {phi}: {reason}");
+    }
+    // fix the mapping (back to warn): replay commits it
+    let text = std::fs::read_to_string(&settings)
+        .unwrap()
+        .replace("on_invalid_value: fail", "on_invalid_value: warn");
+    std::fs::write(&settings, text).unwrap();
+    assert!(matches!(
+        p.registry.reload(),
+        ReloadOutcome::Reloaded { .. }
+    ));
+    rt.journal.replay(&[id]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_eq!(
+        rt.journal.get(id).unwrap().unwrap().state.state,
+        MessageState::Committed
+    );
+}
+
+#[tokio::test]
+async fn quarantine_policy_holds_messages_with_unconsumed_fields_and_requeues_after_a_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let maps = tmp.path().join("maps");
+    copy_dir(&repo().join("mappings/hl7v2"), &maps);
+    let p = pipeline(&maps, UnconsumedPolicy::Quarantine);
+    // ZPI is a local segment no map reads
+    let msg = String::from_utf8(fixture("ADT_A08.hl7")).unwrap() + "ZPI|1|LOCALVALUE\r";
+    let id = append(&rt, msg.into_bytes()).await;
+    drain(&p, &rt).await;
+    let rec = rt.journal.get(id).unwrap().unwrap();
+    let reason = rec.state.state.reason().unwrap().to_string();
+    assert!(reason.starts_with("quarantined:"), "{reason}");
+    assert!(reason.contains("ZPI-2"), "{reason}");
+    assert!(!reason.contains("LOCALVALUE"));
+    // the analyst declares ZPI deliberately ignored; the reload re-queues the message
+    let settings = maps.join("mapping-set.yaml");
+    let text = std::fs::read_to_string(&settings)
+        .unwrap()
+        .replace("ignore:\n", "ignore:\n  - ZPI\n");
+    std::fs::write(&settings, text).unwrap();
+    assert!(matches!(
+        p.reload_and_requeue(&rt).await,
+        ReloadOutcome::Reloaded { .. }
+    ));
+    drain(&p, &rt).await;
+    // some synthetic fields of the fixture are unconsumed too: quarantine is strict
+    let st = rt.journal.get(id).unwrap().unwrap().state;
+    assert_eq!(st.attempts, 2, "re-queued once by the reload");
+}
+
+#[tokio::test]
+async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_mapping() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let maps = tmp.path().join("maps");
+    copy_dir(&repo().join("mappings/hl7v2"), &maps);
+    let p = pipeline(&maps, UnconsumedPolicy::Warn);
+    let before = p.registry.current().version.clone();
+    let file = maps.join("segments/PID-Patient.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("  - set: gender\n", "  - set: gendr\n")).unwrap();
+    let ReloadOutcome::Failed { errors } = p.reload_and_requeue(&rt).await else {
+        panic!("a bad file must not load")
+    };
+    let text = errors.to_string();
+    let line = good.lines().position(|l| l == "  - set: gender").unwrap() + 1;
+    assert!(
+        text.contains(&format!("segments/PID-Patient.yaml:{line}:10")),
+        "{text}"
+    );
+    assert!(text.contains("did you mean `gender`"), "{text}");
+    assert_eq!(
+        p.registry.current().version,
+        before,
+        "old version still current"
+    );
+    assert!(p.registry.last_error().is_some());
+    // and it still maps messages
+    let id = append(&rt, fixture("ADT_A01.hl7")).await;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(id).unwrap().unwrap().state;
+    assert_eq!(st.state, MessageState::Committed);
+    assert_eq!(st.mapping_version.as_deref(), Some(before.as_str()));
+    // the fix is picked up
+    std::fs::write(&file, &good).unwrap();
+    assert!(matches!(
+        p.registry.reload(),
+        ReloadOutcome::Unchanged | ReloadOutcome::Reloaded { .. }
+    ));
+    assert!(p.registry.last_error().is_none() || p.registry.current().version == before);
+}

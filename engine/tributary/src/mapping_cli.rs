@@ -1,0 +1,232 @@
+//! Analyst commands: `tributary map`, `tributary mapping test|check`.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tributary_mapping::{fixtures, MappingSet, RunOptions};
+
+/// Convert HL7 v2 messages to FHIR R4 Bundles with a mapping set, without a server.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7"
+)]
+pub struct MapArgs {
+    /// Mapping set directory.
+    #[arg(long, short = 'm', default_value = "mappings/hl7v2")]
+    pub mapping: PathBuf,
+    /// Input message file(s) (one HL7 v2 message each).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Also print, per produced element, the source path and the rule (file:line) behind it.
+    #[arg(long)]
+    pub explain: bool,
+    /// Also print every non-empty source field no rule consumed.
+    #[arg(long)]
+    pub unmapped: bool,
+    /// Tenant for deterministic ids.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Write `<out-dir>/<input stem>.json` per input instead of printing (for batches).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MappingCommand {
+    /// Run every fixture (input .hl7 + .expected.json beside each message map); show diffs.
+    #[command(
+        after_help = "Examples:\n  tributary mapping test\n  tributary mapping test mappings/hl7v2\n  tributary mapping test --update   # rewrite expected outputs (review the git diff!)"
+    )]
+    Test {
+        #[arg(default_value = "mappings/hl7v2")]
+        dir: PathBuf,
+        /// Write the produced Bundle as the expected output of every fixture.
+        #[arg(long)]
+        update: bool,
+    },
+    /// Load and check every mapping file without running anything.
+    #[command(after_help = "Example:\n  tributary mapping check mappings/hl7v2")]
+    Check {
+        #[arg(default_value = "mappings/hl7v2")]
+        dir: PathBuf,
+    },
+}
+
+fn load(dir: &Path) -> anyhow::Result<Result<MappingSet, ExitCode>> {
+    match MappingSet::load(dir) {
+        Ok(s) => Ok(Ok(s)),
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!(
+                "{} error(s): mapping set {} not loaded",
+                errors.0.len(),
+                dir.display()
+            );
+            Ok(Err(ExitCode::from(1)))
+        }
+    }
+}
+
+pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
+    let set = match load(&args.mapping)? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
+    };
+    let term = tributary_terminology::builtin();
+    let opts = RunOptions {
+        tenant: &args.tenant,
+        lineage: args.explain,
+    };
+    let mut failed = 0;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for input in &args.inputs {
+        let all = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+        // A batch file (FHS/BHS, or several MSH) maps message by message.
+        let ranges = match tributary_hl7v2::split_batch(&all) {
+            Ok(b) if b.messages.len() > 1 || b.enveloped => b.messages,
+            _ => std::iter::once(0..all.len()).collect(),
+        };
+        let many = ranges.len() > 1;
+        for (n, range) in ranges.into_iter().enumerate() {
+            let bytes = &all[range];
+            match set.map_bytes(bytes, term, &opts) {
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{}: {e}", input.display());
+                }
+                Ok(m) => {
+                    let json = serde_json::to_string_pretty(&m.bundle)?;
+                    match &args.out_dir {
+                        Some(dir) => {
+                            let stem = input.file_stem().unwrap_or_default().to_string_lossy();
+                            let name = if many {
+                                format!("{stem}.{}.json", n + 1)
+                            } else {
+                                format!("{stem}.json")
+                            };
+                            std::fs::write(dir.join(name), json)?;
+                        }
+                        None => println!("{json}"),
+                    }
+                    if args.explain {
+                        eprintln!(
+                            "# lineage ({}: {}, mapping set {})",
+                            m.message_type, m.message_map, m.version
+                        );
+                        for l in &m.lineage {
+                            eprintln!(
+                                "{}\t<- {}\t{}",
+                                l.element,
+                                if l.source.is_empty() {
+                                    "(constant)"
+                                } else {
+                                    &l.source
+                                },
+                                l.rule
+                            );
+                        }
+                    }
+                    if args.unmapped {
+                        eprintln!(
+                            "# {} non-empty source field(s) no rule consumed in {}",
+                            m.unconsumed.len(),
+                            input.display()
+                        );
+                        for u in &m.unconsumed {
+                            eprintln!("{u}");
+                        }
+                    }
+                    for w in &m.warnings {
+                        eprintln!("warning: {}: {w}", input.display());
+                    }
+                }
+            }
+        }
+    }
+    if args.inputs.len() > 1 {
+        eprintln!("{} mapped, {failed} failed", args.inputs.len() - failed);
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        MappingCommand::Check { dir } => {
+            let set = match load(&dir)? {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            let types = set.message_types();
+            println!(
+                "mapping set {} ok: version {}, {} message type(s): {}",
+                dir.display(),
+                set.version,
+                types.len(),
+                types
+                    .iter()
+                    .map(|(t, _)| t.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let missing: Vec<_> = set.message_maps_without_fixtures();
+            for m in &missing {
+                eprintln!("warning: {m} has no fixture (NAME.hl7 + NAME.expected.json beside it)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        MappingCommand::Test { dir, update } => {
+            let set = match load(&dir)? {
+                Ok(s) => s,
+                Err(code) => return Ok(code),
+            };
+            let outcomes = fixtures::run_fixtures(&set, tributary_terminology::builtin());
+            let (mut passed, mut failed) = (0, 0);
+            for o in &outcomes {
+                if update {
+                    if let Some(actual) = &o.actual {
+                        std::fs::write(&o.expected, serde_json::to_string_pretty(actual)? + "\n")?;
+                        println!("updated {}", o.expected.display());
+                        passed += 1;
+                        continue;
+                    }
+                }
+                if o.passed() {
+                    passed += 1;
+                    println!("ok    {}", o.input.display());
+                } else {
+                    failed += 1;
+                    println!("FAIL  {}", o.input.display());
+                    if let Some(e) = &o.error {
+                        println!("      {e}");
+                    }
+                    for d in o.differences.iter().take(50) {
+                        println!("      {d}");
+                    }
+                    if o.differences.len() > 50 {
+                        println!("      … and {} more", o.differences.len() - 50);
+                    }
+                }
+            }
+            let missing = set.message_maps_without_fixtures();
+            for m in &missing {
+                failed += 1;
+                println!("FAIL  {m}: no fixture");
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(if failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The audit record of every facade request (allowed or denied), and its FHIR `AuditEvent` view.
+//!
+//! A record holds ids, types, codes and numbers only — never a name, birth date, identifier
+//! value, query string or body. It is appended to the hash-chained [`AuditLog`] and durable before
+//! the response leaves (many concurrent requests share one fsync through the group committer).
+//!
+//! [`AuditLog`]: tributary_storage::AuditLog
+
+use serde_json::{json, Map, Value};
+use std::sync::{Arc, Mutex};
+use tributary_storage::AuditEntry;
+
+/// Filled in by the policy layers and handlers as a request is processed.
+#[derive(Clone, Debug, Default)]
+pub struct AuditDraft {
+    pub request_id: String,
+    pub time_ms: i64,
+    pub tenant: Option<String>,
+    pub client: Option<String>,
+    pub user: Option<String>,
+    pub role: Option<String>,
+    pub patient: Option<String>,
+    /// The token's patient context, recorded when nothing more specific is known.
+    pub context_patient: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    pub interaction: &'static str,
+    pub scopes: Option<String>,
+    pub break_glass: Option<String>,
+    /// Why a request was refused (an error kind such as `forbidden`, never a message with data).
+    pub detail: Option<&'static str>,
+    /// Number of resources returned (searches, history, `$everything`).
+    pub returned: Option<usize>,
+}
+
+/// The request's draft, shared between the layers through request extensions.
+#[derive(Clone, Default)]
+pub struct AuditSlot(pub Arc<Mutex<AuditDraft>>);
+
+impl AuditSlot {
+    pub fn update(&self, f: impl FnOnce(&mut AuditDraft)) {
+        if let Ok(mut d) = self.0.lock() {
+            f(&mut d);
+        }
+    }
+
+    pub fn snapshot(&self) -> AuditDraft {
+        self.0.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+/// `allowed` (2xx/3xx), `denied` (401/403/429), `failed` (other errors).
+pub fn outcome_for(status: u16) -> &'static str {
+    match status {
+        200..=399 => "allowed",
+        401 | 403 | 429 => "denied",
+        _ => "failed",
+    }
+}
+
+impl AuditDraft {
+    pub fn into_record(self, status: u16, latency_us: u64, policy_version: &str) -> Value {
+        let mut m = Map::new();
+        m.insert("kind".into(), json!("fhir-request"));
+        m.insert("time".into(), json!(self.time_ms));
+        m.insert("request_id".into(), json!(self.request_id));
+        let opt = |m: &mut Map<String, Value>, k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.into(), Value::String(v));
+            }
+        };
+        opt(&mut m, "tenant", self.tenant);
+        opt(&mut m, "client", self.client);
+        opt(&mut m, "user", self.user);
+        opt(&mut m, "role", self.role);
+        opt(&mut m, "patient", self.patient.or(self.context_patient));
+        opt(&mut m, "resource_type", self.resource_type);
+        opt(&mut m, "resource_id", self.resource_id);
+        m.insert("interaction".into(), json!(self.interaction));
+        opt(&mut m, "scopes", self.scopes);
+        m.insert("outcome".into(), json!(outcome_for(status)));
+        m.insert("status".into(), json!(status));
+        if let Some(d) = self.detail {
+            m.insert("detail".into(), json!(d));
+        }
+        if let Some(n) = self.returned {
+            m.insert("returned".into(), json!(n));
+        }
+        m.insert("latency_us".into(), json!(latency_us));
+        m.insert("policy_version".into(), json!(policy_version));
+        m.insert("break_glass".into(), json!(self.break_glass.is_some()));
+        if let Some(reason) = self.break_glass {
+            m.insert("break_glass_reason".into(), json!(reason));
+            m.insert("review".into(), json!("required"));
+        }
+        Value::Object(m)
+    }
+}
+
+fn action_code(interaction: &str) -> &'static str {
+    match interaction {
+        "create" => "C",
+        "update" => "U",
+        "delete" => "D",
+        "read" | "vread" | "history-instance" => "R",
+        "transaction" | "operation-everything" | "admin" => "E",
+        _ => "E",
+    }
+}
+
+/// An audit entry as a FHIR R4 `AuditEvent` (id = the chain sequence number).
+pub fn to_audit_event(e: &AuditEntry) -> Value {
+    let b = &e.body;
+    let s = |k: &str| b.get(k).and_then(Value::as_str);
+    let status = b.get("status").and_then(Value::as_u64).unwrap_or(0);
+    let outcome = match outcome_for(status as u16) {
+        "allowed" => "0",
+        "denied" => "4",
+        _ => "8",
+    };
+    let time = b.get("time").and_then(Value::as_i64).unwrap_or(0);
+    let interaction = s("interaction").unwrap_or("unknown");
+    let mut agent = json!({
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}]},
+        "who": {"identifier": {"system": "urn:tributary:client", "value": s("client").unwrap_or("anonymous")}},
+        "requestor": true,
+    });
+    if let Some(u) = s("user") {
+        agent["altId"] = json!(u);
+    }
+    if let Some(r) = s("role") {
+        agent["role"] = json!([{"text": r}]);
+    }
+    if let Some(scopes) = s("scopes") {
+        agent["policy"] = json!(scopes.split_whitespace().collect::<Vec<_>>());
+    }
+    let mut entity = Vec::new();
+    if let Some(t) = s("resource_type") {
+        let what = match s("resource_id") {
+            Some(id) => format!("{t}/{id}"),
+            None => t.to_string(),
+        };
+        entity.push(json!({"what": {"reference": what}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}}));
+    }
+    if let Some(p) = s("patient") {
+        entity.push(json!({"what": {"reference": format!("Patient/{p}")}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"}, "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"}}));
+    }
+    let mut ev = json!({
+        "resourceType": "AuditEvent",
+        "id": e.seq.to_string(),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": interaction}],
+        "action": action_code(interaction),
+        "recorded": tributary_core::format_rfc3339_millis(time),
+        "outcome": outcome,
+        "outcomeDesc": format!("HTTP {status}"),
+        "agent": [agent],
+        "source": {"site": s("tenant").unwrap_or(""), "observer": {"display": "tributary facade"}},
+        "extension": [
+            {"url": "urn:tributary:audit:request-id", "valueString": s("request_id").unwrap_or("")},
+            {"url": "urn:tributary:audit:policy-version", "valueString": s("policy_version").unwrap_or("")},
+            {"url": "urn:tributary:audit:break-glass", "valueBoolean": b.get("break_glass").and_then(Value::as_bool).unwrap_or(false)},
+        ],
+    });
+    if !entity.is_empty() {
+        ev["entity"] = Value::Array(entity);
+    }
+    if let Some(reason) = s("break_glass_reason") {
+        ev["purposeOfEvent"] = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "ETREAT"}], "text": reason}]);
+    }
+    ev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_has_required_fields_and_no_unknown_ones() {
+        let d = AuditDraft {
+            request_id: "r1".into(),
+            time_ms: 5,
+            tenant: Some("t".into()),
+            client: Some("app".into()),
+            patient: Some("p1".into()),
+            resource_type: Some("Observation".into()),
+            resource_id: Some("o1".into()),
+            interaction: "read",
+            scopes: Some("patient/*.rs".into()),
+            break_glass: Some("emergency".into()),
+            ..Default::default()
+        };
+        let r = d.into_record(200, 900, "pv1");
+        for k in [
+            "time",
+            "tenant",
+            "client",
+            "patient",
+            "resource_type",
+            "resource_id",
+            "interaction",
+            "scopes",
+            "outcome",
+            "status",
+            "latency_us",
+            "policy_version",
+            "break_glass",
+            "request_id",
+        ] {
+            assert!(r.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(r["outcome"], "allowed");
+        assert_eq!(r["review"], "required");
+        let ev = to_audit_event(&AuditEntry {
+            seq: 9,
+            prev: String::new(),
+            body: r,
+        });
+        assert_eq!(ev["id"], "9");
+        assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p1");
+    }
+}

@@ -1,0 +1,354 @@
+//! Routing to backend FHIR servers: a request for a routed (tenant, resource type) is forwarded
+//! by the innermost layer instead of reaching the store handlers. The caller's `Authorization`
+//! is never forwarded (a fresh request is built; only the body, path and query are copied) and
+//! sanitized identity headers are added. Responses are filtered with the same [`Access`] rules as
+//! the store's: a resource the caller may not see is refused (403) or dropped from a Bundle.
+
+use crate::audit::AuditSlot;
+use crate::config::BackendConfig;
+use crate::error::ApiError;
+use crate::policy::{patient_links, Access, FhirRequest, Interaction};
+use crate::scopes::Perm;
+use crate::AppState;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::time::Duration;
+
+pub struct Backend {
+    pub cfg: BackendConfig,
+    client: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("backend {name}: {detail}")]
+pub struct BackendSetupError {
+    pub name: String,
+    pub detail: String,
+}
+
+/// The routing table.
+#[derive(Default)]
+pub struct Backends {
+    list: Vec<Backend>,
+}
+
+/// Largest backend response accepted.
+const MAX_BACKEND_BODY: usize = 32 << 20;
+
+impl Backends {
+    pub fn new(cfgs: &[BackendConfig]) -> Result<Self, BackendSetupError> {
+        let mut list = Vec::new();
+        for cfg in cfgs {
+            let err = |detail: String| BackendSetupError {
+                name: cfg.name.clone(),
+                detail,
+            };
+            let mut b = reqwest::Client::builder()
+                .timeout(Duration::from_secs(cfg.timeout_secs))
+                .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+                .pool_max_idle_per_host(cfg.pool_max_idle)
+                .redirect(reqwest::redirect::Policy::none())
+                .use_rustls_tls();
+            if !cfg.ca_file.as_os_str().is_empty() {
+                let pem = std::fs::read(&cfg.ca_file)
+                    .map_err(|e| err(format!("ca_file {}: {e}", cfg.ca_file.display())))?;
+                let cert = reqwest::Certificate::from_pem(&pem)
+                    .map_err(|e| err(format!("ca_file: {e}")))?;
+                b = b.add_root_certificate(cert);
+            }
+            if !cfg.client_identity_file.as_os_str().is_empty() {
+                let pem = std::fs::read(&cfg.client_identity_file).map_err(|e| {
+                    err(format!(
+                        "client_identity_file {}: {e}",
+                        cfg.client_identity_file.display()
+                    ))
+                })?;
+                let id = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| err(format!("client_identity_file: {e}")))?;
+                b = b.identity(id);
+            }
+            let client = b.build().map_err(|e| err(e.to_string()))?;
+            list.push(Backend {
+                cfg: cfg.clone(),
+                client,
+            });
+        }
+        Ok(Self { list })
+    }
+
+    pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
+        self.list.iter().find(|b| {
+            b.cfg.resource_types.iter().any(|t| t == rtype)
+                && (b.cfg.tenants.is_empty() || b.cfg.tenants.iter().any(|t| t == tenant))
+        })
+    }
+}
+
+/// The innermost layer: forwards routed requests, passes the rest to the store handlers.
+pub async fn route(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let (Some(fhir), Some(access)) = (
+        req.extensions().get::<FhirRequest>(),
+        req.extensions().get::<Access>(),
+    ) else {
+        return next.run(req).await;
+    };
+    let Some(rtype) = fhir.resource_type.as_deref() else {
+        return next.run(req).await;
+    };
+    let Some(backend) = st.facade.backends.route(&access.principal.tenant, rtype) else {
+        return next.run(req).await;
+    };
+    let (fhir, access) = (fhir.clone(), access.clone());
+    let slot = req
+        .extensions()
+        .get::<AuditSlot>()
+        .cloned()
+        .unwrap_or_default();
+    match forward(&st, backend, &fhir, &access, &slot, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn forbidden() -> ApiError {
+    ApiError::Forbidden("outside the token's scopes or patient context".into())
+}
+
+async fn forward(
+    st: &AppState,
+    backend: &Backend,
+    fhir: &FhirRequest,
+    access: &Access,
+    slot: &AuditSlot,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let rtype = fhir.resource_type.clone().unwrap_or_default();
+    let perm = match fhir.interaction {
+        Interaction::Read | Interaction::Vread | Interaction::HistoryInstance => Perm::Read,
+        Interaction::Search | Interaction::HistoryType => Perm::Search,
+        Interaction::Create => Perm::Create,
+        Interaction::Update => Perm::Update,
+        Interaction::Delete => Perm::Delete,
+        _ => {
+            return Err(ApiError::MethodNotAllowed(format!(
+                "{} is not available for {rtype} (served by a backend)",
+                fhir.interaction.name()
+            )))
+        }
+    };
+    let method = req.method().clone();
+    let path = req
+        .uri()
+        .path()
+        .strip_prefix("/fhir")
+        .unwrap_or("")
+        .to_string();
+    let query = req.uri().query().map(String::from);
+    let body = axum::body::to_bytes(req.into_body(), 16 << 20)
+        .await
+        .map_err(|_| ApiError::BadRequest("body too large".into()))?;
+    if matches!(perm, Perm::Create | Perm::Update) {
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|_| ApiError::BadRequest("body is not JSON".into()))?;
+        crate::rest::check_resource(&v, &rtype)?;
+        let id = fhir.id.clone().unwrap_or_default();
+        if !access.permits(perm, &rtype, &id, &v) {
+            return Err(forbidden());
+        }
+    }
+    if perm == Perm::Delete {
+        // Check the current resource first: a delete must be within the caller's access too.
+        let current = call(
+            st,
+            backend,
+            access,
+            slot,
+            reqwest::Method::GET,
+            &path,
+            None,
+            Vec::new(),
+        )
+        .await?;
+        if current.0.is_success() {
+            let v: Value = serde_json::from_slice(&current.1).unwrap_or(Value::Null);
+            if !access.permits(Perm::Delete, &rtype, fhir.id.as_deref().unwrap_or(""), &v) {
+                return Err(forbidden());
+            }
+        }
+    }
+    let m = reqwest::Method::from_bytes(method.as_str().as_bytes())
+        .map_err(|_| ApiError::BadRequest("method".into()))?;
+    let (status, bytes) = call(
+        st,
+        backend,
+        access,
+        slot,
+        m,
+        &path,
+        query.as_deref(),
+        body.to_vec(),
+    )
+    .await?;
+    if !status.is_success() {
+        // The backend's own OperationOutcome may carry data; answer with ours.
+        let msg = format!("backend answered {}", status.as_u16());
+        return Err(match status.as_u16() {
+            400 => ApiError::BadRequest(msg),
+            404 => ApiError::NotFound(msg),
+            409 => ApiError::Conflict(msg),
+            410 => ApiError::Gone(msg),
+            412 => ApiError::PreconditionFailed(msg),
+            422 => ApiError::Unprocessable(msg),
+            401 | 403 => ApiError::Backend("backend refused the facade's request".into()),
+            _ => ApiError::Backend(msg),
+        });
+    }
+    if bytes.is_empty() {
+        let mut r = Response::new(axum::body::Body::empty());
+        *r.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
+        return Ok(r);
+    }
+    let mut v: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| ApiError::Backend("backend answered something that is not JSON".into()))?;
+    let base = crate::rest::base_url(st, &axum::http::HeaderMap::new());
+    let our_base = if st.facade.cfg.base_url.is_empty() {
+        String::from("/fhir")
+    } else {
+        base
+    };
+    let backend_base = backend.cfg.url.trim_end_matches('/');
+    if v.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+        let entries = v
+            .get("entry")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let before = entries.len();
+        let kept: Vec<Value> = entries
+            .into_iter()
+            .filter(|e| {
+                let Some(r) = e.get("resource") else {
+                    // Deletions in a history carry no resource: only for un-narrowed callers.
+                    return access.compartment_for(perm, &rtype).is_none()
+                        && access.may(perm, &rtype);
+                };
+                let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
+                let id = r.get("id").and_then(Value::as_str).unwrap_or("");
+                let p = if t == rtype { perm } else { Perm::Read };
+                access.permits(p, t, id, r)
+            })
+            .collect();
+        let dropped = before - kept.len();
+        if dropped > 0 {
+            if let Some(total) = v.get("total").and_then(Value::as_u64) {
+                v["total"] = Value::from(total.saturating_sub(dropped as u64));
+            }
+        }
+        slot.update(|d| d.returned = Some(kept.len()));
+        v["entry"] = Value::Array(kept);
+        // Links and fullUrls point at the facade, never at the backend.
+        let text = serde_json::to_string(&v)
+            .unwrap_or_default()
+            .replace(backend_base, &our_base);
+        return Ok(crate::rest::json_response(
+            StatusCode::OK,
+            text.into_bytes(),
+        ));
+    }
+    let t = v
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let id = v
+        .get("id")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if let Some(p) = patient_links(&t, &id, &v).into_iter().next() {
+        slot.update(|d| {
+            if d.patient.is_none() {
+                d.patient = Some(p);
+            }
+        });
+    }
+    let read_perm = if matches!(perm, Perm::Create | Perm::Update) {
+        perm
+    } else {
+        Perm::Read
+    };
+    if t != rtype || !access.permits(read_perm, &t, &id, &v) {
+        return Err(forbidden());
+    }
+    let mut res = crate::rest::json_response(
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK),
+        serde_json::to_vec(&v).unwrap_or_default(),
+    );
+    if let Some(ver) = v
+        .get("meta")
+        .and_then(|m| m.get("versionId"))
+        .and_then(Value::as_str)
+    {
+        if let Ok(h) = HeaderValue::from_str(&format!("W/\"{ver}\"")) {
+            res.headers_mut().insert(header::ETAG, h);
+        }
+    }
+    Ok(res)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn call(
+    _st: &AppState,
+    backend: &Backend,
+    access: &Access,
+    slot: &AuditSlot,
+    method: reqwest::Method,
+    path: &str,
+    query: Option<&str>,
+    body: Vec<u8>,
+) -> Result<(reqwest::StatusCode, bytes::Bytes), ApiError> {
+    let mut url = format!("{}{}", backend.cfg.url.trim_end_matches('/'), path);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    let request_id = slot.snapshot().request_id;
+    let p = &access.principal;
+    let mut rb = backend
+        .client
+        .request(method, &url)
+        .header("accept", "application/fhir+json")
+        .header("x-tributary-tenant", &p.tenant)
+        .header("x-tributary-client", &p.client_id)
+        .header("x-request-id", request_id);
+    if let Some(u) = &p.user {
+        rb = rb.header("x-tributary-user", u);
+    }
+    if access.break_glass {
+        rb = rb.header("x-tributary-break-glass", "true");
+    }
+    if !body.is_empty() {
+        rb = rb
+            .header("content-type", "application/fhir+json")
+            .body(body);
+    }
+    let res = rb.send().await.map_err(|e| {
+        tracing::warn!(backend = %backend.cfg.name, timeout = e.is_timeout(), connect = e.is_connect(), "backend request failed");
+        ApiError::Backend(format!("backend {} unavailable", backend.cfg.name))
+    })?;
+    let status = res.status();
+    if res
+        .content_length()
+        .is_some_and(|l| l as usize > MAX_BACKEND_BODY)
+    {
+        return Err(ApiError::Backend("backend response too large".into()));
+    }
+    let bytes = res
+        .bytes()
+        .await
+        .map_err(|_| ApiError::Backend(format!("backend {} unavailable", backend.cfg.name)))?;
+    Ok((status, bytes))
+}

@@ -1,0 +1,277 @@
+//! Discovery: the CapabilityStatement (`/fhir/metadata`, public), the SMART configuration and
+//! the local JWKS. The CapabilityStatement lists what this server actually does, no more.
+
+use crate::search::SEARCH_PARAMS;
+use crate::AppState;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Json;
+use serde_json::{json, Value};
+
+/// FHIR R4 (4.0.1) resource types, sorted.
+pub const RESOURCE_TYPES: &[&str] = &[
+    "Account",
+    "ActivityDefinition",
+    "AdverseEvent",
+    "AllergyIntolerance",
+    "Appointment",
+    "AppointmentResponse",
+    "AuditEvent",
+    "Basic",
+    "Binary",
+    "BiologicallyDerivedProduct",
+    "BodyStructure",
+    "Bundle",
+    "CapabilityStatement",
+    "CarePlan",
+    "CareTeam",
+    "CatalogEntry",
+    "ChargeItem",
+    "ChargeItemDefinition",
+    "Claim",
+    "ClaimResponse",
+    "ClinicalImpression",
+    "CodeSystem",
+    "Communication",
+    "CommunicationRequest",
+    "CompartmentDefinition",
+    "Composition",
+    "ConceptMap",
+    "Condition",
+    "Consent",
+    "Contract",
+    "Coverage",
+    "CoverageEligibilityRequest",
+    "CoverageEligibilityResponse",
+    "DetectedIssue",
+    "Device",
+    "DeviceDefinition",
+    "DeviceMetric",
+    "DeviceRequest",
+    "DeviceUseStatement",
+    "DiagnosticReport",
+    "DocumentManifest",
+    "DocumentReference",
+    "EffectEvidenceSynthesis",
+    "Encounter",
+    "Endpoint",
+    "EnrollmentRequest",
+    "EnrollmentResponse",
+    "EpisodeOfCare",
+    "EventDefinition",
+    "Evidence",
+    "EvidenceVariable",
+    "ExampleScenario",
+    "ExplanationOfBenefit",
+    "FamilyMemberHistory",
+    "Flag",
+    "Goal",
+    "GraphDefinition",
+    "Group",
+    "GuidanceResponse",
+    "HealthcareService",
+    "ImagingStudy",
+    "Immunization",
+    "ImmunizationEvaluation",
+    "ImmunizationRecommendation",
+    "ImplementationGuide",
+    "InsurancePlan",
+    "Invoice",
+    "Library",
+    "Linkage",
+    "List",
+    "Location",
+    "Measure",
+    "MeasureReport",
+    "Media",
+    "Medication",
+    "MedicationAdministration",
+    "MedicationDispense",
+    "MedicationKnowledge",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicinalProduct",
+    "MedicinalProductAuthorization",
+    "MedicinalProductContraindication",
+    "MedicinalProductIndication",
+    "MedicinalProductIngredient",
+    "MedicinalProductInteraction",
+    "MedicinalProductManufactured",
+    "MedicinalProductPackaged",
+    "MedicinalProductPharmaceutical",
+    "MedicinalProductUndesirableEffect",
+    "MessageDefinition",
+    "MessageHeader",
+    "MolecularSequence",
+    "NamingSystem",
+    "NutritionOrder",
+    "Observation",
+    "ObservationDefinition",
+    "OperationDefinition",
+    "OperationOutcome",
+    "Organization",
+    "OrganizationAffiliation",
+    "Parameters",
+    "Patient",
+    "PaymentNotice",
+    "PaymentReconciliation",
+    "Person",
+    "PlanDefinition",
+    "Practitioner",
+    "PractitionerRole",
+    "Procedure",
+    "Provenance",
+    "Questionnaire",
+    "QuestionnaireResponse",
+    "RelatedPerson",
+    "RequestGroup",
+    "ResearchDefinition",
+    "ResearchElementDefinition",
+    "ResearchStudy",
+    "ResearchSubject",
+    "RiskAssessment",
+    "RiskEvidenceSynthesis",
+    "Schedule",
+    "SearchParameter",
+    "ServiceRequest",
+    "Slot",
+    "Specimen",
+    "SpecimenDefinition",
+    "StructureDefinition",
+    "StructureMap",
+    "Subscription",
+    "Substance",
+    "SubstanceNucleicAcid",
+    "SubstancePolymer",
+    "SubstanceProtein",
+    "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial",
+    "SubstanceSpecification",
+    "SupplyDelivery",
+    "SupplyRequest",
+    "Task",
+    "TerminologyCapabilities",
+    "TestReport",
+    "TestScript",
+    "ValueSet",
+    "VerificationResult",
+    "VisionPrescription",
+];
+
+fn resource_entry(t: &str) -> Value {
+    if t == "AuditEvent" {
+        return json!({
+            "type": "AuditEvent",
+            "documentation": "The facade's own audit trail, for the audit role only; read-only.",
+            "interaction": [{"code": "search-type"}],
+            "searchParam": [
+                {"name": "patient", "type": "reference"},
+                {"name": "date", "type": "date"},
+                {"name": "agent", "type": "token"},
+                {"name": "entity", "type": "reference"}
+            ]
+        });
+    }
+    let interactions: Vec<Value> = [
+        "read",
+        "vread",
+        "update",
+        "delete",
+        "history-instance",
+        "history-type",
+        "create",
+        "search-type",
+    ]
+    .iter()
+    .map(|c| json!({"code": c}))
+    .collect();
+    let params: Vec<Value> = SEARCH_PARAMS
+        .iter()
+        .map(|(n, ty)| json!({"name": n, "type": ty}))
+        .collect();
+    let mut r = json!({
+        "type": t,
+        "interaction": interactions,
+        "versioning": "versioned",
+        "readHistory": true,
+        "updateCreate": true,
+        "conditionalCreate": true,
+        "conditionalUpdate": true,
+        "conditionalDelete": "not-supported",
+        "searchInclude": [format!("{t}:*")],
+        "searchParam": params,
+    });
+    if t == "Patient" {
+        r["operation"] = json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
+    }
+    r
+}
+
+pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let base = crate::rest::base_url(&st, &headers);
+    let resources: Vec<Value> = RESOURCE_TYPES
+        .iter()
+        .filter(|t| !matches!(**t, "Bundle" | "OperationOutcome" | "Parameters"))
+        .map(|t| resource_entry(t))
+        .collect();
+    let body = json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "kind": "instance",
+        "software": {"name": "Tributary", "version": env!("CARGO_PKG_VERSION")},
+        "implementation": {"description": "Tributary FHIR facade", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+                "description": "Bearer JWT (ES256/RS256). SMART v1 and v2 scopes; patient-context tokens are narrowed to the patient compartment. Every request is audited."
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }]
+    });
+    crate::rest::json_response(
+        axum::http::StatusCode::OK,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+pub async fn smart_configuration(State(st): State<AppState>, headers: HeaderMap) -> Json<Value> {
+    let base = crate::rest::base_url(&st, &headers);
+    let root = base.trim_end_matches("/fhir").to_string();
+    let cfg = &st.facade.cfg.auth;
+    let mut v = json!({
+        "issuer": cfg.issuers.first(),
+        "scopes_supported": ["patient/*.rs", "user/*.cruds", "system/*.cruds", "patient/*.read", "user/*.read", "user/*.write", "system/*.*"],
+        "capabilities": ["permission-v1", "permission-v2", "permission-patient", "permission-user", "client-confidential-asymmetric"],
+        "code_challenge_methods_supported": [],
+        "grant_types_supported": [],
+        "token_endpoint_auth_methods_supported": [],
+    });
+    if st.facade.local_key.is_some() {
+        v["jwks_uri"] = json!(format!("{root}/.well-known/jwks.json"));
+    } else if !cfg.jwks_url.is_empty() {
+        v["jwks_uri"] = json!(cfg.jwks_url);
+    }
+    Json(v)
+}
+
+pub async fn jwks(State(st): State<AppState>) -> Json<Value> {
+    let keys: Vec<Value> = st.facade.local_key.iter().map(|k| k.jwk()).collect();
+    Json(json!({"keys": keys}))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn types_are_sorted() {
+        let mut sorted = super::RESOURCE_TYPES.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, super::RESOURCE_TYPES);
+    }
+}

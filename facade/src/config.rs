@@ -1,0 +1,435 @@
+//! `[facade]` in `tributary.toml`: authentication, break-glass, rate limits and audit of the FHIR
+//! API. The doc comments are the operator documentation. With no section at all, the embedded
+//! default applies: tokens signed by a local key in the data directory (`tributary token issue`).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for `{key}`: {value:?} — {allowed}")]
+pub struct FacadeConfigError {
+    pub key: String,
+    pub value: String,
+    pub allowed: String,
+}
+
+fn invalid(key: &str, value: impl ToString, allowed: &str) -> FacadeConfigError {
+    FacadeConfigError {
+        key: format!("facade.{key}"),
+        value: value.to_string(),
+        allowed: allowed.into(),
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FacadeConfig {
+    /// Public base URL of the FHIR API (used in `Bundle.link` and `fullUrl`), e.g.
+    /// `https://fhir.example.org/fhir`. Empty: derived from the request's `Host` header.
+    pub base_url: String,
+    pub auth: AuthConfig,
+    pub break_glass: BreakGlassConfig,
+    pub rate_limit: RateLimitConfig,
+    /// Backend FHIR servers that serve some resource types (for some tenants) instead of the
+    /// built-in store. Requests to them pass the same policy stack; responses are filtered by the
+    /// caller's scopes and patient compartment before they leave.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// A name for logs and audit records.
+    pub name: String,
+    /// Base URL of the backend's FHIR API, e.g. `https://lab-fhir.internal/fhir`.
+    pub url: String,
+    /// Resource types routed to this backend.
+    pub resource_types: Vec<String>,
+    /// Tenants routed to this backend; empty means every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+    /// Whole-request timeout, in seconds.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_secs: u64,
+    /// Connect timeout, in seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Idle pooled connections kept per backend host.
+    #[serde(default = "default_pool")]
+    pub pool_max_idle: usize,
+    /// Extra trusted CA certificate (PEM) for the backend's TLS certificate. Empty: system roots.
+    #[serde(default)]
+    pub ca_file: PathBuf,
+    /// Client certificate chain and private key (PEM, one file) for mutual TLS. Empty: none.
+    #[serde(default)]
+    pub client_identity_file: PathBuf,
+}
+
+fn default_backend_timeout() -> u64 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    3
+}
+fn default_pool() -> usize {
+    32
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted `iss` values. Tokens from `tributary token issue` carry the first one.
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values (a token must name at least one).
+    pub audiences: Vec<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+    /// Generate (on first start) and trust a local ES256 signing key kept in
+    /// `<data_dir>/keys/`; its public key is served at `/.well-known/jwks.json`.
+    pub local_key: bool,
+    /// A JWKS file of trusted public keys (e.g. exported from the identity provider). Empty: none.
+    pub jwks_file: PathBuf,
+    /// The identity provider's JWKS URL. Fetched at start and when a token names an unknown `kid`
+    /// (at most once per `jwks_refresh_min_secs`); the last good copy is cached in
+    /// `<data_dir>/keys/jwks-cache.json` and used when the network is unavailable.
+    pub jwks_url: String,
+    /// Least interval between two JWKS fetches, in seconds.
+    pub jwks_refresh_min_secs: u64,
+    /// RFC 7662 token introspection endpoint of the authorization server. Empty disables it.
+    /// Opaque (non-JWT) tokens are always introspected when it is set; see `introspect_jwts`.
+    pub introspection_url: String,
+    /// Client id the facade authenticates to the introspection endpoint with (HTTP Basic).
+    pub introspection_client_id: String,
+    /// File holding the matching client secret (kept out of this file).
+    pub introspection_secret_file: PathBuf,
+    /// Seconds an introspection answer is reused for reads. Writes are always introspected anew.
+    pub introspection_cache_secs: u64,
+    /// Also introspect JWTs (after their signature verified), so that a token revoked at the
+    /// authorization server fails within `introspection_cache_secs`.
+    pub introspect_jwts: bool,
+    /// Role names a token's `role` claim may carry, mapped to what they may do:
+    /// `view` (read/search), `edit` (read and write), `admin` (everything, plus admin endpoints),
+    /// `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
+    /// scopes alone.
+    pub roles: BTreeMap<String, String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuers: vec!["tributary".into()],
+            audiences: vec!["tributary".into()],
+            leeway_secs: 30,
+            local_key: true,
+            jwks_file: PathBuf::new(),
+            jwks_url: String::new(),
+            jwks_refresh_min_secs: 60,
+            introspection_url: String::new(),
+            introspection_client_id: String::new(),
+            introspection_secret_file: PathBuf::new(),
+            introspection_cache_secs: 30,
+            introspect_jwts: false,
+            roles: [
+                ("view", "view"),
+                ("edit", "edit"),
+                ("admin", "admin"),
+                ("audit", "audit"),
+                ("clinician", "edit"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakGlassConfig {
+    /// Roles (token `role` claim) allowed to break the glass with the `X-Break-Glass` header.
+    /// Empty disables break-glass.
+    pub roles: Vec<String>,
+    /// Accepted reason codes for the `X-Break-Glass` header. Codes, not free text, so the
+    /// audit record stays free of patient information.
+    pub reasons: Vec<String>,
+}
+
+impl Default for BreakGlassConfig {
+    fn default() -> Self {
+        Self {
+            roles: vec!["clinician".into()],
+            reasons: vec![
+                "emergency".into(),
+                "patient-unable-to-consent".into(),
+                "system-outage".into(),
+            ],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Turn rate limiting off entirely (not recommended outside benchmarks).
+    pub enabled: bool,
+    /// Bucket per (tenant, client): burst size in cost units.
+    pub client_burst: u64,
+    /// Bucket per (tenant, client): cost units refilled per second.
+    pub client_per_sec: u64,
+    /// Bucket per (tenant, user `sub`): burst size in cost units.
+    pub user_burst: u64,
+    /// Bucket per (tenant, user): cost units refilled per second.
+    pub user_per_sec: u64,
+    pub costs: CostWeights,
+    /// Per-tenant or per-client limits. Key `tenant` or `tenant/client`; the most specific wins.
+    pub overrides: BTreeMap<String, LimitOverride>,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            client_burst: 2_000,
+            client_per_sec: 1_000,
+            user_burst: 1_000,
+            user_per_sec: 500,
+            costs: CostWeights::default(),
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverride {
+    pub burst: u64,
+    pub per_sec: u64,
+}
+
+/// Cost of one request in bucket units, per interaction class.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostWeights {
+    pub read: u64,
+    /// Base cost of a search; each `_include` adds `include`.
+    pub search: u64,
+    pub include: u64,
+    pub history: u64,
+    /// create, update, delete, and each entry of a transaction/batch.
+    pub write: u64,
+    /// `Patient/$everything`.
+    pub everything: u64,
+    /// `/metadata`
+    pub metadata: u64,
+}
+
+impl Default for CostWeights {
+    fn default() -> Self {
+        Self {
+            read: 1,
+            search: 3,
+            include: 1,
+            history: 10,
+            write: 5,
+            everything: 20,
+            metadata: 1,
+        }
+    }
+}
+
+pub const ROLE_KINDS: [&str; 4] = ["view", "edit", "admin", "audit"];
+
+impl FacadeConfig {
+    /// Checks every value without I/O.
+    pub fn validate(&self) -> Result<(), FacadeConfigError> {
+        let http_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        if !(self.base_url.is_empty() || http_url(&self.base_url)) {
+            return Err(invalid(
+                "base_url",
+                &self.base_url,
+                "an http(s) URL or empty",
+            ));
+        }
+        let a = &self.auth;
+        if a.issuers.is_empty() || a.issuers.iter().any(String::is_empty) {
+            return Err(invalid(
+                "auth.issuers",
+                format!("{:?}", a.issuers),
+                "at least one non-empty issuer",
+            ));
+        }
+        if a.audiences.is_empty() || a.audiences.iter().any(String::is_empty) {
+            return Err(invalid(
+                "auth.audiences",
+                format!("{:?}", a.audiences),
+                "at least one non-empty audience",
+            ));
+        }
+        if a.leeway_secs > 300 {
+            return Err(invalid(
+                "auth.leeway_secs",
+                a.leeway_secs,
+                "0 to 300 seconds",
+            ));
+        }
+        if !a.jwks_url.is_empty()
+            && !a.jwks_url.starts_with("https://")
+            && !a.jwks_url.starts_with("http://")
+        {
+            return Err(invalid(
+                "auth.jwks_url",
+                &a.jwks_url,
+                "an http(s) URL or empty",
+            ));
+        }
+        if !a.introspection_url.is_empty() && !http_url(&a.introspection_url) {
+            return Err(invalid(
+                "auth.introspection_url",
+                &a.introspection_url,
+                "an http(s) URL or empty",
+            ));
+        }
+        if a.introspect_jwts && a.introspection_url.is_empty() {
+            return Err(invalid(
+                "auth.introspect_jwts",
+                true,
+                "false, unless auth.introspection_url is set",
+            ));
+        }
+        if !a.local_key && a.jwks_url.is_empty() && a.jwks_file.as_os_str().is_empty() {
+            return Err(invalid(
+                "auth.local_key",
+                false,
+                "true, unless auth.jwks_url or auth.jwks_file is set",
+            ));
+        }
+        for (name, kind) in &a.roles {
+            if !ROLE_KINDS.contains(&kind.as_str()) {
+                return Err(invalid(
+                    &format!("auth.roles.{name}"),
+                    kind,
+                    "one of: view, edit, admin, audit",
+                ));
+            }
+        }
+        for r in &self.break_glass.roles {
+            if !a.roles.contains_key(r) {
+                return Err(invalid(
+                    "break_glass.roles",
+                    r,
+                    "a role defined in facade.auth.roles",
+                ));
+            }
+        }
+        let rl = &self.rate_limit;
+        for (k, v) in [
+            ("rate_limit.client_burst", rl.client_burst),
+            ("rate_limit.client_per_sec", rl.client_per_sec),
+            ("rate_limit.user_burst", rl.user_burst),
+            ("rate_limit.user_per_sec", rl.user_per_sec),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    k,
+                    v,
+                    "greater than 0 (use rate_limit.enabled = false to turn limits off)",
+                ));
+            }
+        }
+        for (k, o) in &rl.overrides {
+            if o.burst == 0 || o.per_sec == 0 {
+                return Err(invalid(
+                    &format!("rate_limit.overrides.\"{k}\""),
+                    format!("burst={} per_sec={}", o.burst, o.per_sec),
+                    "burst and per_sec greater than 0",
+                ));
+            }
+            if k.is_empty() || k.matches('/').count() > 1 {
+                return Err(invalid(
+                    "rate_limit.overrides",
+                    k,
+                    "a key `tenant` or `tenant/client`",
+                ));
+            }
+        }
+        let mut routed = std::collections::BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |k: &str| format!("backends[{i}].{k}");
+            if !(b.url.starts_with("http://") || b.url.starts_with("https://")) {
+                return Err(invalid(&key("url"), &b.url, "an http(s) URL"));
+            }
+            if b.resource_types.is_empty() {
+                return Err(invalid(
+                    &key("resource_types"),
+                    "[]",
+                    "at least one resource type",
+                ));
+            }
+            for t in &b.resource_types {
+                if !crate::policy::valid_type(t) {
+                    return Err(invalid(
+                        &key("resource_types"),
+                        t,
+                        "FHIR resource type names",
+                    ));
+                }
+                let tenants = if b.tenants.is_empty() {
+                    vec![String::from("*")]
+                } else {
+                    b.tenants.clone()
+                };
+                for tenant in tenants {
+                    if !routed.insert((tenant.clone(), t.clone())) {
+                        return Err(invalid(
+                            &key("resource_types"),
+                            t,
+                            "each (tenant, type) routed to one backend only",
+                        ));
+                    }
+                }
+            }
+            if b.timeout_secs == 0 || b.connect_timeout_secs == 0 {
+                return Err(invalid(
+                    &key("timeout_secs"),
+                    b.timeout_secs,
+                    "greater than 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        FacadeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn errors_name_key_value_allowed() {
+        let mut c = FacadeConfig::default();
+        c.auth.roles.insert("nurse".into(), "superuser".into());
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("facade.auth.roles.nurse")
+                && msg.contains("superuser")
+                && msg.contains("view, edit"),
+            "{msg}"
+        );
+        let mut c = FacadeConfig::default();
+        c.rate_limit.client_per_sec = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("client_per_sec"));
+        let mut c = FacadeConfig::default();
+        c.break_glass.roles = vec!["ghost".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("ghost"));
+    }
+}

@@ -1,0 +1,246 @@
+//! The policy stack, one small middleware each, outermost first:
+//! request id → audit (records whatever happens inside, durably, before the response leaves)
+//! → authenticate → authorize → rate limit → handler.
+//!
+//! The audit layer sits outside authentication so that refused requests (401/403/429) are
+//! recorded too; the record is built from what the inner layers wrote into the [`AuditSlot`].
+
+use crate::audit::AuditSlot;
+use crate::error::{ApiError, ErrorKind};
+use crate::policy::{classify, FhirRequest, Interaction};
+use crate::AppState;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const BREAK_GLASS: HeaderName = HeaderName::from_static("x-break-glass");
+
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+fn acceptable_request_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// Takes a well-formed `X-Request-Id` from the caller or makes one; echoes it on the response and
+/// opens the request's tracing span (ids only).
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| acceptable_request_id(v))
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::debug_span!("request", request_id = %id, method = %req.method());
+    let mut res = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(REQUEST_ID, v);
+    }
+    res
+}
+
+/// Classifies the request, runs everything inside, then appends the audit record and waits for
+/// it to be durable. If the audit log cannot be written, the client gets 500, never data.
+pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let path = req.uri().path().to_string();
+    let fhir = match path.strip_prefix("/fhir") {
+        Some(rest) => classify(req.method(), rest, req.uri().query()),
+        None => FhirRequest {
+            interaction: if path == "/admin/audit/verify" {
+                Interaction::AuditQuery
+            } else if path.starts_with("/admin/") {
+                Interaction::Admin
+            } else {
+                Interaction::Unknown
+            },
+            resource_type: None,
+            id: None,
+            params: Vec::new(),
+        },
+    };
+    let slot = AuditSlot::default();
+    slot.update(|d| {
+        d.request_id = request_id;
+        d.time_ms = tributary_core::now_millis();
+        d.interaction = fhir.interaction.name();
+        d.resource_type = fhir
+            .resource_type
+            .clone()
+            .filter(|t| crate::policy::valid_type(t));
+        d.resource_id = fhir.id.clone().filter(|i| crate::policy::valid_id(i));
+        d.patient = fhir.target_patient().filter(|p| crate::policy::valid_id(p));
+    });
+    req.extensions_mut().insert(slot.clone());
+    req.extensions_mut().insert(fhir);
+    let res = next.run(req).await;
+    let status = res.status().as_u16();
+    if let Some(ErrorKind(kind)) = res.extensions().get::<ErrorKind>() {
+        let kind = *kind;
+        slot.update(|d| d.detail = Some(kind));
+    }
+    let latency_us = started.elapsed().as_micros() as u64;
+    let record = slot
+        .snapshot()
+        .into_record(status, latency_us, &st.facade.policy_version);
+    match st.rt.audit.append(vec![record]).await {
+        Ok(_) => res,
+        Err(e) => {
+            tracing::error!(error = %e, "audit append failed; refusing to answer without a record");
+            ApiError::Internal("audit log unavailable".into()).into_response()
+        }
+    }
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Verifies the bearer token (public endpoints excepted) and puts the [`Principal`] in the
+/// request.
+///
+/// [`Principal`]: crate::auth::Principal
+pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let interaction = req.extensions().get::<FhirRequest>().map(|f| f.interaction);
+    if interaction == Some(Interaction::Capabilities) {
+        return next.run(req).await;
+    }
+    let Some(token) = bearer(&req) else {
+        return ApiError::Unauthorized("bearer token required".into()).into_response();
+    };
+    let write = req
+        .extensions()
+        .get::<FhirRequest>()
+        .is_some_and(|f| f.interaction.is_write());
+    let principal = match st.facade.auth.authenticate(token, write).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(slot) = req.extensions().get::<AuditSlot>() {
+        slot.update(|d| {
+            d.tenant = Some(principal.tenant.clone());
+            d.client = Some(principal.client_id.clone());
+            d.user = principal.user.clone();
+            d.role = principal.role.clone();
+            d.scopes = Some(principal.scope_text.clone());
+            // The patient whose data is touched is what the URL or the resource names; the
+            // token's patient context is the fallback (see `AuditDraft::into_record`).
+            d.context_patient = principal.patient.clone();
+        });
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Applies roles, scopes, patient context and break-glass; puts the [`Access`] in the request.
+///
+/// [`Access`]: crate::policy::Access
+pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let Some(fhir) = req.extensions().get::<FhirRequest>().cloned() else {
+        return ApiError::Internal("request not classified".into()).into_response();
+    };
+    if fhir.interaction == Interaction::Capabilities {
+        return next.run(req).await;
+    }
+    let Some(principal) = req
+        .extensions()
+        .get::<Arc<crate::auth::Principal>>()
+        .cloned()
+    else {
+        return ApiError::Unauthorized("bearer token required".into()).into_response();
+    };
+    let reason = match req.headers().get(&BREAK_GLASS).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(r)) => Some(r.trim().to_string()),
+        Some(Err(_)) => {
+            return ApiError::BadRequest("X-Break-Glass must be a reason code".into())
+                .into_response()
+        }
+    };
+    let slot = req.extensions().get::<AuditSlot>().cloned();
+    if let (Some(slot), Some(r)) = (&slot, &reason) {
+        // Record the attempt; a reason outside the configured codes is recorded as `invalid`.
+        let code = if st.facade.cfg.break_glass.reasons.contains(r) {
+            r.clone()
+        } else {
+            "invalid".into()
+        };
+        slot.update(|d| d.break_glass = Some(code));
+    }
+    match crate::policy::authorize(
+        &principal,
+        &fhir,
+        reason.as_deref(),
+        &st.facade.cfg.break_glass,
+    ) {
+        Ok(access) => {
+            if !access.break_glass {
+                if let Some(slot) = &slot {
+                    slot.update(|d| d.break_glass = None);
+                }
+            }
+            req.extensions_mut().insert(access);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Charges the request's cost to the caller's buckets; 429 with `Retry-After` when short.
+/// Every response carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+pub async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let limiter = &st.facade.limiter;
+    if !limiter.enabled() {
+        return next.run(req).await;
+    }
+    let fhir = req.extensions().get::<FhirRequest>();
+    let principal = req.extensions().get::<Arc<crate::auth::Principal>>();
+    let (Some(fhir), Some(p)) = (fhir, principal) else {
+        return next.run(req).await; // public endpoints
+    };
+    let cost = limiter.cost(fhir);
+    let result = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), cost);
+    let (quota, mut res) = match result {
+        Ok(q) => (q, next.run(req).await),
+        Err(l) => (
+            l.quota,
+            ApiError::TooManyRequests {
+                retry_after_secs: l.retry_after_secs,
+            }
+            .into_response(),
+        ),
+    };
+    let h = res.headers_mut();
+    for (name, v) in [
+        ("ratelimit-limit", quota.limit),
+        ("ratelimit-remaining", quota.remaining),
+        ("ratelimit-reset", quota.reset_secs),
+    ] {
+        h.insert(HeaderName::from_static(name), HeaderValue::from(v));
+    }
+    res
+}

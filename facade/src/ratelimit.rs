@@ -1,0 +1,215 @@
+//! Token buckets per (tenant, client) and per (tenant, user), charged by the request's cost
+//! (read 1, search 3 + 1 per include, history 10, write 5, `$everything` 20 by default). A client
+//! that exhausts its bucket gets 429 while other clients keep their own budget.
+
+use crate::config::RateLimitConfig;
+use crate::policy::{FhirRequest, Interaction};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// What the RateLimit headers report for the tightest bucket.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quota {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limited {
+    pub quota: Quota,
+    pub retry_after_secs: u64,
+}
+
+pub struct RateLimiter {
+    cfg: RateLimitConfig,
+    buckets: Mutex<HashMap<(String, u8, String), Bucket>>,
+}
+
+const MAX_BUCKETS: usize = 100_000;
+
+impl RateLimiter {
+    pub fn new(cfg: RateLimitConfig) -> Self {
+        Self {
+            cfg,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    /// The cost of a request in bucket units.
+    pub fn cost(&self, req: &FhirRequest) -> u64 {
+        let c = &self.cfg.costs;
+        match req.interaction {
+            Interaction::Read | Interaction::Vread => c.read,
+            Interaction::Search | Interaction::AuditQuery => {
+                c.search + c.include * req.includes() as u64
+            }
+            Interaction::HistoryInstance | Interaction::HistoryType => c.history,
+            Interaction::Create
+            | Interaction::Update
+            | Interaction::Delete
+            | Interaction::Transaction => c.write,
+            Interaction::Everything => c.everything,
+            Interaction::Capabilities | Interaction::Admin | Interaction::Unknown => c.metadata,
+        }
+    }
+
+    /// Extra cost charged after the fact (each entry of a transaction beyond the first).
+    pub fn write_cost(&self) -> u64 {
+        self.cfg.costs.write
+    }
+
+    fn client_limits(&self, tenant: &str, client: &str) -> (u64, u64) {
+        let o = &self.cfg.overrides;
+        if let Some(x) = o
+            .get(&format!("{tenant}/{client}"))
+            .or_else(|| o.get(tenant))
+        {
+            return (x.burst, x.per_sec);
+        }
+        (self.cfg.client_burst, self.cfg.client_per_sec)
+    }
+
+    /// Charges `cost` to the client's and the user's bucket, or to neither if either is short.
+    pub fn check(
+        &self,
+        tenant: &str,
+        client: &str,
+        user: Option<&str>,
+        cost: u64,
+    ) -> Result<Quota, Limited> {
+        let now = Instant::now();
+        let (cb, cr) = self.client_limits(tenant, client);
+        let mut keys = vec![((tenant.to_string(), 0u8, client.to_string()), cb, cr)];
+        if let Some(u) = user {
+            keys.push((
+                (tenant.to_string(), 1u8, u.to_string()),
+                self.cfg.user_burst,
+                self.cfg.user_per_sec,
+            ));
+        }
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > MAX_BUCKETS {
+            // Full buckets carry no state worth keeping.
+            map.retain(|_, b| now.duration_since(b.last).as_secs() < 3600);
+        }
+        let mut tightest: Option<Quota> = None;
+        let mut short: Option<Limited> = None;
+        for (key, burst, rate) in &keys {
+            let b = map.entry(key.clone()).or_insert(Bucket {
+                tokens: *burst as f64,
+                last: now,
+            });
+            let elapsed = now.duration_since(b.last).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * *rate as f64).min(*burst as f64);
+            b.last = now;
+            let after = b.tokens - cost as f64;
+            let remaining = after.max(0.0);
+            let quota = Quota {
+                limit: *burst,
+                remaining: remaining.floor() as u64,
+                reset_secs: ((*burst as f64 - remaining) / *rate as f64).ceil() as u64,
+            };
+            if after < 0.0 {
+                let need = (cost as f64 - b.tokens).max(0.0);
+                let retry = ((need / *rate as f64).ceil() as u64).max(1);
+                let q = Quota {
+                    remaining: b.tokens.max(0.0).floor() as u64,
+                    ..quota
+                };
+                if short.is_none_or(|s| s.retry_after_secs < retry) {
+                    short = Some(Limited {
+                        quota: q,
+                        retry_after_secs: retry,
+                    });
+                }
+            }
+            if tightest.is_none_or(|t| quota.remaining < t.remaining) {
+                tightest = Some(quota);
+            }
+        }
+        if let Some(l) = short {
+            return Err(l);
+        }
+        for (key, _, _) in &keys {
+            if let Some(b) = map.get_mut(key) {
+                b.tokens -= cost as f64;
+            }
+        }
+        Ok(tightest.expect("at least the client bucket"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LimitOverride;
+
+    fn limiter(burst: u64, per_sec: u64) -> RateLimiter {
+        RateLimiter::new(RateLimitConfig {
+            client_burst: burst,
+            client_per_sec: per_sec,
+            user_burst: 1_000_000,
+            user_per_sec: 1_000_000,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn bucket_exhausts_and_reports() {
+        let l = limiter(10, 1);
+        let q = l.check("t", "a", None, 4).unwrap();
+        assert_eq!((q.limit, q.remaining), (10, 6));
+        l.check("t", "a", None, 6).unwrap();
+        let err = l.check("t", "a", None, 3).unwrap_err();
+        assert!(err.retry_after_secs >= 2, "{err:?}");
+        assert_eq!(err.quota.limit, 10);
+        // Another client and another tenant are untouched.
+        assert!(l.check("t", "b", None, 10).is_ok());
+        assert!(l.check("u", "a", None, 10).is_ok());
+    }
+
+    #[test]
+    fn user_bucket_applies_across_clients() {
+        let l = RateLimiter::new(RateLimitConfig {
+            user_burst: 5,
+            user_per_sec: 1,
+            ..Default::default()
+        });
+        l.check("t", "a", Some("dr-x"), 5).unwrap();
+        assert!(l.check("t", "b", Some("dr-x"), 1).is_err());
+        assert!(l.check("t", "b", Some("dr-y"), 1).is_ok());
+    }
+
+    #[test]
+    fn overrides_and_costs() {
+        let mut cfg = RateLimitConfig::default();
+        cfg.overrides.insert(
+            "t/bulk".into(),
+            LimitOverride {
+                burst: 3,
+                per_sec: 1,
+            },
+        );
+        let l = RateLimiter::new(cfg);
+        assert!(l.check("t", "bulk", None, 4).is_err());
+        assert!(l.check("t", "other", None, 4).is_ok());
+        let req = crate::policy::classify(
+            &axum::http::Method::GET,
+            "/Observation",
+            Some("_include=Observation:subject"),
+        );
+        assert_eq!(l.cost(&req), 4);
+    }
+}

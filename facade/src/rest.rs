@@ -1,0 +1,790 @@
+//! Instance and type interactions on the built-in store: read, vread, create (and conditional
+//! create), update (with `If-Match`, and conditional update), delete, history, `$everything`,
+//! and the auditor's `AuditEvent` search.
+
+use crate::audit::{to_audit_event, AuditSlot};
+use crate::capability::RESOURCE_TYPES;
+use crate::error::{ApiError, ApiResult, FHIR_JSON};
+use crate::policy::{patient_links, valid_id, Access, FhirRequest};
+use crate::scopes::Perm;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::Extension;
+use serde_json::{json, Value};
+use tributary_storage::{
+    Precondition, ResourceWrite, StoreTransaction, StoredResource, WriteOp, WriteOutcome,
+};
+
+pub(crate) fn check_type(t: &str) -> ApiResult<()> {
+    if RESOURCE_TYPES.binary_search(&t).is_ok() {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "resource type {t:?} is not supported"
+        )))
+    }
+}
+
+pub(crate) fn check_id(id: &str) -> ApiResult<()> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "a resource id is 1–64 of A-Z a-z 0-9 - .".into(),
+        ))
+    }
+}
+
+pub(crate) fn base_url(st: &AppState, headers: &HeaderMap) -> String {
+    if !st.facade.cfg.base_url.is_empty() {
+        return st.facade.cfg.base_url.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}/fhir")
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("W/\"{version}\"")).expect("ascii")
+}
+
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    res
+}
+
+pub(crate) fn bundle_response(v: &Value) -> Response {
+    json_response(StatusCode::OK, serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn resource_response(status: StatusCode, r: &StoredResource) -> Response {
+    let mut res = json_response(status, r.json.to_vec());
+    res.headers_mut().insert(header::ETAG, etag(r.version));
+    if let Ok(v) = HeaderValue::from_str(&tributary_core::format_rfc3339_millis(r.last_updated)) {
+        res.headers_mut().insert(header::LAST_MODIFIED, v);
+    }
+    res
+}
+
+fn write_response(base: &str, w: &WriteOutcome) -> Response {
+    let status = if w.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut res = json_response(status, w.json.to_vec());
+    let h = res.headers_mut();
+    h.insert(header::ETAG, etag(w.version));
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{base}/{}/{}/_history/{}",
+        w.resource_type, w.id, w.version
+    )) {
+        h.insert(header::LOCATION, v.clone());
+        h.insert(header::CONTENT_LOCATION, v);
+    }
+    res
+}
+
+fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
+    if let Some(p) = patient_links(rtype, id, resource).into_iter().next() {
+        slot.update(|d| {
+            if d.patient.is_none() {
+                d.patient = Some(p);
+            }
+        });
+    }
+}
+
+/// Reads the current version and checks the caller may see it. 404, 410 or 403 otherwise.
+pub(crate) fn read_visible(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    id: &str,
+    slot: &AuditSlot,
+) -> ApiResult<(StoredResource, Value)> {
+    check_type(rtype)?;
+    check_id(id)?;
+    let tenant = &access.principal.tenant;
+    let stored = st
+        .rt
+        .store
+        .read(tenant, rtype, id)?
+        .ok_or_else(|| ApiError::NotFound(format!("{rtype}/{id} not found")))?;
+    if stored.deleted {
+        return Err(ApiError::Gone(format!("{rtype}/{id} was deleted")));
+    }
+    let v = stored.resource()?;
+    note_patient(slot, rtype, id, &v);
+    if !access.permits(Perm::Read, rtype, id, &v) {
+        return Err(ApiError::Forbidden(
+            "outside the token's scopes or patient context".into(),
+        ));
+    }
+    Ok((stored, v))
+}
+
+pub async fn read(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+) -> ApiResult<Response> {
+    let (stored, _) = read_visible(&st, &access, &rtype, &id, &slot)?;
+    Ok(resource_response(StatusCode::OK, &stored))
+}
+
+pub async fn vread(
+    State(st): State<AppState>,
+    Path((rtype, id, vid)): Path<(String, String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let version: u64 = vid
+        .parse()
+        .map_err(|_| ApiError::BadRequest("version id must be a number".into()))?;
+    let tenant = &access.principal.tenant;
+    // Authorize against the current version too: a resource's compartment is decided by what it
+    // is now and what it was then; both must be visible.
+    let stored = st
+        .rt
+        .store
+        .vread(tenant, &rtype, &id, version)?
+        .ok_or_else(|| ApiError::NotFound(format!("{rtype}/{id} version {version} not found")))?;
+    if stored.deleted {
+        return Err(ApiError::Gone(format!(
+            "{rtype}/{id} version {version} is a deletion"
+        )));
+    }
+    let v = stored.resource()?;
+    note_patient(&slot, &rtype, &id, &v);
+    if !access.permits(Perm::Read, &rtype, &id, &v) {
+        return Err(ApiError::Forbidden(
+            "outside the token's scopes or patient context".into(),
+        ));
+    }
+    Ok(resource_response(StatusCode::OK, &stored))
+}
+
+fn parse_body(body: &[u8], rtype: &str) -> ApiResult<Value> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body is not JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    check_resource(&v, rtype)?;
+    Ok(v)
+}
+
+/// Structural checks every stored resource must pass.
+pub(crate) fn check_resource(v: &Value, rtype: &str) -> ApiResult<()> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::BadRequest("body must be a JSON object".into()))?;
+    match obj.get("resourceType").and_then(Value::as_str) {
+        None => return Err(ApiError::BadRequest("resourceType is missing".into())),
+        Some(t) if t != rtype => {
+            return Err(ApiError::BadRequest(format!(
+                "resourceType {t:?} does not match the URL type {rtype:?}"
+            )))
+        }
+        _ => {}
+    }
+    if let Some(id) = obj.get("id") {
+        if !id.as_str().is_some_and(valid_id) {
+            return Err(ApiError::Unprocessable(
+                "id must be 1–64 of A-Z a-z 0-9 - .".into(),
+            ));
+        }
+    }
+    if obj.get("meta").is_some_and(|m| !m.is_object()) {
+        return Err(ApiError::Unprocessable("meta must be an object".into()));
+    }
+    if obj.get("text").is_some_and(|m| !m.is_object()) {
+        return Err(ApiError::Unprocessable(
+            "text must be a Narrative object".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+pub(crate) fn if_match(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("");
+    parse_etag(s)
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest("If-Match must be W/\"<version>\"".into()))
+}
+
+pub(crate) fn parse_etag(s: &str) -> Option<u64> {
+    s.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .ok()
+}
+
+/// Resolves a conditional (`identifier=…`, `_id=…`) to the matching ids, unscoped by access:
+/// the caller must then be allowed to act on the match.
+pub(crate) fn conditional_matches(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    query: &str,
+) -> ApiResult<Vec<StoredResource>> {
+    let params = crate::policy::decode_query(Some(query.trim_start_matches('?')));
+    if params.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a conditional operation needs search parameters".into(),
+        ));
+    }
+    let res = crate::search::run_search(st, access, rtype, &params, false)?;
+    Ok(res.matches)
+}
+
+pub async fn create(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    let mut v = parse_body(&body, &rtype)?;
+    let base = base_url(&st, &headers);
+    if let Some(cond) = headers.get("if-none-exist").and_then(|h| h.to_str().ok()) {
+        let found = conditional_matches(&st, &access, &rtype, cond)?;
+        match found.len() {
+            0 => {}
+            1 => {
+                let existing = &found[0];
+                let ev = existing.resource()?;
+                note_patient(&slot, &rtype, &existing.id, &ev);
+                slot.update(|d| d.resource_id = Some(existing.id.clone()));
+                if !access.permits(Perm::Read, &rtype, &existing.id, &ev) {
+                    return Err(ApiError::Forbidden(
+                        "outside the token's scopes or patient context".into(),
+                    ));
+                }
+                return Ok(resource_response(StatusCode::OK, existing));
+            }
+            _ => {
+                return Err(ApiError::PreconditionFailed(
+                    "If-None-Exist matched more than one resource".into(),
+                ))
+            }
+        }
+    }
+    let id = new_id();
+    v["id"] = Value::String(id.clone());
+    note_patient(&slot, &rtype, &id, &v);
+    slot.update(|d| d.resource_id = Some(id.clone()));
+    if !access.permits(Perm::Create, &rtype, &id, &v) {
+        return Err(ApiError::Forbidden(
+            "outside the token's scopes or patient context".into(),
+        ));
+    }
+    let mut w = ResourceWrite::upsert(&rtype, &id, v);
+    w.precondition = Precondition::MustNotExist;
+    let out = commit_one(&st, &access, w).await?;
+    Ok(write_response(&base, &out))
+}
+
+pub(crate) async fn commit_one(
+    st: &AppState,
+    access: &Access,
+    w: ResourceWrite,
+) -> ApiResult<WriteOutcome> {
+    let tx = StoreTransaction {
+        tenant: access.principal.tenant.clone(),
+        writes: vec![w],
+        ..Default::default()
+    };
+    let mut out = st.rt.store.commit(tx).await?;
+    out.writes
+        .pop()
+        .ok_or_else(|| ApiError::Internal("commit returned no write".into()))
+}
+
+/// Checks an update of `rtype/id` to `v`: the caller may update, and both the stored version
+/// (if any) and the new one are within its access.
+pub(crate) fn check_update(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    id: &str,
+    v: &Value,
+    slot: Option<&AuditSlot>,
+) -> ApiResult<bool> {
+    let current = st.rt.store.read(&access.principal.tenant, rtype, id)?;
+    let exists = current.as_ref().is_some_and(|c| !c.deleted);
+    if let Some(c) = current.as_ref().filter(|c| !c.deleted) {
+        let cv = c.resource()?;
+        if let Some(slot) = slot {
+            note_patient(slot, rtype, id, &cv);
+        }
+        if !access.permits(Perm::Update, rtype, id, &cv) {
+            return Err(ApiError::Forbidden(
+                "outside the token's scopes or patient context".into(),
+            ));
+        }
+    }
+    let perm = if exists { Perm::Update } else { Perm::Create };
+    if !access.permits(perm, rtype, id, v) {
+        return Err(ApiError::Forbidden(
+            "outside the token's scopes or patient context".into(),
+        ));
+    }
+    Ok(exists)
+}
+
+pub async fn update(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let mut v = parse_body(&body, &rtype)?;
+    match v.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id != id => {
+            return Err(ApiError::BadRequest(
+                "the body's id does not match the URL".into(),
+            ))
+        }
+        Some(_) => {}
+        None => {
+            return Err(ApiError::BadRequest(
+                "an update must carry the resource id in the body".into(),
+            ))
+        }
+    }
+    v["id"] = Value::String(id.clone());
+    note_patient(&slot, &rtype, &id, &v);
+    check_update(&st, &access, &rtype, &id, &v, Some(&slot))?;
+    let mut w = ResourceWrite::upsert(&rtype, &id, v);
+    if let Some(version) = if_match(&headers)? {
+        w.precondition = Precondition::VersionMatch(version);
+    }
+    let out = commit_one(&st, &access, w).await?;
+    Ok(write_response(&base_url(&st, &headers), &out))
+}
+
+/// `PUT /fhir/{type}?identifier=…`: update the one match, create when none, 412 when several.
+pub async fn conditional_update(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    let mut v = parse_body(&body, &rtype)?;
+    if req.params.is_empty() {
+        return Err(ApiError::BadRequest(
+            "PUT on a type needs search parameters (conditional update)".into(),
+        ));
+    }
+    let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let found = conditional_matches(&st, &access, &rtype, &query.join("&"))?;
+    let id = match found.len() {
+        0 => v
+            .get("id")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .unwrap_or_else(new_id),
+        1 => found[0].id.clone(),
+        _ => {
+            return Err(ApiError::PreconditionFailed(
+                "the condition matched more than one resource".into(),
+            ))
+        }
+    };
+    if v.get("id").and_then(Value::as_str).is_some_and(|b| b != id) {
+        return Err(ApiError::BadRequest(
+            "the body's id does not match the resource the condition found".into(),
+        ));
+    }
+    v["id"] = Value::String(id.clone());
+    slot.update(|d| d.resource_id = Some(id.clone()));
+    note_patient(&slot, &rtype, &id, &v);
+    check_update(&st, &access, &rtype, &id, &v, Some(&slot))?;
+    let mut w = ResourceWrite::upsert(&rtype, &id, v);
+    if let Some(version) = if_match(&headers)? {
+        w.precondition = Precondition::VersionMatch(version);
+    }
+    let out = commit_one(&st, &access, w).await?;
+    Ok(write_response(&base_url(&st, &headers), &out))
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    Path((rtype, id)): Path<(String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    if let Some(c) = st
+        .rt
+        .store
+        .read(&access.principal.tenant, &rtype, &id)?
+        .filter(|c| !c.deleted)
+    {
+        let cv = c.resource()?;
+        note_patient(&slot, &rtype, &id, &cv);
+        if !access.permits(Perm::Delete, &rtype, &id, &cv) {
+            return Err(ApiError::Forbidden(
+                "outside the token's scopes or patient context".into(),
+            ));
+        }
+    }
+    let w = ResourceWrite {
+        resource_type: rtype,
+        id,
+        op: WriteOp::Delete,
+        precondition: Precondition::None,
+    };
+    commit_one(&st, &access, w).await?;
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    Ok(res)
+}
+
+fn history_entry(base: &str, r: &StoredResource) -> ApiResult<Value> {
+    let url = format!("{}/{}", r.resource_type, r.id);
+    let mut e = json!({
+        "fullUrl": format!("{base}/{url}"),
+        "request": {"method": if r.deleted { "DELETE" } else if r.version == 1 { "POST" } else { "PUT" }, "url": if r.version == 1 && !r.deleted { r.resource_type.clone() } else { url }},
+        "response": {"status": if r.deleted { "204" } else if r.version == 1 { "201" } else { "200" }, "etag": format!("W/\"{}\"", r.version), "lastModified": tributary_core::format_rfc3339_millis(r.last_updated)},
+    });
+    if !r.deleted {
+        e["resource"] = r.resource()?;
+    }
+    Ok(e)
+}
+
+fn history_bundle(entries: Vec<Value>) -> Value {
+    json!({"resourceType": "Bundle", "type": "history", "total": entries.len(), "entry": entries})
+}
+
+/// `GET /fhir/{type}/{id}/_history` and `GET /fhir/Patient/{id}/$everything`.
+pub async fn instance_op(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id, op)): Path<(String, String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    let base = base_url(&st, &headers);
+    match op.as_str() {
+        "_history" => {
+            check_type(&rtype)?;
+            check_id(&id)?;
+            let versions = st.rt.store.history(&access.principal.tenant, &rtype, &id)?;
+            if versions.is_empty() {
+                return Err(ApiError::NotFound(format!("{rtype}/{id} not found")));
+            }
+            // Every version must be visible: moving a resource between patients must not let
+            // either see the other's versions.
+            let mut entries = Vec::new();
+            for r in &versions {
+                if r.deleted {
+                    entries.push(history_entry(&base, r)?);
+                    continue;
+                }
+                let v = r.resource()?;
+                note_patient(&slot, &rtype, &id, &v);
+                if !access.permits(Perm::Read, &rtype, &id, &v) {
+                    return Err(ApiError::Forbidden(
+                        "outside the token's scopes or patient context".into(),
+                    ));
+                }
+                entries.push(history_entry(&base, r)?);
+            }
+            slot.update(|d| d.returned = Some(entries.len()));
+            Ok(bundle_response(&history_bundle(entries)))
+        }
+        "$everything" if rtype == "Patient" => {
+            let (patient, _) = read_visible(&st, &access, "Patient", &id, &slot)?;
+            let count = req
+                .param("_count")
+                .and_then(|c| c.parse::<usize>().ok())
+                .unwrap_or(1000)
+                .min(5000);
+            let mut entries = vec![
+                json!({"fullUrl": format!("{base}/Patient/{id}"), "resource": patient.resource()?, "search": {"mode": "match"}}),
+            ];
+            let tenant = &access.principal.tenant;
+            let mut total = 1;
+            for (t, rid) in st.rt.store.ids_by_patient(tenant, &id, None)? {
+                if t == "Patient" {
+                    continue;
+                }
+                let Some(r) = st.rt.store.read(tenant, &t, &rid)? else {
+                    continue;
+                };
+                if r.deleted {
+                    continue;
+                }
+                let v = r.resource()?;
+                if !access.permits(Perm::Read, &t, &rid, &v) {
+                    continue;
+                }
+                total += 1;
+                if entries.len() < count {
+                    entries.push(json!({"fullUrl": format!("{base}/{t}/{rid}"), "resource": v, "search": {"mode": "match"}}));
+                }
+            }
+            slot.update(|d| d.returned = Some(entries.len()));
+            Ok(bundle_response(
+                &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
+            ))
+        }
+        _ => Err(ApiError::NotFound(format!("unknown operation {op:?}"))),
+    }
+}
+
+/// `GET /fhir/{type}/_history[?_since=…&_count=…]`
+pub async fn history_type(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    let since = match req.param("_since") {
+        Some(s) => Some(
+            tributary_core::parse_rfc3339_millis(s)
+                .ok_or_else(|| ApiError::BadRequest("_since must be an instant".into()))?,
+        ),
+        None => None,
+    };
+    let count = req
+        .param("_count")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(100)
+        .min(1000);
+    let base = base_url(&st, &headers);
+    let narrowed = access.compartment_for(Perm::Search, &rtype).is_some();
+    let mut entries = Vec::new();
+    // Read more than asked: versions the caller may not see are dropped, not counted.
+    for r in st
+        .rt
+        .store
+        .history_type(&access.principal.tenant, &rtype, since, count * 4 + 100)?
+    {
+        if entries.len() >= count {
+            break;
+        }
+        if r.deleted {
+            if !narrowed && access.may(Perm::Search, &rtype) {
+                entries.push(history_entry(&base, &r)?);
+            }
+            continue;
+        }
+        let v = r.resource()?;
+        if access.permits(Perm::Search, &rtype, &r.id, &v) {
+            entries.push(history_entry(&base, &r)?);
+        }
+    }
+    slot.update(|d| d.returned = Some(entries.len()));
+    Ok(bundle_response(&history_bundle(entries)))
+}
+
+/// `GET /fhir/AuditEvent?patient=&date=ge…&date=le…&agent=&_count=`: the caller's tenant's audit
+/// trail as AuditEvents, for the audit (and admin) role.
+pub async fn audit_events(
+    State(st): State<AppState>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    let mut patient = None;
+    let mut agent = None;
+    let mut entity = None;
+    let mut from = i64::MIN;
+    let mut to = i64::MAX;
+    let mut count = 1000usize;
+    for (k, v) in &req.params {
+        match k.as_str() {
+            "patient" => patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_string()),
+            "agent" => agent = Some(v.clone()),
+            "entity" => entity = Some(v.clone()),
+            "_count" => {
+                count = v
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest("_count must be a number".into()))?
+            }
+            "date" => {
+                let (prefix, val) = v.split_at(v.len().min(2));
+                let (lo, hi) = crate::search::date_range(val).ok_or_else(|| {
+                    ApiError::BadRequest("date must be ge<date> or le<date>".into())
+                })?;
+                match prefix {
+                    "ge" => from = from.max(lo),
+                    "gt" => from = from.max(hi),
+                    "le" => to = to.min(hi),
+                    "lt" => to = to.min(lo),
+                    _ => {
+                        return Err(ApiError::BadRequest(
+                            "date must be ge<date>, gt, le or lt".into(),
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unsupported AuditEvent parameter {other:?}"
+                )))
+            }
+        }
+    }
+    let tenant = access.principal.tenant.clone();
+    let log = st.rt.audit.clone();
+    let count = count.min(5000);
+    // A linear scan of the chain, off the async workers.
+    let events = tokio::task::spawn_blocking(move || -> ApiResult<(Vec<Value>, usize)> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        let mut after = 0u64;
+        loop {
+            let batch = log.read_after(after, 4096)?;
+            if batch.is_empty() {
+                break;
+            }
+            for e in &batch {
+                after = e.seq;
+                let b = &e.body;
+                let s = |k: &str| b.get(k).and_then(Value::as_str);
+                let t = b.get("time").and_then(Value::as_i64).unwrap_or(0);
+                if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
+                    continue;
+                }
+                if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
+                    continue;
+                }
+                if agent
+                    .as_deref()
+                    .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
+                {
+                    continue;
+                }
+                if let Some(ent) = entity.as_deref() {
+                    let what = format!(
+                        "{}/{}",
+                        s("resource_type").unwrap_or(""),
+                        s("resource_id").unwrap_or("")
+                    );
+                    if what != ent {
+                        continue;
+                    }
+                }
+                total += 1;
+                if out.len() < count {
+                    out.push(to_audit_event(e));
+                }
+            }
+        }
+        Ok((out, total))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    slot.update(|d| d.returned = Some(events.0.len()));
+    let entries: Vec<Value> = events
+        .0
+        .into_iter()
+        .map(|r| json!({"resource": r, "search": {"mode": "match"}}))
+        .collect();
+    Ok(bundle_response(
+        &json!({"resourceType": "Bundle", "type": "searchset", "total": events.1, "entry": entries}),
+    ))
+}
+
+/// `POST /admin/consent/{id}/revoke` (admin role): tokens carrying `grant = id` (or `jti = id`)
+/// fail from the next request on.
+pub async fn revoke_consent(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    Extension(_access): Extension<Access>,
+) -> ApiResult<Response> {
+    st.facade
+        .auth
+        .revocations
+        .revoke(&id)
+        .map_err(|e| match e {
+            crate::revocation::RevocationError::BadId => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&crate::error::operation_outcome(
+            "information",
+            "informational",
+            "grant revoked",
+        ))
+        .unwrap_or_default(),
+    ))
+}
+
+/// `GET /admin/audit/verify` (audit or admin role): walks the audit hash chain of the running
+/// server (the CLI's `tributary audit verify` needs the server stopped). 200 when intact, 409
+/// naming the first bad record otherwise.
+pub async fn verify_audit(
+    State(st): State<AppState>,
+    Extension(_access): Extension<Access>,
+) -> ApiResult<Response> {
+    let log = st.rt.audit.clone();
+    let report = tokio::task::spawn_blocking(move || log.verify())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (status, body) = match report {
+        Ok(r) => (
+            StatusCode::OK,
+            json!({"intact": true, "entries": r.entries, "head_hash": r.head_hash}),
+        ),
+        Err(bad) => (
+            StatusCode::CONFLICT,
+            json!({"intact": false, "first_bad_record": bad.seq, "reason": bad.reason}),
+        ),
+    };
+    Ok(json_response(
+        status,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("unknown endpoint".into())
+}

@@ -1,0 +1,628 @@
+//! Type-level search over the built-in store: candidate ids from the best index (`_id`,
+//! patient compartment, `identifier`, `_lastUpdated`), then every parameter is applied to the
+//! resources themselves, then the caller's scopes and patient compartment. Paging is by offset
+//! (`_count`, `_offset`) with `next`/`previous` links; `_include` follows references and applies
+//! the same access rules to what it brings in.
+
+use crate::audit::AuditSlot;
+use crate::error::{ApiError, ApiResult};
+use crate::policy::{Access, FhirRequest};
+use crate::rest::{base_url, bundle_response, check_type};
+use crate::scopes::{matches_token, Perm};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::Extension;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use tributary_storage::StoredResource;
+
+/// Most resources a search looks at before it must be narrowed by the client.
+pub const MAX_SCAN: usize = 10_000;
+pub const DEFAULT_COUNT: usize = 50;
+pub const MAX_COUNT: usize = 500;
+
+/// Parameters every type supports, and the ones that apply to any resource with that field.
+pub const SEARCH_PARAMS: [(&str, &str); 14] = [
+    ("_id", "token"),
+    ("_lastUpdated", "date"),
+    ("identifier", "token"),
+    ("patient", "reference"),
+    ("subject", "reference"),
+    ("code", "token"),
+    ("category", "token"),
+    ("date", "date"),
+    ("status", "token"),
+    ("name", "string"),
+    ("family", "string"),
+    ("birthdate", "date"),
+    ("gender", "token"),
+    ("_tag", "token"),
+];
+
+const CONTROL_PARAMS: [&str; 7] = [
+    "_count",
+    "_offset",
+    "_include",
+    "_revinclude",
+    "_summary",
+    "_sort",
+    "_format",
+];
+
+/// `[lo, hi)` in epoch millis for a FHIR date/dateTime of any precision.
+pub fn date_range(s: &str) -> Option<(i64, i64)> {
+    let parse = tributary_core::parse_rfc3339_millis;
+    match s.len() {
+        4 => {
+            let y: i32 = s.parse().ok()?;
+            Some((
+                parse(&format!("{y:04}-01-01"))?,
+                parse(&format!("{:04}-01-01", y + 1))?,
+            ))
+        }
+        7 => {
+            let (y, m) = s.split_once('-')?;
+            let (y, m): (i32, u32) = (y.parse().ok()?, m.parse().ok()?);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            Some((
+                parse(&format!("{y:04}-{m:02}-01"))?,
+                parse(&format!("{ny:04}-{nm:02}-01"))?,
+            ))
+        }
+        10 => {
+            let lo = parse(s)?;
+            Some((lo, lo + 86_400_000))
+        }
+        _ => {
+            let t = parse(s)?;
+            Some((t, t + 1))
+        }
+    }
+}
+
+/// Does a resource date (range `v`) satisfy `prefix` + param range `p`?
+fn date_matches(prefix: &str, v: (i64, i64), p: (i64, i64)) -> bool {
+    match prefix {
+        "eq" => v.0 >= p.0 && v.1 <= p.1,
+        "ne" => !(v.0 >= p.0 && v.1 <= p.1),
+        "gt" | "sa" => v.1 > p.1,
+        "lt" | "eb" => v.0 < p.0,
+        "ge" => v.1 > p.0,
+        "le" => v.0 < p.1,
+        _ => false,
+    }
+}
+
+fn split_prefix(v: &str) -> (&str, &str) {
+    for p in ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"] {
+        if let Some(rest) = v.strip_prefix(p) {
+            if rest.starts_with(|c: char| c.is_ascii_digit()) {
+                return (p, rest);
+            }
+        }
+    }
+    ("eq", v)
+}
+
+/// The clinically relevant date of a resource, for `date=`.
+fn resource_dates(r: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for f in [
+        "effectiveDateTime",
+        "issued",
+        "authoredOn",
+        "onsetDateTime",
+        "recordedDate",
+        "occurrenceDateTime",
+        "performedDateTime",
+        "date",
+        "recorded",
+        "created",
+        "start",
+    ] {
+        if let Some(s) = r.get(f).and_then(Value::as_str) {
+            out.push(s.to_string());
+        }
+    }
+    for f in [
+        "effectivePeriod",
+        "period",
+        "performedPeriod",
+        "onsetPeriod",
+    ] {
+        if let Some(s) = r
+            .get(f)
+            .and_then(|p| p.get("start"))
+            .and_then(Value::as_str)
+        {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
+fn date_param_ok(values: &[String], raw: &str) -> ApiResult<bool> {
+    let (prefix, v) = split_prefix(raw);
+    let p = date_range(v).ok_or_else(|| ApiError::BadRequest(format!("not a FHIR date: {v:?}")))?;
+    Ok(values
+        .iter()
+        .filter_map(|s| date_range(s))
+        .any(|r| date_matches(prefix, r, p)))
+}
+
+fn string_matches(r: &Value, field: &str, wanted: &str) -> bool {
+    let w = wanted.to_lowercase();
+    let check = |s: &str| s.to_lowercase().starts_with(&w);
+    match r.get(field) {
+        Some(Value::String(s)) => check(s),
+        Some(Value::Array(names)) => names.iter().any(|n| {
+            n.get("text").and_then(Value::as_str).is_some_and(check)
+                || n.get("family").and_then(Value::as_str).is_some_and(check)
+                || n.get("given")
+                    .and_then(Value::as_array)
+                    .is_some_and(|g| g.iter().filter_map(Value::as_str).any(check))
+        }),
+        _ => false,
+    }
+}
+
+fn reference_matches(r: &Value, fields: &[&str], wanted: &str) -> bool {
+    let target = if wanted.contains('/') {
+        wanted.to_string()
+    } else {
+        format!("Patient/{wanted}")
+    };
+    fields.iter().any(|f| {
+        r.get(*f)
+            .and_then(|v| v.get("reference"))
+            .and_then(Value::as_str)
+            .is_some_and(|s| s == target || s.ends_with(&format!("/{target}")))
+    })
+}
+
+fn identifier_matches(r: &Value, wanted: &str) -> bool {
+    let (system, value) = match wanted.split_once('|') {
+        Some((s, v)) => (Some(s), v),
+        None => (None, wanted),
+    };
+    let list: Vec<&Value> = match r.get("identifier") {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(v @ Value::Object(_)) => vec![v],
+        _ => Vec::new(),
+    };
+    list.into_iter().any(|i| {
+        i.get("value").and_then(Value::as_str) == Some(value)
+            && system
+                .is_none_or(|s| s.is_empty() || i.get("system").and_then(Value::as_str) == Some(s))
+    })
+}
+
+/// Does one resource match one (name, value) parameter? Comma means OR.
+fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) -> ApiResult<bool> {
+    let base = name.split(':').next().unwrap_or(name);
+    let mut any = false;
+    for v in value.split(',') {
+        let ok = match base {
+            "_id" => stored.id == v,
+            "_lastUpdated" => {
+                let (prefix, val) = split_prefix(v);
+                let p = date_range(val)
+                    .ok_or_else(|| ApiError::BadRequest(format!("not a FHIR date: {val:?}")))?;
+                date_matches(prefix, (stored.last_updated, stored.last_updated + 1), p)
+            }
+            "identifier" => identifier_matches(r, v),
+            "patient" | "subject" => {
+                if stored.resource_type == "Patient" && base == "patient" {
+                    stored.id == v.strip_prefix("Patient/").unwrap_or(v)
+                } else {
+                    reference_matches(r, &["subject", "patient", "beneficiary"], v)
+                }
+            }
+            "code" | "category" | "status" | "gender" => matches_token(r, base, v),
+            "_tag" => r.get("meta").is_some_and(|m| matches_token(m, "tag", v)),
+            "date" => date_param_ok(&resource_dates(r), v)?,
+            "birthdate" => date_param_ok(
+                &r.get("birthDate")
+                    .and_then(Value::as_str)
+                    .map(|s| vec![s.to_string()])
+                    .unwrap_or_default(),
+                v,
+            )?,
+            "name" => string_matches(r, "name", v),
+            "family" => r.get("name").and_then(Value::as_array).is_some_and(|ns| {
+                ns.iter().any(|n| {
+                    n.get("family")
+                        .and_then(Value::as_str)
+                        .is_some_and(|f| f.to_lowercase().starts_with(&v.to_lowercase()))
+                })
+            }),
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unsupported search parameter {other:?}"
+                )))
+            }
+        };
+        any |= ok;
+    }
+    Ok(any)
+}
+
+pub struct SearchResult {
+    pub matches: Vec<StoredResource>,
+    pub included: Vec<StoredResource>,
+    pub total: usize,
+    pub offset: usize,
+    pub count: usize,
+}
+
+fn intersect(acc: Option<Vec<String>>, next: Vec<String>) -> Option<Vec<String>> {
+    Some(match acc {
+        None => next,
+        Some(prev) => {
+            let set: BTreeSet<String> = next.into_iter().collect();
+            prev.into_iter().filter(|i| set.contains(i)).collect()
+        }
+    })
+}
+
+/// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
+pub fn run_search(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    params: &[(String, String)],
+    with_access: bool,
+) -> ApiResult<SearchResult> {
+    let tenant = access.principal.tenant.as_str();
+    let store = &st.rt.store;
+    let mut count = DEFAULT_COUNT;
+    let mut offset = 0usize;
+    let mut sort: Option<bool> = None;
+    let mut includes = Vec::new();
+    let mut filters = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "_count" => {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::BadRequest("_count must be a number".into()))?
+                    .min(MAX_COUNT)
+            }
+            "_offset" => {
+                offset = v
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
+            }
+            "_sort" => {
+                sort = Some(match v.as_str() {
+                    "_lastUpdated" => true,
+                    "-_lastUpdated" => false,
+                    _ => {
+                        return Err(ApiError::BadRequest(
+                            "_sort supports _lastUpdated and -_lastUpdated".into(),
+                        ))
+                    }
+                })
+            }
+            "_include" => includes.push(v.clone()),
+            "_summary" => {
+                if v != "count" && v != "false" {
+                    return Err(ApiError::BadRequest("_summary supports count".into()));
+                }
+            }
+            "_revinclude" => {
+                return Err(ApiError::BadRequest("_revinclude is not supported".into()))
+            }
+            "_format" => {}
+            name => {
+                let base = name.split(':').next().unwrap_or(name);
+                if !SEARCH_PARAMS.iter().any(|(n, _)| *n == base) {
+                    return Err(ApiError::BadRequest(format!(
+                        "unsupported search parameter {name:?}"
+                    )));
+                }
+                filters.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    debug_assert!(CONTROL_PARAMS.contains(&"_count"));
+    // Candidates from the most selective index available.
+    let mut ids: Option<Vec<String>> = None;
+    if with_access {
+        if let Some(pid) = access.compartment_for(Perm::Search, rtype) {
+            ids = intersect(
+                ids,
+                if rtype == "Patient" {
+                    vec![pid.to_string()]
+                } else {
+                    patient_ids(st, tenant, pid, rtype)?
+                },
+            );
+        }
+    }
+    for (k, v) in &filters {
+        let base = k.split(':').next().unwrap_or(k);
+        match base {
+            "_id" => ids = intersect(ids, v.split(',').map(String::from).collect()),
+            "patient" | "subject" if !v.contains(',') => {
+                let pid = v.strip_prefix("Patient/").unwrap_or(v);
+                if !pid.contains('/') {
+                    let found = if rtype == "Patient" {
+                        vec![pid.to_string()]
+                    } else {
+                        patient_ids(st, tenant, pid, rtype)?
+                    };
+                    ids = intersect(ids, found);
+                }
+            }
+            "identifier" if !v.contains(',') => {
+                let (system, value) = match v.split_once('|') {
+                    Some((s, val)) => (Some(s).filter(|s| !s.is_empty()), val),
+                    None => (None, v.as_str()),
+                };
+                ids = intersect(ids, store.ids_by_identifier(tenant, rtype, system, value)?);
+            }
+            _ => {}
+        }
+    }
+    let candidates: Vec<StoredResource> = match ids {
+        Some(ids) => {
+            let mut out = Vec::new();
+            for id in ids.iter().take(MAX_SCAN) {
+                if let Some(r) = store.read(tenant, rtype, id)? {
+                    if !r.deleted {
+                        out.push(r);
+                    }
+                }
+            }
+            out
+        }
+        None => {
+            let all = store.list(tenant, rtype, None, MAX_SCAN + 1)?;
+            if all.len() > MAX_SCAN {
+                return Err(ApiError::BadRequest(format!(
+                    "search would scan more than {MAX_SCAN} resources; add _id, identifier, patient or _lastUpdated"
+                )));
+            }
+            all
+        }
+    };
+    let mut matches = Vec::new();
+    for stored in candidates {
+        let r = stored.resource()?;
+        let mut ok = true;
+        for (k, v) in &filters {
+            if !param_matches(&stored, &r, k, v)? {
+                ok = false;
+                break;
+            }
+        }
+        if ok && (!with_access || access.permits(Perm::Search, rtype, &stored.id, &r)) {
+            matches.push(stored);
+        }
+    }
+    match sort {
+        Some(true) => matches.sort_by(|a, b| (a.last_updated, &a.id).cmp(&(b.last_updated, &b.id))),
+        Some(false) => {
+            matches.sort_by(|a, b| (b.last_updated, &b.id).cmp(&(a.last_updated, &a.id)))
+        }
+        None => matches.sort_by(|a, b| a.id.cmp(&b.id)),
+    }
+    let total = matches.len();
+    let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
+    let mut included = Vec::new();
+    if !includes.is_empty() {
+        let mut seen: BTreeSet<(String, String)> = page
+            .iter()
+            .map(|r| (r.resource_type.clone(), r.id.clone()))
+            .collect();
+        for inc in &includes {
+            let mut parts = inc.split(':');
+            let (src, field, target) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next(),
+            );
+            if src != rtype || field.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "_include must be {rtype}:<reference field>"
+                )));
+            }
+            for r in &page {
+                let body = r.resource()?;
+                let refs: Vec<&str> = match body.get(field) {
+                    Some(Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|x| x.get("reference").and_then(Value::as_str))
+                        .collect(),
+                    Some(v) => v
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .into_iter()
+                        .collect(),
+                    None => Vec::new(),
+                };
+                for reference in refs {
+                    let Some((t, id)) = reference.split_once('/') else {
+                        continue;
+                    };
+                    if target.is_some_and(|want| want != t)
+                        || !crate::policy::valid_type(t)
+                        || !crate::policy::valid_id(id)
+                    {
+                        continue;
+                    }
+                    if !seen.insert((t.to_string(), id.to_string())) {
+                        continue;
+                    }
+                    if let Some(inc) = store.read(tenant, t, id)? {
+                        if inc.deleted {
+                            continue;
+                        }
+                        let v = inc.resource()?;
+                        if access.permits(Perm::Read, t, id, &v) {
+                            included.push(inc);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(SearchResult {
+        matches: page,
+        included,
+        total,
+        offset,
+        count,
+    })
+}
+
+fn patient_ids(st: &AppState, tenant: &str, pid: &str, rtype: &str) -> ApiResult<Vec<String>> {
+    Ok(st
+        .rt
+        .store
+        .ids_by_patient(tenant, pid, Some(rtype))?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect())
+}
+
+pub(crate) fn link_query(params: &[(String, String)], offset: usize) -> String {
+    let mut parts: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k != "_offset")
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect();
+    parts.push(format!("_offset={offset}"));
+    parts.join("&")
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub(crate) fn searchset(
+    base: &str,
+    rtype: &str,
+    params: &[(String, String)],
+    res: &SearchResult,
+) -> ApiResult<Value> {
+    let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
+    let mut links = vec![
+        json!({"relation": "self", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset))}),
+    ];
+    let mut entries = Vec::new();
+    if !summary_count {
+        if res.offset + res.count < res.total {
+            links.push(json!({"relation": "next", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset + res.count))}));
+        }
+        if res.offset > 0 {
+            links.push(json!({"relation": "previous", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset.saturating_sub(res.count)))}));
+        }
+        for (r, mode) in res
+            .matches
+            .iter()
+            .map(|r| (r, "match"))
+            .chain(res.included.iter().map(|r| (r, "include")))
+        {
+            entries.push(json!({
+                "fullUrl": format!("{base}/{}/{}", r.resource_type, r.id),
+                "resource": r.resource()?,
+                "search": {"mode": mode},
+            }));
+        }
+    }
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": res.total,
+        "link": links,
+    });
+    if !summary_count {
+        bundle["entry"] = Value::Array(entries);
+    }
+    Ok(bundle)
+}
+
+async fn do_search(
+    st: AppState,
+    headers: HeaderMap,
+    rtype: String,
+    access: Access,
+    slot: AuditSlot,
+    params: Vec<(String, String)>,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    let res = run_search(&st, &access, &rtype, &params, true)?;
+    slot.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
+    let base = base_url(&st, &headers);
+    Ok(bundle_response(&searchset(&base, &rtype, &params, &res)?))
+}
+
+pub async fn search_get(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    do_search(st, headers, rtype, access, slot, req.params).await
+}
+
+/// `POST /fhir/{type}/_search` with an `application/x-www-form-urlencoded` body.
+pub async fn search_post(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+    body: String,
+) -> ApiResult<Response> {
+    let mut params = req.params;
+    params.extend(crate::policy::decode_query(Some(&body)));
+    do_search(st, headers, rtype, access, slot, params).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        let d = date_range("2024-03-05").unwrap();
+        assert!(date_matches("ge", d, date_range("2024-03").unwrap()));
+        assert!(date_matches("le", d, date_range("2024-03-05").unwrap()));
+        assert!(!date_matches("gt", d, date_range("2024-03-05").unwrap()));
+        assert!(date_matches(
+            "eq",
+            date_range("2024-03-05T10:00:00Z").unwrap(),
+            d
+        ));
+        assert!(date_matches("lt", d, date_range("2025").unwrap()));
+        assert_eq!(split_prefix("ge2024-01-01"), ("ge", "2024-01-01"));
+        assert_eq!(split_prefix("2024"), ("eq", "2024"));
+    }
+
+    #[test]
+    fn names_and_identifiers() {
+        let p = json!({"name":[{"family":"Smith","given":["Ann"]}],"identifier":[{"system":"urn:mrn","value":"7"}]});
+        assert!(string_matches(&p, "name", "smi"));
+        assert!(string_matches(&p, "name", "ann"));
+        assert!(!string_matches(&p, "name", "bob"));
+        assert!(identifier_matches(&p, "urn:mrn|7"));
+        assert!(identifier_matches(&p, "7"));
+        assert!(!identifier_matches(&p, "urn:other|7"));
+    }
+}

@@ -1,0 +1,921 @@
+//! Router-level tests with `oneshot`: the whole policy stack over a temporary store, no sockets.
+
+use super::*;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::Value;
+use tower::ServiceExt;
+use tributary_runtime::{ComponentStatus, Readiness};
+use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    st: AppState,
+}
+
+fn env_with(cfg: FacadeConfig) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let rt = Runtime {
+        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
+        store: Arc::new(FjallStore::new(db.clone())),
+        audit: AuditLog::new(db.clone()),
+        db,
+        readiness: Readiness::default(),
+        shutdown: Default::default(),
+    };
+    let facade = Arc::new(Facade::new(cfg, dir.path(), "default").unwrap());
+    Env {
+        st: AppState { rt, facade },
+        _dir: dir,
+    }
+}
+
+fn env() -> Env {
+    env_with(FacadeConfig::default())
+}
+
+impl Env {
+    fn token(&self, scope: &str, f: impl FnOnce(&mut IssueRequest)) -> String {
+        let mut r = IssueRequest {
+            client_id: "app".into(),
+            scope: scope.into(),
+            ttl_secs: 600,
+            issuer: "tributary".into(),
+            audience: "tributary".into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        auth::issue(self.st.facade.local_key.as_ref().unwrap(), &r).unwrap()
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        self.call_h(method, uri, token, body, &[]).await
+    }
+
+    async fn call_h(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        extra: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "test");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        let req = b
+            .body(
+                body.map(|v| Body::from(v.to_string()))
+                    .unwrap_or_else(Body::empty),
+            )
+            .unwrap();
+        let res = app(self.st.clone()).oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
+            .await
+            .unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        (status, headers, v)
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        self.st
+            .rt
+            .audit
+            .read_after(0, 100_000)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.body)
+            .collect()
+    }
+}
+
+fn patient(id: &str, family: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "name": [{"family": family, "given": ["Ann"]}], "birthDate": "1970-01-02", "gender": "female", "identifier": [{"system": "urn:mrn", "value": format!("MRN-{id}")}]})
+}
+
+fn obs(id: &str, patient: &str, cat: &str) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final", "category": [{"coding": [{"code": cat}]}], "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]}, "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": "2024-03-05T10:00:00Z"})
+}
+
+async fn seed(e: &Env) -> String {
+    let admin = e.token("system/*.cruds", |_| {});
+    for (id, fam) in [("p1", "Smith"), ("p2", "Jones")] {
+        let (s, _, _) = e
+            .call(
+                "PUT",
+                &format!("/fhir/Patient/{id}"),
+                Some(&admin),
+                Some(patient(id, fam)),
+            )
+            .await;
+        assert!(s.is_success(), "{s}");
+    }
+    for (id, p, cat) in [
+        ("o1", "p1", "laboratory"),
+        ("o2", "p1", "vital-signs"),
+        ("o3", "p2", "laboratory"),
+    ] {
+        let (s, _, _) = e
+            .call(
+                "PUT",
+                &format!("/fhir/Observation/{id}"),
+                Some(&admin),
+                Some(obs(id, p, cat)),
+            )
+            .await;
+        assert!(s.is_success(), "{s}");
+    }
+    admin
+}
+
+fn ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap_or(""),
+                        e["resource"]["id"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn ready_reflects_components() {
+    let e = env();
+    e.st.rt.readiness.set("store", ComponentStatus::Ready);
+    e.st.rt.readiness.set("mllp", ComponentStatus::Starting);
+    assert_eq!(
+        e.call("GET", "/ready", None, None).await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    e.st.rt.readiness.set("mllp", ComponentStatus::Ready);
+    assert_eq!(e.call("GET", "/ready", None, None).await.0, StatusCode::OK);
+    assert_eq!(e.call("GET", "/health", None, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_get_401_outcome_and_are_audited() {
+    let e = env();
+    let (s, h, body) = e.call("GET", "/fhir/Patient/p1", None, None).await;
+    assert_eq!(s, 401);
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    assert!(h.contains_key("www-authenticate"));
+    let (s, _, _) = e
+        .call("GET", "/fhir/Patient/p1", Some("garbage"), None)
+        .await;
+    assert_eq!(s, 401);
+    let audit = e.audit();
+    assert_eq!(audit.len(), 2);
+    assert_eq!(audit[0]["outcome"], "denied");
+    assert_eq!(audit[0]["status"], 401);
+    assert_eq!(audit[0]["interaction"], "read");
+    // Metadata is public.
+    let (s, _, cs) = e.call("GET", "/fhir/metadata", None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+}
+
+#[tokio::test]
+async fn crud_versioning_and_errors() {
+    let e = env();
+    let t = e.token("user/*.cruds", |_| {});
+    let (s, h, created) = e
+        .call(
+            "POST",
+            "/fhir/Patient",
+            Some(&t),
+            Some(json!({"resourceType": "Patient", "gender": "male"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(h["location"]
+        .to_str()
+        .unwrap()
+        .contains(&format!("/fhir/Patient/{id}/_history/1")));
+    assert_eq!(h["etag"], "W/\"1\"");
+    let mut upd = created.clone();
+    upd["gender"] = json!("female");
+    let (s, _, _) = e
+        .call_h(
+            "PUT",
+            &format!("/fhir/Patient/{id}"),
+            Some(&t),
+            Some(upd.clone()),
+            &[("if-match", "W/\"7\"")],
+        )
+        .await;
+    assert_eq!(s, 412);
+    let (s, h, _) = e
+        .call_h(
+            "PUT",
+            &format!("/fhir/Patient/{id}"),
+            Some(&t),
+            Some(upd),
+            &[("if-match", "W/\"1\"")],
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["etag"], "W/\"2\"");
+    let (s, _, v1) = e
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{id}/_history/1"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!((s, v1["gender"].as_str()), (StatusCode::OK, Some("male")));
+    let (s, _, hist) = e
+        .call(
+            "GET",
+            &format!("/fhir/Patient/{id}/_history"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!((s, hist["total"].as_u64()), (StatusCode::OK, Some(2)));
+    assert_eq!(
+        e.call("DELETE", &format!("/fhir/Patient/{id}"), Some(&t), None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        e.call("GET", &format!("/fhir/Patient/{id}"), Some(&t), None)
+            .await
+            .0,
+        410
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/nope", Some(&t), None).await.0,
+        404
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Nonsense/1", Some(&t), None).await.0,
+        404
+    );
+    assert_eq!(
+        e.call(
+            "POST",
+            "/fhir/Patient",
+            Some(&t),
+            Some(json!({"resourceType": "Observation"}))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        e.call(
+            "POST",
+            "/fhir/Patient",
+            Some(&t),
+            Some(json!({"resourceType": "Patient", "id": "bad id!"}))
+        )
+        .await
+        .0,
+        422
+    );
+    // Conditional create: the second finds the first.
+    let body =
+        json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "42"}]});
+    let (s1, _, a) = e
+        .call_h(
+            "POST",
+            "/fhir/Patient",
+            Some(&t),
+            Some(body.clone()),
+            &[("if-none-exist", "identifier=urn:mrn|42")],
+        )
+        .await;
+    let (s2, _, b) = e
+        .call_h(
+            "POST",
+            "/fhir/Patient",
+            Some(&t),
+            Some(body),
+            &[("if-none-exist", "identifier=urn:mrn|42")],
+        )
+        .await;
+    assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::OK));
+    assert_eq!(a["id"], b["id"]);
+    // Conditional update.
+    let (s, _, c) = e.call("PUT", "/fhir/Patient?identifier=urn:mrn|42", Some(&t), Some(json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "42"}], "gender": "other"}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(c["id"], a["id"]);
+}
+
+#[tokio::test]
+async fn search_paging_include_and_summary() {
+    let e = env();
+    let admin = seed(&e).await;
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation?_count=2", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(b["total"], 3);
+    assert_eq!(ids(&b).len(), 2);
+    let next = b["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let next_path = next.trim_start_matches("http://test");
+    let (_, _, b2) = e.call("GET", next_path, Some(&admin), None).await;
+    assert_eq!(ids(&b2), vec!["Observation/o3"]);
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?patient=p1&_include=Observation:subject",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        ids(&b),
+        vec!["Observation/o1", "Observation/o2", "Patient/p1"]
+    );
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?category=laboratory&code=http://loinc.org|718-7",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&b), vec!["Observation/o1", "Observation/o3"]);
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Patient?name=smi&birthdate=ge1970-01-01&gender=female",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&b), vec!["Patient/p1"]);
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Patient?identifier=urn:mrn|MRN-p2",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&b), vec!["Patient/p2"]);
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?_summary=count",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(b["total"], 3);
+    assert!(b.get("entry").is_none());
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?date=ge2024-03-01&date=lt2024-04-01&_sort=-_lastUpdated",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        ids(&b),
+        vec!["Observation/o3", "Observation/o2", "Observation/o1"]
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Observation?bogus=1", Some(&admin), None)
+            .await
+            .0,
+        400
+    );
+    let (_, _, b) = e
+        .call("GET", "/fhir/Patient/p1/$everything", Some(&admin), None)
+        .await;
+    assert_eq!(
+        ids(&b),
+        vec!["Patient/p1", "Observation/o1", "Observation/o2"]
+    );
+    let (_, _, b) = e
+        .call("GET", "/fhir/Observation/_history", Some(&admin), None)
+        .await;
+    assert_eq!(b["total"], 3);
+}
+
+#[tokio::test]
+async fn patient_context_is_narrowed_everywhere() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&t), None).await.0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2", Some(&t), None).await.0,
+        403
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o3", Some(&t), None)
+            .await
+            .0,
+        403
+    );
+    // The audit names the patient whose data was asked for, not the token's own patient.
+    assert_eq!(e.audit().pop().unwrap()["patient"], "p2");
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o3/_history", Some(&t), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o3/_history/1", Some(&t), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2/$everything", Some(&t), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        e.call(
+            "GET",
+            "/fhir/Observation?subject=Patient/p2",
+            Some(&t),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    let (_, _, b) = e.call("GET", "/fhir/Observation", Some(&t), None).await;
+    assert_eq!(ids(&b), vec!["Observation/o1", "Observation/o2"]);
+    let (_, _, b) = e.call("GET", "/fhir/Patient", Some(&t), None).await;
+    assert_eq!(ids(&b), vec!["Patient/p1"]);
+    let (_, _, b) = e
+        .call("GET", "/fhir/Observation/_history", Some(&t), None)
+        .await;
+    assert_eq!(b["total"], 2);
+    // v2 narrowing by category.
+    let lab = e.token("patient/Observation.rs?category=laboratory", |r| {
+        r.patient = Some("p1".into())
+    });
+    let (_, _, b) = e.call("GET", "/fhir/Observation", Some(&lab), None).await;
+    assert_eq!(ids(&b), vec!["Observation/o1"]);
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o2", Some(&lab), None)
+            .await
+            .0,
+        403
+    );
+    // Scope mismatch.
+    let pat_only = e.token("patient/Patient.read", |r| r.patient = Some("p1".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o1", Some(&pat_only), None)
+            .await
+            .0,
+        403
+    );
+    // An _include that would reach another patient brings nothing.
+    let admin = e.token("system/*.cruds", |_| {});
+    let mut cross = obs("o9", "p1", "laboratory");
+    cross["performer"] = json!([{"reference": "Patient/p2"}]);
+    e.call("PUT", "/fhir/Observation/o9", Some(&admin), Some(cross))
+        .await;
+    let (_, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?_id=o9&_include=Observation:performer",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&b), vec!["Observation/o9"]);
+}
+
+#[tokio::test]
+async fn tenants_are_isolated() {
+    let e = env();
+    seed(&e).await;
+    let other = e.token("system/*.cruds", |r| r.tenant = Some("other".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&other), None)
+            .await
+            .0,
+        404
+    );
+    let (_, _, b) = e.call("GET", "/fhir/Observation", Some(&other), None).await;
+    assert_eq!(b["total"], 0);
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1/_history", Some(&other), None)
+            .await
+            .0,
+        404
+    );
+    let last = e.audit().pop().unwrap();
+    assert_eq!(last["tenant"], "other");
+}
+
+#[tokio::test]
+async fn transaction_is_atomic_and_resolves_urn_uuids() {
+    let e = env();
+    let t = e.token("user/*.cruds", |_| {});
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111", "resource": {"resourceType": "Patient", "gender": "male"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"}}, "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&t), Some(bundle)).await;
+    assert_eq!(s, 200, "{out}");
+    assert_eq!(out["type"], "transaction-response");
+    let pid = out["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        out["entry"][1]["resource"]["subject"]["reference"],
+        format!("Patient/{pid}")
+    );
+    // A failing entry leaves nothing behind.
+    let bad = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "tx-new"}, "request": {"method": "PUT", "url": "Patient/tx-new"}},
+        {"resource": {"resourceType": "Patient", "id": pid}, "request": {"method": "PUT", "url": format!("Patient/{pid}"), "ifMatch": "W/\"9\""}}
+    ]});
+    assert_eq!(e.call("POST", "/fhir", Some(&t), Some(bad)).await.0, 412);
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/tx-new", Some(&t), None)
+            .await
+            .0,
+        404
+    );
+    // Batch: entries independent.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": format!("Patient/{pid}")}},
+        {"request": {"method": "GET", "url": "Patient/missing"}}
+    ]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&t), Some(batch)).await;
+    assert_eq!(s, 200);
+    assert_eq!(out["entry"][0]["response"]["status"], "200 OK");
+    assert!(out["entry"][1]["response"]["status"]
+        .as_str()
+        .unwrap()
+        .starts_with("404"));
+    // A read-only token cannot post a transaction.
+    let ro = e.token("user/*.rs", |_| {});
+    assert_eq!(
+        e.call(
+            "POST",
+            "/fhir",
+            Some(&ro),
+            Some(json!({"resourceType": "Bundle", "type": "transaction", "entry": []}))
+        )
+        .await
+        .0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn roles_break_glass_and_audit_trail() {
+    let e = env();
+    seed(&e).await;
+    let auditor = e.token("user/*.cruds", |r| r.role = Some("audit".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&auditor), None)
+            .await
+            .0,
+        403
+    );
+    let clin = e.token("patient/*.rs", |r| {
+        r.patient = Some("p1".into());
+        r.role = Some("clinician".into());
+        r.subject = Some("dr-who".into());
+    });
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2", Some(&clin), None).await.0,
+        403
+    );
+    let (s, _, _) = e
+        .call_h(
+            "GET",
+            "/fhir/Patient/p2",
+            Some(&clin),
+            None,
+            &[("x-break-glass", "emergency")],
+        )
+        .await;
+    assert_eq!(s, 200);
+    let rec = e.audit().pop().unwrap();
+    assert_eq!(rec["break_glass"], true);
+    assert_eq!(rec["break_glass_reason"], "emergency");
+    assert_eq!(rec["review"], "required");
+    let plain = e.token("user/*.rs", |_| {});
+    assert_eq!(
+        e.call_h(
+            "GET",
+            "/fhir/Patient/p2",
+            Some(&plain),
+            None,
+            &[("x-break-glass", "emergency")]
+        )
+        .await
+        .0,
+        403
+    );
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/AuditEvent?patient=p2&date=ge2020-01-01&agent=app",
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let events = b["entry"].as_array().unwrap();
+    assert!(events.len() >= 2, "{b}");
+    for ev in events {
+        assert_eq!(ev["resource"]["resourceType"], "AuditEvent");
+        let text = ev.to_string();
+        assert!(
+            !text.contains("Jones") && !text.contains("MRN-") && !text.contains("1970"),
+            "{text}"
+        );
+    }
+    let (s, _, v) = e
+        .call("GET", "/admin/audit/verify", Some(&auditor), None)
+        .await;
+    assert_eq!(
+        (s, v["intact"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    assert!(v["entries"].as_u64().unwrap() > 5);
+    let app_token = e.token("user/*.cruds", |_| {});
+    assert_eq!(
+        e.call("GET", "/admin/audit/verify", Some(&app_token), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/AuditEvent", Some(&app_token), None)
+            .await
+            .0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn audit_records_carry_no_phi() {
+    let e = env();
+    let admin = seed(&e).await;
+    e.call(
+        "GET",
+        "/fhir/Patient?name=Smith&birthdate=1970-01-02&identifier=urn:mrn|MRN-p1",
+        Some(&admin),
+        None,
+    )
+    .await;
+    e.call(
+        "POST",
+        "/fhir/Patient",
+        Some(&admin),
+        Some(patient("x", "Secretname")),
+    )
+    .await;
+    for rec in e.audit() {
+        let text = rec.to_string();
+        for phi in ["Smith", "Jones", "Secretname", "1970", "MRN-", "Ann"] {
+            assert!(!text.contains(phi), "audit record leaks {phi}: {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn rate_limit_429_with_headers_and_per_client_isolation() {
+    let mut cfg = FacadeConfig::default();
+    cfg.rate_limit.client_burst = 25;
+    cfg.rate_limit.client_per_sec = 1;
+    let e = env_with(cfg);
+    seed(&e).await;
+    let bulk = e.token("system/*.cruds", |r| r.client_id = "bulk".into());
+    let mut limited = None;
+    for _ in 0..5 {
+        let (s, h, _) = e
+            .call("GET", "/fhir/Patient/p1/$everything", Some(&bulk), None)
+            .await;
+        assert!(
+            h.contains_key("ratelimit-limit")
+                && h.contains_key("ratelimit-remaining")
+                && h.contains_key("ratelimit-reset")
+        );
+        if s == 429 {
+            limited = Some(h);
+            break;
+        }
+    }
+    let h = limited.expect("the bulk client is limited");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(h["ratelimit-remaining"], "5");
+    let reader = e.token("system/*.cruds", |r| r.client_id = "bedside".into());
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&reader), None)
+            .await
+            .0,
+        200
+    );
+    let rec = e.audit().into_iter().find(|r| r["status"] == 429).unwrap();
+    assert_eq!(rec["outcome"], "denied");
+}
+
+#[tokio::test]
+async fn revoked_grant_fails_next_request() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("user/*.rs", |r| r.grant = Some("consent-123".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&t), None).await.0,
+        200
+    );
+    let admin = e.token("system/*.cruds", |r| r.role = Some("admin".into()));
+    let viewer = e.token("user/*.rs", |_| {});
+    assert_eq!(
+        e.call(
+            "POST",
+            "/admin/consent/consent-123/revoke",
+            Some(&viewer),
+            None
+        )
+        .await
+        .0,
+        403
+    );
+    assert_eq!(
+        e.call(
+            "POST",
+            "/admin/consent/consent-123/revoke",
+            Some(&admin),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&t), None).await.0,
+        401
+    );
+}
+
+#[tokio::test]
+async fn smart_configuration_and_jwks_are_served() {
+    let e = env();
+    let (s, _, v) = e
+        .call("GET", "/.well-known/smart-configuration", None, None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["jwks_uri"], "http://test/.well-known/jwks.json");
+    let (_, _, jwks) = e.call("GET", "/.well-known/jwks.json", None, None).await;
+    assert_eq!(jwks["keys"][0]["kty"], "EC");
+    assert!(
+        jwks["keys"][0].get("d").is_none(),
+        "private key must never be served"
+    );
+}
+
+/// A stand-in RFC 7662 endpoint: `good` is active (patient context p1), anything else inactive.
+/// Counts the calls it gets.
+async fn introspection_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let authed = req.to_ascii_lowercase().contains("authorization: basic ");
+                let body = if authed && req.contains("token=good&") {
+                    json!({"active": true, "client_id": "opaque-app", "sub": "u1", "scope": "patient/*.cruds", "patient": "p1", "aud": "tributary", "iss": "tributary", "exp": tributary_core::now_millis() / 1000 + 600})
+                } else {
+                    json!({"active": false})
+                };
+                let body = body.to_string();
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (format!("http://{addr}/introspect"), calls)
+}
+
+#[tokio::test]
+async fn opaque_tokens_are_introspected_cached_for_reads_and_rechecked_for_writes() {
+    let (url, calls) = introspection_server().await;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cret\n").unwrap();
+    let mut cfg = FacadeConfig::default();
+    cfg.auth.introspection_url = url;
+    cfg.auth.introspection_client_id = "facade".into();
+    cfg.auth.introspection_secret_file = secret.path().to_path_buf();
+    cfg.validate().unwrap();
+    let e = env_with(cfg);
+    seed(&e).await;
+    let n = || calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some("good"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Observation/o1", Some("good"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(n(), 1, "reads reuse the cached answer");
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2", Some("good"), None)
+            .await
+            .0,
+        403,
+        "scopes and patient context apply"
+    );
+    let body = obs("o7", "p1", "laboratory");
+    assert_eq!(
+        e.call(
+            "PUT",
+            "/fhir/Observation/o7",
+            Some("good"),
+            Some(body.clone())
+        )
+        .await
+        .0,
+        201
+    );
+    assert_eq!(n(), 2, "a write is introspected anew");
+    e.call("PUT", "/fhir/Observation/o7", Some("good"), Some(body))
+        .await;
+    assert_eq!(n(), 3);
+    assert_eq!(
+        e.call(
+            "GET",
+            "/fhir/Patient/p1",
+            Some("revoked-at-the-server"),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    let rec = e
+        .audit()
+        .into_iter()
+        .find(|r| r["client"] == "opaque-app")
+        .unwrap();
+    assert_eq!(rec["user"], "u1");
+}

@@ -1,0 +1,144 @@
+//! A RabbitMQ queue feed of HL7 v2 messages ingested by the real binary, which is killed (-9)
+//! mid-consumption and restarted: every message ends up in the journal exactly once.
+//! Skips when RabbitMQ is not reachable at 127.0.0.1:5672 (or `AMQP_URL`).
+
+mod events_common;
+
+use events_common::Server;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_feed_survives_kill_9_mid_consumption() {
+    let conn = match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "SKIP queue_feed_survives_kill_9_mid_consumption: RabbitMQ not reachable ({e})"
+            );
+            return;
+        }
+    };
+    let ch = conn.create_channel().await.unwrap();
+    let queue = format!("e2e.ingest.{}", std::process::id());
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let n: u32 = 3_000;
+    for i in 0..n {
+        let msg = format!(
+            "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|Q-{i}|P|2.5\rPID|1||{i}\rOBX|1|NM|8867-4^HR^LN||{}\r",
+            60 + i % 40
+        );
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            msg.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let extra = format!(
+        "[amqp]\nurl = {:?}\n[amqp.source]\nqueue = {queue:?}\npartner = \"lab\"\nprefetch = 32\n",
+        amqp_url()
+    );
+    let server = Server::start(&data, &extra);
+    // Kill it once a part of the queue was consumed, the rest still waiting.
+    let mut killed_at = None;
+    for _ in 0..600 {
+        let depth = queue_depth(&ch, &queue).await;
+        if depth < n * 3 / 4 {
+            killed_at = Some(depth);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill9();
+    let killed_at = killed_at.expect("consumption started within 12 s");
+    let left = queue_depth(&ch, &queue).await;
+    assert!(
+        left > 0,
+        "killed after everything was consumed; test proves nothing"
+    );
+    eprintln!("killed with {killed_at} of {n} messages still queued ({left} after the kill: unacked ones returned)");
+
+    let server = Server::start(&data, &extra);
+    for _ in 0..1200 {
+        if queue_depth(&ch, &queue).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(queue_depth(&ch, &queue).await, 0, "queue drained");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.stop();
+
+    let db = Db::open(&data, DbOptions::default()).unwrap();
+    let journal = FjallJournal::new(db, 86_400_000);
+    let listed = journal
+        .list(&ListFilter {
+            limit: Some(100_000),
+            ..Default::default()
+        })
+        .unwrap();
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, _, _) in &listed {
+        let rec = journal.get(*id).unwrap().unwrap();
+        assert_eq!(rec.envelope.partner.as_str(), "lab");
+        *per_id
+            .entry(rec.envelope.meta["hl7.control_id"].clone())
+            .or_default() += 1;
+    }
+    let missing: Vec<_> = (0..n)
+        .map(|i| format!("Q-{i}"))
+        .filter(|k| !per_id.contains_key(k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let twice: Vec<_> = per_id.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    assert_eq!(listed.len(), n as usize);
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}

@@ -1,0 +1,129 @@
+//! Helpers for the event-streaming end-to-end tests: run the real `tributary` binary with a
+//! config, kill it (-9) or stop it, and find the brokers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `tributary` binary, built once per test process from this workspace
+/// (`CARGO_BIN_EXE_*` exists only for a package's own binaries).
+pub fn tributary_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "tributary", "--quiet"])
+            .current_dir(repo_root());
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().expect("run cargo build").success(),
+            "cargo build -p tributary failed"
+        );
+        let exe = std::env::current_exe().expect("test exe path");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .join("tributary");
+        assert!(bin.exists(), "{} not found", bin.display());
+        bin
+    })
+    .clone()
+}
+
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running `tributary serve` with the event sections given in `extra`.
+pub struct Server {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(data_dir: &Path, extra: &str) -> Server {
+        let http = free_addr();
+        let config = data_dir.with_extension("toml");
+        let log = data_dir.with_extension("log");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\ndefault_tenant = \"t1\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"{http}\"\n[mllp]\nlisten = \"\"\n{extra}",
+                data_dir.display().to_string()
+            ),
+        )
+        .unwrap();
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(tributary_bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::from(logfile.try_clone().unwrap()))
+            .stderr(Stdio::from(logfile))
+            .spawn()
+            .expect("start tributary");
+        let mut s = Server { child, http, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect_timeout(&http, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!(
+                    "tributary exited early ({st}); log:\n{}",
+                    std::fs::read_to_string(&s.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "http not listening within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    /// `kill -9`: no shutdown path runs.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                assert!(st.success(), "tributary exited with {st}");
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tributary did not stop within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,66 @@
+//! A FHIR client nobody here wrote — python `fhirpy` (PyPI) — performs a transaction, a read and
+//! a paged search against the running facade. Skips with a message when fhirpy is not installed
+//! (CI installs it: `pip install fhirpy==2.3.1`).
+
+mod facade_support;
+
+use facade_support::Facade;
+use std::process::Command;
+
+fn fhirpy_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import fhirpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fhirpy_reads_searches_with_paging_and_posts_a_transaction() {
+    if !fhirpy_available() {
+        eprintln!("SKIPPED: python3 with fhirpy is not installed (pip install fhirpy==2.3.1)");
+        return;
+    }
+    let f = Facade::start(None);
+    let token = f.token("fhirpy", "user/*.cruds", &[]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/facade_fhirpy_client.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/fhir", f.base))
+        .arg(&token)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fhirpy script failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let pid = seen["patient"].as_str().unwrap();
+    assert_eq!(seen["read_ok"], true);
+    assert_eq!(
+        seen["observations"], 5,
+        "fhirpy followed the next links to all 5: {seen}"
+    );
+    assert_eq!(seen["first_page_size"], 2);
+    assert_eq!(seen["first_page_has_next"], true);
+    assert_eq!(
+        seen["subjects"],
+        serde_json::json!([format!("Patient/{pid}")]),
+        "urn:uuid resolved"
+    );
+    // What fhirpy wrote is really in the store, under one transaction.
+    let r = f
+        .call(
+            "GET",
+            &format!("/fhir/Observation?subject=Patient/{pid}&_summary=count"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(r.json["total"], 5);
+}

@@ -1,0 +1,119 @@
+//! MLLP → journal → map → commit, end to end through the real `tributary serve`: messages sent
+//! over MLLP are mapped by the shipped mapping set and committed with the set's version; a bad
+//! edit of a mapping file is rejected by hot reload (file:line:col in the log) while the old
+//! version keeps mapping.
+
+mod mllp_common;
+
+use mllp_common::*;
+use std::path::Path;
+use std::time::Duration;
+use tributary_core::MessageState;
+use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
+use tributary_storage::{Db, DbOptions, FjallStore, Store};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// MSA|AA (original mode) or MSA|CA (enhanced mode: the fixtures send MSH-15 = AL).
+fn assert_accepted(ack: &[u8]) {
+    let text = String::from_utf8_lossy(ack);
+    assert!(text.contains("MSA|AA") || text.contains("MSA|CA"), "{text}");
+}
+
+async fn send(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = MllpSender::new(MllpSenderConfig::new(addr));
+    tokio::time::timeout(Duration::from_secs(30), s.send_once(bytes))
+        .await
+        .expect("ack in time")
+        .expect("sent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mllp_messages_are_mapped_and_committed_and_a_bad_mapping_edit_keeps_the_old_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let maps = tmp.path().join("mappings");
+    copy_dir(&repo_root().join("mappings"), &maps);
+    let data = tmp.path().join("data");
+    let log = tmp.path().join("serve.log");
+    let extra = format!(
+        "[mapping]\ndir = {:?}\nreload_interval_secs = 1\n",
+        maps.display().to_string()
+    );
+    let server = Server::start(&data, &log, &extra, &[]);
+    let addr = server.mllp.to_string();
+    let fixtures = repo_root().join("mappings/hl7v2/messages");
+
+    let ack = send(&addr, &std::fs::read(fixtures.join("ADT_A01.hl7")).unwrap()).await;
+    assert_accepted(&ack);
+
+    // a bad edit: unknown FHIR element; hot reload must refuse it and keep the old set
+    let file = maps.join("hl7v2/segments/PID-Patient.yaml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("  - set: gender\n", "  - set: gendr\n")).unwrap();
+    let line = good.lines().position(|l| l == "  - set: gender").unwrap() + 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("mapping set change rejected") {
+            assert!(
+                text.contains(&format!("PID-Patient.yaml:{line}:10")),
+                "no file:line:col in the log"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bad edit never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ack = send(&addr, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
+    assert_accepted(&ack);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.stop();
+
+    let records = journal_records(&data);
+    assert_eq!(records.len(), 2);
+    let versions: Vec<_> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                r.state.state,
+                MessageState::Committed,
+                "{:?}",
+                r.state.state
+            );
+            r.state.mapping_version.clone().expect("version recorded")
+        })
+        .collect();
+    assert_eq!(versions[0], versions[1], "the old version kept mapping");
+    let db = Db::open(&data, DbOptions::default()).unwrap();
+    let store = FjallStore::new(db);
+    let patient_id = tributary_core::deterministic_id(&[
+        "default",
+        "Patient",
+        "MRN70001",
+        "RIVERSIDE",
+        "2.16.840.1.113883.3.9999.1",
+    ]);
+    let p = store
+        .read("default", "Patient", &patient_id)
+        .unwrap()
+        .expect("Patient committed");
+    let p = p.resource().unwrap();
+    assert_eq!(p["gender"], "female");
+    assert!(!store
+        .list("default", "Observation", None, 100)
+        .unwrap()
+        .is_empty());
+}
