@@ -126,7 +126,17 @@ fn fhir_routes() -> Router<AppState> {
 }
 
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// [`app`] plus routes served by other components (e.g. Subscription `$status`/`$events`),
+/// mounted inside the same policy stack: they are authenticated, authorized as FHIR
+/// interactions, rate limited and audited like every other FHIR request, and see the caller's
+/// verified tenant in `x-tributary-tenant` (never a client-supplied value).
+pub fn app_with(state: AppState, inner: Router) -> Router {
     let policy = fhir_routes()
+        .with_state(state.clone())
+        .merge(inner)
         .layer(from_fn_with_state(state.clone(), backend::route))
         .layer(from_fn_with_state(state.clone(), pipeline::rate_limit))
         .layer(from_fn_with_state(state.clone(), pipeline::authorize))
@@ -145,8 +155,8 @@ pub fn app(state: AppState) -> Router {
             get(capability::smart_configuration),
         )
         .route("/.well-known/jwks.json", get(capability::jwks))
-        .merge(policy)
         .with_state(state)
+        .merge(policy)
 }
 
 /// The same handlers with no policy at all, every request acting as a `system/*.cruds` client

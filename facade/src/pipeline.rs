@@ -152,6 +152,22 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
             d.context_patient = principal.patient.clone();
         });
     }
+    // Components behind the stack read identity from these headers: never trust a client's.
+    let headers = req.headers_mut();
+    for name in [
+        "x-tributary-tenant",
+        "x-tributary-client",
+        "x-tributary-user",
+        "x-tributary-break-glass",
+    ] {
+        headers.remove(name);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&principal.tenant) {
+        headers.insert("x-tributary-tenant", v);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&principal.client_id) {
+        headers.insert("x-tributary-client", v);
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
 }

@@ -193,6 +193,13 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         ([t, id], m) if m == Method::DELETE => (Interaction::Delete, Some(*t), Some(*id)),
         ([t, id, "_history"], _) if get => (Interaction::HistoryInstance, Some(*t), Some(*id)),
         ([t, id, "$everything"], _) if get => (Interaction::Everything, Some(*t), Some(*id)),
+        // Subscription `$status` / `$events`: reading the subscriber's own Subscription.
+        (["Subscription", id, op], _) if get && matches!(*op, "$status" | "$events") => {
+            (Interaction::Read, Some("Subscription"), Some(*id))
+        }
+        (["Subscription", "$dead-letters"], _) if get => {
+            (Interaction::Search, Some("Subscription"), None)
+        }
         ([t, id, "_history", _v], _) if get => (Interaction::Vread, Some(*t), Some(*id)),
         _ => (Interaction::Unknown, None, None),
     };

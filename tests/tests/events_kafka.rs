@@ -103,7 +103,7 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
     let broker = Tansu::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    commit(&data, 0, 1_000).await; // 10,000 events
+    commit(&data, 0, 2_000).await; // 20,000 events
     let extra = format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_replication = 1\nretry_initial_ms = 200\nretry_max_ms = 2000\n",
         broker.bootstrap()
@@ -121,7 +121,15 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
     let mut seen_ids = HashSet::new();
 
     let server = Server::start(&data, &extra);
-    consume(&consumer, &mut got, &mut seen_ids, 1_500).await;
+    // Kill it moments after the relay started sending (its first topic is ready).
+    for _ in 0..600 {
+        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if log.contains("kafka topic ready") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     server.kill9();
     let (_, head, cursor) = outbox_state(&data);
     eprintln!(
@@ -134,9 +142,9 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
     );
 
     // More changes arrive while it is down.
-    commit(&data, 1_000, 200).await;
+    commit(&data, 2_000, 200).await;
     let (ids, head, _) = outbox_state(&data);
-    assert_eq!(head, 12_000);
+    assert_eq!(head, 22_000);
 
     let server = Server::start(&data, &extra);
     let want: HashSet<String> = ids.keys().cloned().collect();

@@ -30,9 +30,16 @@ pub fn router(state: ApiState) -> Router {
     router_at("", state)
 }
 
-/// The same routes under `prefix` (e.g. `/fhir`), as plain paths so the router merges with the
-/// facade's without a nesting conflict.
+/// Both halves under `prefix` (e.g. `/fhir`), as plain paths so they merge with the facade's
+/// routes without a nesting conflict. Tests use this; `serve` mounts the halves separately.
 pub fn router_at(prefix: &str, state: ApiState) -> Router {
+    operations_router_at(prefix, state.clone()).merge(inbound_router_at(prefix, state))
+}
+
+/// `$status`, `$events`, `$dead-letters`: they serve resources and event metadata, so they
+/// MUST be mounted behind the facade's policy stack (authenticate → authorize → audit), which
+/// also sets the `x-tributary-tenant` header from the token (never from the client).
+pub fn operations_router_at(prefix: &str, state: ApiState) -> Router {
     Router::new()
         .route(
             &format!("{prefix}/Subscription/{{id}}/$status"),
@@ -46,6 +53,13 @@ pub fn router_at(prefix: &str, state: ApiState) -> Router {
             &format!("{prefix}/Subscription/$dead-letters"),
             get(dead_letters),
         )
+        .with_state(state)
+}
+
+/// `POST /subscription-hook/<partner>`: authenticated by the partner's own bearer token, so it
+/// is mounted outside the facade's SMART stack.
+pub fn inbound_router_at(prefix: &str, state: ApiState) -> Router {
+    Router::new()
         .route(
             &format!("{prefix}/subscription-hook/{{partner}}"),
             post(inbound),

@@ -35,17 +35,24 @@ pub fn service(
     ))
 }
 
-/// The HTTP routes (`$status`, `$events`, `$dead-letters`, `/subscription-hook/<partner>`)
-/// under the configured `path_prefix`.
-pub fn router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
+fn api_state(service: Arc<SubscriptionService>, rt: &Runtime) -> api::ApiState {
+    api::ApiState {
+        service,
+        journal: rt.journal.clone(),
+    }
+}
+
+/// `$status`, `$events`, `$dead-letters` under the configured `path_prefix`. Mount them behind
+/// the facade's policy layers, with the tenant header set from the verified token.
+pub fn operations_router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
     let prefix = service.cfg.path_prefix.clone();
-    api::router_at(
-        &prefix,
-        api::ApiState {
-            service,
-            journal: rt.journal.clone(),
-        },
-    )
+    api::operations_router_at(&prefix, api_state(service, rt))
+}
+
+/// `POST <path_prefix>/subscription-hook/<partner>` (partner bearer tokens; no SMART token).
+pub fn inbound_router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
+    let prefix = service.cfg.path_prefix.clone();
+    api::inbound_router_at(&prefix, api_state(service, rt))
 }
 
 /// The delivery engine as a registered [`Sink`].

@@ -111,6 +111,10 @@ pub struct KafkaConfig {
     /// `retry_max_ms`. Events wait in the outbox meanwhile.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// When records wait this long without any acknowledgement, the relay discards its producer
+    /// and re-sends from the cursor with a new one (covers a cluster that came back without the
+    /// topic or with other partitions). Duplicates carry the same id.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for KafkaConfig {
@@ -142,6 +146,7 @@ impl Default for KafkaConfig {
             properties: BTreeMap::new(),
             retry_initial_ms: 500,
             retry_max_ms: 30_000,
+            stall_timeout_secs: 60,
         }
     }
 }
@@ -232,6 +237,9 @@ impl KafkaConfig {
                 self.topic_replication,
                 "-1 (broker default) or at least 1",
             ));
+        }
+        if self.stall_timeout_secs == 0 {
+            return Err(invalid("stall_timeout_secs", 0, "at least 1"));
         }
         if self.max_in_flight == 0 {
             return Err(invalid("max_in_flight", 0, "at least 1"));

@@ -267,6 +267,9 @@ impl KafkaRelay {
         let mut head_rx = self.outbox.subscribe();
         let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
         let mut health_tick = tokio::time::interval(Duration::from_secs(5));
+        let stall = Duration::from_secs(self.cfg.stall_timeout_secs);
+        let mut last_progress = tokio::time::Instant::now();
+        let mut restart_producer = false;
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
@@ -292,6 +295,7 @@ impl KafkaRelay {
             let can_send = pending.len() < self.cfg.max_in_flight;
             if let Step::Continue = step {
                 if acked == before && !(can_send && self.outbox.head() > sent_upto) {
+                    let waiting = !pending.is_empty();
                     let front = pending.front_mut().and_then(|f| f.delivery.as_mut());
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break,
@@ -302,6 +306,22 @@ impl KafkaRelay {
                         changed = head_rx.changed(), if can_send => {
                             if changed.is_err() {
                                 break;
+                            }
+                        }
+                        _ = tokio::time::sleep_until(last_progress + stall), if waiting => {
+                            // Records queued in librdkafka and never acknowledged although the
+                            // cluster answers: it came back without the topic or with other
+                            // partitions. Start over with a fresh producer from the cursor.
+                            // While the cluster does not answer, keep waiting: librdkafka
+                            // delivers in order once it returns.
+                            if self.probe(&producer, Duration::from_secs(3)).await.is_ok() {
+                                restart_producer = true;
+                                step = Step::Failed(format!(
+                                    "no delivery acknowledgement for {} s from a reachable cluster; restarting the producer",
+                                    stall.as_secs()
+                                ));
+                            } else {
+                                last_progress = tokio::time::Instant::now();
                             }
                         }
                         _ = health_tick.tick() => {
@@ -316,6 +336,9 @@ impl KafkaRelay {
                 } else {
                     tokio::task::yield_now().await;
                 }
+            }
+            if acked > before || pending.is_empty() {
+                last_progress = tokio::time::Instant::now();
             }
             if acked > before {
                 let _ = ack_tx.send(acked);
@@ -334,10 +357,13 @@ impl KafkaRelay {
                 // A restarted cluster may have lost topics: check them again.
                 known_topics.clear();
                 self.stats.resends.fetch_add(1, Relaxed);
-                if producer.client().fatal_error().is_some() {
-                    tracing::warn!(component = %self.component, "kafka producer hit a fatal error; creating a new one");
+                if restart_producer || producer.client().fatal_error().is_some() {
+                    tracing::warn!(component = %self.component, "creating a new kafka producer");
+                    // Dropping the old one purges what it still queued.
                     producer = Arc::new(self.producer()?);
+                    restart_producer = false;
                 }
+                last_progress = tokio::time::Instant::now() + backoff;
                 tokio::select! {
                     _ = self.shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => {}

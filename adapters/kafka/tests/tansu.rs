@@ -49,6 +49,7 @@ fn relay_config(bootstrap: &str) -> KafkaConfig {
         topic_replication: 1,
         retry_initial_ms: 200,
         retry_max_ms: 2_000,
+        stall_timeout_secs: 10,
         ..Default::default()
     }
 }

@@ -75,10 +75,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 .map(|s| Box::new(s) as Box<dyn Source>),
         );
     }
+    // Subscription operations go behind the facade's policy layers (below); the inbound
+    // notification hook authenticates partners itself.
+    let mut guarded_routes = axum::Router::new();
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
-        extra_routes = extra_routes.merge(tributary_subscriptions::router(service.clone(), &rt));
+        guarded_routes = guarded_routes.merge(tributary_subscriptions::operations_router(
+            service.clone(),
+            &rt,
+        ));
+        extra_routes = extra_routes.merge(tributary_subscriptions::inbound_router(
+            service.clone(),
+            &rt,
+        ));
         sinks.push(Box::new(tributary_subscriptions::SubscriptionsSink::new(
             service,
         )));
@@ -108,14 +118,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let f = facade.clone();
         tokio::spawn(async move { f.auth.refresh_jwks().await });
     }
-    let app = tributary_facade::app(tributary_facade::AppState {
+    let state = tributary_facade::AppState {
         rt: rt.clone(),
         facade,
-    })
-    .layer(axum::extract::DefaultBodyLimit::max(
-        config.http.max_body_bytes,
-    ))
-    .merge(extra_routes);
+    };
+    // Every route, the partner-authenticated inbound hook included, gets the body limit.
+    let app = tributary_facade::app_with(state, guarded_routes)
+        .merge(extra_routes)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            config.http.max_body_bytes,
+        ));
     let http_shutdown = rt.shutdown.clone();
     tasks.spawn(async move {
         axum::serve(listener, app)

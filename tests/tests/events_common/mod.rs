@@ -57,14 +57,22 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path, extra: &str) -> Server {
+        Self::start_with_mllp(data_dir, extra, None)
+    }
+
+    /// With an MLLP listener at `mllp` (and the repository's mapping set).
+    pub fn start_with_mllp(data_dir: &Path, extra: &str, mllp: Option<SocketAddr>) -> Server {
         let http = free_addr();
+        let mllp_listen = mllp.map(|a| a.to_string()).unwrap_or_default();
+        let mapping_dir = repo_root().join("mappings");
         let config = data_dir.with_extension("toml");
         let log = data_dir.with_extension("log");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\ndefault_tenant = \"t1\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"{http}\"\n[mllp]\nlisten = \"\"\n{extra}",
-                data_dir.display().to_string()
+                "data_dir = {:?}\ndefault_tenant = \"t1\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n[http]\nlisten = \"{http}\"\n[mllp]\nlisten = \"{mllp_listen}\"\n[mapping]\ndir = {:?}\n{extra}",
+                data_dir.display().to_string(),
+                mapping_dir.display().to_string()
             ),
         )
         .unwrap();

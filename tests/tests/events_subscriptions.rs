@@ -1,0 +1,217 @@
+//! FHIR Subscriptions through the real binary: a client creates a Subscription through the
+//! facade with a SMART token, receives the handshake and heartbeats, then HL7 messages sent over
+//! MLLP are mapped and committed, and only matching changes (Observations) are notified.
+//! Skips without the shared corpus.
+
+mod events_common;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use events_common::{free_addr, repo_root, tributary_bin, Server};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
+
+type Got = Arc<Mutex<Vec<Value>>>;
+type Check = Box<dyn Fn(&[Value]) -> bool + Send>;
+
+async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
+    got.lock().unwrap().push(b);
+    StatusCode::OK
+}
+
+fn kind(b: &Value) -> String {
+    b["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "type"))
+        .and_then(|p| p["valueCode"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_client_subscribes_and_gets_matching_notifications_only() {
+    let corpus = repo_root().join("../shared/corpus/hl7v2");
+    let oru = corpus.join("linuxforhealth/ORU-multiline-short.hl7");
+    let adt = corpus.join("linuxforhealth/sample_unix.hl7");
+    if !oru.is_file() || !adt.is_file() {
+        eprintln!(
+            "SKIP smart_client_subscribes_and_gets_matching_notifications_only: corpus absent"
+        );
+        return;
+    }
+    // The subscriber's endpoint.
+    let got: Got = Arc::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", l.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hook", post(record))
+        .with_state(got.clone());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let extra =
+        "[subscriptions]\nallow_http_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
+    // A SMART token (system scope) signed by the data directory's local key.
+    std::fs::create_dir_all(&data).unwrap();
+    let config = data.with_extension("token.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(tributary_bin())
+        .args([
+            "token",
+            "issue",
+            "--client",
+            "care-app",
+            "--scope",
+            "system/*.cruds",
+            "--tenant",
+            "t1",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let mllp = free_addr();
+    let server = Server::start_with_mllp(&data, extra, Some(mllp));
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/fhir", server.http);
+    let sub = json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "care management",
+        "criteria": "http://tributary.dev/fhir/SubscriptionTopic/observation",
+        "channel": {
+            "extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1}],
+            "type": "rest-hook",
+            "endpoint": hook,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "id-only"}]}
+        }
+    });
+    // Without a token: refused.
+    let res = http
+        .post(format!("{base}/Subscription"))
+        .json(&sub)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 401);
+    let res = http
+        .post(format!("{base}/Subscription"))
+        .bearer_auth(&token)
+        .header("content-type", "application/fhir+json")
+        .body(sub.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.status().is_success(),
+        "create Subscription: {}",
+        res.status()
+    );
+    let created: Value = res.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+
+    let wait = |what: &'static str, f: Check| {
+        let got = got.clone();
+        async move {
+            for _ in 0..300 {
+                if f(&got.lock().unwrap()) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("timed out waiting for {what}");
+        }
+    };
+    wait(
+        "handshake",
+        Box::new(|g| g.iter().any(|b| kind(b) == "handshake")),
+    )
+    .await;
+    wait(
+        "heartbeat",
+        Box::new(|g| g.iter().any(|b| kind(b) == "heartbeat")),
+    )
+    .await;
+
+    // An ADT (Patient/Encounter changes: not this topic) and an ORU (Observations: notified).
+    let mut sender = MllpSender::new(MllpSenderConfig::new(mllp.to_string()));
+    for f in [&adt, &oru] {
+        sender.send_once(&std::fs::read(f).unwrap()).await.unwrap();
+    }
+    wait(
+        "an event notification",
+        Box::new(|g| g.iter().any(|b| kind(b) == "event-notification")),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let bundles = got.lock().unwrap().clone();
+    let mut focus = Vec::new();
+    for b in bundles.iter().filter(|b| kind(b) == "event-notification") {
+        for e in b["entry"].as_array().unwrap().iter().skip(1) {
+            focus.push(e["fullUrl"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(!focus.is_empty());
+    assert!(
+        focus.iter().all(|u| u.contains("/Observation/")),
+        "only Observations are notified: {focus:?}"
+    );
+    // $status and $events sit behind the facade's policy stack: no token, no answer — and a
+    // client-supplied tenant header does not open a door either.
+    for op in ["$status", "$events"] {
+        let res = http
+            .get(format!("{base}/Subscription/{id}/{op}"))
+            .header("x-tributary-tenant", "default")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 401, "{op} without a token");
+    }
+    // $status through the facade's policy stack, with the token.
+    let res = http
+        .get(format!("{base}/Subscription/{id}/$status"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let st: Value = res.json().await.unwrap();
+    let params = st["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(params
+        .iter()
+        .any(|p| p["name"] == "status" && p["valueCode"] == "active"));
+    eprintln!(
+        "{} Observation notifications after handshake and heartbeat",
+        focus.len()
+    );
+    server.stop();
+}
