@@ -167,7 +167,9 @@ impl Decoder for MllpCodec {
                         None => {
                             // payload length so far = limit - 1 (minus the start block)
                             if limit.saturating_sub(1) > self.max_frame {
-                                let head_len = OVERSIZED_HEAD.min(src.len() - 1);
+                                // Only bytes known to belong to this frame (searched, no end block):
+                                // never the start of the next frame.
+                                let head_len = OVERSIZED_HEAD.min(limit - 1);
                                 let head = Bytes::copy_from_slice(&src[1..1 + head_len]);
                                 // Everything up to `limit` was searched: no end block there.
                                 src.advance(limit);
@@ -301,6 +303,19 @@ mod tests {
         buf.extend_from_slice(b"tail\x1c\r");
         buf.extend_from_slice(&frame(b"MSH|next"));
         assert_eq!(c.decode(&mut buf).unwrap(), Some(msg(b"MSH|next")));
+    }
+
+    #[test]
+    fn oversized_head_never_includes_the_next_frame() {
+        let mut c = MllpCodec::new(16);
+        let mut input = frame(&[b'a'; 20]);
+        input.extend(frame(b"MSH|next"));
+        let out = decode_all(&mut c, &[&input]);
+        match &out[0] {
+            MllpFrame::Oversized { head, .. } => assert!(head.iter().all(|b| *b == b'a')),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out[1], msg(b"MSH|next"));
     }
 
     #[test]

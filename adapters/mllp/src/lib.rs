@@ -10,6 +10,7 @@
 //! - [`bench`]: the load generator behind `tributary bench mllp`.
 
 pub mod ack;
+pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod header;

@@ -604,3 +604,22 @@ async fn sender_retries_until_the_receiver_is_up() {
     assert!(connected, "the connection is kept between messages");
     stop.cancel();
 }
+
+#[tokio::test]
+async fn message_invalid_in_its_declared_charset_is_rejected_with_err() {
+    let h = start(MllpListenerConfig::default()).await;
+    let m = b"MSH|^~\\&|A|B|C|D|||ADT^A01|CS1|P|2.5||||||UNICODE UTF-8\rPID|1||X||\xff\xfe\xfd\r";
+    let ack = send_plain(h.addr, m).await;
+    let s = segs(&ack);
+    assert_eq!(read_msa(&ack).unwrap(), (AckCode::AR, b"CS1".to_vec()));
+    assert!(s[2].contains("102^Data type error"), "{s:?}");
+    let recs = h.records();
+    assert_eq!(recs[0].state.state.kind(), StateKind::Rejected);
+    assert_eq!(&recs[0].envelope.payload[..], &m[..]);
+    // the same bytes declared as 8859/1 are fine
+    let ok = b"MSH|^~\\&|A|B|C|D|||ADT^A01|CS2|P|2.5||||||8859/1\rPID|1||X||\xe9\xe8\r";
+    assert_eq!(
+        read_msa(&send_plain(h.addr, ok).await).unwrap().0,
+        AckCode::AA
+    );
+}
