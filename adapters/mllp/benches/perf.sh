@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MLLP throughput/latency run for docs/perf/mllp.md.
+# MLLP throughput/latency run for docs/PERFORMANCE.md (MLLP listener).
 #   cargo build --release -p tributary
 #   (cd /tmp/mllp-peers && npm install @medplum/hl7); pip install hl7apy
 #   PEERS_DIR=/tmp/mllp-peers adapters/mllp/benches/perf.sh
