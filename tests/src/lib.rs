@@ -39,7 +39,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+        cmd.args(["build", "--quiet", "-p", name, "--bin", name])
+            .current_dir(repo_root());
         if release {
             cmd.arg("--release");
         }
@@ -52,21 +53,55 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// The repository root (the workspace directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `tributary` binary of this workspace, built once per test process.
+pub fn tributary_bin() -> PathBuf {
+    workspace_bin("tributary")
+}
+
 /// Path of the shared corpus folder (`../shared/corpus/<sub>` beside the repository), if present.
 pub fn corpus_dir(sub: &str) -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus")
-        .join(sub);
+    let dir = repo_root().join("../shared/corpus").join(sub);
     dir.is_dir().then_some(dir)
 }
 
-/// A free loopback TCP port (bind to 0, read, release).
-pub fn free_port() -> u16 {
+/// Every file with extension `ext` under `dir`, recursively, sorted.
+pub fn files_with_extension(dir: &std::path::Path, ext: &str) -> Vec<PathBuf> {
+    fn walk(d: &std::path::Path, ext: &str, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, ext, out);
+            } else if p.extension().is_some_and(|x| x == ext) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, ext, &mut out);
+    out.sort();
+    out
+}
+
+/// A free loopback address (bind to port 0, read, release).
+pub fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port()
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    free_addr().port()
 }
 
 /// A running `tributary serve` child process, killed on drop.

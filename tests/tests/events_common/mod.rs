@@ -5,48 +5,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// The `tributary` binary, built once per test process from this workspace
-/// (`CARGO_BIN_EXE_*` exists only for a package's own binaries).
-pub fn tributary_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "tributary", "--quiet"])
-            .current_dir(repo_root());
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("run cargo build").success(),
-            "cargo build -p tributary failed"
-        );
-        let exe = std::env::current_exe().expect("test exe path");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .join("tributary");
-        assert!(bin.exists(), "{} not found", bin.display());
-        bin
-    })
-    .clone()
-}
-
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
+#[allow(unused_imports)]
+pub use tributary_e2e::{free_addr, repo_root, tributary_bin};
 
 /// A running `tributary serve` with the event sections given in `extra`.
 pub struct Server {

@@ -5,74 +5,20 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, JournalRecord, ListFilter};
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// The `tributary` binary, built (once per test process) from this workspace.
-///
-/// `CARGO_BIN_EXE_*` only exists for a package's own binaries, so the e2e crate builds the
-/// binary itself with the same cargo and uses it from the target directory.
-pub fn tributary_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "tributary", "--quiet"])
-            .current_dir(repo_root());
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build -p tributary");
-        assert!(status.success(), "cargo build -p tributary failed");
-        // target/<profile>/deps/<test exe> → target/<profile>/tributary
-        let exe = std::env::current_exe().expect("test exe path");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .join("tributary");
-        assert!(bin.exists(), "{} not found", bin.display());
-        bin
-    })
-    .clone()
-}
+#[allow(unused_imports)]
+pub use tributary_e2e::{free_addr, repo_root, tributary_bin};
 
 /// The shared HL7 v2 corpus (`../shared/corpus/hl7v2` beside the repository), if present.
 pub fn corpus_dir() -> Option<PathBuf> {
-    let d = repo_root().join("../shared/corpus/hl7v2");
-    d.is_dir().then_some(d)
+    tributary_e2e::corpus_dir("hl7v2")
 }
 
 /// Every `.hl7` file under the corpus, sorted.
 pub fn corpus_files(dir: &Path) -> Vec<PathBuf> {
-    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(rd) = std::fs::read_dir(d) else { return };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if p.extension().is_some_and(|x| x == "hl7") {
-                out.push(p);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out);
-    out.sort();
-    out
-}
-
-pub fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    tributary_e2e::files_with_extension(dir, "hl7")
 }
 
 /// A running `tributary serve`.
