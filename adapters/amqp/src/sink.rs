@@ -9,7 +9,6 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareO
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
-use serde_json::json;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -36,20 +35,9 @@ pub fn routing_key(ev: &OutboxEvent) -> String {
     format!("{}.{rest}", ev.tenant)
 }
 
-/// Id-only notification: what happened to which resource, nothing clinical.
+/// Id-only notification: see [`OutboxEvent::id_only_notification`].
 pub fn notification(ev: &OutboxEvent) -> serde_json::Value {
-    json!({
-        "id": ev.event_id,
-        "type": ev.event_type,
-        "tenant": ev.tenant,
-        "resourceType": ev.resource_type,
-        "resourceId": ev.resource_id,
-        "versionId": ev.version.map(|v| v.to_string()),
-        "patient": ev.patient_id,
-        "sourceMessage": ev.source_message,
-        "mappingVersion": ev.mapping_version,
-        "occurredAt": tributary_core::format_rfc3339_millis(ev.occurred_at),
-    })
+    ev.id_only_notification()
 }
 
 pub fn build(cfg: &AmqpSinkConfig, ev: &OutboxEvent) -> AmqpMessage {
@@ -140,7 +128,11 @@ impl AmqpSink {
         let name = self.sink.cursor_name.clone();
         let start = self.outbox.cursor(&name)?;
         let (ack_tx, ack_rx) = watch::channel(start);
-        let ack_task = tokio::spawn(persist_acks(self.outbox.clone(), name.clone(), ack_rx));
+        let ack_task = tokio::spawn(Outbox::record_acks(
+            self.outbox.clone(),
+            name.clone(),
+            ack_rx,
+        ));
         let mut acked = start;
         let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
         self.readiness
@@ -271,25 +263,6 @@ async fn publish(
     .await
 }
 
-async fn persist_acks(outbox: Outbox, name: String, mut rx: watch::Receiver<u64>) {
-    let mut written = *rx.borrow_and_update();
-    loop {
-        let closed = rx.changed().await.is_err();
-        let v = *rx.borrow_and_update();
-        if v > written {
-            match outbox.ack(&name, v).await {
-                Ok(()) => written = v,
-                Err(e) => {
-                    tracing::error!(cursor = %name, error = %e, "could not record outbox cursor")
-                }
-            }
-        }
-        if closed {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +281,7 @@ mod tests {
             source_message: None,
             mapping_version: None,
             occurred_at: 0,
-            resource: Some(json!({"resourceType": "Patient", "id": "p1"})),
+            resource: Some(serde_json::json!({"resourceType": "Patient", "id": "p1"})),
         };
         let cfg = AmqpSinkConfig::default();
         let m = build(&cfg, &ev);

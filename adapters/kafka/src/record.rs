@@ -2,7 +2,6 @@
 //! Pure: no I/O, so the mapping is unit-tested without a broker.
 
 use crate::config::{KafkaConfig, PayloadMode};
-use serde_json::json;
 use tributary_storage::OutboxEvent;
 
 /// A record ready to send. `headers` are the CloudEvents Kafka protocol binding (binary mode):
@@ -54,20 +53,9 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// The id-only notification value: enough to fetch the resource, nothing clinical.
+/// Id-only notification: see [`OutboxEvent::id_only_notification`].
 pub fn notification(ev: &OutboxEvent) -> serde_json::Value {
-    json!({
-        "id": ev.event_id,
-        "type": ev.event_type,
-        "tenant": ev.tenant,
-        "resourceType": ev.resource_type,
-        "resourceId": ev.resource_id,
-        "versionId": ev.version.map(|v| v.to_string()),
-        "patient": ev.patient_id,
-        "sourceMessage": ev.source_message,
-        "mappingVersion": ev.mapping_version,
-        "occurredAt": tributary_core::format_rfc3339_millis(ev.occurred_at),
-    })
+    ev.id_only_notification()
 }
 
 /// Builds the record for `ev`, or `None` when its topic family is disabled.
@@ -141,7 +129,7 @@ mod tests {
             source_message: None,
             mapping_version: Some("sha256:ab".into()),
             occurred_at: 0,
-            resource: rt.map(|t| json!({"resourceType": t, "id": "r1"})),
+            resource: rt.map(|t| serde_json::json!({"resourceType": t, "id": "r1"})),
         }
     }
 

@@ -249,7 +249,11 @@ impl KafkaRelay {
 
         let start = self.outbox.cursor(&name)?;
         let (ack_tx, ack_rx) = watch::channel(start);
-        let ack_task = tokio::spawn(persist_acks(self.outbox.clone(), name.clone(), ack_rx));
+        let ack_task = tokio::spawn(Outbox::record_acks(
+            self.outbox.clone(),
+            name.clone(),
+            ack_rx,
+        ));
 
         match self.probe(&producer, Duration::from_secs(5)).await {
             Ok(()) => self.set_status(ComponentStatus::Ready),
@@ -517,27 +521,6 @@ async fn send(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => return Err(e),
-        }
-    }
-}
-
-/// Writes the contiguous acknowledgement watermark to the durable cursor, coalescing updates:
-/// while one write is in flight, newer values replace older ones.
-async fn persist_acks(outbox: Outbox, name: String, mut rx: watch::Receiver<u64>) {
-    let mut written = *rx.borrow_and_update();
-    loop {
-        let closed = rx.changed().await.is_err();
-        let v = *rx.borrow_and_update();
-        if v > written {
-            match outbox.ack(&name, v).await {
-                Ok(()) => written = v,
-                Err(e) => {
-                    tracing::error!(cursor = %name, error = %e, "could not record outbox cursor")
-                }
-            }
-        }
-        if closed {
-            return;
         }
     }
 }

@@ -30,6 +30,25 @@ pub struct OutboxEvent {
     pub resource: Option<serde_json::Value>,
 }
 
+impl OutboxEvent {
+    /// The id-only notification sinks publish instead of the resource: what happened to which
+    /// resource, enough to fetch it, nothing clinical.
+    pub fn id_only_notification(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.event_id,
+            "type": self.event_type,
+            "tenant": self.tenant,
+            "resourceType": self.resource_type,
+            "resourceId": self.resource_id,
+            "versionId": self.version.map(|v| v.to_string()),
+            "patient": self.patient_id,
+            "sourceMessage": self.source_message,
+            "mappingVersion": self.mapping_version,
+            "occurredAt": tributary_core::format_rfc3339_millis(self.occurred_at),
+        })
+    }
+}
+
 /// Read side of the outbox: relays read after their cursor and advance it once delivered.
 #[derive(Clone)]
 pub struct Outbox {
@@ -92,6 +111,27 @@ impl Outbox {
                 Ok(())
             })
             .await
+    }
+
+    /// Records a sink's contiguous acknowledgement watermark durably, coalescing updates: while
+    /// one write is in flight, newer values replace older ones. Runs until `rx`'s sender is gone.
+    pub async fn record_acks(self, sink: String, mut rx: watch::Receiver<u64>) {
+        let mut written = *rx.borrow_and_update();
+        loop {
+            let closed = rx.changed().await.is_err();
+            let v = *rx.borrow_and_update();
+            if v > written {
+                match self.ack(&sink, v).await {
+                    Ok(()) => written = v,
+                    Err(e) => {
+                        tracing::error!(cursor = %sink, error = %e, "could not record outbox cursor")
+                    }
+                }
+            }
+            if closed {
+                return;
+            }
+        }
     }
 
     pub fn head(&self) -> u64 {
