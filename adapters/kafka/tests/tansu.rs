@@ -18,6 +18,11 @@ use tributary_storage::{
 
 fn tansu_or_skip(test: &str) -> Option<()> {
     if find_tansu().is_none() {
+        // CI installs every test tool and sets TEST_REQUIRE_TOOLS=1: there, a missing tool fails.
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+        );
         eprintln!(
             "SKIP {test}: `tansu` not found on PATH or in ~/.cargo/bin \
              (cargo install tansu --version 0.6.0 --locked --features dynostore)"
@@ -455,6 +460,11 @@ async fn python_confluent_kafka_consumer_reads_every_event() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_client {
+        // CI installs every test tool and sets TEST_REQUIRE_TOOLS=1: there, a missing tool fails.
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+        );
         eprintln!("SKIP python_confluent_kafka_consumer_reads_every_event: python3 with confluent-kafka not installed (pip install confluent-kafka)");
         return;
     }

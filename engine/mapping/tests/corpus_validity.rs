@@ -3,7 +3,7 @@
 //! (+ the R4 date/dateTime/instant regexes) and npm fhir@4.12.0 — via scripts/validate_fhir.py.
 //!
 //! Skips (saying so) when the corpus or the validators are absent; set
-//! TRIBUTARY_REQUIRE_VALIDATORS=1 (CI) to make their absence a failure.
+//! TEST_REQUIRE_TOOLS=1 (CI) to make their absence a failure.
 //! Install the validators with scripts/install-test-tools.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ fn hl7_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn require() -> bool {
-    std::env::var("TRIBUTARY_REQUIRE_VALIDATORS").is_ok_and(|v| v == "1")
+    std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
 }
 
 #[test]
