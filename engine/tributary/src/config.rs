@@ -304,7 +304,8 @@ fn apply_env(
         let Some(rest) = name.strip_prefix("TRIBUTARY_") else {
             continue;
         };
-        if rest == "CONFIG" || rest.is_empty() {
+        // TRIBUTARY_CONFIG names the file and TRIBUTARY_LOG is the log filter: not config keys.
+        if rest == "CONFIG" || rest == "LOG" || rest.is_empty() {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -419,6 +420,11 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:9999");
         assert_eq!(c.journal.retention.prune_interval_secs, 7);
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        let filter_only = load(
+            "",
+            &[("TRIBUTARY_LOG", "warn"), ("TRIBUTARY_CONFIG", "x.toml")],
+        );
+        assert_eq!(filter_only.unwrap(), Config::default());
         let err = load("", &[("TRIBUTARY_HTTP__PORT", "1")])
             .unwrap_err()
             .to_string();
