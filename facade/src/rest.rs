@@ -371,7 +371,7 @@ pub async fn update(
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
     check_id(&id)?;
-    let mut v = parse_body(&body, &rtype)?;
+    let v = parse_body(&body, &rtype)?;
     match v.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id != id => {
             return Err(ApiError::BadRequest(
@@ -385,15 +385,7 @@ pub async fn update(
             ))
         }
     }
-    v["id"] = Value::String(id.clone());
-    note_patient(&slot, &rtype, &id, &v);
-    check_update(&st, &access, &rtype, &id, &v, Some(&slot))?;
-    let mut w = ResourceWrite::upsert(&rtype, &id, v);
-    if let Some(version) = if_match(&headers)? {
-        w.precondition = Precondition::VersionMatch(version);
-    }
-    let out = commit_one(&st, &access, w).await?;
-    Ok(write_response(&base_url(&st, &headers), &out))
+    store_update(&st, &headers, &access, &slot, &rtype, &id, v).await
 }
 
 /// `PUT /fhir/{type}?identifier=…`: update the one match, create when none, 412 when several.
@@ -407,7 +399,7 @@ pub async fn conditional_update(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
-    let mut v = parse_body(&body, &rtype)?;
+    let v = parse_body(&body, &rtype)?;
     if req.params.is_empty() {
         return Err(ApiError::BadRequest(
             "PUT on a type needs search parameters (conditional update)".into(),
@@ -433,16 +425,31 @@ pub async fn conditional_update(
             "the body's id does not match the resource the condition found".into(),
         ));
     }
-    v["id"] = Value::String(id.clone());
     slot.update(|d| d.resource_id = Some(id.clone()));
-    note_patient(&slot, &rtype, &id, &v);
-    check_update(&st, &access, &rtype, &id, &v, Some(&slot))?;
-    let mut w = ResourceWrite::upsert(&rtype, &id, v);
-    if let Some(version) = if_match(&headers)? {
+    store_update(&st, &headers, &access, &slot, &rtype, &id, v).await
+}
+
+/// The shared end of `update` and conditional update: the body takes the target id, the
+/// write is checked against scopes and compartment, and `If-Match` becomes a version
+/// precondition on the one atomic commit.
+async fn store_update(
+    st: &AppState,
+    headers: &HeaderMap,
+    access: &Access,
+    slot: &AuditSlot,
+    rtype: &str,
+    id: &str,
+    mut v: Value,
+) -> ApiResult<Response> {
+    v["id"] = Value::String(id.to_string());
+    note_patient(slot, rtype, id, &v);
+    check_update(st, access, rtype, id, &v, Some(slot))?;
+    let mut w = ResourceWrite::upsert(rtype, id, v);
+    if let Some(version) = if_match(headers)? {
         w.precondition = Precondition::VersionMatch(version);
     }
-    let out = commit_one(&st, &access, w).await?;
-    Ok(write_response(&base_url(&st, &headers), &out))
+    let out = commit_one(st, access, w).await?;
+    Ok(write_response(&base_url(st, headers), &out))
 }
 
 pub async fn delete(
