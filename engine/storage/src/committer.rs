@@ -37,17 +37,30 @@ pub struct Counters {
 
 type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 
+/// One map per table: key → latest value (`None` = delete) written by the group so far.
+///
+/// A group's writes share one fjall sequence number, so only the last write of a key matters;
+/// keeping the write set as a map drops overwritten values and lets point reads borrow the key.
+type WriteSet = Vec<HashMap<Vec<u8>, Option<Vec<u8>>>>;
+
 /// The write view a job gets: point reads see earlier writes of the same group.
 pub struct Txn<'a> {
     tables: &'a Tables,
     pub counters: &'a mut Counters,
-    /// Latest op index in `ops` per key, for point reads within the group.
-    overlay: HashMap<(Table, Vec<u8>), usize>,
-    ops: Vec<Op>,
+    writes: WriteSet,
     job_ops: Vec<Op>,
 }
 
 impl<'a> Txn<'a> {
+    fn new(tables: &'a Tables, counters: &'a mut Counters) -> Self {
+        Self {
+            tables,
+            counters,
+            writes: (0..Table::COUNT).map(|_| HashMap::new()).collect(),
+            job_ops: Vec::new(),
+        }
+    }
+
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
         if let Some((_, _, v)) = self
             .job_ops
@@ -57,8 +70,8 @@ impl<'a> Txn<'a> {
         {
             return Ok(v.clone());
         }
-        if let Some(i) = self.overlay.get(&(table, key.to_vec())) {
-            return Ok(self.ops[*i].2.clone());
+        if let Some(v) = self.writes[table as usize].get(key) {
+            return Ok(v.clone());
         }
         Ok(self.tables.get(table).get(key)?.map(|v| v.to_vec()))
     }
@@ -75,10 +88,13 @@ impl<'a> Txn<'a> {
         let ops = std::mem::take(&mut self.job_ops);
         if keep {
             for (t, k, v) in ops {
-                self.overlay.insert((t, k.clone()), self.ops.len());
-                self.ops.push((t, k, v));
+                self.writes[t as usize].insert(k, v);
             }
         }
+    }
+
+    fn into_writes(self) -> WriteSet {
+        self.writes
     }
 }
 
@@ -175,14 +191,8 @@ fn run(
     while let Some(first) = rx.blocking_recv() {
         let saved = counters.clone();
         let mut completions = Vec::with_capacity(64);
-        let ops = {
-            let mut txn = Txn {
-                tables: &tables,
-                counters: &mut counters,
-                overlay: HashMap::new(),
-                ops: Vec::new(),
-                job_ops: Vec::new(),
-            };
+        let writes = {
+            let mut txn = Txn::new(&tables, &mut counters);
             completions.push(first(&mut txn));
             // Adaptive gathering: writers whose previous group just completed need a moment to
             // submit again. When the last group was large (many concurrent writers), wait briefly
@@ -202,17 +212,19 @@ fn run(
                 }
             }
             last_group = completions.len();
-            txn.ops
+            txn.into_writes()
         };
-        let result = if ops.is_empty() {
+        let result = if writes.iter().all(HashMap::is_empty) {
             Ok(())
         } else {
             let mut batch = db.batch();
-            for (table, key, value) in ops {
+            for (table, set) in Table::ALL.into_iter().zip(writes) {
                 let ks = tables.get(table);
-                match value {
-                    Some(v) => batch.insert(ks, key, v),
-                    None => batch.remove(ks, key),
+                for (key, value) in set {
+                    match value {
+                        Some(v) => batch.insert(ks, key, v),
+                        None => batch.remove(ks, key),
+                    }
                 }
             }
             let mode = if sync {

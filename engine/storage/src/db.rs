@@ -40,7 +40,9 @@ pub enum Table {
 }
 
 impl Table {
-    const ALL: [Table; 14] = [
+    pub(crate) const COUNT: usize = 14;
+    /// In discriminant order: `Table::ALL[t as usize] == t`.
+    pub(crate) const ALL: [Table; Self::COUNT] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -208,4 +210,16 @@ fn load_counters(tables: &Tables) -> Result<Counters> {
         c.outbox_seq = c.outbox_seq.max(keys::read_u64(&v).unwrap_or(0));
     }
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn all_is_in_discriminant_order() {
+        for (i, t) in Table::ALL.into_iter().enumerate() {
+            assert_eq!(t as usize, i, "{t:?}");
+        }
+    }
 }

@@ -40,6 +40,9 @@ pub struct JournalBench {
     /// Directory on the disk to measure (a fresh sub-directory per run is created and removed).
     #[arg(long, default_value = "./tributary-bench")]
     dir: PathBuf,
+    /// Seconds of the raw write+fsync baseline (0 skips it, for profiling the journal alone).
+    #[arg(long, default_value_t = 3)]
+    baseline_seconds: u64,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
@@ -168,7 +171,11 @@ fn ms(d: Duration) -> String {
 fn journal(args: JournalBench) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    let (raw_rate, raw_p50) = raw_fsync_rate(&args.dir, args.size, args.seconds.min(3))?;
+    let (raw_rate, raw_p50) = if args.baseline_seconds == 0 {
+        (f64::NAN, Duration::ZERO)
+    } else {
+        raw_fsync_rate(&args.dir, args.size, args.baseline_seconds)?
+    };
     println!(
         "baseline: raw write({} B)+fsync, 1 thread: {raw_rate:.0} ops/s, p50 {} ms",
         args.size,

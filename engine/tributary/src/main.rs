@@ -9,6 +9,11 @@ mod serve;
 
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: the commit path and the MLLP/HTTP handlers allocate many
+/// short-lived buffers that are freed on another thread, where glibc spent most of its time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
     match cli::run(cli) {
