@@ -289,10 +289,7 @@ impl Message {
         let mut line_no = 0u32;
         let mut pos = 0usize;
         while pos < bytes.len() {
-            let end = bytes[pos..]
-                .iter()
-                .position(|c| *c == b'\r' || *c == b'\n')
-                .map_or(bytes.len(), |i| pos + i);
+            let end = memchr::memchr2(b'\r', b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
             line_no += 1;
             let line = &bytes[pos..end];
             let meaningful = line
@@ -312,11 +309,10 @@ impl Message {
                 let mut fields = Vec::with_capacity(32);
                 if line.len() > 4 {
                     let mut start = pos + 4;
-                    for (i, c) in bytes.iter().enumerate().take(end).skip(pos + 4) {
-                        if *c == fs {
-                            fields.push((start as u32, i as u32));
-                            start = i + 1;
-                        }
+                    for i in memchr::memchr_iter(fs, &bytes[pos + 4..end]) {
+                        let i = pos + 4 + i;
+                        fields.push((start as u32, i as u32));
+                        start = i + 1;
                     }
                     fields.push((start as u32, end as u32));
                 }
