@@ -107,6 +107,7 @@ pub async fn route(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get::<AuditSlot>()
         .cloned()
         .unwrap_or_default();
+    slot.update(|d| d.backend = Some(backend.cfg.name.clone()));
     match forward(&st, backend, &fhir, &access, &slot, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -335,10 +336,18 @@ async fn call(
             .header("content-type", "application/fhir+json")
             .body(body);
     }
-    let res = rb.send().await.map_err(|e| {
+    let unavailable = |e: reqwest::Error| {
         tracing::warn!(backend = %backend.cfg.name, timeout = e.is_timeout(), connect = e.is_connect(), "backend request failed");
-        ApiError::Backend(format!("backend {} unavailable", backend.cfg.name))
-    })?;
+        if e.is_timeout() {
+            ApiError::BackendTimeout(format!(
+                "backend {} did not answer in time",
+                backend.cfg.name
+            ))
+        } else {
+            ApiError::Backend(format!("backend {} unavailable", backend.cfg.name))
+        }
+    };
+    let res = rb.send().await.map_err(unavailable)?;
     let status = res.status();
     if res
         .content_length()
@@ -346,9 +355,6 @@ async fn call(
     {
         return Err(ApiError::Backend("backend response too large".into()));
     }
-    let bytes = res
-        .bytes()
-        .await
-        .map_err(|_| ApiError::Backend(format!("backend {} unavailable", backend.cfg.name)))?;
+    let bytes = res.bytes().await.map_err(unavailable)?;
     Ok((status, bytes))
 }

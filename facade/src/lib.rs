@@ -58,6 +58,9 @@ pub struct Facade {
     /// First 12 hex digits of the SHA-256 of the effective `[facade]` config: recorded in every
     /// audit record, so a reviewer knows which policy decided.
     pub policy_version: String,
+    /// Longest a request may take (`http.request_timeout_secs`): past it the client gets 503
+    /// (504 when a backend FHIR server was being called) and the request is abandoned.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Facade {
@@ -85,6 +88,7 @@ impl Facade {
             limiter: ratelimit::RateLimiter::new(cfg.rate_limit.clone()),
             backends: backend::Backends::new(&cfg.backends)?,
             policy_version: hex::encode(&digest[..6]),
+            request_timeout: std::time::Duration::from_secs(30),
             auth,
             local_key,
             cfg,

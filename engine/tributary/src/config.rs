@@ -96,7 +96,8 @@ impl Default for LogConfig {
 pub struct HttpConfig {
     /// Address of the HTTP server (FHIR facade, `/health`, `/ready`).
     pub listen: String,
-    /// A request taking longer than this is answered 503 and abandoned.
+    /// A facade request taking longer than this is abandoned and answered 503 (504 when it was
+    /// waiting on a backend FHIR server), with an OperationOutcome; its audit record says so.
     pub request_timeout_secs: u64,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,

@@ -106,12 +106,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     tracing::info!(addr = %config.http.listen, "http listening");
-    let facade = tributary_facade::Facade::new(
+    let mut facade = tributary_facade::Facade::new(
         config.facade.clone(),
         &config.data_dir,
         &config.default_tenant,
     )
     .context("setting up the FHIR facade")?;
+    facade.request_timeout = Duration::from_secs(config.http.request_timeout_secs);
     let facade = std::sync::Arc::new(facade);
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
