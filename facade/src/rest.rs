@@ -681,46 +681,62 @@ pub async fn audit_events(
     let tenant = access.principal.tenant.clone();
     let log = st.rt.audit.clone();
     let count = count.min(5000);
-    // A linear scan of the chain, off the async workers.
+    // Through the audit index (patient or time window), off the async workers; a log whose
+    // index is not built yet is scanned.
     let events = tokio::task::spawn_blocking(move || -> ApiResult<(Vec<Value>, usize)> {
         let mut out = Vec::new();
         let mut total = 0;
-        let mut after = 0u64;
-        loop {
-            let batch = log.read_after(after, 4096)?;
-            if batch.is_empty() {
-                break;
+        let mut consider = |e: &tributary_storage::AuditEntry| {
+            let b = &e.body;
+            let s = |k: &str| b.get(k).and_then(Value::as_str);
+            let t = tributary_storage::record_time(b).unwrap_or(0);
+            if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
+                return;
             }
-            for e in &batch {
-                after = e.seq;
-                let b = &e.body;
-                let s = |k: &str| b.get(k).and_then(Value::as_str);
-                let t = b.get("time").and_then(Value::as_i64).unwrap_or(0);
-                if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
-                    continue;
+            if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
+                return;
+            }
+            if agent
+                .as_deref()
+                .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
+            {
+                return;
+            }
+            if let Some(ent) = entity.as_deref() {
+                let what = format!(
+                    "{}/{}",
+                    s("resource_type").unwrap_or(""),
+                    s("resource_id").unwrap_or("")
+                );
+                if what != ent {
+                    return;
                 }
-                if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
-                    continue;
+            }
+            total += 1;
+            if out.len() < count {
+                out.push(to_audit_event(e));
+            }
+        };
+        let q = tributary_storage::AuditQuery {
+            tenant: tenant.clone(),
+            patient: patient.clone(),
+            from_ms: from,
+            to_ms: to,
+        };
+        let indexed = log.query(&q, |e| {
+            consider(&e);
+            true
+        })?;
+        if !indexed {
+            let mut after = 0u64;
+            loop {
+                let batch = log.read_after(after, 4096)?;
+                if batch.is_empty() {
+                    break;
                 }
-                if agent
-                    .as_deref()
-                    .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
-                {
-                    continue;
-                }
-                if let Some(ent) = entity.as_deref() {
-                    let what = format!(
-                        "{}/{}",
-                        s("resource_type").unwrap_or(""),
-                        s("resource_id").unwrap_or("")
-                    );
-                    if what != ent {
-                        continue;
-                    }
-                }
-                total += 1;
-                if out.len() < count {
-                    out.push(to_audit_event(e));
+                for e in &batch {
+                    after = e.seq;
+                    consider(e);
                 }
             }
         }
