@@ -103,7 +103,7 @@ impl AuditDraft {
 fn action_code(interaction: &str) -> &'static str {
     match interaction {
         "create" => "C",
-        "update" => "U",
+        "update" | "patch" => "U",
         "delete" => "D",
         "read" | "vread" | "history-instance" => "R",
         "transaction" | "operation-everything" | "admin" => "E",

@@ -79,6 +79,13 @@ impl Backends {
         Ok(Self { list })
     }
 
+    /// Whether some tenant's requests for `rtype` go to a backend (for the CapabilityStatement).
+    pub fn routes_type(&self, rtype: &str) -> bool {
+        self.list
+            .iter()
+            .any(|b| b.cfg.resource_types.iter().any(|t| t == rtype))
+    }
+
     pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
         self.list.iter().find(|b| {
             b.cfg.resource_types.iter().any(|t| t == rtype)
@@ -132,7 +139,7 @@ async fn forward(
         Interaction::Search | Interaction::HistoryType => Perm::Search,
         Interaction::Create => Perm::Create,
         Interaction::Update => Perm::Update,
-        Interaction::Delete => Perm::Delete,
+        Interaction::Delete if fhir.id.is_some() => Perm::Delete,
         _ => {
             return Err(ApiError::MethodNotAllowed(format!(
                 "{} is not available for {rtype} (served by a backend)",

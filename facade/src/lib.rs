@@ -12,6 +12,7 @@ mod capability;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod patch;
 pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;
@@ -114,13 +115,17 @@ fn fhir_routes() -> Router<AppState> {
             "/fhir/{rtype}",
             get(search::search_get)
                 .post(rest::create)
-                .put(rest::conditional_update),
+                .put(rest::conditional_update)
+                .delete(rest::conditional_delete),
         )
         .route("/fhir/{rtype}/_search", post(search::search_post))
         .route("/fhir/{rtype}/_history", get(rest::history_type))
         .route(
             "/fhir/{rtype}/{id}",
-            get(rest::read).put(rest::update).delete(rest::delete),
+            get(rest::read)
+                .put(rest::update)
+                .delete(rest::delete)
+                .patch(rest::patch),
         )
         .route("/fhir/{rtype}/{id}/{op}", get(rest::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))
