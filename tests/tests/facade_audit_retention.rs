@@ -129,3 +129,67 @@ async fn edited_anchor_hash_is_detected() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains(&format!("record {}", anchor + 1)), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_prunes_records_older_than_retention_days() {
+    let config = "[audit]\nretention_days = 1\nprune_interval_secs = 1\n";
+    let mut f = Facade::start(Some(config));
+    f.stop();
+    {
+        // Records from three and two days ago, then one from an hour ago (as ingress would write).
+        let log = open_log(&f);
+        let now = tributary_core::now_millis();
+        for age_hours in [72, 48, 1] {
+            log.append(vec![serde_json::json!({
+                "kind": "ingress",
+                "time": now - age_hours * 3_600_000,
+                "tenant": "default",
+                "outcome": "accepted",
+            })])
+            .await
+            .unwrap();
+        }
+    }
+    let before = export_audit(&f, None).len() as u64;
+    f.restart();
+    // Retention runs at start and then every second; wait for the anchor to appear.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let t = f.token("auditor", "user/*.rs", &["--role", "audit"]);
+    loop {
+        let r = f.call("GET", "/admin/audit/verify", Some(&t), None).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let log = f.log();
+        if log.contains("audit retention") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit retention run in the log:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    f.stop();
+    let (code, text) = run(&f, &["audit", "verify"]);
+    assert_eq!(code, Some(0), "{text}");
+    let records = export_audit(&f, None);
+    let times: Vec<i64> = records
+        .iter()
+        .filter(|e| e["body"]["kind"] == "ingress")
+        .map(|e| e["body"]["time"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        times.len(),
+        1,
+        "only the record from an hour ago is kept: {records:?}"
+    );
+    let retention = records
+        .iter()
+        .find(|e| e["body"]["kind"] == "audit-retention")
+        .expect("a retention record");
+    // Everything before the two old ingress records (the first start's, if any) went too.
+    assert_eq!(
+        retention["body"]["pruned_through"],
+        before - 1,
+        "{retention}"
+    );
+}

@@ -207,7 +207,32 @@ impl AuditLog {
     }
 
     /// Walks the whole chain. `Ok(Err(_))` names the first bad record; `Err` is a storage failure.
+    ///
+    /// On a running server, records are appended (and retention may prune) while the walk reads:
+    /// a failure seen while the chain head or anchor moved is re-checked (a few times) before it
+    /// is reported, so only a break that stays put is named.
     pub fn verify(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+        let meta = |k: &[u8]| -> Result<Option<Vec<u8>>> {
+            Ok(self
+                .db
+                .tables()
+                .get(Table::Meta)
+                .get(k)?
+                .map(|v| v.to_vec()))
+        };
+        let mut attempt = 0;
+        loop {
+            let before = (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?);
+            let result = self.verify_once()?;
+            attempt += 1;
+            if result.is_ok() || attempt >= 5 || before == (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?) {
+                return Ok(result);
+            }
+        }
+    }
+
+    fn verify_once(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+        let head0 = self.db.tables().get(Table::Meta).get(HEAD_KEY)?;
         let anchor = read_anchor(self.db.tables())?;
         let start = anchor.map_or(0, |a| a.seq);
         let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
@@ -288,21 +313,44 @@ impl AuditLog {
                 }
             }
         }
-        let head = self.db.tables().get(Table::Meta).get(HEAD_KEY)?;
-        match head {
-            None if last == 0 => {}
-            None => return bad(last, "chain head is missing"),
-            Some(h) => {
-                let head_seq = keys::read_u64(&h).unwrap_or(0);
-                if head_seq != last {
-                    return bad(
-                        last.min(head_seq) + 1,
-                        &format!("chain head says {head_seq} records, found {last} (truncated?)"),
-                    );
-                }
-                if h.get(8..) != Some(&prev[..]) {
-                    return bad(last, "last record does not match the chain head (edited?)");
-                }
+        // The head before the walk bounds what must be there; the head after it bounds what may
+        // be there (records appended meanwhile). A stopped server has one head for both.
+        let parse = |h: Option<fjall::Slice>| {
+            h.map(|h| {
+                (
+                    keys::read_u64(&h).unwrap_or(0),
+                    h.get(8..).map(<[u8]>::to_vec),
+                )
+            })
+        };
+        let (seq0, hash0) = parse(head0).unwrap_or((0, None));
+        let Some((seq1, hash1)) = parse(self.db.tables().get(Table::Meta).get(HEAD_KEY)?) else {
+            if last == 0 {
+                return Ok(Ok(AuditVerifyReport {
+                    entries: 0,
+                    head_seq: 0,
+                    head_hash: hex::encode(prev),
+                }));
+            }
+            return bad(last, "chain head is missing");
+        };
+        if last < seq0 || last > seq1 {
+            let head_seq = if last < seq0 { seq0 } else { seq1 };
+            return bad(
+                last.min(head_seq) + 1,
+                &format!("chain head says {head_seq} records, found {last} (truncated?)"),
+            );
+        }
+        let head_hash = if last == seq1 {
+            Some(hash1)
+        } else if last == seq0 {
+            Some(hash0)
+        } else {
+            None // appended while walking: the chain itself was checked up to `last`
+        };
+        if let Some(h) = head_hash {
+            if h.as_deref() != Some(&prev[..]) {
+                return bad(last, "last record does not match the chain head (edited?)");
             }
         }
         Ok(Ok(AuditVerifyReport {
@@ -778,5 +826,31 @@ mod tests {
         assert_eq!(run(Some("pa"), i64::MIN, i64::MAX), vec![1, 3, 5]);
         assert_eq!(run(None, 200, 401), vec![2, 3, 4]);
         assert_eq!(run(Some("pb"), 0, 1000), vec![2, 4]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_while_appending_and_pruning_reports_no_false_break() {
+        let (_d, log) = log_at(&[100, 200, 300]).await;
+        let writer = log.clone();
+        let appends = tokio::spawn(async move {
+            for i in 0..300 {
+                writer
+                    .append(vec![json!({"time": 1000 + i, "tenant": "t1"})])
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    writer.prune_before(1000 + i, 5000).await.unwrap();
+                }
+            }
+        });
+        while !appends.is_finished() {
+            let l = log.clone();
+            let r = tokio::task::spawn_blocking(move || l.verify().unwrap())
+                .await
+                .unwrap();
+            assert!(r.is_ok(), "{r:?}");
+        }
+        appends.await.unwrap();
+        assert!(log.verify().unwrap().is_ok());
     }
 }
