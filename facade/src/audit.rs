@@ -31,6 +31,8 @@ pub struct AuditDraft {
     pub detail: Option<&'static str>,
     /// Number of resources returned (searches, history, `$everything`).
     pub returned: Option<usize>,
+    /// Name of the backend FHIR server the request was routed to, if any.
+    pub backend: Option<String>,
 }
 
 /// The request's draft, shared between the layers through request extensions.
@@ -86,6 +88,7 @@ impl AuditDraft {
         if let Some(n) = self.returned {
             m.insert("returned".into(), json!(n));
         }
+        opt(&mut m, "backend", self.backend);
         m.insert("latency_us".into(), json!(latency_us));
         m.insert("policy_version".into(), json!(policy_version));
         m.insert("break_glass".into(), json!(self.break_glass.is_some()));
@@ -100,7 +103,7 @@ impl AuditDraft {
 fn action_code(interaction: &str) -> &'static str {
     match interaction {
         "create" => "C",
-        "update" => "U",
+        "update" | "patch" => "U",
         "delete" => "D",
         "read" | "vread" | "history-instance" => "R",
         "transaction" | "operation-everything" | "admin" => "E",

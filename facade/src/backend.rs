@@ -79,6 +79,13 @@ impl Backends {
         Ok(Self { list })
     }
 
+    /// Whether some tenant's requests for `rtype` go to a backend (for the CapabilityStatement).
+    pub fn routes_type(&self, rtype: &str) -> bool {
+        self.list
+            .iter()
+            .any(|b| b.cfg.resource_types.iter().any(|t| t == rtype))
+    }
+
     pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
         self.list.iter().find(|b| {
             b.cfg.resource_types.iter().any(|t| t == rtype)
@@ -107,6 +114,7 @@ pub async fn route(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .get::<AuditSlot>()
         .cloned()
         .unwrap_or_default();
+    slot.update(|d| d.backend = Some(backend.cfg.name.clone()));
     match forward(&st, backend, &fhir, &access, &slot, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -131,7 +139,7 @@ async fn forward(
         Interaction::Search | Interaction::HistoryType => Perm::Search,
         Interaction::Create => Perm::Create,
         Interaction::Update => Perm::Update,
-        Interaction::Delete => Perm::Delete,
+        Interaction::Delete if fhir.id.is_some() => Perm::Delete,
         _ => {
             return Err(ApiError::MethodNotAllowed(format!(
                 "{} is not available for {rtype} (served by a backend)",
@@ -335,10 +343,18 @@ async fn call(
             .header("content-type", "application/fhir+json")
             .body(body);
     }
-    let res = rb.send().await.map_err(|e| {
+    let unavailable = |e: reqwest::Error| {
         tracing::warn!(backend = %backend.cfg.name, timeout = e.is_timeout(), connect = e.is_connect(), "backend request failed");
-        ApiError::Backend(format!("backend {} unavailable", backend.cfg.name))
-    })?;
+        if e.is_timeout() {
+            ApiError::BackendTimeout(format!(
+                "backend {} did not answer in time",
+                backend.cfg.name
+            ))
+        } else {
+            ApiError::Backend(format!("backend {} unavailable", backend.cfg.name))
+        }
+    };
+    let res = rb.send().await.map_err(unavailable)?;
     let status = res.status();
     if res
         .content_length()
@@ -346,9 +362,6 @@ async fn call(
     {
         return Err(ApiError::Backend("backend response too large".into()));
     }
-    let bytes = res
-        .bytes()
-        .await
-        .map_err(|_| ApiError::Backend(format!("backend {} unavailable", backend.cfg.name)))?;
+    let bytes = res.bytes().await.map_err(unavailable)?;
     Ok((status, bytes))
 }

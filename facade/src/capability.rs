@@ -159,7 +159,7 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "VisionPrescription",
 ];
 
-fn resource_entry(t: &str) -> Value {
+fn resource_entry(t: &str, routed: bool) -> Value {
     if t == "AuditEvent" {
         return json!({
             "type": "AuditEvent",
@@ -173,19 +173,22 @@ fn resource_entry(t: &str) -> Value {
             ]
         });
     }
-    let interactions: Vec<Value> = [
+    // Types served by a backend FHIR server get neither patch nor conditional delete.
+    let mut codes = vec![
         "read",
         "vread",
         "update",
+        "patch",
         "delete",
         "history-instance",
         "history-type",
         "create",
         "search-type",
-    ]
-    .iter()
-    .map(|c| json!({"code": c}))
-    .collect();
+    ];
+    if routed {
+        codes.retain(|c| *c != "patch");
+    }
+    let interactions: Vec<Value> = codes.iter().map(|c| json!({"code": c})).collect();
     let params: Vec<Value> = SEARCH_PARAMS
         .iter()
         .map(|(n, ty)| json!({"name": n, "type": ty}))
@@ -198,7 +201,7 @@ fn resource_entry(t: &str) -> Value {
         "updateCreate": true,
         "conditionalCreate": true,
         "conditionalUpdate": true,
-        "conditionalDelete": "not-supported",
+        "conditionalDelete": if routed { "not-supported" } else { "single" },
         "searchInclude": [format!("{t}:*")],
         "searchParam": params,
     });
@@ -213,7 +216,7 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .filter(|t| !matches!(**t, "Bundle" | "OperationOutcome" | "Parameters"))
-        .map(|t| resource_entry(t))
+        .map(|t| resource_entry(t, st.facade.backends.routes_type(t)))
         .collect();
     let body = json!({
         "resourceType": "CapabilityStatement",

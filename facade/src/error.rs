@@ -39,9 +39,15 @@ pub enum ApiError {
     /// 429, with the seconds after which the client may retry.
     #[error("rate limit exceeded")]
     TooManyRequests { retry_after_secs: u64 },
-    /// 502/504: a backend FHIR server failed or timed out.
+    /// 502: a backend FHIR server failed.
     #[error("{0}")]
     Backend(String),
+    /// 504: a backend FHIR server did not answer in time.
+    #[error("{0}")]
+    BackendTimeout(String),
+    /// 503: the request took longer than `http.request_timeout_secs` and was abandoned.
+    #[error("{0}")]
+    Timeout(String),
     /// 500: anything internal. The detail is logged (no PHI: storage errors carry ids only) and
     /// the client sees a generic message.
     #[error("internal error")]
@@ -62,6 +68,8 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Backend(_) => StatusCode::BAD_GATEWAY,
+            ApiError::BackendTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,6 +88,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "processing",
             ApiError::TooManyRequests { .. } => "throttled",
             ApiError::Backend(_) => "transient",
+            ApiError::BackendTimeout(_) | ApiError::Timeout(_) => "timeout",
             ApiError::Internal(_) => "exception",
         }
     }

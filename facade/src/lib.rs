@@ -12,6 +12,7 @@ mod capability;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod patch;
 pub mod pipeline;
 pub mod policy;
 pub mod ratelimit;
@@ -58,6 +59,9 @@ pub struct Facade {
     /// First 12 hex digits of the SHA-256 of the effective `[facade]` config: recorded in every
     /// audit record, so a reviewer knows which policy decided.
     pub policy_version: String,
+    /// Longest a request may take (`http.request_timeout_secs`): past it the client gets 503
+    /// (504 when a backend FHIR server was being called) and the request is abandoned.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Facade {
@@ -85,6 +89,7 @@ impl Facade {
             limiter: ratelimit::RateLimiter::new(cfg.rate_limit.clone()),
             backends: backend::Backends::new(&cfg.backends)?,
             policy_version: hex::encode(&digest[..6]),
+            request_timeout: std::time::Duration::from_secs(30),
             auth,
             local_key,
             cfg,
@@ -110,13 +115,17 @@ fn fhir_routes() -> Router<AppState> {
             "/fhir/{rtype}",
             get(search::search_get)
                 .post(rest::create)
-                .put(rest::conditional_update),
+                .put(rest::conditional_update)
+                .delete(rest::conditional_delete),
         )
         .route("/fhir/{rtype}/_search", post(search::search_post))
         .route("/fhir/{rtype}/_history", get(rest::history_type))
         .route(
             "/fhir/{rtype}/{id}",
-            get(rest::read).put(rest::update).delete(rest::delete),
+            get(rest::read)
+                .put(rest::update)
+                .delete(rest::delete)
+                .patch(rest::patch),
         )
         .route("/fhir/{rtype}/{id}/{op}", get(rest::instance_op))
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))

@@ -49,8 +49,9 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     res
 }
 
-/// Classifies the request, runs everything inside, then appends the audit record and waits for
-/// it to be durable. If the audit log cannot be written, the client gets 500, never data.
+/// Classifies the request, runs everything inside (at most `http.request_timeout_secs`: then 503,
+/// or 504 when a backend was being called), then appends the audit record and waits for it to be
+/// durable. If the audit log cannot be written, the client gets 500, never data.
 pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = req
@@ -88,7 +89,31 @@ pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> 
     });
     req.extensions_mut().insert(slot.clone());
     req.extensions_mut().insert(fhir);
-    let res = next.run(req).await;
+    let limit = st.facade.request_timeout;
+    let res = match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            // The inner future is dropped here: whatever it was doing is abandoned. A write that
+            // had already reached the committer may still commit (the client learns the outcome
+            // with a read); the audit record below says the request timed out.
+            let backend = slot.snapshot().backend;
+            tracing::warn!(
+                timeout_secs = limit.as_secs(),
+                backend = backend.as_deref().unwrap_or(""),
+                "request exceeded http.request_timeout_secs"
+            );
+            match backend {
+                Some(name) => {
+                    ApiError::BackendTimeout(format!("backend {name} did not answer in time"))
+                }
+                None => ApiError::Timeout(format!(
+                    "request not completed within {} s",
+                    limit.as_secs()
+                )),
+            }
+            .into_response()
+        }
+    };
     let status = res.status().as_u16();
     if let Some(ErrorKind(kind)) = res.extensions().get::<ErrorKind>() {
         let kind = *kind;

@@ -18,6 +18,8 @@ pub enum Interaction {
     Search,
     Create,
     Update,
+    /// `PATCH` with a JSON Patch: needs the update permission.
+    Patch,
     Delete,
     HistoryInstance,
     HistoryType,
@@ -40,6 +42,7 @@ impl Interaction {
             Interaction::Search => "search-type",
             Interaction::Create => "create",
             Interaction::Update => "update",
+            Interaction::Patch => "patch",
             Interaction::Delete => "delete",
             Interaction::HistoryInstance => "history-instance",
             Interaction::HistoryType => "history-type",
@@ -56,6 +59,7 @@ impl Interaction {
             self,
             Interaction::Create
                 | Interaction::Update
+                | Interaction::Patch
                 | Interaction::Delete
                 | Interaction::Transaction
         )
@@ -70,7 +74,7 @@ impl Interaction {
             | Interaction::Everything => Some(Perm::Read),
             Interaction::Search | Interaction::HistoryType => Some(Perm::Search),
             Interaction::Create => Some(Perm::Create),
-            Interaction::Update => Some(Perm::Update),
+            Interaction::Update | Interaction::Patch => Some(Perm::Update),
             Interaction::Delete => Some(Perm::Delete),
             _ => None,
         }
@@ -187,10 +191,12 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         ([t, "_search"], m) if m == Method::POST => (Interaction::Search, Some(*t), None),
         ([t], m) if m == Method::POST => (Interaction::Create, Some(*t), None),
         ([t], m) if m == Method::PUT => (Interaction::Update, Some(*t), None),
+        ([t], m) if m == Method::DELETE => (Interaction::Delete, Some(*t), None),
         ([t, "_history"], _) if get => (Interaction::HistoryType, Some(*t), None),
         ([t, id], _) if get => (Interaction::Read, Some(*t), Some(*id)),
         ([t, id], m) if m == Method::PUT => (Interaction::Update, Some(*t), Some(*id)),
         ([t, id], m) if m == Method::DELETE => (Interaction::Delete, Some(*t), Some(*id)),
+        ([t, id], m) if m == Method::PATCH => (Interaction::Patch, Some(*t), Some(*id)),
         ([t, id, "_history"], _) if get => (Interaction::HistoryInstance, Some(*t), Some(*id)),
         ([t, id, "$everything"], _) if get => (Interaction::Everything, Some(*t), Some(*id)),
         // Subscription `$status` / `$events`: reading the subscriber's own Subscription.
@@ -482,8 +488,16 @@ mod tests {
         );
         assert_eq!(
             classify(&Method::PATCH, "/Patient/1", None).interaction,
+            Interaction::Patch
+        );
+        assert_eq!(Interaction::Patch.perm(), Some(Perm::Update));
+        assert_eq!(
+            classify(&Method::PATCH, "/Patient", None).interaction,
             Interaction::Unknown
         );
+        let cond = classify(&Method::DELETE, "/Patient", Some("identifier=a|b"));
+        assert_eq!(cond.interaction, Interaction::Delete);
+        assert_eq!(cond.id, None);
     }
 
     #[test]

@@ -58,6 +58,7 @@ impl RateLimiter {
             Interaction::HistoryInstance | Interaction::HistoryType => c.history,
             Interaction::Create
             | Interaction::Update
+            | Interaction::Patch
             | Interaction::Delete
             | Interaction::Transaction => c.write,
             Interaction::Everything => c.everything,

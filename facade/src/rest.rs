@@ -486,6 +486,146 @@ pub async fn delete(
     Ok(res)
 }
 
+/// `DELETE /fhir/{type}?identifier=…`: no match → 204 (an ordinary delete of nothing, as R4
+/// says), one match → that resource is deleted (204), several → 412. The match must be within
+/// the caller's access (403 otherwise).
+pub async fn conditional_delete(
+    State(st): State<AppState>,
+    Path(rtype): Path<String>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    if req.params.is_empty() {
+        return Err(ApiError::BadRequest(
+            "DELETE on a type needs search parameters (conditional delete)".into(),
+        ));
+    }
+    let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let found = conditional_matches(&st, &access, &rtype, &query.join("&"))?;
+    let target = match found.as_slice() {
+        [] => None,
+        [one] => Some(one),
+        _ => {
+            return Err(ApiError::PreconditionFailed(
+                "the condition matched more than one resource".into(),
+            ))
+        }
+    };
+    if let Some(c) = target {
+        let cv = c.resource()?;
+        slot.update(|d| d.resource_id = Some(c.id.clone()));
+        note_patient(&slot, &rtype, &c.id, &cv);
+        if !access.permits(Perm::Delete, &rtype, &c.id, &cv) {
+            return Err(ApiError::Forbidden(
+                "outside the token's scopes or patient context".into(),
+            ));
+        }
+        // Deletes exactly the version that matched: a concurrent change makes this a 412.
+        let w = ResourceWrite {
+            resource_type: rtype.clone(),
+            id: c.id.clone(),
+            op: WriteOp::Delete,
+            precondition: Precondition::VersionMatch(c.version),
+        };
+        commit_one(&st, &access, w).await?;
+    }
+    slot.update(|d| d.returned = Some(usize::from(target.is_some())));
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    Ok(res)
+}
+
+/// `PATCH /fhir/{type}/{id}` with a JSON Patch (`application/json-patch+json`): the patch is
+/// applied to the current version, the result checked like an update (structure, id, scopes,
+/// compartment) and committed only if the resource is still at the version patched (or the
+/// `If-Match` one). 400 for a bad patch document, 412 for a version mismatch, 422 when the patch
+/// does not apply or its result is not an acceptable resource.
+pub async fn patch(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((rtype, id)): Path<(String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    check_type(&rtype)?;
+    check_id(&id)?;
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype
+        .split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json-patch+json"))
+    {
+        return Err(ApiError::BadRequest(
+            "PATCH needs Content-Type: application/json-patch+json (JSON Patch)".into(),
+        ));
+    }
+    let ops: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body is not JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let stored = st
+        .rt
+        .store
+        .read(&access.principal.tenant, &rtype, &id)?
+        .ok_or_else(|| ApiError::NotFound(format!("{rtype}/{id} not found")))?;
+    if stored.deleted {
+        return Err(ApiError::Gone(format!("{rtype}/{id} was deleted")));
+    }
+    let current = stored.resource()?;
+    note_patient(&slot, &rtype, &id, &current);
+    if !access.permits(Perm::Update, &rtype, &id, &current) {
+        return Err(ApiError::Forbidden(
+            "outside the token's scopes or patient context".into(),
+        ));
+    }
+    let expected = match if_match(&headers)? {
+        Some(v) if v != stored.version => {
+            return Err(ApiError::PreconditionFailed(format!(
+                "version conflict: If-Match expected version {v}, current is {}",
+                stored.version
+            )))
+        }
+        Some(v) => v,
+        None => stored.version,
+    };
+    let mut patched = crate::patch::apply(&current, &ops).map_err(|e| match e {
+        crate::patch::PatchError::Malformed(_) => ApiError::BadRequest(e.to_string()),
+        crate::patch::PatchError::NotApplicable(_) => ApiError::Unprocessable(e.to_string()),
+    })?;
+    // The result must still be this resource, and an acceptable one.
+    check_resource(&patched, &rtype).map_err(|e| {
+        ApiError::Unprocessable(format!(
+            "the patched resource is invalid: {}",
+            e.public_message()
+        ))
+    })?;
+    if patched.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+        return Err(ApiError::Unprocessable(
+            "the patch must not change or remove the resource id".into(),
+        ));
+    }
+    if let Some(meta) = patched.get_mut("meta").and_then(Value::as_object_mut) {
+        // versionId and lastUpdated are the server's; the store sets them.
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+    }
+    note_patient(&slot, &rtype, &id, &patched);
+    check_update(&st, &access, &rtype, &id, &patched, None)?;
+    let mut w = ResourceWrite::upsert(&rtype, &id, patched);
+    w.precondition = Precondition::VersionMatch(expected);
+    let out = commit_one(&st, &access, w).await?;
+    Ok(write_response(&base_url(&st, &headers), &out))
+}
+
 fn history_entry(base: &str, r: &StoredResource) -> ApiResult<Value> {
     let url = format!("{}/{}", r.resource_type, r.id);
     let mut e = json!({
@@ -681,46 +821,62 @@ pub async fn audit_events(
     let tenant = access.principal.tenant.clone();
     let log = st.rt.audit.clone();
     let count = count.min(5000);
-    // A linear scan of the chain, off the async workers.
+    // Through the audit index (patient or time window), off the async workers; a log whose
+    // index is not built yet is scanned.
     let events = tokio::task::spawn_blocking(move || -> ApiResult<(Vec<Value>, usize)> {
         let mut out = Vec::new();
         let mut total = 0;
-        let mut after = 0u64;
-        loop {
-            let batch = log.read_after(after, 4096)?;
-            if batch.is_empty() {
-                break;
+        let mut consider = |e: &tributary_storage::AuditEntry| {
+            let b = &e.body;
+            let s = |k: &str| b.get(k).and_then(Value::as_str);
+            let t = tributary_storage::record_time(b).unwrap_or(0);
+            if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
+                return;
             }
-            for e in &batch {
-                after = e.seq;
-                let b = &e.body;
-                let s = |k: &str| b.get(k).and_then(Value::as_str);
-                let t = b.get("time").and_then(Value::as_i64).unwrap_or(0);
-                if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
-                    continue;
+            if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
+                return;
+            }
+            if agent
+                .as_deref()
+                .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
+            {
+                return;
+            }
+            if let Some(ent) = entity.as_deref() {
+                let what = format!(
+                    "{}/{}",
+                    s("resource_type").unwrap_or(""),
+                    s("resource_id").unwrap_or("")
+                );
+                if what != ent {
+                    return;
                 }
-                if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
-                    continue;
+            }
+            total += 1;
+            if out.len() < count {
+                out.push(to_audit_event(e));
+            }
+        };
+        let q = tributary_storage::AuditQuery {
+            tenant: tenant.clone(),
+            patient: patient.clone(),
+            from_ms: from,
+            to_ms: to,
+        };
+        let indexed = log.query(&q, |e| {
+            consider(&e);
+            true
+        })?;
+        if !indexed {
+            let mut after = 0u64;
+            loop {
+                let batch = log.read_after(after, 4096)?;
+                if batch.is_empty() {
+                    break;
                 }
-                if agent
-                    .as_deref()
-                    .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
-                {
-                    continue;
-                }
-                if let Some(ent) = entity.as_deref() {
-                    let what = format!(
-                        "{}/{}",
-                        s("resource_type").unwrap_or(""),
-                        s("resource_id").unwrap_or("")
-                    );
-                    if what != ent {
-                        continue;
-                    }
-                }
-                total += 1;
-                if out.len() < count {
-                    out.push(to_audit_event(e));
+                for e in &batch {
+                    after = e.seq;
+                    consider(e);
                 }
             }
         }

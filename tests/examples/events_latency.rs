@@ -111,7 +111,10 @@ async fn main() -> anyhow::Result<()> {
         Ok(s) => s.split(',').map(PathBuf::from).collect(),
         Err(_) => ["ADT-A01-01.hl7", "ORU-R01-01.hl7"]
             .iter()
-            .map(|f| root.join("../shared/corpus/hl7v2/ms-fhir-converter").join(f))
+            .map(|f| {
+                root.join("../shared/corpus/hl7v2/ms-fhir-converter")
+                    .join(f)
+            })
             .collect(),
     };
     for s in &samples {

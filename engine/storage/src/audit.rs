@@ -5,15 +5,36 @@
 //! chain head), updated in the same atomic write. Editing any entry breaks the next entry's `prev`
 //! (or the head), deleting one leaves a gap, and reordering breaks both — `verify` names the first
 //! bad record. Entries are durable before `append` returns, sharing fsyncs with other writes.
+//!
+//! **Indexes.** The same write that appends an entry adds it to two index keyspaces — (tenant,
+//! patient, time) and (tenant, time) — so an audit report for one patient or one time window
+//! reads only the matching records ([`AuditLog::query`]).
+//!
+//! **Retention.** [`AuditLog::prune_before`] deletes the oldest records (and their index
+//! entries) and, in the same atomic write, stores the *anchor* — the sequence number and hash of
+//! the last pruned record — and appends a chained `audit-retention` record naming that anchor.
+//! `verify` then starts from the anchor: the first kept record must chain to it, and the newest
+//! `audit-retention` record must attest it, so moving the anchor to hide deleted records, or
+//! editing it, is detected like any other edit. A segment whose chain is already broken is never
+//! pruned (the evidence stays).
 
 use crate::db::{Db, Table};
 use crate::keys;
 use crate::{Result, StorageError};
+use fjall::Readable;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const HEAD_KEY: &[u8] = b"audit_head";
+/// seq (u64 BE) + SHA-256 of the last pruned record.
+const ANCHOR_KEY: &[u8] = b"audit_anchor";
+/// Present once every record is in the index keyspaces (new logs, or after [`AuditLog::ensure_index`]).
+const INDEXED_KEY: &[u8] = b"audit_indexed_v1";
+/// Body `kind` of the record that retention appends.
+pub const RETENTION_KIND: &str = "audit-retention";
+/// Most records deleted by one write batch of [`AuditLog::prune_before`].
+const PRUNE_BATCH: usize = 20_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -41,6 +62,94 @@ pub(crate) fn entry_hash(stored: &[u8]) -> Result<[u8; 32]> {
     Ok(Sha256::digest(stored).into())
 }
 
+/// Where the chain starts after retention: the last pruned record's sequence number and hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditAnchor {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl AuditAnchor {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = keys::u64_be(self.seq).to_vec();
+        v.extend_from_slice(&self.hash);
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        Some(Self {
+            seq: keys::read_u64(v)?,
+            hash: v.get(8..40)?.try_into().ok()?,
+        })
+    }
+}
+
+pub(crate) fn read_anchor(tables: &crate::db::Tables) -> Result<Option<AuditAnchor>> {
+    decode_anchor(tables.get(Table::Meta).get(ANCHOR_KEY)?)
+}
+
+fn decode_anchor(raw: Option<fjall::Slice>) -> Result<Option<AuditAnchor>> {
+    match raw {
+        None => Ok(None),
+        Some(v) => AuditAnchor::decode(&v)
+            .map(Some)
+            .ok_or_else(|| StorageError::corrupt("audit anchor", "not seq + sha256")),
+    }
+}
+
+/// What one retention run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditPruneStats {
+    pub pruned: u64,
+    /// The anchor after the run (unchanged when nothing was pruned).
+    pub anchor: Option<u64>,
+}
+
+/// The time of a record, in ms: the facade's `time` (number) or the ingress adapters' `at`
+/// (RFC 3339).
+pub fn record_time(body: &Value) -> Option<i64> {
+    body.get("time").and_then(Value::as_i64).or_else(|| {
+        body.get("at")
+            .and_then(Value::as_str)
+            .and_then(tributary_core::parse_rfc3339_millis)
+    })
+}
+
+fn index_keys(seq: u64, body: &Value) -> (Vec<u8>, Option<Vec<u8>>) {
+    let tenant = body.get("tenant").and_then(Value::as_str).unwrap_or("");
+    let mut tail = keys::i64_be(record_time(body).unwrap_or(0)).to_vec();
+    tail.extend_from_slice(&keys::u64_be(seq));
+    let mut by_time = keys::prefix(&[tenant.as_bytes()]);
+    by_time.extend_from_slice(&tail);
+    let by_patient = body
+        .get("patient")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
+            k.extend_from_slice(&tail);
+            k
+        });
+    (by_time, by_patient)
+}
+
+fn put_index(txn: &mut crate::committer::Txn<'_>, seq: u64, body: &Value) {
+    let (by_time, by_patient) = index_keys(seq, body);
+    txn.put(Table::AuditIdxTime, by_time, Vec::new());
+    if let Some(k) = by_patient {
+        txn.put(Table::AuditIdxPatient, k, Vec::new());
+    }
+}
+
+/// An audit report's selection: one tenant, optionally one patient, a time window `[from, to)`.
+#[derive(Clone, Debug)]
+pub struct AuditQuery {
+    pub tenant: String,
+    pub patient: Option<String>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
 #[derive(Clone)]
 pub struct AuditLog {
     db: Db,
@@ -66,6 +175,11 @@ impl AuditLog {
                     };
                     let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
                     let hash = entry_hash(&bytes)?;
+                    put_index(txn, seq, &entry.body);
+                    if seq == 1 {
+                        // A new log: every record will be indexed from the start.
+                        txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
+                    }
                     txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
                     let mut head = keys::u64_be(seq).to_vec();
                     head.extend_from_slice(&hash);
@@ -98,16 +212,50 @@ impl AuditLog {
     }
 
     /// Walks the whole chain. `Ok(Err(_))` names the first bad record; `Err` is a storage failure.
+    ///
+    /// On a running server, records are appended (and retention may prune) while the walk reads:
+    /// a failure seen while the chain head or anchor moved is re-checked (a few times) before it
+    /// is reported, so only a break that stays put is named.
     pub fn verify(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
-        let mut prev = [0u8; 32];
+        let meta = |k: &[u8]| -> Result<Option<Vec<u8>>> {
+            Ok(self
+                .db
+                .tables()
+                .get(Table::Meta)
+                .get(k)?
+                .map(|v| v.to_vec()))
+        };
+        let mut attempt = 0;
+        loop {
+            let before = (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?);
+            let result = self.verify_once()?;
+            attempt += 1;
+            if result.is_ok() || attempt >= 5 || before == (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?) {
+                return Ok(result);
+            }
+        }
+    }
+
+    fn verify_once(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+        // One snapshot for every read: a plain point read also sees a group commit that is
+        // still being applied, an iterator does not, and mixing them reported false breaks.
+        let snap = self.db.snapshot();
+        let meta = self.db.tables().get(Table::Meta);
+        let head0 = snap.get(meta, HEAD_KEY)?;
+        let anchor = decode_anchor(snap.get(meta, ANCHOR_KEY)?)?;
+        let start = anchor.map_or(0, |a| a.seq);
+        let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
         let mut count = 0u64;
+        // (seq, pruned_through, anchor_hash) of the newest retention record seen.
+        let mut attested: Option<(u64, u64, String)> = None;
         let bad = |seq, reason: &str| {
             Ok(Err(AuditVerifyError {
                 seq,
                 reason: reason.to_string(),
             }))
         };
-        for (expected_seq, item) in (1u64..).zip(self.db.tables().get(Table::Audit).iter()) {
+        for (expected_seq, item) in (start + 1..).zip(snap.iter(self.db.tables().get(Table::Audit)))
+        {
             let (k, v) = item.into_inner()?;
             let key_seq = keys::read_u64(&k).unwrap_or(0);
             let entry: AuditEntry = match serde_json::from_slice(&v) {
@@ -132,31 +280,300 @@ impl AuditLog {
                     "previous-hash mismatch (this or the record before was edited)",
                 );
             }
+            if entry.body.get("kind").and_then(Value::as_str) == Some(RETENTION_KIND) {
+                let through = entry.body.get("pruned_through").and_then(Value::as_u64);
+                let hash = entry.body.get("anchor_hash").and_then(Value::as_str);
+                attested = Some((
+                    key_seq,
+                    through.unwrap_or(0),
+                    hash.unwrap_or("").to_string(),
+                ));
+            }
             prev = entry_hash(&v)?;
             count += 1;
         }
-        let head = self.db.tables().get(Table::Meta).get(HEAD_KEY)?;
-        match head {
-            None if count == 0 => {}
-            None => return bad(count, "chain head is missing"),
-            Some(h) => {
-                let head_seq = keys::read_u64(&h).unwrap_or(0);
-                if head_seq != count {
+        let last = start + count;
+        // The anchor must be the one the newest retention record (inside the chain) names;
+        // otherwise records were removed from the front and the anchor moved to hide it.
+        match (&anchor, &attested) {
+            (None, None) => {}
+            (None, Some((seq, _, _))) => {
+                return bad(
+                    *seq,
+                    "retention record present but the chain anchor is missing",
+                )
+            }
+            (Some(a), None) => {
+                // The retention record that would say where pruning really stopped is gone too:
+                // the anchor's own record is the latest one whose removal is unaccounted for.
+                return bad(
+                    a.seq,
+                    "chain anchor is not attested by any retention record: records up to here may have been removed",
+                );
+            }
+            (Some(a), Some((seq, through, hash))) => {
+                if *through != a.seq || *hash != hex::encode(a.hash) {
                     return bad(
-                        count.min(head_seq) + 1,
-                        &format!("chain head says {head_seq} records, found {count} (truncated?)"),
+                        through.min(&a.seq) + 1,
+                        &format!(
+                            "chain anchor (record {}) differs from the one retention record {seq} names (record {through}): anchor edited or records removed",
+                            a.seq
+                        ),
                     );
                 }
-                if h.get(8..) != Some(&prev[..]) {
-                    return bad(count, "last record does not match the chain head (edited?)");
-                }
+            }
+        }
+        // The head before the walk bounds what must be there; the head after it bounds what may
+        // be there (records appended meanwhile). A stopped server has one head for both.
+        let parse = |h: Option<fjall::Slice>| {
+            h.map(|h| {
+                (
+                    keys::read_u64(&h).unwrap_or(0),
+                    h.get(8..).map(<[u8]>::to_vec),
+                )
+            })
+        };
+        let (seq0, hash0) = parse(head0).unwrap_or((0, None));
+        let Some((seq1, hash1)) = parse(snap.get(meta, HEAD_KEY)?) else {
+            if last == 0 {
+                return Ok(Ok(AuditVerifyReport {
+                    entries: 0,
+                    head_seq: 0,
+                    head_hash: hex::encode(prev),
+                }));
+            }
+            return bad(last, "chain head is missing");
+        };
+        if last < seq0 || last > seq1 {
+            let head_seq = if last < seq0 { seq0 } else { seq1 };
+            return bad(
+                last.min(head_seq) + 1,
+                &format!("chain head says {head_seq} records, found {last} (truncated?)"),
+            );
+        }
+        let head_hash = if last == seq1 {
+            Some(hash1)
+        } else if last == seq0 {
+            Some(hash0)
+        } else {
+            None // appended while walking: the chain itself was checked up to `last`
+        };
+        if let Some(h) = head_hash {
+            if h.as_deref() != Some(&prev[..]) {
+                return bad(last, "last record does not match the chain head (edited?)");
             }
         }
         Ok(Ok(AuditVerifyReport {
             entries: count,
-            head_seq: count,
+            head_seq: last,
             head_hash: hex::encode(prev),
         }))
+    }
+
+    /// The retention anchor, if records were ever pruned.
+    pub fn anchor(&self) -> Result<Option<AuditAnchor>> {
+        read_anchor(self.db.tables())
+    }
+
+    /// Deletes the oldest records whose time is before `cutoff_ms` (stopping at the first newer
+    /// one, so the kept chain stays contiguous), with their index entries; stores the anchor and
+    /// appends an `audit-retention` record in the same atomic write. Refuses (error) to prune a
+    /// segment whose chain does not verify. Runs in batches; returns once all are durable.
+    pub async fn prune_before(&self, cutoff_ms: i64, now_ms: i64) -> Result<AuditPruneStats> {
+        let mut stats = AuditPruneStats::default();
+        loop {
+            let this = self.clone();
+            let plan = tokio::task::spawn_blocking(move || this.plan_prune(cutoff_ms))
+                .await
+                .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))??;
+            let Some(plan) = plan else { break };
+            let n = plan.seqs.len() as u64;
+            let anchor = self
+                .db
+                .committer()
+                .run(move |txn| {
+                    // Pruning starts right after the stored anchor, or nothing was planned right.
+                    let current = txn
+                        .get(Table::Meta, ANCHOR_KEY)?
+                        .and_then(|v| AuditAnchor::decode(&v))
+                        .map_or(0, |a| a.seq);
+                    if plan.seqs.first() != Some(&(current + 1)) {
+                        return Err(StorageError::corrupt(
+                            "audit retention",
+                            "the chain changed while pruning; try again",
+                        ));
+                    }
+                    for (seq, idx) in plan.seqs.iter().zip(plan.index_keys) {
+                        txn.delete(Table::Audit, keys::u64_be(*seq).to_vec());
+                        txn.delete(Table::AuditIdxTime, idx.0);
+                        if let Some(k) = idx.1 {
+                            txn.delete(Table::AuditIdxPatient, k);
+                        }
+                    }
+                    txn.put(Table::Meta, ANCHOR_KEY.to_vec(), plan.anchor.encode());
+                    // The retention record attests the anchor inside the chain itself.
+                    let seq = txn.counters.audit_seq + 1;
+                    let entry = AuditEntry {
+                        seq,
+                        prev: hex::encode(txn.counters.audit_head),
+                        body: serde_json::json!({
+                            "kind": RETENTION_KIND,
+                            "time": now_ms,
+                            "cutoff": cutoff_ms,
+                            "pruned": plan.seqs.len(),
+                            "pruned_through": plan.anchor.seq,
+                            "anchor_hash": hex::encode(plan.anchor.hash),
+                        }),
+                    };
+                    let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
+                    let hash = entry_hash(&bytes)?;
+                    put_index(txn, seq, &entry.body);
+                    txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
+                    let mut head = keys::u64_be(seq).to_vec();
+                    head.extend_from_slice(&hash);
+                    txn.put(Table::Meta, HEAD_KEY.to_vec(), head);
+                    txn.counters.audit_seq = seq;
+                    txn.counters.audit_head = hash;
+                    Ok(plan.anchor.seq)
+                })
+                .await?;
+            stats.pruned += n;
+            stats.anchor = Some(anchor);
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// The next batch to prune, checked link by link from the anchor; `None` when nothing is due.
+    fn plan_prune(&self, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
+        let anchor = read_anchor(self.db.tables())?;
+        let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
+        let mut expected = anchor.map_or(1, |a| a.seq + 1);
+        let mut seqs = Vec::new();
+        let mut index = Vec::new();
+        let mut last_time: Option<i64> = None;
+        let broken = |seq: u64| {
+            StorageError::corrupt(
+                "audit retention",
+                format!("chain does not verify at record {seq}; nothing pruned (run `tributary audit verify`)"),
+            )
+        };
+        for item in self.db.tables().get(Table::Audit).iter() {
+            let (k, v) = item.into_inner()?;
+            let seq = keys::read_u64(&k).unwrap_or(0);
+            let entry: AuditEntry = serde_json::from_slice(&v).map_err(|_| broken(seq))?;
+            if seq != expected || entry.seq != seq || entry.prev != hex::encode(prev) {
+                return Err(broken(expected.min(seq)));
+            }
+            // A record without a time of its own is as old as the one before it.
+            let t = record_time(&entry.body).or(last_time);
+            let due = t.is_some_and(|t| t < cutoff_ms);
+            if !due || seqs.len() >= PRUNE_BATCH {
+                break;
+            }
+            last_time = t;
+            seqs.push(seq);
+            index.push(index_keys(seq, &entry.body));
+            prev = entry_hash(&v)?;
+            expected = seq + 1;
+        }
+        if seqs.is_empty() {
+            return Ok(None);
+        }
+        let last = *seqs.last().expect("not empty");
+        Ok(Some(PrunePlan {
+            seqs,
+            index_keys: index,
+            anchor: AuditAnchor {
+                seq: last,
+                hash: prev,
+            },
+        }))
+    }
+
+    /// Indexes records written before the index keyspaces existed (once per data directory).
+    pub async fn ensure_index(&self) -> Result<u64> {
+        if self
+            .db
+            .tables()
+            .get(Table::Meta)
+            .get(INDEXED_KEY)?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        let mut after = 0;
+        let mut done = 0u64;
+        loop {
+            let batch = self.read_after(after, 4096)?;
+            let Some(last) = batch.last().map(|e| e.seq) else {
+                break;
+            };
+            after = last;
+            done += batch.len() as u64;
+            self.db
+                .committer()
+                .run(move |txn| {
+                    for e in &batch {
+                        put_index(txn, e.seq, &e.body);
+                    }
+                    Ok(())
+                })
+                .await?;
+        }
+        self.db
+            .committer()
+            .run(|txn| {
+                txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
+                Ok(())
+            })
+            .await?;
+        Ok(done)
+    }
+
+    /// Records of one tenant (optionally one patient) in `[from_ms, to_ms)`, in time order,
+    /// read through the index: `f` gets each and returns `false` to stop. `Ok(false)` when the
+    /// index is not built yet (see [`AuditLog::ensure_index`]); the caller then scans.
+    pub fn query(&self, q: &AuditQuery, mut f: impl FnMut(AuditEntry) -> bool) -> Result<bool> {
+        let tables = self.db.tables();
+        if tables.get(Table::Meta).get(INDEXED_KEY)?.is_none() {
+            return Ok(false);
+        }
+        let (table, prefix) = match &q.patient {
+            Some(p) => (
+                Table::AuditIdxPatient,
+                keys::prefix(&[q.tenant.as_bytes(), p.as_bytes()]),
+            ),
+            None => (Table::AuditIdxTime, keys::prefix(&[q.tenant.as_bytes()])),
+        };
+        let bound = |t: i64| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&keys::i64_be(t));
+            k
+        };
+        let mut hi = bound(q.to_ms);
+        if q.to_ms == i64::MAX {
+            // `to` is exclusive; the largest time still belongs in an open-ended window.
+            hi = prefix.clone();
+            hi.extend_from_slice(&[0xff; 17]);
+        }
+        for item in tables.get(table).range(bound(q.from_ms)..hi) {
+            let k = item.key()?;
+            let Some(seq) = k.get(prefix.len() + 8..).and_then(keys::read_u64) else {
+                continue;
+            };
+            let Some(v) = tables.get(Table::Audit).get(keys::u64_be(seq))? else {
+                continue; // pruned meanwhile
+            };
+            let entry: AuditEntry =
+                serde_json::from_slice(&v).map_err(|e| StorageError::corrupt("audit", e))?;
+            if !f(entry) {
+                break;
+            }
+        }
+        Ok(true)
     }
 
     /// Test and forensics hook: overwrite or delete a raw record, bypassing the chain.
@@ -175,6 +592,18 @@ impl AuditLog {
             .await
     }
 
+    /// Test and forensics hook: overwrite the retention anchor, bypassing the chain.
+    #[doc(hidden)]
+    pub async fn tamper_anchor(&self, anchor: AuditAnchor) -> Result<()> {
+        self.db
+            .committer()
+            .run(move |txn| {
+                txn.put(Table::Meta, ANCHOR_KEY.to_vec(), anchor.encode());
+                Ok(())
+            })
+            .await
+    }
+
     pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
         Ok(self
             .db
@@ -183,6 +612,12 @@ impl AuditLog {
             .get(keys::u64_be(seq))?
             .map(|v| v.to_vec()))
     }
+}
+
+struct PrunePlan {
+    seqs: Vec<u64>,
+    index_keys: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    anchor: AuditAnchor,
 }
 
 #[cfg(test)]
@@ -246,5 +681,186 @@ mod tests {
         log.tamper_raw(2, Some(three)).await.unwrap();
         log.tamper_raw(3, Some(two)).await.unwrap();
         assert_eq!(log.verify().unwrap().unwrap_err().seq, 2);
+    }
+
+    async fn log_at(times: &[i64]) -> (tempfile::TempDir, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        for (i, t) in times.iter().enumerate() {
+            let p = if i % 2 == 0 { "pa" } else { "pb" };
+            log.append(vec![
+                json!({"time": t, "tenant": "t1", "patient": p, "i": i}),
+            ])
+            .await
+            .unwrap();
+        }
+        (dir, log)
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_chain_verifiable_from_the_anchor() {
+        let (dir, log) = log_at(&[100, 200, 300, 400, 500]).await;
+        let stats = log.prune_before(350, 1000).await.unwrap();
+        assert_eq!(stats.pruned, 3);
+        assert_eq!(stats.anchor, Some(3));
+        assert_eq!(log.raw(3).unwrap(), None);
+        assert!(log.raw(4).unwrap().is_some());
+        let report = log.verify().unwrap().unwrap();
+        assert_eq!(report.entries, 3, "records 4, 5 and the retention record 6");
+        assert_eq!(report.head_seq, 6);
+        // Nothing more is due; a second run changes nothing.
+        assert_eq!(log.prune_before(350, 1000).await.unwrap().pruned, 0);
+        // The chain continues after a reopen, and the pruned records left the index.
+        drop(log);
+        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        assert_eq!(
+            log.append(vec![json!({"time": 600})]).await.unwrap(),
+            vec![7]
+        );
+        assert!(log.verify().unwrap().is_ok());
+        let mut seen = Vec::new();
+        let q = AuditQuery {
+            tenant: "t1".into(),
+            patient: Some("pa".into()),
+            from_ms: i64::MIN,
+            to_ms: i64::MAX,
+        };
+        assert!(log
+            .query(&q, |e| {
+                seen.push(e.seq);
+                true
+            })
+            .unwrap());
+        assert_eq!(seen, vec![5]);
+    }
+
+    #[tokio::test]
+    async fn pruning_everything_then_appending_still_verifies() {
+        let (dir, log) = log_at(&[100, 200]).await;
+        assert_eq!(log.prune_before(10_000, 1).await.unwrap().pruned, 2);
+        // The retention record (time 1) is itself due at the next run.
+        assert_eq!(log.prune_before(10_000, 20_000).await.unwrap().pruned, 1);
+        assert!(log.verify().unwrap().is_ok());
+        drop(log);
+        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        log.append(vec![json!({"time": 30_000})]).await.unwrap();
+        let report = log.verify().unwrap().unwrap();
+        assert_eq!(report.head_seq, 5);
+    }
+
+    #[tokio::test]
+    async fn tampering_after_prune_is_named() {
+        let (_d, log) = log_at(&[100, 200, 300, 400, 500, 600]).await;
+        log.prune_before(250, 1000).await.unwrap();
+        let raw = String::from_utf8(log.raw(4).unwrap().unwrap()).unwrap();
+        log.tamper_raw(4, Some(raw.replace("\"i\":3", "\"i\":9").into_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(log.verify().unwrap().unwrap_err().seq, 5);
+        // Deleting the first kept record is named too.
+        let (_d, log) = log_at(&[100, 200, 300, 400, 500, 600]).await;
+        log.prune_before(250, 1000).await.unwrap();
+        log.tamper_raw(3, None).await.unwrap();
+        let err = log.verify().unwrap().unwrap_err();
+        assert_eq!(err.seq, 3, "{err}");
+    }
+
+    #[tokio::test]
+    async fn anchor_tampering_is_detected() {
+        // Move the anchor forward to hide deleted records, with a hash that chains correctly.
+        let (_d, log) = log_at(&[100, 200, 300, 400, 500, 600]).await;
+        log.prune_before(250, 1000).await.unwrap();
+        let four: AuditEntry = serde_json::from_slice(&log.raw(4).unwrap().unwrap()).unwrap();
+        let hash3 = hex::decode(&four.prev).unwrap().try_into().unwrap();
+        log.tamper_raw(3, None).await.unwrap();
+        log.tamper_anchor(AuditAnchor {
+            seq: 3,
+            hash: hash3,
+        })
+        .await
+        .unwrap();
+        let err = log.verify().unwrap().unwrap_err();
+        assert_eq!(err.seq, 3, "{err}");
+        assert!(err.reason.contains("anchor"), "{err}");
+        // Edit the anchor's hash.
+        let (_d, log) = log_at(&[100, 200, 300, 400]).await;
+        log.prune_before(250, 1000).await.unwrap();
+        let a = log.anchor().unwrap().unwrap();
+        log.tamper_anchor(AuditAnchor {
+            seq: a.seq,
+            hash: [7; 32],
+        })
+        .await
+        .unwrap();
+        assert_eq!(log.verify().unwrap().unwrap_err().seq, 3);
+        // Front records removed without any anchor: record 1 is missing.
+        let (_d, log) = log_at(&[100, 200, 300]).await;
+        log.tamper_raw(1, None).await.unwrap();
+        assert_eq!(log.verify().unwrap().unwrap_err().seq, 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_segment_is_not_pruned() {
+        let (_d, log) = log_at(&[100, 200, 300, 400]).await;
+        let raw = String::from_utf8(log.raw(2).unwrap().unwrap()).unwrap();
+        log.tamper_raw(2, Some(raw.replace("\"i\":1", "\"i\":7").into_bytes()))
+            .await
+            .unwrap();
+        assert!(log.prune_before(1000, 2000).await.is_err());
+        assert!(log.raw(1).unwrap().is_some(), "evidence kept");
+    }
+
+    #[tokio::test]
+    async fn query_reads_the_index_by_patient_and_window() {
+        let (_d, log) = log_at(&[100, 200, 300, 400, 500]).await;
+        log.append(vec![json!({"time": 250, "tenant": "t2", "patient": "pa"})])
+            .await
+            .unwrap();
+        let run = |patient: Option<&str>, from, to| {
+            let mut seen = Vec::new();
+            let q = AuditQuery {
+                tenant: "t1".into(),
+                patient: patient.map(String::from),
+                from_ms: from,
+                to_ms: to,
+            };
+            assert!(log
+                .query(&q, |e| {
+                    seen.push(e.seq);
+                    true
+                })
+                .unwrap());
+            seen
+        };
+        assert_eq!(run(Some("pa"), 150, 500), vec![3]);
+        assert_eq!(run(Some("pa"), i64::MIN, i64::MAX), vec![1, 3, 5]);
+        assert_eq!(run(None, 200, 401), vec![2, 3, 4]);
+        assert_eq!(run(Some("pb"), 0, 1000), vec![2, 4]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verify_while_appending_and_pruning_reports_no_false_break() {
+        let (_d, log) = log_at(&[100, 200, 300]).await;
+        let writer = log.clone();
+        let appends = tokio::spawn(async move {
+            for i in 0..300 {
+                writer
+                    .append(vec![json!({"time": 1000 + i, "tenant": "t1"})])
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    writer.prune_before(1000 + i, 5000).await.unwrap();
+                }
+            }
+        });
+        while !appends.is_finished() {
+            let l = log.clone();
+            let r = tokio::task::spawn_blocking(move || l.verify().unwrap())
+                .await
+                .unwrap();
+            assert!(r.is_ok(), "{r:?}");
+        }
+        appends.await.unwrap();
+        assert!(log.verify().unwrap().is_ok());
     }
 }

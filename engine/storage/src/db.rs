@@ -35,14 +35,18 @@ pub enum Table {
     Outbox,
     /// audit seq (u64 BE) → entry
     Audit,
+    /// tenant \0 patient \0 time (i64 BE) seq (u64 BE) → (): audit records per patient and time
+    AuditIdxPatient,
+    /// tenant \0 time (i64 BE) seq (u64 BE) → (): audit records per time window
+    AuditIdxTime,
     /// small named values (counters, signing keys' metadata)
     Meta,
 }
 
 impl Table {
-    pub(crate) const COUNT: usize = 14;
+    pub(crate) const COUNT: usize = Self::ALL.len();
     /// In discriminant order: `Table::ALL[t as usize] == t`.
-    pub(crate) const ALL: [Table; Self::COUNT] = [
+    pub(crate) const ALL: [Table; 16] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -56,6 +60,8 @@ impl Table {
         Table::IdxUpdated,
         Table::Outbox,
         Table::Audit,
+        Table::AuditIdxPatient,
+        Table::AuditIdxTime,
         Table::Meta,
     ];
 
@@ -74,6 +80,8 @@ impl Table {
             Table::IdxUpdated => "idx_updated",
             Table::Outbox => "outbox",
             Table::Audit => "audit",
+            Table::AuditIdxPatient => "audit_idx_patient",
+            Table::AuditIdxTime => "audit_idx_time",
             Table::Meta => "meta",
         }
     }
@@ -169,6 +177,11 @@ impl Db {
             .expect("committer lives as long as the Db")
     }
 
+    /// A consistent read view: sees whole group commits only.
+    pub(crate) fn snapshot(&self) -> fjall::Snapshot {
+        self.inner.db.snapshot()
+    }
+
     pub(crate) fn tables(&self) -> &Tables {
         &self.inner.tables
     }
@@ -206,6 +219,10 @@ fn load_counters(tables: &Tables) -> Result<Counters> {
     if let Some(guard) = tables.get(Table::Audit).last_key_value() {
         let (_, v) = guard.into_inner()?;
         c.audit_head = crate::audit::entry_hash(&v)?;
+    } else if let Some(anchor) = crate::audit::read_anchor(tables)? {
+        // Retention pruned every record: the chain continues from its anchor.
+        c.audit_seq = anchor.seq;
+        c.audit_head = anchor.hash;
     }
     // Sequence numbers never go backwards, even after retention pruned the newest-but-one range.
     if let Some(v) = tables.get(Table::Meta).get(b"journal_seq_floor")? {

@@ -15,7 +15,10 @@ mod keys;
 mod outbox;
 mod store;
 
-pub use audit::{AuditEntry, AuditLog, AuditVerifyError, AuditVerifyReport};
+pub use audit::{
+    record_time, AuditAnchor, AuditEntry, AuditLog, AuditPruneStats, AuditQuery, AuditVerifyError,
+    AuditVerifyReport, RETENTION_KIND,
+};
 pub use db::{Db, DbOptions};
 pub use error::StorageError;
 pub use journal::{

@@ -146,6 +146,19 @@ pub enum AuditCommand {
         #[arg(long)]
         until: Option<String>,
     },
+    /// Prune audit records older than a cut-off now (the server must be stopped; `serve` does
+    /// this itself every `audit.prune_interval_secs` when `audit.retention_days` > 0). The chain
+    /// stays verifiable from the stored anchor. Export first if the records must be archived.
+    #[command(
+        after_help = "Examples:\n  tributary audit export --until 2026-01-01 > audit-2025.jsonl && tributary audit prune --before 2026-01-01\n  tributary audit prune   # uses audit.retention_days from the config"
+    )]
+    Prune {
+        #[command(flatten)]
+        common: Common,
+        /// RFC 3339 time or YYYY-MM-DD: records before it go. Default: now − audit.retention_days.
+        #[arg(long)]
+        before: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,12 +328,20 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let config = common.load()?;
             let db = Db::open(&config.data_dir, DbOptions::default())
                 .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
-            match tributary_storage::AuditLog::new(db).verify()? {
+            let log = tributary_storage::AuditLog::new(db);
+            let anchor = log.anchor()?;
+            match log.verify()? {
                 Ok(report) => {
                     println!(
                         "audit chain intact: {} records, head {}",
                         report.entries, report.head_hash
                     );
+                    if let Some(a) = anchor {
+                        println!(
+                            "records 1..={} were pruned by retention; verified from their anchor",
+                            a.seq
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(bad) => {
@@ -328,6 +349,34 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        AuditCommand::Prune { common, before } => {
+            let config = common.load()?;
+            let now = tributary_core::now_millis();
+            let cutoff = match parse_time("before", &before)? {
+                Some(t) => t,
+                None if config.audit.retention_days > 0 => {
+                    now - (config.audit.retention_days as i64).saturating_mul(86_400_000)
+                }
+                None => anyhow::bail!(
+                    "audit.retention_days is 0 (keep forever): give --before to prune anyway"
+                ),
+            };
+            let db = Db::open(&config.data_dir, DbOptions::default())
+                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            let log = tributary_storage::AuditLog::new(db);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let stats = rt.block_on(log.prune_before(cutoff, now))?;
+            match stats.anchor {
+                Some(a) => println!(
+                    "pruned {} audit records; the chain now starts after record {a}",
+                    stats.pruned
+                ),
+                None => println!("no audit records older than the cut-off"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Export {
             common,

@@ -39,6 +39,8 @@ pub struct Config {
     pub http: HttpConfig,
     pub mllp: MllpConfig,
     pub journal: JournalConfig,
+    /// The hash-chained audit log: retention.
+    pub audit: AuditConfig,
     /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
     pub mapping: tributary_pipeline::MappingConfig,
     /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
@@ -64,6 +66,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
+            audit: AuditConfig::default(),
             mapping: tributary_pipeline::MappingConfig::default(),
             facade: tributary_facade::FacadeConfig::default(),
             kafka: None,
@@ -96,7 +99,8 @@ impl Default for LogConfig {
 pub struct HttpConfig {
     /// Address of the HTTP server (FHIR facade, `/health`, `/ready`).
     pub listen: String,
-    /// A request taking longer than this is answered 503 and abandoned.
+    /// A facade request taking longer than this is abandoned and answered 503 (504 when it was
+    /// waiting on a backend FHIR server), with an OperationOutcome; its audit record says so.
     pub request_timeout_secs: u64,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
@@ -159,6 +163,26 @@ impl Default for RetentionConfig {
             delivered_max_age_hours: 24 * 7,
             max_payload_bytes: 0,
             prune_interval_secs: 300,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Audit records older than this many days are pruned by `tributary serve` (the chain stays
+    /// verifiable from a stored anchor). 0 keeps every record forever (the default). Export
+    /// first (`tributary audit export --until …`) if a SIEM or archive must keep them.
+    pub retention_days: u64,
+    /// How often audit retention runs, in seconds (when `retention_days` > 0).
+    pub prune_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 0,
+            prune_interval_secs: 3600,
         }
     }
 }
@@ -273,6 +297,7 @@ impl Config {
             "journal.retention.prune_interval_secs",
             self.journal.retention.prune_interval_secs,
         )?;
+        check_positive("audit.prune_interval_secs", self.audit.prune_interval_secs)?;
         self.facade.validate().map_err(|e| ConfigError::Invalid {
             key: e.key,
             value: e.value,

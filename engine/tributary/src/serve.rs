@@ -41,6 +41,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
+    let indexed = rt
+        .audit
+        .ensure_index()
+        .await
+        .context("indexing the audit log")?;
+    if indexed > 0 {
+        tracing::info!(records = indexed, "audit log indexed");
+    }
+    if config.audit.retention_days > 0 {
+        tasks.spawn(audit_retention_loop(rt.clone(), config.audit.clone()));
+    }
 
     // The mapping pipeline: a mapping set that does not load stops startup with every
     // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
@@ -106,12 +117,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     tracing::info!(addr = %config.http.listen, "http listening");
-    let facade = tributary_facade::Facade::new(
+    let mut facade = tributary_facade::Facade::new(
         config.facade.clone(),
         &config.data_dir,
         &config.default_tenant,
     )
     .context("setting up the FHIR facade")?;
+    facade.request_timeout = Duration::from_secs(config.http.request_timeout_secs);
     let facade = std::sync::Arc::new(facade);
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
@@ -201,6 +213,33 @@ async fn prune_loop(rt: Runtime, cfg: crate::config::RetentionConfig) -> anyhow:
                 "journal retention"
             ),
             Err(e) => tracing::warn!(error = %e, "journal retention failed"),
+        }
+    }
+}
+
+/// Prunes audit records older than `audit.retention_days`, keeping the chain verifiable.
+async fn audit_retention_loop(rt: Runtime, cfg: crate::config::AuditConfig) -> anyhow::Result<()> {
+    let max_age_ms = (cfg.retention_days as i64).saturating_mul(86_400_000);
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.prune_interval_secs));
+    loop {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let now = tributary_core::now_millis();
+        match rt
+            .audit
+            .prune_before(now.saturating_sub(max_age_ms), now)
+            .await
+        {
+            Ok(s) if s.pruned > 0 => tracing::info!(
+                pruned = s.pruned,
+                anchor = s.anchor.unwrap_or(0),
+                "audit retention"
+            ),
+            Ok(_) => {}
+            // A broken chain is never pruned: the evidence stays until someone looks.
+            Err(e) => tracing::error!(error = %e, "audit retention failed"),
         }
     }
 }

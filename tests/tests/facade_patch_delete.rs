@@ -1,0 +1,257 @@
+//! Conditional delete and JSON Patch against the real binary: status codes, OperationOutcomes,
+//! `If-Match`, scope and compartment checks, audit records, and the CapabilityStatement saying so.
+
+mod facade_support;
+
+use facade_support::{export_audit, seed, Facade, Resp};
+use serde_json::{json, Value};
+
+async fn patch(f: &Facade, path: &str, token: &str, body: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut rb = reqwest::Client::new()
+        .patch(format!("{}{}", f.base, path))
+        .bearer_auth(token)
+        .body(body.to_string());
+    let mut typed = false;
+    for (k, v) in headers {
+        typed |= k.eq_ignore_ascii_case("content-type");
+        rb = rb.header(*k, *v);
+    }
+    if !typed {
+        rb = rb.header("content-type", "application/json-patch+json");
+    }
+    let res = rb.send().await.unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let text = res.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
+fn assert_outcome(r: &Resp, status: u16) {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(r.json["resourceType"], "OperationOutcome", "{}", r.text);
+}
+
+fn patient(id: &str, mrn: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "identifier": [{"system": "urn:mrn", "value": mrn}]})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conditional_delete_zero_one_or_many_matches() {
+    let mut f = Facade::start(None);
+    let admin = seed(&f, None).await;
+    for (id, mrn) in [("pc", "MRN-77"), ("pd", "MRN-99")] {
+        let r = f
+            .call(
+                "PUT",
+                &format!("/fhir/Patient/{id}"),
+                Some(&admin),
+                Some(&patient(id, mrn)),
+            )
+            .await;
+        assert!(r.status < 300, "{}", r.text);
+    }
+    // No match: an ordinary delete of nothing.
+    let r = f
+        .call(
+            "DELETE",
+            "/fhir/Patient?identifier=urn:mrn|NOPE",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    // Two matches (pa and pc share MRN-77): 412, nothing deleted.
+    let r = f
+        .call(
+            "DELETE",
+            "/fhir/Patient?identifier=urn:mrn|MRN-77",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_outcome(&r, 412);
+    for id in ["pa", "pc"] {
+        let r = f
+            .call("GET", &format!("/fhir/Patient/{id}"), Some(&admin), None)
+            .await;
+        assert_eq!(r.status, 200, "{id} must survive: {}", r.text);
+    }
+    // Without parameters it is not a conditional delete.
+    let r = f.call("DELETE", "/fhir/Patient", Some(&admin), None).await;
+    assert_outcome(&r, 400);
+    // Scopes: no `d` → 403; a patient-context token may not delete another patient.
+    let no_d = f.token("writer", "user/*.cru", &[]);
+    let r = f
+        .call(
+            "DELETE",
+            "/fhir/Patient?identifier=urn:mrn|MRN-99",
+            Some(&no_d),
+            None,
+        )
+        .await;
+    assert_outcome(&r, 403);
+    let pa = f.token("portal", "patient/*.cruds", &["--patient", "pa"]);
+    let r = f
+        .call(
+            "DELETE",
+            "/fhir/Patient?identifier=urn:mrn|MRN-99",
+            Some(&pa),
+            None,
+        )
+        .await;
+    assert_outcome(&r, 403);
+    let r = f.call("GET", "/fhir/Patient/pd", Some(&admin), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // One match: deleted.
+    let r = f
+        .call(
+            "DELETE",
+            "/fhir/Patient?identifier=urn:mrn|MRN-88",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    let r = f.call("GET", "/fhir/Patient/pb", Some(&admin), None).await;
+    assert_outcome(&r, 410);
+
+    f.stop();
+    let deletes: Vec<Value> = export_audit(&f, None)
+        .into_iter()
+        .map(|e| e["body"].clone())
+        .filter(|b| b["interaction"] == "delete")
+        .collect();
+    let statuses: Vec<u64> = deletes
+        .iter()
+        .map(|b| b["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![204, 412, 400, 403, 403, 204], "{deletes:?}");
+    let last = deletes.last().unwrap();
+    assert_eq!(last["resource_id"], "pb", "{last}");
+    assert_eq!(last["patient"], "pb", "{last}");
+    assert!(
+        !last.to_string().contains("MRN-88"),
+        "identifier value leaked into audit: {last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_patch_honours_if_match_scopes_and_reports_errors() {
+    let mut f = Facade::start(None);
+    let admin = seed(&f, None).await;
+    let ok = r#"[{"op": "add", "path": "/gender", "value": "female"}]"#;
+
+    let r = patch(&f, "/fhir/Patient/pa", &admin, ok, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["gender"], "female");
+    assert_eq!(r.json["meta"]["versionId"], "2");
+    assert_eq!(r.headers["etag"], "W/\"2\"");
+    assert_eq!(r.json["name"][0]["family"], "Quixote", "the rest is kept");
+
+    // If-Match: a stale version is 412, the current one applies.
+    let replace = r#"[{"op": "replace", "path": "/gender", "value": "other"}]"#;
+    let r = patch(
+        &f,
+        "/fhir/Patient/pa",
+        &admin,
+        replace,
+        &[("if-match", "W/\"1\"")],
+    )
+    .await;
+    assert_outcome(&r, 412);
+    let r = patch(
+        &f,
+        "/fhir/Patient/pa",
+        &admin,
+        replace,
+        &[("if-match", "W/\"2\"")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["meta"]["versionId"], "3");
+
+    // 400: not a patch document, unknown op, wrong media type.
+    for (body, headers) in [
+        (r#"{"op": "add"}"#, vec![]),
+        (r#"[{"op": "frobnicate", "path": "/gender"}]"#, vec![]),
+        ("not json", vec![]),
+        (ok, vec![("content-type", "application/fhir+json")]),
+    ] {
+        let r = patch(&f, "/fhir/Patient/pa", &admin, body, &headers).await;
+        assert_outcome(&r, 400);
+    }
+    // 422: does not apply, or the result is not this resource / not acceptable.
+    for body in [
+        r#"[{"op": "test", "path": "/gender", "value": "male"}]"#,
+        r#"[{"op": "remove", "path": "/nothing-here"}]"#,
+        r#"[{"op": "replace", "path": "/id", "value": "other"}]"#,
+        r#"[{"op": "remove", "path": "/resourceType"}]"#,
+        r#"[{"op": "add", "path": "/meta", "value": "not an object"}]"#,
+    ] {
+        let r = patch(&f, "/fhir/Patient/pa", &admin, body, &[]).await;
+        assert_outcome(&r, 422);
+    }
+    // 404 / 410.
+    let r = patch(&f, "/fhir/Patient/nobody", &admin, ok, &[]).await;
+    assert_outcome(&r, 404);
+
+    // Scopes: read-only → 403; a patient-context token may patch its own resources only, and
+    // may not move one out of its compartment.
+    let ro = f.token("reader", "user/*.rs", &[]);
+    let r = patch(&f, "/fhir/Patient/pa", &ro, ok, &[]).await;
+    assert_outcome(&r, 403);
+    let pa = f.token("portal", "patient/*.rus", &["--patient", "pa"]);
+    let status_patch = r#"[{"op": "replace", "path": "/status", "value": "amended"}]"#;
+    let r = patch(&f, "/fhir/Observation/ob", &pa, status_patch, &[]).await;
+    assert_outcome(&r, 403);
+    let r = patch(&f, "/fhir/Observation/oa", &pa, status_patch, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let away = r#"[{"op": "replace", "path": "/subject/reference", "value": "Patient/pb"}]"#;
+    let r = patch(&f, "/fhir/Observation/oa", &pa, away, &[]).await;
+    assert_outcome(&r, 403);
+    let r = f
+        .call("GET", "/fhir/Observation/oa", Some(&admin), None)
+        .await;
+    assert_eq!(r.json["subject"]["reference"], "Patient/pa");
+    assert_eq!(r.json["status"], "amended");
+
+    // The CapabilityStatement says so.
+    let r = f.call("GET", "/fhir/metadata", None, None).await;
+    let res = r.json["rest"][0]["resource"].as_array().unwrap();
+    let p = res.iter().find(|e| e["type"] == "Patient").unwrap();
+    assert!(
+        p["interaction"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["code"] == "patch"),
+        "{p}"
+    );
+    assert_eq!(p["conditionalDelete"], "single");
+
+    f.stop();
+    let patches: Vec<Value> = export_audit(&f, None)
+        .into_iter()
+        .map(|e| e["body"].clone())
+        .filter(|b| b["interaction"] == "patch")
+        .collect();
+    let statuses: Vec<u64> = patches
+        .iter()
+        .map(|b| b["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 412, 200, 400, 400, 400, 400, 422, 422, 422, 422, 422, 404, 403, 403, 200, 403],
+        "{patches:?}"
+    );
+    let denied = &patches[14];
+    assert_eq!(denied["outcome"], "denied");
+    assert_eq!(denied["resource_type"], "Observation");
+    assert_eq!(denied["resource_id"], "ob");
+}

@@ -1,0 +1,145 @@
+//! `http.request_timeout_secs` bounds every facade request: a backend FHIR server that does not
+//! answer in time gives 504, a request the facade itself cannot finish in time (here: a client
+//! that never sends its announced body) gives 503 — each with an OperationOutcome and an audit
+//! record saying so.
+
+mod facade_support;
+
+use facade_support::{export_audit, Facade};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+/// A backend that accepts connections, reads the request, and answers only after `delay`.
+fn slow_backend(delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                std::thread::sleep(delay);
+                let body = r#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#;
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    format!("http://{addr}/fhir")
+}
+
+fn assert_timeout_outcome(r: &facade_support::Resp, status: u16) {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(r.json["resourceType"], "OperationOutcome", "{}", r.text);
+    assert_eq!(r.json["issue"][0]["code"], "timeout", "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_backend_gets_504_within_the_request_timeout_and_is_audited() {
+    let slow = slow_backend(Duration::from_secs(20));
+    // Observation: the backend's own timeout is long, so the request timeout (2 s) decides.
+    // Condition: the backend's own timeout (1 s) fires first; that is a 504 as well.
+    let config = format!(
+        "[http]\nrequest_timeout_secs = 2\n\n\
+         [[facade.backends]]\nname = \"slow-lab\"\nurl = \"{slow}\"\nresource_types = [\"Observation\"]\ntimeout_secs = 60\n\n\
+         [[facade.backends]]\nname = \"slow-problems\"\nurl = \"{slow}\"\nresource_types = [\"Condition\"]\ntimeout_secs = 1\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let t = f.token("app", "user/*.cruds", &[]);
+
+    let started = Instant::now();
+    let r = f.call("GET", "/fhir/Observation", Some(&t), None).await;
+    let took = started.elapsed();
+    assert_timeout_outcome(&r, 504);
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+        "answered after {took:?}, expected about the 2 s request timeout"
+    );
+
+    let started = Instant::now();
+    let r = f.call("GET", "/fhir/Condition", Some(&t), None).await;
+    assert_timeout_outcome(&r, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "the backend's 1 s timeout decides"
+    );
+
+    // The store is unaffected.
+    let r = f.call("GET", "/fhir/Patient", Some(&t), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    f.stop();
+    let records = export_audit(&f, None);
+    for rtype in ["Observation", "Condition"] {
+        let rec = records
+            .iter()
+            .map(|e| &e["body"])
+            .find(|b| b["resource_type"] == rtype)
+            .unwrap_or_else(|| panic!("no audit record for the {rtype} search: {records:?}"));
+        assert_eq!(rec["status"], 504, "{rec}");
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+        assert_eq!(rec["detail"], "timeout", "{rec}");
+        assert!(
+            rec["backend"].as_str().unwrap().starts_with("slow-"),
+            "{rec}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_that_cannot_finish_in_time_gets_503_and_is_audited() {
+    let mut f = Facade::start(Some("[http]\nrequest_timeout_secs = 1\n"));
+    let t = f.token("app", "user/*.cruds", &[]);
+    let addr = f.base.strip_prefix("http://").unwrap().to_string();
+    // Announce a body, send one byte of it, then wait: the handler waits for the rest.
+    let res = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        write!(
+            s,
+            "PUT /fhir/Patient/slow HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {t}\r\n\
+             content-type: application/fhir+json\r\ncontent-length: 200\r\n\r\n{{"
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // Read until the whole (small) response arrived or the server closed.
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if text.contains("\r\n\r\n") && text.trim_end().ends_with('}') {
+                break;
+            }
+        }
+        (String::from_utf8_lossy(&buf).to_string(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (text, took) = res;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.contains("OperationOutcome") && text.contains("timeout"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+
+    f.stop();
+    let records = export_audit(&f, None);
+    let rec = records
+        .iter()
+        .map(|e| &e["body"])
+        .find(|b| b["resource_id"] == "slow")
+        .unwrap_or_else(|| panic!("no audit record for the timed-out update: {records:?}"));
+    assert_eq!(rec["status"], 503, "{rec}");
+    assert_eq!(rec["detail"], "timeout", "{rec}");
+    assert_eq!(rec["interaction"], "update", "{rec}");
+}
