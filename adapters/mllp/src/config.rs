@@ -154,6 +154,17 @@ pub struct MllpListenerConfig {
     /// Write one PHI-free audit record per accepted message (refusals are always audited). It
     /// shares the journal's fsync.
     pub audit_accepted: bool,
+    /// Enhanced mode: how long to wait for the mapping pipeline before an application ACK that
+    /// MSH-16 asks for is given up. A give-up is recorded on the message (note `app_ack`) and
+    /// audited, never silent.
+    pub app_ack_timeout_secs: u64,
+    /// Enhanced mode: most messages waiting for their application ACK on this listener. Beyond
+    /// it, the commit ACK is still sent and the missing application ACK is recorded and audited.
+    pub max_pending_app_acks: usize,
+    /// When a sender resends a message already acknowledged at application level (a duplicate),
+    /// send its application ACK again. Off: a duplicate gets its commit ACK only, unless the
+    /// first application ACK was never delivered.
+    pub resend_app_ack_on_duplicate: bool,
     /// TLS for this listener; absent means plain TCP (loopback or VPN use).
     pub tls: Option<MllpTlsConfig>,
     /// The partners allowed to send here.
@@ -177,6 +188,9 @@ impl Default for MllpListenerConfig {
             default_partner: "anonymous".into(),
             follow_msh15: false,
             audit_accepted: true,
+            app_ack_timeout_secs: 600,
+            max_pending_app_acks: 10_000,
+            resend_app_ack_on_duplicate: false,
             tls: None,
             partners: Vec::new(),
         }
@@ -225,6 +239,61 @@ pub struct PartnerConfig {
     pub max_messages_per_sec: Option<f64>,
     /// Burst allowance above the rate; default: one second's worth.
     pub burst: Option<u32>,
+    /// `host:port` of the partner's MLLP listener for enhanced-mode application ACKs whose
+    /// connection closed before the message was processed. Absent: such an ACK is recorded on
+    /// the message (note `app_ack`) and audited as undelivered.
+    pub app_ack_return: Option<String>,
+    /// TLS towards `app_ack_return`; absent means plain TCP.
+    pub app_ack_return_tls: Option<MllpClientTlsConfig>,
+}
+
+/// TLS settings of an outbound MLLP connection (rustls; TLS 1.2 and 1.3 only).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MllpClientTlsConfig {
+    /// PEM bundle of the CAs that issue the receiver's certificate.
+    pub ca: PathBuf,
+    /// Name the receiver's certificate must carry (DNS SAN); default: the host of the address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for receivers that require mTLS (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl MllpClientTlsConfig {
+    fn validate(&self, key: &str) -> Result<(), MllpConfigError> {
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid(
+                format!("{key}.client_key"),
+                "",
+                "client_cert and client_key go together",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the files (I/O) into a rustls client configuration and the name to verify.
+    pub fn load(
+        &self,
+        addr: &str,
+    ) -> Result<(std::sync::Arc<rustls::ClientConfig>, String), crate::tls::TlsError> {
+        let client = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let config = crate::tls::client_config(Some(&self.ca), client)?;
+        let name = self.server_name.clone().unwrap_or_else(|| {
+            addr.rsplit_once(':')
+                .map_or(addr, |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_string()
+        });
+        Ok((std::sync::Arc::new(config), name))
+    }
 }
 
 fn check_addr(key: &str, value: &str) -> Result<(), MllpConfigError> {
@@ -232,6 +301,18 @@ fn check_addr(key: &str, value: &str) -> Result<(), MllpConfigError> {
         .parse::<SocketAddr>()
         .map(|_| ())
         .map_err(|_| invalid(key.into(), value, "expected IP:PORT, e.g. 127.0.0.1:2575"))
+}
+
+/// `host:port` with a non-empty host and a port (names are resolved when connecting).
+fn check_host_port(key: &str, value: &str) -> Result<(), MllpConfigError> {
+    match value.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(invalid(
+            key.into(),
+            value,
+            "expected HOST:PORT, e.g. 10.1.2.3:2575 or lab.example.org:2575",
+        )),
+    }
 }
 
 fn check_name(key: String, value: &str) -> Result<(), MllpConfigError> {
@@ -260,6 +341,8 @@ impl MllpListenerConfig {
             ("read_timeout_secs", self.read_timeout_secs),
             ("write_timeout_secs", self.write_timeout_secs),
             ("mapped_timeout_secs", self.mapped_timeout_secs),
+            ("app_ack_timeout_secs", self.app_ack_timeout_secs),
+            ("max_pending_app_acks", self.max_pending_app_acks as u64),
         ] {
             if v == 0 {
                 return Err(invalid(
@@ -338,6 +421,12 @@ impl MllpListenerConfig {
                         "a positive number",
                     ));
                 }
+            }
+            if let Some(r) = &p.app_ack_return {
+                check_host_port(&format!("{pk}.app_ack_return"), r)?;
+            }
+            if let Some(t) = &p.app_ack_return_tls {
+                t.validate(&format!("{pk}.app_ack_return_tls"))?;
             }
             if p.burst == Some(0) {
                 return Err(invalid(format!("{pk}.burst"), 0, "must be greater than 0"));

@@ -40,6 +40,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(data_dir = %config.data_dir.display(), "store open");
 
     let mut tasks = tokio::task::JoinSet::new();
+    // The pipeline announces each message's outcome here; MLLP application ACKs listen.
+    let processed = tributary_runtime::ProcessedFeed::default();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
 
     // The mapping pipeline: a mapping set that does not load stops startup with every
@@ -55,7 +57,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
         })?;
         let pipeline =
-            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone());
+            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone())
+                .with_feed(processed.clone());
         rt.readiness
             .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
@@ -142,7 +145,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         spawn_source(
             &mut tasks,
             &rt,
-            tributary_mllp::MllpSource::new(listener, &config.default_tenant),
+            tributary_mllp::MllpSource::new(listener, &config.default_tenant)
+                .with_processed_feed(processed.clone()),
         );
     }
 
