@@ -7,89 +7,9 @@
 mod mllp_common;
 
 use mllp_common::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::net::TcpListener;
 use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
-
-/// A plain blocking MLLP client written here (no shared code with the server's codec).
-struct Client {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    fn connect(addr: &str) -> Client {
-        let s = TcpStream::connect(addr).unwrap();
-        Client { s, buf: Vec::new() }
-    }
-
-    fn send(&mut self, msg: &[u8]) {
-        let mut f = vec![0x0b];
-        f.extend_from_slice(msg);
-        f.extend_from_slice(&[0x1c, 0x0d]);
-        self.s.write_all(&f).unwrap();
-    }
-
-    /// The next frame, or None when none arrives within `wait`.
-    fn recv(&mut self, wait: Duration) -> Option<String> {
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == [0x1c, 0x0d]) {
-                let start = self.buf.iter().position(|b| *b == 0x0b).unwrap_or(0);
-                let frame = String::from_utf8_lossy(&self.buf[start + 1..end]).into_owned();
-                self.buf.drain(..end + 2);
-                return Some(frame);
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.s.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 4096];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None
-                }
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-    }
-}
-
-fn field(msg: &str, seg: &str, n: usize) -> String {
-    msg.split('\r')
-        .find(|s| s.starts_with(seg))
-        .and_then(|s| s.split('|').nth(n))
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn segment(msg: &str, seg: &str) -> Option<String> {
-    msg.split('\r')
-        .find(|s| s.starts_with(seg))
-        .map(str::to_string)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// The ADT^A01 fixture with MSH-10, MSH-15/16 and (optionally) a malformed PID-7.
 fn adt(control_id: &str, msh15: &str, msh16: &str, bad_birth_date: bool) -> Vec<u8> {

@@ -50,6 +50,102 @@ pub struct MllpConfig {
     pub listen: String,
     /// Additional listeners with their own TLS, partner and acknowledgment settings.
     pub listeners: Vec<MllpListenerConfig>,
+    /// Outbound routes: journaled HL7 v2 messages forwarded, byte for byte and in journal order,
+    /// to downstream MLLP listeners (`[[mllp.routes]]`, see [`MllpRouteConfig`]).
+    pub routes: Vec<MllpRouteConfig>,
+}
+
+/// One outbound route (HL7 v2 → v2). Every journaled message it selects is sent to
+/// `destination`; the route waits for `AA`/`CA` before the next one, retries connection failures
+/// and "retry" NAKs with backoff without limit, and records a downstream `AE`/`AR` on the message
+/// (journal note `route.<name>`) before moving on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MllpRouteConfig {
+    /// Name in logs, audit records and `/ready`; the journal cursor is `mllp.route.<name>`
+    /// (renaming a route starts it again from the beginning of the journal).
+    pub name: String,
+    /// `host:port` of the downstream MLLP listener.
+    pub destination: String,
+    /// TLS towards the destination; absent means plain TCP.
+    pub tls: Option<MllpClientTlsConfig>,
+    /// Forward only these message types: `ADT` (any event) or `ADT^A01`. Empty: all.
+    pub message_types: Vec<String>,
+    /// Forward only messages from these partner ids. Empty: all.
+    pub partners: Vec<String>,
+    /// Time allowed to connect (and complete the TLS handshake).
+    pub connect_timeout_secs: u64,
+    /// Time allowed for the downstream's ACK of one message; then the message is sent again
+    /// over a new connection.
+    pub ack_timeout_secs: u64,
+    /// First retry delay after a failure, in milliseconds; doubled per failure.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, in seconds.
+    pub backoff_max_secs: u64,
+    /// Largest ACK accepted from the downstream, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for MllpRouteConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            destination: String::new(),
+            tls: None,
+            message_types: Vec::new(),
+            partners: Vec::new(),
+            connect_timeout_secs: 10,
+            ack_timeout_secs: 30,
+            backoff_initial_ms: 200,
+            backoff_max_secs: 30,
+            max_frame_bytes: 1 << 20,
+        }
+    }
+}
+
+impl MllpRouteConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), MllpConfigError> {
+        check_name(format!("{prefix}.name"), &self.name)?;
+        check_host_port(&format!("{prefix}.destination"), &self.destination)?;
+        if let Some(t) = &self.tls {
+            t.validate(&format!("{prefix}.tls"))?;
+        }
+        for t in &self.message_types {
+            let ok = t.split('^').count() <= 2
+                && t.split('^').all(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+            if !ok {
+                return Err(invalid(
+                    format!("{prefix}.message_types"),
+                    t,
+                    "a message code (ADT) or code^event (ADT^A01)",
+                ));
+            }
+        }
+        for (key, v) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("ack_timeout_secs", self.ack_timeout_secs),
+            ("backoff_initial_ms", self.backoff_initial_ms),
+            ("backoff_max_secs", self.backoff_max_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    format!("{prefix}.{key}"),
+                    v,
+                    "must be greater than 0",
+                ));
+            }
+        }
+        if self.max_frame_bytes < 64 {
+            return Err(invalid(
+                format!("{prefix}.max_frame_bytes"),
+                self.max_frame_bytes,
+                "at least 64 bytes",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for MllpConfig {
@@ -57,6 +153,7 @@ impl Default for MllpConfig {
         Self {
             listen: "127.0.0.1:2575".into(),
             listeners: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -93,6 +190,18 @@ impl MllpConfig {
                     format!("{prefix}.name"),
                     &l.name,
                     "listener names must be unique (the default listener is named `mllp`)",
+                ));
+            }
+        }
+        let mut routes = std::collections::BTreeSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let prefix = format!("mllp.routes[{i}]");
+            r.validate(&prefix)?;
+            if !routes.insert(r.name.clone()) {
+                return Err(invalid(
+                    format!("{prefix}.name"),
+                    &r.name,
+                    "route names must be unique",
                 ));
             }
         }
@@ -470,6 +579,27 @@ mod tests {
         c.validate().unwrap();
         c.listeners[0].name = "mllp".into();
         assert_eq!(c.validate().unwrap_err().key, "mllp.listeners[0].name");
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let mut c: MllpConfig = toml::from_str(
+            "[[routes]]\nname = \"lab-out\"\ndestination = \"lab.example.org:2575\"\nmessage_types = [\"ADT\", \"ORU^R01\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes[0].ack_timeout_secs, 30);
+        c.routes[0].message_types.push("ORU^R01^X".into());
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "mllp.routes[0].message_types"
+        );
+        c.routes[0].message_types.pop();
+        c.routes[0].destination = "nowhere".into();
+        assert_eq!(c.validate().unwrap_err().key, "mllp.routes[0].destination");
+        assert!(
+            toml::from_str::<MllpConfig>("[[routes]]\nname = \"x\"\ndest = \"a:1\"\n").is_err()
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`tls`]: rustls server/client setup with certificate reload;
 //! - [`partners`]: partner identification and rate limiting;
 //! - [`sink`]: the outbound MLLP client (persistent connection, wait for ACK, retry, TLS);
+//! - [`route`]: routing v2 → v2, the registered sink forwarding journaled messages downstream;
 //! - [`bench`]: the load generator behind `tributary bench mllp`.
 
 pub mod ack;
@@ -17,13 +18,16 @@ pub mod codec;
 pub mod config;
 pub mod header;
 pub mod partners;
+pub mod route;
 pub mod sink;
 pub mod source;
 pub mod tls;
 
 pub use config::{
-    AckAfter, MllpClientTlsConfig, MllpConfig, MllpListenerConfig, MllpTlsConfig, PartnerConfig,
+    AckAfter, MllpClientTlsConfig, MllpConfig, MllpListenerConfig, MllpRouteConfig, MllpTlsConfig,
+    PartnerConfig,
 };
+pub use route::MllpRoute;
 pub use source::{
     ApplicationAck, ApplicationOutcome, JournalStateAck, ListenerContext, MllpError, MllpListener,
     MllpSource,

@@ -96,6 +96,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
             service,
         )));
     }
+    for route in &config.mllp.routes {
+        sinks.push(Box::new(tributary_mllp::MllpRoute::new(route.clone())));
+    }
     for sink in sinks {
         tracing::info!(sink = sink.name(), "starting sink");
         tasks.spawn(sink.run(rt.clone()));
