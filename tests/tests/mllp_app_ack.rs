@@ -53,16 +53,7 @@ fn return_endpoint() -> (String, std::sync::mpsc::Receiver<String>) {
 #[test]
 fn application_acks_follow_msh16_and_are_never_silently_dropped() {
     let tmp = tempfile::tempdir().unwrap();
-    let maps = tmp.path().join("mappings");
-    copy_dir(&repo_root().join("mappings"), &maps);
-    // a malformed value fails the message (instead of being left out with a warning)
-    let set = maps.join("hl7v2/mapping-set.yaml");
-    let text = std::fs::read_to_string(&set).unwrap();
-    std::fs::write(
-        &set,
-        text.replace("on_invalid_value: warn", "on_invalid_value: fail"),
-    )
-    .unwrap();
+    let maps = mappings_failing_on_invalid_values(tmp.path());
     let (ret_addr, returned) = return_endpoint();
     let lab = free_addr();
     let extra = format!(

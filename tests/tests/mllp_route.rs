@@ -66,15 +66,7 @@ fn send_ok(addr: &str, msg: &[u8]) {
 #[test]
 fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
     let tmp = tempfile::tempdir().unwrap();
-    let maps = tmp.path().join("mappings");
-    copy_dir(&repo_root().join("mappings"), &maps);
-    let set = maps.join("hl7v2/mapping-set.yaml");
-    let text = std::fs::read_to_string(&set).unwrap();
-    std::fs::write(
-        &set,
-        text.replace("on_invalid_value: warn", "on_invalid_value: fail"),
-    )
-    .unwrap();
+    let maps = mappings_failing_on_invalid_values(tmp.path());
     let down_addr = free_addr();
     let down_data = tmp.path().join("down");
     let down_log = tmp.path().join("down.log");

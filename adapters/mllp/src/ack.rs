@@ -74,6 +74,8 @@ pub enum Outcome {
     StorageUnavailable,
     /// `ack_after = "mapped"`: mapping failed.
     ApplicationError,
+    /// The listeners' shared inbound buffer (`max_buffered_bytes`) is full; retry later.
+    Busy,
 }
 
 impl Outcome {
@@ -87,6 +89,7 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::StorageUnavailable => "storage_unavailable",
             Outcome::ApplicationError => "application_error",
+            Outcome::Busy => "busy_buffer_limit",
         }
     }
 
@@ -97,8 +100,12 @@ impl Outcome {
             (Outcome::Accepted | Outcome::Duplicate, true) => AckCode::CA,
             (Outcome::ApplicationError, false) => AckCode::AE,
             (Outcome::ApplicationError, true) => AckCode::CE,
-            (Outcome::RateLimited | Outcome::StorageUnavailable, false) => AckCode::AR,
-            (Outcome::RateLimited | Outcome::StorageUnavailable, true) => AckCode::CE,
+            (Outcome::RateLimited | Outcome::StorageUnavailable | Outcome::Busy, false) => {
+                AckCode::AR
+            }
+            (Outcome::RateLimited | Outcome::StorageUnavailable | Outcome::Busy, true) => {
+                AckCode::CE
+            }
             (_, false) => AckCode::AR,
             (_, true) => AckCode::CR,
         }

@@ -50,6 +50,11 @@ pub struct MllpConfig {
     pub listen: String,
     /// Additional listeners with their own TLS, partner and acknowledgment settings.
     pub listeners: Vec<MllpListenerConfig>,
+    /// Most bytes of unfinished messages buffered at once across every MLLP connection of every
+    /// listener. A message whose remaining bytes do not fit is answered `AR`/`CE` "inbound
+    /// buffer limit reached, retry" (not stored: the sender resends); the rest of it is discarded
+    /// as it arrives. Must be at least every listener's `max_frame_bytes`.
+    pub max_buffered_bytes: usize,
     /// Outbound routes: journaled HL7 v2 messages forwarded, byte for byte and in journal order,
     /// to downstream MLLP listeners (`[[mllp.routes]]`, see [`MllpRouteConfig`]).
     pub routes: Vec<MllpRouteConfig>,
@@ -153,6 +158,7 @@ impl Default for MllpConfig {
         Self {
             listen: "127.0.0.1:2575".into(),
             listeners: Vec::new(),
+            max_buffered_bytes: 256 << 20,
             routes: Vec::new(),
         }
     }
@@ -185,6 +191,16 @@ impl MllpConfig {
                 format!("mllp.listeners[{idx}]")
             };
             l.validate(&prefix)?;
+            if l.max_frame_bytes > self.max_buffered_bytes {
+                return Err(invalid(
+                    "mllp.max_buffered_bytes".into(),
+                    self.max_buffered_bytes,
+                    &format!(
+                        "at least {prefix}.max_frame_bytes ({}), or no message that large could ever be read",
+                        l.max_frame_bytes
+                    ),
+                ));
+            }
             if !names.insert(l.name.clone()) {
                 return Err(invalid(
                     format!("{prefix}.name"),
@@ -579,6 +595,19 @@ mod tests {
         c.validate().unwrap();
         c.listeners[0].name = "mllp".into();
         assert_eq!(c.validate().unwrap_err().key, "mllp.listeners[0].name");
+    }
+
+    #[test]
+    fn buffer_cap_covers_every_listener_frame() {
+        let mut c = MllpConfig {
+            max_buffered_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "mllp.max_buffered_bytes");
+        assert!(e.allowed.contains("mllp.max_frame_bytes"), "{e}");
+        c.max_buffered_bytes = crate::codec::DEFAULT_MAX_FRAME;
+        c.validate().unwrap();
     }
 
     #[test]

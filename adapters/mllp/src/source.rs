@@ -11,7 +11,7 @@
 
 use crate::ack::{self, AckError, Outcome};
 use crate::app_ack::{AppAckJob, AppAckType, AppAcks, ConnTx, ConnWrite};
-use crate::codec::{MllpCodec, MllpFrame};
+use crate::codec::{InboundBudget, MllpCodec, MllpFrame};
 use crate::config::{AckAfter, MllpListenerConfig};
 use crate::header::{self, ascii_lossy, Header};
 use crate::partners::{Partner, Partners, PeerIdentity};
@@ -176,6 +176,8 @@ pub struct ListenerContext {
     pub audit: AuditLog,
     /// Used with `ack_after = "mapped"`; default: [`JournalStateAck`].
     pub app_ack: Option<Arc<dyn ApplicationAck>>,
+    /// Cap on unfinished-frame bytes shared with other listeners (`[mllp] max_buffered_bytes`).
+    pub inbound_budget: Option<Arc<InboundBudget>>,
 }
 
 /// Counters for tests and metrics.
@@ -189,6 +191,8 @@ pub struct ListenerStats {
     pub rejected: AtomicU64,
     pub rate_limited: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Frames refused because the shared inbound buffer was full.
+    pub busy: AtomicU64,
 }
 
 struct Shared {
@@ -199,6 +203,7 @@ struct Shared {
     audit: AuditLog,
     app_ack: Arc<dyn ApplicationAck>,
     app_acks: Arc<AppAcks>,
+    inbound_budget: Option<Arc<InboundBudget>>,
     tls: Option<ReloadingAcceptor>,
     stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
@@ -267,6 +272,7 @@ impl MllpListener {
                 audit: ctx.audit,
                 app_ack,
                 app_acks,
+                inbound_budget: ctx.inbound_budget,
                 tls,
                 stats: Arc::default(),
                 shutdown,
@@ -449,7 +455,11 @@ async fn serve_connection<S>(
             audit(shared, None, &addr, Outcome::UnknownPartner, None, None).await;
         }
     }
-    let mut framed = Framed::with_capacity(stream, MllpCodec::new(cfg.max_frame_bytes), 16 * 1024);
+    let mut codec = MllpCodec::new(cfg.max_frame_bytes);
+    if let Some(b) = &shared.inbound_budget {
+        codec = codec.with_budget(b.clone());
+    }
+    let mut framed = Framed::with_capacity(stream, codec, 16 * 1024);
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let read = Duration::from_secs(cfg.read_timeout_secs);
     let write = Duration::from_secs(cfg.write_timeout_secs);
@@ -497,6 +507,9 @@ async fn serve_connection<S>(
             }
             MllpFrame::Oversized { head, limit } => {
                 handle_oversized(shared, partner.as_ref(), &addr, head, limit).await
+            }
+            MllpFrame::Overloaded { head, cap } => {
+                handle_busy(shared, partner.as_ref(), &addr, head, cap).await
             }
         };
         if let Some(ack) = reply.ack {
@@ -687,6 +700,33 @@ async fn handle_oversized(
     Reply {
         ack: reply_for(shared, h.as_ref(), Outcome::Oversized, Some(&err)),
         close: partner.is_none(),
+    }
+}
+
+/// The shared inbound buffer is full: "busy, retry". Nothing was accepted, so nothing is stored;
+/// the sender keeps the message and resends it. The rest of the refused frame is discarded as it
+/// arrives (never buffered), and the connection stays usable.
+async fn handle_busy(
+    shared: &Arc<Shared>,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    head: Bytes,
+    cap: usize,
+) -> Reply {
+    let h = Header::read(&head).ok();
+    shared.stats.busy.fetch_add(1, Ordering::Relaxed);
+    let mt = h.as_ref().map(message_type_of);
+    audit(shared, partner, addr, Outcome::Busy, None, mt.as_deref()).await;
+    tracing::warn!(listener = %shared.cfg.name, remote = %addr, max_buffered_bytes = cap, "inbound buffer limit reached; message refused with retry");
+    let err = AckError::new(
+        ("207", "Application internal error"),
+        "inbound buffer limit reached, retry",
+    );
+    Reply {
+        ack: h
+            .as_ref()
+            .map(|h| ack::build_ack(Some(h), Outcome::Busy.code(h.enhanced_mode()), Some(&err))),
+        close: h.is_none(),
     }
 }
 
@@ -1045,6 +1085,7 @@ pub struct MllpSource {
     default_tenant: String,
     app_ack: Option<Arc<dyn ApplicationAck>>,
     feed: Option<ProcessedFeed>,
+    budget: Option<Arc<InboundBudget>>,
 }
 
 impl MllpSource {
@@ -1054,7 +1095,14 @@ impl MllpSource {
             default_tenant: default_tenant.into(),
             app_ack: None,
             feed: None,
+            budget: None,
         }
+    }
+
+    /// Shares `[mllp] max_buffered_bytes` with the other listeners.
+    pub fn with_inbound_budget(mut self, budget: Arc<InboundBudget>) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// Learns mapping outcomes from the pipeline's feed (application ACKs, `ack_after =
@@ -1089,6 +1137,7 @@ impl Source for MllpSource {
                         as Arc<dyn ApplicationAck>
                 })
             }),
+            inbound_budget: self.budget.clone(),
         };
         let listener = match MllpListener::bind(self.cfg.clone(), &self.default_tenant, ctx).await {
             Ok(l) => l,

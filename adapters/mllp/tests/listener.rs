@@ -592,6 +592,7 @@ async fn sender_retries_until_the_receiver_is_up() {
             journal: journal.clone(),
             audit: tributary_storage::AuditLog::new(db.clone()),
             app_ack: None,
+            inbound_budget: None,
         },
     )
     .await

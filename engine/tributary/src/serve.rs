@@ -144,12 +144,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     rt.readiness.set("http", ComponentStatus::Ready);
 
     // Ingress sources, one line per adapter.
+    let mllp_budget = tributary_mllp::codec::InboundBudget::new(config.mllp.max_buffered_bytes);
     for listener in config.mllp.effective_listeners() {
         spawn_source(
             &mut tasks,
             &rt,
             tributary_mllp::MllpSource::new(listener, &config.default_tenant)
-                .with_processed_feed(processed.clone()),
+                .with_processed_feed(processed.clone())
+                .with_inbound_budget(mllp_budget.clone()),
         );
     }
 

@@ -256,3 +256,19 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A copy of the shipped mapping set in `dir/mappings` where a malformed value (a bad date)
+/// fails the message instead of being left out with a warning; returns the `[mapping] dir`.
+pub fn mappings_failing_on_invalid_values(dir: &Path) -> PathBuf {
+    let maps = dir.join("mappings");
+    copy_dir(&repo_root().join("mappings"), &maps);
+    let set = maps.join("hl7v2/mapping-set.yaml");
+    let text = std::fs::read_to_string(&set).unwrap();
+    assert!(text.contains("on_invalid_value: warn"));
+    std::fs::write(
+        &set,
+        text.replace("on_invalid_value: warn", "on_invalid_value: fail"),
+    )
+    .unwrap();
+    maps
+}
