@@ -1029,7 +1029,10 @@ async fn handle_batch(
     payload: Bytes,
     conn: &ConnTx,
 ) -> Reply {
-    let batch = header::split_batch(&payload);
+    let batch = match header::split_batch(&payload) {
+        Ok(b) => b,
+        Err(e) => return refuse_batch(shared, partner, addr, payload, e).await,
+    };
     let batch_id = batch
         .bhs
         .clone()
@@ -1075,6 +1078,58 @@ async fn handle_batch(
     );
     Reply {
         ack: Some(ack::build_batch_ack(&payload, &batch, &acks)),
+        close: false,
+    }
+}
+
+/// A batch that cannot be split (a segment other than FHS/BHS/MSH before the first message):
+/// the whole frame is journaled as rejected with the parser's reason and answered `AR`/`CR`, so
+/// no segment is dropped silently.
+async fn refuse_batch(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+    e: tributary_hl7v2::ParseError,
+) -> Reply {
+    let listener = shared.cfg.name.as_str();
+    // the first MSH, if any, for the ACK's header and MSA-2
+    let first = header::segments(&payload)
+        .find(|r| payload[r.clone()].starts_with(b"MSH"))
+        .map(|r| r.start);
+    let h = first.and_then(|at| Header::read(&payload[at..]).ok());
+    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
+        .tenant(partner.tenant.clone())
+        .partner(partner.id.clone())
+        .meta("listener", listener.to_string());
+    if let Some(h) = &h {
+        env = add_header_meta(env, h);
+    }
+    let env = env.build();
+    let id = env.id;
+    let reason = format!("batch cannot be split: {e}");
+    if let Err(se) = shared.journal.append_rejected(env, reason).await {
+        tracing::error!(listener, error = %se, "journal write of a rejected batch failed");
+    }
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let mt = h.as_ref().map(message_type_of);
+    audit(
+        shared,
+        Some(partner),
+        addr,
+        Outcome::Unparseable,
+        Some(id),
+        mt.as_deref(),
+    )
+    .await;
+    tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
+    let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
+    Reply {
+        ack: Some(ack::build_ack(
+            h.as_ref(),
+            Outcome::Unparseable.code(enhanced(h.as_ref())),
+            Some(&err),
+        )),
         close: false,
     }
 }
