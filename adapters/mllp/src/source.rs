@@ -869,28 +869,14 @@ async fn handle_message(
         Ok(h) => h,
         Err(e) => {
             let partial = Header::read(&payload).ok();
-            let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
-                .tenant(partner.tenant.clone())
-                .partner(partner.id.clone())
-                .meta("listener", listener.to_string());
-            if let Some(h) = &partial {
-                env = add_header_meta(env, h);
-            }
-            let env = env.build();
-            let id = env.id;
             let reason = format!("cannot acknowledge: {e}");
-            if let Err(se) = shared.journal.append_rejected(env, reason).await {
-                tracing::error!(listener, error = %se, "journal write of a rejected message failed");
-            }
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let mt = partial.as_ref().map(message_type_of);
-            audit(
+            let id = reject_unparseable(
                 shared,
-                Some(partner),
+                partner,
                 addr,
-                Outcome::Unparseable,
-                Some(id),
-                mt.as_deref(),
+                payload.clone(),
+                partial.as_ref(),
+                reason,
             )
             .await;
             tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "message rejected");
@@ -1082,6 +1068,42 @@ async fn handle_batch(
     }
 }
 
+/// Journals an unreadable frame whole as rejected with `reason`, counts and audits it; returns
+/// its message id.
+async fn reject_unparseable(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+    header: Option<&Header<'_>>,
+    reason: String,
+) -> MessageId {
+    let mut env = Envelope::builder(Protocol::Hl7v2, payload)
+        .tenant(partner.tenant.clone())
+        .partner(partner.id.clone())
+        .meta("listener", shared.cfg.name.clone());
+    if let Some(h) = header {
+        env = add_header_meta(env, h);
+    }
+    let env = env.build();
+    let id = env.id;
+    if let Err(se) = shared.journal.append_rejected(env, reason).await {
+        tracing::error!(listener = %shared.cfg.name, error = %se, "journal write of a rejected message failed");
+    }
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let mt = header.map(message_type_of);
+    audit(
+        shared,
+        Some(partner),
+        addr,
+        Outcome::Unparseable,
+        Some(id),
+        mt.as_deref(),
+    )
+    .await;
+    id
+}
+
 /// A batch that cannot be split (a segment other than FHS/BHS/MSH before the first message):
 /// the whole frame is journaled as rejected with the parser's reason and answered `AR`/`CR`, so
 /// no segment is dropped silently.
@@ -1098,30 +1120,8 @@ async fn refuse_batch(
         .find(|r| payload[r.clone()].starts_with(b"MSH"))
         .map(|r| r.start);
     let h = first.and_then(|at| Header::read(&payload[at..]).ok());
-    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
-        .tenant(partner.tenant.clone())
-        .partner(partner.id.clone())
-        .meta("listener", listener.to_string());
-    if let Some(h) = &h {
-        env = add_header_meta(env, h);
-    }
-    let env = env.build();
-    let id = env.id;
     let reason = format!("batch cannot be split: {e}");
-    if let Err(se) = shared.journal.append_rejected(env, reason).await {
-        tracing::error!(listener, error = %se, "journal write of a rejected batch failed");
-    }
-    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-    let mt = h.as_ref().map(message_type_of);
-    audit(
-        shared,
-        Some(partner),
-        addr,
-        Outcome::Unparseable,
-        Some(id),
-        mt.as_deref(),
-    )
-    .await;
+    let id = reject_unparseable(shared, partner, addr, payload.clone(), h.as_ref(), reason).await;
     tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
     let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
     Reply {
