@@ -164,3 +164,67 @@ fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
     let log = std::fs::read_to_string(&up_log).unwrap();
     assert!(!log.contains("Testpatient") && !log.contains("MRN70001"));
 }
+
+#[test]
+fn route_over_mtls_reaches_a_tls_listener_as_the_certified_partner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new("Tributary Test CA");
+    let d = tmp.path();
+    pki.write_ca(&d.join("ca.crt"));
+    pki.issue(d, "server", "localhost", &["localhost"], false);
+    pki.issue(
+        d,
+        "lab",
+        "lab.partner.example",
+        &["lab.partner.example"],
+        true,
+    );
+    let tls_addr = free_addr();
+    let down_extra = format!(
+        r#"
+[[mllp.listeners]]
+name = "mllp-tls"
+listen = "{tls_addr}"
+allow_unknown_partners = false
+[mllp.listeners.tls]
+cert = "{d}/server.crt"
+key = "{d}/server.key"
+client_ca = "{d}/ca.crt"
+require_client_cert = true
+[[mllp.listeners.partners]]
+id = "general-lab"
+cert_names = ["lab.partner.example"]
+"#,
+        d = d.display()
+    );
+    let down_data = d.join("down");
+    let down = Server::start(&down_data, &d.join("down.log"), &down_extra, &[tls_addr]);
+    let up_extra = format!(
+        r#"
+[[mllp.routes]]
+name = "tls-out"
+destination = "{tls_addr}"
+[mllp.routes.tls]
+ca = "{d}/ca.crt"
+server_name = "localhost"
+client_cert = "{d}/lab.crt"
+client_key = "{d}/lab.key"
+"#,
+        d = d.display()
+    );
+    let up_log = d.join("up.log");
+    let up = Server::start(&d.join("up"), &up_log, &up_extra, &[]);
+    let msgs = [adt("T-1", false), adt("T-2", false)];
+    for m in &msgs {
+        send_ok(&up.mllp.to_string(), m);
+    }
+    wait_for(&up_log, "\"forwarded\"", 2);
+    up.stop();
+    down.stop();
+    let records = journal_records(&down_data);
+    assert_eq!(records.len(), 2);
+    for (r, m) in records.iter().zip(&msgs) {
+        assert_eq!(r.envelope.partner.as_str(), "general-lab");
+        assert_eq!(&r.envelope.payload[..], &m[..]);
+    }
+}

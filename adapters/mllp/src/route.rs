@@ -8,9 +8,10 @@
 //! it is recorded on the message (journal note `route.<name>`, with the downstream's MSA-3),
 //! audited and logged (codes only), and the route moves on; `tributary replay` sends it again.
 //!
-//! Delivery is at-least-once (a crash between the ACK and the cursor write resends one message);
-//! receivers de-duplicate by MSH-10. A message already noted as sent on this route (e.g. queued
-//! again by a replay) is not sent twice.
+//! Delivery is at-least-once: the "sent" note is written after each ACK, the cursor after each
+//! batch of entries; a crash between an ACK and its note resends that one message. Receivers
+//! de-duplicate by MSH-10. A message already noted as sent on this route (walked again after a
+//! crash, or queued again by a replay) is not sent twice.
 
 use crate::ack::AckCode;
 use crate::config::MllpRouteConfig;
@@ -278,14 +279,21 @@ impl Sink for MllpRoute {
                 }
                 continue;
             }
+            // The cursor is written once per batch of entries (and on shutdown): after a crash the
+            // route walks those entries again and skips the ones noted as sent.
+            let mut done = cursor;
             for e in entries {
                 match self.forward(&rt, &mut sender, e).await? {
-                    Forwarded::Stopped => return Ok(()),
-                    Forwarded::Sent | Forwarded::Refused | Forwarded::Skipped => {
-                        rt.journal.set_cursor(&consumer, e.seq).await?;
+                    Forwarded::Stopped => {
+                        if done > cursor {
+                            rt.journal.set_cursor(&consumer, done).await?;
+                        }
+                        return Ok(());
                     }
+                    Forwarded::Sent | Forwarded::Refused | Forwarded::Skipped => done = e.seq,
                 }
             }
+            rt.journal.set_cursor(&consumer, done).await?;
         }
     }
 }
