@@ -143,6 +143,9 @@ impl MllpCodec {
     }
 
     fn release(&mut self) {
+        if self.held == 0 {
+            return;
+        }
         if let Some(b) = &self.budget {
             b.give_back(self.held);
         }

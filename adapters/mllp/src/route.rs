@@ -146,7 +146,10 @@ impl MllpRoute {
                         a.code.as_str(),
                         tributary_core::format_rfc3339_millis(tributary_core::now_millis())
                     );
-                    rt.journal.set_note(id, &note, text).await?;
+                    if let Err(e) = rt.journal.set_note(id, &note, text).await {
+                        // delivered all the same; without the note a replay would send it again
+                        tracing::warn!(route = name, message_id = %id, error = %e, "could not record the delivery on the message");
+                    }
                     tracing::debug!(route = name, message_id = %id, message_type = %mt, code = a.code.as_str(), "forwarded");
                     if failures > 0 {
                         tracing::info!(route = name, destination = %self.cfg.destination, after_failures = failures, "downstream reachable again");
@@ -195,9 +198,13 @@ impl MllpRoute {
             text.push_str(&format!(": {msa3}"));
         }
         let at = tributary_core::format_rfc3339_millis(tributary_core::now_millis());
-        rt.journal
+        if let Err(e) = rt
+            .journal
             .set_note(rec.envelope.id, &self.note(), format!("{text} ({at})"))
-            .await?;
+            .await
+        {
+            tracing::error!(route = %self.cfg.name, message_id = %rec.envelope.id, error = %e, "could not record the refusal on the message (the audit record has it)");
+        }
         tracing::warn!(route = %self.cfg.name, destination = %self.cfg.destination, message_id = %rec.envelope.id, message_type = %mt, code = code.as_str(), error_code = %err3, "downstream refused the message; recorded on the message, route continues");
         let body = serde_json::json!({
             "kind": "egress",
@@ -282,18 +289,28 @@ impl Sink for MllpRoute {
             // The cursor is written once per batch of entries (and on shutdown): after a crash the
             // route walks those entries again and skips the ones noted as sent.
             let mut done = cursor;
+            let mut stopped = false;
             for e in entries {
-                match self.forward(&rt, &mut sender, e).await? {
-                    Forwarded::Stopped => {
-                        if done > cursor {
-                            rt.journal.set_cursor(&consumer, done).await?;
-                        }
-                        return Ok(());
+                match self.forward(&rt, &mut sender, e).await {
+                    Ok(Forwarded::Stopped) => {
+                        stopped = true;
+                        break;
                     }
-                    Forwarded::Sent | Forwarded::Refused | Forwarded::Skipped => done = e.seq,
+                    Ok(Forwarded::Sent | Forwarded::Refused | Forwarded::Skipped) => done = e.seq,
+                    Err(err) => {
+                        // a storage error: keep the position, try this entry again shortly
+                        tracing::warn!(route = %self.cfg.name, message_id = %e.id, error = %err, "journal read failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
                 }
             }
-            rt.journal.set_cursor(&consumer, done).await?;
+            if done > cursor {
+                rt.journal.set_cursor(&consumer, done).await?;
+            }
+            if stopped {
+                return Ok(());
+            }
         }
     }
 }
@@ -301,6 +318,48 @@ impl Sink for MllpRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(partner: &str, code: &str, trigger: &str) -> JournalRecord {
+        let env = tributary_core::Envelope::builder(Protocol::Hl7v2, &b"MSH|"[..])
+            .partner(partner)
+            .meta("message_type", code.to_string())
+            .meta("trigger_event", trigger.to_string())
+            .build();
+        JournalRecord {
+            envelope: env,
+            state: tributary_storage::StateRecord {
+                state: tributary_core::MessageState::Received,
+                seq: Some(1),
+                updated_at: 0,
+                attempts: 1,
+                mapping_version: None,
+                history: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn filters_by_message_type_event_and_partner() {
+        let route = |types: &[&str], partners: &[&str]| {
+            MllpRoute::new(MllpRouteConfig {
+                name: "r".into(),
+                destination: "127.0.0.1:1".into(),
+                message_types: types.iter().map(|s| s.to_string()).collect(),
+                partners: partners.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        let adt = record("lab", "ADT", "A01");
+        let oru = record("lab", "ORU", "R01");
+        let other = record("clinic", "ADT", "A08");
+        let all = route(&[], &[]);
+        assert!(all.wants(&adt) && all.wants(&oru) && all.wants(&other));
+        let adt_only = route(&["ADT"], &[]);
+        assert!(adt_only.wants(&adt) && adt_only.wants(&other) && !adt_only.wants(&oru));
+        let a01 = route(&["ADT^A01", "ORU"], &["lab"]);
+        assert!(a01.wants(&adt) && a01.wants(&oru) && !a01.wants(&other));
+        assert_eq!(a01.consumer(), "mllp.route.r");
+    }
 
     #[test]
     fn nak_texts_are_read_for_both_err_layouts() {
