@@ -6,23 +6,10 @@
 mod mllp_common;
 
 use mllp_common::*;
-use std::path::Path;
 use std::time::Duration;
 use tributary_core::MessageState;
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// MSA|AA (original mode) or MSA|CA (enhanced mode: the fixtures send MSH-15 = AL).
 fn assert_accepted(ack: &[u8]) {

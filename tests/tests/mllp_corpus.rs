@@ -59,14 +59,9 @@ async fn send_all(files: &[PathBuf], cfg: MllpSenderConfig, connections: usize) 
 /// The messages in a file as the listener journals them: the whole frame for one message, each
 /// MSH…next-MSH slice for a batch or multi-message stream.
 fn messages_of(bytes: &[u8]) -> Vec<Vec<u8>> {
-    if is_batch(bytes) {
-        split_batch(bytes)
-            .messages
-            .into_iter()
-            .map(|r| bytes[r].to_vec())
-            .collect()
-    } else {
-        vec![bytes.to_vec()]
+    match split_batch(bytes) {
+        Ok(b) if is_batch(bytes) => b.messages.into_iter().map(|r| bytes[r].to_vec()).collect(),
+        _ => vec![bytes.to_vec()],
     }
 }
 

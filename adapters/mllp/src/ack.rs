@@ -74,6 +74,8 @@ pub enum Outcome {
     StorageUnavailable,
     /// `ack_after = "mapped"`: mapping failed.
     ApplicationError,
+    /// The listeners' shared inbound buffer (`max_buffered_bytes`) is full; retry later.
+    Busy,
 }
 
 impl Outcome {
@@ -87,6 +89,7 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::StorageUnavailable => "storage_unavailable",
             Outcome::ApplicationError => "application_error",
+            Outcome::Busy => "busy_buffer_limit",
         }
     }
 
@@ -97,8 +100,12 @@ impl Outcome {
             (Outcome::Accepted | Outcome::Duplicate, true) => AckCode::CA,
             (Outcome::ApplicationError, false) => AckCode::AE,
             (Outcome::ApplicationError, true) => AckCode::CE,
-            (Outcome::RateLimited | Outcome::StorageUnavailable, false) => AckCode::AR,
-            (Outcome::RateLimited | Outcome::StorageUnavailable, true) => AckCode::CE,
+            (Outcome::RateLimited | Outcome::StorageUnavailable | Outcome::Busy, false) => {
+                AckCode::AR
+            }
+            (Outcome::RateLimited | Outcome::StorageUnavailable | Outcome::Busy, true) => {
+                AckCode::CE
+            }
             (_, false) => AckCode::AR,
             (_, true) => AckCode::CR,
         }
@@ -233,12 +240,33 @@ fn version_tuple(v: &[u8]) -> (u32, u32) {
 pub fn build_ack(header: Option<&Header<'_>>, code: AckCode, error: Option<&AckError>) -> Vec<u8> {
     let d = header.map(|h| h.delims).unwrap_or_default();
     let mut out = Vec::with_capacity(256);
-    write_msh(&mut out, header, &d);
+    write_msh(&mut out, header, &d, None);
     write_msa_err(&mut out, header, code, error, &d);
     out
 }
 
-fn write_msh(out: &mut Vec<u8>, header: Option<&Header<'_>>, d: &Delims) {
+/// Builds an enhanced-mode application ACK (`AA`/`AE`/`AR`) for the message whose MSH is
+/// `header`: a message of its own, with a fresh MSH-10, MSA-2 = the original MSH-10, and
+/// MSH-15/MSH-16 set to `accept_ack`/`NE` (so the receiver answers with at most a commit ACK).
+pub fn build_application_ack(
+    header: &Header<'_>,
+    code: AckCode,
+    error: Option<&AckError>,
+    accept_ack: &[u8],
+) -> Vec<u8> {
+    let d = header.delims;
+    let mut out = Vec::with_capacity(256);
+    write_msh(&mut out, Some(header), &d, Some((accept_ack, b"NE")));
+    write_msa_err(&mut out, Some(header), code, error, &d);
+    out
+}
+
+fn write_msh(
+    out: &mut Vec<u8>,
+    header: Option<&Header<'_>>,
+    d: &Delims,
+    ack_types: Option<(&[u8], &[u8])>,
+) {
     let f = d.field;
     let (recv_app, recv_fac, send_app, send_fac, trigger, proc_id, version, charset) = match header
     {
@@ -299,10 +327,17 @@ fn write_msh(out: &mut Vec<u8>, header: Option<&Header<'_>>, d: &Delims) {
     out.extend_from_slice(if proc_id.is_empty() { b"P" } else { proc_id });
     out.push(f);
     out.extend_from_slice(if version.is_empty() { b"2.5" } else { version });
-    if !charset.is_empty() {
-        // MSH-13..17 empty, MSH-18 copied
-        out.extend_from_slice(&[f; 6]);
-        out.extend_from_slice(charset);
+    if ack_types.is_some() || !charset.is_empty() {
+        // MSH-13 and MSH-14 empty, MSH-15/16 as asked, MSH-17 empty, MSH-18 copied
+        let (accept, app) = ack_types.unwrap_or((b"", b""));
+        out.extend_from_slice(&[f; 3]);
+        out.extend_from_slice(accept);
+        out.push(f);
+        out.extend_from_slice(app);
+        if !charset.is_empty() {
+            out.extend_from_slice(&[f; 2]);
+            out.extend_from_slice(charset);
+        }
     }
     out.push(b'\r');
 }
@@ -536,6 +571,31 @@ mod tests {
         assert_eq!(Outcome::Accepted.code(true), AckCode::CA);
         assert_eq!(Outcome::Unparseable.code(true), AckCode::CR);
         assert_eq!(Outcome::RateLimited.code(false), AckCode::AR);
+    }
+
+    #[test]
+    fn application_ack_is_a_message_of_its_own() {
+        let m = b"MSH|^~\\&|LAB|HOSP|TRIB|HIE|20240101||ADT^A01|C77|P|2.5.1|||AL|AL||UNICODE UTF-8\rPID|1\r";
+        let h = Header::read(m).unwrap();
+        let e = AckError::new(("207", "Application internal error"), "mapping failed").at("PID", 7);
+        let a = build_application_ack(&h, AckCode::AE, Some(&e), b"NE");
+        let s = segs(&a);
+        let msh: Vec<&str> = s[0].split('|').collect();
+        assert_eq!(&msh[2..6], &["TRIB", "HIE", "LAB", "HOSP"]);
+        assert_ne!(msh[9], "C77", "fresh control id");
+        assert_eq!(&msh[14..], &["NE", "NE", "", "UNICODE UTF-8"]);
+        assert_eq!(s[1], "MSA|AE|C77|mapping failed");
+        assert!(s[2].starts_with("ERR||PID^1^7|207^"), "{}", s[2]);
+        let b = build_application_ack(&h, AckCode::AA, None, b"AL");
+        let sb = segs(&b);
+        let msh2: Vec<&str> = sb[0].split('|').collect();
+        assert_eq!(msh2[14], "AL");
+        assert_ne!(msh2[9], msh[9]);
+        // the commit ACK keeps MSH-18 in place
+        let c = build_ack(Some(&h), AckCode::CA, None);
+        let msh3: Vec<String> = segs(&c)[0].split('|').map(str::to_string).collect();
+        assert_eq!(msh3[17], "UNICODE UTF-8");
+        assert_eq!(msh3[14], "");
     }
 
     #[test]

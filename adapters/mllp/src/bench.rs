@@ -82,14 +82,11 @@ fn load_samples(files: &[PathBuf]) -> Result<Vec<Sample>, LoadError> {
             path: path.clone(),
             source,
         })?;
-        let messages: Vec<Vec<u8>> = if is_batch(&bytes) {
-            split_batch(&bytes)
-                .messages
-                .into_iter()
-                .map(|r| bytes[r].to_vec())
-                .collect()
-        } else {
-            vec![bytes]
+        let messages: Vec<Vec<u8>> = match split_batch(&bytes) {
+            Ok(b) if is_batch(&bytes) => {
+                b.messages.into_iter().map(|r| bytes[r].to_vec()).collect()
+            }
+            _ => vec![bytes],
         };
         for m in messages {
             if let Some(r) = Header::read(&m).ok().and_then(|h| h.field_range(10)) {

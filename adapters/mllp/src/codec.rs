@@ -9,10 +9,16 @@
 //!   [`MllpFrame::Oversized`] with the first bytes (enough to read MSH-10 for the NAK), then
 //!   discards the rest of that frame as it streams in.
 //!
+//! - with an [`InboundBudget`] shared by every connection, the bytes of unfinished frames across
+//!   all connections stay under one cap: a frame that would exceed it yields
+//!   [`MllpFrame::Overloaded`] (the listener answers "busy, retry"), the rest of it is discarded.
+//!
 //! The payload is handed on exactly as received (BOM, CR/LF/CRLF separators and all), so the
 //! journal keeps the sender's bytes; header reading copes with those variations.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -33,6 +39,47 @@ pub enum MllpFrame {
     Message(Bytes),
     /// A frame that exceeded the limit; `head` holds its first bytes, the rest is discarded.
     Oversized { head: Bytes, limit: usize },
+    /// Buffering the rest of this frame would exceed the shared [`InboundBudget`]; `head`
+    /// holds its first bytes, the rest is discarded.
+    Overloaded { head: Bytes, cap: usize },
+}
+
+/// A cap on the bytes of unfinished frames buffered across every connection that shares it
+/// (`[mllp] max_buffered_bytes`). Complete frames leave the budget when they are decoded.
+#[derive(Debug)]
+pub struct InboundBudget {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl InboundBudget {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Bytes currently held by unfinished frames.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.cap)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +106,15 @@ pub struct MllpCodec {
     frame_started: Option<Instant>,
     junk_bytes: u64,
     abandoned_frames: u64,
+    budget: Option<Arc<InboundBudget>>,
+    /// Bytes this codec holds of the budget.
+    held: usize,
+}
+
+impl Drop for MllpCodec {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Default for MllpCodec {
@@ -75,6 +131,40 @@ impl MllpCodec {
             frame_started: None,
             junk_bytes: 0,
             abandoned_frames: 0,
+            budget: None,
+            held: 0,
+        }
+    }
+
+    /// Counts this connection's unfinished frame against a budget shared with others.
+    pub fn with_budget(mut self, budget: Arc<InboundBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    fn release(&mut self) {
+        if self.held == 0 {
+            return;
+        }
+        if let Some(b) = &self.budget {
+            b.give_back(self.held);
+        }
+        self.held = 0;
+    }
+
+    /// Holds `buffered` bytes of the budget; false when the budget cannot cover them.
+    fn hold(&mut self, buffered: usize) -> bool {
+        let Some(b) = &self.budget else { return true };
+        if buffered <= self.held {
+            b.give_back(self.held - buffered);
+            self.held = buffered;
+            return true;
+        }
+        if b.try_take(buffered - self.held) {
+            self.held = buffered;
+            true
+        } else {
+            false
         }
     }
 
@@ -120,6 +210,27 @@ impl Decoder for MllpCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<MllpFrame>, CodecError> {
+        let out = self.decode_frame(src);
+        // Only an unfinished frame holds budget; a decoded frame has left the buffer.
+        if !matches!(self.state, State::InFrame { .. }) {
+            self.release();
+        }
+        out
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<MllpFrame>, CodecError> {
+        // An unfinished frame at EOF is not a message: the sender got no ACK and must resend.
+        let out = self.decode(src)?;
+        if out.is_none() {
+            src.clear();
+            self.release();
+        }
+        Ok(out)
+    }
+}
+
+impl MllpCodec {
+    fn decode_frame(&mut self, src: &mut BytesMut) -> Result<Option<MllpFrame>, CodecError> {
         loop {
             match self.state {
                 State::Seeking => {
@@ -179,6 +290,14 @@ impl Decoder for MllpCodec {
                                     limit: self.max_frame,
                                 }));
                             }
+                            if !self.hold(limit) {
+                                let cap = self.budget.as_ref().map_or(0, |b| b.cap());
+                                let head_len = OVERSIZED_HEAD.min(limit - 1);
+                                let head = Bytes::copy_from_slice(&src[1..1 + head_len]);
+                                src.advance(limit);
+                                self.state = State::Skipping;
+                                return Ok(Some(MllpFrame::Overloaded { head, cap }));
+                            }
                             self.state = State::InFrame { scanned: limit };
                             // Reserve moderately; the limit bounds growth, not this hint.
                             return Ok(None);
@@ -187,15 +306,6 @@ impl Decoder for MllpCodec {
                 }
             }
         }
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<MllpFrame>, CodecError> {
-        // An unfinished frame at EOF is not a message: the sender got no ACK and must resend.
-        let out = self.decode(src)?;
-        if out.is_none() {
-            src.clear();
-        }
-        Ok(out)
     }
 }
 
@@ -226,6 +336,57 @@ pub fn frame(payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_budget_bounds_unfinished_frames_across_connections() {
+        let budget = InboundBudget::new(1000);
+        let mut a = MllpCodec::new(900).with_budget(budget.clone());
+        let mut b = MllpCodec::new(900).with_budget(budget.clone());
+        let mut ba = BytesMut::new();
+        ba.put_u8(START_BLOCK);
+        ba.put_slice(&[b'x'; 600]);
+        assert_eq!(a.decode(&mut ba).unwrap(), None);
+        assert_eq!(budget.used(), 601);
+        let mut bb = BytesMut::new();
+        bb.put_u8(START_BLOCK);
+        bb.put_slice(b"MSH|^~\\&|A|B|C|D|||ADT^A01|C9|P|2.5\r");
+        bb.put_slice(&[b'y'; 500]);
+        match b.decode(&mut bb).unwrap() {
+            Some(MllpFrame::Overloaded { head, cap }) => {
+                assert_eq!(cap, 1000);
+                assert!(head.starts_with(b"MSH|"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(budget.used(), 601, "the refused frame holds nothing");
+        // the rest of the refused frame is discarded, then b reads normally again
+        bb.put_slice(&[b'y'; 10]);
+        bb.put_slice(&[
+            END_BLOCK,
+            CARRIAGE_RETURN,
+            START_BLOCK,
+            b'o',
+            b'k',
+            END_BLOCK,
+        ]);
+        assert_eq!(
+            b.decode(&mut bb).unwrap(),
+            Some(MllpFrame::Message(Bytes::from_static(b"ok")))
+        );
+        // a completes: its bytes go back
+        ba.put_slice(&[END_BLOCK, CARRIAGE_RETURN]);
+        assert!(
+            matches!(a.decode(&mut ba).unwrap(), Some(MllpFrame::Message(m)) if m.len() == 600)
+        );
+        assert_eq!(budget.used(), 0);
+        // a dropped connection gives back what it held
+        ba.put_u8(START_BLOCK);
+        ba.put_slice(&[b'z'; 300]);
+        assert_eq!(a.decode(&mut ba).unwrap(), None);
+        assert_eq!(budget.used(), 301);
+        drop(a);
+        assert_eq!(budget.used(), 0);
+    }
 
     fn decode_all(codec: &mut MllpCodec, chunks: &[&[u8]]) -> Vec<MllpFrame> {
         let mut buf = BytesMut::new();

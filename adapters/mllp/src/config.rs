@@ -50,6 +50,107 @@ pub struct MllpConfig {
     pub listen: String,
     /// Additional listeners with their own TLS, partner and acknowledgment settings.
     pub listeners: Vec<MllpListenerConfig>,
+    /// Most bytes of unfinished messages buffered at once across every MLLP connection of every
+    /// listener. A message whose remaining bytes do not fit is answered `AR`/`CE` "inbound
+    /// buffer limit reached, retry" (not stored: the sender resends); the rest of it is discarded
+    /// as it arrives. Must be at least every listener's `max_frame_bytes`.
+    pub max_buffered_bytes: usize,
+    /// Outbound routes: journaled HL7 v2 messages forwarded, byte for byte and in journal order,
+    /// to downstream MLLP listeners (`[[mllp.routes]]`, see [`MllpRouteConfig`]).
+    pub routes: Vec<MllpRouteConfig>,
+}
+
+/// One outbound route (HL7 v2 → v2). Every journaled message it selects is sent to
+/// `destination`; the route waits for `AA`/`CA` before the next one, retries connection failures
+/// and "retry" NAKs with backoff without limit, and records a downstream `AE`/`AR` on the message
+/// (journal note `route.<name>`) before moving on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MllpRouteConfig {
+    /// Name in logs, audit records and `/ready`; the journal cursor is `mllp.route.<name>`
+    /// (renaming a route starts it again from the beginning of the journal).
+    pub name: String,
+    /// `host:port` of the downstream MLLP listener.
+    pub destination: String,
+    /// TLS towards the destination; absent means plain TCP.
+    pub tls: Option<MllpClientTlsConfig>,
+    /// Forward only these message types: `ADT` (any event) or `ADT^A01`. Empty: all.
+    pub message_types: Vec<String>,
+    /// Forward only messages from these partner ids. Empty: all.
+    pub partners: Vec<String>,
+    /// Time allowed to connect (and complete the TLS handshake).
+    pub connect_timeout_secs: u64,
+    /// Time allowed for the downstream's ACK of one message; then the message is sent again
+    /// over a new connection.
+    pub ack_timeout_secs: u64,
+    /// First retry delay after a failure, in milliseconds; doubled per failure.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, in seconds.
+    pub backoff_max_secs: u64,
+    /// Largest ACK accepted from the downstream, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for MllpRouteConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            destination: String::new(),
+            tls: None,
+            message_types: Vec::new(),
+            partners: Vec::new(),
+            connect_timeout_secs: 10,
+            ack_timeout_secs: 30,
+            backoff_initial_ms: 200,
+            backoff_max_secs: 30,
+            max_frame_bytes: 1 << 20,
+        }
+    }
+}
+
+impl MllpRouteConfig {
+    pub fn validate(&self, prefix: &str) -> Result<(), MllpConfigError> {
+        check_name(format!("{prefix}.name"), &self.name)?;
+        check_host_port(&format!("{prefix}.destination"), &self.destination)?;
+        if let Some(t) = &self.tls {
+            t.validate(&format!("{prefix}.tls"))?;
+        }
+        for t in &self.message_types {
+            let ok = t.split('^').count() <= 2
+                && t.split('^').all(|p| {
+                    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                });
+            if !ok {
+                return Err(invalid(
+                    format!("{prefix}.message_types"),
+                    t,
+                    "a message code (ADT) or code^event (ADT^A01)",
+                ));
+            }
+        }
+        for (key, v) in [
+            ("connect_timeout_secs", self.connect_timeout_secs),
+            ("ack_timeout_secs", self.ack_timeout_secs),
+            ("backoff_initial_ms", self.backoff_initial_ms),
+            ("backoff_max_secs", self.backoff_max_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    format!("{prefix}.{key}"),
+                    v,
+                    "must be greater than 0",
+                ));
+            }
+        }
+        if self.max_frame_bytes < 64 {
+            return Err(invalid(
+                format!("{prefix}.max_frame_bytes"),
+                self.max_frame_bytes,
+                "at least 64 bytes",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for MllpConfig {
@@ -57,6 +158,8 @@ impl Default for MllpConfig {
         Self {
             listen: "127.0.0.1:2575".into(),
             listeners: Vec::new(),
+            max_buffered_bytes: 256 << 20,
+            routes: Vec::new(),
         }
     }
 }
@@ -88,11 +191,33 @@ impl MllpConfig {
                 format!("mllp.listeners[{idx}]")
             };
             l.validate(&prefix)?;
+            if l.max_frame_bytes > self.max_buffered_bytes {
+                return Err(invalid(
+                    "mllp.max_buffered_bytes".into(),
+                    self.max_buffered_bytes,
+                    &format!(
+                        "at least {prefix}.max_frame_bytes ({}), or no message that large could ever be read",
+                        l.max_frame_bytes
+                    ),
+                ));
+            }
             if !names.insert(l.name.clone()) {
                 return Err(invalid(
                     format!("{prefix}.name"),
                     &l.name,
                     "listener names must be unique (the default listener is named `mllp`)",
+                ));
+            }
+        }
+        let mut routes = std::collections::BTreeSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let prefix = format!("mllp.routes[{i}]");
+            r.validate(&prefix)?;
+            if !routes.insert(r.name.clone()) {
+                return Err(invalid(
+                    format!("{prefix}.name"),
+                    &r.name,
+                    "route names must be unique",
                 ));
             }
         }
@@ -154,6 +279,17 @@ pub struct MllpListenerConfig {
     /// Write one PHI-free audit record per accepted message (refusals are always audited). It
     /// shares the journal's fsync.
     pub audit_accepted: bool,
+    /// Enhanced mode: how long to wait for the mapping pipeline before an application ACK that
+    /// MSH-16 asks for is given up. A give-up is recorded on the message (note `app_ack`) and
+    /// audited, never silent.
+    pub app_ack_timeout_secs: u64,
+    /// Enhanced mode: most messages waiting for their application ACK on this listener. Beyond
+    /// it, the commit ACK is still sent and the missing application ACK is recorded and audited.
+    pub max_pending_app_acks: usize,
+    /// When a sender resends a message already acknowledged at application level (a duplicate),
+    /// send its application ACK again. Off: a duplicate gets its commit ACK only, unless the
+    /// first application ACK was never delivered.
+    pub resend_app_ack_on_duplicate: bool,
     /// TLS for this listener; absent means plain TCP (loopback or VPN use).
     pub tls: Option<MllpTlsConfig>,
     /// The partners allowed to send here.
@@ -177,6 +313,9 @@ impl Default for MllpListenerConfig {
             default_partner: "anonymous".into(),
             follow_msh15: false,
             audit_accepted: true,
+            app_ack_timeout_secs: 600,
+            max_pending_app_acks: 10_000,
+            resend_app_ack_on_duplicate: false,
             tls: None,
             partners: Vec::new(),
         }
@@ -225,6 +364,61 @@ pub struct PartnerConfig {
     pub max_messages_per_sec: Option<f64>,
     /// Burst allowance above the rate; default: one second's worth.
     pub burst: Option<u32>,
+    /// `host:port` of the partner's MLLP listener for enhanced-mode application ACKs whose
+    /// connection closed before the message was processed. Absent: such an ACK is recorded on
+    /// the message (note `app_ack`) and audited as undelivered.
+    pub app_ack_return: Option<String>,
+    /// TLS towards `app_ack_return`; absent means plain TCP.
+    pub app_ack_return_tls: Option<MllpClientTlsConfig>,
+}
+
+/// TLS settings of an outbound MLLP connection (rustls; TLS 1.2 and 1.3 only).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MllpClientTlsConfig {
+    /// PEM bundle of the CAs that issue the receiver's certificate.
+    pub ca: PathBuf,
+    /// Name the receiver's certificate must carry (DNS SAN); default: the host of the address.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// PEM client certificate chain, for receivers that require mTLS (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl MllpClientTlsConfig {
+    fn validate(&self, key: &str) -> Result<(), MllpConfigError> {
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return Err(invalid(
+                format!("{key}.client_key"),
+                "",
+                "client_cert and client_key go together",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads the files (I/O) into a rustls client configuration and the name to verify.
+    pub fn load(
+        &self,
+        addr: &str,
+    ) -> Result<(std::sync::Arc<rustls::ClientConfig>, String), crate::tls::TlsError> {
+        let client = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let config = crate::tls::client_config(Some(&self.ca), client)?;
+        let name = self.server_name.clone().unwrap_or_else(|| {
+            addr.rsplit_once(':')
+                .map_or(addr, |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_string()
+        });
+        Ok((std::sync::Arc::new(config), name))
+    }
 }
 
 fn check_addr(key: &str, value: &str) -> Result<(), MllpConfigError> {
@@ -232,6 +426,18 @@ fn check_addr(key: &str, value: &str) -> Result<(), MllpConfigError> {
         .parse::<SocketAddr>()
         .map(|_| ())
         .map_err(|_| invalid(key.into(), value, "expected IP:PORT, e.g. 127.0.0.1:2575"))
+}
+
+/// `host:port` with a non-empty host and a port (names are resolved when connecting).
+fn check_host_port(key: &str, value: &str) -> Result<(), MllpConfigError> {
+    match value.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(invalid(
+            key.into(),
+            value,
+            "expected HOST:PORT, e.g. 10.1.2.3:2575 or lab.example.org:2575",
+        )),
+    }
 }
 
 fn check_name(key: String, value: &str) -> Result<(), MllpConfigError> {
@@ -260,6 +466,8 @@ impl MllpListenerConfig {
             ("read_timeout_secs", self.read_timeout_secs),
             ("write_timeout_secs", self.write_timeout_secs),
             ("mapped_timeout_secs", self.mapped_timeout_secs),
+            ("app_ack_timeout_secs", self.app_ack_timeout_secs),
+            ("max_pending_app_acks", self.max_pending_app_acks as u64),
         ] {
             if v == 0 {
                 return Err(invalid(
@@ -339,6 +547,12 @@ impl MllpListenerConfig {
                     ));
                 }
             }
+            if let Some(r) = &p.app_ack_return {
+                check_host_port(&format!("{pk}.app_ack_return"), r)?;
+            }
+            if let Some(t) = &p.app_ack_return_tls {
+                t.validate(&format!("{pk}.app_ack_return_tls"))?;
+            }
             if p.burst == Some(0) {
                 return Err(invalid(format!("{pk}.burst"), 0, "must be greater than 0"));
             }
@@ -381,6 +595,40 @@ mod tests {
         c.validate().unwrap();
         c.listeners[0].name = "mllp".into();
         assert_eq!(c.validate().unwrap_err().key, "mllp.listeners[0].name");
+    }
+
+    #[test]
+    fn buffer_cap_covers_every_listener_frame() {
+        let mut c = MllpConfig {
+            max_buffered_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "mllp.max_buffered_bytes");
+        assert!(e.allowed.contains("mllp.max_frame_bytes"), "{e}");
+        c.max_buffered_bytes = crate::codec::DEFAULT_MAX_FRAME;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let mut c: MllpConfig = toml::from_str(
+            "[[routes]]\nname = \"lab-out\"\ndestination = \"lab.example.org:2575\"\nmessage_types = [\"ADT\", \"ORU^R01\"]\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes[0].ack_timeout_secs, 30);
+        c.routes[0].message_types.push("ORU^R01^X".into());
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "mllp.routes[0].message_types"
+        );
+        c.routes[0].message_types.pop();
+        c.routes[0].destination = "nowhere".into();
+        assert_eq!(c.validate().unwrap_err().key, "mllp.routes[0].destination");
+        assert!(
+            toml::from_str::<MllpConfig>("[[routes]]\nname = \"x\"\ndest = \"a:1\"\n").is_err()
+        );
     }
 
     #[test]

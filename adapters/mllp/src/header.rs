@@ -303,92 +303,9 @@ pub fn ascii_lossy(bytes: &[u8], max: usize) -> String {
         .collect()
 }
 
-/// Whether a payload is a batch (FHS/BHS envelope) or a stream of several MSH messages.
-pub fn is_batch(payload: &[u8]) -> bool {
-    let mut msh = 0;
-    for seg in segments(payload) {
-        let id = &payload[seg.start..(seg.start + 3).min(seg.end)];
-        match id {
-            b"FHS" | b"BHS" => return true,
-            b"MSH" => {
-                msh += 1;
-                if msh > 1 {
-                    return true;
-                }
-            }
-            _ => {}
-        }
-    }
-    false
-}
-
-/// A batch split into its parts; every range indexes the original payload.
-#[derive(Debug, Clone, Default)]
-pub struct Batch {
-    /// The FHS segment, when the payload is a file.
-    pub fhs: Option<Range<usize>>,
-    /// The (first) BHS segment, when present.
-    pub bhs: Option<Range<usize>>,
-    /// Each message from its MSH to the end of its last segment (terminator included when
-    /// present), so journaled bytes are exactly what the sender sent.
-    pub messages: Vec<Range<usize>>,
-    /// BTS-1 (batch message count) as declared, if present and numeric.
-    pub declared_count: Option<usize>,
-}
-
-/// Splits FHS/BHS/BTS/FTS batches and multi-MSH streams.
-pub fn split_batch(payload: &[u8]) -> Batch {
-    let mut b = Batch::default();
-    let mut current: Option<Range<usize>> = None;
-    let seg_end_incl = |end: usize| {
-        let mut e = end;
-        if payload.get(e) == Some(&b'\r') {
-            e += 1;
-        }
-        if payload.get(e) == Some(&b'\n') {
-            e += 1;
-        }
-        e
-    };
-    for seg in segments(payload) {
-        let id = &payload[seg.start..(seg.start + 3).min(seg.end)];
-        match id {
-            b"MSH" => {
-                if let Some(m) = current.take() {
-                    b.messages.push(m);
-                }
-                current = Some(seg.start..seg_end_incl(seg.end));
-            }
-            b"FHS" | b"BHS" | b"BTS" | b"FTS" => {
-                if let Some(m) = current.take() {
-                    b.messages.push(m);
-                }
-                match id {
-                    b"FHS" => b.fhs = Some(seg.clone()),
-                    b"BHS" if b.bhs.is_none() => b.bhs = Some(seg.clone()),
-                    b"BTS" => {
-                        let s = &payload[seg.clone()];
-                        b.declared_count = s
-                            .get(4..)
-                            .and_then(|rest| rest.split(|c| *c == s[3]).next())
-                            .and_then(|c| std::str::from_utf8(c).ok())
-                            .and_then(|c| c.trim().parse().ok());
-                    }
-                    _ => {}
-                }
-            }
-            _ => {
-                if let Some(m) = current.as_mut() {
-                    m.end = seg_end_incl(seg.end);
-                }
-            }
-        }
-    }
-    if let Some(m) = current.take() {
-        b.messages.push(m);
-    }
-    b
-}
+/// Batch detection and splitting are the parser's (one implementation for the listener, the
+/// mapping CLI and the corpus tests).
+pub use tributary_hl7v2::{is_batch, split_batch, Batch};
 
 #[cfg(test)]
 mod tests {
@@ -447,25 +364,5 @@ mod tests {
             h.require_ackable().unwrap_err().location(),
             Some(("MSH", 10))
         );
-    }
-
-    #[test]
-    fn splits_batches_keeping_exact_bytes() {
-        let batch = b"FHS|^~\\&|A|B|C|D|||||F1\rBHS|^~\\&|A|B|C|D|||||B1\rMSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\rMSH|^~\\&|A|B|C|D|||ADT^A08|M2|P|2.5\r\nEVN|x\r\nBTS|2\rFTS|1\r";
-        assert!(is_batch(batch));
-        let b = split_batch(batch);
-        assert_eq!(b.messages.len(), 2);
-        assert_eq!(
-            &batch[b.messages[0].clone()],
-            b"MSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\r"
-        );
-        assert_eq!(
-            &batch[b.messages[1].clone()],
-            b"MSH|^~\\&|A|B|C|D|||ADT^A08|M2|P|2.5\r\nEVN|x\r\n"
-        );
-        assert_eq!(b.declared_count, Some(2));
-        let bhs = Header::read_segment(batch, b.bhs.clone().unwrap()).unwrap();
-        assert_eq!(bhs.control_id(), b"B1");
-        assert!(!is_batch(ADT));
     }
 }

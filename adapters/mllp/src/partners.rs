@@ -1,7 +1,7 @@
 //! Who is sending: partners recognised by TLS client certificate or source address, and their
 //! per-partner rate limits (a token bucket shared by all of a partner's connections).
 
-use crate::config::{MllpListenerConfig, PartnerConfig};
+use crate::config::{MllpClientTlsConfig, MllpListenerConfig, PartnerConfig};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,8 @@ pub struct Partner {
     pub tenant: String,
     /// How it was recognised: `certificate`, `address` or `open`.
     pub matched_by: &'static str,
+    /// Where application ACKs go when the message's connection is gone (`host:port`, TLS).
+    pub app_ack_return: Option<(String, Option<MllpClientTlsConfig>)>,
     limiter: Option<Arc<RateLimiter>>,
 }
 
@@ -90,6 +92,10 @@ impl Partners {
                     id: p.id.clone(),
                     tenant: p.tenant.clone().unwrap_or_else(|| listener_tenant.into()),
                     matched_by: "",
+                    app_ack_return: p
+                        .app_ack_return
+                        .clone()
+                        .map(|a| (a, p.app_ack_return_tls.clone())),
                     limiter: p.max_messages_per_sec.map(|r| {
                         let burst = p.burst.unwrap_or_else(|| r.ceil().max(1.0) as u32);
                         Arc::new(RateLimiter::new(r, burst))
@@ -111,6 +117,7 @@ impl Partners {
             id: config.default_partner.clone(),
             tenant: listener_tenant.into(),
             matched_by: "open",
+            app_ack_return: None,
             limiter: None,
         });
         Self { entries, open }

@@ -143,7 +143,9 @@ impl MllpSender {
                 Ok(None) => Err(io_err("connection closed before the ACK".into())),
                 Ok(Some(Err(e))) => Err(io_err(e.to_string())),
                 Ok(Some(Ok(MllpFrame::Message(ack)))) => Ok(ack.to_vec()),
-                Ok(Some(Ok(MllpFrame::Oversized { .. }))) => Err(SendError::BadAck),
+                Ok(Some(Ok(MllpFrame::Oversized { .. } | MllpFrame::Overloaded { .. }))) => {
+                    Err(SendError::BadAck)
+                }
             }
         }
         .await;

@@ -10,7 +10,8 @@
 //! and outcome — never payload bytes, patient data or identifiers.
 
 use crate::ack::{self, AckError, Outcome};
-use crate::codec::{MllpCodec, MllpFrame};
+use crate::app_ack::{AppAckJob, AppAckType, AppAcks, ConnTx, ConnWrite};
+use crate::codec::{InboundBudget, MllpCodec, MllpFrame};
 use crate::config::{AckAfter, MllpListenerConfig};
 use crate::header::{self, ascii_lossy, Header};
 use crate::partners::{Partner, Partners, PeerIdentity};
@@ -30,7 +31,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tributary_core::{Envelope, MessageId, Protocol, StateKind};
-use tributary_runtime::{ComponentStatus, Runtime, Source};
+use tributary_runtime::{ComponentStatus, ProcessedFeed, ProcessedOutcome, Runtime, Source};
 use tributary_storage::{AuditLog, Journal};
 
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +65,12 @@ pub trait ApplicationAck: Send + Sync + 'static {
     async fn wait_processed(&self, id: MessageId, timeout: Duration) -> ApplicationOutcome;
 }
 
-/// Default [`ApplicationAck`]: watches the message's journal state until the pipeline moves it
-/// to mapped/committed/delivered (→ processed) or failed/rejected (→ failed).
+/// Default [`ApplicationAck`]: learns the outcome from the pipeline's [`ProcessedFeed`] when it
+/// has one, and from the message's journal state (checked at the start, after a lagged feed,
+/// and every few seconds) — so a missed announcement only delays the answer.
 pub struct JournalStateAck {
     journal: Arc<dyn Journal>,
+    feed: Option<ProcessedFeed>,
     poll: Duration,
 }
 
@@ -75,7 +78,30 @@ impl JournalStateAck {
     pub fn new(journal: Arc<dyn Journal>) -> Self {
         Self {
             journal,
+            feed: None,
             poll: Duration::from_millis(20),
+        }
+    }
+
+    pub fn with_feed(mut self, feed: ProcessedFeed) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
+    fn check(&self, id: MessageId) -> Option<ApplicationOutcome> {
+        let st = self.journal.state(id).ok()??;
+        match st.state.kind() {
+            StateKind::Mapped | StateKind::Committed | StateKind::Delivered => {
+                Some(ApplicationOutcome::Processed)
+            }
+            StateKind::Failed | StateKind::Rejected => {
+                let reason = st.state.reason().unwrap_or("").to_string();
+                Some(ApplicationOutcome::Failed {
+                    field: field_in(&reason),
+                    reason,
+                })
+            }
+            StateKind::Received => None,
         }
     }
 }
@@ -100,27 +126,45 @@ pub fn field_in(reason: &str) -> Option<String> {
 #[async_trait]
 impl ApplicationAck for JournalStateAck {
     async fn wait_processed(&self, id: MessageId, timeout: Duration) -> ApplicationOutcome {
+        use tokio::sync::broadcast::error::RecvError;
         let deadline = Instant::now() + timeout;
+        // subscribe before the first look, so an outcome published in between is not missed
+        let mut feed = self.feed.as_ref().map(ProcessedFeed::subscribe);
+        let mut poll = self.poll;
         loop {
-            if let Ok(Some(rec)) = self.journal.get(id) {
-                match rec.state.state.kind() {
-                    StateKind::Mapped | StateKind::Committed | StateKind::Delivered => {
-                        return ApplicationOutcome::Processed
-                    }
-                    StateKind::Failed | StateKind::Rejected => {
-                        let reason = rec.state.state.reason().unwrap_or("").to_string();
-                        return ApplicationOutcome::Failed {
-                            field: field_in(&reason),
-                            reason,
-                        };
-                    }
-                    StateKind::Received => {}
-                }
+            if let Some(o) = self.check(id) {
+                return o;
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return ApplicationOutcome::Pending;
             }
-            tokio::time::sleep(self.poll).await;
+            let left = deadline - now;
+            let Some(rx) = feed.as_mut() else {
+                tokio::time::sleep(poll.min(left)).await;
+                poll = (poll * 2).min(Duration::from_millis(500));
+                continue;
+            };
+            let until = tokio::time::Instant::now() + left.min(Duration::from_secs(5));
+            loop {
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Ok(p)) if p.id == id => {
+                        return match p.outcome {
+                            ProcessedOutcome::Committed => ApplicationOutcome::Processed,
+                            ProcessedOutcome::Failed { reason } => ApplicationOutcome::Failed {
+                                field: field_in(&reason),
+                                reason,
+                            },
+                        }
+                    }
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(RecvError::Lagged(_))) | Err(_) => break,
+                    Ok(Err(RecvError::Closed)) => {
+                        feed = None;
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -132,6 +176,8 @@ pub struct ListenerContext {
     pub audit: AuditLog,
     /// Used with `ack_after = "mapped"`; default: [`JournalStateAck`].
     pub app_ack: Option<Arc<dyn ApplicationAck>>,
+    /// Cap on unfinished-frame bytes shared with other listeners (`[mllp] max_buffered_bytes`).
+    pub inbound_budget: Option<Arc<InboundBudget>>,
 }
 
 /// Counters for tests and metrics.
@@ -145,6 +191,8 @@ pub struct ListenerStats {
     pub rejected: AtomicU64,
     pub rate_limited: AtomicU64,
     pub timeouts: AtomicU64,
+    /// Frames refused because the shared inbound buffer was full.
+    pub busy: AtomicU64,
 }
 
 struct Shared {
@@ -154,6 +202,8 @@ struct Shared {
     journal: Arc<dyn Journal>,
     audit: AuditLog,
     app_ack: Arc<dyn ApplicationAck>,
+    app_acks: Arc<AppAcks>,
+    inbound_budget: Option<Arc<InboundBudget>>,
     tls: Option<ReloadingAcceptor>,
     stats: Arc<ListenerStats>,
     shutdown: CancellationToken,
@@ -197,6 +247,21 @@ impl MllpListener {
         let app_ack = ctx
             .app_ack
             .unwrap_or_else(|| Arc::new(JournalStateAck::new(ctx.journal.clone())));
+        let shutdown = CancellationToken::new();
+        let app_acks = Arc::new(AppAcks {
+            listener: cfg.name.clone(),
+            journal: ctx.journal.clone(),
+            audit: ctx.audit.clone(),
+            hook: app_ack.clone(),
+            timeout: Duration::from_secs(cfg.app_ack_timeout_secs),
+            resend_on_duplicate: cfg.resend_app_ack_on_duplicate,
+            max_pending: cfg.max_pending_app_acks,
+            limit: Arc::new(Semaphore::new(cfg.max_pending_app_acks)),
+            pending: Default::default(),
+            tasks: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            return_attempts: 5,
+        });
         Ok(Self {
             listener,
             shared: Arc::new(Shared {
@@ -206,9 +271,11 @@ impl MllpListener {
                 journal: ctx.journal,
                 audit: ctx.audit,
                 app_ack,
+                app_acks,
+                inbound_budget: ctx.inbound_budget,
                 tls,
                 stats: Arc::default(),
-                shutdown: CancellationToken::new(),
+                shutdown,
             }),
         })
     }
@@ -306,6 +373,14 @@ impl MllpListener {
         {
             tracing::warn!(listener = %name, "connections still open after 10 s; closing");
         }
+        // application ACKs still waiting record why they were not sent, then end
+        shared.app_acks.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), shared.app_acks.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(listener = %name, "application ACK tasks still running after 10 s");
+        }
     }
 }
 
@@ -380,16 +455,31 @@ async fn serve_connection<S>(
             audit(shared, None, &addr, Outcome::UnknownPartner, None, None).await;
         }
     }
-    let mut framed = Framed::with_capacity(stream, MllpCodec::new(cfg.max_frame_bytes), 16 * 1024);
+    let mut codec = MllpCodec::new(cfg.max_frame_bytes);
+    if let Some(b) = &shared.inbound_budget {
+        codec = codec.with_budget(b.clone());
+    }
+    let mut framed = Framed::with_capacity(stream, codec, 16 * 1024);
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let read = Duration::from_secs(cfg.read_timeout_secs);
     let write = Duration::from_secs(cfg.write_timeout_secs);
     let check = read.min(Duration::from_secs(1));
     let mut idle_deadline = Instant::now() + idle;
+    // application ACKs for this connection's messages, written between frames
+    let (app_tx, mut app_rx) = tokio::sync::mpsc::channel::<ConnWrite>(64);
     loop {
         let frame = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            Some((bytes, done)) = app_rx.recv() => {
+                let ok = matches!(tokio::time::timeout(write, framed.send(bytes)).await, Ok(Ok(())));
+                let _ = done.send(ok);
+                if !ok {
+                    tracing::info!(listener, remote = %addr, "application ACK write failed; closing (it goes to the return endpoint or is recorded)");
+                    break;
+                }
+                continue;
+            }
             f = framed.next() => f,
             _ = tokio::time::sleep(check) => {
                 let now = Instant::now();
@@ -413,10 +503,13 @@ async fn serve_connection<S>(
         };
         let reply = match frame {
             MllpFrame::Message(payload) => {
-                handle_payload(shared, partner.as_ref(), &addr, payload).await
+                handle_payload(shared, partner.as_ref(), &addr, payload, &app_tx).await
             }
             MllpFrame::Oversized { head, limit } => {
                 handle_oversized(shared, partner.as_ref(), &addr, head, limit).await
+            }
+            MllpFrame::Overloaded { head, cap } => {
+                handle_busy(shared, partner.as_ref(), &addr, head, cap).await
             }
         };
         if let Some(ack) = reply.ack {
@@ -509,14 +602,15 @@ async fn handle_payload(
     partner: Option<&Partner>,
     addr: &SocketAddr,
     payload: Bytes,
+    conn: &ConnTx,
 ) -> Reply {
     let Some(partner) = partner else {
         return refuse_unknown(shared, addr, payload).await;
     };
     if header::is_batch(&payload) {
-        return handle_batch(shared, partner, addr, payload).await;
+        return handle_batch(shared, partner, addr, payload, conn).await;
     }
-    let (ack, _) = handle_message(shared, partner, addr, payload, None).await;
+    let (ack, _) = handle_message(shared, partner, addr, payload, None, conn).await;
     Reply { ack, close: false }
 }
 
@@ -606,6 +700,33 @@ async fn handle_oversized(
     Reply {
         ack: reply_for(shared, h.as_ref(), Outcome::Oversized, Some(&err)),
         close: partner.is_none(),
+    }
+}
+
+/// The shared inbound buffer is full: "busy, retry". Nothing was accepted, so nothing is stored;
+/// the sender keeps the message and resends it. The rest of the refused frame is discarded as it
+/// arrives (never buffered), and the connection stays usable.
+async fn handle_busy(
+    shared: &Arc<Shared>,
+    partner: Option<&Partner>,
+    addr: &SocketAddr,
+    head: Bytes,
+    cap: usize,
+) -> Reply {
+    let h = Header::read(&head).ok();
+    shared.stats.busy.fetch_add(1, Ordering::Relaxed);
+    let mt = h.as_ref().map(message_type_of);
+    audit(shared, partner, addr, Outcome::Busy, None, mt.as_deref()).await;
+    tracing::warn!(listener = %shared.cfg.name, remote = %addr, max_buffered_bytes = cap, "inbound buffer limit reached; message refused with retry");
+    let err = AckError::new(
+        ("207", "Application internal error"),
+        "inbound buffer limit reached, retry",
+    );
+    Reply {
+        ack: h
+            .as_ref()
+            .map(|h| ack::build_ack(Some(h), Outcome::Busy.code(h.enhanced_mode()), Some(&err))),
+        close: h.is_none(),
     }
 }
 
@@ -731,6 +852,7 @@ async fn handle_message(
     addr: &SocketAddr,
     payload: Bytes,
     batch_id: Option<&str>,
+    conn: &ConnTx,
 ) -> (Option<Vec<u8>>, Outcome) {
     let cfg = &shared.cfg;
     let listener = cfg.name.as_str();
@@ -747,28 +869,14 @@ async fn handle_message(
         Ok(h) => h,
         Err(e) => {
             let partial = Header::read(&payload).ok();
-            let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
-                .tenant(partner.tenant.clone())
-                .partner(partner.id.clone())
-                .meta("listener", listener.to_string());
-            if let Some(h) = &partial {
-                env = add_header_meta(env, h);
-            }
-            let env = env.build();
-            let id = env.id;
             let reason = format!("cannot acknowledge: {e}");
-            if let Err(se) = shared.journal.append_rejected(env, reason).await {
-                tracing::error!(listener, error = %se, "journal write of a rejected message failed");
-            }
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            let mt = partial.as_ref().map(message_type_of);
-            audit(
+            let id = reject_unparseable(
                 shared,
-                Some(partner),
+                partner,
                 addr,
-                Outcome::Unparseable,
-                Some(id),
-                mt.as_deref(),
+                payload.clone(),
+                partial.as_ref(),
+                reason,
             )
             .await;
             tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "message rejected");
@@ -853,6 +961,21 @@ async fn handle_message(
         tracing::debug!(listener, partner = %partner.id, message_id = %receipt.id, message_type = %mt, "message journaled");
         Outcome::Accepted
     };
+    if let Some(kind) = AppAckType::of(&h) {
+        if !receipt.duplicate || shared.app_acks.resend_for_duplicate(receipt.id) {
+            let job = AppAckJob {
+                id: receipt.id,
+                partner: partner.clone(),
+                msh: Bytes::copy_from_slice(&payload[h.msh.clone()]),
+                kind,
+                conn: Some(conn.clone()),
+                remote: *addr,
+            };
+            shared.app_acks.start(job).await;
+        } else {
+            tracing::info!(listener, message_id = %receipt.id, "duplicate: application ACK already pending or sent; not sent again");
+        }
+    }
     let mut err = None;
     if cfg.ack_after == AckAfter::Mapped && !h.enhanced_mode() {
         match shared
@@ -890,8 +1013,12 @@ async fn handle_batch(
     partner: &Partner,
     addr: &SocketAddr,
     payload: Bytes,
+    conn: &ConnTx,
 ) -> Reply {
-    let batch = header::split_batch(&payload);
+    let batch = match header::split_batch(&payload) {
+        Ok(b) => b,
+        Err(e) => return refuse_batch(shared, partner, addr, payload, e).await,
+    };
     let batch_id = batch
         .bhs
         .clone()
@@ -901,18 +1028,21 @@ async fn handle_batch(
         .filter(|s| !s.is_empty());
     if batch.messages.is_empty() {
         // A batch envelope with no message in it: nothing to store but the envelope itself.
-        let (ack, _) = handle_message(shared, partner, addr, payload, None).await;
+        let (ack, _) = handle_message(shared, partner, addr, payload, None, conn).await;
         return Reply { ack, close: false };
     }
-    let results: Vec<(Option<Vec<u8>>, Outcome)> = futures::stream::iter(batch.messages.clone())
-        .map(|r| {
-            let msg = payload.slice(r);
-            let batch_id = batch_id.clone();
-            async move { handle_message(shared, partner, addr, msg, batch_id.as_deref()).await }
-        })
-        .buffered(64)
-        .collect()
-        .await;
+    let results: Vec<(Option<Vec<u8>>, Outcome)> =
+        futures::stream::iter(batch.messages.clone())
+            .map(|r| {
+                let msg = payload.slice(r);
+                let batch_id = batch_id.clone();
+                async move {
+                    handle_message(shared, partner, addr, msg, batch_id.as_deref(), conn).await
+                }
+            })
+            .buffered(64)
+            .collect()
+            .await;
     let acks: Vec<Vec<u8>> = results
         .iter()
         .enumerate()
@@ -938,11 +1068,79 @@ async fn handle_batch(
     }
 }
 
+/// Journals an unreadable frame whole as rejected with `reason`, counts and audits it; returns
+/// its message id.
+async fn reject_unparseable(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+    header: Option<&Header<'_>>,
+    reason: String,
+) -> MessageId {
+    let mut env = Envelope::builder(Protocol::Hl7v2, payload)
+        .tenant(partner.tenant.clone())
+        .partner(partner.id.clone())
+        .meta("listener", shared.cfg.name.clone());
+    if let Some(h) = header {
+        env = add_header_meta(env, h);
+    }
+    let env = env.build();
+    let id = env.id;
+    if let Err(se) = shared.journal.append_rejected(env, reason).await {
+        tracing::error!(listener = %shared.cfg.name, error = %se, "journal write of a rejected message failed");
+    }
+    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    let mt = header.map(message_type_of);
+    audit(
+        shared,
+        Some(partner),
+        addr,
+        Outcome::Unparseable,
+        Some(id),
+        mt.as_deref(),
+    )
+    .await;
+    id
+}
+
+/// A batch that cannot be split (a segment other than FHS/BHS/MSH before the first message):
+/// the whole frame is journaled as rejected with the parser's reason and answered `AR`/`CR`, so
+/// no segment is dropped silently.
+async fn refuse_batch(
+    shared: &Arc<Shared>,
+    partner: &Partner,
+    addr: &SocketAddr,
+    payload: Bytes,
+    e: tributary_hl7v2::ParseError,
+) -> Reply {
+    let listener = shared.cfg.name.as_str();
+    // the first MSH, if any, for the ACK's header and MSA-2
+    let first = header::segments(&payload)
+        .find(|r| payload[r.clone()].starts_with(b"MSH"))
+        .map(|r| r.start);
+    let h = first.and_then(|at| Header::read(&payload[at..]).ok());
+    let reason = format!("batch cannot be split: {e}");
+    let id = reject_unparseable(shared, partner, addr, payload.clone(), h.as_ref(), reason).await;
+    tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
+    let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
+    Reply {
+        ack: Some(ack::build_ack(
+            h.as_ref(),
+            Outcome::Unparseable.code(enhanced(h.as_ref())),
+            Some(&err),
+        )),
+        close: false,
+    }
+}
+
 /// The registered [`Source`]: one MLLP listener inside `tributary serve`.
 pub struct MllpSource {
     cfg: MllpListenerConfig,
     default_tenant: String,
     app_ack: Option<Arc<dyn ApplicationAck>>,
+    feed: Option<ProcessedFeed>,
+    budget: Option<Arc<InboundBudget>>,
 }
 
 impl MllpSource {
@@ -951,7 +1149,22 @@ impl MllpSource {
             cfg,
             default_tenant: default_tenant.into(),
             app_ack: None,
+            feed: None,
+            budget: None,
         }
+    }
+
+    /// Shares `[mllp] max_buffered_bytes` with the other listeners.
+    pub fn with_inbound_budget(mut self, budget: Arc<InboundBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Learns mapping outcomes from the pipeline's feed (application ACKs, `ack_after =
+    /// "mapped"`) instead of only polling the journal.
+    pub fn with_processed_feed(mut self, feed: ProcessedFeed) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     /// Lets the pipeline answer `ack_after = "mapped"` (default: watch the journal state).
@@ -973,7 +1186,13 @@ impl Source for MllpSource {
         let ctx = ListenerContext {
             journal: rt.journal.clone(),
             audit: rt.audit.clone(),
-            app_ack: self.app_ack.clone(),
+            app_ack: self.app_ack.clone().or_else(|| {
+                self.feed.clone().map(|f| {
+                    Arc::new(JournalStateAck::new(rt.journal.clone()).with_feed(f))
+                        as Arc<dyn ApplicationAck>
+                })
+            }),
+            inbound_budget: self.budget.clone(),
         };
         let listener = match MllpListener::bind(self.cfg.clone(), &self.default_tenant, ctx).await {
             Ok(l) => l,

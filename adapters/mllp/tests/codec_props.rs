@@ -80,6 +80,7 @@ fn arbitrary_bytes_never_panic_or_overbuffer() {
                         assert_eq!(limit, 128);
                         assert!(head.len() <= 130);
                     }
+                    MllpFrame::Overloaded { .. } => panic!("no budget was set"),
                 }
             }
             assert!(buf.len() <= 130, "buffered {}", buf.len());

@@ -182,6 +182,30 @@ async fn enhanced_mode_sends_commit_acks_per_msh15() {
 }
 
 #[tokio::test]
+async fn batch_with_a_stray_segment_before_its_first_message_is_rejected_whole() {
+    let h = start(MllpListenerConfig::default()).await;
+    let batch = "FHS|^~\\&|A|B|C|D|||||F78\rZZZ|stray\rMSH|^~\\&|A|B|C|D|||ADT^A01|SB1|P|2.5\rPID|1||X1\rFTS|1\r";
+    let ack = send_plain(h.addr, batch.as_bytes()).await;
+    assert_eq!(read_msa(&ack), Some((AckCode::AR, b"SB1".to_vec())));
+    let text = String::from_utf8_lossy(&ack);
+    assert!(text.contains("batch"), "{text}");
+    let recs = h.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].state.state.kind(), StateKind::Rejected);
+    assert_eq!(
+        &recs[0].envelope.payload[..],
+        batch.as_bytes(),
+        "kept whole"
+    );
+    assert!(recs[0]
+        .state
+        .state
+        .reason()
+        .unwrap()
+        .starts_with("batch cannot be split"));
+}
+
+#[tokio::test]
 async fn batch_is_split_journaled_and_batch_acked() {
     let h = start(MllpListenerConfig::default()).await;
     let m1 = "MSH|^~\\&|A|B|C|D|||ADT^A01|BM1|P|2.5\rPID|1||X1\r";
@@ -592,6 +616,7 @@ async fn sender_retries_until_the_receiver_is_up() {
             journal: journal.clone(),
             audit: tributary_storage::AuditLog::new(db.clone()),
             app_ack: None,
+            inbound_budget: None,
         },
     )
     .await

@@ -6,13 +6,34 @@ use std::ops::Range;
 pub struct Batch {
     /// True when the input carried FHS or BHS segments.
     pub enveloped: bool,
-    /// Byte ranges of the FHS and BHS segments in the input, for building a batch ACK.
+    /// Byte ranges of the FHS and (first) BHS segments in the input, for building a batch ACK.
     pub fhs: Option<Range<usize>>,
     pub bhs: Option<Range<usize>>,
     /// BTS-1 (message count) as declared, when present and numeric.
     pub declared_count: Option<usize>,
-    /// Byte ranges of each message (MSH up to the next MSH or batch segment) in the input.
+    /// Byte ranges of each message in the input: from its MSH to the end of its last segment,
+    /// that segment's terminator included (blank lines before the next MSH or batch segment are
+    /// not part of the message), so each can be journaled exactly as the sender wrote it.
     pub messages: Vec<Range<usize>>,
+}
+
+/// Whether the input is a batch: FHS/BHS segments, or more than one MSH. Stops at the second MSH,
+/// so it is cheap to ask of every incoming message.
+pub fn is_batch(input: &[u8]) -> bool {
+    let mut msh = 0;
+    for line in trim_start(input).split(|c| *c == b'\r' || *c == b'\n') {
+        match line.get(..3) {
+            Some(b"FHS" | b"BHS") => return true,
+            Some(b"MSH") => {
+                msh += 1;
+                if msh > 1 {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Splits FHS/BHS/BTS/FTS files and multi-MSH streams into messages without decoding them,
@@ -21,6 +42,8 @@ pub fn split_batch(input: &[u8]) -> Result<Batch, ParseError> {
     let offset = input.len() - trim_start(input).len();
     let mut batch = Batch::default();
     let mut current: Option<usize> = None;
+    // end of the current message's last non-empty segment, terminator included
+    let mut msg_end = offset;
     let mut pos = offset;
     let mut line = 0usize;
     while pos < input.len() {
@@ -34,6 +57,7 @@ pub fn split_batch(input: &[u8]) -> Result<Batch, ParseError> {
         } else {
             end + 1
         };
+        let next = next.min(input.len());
         let seg = &input[pos..end];
         if !seg.is_empty() {
             line += 1;
@@ -42,19 +66,20 @@ pub fn split_batch(input: &[u8]) -> Result<Batch, ParseError> {
         match name {
             b"MSH" => {
                 if let Some(start) = current.take() {
-                    batch.messages.push(start..pos);
+                    batch.messages.push(start..msg_end);
                 }
                 current = Some(pos);
+                msg_end = next;
             }
             b"FHS" | b"BHS" | b"BTS" | b"FTS" => {
                 if let Some(start) = current.take() {
-                    batch.messages.push(start..pos);
+                    batch.messages.push(start..msg_end);
                 }
                 batch.enveloped = true;
                 let range = pos..end;
                 match name {
                     b"FHS" => batch.fhs = Some(range),
-                    b"BHS" => batch.bhs = Some(range),
+                    b"BHS" if batch.bhs.is_none() => batch.bhs = Some(range),
                     b"BTS" => {
                         let fs = seg.get(3).copied().unwrap_or(b'|');
                         batch.declared_count = seg
@@ -78,12 +103,13 @@ pub fn split_batch(input: &[u8]) -> Result<Batch, ParseError> {
                     column: 1,
                 });
             }
+            _ if current.is_some() && !seg.is_empty() => msg_end = next,
             _ => {}
         }
         pos = next;
     }
     if let Some(start) = current {
-        batch.messages.push(start..input.len());
+        batch.messages.push(start..msg_end);
     }
     if batch.messages.is_empty() && !batch.enveloped {
         return Err(ParseError {
@@ -123,6 +149,35 @@ mod tests {
             &input[b.messages[0].clone()],
             b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\nPID|1\n"
         );
+    }
+
+    #[test]
+    fn message_ranges_end_at_their_last_segment_terminator() {
+        let input = b"\xEF\xBB\xBFFHS|^~\\&|A|B|C|D|||||F1\rBHS|^~\\&|A|B|C|D|||||B1\rMSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\r\r\nMSH|^~\\&|A|B|C|D|||ADT^A08|M2|P|2.5\r\nEVN|x\r\n\nBHS|^~\\&|A|B|C|D|||||B2\rMSH|^~\\&|A|B|C|D|||ADT^A08|M3|P|2.5\rBTS|3\rFTS|1";
+        assert!(is_batch(input));
+        let b = split_batch(input).unwrap();
+        let msgs: Vec<&[u8]> = b.messages.iter().map(|r| &input[r.clone()]).collect();
+        assert_eq!(
+            msgs,
+            [
+                &b"MSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\r"[..],
+                &b"MSH|^~\\&|A|B|C|D|||ADT^A08|M2|P|2.5\r\nEVN|x\r\n"[..],
+                &b"MSH|^~\\&|A|B|C|D|||ADT^A08|M3|P|2.5\r"[..],
+            ]
+        );
+        assert!(
+            input[b.bhs.clone().unwrap()].ends_with(b"|B1"),
+            "the first BHS"
+        );
+        assert_eq!(b.declared_count, Some(3));
+        let last = b"MSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\rMSH|^~\\&|A|B|C|D|||ADT^A01|M2|P|2.5\rPID|2";
+        let b = split_batch(last).unwrap();
+        assert_eq!(
+            &last[b.messages[1].clone()],
+            b"MSH|^~\\&|A|B|C|D|||ADT^A01|M2|P|2.5\rPID|2"
+        );
+        assert!(!is_batch(b"MSH|^~\\&|A|B|C|D|||ADT^A01|M1|P|2.5\rPID|1\r"));
+        assert!(!is_batch(b""));
     }
 
     #[test]

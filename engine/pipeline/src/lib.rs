@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
-use tributary_runtime::{ComponentStatus, Runtime};
+use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
     JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
 };
@@ -57,6 +57,8 @@ pub enum Outcome {
 pub struct Pipeline {
     pub registry: Arc<MappingRegistry>,
     pub config: MappingConfig,
+    /// Where per-message outcomes are announced once durable (application ACKs listen).
+    feed: Option<ProcessedFeed>,
 }
 
 fn shard_of(key: &str, workers: usize) -> usize {
@@ -67,7 +69,23 @@ fn shard_of(key: &str, workers: usize) -> usize {
 
 impl Pipeline {
     pub fn new(registry: Arc<MappingRegistry>, config: MappingConfig) -> Self {
-        Self { registry, config }
+        Self {
+            registry,
+            config,
+            feed: None,
+        }
+    }
+
+    /// Announces every committed or failed message on `feed` after its write is durable.
+    pub fn with_feed(mut self, feed: ProcessedFeed) -> Self {
+        self.feed = Some(feed);
+        self
+    }
+
+    fn announce(&self, id: tributary_core::MessageId, outcome: ProcessedOutcome) {
+        if let Some(f) = &self.feed {
+            f.publish(Processed { id, outcome });
+        }
     }
 
     /// Runs until `rt.shutdown`: consume, map, commit; reload the mapping set when it changes.
@@ -302,6 +320,7 @@ impl Pipeline {
             Ok(o) => {
                 let changed = o.writes.iter().filter(|w| w.changed).count();
                 tracing::debug!(message = %env.id, resources, changed, %version, "committed");
+                self.announce(env.id, ProcessedOutcome::Committed);
                 Ok(Outcome::Committed {
                     resources,
                     changed,
@@ -331,6 +350,12 @@ impl Pipeline {
                 Some(version.to_string()),
             )
             .await?;
+        self.announce(
+            id,
+            ProcessedOutcome::Failed {
+                reason: reason.clone(),
+            },
+        );
         Ok(Outcome::Failed { reason })
     }
 }

@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tributary_core::MessageId;
 use tributary_storage::{AuditLog, Db, Journal, Store};
 
 /// Health of one component as `/ready` reports it.
@@ -69,4 +71,50 @@ pub trait Source: Send + 'static {
 pub trait Sink: Send + 'static {
     fn name(&self) -> &str;
     async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()>;
+}
+
+/// What the mapping pipeline did with one message, published once its write is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Processed {
+    pub id: MessageId,
+    pub outcome: ProcessedOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessedOutcome {
+    /// Mapped and committed.
+    Committed,
+    /// Mapping failed; the reason names the mapping file, rule and source path (never a value).
+    Failed { reason: String },
+}
+
+/// A bounded broadcast of [`Processed`] outcomes: the pipeline publishes, adapters that answer
+/// after processing (HL7 v2 application ACKs, `ack_after = "mapped"`) listen. A slow listener
+/// loses old entries (`Lagged`) and must fall back to reading the journal state, so nothing
+/// depends on the feed alone.
+#[derive(Clone)]
+pub struct ProcessedFeed {
+    tx: broadcast::Sender<Processed>,
+}
+
+impl ProcessedFeed {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self { tx }
+    }
+
+    /// Publishes an outcome; nobody listening is fine.
+    pub fn publish(&self, p: Processed) {
+        let _ = self.tx.send(p);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Processed> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for ProcessedFeed {
+    fn default() -> Self {
+        Self::new(4096)
+    }
 }

@@ -4,6 +4,7 @@ use crate::keys;
 use crate::{Result, StorageError};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use tokio::sync::watch;
 use tributary_core::{Envelope, MessageId, MessageState, StateKind};
 
@@ -118,6 +119,19 @@ pub trait Journal: Send + Sync + 'static {
     fn stats(&self) -> JournalStats;
     /// Watches the head sequence number so consumers wake when something is appended.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// The state of a message without reading its payload.
+    fn state(&self, id: MessageId) -> Result<Option<StateRecord>>;
+    /// Sets a named note on a message (e.g. `app_ack`, `route.<name>`): short, PHI-free delivery
+    /// facts kept beside the state, shown by `tributary journal show`, pruned with the message.
+    /// Replaces an earlier note of the same name.
+    async fn set_note(&self, id: MessageId, name: &str, text: String) -> Result<()>;
+    /// Every note on a message, by name.
+    fn notes(&self, id: MessageId) -> Result<BTreeMap<String, String>>;
+}
+
+/// Notes live in the meta table under `note:` + message id, one postcard map per message.
+fn note_key(id: &MessageId) -> Vec<u8> {
+    [&b"note:"[..], id.as_bytes()].concat()
 }
 
 /// The embedded journal on the shared fjall database.
@@ -459,6 +473,7 @@ impl Journal for FjallJournal {
                         txn.delete(Table::Time, time_key(env.received_at, &id));
                         txn.delete(Table::State, id.as_bytes().to_vec());
                         txn.delete(Table::Msg, id.as_bytes().to_vec());
+                        txn.delete(Table::Meta, note_key(&id));
                         n += 1;
                         bytes += len;
                     }
@@ -482,6 +497,36 @@ impl Journal for FjallJournal {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.head.subscribe()
+    }
+
+    fn state(&self, id: MessageId) -> Result<Option<StateRecord>> {
+        self.read_state(id)
+    }
+
+    async fn set_note(&self, id: MessageId, name: &str, text: String) -> Result<()> {
+        let name = name.to_string();
+        self.db
+            .committer()
+            .run(move |txn| {
+                // only for messages the journal holds: a note never outlives its message
+                load_state(txn, id)?;
+                let key = note_key(&id);
+                let mut notes: BTreeMap<String, String> = match txn.get(Table::Meta, &key)? {
+                    Some(b) => decode("journal_note", &b)?,
+                    None => BTreeMap::new(),
+                };
+                notes.insert(name, text);
+                txn.put(Table::Meta, key, encode(&notes));
+                Ok(())
+            })
+            .await
+    }
+
+    fn notes(&self, id: MessageId) -> Result<BTreeMap<String, String>> {
+        match self.db.tables().get(Table::Meta).get(note_key(&id))? {
+            Some(b) => decode("journal_note", &b),
+            None => Ok(BTreeMap::new()),
+        }
     }
 }
 
@@ -572,6 +617,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn notes_are_kept_per_message_and_only_for_known_messages() {
+        let (_d, j) = journal();
+        let r = j.append(env("x")).await.unwrap();
+        assert!(j.notes(r.id).unwrap().is_empty());
+        j.set_note(r.id, "app_ack", "pending".into()).await.unwrap();
+        j.set_note(r.id, "route.lab", "sent".into()).await.unwrap();
+        j.set_note(r.id, "app_ack", "sent AA".into()).await.unwrap();
+        let n = j.notes(r.id).unwrap();
+        assert_eq!(n.len(), 2);
+        assert_eq!(n["app_ack"], "sent AA");
+        assert_eq!(
+            j.state(r.id).unwrap().unwrap().state,
+            MessageState::Received
+        );
+        let unknown = MessageId::new();
+        assert!(j.set_note(unknown, "app_ack", "x".into()).await.is_err());
+        assert!(j.notes(unknown).unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn illegal_transition_is_refused_and_changes_nothing() {
         let (_d, j) = journal();
         let r = j.append(env("x")).await.unwrap();
@@ -617,6 +682,12 @@ mod tests {
         j.transition(ids[2], MessageState::Failed { reason: "r".into() }, None)
             .await
             .unwrap();
+        j.set_note(ids[0], "app_ack", "sent AA".into())
+            .await
+            .unwrap();
+        j.set_note(ids[2], "app_ack", "sent AE".into())
+            .await
+            .unwrap();
         let policy = RetentionPolicy {
             delivered_max_age_ms: 10,
             max_payload_bytes: None,
@@ -627,6 +698,11 @@ mod tests {
         assert_eq!(stats.kept_for_attention, 1);
         assert!(j.get(ids[0]).unwrap().is_none());
         assert!(j.get(ids[2]).unwrap().is_some());
+        assert!(
+            j.notes(ids[0]).unwrap().is_empty(),
+            "notes go with the message"
+        );
+        assert_eq!(j.notes(ids[2]).unwrap()["app_ack"], "sent AE");
         assert_eq!(j.entries_after(0, 10).unwrap().len(), 2);
         // The dedup key of a pruned message is free again.
         let again = Envelope::builder(Protocol::Hl7v2, &b"x"[..])

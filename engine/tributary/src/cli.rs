@@ -473,6 +473,7 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                 "reason": rec.state.state.reason(),
                 "attempts": rec.state.attempts,
                 "mapping_version": rec.state.mapping_version,
+                "notes": j.notes(id)?,
                 "history": rec.state.history.iter()
                     .map(|(at, k)| format!("{} {k}", tributary_core::format_rfc3339_millis(*at)))
                     .collect::<Vec<_>>(),

@@ -40,6 +40,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(data_dir = %config.data_dir.display(), "store open");
 
     let mut tasks = tokio::task::JoinSet::new();
+    // The pipeline announces each message's outcome here; MLLP application ACKs listen.
+    let processed = tributary_runtime::ProcessedFeed::default();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
     let indexed = rt
         .audit
@@ -66,7 +68,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
         })?;
         let pipeline =
-            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone());
+            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone())
+                .with_feed(processed.clone());
         rt.readiness
             .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
@@ -103,6 +106,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         sinks.push(Box::new(tributary_subscriptions::SubscriptionsSink::new(
             service,
         )));
+    }
+    for route in &config.mllp.routes {
+        sinks.push(Box::new(tributary_mllp::MllpRoute::new(route.clone())));
     }
     for sink in sinks {
         tracing::info!(sink = sink.name(), "starting sink");
@@ -150,11 +156,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     rt.readiness.set("http", ComponentStatus::Ready);
 
     // Ingress sources, one line per adapter.
+    let mllp_budget = tributary_mllp::codec::InboundBudget::new(config.mllp.max_buffered_bytes);
     for listener in config.mllp.effective_listeners() {
         spawn_source(
             &mut tasks,
             &rt,
-            tributary_mllp::MllpSource::new(listener, &config.default_tenant),
+            tributary_mllp::MllpSource::new(listener, &config.default_tenant)
+                .with_processed_feed(processed.clone())
+                .with_inbound_budget(mllp_budget.clone()),
         );
     }
 

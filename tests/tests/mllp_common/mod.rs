@@ -178,3 +178,97 @@ impl Pki {
         std::fs::write(path, self.ca.pem()).unwrap();
     }
 }
+
+/// A plain blocking MLLP client written here (no shared code with the server's codec).
+pub struct Client {
+    pub s: std::net::TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: &str) -> Client {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        Client { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, msg: &[u8]) {
+        let mut f = vec![0x0b];
+        f.extend_from_slice(msg);
+        f.extend_from_slice(&[0x1c, 0x0d]);
+        std::io::Write::write_all(&mut self.s, &f).unwrap();
+    }
+
+    /// The next frame, or None when none arrives within `wait`.
+    pub fn recv(&mut self, wait: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == [0x1c, 0x0d]) {
+                let start = self.buf.iter().position(|b| *b == 0x0b).unwrap_or(0);
+                let frame = String::from_utf8_lossy(&self.buf[start + 1..end]).into_owned();
+                self.buf.drain(..end + 2);
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.s.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 4096];
+            match std::io::Read::read(&mut self.s, &mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+}
+
+pub fn field(msg: &str, seg: &str, n: usize) -> String {
+    msg.split('\r')
+        .find(|s| s.starts_with(seg))
+        .and_then(|s| s.split('|').nth(n))
+        .unwrap_or_default()
+        .to_string()
+}
+
+pub fn segment(msg: &str, seg: &str) -> Option<String> {
+    msg.split('\r')
+        .find(|s| s.starts_with(seg))
+        .map(str::to_string)
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of the shipped mapping set in `dir/mappings` where a malformed value (a bad date)
+/// fails the message instead of being left out with a warning; returns the `[mapping] dir`.
+pub fn mappings_failing_on_invalid_values(dir: &Path) -> PathBuf {
+    let maps = dir.join("mappings");
+    copy_dir(&repo_root().join("mappings"), &maps);
+    let set = maps.join("hl7v2/mapping-set.yaml");
+    let text = std::fs::read_to_string(&set).unwrap();
+    assert!(text.contains("on_invalid_value: warn"));
+    std::fs::write(
+        &set,
+        text.replace("on_invalid_value: warn", "on_invalid_value: fail"),
+    )
+    .unwrap();
+    maps
+}

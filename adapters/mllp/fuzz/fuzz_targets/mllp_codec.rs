@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(head.len() <= LIMIT + 1);
                     assert!(!head.contains(&0x1c) && !head.contains(&0x0b));
                 }
+                MllpFrame::Overloaded { .. } => panic!("no budget was set"),
             }
         }
         assert!(buf.len() <= LIMIT + 2, "buffered {} bytes", buf.len());

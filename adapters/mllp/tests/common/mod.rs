@@ -54,6 +54,7 @@ pub async fn start_with(
             journal: journal.clone(),
             audit: audit.clone(),
             app_ack,
+            inbound_budget: None,
         },
     )
     .await
