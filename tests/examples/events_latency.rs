@@ -12,8 +12,10 @@
 //! cargo run --release -p tributary-e2e --example events_latency -- 1000:20 5000:20
 //! ```
 //! Arguments are `RATE:SECONDS` pairs (default `1000:20 5000:20`). Environment: `TRIBUTARY_BIN`
-//! (default `target/release/tributary`), `CONNECTIONS` (default 16), `SAMPLES` (comma-separated
-//! HL7 files; default the corpus ADT^A01 and ORU^R01 samples).
+//! (default `target/release/tributary`), `CONNECTIONS` (default 16), `PATIENTS` (synthetic patient
+//! ids the messages are spread over, default 1000: ordering is per patient, so one patient's
+//! messages are mapped one after the other), `SAMPLES` (comma-separated HL7 files; default the
+//! corpus ADT^A01 and ORU^R01 samples).
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -125,6 +127,11 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|c| c.parse().ok())
         .unwrap_or(16);
 
+    let patients: usize = std::env::var("PATIENTS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1000);
+
     let broker = Tansu::start()?;
     let dir = tempfile::tempdir()?;
     let (http, mllp) = (free_addr(), free_addr());
@@ -168,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
         rate: Some(rate),
         tls: None,
         reconnect: false,
+        patients: Some(patients),
     };
     // Warm-up: topics created, consumer group joined, mapping set loaded.
     let warm_from = now_ms();

@@ -3,7 +3,7 @@
 //! a time per connection, and the ACK latency of every message is recorded.
 
 use crate::ack::read_msa;
-use crate::header::{is_batch, split_batch, Header};
+use crate::header::{is_batch, segments, split_batch, Header};
 use crate::sink::{MllpSender, MllpSenderConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +22,9 @@ pub struct LoadOptions {
     pub tls: Option<(Arc<rustls::ClientConfig>, String)>,
     /// Open a new connection for every message (for servers that close after one reply).
     pub reconnect: bool,
+    /// Spread the messages over this many synthetic patients (PID-3's first id replaced by
+    /// `BENCH<n>`), so ordering keys differ as in a real feed; `None` sends the samples as they are.
+    pub patients: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -73,6 +76,22 @@ pub enum LoadError {
 struct Sample {
     bytes: Vec<u8>,
     control_id: std::ops::Range<usize>,
+    /// PID-3.1 of the first repetition, after MSH-10 in the message.
+    patient_id: Option<std::ops::Range<usize>>,
+}
+
+fn pid3_first_id(m: &[u8], h: &Header<'_>) -> Option<std::ops::Range<usize>> {
+    let d = h.delims;
+    let seg = segments(m).find(|r| m[r.clone()].starts_with(b"PID"))?;
+    let mut start = seg.start;
+    for _ in 0..3 {
+        start += m[start..seg.end].iter().position(|b| *b == d.field)? + 1;
+    }
+    let end = m[start..seg.end]
+        .iter()
+        .position(|b| *b == d.field || *b == d.repetition || *b == d.component)
+        .map_or(seg.end, |i| start + i);
+    (end > start).then_some(start..end)
 }
 
 fn load_samples(files: &[PathBuf]) -> Result<Vec<Sample>, LoadError> {
@@ -89,10 +108,13 @@ fn load_samples(files: &[PathBuf]) -> Result<Vec<Sample>, LoadError> {
             _ => vec![bytes],
         };
         for m in messages {
-            if let Some(r) = Header::read(&m).ok().and_then(|h| h.field_range(10)) {
+            let Ok(h) = Header::read(&m) else { continue };
+            if let Some(r) = h.field_range(10) {
+                let patient_id = pid3_first_id(&m, &h).filter(|p| p.start >= r.end);
                 out.push(Sample {
-                    bytes: m,
                     control_id: r,
+                    patient_id,
+                    bytes: m,
                 });
             }
         }
@@ -103,11 +125,18 @@ fn load_samples(files: &[PathBuf]) -> Result<Vec<Sample>, LoadError> {
     Ok(out)
 }
 
-fn with_control_id(s: &Sample, id: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(s.bytes.len() + id.len());
+fn with_ids(s: &Sample, control_id: &str, patient: Option<&str>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(s.bytes.len() + control_id.len() + 16);
     v.extend_from_slice(&s.bytes[..s.control_id.start]);
-    v.extend_from_slice(id.as_bytes());
-    v.extend_from_slice(&s.bytes[s.control_id.end..]);
+    v.extend_from_slice(control_id.as_bytes());
+    match (patient, &s.patient_id) {
+        (Some(p), Some(r)) => {
+            v.extend_from_slice(&s.bytes[s.control_id.end..r.start]);
+            v.extend_from_slice(p.as_bytes());
+            v.extend_from_slice(&s.bytes[r.end..]);
+        }
+        _ => v.extend_from_slice(&s.bytes[s.control_id.end..]),
+    }
     v
 }
 
@@ -143,6 +172,7 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
             .map(|r| Duration::from_secs_f64(connections as f64 / r));
         let run_id = run_id.clone();
         let reconnect = opts.reconnect;
+        let patients = opts.patients.filter(|n| *n > 0);
         tasks.push(tokio::spawn(async move {
             let mut sender = MllpSender::new(cfg.clone());
             let mut lat = Vec::with_capacity(count);
@@ -154,7 +184,8 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let s = &samples[(c + i * connections) % samples.len()];
-                let msg = with_control_id(s, &format!("B{run_id}{c}x{i}"));
+                let patient = patients.map(|n| format!("BENCH{}", (c + i * connections) % n));
+                let msg = with_ids(s, &format!("B{run_id}{c}x{i}"), patient.as_deref());
                 let t = Instant::now();
                 if reconnect {
                     sender = MllpSender::new(cfg.clone());
@@ -201,4 +232,33 @@ pub async fn run_load(opts: LoadOptions) -> Result<LoadReport, LoadError> {
         p99_ms: percentile(&lat, 0.99),
         max_ms: lat.last().map_or(0.0, |m| *m as f64 / 1000.0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_id_and_patient_id_are_replaced_and_nothing_else() {
+        let m = b"MSH|^~\\&|A|B|C|D|20250101||ADT^A01|CTRL1|P|2.5\rEVN|A01\rPID|1||12345^^^HOSP^MR~999^^^SSA||DOE^JANE\r".to_vec();
+        let h = Header::read(&m).unwrap();
+        let s = Sample {
+            control_id: h.field_range(10).unwrap(),
+            patient_id: pid3_first_id(&m, &h),
+            bytes: m.clone(),
+        };
+        let out = with_ids(&s, "NEW9", Some("BENCH7"));
+        assert_eq!(
+            out,
+            b"MSH|^~\\&|A|B|C|D|20250101||ADT^A01|NEW9|P|2.5\rEVN|A01\rPID|1||BENCH7^^^HOSP^MR~999^^^SSA||DOE^JANE\r".to_vec()
+        );
+        assert_eq!(with_ids(&s, "CTRL1", None), m);
+    }
+
+    #[test]
+    fn a_message_without_pid3_keeps_its_bytes() {
+        let m = b"MSH|^~\\&|A|B|C|D|20250101||ORM^O01|C2|P|2.5\rPID|1\r".to_vec();
+        let h = Header::read(&m).unwrap();
+        assert_eq!(pid3_first_id(&m, &h), None);
+    }
 }

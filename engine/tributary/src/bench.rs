@@ -235,6 +235,10 @@ pub struct MllpBenchArgs {
     /// Open a new connection for every message (for servers that close after each reply).
     #[arg(long)]
     pub reconnect: bool,
+    /// Spread the messages over N synthetic patients (PID-3.1 = BENCH<n>) so ordering keys vary
+    /// as in a real feed; default: the samples' own patient ids.
+    #[arg(long)]
+    pub patients: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -260,6 +264,7 @@ fn mllp(args: MllpBenchArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         tls,
         reconnect: args.reconnect,
+        patients: args.patients,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
