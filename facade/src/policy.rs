@@ -197,6 +197,10 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         (["Subscription", id, op], _) if get && matches!(*op, "$status" | "$events") => {
             (Interaction::Read, Some("Subscription"), Some(*id))
         }
+        // `$get-ws-binding-token`: a token for reading this Subscription's notifications.
+        (["Subscription", id, "$get-ws-binding-token"], m) if get || m == Method::POST => {
+            (Interaction::Read, Some("Subscription"), Some(*id))
+        }
         (["Subscription", "$dead-letters"], _) if get => {
             (Interaction::Search, Some("Subscription"), None)
         }
@@ -237,6 +241,12 @@ const SHARED_TYPES: [&str; 16] = [
 pub fn patient_links(rtype: &str, id: &str, resource: &Value) -> Vec<String> {
     if rtype == "Patient" {
         return vec![id.to_string()];
+    }
+    if rtype == "Subscription" {
+        // A Subscription belongs to the patient its creator's token was confined to.
+        return crate::subscription::patient_context(resource)
+            .into_iter()
+            .collect();
     }
     let mut out = Vec::new();
     let mut push = |r: Option<&Value>| {

@@ -76,7 +76,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     // Subscription operations go behind the facade's policy layers (below); the inbound
-    // notification hook authenticates partners itself.
+    // notification hook authenticates partners itself, the websocket channel by binding token.
     let mut guarded_routes = axum::Router::new();
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
@@ -86,6 +86,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &rt,
         ));
         extra_routes = extra_routes.merge(tributary_subscriptions::inbound_router(
+            service.clone(),
+            &rt,
+        ));
+        extra_routes = extra_routes.merge(tributary_subscriptions::websocket_router(
             service.clone(),
             &rt,
         ));
