@@ -326,9 +326,17 @@ async fn dead_letters(State(state): State<ApiState>, headers: HeaderMap) -> Resp
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut visible: std::collections::HashMap<String, bool> = Default::default();
-    let list: Vec<_> = state
-        .service
-        .dead_letters()
+    let all = match state.service.dead_letters() {
+        Ok(l) => l,
+        Err(_) => {
+            return outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "store error",
+            )
+        }
+    };
+    let list: Vec<_> = all
         .into_iter()
         .filter(|d| d.tenant == t)
         .filter(|d| {

@@ -12,9 +12,9 @@ use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
 use crate::config::SubscriptionsConfig;
 use crate::model::{Change, ChannelType, SubscriptionSpec};
 use crate::ws::{Binding, BindingTokens, WsClient};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -22,11 +22,12 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
-    OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction, WriteOp,
+    Db, DeadLetterLog, OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction, WriteOp,
 };
 
-/// A notification that could not be delivered before the give-up time.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// A notification that could not be delivered before the give-up time. Kept durably in the
+/// store's dead-letter keyspace (relay `subscriptions`), so it survives restarts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeadLetter {
     pub tenant: String,
     pub subscription: String,
@@ -94,7 +95,7 @@ pub struct SubscriptionService {
     pub(crate) default_tenant: String,
     pub(crate) http: reqwest::Client,
     subs: RwLock<HashMap<(String, String), Arc<SubHandle>>>,
-    dead_letters: Mutex<VecDeque<DeadLetter>>,
+    dead_letters: DeadLetterLog,
     /// Outstanding `$get-ws-binding-token` tokens.
     pub(crate) ws_tokens: BindingTokens,
     next_client: AtomicU64,
@@ -109,7 +110,13 @@ fn key(tenant: &str, id: &str) -> String {
 }
 
 impl SubscriptionService {
-    pub fn new(cfg: SubscriptionsConfig, store: Arc<dyn Store>, default_tenant: &str) -> Arc<Self> {
+    /// `db`: the data directory's database, where dead letters are kept.
+    pub fn new(
+        cfg: SubscriptionsConfig,
+        store: Arc<dyn Store>,
+        db: Db,
+        default_tenant: &str,
+    ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .build()
@@ -120,7 +127,7 @@ impl SubscriptionService {
             default_tenant: default_tenant.to_string(),
             http,
             subs: RwLock::default(),
-            dead_letters: Mutex::default(),
+            dead_letters: DeadLetterLog::new(db, "subscriptions", MAX_DEAD_LETTERS),
             ws_tokens: BindingTokens::default(),
             next_client: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -135,11 +142,14 @@ impl SubscriptionService {
         }
     }
 
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.dead_letters
-            .lock()
-            .map(|d| d.iter().cloned().collect())
-            .unwrap_or_default()
+    /// The dead letters kept (oldest first, at most 10,000).
+    pub fn dead_letters(&self) -> tributary_storage::Result<Vec<DeadLetter>> {
+        Ok(self
+            .dead_letters
+            .list()?
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect())
     }
 
     pub fn state(&self, tenant: &str, id: &str) -> Option<(SubscriptionSpec, SubState)> {
@@ -241,14 +251,10 @@ impl SubscriptionService {
         self.store.outbox().cursor(&Self::start_name(tenant, id))
     }
 
-    fn dead_letter(&self, d: DeadLetter) {
+    async fn dead_letter(&self, d: DeadLetter) -> tributary_storage::Result<()> {
         tracing::warn!(subscription = %d.subscription, tenant = %d.tenant, events = d.event_ids.len(), reason = %d.reason, "subscription notification dead-lettered");
-        if let Ok(mut q) = self.dead_letters.lock() {
-            if q.len() >= MAX_DEAD_LETTERS {
-                q.pop_front();
-            }
-            q.push_back(d);
-        }
+        let v = serde_json::to_value(&d).expect("a DeadLetter serializes");
+        self.dead_letters.append(&v).await
     }
 
     /// Writes `status` (and `error`) back into the stored Subscription, if it changed.
@@ -514,7 +520,8 @@ impl SubscriptionService {
                         event_ids: matched.iter().map(|e| e.event_id.clone()).collect(),
                         reason: reason.clone(),
                         at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
-                    });
+                    })
+                    .await?;
                     self.set_status(&h, "error", Some(&format!("delivery gave up: {reason}")))
                         .await;
                 }

@@ -33,6 +33,7 @@ pub fn service(
     Ok(SubscriptionService::new(
         config,
         rt.store.clone(),
+        rt.db.clone(),
         default_tenant,
     ))
 }

@@ -37,10 +37,12 @@ pub enum Table {
     Audit,
     /// small named values (counters, signing keys' metadata)
     Meta,
+    /// dead-letter seq (u64 BE) → JSON {relay, record}: deliveries a relay gave up on
+    DeadLetter,
 }
 
 impl Table {
-    const ALL: [Table; 14] = [
+    const ALL: [Table; 15] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -55,6 +57,7 @@ impl Table {
         Table::Outbox,
         Table::Audit,
         Table::Meta,
+        Table::DeadLetter,
     ];
 
     fn name(self) -> &'static str {
@@ -73,6 +76,7 @@ impl Table {
             Table::Outbox => "outbox",
             Table::Audit => "audit",
             Table::Meta => "meta",
+            Table::DeadLetter => "dead_letters",
         }
     }
 }
@@ -195,6 +199,7 @@ fn load_counters(tables: &Tables) -> Result<Counters> {
         outbox_seq: last_u64_key(tables.get(Table::Outbox))?,
         audit_seq: last_u64_key(tables.get(Table::Audit))?,
         audit_head: [0; 32],
+        dead_letter_seq: last_u64_key(tables.get(Table::DeadLetter))?,
     };
     if let Some(guard) = tables.get(Table::Audit).last_key_value() {
         let (_, v) = guard.into_inner()?;

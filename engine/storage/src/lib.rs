@@ -9,6 +9,7 @@
 mod audit;
 pub mod committer;
 mod db;
+mod dead_letters;
 mod error;
 mod journal;
 mod keys;
@@ -17,6 +18,7 @@ mod store;
 
 pub use audit::{AuditEntry, AuditLog, AuditVerifyError, AuditVerifyReport};
 pub use db::{Db, DbOptions};
+pub use dead_letters::DeadLetterLog;
 pub use error::StorageError;
 pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
