@@ -104,6 +104,8 @@ pub struct SubscriptionService {
 }
 
 const MAX_DEAD_LETTERS: usize = 10_000;
+/// Most websocket connections bound to one subscription at once.
+pub(crate) const MAX_WS_PER_SUBSCRIPTION: usize = 16;
 
 fn key(tenant: &str, id: &str) -> String {
     format!("{tenant}/{id}")
@@ -828,6 +830,11 @@ impl SubscriptionService {
             &[],
             spec.content,
         );
+        if h.clients.lock().expect("clients lock").len() >= MAX_WS_PER_SUBSCRIPTION {
+            return Err(format!(
+                "at most {MAX_WS_PER_SUBSCRIPTION} connections may be bound to one subscription"
+            ));
+        }
         let (tx, rx) = mpsc::channel(self.cfg.ws_queue_bound.max(1));
         let _ = tx.try_send(handshake.to_string());
         let id = self.next_client.fetch_add(1, Ordering::Relaxed);
