@@ -315,4 +315,29 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
         "$events has the missed event: {ev}"
     );
     server.stop();
+
+    // Binds and closes are audited, with client and patient, and no payload.
+    let db = tributary_storage::Db::open(&data, tributary_storage::DbOptions::default()).unwrap();
+    let audit = tributary_storage::AuditLog::new(db);
+    let ws: Vec<Value> = audit
+        .read_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body)
+        .filter(|b| b["kind"] == "subscription-websocket")
+        .collect();
+    let binds = |outcome: &str| {
+        ws.iter()
+            .filter(|b| b["interaction"] == "websocket-bind" && b["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(binds("allowed"), 2, "{ws:?}");
+    assert_eq!(binds("denied"), 3, "unknown, reused, expired: {ws:?}");
+    assert!(ws.iter().any(|b| b["resource_id"] == id_a.as_str()
+        && b["patient"] == "pA"
+        && b["client"] == "care-app"));
+    assert!(
+        !format!("{ws:?}").contains("8867-4"),
+        "no payload in the audit"
+    );
 }

@@ -285,9 +285,17 @@ async fn ws_binding_token(
         );
     }
     let cfg = &state.service.cfg;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let Some((token, expires)) = state.service.ws_tokens.issue(
         &t,
         &id,
+        header("x-tributary-client"),
+        header("x-tributary-patient"),
         std::time::Duration::from_secs(cfg.ws_token_ttl_secs),
     ) else {
         return outcome(

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
-    Db, DeadLetterLog, OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction, WriteOp,
+    AuditLog, Db, DeadLetterLog, OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction,
+    WriteOp,
 };
 
 /// A notification that could not be delivered before the give-up time. Kept durably in the
@@ -98,6 +99,8 @@ pub struct SubscriptionService {
     dead_letters: DeadLetterLog,
     /// Outstanding `$get-ws-binding-token` tokens.
     pub(crate) ws_tokens: BindingTokens,
+    /// Websocket binds and closes are audited (they open a stream of resources).
+    audit: AuditLog,
     next_client: AtomicU64,
     /// Cancelled when [`SubscriptionService::run`] stops: websocket connections close.
     pub(crate) shutdown: CancellationToken,
@@ -129,7 +132,8 @@ impl SubscriptionService {
             default_tenant: default_tenant.to_string(),
             http,
             subs: RwLock::default(),
-            dead_letters: DeadLetterLog::new(db, "subscriptions", MAX_DEAD_LETTERS),
+            dead_letters: DeadLetterLog::new(db.clone(), "subscriptions", MAX_DEAD_LETTERS),
+            audit: AuditLog::new(db),
             ws_tokens: BindingTokens::default(),
             next_client: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
@@ -845,6 +849,45 @@ impl SubscriptionService {
             slow: slow.clone(),
         });
         Ok((id, rx, slow))
+    }
+
+    /// A PHI-free audit record of a websocket bind or close, durable when this returns (a
+    /// failure is logged: the connection is refused or closed anyway).
+    pub(crate) async fn audit_ws(
+        &self,
+        b: Option<&Binding>,
+        interaction: &str,
+        status: u16,
+        detail: &str,
+        notifications: u64,
+    ) {
+        let mut rec = serde_json::json!({
+            "kind": "subscription-websocket",
+            "time": tributary_core::now_millis(),
+            "interaction": interaction,
+            "resource_type": "Subscription",
+            "status": status,
+            "outcome": match status {
+                200..=399 => "allowed",
+                401 | 403 => "denied",
+                _ => "failed",
+            },
+            "detail": detail,
+            "notifications": notifications,
+        });
+        if let Some(b) = b {
+            rec["tenant"] = Value::String(b.tenant.clone());
+            rec["resource_id"] = Value::String(b.subscription.clone());
+            if let Some(c) = &b.client {
+                rec["client"] = Value::String(c.clone());
+            }
+            if let Some(p) = &b.patient {
+                rec["patient"] = Value::String(p.clone());
+            }
+        }
+        if let Err(e) = self.audit.append(vec![rec]).await {
+            tracing::error!(error = %e, "could not audit a websocket bind/close");
+        }
     }
 
     pub(crate) fn unbind_ws(&self, b: &Binding, client: u64) {

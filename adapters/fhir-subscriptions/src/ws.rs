@@ -33,6 +33,9 @@ pub struct Binding {
     pub tenant: String,
     pub subscription: String,
     pub expires_ms: i64,
+    /// The SMART client (and its patient context) that asked for the token: for the audit.
+    pub client: Option<String>,
+    pub patient: Option<String>,
 }
 
 /// Outstanding binding tokens (in memory: a restart voids them, clients ask again).
@@ -44,7 +47,14 @@ pub struct BindingTokens {
 impl BindingTokens {
     /// A new random token for `tenant`/`subscription`, valid for `ttl`. `None` when too many
     /// are outstanding.
-    pub fn issue(&self, tenant: &str, subscription: &str, ttl: Duration) -> Option<(String, i64)> {
+    pub fn issue(
+        &self,
+        tenant: &str,
+        subscription: &str,
+        client: Option<String>,
+        patient: Option<String>,
+        ttl: Duration,
+    ) -> Option<(String, i64)> {
         let now = tributary_core::now_millis();
         let mut map = self.tokens.lock().ok()?;
         if map.len() >= MAX_TOKENS {
@@ -62,6 +72,8 @@ impl BindingTokens {
                 tenant: tenant.to_string(),
                 subscription: subscription.to_string(),
                 expires_ms,
+                client,
+                patient,
             },
         );
         Some((token, expires_ms))
@@ -140,6 +152,8 @@ async fn connection(state: ApiState, mut socket: WebSocket) {
     };
     let Some(binding) = svc.ws_tokens.take(token) else {
         tracing::info!("websocket bind refused: unknown, used or expired token");
+        svc.audit_ws(None, "websocket-bind", 401, "bad-binding-token", 0)
+            .await;
         return refuse(
             &mut socket,
             "security",
@@ -149,8 +163,16 @@ async fn connection(state: ApiState, mut socket: WebSocket) {
     };
     let (client_id, mut rx, slow) = match svc.bind_ws(&binding).await {
         Ok(x) => x,
-        Err(reason) => return refuse(&mut socket, "processing", &reason).await,
+        Err(reason) => {
+            svc.audit_ws(Some(&binding), "websocket-bind", 409, "not-bindable", 0)
+                .await;
+            return refuse(&mut socket, "processing", &reason).await;
+        }
     };
+    // Audited (durably) before the first notification leaves.
+    svc.audit_ws(Some(&binding), "websocket-bind", 200, "bound", 0)
+        .await;
+    let mut sent: u64 = 0;
     tracing::info!(subscription = %binding.subscription, tenant = %binding.tenant, client = client_id, "websocket bound");
 
     // 2. Deliver until the client leaves, falls behind, stops answering, or we shut down.
@@ -179,7 +201,7 @@ async fn connection(state: ApiState, mut socket: WebSocket) {
                     break "subscription ended";
                 };
                 match tokio::time::timeout(write_timeout, socket.send(Message::Text(msg.into()))).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => sent += 1,
                     Ok(Err(_)) => break "send failed",
                     Err(_) => break "send timed out",
                 }
@@ -206,6 +228,8 @@ async fn connection(state: ApiState, mut socket: WebSocket) {
         }
     };
     svc.unbind_ws(&binding, client_id);
+    svc.audit_ws(Some(&binding), "websocket-close", 200, outcome, sent)
+        .await;
     tracing::info!(subscription = %binding.subscription, tenant = %binding.tenant, client = client_id, outcome, "websocket closed");
 }
 
@@ -234,12 +258,14 @@ mod tests {
     #[test]
     fn tokens_are_single_use_and_expire() {
         let t = BindingTokens::default();
-        let (tok, _) = t.issue("t1", "s1", Duration::from_secs(60)).unwrap();
+        let (tok, _) = t
+            .issue("t1", "s1", None, None, Duration::from_secs(60))
+            .unwrap();
         assert_eq!(tok.len(), 64);
         let b = t.take(&tok).unwrap();
         assert_eq!((b.tenant.as_str(), b.subscription.as_str()), ("t1", "s1"));
         assert!(t.take(&tok).is_none(), "a token binds once");
-        let (old, _) = t.issue("t1", "s1", Duration::ZERO).unwrap();
+        let (old, _) = t.issue("t1", "s1", None, None, Duration::ZERO).unwrap();
         assert!(t.take(&old).is_none(), "an expired token does not bind");
         assert!(t.take("nope").is_none());
     }
