@@ -20,6 +20,7 @@ mod rest;
 pub mod revocation;
 pub mod scopes;
 mod search;
+pub mod subscription;
 mod transaction;
 
 use axum::extract::State;
@@ -143,6 +144,9 @@ pub fn app(state: AppState) -> Router {
 /// interactions, rate limited and audited like every other FHIR request, and see the caller's
 /// verified tenant in `x-tributary-tenant` (never a client-supplied value).
 pub fn app_with(state: AppState, inner: Router) -> Router {
+    // Instance operations served by other components (`Subscription/<id>/$status`, …) are only
+    // reached when the caller may read that very resource (tenant, scopes, patient context).
+    let inner = inner.layer(from_fn_with_state(state.clone(), pipeline::instance_guard));
     let policy = fhir_routes()
         .with_state(state.clone())
         .merge(inner)

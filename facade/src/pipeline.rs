@@ -184,8 +184,16 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         "x-tributary-client",
         "x-tributary-user",
         "x-tributary-break-glass",
+        "x-tributary-patient",
     ] {
         headers.remove(name);
+    }
+    if let Some(v) = principal
+        .patient
+        .as_deref()
+        .and_then(|p| axum::http::HeaderValue::from_str(p).ok())
+    {
+        headers.insert("x-tributary-patient", v);
     }
     if let Ok(v) = axum::http::HeaderValue::from_str(&principal.tenant) {
         headers.insert("x-tributary-tenant", v);
@@ -249,6 +257,27 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
         }
         Err(e) => e.into_response(),
     }
+}
+
+/// For routes served by other components (mounted through [`crate::app_with`]): an instance
+/// request (`Subscription/<id>/$status`, `$events`, `$get-ws-binding-token`) passes only when
+/// the caller may read that resource — the same check as a `read` (404, 410 or 403 otherwise).
+pub async fn instance_guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let fhir = req.extensions().get::<FhirRequest>();
+    let access = req.extensions().get::<crate::policy::Access>();
+    let slot = req
+        .extensions()
+        .get::<AuditSlot>()
+        .cloned()
+        .unwrap_or_default();
+    if let (Some(f), Some(a)) = (fhir, access) {
+        if let (Some(t), Some(id)) = (&f.resource_type, &f.id) {
+            if let Err(e) = crate::rest::read_visible(&st, a, t, id, &slot) {
+                return e.into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 /// Charges the request's cost to the caller's buckets; 429 with `Retry-After` when short.

@@ -184,6 +184,18 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
     let params = decode_query(query);
     let get = method == Method::GET || method == Method::HEAD;
     let (interaction, rtype, id) = match (segs.as_slice(), method) {
+        // Subscription operations served by tributary-subscriptions (before the generic arms).
+        // `$status` / `$events`: reading the subscriber's own Subscription.
+        (["Subscription", id, op], _) if get && matches!(*op, "$status" | "$events") => {
+            (Interaction::Read, Some("Subscription"), Some(*id))
+        }
+        // `$get-ws-binding-token`: a token for reading this Subscription's notifications.
+        (["Subscription", id, "$get-ws-binding-token"], m) if get || m == Method::POST => {
+            (Interaction::Read, Some("Subscription"), Some(*id))
+        }
+        (["Subscription", "$dead-letters"], _) if get => {
+            (Interaction::Search, Some("Subscription"), None)
+        }
         ([], m) if m == Method::POST => (Interaction::Transaction, None, None),
         (["metadata"], _) if get => (Interaction::Capabilities, None, None),
         (["AuditEvent"], _) if get => (Interaction::AuditQuery, Some("AuditEvent"), None),
@@ -199,13 +211,6 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         ([t, id], m) if m == Method::PATCH => (Interaction::Patch, Some(*t), Some(*id)),
         ([t, id, "_history"], _) if get => (Interaction::HistoryInstance, Some(*t), Some(*id)),
         ([t, id, "$everything"], _) if get => (Interaction::Everything, Some(*t), Some(*id)),
-        // Subscription `$status` / `$events`: reading the subscriber's own Subscription.
-        (["Subscription", id, op], _) if get && matches!(*op, "$status" | "$events") => {
-            (Interaction::Read, Some("Subscription"), Some(*id))
-        }
-        (["Subscription", "$dead-letters"], _) if get => {
-            (Interaction::Search, Some("Subscription"), None)
-        }
         ([t, id, "_history", _v], _) if get => (Interaction::Vread, Some(*t), Some(*id)),
         _ => (Interaction::Unknown, None, None),
     };
@@ -243,6 +248,12 @@ const SHARED_TYPES: [&str; 16] = [
 pub fn patient_links(rtype: &str, id: &str, resource: &Value) -> Vec<String> {
     if rtype == "Patient" {
         return vec![id.to_string()];
+    }
+    if rtype == "Subscription" {
+        // A Subscription belongs to the patient its creator's token was confined to.
+        return crate::subscription::patient_context(resource)
+            .into_iter()
+            .collect();
     }
     let mut out = Vec::new();
     let mut push = |r: Option<&Value>| {
@@ -498,6 +509,21 @@ mod tests {
         let cond = classify(&Method::DELETE, "/Patient", Some("identifier=a|b"));
         assert_eq!(cond.interaction, Interaction::Delete);
         assert_eq!(cond.id, None);
+        let dl = get("/Subscription/$dead-letters", None);
+        assert_eq!((dl.interaction, dl.id), (Interaction::Search, None));
+        for op in ["$status", "$events", "$get-ws-binding-token"] {
+            let r = get(&format!("/Subscription/s1/{op}"), None);
+            assert_eq!(
+                (r.interaction, r.id.as_deref()),
+                (Interaction::Read, Some("s1"))
+            );
+        }
+        let r = classify(
+            &Method::POST,
+            "/Subscription/s1/$get-ws-binding-token",
+            None,
+        );
+        assert_eq!(r.interaction, Interaction::Read);
     }
 
     #[test]

@@ -300,6 +300,9 @@ pub async fn create(
     }
     let id = new_id();
     v["id"] = Value::String(id.clone());
+    if rtype == "Subscription" {
+        crate::subscription::stamp(&access, &mut v);
+    }
     note_patient(&slot, &rtype, &id, &v);
     slot.update(|d| d.resource_id = Some(id.clone()));
     if !access.permits(Perm::Create, &rtype, &id, &v) {
@@ -442,6 +445,9 @@ async fn store_update(
     mut v: Value,
 ) -> ApiResult<Response> {
     v["id"] = Value::String(id.to_string());
+    if rtype == "Subscription" {
+        crate::subscription::stamp(access, &mut v);
+    }
     note_patient(slot, rtype, id, &v);
     check_update(st, access, rtype, id, &v, Some(slot))?;
     let mut w = ResourceWrite::upsert(rtype, id, v);

@@ -226,6 +226,9 @@ fn check_write(
     if let WriteOp::Upsert(v) = &mut w.op {
         rewrite_refs(v, map);
         v["id"] = Value::String(w.id.clone());
+        if w.resource_type == "Subscription" {
+            crate::subscription::stamp(access, v);
+        }
         if w.precondition == Precondition::MustNotExist {
             if !access.permits(Perm::Create, &w.resource_type, &w.id, v) {
                 return Err(ApiError::Forbidden(

@@ -27,7 +27,16 @@ use std::sync::OnceLock;
 /// Integration tests only get `CARGO_BIN_EXE_*` for their own package, so this looks next to the
 /// test executable (`target/<profile>/`) and, when the binary is missing or older than nothing at
 /// all, builds it once with the same cargo and profile.
+///
+/// `E2E_BIN_DIR`, when set, names a directory holding already-built binaries to use instead
+/// (nothing is built): for runs that share a target directory with other builds, which could
+/// replace `target/<profile>/<name>` in the middle of a test.
 pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("E2E_BIN_DIR") {
+        let path = PathBuf::from(dir).join(name);
+        assert!(path.exists(), "E2E_BIN_DIR has no {}", path.display());
+        return path;
+    }
     static BUILT: OnceLock<()> = OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe

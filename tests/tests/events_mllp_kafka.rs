@@ -169,6 +169,16 @@ async fn hl7_corpus_over_mllp_reaches_kafka_topics() {
                 .push(seq_of[h["ce_id"].as_str()]);
         }
     }
+    // Message events: `hl7v2.<code lower case>.<trigger as HL7 writes it>` (`hl7v2.adt.A01`).
+    for topic in topics.keys().filter(|t| t.starts_with("hl7v2.")) {
+        let parts: Vec<&str> = topic.split('.').collect();
+        assert!(
+            parts.len() == 3
+                && parts[1].chars().all(|c| !c.is_ascii_uppercase())
+                && parts[2].chars().any(|c| c.is_ascii_uppercase()),
+            "message event topic {topic} is not named like hl7v2.adt.A01"
+        );
+    }
     for (k, seqs) in &per_key {
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),

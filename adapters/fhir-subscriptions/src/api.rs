@@ -7,7 +7,7 @@
 use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
 use crate::config::InboundPartner;
 use crate::engine::{SubState, SubscriptionService};
-use crate::model::{Content, SubscriptionSpec};
+use crate::model::{ChannelType, Content, SubscriptionSpec};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -33,7 +33,19 @@ pub fn router(state: ApiState) -> Router {
 /// Both halves under `prefix` (e.g. `/fhir`), as plain paths so they merge with the facade's
 /// routes without a nesting conflict. Tests use this; `serve` mounts the halves separately.
 pub fn router_at(prefix: &str, state: ApiState) -> Router {
-    operations_router_at(prefix, state.clone()).merge(inbound_router_at(prefix, state))
+    operations_router_at(prefix, state.clone())
+        .merge(inbound_router_at(prefix, state.clone()))
+        .merge(websocket_router_at(prefix, state))
+}
+
+/// `GET <prefix>/subscription-ws`: the websocket channel (binding-token authenticated).
+pub fn websocket_router_at(prefix: &str, state: ApiState) -> Router {
+    Router::new()
+        .route(
+            &format!("{prefix}/subscription-ws"),
+            get(crate::ws::upgrade),
+        )
+        .with_state(state)
 }
 
 /// `$status`, `$events`, `$dead-letters`: they serve resources and event metadata, so they
@@ -52,6 +64,10 @@ pub fn operations_router_at(prefix: &str, state: ApiState) -> Router {
         .route(
             &format!("{prefix}/Subscription/$dead-letters"),
             get(dead_letters),
+        )
+        .route(
+            &format!("{prefix}/Subscription/{{id}}/$get-ws-binding-token"),
+            get(ws_binding_token).post(ws_binding_token),
         )
         .with_state(state)
 }
@@ -241,13 +257,104 @@ async fn events(
     ))
 }
 
+/// `$get-ws-binding-token` on one Subscription (its channel must be `websocket`). The facade
+/// has already checked that the caller's token may read this Subscription (tenant, scopes,
+/// patient context); the token returned binds one websocket connection to it, once, briefly.
+async fn ws_binding_token(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let t = tenant(&state, &headers);
+    let (spec, _) = match load(&state, &t, &id) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if spec.channel != ChannelType::Websocket {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the Subscription's channel.type is not websocket",
+        );
+    }
+    if spec.status == "off" || spec.status == "error" {
+        return outcome(
+            StatusCode::CONFLICT,
+            "processing",
+            &format!("the Subscription's status is {}", spec.status),
+        );
+    }
+    let cfg = &state.service.cfg;
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let Some((token, expires)) = state.service.ws_tokens.issue(
+        &t,
+        &id,
+        header("x-tributary-client"),
+        header("x-tributary-patient"),
+        std::time::Duration::from_secs(cfg.ws_token_ttl_secs),
+    ) else {
+        return outcome(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "too many binding tokens outstanding",
+        );
+    };
+    let url = if cfg.websocket_url.is_empty() {
+        let host = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+            })
+            .unwrap_or("localhost");
+        let secure = headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            == Some("https");
+        let scheme = if secure { "wss" } else { "ws" };
+        format!("{scheme}://{host}{}/subscription-ws", cfg.path_prefix)
+    } else {
+        cfg.websocket_url.clone()
+    };
+    tracing::info!(subscription = %id, tenant = %t, "websocket binding token issued");
+    fhir(crate::ws::token_parameters(&token, expires, &id, &url))
+}
+
 async fn dead_letters(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let t = tenant(&state, &headers);
-    let list: Vec<_> = state
-        .service
-        .dead_letters()
+    // A patient-context caller sees only the dead letters of its own patient's subscriptions.
+    let patient = headers
+        .get("x-tributary-patient")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut visible: std::collections::HashMap<String, bool> = Default::default();
+    let all = match state.service.dead_letters() {
+        Ok(l) => l,
+        Err(_) => {
+            return outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "store error",
+            )
+        }
+    };
+    let list: Vec<_> = all
         .into_iter()
         .filter(|d| d.tenant == t)
+        .filter(|d| {
+            let Some(p) = &patient else { return true };
+            *visible.entry(d.subscription.clone()).or_insert_with(|| {
+                load(&state, &t, &d.subscription)
+                    .map(|(spec, _)| spec.patient_context.as_deref() == Some(p.as_str()))
+                    .unwrap_or(false)
+            })
+        })
         .collect();
     Json(json!({"deadLetters": list})).into_response()
 }

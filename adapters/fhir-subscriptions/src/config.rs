@@ -63,6 +63,19 @@ pub struct SubscriptionsConfig {
     pub min_heartbeat_secs: u64,
     /// Allow `http://` endpoints (tests, loopback); otherwise only `https://`.
     pub allow_http_endpoints: bool,
+    /// Websocket channel: the URL `$get-ws-binding-token` tells clients to connect to. Empty =
+    /// `ws://<Host of the request><path_prefix>/subscription-ws` (`wss://` when the request
+    /// came with `X-Forwarded-Proto: https`); set it when a proxy serves another address.
+    pub websocket_url: String,
+    /// How long a websocket binding token stays valid (it binds one connection, once).
+    pub ws_token_ttl_secs: u64,
+    /// A websocket client must send `bind-with-token` within this many seconds of connecting.
+    pub ws_bind_timeout_secs: u64,
+    /// Notifications queued per websocket connection; a client that falls this far behind is
+    /// disconnected (it catches up with `$events`).
+    pub ws_queue_bound: usize,
+    /// Websocket ping period; a client that answers nothing for three periods is dropped.
+    pub ws_ping_secs: u64,
     /// Partners allowed to post notifications to `/subscription-hook/<partner>`.
     pub inbound: Vec<InboundPartner>,
 }
@@ -81,6 +94,11 @@ impl Default for SubscriptionsConfig {
             max_events_per_notification: 50,
             min_heartbeat_secs: 10,
             allow_http_endpoints: false,
+            websocket_url: String::new(),
+            ws_token_ttl_secs: 60,
+            ws_bind_timeout_secs: 10,
+            ws_queue_bound: 64,
+            ws_ping_secs: 30,
             inbound: Vec::new(),
         }
     }
@@ -141,6 +159,10 @@ impl SubscriptionsConfig {
                 "max_events_per_notification",
                 self.max_events_per_notification as u64,
             ),
+            ("ws_token_ttl_secs", self.ws_token_ttl_secs),
+            ("ws_bind_timeout_secs", self.ws_bind_timeout_secs),
+            ("ws_queue_bound", self.ws_queue_bound as u64),
+            ("ws_ping_secs", self.ws_ping_secs),
         ] {
             if v == 0 {
                 return Err(invalid(key, v, "must be greater than 0"));
@@ -151,6 +173,16 @@ impl SubscriptionsConfig {
                 "retry_max_ms",
                 self.retry_max_ms,
                 "at least retry_initial_ms",
+            ));
+        }
+        if !(self.websocket_url.is_empty()
+            || self.websocket_url.starts_with("ws://")
+            || self.websocket_url.starts_with("wss://"))
+        {
+            return Err(invalid(
+                "websocket_url",
+                &self.websocket_url,
+                "empty (derived from the request) or a ws:// or wss:// URL",
             ));
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -210,6 +242,10 @@ mod tests {
             e.contains("inbound[0].token") && !e.contains("short"),
             "{e}"
         );
+        let e = parse("websocket_url = \"http://x/ws\"").unwrap_err();
+        assert!(e.contains("subscriptions.websocket_url"), "{e}");
+        let e = parse("ws_queue_bound = 0").unwrap_err();
+        assert!(e.contains("subscriptions.ws_queue_bound"), "{e}");
         let e = parse("retries = 3").unwrap_err();
         assert!(e.contains("retries"), "{e}");
     }

@@ -11,20 +11,24 @@
 use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
 use crate::config::SubscriptionsConfig;
 use crate::model::{Change, ChannelType, SubscriptionSpec};
-use serde::Serialize;
+use crate::ws::{Binding, BindingTokens, WsClient};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
-    OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction, WriteOp,
+    AuditLog, Db, DeadLetterLog, OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction,
+    WriteOp,
 };
 
-/// A notification that could not be delivered before the give-up time.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+/// A notification that could not be delivered before the give-up time. Kept durably in the
+/// store's dead-letter keyspace (relay `subscriptions`), so it survives restarts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DeadLetter {
     pub tenant: String,
     pub subscription: String,
@@ -51,6 +55,38 @@ struct SubHandle {
     state: Mutex<SubState>,
     cancel: CancellationToken,
     changed: Notify,
+    /// Websocket channel: the bound connections.
+    clients: Mutex<Vec<WsClient>>,
+}
+
+impl SubHandle {
+    fn new(spec: SubscriptionSpec, cancel: CancellationToken) -> Self {
+        Self {
+            spec: RwLock::new(spec),
+            state: Mutex::new(SubState::default()),
+            cancel,
+            changed: Notify::new(),
+            clients: Mutex::default(),
+        }
+    }
+
+    /// Queues `text` for every bound websocket client; a client whose queue is full is
+    /// disconnected (too slow), not waited for. Returns how many clients got it.
+    fn broadcast(&self, text: &str) -> usize {
+        let Ok(mut clients) = self.clients.lock() else {
+            return 0;
+        };
+        clients.retain(|c| match c.tx.try_send(text.to_string()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::info!(client = c.id, "websocket client too slow; disconnecting");
+                c.slow.cancel();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        clients.len()
+    }
 }
 
 /// Shared by the delivery workers and the HTTP operations (`$status`, `$events`).
@@ -60,17 +96,32 @@ pub struct SubscriptionService {
     pub(crate) default_tenant: String,
     pub(crate) http: reqwest::Client,
     subs: RwLock<HashMap<(String, String), Arc<SubHandle>>>,
-    dead_letters: Mutex<VecDeque<DeadLetter>>,
+    dead_letters: DeadLetterLog,
+    /// Outstanding `$get-ws-binding-token` tokens.
+    pub(crate) ws_tokens: BindingTokens,
+    /// Websocket binds and closes are audited (they open a stream of resources).
+    audit: AuditLog,
+    next_client: AtomicU64,
+    /// Cancelled when [`SubscriptionService::run`] stops: websocket connections close.
+    pub(crate) shutdown: CancellationToken,
 }
 
 const MAX_DEAD_LETTERS: usize = 10_000;
+/// Most websocket connections bound to one subscription at once.
+pub(crate) const MAX_WS_PER_SUBSCRIPTION: usize = 16;
 
 fn key(tenant: &str, id: &str) -> String {
     format!("{tenant}/{id}")
 }
 
 impl SubscriptionService {
-    pub fn new(cfg: SubscriptionsConfig, store: Arc<dyn Store>, default_tenant: &str) -> Arc<Self> {
+    /// `db`: the data directory's database, where dead letters are kept.
+    pub fn new(
+        cfg: SubscriptionsConfig,
+        store: Arc<dyn Store>,
+        db: Db,
+        default_tenant: &str,
+    ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .build()
@@ -81,7 +132,11 @@ impl SubscriptionService {
             default_tenant: default_tenant.to_string(),
             http,
             subs: RwLock::default(),
-            dead_letters: Mutex::default(),
+            dead_letters: DeadLetterLog::new(db.clone(), "subscriptions", MAX_DEAD_LETTERS),
+            audit: AuditLog::new(db),
+            ws_tokens: BindingTokens::default(),
+            next_client: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
         })
     }
 
@@ -93,11 +148,14 @@ impl SubscriptionService {
         }
     }
 
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        self.dead_letters
-            .lock()
-            .map(|d| d.iter().cloned().collect())
-            .unwrap_or_default()
+    /// The dead letters kept (oldest first, at most 10,000).
+    pub fn dead_letters(&self) -> tributary_storage::Result<Vec<DeadLetter>> {
+        Ok(self
+            .dead_letters
+            .list()?
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect())
     }
 
     pub fn state(&self, tenant: &str, id: &str) -> Option<(SubscriptionSpec, SubState)> {
@@ -199,14 +257,10 @@ impl SubscriptionService {
         self.store.outbox().cursor(&Self::start_name(tenant, id))
     }
 
-    fn dead_letter(&self, d: DeadLetter) {
+    async fn dead_letter(&self, d: DeadLetter) -> tributary_storage::Result<()> {
         tracing::warn!(subscription = %d.subscription, tenant = %d.tenant, events = d.event_ids.len(), reason = %d.reason, "subscription notification dead-lettered");
-        if let Ok(mut q) = self.dead_letters.lock() {
-            if q.len() >= MAX_DEAD_LETTERS {
-                q.pop_front();
-            }
-            q.push_back(d);
-        }
+        let v = serde_json::to_value(&d).expect("a DeadLetter serializes");
+        self.dead_letters.append(&v).await
     }
 
     /// Writes `status` (and `error`) back into the stored Subscription, if it changed.
@@ -344,6 +398,9 @@ impl SubscriptionService {
             st.status = spec0.status.clone();
         }
         tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
+        if spec0.channel == ChannelType::Websocket {
+            return self.ws_worker(&h, cursor, &cursor_name).await;
+        }
 
         // Handshake.
         if spec0.status == "requested" {
@@ -469,7 +526,8 @@ impl SubscriptionService {
                         event_ids: matched.iter().map(|e| e.event_id.clone()).collect(),
                         reason: reason.clone(),
                         at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
-                    });
+                    })
+                    .await?;
                     self.set_status(&h, "error", Some(&format!("delivery gave up: {reason}")))
                         .await;
                 }
@@ -521,7 +579,7 @@ impl SubscriptionService {
                         }
                     };
                     let expired = spec.end.is_some_and(|e| e <= tributary_core::now_millis());
-                    if spec.status == "off" || expired || spec.channel != ChannelType::RestHook {
+                    if spec.status == "off" || expired {
                         continue;
                     }
                     live.insert(k.clone());
@@ -540,12 +598,7 @@ impl SubscriptionService {
                         None => {
                             // Delivery starts after the Subscription's own creation event.
                             let seen_at = created.get(&k).copied().unwrap_or(head);
-                            let h = Arc::new(SubHandle {
-                                spec: RwLock::new(spec),
-                                state: Mutex::new(SubState::default()),
-                                cancel: shutdown.child_token(),
-                                changed: Notify::new(),
-                            });
+                            let h = Arc::new(SubHandle::new(spec, shutdown.child_token()));
                             self.subs.write().expect("subs").insert(k, h.clone());
                             let me = self.clone();
                             tasks.spawn(async move {
@@ -553,8 +606,12 @@ impl SubscriptionService {
                                     let s = h.spec.read().expect("spec");
                                     (s.tenant.clone(), s.id.clone())
                                 };
-                                if let Err(e) = me.clone().worker(h, seen_at).await {
+                                if let Err(e) = me.clone().worker(h.clone(), seen_at).await {
                                     tracing::error!(subscription = %i, tenant = %t, error = %e, "subscription worker stopped");
+                                }
+                                // Bound websocket clients learn that the subscription ended.
+                                if let Ok(mut c) = h.clients.lock() {
+                                    c.clear();
                                 }
                                 me.subs.write().expect("subs").remove(&(t, i));
                             });
@@ -645,7 +702,239 @@ impl SubscriptionService {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
+        self.shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         Ok(())
+    }
+
+    /// Websocket channel: matches events like rest-hook, numbers them, and queues the
+    /// notification for every bound client; the cursor moves on whether or not a client is
+    /// bound (missed events: `$events`). Heartbeats go to bound clients when idle.
+    async fn ws_worker(
+        &self,
+        h: &SubHandle,
+        mut cursor: u64,
+        cursor_name: &str,
+    ) -> tributary_storage::Result<()> {
+        let outbox = self.store.outbox().clone();
+        let mut head_rx = outbox.subscribe();
+        let mut last_sent = Instant::now();
+        loop {
+            if h.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let spec = h.spec.read().expect("spec lock").clone();
+            let max = spec
+                .max_count
+                .unwrap_or(usize::MAX)
+                .min(self.cfg.max_events_per_notification)
+                .max(1);
+            let mut matched = Vec::new();
+            let mut scanned = cursor;
+            for ev in outbox.read_after(cursor, 512)? {
+                scanned = ev.seq;
+                if self.matches(&spec, &ev) {
+                    matched.push(ev);
+                    if matched.len() >= max {
+                        break;
+                    }
+                }
+            }
+            if matched.is_empty() {
+                if scanned > cursor {
+                    cursor = scanned;
+                    outbox.ack(cursor_name, cursor).await?;
+                    continue;
+                }
+                let heartbeat = spec
+                    .heartbeat_secs
+                    .map(|s| Duration::from_secs(s.max(self.cfg.min_heartbeat_secs)));
+                let sleep = match heartbeat {
+                    Some(p) => p.saturating_sub(last_sent.elapsed()),
+                    None => Duration::from_secs(3600),
+                };
+                tokio::select! {
+                    _ = h.cancel.cancelled() => return Ok(()),
+                    r = head_rx.changed() => if r.is_err() { return Ok(()) },
+                    _ = h.changed.notified() => {}
+                    _ = tokio::time::sleep(sleep) => {
+                        if heartbeat.is_some_and(|p| last_sent.elapsed() >= p) {
+                            let st = h.state.lock().expect("state lock").clone();
+                            let body = bundle::notification_bundle(&self.info(&spec, &st), NotificationType::Heartbeat, &[], spec.content);
+                            if h.broadcast(&body.to_string()) > 0 {
+                                if let Ok(mut st) = h.state.lock() { st.heartbeats += 1; }
+                            }
+                            last_sent = Instant::now();
+                        }
+                    }
+                }
+                continue;
+            }
+            let first_number = h.state.lock().expect("state lock").events_since_start + 1;
+            let numbered: Vec<NumberedEvent<'_>> = matched
+                .iter()
+                .enumerate()
+                .map(|(i, event)| NumberedEvent {
+                    number: first_number + i as u64,
+                    event,
+                })
+                .collect();
+            let last_number = first_number + matched.len() as u64 - 1;
+            let mut st = h.state.lock().expect("state lock").clone();
+            st.events_since_start = last_number;
+            let body = bundle::notification_bundle(
+                &self.info(&spec, &st),
+                NotificationType::EventNotification,
+                &numbered,
+                spec.content,
+            );
+            let sent = h.broadcast(&body.to_string());
+            if let Ok(mut s) = h.state.lock() {
+                s.events_since_start = last_number;
+                if sent > 0 {
+                    s.delivered_notifications += 1;
+                }
+            }
+            last_sent = Instant::now();
+            cursor = matched.last().map_or(scanned, |e| e.seq);
+            outbox.ack(cursor_name, cursor).await?;
+        }
+    }
+
+    /// Binds a websocket connection to the subscription a binding token names: the handshake
+    /// is the first message in its queue. Waits up to the bind timeout for a just-created
+    /// subscription's worker. `Err` is a PHI-free reason for the client.
+    pub(crate) async fn bind_ws(
+        &self,
+        b: &Binding,
+    ) -> Result<(u64, mpsc::Receiver<String>, CancellationToken), String> {
+        let k = (b.tenant.clone(), b.subscription.clone());
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.ws_bind_timeout_secs);
+        let h = loop {
+            if let Some(h) = self.subs.read().ok().and_then(|s| s.get(&k).cloned()) {
+                break h;
+            }
+            if Instant::now() >= deadline {
+                return Err("the subscription is not active (off, ended, or in error)".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let spec = h.spec.read().expect("spec lock").clone();
+        if spec.channel != ChannelType::Websocket {
+            return Err("the subscription's channel is not websocket".into());
+        }
+        let status = h.state.lock().expect("state lock").status.clone();
+        if status == "requested" || status.is_empty() {
+            self.set_status(&h, "active", None).await;
+        }
+        let st = h.state.lock().expect("state lock").clone();
+        let handshake = bundle::notification_bundle(
+            &self.info(&spec, &st),
+            NotificationType::Handshake,
+            &[],
+            spec.content,
+        );
+        if h.clients.lock().expect("clients lock").len() >= MAX_WS_PER_SUBSCRIPTION {
+            return Err(format!(
+                "at most {MAX_WS_PER_SUBSCRIPTION} connections may be bound to one subscription"
+            ));
+        }
+        let (tx, rx) = mpsc::channel(self.cfg.ws_queue_bound.max(1));
+        let _ = tx.try_send(handshake.to_string());
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let slow = CancellationToken::new();
+        h.clients.lock().expect("clients lock").push(WsClient {
+            id,
+            tx,
+            slow: slow.clone(),
+        });
+        Ok((id, rx, slow))
+    }
+
+    /// A PHI-free audit record of a websocket bind or close, durable when this returns (a
+    /// failure is logged: the connection is refused or closed anyway).
+    pub(crate) async fn audit_ws(
+        &self,
+        b: Option<&Binding>,
+        interaction: &str,
+        status: u16,
+        detail: &str,
+        notifications: u64,
+    ) {
+        let mut rec = serde_json::json!({
+            "kind": "subscription-websocket",
+            "time": tributary_core::now_millis(),
+            "interaction": interaction,
+            "resource_type": "Subscription",
+            "status": status,
+            "outcome": match status {
+                200..=399 => "allowed",
+                401 | 403 => "denied",
+                _ => "failed",
+            },
+            "detail": detail,
+            "notifications": notifications,
+        });
+        if let Some(b) = b {
+            rec["tenant"] = Value::String(b.tenant.clone());
+            rec["resource_id"] = Value::String(b.subscription.clone());
+            if let Some(c) = &b.client {
+                rec["client"] = Value::String(c.clone());
+            }
+            if let Some(p) = &b.patient {
+                rec["patient"] = Value::String(p.clone());
+            }
+        }
+        if let Err(e) = self.audit.append(vec![rec]).await {
+            tracing::error!(error = %e, "could not audit a websocket bind/close");
+        }
+    }
+
+    pub(crate) fn unbind_ws(&self, b: &Binding, client: u64) {
+        let k = (b.tenant.clone(), b.subscription.clone());
+        if let Some(h) = self.subs.read().ok().and_then(|s| s.get(&k).cloned()) {
+            if let Ok(mut c) = h.clients.lock() {
+                c.retain(|c| c.id != client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_full_client_queue_disconnects_that_client_only() {
+        let sub = json!({"resourceType": "Subscription", "status": "active",
+            "criteria": format!("{}/observation", crate::model::TOPIC_BASE),
+            "channel": {"type": "websocket"}});
+        let spec = SubscriptionSpec::parse("t1", "s1", 1, &sub, false).unwrap();
+        let h = SubHandle::new(spec, CancellationToken::new());
+        let (slow_tx, _slow_rx) = mpsc::channel(2);
+        let (fast_tx, mut fast_rx) = mpsc::channel(2);
+        let (slow, fast) = (CancellationToken::new(), CancellationToken::new());
+        h.clients.lock().unwrap().extend([
+            WsClient {
+                id: 1,
+                tx: slow_tx,
+                slow: slow.clone(),
+            },
+            WsClient {
+                id: 2,
+                tx: fast_tx,
+                slow: fast.clone(),
+            },
+        ]);
+        for (i, want) in [2, 2, 1, 1].into_iter().enumerate() {
+            assert_eq!(h.broadcast(&format!("n{i}")), want, "message {i}");
+            assert_eq!(fast_rx.try_recv().unwrap(), format!("n{i}"));
+        }
+        assert!(
+            slow.is_cancelled(),
+            "the client that stopped reading is cut off"
+        );
+        assert!(!fast.is_cancelled());
     }
 }

@@ -3,7 +3,8 @@
 //! Out: clients create `Subscription` resources through the facade (generic CRUD, which checks
 //! scopes and tenant); this crate reads them from the store, matches every committed change
 //! against the [`model::TOPICS`] and the subscription's filters, and delivers rest-hook
-//! notifications ([`engine`]). In: partners' FHIR servers post notifications to
+//! notifications ([`engine`]) or queues them for bound websocket clients ([`ws`]). In:
+//! partners' FHIR servers post notifications to
 //! `/subscription-hook/<partner>` ([`api`]), which are journaled as FHIR messages.
 //!
 //! The binary registers [`SubscriptionsSink`] and mounts [`api::router`].
@@ -13,6 +14,7 @@ pub mod bundle;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod ws;
 
 pub use config::{InboundPartner, SubscriptionsConfig, SubscriptionsConfigError};
 pub use engine::{DeadLetter, SubscriptionService};
@@ -31,6 +33,7 @@ pub fn service(
     Ok(SubscriptionService::new(
         config,
         rt.store.clone(),
+        rt.db.clone(),
         default_tenant,
     ))
 }
@@ -53,6 +56,14 @@ pub fn operations_router(service: Arc<SubscriptionService>, rt: &Runtime) -> axu
 pub fn inbound_router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
     let prefix = service.cfg.path_prefix.clone();
     api::inbound_router_at(&prefix, api_state(service, rt))
+}
+
+/// `GET <path_prefix>/subscription-ws`: the websocket channel. Clients authenticate with a
+/// binding token from `$get-ws-binding-token` (browsers cannot send an `Authorization` header
+/// on a websocket), so it is mounted outside the SMART stack.
+pub fn websocket_router(service: Arc<SubscriptionService>, rt: &Runtime) -> axum::Router {
+    let prefix = service.cfg.path_prefix.clone();
+    api::websocket_router_at(&prefix, api_state(service, rt))
 }
 
 /// The delivery engine as a registered [`Sink`].

@@ -153,7 +153,8 @@ impl Content {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChannelType {
     RestHook,
-    Other(String),
+    /// Notifications go to websocket clients bound with a `$get-ws-binding-token` token.
+    Websocket,
 }
 
 /// One filter from `backport-filter-criteria`: `Encounter?patient=Patient/123&status=final`.
@@ -194,7 +195,7 @@ pub enum SpecError {
     BadEndpoint,
     #[error("Subscription.channel.endpoint must be https")]
     InsecureEndpoint,
-    #[error("Subscription.channel.type {0:?} is not supported (rest-hook is)")]
+    #[error("Subscription.channel.type {0:?} is not supported (rest-hook and websocket are)")]
     UnsupportedChannel(String),
     #[error("unsupported filter {0:?}: supported are patient, subject, status, code")]
     UnsupportedFilter(String),
@@ -279,6 +280,7 @@ impl SubscriptionSpec {
         let ctype = channel.get("type").and_then(Value::as_str).unwrap_or("");
         let channel_type = match ctype {
             "rest-hook" => ChannelType::RestHook,
+            "websocket" => ChannelType::Websocket,
             other => return Err(SpecError::UnsupportedChannel(other.to_string())),
         };
         let endpoint = channel
@@ -286,11 +288,14 @@ impl SubscriptionSpec {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
-            return Err(SpecError::BadEndpoint);
-        }
-        if endpoint.starts_with("http://") && !allow_http {
-            return Err(SpecError::InsecureEndpoint);
+        // A websocket subscriber connects to us; any endpoint it names is not used.
+        if channel_type == ChannelType::RestHook {
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return Err(SpecError::BadEndpoint);
+            }
+            if endpoint.starts_with("http://") && !allow_http {
+                return Err(SpecError::InsecureEndpoint);
+            }
         }
         let mut headers = Vec::new();
         for h in channel
@@ -494,6 +499,16 @@ mod tests {
             Err(SpecError::InsecureEndpoint)
         );
         assert!(parse_criteria("Observation?name=x").is_err());
+        let mut ws = sub("observation", None);
+        ws["channel"]["type"] = json!("websocket");
+        ws["channel"].as_object_mut().unwrap().remove("endpoint");
+        let spec = SubscriptionSpec::parse("t1", "s", 1, &ws, false).unwrap();
+        assert_eq!(spec.channel, ChannelType::Websocket);
+        ws["channel"]["type"] = json!("email");
+        assert!(matches!(
+            SubscriptionSpec::parse("t1", "s", 1, &ws, false),
+            Err(SpecError::UnsupportedChannel(_))
+        ));
         assert_eq!(
             parse_criteria("Encounter.patient=Patient/123").unwrap().1[0].value,
             "Patient/123"

@@ -146,8 +146,8 @@ fn start(cfg: SubscriptionsConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let store = Arc::new(FjallStore::new(db.clone()));
-    let journal = Arc::new(FjallJournal::new(db, 86_400_000));
-    let service = SubscriptionService::new(cfg, store.clone(), "t1");
+    let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
+    let service = SubscriptionService::new(cfg, store.clone(), db, "t1");
     let shutdown = CancellationToken::new();
     tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     Env {

@@ -283,10 +283,7 @@ impl Pipeline {
             .resources()
             .find(|(t, _, _)| *t == "Patient")
             .map(|(_, id, _)| id.to_string());
-        let event_type = format!(
-            "hl7v2.{}",
-            mapped.message_type.replace('^', ".").to_ascii_lowercase()
-        );
+        let event_type = message_event_type(&mapped.message_type);
         let event = OutboxEvent {
             seq: 0,
             // stable per message: a replay raises the same event id, so consumers de-duplicate
@@ -360,6 +357,25 @@ impl Pipeline {
     }
 }
 
+/// The event type of a mapped message: `hl7v2.<message code, lower case>.<trigger event as
+/// HL7 writes it>`, e.g. `ADT^A01` → `hl7v2.adt.A01`, `ORU^R01` → `hl7v2.oru.R01`. Characters
+/// a topic or routing key cannot carry are dropped (Kafka allows `[A-Za-z0-9._-]`).
+pub fn message_event_type(message_type: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect()
+    };
+    let mut parts = message_type.split('^');
+    let code = clean(parts.next().unwrap_or("")).to_ascii_lowercase();
+    let trigger = clean(parts.next().unwrap_or(""));
+    match (code.is_empty(), trigger.is_empty()) {
+        (true, _) => "hl7v2.unknown".into(),
+        (false, true) => format!("hl7v2.{code}"),
+        (false, false) => format!("hl7v2.{code}.{trigger}"),
+    }
+}
+
 fn summarize(paths: &[String]) -> String {
     let mut s = paths
         .iter()
@@ -393,4 +409,19 @@ fn check_bundle(m: &MappedBundle) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_event_type;
+
+    #[test]
+    fn event_type_keeps_the_trigger_event_as_hl7_writes_it() {
+        assert_eq!(message_event_type("ADT^A01"), "hl7v2.adt.A01");
+        assert_eq!(message_event_type("ORU^R01"), "hl7v2.oru.R01");
+        assert_eq!(message_event_type("adt^a08"), "hl7v2.adt.a08");
+        assert_eq!(message_event_type("ADT^"), "hl7v2.adt");
+        assert_eq!(message_event_type("^A01"), "hl7v2.unknown");
+        assert_eq!(message_event_type("AD T^A 0/1"), "hl7v2.adt.A01");
+    }
 }

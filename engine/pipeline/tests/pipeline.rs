@@ -85,6 +85,17 @@ async fn replaying_a_message_three_times_leaves_one_version_of_each_resource() {
         rec.state.mapping_version.as_deref(),
         Some(p.registry.current().version.as_str())
     );
+    // The message event: message code lower case, trigger event as HL7 writes it.
+    let types: Vec<String> = rt
+        .store
+        .outbox()
+        .read_after(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .filter(|t| t.starts_with("hl7v2."))
+        .collect();
+    assert_eq!(types, vec!["hl7v2.oru.R01".to_string()]);
 
     let mapped = p
         .registry

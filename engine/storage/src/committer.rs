@@ -33,6 +33,7 @@ pub struct Counters {
     pub outbox_seq: u64,
     pub audit_seq: u64,
     pub audit_head: [u8; 32],
+    pub dead_letter_seq: u64,
 }
 
 type Op = (Table, Vec<u8>, Option<Vec<u8>>);

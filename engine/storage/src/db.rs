@@ -41,12 +41,14 @@ pub enum Table {
     AuditIdxTime,
     /// small named values (counters, signing keys' metadata)
     Meta,
+    /// dead-letter seq (u64 BE) → JSON {relay, record}: deliveries a relay gave up on
+    DeadLetter,
 }
 
 impl Table {
     pub(crate) const COUNT: usize = Self::ALL.len();
     /// In discriminant order: `Table::ALL[t as usize] == t`.
-    pub(crate) const ALL: [Table; 16] = [
+    pub(crate) const ALL: [Table; 17] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -63,6 +65,7 @@ impl Table {
         Table::AuditIdxPatient,
         Table::AuditIdxTime,
         Table::Meta,
+        Table::DeadLetter,
     ];
 
     fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Table {
             Table::AuditIdxPatient => "audit_idx_patient",
             Table::AuditIdxTime => "audit_idx_time",
             Table::Meta => "meta",
+            Table::DeadLetter => "dead_letters",
         }
     }
 }
@@ -215,6 +219,7 @@ fn load_counters(tables: &Tables) -> Result<Counters> {
         outbox_seq: last_u64_key(tables.get(Table::Outbox))?,
         audit_seq: last_u64_key(tables.get(Table::Audit))?,
         audit_head: [0; 32],
+        dead_letter_seq: last_u64_key(tables.get(Table::DeadLetter))?,
     };
     if let Some(guard) = tables.get(Table::Audit).last_key_value() {
         let (_, v) = guard.into_inner()?;

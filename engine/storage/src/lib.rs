@@ -9,6 +9,7 @@
 mod audit;
 pub mod committer;
 mod db;
+mod dead_letters;
 mod error;
 mod journal;
 mod keys;
@@ -20,6 +21,7 @@ pub use audit::{
     AuditVerifyReport, RETENTION_KIND,
 };
 pub use db::{Db, DbOptions};
+pub use dead_letters::DeadLetterLog;
 pub use error::StorageError;
 pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,

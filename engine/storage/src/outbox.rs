@@ -142,6 +142,61 @@ impl Outbox {
         self.head.subscribe()
     }
 
+    /// Deletes events every listed sink has delivered and that occurred before `before_ms`
+    /// (a prefix of the outbox: it stops at the first newer event). An empty `sinks` list
+    /// prunes nothing — with no consumer registered nobody has delivered anything. Sequence
+    /// numbers never go back after a prune. Returns how many were removed.
+    pub async fn prune_delivered(&self, sinks: &[&str], before_ms: i64) -> Result<u64> {
+        let mut upto = u64::MAX;
+        for s in sinks {
+            upto = upto.min(self.cursor(s)?);
+        }
+        if sinks.is_empty() || upto == 0 {
+            return Ok(0);
+        }
+        let mut removed = 0;
+        loop {
+            // Bounded batches: one commit never holds more than 10,000 deletes.
+            let mut doomed = Vec::new();
+            for item in self
+                .db
+                .tables()
+                .get(Table::Outbox)
+                .range(..=keys::u64_be(upto))
+                .take(10_000)
+            {
+                let (k, v) = item.into_inner()?;
+                let at = serde_json::from_slice::<serde_json::Value>(&v)
+                    .ok()
+                    .and_then(|e| e.get("occurred_at").and_then(serde_json::Value::as_i64))
+                    .unwrap_or(i64::MAX);
+                if at >= before_ms {
+                    break;
+                }
+                doomed.push(k.to_vec());
+            }
+            if doomed.is_empty() {
+                return Ok(removed);
+            }
+            let n = doomed.len() as u64;
+            self.db
+                .committer()
+                .run(move |txn| {
+                    for k in doomed {
+                        txn.delete(Table::Outbox, k);
+                    }
+                    let floor = keys::u64_be(txn.counters.outbox_seq).to_vec();
+                    txn.put(Table::Meta, b"outbox_seq_floor".to_vec(), floor);
+                    Ok(())
+                })
+                .await?;
+            removed += n;
+            if n < 10_000 {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Deletes events every listed sink has delivered. Returns how many were removed.
     pub async fn prune(&self, sinks: &[&str]) -> Result<u64> {
         let mut upto = u64::MAX;

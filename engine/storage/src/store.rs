@@ -924,4 +924,47 @@ mod tests {
         assert_eq!(s.outbox().prune(&["kafka"]).await.unwrap(), 1);
         assert!(s.outbox().read_after(0, 10).unwrap().is_empty());
     }
+
+    #[tokio::test]
+    async fn prune_delivered_keeps_what_a_consumer_still_needs_and_what_is_recent() {
+        let (_d, db, s) = store();
+        for id in ["p1", "p2", "p3"] {
+            s.commit(tx(vec![patient(id, "Doe")])).await.unwrap();
+        }
+        let ev = s.outbox().read_after(0, 10).unwrap();
+        let seqs: Vec<u64> = ev.iter().map(|e| e.seq).collect();
+        let later = tributary_core::now_millis() + 60_000;
+        s.outbox().ack("kafka", seqs[1]).await.unwrap();
+        s.outbox().ack("amqp", seqs[2]).await.unwrap();
+        let ob = s.outbox().clone();
+        assert_eq!(
+            ob.prune_delivered(&[], later).await.unwrap(),
+            0,
+            "no consumer"
+        );
+        assert_eq!(
+            ob.prune_delivered(&["kafka", "amqp"], 0).await.unwrap(),
+            0,
+            "nothing is old enough"
+        );
+        assert_eq!(
+            ob.prune_delivered(&["kafka", "amqp"], later).await.unwrap(),
+            2
+        );
+        let left: Vec<u64> = ob
+            .read_after(0, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, vec![seqs[2]], "kafka has not delivered the third yet");
+        // Sequence numbers go on after the prune, also after a restart.
+        drop((ob, s));
+        drop(db);
+        let db = Db::open(_d.path(), DbOptions::default()).unwrap();
+        let s = FjallStore::new(db);
+        s.commit(tx(vec![patient("p4", "Doe")])).await.unwrap();
+        let last = s.outbox().read_after(0, 10).unwrap().last().unwrap().seq;
+        assert_eq!(last, seqs[2] + 1);
+    }
 }

@@ -41,6 +41,8 @@ pub struct Config {
     pub journal: JournalConfig,
     /// The hash-chained audit log: retention.
     pub audit: AuditConfig,
+    /// How long delivered events stay in the outbox.
+    pub outbox: OutboxConfig,
     /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
     pub mapping: tributary_pipeline::MappingConfig,
     /// The FHIR facade: authentication, break-glass, rate limits (see `tributary_facade::config`).
@@ -67,6 +69,7 @@ impl Default for Config {
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
             audit: AuditConfig::default(),
+            outbox: OutboxConfig::default(),
             mapping: tributary_pipeline::MappingConfig::default(),
             facade: tributary_facade::FacadeConfig::default(),
             kafka: None,
@@ -187,6 +190,28 @@ impl Default for AuditConfig {
     }
 }
 
+/// The `[outbox]` section: pruning of delivered events.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Events older than this that every registered relay (`[kafka]`, `[amqp.sink]`) has
+    /// delivered are removed. 0 keeps every event. Nothing is pruned while `[subscriptions]` is
+    /// configured (`$events` and event numbers are computed from the outbox's history) or when
+    /// no relay is configured.
+    pub max_age_secs: u64,
+    /// How often the outbox pruner runs.
+    pub prune_interval_secs: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_age_secs: 7 * 86_400,
+            prune_interval_secs: 300,
+        }
+    }
+}
+
 fn invalid(key: &str, value: impl ToString, allowed: &str) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -298,6 +323,10 @@ impl Config {
             self.journal.retention.prune_interval_secs,
         )?;
         check_positive("audit.prune_interval_secs", self.audit.prune_interval_secs)?;
+        check_positive(
+            "outbox.prune_interval_secs",
+            self.outbox.prune_interval_secs,
+        )?;
         self.facade.validate().map_err(|e| ConfigError::Invalid {
             key: e.key,
             value: e.value,
@@ -428,6 +457,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("amqp.source.prefetch"), "{msg}");
+    }
+
+    #[test]
+    fn outbox_retention_is_configurable_and_validated() {
+        let c = load("[outbox]\nmax_age_secs = 0\n", &[]).unwrap();
+        assert_eq!(c.outbox.max_age_secs, 0);
+        assert_eq!(c.outbox.prune_interval_secs, 300);
+        let msg = load("[outbox]\nprune_interval_secs = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("outbox.prune_interval_secs"), "{msg}");
     }
 
     #[test]

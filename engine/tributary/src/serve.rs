@@ -54,6 +54,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.audit.retention_days > 0 {
         tasks.spawn(audit_retention_loop(rt.clone(), config.audit.clone()));
     }
+    tasks.spawn(outbox_prune_loop(
+        rt.clone(),
+        config.outbox.clone(),
+        outbox_consumers(&config),
+    ));
 
     // The mapping pipeline: a mapping set that does not load stops startup with every
     // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
@@ -90,7 +95,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     // Subscription operations go behind the facade's policy layers (below); the inbound
-    // notification hook authenticates partners itself.
+    // notification hook authenticates partners itself, the websocket channel by binding token.
     let mut guarded_routes = axum::Router::new();
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
@@ -100,6 +105,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             &rt,
         ));
         extra_routes = extra_routes.merge(tributary_subscriptions::inbound_router(
+            service.clone(),
+            &rt,
+        ));
+        extra_routes = extra_routes.merge(tributary_subscriptions::websocket_router(
             service.clone(),
             &rt,
         ));
@@ -249,6 +258,52 @@ async fn audit_retention_loop(rt: Runtime, cfg: crate::config::AuditConfig) -> a
             Ok(_) => {}
             // A broken chain is never pruned: the evidence stays until someone looks.
             Err(e) => tracing::error!(error = %e, "audit retention failed"),
+        }
+    }
+}
+
+/// The outbox cursors every delivered event must have passed before it may be pruned; `None`
+/// when pruning would take something from a consumer that reads history (Subscriptions'
+/// `$events`) or when there is no consumer at all.
+fn outbox_consumers(config: &Config) -> Option<Vec<String>> {
+    if config.subscriptions.is_some() {
+        return None;
+    }
+    let mut names = Vec::new();
+    if let Some(k) = &config.kafka {
+        names.push(k.cursor_name.clone());
+    }
+    if let Some(s) = config.amqp.as_ref().and_then(|a| a.sink.as_ref()) {
+        names.push(s.cursor_name.clone());
+    }
+    (!names.is_empty()).then_some(names)
+}
+
+async fn outbox_prune_loop(
+    rt: Runtime,
+    cfg: crate::config::OutboxConfig,
+    consumers: Option<Vec<String>>,
+) -> anyhow::Result<()> {
+    let Some(consumers) = consumers.filter(|_| cfg.max_age_secs > 0) else {
+        tracing::info!("outbox pruning off (max_age_secs = 0, [subscriptions] on, or no relay)");
+        // A finished task stops `serve`: wait for shutdown like every other component.
+        rt.shutdown.cancelled().await;
+        return Ok(());
+    };
+    let names: Vec<&str> = consumers.iter().map(String::as_str).collect();
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.prune_interval_secs));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let before = tributary_core::now_millis()
+            .saturating_sub((cfg.max_age_secs as i64).saturating_mul(1000));
+        match rt.store.outbox().prune_delivered(&names, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "outbox retention"),
+            Err(e) => tracing::warn!(error = %e, "outbox retention failed"),
         }
     }
 }

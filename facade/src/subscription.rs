@@ -1,0 +1,129 @@
+//! `Subscription` resources written through the facade carry what the writing token could read,
+//! so that delivery (rest-hook or websocket, crate `tributary-subscriptions`) never sends a
+//! subscriber more than its token could have read:
+//! - a token with a patient context stamps `subscription-patient-context` (that patient only);
+//! - the token's read scopes stamp `subscription-allowed-types` (`*` or `Observation,Encounter`).
+//!
+//! A client's own values for these two extensions are replaced, never trusted. Types granted
+//! only under SMART v2 narrowing (`patient/Observation.rs?category=laboratory`) are left out
+//! (delivery cannot apply the narrowing), so such a token receives none of that type.
+
+use crate::policy::Access;
+use crate::scopes::{Perm, ScopeContext};
+use serde_json::{json, Value};
+
+/// Same URLs as `tributary_subscriptions::model` (kept here to spare the facade the dependency).
+pub const PATIENT_CONTEXT_EXT: &str =
+    "http://tributary.dev/fhir/StructureDefinition/subscription-patient-context";
+pub const ALLOWED_TYPES_EXT: &str =
+    "http://tributary.dev/fhir/StructureDefinition/subscription-allowed-types";
+
+/// The patient a Subscription is confined to, if any (its compartment, for the policy checks).
+pub fn patient_context(v: &Value) -> Option<String> {
+    v.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(PATIENT_CONTEXT_EXT))?
+        .pointer("/valueReference/reference")?
+        .as_str()?
+        .strip_prefix("Patient/")
+        .map(str::to_string)
+}
+
+/// The resource types the token may read without narrowing: `*` or a sorted list.
+fn readable_types(access: &Access) -> String {
+    let p = &access.principal;
+    let mut types: Vec<String> = Vec::new();
+    for s in &p.scopes.scopes {
+        if s.context == ScopeContext::Patient && p.patient.is_none() {
+            continue;
+        }
+        if !s.grants(Perm::Read, s.resource_type.as_deref().unwrap_or("Patient"))
+            || !s.constraints.is_empty()
+        {
+            continue;
+        }
+        match &s.resource_type {
+            None => return "*".into(),
+            Some(t) => types.push(t.clone()),
+        }
+    }
+    types.sort();
+    types.dedup();
+    types.join(",")
+}
+
+/// Replaces the two extensions on a Subscription being written with the token's values.
+pub fn stamp(access: &Access, v: &mut Value) {
+    let p = &access.principal;
+    let mut ext: Vec<Value> = v
+        .get("extension")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            let url = e.get("url").and_then(Value::as_str);
+            url != Some(PATIENT_CONTEXT_EXT) && url != Some(ALLOWED_TYPES_EXT)
+        })
+        .collect();
+    if let Some(pid) = &p.patient {
+        ext.push(json!({"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": format!("Patient/{pid}")}}));
+    }
+    ext.push(json!({"url": ALLOWED_TYPES_EXT, "valueString": readable_types(access)}));
+    v["extension"] = Value::Array(ext);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Principal;
+    use crate::scopes::ScopeSet;
+    use std::sync::Arc;
+
+    fn access(scope: &str, patient: Option<&str>) -> Access {
+        Access {
+            principal: Arc::new(Principal {
+                client_id: "app".into(),
+                user: None,
+                tenant: "t".into(),
+                role: None,
+                role_kind: None,
+                scopes: ScopeSet::parse(scope),
+                scope_text: scope.into(),
+                patient: patient.map(String::from),
+                grant: None,
+                jti: None,
+                exp: i64::MAX,
+            }),
+            break_glass: false,
+        }
+    }
+
+    #[test]
+    fn stamps_patient_and_types_and_replaces_client_values() {
+        let mut v = json!({"resourceType": "Subscription", "extension": [
+            {"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": "Patient/someone-else"}},
+            {"url": ALLOWED_TYPES_EXT, "valueString": "*"},
+            {"url": "http://example.org/other", "valueString": "kept"}
+        ]});
+        stamp(
+            &access(
+                "patient/Observation.rs patient/Encounter.read patient/Condition.rs?category=x",
+                Some("p1"),
+            ),
+            &mut v,
+        );
+        assert_eq!(patient_context(&v).as_deref(), Some("p1"));
+        let ext = v["extension"].as_array().unwrap();
+        assert_eq!(ext.len(), 3);
+        assert!(ext.iter().any(|e| e["valueString"] == "kept"));
+        assert!(ext
+            .iter()
+            .any(|e| e["url"] == ALLOWED_TYPES_EXT && e["valueString"] == "Encounter,Observation"));
+        let mut v = json!({"resourceType": "Subscription"});
+        stamp(&access("system/*.cruds", None), &mut v);
+        assert_eq!(patient_context(&v), None);
+        assert_eq!(v["extension"][0]["valueString"], "*");
+    }
+}

@@ -1,0 +1,126 @@
+//! Outbox retention in `serve`: with a RabbitMQ relay configured, events it has delivered and
+//! that are older than `outbox.max_age_secs` are removed from the data directory; with
+//! `max_age_secs = 0` they stay; sequence numbers go on across prunes and restarts.
+//! Skips when RabbitMQ is not reachable at 127.0.0.1:5672 (or `AMQP_URL`).
+
+mod events_common;
+
+use events_common::{tributary_bin, Server};
+use lapin::{Connection, ConnectionProperties};
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use tributary_storage::{Db, DbOptions, FjallStore, Store};
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// (remaining event seqs, the relay's cursor) read from the stopped server's data directory.
+fn outbox_state(data: &Path) -> (Vec<u64>, u64) {
+    let store = FjallStore::new(Db::open(data, DbOptions::default()).unwrap());
+    let seqs = store
+        .outbox()
+        .read_after(0, 100_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    (seqs, store.outbox().cursor("amqp").unwrap())
+}
+
+async fn create_patients(server: &Server, token: &str, n: usize) {
+    let http = reqwest::Client::new();
+    for i in 0..n {
+        let res = http
+            .post(format!("http://{}/fhir/Patient", server.http))
+            .bearer_auth(token)
+            .header("content-type", "application/fhir+json")
+            .body(json!({"resourceType": "Patient", "gender": if i % 2 == 0 { "female" } else { "male" }}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_old_events_are_pruned_and_only_then() {
+    if let Err(e) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+        );
+        eprintln!(
+            "SKIP delivered_old_events_are_pruned_and_only_then: RabbitMQ not reachable ({e})"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = data.with_extension("token.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(tributary_bin())
+        .args([
+            "token",
+            "issue",
+            "--client",
+            "ops",
+            "--scope",
+            "system/*.cruds",
+            "--tenant",
+            "t1",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let relay = |max_age: u64| {
+        format!(
+            "[outbox]\nmax_age_secs = {max_age}\nprune_interval_secs = 1\n[amqp]\nurl = {:?}\n[amqp.sink]\nexchange = \"e2e.prune.{}\"\n",
+            amqp_url(),
+            std::process::id()
+        )
+    };
+
+    // Pruning on: delivered and older than a second → gone.
+    let server = Server::start(&data, &relay(1));
+    create_patients(&server, &token, 3).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    server.stop();
+    let (left, cursor) = outbox_state(&data);
+    assert!(
+        cursor >= 3,
+        "the relay delivered the events (cursor {cursor})"
+    );
+    assert!(left.is_empty(), "delivered old events pruned: {left:?}");
+
+    // Pruning off: they stay, and numbering goes on after the prune.
+    let server = Server::start(&data, &relay(0));
+    create_patients(&server, &token, 2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.stop();
+    let (left, cursor2) = outbox_state(&data);
+    assert_eq!(left.len(), 2, "max_age_secs = 0 keeps events: {left:?}");
+    assert!(
+        left[0] > cursor,
+        "sequence numbers never go back: {left:?} after {cursor}"
+    );
+    assert!(cursor2 >= left[1], "and they were delivered too");
+}

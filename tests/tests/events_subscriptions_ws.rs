@@ -1,0 +1,343 @@
+//! The websocket channel of FHIR Subscriptions through the real binary and a real websocket
+//! client (tokio-tungstenite): two patient-context SMART clients each create a websocket
+//! Subscription, get a binding token with `$get-ws-binding-token`, bind, and receive the
+//! handshake, a heartbeat, and notifications for their own patient's matching changes only.
+//! Bad, reused and expired binding tokens get an OperationOutcome and a close.
+
+mod events_common;
+
+use events_common::{repo_root, tributary_bin, Server};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn issue(config: &Path, client: &str, scope: &str, patient: Option<&str>) -> String {
+    let mut cmd = std::process::Command::new(tributary_bin());
+    cmd.args([
+        "token", "issue", "--client", client, "--scope", scope, "--tenant", "t1",
+    ]);
+    if let Some(p) = patient {
+        cmd.args(["--patient", p]);
+    }
+    let out = cmd.arg("--config").arg(config).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn kind(b: &Value) -> String {
+    b["entry"][0]["resource"]["parameter"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "type"))
+        .and_then(|p| p["valueCode"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn param<'a>(p: &'a Value, name: &str) -> &'a Value {
+    p["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap_or_else(|| panic!("no parameter {name} in {p}"))
+}
+
+fn ws_subscription() -> Value {
+    json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "care management",
+        "criteria": "http://tributary.dev/fhir/SubscriptionTopic/observation",
+        "channel": {
+            "extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1}],
+            "type": "websocket",
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "full-resource"}]}
+        }
+    })
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    async fn post(&self, rtype: &str, body: &Value) -> Value {
+        let res = self
+            .http
+            .post(format!("{}/{rtype}", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            res.status().is_success(),
+            "create {rtype}: {}",
+            res.status()
+        );
+        res.json().await.unwrap()
+    }
+
+    async fn binding_token(&self, sub: &str) -> (u16, Value) {
+        let res = self
+            .http
+            .get(format!(
+                "{}/Subscription/{sub}/$get-ws-binding-token",
+                self.base
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        let code = res.status().as_u16();
+        (code, res.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// Next text message as JSON, within `secs`.
+async fn next_json(ws: &mut Ws, secs: u64) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
+        match m.ok()? {
+            Message::Text(t) => return Some(serde_json::from_str(&t).unwrap()),
+            Message::Close(_) => return None,
+            _ => continue,
+        }
+    }
+}
+
+async fn bind(url: &str, token: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::Text(format!("bind-with-token {token}").into()))
+        .await
+        .unwrap();
+    ws
+}
+
+/// A refused bind: an OperationOutcome, then a close frame with code 1008.
+async fn expect_refused(url: &str, token: &str, what: &str) {
+    let mut ws = bind(url, token).await;
+    let m = next_json(&mut ws, 10).await.expect(what);
+    assert_eq!(m["resourceType"], "OperationOutcome", "{what}: {m}");
+    let mut closed = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        if let Message::Close(f) = m {
+            closed = Some(f.map(|f| u16::from(f.code)));
+            break;
+        }
+    }
+    assert_eq!(closed, Some(Some(1008)), "{what}: closed with policy code");
+}
+
+/// Collects notifications for `secs` and returns the focus URLs of event notifications.
+async fn focus_of(ws: &mut Ws, secs: u64) -> Vec<String> {
+    let mut focus = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, ws.next()).await {
+        if let Message::Text(t) = m {
+            let b: Value = serde_json::from_str(&t).unwrap();
+            if kind(&b) == "event-notification" {
+                for e in b["entry"].as_array().unwrap().iter().skip(1) {
+                    focus.push(e["fullUrl"].as_str().unwrap().to_string());
+                    assert!(e["resource"].is_object(), "full-resource payload");
+                }
+            }
+        }
+    }
+    focus
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_events() {
+    let _ = repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = data.with_extension("token.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let system = issue(&config, "feeder", "system/*.cruds", None);
+    let scope = "patient/Observation.rs patient/Subscription.cruds";
+    let alice = issue(&config, "care-app", scope, Some("pA"));
+    let bob = issue(&config, "care-app", scope, Some("pB"));
+
+    let extra = "[subscriptions]\nmin_heartbeat_secs = 1\nrescan_secs = 1\nws_token_ttl_secs = 3\n";
+    let server = Server::start(&data, extra);
+    let base = format!("http://{}/fhir", server.http);
+    let http = reqwest::Client::new();
+    let client = |token: &str| Client {
+        http: http.clone(),
+        base: base.clone(),
+        token: token.to_string(),
+    };
+    let (feeder, a, b) = (client(&system), client(&alice), client(&bob));
+
+    // Each patient-context client subscribes; the facade confines the Subscription to its patient.
+    let sub_a = a.post("Subscription", &ws_subscription()).await;
+    let sub_b = b.post("Subscription", &ws_subscription()).await;
+    let (id_a, id_b) = (
+        sub_a["id"].as_str().unwrap().to_string(),
+        sub_b["id"].as_str().unwrap().to_string(),
+    );
+    assert!(
+        sub_a.to_string().contains("Patient/pA"),
+        "patient context stamped: {sub_a}"
+    );
+
+    // A binding token needs a token that may read that Subscription.
+    let (code, _) = b.binding_token(&id_a).await;
+    assert_eq!(code, 403, "bob may not bind to alice's subscription");
+    let res = http
+        .get(format!("{base}/Subscription/{id_a}/$get-ws-binding-token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status().as_u16(),
+        401,
+        "no SMART token, no binding token"
+    );
+    let (code, params_a) = a.binding_token(&id_a).await;
+    assert_eq!(code, 200, "{params_a}");
+    assert_eq!(
+        param(&params_a, "subscription")["valueString"],
+        format!("Subscription/{id_a}")
+    );
+    assert!(param(&params_a, "expiration")["valueDateTime"].is_string());
+    let url = param(&params_a, "websocket-url")["valueUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(url.starts_with("ws://"), "{url}");
+    let token_a = param(&params_a, "token")["valueString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, params_b) = b.binding_token(&id_b).await;
+    let token_b = param(&params_b, "token")["valueString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Bind: the handshake first, then heartbeats (period 1 s).
+    let mut ws_a = bind(&url, &token_a).await;
+    let mut ws_b = bind(&url, &token_b).await;
+    for (ws, id) in [(&mut ws_a, &id_a), (&mut ws_b, &id_b)] {
+        let hs = next_json(ws, 15).await.expect("handshake");
+        assert_eq!(kind(&hs), "handshake", "{hs}");
+        assert!(hs.to_string().contains(&format!("Subscription/{id}")));
+        let mut heartbeat = false;
+        for _ in 0..10 {
+            let m = next_json(ws, 5)
+                .await
+                .expect("a message after the handshake");
+            if kind(&m) == "heartbeat" {
+                heartbeat = true;
+                break;
+            }
+        }
+        assert!(heartbeat, "a heartbeat within the heartbeat period");
+    }
+
+    // Changes: an Observation of each patient, and an Encounter of A (not this topic).
+    let obs = |p: &str| {
+        json!({"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+               "subject": {"reference": format!("Patient/{p}")}})
+    };
+    let oa = feeder.post("Observation", &obs("pA")).await;
+    feeder
+        .post(
+            "Encounter",
+            &json!({"resourceType": "Encounter", "status": "in-progress",
+                    "class": {"code": "IMP"}, "subject": {"reference": "Patient/pA"}}),
+        )
+        .await;
+    let ob = feeder.post("Observation", &obs("pB")).await;
+    let (focus_a, focus_b) = tokio::join!(focus_of(&mut ws_a, 5), focus_of(&mut ws_b, 5));
+    let want = |o: &Value| format!("/Observation/{}", o["id"].as_str().unwrap());
+    assert_eq!(focus_a.len(), 1, "alice: {focus_a:?}");
+    assert!(focus_a[0].ends_with(&want(&oa)), "alice: {focus_a:?}");
+    assert_eq!(focus_b.len(), 1, "bob: {focus_b:?}");
+    assert!(focus_b[0].ends_with(&want(&ob)), "bob: {focus_b:?}");
+
+    // Refusals: unknown, already used, expired.
+    expect_refused(&url, "not-a-token", "unknown token").await;
+    expect_refused(&url, &token_a, "reused token").await;
+    let (_, p) = a.binding_token(&id_a).await;
+    let late = param(&p, "token")["valueString"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    expect_refused(&url, &late, "expired token").await;
+
+    // Missed while disconnected: $events has them.
+    drop(ws_a);
+    let oa2 = feeder.post("Observation", &obs("pA")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let res = http
+        .get(format!("{base}/Subscription/{id_a}/$events"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let ev: Value = res.json().await.unwrap();
+    assert!(
+        ev.to_string().contains(&want(&oa2)),
+        "$events has the missed event: {ev}"
+    );
+    server.stop();
+
+    // Binds and closes are audited, with client and patient, and no payload.
+    let db = tributary_storage::Db::open(&data, tributary_storage::DbOptions::default()).unwrap();
+    let audit = tributary_storage::AuditLog::new(db);
+    let ws: Vec<Value> = audit
+        .read_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body)
+        .filter(|b| b["kind"] == "subscription-websocket")
+        .collect();
+    let binds = |outcome: &str| {
+        ws.iter()
+            .filter(|b| b["interaction"] == "websocket-bind" && b["outcome"] == outcome)
+            .count()
+    };
+    assert_eq!(binds("allowed"), 2, "{ws:?}");
+    assert_eq!(binds("denied"), 3, "unknown, reused, expired: {ws:?}");
+    assert!(ws.iter().any(|b| b["resource_id"] == id_a.as_str()
+        && b["patient"] == "pA"
+        && b["client"] == "care-app"));
+    assert!(
+        !format!("{ws:?}").contains("8867-4"),
+        "no payload in the audit"
+    );
+}
