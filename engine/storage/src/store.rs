@@ -248,31 +248,32 @@ fn identifiers(resource: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Index entries of one stored version; `value` is its parsed JSON (absent when deleted).
 fn index_keys(
     tenant: &str,
     rtype: &str,
     id: &str,
-    r: &StoredResource,
-) -> Result<Vec<(Table, Vec<u8>)>> {
+    last_updated: i64,
+    value: Option<&Value>,
+) -> Vec<(Table, Vec<u8>)> {
     let (t, ty, i) = (tenant.as_bytes(), rtype.as_bytes(), id.as_bytes());
     let mut out = vec![(
         Table::IdxUpdated,
-        join(&[t, ty, &keys::i64_be(r.last_updated), i]),
+        join(&[t, ty, &keys::i64_be(last_updated), i]),
     )];
-    if r.deleted {
-        return Ok(out);
-    }
-    let value = r.resource()?;
-    for pid in patient_ids(rtype, id, &value) {
+    let Some(value) = value else {
+        return out;
+    };
+    for pid in patient_ids(rtype, id, value) {
         out.push((Table::IdxPatient, join(&[t, pid.as_bytes(), ty, i])));
     }
-    for (system, v) in identifiers(&value) {
+    for (system, v) in identifiers(value) {
         out.push((
             Table::IdxIdent,
             join(&[t, ty, v.as_bytes(), system.as_bytes(), i]),
         ));
     }
-    Ok(out)
+    out
 }
 
 fn without_meta_stamps(v: &Value) -> Value {
@@ -304,15 +305,33 @@ fn label(rtype: &str, id: &str) -> String {
     format!("{rtype}/{id}")
 }
 
-fn apply_write(
-    txn: &mut Txn<'_>,
-    tenant: &str,
-    w: ResourceWrite,
+/// Where a commit's change events come from (stamped on each event).
+#[derive(Clone)]
+struct EventSource {
+    tenant: String,
+    message: Option<String>,
+    mapping_version: Option<String>,
+}
+
+/// Everything one resource write does to the tables, computed from the stored version it is
+/// based on. Planning parses and serializes JSON; the committer thread (the one serial stage of
+/// every durable write) only checks that the stored version is still the one planned against.
+struct WritePlan {
+    outcome: WriteOutcome,
+    ops: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+    /// The change event (JSON; its sequence number is the outbox key), when something changed.
+    event: Option<Vec<u8>>,
+}
+
+fn plan_write(
+    w: &ResourceWrite,
+    current_raw: Option<&[u8]>,
     now: i64,
-) -> Result<WriteOutcome> {
-    let key = res_key(tenant, &w.resource_type, &w.id);
-    let current = match txn.get(Table::Res, &key)? {
-        Some(b) => Some(StoredResource::decode(&w.resource_type, &w.id, &b)?),
+    src: &EventSource,
+) -> Result<WritePlan> {
+    let tenant = src.tenant.as_str();
+    let current = match current_raw {
+        Some(b) => Some(StoredResource::decode(&w.resource_type, &w.id, b)?),
         None => None,
     };
     let live = current.as_ref().filter(|c| !c.deleted);
@@ -334,9 +353,27 @@ fn apply_write(
         }
         _ => {}
     }
+    let unchanged = |version, last_updated, json| WritePlan {
+        outcome: WriteOutcome {
+            resource_type: w.resource_type.clone(),
+            id: w.id.clone(),
+            version,
+            created: false,
+            changed: false,
+            last_updated,
+            json,
+        },
+        ops: Vec::new(),
+        event: None,
+    };
+    let current_value = match live {
+        Some(l) => Some(l.resource()?),
+        None => None,
+    };
     let next_version = current.as_ref().map_or(1, |c| c.version + 1);
-    let stored = match w.op {
-        WriteOp::Upsert(mut body) => {
+    let (stored, new_value) = match &w.op {
+        WriteOp::Upsert(body) => {
+            let mut body = body.clone();
             if let Some(obj) = body.as_object_mut() {
                 obj.insert(
                     "resourceType".into(),
@@ -344,17 +381,13 @@ fn apply_write(
                 );
                 obj.insert("id".into(), Value::String(w.id.clone()));
             }
-            if let Some(live) = live {
-                if without_meta_stamps(&live.resource()?) == without_meta_stamps(&body) {
-                    return Ok(WriteOutcome {
-                        resource_type: w.resource_type,
-                        id: w.id,
-                        version: live.version,
-                        created: false,
-                        changed: false,
-                        last_updated: live.last_updated,
-                        json: live.json.clone(),
-                    });
+            if let (Some(live), Some(cur)) = (live, &current_value) {
+                if without_meta_stamps(cur) == without_meta_stamps(&body) {
+                    return Ok(unchanged(
+                        live.version,
+                        live.last_updated,
+                        live.json.clone(),
+                    ));
                 }
             }
             if let Some(obj) = body.as_object_mut() {
@@ -369,80 +402,112 @@ fn apply_write(
                     );
                 }
             }
-            StoredResource {
+            let stored = StoredResource {
                 resource_type: w.resource_type.clone(),
                 id: w.id.clone(),
                 version: next_version,
                 last_updated: now,
                 deleted: false,
                 json: Bytes::from(serde_json::to_vec(&body).expect("a Value always serializes")),
-            }
+            };
+            (stored, Some(body))
         }
         WriteOp::Delete => {
-            let Some(live) = live else {
+            if live.is_none() {
                 // Deleting what is absent or already deleted is a no-op (FHIR: 200/204 either way).
-                return Ok(WriteOutcome {
-                    resource_type: w.resource_type,
-                    id: w.id,
-                    version: current.as_ref().map_or(0, |c| c.version),
-                    created: false,
-                    changed: false,
-                    last_updated: current.as_ref().map_or(now, |c| c.last_updated),
-                    json: Bytes::new(),
-                });
-            };
-            let _ = live;
-            StoredResource {
+                return Ok(unchanged(
+                    current.as_ref().map_or(0, |c| c.version),
+                    current.as_ref().map_or(now, |c| c.last_updated),
+                    Bytes::new(),
+                ));
+            }
+            let stored = StoredResource {
                 resource_type: w.resource_type.clone(),
                 id: w.id.clone(),
                 version: next_version,
                 last_updated: now,
                 deleted: true,
                 json: Bytes::new(),
-            }
+            };
+            (stored, None)
         }
     };
+    let (rtype, id) = (&w.resource_type, &w.id);
     let old_keys = match &current {
-        Some(c) => index_keys(tenant, &w.resource_type, &w.id, c)?,
+        Some(c) => index_keys(tenant, rtype, id, c.last_updated, current_value.as_ref()),
         None => Vec::new(),
     };
-    let new_keys = index_keys(tenant, &w.resource_type, &w.id, &stored)?;
+    let new_keys = index_keys(tenant, rtype, id, now, new_value.as_ref());
+    let mut ops = Vec::new();
     for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
-        txn.delete(k.0, k.1.clone());
-    }
-    for k in new_keys.iter().filter(|k| !old_keys.contains(k)) {
-        txn.put(k.0, k.1.clone(), Vec::new());
+        ops.push((k.0, k.1.clone(), None));
     }
     if stored.deleted {
-        // Deleted resources leave the updated index too: searches only see live resources.
+        // Deleted resources leave the indexes: searches only see live resources.
         for k in &new_keys {
-            txn.delete(k.0, k.1.clone());
+            ops.push((k.0, k.1.clone(), None));
+        }
+    } else {
+        for k in new_keys.iter().filter(|k| !old_keys.contains(k)) {
+            ops.push((k.0, k.1.clone(), Some(Vec::new())));
         }
     }
     let encoded = stored.encode();
-    txn.put(
+    ops.push((
         Table::ResHist,
-        hist_key(tenant, &w.resource_type, &w.id, next_version),
-        encoded.clone(),
-    );
-    txn.put(Table::Res, key, encoded);
-    Ok(WriteOutcome {
-        resource_type: w.resource_type,
-        id: w.id,
-        version: next_version,
-        created: live.is_none(),
-        changed: true,
-        last_updated: now,
-        json: stored.json,
+        hist_key(tenant, rtype, id, next_version),
+        Some(encoded.clone()),
+    ));
+    ops.push((Table::Res, res_key(tenant, rtype, id), Some(encoded)));
+    let kind = if stored.deleted {
+        "delete"
+    } else if live.is_none() {
+        "create"
+    } else {
+        "update"
+    };
+    let patient = new_value
+        .as_ref()
+        .and_then(|r| patient_ids(rtype, id, r).into_iter().next());
+    let event = OutboxEvent {
+        seq: 0,
+        event_id: deterministic_id(&[tenant, rtype, id, &next_version.to_string()]),
+        tenant: tenant.to_string(),
+        event_type: format!("fhir.{rtype}.{kind}"),
+        resource_type: Some(rtype.clone()),
+        resource_id: Some(id.clone()),
+        version: Some(next_version),
+        patient_id: patient,
+        source_message: src.message.clone(),
+        mapping_version: src.mapping_version.clone(),
+        occurred_at: now,
+        resource: new_value,
+    };
+    Ok(WritePlan {
+        outcome: WriteOutcome {
+            resource_type: w.resource_type.clone(),
+            id: w.id.clone(),
+            version: next_version,
+            created: live.is_none(),
+            changed: true,
+            last_updated: now,
+            json: stored.json,
+        },
+        ops,
+        event: Some(encode_event(&event)),
     })
 }
 
-fn push_event(txn: &mut Txn<'_>, mut ev: OutboxEvent) -> u64 {
+/// An outbox value; the sequence number is its key (readers take it from there).
+fn encode_event(ev: &OutboxEvent) -> Vec<u8> {
+    serde_json::to_vec(ev).expect("events always serialize")
+}
+
+fn push_event(txn: &mut Txn<'_>, bytes: Vec<u8>) -> u64 {
     txn.counters.outbox_seq += 1;
-    ev.seq = txn.counters.outbox_seq;
-    let bytes = serde_json::to_vec(&ev).expect("events always serialize");
-    txn.put(Table::Outbox, keys::u64_be(ev.seq).to_vec(), bytes);
-    ev.seq
+    let seq = txn.counters.outbox_seq;
+    txn.put(Table::Outbox, keys::u64_be(seq).to_vec(), bytes);
+    seq
 }
 
 impl FjallStore {
@@ -468,62 +533,54 @@ impl FjallStore {
 #[async_trait]
 impl Store for FjallStore {
     async fn commit(&self, tx: StoreTransaction) -> Result<CommitOutcome> {
+        let now = now_millis();
+        let StoreTransaction {
+            tenant,
+            writes,
+            events,
+            message,
+        } = tx;
+        let src = EventSource {
+            tenant,
+            message: message.as_ref().map(|m| m.id.to_string()),
+            mapping_version: message.as_ref().and_then(|m| m.mapping_version.clone()),
+        };
+        // Plan on the caller's task against the versions stored now; the job re-plans only a
+        // write whose stored version changed in between (or whose plan failed).
+        let res = self.db.tables().get(Table::Res);
+        let planned: Vec<Option<(Option<Vec<u8>>, WritePlan)>> = writes
+            .iter()
+            .map(|w| {
+                let key = res_key(&src.tenant, &w.resource_type, &w.id);
+                let current = res.get(&key).ok()?.map(|v| v.to_vec());
+                let plan = plan_write(w, current.as_deref(), now, &src).ok()?;
+                Some((current, plan))
+            })
+            .collect();
+        let extra_events: Vec<Vec<u8>> = events.iter().map(encode_event).collect();
         let outcome = self
             .db
             .committer()
             .run(move |txn| {
-                let now = now_millis();
-                let StoreTransaction {
-                    tenant,
-                    writes,
-                    events,
-                    message,
-                } = tx;
-                let source = message.as_ref().map(|m| m.id.to_string());
-                let version = message.as_ref().and_then(|m| m.mapping_version.clone());
                 let mut outcome = CommitOutcome::default();
-                for w in writes {
-                    outcome.writes.push(apply_write(txn, &tenant, w, now)?);
+                let mut change_events = Vec::new();
+                for (w, planned) in writes.iter().zip(planned) {
+                    let key = res_key(&src.tenant, &w.resource_type, &w.id);
+                    let current = txn.get(Table::Res, &key)?;
+                    let plan = match planned {
+                        Some((based_on, plan)) if based_on == current => plan,
+                        _ => plan_write(w, current.as_deref(), now, &src)?,
+                    };
+                    for (table, key, value) in plan.ops {
+                        match value {
+                            Some(v) => txn.put(table, key, v),
+                            None => txn.delete(table, key),
+                        }
+                    }
+                    change_events.extend(plan.event);
+                    outcome.writes.push(plan.outcome);
                 }
-                for w in outcome.writes.iter().filter(|w| w.changed) {
-                    let deleted = w.json.is_empty();
-                    let resource: Option<Value> = if deleted {
-                        None
-                    } else {
-                        serde_json::from_slice(&w.json).ok()
-                    };
-                    let patient = resource
-                        .as_ref()
-                        .and_then(|r| patient_ids(&w.resource_type, &w.id, r).into_iter().next());
-                    let kind = if deleted {
-                        "delete"
-                    } else if w.created {
-                        "create"
-                    } else {
-                        "update"
-                    };
-                    let ev = OutboxEvent {
-                        seq: 0,
-                        event_id: deterministic_id(&[
-                            &tenant,
-                            &w.resource_type,
-                            &w.id,
-                            &w.version.to_string(),
-                        ]),
-                        tenant: tenant.clone(),
-                        event_type: format!("fhir.{}.{kind}", w.resource_type),
-                        resource_type: Some(w.resource_type.clone()),
-                        resource_id: Some(w.id.clone()),
-                        version: Some(w.version),
-                        patient_id: patient,
-                        source_message: source.clone(),
-                        mapping_version: version.clone(),
-                        occurred_at: now,
-                        resource,
-                    };
-                    outcome.event_seqs.push(push_event(txn, ev));
-                }
-                for ev in events {
+                for ev in change_events.into_iter().chain(extra_events) {
                     outcome.event_seqs.push(push_event(txn, ev));
                 }
                 if let Some(m) = message {
@@ -765,6 +822,44 @@ mod tests {
             writes,
             ..Default::default()
         }
+    }
+
+    /// Writes planned against the same stored version race into the committer: the first
+    /// applies its plan, every later one sees the version moved and is planned again there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_updates_of_one_resource_lose_nothing() {
+        let (_d, _db, s) = store();
+        let s = std::sync::Arc::new(s);
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.commit(tx(vec![patient("p1", &format!("Name{i}"))]))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut versions = Vec::new();
+        for t in tasks {
+            let out = t.await.unwrap();
+            assert!(out.writes[0].changed);
+            versions.push(out.writes[0].version);
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (1..=24).collect::<Vec<_>>());
+        let hist = s.history("t1", "Patient", "p1").unwrap();
+        assert_eq!(hist.len(), 24);
+        let events = s.outbox().read_after(0, 100).unwrap();
+        let mut event_versions: Vec<u64> = events.iter().filter_map(|e| e.version).collect();
+        event_versions.sort_unstable();
+        assert_eq!(event_versions, versions);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.event_type == "fhir.Patient.create")
+                .count(),
+            1
+        );
     }
 
     #[tokio::test]
