@@ -28,27 +28,47 @@ impl StoredResource {
         serde_json::from_slice(&self.json).map_err(|e| StorageError::corrupt("res_current", e))
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(17 + self.json.len());
+    /// `version u64 | lastUpdated i64 | flag | [content hash u128] | json`. Flag 0 = live,
+    /// 1 = deleted, 2 = live with the hash of its content without meta stamps, so an identical
+    /// re-write is recognised without parsing the stored JSON.
+    fn encode(&self, content_hash: Option<u128>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(33 + self.json.len());
         out.extend_from_slice(&self.version.to_be_bytes());
         out.extend_from_slice(&keys::i64_be(self.last_updated));
-        out.push(u8::from(self.deleted));
+        match (self.deleted, content_hash) {
+            (true, _) => out.push(1),
+            (false, None) => out.push(0),
+            (false, Some(h)) => {
+                out.push(2);
+                out.extend_from_slice(&h.to_be_bytes());
+            }
+        }
         out.extend_from_slice(&self.json);
         out
     }
 
     fn decode(resource_type: &str, id: &str, bytes: &[u8]) -> Result<Self> {
+        let short = || StorageError::corrupt("res_current", "short record");
         if bytes.len() < 17 {
-            return Err(StorageError::corrupt("res_current", "short record"));
+            return Err(short());
         }
+        let json_at = if bytes[16] == 2 { 33 } else { 17 };
         Ok(Self {
             resource_type: resource_type.to_string(),
             id: id.to_string(),
             version: keys::read_u64(&bytes[..8]).unwrap_or(0),
             last_updated: keys::read_i64(&bytes[8..16]).unwrap_or(0),
             deleted: bytes[16] == 1,
-            json: Bytes::copy_from_slice(&bytes[17..]),
+            json: Bytes::copy_from_slice(bytes.get(json_at..).ok_or_else(short)?),
         })
+    }
+
+    /// The content hash a live record was stored with, if any.
+    fn stored_content_hash(bytes: &[u8]) -> Option<u128> {
+        match bytes.get(16) {
+            Some(2) => Some(u128::from_be_bytes(bytes.get(17..33)?.try_into().ok()?)),
+            _ => None,
+        }
     }
 }
 
@@ -276,6 +296,21 @@ fn index_keys(
     out
 }
 
+/// Hash of a resource's content as compared for "unchanged": without `meta.versionId`,
+/// `meta.lastUpdated` (and `meta` when nothing else is left in it).
+fn content_hash(v: &Value) -> u128 {
+    let meta = v.get("meta").and_then(Value::as_object);
+    let normalise = meta.is_some_and(|m| {
+        m.is_empty() || m.contains_key("versionId") || m.contains_key("lastUpdated")
+    });
+    let bytes = if normalise {
+        serde_json::to_vec(&without_meta_stamps(v))
+    } else {
+        serde_json::to_vec(v)
+    };
+    xxhash_rust::xxh3::xxh3_128(&bytes.expect("a Value always serializes"))
+}
+
 fn without_meta_stamps(v: &Value) -> Value {
     let mut v = v.clone();
     if let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) {
@@ -366,12 +401,9 @@ fn plan_write(
         ops: Vec::new(),
         event: None,
     };
-    let current_value = match live {
-        Some(l) => Some(l.resource()?),
-        None => None,
-    };
+    let mut current_value = None;
     let next_version = current.as_ref().map_or(1, |c| c.version + 1);
-    let (stored, new_value) = match &w.op {
+    let (stored, new_value, hash) = match &w.op {
         WriteOp::Upsert(body) => {
             let mut body = body.clone();
             if let Some(obj) = body.as_object_mut() {
@@ -381,8 +413,18 @@ fn plan_write(
                 );
                 obj.insert("id".into(), Value::String(w.id.clone()));
             }
-            if let (Some(live), Some(cur)) = (live, &current_value) {
-                if without_meta_stamps(cur) == without_meta_stamps(&body) {
+            let hash = content_hash(&body);
+            if let Some(live) = live {
+                let same = match current_raw.and_then(StoredResource::stored_content_hash) {
+                    Some(stored) => stored == hash,
+                    None => {
+                        let cur = live.resource()?;
+                        let same = without_meta_stamps(&cur) == without_meta_stamps(&body);
+                        current_value = Some(cur);
+                        same
+                    }
+                };
+                if same {
                     return Ok(unchanged(
                         live.version,
                         live.last_updated,
@@ -410,7 +452,7 @@ fn plan_write(
                 deleted: false,
                 json: Bytes::from(serde_json::to_vec(&body).expect("a Value always serializes")),
             };
-            (stored, Some(body))
+            (stored, Some(body), Some(hash))
         }
         WriteOp::Delete => {
             if live.is_none() {
@@ -429,10 +471,15 @@ fn plan_write(
                 deleted: true,
                 json: Bytes::new(),
             };
-            (stored, None)
+            (stored, None, None)
         }
     };
     let (rtype, id) = (&w.resource_type, &w.id);
+    if current_value.is_none() {
+        if let Some(l) = live {
+            current_value = Some(l.resource()?);
+        }
+    }
     let old_keys = match &current {
         Some(c) => index_keys(tenant, rtype, id, c.last_updated, current_value.as_ref()),
         None => Vec::new(),
@@ -452,7 +499,7 @@ fn plan_write(
             ops.push((k.0, k.1.clone(), Some(Vec::new())));
         }
     }
-    let encoded = stored.encode();
+    let encoded = stored.encode(hash);
     ops.push((
         Table::ResHist,
         hist_key(tenant, rtype, id, next_version),
@@ -822,6 +869,30 @@ mod tests {
             writes,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn records_round_trip_with_and_without_content_hash() {
+        let r = StoredResource {
+            resource_type: "Patient".into(),
+            id: "p1".into(),
+            version: 3,
+            last_updated: 1_700_000_000_000,
+            deleted: false,
+            json: Bytes::from_static(br#"{"resourceType":"Patient","id":"p1"}"#),
+        };
+        for hash in [None, Some(0x0123_4567_89ab_cdef_u128 << 64 | 42)] {
+            let raw = r.encode(hash);
+            assert_eq!(StoredResource::decode("Patient", "p1", &raw).unwrap(), r);
+            assert_eq!(StoredResource::stored_content_hash(&raw), hash);
+        }
+        let body: Value = serde_json::from_slice(&r.json).unwrap();
+        let mut stamped = body.clone();
+        stamped["meta"] =
+            serde_json::json!({"versionId": "3", "lastUpdated": "2023-11-14T22:13:20.000Z"});
+        assert_eq!(content_hash(&body), content_hash(&stamped));
+        stamped["meta"]["profile"] = serde_json::json!(["http://example.org/p"]);
+        assert_ne!(content_hash(&body), content_hash(&stamped));
     }
 
     /// Writes planned against the same stored version race into the committer: the first
