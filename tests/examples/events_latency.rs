@@ -12,7 +12,8 @@
 //! cargo run --release -p tributary-e2e --example events_latency -- 1000:20 5000:20
 //! ```
 //! Arguments are `RATE:SECONDS` pairs (default `1000:20 5000:20`). Environment: `TRIBUTARY_BIN`
-//! (default `target/release/tributary`), `CONNECTIONS` (default 16), `PATIENTS` (synthetic patient
+//! (default `target/release/tributary`), `KEEP_DATA` (keep the data directory for
+//! `tributary journal …`), `CONNECTIONS` (default 16), `PATIENTS` (synthetic patient
 //! ids the messages are spread over, default 1000: ordering is per patient, so one patient's
 //! messages are mapped one after the other), `SAMPLES` (comma-separated HL7 files; default the
 //! corpus ADT^A01 and ORU^R01 samples).
@@ -229,5 +230,8 @@ async fn main() -> anyhow::Result<()> {
     let _ = server.kill();
     let _ = server.wait();
     drop(broker);
+    if std::env::var_os("KEEP_DATA").is_some() {
+        println!("data kept in {}", dir.keep().display());
+    }
     Ok(())
 }

@@ -198,9 +198,7 @@ impl AuditLog {
         let mut out = Vec::new();
         for item in self
             .db
-            .tables()
-            .get(Table::Audit)
-            .range(keys::u64_be(after.saturating_add(1))..)
+            .range(Table::Audit, keys::u64_be(after.saturating_add(1))..)
         {
             if out.len() >= limit {
                 break;

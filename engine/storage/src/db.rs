@@ -1,7 +1,7 @@
 use crate::committer::{Committer, Counters};
 use crate::keys;
 use crate::Result;
-use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions};
+use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, Readable};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -184,6 +184,23 @@ impl Db {
     /// A consistent read view: sees whole group commits only.
     pub(crate) fn snapshot(&self) -> fjall::Snapshot {
         self.inner.db.snapshot()
+    }
+
+    /// A range scan that sees whole group commits only. fjall's `Keyspace::range` and `prefix`
+    /// read at the newest sequence number, so a scan racing a group commit could see some of its
+    /// keys and not others — an ordered consumer (outbox relay, journal queue) would then move its
+    /// cursor past keys that appear a moment later.
+    pub(crate) fn range<K: AsRef<[u8]>, R: std::ops::RangeBounds<K>>(
+        &self,
+        t: Table,
+        r: R,
+    ) -> fjall::Iter {
+        self.snapshot().range(self.tables().get(t), r)
+    }
+
+    /// [`Db::range`] for a key prefix.
+    pub(crate) fn prefix<K: AsRef<[u8]>>(&self, t: Table, p: K) -> fjall::Iter {
+        self.snapshot().prefix(self.tables().get(t), p)
     }
 
     pub(crate) fn tables(&self) -> &Tables {

@@ -367,7 +367,7 @@ impl Journal for FjallJournal {
     fn entries_after(&self, after_seq: u64, limit: usize) -> Result<Vec<JournalEntry>> {
         let start = keys::u64_be(after_seq.saturating_add(1));
         let mut out = Vec::with_capacity(limit.min(1024));
-        for item in self.db.tables().get(Table::Seq).range(start..) {
+        for item in self.db.range(Table::Seq, start..) {
             if out.len() >= limit {
                 break;
             }
@@ -411,7 +411,7 @@ impl Journal for FjallJournal {
         let to = keys::i64_be(filter.until.unwrap_or(i64::MAX));
         let limit = filter.limit.unwrap_or(usize::MAX);
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::Time).range(from..to) {
+        for item in self.db.range(Table::Time, from..to) {
             if out.len() >= limit {
                 break;
             }

@@ -78,7 +78,7 @@ impl Outbox {
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEvent>> {
         let start = keys::u64_be(after.saturating_add(1));
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::Outbox).range(start..) {
+        for item in self.db.range(Table::Outbox, start..) {
             if out.len() >= limit {
                 break;
             }
@@ -160,9 +160,7 @@ impl Outbox {
             let mut doomed = Vec::new();
             for item in self
                 .db
-                .tables()
-                .get(Table::Outbox)
-                .range(..=keys::u64_be(upto))
+                .range(Table::Outbox, ..=keys::u64_be(upto))
                 .take(10_000)
             {
                 let (k, v) = item.into_inner()?;
@@ -207,12 +205,7 @@ impl Outbox {
             return Ok(0);
         }
         let mut doomed = Vec::new();
-        for item in self
-            .db
-            .tables()
-            .get(Table::Outbox)
-            .range(..=keys::u64_be(upto))
-        {
+        for item in self.db.range(Table::Outbox, ..=keys::u64_be(upto)) {
             doomed.push(item.key()?.to_vec());
         }
         let n = doomed.len() as u64;

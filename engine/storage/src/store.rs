@@ -702,7 +702,7 @@ impl Store for FjallStore {
     fn history(&self, tenant: &str, rtype: &str, id: &str) -> Result<Vec<StoredResource>> {
         let p = prefix(&[tenant.as_bytes(), rtype.as_bytes(), id.as_bytes()]);
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::ResHist).prefix(&p).rev() {
+        for item in self.db.prefix(Table::ResHist, &p).rev() {
             let (_, v) = item.into_inner()?;
             out.push(StoredResource::decode(rtype, id, &v)?);
         }
@@ -718,7 +718,7 @@ impl Store for FjallStore {
     ) -> Result<Vec<StoredResource>> {
         let p = prefix(&[tenant.as_bytes(), rtype.as_bytes()]);
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::ResHist).prefix(&p) {
+        for item in self.db.prefix(Table::ResHist, &p) {
             let (k, v) = item.into_inner()?;
             let r = self.decode_res(tenant, &k, &v)?;
             if since.is_none_or(|s| r.last_updated >= s) {
@@ -752,7 +752,7 @@ impl Store for FjallStore {
             None => p.clone(),
         };
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::Res).range(start..) {
+        for item in self.db.range(Table::Res, start..) {
             if out.len() >= limit {
                 break;
             }
@@ -781,7 +781,7 @@ impl Store for FjallStore {
         let p = prefix(&parts);
         let base = prefix(&[tenant.as_bytes(), patient_id.as_bytes()]).len();
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::IdxPatient).prefix(&p) {
+        for item in self.db.prefix(Table::IdxPatient, &p) {
             let k = item.key()?;
             let mut rest = k[base..].splitn(2, |b| *b == keys::SEP);
             let t = String::from_utf8_lossy(rest.next().unwrap_or_default()).into_owned();
@@ -805,7 +805,7 @@ impl Store for FjallStore {
         let p = prefix(&parts);
         let base = prefix(&[tenant.as_bytes(), rtype.as_bytes(), value.as_bytes()]).len();
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::IdxIdent).prefix(&p) {
+        for item in self.db.prefix(Table::IdxIdent, &p) {
             let k = item.key()?;
             let rest = &k[base..];
             let id_start = rest
@@ -828,7 +828,7 @@ impl Store for FjallStore {
         let lo = join(&[tenant.as_bytes(), rtype.as_bytes(), &keys::i64_be(from)]);
         let hi = join(&[tenant.as_bytes(), rtype.as_bytes(), &keys::i64_be(to)]);
         let mut out = Vec::new();
-        for item in self.db.tables().get(Table::IdxUpdated).range(lo..hi) {
+        for item in self.db.range(Table::IdxUpdated, lo..hi) {
             let k = item.key()?;
             let id_start = k.iter().rposition(|b| *b == keys::SEP).map_or(0, |i| i + 1);
             out.push(String::from_utf8_lossy(&k[id_start..]).into_owned());
@@ -869,6 +869,48 @@ mod tests {
             writes,
             ..Default::default()
         }
+    }
+
+    /// An ordered reader that races group commits must never see a later event before an
+    /// earlier one (it would move its cursor past the earlier one for good).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn outbox_reader_racing_commits_sees_no_gaps() {
+        let (_d, _db, s) = store();
+        let s = std::sync::Arc::new(s);
+        const TASKS: u64 = 32;
+        const COMMITS: u64 = 20;
+        let mut writers = Vec::new();
+        for t in 0..TASKS {
+            let s = s.clone();
+            writers.push(tokio::spawn(async move {
+                for c in 0..COMMITS {
+                    let writes = (0..4)
+                        .map(|i| patient(&format!("p{t}-{c}-{i}"), "Doe"))
+                        .collect();
+                    s.commit(tx(writes)).await.unwrap();
+                }
+            }));
+        }
+        let total = TASKS * COMMITS * 4;
+        let reader = {
+            let s = s.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut cursor = 0u64;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while cursor < total {
+                    assert!(std::time::Instant::now() < deadline, "stuck at {cursor}");
+                    for ev in s.outbox().read_after(cursor, 512).unwrap() {
+                        assert_eq!(ev.seq, cursor + 1, "gap in the outbox as read");
+                        cursor = ev.seq;
+                    }
+                }
+                cursor
+            })
+        };
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert_eq!(reader.await.unwrap(), total);
     }
 
     #[test]
