@@ -14,6 +14,10 @@ use std::sync::Arc;
 use tributary_facade::config::LimitOverride;
 use tributary_facade::{app, app_without_pipeline, AppState, Facade, FacadeConfig, IssueRequest};
 use tributary_runtime::{Readiness, Runtime};
+/// The allocator `tributary serve` runs with, so the figures match the shipped binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use tributary_storage::{
     AuditLog, Db, DbOptions, FjallJournal, FjallStore, ResourceWrite, StoreTransaction,
 };
