@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
-    AuditLog, Db, DeadLetterLog, OutboxEvent, Precondition, ResourceWrite, Store, StoreTransaction,
-    WriteOp,
+    AuditLog, Db, DeadLetterLog, Outbox, OutboxEvent, Precondition, ResourceWrite, Store,
+    StoreTransaction, WriteOp,
 };
 
 /// A notification that could not be delivered before the give-up time. Kept durably in the
@@ -195,6 +195,33 @@ impl SubscriptionService {
     }
 
     /// Does `ev` match `spec`? Reads the previous version only for topics that need it.
+    /// The next events after `cursor` that `spec` matches, at most one notification's worth,
+    /// and the last outbox position looked at (so a cursor can skip what did not match).
+    fn next_batch(
+        &self,
+        spec: &SubscriptionSpec,
+        outbox: &Outbox,
+        cursor: u64,
+    ) -> tributary_storage::Result<(Vec<OutboxEvent>, u64)> {
+        let max = spec
+            .max_count
+            .unwrap_or(usize::MAX)
+            .min(self.cfg.max_events_per_notification)
+            .max(1);
+        let mut matched = Vec::new();
+        let mut scanned = cursor;
+        for ev in outbox.read_after(cursor, 512)? {
+            scanned = ev.seq;
+            if self.matches(spec, &ev) {
+                matched.push(ev);
+                if matched.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok((matched, scanned))
+    }
+
     pub(crate) fn matches(&self, spec: &SubscriptionSpec, ev: &OutboxEvent) -> bool {
         if ev.tenant != spec.tenant || ev.resource_type.is_none() {
             return false;
@@ -429,22 +456,7 @@ impl SubscriptionService {
                 return Ok(());
             }
             let spec = h.spec.read().expect("spec lock").clone();
-            let max = spec
-                .max_count
-                .unwrap_or(usize::MAX)
-                .min(self.cfg.max_events_per_notification)
-                .max(1);
-            let mut matched = Vec::new();
-            let mut scanned = cursor;
-            for ev in outbox.read_after(cursor, 512)? {
-                scanned = ev.seq;
-                if self.matches(&spec, &ev) {
-                    matched.push(ev);
-                    if matched.len() >= max {
-                        break;
-                    }
-                }
-            }
+            let (matched, scanned) = self.next_batch(&spec, &outbox, cursor)?;
             if matched.is_empty() {
                 if scanned > cursor {
                     cursor = scanned;
@@ -724,22 +736,7 @@ impl SubscriptionService {
                 return Ok(());
             }
             let spec = h.spec.read().expect("spec lock").clone();
-            let max = spec
-                .max_count
-                .unwrap_or(usize::MAX)
-                .min(self.cfg.max_events_per_notification)
-                .max(1);
-            let mut matched = Vec::new();
-            let mut scanned = cursor;
-            for ev in outbox.read_after(cursor, 512)? {
-                scanned = ev.seq;
-                if self.matches(&spec, &ev) {
-                    matched.push(ev);
-                    if matched.len() >= max {
-                        break;
-                    }
-                }
-            }
+            let (matched, scanned) = self.next_batch(&spec, &outbox, cursor)?;
             if matched.is_empty() {
                 if scanned > cursor {
                     cursor = scanned;
