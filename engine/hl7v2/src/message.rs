@@ -450,8 +450,10 @@ impl<'a> Segment<'a> {
         let (idx, literal) = match (self.is_msh(), n) {
             (_, 0) => return None,
             (true, 1) => {
+                // A bare `MSH` line (no separator after the name) has no MSH-1.
                 let s = self.data.start as usize + 3;
-                return Some(Value::new(&self.msg.text[s..s + 1], d, Level::Field, true));
+                let sep = self.msg.text.get(s..s + 1).filter(|_| s < self.data.end as usize)?;
+                return Some(Value::new(sep, d, Level::Field, true));
             }
             (true, 2) => (0, true),
             (true, n) => (n - 2, false),
@@ -626,6 +628,16 @@ EVN|A01|198808181123\r\
 PID|1||PATID1234^^^GOOD HEALTH HOSPITAL^MR~123456789^^^USSSA^SS||EVERYMAN^ADAM^A^III||19610615|M||C|2222 HOME STREET^^GREENSBORO^NC^27401-1020|GL|(555) 555-2004|||S||\"\"|444333333\r\
 NK1|1|JONES^BARBARA^K|SPO^Spouse^HL70063\r\
 ZPD|custom&sub^x\r";
+
+    /// Found by the `hl7_message` fuzz target: a second `MSH` line with nothing after the name.
+    #[test]
+    fn a_bare_msh_line_has_no_fields_and_does_not_panic() {
+        let m = Message::parse(b"MSH|^~\\&|A|B|C|D|20250101||ADT^A01|1|P|2.5\rPID|1\rMSH").unwrap();
+        let bare = m.segments().last().unwrap();
+        assert_eq!(bare.name(), "MSH");
+        assert!(bare.field(1).is_none());
+        assert_eq!(bare.fields().count(), 0);
+    }
 
     #[test]
     fn header_and_fields() {
