@@ -452,7 +452,11 @@ impl<'a> Segment<'a> {
             (true, 1) => {
                 // A bare `MSH` line (no separator after the name) has no MSH-1.
                 let s = self.data.start as usize + 3;
-                let sep = self.msg.text.get(s..s + 1).filter(|_| s < self.data.end as usize)?;
+                let sep = self
+                    .msg
+                    .text
+                    .get(s..s + 1)
+                    .filter(|_| s < self.data.end as usize)?;
                 return Some(Value::new(sep, d, Level::Field, true));
             }
             (true, 2) => (0, true),
