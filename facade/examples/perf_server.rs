@@ -79,7 +79,10 @@ async fn main() {
         },
     )
     .expect("token");
-    let state = AppState { rt, facade };
+    let state = AppState {
+        rt: Arc::new(rt),
+        facade,
+    };
     let full_app = app(state.clone());
     let bare_app = app_without_pipeline(state, "default");
     let l1 = tokio::net::TcpListener::bind(full)

@@ -101,7 +101,8 @@ impl Facade {
 /// Everything the handlers need. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub rt: Runtime,
+    /// Behind an `Arc`: axum clones the state for every middleware layer of every request.
+    pub rt: Arc<Runtime>,
     pub facade: Arc<Facade>,
 }
 

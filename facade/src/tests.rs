@@ -26,7 +26,10 @@ fn env_with(cfg: FacadeConfig) -> Env {
     };
     let facade = Arc::new(Facade::new(cfg, dir.path(), "default").unwrap());
     Env {
-        st: AppState { rt, facade },
+        st: AppState {
+            rt: Arc::new(rt),
+            facade,
+        },
         _dir: dir,
     }
 }

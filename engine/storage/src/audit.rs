@@ -116,28 +116,104 @@ pub fn record_time(body: &Value) -> Option<i64> {
 }
 
 fn index_keys(seq: u64, body: &Value) -> (Vec<u8>, Option<Vec<u8>>) {
-    let tenant = body.get("tenant").and_then(Value::as_str).unwrap_or("");
-    let mut tail = keys::i64_be(record_time(body).unwrap_or(0)).to_vec();
-    tail.extend_from_slice(&keys::u64_be(seq));
-    let mut by_time = keys::prefix(&[tenant.as_bytes()]);
-    by_time.extend_from_slice(&tail);
-    let by_patient = body
-        .get("patient")
-        .and_then(Value::as_str)
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
-            k.extend_from_slice(&tail);
-            k
-        });
-    (by_time, by_patient)
+    IndexPrefixes::of(body).keys(seq)
 }
 
-fn put_index(txn: &mut crate::committer::Txn<'_>, seq: u64, body: &Value) {
-    let (by_time, by_patient) = index_keys(seq, body);
+/// The index keys of a record without their `seq` suffix: computed before the record reaches
+/// the committer, which only knows the sequence number.
+struct IndexPrefixes {
+    by_time: Vec<u8>,
+    by_patient: Option<Vec<u8>>,
+}
+
+impl IndexPrefixes {
+    fn of(body: &Value) -> Self {
+        let tenant = body.get("tenant").and_then(Value::as_str).unwrap_or("");
+        let time = keys::i64_be(record_time(body).unwrap_or(0));
+        let mut by_time = keys::prefix(&[tenant.as_bytes()]);
+        by_time.extend_from_slice(&time);
+        let by_patient = body
+            .get("patient")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
+                k.extend_from_slice(&time);
+                k
+            });
+        Self {
+            by_time,
+            by_patient,
+        }
+    }
+
+    fn keys(mut self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+        let seq = keys::u64_be(seq);
+        self.by_time.extend_from_slice(&seq);
+        if let Some(k) = self.by_patient.as_mut() {
+            k.extend_from_slice(&seq);
+        }
+        (self.by_time, self.by_patient)
+    }
+}
+
+fn put_index_keys(txn: &mut crate::committer::Txn<'_>, keys: (Vec<u8>, Option<Vec<u8>>)) {
+    let (by_time, by_patient) = keys;
     txn.put(Table::AuditIdxTime, by_time, Vec::new());
     if let Some(k) = by_patient {
         txn.put(Table::AuditIdxPatient, k, Vec::new());
+    }
+}
+
+fn put_index(txn: &mut crate::committer::Txn<'_>, seq: u64, body: &Value) {
+    put_index_keys(txn, index_keys(seq, body));
+}
+
+/// A record serialized and indexed outside the committer thread, so the serial part of an
+/// append is only the chain link: sequence number, `prev`, hash and the puts.
+struct PreparedRecord {
+    body: Vec<u8>,
+    index: IndexPrefixes,
+}
+
+impl PreparedRecord {
+    fn new(body: &Value) -> Self {
+        Self {
+            body: serde_json::to_vec(body).expect("audit bodies serialize"),
+            index: IndexPrefixes::of(body),
+        }
+    }
+
+    /// The stored bytes: exactly `serde_json::to_vec(&AuditEntry { seq, prev, body })`.
+    fn entry_bytes(&self, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 100);
+        out.extend_from_slice(b"{\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"prev\":\"");
+        out.extend_from_slice(hex::encode(prev).as_bytes());
+        out.extend_from_slice(b"\",\"body\":");
+        out.extend_from_slice(&self.body);
+        out.push(b'}');
+        out
+    }
+
+    /// Appends this record to the chain inside a committer job; returns its sequence number.
+    fn link(self, txn: &mut crate::committer::Txn<'_>) -> Result<u64> {
+        let seq = txn.counters.audit_seq + 1;
+        let bytes = self.entry_bytes(seq, &txn.counters.audit_head);
+        let hash = entry_hash(&bytes)?;
+        put_index_keys(txn, self.index.keys(seq));
+        if seq == 1 {
+            // A new log: every record will be indexed from the start.
+            txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
+        }
+        txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
+        let mut head = keys::u64_be(seq).to_vec();
+        head.extend_from_slice(&hash);
+        txn.put(Table::Meta, HEAD_KEY.to_vec(), head);
+        txn.counters.audit_seq = seq;
+        txn.counters.audit_head = hash;
+        Ok(seq)
     }
 }
 
@@ -162,34 +238,11 @@ impl AuditLog {
 
     /// Appends records in order; resolves once they are durable. Returns their sequence numbers.
     pub async fn append(&self, bodies: Vec<Value>) -> Result<Vec<u64>> {
+        let records: Vec<PreparedRecord> = bodies.iter().map(PreparedRecord::new).collect();
+        drop(bodies);
         self.db
             .committer()
-            .run(move |txn| {
-                let mut seqs = Vec::with_capacity(bodies.len());
-                for body in bodies {
-                    let seq = txn.counters.audit_seq + 1;
-                    let entry = AuditEntry {
-                        seq,
-                        prev: hex::encode(txn.counters.audit_head),
-                        body,
-                    };
-                    let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
-                    let hash = entry_hash(&bytes)?;
-                    put_index(txn, seq, &entry.body);
-                    if seq == 1 {
-                        // A new log: every record will be indexed from the start.
-                        txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
-                    }
-                    txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
-                    let mut head = keys::u64_be(seq).to_vec();
-                    head.extend_from_slice(&hash);
-                    txn.put(Table::Meta, HEAD_KEY.to_vec(), head);
-                    txn.counters.audit_seq = seq;
-                    txn.counters.audit_head = hash;
-                    seqs.push(seq);
-                }
-                Ok(seqs)
-            })
+            .run(move |txn| records.into_iter().map(|r| r.link(txn)).collect())
             .await
     }
 
@@ -410,28 +463,15 @@ impl AuditLog {
                     }
                     txn.put(Table::Meta, ANCHOR_KEY.to_vec(), plan.anchor.encode());
                     // The retention record attests the anchor inside the chain itself.
-                    let seq = txn.counters.audit_seq + 1;
-                    let entry = AuditEntry {
-                        seq,
-                        prev: hex::encode(txn.counters.audit_head),
-                        body: serde_json::json!({
-                            "kind": RETENTION_KIND,
-                            "time": now_ms,
-                            "cutoff": cutoff_ms,
-                            "pruned": plan.seqs.len(),
-                            "pruned_through": plan.anchor.seq,
-                            "anchor_hash": hex::encode(plan.anchor.hash),
-                        }),
-                    };
-                    let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
-                    let hash = entry_hash(&bytes)?;
-                    put_index(txn, seq, &entry.body);
-                    txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
-                    let mut head = keys::u64_be(seq).to_vec();
-                    head.extend_from_slice(&hash);
-                    txn.put(Table::Meta, HEAD_KEY.to_vec(), head);
-                    txn.counters.audit_seq = seq;
-                    txn.counters.audit_head = hash;
+                    PreparedRecord::new(&serde_json::json!({
+                        "kind": RETENTION_KIND,
+                        "time": now_ms,
+                        "cutoff": cutoff_ms,
+                        "pruned": plan.seqs.len(),
+                        "pruned_through": plan.anchor.seq,
+                        "anchor_hash": hex::encode(plan.anchor.hash),
+                    }))
+                    .link(txn)?;
                     Ok(plan.anchor.seq)
                 })
                 .await?;
@@ -633,6 +673,20 @@ mod tests {
                 .unwrap();
         }
         (dir, log)
+    }
+
+    #[test]
+    fn prepared_bytes_are_the_serialized_entry() {
+        let body = json!({"kind": "fhir-request", "q": "a\"b\\c\u{e9}\n", "n": -3, "nested": {"z": 1, "a": [true, null]}});
+        for (seq, prev) in [(1u64, [0u8; 32]), (u64::MAX, [0xabu8; 32])] {
+            let want = serde_json::to_vec(&AuditEntry {
+                seq,
+                prev: hex::encode(prev),
+                body: body.clone(),
+            })
+            .unwrap();
+            assert_eq!(PreparedRecord::new(&body).entry_bytes(seq, &prev), want);
+        }
     }
 
     #[tokio::test]

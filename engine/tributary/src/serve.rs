@@ -146,7 +146,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move { f.auth.refresh_jwks().await });
     }
     let state = tributary_facade::AppState {
-        rt: rt.clone(),
+        rt: std::sync::Arc::new(rt.clone()),
         facade,
     };
     // Every route, the partner-authenticated inbound hook included, gets the body limit.
