@@ -18,7 +18,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
@@ -30,6 +31,11 @@ use tributary_storage::{
 pub const CONSUMER: &str = "pipeline.hl7v2";
 /// Readiness component name.
 pub const COMPONENT: &str = "pipeline";
+/// Entries queued per worker.
+const SHARD_QUEUE: usize = 64;
+/// Entries dispatched but not yet processed, across all workers.
+const MAX_IN_FLIGHT: usize = 2048;
+const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -89,38 +95,140 @@ impl Pipeline {
     }
 
     /// Runs until `rt.shutdown`: consume, map, commit; reload the mapping set when it changes.
+    ///
+    /// A dispatcher reads the journal after its position and hands each entry to the worker of
+    /// its ordering key over a bounded channel; workers map and commit one entry at a time. There
+    /// is no barrier between batches: a slow shard holds back only its own key's messages. The
+    /// stored cursor advances to just before the oldest entry still in flight, so after a crash
+    /// the entries after it are offered again and those already processed are skipped.
     pub async fn run(self, rt: Runtime) -> Result<(), PipelineError> {
         rt.readiness.set(COMPONENT, ComponentStatus::Ready);
+        let workers = self.config.workers.max(1);
         tracing::info!(
             version = %self.registry.current().version,
-            workers = self.config.workers,
+            workers,
             "pipeline started"
         );
         let mut head = rt.journal.subscribe();
         let reload_every = Duration::from_secs(self.config.reload_interval_secs.max(1));
         let mut reload_tick = tokio::time::interval(reload_every);
         reload_tick.tick().await;
+
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
+        let mut shards = Vec::with_capacity(workers);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::channel::<JournalEntry>(SHARD_QUEUE);
+            shards.push(tx);
+            tasks.spawn(self.clone().worker(rt.clone(), rx, done_tx.clone()));
+        }
+        drop(done_tx);
+
+        let mut position = rt.journal.cursor(CONSUMER)?;
+        let mut saved = position;
+        let mut last_save = Instant::now();
+        let mut in_flight = std::collections::BTreeSet::new();
+        let mut more = true;
         loop {
-            match self.step(&rt).await {
-                Ok(0) => {}
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pipeline step failed; retrying");
-                    tokio::select! {
-                        _ = rt.shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            while more && in_flight.len() < MAX_IN_FLIGHT {
+                let entries = match rt.journal.entries_after(position, 512) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the journal failed; retrying");
+                        break;
                     }
-                    continue;
+                };
+                more = entries.len() == 512;
+                for e in entries {
+                    position = e.seq;
+                    let key = match rt.journal.get(e.id) {
+                        Ok(Some(r)) => r.envelope.ordering_key,
+                        Ok(None) => continue,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "reading a journal record failed");
+                            String::new()
+                        }
+                    };
+                    in_flight.insert(e.seq);
+                    let seq = e.seq;
+                    if shards[shard_of(&key, workers)].send(e).await.is_err() {
+                        in_flight.remove(&seq);
+                    }
+                }
+            }
+            // Everything before the oldest entry in flight is done. The cursor is only where a
+            // restart resumes (processed entries are skipped), so saving it is rate-limited.
+            let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+            if done_through > saved
+                && (in_flight.is_empty() || last_save.elapsed() >= CURSOR_SAVE_EVERY)
+            {
+                last_save = Instant::now();
+                match rt.journal.set_cursor(CONSUMER, done_through).await {
+                    Ok(()) => saved = done_through,
+                    Err(e) => tracing::warn!(error = %e, "saving the pipeline cursor failed"),
                 }
             }
             tokio::select! {
-                _ = rt.shutdown.cancelled() => return Ok(()),
-                _ = head.changed() => {}
+                _ = rt.shutdown.cancelled() => break,
+                Some(seq) = done_rx.recv() => {
+                    in_flight.remove(&seq);
+                    while let Ok(seq) = done_rx.try_recv() {
+                        in_flight.remove(&seq);
+                    }
+                    more = true;
+                }
+                _ = head.changed() => more = true,
                 _ = reload_tick.tick(), if self.config.reload_interval_secs > 0 => {
                     self.reload_and_requeue(&rt).await;
+                    more = true;
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => more = true,
             }
+        }
+        // Finish what the workers hold (each entry is one atomic commit), then save the cursor.
+        drop(shards);
+        while tasks.join_next().await.is_some() {}
+        while let Ok(seq) = done_rx.try_recv() {
+            in_flight.remove(&seq);
+        }
+        let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+        if done_through > saved {
+            rt.journal.set_cursor(CONSUMER, done_through).await?;
+        }
+        Ok(())
+    }
+
+    /// One shard: its entries in journal order, each retried until it is processed (or shutdown).
+    async fn worker(
+        self,
+        rt: Runtime,
+        mut rx: mpsc::Receiver<JournalEntry>,
+        done: mpsc::UnboundedSender<u64>,
+    ) {
+        loop {
+            // Entries still queued at shutdown stay after the cursor and are offered again.
+            let entry = tokio::select! {
+                biased;
+                _ = rt.shutdown.cancelled() => return,
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            let seq = entry.seq;
+            loop {
+                match self.process(&rt, entry).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, seq, "pipeline step failed; retrying");
+                        tokio::select! {
+                            _ = rt.shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                    }
+                }
+            }
+            let _ = done.send(seq);
         }
     }
 
