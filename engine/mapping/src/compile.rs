@@ -165,7 +165,8 @@ pub(crate) struct Rule {
     pub transforms: Vec<Transform>,
     /// The target holds many values, so every repetition is mapped.
     pub many: bool,
-    /// `join: " "` — one value: the text of every selected source, joined.
+    /// `join: " "` — one value: the text of every selected source, joined (transforms then apply
+    /// to the joined text).
     pub join: Option<String>,
     /// `on_error:`; `None` follows the mapping set's `on_invalid_value`.
     pub on_error: Option<OnError>,

@@ -676,13 +676,15 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 for path in &rule.from {
                     for c in self.resolve(ctx, path, true) {
                         first.get_or_insert(c);
-                        if let Some(t) = self.text(rule, c) {
-                            parts.push(t);
+                        if let Some(t) = self.leaf_value(c) {
+                            parts.push(t.into_owned());
                         }
                     }
                 }
                 if let (Some(c), false) = (first, parts.is_empty()) {
-                    let v = match convert(*p, &parts.join(sep), &self.set.default_timezone) {
+                    // transforms apply to the joined text: one base64 value, not one per part
+                    let joined = transform(rule, parts.join(sep));
+                    let v = match convert(*p, &joined, &self.set.default_timezone) {
                         Ok(v) => Some(v),
                         Err(e) => self.invalid(rule, c, e)?,
                     };
@@ -790,21 +792,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     fn text(&mut self, rule: &Rule, c: Ctx) -> Option<String> {
-        let raw = self.leaf_value(c)?;
-        let mut s = raw.into_owned();
-        for t in &rule.transforms {
-            s = match t {
-                Transform::Upper => s.to_uppercase(),
-                Transform::Lower => s.to_lowercase(),
-                Transform::Trim => s.trim().to_string(),
-                Transform::Prefix(p) => format!("{p}{s}"),
-                Transform::Uri => to_uri(&s),
-                Transform::Base64 => base64(s.as_bytes()),
-                Transform::Endpoint => to_endpoint(&s),
-                Transform::Comparator => split_comparator(&s).0.to_string(),
-                Transform::StripComparator => split_comparator(&s).1.to_string(),
-            };
-        }
+        let raw = self.leaf_value(c)?.into_owned();
+        let s = transform(rule, raw);
         (!s.trim().is_empty()).then_some(s)
     }
 
@@ -995,6 +984,23 @@ pub fn to_uri(s: &str) -> String {
         return s.replace(' ', "%20");
     }
     format!("urn:id:{}", s.replace(char::is_whitespace, "_"))
+}
+
+fn transform(rule: &Rule, mut s: String) -> String {
+    for t in &rule.transforms {
+        s = match t {
+            Transform::Upper => s.to_uppercase(),
+            Transform::Lower => s.to_lowercase(),
+            Transform::Trim => s.trim().to_string(),
+            Transform::Prefix(p) => format!("{p}{s}"),
+            Transform::Uri => to_uri(&s),
+            Transform::Base64 => base64(s.as_bytes()),
+            Transform::Endpoint => to_endpoint(&s),
+            Transform::Comparator => split_comparator(&s).0.to_string(),
+            Transform::StripComparator => split_comparator(&s).1.to_string(),
+        };
+    }
+    s
 }
 
 /// Converts text to a FHIR primitive; the error never contains the value.

@@ -261,7 +261,7 @@ fn lineage_names_source_path_and_rule_for_each_element() {
         .unwrap();
     assert_eq!(gender.source, "PID-8");
     assert!(
-        gender.rule.ends_with("segments/PID-Patient.yaml:59"),
+        gender.rule.ends_with("segments/PID-Patient.yaml:62"),
         "{}",
         gender.rule
     );
@@ -367,4 +367,31 @@ fn mapping_errors_carry_paths_never_values() {
         !err.contains("19AB0101") && !err.contains("SECRETNAME") && !err.contains("X123"),
         "{err}"
     );
+}
+
+#[test]
+fn a_join_transform_applies_once_to_the_joined_text() {
+    let doc = "resource: DocumentReference\nsegment: TXA\nrules:\n  - set: status\n    value: current\n  - set: content\n    rules:\n      - set: attachment.data\n        from: OBX-5\n        join: \"\\n\"\n        transform: base64\n";
+    let msg = "message: [MDM^T02]\nresources:\n  - segment: TXA\n    map: TXA-DocumentReference\n";
+    let set = load_texts(&[
+        ("segments/TXA-DocumentReference.yaml", doc),
+        ("messages/MDM.yaml", msg),
+    ])
+    .unwrap();
+    let src = SplitMessage::parse(
+        "MSH|^~\\&|A|B|C|D|20260101||MDM^T02|1|P|2.5\rTXA|1|DS\rOBX|1|TX|x||ab\rOBX|2|TX|x||c\r",
+    );
+    let out = set
+        .run(
+            &src,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+    let (_, _, doc) = out
+        .resources()
+        .find(|(t, _, _)| *t == "DocumentReference")
+        .unwrap();
+    // base64("ab\nc"), not base64("ab") + "\n" + base64("c")
+    assert_eq!(doc["content"][0]["attachment"]["data"], "YWIKYw==");
 }
