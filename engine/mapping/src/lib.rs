@@ -79,27 +79,50 @@ impl<'a> Parsed<'a> {
                     continue;
                 }
                 let rep_start = p.reps.len() as u32;
-                let mut nrep = 0;
-                for rep in raw.split(d.repetition) {
-                    nrep += 1;
-                    let comp_start = p.comps.len() as u32;
-                    let mut ncomp = 0;
-                    for comp in rep.split(d.component) {
-                        ncomp += 1;
-                        let leaf_start = p.leaves.len() as u32;
-                        let mut nsub = 0;
-                        for sub in comp.split(d.subcomponent) {
-                            nsub += 1;
-                            p.leaves.push((sub, false));
-                        }
-                        p.comps.push((leaf_start, nsub));
-                    }
-                    p.reps.push((comp_start, ncomp));
-                }
+                let nrep = p.split_field(raw);
                 p.fields.push((rep_start, nrep));
             }
         }
         p
+    }
+
+    /// Indexes one field's repetitions, components and subcomponents in one pass over its text;
+    /// returns the repetition count.
+    fn split_field(&mut self, raw: &'a str) -> u32 {
+        let d = self.delimiters;
+        let (mut nrep, mut ncomp, mut nsub) = (0u32, 0u32, 0u32);
+        let mut comp_start = self.comps.len() as u32;
+        let mut leaf_start = self.leaves.len() as u32;
+        let mut from = 0;
+        let ends = raw.char_indices().map(|(i, c)| (i, Some(c)));
+        for (i, c) in ends.chain(std::iter::once((raw.len(), None))) {
+            // 0: end of a repetition, 1: of a component, 2: of a subcomponent
+            let level = match c {
+                None => 0,
+                Some(c) if c == d.repetition => 0,
+                Some(c) if c == d.component => 1,
+                Some(c) if c == d.subcomponent => 2,
+                Some(_) => continue,
+            };
+            self.leaves.push((&raw[from..i], false));
+            nsub += 1;
+            from = i + c.map_or(0, char::len_utf8);
+            if level == 2 {
+                continue;
+            }
+            self.comps.push((leaf_start, nsub));
+            ncomp += 1;
+            leaf_start = self.leaves.len() as u32;
+            nsub = 0;
+            if level == 1 {
+                continue;
+            }
+            self.reps.push((comp_start, ncomp));
+            nrep += 1;
+            comp_start = self.comps.len() as u32;
+            ncomp = 0;
+        }
+        nrep
     }
 
     fn field(&self, seg: usize, field: usize) -> Option<(u32, u32)> {

@@ -245,15 +245,16 @@ impl MappingSet {
 impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn mark(&mut self, seg: usize, field: usize, comp: usize) {
         if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
-            *f |= 1u64 << (comp.clamp(1, 64) - 1);
+            *f |= comp_bit(comp);
         }
     }
 
-    fn is_marked(&self, seg: usize, field: usize, comp: usize) -> bool {
+    fn consumed_mask(&self, seg: usize, field: usize) -> u64 {
         self.consumed
             .get(seg)
             .and_then(|s| s.get(field))
-            .is_some_and(|f| f & (1u64 << (comp.clamp(1, 64) - 1)) != 0)
+            .copied()
+            .unwrap_or(0)
     }
 
     // ---- planning -------------------------------------------------------------------------
@@ -897,60 +898,87 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         })
     }
 
+    /// Works on positions and consumed bit masks; text is only formatted for what is reported.
     fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<String> {
         let src = self.src;
         let mut out = Vec::new();
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for seg in 0..src.segment_count() {
-            *counts.entry(src.segment_name(seg)).or_default() += 1;
-        }
-        let mut occ: HashMap<&str, usize> = HashMap::new();
+        // (segment name, how many so far, how many in all)
+        let mut names: Vec<(&str, usize, usize)> = Vec::new();
         for seg in 0..src.segment_count() {
             let name = src.segment_name(seg);
-            let o = {
-                let e = occ.entry(name).or_default();
-                *e += 1;
-                *e
+            match names.iter_mut().find(|n| n.0 == name) {
+                Some(n) => n.2 += 1,
+                None => names.push((name, 0, 1)),
+            }
+        }
+        let mut extra: Vec<usize> = Vec::new();
+        for seg in 0..src.segment_count() {
+            let name = src.segment_name(seg);
+            let (o, count) = match names.iter_mut().find(|n| n.0 == name) {
+                Some(n) => {
+                    n.1 += 1;
+                    (n.1, n.2)
+                }
+                None => continue,
             };
-            // the ignore patterns for this segment, checked once per segment
-            let seg_ignores: Vec<&crate::compile::IgnorePattern> = ignore
-                .iter()
-                .chain(self.set.global_ignore.iter())
-                .filter(|p| p.segment == name)
-                .collect();
-            if seg_ignores.iter().any(|p| p.field.is_none()) {
+            // the ignore patterns for this segment
+            let seg_ignores = || {
+                ignore
+                    .iter()
+                    .chain(self.set.global_ignore.iter())
+                    .filter(|p| p.segment == name)
+            };
+            if seg_ignores().any(|p| p.field.is_none()) {
                 continue;
             }
             for field in 1..=src.field_count(seg) {
                 if name == "MSH" && field <= 2 {
                     continue;
                 }
-                if src.rep_count(seg, field) == 0 {
+                let nreps = src.rep_count(seg, field);
+                if nreps == 0 {
                     continue;
                 }
-                let mut comps_with_data: Vec<usize> = Vec::new();
+                let consumed = self.consumed_mask(seg, field);
+                // components 1..=64 with data and not consumed, as bits; higher ones in `extra`
+                let mut unread = 0u64;
+                extra.clear();
                 let mut max_comp = 0;
-                for rep in 1..=src.rep_count(seg, field) {
+                for rep in 1..=nreps {
                     let nc = src.comp_count(seg, field, rep);
                     max_comp = max_comp.max(nc);
                     for comp in 1..=nc {
+                        let bit = comp_bit(comp);
+                        if consumed & bit != 0
+                            || (comp <= 64 && unread & bit != 0)
+                            || extra.contains(&comp)
+                        {
+                            continue;
+                        }
                         let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
                             src.leaf(seg, field, rep, comp, s)
                                 .is_some_and(|v| !v.is_empty())
                         });
-                        if data && !comps_with_data.contains(&comp) {
-                            comps_with_data.push(comp);
+                        if !data {
+                            continue;
+                        }
+                        if comp <= 64 {
+                            unread |= bit;
+                        } else {
+                            extra.push(comp);
                         }
                     }
                 }
-                comps_with_data.sort_unstable();
-                for comp in comps_with_data {
-                    if self.is_marked(seg, field, comp)
-                        || seg_ignores.iter().any(|p| p.covers(name, field, comp))
-                    {
+                if unread == 0 && extra.is_empty() {
+                    continue;
+                }
+                extra.sort_unstable();
+                let bits = (1..=64).filter(|c| unread & comp_bit(*c) != 0);
+                for comp in bits.chain(extra.iter().copied()) {
+                    if seg_ignores().any(|p| p.covers(name, field, comp)) {
                         continue;
                     }
-                    let occ_s = if counts[name] > 1 {
+                    let occ_s = if count > 1 {
                         format!("[{o}]")
                     } else {
                         String::new()
@@ -965,6 +993,11 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
         out
     }
+}
+
+/// The bit that marks component `comp` as read (components past 64 share the last bit).
+fn comp_bit(comp: usize) -> u64 {
+    1u64 << (comp.clamp(1, 64) - 1)
 }
 
 fn coding(t: &tributary_terminology::Target) -> Value {
