@@ -29,7 +29,7 @@ fn main() {
                         let m = set
                             .map_bytes(&bytes, tributary_terminology::builtin(), &opts)
                             .unwrap();
-                        total += serde_json::to_vec(&m.bundle).unwrap().len();
+                        total += m.to_json().len();
                     }
                     total
                 })

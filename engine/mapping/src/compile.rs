@@ -132,7 +132,7 @@ pub enum OnError {
 #[derive(Clone, Debug)]
 pub(crate) enum RuleKind {
     Prim(Prim),
-    Const(Value),
+    Const(Arc<Value>),
     Var(String, Prim),
     Map(usize),
     Nested(Vec<Rule>),
@@ -873,7 +873,7 @@ impl Compiler {
         let kind = match kinds.first().copied() {
             Some("value") => {
                 let v = node.get("value")?;
-                RuleKind::Const(self.constant(file, v, last.ty)?)
+                RuleKind::Const(Arc::new(self.constant(file, v, last.ty)?))
             }
             Some("var") => {
                 let Some(p) = prim else {

@@ -21,6 +21,7 @@ pub mod path;
 mod run;
 pub mod segments;
 pub mod source;
+mod tree;
 mod yaml;
 
 pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};

@@ -10,6 +10,7 @@ use crate::cond::{Cond, Operand};
 use crate::datetime;
 use crate::path::{Rep, SourcePath};
 use crate::source::V2Source;
+use crate::tree::{Node, Obj, View};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -47,8 +48,8 @@ pub struct Lineage {
 /// The result of mapping one message.
 #[derive(Clone, Debug)]
 pub struct MappedBundle {
-    /// A FHIR R4 Bundle of type `transaction`.
-    pub bundle: Value,
+    /// The Bundle's entries, in order.
+    entries: Vec<BundleEntry>,
     /// `ADT^A01`
     pub message_type: String,
     /// The message map file that mapped it.
@@ -62,17 +63,80 @@ pub struct MappedBundle {
     pub warnings: Vec<String>,
 }
 
+#[derive(Clone, Debug)]
+struct BundleEntry {
+    rtype: &'static str,
+    id: String,
+    /// `Type/id`, the conditional upsert's url.
+    url: String,
+    resource: Obj,
+}
+
+impl BundleEntry {
+    fn request(&self) -> Obj {
+        let mut req = Obj::new();
+        req.insert("method", Node::str("PUT"));
+        req.insert("url", Node::str(self.url.as_str()));
+        req
+    }
+}
+
 impl MappedBundle {
-    /// (resource type, id, resource) for every entry.
-    pub fn resources(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
-        self.bundle["entry"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let r = &e["resource"];
-                Some((r["resourceType"].as_str()?, r["id"].as_str()?, r))
+    /// The FHIR R4 Bundle of type `transaction`.
+    pub fn bundle(&self) -> Value {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut o = Map::new();
+                o.insert("request".into(), e.request().into_value());
+                o.insert("resource".into(), e.resource.clone().into_value());
+                Value::Object(o)
             })
+            .collect();
+        let mut bundle = Map::new();
+        bundle.insert("entry".into(), Value::Array(entries));
+        bundle.insert("resourceType".into(), "Bundle".into());
+        bundle.insert("type".into(), "transaction".into());
+        Value::Object(bundle)
+    }
+
+    /// The Bundle as compact JSON: the bytes `serde_json::to_vec(&self.bundle())` gives,
+    /// written without building a `Value`.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024 * self.entries.len().max(1));
+        out.extend_from_slice(b"{\"entry\":[");
+        for (i, e) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"request\":");
+            e.request().write_json(&mut out);
+            out.extend_from_slice(b",\"resource\":");
+            e.resource.write_json(&mut out);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"resourceType\":\"Bundle\",\"type\":\"transaction\"}");
+        out
+    }
+
+    /// (resource type, id) of every entry.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|e| (e.rtype, e.id.as_str()))
+    }
+
+    /// (resource type, id, resource) for every entry.
+    pub fn resources(&self) -> impl Iterator<Item = (&str, &str, Value)> + '_ {
+        self.entries
+            .iter()
+            .map(|e| (e.rtype, e.id.as_str(), e.resource.clone().into_value()))
+    }
+
+    /// Like [`Self::resources`], without copying.
+    pub fn into_resources(self) -> impl Iterator<Item = (&'static str, String, Value)> {
+        self.entries
+            .into_iter()
+            .map(|e| (e.rtype, e.id, e.resource.into_value()))
     }
 }
 
@@ -133,7 +197,7 @@ struct Runner<'s, S: V2Source + ?Sized> {
     consumed: Vec<Vec<u64>>,
     scopes: Vec<Scope>,
     instances: Vec<Instance>,
-    out: Vec<Option<(String, Value)>>,
+    out: Vec<Option<BundleEntry>>,
     out_index: HashMap<(&'static str, String), usize>,
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
@@ -212,26 +276,8 @@ impl MappingSet {
             r.build_instance(i)?;
         }
         let unconsumed = r.unconsumed(&mm.ignore);
-        let entries: Vec<Value> = r
-            .out
-            .into_iter()
-            .flatten()
-            .map(|(url, res)| {
-                let mut e = Map::new();
-                e.insert("resource".into(), res);
-                let mut req = Map::new();
-                req.insert("method".into(), Value::String("PUT".into()));
-                req.insert("url".into(), Value::String(url));
-                e.insert("request".into(), Value::Object(req));
-                Value::Object(e)
-            })
-            .collect();
-        let mut bundle = Map::new();
-        bundle.insert("resourceType".into(), "Bundle".into());
-        bundle.insert("type".into(), "transaction".into());
-        bundle.insert("entry".into(), Value::Array(entries));
         Ok(MappedBundle {
-            bundle: Value::Object(bundle),
+            entries: r.out.into_iter().flatten().collect(),
             message_type,
             message_map: mm.file.to_string(),
             version: self.version.clone(),
@@ -641,9 +687,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             self.out_index.insert(key, slot);
             self.out.push(None);
         }
-        let mut obj = Map::new();
-        obj.insert("resourceType".into(), Value::String(rtype.into()));
-        obj.insert("id".into(), Value::String(id));
+        let mut obj = Obj::new();
+        obj.insert("resourceType", Node::str(rtype));
+        obj.insert("id", Node::str(id.as_str()));
         let lineage_mark = self.lineage.as_ref().map(Vec::len);
         self.apply(rules, ctx, &mut obj, &url)?;
         if duplicate {
@@ -653,7 +699,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 l.truncate(m);
             }
         } else {
-            self.out[slot] = Some((url.clone(), Value::Object(obj)));
+            self.out[slot] = Some(BundleEntry {
+                rtype,
+                id,
+                url: url.clone(),
+                resource: obj,
+            });
         }
         Ok(url)
     }
@@ -662,7 +713,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         &mut self,
         rules: &[Rule],
         ctx: Ctx,
-        obj: &mut Map<String, Value>,
+        obj: &mut Obj,
         jpath: &str,
     ) -> Result<(), MappingError> {
         for rule in rules {
@@ -709,9 +760,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let targets = self.lookup_name(name, ctx.scope);
                 for t in targets.iter().take(if rule.many { usize::MAX } else { 1 }) {
                     let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
-                    let mut r = Map::new();
-                    r.insert("reference".into(), Value::String(url));
-                    self.put(obj, rule, Value::Object(r), jpath, None);
+                    self.put(obj, rule, reference(url), jpath, None);
                 }
                 continue;
             }
@@ -759,14 +808,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         Vec::new()
     }
 
-    fn put(
-        &mut self,
-        obj: &mut Map<String, Value>,
-        rule: &Rule,
-        v: Value,
-        jpath: &str,
-        src: Option<Ctx>,
-    ) {
+    fn put(&mut self, obj: &mut Obj, rule: &Rule, v: Node, jpath: &str, src: Option<Ctx>) {
         if self.lineage.is_some() {
             let element = target_path(obj, &rule.target, jpath);
             let source = src.map(|c| self.concrete(c)).unwrap_or_default();
@@ -815,7 +857,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         rule: &Rule,
         c: Ctx,
         reason: String,
-    ) -> Result<Option<Value>, MappingError> {
+    ) -> Result<Option<Node>, MappingError> {
         match rule.on_error.unwrap_or(self.set.on_invalid_value) {
             OnError::Fail => Err(self.fail(rule, c, reason)),
             OnError::Warn => {
@@ -830,9 +872,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Value>, MappingError> {
+    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Node>, MappingError> {
         Ok(match &rule.kind {
-            RuleKind::Const(v) => Some(v.clone()),
+            RuleKind::Const(v) => Some(Node::Const(v.clone())),
             RuleKind::Var(name, p) => match self.vars.get(name) {
                 Some(v) => Some(
                     convert(*p, v, &self.set.default_timezone)
@@ -849,14 +891,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             },
             RuleKind::Map(idx) => {
                 let set = self.set;
-                let mut o = Map::new();
+                let mut o = Obj::new();
                 self.apply(&set.maps[*idx].rules, c, &mut o, element)?;
-                (!o.is_empty()).then_some(Value::Object(o))
+                (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Nested(rules) => {
-                let mut o = Map::new();
+                let mut o = Obj::new();
                 self.apply(rules, c, &mut o, element)?;
-                (!o.is_empty()).then_some(Value::Object(o))
+                (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Translate { map, out, default } => {
                 let Some(code) = self.text(rule, c) else {
@@ -864,16 +906,16 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 };
                 match self.term.translate(map, code.trim()) {
                     Some(t) => Some(match out {
-                        TransOut::Code => Value::String(t.code),
+                        TransOut::Code => Node::Str(t.code),
                         TransOut::Coding => coding(&t),
                         TransOut::CodeableConcept => {
-                            let mut cc = Map::new();
-                            cc.insert("coding".into(), Value::Array(vec![coding(&t)]));
-                            Value::Object(cc)
+                            let mut cc = Obj::new();
+                            cc.insert("coding", Node::Arr(vec![coding(&t)]));
+                            Node::Obj(cc)
                         }
                     }),
                     None => match default {
-                        Some(d) if *out == TransOut::Code => Some(Value::String(d.clone())),
+                        Some(d) if *out == TransOut::Code => Some(Node::str(d.as_str())),
                         _ => {
                             self.warnings.push(format!(
                                 "{}: code at {} is not in ConceptMap {map}; `{}` left empty",
@@ -891,9 +933,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
                 let url = self.build_resource(*idx, c, rtype, id)?;
-                let mut r = Map::new();
-                r.insert("reference".into(), Value::String(url));
-                Some(Value::Object(r))
+                Some(reference(url))
             }
         })
     }
@@ -1000,14 +1040,20 @@ fn comp_bit(comp: usize) -> u64 {
     1u64 << (comp.clamp(1, 64) - 1)
 }
 
-fn coding(t: &tributary_terminology::Target) -> Value {
-    let mut c = Map::new();
-    c.insert("system".into(), Value::String(t.system.clone()));
-    c.insert("code".into(), Value::String(t.code.clone()));
+fn coding(t: &tributary_terminology::Target) -> Node {
+    let mut c = Obj::new();
+    c.insert("system", Node::str(t.system.as_str()));
+    c.insert("code", Node::str(t.code.as_str()));
     if let Some(d) = &t.display {
-        c.insert("display".into(), Value::String(d.clone()));
+        c.insert("display", Node::str(d.as_str()));
     }
-    Value::Object(c)
+    Node::Obj(c)
+}
+
+fn reference(url: String) -> Node {
+    let mut r = Obj::new();
+    r.insert("reference", Node::Str(url));
+    Node::Obj(r)
 }
 
 /// An identifier namespace as a legal URI: OIDs become `urn:oid:`, UUIDs `urn:uuid:`, URLs and
@@ -1031,36 +1077,42 @@ pub fn to_uri(s: &str) -> String {
 }
 
 /// Converts text to a FHIR primitive; the error never contains the value.
-fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
+fn convert(p: Prim, s: &str, tz: &str) -> Result<Node, String> {
     let t = s.trim();
     Ok(match p {
-        Prim::String => Value::String(t.to_string()),
+        Prim::String => Node::Str(t.to_string()),
         Prim::Code => {
             let c = t.split_whitespace().collect::<Vec<_>>().join(" ");
-            Value::String(c)
+            Node::Str(c)
         }
-        Prim::Uri => Value::String(t.replace(char::is_whitespace, "_")),
-        Prim::Decimal => {
-            Value::Number(decimal(t).ok_or_else(|| "not a decimal number".to_string())?)
-        }
-        Prim::Integer => Value::Number(
+        Prim::Uri => Node::Str(t.replace(char::is_whitespace, "_")),
+        Prim::Decimal => Node::Num(decimal(t).ok_or_else(|| "not a decimal number".to_string())?),
+        Prim::Integer => Node::Num(
             t.parse::<i64>()
                 .map_err(|_| "not an integer".to_string())?
                 .into(),
         ),
-        Prim::Boolean => Value::Bool(match t.to_ascii_uppercase().as_str() {
+        Prim::Boolean => Node::Bool(match t.to_ascii_uppercase().as_str() {
             "Y" | "YES" | "TRUE" | "1" | "T" => true,
             "N" | "NO" | "FALSE" | "0" | "F" => false,
             _ => return Err("not a boolean (Y/N)".into()),
         }),
-        Prim::Date => Value::String(datetime::to_date(t).map_err(|e| e.to_string())?),
-        Prim::DateTime => Value::String(datetime::to_datetime(t, tz).map_err(|e| e.to_string())?),
-        Prim::Instant => Value::String(datetime::to_instant(t, tz).map_err(|e| e.to_string())?),
-        Prim::Time => Value::String(datetime::to_time(t).map_err(|e| e.to_string())?),
+        Prim::Date => Node::Str(datetime::to_date(t).map_err(|e| e.to_string())?),
+        Prim::DateTime => Node::Str(datetime::to_datetime(t, tz).map_err(|e| e.to_string())?),
+        Prim::Instant => Node::Str(datetime::to_instant(t, tz).map_err(|e| e.to_string())?),
+        Prim::Time => Node::Str(datetime::to_time(t).map_err(|e| e.to_string())?),
     })
 }
 
-fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
+/// A constant that a later rule adds to becomes a tree of its own.
+fn owned(n: &mut Node) -> &mut Node {
+    if let Node::Const(v) = n {
+        *n = Node::from_value(v);
+    }
+    n
+}
+
+fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
     let (last, inner) = match steps.split_last() {
         Some(x) => x,
         None => return,
@@ -1069,61 +1121,59 @@ fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
     for s in inner {
         if !cur.contains_key(s.name) {
             let empty = if s.many {
-                Value::Array(Vec::new())
+                Node::Arr(Vec::new())
             } else {
-                Value::Object(Map::new())
+                Node::Obj(Obj::new())
             };
-            cur.insert(s.name.to_string(), empty);
+            cur.insert(s.name, empty);
         }
         let Some(slot) = cur.get_mut(s.name) else {
             return;
         };
-        let next = if let Value::Array(a) = slot {
+        let slot = owned(slot);
+        let next = if let Node::Arr(a) = slot {
             if a.is_empty() {
-                a.push(Value::Object(Map::new()));
+                a.push(Node::Obj(Obj::new()));
             }
-            &mut a[0]
+            owned(&mut a[0])
         } else {
             slot
         };
         cur = match next {
-            Value::Object(o) => o,
+            Node::Obj(o) => o,
             _ => return,
         };
     }
     if last.many {
-        match cur.get_mut(last.name) {
-            Some(Value::Array(a)) => a.push(v),
+        match cur.get_mut(last.name).map(owned) {
+            Some(Node::Arr(a)) => a.push(v),
             Some(_) => {}
             None => {
-                cur.insert(last.name.to_string(), Value::Array(vec![v]));
+                cur.insert(last.name, Node::Arr(vec![v]));
             }
         }
     } else if !cur.contains_key(last.name) {
-        cur.insert(last.name.into(), v);
+        cur.insert(last.name, v);
     }
 }
 
-fn target_path(obj: &Map<String, Value>, steps: &[Step], jpath: &str) -> String {
+fn target_path(obj: &Obj, steps: &[Step], jpath: &str) -> String {
     let mut s = jpath.to_string();
-    let mut cur = Some(obj);
+    let mut cur = Some(View::Obj(obj));
     for (i, st) in steps.iter().enumerate() {
         s.push('.');
         s.push_str(st.name);
         let existing = cur.and_then(|o| o.get(st.name));
         if st.many {
             let idx = if i + 1 == steps.len() {
-                existing.and_then(Value::as_array).map_or(0, Vec::len)
+                existing.and_then(View::array_len).unwrap_or(0)
             } else {
                 0
             };
             s.push_str(&format!("[{idx}]"));
-            cur = existing
-                .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_object);
+            cur = existing.and_then(View::first).filter(|v| v.is_object());
         } else {
-            cur = existing.and_then(Value::as_object);
+            cur = existing.filter(|v| v.is_object());
         }
     }
     s

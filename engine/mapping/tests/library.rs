@@ -309,7 +309,7 @@ fn ids_are_deterministic_per_tenant_and_source_identifier() {
             },
         )
         .unwrap();
-    assert_eq!(a.bundle, b.bundle);
+    assert_eq!(a.bundle(), b.bundle());
     let pid = |m: &tributary_mapping::MappedBundle| {
         m.resources()
             .find(|(t, _, _)| *t == "Patient")
@@ -331,8 +331,9 @@ fn ids_are_deterministic_per_tenant_and_source_identifier() {
     // the Encounter references that Patient id
     let enc = a.resources().find(|(t, _, _)| *t == "Encounter").unwrap().2;
     assert_eq!(enc["subject"]["reference"], format!("Patient/{}", pid(&a)));
-    assert_eq!(a.bundle["type"], "transaction");
-    for e in a.bundle["entry"].as_array().unwrap() {
+    let bundle = a.bundle();
+    assert_eq!(bundle["type"], "transaction");
+    for e in bundle["entry"].as_array().unwrap() {
         assert_eq!(e["request"]["method"], "PUT");
     }
 }
