@@ -45,7 +45,8 @@ pub struct Parsed<'a> {
     reps: Vec<(u32, u32)>,
     /// Per component: (first subcomponent in `leaves`, subcomponent count).
     comps: Vec<(u32, u32)>,
-    /// Every subcomponent's raw (still escaped) text; `literal` marks MSH-1/MSH-2.
+    /// Every subcomponent's raw text, and whether it is used as is: MSH-1/MSH-2, and text
+    /// without escape sequences.
     leaves: Vec<(&'a str, bool)>,
 }
 
@@ -95,6 +96,7 @@ impl<'a> Parsed<'a> {
         let mut comp_start = self.comps.len() as u32;
         let mut leaf_start = self.leaves.len() as u32;
         let mut from = 0;
+        let mut escaped = false;
         let ends = raw.char_indices().map(|(i, c)| (i, Some(c)));
         for (i, c) in ends.chain(std::iter::once((raw.len(), None))) {
             // 0: end of a repetition, 1: of a component, 2: of a subcomponent
@@ -103,9 +105,13 @@ impl<'a> Parsed<'a> {
                 Some(c) if c == d.repetition => 0,
                 Some(c) if c == d.component => 1,
                 Some(c) if c == d.subcomponent => 2,
-                Some(_) => continue,
+                Some(c) => {
+                    escaped |= c == d.escape;
+                    continue;
+                }
             };
-            self.leaves.push((&raw[from..i], false));
+            self.leaves.push((&raw[from..i], !escaped));
+            escaped = false;
             nsub += 1;
             from = i + c.map_or(0, char::len_utf8);
             if level == 2 {
@@ -182,8 +188,8 @@ impl V2Source for Parsed<'_> {
         if sub == 0 || sub > n as usize {
             return None;
         }
-        let (raw, literal) = *self.leaves.get(start as usize + sub - 1)?;
-        if literal || !raw.contains(self.delimiters.escape) {
+        let (raw, as_is) = *self.leaves.get(start as usize + sub - 1)?;
+        if as_is {
             Some(Cow::Borrowed(raw))
         } else {
             Some(tributary_hl7v2::unescape(raw, self.delimiters))

@@ -164,6 +164,9 @@ pub enum MappingError {
     },
 }
 
+/// Resolved source locations: usually one or a few, so kept inline.
+type Ctxs = smallvec::SmallVec<[Ctx; 2]>;
+
 #[derive(Clone, Copy, Debug)]
 struct Ctx {
     seg: usize,
@@ -421,7 +424,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     let v = self
                         .resolve(ctx, sp, false)
                         .first()
-                        .and_then(|c| self.leaf_value(*c))
+                        .and_then(|c| self.leaf_text(*c))
                         .map(|v| v.trim().to_string())
                         .unwrap_or_default();
                     any |= !v.is_empty();
@@ -466,15 +469,6 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         None
     }
 
-    /// Every segment named `name` in the current scope (a segment group's own segments: the
-    /// NTEs after an OBX belong to that OBX), or in the whole message when at top level.
-    fn find_segments(&self, name: &str, scope: usize) -> Vec<usize> {
-        let sc = &self.scopes[scope];
-        (sc.start..sc.end)
-            .filter(|&k| self.src.segment_name(k) == name)
-            .collect()
-    }
-
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
         let src = self.src;
         (1..=src.comp_count(seg, field, rep)).any(|c| {
@@ -505,18 +499,22 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     /// Source locations a path selects from `ctx`, only those holding data.
-    fn resolve(&self, ctx: Ctx, p: &SourcePath, many: bool) -> Vec<Ctx> {
-        let mut out = Vec::new();
+    fn resolve(&self, ctx: Ctx, p: &SourcePath, many: bool) -> Ctxs {
+        let mut out = Ctxs::new();
         match &p.segment {
             Some(segname) => {
-                let segs: Vec<usize> = if self.src.segment_name(ctx.seg) == segname {
-                    vec![ctx.seg]
+                if self.src.segment_name(ctx.seg) == segname {
+                    self.resolve_in(ctx.seg, ctx, p, many, &mut out);
                 } else if many {
-                    self.find_segments(segname, ctx.scope)
-                } else {
-                    self.find_segment(segname, ctx.scope).into_iter().collect()
-                };
-                for seg in segs {
+                    // every one in the current scope (a segment group's own segments: the NTEs
+                    // after an OBX belong to that OBX), or in the whole message at top level
+                    let sc = &self.scopes[ctx.scope];
+                    for seg in sc.start..sc.end {
+                        if self.src.segment_name(seg) == segname {
+                            self.resolve_in(seg, ctx, p, many, &mut out);
+                        }
+                    }
+                } else if let Some(seg) = self.find_segment(segname, ctx.scope) {
                     self.resolve_in(seg, ctx, p, many, &mut out);
                 }
             }
@@ -542,45 +540,30 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         out
     }
 
-    fn resolve_in(&self, seg: usize, ctx: Ctx, p: &SourcePath, many: bool, out: &mut Vec<Ctx>) {
-        {
-            {
-                let n = self.src.rep_count(seg, p.field);
-                let reps: Vec<usize> = match p.rep {
-                    Rep::Index(i) => vec![i],
-                    Rep::All => (1..=n).collect(),
-                    Rep::Default if many => (1..=n).collect(),
-                    Rep::Default => (1..=n)
-                        .find(|&r| self.rep_has_data(seg, p.field, r))
-                        .into_iter()
-                        .collect(),
-                };
-                for rep in reps {
-                    let c = Ctx {
-                        seg,
-                        field: p.field,
-                        rep,
-                        comp: p.steps.first().copied().unwrap_or(0),
-                        sub: p.steps.get(1).copied().unwrap_or(0),
-                        scope: ctx.scope,
-                    };
-                    if self.ctx_has_data(c) {
-                        out.push(c);
-                    }
-                }
+    fn resolve_in(&self, seg: usize, ctx: Ctx, p: &SourcePath, many: bool, out: &mut Ctxs) {
+        let n = self.src.rep_count(seg, p.field);
+        let reps = match p.rep {
+            Rep::Index(i) => i..=i,
+            Rep::All => 1..=n,
+            Rep::Default if many => 1..=n,
+            Rep::Default => match (1..=n).find(|&r| self.rep_has_data(seg, p.field, r)) {
+                Some(r) => r..=r,
+                None => return,
+            },
+        };
+        for rep in reps {
+            let c = Ctx {
+                seg,
+                field: p.field,
+                rep,
+                comp: p.steps.first().copied().unwrap_or(0),
+                sub: p.steps.get(1).copied().unwrap_or(0),
+                scope: ctx.scope,
+            };
+            if self.ctx_has_data(c) {
+                out.push(c);
             }
         }
-    }
-
-    /// The text at a location (first component/subcomponent when above a leaf); marks it used.
-    fn leaf_value(&mut self, c: Ctx) -> Option<Cow<'_, str>> {
-        if c.rep == 0 {
-            return None;
-        }
-        let comp = c.comp.max(1);
-        self.mark(c.seg, c.field, comp);
-        let v = self.src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
-        has_text(&v).then_some(v)
     }
 
     fn concrete(&self, c: Ctx) -> String {
@@ -631,7 +614,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    /// Like `leaf_value`, but borrowing from the message rather than from the runner.
+    /// The text at a location (first component/subcomponent when above a leaf); marks it used.
     fn leaf_text(&mut self, c: Ctx) -> Option<Cow<'s, str>> {
         if c.rep == 0 {
             return None;
@@ -744,10 +727,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
                 continue;
             }
-            let sources: Vec<Ctx> = if rule.from.is_empty() {
-                vec![ctx]
+            let sources: Ctxs = if rule.from.is_empty() {
+                smallvec::smallvec![ctx]
             } else {
-                let mut found = Vec::new();
+                let mut found = Ctxs::new();
                 for p in &rule.from {
                     found = self.resolve(ctx, p, rule.many);
                     if !found.is_empty() {
@@ -832,11 +815,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn text(&mut self, rule: &Rule, c: Ctx) -> Option<String> {
-        let raw = self.leaf_value(c)?;
-        let mut s = raw.into_owned();
+    fn text(&mut self, rule: &Rule, c: Ctx) -> Option<Cow<'s, str>> {
+        let mut s = self.leaf_text(c)?;
         for t in &rule.transforms {
-            s = match t {
+            s = Cow::Owned(match t {
                 Transform::Upper => s.to_uppercase(),
                 Transform::Lower => s.to_lowercase(),
                 Transform::Trim => s.trim().to_string(),
@@ -846,7 +828,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 Transform::Endpoint => to_endpoint(&s),
                 Transform::Comparator => split_comparator(&s).0.to_string(),
                 Transform::StripComparator => split_comparator(&s).1.to_string(),
-            };
+            });
         }
         (!s.trim().is_empty()).then_some(s)
     }
