@@ -10,7 +10,7 @@ use crate::cond::{Cond, Operand};
 use crate::datetime;
 use crate::path::{Rep, SourcePath};
 use crate::source::V2Source;
-use crate::tree::{Node, Obj, View};
+use crate::tree::{write_str, Node, Obj, View};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -72,15 +72,6 @@ struct BundleEntry {
     resource: Obj,
 }
 
-impl BundleEntry {
-    fn request(&self) -> Obj {
-        let mut req = Obj::new();
-        req.insert("method", Node::str("PUT"));
-        req.insert("url", Node::str(self.url.as_str()));
-        req
-    }
-}
-
 impl MappedBundle {
     /// The FHIR R4 Bundle of type `transaction`.
     pub fn bundle(&self) -> Value {
@@ -89,7 +80,10 @@ impl MappedBundle {
             .iter()
             .map(|e| {
                 let mut o = Map::new();
-                o.insert("request".into(), e.request().into_value());
+                let mut req = Map::new();
+                req.insert("method".into(), "PUT".into());
+                req.insert("url".into(), e.url.as_str().into());
+                o.insert("request".into(), Value::Object(req));
                 o.insert("resource".into(), e.resource.clone().into_value());
                 Value::Object(o)
             })
@@ -110,9 +104,9 @@ impl MappedBundle {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(b"{\"request\":");
-            e.request().write_json(&mut out);
-            out.extend_from_slice(b",\"resource\":");
+            out.extend_from_slice(b"{\"request\":{\"method\":\"PUT\",\"url\":");
+            write_str(&mut out, &e.url);
+            out.extend_from_slice(b"},\"resource\":");
             e.resource.write_json(&mut out);
             out.push(b'}');
         }
@@ -414,30 +408,33 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let MapKind::Resource { resource, id, .. } = &m.kind else {
             return ("Basic", String::new());
         };
-        let mut parts: Vec<String> = Vec::with_capacity(id.len() + 2);
+        let mut parts: smallvec::SmallVec<[Cow<'s, str>; 4]> = smallvec::SmallVec::new();
         let mut any = false;
         let mut key_empty = false;
         for (k, p) in id.iter().enumerate() {
             match p {
-                IdPart::Const(c) => parts.push(c.clone()),
+                IdPart::Const(c) => parts.push(Cow::Borrowed(c.as_str())),
                 IdPart::Path(sp) => {
-                    let v = self
+                    let v = match self
                         .resolve(ctx, sp, false)
                         .first()
                         .and_then(|c| self.leaf_text(*c))
-                        .map(|v| v.trim().to_string())
-                        .unwrap_or_default();
+                    {
+                        Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
+                        Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
+                        None => Cow::Borrowed(""),
+                    };
                     any |= !v.is_empty();
                     key_empty |= k == 0 && v.is_empty();
                     parts.push(v);
                 }
             }
         }
-        let mut all: Vec<&str> = vec![self.tenant, resource];
         let seg_s;
         let salt_s;
+        let mut all: smallvec::SmallVec<[&str; 10]> = smallvec::smallvec![self.tenant, *resource];
         if any && !key_empty {
-            all.extend(parts.iter().map(String::as_str));
+            all.extend(parts.iter().map(|p| p.as_ref()));
         } else {
             // No identifying value: stable per message (replays give the same id), unique per place.
             seg_s = ctx.seg.to_string();
@@ -1088,8 +1085,8 @@ fn convert(p: Prim, s: &str, tz: &str) -> Result<Node, String> {
 
 /// A constant that a later rule adds to becomes a tree of its own.
 fn owned(n: &mut Node) -> &mut Node {
-    if let Node::Const(v) = n {
-        *n = Node::from_value(v);
+    if let Node::Const(c) = n {
+        *n = Node::from_value(&c.value);
     }
     n
 }

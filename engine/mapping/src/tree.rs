@@ -18,7 +18,25 @@ pub(crate) enum Node {
     Arr(Vec<Node>),
     Obj(Obj),
     /// A constant of the mapping set, shared rather than copied.
-    Const(Arc<Value>),
+    Const(Arc<Constant>),
+}
+
+/// A `value:` of a mapping rule, with its JSON written once when the mapping set is loaded.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Constant {
+    pub value: Value,
+    json: Box<[u8]>,
+}
+
+impl Constant {
+    pub fn new(value: Value) -> Self {
+        let mut json = Vec::new();
+        write_value(&mut json, &value);
+        Self {
+            value,
+            json: json.into(),
+        }
+    }
 }
 
 /// Object members sorted by key.
@@ -110,7 +128,7 @@ impl Node {
             Node::Str(s) => Value::String(s),
             Node::Arr(a) => Value::Array(a.into_iter().map(Node::into_value).collect()),
             Node::Obj(o) => o.into_value(),
-            Node::Const(v) => Arc::unwrap_or_clone(v),
+            Node::Const(c) => c.value.clone(),
         }
     }
 
@@ -132,7 +150,7 @@ impl Node {
                 out.push(b']');
             }
             Node::Obj(o) => o.write_json(out),
-            Node::Const(v) => write_value(out, &**v),
+            Node::Const(c) => out.extend_from_slice(&c.json),
         }
     }
 }
@@ -149,7 +167,7 @@ impl<'a> View<'a> {
     pub fn get(self, key: &str) -> Option<View<'a>> {
         match self {
             View::Obj(o) | View::Node(Node::Obj(o)) => o.get(key).map(View::Node),
-            View::Node(Node::Const(v)) => View::Value(v).get(key),
+            View::Node(Node::Const(c)) => View::Value(&c.value).get(key),
             View::Value(Value::Object(o)) => o.get(key).map(View::Value),
             _ => None,
         }
@@ -158,7 +176,7 @@ impl<'a> View<'a> {
     pub fn array_len(self) -> Option<usize> {
         match self {
             View::Node(Node::Arr(a)) => Some(a.len()),
-            View::Node(Node::Const(v)) => View::Value(v).array_len(),
+            View::Node(Node::Const(c)) => View::Value(&c.value).array_len(),
             View::Value(Value::Array(a)) => Some(a.len()),
             _ => None,
         }
@@ -167,7 +185,7 @@ impl<'a> View<'a> {
     pub fn first(self) -> Option<View<'a>> {
         match self {
             View::Node(Node::Arr(a)) => a.first().map(View::Node),
-            View::Node(Node::Const(v)) => View::Value(v).first(),
+            View::Node(Node::Const(c)) => View::Value(&c.value).first(),
             View::Value(Value::Array(a)) => a.first().map(View::Value),
             _ => None,
         }
@@ -176,7 +194,7 @@ impl<'a> View<'a> {
     pub fn is_object(self) -> bool {
         match self {
             View::Obj(_) | View::Node(Node::Obj(_)) => true,
-            View::Node(Node::Const(v)) => v.is_object(),
+            View::Node(Node::Const(c)) => c.value.is_object(),
             View::Value(v) => v.is_object(),
             View::Node(_) => false,
         }
@@ -223,7 +241,7 @@ mod tests {
             "arr",
             Node::Arr(vec![
                 Node::Obj(inner),
-                Node::Const(Arc::new(json!({"y": [1, "x"], "x": true}))),
+                Node::Const(Arc::new(Constant::new(json!({"y": [1, "x"], "x": true})))),
             ]),
         );
         o.insert("alpha", Node::Num(Number::from(7)));
