@@ -25,7 +25,7 @@ mod tree;
 mod yaml;
 
 pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};
-pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions};
+pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions, SourceField};
 pub use source::{SplitMessage, V2Source};
 
 use std::borrow::Cow;

@@ -14,6 +14,8 @@ use crate::tree::{write_str, Node, Obj, View};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
 use tributary_terminology::Terminology;
 
 /// Per-run settings.
@@ -45,6 +47,32 @@ pub struct Lineage {
     pub rule: String,
 }
 
+/// A source field (or one of its components) named as analysts write it: `PID-11.7`,
+/// `OBX[2]-8`. Kept as positions so that a long report costs nothing until it is shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceField {
+    pub segment: Arc<str>,
+    /// Which of the segments with this name (1-based), when the message has several.
+    pub occurrence: Option<usize>,
+    pub field: usize,
+    /// `None` when no repetition of the field has components.
+    pub component: Option<usize>,
+}
+
+impl fmt::Display for SourceField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.segment)?;
+        if let Some(o) = self.occurrence {
+            write!(f, "[{o}]")?;
+        }
+        write!(f, "-{}", self.field)?;
+        if let Some(c) = self.component {
+            write!(f, ".{c}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The result of mapping one message.
 #[derive(Clone, Debug)]
 pub struct MappedBundle {
@@ -58,7 +86,7 @@ pub struct MappedBundle {
     pub version: String,
     pub lineage: Vec<Lineage>,
     /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
-    pub unconsumed: Vec<String>,
+    pub unconsumed: Vec<SourceField>,
     /// Things a human should know that did not fail the message (no values: PHI-free).
     pub warnings: Vec<String>,
 }
@@ -918,28 +946,26 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     /// Works on positions and consumed bit masks; text is only formatted for what is reported.
-    fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<String> {
+    fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<SourceField> {
         let src = self.src;
         let mut out = Vec::new();
-        // (segment name, how many so far, how many in all)
-        let mut names: Vec<(&str, usize, usize)> = Vec::new();
+        // (segment name, how many so far, how many in all, the name once reported)
+        let mut names: Vec<(&str, usize, usize, Option<Arc<str>>)> = Vec::new();
         for seg in 0..src.segment_count() {
             let name = src.segment_name(seg);
             match names.iter_mut().find(|n| n.0 == name) {
                 Some(n) => n.2 += 1,
-                None => names.push((name, 0, 1)),
+                None => names.push((name, 0, 1, None)),
             }
         }
         let mut extra: Vec<usize> = Vec::new();
         for seg in 0..src.segment_count() {
             let name = src.segment_name(seg);
-            let (o, count) = match names.iter_mut().find(|n| n.0 == name) {
-                Some(n) => {
-                    n.1 += 1;
-                    (n.1, n.2)
-                }
-                None => continue,
+            let Some(entry) = names.iter_mut().find(|n| n.0 == name) else {
+                continue;
             };
+            entry.1 += 1;
+            let occurrence = (entry.2 > 1).then_some(entry.1);
             // the ignore patterns for this segment
             let seg_ignores = || {
                 ignore
@@ -997,16 +1023,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     if seg_ignores().any(|p| p.covers(name, field, comp)) {
                         continue;
                     }
-                    let occ_s = if count > 1 {
-                        format!("[{o}]")
-                    } else {
-                        String::new()
-                    };
-                    if max_comp <= 1 {
-                        out.push(format!("{name}{occ_s}-{field}"));
-                    } else {
-                        out.push(format!("{name}{occ_s}-{field}.{comp}"));
-                    }
+                    out.push(SourceField {
+                        segment: entry.3.get_or_insert_with(|| Arc::from(name)).clone(),
+                        occurrence,
+                        field,
+                        component: (max_comp > 1).then_some(comp),
+                    });
                 }
             }
         }

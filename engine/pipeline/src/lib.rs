@@ -19,7 +19,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
-use tributary_mapping::{MappedBundle, RunOptions};
+use tributary_mapping::{MappedBundle, RunOptions, SourceField};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
     JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
@@ -375,11 +375,11 @@ pub fn message_event_type(message_type: &str) -> String {
     }
 }
 
-fn summarize(paths: &[String]) -> String {
+fn summarize(paths: &[SourceField]) -> String {
     let mut s = paths
         .iter()
         .take(50)
-        .cloned()
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
     if paths.len() > 50 {
