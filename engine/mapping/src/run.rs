@@ -1120,17 +1120,13 @@ fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
     };
     let mut cur = obj;
     for s in inner {
-        if !cur.contains_key(s.name) {
-            let empty = if s.many {
+        let slot = cur.get_or_insert_with(s.name, || {
+            if s.many {
                 Node::Arr(Vec::new())
             } else {
                 Node::Obj(Obj::new())
-            };
-            cur.insert(s.name, empty);
-        }
-        let Some(slot) = cur.get_mut(s.name) else {
-            return;
-        };
+            }
+        });
         let slot = owned(slot);
         let next = if let Node::Arr(a) = slot {
             if a.is_empty() {
@@ -1146,15 +1142,12 @@ fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
         };
     }
     if last.many {
-        match cur.get_mut(last.name).map(owned) {
-            Some(Node::Arr(a)) => a.push(v),
-            Some(_) => {}
-            None => {
-                cur.insert(last.name, Node::Arr(vec![v]));
-            }
+        match owned(cur.get_or_insert_with(last.name, || Node::Arr(Vec::new()))) {
+            Node::Arr(a) => a.push(v),
+            _ => {}
         }
-    } else if !cur.contains_key(last.name) {
-        cur.insert(last.name, v);
+    } else {
+        cur.insert_new(last.name, v);
     }
 }
 

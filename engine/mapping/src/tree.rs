@@ -53,19 +53,35 @@ impl Obj {
     }
 
     fn find(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key))
+        self.0
+            .binary_search_by(|(k, _)| key_cmp(k.as_bytes(), key.as_bytes()))
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
         self.find(key).ok().map(|i| &self.0[i].1)
     }
 
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
-        self.find(key).ok().map(|i| &mut self.0[i].1)
+    /// The value at `key`, inserting `make()` first when absent.
+    pub fn get_or_insert_with(
+        &mut self,
+        key: &'static str,
+        make: impl FnOnce() -> Node,
+    ) -> &mut Node {
+        let i = match self.find(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (Cow::Borrowed(key), make()));
+                i
+            }
+        };
+        &mut self.0[i].1
     }
 
-    pub fn contains_key(&self, key: &str) -> bool {
-        self.find(key).is_ok()
+    /// Sets `key` unless it is already set.
+    pub fn insert_new(&mut self, key: &'static str, v: Node) {
+        if let Err(i) = self.find(key) {
+            self.0.insert(i, (Cow::Borrowed(key), v));
+        }
     }
 
     /// Sets `key` (replacing an existing value, as a map does).
@@ -199,6 +215,16 @@ impl<'a> View<'a> {
             View::Node(_) => false,
         }
     }
+}
+
+/// Byte order, as `str` orders; an inline loop beats a `memcmp` call for short element names.
+fn key_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 fn write_value<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
