@@ -186,6 +186,9 @@ pub enum MappingError {
     },
 }
 
+/// A rule failure, boxed: results move through every rule, and the error is rare and large.
+type Fallible<T> = Result<T, Box<MappingError>>;
+
 /// Resolved source locations: usually one or a few, so kept inline.
 type Ctxs = smallvec::SmallVec<[Ctx; 2]>;
 
@@ -298,7 +301,7 @@ impl MappingSet {
         r.mark(0, 9, 3);
         r.plan(&mm.entries, 0);
         for i in 0..r.instances.len() {
-            r.build_instance(i)?;
+            r.build_instance(i).map_err(|e| *e)?;
         }
         let unconsumed = r.unconsumed(&mm.ignore);
         Ok(MappedBundle {
@@ -668,7 +671,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
 
     // ---- building ----------------------------------------------------------------------------
 
-    fn build_instance(&mut self, i: usize) -> Result<(), MappingError> {
+    fn build_instance(&mut self, i: usize) -> Fallible<()> {
         let (map, ctx, rtype, id) = {
             let inst = &self.instances[i];
             (inst.map, inst.ctx, inst.rtype, inst.id.clone())
@@ -684,7 +687,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         ctx: Ctx,
         rtype: &'static str,
         id: String,
-    ) -> Result<String, MappingError> {
+    ) -> Fallible<String> {
         let url = format!("{rtype}/{id}");
         let set = self.set;
         let rules = &set.maps[map].rules;
@@ -717,13 +720,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         Ok(url)
     }
 
-    fn apply(
-        &mut self,
-        rules: &[Rule],
-        ctx: Ctx,
-        obj: &mut Obj,
-        jpath: &str,
-    ) -> Result<(), MappingError> {
+    fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
         for rule in rules {
             if let Some(c) = &rule.when {
                 if !self.eval(c, ctx) {
@@ -831,13 +828,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         set_target(obj, &rule.target, v);
     }
 
-    fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> MappingError {
-        MappingError::Rule {
+    fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> Box<MappingError> {
+        Box::new(MappingError::Rule {
             rule: rule.loc.to_string(),
             set: rule.set.clone(),
             path: self.concrete(c),
             reason,
-        }
+        })
     }
 
     fn text(&mut self, rule: &Rule, c: Ctx) -> Option<Cow<'s, str>> {
@@ -859,12 +856,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     /// A conversion failure: fail the message, or (on_error: warn) leave the element out.
-    fn invalid(
-        &mut self,
-        rule: &Rule,
-        c: Ctx,
-        reason: String,
-    ) -> Result<Option<Node>, MappingError> {
+    fn invalid(&mut self, rule: &Rule, c: Ctx, reason: String) -> Fallible<Option<Node>> {
         match rule.on_error.unwrap_or(self.set.on_invalid_value) {
             OnError::Fail => Err(self.fail(rule, c, reason)),
             OnError::Warn => {
@@ -879,7 +871,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Node>, MappingError> {
+    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
         Ok(match &rule.kind {
             RuleKind::Const(v) => Some(Node::Const(v.clone())),
             RuleKind::Var(name, p) => match self.vars.get(name) {
