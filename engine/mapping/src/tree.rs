@@ -7,6 +7,8 @@ use serde_json::{Map, Number, Value};
 use std::borrow::Cow;
 use std::sync::Arc;
 
+/// A member name: borrowed ones are FHIR element names (plain identifiers, written without an
+/// escape check); owned ones come from constants.
 pub(crate) type Key = Cow<'static, str>;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -108,8 +110,17 @@ impl Obj {
             if i > 0 {
                 out.push(b',');
             }
-            write_str(out, k);
-            out.push(b':');
+            match k {
+                Cow::Borrowed(name) => {
+                    out.push(b'"');
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                }
+                Cow::Owned(k) => {
+                    write_str(out, k);
+                    out.push(b':');
+                }
+            }
             v.write_json(out);
         }
         out.push(b'}');
