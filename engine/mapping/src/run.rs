@@ -202,11 +202,11 @@ struct Ctx {
     scope: usize,
 }
 
-struct Scope {
+struct Scope<'s> {
     parent: Option<usize>,
     start: usize,
     end: usize,
-    names: HashMap<String, Vec<usize>>,
+    names: HashMap<&'s str, Vec<usize>>,
 }
 
 struct Instance {
@@ -222,8 +222,10 @@ struct Runner<'s, S: V2Source + ?Sized> {
     term: &'s Terminology,
     tenant: &'s str,
     vars: &'s BTreeMap<String, String>,
-    consumed: Vec<Vec<u64>>,
-    scopes: Vec<Scope>,
+    /// Per field, the components read (bit masks); segment `s`'s fields start at `fields_at[s]`.
+    consumed: Vec<u64>,
+    fields_at: Vec<usize>,
+    scopes: Vec<Scope<'s>>,
     instances: Vec<Instance>,
     out: Vec<Option<BundleEntry>>,
     out_index: HashMap<(&'static str, String), usize>,
@@ -269,15 +271,19 @@ impl MappingSet {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        let mut fields_at = Vec::with_capacity(src.segment_count() + 1);
+        fields_at.push(0);
+        for seg in 0..src.segment_count() {
+            fields_at.push(fields_at[seg] + src.field_count(seg) + 1);
+        }
         let mut r = Runner {
             set: self,
             src,
             term,
             tenant: opts.tenant,
             vars: &mm.vars,
-            consumed: (0..src.segment_count())
-                .map(|s| vec![0u64; src.field_count(s) + 1])
-                .collect(),
+            consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
+            fields_at,
             scopes: vec![Scope {
                 parent: None,
                 start: 0,
@@ -318,22 +324,24 @@ impl MappingSet {
 
 impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn mark(&mut self, seg: usize, field: usize, comp: usize) {
-        if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
-            *f |= comp_bit(comp);
+        if let Some(i) = self.field_slot(seg, field) {
+            self.consumed[i] |= comp_bit(comp);
         }
     }
 
+    fn field_slot(&self, seg: usize, field: usize) -> Option<usize> {
+        let start = *self.fields_at.get(seg)?;
+        let end = *self.fields_at.get(seg + 1)?;
+        (start + field < end).then_some(start + field)
+    }
+
     fn consumed_mask(&self, seg: usize, field: usize) -> u64 {
-        self.consumed
-            .get(seg)
-            .and_then(|s| s.get(field))
-            .copied()
-            .unwrap_or(0)
+        self.field_slot(seg, field).map_or(0, |i| self.consumed[i])
     }
 
     // ---- planning -------------------------------------------------------------------------
 
-    fn plan(&mut self, entries: &[Entry], scope: usize) {
+    fn plan(&mut self, entries: &'s [Entry], scope: usize) {
         for e in entries {
             match e {
                 Entry::Resource {
@@ -377,7 +385,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             // visible in this scope and, for `ref:` to all of them, its ancestors
                             let mut s = Some(scope);
                             while let Some(i) = s {
-                                self.scopes[i].names.entry(n.clone()).or_default().push(idx);
+                                self.scopes[i].names.entry(n).or_default().push(idx);
                                 s = self.scopes[i].parent;
                             }
                         }
