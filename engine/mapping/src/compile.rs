@@ -256,10 +256,9 @@ impl IgnorePattern {
         })
     }
 
-    pub fn covers(&self, seg: &str, field: usize, comp: usize) -> bool {
-        self.segment == seg
-            && self.field.is_none_or(|f| f == field)
-            && self.comp.is_none_or(|c| c == comp)
+    /// Whether the pattern covers a field/component of a segment named `self.segment`.
+    pub fn covers(&self, field: usize, comp: usize) -> bool {
+        self.field.is_none_or(|f| f == field) && self.comp.is_none_or(|c| c == comp)
     }
 }
 

@@ -92,13 +92,34 @@ impl<'a> Parsed<'a> {
     /// returns the repetition count.
     fn split_field(&mut self, raw: &'a str) -> u32 {
         let d = self.delimiters;
+        if [d.repetition, d.component, d.subcomponent, d.escape]
+            .iter()
+            .all(char::is_ascii)
+        {
+            // Bytes are enough: no byte of a multi-byte character equals an ASCII delimiter.
+            let bytes = raw
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (i, Some(char::from(b))));
+            self.split_field_with(raw, bytes)
+        } else {
+            let chars = raw.char_indices().map(|(i, c)| (i, Some(c)));
+            self.split_field_with(raw, chars)
+        }
+    }
+
+    fn split_field_with(
+        &mut self,
+        raw: &'a str,
+        chars: impl Iterator<Item = (usize, Option<char>)>,
+    ) -> u32 {
+        let d = self.delimiters;
         let (mut nrep, mut ncomp, mut nsub) = (0u32, 0u32, 0u32);
         let mut comp_start = self.comps.len() as u32;
         let mut leaf_start = self.leaves.len() as u32;
         let mut from = 0;
         let mut escaped = false;
-        let ends = raw.char_indices().map(|(i, c)| (i, Some(c)));
-        for (i, c) in ends.chain(std::iter::once((raw.len(), None))) {
+        for (i, c) in chars.chain(std::iter::once((raw.len(), None))) {
             // 0: end of a repetition, 1: of a component, 2: of a subcomponent
             let level = match c {
                 None => 0,

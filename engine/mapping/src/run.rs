@@ -967,13 +967,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             entry.1 += 1;
             let occurrence = (entry.2 > 1).then_some(entry.1);
             // the ignore patterns for this segment
-            let seg_ignores = || {
-                ignore
-                    .iter()
-                    .chain(self.set.global_ignore.iter())
-                    .filter(|p| p.segment == name)
-            };
-            if seg_ignores().any(|p| p.field.is_none()) {
+            let seg_ignores: smallvec::SmallVec<[&crate::compile::IgnorePattern; 8]> = ignore
+                .iter()
+                .chain(self.set.global_ignore.iter())
+                .filter(|p| p.segment == name)
+                .collect();
+            if seg_ignores.iter().any(|p| p.field.is_none()) {
                 continue;
             }
             for field in 1..=src.field_count(seg) {
@@ -1020,7 +1019,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 extra.sort_unstable();
                 let bits = (1..=64).filter(|c| unread & comp_bit(*c) != 0);
                 for comp in bits.chain(extra.iter().copied()) {
-                    if seg_ignores().any(|p| p.covers(name, field, comp)) {
+                    if seg_ignores.iter().any(|p| p.covers(field, comp)) {
                         continue;
                     }
                     out.push(SourceField {
