@@ -11,9 +11,10 @@ use crate::datetime;
 use crate::path::{Rep, SourcePath};
 use crate::source::V2Source;
 use crate::tree::{write_str, Node, Obj, View};
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use tributary_terminology::Terminology;
@@ -206,7 +207,7 @@ struct Scope<'s> {
     parent: Option<usize>,
     start: usize,
     end: usize,
-    names: HashMap<&'s str, Vec<usize>>,
+    names: FxHashMap<&'s str, Vec<usize>>,
 }
 
 struct Instance {
@@ -228,7 +229,8 @@ struct Runner<'s, S: V2Source + ?Sized> {
     scopes: Vec<Scope<'s>>,
     instances: Vec<Instance>,
     out: Vec<Option<BundleEntry>>,
-    out_index: HashMap<(&'static str, String), usize>,
+    /// Keys are mapping-set names and ids that are SHA-256 digests: a fast hash is safe here.
+    out_index: FxHashMap<(&'static str, String), usize>,
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
     msg_key: [String; 3],
@@ -288,11 +290,11 @@ impl MappingSet {
                 parent: None,
                 start: 0,
                 end: src.segment_count(),
-                names: HashMap::new(),
+                names: FxHashMap::default(),
             }],
             instances: Vec::new(),
             out: Vec::new(),
-            out_index: HashMap::new(),
+            out_index: FxHashMap::default(),
             lineage: opts.lineage.then(Vec::new),
             warnings: Vec::new(),
             msg_key: [
@@ -422,7 +424,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             parent: Some(scope),
                             start: gs,
                             end: ge,
-                            names: HashMap::new(),
+                            names: FxHashMap::default(),
                         });
                         self.plan(entries, id);
                     }
