@@ -1143,9 +1143,8 @@ fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
         };
     }
     if last.many {
-        match owned(cur.get_or_insert_with(last.name, || Node::Arr(Vec::new()))) {
-            Node::Arr(a) => a.push(v),
-            _ => {}
+        if let Node::Arr(a) = owned(cur.get_or_insert_with(last.name, || Node::Arr(Vec::new()))) {
+            a.push(v);
         }
     } else {
         cur.insert_new(last.name, v);
