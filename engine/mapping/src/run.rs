@@ -154,13 +154,6 @@ impl MappedBundle {
             .iter()
             .map(|e| (e.rtype, e.id.as_str(), e.resource.clone().into_value()))
     }
-
-    /// Like [`Self::resources`], without copying.
-    pub fn into_resources(self) -> impl Iterator<Item = (&'static str, String, Value)> {
-        self.entries
-            .into_iter()
-            .map(|e| (e.rtype, e.id, e.resource.into_value()))
-    }
 }
 
 /// Why a message could not be mapped. Names files, rules and source paths — never values.
