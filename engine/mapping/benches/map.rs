@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let m = set.map_bytes(&bytes, term, &opts).unwrap();
-                serde_json::to_vec(&m.bundle).unwrap()
+                m.to_json()
             })
         });
     }
@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("fixture/{name}"), |b| {
             b.iter(|| {
                 let m = set.map_bytes(&bytes, term, &opts).unwrap();
-                serde_json::to_vec(&m.bundle).unwrap()
+                m.to_json()
             })
         });
     }

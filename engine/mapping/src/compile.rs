@@ -13,6 +13,7 @@ use crate::cond::{self, Cond};
 use crate::fhir;
 use crate::path::{self, Rep, SourcePath};
 use crate::segments;
+use crate::tree::Constant;
 use crate::yaml::{self, Kind as YKind, Node, Pos};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -132,7 +133,7 @@ pub enum OnError {
 #[derive(Clone, Debug)]
 pub(crate) enum RuleKind {
     Prim(Prim),
-    Const(Value),
+    Const(Arc<Constant>),
     Var(String, Prim),
     Map(usize),
     Nested(Vec<Rule>),
@@ -256,10 +257,9 @@ impl IgnorePattern {
         })
     }
 
-    pub fn covers(&self, seg: &str, field: usize, comp: usize) -> bool {
-        self.segment == seg
-            && self.field.is_none_or(|f| f == field)
-            && self.comp.is_none_or(|c| c == comp)
+    /// Whether the pattern covers a field/component of a segment named `self.segment`.
+    pub fn covers(&self, field: usize, comp: usize) -> bool {
+        self.field.is_none_or(|f| f == field) && self.comp.is_none_or(|c| c == comp)
     }
 }
 
@@ -874,7 +874,7 @@ impl Compiler {
         let kind = match kinds.first().copied() {
             Some("value") => {
                 let v = node.get("value")?;
-                RuleKind::Const(self.constant(file, v, last.ty)?)
+                RuleKind::Const(Arc::new(Constant::new(self.constant(file, v, last.ty)?)))
             }
             Some("var") => {
                 let Some(p) = prim else {

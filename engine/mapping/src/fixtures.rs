@@ -58,7 +58,7 @@ pub fn run_fixtures(set: &MappingSet, term: &Terminology) -> Vec<FixtureOutcome>
                     return out;
                 }
             };
-            out.actual = Some(mapped.bundle.clone());
+            let actual = mapped.bundle();
             match std::fs::read_to_string(&f.expected) {
                 Err(_) => {
                     out.error = Some(format!(
@@ -68,9 +68,10 @@ pub fn run_fixtures(set: &MappingSet, term: &Terminology) -> Vec<FixtureOutcome>
                 }
                 Ok(text) => match serde_json::from_str::<Value>(&text) {
                     Err(e) => out.error = Some(format!("{}: not JSON: {e}", f.expected.display())),
-                    Ok(expected) => json_diff("", &expected, &mapped.bundle, &mut out.differences),
+                    Ok(expected) => json_diff("", &expected, &actual, &mut out.differences),
                 },
             }
+            out.actual = Some(actual);
             out
         })
         .collect()

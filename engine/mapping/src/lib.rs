@@ -21,10 +21,11 @@ pub mod path;
 mod run;
 pub mod segments;
 pub mod source;
+mod tree;
 mod yaml;
 
 pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};
-pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions};
+pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions, SourceField};
 pub use source::{SplitMessage, V2Source};
 
 use std::borrow::Cow;
@@ -44,7 +45,8 @@ pub struct Parsed<'a> {
     reps: Vec<(u32, u32)>,
     /// Per component: (first subcomponent in `leaves`, subcomponent count).
     comps: Vec<(u32, u32)>,
-    /// Every subcomponent's raw (still escaped) text; `literal` marks MSH-1/MSH-2.
+    /// Every subcomponent's raw text, and whether it is used as is: MSH-1/MSH-2, and text
+    /// without escape sequences.
     leaves: Vec<(&'a str, bool)>,
 }
 
@@ -79,27 +81,76 @@ impl<'a> Parsed<'a> {
                     continue;
                 }
                 let rep_start = p.reps.len() as u32;
-                let mut nrep = 0;
-                for rep in raw.split(d.repetition) {
-                    nrep += 1;
-                    let comp_start = p.comps.len() as u32;
-                    let mut ncomp = 0;
-                    for comp in rep.split(d.component) {
-                        ncomp += 1;
-                        let leaf_start = p.leaves.len() as u32;
-                        let mut nsub = 0;
-                        for sub in comp.split(d.subcomponent) {
-                            nsub += 1;
-                            p.leaves.push((sub, false));
-                        }
-                        p.comps.push((leaf_start, nsub));
-                    }
-                    p.reps.push((comp_start, ncomp));
-                }
+                let nrep = p.split_field(raw);
                 p.fields.push((rep_start, nrep));
             }
         }
         p
+    }
+
+    /// Indexes one field's repetitions, components and subcomponents in one pass over its text;
+    /// returns the repetition count.
+    fn split_field(&mut self, raw: &'a str) -> u32 {
+        let d = self.delimiters;
+        if [d.repetition, d.component, d.subcomponent, d.escape]
+            .iter()
+            .all(char::is_ascii)
+        {
+            // Bytes are enough: no byte of a multi-byte character equals an ASCII delimiter.
+            let bytes = raw
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| (i, Some(char::from(b))));
+            self.split_field_with(raw, bytes)
+        } else {
+            let chars = raw.char_indices().map(|(i, c)| (i, Some(c)));
+            self.split_field_with(raw, chars)
+        }
+    }
+
+    fn split_field_with(
+        &mut self,
+        raw: &'a str,
+        chars: impl Iterator<Item = (usize, Option<char>)>,
+    ) -> u32 {
+        let d = self.delimiters;
+        let (mut nrep, mut ncomp, mut nsub) = (0u32, 0u32, 0u32);
+        let mut comp_start = self.comps.len() as u32;
+        let mut leaf_start = self.leaves.len() as u32;
+        let mut from = 0;
+        let mut escaped = false;
+        for (i, c) in chars.chain(std::iter::once((raw.len(), None))) {
+            // 0: end of a repetition, 1: of a component, 2: of a subcomponent
+            let level = match c {
+                None => 0,
+                Some(c) if c == d.repetition => 0,
+                Some(c) if c == d.component => 1,
+                Some(c) if c == d.subcomponent => 2,
+                Some(c) => {
+                    escaped |= c == d.escape;
+                    continue;
+                }
+            };
+            self.leaves.push((&raw[from..i], !escaped));
+            escaped = false;
+            nsub += 1;
+            from = i + c.map_or(0, char::len_utf8);
+            if level == 2 {
+                continue;
+            }
+            self.comps.push((leaf_start, nsub));
+            ncomp += 1;
+            leaf_start = self.leaves.len() as u32;
+            nsub = 0;
+            if level == 1 {
+                continue;
+            }
+            self.reps.push((comp_start, ncomp));
+            nrep += 1;
+            comp_start = self.comps.len() as u32;
+            ncomp = 0;
+        }
+        nrep
     }
 
     fn field(&self, seg: usize, field: usize) -> Option<(u32, u32)> {
@@ -158,8 +209,8 @@ impl V2Source for Parsed<'_> {
         if sub == 0 || sub > n as usize {
             return None;
         }
-        let (raw, literal) = *self.leaves.get(start as usize + sub - 1)?;
-        if literal || !raw.contains(self.delimiters.escape) {
+        let (raw, as_is) = *self.leaves.get(start as usize + sub - 1)?;
+        if as_is {
             Some(Cow::Borrowed(raw))
         } else {
             Some(tributary_hl7v2::unescape(raw, self.delimiters))

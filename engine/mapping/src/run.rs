@@ -10,9 +10,13 @@ use crate::cond::{Cond, Operand};
 use crate::datetime;
 use crate::path::{Rep, SourcePath};
 use crate::source::V2Source;
+use crate::tree::{write_str, Node, Obj, View};
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
 use tributary_terminology::Terminology;
 
 /// Per-run settings.
@@ -44,11 +48,37 @@ pub struct Lineage {
     pub rule: String,
 }
 
+/// A source field (or one of its components) named as analysts write it: `PID-11.7`,
+/// `OBX[2]-8`. Kept as positions so that a long report costs nothing until it is shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceField {
+    pub segment: Arc<str>,
+    /// Which of the segments with this name (1-based), when the message has several.
+    pub occurrence: Option<usize>,
+    pub field: usize,
+    /// `None` when no repetition of the field has components.
+    pub component: Option<usize>,
+}
+
+impl fmt::Display for SourceField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.segment)?;
+        if let Some(o) = self.occurrence {
+            write!(f, "[{o}]")?;
+        }
+        write!(f, "-{}", self.field)?;
+        if let Some(c) = self.component {
+            write!(f, ".{c}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The result of mapping one message.
 #[derive(Clone, Debug)]
 pub struct MappedBundle {
-    /// A FHIR R4 Bundle of type `transaction`.
-    pub bundle: Value,
+    /// The Bundle's entries, in order.
+    entries: Vec<BundleEntry>,
     /// `ADT^A01`
     pub message_type: String,
     /// The message map file that mapped it.
@@ -57,22 +87,72 @@ pub struct MappedBundle {
     pub version: String,
     pub lineage: Vec<Lineage>,
     /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
-    pub unconsumed: Vec<String>,
+    pub unconsumed: Vec<SourceField>,
     /// Things a human should know that did not fail the message (no values: PHI-free).
     pub warnings: Vec<String>,
 }
 
+#[derive(Clone, Debug)]
+struct BundleEntry {
+    rtype: &'static str,
+    id: String,
+    /// `Type/id`, the conditional upsert's url.
+    url: String,
+    resource: Obj,
+}
+
 impl MappedBundle {
-    /// (resource type, id, resource) for every entry.
-    pub fn resources(&self) -> impl Iterator<Item = (&str, &str, &Value)> {
-        self.bundle["entry"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                let r = &e["resource"];
-                Some((r["resourceType"].as_str()?, r["id"].as_str()?, r))
+    /// The FHIR R4 Bundle of type `transaction`.
+    pub fn bundle(&self) -> Value {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut o = Map::new();
+                let mut req = Map::new();
+                req.insert("method".into(), "PUT".into());
+                req.insert("url".into(), e.url.as_str().into());
+                o.insert("request".into(), Value::Object(req));
+                o.insert("resource".into(), e.resource.clone().into_value());
+                Value::Object(o)
             })
+            .collect();
+        let mut bundle = Map::new();
+        bundle.insert("entry".into(), Value::Array(entries));
+        bundle.insert("resourceType".into(), "Bundle".into());
+        bundle.insert("type".into(), "transaction".into());
+        Value::Object(bundle)
+    }
+
+    /// The Bundle as compact JSON: the bytes `serde_json::to_vec(&self.bundle())` gives,
+    /// written without building a `Value`.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024 * self.entries.len().max(1));
+        out.extend_from_slice(b"{\"entry\":[");
+        for (i, e) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"request\":{\"method\":\"PUT\",\"url\":");
+            write_str(&mut out, &e.url);
+            out.extend_from_slice(b"},\"resource\":");
+            e.resource.write_json(&mut out);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"],\"resourceType\":\"Bundle\",\"type\":\"transaction\"}");
+        out
+    }
+
+    /// (resource type, id) of every entry.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|e| (e.rtype, e.id.as_str()))
+    }
+
+    /// (resource type, id, resource) for every entry.
+    pub fn resources(&self) -> impl Iterator<Item = (&str, &str, Value)> + '_ {
+        self.entries
+            .iter()
+            .map(|e| (e.rtype, e.id.as_str(), e.resource.clone().into_value()))
     }
 }
 
@@ -100,6 +180,12 @@ pub enum MappingError {
     },
 }
 
+/// A rule failure, boxed: results move through every rule, and the error is rare and large.
+type Fallible<T> = Result<T, Box<MappingError>>;
+
+/// Resolved source locations: usually one or a few, so kept inline.
+type Ctxs = smallvec::SmallVec<[Ctx; 2]>;
+
 #[derive(Clone, Copy, Debug)]
 struct Ctx {
     seg: usize,
@@ -110,11 +196,11 @@ struct Ctx {
     scope: usize,
 }
 
-struct Scope {
+struct Scope<'s> {
     parent: Option<usize>,
     start: usize,
     end: usize,
-    names: HashMap<String, Vec<usize>>,
+    names: FxHashMap<&'s str, Vec<usize>>,
 }
 
 struct Instance {
@@ -130,11 +216,14 @@ struct Runner<'s, S: V2Source + ?Sized> {
     term: &'s Terminology,
     tenant: &'s str,
     vars: &'s BTreeMap<String, String>,
-    consumed: Vec<Vec<u64>>,
-    scopes: Vec<Scope>,
+    /// Per field, the components read (bit masks); segment `s`'s fields start at `fields_at[s]`.
+    consumed: Vec<u64>,
+    fields_at: Vec<usize>,
+    scopes: Vec<Scope<'s>>,
     instances: Vec<Instance>,
-    out: Vec<Option<(String, Value)>>,
-    out_index: HashMap<(&'static str, String), usize>,
+    out: Vec<Option<BundleEntry>>,
+    /// Keys are mapping-set names and ids that are SHA-256 digests: a fast hash is safe here.
+    out_index: FxHashMap<(&'static str, String), usize>,
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
     msg_key: [String; 3],
@@ -177,24 +266,28 @@ impl MappingSet {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        let mut fields_at = Vec::with_capacity(src.segment_count() + 1);
+        fields_at.push(0);
+        for seg in 0..src.segment_count() {
+            fields_at.push(fields_at[seg] + src.field_count(seg) + 1);
+        }
         let mut r = Runner {
             set: self,
             src,
             term,
             tenant: opts.tenant,
             vars: &mm.vars,
-            consumed: (0..src.segment_count())
-                .map(|s| vec![0u64; src.field_count(s) + 1])
-                .collect(),
+            consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
+            fields_at,
             scopes: vec![Scope {
                 parent: None,
                 start: 0,
                 end: src.segment_count(),
-                names: HashMap::new(),
+                names: FxHashMap::default(),
             }],
             instances: Vec::new(),
             out: Vec::new(),
-            out_index: HashMap::new(),
+            out_index: FxHashMap::default(),
             lineage: opts.lineage.then(Vec::new),
             warnings: Vec::new(),
             msg_key: [
@@ -209,29 +302,11 @@ impl MappingSet {
         r.mark(0, 9, 3);
         r.plan(&mm.entries, 0);
         for i in 0..r.instances.len() {
-            r.build_instance(i)?;
+            r.build_instance(i).map_err(|e| *e)?;
         }
         let unconsumed = r.unconsumed(&mm.ignore);
-        let entries: Vec<Value> = r
-            .out
-            .into_iter()
-            .flatten()
-            .map(|(url, res)| {
-                let mut e = Map::new();
-                e.insert("resource".into(), res);
-                let mut req = Map::new();
-                req.insert("method".into(), Value::String("PUT".into()));
-                req.insert("url".into(), Value::String(url));
-                e.insert("request".into(), Value::Object(req));
-                Value::Object(e)
-            })
-            .collect();
-        let mut bundle = Map::new();
-        bundle.insert("resourceType".into(), "Bundle".into());
-        bundle.insert("type".into(), "transaction".into());
-        bundle.insert("entry".into(), Value::Array(entries));
         Ok(MappedBundle {
-            bundle: Value::Object(bundle),
+            entries: r.out.into_iter().flatten().collect(),
             message_type,
             message_map: mm.file.to_string(),
             version: self.version.clone(),
@@ -244,21 +319,24 @@ impl MappingSet {
 
 impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn mark(&mut self, seg: usize, field: usize, comp: usize) {
-        if let Some(f) = self.consumed.get_mut(seg).and_then(|s| s.get_mut(field)) {
-            *f |= 1u64 << (comp.clamp(1, 64) - 1);
+        if let Some(i) = self.field_slot(seg, field) {
+            self.consumed[i] |= comp_bit(comp);
         }
     }
 
-    fn is_marked(&self, seg: usize, field: usize, comp: usize) -> bool {
-        self.consumed
-            .get(seg)
-            .and_then(|s| s.get(field))
-            .is_some_and(|f| f & (1u64 << (comp.clamp(1, 64) - 1)) != 0)
+    fn field_slot(&self, seg: usize, field: usize) -> Option<usize> {
+        let start = *self.fields_at.get(seg)?;
+        let end = *self.fields_at.get(seg + 1)?;
+        (start + field < end).then_some(start + field)
+    }
+
+    fn consumed_mask(&self, seg: usize, field: usize) -> u64 {
+        self.field_slot(seg, field).map_or(0, |i| self.consumed[i])
     }
 
     // ---- planning -------------------------------------------------------------------------
 
-    fn plan(&mut self, entries: &[Entry], scope: usize) {
+    fn plan(&mut self, entries: &'s [Entry], scope: usize) {
         for e in entries {
             match e {
                 Entry::Resource {
@@ -302,7 +380,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             // visible in this scope and, for `ref:` to all of them, its ancestors
                             let mut s = Some(scope);
                             while let Some(i) = s {
-                                self.scopes[i].names.entry(n.clone()).or_default().push(idx);
+                                self.scopes[i].names.entry(n).or_default().push(idx);
                                 s = self.scopes[i].parent;
                             }
                         }
@@ -339,7 +417,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             parent: Some(scope),
                             start: gs,
                             end: ge,
-                            names: HashMap::new(),
+                            names: FxHashMap::default(),
                         });
                         self.plan(entries, id);
                     }
@@ -364,30 +442,33 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let MapKind::Resource { resource, id, .. } = &m.kind else {
             return ("Basic", String::new());
         };
-        let mut parts: Vec<String> = Vec::with_capacity(id.len() + 2);
+        let mut parts: smallvec::SmallVec<[Cow<'s, str>; 4]> = smallvec::SmallVec::new();
         let mut any = false;
         let mut key_empty = false;
         for (k, p) in id.iter().enumerate() {
             match p {
-                IdPart::Const(c) => parts.push(c.clone()),
+                IdPart::Const(c) => parts.push(Cow::Borrowed(c.as_str())),
                 IdPart::Path(sp) => {
-                    let v = self
+                    let v = match self
                         .resolve(ctx, sp, false)
                         .first()
-                        .and_then(|c| self.leaf_value(*c))
-                        .map(|v| v.trim().to_string())
-                        .unwrap_or_default();
+                        .and_then(|c| self.leaf_text(*c))
+                    {
+                        Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
+                        Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
+                        None => Cow::Borrowed(""),
+                    };
                     any |= !v.is_empty();
                     key_empty |= k == 0 && v.is_empty();
                     parts.push(v);
                 }
             }
         }
-        let mut all: Vec<&str> = vec![self.tenant, resource];
         let seg_s;
         let salt_s;
+        let mut all: smallvec::SmallVec<[&str; 10]> = smallvec::smallvec![self.tenant, *resource];
         if any && !key_empty {
-            all.extend(parts.iter().map(String::as_str));
+            all.extend(parts.iter().map(|p| p.as_ref()));
         } else {
             // No identifying value: stable per message (replays give the same id), unique per place.
             seg_s = ctx.seg.to_string();
@@ -417,15 +498,6 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             s = sc.parent;
         }
         None
-    }
-
-    /// Every segment named `name` in the current scope (a segment group's own segments: the
-    /// NTEs after an OBX belong to that OBX), or in the whole message when at top level.
-    fn find_segments(&self, name: &str, scope: usize) -> Vec<usize> {
-        let sc = &self.scopes[scope];
-        (sc.start..sc.end)
-            .filter(|&k| self.src.segment_name(k) == name)
-            .collect()
     }
 
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
@@ -458,18 +530,22 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     /// Source locations a path selects from `ctx`, only those holding data.
-    fn resolve(&self, ctx: Ctx, p: &SourcePath, many: bool) -> Vec<Ctx> {
-        let mut out = Vec::new();
+    fn resolve(&self, ctx: Ctx, p: &SourcePath, many: bool) -> Ctxs {
+        let mut out = Ctxs::new();
         match &p.segment {
             Some(segname) => {
-                let segs: Vec<usize> = if self.src.segment_name(ctx.seg) == segname {
-                    vec![ctx.seg]
+                if self.src.segment_name(ctx.seg) == segname {
+                    self.resolve_in(ctx.seg, ctx, p, many, &mut out);
                 } else if many {
-                    self.find_segments(segname, ctx.scope)
-                } else {
-                    self.find_segment(segname, ctx.scope).into_iter().collect()
-                };
-                for seg in segs {
+                    // every one in the current scope (a segment group's own segments: the NTEs
+                    // after an OBX belong to that OBX), or in the whole message at top level
+                    let sc = &self.scopes[ctx.scope];
+                    for seg in sc.start..sc.end {
+                        if self.src.segment_name(seg) == segname {
+                            self.resolve_in(seg, ctx, p, many, &mut out);
+                        }
+                    }
+                } else if let Some(seg) = self.find_segment(segname, ctx.scope) {
                     self.resolve_in(seg, ctx, p, many, &mut out);
                 }
             }
@@ -495,45 +571,30 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         out
     }
 
-    fn resolve_in(&self, seg: usize, ctx: Ctx, p: &SourcePath, many: bool, out: &mut Vec<Ctx>) {
-        {
-            {
-                let n = self.src.rep_count(seg, p.field);
-                let reps: Vec<usize> = match p.rep {
-                    Rep::Index(i) => vec![i],
-                    Rep::All => (1..=n).collect(),
-                    Rep::Default if many => (1..=n).collect(),
-                    Rep::Default => (1..=n)
-                        .find(|&r| self.rep_has_data(seg, p.field, r))
-                        .into_iter()
-                        .collect(),
-                };
-                for rep in reps {
-                    let c = Ctx {
-                        seg,
-                        field: p.field,
-                        rep,
-                        comp: p.steps.first().copied().unwrap_or(0),
-                        sub: p.steps.get(1).copied().unwrap_or(0),
-                        scope: ctx.scope,
-                    };
-                    if self.ctx_has_data(c) {
-                        out.push(c);
-                    }
-                }
+    fn resolve_in(&self, seg: usize, ctx: Ctx, p: &SourcePath, many: bool, out: &mut Ctxs) {
+        let n = self.src.rep_count(seg, p.field);
+        let reps = match p.rep {
+            Rep::Index(i) => i..=i,
+            Rep::All => 1..=n,
+            Rep::Default if many => 1..=n,
+            Rep::Default => match (1..=n).find(|&r| self.rep_has_data(seg, p.field, r)) {
+                Some(r) => r..=r,
+                None => return,
+            },
+        };
+        for rep in reps {
+            let c = Ctx {
+                seg,
+                field: p.field,
+                rep,
+                comp: p.steps.first().copied().unwrap_or(0),
+                sub: p.steps.get(1).copied().unwrap_or(0),
+                scope: ctx.scope,
+            };
+            if self.ctx_has_data(c) {
+                out.push(c);
             }
         }
-    }
-
-    /// The text at a location (first component/subcomponent when above a leaf); marks it used.
-    fn leaf_value(&mut self, c: Ctx) -> Option<Cow<'_, str>> {
-        if c.rep == 0 {
-            return None;
-        }
-        let comp = c.comp.max(1);
-        self.mark(c.seg, c.field, comp);
-        let v = self.src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
-        has_text(&v).then_some(v)
     }
 
     fn concrete(&self, c: Ctx) -> String {
@@ -584,7 +645,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    /// Like `leaf_value`, but borrowing from the message rather than from the runner.
+    /// The text at a location (first component/subcomponent when above a leaf); marks it used.
     fn leaf_text(&mut self, c: Ctx) -> Option<Cow<'s, str>> {
         if c.rep == 0 {
             return None;
@@ -613,7 +674,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
 
     // ---- building ----------------------------------------------------------------------------
 
-    fn build_instance(&mut self, i: usize) -> Result<(), MappingError> {
+    fn build_instance(&mut self, i: usize) -> Fallible<()> {
         let (map, ctx, rtype, id) = {
             let inst = &self.instances[i];
             (inst.map, inst.ctx, inst.rtype, inst.id.clone())
@@ -629,7 +690,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         ctx: Ctx,
         rtype: &'static str,
         id: String,
-    ) -> Result<String, MappingError> {
+    ) -> Fallible<String> {
         let url = format!("{rtype}/{id}");
         let set = self.set;
         let rules = &set.maps[map].rules;
@@ -640,9 +701,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             self.out_index.insert(key, slot);
             self.out.push(None);
         }
-        let mut obj = Map::new();
-        obj.insert("resourceType".into(), Value::String(rtype.into()));
-        obj.insert("id".into(), Value::String(id));
+        let mut obj = Obj::new();
+        obj.insert("resourceType", Node::str(rtype));
+        obj.insert("id", Node::str(id.as_str()));
         let lineage_mark = self.lineage.as_ref().map(Vec::len);
         self.apply(rules, ctx, &mut obj, &url)?;
         if duplicate {
@@ -652,18 +713,17 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 l.truncate(m);
             }
         } else {
-            self.out[slot] = Some((url.clone(), Value::Object(obj)));
+            self.out[slot] = Some(BundleEntry {
+                rtype,
+                id,
+                url: url.clone(),
+                resource: obj,
+            });
         }
         Ok(url)
     }
 
-    fn apply(
-        &mut self,
-        rules: &[Rule],
-        ctx: Ctx,
-        obj: &mut Map<String, Value>,
-        jpath: &str,
-    ) -> Result<(), MappingError> {
+    fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
         for rule in rules {
             if let Some(c) = &rule.when {
                 if !self.eval(c, ctx) {
@@ -676,14 +736,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 for path in &rule.from {
                     for c in self.resolve(ctx, path, true) {
                         first.get_or_insert(c);
-                        if let Some(t) = self.leaf_value(c) {
-                            parts.push(t.into_owned());
+                        if let Some(t) = self.leaf_text(c) {
+                            parts.push(t);
                         }
                     }
                 }
                 if let (Some(c), false) = (first, parts.is_empty()) {
                     // transforms apply to the joined text: one base64 value, not one per part
-                    let joined = transform(rule, parts.join(sep));
+                    let joined = transform(rule, Cow::Owned(parts.join(sep)));
                     let v = match convert(*p, &joined, &self.set.default_timezone) {
                         Ok(v) => Some(v),
                         Err(e) => self.invalid(rule, c, e)?,
@@ -694,10 +754,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
                 continue;
             }
-            let sources: Vec<Ctx> = if rule.from.is_empty() {
-                vec![ctx]
+            let sources: Ctxs = if rule.from.is_empty() {
+                smallvec::smallvec![ctx]
             } else {
-                let mut found = Vec::new();
+                let mut found = Ctxs::new();
                 for p in &rule.from {
                     found = self.resolve(ctx, p, rule.many);
                     if !found.is_empty() {
@@ -710,9 +770,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let targets = self.lookup_name(name, ctx.scope);
                 for t in targets.iter().take(if rule.many { usize::MAX } else { 1 }) {
                     let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
-                    let mut r = Map::new();
-                    r.insert("reference".into(), Value::String(url));
-                    self.put(obj, rule, Value::Object(r), jpath, None);
+                    self.put(obj, rule, reference(url), jpath, None);
                 }
                 continue;
             }
@@ -760,14 +818,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         Vec::new()
     }
 
-    fn put(
-        &mut self,
-        obj: &mut Map<String, Value>,
-        rule: &Rule,
-        v: Value,
-        jpath: &str,
-        src: Option<Ctx>,
-    ) {
+    fn put(&mut self, obj: &mut Obj, rule: &Rule, v: Node, jpath: &str, src: Option<Ctx>) {
         if self.lineage.is_some() {
             let element = target_path(obj, &rule.target, jpath);
             let source = src.map(|c| self.concrete(c)).unwrap_or_default();
@@ -782,28 +833,22 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         set_target(obj, &rule.target, v);
     }
 
-    fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> MappingError {
-        MappingError::Rule {
+    fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> Box<MappingError> {
+        Box::new(MappingError::Rule {
             rule: rule.loc.to_string(),
             set: rule.set.clone(),
             path: self.concrete(c),
             reason,
-        }
+        })
     }
 
-    fn text(&mut self, rule: &Rule, c: Ctx) -> Option<String> {
-        let raw = self.leaf_value(c)?.into_owned();
-        let s = transform(rule, raw);
+    fn text(&mut self, rule: &Rule, c: Ctx) -> Option<Cow<'s, str>> {
+        let s = transform(rule, self.leaf_text(c)?);
         (!s.trim().is_empty()).then_some(s)
     }
 
     /// A conversion failure: fail the message, or (on_error: warn) leave the element out.
-    fn invalid(
-        &mut self,
-        rule: &Rule,
-        c: Ctx,
-        reason: String,
-    ) -> Result<Option<Value>, MappingError> {
+    fn invalid(&mut self, rule: &Rule, c: Ctx, reason: String) -> Fallible<Option<Node>> {
         match rule.on_error.unwrap_or(self.set.on_invalid_value) {
             OnError::Fail => Err(self.fail(rule, c, reason)),
             OnError::Warn => {
@@ -818,9 +863,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Result<Option<Value>, MappingError> {
+    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
         Ok(match &rule.kind {
-            RuleKind::Const(v) => Some(v.clone()),
+            RuleKind::Const(v) => Some(Node::Const(v.clone())),
             RuleKind::Var(name, p) => match self.vars.get(name) {
                 Some(v) => Some(
                     convert(*p, v, &self.set.default_timezone)
@@ -837,14 +882,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             },
             RuleKind::Map(idx) => {
                 let set = self.set;
-                let mut o = Map::new();
+                let mut o = Obj::new();
                 self.apply(&set.maps[*idx].rules, c, &mut o, element)?;
-                (!o.is_empty()).then_some(Value::Object(o))
+                (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Nested(rules) => {
-                let mut o = Map::new();
+                let mut o = Obj::new();
                 self.apply(rules, c, &mut o, element)?;
-                (!o.is_empty()).then_some(Value::Object(o))
+                (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Translate { map, out, default } => {
                 let Some(code) = self.text(rule, c) else {
@@ -852,16 +897,16 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 };
                 match self.term.translate(map, code.trim()) {
                     Some(t) => Some(match out {
-                        TransOut::Code => Value::String(t.code),
+                        TransOut::Code => Node::Str(t.code),
                         TransOut::Coding => coding(&t),
                         TransOut::CodeableConcept => {
-                            let mut cc = Map::new();
-                            cc.insert("coding".into(), Value::Array(vec![coding(&t)]));
-                            Value::Object(cc)
+                            let mut cc = Obj::new();
+                            cc.insert("coding", Node::Arr(vec![coding(&t)]));
+                            Node::Obj(cc)
                         }
                     }),
                     None => match default {
-                        Some(d) if *out == TransOut::Code => Some(Value::String(d.clone())),
+                        Some(d) if *out == TransOut::Code => Some(Node::str(d.as_str())),
                         _ => {
                             self.warnings.push(format!(
                                 "{}: code at {} is not in ConceptMap {map}; `{}` left empty",
@@ -879,30 +924,34 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
                 let url = self.build_resource(*idx, c, rtype, id)?;
-                let mut r = Map::new();
-                r.insert("reference".into(), Value::String(url));
-                Some(Value::Object(r))
+                Some(reference(url))
             }
         })
     }
 
-    fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<String> {
+    /// Works on positions and consumed bit masks; text is only formatted for what is reported.
+    fn unconsumed(&self, ignore: &[crate::compile::IgnorePattern]) -> Vec<SourceField> {
         let src = self.src;
         let mut out = Vec::new();
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for seg in 0..src.segment_count() {
-            *counts.entry(src.segment_name(seg)).or_default() += 1;
-        }
-        let mut occ: HashMap<&str, usize> = HashMap::new();
+        // (segment name, how many so far, how many in all, the name once reported)
+        let mut names: Vec<(&str, usize, usize, Option<Arc<str>>)> = Vec::new();
         for seg in 0..src.segment_count() {
             let name = src.segment_name(seg);
-            let o = {
-                let e = occ.entry(name).or_default();
-                *e += 1;
-                *e
+            match names.iter_mut().find(|n| n.0 == name) {
+                Some(n) => n.2 += 1,
+                None => names.push((name, 0, 1, None)),
+            }
+        }
+        let mut extra: Vec<usize> = Vec::new();
+        for seg in 0..src.segment_count() {
+            let name = src.segment_name(seg);
+            let Some(entry) = names.iter_mut().find(|n| n.0 == name) else {
+                continue;
             };
-            // the ignore patterns for this segment, checked once per segment
-            let seg_ignores: Vec<&crate::compile::IgnorePattern> = ignore
+            entry.1 += 1;
+            let occurrence = (entry.2 > 1).then_some(entry.1);
+            // the ignore patterns for this segment
+            let seg_ignores: smallvec::SmallVec<[&crate::compile::IgnorePattern; 8]> = ignore
                 .iter()
                 .chain(self.set.global_ignore.iter())
                 .filter(|p| p.segment == name)
@@ -914,41 +963,55 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 if name == "MSH" && field <= 2 {
                     continue;
                 }
-                if src.rep_count(seg, field) == 0 {
+                let nreps = src.rep_count(seg, field);
+                if nreps == 0 {
                     continue;
                 }
-                let mut comps_with_data: Vec<usize> = Vec::new();
+                let consumed = self.consumed_mask(seg, field);
+                // components 1..=64 with data and not consumed, as bits; higher ones in `extra`
+                let mut unread = 0u64;
+                extra.clear();
                 let mut max_comp = 0;
-                for rep in 1..=src.rep_count(seg, field) {
+                for rep in 1..=nreps {
                     let nc = src.comp_count(seg, field, rep);
                     max_comp = max_comp.max(nc);
                     for comp in 1..=nc {
+                        let bit = comp_bit(comp);
+                        if consumed & bit != 0
+                            || (comp <= 64 && unread & bit != 0)
+                            || extra.contains(&comp)
+                        {
+                            continue;
+                        }
                         let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
                             src.leaf(seg, field, rep, comp, s)
                                 .is_some_and(|v| !v.is_empty())
                         });
-                        if data && !comps_with_data.contains(&comp) {
-                            comps_with_data.push(comp);
+                        if !data {
+                            continue;
+                        }
+                        if comp <= 64 {
+                            unread |= bit;
+                        } else {
+                            extra.push(comp);
                         }
                     }
                 }
-                comps_with_data.sort_unstable();
-                for comp in comps_with_data {
-                    if self.is_marked(seg, field, comp)
-                        || seg_ignores.iter().any(|p| p.covers(name, field, comp))
-                    {
+                if unread == 0 && extra.is_empty() {
+                    continue;
+                }
+                extra.sort_unstable();
+                let bits = (1..=64).filter(|c| unread & comp_bit(*c) != 0);
+                for comp in bits.chain(extra.iter().copied()) {
+                    if seg_ignores.iter().any(|p| p.covers(field, comp)) {
                         continue;
                     }
-                    let occ_s = if counts[name] > 1 {
-                        format!("[{o}]")
-                    } else {
-                        String::new()
-                    };
-                    if max_comp <= 1 {
-                        out.push(format!("{name}{occ_s}-{field}"));
-                    } else {
-                        out.push(format!("{name}{occ_s}-{field}.{comp}"));
-                    }
+                    out.push(SourceField {
+                        segment: entry.3.get_or_insert_with(|| Arc::from(name)).clone(),
+                        occurrence,
+                        field,
+                        component: (max_comp > 1).then_some(comp),
+                    });
                 }
             }
         }
@@ -956,14 +1019,25 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 }
 
-fn coding(t: &tributary_terminology::Target) -> Value {
-    let mut c = Map::new();
-    c.insert("system".into(), Value::String(t.system.clone()));
-    c.insert("code".into(), Value::String(t.code.clone()));
+/// The bit that marks component `comp` as read (components past 64 share the last bit).
+fn comp_bit(comp: usize) -> u64 {
+    1u64 << (comp.clamp(1, 64) - 1)
+}
+
+fn coding(t: &tributary_terminology::Target) -> Node {
+    let mut c = Obj::new();
+    c.insert("system", Node::str(t.system.as_str()));
+    c.insert("code", Node::str(t.code.as_str()));
     if let Some(d) = &t.display {
-        c.insert("display".into(), Value::String(d.clone()));
+        c.insert("display", Node::str(d.as_str()));
     }
-    Value::Object(c)
+    Node::Obj(c)
+}
+
+fn reference(url: String) -> Node {
+    let mut r = Obj::new();
+    r.insert("reference", Node::Str(url));
+    Node::Obj(r)
 }
 
 /// An identifier namespace as a legal URI: OIDs become `urn:oid:`, UUIDs `urn:uuid:`, URLs and
@@ -986,9 +1060,9 @@ pub fn to_uri(s: &str) -> String {
     format!("urn:id:{}", s.replace(char::is_whitespace, "_"))
 }
 
-fn transform(rule: &Rule, mut s: String) -> String {
+fn transform<'a>(rule: &Rule, mut s: Cow<'a, str>) -> Cow<'a, str> {
     for t in &rule.transforms {
-        s = match t {
+        s = Cow::Owned(match t {
             Transform::Upper => s.to_uppercase(),
             Transform::Lower => s.to_lowercase(),
             Transform::Trim => s.trim().to_string(),
@@ -998,105 +1072,101 @@ fn transform(rule: &Rule, mut s: String) -> String {
             Transform::Endpoint => to_endpoint(&s),
             Transform::Comparator => split_comparator(&s).0.to_string(),
             Transform::StripComparator => split_comparator(&s).1.to_string(),
-        };
+        });
     }
     s
 }
 
 /// Converts text to a FHIR primitive; the error never contains the value.
-fn convert(p: Prim, s: &str, tz: &str) -> Result<Value, String> {
+fn convert(p: Prim, s: &str, tz: &str) -> Result<Node, String> {
     let t = s.trim();
     Ok(match p {
-        Prim::String => Value::String(t.to_string()),
+        Prim::String => Node::Str(t.to_string()),
         Prim::Code => {
             let c = t.split_whitespace().collect::<Vec<_>>().join(" ");
-            Value::String(c)
+            Node::Str(c)
         }
-        Prim::Uri => Value::String(t.replace(char::is_whitespace, "_")),
-        Prim::Decimal => {
-            Value::Number(decimal(t).ok_or_else(|| "not a decimal number".to_string())?)
-        }
-        Prim::Integer => Value::Number(
+        Prim::Uri => Node::Str(t.replace(char::is_whitespace, "_")),
+        Prim::Decimal => Node::Num(decimal(t).ok_or_else(|| "not a decimal number".to_string())?),
+        Prim::Integer => Node::Num(
             t.parse::<i64>()
                 .map_err(|_| "not an integer".to_string())?
                 .into(),
         ),
-        Prim::Boolean => Value::Bool(match t.to_ascii_uppercase().as_str() {
+        Prim::Boolean => Node::Bool(match t.to_ascii_uppercase().as_str() {
             "Y" | "YES" | "TRUE" | "1" | "T" => true,
             "N" | "NO" | "FALSE" | "0" | "F" => false,
             _ => return Err("not a boolean (Y/N)".into()),
         }),
-        Prim::Date => Value::String(datetime::to_date(t).map_err(|e| e.to_string())?),
-        Prim::DateTime => Value::String(datetime::to_datetime(t, tz).map_err(|e| e.to_string())?),
-        Prim::Instant => Value::String(datetime::to_instant(t, tz).map_err(|e| e.to_string())?),
-        Prim::Time => Value::String(datetime::to_time(t).map_err(|e| e.to_string())?),
+        Prim::Date => Node::Str(datetime::to_date(t).map_err(|e| e.to_string())?),
+        Prim::DateTime => Node::Str(datetime::to_datetime(t, tz).map_err(|e| e.to_string())?),
+        Prim::Instant => Node::Str(datetime::to_instant(t, tz).map_err(|e| e.to_string())?),
+        Prim::Time => Node::Str(datetime::to_time(t).map_err(|e| e.to_string())?),
     })
 }
 
-fn set_target(obj: &mut Map<String, Value>, steps: &[Step], v: Value) {
+/// A constant that a later rule adds to becomes a tree of its own.
+fn owned(n: &mut Node) -> &mut Node {
+    if let Node::Const(c) = n {
+        *n = Node::from_value(&c.value);
+    }
+    n
+}
+
+fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
     let (last, inner) = match steps.split_last() {
         Some(x) => x,
         None => return,
     };
     let mut cur = obj;
     for s in inner {
-        if !cur.contains_key(s.name) {
-            let empty = if s.many {
-                Value::Array(Vec::new())
+        let slot = cur.get_or_insert_with(s.name, || {
+            if s.many {
+                Node::Arr(Vec::new())
             } else {
-                Value::Object(Map::new())
-            };
-            cur.insert(s.name.to_string(), empty);
-        }
-        let Some(slot) = cur.get_mut(s.name) else {
-            return;
-        };
-        let next = if let Value::Array(a) = slot {
-            if a.is_empty() {
-                a.push(Value::Object(Map::new()));
+                Node::Obj(Obj::new())
             }
-            &mut a[0]
+        });
+        let slot = owned(slot);
+        let next = if let Node::Arr(a) = slot {
+            if a.is_empty() {
+                a.push(Node::Obj(Obj::new()));
+            }
+            owned(&mut a[0])
         } else {
             slot
         };
         cur = match next {
-            Value::Object(o) => o,
+            Node::Obj(o) => o,
             _ => return,
         };
     }
     if last.many {
-        match cur.get_mut(last.name) {
-            Some(Value::Array(a)) => a.push(v),
-            Some(_) => {}
-            None => {
-                cur.insert(last.name.to_string(), Value::Array(vec![v]));
-            }
+        if let Node::Arr(a) = owned(cur.get_or_insert_with(last.name, || Node::Arr(Vec::new()))) {
+            a.push(v);
         }
-    } else if !cur.contains_key(last.name) {
-        cur.insert(last.name.into(), v);
+    } else {
+        cur.insert_new(last.name, v);
     }
 }
 
-fn target_path(obj: &Map<String, Value>, steps: &[Step], jpath: &str) -> String {
+fn target_path(obj: &Obj, steps: &[Step], jpath: &str) -> String {
     let mut s = jpath.to_string();
-    let mut cur = Some(obj);
+    let mut cur = Some(View::Obj(obj));
     for (i, st) in steps.iter().enumerate() {
         s.push('.');
         s.push_str(st.name);
         let existing = cur.and_then(|o| o.get(st.name));
         if st.many {
             let idx = if i + 1 == steps.len() {
-                existing.and_then(Value::as_array).map_or(0, Vec::len)
+                existing.and_then(View::array_len).unwrap_or(0)
             } else {
                 0
             };
             s.push_str(&format!("[{idx}]"));
-            cur = existing
-                .and_then(Value::as_array)
-                .and_then(|a| a.first())
-                .and_then(Value::as_object);
+            cur = existing.and_then(View::first).filter(|v| v.is_object());
         } else {
-            cur = existing.and_then(Value::as_object);
+            cur = existing.filter(|v| v.is_object());
         }
     }
     s

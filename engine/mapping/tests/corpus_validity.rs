@@ -74,11 +74,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
                         mapped,
                         f.file_stem().unwrap().to_string_lossy()
                     );
-                    std::fs::write(
-                        out.path().join(name),
-                        serde_json::to_vec(&m.bundle).unwrap(),
-                    )
-                    .unwrap();
+                    std::fs::write(out.path().join(name), m.to_json()).unwrap();
                 }
                 Err(MapBytesError::Mapping(MappingError::NoMapping { .. })) => unmapped_types += 1,
                 Err(e) => failures.push(format!("{}: {e}", f.display())),

@@ -14,14 +14,13 @@ mod registry;
 pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
 pub use registry::{MappingRegistry, ReloadOutcome};
 
-use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
-use tributary_mapping::{MappedBundle, RunOptions};
+use tributary_mapping::{MappedBundle, RunOptions, SourceField};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
     JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
@@ -385,12 +384,12 @@ impl Pipeline {
         }
         let writes: Vec<ResourceWrite> = mapped
             .resources()
-            .map(|(t, id, r)| ResourceWrite::upsert(t, id, r.clone()))
+            .map(|(t, id, r)| ResourceWrite::upsert(t, id, r))
             .collect();
         let patient = mapped
-            .resources()
-            .find(|(t, _, _)| *t == "Patient")
-            .map(|(_, id, _)| id.to_string());
+            .entries()
+            .find(|(t, _)| *t == "Patient")
+            .map(|(_, id)| id.to_string());
         let event_type = message_event_type(&mapped.message_type);
         let event = OutboxEvent {
             seq: 0,
@@ -484,11 +483,11 @@ pub fn message_event_type(message_type: &str) -> String {
     }
 }
 
-fn summarize(paths: &[String]) -> String {
+fn summarize(paths: &[SourceField]) -> String {
     let mut s = paths
         .iter()
         .take(50)
-        .cloned()
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
     if paths.len() > 50 {
@@ -497,22 +496,12 @@ fn summarize(paths: &[String]) -> String {
     s
 }
 
-/// The output checks the store relies on: a transaction Bundle whose entries each carry a
-/// resource with a type and an id matching its `PUT` url, no two entries for one resource.
+/// The output check the store relies on: no two entries for one resource (the mapping crate
+/// builds each entry's type, id and `PUT` url together).
 fn check_bundle(m: &MappedBundle) -> Result<(), String> {
-    let entries = m.bundle["entry"]
-        .as_array()
-        .ok_or("bundle has no entry array")?;
-    let mut seen: HashMap<(String, String), ()> = HashMap::new();
-    for (i, e) in entries.iter().enumerate() {
-        let r = &e["resource"];
-        let (Some(t), Some(id)) = (r["resourceType"].as_str(), r["id"].as_str()) else {
-            return Err(format!("entry {i} has no resourceType/id"));
-        };
-        if e["request"]["url"] != Value::String(format!("{t}/{id}")) {
-            return Err(format!("entry {i} request url does not match {t}/{{id}}"));
-        }
-        if seen.insert((t.to_string(), id.to_string()), ()).is_some() {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for (t, id) in m.entries() {
+        if !seen.insert((t, id)) {
             return Err(format!("two entries for {t} {id}"));
         }
     }

@@ -110,8 +110,8 @@ async fn replaying_a_message_three_times_leaves_one_version_of_each_resource() {
         )
         .unwrap();
     let resources: Vec<(String, String)> = mapped
-        .resources()
-        .map(|(t, i, _)| (t.to_string(), i.to_string()))
+        .entries()
+        .map(|(t, i)| (t.to_string(), i.to_string()))
         .collect();
     assert!(resources.len() >= 10, "an ORU gives many resources");
     for _ in 0..3 {

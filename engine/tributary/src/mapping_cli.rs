@@ -100,7 +100,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("{}: {e}", input.display());
                 }
                 Ok(m) => {
-                    let json = serde_json::to_string_pretty(&m.bundle)?;
+                    let json = serde_json::to_string_pretty(&m.bundle())?;
                     match &args.out_dir {
                         Some(dir) => {
                             let stem = input.file_stem().unwrap_or_default().to_string_lossy();

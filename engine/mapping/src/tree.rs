@@ -1,0 +1,292 @@
+//! The output tree the runner builds: cheaper than `serde_json::Value` (element names are
+//! `&'static str` from the FHIR tables, objects are small sorted vectors instead of B-trees,
+//! constants are shared with the mapping set), serialized straight to JSON bytes. Objects keep
+//! their keys sorted, so the JSON is byte for byte what `serde_json` writes for the same `Value`.
+
+use serde_json::{Map, Number, Value};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// A member name: borrowed ones are FHIR element names (plain identifiers, written without an
+/// escape check); owned ones come from constants.
+pub(crate) type Key = Cow<'static, str>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Node {
+    Null,
+    Bool(bool),
+    Num(Number),
+    Str(String),
+    Arr(Vec<Node>),
+    Obj(Obj),
+    /// A constant of the mapping set, shared rather than copied.
+    Const(Arc<Constant>),
+}
+
+/// A `value:` of a mapping rule, with its JSON written once when the mapping set is loaded.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Constant {
+    pub value: Value,
+    json: Box<[u8]>,
+}
+
+impl Constant {
+    pub fn new(value: Value) -> Self {
+        let mut json = Vec::new();
+        write_value(&mut json, &value);
+        Self {
+            value,
+            json: json.into(),
+        }
+    }
+}
+
+/// Object members sorted by key.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Obj(Vec<(Key, Node)>);
+
+impl Obj {
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0
+            .binary_search_by(|(k, _)| key_cmp(k.as_bytes(), key.as_bytes()))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    /// The value at `key`, inserting `make()` first when absent.
+    pub fn get_or_insert_with(
+        &mut self,
+        key: &'static str,
+        make: impl FnOnce() -> Node,
+    ) -> &mut Node {
+        let i = match self.find(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (Cow::Borrowed(key), make()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Sets `key` unless it is already set.
+    pub fn insert_new(&mut self, key: &'static str, v: Node) {
+        if let Err(i) = self.find(key) {
+            self.0.insert(i, (Cow::Borrowed(key), v));
+        }
+    }
+
+    /// Sets `key` (replacing an existing value, as a map does).
+    pub fn insert(&mut self, key: impl Into<Key>, v: Node) {
+        let key = key.into();
+        match self.find(&key) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (key, v)),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        Value::Object(
+            self.0
+                .into_iter()
+                .map(|(k, v)| (k.into_owned(), v.into_value()))
+                .collect::<Map<String, Value>>(),
+        )
+    }
+
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.push(b'{');
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match k {
+                Cow::Borrowed(name) => {
+                    out.push(b'"');
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                }
+                Cow::Owned(k) => {
+                    write_str(out, k);
+                    out.push(b':');
+                }
+            }
+            v.write_json(out);
+        }
+        out.push(b'}');
+    }
+}
+
+impl Node {
+    pub fn str(s: impl Into<String>) -> Self {
+        Node::Str(s.into())
+    }
+
+    /// An owned tree for a constant that a later rule adds to.
+    pub fn from_value(v: &Value) -> Self {
+        match v {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Bool(*b),
+            Value::Number(n) => Node::Num(n.clone()),
+            Value::String(s) => Node::Str(s.clone()),
+            Value::Array(a) => Node::Arr(a.iter().map(Node::from_value).collect()),
+            Value::Object(o) => Node::Obj(Obj(o
+                .iter()
+                .map(|(k, v)| (Cow::Owned(k.clone()), Node::from_value(v)))
+                .collect())),
+        }
+    }
+
+    pub fn into_value(self) -> Value {
+        match self {
+            Node::Null => Value::Null,
+            Node::Bool(b) => Value::Bool(b),
+            Node::Num(n) => Value::Number(n),
+            Node::Str(s) => Value::String(s),
+            Node::Arr(a) => Value::Array(a.into_iter().map(Node::into_value).collect()),
+            Node::Obj(o) => o.into_value(),
+            Node::Const(c) => c.value.clone(),
+        }
+    }
+
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Node::Null => out.extend_from_slice(b"null"),
+            Node::Bool(true) => out.extend_from_slice(b"true"),
+            Node::Bool(false) => out.extend_from_slice(b"false"),
+            Node::Num(n) => write_value(out, n),
+            Node::Str(s) => write_str(out, s),
+            Node::Arr(a) => {
+                out.push(b'[');
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    v.write_json(out);
+                }
+                out.push(b']');
+            }
+            Node::Obj(o) => o.write_json(out),
+            Node::Const(c) => out.extend_from_slice(&c.json),
+        }
+    }
+}
+
+/// A read-only view of a place in the tree, which may lie inside a shared constant.
+#[derive(Clone, Copy)]
+pub(crate) enum View<'a> {
+    Obj(&'a Obj),
+    Node(&'a Node),
+    Value(&'a Value),
+}
+
+impl<'a> View<'a> {
+    pub fn get(self, key: &str) -> Option<View<'a>> {
+        match self {
+            View::Obj(o) | View::Node(Node::Obj(o)) => o.get(key).map(View::Node),
+            View::Node(Node::Const(c)) => View::Value(&c.value).get(key),
+            View::Value(Value::Object(o)) => o.get(key).map(View::Value),
+            _ => None,
+        }
+    }
+
+    pub fn array_len(self) -> Option<usize> {
+        match self {
+            View::Node(Node::Arr(a)) => Some(a.len()),
+            View::Node(Node::Const(c)) => View::Value(&c.value).array_len(),
+            View::Value(Value::Array(a)) => Some(a.len()),
+            _ => None,
+        }
+    }
+
+    pub fn first(self) -> Option<View<'a>> {
+        match self {
+            View::Node(Node::Arr(a)) => a.first().map(View::Node),
+            View::Node(Node::Const(c)) => View::Value(&c.value).first(),
+            View::Value(Value::Array(a)) => a.first().map(View::Value),
+            _ => None,
+        }
+    }
+
+    pub fn is_object(self) -> bool {
+        match self {
+            View::Obj(_) | View::Node(Node::Obj(_)) => true,
+            View::Node(Node::Const(c)) => c.value.is_object(),
+            View::Value(v) => v.is_object(),
+            View::Node(_) => false,
+        }
+    }
+}
+
+/// Byte order, as `str` orders; an inline loop beats a `memcmp` call for short element names.
+fn key_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+fn write_value<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    // writing to a Vec fails only for values serde_json cannot represent, which a Value is not
+    let _ = serde_json::to_writer(out, v);
+}
+
+/// A JSON string; text without quotes, backslashes or control characters (nearly all of it)
+/// is copied as is, the rest is escaped by `serde_json`.
+pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
+    // no early exit: short strings check faster without the branch
+    let special = s.bytes().fold(false, |acc, b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if special {
+        write_value(out, s);
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn writes_what_serde_json_writes() {
+        let mut o = Obj::new();
+        o.insert("zeta", Node::str("a \"quoted\"\n\tline \\ é"));
+        o.insert("alpha", Node::Num(Number::from(-3)));
+        o.insert("mid", Node::Num(Number::from_f64(65.88).unwrap()));
+        let mut inner = Obj::new();
+        inner.insert("b", Node::Bool(false));
+        inner.insert("a", Node::Null);
+        o.insert(
+            "arr",
+            Node::Arr(vec![
+                Node::Obj(inner),
+                Node::Const(Arc::new(Constant::new(json!({"y": [1, "x"], "x": true})))),
+            ]),
+        );
+        o.insert("alpha", Node::Num(Number::from(7)));
+        let mut bytes = Vec::new();
+        o.write_json(&mut bytes);
+        let value = o.into_value();
+        assert_eq!(bytes, serde_json::to_vec(&value).unwrap());
+        assert_eq!(value["alpha"], 7);
+        assert_eq!(value["arr"][1]["y"][1], "x");
+    }
+}
