@@ -4,27 +4,12 @@
 
 mod events_common;
 
-use events_common::rabbit::{amqp_url, fill_durable_queue, rabbit_or_skip};
+use events_common::rabbit::{amqp_url, fill_durable_queue, queue_depth, rabbit_or_skip};
 use events_common::Server;
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
-
-async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_feed_survives_kill_9_mid_consumption() {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{amqp_url, fill_durable_queue, rabbit_or_skip};
+use common::{amqp_url, fill_durable_queue, queue_depth, rabbit_or_skip};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
@@ -257,18 +257,7 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     .await;
     // The queue drains (every delivery acked after its append).
     for _ in 0..100 {
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if q.message_count() == 0 {
+        if queue_depth(&ch, &queue).await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

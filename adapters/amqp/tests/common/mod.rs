@@ -57,3 +57,18 @@ pub async fn fill_durable_queue(
         .unwrap();
     }
 }
+
+/// Messages ready in `queue` (a passive declare).
+pub async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
