@@ -140,22 +140,7 @@ impl Server {
 
     /// Sends SIGTERM (graceful shutdown) and waits for the exit status.
     pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not stop within {timeout:?} of SIGTERM"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        terminate_child(&mut self.child, timeout)
     }
 }
 
@@ -164,6 +149,69 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for its exit status; kills it and panics
+/// when it does not stop in time.
+pub fn terminate_child(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+) -> std::process::ExitStatus {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("server did not stop within {timeout:?} of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits (at most 60 s) until every one of `addrs` accepts TCP connections; panics with the log
+/// at `log` when `child` exits first.
+pub fn wait_listening(
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+    addrs: &[std::net::SocketAddr],
+) {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for a in addrs {
+        while std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "tributary exited early ({st}); log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "{a} not listening within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The token a `tributary token issue` run printed (its last line); panics with the CLI's
+/// stderr when the run failed.
+pub fn issued_token(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "token issue failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
 }
 
 /// A minimal blocking HTTP/1.1 GET over a real socket: returns the whole response as text.

@@ -4,78 +4,32 @@
 
 mod events_common;
 
+use events_common::rabbit::{amqp_url, fill_durable_queue, queue_depth, rabbit_or_skip};
 use events_common::Server;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::options::QueueDeleteOptions;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_feed_survives_kill_9_mid_consumption() {
-    let conn = match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-        Ok(c) => c,
-        Err(e) => {
-            // CI installs every test tool and sets TEST_REQUIRE_TOOLS=1: there, a missing tool fails.
-            assert!(
-                std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
-                "a test tool is missing but TEST_REQUIRE_TOOLS is set"
-            );
-            eprintln!(
-                "SKIP queue_feed_survives_kill_9_mid_consumption: RabbitMQ not reachable ({e})"
-            );
-            return;
-        }
+    let Some(conn) = rabbit_or_skip("queue_feed_survives_kill_9_mid_consumption").await else {
+        return;
     };
     let ch = conn.create_channel().await.unwrap();
     let queue = format!("e2e.ingest.{}", std::process::id());
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
     let n: u32 = 3_000;
-    for i in 0..n {
-        let msg = format!(
-            "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|Q-{i}|P|2.5\rPID|1||{i}\rOBX|1|NM|8867-4^HR^LN||{}\r",
-            60 + i % 40
-        );
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            msg.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    fill_durable_queue(
+        &ch,
+        &queue,
+        (0..n).map(|i| {
+            format!(
+                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|Q-{i}|P|2.5\rPID|1||{i}\rOBX|1|NM|8867-4^HR^LN||{}\r",
+                60 + i % 40
+            )
+        }),
+    )
+    .await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -5,16 +5,12 @@
 
 mod events_common;
 
-use events_common::{tributary_bin, Server};
-use lapin::{Connection, ConnectionProperties};
+use events_common::rabbit::{amqp_url, rabbit_or_skip};
+use events_common::{issue_token, post_fhir, token_config, Server};
 use serde_json::json;
 use std::path::Path;
 use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
 
 /// (remaining event seqs, the relay's cursor) read from the stopped server's data directory.
 fn outbox_state(data: &Path) -> (Vec<u64>, u64) {
@@ -31,66 +27,25 @@ fn outbox_state(data: &Path) -> (Vec<u64>, u64) {
 
 async fn create_patients(server: &Server, token: &str, n: usize) {
     let http = reqwest::Client::new();
+    let base = format!("http://{}/fhir", server.http);
     for i in 0..n {
-        let res = http
-            .post(format!("http://{}/fhir/Patient", server.http))
-            .bearer_auth(token)
-            .header("content-type", "application/fhir+json")
-            .body(json!({"resourceType": "Patient", "gender": if i % 2 == 0 { "female" } else { "male" }}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "{}", res.status());
+        let gender = if i % 2 == 0 { "female" } else { "male" };
+        let patient = json!({"resourceType": "Patient", "gender": gender});
+        post_fhir(&http, &base, token, "Patient", &patient).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_old_events_are_pruned_and_only_then() {
-    if let Err(e) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-        assert!(
-            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
-            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
-        );
-        eprintln!(
-            "SKIP delivered_old_events_are_pruned_and_only_then: RabbitMQ not reachable ({e})"
-        );
+    if rabbit_or_skip("delivered_old_events_are_pruned_and_only_then")
+        .await
+        .is_none()
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let config = data.with_extension("token.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(tributary_bin())
-        .args([
-            "token",
-            "issue",
-            "--client",
-            "ops",
-            "--scope",
-            "system/*.cruds",
-            "--tenant",
-            "t1",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = issue_token(&token_config(&data), "ops", "system/*.cruds", None);
     let relay = |max_age: u64| {
         format!(
             "[outbox]\nmax_age_secs = {max_age}\nprune_interval_secs = 1\n[amqp]\nurl = {:?}\n[amqp.sink]\nexchange = \"e2e.prune.{}\"\n",

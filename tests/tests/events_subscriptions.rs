@@ -9,8 +9,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use events_common::{free_addr, repo_root, tributary_bin, Server};
-use serde_json::{json, Value};
+use events_common::{
+    free_addr, get_json, issue_token, kind, observation_subscription, post_fhir, repo_root,
+    token_config, Server,
+};
+use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
@@ -21,15 +24,6 @@ type Check = Box<dyn Fn(&[Value]) -> bool + Send>;
 async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
     got.lock().unwrap().push(b);
     StatusCode::OK
-}
-
-fn kind(b: &Value) -> String {
-    b["entry"][0]["resource"]["parameter"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "type"))
-        .and_then(|p| p["valueCode"].as_str())
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,61 +51,13 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     let extra =
         "[subscriptions]\nallow_http_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
     // A SMART token (system scope) signed by the data directory's local key.
-    std::fs::create_dir_all(&data).unwrap();
-    let config = data.with_extension("token.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(tributary_bin())
-        .args([
-            "token",
-            "issue",
-            "--client",
-            "care-app",
-            "--scope",
-            "system/*.cruds",
-            "--tenant",
-            "t1",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = issue_token(&token_config(&data), "care-app", "system/*.cruds", None);
 
     let mllp = free_addr();
     let server = Server::start_with_mllp(&data, extra, Some(mllp));
     let http = reqwest::Client::new();
     let base = format!("http://{}/fhir", server.http);
-    let sub = json!({
-        "resourceType": "Subscription",
-        "status": "requested",
-        "reason": "care management",
-        "criteria": "http://tributary.dev/fhir/SubscriptionTopic/observation",
-        "channel": {
-            "extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1}],
-            "type": "rest-hook",
-            "endpoint": hook,
-            "payload": "application/fhir+json",
-            "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "id-only"}]}
-        }
-    });
+    let sub = observation_subscription("rest-hook", Some(&hook), "id-only");
     // Without a token: refused.
     let res = http
         .post(format!("{base}/Subscription"))
@@ -120,19 +66,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 401);
-    let res = http
-        .post(format!("{base}/Subscription"))
-        .bearer_auth(&token)
-        .header("content-type", "application/fhir+json")
-        .body(sub.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        res.status().is_success(),
-        "create Subscription: {}",
-        res.status()
-    );
+    let res = post_fhir(&http, &base, &token, "Subscription", &sub).await;
     let created: Value = res.json().await.unwrap();
     let id = created["id"].as_str().unwrap().to_string();
 
@@ -194,14 +128,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         assert_eq!(res.status().as_u16(), 401, "{op} without a token");
     }
     // $status through the facade's policy stack, with the token.
-    let res = http
-        .get(format!("{base}/Subscription/{id}/$status"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 200);
-    let st: Value = res.json().await.unwrap();
+    let st = get_json(&http, &format!("{base}/Subscription/{id}/$status"), &token).await;
     let params = st["entry"][0]["resource"]["parameter"]
         .as_array()
         .unwrap()

@@ -7,7 +7,7 @@ mod events_common;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use events_common::{tributary_bin, Server};
+use events_common::{get_json, issue_token, post_fhir, token_config, Server};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -27,14 +27,7 @@ async fn hook(Json(b): Json<Value>) -> StatusCode {
 }
 
 async fn dead_letters(http: &reqwest::Client, base: &str, token: &str) -> Vec<Value> {
-    let res = http
-        .get(format!("{base}/Subscription/$dead-letters"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 200);
-    let v: Value = res.json().await.unwrap();
+    let v = get_json(http, &format!("{base}/Subscription/$dead-letters"), token).await;
     v["deadLetters"].as_array().unwrap().clone()
 }
 
@@ -50,53 +43,16 @@ async fn dead_letters_survive_a_restart() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let config = data.with_extension("token.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(tributary_bin())
-        .args([
-            "token",
-            "issue",
-            "--client",
-            "ops",
-            "--scope",
-            "system/*.cruds",
-            "--tenant",
-            "t1",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let token = issue_token(&token_config(&data), "ops", "system/*.cruds", None);
 
     let extra = "[subscriptions]\nallow_http_endpoints = true\nrescan_secs = 1\ngive_up_after_secs = 2\nretry_initial_ms = 200\nretry_max_ms = 500\n";
     let server = Server::start(&data, extra);
     let base = format!("http://{}/fhir", server.http);
     let http = reqwest::Client::new();
-    let post_json = |rtype: &str, body: Value| {
-        let req = http
-            .post(format!("{base}/{rtype}"))
-            .bearer_auth(&token)
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string());
+    let post_json = |rtype: &'static str, body: Value| {
+        let (http, base, token) = (&http, &base, &token);
         async move {
-            let res = req.send().await.unwrap();
-            assert!(res.status().is_success(), "{}", res.status());
+            let res = post_fhir(http, base, token, rtype, &body).await;
             res.json::<Value>().await.unwrap()
         }
     };

@@ -6,47 +6,17 @@
 
 mod events_common;
 
-use events_common::{repo_root, tributary_bin, Server};
+use events_common::{
+    get_json, issue_token, kind, observation_subscription, post_fhir, repo_root, token_config,
+    Server,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::path::Path;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn issue(config: &Path, client: &str, scope: &str, patient: Option<&str>) -> String {
-    let mut cmd = std::process::Command::new(tributary_bin());
-    cmd.args([
-        "token", "issue", "--client", client, "--scope", scope, "--tenant", "t1",
-    ]);
-    if let Some(p) = patient {
-        cmd.args(["--patient", p]);
-    }
-    let out = cmd.arg("--config").arg(config).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn kind(b: &Value) -> String {
-    b["entry"][0]["resource"]["parameter"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "type"))
-        .and_then(|p| p["valueCode"].as_str())
-        .unwrap_or_default()
-        .to_string()
-}
 
 fn param<'a>(p: &'a Value, name: &str) -> &'a Value {
     p["parameter"]
@@ -57,21 +27,6 @@ fn param<'a>(p: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no parameter {name} in {p}"))
 }
 
-fn ws_subscription() -> Value {
-    json!({
-        "resourceType": "Subscription",
-        "status": "requested",
-        "reason": "care management",
-        "criteria": "http://tributary.dev/fhir/SubscriptionTopic/observation",
-        "channel": {
-            "extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-heartbeat-period", "valueUnsignedInt": 1}],
-            "type": "websocket",
-            "payload": "application/fhir+json",
-            "_payload": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content", "valueCode": "full-resource"}]}
-        }
-    })
-}
-
 struct Client {
     http: reqwest::Client,
     base: String,
@@ -80,20 +35,7 @@ struct Client {
 
 impl Client {
     async fn post(&self, rtype: &str, body: &Value) -> Value {
-        let res = self
-            .http
-            .post(format!("{}/{rtype}", self.base))
-            .bearer_auth(&self.token)
-            .header("content-type", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            res.status().is_success(),
-            "create {rtype}: {}",
-            res.status()
-        );
+        let res = post_fhir(&self.http, &self.base, &self.token, rtype, body).await;
         res.json().await.unwrap()
     }
 
@@ -172,20 +114,11 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
     let _ = repo_root();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let config = data.with_extension("token.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\ndefault_tenant = \"t1\"\n",
-            data.display().to_string()
-        ),
-    )
-    .unwrap();
-    let system = issue(&config, "feeder", "system/*.cruds", None);
+    let config = token_config(&data);
+    let system = issue_token(&config, "feeder", "system/*.cruds", None);
     let scope = "patient/Observation.rs patient/Subscription.cruds";
-    let alice = issue(&config, "care-app", scope, Some("pA"));
-    let bob = issue(&config, "care-app", scope, Some("pB"));
+    let alice = issue_token(&config, "care-app", scope, Some("pA"));
+    let bob = issue_token(&config, "care-app", scope, Some("pB"));
 
     let extra = "[subscriptions]\nmin_heartbeat_secs = 1\nrescan_secs = 1\nws_token_ttl_secs = 3\n";
     let server = Server::start(&data, extra);
@@ -199,8 +132,9 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
     let (feeder, a, b) = (client(&system), client(&alice), client(&bob));
 
     // Each patient-context client subscribes; the facade confines the Subscription to its patient.
-    let sub_a = a.post("Subscription", &ws_subscription()).await;
-    let sub_b = b.post("Subscription", &ws_subscription()).await;
+    let ws_sub = observation_subscription("websocket", None, "full-resource");
+    let sub_a = a.post("Subscription", &ws_sub).await;
+    let sub_b = b.post("Subscription", &ws_sub).await;
     let (id_a, id_b) = (
         sub_a["id"].as_str().unwrap().to_string(),
         sub_b["id"].as_str().unwrap().to_string(),
@@ -302,14 +236,12 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
     drop(ws_a);
     let oa2 = feeder.post("Observation", &obs("pA")).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let res = http
-        .get(format!("{base}/Subscription/{id_a}/$events"))
-        .bearer_auth(&alice)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status().as_u16(), 200);
-    let ev: Value = res.json().await.unwrap();
+    let ev = get_json(
+        &http,
+        &format!("{base}/Subscription/{id_a}/$events"),
+        &alice,
+    )
+    .await;
     assert!(
         ev.to_string().contains(&want(&oa2)),
         "$events has the missed event: {ev}"

@@ -19,17 +19,7 @@ async fn patch(f: &Facade, path: &str, token: &str, body: &str, headers: &[(&str
     if !typed {
         rb = rb.header("content-type", "application/json-patch+json");
     }
-    let res = rb.send().await.unwrap();
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let text = res.text().await.unwrap();
-    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp {
-        status,
-        headers,
-        text,
-        json,
-    }
+    Resp::read(rb.send().await.unwrap()).await
 }
 
 fn assert_outcome(r: &Resp, status: u16) {

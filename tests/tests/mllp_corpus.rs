@@ -242,19 +242,10 @@ async fn corpus_over_mtls_identifies_the_partner_by_certificate() {
     };
     let files = corpus_files(&corpus);
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new("Tributary Test CA");
     let certs = tmp.path();
-    pki.write_ca(&certs.join("ca.crt"));
-    pki.issue(certs, "server", "localhost", &["localhost"], false);
-    pki.issue(
-        certs,
-        "lab",
-        "lab.partner.example",
-        &["lab.partner.example"],
-        true,
-    );
+    write_lab_certs(certs);
     let rogue = Pki::new("Rogue CA");
-    rogue.issue(
+    rogue.write(
         certs,
         "rogue",
         "lab.partner.example",
@@ -262,23 +253,7 @@ async fn corpus_over_mtls_identifies_the_partner_by_certificate() {
         true,
     );
     let tls_addr = free_addr();
-    let extra = format!(
-        r#"
-[[mllp.listeners]]
-name = "mllp-tls"
-listen = "{tls_addr}"
-allow_unknown_partners = false
-[mllp.listeners.tls]
-cert = "{d}/server.crt"
-key = "{d}/server.key"
-client_ca = "{d}/ca.crt"
-require_client_cert = true
-[[mllp.listeners.partners]]
-id = "general-lab"
-cert_names = ["lab.partner.example"]
-"#,
-        d = certs.display()
-    );
+    let extra = mtls_listener(tls_addr, certs);
     let data = tmp.path().join("data");
     let log = tmp.path().join("tributary.log");
     let server = Server::start(&data, &log, &extra, &[tls_addr]);

@@ -168,35 +168,10 @@ fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
 #[test]
 fn route_over_mtls_reaches_a_tls_listener_as_the_certified_partner() {
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new("Tributary Test CA");
     let d = tmp.path();
-    pki.write_ca(&d.join("ca.crt"));
-    pki.issue(d, "server", "localhost", &["localhost"], false);
-    pki.issue(
-        d,
-        "lab",
-        "lab.partner.example",
-        &["lab.partner.example"],
-        true,
-    );
+    write_lab_certs(d);
     let tls_addr = free_addr();
-    let down_extra = format!(
-        r#"
-[[mllp.listeners]]
-name = "mllp-tls"
-listen = "{tls_addr}"
-allow_unknown_partners = false
-[mllp.listeners.tls]
-cert = "{d}/server.crt"
-key = "{d}/server.key"
-client_ca = "{d}/ca.crt"
-require_client_cert = true
-[[mllp.listeners.partners]]
-id = "general-lab"
-cert_names = ["lab.partner.example"]
-"#,
-        d = d.display()
-    );
+    let down_extra = mtls_listener(tls_addr, d);
     let down_data = d.join("down");
     let down = Server::start(&down_data, &d.join("down.log"), &down_extra, &[tls_addr]);
     let up_extra = format!(

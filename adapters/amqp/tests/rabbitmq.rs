@@ -1,13 +1,16 @@
 //! Against the real RabbitMQ on this machine (127.0.0.1:5672, guest/guest, or `AMQP_URL`).
 //! Skips with a message when nothing listens there.
 
+mod common;
+
+use common::{amqp_url, fill_durable_queue, queue_depth, rabbit_or_skip};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,25 +21,6 @@ use tributary_storage::{
     Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, ResourceWrite, Store,
     StoreTransaction,
 };
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-async fn rabbit_or_skip(test: &str) -> Option<Connection> {
-    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            // CI installs every test tool and sets TEST_REQUIRE_TOOLS=1: there, a missing tool fails.
-            assert!(
-                std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
-                "a test tool is missing but TEST_REQUIRE_TOOLS is set"
-            );
-            eprintln!("SKIP {test}: RabbitMQ not reachable ({e}); start it with `rabbitmq-server -detached`");
-            None
-        }
-    }
-}
 
 fn unique(name: &str) -> String {
     format!("{name}.{}", uuid_like())
@@ -217,33 +201,17 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     let journal: Arc<dyn Journal> = Arc::new(FjallJournal::new(db, 86_400_000));
     let queue = unique("test.ingest");
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
     let n = 200;
-    for i in 0..n {
-        let msg = format!(
-            "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-{i}|P|2.5\rPID|1||{i}\r"
-        );
-        ch.basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            msg.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    }
+    fill_durable_queue(
+        &ch,
+        &queue,
+        (0..n).map(|i| {
+            format!(
+                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-{i}|P|2.5\rPID|1||{i}\r"
+            )
+        }),
+    )
+    .await;
     // The same message again (a sender retry): recognised by MSH-10, stored once.
     let again = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-7|P|2.5\rPID|1||7\r";
     ch.basic_publish(
@@ -289,18 +257,7 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     .await;
     // The queue drains (every delivery acked after its append).
     for _ in 0..100 {
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if q.message_count() == 0 {
+        if queue_depth(&ch, &queue).await == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

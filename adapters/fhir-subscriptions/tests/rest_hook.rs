@@ -202,16 +202,34 @@ async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// The stored Subscription `id` of tenant t1.
+fn stored_subscription(env: &Env, id: &str) -> Value {
+    env.store
+        .read("t1", "Subscription", id)
+        .unwrap()
+        .unwrap()
+        .resource()
+        .unwrap()
+}
+
+fn observation(subject: &str) -> Value {
+    json!({"status": "final", "subject": {"reference": subject}})
+}
+
+fn api(env: &Env) -> Router {
+    router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+    })
+}
+
 fn encounter(patient: &str, status: &str) -> Value {
     json!({"resourceType": "Encounter", "status": status, "class": {"code": "IMP"},
            "subject": {"reference": format!("Patient/{patient}")}})
 }
 
 async fn api_get(env: &Env, uri: &str) -> (StatusCode, Value) {
-    let app = router(ApiState {
-        service: env.service.clone(),
-        journal: env.journal.clone(),
-    });
+    let app = api(env);
     let res = app
         .oneshot(Request::get(uri).body(Body::empty()).unwrap())
         .await
@@ -241,13 +259,7 @@ async fn handshake_heartbeat_and_matching_notifications_only() {
     .await;
     wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
     wait_for("status active", 20, || {
-        env.store
-            .read("t1", "Subscription", "adm")
-            .unwrap()
-            .unwrap()
-            .resource()
-            .unwrap()["status"]
-            == "active"
+        stored_subscription(&env, "adm")["status"] == "active"
     })
     .await;
 
@@ -266,13 +278,7 @@ async fn handshake_heartbeat_and_matching_notifications_only() {
         encounter("p2", "in-progress"),
     )
     .await; // other patient
-    put(
-        &env.store,
-        "Observation",
-        "o1",
-        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
-    )
-    .await; // other topic
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await; // other topic
     put(
         &env.store,
         "Encounter",
@@ -359,7 +365,7 @@ async fn endpoint_down_then_receives_everything() {
             &env.store,
             "Observation",
             &format!("o{n}"),
-            json!({"status": "final", "subject": {"reference": format!("Patient/p{}", n % 3)}}),
+            observation(&format!("Patient/p{}", n % 3)),
         )
         .await;
         n += 1;
@@ -410,7 +416,7 @@ async fn patient_context_subscriber_never_receives_another_patients_events() {
             &env.store,
             "Observation",
             &format!("o{i}"),
-            json!({"status": "final", "subject": {"reference": format!("Patient/{p}")}}),
+            observation(&format!("Patient/{p}")),
         )
         .await;
         put(
@@ -460,21 +466,9 @@ async fn give_up_dead_letters_and_sets_error_then_recovers() {
     .await;
     wait_for("handshake", 20, || !rx.of_type("handshake").is_empty()).await;
     *rx.status.lock().unwrap() = StatusCode::INTERNAL_SERVER_ERROR;
-    put(
-        &env.store,
-        "Observation",
-        "o1",
-        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
-    )
-    .await;
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
     wait_for("status error", 30, || {
-        env.store
-            .read("t1", "Subscription", "dl")
-            .unwrap()
-            .unwrap()
-            .resource()
-            .unwrap()["status"]
-            == "error"
+        stored_subscription(&env, "dl")["status"] == "error"
     })
     .await;
     let (code, dl) = api_get(&env, "/Subscription/$dead-letters").await;
@@ -496,22 +490,10 @@ async fn give_up_dead_letters_and_sets_error_then_recovers() {
 
     // The endpoint recovers: the next event is delivered (number 2) and the status is active.
     *rx.status.lock().unwrap() = StatusCode::OK;
-    put(
-        &env.store,
-        "Observation",
-        "o2",
-        json!({"status": "final", "subject": {"reference": "Patient/p1"}}),
-    )
-    .await;
+    put(&env.store, "Observation", "o2", observation("Patient/p1")).await;
     wait_for("event 2", 30, || rx.events().iter().any(|e| e.0 == 2)).await;
     wait_for("status active", 30, || {
-        env.store
-            .read("t1", "Subscription", "dl")
-            .unwrap()
-            .unwrap()
-            .resource()
-            .unwrap()["status"]
-            == "active"
+        stored_subscription(&env, "dl")["status"] == "active"
     })
     .await;
     env.shutdown.cancel();
@@ -524,13 +506,7 @@ async fn refused_subscription_gets_error_status() {
     s["criteria"] = json!("http://example.org/topics/unknown");
     put(&env.store, "Subscription", "bad", s).await;
     wait_for("status error", 20, || {
-        let r = env
-            .store
-            .read("t1", "Subscription", "bad")
-            .unwrap()
-            .unwrap()
-            .resource()
-            .unwrap();
+        let r = stored_subscription(&env, "bad");
         r["status"] == "error"
             && r["error"]
                 .as_str()
@@ -588,10 +564,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         }],
         ..config()
     });
-    let app = router(ApiState {
-        service: env.service.clone(),
-        journal: env.journal.clone(),
-    });
+    let app = api(&env);
     let post_bundle = |b: Value, token: &str| {
         Request::post("/subscription-hook/ehr")
             .header("authorization", format!("Bearer {token}"))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tributary_kafka::testing::{find_tansu, free_port, Tansu};
-use tributary_kafka::{KafkaConfig, KafkaRelay};
+use tributary_kafka::{KafkaConfig, KafkaRelay, RelayError, RelayStats};
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
     Db, DbOptions, FjallStore, OutboxEvent, ResourceWrite, Store, StoreTransaction,
@@ -45,6 +45,39 @@ fn env() -> Env {
         store: Arc::new(FjallStore::new(db)),
         _dir: dir,
         readiness: Readiness::default(),
+    }
+}
+
+/// A relay running over the environment's outbox.
+struct Running {
+    shutdown: CancellationToken,
+    stats: Arc<RelayStats>,
+    task: tokio::task::JoinHandle<Result<(), RelayError>>,
+}
+
+impl Env {
+    fn start_relay(&self, bootstrap: &str) -> Running {
+        let shutdown = CancellationToken::new();
+        let relay = KafkaRelay::new(
+            relay_config(bootstrap),
+            self.store.outbox().clone(),
+            self.readiness.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
+        let stats = relay.stats();
+        Running {
+            shutdown,
+            stats,
+            task: tokio::spawn(relay.run()),
+        }
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
     }
 }
 
@@ -247,16 +280,7 @@ async fn relays_every_event_in_order_with_cloudevents_headers() {
     for n in 0..300 {
         commit_batch(&e.store, n, 7).await;
     }
-    let shutdown = CancellationToken::new();
-    let relay = KafkaRelay::new(
-        relay_config(&broker.bootstrap()),
-        e.store.outbox().clone(),
-        e.readiness.clone(),
-        shutdown.clone(),
-    )
-    .unwrap();
-    let stats = relay.stats();
-    let task = tokio::spawn(relay.run());
+    let relay = e.start_relay(&broker.bootstrap());
 
     let c = consumer(&broker.bootstrap(), "order-test");
     let want = all_ids(&e.store);
@@ -295,9 +319,12 @@ async fn relays_every_event_in_order_with_cloudevents_headers() {
     })
     .await;
     assert_eq!(e.readiness.snapshot()["kafka"], ComponentStatus::Ready);
-    assert!(stats.delivered.load(std::sync::atomic::Ordering::Relaxed) >= 420);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    let delivered = relay
+        .stats
+        .delivered
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(delivered >= 420);
+    relay.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -312,15 +339,7 @@ async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
     for n in 0..20 {
         commit_batch(&e.store, n, 3).await;
     }
-    let shutdown = CancellationToken::new();
-    let relay = KafkaRelay::new(
-        relay_config(&bootstrap),
-        e.store.outbox().clone(),
-        e.readiness.clone(),
-        shutdown.clone(),
-    )
-    .unwrap();
-    let task = tokio::spawn(relay.run());
+    let relay = e.start_relay(&bootstrap);
     wait_for("kafka to be reported failed", || {
         matches!(
             e.readiness.snapshot().get("kafka"),
@@ -349,8 +368,7 @@ async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
         e.readiness.snapshot().get("kafka") == Some(&ComponentStatus::Ready)
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    relay.stop().await;
 }
 
 /// Broker outages while events keep being committed: first the broker hangs (SIGSTOP, its data
@@ -369,15 +387,7 @@ async fn broker_outages_lose_nothing() {
     );
     let mut broker = Tansu::start().unwrap();
     let e = env();
-    let shutdown = CancellationToken::new();
-    let relay = KafkaRelay::new(
-        relay_config(&broker.bootstrap()),
-        e.store.outbox().clone(),
-        e.readiness.clone(),
-        shutdown.clone(),
-    )
-    .unwrap();
-    let task = tokio::spawn(relay.run());
+    let relay = e.start_relay(&broker.bootstrap());
 
     // A steady feed: one batch every 50 ms, until told to stop.
     let feeding = CancellationToken::new();
@@ -444,8 +454,7 @@ async fn broker_outages_lose_nothing() {
         e.store.outbox().cursor("kafka").unwrap() == head
     })
     .await;
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    relay.stop().await;
 }
 
 /// A client nobody here wrote: python `confluent-kafka` reads every event with its headers.
@@ -473,15 +482,7 @@ async fn python_confluent_kafka_consumer_reads_every_event() {
     for n in 0..100 {
         commit_batch(&e.store, n, 5).await;
     }
-    let shutdown = CancellationToken::new();
-    let relay = KafkaRelay::new(
-        relay_config(&broker.bootstrap()),
-        e.store.outbox().clone(),
-        e.readiness.clone(),
-        shutdown.clone(),
-    )
-    .unwrap();
-    let task = tokio::spawn(relay.run());
+    let relay = e.start_relay(&broker.bootstrap());
     let want = all_ids(&e.store);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/consume.py");
     let mut args = vec![
@@ -524,6 +525,5 @@ async fn python_confluent_kafka_consumer_reads_every_event() {
         );
     }
     eprintln!("python confluent-kafka consumer read {} records", got.len());
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    relay.stop().await;
 }

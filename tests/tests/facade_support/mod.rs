@@ -110,19 +110,7 @@ impl Facade {
     pub fn token(&self, client: &str, scope: &str, extra: &[&str]) -> String {
         let mut args = vec!["token", "issue", "--client", client, "--scope", scope];
         args.extend_from_slice(extra);
-        let out = cli(self, &args);
-        assert!(
-            out.status.success(),
-            "token issue failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim()
-            .to_string()
+        tributary_e2e::issued_token(cli(self, &args))
     }
 
     pub async fn call(
@@ -156,17 +144,7 @@ impl Facade {
                 .header("content-type", "application/fhir+json")
                 .body(b.to_string());
         }
-        let res = rb.send().await.expect("request");
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let text = res.text().await.unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp {
-            status,
-            headers,
-            text,
-            json,
-        }
+        Resp::read(rb.send().await.expect("request")).await
     }
 }
 
@@ -187,6 +165,20 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// Status, headers and body of `res`; `json` is Null when the body is not JSON.
+    pub async fn read(res: reqwest::Response) -> Resp {
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            text,
+            json,
+        }
+    }
+
     pub fn ids(&self) -> Vec<String> {
         self.json["entry"]
             .as_array()

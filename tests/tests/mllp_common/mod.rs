@@ -5,11 +5,15 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, JournalRecord, ListFilter};
 
 #[allow(unused_imports)]
 pub use tributary_e2e::{free_addr, repo_root, tributary_bin};
+
+#[path = "../../../adapters/mllp/tests/common/pki.rs"]
+mod pki;
+pub use pki::Pki;
 
 /// The shared HL7 v2 corpus (`../shared/corpus/hl7v2` beside the repository), if present.
 pub fn corpus_dir() -> Option<PathBuf> {
@@ -67,43 +71,14 @@ impl Server {
         };
         let mut addrs = vec![mllp];
         addrs.extend_from_slice(wait_for);
-        s.wait_listening(&addrs);
+        tributary_e2e::wait_listening(&mut s.child, &s.log, &addrs);
         s
-    }
-
-    fn wait_listening(&mut self, addrs: &[SocketAddr]) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        for a in addrs {
-            while std::net::TcpStream::connect_timeout(a, Duration::from_millis(200)).is_err() {
-                if let Ok(Some(st)) = self.child.try_wait() {
-                    panic!(
-                        "tributary exited early ({st}); log:\n{}",
-                        std::fs::read_to_string(&self.log).unwrap_or_default()
-                    );
-                }
-                assert!(Instant::now() < deadline, "{a} not listening within 60 s");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                assert!(st.success(), "tributary exited with {st}");
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("tributary did not stop within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let st = tributary_e2e::terminate_child(&mut self.child, Duration::from_secs(60));
+        assert!(st.success(), "tributary exited with {st}");
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -133,50 +108,41 @@ pub fn journal_records(data_dir: &Path) -> Vec<JournalRecord> {
         .collect()
 }
 
-/// A CA with helpers to issue server and client certificates (PEM files).
-pub struct Pki {
-    pub ca: rcgen::Certificate,
-    pub ca_key: rcgen::KeyPair,
+/// A CA with a `localhost` server certificate and a client certificate for
+/// `lab.partner.example`, written to `dir` as `ca.crt`, `server.{crt,key}` and `lab.{crt,key}`.
+pub fn write_lab_certs(dir: &Path) {
+    let pki = Pki::new("Tributary Test CA");
+    pki.write_ca(&dir.join("ca.crt"));
+    pki.write(dir, "server", "localhost", &["localhost"], false);
+    pki.write(
+        dir,
+        "lab",
+        "lab.partner.example",
+        &["lab.partner.example"],
+        true,
+    );
 }
 
-impl Pki {
-    pub fn new(name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca = params.self_signed(&ca_key).unwrap();
-        Self { ca, ca_key }
-    }
-
-    /// Writes `<dir>/<name>.crt` and `<dir>/<name>.key`.
-    pub fn issue(&self, dir: &Path, name: &str, cn: &str, sans: &[&str], client: bool) {
-        let mut params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
-
-    pub fn write_ca(&self, path: &Path) {
-        std::fs::write(path, self.ca.pem()).unwrap();
-    }
+/// An `[[mllp.listeners]]` entry: mTLS on `addr` with the certificates [`write_lab_certs`] wrote to
+/// `dir`, admitting only the `general-lab` partner (`lab.partner.example`).
+pub fn mtls_listener(addr: SocketAddr, dir: &Path) -> String {
+    format!(
+        r#"
+[[mllp.listeners]]
+name = "mllp-tls"
+listen = "{addr}"
+allow_unknown_partners = false
+[mllp.listeners.tls]
+cert = "{d}/server.crt"
+key = "{d}/server.key"
+client_ca = "{d}/ca.crt"
+require_client_cert = true
+[[mllp.listeners.partners]]
+id = "general-lab"
+cert_names = ["lab.partner.example"]
+"#,
+        d = dir.display()
+    )
 }
 
 /// A plain blocking MLLP client written here (no shared code with the server's codec).
