@@ -232,11 +232,18 @@ fn check_delivery(store: &FjallStore, got: &[Received], want: &HashSet<String>) 
     let missing: Vec<_> = events
         .iter()
         .filter(|e| want.contains(&e.event_id) && !first.contains_key(e.event_id.as_str()))
-        .map(|e| e.seq)
+        .map(|e| {
+            (
+                e.seq,
+                e.event_type.as_str(),
+                e.resource_type.as_deref(),
+                e.patient_id.as_deref(),
+            )
+        })
         .collect();
     assert!(
         missing.is_empty(),
-        "{} of {} events never arrived (seqs {:?}…)",
+        "{} of {} events never arrived ((seq, type, resource type, patient key): {:?}…)",
         missing.len(),
         want.len(),
         &missing[..missing.len().min(10)]
