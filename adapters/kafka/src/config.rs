@@ -112,8 +112,9 @@ pub struct KafkaConfig {
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     /// When records wait this long without any acknowledgement, the relay discards its producer
-    /// and re-sends from the cursor with a new one (covers a cluster that came back without the
-    /// topic or with other partitions). Duplicates carry the same id.
+    /// and re-sends from the cursor with a new one — whether the cluster answers or not (covers a
+    /// cluster that came back without the topic, with other partitions or with lost producer
+    /// state). Duplicates carry the same id.
     pub stall_timeout_secs: u64,
 }
 

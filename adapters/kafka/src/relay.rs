@@ -6,8 +6,10 @@
 //!   once every event before it is. A crash replays from the cursor.
 //! - **In order per patient.** Records are keyed by patient id, the producer is idempotent
 //!   (`enable.idempotence=true`) and `message.timeout.ms=0`: librdkafka never gives up on a record
-//!   during an outage, it keeps them queued in order (at most `max_in_flight`; the rest wait in
-//!   the outbox) and sends them when the cluster returns.
+//!   during a short outage, it keeps them queued in order (at most `max_in_flight`; the rest wait
+//!   in the outbox) and sends them when the cluster returns. After `stall_timeout_secs` without
+//!   an acknowledgement the relay drops that producer and starts a fresh one from the cursor, so
+//!   a cluster that returns with lost state (topics, producer ids) is never sent stale batches.
 //! - **Duplicates only with the same id.** After a permanent delivery error, a fatal producer
 //!   error or a crash, the relay re-sends from the cursor; a consumer may then see an event
 //!   twice, always with the same `ce_id`.
@@ -313,20 +315,26 @@ impl KafkaRelay {
                             }
                         }
                         _ = tokio::time::sleep_until(last_progress + stall), if waiting => {
-                            // Records queued in librdkafka and never acknowledged although the
-                            // cluster answers: it came back without the topic or with other
-                            // partitions. Start over with a fresh producer from the cursor.
-                            // While the cluster does not answer, keep waiting: librdkafka
-                            // delivers in order once it returns.
-                            if self.probe(&producer, Duration::from_secs(3)).await.is_ok() {
-                                restart_producer = true;
-                                step = Step::Failed(format!(
+                            // No acknowledgement for `stall`. Start over with a fresh producer
+                            // from the cursor, whether the cluster answers (it came back without
+                            // the topic or with other partitions) or not: records left queued in
+                            // the old producer would reach a cluster that returns with lost state
+                            // before their topics exist again, carrying producer sequence numbers
+                            // it never issued. The fresh producer re-creates topics first; only
+                            // events already in flight can arrive twice, with the same id.
+                            let reachable = self.probe(&producer, Duration::from_secs(3)).await.is_ok();
+                            restart_producer = true;
+                            step = Step::Failed(if reachable {
+                                format!(
                                     "no delivery acknowledgement for {} s from a reachable cluster; restarting the producer",
                                     stall.as_secs()
-                                ));
+                                )
                             } else {
-                                last_progress = tokio::time::Instant::now();
-                            }
+                                format!(
+                                    "kafka unreachable for {} s; restarting the producer",
+                                    stall.as_secs()
+                                )
+                            });
                         }
                         _ = health_tick.tick() => {
                             if self.failing.load(Relaxed) && pending.is_empty()
@@ -363,8 +371,10 @@ impl KafkaRelay {
                 self.stats.resends.fetch_add(1, Relaxed);
                 if restart_producer || producer.client().fatal_error().is_some() {
                     tracing::warn!(component = %self.component, "creating a new kafka producer");
-                    // Dropping the old one purges what it still queued.
-                    producer = Arc::new(self.producer()?);
+                    // Dropping the old one purges what it still queued; its drop waits up to
+                    // half a second for the purge, so it happens off the async workers.
+                    let old = std::mem::replace(&mut producer, Arc::new(self.producer()?));
+                    tokio::task::spawn_blocking(move || drop(old));
                     restart_producer = false;
                 }
                 last_progress = tokio::time::Instant::now() + backoff;
