@@ -69,6 +69,20 @@ fn load_texts(files: &[(&str, &str)]) -> Result<MappingSet, tributary_mapping::L
     MappingSet::from_texts(Path::new("m"), &texts)
 }
 
+/// Loads `files` as a mapping set and runs it over one HL7 v2 message (built-in terminology,
+/// default options).
+fn run_texts(
+    files: &[(&str, &str)],
+    message: &str,
+) -> Result<tributary_mapping::MappedBundle, tributary_mapping::MappingError> {
+    let set = load_texts(files).unwrap();
+    set.run(
+        &SplitMessage::parse(message),
+        tributary_terminology::builtin(),
+        &RunOptions::default(),
+    )
+}
+
 const HEADER: &str = "resource: MessageHeader\nsegment: MSH\nrules:\n  - set: eventCoding\n    rules:\n      - set: code\n        from: MSH-9.2\n  - set: source.endpoint\n    value: mllp://x\n";
 
 #[test]
@@ -168,19 +182,14 @@ fn with_only_a_header_map_every_nonempty_field_of_a_corpus_message_is_reported()
         .trim_start_matches('\u{feff}')
         .to_string();
     let msg = "message: [ADT^A01]\nresources:\n  - name: header\n    segment: MSH\n    map: MSH-MessageHeader\n";
-    let set = load_texts(&[
-        ("segments/MSH-MessageHeader.yaml", HEADER),
-        ("messages/ADT_A01.yaml", msg),
-    ])
+    let out = run_texts(
+        &[
+            ("segments/MSH-MessageHeader.yaml", HEADER),
+            ("messages/ADT_A01.yaml", msg),
+        ],
+        &text,
+    )
     .unwrap();
-    let src = SplitMessage::parse(&text);
-    let out = set
-        .run(
-            &src,
-            tributary_terminology::builtin(),
-            &RunOptions::default(),
-        )
-        .unwrap();
     let reported: BTreeSet<String> = out.unconsumed.iter().map(ToString::to_string).collect();
     let all = all_nonempty(&text);
     let counts: std::collections::HashMap<String, usize> =
@@ -342,22 +351,15 @@ fn ids_are_deterministic_per_tenant_and_source_identifier() {
 fn mapping_errors_carry_paths_never_values() {
     let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: birthDate\n    from: PID-7\n    on_error: fail\n";
     let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
-    let set = load_texts(&[
-        ("segments/PID-Patient.yaml", pid),
-        ("messages/ADT.yaml", msg),
-    ])
-    .unwrap();
-    let src = SplitMessage::parse(
+    let err = run_texts(
+        &[
+            ("segments/PID-Patient.yaml", pid),
+            ("messages/ADT.yaml", msg),
+        ],
         "MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\rPID|1||X123||SECRETNAME||19AB0101\r",
-    );
-    let err = set
-        .run(
-            &src,
-            tributary_terminology::builtin(),
-            &RunOptions::default(),
-        )
-        .unwrap_err()
-        .to_string();
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("m/segments/PID-Patient.yaml:4")
             && err.contains("PID-7")
@@ -374,21 +376,14 @@ fn mapping_errors_carry_paths_never_values() {
 fn a_join_transform_applies_once_to_the_joined_text() {
     let doc = "resource: DocumentReference\nsegment: TXA\nrules:\n  - set: status\n    value: current\n  - set: content\n    rules:\n      - set: attachment.data\n        from: OBX-5\n        join: \"\\n\"\n        transform: base64\n";
     let msg = "message: [MDM^T02]\nresources:\n  - segment: TXA\n    map: TXA-DocumentReference\n";
-    let set = load_texts(&[
-        ("segments/TXA-DocumentReference.yaml", doc),
-        ("messages/MDM.yaml", msg),
-    ])
-    .unwrap();
-    let src = SplitMessage::parse(
+    let out = run_texts(
+        &[
+            ("segments/TXA-DocumentReference.yaml", doc),
+            ("messages/MDM.yaml", msg),
+        ],
         "MSH|^~\\&|A|B|C|D|20260101||MDM^T02|1|P|2.5\rTXA|1|DS\rOBX|1|TX|x||ab\rOBX|2|TX|x||c\r",
-    );
-    let out = set
-        .run(
-            &src,
-            tributary_terminology::builtin(),
-            &RunOptions::default(),
-        )
-        .unwrap();
+    )
+    .unwrap();
     let (_, _, doc) = out
         .resources()
         .find(|(t, _, _)| *t == "DocumentReference")
