@@ -128,19 +128,22 @@ struct IndexPrefixes {
 
 impl IndexPrefixes {
     fn of(body: &Value) -> Self {
-        let tenant = body.get("tenant").and_then(Value::as_str).unwrap_or("");
-        let time = keys::i64_be(record_time(body).unwrap_or(0));
+        Self::new(
+            body.get("tenant").and_then(Value::as_str).unwrap_or(""),
+            record_time(body).unwrap_or(0),
+            body.get("patient").and_then(Value::as_str),
+        )
+    }
+
+    fn new(tenant: &str, time_ms: i64, patient: Option<&str>) -> Self {
+        let time = keys::i64_be(time_ms);
         let mut by_time = keys::prefix(&[tenant.as_bytes()]);
         by_time.extend_from_slice(&time);
-        let by_patient = body
-            .get("patient")
-            .and_then(Value::as_str)
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
-                k.extend_from_slice(&time);
-                k
-            });
+        let by_patient = patient.filter(|p| !p.is_empty()).map(|p| {
+            let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
+            k.extend_from_slice(&time);
+            k
+        });
         Self {
             by_time,
             by_patient,
@@ -171,7 +174,7 @@ fn put_index(txn: &mut crate::committer::Txn<'_>, seq: u64, body: &Value) {
 
 /// A record serialized and indexed outside the committer thread, so the serial part of an
 /// append is only the chain link: sequence number, `prev`, hash and the puts.
-struct PreparedRecord {
+pub struct PreparedRecord {
     body: Vec<u8>,
     index: IndexPrefixes,
 }
@@ -181,6 +184,17 @@ impl PreparedRecord {
         Self {
             body: serde_json::to_vec(body).expect("audit bodies serialize"),
             index: IndexPrefixes::of(body),
+        }
+    }
+
+    /// A record the caller has serialized itself (a JSON object, as [`AuditEntry::body`] reads
+    /// it back), with the fields the indexes need: its tenant, time (ms) and patient — the same
+    /// values the body holds under `tenant`, `time` and `patient`. For hot paths that would
+    /// otherwise build a `serde_json::Value` per record only to serialize it.
+    pub fn serialized(json: Vec<u8>, tenant: &str, time_ms: i64, patient: Option<&str>) -> Self {
+        Self {
+            body: json,
+            index: IndexPrefixes::new(tenant, time_ms, patient),
         }
     }
 
@@ -240,6 +254,11 @@ impl AuditLog {
     pub async fn append(&self, bodies: Vec<Value>) -> Result<Vec<u64>> {
         let records: Vec<PreparedRecord> = bodies.iter().map(PreparedRecord::new).collect();
         drop(bodies);
+        self.append_prepared(records).await
+    }
+
+    /// [`append`](Self::append) for records already serialized ([`PreparedRecord::serialized`]).
+    pub async fn append_prepared(&self, records: Vec<PreparedRecord>) -> Result<Vec<u64>> {
         self.db
             .committer()
             .run(move |txn| records.into_iter().map(|r| r.link(txn)).collect())
@@ -687,6 +706,59 @@ mod tests {
             .unwrap();
             assert_eq!(PreparedRecord::new(&body).entry_bytes(seq, &prev), want);
         }
+    }
+
+    #[tokio::test]
+    async fn serialized_records_are_chained_and_indexed_like_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let body =
+            |p: &str| json!({"kind": "fhir-request", "tenant": "t1", "time": 1_000, "patient": p});
+        log.append(vec![body("p1")]).await.unwrap();
+        let bytes = serde_json::to_vec(&body("p1")).unwrap();
+        let seqs = log
+            .append_prepared(vec![
+                PreparedRecord::serialized(bytes, "t1", 1_000, Some("p1")),
+                PreparedRecord::serialized(
+                    serde_json::to_vec(&body("p2")).unwrap(),
+                    "t1",
+                    1_500,
+                    Some("p2"),
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(seqs, vec![2, 3]);
+        let mut by_patient = Vec::new();
+        let q = AuditQuery {
+            tenant: "t1".into(),
+            patient: Some("p1".into()),
+            from_ms: 0,
+            to_ms: 2_000,
+        };
+        assert!(log
+            .query(&q, |e| {
+                by_patient.push(e.seq);
+                true
+            })
+            .unwrap());
+        assert_eq!(by_patient, vec![1, 2]);
+        let mut window = Vec::new();
+        let q = AuditQuery {
+            patient: None,
+            from_ms: 1_200,
+            ..q
+        };
+        assert!(log
+            .query(&q, |e| {
+                window.push(e.seq);
+                true
+            })
+            .unwrap());
+        assert_eq!(window, vec![3]);
+        let entries = log.read_after(0, 10).unwrap();
+        assert_eq!(entries[0].body, entries[1].body);
+        assert_eq!(log.verify().unwrap().unwrap().entries, 3);
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ mod store;
 
 pub use audit::{
     record_time, AuditAnchor, AuditEntry, AuditLog, AuditPruneStats, AuditQuery, AuditVerifyError,
-    AuditVerifyReport, RETENTION_KIND,
+    AuditVerifyReport, PreparedRecord, RETENTION_KIND,
 };
 pub use db::{Db, DbOptions};
 pub use dead_letters::DeadLetterLog;
