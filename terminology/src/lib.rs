@@ -269,6 +269,12 @@ mod tests {
             t.translate("v2-0004-encounter-class", "Q").unwrap().code,
             "UNK"
         );
+        // IG table-hl70004-to-v3-actcode: R, B, C, N, U keep their v2-0004 code
+        let r = t.translate("v2-0004-encounter-class", "R").unwrap();
+        assert_eq!(
+            (r.system.as_str(), r.code.as_str()),
+            ("http://terminology.hl7.org/CodeSystem/v2-0004", "R")
+        );
         assert!(t.translate("v2-0001-gender", "Q").is_none());
         assert_eq!(
             t.translate("v2-0396-system", "HL70078").unwrap().code,
