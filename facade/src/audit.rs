@@ -6,9 +6,10 @@
 //!
 //! [`AuditLog`]: tributary_storage::AuditLog
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use tributary_storage::AuditEntry;
+use tributary_storage::{AuditEntry, PreparedRecord};
 
 /// Filled in by the policy layers and handlers as a request is processed.
 #[derive(Clone, Debug, Default)]
@@ -60,43 +61,83 @@ pub fn outcome_for(status: u16) -> &'static str {
     }
 }
 
+/// The stored shape of a facade request record (keys are part of the audit format: the
+/// `AuditEvent` view, `audit export` and the indexes read them).
+#[derive(Serialize)]
+struct Record<'a> {
+    kind: &'static str,
+    time: i64,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patient: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource_id: Option<&'a str>,
+    interaction: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scopes: Option<&'a str>,
+    outcome: &'static str,
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    returned: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<&'a str>,
+    latency_us: u64,
+    policy_version: &'a str,
+    break_glass: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    break_glass_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    review: Option<&'static str>,
+}
+
 impl AuditDraft {
-    pub fn into_record(self, status: u16, latency_us: u64, policy_version: &str) -> Value {
-        let mut m = Map::new();
-        m.insert("kind".into(), json!("fhir-request"));
-        m.insert("time".into(), json!(self.time_ms));
-        m.insert("request_id".into(), json!(self.request_id));
-        let opt = |m: &mut Map<String, Value>, k: &str, v: Option<String>| {
-            if let Some(v) = v {
-                m.insert(k.into(), Value::String(v));
-            }
+    /// The record, serialized once (no intermediate JSON tree: this runs for every request), with
+    /// the tenant, time and patient the audit indexes need.
+    pub fn into_record(self, status: u16, latency_us: u64, policy_version: &str) -> PreparedRecord {
+        let patient = self.patient.as_deref().or(self.context_patient.as_deref());
+        let record = Record {
+            kind: "fhir-request",
+            time: self.time_ms,
+            request_id: &self.request_id,
+            tenant: self.tenant.as_deref(),
+            client: self.client.as_deref(),
+            user: self.user.as_deref(),
+            role: self.role.as_deref(),
+            patient,
+            resource_type: self.resource_type.as_deref(),
+            resource_id: self.resource_id.as_deref(),
+            interaction: self.interaction,
+            scopes: self.scopes.as_deref(),
+            outcome: outcome_for(status),
+            status,
+            detail: self.detail,
+            returned: self.returned,
+            backend: self.backend.as_deref(),
+            latency_us,
+            policy_version,
+            break_glass: self.break_glass.is_some(),
+            break_glass_reason: self.break_glass.as_deref(),
+            review: self.break_glass.as_ref().map(|_| "required"),
         };
-        opt(&mut m, "tenant", self.tenant);
-        opt(&mut m, "client", self.client);
-        opt(&mut m, "user", self.user);
-        opt(&mut m, "role", self.role);
-        opt(&mut m, "patient", self.patient.or(self.context_patient));
-        opt(&mut m, "resource_type", self.resource_type);
-        opt(&mut m, "resource_id", self.resource_id);
-        m.insert("interaction".into(), json!(self.interaction));
-        opt(&mut m, "scopes", self.scopes);
-        m.insert("outcome".into(), json!(outcome_for(status)));
-        m.insert("status".into(), json!(status));
-        if let Some(d) = self.detail {
-            m.insert("detail".into(), json!(d));
-        }
-        if let Some(n) = self.returned {
-            m.insert("returned".into(), json!(n));
-        }
-        opt(&mut m, "backend", self.backend);
-        m.insert("latency_us".into(), json!(latency_us));
-        m.insert("policy_version".into(), json!(policy_version));
-        m.insert("break_glass".into(), json!(self.break_glass.is_some()));
-        if let Some(reason) = self.break_glass {
-            m.insert("break_glass_reason".into(), json!(reason));
-            m.insert("review".into(), json!("required"));
-        }
-        Value::Object(m)
+        let json = serde_json::to_vec(&record).expect("audit records serialize");
+        PreparedRecord::serialized(
+            json,
+            self.tenant.as_deref().unwrap_or(""),
+            self.time_ms,
+            patient,
+        )
     }
 }
 
@@ -193,7 +234,7 @@ mod tests {
             break_glass: Some("emergency".into()),
             ..Default::default()
         };
-        let r = d.into_record(200, 900, "pv1");
+        let r: Value = serde_json::from_slice(d.into_record(200, 900, "pv1").json()).unwrap();
         for k in [
             "time",
             "tenant",
@@ -221,5 +262,36 @@ mod tests {
         });
         assert_eq!(ev["id"], "9");
         assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p1");
+    }
+
+    #[test]
+    fn absent_fields_are_left_out_and_the_token_patient_is_the_fallback() {
+        let d = AuditDraft {
+            request_id: "r2".into(),
+            time_ms: 7,
+            context_patient: Some("ctx".into()),
+            interaction: "search-type",
+            ..Default::default()
+        };
+        let r: Value = serde_json::from_slice(d.into_record(401, 12, "pv1").json()).unwrap();
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "break_glass",
+                "interaction",
+                "kind",
+                "latency_us",
+                "outcome",
+                "patient",
+                "policy_version",
+                "request_id",
+                "status",
+                "time"
+            ]
+        );
+        assert_eq!(r["patient"], "ctx");
+        assert_eq!(r["outcome"], "denied");
+        assert_eq!(r["break_glass"], false);
     }
 }

@@ -7,12 +7,12 @@
 use crate::audit::AuditSlot;
 use crate::config::BackendConfig;
 use crate::error::ApiError;
+use crate::pipeline::Step;
 use crate::policy::{patient_links, Access, FhirRequest, Interaction};
 use crate::scopes::Perm;
 use crate::AppState;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::time::Duration;
@@ -94,19 +94,20 @@ impl Backends {
     }
 }
 
-/// The innermost layer: forwards routed requests, passes the rest to the store handlers.
-pub async fn route(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// The innermost policy stage: a routed request is forwarded (the answer is the backend's,
+/// filtered); the rest go on to the store handlers.
+pub(crate) async fn route(st: &AppState, req: Request) -> Step {
     let (Some(fhir), Some(access)) = (
         req.extensions().get::<FhirRequest>(),
         req.extensions().get::<Access>(),
     ) else {
-        return next.run(req).await;
+        return Step::Next(req);
     };
     let Some(rtype) = fhir.resource_type.as_deref() else {
-        return next.run(req).await;
+        return Step::Next(req);
     };
     let Some(backend) = st.facade.backends.route(&access.principal.tenant, rtype) else {
-        return next.run(req).await;
+        return Step::Next(req);
     };
     let (fhir, access) = (fhir.clone(), access.clone());
     let slot = req
@@ -115,10 +116,12 @@ pub async fn route(State(st): State<AppState>, req: Request, next: Next) -> Resp
         .cloned()
         .unwrap_or_default();
     slot.update(|d| d.backend = Some(backend.cfg.name.clone()));
-    match forward(&st, backend, &fhir, &access, &slot, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    Step::Answer(
+        match forward(st, backend, &fhir, &access, &slot, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+    )
 }
 
 fn forbidden() -> ApiError {

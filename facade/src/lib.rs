@@ -151,12 +151,7 @@ pub fn app_with(state: AppState, inner: Router) -> Router {
     let policy = fhir_routes()
         .with_state(state.clone())
         .merge(inner)
-        .layer(from_fn_with_state(state.clone(), backend::route))
-        .layer(from_fn_with_state(state.clone(), pipeline::rate_limit))
-        .layer(from_fn_with_state(state.clone(), pipeline::authorize))
-        .layer(from_fn_with_state(state.clone(), pipeline::authenticate))
-        .layer(from_fn_with_state(state.clone(), pipeline::audit))
-        .layer(from_fn(pipeline::request_id));
+        .layer(from_fn_with_state(state.clone(), pipeline::policy));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))

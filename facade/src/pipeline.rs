@@ -1,9 +1,13 @@
-//! The policy stack, one small middleware each, outermost first:
+//! The policy stack, one stage each, outermost first:
 //! request id → audit (records whatever happens inside, durably, before the response leaves)
-//! → authenticate → authorize → rate limit → handler.
+//! → authenticate → authorize → rate limit → backend routing → handler.
 //!
-//! The audit layer sits outside authentication so that refused requests (401/403/429) are
-//! recorded too; the record is built from what the inner layers wrote into the [`AuditSlot`].
+//! The audit stage sits outside authentication so that refused requests (401/403/429) are
+//! recorded too; the record is built from what the inner stages wrote into the [`AuditSlot`].
+//!
+//! The stages run inside one middleware ([`policy`]) rather than one `from_fn` layer each: every
+//! layer clones the service below it and boxes a future per request, which cost more CPU than
+//! the checks themselves (see docs/PERFORMANCE.md, "FHIR facade").
 
 use crate::audit::AuditSlot;
 use crate::error::{ApiError, ErrorKind};
@@ -20,9 +24,6 @@ use tracing::Instrument;
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const BREAK_GLASS: HeaderName = HeaderName::from_static("x-break-glass");
 
-#[derive(Clone, Debug)]
-pub struct RequestId(pub String);
-
 fn acceptable_request_id(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 64
@@ -30,9 +31,16 @@ fn acceptable_request_id(v: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-/// Takes a well-formed `X-Request-Id` from the caller or makes one; echoes it on the response and
-/// opens the request's tracing span (ids only).
-pub async fn request_id(mut req: Request, next: Next) -> Response {
+/// What a policy stage decided: go on with the (annotated) request, or answer now.
+pub(crate) enum Step<T = Request> {
+    Next(T),
+    Answer(Response),
+}
+
+/// The whole policy stack as one middleware (see the module documentation for the order).
+pub async fn policy(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // Takes a well-formed `X-Request-Id` from the caller or makes one; echoes it on the response
+    // and opens the request's tracing span (ids only).
     let id = req
         .headers()
         .get(&REQUEST_ID)
@@ -40,11 +48,35 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .filter(|v| acceptable_request_id(v))
         .map(String::from)
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    req.extensions_mut().insert(RequestId(id.clone()));
+    let header = HeaderValue::from_str(&id).ok();
     let span = tracing::debug_span!("request", request_id = %id, method = %req.method());
-    let mut res = next.run(req).instrument(span).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let mut res = audit(&st, id, req, next).instrument(span).await;
+    if let Some(v) = header {
         res.headers_mut().insert(REQUEST_ID, v);
+    }
+    res
+}
+
+/// Authenticate → authorize → rate limit → backend or handler.
+async fn guarded(st: &AppState, req: Request, next: Next) -> Response {
+    let req = match authenticate(st, req).await {
+        Step::Next(r) => r,
+        Step::Answer(res) => return res,
+    };
+    let req = match authorize(st, req) {
+        Step::Next(r) => r,
+        Step::Answer(res) => return res,
+    };
+    let (req, quota) = match rate_limit(st, req) {
+        Step::Next(r) => r,
+        Step::Answer(res) => return res,
+    };
+    let mut res = match crate::backend::route(st, req).await {
+        Step::Next(req) => next.run(req).await,
+        Step::Answer(res) => res,
+    };
+    if let Some(q) = quota {
+        quota_headers(&mut res, &q);
     }
     res
 }
@@ -52,13 +84,8 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 /// Classifies the request, runs everything inside (at most `http.request_timeout_secs`: then 503,
 /// or 504 when a backend was being called), then appends the audit record and waits for it to be
 /// durable. If the audit log cannot be written, the client gets 500, never data.
-pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
     let path = req.uri().path().to_string();
     let fhir = match path.strip_prefix("/fhir") {
         Some(rest) => classify(req.method(), rest, req.uri().query()),
@@ -90,7 +117,7 @@ pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> 
     req.extensions_mut().insert(slot.clone());
     req.extensions_mut().insert(fhir);
     let limit = st.facade.request_timeout;
-    let res = match tokio::time::timeout(limit, next.run(req)).await {
+    let res = match tokio::time::timeout(limit, guarded(st, req, next)).await {
         Ok(res) => res,
         Err(_) => {
             // The inner future is dropped here: whatever it was doing is abandoned. A write that
@@ -123,7 +150,7 @@ pub async fn audit(State(st): State<AppState>, mut req: Request, next: Next) -> 
     let record = slot
         .snapshot()
         .into_record(status, latency_us, &st.facade.policy_version);
-    match st.rt.audit.append(vec![record]).await {
+    match st.rt.audit.append_prepared(vec![record]).await {
         Ok(_) => res,
         Err(e) => {
             tracing::error!(error = %e, "audit append failed; refusing to answer without a record");
@@ -149,13 +176,15 @@ fn bearer(req: &Request) -> Option<&str> {
 /// request.
 ///
 /// [`Principal`]: crate::auth::Principal
-pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn authenticate(st: &AppState, mut req: Request) -> Step {
     let interaction = req.extensions().get::<FhirRequest>().map(|f| f.interaction);
     if interaction == Some(Interaction::Capabilities) {
-        return next.run(req).await;
+        return Step::Next(req);
     }
     let Some(token) = bearer(&req) else {
-        return ApiError::Unauthorized("bearer token required".into()).into_response();
+        return Step::Answer(
+            ApiError::Unauthorized("bearer token required".into()).into_response(),
+        );
     };
     let write = req
         .extensions()
@@ -163,7 +192,7 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         .is_some_and(|f| f.interaction.is_write());
     let principal = match st.facade.auth.authenticate(token, write).await {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return Step::Answer(e.into_response()),
     };
     if let Some(slot) = req.extensions().get::<AuditSlot>() {
         slot.update(|d| {
@@ -202,32 +231,35 @@ pub async fn authenticate(State(st): State<AppState>, mut req: Request, next: Ne
         headers.insert("x-tributary-client", v);
     }
     req.extensions_mut().insert(principal);
-    next.run(req).await
+    Step::Next(req)
 }
 
 /// Applies roles, scopes, patient context and break-glass; puts the [`Access`] in the request.
 ///
 /// [`Access`]: crate::policy::Access
-pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+fn authorize(st: &AppState, mut req: Request) -> Step {
     let Some(fhir) = req.extensions().get::<FhirRequest>().cloned() else {
-        return ApiError::Internal("request not classified".into()).into_response();
+        return Step::Answer(ApiError::Internal("request not classified".into()).into_response());
     };
     if fhir.interaction == Interaction::Capabilities {
-        return next.run(req).await;
+        return Step::Next(req);
     }
     let Some(principal) = req
         .extensions()
         .get::<Arc<crate::auth::Principal>>()
         .cloned()
     else {
-        return ApiError::Unauthorized("bearer token required".into()).into_response();
+        return Step::Answer(
+            ApiError::Unauthorized("bearer token required".into()).into_response(),
+        );
     };
     let reason = match req.headers().get(&BREAK_GLASS).map(|v| v.to_str()) {
         None => None,
         Some(Ok(r)) => Some(r.trim().to_string()),
         Some(Err(_)) => {
-            return ApiError::BadRequest("X-Break-Glass must be a reason code".into())
-                .into_response()
+            return Step::Answer(
+                ApiError::BadRequest("X-Break-Glass must be a reason code".into()).into_response(),
+            )
         }
     };
     let slot = req.extensions().get::<AuditSlot>().cloned();
@@ -253,9 +285,9 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
                 }
             }
             req.extensions_mut().insert(access);
-            next.run(req).await
+            Step::Next(req)
         }
-        Err(e) => e.into_response(),
+        Err(e) => Step::Answer(e.into_response()),
     }
 }
 
@@ -281,29 +313,33 @@ pub async fn instance_guard(State(st): State<AppState>, req: Request, next: Next
 }
 
 /// Charges the request's cost to the caller's buckets; 429 with `Retry-After` when short.
-/// Every response carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
-pub async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+/// Every response carries `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`
+/// (`Ok` gives the quota for the caller to put on the response).
+fn rate_limit(st: &AppState, req: Request) -> Step<(Request, Option<crate::ratelimit::Quota>)> {
     let limiter = &st.facade.limiter;
     if !limiter.enabled() {
-        return next.run(req).await;
+        return Step::Next((req, None));
     }
     let fhir = req.extensions().get::<FhirRequest>();
     let principal = req.extensions().get::<Arc<crate::auth::Principal>>();
     let (Some(fhir), Some(p)) = (fhir, principal) else {
-        return next.run(req).await; // public endpoints
+        return Step::Next((req, None)); // public endpoints
     };
     let cost = limiter.cost(fhir);
-    let result = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), cost);
-    let (quota, mut res) = match result {
-        Ok(q) => (q, next.run(req).await),
-        Err(l) => (
-            l.quota,
-            ApiError::TooManyRequests {
+    match limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), cost) {
+        Ok(q) => Step::Next((req, Some(q))),
+        Err(l) => {
+            let mut res = ApiError::TooManyRequests {
                 retry_after_secs: l.retry_after_secs,
             }
-            .into_response(),
-        ),
-    };
+            .into_response();
+            quota_headers(&mut res, &l.quota);
+            Step::Answer(res)
+        }
+    }
+}
+
+fn quota_headers(res: &mut Response, quota: &crate::ratelimit::Quota) {
     let h = res.headers_mut();
     for (name, v) in [
         ("ratelimit-limit", quota.limit),
@@ -312,5 +348,4 @@ pub async fn rate_limit(State(st): State<AppState>, req: Request, next: Next) ->
     ] {
         h.insert(HeaderName::from_static(name), HeaderValue::from(v));
     }
-    res
 }

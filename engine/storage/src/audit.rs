@@ -198,6 +198,11 @@ impl PreparedRecord {
         }
     }
 
+    /// The record's JSON (the entry's `body`).
+    pub fn json(&self) -> &[u8] {
+        &self.body
+    }
+
     /// The stored bytes: exactly `serde_json::to_vec(&AuditEntry { seq, prev, body })`.
     fn entry_bytes(&self, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 100);
