@@ -462,6 +462,33 @@ impl MappingSet {
     }
 }
 
+/// Every Period in a constant of FHIR type `ty` whose `start` is after its `end`, by path.
+fn periods_out_of_order(ty: &str, v: &Value, path: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                periods_out_of_order(ty, item, path, out);
+            }
+        }
+        Value::Object(o) if ty == "Period" => {
+            let text = |k| o.get(k).and_then(Value::as_str);
+            if let (Some(start), Some(end)) = (text("start"), text("end")) {
+                if crate::datetime::period_start_after_end(start, end) == Some(true) {
+                    out.push(path.to_string());
+                }
+            }
+        }
+        Value::Object(o) => {
+            for (k, child) in o {
+                if let Some(e) = fhir::element(ty, k) {
+                    periods_out_of_order(e.ty, child, &format!("{path}.{k}"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Sets `holds_period_end` on every `map:`/`rules:` rule whose object has, at any depth, a rule
 /// filling a Period's `end` (datatype maps may use each other: iterated to a fixed point).
 fn mark_period_rules(maps: &mut [MapSlot]) {
@@ -925,7 +952,17 @@ impl Compiler {
         let kind = match kinds.first().copied() {
             Some("value") => {
                 let v = node.get("value")?;
-                RuleKind::Const(Arc::new(Constant::new(self.constant(file, v, last.ty)?)))
+                let value = self.constant(file, v, last.ty)?;
+                let mut bad = Vec::new();
+                periods_out_of_order(last.ty, &value, &set, &mut bad);
+                for at in bad {
+                    self.err(
+                        file,
+                        v.pos,
+                        format!("constant Period `{at}` starts after it ends (FHIR R4 per-1)"),
+                    );
+                }
+                RuleKind::Const(Arc::new(Constant::new(value)))
             }
             Some("var") => {
                 let Some(p) = prim else {

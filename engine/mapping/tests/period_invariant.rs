@@ -231,3 +231,28 @@ fn the_check_is_generic_whatever_order_or_level_the_rules_write_start_and_end() 
         ]
     );
 }
+
+#[test]
+fn a_constant_period_that_ends_before_it_starts_is_a_load_error() {
+    let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: status\n    value: finished\n  - set: identifier\n    value:\n      value: x\n      period: {start: \"2020-01-01\", end: \"2019-12-31\"}\n  - set: period\n    value: {start: \"2020-01-01\", end: \"2020-01-01\"}\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
+    let texts: Vec<(PathBuf, String)> = [
+        ("segments/PV1-Encounter.yaml", enc),
+        ("messages/ADT.yaml", msg),
+    ]
+    .iter()
+    .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+    .collect();
+    let errors = MappingSet::from_texts(Path::new("m"), &texts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("segments/PV1-Encounter.yaml:8:")
+            && errors.contains("constant Period `identifier.period` starts after it ends"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("1 error(s)"),
+        "equal start and end are fine: {errors}"
+    );
+}
