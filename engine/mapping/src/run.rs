@@ -1,7 +1,8 @@
 //! Running a compiled mapping set over one message: pick the message map, plan resource instances
 //! (with deterministic ids, so references resolve in any order), run the rules, assemble a FHIR R4
-//! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage and every
-//! non-empty source field no rule read. Pure: no I/O, no clock, no randomness.
+//! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage, every
+//! non-empty source field no rule read, and every value left out because it contradicts the rest
+//! (a Period `end` before its `start`). Pure: no I/O, no clock, no randomness.
 
 use crate::compile::{
     Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, RuleLoc, Step, TransOut,
