@@ -171,6 +171,12 @@ pub(crate) struct Rule {
     pub join: Option<String>,
     /// `on_error:`; `None` follows the mapping set's `on_invalid_value`.
     pub on_error: Option<OnError>,
+    /// The rule fills a Period's `end`: checked against the Period's `start` once the resource
+    /// is built (FHIR R4 invariant per-1).
+    pub period_end: bool,
+    /// The rule builds an object (`map:`, `rules:`) in which some rule fills a Period's `end`:
+    /// the runner tracks where that object lies in the resource.
+    pub holds_period_end: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -423,6 +429,7 @@ impl MappingSet {
         for i in 0..c.maps.len() {
             c.compile_map(i);
         }
+        mark_period_rules(&mut c.maps);
         let mut messages = Vec::new();
         let mut seen: HashMap<String, Arc<str>> = HashMap::new();
         for (file, stem, node) in message_docs {
@@ -452,6 +459,72 @@ impl MappingSet {
             global_ignore,
             fixtures: Vec::new(),
         })
+    }
+}
+
+/// Every Period in a constant of FHIR type `ty` whose `start` is after its `end`, by path.
+fn periods_out_of_order(ty: &str, v: &Value, path: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Array(items) => {
+            for item in items {
+                periods_out_of_order(ty, item, path, out);
+            }
+        }
+        Value::Object(o) if ty == "Period" => {
+            let text = |k| o.get(k).and_then(Value::as_str);
+            if let (Some(start), Some(end)) = (text("start"), text("end")) {
+                if crate::datetime::period_start_after_end(start, end) == Some(true) {
+                    out.push(path.to_string());
+                }
+            }
+        }
+        Value::Object(o) => {
+            for (k, child) in o {
+                if let Some(e) = fhir::element(ty, k) {
+                    periods_out_of_order(e.ty, child, &format!("{path}.{k}"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sets `holds_period_end` on every `map:`/`rules:` rule whose object has, at any depth, a rule
+/// filling a Period's `end` (datatype maps may use each other: iterated to a fixed point).
+fn mark_period_rules(maps: &mut [MapSlot]) {
+    fn holds(rule: &Rule, maps: &[bool]) -> bool {
+        rule.period_end
+            || match &rule.kind {
+                RuleKind::Map(i) => maps.get(*i).copied().unwrap_or(false),
+                RuleKind::Nested(rules) => rules.iter().any(|r| holds(r, maps)),
+                _ => false,
+            }
+    }
+    fn mark(rules: &mut [Rule], maps: &[bool]) {
+        for r in rules {
+            if let RuleKind::Nested(inner) = &mut r.kind {
+                mark(inner, maps);
+            }
+            r.holds_period_end = matches!(r.kind, RuleKind::Map(_) | RuleKind::Nested(_))
+                && holds(r, maps)
+                && !r.period_end;
+        }
+    }
+    let mut flags = vec![false; maps.len()];
+    loop {
+        let mut changed = false;
+        for (i, m) in maps.iter().enumerate() {
+            if !flags[i] && m.compiled.rules.iter().any(|r| holds(r, &flags)) {
+                flags[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for m in maps.iter_mut() {
+        mark(&mut m.compiled.rules, &flags);
     }
 }
 
@@ -792,6 +865,11 @@ impl Compiler {
         let set = set_node.as_str().unwrap_or("").to_string();
         let target = self.target(file, set_node.pos, owner, &set)?;
         let last = target.last()?.clone();
+        let last_owner = match target.len() {
+            1 => owner,
+            n => target[n - 2].ty,
+        };
+        let period_end = last_owner == "Period" && last.name == "end";
         let mut from = Vec::new();
         if let Some(f) = node.get("from") {
             let items: Vec<&Node> = match f.as_seq() {
@@ -874,7 +952,17 @@ impl Compiler {
         let kind = match kinds.first().copied() {
             Some("value") => {
                 let v = node.get("value")?;
-                RuleKind::Const(Arc::new(Constant::new(self.constant(file, v, last.ty)?)))
+                let value = self.constant(file, v, last.ty)?;
+                let mut bad = Vec::new();
+                periods_out_of_order(last.ty, &value, &set, &mut bad);
+                for at in bad {
+                    self.err(
+                        file,
+                        v.pos,
+                        format!("constant Period `{at}` starts after it ends (FHIR R4 per-1)"),
+                    );
+                }
+                RuleKind::Const(Arc::new(Constant::new(value)))
             }
             Some("var") => {
                 let Some(p) = prim else {
@@ -1067,6 +1155,8 @@ impl Compiler {
             many: last.many,
             join,
             on_error,
+            period_end,
+            holds_period_end: false,
         })
     }
 

@@ -25,7 +25,9 @@ mod tree;
 mod yaml;
 
 pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};
-pub use run::{to_uri, Lineage, MappedBundle, MappingError, RunOptions, SourceField};
+pub use run::{
+    to_uri, DropReason, DroppedValue, Lineage, MappedBundle, MappingError, RunOptions, SourceField,
+};
 pub use source::{SplitMessage, V2Source};
 
 use std::borrow::Cow;

@@ -1,10 +1,12 @@
 //! Running a compiled mapping set over one message: pick the message map, plan resource instances
 //! (with deterministic ids, so references resolve in any order), run the rules, assemble a FHIR R4
-//! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage and every
-//! non-empty source field no rule read. Pure: no I/O, no clock, no randomness.
+//! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage, every
+//! non-empty source field no rule read, and every value left out because it contradicts the rest
+//! (a Period `end` before its `start`). Pure: no I/O, no clock, no randomness.
 
 use crate::compile::{
-    Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, Step, TransOut, Transform,
+    Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, RuleLoc, Step, TransOut,
+    Transform,
 };
 use crate::cond::{Cond, Operand};
 use crate::datetime;
@@ -74,6 +76,53 @@ impl fmt::Display for SourceField {
     }
 }
 
+/// Why a mapped value was left out of the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// A Period's `end` before its `start` (FHIR R4 invariant per-1): the `end` is left out,
+    /// the `start` kept.
+    EndBeforeStart,
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropReason::EndBeforeStart => "end before start",
+        })
+    }
+}
+
+/// A source value a rule mapped but the output leaves out, because keeping it would make the
+/// resource invalid FHIR R4 (a Period ending before it starts). Names paths, never the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DroppedValue {
+    /// The source path, e.g. `PV1-45`, `PID-5[2].10.2`; empty when a constant was left out.
+    pub source: String,
+    pub resource_type: &'static str,
+    pub resource_id: String,
+    /// The element within the resource, e.g. `period.end`, `name[1].period.end`.
+    pub element: String,
+    /// The rule that filled it: `mappings/hl7v2/segments/PV1-Encounter.yaml:75`.
+    pub rule: String,
+    pub reason: DropReason,
+}
+
+impl fmt::Display for DroppedValue {
+    /// `PV1-45 (Encounter.period.end: end before start)`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = if self.source.is_empty() {
+            "(constant)"
+        } else {
+            &self.source
+        };
+        write!(
+            f,
+            "{source} ({}.{}: {})",
+            self.resource_type, self.element, self.reason
+        )
+    }
+}
+
 /// The result of mapping one message.
 #[derive(Clone, Debug)]
 pub struct MappedBundle {
@@ -88,6 +137,9 @@ pub struct MappedBundle {
     pub lineage: Vec<Lineage>,
     /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
     pub unconsumed: Vec<SourceField>,
+    /// Source values a rule read but the output leaves out (a Period `end` before its `start`):
+    /// reported like `unconsumed`, so nothing is dropped silently.
+    pub dropped: Vec<DroppedValue>,
     /// Things a human should know that did not fail the message (no values: PHI-free).
     pub warnings: Vec<String>,
 }
@@ -203,6 +255,18 @@ struct Scope<'s> {
     names: FxHashMap<&'s str, Vec<usize>>,
 }
 
+/// One step from a resource root to an object in it: element name, and the array index when
+/// the element repeats.
+type LocStep = (&'static str, Option<usize>);
+
+/// A Period `end` a rule wrote, checked against the Period's `start` once the resource is built.
+struct PeriodEnd {
+    /// Where the Period lies in the resource.
+    period: Vec<LocStep>,
+    src: Option<Ctx>,
+    rule: RuleLoc,
+}
+
 struct Instance {
     map: usize,
     ctx: Ctx,
@@ -227,6 +291,12 @@ struct Runner<'s, S: V2Source + ?Sized> {
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
     msg_key: [String; 3],
+    /// Where the object being built lies in its resource (tracked only inside objects that
+    /// hold a Period `end`).
+    loc: Vec<LocStep>,
+    /// Period `end`s written in the resources being built (innermost resource last).
+    period_ends: Vec<PeriodEnd>,
+    dropped: Vec<DroppedValue>,
 }
 
 fn has_text(s: &str) -> bool {
@@ -295,6 +365,9 @@ impl MappingSet {
                 leaf(4, 1).into_owned(),
                 src.leaf(0, 10, 1, 1, 1).unwrap_or_default().into_owned(),
             ],
+            loc: Vec::new(),
+            period_ends: Vec::new(),
+            dropped: Vec::new(),
         };
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
@@ -312,6 +385,7 @@ impl MappingSet {
             version: self.version.clone(),
             lineage: r.lineage.unwrap_or_default(),
             unconsumed,
+            dropped: r.dropped,
             warnings: r.warnings,
         })
     }
@@ -705,7 +779,15 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         obj.insert("resourceType", Node::str(rtype));
         obj.insert("id", Node::str(id.as_str()));
         let lineage_mark = self.lineage.as_ref().map(Vec::len);
+        // a resource created from inside another starts its own locations and Period checks
+        let outer_loc = std::mem::take(&mut self.loc);
+        let ends_mark = self.period_ends.len();
         self.apply(rules, ctx, &mut obj, &url)?;
+        self.loc = outer_loc;
+        let ends = self.period_ends.split_off(ends_mark);
+        if !duplicate {
+            self.check_periods(rtype, &id, &mut obj, ends);
+        }
         if duplicate {
             // Same resource reached twice in one message (the same doctor as attending and
             // referring): the first build stands; this one only counted its fields as read.
@@ -721,6 +803,54 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             });
         }
         Ok(url)
+    }
+
+    /// FHIR R4 per-1 for every Period whose `end` a rule wrote: an `end` before the `start` is
+    /// left out (the `start` stays) and reported with its source path, never its value.
+    fn check_periods(
+        &mut self,
+        rtype: &'static str,
+        id: &str,
+        obj: &mut Obj,
+        ends: Vec<PeriodEnd>,
+    ) {
+        for e in ends {
+            let Some(period) = obj_at(obj, &e.period) else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (
+                period.get("start").and_then(node_str),
+                period.get("end").and_then(node_str),
+            ) else {
+                continue;
+            };
+            if datetime::period_start_after_end(start, end) != Some(true) {
+                continue;
+            }
+            period.remove("end");
+            let mut element = String::new();
+            for (name, idx) in &e.period {
+                element.push_str(name);
+                if let Some(i) = idx {
+                    element.push_str(&format!("[{i}]"));
+                }
+                element.push('.');
+            }
+            element.push_str("end");
+            if let Some(l) = self.lineage.as_mut() {
+                let full = format!("{rtype}/{id}.{element}");
+                l.retain(|x| x.element != full);
+            }
+            let source = e.src.map(|c| self.concrete(c)).unwrap_or_default();
+            self.dropped.push(DroppedValue {
+                source,
+                resource_type: rtype,
+                resource_id: id.to_string(),
+                element,
+                rule: e.rule.to_string(),
+                reason: DropReason::EndBeforeStart,
+            });
+        }
     }
 
     fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
@@ -781,7 +911,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     None
                 };
                 let lmark = self.lineage.as_ref().map(Vec::len);
-                let v = self.value(rule, c, element.as_deref().unwrap_or(""))?;
+                let loc_mark = self.loc.len();
+                if rule.holds_period_end {
+                    target_loc(obj, &rule.target, &mut self.loc);
+                }
+                let v = self.value(rule, c, element.as_deref().unwrap_or(""));
+                self.loc.truncate(loc_mark);
+                let v = v?;
                 match v {
                     Some(v) => {
                         let src = if rule.from.is_empty()
@@ -819,6 +955,17 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     fn put(&mut self, obj: &mut Obj, rule: &Rule, v: Node, jpath: &str, src: Option<Ctx>) {
+        if rule.period_end {
+            // set_target goes into the first item of every repeating element on the way
+            let mut period = self.loc.clone();
+            let inner = &rule.target[..rule.target.len() - 1];
+            period.extend(inner.iter().map(|s| (s.name, s.many.then_some(0))));
+            self.period_ends.push(PeriodEnd {
+                period,
+                src,
+                rule: rule.loc.clone(),
+            });
+        }
         if self.lineage.is_some() {
             let element = target_path(obj, &rule.target, jpath);
             let source = src.map(|c| self.concrete(c)).unwrap_or_default();
@@ -1147,6 +1294,53 @@ fn set_target(obj: &mut Obj, steps: &[Step], v: Node) {
         }
     } else {
         cur.insert_new(last.name, v);
+    }
+}
+
+/// Where a value for `steps` lands in `obj` (as `target_path`, structured), appended to `out`.
+fn target_loc(obj: &Obj, steps: &[Step], out: &mut Vec<LocStep>) {
+    let mut cur = Some(View::Obj(obj));
+    for (i, st) in steps.iter().enumerate() {
+        let existing = cur.and_then(|o| o.get(st.name));
+        if st.many {
+            let idx = if i + 1 == steps.len() {
+                existing.and_then(View::array_len).unwrap_or(0)
+            } else {
+                0
+            };
+            out.push((st.name, Some(idx)));
+            cur = existing.and_then(View::first).filter(|v| v.is_object());
+        } else {
+            out.push((st.name, None));
+            cur = existing.filter(|v| v.is_object());
+        }
+    }
+}
+
+/// The object at `path` in `obj`, if the path leads to one.
+fn obj_at<'o>(obj: &'o mut Obj, path: &[LocStep]) -> Option<&'o mut Obj> {
+    let mut cur = obj;
+    for (name, idx) in path {
+        let mut node = cur.get_mut(name)?;
+        if let Some(i) = idx {
+            node = match node {
+                Node::Arr(a) => a.get_mut(*i)?,
+                _ => return None,
+            };
+        }
+        cur = match node {
+            Node::Obj(o) => o,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn node_str(n: &Node) -> Option<&str> {
+    match n {
+        Node::Str(s) => Some(s),
+        Node::Const(c) => c.value.as_str(),
+        _ => None,
     }
 }
 

@@ -63,6 +63,15 @@ impl Obj {
         self.find(key).ok().map(|i| &self.0[i].1)
     }
 
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
+        self.find(key).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// Removes `key` (and its value) if present.
+    pub fn remove(&mut self, key: &str) -> Option<Node> {
+        self.find(key).ok().map(|i| self.0.remove(i).1)
+    }
+
     /// The value at `key`, inserting `make()` first when absent.
     pub fn get_or_insert_with(
         &mut self,

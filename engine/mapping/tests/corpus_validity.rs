@@ -2,13 +2,17 @@
 //! succeeds, and every Bundle is valid FHIR R4 by two external validators — fhir.resources 6.4.0
 //! (+ the R4 date/dateTime/instant regexes) and npm fhir@4.12.0 — via scripts/validate_fhir.py.
 //!
+//! Also checks FHIR R4 invariant per-1 (Period start not after end) on every Period, which
+//! neither validator evaluates.
+//!
 //! Skips (saying so) when the corpus or the validators are absent; set
 //! TEST_REQUIRE_TOOLS=1 (CI) to make their absence a failure.
 //! Install the validators with scripts/install-test-tools.
 
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tributary_mapping::{MapBytesError, MappingError, MappingSet, RunOptions};
+use tributary_mapping::{datetime, fhir, MapBytesError, MappingError, MappingSet, RunOptions};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -30,6 +34,35 @@ fn hl7_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn require() -> bool {
     std::env::var("TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// Every Period in `v` (of FHIR type `ty`) whose `start` is after its `end`, by element path.
+fn per1_violations(ty: &str, v: &Value, path: &str, out: &mut Vec<String>) {
+    let Value::Object(o) = v else { return };
+    if ty == "Period" {
+        if let (Some(s), Some(e)) = (
+            o.get("start").and_then(Value::as_str),
+            o.get("end").and_then(Value::as_str),
+        ) {
+            if datetime::period_start_after_end(s, e) != Some(false) {
+                out.push(path.to_string());
+            }
+        }
+        return;
+    }
+    for (k, child) in o {
+        let Some(el) = fhir::element(ty, k) else {
+            continue;
+        };
+        match child {
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    per1_violations(el.ty, item, &format!("{path}.{k}[{i}]"), out);
+                }
+            }
+            _ => per1_violations(el.ty, child, &format!("{path}.{k}"), out),
+        }
+    }
 }
 
 #[test]
@@ -69,6 +102,16 @@ fn every_corpus_output_is_valid_fhir_r4() {
             ) {
                 Ok(m) => {
                     mapped += 1;
+                    for (t, id, r) in m.resources() {
+                        let mut bad = Vec::new();
+                        per1_violations(t, &r, &format!("{t}/{id}"), &mut bad);
+                        for b in bad {
+                            failures.push(format!(
+                                "{}: per-1 (start after end, or not a date) at {b}",
+                                f.display()
+                            ));
+                        }
+                    }
                     let name = format!(
                         "{:04}-{n}-{}.json",
                         mapped,
@@ -107,5 +150,35 @@ fn every_corpus_output_is_valid_fhir_r4() {
     assert!(
         status.success(),
         "some outputs are not valid FHIR R4 (see the validator output above)"
+    );
+}
+
+/// The sample that showed the problem: its discharge (PV1-45) is years before its admit (PV1-44).
+#[test]
+fn a_corpus_discharge_before_the_admit_leaves_a_valid_encounter_period() {
+    let file = repo().join("../shared/corpus/hl7v2/google-whistle/adt_a01.hl7");
+    let Ok(bytes) = std::fs::read(&file) else {
+        assert!(!require(), "corpus sample {} absent", file.display());
+        eprintln!("SKIP: corpus sample {} absent", file.display());
+        return;
+    };
+    let set = MappingSet::load(&repo().join("mappings/hl7v2")).unwrap();
+    let m = set
+        .map_bytes(
+            &bytes,
+            tributary_terminology::builtin(),
+            &RunOptions::default(),
+        )
+        .unwrap();
+    let (_, _, enc) = m.resources().find(|(t, _, _)| *t == "Encounter").unwrap();
+    assert!(enc["period"]["start"].is_string(), "the admit is kept");
+    assert!(
+        enc["period"].get("end").is_none(),
+        "the contradicting discharge is left out"
+    );
+    let reported: Vec<String> = m.dropped.iter().map(ToString::to_string).collect();
+    assert!(
+        reported.contains(&"PV1-45 (Encounter.period.end: end before start)".to_string()),
+        "{reported:?}"
     );
 }

@@ -3,11 +3,15 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
-/// What the pipeline does with a message some of whose non-empty source fields no rule consumed.
+/// What the pipeline does with a message some of whose non-empty source fields no rule consumed,
+/// or some of whose source values the output had to leave out because they contradict the rest
+/// (a Period `end` before its `start`: the `start` is kept, the `end` left out — FHIR R4
+/// invariant per-1). Either way the report names source paths and reasons, never values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnconsumedPolicy {
-    /// Commit, and log the unconsumed field paths (never their values) with the message id.
+    /// Commit, and log the unconsumed or left-out field paths (never their values) with the
+    /// message id.
     Warn,
     /// Do not commit: mark the message failed (`quarantined: …`, listing the paths). It is
     /// re-queued automatically when a changed mapping set is loaded.

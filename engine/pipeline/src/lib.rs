@@ -2,7 +2,10 @@
 //! key (sender + patient), map them with the current mapping set, check the output, and commit
 //! resources + outbox events + the message state in one atomic, durable write. A message that
 //! cannot be mapped is marked `failed` with a reason naming the mapping file, rule and source
-//! path (never a value) and waits for a fix and `tributary replay`.
+//! path (never a value) and waits for a fix and `tributary replay`. A message whose report lists
+//! source fields no rule consumed, or values the output had to leave out (a Period `end` before
+//! its `start`, FHIR R4 invariant per-1), is committed with a warning, quarantined or rejected
+//! as `[mapping] unconsumed` says.
 //!
 //! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
@@ -20,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
-use tributary_mapping::{MappedBundle, RunOptions, SourceField};
+use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
     JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
@@ -49,6 +52,8 @@ pub enum Outcome {
         resources: usize,
         changed: usize,
         unconsumed: usize,
+        /// Source values left out of the output (a Period end before its start).
+        dropped: usize,
     },
     Failed {
         reason: String,
@@ -345,27 +350,39 @@ impl Pipeline {
         for w in &mapped.warnings {
             tracing::warn!(message = %env.id, warning = %w, "mapping warning");
         }
-        if !mapped.unconsumed.is_empty() {
-            let list = summarize(&mapped.unconsumed);
+        // Nothing is dropped silently: source fields no rule read, and values a rule read but the
+        // output had to leave out (a Period end before its start), both go by the feed's policy.
+        if !mapped.unconsumed.is_empty() || !mapped.dropped.is_empty() {
+            let (what, list) = report(&mapped);
             match self.config.unconsumed {
-                UnconsumedPolicy::Warn => tracing::warn!(
-                    message = %env.id,
-                    count = mapped.unconsumed.len(),
-                    fields = %list,
-                    "source fields no rule consumed"
-                ),
+                UnconsumedPolicy::Warn => {
+                    if !mapped.unconsumed.is_empty() {
+                        tracing::warn!(
+                            message = %env.id,
+                            count = mapped.unconsumed.len(),
+                            fields = %summarize(&mapped.unconsumed),
+                            "source fields no rule consumed"
+                        );
+                    }
+                    if !mapped.dropped.is_empty() {
+                        tracing::warn!(
+                            message = %env.id,
+                            count = mapped.dropped.len(),
+                            fields = %summarize(&mapped.dropped),
+                            "source values left out of the output"
+                        );
+                    }
+                }
                 UnconsumedPolicy::Quarantine => {
                     let reason = format!(
-                        "quarantined: {} source field(s) no rule consumed in {} (mapping set {version}): {list}",
-                        mapped.unconsumed.len(),
+                        "quarantined: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
                     );
                     return self.fail(rt, env.id, reason, &version).await;
                 }
                 UnconsumedPolicy::Reject => {
                     let reason = format!(
-                        "rejected: {} source field(s) no rule consumed in {} (mapping set {version}): {list}",
-                        mapped.unconsumed.len(),
+                        "rejected: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
                     );
                     return self.fail(rt, env.id, reason, &version).await;
@@ -429,6 +446,7 @@ impl Pipeline {
                     resources,
                     changed,
                     unconsumed: mapped.unconsumed.len(),
+                    dropped: mapped.dropped.len(),
                 })
             }
             // The message moved on meanwhile (a concurrent replay): its new queue entry maps it.
@@ -483,7 +501,23 @@ pub fn message_event_type(message_type: &str) -> String {
     }
 }
 
-fn summarize(paths: &[SourceField]) -> String {
+/// What a message's report holds, and the list: `1 source field(s) no rule consumed`, `1 source
+/// value(s) left out of the output`, or both; paths and reasons only, never values.
+fn report(m: &MappedBundle) -> (String, String) {
+    let (u, d) = (m.unconsumed.len(), m.dropped.len());
+    let consumed = format!("{u} source field(s) no rule consumed");
+    let left_out = format!("{d} source value(s) left out of the output");
+    match (u, d) {
+        (_, 0) => (consumed, summarize(&m.unconsumed)),
+        (0, _) => (left_out, summarize(&m.dropped)),
+        _ => (
+            format!("{consumed}; {left_out}"),
+            format!("{}; {}", summarize(&m.unconsumed), summarize(&m.dropped)),
+        ),
+    }
+}
+
+fn summarize<T: std::fmt::Display>(paths: &[T]) -> String {
     let mut s = paths
         .iter()
         .take(50)

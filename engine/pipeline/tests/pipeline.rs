@@ -258,3 +258,72 @@ async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_
     ));
     assert!(p.registry.last_error().is_none() || p.registry.current().version == before);
 }
+
+/// The ADT^A01 fixture with a discharge (PV1-45) years before its admit (PV1-44).
+fn discharge_before_admit() -> Vec<u8> {
+    let text = String::from_utf8(fixture("ADT_A01.hl7")).unwrap();
+    let segments: Vec<String> = text
+        .split('\r')
+        .map(|seg| {
+            if !seg.starts_with("PV1|") {
+                return seg.to_string();
+            }
+            let mut fields: Vec<&str> = seg.split('|').collect();
+            fields.resize(fields.len().max(46), "");
+            fields[45] = "20161123";
+            fields.join("|")
+        })
+        .collect();
+    segments.join("\r").into_bytes()
+}
+
+#[tokio::test]
+async fn a_period_end_before_its_start_is_left_out_and_goes_by_the_feed_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    // warn (default): committed without the contradicting end, the admit kept
+    let rt = runtime(&tmp.path().join("warn"));
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let id = append(&rt, discharge_before_admit()).await;
+    drain(&p, &rt).await;
+    assert_eq!(
+        rt.journal.get(id).unwrap().unwrap().state.state,
+        MessageState::Committed
+    );
+    let mapped = p
+        .registry
+        .current()
+        .map_bytes(
+            &discharge_before_admit(),
+            tributary_terminology::builtin(),
+            &tributary_mapping::RunOptions {
+                tenant: "t1",
+                lineage: false,
+            },
+        )
+        .unwrap();
+    let (_, enc_id) = mapped.entries().find(|(t, _)| *t == "Encounter").unwrap();
+    let stored = rt.store.read("t1", "Encounter", enc_id).unwrap().unwrap();
+    let period = stored.resource().unwrap()["period"].clone();
+    assert!(period["start"].is_string(), "{period}");
+    assert!(period.get("end").is_none(), "{period}");
+
+    // reject: not committed; the reason names the field and why, never the value
+    let rt = runtime(&tmp.path().join("reject"));
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Reject);
+    let id = append(&rt, discharge_before_admit()).await;
+    drain(&p, &rt).await;
+    let rec = rt.journal.get(id).unwrap().unwrap();
+    assert_eq!(rec.state.state.kind(), StateKind::Failed);
+    let reason = rec.state.state.reason().unwrap().to_string();
+    assert!(reason.starts_with("rejected:"), "{reason}");
+    assert!(
+        reason.contains("1 source value(s) left out of the output"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("PV1-45 (Encounter.period.end: end before start)"),
+        "{reason}"
+    );
+    assert!(!reason.contains("2016"), "reason leaks the value: {reason}");
+    assert!(rt.store.read("t1", "Encounter", enc_id).unwrap().is_none());
+}

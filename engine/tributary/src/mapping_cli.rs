@@ -130,6 +130,21 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                                 l.rule
                             );
                         }
+                        for d in &m.dropped {
+                            eprintln!(
+                                "{}/{}.{}\t<- {}\t{}\tleft out: {}",
+                                d.resource_type,
+                                d.resource_id,
+                                d.element,
+                                if d.source.is_empty() {
+                                    "(constant)"
+                                } else {
+                                    &d.source
+                                },
+                                d.rule,
+                                d.reason
+                            );
+                        }
                     }
                     if args.unmapped {
                         eprintln!(
@@ -143,6 +158,13 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     }
                     for w in &m.warnings {
                         eprintln!("warning: {}: {w}", input.display());
+                    }
+                    for d in &m.dropped {
+                        eprintln!(
+                            "warning: {}: {}: source value left out: {d}",
+                            input.display(),
+                            d.rule
+                        );
                     }
                 }
             }

@@ -106,3 +106,46 @@ fn map_prints_a_transaction_bundle_with_explain_and_unmapped() {
         "{stderr}"
     );
 }
+
+#[test]
+fn map_reports_a_period_end_it_leaves_out_by_path_never_by_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("reversed.hl7");
+    // hand-written: discharged (PV1-45) years before admitted (PV1-44)
+    let pv1 = format!(
+        "PV1|1|I|4WEST^401^A^RIVERSIDE|||||||||||||||I|V90001{}|20261123081500-0600|20161123",
+        "|".repeat(24)
+    );
+    let msg = format!(
+        "MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|20261123081500-0600||ADT^A01^ADT_A01|PER-1|P|2.5.1\rPID|1||MRN90001^^^RIVERSIDE^MR||Sample^Pat||19800101|F\r{pv1}\r"
+    );
+    std::fs::write(&input, msg).unwrap();
+    let out = tributary()
+        .args(["map", "--explain", "--mapping"])
+        .arg(repo().join("mappings/hl7v2"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let enc = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Encounter")
+        .unwrap();
+    assert_eq!(
+        enc["resource"]["period"],
+        serde_json::json!({"start": "2026-11-23T08:15:00-06:00"})
+    );
+    assert!(
+        stderr.contains("source value left out: PV1-45 (Encounter.period.end: end before start)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("<- PV1-45\t") && stderr.contains("left out: end before start"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("2016"), "{stderr}");
+}
