@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 /// Longest a group waits for more jobs once it has one (see the gathering loop in `run`).
 const GATHER_BUDGET: Duration = Duration::from_micros(400);
 const GATHER_POLL: Duration = Duration::from_micros(40);
+/// See [`CommitStats::slow`].
+pub const SLOW_COMMIT: Duration = Duration::from_millis(10);
 
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 type Job = Box<dyn FnOnce(&mut Txn<'_>) -> Completion + Send>;
@@ -99,11 +101,15 @@ impl<'a> Txn<'a> {
     }
 }
 
-/// Counts for the benchmark and `/metrics`: jobs per fsync shows whether group commit works.
+/// Counts for the benchmarks: jobs per fsync shows whether group commit works.
 #[derive(Debug, Default)]
 pub struct CommitStats {
     pub groups: AtomicU64,
     pub jobs: AtomicU64,
+    /// Group commits whose write + fsync took at least [`SLOW_COMMIT`]: every caller in such a
+    /// group waited that long. fjall's journal rotation (every 64 MB of writes: a new file, its
+    /// fsync and the directory's) is the usual cause; these set the tail latency of durable writes.
+    pub slow: AtomicU64,
 }
 
 pub struct Committer {
@@ -233,7 +239,12 @@ fn run(
             } else {
                 None
             };
-            batch.durability(mode).commit()
+            let started = Instant::now();
+            let result = batch.durability(mode).commit();
+            if started.elapsed() >= SLOW_COMMIT {
+                stats.slow.fetch_add(1, Ordering::Relaxed);
+            }
+            result
         };
         stats.groups.fetch_add(1, Ordering::Relaxed);
         stats
