@@ -25,6 +25,19 @@ fn map(set: &MappingSet, message: &str) -> MappedBundle {
     .unwrap()
 }
 
+/// A two-file mapping set: `segments/PV1-Encounter.yaml` and `messages/ADT.yaml`.
+fn encounter_set(
+    segment: &str,
+    message: &str,
+) -> Result<MappingSet, tributary_mapping::LoadErrors> {
+    let texts = [
+        ("segments/PV1-Encounter.yaml", segment),
+        ("messages/ADT.yaml", message),
+    ]
+    .map(|(p, t)| (PathBuf::from(p), t.to_string()));
+    MappingSet::from_texts(Path::new("m"), &texts)
+}
+
 fn resource(out: &MappedBundle, ty: &str) -> Value {
     out.resources()
         .find(|(t, _, _)| *t == ty)
@@ -199,14 +212,7 @@ fn the_check_is_generic_whatever_order_or_level_the_rules_write_start_and_end() 
     // Period in an extension: the engine checks the finished resource, not the rule order.
     let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: status\n    value: finished\n  - set: class\n    value: {system: http://terminology.hl7.org/CodeSystem/v3-ActCode, code: IMP}\n  - set: period.end\n    from: PV1-45\n  - set: period\n    rules:\n      - set: start\n        from: PV1-44\n  - set: period.start\n    from: PV1-44\n  - set: extension\n    rules:\n      - set: url\n        value: http://example.org/stay\n      - set: valuePeriod.end\n        from: PV1-45\n      - set: valuePeriod.start\n        value: \"2026-11-23\"\n";
     let msg = "message: [ADT^A01]\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
-    let texts: Vec<(PathBuf, String)> = [
-        ("segments/PV1-Encounter.yaml", enc),
-        ("messages/ADT.yaml", msg),
-    ]
-    .iter()
-    .map(|(p, t)| (PathBuf::from(p), t.to_string()))
-    .collect();
-    let set = MappingSet::from_texts(Path::new("m"), &texts).unwrap_or_else(|e| panic!("{e}"));
+    let set = encounter_set(enc, msg).unwrap_or_else(|e| panic!("{e}"));
     let out = map(
         &set,
         "MSH|^~\\&|A|B|C|D|20260101||ADT^A01|1|P|2.5\rPV1|1|I||||||||||||||||||||||||||||||||||||||||||20261123081500-0600|20261122\r",
@@ -236,16 +242,7 @@ fn the_check_is_generic_whatever_order_or_level_the_rules_write_start_and_end() 
 fn a_constant_period_that_ends_before_it_starts_is_a_load_error() {
     let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: status\n    value: finished\n  - set: identifier\n    value:\n      value: x\n      period: {start: \"2020-01-01\", end: \"2019-12-31\"}\n  - set: period\n    value: {start: \"2020-01-01\", end: \"2020-01-01\"}\n";
     let msg = "message: [ADT^A01]\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
-    let texts: Vec<(PathBuf, String)> = [
-        ("segments/PV1-Encounter.yaml", enc),
-        ("messages/ADT.yaml", msg),
-    ]
-    .iter()
-    .map(|(p, t)| (PathBuf::from(p), t.to_string()))
-    .collect();
-    let errors = MappingSet::from_texts(Path::new("m"), &texts)
-        .unwrap_err()
-        .to_string();
+    let errors = encounter_set(enc, msg).unwrap_err().to_string();
     assert!(
         errors.contains("segments/PV1-Encounter.yaml:8:")
             && errors.contains("constant Period `identifier.period` starts after it ends"),
