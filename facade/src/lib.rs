@@ -133,6 +133,7 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/{rtype}/{id}/_history/{vid}", get(rest::vread))
         .route("/admin/consent/{id}/revoke", post(rest::revoke_consent))
         .route("/admin/audit/verify", get(rest::verify_audit))
+        .route("/admin/mapping/report", get(rest::mapping_report))
         .fallback(rest::not_found)
 }
 

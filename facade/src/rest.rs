@@ -954,6 +954,24 @@ pub async fn verify_audit(
     ))
 }
 
+/// `GET /admin/mapping/report` (admin role): the mapping field report of the caller's tenant —
+/// which source fields the mappings left unconsumed or out, how often, first and last seen, an
+/// example message id (paths and ids, never values), as `tributary mapping report --json` prints.
+pub async fn mapping_report(
+    State(st): State<AppState>,
+    Extension(access): Extension<Access>,
+) -> ApiResult<Response> {
+    let store = tributary_storage::FieldReportStore::new(st.rt.db.clone());
+    let tenant = access.principal.tenant.clone();
+    let report = tokio::task::spawn_blocking(move || store.read(Some(&tenant)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::to_vec(&report).unwrap_or_default(),
+    ))
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("unknown endpoint".into())
 }

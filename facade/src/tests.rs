@@ -922,3 +922,59 @@ async fn opaque_tokens_are_introspected_cached_for_reads_and_rechecked_for_write
         .unwrap();
     assert_eq!(rec["user"], "u1");
 }
+
+#[tokio::test]
+async fn mapping_report_is_for_the_admin_role_and_the_callers_tenant_only() {
+    use tributary_storage::{FieldKey, FieldKind, FieldReportStore, FieldStats};
+    let e = env();
+    let row = |tenant: &str, path: &str, count| {
+        (
+            FieldKey {
+                tenant: tenant.into(),
+                message_map: "ADT_A01.yaml".into(),
+                message_type: "ADT^A01".into(),
+                kind: FieldKind::Unconsumed,
+                path: path.into(),
+                reason: String::new(),
+            },
+            FieldStats {
+                count,
+                first_seen: 1,
+                last_seen: 2,
+                example_message: format!("{tenant}-msg"),
+            },
+        )
+    };
+    FieldReportStore::new(e.st.rt.db.clone())
+        .merge(
+            vec![
+                row("default", "PID-11.7", 5),
+                row("default", "ZXT-2", 9),
+                row("acme", "PID-13", 50),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let viewer = e.token("user/*.rs", |_| {});
+    assert_eq!(
+        e.call("GET", "/admin/mapping/report", Some(&viewer), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        e.call("GET", "/admin/mapping/report", None, None).await.0,
+        401
+    );
+    let admin = e.token("system/*.cruds", |r| r.role = Some("admin".into()));
+    let (s, _, v) = e
+        .call("GET", "/admin/mapping/report", Some(&admin), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["ZXT-2", "PID-11.7"], "{v}");
+    assert!(rows.iter().all(|r| r["tenant"] == "default"), "{v}");
+    assert_eq!(rows[0]["count"], 9);
+}

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnconsumedPolicy {
-    /// Commit, and log the unconsumed or left-out field paths (never their values) with the
-    /// message id.
+    /// Commit. Each (message map, field path) is logged at WARN the first time it is seen, then
+    /// at most one summary per message map every `report_log_interval_secs` (paths and counts,
+    /// never values); `tributary mapping report` shows the counts kept in the data directory.
     Warn,
     /// Do not commit: mark the message failed (`quarantined: …`, listing the paths). It is
     /// re-queued automatically when a changed mapping set is loaded.
@@ -36,6 +37,16 @@ pub struct MappingConfig {
     pub workers: usize,
     /// Seconds between checks of the mapping directory for changes; 0 turns hot reload off.
     pub reload_interval_secs: u64,
+    /// Seconds between writes of the field report counts (unconsumed and left-out source fields
+    /// per message map, see `tributary mapping report`) to the data directory; they are also
+    /// written at shutdown. A crash loses at most this many seconds of counts (never messages).
+    pub report_flush_secs: u64,
+    /// Under `unconsumed = "warn"`: seconds between the log summaries of unconsumed and left-out
+    /// fields (one line per message map, instead of one per message).
+    pub report_log_interval_secs: u64,
+    /// Most distinct (tenant, message map, message type, field) keys the field report tracks;
+    /// observations of further keys are counted as overflow only. Bounds memory and storage.
+    pub report_max_fields: usize,
 }
 
 impl Default for MappingConfig {
@@ -45,6 +56,9 @@ impl Default for MappingConfig {
             unconsumed: UnconsumedPolicy::Warn,
             workers: 16,
             reload_interval_secs: 2,
+            report_flush_secs: 5,
+            report_log_interval_secs: 60,
+            report_max_fields: 10_000,
         }
     }
 }
@@ -80,6 +94,27 @@ impl MappingConfig {
                 key: "mapping.reload_interval_secs".into(),
                 value: self.reload_interval_secs.to_string(),
                 allowed: "0 (off) to 3600".into(),
+            });
+        }
+        if !(1..=3600).contains(&self.report_flush_secs) {
+            return Err(MappingConfigError {
+                key: "mapping.report_flush_secs".into(),
+                value: self.report_flush_secs.to_string(),
+                allowed: "1 to 3600".into(),
+            });
+        }
+        if !(1..=86_400).contains(&self.report_log_interval_secs) {
+            return Err(MappingConfigError {
+                key: "mapping.report_log_interval_secs".into(),
+                value: self.report_log_interval_secs.to_string(),
+                allowed: "1 to 86400".into(),
+            });
+        }
+        if !(1..=1_000_000).contains(&self.report_max_fields) {
+            return Err(MappingConfigError {
+                key: "mapping.report_max_fields".into(),
+                value: self.report_max_fields.to_string(),
+                allowed: "1 to 1000000".into(),
             });
         }
         Ok(())

@@ -5,16 +5,20 @@
 //! path (never a value) and waits for a fix and `tributary replay`. A message whose report lists
 //! source fields no rule consumed, or values the output had to leave out (a Period `end` before
 //! its `start`, FHIR R4 invariant per-1), is committed with a warning, quarantined or rejected
-//! as `[mapping] unconsumed` says.
+//! as `[mapping] unconsumed` says. Either way the fields are counted per tenant, message map and
+//! path in the field report ([`FieldAggregator`], `tributary mapping report`); under `warn` the
+//! log names each field the first time it is seen and then summarizes once per interval.
 //!
 //! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
 //! replaces a good set — the error is logged and the old version keeps running.
 
 mod config;
+pub mod field_report;
 mod registry;
 
 pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
+pub use field_report::FieldAggregator;
 pub use registry::{MappingRegistry, ReloadOutcome};
 
 use std::collections::HashSet;
@@ -26,7 +30,8 @@ use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
-    JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite, StorageError, StoreTransaction,
+    FieldKey, FieldKind, FieldReportStore, JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite,
+    StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -69,6 +74,8 @@ pub struct Pipeline {
     pub config: MappingConfig,
     /// Where per-message outcomes are announced once durable (application ACKs listen).
     feed: Option<ProcessedFeed>,
+    /// Unconsumed / left-out field counts, flushed to storage by [`Pipeline::flush_report`].
+    pub report: Arc<FieldAggregator>,
 }
 
 fn shard_of(key: &str, workers: usize) -> usize {
@@ -79,10 +86,16 @@ fn shard_of(key: &str, workers: usize) -> usize {
 
 impl Pipeline {
     pub fn new(registry: Arc<MappingRegistry>, config: MappingConfig) -> Self {
+        let report = Arc::new(FieldAggregator::new(
+            config.report_max_fields,
+            Duration::from_secs(config.report_log_interval_secs.max(1)),
+            Instant::now(),
+        ));
         Self {
             registry,
             config,
             feed: None,
+            report,
         }
     }
 
@@ -113,6 +126,15 @@ impl Pipeline {
             workers,
             "pipeline started"
         );
+        // Fields already in the stored report are not announced as new again.
+        match FieldReportStore::new(rt.db.clone()).keys() {
+            Ok(keys) => self.report.preload(keys),
+            Err(e) => tracing::warn!(error = %e, "reading the mapping field report failed"),
+        }
+        let mut report_tick =
+            tokio::time::interval(Duration::from_secs(self.config.report_flush_secs.max(1)));
+        report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        report_tick.tick().await;
         let mut head = rt.journal.subscribe();
         let reload_every = Duration::from_secs(self.config.reload_interval_secs.max(1));
         let mut reload_tick = tokio::time::interval(reload_every);
@@ -186,6 +208,12 @@ impl Pipeline {
                     self.reload_and_requeue(&rt).await;
                     more = true;
                 }
+                _ = report_tick.tick() => {
+                    self.log_summaries();
+                    if let Err(e) = self.flush_report(&rt).await {
+                        tracing::warn!(error = %e, "saving the mapping field report failed; retrying");
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => more = true,
             }
         }
@@ -199,7 +227,71 @@ impl Pipeline {
         if done_through > saved {
             rt.journal.set_cursor(CONSUMER, done_through).await?;
         }
+        self.flush_report(&rt).await?;
         Ok(())
+    }
+
+    /// Writes the field counts gathered since the last flush to storage in one durable write; on
+    /// failure they are kept for the next attempt.
+    pub async fn flush_report(&self, rt: &Runtime) -> Result<(), PipelineError> {
+        let pending = self.report.take_pending();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let (deltas, overflow) = (pending.deltas.clone(), pending.overflow.clone());
+        match FieldReportStore::new(rt.db.clone())
+            .merge(deltas, overflow)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.report.restore(pending);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Under `warn`: one summary line per message map once per `report_log_interval_secs`.
+    fn log_summaries(&self) {
+        let summaries = self.report.take_summaries(Instant::now());
+        if self.config.unconsumed != UnconsumedPolicy::Warn {
+            return;
+        }
+        for s in summaries {
+            tracing::warn!(
+                tenant = %s.tenant,
+                message_map = %s.message_map,
+                messages = s.messages,
+                "{s}"
+            );
+        }
+    }
+
+    /// Counts a mapped message's unconsumed and left-out fields; under `warn`, logs those seen
+    /// for the first time (paths and reasons only).
+    fn observe_fields(&self, env: &tributary_core::Envelope, mapped: &MappedBundle) {
+        if mapped.unconsumed.is_empty() && mapped.dropped.is_empty() {
+            return;
+        }
+        let fields = field_report::fields_of(mapped);
+        let id = env.id.to_string();
+        // the file name (`ADT_A01.yaml`): stable when the mapping directory moves
+        let map = std::path::Path::new(&mapped.message_map)
+            .file_name()
+            .map_or(mapped.message_map.as_str(), |n| n.to_str().unwrap_or(""));
+        let new = self.report.observe(&field_report::Observation {
+            tenant: env.tenant.as_str(),
+            message_map: map,
+            message_type: &mapped.message_type,
+            message_id: &id,
+            at: tributary_core::now_millis(),
+            fields: &fields,
+        });
+        if self.config.unconsumed == UnconsumedPolicy::Warn {
+            for k in new {
+                log_first_sighting(&id, &k);
+            }
+        }
     }
 
     /// One shard: its entries in journal order, each retried until it is processed (or shutdown).
@@ -355,25 +447,10 @@ impl Pipeline {
         if !mapped.unconsumed.is_empty() || !mapped.dropped.is_empty() {
             let (what, list) = report(&mapped);
             match self.config.unconsumed {
-                UnconsumedPolicy::Warn => {
-                    if !mapped.unconsumed.is_empty() {
-                        tracing::warn!(
-                            message = %env.id,
-                            count = mapped.unconsumed.len(),
-                            fields = %summarize(&mapped.unconsumed),
-                            "source fields no rule consumed"
-                        );
-                    }
-                    if !mapped.dropped.is_empty() {
-                        tracing::warn!(
-                            message = %env.id,
-                            count = mapped.dropped.len(),
-                            fields = %summarize(&mapped.dropped),
-                            "source values left out of the output"
-                        );
-                    }
-                }
+                // counted (and logged when new) once the message is committed, below
+                UnconsumedPolicy::Warn => {}
                 UnconsumedPolicy::Quarantine => {
+                    self.observe_fields(env, &mapped);
                     let reason = format!(
                         "quarantined: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
@@ -381,6 +458,7 @@ impl Pipeline {
                     return self.fail(rt, env.id, reason, &version).await;
                 }
                 UnconsumedPolicy::Reject => {
+                    self.observe_fields(env, &mapped);
                     let reason = format!(
                         "rejected: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
@@ -439,6 +517,9 @@ impl Pipeline {
             .await;
         match outcome {
             Ok(o) => {
+                if self.config.unconsumed == UnconsumedPolicy::Warn {
+                    self.observe_fields(env, &mapped);
+                }
                 let changed = o.writes.iter().filter(|w| w.changed).count();
                 tracing::debug!(message = %env.id, resources, changed, %version, "committed");
                 self.announce(env.id, ProcessedOutcome::Committed);
@@ -479,6 +560,29 @@ impl Pipeline {
             },
         );
         Ok(Outcome::Failed { reason })
+    }
+}
+
+/// The first time this process (or the stored report) sees a field: one WARN line naming it.
+fn log_first_sighting(message: &str, k: &FieldKey) {
+    match k.kind {
+        FieldKind::Unconsumed => tracing::warn!(
+            message = %message,
+            tenant = %k.tenant,
+            message_map = %k.message_map,
+            field = %k.path,
+            "source field no rule consumed (first sighting; further ones are summarized \
+             periodically and counted in `tributary mapping report`)"
+        ),
+        FieldKind::LeftOut => tracing::warn!(
+            message = %message,
+            tenant = %k.tenant,
+            message_map = %k.message_map,
+            field = %k.path,
+            reason = %k.reason,
+            "source value left out of the output (first sighting; further ones are summarized \
+             periodically and counted in `tributary mapping report`)"
+        ),
     }
 }
 

@@ -43,12 +43,15 @@ pub enum Table {
     Meta,
     /// dead-letter seq (u64 BE) → JSON {relay, record}: deliveries a relay gave up on
     DeadLetter,
+    /// tenant \0 message map \0 message type \0 kind \0 path \0 reason → JSON row: how often
+    /// mapping left a source field unconsumed or a value out (see [`crate::FieldReportStore`])
+    FieldReport,
 }
 
 impl Table {
     pub(crate) const COUNT: usize = Self::ALL.len();
     /// In discriminant order: `Table::ALL[t as usize] == t`.
-    pub(crate) const ALL: [Table; 17] = [
+    pub(crate) const ALL: [Table; 18] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -66,6 +69,7 @@ impl Table {
         Table::AuditIdxTime,
         Table::Meta,
         Table::DeadLetter,
+        Table::FieldReport,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +91,7 @@ impl Table {
             Table::AuditIdxTime => "audit_idx_time",
             Table::Meta => "meta",
             Table::DeadLetter => "dead_letters",
+            Table::FieldReport => "mapping_field_report",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod committer;
 mod db;
 mod dead_letters;
 mod error;
+mod field_report;
 mod journal;
 mod keys;
 mod outbox;
@@ -23,6 +24,9 @@ pub use audit::{
 pub use db::{Db, DbOptions};
 pub use dead_letters::DeadLetterLog;
 pub use error::StorageError;
+pub use field_report::{
+    FieldKey, FieldKind, FieldReport, FieldReportRow, FieldReportStore, FieldStats,
+};
 pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
     PruneStats, RetentionPolicy, StateRecord,

@@ -1,4 +1,4 @@
-//! Analyst commands: `tributary map`, `tributary mapping test|check`.
+//! Analyst commands: `tributary map`, `tributary mapping test|check|report`.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -50,6 +50,26 @@ pub enum MappingCommand {
     Check {
         #[arg(default_value = "mappings/hl7v2")]
         dir: PathBuf,
+    },
+    /// Which source fields the running pipeline's mappings leave unconsumed (or values they leave
+    /// out), per tenant and message map: how many messages, first and last seen, an example
+    /// message id. Paths and ids only, never values. Counts reach the data directory every
+    /// `mapping.report_flush_secs` and at shutdown.
+    #[command(
+        after_help = "Examples:\n  tributary mapping report --data-dir /var/lib/tributary\n  tributary mapping report --config tributary.toml --tenant acme\n  tributary mapping report --json | jq '.rows[] | select(.count > 100)'\n  tributary journal show <EXAMPLE MESSAGE>   # the message behind a row"
+    )]
+    Report {
+        #[command(flatten)]
+        common: crate::cli::Common,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Print JSON ({"rows": [...], "overflow": {tenant: n}}) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Most rows printed (highest counts first); 0 prints all.
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
     },
 }
 
@@ -182,6 +202,12 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
 
 pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        MappingCommand::Report {
+            common,
+            tenant,
+            json,
+            limit,
+        } => report(&common, tenant.as_deref(), json, limit),
         MappingCommand::Check { dir } => {
             let set = match load(&dir)? {
                 Ok(s) => s,
@@ -251,4 +277,100 @@ pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn report(
+    common: &crate::cli::Common,
+    tenant: Option<&str>,
+    json: bool,
+    limit: usize,
+) -> anyhow::Result<ExitCode> {
+    let config = common.load()?;
+    let db = tributary_storage::Db::open(&config.data_dir, tributary_storage::DbOptions::default())
+        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    let mut report = tributary_storage::FieldReportStore::new(db).read(tenant)?;
+    if limit > 0 {
+        report.rows.truncate(limit);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if report.rows.is_empty() {
+        println!("no unconsumed or left-out source fields recorded");
+    } else {
+        print!("{}", report_table(&report));
+    }
+    for (t, n) in &report.overflow {
+        println!(
+            "tenant {t}: {n} observation(s) of further fields not counted \
+             (over mapping.report_max_fields distinct fields)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The report as an aligned text table, rows as given (highest count first).
+pub fn report_table(report: &tributary_storage::FieldReport) -> String {
+    let day = |ms: i64| {
+        let s = tributary_core::format_rfc3339_millis(ms);
+        // to the second: `2026-11-23T08:00:00Z`
+        match s.find('.') {
+            Some(i) => format!("{}Z", &s[..i]),
+            None => s,
+        }
+    };
+    let mut lines = vec![[
+        "COUNT".to_string(),
+        "TENANT".into(),
+        "MESSAGE MAP".into(),
+        "TYPE".into(),
+        "KIND".into(),
+        "FIELD".into(),
+        "FIRST SEEN".into(),
+        "LAST SEEN".into(),
+        "EXAMPLE MESSAGE".into(),
+    ]];
+    for r in &report.rows {
+        let field = if r.key.reason.is_empty() {
+            r.key.path.clone()
+        } else {
+            format!("{} ({})", r.key.path, r.key.reason)
+        };
+        lines.push([
+            r.stats.count.to_string(),
+            r.key.tenant.clone(),
+            r.key.message_map.clone(),
+            r.key.message_type.clone(),
+            r.key.kind.to_string(),
+            field,
+            day(r.stats.first_seen),
+            day(r.stats.last_seen),
+            r.stats.example_message.clone(),
+        ]);
+    }
+    let mut widths = [0usize; 9];
+    for l in &lines {
+        for (w, c) in widths.iter_mut().zip(l) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 0 {
+                    format!("{c:>w$}")
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

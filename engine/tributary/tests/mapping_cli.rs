@@ -149,3 +149,117 @@ fn map_reports_a_period_end_it_leaves_out_by_path_never_by_value() {
     );
     assert!(!stderr.contains("2016"), "{stderr}");
 }
+
+#[test]
+fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
+    use tributary_storage::{Db, DbOptions, FieldKey, FieldKind, FieldReportStore, FieldStats};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let key = |tenant: &str, path: &str, kind: FieldKind, reason: &str| FieldKey {
+        tenant: tenant.into(),
+        message_map: "ADT_A01.yaml".into(),
+        message_type: "ADT^A01".into(),
+        kind,
+        path: path.into(),
+        reason: reason.into(),
+    };
+    let stats = |count, example: &str| FieldStats {
+        count,
+        first_seen: 1_790_000_000_000,
+        last_seen: 1_790_000_060_000,
+        example_message: example.into(),
+    };
+    {
+        let db = Db::open(&data, DbOptions::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(FieldReportStore::new(db).merge(
+            vec![
+                (
+                    key("acme", "PID-11.7", FieldKind::Unconsumed, ""),
+                    stats(3, "m-3"),
+                ),
+                (
+                    key("acme", "ZXT-2", FieldKind::Unconsumed, ""),
+                    stats(120, "m-120"),
+                ),
+                (
+                    key(
+                        "acme",
+                        "PV1-45",
+                        FieldKind::LeftOut,
+                        "Encounter.period.end: end before start",
+                    ),
+                    stats(7, "m-7"),
+                ),
+                (
+                    key("other", "PID-13", FieldKind::Unconsumed, ""),
+                    stats(500, "o-1"),
+                ),
+            ],
+            vec![("acme".into(), 2)],
+        ))
+        .unwrap();
+    }
+
+    let out = tributary()
+        .args(["mapping", "report", "--tenant", "acme", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].contains("COUNT") && lines[0].contains("FIELD"),
+        "{stdout}"
+    );
+    // highest count first; the other tenant is not shown
+    assert!(
+        lines[1].trim_start().starts_with("120 ") && lines[1].contains("ZXT-2"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("PV1-45 (Encounter.period.end: end before start)")
+            && lines[2].contains("left_out")
+            && lines[2].contains("m-7"),
+        "{stdout}"
+    );
+    assert!(
+        lines[3].contains("PID-11.7") && lines[3].contains("2026-09-21T"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("PID-13"), "{stdout}");
+    assert!(stdout.contains("tenant acme: 2 observation(s)"), "{stdout}");
+
+    let out = tributary()
+        .args(["mapping", "report", "--json", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["tenant"], "other");
+    assert_eq!(rows[0]["path"], "PID-13");
+    assert_eq!(rows[0]["count"], 500);
+    assert_eq!(rows[1]["kind"], "unconsumed");
+    assert_eq!(rows[1]["example_message"], "m-120");
+    assert_eq!(v["overflow"]["acme"], 2);
+
+    // an empty data directory says so
+    let out = tributary()
+        .args(["mapping", "report", "--data-dir"])
+        .arg(tmp.path().join("empty"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no unconsumed or left-out"));
+}
