@@ -208,7 +208,7 @@ impl AmqpSource {
                         .ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("ack: {e}"))?;
-                    tracing::debug!(component = %self.component, message = %receipt.id, %protocol, "journaled from amqp");
+                    tracing::debug!(component = %self.component, message_id = %receipt.id, %protocol, "journaled from amqp");
                     *backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                 }
                 Err(e) => {

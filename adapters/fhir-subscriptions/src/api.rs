@@ -573,7 +573,7 @@ async fn inbound(
     }
     match state.journal.append(env.build()).await {
         Ok(r) => {
-            tracing::info!(%partner, message = %r.id, events = numbers.len(), fetched, duplicate = r.duplicate, "inbound notification journaled");
+            tracing::info!(%partner, message_id = %r.id, events = numbers.len(), fetched, duplicate = r.duplicate, "inbound notification journaled");
             (StatusCode::OK, Json(json!({}))).into_response()
         }
         Err(e) => {

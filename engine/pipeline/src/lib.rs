@@ -440,7 +440,7 @@ impl Pipeline {
             Err(e) => return self.fail(rt, env.id, e.to_string(), &version).await,
         };
         for w in &mapped.warnings {
-            tracing::warn!(message = %env.id, warning = %w, "mapping warning");
+            tracing::warn!(message_id = %env.id, warning = %w, "mapping warning");
         }
         // Nothing is dropped silently: source fields no rule read, and values a rule read but the
         // output had to leave out (a Period end before its start), both go by the feed's policy.
@@ -521,7 +521,7 @@ impl Pipeline {
                     self.observe_fields(env, &mapped);
                 }
                 let changed = o.writes.iter().filter(|w| w.changed).count();
-                tracing::debug!(message = %env.id, resources, changed, %version, "committed");
+                tracing::debug!(message_id = %env.id, resources, changed, %version, "committed");
                 self.announce(env.id, ProcessedOutcome::Committed);
                 Ok(Outcome::Committed {
                     resources,
@@ -543,7 +543,7 @@ impl Pipeline {
         reason: String,
         version: &str,
     ) -> Result<Outcome, PipelineError> {
-        tracing::warn!(message = %id, %reason, "message failed");
+        tracing::warn!(message_id = %id, %reason, "message failed");
         rt.journal
             .transition(
                 id,
@@ -567,7 +567,7 @@ impl Pipeline {
 fn log_first_sighting(message: &str, k: &FieldKey) {
     match k.kind {
         FieldKind::Unconsumed => tracing::warn!(
-            message = %message,
+            message_id = %message,
             tenant = %k.tenant,
             message_map = %k.message_map,
             field = %k.path,
@@ -575,7 +575,7 @@ fn log_first_sighting(message: &str, k: &FieldKey) {
              periodically and counted in `tributary mapping report`)"
         ),
         FieldKind::LeftOut => tracing::warn!(
-            message = %message,
+            message_id = %message,
             tenant = %k.tenant,
             message_map = %k.message_map,
             field = %k.path,
