@@ -46,12 +46,17 @@ pub enum Table {
     /// tenant \0 message map \0 message type \0 kind \0 path \0 reason → JSON row: how often
     /// mapping left a source field unconsumed or a value out (see [`crate::FieldReportStore`])
     FieldReport,
+    /// `c` \0 consumer → count BE + through BE: how many matching events a numbering consumer
+    /// (a Subscription) has numbered and the outbox position it has looked at;
+    /// `n` \0 consumer \0 number BE → outbox seq BE: which event got that number
+    /// (see [`crate::Numbering`])
+    EventNumber,
 }
 
 impl Table {
     pub(crate) const COUNT: usize = Self::ALL.len();
     /// In discriminant order: `Table::ALL[t as usize] == t`.
-    pub(crate) const ALL: [Table; 18] = [
+    pub(crate) const ALL: [Table; 19] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -70,6 +75,7 @@ impl Table {
         Table::Meta,
         Table::DeadLetter,
         Table::FieldReport,
+        Table::EventNumber,
     ];
 
     fn name(self) -> &'static str {
@@ -92,6 +98,7 @@ impl Table {
             Table::Meta => "meta",
             Table::DeadLetter => "dead_letters",
             Table::FieldReport => "mapping_field_report",
+            Table::EventNumber => "outbox_event_numbers",
         }
     }
 }

@@ -31,7 +31,7 @@ pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
     PruneStats, RetentionPolicy, StateRecord,
 };
-pub use outbox::{Outbox, OutboxEvent};
+pub use outbox::{Numbering, Outbox, OutboxEvent};
 pub use store::{
     CommitOutcome, FjallStore, MessageUpdate, Precondition, ResourceWrite, Store, StoreTransaction,
     StoredResource, WriteOp, WriteOutcome,

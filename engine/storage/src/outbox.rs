@@ -60,6 +60,34 @@ fn cursor_key(sink: &str) -> Vec<u8> {
     [b"outbox:", sink.as_bytes()].concat()
 }
 
+/// A numbering consumer's progress (a Subscription numbers the events it matches from 1, in
+/// outbox order): every matching event at or before outbox position `through` has a number, and
+/// `count` numbers have been given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Numbering {
+    pub count: u64,
+    pub through: u64,
+}
+
+fn numbering_key(name: &str) -> Vec<u8> {
+    keys::join(&[b"c", name.as_bytes()])
+}
+
+fn numbers_prefix(name: &str) -> Vec<u8> {
+    keys::prefix(&[b"n", name.as_bytes()])
+}
+
+fn number_key(name: &str, number: u64) -> Vec<u8> {
+    [numbers_prefix(name), keys::u64_be(number).to_vec()].concat()
+}
+
+fn read_numbering(v: &[u8]) -> Option<Numbering> {
+    Some(Numbering {
+        count: keys::read_u64(v)?,
+        through: keys::read_u64(v.get(8..)?)?,
+    })
+}
+
 impl Outbox {
     pub fn new(db: Db) -> Self {
         let head_seq = db
@@ -134,6 +162,125 @@ impl Outbox {
         }
     }
 
+    /// The event at outbox position `seq`, if it is still there (not pruned).
+    pub fn event(&self, seq: u64) -> Result<Option<OutboxEvent>> {
+        let Some(v) = self.db.tables().get(Table::Outbox).get(keys::u64_be(seq))? else {
+            return Ok(None);
+        };
+        let mut ev: OutboxEvent =
+            serde_json::from_slice(&v).map_err(|e| StorageError::corrupt("outbox", e))?;
+        ev.seq = seq;
+        Ok(Some(ev))
+    }
+
+    /// The numbering consumer `name`'s progress; `None` before its first
+    /// [`Outbox::advance_numbered`].
+    pub fn numbering(&self, name: &str) -> Result<Option<Numbering>> {
+        Ok(self
+            .db
+            .tables()
+            .get(Table::EventNumber)
+            .get(numbering_key(name))?
+            .and_then(|v| read_numbering(&v)))
+    }
+
+    /// Numbers the matching events `matched` (outbox seqs, ascending, none after `through`)
+    /// and records that every match up to `through` is numbered; advances the cursor `name`
+    /// (see [`Outbox::cursor`]) to `through` in the same atomic write. Runs as one committer
+    /// job, so numbers are never given twice nor skipped: seqs at or before the position
+    /// already recorded keep the number they have (a repeated call is a no-op), the others
+    /// get `count + 1`, `count + 2`, …. Returns the progress after the write.
+    pub async fn advance_numbered(
+        &self,
+        name: &str,
+        through: u64,
+        matched: Vec<u64>,
+    ) -> Result<Numbering> {
+        let name = name.to_string();
+        self.db
+            .committer()
+            .run(move |txn| {
+                let ckey = numbering_key(&name);
+                let mut n = txn
+                    .get(Table::EventNumber, &ckey)?
+                    .and_then(|v| read_numbering(&v))
+                    .unwrap_or_default();
+                for seq in matched {
+                    if seq <= n.through || seq > through {
+                        continue;
+                    }
+                    n.count += 1;
+                    n.through = seq;
+                    txn.put(
+                        Table::EventNumber,
+                        number_key(&name, n.count),
+                        keys::u64_be(seq).to_vec(),
+                    );
+                }
+                n.through = n.through.max(through);
+                let v = [keys::u64_be(n.count), keys::u64_be(n.through)].concat();
+                txn.put(Table::EventNumber, ckey, v);
+                let cur = cursor_key(&name);
+                let old = txn
+                    .get(Table::Cursor, &cur)?
+                    .and_then(|v| keys::read_u64(&v))
+                    .unwrap_or(0);
+                txn.put(
+                    Table::Cursor,
+                    cur,
+                    keys::u64_be(old.max(n.through)).to_vec(),
+                );
+                Ok(n)
+            })
+            .await
+    }
+
+    /// (number, outbox seq) of the numbering consumer `name`'s events numbered `since` to
+    /// `until` (inclusive) still indexed, at most `limit`, in number order. Numbers whose
+    /// entries were pruned with their events are absent.
+    pub fn numbered_seqs(
+        &self,
+        name: &str,
+        since: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>> {
+        let from = number_key(name, since);
+        let to = number_key(name, until);
+        let mut out = Vec::new();
+        for item in self.db.range(Table::EventNumber, from..=to).take(limit) {
+            let (k, v) = item.into_inner()?;
+            let number = k.len().checked_sub(8).and_then(|i| keys::read_u64(&k[i..]));
+            if let (Some(number), Some(seq)) = (number, keys::read_u64(&v)) {
+                out.push((number, seq));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Index entries (see [`Outbox::numbered_seqs`]) pointing at events at or before `upto`.
+    fn numbered_at_or_before(&self, upto: u64) -> Result<Vec<Vec<u8>>> {
+        let mut names = Vec::new();
+        for item in self.db.prefix(Table::EventNumber, keys::prefix(&[b"c"])) {
+            let k = item.key()?;
+            names.push(k[2..].to_vec());
+        }
+        let mut doomed = Vec::new();
+        for name in names {
+            for item in self
+                .db
+                .prefix(Table::EventNumber, keys::prefix(&[b"n", &name]))
+            {
+                let (k, v) = item.into_inner()?;
+                if keys::read_u64(&v).is_none_or(|seq| seq > upto) {
+                    break;
+                }
+                doomed.push(k.to_vec());
+            }
+        }
+        Ok(doomed)
+    }
+
     pub fn head(&self) -> u64 {
         *self.head.borrow()
     }
@@ -151,13 +298,25 @@ impl Outbox {
         for s in sinks {
             upto = upto.min(self.cursor(s)?);
         }
-        if sinks.is_empty() || upto == 0 {
+        if sinks.is_empty() {
+            return Ok(0);
+        }
+        self.prune_through(upto, before_ms).await
+    }
+
+    /// Deletes events at or before outbox position `upto` that occurred before `before_ms` (a
+    /// prefix of the outbox: it stops at the first newer event), with the event-number index
+    /// entries (see [`Outbox::numbered_seqs`]) that point at them. The caller computes `upto`
+    /// from every consumer's cursor. Returns how many events were removed.
+    pub async fn prune_through(&self, upto: u64, before_ms: i64) -> Result<u64> {
+        if upto == 0 {
             return Ok(0);
         }
         let mut removed = 0;
         loop {
-            // Bounded batches: one commit never holds more than 10,000 deletes.
+            // Bounded batches: one commit never holds more than 10,000 event deletes.
             let mut doomed = Vec::new();
+            let mut last = 0;
             for item in self
                 .db
                 .range(Table::Outbox, ..=keys::u64_be(upto))
@@ -171,17 +330,22 @@ impl Outbox {
                 if at >= before_ms {
                     break;
                 }
+                last = keys::read_u64(&k).unwrap_or(last);
                 doomed.push(k.to_vec());
             }
             if doomed.is_empty() {
                 return Ok(removed);
             }
+            let numbered = self.numbered_at_or_before(last)?;
             let n = doomed.len() as u64;
             self.db
                 .committer()
                 .run(move |txn| {
                     for k in doomed {
                         txn.delete(Table::Outbox, k);
+                    }
+                    for k in numbered {
+                        txn.delete(Table::EventNumber, k);
                     }
                     let floor = keys::u64_be(txn.counters.outbox_seq).to_vec();
                     txn.put(Table::Meta, b"outbox_seq_floor".to_vec(), floor);
@@ -221,5 +385,173 @@ impl Outbox {
             })
             .await?;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Db, DbOptions, FjallStore, ResourceWrite, Store, StoreTransaction};
+    use serde_json::json;
+
+    async fn commit_patients(s: &FjallStore, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        for i in 0..n {
+            let out = s
+                .commit(StoreTransaction {
+                    tenant: "t1".into(),
+                    writes: vec![ResourceWrite::upsert(
+                        "Patient",
+                        &format!("p{i}"),
+                        json!({"resourceType": "Patient"}),
+                    )],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            seqs.extend(out.event_seqs);
+        }
+        seqs
+    }
+
+    #[tokio::test]
+    async fn event_numbers_survive_a_restart_and_repeats_are_no_ops() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = FjallStore::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+            let seqs = commit_patients(&s, 5).await;
+            let ob = s.outbox();
+            assert_eq!(ob.numbering("sub:t1/a").unwrap(), None);
+            let n = ob
+                .advance_numbered("sub:t1/a", seqs[2], vec![seqs[0], seqs[2]])
+                .await
+                .unwrap();
+            assert_eq!(n.count, 2);
+            assert_eq!(n.through, seqs[2]);
+            assert_eq!(
+                ob.cursor("sub:t1/a").unwrap(),
+                seqs[2],
+                "cursor moved along"
+            );
+            // The same batch again (a retried write): nothing numbered twice.
+            let again = ob
+                .advance_numbered("sub:t1/a", seqs[2], vec![seqs[0], seqs[2]])
+                .await
+                .unwrap();
+            assert_eq!(again, n);
+            // A scan past non-matching events only moves the position.
+            let skip = ob
+                .advance_numbered("sub:t1/a", seqs[3], vec![])
+                .await
+                .unwrap();
+            assert_eq!((skip.count, skip.through), (2, seqs[3]));
+        }
+        let s = FjallStore::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let ob = s.outbox();
+        let n = ob.numbering("sub:t1/a").unwrap().unwrap();
+        assert_eq!(n.count, 2);
+        let seqs: Vec<u64> = ob
+            .read_after(0, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(n.through, seqs[3]);
+        assert_eq!(
+            ob.numbered_seqs("sub:t1/a", 1, u64::MAX, 10).unwrap(),
+            vec![(1, seqs[0]), (2, seqs[2])]
+        );
+        let n = ob
+            .advance_numbered("sub:t1/a", seqs[4], vec![seqs[4]])
+            .await
+            .unwrap();
+        assert_eq!(n.count, 3, "numbering goes on after the restart");
+        assert_eq!(
+            ob.numbered_seqs("sub:t1/a", 3, 3, 10).unwrap(),
+            vec![(3, seqs[4])]
+        );
+        // Another consumer's numbering is its own.
+        assert_eq!(ob.numbering("sub:t1/b").unwrap(), None);
+        assert!(ob.numbered_seqs("sub:t1/b", 1, 10, 10).unwrap().is_empty());
+    }
+
+    /// Numbering writes racing each other and resource commits through the group committer:
+    /// every event gets exactly one number, numbers are 1..=n in outbox order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_numbering_has_no_gaps_or_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FjallStore::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let writer = {
+            let s = s.clone();
+            tokio::spawn(async move { commit_patients(&s, 60).await })
+        };
+        let mut tasks = Vec::new();
+        // Four numbering writers walk the outbox; each numbers everything it has read, so
+        // they race with overlapping batches.
+        for _ in 0..4 {
+            let ob = s.outbox().clone();
+            tasks.push(tokio::spawn(async move {
+                let mut after = 0;
+                for _ in 0..400 {
+                    let batch = ob.read_after(after, 7).unwrap();
+                    if let Some(last) = batch.last() {
+                        let seqs: Vec<u64> = batch.iter().map(|e| e.seq).collect();
+                        ob.advance_numbered("sub:t1/c", last.seq, seqs)
+                            .await
+                            .unwrap();
+                        after = last.seq;
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                    if after >= 60 {
+                        break;
+                    }
+                }
+            }));
+        }
+        let all = writer.await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ob = s.outbox();
+        let last = *all.last().unwrap();
+        ob.advance_numbered("sub:t1/c", last, all.clone())
+            .await
+            .unwrap();
+        let n = ob.numbering("sub:t1/c").unwrap().unwrap();
+        assert_eq!(n.count, all.len() as u64);
+        let indexed = ob.numbered_seqs("sub:t1/c", 1, u64::MAX, 1000).unwrap();
+        let want: Vec<(u64, u64)> = all
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| (i as u64 + 1, *seq))
+            .collect();
+        assert_eq!(indexed, want);
+    }
+
+    #[tokio::test]
+    async fn pruning_events_prunes_their_index_entries_and_keeps_the_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FjallStore::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let seqs = commit_patients(&s, 4).await;
+        let ob = s.outbox();
+        ob.advance_numbered("sub:t1/a", seqs[3], seqs.clone())
+            .await
+            .unwrap();
+        ob.advance_numbered("sub:t1/b", seqs[1], vec![seqs[1]])
+            .await
+            .unwrap();
+        let later = tributary_core::now_millis() + 60_000;
+        assert_eq!(ob.prune_through(seqs[1], later).await.unwrap(), 2);
+        assert!(ob.event(seqs[1]).unwrap().is_none());
+        assert_eq!(ob.event(seqs[2]).unwrap().unwrap().seq, seqs[2]);
+        assert_eq!(
+            ob.numbered_seqs("sub:t1/a", 1, u64::MAX, 10).unwrap(),
+            vec![(3, seqs[2]), (4, seqs[3])]
+        );
+        assert!(ob.numbered_seqs("sub:t1/b", 1, 10, 10).unwrap().is_empty());
+        assert_eq!(ob.numbering("sub:t1/a").unwrap().unwrap().count, 4);
+        assert_eq!(ob.numbering("sub:t1/b").unwrap().unwrap().count, 1);
+        // Nothing at or before position 0: nothing pruned.
+        assert_eq!(ob.prune_through(0, later).await.unwrap(), 0);
     }
 }
