@@ -149,6 +149,7 @@ fn load(
         .map_err(|e| outcome(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string()))?;
     let st = SubState {
         status: spec.status.clone(),
+        events_since_start: state.service.numbered_count(tenant, id),
         error: body
             .get("error")
             .and_then(Value::as_str)
@@ -222,11 +223,7 @@ async fn events(
     };
     let since = q.events_since_number.unwrap_or(1).max(1);
     let until = q.events_until_number.unwrap_or(u64::MAX);
-    let head = state.service.store.outbox().head();
-    let (total, found) = match state
-        .service
-        .numbered(&spec, start, head, since, until, 100)
-    {
+    let page = match state.service.events_page(&spec, start, since, until, 100) {
         Ok(x) => x,
         Err(_) => {
             return outcome(
@@ -236,6 +233,22 @@ async fn events(
             )
         }
     };
+    if let Some((first, last)) = page.pruned {
+        // Not a shorter Bundle: the client must learn that these events are gone for good.
+        let next = match page.events.first() {
+            Some((n, _)) => format!("; the earliest event still available is number {n}"),
+            None => String::new(),
+        };
+        return outcome(
+            StatusCode::GONE,
+            "not-found",
+            &format!(
+                "events {first} to {last} of this Subscription are past the outbox retention \
+                 and can no longer be returned{next}"
+            ),
+        );
+    }
+    let (total, found) = (page.total, page.events);
     let numbered: Vec<NumberedEvent<'_>> = found
         .iter()
         .map(|(n, e)| NumberedEvent {

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
-    AuditLog, Db, DeadLetterLog, Outbox, OutboxEvent, Precondition, ResourceWrite, Store,
-    StoreTransaction, WriteOp,
+    AuditLog, Db, DeadLetterLog, Numbering, Outbox, OutboxEvent, Precondition, ResourceWrite,
+    Store, StoreTransaction, WriteOp,
 };
 
 /// A notification that could not be delivered before the give-up time. Kept durably in the
@@ -48,6 +48,16 @@ pub struct SubState {
     pub delivered_notifications: u64,
     pub failed_attempts: u64,
     pub heartbeats: u64,
+}
+
+/// What `$events` found for a range of event numbers.
+#[derive(Debug, Default)]
+pub(crate) struct EventsPage {
+    /// Events numbered so far (including those only scanned for this answer).
+    pub total: u64,
+    pub events: Vec<(u64, OutboxEvent)>,
+    /// The first and last requested number whose event is past the outbox retention.
+    pub pruned: Option<(u64, u64)>,
 }
 
 struct SubHandle {
@@ -102,6 +112,8 @@ pub struct SubscriptionService {
     /// Websocket binds and closes are audited (they open a stream of resources).
     audit: AuditLog,
     next_client: AtomicU64,
+    /// The outbox head when the last completed rescan began (0: none yet), for retention.
+    rescanned_head: AtomicU64,
     /// Cancelled when [`SubscriptionService::run`] stops: websocket connections close.
     pub(crate) shutdown: CancellationToken,
 }
@@ -136,6 +148,7 @@ impl SubscriptionService {
             audit: AuditLog::new(db),
             ws_tokens: BindingTokens::default(),
             next_client: AtomicU64::new(1),
+            rescanned_head: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
         })
     }
@@ -245,19 +258,22 @@ impl SubscriptionService {
         })
     }
 
-    /// Matching events after `start`, numbered from 1, up to event number `until`, scanning
-    /// at most up to outbox position `upto`.
-    pub(crate) fn numbered(
+    /// Matching events after outbox position `after`, numbered from `count + 1`, up to event
+    /// number `until`, scanning at most up to outbox position `upto`. Returns the last number
+    /// given and the events numbered `since..=until` (at most `limit`). Writes nothing.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_numbered(
         &self,
         spec: &SubscriptionSpec,
-        start: u64,
+        after: u64,
+        count: u64,
         upto: u64,
         since_number: u64,
         until_number: u64,
         limit: usize,
     ) -> tributary_storage::Result<(u64, Vec<(u64, OutboxEvent)>)> {
-        let mut after = start;
-        let mut n = 0;
+        let mut after = after;
+        let mut n = count;
         let mut out = Vec::new();
         loop {
             let batch = self.store.outbox().read_after(after, 1024)?;
@@ -278,6 +294,164 @@ impl SubscriptionService {
             }
         }
         Ok((n, out))
+    }
+
+    /// The subscription's numbering record, created on its worker's first start: for a
+    /// subscription that delivered before numbers were recorded, the matches between its start
+    /// and its cursor are numbered once here (the last full rescan it ever needs).
+    async fn init_numbering(
+        &self,
+        spec: &SubscriptionSpec,
+        name: &str,
+        start: u64,
+        cursor: u64,
+    ) -> tributary_storage::Result<Numbering> {
+        let outbox = self.store.outbox();
+        let known = outbox.numbering(name)?;
+        let from = known.map_or(start, |n| n.through.max(start));
+        if known.is_some() && from >= cursor {
+            return Ok(known.unwrap_or_default());
+        }
+        let mut after = from;
+        loop {
+            let batch = outbox.read_after(after, 1024)?;
+            let mut matched = Vec::new();
+            let mut last = after;
+            for ev in batch.iter().take_while(|e| e.seq <= cursor) {
+                last = ev.seq;
+                if self.matches(spec, ev) {
+                    matched.push(ev.seq);
+                }
+            }
+            let done = last == after || last >= cursor;
+            let through = if done { cursor.max(last) } else { last };
+            let numbering = outbox.advance_numbered(name, through, matched).await?;
+            if done {
+                return Ok(numbering);
+            }
+            after = last;
+        }
+    }
+
+    /// Events numbered `since..=until` (at most `limit`): from the subscription's numbering
+    /// index for what its worker has numbered, by scanning on from the worker's position for
+    /// later numbers (without recording them).
+    pub(crate) fn events_page(
+        &self,
+        spec: &SubscriptionSpec,
+        start: u64,
+        since: u64,
+        until: u64,
+        limit: usize,
+    ) -> tributary_storage::Result<EventsPage> {
+        let outbox = self.store.outbox();
+        let name = Self::cursor_name(&spec.tenant, &spec.id);
+        let head = outbox.head();
+        let Some(n) = outbox.numbering(&name)? else {
+            // The worker has not started yet: nothing is numbered (or pruned) so far.
+            let (total, events) = self.scan_numbered(spec, start, 0, head, since, until, limit)?;
+            return Ok(EventsPage {
+                total,
+                events,
+                pruned: None,
+            });
+        };
+        let mut page = EventsPage {
+            total: n.count,
+            events: Vec::new(),
+            pruned: None,
+        };
+        if since <= n.count {
+            let last = until.min(n.count);
+            let mut want = since;
+            for (number, seq) in outbox.numbered_seqs(&name, since, last, limit)? {
+                match outbox.event(seq)? {
+                    Some(ev) => {
+                        if number > want && page.events.is_empty() {
+                            page.pruned = Some((since, number - 1));
+                        }
+                        page.events.push((number, ev));
+                    }
+                    None => page.pruned = Some((since, number)),
+                }
+                want = number + 1;
+            }
+            if page.events.is_empty() && want <= last {
+                // Every indexed number in the range is gone.
+                page.pruned = Some((since, last));
+            }
+        }
+        if until > n.count && page.events.len() < limit {
+            let (total, more) = self.scan_numbered(
+                spec,
+                n.through,
+                n.count,
+                head,
+                since,
+                until,
+                limit - page.events.len(),
+            )?;
+            page.total = total;
+            page.events.extend(more);
+        }
+        Ok(page)
+    }
+
+    /// Records delivery through outbox position `through` and the numbers of `matched` (one
+    /// atomic write with the cursor), and takes the count from that record.
+    async fn advance(
+        &self,
+        h: &SubHandle,
+        name: &str,
+        through: u64,
+        matched: &[OutboxEvent],
+    ) -> tributary_storage::Result<()> {
+        let seqs = matched.iter().map(|e| e.seq).collect();
+        let n = self
+            .store
+            .outbox()
+            .advance_numbered(name, through, seqs)
+            .await?;
+        if let Ok(mut st) = h.state.lock() {
+            if st.events_since_start != n.count {
+                tracing::warn!(cursor = %name, notified = st.events_since_start, recorded = n.count, "event numbering disagreed with the record; using the record");
+            }
+            st.events_since_start = n.count;
+        }
+        Ok(())
+    }
+
+    /// Event numbers given so far (0 before the worker first ran).
+    pub(crate) fn numbered_count(&self, tenant: &str, id: &str) -> u64 {
+        self.store
+            .outbox()
+            .numbering(&Self::cursor_name(tenant, id))
+            .ok()
+            .flatten()
+            .map_or(0, |n| n.count)
+    }
+
+    /// The outbox position every active subscription has delivered through: events at or
+    /// before it are no longer needed by Subscriptions (`None` until the first rescan, while
+    /// it is not yet known which subscriptions are active). Deleted, `off` and ended
+    /// subscriptions hold nothing back; events they would have matched may be pruned meanwhile.
+    pub fn retention_floor(&self) -> tributary_storage::Result<Option<u64>> {
+        // A subscription created after the last rescan started needs only later events.
+        let mut floor = self.rescanned_head.load(Ordering::Acquire);
+        if floor == 0 {
+            return Ok(None);
+        }
+        let names: Vec<String> = self
+            .subs
+            .read()
+            .expect("subs")
+            .keys()
+            .map(|(t, i)| Self::cursor_name(t, i))
+            .collect();
+        for name in names {
+            floor = floor.min(self.store.outbox().cursor(&name)?);
+        }
+        Ok(Some(floor))
     }
 
     pub(crate) fn start_of(&self, tenant: &str, id: &str) -> tributary_storage::Result<u64> {
@@ -419,9 +593,12 @@ impl SubscriptionService {
         let cursor_name = Self::cursor_name(&tenant, &id);
         let mut cursor = outbox.cursor(&cursor_name)?.max(start);
         let spec0 = h.spec.read().expect("spec lock").clone();
-        let (count, _) = self.numbered(&spec0, start, cursor, 1, 0, 0)?;
+        let numbering = self
+            .init_numbering(&spec0, &cursor_name, start, cursor)
+            .await?;
+        cursor = cursor.max(numbering.through);
         if let Ok(mut st) = h.state.lock() {
-            st.events_since_start = count;
+            st.events_since_start = numbering.count;
             st.status = spec0.status.clone();
         }
         tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
@@ -460,7 +637,7 @@ impl SubscriptionService {
             if matched.is_empty() {
                 if scanned > cursor {
                     cursor = scanned;
-                    outbox.ack(&cursor_name, cursor).await?;
+                    self.advance(&h, &cursor_name, cursor, &[]).await?;
                     continue;
                 }
                 // Idle: wait for new events, a heartbeat, a spec change or shutdown.
@@ -546,7 +723,7 @@ impl SubscriptionService {
             }
             last_sent = Instant::now();
             cursor = last_seq;
-            outbox.ack(&cursor_name, cursor).await?;
+            self.advance(&h, &cursor_name, cursor, &matched).await?;
         }
     }
 
@@ -645,6 +822,7 @@ impl SubscriptionService {
             h.cancel.cancel();
             self.subs.write().expect("subs").remove(&k);
         }
+        self.rescanned_head.store(head.max(1), Ordering::Release);
         Ok(())
     }
 
@@ -740,7 +918,7 @@ impl SubscriptionService {
             if matched.is_empty() {
                 if scanned > cursor {
                     cursor = scanned;
-                    outbox.ack(cursor_name, cursor).await?;
+                    self.advance(h, cursor_name, cursor, &[]).await?;
                     continue;
                 }
                 let heartbeat = spec
@@ -794,7 +972,7 @@ impl SubscriptionService {
             }
             last_sent = Instant::now();
             cursor = matched.last().map_or(scanned, |e| e.seq);
-            outbox.ack(cursor_name, cursor).await?;
+            self.advance(h, cursor_name, cursor, &matched).await?;
         }
     }
 
