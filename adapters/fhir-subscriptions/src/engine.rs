@@ -873,7 +873,8 @@ impl SubscriptionService {
                     let head = outbox.head();
                     let mut touched = false;
                     let mut created = HashMap::new();
-                    for e in outbox.read_after(seen, head.saturating_sub(seen).min(10_000) as usize)? {
+                    let span = head.saturating_sub(seen);
+                    for e in outbox.read_after(seen, span.min(10_000) as usize)? {
                         if e.resource_type.as_deref() == Some("Subscription") {
                             touched = true;
                             if e.version == Some(1) {
@@ -886,6 +887,10 @@ impl SubscriptionService {
                     seen = head;
                     if touched {
                         self.rescan(&mut tasks, &shutdown, &created).await?;
+                    } else if span <= 10_000 {
+                        // Every event up to `head` was looked at and none was a Subscription
+                        // change: every active subscription has a worker.
+                        self.rescanned_head.fetch_max(head, Ordering::AcqRel);
                     }
                 }
                 _ = tick.tick() => self.rescan(&mut tasks, &shutdown, &HashMap::new()).await?,

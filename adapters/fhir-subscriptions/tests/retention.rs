@@ -1,0 +1,242 @@
+//! Outbox retention with Subscriptions, in process: delivered events are pruned up to what
+//! every active subscription has delivered, later events keep their numbers (also across a
+//! restart of the service), `$status` stays right and `$events` for pruned numbers answers
+//! 410 Gone with an OperationOutcome instead of a shorter Bundle.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tributary_runtime::Readiness;
+use tributary_storage::StoreTransaction;
+use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, ResourceWrite, Store};
+use tributary_subscriptions::api::{router, ApiState};
+use tributary_subscriptions::bundle::read_status;
+use tributary_subscriptions::model::{BACKPORT, TOPIC_BASE};
+use tributary_subscriptions::{SubscriptionService, SubscriptionsConfig};
+
+type Got = Arc<Mutex<Vec<Value>>>;
+
+async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
+    got.lock().unwrap().push(b);
+    StatusCode::OK
+}
+
+/// (event number, focus) of every event notified so far.
+fn notified(got: &Got) -> Vec<(u64, Option<String>)> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter_map(read_status)
+        .filter(|(kind, _)| kind == "event-notification")
+        .flat_map(|(_, events)| events)
+        .collect()
+}
+
+fn config() -> SubscriptionsConfig {
+    SubscriptionsConfig {
+        base_url: "http://tributary.test/fhir".into(),
+        tenants: vec!["t1".into()],
+        rescan_secs: 1,
+        retry_initial_ms: 100,
+        retry_max_ms: 1_000,
+        give_up_after_secs: 3_600,
+        request_timeout_ms: 2_000,
+        min_heartbeat_secs: 1,
+        allow_http_endpoints: true,
+        ..Default::default()
+    }
+}
+
+fn subscription(endpoint: &str, status: &str) -> Value {
+    json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BACKPORT}/backport-subscription")]},
+        "status": status,
+        "reason": "test",
+        "criteria": format!("{TOPIC_BASE}/observation"),
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": "id-only"}]}
+        }
+    })
+}
+
+async fn put(store: &FjallStore, rtype: &str, id: &str, body: Value) {
+    store
+        .commit(StoreTransaction {
+            tenant: "t1".into(),
+            writes: vec![ResourceWrite::upsert(rtype, id, body)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn observe(store: &FjallStore, id: &str) {
+    let body = json!({"status": "final", "subject": {"reference": "Patient/p1"}});
+    put(store, "Observation", id, body).await;
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn api_get(
+    service: &Arc<SubscriptionService>,
+    journal: &Arc<FjallJournal>,
+    uri: &str,
+) -> (StatusCode, Value) {
+    let app = router(ApiState {
+        service: service.clone(),
+        journal: journal.clone(),
+    });
+    let res = app
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let code = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn events_since_start(status_bundle: &Value) -> Option<String> {
+    status_bundle["entry"][0]["resource"]["parameter"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == "events-since-subscription-start")
+        .and_then(|p| p["valueString"].as_str().map(str::to_string))
+}
+
+fn focus(id: &str) -> Option<String> {
+    Some(format!("http://tributary.test/fhir/Observation/{id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_pruned_and_numbering_goes_on() {
+    let got: Got = Arc::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", l.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hook", post(record))
+        .with_state(got.clone());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let store = Arc::new(FjallStore::new(db.clone()));
+    let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
+
+    put(
+        &store,
+        "Subscription",
+        "obs",
+        subscription(&hook, "requested"),
+    )
+    .await;
+    // An `off` subscription holds nothing back.
+    put(&store, "Subscription", "idle", subscription(&hook, "off")).await;
+    wait_for("the handshake", || !got.lock().unwrap().is_empty()).await;
+    for id in ["o1", "o2", "o3"] {
+        observe(&store, id).await;
+    }
+    wait_for("three events", || notified(&got).len() >= 3).await;
+    assert_eq!(
+        notified(&got),
+        vec![(1, focus("o1")), (2, focus("o2")), (3, focus("o3"))]
+    );
+
+    // Everything the subscription has delivered may go (a far-future age cut-off).
+    let outbox = store.outbox();
+    let o3_seq = outbox
+        .read_after(0, 1000)
+        .unwrap()
+        .iter()
+        .find(|e| e.resource_id.as_deref() == Some("o3"))
+        .unwrap()
+        .seq;
+    wait_for("the retention floor past o3", || {
+        service.retention_floor().unwrap().unwrap_or(0) >= o3_seq
+    })
+    .await;
+    let floor = service.retention_floor().unwrap().unwrap();
+    let later = tributary_core::now_millis() + 60_000;
+    let pruned = outbox.prune_through(floor, later).await.unwrap();
+    assert!(pruned >= 3, "pruned {pruned}");
+    assert!(outbox.event(o3_seq).unwrap().is_none());
+
+    // The pruned range: a clear answer, not a short Bundle.
+    let (code, oo) = api_get(&service, &journal, "/Subscription/obs/$events").await;
+    assert_eq!(code, StatusCode::GONE, "{oo}");
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    let text = oo["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(text.contains("events 1 to 3"), "{text}");
+    assert!(text.contains("retention"), "{text}");
+
+    // New events keep counting from 4.
+    for id in ["o4", "o5"] {
+        observe(&store, id).await;
+    }
+    wait_for("two more events", || notified(&got).len() >= 5).await;
+    assert_eq!(notified(&got)[3..], [(4, focus("o4")), (5, focus("o5"))]);
+    let (code, st) = api_get(&service, &journal, "/Subscription/obs/$status").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(events_since_start(&st).as_deref(), Some("5"));
+    let (code, ev) = api_get(
+        &service,
+        &journal,
+        "/Subscription/obs/$events?eventsSinceNumber=4",
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{ev}");
+    assert_eq!(
+        read_status(&ev).unwrap().1,
+        vec![(4, focus("o4")), (5, focus("o5"))]
+    );
+    // A range that starts in the pruned part names the first number still there.
+    let (code, oo) = api_get(
+        &service,
+        &journal,
+        "/Subscription/obs/$events?eventsSinceNumber=2&eventsUntilNumber=5",
+    )
+    .await;
+    assert_eq!(code, StatusCode::GONE);
+    let text = oo["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        text.contains("events 2 to 3") && text.contains("number 4"),
+        "{text}"
+    );
+
+    // A restart of the service: numbers come from the record, not from a rescan.
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
+    observe(&store, "o6").await;
+    wait_for("the event after the restart", || notified(&got).len() >= 6).await;
+    assert_eq!(notified(&got)[5], (6, focus("o6")));
+    let (_, st) = api_get(&service, &journal, "/Subscription/obs/$status").await;
+    assert_eq!(events_since_start(&st).as_deref(), Some("6"));
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
