@@ -54,11 +54,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.audit.retention_days > 0 {
         tasks.spawn(audit_retention_loop(rt.clone(), config.audit.clone()));
     }
-    tasks.spawn(outbox_prune_loop(
-        rt.clone(),
-        config.outbox.clone(),
-        outbox_consumers(&config),
-    ));
 
     // The mapping pipeline: a mapping set that does not load stops startup with every
     // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
@@ -96,10 +91,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Subscription operations go behind the facade's policy layers (below); the inbound
     // notification hook authenticates partners itself, the websocket channel by binding token.
+    let mut subscriptions = None;
     let mut guarded_routes = axum::Router::new();
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
+        subscriptions = Some(service.clone());
         guarded_routes = guarded_routes.merge(tributary_subscriptions::operations_router(
             service.clone(),
             &rt,
@@ -116,6 +113,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
             service,
         )));
     }
+    tasks.spawn(outbox_prune_loop(
+        rt.clone(),
+        config.outbox.clone(),
+        outbox_consumers(&config),
+        subscriptions,
+    ));
     for route in &config.mllp.routes {
         sinks.push(Box::new(tributary_mllp::MllpRoute::new(route.clone())));
     }
@@ -262,13 +265,8 @@ async fn audit_retention_loop(rt: Runtime, cfg: crate::config::AuditConfig) -> a
     }
 }
 
-/// The outbox cursors every delivered event must have passed before it may be pruned; `None`
-/// when pruning would take something from a consumer that reads history (Subscriptions'
-/// `$events`) or when there is no consumer at all.
-fn outbox_consumers(config: &Config) -> Option<Vec<String>> {
-    if config.subscriptions.is_some() {
-        return None;
-    }
+/// The relay cursors every delivered event must have passed before it may be pruned.
+fn outbox_consumers(config: &Config) -> Vec<String> {
     let mut names = Vec::new();
     if let Some(k) = &config.kafka {
         names.push(k.cursor_name.clone());
@@ -276,21 +274,27 @@ fn outbox_consumers(config: &Config) -> Option<Vec<String>> {
     if let Some(s) = config.amqp.as_ref().and_then(|a| a.sink.as_ref()) {
         names.push(s.cursor_name.clone());
     }
-    (!names.is_empty()).then_some(names)
+    names
 }
 
+/// Outbox retention: every `prune_interval_secs`, events older than `max_age_secs` that every
+/// relay cursor and every active Subscription's delivery cursor has passed are removed (with
+/// the Subscriptions' event-number index entries for them). Off with `max_age_secs = 0` or
+/// with neither a relay nor `[subscriptions]` (a relay added later starts from the beginning).
 async fn outbox_prune_loop(
     rt: Runtime,
     cfg: crate::config::OutboxConfig,
-    consumers: Option<Vec<String>>,
+    relays: Vec<String>,
+    subscriptions: Option<Arc<tributary_subscriptions::SubscriptionService>>,
 ) -> anyhow::Result<()> {
-    let Some(consumers) = consumers.filter(|_| cfg.max_age_secs > 0) else {
-        tracing::info!("outbox pruning off (max_age_secs = 0, [subscriptions] on, or no relay)");
+    if cfg.max_age_secs == 0 || (relays.is_empty() && subscriptions.is_none()) {
+        tracing::info!(
+            "outbox pruning off (max_age_secs = 0, or neither a relay nor subscriptions)"
+        );
         // A finished task stops `serve`: wait for shutdown like every other component.
         rt.shutdown.cancelled().await;
         return Ok(());
-    };
-    let names: Vec<&str> = consumers.iter().map(String::as_str).collect();
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.prune_interval_secs));
     tick.tick().await;
     loop {
@@ -298,9 +302,32 @@ async fn outbox_prune_loop(
             _ = rt.shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
+        let outbox = rt.store.outbox();
+        let floor = (|| -> tributary_storage::Result<Option<u64>> {
+            let mut upto = u64::MAX;
+            for r in &relays {
+                upto = upto.min(outbox.cursor(r)?);
+            }
+            if let Some(s) = &subscriptions {
+                match s.retention_floor()? {
+                    Some(f) => upto = upto.min(f),
+                    // Not yet known which subscriptions are active: prune nothing.
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(upto))
+        })();
+        let upto = match floor {
+            Ok(Some(upto)) => upto,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox retention failed");
+                continue;
+            }
+        };
         let before = tributary_core::now_millis()
             .saturating_sub((cfg.max_age_secs as i64).saturating_mul(1000));
-        match rt.store.outbox().prune_delivered(&names, before).await {
+        match outbox.prune_through(upto, before).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(pruned = n, "outbox retention"),
             Err(e) => tracing::warn!(error = %e, "outbox retention failed"),
