@@ -6,7 +6,9 @@
 //! Bundles in outbox order (at most `max_count` events each), heartbeats when idle, retries with
 //! exponential backoff, and after `give_up_after_secs` the events are dead-lettered, the status
 //! becomes `error` (with the reason in `Subscription.error`) and delivery moves on. Event numbers
-//! count matching events from the subscription's start, so `$events` can recompute them.
+//! count matching events from the subscription's start; the worker records each number (number
+//! → outbox seq) with its cursor, so `$status` and `$events` read them instead of rescanning
+//! the outbox, and outbox retention may prune what every active subscription has delivered.
 
 use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
 use crate::config::SubscriptionsConfig;

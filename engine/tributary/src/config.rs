@@ -194,10 +194,9 @@ impl Default for AuditConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
-    /// Events older than this that every registered relay (`[kafka]`, `[amqp.sink]`) has
-    /// delivered are removed. 0 keeps every event. Nothing is pruned while `[subscriptions]` is
-    /// configured (`$events` and event numbers are computed from the outbox's history) or when
-    /// no relay is configured.
+    /// Events older than this that every registered relay (`[kafka]`, `[amqp.sink]`) and every
+    /// active Subscription (`[subscriptions]`) has delivered are removed. 0 keeps every event.
+    /// Nothing is pruned when neither a relay nor `[subscriptions]` is configured.
     pub max_age_secs: u64,
     /// How often the outbox pruner runs.
     pub prune_interval_secs: u64,
