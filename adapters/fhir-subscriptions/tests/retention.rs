@@ -240,3 +240,79 @@ async fn delivered_events_are_pruned_and_numbering_goes_on() {
     shutdown.cancel();
     running.await.unwrap().unwrap();
 }
+
+/// A subscription that delivered before event numbers were recorded (only its cursors in the
+/// data directory): its worker numbers what it delivered once, from its start, and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_of_a_subscription_from_before_the_record_are_backfilled() {
+    let got: Got = Arc::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", l.local_addr().unwrap());
+    let app = Router::new()
+        .route("/hook", post(record))
+        .with_state(got.clone());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let store = Arc::new(FjallStore::new(db.clone()));
+    let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
+    put(&store, "Subscription", "obs", subscription(&hook, "active")).await;
+    let created = store.outbox().head();
+    for id in ["o1", "o2", "o3"] {
+        observe(&store, id).await;
+    }
+    put(&store, "Encounter", "e1", json!({"status": "planned"})).await;
+    let seq_of = |id: &str| {
+        store
+            .outbox()
+            .read_after(0, 100)
+            .unwrap()
+            .iter()
+            .find(|e| e.resource_id.as_deref() == Some(id))
+            .unwrap()
+            .seq
+    };
+    // What an older version left: its start and its cursor (o1 and o2 delivered).
+    let outbox = store.outbox();
+    outbox.ack("substart:t1/obs", created).await.unwrap();
+    outbox.ack("sub:t1/obs", seq_of("o2")).await.unwrap();
+    assert_eq!(outbox.numbering("sub:t1/obs").unwrap(), None);
+
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
+    wait_for("the third event", || !notified(&got).is_empty()).await;
+    assert_eq!(notified(&got), vec![(3, focus("o3"))]);
+    let n = outbox.numbering("sub:t1/obs").unwrap().unwrap();
+    assert_eq!(n.count, 3);
+    assert_eq!(
+        outbox.numbered_seqs("sub:t1/obs", 1, 10, 10).unwrap(),
+        vec![(1, seq_of("o1")), (2, seq_of("o2")), (3, seq_of("o3"))]
+    );
+    let (code, ev) = api_get(&service, &journal, "/Subscription/obs/$events").await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        read_status(&ev).unwrap().1,
+        vec![(1, focus("o1")), (2, focus("o2")), (3, focus("o3"))]
+    );
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+
+    // Beyond what the worker numbered (it is not running): found by scanning on from its
+    // position, and nothing is recorded by asking.
+    observe(&store, "o4").await;
+    let idle = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let (code, ev) = api_get(
+        &idle,
+        &journal,
+        "/Subscription/obs/$events?eventsSinceNumber=3",
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(
+        read_status(&ev).unwrap().1,
+        vec![(3, focus("o3")), (4, focus("o4"))]
+    );
+    assert_eq!(outbox.numbering("sub:t1/obs").unwrap().unwrap().count, 3);
+}
