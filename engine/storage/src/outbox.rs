@@ -359,7 +359,8 @@ impl Outbox {
         }
     }
 
-    /// Deletes events every listed sink has delivered. Returns how many were removed.
+    /// Deletes events every listed sink has delivered (and their event-number index entries).
+    /// Returns how many were removed.
     pub async fn prune(&self, sinks: &[&str]) -> Result<u64> {
         let mut upto = u64::MAX;
         for s in sinks {
@@ -373,11 +374,15 @@ impl Outbox {
             doomed.push(item.key()?.to_vec());
         }
         let n = doomed.len() as u64;
+        let numbered = self.numbered_at_or_before(upto)?;
         self.db
             .committer()
             .run(move |txn| {
                 for k in doomed {
                     txn.delete(Table::Outbox, k);
+                }
+                for k in numbered {
+                    txn.delete(Table::EventNumber, k);
                 }
                 let floor = keys::u64_be(txn.counters.outbox_seq).to_vec();
                 txn.put(Table::Meta, b"outbox_seq_floor".to_vec(), floor);
