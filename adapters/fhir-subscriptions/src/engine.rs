@@ -824,7 +824,7 @@ impl SubscriptionService {
             h.cancel.cancel();
             self.subs.write().expect("subs").remove(&k);
         }
-        self.rescanned_head.store(head.max(1), Ordering::Release);
+        self.rescanned_head.fetch_max(head.max(1), Ordering::AcqRel);
         Ok(())
     }
 
