@@ -4,27 +4,19 @@
 //! Skips without the shared corpus.
 
 mod events_common;
+#[path = "../../adapters/fhir-subscriptions/tests/common/hook.rs"]
+mod hook;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use events_common::{
     free_addr, get_json, issue_token, kind, observation_subscription, post_fhir, repo_root,
     token_config, Server,
 };
+use hook::start_hook;
 use serde_json::Value;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 
-type Got = Arc<Mutex<Vec<Value>>>;
 type Check = Box<dyn Fn(&[Value]) -> bool + Send>;
-
-async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
-    got.lock().unwrap().push(b);
-    StatusCode::OK
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smart_client_subscribes_and_gets_matching_notifications_only() {
@@ -38,13 +30,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         return;
     }
     // The subscriber's endpoint.
-    let got: Got = Arc::default();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", l.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state(got.clone());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (got, hook) = start_hook().await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -5,38 +5,18 @@
 //! OperationOutcome.
 
 mod events_common;
+#[path = "../../adapters/fhir-subscriptions/tests/common/hook.rs"]
+mod hook;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
 use events_common::{
     get_json, issue_token, kind, observation_subscription, post_fhir, token_config, Server,
 };
+use hook::{notified, start_hook};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
 use tributary_subscriptions::bundle::read_status;
-
-type Got = Arc<Mutex<Vec<Value>>>;
-
-async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
-    got.lock().unwrap().push(b);
-    StatusCode::OK
-}
-
-/// (event number, focus) of every event notified so far.
-fn notified(got: &Got) -> Vec<(u64, Option<String>)> {
-    got.lock()
-        .unwrap()
-        .iter()
-        .filter_map(read_status)
-        .filter(|(k, _)| k == "event-notification")
-        .flat_map(|(_, e)| e)
-        .collect()
-}
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..300 {
@@ -87,13 +67,7 @@ fn observations_left(data: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_with_retention_prune_and_keep_counting() {
-    let got: Got = Arc::default();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", l.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state(got.clone());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (got, hook) = start_hook().await;
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

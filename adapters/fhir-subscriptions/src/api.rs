@@ -122,8 +122,12 @@ fn load(
     tenant: &str,
     id: &str,
 ) -> Result<(SubscriptionSpec, SubState), Response> {
-    if let Some(found) = state.service.state(tenant, id) {
-        return Ok(found);
+    if let Some((spec, mut st)) = state.service.state(tenant, id) {
+        // The worker knows what it delivered; `$status` also counts what matched since.
+        st.events_since_start = st
+            .events_since_start
+            .max(state.service.events_since_start(&spec));
+        return Ok((spec, st));
     }
     let stored = state
         .service
@@ -149,7 +153,7 @@ fn load(
         .map_err(|e| outcome(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string()))?;
     let st = SubState {
         status: spec.status.clone(),
-        events_since_start: state.service.numbered_count(tenant, id),
+        events_since_start: state.service.events_since_start(&spec),
         error: body
             .get("error")
             .and_then(Value::as_str)

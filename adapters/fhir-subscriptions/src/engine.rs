@@ -433,6 +433,19 @@ impl SubscriptionService {
             .map_or(0, |n| n.count)
     }
 
+    /// `eventsSinceSubscriptionStart` as `$status` reports it: the events numbered so far plus
+    /// those matching since the worker's position (committed, not yet delivered) — a client
+    /// whose endpoint is down still sees the count grow. Scans only the undelivered backlog.
+    pub(crate) fn events_since_start(&self, spec: &SubscriptionSpec) -> u64 {
+        let recorded = self.numbered_count(&spec.tenant, &spec.id);
+        match self.start_of(&spec.tenant, &spec.id) {
+            Ok(start) if start > 0 => self
+                .events_page(spec, start, u64::MAX, u64::MAX, 1)
+                .map_or(recorded, |p| p.total.max(recorded)),
+            _ => recorded,
+        }
+    }
+
     /// The outbox position every active subscription has delivered through: events at or
     /// before it are no longer needed by Subscriptions (`None` until the first rescan, while
     /// it is not yet known which subscriptions are active). Deleted, `off` and ended

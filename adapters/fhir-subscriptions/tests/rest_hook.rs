@@ -372,6 +372,18 @@ async fn endpoint_down_then_receives_everything() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(rx.events().is_empty(), "nothing delivered while down");
+    // `$status` counts what happened, not what was delivered: the subscriber can see it missed
+    // events while its endpoint was down.
+    let (code, st) = api_get(&env, "/Subscription/obs/$status").await;
+    assert_eq!(code, StatusCode::OK);
+    let params = &st["entry"][0]["resource"]["parameter"];
+    let happened = n.to_string();
+    assert!(
+        params.as_array().unwrap().iter().any(|p| {
+            p["name"] == "events-since-subscription-start" && p["valueString"] == happened.as_str()
+        }),
+        "{params}"
+    );
     rx.up().await;
     wait_for("every event after the outage", 60, || {
         rx.events().len() >= n

@@ -3,13 +3,14 @@
 //! restart of the service), `$status` stays right and `$events` for pruned numbers answers
 //! 410 Gone with an OperationOutcome instead of a shorter Bundle.
 
+#[path = "common/hook.rs"]
+mod hook;
+
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{Request, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
+use hook::{notified, start_hook};
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -20,24 +21,6 @@ use tributary_subscriptions::api::{router, ApiState};
 use tributary_subscriptions::bundle::read_status;
 use tributary_subscriptions::model::{BACKPORT, TOPIC_BASE};
 use tributary_subscriptions::{SubscriptionService, SubscriptionsConfig};
-
-type Got = Arc<Mutex<Vec<Value>>>;
-
-async fn record(State(got): State<Got>, Json(b): Json<Value>) -> StatusCode {
-    got.lock().unwrap().push(b);
-    StatusCode::OK
-}
-
-/// (event number, focus) of every event notified so far.
-fn notified(got: &Got) -> Vec<(u64, Option<String>)> {
-    got.lock()
-        .unwrap()
-        .iter()
-        .filter_map(read_status)
-        .filter(|(kind, _)| kind == "event-notification")
-        .flat_map(|(_, events)| events)
-        .collect()
-}
 
 fn config() -> SubscriptionsConfig {
     SubscriptionsConfig {
@@ -130,13 +113,7 @@ fn focus(id: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_events_are_pruned_and_numbering_goes_on() {
-    let got: Got = Arc::default();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", l.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state(got.clone());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (got, hook) = start_hook().await;
 
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
@@ -245,13 +222,7 @@ async fn delivered_events_are_pruned_and_numbering_goes_on() {
 /// data directory): its worker numbers what it delivered once, from its start, and goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_of_a_subscription_from_before_the_record_are_backfilled() {
-    let got: Got = Arc::default();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", l.local_addr().unwrap());
-    let app = Router::new()
-        .route("/hook", post(record))
-        .with_state(got.clone());
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let (got, hook) = start_hook().await;
 
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
