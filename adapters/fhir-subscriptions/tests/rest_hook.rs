@@ -1,6 +1,9 @@
 //! Rest-hook delivery end to end, in process: resources committed through `Store::commit` (as
 //! the mapping pipeline and the facade do), notifications received by a real HTTP endpoint.
 
+#[path = "common/store.rs"]
+mod store;
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{Request, StatusCode};
@@ -9,13 +12,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use store::put;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tributary_runtime::Readiness;
-use tributary_storage::{
-    Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, ResourceWrite, Store,
-    StoreTransaction,
-};
+use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, Store};
 use tributary_subscriptions::api::{router, ApiState};
 use tributary_subscriptions::bundle::read_status;
 use tributary_subscriptions::model::{BACKPORT, PATIENT_CONTEXT_EXT, TOPIC_BASE};
@@ -179,17 +180,6 @@ fn subscription(topic: &str, endpoint: &str, content: &str, criteria: Option<&st
         s["_criteria"] = json!({"extension": [{"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": c}]});
     }
     s
-}
-
-async fn put(store: &FjallStore, rtype: &str, id: &str, body: Value) {
-    store
-        .commit(StoreTransaction {
-            tenant: "t1".into(),
-            writes: vec![ResourceWrite::upsert(rtype, id, body)],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {

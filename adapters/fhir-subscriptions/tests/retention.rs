@@ -6,17 +6,20 @@
 #[path = "common/hook.rs"]
 mod hook;
 
+#[path = "common/store.rs"]
+mod store;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use hook::{notified, start_hook};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
+use store::put;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tributary_runtime::Readiness;
-use tributary_storage::StoreTransaction;
-use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, ResourceWrite, Store};
+use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, Store};
 use tributary_subscriptions::api::{router, ApiState};
 use tributary_subscriptions::bundle::read_status;
 use tributary_subscriptions::model::{BACKPORT, TOPIC_BASE};
@@ -51,17 +54,6 @@ fn subscription(endpoint: &str, status: &str) -> Value {
             "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": "id-only"}]}
         }
     })
-}
-
-async fn put(store: &FjallStore, rtype: &str, id: &str, body: Value) {
-    store
-        .commit(StoreTransaction {
-            tenant: "t1".into(),
-            writes: vec![ResourceWrite::upsert(rtype, id, body)],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
 }
 
 async fn observe(store: &FjallStore, id: &str) {

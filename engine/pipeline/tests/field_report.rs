@@ -2,60 +2,13 @@
 //! paths, example ids, the log lines — and no field value anywhere. Its own test binary: it
 //! installs the process-wide log subscriber it reads back.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{append, discharge_before_admit, fixture, repo, runtime};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
-use tributary_core::{Envelope, MessageState, Protocol};
+use tributary_core::MessageState;
 use tributary_pipeline::{MappingConfig, MappingRegistry, Pipeline, UnconsumedPolicy};
-use tributary_runtime::{Readiness, Runtime};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn runtime(dir: &Path) -> Runtime {
-    let db = Db::open(dir, DbOptions::default()).unwrap();
-    Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        shutdown: CancellationToken::new(),
-    }
-}
-
-async fn append(rt: &Runtime, payload: Vec<u8>) -> tributary_core::MessageId {
-    let env = Envelope::builder(Protocol::Hl7v2, payload)
-        .tenant("t1")
-        .partner("riverside")
-        .ordering_key("riverside/MRN70001")
-        .build();
-    rt.journal.append(env).await.unwrap().id
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(repo().join("mappings/hl7v2/messages").join(name)).unwrap()
-}
-
-/// ADT_A01 with a discharge (PV1-45) before the admit: the end is left out.
-fn discharge_before_admit() -> Vec<u8> {
-    let text = String::from_utf8(fixture("ADT_A01.hl7")).unwrap();
-    let segments: Vec<String> = text
-        .split('\r')
-        .map(|seg| {
-            if !seg.starts_with("PV1|") {
-                return seg.to_string();
-            }
-            let mut fields: Vec<&str> = seg.split('|').collect();
-            fields.resize(fields.len().max(46), "");
-            fields[45] = "20161123";
-            fields.join("|")
-        })
-        .collect();
-    segments.join("\r").into_bytes()
-}
+use tributary_runtime::Runtime;
 
 /// Log lines written while a test runs, for asserting what the pipeline logs.
 #[derive(Clone, Default)]

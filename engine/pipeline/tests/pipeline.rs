@@ -1,30 +1,15 @@
 //! The pipeline against the real embedded journal and store.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{append, discharge_before_admit, fixture, repo, runtime};
+use std::path::Path;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
-use tributary_core::{Envelope, MessageState, Protocol, StateKind};
+use tributary_core::{MessageState, StateKind};
 use tributary_pipeline::{
     MappingConfig, MappingRegistry, Pipeline, ReloadOutcome, UnconsumedPolicy,
 };
-use tributary_runtime::{Readiness, Runtime};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn runtime(dir: &Path) -> Runtime {
-    let db = Db::open(dir, DbOptions::default()).unwrap();
-    Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        shutdown: CancellationToken::new(),
-    }
-}
+use tributary_runtime::Runtime;
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -50,21 +35,8 @@ fn pipeline(dir: &Path, policy: UnconsumedPolicy) -> Pipeline {
     )
 }
 
-async fn append(rt: &Runtime, payload: Vec<u8>) -> tributary_core::MessageId {
-    let env = Envelope::builder(Protocol::Hl7v2, payload)
-        .tenant("t1")
-        .partner("riverside")
-        .ordering_key("riverside/MRN70001")
-        .build();
-    rt.journal.append(env).await.unwrap().id
-}
-
 async fn drain(p: &Pipeline, rt: &Runtime) {
     while p.step(rt).await.unwrap() > 0 {}
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(repo().join("mappings/hl7v2/messages").join(name)).unwrap()
 }
 
 #[tokio::test]
@@ -257,24 +229,6 @@ async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_
         ReloadOutcome::Unchanged | ReloadOutcome::Reloaded { .. }
     ));
     assert!(p.registry.last_error().is_none() || p.registry.current().version == before);
-}
-
-/// The ADT^A01 fixture with a discharge (PV1-45) years before its admit (PV1-44).
-fn discharge_before_admit() -> Vec<u8> {
-    let text = String::from_utf8(fixture("ADT_A01.hl7")).unwrap();
-    let segments: Vec<String> = text
-        .split('\r')
-        .map(|seg| {
-            if !seg.starts_with("PV1|") {
-                return seg.to_string();
-            }
-            let mut fields: Vec<&str> = seg.split('|').collect();
-            fields.resize(fields.len().max(46), "");
-            fields[45] = "20161123";
-            fields.join("|")
-        })
-        .collect();
-    segments.join("\r").into_bytes()
 }
 
 #[tokio::test]
