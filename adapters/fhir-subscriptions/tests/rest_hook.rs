@@ -1,6 +1,8 @@
 //! Rest-hook delivery end to end, in process: resources committed through `Store::commit` (as
 //! the mapping pipeline and the facade do), notifications received by a real HTTP endpoint.
 
+#[path = "common/api.rs"]
+mod api;
 #[path = "common/store.rs"]
 mod store;
 
@@ -219,16 +221,7 @@ fn encounter(patient: &str, status: &str) -> Value {
 }
 
 async fn api_get(env: &Env, uri: &str) -> (StatusCode, Value) {
-    let app = api(env);
-    let res = app
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let code = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    api::get(api(env), uri).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

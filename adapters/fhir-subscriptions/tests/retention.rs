@@ -6,18 +6,18 @@
 #[path = "common/hook.rs"]
 mod hook;
 
+#[path = "common/api.rs"]
+mod api;
 #[path = "common/store.rs"]
 mod store;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use hook::{notified, start_hook};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use store::put;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 use tributary_runtime::Readiness;
 use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, Store};
 use tributary_subscriptions::api::{router, ApiState};
@@ -80,15 +80,7 @@ async fn api_get(
         service: service.clone(),
         journal: journal.clone(),
     });
-    let res = app
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    let code = res.status();
-    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    api::get(app, uri).await
 }
 
 fn events_since_start(status_bundle: &Value) -> Option<String> {
