@@ -42,6 +42,7 @@ async fn main() {
         audit: AuditLog::new(db.clone()),
         db,
         readiness: Readiness::default(),
+        metrics: Default::default(),
         shutdown: Default::default(),
     };
     let mut cfg = FacadeConfig::default();

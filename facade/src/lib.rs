@@ -156,6 +156,7 @@ pub fn app_with(state: AppState, inner: Router) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route(
             "/.well-known/smart-configuration",
             get(capability::smart_configuration),
@@ -234,6 +235,76 @@ async fn ready(State(state): State<AppState>) -> Response {
         "journal": { "head_seq": state.rt.journal.stats().head_seq },
     });
     (code, Json(body)).into_response()
+}
+
+/// Prometheus text format: what the components counted, plus store positions read now.
+/// Public like `/ready` (no PHI: names, outcomes, status codes and counts only).
+async fn metrics(State(state): State<AppState>) -> Response {
+    use tributary_runtime::Sample;
+    let rt = &state.rt;
+    let gauge = |name, labels: Vec<(&'static str, String)>, value: f64| Sample {
+        name,
+        labels,
+        value,
+    };
+    let outbox = rt.store.outbox();
+    let head = outbox.head();
+    let commits = rt.db.committer().stats();
+    let load =
+        |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let mut samples = vec![
+        gauge(
+            "tributary_journal_head_seq",
+            vec![],
+            rt.journal.stats().head_seq as f64,
+        ),
+        gauge("tributary_outbox_head_seq", vec![], head as f64),
+        gauge(
+            "tributary_store_disk_bytes",
+            vec![],
+            rt.db.disk_space() as f64,
+        ),
+        gauge(
+            "tributary_store_commits_total",
+            vec![],
+            load(&commits.groups),
+        ),
+        gauge(
+            "tributary_store_commit_jobs_total",
+            vec![],
+            load(&commits.jobs),
+        ),
+        gauge(
+            "tributary_store_slow_commits_total",
+            vec![],
+            load(&commits.slow),
+        ),
+    ];
+    for relay in rt.metrics.outbox_consumers() {
+        if let Ok(cursor) = outbox.cursor(&relay) {
+            samples.push(gauge(
+                "tributary_outbox_lag_events",
+                vec![("relay", relay)],
+                head.saturating_sub(cursor) as f64,
+            ));
+        }
+    }
+    for (component, status) in rt.readiness.snapshot() {
+        let ready = status == tributary_runtime::ComponentStatus::Ready;
+        samples.push(gauge(
+            "tributary_component_ready",
+            vec![("component", component)],
+            if ready { 1.0 } else { 0.0 },
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        rt.metrics.render(samples),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

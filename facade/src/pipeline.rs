@@ -102,6 +102,7 @@ async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) 
             params: Vec::new(),
         },
     };
+    let interaction = fhir.interaction.name();
     let slot = AuditSlot::default();
     slot.update(|d| {
         d.request_id = request_id;
@@ -150,13 +151,27 @@ async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) 
     let record = slot
         .snapshot()
         .into_record(status, latency_us, &st.facade.policy_version);
-    match st.rt.audit.append_prepared(vec![record]).await {
+    let res = match st.rt.audit.append_prepared(vec![record]).await {
         Ok(_) => res,
         Err(e) => {
             tracing::error!(error = %e, "audit append failed; refusing to answer without a record");
             ApiError::Internal("audit log unavailable".into()).into_response()
         }
-    }
+    };
+    let metrics = &st.rt.metrics;
+    metrics.inc(
+        "tributary_http_requests_total",
+        &[
+            ("interaction", interaction),
+            ("status", res.status().as_str()),
+        ],
+    );
+    metrics.observe(
+        "tributary_http_request_duration_seconds",
+        &[("interaction", interaction)],
+        started.elapsed().as_micros() as u64,
+    );
+    res
 }
 
 fn bearer(req: &Request) -> Option<&str> {

@@ -22,6 +22,7 @@ fn env_with(cfg: FacadeConfig) -> Env {
         audit: AuditLog::new(db.clone()),
         db,
         readiness: Readiness::default(),
+        metrics: Default::default(),
         shutdown: Default::default(),
     };
     let facade = Arc::new(Facade::new(cfg, dir.path(), "default").unwrap());
@@ -180,6 +181,81 @@ async fn ready_reflects_components() {
     e.st.rt.readiness.set("mllp", ComponentStatus::Ready);
     assert_eq!(e.call("GET", "/ready", None, None).await.0, StatusCode::OK);
     assert_eq!(e.call("GET", "/health", None, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_interaction_and_status_without_phi() {
+    let e = env();
+    e.st.rt.readiness.set("store", ComponentStatus::Ready);
+    e.st.rt.metrics.track_outbox_consumer("kafka");
+    let admin = seed(&e).await;
+    let reader = e.token("patient/Patient.read", |r| r.patient = Some("p1".into()));
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&reader), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&reader), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p2", Some(&reader), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(e.call("GET", "/fhir/Patient/p1", None, None).await.0, 401);
+    let res = app(e.st.clone())
+        .oneshot(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for want in [
+        "tributary_http_requests_total{interaction=\"read\",status=\"200\"} 2",
+        "tributary_http_requests_total{interaction=\"read\",status=\"403\"} 1",
+        "tributary_http_requests_total{interaction=\"read\",status=\"401\"} 1",
+        "tributary_http_requests_total{interaction=\"update\",status=\"201\"} 5",
+        "tributary_http_request_duration_seconds_count{interaction=\"read\"} 4",
+        "tributary_outbox_head_seq 5",
+        "tributary_outbox_lag_events{relay=\"kafka\"} 5",
+        "tributary_component_ready{component=\"store\"} 1",
+    ] {
+        assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+    }
+    // Names, birth dates, identifiers, resource ids and tokens never appear.
+    for phi in [
+        "Smith",
+        "Jones",
+        "Ann",
+        "1970-01-02",
+        "MRN-",
+        "p1",
+        "p2",
+        admin.as_str(),
+    ] {
+        assert!(!text.contains(phi), "{phi:?} leaked into /metrics");
+    }
 }
 
 #[tokio::test]

@@ -67,6 +67,22 @@ async fn mllp_messages_are_mapped_and_committed_and_a_bad_mapping_edit_keeps_the
     let ack = send(&addr, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
     assert_accepted(&ack);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The operator's view: both messages counted at the listener and in the pipeline, no PHI.
+    let metrics = tributary_e2e::http_get(&server.http.to_string(), "/metrics").unwrap();
+    for want in [
+        "tributary_mllp_messages_total{listener=\"mllp\",outcome=\"accepted\"} 2",
+        "tributary_mllp_messages_total{listener=\"mllp\",outcome=\"rejected\"} 0",
+        "tributary_pipeline_messages_total{outcome=\"committed\"} 2",
+        "tributary_journal_head_seq 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == want),
+            "missing {want:?} in\n{metrics}"
+        );
+    }
+    for phi in ["MRN70001", "999-00-1234", "Testpatient", "Avery"] {
+        assert!(!metrics.contains(phi), "{phi} leaked into /metrics");
+    }
     server.stop();
 
     let records = journal_records(&data);

@@ -39,6 +39,9 @@ impl Sink for AmqpEgress {
     }
 
     async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()> {
+        if let Some(sink) = &self.config.sink {
+            rt.metrics.track_outbox_consumer(&sink.cursor_name);
+        }
         if let Some(s) = AmqpSink::new(
             self.config,
             rt.store.outbox().clone(),

@@ -37,6 +37,7 @@ impl Sink for KafkaSink {
     }
 
     async fn run(self: Box<Self>, rt: Runtime) -> anyhow::Result<()> {
+        rt.metrics.track_outbox_consumer(&self.config.cursor_name);
         let relay = KafkaRelay::new(
             self.config,
             rt.store.outbox().clone(),

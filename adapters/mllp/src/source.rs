@@ -1210,11 +1210,58 @@ impl Source for MllpSource {
             }
         };
         let addr = listener.local_addr()?;
+        rt.metrics
+            .provide(listener_samples(name.clone(), listener.stats()));
         tracing::info!(listener = %name, addr = %addr, tls = self.cfg.tls.is_some(), "mllp listening");
         rt.readiness.set(&name, ComponentStatus::Ready);
         listener.run(rt.shutdown.clone()).await;
         Ok(())
     }
+}
+
+/// The listener's own counters as `/metrics` samples.
+fn listener_samples(
+    listener: String,
+    stats: Arc<ListenerStats>,
+) -> tributary_runtime::metrics::Provider {
+    use tributary_runtime::Sample;
+    Box::new(move || {
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let one = |name, value| Sample {
+            name,
+            labels: vec![("listener", listener.clone())],
+            value,
+        };
+        let mut out = vec![
+            one(
+                "tributary_mllp_connections_open",
+                v(&stats.connections_open),
+            ),
+            one(
+                "tributary_mllp_connections_total",
+                v(&stats.connections_total),
+            ),
+            one(
+                "tributary_mllp_connections_refused_total",
+                v(&stats.connections_refused),
+            ),
+            one("tributary_mllp_timeouts_total", v(&stats.timeouts)),
+        ];
+        for (outcome, counter) in [
+            ("accepted", &stats.accepted),
+            ("duplicate", &stats.duplicates),
+            ("rejected", &stats.rejected),
+            ("rate_limited", &stats.rate_limited),
+            ("busy", &stats.busy),
+        ] {
+            out.push(Sample {
+                name: "tributary_mllp_messages_total",
+                labels: vec![("listener", listener.clone()), ("outcome", outcome.into())],
+                value: v(counter),
+            });
+        }
+        out
+    })
 }
 
 #[cfg(test)]

@@ -411,8 +411,25 @@ impl Pipeline {
         Ok(n)
     }
 
-    /// Maps and commits one journal entry.
+    /// Maps and commits one journal entry; counts the outcome for `/metrics`.
     pub async fn process(
+        &self,
+        rt: &Runtime,
+        entry: JournalEntry,
+    ) -> Result<Outcome, PipelineError> {
+        let out = self.map_and_commit(rt, entry).await;
+        let outcome = match &out {
+            Ok(Outcome::Committed { .. }) => "committed",
+            Ok(Outcome::Failed { .. }) => "failed",
+            Ok(Outcome::Skipped) => "skipped",
+            Err(_) => "error",
+        };
+        rt.metrics
+            .inc("tributary_pipeline_messages_total", &[("outcome", outcome)]);
+        out
+    }
+
+    async fn map_and_commit(
         &self,
         rt: &Runtime,
         entry: JournalEntry,

@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tributary_core::MessageId;
 use tributary_storage::{AuditLog, Db, Journal, Store};
 
+pub mod metrics;
+pub use metrics::{Metrics, Sample};
+
 /// Health of one component as `/ready` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -54,6 +57,8 @@ pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub audit: AuditLog,
     pub readiness: Readiness,
+    /// Operational counters served at `/metrics`.
+    pub metrics: Metrics,
     /// Cancelled on SIGTERM/SIGINT: stop accepting, finish in-flight work, return.
     pub shutdown: CancellationToken,
 }

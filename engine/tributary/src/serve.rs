@@ -22,6 +22,7 @@ pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
         audit: AuditLog::new(db.clone()),
         db,
         readiness: Readiness::default(),
+        metrics: Default::default(),
         shutdown: CancellationToken::new(),
     })
 }

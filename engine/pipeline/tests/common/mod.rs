@@ -21,6 +21,7 @@ pub fn runtime(dir: &Path) -> Runtime {
         audit: AuditLog::new(db.clone()),
         db,
         readiness: Readiness::default(),
+        metrics: Default::default(),
         shutdown: CancellationToken::new(),
     }
 }
