@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -120,9 +121,13 @@ enum Series {
 /// Reads values a component keeps itself (its own atomics) when `/metrics` is scraped.
 pub type Provider = Box<dyn Fn() -> Vec<Sample> + Send + Sync>;
 
+/// Series by a hash of name and labels, so that counting an existing series (every request)
+/// allocates nothing: the key is compared borrowed.
+type SeriesMap = HashMap<u64, Vec<(&'static str, Labels, Arc<Series>)>>;
+
 #[derive(Default)]
 struct Inner {
-    series: RwLock<HashMap<(&'static str, Labels), Arc<Series>>>,
+    series: RwLock<SeriesMap>,
     outbox_consumers: RwLock<Vec<String>>,
     providers: RwLock<Vec<Provider>>,
 }
@@ -145,13 +150,30 @@ impl Metrics {
         labels: &[(&'static str, &str)],
         make: fn() -> Series,
     ) -> Arc<Series> {
-        let key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
-        let key = (name, key);
-        if let Some(s) = self.0.series.read().ok().and_then(|m| m.get(&key).cloned()) {
-            return s;
+        let mut h = std::hash::DefaultHasher::new();
+        (name, labels).hash(&mut h);
+        let hash = h.finish();
+        let same = |(n, l, _): &&(&'static str, Labels, Arc<Series>)| {
+            *n == name
+                && l.len() == labels.len()
+                && l.iter()
+                    .zip(labels)
+                    .all(|((a, b), (c, d))| a == c && b == d)
+        };
+        if let Ok(map) = self.0.series.read() {
+            if let Some((_, _, s)) = map.get(&hash).and_then(|v| v.iter().find(same)) {
+                return s.clone();
+            }
         }
         let mut map = self.0.series.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(key).or_insert_with(|| Arc::new(make())).clone()
+        let bucket = map.entry(hash).or_default();
+        if let Some((_, _, s)) = bucket.iter().find(same) {
+            return s.clone();
+        }
+        let s = Arc::new(make());
+        let owned = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        bucket.push((name, owned, s.clone()));
+        s
     }
 
     /// Adds one to the counter `name` with these labels.
@@ -225,7 +247,7 @@ impl Metrics {
         }
         let mut by_name: BTreeMap<&'static str, Vec<(Labels, Value)>> = BTreeMap::new();
         if let Ok(map) = self.0.series.read() {
-            for ((name, labels), s) in map.iter() {
+            for (name, labels, s) in map.values().flatten() {
                 let value = match &**s {
                     Series::Counter(c) => Value::Counter(c.load(Ordering::Relaxed)),
                     Series::Histogram {
