@@ -85,7 +85,7 @@ impl Source for AmqpIngress {
             rt.readiness.clone(),
             rt.shutdown.clone(),
         ) {
-            s.run().await?;
+            s.with_metrics(rt.metrics.clone()).run().await?;
         }
         Ok(())
     }

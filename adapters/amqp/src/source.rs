@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tributary_core::{Envelope, Protocol};
-use tributary_runtime::{ComponentStatus, Readiness};
+use tributary_runtime::{ComponentStatus, Metrics, Readiness};
 use tributary_storage::Journal;
 
 /// HL7 v2 MSH-10 (message control id) of a message, if it has a readable MSH segment.
@@ -43,6 +43,7 @@ pub struct AmqpSource {
     readiness: Readiness,
     shutdown: CancellationToken,
     component: String,
+    metrics: Metrics,
 }
 
 impl AmqpSource {
@@ -58,11 +59,25 @@ impl AmqpSource {
             cfg,
             src,
             default_tenant: default_tenant.to_string(),
+            metrics: Metrics::default(),
             journal,
             readiness,
             shutdown,
             component: "amqp-source".into(),
         })
+    }
+
+    /// Counts each message's outcome in `/metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics.inc(
+            "tributary_ingress_messages_total",
+            &[("source", self.component.as_str()), ("outcome", outcome)],
+        );
     }
 
     fn envelope(&self, d: &Delivery) -> Envelope {
@@ -187,15 +202,31 @@ impl AmqpSource {
                 Some(Ok(d)) => d,
             };
             if delivery.data.len() > self.src.max_message_bytes {
-                tracing::warn!(component = %self.component, queue = %self.src.queue, bytes = delivery.data.len(), limit = self.src.max_message_bytes, "message too large; rejected (not requeued)");
+                // Refused, but kept: journaled as rejected with the reason (for inspection and
+                // replay once the limit is raised), then acknowledged — never silently dropped.
+                let reason = format!(
+                    "message of {} bytes exceeds [amqp.source] max_message_bytes ({})",
+                    delivery.data.len(),
+                    self.src.max_message_bytes
+                );
+                tracing::warn!(component = %self.component, queue = %self.src.queue, bytes = delivery.data.len(), limit = self.src.max_message_bytes, "message too large; journaled as rejected");
+                let env = self.envelope(&delivery);
+                if let Err(e) = self.journal.append_rejected(env, reason).await {
+                    let _ = delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                    return Err(format!("journal append failed: {e}"));
+                }
                 delivery
                     .acker
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
+                    .ack(BasicAckOptions::default())
                     .await
-                    .map_err(|e| format!("nack: {e}"))?;
+                    .map_err(|e| format!("ack: {e}"))?;
+                self.count("rejected");
                 continue;
             }
             let env = self.envelope(&delivery);
@@ -209,6 +240,11 @@ impl AmqpSource {
                         .await
                         .map_err(|e| format!("ack: {e}"))?;
                     tracing::debug!(component = %self.component, message_id = %receipt.id, %protocol, "journaled from amqp");
+                    self.count(if receipt.duplicate {
+                        "duplicate"
+                    } else {
+                        "accepted"
+                    });
                     *backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                 }
                 Err(e) => {

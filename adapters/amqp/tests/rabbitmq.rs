@@ -212,6 +212,22 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         }),
     )
     .await;
+    // Over the size limit: refused but kept, as a rejected journal entry with the reason.
+    let oversized = format!(
+        "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|BIG-1|P|2.5\rNTE|1||{}\r",
+        "x".repeat(5_000)
+    );
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        oversized.as_bytes(),
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
     // The same message again (a sender retry): recognised by MSH-10, stored once.
     let again = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-7|P|2.5\rPID|1||7\r";
     ch.basic_publish(
@@ -232,12 +248,14 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
             queue: queue.clone(),
             partner: "lab".into(),
             prefetch: 16,
+            max_message_bytes: 4096,
             ..Default::default()
         }),
         ..Default::default()
     };
     let readiness = Readiness::default();
     let shutdown = CancellationToken::new();
+    let metrics = tributary_runtime::Metrics::default();
     let source = AmqpSource::new(
         cfg,
         "default",
@@ -245,14 +263,15 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         readiness.clone(),
         shutdown.clone(),
     )
-    .unwrap();
+    .unwrap()
+    .with_metrics(metrics.clone());
     let task = tokio::spawn(source.run());
     let all = ListFilter {
         limit: Some(10_000),
         ..Default::default()
     };
     wait_for("every message journaled", || {
-        journal.list(&all).unwrap().len() >= n
+        journal.list(&all).unwrap().len() > n
     })
     .await;
     // The queue drains (every delivery acked after its append).
@@ -264,7 +283,39 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let listed = journal.list(&all).unwrap();
-    assert_eq!(listed.len(), n, "one journal entry per control id");
+    assert_eq!(listed.len(), n + 1, "one journal entry per control id");
+    let rejected: Vec<_> = listed
+        .iter()
+        .map(|(id, _, _)| journal.get(*id).unwrap().unwrap())
+        .filter(|r| matches!(r.state.state, tributary_core::MessageState::Rejected { .. }))
+        .collect();
+    assert_eq!(
+        rejected.len(),
+        1,
+        "the oversized message is kept as rejected"
+    );
+    let tributary_core::MessageState::Rejected { reason } = &rejected[0].state.state else {
+        unreachable!()
+    };
+    assert!(reason.contains("max_message_bytes (4096)"), "{reason}");
+    assert_eq!(
+        rejected[0].envelope.payload.len(),
+        oversized.len(),
+        "kept whole"
+    );
+    let text = metrics.render(Vec::new());
+    for want in [
+        format!(
+            "tributary_ingress_messages_total{{source=\"amqp-source\",outcome=\"accepted\"}} {n}"
+        ),
+        "tributary_ingress_messages_total{source=\"amqp-source\",outcome=\"duplicate\"} 1".into(),
+        "tributary_ingress_messages_total{source=\"amqp-source\",outcome=\"rejected\"} 1".into(),
+    ] {
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing {want:?} in\n{text}"
+        );
+    }
     let rec = journal.get(listed[0].0).unwrap().unwrap();
     assert_eq!(rec.envelope.partner.as_str(), "lab");
     assert_eq!(rec.envelope.meta["ingress"], "amqp");
