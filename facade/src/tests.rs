@@ -190,25 +190,15 @@ async fn metrics_count_requests_by_interaction_and_status_without_phi() {
     e.st.rt.metrics.track_outbox_consumer("kafka");
     let admin = seed(&e).await;
     let reader = e.token("patient/Patient.read", |r| r.patient = Some("p1".into()));
-    assert_eq!(
-        e.call("GET", "/fhir/Patient/p1", Some(&reader), None)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        e.call("GET", "/fhir/Patient/p1", Some(&reader), None)
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        e.call("GET", "/fhir/Patient/p2", Some(&reader), None)
-            .await
-            .0,
-        403
-    );
-    assert_eq!(e.call("GET", "/fhir/Patient/p1", None, None).await.0, 401);
+    for (path, token, want) in [
+        ("/fhir/Patient/p1", Some(&reader), 200),
+        ("/fhir/Patient/p1", Some(&reader), 200),
+        ("/fhir/Patient/p2", Some(&reader), 403),
+        ("/fhir/Patient/p1", None, 401),
+    ] {
+        let got = e.call("GET", path, token.map(String::as_str), None).await.0;
+        assert_eq!(got, want, "{path}");
+    }
     let res = app(e.st.clone())
         .oneshot(
             Request::builder()

@@ -201,7 +201,8 @@ impl AmqpSource {
                 Some(Err(e)) => return Err(format!("consumer: {e}")),
                 Some(Ok(d)) => d,
             };
-            if delivery.data.len() > self.src.max_message_bytes {
+            let env = self.envelope(&delivery);
+            let stored = if delivery.data.len() > self.src.max_message_bytes {
                 // Refused, but kept: journaled as rejected with the reason (for inspection and
                 // replay once the limit is raised), then acknowledged — never silently dropped.
                 let reason = format!(
@@ -210,41 +211,30 @@ impl AmqpSource {
                     self.src.max_message_bytes
                 );
                 tracing::warn!(component = %self.component, queue = %self.src.queue, bytes = delivery.data.len(), limit = self.src.max_message_bytes, "message too large; journaled as rejected");
-                let env = self.envelope(&delivery);
-                if let Err(e) = self.journal.append_rejected(env, reason).await {
-                    let _ = delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
-                    return Err(format!("journal append failed: {e}"));
-                }
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
+                self.journal
+                    .append_rejected(env, reason)
                     .await
-                    .map_err(|e| format!("ack: {e}"))?;
-                self.count("rejected");
-                continue;
-            }
-            let env = self.envelope(&delivery);
-            let protocol = env.protocol;
-            match self.journal.append(env).await {
-                Ok(receipt) => {
+                    .map(|_| "rejected")
+            } else {
+                let protocol = env.protocol;
+                self.journal.append(env).await.map(|receipt| {
+                    tracing::debug!(component = %self.component, message_id = %receipt.id, %protocol, duplicate = receipt.duplicate, "journaled from amqp");
+                    if receipt.duplicate {
+                        "duplicate"
+                    } else {
+                        "accepted"
+                    }
+                })
+            };
+            match stored {
+                Ok(outcome) => {
                     // Durable now: only then tell the broker it may forget the message.
                     delivery
                         .acker
                         .ack(BasicAckOptions::default())
                         .await
                         .map_err(|e| format!("ack: {e}"))?;
-                    tracing::debug!(component = %self.component, message_id = %receipt.id, %protocol, "journaled from amqp");
-                    self.count(if receipt.duplicate {
-                        "duplicate"
-                    } else {
-                        "accepted"
-                    });
+                    self.count(outcome);
                     *backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                 }
                 Err(e) => {

@@ -35,6 +35,21 @@ fn uuid_like() -> String {
     format!("{n:x}")
 }
 
+/// Publishes to the default exchange and waits for the broker's confirmation.
+async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        BasicPublishOptions::default(),
+        body,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..600 {
         if cond() {
@@ -217,30 +232,10 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|BIG-1|P|2.5\rNTE|1||{}\r",
         "x".repeat(5_000)
     );
-    ch.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        oversized.as_bytes(),
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    publish(&ch, &queue, oversized.as_bytes()).await;
     // The same message again (a sender retry): recognised by MSH-10, stored once.
     let again = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-7|P|2.5\rPID|1||7\r";
-    ch.basic_publish(
-        "".into(),
-        queue.as_str().into(),
-        BasicPublishOptions::default(),
-        again.as_bytes(),
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    publish(&ch, &queue, again.as_bytes()).await;
 
     let cfg = AmqpConfig {
         url: amqp_url(),
