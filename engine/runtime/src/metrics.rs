@@ -37,7 +37,7 @@ const CATALOG: &[(&str, &str, &str)] = &[
     (
         "tributary_pipeline_messages_total",
         "counter",
-        "Journaled messages the mapping pipeline finished, by outcome (committed, failed, skipped).",
+        "Journaled messages the mapping pipeline finished, by outcome (committed, failed, skipped; error: a storage failure, retried).",
     ),
     (
         "tributary_mllp_messages_total",
