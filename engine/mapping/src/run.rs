@@ -206,6 +206,15 @@ impl MappedBundle {
             .iter()
             .map(|e| (e.rtype, e.id.as_str(), e.resource.clone().into_value()))
     }
+
+    /// (resource type, id, resource) for every entry, moved out without copying; the bundle
+    /// keeps its reports (unconsumed, dropped, lineage) but no longer has entries.
+    pub fn take_resources(&mut self) -> Vec<(&'static str, String, Value)> {
+        std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|e| (e.rtype, e.id, e.resource.into_value()))
+            .collect()
+    }
 }
 
 /// Why a message could not be mapped. Names files, rules and source paths — never values.

@@ -452,7 +452,8 @@ impl Pipeline {
             tenant: env.tenant.as_str(),
             lineage: false,
         };
-        let mapped = match set.map_bytes(&env.payload, tributary_terminology::builtin(), &opts) {
+        let mut mapped = match set.map_bytes(&env.payload, tributary_terminology::builtin(), &opts)
+        {
             Ok(m) => m,
             Err(e) => return self.fail(rt, env.id, e.to_string(), &version).await,
         };
@@ -494,14 +495,15 @@ impl Pipeline {
                 )
                 .await;
         }
-        let writes: Vec<ResourceWrite> = mapped
-            .resources()
-            .map(|(t, id, r)| ResourceWrite::upsert(t, id, r))
-            .collect();
         let patient = mapped
             .entries()
             .find(|(t, _)| *t == "Patient")
             .map(|(_, id)| id.to_string());
+        let writes: Vec<ResourceWrite> = mapped
+            .take_resources()
+            .into_iter()
+            .map(|(t, id, r)| ResourceWrite::upsert(t, &id, r))
+            .collect();
         let event_type = message_event_type(&mapped.message_type);
         let event = OutboxEvent {
             seq: 0,

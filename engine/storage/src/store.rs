@@ -5,6 +5,7 @@ use crate::outbox::{Outbox, OutboxEvent};
 use crate::{Result, StorageError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use fjall::Readable;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use tributary_core::{
@@ -98,7 +99,17 @@ pub struct ResourceWrite {
 }
 
 impl ResourceWrite {
-    pub fn upsert(resource_type: &str, id: &str, resource: Value) -> Self {
+    /// An unconditional create-or-update. Sets `resourceType` and `id` in the owned body, so the
+    /// store can serialize it as it is instead of cloning it to set them.
+    pub fn upsert(resource_type: &str, id: &str, mut resource: Value) -> Self {
+        if let Some(obj) = resource.as_object_mut() {
+            if obj.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
+                obj.insert("resourceType".into(), Value::String(resource_type.into()));
+            }
+            if obj.get("id").and_then(Value::as_str) != Some(id) {
+                obj.insert("id".into(), Value::String(id.into()));
+            }
+        }
         Self {
             resource_type: resource_type.into(),
             id: id.into(),
@@ -403,23 +414,32 @@ fn plan_write(
     };
     let mut current_value = None;
     let next_version = current.as_ref().map_or(1, |c| c.version + 1);
+    let with_type_and_id;
     let (stored, new_value, hash) = match &w.op {
-        WriteOp::Upsert(body) => {
-            let mut body = body.clone();
-            if let Some(obj) = body.as_object_mut() {
-                obj.insert(
-                    "resourceType".into(),
-                    Value::String(w.resource_type.clone()),
-                );
-                obj.insert("id".into(), Value::String(w.id.clone()));
-            }
-            let hash = content_hash(&body);
+        WriteOp::Upsert(given) => {
+            // Bodies from `ResourceWrite::upsert` carry their type and id already; only others
+            // are copied to set them.
+            let body = if has_type_and_id(given, &w.resource_type, &w.id) {
+                given
+            } else {
+                let mut b = given.clone();
+                if let Some(obj) = b.as_object_mut() {
+                    obj.insert(
+                        "resourceType".into(),
+                        Value::String(w.resource_type.clone()),
+                    );
+                    obj.insert("id".into(), Value::String(w.id.clone()));
+                }
+                with_type_and_id = b;
+                &with_type_and_id
+            };
+            let hash = content_hash(body);
             if let Some(live) = live {
                 let same = match current_raw.and_then(StoredResource::stored_content_hash) {
                     Some(stored) => stored == hash,
                     None => {
                         let cur = live.resource()?;
-                        let same = without_meta_stamps(&cur) == without_meta_stamps(&body);
+                        let same = without_meta_stamps(&cur) == without_meta_stamps(body);
                         current_value = Some(cur);
                         same
                     }
@@ -432,25 +452,23 @@ fn plan_write(
                     ));
                 }
             }
-            if let Some(obj) = body.as_object_mut() {
-                let meta = obj
-                    .entry("meta")
-                    .or_insert_with(|| Value::Object(Default::default()));
-                if let Some(meta) = meta.as_object_mut() {
-                    meta.insert("versionId".into(), Value::String(next_version.to_string()));
-                    meta.insert(
-                        "lastUpdated".into(),
-                        Value::String(format_rfc3339_millis(now)),
-                    );
-                }
-            }
+            let version = next_version.to_string();
+            let last_updated = format_rfc3339_millis(now);
+            let json = match body.as_object() {
+                Some(obj) => serde_json::to_vec(&Stamped {
+                    body: obj,
+                    version: &version,
+                    last_updated: &last_updated,
+                }),
+                None => serde_json::to_vec(body),
+            };
             let stored = StoredResource {
                 resource_type: w.resource_type.clone(),
                 id: w.id.clone(),
                 version: next_version,
                 last_updated: now,
                 deleted: false,
-                json: Bytes::from(serde_json::to_vec(&body).expect("a Value always serializes")),
+                json: Bytes::from(json.expect("a Value always serializes")),
             };
             (stored, Some(body), Some(hash))
         }
@@ -484,7 +502,7 @@ fn plan_write(
         Some(c) => index_keys(tenant, rtype, id, c.last_updated, current_value.as_ref()),
         None => Vec::new(),
     };
-    let new_keys = index_keys(tenant, rtype, id, now, new_value.as_ref());
+    let new_keys = index_keys(tenant, rtype, id, now, new_value);
     let mut ops = Vec::new();
     for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
         ops.push((k.0, k.1.clone(), None));
@@ -499,13 +517,19 @@ fn plan_write(
             ops.push((k.0, k.1.clone(), Some(Vec::new())));
         }
     }
-    let encoded = stored.encode(hash);
+    // The current version lives in `Res` only; `ResHist` receives it once it is superseded.
+    if let (Some(c), Some(raw)) = (&current, current_raw) {
+        ops.push((
+            Table::ResHist,
+            hist_key(tenant, rtype, id, c.version),
+            Some(raw.to_vec()),
+        ));
+    }
     ops.push((
-        Table::ResHist,
-        hist_key(tenant, rtype, id, next_version),
-        Some(encoded.clone()),
+        Table::Res,
+        res_key(tenant, rtype, id),
+        Some(stored.encode(hash)),
     ));
-    ops.push((Table::Res, res_key(tenant, rtype, id), Some(encoded)));
     let kind = if stored.deleted {
         "delete"
     } else if live.is_none() {
@@ -513,9 +537,7 @@ fn plan_write(
     } else {
         "update"
     };
-    let patient = new_value
-        .as_ref()
-        .and_then(|r| patient_ids(rtype, id, r).into_iter().next());
+    let patient = new_value.and_then(|r| patient_ids(rtype, id, r).into_iter().next());
     let event = OutboxEvent {
         seq: 0,
         event_id: deterministic_id(&[tenant, rtype, id, &next_version.to_string()]),
@@ -528,8 +550,9 @@ fn plan_write(
         source_message: src.message.clone(),
         mapping_version: src.mapping_version.clone(),
         occurred_at: now,
-        resource: new_value,
+        resource: None,
     };
+    let event = encode_change_event(&event, new_value.map(|_| &stored.json[..]));
     Ok(WritePlan {
         outcome: WriteOutcome {
             resource_type: w.resource_type.clone(),
@@ -541,13 +564,81 @@ fn plan_write(
             json: stored.json,
         },
         ops,
-        event: Some(encode_event(&event)),
+        event: Some(event),
     })
 }
 
 /// An outbox value; the sequence number is its key (readers take it from there).
 fn encode_event(ev: &OutboxEvent) -> Vec<u8> {
     serde_json::to_vec(ev).expect("events always serialize")
+}
+
+/// [`encode_event`] for a change event whose `resource` is the JSON just serialized for storage:
+/// spliced in as bytes rather than serialized a second time. `resource` is the last field of
+/// [`OutboxEvent`], so an event encoded without one ends in `"resource":null}`.
+fn encode_change_event(ev: &OutboxEvent, resource: Option<&[u8]>) -> Vec<u8> {
+    debug_assert!(ev.resource.is_none());
+    let mut out = encode_event(ev);
+    if let Some(json) = resource {
+        const NULL_END: &[u8] = b"null}";
+        debug_assert!(out.ends_with(NULL_END));
+        out.truncate(out.len() - NULL_END.len());
+        out.extend_from_slice(json);
+        out.push(b'}');
+    }
+    out
+}
+
+fn has_type_and_id(body: &Value, rtype: &str, id: &str) -> bool {
+    body.get("resourceType").and_then(Value::as_str) == Some(rtype)
+        && body.get("id").and_then(Value::as_str) == Some(id)
+}
+
+/// A resource as stored: its body with `meta.versionId` and `meta.lastUpdated` stamped,
+/// serialized from the caller's value without copying it. `resourceType`, `id` and `meta` lead.
+struct Stamped<'a> {
+    body: &'a serde_json::Map<String, Value>,
+    version: &'a str,
+    last_updated: &'a str,
+}
+
+impl serde::Serialize for Stamped<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        const LEADING: [&str; 3] = ["resourceType", "id", "meta"];
+        let mut map = s.serialize_map(None)?;
+        for k in &LEADING[..2] {
+            if let Some(v) = self.body.get(*k) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.serialize_entry("meta", &StampedMeta(self))?;
+        for (k, v) in self.body {
+            if !LEADING.contains(&k.as_str()) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+struct StampedMeta<'a>(&'a Stamped<'a>);
+
+impl serde::Serialize for StampedMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("versionId", self.0.version)?;
+        map.serialize_entry("lastUpdated", self.0.last_updated)?;
+        if let Some(meta) = self.0.body.get("meta").and_then(Value::as_object) {
+            for (k, v) in meta {
+                if k != "versionId" && k != "lastUpdated" {
+                    map.serialize_entry(k, v)?;
+                }
+            }
+        }
+        map.end()
+    }
 }
 
 fn push_event(txn: &mut Txn<'_>, bytes: Vec<u8>) -> u64 {
@@ -605,7 +696,7 @@ impl Store for FjallStore {
             })
             .collect();
         let extra_events: Vec<Vec<u8>> = events.iter().map(encode_event).collect();
-        let outcome = self
+        let (outcome, writes) = self
             .db
             .committer()
             .run(move |txn| {
@@ -653,9 +744,11 @@ impl Store for FjallStore {
                         postcard::to_stdvec(&record).expect("serializes"),
                     );
                 }
-                Ok(outcome)
+                // The bodies go back to be freed on the caller's thread, not the serial one.
+                Ok((outcome, writes))
             })
             .await?;
+        drop(writes);
         if let Some(last) = outcome.event_seqs.iter().max() {
             let last = *last;
             self.outbox.head.send_if_modified(|h| {
@@ -688,24 +781,41 @@ impl Store for FjallStore {
         id: &str,
         version: u64,
     ) -> Result<Option<StoredResource>> {
-        match self
-            .db
-            .tables()
-            .get(Table::ResHist)
-            .get(hist_key(tenant, rtype, id, version))?
-        {
+        let snap = self.db.snapshot();
+        let tables = self.db.tables();
+        if let Some(b) = snap.get(tables.get(Table::Res), res_key(tenant, rtype, id))? {
+            let cur = StoredResource::decode(rtype, id, &b)?;
+            if cur.version == version {
+                return Ok(Some(cur));
+            }
+        }
+        match snap.get(
+            tables.get(Table::ResHist),
+            hist_key(tenant, rtype, id, version),
+        )? {
             Some(b) => Ok(Some(StoredResource::decode(rtype, id, &b)?)),
             None => Ok(None),
         }
     }
 
     fn history(&self, tenant: &str, rtype: &str, id: &str) -> Result<Vec<StoredResource>> {
+        let snap = self.db.snapshot();
+        let tables = self.db.tables();
+        let Some(b) = snap.get(tables.get(Table::Res), res_key(tenant, rtype, id))? else {
+            return Ok(Vec::new());
+        };
+        let current = StoredResource::decode(rtype, id, &b)?;
         let p = prefix(&[tenant.as_bytes(), rtype.as_bytes(), id.as_bytes()]);
-        let mut out = Vec::new();
-        for item in self.db.prefix(Table::ResHist, &p).rev() {
+        let mut out = vec![];
+        for item in snap.prefix(tables.get(Table::ResHist), &p).rev() {
             let (_, v) = item.into_inner()?;
-            out.push(StoredResource::decode(rtype, id, &v)?);
+            let r = StoredResource::decode(rtype, id, &v)?;
+            // Stores written before the current version stopped being copied here hold it twice.
+            if r.version < current.version {
+                out.push(r);
+            }
         }
+        out.insert(0, current);
         Ok(out)
     }
 
@@ -716,12 +826,25 @@ impl Store for FjallStore {
         since: Option<i64>,
         limit: usize,
     ) -> Result<Vec<StoredResource>> {
+        let snap = self.db.snapshot();
+        let tables = self.db.tables();
         let p = prefix(&[tenant.as_bytes(), rtype.as_bytes()]);
+        let recent = |r: &StoredResource| since.is_none_or(|s| r.last_updated >= s);
         let mut out = Vec::new();
-        for item in self.db.prefix(Table::ResHist, &p) {
+        let mut current_versions = std::collections::HashMap::new();
+        for item in snap.prefix(tables.get(Table::Res), &p) {
             let (k, v) = item.into_inner()?;
             let r = self.decode_res(tenant, &k, &v)?;
-            if since.is_none_or(|s| r.last_updated >= s) {
+            current_versions.insert(r.id.clone(), r.version);
+            if recent(&r) {
+                out.push(r);
+            }
+        }
+        for item in snap.prefix(tables.get(Table::ResHist), &p) {
+            let (k, v) = item.into_inner()?;
+            let r = self.decode_res(tenant, &k, &v)?;
+            let superseded = current_versions.get(&r.id).is_some_and(|c| r.version < *c);
+            if superseded && recent(&r) {
                 out.push(r);
             }
         }
@@ -861,6 +984,93 @@ mod tests {
             json!({"resourceType":"Patient","identifier":[{"system":"urn:mrn","value":"123"}],
                    "name":[{"family":family}]}),
         )
+    }
+
+    #[tokio::test]
+    async fn stored_json_is_stamped_keeps_other_meta_and_the_event_carries_it() {
+        let (_d, _db, store) = store();
+        // A struct-literal write without `id` and with its own meta (not via `upsert`).
+        let w = ResourceWrite {
+            resource_type: "Patient".into(),
+            id: "p9".into(),
+            op: WriteOp::Upsert(json!({"resourceType":"Patient","gender":"female",
+                "meta":{"versionId":"77","source":"urn:feed","profile":["urn:p"]}})),
+            precondition: Precondition::None,
+        };
+        let o = store.commit(tx(vec![w])).await.unwrap();
+        let text = std::str::from_utf8(&o.writes[0].json).unwrap();
+        assert!(text.starts_with(r#"{"resourceType":"Patient","id":"p9","meta":{"versionId":"1","#));
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["meta"]["source"], "urn:feed");
+        assert_eq!(v["meta"]["profile"], json!(["urn:p"]));
+        assert_eq!(v["gender"], "female");
+        assert!(v["meta"]["lastUpdated"].as_str().unwrap().ends_with('Z'));
+        let ev = store.outbox().event(o.event_seqs[0]).unwrap().unwrap();
+        assert_eq!(ev.resource, Some(v));
+        assert_eq!(ev.event_type, "fhir.Patient.create");
+    }
+
+    #[tokio::test]
+    async fn history_lists_each_version_once_also_in_stores_that_copied_the_current_one() {
+        let (_d, db, store) = store();
+        store.commit(tx(vec![patient("p1", "A")])).await.unwrap();
+        store.commit(tx(vec![patient("p1", "B")])).await.unwrap();
+        let versions = |h: Vec<StoredResource>| h.iter().map(|r| r.version).collect::<Vec<_>>();
+        assert_eq!(
+            versions(store.history("t1", "Patient", "p1").unwrap()),
+            [2, 1]
+        );
+        // The layout before kept the current version in the history table as well.
+        let current = db
+            .tables()
+            .get(Table::Res)
+            .get(res_key("t1", "Patient", "p1"))
+            .unwrap();
+        let current = current.unwrap().to_vec();
+        db.committer()
+            .run(move |txn| {
+                txn.put(Table::ResHist, hist_key("t1", "Patient", "p1", 2), current);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            versions(store.history("t1", "Patient", "p1").unwrap()),
+            [2, 1]
+        );
+        let typed = store.history_type("t1", "Patient", None, 10).unwrap();
+        assert_eq!(versions(typed), [2, 1]);
+        let v1 = store.vread("t1", "Patient", "p1", 1).unwrap().unwrap();
+        assert_eq!(v1.resource().unwrap()["name"][0]["family"], "A");
+        let v2 = store.vread("t1", "Patient", "p1", 2).unwrap().unwrap();
+        assert_eq!(v2.resource().unwrap()["name"][0]["family"], "B");
+        assert!(store.vread("t1", "Patient", "p1", 3).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_spliced_change_event_decodes_like_one_serialized_whole() {
+        let resource = json!({"resourceType":"Patient","id":"p1","meta":{"versionId":"2"}});
+        let mut ev = OutboxEvent {
+            seq: 0,
+            event_id: "e1".into(),
+            tenant: "t".into(),
+            event_type: "fhir.Patient.update".into(),
+            resource_type: Some("Patient".into()),
+            resource_id: Some("p1".into()),
+            version: Some(2),
+            patient_id: Some("p1".into()),
+            source_message: None,
+            mapping_version: Some("v".into()),
+            occurred_at: 5,
+            resource: None,
+        };
+        let bytes = serde_json::to_vec(&resource).unwrap();
+        let deleted = encode_change_event(&ev, None);
+        assert_eq!(serde_json::from_slice::<OutboxEvent>(&deleted).unwrap(), ev);
+        let spliced = encode_change_event(&ev, Some(&bytes));
+        ev.resource = Some(resource);
+        assert_eq!(serde_json::from_slice::<OutboxEvent>(&spliced).unwrap(), ev);
+        assert_eq!(spliced, encode_event(&ev));
     }
 
     fn tx(writes: Vec<ResourceWrite>) -> StoreTransaction {
