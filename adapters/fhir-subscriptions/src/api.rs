@@ -24,6 +24,9 @@ use tributary_storage::Journal;
 pub struct ApiState {
     pub service: Arc<SubscriptionService>,
     pub journal: Arc<dyn Journal>,
+    /// Counts inbound notifications (`tributary_ingress_messages_total`, source
+    /// `fhir-subscription`).
+    pub metrics: tributary_runtime::Metrics,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -485,6 +488,48 @@ async fn fetch_resources(
     Ok(fetched)
 }
 
+const INGRESS_SOURCE: &str = "fhir-subscription";
+
+fn count_ingress(state: &ApiState, outcome: &str) {
+    state.metrics.inc(
+        "tributary_ingress_messages_total",
+        &[("source", INGRESS_SOURCE), ("outcome", outcome)],
+    );
+}
+
+/// An authenticated partner's notification we do not accept: kept in the journal as rejected,
+/// with the reason, for inspection and replay — then a 400 OperationOutcome naming the reason.
+async fn refuse(
+    state: &ApiState,
+    p: &InboundPartner,
+    tenant: &str,
+    body: Bytes,
+    code: &str,
+    reason: String,
+) -> Response {
+    let env = Envelope::builder(Protocol::Fhir, body.to_vec())
+        .tenant(tenant)
+        .partner(p.partner.as_str())
+        .meta("ingress", INGRESS_SOURCE)
+        .build();
+    match state.journal.append_rejected(env, reason.clone()).await {
+        Ok(r) => {
+            // The reason may quote the sender's text, so the log names the message id only.
+            tracing::warn!(partner = %p.partner, message_id = %r.id, code, "inbound notification rejected; journaled as rejected");
+            count_ingress(state, "rejected");
+            outcome(StatusCode::BAD_REQUEST, code, &reason)
+        }
+        Err(e) => {
+            tracing::error!(partner = %p.partner, error = %e, "rejected inbound notification could not be journaled");
+            outcome(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "journal unavailable",
+            )
+        }
+    }
+}
+
 /// `POST /subscription-hook/<partner>`: a notification from an upstream FHIR server.
 /// Handshakes and heartbeats are answered; event notifications (id-only ones completed with
 /// the resources) are journaled as FHIR messages before the 200.
@@ -517,22 +562,29 @@ async fn inbound(
             "bad or missing bearer token",
         );
     }
+    let tenant = if p.tenant.is_empty() {
+        state.service.default_tenant.clone()
+    } else {
+        p.tenant.clone()
+    };
     let Ok(mut bundle) = serde_json::from_slice::<Value>(&body) else {
-        return outcome(StatusCode::BAD_REQUEST, "structure", "body is not JSON");
+        return refuse(
+            &state,
+            &p,
+            &tenant,
+            body,
+            "structure",
+            "body is not JSON".into(),
+        )
+        .await;
     };
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return outcome(
-            StatusCode::BAD_REQUEST,
-            "structure",
-            "expected a notification Bundle",
-        );
+        let reason = "expected a notification Bundle".to_string();
+        return refuse(&state, &p, &tenant, body, "structure", reason).await;
     }
     let Some((kind, events)) = bundle::read_status(&bundle) else {
-        return outcome(
-            StatusCode::BAD_REQUEST,
-            "structure",
-            "the Bundle has no SubscriptionStatus parameters",
-        );
+        let reason = "the Bundle has no SubscriptionStatus parameters".to_string();
+        return refuse(&state, &p, &tenant, body, "structure", reason).await;
     };
     match kind.as_str() {
         "handshake" | "heartbeat" => {
@@ -541,11 +593,8 @@ async fn inbound(
         }
         "event-notification" | "query-event" => {}
         other => {
-            return outcome(
-                StatusCode::BAD_REQUEST,
-                "value",
-                &format!("notification type {other:?} is not accepted"),
-            )
+            let reason = format!("notification type {other:?} is not accepted");
+            return refuse(&state, &p, &tenant, body, "value", reason).await;
         }
     }
     let fetched = match fetch_resources(&state.service.http, &p, &mut bundle).await {
@@ -568,11 +617,6 @@ async fn inbound(
         .unwrap_or("")
         .to_string();
     let numbers: Vec<u64> = events.iter().map(|(n, _)| *n).collect();
-    let tenant = if p.tenant.is_empty() {
-        state.service.default_tenant.clone()
-    } else {
-        p.tenant.clone()
-    };
     let mut env = Envelope::builder(
         Protocol::Fhir,
         serde_json::to_vec(&bundle).expect("a Value always serializes"),
@@ -591,6 +635,8 @@ async fn inbound(
     match state.journal.append(env.build()).await {
         Ok(r) => {
             tracing::info!(%partner, message_id = %r.id, events = numbers.len(), fetched, duplicate = r.duplicate, "inbound notification journaled");
+            let counted = if r.duplicate { "duplicate" } else { "accepted" };
+            count_ingress(&state, counted);
             (StatusCode::OK, Json(json!({}))).into_response()
         }
         Err(e) => {

@@ -42,6 +42,7 @@ fn api_state(service: Arc<SubscriptionService>, rt: &Runtime) -> api::ApiState {
     api::ApiState {
         service,
         journal: rt.journal.clone(),
+        metrics: rt.metrics.clone(),
     }
 }
 

@@ -212,6 +212,7 @@ fn api(env: &Env) -> Router {
     router(ApiState {
         service: env.service.clone(),
         journal: env.journal.clone(),
+        metrics: Default::default(),
     })
 }
 
@@ -559,7 +560,12 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         }],
         ..config()
     });
-    let app = api(&env);
+    let metrics = tributary_runtime::Metrics::default();
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+        metrics: metrics.clone(),
+    });
     let post_bundle = |b: Value, token: &str| {
         Request::post("/subscription-hook/ehr")
             .header("authorization", format!("Bearer {token}"))
@@ -614,13 +620,64 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
 
-    let listed = env
+    // Authenticated but not acceptable: 400 with the reason, and the body kept as rejected.
+    let raw = |body: &'static str| {
+        Request::post("/subscription-hook/ehr")
+            .header("authorization", "Bearer partner-token-0123456789")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    for (body, reason) in [
+        ("{not json", "body is not JSON"),
+        (
+            r#"{"resourceType":"Patient"}"#,
+            "expected a notification Bundle",
+        ),
+    ] {
+        let res = app.clone().oneshot(raw(body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let oo: Value = serde_json::from_slice(
+            &axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        assert_eq!(oo["issue"][0]["diagnostics"], reason);
+    }
+    let rejected = env
+        .journal
+        .list(&ListFilter {
+            state: Some(tributary_core::StateKind::Rejected),
+            limit: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rejected.len(), 2, "both refused bodies are kept");
+    let kept: Vec<_> = rejected
+        .iter()
+        .map(|(id, _, _)| env.journal.get(*id).unwrap().unwrap())
+        .collect();
+    assert!(kept.iter().any(|r| &r.envelope.payload[..] == b"{not json"));
+    assert!(kept.iter().all(|r| r.envelope.partner.as_str() == "ehr"));
+    let text = metrics.render(Vec::new());
+    for (outcome, n) in [("accepted", 1), ("duplicate", 1), ("rejected", 2)] {
+        let line = format!(
+            "tributary_ingress_messages_total{{source=\"fhir-subscription\",outcome=\"{outcome}\"}} {n}"
+        );
+        assert!(text.contains(&line), "{line} in {text}");
+    }
+
+    let listed: Vec<_> = env
         .journal
         .list(&ListFilter {
             limit: Some(10),
             ..Default::default()
         })
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .filter(|(_, _, r)| r.state.kind() != tributary_core::StateKind::Rejected)
+        .collect();
     assert_eq!(
         listed.len(),
         1,

@@ -79,6 +79,7 @@ async fn api_get(
     let app = router(ApiState {
         service: service.clone(),
         journal: journal.clone(),
+        metrics: Default::default(),
     });
     api::get(app, uri).await
 }
