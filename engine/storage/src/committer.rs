@@ -46,18 +46,66 @@ type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 /// keeping the write set as a map drops overwritten values and lets point reads borrow the key.
 type WriteSet = Vec<HashMap<Vec<u8>, Option<Vec<u8>>>>;
 
+/// How many group commits back [`Txn::unwritten_since`] can answer: ~1–3 s of groups under load.
+const RECENT_GROUPS: u64 = 256;
+
+/// Which group commit last wrote each recently written key of the tracked tables, so a job can
+/// learn that a value read before it was submitted is still current without reading it again
+/// (on the one serial thread, a hash lookup instead of a search through fjall's memtables).
+struct RecentWrites {
+    last_writer: HashMap<Vec<u8>, u64>,
+    by_group: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
+    /// Every write of a group numbered above this is in `last_writer`.
+    complete_after: u64,
+}
+
+impl RecentWrites {
+    /// Only the resource table's keys are looked up this way (the store's planned writes).
+    const TRACKED: Table = Table::Res;
+
+    fn new() -> Self {
+        Self {
+            last_writer: HashMap::new(),
+            by_group: Default::default(),
+            complete_after: 0,
+        }
+    }
+
+    fn record(&mut self, group: u64, writes: &WriteSet) {
+        let keys: Vec<Vec<u8>> = writes[Self::TRACKED as usize].keys().cloned().collect();
+        for key in &keys {
+            self.last_writer.insert(key.clone(), group);
+        }
+        self.by_group.push_back((group, keys));
+        while let Some((old, _)) = self.by_group.front() {
+            if *old + RECENT_GROUPS > group {
+                break;
+            }
+            let (old, keys) = self.by_group.pop_front().expect("front exists");
+            for k in keys {
+                if self.last_writer.get(&k) == Some(&old) {
+                    self.last_writer.remove(&k);
+                }
+            }
+            self.complete_after = old;
+        }
+    }
+}
+
 /// The write view a job gets: point reads see earlier writes of the same group.
 pub struct Txn<'a> {
     tables: &'a Tables,
+    recent: &'a RecentWrites,
     pub counters: &'a mut Counters,
     writes: WriteSet,
     job_ops: Vec<Op>,
 }
 
 impl<'a> Txn<'a> {
-    fn new(tables: &'a Tables, counters: &'a mut Counters) -> Self {
+    fn new(tables: &'a Tables, recent: &'a RecentWrites, counters: &'a mut Counters) -> Self {
         Self {
             tables,
+            recent,
             counters,
             writes: (0..Table::COUNT).map(|_| HashMap::new()).collect(),
             job_ops: Vec::new(),
@@ -77,6 +125,23 @@ impl<'a> Txn<'a> {
             return Ok(v.clone());
         }
         Ok(self.tables.get(table).get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// `Some(true)` when no group commit after `group` (see [`Committer::completed_groups`]) and
+    /// no earlier job of this group wrote `key`: a value read after that group completed is
+    /// still current. `None` when that cannot be told from memory (an untracked table, or a
+    /// group too long ago); then read the key.
+    pub fn unwritten_since(&self, table: Table, key: &[u8], group: u64) -> Option<bool> {
+        if table != RecentWrites::TRACKED || group < self.recent.complete_after {
+            return None;
+        }
+        let pending = self.writes[table as usize].contains_key(key)
+            || self.job_ops.iter().any(|(t, k, _)| *t == table && k == key);
+        if pending {
+            return Some(false);
+        }
+        let last = self.recent.last_writer.get(key);
+        Some(last.is_none_or(|g| *g <= group))
     }
 
     pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
@@ -115,6 +180,7 @@ pub struct CommitStats {
 pub struct Committer {
     tx: mpsc::Sender<Job>,
     stats: Arc<CommitStats>,
+    completed: Arc<AtomicU64>,
 }
 
 impl Committer {
@@ -128,11 +194,25 @@ impl Committer {
     ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel::<Job>(queue_bound);
         let stats = Arc::new(CommitStats::default());
-        let thread_stats = stats.clone();
+        let completed = Arc::new(AtomicU64::new(0));
+        let shared = (stats.clone(), completed.clone());
         let handle = std::thread::Builder::new()
             .name("tributary-committer".into())
-            .spawn(move || run(db, tables, counters, rx, max_group, sync, thread_stats))?;
-        Ok((Self { tx, stats }, handle))
+            .spawn(move || run(db, tables, counters, rx, max_group, sync, shared))?;
+        Ok((
+            Self {
+                tx,
+                stats,
+                completed,
+            },
+            handle,
+        ))
+    }
+
+    /// Number of the last group commit whose writes are applied; read it *before* reading a
+    /// value that a job will later check with [`Txn::unwritten_since`].
+    pub fn completed_groups(&self) -> u64 {
+        self.completed.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> &CommitStats {
@@ -192,14 +272,16 @@ fn run(
     mut rx: mpsc::Receiver<Job>,
     max_group: usize,
     sync: bool,
-    stats: Arc<CommitStats>,
+    (stats, completed): (Arc<CommitStats>, Arc<AtomicU64>),
 ) {
     let mut last_group = 1usize;
+    let mut recent = RecentWrites::new();
+    let mut group = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let saved = counters.clone();
         let mut completions = Vec::with_capacity(64);
         let writes = {
-            let mut txn = Txn::new(&tables, &mut counters);
+            let mut txn = Txn::new(&tables, &recent, &mut counters);
             completions.push(first(&mut txn));
             // Adaptive gathering: writers whose previous group just completed need a moment to
             // submit again. When the last group was large (many concurrent writers), wait briefly
@@ -221,6 +303,8 @@ fn run(
             last_group = completions.len();
             txn.into_writes()
         };
+        group += 1;
+        recent.record(group, &writes);
         let result = if writes.iter().all(HashMap::is_empty) {
             Ok(())
         } else {
@@ -246,6 +330,7 @@ fn run(
             }
             result
         };
+        completed.store(group, Ordering::Release);
         stats.groups.fetch_add(1, Ordering::Relaxed);
         stats
             .jobs
@@ -261,5 +346,60 @@ fn run(
     }
     if let Err(e) = db.persist(PersistMode::SyncAll) {
         tracing::error!(error = %e, "final persist at shutdown failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Db, DbOptions};
+
+    fn put(db: &Db, table: Table, key: &'static [u8]) {
+        db.committer()
+            .run_blocking(move |txn| {
+                txn.put(table, key.to_vec(), b"v".to_vec());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn unwritten(db: &Db, table: Table, key: &'static [u8], group: u64) -> Option<bool> {
+        db.committer()
+            .run_blocking(move |txn| Ok(txn.unwritten_since(table, key, group)))
+            .unwrap()
+    }
+
+    #[test]
+    fn unwritten_since_tells_whether_a_read_is_still_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        put(&db, Table::Res, b"a");
+        let read_at = db.committer().completed_groups();
+        assert_eq!(unwritten(&db, Table::Res, b"a", read_at), Some(true));
+        assert_eq!(unwritten(&db, Table::Res, b"never", read_at), Some(true));
+        assert_eq!(unwritten(&db, Table::Res, b"a", read_at - 1), Some(false));
+        put(&db, Table::Res, b"a");
+        assert_eq!(unwritten(&db, Table::Res, b"a", read_at), Some(false));
+        // Untracked tables are read, not answered from memory.
+        assert_eq!(unwritten(&db, Table::Outbox, b"a", read_at), None);
+        // An earlier write in the same job or group counts.
+        let now = db.committer().completed_groups();
+        let same_job = db
+            .committer()
+            .run_blocking(move |txn| {
+                txn.put(Table::Res, b"b".to_vec(), b"v".to_vec());
+                Ok(txn.unwritten_since(Table::Res, b"b", now))
+            })
+            .unwrap();
+        assert_eq!(same_job, Some(false));
+        // Past the window, the answer is "read it".
+        for _ in 0..=RECENT_GROUPS {
+            put(&db, Table::Res, b"c");
+        }
+        let last_c = db.committer().completed_groups();
+        assert_eq!(unwritten(&db, Table::Res, b"a", read_at), None);
+        assert_eq!(unwritten(&db, Table::Res, b"a", last_c), Some(true));
+        assert_eq!(unwritten(&db, Table::Res, b"c", last_c - 1), Some(false));
+        assert_eq!(unwritten(&db, Table::Res, b"c", last_c), Some(true));
     }
 }

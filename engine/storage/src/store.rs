@@ -686,6 +686,7 @@ impl Store for FjallStore {
         // Plan on the caller's task against the versions stored now; the job re-plans only a
         // write whose stored version changed in between (or whose plan failed).
         let res = self.db.tables().get(Table::Res);
+        let read_at = self.db.committer().completed_groups();
         let planned: Vec<Option<(Option<Vec<u8>>, WritePlan)>> = writes
             .iter()
             .map(|w| {
@@ -704,10 +705,17 @@ impl Store for FjallStore {
                 let mut change_events = Vec::new();
                 for (w, planned) in writes.iter().zip(planned) {
                     let key = res_key(&src.tenant, &w.resource_type, &w.id);
-                    let current = txn.get(Table::Res, &key)?;
+                    let still_current = match &planned {
+                        Some((based_on, _)) => match txn.unwritten_since(Table::Res, &key, read_at)
+                        {
+                            Some(unwritten) => unwritten,
+                            None => txn.get(Table::Res, &key)? == *based_on,
+                        },
+                        None => false,
+                    };
                     let plan = match planned {
-                        Some((based_on, plan)) if based_on == current => plan,
-                        _ => plan_write(w, current.as_deref(), now, &src)?,
+                        Some((_, plan)) if still_current => plan,
+                        _ => plan_write(w, txn.get(Table::Res, &key)?.as_deref(), now, &src)?,
                     };
                     for (table, key, value) in plan.ops {
                         match value {
