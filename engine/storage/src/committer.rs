@@ -318,8 +318,10 @@ fn run(
                     }
                 }
             }
+            // fdatasync: the journal's bytes and what is needed to read them back (size, block
+            // allocation), without the timestamp-only inode updates a full fsync also forces.
             let mode = if sync {
-                Some(PersistMode::SyncAll)
+                Some(PersistMode::SyncData)
             } else {
                 None
             };
