@@ -150,6 +150,8 @@ async fn main() -> anyhow::Result<()> {
     let mut server = Command::new(&bin)
         .args(["serve", "--config"])
         .arg(&config)
+        // `serve` reads TRIBUTARY_* variables as configuration and refuses unknown keys.
+        .env_remove("TRIBUTARY_BIN")
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .spawn()?;
