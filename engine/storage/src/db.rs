@@ -23,7 +23,8 @@ pub enum Table {
     Cursor,
     /// tenant \0 type \0 id → current version (JSON)
     Res,
-    /// tenant \0 type \0 id \0 version BE → that version (JSON)
+    /// tenant \0 type \0 id \0 version BE → that version (JSON), once superseded: the current
+    /// version is in `Res` only (stores written before that change may hold it here as well)
     ResHist,
     /// tenant \0 type \0 patient id \0 resource id → ()
     IdxPatient,
