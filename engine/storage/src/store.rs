@@ -102,14 +102,7 @@ impl ResourceWrite {
     /// An unconditional create-or-update. Sets `resourceType` and `id` in the owned body, so the
     /// store can serialize it as it is instead of cloning it to set them.
     pub fn upsert(resource_type: &str, id: &str, mut resource: Value) -> Self {
-        if let Some(obj) = resource.as_object_mut() {
-            if obj.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
-                obj.insert("resourceType".into(), Value::String(resource_type.into()));
-            }
-            if obj.get("id").and_then(Value::as_str) != Some(id) {
-                obj.insert("id".into(), Value::String(id.into()));
-            }
-        }
+        set_type_and_id(&mut resource, resource_type, id);
         Self {
             resource_type: resource_type.into(),
             id: id.into(),
@@ -423,13 +416,7 @@ fn plan_write(
                 given
             } else {
                 let mut b = given.clone();
-                if let Some(obj) = b.as_object_mut() {
-                    obj.insert(
-                        "resourceType".into(),
-                        Value::String(w.resource_type.clone()),
-                    );
-                    obj.insert("id".into(), Value::String(w.id.clone()));
-                }
+                set_type_and_id(&mut b, &w.resource_type, &w.id);
                 with_type_and_id = b;
                 &with_type_and_id
             };
@@ -592,6 +579,16 @@ fn encode_change_event(ev: &OutboxEvent, resource: Option<&[u8]>) -> Vec<u8> {
 fn has_type_and_id(body: &Value, rtype: &str, id: &str) -> bool {
     body.get("resourceType").and_then(Value::as_str) == Some(rtype)
         && body.get("id").and_then(Value::as_str) == Some(id)
+}
+
+fn set_type_and_id(body: &mut Value, rtype: &str, id: &str) {
+    if has_type_and_id(body, rtype, id) {
+        return;
+    }
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("resourceType".into(), Value::String(rtype.into()));
+        obj.insert("id".into(), Value::String(id.into()));
+    }
 }
 
 /// A resource as stored: its body with `meta.versionId` and `meta.lastUpdated` stamped,
