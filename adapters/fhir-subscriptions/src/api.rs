@@ -505,19 +505,19 @@ async fn refuse(
     tenant: &str,
     body: Bytes,
     code: &str,
-    reason: String,
+    reason: &str,
 ) -> Response {
     let env = Envelope::builder(Protocol::Fhir, body.to_vec())
         .tenant(tenant)
         .partner(p.partner.as_str())
         .meta("ingress", INGRESS_SOURCE)
         .build();
-    match state.journal.append_rejected(env, reason.clone()).await {
+    match state.journal.append_rejected(env, reason.to_string()).await {
         Ok(r) => {
             // The reason may quote the sender's text, so the log names the message id only.
             tracing::warn!(partner = %p.partner, message_id = %r.id, code, "inbound notification rejected; journaled as rejected");
             count_ingress(state, "rejected");
-            outcome(StatusCode::BAD_REQUEST, code, &reason)
+            outcome(StatusCode::BAD_REQUEST, code, reason)
         }
         Err(e) => {
             tracing::error!(partner = %p.partner, error = %e, "rejected inbound notification could not be journaled");
@@ -568,22 +568,14 @@ async fn inbound(
         p.tenant.clone()
     };
     let Ok(mut bundle) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(
-            &state,
-            &p,
-            &tenant,
-            body,
-            "structure",
-            "body is not JSON".into(),
-        )
-        .await;
+        return refuse(&state, &p, &tenant, body, "structure", "body is not JSON").await;
     };
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        let reason = "expected a notification Bundle".to_string();
+        let reason = "expected a notification Bundle";
         return refuse(&state, &p, &tenant, body, "structure", reason).await;
     }
     let Some((kind, events)) = bundle::read_status(&bundle) else {
-        let reason = "the Bundle has no SubscriptionStatus parameters".to_string();
+        let reason = "the Bundle has no SubscriptionStatus parameters";
         return refuse(&state, &p, &tenant, body, "structure", reason).await;
     };
     match kind.as_str() {
@@ -594,7 +586,7 @@ async fn inbound(
         "event-notification" | "query-event" => {}
         other => {
             let reason = format!("notification type {other:?} is not accepted");
-            return refuse(&state, &p, &tenant, body, "value", reason).await;
+            return refuse(&state, &p, &tenant, body, "value", &reason).await;
         }
     }
     let fetched = match fetch_resources(&state.service.http, &p, &mut bundle).await {
