@@ -307,12 +307,28 @@ fn content_hash(v: &Value) -> u128 {
     let normalise = meta.is_some_and(|m| {
         m.is_empty() || m.contains_key("versionId") || m.contains_key("lastUpdated")
     });
-    let bytes = if normalise {
-        serde_json::to_vec(&without_meta_stamps(v))
+    // Streamed into the hasher: the same digest as hashing the serialized bytes whole (stored
+    // hashes stay comparable), without building those bytes.
+    let mut h = HashWriter(xxhash_rust::xxh3::Xxh3::new());
+    let written = if normalise {
+        serde_json::to_writer(&mut h, &without_meta_stamps(v))
     } else {
-        serde_json::to_vec(v)
+        serde_json::to_writer(&mut h, v)
     };
-    xxhash_rust::xxh3::xxh3_128(&bytes.expect("a Value always serializes"))
+    written.expect("a Value always serializes");
+    h.0.digest128()
+}
+
+struct HashWriter(xxhash_rust::xxh3::Xxh3);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn without_meta_stamps(v: &Value) -> Value {
@@ -1050,6 +1066,23 @@ mod tests {
         let v2 = store.vread("t1", "Patient", "p1", 2).unwrap().unwrap();
         assert_eq!(v2.resource().unwrap()["name"][0]["family"], "B");
         assert!(store.vread("t1", "Patient", "p1", 3).unwrap().is_none());
+    }
+
+    #[test]
+    fn content_hash_is_the_hash_of_the_serialized_bytes() {
+        // Stores keep this hash beside each resource: it must not change with how it is computed.
+        let v = json!({"resourceType": "Patient", "id": "p", "name": [{"family": "Ünïcode \"q\""}],
+                       "meta": {"versionId": "3", "lastUpdated": "2026-01-01T00:00:00Z"}});
+        let mut plain = v.clone();
+        plain.as_object_mut().unwrap().remove("meta");
+        let whole = xxhash_rust::xxh3::xxh3_128(&serde_json::to_vec(&plain).unwrap());
+        assert_eq!(content_hash(&v), whole);
+        assert_eq!(content_hash(&plain), whole);
+        let big = json!({"resourceType": "Binary", "data": "x".repeat(100_000)});
+        assert_eq!(
+            content_hash(&big),
+            xxhash_rust::xxh3::xxh3_128(&serde_json::to_vec(&big).unwrap())
+        );
     }
 
     #[test]
