@@ -33,7 +33,9 @@ pub struct MappingConfig {
     /// Mapping workers. Messages with the same ordering key (sender + patient) always go to the
     /// same worker, so they are committed in journal order. A worker waits for each commit's
     /// fsync before its next message, so more workers than cores is the point: their commits
-    /// share one fsync (group commit) while the CPU maps the next messages.
+    /// share one fsync (group commit) while the CPU maps the next messages. Workers are tasks,
+    /// not threads, each holding one message: with group commits of 10–20 ms under load, 16
+    /// capped the pipeline below the MLLP ingest rate (docs/PERFORMANCE.md), hence 64.
     pub workers: usize,
     /// Seconds between checks of the mapping directory for changes; 0 turns hot reload off.
     pub reload_interval_secs: u64,
@@ -54,7 +56,7 @@ impl Default for MappingConfig {
         Self {
             dir: PathBuf::from("mappings"),
             unconsumed: UnconsumedPolicy::Warn,
-            workers: 16,
+            workers: 64,
             reload_interval_secs: 2,
             report_flush_secs: 5,
             report_log_interval_secs: 60,
@@ -82,11 +84,11 @@ impl MappingConfig {
                 allowed: "a directory holding hl7v2/ (e.g. \"mappings\")".into(),
             });
         }
-        if !(1..=64).contains(&self.workers) {
+        if !(1..=256).contains(&self.workers) {
             return Err(MappingConfigError {
                 key: "mapping.workers".into(),
                 value: self.workers.to_string(),
-                allowed: "1 to 64".into(),
+                allowed: "1 to 256".into(),
             });
         }
         if self.reload_interval_secs > 3600 {
@@ -138,7 +140,7 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "mapping.workers");
-        assert!(e.to_string().contains("1 to 64"));
+        assert!(e.to_string().contains("1 to 256"));
         assert!(MappingConfig::default().validate().is_ok());
         let bad: Result<MappingConfig, _> = toml::from_str("unconsumed = \"drop\"");
         assert!(bad.is_err());
