@@ -1234,6 +1234,10 @@ impl Compiler {
         let mut steps = Vec::new();
         let mut ty = owner;
         for name in set.split('.') {
+            if let Some(why) = store_owned(ty, name) {
+                self.err(file, pos, why);
+                return None;
+            }
             match fhir::element(ty, name) {
                 Some(e) => {
                     let static_name = intern_element(ty, name)?;
@@ -1319,6 +1323,10 @@ impl Compiler {
                 let mut obj = Map::new();
                 for (k, v) in entries {
                     let key = k.as_str().unwrap_or("");
+                    if let Some(why) = store_owned(ty, key) {
+                        self.err(file, k.pos, why);
+                        continue;
+                    }
                     let Some(e) = fhir::element(ty, key) else {
                         let hint = fhir::suggest_element(ty, key)
                             .map(|s| format!(" — did you mean `{s}`?"))
@@ -1661,4 +1669,11 @@ fn intern_type(ty: &str) -> Option<&'static str> {
 
 fn intern_element(owner: &str, name: &str) -> Option<&'static str> {
     fhir::static_element_name(owner, name)
+}
+
+/// Elements a mapping may not set because the store stamps them on every version.
+fn store_owned(ty: &str, name: &str) -> Option<String> {
+    (ty == "Meta" && (name == "versionId" || name == "lastUpdated")).then(|| {
+        format!("`meta.{name}` is set by the store on every version — leave it out of the mapping")
+    })
 }

@@ -26,9 +26,11 @@ mod yaml;
 
 pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};
 pub use run::{
-    to_uri, DropReason, DroppedValue, Lineage, MappedBundle, MappingError, RunOptions, SourceField,
+    to_uri, DropReason, DroppedValue, Lineage, MappedBundle, MappedResource, MappingError,
+    RunOptions, SourceField,
 };
 pub use source::{SplitMessage, V2Source};
+pub use tree::ResourceView;
 
 use std::borrow::Cow;
 use tributary_hl7v2::{Delimiters, Message};

@@ -12,7 +12,7 @@ use crate::cond::{Cond, Operand};
 use crate::datetime;
 use crate::path::{Rep, SourcePath};
 use crate::source::V2Source;
-use crate::tree::{write_str, Node, Obj, View};
+use crate::tree::{write_str, Node, Obj, ResourceView, View};
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -207,13 +207,46 @@ impl MappedBundle {
             .map(|e| (e.rtype, e.id.as_str(), e.resource.clone().into_value()))
     }
 
-    /// (resource type, id, resource) for every entry, moved out without copying; the bundle
-    /// keeps its reports (unconsumed, dropped, lineage) but no longer has entries.
-    pub fn take_resources(&mut self) -> Vec<(&'static str, String, Value)> {
+    /// Every entry's resource, moved out in the runner's own tree (no `Value` is built); the
+    /// bundle keeps its reports (unconsumed, dropped, lineage) but no longer has entries.
+    pub fn take_resources(&mut self) -> Vec<MappedResource> {
         std::mem::take(&mut self.entries)
             .into_iter()
-            .map(|e| (e.rtype, e.id, e.resource.into_value()))
+            .map(|e| MappedResource {
+                resource_type: e.rtype,
+                id: e.id,
+                tree: e.resource,
+            })
             .collect()
+    }
+}
+
+/// One resource of a mapped message, carrying its `resourceType` and `id`.
+#[derive(Clone, Debug)]
+pub struct MappedResource {
+    pub resource_type: &'static str,
+    pub id: String,
+    tree: Obj,
+}
+
+impl MappedResource {
+    /// Compact JSON, keys sorted: the bytes `serde_json` writes for [`MappedResource::into_value`].
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        self.tree.write_json(out);
+    }
+
+    /// The JSON with `resourceType`, `id` and `meta` leading and `meta.versionId`/`lastUpdated`
+    /// set, as the store keeps a resource version.
+    pub fn write_stamped(&self, out: &mut Vec<u8>, version: &str, last_updated: &str) {
+        self.tree.write_stamped(out, version, last_updated);
+    }
+
+    pub fn view(&self) -> ResourceView<'_> {
+        ResourceView(View::Obj(&self.tree))
+    }
+
+    pub fn into_value(self) -> Value {
+        self.tree.into_value()
     }
 }
 

@@ -115,23 +115,59 @@ impl Obj {
 
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.push(b'{');
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            if i > 0 {
+        self.write_members(out, |_| true, false);
+        out.push(b'}');
+    }
+
+    /// Members `keep` accepts, comma-separated (`leading_comma`: one before the first).
+    fn write_members(&self, out: &mut Vec<u8>, keep: impl Fn(&str) -> bool, leading_comma: bool) {
+        let mut first = !leading_comma;
+        for (k, v) in self.0.iter().filter(|(k, _)| keep(k)) {
+            if !first {
                 out.push(b',');
             }
-            match k {
-                Cow::Borrowed(name) => {
-                    out.push(b'"');
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b"\":");
-                }
-                Cow::Owned(k) => {
-                    write_str(out, k);
-                    out.push(b':');
-                }
-            }
+            first = false;
+            write_key(out, k);
             v.write_json(out);
         }
+    }
+
+    /// A resource as the store keeps it: `resourceType`, `id` and `meta` first, `meta` starting
+    /// with `versionId` and `lastUpdated` — the bytes the store writes for the equal `Value`.
+    pub fn write_stamped(&self, out: &mut Vec<u8>, version: &str, last_updated: &str) {
+        const LEADING: [&str; 3] = ["resourceType", "id", "meta"];
+        out.push(b'{');
+        for k in &LEADING[..2] {
+            if let Some(v) = self.get(k) {
+                write_key(out, &Cow::Borrowed(*k));
+                v.write_json(out);
+                out.push(b',');
+            }
+        }
+        out.extend_from_slice(b"\"meta\":{\"versionId\":");
+        write_str(out, version);
+        out.extend_from_slice(b",\"lastUpdated\":");
+        write_str(out, last_updated);
+        match self.get("meta") {
+            Some(Node::Obj(meta)) => {
+                meta.write_members(out, |k| k != "versionId" && k != "lastUpdated", true)
+            }
+            Some(Node::Const(c)) => {
+                if let Some(meta) = c.value.as_object() {
+                    for (k, v) in meta {
+                        if k != "versionId" && k != "lastUpdated" {
+                            out.push(b',');
+                            write_str(out, k);
+                            out.push(b':');
+                            write_value(out, v);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        out.push(b'}');
+        self.write_members(out, |k| !LEADING.contains(&k), true);
         out.push(b'}');
     }
 }
@@ -191,8 +227,22 @@ impl Node {
     }
 }
 
+fn write_key(out: &mut Vec<u8>, k: &Key) {
+    match k {
+        Cow::Borrowed(name) => {
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+        }
+        Cow::Owned(k) => {
+            write_str(out, k);
+            out.push(b':');
+        }
+    }
+}
+
 /// A read-only view of a place in the tree, which may lie inside a shared constant.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum View<'a> {
     Obj(&'a Obj),
     Node(&'a Node),
@@ -219,10 +269,23 @@ impl<'a> View<'a> {
     }
 
     pub fn first(self) -> Option<View<'a>> {
+        self.element(0)
+    }
+
+    pub fn element(self, index: usize) -> Option<View<'a>> {
         match self {
-            View::Node(Node::Arr(a)) => a.first().map(View::Node),
-            View::Node(Node::Const(c)) => View::Value(&c.value).first(),
-            View::Value(Value::Array(a)) => a.first().map(View::Value),
+            View::Node(Node::Arr(a)) => a.get(index).map(View::Node),
+            View::Node(Node::Const(c)) => View::Value(&c.value).element(index),
+            View::Value(Value::Array(a)) => a.get(index).map(View::Value),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> Option<&'a str> {
+        match self {
+            View::Node(Node::Str(s)) => Some(s),
+            View::Node(Node::Const(c)) => c.value.as_str(),
+            View::Value(v) => v.as_str(),
             _ => None,
         }
     }
@@ -234,6 +297,28 @@ impl<'a> View<'a> {
             View::Value(v) => v.is_object(),
             View::Node(_) => false,
         }
+    }
+}
+
+/// A read-only view into a mapped resource, for code outside this crate (the store's indexes).
+#[derive(Clone, Copy, Debug)]
+pub struct ResourceView<'a>(pub(crate) View<'a>);
+
+impl<'a> ResourceView<'a> {
+    pub fn get(self, key: &str) -> Option<Self> {
+        self.0.get(key).map(Self)
+    }
+    pub fn as_str(self) -> Option<&'a str> {
+        self.0.as_str()
+    }
+    pub fn array_len(self) -> Option<usize> {
+        self.0.array_len()
+    }
+    pub fn element(self, index: usize) -> Option<Self> {
+        self.0.element(index).map(Self)
+    }
+    pub fn is_object(self) -> bool {
+        self.0.is_object()
     }
 }
 
@@ -297,5 +382,28 @@ mod tests {
         assert_eq!(bytes, serde_json::to_vec(&value).unwrap());
         assert_eq!(value["alpha"], 7);
         assert_eq!(value["arr"][1]["y"][1], "x");
+    }
+
+    #[test]
+    fn stamps_lead_with_type_id_and_meta_whether_meta_is_built_or_constant() {
+        let mut built = Obj::new();
+        let mut meta = Obj::new();
+        meta.insert("tag", Node::Arr(vec![Node::str("t")]));
+        built.insert("meta", Node::Obj(meta));
+        let mut constant = Obj::new();
+        let c = json!({"tag": ["t"], "versionId": "9", "lastUpdated": "old"});
+        constant.insert("meta", Node::Const(Arc::new(Constant::new(c))));
+        for mut o in [built, constant] {
+            o.insert("resourceType", Node::str("Patient"));
+            o.insert("id", Node::str("p1"));
+            o.insert("active", Node::Bool(true));
+            o.insert("zzz", Node::Null);
+            let mut out = Vec::new();
+            o.write_stamped(&mut out, "2", "2026-12-03T08:00:00.000Z");
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2026-12-03T08:00:00.000Z","tag":["t"]},"active":true,"zzz":null}"#
+            );
+        }
     }
 }

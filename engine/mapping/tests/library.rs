@@ -130,6 +130,31 @@ fn load_errors_name_file_line_col_the_bad_element_and_a_suggestion() {
 }
 
 #[test]
+fn meta_stamps_are_the_stores_and_a_mapping_that_sets_them_does_not_load() {
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: meta.versionId\n    from: PID-1\n  - set: meta\n    value:\n      lastUpdated: x\n  - set: meta.tag\n    rules:\n      - set: code\n        from: PID-2\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let errs = load_texts(&[
+        ("segments/PID-Patient.yaml", pid),
+        ("messages/ADT.yaml", msg),
+    ])
+    .unwrap_err()
+    .0
+    .iter()
+    .map(|e| e.to_string())
+    .collect::<Vec<_>>();
+    let all = errs.join("\n");
+    assert!(
+        all.contains("PID-Patient.yaml:4:10: `meta.versionId` is set by the store"),
+        "{all}"
+    );
+    assert!(
+        all.contains("PID-Patient.yaml:8:7: `meta.lastUpdated` is set by the store"),
+        "{all}"
+    );
+    assert_eq!(errs.len(), 2, "meta.tag is the mapping's to set: {all}");
+}
+
+#[test]
 fn a_ref_to_a_name_the_message_map_lacks_is_a_load_error() {
     let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: subject\n    ref: patient\n  - set: status\n    value: finished\n  - set: class\n    value:\n      code: IMP\n";
     let msg = "message: [ADT^A03]\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";

@@ -13,6 +13,7 @@
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
 //! replaces a good set — the error is logged and the old version keeps running.
 
+mod body;
 mod config;
 pub mod field_report;
 mod registry;
@@ -502,7 +503,10 @@ impl Pipeline {
         let writes: Vec<ResourceWrite> = mapped
             .take_resources()
             .into_iter()
-            .map(|(t, id, r)| ResourceWrite::upsert(t, &id, r))
+            .map(|r| {
+                let (rtype, id) = (r.resource_type, r.id.clone());
+                ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
+            })
             .collect();
         let event_type = message_event_type(&mapped.message_type);
         let event = OutboxEvent {

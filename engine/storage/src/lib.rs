@@ -33,8 +33,8 @@ pub use journal::{
 };
 pub use outbox::{Numbering, Outbox, OutboxEvent};
 pub use store::{
-    CommitOutcome, FjallStore, MessageUpdate, Precondition, ResourceWrite, Store, StoreTransaction,
-    StoredResource, WriteOp, WriteOutcome,
+    CommitOutcome, FjallStore, IndexFields, JsonView, MessageUpdate, Precondition, ResourceBody,
+    ResourceWrite, Store, StoreTransaction, StoredResource, WriteOp, WriteOutcome,
 };
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

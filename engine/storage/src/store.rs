@@ -8,6 +8,7 @@ use bytes::Bytes;
 use fjall::Readable;
 use serde_json::Value;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use tributary_core::{
     deterministic_id, format_rfc3339_millis, now_millis, MessageId, MessageState,
 };
@@ -73,12 +74,45 @@ impl StoredResource {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum WriteOp {
     /// Create or update. An update whose content equals the current version (ignoring `meta`)
     /// creates no new version and raises no event, so replaying a message changes nothing.
     Upsert(Value),
+    /// [`WriteOp::Upsert`] of a body its producer serializes itself: the mapping pipeline hands
+    /// over its own tree rather than building a `Value` only for the store to serialize it.
+    UpsertBody(Arc<dyn ResourceBody>),
     Delete,
+}
+
+impl PartialEq for WriteOp {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Upsert(a), Self::Upsert(b)) => a == b,
+            (Self::UpsertBody(a), Self::UpsertBody(b)) => a.to_json() == b.to_json(),
+            (Self::Delete, Self::Delete) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A resource body that writes its own JSON. Both forms must be byte for byte what the store
+/// writes for the equal `serde_json::Value` (so content hashes compare across producers): a
+/// mapped resource stored once through the API and once by the pipeline is one version.
+pub trait ResourceBody: Send + Sync + std::fmt::Debug {
+    /// Compact JSON with every object's keys in sorted order (what `serde_json` writes for a
+    /// `Value`), including `resourceType` and `id`, without `meta.versionId`/`meta.lastUpdated`.
+    fn write_json(&self, out: &mut Vec<u8>);
+    /// The stored form: as [`ResourceBody::write_json`], except that `resourceType`, `id` and
+    /// `meta` lead, and `meta` starts with `versionId` and `lastUpdated` (then its own members).
+    fn write_stamped(&self, out: &mut Vec<u8>, version: &str, last_updated: &str);
+    fn index_fields(&self, rtype: &str, id: &str) -> IndexFields;
+
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024);
+        self.write_json(&mut out);
+        out
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +141,16 @@ impl ResourceWrite {
             resource_type: resource_type.into(),
             id: id.into(),
             op: WriteOp::Upsert(resource),
+            precondition: Precondition::None,
+        }
+    }
+
+    /// An unconditional create-or-update of a body that already carries `resourceType` and `id`.
+    pub fn upsert_body(resource_type: &str, id: &str, body: Arc<dyn ResourceBody>) -> Self {
+        Self {
+            resource_type: resource_type.into(),
+            id: id.into(),
+            op: WriteOp::UpsertBody(body),
             precondition: Precondition::None,
         }
     }
@@ -216,82 +260,116 @@ pub struct FjallStore {
 const PATIENT_REFERENCE_FIELDS: [&str; 5] =
     ["subject", "patient", "beneficiary", "individual", "child"];
 
-/// Patient ids a resource belongs to: itself for a Patient, else its patient references.
-pub fn patient_ids(rtype: &str, id: &str, resource: &Value) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    if rtype == "Patient" {
-        out.insert(id.to_string());
-        return out;
-    }
-    for field in PATIENT_REFERENCE_FIELDS {
-        if let Some(r) = resource
-            .get(field)
-            .and_then(|v| v.get("reference"))
-            .and_then(Value::as_str)
-        {
-            if let Some(pid) = r.strip_prefix("Patient/") {
-                out.insert(pid.to_string());
-            }
-        }
-    }
-    if rtype == "Encounter" || rtype == "Appointment" {
-        for p in resource
-            .get("participant")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let r = p
-                .get("actor")
-                .and_then(|a| a.get("reference"))
-                .and_then(Value::as_str);
-            if let Some(pid) = r.and_then(|r| r.strip_prefix("Patient/")) {
-                out.insert(pid.to_string());
-            }
-        }
-    }
-    out
+/// Read access to a JSON tree. The index entries of a resource are found by one piece of code
+/// whether the resource is a `serde_json::Value` or a producer's own tree ([`ResourceBody`]).
+pub trait JsonView<'a>: Copy {
+    fn get(self, key: &str) -> Option<Self>;
+    fn as_str(self) -> Option<&'a str>;
+    /// The number of elements when this is an array.
+    fn array_len(self) -> Option<usize>;
+    fn element(self, index: usize) -> Option<Self>;
+    fn is_object(self) -> bool;
 }
 
-fn identifiers(resource: &Value) -> Vec<(String, String)> {
-    let list = match resource.get("identifier") {
-        Some(Value::Array(a)) => a.iter().collect::<Vec<_>>(),
-        Some(v @ Value::Object(_)) => vec![v],
-        _ => Vec::new(),
+impl<'a> JsonView<'a> for &'a Value {
+    fn get(self, key: &str) -> Option<Self> {
+        Value::get(self, key)
+    }
+    fn as_str(self) -> Option<&'a str> {
+        Value::as_str(self)
+    }
+    fn array_len(self) -> Option<usize> {
+        self.as_array().map(Vec::len)
+    }
+    fn element(self, index: usize) -> Option<Self> {
+        self.as_array()?.get(index)
+    }
+    fn is_object(self) -> bool {
+        Value::is_object(self)
+    }
+}
+
+/// The elements of an array, or the value itself when it is an object (a lone repetition).
+fn each<'a, V: JsonView<'a>>(v: Option<V>) -> impl Iterator<Item = V> {
+    let (single, len) = match v {
+        Some(v) => match v.array_len() {
+            Some(n) => (None, n),
+            None => (v.is_object().then_some(v), 0),
+        },
+        None => (None, 0),
     };
-    list.into_iter()
-        .filter_map(|i| {
-            let value = i.get("value")?.as_str()?.to_string();
-            let system = i
-                .get("system")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            Some((system, value))
-        })
-        .collect()
+    single
+        .into_iter()
+        .chain((0..len).filter_map(move |i| v.and_then(|v| v.element(i))))
 }
 
-/// Index entries of one stored version; `value` is its parsed JSON (absent when deleted).
+/// What the store indexes of one resource version besides its `lastUpdated`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexFields {
+    /// Patient ids the resource belongs to: itself for a Patient, else its patient references.
+    pub patients: BTreeSet<String>,
+    /// `(system, value)` of each identifier with a value (`system` empty when absent).
+    pub identifiers: Vec<(String, String)>,
+}
+
+impl IndexFields {
+    pub fn of<'a, V: JsonView<'a>>(rtype: &str, id: &str, resource: V) -> Self {
+        let reference = |v: Option<V>| {
+            v.and_then(|v| v.get("reference"))
+                .and_then(V::as_str)
+                .and_then(|r| r.strip_prefix("Patient/"))
+        };
+        let mut patients = BTreeSet::new();
+        if rtype == "Patient" {
+            patients.insert(id.to_string());
+        } else {
+            for field in PATIENT_REFERENCE_FIELDS {
+                if let Some(pid) = reference(resource.get(field)) {
+                    patients.insert(pid.to_string());
+                }
+            }
+            if rtype == "Encounter" || rtype == "Appointment" {
+                for p in each(resource.get("participant")) {
+                    if let Some(pid) = reference(p.get("actor")) {
+                        patients.insert(pid.to_string());
+                    }
+                }
+            }
+        }
+        let identifiers = each(resource.get("identifier"))
+            .filter_map(|i| {
+                let value = i.get("value")?.as_str()?;
+                let system = i.get("system").and_then(V::as_str).unwrap_or("");
+                Some((system.to_string(), value.to_string()))
+            })
+            .collect();
+        Self {
+            patients,
+            identifiers,
+        }
+    }
+}
+
+/// Index entries of one stored version (`fields` absent when it is a deletion).
 fn index_keys(
     tenant: &str,
     rtype: &str,
     id: &str,
     last_updated: i64,
-    value: Option<&Value>,
+    fields: Option<&IndexFields>,
 ) -> Vec<(Table, Vec<u8>)> {
     let (t, ty, i) = (tenant.as_bytes(), rtype.as_bytes(), id.as_bytes());
     let mut out = vec![(
         Table::IdxUpdated,
         join(&[t, ty, &keys::i64_be(last_updated), i]),
     )];
-    let Some(value) = value else {
+    let Some(fields) = fields else {
         return out;
     };
-    for pid in patient_ids(rtype, id, value) {
+    for pid in &fields.patients {
         out.push((Table::IdxPatient, join(&[t, pid.as_bytes(), ty, i])));
     }
-    for (system, v) in identifiers(value) {
+    for (system, v) in &fields.identifiers {
         out.push((
             Table::IdxIdent,
             join(&[t, ty, v.as_bytes(), system.as_bytes(), i]),
@@ -421,31 +499,34 @@ fn plan_write(
         ops: Vec::new(),
         event: None,
     };
-    let mut current_value = None;
     let next_version = current.as_ref().map_or(1, |c| c.version + 1);
     let with_type_and_id;
-    let (stored, new_value, hash) = match &w.op {
+    let body = match &w.op {
         WriteOp::Upsert(given) => {
             // Bodies from `ResourceWrite::upsert` carry their type and id already; only others
             // are copied to set them.
-            let body = if has_type_and_id(given, &w.resource_type, &w.id) {
-                given
-            } else {
-                let mut b = given.clone();
-                set_type_and_id(&mut b, &w.resource_type, &w.id);
-                with_type_and_id = b;
-                &with_type_and_id
-            };
-            let hash = content_hash(body);
+            Some(Body::Value(
+                if has_type_and_id(given, &w.resource_type, &w.id) {
+                    given
+                } else {
+                    let mut b = given.clone();
+                    set_type_and_id(&mut b, &w.resource_type, &w.id);
+                    with_type_and_id = b;
+                    &with_type_and_id
+                },
+            ))
+        }
+        WriteOp::UpsertBody(b) => Some(Body::Own(b.as_ref())),
+        WriteOp::Delete => None,
+    };
+    let (rtype, id) = (&w.resource_type, &w.id);
+    let (stored, new_fields, hash) = match body {
+        Some(body) => {
+            let hash = body.content_hash();
             if let Some(live) = live {
                 let same = match current_raw.and_then(StoredResource::stored_content_hash) {
                     Some(stored) => stored == hash,
-                    None => {
-                        let cur = live.resource()?;
-                        let same = without_meta_stamps(&cur) == without_meta_stamps(body);
-                        current_value = Some(cur);
-                        same
-                    }
+                    None => content_hash(&live.resource()?) == hash,
                 };
                 if same {
                     return Ok(unchanged(
@@ -455,27 +536,17 @@ fn plan_write(
                     ));
                 }
             }
-            let version = next_version.to_string();
-            let last_updated = format_rfc3339_millis(now);
-            let json = match body.as_object() {
-                Some(obj) => serde_json::to_vec(&Stamped {
-                    body: obj,
-                    version: &version,
-                    last_updated: &last_updated,
-                }),
-                None => serde_json::to_vec(body),
-            };
             let stored = StoredResource {
                 resource_type: w.resource_type.clone(),
                 id: w.id.clone(),
                 version: next_version,
                 last_updated: now,
                 deleted: false,
-                json: Bytes::from(json.expect("a Value always serializes")),
+                json: Bytes::from(body.stamped(next_version, now)),
             };
-            (stored, Some(body), Some(hash))
+            (stored, Some(body.index_fields(rtype, id)), Some(hash))
         }
-        WriteOp::Delete => {
+        None => {
             if live.is_none() {
                 // Deleting what is absent or already deleted is a no-op (FHIR: 200/204 either way).
                 return Ok(unchanged(
@@ -495,17 +566,15 @@ fn plan_write(
             (stored, None, None)
         }
     };
-    let (rtype, id) = (&w.resource_type, &w.id);
-    if current_value.is_none() {
-        if let Some(l) = live {
-            current_value = Some(l.resource()?);
-        }
-    }
+    let current_fields = match live {
+        Some(l) => Some(IndexFields::of(rtype, id, &l.resource()?)),
+        None => None,
+    };
     let old_keys = match &current {
-        Some(c) => index_keys(tenant, rtype, id, c.last_updated, current_value.as_ref()),
+        Some(c) => index_keys(tenant, rtype, id, c.last_updated, current_fields.as_ref()),
         None => Vec::new(),
     };
-    let new_keys = index_keys(tenant, rtype, id, now, new_value);
+    let new_keys = index_keys(tenant, rtype, id, now, new_fields.as_ref());
     let mut ops = Vec::new();
     for k in old_keys.iter().filter(|k| !new_keys.contains(k)) {
         ops.push((k.0, k.1.clone(), None));
@@ -540,7 +609,7 @@ fn plan_write(
     } else {
         "update"
     };
-    let patient = new_value.and_then(|r| patient_ids(rtype, id, r).into_iter().next());
+    let patient = new_fields.and_then(|f| f.patients.into_iter().next());
     let event = OutboxEvent {
         seq: 0,
         event_id: deterministic_id(&[tenant, rtype, id, &next_version.to_string()]),
@@ -555,7 +624,7 @@ fn plan_write(
         occurred_at: now,
         resource: None,
     };
-    let event = encode_change_event(&event, new_value.map(|_| &stored.json[..]));
+    let event = encode_change_event(&event, (!stored.deleted).then_some(&stored.json[..]));
     Ok(WritePlan {
         outcome: WriteOutcome {
             resource_type: w.resource_type.clone(),
@@ -569,6 +638,50 @@ fn plan_write(
         ops,
         event: Some(event),
     })
+}
+
+/// The body of an upsert, whichever way its producer handed it over.
+enum Body<'a> {
+    Value(&'a Value),
+    Own(&'a dyn ResourceBody),
+}
+
+impl Body<'_> {
+    fn content_hash(&self) -> u128 {
+        match self {
+            Body::Value(v) => content_hash(v),
+            Body::Own(b) => xxhash_rust::xxh3::xxh3_128(&b.to_json()),
+        }
+    }
+
+    /// The stored JSON with `meta.versionId` and `meta.lastUpdated` stamped.
+    fn stamped(&self, version: u64, now: i64) -> Vec<u8> {
+        let version = version.to_string();
+        let last_updated = format_rfc3339_millis(now);
+        match self {
+            Body::Value(v) => match v.as_object() {
+                Some(obj) => serde_json::to_vec(&Stamped {
+                    body: obj,
+                    version: &version,
+                    last_updated: &last_updated,
+                }),
+                None => serde_json::to_vec(v),
+            }
+            .expect("a Value always serializes"),
+            Body::Own(b) => {
+                let mut out = Vec::with_capacity(1024);
+                b.write_stamped(&mut out, &version, &last_updated);
+                out
+            }
+        }
+    }
+
+    fn index_fields(&self, rtype: &str, id: &str) -> IndexFields {
+        match self {
+            Body::Value(v) => IndexFields::of(rtype, id, *v),
+            Body::Own(b) => b.index_fields(rtype, id),
+        }
+    }
 }
 
 /// An outbox value; the sequence number is its key (readers take it from there).
