@@ -27,7 +27,7 @@ pub struct AmqpMessage {
 
 /// `<tenant>.<ResourceType>.<create|update|delete>`; message-level events keep their type:
 /// `<tenant>.hl7v2.adt.A01`.
-pub fn routing_key(ev: &OutboxEvent) -> String {
+pub fn routing_key<R>(ev: &OutboxEvent<R>) -> String {
     let rest = ev
         .event_type
         .strip_prefix("fhir.")
@@ -36,14 +36,16 @@ pub fn routing_key(ev: &OutboxEvent) -> String {
 }
 
 /// Id-only notification: see [`OutboxEvent::id_only_notification`].
-pub fn notification(ev: &OutboxEvent) -> serde_json::Value {
+pub fn notification<R>(ev: &OutboxEvent<R>) -> serde_json::Value {
     ev.id_only_notification()
 }
 
-pub fn build(cfg: &AmqpSinkConfig, ev: &OutboxEvent) -> AmqpMessage {
+/// The message for `ev`; the sink passes events read raw, so a resource is published as its
+/// stored JSON.
+pub fn build<R: serde::Serialize>(cfg: &AmqpSinkConfig, ev: &OutboxEvent<R>) -> AmqpMessage {
     let (body, content_type) = match (cfg.payload, &ev.resource) {
         (AmqpPayload::FullResource, Some(r)) => (
-            serde_json::to_vec(r).expect("a Value always serializes"),
+            serde_json::to_vec(r).expect("stored JSON serializes"),
             "application/fhir+json",
         ),
         _ => (
@@ -187,7 +189,7 @@ impl AmqpSink {
                 let room = (self.sink.max_in_flight - pending.len()).min(256);
                 let events = self
                     .outbox
-                    .read_after(sent_upto, room)
+                    .read_after_raw(sent_upto, room)
                     .map_err(|e| format!("reading the outbox: {e}"))?;
                 for ev in events {
                     let msg = build(&self.sink, &ev);
@@ -232,10 +234,10 @@ impl AmqpSink {
     }
 }
 
-async fn publish(
+async fn publish<R>(
     ch: &Channel,
     exchange: &str,
-    ev: &OutboxEvent,
+    ev: &OutboxEvent<R>,
     msg: &AmqpMessage,
 ) -> Result<PublisherConfirm, lapin::Error> {
     let mut headers = FieldTable::default();

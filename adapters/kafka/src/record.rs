@@ -21,7 +21,7 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 pub const NOTIFICATION_JSON: &str = "application/json";
 
 /// The topic an event goes to (prefix included), or `None` when that family is turned off.
-pub fn topic_for(cfg: &KafkaConfig, ev: &OutboxEvent) -> Option<(String, String)> {
+pub fn topic_for<R>(cfg: &KafkaConfig, ev: &OutboxEvent<R>) -> Option<(String, String)> {
     let base = match (&ev.resource_type, ev.event_type.starts_with("fhir.")) {
         (Some(rt), true) => {
             if cfg.resource_topic.is_empty() {
@@ -54,17 +54,19 @@ fn sanitize(s: &str) -> String {
 }
 
 /// Id-only notification: see [`OutboxEvent::id_only_notification`].
-pub fn notification(ev: &OutboxEvent) -> serde_json::Value {
+pub fn notification<R>(ev: &OutboxEvent<R>) -> serde_json::Value {
     ev.id_only_notification()
 }
 
-/// Builds the record for `ev`, or `None` when its topic family is disabled.
-pub fn build(cfg: &KafkaConfig, ev: &OutboxEvent) -> Option<KafkaRecord> {
+/// Builds the record for `ev`, or `None` when its topic family is disabled. The relay passes
+/// events read raw ([`tributary_storage::RawOutboxEvent`]): the resource's stored JSON becomes
+/// the value as is.
+pub fn build<R: serde::Serialize>(cfg: &KafkaConfig, ev: &OutboxEvent<R>) -> Option<KafkaRecord> {
     let (topic, base) = topic_for(cfg, ev)?;
     let mode = cfg.topic_payload.get(&base).copied().unwrap_or(cfg.payload);
     let (value, content_type) = match (mode, &ev.resource) {
         (PayloadMode::FullResource, Some(r)) => (
-            serde_json::to_vec(r).expect("a Value always serializes"),
+            serde_json::to_vec(r).expect("stored JSON serializes"),
             FHIR_JSON,
         ),
         _ => (
@@ -159,6 +161,37 @@ mod tests {
         let r = build(&cfg, &ev("hl7v2.adt.A01", None)).unwrap();
         assert_eq!(r.topic, "hl7v2.adt.A01");
         assert_eq!(header(&r, "content-type"), Some(NOTIFICATION_JSON));
+    }
+
+    #[test]
+    fn a_raw_event_publishes_the_stored_json_as_is_with_the_same_topic_key_and_headers() {
+        let resource = r#"{"resourceType":"Observation","id":"r1","valueQuantity":{"value":1.50,"unit":"m\u00e9"}}"#;
+        let mut stored = serde_json::to_value(ev("fhir.Observation.create", None)).unwrap();
+        stored["resource_type"] = "Observation".into();
+        stored["resource"] = serde_json::from_str(resource).unwrap();
+        let stored = serde_json::to_string(&stored).unwrap().replace(
+            r#"{"id":"r1","resourceType":"Observation","valueQuantity":{"unit":"mé","value":1.5}}"#,
+            resource,
+        );
+        assert!(stored.contains(resource), "{stored}");
+        let raw: tributary_storage::RawOutboxEvent = serde_json::from_str(&stored).unwrap();
+        let parsed: OutboxEvent = serde_json::from_str(&stored).unwrap();
+        let cfg = KafkaConfig::default();
+        let (r, p) = (build(&cfg, &raw).unwrap(), build(&cfg, &parsed).unwrap());
+        assert_eq!(String::from_utf8(r.value.clone()).unwrap(), resource);
+        assert_ne!(
+            r.value, p.value,
+            "parsing would have rewritten 1.50 and the escape"
+        );
+        assert_eq!(
+            (&r.topic, &r.key, &r.headers),
+            (&p.topic, &p.key, &p.headers)
+        );
+        let id_only = KafkaConfig {
+            payload: PayloadMode::IdOnly,
+            ..Default::default()
+        };
+        assert_eq!(build(&id_only, &raw), build(&id_only, &parsed));
     }
 
     #[test]

@@ -424,7 +424,7 @@ impl KafkaRelay {
             return Ok(Step::Continue);
         }
         let room = (self.cfg.max_in_flight - pending.len()).min(512);
-        for ev in self.outbox.read_after(*sent_upto, room)? {
+        for ev in self.outbox.read_after_raw(*sent_upto, room)? {
             let Some(rec) = record::build(&self.cfg, &ev) else {
                 pending.push_back(InFlight {
                     seq: ev.seq,

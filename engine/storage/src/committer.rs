@@ -44,7 +44,11 @@ type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 ///
 /// A group's writes share one fjall sequence number, so only the last write of a key matters;
 /// keeping the write set as a map drops overwritten values and lets point reads borrow the key.
-type WriteSet = Vec<HashMap<Vec<u8>, Option<Vec<u8>>>>;
+type WriteSet = Vec<KeyMap<Option<Vec<u8>>>>;
+
+/// Keys are partly client-chosen (resource ids), so the hasher is seeded, but it is much
+/// cheaper than SipHash on the one serial thread.
+type KeyMap<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
 
 /// How many group commits back [`Txn::unwritten_since`] can answer: ~1–3 s of groups under load.
 const RECENT_GROUPS: u64 = 256;
@@ -53,7 +57,7 @@ const RECENT_GROUPS: u64 = 256;
 /// learn that a value read before it was submitted is still current without reading it again
 /// (on the one serial thread, a hash lookup instead of a search through fjall's memtables).
 struct RecentWrites {
-    last_writer: HashMap<Vec<u8>, u64>,
+    last_writer: KeyMap<u64>,
     by_group: std::collections::VecDeque<(u64, Vec<Vec<u8>>)>,
     /// Every write of a group numbered above this is in `last_writer`.
     complete_after: u64,
@@ -65,7 +69,7 @@ impl RecentWrites {
 
     fn new() -> Self {
         Self {
-            last_writer: HashMap::new(),
+            last_writer: KeyMap::default(),
             by_group: Default::default(),
             complete_after: 0,
         }
@@ -107,7 +111,7 @@ impl<'a> Txn<'a> {
             tables,
             recent,
             counters,
-            writes: (0..Table::COUNT).map(|_| HashMap::new()).collect(),
+            writes: (0..Table::COUNT).map(|_| KeyMap::default()).collect(),
             job_ops: Vec::new(),
         }
     }

@@ -9,8 +9,11 @@ use tokio::sync::watch;
 ///
 /// `event_id` is stable (derived from tenant, resource and version, or from the source message),
 /// so consumers de-duplicate redeliveries by it.
+///
+/// `R` is how the resource is held: a parsed `serde_json::Value` (the default), or its stored
+/// JSON as is ([`RawOutboxEvent`]) for sinks that only pass it on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEvent {
+pub struct OutboxEvent<R = serde_json::Value> {
     /// Position in the outbox; assigned at commit.
     #[serde(default)]
     pub seq: u64,
@@ -27,10 +30,14 @@ pub struct OutboxEvent {
     pub mapping_version: Option<String>,
     pub occurred_at: i64,
     /// The resource as committed (absent for deletes and message-level events).
-    pub resource: Option<serde_json::Value>,
+    pub resource: Option<R>,
 }
 
-impl OutboxEvent {
+/// An [`OutboxEvent`] whose resource stays the JSON text it was stored as: a sink that publishes
+/// it unchanged neither parses nor re-serializes it.
+pub type RawOutboxEvent = OutboxEvent<Box<serde_json::value::RawValue>>;
+
+impl<R> OutboxEvent<R> {
     /// The id-only notification sinks publish instead of the resource: what happened to which
     /// resource, enough to fetch it, nothing clinical.
     pub fn id_only_notification(&self) -> serde_json::Value {
@@ -104,6 +111,19 @@ impl Outbox {
     }
 
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEvent>> {
+        self.read_after_as(after, limit)
+    }
+
+    /// [`Outbox::read_after`] with each resource left as its stored JSON.
+    pub fn read_after_raw(&self, after: u64, limit: usize) -> Result<Vec<RawOutboxEvent>> {
+        self.read_after_as(after, limit)
+    }
+
+    fn read_after_as<R: serde::de::DeserializeOwned>(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<OutboxEvent<R>>> {
         let start = keys::u64_be(after.saturating_add(1));
         let mut out = Vec::new();
         for item in self.db.range(Table::Outbox, start..) {
@@ -111,7 +131,7 @@ impl Outbox {
                 break;
             }
             let (k, v) = item.into_inner()?;
-            let mut ev: OutboxEvent =
+            let mut ev: OutboxEvent<R> =
                 serde_json::from_slice(&v).map_err(|e| StorageError::corrupt("outbox", e))?;
             ev.seq = keys::read_u64(&k).unwrap_or(0);
             out.push(ev);
