@@ -69,6 +69,16 @@ fn load_texts(files: &[(&str, &str)]) -> Result<MappingSet, tributary_mapping::L
     MappingSet::from_texts(Path::new("m"), &texts)
 }
 
+/// The load errors of `files`, one line each (the set must fail to load).
+fn load_error_lines(files: &[(&str, &str)]) -> Vec<String> {
+    load_texts(files)
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
 /// Loads `files` as a mapping set and runs it over one HL7 v2 message (built-in terminology,
 /// default options).
 fn run_texts(
@@ -90,16 +100,11 @@ fn load_errors_name_file_line_col_the_bad_element_and_a_suggestion() {
     let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: gendr\n    from: PID-8\n  - set: name\n    from: PID-5\n    map: XPM\n  - set: birthDate\n    from: PID-7[*]\n  - set: identifier\n    from: PID-3\n    map: XPN\n  - set: active\n    from: PID-0\n  - set: gender\n    when: PID-8 == F )\n    value: female\n";
     let xpn = "datatype: XPN\nto: HumanName\nrules:\n  - set: family\n    from: .1\n";
     let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
-    let errs = load_texts(&[
+    let errs = load_error_lines(&[
         ("segments/PID-Patient.yaml", pid),
         ("datatypes/XPN.yaml", xpn),
         ("messages/ADT.yaml", msg),
-    ])
-    .unwrap_err()
-    .0
-    .iter()
-    .map(|e| e.to_string())
-    .collect::<Vec<_>>();
+    ]);
     let all = errs.join("\n");
     assert!(all.contains("m/segments/PID-Patient.yaml:4:10: `gendr` is not an element of FHIR R4 Patient — did you mean `gender`?"), "{all}");
     assert!(
@@ -133,15 +138,10 @@ fn load_errors_name_file_line_col_the_bad_element_and_a_suggestion() {
 fn meta_stamps_are_the_stores_and_a_mapping_that_sets_them_does_not_load() {
     let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: meta.versionId\n    from: PID-1\n  - set: meta\n    value:\n      lastUpdated: x\n  - set: meta.tag\n    rules:\n      - set: code\n        from: PID-2\n";
     let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
-    let errs = load_texts(&[
+    let errs = load_error_lines(&[
         ("segments/PID-Patient.yaml", pid),
         ("messages/ADT.yaml", msg),
-    ])
-    .unwrap_err()
-    .0
-    .iter()
-    .map(|e| e.to_string())
-    .collect::<Vec<_>>();
+    ]);
     let all = errs.join("\n");
     assert!(
         all.contains("PID-Patient.yaml:4:10: `meta.versionId` is set by the store"),
