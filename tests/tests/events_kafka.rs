@@ -109,8 +109,12 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     commit(&data, 0, 2_000).await; // 20,000 events
+
+    // A small in-flight window paces the relay (~64 records per broker round trip), so the kill
+    // lands mid-stream on a fast machine too: at the default 10,000 it sent all 20,000 events
+    // within the 300 ms below.
     let extra = format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic_replication = 1\nretry_initial_ms = 200\nretry_max_ms = 2000\n",
+        "[kafka]\nbrokers = \"{}\"\ntopic_replication = 1\nretry_initial_ms = 200\nretry_max_ms = 2000\nmax_in_flight = 64\n",
         broker.bootstrap()
     );
 
