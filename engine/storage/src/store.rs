@@ -113,6 +113,11 @@ pub trait ResourceBody: Send + Sync + std::fmt::Debug {
         self.write_json(&mut out);
         out
     }
+
+    /// What "unchanged" compares: the hash of [`ResourceBody::write_json`]'s bytes.
+    fn content_hash(&self) -> u128 {
+        xxhash_rust::xxh3::xxh3_128(&self.to_json())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -378,23 +383,28 @@ fn index_keys(
     out
 }
 
-/// Hash of a resource's content as compared for "unchanged": without `meta.versionId`,
-/// `meta.lastUpdated` (and `meta` when nothing else is left in it).
+/// Hash of a resource's content as compared for "unchanged" ([`write_canonical`]).
 fn content_hash(v: &Value) -> u128 {
+    // Streamed into the hasher: the same digest as hashing the serialized bytes whole (stored
+    // hashes stay comparable), without building those bytes.
+    let mut h = HashWriter(xxhash_rust::xxh3::Xxh3::new());
+    write_canonical(v, &mut h);
+    h.0.digest128()
+}
+
+/// `v` as compared for "unchanged": without `meta.versionId`, `meta.lastUpdated` (and `meta`
+/// when nothing else is left in it).
+fn write_canonical(v: &Value, out: impl std::io::Write) {
     let meta = v.get("meta").and_then(Value::as_object);
     let normalise = meta.is_some_and(|m| {
         m.is_empty() || m.contains_key("versionId") || m.contains_key("lastUpdated")
     });
-    // Streamed into the hasher: the same digest as hashing the serialized bytes whole (stored
-    // hashes stay comparable), without building those bytes.
-    let mut h = HashWriter(xxhash_rust::xxh3::Xxh3::new());
     let written = if normalise {
-        serde_json::to_writer(&mut h, &without_meta_stamps(v))
+        serde_json::to_writer(out, &without_meta_stamps(v))
     } else {
-        serde_json::to_writer(&mut h, v)
+        serde_json::to_writer(out, v)
     };
     written.expect("a Value always serializes");
-    h.0.digest128()
 }
 
 struct HashWriter(xxhash_rust::xxh3::Xxh3);
@@ -505,18 +515,17 @@ fn plan_write(
         WriteOp::Upsert(given) => {
             // Bodies from `ResourceWrite::upsert` carry their type and id already; only others
             // are copied to set them.
-            Some(Body::Value(
-                if has_type_and_id(given, &w.resource_type, &w.id) {
-                    given
-                } else {
-                    let mut b = given.clone();
-                    set_type_and_id(&mut b, &w.resource_type, &w.id);
-                    with_type_and_id = b;
-                    &with_type_and_id
-                },
-            ))
+            let body: &dyn ResourceBody = if has_type_and_id(given, &w.resource_type, &w.id) {
+                given
+            } else {
+                let mut b = given.clone();
+                set_type_and_id(&mut b, &w.resource_type, &w.id);
+                with_type_and_id = b;
+                &with_type_and_id
+            };
+            Some(body)
         }
-        WriteOp::UpsertBody(b) => Some(Body::Own(b.as_ref())),
+        WriteOp::UpsertBody(b) => Some(b.as_ref()),
         WriteOp::Delete => None,
     };
     let (rtype, id) = (&w.resource_type, &w.id);
@@ -542,7 +551,7 @@ fn plan_write(
                 version: next_version,
                 last_updated: now,
                 deleted: false,
-                json: Bytes::from(body.stamped(next_version, now)),
+                json: Bytes::from(stamped(body, next_version, now)),
             };
             (stored, Some(body.index_fields(rtype, id)), Some(hash))
         }
@@ -640,48 +649,42 @@ fn plan_write(
     })
 }
 
-/// The body of an upsert, whichever way its producer handed it over.
-enum Body<'a> {
-    Value(&'a Value),
-    Own(&'a dyn ResourceBody),
-}
-
-impl Body<'_> {
-    fn content_hash(&self) -> u128 {
-        match self {
-            Body::Value(v) => content_hash(v),
-            Body::Own(b) => xxhash_rust::xxh3::xxh3_128(&b.to_json()),
-        }
+/// A `serde_json::Value` body (the API's writes): canonical JSON is serde_json's own, without
+/// any `meta` stamps the client sent; the hash streams into the hasher without building bytes.
+impl ResourceBody for Value {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        write_canonical(self, out);
     }
 
-    /// The stored JSON with `meta.versionId` and `meta.lastUpdated` stamped.
-    fn stamped(&self, version: u64, now: i64) -> Vec<u8> {
-        let version = version.to_string();
-        let last_updated = format_rfc3339_millis(now);
-        match self {
-            Body::Value(v) => match v.as_object() {
-                Some(obj) => serde_json::to_vec(&Stamped {
+    fn write_stamped(&self, out: &mut Vec<u8>, version: &str, last_updated: &str) {
+        let written = match self.as_object() {
+            Some(obj) => serde_json::to_writer(
+                out,
+                &Stamped {
                     body: obj,
-                    version: &version,
-                    last_updated: &last_updated,
-                }),
-                None => serde_json::to_vec(v),
-            }
-            .expect("a Value always serializes"),
-            Body::Own(b) => {
-                let mut out = Vec::with_capacity(1024);
-                b.write_stamped(&mut out, &version, &last_updated);
-                out
-            }
-        }
+                    version,
+                    last_updated,
+                },
+            ),
+            None => serde_json::to_writer(out, self),
+        };
+        written.expect("a Value always serializes");
     }
 
     fn index_fields(&self, rtype: &str, id: &str) -> IndexFields {
-        match self {
-            Body::Value(v) => IndexFields::of(rtype, id, *v),
-            Body::Own(b) => b.index_fields(rtype, id),
-        }
+        IndexFields::of(rtype, id, self)
     }
+
+    fn content_hash(&self) -> u128 {
+        content_hash(self)
+    }
+}
+
+/// The stored JSON of a new version: `meta.versionId` and `meta.lastUpdated` stamped.
+fn stamped(body: &dyn ResourceBody, version: u64, now: i64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    body.write_stamped(&mut out, &version.to_string(), &format_rfc3339_millis(now));
+    out
 }
 
 /// An outbox value; the sequence number is its key (readers take it from there).
