@@ -869,23 +869,10 @@ pub async fn audit_events(
             from_ms: from,
             to_ms: to,
         };
-        let indexed = log.query(&q, |e| {
+        log.query(&q, |e| {
             consider(&e);
             true
         })?;
-        if !indexed {
-            let mut after = 0u64;
-            loop {
-                let batch = log.read_after(after, 4096)?;
-                if batch.is_empty() {
-                    break;
-                }
-                for e in &batch {
-                    after = e.seq;
-                    consider(e);
-                }
-            }
-        }
         Ok((out, total))
     })
     .await

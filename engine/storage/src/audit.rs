@@ -2,39 +2,40 @@
 //!
 //! Each entry stores `{"seq":n,"prev":"<hex sha256 of entry n-1>","body":{…}}`; its own hash is the
 //! SHA-256 of those stored bytes. The newest sequence number and hash are also kept apart (the
-//! chain head), updated in the same atomic write. Editing any entry breaks the next entry's `prev`
-//! (or the head), deleting one leaves a gap, and reordering breaks both — `verify` names the first
-//! bad record. Entries are durable before `append` returns, sharing fsyncs with other writes.
+//! chain head). Editing any entry breaks the next entry's `prev` (or the head), deleting one
+//! leaves a gap, and reordering breaks both — `verify` names the first bad record. Entries are
+//! durable before `append` returns, sharing fsyncs with the other appends of their group.
 //!
-//! **Indexes.** The same write that appends an entry adds it to two index keyspaces — (tenant,
-//! patient, time) and (tenant, time) — so an audit report for one patient or one time window
-//! reads only the matching records ([`AuditLog::query`]).
+//! Entries live in the log's own append-only segment files ([`crate::audit_files`]), not in
+//! the fjall store; an older data directory's entries are moved there once.
 //!
-//! **Retention.** [`AuditLog::prune_before`] deletes the oldest records (and their index
-//! entries) and, in the same atomic write, stores the *anchor* — the sequence number and hash of
-//! the last pruned record — and appends a chained `audit-retention` record naming that anchor.
-//! `verify` then starts from the anchor: the first kept record must chain to it, and the newest
-//! `audit-retention` record must attest it, so moving the anchor to hide deleted records, or
-//! editing it, is detected like any other edit. A segment whose chain is already broken is never
-//! pruned (the evidence stays).
+//! **Indexes.** Each group's records are added to two index keyspaces — (tenant, patient, time)
+//! and (tenant, time), the value being the record's place in its segment — so an audit report
+//! for one patient or one time window reads only the matching records ([`AuditLog::query`]).
+//!
+//! **Retention.** [`AuditLog::prune_before`] deletes whole segments whose records are all older
+//! than the cut-off (it seals the current segment first when that one is wholly due). It first
+//! appends a chained `audit-retention` record naming the *anchor* — the sequence number and hash
+//! of the last pruned record — then stores the anchor and deletes the files. `verify` starts from
+//! the anchor: the first kept record must chain to it, and the newest `audit-retention` record
+//! must attest it, so moving the anchor to hide deleted records, or editing it, is detected like
+//! any other edit. A segment whose chain is already broken is never pruned (the evidence stays).
 
+use crate::audit_files::{self as files, AuditWriter};
 use crate::db::{Db, Table};
 use crate::keys;
 use crate::{Result, StorageError};
-use fjall::Readable;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
 
-const HEAD_KEY: &[u8] = b"audit_head";
-/// seq (u64 BE) + SHA-256 of the last pruned record.
-const ANCHOR_KEY: &[u8] = b"audit_anchor";
-/// Present once every record is in the index keyspaces (new logs, or after [`AuditLog::ensure_index`]).
-const INDEXED_KEY: &[u8] = b"audit_indexed_v1";
+/// Meta keys of the fjall-held log of earlier versions (moved to segments once).
+const OLD_HEAD_KEY: &[u8] = b"audit_head";
+const OLD_ANCHOR_KEY: &[u8] = b"audit_anchor";
+const OLD_INDEXED_KEY: &[u8] = b"audit_indexed_v1";
 /// Body `kind` of the record that retention appends.
 pub const RETENTION_KIND: &str = "audit-retention";
-/// Most records deleted by one write batch of [`AuditLog::prune_before`].
-const PRUNE_BATCH: usize = 20_000;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -69,34 +70,6 @@ pub struct AuditAnchor {
     pub hash: [u8; 32],
 }
 
-impl AuditAnchor {
-    fn encode(&self) -> Vec<u8> {
-        let mut v = keys::u64_be(self.seq).to_vec();
-        v.extend_from_slice(&self.hash);
-        v
-    }
-
-    fn decode(v: &[u8]) -> Option<Self> {
-        Some(Self {
-            seq: keys::read_u64(v)?,
-            hash: v.get(8..40)?.try_into().ok()?,
-        })
-    }
-}
-
-pub(crate) fn read_anchor(tables: &crate::db::Tables) -> Result<Option<AuditAnchor>> {
-    decode_anchor(tables.get(Table::Meta).get(ANCHOR_KEY)?)
-}
-
-fn decode_anchor(raw: Option<fjall::Slice>) -> Result<Option<AuditAnchor>> {
-    match raw {
-        None => Ok(None),
-        Some(v) => AuditAnchor::decode(&v)
-            .map(Some)
-            .ok_or_else(|| StorageError::corrupt("audit anchor", "not seq + sha256")),
-    }
-}
-
 /// What one retention run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditPruneStats {
@@ -115,12 +88,8 @@ pub fn record_time(body: &Value) -> Option<i64> {
     })
 }
 
-fn index_keys(seq: u64, body: &Value) -> (Vec<u8>, Option<Vec<u8>>) {
-    IndexPrefixes::of(body).keys(seq)
-}
-
 /// The index keys of a record without their `seq` suffix: computed before the record reaches
-/// the committer, which only knows the sequence number.
+/// the writer, which only knows the sequence number.
 struct IndexPrefixes {
     by_time: Vec<u8>,
     by_patient: Option<Vec<u8>>,
@@ -150,30 +119,21 @@ impl IndexPrefixes {
         }
     }
 
-    fn keys(mut self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    fn keys(&self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
         let seq = keys::u64_be(seq);
-        self.by_time.extend_from_slice(&seq);
-        if let Some(k) = self.by_patient.as_mut() {
+        let mut by_time = self.by_time.clone();
+        by_time.extend_from_slice(&seq);
+        let by_patient = self.by_patient.as_ref().map(|k| {
+            let mut k = k.clone();
             k.extend_from_slice(&seq);
-        }
-        (self.by_time, self.by_patient)
+            k
+        });
+        (by_time, by_patient)
     }
 }
 
-fn put_index_keys(txn: &mut crate::committer::Txn<'_>, keys: (Vec<u8>, Option<Vec<u8>>)) {
-    let (by_time, by_patient) = keys;
-    txn.put(Table::AuditIdxTime, by_time, Vec::new());
-    if let Some(k) = by_patient {
-        txn.put(Table::AuditIdxPatient, k, Vec::new());
-    }
-}
-
-fn put_index(txn: &mut crate::committer::Txn<'_>, seq: u64, body: &Value) {
-    put_index_keys(txn, index_keys(seq, body));
-}
-
-/// A record serialized and indexed outside the committer thread, so the serial part of an
-/// append is only the chain link: sequence number, `prev`, hash and the puts.
+/// A record serialized and indexed outside the writer thread, so the serial part of an
+/// append is only the chain link: sequence number, `prev` and hash.
 pub struct PreparedRecord {
     body: Vec<u8>,
     index: IndexPrefixes,
@@ -204,7 +164,7 @@ impl PreparedRecord {
     }
 
     /// The stored bytes: exactly `serde_json::to_vec(&AuditEntry { seq, prev, body })`.
-    fn entry_bytes(&self, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
+    pub(crate) fn entry_bytes(&self, seq: u64, prev: &[u8; 32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 100);
         out.extend_from_slice(b"{\"seq\":");
         out.extend_from_slice(seq.to_string().as_bytes());
@@ -216,23 +176,12 @@ impl PreparedRecord {
         out
     }
 
-    /// Appends this record to the chain inside a committer job; returns its sequence number.
-    fn link(self, txn: &mut crate::committer::Txn<'_>) -> Result<u64> {
-        let seq = txn.counters.audit_seq + 1;
-        let bytes = self.entry_bytes(seq, &txn.counters.audit_head);
-        let hash = entry_hash(&bytes)?;
-        put_index_keys(txn, self.index.keys(seq));
-        if seq == 1 {
-            // A new log: every record will be indexed from the start.
-            txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
-        }
-        txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
-        let mut head = keys::u64_be(seq).to_vec();
-        head.extend_from_slice(&hash);
-        txn.put(Table::Meta, HEAD_KEY.to_vec(), head);
-        txn.counters.audit_seq = seq;
-        txn.counters.audit_head = hash;
-        Ok(seq)
+    pub(crate) fn index_keys(&self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+        self.index.keys(seq)
+    }
+
+    pub(crate) fn index_keys_of(body: &Value, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+        IndexPrefixes::of(body).keys(seq)
     }
 }
 
@@ -250,9 +199,29 @@ pub struct AuditLog {
     db: Db,
 }
 
+fn parse_entry(line: &[u8]) -> Result<AuditEntry> {
+    serde_json::from_slice(line).map_err(|e| StorageError::corrupt("audit", e))
+}
+
 impl AuditLog {
     pub fn new(db: Db) -> Self {
         Self { db }
+    }
+
+    /// Opens the log's files now rather than at first use: moves an older data directory's
+    /// records over, checks the tail against the head and catches the index up.
+    pub fn open(&self) -> Result<()> {
+        self.writer().map(|_| ())
+    }
+
+    fn writer(&self) -> Result<&AuditWriter> {
+        self.db.audit_writer()
+    }
+
+    /// Readers need the files, not the writer: `verify` must name a tail cut off even though
+    /// the writer refuses to open over it.
+    fn dir(&self) -> Result<PathBuf> {
+        Ok(self.db.audit_dir()?.to_path_buf())
     }
 
     /// Appends records in order; resolves once they are durable. Returns their sequence numbers.
@@ -264,24 +233,44 @@ impl AuditLog {
 
     /// [`append`](Self::append) for records already serialized ([`PreparedRecord::serialized`]).
     pub async fn append_prepared(&self, records: Vec<PreparedRecord>) -> Result<Vec<u64>> {
-        self.db
-            .committer()
-            .run(move |txn| records.into_iter().map(|r| r.link(txn)).collect())
-            .await
+        self.writer()?.append(records).await
+    }
+
+    /// Calls `f` with every entry whose `seq > after`, oldest first, streaming through the
+    /// segments; `f` returns `false` to stop.
+    pub fn for_each_after(&self, after: u64, mut f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
+        let dir = self.dir()?;
+        let anchor = files::read_anchor(&dir)?;
+        let segments = files::live_segments(&dir, anchor)?;
+        let start = segments
+            .partition_point(|(first, _)| *first <= after.saturating_add(1))
+            .saturating_sub(1);
+        for (_, path) in &segments[start..] {
+            let go_on = files::for_each_line(path, anchor.map_or(0, |a| a.seq), |_, line| {
+                if files::line_seq(line).is_some_and(|s| s <= after) {
+                    return Ok(true);
+                }
+                Ok(f(parse_entry(line)?))
+            });
+            match go_on {
+                Ok(true) => {}
+                Ok(false) => break,
+                // Pruned while reading: its records are gone, the next segment goes on.
+                Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Entries with `seq > after`, oldest first.
     pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .range(Table::Audit, keys::u64_be(after.saturating_add(1))..)
-        {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, v) = item.into_inner()?;
-            out.push(serde_json::from_slice(&v).map_err(|e| StorageError::corrupt("audit", e))?);
+        if limit > 0 {
+            self.for_each_after(after, |e| {
+                out.push(e);
+                out.len() < limit
+            })?;
         }
         Ok(out)
     }
@@ -292,317 +281,95 @@ impl AuditLog {
     /// a failure seen while the chain head or anchor moved is re-checked (a few times) before it
     /// is reported, so only a break that stays put is named.
     pub fn verify(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
-        let meta = |k: &[u8]| -> Result<Option<Vec<u8>>> {
-            Ok(self
-                .db
-                .tables()
-                .get(Table::Meta)
-                .get(k)?
-                .map(|v| v.to_vec()))
-        };
+        let dir = self.dir()?;
         let mut attempt = 0;
         loop {
-            let before = (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?);
-            let result = self.verify_once()?;
+            let before = (files::read_head(&dir)?, files::read_anchor(&dir)?);
+            let indexed = files::indexed_through(self.db.tables())?;
+            let result = match verify_once(&dir, indexed) {
+                Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(AuditVerifyError {
+                        seq: 0,
+                        reason: "a segment file disappeared while reading".into(),
+                    })
+                }
+                other => other?,
+            };
             attempt += 1;
-            if result.is_ok() || attempt >= 5 || before == (meta(HEAD_KEY)?, meta(ANCHOR_KEY)?) {
+            let after = (files::read_head(&dir)?, files::read_anchor(&dir)?);
+            if result.is_ok() || attempt >= 5 || before == after {
                 return Ok(result);
             }
         }
     }
 
-    fn verify_once(&self) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
-        // One snapshot for every read: a plain point read also sees a group commit that is
-        // still being applied, an iterator does not, and mixing them reported false breaks.
-        let snap = self.db.snapshot();
-        let meta = self.db.tables().get(Table::Meta);
-        let head0 = snap.get(meta, HEAD_KEY)?;
-        let anchor = decode_anchor(snap.get(meta, ANCHOR_KEY)?)?;
-        let start = anchor.map_or(0, |a| a.seq);
-        let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
-        let mut count = 0u64;
-        // (seq, pruned_through, anchor_hash) of the newest retention record seen.
-        let mut attested: Option<(u64, u64, String)> = None;
-        let bad = |seq, reason: &str| {
-            Ok(Err(AuditVerifyError {
-                seq,
-                reason: reason.to_string(),
-            }))
-        };
-        for (expected_seq, item) in (start + 1..).zip(snap.iter(self.db.tables().get(Table::Audit)))
-        {
-            let (k, v) = item.into_inner()?;
-            let key_seq = keys::read_u64(&k).unwrap_or(0);
-            let entry: AuditEntry = match serde_json::from_slice(&v) {
-                Ok(e) => e,
-                Err(_) => return bad(key_seq, "record is not valid JSON (edited?)"),
-            };
-            if key_seq != expected_seq {
-                return bad(
-                    expected_seq,
-                    &format!("record missing (next present is {key_seq})"),
-                );
-            }
-            if entry.seq != key_seq {
-                return bad(
-                    key_seq,
-                    &format!("record claims sequence {} (moved?)", entry.seq),
-                );
-            }
-            if entry.prev != hex::encode(prev) {
-                return bad(
-                    key_seq,
-                    "previous-hash mismatch (this or the record before was edited)",
-                );
-            }
-            if entry.body.get("kind").and_then(Value::as_str) == Some(RETENTION_KIND) {
-                let through = entry.body.get("pruned_through").and_then(Value::as_u64);
-                let hash = entry.body.get("anchor_hash").and_then(Value::as_str);
-                attested = Some((
-                    key_seq,
-                    through.unwrap_or(0),
-                    hash.unwrap_or("").to_string(),
-                ));
-            }
-            prev = entry_hash(&v)?;
-            count += 1;
-        }
-        let last = start + count;
-        // The anchor must be the one the newest retention record (inside the chain) names;
-        // otherwise records were removed from the front and the anchor moved to hide it.
-        match (&anchor, &attested) {
-            (None, None) => {}
-            (None, Some((seq, _, _))) => {
-                return bad(
-                    *seq,
-                    "retention record present but the chain anchor is missing",
-                )
-            }
-            (Some(a), None) => {
-                // The retention record that would say where pruning really stopped is gone too:
-                // the anchor's own record is the latest one whose removal is unaccounted for.
-                return bad(
-                    a.seq,
-                    "chain anchor is not attested by any retention record: records up to here may have been removed",
-                );
-            }
-            (Some(a), Some((seq, through, hash))) => {
-                if *through != a.seq || *hash != hex::encode(a.hash) {
-                    return bad(
-                        through.min(&a.seq) + 1,
-                        &format!(
-                            "chain anchor (record {}) differs from the one retention record {seq} names (record {through}): anchor edited or records removed",
-                            a.seq
-                        ),
-                    );
-                }
-            }
-        }
-        // The head before the walk bounds what must be there; the head after it bounds what may
-        // be there (records appended meanwhile). A stopped server has one head for both.
-        let parse = |h: Option<fjall::Slice>| {
-            h.map(|h| {
-                (
-                    keys::read_u64(&h).unwrap_or(0),
-                    h.get(8..).map(<[u8]>::to_vec),
-                )
-            })
-        };
-        let (seq0, hash0) = parse(head0).unwrap_or((0, None));
-        let Some((seq1, hash1)) = parse(snap.get(meta, HEAD_KEY)?) else {
-            if last == 0 {
-                return Ok(Ok(AuditVerifyReport {
-                    entries: 0,
-                    head_seq: 0,
-                    head_hash: hex::encode(prev),
-                }));
-            }
-            return bad(last, "chain head is missing");
-        };
-        if last < seq0 || last > seq1 {
-            let head_seq = if last < seq0 { seq0 } else { seq1 };
-            return bad(
-                last.min(head_seq) + 1,
-                &format!("chain head says {head_seq} records, found {last} (truncated?)"),
-            );
-        }
-        let head_hash = if last == seq1 {
-            Some(hash1)
-        } else if last == seq0 {
-            Some(hash0)
-        } else {
-            None // appended while walking: the chain itself was checked up to `last`
-        };
-        if let Some(h) = head_hash {
-            if h.as_deref() != Some(&prev[..]) {
-                return bad(last, "last record does not match the chain head (edited?)");
-            }
-        }
-        Ok(Ok(AuditVerifyReport {
-            entries: count,
-            head_seq: last,
-            head_hash: hex::encode(prev),
-        }))
-    }
-
     /// The retention anchor, if records were ever pruned.
     pub fn anchor(&self) -> Result<Option<AuditAnchor>> {
-        read_anchor(self.db.tables())
+        files::read_anchor(&self.dir()?)
     }
 
     /// Deletes the oldest records whose time is before `cutoff_ms` (stopping at the first newer
-    /// one, so the kept chain stays contiguous), with their index entries; stores the anchor and
-    /// appends an `audit-retention` record in the same atomic write. Refuses (error) to prune a
-    /// segment whose chain does not verify. Runs in batches; returns once all are durable.
+    /// one, so the kept chain stays contiguous) with their index entries: segments wholly due are
+    /// deleted, the due front of the next one is overwritten with zeros. The chained
+    /// `audit-retention` record naming the new anchor is appended first, then the anchor is
+    /// stored, then the records go. Refuses (error) to prune records whose chain does not
+    /// verify. Returns once all of it is durable.
     pub async fn prune_before(&self, cutoff_ms: i64, now_ms: i64) -> Result<AuditPruneStats> {
-        let mut stats = AuditPruneStats::default();
-        loop {
-            let this = self.clone();
-            let plan = tokio::task::spawn_blocking(move || this.plan_prune(cutoff_ms))
-                .await
-                .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))??;
-            let Some(plan) = plan else { break };
-            let n = plan.seqs.len() as u64;
-            let anchor = self
-                .db
-                .committer()
-                .run(move |txn| {
-                    // Pruning starts right after the stored anchor, or nothing was planned right.
-                    let current = txn
-                        .get(Table::Meta, ANCHOR_KEY)?
-                        .and_then(|v| AuditAnchor::decode(&v))
-                        .map_or(0, |a| a.seq);
-                    if plan.seqs.first() != Some(&(current + 1)) {
-                        return Err(StorageError::corrupt(
-                            "audit retention",
-                            "the chain changed while pruning; try again",
-                        ));
-                    }
-                    for (seq, idx) in plan.seqs.iter().zip(plan.index_keys) {
-                        txn.delete(Table::Audit, keys::u64_be(*seq).to_vec());
-                        txn.delete(Table::AuditIdxTime, idx.0);
-                        if let Some(k) = idx.1 {
-                            txn.delete(Table::AuditIdxPatient, k);
-                        }
-                    }
-                    txn.put(Table::Meta, ANCHOR_KEY.to_vec(), plan.anchor.encode());
-                    // The retention record attests the anchor inside the chain itself.
-                    PreparedRecord::new(&serde_json::json!({
-                        "kind": RETENTION_KIND,
-                        "time": now_ms,
-                        "cutoff": cutoff_ms,
-                        "pruned": plan.seqs.len(),
-                        "pruned_through": plan.anchor.seq,
-                        "anchor_hash": hex::encode(plan.anchor.hash),
-                    }))
-                    .link(txn)?;
-                    Ok(plan.anchor.seq)
-                })
-                .await?;
-            stats.pruned += n;
-            stats.anchor = Some(anchor);
-            if n < PRUNE_BATCH as u64 {
-                break;
-            }
-        }
-        Ok(stats)
-    }
-
-    /// The next batch to prune, checked link by link from the anchor; `None` when nothing is due.
-    fn plan_prune(&self, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
-        let anchor = read_anchor(self.db.tables())?;
-        let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
-        let mut expected = anchor.map_or(1, |a| a.seq + 1);
-        let mut seqs = Vec::new();
-        let mut index = Vec::new();
-        let mut last_time: Option<i64> = None;
-        let broken = |seq: u64| {
-            StorageError::corrupt(
-                "audit retention",
-                format!("chain does not verify at record {seq}; nothing pruned (run `tributary audit verify`)"),
-            )
+        let _one_at_a_time = self.db.audit_prune_lock().lock().await;
+        let dir = self.dir()?;
+        let plan = {
+            let dir = dir.clone();
+            blocking(move || plan_prune(&dir, cutoff_ms)).await?
         };
-        for item in self.db.tables().get(Table::Audit).iter() {
-            let (k, v) = item.into_inner()?;
-            let seq = keys::read_u64(&k).unwrap_or(0);
-            let entry: AuditEntry = serde_json::from_slice(&v).map_err(|_| broken(seq))?;
-            if seq != expected || entry.seq != seq || entry.prev != hex::encode(prev) {
-                return Err(broken(expected.min(seq)));
+        let Some(plan) = plan else {
+            return Ok(AuditPruneStats::default());
+        };
+        let n = plan.pruned;
+        // The retention record attests the anchor inside the chain itself.
+        self.append(vec![serde_json::json!({
+            "kind": RETENTION_KIND,
+            "time": now_ms,
+            "cutoff": cutoff_ms,
+            "pruned": n,
+            "pruned_through": plan.anchor.seq,
+            "anchor_hash": hex::encode(plan.anchor.hash),
+        })])
+        .await?;
+        let db = self.db.clone();
+        blocking(move || {
+            files::write_anchor(&dir, plan.anchor)?;
+            let tables = db.tables();
+            let mut batch = db.fjall_batch();
+            for (by_time, by_patient) in &plan.index_keys {
+                batch.remove(tables.get(Table::AuditIdxTime), by_time.clone());
+                if let Some(k) = by_patient {
+                    batch.remove(tables.get(Table::AuditIdxPatient), k.clone());
+                }
             }
-            // A record without a time of its own is as old as the one before it.
-            let t = record_time(&entry.body).or(last_time);
-            let due = t.is_some_and(|t| t < cutoff_ms);
-            if !due || seqs.len() >= PRUNE_BATCH {
-                break;
+            batch
+                .durability(None)
+                .commit()
+                .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?;
+            for path in &plan.files {
+                std::fs::remove_file(path)?;
             }
-            last_time = t;
-            seqs.push(seq);
-            index.push(index_keys(seq, &entry.body));
-            prev = entry_hash(&v)?;
-            expected = seq + 1;
-        }
-        if seqs.is_empty() {
-            return Ok(None);
-        }
-        let last = *seqs.last().expect("not empty");
-        Ok(Some(PrunePlan {
-            seqs,
-            index_keys: index,
-            anchor: AuditAnchor {
-                seq: last,
-                hash: prev,
-            },
-        }))
-    }
-
-    /// Indexes records written before the index keyspaces existed (once per data directory).
-    pub async fn ensure_index(&self) -> Result<u64> {
-        if self
-            .db
-            .tables()
-            .get(Table::Meta)
-            .get(INDEXED_KEY)?
-            .is_some()
-        {
-            return Ok(0);
-        }
-        let mut after = 0;
-        let mut done = 0u64;
-        loop {
-            let batch = self.read_after(after, 4096)?;
-            let Some(last) = batch.last().map(|e| e.seq) else {
-                break;
-            };
-            after = last;
-            done += batch.len() as u64;
-            self.db
-                .committer()
-                .run(move |txn| {
-                    for e in &batch {
-                        put_index(txn, e.seq, &e.body);
-                    }
-                    Ok(())
-                })
-                .await?;
-        }
-        self.db
-            .committer()
-            .run(|txn| {
-                txn.put(Table::Meta, INDEXED_KEY.to_vec(), Vec::new());
-                Ok(())
-            })
-            .await?;
-        Ok(done)
+            if let Some((path, end)) = &plan.zero {
+                files::zero_prefix(path, *end)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(AuditPruneStats {
+            pruned: n,
+            anchor: Some(plan.anchor.seq),
+        })
     }
 
     /// Records of one tenant (optionally one patient) in `[from_ms, to_ms)`, in time order,
-    /// read through the index: `f` gets each and returns `false` to stop. `Ok(false)` when the
-    /// index is not built yet (see [`AuditLog::ensure_index`]); the caller then scans.
-    pub fn query(&self, q: &AuditQuery, mut f: impl FnMut(AuditEntry) -> bool) -> Result<bool> {
+    /// read through the index: `f` gets each and returns `false` to stop.
+    pub fn query(&self, q: &AuditQuery, mut f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
+        let dir = self.dir()?;
         let tables = self.db.tables();
-        if tables.get(Table::Meta).get(INDEXED_KEY)?.is_none() {
-            return Ok(false);
-        }
         let (table, prefix) = match &q.patient {
             Some(p) => (
                 Table::AuditIdxPatient,
@@ -621,65 +388,403 @@ impl AuditLog {
             hi = prefix.clone();
             hi.extend_from_slice(&[0xff; 17]);
         }
+        let segments = files::list_segments(&dir)?;
+        let mut open: Option<(u64, std::fs::File)> = None;
         for item in tables.get(table).range(bound(q.from_ms)..hi) {
-            let k = item.key()?;
-            let Some(seq) = k.get(prefix.len() + 8..).and_then(keys::read_u64) else {
+            let (k, v) = item.into_inner()?;
+            let (Some(seq), Some(offset)) = (
+                k.get(prefix.len() + 8..).and_then(keys::read_u64),
+                keys::read_u64(&v),
+            ) else {
                 continue;
             };
-            let Some(v) = tables.get(Table::Audit).get(keys::u64_be(seq))? else {
-                continue; // pruned meanwhile
+            let i = segments.partition_point(|(first, _)| *first <= seq);
+            let Some((first, path)) = i.checked_sub(1).map(|i| &segments[i]) else {
+                continue; // pruned
             };
-            let entry: AuditEntry =
-                serde_json::from_slice(&v).map_err(|e| StorageError::corrupt("audit", e))?;
-            if !f(entry) {
+            if open.as_ref().map(|(f, _)| *f) != Some(*first) {
+                match std::fs::File::open(path) {
+                    Ok(file) => open = Some((*first, file)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let file = &open.as_ref().expect("opened above").1;
+            let Some(line) = files::line_at(file, offset)? else {
+                continue;
+            };
+            // A record moved by hand is not what the index points to; verify names it.
+            if files::line_seq(&line) != Some(seq) {
+                continue;
+            }
+            if !f(parse_entry(&line)?) {
                 break;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Test and forensics hook: overwrite or delete a raw record, bypassing the chain.
     #[doc(hidden)]
     pub async fn tamper_raw(&self, seq: u64, replacement: Option<Vec<u8>>) -> Result<()> {
-        self.db
-            .committer()
-            .run(move |txn| {
-                let key = keys::u64_be(seq).to_vec();
-                match replacement {
-                    Some(v) => txn.put(Table::Audit, key, v),
-                    None => txn.delete(Table::Audit, key),
-                }
-                Ok(())
-            })
-            .await
+        self.writer()?.tamper(seq, replacement).await
     }
 
     /// Test and forensics hook: overwrite the retention anchor, bypassing the chain.
     #[doc(hidden)]
     pub async fn tamper_anchor(&self, anchor: AuditAnchor) -> Result<()> {
-        self.db
-            .committer()
-            .run(move |txn| {
-                txn.put(Table::Meta, ANCHOR_KEY.to_vec(), anchor.encode());
-                Ok(())
-            })
-            .await
+        files::write_anchor(&self.dir()?, anchor)
     }
 
+    /// The stored bytes of a record, if present.
     pub fn raw(&self, seq: u64) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .tables()
-            .get(Table::Audit)
-            .get(keys::u64_be(seq))?
-            .map(|v| v.to_vec()))
+        let dir = self.dir()?;
+        let mut found = None;
+        let anchor = files::read_anchor(&dir)?;
+        for (_, path) in files::live_segments(&dir, anchor)? {
+            files::for_each_line(&path, anchor.map_or(0, |a| a.seq), |_, line| {
+                if files::line_seq(line) == Some(seq) {
+                    found = Some(line.to_vec());
+                    return Ok(false);
+                }
+                Ok(true)
+            })?;
+            if found.is_some() {
+                break;
+            }
+        }
+        Ok(found)
     }
 }
 
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'static) -> Result<R> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?
+}
+
+/// `indexed`: the index's high-water mark, a second witness of how long the log was.
+fn verify_once(
+    dir: &Path,
+    indexed: u64,
+) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+    let head0 = files::read_head(dir)?;
+    let anchor = files::read_anchor(dir)?;
+    let start = anchor.map_or(0, |a| a.seq);
+    let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
+    let mut count = 0u64;
+    let mut expected = start + 1;
+    // (seq, pruned_through, anchor_hash) of the newest retention record seen.
+    let mut attested: Option<(u64, u64, String)> = None;
+    let mut bad: Option<AuditVerifyError> = None;
+    let fail = |seq, reason: String| Some(AuditVerifyError { seq, reason });
+    for (_, path) in files::live_segments(dir, anchor)? {
+        files::for_each_line(&path, start, |_, line| {
+            let entry: AuditEntry = match serde_json::from_slice(line) {
+                Ok(e) => e,
+                Err(_) => {
+                    bad = fail(expected, "record is not valid JSON (edited?)".into());
+                    return Ok(false);
+                }
+            };
+            if entry.seq > expected {
+                bad = fail(
+                    expected,
+                    format!("record missing (next present is {})", entry.seq),
+                );
+                return Ok(false);
+            }
+            if entry.seq != expected {
+                bad = fail(
+                    expected,
+                    format!(
+                        "record {} found where {expected} belongs (moved?)",
+                        entry.seq
+                    ),
+                );
+                return Ok(false);
+            }
+            if entry.prev != hex::encode(prev) {
+                bad = fail(
+                    expected,
+                    "previous-hash mismatch (this or the record before was edited)".into(),
+                );
+                return Ok(false);
+            }
+            if entry.body.get("kind").and_then(Value::as_str) == Some(RETENTION_KIND) {
+                let through = entry.body.get("pruned_through").and_then(Value::as_u64);
+                let hash = entry.body.get("anchor_hash").and_then(Value::as_str);
+                attested = Some((
+                    expected,
+                    through.unwrap_or(0),
+                    hash.unwrap_or("").to_string(),
+                ));
+            }
+            prev = entry_hash(line)?;
+            count += 1;
+            expected += 1;
+            Ok(true)
+        })?;
+        if bad.is_some() {
+            break;
+        }
+    }
+    if let Some(b) = bad {
+        return Ok(Err(b));
+    }
+    let bad = |seq, reason: &str| {
+        Ok(Err(AuditVerifyError {
+            seq,
+            reason: reason.to_string(),
+        }))
+    };
+    let last = start + count;
+    // The anchor must be the one the newest retention record (inside the chain) names, or —
+    // a prune interrupted between its retention record and its anchor — a record still
+    // present with the attested hash; otherwise records were removed from the front and the
+    // anchor moved to hide it.
+    let pending = |through: u64, hash: &str| -> Result<bool> {
+        if through <= start || through >= last {
+            return Ok(false);
+        }
+        // Rare (a crash mid-prune), so the record is looked up by a second walk.
+        let mut found = false;
+        for (_, path) in files::live_segments(dir, anchor)? {
+            files::for_each_line(&path, start, |_, line| {
+                if files::line_seq(line) == Some(through) {
+                    found = hex::encode(entry_hash(line)?) == hash;
+                    return Ok(false);
+                }
+                Ok(true)
+            })?;
+        }
+        Ok(found)
+    };
+    match (&anchor, &attested) {
+        (None, None) => {}
+        (None, Some((seq, through, hash))) => {
+            if !pending(*through, hash)? {
+                return bad(
+                    *seq,
+                    "retention record present but the chain anchor is missing",
+                );
+            }
+        }
+        (Some(a), None) => {
+            // The retention record that would say where pruning really stopped is gone too:
+            // the anchor's own record is the latest one whose removal is unaccounted for.
+            return bad(
+                a.seq,
+                "chain anchor is not attested by any retention record: records up to here may have been removed",
+            );
+        }
+        (Some(a), Some((seq, through, hash))) => {
+            let stored = *through == a.seq && *hash == hex::encode(a.hash);
+            if !(stored || *through > a.seq && pending(*through, hash)?) {
+                return bad(
+                    through.min(&a.seq) + 1,
+                    &format!(
+                        "chain anchor (record {}) differs from the one retention record {seq} names (record {through}): anchor edited or records removed",
+                        a.seq
+                    ),
+                );
+            }
+        }
+    }
+    if last < indexed {
+        return bad(
+            last + 1,
+            &format!(
+                "the index lists records up to {indexed}, the log ends at {last} (truncated?)"
+            ),
+        );
+    }
+    // The head before the walk bounds what must be there: it is written only after its records
+    // are durable. A stopped server has one head for before and after.
+    let (seq0, hash0) = head0.map_or((0, None), |h| (h.seq, Some(h.hash)));
+    let Some(head1) = files::read_head(dir)? else {
+        if last == 0 {
+            return Ok(Ok(AuditVerifyReport {
+                entries: 0,
+                head_seq: 0,
+                head_hash: hex::encode(prev),
+            }));
+        }
+        return bad(last, "chain head is missing");
+    };
+    // Records past the head are appends whose head update the walk outran.
+    if last < seq0 {
+        return bad(
+            last + 1,
+            &format!("chain head says {seq0} records, found {last} (truncated?)"),
+        );
+    }
+    let head_hash = if last == head1.seq {
+        Some(head1.hash)
+    } else if last == seq0 {
+        hash0
+    } else {
+        None // appended while walking: the chain itself was checked up to `last`
+    };
+    if let Some(h) = head_hash {
+        if h != prev {
+            return bad(last, "last record does not match the chain head (edited?)");
+        }
+    }
+    Ok(Ok(AuditVerifyReport {
+        entries: count,
+        head_seq: last,
+        head_hash: hex::encode(prev),
+    }))
+}
+
 struct PrunePlan {
-    seqs: Vec<u64>,
+    pruned: u64,
+    /// Segments wholly due.
+    files: Vec<PathBuf>,
+    /// The segment after them, when its front is due: bytes `[0, end)` to zero.
+    zero: Option<(PathBuf, u64)>,
     index_keys: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     anchor: AuditAnchor,
+}
+
+/// The records to prune, checked link by link from the anchor; `None` when none is due.
+fn plan_prune(dir: &Path, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
+    let anchor = files::read_anchor(dir)?;
+    let floor = anchor.map_or(0, |a| a.seq);
+    let segments = files::live_segments(dir, anchor)?;
+    let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
+    let mut expected = floor + 1;
+    let mut last_time: Option<i64> = None;
+    let mut plan = PrunePlan {
+        pruned: 0,
+        files: Vec::new(),
+        zero: None,
+        index_keys: Vec::new(),
+        anchor: AuditAnchor {
+            seq: floor,
+            hash: prev,
+        },
+    };
+    let broken = |seq: u64| {
+        StorageError::corrupt(
+            "audit retention",
+            format!("chain does not verify at record {seq}; nothing pruned (run `tributary audit verify`)"),
+        )
+    };
+    for (i, (_, path)) in segments.iter().enumerate() {
+        let mut due_end = None;
+        let whole = files::for_each_line(path, floor, |offset, line| {
+            let entry: AuditEntry = serde_json::from_slice(line).map_err(|_| broken(expected))?;
+            if entry.seq != expected || entry.prev != hex::encode(prev) {
+                return Err(broken(expected));
+            }
+            // A record without a time of its own is as old as the one before it.
+            let t = record_time(&entry.body).or(last_time);
+            if t.is_none_or(|t| t >= cutoff_ms) {
+                return Ok(false);
+            }
+            last_time = t;
+            plan.index_keys
+                .push(PreparedRecord::index_keys_of(&entry.body, entry.seq));
+            prev = entry_hash(line)?;
+            expected += 1;
+            due_end = Some(offset + line.len() as u64 + 1);
+            Ok(true)
+        })?;
+        // The newest segment is the one being written: never deleted, only zeroed.
+        if whole && i + 1 < segments.len() {
+            plan.files.push(path.clone());
+        } else {
+            plan.zero = due_end.map(|end| (path.clone(), end));
+            break;
+        }
+    }
+    plan.pruned = expected - 1 - floor;
+    plan.anchor = AuditAnchor {
+        seq: expected - 1,
+        hash: prev,
+    };
+    Ok((plan.pruned > 0).then_some(plan))
+}
+
+/// Moves the entries of a data directory written before segments (fjall keyspace `audit`)
+/// into a first segment, with their head and anchor, and clears the old keyspaces; the index
+/// is then rebuilt from the segment. Runs once, when the segment directory has no segment.
+pub(crate) fn migrate_from_keyspace(
+    dir: &Path,
+    db: &fjall::Database,
+    tables: &crate::db::Tables,
+) -> Result<()> {
+    use std::io::Write;
+    let audit = tables.get(Table::Audit);
+    let Some(first) = audit.first_key_value() else {
+        // Every record pruned in the old layout: only the anchor carries over.
+        if let Some(v) = tables.get(Table::Meta).get(OLD_ANCHOR_KEY)? {
+            if let Some(a) = decode_old_pair(&v) {
+                files::write_anchor(dir, a)?;
+            }
+        }
+        return Ok(());
+    };
+    let first_seq = keys::read_u64(&first.key()?).unwrap_or(1);
+    let tmp = dir.join("migrating.tmp");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    let mut n = 0u64;
+    for item in audit.iter() {
+        let (_, v) = item.into_inner()?;
+        out.write_all(&v)?;
+        out.write_all(b"\n")?;
+        n += 1;
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| StorageError::Io(e.into_error()))?;
+    file.sync_all()?;
+    if let Some(v) = tables.get(Table::Meta).get(OLD_ANCHOR_KEY)? {
+        if let Some(a) = decode_old_pair(&v) {
+            files::write_anchor(dir, a)?;
+        }
+    }
+    if let Some(h) = tables
+        .get(Table::Meta)
+        .get(OLD_HEAD_KEY)?
+        .and_then(|v| decode_old_pair(&v))
+    {
+        files::write_head_file(dir, h)?;
+    }
+    std::fs::rename(&tmp, dir.join(format!("{first_seq:020}.seg")))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    // The segment is durable: the old copy and its index go.
+    for t in [Table::Audit, Table::AuditIdxTime, Table::AuditIdxPatient] {
+        let ks = tables.get(t);
+        let keys: Vec<fjall::Slice> = ks
+            .iter()
+            .map(|i| i.key())
+            .collect::<std::result::Result<_, _>>()?;
+        for chunk in keys.chunks(10_000) {
+            let mut batch = db.batch();
+            for k in chunk {
+                batch.remove(ks, k.clone());
+            }
+            batch.commit()?;
+        }
+    }
+    let mut batch = db.batch();
+    for k in [OLD_HEAD_KEY, OLD_ANCHOR_KEY, OLD_INDEXED_KEY] {
+        batch.remove(tables.get(Table::Meta), k);
+    }
+    batch.commit()?;
+    db.persist(fjall::PersistMode::SyncAll)?;
+    tracing::info!(records = n, "audit log moved to its own segment files");
+    Ok(())
+}
+
+fn decode_old_pair(v: &[u8]) -> Option<AuditAnchor> {
+    Some(AuditAnchor {
+        seq: keys::read_u64(v)?,
+        hash: v.get(8..40)?.try_into().ok()?,
+    })
 }
 
 #[cfg(test)]
@@ -688,9 +793,44 @@ mod tests {
     use crate::DbOptions;
     use serde_json::json;
 
+    fn open_log(dir: &Path) -> AuditLog {
+        AuditLog::new(Db::open(dir, DbOptions::default()).unwrap())
+    }
+
+    fn seqs_after(log: &AuditLog, after: u64) -> Vec<u64> {
+        log.read_after(after, 1000)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    /// Sequence numbers of the records a query returns.
+    fn matching(
+        log: &AuditLog,
+        tenant: &str,
+        patient: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let q = AuditQuery {
+            tenant: tenant.into(),
+            patient: patient.map(String::from),
+            from_ms: from,
+            to_ms: to,
+        };
+        log.query(&q, |e| {
+            seen.push(e.seq);
+            true
+        })
+        .unwrap();
+        seen
+    }
+
     async fn log_with(n: u64) -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = open_log(dir.path());
         for i in 0..n {
             log.append(vec![json!({"i": i, "outcome": "allowed"})])
                 .await
@@ -716,7 +856,7 @@ mod tests {
     #[tokio::test]
     async fn serialized_records_are_chained_and_indexed_like_values() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = open_log(dir.path());
         let body =
             |p: &str| json!({"kind": "fhir-request", "tenant": "t1", "time": 1_000, "patient": p});
         log.append(vec![body("p1")]).await.unwrap();
@@ -734,32 +874,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(seqs, vec![2, 3]);
-        let mut by_patient = Vec::new();
-        let q = AuditQuery {
-            tenant: "t1".into(),
-            patient: Some("p1".into()),
-            from_ms: 0,
-            to_ms: 2_000,
-        };
-        assert!(log
-            .query(&q, |e| {
-                by_patient.push(e.seq);
-                true
-            })
-            .unwrap());
+        let by_patient = matching(&log, "t1", Some("p1"), 0, 2_000);
         assert_eq!(by_patient, vec![1, 2]);
-        let mut window = Vec::new();
-        let q = AuditQuery {
-            patient: None,
-            from_ms: 1_200,
-            ..q
-        };
-        assert!(log
-            .query(&q, |e| {
-                window.push(e.seq);
-                true
-            })
-            .unwrap());
+        let window = matching(&log, "t1", None, 1_200, 2_000);
         assert_eq!(window, vec![3]);
         let entries = log.read_after(0, 10).unwrap();
         assert_eq!(entries[0].body, entries[1].body);
@@ -767,18 +884,28 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn intact_chain_verifies_and_survives_reopen() {
+    async fn intact_chain_survives_reopen_and_a_line_cut_short_by_a_crash() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+            let log = open_log(dir.path());
             log.append(vec![json!({"a":1}), json!({"a":2})])
                 .await
                 .unwrap();
         }
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = open_log(dir.path());
         assert_eq!(log.append(vec![json!({"a":3})]).await.unwrap(), vec![3]);
         let report = log.verify().unwrap().unwrap();
         assert_eq!(report.entries, 3);
+        drop(log);
+        // A line a crash cut short was never acknowledged: dropped, and the chain goes on.
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"seq\":4,\"prev\":\"ab").unwrap();
+        drop(f);
+        let log = open_log(dir.path());
+        assert_eq!(log.append(vec![json!({"a": 4})]).await.unwrap(), vec![4]);
+        let report = log.verify().unwrap().unwrap();
+        assert_eq!((report.entries, report.head_seq), (4, 4));
     }
 
     #[tokio::test]
@@ -812,9 +939,17 @@ mod tests {
         assert_eq!(log.verify().unwrap().unwrap_err().seq, 2);
     }
 
+    /// One record per segment, so retention can prune any prefix of the log.
+    fn small_segments() -> DbOptions {
+        DbOptions {
+            audit_segment_bytes: 1,
+            ..DbOptions::default()
+        }
+    }
+
     async fn log_at(times: &[i64]) -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
         for (i, t) in times.iter().enumerate() {
             let p = if i % 2 == 0 { "pa" } else { "pb" };
             log.append(vec![
@@ -841,25 +976,13 @@ mod tests {
         assert_eq!(log.prune_before(350, 1000).await.unwrap().pruned, 0);
         // The chain continues after a reopen, and the pruned records left the index.
         drop(log);
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
         assert_eq!(
             log.append(vec![json!({"time": 600})]).await.unwrap(),
             vec![7]
         );
         assert!(log.verify().unwrap().is_ok());
-        let mut seen = Vec::new();
-        let q = AuditQuery {
-            tenant: "t1".into(),
-            patient: Some("pa".into()),
-            from_ms: i64::MIN,
-            to_ms: i64::MAX,
-        };
-        assert!(log
-            .query(&q, |e| {
-                seen.push(e.seq);
-                true
-            })
-            .unwrap());
+        let seen = matching(&log, "t1", Some("pa"), i64::MIN, i64::MAX);
         assert_eq!(seen, vec![5]);
     }
 
@@ -871,7 +994,7 @@ mod tests {
         assert_eq!(log.prune_before(10_000, 20_000).await.unwrap().pruned, 1);
         assert!(log.verify().unwrap().is_ok());
         drop(log);
-        let log = AuditLog::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
         log.append(vec![json!({"time": 30_000})]).await.unwrap();
         let report = log.verify().unwrap().unwrap();
         assert_eq!(report.head_seq, 5);
@@ -945,22 +1068,7 @@ mod tests {
         log.append(vec![json!({"time": 250, "tenant": "t2", "patient": "pa"})])
             .await
             .unwrap();
-        let run = |patient: Option<&str>, from, to| {
-            let mut seen = Vec::new();
-            let q = AuditQuery {
-                tenant: "t1".into(),
-                patient: patient.map(String::from),
-                from_ms: from,
-                to_ms: to,
-            };
-            assert!(log
-                .query(&q, |e| {
-                    seen.push(e.seq);
-                    true
-                })
-                .unwrap());
-            seen
-        };
+        let run = |patient, from, to| matching(&log, "t1", patient, from, to);
         assert_eq!(run(Some("pa"), 150, 500), vec![3]);
         assert_eq!(run(Some("pa"), i64::MIN, i64::MAX), vec![1, 3, 5]);
         assert_eq!(run(None, 200, 401), vec![2, 3, 4]);
@@ -991,5 +1099,191 @@ mod tests {
         }
         appends.await.unwrap();
         assert!(log.verify().unwrap().is_ok());
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        files::list_segments(&files::dir_of(dir))
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn records_cut_off_the_end_are_named_and_not_chained_onto() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = open_log(dir.path());
+            for i in 0..3 {
+                log.append(vec![json!({"i": i})]).await.unwrap();
+            }
+        }
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let bytes = std::fs::read(&seg).unwrap();
+        let cut = bytes[..bytes.len() - 1]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .unwrap();
+        std::fs::write(&seg, &bytes[..cut + 1]).unwrap();
+        let log = open_log(dir.path());
+        let err = log.verify().unwrap().unwrap_err();
+        assert!(err.reason.contains("truncated") && err.seq == 3, "{err}");
+        let refused = log.append(vec![json!({"i": 9})]).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("removed from the end"),
+            "{refused}"
+        );
+        // With the head file removed as well, the index's high-water mark still tells.
+        std::fs::remove_file(files::dir_of(dir.path()).join("head")).unwrap();
+        let err = log.verify().unwrap().unwrap_err();
+        assert!(err.reason.contains("index lists records up to 3"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn retention_zeroes_the_due_front_of_a_segment_and_skips_half_zeroed_debris() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(dir.path());
+        for (i, t) in [100, 200, 300, 400, 500].into_iter().enumerate() {
+            let p = if i % 2 == 0 { "pa" } else { "pb" };
+            log.append(vec![
+                json!({"time": t, "tenant": "t1", "patient": p, "i": i}),
+            ])
+            .await
+            .unwrap();
+        }
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let original = std::fs::read(&seg).unwrap();
+        let stats = log.prune_before(350, 1000).await.unwrap();
+        assert_eq!((stats.pruned, stats.anchor), (3, Some(3)));
+        let pruned = std::fs::read(&seg).unwrap();
+        let zeroed = pruned.iter().take_while(|b| **b == 0).count();
+        assert!(zeroed > 0 && !pruned[..zeroed].contains(&b'\n'));
+        assert!(
+            !String::from_utf8_lossy(&pruned).contains("\"i\":2"),
+            "the pruned records' bytes are gone"
+        );
+        assert_eq!(log.raw(3).unwrap(), None);
+        let kept = seqs_after(&log, 0);
+        assert_eq!(kept, vec![4, 5, 6]);
+        let seen = matching(&log, "t1", Some("pa"), i64::MIN, i64::MAX);
+        assert_eq!(seen, vec![5], "offsets of kept records still valid");
+        // A crash mid-zeroing: some pruned bytes survive, whole lines and pieces of lines.
+        let mut half = pruned.clone();
+        half[zeroed / 3..zeroed * 2 / 3].copy_from_slice(&original[zeroed / 3..zeroed * 2 / 3]);
+        std::fs::write(&seg, &half).unwrap();
+        assert_eq!(log.verify().unwrap().unwrap().entries, 3);
+        let kept = seqs_after(&log, 0);
+        assert_eq!(kept, vec![4, 5, 6]);
+        drop(log);
+        let log = open_log(dir.path());
+        assert_eq!(
+            log.append(vec![json!({"time": 600})]).await.unwrap(),
+            vec![7]
+        );
+        assert!(log.verify().unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lost_index_is_rebuilt_from_the_segments_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+            let log = AuditLog::new(db.clone());
+            log.append(vec![
+                json!({"time": 10, "tenant": "t1", "patient": "pa"}),
+                json!({"time": 20, "tenant": "t1", "patient": "pb"}),
+            ])
+            .await
+            .unwrap();
+            let tables = db.tables();
+            let mut batch = db.fjall_batch();
+            for t in [Table::AuditIdxTime, Table::AuditIdxPatient] {
+                for item in tables.get(t).iter() {
+                    batch.remove(tables.get(t), item.key().unwrap());
+                }
+            }
+            batch.remove(tables.get(Table::Meta), b"audit_indexed_through".to_vec());
+            batch.commit().unwrap();
+        }
+        let log = open_log(dir.path());
+        log.open().unwrap();
+        let seen = matching(&log, "t1", Some("pb"), 0, 100);
+        assert_eq!(seen, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_log_kept_in_the_store_by_earlier_versions_moves_to_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let bodies = [
+            json!({"time": 10, "tenant": "t1", "patient": "pa"}),
+            json!({"time": 20, "tenant": "t1", "patient": "pb"}),
+            json!({"time": 30, "tenant": "t1", "patient": "pa"}),
+        ];
+        {
+            // The old layout: entries keyed by seq, the head beside them.
+            let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+            let mut prev = [0u8; 32];
+            let mut rows = Vec::new();
+            for (i, b) in bodies.iter().enumerate() {
+                let bytes = PreparedRecord::new(b).entry_bytes(i as u64 + 1, &prev);
+                prev = entry_hash(&bytes).unwrap();
+                rows.push((i as u64 + 1, bytes));
+            }
+            db.committer()
+                .run(move |txn| {
+                    for (seq, bytes) in rows {
+                        txn.put(Table::Audit, keys::u64_be(seq).to_vec(), bytes);
+                    }
+                    let mut head = keys::u64_be(3).to_vec();
+                    head.extend_from_slice(&prev);
+                    txn.put(Table::Meta, OLD_HEAD_KEY.to_vec(), head);
+                    Ok(())
+                })
+                .await
+                .unwrap();
+        }
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let log = AuditLog::new(db.clone());
+        assert_eq!(log.verify().unwrap().unwrap().entries, 3);
+        assert_eq!(
+            log.append(vec![json!({"time": 40})]).await.unwrap(),
+            vec![4]
+        );
+        assert_eq!(log.verify().unwrap().unwrap().entries, 4);
+        assert!(
+            db.tables().get(Table::Audit).first_key_value().is_none(),
+            "old copy cleared"
+        );
+        let seen = matching(&log, "t1", Some("pa"), 0, 100);
+        assert_eq!(seen, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn segments_rotate_and_readers_cross_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = DbOptions {
+            audit_segment_bytes: 400,
+            ..DbOptions::default()
+        };
+        let log = AuditLog::new(Db::open(dir.path(), options.clone()).unwrap());
+        for i in 0..20 {
+            log.append(vec![
+                json!({"time": i, "tenant": "t1", "pad": "x".repeat(50)}),
+            ])
+            .await
+            .unwrap();
+        }
+        assert!(segment_files(dir.path()).len() > 3);
+        assert_eq!(seqs_after(&log, 7), (8..=20).collect::<Vec<_>>());
+        let stats = log.prune_before(10, 100).await.unwrap();
+        assert_eq!(stats.anchor, Some(10));
+        assert!(log.verify().unwrap().is_ok());
+        drop(log);
+        let log = AuditLog::new(Db::open(dir.path(), options).unwrap());
+        assert_eq!(
+            log.append(vec![json!({"time": 99})]).await.unwrap(),
+            vec![22]
+        );
+        assert_eq!(log.verify().unwrap().unwrap().entries, 12);
     }
 }

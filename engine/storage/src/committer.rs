@@ -7,8 +7,8 @@
 //! fsync costs ~4 ms, throughput grows ~N-fold instead of capping at ~250 writes/s.
 //!
 //! Jobs run one after the other on this thread, so a job sees the writes of the jobs before it in
-//! the same group (point reads only) and may keep counters (sequence numbers, the audit chain
-//! head) without locks. A job that returns an error leaves no writes behind.
+//! the same group (point reads only) and may keep counters (sequence numbers) without locks.
+//! A job that returns an error leaves no writes behind.
 
 use crate::db::{Table, Tables};
 use crate::{Result, StorageError};
@@ -33,8 +33,6 @@ type Job = Box<dyn FnOnce(&mut Txn<'_>) -> Completion + Send>;
 pub struct Counters {
     pub journal_seq: u64,
     pub outbox_seq: u64,
-    pub audit_seq: u64,
-    pub audit_head: [u8; 32],
     pub dead_letter_seq: u64,
 }
 

@@ -1,3 +1,4 @@
+use crate::audit_files::AuditWriter;
 use crate::committer::{Committer, Counters};
 use crate::keys;
 use crate::Result;
@@ -34,11 +35,14 @@ pub enum Table {
     IdxUpdated,
     /// outbox seq (u64 BE) → JSON event
     Outbox,
-    /// audit seq (u64 BE) → entry
+    /// audit seq (u64 BE) → entry: the audit log of versions before its segment files (read
+    /// once, to move it there; see `audit_files`)
     Audit,
-    /// tenant \0 patient \0 time (i64 BE) seq (u64 BE) → (): audit records per patient and time
+    /// tenant \0 patient \0 time (i64 BE) seq (u64 BE) → offset in its segment (u64 BE): audit
+    /// records per patient and time
     AuditIdxPatient,
-    /// tenant \0 time (i64 BE) seq (u64 BE) → (): audit records per time window
+    /// tenant \0 time (i64 BE) seq (u64 BE) → offset in its segment (u64 BE): audit records per
+    /// time window
     AuditIdxTime,
     /// small named values (counters, signing keys' metadata)
     Meta,
@@ -122,6 +126,9 @@ pub struct DbOptions {
     pub queue_bound: usize,
     /// fsync each group. Only benchmarks of the non-durable path turn this off.
     pub sync: bool,
+    /// Size at which an audit segment is sealed and the next one started; retention deletes
+    /// whole segments.
+    pub audit_segment_bytes: u64,
 }
 
 impl Default for DbOptions {
@@ -130,6 +137,7 @@ impl Default for DbOptions {
             max_group: 2048,
             queue_bound: 16_384,
             sync: true,
+            audit_segment_bytes: 64 << 20,
         }
     }
 }
@@ -140,6 +148,12 @@ struct Inner {
     tables: Tables,
     committer: Option<Committer>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    options: DbOptions,
+    /// Started on first use, so commands that never touch the audit log do not open it.
+    audit: std::sync::OnceLock<AuditWriter>,
+    audit_dir: std::sync::OnceLock<PathBuf>,
+    audit_open: Mutex<()>,
+    audit_prune: tokio::sync::Mutex<()>,
 }
 
 /// The embedded database: one directory, one fjall instance, one committer thread.
@@ -179,6 +193,11 @@ impl Db {
                 tables,
                 committer: Some(committer),
                 thread: Mutex::new(Some(thread)),
+                options,
+                audit: std::sync::OnceLock::new(),
+                audit_dir: std::sync::OnceLock::new(),
+                audit_open: Mutex::new(()),
+                audit_prune: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -192,6 +211,40 @@ impl Db {
             .committer
             .as_ref()
             .expect("committer lives as long as the Db")
+    }
+
+    /// The audit log's directory, moved over from an older layout on first use.
+    pub(crate) fn audit_dir(&self) -> Result<&Path> {
+        let inner = &self.inner;
+        init_once(&inner.audit_dir, &inner.audit_open, || {
+            crate::audit_files::prepare_dir(&inner.path, &inner.db, &inner.tables)
+        })
+        .map(PathBuf::as_path)
+    }
+
+    /// The audit log's writer, opened (and its index caught up) on first use.
+    pub(crate) fn audit_writer(&self) -> Result<&AuditWriter> {
+        self.audit_dir()?;
+        let inner = &self.inner;
+        init_once(&inner.audit, &inner.audit_open, || {
+            AuditWriter::open(
+                &inner.path,
+                inner.db.clone(),
+                inner.tables.clone(),
+                inner.options.audit_segment_bytes,
+                inner.options.sync,
+            )
+        })
+    }
+
+    /// Held by a retention run, so two never plan over the same segments.
+    pub(crate) fn audit_prune_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.audit_prune
+    }
+
+    /// A write batch outside the committer, for derived data written without an fsync.
+    pub(crate) fn fjall_batch(&self) -> fjall::OwnedWriteBatch {
+        self.inner.db.batch()
     }
 
     /// A consistent read view: sees whole group commits only.
@@ -220,20 +273,45 @@ impl Db {
         &self.inner.tables
     }
 
-    /// Bytes on disk, for `/metrics` and retention.
+    /// Bytes on disk (the store and the audit segments), for `/metrics`.
     pub fn disk_space(&self) -> u64 {
-        self.inner.db.disk_space().unwrap_or(0)
+        let audit: u64 =
+            crate::audit_files::list_segments(&crate::audit_files::dir_of(&self.inner.path))
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|(_, p)| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+        self.inner.db.disk_space().unwrap_or(0) + audit
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        drop(self.audit.take());
         // The committer thread exits once every sender is gone; wait so the last group is synced.
         drop(self.committer.take());
         if let Some(handle) = self.thread.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
         }
     }
+}
+
+/// `cell`'s value, made by `make` under `lock` the first time; a failure leaves it unset.
+fn init_once<'a, T>(
+    cell: &'a std::sync::OnceLock<T>,
+    lock: &Mutex<()>,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<&'a T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let _once = lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let v = make()?;
+    Ok(cell.get_or_init(|| v))
 }
 
 fn last_u64_key(ks: &Keyspace) -> Result<u64> {
@@ -247,18 +325,8 @@ fn load_counters(tables: &Tables) -> Result<Counters> {
     let mut c = Counters {
         journal_seq: last_u64_key(tables.get(Table::Seq))?,
         outbox_seq: last_u64_key(tables.get(Table::Outbox))?,
-        audit_seq: last_u64_key(tables.get(Table::Audit))?,
-        audit_head: [0; 32],
         dead_letter_seq: last_u64_key(tables.get(Table::DeadLetter))?,
     };
-    if let Some(guard) = tables.get(Table::Audit).last_key_value() {
-        let (_, v) = guard.into_inner()?;
-        c.audit_head = crate::audit::entry_hash(&v)?;
-    } else if let Some(anchor) = crate::audit::read_anchor(tables)? {
-        // Retention pruned every record: the chain continues from its anchor.
-        c.audit_seq = anchor.seq;
-        c.audit_head = anchor.hash;
-    }
     // Sequence numbers never go backwards, even after retention pruned the newest-but-one range.
     if let Some(v) = tables.get(Table::Meta).get(b"journal_seq_floor")? {
         c.journal_seq = c.journal_seq.max(keys::read_u64(&v).unwrap_or(0));

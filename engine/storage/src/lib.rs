@@ -7,6 +7,7 @@
 //! lets adapters acknowledge a message the moment `append` returns.
 
 mod audit;
+mod audit_files;
 pub mod committer;
 mod db;
 mod dead_letters;

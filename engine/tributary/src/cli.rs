@@ -392,21 +392,17 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             use std::io::Write;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut after = 0;
-            loop {
-                let batch = log.read_after(after, 4096)?;
-                if batch.is_empty() {
-                    break;
+            let mut written: std::io::Result<()> = Ok(());
+            log.for_each_after(0, |e| {
+                let t = e.body.get("time").and_then(|v| v.as_i64()).unwrap_or(0);
+                if t >= since && t < until {
+                    written = serde_json::to_writer(&mut out, &e)
+                        .map_err(std::io::Error::from)
+                        .and_then(|_| out.write_all(b"\n"));
                 }
-                for e in batch {
-                    after = e.seq;
-                    let t = e.body.get("time").and_then(|v| v.as_i64()).unwrap_or(0);
-                    if t >= since && t < until {
-                        serde_json::to_writer(&mut out, &e)?;
-                        out.write_all(b"\n")?;
-                    }
-                }
-            }
+                written.is_ok()
+            })?;
+            written?;
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }

@@ -12,6 +12,7 @@ pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
         max_group: config.journal.max_group,
         queue_bound: config.journal.queue_bound,
         sync: true,
+        ..DbOptions::default()
     };
     let db = Db::open(&config.data_dir, options)
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
@@ -44,14 +45,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // The pipeline announces each message's outcome here; MLLP application ACKs listen.
     let processed = tributary_runtime::ProcessedFeed::default();
     tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
-    let indexed = rt
-        .audit
-        .ensure_index()
-        .await
-        .context("indexing the audit log")?;
-    if indexed > 0 {
-        tracing::info!(records = indexed, "audit log indexed");
-    }
+    // Opens the audit log now (moving an older layout over and catching its index up), so a
+    // log that cannot be opened stops startup instead of failing the first request.
+    let audit = rt.audit.clone();
+    tokio::task::spawn_blocking(move || audit.open())
+        .await?
+        .context("opening the audit log")?;
     if config.audit.retention_days > 0 {
         tasks.spawn(audit_retention_loop(rt.clone(), config.audit.clone()));
     }

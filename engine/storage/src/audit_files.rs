@@ -1,0 +1,644 @@
+//! The audit log's own files: append-only segments written by one thread with group commit.
+//!
+//! **Why not the fjall store.** Every facade request appends a record that must be durable
+//! before the response. In fjall those records filled memtables whose flushes and compactions
+//! wrote and fsynced large tables; the small group `fdatasync` of the next requests queued
+//! behind them on the disk, which set the facade's tail latency (docs/PERFORMANCE.md). Here an
+//! append is one `write` and one `fdatasync` of a few KiB, and nothing else writes in bulk.
+//!
+//! Layout of `<data dir>/audit/`:
+//! - `<first seq, 20 digits>.seg`: one stored entry per line (JSON never holds a raw newline),
+//!   in sequence order. A segment is sealed once it reaches the size limit (or retention seals
+//!   it); the next one is created empty right away.
+//! - `head`: sequence number (u64 BE) and hash of the newest record, rewritten after every
+//!   group (synced at shutdown). It is what tells a truncated log from a short one.
+//! - `anchor`: where the chain starts after retention (see `audit.rs`), replaced atomically.
+//!
+//! The (tenant, time) and (tenant, patient, time) indexes stay in fjall as derived data: written
+//! without an fsync after each group, and caught up from the segments when the log is opened.
+
+use crate::audit::{entry_hash, AuditAnchor, PreparedRecord};
+use crate::db::{Table, Tables};
+use crate::keys;
+use crate::{Result, StorageError};
+use std::io::{BufRead, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use tokio::sync::{mpsc, oneshot};
+
+const HEAD_FILE: &str = "head";
+const ANCHOR_FILE: &str = "anchor";
+/// Meta key: every record up to this sequence number is in the index keyspaces.
+const INDEXED_THROUGH: &[u8] = b"audit_indexed_through";
+/// Jobs waiting for the writer before appenders wait.
+const QUEUE_BOUND: usize = 16_384;
+/// Most records gathered into one write and fdatasync.
+const MAX_GROUP: usize = 4096;
+
+pub(crate) fn dir_of(data_dir: &Path) -> PathBuf {
+    data_dir.join("audit")
+}
+
+fn seg_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.seg"))
+}
+
+/// Segment files in sequence order, as (first sequence number, path).
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(first) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.push((first, entry.path()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Segments that hold records after `anchor`: a segment whose successor starts at or before
+/// the anchor's next record was pruned (a prune interrupted before deleting its file).
+pub(crate) fn live_segments(
+    dir: &Path,
+    anchor: Option<AuditAnchor>,
+) -> Result<Vec<(u64, PathBuf)>> {
+    let all = list_segments(dir)?;
+    let floor = anchor.map_or(0, |a| a.seq) + 1;
+    let keep_from = all
+        .iter()
+        .rposition(|(first, _)| *first <= floor)
+        .unwrap_or(0);
+    Ok(all.into_iter().skip(keep_from).collect())
+}
+
+fn encode_pair(seq: u64, hash: &[u8; 32]) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[..8].copy_from_slice(&keys::u64_be(seq));
+    out[8..].copy_from_slice(hash);
+    out
+}
+
+fn read_pair(path: &Path, what: &'static str) -> Result<Option<AuditAnchor>> {
+    match std::fs::read(path) {
+        Ok(b) if b.len() == 40 => Ok(Some(AuditAnchor {
+            seq: keys::read_u64(&b).unwrap_or(0),
+            hash: b[8..40].try_into().expect("32 bytes"),
+        })),
+        Ok(_) => Err(StorageError::corrupt(what, "not seq + sha256")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The newest record's sequence number and hash, as of the last completed group.
+pub(crate) fn read_head(dir: &Path) -> Result<Option<AuditAnchor>> {
+    read_pair(&dir.join(HEAD_FILE), "audit head")
+}
+
+/// Writes the chain head (seq and hash of the newest record) without syncing it.
+pub(crate) fn write_head_file(dir: &Path, head: AuditAnchor) -> Result<()> {
+    std::fs::write(dir.join(HEAD_FILE), encode_pair(head.seq, &head.hash))?;
+    Ok(())
+}
+
+pub(crate) fn read_anchor(dir: &Path) -> Result<Option<AuditAnchor>> {
+    read_pair(&dir.join(ANCHOR_FILE), "audit anchor")
+}
+
+/// Replaces the anchor atomically and durably (temp file, fsync, rename, fsync the directory).
+pub(crate) fn write_anchor(dir: &Path, anchor: AuditAnchor) -> Result<()> {
+    let tmp = dir.join("anchor.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&encode_pair(anchor.seq, &anchor.hash))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(ANCHOR_FILE))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// The sequence number a stored line claims, read from its prefix without parsing the line
+/// (tampered lines need not be valid JSON).
+pub(crate) fn line_seq(line: &[u8]) -> Option<u64> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// Calls `f(offset, line)` for each complete line of a segment (without its newline), in file
+/// order; `f` returns `false` to stop. A last line still being written is not complete.
+///
+/// Retention zeroes the pruned front of a segment it does not delete whole (see
+/// [`zero_prefix`]). Lines before the first record numbered above `floor` (the anchor) are that
+/// debris and are skipped — also when a crash left the zeroing half done. After it, every line
+/// is passed on as stored, so an edited record still reaches `verify`.
+pub(crate) fn for_each_line(
+    path: &Path,
+    floor: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+) -> Result<bool> {
+    let file = std::fs::File::open(path)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut line = Vec::with_capacity(1024);
+    let mut offset = 0u64;
+    let mut started = false;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            return Ok(true);
+        }
+        let mut text = &line[..n - 1];
+        let mut at = offset;
+        if !started {
+            if let Some(nul) = text.iter().rposition(|b| *b == 0) {
+                text = &text[nul + 1..];
+                at += nul as u64 + 1;
+            }
+            started = line_seq(text).is_some_and(|s| s > floor);
+        }
+        if started && !f(at, text)? {
+            return Ok(false);
+        }
+        offset += n as u64;
+    }
+}
+
+/// (bytes up to and with the last newline, file length): what follows the last newline is a
+/// line a crash cut short.
+fn complete_len(path: &Path) -> Result<(u64, u64)> {
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut hi = len;
+    while hi > 0 {
+        let lo = hi.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(hi - lo) as usize];
+        file.read_exact_at(chunk, lo)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            return Ok((lo + i as u64 + 1, len));
+        }
+        hi = lo;
+    }
+    Ok((0, len))
+}
+
+/// Overwrites `[0, end)` of a segment with zeros and syncs it: retention's deletion of the
+/// records at the front of a segment that still holds newer ones. Offsets of the records kept
+/// do not move, so the index stays valid.
+pub(crate) fn zero_prefix(path: &Path, end: u64) -> Result<()> {
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < end {
+        let n = (end - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_data()?;
+    Ok(())
+}
+
+/// The line that starts at `offset` in a segment (without its newline), if it is complete.
+pub(crate) fn line_at(file: &std::fs::File, offset: u64) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; 4096];
+    let mut have = 0usize;
+    loop {
+        let n = file.read_at(&mut buf[have..], offset + have as u64)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some(end) = buf[have..have + n].iter().position(|b| *b == b'\n') {
+            buf.truncate(have + end);
+            return Ok(Some(buf));
+        }
+        have += n;
+        if have == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Creates the log's directory; the first time, moves the records of the fjall keyspace that
+/// held the log in earlier versions into it.
+pub(crate) fn prepare_dir(
+    data_dir: &Path,
+    db: &fjall::Database,
+    tables: &Tables,
+) -> Result<PathBuf> {
+    let dir = dir_of(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    if list_segments(&dir)?.is_empty() {
+        crate::audit::migrate_from_keyspace(&dir, db, tables)?;
+    }
+    Ok(dir)
+}
+
+/// The index's high-water mark. It is written only after its records are durable, so a log
+/// that ends before it has lost records off its end.
+pub(crate) fn indexed_through(tables: &Tables) -> Result<u64> {
+    Ok(tables
+        .get(Table::Meta)
+        .get(INDEXED_THROUGH)?
+        .and_then(|v| keys::read_u64(&v))
+        .unwrap_or(0))
+}
+
+/// Index keys of one record, with the record's place as the value.
+pub(crate) type IndexPut = (Vec<u8>, Option<Vec<u8>>, u64);
+
+fn put_index(batch: &mut fjall::OwnedWriteBatch, tables: &Tables, entries: &[(u64, IndexPut)]) {
+    for (_, (by_time, by_patient, offset)) in entries {
+        let at = keys::u64_be(*offset).to_vec();
+        batch.insert(tables.get(Table::AuditIdxTime), by_time.clone(), at.clone());
+        if let Some(k) = by_patient {
+            batch.insert(tables.get(Table::AuditIdxPatient), k.clone(), at);
+        }
+    }
+    if let Some((last, _)) = entries.last() {
+        batch.insert(
+            tables.get(Table::Meta),
+            INDEXED_THROUGH.to_vec(),
+            keys::u64_be(*last).to_vec(),
+        );
+    }
+}
+
+type Appends = Vec<(Vec<PreparedRecord>, oneshot::Sender<Result<Vec<u64>>>)>;
+
+enum Job {
+    Append(Vec<PreparedRecord>, oneshot::Sender<Result<Vec<u64>>>),
+    /// Test and forensics hook: replace or remove the stored line of a record.
+    Tamper(u64, Option<Vec<u8>>, oneshot::Sender<Result<()>>),
+}
+
+/// The one writer of a data directory's audit segments.
+pub(crate) struct AuditWriter {
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Active {
+    file: std::fs::File,
+    first: u64,
+    len: u64,
+}
+
+struct State {
+    dir: PathBuf,
+    db: fjall::Database,
+    tables: Tables,
+    segment_bytes: u64,
+    active: Active,
+    seq: u64,
+    head: [u8; 32],
+    head_file: std::fs::File,
+    sync: bool,
+}
+
+impl AuditWriter {
+    /// Opens the log in `data_dir/audit` (prepared by [`prepare_dir`]), checks its tail against
+    /// the head, brings the index up to date and starts the writer thread.
+    pub(crate) fn open(
+        data_dir: &Path,
+        db: fjall::Database,
+        tables: Tables,
+        segment_bytes: u64,
+        sync: bool,
+    ) -> Result<Self> {
+        let dir = dir_of(data_dir);
+        let anchor = read_anchor(&dir)?;
+        let mut segments = live_segments(&dir, anchor)?;
+        // Leftovers of an interrupted prune.
+        for (first, path) in list_segments(&dir)? {
+            if !segments.iter().any(|(f, _)| *f == first) {
+                std::fs::remove_file(path)?;
+            }
+        }
+        let (mut seq, mut head) = anchor.map_or((0, [0u8; 32]), |a| (a.seq, a.hash));
+        // The newest record: the last complete line of the newest segment holding one. A line
+        // cut short by a crash was never acknowledged and is cut off.
+        for (first, path) in segments.iter().rev() {
+            let mut last: Option<Vec<u8>> = None;
+            for_each_line(path, anchor.map_or(0, |a| a.seq), |_, line| {
+                last = Some(line.to_vec());
+                Ok(true)
+            })?;
+            let (end, file_len) = complete_len(path)?;
+            if file_len > end {
+                let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                f.set_len(end)?;
+                f.sync_all()?;
+            }
+            if let Some(line) = last {
+                seq = line_seq(&line).ok_or_else(|| {
+                    StorageError::corrupt(
+                        "audit",
+                        format!("the last record of segment {first} has no sequence number; run `tributary audit verify`"),
+                    )
+                })?;
+                head = entry_hash(&line)?;
+                break;
+            }
+        }
+        // The head and the index are written only after their records are durable, so either
+        // beyond the last record means records were cut off the end: keep the evidence, do not
+        // chain onto it.
+        let witnessed = read_head(&dir)?
+            .map_or(0, |h| h.seq)
+            .max(indexed_through(&tables)?);
+        if witnessed > seq {
+            return Err(StorageError::corrupt(
+                "audit",
+                format!("the chain head or the index names record {witnessed} but the log ends at {seq}: records were removed from the end; run `tributary audit verify`"),
+            ));
+        }
+        if segments.is_empty() {
+            let path = seg_path(&dir, seq + 1);
+            std::fs::File::create(&path)?;
+            sync_dir(&dir)?;
+            segments.push((seq + 1, path));
+        }
+        let (first, path) = segments.last().cloned().expect("one segment at least");
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        let len = file.metadata()?.len();
+        let head_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(HEAD_FILE))?;
+        let mut state = State {
+            dir: dir.clone(),
+            db,
+            tables,
+            segment_bytes: segment_bytes.max(1),
+            active: Active { file, first, len },
+            seq,
+            head,
+            head_file,
+            sync,
+        };
+        state.write_head()?;
+        state.catch_up_index(&segments, anchor.map_or(0, |a| a.seq))?;
+        let (tx, rx) = mpsc::channel(QUEUE_BOUND);
+        let thread = std::thread::Builder::new()
+            .name("tributary-audit".into())
+            .spawn(move || state.run(rx))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    async fn send<R>(&self, job: impl FnOnce(oneshot::Sender<Result<R>>) -> Job) -> Result<R> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .as_ref()
+            .expect("sender lives as long as the writer")
+            .send(job(reply))
+            .await
+            .map_err(|_| StorageError::CommitterStopped)?;
+        rx.await.map_err(|_| StorageError::CommitterStopped)?
+    }
+
+    /// Appends records in order; resolves once they are durable.
+    pub(crate) async fn append(&self, records: Vec<PreparedRecord>) -> Result<Vec<u64>> {
+        self.send(|r| Job::Append(records, r)).await
+    }
+
+    pub(crate) async fn tamper(&self, seq: u64, replacement: Option<Vec<u8>>) -> Result<()> {
+        self.send(|r| Job::Tamper(seq, replacement, r)).await
+    }
+}
+
+impl Drop for AuditWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl State {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut appends = Vec::new();
+            let mut records = 0usize;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Append(recs, reply) => {
+                        records += recs.len();
+                        appends.push((recs, reply));
+                    }
+                    other => {
+                        // Everything queued before it is written first.
+                        self.commit(std::mem::take(&mut appends));
+                        self.control(other);
+                    }
+                }
+                if records < MAX_GROUP {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(appends);
+        }
+        let _ = self.head_file.sync_all();
+    }
+
+    fn control(&mut self, job: Job) {
+        match job {
+            Job::Append(..) => unreachable!("appends are grouped"),
+            Job::Tamper(seq, replacement, reply) => {
+                let _ = reply.send(self.tamper(seq, replacement));
+            }
+        }
+    }
+
+    /// Writes one group: every record's line in one write, one fdatasync, then the head and
+    /// the index; only then are the appenders answered.
+    fn commit(&mut self, appends: Appends) {
+        if appends.is_empty() {
+            return;
+        }
+        let (seq0, head0) = (self.seq, self.head);
+        let mut buf = Vec::with_capacity(appends.len() * 600);
+        let mut index = Vec::with_capacity(appends.len());
+        let mut replies = Vec::with_capacity(appends.len());
+        for (recs, reply) in appends {
+            let mut seqs = Vec::with_capacity(recs.len());
+            for r in recs {
+                self.seq += 1;
+                let offset = self.active.len + buf.len() as u64;
+                let bytes = r.entry_bytes(self.seq, &self.head);
+                self.head = entry_hash(&bytes).expect("sha256");
+                buf.extend_from_slice(&bytes);
+                buf.push(b'\n');
+                let (by_time, by_patient) = r.index_keys(self.seq);
+                index.push((self.seq, (by_time, by_patient, offset)));
+                seqs.push(self.seq);
+            }
+            replies.push((reply, seqs));
+        }
+        let written = self.write_group(&buf);
+        let outcome = match written {
+            Ok(()) => {
+                self.active.len += buf.len() as u64;
+                if let Err(e) = self.write_head() {
+                    tracing::warn!(error = %e, "audit head not updated; verify re-checks it after the next group");
+                }
+                self.index(&index);
+                if self.active.len >= self.segment_bytes {
+                    if let Err(e) = self.start_segment() {
+                        tracing::error!(error = %e, "audit segment not rotated; appending to the full one");
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit group write failed; every record in it is refused");
+                // Nothing of the group may stay behind to be chained onto later.
+                let _ = self.active.file.set_len(self.active.len);
+                self.seq = seq0;
+                self.head = head0;
+                Some(e.to_string())
+            }
+        };
+        for (reply, seqs) in replies {
+            let _ = reply.send(match &outcome {
+                None => Ok(seqs),
+                Some(e) => Err(StorageError::Io(std::io::Error::other(e.clone()))),
+            });
+        }
+    }
+
+    fn write_group(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.active.file.write_all_at(buf, self.active.len)?;
+        if self.sync {
+            // fdatasync: the bytes and the file size, not the timestamps.
+            self.active.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn write_head(&mut self) -> Result<()> {
+        self.head_file
+            .write_all_at(&encode_pair(self.seq, &self.head), 0)?;
+        Ok(())
+    }
+
+    fn index(&self, entries: &[(u64, IndexPut)]) {
+        let mut batch = self.db.batch();
+        put_index(&mut batch, &self.tables, entries);
+        // Derived data: caught up from the segments at the next open if this is lost.
+        if let Err(e) = batch.durability(None).commit() {
+            tracing::error!(error = %e, "audit index not written; it is rebuilt at the next start");
+        }
+    }
+
+    fn start_segment(&mut self) -> Result<()> {
+        let path = seg_path(&self.dir, self.seq + 1);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        sync_dir(&self.dir)?;
+        let len = file.metadata()?.len();
+        self.active = Active {
+            file,
+            first: self.seq + 1,
+            len,
+        };
+        Ok(())
+    }
+
+    /// Indexes the records after the index's high-water mark (lost with a crash, or written
+    /// by a version without segments).
+    fn catch_up_index(&self, segments: &[(u64, PathBuf)], floor: u64) -> Result<()> {
+        let through = indexed_through(&self.tables)?;
+        if through >= self.seq {
+            return Ok(());
+        }
+        let mut pending = Vec::new();
+        for (_, path) in segments {
+            for_each_line(path, floor, |offset, line| {
+                let Some(seq) = line_seq(line) else {
+                    return Ok(true);
+                };
+                if seq <= through {
+                    return Ok(true);
+                }
+                let entry: crate::AuditEntry = match serde_json::from_slice(line) {
+                    Ok(e) => e,
+                    Err(_) => return Ok(true), // verify names it; the index skips it
+                };
+                let (t, p) = PreparedRecord::index_keys_of(&entry.body, seq);
+                pending.push((seq, (t, p, offset)));
+                if pending.len() >= 4096 {
+                    self.index(&pending);
+                    pending.clear();
+                }
+                Ok(true)
+            })?;
+        }
+        self.index(&pending);
+        Ok(())
+    }
+
+    fn tamper(&mut self, seq: u64, replacement: Option<Vec<u8>>) -> Result<()> {
+        let segments = list_segments(&self.dir)?;
+        let Some((first, path)) = segments.iter().rev().find(|(f, _)| *f <= seq).cloned() else {
+            return Ok(());
+        };
+        let mut content = Vec::new();
+        std::fs::File::open(&path)?.read_to_end(&mut content)?;
+        let lines: Vec<&[u8]> = content.split_inclusive(|b| *b == b'\n').collect();
+        let claims = |i: usize| {
+            lines.get(i).and_then(|l| {
+                let l = l.strip_suffix(b"\n").unwrap_or(l);
+                line_seq(&l[l.iter().rposition(|b| *b == 0).map_or(0, |n| n + 1)..])
+            }) == Some(seq)
+        };
+        // The record's slot: its place in the segment if the line there still claims it (a
+        // swap writes two lines that claim one number), else the line that does.
+        let slot = (seq - first) as usize;
+        let slot = if claims(slot) {
+            slot
+        } else {
+            (0..lines.len()).find(|i| claims(*i)).unwrap_or(slot)
+        };
+        let mut out = Vec::with_capacity(content.len());
+        for (i, line) in lines.iter().enumerate() {
+            if i == slot {
+                if let Some(r) = &replacement {
+                    out.extend_from_slice(r);
+                    out.push(b'\n');
+                }
+            } else {
+                out.extend_from_slice(line);
+            }
+        }
+        std::fs::write(&path, &out)?;
+        if first == self.active.first {
+            self.active.file = std::fs::OpenOptions::new().write(true).open(&path)?;
+            self.active.len = out.len() as u64;
+        }
+        Ok(())
+    }
+}
