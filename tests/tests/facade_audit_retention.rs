@@ -193,3 +193,27 @@ async fn serve_prunes_records_older_than_retention_days() {
         "{retention}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn export_window_selects_facade_and_ingress_records_by_their_time() {
+    let mut f = Facade::start(None);
+    f.stop();
+    let now = tributary_core::now_millis();
+    let at = |ms: i64| tributary_core::format_rfc3339_millis(ms);
+    {
+        let log = open_log(&f);
+        log.append(vec![
+            serde_json::json!({"kind": "fhir-request", "time": now - 7_200_000, "n": 1}),
+            serde_json::json!({"kind": "ingress", "at": at(now - 7_200_000), "n": 2}),
+            serde_json::json!({"kind": "fhir-request", "time": now - 60_000, "n": 3}),
+            serde_json::json!({"kind": "ingress", "at": at(now - 60_000), "n": 4}),
+        ])
+        .await
+        .unwrap();
+    }
+    let picked: Vec<u64> = export_audit(&f, Some(&at(now - 3_600_000)))
+        .iter()
+        .filter_map(|e| e["body"]["n"].as_u64())
+        .collect();
+    assert_eq!(picked, vec![3, 4]);
+}

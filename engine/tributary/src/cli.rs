@@ -394,7 +394,8 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut written: std::io::Result<()> = Ok(());
             log.for_each_after(0, |e| {
-                let t = e.body.get("time").and_then(|v| v.as_i64()).unwrap_or(0);
+                // Facade records carry `time` (ms), ingress records `at` (RFC 3339).
+                let t = tributary_storage::record_time(&e.body).unwrap_or(i64::MIN);
                 if t >= since && t < until {
                     written = serde_json::to_writer(&mut out, &e)
                         .map_err(std::io::Error::from)
