@@ -280,6 +280,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
             load(&commits.slow),
         ),
     ];
+    if let Some(audit) = rt.audit.commit_stats() {
+        samples.extend([
+            gauge("tributary_audit_commits_total", vec![], load(&audit.groups)),
+            gauge("tributary_audit_records_total", vec![], load(&audit.jobs)),
+            gauge(
+                "tributary_audit_slow_commits_total",
+                vec![],
+                load(&audit.slow),
+            ),
+        ]);
+    }
     for relay in rt.metrics.outbox_consumers() {
         if let Ok(cursor) = outbox.cursor(&relay) {
             samples.push(gauge(

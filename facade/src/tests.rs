@@ -230,6 +230,8 @@ async fn metrics_count_requests_by_interaction_and_status_without_phi() {
         "tributary_outbox_head_seq 5",
         "tributary_outbox_lag_events{relay=\"kafka\"} 5",
         "tributary_component_ready{component=\"store\"} 1",
+        // One durable audit record per request above.
+        "tributary_audit_records_total 9",
     ] {
         assert!(lines.contains(&want), "missing {want:?} in\n{text}");
     }

@@ -100,6 +100,21 @@ const CATALOG: &[(&str, &str, &str)] = &[
         "Group commits that took 10 ms or more.",
     ),
     (
+        "tributary_audit_commits_total",
+        "counter",
+        "Group commits of the audit log (one fdatasync each).",
+    ),
+    (
+        "tributary_audit_records_total",
+        "counter",
+        "Audit records written by those group commits.",
+    ),
+    (
+        "tributary_audit_slow_commits_total",
+        "counter",
+        "Audit group commits that took 10 ms or more.",
+    ),
+    (
         "tributary_component_ready",
         "gauge",
         "1 when a component reports ready, 0 otherwise.",

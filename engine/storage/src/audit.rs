@@ -214,6 +214,11 @@ impl AuditLog {
         self.writer().map(|_| ())
     }
 
+    /// Group-commit counts of the log's writer (`jobs` = records), once it is open.
+    pub fn commit_stats(&self) -> Option<&crate::committer::CommitStats> {
+        self.db.open_audit_writer().map(AuditWriter::stats)
+    }
+
     fn writer(&self) -> Result<&AuditWriter> {
         self.db.audit_writer()
     }

@@ -18,12 +18,15 @@
 //! without an fsync after each group, and caught up from the segments when the log is opened.
 
 use crate::audit::{entry_hash, AuditAnchor, PreparedRecord};
+use crate::committer::{CommitStats, SLOW_COMMIT};
 use crate::db::{Table, Tables};
 use crate::keys;
 use crate::{Result, StorageError};
 use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 const HEAD_FILE: &str = "head";
@@ -290,6 +293,7 @@ enum Job {
 pub(crate) struct AuditWriter {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<CommitStats>,
 }
 
 struct Active {
@@ -308,6 +312,8 @@ struct State {
     head: [u8; 32],
     head_file: std::fs::File,
     sync: bool,
+    /// `jobs` counts records.
+    stats: Arc<CommitStats>,
 }
 
 impl AuditWriter {
@@ -391,7 +397,9 @@ impl AuditWriter {
             head,
             head_file,
             sync,
+            stats: Arc::new(CommitStats::default()),
         };
+        let stats = state.stats.clone();
         state.write_head()?;
         state.catch_up_index(&segments, anchor.map_or(0, |a| a.seq))?;
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
@@ -401,6 +409,7 @@ impl AuditWriter {
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            stats,
         })
     }
 
@@ -413,6 +422,10 @@ impl AuditWriter {
             .await
             .map_err(|_| StorageError::CommitterStopped)?;
         rx.await.map_err(|_| StorageError::CommitterStopped)?
+    }
+
+    pub(crate) fn stats(&self) -> &CommitStats {
+        &self.stats
     }
 
     /// Appends records in order; resolves once they are durable.
@@ -495,9 +508,17 @@ impl State {
             }
             replies.push((reply, seqs));
         }
+        let started = std::time::Instant::now();
         let written = self.write_group(&buf);
+        if started.elapsed() >= SLOW_COMMIT {
+            self.stats.slow.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats.groups.fetch_add(1, Ordering::Relaxed);
         let outcome = match written {
             Ok(()) => {
+                self.stats
+                    .jobs
+                    .fetch_add(index.len() as u64, Ordering::Relaxed);
                 self.active.len += buf.len() as u64;
                 if let Err(e) = self.write_head() {
                     tracing::warn!(error = %e, "audit head not updated; verify re-checks it after the next group");

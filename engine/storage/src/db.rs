@@ -237,6 +237,10 @@ impl Db {
         })
     }
 
+    pub(crate) fn open_audit_writer(&self) -> Option<&AuditWriter> {
+        self.inner.audit.get()
+    }
+
     /// Held by a retention run, so two never plan over the same segments.
     pub(crate) fn audit_prune_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.inner.audit_prune
