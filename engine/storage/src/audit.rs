@@ -1191,15 +1191,7 @@ mod tests {
     #[tokio::test]
     async fn a_lost_index_is_rebuilt_from_the_segments_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let db = Db::open(dir.path(), DbOptions::default()).unwrap();
-            let log = AuditLog::new(db.clone());
-            log.append(vec![
-                json!({"time": 10, "tenant": "t1", "patient": "pa"}),
-                json!({"time": 20, "tenant": "t1", "patient": "pb"}),
-            ])
-            .await
-            .unwrap();
+        let lose_index = |db: &Db, mark: Option<u64>| {
             let tables = db.tables();
             let mut batch = db.fjall_batch();
             for t in [Table::AuditIdxTime, Table::AuditIdxPatient] {
@@ -1207,13 +1199,36 @@ mod tests {
                     batch.remove(tables.get(t), item.key().unwrap());
                 }
             }
-            batch.remove(tables.get(Table::Meta), b"audit_indexed_through".to_vec());
+            let key = b"audit_indexed_through".to_vec();
+            match mark {
+                Some(m) => batch.insert(tables.get(Table::Meta), key, keys::u64_be(m).to_vec()),
+                None => batch.remove(tables.get(Table::Meta), key),
+            }
             batch.commit().unwrap();
+        };
+        {
+            let db = Db::open(dir.path(), small_segments()).unwrap();
+            let log = AuditLog::new(db.clone());
+            for t in 1..=6 {
+                log.append(vec![json!({"time": t, "tenant": "t1", "patient": "pa"})])
+                    .await
+                    .unwrap();
+            }
+            lose_index(&db, None);
         }
-        let log = open_log(dir.path());
+        let db = Db::open(dir.path(), small_segments()).unwrap();
+        let log = AuditLog::new(db.clone());
         log.open().unwrap();
-        let seen = matching(&log, "t1", Some("pb"), 0, 100);
-        assert_eq!(seen, vec![2]);
+        assert_eq!(
+            matching(&log, "t1", Some("pa"), 0, 100),
+            (1..=6).collect::<Vec<_>>()
+        );
+        drop((log, db));
+        // Only what is past the high-water mark is read again (one record per segment here).
+        lose_index(&Db::open(dir.path(), small_segments()).unwrap(), Some(3));
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
+        log.open().unwrap();
+        assert_eq!(matching(&log, "t1", Some("pa"), 0, 100), vec![4, 5, 6]);
     }
 
     #[tokio::test]

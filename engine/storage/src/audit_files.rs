@@ -597,7 +597,11 @@ impl State {
             return Ok(());
         }
         let mut pending = Vec::new();
-        for (_, path) in segments {
+        // Segments wholly at or below the mark need no reading.
+        let from = segments
+            .partition_point(|(first, _)| *first <= through + 1)
+            .saturating_sub(1);
+        for (_, path) in &segments[from..] {
             for_each_line(path, floor, |offset, line| {
                 let Some(seq) = line_seq(line) else {
                     return Ok(true);
