@@ -119,16 +119,13 @@ impl IndexPrefixes {
         }
     }
 
-    fn keys(&self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    fn keys(mut self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
         let seq = keys::u64_be(seq);
-        let mut by_time = self.by_time.clone();
-        by_time.extend_from_slice(&seq);
-        let by_patient = self.by_patient.as_ref().map(|k| {
-            let mut k = k.clone();
+        self.by_time.extend_from_slice(&seq);
+        if let Some(k) = self.by_patient.as_mut() {
             k.extend_from_slice(&seq);
-            k
-        });
-        (by_time, by_patient)
+        }
+        (self.by_time, self.by_patient)
     }
 }
 
@@ -176,7 +173,8 @@ impl PreparedRecord {
         out
     }
 
-    pub(crate) fn index_keys(&self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    /// The record's index keys; the record is spent (its line is written by then).
+    pub(crate) fn into_index_keys(self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
         self.index.keys(seq)
     }
 

@@ -264,19 +264,20 @@ pub(crate) fn indexed_through(tables: &Tables) -> Result<u64> {
 /// Index keys of one record, with the record's place as the value.
 pub(crate) type IndexPut = (Vec<u8>, Option<Vec<u8>>, u64);
 
-fn put_index(batch: &mut fjall::OwnedWriteBatch, tables: &Tables, entries: &[(u64, IndexPut)]) {
+fn put_index(batch: &mut fjall::OwnedWriteBatch, tables: &Tables, entries: Vec<(u64, IndexPut)>) {
+    let last = entries.last().map(|(seq, _)| *seq);
     for (_, (by_time, by_patient, offset)) in entries {
-        let at = keys::u64_be(*offset).to_vec();
-        batch.insert(tables.get(Table::AuditIdxTime), by_time.clone(), at.clone());
+        let at = keys::u64_be(offset);
+        batch.insert(tables.get(Table::AuditIdxTime), by_time, at);
         if let Some(k) = by_patient {
-            batch.insert(tables.get(Table::AuditIdxPatient), k.clone(), at);
+            batch.insert(tables.get(Table::AuditIdxPatient), k, at);
         }
     }
-    if let Some((last, _)) = entries.last() {
+    if let Some(last) = last {
         batch.insert(
             tables.get(Table::Meta),
             INDEXED_THROUGH.to_vec(),
-            keys::u64_be(*last).to_vec(),
+            keys::u64_be(last).to_vec(),
         );
     }
 }
@@ -502,7 +503,7 @@ impl State {
                 self.head = entry_hash(&bytes).expect("sha256");
                 buf.extend_from_slice(&bytes);
                 buf.push(b'\n');
-                let (by_time, by_patient) = r.index_keys(self.seq);
+                let (by_time, by_patient) = r.into_index_keys(self.seq);
                 index.push((self.seq, (by_time, by_patient, offset)));
                 seqs.push(self.seq);
             }
@@ -523,7 +524,7 @@ impl State {
                 if let Err(e) = self.write_head() {
                     tracing::warn!(error = %e, "audit head not updated; verify re-checks it after the next group");
                 }
-                self.index(&index);
+                self.index(index);
                 if self.active.len >= self.segment_bytes {
                     if let Err(e) = self.start_segment() {
                         tracing::error!(error = %e, "audit segment not rotated; appending to the full one");
@@ -563,7 +564,7 @@ impl State {
         Ok(())
     }
 
-    fn index(&self, entries: &[(u64, IndexPut)]) {
+    fn index(&self, entries: Vec<(u64, IndexPut)>) {
         let mut batch = self.db.batch();
         put_index(&mut batch, &self.tables, entries);
         // Derived data: caught up from the segments at the next open if this is lost.
@@ -616,13 +617,12 @@ impl State {
                 let (t, p) = PreparedRecord::index_keys_of(&entry.body, seq);
                 pending.push((seq, (t, p, offset)));
                 if pending.len() >= 4096 {
-                    self.index(&pending);
-                    pending.clear();
+                    self.index(std::mem::take(&mut pending));
                 }
                 Ok(true)
             })?;
         }
-        self.index(&pending);
+        self.index(pending);
         Ok(())
     }
 
