@@ -9,9 +9,10 @@
 //! Entries live in the log's own append-only segment files ([`crate::audit_files`]), not in
 //! the fjall store; an older data directory's entries are moved there once.
 //!
-//! **Indexes.** Each group's records are added to two index keyspaces — (tenant, patient, time)
-//! and (tenant, time), the value being the record's place in its segment — so an audit report
-//! for one patient or one time window reads only the matching records ([`AuditLog::query`]).
+//! **Indexes.** Each record is indexed by (tenant, time) and (tenant, patient, time), pointing
+//! at its place in its segment, so an audit report for one patient or one time window reads
+//! only the matching records ([`AuditLog::query`]); the index lives beside the segments
+//! ([`crate::audit_index`]).
 //!
 //! **Retention.** [`AuditLog::prune_before`] deletes whole segments whose records are all older
 //! than the cut-off (it seals the current segment first when that one is wholly due). It first
@@ -22,6 +23,7 @@
 //! any other edit. A segment whose chain is already broken is never pruned (the evidence stays).
 
 use crate::audit_files::{self as files, AuditWriter};
+use crate::audit_index::{self as idx, IndexKeys};
 use crate::db::{Db, Table};
 use crate::keys;
 use crate::{Result, StorageError};
@@ -88,59 +90,27 @@ pub fn record_time(body: &Value) -> Option<i64> {
     })
 }
 
-/// The index keys of a record without their `seq` suffix: computed before the record reaches
-/// the writer, which only knows the sequence number.
-struct IndexPrefixes {
-    by_time: Vec<u8>,
-    by_patient: Option<Vec<u8>>,
-}
-
-impl IndexPrefixes {
-    fn of(body: &Value) -> Self {
-        Self::new(
-            body.get("tenant").and_then(Value::as_str).unwrap_or(""),
-            record_time(body).unwrap_or(0),
-            body.get("patient").and_then(Value::as_str),
-        )
-    }
-
-    fn new(tenant: &str, time_ms: i64, patient: Option<&str>) -> Self {
-        let time = keys::i64_be(time_ms);
-        let mut by_time = keys::prefix(&[tenant.as_bytes()]);
-        by_time.extend_from_slice(&time);
-        let by_patient = patient.filter(|p| !p.is_empty()).map(|p| {
-            let mut k = keys::prefix(&[tenant.as_bytes(), p.as_bytes()]);
-            k.extend_from_slice(&time);
-            k
-        });
-        Self {
-            by_time,
-            by_patient,
-        }
-    }
-
-    fn keys(mut self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-        let seq = keys::u64_be(seq);
-        self.by_time.extend_from_slice(&seq);
-        if let Some(k) = self.by_patient.as_mut() {
-            k.extend_from_slice(&seq);
-        }
-        (self.by_time, self.by_patient)
-    }
+/// What the index needs of a record body: its `tenant`, time and `patient`.
+pub(crate) fn index_keys_of(body: &Value) -> IndexKeys {
+    IndexKeys::new(
+        body.get("tenant").and_then(Value::as_str).unwrap_or(""),
+        record_time(body).unwrap_or(0),
+        body.get("patient").and_then(Value::as_str),
+    )
 }
 
 /// A record serialized and indexed outside the writer thread, so the serial part of an
 /// append is only the chain link: sequence number, `prev` and hash.
 pub struct PreparedRecord {
     body: Vec<u8>,
-    index: IndexPrefixes,
+    index: IndexKeys,
 }
 
 impl PreparedRecord {
     fn new(body: &Value) -> Self {
         Self {
             body: serde_json::to_vec(body).expect("audit bodies serialize"),
-            index: IndexPrefixes::of(body),
+            index: index_keys_of(body),
         }
     }
 
@@ -151,7 +121,7 @@ impl PreparedRecord {
     pub fn serialized(json: Vec<u8>, tenant: &str, time_ms: i64, patient: Option<&str>) -> Self {
         Self {
             body: json,
-            index: IndexPrefixes::new(tenant, time_ms, patient),
+            index: IndexKeys::new(tenant, time_ms, patient),
         }
     }
 
@@ -173,13 +143,8 @@ impl PreparedRecord {
         out
     }
 
-    /// The record's index keys; the record is spent (its line is written by then).
-    pub(crate) fn into_index_keys(self, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-        self.index.keys(seq)
-    }
-
-    pub(crate) fn index_keys_of(body: &Value, seq: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-        IndexPrefixes::of(body).keys(seq)
+    pub(crate) fn index_keys(&self) -> IndexKeys {
+        self.index
     }
 }
 
@@ -288,8 +253,7 @@ impl AuditLog {
         let mut attempt = 0;
         loop {
             let before = (files::read_head(&dir)?, files::read_anchor(&dir)?);
-            let indexed = files::indexed_through(self.db.tables())?;
-            let result = match verify_once(&dir, indexed) {
+            let result = match verify_once(&dir) {
                 Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     Err(AuditVerifyError {
                         seq: 0,
@@ -341,20 +305,15 @@ impl AuditLog {
         let db = self.db.clone();
         blocking(move || {
             files::write_anchor(&dir, plan.anchor)?;
-            let tables = db.tables();
-            let mut batch = db.fjall_batch();
-            for (by_time, by_patient) in &plan.index_keys {
-                batch.remove(tables.get(Table::AuditIdxTime), by_time.clone());
-                if let Some(k) = by_patient {
-                    batch.remove(tables.get(Table::AuditIdxPatient), k.clone());
-                }
-            }
-            batch
-                .durability(None)
-                .commit()
-                .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?;
-            for path in &plan.files {
+            for (first, path) in &plan.files {
                 std::fs::remove_file(path)?;
+                if let Some(w) = db.open_audit_writer() {
+                    w.index().forget(*first);
+                }
+                match std::fs::remove_file(idx::sidecar_path(&dir, *first)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                    _ => {}
+                }
             }
             if let Some((path, end)) = &plan.zero {
                 files::zero_prefix(path, *end)?;
@@ -371,39 +330,33 @@ impl AuditLog {
     /// Records of one tenant (optionally one patient) in `[from_ms, to_ms)`, in time order,
     /// read through the index: `f` gets each and returns `false` to stop.
     pub fn query(&self, q: &AuditQuery, mut f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
+        let index = self.writer()?.index();
         let dir = self.dir()?;
-        let tables = self.db.tables();
-        let (table, prefix) = match &q.patient {
-            Some(p) => (
-                Table::AuditIdxPatient,
-                keys::prefix(&[q.tenant.as_bytes(), p.as_bytes()]),
-            ),
-            None => (Table::AuditIdxTime, keys::prefix(&[q.tenant.as_bytes()])),
+        let anchor = files::read_anchor(&dir)?;
+        let floor = anchor.map_or(0, |a| a.seq);
+        let segments = files::live_segments(&dir, anchor)?;
+        let live: Vec<u64> = segments.iter().map(|(first, _)| *first).collect();
+        let key = match &q.patient {
+            Some(p) => idx::patient_key(&q.tenant, p),
+            None => idx::tenant_key(&q.tenant),
         };
-        let bound = |t: i64| {
-            let mut k = prefix.clone();
-            k.extend_from_slice(&keys::i64_be(t));
-            k
-        };
-        let mut hi = bound(q.to_ms);
-        if q.to_ms == i64::MAX {
-            // `to` is exclusive; the largest time still belongs in an open-ended window.
-            hi = prefix.clone();
-            hi.extend_from_slice(&[0xff; 17]);
-        }
-        let segments = files::list_segments(&dir)?;
+        let mut hits = index.search(
+            &dir,
+            &live,
+            idx::Range {
+                key,
+                from: q.from_ms,
+                to: q.to_ms,
+            },
+        )?;
         let mut open: Option<(u64, std::fs::File)> = None;
-        for item in tables.get(table).range(bound(q.from_ms)..hi) {
-            let (k, v) = item.into_inner()?;
-            let (Some(seq), Some(offset)) = (
-                k.get(prefix.len() + 8..).and_then(keys::read_u64),
-                keys::read_u64(&v),
-            ) else {
-                continue;
-            };
+        while let Some((seq, offset)) = hits.next()? {
+            if seq <= floor {
+                continue; // pruned
+            }
             let i = segments.partition_point(|(first, _)| *first <= seq);
             let Some((first, path)) = i.checked_sub(1).map(|i| &segments[i]) else {
-                continue; // pruned
+                continue;
             };
             if open.as_ref().map(|(f, _)| *f) != Some(*first) {
                 match std::fs::File::open(path) {
@@ -420,7 +373,17 @@ impl AuditLog {
             if files::line_seq(&line) != Some(seq) {
                 continue;
             }
-            if !f(parse_entry(&line)?) {
+            let entry = parse_entry(&line)?;
+            // Index keys are hashes: the record itself says whose it is.
+            let field = |name| entry.body.get(name).and_then(Value::as_str);
+            if field("tenant").unwrap_or("") != q.tenant
+                || q.patient
+                    .as_deref()
+                    .is_some_and(|p| field("patient") != Some(p))
+            {
+                continue;
+            }
+            if !f(entry) {
                 break;
             }
         }
@@ -466,12 +429,11 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'sta
         .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?
 }
 
-/// `indexed`: the index's high-water mark, a second witness of how long the log was.
-fn verify_once(
-    dir: &Path,
-    indexed: u64,
-) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+fn verify_once(dir: &Path) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
     let head0 = files::read_head(dir)?;
+    // The sidecars name the last record of their segments: a second witness of how long the
+    // log was, beside the head.
+    let indexed = idx::sealed_through(dir)?;
     let anchor = files::read_anchor(dir)?;
     let start = anchor.map_or(0, |a| a.seq);
     let mut prev = anchor.map_or([0u8; 32], |a| a.hash);
@@ -598,7 +560,7 @@ fn verify_once(
         return bad(
             last + 1,
             &format!(
-                "the index lists records up to {indexed}, the log ends at {last} (truncated?)"
+                "an index file lists records up to {indexed}, the log ends at {last} (truncated?)"
             ),
         );
     }
@@ -643,11 +605,10 @@ fn verify_once(
 
 struct PrunePlan {
     pruned: u64,
-    /// Segments wholly due.
-    files: Vec<PathBuf>,
+    /// Segments wholly due, as (first sequence number, path).
+    files: Vec<(u64, PathBuf)>,
     /// The segment after them, when its front is due: bytes `[0, end)` to zero.
     zero: Option<(PathBuf, u64)>,
-    index_keys: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     anchor: AuditAnchor,
 }
 
@@ -663,7 +624,6 @@ fn plan_prune(dir: &Path, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
         pruned: 0,
         files: Vec::new(),
         zero: None,
-        index_keys: Vec::new(),
         anchor: AuditAnchor {
             seq: floor,
             hash: prev,
@@ -675,7 +635,7 @@ fn plan_prune(dir: &Path, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
             format!("chain does not verify at record {seq}; nothing pruned (run `tributary audit verify`)"),
         )
     };
-    for (i, (_, path)) in segments.iter().enumerate() {
+    for (i, (first, path)) in segments.iter().enumerate() {
         let mut due_end = None;
         let whole = files::for_each_line(path, floor, |offset, line| {
             let entry: AuditEntry = serde_json::from_slice(line).map_err(|_| broken(expected))?;
@@ -688,8 +648,6 @@ fn plan_prune(dir: &Path, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
                 return Ok(false);
             }
             last_time = t;
-            plan.index_keys
-                .push(PreparedRecord::index_keys_of(&entry.body, entry.seq));
             prev = entry_hash(line)?;
             expected += 1;
             due_end = Some(offset + line.len() as u64 + 1);
@@ -697,7 +655,7 @@ fn plan_prune(dir: &Path, cutoff_ms: i64) -> Result<Option<PrunePlan>> {
         })?;
         // The newest segment is the one being written: never deleted, only zeroed.
         if whole && i + 1 < segments.len() {
-            plan.files.push(path.clone());
+            plan.files.push((*first, path.clone()));
         } else {
             plan.zero = due_end.map(|end| (path.clone(), end));
             break;
@@ -759,8 +717,29 @@ pub(crate) fn migrate_from_keyspace(
     std::fs::rename(&tmp, dir.join(format!("{first_seq:020}.seg")))?;
     std::fs::File::open(dir)?.sync_all()?;
     // The segment is durable: the old copy and its index go.
-    for t in [Table::Audit, Table::AuditIdxTime, Table::AuditIdxPatient] {
-        let ks = tables.get(t);
+    clear_keyspaces(
+        db,
+        tables,
+        &[Table::Audit, Table::AuditIdxTime, Table::AuditIdxPatient],
+    )?;
+    let mut batch = db.batch();
+    for k in [OLD_HEAD_KEY, OLD_ANCHOR_KEY, OLD_INDEXED_KEY] {
+        batch.remove(tables.get(Table::Meta), k);
+    }
+    batch.commit()?;
+    db.persist(fjall::PersistMode::SyncAll)?;
+    tracing::info!(records = n, "audit log moved to its own segment files");
+    Ok(())
+}
+
+/// Removes every key of the given keyspaces.
+pub(crate) fn clear_keyspaces(
+    db: &fjall::Database,
+    tables: &crate::db::Tables,
+    which: &[Table],
+) -> Result<()> {
+    for t in which {
+        let ks = tables.get(*t);
         let keys: Vec<fjall::Slice> = ks
             .iter()
             .map(|i| i.key())
@@ -773,13 +752,6 @@ pub(crate) fn migrate_from_keyspace(
             batch.commit()?;
         }
     }
-    let mut batch = db.batch();
-    for k in [OLD_HEAD_KEY, OLD_ANCHOR_KEY, OLD_INDEXED_KEY] {
-        batch.remove(tables.get(Table::Meta), k);
-    }
-    batch.commit()?;
-    db.persist(fjall::PersistMode::SyncAll)?;
-    tracing::info!(records = n, "audit log moved to its own segment files");
     Ok(())
 }
 
@@ -1136,10 +1108,35 @@ mod tests {
             refused.to_string().contains("removed from the end"),
             "{refused}"
         );
-        // With the head file removed as well, the index's high-water mark still tells.
-        std::fs::remove_file(files::dir_of(dir.path()).join("head")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_sealed_segment_index_witnesses_the_log_s_length_without_the_head() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
+            for i in 0..3 {
+                log.append(vec![json!({"i": i})]).await.unwrap();
+            }
+        }
+        // Records 1–3 each fill a segment; the open fourth is empty. Remove the newest record's
+        // segment, the empty one and the head.
+        let audit = files::dir_of(dir.path());
+        for seg in segment_files(dir.path()).split_off(2) {
+            std::fs::remove_file(seg).unwrap();
+        }
+        std::fs::remove_file(audit.join("head")).unwrap();
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
         let err = log.verify().unwrap().unwrap_err();
-        assert!(err.reason.contains("index lists records up to 3"), "{err}");
+        assert!(
+            err.reason.contains("index file lists records up to 3") && err.seq == 3,
+            "{err}"
+        );
+        let refused = log.append(vec![json!({"i": 9})]).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("removed from the end"),
+            "{refused}"
+        );
     }
 
     #[tokio::test]
@@ -1187,46 +1184,58 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lost_index_is_rebuilt_from_the_segments_at_open() {
+    async fn lost_or_cut_index_files_are_rebuilt_from_the_segments_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let lose_index = |db: &Db, mark: Option<u64>| {
-            let tables = db.tables();
-            let mut batch = db.fjall_batch();
-            for t in [Table::AuditIdxTime, Table::AuditIdxPatient] {
-                for item in tables.get(t).iter() {
-                    batch.remove(tables.get(t), item.key().unwrap());
-                }
-            }
-            let key = b"audit_indexed_through".to_vec();
-            match mark {
-                Some(m) => batch.insert(tables.get(Table::Meta), key, keys::u64_be(m).to_vec()),
-                None => batch.remove(tables.get(Table::Meta), key),
-            }
-            batch.commit().unwrap();
-        };
+        let audit = files::dir_of(dir.path());
         {
-            let db = Db::open(dir.path(), small_segments()).unwrap();
-            let log = AuditLog::new(db.clone());
+            let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
             for t in 1..=6 {
                 log.append(vec![json!({"time": t, "tenant": "t1", "patient": "pa"})])
                     .await
                     .unwrap();
             }
-            lose_index(&db, None);
         }
-        let db = Db::open(dir.path(), small_segments()).unwrap();
-        let log = AuditLog::new(db.clone());
+        let sidecars = idx::list_sidecars(&audit).unwrap();
+        assert_eq!(sidecars.len(), 6, "one per sealed segment");
+        std::fs::remove_file(&sidecars[1].1).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&sidecars[4].1)
+            .unwrap();
+        f.set_len(50).unwrap();
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
         log.open().unwrap();
         assert_eq!(
             matching(&log, "t1", Some("pa"), 0, 100),
             (1..=6).collect::<Vec<_>>()
         );
-        drop((log, db));
-        // Only what is past the high-water mark is read again (one record per segment here).
-        lose_index(&Db::open(dir.path(), small_segments()).unwrap(), Some(3));
-        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
-        log.open().unwrap();
-        assert_eq!(matching(&log, "t1", Some("pa"), 0, 100), vec![4, 5, 6]);
+        assert_eq!(matching(&log, "t1", None, 3, 5), vec![3, 4]);
+        assert_eq!(idx::list_sidecars(&audit).unwrap().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_open_segment_is_indexed_in_memory_and_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = DbOptions {
+            audit_segment_bytes: 600,
+            ..DbOptions::default()
+        };
+        let body = |t: i64, p: &str| json!({"time": t, "tenant": "t1", "patient": p});
+        {
+            let log = AuditLog::new(Db::open(dir.path(), options.clone()).unwrap());
+            for t in 0..10 {
+                log.append(vec![body(t, if t % 3 == 0 { "pa" } else { "pb" })])
+                    .await
+                    .unwrap();
+            }
+            // Records in a sealed segment and in the open one alike.
+            assert!(segment_files(dir.path()).len() >= 3);
+            assert_eq!(matching(&log, "t1", Some("pa"), 0, 100), vec![1, 4, 7, 10]);
+        }
+        let log = AuditLog::new(Db::open(dir.path(), options).unwrap());
+        assert_eq!(matching(&log, "t1", Some("pa"), 0, 100), vec![1, 4, 7, 10]);
+        assert_eq!(matching(&log, "t1", Some("pb"), 4, 7), vec![5, 6]);
+        assert!(matching(&log, "t2", None, 0, 100).is_empty());
     }
 
     #[tokio::test]
@@ -1274,6 +1283,39 @@ mod tests {
         );
         let seen = matching(&log, "t1", Some("pa"), 0, 100);
         assert_eq!(seen, vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn the_fjall_index_of_earlier_versions_is_cleared_once() {
+        let (dir, log) = log_with(2).await;
+        let db = log.db.clone();
+        db.committer()
+            .run(|txn| {
+                txn.put(
+                    Table::AuditIdxTime,
+                    b"old-key".to_vec(),
+                    keys::u64_be(0).to_vec(),
+                );
+                txn.put(
+                    Table::Meta,
+                    b"audit_indexed_through".to_vec(),
+                    keys::u64_be(2).to_vec(),
+                );
+                Ok(())
+            })
+            .await
+            .unwrap();
+        drop((log, db));
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let log = AuditLog::new(db.clone());
+        assert_eq!(log.verify().unwrap().unwrap().entries, 2);
+        let tables = db.tables();
+        assert!(tables.get(Table::AuditIdxTime).first_key_value().is_none());
+        assert!(tables
+            .get(Table::Meta)
+            .get(b"audit_indexed_through")
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

@@ -14,10 +14,11 @@
 //!   group (synced at shutdown). It is what tells a truncated log from a short one.
 //! - `anchor`: where the chain starts after retention (see `audit.rs`), replaced atomically.
 //!
-//! The (tenant, time) and (tenant, patient, time) indexes stay in fjall as derived data: written
-//! without an fsync after each group, and caught up from the segments when the log is opened.
+//! - `<first seq, 20 digits>.idx`: a sealed segment's index ([`crate::audit_index`]); the open
+//!   segment's index is held in memory and rebuilt from the segment when the log is opened.
 
 use crate::audit::{entry_hash, AuditAnchor, PreparedRecord};
+use crate::audit_index::{self as idx, Index, SidecarWriter};
 use crate::committer::{CommitStats, SLOW_COMMIT};
 use crate::db::{Table, Tables};
 use crate::keys;
@@ -31,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 
 const HEAD_FILE: &str = "head";
 const ANCHOR_FILE: &str = "anchor";
-/// Meta key: every record up to this sequence number is in the index keyspaces.
-const INDEXED_THROUGH: &[u8] = b"audit_indexed_through";
+/// Meta key of the fjall-held index of earlier versions (cleared once).
+const OLD_INDEXED_THROUGH: &[u8] = b"audit_indexed_through";
 /// Jobs waiting for the writer before appenders wait.
 const QUEUE_BOUND: usize = 16_384;
 /// Most records gathered into one write and fdatasync.
@@ -48,6 +49,11 @@ fn seg_path(dir: &Path, first: u64) -> PathBuf {
 
 /// Segment files in sequence order, as (first sequence number, path).
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    list_with_extension(dir, "seg")
+}
+
+/// Files named `<u64>.<ext>` in sequence order, as (number, path).
+pub(crate) fn list_with_extension(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -59,7 +65,7 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let name = entry.file_name();
         let Some(first) = name
             .to_str()
-            .and_then(|n| n.strip_suffix(".seg"))
+            .and_then(|n| n.strip_suffix(ext)?.strip_suffix('.'))
             .and_then(|n| n.parse::<u64>().ok())
         else {
             continue;
@@ -248,38 +254,22 @@ pub(crate) fn prepare_dir(
     if list_segments(&dir)?.is_empty() {
         crate::audit::migrate_from_keyspace(&dir, db, tables)?;
     }
+    clear_old_index(db, tables)?;
     Ok(dir)
 }
 
-/// The index's high-water mark. It is written only after its records are durable, so a log
-/// that ends before it has lost records off its end.
-pub(crate) fn indexed_through(tables: &Tables) -> Result<u64> {
-    Ok(tables
-        .get(Table::Meta)
-        .get(INDEXED_THROUGH)?
-        .and_then(|v| keys::read_u64(&v))
-        .unwrap_or(0))
-}
-
-/// Index keys of one record, with the record's place as the value.
-pub(crate) type IndexPut = (Vec<u8>, Option<Vec<u8>>, u64);
-
-fn put_index(batch: &mut fjall::OwnedWriteBatch, tables: &Tables, entries: Vec<(u64, IndexPut)>) {
-    let last = entries.last().map(|(seq, _)| *seq);
-    for (_, (by_time, by_patient, offset)) in entries {
-        let at = keys::u64_be(offset);
-        batch.insert(tables.get(Table::AuditIdxTime), by_time, at);
-        if let Some(k) = by_patient {
-            batch.insert(tables.get(Table::AuditIdxPatient), k, at);
-        }
+/// Versions before the sidecars kept the index in two fjall keyspaces; they are derived data,
+/// so they are dropped (the sidecars are built from the segments at open).
+fn clear_old_index(db: &fjall::Database, tables: &Tables) -> Result<()> {
+    let meta = tables.get(Table::Meta);
+    if meta.get(OLD_INDEXED_THROUGH)?.is_none() {
+        return Ok(());
     }
-    if let Some(last) = last {
-        batch.insert(
-            tables.get(Table::Meta),
-            INDEXED_THROUGH.to_vec(),
-            keys::u64_be(last).to_vec(),
-        );
-    }
+    crate::audit::clear_keyspaces(db, tables, &[Table::AuditIdxTime, Table::AuditIdxPatient])?;
+    let mut batch = db.batch();
+    batch.remove(meta, OLD_INDEXED_THROUGH);
+    batch.commit()?;
+    Ok(())
 }
 
 type Appends = Vec<(Vec<PreparedRecord>, oneshot::Sender<Result<Vec<u64>>>)>;
@@ -295,6 +285,7 @@ pub(crate) struct AuditWriter {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<CommitStats>,
+    index: Arc<Index>,
 }
 
 struct Active {
@@ -305,8 +296,8 @@ struct Active {
 
 struct State {
     dir: PathBuf,
-    db: fjall::Database,
-    tables: Tables,
+    index: Arc<Index>,
+    sidecars: SidecarWriter,
     segment_bytes: u64,
     active: Active,
     seq: u64,
@@ -319,14 +310,9 @@ struct State {
 
 impl AuditWriter {
     /// Opens the log in `data_dir/audit` (prepared by [`prepare_dir`]), checks its tail against
-    /// the head, brings the index up to date and starts the writer thread.
-    pub(crate) fn open(
-        data_dir: &Path,
-        db: fjall::Database,
-        tables: Tables,
-        segment_bytes: u64,
-        sync: bool,
-    ) -> Result<Self> {
+    /// the head and the sidecars, builds the index (missing sidecars, the open segment's memory
+    /// part) and starts the writer thread.
+    pub(crate) fn open(data_dir: &Path, segment_bytes: u64, sync: bool) -> Result<Self> {
         let dir = dir_of(data_dir);
         let anchor = read_anchor(&dir)?;
         let mut segments = live_segments(&dir, anchor)?;
@@ -362,16 +348,16 @@ impl AuditWriter {
                 break;
             }
         }
-        // The head and the index are written only after their records are durable, so either
-        // beyond the last record means records were cut off the end: keep the evidence, do not
-        // chain onto it.
+        // The head and the sidecars are written only after their records are durable, so
+        // either beyond the last record means records were cut off the end: keep the evidence,
+        // do not chain onto it.
         let witnessed = read_head(&dir)?
             .map_or(0, |h| h.seq)
-            .max(indexed_through(&tables)?);
+            .max(idx::sealed_through(&dir)?);
         if witnessed > seq {
             return Err(StorageError::corrupt(
                 "audit",
-                format!("the chain head or the index names record {witnessed} but the log ends at {seq}: records were removed from the end; run `tributary audit verify`"),
+                format!("the chain head or an index file names record {witnessed} but the log ends at {seq}: records were removed from the end; run `tributary audit verify`"),
             ));
         }
         if segments.is_empty() {
@@ -388,10 +374,12 @@ impl AuditWriter {
             .truncate(false)
             .write(true)
             .open(dir.join(HEAD_FILE))?;
+        let index = Arc::new(Index::default());
+        build_index(&dir, &segments, anchor.map_or(0, |a| a.seq), &index)?;
         let mut state = State {
             dir: dir.clone(),
-            db,
-            tables,
+            sidecars: SidecarWriter::start(dir.clone(), index.clone())?,
+            index: index.clone(),
             segment_bytes: segment_bytes.max(1),
             active: Active { file, first, len },
             seq,
@@ -402,7 +390,6 @@ impl AuditWriter {
         };
         let stats = state.stats.clone();
         state.write_head()?;
-        state.catch_up_index(&segments, anchor.map_or(0, |a| a.seq))?;
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let thread = std::thread::Builder::new()
             .name("tributary-audit".into())
@@ -411,7 +398,12 @@ impl AuditWriter {
             tx: Some(tx),
             thread: Some(thread),
             stats,
+            index,
         })
+    }
+
+    pub(crate) fn index(&self) -> &Index {
+        &self.index
     }
 
     async fn send<R>(&self, job: impl FnOnce(oneshot::Sender<Result<R>>) -> Job) -> Result<R> {
@@ -492,7 +484,7 @@ impl State {
         }
         let (seq0, head0) = (self.seq, self.head);
         let mut buf = Vec::with_capacity(appends.len() * 600);
-        let mut index = Vec::with_capacity(appends.len());
+        let mut index = Vec::with_capacity(appends.len() * 2);
         let mut replies = Vec::with_capacity(appends.len());
         for (recs, reply) in appends {
             let mut seqs = Vec::with_capacity(recs.len());
@@ -503,8 +495,7 @@ impl State {
                 self.head = entry_hash(&bytes).expect("sha256");
                 buf.extend_from_slice(&bytes);
                 buf.push(b'\n');
-                let (by_time, by_patient) = r.into_index_keys(self.seq);
-                index.push((self.seq, (by_time, by_patient, offset)));
+                r.index_keys().push(self.seq, offset, &mut index);
                 seqs.push(self.seq);
             }
             replies.push((reply, seqs));
@@ -519,12 +510,12 @@ impl State {
             Ok(()) => {
                 self.stats
                     .jobs
-                    .fetch_add(index.len() as u64, Ordering::Relaxed);
+                    .fetch_add(self.seq - seq0, Ordering::Relaxed);
                 self.active.len += buf.len() as u64;
                 if let Err(e) = self.write_head() {
                     tracing::warn!(error = %e, "audit head not updated; verify re-checks it after the next group");
                 }
-                self.index(index);
+                self.index.add(self.active.first, index);
                 if self.active.len >= self.segment_bytes {
                     if let Err(e) = self.start_segment() {
                         tracing::error!(error = %e, "audit segment not rotated; appending to the full one");
@@ -564,15 +555,6 @@ impl State {
         Ok(())
     }
 
-    fn index(&self, entries: Vec<(u64, IndexPut)>) {
-        let mut batch = self.db.batch();
-        put_index(&mut batch, &self.tables, entries);
-        // Derived data: caught up from the segments at the next open if this is lost.
-        if let Err(e) = batch.durability(None).commit() {
-            tracing::error!(error = %e, "audit index not written; it is rebuilt at the next start");
-        }
-    }
-
     fn start_segment(&mut self) -> Result<()> {
         let path = seg_path(&self.dir, self.seq + 1);
         let file = std::fs::OpenOptions::new()
@@ -582,47 +564,15 @@ impl State {
             .open(&path)?;
         sync_dir(&self.dir)?;
         let len = file.metadata()?.len();
-        self.active = Active {
-            file,
-            first: self.seq + 1,
-            len,
-        };
-        Ok(())
-    }
-
-    /// Indexes the records after the index's high-water mark (lost with a crash, or written
-    /// by a version without segments).
-    fn catch_up_index(&self, segments: &[(u64, PathBuf)], floor: u64) -> Result<()> {
-        let through = indexed_through(&self.tables)?;
-        if through >= self.seq {
-            return Ok(());
-        }
-        let mut pending = Vec::new();
-        // Segments wholly at or below the mark need no reading.
-        let from = segments
-            .partition_point(|(first, _)| *first <= through + 1)
-            .saturating_sub(1);
-        for (_, path) in &segments[from..] {
-            for_each_line(path, floor, |offset, line| {
-                let Some(seq) = line_seq(line) else {
-                    return Ok(true);
-                };
-                if seq <= through {
-                    return Ok(true);
-                }
-                let entry: crate::AuditEntry = match serde_json::from_slice(line) {
-                    Ok(e) => e,
-                    Err(_) => return Ok(true), // verify names it; the index skips it
-                };
-                let (t, p) = PreparedRecord::index_keys_of(&entry.body, seq);
-                pending.push((seq, (t, p, offset)));
-                if pending.len() >= 4096 {
-                    self.index(std::mem::take(&mut pending));
-                }
-                Ok(true)
-            })?;
-        }
-        self.index(pending);
+        let sealed = std::mem::replace(
+            &mut self.active,
+            Active {
+                file,
+                first: self.seq + 1,
+                len,
+            },
+        );
+        self.sidecars.seal(sealed.first, self.seq);
         Ok(())
     }
 
@@ -666,4 +616,46 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// The index at open: sidecars that are missing or cut short are written again from their
+/// segments, sidecars of pruned segments go, and the open segment's entries are read into
+/// memory.
+fn build_index(dir: &Path, segments: &[(u64, PathBuf)], floor: u64, index: &Index) -> Result<()> {
+    for (first, path) in idx::list_sidecars(dir)? {
+        if !segments.iter().any(|(f, _)| *f == first) {
+            std::fs::remove_file(path)?;
+        }
+    }
+    for (_, path) in list_with_extension(dir, "idx.tmp")? {
+        std::fs::remove_file(path)?;
+    }
+    let Some(((active, active_path), sealed)) = segments.split_last() else {
+        return Ok(());
+    };
+    let entries_of = |path: &Path| -> Result<(Vec<idx::Entry>, u64)> {
+        let mut out = Vec::new();
+        let mut last = 0;
+        for_each_line(path, floor, |offset, line| {
+            let Some(seq) = line_seq(line) else {
+                return Ok(true);
+            };
+            last = seq;
+            // A record that does not parse is left out; verify names it.
+            if let Ok(entry) = serde_json::from_slice::<crate::AuditEntry>(line) {
+                crate::audit::index_keys_of(&entry.body).push(seq, offset, &mut out);
+            }
+            Ok(true)
+        })?;
+        Ok((out, last))
+    };
+    for (first, path) in sealed {
+        if idx::Sidecar::open(&idx::sidecar_path(dir, *first))?.is_none() {
+            let (entries, last) = entries_of(path)?;
+            idx::write_sidecar(dir, *first, last, entries)?;
+        }
+    }
+    let (entries, _) = entries_of(active_path)?;
+    index.add(*active, entries);
+    Ok(())
 }

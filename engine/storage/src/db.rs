@@ -38,11 +38,10 @@ pub enum Table {
     /// audit seq (u64 BE) → entry: the audit log of versions before its segment files (read
     /// once, to move it there; see `audit_files`)
     Audit,
-    /// tenant \0 patient \0 time (i64 BE) seq (u64 BE) → offset in its segment (u64 BE): audit
-    /// records per patient and time
+    /// the audit index by patient of versions before its sidecar files (cleared once; see
+    /// `audit_index`)
     AuditIdxPatient,
-    /// tenant \0 time (i64 BE) seq (u64 BE) → offset in its segment (u64 BE): audit records per
-    /// time window
+    /// the audit index by time of versions before its sidecar files (cleared once)
     AuditIdxTime,
     /// small named values (counters, signing keys' metadata)
     Meta,
@@ -229,8 +228,6 @@ impl Db {
         init_once(&inner.audit, &inner.audit_open, || {
             AuditWriter::open(
                 &inner.path,
-                inner.db.clone(),
-                inner.tables.clone(),
                 inner.options.audit_segment_bytes,
                 inner.options.sync,
             )
@@ -244,11 +241,6 @@ impl Db {
     /// Held by a retention run, so two never plan over the same segments.
     pub(crate) fn audit_prune_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.inner.audit_prune
-    }
-
-    /// A write batch outside the committer, for derived data written without an fsync.
-    pub(crate) fn fjall_batch(&self) -> fjall::OwnedWriteBatch {
-        self.inner.db.batch()
     }
 
     /// A consistent read view: sees whole group commits only.
@@ -279,13 +271,12 @@ impl Db {
 
     /// Bytes on disk (the store and the audit segments), for `/metrics`.
     pub fn disk_space(&self) -> u64 {
-        let audit: u64 =
-            crate::audit_files::list_segments(&crate::audit_files::dir_of(&self.inner.path))
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|(_, p)| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum();
+        let audit: u64 = std::fs::read_dir(crate::audit_files::dir_of(&self.inner.path))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         self.inner.db.disk_space().unwrap_or(0) + audit
     }
 }

@@ -8,6 +8,7 @@
 
 mod audit;
 mod audit_files;
+mod audit_index;
 pub mod committer;
 mod db;
 mod dead_letters;
