@@ -2,12 +2,18 @@
 //! token's `grant` (consent id) and `jti` claims. The list is a file in `<data_dir>/keys/`
 //! appended with fsync, so `tributary consent revoke` and the admin endpoint share it and a
 //! running server sees a revocation on its next request (it re-reads the file when it changes).
+//!
+//! The change check runs on every request, so it `fstat`s a handle it keeps open rather than
+//! walking the path each time; appends (all this module and the CLI do) change the same file.
+//! The path is looked up again at most once per [`RELOOK`], which catches a file replaced by
+//! hand (an editor's rename) or created after the server started.
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 pub const REVOKED_FILE: &str = "revoked-grants";
 
@@ -22,15 +28,27 @@ pub enum RevocationError {
     BadId,
 }
 
+const RELOOK: Duration = Duration::from_secs(1);
+
+/// Modification time, size and inode of the list.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
 #[derive(Default)]
 struct Loaded {
     ids: HashSet<String>,
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Stamp,
+}
+
+/// The open list and when its path was last looked up.
+struct Handle {
+    file: Option<std::fs::File>,
+    looked: Option<Instant>,
 }
 
 pub struct Revocations {
     path: PathBuf,
     loaded: RwLock<Loaded>,
+    handle: Mutex<Handle>,
 }
 
 pub fn valid_grant_id(id: &str) -> bool {
@@ -43,17 +61,40 @@ pub fn valid_grant_id(id: &str) -> bool {
 
 impl Revocations {
     pub fn open(data_dir: &Path) -> Self {
+        let path = crate::keys::keys_dir(data_dir).join(REVOKED_FILE);
+        // An empty list to hold open, so the common case (nothing revoked) has a handle too;
+        // where it cannot be made, the path is looked up on each check instead.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path);
         let r = Self {
-            path: crate::keys::keys_dir(data_dir).join(REVOKED_FILE),
+            path,
             loaded: RwLock::new(Loaded::default()),
+            handle: Mutex::new(Handle {
+                file: None,
+                looked: None,
+            }),
         };
         r.refresh();
         r
     }
 
-    fn stamp(&self) -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(&self.path).ok()?;
-        Some((m.modified().ok()?, m.len()))
+    fn stamp(&self) -> Stamp {
+        let of = |m: std::fs::Metadata| Some((m.modified().ok()?, m.len(), m.ino()));
+        let mut h = self.handle.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = h.looked.is_some_and(|t| t.elapsed() < RELOOK);
+        if let (true, Some(f)) = (fresh, &h.file) {
+            if let Ok(m) = f.metadata() {
+                return of(m);
+            }
+        }
+        h.looked = Some(Instant::now());
+        h.file = std::fs::File::open(&self.path).ok();
+        of(h.file.as_ref()?.metadata().ok()?)
     }
 
     /// Re-reads the file if its modification time or size changed.
@@ -129,6 +170,22 @@ pub fn revoke_in_data_dir(data_dir: &Path, id: &str) -> Result<PathBuf, Revocati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_replaced_by_hand_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        revoke_in_data_dir(dir.path(), "consent-1").unwrap();
+        let server = Revocations::open(dir.path());
+        assert!(server.is_revoked("consent-1"));
+        // An editor writes a new file and renames it over the list.
+        let path = crate::keys::keys_dir(dir.path()).join(REVOKED_FILE);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, "consent-9\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        server.handle.lock().unwrap().looked = None; // as if RELOOK had passed
+        assert!(server.is_revoked("consent-9"));
+        assert!(!server.is_revoked("consent-1"));
+    }
 
     #[test]
     fn revocation_is_seen_by_another_handle() {
