@@ -649,11 +649,20 @@ fn build_index(dir: &Path, segments: &[(u64, PathBuf)], floor: u64, index: &Inde
         })?;
         Ok((out, last))
     };
+    let mut rebuilt = 0usize;
     for (first, path) in sealed {
         if idx::Sidecar::open(&idx::sidecar_path(dir, *first))?.is_none() {
+            if rebuilt == 0 {
+                // Once, after an upgrade from the fjall-held index, this reads the whole log.
+                tracing::info!("writing missing audit index files from their segments");
+            }
             let (entries, last) = entries_of(path)?;
             idx::write_sidecar(dir, *first, last, entries)?;
+            rebuilt += 1;
         }
+    }
+    if rebuilt > 0 {
+        tracing::info!(segments = rebuilt, "audit index files written");
     }
     let (entries, _) = entries_of(active_path)?;
     index.add(*active, entries);

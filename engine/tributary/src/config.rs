@@ -179,6 +179,9 @@ pub struct AuditConfig {
     pub retention_days: u64,
     /// How often audit retention runs, in seconds (when `retention_days` > 0).
     pub prune_interval_secs: u64,
+    /// Size (MiB) at which an audit segment file is sealed and its index file written; the
+    /// open segment is read back at start to rebuild its index in memory (1–1024).
+    pub segment_mib: u64,
 }
 
 impl Default for AuditConfig {
@@ -186,6 +189,7 @@ impl Default for AuditConfig {
         Self {
             retention_days: 0,
             prune_interval_secs: 3600,
+            segment_mib: 64,
         }
     }
 }
@@ -322,6 +326,13 @@ impl Config {
             self.journal.retention.prune_interval_secs,
         )?;
         check_positive("audit.prune_interval_secs", self.audit.prune_interval_secs)?;
+        if !(1..=1024).contains(&self.audit.segment_mib) {
+            return Err(invalid(
+                "audit.segment_mib",
+                self.audit.segment_mib,
+                "1 to 1024",
+            ));
+        }
         check_positive(
             "outbox.prune_interval_secs",
             self.outbox.prune_interval_secs,
@@ -423,6 +434,20 @@ mod tests {
         assert!(
             msg.contains("http.listen") && msg.contains("IP:PORT"),
             "{msg}"
+        );
+        let msg = load("[audit]\nsegment_mib = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("audit.segment_mib") && msg.contains("1 to 1024"),
+            "{msg}"
+        );
+        assert_eq!(
+            load("[audit]\nsegment_mib = 8\n", &[])
+                .unwrap()
+                .audit
+                .segment_mib,
+            8
         );
     }
 

@@ -12,6 +12,7 @@ pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
         max_group: config.journal.max_group,
         queue_bound: config.journal.queue_bound,
         sync: true,
+        audit_segment_bytes: config.audit.segment_mib << 20,
         ..DbOptions::default()
     };
     let db = Db::open(&config.data_dir, options)
