@@ -13,7 +13,6 @@ pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
         queue_bound: config.journal.queue_bound,
         sync: true,
         audit_segment_bytes: config.audit.segment_mib << 20,
-        ..DbOptions::default()
     };
     let db = Db::open(&config.data_dir, options)
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
