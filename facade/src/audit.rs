@@ -154,6 +154,67 @@ fn action_code(interaction: &str) -> &'static str {
 
 /// An audit entry as a FHIR R4 `AuditEvent` (id = the chain sequence number).
 pub fn to_audit_event(e: &AuditEntry) -> Value {
+    match e.body.get("kind").and_then(Value::as_str) {
+        Some(kind @ ("ingress" | "egress")) => message_event(e, kind == "ingress"),
+        _ => request_event(e),
+    }
+}
+
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+
+/// A message received from a partner (ingress: DICOM "Import") or sent on to one (egress:
+/// "Export"): its time is the record's `at`, its outcome the adapter's word for it.
+fn message_event(e: &AuditEntry, ingress: bool) -> Value {
+    let b = &e.body;
+    let s = |k: &str| b.get(k).and_then(Value::as_str);
+    let outcome = s("outcome").unwrap_or("unknown");
+    let code = match outcome {
+        "accepted" | "duplicate" | "delivered" => "0",
+        _ => "4",
+    };
+    let desc = match s("ack_code") {
+        Some(ack) => format!("{outcome} (ACK {ack})"),
+        None => outcome.to_string(),
+    };
+    let (event, display, action) = if ingress {
+        ("110107", "Import", "C")
+    } else {
+        ("110106", "Export", "R")
+    };
+    let mut agent = json!({
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": if ingress { "AUT" } else { "IRCP" }}]},
+        "who": {"identifier": {"system": "urn:tributary:partner", "value": s("partner").unwrap_or("anonymous")}},
+        "requestor": ingress,
+    });
+    if let Some(addr) = s("remote_addr") {
+        agent["network"] = json!({"address": addr, "type": "2"});
+    }
+    let mut ev = json!({
+        "resourceType": "AuditEvent",
+        "id": e.seq.to_string(),
+        "type": {"system": DCM, "code": event, "display": display},
+        "subtype": [{"system": "urn:tributary:protocol", "code": s("protocol").unwrap_or("unknown")}],
+        "action": action,
+        "recorded": tributary_core::format_rfc3339_millis(tributary_storage::record_time(b).unwrap_or(0)),
+        "outcome": code,
+        "outcomeDesc": desc,
+        "agent": [agent],
+        "source": {"site": s("tenant").unwrap_or(""), "observer": {"display": format!("tributary {}", s("listener").or(s("route")).unwrap_or("adapter"))}},
+    });
+    if let Some(id) = s("message_id") {
+        let mut entity = json!({
+            "what": {"identifier": {"system": "urn:tributary:message", "value": id}},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"},
+        });
+        if let Some(mt) = s("message_type") {
+            entity["detail"] = json!([{"type": "message-type", "valueString": mt}]);
+        }
+        ev["entity"] = json!([entity]);
+    }
+    ev
+}
+
+fn request_event(e: &AuditEntry) -> Value {
     let b = &e.body;
     let s = |k: &str| b.get(k).and_then(Value::as_str);
     let status = b.get("status").and_then(Value::as_u64).unwrap_or(0);
@@ -218,6 +279,30 @@ pub fn to_audit_event(e: &AuditEntry) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ingress_records_read_as_imports_with_their_own_time_and_outcome() {
+        let entry = |outcome: &str| AuditEntry {
+            seq: 7,
+            prev: String::new(),
+            body: json!({"kind": "ingress", "protocol": "hl7v2-mllp", "at": "2026-12-03T19:03:35.962Z",
+                "listener": "mllp", "tenant": "t1", "partner": "lab", "remote_addr": "10.0.0.5",
+                "outcome": outcome, "message_id": "m-1", "message_type": "ADT^A01"}),
+        };
+        let ev = to_audit_event(&entry("accepted"));
+        assert_eq!(ev["type"]["code"], "110107");
+        assert_eq!(ev["recorded"], "2026-12-03T19:03:35.962Z");
+        assert_eq!(ev["outcome"], "0");
+        assert_eq!(ev["agent"][0]["who"]["identifier"]["value"], "lab");
+        assert_eq!(ev["entity"][0]["what"]["identifier"]["value"], "m-1");
+        assert_eq!(ev["source"]["site"], "t1");
+        let ev = to_audit_event(&entry("rejected_unparseable"));
+        assert_eq!(ev["outcome"], "4");
+        assert_eq!(ev["outcomeDesc"], "rejected_unparseable");
+        let mut egress = entry("refused_downstream");
+        egress.body["kind"] = json!("egress");
+        assert_eq!(to_audit_event(&egress)["type"]["code"], "110106");
+    }
 
     #[test]
     fn record_has_required_fields_and_no_unknown_ones() {
