@@ -276,7 +276,7 @@ impl AuditLog {
     }
 
     /// Deletes the oldest records whose time is before `cutoff_ms` (stopping at the first newer
-    /// one, so the kept chain stays contiguous) with their index entries: segments wholly due are
+    /// one, so the kept chain stays contiguous) with their index files: segments wholly due are
     /// deleted, the due front of the next one is overwritten with zeros. The chained
     /// `audit-retention` record naming the new anchor is appended first, then the anchor is
     /// stored, then the records go. Refuses (error) to prune records whose chain does not

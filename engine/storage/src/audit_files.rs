@@ -13,7 +13,6 @@
 //! - `head`: sequence number (u64 BE) and hash of the newest record, rewritten after every
 //!   group (synced at shutdown). It is what tells a truncated log from a short one.
 //! - `anchor`: where the chain starts after retention (see `audit.rs`), replaced atomically.
-//!
 //! - `<first seq, 20 digits>.idx`: a sealed segment's index ([`crate::audit_index`]); the open
 //!   segment's index is held in memory and rebuilt from the segment when the log is opened.
 
