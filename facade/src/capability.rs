@@ -169,7 +169,11 @@ fn resource_entry(t: &str, routed: bool) -> Value {
                 {"name": "patient", "type": "reference"},
                 {"name": "date", "type": "date"},
                 {"name": "agent", "type": "token"},
-                {"name": "entity", "type": "reference"}
+                {"name": "entity", "type": "reference"},
+                {"name": "type", "type": "token"},
+                {"name": "subtype", "type": "token"},
+                {"name": "action", "type": "token"},
+                {"name": "outcome", "type": "token"}
             ]
         });
     }

@@ -776,10 +776,15 @@ pub async fn history_type(
     Ok(bundle_response(&history_bundle(entries)))
 }
 
-/// `GET /fhir/AuditEvent?patient=&date=ge…&date=le…&agent=&_count=`: the caller's tenant's audit
-/// trail as AuditEvents, for the audit (and admin) role.
+/// `GET /fhir/AuditEvent?patient=&date=ge…&date=le…&agent=&entity=&type=&subtype=&action=&outcome=&_count=`:
+/// the caller's tenant's audit trail as AuditEvents, oldest first, for the audit (and admin)
+/// role. Pages of `_count` (default 1000, at most 5000) follow each other through a `next` link
+/// whose `_cursor` is the (time, sequence number) of the page's last record, so a report over
+/// any window can be read to its end without rescanning it. The first page's `total` counts
+/// every match; later pages carry none (counting would mean rescanning from the start).
 pub async fn audit_events(
     State(st): State<AppState>,
+    headers: HeaderMap,
     Extension(access): Extension<Access>,
     Extension(slot): Extension<AuditSlot>,
     Extension(req): Extension<FhirRequest>,
@@ -787,18 +792,38 @@ pub async fn audit_events(
     let mut patient = None;
     let mut agent = None;
     let mut entity = None;
+    // (dotted path into the rendered AuditEvent, wanted code)
+    let mut rendered: Vec<(&'static [&'static str], String)> = Vec::new();
+    let mut cursor: Option<(i64, u64)> = None;
     let mut from = i64::MIN;
     let mut to = i64::MAX;
     let mut count = 1000usize;
+    // A token's code, with or without its `system|`.
+    let code = |v: &str| v.rsplit_once('|').map_or(v, |(_, c)| c).to_string();
     for (k, v) in &req.params {
         match k.as_str() {
             "patient" => patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_string()),
             "agent" => agent = Some(v.clone()),
             "entity" => entity = Some(v.clone()),
+            "type" => rendered.push((&["type", "code"][..], code(v))),
+            "subtype" => rendered.push((&["subtype", "0", "code"][..], code(v))),
+            "action" => rendered.push((&["action"][..], code(v))),
+            "outcome" => rendered.push((&["outcome"][..], code(v))),
             "_count" => {
                 count = v
                     .parse()
                     .map_err(|_| ApiError::BadRequest("_count must be a number".into()))?
+            }
+            "_cursor" => {
+                cursor = Some(
+                    v.split_once(':')
+                        .and_then(|(t, s)| Some((t.parse().ok()?, s.parse().ok()?)))
+                        .ok_or_else(|| {
+                            ApiError::BadRequest(
+                                "_cursor is not one this server handed out in a next link".into(),
+                            )
+                        })?,
+                )
             }
             "date" => {
                 let (prefix, val) = v.split_at(v.len().min(2));
@@ -826,27 +851,31 @@ pub async fn audit_events(
     }
     let tenant = access.principal.tenant.clone();
     let log = st.rt.audit.clone();
-    let count = count.min(5000);
+    let count = count.clamp(1, 5000);
     // Through the audit index (patient or time window), off the async workers; a log whose
     // index is not built yet is scanned.
-    let events = tokio::task::spawn_blocking(move || -> ApiResult<(Vec<Value>, usize)> {
-        let mut out = Vec::new();
-        let mut total = 0;
-        let mut consider = |e: &tributary_storage::AuditEntry| {
+    let page = tokio::task::spawn_blocking(move || -> ApiResult<AuditPage> {
+        let mut page = AuditPage::default();
+        // Keeps going while a match may still be needed: the first page counts every match for
+        // its total; a later one stops at the first match past the page, which proves a next.
+        let mut consider = |e: &tributary_storage::AuditEntry| -> bool {
             let b = &e.body;
             let s = |k: &str| b.get(k).and_then(Value::as_str);
             let t = tributary_storage::record_time(b).unwrap_or(0);
             if s("tenant") != Some(tenant.as_str()) || t < from || t >= to {
-                return;
+                return true;
+            }
+            if cursor.is_some_and(|c| (t, e.seq) <= c) {
+                return true;
             }
             if patient.as_deref().is_some_and(|p| s("patient") != Some(p)) {
-                return;
+                return true;
             }
-            if agent
-                .as_deref()
-                .is_some_and(|a| s("client") != Some(a) && s("user") != Some(a))
-            {
-                return;
+            // A request's client or user, or the partner a message came from or went to.
+            if agent.as_deref().is_some_and(|a| {
+                s("client") != Some(a) && s("user") != Some(a) && s("partner") != Some(a)
+            }) {
+                return true;
             }
             if let Some(ent) = entity.as_deref() {
                 let what = format!(
@@ -855,37 +884,82 @@ pub async fn audit_events(
                     s("resource_id").unwrap_or("")
                 );
                 if what != ent {
-                    return;
+                    return true;
                 }
             }
-            total += 1;
-            if out.len() < count {
-                out.push(to_audit_event(e));
+            let mut event = None;
+            if !rendered.is_empty() {
+                let ev = to_audit_event(e);
+                let at = |path: &[&str]| {
+                    path.iter()
+                        .try_fold(&ev, |v, k| match k.parse::<usize>() {
+                            Ok(i) => v.get(i),
+                            Err(_) => v.get(*k),
+                        })
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                };
+                if rendered
+                    .iter()
+                    .any(|(path, want)| at(path).as_ref() != Some(want))
+                {
+                    return true;
+                }
+                event = Some(ev);
             }
+            page.total += 1;
+            if page.events.len() < count {
+                page.events.push(event.unwrap_or_else(|| to_audit_event(e)));
+                page.last = Some((t, e.seq));
+            }
+            cursor.is_none() || page.total <= count
         };
         let q = tributary_storage::AuditQuery {
             tenant: tenant.clone(),
             patient: patient.clone(),
-            from_ms: from,
+            from_ms: cursor.map_or(from, |(t, _)| from.max(t)),
             to_ms: to,
         };
-        log.query(&q, |e| {
-            consider(&e);
-            true
-        })?;
-        Ok((out, total))
+        log.query(&q, |e| consider(&e))?;
+        Ok(page)
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    slot.update(|d| d.returned = Some(events.0.len()));
-    let entries: Vec<Value> = events
-        .0
+    slot.update(|d| d.returned = Some(page.events.len()));
+    let base = base_url(&st, &headers);
+    let mut links = vec![
+        json!({"relation": "self", "url": format!("{base}/AuditEvent?{}", crate::search::link_query_with(&req.params, "_count", &count.to_string()))}),
+    ];
+    if let Some((t, seq)) = page.last.filter(|_| page.total > page.events.len()) {
+        let next: Vec<(String, String)> = req
+            .params
+            .iter()
+            .filter(|(k, _)| k != "_count")
+            .cloned()
+            .chain([("_count".to_string(), count.to_string())])
+            .collect();
+        links.push(json!({"relation": "next", "url": format!("{base}/AuditEvent?{}", crate::search::link_query_with(&next, "_cursor", &format!("{t}:{seq}")))}));
+    }
+    let entries: Vec<Value> = page
+        .events
         .into_iter()
         .map(|r| json!({"resource": r, "search": {"mode": "match"}}))
         .collect();
-    Ok(bundle_response(
-        &json!({"resourceType": "Bundle", "type": "searchset", "total": events.1, "entry": entries}),
-    ))
+    let mut bundle =
+        json!({"resourceType": "Bundle", "type": "searchset", "link": links, "entry": entries});
+    if cursor.is_none() {
+        bundle["total"] = json!(page.total);
+    }
+    Ok(bundle_response(&bundle))
+}
+
+/// One page of an AuditEvent search: its events, how many matched from the cursor on, and where
+/// the page ended.
+#[derive(Default)]
+struct AuditPage {
+    events: Vec<Value>,
+    total: usize,
+    last: Option<(i64, u64)>,
 }
 
 /// `POST /admin/consent/{id}/revoke` (admin role): tokens carrying `grant = id` (or `jti = id`)

@@ -490,12 +490,17 @@ fn patient_ids(st: &AppState, tenant: &str, pid: &str, rtype: &str) -> ApiResult
 }
 
 pub(crate) fn link_query(params: &[(String, String)], offset: usize) -> String {
+    link_query_with(params, "_offset", &offset.to_string())
+}
+
+/// The request's parameters with the paging parameter `key` set to `value`, as a query string.
+pub(crate) fn link_query_with(params: &[(String, String)], key: &str, value: &str) -> String {
     let mut parts: Vec<String> = params
         .iter()
-        .filter(|(k, _)| k != "_offset")
+        .filter(|(k, _)| k != key)
         .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
         .collect();
-    parts.push(format!("_offset={offset}"));
+    parts.push(format!("{key}={}", encode(value)));
     parts.join("&")
 }
 

@@ -421,6 +421,82 @@ async fn audit_report_for_one_patient_and_window_lists_every_access_without_phi(
         r.text
     );
     assert_eq!(events[1]["agent"][0]["altId"], "dr-7");
+    assert_eq!(r.json["total"], 4);
+    // Page by page (one record each), every next link continuing after the page's last
+    // record: the same records in the same order, then no next link.
+    let window = format!("patient=pa&date=ge{start}&date=le{end}");
+    let mut url = format!("/fhir/AuditEvent?{window}&_count=1");
+    let mut paged = Vec::new();
+    loop {
+        let page = f.call("GET", &url, Some(&auditor), None).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        assert_eq!(
+            page.json["entry"].as_array().unwrap().len(),
+            1,
+            "{}",
+            page.text
+        );
+        paged.push(page.json["entry"][0]["resource"]["id"].clone());
+        let links = page.json["link"].as_array().unwrap();
+        let Some(next) = links.iter().find(|l| l["relation"] == "next") else {
+            break;
+        };
+        let next = next["url"].as_str().unwrap();
+        url = next[next.find("/fhir/").unwrap()..].to_string();
+        assert!(
+            paged.len() <= events.len(),
+            "next links past the end: {url}"
+        );
+    }
+    let ids: Vec<Value> = events.iter().map(|e| e["id"].clone()).collect();
+    assert_eq!(paged, ids);
+    // Filters on the AuditEvent's own codes.
+    let only = |query: String| {
+        let f = &f;
+        let auditor = &auditor;
+        async move {
+            let r = f
+                .call(
+                    "GET",
+                    &format!("/fhir/AuditEvent?{query}"),
+                    Some(auditor),
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.json["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["resource"]["id"].clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        only(format!("{window}&outcome=4")).await,
+        vec![ids[3].clone()]
+    );
+    assert_eq!(
+        only(format!("{window}&agent=clinic-app&subtype=read")).await,
+        vec![ids[1].clone()]
+    );
+    assert_eq!(
+        only(format!(
+            "{window}&type=http://terminology.hl7.org/CodeSystem/audit-event-type|rest&action=R"
+        ))
+        .await,
+        vec![ids[0].clone(), ids[1].clone(), ids[3].clone()]
+    );
+    assert_outcome(
+        &f.call(
+            "GET",
+            &format!("/fhir/AuditEvent?{window}&_cursor=x"),
+            Some(&auditor),
+            None,
+        )
+        .await,
+        400,
+    );
     for phi in PHI {
         assert!(!r.text.contains(phi), "audit report leaks {phi}");
     }
