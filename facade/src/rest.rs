@@ -778,10 +778,11 @@ pub async fn history_type(
 
 /// `GET /fhir/AuditEvent?patient=&date=ge…&date=le…&agent=&entity=&type=&subtype=&action=&outcome=&_count=`:
 /// the caller's tenant's audit trail as AuditEvents, oldest first, for the audit (and admin)
-/// role. Pages of `_count` (default 1000, at most 5000) follow each other through a `next` link
-/// whose `_cursor` is the (time, sequence number) of the page's last record, so a report over
-/// any window can be read to its end without rescanning it. The first page's `total` counts
-/// every match; later pages carry none (counting would mean rescanning from the start).
+/// role. Pages of `_count` (default 1000, at most 5000; 0 for the total only) follow each other
+/// through a `next` link whose `_cursor` is the (time, sequence number) of the page's last
+/// record, so a report over any window can be read to its end without rescanning it. The first
+/// page's `total` counts every match; later pages carry none (counting would mean rescanning
+/// from the start).
 pub async fn audit_events(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -851,7 +852,8 @@ pub async fn audit_events(
     }
     let tenant = access.principal.tenant.clone();
     let log = st.rt.audit.clone();
-    let count = count.clamp(1, 5000);
+    // `_count=0`: the total only.
+    let count = count.min(5000);
     // Through the audit index (patient or time window), off the async workers; a log whose
     // index is not built yet is scanned.
     let page = tokio::task::spawn_blocking(move || -> ApiResult<AuditPage> {

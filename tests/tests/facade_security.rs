@@ -450,6 +450,16 @@ async fn audit_report_for_one_patient_and_window_lists_every_access_without_phi(
     }
     let ids: Vec<Value> = events.iter().map(|e| e["id"].clone()).collect();
     assert_eq!(paged, ids);
+    let counted = f
+        .call(
+            "GET",
+            &format!("/fhir/AuditEvent?{window}&_count=0"),
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(counted.json["total"], 4, "{}", counted.text);
+    assert_eq!(counted.json["entry"].as_array().map_or(0, Vec::len), 0);
     // Filters on the AuditEvent's own codes.
     let only = |query: String| {
         let f = &f;
