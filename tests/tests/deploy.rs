@@ -83,7 +83,7 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_root().join(rel)).unwrap()
 }
 
-/// `TRIBUTARY_*` assignments of a Dockerfile's `ENV` instructions (continuation lines included).
+/// The `KEY=value` assignments of a Dockerfile's `ENV` instructions (continuation lines included).
 fn dockerfile_env(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut continued = false;
