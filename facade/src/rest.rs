@@ -793,8 +793,8 @@ pub async fn audit_events(
     let mut patient = None;
     let mut agent = None;
     let mut entity = None;
-    // (dotted path into the rendered AuditEvent, wanted code)
-    let mut rendered: Vec<(&'static [&'static str], String)> = Vec::new();
+    // (JSON pointer into the rendered AuditEvent, wanted code)
+    let mut rendered: Vec<(&'static str, String)> = Vec::new();
     let mut cursor: Option<(i64, u64)> = None;
     let mut from = i64::MIN;
     let mut to = i64::MAX;
@@ -806,10 +806,10 @@ pub async fn audit_events(
             "patient" => patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_string()),
             "agent" => agent = Some(v.clone()),
             "entity" => entity = Some(v.clone()),
-            "type" => rendered.push((&["type", "code"][..], code(v))),
-            "subtype" => rendered.push((&["subtype", "0", "code"][..], code(v))),
-            "action" => rendered.push((&["action"][..], code(v))),
-            "outcome" => rendered.push((&["outcome"][..], code(v))),
+            "type" => rendered.push(("/type/code", code(v))),
+            "subtype" => rendered.push(("/subtype/0/code", code(v))),
+            "action" => rendered.push(("/action", code(v))),
+            "outcome" => rendered.push(("/outcome", code(v))),
             "_count" => {
                 count = v
                     .parse()
@@ -892,18 +892,9 @@ pub async fn audit_events(
             let mut event = None;
             if !rendered.is_empty() {
                 let ev = to_audit_event(e);
-                let at = |path: &[&str]| {
-                    path.iter()
-                        .try_fold(&ev, |v, k| match k.parse::<usize>() {
-                            Ok(i) => v.get(i),
-                            Err(_) => v.get(*k),
-                        })
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                };
                 if rendered
                     .iter()
-                    .any(|(path, want)| at(path).as_ref() != Some(want))
+                    .any(|(at, want)| ev.pointer(at).and_then(Value::as_str) != Some(want.as_str()))
                 {
                     return true;
                 }
