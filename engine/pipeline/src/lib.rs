@@ -31,8 +31,8 @@ use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
-    FieldKey, FieldKind, FieldReportStore, JournalEntry, MessageUpdate, OutboxEvent, ResourceWrite,
-    StorageError, StoreTransaction,
+    FieldKey, FieldKind, FieldReportStore, JournalEntry, JournalRecord, MessageUpdate, OutboxEvent,
+    ResourceWrite, StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -43,6 +43,8 @@ pub const COMPONENT: &str = "pipeline";
 const SHARD_QUEUE: usize = 64;
 /// Entries dispatched but not yet processed, across all workers.
 const MAX_IN_FLIGHT: usize = 2048;
+/// Largest payload a dispatched entry carries to its worker (see `run`).
+const QUEUED_PAYLOAD_MAX: usize = 64 * 1024;
 const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +147,7 @@ impl Pipeline {
         let mut shards = Vec::with_capacity(workers);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..workers {
-            let (tx, rx) = mpsc::channel::<JournalEntry>(SHARD_QUEUE);
+            let (tx, rx) = mpsc::channel::<(JournalEntry, Option<JournalRecord>)>(SHARD_QUEUE);
             shards.push(tx);
             tasks.spawn(self.clone().worker(rt.clone(), rx, done_tx.clone()));
         }
@@ -167,18 +169,28 @@ impl Pipeline {
                 };
                 more = entries.len() == 512;
                 for e in entries {
-                    position = e.seq;
-                    let key = match rt.journal.get(e.id) {
-                        Ok(Some(r)) => r.envelope.ordering_key,
-                        Ok(None) => continue,
+                    let record = match rt.journal.get(e.id) {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            position = e.seq;
+                            continue;
+                        }
                         Err(err) => {
+                            // read again on the next pass, from this entry on
                             tracing::warn!(error = %err, "reading a journal record failed");
-                            String::new()
+                            more = false;
+                            break;
                         }
                     };
+                    position = e.seq;
                     in_flight.insert(e.seq);
                     let seq = e.seq;
-                    if shards[shard_of(&key, workers)].send(e).await.is_err() {
+                    let shard = shard_of(&record.envelope.ordering_key, workers);
+                    // Large payloads are read again by the worker: queued records stay bounded
+                    // in bytes, not only in count.
+                    let record =
+                        (record.envelope.payload.len() <= QUEUED_PAYLOAD_MAX).then_some(record);
+                    if shards[shard].send((e, record)).await.is_err() {
                         in_flight.remove(&seq);
                     }
                 }
@@ -299,12 +311,12 @@ impl Pipeline {
     async fn worker(
         self,
         rt: Runtime,
-        mut rx: mpsc::Receiver<JournalEntry>,
+        mut rx: mpsc::Receiver<(JournalEntry, Option<JournalRecord>)>,
         done: mpsc::UnboundedSender<u64>,
     ) {
         loop {
             // Entries still queued at shutdown stay after the cursor and are offered again.
-            let entry = tokio::select! {
+            let (entry, record) = tokio::select! {
                 biased;
                 _ = rt.shutdown.cancelled() => return,
                 e = rx.recv() => match e {
@@ -313,8 +325,10 @@ impl Pipeline {
                 },
             };
             let seq = entry.seq;
+            // The dispatcher's read serves the first attempt; a retry reads the journal again.
+            let mut record = record;
             loop {
-                match self.process(&rt, entry).await {
+                match self.process(&rt, entry, record.take()).await {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, seq, "pipeline step failed; retrying");
@@ -380,21 +394,20 @@ impl Pipeline {
         let n = entries.len();
         // Shard by ordering key: one key's messages go to one worker, in journal order.
         let workers = self.config.workers.max(1);
-        let mut shards: Vec<Vec<(JournalEntry, String)>> = vec![Vec::new(); workers];
+        let mut shards: Vec<Vec<(JournalEntry, JournalRecord)>> = vec![Vec::new(); workers];
         for e in entries {
-            let key = match rt.journal.get(e.id)? {
-                Some(r) => r.envelope.ordering_key,
-                None => continue,
+            let Some(record) = rt.journal.get(e.id)? else {
+                continue;
             };
-            shards[shard_of(&key, workers)].push((e, key));
+            shards[shard_of(&record.envelope.ordering_key, workers)].push((e, record));
         }
         let mut set = tokio::task::JoinSet::new();
         for shard in shards.into_iter().filter(|s| !s.is_empty()) {
             let this = self.clone();
             let rt = rt.clone();
             set.spawn(async move {
-                for (e, _) in shard {
-                    this.process(&rt, e).await?;
+                for (e, record) in shard {
+                    this.process(&rt, e, Some(record)).await?;
                 }
                 Ok::<_, PipelineError>(())
             });
@@ -412,13 +425,15 @@ impl Pipeline {
         Ok(n)
     }
 
-    /// Maps and commits one journal entry; counts the outcome for `/metrics`.
+    /// Maps and commits one journal entry; counts the outcome for `/metrics`. `record` is the
+    /// entry's journal record when the caller has just read it (otherwise it is read here).
     pub async fn process(
         &self,
         rt: &Runtime,
         entry: JournalEntry,
+        record: Option<JournalRecord>,
     ) -> Result<Outcome, PipelineError> {
-        let out = self.map_and_commit(rt, entry).await;
+        let out = self.map_and_commit(rt, entry, record).await;
         let outcome = match &out {
             Ok(Outcome::Committed { .. }) => "committed",
             Ok(Outcome::Failed { .. }) => "failed",
@@ -434,9 +449,14 @@ impl Pipeline {
         &self,
         rt: &Runtime,
         entry: JournalEntry,
+        record: Option<JournalRecord>,
     ) -> Result<Outcome, PipelineError> {
-        let Some(record) = rt.journal.get(entry.id)? else {
-            return Ok(Outcome::Skipped);
+        let record = match record {
+            Some(r) => r,
+            None => match rt.journal.get(entry.id)? {
+                Some(r) => r,
+                None => return Ok(Outcome::Skipped),
+            },
         };
         // Stale queue entry (replayed since) or already processed: nothing to do.
         if record.state.state != MessageState::Received || record.state.seq != Some(entry.seq) {
