@@ -2,15 +2,33 @@
 //! configuration file, the container image's environment and the systemd unit's settings are
 //! each given to the real binary (with the container paths and ports moved into a temporary
 //! directory), which must come up ready and acknowledge an HL7 message over MLLP.
-//! The image itself is not built here (no container registry on the test machine).
+//! The compose file's engine settings, with its brokers replaced by a Tansu broker and the
+//! RabbitMQ on this machine, must stream an acknowledged message's events to both.
+//! The image itself is not built here (no container registry on the test machine), and neither
+//! Kafka's nor RabbitMQ's image is run: the compose file is checked against the Compose
+//! specification's schema and for settings that must agree between its services.
 
 mod mllp_common;
+#[allow(dead_code)] // shared with the AMQP tests, which use the rest
+#[path = "../../adapters/amqp/tests/common/mod.rs"]
+mod rabbit;
 
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
 use mllp_common::{field, Client};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tributary_e2e::{free_port, http_get, issued_token, repo_root, workspace_bin, Server};
+use tributary_kafka::testing::{find_tansu, Tansu};
+use yaml_rust2::{Yaml, YamlLoader};
 
 /// Where a setting from `deploy/` points inside a container or host, and where it points here.
 struct Local {
@@ -60,16 +78,21 @@ impl Local {
         server
     }
 
+    /// An ADT^A01 over MLLP, which must be acknowledged AA.
+    fn admit(&self) {
+        let mut c = Client::connect(&self.mllp);
+        c.send(b"MSH|^~\\&|LAB|HOSP|TRIB|HIE|20261204101500||ADT^A01|DEPLOY-1|P|2.5.1\rEVN|A01|20261204101500\rPID|1||MRN-DEPLOY^^^HOSP^MR||Sample^Pat||19800101|F\rPV1|1|I|W1^1^1\r");
+        let ack = c.recv(Duration::from_secs(10)).expect("an ACK");
+        assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
+    }
+
     /// Ready, healthy, an ADT^A01 acknowledged AA over MLLP, the data where it was told to go.
     fn check_running(&self, mut server: Server) {
         let ready = http_get(&self.http, "/ready").unwrap();
         assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
         let health = http_get(&self.http, "/health").unwrap();
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-        let mut c = Client::connect(&self.mllp);
-        c.send(b"MSH|^~\\&|LAB|HOSP|TRIB|HIE|20261204101500||ADT^A01|DEPLOY-1|P|2.5.1\rEVN|A01|20261204101500\rPID|1||MRN-DEPLOY^^^HOSP^MR||Sample^Pat||19800101|F\rPV1|1|I|W1^1^1\r");
-        let ack = c.recv(Duration::from_secs(10)).expect("an ACK");
-        assert_eq!(field(&ack, "MSA", 1), "AA", "{ack}");
+        self.admit();
         assert!(
             self.data().join("audit").is_dir(),
             "data not in the data dir"
@@ -232,4 +255,252 @@ fn kubernetes_manifest_is_valid_against_the_api_schemas() {
             "{text}"
         );
     }
+}
+
+fn compose() -> Yaml {
+    YamlLoader::load_from_str(&read("deploy/compose.yaml"))
+        .unwrap()
+        .remove(0)
+}
+
+/// A service's `environment` mapping as (name, value) pairs, in file order.
+fn compose_env(doc: &Yaml, service: &str) -> Vec<(String, String)> {
+    let env = &doc["services"][service]["environment"];
+    let map = env
+        .as_hash()
+        .unwrap_or_else(|| panic!("services.{service}.environment is a mapping: {env:?}"));
+    map.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Yaml::String(s) => s.clone(),
+                Yaml::Integer(i) => i.to_string(),
+                other => panic!("{service}: {k:?} is not a string: {other:?}"),
+            };
+            (k.as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn value<'a>(env: &'a [(String, String)], key: &str) -> &'a str {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("{key} not set: {env:?}"))
+}
+
+#[test]
+fn compose_file_is_valid_and_its_services_agree() {
+    // Settings that must agree between services for the engine to reach its brokers.
+    let doc = compose();
+    let engine = compose_env(&doc, "tributary");
+    let kafka = compose_env(&doc, "kafka");
+    let rabbit = compose_env(&doc, "rabbitmq");
+    let brokers = value(&engine, "TRIBUTARY_KAFKA__BROKERS");
+    assert!(
+        value(&kafka, "KAFKA_ADVERTISED_LISTENERS")
+            .split(',')
+            .any(|l| l.split_once("://").map(|(_, a)| a) == Some(brokers)),
+        "the engine's brokers {brokers} are not an advertised Kafka listener"
+    );
+    let url = value(&engine, "TRIBUTARY_AMQP__URL");
+    let user = value(&rabbit, "RABBITMQ_DEFAULT_USER");
+    let pass = value(&rabbit, "RABBITMQ_DEFAULT_PASS");
+    assert!(
+        url.starts_with(&format!("amqp://{user}:{pass}@rabbitmq:5672/")),
+        "the engine's AMQP URL {url} does not use RabbitMQ's user {user}"
+    );
+    for volume in ["tributary-data", "kafka-data", "rabbitmq-data"] {
+        assert!(!doc["volumes"][volume].is_badvalue(), "volume {volume}");
+    }
+
+    // The Compose specification's JSON schema (as docker-compose 1.29.2 ships it), installed by
+    // scripts/install-test-tools; a copy with a misspelt key must fail, so the check can fail.
+    let venv = repo_root().join("target/test-tools/kubernetes-validate-venv");
+    let python = venv.join("bin/python");
+    let schema = std::fs::read_dir(venv.join("lib"))
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.path().join("site-packages/compose/config/compose_spec.json"))
+        .filter(|p| p.exists());
+    let Some(schema) = schema else {
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+        );
+        eprintln!("compose specification schema not installed (scripts/install-test-tools): compose file not checked against it");
+        return;
+    };
+    const CHECK: &str = "import json, sys, yaml, jsonschema
+schema = json.load(open(sys.argv[1]))
+doc = yaml.safe_load(sys.stdin)
+errors = list(jsonschema.Draft201909Validator(schema).iter_errors(doc))
+for e in errors:
+    print('/'.join(map(str, e.path)) + ': ' + e.message)
+print(len(errors), 'errors')
+";
+    let check = |text: &str| {
+        let mut child = Command::new(&python)
+            .args(["-c", CHECK])
+            .arg(&schema)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = read("deploy/compose.yaml");
+    assert_eq!(check(&text), "0 errors\n");
+    let misspelt = text.replace("stop_grace_period:", "stop_grace_periode:");
+    let report = check(&misspelt);
+    assert!(
+        report.contains("services/tributary: 'stop_grace_periode' does not match"),
+        "{report}"
+    );
+}
+
+/// The compose file's settings for the engine (over the image's), with `kafka:9092` pointing at
+/// a Tansu broker and the RabbitMQ URL at the one on this machine: an ADT^A01 acknowledged over
+/// MLLP comes out as the same event on the Kafka topic and on the RabbitMQ exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
+    const TEST: &str = "compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq";
+    if find_tansu().is_none() {
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+        );
+        eprintln!("SKIP {TEST}: `tansu` not installed");
+        return;
+    }
+    let Some(conn) = rabbit::rabbit_or_skip(TEST).await else {
+        return;
+    };
+    let doc = compose();
+    let compose_env = compose_env(&doc, "tributary");
+    let broker = Tansu::start().unwrap();
+    // amqp://user:pass@host:port of this machine's RabbitMQ, the vhost from the compose file
+    let local_amqp = rabbit::amqp_url();
+    let local_authority = local_amqp
+        .rsplit_once('/')
+        .map(|(a, _)| a.to_string())
+        .unwrap();
+    let local = Local::new();
+    let mut env: Vec<(String, String)> = dockerfile_env(&read("deploy/Dockerfile"))
+        .into_iter()
+        .filter(|(k, _)| !compose_env.iter().any(|(c, _)| c == k))
+        .chain(compose_env.iter().cloned())
+        .map(|(k, v)| {
+            let v = local.localize(&v).replace("kafka:9092", &broker.bootstrap());
+            let v = match v.split_once("@rabbitmq:5672") {
+                Some((_, vhost)) => format!("{local_authority}{vhost}"),
+                None => v,
+            };
+            (k, v)
+        })
+        .collect();
+    env.push(("TRIBUTARY_LOG".into(), "warn".into()));
+    let exchange = value(&compose_env, "TRIBUTARY_AMQP__SINK__EXCHANGE");
+
+    // A subscriber queue on the exchange, bound before anything is published.
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.name().as_str().into(),
+        exchange.into(),
+        "*.hl7v2.adt.A01".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "e2e-compose")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["^hl7v2\\..*"]).unwrap();
+
+    let mut server = local.serve(&[], &env);
+    local.admit();
+
+    // The message event on Kafka …
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let event_id = loop {
+        let m = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .expect("the A01 event on Kafka within 60 s");
+        // the topic appears with the first event; until then the consumer reports it unknown
+        let Ok(m) = m else { continue };
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        if header("ce_type").as_deref() == Some("hl7v2.adt.A01") {
+            assert_eq!(m.topic(), "hl7v2.adt.A01");
+            break header("ce_id").expect("ce_id");
+        }
+    };
+    // … and the same event, by id, on RabbitMQ.
+    let mut deliveries = ch
+        .basic_consume(
+            queue.name().as_str().into(),
+            "compose-test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    loop {
+        let d = tokio::time::timeout_at(deadline, deliveries.next())
+            .await
+            .expect("the A01 event on RabbitMQ within 60 s")
+            .unwrap()
+            .unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        let id = d.properties.message_id().as_ref().map(|s| s.to_string());
+        if id.as_deref() == Some(event_id.as_str()) {
+            break;
+        }
+    }
+    let ready = http_get(&local.http, "/ready").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let status = server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
