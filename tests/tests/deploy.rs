@@ -321,7 +321,10 @@ fn compose_file_is_valid_and_its_services_agree() {
         .ok()
         .and_then(|mut d| d.next())
         .and_then(|e| e.ok())
-        .map(|e| e.path().join("site-packages/compose/config/compose_spec.json"))
+        .map(|e| {
+            e.path()
+                .join("site-packages/compose/config/compose_spec.json")
+        })
         .filter(|p| p.exists());
     let Some(schema) = schema else {
         assert!(
@@ -400,7 +403,9 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
         .filter(|(k, _)| !compose_env.iter().any(|(c, _)| c == k))
         .chain(compose_env.iter().cloned())
         .map(|(k, v)| {
-            let v = local.localize(&v).replace("kafka:9092", &broker.bootstrap());
+            let v = local
+                .localize(&v)
+                .replace("kafka:9092", &broker.bootstrap());
             let v = match v.split_once("@rabbitmq:5672") {
                 Some((_, vhost)) => format!("{local_authority}{vhost}"),
                 None => v,
