@@ -14,10 +14,7 @@ mod mllp_common;
 mod rabbit;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use mllp_common::{field, Client};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -418,37 +415,7 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
 
     // A subscriber queue on the exchange, bound before anything is published.
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let queue = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(
-        queue.name().as_str().into(),
-        exchange.into(),
-        "*.hl7v2.adt.A01".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let queue = rabbit::bound_queue(&ch, exchange, "*.hl7v2.adt.A01").await;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("group.id", "e2e-compose")
@@ -485,7 +452,7 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
     // … and the same event, by id, on RabbitMQ.
     let mut deliveries = ch
         .basic_consume(
-            queue.name().as_str().into(),
+            queue.as_str().into(),
             "compose-test".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

@@ -3,11 +3,10 @@
 
 mod common;
 
-use common::{amqp_url, fill_durable_queue, queue_depth, rabbit_or_skip};
+use common::{amqp_url, bound_queue, fill_durable_queue, queue_depth, rabbit_or_skip};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -84,37 +83,7 @@ async fn sink_publishes_every_event_with_confirms_and_routing_keys() {
     // A subscriber queue bound to Observation events of tenant t1 only, declared before
     // publishing starts (the sink declares the exchange; we declare it too to bind first).
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        exchange.as_str().into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let queue = unique("test.obs");
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        queue.as_str().into(),
-        exchange.as_str().into(),
-        "t1.Observation.*".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let queue = bound_queue(&ch, &exchange, "t1.Observation.*").await;
 
     for n in 0..50 {
         let tenant = if n % 10 == 9 { "t2" } else { "t1" };

@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{append, discharge_before_admit, fixture, repo, runtime};
+use common::{
+    append, assert_committed, discharge_before_admit, fixture, repo, runtime, wait_processed,
+};
 use std::sync::Arc;
-use tributary_core::MessageState;
 use tributary_pipeline::{MappingConfig, MappingRegistry, Pipeline, UnconsumedPolicy};
-use tributary_runtime::Runtime;
 
 /// Log lines written while a test runs, for asserting what the pipeline logs.
 #[derive(Clone, Default)]
@@ -38,24 +38,6 @@ fn with_z_segment(value: &str) -> Vec<u8> {
     text.truncate(text_end);
     text.push_str(&format!("\rZXT|1|{value}\r"));
     text.into_bytes()
-}
-
-async fn wait_processed(rt: &Runtime, ids: &[tributary_core::MessageId]) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let done = ids.iter().all(|id| {
-            let st = rt.journal.get(*id).unwrap().unwrap().state.state;
-            st != MessageState::Received
-        });
-        if done {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "messages not processed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -104,12 +86,7 @@ async fn the_field_report_counts_fields_per_message_map_and_never_keeps_a_value(
     wait_processed(&rt, &ids).await;
     rt.shutdown.cancel();
     running.await.unwrap().unwrap();
-    for id in &ids {
-        assert_eq!(
-            rt.journal.get(*id).unwrap().unwrap().state.state,
-            MessageState::Committed
-        );
-    }
+    assert_committed(&rt, &ids);
 
     let report = tributary_storage::FieldReportStore::new(rt.db.clone())
         .read(Some("t1"))

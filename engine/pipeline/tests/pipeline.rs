@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{append, discharge_before_admit, fixture, repo, runtime};
+use common::{
+    append, assert_committed, discharge_before_admit, fixture, repo, runtime, wait_processed,
+};
 use std::path::Path;
 use std::sync::Arc;
 use tributary_core::{MessageState, StateKind};
@@ -316,22 +318,10 @@ async fn a_running_pipeline_applies_large_and_small_messages_of_one_patient_in_o
     for m in &messages {
         ids.push(append(&rt, m.clone()).await);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while ids
-        .iter()
-        .any(|id| rt.journal.get(*id).unwrap().unwrap().state.state == MessageState::Received)
-    {
-        assert!(std::time::Instant::now() < deadline, "not processed");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_processed(&rt, &ids).await;
     rt.shutdown.cancel();
     running.await.unwrap().unwrap();
-    for id in &ids {
-        assert_eq!(
-            rt.journal.get(*id).unwrap().unwrap().state.state,
-            MessageState::Committed
-        );
-    }
+    assert_committed(&rt, &ids);
     let mapped = p
         .registry
         .current()

@@ -1,7 +1,9 @@
 //! The RabbitMQ on this machine, for the tests that need one. Also used by the end-to-end tests
 //! (`tests/tests/events_common`, through `#[path]`), so that both find, skip and fill it alike.
 
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -71,4 +73,44 @@ pub async fn queue_depth(ch: &Channel, queue: &str) -> u32 {
     .await
     .unwrap()
     .message_count()
+}
+
+/// Declares the durable topic exchange `exchange` (as the sink does) and an exclusive,
+/// server-named queue bound to it with `routing_key`; returns the queue's name. Declared before
+/// the sink publishes, so the queue receives everything from the start.
+pub async fn bound_queue(ch: &Channel, exchange: &str, routing_key: &str) -> String {
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let queue = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .name()
+        .to_string();
+    ch.queue_bind(
+        queue.as_str().into(),
+        exchange.into(),
+        routing_key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    queue
 }

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tributary_core::{Envelope, Protocol};
+use tributary_core::{Envelope, MessageState, Protocol};
 use tributary_runtime::{Readiness, Runtime};
 use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
 
@@ -56,4 +56,32 @@ pub fn discharge_before_admit() -> Vec<u8> {
         })
         .collect();
     segments.join("\r").into_bytes()
+}
+
+/// Waits (at most 30 s) until none of `ids` is still `received`.
+pub async fn wait_processed(rt: &Runtime, ids: &[tributary_core::MessageId]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let done = ids.iter().all(|id| {
+            let st = rt.journal.get(*id).unwrap().unwrap().state.state;
+            st != MessageState::Received
+        });
+        if done {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages not processed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub fn assert_committed(rt: &Runtime, ids: &[tributary_core::MessageId]) {
+    for id in ids {
+        assert_eq!(
+            rt.journal.get(*id).unwrap().unwrap().state.state,
+            MessageState::Committed
+        );
+    }
 }
