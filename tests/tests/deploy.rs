@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tributary_e2e::{free_port, http_get, issued_token, repo_root, workspace_bin, Server};
-use tributary_kafka::testing::{find_tansu, Tansu};
+use tributary_kafka::testing::{tansu_or_skip, Tansu};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Where a setting from `deploy/` points inside a container or host, and where it points here.
@@ -374,12 +374,7 @@ print(len(errors), 'errors')
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
     const TEST: &str = "compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq";
-    if find_tansu().is_none() {
-        assert!(
-            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
-            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
-        );
-        eprintln!("SKIP {TEST}: `tansu` not installed");
+    if !tansu_or_skip(TEST) {
         return;
     }
     let Some(conn) = rabbit::rabbit_or_skip(TEST).await else {

@@ -26,6 +26,23 @@ pub fn find_tansu() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// Whether `tansu` is installed; when it is not, says why `test` skips. CI installs every test
+/// tool and sets `TEST_REQUIRE_TOOLS=1`: there, a missing broker fails the test instead.
+pub fn tansu_or_skip(test: &str) -> bool {
+    if find_tansu().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+        "a test tool is missing but TEST_REQUIRE_TOOLS is set"
+    );
+    eprintln!(
+        "SKIP {test}: `tansu` not found on PATH or in ~/.cargo/bin \
+         (cargo install tansu --version 0.6.0 --locked --features dynostore)"
+    );
+    false
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

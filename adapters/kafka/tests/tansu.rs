@@ -9,28 +9,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_kafka::testing::{find_tansu, free_port, Tansu};
+use tributary_kafka::testing::{free_port, tansu_or_skip, Tansu};
 use tributary_kafka::{KafkaConfig, KafkaRelay, RelayError, RelayStats};
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
     Db, DbOptions, FjallStore, OutboxEvent, ResourceWrite, Store, StoreTransaction,
 };
-
-fn tansu_or_skip(test: &str) -> Option<()> {
-    if find_tansu().is_none() {
-        // CI installs every test tool and sets TEST_REQUIRE_TOOLS=1: there, a missing tool fails.
-        assert!(
-            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
-            "a test tool is missing but TEST_REQUIRE_TOOLS is set"
-        );
-        eprintln!(
-            "SKIP {test}: `tansu` not found on PATH or in ~/.cargo/bin \
-             (cargo install tansu --version 0.6.0 --locked --features dynostore)"
-        );
-        return None;
-    }
-    Some(())
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -279,9 +263,9 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_every_event_in_order_with_cloudevents_headers() {
-    let Some(()) = tansu_or_skip("relays_every_event_in_order_with_cloudevents_headers") else {
+    if !tansu_or_skip("relays_every_event_in_order_with_cloudevents_headers") {
         return;
-    };
+    }
     let broker = Tansu::start().unwrap();
     let e = env();
     for n in 0..300 {
@@ -336,10 +320,9 @@ async fn relays_every_event_in_order_with_cloudevents_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
-    let Some(()) = tansu_or_skip("unreachable_broker_is_reported_and_events_wait_in_the_outbox")
-    else {
+    if !tansu_or_skip("unreachable_broker_is_reported_and_events_wait_in_the_outbox") {
         return;
-    };
+    }
     let port = free_port();
     let bootstrap = format!("127.0.0.1:{port}");
     let e = env();
@@ -383,9 +366,9 @@ async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
 /// patient in order; duplicates only with the same id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outages_lose_nothing() {
-    let Some(()) = tansu_or_skip("broker_outages_lose_nothing") else {
+    if !tansu_or_skip("broker_outages_lose_nothing") {
         return;
-    };
+    }
     let outage = Duration::from_secs(
         std::env::var("OUTAGE_SECS")
             .ok()
@@ -470,9 +453,9 @@ async fn broker_outages_lose_nothing() {
 /// Skips when python3 or the package is missing (`pip install confluent-kafka`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_confluent_kafka_consumer_reads_every_event() {
-    let Some(()) = tansu_or_skip("python_confluent_kafka_consumer_reads_every_event") else {
+    if !tansu_or_skip("python_confluent_kafka_consumer_reads_every_event") {
         return;
-    };
+    }
     let has_client = std::process::Command::new("python3")
         .args(["-c", "import confluent_kafka"])
         .output()
