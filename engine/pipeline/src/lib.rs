@@ -43,7 +43,7 @@ pub const COMPONENT: &str = "pipeline";
 const SHARD_QUEUE: usize = 64;
 /// Entries dispatched but not yet processed, across all workers.
 const MAX_IN_FLIGHT: usize = 2048;
-/// Largest payload a dispatched entry carries to its worker (see `run`).
+/// Largest payload a dispatched entry carries to its worker (see [`queued`]).
 const QUEUED_PAYLOAD_MAX: usize = 64 * 1024;
 const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
 
@@ -79,6 +79,12 @@ pub struct Pipeline {
     feed: Option<ProcessedFeed>,
     /// Unconsumed / left-out field counts, flushed to storage by [`Pipeline::flush_report`].
     pub report: Arc<FieldAggregator>,
+}
+
+/// A dispatched record, kept for its worker unless its payload is large: the worker reads those
+/// again, so queued records stay bounded in bytes, not only in count.
+fn queued(record: JournalRecord) -> Option<JournalRecord> {
+    (record.envelope.payload.len() <= QUEUED_PAYLOAD_MAX).then_some(record)
 }
 
 fn shard_of(key: &str, workers: usize) -> usize {
@@ -186,11 +192,7 @@ impl Pipeline {
                     in_flight.insert(e.seq);
                     let seq = e.seq;
                     let shard = shard_of(&record.envelope.ordering_key, workers);
-                    // Large payloads are read again by the worker: queued records stay bounded
-                    // in bytes, not only in count.
-                    let record =
-                        (record.envelope.payload.len() <= QUEUED_PAYLOAD_MAX).then_some(record);
-                    if shards[shard].send((e, record)).await.is_err() {
+                    if shards[shard].send((e, queued(record))).await.is_err() {
                         in_flight.remove(&seq);
                     }
                 }
@@ -394,12 +396,13 @@ impl Pipeline {
         let n = entries.len();
         // Shard by ordering key: one key's messages go to one worker, in journal order.
         let workers = self.config.workers.max(1);
-        let mut shards: Vec<Vec<(JournalEntry, JournalRecord)>> = vec![Vec::new(); workers];
+        let mut shards: Vec<Vec<(JournalEntry, Option<JournalRecord>)>> = vec![Vec::new(); workers];
         for e in entries {
             let Some(record) = rt.journal.get(e.id)? else {
                 continue;
             };
-            shards[shard_of(&record.envelope.ordering_key, workers)].push((e, record));
+            let shard = shard_of(&record.envelope.ordering_key, workers);
+            shards[shard].push((e, queued(record)));
         }
         let mut set = tokio::task::JoinSet::new();
         for shard in shards.into_iter().filter(|s| !s.is_empty()) {
@@ -407,7 +410,7 @@ impl Pipeline {
             let rt = rt.clone();
             set.spawn(async move {
                 for (e, record) in shard {
-                    this.process(&rt, e, Some(record)).await?;
+                    this.process(&rt, e, record).await?;
                 }
                 Ok::<_, PipelineError>(())
             });
