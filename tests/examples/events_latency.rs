@@ -20,7 +20,6 @@
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -161,10 +160,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "events-latency")
-        .set("auto.offset.reset", "earliest")
+    let consumer: StreamConsumer = broker
+        .consumer_config("events-latency")
         .set("topic.metadata.refresh.interval.ms", "500")
         .set("fetch.wait.max.ms", "5")
         .create()?;

@@ -19,7 +19,6 @@ use lapin::types::FieldTable;
 use mllp_common::{field, Client};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -411,13 +410,7 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
     // A subscriber queue on the exchange, bound before anything is published.
     let ch = conn.create_channel().await.unwrap();
     let queue = rabbit::bound_queue(&ch, exchange, "*.hl7v2.adt.A01").await;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "e2e-compose")
-        .set("auto.offset.reset", "earliest")
-        .set("topic.metadata.refresh.interval.ms", "1000")
-        .create()
-        .unwrap();
+    let consumer: StreamConsumer = broker.consumer_config("e2e-compose").create().unwrap();
     consumer.subscribe(&["^hl7v2\\..*"]).unwrap();
 
     let mut server = local.serve(&[], &env);

@@ -11,7 +11,6 @@ mod events_common;
 use events_common::Server;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -110,13 +109,7 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
         broker.bootstrap()
     );
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "e2e-kill9")
-        .set("auto.offset.reset", "earliest")
-        .set("topic.metadata.refresh.interval.ms", "1000")
-        .create()
-        .unwrap();
+    let consumer: StreamConsumer = broker.consumer_config("e2e-kill9").create().unwrap();
     consumer.subscribe(&["fhir.r4.Observation"]).unwrap();
     let mut got = Vec::new();
     let mut seen_ids = HashSet::new();

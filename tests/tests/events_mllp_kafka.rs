@@ -8,7 +8,6 @@ mod events_common;
 use events_common::{free_addr, repo_root, Server};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,13 +64,7 @@ async fn hl7_corpus_over_mllp_reaches_kafka_topics() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .set("group.id", "e2e-mllp")
-        .set("auto.offset.reset", "earliest")
-        .set("topic.metadata.refresh.interval.ms", "1000")
-        .create()
-        .unwrap();
+    let consumer: StreamConsumer = broker.consumer_config("e2e-mllp").create().unwrap();
     // Every topic the relay may create: subscribe by pattern.
     consumer
         .subscribe(&["^fhir\\.r4\\..*", "^hl7v2\\..*"])

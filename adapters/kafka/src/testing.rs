@@ -86,6 +86,17 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// A consumer group's settings for this broker: reads each topic from its start and learns of
+    /// topics the relay creates within a second (tests subscribe by pattern before they exist).
+    pub fn consumer_config(&self, group: &str) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap())
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("topic.metadata.refresh.interval.ms", "1000");
+        c
+    }
+
     fn spawn(&mut self) -> std::io::Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(&self.bin)

@@ -3,7 +3,6 @@
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientConfig;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -122,13 +121,10 @@ async fn commit_batch(store: &FjallStore, n: u64, patients: u64) {
 
 const TOPICS: [&str; 3] = ["fhir.r4.Observation", "fhir.r4.Patient", "hl7v2.adt.A08"];
 
-fn consumer(bootstrap: &str, group: &str) -> StreamConsumer {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
+fn consumer(broker: &Tansu, group: &str) -> StreamConsumer {
+    let c: StreamConsumer = broker
+        .consumer_config(group)
         .set("enable.auto.commit", "true")
-        .set("topic.metadata.refresh.interval.ms", "1000")
         .set("allow.auto.create.topics", "false")
         .create()
         .unwrap();
@@ -273,7 +269,7 @@ async fn relays_every_event_in_order_with_cloudevents_headers() {
     }
     let relay = e.start_relay(&broker.bootstrap());
 
-    let c = consumer(&broker.bootstrap(), "order-test");
+    let c = consumer(&broker, "order-test");
     let want = all_ids(&e.store);
     assert_eq!(want.len(), 300 + 60 + 60);
     let mut got = Vec::new();
@@ -349,7 +345,7 @@ async fn unreachable_broker_is_reported_and_events_wait_in_the_outbox() {
 
     // The broker appears on the configured port: everything drains and /ready turns green.
     let broker = Tansu::start_on(port).unwrap();
-    let c = consumer(&broker.bootstrap(), "late-broker");
+    let c = consumer(&broker, "late-broker");
     let want = all_ids(&e.store);
     let mut got = Vec::new();
     consume_until(&c, &mut got, &want, Duration::from_secs(60)).await;
@@ -398,7 +394,7 @@ async fn broker_outages_lose_nothing() {
             n
         })
     };
-    let c = consumer(&broker.bootstrap(), "outage-1");
+    let c = consumer(&broker, "outage-1");
     let mut got = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -433,7 +429,7 @@ async fn broker_outages_lose_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     feeding.cancel();
     let batches = feeder.await.unwrap();
-    let c = consumer(&broker.bootstrap(), "outage-2");
+    let c = consumer(&broker, "outage-2");
     let want = all_ids(&e.store);
     consume_until(&c, &mut got, &want, Duration::from_secs(90)).await;
     let dups = check_delivery(&e.store, &got, &want);
