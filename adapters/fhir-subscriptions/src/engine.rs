@@ -617,12 +617,8 @@ impl SubscriptionService {
             st.status = spec0.status.clone();
         }
         tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
-        if spec0.channel == ChannelType::Websocket {
-            return self.ws_worker(&h, cursor, &cursor_name).await;
-        }
-
-        // Handshake.
-        if spec0.status == "requested" {
+        // Rest-hook handshake; a websocket client gets its handshake when it binds.
+        if spec0.channel == ChannelType::RestHook && spec0.status == "requested" {
             let st = h.state.lock().expect("state lock").clone();
             let body = bundle::notification_bundle(
                 &self.info(&spec0, &st),
@@ -641,6 +637,21 @@ impl SubscriptionService {
             }
         }
 
+        self.deliver(&h, cursor, &cursor_name).await
+    }
+
+    /// Delivery after the handshake, for both channels: matches the events after `cursor`,
+    /// numbers them and sends one notification per batch; heartbeats when idle. Rest-hook posts
+    /// with retries and dead-letters what it gives up on. Websocket queues the notification for
+    /// every bound client, and the cursor moves on whether or not a client is bound (missed
+    /// events: `$events`).
+    async fn deliver(
+        &self,
+        h: &SubHandle,
+        mut cursor: u64,
+        cursor_name: &str,
+    ) -> tributary_storage::Result<()> {
+        let outbox = self.store.outbox().clone();
         let mut head_rx = outbox.subscribe();
         let mut last_sent = Instant::now();
         loop {
@@ -652,7 +663,7 @@ impl SubscriptionService {
             if matched.is_empty() {
                 if scanned > cursor {
                     cursor = scanned;
-                    self.advance(&h, &cursor_name, cursor, &[]).await?;
+                    self.advance(h, cursor_name, cursor, &[]).await?;
                     continue;
                 }
                 // Idle: wait for new events, a heartbeat, a spec change or shutdown.
@@ -668,15 +679,8 @@ impl SubscriptionService {
                     r = head_rx.changed() => if r.is_err() { return Ok(()) },
                     _ = h.changed.notified() => {}
                     _ = tokio::time::sleep(sleep) => {
-                        if heartbeat.is_some() && last_sent.elapsed() >= heartbeat.unwrap_or_default() {
-                            let st = h.state.lock().expect("state lock").clone();
-                            let body = bundle::notification_bundle(&self.info(&spec, &st), NotificationType::Heartbeat, &[], spec.content);
-                            match self.post(&spec, &body).await {
-                                Ok(()) => {
-                                    if let Ok(mut st) = h.state.lock() { st.heartbeats += 1; }
-                                }
-                                Err(reason) => tracing::debug!(subscription = %id, %reason, "heartbeat failed"),
-                            }
+                        if heartbeat.is_some_and(|p| last_sent.elapsed() >= p) {
+                            self.heartbeat(h, &spec).await;
                             last_sent = Instant::now();
                         }
                     }
@@ -696,7 +700,7 @@ impl SubscriptionService {
             let last_number = first_number + matched.len() as u64 - 1;
             let mut st = h.state.lock().expect("state lock").clone();
             st.events_since_start = last_number;
-            if st.status == "requested" {
+            if spec.channel == ChannelType::RestHook && st.status == "requested" {
                 st.status = "active".into();
             }
             let body = bundle::notification_bundle(
@@ -705,40 +709,73 @@ impl SubscriptionService {
                 &numbered,
                 spec.content,
             );
-            let outcome = self.post_with_retries(&h, &body).await;
-            let last_seq = matched.last().map_or(scanned, |e| e.seq);
+            let outcome = match spec.channel {
+                ChannelType::Websocket => Ok(h.broadcast(&body.to_string()) > 0),
+                ChannelType::RestHook => match self.post_with_retries(h, &body).await {
+                    Ok(false) => return Ok(()),
+                    Ok(true) => Ok(true),
+                    Err(reason) => Err(reason),
+                },
+            };
+            if let Ok(mut s) = h.state.lock() {
+                s.events_since_start = last_number;
+                if outcome == Ok(true) {
+                    s.delivered_notifications += 1;
+                }
+            }
             match outcome {
-                Ok(false) => return Ok(()),
-                Ok(true) => {
-                    if let Ok(mut s) = h.state.lock() {
-                        s.events_since_start = last_number;
-                        s.delivered_notifications += 1;
-                    }
+                Ok(true) if spec.channel == ChannelType::RestHook => {
                     let was_error = h.state.lock().map(|s| s.status == "error").unwrap_or(false);
                     if was_error {
-                        self.set_status(&h, "active", None).await;
+                        self.set_status(h, "active", None).await;
                     }
                 }
+                Ok(_) => {}
                 Err(reason) => {
-                    if let Ok(mut s) = h.state.lock() {
-                        s.events_since_start = last_number;
-                    }
+                    let (tenant, id) = (spec.tenant.clone(), spec.id.clone());
                     self.dead_letter(DeadLetter {
-                        tenant: tenant.clone(),
-                        subscription: id.clone(),
+                        tenant,
+                        subscription: id,
                         event_numbers: (first_number..=last_number).collect(),
                         event_ids: matched.iter().map(|e| e.event_id.clone()).collect(),
                         reason: reason.clone(),
                         at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
                     })
                     .await?;
-                    self.set_status(&h, "error", Some(&format!("delivery gave up: {reason}")))
+                    self.set_status(h, "error", Some(&format!("delivery gave up: {reason}")))
                         .await;
                 }
             }
             last_sent = Instant::now();
-            cursor = last_seq;
-            self.advance(&h, &cursor_name, cursor, &matched).await?;
+            cursor = matched.last().map_or(scanned, |e| e.seq);
+            self.advance(h, cursor_name, cursor, &matched).await?;
+        }
+    }
+
+    /// One heartbeat notification: posted once (rest-hook; a failure waits for the next one) or
+    /// queued for the bound clients (websocket).
+    async fn heartbeat(&self, h: &SubHandle, spec: &SubscriptionSpec) {
+        let st = h.state.lock().expect("state lock").clone();
+        let body = bundle::notification_bundle(
+            &self.info(spec, &st),
+            NotificationType::Heartbeat,
+            &[],
+            spec.content,
+        );
+        let sent = match spec.channel {
+            ChannelType::Websocket => h.broadcast(&body.to_string()) > 0,
+            ChannelType::RestHook => match self.post(spec, &body).await {
+                Ok(()) => true,
+                Err(reason) => {
+                    tracing::debug!(subscription = %spec.id, %reason, "heartbeat failed");
+                    false
+                }
+            },
+        };
+        if sent {
+            if let Ok(mut st) = h.state.lock() {
+                st.heartbeats += 1;
+            }
         }
     }
 
@@ -915,85 +952,6 @@ impl SubscriptionService {
         self.shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         Ok(())
-    }
-
-    /// Websocket channel: matches events like rest-hook, numbers them, and queues the
-    /// notification for every bound client; the cursor moves on whether or not a client is
-    /// bound (missed events: `$events`). Heartbeats go to bound clients when idle.
-    async fn ws_worker(
-        &self,
-        h: &SubHandle,
-        mut cursor: u64,
-        cursor_name: &str,
-    ) -> tributary_storage::Result<()> {
-        let outbox = self.store.outbox().clone();
-        let mut head_rx = outbox.subscribe();
-        let mut last_sent = Instant::now();
-        loop {
-            if h.cancel.is_cancelled() {
-                return Ok(());
-            }
-            let spec = h.spec.read().expect("spec lock").clone();
-            let (matched, scanned) = self.next_batch(&spec, &outbox, cursor)?;
-            if matched.is_empty() {
-                if scanned > cursor {
-                    cursor = scanned;
-                    self.advance(h, cursor_name, cursor, &[]).await?;
-                    continue;
-                }
-                let heartbeat = spec
-                    .heartbeat_secs
-                    .map(|s| Duration::from_secs(s.max(self.cfg.min_heartbeat_secs)));
-                let sleep = match heartbeat {
-                    Some(p) => p.saturating_sub(last_sent.elapsed()),
-                    None => Duration::from_secs(3600),
-                };
-                tokio::select! {
-                    _ = h.cancel.cancelled() => return Ok(()),
-                    r = head_rx.changed() => if r.is_err() { return Ok(()) },
-                    _ = h.changed.notified() => {}
-                    _ = tokio::time::sleep(sleep) => {
-                        if heartbeat.is_some_and(|p| last_sent.elapsed() >= p) {
-                            let st = h.state.lock().expect("state lock").clone();
-                            let body = bundle::notification_bundle(&self.info(&spec, &st), NotificationType::Heartbeat, &[], spec.content);
-                            if h.broadcast(&body.to_string()) > 0 {
-                                if let Ok(mut st) = h.state.lock() { st.heartbeats += 1; }
-                            }
-                            last_sent = Instant::now();
-                        }
-                    }
-                }
-                continue;
-            }
-            let first_number = h.state.lock().expect("state lock").events_since_start + 1;
-            let numbered: Vec<NumberedEvent<'_>> = matched
-                .iter()
-                .enumerate()
-                .map(|(i, event)| NumberedEvent {
-                    number: first_number + i as u64,
-                    event,
-                })
-                .collect();
-            let last_number = first_number + matched.len() as u64 - 1;
-            let mut st = h.state.lock().expect("state lock").clone();
-            st.events_since_start = last_number;
-            let body = bundle::notification_bundle(
-                &self.info(&spec, &st),
-                NotificationType::EventNotification,
-                &numbered,
-                spec.content,
-            );
-            let sent = h.broadcast(&body.to_string());
-            if let Ok(mut s) = h.state.lock() {
-                s.events_since_start = last_number;
-                if sent > 0 {
-                    s.delivered_notifications += 1;
-                }
-            }
-            last_sent = Instant::now();
-            cursor = matched.last().map_or(scanned, |e| e.seq);
-            self.advance(h, cursor_name, cursor, &matched).await?;
-        }
     }
 
     /// Binds a websocket connection to the subscription a binding token names: the handshake
