@@ -15,7 +15,28 @@ pub use sink::AmqpSink;
 pub use source::AmqpSource;
 
 use async_trait::async_trait;
-use tributary_runtime::{Runtime, Sink, Source};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tributary_runtime::{ComponentStatus, Readiness, Runtime, Sink, Source};
+
+/// After a broker failure (sink or source): reports `reason` in `/ready`, waits `backoff` and
+/// doubles it for the next failure, up to `retry_max_ms`. `false` when shutdown came first.
+pub(crate) async fn wait_to_retry(
+    cfg: &AmqpConfig,
+    readiness: &Readiness,
+    component: &str,
+    shutdown: &CancellationToken,
+    backoff: &mut Duration,
+    reason: String,
+) -> bool {
+    readiness.set(component, ComponentStatus::Failed { reason });
+    tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_millis(cfg.retry_max_ms));
+    true
+}
 
 /// `[amqp.sink]` as a registered [`Sink`].
 pub struct AmqpEgress {

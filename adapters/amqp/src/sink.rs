@@ -154,13 +154,12 @@ impl AmqpSink {
                 Ok(()) => break,
                 Err(reason) => {
                     tracing::warn!(component = %self.component, %reason, retry_in_ms = backoff.as_millis() as u64, "amqp sink: publishing stopped; events wait in the outbox");
-                    self.readiness
-                        .set(&self.component, ComponentStatus::Failed { reason });
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                    let (r, c) = (&self.readiness, &self.component);
+                    if !crate::wait_to_retry(&self.cfg, r, c, &self.shutdown, &mut backoff, reason)
+                        .await
+                    {
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
                 }
             }
         }
