@@ -616,31 +616,9 @@ async fn handle_payload(
 
 async fn refuse_unknown(shared: &Arc<Shared>, addr: &SocketAddr, payload: Bytes) -> Reply {
     let h = Header::read(&payload).ok();
-    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
-        .tenant(shared.tenant.clone())
-        .partner("unknown")
-        .meta("listener", shared.cfg.name.clone())
-        .meta("remote_addr", addr.ip().to_string());
-    if let Some(h) = &h {
-        env = add_header_meta(env, h);
-    }
-    let env = env.build();
-    let id = env.id;
     let reason = format!("unknown partner on listener {}", shared.cfg.name);
-    if let Err(e) = shared.journal.append_rejected(env, reason).await {
-        tracing::error!(listener = %shared.cfg.name, error = %e, "journal write of a refused message failed");
-    }
-    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-    let mt = h.as_ref().map(message_type_of);
-    audit(
-        shared,
-        None,
-        addr,
-        Outcome::UnknownPartner,
-        Some(id),
-        mt.as_deref(),
-    )
-    .await;
+    let (outcome, header) = (Outcome::UnknownPartner, h.as_ref());
+    let id = journal_refused(shared, None, addr, payload.clone(), header, outcome, reason).await;
     tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, "message from unknown partner refused");
     let err = AckError::new(
         ("207", "Application internal error"),
@@ -668,30 +646,8 @@ async fn handle_oversized(
         "frame exceeds max_frame_bytes ({limit} bytes); first {} bytes kept",
         head.len()
     );
-    let mut env = Envelope::builder(Protocol::Hl7v2, head.clone())
-        .tenant(partner.map_or(shared.tenant.clone(), |p| p.tenant.clone()))
-        .partner(partner.map_or("unknown".to_string(), |p| p.id.clone()))
-        .meta("listener", shared.cfg.name.clone())
-        .meta("truncated", "true");
-    if let Some(h) = &h {
-        env = add_header_meta(env, h);
-    }
-    let env = env.build();
-    let id = env.id;
-    if let Err(e) = shared.journal.append_rejected(env, reason.clone()).await {
-        tracing::error!(listener = %shared.cfg.name, error = %e, "journal write of a rejected message failed");
-    }
-    shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-    let mt = h.as_ref().map(message_type_of);
-    audit(
-        shared,
-        partner,
-        addr,
-        Outcome::Oversized,
-        Some(id),
-        mt.as_deref(),
-    )
-    .await;
+    let (outcome, header) = (Outcome::Oversized, h.as_ref());
+    let id = journal_refused(shared, partner, addr, head.clone(), header, outcome, reason).await;
     tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, limit, "oversized frame rejected");
     let err = AckError::new(
         ("207", "Application internal error"),
@@ -873,12 +829,13 @@ async fn handle_message(
         Err(e) => {
             let partial = Header::read(&payload).ok();
             let reason = format!("cannot acknowledge: {e}");
-            let id = reject_unparseable(
+            let id = journal_refused(
                 shared,
-                partner,
+                Some(partner),
                 addr,
                 payload.clone(),
                 partial.as_ref(),
+                Outcome::Unparseable,
                 reason,
             )
             .await;
@@ -1071,20 +1028,28 @@ async fn handle_batch(
     }
 }
 
-/// Journals an unreadable frame whole as rejected with `reason`, counts and audits it; returns
-/// its message id.
-async fn reject_unparseable(
+/// Journals a refused frame whole as rejected with `reason` (kept for inspection and replay),
+/// counts and audits it with `outcome`; returns its message id. A frame from an unknown sender
+/// keeps the sender's address; an oversized one is marked truncated (only its head is kept).
+async fn journal_refused(
     shared: &Arc<Shared>,
-    partner: &Partner,
+    partner: Option<&Partner>,
     addr: &SocketAddr,
     payload: Bytes,
     header: Option<&Header<'_>>,
+    outcome: Outcome,
     reason: String,
 ) -> MessageId {
     let mut env = Envelope::builder(Protocol::Hl7v2, payload)
-        .tenant(partner.tenant.clone())
-        .partner(partner.id.clone())
+        .tenant(partner.map_or_else(|| shared.tenant.clone(), |p| p.tenant.clone()))
+        .partner(partner.map_or_else(|| "unknown".to_string(), |p| p.id.clone()))
         .meta("listener", shared.cfg.name.clone());
+    if partner.is_none() {
+        env = env.meta("remote_addr", addr.ip().to_string());
+    }
+    if outcome == Outcome::Oversized {
+        env = env.meta("truncated", "true");
+    }
     if let Some(h) = header {
         env = add_header_meta(env, h);
     }
@@ -1095,15 +1060,7 @@ async fn reject_unparseable(
     }
     shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
     let mt = header.map(message_type_of);
-    audit(
-        shared,
-        Some(partner),
-        addr,
-        Outcome::Unparseable,
-        Some(id),
-        mt.as_deref(),
-    )
-    .await;
+    audit(shared, partner, addr, outcome, Some(id), mt.as_deref()).await;
     id
 }
 
@@ -1124,7 +1081,16 @@ async fn refuse_batch(
         .map(|r| r.start);
     let h = first.and_then(|at| Header::read(&payload[at..]).ok());
     let reason = format!("batch cannot be split: {e}");
-    let id = reject_unparseable(shared, partner, addr, payload.clone(), h.as_ref(), reason).await;
+    let id = journal_refused(
+        shared,
+        Some(partner),
+        addr,
+        payload.clone(),
+        h.as_ref(),
+        Outcome::Unparseable,
+        reason,
+    )
+    .await;
     tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
     let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
     Reply {
