@@ -13,14 +13,12 @@
 use std::sync::Arc;
 use tributary_facade::config::LimitOverride;
 use tributary_facade::{app, app_without_pipeline, AppState, Facade, FacadeConfig, IssueRequest};
-use tributary_runtime::{Readiness, Runtime};
+use tributary_runtime::Runtime;
 /// The allocator `tributary serve` runs with, so the figures match the shipped binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use tributary_storage::{
-    AuditLog, Db, DbOptions, FjallJournal, FjallStore, ResourceWrite, StoreTransaction,
-};
+use tributary_storage::{Db, DbOptions, ResourceWrite, StoreTransaction};
 
 #[tokio::main]
 async fn main() {
@@ -36,15 +34,7 @@ async fn main() {
         },
     )
     .expect("data dir");
-    let rt = Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        metrics: Default::default(),
-        shutdown: Default::default(),
-    };
+    let rt = Runtime::embedded(db, 0);
     let mut cfg = FacadeConfig::default();
     // The load generator is one client: give it a budget the run cannot exhaust, so every
     // request still goes through the bucket arithmetic but none is refused.

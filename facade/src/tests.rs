@@ -5,8 +5,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::Value;
 use tower::ServiceExt;
-use tributary_runtime::{ComponentStatus, Readiness};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
+use tributary_runtime::ComponentStatus;
+use tributary_storage::{Db, DbOptions};
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -16,15 +16,7 @@ struct Env {
 fn env_with(cfg: FacadeConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
-    let rt = Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        metrics: Default::default(),
-        shutdown: Default::default(),
-    };
+    let rt = Runtime::embedded(db, 0);
     let facade = Arc::new(Facade::new(cfg, dir.path(), "default").unwrap());
     Env {
         st: AppState {

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tributary_core::MessageId;
-use tributary_storage::{AuditLog, Db, Journal, Store};
+use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 
 pub mod metrics;
 pub use metrics::{Metrics, Sample};
@@ -61,6 +61,22 @@ pub struct Runtime {
     pub metrics: Metrics,
     /// Cancelled on SIGTERM/SIGINT: stop accepting, finish in-flight work, return.
     pub shutdown: CancellationToken,
+}
+
+impl Runtime {
+    /// The embedded default: journal, store and audit log all over one fjall database.
+    /// `dedup_window_ms` is the journal's de-duplication window (0: off).
+    pub fn embedded(db: Db, dedup_window_ms: i64) -> Self {
+        Self {
+            journal: Arc::new(FjallJournal::new(db.clone(), dedup_window_ms)),
+            store: Arc::new(FjallStore::new(db.clone())),
+            audit: AuditLog::new(db.clone()),
+            db,
+            readiness: Readiness::default(),
+            metrics: Metrics::default(),
+            shutdown: CancellationToken::new(),
+        }
+    }
 }
 
 /// An ingress adapter's running listener (MLLP, SOAP, X12 over HTTP, AMQP queue, FHIR notifications).

@@ -265,6 +265,11 @@ impl Db {
         self.snapshot().prefix(self.tables().get(t), p)
     }
 
+    /// The highest sequence number in a table keyed by big-endian `u64`s (0 when empty).
+    pub(crate) fn last_seq(&self, t: Table) -> u64 {
+        last_u64_key(self.tables().get(t)).unwrap_or(0)
+    }
+
     pub(crate) fn tables(&self) -> &Tables {
         &self.inner.tables
     }

@@ -176,13 +176,7 @@ fn enqueue(txn: &mut Txn<'_>, id: MessageId) -> u64 {
 
 impl FjallJournal {
     pub fn new(db: Db, dedup_window_ms: i64) -> Self {
-        let head_seq = db
-            .tables()
-            .get(Table::Seq)
-            .last_key_value()
-            .and_then(|g| g.key().ok())
-            .and_then(|k| keys::read_u64(&k))
-            .unwrap_or(0);
+        let head_seq = db.last_seq(Table::Seq);
         let (head, _) = watch::channel(head_seq);
         Self {
             db,

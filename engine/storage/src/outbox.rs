@@ -97,13 +97,7 @@ fn read_numbering(v: &[u8]) -> Option<Numbering> {
 
 impl Outbox {
     pub fn new(db: Db) -> Self {
-        let head_seq = db
-            .tables()
-            .get(Table::Outbox)
-            .last_key_value()
-            .and_then(|g| g.key().ok())
-            .and_then(|k| keys::read_u64(&k))
-            .unwrap_or(0);
+        let head_seq = db.last_seq(Table::Outbox);
         Self {
             db,
             head: std::sync::Arc::new(watch::channel(head_seq).0),
@@ -377,39 +371,6 @@ impl Outbox {
                 return Ok(removed);
             }
         }
-    }
-
-    /// Deletes events every listed sink has delivered (and their event-number index entries).
-    /// Returns how many were removed.
-    pub async fn prune(&self, sinks: &[&str]) -> Result<u64> {
-        let mut upto = u64::MAX;
-        for s in sinks {
-            upto = upto.min(self.cursor(s)?);
-        }
-        if sinks.is_empty() || upto == 0 {
-            return Ok(0);
-        }
-        let mut doomed = Vec::new();
-        for item in self.db.range(Table::Outbox, ..=keys::u64_be(upto)) {
-            doomed.push(item.key()?.to_vec());
-        }
-        let n = doomed.len() as u64;
-        let numbered = self.numbered_at_or_before(upto)?;
-        self.db
-            .committer()
-            .run(move |txn| {
-                for k in doomed {
-                    txn.delete(Table::Outbox, k);
-                }
-                for k in numbered {
-                    txn.delete(Table::EventNumber, k);
-                }
-                let floor = keys::u64_be(txn.counters.outbox_seq).to_vec();
-                txn.put(Table::Meta, b"outbox_seq_floor".to_vec(), floor);
-                Ok(())
-            })
-            .await?;
-        Ok(n)
     }
 }
 

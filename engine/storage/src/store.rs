@@ -1493,7 +1493,13 @@ mod tests {
         assert_eq!(st.state, MessageState::Committed);
         assert_eq!(st.mapping_version.as_deref(), Some("sha256:abc"));
         s.outbox().ack("kafka", events[0].seq).await.unwrap();
-        assert_eq!(s.outbox().prune(&["kafka"]).await.unwrap(), 1);
+        assert_eq!(
+            s.outbox()
+                .prune_delivered(&["kafka"], i64::MAX)
+                .await
+                .unwrap(),
+            1
+        );
         assert!(s.outbox().read_after(0, 10).unwrap().is_empty());
     }
 

@@ -2,9 +2,8 @@ use crate::config::Config;
 use anyhow::Context;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-use tributary_runtime::{ComponentStatus, Readiness, Runtime, Sink, Source};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore, RetentionPolicy};
+use tributary_runtime::{ComponentStatus, Runtime, Sink, Source};
+use tributary_storage::{Db, DbOptions, RetentionPolicy};
 
 /// Opens the data directory and builds the shared runtime.
 pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
@@ -17,15 +16,7 @@ pub fn open_runtime(config: &Config) -> anyhow::Result<Runtime> {
     let db = Db::open(&config.data_dir, options)
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
     let dedup_ms = (config.journal.dedup_window_secs as i64).saturating_mul(1000);
-    Ok(Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), dedup_ms)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        metrics: Default::default(),
-        shutdown: CancellationToken::new(),
-    })
+    Ok(Runtime::embedded(db, dedup_ms))
 }
 
 pub fn serve(config: Config) -> anyhow::Result<()> {

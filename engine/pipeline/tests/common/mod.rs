@@ -3,27 +3,16 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 use tributary_core::{Envelope, MessageState, Protocol};
-use tributary_runtime::{Readiness, Runtime};
-use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, FjallStore};
+use tributary_runtime::Runtime;
+use tributary_storage::{Db, DbOptions};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 pub fn runtime(dir: &Path) -> Runtime {
-    let db = Db::open(dir, DbOptions::default()).unwrap();
-    Runtime {
-        journal: Arc::new(FjallJournal::new(db.clone(), 0)),
-        store: Arc::new(FjallStore::new(db.clone())),
-        audit: AuditLog::new(db.clone()),
-        db,
-        readiness: Readiness::default(),
-        metrics: Default::default(),
-        shutdown: CancellationToken::new(),
-    }
+    Runtime::embedded(Db::open(dir, DbOptions::default()).unwrap(), 0)
 }
 
 /// Journals an HL7 v2 message of tenant `t1` from partner `riverside` (one ordering key).
