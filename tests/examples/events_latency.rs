@@ -19,13 +19,12 @@
 //! corpus ADT^A01 and ORU^R01 samples).
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tributary_e2e::{free_addr, repo_root};
-use tributary_kafka::testing::Tansu;
+use tributary_kafka::testing::{headers_of, Tansu};
 use tributary_mllp::bench::{run_load, LoadOptions};
 
 fn now_ms() -> i64 {
@@ -59,17 +58,11 @@ async fn collect(
             continue;
         };
         let arrived = now_ms();
-        let (mut at, mut id) = (None, None);
-        if let Some(h) = m.headers() {
-            for h in h.iter() {
-                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                match h.key {
-                    "ce_time" => at = v.and_then(|v| tributary_core::parse_rfc3339_millis(&v)),
-                    "ce_id" => id = v,
-                    _ => {}
-                }
-            }
-        }
+        let mut headers = headers_of(&m);
+        let at = headers
+            .get("ce_time")
+            .and_then(|v| tributary_core::parse_rfc3339_millis(v));
+        let id = headers.remove("ce_id");
         let Some(at) = at else { continue };
         if at < since_ms {
             continue;

@@ -18,12 +18,12 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use mllp_common::{field, Client};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use tributary_e2e::{free_port, http_get, issued_token, repo_root, workspace_bin, Server};
-use tributary_kafka::testing::{tansu_or_skip, Tansu};
+use tributary_kafka::testing::{headers_of, tansu_or_skip, Tansu};
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Where a setting from `deploy/` points inside a container or host, and where it points here.
@@ -424,14 +424,8 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
             .expect("the A01 event on Kafka within 60 s");
         // the topic appears with the first event; until then the consumer reports it unknown
         let Ok(m) = m else { continue };
-        let header = |name: &str| {
-            m.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == name)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-        };
+        let headers = headers_of(&m);
+        let header = |name: &str| headers.get(name).cloned();
         if header("ce_type").as_deref() == Some("hl7v2.adt.A01") {
             assert_eq!(m.topic(), "hl7v2.adt.A01");
             break header("ce_id").expect("ce_id");

@@ -7,11 +7,11 @@ mod events_common;
 
 use events_common::{free_addr, repo_root, Server};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tributary_kafka::testing::{tansu_or_skip, Tansu};
+use tributary_kafka::testing::{headers_of, tansu_or_skip, Tansu};
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
 
@@ -93,15 +93,7 @@ async fn hl7_corpus_over_mllp_reaches_kafka_topics() {
             break;
         };
         let Ok(m) = m else { continue };
-        let mut headers = HashMap::new();
-        if let Some(h) = m.headers() {
-            for h in h.iter() {
-                headers.insert(
-                    h.key.to_string(),
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
+        let headers = headers_of(&m);
         got.push((
             m.topic().to_string(),
             String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),

@@ -174,3 +174,16 @@ impl Drop for Tansu {
         self.stop();
     }
 }
+
+/// A consumed record's headers as text (what the CloudEvents `ce_*` headers carry).
+pub fn headers_of(m: &impl rdkafka::Message) -> std::collections::HashMap<String, String> {
+    use rdkafka::message::Headers;
+    let mut out = std::collections::HashMap::new();
+    if let Some(h) = m.headers() {
+        for h in h.iter() {
+            let v = String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned();
+            out.insert(h.key.to_string(), v);
+        }
+    }
+    out
+}

@@ -2,13 +2,13 @@
 //! Skips with a message when `tansu` is not installed.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_kafka::testing::{free_port, tansu_or_skip, Tansu};
+use tributary_kafka::testing::{free_port, headers_of, tansu_or_skip, Tansu};
 use tributary_kafka::{KafkaConfig, KafkaRelay, RelayError, RelayStats};
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::{
@@ -159,15 +159,7 @@ async fn consume_until(
             return;
         };
         let Ok(m) = msg else { continue };
-        let mut headers = HashMap::new();
-        if let Some(h) = m.headers() {
-            for h in h.iter() {
-                headers.insert(
-                    h.key.to_string(),
-                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                );
-            }
-        }
+        let headers = headers_of(&m);
         let r = Received {
             topic: m.topic().to_string(),
             key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
