@@ -143,18 +143,11 @@ async fn backend_fhir_server_responses_are_narrowed_and_audited() {
     // Scope mismatch is refused before the backend is asked.
     let pat_only = f.token("portal", "patient/Patient.read", &["--patient", "pa"]);
     assert_eq!(
-        f.call("GET", "/fhir/Observation/lab-a", Some(&pat_only), None)
-            .await
-            .status,
+        f.get_status("/fhir/Observation/lab-a", &pat_only).await,
         403
     );
     // Patients still come from the built-in store.
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&t), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &t).await, 200);
 
     f.stop();
     let records = export_audit(&f, None);

@@ -19,12 +19,7 @@ async fn no_token_bad_signature_expired_or_wrong_audience_get_401_outcome() {
     let f = Facade::start(None);
     seed(&f, None).await;
     let good = f.token("app", "user/*.rs", &[]);
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&good), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &good).await, 200);
 
     let r = f.call("GET", "/fhir/Patient/pa", None, None).await;
     assert_outcome(&r, 401);
@@ -94,12 +89,7 @@ async fn patient_read_scope_asking_for_observation_is_403() {
     let f = Facade::start(None);
     seed(&f, None).await;
     let t = f.token("portal", "patient/Patient.read", &["--patient", "pa"]);
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&t), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &t).await, 200);
     assert_outcome(
         &f.call("GET", "/fhir/Observation/oa", Some(&t), None).await,
         403,
@@ -249,12 +239,7 @@ async fn cross_tenant_reads_return_no_data_and_are_audited() {
     );
     // The tenant's own data is still there for its own tokens.
     let a = f.token("app-a", "user/*.rs", &["--tenant", "hospital-a"]);
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&a), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &a).await, 200);
     f.stop();
     let records = export_audit(&f, None);
     let attempts: Vec<&Value> = records
@@ -283,12 +268,7 @@ async fn revoked_consent_fails_the_next_request() {
         "patient/*.rs",
         &["--patient", "pa", "--grant", "consent-2026-0043"],
     );
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&t), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &t).await, 200);
     let out = cli(&f, &["consent", "revoke", "consent-2026-0042"]);
     assert!(
         out.status.success(),
@@ -303,12 +283,7 @@ async fn revoked_consent_fails_the_next_request() {
         &f.call("GET", "/fhir/Observation", Some(&t), None).await,
         401,
     );
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&other), None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.get_status("/fhir/Patient/pa", &other).await, 200);
     // The admin endpoint does the same for a running server.
     let admin = f.token("ops", "system/*.cruds", &["--role", "admin"]);
     assert_eq!(
@@ -336,36 +311,14 @@ async fn audit_report_for_one_patient_and_window_lists_every_access_without_phi(
     let portal = f.token("portal", "patient/*.rs", &["--patient", "pa"]);
     let clinic = f.token("clinic-app", "user/*.rs", &["--sub", "dr-7"]);
     let nosy = f.token("nosy", "patient/*.rs", &["--patient", "pb"]);
+    assert_eq!(f.get_status("/fhir/Patient/pa", &portal).await, 200);
+    assert_eq!(f.get_status("/fhir/Observation/oa", &clinic).await, 200);
     assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&portal), None)
-            .await
-            .status,
+        f.get_status("/fhir/Observation?patient=pa", &clinic).await,
         200
     );
-    assert_eq!(
-        f.call("GET", "/fhir/Observation/oa", Some(&clinic), None)
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        f.call("GET", "/fhir/Observation?patient=pa", Some(&clinic), None)
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pa", Some(&nosy), None)
-            .await
-            .status,
-        403
-    );
-    assert_eq!(
-        f.call("GET", "/fhir/Patient/pb", Some(&clinic), None)
-            .await
-            .status,
-        200
-    ); // other patient
+    assert_eq!(f.get_status("/fhir/Patient/pa", &nosy).await, 403);
+    assert_eq!(f.get_status("/fhir/Patient/pb", &clinic).await, 200); // other patient
     let end = tributary_core::format_rfc3339_millis(tributary_core::now_millis() + 1);
     let auditor = f.token("siem", "user/*.rs", &["--role", "audit"]);
     // The auditor reads audit, nothing clinical.
@@ -744,11 +697,7 @@ async fn rate_limit_429_carries_headers_and_bulk_cannot_starve_other_clients() {
         readers.push(tokio::spawn(async move {
             let mut statuses = Vec::new();
             for _ in 0..20 {
-                statuses.push(
-                    f.call("GET", "/fhir/Observation/oa", Some(&t), None)
-                        .await
-                        .status,
-                );
+                statuses.push(f.get_status("/fhir/Observation/oa", &t).await);
             }
             statuses
         }));

@@ -123,6 +123,11 @@ impl Facade {
         self.call_h(method, path, token, body, &[]).await
     }
 
+    /// The status of a `GET` with a bearer token.
+    pub async fn get_status(&self, path: &str, token: &str) -> u16 {
+        self.call("GET", path, Some(token), None).await.status
+    }
+
     pub async fn call_h(
         &self,
         method: &str,
