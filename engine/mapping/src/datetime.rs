@@ -79,6 +79,10 @@ pub fn parse_dtm(raw: &str) -> Result<Dtm<'_>, DtmError> {
                 }
                 in_range(Some(&rest[..2]), 0, 14)?;
                 in_range(Some(&rest[2..]), 0, 59)?;
+                // R4 offsets run from -14:00 to +14:00
+                if &rest[..2] == "14" && &rest[2..] != "00" {
+                    return Err(DtmError::Range);
+                }
                 Some(format!("{sign}{}:{}", &rest[..2], &rest[2..]))
             }
         },
@@ -91,7 +95,26 @@ pub fn parse_dtm(raw: &str) -> Result<Dtm<'_>, DtmError> {
     in_range(d.hour, 0, 23)?;
     in_range(d.minute, 0, 59)?;
     in_range(d.second, 0, 60)?;
+    // "Dates SHALL be valid dates" (R4): no 30 February, no 31 April.
+    if let (Some(m), Some(day)) = (d.month, d.day) {
+        let parse = |s: &str| s.parse::<u32>().map_err(|_| DtmError::Syntax);
+        if parse(day)? > days_in_month(parse(d.year)?, parse(m)?) {
+            return Err(DtmError::Range);
+        }
+    }
     Ok(d)
+}
+
+/// Days in a month of the proleptic Gregorian calendar.
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 fn date_part(d: &Dtm<'_>) -> String {
@@ -169,7 +192,11 @@ pub fn to_time(raw: &str) -> Result<String, DtmError> {
         hms.get(2..4).unwrap_or("00"),
         hms.get(4..6).unwrap_or("00")
     );
-    if let Some(f) = frac.filter(|f| digits(f)) {
+    // as in a DTM, a fraction follows whole seconds only
+    if let Some(f) = frac {
+        if !digits(f) || hms.len() != 6 {
+            return Err(DtmError::Syntax);
+        }
         out.push('.');
         out.push_str(f);
     }
@@ -378,6 +405,25 @@ mod tests {
         assert!(!e.to_string().contains("2026"));
         assert_eq!(to_datetime("20261323", "Z"), Err(DtmError::Range));
         assert!(to_datetime("202611231", "Z").is_err());
+    }
+
+    #[test]
+    fn dates_are_calendar_dates_and_offsets_stay_within_fourteen_hours() {
+        assert_eq!(to_date("20230230"), Err(DtmError::Range));
+        assert_eq!(to_date("20230431"), Err(DtmError::Range));
+        assert_eq!(to_date("20230229"), Err(DtmError::Range));
+        assert_eq!(to_date("19000229"), Err(DtmError::Range));
+        assert_eq!(to_date("20000229").unwrap(), "2000-02-29");
+        assert_eq!(to_date("20240229").unwrap(), "2024-02-29");
+        assert_eq!(to_date("20231231").unwrap(), "2023-12-31");
+        assert_eq!(
+            to_datetime("202611231415+1400", "Z").unwrap(),
+            "2026-11-23T14:15:00+14:00"
+        );
+        assert_eq!(to_datetime("202611231415+1430", "Z"), Err(DtmError::Range));
+        assert_eq!(to_time("141530.25").unwrap(), "14:15:30.25");
+        assert_eq!(to_time("1415.5"), Err(DtmError::Syntax));
+        assert_eq!(to_time("141530.x"), Err(DtmError::Syntax));
     }
 
     #[test]
