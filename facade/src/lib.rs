@@ -320,3 +320,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod properties;

@@ -8,12 +8,12 @@ use tower::ServiceExt;
 use tributary_runtime::ComponentStatus;
 use tributary_storage::{Db, DbOptions};
 
-struct Env {
+pub(crate) struct Env {
     _dir: tempfile::TempDir,
     st: AppState,
 }
 
-fn env_with(cfg: FacadeConfig) -> Env {
+pub(crate) fn env_with(cfg: FacadeConfig) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let rt = Runtime::embedded(db, 0);
@@ -32,7 +32,7 @@ fn env() -> Env {
 }
 
 impl Env {
-    fn token(&self, scope: &str, f: impl FnOnce(&mut IssueRequest)) -> String {
+    pub(crate) fn token(&self, scope: &str, f: impl FnOnce(&mut IssueRequest)) -> String {
         let mut r = IssueRequest {
             client_id: "app".into(),
             scope: scope.into(),
@@ -45,7 +45,7 @@ impl Env {
         auth::issue(self.st.facade.local_key.as_ref().unwrap(), &r).unwrap()
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         uri: &str,
@@ -55,7 +55,7 @@ impl Env {
         self.call_h(method, uri, token, body, &[]).await
     }
 
-    async fn call_h(
+    pub(crate) async fn call_h(
         &self,
         method: &str,
         uri: &str,
@@ -113,7 +113,7 @@ fn obs(id: &str, patient: &str, cat: &str) -> Value {
     json!({"resourceType": "Observation", "id": id, "status": "final", "category": [{"coding": [{"code": cat}]}], "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]}, "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": "2024-03-05T10:00:00Z"})
 }
 
-async fn seed(e: &Env) -> String {
+pub(crate) async fn seed(e: &Env) -> String {
     let admin = e.token("system/*.cruds", |_| {});
     for (id, fam) in [("p1", "Smith"), ("p2", "Jones")] {
         let (s, _, _) = e
