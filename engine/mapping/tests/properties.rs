@@ -289,3 +289,119 @@ proptest! {
         }
     }
 }
+
+/// The library's YAML files as `(relative path, text)`, as `MappingSet::load` reads them.
+fn library_texts() -> Vec<(std::path::PathBuf, String)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() && !p.ends_with("schema") {
+                walk(root, &p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                out.push((p.strip_prefix(root).unwrap().to_path_buf(), text));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mappings/hl7v2");
+    let mut out = Vec::new();
+    walk(&root, &root, &mut out);
+    out.sort();
+    out
+}
+
+/// One edit an analyst could make by mistake.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// The text after the first `:` of a line replaced.
+    Value(String),
+    Delete,
+    Insert(String),
+    /// Indentation changed by this many spaces (negative: removed).
+    Indent(i8),
+    /// The file cut after this many characters of the line.
+    Truncate,
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let text = prop_oneof![
+        "[A-Z]{2,3}-[0-9]{1,2}(\\.[0-9]{1,2})?(\\[[0-9*]\\])?",
+        "[ -~]{0,30}",
+        "\\{\\{?[ a-z.()|'-]{0,20}\\}?\\}?",
+        any::<String>().prop_map(|s| s.replace(['\r', '\n'], " ")),
+    ];
+    prop_oneof![
+        4 => text.clone().prop_map(Edit::Value),
+        1 => Just(Edit::Delete),
+        1 => text.prop_map(Edit::Insert),
+        1 => (-4i8..=4).prop_map(Edit::Indent),
+        1 => Just(Edit::Truncate),
+    ]
+}
+
+fn apply(text: &str, line: usize, e: &Edit) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = line % lines.len().max(1);
+    match e {
+        Edit::Value(v) => {
+            if let Some((k, _)) = lines[i].split_once(':') {
+                lines[i] = format!("{k}: {v}");
+            }
+        }
+        Edit::Delete => {
+            lines.remove(i);
+        }
+        Edit::Insert(v) => lines.insert(i, v.clone()),
+        Edit::Indent(n) if *n >= 0 => lines[i] = " ".repeat(*n as usize) + &lines[i],
+        Edit::Indent(n) => {
+            let cut = lines[i].len() - lines[i].trim_start().len();
+            lines[i] = lines[i][cut.min(n.unsigned_abs() as usize)..].to_string();
+        }
+        Edit::Truncate => {
+            lines.truncate(i + 1);
+            let keep = lines[i].chars().count() / 2;
+            lines[i] = lines[i].chars().take(keep).collect();
+        }
+    }
+    lines.join("\n") + "\n"
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A mistaken edit anywhere in the library: loading never panics, and each error points at a
+    /// line and column of a file of the set.
+    #[test]
+    fn a_broken_library_file_gives_positioned_errors_never_a_panic(
+        file in any::<usize>(),
+        line in any::<usize>(),
+        e in edit(),
+    ) {
+        let mut texts = library_texts();
+        let n = file % texts.len();
+        texts[n].1 = apply(&texts[n].1, line, &e);
+        let root = Path::new("lib");
+        if let Err(errors) = MappingSet::from_texts(root, &texts) {
+            prop_assert!(!errors.0.is_empty());
+            for err in &errors.0 {
+                let text = texts
+                    .iter()
+                    .find(|(rel, _)| root.join(rel).display().to_string() == err.file)
+                    .map(|(_, t)| t);
+                prop_assert!(text.is_some(), "{err} names no file of the set");
+                let lines = text.unwrap().lines().count();
+                prop_assert!(
+                    err.line >= 1 && err.col >= 1 && err.line <= lines + 1,
+                    "{err}: not a position in a {lines}-line file ({e:?})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_library_loads_from_its_texts_unchanged() {
+    let texts = library_texts();
+    assert!(texts.len() > 20, "{} files", texts.len());
+    MappingSet::from_texts(Path::new("lib"), &texts).unwrap_or_else(|e| panic!("{e}"));
+}
