@@ -30,37 +30,20 @@ fn encode(s: &str) -> String {
 }
 
 fn param_name() -> impl Strategy<Value = String> {
-    let known = [
-        "_id",
-        "_lastUpdated",
-        "identifier",
-        "patient",
-        "subject",
-        "code",
-        "category",
-        "date",
-        "status",
-        "name",
-        "family",
-        "birthdate",
-        "gender",
-        "_tag",
-        "_count",
-        "_offset",
-        "_include",
-        "_revinclude",
-        "_summary",
-        "_sort",
-        "_format",
-        "_elements",
+    let modified = [
         "patient:missing",
         "code:text",
         "subject:Patient",
         "date:exact",
         "_has:Observation:patient:code",
+        "_elements",
     ];
+    let known: Vec<&str> = (crate::search::SEARCH_PARAMS.iter().map(|(n, _)| *n))
+        .chain(crate::search::CONTROL_PARAMS)
+        .chain(modified)
+        .collect();
     prop_oneof![
-        4 => proptest::sample::select(known.to_vec()).prop_map(str::to_string),
+        4 => proptest::sample::select(known).prop_map(str::to_string),
         1 => "[a-z_:.]{1,12}",
     ]
 }

@@ -41,7 +41,7 @@ pub const SEARCH_PARAMS: [(&str, &str); 14] = [
     ("_tag", "token"),
 ];
 
-const CONTROL_PARAMS: [&str; 7] = [
+pub(crate) const CONTROL_PARAMS: [&str; 7] = [
     "_count",
     "_offset",
     "_include",
