@@ -96,14 +96,18 @@ impl Scope {
                 bits
             }
         };
-        let constraints = query
-            .map(|q| {
-                q.split('&')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let constraints = match query {
+            None => Vec::new(),
+            Some(q) => {
+                let pairs = crate::policy::decode_query(Some(q));
+                // A narrowing that cannot be read grants nothing: dropping the part that cannot
+                // be read would widen the scope.
+                if pairs.is_empty() || pairs.iter().any(|(k, v)| k.is_empty() || v.is_empty()) {
+                    return None;
+                }
+                pairs
+            }
+        };
         Some(Scope {
             context,
             resource_type: (rtype != "*").then(|| rtype.to_string()),
@@ -291,5 +295,128 @@ mod tests {
             "patient/Observation.rs?category=laboratory patient/Observation.rs?category=vital-signs",
         );
         assert!(both.grant(Perm::Read, "Observation", true).admits(&vital));
+    }
+
+    #[test]
+    fn a_narrowing_that_cannot_be_read_grants_nothing() {
+        for scope in [
+            "patient/Observation.rs?category",
+            "patient/Observation.rs?",
+            "patient/Observation.rs?=laboratory",
+            "patient/Observation.rs?category=",
+            "patient/Observation.rs?category=laboratory&status",
+        ] {
+            let s = ScopeSet::parse(scope);
+            assert!(s.is_empty(), "{scope} parsed as {s:?}");
+            assert_eq!(s.grant(Perm::Read, "Observation", true), Grant::Denied);
+        }
+        let encoded = ScopeSet::parse(
+            "user/Observation.rs?category=http%3A%2F%2Fterminology.hl7.org%2FCodeSystem%2Fobservation-category%7Claboratory",
+        );
+        assert_eq!(
+            encoded.scopes[0].constraints,
+            [(
+                "category".to_string(),
+                "http://terminology.hl7.org/CodeSystem/observation-category|laboratory".to_string()
+            )]
+        );
+    }
+
+    use proptest::prelude::*;
+
+    /// A scope string built from its parts, with what it should grant.
+    #[derive(Debug, Clone)]
+    struct Model {
+        text: String,
+        context: ScopeContext,
+        rtype: Option<&'static str>,
+        perms: Vec<Perm>,
+    }
+
+    const ALL: [Perm; 5] = [
+        Perm::Create,
+        Perm::Read,
+        Perm::Update,
+        Perm::Delete,
+        Perm::Search,
+    ];
+
+    fn model() -> impl Strategy<Value = Model> {
+        let context = prop_oneof![
+            Just(("patient", ScopeContext::Patient)),
+            Just(("user", ScopeContext::User)),
+            Just(("system", ScopeContext::System)),
+        ];
+        let rtype = prop_oneof![Just(None), Just(Some("Patient")), Just(Some("Observation"))];
+        // v1 words, or a non-empty subset of the v2 letters in `cruds` order
+        let perms = prop_oneof![
+            Just(("read".to_string(), vec![Perm::Read, Perm::Search])),
+            Just((
+                "write".to_string(),
+                vec![Perm::Create, Perm::Update, Perm::Delete]
+            )),
+            Just(("*".to_string(), ALL.to_vec())),
+            proptest::sample::subsequence(ALL.to_vec(), 1..=5)
+                .prop_map(|p| (p.iter().map(|x| x.letter()).collect(), p)),
+        ];
+        (context, rtype, perms).prop_map(|((ctx, context), rtype, (word, perms))| Model {
+            text: format!("{ctx}/{}.{word}", rtype.unwrap_or("*")),
+            context,
+            rtype,
+            perms,
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever a token's scope claim holds, parsing never panics.
+        #[test]
+        fn any_scope_text_parses_without_panic(text in any::<String>()) {
+            let s = ScopeSet::parse(&text);
+            for p in ALL {
+                let _ = s.grant(p, "Observation", true);
+            }
+        }
+
+        /// A set of well-formed scopes grants a (permission, type) exactly when one of them names
+        /// it, `patient/` scopes only with a patient context, and the grant is compartment-only
+        /// exactly when every granting scope is a `patient/` one.
+        #[test]
+        fn grants_follow_the_scopes_named(
+            models in proptest::collection::vec(model(), 1..4),
+            // words that are not clinical scopes (`openid`, `launch`, …: no `/`)
+            noise in proptest::collection::vec("[a-z.*?=_]{1,12}", 0..3),
+            has_patient in any::<bool>(),
+        ) {
+            let text = models
+                .iter()
+                .map(|m| m.text.clone())
+                .chain(noise)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let set = ScopeSet::parse(&text);
+            prop_assert_eq!(set.scopes.len(), models.len());
+            for rtype in ["Patient", "Observation", "Encounter"] {
+                for perm in ALL {
+                    let granting: Vec<&Model> = models
+                        .iter()
+                        .filter(|m| m.perms.contains(&perm) && m.rtype.is_none_or(|t| t == rtype))
+                        .filter(|m| m.context != ScopeContext::Patient || has_patient)
+                        .collect();
+                    let got = set.grant(perm, rtype, has_patient);
+                    if granting.is_empty() {
+                        prop_assert_eq!(got, Grant::Denied, "{} {:?} {}", text, perm, rtype);
+                        continue;
+                    }
+                    let patient_only = granting.iter().all(|m| m.context == ScopeContext::Patient);
+                    prop_assert_eq!(
+                        got,
+                        Grant::Granted { patient_only, narrowing: vec![] },
+                        "{} {:?} {}", text, perm, rtype
+                    );
+                }
+            }
+        }
     }
 }
