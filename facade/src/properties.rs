@@ -52,6 +52,18 @@ fn param_value() -> impl Strategy<Value = String> {
     prop_oneof![
         "(ge|le|gt|lt|eq|ne|sa|eb|ap)?[0-9T:+.Z-]{0,25}",
         "(Patient|Observation|Encounter|\\*)(:[a-z]{0,8})?(:[A-Z][a-z]{0,8})?",
+        // the references a compartment leak would go through
+        proptest::sample::select(vec![
+            "Observation:subject",
+            "Observation:patient",
+            "Observation:subject:Patient",
+            "Patient:link",
+            "*",
+            "Patient/p2",
+            "p2",
+            "o3",
+        ])
+        .prop_map(str::to_string),
         "(Patient/)?p[0-9]{1,2}",
         "[0-9]{0,12}",
         "[ -~]{0,24}",
@@ -67,8 +79,14 @@ fn request_uri() -> impl Strategy<Value = String> {
         3 => Just("Observation"),
         1 => proptest::sample::select(TYPES.to_vec()),
     ];
+    // an id, or an id with an instance-level path after it
     let id = prop_oneof![
         3 => proptest::sample::select(vec!["p1", "p2", "o1", "o2", "o3"]).prop_map(str::to_string),
+        1 => proptest::sample::select(vec![
+            "p2/$everything", "p1/$everything", "p2/_history", "o3/_history", "o3/_history/1",
+            "p2/_history/1",
+        ])
+        .prop_map(str::to_string),
         1 => "[A-Za-z0-9.-]{1,8}",
         1 => any::<String>(),
     ];
@@ -85,7 +103,12 @@ fn request_uri() -> impl Strategy<Value = String> {
                 .collect();
             q.extend(raw);
             match id {
-                Some(id) => format!("/fhir/{t}/{}?{}", encode(&id), q.join("&")),
+                // `/` and `$` stay as they are: they make the instance-level paths
+                Some(id) => format!(
+                    "/fhir/{t}/{}?{}",
+                    encode(&id).replace("%2F", "/").replace("%24", "$"),
+                    q.join("&")
+                ),
                 None => format!("/fhir/{t}?{}", q.join("&")),
             }
         })
