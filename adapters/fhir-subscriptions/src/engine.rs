@@ -732,10 +732,9 @@ impl SubscriptionService {
                 }
                 Ok(_) => {}
                 Err(reason) => {
-                    let (tenant, id) = (spec.tenant.clone(), spec.id.clone());
                     self.dead_letter(DeadLetter {
-                        tenant,
-                        subscription: id,
+                        tenant: spec.tenant.clone(),
+                        subscription: spec.id.clone(),
                         event_numbers: (first_number..=last_number).collect(),
                         event_ids: matched.iter().map(|e| e.event_id.clone()).collect(),
                         reason: reason.clone(),
