@@ -325,6 +325,11 @@ impl MappingSet {
         Ok(set)
     }
 
+    /// The mapping files of `dir` as `load` reads them: (path relative to `dir`, text), sorted.
+    pub fn texts(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadErrors> {
+        read_texts(dir)
+    }
+
     /// The content hash `load` would give `dir`, without compiling (hot reload polls this).
     pub fn version_of(dir: &Path) -> Result<String, LoadErrors> {
         Ok(hash_texts(&read_texts(dir)?))

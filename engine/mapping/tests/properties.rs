@@ -290,24 +290,10 @@ proptest! {
     }
 }
 
-/// The library's YAML files as `(relative path, text)`, as `MappingSet::load` reads them.
+/// The library's files as `MappingSet::load` reads them.
 fn library_texts() -> Vec<(std::path::PathBuf, String)> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(std::path::PathBuf, String)>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_dir() && !p.ends_with("schema") {
-                walk(root, &p, out);
-            } else if p.extension().is_some_and(|e| e == "yaml") {
-                let text = std::fs::read_to_string(&p).unwrap();
-                out.push((p.strip_prefix(root).unwrap().to_path_buf(), text));
-            }
-        }
-    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../mappings/hl7v2");
-    let mut out = Vec::new();
-    walk(&root, &root, &mut out);
-    out.sort();
-    out
+    MappingSet::texts(&root).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One edit an analyst could make by mistake.

@@ -8,24 +8,10 @@ use std::sync::OnceLock;
 use tributary_mapping::MappingSet;
 
 fn texts() -> &'static Vec<(PathBuf, String)> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, String)>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_dir() && !p.ends_with("schema") {
-                walk(root, &p, out);
-            } else if p.extension().is_some_and(|e| e == "yaml") {
-                let text = std::fs::read_to_string(&p).unwrap();
-                out.push((p.strip_prefix(root).unwrap().to_path_buf(), text));
-            }
-        }
-    }
     static TEXTS: OnceLock<Vec<(PathBuf, String)>> = OnceLock::new();
     TEXTS.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../mappings/hl7v2");
-        let mut out = Vec::new();
-        walk(&root, &root, &mut out);
-        out.sort();
-        out
+        MappingSet::texts(&root).unwrap_or_else(|e| panic!("{e}"))
     })
 }
 
