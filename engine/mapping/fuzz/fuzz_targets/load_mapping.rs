@@ -2,6 +2,9 @@
 //! file): loading never panics, and every error points at a line and column of a file of the set.
 #![no_main]
 
+#[path = "../../tests/support/positions.rs"]
+mod positions;
+
 use libfuzzer_sys::fuzz_target;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -24,19 +27,8 @@ fuzz_target!(|data: &[u8]| {
     set[n].1 = String::from_utf8_lossy(rest).into_owned();
     let root = Path::new("lib");
     if let Err(errors) = MappingSet::from_texts(root, &set) {
-        assert!(!errors.0.is_empty());
-        for e in &errors.0 {
-            let text = set
-                .iter()
-                .find(|(rel, _)| root.join(rel).display().to_string() == e.file)
-                .map(|(_, t)| t)
-                .unwrap_or_else(|| panic!("{e} names no file of the set"));
-            // YAML counts CR LF, CR and LF each as one line break
-            let lines = text.replace("\r\n", "\n").split(['\n', '\r']).count();
-            assert!(
-                e.line >= 1 && e.col >= 1 && e.line <= lines + 1,
-                "{e}: not a position in a {lines}-line file"
-            );
+        if let Some(bad) = positions::misplaced(root, &set, &errors) {
+            panic!("{bad}");
         }
     }
 });
