@@ -427,13 +427,44 @@ async fn upstream_token(
         .ok_or_else(|| "token response has no access_token".to_string())
 }
 
+/// Why id-only entries could not be completed.
+enum FetchError {
+    /// The notification itself is unacceptable (a focus outside the partner's server): 400, and
+    /// the body is kept as rejected. A retry would fail the same way.
+    Refused(String),
+    /// The partner's server could not answer now: 503, so the sender retries.
+    Transient(String),
+}
+
+/// `Type/id` or `Type/id/_history/vid`: the only shapes of focus reference that are read.
+fn is_resource_path(path: &str) -> bool {
+    let id = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && s != "."
+            && s != ".."
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    let rtype_ok = parts[0].len() <= 64
+        && parts[0].starts_with(|c: char| c.is_ascii_uppercase())
+        && parts[0].bytes().all(|b| b.is_ascii_alphanumeric());
+    rtype_ok
+        && match parts[1..] {
+            [i] => id(i),
+            [i, "_history", v] => id(i) && id(v),
+            _ => false,
+        }
+}
+
 /// Fills `resource` into id-only entries by reading them from the partner's server. Only
-/// references under `upstream_base_url` are fetched (never an arbitrary URL).
+/// `Type/id[/_history/vid]` references under `upstream_base_url` are fetched (never an
+/// arbitrary URL, nor a path that climbs out of the base with `..`).
 async fn fetch_resources(
     http: &reqwest::Client,
     p: &InboundPartner,
     bundle: &mut Value,
-) -> Result<usize, String> {
+) -> Result<usize, FetchError> {
     let Some(base) = p
         .upstream_base_url
         .as_deref()
@@ -441,51 +472,64 @@ async fn fetch_resources(
     else {
         return Ok(0);
     };
-    let token = upstream_token(http, p).await?;
-    let mut fetched = 0;
     let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else {
         return Ok(0);
     };
-    for e in entries.iter_mut() {
-        if e.get("resource").is_some() {
+    // Every reference is checked before anything is fetched: a bad one refuses the whole
+    // notification, whatever the others hold.
+    let prefix = format!("{base}/");
+    let mut targets = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.get("resource").is_some()
+            || e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE")
+        {
             continue;
         }
-        let Some(url) = e.get("fullUrl").and_then(Value::as_str).map(str::to_string) else {
+        let Some(url) = e.get("fullUrl").and_then(Value::as_str) else {
             continue;
         };
-        let target = if url.starts_with("http://") || url.starts_with("https://") {
-            if !url.starts_with(&format!("{base}/")) {
-                return Err("a focus reference is outside the partner's base URL".into());
-            }
-            url
+        let path = if url.starts_with("http://") || url.starts_with("https://") {
+            url.strip_prefix(&prefix)
         } else {
-            format!("{base}/{}", url.trim_start_matches('/'))
+            Some(url.trim_start_matches('/'))
         };
-        if e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE") {
-            continue;
+        match path {
+            Some(path) if is_resource_path(path) => targets.push((i, format!("{prefix}{path}"))),
+            _ => {
+                return Err(FetchError::Refused(
+                    "a focus reference is not a resource URL under the partner's base URL".into(),
+                ))
+            }
         }
-        let mut req = http.get(&target).header("accept", "application/fhir+json");
+    }
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let token = upstream_token(http, p)
+        .await
+        .map_err(FetchError::Transient)?;
+    for (i, target) in &targets {
+        let mut req = http.get(target).header("accept", "application/fhir+json");
         if let Some(t) = &token {
             req = req.bearer_auth(t);
         }
         let r = req
             .send()
             .await
-            .map_err(|_| "upstream server unreachable".to_string())?;
+            .map_err(|_| FetchError::Transient("upstream server unreachable".into()))?;
         if !r.status().is_success() {
-            return Err(format!(
-                "upstream read answered HTTP {}",
-                r.status().as_u16()
-            ));
+            let status = r.status().as_u16();
+            return Err(FetchError::Transient(format!(
+                "upstream read answered HTTP {status}"
+            )));
         }
         let res: Value = r
             .json()
             .await
-            .map_err(|_| "upstream read answered no JSON".to_string())?;
-        e["resource"] = res;
-        fetched += 1;
+            .map_err(|_| FetchError::Transient("upstream read answered no JSON".into()))?;
+        entries[*i]["resource"] = res;
     }
-    Ok(fetched)
+    Ok(targets.len())
 }
 
 const INGRESS_SOURCE: &str = "fhir-subscription";
@@ -591,7 +635,10 @@ async fn inbound(
     }
     let fetched = match fetch_resources(&state.service.http, &p, &mut bundle).await {
         Ok(n) => n,
-        Err(reason) => {
+        Err(FetchError::Refused(reason)) => {
+            return refuse(&state, &p, &tenant, body, "value", &reason).await;
+        }
+        Err(FetchError::Transient(reason)) => {
             tracing::warn!(%partner, %reason, "inbound notification: fetching resources failed");
             // 503: the sender retries later; nothing is journaled half-complete.
             return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", &reason);

@@ -645,6 +645,37 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         assert_eq!(oo["resourceType"], "OperationOutcome");
         assert_eq!(oo["issue"][0]["diagnostics"], reason);
     }
+    // A focus the partner's server does not hold, or a path that climbs out of its base, is
+    // refused without any read (a retry would fail the same way), and kept.
+    for focus in [
+        "https://elsewhere.example/fhir/Encounter/enc-1".to_string(),
+        format!("{base}/fhir/Encounter/../../token"),
+        "Encounter/enc-1/../../../token".to_string(),
+    ] {
+        let event = json!([{"name": "notification-event", "part": [
+            {"name": "event-number", "valueString": "8"},
+            {"name": "focus", "valueReference": {"reference": focus}}]}]);
+        let bad = json!({"resourceType": "Bundle", "type": "history", "entry": [
+            status("event-notification", event),
+            {"fullUrl": focus, "request": {"method": "PUT", "url": "Encounter/enc-1"}}
+        ]});
+        let res = app
+            .clone()
+            .oneshot(post_bundle(bad, "partner-token-0123456789"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{focus}");
+        let oo: Value = serde_json::from_slice(
+            &axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            oo["issue"][0]["diagnostics"],
+            "a focus reference is not a resource URL under the partner's base URL"
+        );
+    }
     let rejected = env
         .journal
         .list(&ListFilter {
@@ -653,7 +684,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(rejected.len(), 2, "both refused bodies are kept");
+    assert_eq!(rejected.len(), 5, "every refused body is kept");
     let kept: Vec<_> = rejected
         .iter()
         .map(|(id, _, _)| env.journal.get(*id).unwrap().unwrap())
@@ -661,7 +692,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
     assert!(kept.iter().any(|r| &r.envelope.payload[..] == b"{not json"));
     assert!(kept.iter().all(|r| r.envelope.partner.as_str() == "ehr"));
     let text = metrics.render(Vec::new());
-    for (outcome, n) in [("accepted", 1), ("duplicate", 1), ("rejected", 2)] {
+    for (outcome, n) in [("accepted", 1), ("duplicate", 1), ("rejected", 5)] {
         let line = format!(
             "tributary_ingress_messages_total{{source=\"fhir-subscription\",outcome=\"{outcome}\"}} {n}"
         );
