@@ -42,43 +42,17 @@ fn body() -> impl Strategy<Value = Value> {
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     });
-    (proptest::option::weighted(0.8, any::<usize>()), json).prop_map(|(pick, generated)| {
-        let Some(pick) = pick else {
-            return generated;
-        };
-        let mut base = json!({"resourceType": "Bundle", "type": "history", "entry": [
-            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": [
-                {"name": "subscription", "valueReference": {"reference": "http://ehr.example/fhir/Subscription/9"}},
-                {"name": "status", "valueCode": "active"},
-                {"name": "type", "valueCode": "event-notification"},
-                {"name": "notification-event", "part": [
-                    {"name": "event-number", "valueString": "7"},
-                    {"name": "focus", "valueReference": {"reference": "Encounter/enc-1"}}]}]}},
-            {"fullUrl": "Encounter/enc-1", "resource": {"resourceType": "Encounter", "id": "enc-1", "status": "in-progress"}}
-        ]});
-        let mut at = Vec::new();
-        pointers(&base, String::new(), &mut at);
-        let ptr = at[pick % at.len()].clone();
-        match base.pointer_mut(&ptr) {
-            Some(slot) if !ptr.is_empty() => *slot = generated,
-            _ => base = generated,
-        }
-        base
-    })
-}
-
-fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
-    match v {
-        Value::Object(o) => o
-            .iter()
-            .for_each(|(k, x)| pointers(x, format!("{at}/{k}"), out)),
-        Value::Array(a) => a
-            .iter()
-            .enumerate()
-            .for_each(|(i, x)| pointers(x, format!("{at}/{i}"), out)),
-        _ => {}
-    }
-    out.push(at);
+    let base = json!({"resourceType": "Bundle", "type": "history", "entry": [
+        {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": "http://ehr.example/fhir/Subscription/9"}},
+            {"name": "status", "valueCode": "active"},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "notification-event", "part": [
+                {"name": "event-number", "valueString": "7"},
+                {"name": "focus", "valueReference": {"reference": "Encounter/enc-1"}}]}]}},
+        {"fullUrl": "Encounter/enc-1", "resource": {"resourceType": "Encounter", "id": "enc-1", "status": "in-progress"}}
+    ]});
+    tributary_testing::near(base, json)
 }
 
 #[test]
