@@ -115,48 +115,27 @@ fn request_uri() -> impl Strategy<Value = String> {
 }
 
 fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        "[ -~]{0,12}".prop_map(Value::from),
-        proptest::sample::select(vec![
-            "Patient",
-            "Observation",
-            "Bundle",
-            "p1",
-            "p2",
-            "Patient/p2"
-        ])
-        .prop_map(Value::from),
+    let words = vec!["Patient", "Observation", "Bundle", "p1", "p2", "Patient/p2"];
+    let keys = vec![
+        "resourceType",
+        "id",
+        "subject",
+        "reference",
+        "entry",
+        "resource",
+        "request",
+        "method",
+        "url",
+        "type",
+        "name",
+        "meta",
+        "versionId",
+        "status",
+        "code",
+        "patient",
+        "x",
     ];
-    leaf.prop_recursive(4, 48, 6, |inner| {
-        let key = proptest::sample::select(vec![
-            "resourceType",
-            "id",
-            "subject",
-            "reference",
-            "entry",
-            "resource",
-            "request",
-            "method",
-            "url",
-            "type",
-            "name",
-            "meta",
-            "versionId",
-            "status",
-            "code",
-            "patient",
-            "x",
-        ]);
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            proptest::collection::btree_map(key.prop_map(str::to_string), inner, 0..5)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    tributary_testing::json(words, keys)
 }
 
 fn runner(cases: u32) -> TestRunner {

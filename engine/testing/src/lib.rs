@@ -37,6 +37,27 @@ pub fn with_one_value_replaced(base: &Value, pick: usize, generated: Value) -> V
     out
 }
 
+/// JSON of any shape up to four levels deep: null, booleans, numbers, short printable strings
+/// and the given `words` as leaves; arrays, and objects whose keys come from `keys`.
+pub fn json(words: Vec<&'static str>, keys: Vec<&'static str>) -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        "[ -~]{0,12}".prop_map(Value::from),
+        proptest::sample::select(words).prop_map(Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, move |inner| {
+        let key = proptest::sample::select(keys.clone()).prop_map(str::to_string);
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            proptest::collection::btree_map(key, inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
 /// Mostly `base` with one value replaced by generated JSON, sometimes generated JSON alone.
 pub fn near(base: Value, json: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
     (proptest::option::weighted(0.75, any::<usize>()), json).prop_map(move |(pick, generated)| {
