@@ -240,6 +240,14 @@ async fn numbers_of_a_subscription_from_before_the_record_are_backfilled() {
     let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     wait_for("the third event", || !notified(&got).is_empty()).await;
     assert_eq!(notified(&got), vec![(3, focus("o3"))]);
+    // the worker records a delivery after the endpoint has answered
+    wait_for("the delivery recorded", || {
+        outbox
+            .numbering("sub:t1/obs")
+            .unwrap()
+            .is_some_and(|n| n.count > 2)
+    })
+    .await;
     let n = outbox.numbering("sub:t1/obs").unwrap().unwrap();
     assert_eq!(n.count, 3);
     assert_eq!(
