@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tributary_runtime::http::{read_json_limited, read_limited};
 
 /// Who is calling, as established from a verified token. Carries ids only.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +75,10 @@ pub struct Authenticator {
 }
 
 const VERIFIED_CACHE_MAX: usize = 50_000;
+/// A JWKS document larger than this is not read (a few keys take a few KiB).
+const MAX_JWKS_BYTES: usize = 1 << 20;
+/// An RFC 7662 answer larger than this is not read.
+const MAX_INTROSPECTION_BYTES: usize = 64 << 10;
 
 fn tenant_ok(t: &str) -> bool {
     !t.is_empty()
@@ -197,9 +202,12 @@ impl Authenticator {
             *last = Some(Instant::now());
         }
         let text = match http.get(&self.cfg.jwks_url).send().await {
-            Ok(r) if r.status().is_success() => match r.text().await {
-                Ok(t) => t,
-                Err(_) => return false,
+            Ok(r) if r.status().is_success() => match read_limited(r, MAX_JWKS_BYTES).await {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JWKS response not read; keeping cached keys");
+                    return false;
+                }
             },
             Ok(r) => {
                 tracing::warn!(
@@ -319,7 +327,17 @@ impl Authenticator {
             );
             return Err(unusable());
         }
-        let v: Value = res.json().await.map_err(|_| unusable())?;
+        let v = match read_json_limited(res, MAX_INTROSPECTION_BYTES).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                tracing::warn!("token introspection answered no JSON");
+                return Err(unusable());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "token introspection answer not read");
+                return Err(unusable());
+            }
+        };
         if v.get("active").and_then(Value::as_bool) != Some(true) {
             if let Ok(mut c) = self.introspected.lock() {
                 c.remove(token);
@@ -509,6 +527,7 @@ pub fn issue(key: &LocalSigningKey, req: &IssueRequest) -> Result<String, crate:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn setup() -> (tempfile::TempDir, LocalSigningKey, Authenticator) {
         let dir = tempfile::tempdir().unwrap();
@@ -607,6 +626,87 @@ mod tests {
         crate::revocation::revoke_in_data_dir(dir.path(), "consent-7").unwrap();
         assert!(matches!(
             auth.authenticate(&t, false).await,
+            Err(ApiError::Unauthorized(_))
+        ));
+    }
+
+    /// An identity provider on loopback: `/{small,big}/jwks.json` serve `idp`'s key, the big one
+    /// padded past the JWKS limit and streamed without a length; `/{small,big}/introspect`
+    /// answer "active", the big one padded past the introspection limit.
+    async fn identity_provider(idp: &LocalSigningKey) -> String {
+        use axum::routing::{get, post};
+        let jwks = json!({"keys": [idp.jwk()]});
+        let padded = |mut v: Value, n: usize| {
+            v["padding"] = json!("x".repeat(n));
+            v.to_string()
+        };
+        let big_jwks = padded(jwks.clone(), MAX_JWKS_BYTES);
+        let active = json!({"active": true, "client_id": "opaque-app", "scope": "user/*.rs",
+            "exp": tributary_core::now_millis() / 1000 + 600});
+        let big_active = padded(active.clone(), MAX_INTROSPECTION_BYTES);
+        let app = axum::Router::new()
+            .route(
+                "/small/jwks.json",
+                get(move || async move { jwks.to_string() }),
+            )
+            .route(
+                "/big/jwks.json",
+                get(move || async move {
+                    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = big_jwks
+                        .into_bytes()
+                        .chunks(4096)
+                        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                        .collect();
+                    axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+                }),
+            )
+            .route(
+                "/small/introspect",
+                post(move || async move { active.to_string() }),
+            )
+            .route("/big/introspect", post(move || async move { big_active }));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn jwks_and_introspection_answers_past_their_limit_are_not_used() {
+        let idp_dir = tempfile::tempdir().unwrap();
+        let idp = LocalSigningKey::load_or_create(idp_dir.path()).unwrap();
+        let base = identity_provider(&idp).await;
+        let token = issue(&idp, &req()).unwrap();
+        let secret = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(secret.path(), "s3cret").unwrap();
+        let authenticator = |size: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = AuthConfig {
+                local_key: false,
+                jwks_url: format!("{base}/{size}/jwks.json"),
+                jwks_refresh_min_secs: 0,
+                introspection_url: format!("{base}/{size}/introspect"),
+                introspection_client_id: "facade".into(),
+                introspection_secret_file: secret.path().to_path_buf(),
+                ..AuthConfig::default()
+            };
+            let rev = Arc::new(Revocations::open(dir.path()));
+            let auth = Authenticator::new(cfg, dir.path(), "default", None, rev).unwrap();
+            (dir, auth)
+        };
+        let (_d, small) = authenticator("small");
+        small.authenticate(&token, false).await.unwrap();
+        let opaque = small.authenticate("opaque-1", false).await.unwrap();
+        assert_eq!(opaque.client_id, "opaque-app");
+
+        let (_d, big) = authenticator("big");
+        assert!(!big.refresh_jwks().await, "an oversized JWKS is not read");
+        assert!(matches!(
+            big.authenticate(&token, false).await,
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            big.authenticate("opaque-1", false).await,
             Err(ApiError::Unauthorized(_))
         ));
     }

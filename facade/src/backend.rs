@@ -16,6 +16,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::time::Duration;
+use tributary_runtime::http::{read_limited, BodyError};
 
 pub struct Backend {
     pub cfg: BackendConfig,
@@ -34,9 +35,6 @@ pub struct BackendSetupError {
 pub struct Backends {
     list: Vec<Backend>,
 }
-
-/// Largest backend response accepted.
-const MAX_BACKEND_BODY: usize = 32 << 20;
 
 impl Backends {
     pub fn new(cfgs: &[BackendConfig]) -> Result<Self, BackendSetupError> {
@@ -359,12 +357,15 @@ async fn call(
     };
     let res = rb.send().await.map_err(unavailable)?;
     let status = res.status();
-    if res
-        .content_length()
-        .is_some_and(|l| l as usize > MAX_BACKEND_BODY)
-    {
-        return Err(ApiError::Backend("backend response too large".into()));
+    match read_limited(res, backend.cfg.max_response_bytes).await {
+        Ok(bytes) => Ok((status, bytes)),
+        Err(BodyError::Failed(e)) => Err(unavailable(e)),
+        Err(too_large @ BodyError::TooLarge { .. }) => {
+            tracing::warn!(backend = %backend.cfg.name, "backend response refused: larger than max_response_bytes");
+            Err(ApiError::Backend(format!(
+                "backend {}: {too_large}",
+                backend.cfg.name
+            )))
+        }
     }
-    let bytes = res.bytes().await.map_err(unavailable)?;
-    Ok((status, bytes))
 }

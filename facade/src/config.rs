@@ -58,6 +58,10 @@ pub struct BackendConfig {
     /// Idle pooled connections kept per backend host.
     #[serde(default = "default_pool")]
     pub pool_max_idle: usize,
+    /// Largest response body read from the backend; a larger one (announced or streamed) is
+    /// refused with 502 as soon as it passes this size.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
     /// Extra trusted CA certificate (PEM) for the backend's TLS certificate. Empty: system roots.
     #[serde(default)]
     pub ca_file: PathBuf,
@@ -74,6 +78,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_pool() -> usize {
     32
+}
+fn default_max_response() -> usize {
+    32 << 20
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -393,6 +400,13 @@ impl FacadeConfig {
                 return Err(invalid(
                     &key("timeout_secs"),
                     b.timeout_secs,
+                    "greater than 0",
+                ));
+            }
+            if b.max_response_bytes == 0 {
+                return Err(invalid(
+                    &key("max_response_bytes"),
+                    b.max_response_bytes,
                     "greater than 0",
                 ));
             }

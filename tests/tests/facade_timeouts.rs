@@ -1,36 +1,46 @@
 //! `http.request_timeout_secs` bounds every facade request: a backend FHIR server that does not
 //! answer in time gives 504, a request the facade itself cannot finish in time (here: a client
 //! that never sends its announced body) gives 503 — each with an OperationOutcome and an audit
-//! record saying so.
+//! record saying so. A backend's answer is bounded in size too (`max_response_bytes`): 502.
 
 mod facade_support;
 
 use facade_support::{export_audit, Facade};
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A backend that accepts connections, reads the request, and answers only after `delay`.
-fn slow_backend(delay: Duration) -> String {
+/// A backend that accepts connections, reads the request, and lets `answer` write the response.
+fn backend(answer: impl Fn(&mut TcpStream) + Send + Sync + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 let _ = conn.read(&mut buf);
-                std::thread::sleep(delay);
-                let body = r#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#;
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
+                answer(&mut conn);
             });
         }
     });
     format!("http://{addr}/fhir")
+}
+
+/// A backend that answers only after `delay`.
+fn slow_backend(delay: Duration) -> String {
+    backend(move |conn| {
+        std::thread::sleep(delay);
+        let body = r#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#;
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    })
 }
 
 fn assert_timeout_outcome(r: &facade_support::Resp, status: u16) {
@@ -142,4 +152,64 @@ async fn request_that_cannot_finish_in_time_gets_503_and_is_audited() {
     assert_eq!(rec["status"], 503, "{rec}");
     assert_eq!(rec["detail"], "timeout", "{rec}");
     assert_eq!(rec["interaction"], "update", "{rec}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_answers_past_max_response_bytes_get_502_without_reading_to_the_end() {
+    // One backend streams a Bundle without end; the other announces 1 GiB and then stalls.
+    let endless = backend(|conn| {
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let chunk = format!("1000\r\n{}\r\n", " ".repeat(4096));
+        while conn.write_all(chunk.as_bytes()).is_ok() {}
+    });
+    let announced = backend(|conn| {
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: 1073741824\r\n\r\n{{"
+        );
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    let config = format!(
+        "[http]\nrequest_timeout_secs = 30\n\n\
+         [[facade.backends]]\nname = \"endless\"\nurl = \"{endless}\"\nresource_types = [\"Observation\"]\ntimeout_secs = 60\nmax_response_bytes = 1048576\n\n\
+         [[facade.backends]]\nname = \"announced\"\nurl = \"{announced}\"\nresource_types = [\"Condition\"]\ntimeout_secs = 60\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let t = f.token("app", "user/*.cruds", &[]);
+    for (path, name, limit) in [
+        ("/fhir/Observation", "endless", 1 << 20),
+        ("/fhir/Condition", "announced", 32 << 20),
+    ] {
+        let started = Instant::now();
+        let r = f.call("GET", path, Some(&t), None).await;
+        assert_eq!(r.status, 502, "{}", r.text);
+        assert_eq!(r.json["resourceType"], "OperationOutcome", "{}", r.text);
+        assert_eq!(
+            r.json["issue"][0]["diagnostics"],
+            format!("backend {name}: response body larger than {limit} bytes"),
+        );
+        // Refused at the limit, not when the request timeout (30 s) ran out.
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{name}: answered after {:?}",
+            started.elapsed()
+        );
+    }
+    let r = f.call("GET", "/fhir/Patient", Some(&t), None).await;
+    assert_eq!(r.status, 200, "the facade keeps serving: {}", r.text);
+
+    f.stop();
+    let records = export_audit(&f, None);
+    for name in ["endless", "announced"] {
+        let rec = records
+            .iter()
+            .map(|e| &e["body"])
+            .find(|b| b["backend"] == name)
+            .unwrap_or_else(|| panic!("no audit record for backend {name}: {records:?}"));
+        assert_eq!(rec["status"], 502, "{rec}");
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+    }
 }

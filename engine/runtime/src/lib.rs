@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_core::MessageId;
 use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 
+pub mod http;
 pub mod metrics;
 pub use metrics::{Metrics, Sample};
 
