@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tributary_core::{Envelope, Protocol};
+use tributary_runtime::http::{read_json_limited, read_limited, BodyError};
 use tributary_storage::Journal;
 
 #[derive(Clone)]
@@ -417,15 +418,23 @@ async fn upstream_token(
             r.status().as_u16()
         ));
     }
-    let v: Value = r
-        .json()
+    let v = read_json_limited(r, MAX_TOKEN_RESPONSE_BYTES)
         .await
-        .map_err(|_| "token endpoint answered no JSON".to_string())?;
+        .map_err(|e| format!("token endpoint answer not read: {e}"))?
+        .ok_or_else(|| "token endpoint answered no JSON".to_string())?;
     v.get("access_token")
         .and_then(Value::as_str)
         .map(|s| Some(s.to_string()))
         .ok_or_else(|| "token response has no access_token".to_string())
 }
+
+/// A token endpoint's answer larger than this is not read.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+/// Id-only entries completed from the partner's server for one notification, at most.
+const MAX_FETCHES: usize = 100;
+/// The resources read for one notification, together, at most (a DocumentReference or Binary
+/// can carry a whole document).
+const MAX_FETCHED_BYTES: usize = 32 << 20;
 
 /// Why id-only entries could not be completed.
 enum FetchError {
@@ -505,9 +514,16 @@ async fn fetch_resources(
     if targets.is_empty() {
         return Ok(0);
     }
+    if targets.len() > MAX_FETCHES {
+        return Err(FetchError::Refused(format!(
+            "the notification names {} resources to read; at most {MAX_FETCHES} are read for one notification",
+            targets.len()
+        )));
+    }
     let token = upstream_token(http, p)
         .await
         .map_err(FetchError::Transient)?;
+    let mut budget = MAX_FETCHED_BYTES;
     for (i, target) in &targets {
         let mut req = http.get(target).header("accept", "application/fhir+json");
         if let Some(t) = &token {
@@ -523,9 +539,21 @@ async fn fetch_resources(
                 "upstream read answered HTTP {status}"
             )));
         }
-        let res: Value = r
-            .json()
-            .await
+        let body = match read_limited(r, budget).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge { .. }) => {
+                return Err(FetchError::Refused(format!(
+                    "the resources to read for this notification exceed {MAX_FETCHED_BYTES} bytes"
+                )))
+            }
+            Err(BodyError::Failed(_)) => {
+                return Err(FetchError::Transient(
+                    "upstream read broke off or timed out".into(),
+                ))
+            }
+        };
+        budget -= body.len();
+        let res: Value = serde_json::from_slice(&body)
             .map_err(|_| FetchError::Transient("upstream read answered no JSON".into()))?;
         entries[*i]["resource"] = res;
     }

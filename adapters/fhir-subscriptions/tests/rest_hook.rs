@@ -512,6 +512,30 @@ async fn refused_subscription_gets_error_status() {
     env.shutdown.cancel();
 }
 
+/// A notification POSTed to partner `ehr`'s hook with `token`.
+fn hook_request(b: Value, token: &str) -> Request<Body> {
+    Request::post("/subscription-hook/ehr")
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/fhir+json")
+        .body(Body::from(serde_json::to_vec(&b).unwrap()))
+        .unwrap()
+}
+
+/// The SubscriptionStatus entry of a notification from the upstream server at `base`, with
+/// `events` (`notification-event` parameters) appended.
+fn status_entry(base: &str, kind: &str, events: Value) -> Value {
+    let mut params = vec![
+        json!({"name": "subscription", "valueReference": {"reference": format!("{base}/fhir/Subscription/9")}}),
+        json!({"name": "topic", "valueCanonical": "http://example.org/topics/admission"}),
+        json!({"name": "status", "valueCode": "active"}),
+        json!({"name": "type", "valueCode": kind}),
+    ];
+    if let Some(a) = events.as_array() {
+        params.extend(a.iter().cloned());
+    }
+    json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": params}})
+}
+
 /// Subscriptions in: an upstream server's handshake is answered; an id-only notification is
 /// completed with the resource fetched (OAuth2 client credentials) and journaled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,35 +590,17 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         journal: env.journal.clone(),
         metrics: metrics.clone(),
     });
-    let post_bundle = |b: Value, token: &str| {
-        Request::post("/subscription-hook/ehr")
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/fhir+json")
-            .body(Body::from(serde_json::to_vec(&b).unwrap()))
-            .unwrap()
-    };
-    let status = |kind: &str, events: Value| {
-        let mut params = vec![
-            json!({"name": "subscription", "valueReference": {"reference": format!("{base}/fhir/Subscription/9")}}),
-            json!({"name": "topic", "valueCanonical": "http://example.org/topics/admission"}),
-            json!({"name": "status", "valueCode": "active"}),
-            json!({"name": "type", "valueCode": kind}),
-        ];
-        if let Some(a) = events.as_array() {
-            params.extend(a.iter().cloned());
-        }
-        json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": params}})
-    };
+    let status = |kind: &str, events: Value| status_entry(&base, kind, events);
     let handshake = json!({"resourceType": "Bundle", "type": "history", "entry": [status("handshake", json!([]))]});
     let res = app
         .clone()
-        .oneshot(post_bundle(handshake.clone(), "wrong-token-0123456789"))
+        .oneshot(hook_request(handshake.clone(), "wrong-token-0123456789"))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     let res = app
         .clone()
-        .oneshot(post_bundle(handshake, "partner-token-0123456789"))
+        .oneshot(hook_request(handshake, "partner-token-0123456789"))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -608,14 +614,14 @@ async fn inbound_notifications_are_fetched_and_journaled() {
     ]});
     let res = app
         .clone()
-        .oneshot(post_bundle(note.clone(), "partner-token-0123456789"))
+        .oneshot(hook_request(note.clone(), "partner-token-0123456789"))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     // The same notification again (sender retry) is recognised, not journaled twice.
     let res = app
         .clone()
-        .oneshot(post_bundle(note, "partner-token-0123456789"))
+        .oneshot(hook_request(note, "partner-token-0123456789"))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -661,7 +667,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         ]});
         let res = app
             .clone()
-            .oneshot(post_bundle(bad, "partner-token-0123456789"))
+            .oneshot(hook_request(bad, "partner-token-0123456789"))
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{focus}");
@@ -722,5 +728,129 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         journaled["entry"][1]["resource"]["id"], "enc-1",
         "id-only completed with the resource"
     );
+    env.shutdown.cancel();
+}
+
+/// Subscriptions in: what is read from the partner is bounded. More id-only entries than are
+/// read for one notification, or resources past the size bound, refuse the notification (400,
+/// kept as rejected: a retry would fail the same way); a token endpoint whose answer has no end
+/// is a 503 (the partner's server is at fault now, a retry may succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_reads_from_the_partner_are_bounded() {
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counter = reads.clone();
+    // A body of `n` chunks of 64 KiB of spaces, streamed without a length (`None`: no end).
+    let spaces = |n: Option<usize>| {
+        let chunk = axum::body::Bytes::from(vec![b' '; 64 << 10]);
+        let stream = futures_util::stream::iter(std::iter::repeat(chunk))
+            .take(n.unwrap_or(usize::MAX))
+            .map(Ok::<_, std::io::Error>);
+        Body::from_stream(stream)
+    };
+    let upstream = Router::new()
+        .route(
+            "/token",
+            post(|| async { Json(json!({"access_token": "up-token", "expires_in": 300})) }),
+        )
+        .route("/endless-token", post(move || async move { spaces(None) }))
+        .route(
+            "/fhir/Binary/{id}",
+            get(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+                async move { spaces(None) }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+    let partner = |partner: &str, token_path: &str| InboundPartner {
+        partner: partner.into(),
+        token: "partner-token-0123456789".into(),
+        tenant: "t1".into(),
+        upstream_base_url: Some(format!("{base}/fhir")),
+        token_url: Some(format!("{base}{token_path}")),
+        client_id: Some("tributary".into()),
+        client_secret: Some("s3cret".into()),
+        scope: None,
+    };
+    let env = start(SubscriptionsConfig {
+        inbound: vec![partner("ehr", "/token"), partner("ehr2", "/endless-token")],
+        ..config()
+    });
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+        metrics: tributary_runtime::Metrics::default(),
+    });
+    let notification = |ids: std::ops::Range<usize>| {
+        let mut entries = vec![status_entry(
+            &base,
+            "event-notification",
+            json!([{"name": "notification-event", "part": [
+                {"name": "event-number", "valueString": "1"},
+                {"name": "focus", "valueReference": {"reference": format!("{base}/fhir/Binary/b{}", ids.start)}}]}]),
+        )];
+        for i in ids {
+            entries.push(json!({"fullUrl": format!("{base}/fhir/Binary/b{i}"), "request": {"method": "PUT", "url": format!("Binary/b{i}")}}));
+        }
+        json!({"resourceType": "Bundle", "type": "history", "entry": entries})
+    };
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let oo: Value = serde_json::from_slice(&body).unwrap();
+            (status, oo["issue"][0]["diagnostics"].clone())
+        }
+    };
+
+    let (status, why) = send(hook_request(
+        notification(0..101),
+        "partner-token-0123456789",
+    ))
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{why}");
+    assert_eq!(
+        why,
+        "the notification names 101 resources to read; at most 100 are read for one notification"
+    );
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        0,
+        "nothing read for a refused notification"
+    );
+
+    let (status, why) = send(hook_request(notification(0..1), "partner-token-0123456789")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{why}");
+    assert_eq!(
+        why,
+        "the resources to read for this notification exceed 33554432 bytes"
+    );
+    assert_eq!(reads.load(Ordering::SeqCst), 1);
+
+    let mut req = hook_request(notification(0..1), "partner-token-0123456789");
+    *req.uri_mut() = "/subscription-hook/ehr2".parse().unwrap();
+    let (status, why) = send(req).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert_eq!(
+        why,
+        "token endpoint answer not read: response body larger than 65536 bytes"
+    );
+
+    let rejected = env
+        .journal
+        .list(&ListFilter {
+            state: Some(tributary_core::StateKind::Rejected),
+            limit: Some(10),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(rejected.len(), 2, "both refused notifications are kept");
     env.shutdown.cancel();
 }
