@@ -106,7 +106,18 @@ async fn main() {
         .await
         .expect("bind bare");
     println!("{token}");
-    let a = tokio::spawn(async move { axum::serve(l1, full_app).await });
-    let b = tokio::spawn(async move { axum::serve(l2, bare_app).await });
+    // The listener `tributary serve` runs (connection bounds included), for both.
+    let limits = tributary_runtime::http_server::Limits {
+        idle_timeout: std::time::Duration::from_secs(60),
+        max_connections: 10_000,
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    let stop = never.clone();
+    let a = tokio::spawn(tributary_runtime::http_server::serve(
+        l1, full_app, limits, never,
+    ));
+    let b = tokio::spawn(tributary_runtime::http_server::serve(
+        l2, bare_app, limits, stop,
+    ));
     let _ = tokio::join!(a, b);
 }

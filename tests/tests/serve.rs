@@ -108,3 +108,107 @@ fn malformed_config_names_key_value_and_allowed_values() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tributary.toml"));
 }
+
+/// Whether the server closed `s` (end of stream or reset) within its read timeout, reading and
+/// discarding whatever it still sends; `false` when the connection stayed open.
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    use std::io::{ErrorKind, Read};
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The HTTP listener bounds its connections in time and number: one silent from the start, one
+/// stopped in the middle of its request head and one left open after a keep-alive answer are
+/// closed after `http.idle_timeout_secs`; past `http.max_connections` a new connection is closed
+/// at once while those within the limit are served; and SIGTERM still stops the server cleanly
+/// with a connection open.
+#[test]
+fn http_connections_are_bounded_in_time_and_number() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(workspace_bin("tributary"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("TRIBUTARY_HTTP__LISTEN", &http)
+        .env(
+            "TRIBUTARY_MLLP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("TRIBUTARY_HTTP__IDLE_TIMEOUT_SECS", "2")
+        .env("TRIBUTARY_HTTP__MAX_CONNECTIONS", "4")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        http: http.clone(),
+    };
+    server.wait_ready(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = || {
+        let s = TcpStream::connect(&http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    };
+    let health = b"GET /health HTTP/1.1\r\nHost: tributary\r\n\r\n";
+    let answered = |s: &mut TcpStream| {
+        s.write_all(health).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
+    };
+
+    let opened = Instant::now();
+    let mut silent = connect();
+    let mut partial = connect();
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: tributary\r\n")
+        .unwrap();
+    let mut idle = connect();
+    assert!(answered(&mut idle), "a keep-alive request is answered");
+    let mut fourth = connect();
+    assert!(
+        answered(&mut fourth),
+        "the fourth connection is within the limit"
+    );
+    let mut fifth = connect();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = fifth.write_all(health);
+    assert!(
+        closed_by_server(&mut fifth),
+        "a fifth connection is closed at once"
+    );
+
+    for (name, s) in [
+        ("silent", &mut silent),
+        ("partial head", &mut partial),
+        ("idle keep-alive", &mut idle),
+    ] {
+        assert!(closed_by_server(s), "{name}: still open after 20 s");
+    }
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2),
+        "closed before the idle timeout: {waited:?}"
+    );
+    // The closed connections gave their places back.
+    let again = http_get(&http, "/health").unwrap();
+    assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+
+    let status = server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    drop(fourth);
+}

@@ -12,6 +12,7 @@ use tributary_core::MessageId;
 use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 
 pub mod http;
+pub mod http_server;
 pub mod metrics;
 pub use metrics::{Metrics, Sample};
 

@@ -107,6 +107,11 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Largest accepted request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// A connection that moves no byte either way for this long (silent from the start, idle
+    /// between keep-alive requests), or whose request head is not complete within it, is closed.
+    pub idle_timeout_secs: u64,
+    /// Most open connections at once; one more is closed as it is accepted.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -115,6 +120,8 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".into(),
             request_timeout_secs: 30,
             max_body_bytes: 10 << 20,
+            idle_timeout_secs: 60,
+            max_connections: 10_000,
         }
     }
 }
@@ -314,6 +321,8 @@ impl Config {
         })?;
         check_positive("http.request_timeout_secs", self.http.request_timeout_secs)?;
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
+        check_positive("http.idle_timeout_secs", self.http.idle_timeout_secs)?;
+        check_positive("http.max_connections", self.http.max_connections as u64)?;
         self.mapping.validate().map_err(|e| ConfigError::Invalid {
             key: e.key,
             value: e.value,

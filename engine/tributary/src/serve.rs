@@ -150,11 +150,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.http.max_body_bytes,
         ));
     let http_shutdown = rt.shutdown.clone();
+    let limits = tributary_runtime::http_server::Limits {
+        idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
+        max_connections: config.http.max_connections,
+    };
     tasks.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-            .await
-            .context("http server")
+        tributary_runtime::http_server::serve(listener, app, limits, http_shutdown).await;
+        Ok(())
     });
     rt.readiness.set("http", ComponentStatus::Ready);
 
