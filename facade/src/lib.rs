@@ -63,6 +63,9 @@ pub struct Facade {
     /// Longest a request may take (`http.request_timeout_secs`): past it the client gets 503
     /// (504 when a backend FHIR server was being called) and the request is abandoned.
     pub request_timeout: std::time::Duration,
+    /// Whether the listener serves HTTPS (`[http.tls]`): the links the facade writes (paging,
+    /// `fullUrl`, SMART endpoints) then say `https` when `base_url` is not configured.
+    pub https: bool,
 }
 
 impl Facade {
@@ -91,6 +94,7 @@ impl Facade {
             backends: backend::Backends::new(&cfg.backends)?,
             policy_version: hex::encode(&digest[..6]),
             request_timeout: std::time::Duration::from_secs(30),
+            https: false,
             auth,
             local_key,
             cfg,

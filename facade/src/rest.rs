@@ -50,7 +50,8 @@ pub(crate) fn base_url(st: &AppState, headers: &HeaderMap) -> String {
                 .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
         })
         .unwrap_or("localhost");
-    format!("http://{host}/fhir")
+    let scheme = if st.facade.https { "https" } else { "http" };
+    format!("{scheme}://{host}/fhir")
 }
 
 fn etag(version: u64) -> HeaderValue {

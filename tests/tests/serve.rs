@@ -5,6 +5,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use tributary_e2e::{free_port, http_get, workspace_bin, Server};
 
+#[path = "../../adapters/mllp/tests/common/pki.rs"]
+mod pki;
+
 #[test]
 fn serve_with_no_config_starts_answers_and_stops_cleanly() {
     let cwd = tempfile::tempdir().unwrap();
@@ -211,4 +214,110 @@ fn http_connections_are_bounded_in_time_and_number() {
     let status = server.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
     drop(fourth);
+}
+
+/// `[http.tls]`: the facade, `/health` and `/ready` are served over HTTPS and only over HTTPS;
+/// with `require_client_cert`, a client needs a certificate from the configured CA, and a client
+/// that does not trust the server's CA gets no answer either.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_with_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = pki::Pki::new("HTTP Test CA");
+    pki.write_ca(&d.join("ca.crt"));
+    pki.write(d, "server", "localhost", &["localhost"], false);
+    pki.write(d, "app", "care-app", &["care-app.example.org"], true);
+    let port = free_port();
+    let config = d.join("tributary.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n\n[http.tls]\ncert = \"{c}\"\nkey = \"{k}\"\nclient_ca = \"{ca}\"\nrequire_client_cert = true\n",
+            c = d.join("server.crt").display(),
+            k = d.join("server.key").display(),
+            ca = d.join("ca.crt").display(),
+        ),
+    )
+    .unwrap();
+    let log = d.join("serve.log");
+    let child = Command::new(workspace_bin("tributary"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .env(
+            "TRIBUTARY_MLLP__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        http: format!("127.0.0.1:{port}"),
+    };
+    let addr: std::net::SocketAddr = server.http.parse().unwrap();
+    tributary_e2e::wait_listening(&mut server.child, &log, &[addr]);
+
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.crt")).unwrap()).unwrap();
+    let client = |identity: Option<&str>, trust: bool| {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .resolve("localhost", addr)
+            .timeout(Duration::from_secs(10));
+        if trust {
+            b = b.add_root_certificate(ca.clone());
+        }
+        if let Some(name) = identity {
+            let mut pem = std::fs::read(d.join(format!("{name}.crt"))).unwrap();
+            pem.extend(std::fs::read(d.join(format!("{name}.key"))).unwrap());
+            b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        b.build().unwrap()
+    };
+    let url = |path: &str| format!("https://localhost:{port}{path}");
+    let app = client(Some("app"), true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match app.get(url("/ready")).send().await {
+            Ok(r) if r.status() == 200 => break,
+            _ => assert!(
+                std::time::Instant::now() < deadline,
+                "never ready over HTTPS"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = app.get(url("/fhir/metadata")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let cs: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    let smart: serde_json::Value = app
+        .get(url("/fhir/.well-known/smart-configuration"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        smart["jwks_uri"]
+            .as_str()
+            .is_some_and(|u| u.starts_with(&url("/"))),
+        "links name the HTTPS base: {smart}"
+    );
+
+    let refused = client(None, true).get(url("/health")).send().await;
+    assert!(refused.is_err(), "no client certificate: {refused:?}");
+    let untrusting = client(Some("app"), false).get(url("/health")).send().await;
+    assert!(untrusting.is_err(), "server CA not trusted: {untrusting:?}");
+    let plain = http_get(&server.http, "/health").unwrap_or_default();
+    assert!(
+        !plain.starts_with("HTTP/1.1 2"),
+        "plain HTTP is not served: {plain}"
+    );
+
+    let status = server.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }

@@ -322,29 +322,8 @@ impl Default for MllpListenerConfig {
     }
 }
 
-/// TLS settings of a listener (rustls; TLS 1.2 and 1.3 only).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MllpTlsConfig {
-    /// PEM certificate chain of the listener.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-    /// PEM bundle of CAs that issue partner client certificates. Needed for mTLS.
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-    /// Refuse connections without a valid client certificate (needs `client_ca`).
-    #[serde(default)]
-    pub require_client_cert: bool,
-    /// How often the certificate, key and CA files are checked for changes and reloaded
-    /// (no restart needed). 0 disables reloading.
-    #[serde(default = "default_reload")]
-    pub reload_interval_secs: u64,
-}
-
-fn default_reload() -> u64 {
-    30
-}
+/// TLS settings of a listener (rustls; TLS 1.2 and 1.3 only); shared with the HTTP listener.
+pub use tributary_runtime::tls::ListenerTlsConfig as MllpTlsConfig;
 
 /// A sending system allowed on a listener.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -405,12 +384,13 @@ impl MllpClientTlsConfig {
     pub fn load(
         &self,
         addr: &str,
-    ) -> Result<(std::sync::Arc<rustls::ClientConfig>, String), crate::tls::TlsError> {
+    ) -> Result<(std::sync::Arc<rustls::ClientConfig>, String), tributary_runtime::tls::TlsError>
+    {
         let client = match (&self.client_cert, &self.client_key) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
-        let config = crate::tls::client_config(Some(&self.ca), client)?;
+        let config = tributary_runtime::tls::client_config(Some(&self.ca), client)?;
         let name = self.server_name.clone().unwrap_or_else(|| {
             addr.rsplit_once(':')
                 .map_or(addr, |(h, _)| h)
@@ -485,14 +465,8 @@ impl MllpListenerConfig {
             ));
         }
         check_name(format!("{prefix}.default_partner"), &self.default_partner)?;
-        if let Some(tls) = &self.tls {
-            if tls.require_client_cert && tls.client_ca.is_none() {
-                return Err(invalid(
-                    format!("{prefix}.tls.client_ca"),
-                    "",
-                    "a CA bundle path is required when require_client_cert = true",
-                ));
-            }
+        if let Some((key, needs)) = self.tls.as_ref().and_then(|t| t.problem()) {
+            return Err(invalid(format!("{prefix}.tls.{key}"), "", needs));
         }
         if !self.allow_unknown_partners && self.partners.is_empty() {
             return Err(invalid(

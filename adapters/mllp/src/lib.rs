@@ -21,7 +21,7 @@ pub mod partners;
 pub mod route;
 pub mod sink;
 pub mod source;
-pub mod tls;
+pub use tributary_runtime::tls;
 
 pub use config::{
     AckAfter, MllpClientTlsConfig, MllpConfig, MllpListenerConfig, MllpRouteConfig, MllpTlsConfig,

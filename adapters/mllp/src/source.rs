@@ -15,7 +15,6 @@ use crate::codec::{InboundBudget, MllpCodec, MllpFrame};
 use crate::config::{AckAfter, MllpListenerConfig};
 use crate::header::{self, ascii_lossy, Header};
 use crate::partners::{Partner, Partners, PeerIdentity};
-use crate::tls::{ReloadingAcceptor, TlsError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -31,6 +30,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tributary_core::{Envelope, MessageId, Protocol, StateKind};
+use tributary_runtime::tls::{ReloadingAcceptor, TlsError};
 use tributary_runtime::{ComponentStatus, ProcessedFeed, ProcessedOutcome, Runtime, Source};
 use tributary_storage::{AuditLog, Journal};
 
@@ -304,25 +304,7 @@ impl MllpListener {
         let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let tracker = TaskTracker::new();
         if let Some(tls) = shared.tls.clone() {
-            if let Some(every) = tls.reload_interval() {
-                let stop = shutdown.clone();
-                let listener = name.clone();
-                tracker.spawn(async move {
-                    let mut tick = tokio::time::interval(every);
-                    tick.tick().await;
-                    loop {
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tick.tick() => {}
-                        }
-                        match tls.reload_if_changed() {
-                            Ok(true) => tracing::info!(listener, "TLS certificate reloaded"),
-                            Ok(false) => {}
-                            Err(e) => tracing::warn!(listener, error = %e, "TLS reload failed; keeping the previous certificate"),
-                        }
-                    }
-                });
-            }
+            tracker.spawn(tls.keep_reloaded(name.clone(), shutdown.clone()));
         }
         loop {
             let (tcp, addr) = tokio::select! {
@@ -412,7 +394,7 @@ async fn accept_connection(
                         .peer_certificates()
                         .and_then(|c| c.first())
                     {
-                        identity.cert_names = crate::tls::cert_names(cert);
+                        identity.cert_names = tributary_runtime::tls::cert_names(cert);
                     }
                     serve_connection(shared, stream, addr, identity, stop).await
                 }

@@ -9,9 +9,13 @@
 //!   request head is not complete within it, is closed. A request still being answered gets its
 //!   response first (a graceful close; `http.request_timeout_secs` bounds the request).
 //!
+//! With `[http.tls]` every connection is TLS (rustls, TLS 1.2 and 1.3; the handshake must finish
+//! within the idle timeout; certificate files are reloaded when they change, as for MLLP).
+//!
 //! Connections upgraded to WebSocket leave this loop: their channel keeps its own ping and
 //! queue bounds.
 
+use crate::tls::ReloadingAcceptor;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,16 +40,20 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// Serves `app` on `listener` until `shutdown`, then closes every connection gracefully and
-/// returns once they are gone.
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown`, then closes every
+/// connection gracefully and returns once they are gone.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<ReloadingAcceptor>,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
+    if let Some(tls) = tls.clone() {
+        connections.spawn(tls.keep_reloaded("http".into(), shutdown.clone()));
+    }
     loop {
         let stream = tokio::select! {
             biased;
@@ -73,21 +81,40 @@ pub async fn serve(
                 .map_request(|r: axum::http::Request<Incoming>| r.map(axum::body::Body::new)),
         );
         let shutdown = shutdown.clone();
+        let tls = tls.as_ref().map(ReloadingAcceptor::acceptor);
         connections.spawn(async move {
             let _permit = permit;
-            serve_connection(stream, service, limits.idle_timeout, shutdown).await;
+            let idle = limits.idle_timeout;
+            let activity = Activity::new();
+            let stream = Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            let Some(tls) = tls else {
+                serve_connection(stream, activity, service, idle, shutdown).await;
+                return;
+            };
+            match tokio::time::timeout(idle, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, activity, service, idle, shutdown).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "http TLS handshake failed"),
+                Err(_) => {
+                    tracing::debug!("http TLS handshake not finished within the idle timeout")
+                }
+            }
         });
     }
     connections.close();
     connections.wait().await;
 }
 
-async fn serve_connection<S>(
-    stream: TcpStream,
+async fn serve_connection<I, S>(
+    stream: I,
+    activity: Activity,
     service: S,
     idle: Duration,
     shutdown: CancellationToken,
 ) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             axum::http::Request<Incoming>,
             Response = axum::response::Response,
@@ -97,11 +124,7 @@ async fn serve_connection<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let activity = Activity::new();
-    let io = TokioIo::new(Watched {
-        inner: stream,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(stream);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()

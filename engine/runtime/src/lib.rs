@@ -14,6 +14,7 @@ use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 pub mod http;
 pub mod http_server;
 pub mod metrics;
+pub mod tls;
 pub use metrics::{Metrics, Sample};
 
 /// Health of one component as `/ready` reports it.

@@ -112,6 +112,9 @@ pub struct HttpConfig {
     pub idle_timeout_secs: u64,
     /// Most open connections at once; one more is closed as it is accepted.
     pub max_connections: usize,
+    /// HTTPS: certificate and key (and, for client certificates, a CA bundle). Absent: plain
+    /// HTTP, for a TLS-terminating proxy in front.
+    pub tls: Option<tributary_runtime::tls::ListenerTlsConfig>,
 }
 
 impl Default for HttpConfig {
@@ -122,6 +125,7 @@ impl Default for HttpConfig {
             max_body_bytes: 10 << 20,
             idle_timeout_secs: 60,
             max_connections: 10_000,
+            tls: None,
         }
     }
 }
@@ -323,6 +327,9 @@ impl Config {
         check_positive("http.max_body_bytes", self.http.max_body_bytes as u64)?;
         check_positive("http.idle_timeout_secs", self.http.idle_timeout_secs)?;
         check_positive("http.max_connections", self.http.max_connections as u64)?;
+        if let Some((key, needs)) = self.http.tls.as_ref().and_then(|t| t.problem()) {
+            return Err(invalid(&format!("http.tls.{key}"), "", needs));
+        }
         self.mapping.validate().map_err(|e| ConfigError::Invalid {
             key: e.key,
             value: e.value,

@@ -133,6 +133,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .context("setting up the FHIR facade")?;
     facade.request_timeout = Duration::from_secs(config.http.request_timeout_secs);
+    facade.https = config.http.tls.is_some();
     let facade = std::sync::Arc::new(facade);
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
@@ -154,8 +155,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
         max_connections: config.http.max_connections,
     };
+    let tls = match &config.http.tls {
+        Some(t) => Some(
+            tributary_runtime::tls::ReloadingAcceptor::new(t.clone())
+                .context("setting up TLS for http (http.tls)")?,
+        ),
+        None => None,
+    };
     tasks.spawn(async move {
-        tributary_runtime::http_server::serve(listener, app, limits, http_shutdown).await;
+        tributary_runtime::http_server::serve(listener, app, limits, tls, http_shutdown).await;
         Ok(())
     });
     rt.readiness.set("http", ComponentStatus::Ready);

@@ -1,16 +1,52 @@
-//! TLS for MLLP with rustls: TLS 1.2+ only, optional client certificates verified against a CA
-//! bundle, partner names read from the client certificate, and reload of the certificate, key
-//! and CA files without a restart.
+//! TLS with rustls for every listener (MLLP, HTTP) and outbound client: TLS 1.2+ only, optional
+//! client certificates verified against a CA bundle, partner names read from the client
+//! certificate, and reload of the certificate, key and CA files without a restart.
 
-use crate::config::MllpTlsConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// TLS settings of a listener (rustls; TLS 1.2 and 1.3 only).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM certificate chain of the listener.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of CAs that issue client certificates. Needed for mTLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse connections without a valid client certificate (needs `client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the certificate, key and CA files are checked for changes and reloaded
+    /// (no restart needed). 0 disables reloading.
+    #[serde(default = "default_reload")]
+    pub reload_interval_secs: u64,
+}
+
+fn default_reload() -> u64 {
+    30
+}
+
+impl ListenerTlsConfig {
+    /// The key (under the TLS section) that is set wrong and what it needs, checked without
+    /// reading the files.
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        (self.require_client_cert && self.client_ca.is_none()).then_some((
+            "client_ca",
+            "a CA bundle path is required when require_client_cert = true",
+        ))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -73,7 +109,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// Builds the rustls server configuration from the files named in `cfg`.
-pub fn server_config(cfg: &MllpTlsConfig) -> Result<ServerConfig, TlsError> {
+pub fn server_config(cfg: &ListenerTlsConfig) -> Result<ServerConfig, TlsError> {
     let certs = load_certs(&cfg.cert)?;
     let key = load_key(&cfg.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
@@ -100,12 +136,12 @@ pub fn server_config(cfg: &MllpTlsConfig) -> Result<ServerConfig, TlsError> {
 #[derive(Clone)]
 pub struct ReloadingAcceptor {
     current: Arc<RwLock<TlsAcceptor>>,
-    cfg: MllpTlsConfig,
+    cfg: ListenerTlsConfig,
     stamps: Arc<RwLock<Vec<Option<SystemTime>>>>,
 }
 
 impl ReloadingAcceptor {
-    pub fn new(cfg: MllpTlsConfig) -> Result<Self, TlsError> {
+    pub fn new(cfg: ListenerTlsConfig) -> Result<Self, TlsError> {
         let acceptor = TlsAcceptor::from(Arc::new(server_config(&cfg)?));
         let stamps = file_stamps(&cfg);
         Ok(Self {
@@ -150,9 +186,32 @@ impl ReloadingAcceptor {
         (self.cfg.reload_interval_secs > 0)
             .then(|| Duration::from_secs(self.cfg.reload_interval_secs))
     }
+
+    /// Checks the files every `reload_interval_secs` until `shutdown` and swaps in a changed
+    /// certificate; a bad new file is logged and the previous certificate stays in service.
+    pub async fn keep_reloaded(self, listener: String, shutdown: CancellationToken) {
+        let Some(every) = self.reload_interval() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.reload_if_changed() {
+                Ok(true) => tracing::info!(listener, "TLS certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(listener, error = %e, "TLS reload failed; keeping the previous certificate")
+                }
+            }
+        }
+    }
 }
 
-fn file_stamps(cfg: &MllpTlsConfig) -> Vec<Option<SystemTime>> {
+fn file_stamps(cfg: &ListenerTlsConfig) -> Vec<Option<SystemTime>> {
     [Some(&cfg.cert), Some(&cfg.key), cfg.client_ca.as_ref()]
         .into_iter()
         .flatten()
