@@ -512,6 +512,23 @@ async fn refused_subscription_gets_error_status() {
     env.shutdown.cancel();
 }
 
+/// The journal's messages kept as rejected (at most 10).
+fn rejected(
+    env: &Env,
+) -> Vec<(
+    tributary_core::MessageId,
+    i64,
+    tributary_storage::StateRecord,
+)> {
+    env.journal
+        .list(&ListFilter {
+            state: Some(tributary_core::StateKind::Rejected),
+            limit: Some(10),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
 /// A notification POSTed to partner `ehr`'s hook with `token`.
 fn hook_request(b: Value, token: &str) -> Request<Body> {
     Request::post("/subscription-hook/ehr")
@@ -682,14 +699,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
             "a focus reference is not a resource URL under the partner's base URL"
         );
     }
-    let rejected = env
-        .journal
-        .list(&ListFilter {
-            state: Some(tributary_core::StateKind::Rejected),
-            limit: Some(10),
-            ..Default::default()
-        })
-        .unwrap();
+    let rejected = rejected(&env);
     assert_eq!(rejected.len(), 5, "every refused body is kept");
     let kept: Vec<_> = rejected
         .iter()
@@ -843,14 +853,7 @@ async fn inbound_reads_from_the_partner_are_bounded() {
         "token endpoint answer not read: response body larger than 65536 bytes"
     );
 
-    let rejected = env
-        .journal
-        .list(&ListFilter {
-            state: Some(tributary_core::StateKind::Rejected),
-            limit: Some(10),
-            ..Default::default()
-        })
-        .unwrap();
+    let rejected = rejected(&env);
     assert_eq!(rejected.len(), 2, "both refused notifications are kept");
     env.shutdown.cancel();
 }
