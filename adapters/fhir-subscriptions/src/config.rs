@@ -78,6 +78,10 @@ pub struct SubscriptionsConfig {
     pub ws_ping_secs: u64,
     /// Partners allowed to post notifications to `/subscription-hook/<partner>`.
     pub inbound: Vec<InboundPartner>,
+    /// Extra trusted CA certificates (a PEM bundle) for the HTTPS calls this component makes:
+    /// subscriber endpoints, and partners' token endpoints and FHIR servers. Empty: the public
+    /// web roots only.
+    pub ca_file: std::path::PathBuf,
 }
 
 impl Default for SubscriptionsConfig {
@@ -100,6 +104,7 @@ impl Default for SubscriptionsConfig {
             ws_queue_bound: 64,
             ws_ping_secs: 30,
             inbound: Vec::new(),
+            ca_file: std::path::PathBuf::new(),
         }
     }
 }
@@ -131,6 +136,31 @@ pub struct InboundPartner {
 }
 
 impl SubscriptionsConfig {
+    /// The client for every outbound call: `request_timeout_ms` per request, the public web
+    /// roots plus `ca_file`, no redirects (a subscriber's endpoint is the URL it registered).
+    pub fn http_client(&self) -> Result<reqwest::Client, SubscriptionsConfigError> {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(std::time::Duration::from_millis(self.request_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none());
+        if !self.ca_file.as_os_str().is_empty() {
+            let unusable = |e: String| invalid("ca_file", self.ca_file.display(), &e);
+            let pem = std::fs::read(&self.ca_file).map_err(|e| unusable(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| unusable(format!("a PEM bundle of CA certificates ({e})")))?;
+            if certs.is_empty() {
+                return Err(unusable(
+                    "a PEM bundle of CA certificates (none found)".into(),
+                ));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        b.build()
+            .map_err(|e| invalid("ca_file", "", &e.to_string()))
+    }
+
     /// Checks every value without network access.
     pub fn validate(&self) -> Result<(), SubscriptionsConfigError> {
         if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://"))

@@ -135,12 +135,9 @@ impl SubscriptionService {
         store: Arc<dyn Store>,
         db: Db,
         default_tenant: &str,
-    ) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(cfg.request_timeout_ms))
-            .build()
-            .expect("an HTTP client with default TLS");
-        Arc::new(Self {
+    ) -> Result<Arc<Self>, crate::SubscriptionsConfigError> {
+        let http = cfg.http_client()?;
+        Ok(Arc::new(Self {
             cfg,
             store,
             default_tenant: default_tenant.to_string(),
@@ -152,7 +149,7 @@ impl SubscriptionService {
             next_client: AtomicU64::new(1),
             rescanned_head: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
-        })
+        }))
     }
 
     pub fn tenants(&self) -> Vec<String> {

@@ -30,12 +30,7 @@ pub fn service(
     default_tenant: &str,
 ) -> Result<Arc<SubscriptionService>, SubscriptionsConfigError> {
     config.validate()?;
-    Ok(SubscriptionService::new(
-        config,
-        rt.store.clone(),
-        rt.db.clone(),
-        default_tenant,
-    ))
+    SubscriptionService::new(config, rt.store.clone(), rt.db.clone(), default_tenant)
 }
 
 fn api_state(service: Arc<SubscriptionService>, rt: &Runtime) -> api::ApiState {

@@ -84,7 +84,7 @@ fn generated_notifications_get_200_or_a_400_outcome_and_are_kept() {
         }],
         ..Default::default()
     };
-    let service = rt.block_on(async { SubscriptionService::new(cfg, store, db, "t1") });
+    let service = rt.block_on(async { SubscriptionService::new(cfg, store, db, "t1").unwrap() });
     let app = router(ApiState {
         service,
         journal: journal.clone(),

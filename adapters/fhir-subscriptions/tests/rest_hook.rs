@@ -3,6 +3,8 @@
 
 #[path = "common/api.rs"]
 mod api;
+#[path = "../../mllp/tests/common/pki.rs"]
+mod pki;
 #[path = "common/store.rs"]
 mod store;
 
@@ -17,7 +19,8 @@ use std::time::Duration;
 use store::put;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
-use tributary_runtime::Readiness;
+use tributary_runtime::tls::{ListenerTlsConfig, ReloadingAcceptor};
+use tributary_runtime::{http_server, Readiness};
 use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, Store};
 use tributary_subscriptions::api::{router, ApiState};
 use tributary_subscriptions::bundle::read_status;
@@ -31,6 +34,8 @@ struct Receiver {
     got: Arc<Mutex<Vec<Value>>>,
     status: Arc<Mutex<StatusCode>>,
     stop: Option<CancellationToken>,
+    /// Serves HTTPS with this certificate when set.
+    tls: Option<ReloadingAcceptor>,
 }
 
 type ReceiverState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<StatusCode>>);
@@ -54,6 +59,10 @@ async fn record(
 
 impl Receiver {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(tls: Option<ReloadingAcceptor>) -> Self {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let mut r = Self {
@@ -61,6 +70,7 @@ impl Receiver {
             got: Arc::default(),
             status: Arc::new(Mutex::new(StatusCode::OK)),
             stop: None,
+            tls,
         };
         r.serve(l);
         r
@@ -71,13 +81,17 @@ impl Receiver {
             .route("/hook", post(record))
             .with_state((self.got.clone(), self.status.clone()));
         let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await
-                .unwrap();
-        });
+        let limits = http_server::Limits {
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 100,
+        };
+        tokio::spawn(http_server::serve(
+            l,
+            app,
+            limits,
+            self.tls.clone(),
+            stop.clone(),
+        ));
         self.stop = Some(stop);
     }
 
@@ -99,7 +113,10 @@ impl Receiver {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+        match self.tls {
+            Some(_) => format!("https://localhost:{}/hook", self.port),
+            None => format!("http://127.0.0.1:{}/hook", self.port),
+        }
     }
 
     fn bundles(&self) -> Vec<Value> {
@@ -150,7 +167,7 @@ fn start(cfg: SubscriptionsConfig) -> Env {
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let store = Arc::new(FjallStore::new(db.clone()));
     let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
-    let service = SubscriptionService::new(cfg, store.clone(), db, "t1");
+    let service = SubscriptionService::new(cfg, store.clone(), db, "t1").unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     Env {
@@ -856,4 +873,68 @@ async fn inbound_reads_from_the_partner_are_bounded() {
     let rejected = rejected(&env);
     assert_eq!(rejected.len(), 2, "both refused notifications are kept");
     env.shutdown.cancel();
+}
+
+/// `ca_file`: a subscriber endpoint on HTTPS whose certificate comes from a private CA is
+/// refused while that CA is not trusted (the handshake fails and the Subscription is in error),
+/// and gets its handshake once `ca_file` names the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_under_a_private_ca_need_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new("Subscriber Test CA");
+    let ca = dir.path().join("ca.crt");
+    pki.write_ca(&ca);
+    pki.write(dir.path(), "hook", "localhost", &["localhost"], false);
+    let tls = ReloadingAcceptor::new(ListenerTlsConfig {
+        cert: dir.path().join("hook.crt"),
+        key: dir.path().join("hook.key"),
+        client_ca: None,
+        require_client_cert: false,
+        reload_interval_secs: 0,
+    })
+    .unwrap();
+    let rx = Receiver::start_with(Some(tls)).await;
+    let https_only = |ca_file: std::path::PathBuf| SubscriptionsConfig {
+        allow_http_endpoints: false,
+        give_up_after_secs: 1,
+        ca_file,
+        ..config()
+    };
+
+    let env = start(https_only(std::path::PathBuf::new()));
+    put(
+        &env.store,
+        "Subscription",
+        "untrusted",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("the handshake to fail", 20, || {
+        stored_subscription(&env, "untrusted")["status"] == "error"
+    })
+    .await;
+    assert!(rx.bundles().is_empty(), "nothing reached the endpoint");
+    env.shutdown.cancel();
+
+    let env = start(https_only(ca));
+    put(
+        &env.store,
+        "Subscription",
+        "trusted",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("the handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    wait_for("the subscription to be active", 20, || {
+        stored_subscription(&env, "trusted")["status"] == "active"
+    })
+    .await;
+    env.shutdown.cancel();
+
+    let missing = SubscriptionsConfig {
+        ca_file: dir.path().join("no-such.pem"),
+        ..config()
+    };
+    let err = missing.http_client().unwrap_err();
+    assert_eq!(err.key, "ca_file");
 }

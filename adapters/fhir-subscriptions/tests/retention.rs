@@ -104,7 +104,7 @@ async fn delivered_events_are_pruned_and_numbering_goes_on() {
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let store = Arc::new(FjallStore::new(db.clone()));
     let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
-    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1").unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
 
@@ -191,7 +191,7 @@ async fn delivered_events_are_pruned_and_numbering_goes_on() {
     // A restart of the service: numbers come from the record, not from a rescan.
     shutdown.cancel();
     running.await.unwrap().unwrap();
-    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1").unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     observe(&store, "o6").await;
@@ -235,7 +235,7 @@ async fn numbers_of_a_subscription_from_before_the_record_are_backfilled() {
     outbox.ack("sub:t1/obs", seq_of("o2")).await.unwrap();
     assert_eq!(outbox.numbering("sub:t1/obs").unwrap(), None);
 
-    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let service = SubscriptionService::new(config(), store.clone(), db.clone(), "t1").unwrap();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     wait_for("the third event", || !notified(&got).is_empty()).await;
@@ -266,7 +266,7 @@ async fn numbers_of_a_subscription_from_before_the_record_are_backfilled() {
     // Beyond what the worker numbered (it is not running): found by scanning on from its
     // position, and nothing is recorded by asking.
     observe(&store, "o4").await;
-    let idle = SubscriptionService::new(config(), store.clone(), db.clone(), "t1");
+    let idle = SubscriptionService::new(config(), store.clone(), db.clone(), "t1").unwrap();
     let (code, ev) = api_get(
         &idle,
         &journal,

@@ -103,6 +103,7 @@ pub async fn serve(
             }
         });
     }
+    drop(listener);
     connections.close();
     connections.wait().await;
 }
