@@ -2,9 +2,12 @@
 //! client (tokio-tungstenite): two patient-context SMART clients each create a websocket
 //! Subscription, get a binding token with `$get-ws-binding-token`, bind, and receive the
 //! handshake, a heartbeat, and notifications for their own patient's matching changes only.
-//! Bad, reused and expired binding tokens get an OperationOutcome and a close.
+//! Bad, reused and expired binding tokens get an OperationOutcome and a close. Over `[http.tls]`
+//! the binding URL is `wss://` and binding works there.
 
 mod events_common;
+#[path = "../../adapters/mllp/tests/common/pki.rs"]
+mod pki;
 
 use events_common::{
     get_json, issue_token, kind, observation_subscription, post_fhir, repo_root, token_config,
@@ -272,4 +275,89 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
         !format!("{ws:?}").contains("8867-4"),
         "no payload in the audit"
     );
+}
+
+/// Over `[http.tls]`: `$get-ws-binding-token` names a `wss://` URL on the same listener, and a
+/// websocket client that trusts the server's CA binds there and gets its handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_the_binding_url_is_wss_and_binding_works() {
+    let _ = repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let pki = pki::Pki::new("WSS Test CA");
+    pki.write_ca(&dir.path().join("ca.crt"));
+    pki.write(dir.path(), "server", "localhost", &["localhost"], false);
+    let config = token_config(&data);
+    let alice = issue_token(
+        &config,
+        "care-app",
+        "patient/Observation.rs patient/Subscription.cruds",
+        Some("pA"),
+    );
+    let extra = format!(
+        "[subscriptions]\nmin_heartbeat_secs = 1\nrescan_secs = 1\n[http.tls]\ncert = {:?}\nkey = {:?}\n",
+        dir.path().join("server.crt").display().to_string(),
+        dir.path().join("server.key").display().to_string(),
+    );
+    let server = Server::start(&data, &extra);
+    let port = server.http.port();
+    let ca_pem = std::fs::read(dir.path().join("ca.crt")).unwrap();
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca_pem).unwrap())
+        .resolve("localhost", server.http)
+        .build()
+        .unwrap();
+    let a = Client {
+        http,
+        base: format!("https://localhost:{port}/fhir"),
+        token: alice,
+    };
+    let sub = a
+        .post(
+            "Subscription",
+            &observation_subscription("websocket", None, "id-only"),
+        )
+        .await;
+    let id = sub["id"].as_str().unwrap();
+    let (code, params) = a.binding_token(id).await;
+    assert_eq!(code, 200, "{params}");
+    let url = param(&params, "websocket-url")["valueUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        url.starts_with(&format!("wss://localhost:{port}/")),
+        "{url}"
+    );
+    let token = param(&params, "token")["valueString"].as_str().unwrap();
+
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+        &url,
+        None,
+        false,
+        Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+            tls,
+        ))),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::Text(format!("bind-with-token {token}").into()))
+        .await
+        .unwrap();
+    let hs = next_json(&mut ws, 15).await.expect("handshake over wss");
+    assert_eq!(kind(&hs), "handshake", "{hs}");
+    server.stop();
 }

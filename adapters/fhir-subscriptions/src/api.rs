@@ -285,6 +285,7 @@ async fn ws_binding_token(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    tls: Option<axum::Extension<tributary_runtime::http_server::Secure>>,
 ) -> Response {
     let t = tenant(&state, &headers);
     let (spec, _) = match load(&state, &t, &id) {
@@ -334,10 +335,11 @@ async fn ws_binding_token(
                     .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
             })
             .unwrap_or("localhost");
-        let secure = headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            == Some("https");
+        let secure = tls.is_some()
+            || headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                == Some("https");
         let scheme = if secure { "wss" } else { "ws" };
         format!("{scheme}://{host}{}/subscription-ws", cfg.path_prefix)
     } else {

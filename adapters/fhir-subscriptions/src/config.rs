@@ -64,8 +64,9 @@ pub struct SubscriptionsConfig {
     /// Allow `http://` endpoints (tests, loopback); otherwise only `https://`.
     pub allow_http_endpoints: bool,
     /// Websocket channel: the URL `$get-ws-binding-token` tells clients to connect to. Empty =
-    /// `ws://<Host of the request><path_prefix>/subscription-ws` (`wss://` when the request
-    /// came with `X-Forwarded-Proto: https`); set it when a proxy serves another address.
+    /// `ws://<Host of the request><path_prefix>/subscription-ws` (`wss://` when the request came
+    /// over `[http.tls]` or with `X-Forwarded-Proto: https`); set it when a proxy serves another
+    /// address.
     pub websocket_url: String,
     /// How long a websocket binding token stays valid (it binds one connection, once).
     pub ws_token_ttl_secs: u64,

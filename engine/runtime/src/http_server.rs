@@ -34,6 +34,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// A request extension on every request that arrived over TLS on this listener (for links that
+/// must name the scheme the client used).
+#[derive(Clone, Copy, Debug)]
+pub struct Secure;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub idle_timeout: Duration,
@@ -76,10 +81,16 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(
-            app.clone()
-                .map_request(|r: axum::http::Request<Incoming>| r.map(axum::body::Body::new)),
-        );
+        let secure = tls.is_some();
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |r: axum::http::Request<Incoming>| {
+                let mut r = r.map(axum::body::Body::new);
+                if secure {
+                    r.extensions_mut().insert(Secure);
+                }
+                r
+            },
+        ));
         let shutdown = shutdown.clone();
         let tls = tls.as_ref().map(ReloadingAcceptor::acceptor);
         connections.spawn(async move {
