@@ -114,10 +114,20 @@ async fn main() {
     let never = tokio_util::sync::CancellationToken::new();
     let stop = never.clone();
     let a = tokio::spawn(tributary_runtime::http_server::serve(
-        l1, full_app, limits, None, never,
+        l1,
+        full_app,
+        limits,
+        None,
+        Default::default(),
+        never,
     ));
     let b = tokio::spawn(tributary_runtime::http_server::serve(
-        l2, bare_app, limits, None, stop,
+        l2,
+        bare_app,
+        limits,
+        None,
+        Default::default(),
+        stop,
     ));
     let _ = tokio::join!(a, b);
 }

@@ -207,9 +207,20 @@ fn http_connections_are_bounded_in_time_and_number() {
         waited >= Duration::from_secs(2),
         "closed before the idle timeout: {waited:?}"
     );
-    // The closed connections gave their places back.
+    // The closed connections gave their places back, and /metrics counts what happened.
     let again = http_get(&http, "/health").unwrap();
     assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+    let metrics = http_get(&http, "/metrics").unwrap();
+    assert!(
+        metrics.contains("tributary_http_connections_total{outcome=\"refused\"} 1\n"),
+        "{metrics}"
+    );
+    let idle_closed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tributary_http_connections_closed_total{reason=\"idle\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(idle_closed >= 2, "silent connections counted: {metrics}");
 
     let status = server.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status after SIGTERM: {status:?}");

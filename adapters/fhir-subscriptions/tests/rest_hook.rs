@@ -90,6 +90,7 @@ impl Receiver {
             app,
             limits,
             self.tls.clone(),
+            Default::default(),
             stop.clone(),
         ));
         self.stop = Some(stop);

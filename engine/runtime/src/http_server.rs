@@ -16,6 +16,7 @@
 //! queue bounds.
 
 use crate::tls::ReloadingAcceptor;
+use crate::Metrics;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -34,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+const CONNECTIONS: &str = "tributary_http_connections_total";
+const CLOSED: &str = "tributary_http_connections_closed_total";
+
 /// A request extension on every request that arrived over TLS on this listener (for links that
 /// must name the scheme the client used).
 #[derive(Clone, Copy, Debug)]
@@ -46,12 +50,15 @@ pub struct Limits {
 }
 
 /// Serves `app` on `listener` (over TLS with `tls`) until `shutdown`, then closes every
-/// connection gracefully and returns once they are gone.
+/// connection gracefully and returns once they are gone. `metrics` counts connections
+/// (`tributary_http_connections_total{outcome=accepted|refused}`) and the ones closed for
+/// silence or a failed TLS handshake (`tributary_http_connections_closed_total{reason}`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     tls: Option<ReloadingAcceptor>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -74,12 +81,14 @@ pub async fn serve(
             },
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.inc(CONNECTIONS, &[("outcome", "refused")]);
             tracing::warn!(
                 max = limits.max_connections,
                 "http connection limit reached; closing new connection"
             );
             continue;
         };
+        metrics.inc(CONNECTIONS, &[("outcome", "accepted")]);
         let _ = stream.set_nodelay(true);
         let secure = tls.is_some();
         let service = TowerToHyperService::new(app.clone().map_request(
@@ -93,6 +102,7 @@ pub async fn serve(
         ));
         let shutdown = shutdown.clone();
         let tls = tls.as_ref().map(ReloadingAcceptor::acceptor);
+        let metrics = metrics.clone();
         connections.spawn(async move {
             let _permit = permit;
             let idle = limits.idle_timeout;
@@ -101,16 +111,26 @@ pub async fn serve(
                 inner: stream,
                 activity: activity.clone(),
             };
-            let Some(tls) = tls else {
-                serve_connection(stream, activity, service, idle, shutdown).await;
-                return;
+            let silent = match tls {
+                None => serve_connection(stream, activity, service, idle, shutdown).await,
+                Some(tls) => match tokio::time::timeout(idle, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        serve_connection(stream, activity, service, idle, shutdown).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "http TLS handshake failed");
+                        metrics.inc(CLOSED, &[("reason", "tls_handshake")]);
+                        false
+                    }
+                    Err(_) => {
+                        tracing::debug!("http TLS handshake not finished within the idle timeout");
+                        metrics.inc(CLOSED, &[("reason", "tls_handshake")]);
+                        false
+                    }
+                },
             };
-            match tokio::time::timeout(idle, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, activity, service, idle, shutdown).await,
-                Ok(Err(e)) => tracing::debug!(error = %e, "http TLS handshake failed"),
-                Err(_) => {
-                    tracing::debug!("http TLS handshake not finished within the idle timeout")
-                }
+            if silent {
+                metrics.inc(CLOSED, &[("reason", "idle")]);
             }
         });
     }
@@ -119,13 +139,16 @@ pub async fn serve(
     connections.wait().await;
 }
 
+/// Serves one connection until it ends; `true` when it was closed for silence (by the idle
+/// check, or by hyper because a request head was not complete in time).
 async fn serve_connection<I, S>(
     stream: I,
     activity: Activity,
     service: S,
     idle: Duration,
     shutdown: CancellationToken,
-) where
+) -> bool
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             axum::http::Request<Incoming>,
@@ -151,9 +174,16 @@ async fn serve_connection<I, S>(
     let mut check = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;
+    let mut silent = false;
     loop {
         tokio::select! {
-            _ = conn.as_mut() => break,
+            ended = conn.as_mut() => {
+                // hyper closes a connection whose request head is not complete in time itself.
+                let head_timeout = ended.err().is_some_and(|e| {
+                    e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout)
+                });
+                return silent || head_timeout;
+            }
             _ = shutdown.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
@@ -162,6 +192,7 @@ async fn serve_connection<I, S>(
                 if activity.quiet_for() >= idle {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                    silent = true;
                 }
             }
         }

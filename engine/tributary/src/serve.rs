@@ -155,6 +155,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(config.http.idle_timeout_secs),
         max_connections: config.http.max_connections,
     };
+    let metrics = rt.metrics.clone();
     let tls = match &config.http.tls {
         Some(t) => Some(
             tributary_runtime::tls::ReloadingAcceptor::new(t.clone())
@@ -163,7 +164,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     tasks.spawn(async move {
-        tributary_runtime::http_server::serve(listener, app, limits, tls, http_shutdown).await;
+        tributary_runtime::http_server::serve(listener, app, limits, tls, metrics, http_shutdown)
+            .await;
         Ok(())
     });
     rt.readiness.set("http", ComponentStatus::Ready);
