@@ -83,6 +83,9 @@ pub struct SubscriptionsConfig {
     /// subscriber endpoints, and partners' token endpoints and FHIR servers. Empty: the public
     /// web roots only.
     pub ca_file: std::path::PathBuf,
+    /// Client certificate chain and private key (PEM, one file) presented on those HTTPS calls,
+    /// for subscribers and partners that require mutual TLS. Empty: none.
+    pub client_identity_file: std::path::PathBuf,
 }
 
 impl Default for SubscriptionsConfig {
@@ -106,6 +109,7 @@ impl Default for SubscriptionsConfig {
             ws_ping_secs: 30,
             inbound: Vec::new(),
             ca_file: std::path::PathBuf::new(),
+            client_identity_file: std::path::PathBuf::new(),
         }
     }
 }
@@ -138,7 +142,8 @@ pub struct InboundPartner {
 
 impl SubscriptionsConfig {
     /// The client for every outbound call: `request_timeout_ms` per request, the public web
-    /// roots plus `ca_file`, no redirects (a subscriber's endpoint is the URL it registered).
+    /// roots plus `ca_file`, `client_identity_file` for mutual TLS, no redirects (a subscriber's
+    /// endpoint is the URL it registered).
     pub fn http_client(&self) -> Result<reqwest::Client, SubscriptionsConfigError> {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
@@ -157,6 +162,14 @@ impl SubscriptionsConfig {
             for c in certs {
                 b = b.add_root_certificate(c);
             }
+        }
+        if !self.client_identity_file.as_os_str().is_empty() {
+            let path = &self.client_identity_file;
+            let unusable = |e: String| invalid("client_identity_file", path.display(), &e);
+            let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| unusable(format!("a PEM certificate chain and private key ({e})")))?;
+            b = b.identity(id);
         }
         b.build()
             .map_err(|e| invalid("ca_file", "", &e.to_string()))

@@ -939,3 +939,74 @@ async fn https_endpoints_under_a_private_ca_need_ca_file() {
     let err = missing.http_client().unwrap_err();
     assert_eq!(err.key, "ca_file");
 }
+
+/// `client_identity_file`: a subscriber endpoint that requires a client certificate refuses the
+/// handshake without one, and gets it when the certificate (issued by the CA it trusts) is
+/// configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_endpoints_get_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new("Subscriber Test CA");
+    let ca = dir.path().join("ca.crt");
+    pki.write_ca(&ca);
+    pki.write(dir.path(), "hook", "localhost", &["localhost"], false);
+    pki.write(
+        dir.path(),
+        "tributary",
+        "tributary",
+        &["tributary.example.org"],
+        true,
+    );
+    let tls = ReloadingAcceptor::new(ListenerTlsConfig {
+        cert: dir.path().join("hook.crt"),
+        key: dir.path().join("hook.key"),
+        client_ca: Some(ca.clone()),
+        require_client_cert: true,
+        reload_interval_secs: 0,
+    })
+    .unwrap();
+    let rx = Receiver::start_with(Some(tls)).await;
+    let mtls = |identity: std::path::PathBuf| SubscriptionsConfig {
+        allow_http_endpoints: false,
+        give_up_after_secs: 1,
+        ca_file: ca.clone(),
+        client_identity_file: identity,
+        ..config()
+    };
+
+    let env = start(mtls(std::path::PathBuf::new()));
+    put(
+        &env.store,
+        "Subscription",
+        "anonymous",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("the handshake to fail", 20, || {
+        stored_subscription(&env, "anonymous")["status"] == "error"
+    })
+    .await;
+    assert!(rx.bundles().is_empty(), "nothing reached the endpoint");
+    env.shutdown.cancel();
+
+    let identity = dir.path().join("tributary.pem");
+    let mut pem = std::fs::read(dir.path().join("tributary.crt")).unwrap();
+    pem.extend(std::fs::read(dir.path().join("tributary.key")).unwrap());
+    std::fs::write(&identity, pem).unwrap();
+    let env = start(mtls(identity));
+    put(
+        &env.store,
+        "Subscription",
+        "identified",
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    wait_for("the handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+    env.shutdown.cancel();
+
+    let bad = SubscriptionsConfig {
+        client_identity_file: ca,
+        ..config()
+    };
+    assert_eq!(bad.http_client().unwrap_err().key, "client_identity_file");
+}
