@@ -120,6 +120,14 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `serve` (a `tributary serve` command whose HTTP listener is at `http`).
+    pub fn spawn(serve: &mut std::process::Command, http: &str) -> Server {
+        Server {
+            child: serve.spawn().expect("start tributary serve"),
+            http: http.to_string(),
+        }
+    }
+
     /// Polls `GET /ready` until it answers 200 (or panics after `timeout`).
     pub fn wait_ready(&self, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;

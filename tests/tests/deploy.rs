@@ -57,19 +57,16 @@ impl Local {
     }
 
     fn serve(&self, args: &[&str], env: &[(String, String)]) -> Server {
-        let child = Command::new(workspace_bin("tributary"))
-            .arg("serve")
-            .args(args)
-            .current_dir(self.dir.path())
-            .envs(env.iter().cloned())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join("serve.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child,
-            http: self.http.clone(),
-        };
+        let server = Server::spawn(
+            Command::new(workspace_bin("tributary"))
+                .arg("serve")
+                .args(args)
+                .current_dir(self.dir.path())
+                .envs(env.iter().cloned())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(self.dir.path().join("serve.log")).unwrap()),
+            &self.http,
+        );
         server.wait_ready(Duration::from_secs(30));
         server
     }

@@ -14,20 +14,17 @@ fn serve_with_no_config_starts_answers_and_stops_cleanly() {
     let http = format!("127.0.0.1:{}", free_port());
     let mllp = format!("127.0.0.1:{}", free_port());
     let log = cwd.path().join("../serve-test.log");
-    let child = Command::new(workspace_bin("tributary"))
-        .arg("serve")
-        .current_dir(cwd.path())
-        // Ports only: the test must not collide with a developer's running instance.
-        .env("TRIBUTARY_HTTP__LISTEN", &http)
-        .env("TRIBUTARY_MLLP__LISTEN", &mllp)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = Server {
-        child,
-        http: http.clone(),
-    };
+    let mut server = Server::spawn(
+        Command::new(workspace_bin("tributary"))
+            .arg("serve")
+            .current_dir(cwd.path())
+            // Ports only: the test must not collide with a developer's running instance.
+            .env("TRIBUTARY_HTTP__LISTEN", &http)
+            .env("TRIBUTARY_MLLP__LISTEN", &mllp)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &http,
+    );
     server.wait_ready(Duration::from_secs(30));
 
     let health = http_get(&http, "/health").unwrap();
@@ -139,24 +136,21 @@ fn http_connections_are_bounded_in_time_and_number() {
     use std::time::Instant;
     let dir = tempfile::tempdir().unwrap();
     let http = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(workspace_bin("tributary"))
-        .args(["serve", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("TRIBUTARY_HTTP__LISTEN", &http)
-        .env(
-            "TRIBUTARY_MLLP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("TRIBUTARY_HTTP__IDLE_TIMEOUT_SECS", "2")
-        .env("TRIBUTARY_HTTP__MAX_CONNECTIONS", "4")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server = Server {
-        child,
-        http: http.clone(),
-    };
+    let mut server = Server::spawn(
+        Command::new(workspace_bin("tributary"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("TRIBUTARY_HTTP__LISTEN", &http)
+            .env(
+                "TRIBUTARY_MLLP__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("TRIBUTARY_HTTP__IDLE_TIMEOUT_SECS", "2")
+            .env("TRIBUTARY_HTTP__MAX_CONNECTIONS", "4")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        &http,
+    );
     server.wait_ready(Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     let connect = || {
@@ -251,23 +245,20 @@ async fn https_with_client_certificates() {
     )
     .unwrap();
     let log = d.join("serve.log");
-    let child = Command::new(workspace_bin("tributary"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .env(
-            "TRIBUTARY_MLLP__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut server = Server {
-        child,
-        http: format!("127.0.0.1:{port}"),
-    };
+    let mut server = Server::spawn(
+        Command::new(workspace_bin("tributary"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(d.join("data"))
+            .env(
+                "TRIBUTARY_MLLP__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+        &format!("127.0.0.1:{port}"),
+    );
     let addr: std::net::SocketAddr = server.http.parse().unwrap();
     tributary_e2e::wait_listening(&mut server.child, &log, &[addr]);
 

@@ -876,61 +876,69 @@ async fn inbound_reads_from_the_partner_are_bounded() {
     env.shutdown.cancel();
 }
 
+/// A CA in `dir` (`ca.crt`) and an HTTPS receiver with its certificate for `localhost`; with
+/// `require_client_cert`, the receiver demands a client certificate issued by that CA.
+async fn tls_receiver(dir: &std::path::Path, require_client_cert: bool) -> (Receiver, pki::Pki) {
+    let pki = pki::Pki::new("Subscriber Test CA");
+    let ca = dir.join("ca.crt");
+    pki.write_ca(&ca);
+    pki.write(dir, "hook", "localhost", &["localhost"], false);
+    let tls = ReloadingAcceptor::new(ListenerTlsConfig {
+        cert: dir.join("hook.crt"),
+        key: dir.join("hook.key"),
+        client_ca: require_client_cert.then_some(ca),
+        require_client_cert,
+        reload_interval_secs: 0,
+    })
+    .unwrap();
+    (Receiver::start_with(Some(tls)).await, pki)
+}
+
+/// Creates Subscription `id` for `rx` under `cfg` (https only, giving up after 1 s) and waits
+/// for its handshake to reach the endpoint (`delivered`) or to fail with status `error` and
+/// nothing received.
+async fn subscribe_over_tls(cfg: SubscriptionsConfig, rx: &Receiver, id: &str, delivered: bool) {
+    let env = start(SubscriptionsConfig {
+        allow_http_endpoints: false,
+        give_up_after_secs: 1,
+        ..cfg
+    });
+    put(
+        &env.store,
+        "Subscription",
+        id,
+        subscription("observation", &rx.url(), "id-only", None),
+    )
+    .await;
+    if delivered {
+        wait_for("the handshake", 20, || !rx.of_type("handshake").is_empty()).await;
+        wait_for("the subscription to be active", 20, || {
+            stored_subscription(&env, id)["status"] == "active"
+        })
+        .await;
+    } else {
+        wait_for("the handshake to fail", 20, || {
+            stored_subscription(&env, id)["status"] == "error"
+        })
+        .await;
+        assert!(rx.bundles().is_empty(), "nothing reached the endpoint");
+    }
+    env.shutdown.cancel();
+}
+
 /// `ca_file`: a subscriber endpoint on HTTPS whose certificate comes from a private CA is
 /// refused while that CA is not trusted (the handshake fails and the Subscription is in error),
 /// and gets its handshake once `ca_file` names the CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_endpoints_under_a_private_ca_need_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki::Pki::new("Subscriber Test CA");
-    let ca = dir.path().join("ca.crt");
-    pki.write_ca(&ca);
-    pki.write(dir.path(), "hook", "localhost", &["localhost"], false);
-    let tls = ReloadingAcceptor::new(ListenerTlsConfig {
-        cert: dir.path().join("hook.crt"),
-        key: dir.path().join("hook.key"),
-        client_ca: None,
-        require_client_cert: false,
-        reload_interval_secs: 0,
-    })
-    .unwrap();
-    let rx = Receiver::start_with(Some(tls)).await;
-    let https_only = |ca_file: std::path::PathBuf| SubscriptionsConfig {
-        allow_http_endpoints: false,
-        give_up_after_secs: 1,
-        ca_file,
+    let (rx, _) = tls_receiver(dir.path(), false).await;
+    subscribe_over_tls(config(), &rx, "untrusted", false).await;
+    let trusted = SubscriptionsConfig {
+        ca_file: dir.path().join("ca.crt"),
         ..config()
     };
-
-    let env = start(https_only(std::path::PathBuf::new()));
-    put(
-        &env.store,
-        "Subscription",
-        "untrusted",
-        subscription("observation", &rx.url(), "id-only", None),
-    )
-    .await;
-    wait_for("the handshake to fail", 20, || {
-        stored_subscription(&env, "untrusted")["status"] == "error"
-    })
-    .await;
-    assert!(rx.bundles().is_empty(), "nothing reached the endpoint");
-    env.shutdown.cancel();
-
-    let env = start(https_only(ca));
-    put(
-        &env.store,
-        "Subscription",
-        "trusted",
-        subscription("observation", &rx.url(), "id-only", None),
-    )
-    .await;
-    wait_for("the handshake", 20, || !rx.of_type("handshake").is_empty()).await;
-    wait_for("the subscription to be active", 20, || {
-        stored_subscription(&env, "trusted")["status"] == "active"
-    })
-    .await;
-    env.shutdown.cancel();
+    subscribe_over_tls(trusted, &rx, "trusted", true).await;
 
     let missing = SubscriptionsConfig {
         ca_file: dir.path().join("no-such.pem"),
@@ -946,66 +954,20 @@ async fn https_endpoints_under_a_private_ca_need_ca_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_endpoints_get_the_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = pki::Pki::new("Subscriber Test CA");
-    let ca = dir.path().join("ca.crt");
-    pki.write_ca(&ca);
-    pki.write(dir.path(), "hook", "localhost", &["localhost"], false);
-    pki.write(
-        dir.path(),
-        "tributary",
-        "tributary",
-        &["tributary.example.org"],
-        true,
-    );
-    let tls = ReloadingAcceptor::new(ListenerTlsConfig {
-        cert: dir.path().join("hook.crt"),
-        key: dir.path().join("hook.key"),
-        client_ca: Some(ca.clone()),
-        require_client_cert: true,
-        reload_interval_secs: 0,
-    })
-    .unwrap();
-    let rx = Receiver::start_with(Some(tls)).await;
-    let mtls = |identity: std::path::PathBuf| SubscriptionsConfig {
-        allow_http_endpoints: false,
-        give_up_after_secs: 1,
-        ca_file: ca.clone(),
-        client_identity_file: identity,
+    let (rx, pki) = tls_receiver(dir.path(), true).await;
+    let (cert, key) = pki.issue("tributary", &["tributary.example.org"], true);
+    let identity = dir.path().join("tributary.pem");
+    std::fs::write(&identity, cert + &key).unwrap();
+    let mtls = |client_identity_file: std::path::PathBuf| SubscriptionsConfig {
+        ca_file: dir.path().join("ca.crt"),
+        client_identity_file,
         ..config()
     };
-
-    let env = start(mtls(std::path::PathBuf::new()));
-    put(
-        &env.store,
-        "Subscription",
-        "anonymous",
-        subscription("observation", &rx.url(), "id-only", None),
-    )
-    .await;
-    wait_for("the handshake to fail", 20, || {
-        stored_subscription(&env, "anonymous")["status"] == "error"
-    })
-    .await;
-    assert!(rx.bundles().is_empty(), "nothing reached the endpoint");
-    env.shutdown.cancel();
-
-    let identity = dir.path().join("tributary.pem");
-    let mut pem = std::fs::read(dir.path().join("tributary.crt")).unwrap();
-    pem.extend(std::fs::read(dir.path().join("tributary.key")).unwrap());
-    std::fs::write(&identity, pem).unwrap();
-    let env = start(mtls(identity));
-    put(
-        &env.store,
-        "Subscription",
-        "identified",
-        subscription("observation", &rx.url(), "id-only", None),
-    )
-    .await;
-    wait_for("the handshake", 20, || !rx.of_type("handshake").is_empty()).await;
-    env.shutdown.cancel();
+    subscribe_over_tls(mtls(std::path::PathBuf::new()), &rx, "anonymous", false).await;
+    subscribe_over_tls(mtls(identity), &rx, "identified", true).await;
 
     let bad = SubscriptionsConfig {
-        client_identity_file: ca,
+        client_identity_file: dir.path().join("ca.crt"),
         ..config()
     };
     assert_eq!(bad.http_client().unwrap_err().key, "client_identity_file");
