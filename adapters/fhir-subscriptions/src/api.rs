@@ -8,6 +8,7 @@ use crate::bundle::{self, NotificationType, NumberedEvent, StatusInfo};
 use crate::config::InboundPartner;
 use crate::engine::{SubState, SubscriptionService};
 use crate::model::{ChannelType, Content, SubscriptionSpec};
+use crate::upstream::{fetch_resources, FetchError};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -18,7 +19,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tributary_core::{Envelope, Protocol};
-use tributary_runtime::http::{read_json_limited, read_limited, BodyError};
 use tributary_storage::Journal;
 
 #[derive(Clone)]
@@ -386,182 +386,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// OAuth2 client-credentials token for fetching from the upstream server.
-async fn upstream_token(
-    http: &reqwest::Client,
-    p: &InboundPartner,
-) -> Result<Option<String>, String> {
-    let Some(url) = &p.token_url else {
-        return Ok(None);
-    };
-    let mut form = vec![("grant_type", "client_credentials".to_string())];
-    if let Some(s) = &p.scope {
-        form.push(("scope", s.clone()));
-    }
-    let body = form
-        .iter()
-        .map(|(k, v)| format!("{k}={}", v.replace(' ', "+")))
-        .collect::<Vec<_>>()
-        .join("&");
-    let r = http
-        .post(url)
-        .basic_auth(
-            p.client_id.as_deref().unwrap_or_default(),
-            p.client_secret.as_deref(),
-        )
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .map_err(|_| "token endpoint unreachable".to_string())?;
-    if !r.status().is_success() {
-        return Err(format!(
-            "token endpoint answered HTTP {}",
-            r.status().as_u16()
-        ));
-    }
-    let v = read_json_limited(r, MAX_TOKEN_RESPONSE_BYTES)
-        .await
-        .map_err(|e| format!("token endpoint answer not read: {e}"))?
-        .ok_or_else(|| "token endpoint answered no JSON".to_string())?;
-    v.get("access_token")
-        .and_then(Value::as_str)
-        .map(|s| Some(s.to_string()))
-        .ok_or_else(|| "token response has no access_token".to_string())
-}
-
-/// A token endpoint's answer larger than this is not read.
-const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
-/// Id-only entries completed from the partner's server for one notification, at most.
-const MAX_FETCHES: usize = 100;
-/// The resources read for one notification, together, at most (a DocumentReference or Binary
-/// can carry a whole document).
-const MAX_FETCHED_BYTES: usize = 32 << 20;
-
-/// Why id-only entries could not be completed.
-enum FetchError {
-    /// The notification itself is unacceptable (a focus outside the partner's server): 400, and
-    /// the body is kept as rejected. A retry would fail the same way.
-    Refused(String),
-    /// The partner's server could not answer now: 503, so the sender retries.
-    Transient(String),
-}
-
-/// `Type/id` or `Type/id/_history/vid`: the only shapes of focus reference that are read.
-fn is_resource_path(path: &str) -> bool {
-    let id = |s: &str| {
-        (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            && s != "."
-            && s != ".."
-    };
-    let parts: Vec<&str> = path.split('/').collect();
-    let rtype_ok = parts[0].len() <= 64
-        && parts[0].starts_with(|c: char| c.is_ascii_uppercase())
-        && parts[0].bytes().all(|b| b.is_ascii_alphanumeric());
-    rtype_ok
-        && match parts[1..] {
-            [i] => id(i),
-            [i, "_history", v] => id(i) && id(v),
-            _ => false,
-        }
-}
-
-/// Fills `resource` into id-only entries by reading them from the partner's server. Only
-/// `Type/id[/_history/vid]` references under `upstream_base_url` are fetched (never an
-/// arbitrary URL, nor a path that climbs out of the base with `..`).
-async fn fetch_resources(
-    http: &reqwest::Client,
-    p: &InboundPartner,
-    bundle: &mut Value,
-) -> Result<usize, FetchError> {
-    let Some(base) = p
-        .upstream_base_url
-        .as_deref()
-        .map(|b| b.trim_end_matches('/'))
-    else {
-        return Ok(0);
-    };
-    let Some(entries) = bundle.get_mut("entry").and_then(Value::as_array_mut) else {
-        return Ok(0);
-    };
-    // Every reference is checked before anything is fetched: a bad one refuses the whole
-    // notification, whatever the others hold.
-    let prefix = format!("{base}/");
-    let mut targets = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        if e.get("resource").is_some()
-            || e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE")
-        {
-            continue;
-        }
-        let Some(url) = e.get("fullUrl").and_then(Value::as_str) else {
-            continue;
-        };
-        let path = if url.starts_with("http://") || url.starts_with("https://") {
-            url.strip_prefix(&prefix)
-        } else {
-            Some(url.trim_start_matches('/'))
-        };
-        match path {
-            Some(path) if is_resource_path(path) => targets.push((i, format!("{prefix}{path}"))),
-            _ => {
-                return Err(FetchError::Refused(
-                    "a focus reference is not a resource URL under the partner's base URL".into(),
-                ))
-            }
-        }
-    }
-    if targets.is_empty() {
-        return Ok(0);
-    }
-    if targets.len() > MAX_FETCHES {
-        return Err(FetchError::Refused(format!(
-            "the notification names {} resources to read; at most {MAX_FETCHES} are read for one notification",
-            targets.len()
-        )));
-    }
-    let token = upstream_token(http, p)
-        .await
-        .map_err(FetchError::Transient)?;
-    let mut budget = MAX_FETCHED_BYTES;
-    for (i, target) in &targets {
-        let mut req = http.get(target).header("accept", "application/fhir+json");
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
-        }
-        let r = req
-            .send()
-            .await
-            .map_err(|_| FetchError::Transient("upstream server unreachable".into()))?;
-        if !r.status().is_success() {
-            let status = r.status().as_u16();
-            return Err(FetchError::Transient(format!(
-                "upstream read answered HTTP {status}"
-            )));
-        }
-        let body = match read_limited(r, budget).await {
-            Ok(b) => b,
-            Err(BodyError::TooLarge { .. }) => {
-                return Err(FetchError::Refused(format!(
-                    "the resources to read for this notification exceed {MAX_FETCHED_BYTES} bytes"
-                )))
-            }
-            Err(BodyError::Failed(_)) => {
-                return Err(FetchError::Transient(
-                    "upstream read broke off or timed out".into(),
-                ))
-            }
-        };
-        budget -= body.len();
-        let res: Value = serde_json::from_slice(&body)
-            .map_err(|_| FetchError::Transient("upstream read answered no JSON".into()))?;
-        entries[*i]["resource"] = res;
-    }
-    Ok(targets.len())
-}
-
 const INGRESS_SOURCE: &str = "fhir-subscription";
 
 fn count_ingress(state: &ApiState, outcome: &str) {
@@ -663,7 +487,14 @@ async fn inbound(
             return refuse(&state, &p, &tenant, body, "value", &reason).await;
         }
     }
-    let fetched = match fetch_resources(&state.service.http, &p, &mut bundle).await {
+    let fetched = match fetch_resources(
+        &state.service.http,
+        &state.service.upstream_tokens,
+        &p,
+        &mut bundle,
+    )
+    .await
+    {
         Ok(n) => n,
         Err(FetchError::Refused(reason)) => {
             return refuse(&state, &p, &tenant, body, "value", &reason).await;

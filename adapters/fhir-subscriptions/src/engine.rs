@@ -107,6 +107,8 @@ pub struct SubscriptionService {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) default_tenant: String,
     pub(crate) http: reqwest::Client,
+    /// Access tokens for reading from inbound partners' servers.
+    pub(crate) upstream_tokens: crate::upstream::UpstreamTokens,
     subs: RwLock<HashMap<(String, String), Arc<SubHandle>>>,
     dead_letters: DeadLetterLog,
     /// Outstanding `$get-ws-binding-token` tokens.
@@ -142,6 +144,7 @@ impl SubscriptionService {
             store,
             default_tenant: default_tenant.to_string(),
             http,
+            upstream_tokens: Default::default(),
             subs: RwLock::default(),
             dead_letters: DeadLetterLog::new(db.clone(), "subscriptions", MAX_DEAD_LETTERS),
             audit: AuditLog::new(db),

@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod config;
 pub mod engine;
 pub mod model;
+mod upstream;
 pub mod ws;
 
 pub use config::{InboundPartner, SubscriptionsConfig, SubscriptionsConfigError};

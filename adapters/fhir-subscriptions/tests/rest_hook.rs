@@ -876,6 +876,154 @@ async fn inbound_reads_from_the_partner_are_bounded() {
     env.shutdown.cancel();
 }
 
+/// Subscriptions in: the partner's access token is requested once and reused; a read refused
+/// with 401 renews it once (a token revoked early); a partner that refuses every token is a 503
+/// (fix the credentials, the sender retries); a focus the partner's server no longer holds (404,
+/// 410) refuses the notification with 400 and keeps it as rejected, since a retry cannot help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_token_is_reused_renewed_once_and_gone_focus_is_refused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let issued = Arc::new(AtomicUsize::new(0));
+    // The number of the one token the partner's server accepts now (tokens are `tok-<n>`).
+    let accepted = Arc::new(AtomicUsize::new(1));
+    let (counter, valid) = (issued.clone(), accepted.clone());
+    let upstream = Router::new()
+        .route(
+            "/token",
+            post(move || async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                Json(json!({"access_token": format!("tok-{n}"), "expires_in": 3600}))
+            }),
+        )
+        .route(
+            "/fhir/Encounter/{id}",
+            get(
+                move |headers: axum::http::HeaderMap,
+                      axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    let want = format!("Bearer tok-{}", valid.load(Ordering::SeqCst));
+                    if headers.get("authorization").and_then(|v| v.to_str().ok())
+                        != Some(want.as_str())
+                    {
+                        return (StatusCode::UNAUTHORIZED, Json(json!({})));
+                    }
+                    match id.as_str() {
+                        "gone" => (StatusCode::GONE, Json(json!({}))),
+                        "missing" => (StatusCode::NOT_FOUND, Json(json!({}))),
+                        _ => (
+                            StatusCode::OK,
+                            Json(json!({"resourceType": "Encounter", "id": id, "status": "finished"})),
+                        ),
+                    }
+                },
+            ),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+    let env = start(SubscriptionsConfig {
+        inbound: vec![InboundPartner {
+            partner: "ehr".into(),
+            token: "partner-token-0123456789".into(),
+            tenant: "t1".into(),
+            upstream_base_url: Some(format!("{base}/fhir")),
+            token_url: Some(format!("{base}/token")),
+            client_id: Some("tributary".into()),
+            client_secret: Some("s3cret".into()),
+            scope: None,
+        }],
+        ..config()
+    });
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+        metrics: tributary_runtime::Metrics::default(),
+    });
+    let send = |number: u64, id: &str| {
+        let app = app.clone();
+        let focus = format!("{base}/fhir/Encounter/{id}");
+        let note = json!({"resourceType": "Bundle", "type": "history", "entry": [
+            status_entry(&base, "event-notification", json!([{"name": "notification-event", "part": [
+                {"name": "event-number", "valueString": number.to_string()},
+                {"name": "focus", "valueReference": {"reference": focus}}]}])),
+            {"fullUrl": focus, "request": {"method": "PUT", "url": format!("Encounter/{id}")}}
+        ]});
+        async move {
+            let res = app
+                .oneshot(hook_request(note, "partner-token-0123456789"))
+                .await
+                .unwrap();
+            let status = res.status();
+            let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            (status, v["issue"][0]["diagnostics"].clone())
+        }
+    };
+
+    assert_eq!(send(1, "enc-1").await.0, StatusCode::OK);
+    assert_eq!(send(2, "enc-2").await.0, StatusCode::OK);
+    assert_eq!(issued.load(Ordering::SeqCst), 1, "one token for both reads");
+
+    accepted.store(2, Ordering::SeqCst);
+    assert_eq!(send(3, "enc-3").await.0, StatusCode::OK);
+    assert_eq!(issued.load(Ordering::SeqCst), 2, "renewed after the 401");
+
+    accepted.store(99, Ordering::SeqCst);
+    let (status, why) = send(4, "enc-4").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert_eq!(
+        why,
+        "the partner's server refused our credentials (read answered HTTP 401)"
+    );
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        3,
+        "one renewal per read, no more"
+    );
+
+    accepted.store(3, Ordering::SeqCst);
+    for (n, id, code) in [(5, "gone", 410), (6, "missing", 404)] {
+        let (status, why) = send(n, id).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}");
+        assert_eq!(
+            why,
+            format!(
+                "the partner's server does not hold a focus resource (read answered HTTP {code})"
+            )
+        );
+    }
+    assert_eq!(
+        rejected(&env).len(),
+        2,
+        "both refused notifications are kept"
+    );
+    let journaled: Vec<Value> = env
+        .journal
+        .list(&ListFilter {
+            limit: Some(20),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .filter(|(_, _, r)| r.state.kind() != tributary_core::StateKind::Rejected)
+        .map(|(id, _, _)| {
+            let rec = env.journal.get(id).unwrap().unwrap();
+            serde_json::from_slice(&rec.envelope.payload).unwrap()
+        })
+        .collect();
+    let ids: Vec<&str> = journaled
+        .iter()
+        .filter_map(|b| b["entry"][1]["resource"]["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        ["enc-1", "enc-2", "enc-3"],
+        "the 503 journaled nothing"
+    );
+    env.shutdown.cancel();
+}
+
 /// A CA in `dir` (`ca.crt`) and an HTTPS receiver with its certificate for `localhost`; with
 /// `require_client_cert`, the receiver demands a client certificate issued by that CA.
 async fn tls_receiver(dir: &std::path::Path, require_client_cert: bool) -> (Receiver, pki::Pki) {
