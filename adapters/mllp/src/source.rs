@@ -30,6 +30,7 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tributary_core::{Envelope, MessageId, Protocol, StateKind};
+use tributary_runtime::log_throttle::{LogThrottle, REFUSAL_LOG_INTERVAL};
 use tributary_runtime::tls::{ReloadingAcceptor, TlsError};
 use tributary_runtime::{ComponentStatus, ProcessedFeed, ProcessedOutcome, Runtime, Source};
 use tributary_storage::{AuditLog, Journal};
@@ -303,6 +304,7 @@ impl MllpListener {
         let name = shared.cfg.name.clone();
         let limit = Arc::new(Semaphore::new(shared.cfg.max_connections));
         let tracker = TaskTracker::new();
+        let refusals = LogThrottle::new(REFUSAL_LOG_INTERVAL);
         if let Some(tls) = shared.tls.clone() {
             tracker.spawn(tls.keep_reloaded(name.clone(), shutdown.clone()));
         }
@@ -323,7 +325,9 @@ impl MllpListener {
                     .stats
                     .connections_refused
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(listener = %name, remote = %addr, max = shared.cfg.max_connections, "connection limit reached; closing new connection");
+                if let Some(not_logged) = refusals.hit() {
+                    tracing::warn!(listener = %name, remote = %addr, max = shared.cfg.max_connections, refused_since_last_line = not_logged + 1, "connection limit reached; closing new connections (logged at most every 10 s, every one counted in /metrics)");
+                }
                 drop(tcp);
                 continue;
             };

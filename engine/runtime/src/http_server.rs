@@ -63,6 +63,7 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let connections = TaskTracker::new();
+    let refusals = crate::LogThrottle::new(crate::log_throttle::REFUSAL_LOG_INTERVAL);
     if let Some(tls) = tls.clone() {
         connections.spawn(tls.keep_reloaded("http".into(), shutdown.clone()));
     }
@@ -82,10 +83,13 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics.inc(CONNECTIONS, &[("outcome", "refused")]);
-            tracing::warn!(
-                max = limits.max_connections,
-                "http connection limit reached; closing new connection"
-            );
+            if let Some(not_logged) = refusals.hit() {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    refused_since_last_line = not_logged + 1,
+                    "http connection limit reached; closing new connections (logged at most every 10 s, every one counted in /metrics)"
+                );
+            }
             continue;
         };
         metrics.inc(CONNECTIONS, &[("outcome", "accepted")]);

@@ -13,8 +13,10 @@ use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 
 pub mod http;
 pub mod http_server;
+pub mod log_throttle;
 pub mod metrics;
 pub mod tls;
+pub use log_throttle::LogThrottle;
 pub use metrics::{Metrics, Sample};
 
 /// Health of one component as `/ready` reports it.
