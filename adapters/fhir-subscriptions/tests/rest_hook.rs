@@ -571,6 +571,37 @@ fn status_entry(base: &str, kind: &str, events: Value) -> Value {
     json!({"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Parameters", "parameter": params}})
 }
 
+/// Serves `upstream` (a partner's EHR: token endpoint and FHIR reads) on a free port; its base URL.
+async fn serve_upstream(upstream: Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
+    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+    base
+}
+
+/// Inbound partner `name` (tenant `t1`) whose FHIR server is `{base}/fhir` and whose token
+/// endpoint is `{base}{token_path}`.
+fn partner(name: &str, base: &str, token_path: &str) -> InboundPartner {
+    InboundPartner {
+        partner: name.into(),
+        token: "partner-token-0123456789".into(),
+        tenant: "t1".into(),
+        upstream_base_url: Some(format!("{base}/fhir")),
+        token_url: Some(format!("{base}{token_path}")),
+        client_id: Some("tributary".into()),
+        client_secret: Some("s3cret".into()),
+        scope: None,
+    }
+}
+
+fn inbound_app(env: &Env, metrics: &tributary_runtime::Metrics) -> Router {
+    router(ApiState {
+        service: env.service.clone(),
+        journal: env.journal.clone(),
+        metrics: metrics.clone(),
+    })
+}
+
 /// Subscriptions in: an upstream server's handshake is answered; an id-only notification is
 /// completed with the resource fetched (OAuth2 client credentials) and journaled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -602,29 +633,17 @@ async fn inbound_notifications_are_fetched_and_journaled() {
                 },
             ),
         );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+    let base = serve_upstream(upstream).await;
 
     let env = start(SubscriptionsConfig {
         inbound: vec![InboundPartner {
-            partner: "ehr".into(),
-            token: "partner-token-0123456789".into(),
-            tenant: "t1".into(),
-            upstream_base_url: Some(format!("{base}/fhir")),
-            token_url: Some(format!("{base}/token")),
-            client_id: Some("tributary".into()),
-            client_secret: Some("s3cret".into()),
             scope: Some("system/Encounter.read".into()),
+            ..partner("ehr", &base, "/token")
         }],
         ..config()
     });
     let metrics = tributary_runtime::Metrics::default();
-    let app = router(ApiState {
-        service: env.service.clone(),
-        journal: env.journal.clone(),
-        metrics: metrics.clone(),
-    });
+    let app = inbound_app(&env, &metrics);
     let status = |kind: &str, events: Value| status_entry(&base, kind, events);
     let handshake = json!({"resourceType": "Bundle", "type": "history", "entry": [status("handshake", json!([]))]});
     let res = app
@@ -790,28 +809,15 @@ async fn inbound_reads_from_the_partner_are_bounded() {
                 async move { spaces(None) }
             }),
         );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
-    let partner = |partner: &str, token_path: &str| InboundPartner {
-        partner: partner.into(),
-        token: "partner-token-0123456789".into(),
-        tenant: "t1".into(),
-        upstream_base_url: Some(format!("{base}/fhir")),
-        token_url: Some(format!("{base}{token_path}")),
-        client_id: Some("tributary".into()),
-        client_secret: Some("s3cret".into()),
-        scope: None,
-    };
+    let base = serve_upstream(upstream).await;
     let env = start(SubscriptionsConfig {
-        inbound: vec![partner("ehr", "/token"), partner("ehr2", "/endless-token")],
+        inbound: vec![
+            partner("ehr", &base, "/token"),
+            partner("ehr2", &base, "/endless-token"),
+        ],
         ..config()
     });
-    let app = router(ApiState {
-        service: env.service.clone(),
-        journal: env.journal.clone(),
-        metrics: tributary_runtime::Metrics::default(),
-    });
+    let app = inbound_app(&env, &tributary_runtime::Metrics::default());
     let notification = |ids: std::ops::Range<usize>| {
         let mut entries = vec![status_entry(
             &base,
@@ -917,27 +923,12 @@ async fn inbound_token_is_reused_renewed_once_and_gone_focus_is_refused() {
                 },
             ),
         );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-    tokio::spawn(async move { axum::serve(l, upstream).await.unwrap() });
+    let base = serve_upstream(upstream).await;
     let env = start(SubscriptionsConfig {
-        inbound: vec![InboundPartner {
-            partner: "ehr".into(),
-            token: "partner-token-0123456789".into(),
-            tenant: "t1".into(),
-            upstream_base_url: Some(format!("{base}/fhir")),
-            token_url: Some(format!("{base}/token")),
-            client_id: Some("tributary".into()),
-            client_secret: Some("s3cret".into()),
-            scope: None,
-        }],
+        inbound: vec![partner("ehr", &base, "/token")],
         ..config()
     });
-    let app = router(ApiState {
-        service: env.service.clone(),
-        journal: env.journal.clone(),
-        metrics: tributary_runtime::Metrics::default(),
-    });
+    let app = inbound_app(&env, &tributary_runtime::Metrics::default());
     let send = |number: u64, id: &str| {
         let app = app.clone();
         let focus = format!("{base}/fhir/Encounter/{id}");
