@@ -602,6 +602,32 @@ fn inbound_app(env: &Env, metrics: &tributary_runtime::Metrics) -> Router {
     })
 }
 
+/// Posts `req` to the inbound router: the status and the OperationOutcome's diagnostics (Null
+/// for a 200).
+async fn hook_answer(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    (status, v["issue"][0]["diagnostics"].clone())
+}
+
+/// The journaled inbound messages that were accepted (not kept as rejected), oldest first.
+fn accepted_messages(env: &Env) -> Vec<tributary_storage::JournalRecord> {
+    env.journal
+        .list(&ListFilter {
+            limit: Some(20),
+            ..Default::default()
+        })
+        .unwrap()
+        .into_iter()
+        .filter(|(_, _, r)| r.state.kind() != tributary_core::StateKind::Rejected)
+        .map(|(id, _, _)| env.journal.get(id).unwrap().unwrap())
+        .collect()
+}
+
 /// Subscriptions in: an upstream server's handshake is answered; an id-only notification is
 /// completed with the resource fetched (OAuth2 client credentials) and journaled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,22 +778,13 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         assert!(text.contains(&line), "{line} in {text}");
     }
 
-    let listed: Vec<_> = env
-        .journal
-        .list(&ListFilter {
-            limit: Some(10),
-            ..Default::default()
-        })
-        .unwrap()
-        .into_iter()
-        .filter(|(_, _, r)| r.state.kind() != tributary_core::StateKind::Rejected)
-        .collect();
+    let listed = accepted_messages(&env);
     assert_eq!(
         listed.len(),
         1,
         "handshake not journaled; retry de-duplicated"
     );
-    let rec = env.journal.get(listed[0].0).unwrap().unwrap();
+    let rec = &listed[0];
     assert_eq!(rec.envelope.protocol, tributary_core::Protocol::Fhir);
     assert_eq!(rec.envelope.partner.as_str(), "ehr");
     let journaled: Value = serde_json::from_slice(&rec.envelope.payload).unwrap();
@@ -831,18 +848,7 @@ async fn inbound_reads_from_the_partner_are_bounded() {
         }
         json!({"resourceType": "Bundle", "type": "history", "entry": entries})
     };
-    let send = |req: Request<Body>| {
-        let app = app.clone();
-        async move {
-            let res = app.oneshot(req).await.unwrap();
-            let status = res.status();
-            let body = axum::body::to_bytes(res.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            let oo: Value = serde_json::from_slice(&body).unwrap();
-            (status, oo["issue"][0]["diagnostics"].clone())
-        }
-    };
+    let send = |req: Request<Body>| hook_answer(&app, req);
 
     let (status, why) = send(hook_request(
         notification(0..101),
@@ -938,18 +944,7 @@ async fn inbound_token_is_reused_renewed_once_and_gone_focus_is_refused() {
                 {"name": "focus", "valueReference": {"reference": focus}}]}])),
             {"fullUrl": focus, "request": {"method": "PUT", "url": format!("Encounter/{id}")}}
         ]});
-        async move {
-            let res = app
-                .oneshot(hook_request(note, "partner-token-0123456789"))
-                .await
-                .unwrap();
-            let status = res.status();
-            let body = axum::body::to_bytes(res.into_body(), 1 << 20)
-                .await
-                .unwrap();
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            (status, v["issue"][0]["diagnostics"].clone())
-        }
+        async move { hook_answer(&app, hook_request(note, "partner-token-0123456789")).await }
     };
 
     assert_eq!(send(1, "enc-1").await.0, StatusCode::OK);
@@ -989,19 +984,9 @@ async fn inbound_token_is_reused_renewed_once_and_gone_focus_is_refused() {
         2,
         "both refused notifications are kept"
     );
-    let journaled: Vec<Value> = env
-        .journal
-        .list(&ListFilter {
-            limit: Some(20),
-            ..Default::default()
-        })
-        .unwrap()
-        .into_iter()
-        .filter(|(_, _, r)| r.state.kind() != tributary_core::StateKind::Rejected)
-        .map(|(id, _, _)| {
-            let rec = env.journal.get(id).unwrap().unwrap();
-            serde_json::from_slice(&rec.envelope.payload).unwrap()
-        })
+    let journaled: Vec<Value> = accepted_messages(&env)
+        .iter()
+        .map(|rec| serde_json::from_slice(&rec.envelope.payload).unwrap())
         .collect();
     let ids: Vec<&str> = journaled
         .iter()
