@@ -100,18 +100,9 @@ pub fn files_with_extension(dir: &std::path::Path, ext: &str) -> Vec<PathBuf> {
     out
 }
 
-/// A free loopback address (bind to port 0, read, release).
-pub fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A free loopback TCP port.
-pub fn free_port() -> u16 {
-    free_addr().port()
-}
+pub use tributary_runtime::test_ports::{
+    free_loopback_addr as free_addr, free_loopback_port as free_port,
+};
 
 /// A running `tributary serve` child process, killed on drop.
 pub struct Server {

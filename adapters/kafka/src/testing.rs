@@ -2,7 +2,7 @@
 //! port, which a test can stop, freeze and restart to simulate outages. Used by this crate's
 //! tests and by the end-to-end tests; not used by the product.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,13 +43,7 @@ pub fn tansu_or_skip(test: &str) -> bool {
     false
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+pub use tributary_runtime::test_ports::free_loopback_port as free_port;
 
 /// One Tansu broker with in-memory storage. Its data does not survive [`Tansu::stop`].
 pub struct Tansu {

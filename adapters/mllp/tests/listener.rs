@@ -588,10 +588,8 @@ async fn header_variants_are_acknowledged() {
 
 #[tokio::test]
 async fn sender_retries_until_the_receiver_is_up() {
-    // find a free port, start the listener on it a little later
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    // a free port; the listener starts on it a little later
+    let addr = tributary_runtime::test_ports::free_loopback_addr();
     let mut cfg = sender_cfg(addr);
     cfg.max_attempts = 30;
     cfg.backoff_initial = Duration::from_millis(100);

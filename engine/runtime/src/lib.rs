@@ -15,6 +15,7 @@ pub mod http;
 pub mod http_server;
 pub mod log_throttle;
 pub mod metrics;
+pub mod test_ports;
 pub mod tls;
 pub use log_throttle::LogThrottle;
 pub use metrics::{Metrics, Sample};
