@@ -122,10 +122,6 @@ pub(crate) async fn route(st: &AppState, req: Request) -> Step {
     )
 }
 
-fn forbidden() -> ApiError {
-    ApiError::Forbidden("outside the token's scopes or patient context".into())
-}
-
 async fn forward(
     st: &AppState,
     backend: &Backend,
@@ -165,7 +161,7 @@ async fn forward(
         crate::rest::check_resource(&v, &rtype)?;
         let id = fhir.id.clone().unwrap_or_default();
         if !access.permits(perm, &rtype, &id, &v) {
-            return Err(forbidden());
+            return Err(ApiError::out_of_scope());
         }
     }
     if perm == Perm::Delete {
@@ -184,7 +180,7 @@ async fn forward(
         if current.0.is_success() {
             let v: Value = serde_json::from_slice(&current.1).unwrap_or(Value::Null);
             if !access.permits(Perm::Delete, &rtype, fhir.id.as_deref().unwrap_or(""), &v) {
-                return Err(forbidden());
+                return Err(ApiError::out_of_scope());
             }
         }
     }
@@ -290,7 +286,7 @@ async fn forward(
         Perm::Read
     };
     if t != rtype || !access.permits(read_perm, &t, &id, &v) {
-        return Err(forbidden());
+        return Err(ApiError::out_of_scope());
     }
     let mut res = crate::rest::json_response(
         StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK),

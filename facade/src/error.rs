@@ -55,6 +55,12 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The 403 for a resource outside the caller's scopes or patient compartment. One message for
+    /// every such denial: it names neither the resource nor the patient.
+    pub fn out_of_scope() -> ApiError {
+        ApiError::Forbidden("outside the token's scopes or patient context".into())
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -292,6 +292,21 @@ pub struct Access {
 }
 
 impl Access {
+    /// [`Access::permits`], answering a denial with [`ApiError::out_of_scope`].
+    pub fn require(
+        &self,
+        perm: Perm,
+        rtype: &str,
+        id: &str,
+        resource: &Value,
+    ) -> Result<(), ApiError> {
+        if self.permits(perm, rtype, id, resource) {
+            Ok(())
+        } else {
+            Err(ApiError::out_of_scope())
+        }
+    }
+
     /// May the caller see (or, with a write `perm`, write) this resource? Applies scopes (with v2
     /// narrowing) and the patient compartment. Break-glass lifts both for reads.
     pub fn permits(&self, perm: Perm, rtype: &str, id: &str, resource: &Value) -> bool {

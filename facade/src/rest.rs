@@ -129,11 +129,7 @@ pub(crate) fn read_visible(
     }
     let v = stored.resource()?;
     note_patient(slot, rtype, id, &v);
-    if !access.permits(Perm::Read, rtype, id, &v) {
-        return Err(ApiError::Forbidden(
-            "outside the token's scopes or patient context".into(),
-        ));
-    }
+    access.require(Perm::Read, rtype, id, &v)?;
     Ok((stored, v))
 }
 
@@ -173,11 +169,7 @@ pub async fn vread(
     }
     let v = stored.resource()?;
     note_patient(&slot, &rtype, &id, &v);
-    if !access.permits(Perm::Read, &rtype, &id, &v) {
-        return Err(ApiError::Forbidden(
-            "outside the token's scopes or patient context".into(),
-        ));
-    }
+    access.require(Perm::Read, &rtype, &id, &v)?;
     Ok(resource_response(StatusCode::OK, &stored))
 }
 
@@ -265,6 +257,31 @@ pub(crate) fn conditional_matches(
     Ok(res.matches)
 }
 
+/// The one resource a conditional update or delete (`verb` on the type URL) targets: `None` when
+/// nothing matches, 412 when several do, 400 without search parameters.
+fn single_match(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    req: &FhirRequest,
+    verb: &str,
+    operation: &str,
+) -> ApiResult<Option<StoredResource>> {
+    if req.params.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{verb} on a type needs search parameters ({operation})"
+        )));
+    }
+    let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut found = conditional_matches(st, access, rtype, &query.join("&"))?;
+    if found.len() > 1 {
+        return Err(ApiError::PreconditionFailed(
+            "the condition matched more than one resource".into(),
+        ));
+    }
+    Ok(found.pop())
+}
+
 pub async fn create(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -285,11 +302,7 @@ pub async fn create(
                 let ev = existing.resource()?;
                 note_patient(&slot, &rtype, &existing.id, &ev);
                 slot.update(|d| d.resource_id = Some(existing.id.clone()));
-                if !access.permits(Perm::Read, &rtype, &existing.id, &ev) {
-                    return Err(ApiError::Forbidden(
-                        "outside the token's scopes or patient context".into(),
-                    ));
-                }
+                access.require(Perm::Read, &rtype, &existing.id, &ev)?;
                 return Ok(resource_response(StatusCode::OK, existing));
             }
             _ => {
@@ -306,11 +319,7 @@ pub async fn create(
     }
     note_patient(&slot, &rtype, &id, &v);
     slot.update(|d| d.resource_id = Some(id.clone()));
-    if !access.permits(Perm::Create, &rtype, &id, &v) {
-        return Err(ApiError::Forbidden(
-            "outside the token's scopes or patient context".into(),
-        ));
-    }
+    access.require(Perm::Create, &rtype, &id, &v)?;
     let mut w = ResourceWrite::upsert(&rtype, &id, v);
     w.precondition = Precondition::MustNotExist;
     let out = commit_one(&st, &access, w).await?;
@@ -350,18 +359,10 @@ pub(crate) fn check_update(
         if let Some(slot) = slot {
             note_patient(slot, rtype, id, &cv);
         }
-        if !access.permits(Perm::Update, rtype, id, &cv) {
-            return Err(ApiError::Forbidden(
-                "outside the token's scopes or patient context".into(),
-            ));
-        }
+        access.require(Perm::Update, rtype, id, &cv)?;
     }
     let perm = if exists { Perm::Update } else { Perm::Create };
-    if !access.permits(perm, rtype, id, v) {
-        return Err(ApiError::Forbidden(
-            "outside the token's scopes or patient context".into(),
-        ));
-    }
+    access.require(perm, rtype, id, v)?;
     Ok(exists)
 }
 
@@ -404,25 +405,14 @@ pub async fn conditional_update(
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
     let v = parse_body(&body, &rtype)?;
-    if req.params.is_empty() {
-        return Err(ApiError::BadRequest(
-            "PUT on a type needs search parameters (conditional update)".into(),
-        ));
-    }
-    let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let found = conditional_matches(&st, &access, &rtype, &query.join("&"))?;
-    let id = match found.len() {
-        0 => v
+    let found = single_match(&st, &access, &rtype, &req, "PUT", "conditional update")?;
+    let id = match found {
+        None => v
             .get("id")
             .and_then(Value::as_str)
             .map(String::from)
             .unwrap_or_else(new_id),
-        1 => found[0].id.clone(),
-        _ => {
-            return Err(ApiError::PreconditionFailed(
-                "the condition matched more than one resource".into(),
-            ))
-        }
+        Some(one) => one.id,
     };
     if v.get("id").and_then(Value::as_str).is_some_and(|b| b != id) {
         return Err(ApiError::BadRequest(
@@ -475,11 +465,7 @@ pub async fn delete(
     {
         let cv = c.resource()?;
         note_patient(&slot, &rtype, &id, &cv);
-        if !access.permits(Perm::Delete, &rtype, &id, &cv) {
-            return Err(ApiError::Forbidden(
-                "outside the token's scopes or patient context".into(),
-            ));
-        }
+        access.require(Perm::Delete, &rtype, &id, &cv)?;
     }
     let w = ResourceWrite {
         resource_type: rtype,
@@ -504,31 +490,12 @@ pub async fn conditional_delete(
     Extension(req): Extension<FhirRequest>,
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
-    if req.params.is_empty() {
-        return Err(ApiError::BadRequest(
-            "DELETE on a type needs search parameters (conditional delete)".into(),
-        ));
-    }
-    let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let found = conditional_matches(&st, &access, &rtype, &query.join("&"))?;
-    let target = match found.as_slice() {
-        [] => None,
-        [one] => Some(one),
-        _ => {
-            return Err(ApiError::PreconditionFailed(
-                "the condition matched more than one resource".into(),
-            ))
-        }
-    };
-    if let Some(c) = target {
+    let target = single_match(&st, &access, &rtype, &req, "DELETE", "conditional delete")?;
+    if let Some(c) = &target {
         let cv = c.resource()?;
         slot.update(|d| d.resource_id = Some(c.id.clone()));
         note_patient(&slot, &rtype, &c.id, &cv);
-        if !access.permits(Perm::Delete, &rtype, &c.id, &cv) {
-            return Err(ApiError::Forbidden(
-                "outside the token's scopes or patient context".into(),
-            ));
-        }
+        access.require(Perm::Delete, &rtype, &c.id, &cv)?;
         // Deletes exactly the version that matched: a concurrent change makes this a 412.
         let w = ResourceWrite {
             resource_type: rtype.clone(),
@@ -589,11 +556,7 @@ pub async fn patch(
     }
     let current = stored.resource()?;
     note_patient(&slot, &rtype, &id, &current);
-    if !access.permits(Perm::Update, &rtype, &id, &current) {
-        return Err(ApiError::Forbidden(
-            "outside the token's scopes or patient context".into(),
-        ));
-    }
+    access.require(Perm::Update, &rtype, &id, &current)?;
     let expected = match if_match(&headers)? {
         Some(v) if v != stored.version => {
             return Err(ApiError::PreconditionFailed(format!(
@@ -678,11 +641,7 @@ pub async fn instance_op(
                 }
                 let v = r.resource()?;
                 note_patient(&slot, &rtype, &id, &v);
-                if !access.permits(Perm::Read, &rtype, &id, &v) {
-                    return Err(ApiError::Forbidden(
-                        "outside the token's scopes or patient context".into(),
-                    ));
-                }
+                access.require(Perm::Read, &rtype, &id, &v)?;
                 entries.push(history_entry(&base, r)?);
             }
             slot.update(|d| d.returned = Some(entries.len()));

@@ -110,11 +110,7 @@ fn plan_entry(
                     0 => {}
                     1 => {
                         let f = &found[0];
-                        if !access.permits(Perm::Read, &rtype, &f.id, &f.resource()?) {
-                            return Err(ApiError::Forbidden(
-                                "outside the token's scopes or patient context".into(),
-                            ));
-                        }
+                        access.require(Perm::Read, &rtype, &f.id, &f.resource()?)?;
                         if let Some(fu) = full_url {
                             map.insert(fu.to_string(), format!("{rtype}/{}", f.id));
                         }
@@ -193,11 +189,7 @@ fn plan_entry(
                 .read(&access.principal.tenant, &rtype, &id)?
                 .filter(|c| !c.deleted)
             {
-                if !access.permits(Perm::Delete, &rtype, &id, &c.resource()?) {
-                    return Err(ApiError::Forbidden(
-                        "outside the token's scopes or patient context".into(),
-                    ));
-                }
+                access.require(Perm::Delete, &rtype, &id, &c.resource()?)?;
             } else if !access.may(Perm::Delete, &rtype) {
                 return Err(ApiError::Forbidden(
                     "token scopes do not allow delete".into(),
@@ -230,11 +222,7 @@ fn check_write(
             crate::subscription::stamp(access, v);
         }
         if w.precondition == Precondition::MustNotExist {
-            if !access.permits(Perm::Create, &w.resource_type, &w.id, v) {
-                return Err(ApiError::Forbidden(
-                    "outside the token's scopes or patient context".into(),
-                ));
-            }
+            access.require(Perm::Create, &w.resource_type, &w.id, v)?;
         } else {
             check_update(st, access, &w.resource_type, &w.id, v, None)?;
         }
