@@ -11,10 +11,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use std::collections::VecDeque;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
-use tributary_storage::{Outbox, OutboxEvent};
+use tributary_storage::{AckRecorder, Outbox, OutboxEvent};
 
 /// One AMQP message built from one outbox event.
 #[derive(Clone, Debug, PartialEq)]
@@ -127,15 +126,8 @@ impl AmqpSink {
 
     /// Runs until shutdown; broker problems are reported in `/ready` and retried.
     pub async fn run(self) -> Result<(), tributary_storage::StorageError> {
-        let name = self.sink.cursor_name.clone();
-        let start = self.outbox.cursor(&name)?;
-        let (ack_tx, ack_rx) = watch::channel(start);
-        let ack_task = tokio::spawn(Outbox::record_acks(
-            self.outbox.clone(),
-            name.clone(),
-            ack_rx,
-        ));
-        let mut acked = start;
+        let acks = self.outbox.ack_recorder(&self.sink.cursor_name)?;
+        let mut acked = acks.start();
         let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
         self.readiness
             .set(&self.component, ComponentStatus::Starting);
@@ -144,7 +136,7 @@ impl AmqpSink {
                 Ok((conn, ch)) => {
                     self.readiness.set(&self.component, ComponentStatus::Ready);
                     tracing::info!(component = %self.component, broker = %redact(&self.cfg.url), exchange = %self.sink.exchange, cursor = acked, "amqp sink connected");
-                    let r = self.pump(&ch, &mut acked, &ack_tx, &mut backoff).await;
+                    let r = self.pump(&ch, &mut acked, &acks, &mut backoff).await;
                     let _ = conn.close(200, "bye".into()).await;
                     r
                 }
@@ -163,9 +155,7 @@ impl AmqpSink {
                 }
             }
         }
-        let _ = ack_tx.send(acked);
-        drop(ack_tx);
-        let _ = ack_task.await;
+        acks.finish(acked).await;
         Ok(())
     }
 
@@ -174,7 +164,7 @@ impl AmqpSink {
         &self,
         ch: &Channel,
         acked: &mut u64,
-        ack_tx: &watch::Sender<u64>,
+        acks: &AckRecorder,
         backoff: &mut Duration,
     ) -> Result<(), String> {
         let mut sent_upto = *acked;
@@ -216,16 +206,16 @@ impl AmqpSink {
                 Ok(Confirmation::Ack(_)) => {
                     *acked = seq;
                     if pending.is_empty() || seq.is_multiple_of(64) {
-                        let _ = ack_tx.send(seq);
+                        acks.record(seq);
                     }
                     *backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                 }
                 Ok(other) => {
-                    let _ = ack_tx.send(*acked);
+                    acks.record(*acked);
                     return Err(format!("event {event_id}: broker answered {other:?}"));
                 }
                 Err(e) => {
-                    let _ = ack_tx.send(*acked);
+                    acks.record(*acked);
                     return Err(format!("event {event_id}: {e}"));
                 }
             }

@@ -30,7 +30,6 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tributary_runtime::{ComponentStatus, Readiness};
 use tributary_storage::Outbox;
@@ -249,13 +248,8 @@ impl KafkaRelay {
         let admin = self.admin()?;
         let mut known_topics = HashSet::new();
 
-        let start = self.outbox.cursor(&name)?;
-        let (ack_tx, ack_rx) = watch::channel(start);
-        let ack_task = tokio::spawn(Outbox::record_acks(
-            self.outbox.clone(),
-            name.clone(),
-            ack_rx,
-        ));
+        let acks = self.outbox.ack_recorder(&name)?;
+        let start = acks.start();
 
         match self.probe(&producer, Duration::from_secs(5)).await {
             Ok(()) => self.set_status(ComponentStatus::Ready),
@@ -353,7 +347,7 @@ impl KafkaRelay {
                 last_progress = tokio::time::Instant::now();
             }
             if acked > before {
-                let _ = ack_tx.send(acked);
+                acks.record(acked);
                 backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                 if self.failing.swap(false, Relaxed) {
                     self.set_status(ComponentStatus::Ready);
@@ -405,9 +399,7 @@ impl KafkaRelay {
                 Err(_) => break,
             }
         }
-        let _ = ack_tx.send(acked);
-        drop(ack_tx);
-        let _ = ack_task.await;
+        acks.finish(acked).await;
         tracing::info!(component = %self.component, cursor = acked, "kafka relay stopped");
         Ok(())
     }

@@ -205,6 +205,26 @@ impl Db {
         &self.inner.path
     }
 
+    /// A consumer's position stored under `key` in the cursor table (0 when none is stored).
+    pub(crate) fn cursor(&self, key: &[u8]) -> Result<u64> {
+        Ok(self
+            .tables()
+            .get(Table::Cursor)
+            .get(key)?
+            .and_then(|v| crate::keys::read_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Stores a consumer's position under `key`, durably, through the committer.
+    pub(crate) async fn set_cursor(&self, key: Vec<u8>, seq: u64) -> Result<()> {
+        self.committer()
+            .run(move |txn| {
+                txn.put(Table::Cursor, key, crate::keys::u64_be(seq).to_vec());
+                Ok(())
+            })
+            .await
+    }
+
     pub fn committer(&self) -> &Committer {
         self.inner
             .committer

@@ -379,25 +379,12 @@ impl Journal for FjallJournal {
     }
 
     fn cursor(&self, consumer: &str) -> Result<u64> {
-        let key = [b"journal:", consumer.as_bytes()].concat();
-        Ok(self
-            .db
-            .tables()
-            .get(Table::Cursor)
-            .get(key)?
-            .and_then(|v| keys::read_u64(&v))
-            .unwrap_or(0))
+        self.db.cursor(&[b"journal:", consumer.as_bytes()].concat())
     }
 
     async fn set_cursor(&self, consumer: &str, seq: u64) -> Result<()> {
         let key = [b"journal:", consumer.as_bytes()].concat();
-        self.db
-            .committer()
-            .run(move |txn| {
-                txn.put(Table::Cursor, key, keys::u64_be(seq).to_vec());
-                Ok(())
-            })
-            .await
+        self.db.set_cursor(key, seq).await
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<(MessageId, i64, StateRecord)>> {

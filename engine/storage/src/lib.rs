@@ -33,7 +33,7 @@ pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
     PruneStats, RetentionPolicy, StateRecord,
 };
-pub use outbox::{Numbering, Outbox, OutboxEvent, RawOutboxEvent};
+pub use outbox::{AckRecorder, Numbering, Outbox, OutboxEvent, RawOutboxEvent};
 pub use store::{
     CommitOutcome, FjallStore, IndexFields, JsonView, MessageUpdate, Precondition, ResourceBody,
     ResourceWrite, Store, StoreTransaction, StoredResource, WriteOp, WriteOutcome,

@@ -95,6 +95,35 @@ fn read_numbering(v: &[u8]) -> Option<Numbering> {
     })
 }
 
+/// A sink's contiguous acknowledgement watermark, recorded durably without holding up delivery:
+/// [`AckRecorder::record`] only hands the value over, and a background task writes the newest one
+/// whenever the previous write has finished. A crash loses at most the unwritten tail, which the
+/// sink then re-sends (at-least-once, same event ids).
+pub struct AckRecorder {
+    start: u64,
+    tx: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckRecorder {
+    /// The cursor the sink resumes from: every event at or before it was delivered.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Everything up to and including `seq` is delivered.
+    pub fn record(&self, seq: u64) {
+        let _ = self.tx.send(seq);
+    }
+
+    /// Records `seq` and waits until the last value is written.
+    pub async fn finish(self, seq: u64) {
+        self.record(seq);
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
 impl Outbox {
     pub fn new(db: Db) -> Self {
         let head_seq = db.last_seq(Table::Outbox);
@@ -134,30 +163,26 @@ impl Outbox {
     }
 
     pub fn cursor(&self, sink: &str) -> Result<u64> {
-        Ok(self
-            .db
-            .tables()
-            .get(Table::Cursor)
-            .get(cursor_key(sink))?
-            .and_then(|v| keys::read_u64(&v))
-            .unwrap_or(0))
+        self.db.cursor(&cursor_key(sink))
     }
 
     /// Durably records that `sink` has delivered everything up to and including `seq`.
     pub async fn ack(&self, sink: &str, seq: u64) -> Result<()> {
-        let key = cursor_key(sink);
-        self.db
-            .committer()
-            .run(move |txn| {
-                txn.put(Table::Cursor, key, keys::u64_be(seq).to_vec());
-                Ok(())
-            })
-            .await
+        self.db.set_cursor(cursor_key(sink), seq).await
     }
 
-    /// Records a sink's contiguous acknowledgement watermark durably, coalescing updates: while
-    /// one write is in flight, newer values replace older ones. Runs until `rx`'s sender is gone.
-    pub async fn record_acks(self, sink: String, mut rx: watch::Receiver<u64>) {
+    /// Starts recording `sink`'s acknowledgement watermark in the background (see
+    /// [`AckRecorder`]); the recorder starts at the cursor stored now.
+    pub fn ack_recorder(&self, sink: &str) -> Result<AckRecorder> {
+        let start = self.cursor(sink)?;
+        let (tx, rx) = watch::channel(start);
+        let task = tokio::spawn(self.clone().record_acks(sink.to_string(), rx));
+        Ok(AckRecorder { start, tx, task })
+    }
+
+    /// Writes each new watermark from `rx`, coalescing: while one write is in flight, newer values
+    /// replace older ones. Runs until `rx`'s sender is gone.
+    async fn record_acks(self, sink: String, mut rx: watch::Receiver<u64>) {
         let mut written = *rx.borrow_and_update();
         loop {
             let closed = rx.changed().await.is_err();
