@@ -26,26 +26,7 @@ async fn no_token_bad_signature_expired_or_wrong_audience_get_401_outcome() {
     assert!(r.headers.contains_key("www-authenticate"));
 
     // Signed by a key the server does not trust.
-    let other = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(tributary_e2e::workspace_bin("tributary"))
-        .args([
-            "token",
-            "issue",
-            "--client",
-            "app",
-            "--scope",
-            "user/*.rs",
-            "--data-dir",
-        ])
-        .arg(other.path())
-        .output()
-        .unwrap();
-    let forged = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
+    let forged = untrusted_token("app");
     assert_outcome(
         &f.call("GET", "/fhir/Patient/pa", Some(&forged), None).await,
         401,
@@ -634,26 +615,7 @@ async fn outbound_network_blocked_keeps_serving_enforcing_and_auditing() {
     );
     assert_outcome(&f.call("GET", "/fhir/Patient/pa", None, None).await, 401);
     // A token from an unknown key still fails (the refresh attempt fails fast, offline).
-    let stranger_dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(tributary_e2e::workspace_bin("tributary"))
-        .args([
-            "token",
-            "issue",
-            "--client",
-            "x",
-            "--scope",
-            "user/*.rs",
-            "--data-dir",
-        ])
-        .arg(stranger_dir.path())
-        .output()
-        .unwrap();
-    let stranger = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
+    let stranger = untrusted_token("x");
     assert_outcome(
         &f.call("GET", "/fhir/Patient/pa", Some(&stranger), None)
             .await,
@@ -730,4 +692,18 @@ async fn rate_limit_429_carries_headers_and_bulk_cannot_starve_other_clients() {
         reader_statuses.iter().all(|s| *s == 200),
         "point-of-care reads starved: {reader_statuses:?}"
     );
+}
+
+/// A well-formed token for `client` (scope `user/*.rs`) signed by a key the server under test
+/// does not trust: issued from a data directory of its own.
+fn untrusted_token(client: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    tributary_e2e::issued_token(
+        std::process::Command::new(tributary_e2e::workspace_bin("tributary"))
+            .args(["token", "issue", "--client", client, "--scope", "user/*.rs"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap(),
+    )
 }
