@@ -225,7 +225,7 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
     let body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
-        "date": "2026-11-23",
+        "date": st.facade.configured_at,
         "kind": "instance",
         "software": {"name": "Tributary", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Tributary FHIR facade", "url": base},

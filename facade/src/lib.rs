@@ -66,6 +66,9 @@ pub struct Facade {
     /// Whether the listener serves HTTPS (`[http.tls]`): the links the facade writes (paging,
     /// `fullUrl`, SMART endpoints) then say `https` when `base_url` is not configured.
     pub https: bool,
+    /// When this configuration took effect (RFC 3339): the CapabilityStatement's `date`, since
+    /// what it declares (routes to backends, conditional delete) depends on the configuration.
+    pub configured_at: String,
 }
 
 impl Facade {
@@ -95,6 +98,7 @@ impl Facade {
             policy_version: hex::encode(&digest[..6]),
             request_timeout: std::time::Duration::from_secs(30),
             https: false,
+            configured_at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
             auth,
             local_key,
             cfg,

@@ -262,6 +262,13 @@ async fn unauthenticated_requests_get_401_outcome_and_are_audited() {
     let (s, _, cs) = e.call("GET", "/fhir/metadata", None, None).await;
     assert_eq!(s, 200);
     assert_eq!(cs["resourceType"], "CapabilityStatement");
+    // Dated when this configuration took effect (a dateTime), not a date fixed in the code.
+    let date = cs["date"].as_str().unwrap();
+    let at = tributary_core::parse_rfc3339_millis(date).expect("date is an RFC 3339 dateTime");
+    assert!(
+        (tributary_core::now_millis() - at).abs() < 600_000,
+        "{date}"
+    );
 }
 
 #[tokio::test]
