@@ -118,7 +118,7 @@ fn a_discharge_before_the_admit_is_left_out_and_reported_by_path() {
         "PV1-45 (Encounter.period.end: end before start)"
     );
     assert!(
-        pv1.rule.ends_with("segments/PV1-Encounter.yaml:75"),
+        pv1.rule.ends_with("segments/PV1-Encounter.yaml:77"),
         "{}",
         pv1.rule
     );
