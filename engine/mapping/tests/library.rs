@@ -416,3 +416,48 @@ fn a_join_transform_applies_once_to_the_joined_text() {
     // base64("ab\nc"), not base64("ab") + "\n" + base64("c")
     assert_eq!(doc["content"][0]["attachment"]["data"], "YWIKYw==");
 }
+
+/// Order and result numbers are unique only within the system that assigns them: the same
+/// filler number for two patients must give two sets of resources, never one that the second
+/// patient's message overwrites. For one patient, a corrected result keeps its ids.
+#[test]
+fn order_and_result_ids_are_scoped_to_the_patient() {
+    let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ORU_R01.hl7")).unwrap();
+    let set = library();
+    let ids = |message: &str| -> BTreeSet<(String, String)> {
+        let out = set
+            .map_bytes(
+                message.as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions {
+                    tenant: "t1",
+                    lineage: false,
+                },
+            )
+            .unwrap();
+        out.resources()
+            .filter(|(t, _, _)| {
+                matches!(
+                    *t,
+                    "Observation" | "DiagnosticReport" | "ServiceRequest" | "Specimen"
+                )
+            })
+            .map(|(t, id, _)| (t.to_string(), id.to_string()))
+            .collect()
+    };
+    let first = ids(&text);
+    assert!(first.len() >= 8, "{first:?}");
+    let other_patient = ids(&text.replace("MRN70001^", "MRN70002^"));
+    assert!(
+        first.is_disjoint(&other_patient),
+        "a second patient with the same order numbers shares ids: {:?}",
+        first.intersection(&other_patient).collect::<Vec<_>>()
+    );
+    let corrected = ids(&text
+        .replace("||105|mg/dL", "||106|mg/dL")
+        .replace("SYN-ORU-0001", "SYN-ORU-0002"));
+    assert_eq!(
+        first, corrected,
+        "a corrected result for the same patient keeps its ids"
+    );
+}
