@@ -182,6 +182,8 @@ pub(crate) struct Rule {
 #[derive(Clone, Debug)]
 pub(crate) enum IdPart {
     Path(SourcePath),
+    /// A list in `id:`: the first of these paths that holds a value (as a list in `from:`).
+    FirstOf(Vec<SourcePath>),
     Const(String),
 }
 
@@ -790,6 +792,21 @@ impl Compiler {
                     None => vec![idn],
                 };
                 for it in items {
+                    if let Some(alternatives) = it.as_seq() {
+                        let mut paths = Vec::new();
+                        for alt in alternatives {
+                            let t = alt.as_str().unwrap_or("");
+                            match path::parse(t) {
+                                Ok(p) => {
+                                    self.check_source(&file, alt.pos, &p, None);
+                                    paths.push(p);
+                                }
+                                Err(e) => self.err(&file, alt.pos, format!("id part: {e}")),
+                            }
+                        }
+                        parts.push(IdPart::FirstOf(paths));
+                        continue;
+                    }
                     let t = it.as_str().unwrap_or("");
                     if path::looks_like_path(t) {
                         match path::parse(t) {

@@ -564,16 +564,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         for (k, p) in id.iter().enumerate() {
             match p {
                 IdPart::Const(c) => parts.push(Cow::Borrowed(c.as_str())),
-                IdPart::Path(sp) => {
-                    let v = match self
-                        .resolve(ctx, sp, false)
-                        .first()
-                        .and_then(|c| self.leaf_text(*c))
-                    {
-                        Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
-                        Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
-                        None => Cow::Borrowed(""),
+                IdPart::Path(_) | IdPart::FirstOf(_) => {
+                    let paths = match p {
+                        IdPart::Path(sp) => std::slice::from_ref(sp),
+                        IdPart::FirstOf(alternatives) => alternatives.as_slice(),
+                        IdPart::Const(_) => unreachable!(),
                     };
+                    let mut v = Cow::Borrowed("");
+                    for sp in paths {
+                        v = self.id_text(ctx, sp);
+                        if !v.is_empty() {
+                            break;
+                        }
+                    }
                     any |= !v.is_empty();
                     key_empty |= k == 0 && v.is_empty();
                     parts.push(v);
@@ -600,6 +603,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             ]);
         }
         (resource, tributary_core::deterministic_id(&all))
+    }
+
+    /// The trimmed text of the first value at `sp` ("" when there is none): one id part.
+    fn id_text(&mut self, ctx: Ctx, sp: &SourcePath) -> Cow<'s, str> {
+        match self
+            .resolve(ctx, sp, false)
+            .first()
+            .and_then(|c| self.leaf_text(*c))
+        {
+            Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
+            Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
+            None => Cow::Borrowed(""),
+        }
     }
 
     // ---- source access ---------------------------------------------------------------------

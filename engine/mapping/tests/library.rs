@@ -461,3 +461,66 @@ fn order_and_result_ids_are_scoped_to_the_patient() {
         "a corrected result for the same patient keeps its ids"
     );
 }
+
+/// A list inside `id:` takes the first path that holds a value: the library's Practitioner id
+/// falls back from the assigning authority (XCN-9) to the sending facility (MSH-4), so an
+/// un-namespaced person id from two facilities gives two Practitioners, and one with an
+/// authority stays one.
+#[test]
+fn an_id_part_list_takes_the_first_value_and_scopes_bare_person_ids_to_the_sender() {
+    let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
+    let set = library();
+    let practitioners = |message: &str| -> Vec<(String, String)> {
+        let out = set
+            .map_bytes(
+                message.as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions {
+                    tenant: "t1",
+                    lineage: false,
+                },
+            )
+            .unwrap();
+        let mut found: Vec<(String, String)> = out
+            .resources()
+            .filter(|(t, _, _)| *t == "Practitioner")
+            .map(|(_, id, r)| {
+                (
+                    r["name"][0]["family"].as_str().unwrap_or("").to_string(),
+                    id.to_string(),
+                )
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    let id_of = |all: &[(String, String)], family: &str| {
+        all.iter()
+            .find(|(f, _)| f == family)
+            .map(|(_, id)| id.clone())
+            .unwrap()
+    };
+    let here = practitioners(&text);
+    let elsewhere = practitioners(&text.replace("|SYNTH_ADT|RIVERSIDE^", "|SYNTH_ADT|LAKESIDE^"));
+    // R700 (Referring) has no XCN-9: the sending facility scopes it.
+    assert_ne!(id_of(&here, "Referring"), id_of(&elsewhere, "Referring"));
+    // A700 (Attending) has XCN-9 = RIVERSIDE&2.16.840.1.113883.3.9999.1: one person everywhere.
+    assert_eq!(id_of(&here, "Attending"), id_of(&elsewhere, "Attending"));
+    assert_eq!(here, practitioners(&text), "deterministic");
+
+    let bad = "resource: Practitioner\nid: [\".1\", [\".9.1\", constant]]\nrules:\n  - set: active\n    value: true\n";
+    let header = "resource: MessageHeader\nsegment: MSH\nrules:\n  - set: eventCoding\n    rules:\n      - set: code\n        from: MSH-9.2\n  - set: source.endpoint\n    value: mllp://x\n  - set: author\n    from: MSH-22\n    create: XCN-Practitioner\n";
+    let errors = load_error_lines(&[
+        ("datatypes/XCN-Practitioner.yaml", bad),
+        ("segments/MSH-MessageHeader.yaml", header),
+        (
+            "messages/ADT.yaml",
+            "message: [ADT^A01]\nresources:\n  - segment: MSH\n    map: MSH-MessageHeader\n",
+        ),
+    ]);
+    assert!(
+        errors.iter().any(|e| e.contains("XCN-Practitioner.yaml:2:")
+            && e.contains("`constant` is not a source path")),
+        "{errors:?}"
+    );
+}
