@@ -79,6 +79,19 @@ fn load_error_lines(files: &[(&str, &str)]) -> Vec<String> {
         .collect()
 }
 
+/// Maps one HL7 v2 message with `set` for `tenant` (built-in terminology, no lineage).
+fn map_as(set: &MappingSet, message: &[u8], tenant: &str) -> tributary_mapping::MappedBundle {
+    set.map_bytes(
+        message,
+        tributary_terminology::builtin(),
+        &RunOptions {
+            tenant,
+            lineage: false,
+        },
+    )
+    .unwrap()
+}
+
 /// Loads `files` as a mapping set and runs it over one HL7 v2 message (built-in terminology,
 /// default options).
 fn run_texts(
@@ -312,37 +325,9 @@ fn lineage_names_source_path_and_rule_for_each_element() {
 fn ids_are_deterministic_per_tenant_and_source_identifier() {
     let bytes = std::fs::read(repo().join("mappings/hl7v2/messages/ADT_A08.hl7")).unwrap();
     let set = library();
-    let term = tributary_terminology::builtin();
-    let a = set
-        .map_bytes(
-            &bytes,
-            term,
-            &RunOptions {
-                tenant: "t1",
-                lineage: false,
-            },
-        )
-        .unwrap();
-    let b = set
-        .map_bytes(
-            &bytes,
-            term,
-            &RunOptions {
-                tenant: "t1",
-                lineage: false,
-            },
-        )
-        .unwrap();
-    let c = set
-        .map_bytes(
-            &bytes,
-            term,
-            &RunOptions {
-                tenant: "t2",
-                lineage: false,
-            },
-        )
-        .unwrap();
+    let a = map_as(&set, &bytes, "t1");
+    let b = map_as(&set, &bytes, "t1");
+    let c = map_as(&set, &bytes, "t2");
     assert_eq!(a.bundle(), b.bundle());
     let pid = |m: &tributary_mapping::MappedBundle| {
         m.resources()
@@ -425,16 +410,7 @@ fn order_and_result_ids_are_scoped_to_the_patient() {
     let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ORU_R01.hl7")).unwrap();
     let set = library();
     let ids = |message: &str| -> BTreeSet<(String, String)> {
-        let out = set
-            .map_bytes(
-                message.as_bytes(),
-                tributary_terminology::builtin(),
-                &RunOptions {
-                    tenant: "t1",
-                    lineage: false,
-                },
-            )
-            .unwrap();
+        let out = map_as(&set, message.as_bytes(), "t1");
         out.resources()
             .filter(|(t, _, _)| {
                 matches!(
@@ -471,16 +447,7 @@ fn an_id_part_list_takes_the_first_value_and_scopes_bare_person_ids_to_the_sende
     let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
     let set = library();
     let practitioners = |message: &str| -> Vec<(String, String)> {
-        let out = set
-            .map_bytes(
-                message.as_bytes(),
-                tributary_terminology::builtin(),
-                &RunOptions {
-                    tenant: "t1",
-                    lineage: false,
-                },
-            )
-            .unwrap();
+        let out = map_as(&set, message.as_bytes(), "t1");
         let mut found: Vec<(String, String)> = out
             .resources()
             .filter(|(t, _, _)| *t == "Practitioner")
