@@ -181,8 +181,8 @@ pub(crate) struct Rule {
 
 #[derive(Clone, Debug)]
 pub(crate) enum IdPart {
-    Path(SourcePath),
-    /// A list in `id:`: the first of these paths that holds a value (as a list in `from:`).
+    /// The first of these paths that holds a value: one path, or a list in `id:` (as a list in
+    /// `from:`).
     FirstOf(Vec<SourcePath>),
     Const(String),
 }
@@ -812,7 +812,7 @@ impl Compiler {
                         match path::parse(t) {
                             Ok(p) => {
                                 self.check_source(&file, it.pos, &p, None);
-                                parts.push(IdPart::Path(p))
+                                parts.push(IdPart::FirstOf(vec![p]))
                             }
                             Err(e) => self.err(&file, it.pos, format!("id part: {e}")),
                         }

@@ -564,12 +564,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         for (k, p) in id.iter().enumerate() {
             match p {
                 IdPart::Const(c) => parts.push(Cow::Borrowed(c.as_str())),
-                IdPart::Path(_) | IdPart::FirstOf(_) => {
-                    let paths = match p {
-                        IdPart::Path(sp) => std::slice::from_ref(sp),
-                        IdPart::FirstOf(alternatives) => alternatives.as_slice(),
-                        IdPart::Const(_) => unreachable!(),
-                    };
+                IdPart::FirstOf(paths) => {
                     let mut v = Cow::Borrowed("");
                     for sp in paths {
                         v = self.id_text(ctx, sp);
