@@ -540,7 +540,7 @@ fn rejected(
 )> {
     env.journal
         .list(&ListFilter {
-            state: Some(tributary_core::StateKind::Rejected),
+            states: vec![tributary_core::StateKind::Rejected],
             limit: Some(10),
             ..Default::default()
         })

@@ -353,7 +353,7 @@ impl Pipeline {
             ReloadOutcome::Reloaded { from, to } => {
                 tracing::info!(%from, %to, "mapping set reloaded");
                 let filter = tributary_storage::ListFilter {
-                    state: Some(StateKind::Failed),
+                    states: vec![StateKind::Failed],
                     ..Default::default()
                 };
                 if let Ok(list) = rt.journal.list(&filter) {

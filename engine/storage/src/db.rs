@@ -1,7 +1,7 @@
 use crate::audit_files::AuditWriter;
 use crate::committer::{Committer, Counters};
 use crate::keys;
-use crate::Result;
+use crate::{Result, StorageError};
 use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, Readable};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -170,7 +170,11 @@ impl Db {
         // Tables on disk stay compressed (flush and compaction run on fjall's workers).
         let db = Database::builder(&path)
             .journal_compression(CompressionType::None)
-            .open()?;
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => StorageError::InUse(path.clone()),
+                e => e.into(),
+            })?;
         let mut spaces = Vec::with_capacity(Table::ALL.len());
         for t in Table::ALL {
             spaces.push(db.keyspace(t.name(), KeyspaceCreateOptions::default)?);

@@ -1,3 +1,4 @@
+use std::path::PathBuf;
 use tributary_core::{MessageId, StateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,9 @@ pub enum StorageError {
     AlreadyExists { resource: String },
     #[error("the storage committer has stopped")]
     CommitterStopped,
+    /// Another process holds the database: one process writes a data directory at a time.
+    #[error("the data directory {} is in use by another process (a running `tributary serve`?)", .0.display())]
+    InUse(PathBuf),
 }
 
 impl StorageError {

@@ -25,6 +25,8 @@ pub struct StateRecord {
 }
 
 const HISTORY_CAP: usize = 16;
+/// Messages queued again per durable write by `replay`.
+const REPLAY_CHUNK: usize = 512;
 
 impl StateRecord {
     fn push(&mut self, state: MessageState, at: i64) {
@@ -60,14 +62,75 @@ pub struct JournalEntry {
     pub id: MessageId,
 }
 
+/// Which messages `list` returns. Every field narrows; the default is every message.
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
-    pub state: Option<StateKind>,
+    /// Any of these states; empty: any state.
+    pub states: Vec<StateKind>,
     /// Inclusive lower bound on `received_at` (epoch millis).
     pub since: Option<i64>,
     /// Exclusive upper bound on `received_at`.
     pub until: Option<i64>,
+    pub tenant: Option<String>,
+    pub partner: Option<String>,
+    /// HL7 v2 message type as ingress recorded it: `ADT` (any trigger) or `ADT^A08`.
+    pub message_type: Option<String>,
+    pub mapping_version: Option<VersionMatch>,
+    /// Most messages returned (after every other test).
     pub limit: Option<usize>,
+}
+
+/// A test on the mapping version that last processed a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionMatch {
+    /// Processed by a version whose hash starts with this (as `journal show` prints it).
+    StartsWith(String),
+    /// Processed, by any other version than this one: what a new mapping set would map
+    /// differently.
+    Not(String),
+}
+
+impl ListFilter {
+    /// The state, version, tenant, partner and type tests (not the time bounds or the limit).
+    pub fn admits(&self, record: &JournalRecord) -> bool {
+        self.admits_state(&record.state) && self.admits_envelope(&record.envelope)
+    }
+
+    fn needs_envelope(&self) -> bool {
+        self.tenant.is_some() || self.partner.is_some() || self.message_type.is_some()
+    }
+
+    fn admits_state(&self, st: &StateRecord) -> bool {
+        let state_ok = self.states.is_empty() || self.states.contains(&st.state.kind());
+        let version_ok = match (&self.mapping_version, &st.mapping_version) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(VersionMatch::StartsWith(p)), Some(v)) => v.starts_with(p.as_str()),
+            (Some(VersionMatch::Not(c)), Some(v)) => v != c,
+        };
+        state_ok && version_ok
+    }
+
+    fn admits_envelope(&self, env: &Envelope) -> bool {
+        let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        is(&self.tenant, env.tenant.as_str())
+            && is(&self.partner, env.partner.as_str())
+            && self
+                .message_type
+                .as_deref()
+                .is_none_or(|t| message_type_matches(t, env))
+    }
+}
+
+/// `ADT` matches any ADT message, `ADT^A08` (or `ADT_A08`) one trigger event; case-insensitive.
+fn message_type_matches(pattern: &str, env: &Envelope) -> bool {
+    let field = |k: &str| env.meta.get(k).map(String::as_str).unwrap_or("");
+    let mut parts = pattern.splitn(2, ['^', '_']);
+    let code = parts.next().unwrap_or("");
+    code.eq_ignore_ascii_case(field("message_type"))
+        && parts
+            .next()
+            .is_none_or(|t| t.eq_ignore_ascii_case(field("trigger_event")))
 }
 
 /// Retention keeps the journal from only growing. Failed and rejected messages are never pruned:
@@ -171,6 +234,14 @@ fn enqueue(txn: &mut Txn<'_>, id: MessageId) -> u64 {
         keys::u64_be(seq).to_vec(),
         id.as_bytes().to_vec(),
     );
+    seq
+}
+
+/// Puts a processed message back on the queue: a new sequence number, one more attempt.
+fn queue_again(txn: &mut Txn<'_>, id: MessageId, record: &mut StateRecord) -> u64 {
+    let seq = enqueue(txn, id);
+    record.seq = Some(seq);
+    record.attempts += 1;
     seq
 }
 
@@ -331,13 +402,7 @@ impl Journal for FjallJournal {
                 if mapping_version.is_some() {
                     record.mapping_version = mapping_version;
                 }
-                let mut seq = None;
-                if requeue {
-                    let s = enqueue(txn, id);
-                    record.seq = Some(s);
-                    record.attempts += 1;
-                    seq = Some(s);
-                }
+                let seq = requeue.then(|| queue_again(txn, id, &mut record));
                 txn.put(Table::State, id.as_bytes().to_vec(), encode(&record));
                 Ok((record, seq))
             })
@@ -403,20 +468,49 @@ impl Journal for FjallJournal {
                     .try_into()
                     .map_err(|_| StorageError::corrupt("journal_time", "short key"))?,
             );
-            if let Some(state) = self.read_state(id)? {
-                if filter.state.is_none_or(|s| s == state.state.kind()) {
-                    out.push((id, at, state));
+            let Some(state) = self.read_state(id)? else {
+                continue;
+            };
+            if !filter.admits_state(&state) {
+                continue;
+            }
+            if filter.needs_envelope() {
+                let tables = self.db.tables();
+                let Some(bytes) = tables.get(Table::Msg).get(id.as_bytes())? else {
+                    continue;
+                };
+                let env: Envelope = decode("journal_msg", &bytes)?;
+                if !filter.admits_envelope(&env) {
+                    continue;
                 }
             }
+            out.push((id, at, state));
         }
         Ok(out)
     }
 
     async fn replay(&self, ids: &[MessageId]) -> Result<Vec<u64>> {
         let mut seqs = Vec::with_capacity(ids.len());
-        for id in ids {
-            let record = self.transition(*id, MessageState::Received, None).await?;
-            seqs.extend(record.seq);
+        // One durable write per chunk, not per message: a selection can hold a day of a feed.
+        for chunk in ids.chunks(REPLAY_CHUNK) {
+            let chunk = chunk.to_vec();
+            let queued = self
+                .db
+                .committer()
+                .run(move |txn| {
+                    let now = tributary_core::now_millis();
+                    let mut queued = Vec::with_capacity(chunk.len());
+                    for id in chunk {
+                        let mut record = load_state(txn, id)?;
+                        record.push(MessageState::Received, now);
+                        queued.push(queue_again(txn, id, &mut record));
+                        txn.put(Table::State, id.as_bytes().to_vec(), encode(&record));
+                    }
+                    Ok(queued)
+                })
+                .await?;
+            self.notify(queued.last().copied());
+            seqs.extend(queued);
         }
         Ok(seqs)
     }
@@ -595,6 +689,159 @@ mod tests {
         let seqs = j.replay(&[r.id]).await.unwrap();
         assert_eq!(seqs, vec![1]);
         assert_eq!(j.get(r.id).unwrap().unwrap().state.attempts, 1);
+    }
+
+    fn typed(tenant: &str, partner: &str, code: &str, trigger: &str) -> Envelope {
+        Envelope::builder(Protocol::Hl7v2, &b"MSH|"[..])
+            .tenant(tenant)
+            .partner(partner)
+            .meta("message_type", code)
+            .meta("trigger_event", trigger)
+            .build()
+    }
+
+    async fn processed(
+        j: &FjallJournal,
+        env: Envelope,
+        to: MessageState,
+        version: &str,
+    ) -> MessageId {
+        let id = j.append(env).await.unwrap().id;
+        j.transition(id, to, Some(version.into())).await.unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn list_narrows_by_state_tenant_partner_type_and_mapping_version() {
+        let (_d, j) = journal();
+        let failed = MessageState::Failed { reason: "x".into() };
+        let a01 = processed(
+            &j,
+            typed("t1", "adt", "ADT", "A01"),
+            MessageState::Committed,
+            "v1aaa",
+        )
+        .await;
+        let a08 = processed(
+            &j,
+            typed("t1", "adt", "ADT", "A08"),
+            failed.clone(),
+            "v2bbb",
+        )
+        .await;
+        let oru = processed(
+            &j,
+            typed("t1", "lab", "ORU", "R01"),
+            MessageState::Committed,
+            "v2bbb",
+        )
+        .await;
+        let other = processed(
+            &j,
+            typed("t2", "adt", "ADT", "A01"),
+            MessageState::Committed,
+            "v1aaa",
+        )
+        .await;
+        let pending = j.append(typed("t1", "adt", "ADT", "A01")).await.unwrap().id;
+        let ids = |f: ListFilter| -> Vec<MessageId> {
+            j.list(&f)
+                .unwrap()
+                .into_iter()
+                .map(|(id, _, _)| id)
+                .collect()
+        };
+        assert_eq!(
+            ids(ListFilter::default()),
+            vec![a01, a08, oru, other, pending]
+        );
+        let t1 = || ListFilter {
+            tenant: Some("t1".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(t1()), vec![a01, a08, oru, pending]);
+        assert_eq!(
+            ids(ListFilter {
+                message_type: Some("adt".into()),
+                ..t1()
+            }),
+            vec![a01, a08, pending]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                message_type: Some("ADT_A08".into()),
+                ..t1()
+            }),
+            vec![a08]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                partner: Some("lab".into()),
+                ..t1()
+            }),
+            vec![oru]
+        );
+        assert_eq!(
+            ids(ListFilter {
+                states: vec![StateKind::Failed, StateKind::Received],
+                ..t1()
+            }),
+            vec![a08, pending]
+        );
+        let version = |v: VersionMatch| ListFilter {
+            mapping_version: Some(v),
+            ..t1()
+        };
+        assert_eq!(
+            ids(version(VersionMatch::StartsWith("v1".into()))),
+            vec![a01]
+        );
+        // never processed: no version to differ from the current one
+        assert_eq!(ids(version(VersionMatch::Not("v2bbb".into()))), vec![a01]);
+        assert_eq!(
+            ids(ListFilter {
+                limit: Some(2),
+                ..t1()
+            }),
+            vec![a01, a08]
+        );
+        let rec = j.get(other).unwrap().unwrap();
+        assert!(!t1().admits(&rec));
+        assert!(ListFilter::default().admits(&rec));
+    }
+
+    #[tokio::test]
+    async fn replaying_more_than_a_chunk_queues_each_message_once_in_the_given_order() {
+        let (_d, j) = journal();
+        let mut ids = Vec::new();
+        for i in 0..(REPLAY_CHUNK + 3) {
+            let id = j.append(env(&format!("m{i}"))).await.unwrap().id;
+            j.transition(id, MessageState::Committed, Some("v1".into()))
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        let head = j.stats().head_seq;
+        let seqs = j.replay(&ids).await.unwrap();
+        assert_eq!(
+            seqs,
+            ((head + 1)..=(head + ids.len() as u64)).collect::<Vec<_>>()
+        );
+        let queued: Vec<MessageId> = j
+            .entries_after(head, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(queued, ids);
+        let rec = j.state(ids[REPLAY_CHUNK + 1]).unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (MessageState::Received, 2));
+        assert_eq!(rec.seq, Some(head + REPLAY_CHUNK as u64 + 2));
+        assert_eq!(*j.subscribe().borrow(), head + ids.len() as u64);
+        assert!(matches!(
+            j.replay(&[MessageId::new()]).await,
+            Err(StorageError::UnknownMessage(_))
+        ));
     }
 
     #[tokio::test]

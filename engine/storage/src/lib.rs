@@ -31,7 +31,7 @@ pub use field_report::{
 };
 pub use journal::{
     AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
-    PruneStats, RetentionPolicy, StateRecord,
+    PruneStats, RetentionPolicy, StateRecord, VersionMatch,
 };
 pub use outbox::{AckRecorder, Numbering, Outbox, OutboxEvent, RawOutboxEvent};
 pub use store::{
