@@ -18,21 +18,41 @@ use tributary_core::{Envelope, Protocol};
 use tributary_runtime::{ComponentStatus, Metrics, Readiness};
 use tributary_storage::Journal;
 
-/// HL7 v2 MSH-10 (message control id) of a message, if it has a readable MSH segment.
-pub fn hl7_control_id(payload: &[u8]) -> Option<String> {
+/// The header facts of an HL7 v2 message that the journal keeps beside it, as the MLLP listener
+/// records them: MSH-10 (message control id) and MSH-9's message code and trigger event.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Hl7Header {
+    pub control_id: Option<String>,
+    pub message_type: Option<String>,
+    pub trigger_event: Option<String>,
+}
+
+/// Reads [`Hl7Header`] off the MSH segment; all `None` without a readable one.
+pub fn hl7_header(payload: &[u8]) -> Hl7Header {
     let seg_end = payload
         .iter()
         .position(|b| *b == b'\r' || *b == b'\n')
         .unwrap_or(payload.len());
-    let msh = payload.get(..seg_end)?;
-    if !msh.starts_with(b"MSH") || msh.len() < 4 {
-        return None;
+    let msh = &payload[..seg_end];
+    if !msh.starts_with(b"MSH") || msh.len() < 5 {
+        return Hl7Header::default();
     }
-    let sep = msh[3];
-    // MSH-1 is the separator itself, so MSH-10 is the 10th element after splitting.
-    let field = msh.split(|b| *b == sep).nth(9)?;
-    let id = std::str::from_utf8(field).ok()?.trim();
-    (!id.is_empty() && id.len() <= 199).then(|| id.to_string())
+    let (sep, component) = (msh[3], msh[4]);
+    // MSH-1 is the separator itself, so MSH-n is the n-th element after splitting.
+    let fields: Vec<&[u8]> = msh.split(|b| *b == sep).collect();
+    let text = |bytes: &[u8], max: usize| {
+        let s = std::str::from_utf8(bytes).ok()?.trim();
+        (!s.is_empty() && s.len() <= max).then(|| s.to_string())
+    };
+    let mut msg_type = fields
+        .get(8)
+        .map_or(&[][..], |f| *f)
+        .split(|b| *b == component);
+    Hl7Header {
+        control_id: fields.get(9).and_then(|f| text(f, 199)),
+        message_type: msg_type.next().and_then(|c| text(c, 16)),
+        trigger_event: msg_type.next().and_then(|c| text(c, 16)),
+    }
 }
 
 pub struct AmqpSource {
@@ -103,10 +123,11 @@ impl AmqpSource {
             .message_id()
             .as_ref()
             .map(|m| m.as_str().to_string());
-        let control_id = match protocol {
-            Protocol::Hl7v2 => hl7_control_id(&d.data),
-            _ => None,
+        let header = match protocol {
+            Protocol::Hl7v2 => hl7_header(&d.data),
+            _ => Hl7Header::default(),
         };
+        let control_id = header.control_id;
         let mut b = Envelope::builder(protocol, d.data.clone())
             .tenant(tenant.as_str())
             .partner(self.src.partner.as_str())
@@ -120,6 +141,14 @@ impl AmqpSource {
         }
         if let Some(id) = &message_id {
             b = b.meta("amqp.message_id", id.as_str());
+        }
+        for (key, value) in [
+            ("message_type", header.message_type),
+            ("trigger_event", header.trigger_event),
+        ] {
+            if let Some(v) = value {
+                b = b.meta(key, v);
+            }
         }
         b.build()
     }
@@ -257,10 +286,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_id_from_msh10() {
-        let m = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-42|P|2.5\rPID|1||123";
-        assert_eq!(hl7_control_id(m).as_deref(), Some("CTRL-42"));
-        assert_eq!(hl7_control_id(b"PID|1"), None);
-        assert_eq!(hl7_control_id(b"MSH|^~\\&|A"), None);
+    fn control_id_and_message_type_from_msh() {
+        let m = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01^ORU_R01|CTRL-42|P|2.5\rPID|1||123";
+        assert_eq!(
+            hl7_header(m),
+            Hl7Header {
+                control_id: Some("CTRL-42".into()),
+                message_type: Some("ORU".into()),
+                trigger_event: Some("R01".into()),
+            }
+        );
+        // other delimiters, as MSH-1 and MSH-2 declare them
+        let h = hl7_header(b"MSH#$~\\&#A#B#C#D#2024##ADT$A08#X1#P#2.5");
+        assert_eq!(
+            (h.message_type.as_deref(), h.trigger_event.as_deref()),
+            (Some("ADT"), Some("A08"))
+        );
+        assert_eq!(hl7_header(b"PID|1"), Hl7Header::default());
+        assert_eq!(hl7_header(b"MSH|^~\\&|A"), Hl7Header::default());
     }
 }

@@ -284,6 +284,12 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     assert_eq!(rec.envelope.partner.as_str(), "lab");
     assert_eq!(rec.envelope.meta["ingress"], "amqp");
     assert!(rec.envelope.meta["hl7.control_id"].starts_with("CTRL-"));
+    // The same header facts as over MLLP, so `tributary replay --type ORU^R01` finds it.
+    let oru = ListFilter {
+        message_type: Some("ORU^R01".into()),
+        ..all.clone()
+    };
+    assert_eq!(journal.list(&oru).unwrap().len(), n + 1);
     assert_eq!(readiness.snapshot()["amqp-source"], ComponentStatus::Ready);
     shutdown.cancel();
     task.await.unwrap().unwrap();
