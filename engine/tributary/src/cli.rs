@@ -1,10 +1,12 @@
 use crate::config::Config;
+use crate::remote;
+use crate::selection::{self, parse_time, Selection, REPLAYABLE};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tributary_core::{MessageId, StateKind};
-use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
+use tributary_core::MessageId;
+use tributary_storage::{Db, DbOptions, FjallJournal, Journal};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,7 +68,7 @@ pub enum Command {
     Mapping(crate::mapping_cli::MappingCommand),
     /// Queue failed (or selected) messages for mapping again, e.g. after fixing a mapping file.
     #[command(
-        after_help = "Examples:\n  tributary replay --failed\n  tributary replay 0193f0c2-7a9e-7c4e-9d2b-1f2a3b4c5d6e"
+        after_help = "Examples:\n  tributary replay --failed\n  tributary replay 0193f0c2-7a9e-7c4e-9d2b-1f2a3b4c5d6e\n  tributary replay --stale --type ORU --since 2026-11-30 --dry-run\n  tributary replay --partner general-lab --type ADT^A08 --mapped-by 3f9a1c\n\nWith `tributary serve` running, the command asks the server (admin API); otherwise the server maps what was queued when it next starts."
     )]
     Replay(ReplayArgs),
     /// Load generators and storage benchmarks.
@@ -188,11 +190,28 @@ pub struct ServeArgs {
 pub struct ReplayArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Replay every message in state `failed`.
-    #[arg(long)]
+    /// Replay every message in state `failed` (the same as `--state failed`).
+    #[arg(long, conflicts_with = "state")]
     pub failed: bool,
-    /// Message ids to replay.
-    pub ids: Vec<String>,
+    #[command(flatten)]
+    pub select: Selection,
+    /// List what would be replayed; queue nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// How a command reaches a running `tributary serve`, which holds the data directory.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// Base URL of the running server (default: http:// and `http.listen` from the config).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// A bearer token with the admin role (default: one signed with the local key in the data
+    /// directory, valid for two minutes, when `facade.auth.local_key` is on).
+    #[arg(long, env = "TRIBUTARY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,27 +223,23 @@ pub enum ConfigCommand {
     Check(Common),
 }
 
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    select: Selection,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum JournalCommand {
     /// List messages (id, received time, state, attempts) — never their content.
     #[command(
         after_help = "Examples:\n  tributary journal list --state failed\n  tributary journal list --since 2026-11-01T00:00:00Z --limit 50"
     )]
-    List {
-        #[command(flatten)]
-        common: Common,
-        /// received, mapped, committed, delivered, failed or rejected
-        #[arg(long)]
-        state: Option<String>,
-        /// RFC 3339 time or YYYY-MM-DD (inclusive)
-        #[arg(long)]
-        since: Option<String>,
-        /// RFC 3339 time or YYYY-MM-DD (exclusive)
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
+    List(Box<ListArgs>),
     /// Show one message's metadata and state history; `--payload` prints its raw bytes.
     Show {
         #[command(flatten)]
@@ -245,15 +260,6 @@ fn open_journal(config: &Config) -> anyhow::Result<FjallJournal> {
         db,
         config.journal.dedup_window_secs as i64 * 1000,
     ))
-}
-
-fn parse_time(flag: &str, s: &Option<String>) -> anyhow::Result<Option<i64>> {
-    s.as_deref()
-        .map(|s| {
-            tributary_core::parse_rfc3339_millis(s)
-                .with_context(|| format!("--{flag} {s:?}: expected RFC 3339 or YYYY-MM-DD"))
-        })
-        .transpose()
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -353,7 +359,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Prune { common, before } => {
             let config = common.load()?;
             let now = tributary_core::now_millis();
-            let cutoff = match parse_time("before", &before)? {
+            let cutoff = match parse_time("--before", &before)? {
                 Some(t) => t,
                 None if config.audit.retention_days > 0 => {
                     now - (config.audit.retention_days as i64).saturating_mul(86_400_000)
@@ -384,8 +390,8 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             until,
         } => {
             let config = common.load()?;
-            let since = parse_time("since", &since)?.unwrap_or(i64::MIN);
-            let until = parse_time("until", &until)?.unwrap_or(i64::MAX);
+            let since = parse_time("--since", &since)?.unwrap_or(i64::MIN);
+            let until = parse_time("--until", &until)?.unwrap_or(i64::MAX);
             let db = Db::open(&config.data_dir, DbOptions::default())
                 .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
             let log = tributary_storage::AuditLog::new(db);
@@ -412,35 +418,27 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
 
 fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        JournalCommand::List {
-            common,
-            state,
-            since,
-            until,
-            limit,
-        } => {
+        JournalCommand::List(args) => {
+            let ListArgs {
+                common,
+                mut select,
+                server,
+            } = *args;
             let config = common.load()?;
-            let state = match state.as_deref() {
-                None => None,
-                Some(s) => Some(StateKind::parse(s).with_context(|| {
-                    format!("--state {s:?}: expected one of received, mapped, committed, delivered, failed, rejected")
-                })?),
+            select.limit.get_or_insert(100);
+            let rows = match open_journal(&config) {
+                Ok(j) => {
+                    let current = configured_mapping_version(&config, select.stale)?;
+                    let filter = select.filter(&[], current.as_deref())?;
+                    selection::rows(&select.select(&j, &filter)?)
+                }
+                Err(e) if held_by_server(&e) => {
+                    block_on(remote::list(&config, &server, &select))?.messages
+                }
+                Err(e) => return Err(e),
             };
-            let filter = ListFilter {
-                state,
-                since: parse_time("since", &since)?,
-                until: parse_time("until", &until)?,
-                limit: Some(limit),
-            };
-            let j = open_journal(&config)?;
-            for (id, at, st) in j.list(&filter)? {
-                let reason = st.state.reason().unwrap_or("");
-                println!(
-                    "{id}\t{}\t{}\tattempts={}\t{reason}",
-                    tributary_core::format_rfc3339_millis(at),
-                    st.state.kind(),
-                    st.attempts
-                );
+            for row in rows {
+                println!("{}", row.line());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -497,37 +495,62 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
 
 fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let config = args.common.load()?;
-    let mut ids: Vec<MessageId> = args
-        .ids
-        .iter()
-        .map(|s| {
-            s.parse()
-                .with_context(|| format!("{s:?} is not a message id (UUID)"))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let j = open_journal(&config)?;
+    let mut select = args.select;
     if args.failed {
-        let filter = ListFilter {
-            state: Some(StateKind::Failed),
-            ..Default::default()
-        };
-        ids.extend(j.list(&filter)?.into_iter().map(|(id, _, _)| id));
+        select.state = Some("failed".into());
     }
-    if ids.is_empty() {
-        if args.failed {
-            println!("no failed messages");
-            return Ok(ExitCode::SUCCESS);
-        }
-        eprintln!("nothing to replay: give message ids or --failed");
+    if select.is_unbounded() {
+        eprintln!(
+            "nothing to replay: give message ids, --failed or another criterion (see --help)"
+        );
         return Ok(ExitCode::from(1));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let seqs = rt.block_on(j.replay(&ids))?;
-    println!(
-        "queued {} message(s) for mapping again (a running `tributary serve` picks them up)",
-        seqs.len()
-    );
+    let report = match open_journal(&config) {
+        Ok(j) => {
+            let current = configured_mapping_version(&config, select.stale)?;
+            let filter = select.filter(&REPLAYABLE, current.as_deref())?;
+            let selected = select.select(&j, &filter)?;
+            let report = block_on(selection::replay(&j, selected, args.dry_run))?;
+            if report.queued > 0 {
+                eprintln!("no server is running on this data directory: `tributary serve` maps them when it starts");
+            }
+            report
+        }
+        Err(e) if held_by_server(&e) => {
+            block_on(remote::replay(&config, &args.server, &select, args.dry_run))?
+        }
+        Err(e) => return Err(e),
+    };
+    report.print(args.dry_run);
     Ok(ExitCode::SUCCESS)
+}
+
+/// True when the data directory could not be opened because a running server holds it.
+fn held_by_server(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<tributary_storage::StorageError>(),
+            Some(tributary_storage::StorageError::InUse(_))
+        )
+    })
+}
+
+/// The configured mapping set's version, which `--stale` compares with (read only when asked).
+fn configured_mapping_version(config: &Config, stale: bool) -> anyhow::Result<Option<String>> {
+    if !stale {
+        return Ok(None);
+    }
+    let dir = config.mapping.hl7v2_dir();
+    let version = tributary_mapping::MappingSet::version_of(&dir).map_err(|e| {
+        anyhow::anyhow!("--stale: mapping set {} does not load:\n{e}", dir.display())
+    })?;
+    Ok(Some(version))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts")
+        .block_on(f)
 }

@@ -1,10 +1,13 @@
 //! `tributary`: the healthcare integration engine's one binary.
 
+mod admin;
 mod bench;
 mod cli;
 mod config;
 mod logging;
 mod mapping_cli;
+mod remote;
+mod selection;
 mod serve;
 
 use clap::Parser;

@@ -50,17 +50,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // file:line:col error; later bad edits are rejected by hot reload, the old set keeps running.
     let mapping_dir = config.mapping.hl7v2_dir();
     let default_dir = config.mapping.dir == tributary_pipeline::MappingConfig::default().dir;
+    let mut registry = None;
     if !mapping_dir.is_dir() && default_dir {
         // No mapping set next to a config-less `tributary serve`: ingest and journal still work;
         // messages wait in `received` until a pipeline with mappings runs.
         tracing::warn!(dir = %mapping_dir.display(), "no mapping set found; mapping pipeline not started");
     } else {
-        let registry = tributary_pipeline::MappingRegistry::load(&mapping_dir).map_err(|e| {
+        let loaded = tributary_pipeline::MappingRegistry::load(&mapping_dir).map_err(|e| {
             anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
         })?;
-        let pipeline =
-            tributary_pipeline::Pipeline::new(Arc::new(registry), config.mapping.clone())
-                .with_feed(processed.clone());
+        let loaded = Arc::new(loaded);
+        registry = Some(loaded.clone());
+        let pipeline = tributary_pipeline::Pipeline::new(loaded, config.mapping.clone())
+            .with_feed(processed.clone());
         rt.readiness
             .set(tributary_pipeline::COMPONENT, ComponentStatus::Starting);
         let pipeline_rt = rt.clone();
@@ -83,7 +85,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Subscription operations go behind the facade's policy layers (below); the inbound
     // notification hook authenticates partners itself, the websocket channel by binding token.
     let mut subscriptions = None;
-    let mut guarded_routes = axum::Router::new();
+    let mut guarded_routes = crate::admin::router(Arc::new(rt.clone()), registry);
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;

@@ -1,0 +1,141 @@
+//! The journal on a running server: `GET /admin/journal` lists messages and
+//! `POST /admin/replay[?dry_run=true]` queues a selection for mapping again. A running server
+//! holds the data directory, so this is how `tributary journal list` and `tributary replay`
+//! reach it. Mounted behind the facade's policy stack: admin role only, the token's tenant only,
+//! every call audited like any other request.
+
+use crate::selection::{self, MessageRow, ReplayReport, Selection, REPLAYABLE};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tributary_core::MessageId;
+use tributary_facade::policy::Access;
+use tributary_facade::ApiError;
+use tributary_pipeline::MappingRegistry;
+use tributary_runtime::Runtime;
+use tributary_storage::{ListFilter, StateRecord};
+
+#[derive(Clone)]
+struct AdminState {
+    rt: Arc<Runtime>,
+    /// The running mapping set, which `stale` compares with; absent when no pipeline runs.
+    registry: Option<Arc<MappingRegistry>>,
+}
+
+pub fn router(rt: Arc<Runtime>, registry: Option<Arc<MappingRegistry>>) -> Router {
+    Router::new()
+        .route("/admin/journal", get(list))
+        .route("/admin/replay", post(replay))
+        .with_state(AdminState { rt, registry })
+}
+
+/// `GET /admin/journal` answers this; `mapping_version` is what `stale` compares with.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ListReply {
+    #[serde(default)]
+    pub mapping_version: Option<String>,
+    pub messages: Vec<MessageRow>,
+}
+
+/// Most rows `GET /admin/journal` returns when the query sets no `limit`.
+const DEFAULT_LIST_LIMIT: usize = 100;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReplayQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+impl AdminState {
+    fn current_version(&self) -> Option<String> {
+        self.registry.as_ref().map(|r| r.current().version.clone())
+    }
+
+    /// Journal reads off the runtime's workers: a selection may scan a long time range.
+    async fn select(
+        &self,
+        sel: Selection,
+        filter: ListFilter,
+    ) -> Result<Vec<(MessageId, i64, StateRecord)>, ApiError> {
+        let journal = self.rt.journal.clone();
+        tokio::task::spawn_blocking(move || sel.select(journal.as_ref(), &filter))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(selection_error)
+    }
+
+    /// The token's tenant replaces whatever tenant the selection names: an admin of one tenant
+    /// neither sees nor replays another's messages, and ids of other tenants read as unknown.
+    fn scoped(&self, mut sel: Selection, access: &Access) -> Selection {
+        sel.tenant = Some(access.principal.tenant.clone());
+        sel
+    }
+}
+
+fn bad_request(e: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest(e.to_string())
+}
+
+/// A storage failure is the server's (500); anything else is about the selection (400).
+fn selection_error(e: anyhow::Error) -> ApiError {
+    if e.downcast_ref::<tributary_storage::StorageError>()
+        .is_some()
+    {
+        ApiError::Internal(e.to_string())
+    } else {
+        bad_request(e)
+    }
+}
+
+async fn list(
+    State(st): State<AdminState>,
+    Extension(access): Extension<Access>,
+    query: Result<Query<Selection>, QueryRejection>,
+) -> Result<Json<ListReply>, ApiError> {
+    let Query(sel) = query.map_err(bad_request)?;
+    let mut sel = st.scoped(sel, &access);
+    sel.limit.get_or_insert(DEFAULT_LIST_LIMIT);
+    let current = st.current_version();
+    let filter = sel.filter(&[], current.as_deref()).map_err(bad_request)?;
+    let selected = st.select(sel, filter).await?;
+    Ok(Json(ListReply {
+        mapping_version: current,
+        messages: selection::rows(&selected),
+    }))
+}
+
+async fn replay(
+    State(st): State<AdminState>,
+    Extension(access): Extension<Access>,
+    query: Result<Query<ReplayQuery>, QueryRejection>,
+    body: Result<Json<Selection>, JsonRejection>,
+) -> Result<Json<ReplayReport>, ApiError> {
+    let Query(q) = query.map_err(bad_request)?;
+    let Json(sel) = body.map_err(bad_request)?;
+    if sel.is_unbounded() {
+        return Err(ApiError::BadRequest(
+            "give message ids or at least one of state, since, until, partner, type, mapped_by, stale".into(),
+        ));
+    }
+    let sel = st.scoped(sel, &access);
+    let filter = sel
+        .filter(&REPLAYABLE, st.current_version().as_deref())
+        .map_err(bad_request)?;
+    let selected = st.select(sel, filter).await?;
+    let report = selection::replay(st.rt.journal.as_ref(), selected, q.dry_run)
+        .await
+        .map_err(selection_error)?;
+    tracing::info!(
+        tenant = %access.principal.tenant,
+        client = %access.principal.client_id,
+        matched = report.matched,
+        queued = report.queued,
+        dry_run = q.dry_run,
+        "replay requested through the admin API"
+    );
+    Ok(Json(report))
+}

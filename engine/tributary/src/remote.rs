@@ -1,0 +1,144 @@
+//! `journal list` and `replay` against a running `tributary serve`: that process holds the data
+//! directory, so the command asks it through the admin API (see `admin.rs`) instead.
+
+use crate::admin::ListReply;
+use crate::cli::ServerArgs;
+use crate::config::Config;
+use crate::selection::{ReplayReport, Selection};
+use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// An admin call waits this long for the server (a replay of a large selection takes a while).
+const TIMEOUT: Duration = Duration::from_secs(300);
+/// Lifetime of a token the command signs for itself.
+const TOKEN_TTL_SECS: i64 = 120;
+
+pub async fn list(
+    config: &Config,
+    server: &ServerArgs,
+    sel: &Selection,
+) -> anyhow::Result<ListReply> {
+    if !sel.ids.is_empty() {
+        bail!("a running server lists by criteria only; for one message use `tributary journal show` after stopping it, or drop the ids");
+    }
+    let (base, token) = target(config, server, sel)?;
+    let req = client()?
+        .get(format!("{base}/admin/journal"))
+        .bearer_auth(token)
+        .query(&Selection {
+            tenant: None,
+            ..sel.clone()
+        });
+    send(req).await
+}
+
+pub async fn replay(
+    config: &Config,
+    server: &ServerArgs,
+    sel: &Selection,
+    dry_run: bool,
+) -> anyhow::Result<ReplayReport> {
+    let (base, token) = target(config, server, sel)?;
+    let req = client()?
+        .post(format!("{base}/admin/replay"))
+        .bearer_auth(token)
+        .query(&[("dry_run", dry_run)])
+        .json(&Selection {
+            tenant: None,
+            ..sel.clone()
+        });
+    send(req).await
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// The server's base URL and an admin token for the selection's tenant (the default tenant when
+/// it names none): the server answers for the token's tenant only.
+fn target(
+    config: &Config,
+    server: &ServerArgs,
+    sel: &Selection,
+) -> anyhow::Result<(String, String)> {
+    sel.check()?;
+    let base = match &server.server {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None if config.http.tls.is_some() => bail!(
+            "the data directory is held by a running server that listens with TLS: pass --server https://HOST:PORT"
+        ),
+        None => {
+            let addr: SocketAddr = config
+                .http
+                .listen
+                .parse()
+                .with_context(|| format!("http.listen {:?}", config.http.listen))?;
+            let ip = if addr.ip().is_unspecified() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                addr.ip()
+            };
+            format!("http://{}", SocketAddr::new(ip, addr.port()))
+        }
+    };
+    let token = match &server.token {
+        Some(t) => t.clone(),
+        None => local_admin_token(config, sel.tenant.as_deref())?,
+    };
+    Ok((base, token))
+}
+
+fn local_admin_token(config: &Config, tenant: Option<&str>) -> anyhow::Result<String> {
+    let auth = &config.facade.auth;
+    if !auth.local_key {
+        bail!("the data directory is held by a running server: pass --token with an admin-role token from your identity provider (facade.auth.local_key is off)");
+    }
+    let key = tributary_facade::LocalSigningKey::load_or_create(&config.data_dir)?;
+    let req = tributary_facade::IssueRequest {
+        client_id: "tributary-cli".into(),
+        scope: String::new(),
+        subject: None,
+        patient: None,
+        tenant: Some(tenant.unwrap_or(&config.default_tenant).to_string()),
+        role: Some("admin".into()),
+        grant: None,
+        ttl_secs: TOKEN_TTL_SECS,
+        issuer: auth.issuers[0].clone(),
+        audience: auth.audiences[0].clone(),
+        clock_offset_secs: 0,
+    };
+    Ok(tributary_facade::auth::issue(&key, &req)?)
+}
+
+async fn send<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    let res = req
+        .send()
+        .await
+        .context("the data directory is held by a running server, which did not answer")?;
+    let status = res.status();
+    let body = res.bytes().await.context("reading the server's answer")?;
+    if !status.is_success() {
+        bail!("the server answered {status}: {}", diagnostics(&body));
+    }
+    serde_json::from_slice(&body).context("the server's answer is not what this version expects")
+}
+
+/// The OperationOutcome's diagnostics, or the body as text.
+fn diagnostics(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            let issues = v.get("issue")?.as_array()?.clone();
+            let texts: Vec<String> = issues
+                .iter()
+                .filter_map(|i| i.get("diagnostics")?.as_str().map(str::to_string))
+                .collect();
+            (!texts.is_empty()).then(|| texts.join("; "))
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect())
+}

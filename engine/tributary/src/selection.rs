@@ -1,0 +1,290 @@
+//! Which journaled messages an operator means. One struct is the `journal list` and `replay`
+//! flags, the query of `GET /admin/journal` and the body of `POST /admin/replay`, so the command
+//! line and a running server select the same messages the same way.
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tributary_core::{MessageId, StateKind};
+use tributary_storage::{Journal, ListFilter, StateRecord, VersionMatch};
+
+#[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Selection {
+    /// Only messages in this state: received, mapped, committed, delivered, failed or rejected.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Received at or after this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Received before this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Only this tenant's messages. Through a running server a call sees one tenant, the
+    /// token's: the one named here, or the default tenant.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Only messages from this partner: the `id` of an `[[mllp.listeners.partners]]` entry or an
+    /// AMQP source's `partner`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// HL7 v2 message type: `ADT` (any trigger event) or `ADT^A08`.
+    #[arg(long = "type", value_name = "TYPE")]
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// Last processed by the mapping version whose hash starts with this (`journal show`).
+    #[arg(long, value_name = "HASH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped_by: Option<String>,
+    /// Last processed by another mapping version than the current one: what an edited mapping
+    /// set would now map differently.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+    /// At most this many messages, oldest first.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Message ids (UUIDs); the other criteria narrow them further.
+    #[arg(value_name = "ID")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+}
+
+/// One selected message as `journal list` prints it and the admin API returns it: ids, times,
+/// states and mapping versions, never content.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MessageRow {
+    pub id: String,
+    pub received_at: String,
+    pub state: String,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl MessageRow {
+    fn new(id: MessageId, at: i64, st: &StateRecord) -> Self {
+        Self {
+            id: id.to_string(),
+            received_at: tributary_core::format_rfc3339_millis(at),
+            state: st.state.kind().to_string(),
+            attempts: st.attempts,
+            mapping_version: st.mapping_version.clone(),
+            reason: st.state.reason().map(str::to_string),
+        }
+    }
+
+    /// One tab-separated line of `tributary journal list`: id, received, state, attempts, the
+    /// mapping version's first 12 characters (`-`: never mapped), the failure reason.
+    pub fn line(&self) -> String {
+        let version = self.mapping_version.as_deref().unwrap_or("-");
+        format!(
+            "{}\t{}\t{}\tattempts={}\tversion={}\t{}",
+            self.id,
+            self.received_at,
+            self.state,
+            self.attempts,
+            &version[..version.len().min(12)],
+            self.reason.as_deref().unwrap_or("")
+        )
+    }
+}
+
+/// What `replay` selected and queued. `queued` is 0 for a dry run.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ReplayReport {
+    pub matched: usize,
+    pub queued: usize,
+    /// Matched messages per state before the replay.
+    pub by_state: BTreeMap<String, usize>,
+    pub messages: Vec<MessageRow>,
+}
+
+impl ReplayReport {
+    pub fn print(&self, dry_run: bool) {
+        let states = if self.by_state.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> = self
+                .by_state
+                .iter()
+                .map(|(s, n)| format!("{s} {n}"))
+                .collect();
+            format!(" ({})", parts.join(", "))
+        };
+        if dry_run {
+            for m in &self.messages {
+                println!("{}", m.line());
+            }
+            if self.messages.len() < self.matched {
+                println!("(the first {} listed)", self.messages.len());
+            }
+            println!(
+                "{} message(s) match{states}; nothing queued (--dry-run)",
+                self.matched
+            );
+        } else {
+            println!(
+                "queued {} message(s) for mapping again{states}",
+                self.queued
+            );
+        }
+    }
+}
+
+/// States a selection without `state` and without ids replays: every processed message. Pending
+/// ones (`received`) are queued already; `rejected` ones were refused at the door and are
+/// replayed only when asked for by state or id.
+pub const REPLAYABLE: [StateKind; 4] = [
+    StateKind::Mapped,
+    StateKind::Committed,
+    StateKind::Delivered,
+    StateKind::Failed,
+];
+
+impl Selection {
+    /// No criterion at all: a replay of that would re-run the whole journal, so it is refused.
+    pub fn is_unbounded(&self) -> bool {
+        let narrowed = Selection {
+            limit: None,
+            tenant: None,
+            ..self.clone()
+        };
+        narrowed == Selection::default()
+    }
+
+    /// The storage filter. `default_states` applies when neither a state nor ids are given;
+    /// `current` is the running (or configured) mapping set's version, which `stale` compares to.
+    pub fn filter(
+        &self,
+        default_states: &[StateKind],
+        current: Option<&str>,
+    ) -> anyhow::Result<ListFilter> {
+        let states = match self.state.as_deref() {
+            Some(s) => vec![StateKind::parse(s).with_context(|| {
+                format!("state {s:?}: expected one of received, mapped, committed, delivered, failed, rejected")
+            })?],
+            None if self.ids.is_empty() => default_states.to_vec(),
+            None => Vec::new(),
+        };
+        let mapping_version = match (&self.mapped_by, self.stale) {
+            (Some(_), true) => bail!("give either mapped_by or stale, not both"),
+            (Some(v), false) => Some(VersionMatch::StartsWith(v.clone())),
+            (None, true) => Some(VersionMatch::Not(
+                current
+                    .context("stale: no mapping set is loaded to compare with")?
+                    .to_string(),
+            )),
+            (None, false) => None,
+        };
+        Ok(ListFilter {
+            states,
+            since: parse_time("since", &self.since)?,
+            until: parse_time("until", &self.until)?,
+            tenant: self.tenant.clone(),
+            partner: self.partner.clone(),
+            message_type: self.message_type.clone(),
+            mapping_version,
+            limit: self.limit,
+        })
+    }
+
+    /// Checks the criteria without a journal: what a command tests before asking a server.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.filter(&[], Some("")).map(|_| ())
+    }
+
+    /// The matching messages: with ids, those of them the filter admits, in the given order
+    /// (an id the journal does not hold, or of another tenant, is an error naming it); without,
+    /// every admitted message, oldest first.
+    pub fn select(
+        &self,
+        journal: &dyn Journal,
+        filter: &ListFilter,
+    ) -> anyhow::Result<Vec<(MessageId, i64, StateRecord)>> {
+        if self.ids.is_empty() {
+            return Ok(journal.list(filter)?);
+        }
+        let mut out = Vec::new();
+        let mut unknown = Vec::new();
+        for s in &self.ids {
+            let id: MessageId = s
+                .parse()
+                .with_context(|| format!("{s:?} is not a message id (UUID)"))?;
+            let Some(rec) = journal.get(id)? else {
+                unknown.push(s.as_str());
+                continue;
+            };
+            if filter
+                .tenant
+                .as_deref()
+                .is_some_and(|t| t != rec.envelope.tenant.as_str())
+            {
+                unknown.push(s.as_str());
+                continue;
+            }
+            let at = rec.envelope.received_at;
+            let in_time =
+                filter.since.is_none_or(|s| at >= s) && filter.until.is_none_or(|u| at < u);
+            if in_time && filter.admits(&rec) {
+                out.push((id, at, rec.state));
+            }
+        }
+        if !unknown.is_empty() {
+            bail!("not in the journal: {}", unknown.join(", "));
+        }
+        out.truncate(filter.limit.unwrap_or(usize::MAX));
+        Ok(out)
+    }
+}
+
+/// Most message rows a replay report carries (the counts are always complete).
+const REPORT_ROWS: usize = 1000;
+
+/// Queues the selected messages for mapping again, unless `dry_run`.
+pub async fn replay(
+    journal: &dyn Journal,
+    selected: Vec<(MessageId, i64, StateRecord)>,
+    dry_run: bool,
+) -> anyhow::Result<ReplayReport> {
+    let mut by_state = BTreeMap::new();
+    for (_, _, st) in &selected {
+        *by_state.entry(st.state.kind().to_string()).or_insert(0) += 1;
+    }
+    let ids: Vec<MessageId> = selected.iter().map(|(id, _, _)| *id).collect();
+    let queued = if dry_run {
+        0
+    } else {
+        journal.replay(&ids).await?.len()
+    };
+    Ok(ReplayReport {
+        matched: selected.len(),
+        queued,
+        by_state,
+        messages: rows(&selected[..selected.len().min(REPORT_ROWS)]),
+    })
+}
+
+pub fn rows(selected: &[(MessageId, i64, StateRecord)]) -> Vec<MessageRow> {
+    selected
+        .iter()
+        .map(|(id, at, st)| MessageRow::new(*id, *at, st))
+        .collect()
+}
+
+pub fn parse_time(flag: &str, s: &Option<String>) -> anyhow::Result<Option<i64>> {
+    s.as_deref()
+        .map(|s| {
+            tributary_core::parse_rfc3339_millis(s)
+                .with_context(|| format!("{flag} {s:?}: expected RFC 3339 or YYYY-MM-DD"))
+        })
+        .transpose()
+}
