@@ -253,9 +253,13 @@ pub enum JournalCommand {
     Stats(Common),
 }
 
+pub fn open_db(config: &Config) -> anyhow::Result<Db> {
+    Db::open(&config.data_dir, DbOptions::default())
+        .with_context(|| format!("opening data directory {}", config.data_dir.display()))
+}
+
 fn open_journal(config: &Config) -> anyhow::Result<FjallJournal> {
-    let db = Db::open(&config.data_dir, DbOptions::default())
-        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    let db = open_db(config)?;
     Ok(FjallJournal::new(
         db,
         config.journal.dedup_window_secs as i64 * 1000,
@@ -332,8 +336,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Verify(common) => {
             let config = common.load()?;
-            let db = Db::open(&config.data_dir, DbOptions::default())
-                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            let db = open_db(&config)?;
             let log = tributary_storage::AuditLog::new(db);
             let anchor = log.anchor()?;
             match log.verify()? {
@@ -368,13 +371,9 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     "audit.retention_days is 0 (keep forever): give --before to prune anyway"
                 ),
             };
-            let db = Db::open(&config.data_dir, DbOptions::default())
-                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            let db = open_db(&config)?;
             let log = tributary_storage::AuditLog::new(db);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let stats = rt.block_on(log.prune_before(cutoff, now))?;
+            let stats = block_on(log.prune_before(cutoff, now))?;
             match stats.anchor {
                 Some(a) => println!(
                     "pruned {} audit records; the chain now starts after record {a}",
@@ -392,8 +391,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let config = common.load()?;
             let since = parse_time("--since", &since)?.unwrap_or(i64::MIN);
             let until = parse_time("--until", &until)?.unwrap_or(i64::MAX);
-            let db = Db::open(&config.data_dir, DbOptions::default())
-                .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+            let db = open_db(&config)?;
             let log = tributary_storage::AuditLog::new(db);
             use std::io::Write;
             let stdout = std::io::stdout();
@@ -526,7 +524,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// True when the data directory could not be opened because a running server holds it.
-fn held_by_server(e: &anyhow::Error) -> bool {
+pub fn held_by_server(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<tributary_storage::StorageError>(),
@@ -547,7 +545,7 @@ fn configured_mapping_version(config: &Config, stale: bool) -> anyhow::Result<Op
     Ok(Some(version))
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -70,6 +70,8 @@ pub enum MappingCommand {
         /// Most rows printed (highest counts first); 0 prints all.
         #[arg(long, default_value_t = 0)]
         limit: usize,
+        #[command(flatten)]
+        server: crate::cli::ServerArgs,
     },
 }
 
@@ -207,7 +209,8 @@ pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
             tenant,
             json,
             limit,
-        } => report(&common, tenant.as_deref(), json, limit),
+            server,
+        } => report(&common, &server, tenant.as_deref(), json, limit),
         MappingCommand::Check { dir } => {
             let set = match load(&dir)? {
                 Ok(s) => s,
@@ -281,14 +284,19 @@ pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
 
 fn report(
     common: &crate::cli::Common,
+    server: &crate::cli::ServerArgs,
     tenant: Option<&str>,
     json: bool,
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
-    let db = tributary_storage::Db::open(&config.data_dir, tributary_storage::DbOptions::default())
-        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
-    let mut report = tributary_storage::FieldReportStore::new(db).read(tenant)?;
+    let mut report = match crate::cli::open_db(&config) {
+        Ok(db) => tributary_storage::FieldReportStore::new(db).read(tenant)?,
+        Err(e) if crate::cli::held_by_server(&e) => {
+            crate::cli::block_on(crate::remote::mapping_report(&config, server, tenant))?
+        }
+        Err(e) => return Err(e),
+    };
     if limit > 0 {
         report.rows.truncate(limit);
     }

@@ -23,15 +23,19 @@ pub async fn list(
     if !sel.ids.is_empty() {
         bail!("a running server lists by criteria only; for one message use `tributary journal show` after stopping it, or drop the ids");
     }
-    let (base, token) = target(config, server, sel)?;
-    let req = client()?
-        .get(format!("{base}/admin/journal"))
-        .bearer_auth(token)
-        .query(&Selection {
-            tenant: None,
-            ..sel.clone()
-        });
-    send(req).await
+    sel.check()?;
+    let req = authorized(
+        config,
+        server,
+        sel.tenant.as_deref(),
+        reqwest::Method::GET,
+        "/admin/journal",
+    )?;
+    send(req.query(&Selection {
+        tenant: None,
+        ..sel.clone()
+    }))
+    .await
 }
 
 pub async fn replay(
@@ -40,33 +44,46 @@ pub async fn replay(
     sel: &Selection,
     dry_run: bool,
 ) -> anyhow::Result<ReplayReport> {
-    let (base, token) = target(config, server, sel)?;
-    let req = client()?
-        .post(format!("{base}/admin/replay"))
-        .bearer_auth(token)
-        .query(&[("dry_run", dry_run)])
-        .json(&Selection {
-            tenant: None,
-            ..sel.clone()
-        });
+    sel.check()?;
+    let req = authorized(
+        config,
+        server,
+        sel.tenant.as_deref(),
+        reqwest::Method::POST,
+        "/admin/replay",
+    )?;
+    send(req.query(&[("dry_run", dry_run)]).json(&Selection {
+        tenant: None,
+        ..sel.clone()
+    }))
+    .await
+}
+
+/// `GET /admin/mapping/report` for one tenant (the default tenant when `tenant` is `None`).
+pub async fn mapping_report(
+    config: &Config,
+    server: &ServerArgs,
+    tenant: Option<&str>,
+) -> anyhow::Result<tributary_storage::FieldReport> {
+    let req = authorized(
+        config,
+        server,
+        tenant,
+        reqwest::Method::GET,
+        "/admin/mapping/report",
+    )?;
     send(req).await
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .context("building the HTTP client")
-}
-
-/// The server's base URL and an admin token for the selection's tenant (the default tenant when
-/// it names none): the server answers for the token's tenant only.
-fn target(
+/// A request to the running server's `path` with an admin token for `tenant` (the default
+/// tenant when `None`): the server answers for the token's tenant only.
+fn authorized(
     config: &Config,
     server: &ServerArgs,
-    sel: &Selection,
-) -> anyhow::Result<(String, String)> {
-    sel.check()?;
+    tenant: Option<&str>,
+    method: reqwest::Method,
+    path: &str,
+) -> anyhow::Result<reqwest::RequestBuilder> {
     let base = match &server.server {
         Some(url) => url.trim_end_matches('/').to_string(),
         None if config.http.tls.is_some() => bail!(
@@ -88,9 +105,15 @@ fn target(
     };
     let token = match &server.token {
         Some(t) => t.clone(),
-        None => local_admin_token(config, sel.tenant.as_deref())?,
+        None => local_admin_token(config, tenant)?,
     };
-    Ok((base, token))
+    let client = reqwest::Client::builder()
+        .timeout(TIMEOUT)
+        .build()
+        .context("building the HTTP client")?;
+    Ok(client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token))
 }
 
 fn local_admin_token(config: &Config, tenant: Option<&str>) -> anyhow::Result<String> {
