@@ -167,6 +167,14 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
         String::from_utf8_lossy(&refused.stderr).contains("not in the journal"),
         "{refused:?}"
     );
+    let shown = cli(&config, &["journal", "show", &adt, "--token", &other]);
+    assert_eq!(shown.status.code(), Some(1), "{shown:?}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(cli(&config, &["journal", "show", &adt]))).unwrap();
+    assert_eq!(shown["meta"]["message_type"], "ADT", "{shown}");
+    assert_eq!(shown["state"], "committed");
+    let raw = cli(&config, &["journal", "show", &adt, "--payload"]);
+    assert!(!raw.status.success(), "the admin API served message content");
     let viewer = token(&["--role", "view"]);
     let refused = cli(&config, &["replay", "--token", &viewer, "--stale"]);
     assert!(

@@ -1,12 +1,13 @@
-//! The journal on a running server: `GET /admin/journal` lists messages and
-//! `POST /admin/replay[?dry_run=true]` queues a selection for mapping again. A running server
+//! The journal on a running server: `GET /admin/journal` lists messages, `GET
+//! /admin/journal/{id}` shows one (never its content) and `POST /admin/replay[?dry_run=true]`
+//! queues a selection for mapping again. A running server
 //! holds the data directory, so this is how `tributary journal list` and `tributary replay`
 //! reach it. Mounted behind the facade's policy stack: admin role only, the token's tenant only,
 //! every call audited like any other request.
 
 use crate::selection::{self, MessageRow, ReplayReport, Selection, REPLAYABLE};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
@@ -28,6 +29,7 @@ struct AdminState {
 pub fn router(rt: Arc<Runtime>, registry: Option<Arc<MappingRegistry>>) -> Router {
     Router::new()
         .route("/admin/journal", get(list))
+        .route("/admin/journal/{id}", get(show))
         .route("/admin/replay", post(replay))
         .with_state(AdminState { rt, registry })
 }
@@ -106,6 +108,26 @@ async fn list(
         mapping_version: current,
         messages: selection::rows(&selected),
     }))
+}
+
+async fn show(
+    State(st): State<AdminState>,
+    Extension(access): Extension<Access>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: MessageId = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a message id (UUID)")))?;
+    let journal = st.rt.journal.clone();
+    let tenant = access.principal.tenant.clone();
+    tokio::task::spawn_blocking(move || {
+        selection::message_summary(journal.as_ref(), id, Some(&tenant))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(selection_error)?
+    .map(Json)
+    .ok_or_else(|| ApiError::NotFound(format!("message {id} is not in the journal")))
 }
 
 async fn replay(

@@ -245,9 +245,15 @@ pub enum JournalCommand {
         #[command(flatten)]
         common: Common,
         id: String,
-        /// Print the raw message (contains PHI: for inspection by authorised staff only).
+        /// Print the raw message (contains PHI: for inspection by authorised staff only). Read
+        /// from the data directory only, never through the admin API.
         #[arg(long)]
         payload: bool,
+        /// Through a running server: the tenant whose message it is (default: the default tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Head sequence number and approximate message count.
     Stats(Common),
@@ -444,37 +450,38 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             common,
             id,
             payload,
+            tenant,
+            server,
         } => {
             let config = common.load()?;
             let id: MessageId = id.parse().context("message id must be a UUID")?;
-            let j = open_journal(&config)?;
-            let Some(rec) = j.get(id)? else {
+            let (summary, raw) = match open_journal(&config) {
+                Ok(j) => {
+                    let raw = match payload {
+                        true => j.get(id)?.map(|r| r.envelope.payload),
+                        false => None,
+                    };
+                    (selection::message_summary(&j, id, None)?, raw)
+                }
+                Err(e) if held_by_server(&e) => {
+                    if payload {
+                        anyhow::bail!("--payload reads the data directory itself, which the running server holds: stop it first (the admin API never serves message content)");
+                    }
+                    (
+                        block_on(remote::message(&config, &server, tenant.as_deref(), id))?,
+                        None,
+                    )
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(summary) = summary else {
                 eprintln!("message {id} is not in the journal");
                 return Ok(ExitCode::from(1));
             };
-            let e = &rec.envelope;
-            let summary = serde_json::json!({
-                "id": e.id.to_string(),
-                "tenant": e.tenant,
-                "partner": e.partner,
-                "protocol": e.protocol,
-                "received_at": tributary_core::format_rfc3339_millis(e.received_at),
-                "ordering_key": e.ordering_key,
-                "bytes": e.payload.len(),
-                "meta": e.meta,
-                "state": rec.state.state.kind(),
-                "reason": rec.state.state.reason(),
-                "attempts": rec.state.attempts,
-                "mapping_version": rec.state.mapping_version,
-                "notes": j.notes(id)?,
-                "history": rec.state.history.iter()
-                    .map(|(at, k)| format!("{} {k}", tributary_core::format_rfc3339_millis(*at)))
-                    .collect::<Vec<_>>(),
-            });
             println!("{}", serde_json::to_string_pretty(&summary)?);
-            if payload {
+            if let Some(raw) = raw {
                 use std::io::Write;
-                std::io::stdout().write_all(&e.payload)?;
+                std::io::stdout().write_all(&raw)?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -59,6 +59,33 @@ pub async fn replay(
     .await
 }
 
+/// `GET /admin/journal/{id}`: the message's summary, `None` when the server does not know it
+/// (for the token's tenant).
+pub async fn message(
+    config: &Config,
+    server: &ServerArgs,
+    tenant: Option<&str>,
+    id: tributary_core::MessageId,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let req = authorized(
+        config,
+        server,
+        tenant,
+        reqwest::Method::GET,
+        &format!("/admin/journal/{id}"),
+    )?;
+    match send(req).await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.downcast_ref::<NotFound>().is_some() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The server answered 404.
+#[derive(Debug, thiserror::Error)]
+#[error("the server answered 404 Not Found: {0}")]
+struct NotFound(String);
+
 /// `GET /admin/mapping/report` for one tenant (the default tenant when `tenant` is `None`).
 pub async fn mapping_report(
     config: &Config,
@@ -145,6 +172,9 @@ async fn send<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Resu
         .context("the data directory is held by a running server, which did not answer")?;
     let status = res.status();
     let body = res.bytes().await.context("reading the server's answer")?;
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Err(NotFound(diagnostics(&body)).into());
+    }
     if !status.is_success() {
         bail!("the server answered {status}: {}", diagnostics(&body));
     }

@@ -288,3 +288,38 @@ pub fn parse_time(flag: &str, s: &Option<String>) -> anyhow::Result<Option<i64>>
         })
         .transpose()
 }
+
+/// What `tributary journal show` prints and `GET /admin/journal/{id}` returns: a message's
+/// envelope facts, state, history and notes, never its content. `None` when the journal does
+/// not hold it or it belongs to another tenant than `tenant`.
+pub fn message_summary(
+    journal: &dyn Journal,
+    id: MessageId,
+    tenant: Option<&str>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Some(rec) = journal.get(id)? else {
+        return Ok(None);
+    };
+    let e = &rec.envelope;
+    if tenant.is_some_and(|t| t != e.tenant.as_str()) {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::json!({
+        "id": e.id.to_string(),
+        "tenant": e.tenant,
+        "partner": e.partner,
+        "protocol": e.protocol,
+        "received_at": tributary_core::format_rfc3339_millis(e.received_at),
+        "ordering_key": e.ordering_key,
+        "bytes": e.payload.len(),
+        "meta": e.meta,
+        "state": rec.state.state.kind(),
+        "reason": rec.state.state.reason(),
+        "attempts": rec.state.attempts,
+        "mapping_version": rec.state.mapping_version,
+        "notes": journal.notes(id)?,
+        "history": rec.state.history.iter()
+            .map(|(at, k)| format!("{} {k}", tributary_core::format_rfc3339_millis(*at)))
+            .collect::<Vec<_>>(),
+    })))
+}
