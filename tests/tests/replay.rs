@@ -174,7 +174,10 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     assert_eq!(shown["meta"]["message_type"], "ADT", "{shown}");
     assert_eq!(shown["state"], "committed");
     let raw = cli(&config, &["journal", "show", &adt, "--payload"]);
-    assert!(!raw.status.success(), "the admin API served message content");
+    assert!(
+        !raw.status.success(),
+        "the admin API served message content"
+    );
     let viewer = token(&["--role", "view"]);
     let refused = cli(&config, &["replay", "--token", &viewer, "--stale"]);
     assert!(

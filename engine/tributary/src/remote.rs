@@ -21,7 +21,7 @@ pub async fn list(
     sel: &Selection,
 ) -> anyhow::Result<ListReply> {
     if !sel.ids.is_empty() {
-        bail!("a running server lists by criteria only; for one message use `tributary journal show` after stopping it, or drop the ids");
+        bail!("a running server lists by criteria only: drop the ids, or use `tributary journal show ID`");
     }
     sel.check()?;
     let req = authorized(
@@ -31,11 +31,7 @@ pub async fn list(
         reqwest::Method::GET,
         "/admin/journal",
     )?;
-    send(req.query(&Selection {
-        tenant: None,
-        ..sel.clone()
-    }))
-    .await
+    send(req.query(sel)).await
 }
 
 pub async fn replay(
@@ -52,11 +48,7 @@ pub async fn replay(
         reqwest::Method::POST,
         "/admin/replay",
     )?;
-    send(req.query(&[("dry_run", dry_run)]).json(&Selection {
-        tenant: None,
-        ..sel.clone()
-    }))
-    .await
+    send(req.query(&[("dry_run", dry_run)]).json(sel)).await
 }
 
 /// `GET /admin/journal/{id}`: the message's summary, `None` when the server does not know it
