@@ -5,7 +5,7 @@
 //! reach it. Mounted behind the facade's policy stack: admin role only, the token's tenant only,
 //! every call audited like any other request.
 
-use crate::selection::{self, MessageRow, ReplayReport, Selection, REPLAYABLE};
+use crate::selection::{self, MessageRow, ReplayReport, Selection};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
@@ -145,7 +145,7 @@ async fn replay(
     }
     let sel = st.scoped(sel, &access);
     let filter = sel
-        .filter(&REPLAYABLE, st.current_version().as_deref())
+        .replay_filter(st.current_version().as_deref())
         .map_err(bad_request)?;
     let selected = st.select(sel, filter).await?;
     let report = selection::replay(st.rt.journal.as_ref(), selected, q.dry_run)

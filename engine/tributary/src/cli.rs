@@ -1,6 +1,6 @@
 use crate::config::Config;
 use crate::remote;
-use crate::selection::{self, parse_time, Selection, REPLAYABLE};
+use crate::selection::{self, parse_time, Selection};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -513,7 +513,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let report = match open_journal(&config) {
         Ok(j) => {
             let current = configured_mapping_version(&config, select.stale)?;
-            let filter = select.filter(&REPLAYABLE, current.as_deref())?;
+            let filter = select.replay_filter(current.as_deref())?;
             let selected = select.select(&j, &filter)?;
             let report = block_on(selection::replay(&j, selected, args.dry_run))?;
             if report.queued > 0 {

@@ -137,13 +137,16 @@ impl ReplayReport {
                 self.queued
             );
         }
+        if self.matched == REPLAY_MAX {
+            println!("stopped at {REPLAY_MAX} messages: run the same command again for the next ones, or give --limit");
+        }
     }
 }
 
 /// States a selection without `state` and without ids replays: every processed message. Pending
 /// ones (`received`) are queued already; `rejected` ones were refused at the door and are
 /// replayed only when asked for by state or id.
-pub const REPLAYABLE: [StateKind; 4] = [
+const REPLAYABLE: [StateKind; 4] = [
     StateKind::Mapped,
     StateKind::Committed,
     StateKind::Delivered,
@@ -197,6 +200,15 @@ impl Selection {
         })
     }
 
+    /// The filter of a replay: processed messages unless a state or ids say otherwise, and at
+    /// most [`REPLAY_MAX`] unless `limit` says otherwise (a replayed message is `received` until
+    /// it is mapped again, so running the same replay again takes the next ones).
+    pub fn replay_filter(&self, current: Option<&str>) -> anyhow::Result<ListFilter> {
+        let mut filter = self.filter(&REPLAYABLE, current)?;
+        filter.limit.get_or_insert(REPLAY_MAX);
+        Ok(filter)
+    }
+
     /// Checks the criteria without a journal: what a command tests before asking a server.
     pub fn check(&self) -> anyhow::Result<()> {
         self.filter(&[], Some("")).map(|_| ())
@@ -245,6 +257,10 @@ impl Selection {
         Ok(out)
     }
 }
+
+/// Most messages one replay queues when the selection sets no `limit`: the selection is held
+/// in memory, and a day of a busy feed is far below this.
+pub const REPLAY_MAX: usize = 100_000;
 
 /// Most message rows a replay report carries (the counts are always complete).
 const REPORT_ROWS: usize = 1000;
@@ -322,4 +338,71 @@ pub fn message_summary(
             .map(|(at, k)| format!("{} {k}", tributary_core::format_rfc3339_millis(*at)))
             .collect::<Vec<_>>(),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_needs_a_criterion_and_defaults_to_processed_messages_up_to_the_cap() {
+        let tenant_only = Selection {
+            tenant: Some("t".into()),
+            limit: Some(5),
+            ..Default::default()
+        };
+        assert!(tenant_only.is_unbounded());
+        let stale = Selection {
+            stale: true,
+            ..Default::default()
+        };
+        assert!(!stale.is_unbounded());
+        let f = stale.replay_filter(Some("v2")).unwrap();
+        assert_eq!(f.states, REPLAYABLE.to_vec());
+        assert_eq!(f.limit, Some(REPLAY_MAX));
+        assert_eq!(f.mapping_version, Some(VersionMatch::Not("v2".into())));
+        // named ids are taken in any state; a state given replaces the default
+        let ids = Selection {
+            ids: vec!["x".into()],
+            ..Default::default()
+        };
+        assert!(ids.replay_filter(None).unwrap().states.is_empty());
+        let rejected = Selection {
+            state: Some("rejected".into()),
+            limit: Some(7),
+            ..Default::default()
+        };
+        let f = rejected.replay_filter(None).unwrap();
+        assert_eq!((f.states, f.limit), (vec![StateKind::Rejected], Some(7)));
+    }
+
+    #[test]
+    fn malformed_criteria_are_named() {
+        let err = |s: Selection| s.check().unwrap_err().to_string();
+        assert!(err(Selection {
+            state: Some("done".into()),
+            ..Default::default()
+        })
+        .contains("expected one of received"));
+        assert!(err(Selection {
+            since: Some("yesterday".into()),
+            ..Default::default()
+        })
+        .contains("since \"yesterday\""));
+        assert!(err(Selection {
+            stale: true,
+            mapped_by: Some("ab".into()),
+            ..Default::default()
+        })
+        .contains("not both"));
+        let no_set = Selection {
+            stale: true,
+            ..Default::default()
+        };
+        assert!(no_set.filter(&[], None).is_err());
+        // the admin API's body: a misspelt criterion is refused, not ignored
+        assert!(serde_json::from_str::<Selection>(r#"{"stat": "failed"}"#).is_err());
+        let sel: Selection = serde_json::from_str(r#"{"type": "ADT^A08", "ids": ["a"]}"#).unwrap();
+        assert_eq!(sel.message_type.as_deref(), Some("ADT^A08"));
+    }
 }
