@@ -22,6 +22,8 @@ use tributary_storage::Journal;
 /// records them: MSH-10 (message control id) and MSH-9's message code and trigger event.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Hl7Header {
+    /// Where the MSH segment ends: the de-duplication key hashes what follows.
+    pub msh_end: usize,
     pub control_id: Option<String>,
     pub message_type: Option<String>,
     pub trigger_event: Option<String>,
@@ -49,6 +51,7 @@ pub fn hl7_header(payload: &[u8]) -> Hl7Header {
         .map_or(&[][..], |f| *f)
         .split(|b| *b == component);
     Hl7Header {
+        msh_end: seg_end,
         control_id: fields.get(9).and_then(|f| text(f, 199)),
         message_type: msg_type.next().and_then(|c| text(c, 16)),
         trigger_event: msg_type.next().and_then(|c| text(c, 16)),
@@ -127,14 +130,20 @@ impl AmqpSource {
             Protocol::Hl7v2 => hl7_header(&d.data),
             _ => Hl7Header::default(),
         };
-        let control_id = header.control_id;
+        let control_id = header.control_id.clone();
         let mut b = Envelope::builder(protocol, d.data.clone())
             .tenant(tenant.as_str())
             .partner(self.src.partner.as_str())
             .meta("ingress", "amqp")
             .meta("amqp.queue", self.src.queue.as_str());
-        if let Some(id) = control_id.as_ref().or(message_id.as_ref()) {
-            b = b.dedup_key(format!("{}/{id}", self.src.partner));
+        let partner = self.src.partner.as_str();
+        match (&control_id, &message_id) {
+            (Some(id), _) => {
+                let after_msh = &d.data[header.msh_end..];
+                b = b.dedup_key(tributary_core::hl7v2_dedup_key(partner, id, after_msh));
+            }
+            (None, Some(id)) => b = b.dedup_key(format!("{partner}/{id}")),
+            (None, None) => {}
         }
         if let Some(id) = &control_id {
             b = b.meta("hl7.control_id", id.as_str());
@@ -291,6 +300,7 @@ mod tests {
         assert_eq!(
             hl7_header(m),
             Hl7Header {
+                msh_end: m.iter().position(|b| *b == b'\r').unwrap(),
                 control_id: Some("CTRL-42".into()),
                 message_type: Some("ORU".into()),
                 trigger_event: Some("R01".into()),
@@ -303,6 +313,10 @@ mod tests {
             (Some("ADT"), Some("A08"))
         );
         assert_eq!(hl7_header(b"PID|1"), Hl7Header::default());
-        assert_eq!(hl7_header(b"MSH|^~\\&|A"), Hl7Header::default());
+        let short = hl7_header(b"MSH|^~\\&|A");
+        assert_eq!(
+            (short.control_id, short.message_type, short.msh_end),
+            (None, None, 10)
+        );
     }
 }

@@ -205,6 +205,9 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     // The same message again (a sender retry): recognised by MSH-10, stored once.
     let again = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-7|P|2.5\rPID|1||7\r";
     publish(&ch, &queue, again.as_bytes()).await;
+    // A different message that reuses a control id (a sender whose counter restarted): stored.
+    let reused = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240102120000||ORU^R01|CTRL-8|P|2.5\rPID|1||other\r";
+    publish(&ch, &queue, reused.as_bytes()).await;
 
     let cfg = AmqpConfig {
         url: amqp_url(),
@@ -235,7 +238,7 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         ..Default::default()
     };
     wait_for("every message journaled", || {
-        journal.list(&all).unwrap().len() > n
+        journal.list(&all).unwrap().len() > n + 1
     })
     .await;
     // The queue drains (every delivery acked after its append).
@@ -247,7 +250,11 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let listed = journal.list(&all).unwrap();
-    assert_eq!(listed.len(), n + 1, "one journal entry per control id");
+    assert_eq!(
+        listed.len(),
+        n + 2,
+        "one journal entry per distinct message, a resend stored once"
+    );
     let rejected: Vec<_> = listed
         .iter()
         .map(|(id, _, _)| journal.get(*id).unwrap().unwrap())
@@ -270,7 +277,8 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     let text = metrics.render(Vec::new());
     for want in [
         format!(
-            "tributary_ingress_messages_total{{source=\"amqp-source\",outcome=\"accepted\"}} {n}"
+            "tributary_ingress_messages_total{{source=\"amqp-source\",outcome=\"accepted\"}} {}",
+            n + 1
         ),
         "tributary_ingress_messages_total{source=\"amqp-source\",outcome=\"duplicate\"} 1".into(),
         "tributary_ingress_messages_total{source=\"amqp-source\",outcome=\"rejected\"} 1".into(),
@@ -289,7 +297,7 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         message_type: Some("ORU^R01".into()),
         ..all.clone()
     };
-    assert_eq!(journal.list(&oru).unwrap().len(), n + 1);
+    assert_eq!(journal.list(&oru).unwrap().len(), n + 2);
     assert_eq!(readiness.snapshot()["amqp-source"], ComponentStatus::Ready);
     shutdown.cancel();
     task.await.unwrap().unwrap();

@@ -718,19 +718,10 @@ pub fn ordering_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
     partner.to_string()
 }
 
-/// `partner/MSH-10/<hash of everything after MSH>`: a resend (even with a regenerated MSH-7) is
-/// a duplicate; a different message that reuses a control id is not.
-///
-/// The hash is 128-bit XXH3, not SHA-256: it runs on every message over the whole body, where
-/// SHA-256 was ~5% of the listener's CPU. Only the same partner with the same control id can
-/// collide, so a crafted collision could only make that partner's own message look resent.
+/// [`tributary_core::hl7v2_dedup_key`] of a parsed message.
 pub fn dedup_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
     let body = &payload[h.msh.end.min(payload.len())..];
-    format!(
-        "{partner}/{}/{:032x}",
-        ascii_lossy(h.control_id(), 64),
-        xxhash_rust::xxh3::xxh3_128(body)
-    )
+    tributary_core::hl7v2_dedup_key(partner, &ascii_lossy(h.control_id(), 64), body)
 }
 
 /// Why a message cannot be accepted: its header lacks what an ACK needs, or it does not parse.

@@ -111,6 +111,21 @@ pub fn deterministic_id(parts: &[&str]) -> String {
     id
 }
 
+/// The journal's de-duplication key for an HL7 v2 message: `partner/MSH-10/<128-bit XXH3 of
+/// everything after the MSH segment>`. A resend (even with a regenerated MSH-7) is a duplicate;
+/// a different message that reuses a control id — senders whose counters restart do — is not,
+/// and is stored.
+///
+/// XXH3, not SHA-256: it runs over every message body on the ingress path. Only one partner's
+/// messages with one control id can collide, so a crafted collision could only make that
+/// partner's own message look resent.
+pub fn hl7v2_dedup_key(partner: &str, control_id: &str, after_msh: &[u8]) -> String {
+    format!(
+        "{partner}/{control_id}/{:032x}",
+        xxhash_rust::xxh3::xxh3_128(after_msh)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
