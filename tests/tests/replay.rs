@@ -225,3 +225,49 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
         assert_eq!(p.resource().unwrap()["gender"], "unknown");
     }
 }
+
+/// With `[http.tls]`, the commands need the server's https URL, and `--cacert` for a CA the
+/// system does not trust; the admin API answers over the same TLS listener.
+#[test]
+fn the_commands_reach_a_server_that_listens_with_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_lab_certs(tmp.path());
+    let data = tmp.path().join("data");
+    let config = data.with_extension("toml");
+    let extra = format!(
+        "[http.tls]\ncert = {:?}\nkey = {:?}\n",
+        tmp.path().join("server.crt").display().to_string(),
+        tmp.path().join("server.key").display().to_string()
+    );
+    let server = Server::start(&data, &tmp.path().join("serve.log"), &extra, &[]);
+    let plain = cli(&config, &["journal", "list"]);
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("listens with TLS"),
+        "{plain:?}"
+    );
+    let url = format!("https://localhost:{}", server.http.port());
+    let untrusted = cli(&config, &["journal", "list", "--server", &url]);
+    assert!(!untrusted.status.success(), "a self-signed CA was trusted");
+    let ca = tmp.path().join("ca.crt");
+    let ca = ca.to_str().unwrap();
+    let listed = ok(cli(
+        &config,
+        &["journal", "list", "--server", &url, "--cacert", ca],
+    ));
+    assert_eq!(listed, "");
+    let dry = ok(cli(
+        &config,
+        &[
+            "replay",
+            "--state",
+            "failed",
+            "--dry-run",
+            "--server",
+            &url,
+            "--cacert",
+            ca,
+        ],
+    ));
+    assert!(dry.contains("0 message(s) match"), "{dry}");
+    server.stop();
+}

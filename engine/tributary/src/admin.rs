@@ -1,9 +1,9 @@
 //! The journal on a running server: `GET /admin/journal` lists messages, `GET
 //! /admin/journal/{id}` shows one (never its content) and `POST /admin/replay[?dry_run=true]`
-//! queues a selection for mapping again. A running server
-//! holds the data directory, so this is how `tributary journal list` and `tributary replay`
-//! reach it. Mounted behind the facade's policy stack: admin role only, the token's tenant only,
-//! every call audited like any other request.
+//! queues a selection for mapping again. A running server holds the data directory, so this is
+//! how `tributary journal list`, `journal show` and `replay` reach it. Mounted behind the
+//! facade's policy stack: admin role only, the token's tenant only, every call audited like any
+//! other request.
 
 use crate::selection::{self, MessageRow, ReplayReport, Selection};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -17,7 +17,7 @@ use tributary_facade::policy::Access;
 use tributary_facade::ApiError;
 use tributary_pipeline::MappingRegistry;
 use tributary_runtime::Runtime;
-use tributary_storage::{ListFilter, StateRecord};
+use tributary_storage::{Journal, ListFilter, StateRecord};
 
 #[derive(Clone)]
 struct AdminState {
@@ -58,16 +58,23 @@ impl AdminState {
     }
 
     /// Journal reads off the runtime's workers: a selection may scan a long time range.
+    async fn reading<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&dyn Journal) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let journal = self.rt.journal.clone();
+        tokio::task::spawn_blocking(move || read(journal.as_ref()))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(selection_error)
+    }
+
     async fn select(
         &self,
         sel: Selection,
         filter: ListFilter,
     ) -> Result<Vec<(MessageId, i64, StateRecord)>, ApiError> {
-        let journal = self.rt.journal.clone();
-        tokio::task::spawn_blocking(move || sel.select(journal.as_ref(), &filter))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(selection_error)
+        self.reading(move |j| sel.select(j, &filter)).await
     }
 
     /// The token's tenant replaces whatever tenant the selection names: an admin of one tenant
@@ -118,16 +125,11 @@ async fn show(
     let id: MessageId = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a message id (UUID)")))?;
-    let journal = st.rt.journal.clone();
     let tenant = access.principal.tenant.clone();
-    tokio::task::spawn_blocking(move || {
-        selection::message_summary(journal.as_ref(), id, Some(&tenant))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(selection_error)?
-    .map(Json)
-    .ok_or_else(|| ApiError::NotFound(format!("message {id} is not in the journal")))
+    st.reading(move |j| selection::message_summary(j, id, Some(&tenant)))
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("message {id} is not in the journal")))
 }
 
 async fn replay(

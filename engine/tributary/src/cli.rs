@@ -212,6 +212,10 @@ pub struct ServerArgs {
     /// directory, valid for two minutes, when `facade.auth.local_key` is on).
     #[arg(long, env = "TRIBUTARY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of the CA that signed an `https` server's certificate, when the system's roots
+    /// do not include it.
+    #[arg(long, value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -106,7 +106,7 @@ fn authorized(
     let base = match &server.server {
         Some(url) => url.trim_end_matches('/').to_string(),
         None if config.http.tls.is_some() => bail!(
-            "the data directory is held by a running server that listens with TLS: pass --server https://HOST:PORT"
+            "the data directory is held by a running server that listens with TLS: pass --server https://HOST:PORT (and --cacert when its CA is not a system root)"
         ),
         None => {
             let addr: SocketAddr = config
@@ -126,10 +126,14 @@ fn authorized(
         Some(t) => t.clone(),
         None => local_admin_token(config, tenant)?,
     };
-    let client = reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .build()
-        .context("building the HTTP client")?;
+    let mut client = reqwest::Client::builder().timeout(TIMEOUT);
+    if let Some(path) = &server.cacert {
+        let pem = std::fs::read(path).with_context(|| format!("--cacert {}", path.display()))?;
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .with_context(|| format!("--cacert {}: not a PEM certificate", path.display()))?;
+        client = client.add_root_certificate(ca);
+    }
+    let client = client.build().context("building the HTTP client")?;
     Ok(client
         .request(method, format!("{base}{path}"))
         .bearer_auth(token))
