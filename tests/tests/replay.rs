@@ -2,8 +2,8 @@
 //! messages by type and by the mapping version that last mapped them (`--stale`), asks the running
 //! server (which holds the data directory) through its admin API, and the server maps them again
 //! with the new version. Admin role and the token's tenant are enforced; with the server stopped
-//! the same command queues the messages for the next start. `mapping report` also reaches a
-//! running server.
+//! the same command queues the messages for the next start. `mapping report` and `audit verify`
+//! also reach a running server.
 
 mod mllp_common;
 
@@ -193,6 +193,12 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     });
     let v2 = after.iter().find(|r| r.0 == adt).unwrap().3.clone();
     assert_ne!(v2, v1, "the replay mapped with the new version");
+    // The audit chain, too, is verified by the running server, admin calls included.
+    let verified = ok(cli(&config, &["audit", "verify"]));
+    assert!(
+        verified.contains("audit chain intact") && verified.contains("by the running server"),
+        "{verified}"
+    );
     // The field report, too, comes from the running server.
     let report: serde_json::Value =
         serde_json::from_str(&ok(cli(&config, &["mapping", "report", "--json"]))).unwrap();

@@ -132,8 +132,15 @@ pub struct IssueArgs {
 pub enum AuditCommand {
     /// Walk the hash chain; exit 1 naming the first bad record if anything was edited, deleted
     /// or reordered.
-    #[command(after_help = "Example:\n  tributary audit verify --data-dir /var/lib/tributary")]
-    Verify(Common),
+    #[command(
+        after_help = "Example:\n  tributary audit verify --data-dir /var/lib/tributary\n\nWith `tributary serve` running, the server verifies (GET /admin/audit/verify) and this prints its answer."
+    )]
+    Verify {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Print audit records as JSON lines (each with its seq and prev hash) for a SIEM.
     #[command(
         after_help = "Examples:\n  tributary audit export --since 2026-11-01\n  tributary audit export --since 2026-11-23T08:00:00Z --until 2026-11-24 > audit.jsonl"
@@ -344,9 +351,29 @@ fn issue_token(args: IssueArgs) -> anyhow::Result<ExitCode> {
 
 fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AuditCommand::Verify(common) => {
+        AuditCommand::Verify { common, server } => {
             let config = common.load()?;
-            let db = open_db(&config)?;
+            let db = match open_db(&config) {
+                Ok(db) => db,
+                Err(e) if held_by_server(&e) => {
+                    let v = block_on(remote::audit_verify(&config, &server))?;
+                    if v.intact {
+                        println!(
+                            "audit chain intact: {} records, head {} (verified by the running server)",
+                            v.entries.unwrap_or(0),
+                            v.head_hash.unwrap_or_default()
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    println!(
+                        "AUDIT CHAIN BROKEN at record {}: {}",
+                        v.first_bad_record.unwrap_or(0),
+                        v.reason.unwrap_or_default()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e),
+            };
             let log = tributary_storage::AuditLog::new(db);
             let anchor = log.anchor()?;
             match log.verify()? {

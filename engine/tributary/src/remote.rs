@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::selection::{ReplayReport, Selection};
 use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -94,6 +95,33 @@ pub async fn mapping_report(
     send(req).await
 }
 
+/// What `GET /admin/audit/verify` answers (200 when intact, 409 naming the first bad record).
+#[derive(Deserialize, Debug)]
+pub struct AuditVerdict {
+    pub intact: bool,
+    pub entries: Option<u64>,
+    pub head_hash: Option<String>,
+    pub first_bad_record: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// The running server walks its audit chain; the answer is the same either way it ends.
+pub async fn audit_verify(config: &Config, server: &ServerArgs) -> anyhow::Result<AuditVerdict> {
+    let req = authorized(
+        config,
+        server,
+        None,
+        reqwest::Method::GET,
+        "/admin/audit/verify",
+    )?;
+    let (status, body) = exchange(req).await?;
+    if status.is_success() || status == reqwest::StatusCode::CONFLICT {
+        return serde_json::from_slice(&body)
+            .context("the server's answer is not what this version expects");
+    }
+    bail!("the server answered {status}: {}", diagnostics(&body))
+}
+
 /// A request to the running server's `path` with an admin token for `tenant` (the default
 /// tenant when `None`): the server answers for the token's tenant only.
 fn authorized(
@@ -161,13 +189,20 @@ fn local_admin_token(config: &Config, tenant: Option<&str>) -> anyhow::Result<St
     Ok(tributary_facade::auth::issue(&key, &req)?)
 }
 
-async fn send<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+async fn exchange(
+    req: reqwest::RequestBuilder,
+) -> anyhow::Result<(reqwest::StatusCode, bytes::Bytes)> {
     let res = req
         .send()
         .await
         .context("the data directory is held by a running server, which did not answer")?;
     let status = res.status();
     let body = res.bytes().await.context("reading the server's answer")?;
+    Ok((status, body))
+}
+
+async fn send<T: DeserializeOwned>(req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    let (status, body) = exchange(req).await?;
     if status == reqwest::StatusCode::NOT_FOUND {
         return Err(NotFound(diagnostics(&body)).into());
     }
