@@ -109,15 +109,26 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     let mllp = server.mllp.to_string();
     let fixtures = tributary_e2e::repo_root().join("mappings/hl7v2/messages");
     send(&mllp, &std::fs::read(fixtures.join("ADT_A01.hl7")).unwrap()).await;
-    send(&mllp, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
+    let oru_text = std::fs::read_to_string(fixtures.join("ORU_R01.hl7")).unwrap();
+    send(&mllp, oru_text.as_bytes()).await;
+    // a result for another patient (another ordering key)
+    let other_patient = oru_text
+        .replace("MRN70001", "MRN70002")
+        .replace("|SYN-", "|SYN2-");
+    assert_ne!(other_patient, oru_text);
+    send(&mllp, other_patient.as_bytes()).await;
 
     // `journal list` works while the server holds the data directory: it asks the server.
     let before = wait_rows(&config, &[], |r| {
-        r.len() == 2 && r.iter().all(|row| row.1 == "committed")
+        r.len() == 3 && r.iter().all(|row| row.1 == "committed")
     });
-    let (adt, oru) = (before[0].0.clone(), before[1].0.clone());
+    let (adt, oru, oru2) = (
+        before[0].0.clone(),
+        before[1].0.clone(),
+        before[2].0.clone(),
+    );
     let v1 = before[0].3.clone();
-    assert_eq!(before[1].3, v1);
+    assert!(before.iter().all(|r| r.3 == v1));
 
     // The analyst's edit: every Patient's gender becomes a constant. Hot reload picks it up.
     let file = maps.join("hl7v2/segments/PID-Patient.yaml");
@@ -138,11 +149,19 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
         &config,
         &["replay", "--stale", "--type", "ADT", "--dry-run"],
     ));
-    assert!(dry.contains(&adt) && !dry.contains(&oru), "{dry}");
+    // The admission's later result for the same patient comes along, so the two are mapped
+    // again in their original order; the other patient's result does not.
     assert!(
-        dry.contains("1 message(s) match (committed 1); nothing queued"),
+        dry.contains(&adt) && dry.contains(&oru) && !dry.contains(&oru2),
         "{dry}"
     );
+    assert!(
+        dry.contains(
+            "1 message(s) match, with 1 later message(s) of the same senders and patients"
+        ),
+        "{dry}"
+    );
+    assert!(dry.contains("(committed 2); nothing queued"), "{dry}");
     let bad = cli(&config, &["replay", "--state", "done"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected one of"));
@@ -186,10 +205,12 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     );
 
     let queued = ok(cli(&config, &["replay", "--stale", "--type", "ADT^A01"]));
-    assert!(queued.contains("queued 1 message(s)"), "{queued}");
+    assert!(queued.contains("queued 2 message(s)"), "{queued}");
     let after = wait_rows(&config, &[], |r| {
         r.iter()
-            .any(|row| row.0 == adt && row.1 == "committed" && row.2 == "2")
+            .filter(|row| row.1 == "committed" && row.2 == "2")
+            .count()
+            == 2
     });
     let v2 = after.iter().find(|r| r.0 == adt).unwrap().3.clone();
     assert_ne!(v2, v1, "the replay mapped with the new version");
@@ -205,7 +226,7 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     assert!(report["rows"].is_array(), "{report}");
     let stale = ok(cli(&config, &["journal", "list", "--stale"]));
     assert_eq!(rows(&stale).len(), 1);
-    assert!(stale.contains(&oru), "{stale}");
+    assert!(stale.contains(&oru2), "{stale}");
     server.stop();
 
     // Server stopped: the same command queues the rest for the next start.
@@ -218,7 +239,7 @@ async fn a_mapping_edit_is_applied_to_the_stale_messages_of_one_type_through_the
     server.stop();
 
     let records = journal_records(&data);
-    assert_eq!(records.len(), 2);
+    assert_eq!(records.len(), 3);
     for r in &records {
         assert_eq!(r.state.state, MessageState::Committed);
         assert_eq!(r.state.attempts, 2);

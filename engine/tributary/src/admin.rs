@@ -149,7 +149,9 @@ async fn replay(
     let filter = sel
         .replay_filter(st.current_version().as_deref())
         .map_err(bad_request)?;
-    let selected = st.select(sel, filter).await?;
+    let selected = st
+        .reading(move |j| sel.select_for_replay(j, &filter))
+        .await?;
     let report = selection::replay(st.rt.journal.as_ref(), selected, q.dry_run)
         .await
         .map_err(selection_error)?;
@@ -157,6 +159,7 @@ async fn replay(
         tenant = %access.principal.tenant,
         client = %access.principal.client_id,
         matched = report.matched,
+        followers = report.followers,
         queued = report.queued,
         dry_run = q.dry_run,
         "replay requested through the admin API"

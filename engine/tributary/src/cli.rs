@@ -545,7 +545,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Ok(j) => {
             let current = configured_mapping_version(&config, select.stale)?;
             let filter = select.replay_filter(current.as_deref())?;
-            let selected = select.select(&j, &filter)?;
+            let selected = select.select_for_replay(&j, &filter)?;
             let report = block_on(selection::replay(&j, selected, args.dry_run))?;
             if report.queued > 0 {
                 eprintln!("no server is running on this data directory: `tributary serve` maps them when it starts");

@@ -98,12 +98,23 @@ impl MessageRow {
     }
 }
 
+/// What a replay queues, in journal order.
+pub struct ReplaySet {
+    pub messages: Vec<(MessageId, i64, StateRecord)>,
+    /// How many of them are followers: later messages of the same ordering keys.
+    pub followers: usize,
+}
+
 /// What `replay` selected and queued. `queued` is 0 for a dry run.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ReplayReport {
+    /// Messages the criteria selected.
     pub matched: usize,
+    /// Later messages of the same ordering keys (sender and patient) added to keep the order.
+    #[serde(default)]
+    pub followers: usize,
     pub queued: usize,
-    /// Matched messages per state before the replay.
+    /// Matched messages and followers per state before the replay.
     pub by_state: BTreeMap<String, usize>,
     pub messages: Vec<MessageRow>,
 }
@@ -120,20 +131,26 @@ impl ReplayReport {
                 .collect();
             format!(" ({})", parts.join(", "))
         };
+        let followers = match self.followers {
+            0 => String::new(),
+            n => format!(
+                ", with {n} later message(s) of the same senders and patients, so that all are mapped again in their original order"
+            ),
+        };
         if dry_run {
             for m in &self.messages {
                 println!("{}", m.line());
             }
-            if self.messages.len() < self.matched {
+            if self.messages.len() < self.matched + self.followers {
                 println!("(the first {} listed)", self.messages.len());
             }
             println!(
-                "{} message(s) match{states}; nothing queued (--dry-run)",
+                "{} message(s) match{followers}{states}; nothing queued (--dry-run)",
                 self.matched
             );
         } else {
             println!(
-                "queued {} message(s) for mapping again{states}",
+                "queued {} message(s) for mapping again{followers}{states}",
                 self.queued
             );
         }
@@ -209,6 +226,69 @@ impl Selection {
         Ok(filter)
     }
 
+    /// The messages a replay queues: the selection, and every later message with the same
+    /// ordering key (sender and patient) that was or will be mapped, all in journal order, with
+    /// how many were added. A replayed message is mapped again after everything already
+    /// processed, so replaying an old admission alone would put its older demographics over a
+    /// later update; with its followers re-queued behind it, the latest message's data is what
+    /// stays, as when they first arrived.
+    pub fn select_for_replay(
+        &self,
+        journal: &dyn Journal,
+        filter: &ListFilter,
+    ) -> anyhow::Result<ReplaySet> {
+        let mut selected = self.select(journal, filter)?;
+        // the earliest selected message of each ordering key
+        let mut first: std::collections::HashMap<String, (i64, MessageId)> =
+            std::collections::HashMap::new();
+        for (id, at, _) in &selected {
+            if let Some(rec) = journal.get(*id)? {
+                let e = first.entry(rec.envelope.ordering_key).or_insert((*at, *id));
+                *e = (*e).min((*at, *id));
+            }
+        }
+        let Some(since) = first.values().map(|(at, _)| *at).min() else {
+            return Ok(ReplaySet {
+                messages: selected,
+                followers: 0,
+            });
+        };
+        let later = ListFilter {
+            states: FOLLOWER_STATES.to_vec(),
+            since: Some(since),
+            tenant: filter.tenant.clone(),
+            limit: Some(FOLLOWER_SCAN_MAX + 1),
+            ..Default::default()
+        };
+        let candidates = journal.list(&later)?;
+        if candidates.len() > FOLLOWER_SCAN_MAX {
+            bail!("more than {FOLLOWER_SCAN_MAX} messages arrived after the earliest selected one: narrow the selection (--since, --partner, ids)");
+        }
+        let chosen: std::collections::HashSet<MessageId> =
+            selected.iter().map(|(id, _, _)| *id).collect();
+        let mut followers = 0;
+        for (id, at, st) in candidates {
+            if chosen.contains(&id) {
+                continue;
+            }
+            let Some(rec) = journal.get(id)? else {
+                continue;
+            };
+            if first
+                .get(&rec.envelope.ordering_key)
+                .is_some_and(|earliest| (at, id) > *earliest)
+            {
+                selected.push((id, at, st));
+                followers += 1;
+            }
+        }
+        selected.sort_by_key(|(id, at, _)| (*at, *id));
+        Ok(ReplaySet {
+            messages: selected,
+            followers,
+        })
+    }
+
     /// Checks the criteria without a journal: what a command tests before asking a server.
     pub fn check(&self) -> anyhow::Result<()> {
         self.filter(&[], Some("")).map(|_| ())
@@ -258,6 +338,20 @@ impl Selection {
     }
 }
 
+/// States of a later message that a replay re-queues with the earlier ones it follows: every
+/// one that was or will be mapped (`rejected` ones never are).
+const FOLLOWER_STATES: [StateKind; 5] = [
+    StateKind::Received,
+    StateKind::Mapped,
+    StateKind::Committed,
+    StateKind::Delivered,
+    StateKind::Failed,
+];
+
+/// Most messages a replay looks through for followers; a selection reaching further back must
+/// be narrowed.
+const FOLLOWER_SCAN_MAX: usize = 1_000_000;
+
 /// Most messages one replay queues when the selection sets no `limit`: the selection is held
 /// in memory, and a day of a busy feed is far below this.
 pub const REPLAY_MAX: usize = 100_000;
@@ -265,12 +359,17 @@ pub const REPLAY_MAX: usize = 100_000;
 /// Most message rows a replay report carries (the counts are always complete).
 const REPORT_ROWS: usize = 1000;
 
-/// Queues the selected messages for mapping again, unless `dry_run`.
+/// Queues a replay selection (see [`Selection::select_for_replay`]) for mapping again, in the
+/// order given, unless `dry_run`.
 pub async fn replay(
     journal: &dyn Journal,
-    selected: Vec<(MessageId, i64, StateRecord)>,
+    set: ReplaySet,
     dry_run: bool,
 ) -> anyhow::Result<ReplayReport> {
+    let ReplaySet {
+        messages: selected,
+        followers,
+    } = set;
     let mut by_state = BTreeMap::new();
     for (_, _, st) in &selected {
         *by_state.entry(st.state.kind().to_string()).or_insert(0) += 1;
@@ -282,7 +381,8 @@ pub async fn replay(
         journal.replay(&ids).await?.len()
     };
     Ok(ReplayReport {
-        matched: selected.len(),
+        matched: selected.len() - followers,
+        followers,
         queued,
         by_state,
         messages: rows(&selected[..selected.len().min(REPORT_ROWS)]),
@@ -343,6 +443,81 @@ pub fn message_summary(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tributary_core::{Envelope, MessageState, Protocol};
+    use tributary_storage::{Db, DbOptions, FjallJournal};
+
+    async fn message(
+        j: &FjallJournal,
+        key: &str,
+        trigger: &str,
+        state: Option<MessageState>,
+    ) -> MessageId {
+        let env = Envelope::builder(Protocol::Hl7v2, &b"MSH|"[..])
+            .ordering_key(key)
+            .meta("message_type", "ADT")
+            .meta("trigger_event", trigger)
+            .build();
+        let id = j.append(env).await.unwrap().id;
+        if let Some(to) = state {
+            j.transition(id, to, Some("v1".into())).await.unwrap();
+        }
+        id
+    }
+
+    #[tokio::test]
+    async fn a_replay_takes_the_later_messages_of_the_same_ordering_keys_along_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = FjallJournal::new(Db::open(dir.path(), DbOptions::default()).unwrap(), 0);
+        let done = || Some(MessageState::Committed);
+        let earlier = message(&j, "lab/p1", "A08", done()).await;
+        let admit = message(&j, "lab/p1", "A01", done()).await;
+        let other = message(&j, "lab/p2", "A01", done()).await;
+        let update = message(&j, "lab/p1", "A08", done()).await;
+        let failed = message(
+            &j,
+            "lab/p1",
+            "A08",
+            Some(MessageState::Failed { reason: "x".into() }),
+        )
+        .await;
+        let refused = j
+            .append_rejected(
+                Envelope::builder(Protocol::Hl7v2, &b"x"[..])
+                    .ordering_key("lab/p1")
+                    .build(),
+                "bad".into(),
+            )
+            .await
+            .unwrap()
+            .id;
+        let unrelated = message(&j, "lab/p3", "A08", done()).await;
+        let pending = message(&j, "lab/p1", "A03", None).await;
+
+        let sel = Selection {
+            message_type: Some("ADT^A01".into()),
+            ..Default::default()
+        };
+        let set = sel
+            .select_for_replay(&j, &sel.replay_filter(None).unwrap())
+            .unwrap();
+        let ids: Vec<MessageId> = set.messages.iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(ids, vec![admit, other, update, failed, pending]);
+        assert_eq!(set.followers, 3);
+        for left_out in [earlier, refused, unrelated] {
+            assert!(!ids.contains(&left_out));
+        }
+
+        let head = j.stats().head_seq;
+        let report = replay(&j, set, false).await.unwrap();
+        assert_eq!((report.matched, report.followers, report.queued), (2, 3, 5));
+        let queued: Vec<MessageId> = j
+            .entries_after(head, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(queued, ids, "re-queued in their original order");
+    }
 
     #[test]
     fn a_replay_needs_a_criterion_and_defaults_to_processed_messages_up_to_the_cap() {
