@@ -27,12 +27,12 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tributary_core::{deterministic_id, MessageState, Protocol, StateKind};
+use tributary_core::{deterministic_id, MessageId, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
     FieldKey, FieldKind, FieldReportStore, JournalEntry, JournalRecord, MessageUpdate, OutboxEvent,
-    ResourceWrite, StorageError, StoreTransaction,
+    ResourceWrite, StateRecord, StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -345,6 +345,29 @@ impl Pipeline {
         }
     }
 
+    /// Re-queues quarantined messages with the later messages of their senders and patients
+    /// behind them ([`tributary_storage::with_followers`]): a quarantined admission mapped
+    /// after the update that followed it would leave its older data in place.
+    async fn requeue(&self, rt: &Runtime, quarantined: Vec<(MessageId, i64, StateRecord)>) {
+        let count = quarantined.len();
+        let set = match tributary_storage::with_followers(rt.journal.as_ref(), quarantined, None) {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(error = %e, "re-queue failed");
+                return;
+            }
+        };
+        tracing::info!(
+            count,
+            followers = set.followers,
+            "re-queueing quarantined messages"
+        );
+        let ids: Vec<MessageId> = set.messages.iter().map(|(id, _, _)| *id).collect();
+        if let Err(e) = rt.journal.replay(&ids).await {
+            tracing::warn!(error = %e, "re-queue failed");
+        }
+    }
+
     /// Checks the mapping directory; on a new good version, re-queues quarantined messages.
     pub async fn reload_and_requeue(&self, rt: &Runtime) -> ReloadOutcome {
         let outcome = self.registry.reload();
@@ -357,20 +380,16 @@ impl Pipeline {
                     ..Default::default()
                 };
                 if let Ok(list) = rt.journal.list(&filter) {
-                    let ids: Vec<_> = list
+                    let quarantined: Vec<_> = list
                         .into_iter()
                         .filter(|(_, _, st)| {
                             st.state
                                 .reason()
                                 .is_some_and(|r| r.starts_with("quarantined:"))
                         })
-                        .map(|(id, _, _)| id)
                         .collect();
-                    if !ids.is_empty() {
-                        tracing::info!(count = ids.len(), "re-queueing quarantined messages");
-                        if let Err(e) = rt.journal.replay(&ids).await {
-                            tracing::warn!(error = %e, "re-queue failed");
-                        }
+                    if !quarantined.is_empty() {
+                        self.requeue(rt, quarantined).await;
                     }
                 }
             }

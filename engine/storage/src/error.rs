@@ -26,6 +26,9 @@ pub enum StorageError {
     AlreadyExists { resource: String },
     #[error("the storage committer has stopped")]
     CommitterStopped,
+    /// A request would touch more records than one call may hold in memory.
+    #[error("{0}")]
+    TooMany(String),
     /// Another process holds the database: one process writes a data directory at a time.
     #[error("the data directory {} is in use by another process (a running `tributary serve`?)", .0.display())]
     InUse(PathBuf),

@@ -192,6 +192,92 @@ pub trait Journal: Send + Sync + 'static {
     fn notes(&self, id: MessageId) -> Result<BTreeMap<String, String>>;
 }
 
+/// What a replay queues, in journal order.
+#[derive(Debug)]
+pub struct ReplaySet {
+    pub messages: Vec<(MessageId, i64, StateRecord)>,
+    /// How many of them are followers: later messages of the same ordering keys.
+    pub followers: usize,
+}
+
+/// States of a later message that a replay re-queues with the earlier ones it follows: every
+/// one that was or will be mapped (`rejected` ones never are).
+const FOLLOWER_STATES: [StateKind; 5] = [
+    StateKind::Received,
+    StateKind::Mapped,
+    StateKind::Committed,
+    StateKind::Delivered,
+    StateKind::Failed,
+];
+
+/// Most messages [`with_followers`] looks through; a selection reaching further back must be
+/// narrowed.
+const FOLLOWER_SCAN_MAX: usize = 1_000_000;
+
+/// The messages to replay: `selected`, and every later message (of `tenant`, if given) with
+/// the same ordering key (sender and patient) that was or will be mapped, all in journal order.
+///
+/// A replayed message is mapped again after everything already processed, so replaying an old
+/// admission alone would put its older demographics over a later update. With its followers
+/// re-queued behind it, the latest message's data is what stays, as when they first arrived.
+pub fn with_followers(
+    journal: &dyn Journal,
+    mut selected: Vec<(MessageId, i64, StateRecord)>,
+    tenant: Option<&str>,
+) -> Result<ReplaySet> {
+    // the earliest selected message of each ordering key
+    let mut first: std::collections::HashMap<String, (i64, MessageId)> =
+        std::collections::HashMap::new();
+    for (id, at, _) in &selected {
+        if let Some(rec) = journal.get(*id)? {
+            let e = first.entry(rec.envelope.ordering_key).or_insert((*at, *id));
+            *e = (*e).min((*at, *id));
+        }
+    }
+    let Some(since) = first.values().map(|(at, _)| *at).min() else {
+        return Ok(ReplaySet {
+            messages: selected,
+            followers: 0,
+        });
+    };
+    let later = ListFilter {
+        states: FOLLOWER_STATES.to_vec(),
+        since: Some(since),
+        tenant: tenant.map(str::to_string),
+        limit: Some(FOLLOWER_SCAN_MAX + 1),
+        ..Default::default()
+    };
+    let candidates = journal.list(&later)?;
+    if candidates.len() > FOLLOWER_SCAN_MAX {
+        return Err(StorageError::TooMany(format!(
+            "more than {FOLLOWER_SCAN_MAX} messages arrived after the earliest one to replay: narrow the selection"
+        )));
+    }
+    let chosen: std::collections::HashSet<MessageId> =
+        selected.iter().map(|(id, _, _)| *id).collect();
+    let mut followers = 0;
+    for (id, at, st) in candidates {
+        if chosen.contains(&id) {
+            continue;
+        }
+        let Some(rec) = journal.get(id)? else {
+            continue;
+        };
+        if first
+            .get(&rec.envelope.ordering_key)
+            .is_some_and(|earliest| (at, id) > *earliest)
+        {
+            selected.push((id, at, st));
+            followers += 1;
+        }
+    }
+    selected.sort_by_key(|(id, at, _)| (*at, *id));
+    Ok(ReplaySet {
+        messages: selected,
+        followers,
+    })
+}
+
 /// Notes live in the meta table under `note:` + message id, one postcard map per message.
 fn note_key(id: &MessageId) -> Vec<u8> {
     [&b"note:"[..], id.as_bytes()].concat()

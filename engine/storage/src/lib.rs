@@ -30,8 +30,8 @@ pub use field_report::{
     FieldKey, FieldKind, FieldReport, FieldReportRow, FieldReportStore, FieldStats,
 };
 pub use journal::{
-    AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord, JournalStats, ListFilter,
-    PruneStats, RetentionPolicy, StateRecord, VersionMatch,
+    with_followers, AppendReceipt, FjallJournal, Journal, JournalEntry, JournalRecord,
+    JournalStats, ListFilter, PruneStats, ReplaySet, RetentionPolicy, StateRecord, VersionMatch,
 };
 pub use outbox::{AckRecorder, Numbering, Outbox, OutboxEvent, RawOutboxEvent};
 pub use store::{

@@ -91,12 +91,9 @@ fn bad_request(e: impl std::fmt::Display) -> ApiError {
 
 /// A storage failure is the server's (500); anything else is about the selection (400).
 fn selection_error(e: anyhow::Error) -> ApiError {
-    if e.downcast_ref::<tributary_storage::StorageError>()
-        .is_some()
-    {
-        ApiError::Internal(e.to_string())
-    } else {
-        bad_request(e)
+    match e.downcast_ref::<tributary_storage::StorageError>() {
+        Some(tributary_storage::StorageError::TooMany(_)) | None => bad_request(e),
+        Some(_) => ApiError::Internal(e.to_string()),
     }
 }
 

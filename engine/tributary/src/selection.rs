@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tributary_core::{MessageId, StateKind};
-use tributary_storage::{Journal, ListFilter, StateRecord, VersionMatch};
+use tributary_storage::{Journal, ListFilter, ReplaySet, StateRecord, VersionMatch};
 
 #[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -96,13 +96,6 @@ impl MessageRow {
             self.reason.as_deref().unwrap_or("")
         )
     }
-}
-
-/// What a replay queues, in journal order.
-pub struct ReplaySet {
-    pub messages: Vec<(MessageId, i64, StateRecord)>,
-    /// How many of them are followers: later messages of the same ordering keys.
-    pub followers: usize,
 }
 
 /// What `replay` selected and queued. `queued` is 0 for a dry run.
@@ -226,67 +219,19 @@ impl Selection {
         Ok(filter)
     }
 
-    /// The messages a replay queues: the selection, and every later message with the same
-    /// ordering key (sender and patient) that was or will be mapped, all in journal order, with
-    /// how many were added. A replayed message is mapped again after everything already
-    /// processed, so replaying an old admission alone would put its older demographics over a
-    /// later update; with its followers re-queued behind it, the latest message's data is what
-    /// stays, as when they first arrived.
+    /// The messages a replay queues: the selection and its followers
+    /// ([`tributary_storage::with_followers`]), in journal order.
     pub fn select_for_replay(
         &self,
         journal: &dyn Journal,
         filter: &ListFilter,
     ) -> anyhow::Result<ReplaySet> {
-        let mut selected = self.select(journal, filter)?;
-        // the earliest selected message of each ordering key
-        let mut first: std::collections::HashMap<String, (i64, MessageId)> =
-            std::collections::HashMap::new();
-        for (id, at, _) in &selected {
-            if let Some(rec) = journal.get(*id)? {
-                let e = first.entry(rec.envelope.ordering_key).or_insert((*at, *id));
-                *e = (*e).min((*at, *id));
-            }
-        }
-        let Some(since) = first.values().map(|(at, _)| *at).min() else {
-            return Ok(ReplaySet {
-                messages: selected,
-                followers: 0,
-            });
-        };
-        let later = ListFilter {
-            states: FOLLOWER_STATES.to_vec(),
-            since: Some(since),
-            tenant: filter.tenant.clone(),
-            limit: Some(FOLLOWER_SCAN_MAX + 1),
-            ..Default::default()
-        };
-        let candidates = journal.list(&later)?;
-        if candidates.len() > FOLLOWER_SCAN_MAX {
-            bail!("more than {FOLLOWER_SCAN_MAX} messages arrived after the earliest selected one: narrow the selection (--since, --partner, ids)");
-        }
-        let chosen: std::collections::HashSet<MessageId> =
-            selected.iter().map(|(id, _, _)| *id).collect();
-        let mut followers = 0;
-        for (id, at, st) in candidates {
-            if chosen.contains(&id) {
-                continue;
-            }
-            let Some(rec) = journal.get(id)? else {
-                continue;
-            };
-            if first
-                .get(&rec.envelope.ordering_key)
-                .is_some_and(|earliest| (at, id) > *earliest)
-            {
-                selected.push((id, at, st));
-                followers += 1;
-            }
-        }
-        selected.sort_by_key(|(id, at, _)| (*at, *id));
-        Ok(ReplaySet {
-            messages: selected,
-            followers,
-        })
+        let selected = self.select(journal, filter)?;
+        Ok(tributary_storage::with_followers(
+            journal,
+            selected,
+            filter.tenant.as_deref(),
+        )?)
     }
 
     /// Checks the criteria without a journal: what a command tests before asking a server.
@@ -337,20 +282,6 @@ impl Selection {
         Ok(out)
     }
 }
-
-/// States of a later message that a replay re-queues with the earlier ones it follows: every
-/// one that was or will be mapped (`rejected` ones never are).
-const FOLLOWER_STATES: [StateKind; 5] = [
-    StateKind::Received,
-    StateKind::Mapped,
-    StateKind::Committed,
-    StateKind::Delivered,
-    StateKind::Failed,
-];
-
-/// Most messages a replay looks through for followers; a selection reaching further back must
-/// be narrowed.
-const FOLLOWER_SCAN_MAX: usize = 1_000_000;
 
 /// Most messages one replay queues when the selection sets no `limit`: the selection is held
 /// in memory, and a day of a busy feed is far below this.
