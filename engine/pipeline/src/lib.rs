@@ -498,7 +498,7 @@ impl Pipeline {
         let mut mapped = match set.map_bytes(&env.payload, tributary_terminology::builtin(), &opts)
         {
             Ok(m) => m,
-            Err(e) => return self.fail(rt, env.id, e.to_string(), &version).await,
+            Err(e) => return self.fail(rt, env, entry.seq, e.to_string(), &version).await,
         };
         for w in &mapped.warnings {
             tracing::warn!(message_id = %env.id, warning = %w, "mapping warning");
@@ -516,7 +516,7 @@ impl Pipeline {
                         "quarantined: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
                     );
-                    return self.fail(rt, env.id, reason, &version).await;
+                    return self.fail(rt, env, entry.seq, reason, &version).await;
                 }
                 UnconsumedPolicy::Reject => {
                     self.observe_fields(env, &mapped);
@@ -524,7 +524,7 @@ impl Pipeline {
                         "rejected: {what} in {} (mapping set {version}): {list}",
                         mapped.message_map
                     );
-                    return self.fail(rt, env.id, reason, &version).await;
+                    return self.fail(rt, env, entry.seq, reason, &version).await;
                 }
             }
         }
@@ -532,7 +532,8 @@ impl Pipeline {
             return self
                 .fail(
                     rt,
-                    env.id,
+                    env,
+                    entry.seq,
                     format!("{}: {reason}", mapped.message_map),
                     &version,
                 )
@@ -577,6 +578,7 @@ impl Pipeline {
                     id: env.id,
                     state: MessageState::Committed,
                     mapping_version: Some(version.clone()),
+                    seq: Some(entry.seq),
                 }),
             })
             .await;
@@ -601,22 +603,31 @@ impl Pipeline {
         }
     }
 
+    /// Records the failure with its reason, unless the message was queued again meanwhile
+    /// (see [`MessageUpdate::seq`]).
     async fn fail(
         &self,
         rt: &Runtime,
-        id: tributary_core::MessageId,
+        env: &tributary_core::Envelope,
+        seq: u64,
         reason: String,
         version: &str,
     ) -> Result<Outcome, PipelineError> {
+        let id = env.id;
         tracing::warn!(message_id = %id, %reason, "message failed");
-        rt.journal
-            .transition(
-                id,
-                MessageState::Failed {
-                    reason: reason.clone(),
-                },
-                Some(version.to_string()),
-            )
+        rt.store
+            .commit(StoreTransaction {
+                tenant: env.tenant.to_string(),
+                message: Some(MessageUpdate {
+                    id,
+                    state: MessageState::Failed {
+                        reason: reason.clone(),
+                    },
+                    mapping_version: Some(version.to_string()),
+                    seq: Some(seq),
+                }),
+                ..Default::default()
+            })
             .await?;
         self.announce(
             id,

@@ -29,7 +29,7 @@ const HISTORY_CAP: usize = 16;
 const REPLAY_CHUNK: usize = 512;
 
 impl StateRecord {
-    fn push(&mut self, state: MessageState, at: i64) {
+    pub(crate) fn push(&mut self, state: MessageState, at: i64) {
         if self.history.len() == HISTORY_CAP {
             self.history.remove(0);
         }

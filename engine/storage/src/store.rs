@@ -167,6 +167,10 @@ pub struct MessageUpdate {
     pub id: MessageId,
     pub state: MessageState,
     pub mapping_version: Option<String>,
+    /// The queue entry this processing took. When the message was queued again meanwhile (a
+    /// replay while it was being mapped), its state is left alone: the newer entry maps it
+    /// again, and marking it done here would make that entry look stale and skip it.
+    pub seq: Option<u64>,
 }
 
 /// Everything one message (or one API transaction) changes, applied in one atomic, durable write.
@@ -865,21 +869,19 @@ impl Store for FjallStore {
                         .ok_or(StorageError::UnknownMessage(m.id))?;
                     let mut record: crate::StateRecord = postcard::from_bytes(&bytes)
                         .map_err(|e| StorageError::corrupt("journal_state", e))?;
-                    record.state.check_transition(&m.state)?;
-                    record.history.push((now, m.state.kind()));
-                    if record.history.len() > 16 {
-                        record.history.remove(0);
+                    let requeued = m.seq.is_some_and(|s| record.seq != Some(s));
+                    if !requeued {
+                        record.state.check_transition(&m.state)?;
+                        record.push(m.state, now);
+                        if m.mapping_version.is_some() {
+                            record.mapping_version = m.mapping_version;
+                        }
+                        txn.put(
+                            Table::State,
+                            key,
+                            postcard::to_stdvec(&record).expect("serializes"),
+                        );
                     }
-                    record.state = m.state;
-                    record.updated_at = now;
-                    if m.mapping_version.is_some() {
-                        record.mapping_version = m.mapping_version;
-                    }
-                    txn.put(
-                        Table::State,
-                        key,
-                        postcard::to_stdvec(&record).expect("serializes"),
-                    );
                 }
                 // The bodies go back to be freed on the caller's thread, not the serial one.
                 Ok((outcome, writes))
@@ -1478,6 +1480,7 @@ mod tests {
             id: r.id,
             state: MessageState::Committed,
             mapping_version: Some("sha256:abc".into()),
+            seq: r.seq,
         });
         let out = s.commit(t).await.unwrap();
         let events = s.outbox().read_after(0, 10).unwrap();
@@ -1501,6 +1504,33 @@ mod tests {
             1
         );
         assert!(s.outbox().read_after(0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_message_queued_again_while_it_was_mapped_stays_queued() {
+        let (_d, db, s) = store();
+        let j = FjallJournal::new(db, 0);
+        let r = j
+            .append(Envelope::builder(Protocol::Hl7v2, &b"MSH"[..]).build())
+            .await
+            .unwrap();
+        // a replay lands between the worker's read of entry 1 and its commit
+        let again = j.replay(&[r.id]).await.unwrap();
+        let mut t = tx(vec![patient("p1", "Doe")]);
+        t.message = Some(MessageUpdate {
+            id: r.id,
+            state: MessageState::Committed,
+            mapping_version: Some("old".into()),
+            seq: r.seq,
+        });
+        s.commit(t).await.unwrap();
+        let st = j.get(r.id).unwrap().unwrap().state;
+        assert_eq!((st.state, st.seq), (MessageState::Received, Some(again[0])));
+        assert_eq!(st.mapping_version, None, "the newer entry will map it");
+        assert!(
+            s.read("t1", "Patient", "p1").unwrap().is_some(),
+            "the writes commit"
+        );
     }
 
     #[tokio::test]
