@@ -29,6 +29,22 @@ pub struct Hl7Header {
     pub trigger_event: Option<String>,
 }
 
+/// HL7 v2: one patient's messages from this queue's partner in order, as over MLLP
+/// ([`tributary_core::hl7v2_ordering_key`]); anything else: the partner.
+fn ordering_key(partner: &str, protocol: Protocol, payload: &[u8]) -> String {
+    let delimiters = payload
+        .strip_prefix(b"MSH")
+        .filter(|_| protocol == Protocol::Hl7v2)
+        .and_then(|rest| Some((*rest.first()?, *rest.get(1)?, *rest.get(2)?)));
+    match delimiters {
+        Some((field, component, repetition)) => {
+            let segments = payload.split(|b| *b == b'\r' || *b == b'\n');
+            tributary_core::hl7v2_ordering_key(partner, segments, field, component, repetition)
+        }
+        None => partner.to_string(),
+    }
+}
+
 /// Reads [`Hl7Header`] off the MSH segment; all `None` without a readable one.
 pub fn hl7_header(payload: &[u8]) -> Hl7Header {
     let seg_end = payload
@@ -134,6 +150,7 @@ impl AmqpSource {
         let mut b = Envelope::builder(protocol, d.data.clone())
             .tenant(tenant.as_str())
             .partner(self.src.partner.as_str())
+            .ordering_key(ordering_key(&self.src.partner, protocol, &d.data))
             .meta("ingress", "amqp")
             .meta("amqp.queue", self.src.queue.as_str());
         let partner = self.src.partner.as_str();
@@ -313,6 +330,12 @@ mod tests {
             (Some("ADT"), Some("A08"))
         );
         assert_eq!(hl7_header(b"PID|1"), Hl7Header::default());
+        // one patient's messages share a key with no identifier in clear; another patient's differ
+        let key = ordering_key("lab", Protocol::Hl7v2, m);
+        assert!(key.starts_with("lab/p:") && !key.contains("123"), "{key}");
+        let other = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|C-43|P|2.5\rPID|1||124";
+        assert_ne!(ordering_key("lab", Protocol::Hl7v2, other), key);
+        assert_eq!(ordering_key("lab", Protocol::Hl7v2, b"MSH|^~\\&|A"), "lab");
         let short = hl7_header(b"MSH|^~\\&|A");
         assert_eq!(
             (short.control_id, short.message_type, short.msh_end),

@@ -18,7 +18,6 @@ use crate::partners::{Partner, Partners, PeerIdentity};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -692,30 +691,11 @@ fn add_header_meta(
     env
 }
 
-/// `partner/p:<hash of PID-3 id + assigning authority>`, or `partner` when there is no PID-3:
-/// one patient's messages stay in order, and the key carries no identifier in clear.
+/// [`tributary_core::hl7v2_ordering_key`] of a parsed message.
 pub fn ordering_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
     let d = h.delims;
-    for seg in header::segments(payload) {
-        let s = &payload[seg];
-        if s.len() > 4 && &s[..3] == b"PID" && s[3] == d.field {
-            let pid3 = s.split(|b| *b == d.field).nth(3).unwrap_or(&[]);
-            let first = pid3.split(|b| *b == d.repetition).next().unwrap_or(&[]);
-            let mut comps = first.split(|b| *b == d.component);
-            let id = comps.next().unwrap_or(&[]);
-            let authority = comps.nth(2).unwrap_or(&[]);
-            if id.is_empty() {
-                break;
-            }
-            let mut hasher = Sha256::new();
-            hasher.update(id);
-            hasher.update([0u8]);
-            hasher.update(authority);
-            let digest = hasher.finalize();
-            return format!("{partner}/p:{}", hex::encode(&digest[..8]));
-        }
-    }
-    partner.to_string()
+    let segments = header::segments(payload).map(|r| &payload[r]);
+    tributary_core::hl7v2_ordering_key(partner, segments, d.field, d.component, d.repetition)
 }
 
 /// [`tributary_core::hl7v2_dedup_key`] of a parsed message.

@@ -126,6 +126,40 @@ pub fn hl7v2_dedup_key(partner: &str, control_id: &str, after_msh: &[u8]) -> Str
     )
 }
 
+/// The journal's ordering key for an HL7 v2 message: `partner/p:<hash of PID-3's first id and
+/// its assigning authority>`, or `partner` when there is no PID-3. One patient's messages from
+/// one sender are mapped in order, and the key carries no identifier in clear. `segments` are
+/// the message's segments; the delimiters are the ones MSH-1 and MSH-2 declare.
+pub fn hl7v2_ordering_key<'a>(
+    partner: &str,
+    segments: impl IntoIterator<Item = &'a [u8]>,
+    field: u8,
+    component: u8,
+    repetition: u8,
+) -> String {
+    use sha2::{Digest, Sha256};
+    for s in segments {
+        if s.len() > 4 && &s[..3] == b"PID" && s[3] == field {
+            let pid3 = s.split(|b| *b == field).nth(3).unwrap_or(&[]);
+            let first = pid3.split(|b| *b == repetition).next().unwrap_or(&[]);
+            let mut comps = first.split(|b| *b == component);
+            let id = comps.next().unwrap_or(&[]);
+            let authority = comps.nth(2).unwrap_or(&[]);
+            if id.is_empty() {
+                break;
+            }
+            let mut hasher = Sha256::new();
+            hasher.update(id);
+            hasher.update([0u8]);
+            hasher.update(authority);
+            let digest = hasher.finalize();
+            let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+            return format!("{partner}/p:{hex}");
+        }
+    }
+    partner.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

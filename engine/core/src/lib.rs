@@ -9,6 +9,8 @@ mod state;
 mod time_util;
 
 pub use envelope::{Envelope, EnvelopeBuilder, Protocol};
-pub use ids::{deterministic_id, hl7v2_dedup_key, MessageId, PartnerId, TenantId};
+pub use ids::{
+    deterministic_id, hl7v2_dedup_key, hl7v2_ordering_key, MessageId, PartnerId, TenantId,
+};
 pub use state::{MessageState, StateError, StateKind};
 pub use time_util::{format_rfc3339_millis, now_millis, parse_rfc3339_millis};
