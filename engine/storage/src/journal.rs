@@ -133,14 +133,27 @@ fn message_type_matches(pattern: &str, env: &Envelope) -> bool {
             .is_none_or(|t| t.eq_ignore_ascii_case(field("trigger_event")))
 }
 
-/// Retention keeps the journal from only growing. Failed and rejected messages are never pruned:
-/// they wait for a human to fix and replay them.
-#[derive(Clone, Debug)]
+/// Retention keeps the journal from only growing. It prunes finished messages: mapped and
+/// committed (or delivered), and passed by every other consumer of the journal. Failed and
+/// rejected messages are never pruned: they wait for a human to fix and replay them; received
+/// ones wait for the pipeline.
+#[derive(Clone, Debug, Default)]
 pub struct RetentionPolicy {
-    /// Delivered messages older than this are pruned.
+    /// Finished messages received longer ago than this are pruned.
     pub delivered_max_age_ms: i64,
-    /// When the payloads of kept messages exceed this, the oldest delivered ones go first.
+    /// When the payloads of kept messages exceed this, the oldest finished ones go first.
     pub max_payload_bytes: Option<u64>,
+    /// Journal cursors (as in [`Journal::cursor`]) that must have passed a message before it is
+    /// pruned: outbound routes that forward journaled messages.
+    pub consumers: Vec<String>,
+}
+
+/// Whether a message's processing is over: what retention may prune.
+fn finished(state: &StateRecord, passed_by_all: u64) -> bool {
+    matches!(
+        state.state.kind(),
+        StateKind::Committed | StateKind::Delivered
+    ) && state.seq.is_none_or(|seq| seq <= passed_by_all)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -432,6 +445,11 @@ impl FjallJournal {
         let mut stats = PruneStats::default();
         let mut total: u64 = 0;
         let mut delivered: Vec<(MessageId, i64, u64)> = Vec::new();
+        let passed_by_all = policy
+            .consumers
+            .iter()
+            .map(|c| self.cursor(c))
+            .try_fold(u64::MAX, |min, c| c.map(|c| min.min(c)))?;
         for item in self.db.tables().get(Table::Time).iter() {
             let (k, v) = item.into_inner()?;
             let at = keys::read_i64(&k).unwrap_or(0);
@@ -443,7 +461,7 @@ impl FjallJournal {
             let len = keys::read_u64(&v).unwrap_or(0);
             total += len;
             match self.read_state(id)? {
-                Some(s) if s.state.kind() == StateKind::Delivered => delivered.push((id, at, len)),
+                Some(s) if finished(&s, passed_by_all) => delivered.push((id, at, len)),
                 Some(s) if s.state.kind().needs_attention() => stats.kept_for_attention += 1,
                 _ => {}
             }
@@ -614,7 +632,8 @@ impl Journal for FjallJournal {
                         let Ok(state) = load_state(txn, id) else {
                             continue;
                         };
-                        if state.state.kind() != StateKind::Delivered {
+                        // replayed since it was chosen: no longer finished
+                        if !finished(&state, u64::MAX) {
                             continue;
                         }
                         let Some(env) = txn.get(Table::Msg, id.as_bytes())? else {
@@ -1004,7 +1023,7 @@ mod tests {
             .unwrap();
         let policy = RetentionPolicy {
             delivered_max_age_ms: 10,
-            max_payload_bytes: None,
+            ..Default::default()
         };
         let stats = j.prune(&policy, 5_000).await.unwrap();
         assert_eq!(stats.pruned, 2);
@@ -1026,6 +1045,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn committed_messages_are_pruned_once_every_journal_consumer_has_passed_them() {
+        let (_d, j) = journal();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let e = Envelope::builder(Protocol::Hl7v2, vec![b'x'; 10])
+                .received_at(1_000 + i)
+                .build();
+            ids.push(j.append(e).await.unwrap().id);
+        }
+        // nothing marks messages delivered today: committed is finished
+        for id in &ids[..2] {
+            j.transition(*id, MessageState::Committed, None)
+                .await
+                .unwrap();
+        }
+        let policy = RetentionPolicy {
+            delivered_max_age_ms: 10,
+            consumers: vec!["mllp.route.lab".into()],
+            ..Default::default()
+        };
+        // the route has forwarded the first message only
+        j.set_cursor("mllp.route.lab", 1).await.unwrap();
+        assert_eq!(j.prune(&policy, 5_000).await.unwrap().pruned, 1);
+        assert!(j.get(ids[0]).unwrap().is_none());
+        assert!(j.get(ids[1]).unwrap().is_some(), "not forwarded yet");
+        j.set_cursor("mllp.route.lab", 3).await.unwrap();
+        assert_eq!(j.prune(&policy, 5_000).await.unwrap().pruned, 1);
+        assert!(j.get(ids[1]).unwrap().is_none());
+        assert!(
+            j.get(ids[2]).unwrap().is_some(),
+            "still waiting for the pipeline"
+        );
+    }
+
+    #[tokio::test]
     async fn sequence_survives_reopen_even_after_pruning_the_tail() {
         let dir = tempfile::tempdir().unwrap();
         let id;
@@ -1040,10 +1094,7 @@ mod tests {
             j.transition(id, MessageState::Delivered, None)
                 .await
                 .unwrap();
-            let policy = RetentionPolicy {
-                delivered_max_age_ms: 0,
-                max_payload_bytes: None,
-            };
+            let policy = RetentionPolicy::default();
             let later = tributary_core::now_millis() + 1_000;
             assert_eq!(j.prune(&policy, later).await.unwrap().pruned, 1);
         }

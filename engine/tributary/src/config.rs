@@ -161,10 +161,10 @@ impl Default for JournalConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
-    /// Delivered messages older than this are pruned. Failed and rejected ones are kept until
-    /// resolved, whatever their age.
+    /// Processed messages (committed, and passed by every outbound route) older than this are
+    /// pruned. Failed and rejected ones are kept until resolved, whatever their age.
     pub delivered_max_age_hours: u64,
-    /// When the kept payloads exceed this many bytes, the oldest delivered messages go first.
+    /// When the kept payloads exceed this many bytes, the oldest processed messages go first.
     /// 0 means no size limit.
     pub max_payload_bytes: u64,
     /// How often the pruner runs.

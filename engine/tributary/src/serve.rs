@@ -35,7 +35,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     // The pipeline announces each message's outcome here; MLLP application ACKs listen.
     let processed = tributary_runtime::ProcessedFeed::default();
-    tasks.spawn(prune_loop(rt.clone(), config.journal.retention.clone()));
+    let journal_consumers = config
+        .mllp
+        .routes
+        .iter()
+        .map(|r| tributary_mllp::MllpRoute::new(r.clone()).consumer())
+        .collect();
+    tasks.spawn(prune_loop(
+        rt.clone(),
+        config.journal.retention.clone(),
+        journal_consumers,
+    ));
     // Opens the audit log now (moving an older layout over and catching its index up), so a
     // log that cannot be opened stops startup instead of failing the first request.
     let audit = rt.audit.clone();
@@ -215,10 +225,17 @@ fn spawn_source(
     tasks.spawn(Box::new(source).run(rt));
 }
 
-async fn prune_loop(rt: Runtime, cfg: crate::config::RetentionConfig) -> anyhow::Result<()> {
+/// Journal retention; `consumers` are the journal cursors (outbound routes) that must pass a
+/// message before it goes.
+async fn prune_loop(
+    rt: Runtime,
+    cfg: crate::config::RetentionConfig,
+    consumers: Vec<String>,
+) -> anyhow::Result<()> {
     let policy = RetentionPolicy {
         delivered_max_age_ms: (cfg.delivered_max_age_hours as i64).saturating_mul(3_600_000),
         max_payload_bytes: (cfg.max_payload_bytes > 0).then_some(cfg.max_payload_bytes),
+        consumers,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(cfg.prune_interval_secs));
     tick.tick().await;
