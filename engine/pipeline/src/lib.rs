@@ -9,12 +9,16 @@
 //! path in the field report ([`FieldAggregator`], `tributary mapping report`); under `warn` the
 //! log names each field the first time it is seen and then summarizes once per interval.
 //!
+//! FHIR messages (inbound Subscription notifications, FHIR from a queue) take the pass-through
+//! mapping of [`fhir`] to the same store, outbox and state.
+//!
 //! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
 //! replaces a good set — the error is logged and the old version keeps running.
 
 mod body;
 mod config;
+pub mod fhir;
 pub mod field_report;
 mod registry;
 
@@ -485,8 +489,10 @@ impl Pipeline {
             return Ok(Outcome::Skipped);
         }
         let env = &record.envelope;
-        if env.protocol != Protocol::Hl7v2 {
-            return Ok(Outcome::Skipped);
+        match env.protocol {
+            Protocol::Hl7v2 => {}
+            Protocol::Fhir => return self.pass_through(rt, entry, env).await,
+            _ => return Ok(Outcome::Skipped),
         }
         // One version maps the whole message, even if a reload happens meanwhile.
         let set = self.registry.current();
@@ -598,6 +604,57 @@ impl Pipeline {
                 })
             }
             // The message moved on meanwhile (a concurrent replay): its new queue entry maps it.
+            Err(StorageError::State(_)) => Ok(Outcome::Skipped),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A FHIR message: its resources, normalised by [`fhir::normalise`], committed with the
+    /// message state like a mapped HL7 v2 message's; one that cannot be stored fails with the
+    /// reason.
+    async fn pass_through(
+        &self,
+        rt: &Runtime,
+        entry: JournalEntry,
+        env: &tributary_core::Envelope,
+    ) -> Result<Outcome, PipelineError> {
+        let version = fhir::VERSION;
+        let resources =
+            match fhir::normalise(env.tenant.as_str(), env.partner.as_str(), &env.payload) {
+                Ok(r) => r,
+                Err(reason) => return self.fail(rt, env, entry.seq, reason, version).await,
+            };
+        let writes: Vec<ResourceWrite> = resources
+            .into_iter()
+            .map(|(rtype, id, r)| ResourceWrite::upsert(&rtype, &id, r))
+            .collect();
+        let count = writes.len();
+        let outcome = rt
+            .store
+            .commit(StoreTransaction {
+                tenant: env.tenant.to_string(),
+                writes,
+                events: Vec::new(),
+                message: Some(MessageUpdate {
+                    id: env.id,
+                    state: MessageState::Committed,
+                    mapping_version: Some(version.to_string()),
+                    seq: Some(entry.seq),
+                }),
+            })
+            .await;
+        match outcome {
+            Ok(o) => {
+                let changed = o.writes.iter().filter(|w| w.changed).count();
+                tracing::debug!(message_id = %env.id, resources = count, changed, version, "committed");
+                self.announce(env.id, ProcessedOutcome::Committed);
+                Ok(Outcome::Committed {
+                    resources: count,
+                    changed,
+                    unconsumed: 0,
+                    dropped: 0,
+                })
+            }
             Err(StorageError::State(_)) => Ok(Outcome::Skipped),
             Err(e) => Err(e.into()),
         }

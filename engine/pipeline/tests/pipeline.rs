@@ -354,3 +354,71 @@ async fn a_running_pipeline_applies_large_and_small_messages_of_one_patient_in_o
     );
     assert_eq!(current.version, 4);
 }
+
+/// A FHIR notification (as the Subscriptions-in hook journals it) reaches the store through the
+/// pass-through mapping: our ids, references rewritten, the status entry left out; sent again,
+/// nothing changes; one that cannot be stored fails with the reason.
+#[tokio::test]
+async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "history", "entry": [
+        {"fullUrl": "urn:uuid:s", "resource": {"resourceType": "Parameters", "id": "s",
+            "meta": {"profile": ["http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"]}}},
+        {"fullUrl": "https://ehr.example/fhir/Patient/7",
+            "resource": {"resourceType": "Patient", "id": "7", "gender": "female"}},
+        {"fullUrl": "https://ehr.example/fhir/Encounter/e1", "resource": {"resourceType": "Encounter",
+            "id": "e1", "status": "in-progress", "class": {"code": "IMP"},
+            "subject": {"reference": "Patient/7"}}}
+    ]});
+    let fhir = |payload: Vec<u8>| {
+        tributary_core::Envelope::builder(tributary_core::Protocol::Fhir, payload)
+            .tenant("t1")
+            .partner("ehr")
+            .ordering_key("ehr")
+            .build()
+    };
+    let id = rt
+        .journal
+        .append(fhir(bundle.to_string().into_bytes()))
+        .await
+        .unwrap()
+        .id;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(id).unwrap().unwrap().state;
+    assert_eq!(st.state, MessageState::Committed);
+    assert_eq!(
+        st.mapping_version.as_deref(),
+        Some(tributary_pipeline::fhir::VERSION)
+    );
+    let patient = tributary_core::deterministic_id(&["t1", "ehr", "Patient", "7"]);
+    let encounter = tributary_core::deterministic_id(&["t1", "ehr", "Encounter", "e1"]);
+    let enc = rt
+        .store
+        .read("t1", "Encounter", &encounter)
+        .unwrap()
+        .expect("stored");
+    assert_eq!(
+        enc.resource().unwrap()["subject"]["reference"],
+        format!("Patient/{patient}")
+    );
+    assert!(rt.store.read("t1", "Parameters", "s").unwrap().is_none());
+    // the same notification again (a replay): no new version
+    rt.journal.replay(&[id]).await.unwrap();
+    drain(&p, &rt).await;
+    let again = rt.store.read("t1", "Patient", &patient).unwrap().unwrap();
+    assert_eq!(again.version, 1);
+    // a resource without an id cannot be stored: the message fails, saying why
+    let bad = rt
+        .journal
+        .append(fhir(
+            br#"{"resourceType":"Patient","gender":"male"}"#.to_vec(),
+        ))
+        .await
+        .unwrap()
+        .id;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(bad).unwrap().unwrap().state;
+    assert_eq!(st.state.reason(), Some("entry 0: Patient without an id"));
+}
