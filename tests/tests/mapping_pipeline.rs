@@ -8,22 +8,7 @@ mod mllp_common;
 use mllp_common::*;
 use std::time::Duration;
 use tributary_core::MessageState;
-use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
-
-/// MSA|AA (original mode) or MSA|CA (enhanced mode: the fixtures send MSH-15 = AL).
-fn assert_accepted(ack: &[u8]) {
-    let text = String::from_utf8_lossy(ack);
-    assert!(text.contains("MSA|AA") || text.contains("MSA|CA"), "{text}");
-}
-
-async fn send(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = MllpSender::new(MllpSenderConfig::new(addr));
-    tokio::time::timeout(Duration::from_secs(30), s.send_once(bytes))
-        .await
-        .expect("ack in time")
-        .expect("sent")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mllp_messages_are_mapped_and_committed_and_a_bad_mapping_edit_keeps_the_old_version() {
@@ -40,8 +25,7 @@ async fn mllp_messages_are_mapped_and_committed_and_a_bad_mapping_edit_keeps_the
     let addr = server.mllp.to_string();
     let fixtures = repo_root().join("mappings/hl7v2/messages");
 
-    let ack = send(&addr, &std::fs::read(fixtures.join("ADT_A01.hl7")).unwrap()).await;
-    assert_accepted(&ack);
+    send_accepted(&addr, &std::fs::read(fixtures.join("ADT_A01.hl7")).unwrap()).await;
 
     // a bad edit: unknown FHIR element; hot reload must refuse it and keep the old set
     let file = maps.join("hl7v2/segments/PID-Patient.yaml");
@@ -64,8 +48,7 @@ async fn mllp_messages_are_mapped_and_committed_and_a_bad_mapping_edit_keeps_the
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ack = send(&addr, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
-    assert_accepted(&ack);
+    send_accepted(&addr, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The operator's view: both messages counted at the listener and in the pipeline, no PHI.
     let metrics = tributary_e2e::http_get(&server.http.to_string(), "/metrics").unwrap();

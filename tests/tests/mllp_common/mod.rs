@@ -15,6 +15,19 @@ pub use tributary_e2e::{free_addr, repo_root, tributary_bin};
 mod pki;
 pub use pki::Pki;
 
+/// Sends one message over MLLP and asserts the listener accepted it: `MSA|AA` (original mode)
+/// or `MSA|CA` (enhanced mode: the library's fixtures ask for it in MSH-15).
+pub async fn send_accepted(addr: &str, bytes: &[u8]) {
+    let mut s =
+        tributary_mllp::sink::MllpSender::new(tributary_mllp::sink::MllpSenderConfig::new(addr));
+    let ack = tokio::time::timeout(Duration::from_secs(30), s.send_once(bytes))
+        .await
+        .expect("ack in time")
+        .expect("sent");
+    let text = String::from_utf8_lossy(&ack);
+    assert!(text.contains("MSA|AA") || text.contains("MSA|CA"), "{text}");
+}
+
 /// The shared HL7 v2 corpus (`../shared/corpus/hl7v2` beside the repository), if present.
 pub fn corpus_dir() -> Option<PathBuf> {
     tributary_e2e::corpus_dir("hl7v2")
