@@ -574,37 +574,58 @@ impl Pipeline {
             resource: None,
         };
         let resources = writes.len();
+        let Some(changed) = self
+            .commit_message(rt, entry, env, writes, vec![event], &version)
+            .await?
+        else {
+            return Ok(Outcome::Skipped);
+        };
+        if self.config.unconsumed == UnconsumedPolicy::Warn {
+            self.observe_fields(env, &mapped);
+        }
+        Ok(Outcome::Committed {
+            resources,
+            changed,
+            unconsumed: mapped.unconsumed.len(),
+            dropped: mapped.dropped.len(),
+        })
+    }
+
+    /// Commits a message's resources and events with its `committed` state in one write; the
+    /// number of resources that changed, or `None` when the message moved on meanwhile (a
+    /// concurrent replay: its new queue entry maps it).
+    async fn commit_message(
+        &self,
+        rt: &Runtime,
+        entry: JournalEntry,
+        env: &tributary_core::Envelope,
+        writes: Vec<ResourceWrite>,
+        events: Vec<OutboxEvent>,
+        version: &str,
+    ) -> Result<Option<usize>, PipelineError> {
+        let resources = writes.len();
         let outcome = rt
             .store
             .commit(StoreTransaction {
                 tenant: env.tenant.to_string(),
                 writes,
-                events: vec![event],
+                events,
                 message: Some(MessageUpdate {
                     id: env.id,
                     state: MessageState::Committed,
-                    mapping_version: Some(version.clone()),
+                    mapping_version: Some(version.to_string()),
                     seq: Some(entry.seq),
                 }),
             })
             .await;
         match outcome {
             Ok(o) => {
-                if self.config.unconsumed == UnconsumedPolicy::Warn {
-                    self.observe_fields(env, &mapped);
-                }
                 let changed = o.writes.iter().filter(|w| w.changed).count();
-                tracing::debug!(message_id = %env.id, resources, changed, %version, "committed");
+                tracing::debug!(message_id = %env.id, resources, changed, version, "committed");
                 self.announce(env.id, ProcessedOutcome::Committed);
-                Ok(Outcome::Committed {
-                    resources,
-                    changed,
-                    unconsumed: mapped.unconsumed.len(),
-                    dropped: mapped.dropped.len(),
-                })
+                Ok(Some(changed))
             }
-            // The message moved on meanwhile (a concurrent replay): its new queue entry maps it.
-            Err(StorageError::State(_)) => Ok(Outcome::Skipped),
+            Err(StorageError::State(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -628,36 +649,19 @@ impl Pipeline {
             .into_iter()
             .map(|(rtype, id, r)| ResourceWrite::upsert(&rtype, &id, r))
             .collect();
-        let count = writes.len();
-        let outcome = rt
-            .store
-            .commit(StoreTransaction {
-                tenant: env.tenant.to_string(),
-                writes,
-                events: Vec::new(),
-                message: Some(MessageUpdate {
-                    id: env.id,
-                    state: MessageState::Committed,
-                    mapping_version: Some(version.to_string()),
-                    seq: Some(entry.seq),
-                }),
-            })
-            .await;
-        match outcome {
-            Ok(o) => {
-                let changed = o.writes.iter().filter(|w| w.changed).count();
-                tracing::debug!(message_id = %env.id, resources = count, changed, version, "committed");
-                self.announce(env.id, ProcessedOutcome::Committed);
-                Ok(Outcome::Committed {
-                    resources: count,
-                    changed,
-                    unconsumed: 0,
-                    dropped: 0,
-                })
-            }
-            Err(StorageError::State(_)) => Ok(Outcome::Skipped),
-            Err(e) => Err(e.into()),
-        }
+        let resources = writes.len();
+        let Some(changed) = self
+            .commit_message(rt, entry, env, writes, Vec::new(), version)
+            .await?
+        else {
+            return Ok(Outcome::Skipped);
+        };
+        Ok(Outcome::Committed {
+            resources,
+            changed,
+            unconsumed: 0,
+            dropped: 0,
+        })
     }
 
     /// Records the failure with its reason, unless the message was queued again meanwhile
