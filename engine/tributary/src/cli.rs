@@ -353,9 +353,9 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCommand::Verify { common, server } => {
             let config = common.load()?;
-            let db = match open_db(&config) {
-                Ok(db) => db,
-                Err(e) if held_by_server(&e) => {
+            let db = match unless_served(open_db(&config))? {
+                Some(db) => db,
+                None => {
                     let v = block_on(remote::audit_verify(&config, &server))?;
                     if v.intact {
                         println!(
@@ -372,7 +372,6 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                     );
                     return Ok(ExitCode::from(1));
                 }
-                Err(e) => return Err(e),
             };
             let log = tributary_storage::AuditLog::new(db);
             let anchor = log.anchor()?;
@@ -461,16 +460,13 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
             } = *args;
             let config = common.load()?;
             select.limit.get_or_insert(100);
-            let rows = match open_journal(&config) {
-                Ok(j) => {
+            let rows = match unless_served(open_journal(&config))? {
+                Some(j) => {
                     let current = configured_mapping_version(&config, select.stale)?;
                     let filter = select.filter(&[], current.as_deref())?;
                     selection::rows(&select.select(&j, &filter)?)
                 }
-                Err(e) if held_by_server(&e) => {
-                    block_on(remote::list(&config, &server, &select))?.messages
-                }
-                Err(e) => return Err(e),
+                None => block_on(remote::list(&config, &server, &select))?.messages,
             };
             for row in rows {
                 println!("{}", row.line());
@@ -486,15 +482,15 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
         } => {
             let config = common.load()?;
             let id: MessageId = id.parse().context("message id must be a UUID")?;
-            let (summary, raw) = match open_journal(&config) {
-                Ok(j) => {
+            let (summary, raw) = match unless_served(open_journal(&config))? {
+                Some(j) => {
                     let raw = match payload {
                         true => j.get(id)?.map(|r| r.envelope.payload),
                         false => None,
                     };
                     (selection::message_summary(&j, id, None)?, raw)
                 }
-                Err(e) if held_by_server(&e) => {
+                None => {
                     if payload {
                         anyhow::bail!("--payload reads the data directory itself, which the running server holds: stop it first (the admin API never serves message content)");
                     }
@@ -503,7 +499,6 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                         None,
                     )
                 }
-                Err(e) => return Err(e),
             };
             let Some(summary) = summary else {
                 eprintln!("message {id} is not in the journal");
@@ -541,8 +536,8 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
-    let report = match open_journal(&config) {
-        Ok(j) => {
+    let report = match unless_served(open_journal(&config))? {
+        Some(j) => {
             let current = configured_mapping_version(&config, select.stale)?;
             let filter = select.replay_filter(current.as_deref())?;
             let selected = select.select_for_replay(&j, &filter)?;
@@ -552,23 +547,29 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
             report
         }
-        Err(e) if held_by_server(&e) => {
-            block_on(remote::replay(&config, &args.server, &select, args.dry_run))?
-        }
-        Err(e) => return Err(e),
+        None => block_on(remote::replay(&config, &args.server, &select, args.dry_run))?,
     };
     report.print(args.dry_run);
     Ok(ExitCode::SUCCESS)
 }
 
-/// True when the data directory could not be opened because a running server holds it.
-pub fn held_by_server(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<tributary_storage::StorageError>(),
-            Some(tributary_storage::StorageError::InUse(_))
-        )
-    })
+/// What was opened from the data directory, or `None` when a running server holds it: the
+/// command then asks that server instead.
+pub fn unless_served<T>(opened: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    match opened {
+        Ok(v) => Ok(Some(v)),
+        Err(e)
+            if e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<tributary_storage::StorageError>(),
+                    Some(tributary_storage::StorageError::InUse(_))
+                )
+            }) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The configured mapping set's version, which `--stale` compares with (read only when asked).

@@ -290,12 +290,9 @@ fn report(
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
     let config = common.load()?;
-    let mut report = match crate::cli::open_db(&config) {
-        Ok(db) => tributary_storage::FieldReportStore::new(db).read(tenant)?,
-        Err(e) if crate::cli::held_by_server(&e) => {
-            crate::cli::block_on(crate::remote::mapping_report(&config, server, tenant))?
-        }
-        Err(e) => return Err(e),
+    let mut report = match crate::cli::unless_served(crate::cli::open_db(&config))? {
+        Some(db) => tributary_storage::FieldReportStore::new(db).read(tenant)?,
+        None => crate::cli::block_on(crate::remote::mapping_report(&config, server, tenant))?,
     };
     if limit > 0 {
         report.rows.truncate(limit);
