@@ -161,20 +161,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub fn valid_type(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 64
-        && t.as_bytes()[0].is_ascii_uppercase()
-        && t.chars().all(|c| c.is_ascii_alphanumeric())
-}
-
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-}
+pub use tributary_core::{valid_fhir_id as valid_id, valid_fhir_type as valid_type};
 
 /// Classifies `method path?query` where `path` is relative to the FHIR base (`/Patient/1`).
 pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest {

@@ -467,12 +467,7 @@ pub async fn delete(
         note_patient(&slot, &rtype, &id, &cv);
         access.require(Perm::Delete, &rtype, &id, &cv)?;
     }
-    let w = ResourceWrite {
-        resource_type: rtype,
-        id,
-        op: WriteOp::Delete,
-        precondition: Precondition::None,
-    };
+    let w = ResourceWrite::delete(&rtype, &id);
     commit_one(&st, &access, w).await?;
     let mut res = Response::new(Body::empty());
     *res.status_mut() = StatusCode::NO_CONTENT;

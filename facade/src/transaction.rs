@@ -195,12 +195,7 @@ fn plan_entry(
                     "token scopes do not allow delete".into(),
                 ));
             }
-            Ok(Planned::Write(ResourceWrite {
-                resource_type: rtype,
-                id,
-                op: WriteOp::Delete,
-                precondition: Precondition::None,
-            }))
+            Ok(Planned::Write(ResourceWrite::delete(&rtype, &id)))
         }
         other => Err(ApiError::BadRequest(format!(
             "entry method {other:?} is not supported here (POST, PUT, DELETE; GET in batch)"

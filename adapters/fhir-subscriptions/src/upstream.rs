@@ -134,17 +134,9 @@ async fn request_token(
 
 /// `Type/id` or `Type/id/_history/vid`: the only shapes of focus reference that are read.
 fn is_resource_path(path: &str) -> bool {
-    let id = |s: &str| {
-        (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            && s != "."
-            && s != ".."
-    };
+    let id = |s: &str| tributary_core::valid_fhir_id(s) && s != "." && s != "..";
     let parts: Vec<&str> = path.split('/').collect();
-    let rtype_ok = parts[0].len() <= 64
-        && parts[0].starts_with(|c: char| c.is_ascii_uppercase())
-        && parts[0].bytes().all(|b| b.is_ascii_alphanumeric());
+    let rtype_ok = tributary_core::valid_fhir_type(parts[0]);
     rtype_ok
         && match parts[1..] {
             [i] => id(i),

@@ -3,6 +3,23 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 use std::str::FromStr;
 
+/// A FHIR R4 resource type name as it may appear in a URL or reference: `[A-Z][A-Za-z0-9]*`,
+/// at most 64 characters. (Whether the type exists is the caller's concern.)
+pub fn valid_fhir_type(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.as_bytes()[0].is_ascii_uppercase()
+        && t.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// A FHIR R4 `id`: `[A-Za-z0-9\-\.]{1,64}`.
+pub fn valid_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// Identifier of one journaled message: a UUIDv7, so ids sort by arrival time.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId(pub uuid::Uuid);

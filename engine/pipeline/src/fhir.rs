@@ -8,80 +8,152 @@
 //! the sender's address is kept in `meta.source`.
 
 use serde_json::Value;
-use tributary_core::deterministic_id;
+use tributary_core::{deterministic_id, valid_fhir_id, valid_fhir_type as valid_type};
 
 /// The "mapping version" a FHIR message is committed with; bump when the rules below change.
 pub const VERSION: &str = "fhir-passthrough-1";
 
-/// The resources of a FHIR message, ready to store: (type, id, resource).
-pub type Resources = Vec<(String, String, Value)>;
+/// One change a FHIR message carries, ready to store: `resource` is `None` for a deletion.
+#[derive(Debug)]
+pub struct Change {
+    pub resource_type: String,
+    pub id: String,
+    pub resource: Option<Value>,
+}
 
 /// Most resources one FHIR message may carry.
 const MAX_RESOURCES: usize = 10_000;
 
-pub fn normalise(tenant: &str, partner: &str, payload: &[u8]) -> Result<Resources, String> {
+/// An entry of the message, before our ids: the sender's `Type/id`, and the resource unless the
+/// entry deletes it.
+struct Found {
+    rtype: String,
+    theirs: String,
+    resource: Option<Value>,
+    full_url: Option<String>,
+}
+
+pub fn normalise(tenant: &str, partner: &str, payload: &[u8]) -> Result<Vec<Change>, String> {
     let root: Value = serde_json::from_slice(payload).map_err(|e| format!("not FHIR JSON: {e}"))?;
-    let mut found: Vec<(Value, Option<String>)> = Vec::new();
+    let mut found: Vec<Found> = Vec::new();
     match root.get("resourceType").and_then(Value::as_str) {
         Some("Bundle") => {
             let entries = root.get("entry").and_then(Value::as_array);
-            for e in entries.into_iter().flatten() {
-                let Some(r) = e.get("resource") else { continue };
-                if not_stored(r) {
-                    continue;
+            for (i, e) in entries.into_iter().flatten().enumerate() {
+                if found.len() == MAX_RESOURCES {
+                    return Err(format!(
+                        "more than {MAX_RESOURCES} resources in one message"
+                    ));
                 }
-                let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_string);
-                found.push((r.clone(), full_url));
+                if let Some(f) = entry(i, e)? {
+                    found.push(f);
+                }
             }
         }
-        Some(_) => found.push((root, None)),
+        Some(_) => found.push(resource(0, root, None)?),
         None => return Err("no resourceType".into()),
     }
-    if found.len() > MAX_RESOURCES {
-        return Err(format!(
-            "more than {MAX_RESOURCES} resources in one message"
-        ));
-    }
     // the sender's ids → ours, for the resources and the references to them
-    let mut ids = std::collections::HashMap::new();
-    for (i, (r, _)) in found.iter().enumerate() {
-        let rtype = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
-        if !valid_type(rtype) {
-            return Err(format!("entry {i}: {rtype:?} is not a resource type"));
-        }
-        let Some(id) = r
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-        else {
-            return Err(format!("entry {i}: {rtype} without an id"));
-        };
-        ids.insert(
-            format!("{rtype}/{id}"),
-            deterministic_id(&[tenant, partner, rtype, id]),
-        );
-    }
+    let ids: std::collections::HashMap<&str, String> = found
+        .iter()
+        .map(|f| {
+            let (rtype, id) = f.theirs.split_once('/').expect("Type/id");
+            (
+                f.theirs.as_str(),
+                deterministic_id(&[tenant, partner, rtype, id]),
+            )
+        })
+        .collect();
     let mut out = Vec::with_capacity(found.len());
-    for (mut r, full_url) in found {
-        let rtype = r["resourceType"].as_str().unwrap_or_default().to_string();
-        let theirs = format!("{rtype}/{}", r["id"].as_str().unwrap_or_default());
-        let ours = ids[&theirs].clone();
-        rewrite_references(&mut r, &ids);
-        let meta = r
-            .as_object_mut()
-            .expect("a resource is an object")
-            .entry("meta")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if let Some(m) = meta.as_object_mut() {
-            // the sender's versionId and lastUpdated are theirs; the store stamps ours
-            m.remove("versionId");
-            m.remove("lastUpdated");
-            m.entry("source")
-                .or_insert_with(|| Value::String(full_url.unwrap_or(theirs)));
-        }
-        out.push((rtype, ours, r));
+    for f in &found {
+        let ours = ids[f.theirs.as_str()].clone();
+        let resource = f.resource.clone().map(|mut r| {
+            rewrite_references(&mut r, &ids);
+            stamp_source(&mut r, f.full_url.as_deref().unwrap_or(&f.theirs));
+            r
+        });
+        out.push(Change {
+            resource_type: f.rtype.clone(),
+            id: ours,
+            resource,
+        });
     }
     Ok(out)
+}
+
+/// A Bundle entry: a resource to store, a deletion (`request.method` `DELETE`, whose
+/// `request.url` names the resource), or nothing for the notification's status. An entry that
+/// names a resource without carrying it (an `id-only` notification nobody fetched) is an error:
+/// storing nothing for it would lose the change without a word.
+fn entry(i: usize, e: &Value) -> Result<Option<Found>, String> {
+    let full_url = e.get("fullUrl").and_then(Value::as_str).map(str::to_string);
+    if e.pointer("/request/method").and_then(Value::as_str) == Some("DELETE") {
+        let url = e
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("entry {i}: DELETE without request.url"))?;
+        let (rtype, id) = deleted_target(url)
+            .ok_or_else(|| format!("entry {i}: DELETE of {url:?}: only Type/id deletions can be applied (a conditional delete does not name the sender's resource)"))?;
+        return Ok(Some(Found {
+            theirs: format!("{rtype}/{id}"),
+            rtype: rtype.to_string(),
+            resource: None,
+            full_url,
+        }));
+    }
+    match e.get("resource") {
+        Some(r) if not_stored(r) => Ok(None),
+        Some(r) => resource(i, r.clone(), full_url).map(Some),
+        None => Err(format!(
+            "entry {i}: no resource to store (an id-only notification whose resources were not read from the sender; with the partner's upstream_base_url set, they are read on arrival)"
+        )),
+    }
+}
+
+fn resource(i: usize, r: Value, full_url: Option<String>) -> Result<Found, String> {
+    let rtype = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
+    if !valid_type(rtype) {
+        return Err(format!("entry {i}: {rtype:?} is not a resource type"));
+    }
+    let Some(id) = r
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+    else {
+        return Err(format!("entry {i}: {rtype} without an id"));
+    };
+    Ok(Found {
+        theirs: format!("{rtype}/{id}"),
+        rtype: rtype.to_string(),
+        full_url,
+        resource: Some(r),
+    })
+}
+
+/// `Type/id`, optionally under a base URL, of a DELETE entry's `request.url`.
+fn deleted_target(url: &str) -> Option<(&str, &str)> {
+    if url.contains('?') || url.contains('#') {
+        return None;
+    }
+    let mut parts = url.trim_end_matches('/').rsplit('/');
+    let id = parts.next()?;
+    let rtype = parts.next()?;
+    (valid_type(rtype) && valid_fhir_id(id)).then_some((rtype, id))
+}
+
+/// The sender's versionId and lastUpdated are theirs (the store stamps ours); where the resource
+/// came from goes to `meta.source` unless the sender set one.
+fn stamp_source(r: &mut Value, source: &str) {
+    let Some(obj) = r.as_object_mut() else { return };
+    let meta = obj
+        .entry("meta")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("versionId");
+        m.remove("lastUpdated");
+        m.entry("source")
+            .or_insert_with(|| Value::String(source.to_string()));
+    }
 }
 
 /// Entries that are not data to store: the notification's status (R4 backport: a `Parameters`,
@@ -94,14 +166,8 @@ fn not_stored(r: &Value) -> bool {
     )
 }
 
-fn valid_type(t: &str) -> bool {
-    t.len() <= 64
-        && t.starts_with(|c: char| c.is_ascii_uppercase())
-        && t.chars().all(|c| c.is_ascii_alphanumeric())
-}
-
 /// Rewrites every `reference` that names a resource of this message, relative or absolute.
-fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<String, String>) {
+fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<&str, String>) {
     match v {
         Value::Object(map) => {
             if let Some(Value::String(r)) = map.get_mut("reference") {
@@ -123,7 +189,7 @@ fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<String, Str
 }
 
 /// `Type/id`, `Type/id/_history/v` or `<base>/Type/id[...]` of a resource in `ids` → `Type/ours`.
-fn resolve(reference: &str, ids: &std::collections::HashMap<String, String>) -> Option<String> {
+fn resolve(reference: &str, ids: &std::collections::HashMap<&str, String>) -> Option<String> {
     let path = reference.split('/').collect::<Vec<_>>();
     let at = match path.iter().rposition(|p| *p == "_history") {
         Some(h) if h >= 2 => h - 2,
@@ -131,7 +197,8 @@ fn resolve(reference: &str, ids: &std::collections::HashMap<String, String>) -> 
         None => path.len().checked_sub(2)?,
     };
     let key = format!("{}/{}", path[at], path.get(at + 1)?);
-    ids.get(&key).map(|ours| format!("{}/{ours}", path[at]))
+    ids.get(key.as_str())
+        .map(|ours| format!("{}/{ours}", path[at]))
 }
 
 #[cfg(test)]
@@ -155,14 +222,14 @@ mod tests {
         assert_eq!(out.len(), 2);
         let patient_id = deterministic_id(&["t1", "ehr", "Patient", "7"]);
         assert_eq!(
-            (out[0].0.as_str(), out[0].1.as_str()),
+            (out[0].resource_type.as_str(), out[0].id.as_str()),
             ("Patient", patient_id.as_str())
         );
         assert_eq!(
-            out[0].2["meta"],
+            out[0].resource.as_ref().unwrap()["meta"],
             json!({"source": "https://ehr.example/fhir/Patient/7"})
         );
-        let enc = &out[1].2;
+        let enc = out[1].resource.as_ref().unwrap();
         assert_eq!(enc["subject"]["reference"], format!("Patient/{patient_id}"));
         assert_eq!(
             enc["basedOn"][0]["reference"],
@@ -175,7 +242,7 @@ mod tests {
         );
         // another sender's Patient/7 is another patient
         let other = normalise("t1", "lab", bundle.to_string().as_bytes()).unwrap();
-        assert_ne!(other[0].1, patient_id);
+        assert_ne!(other[0].id, patient_id);
     }
 
     #[test]
@@ -188,6 +255,47 @@ mod tests {
         assert!(normalise("t", "p", b"<xml/>")
             .unwrap_err()
             .contains("not FHIR JSON"));
+    }
+
+    #[test]
+    fn a_deletion_names_our_id_and_an_unfetched_entry_is_an_error() {
+        let bundle = json!({"resourceType": "Bundle", "type": "history", "entry": [
+            {"fullUrl": "https://ehr.example/fhir/Observation/o1",
+                "request": {"method": "DELETE", "url": "Observation/o1"},
+                "response": {"status": "204"}},
+            {"request": {"method": "DELETE", "url": "https://ehr.example/fhir/Observation/o2/"}},
+            {"fullUrl": "https://ehr.example/fhir/DiagnosticReport/r1", "resource": {
+                "resourceType": "DiagnosticReport", "id": "r1", "status": "final",
+                "result": [{"reference": "Observation/o1"}]}}
+        ]});
+        let out = normalise("t1", "ehr", bundle.to_string().as_bytes()).unwrap();
+        let o1 = deterministic_id(&["t1", "ehr", "Observation", "o1"]);
+        let o2 = deterministic_id(&["t1", "ehr", "Observation", "o2"]);
+        assert_eq!(
+            (out[0].resource_type.as_str(), out[0].id.as_str()),
+            ("Observation", o1.as_str())
+        );
+        assert!(out[0].resource.is_none());
+        assert_eq!(out[1].id, o2);
+        assert!(out[1].resource.is_none());
+        // a reference to a deleted resource still names our id for it
+        assert_eq!(
+            out[2].resource.as_ref().unwrap()["result"][0]["reference"],
+            format!("Observation/{o1}")
+        );
+
+        let err = |entry: Value| {
+            let b = json!({"resourceType": "Bundle", "entry": [entry]});
+            normalise("t", "p", b.to_string().as_bytes()).unwrap_err()
+        };
+        assert!(err(json!({"fullUrl": "https://ehr.example/fhir/Patient/7",
+            "request": {"method": "PUT", "url": "Patient/7"}}))
+        .contains("entry 0: no resource to store"));
+        assert!(
+            err(json!({"request": {"method": "DELETE", "url": "Patient?identifier=x|1"}}))
+                .contains("only Type/id deletions")
+        );
+        assert!(err(json!({"request": {"method": "DELETE"}})).contains("without request.url"));
     }
 
     /// The Subscriptions Backport IG's full-resource notification example, from the shared corpus.
@@ -204,8 +312,8 @@ mod tests {
         };
         let out = normalise("t1", "ehr", &bytes).unwrap();
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0, "Encounter");
-        assert!(out[0].2["meta"]["source"]
+        assert_eq!(out[0].resource_type, "Encounter");
+        assert!(out[0].resource.as_ref().unwrap()["meta"]["source"]
             .as_str()
             .unwrap()
             .ends_with("/Encounter/86009987-eabe-42bf-8c02-b112b18cb616"));

@@ -630,9 +630,9 @@ impl Pipeline {
         }
     }
 
-    /// A FHIR message: its resources, normalised by [`fhir::normalise`], committed with the
-    /// message state like a mapped HL7 v2 message's; one that cannot be stored fails with the
-    /// reason.
+    /// A FHIR message: its resources (and the deletions it reports), normalised by
+    /// [`fhir::normalise`], committed with the message state like a mapped HL7 v2 message's; one
+    /// that cannot be stored fails with the reason.
     async fn pass_through(
         &self,
         rt: &Runtime,
@@ -647,7 +647,10 @@ impl Pipeline {
             };
         let writes: Vec<ResourceWrite> = resources
             .into_iter()
-            .map(|(rtype, id, r)| ResourceWrite::upsert(&rtype, &id, r))
+            .map(|c| match c.resource {
+                Some(r) => ResourceWrite::upsert(&c.resource_type, &c.id, r),
+                None => ResourceWrite::delete(&c.resource_type, &c.id),
+            })
             .collect();
         let resources = writes.len();
         let Some(changed) = self

@@ -357,7 +357,7 @@ async fn a_running_pipeline_applies_large_and_small_messages_of_one_patient_in_o
 
 /// A FHIR notification (as the Subscriptions-in hook journals it) reaches the store through the
 /// pass-through mapping: our ids, references rewritten, the status entry left out; sent again,
-/// nothing changes; one that cannot be stored fails with the reason.
+/// nothing changes; a deletion deletes ours; one that cannot be stored fails with the reason.
 #[tokio::test]
 async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -409,6 +409,54 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
     drain(&p, &rt).await;
     let again = rt.store.read("t1", "Patient", &patient).unwrap().unwrap();
     assert_eq!(again.version, 1);
+    // the sender deletes the Encounter: ours is deleted, and the change goes out as an event
+    let deletion = serde_json::json!({"resourceType": "Bundle", "type": "history", "entry": [
+        {"fullUrl": "https://ehr.example/fhir/Encounter/e1",
+            "request": {"method": "DELETE", "url": "Encounter/e1"}, "response": {"status": "204"}}
+    ]});
+    let del = rt
+        .journal
+        .append(fhir(deletion.to_string().into_bytes()))
+        .await
+        .unwrap()
+        .id;
+    drain(&p, &rt).await;
+    assert_eq!(
+        rt.journal.get(del).unwrap().unwrap().state.state,
+        MessageState::Committed
+    );
+    let gone = rt
+        .store
+        .read("t1", "Encounter", &encounter)
+        .unwrap()
+        .unwrap();
+    assert!(gone.deleted);
+    let last = rt
+        .store
+        .outbox()
+        .read_after(0, 10_000)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(last.event_type, "fhir.Encounter.delete");
+    assert_eq!(last.resource_id.as_deref(), Some(encounter.as_str()));
+    assert!(last.resource.is_none());
+    // an id-only notification that nobody read from the sender is not "done": it fails, saying why
+    let unread = serde_json::json!({"resourceType": "Bundle", "type": "history", "entry": [
+        {"fullUrl": "https://ehr.example/fhir/Patient/7", "request": {"method": "PUT", "url": "Patient/7"}}
+    ]});
+    let unread = rt
+        .journal
+        .append(fhir(unread.to_string().into_bytes()))
+        .await
+        .unwrap()
+        .id;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(unread).unwrap().unwrap().state;
+    assert!(st
+        .state
+        .reason()
+        .is_some_and(|r| r.starts_with("entry 0: no resource to store")));
     // a resource without an id cannot be stored: the message fails, saying why
     let bad = rt
         .journal

@@ -159,6 +159,16 @@ impl ResourceWrite {
             precondition: Precondition::None,
         }
     }
+
+    /// An unconditional delete (a no-op when the resource is absent or already deleted).
+    pub fn delete(resource_type: &str, id: &str) -> Self {
+        Self {
+            resource_type: resource_type.into(),
+            id: id.into(),
+            op: WriteOp::Delete,
+            precondition: Precondition::None,
+        }
+    }
 }
 
 /// The journal state change that commits together with the resources a message produced.
