@@ -217,3 +217,50 @@ async fn export_window_selects_facade_and_ingress_records_by_their_time() {
         .collect();
     assert_eq!(picked, vec![3, 4]);
 }
+
+/// `tributary audit export` beside a running server (a SIEM job cannot stop the facade): it
+/// reads the log's files, and every request answered before the export started is in it, with
+/// the same records a stopped server's export gives.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_works_while_the_server_runs_and_holds_every_answered_request() {
+    let mut f = Facade::start(None);
+    let t = seed(&f, None).await;
+    for i in 0..5 {
+        let r = f
+            .call("GET", &format!("/fhir/Patient/probe-{i}"), Some(&t), None)
+            .await;
+        assert_eq!(r.status, 404);
+    }
+    let out = cli(&f, &["audit", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("running server"),
+        "the export says it read beside a running server"
+    );
+    let live: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let probes: Vec<&str> = live
+        .iter()
+        .filter_map(|e| e["body"]["resource_id"].as_str())
+        .filter(|id| id.starts_with("probe-"))
+        .collect();
+    assert_eq!(
+        probes,
+        ["probe-0", "probe-1", "probe-2", "probe-3", "probe-4"]
+    );
+    let seqs: Vec<u64> = live.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=live.len() as u64).collect::<Vec<_>>());
+    // the server keeps serving and auditing; stopped, its export starts with the same records
+    assert_eq!(f.get_status("/fhir/Patient/pa", &t).await, 200);
+    f.stop();
+    let all = export_audit(&f, None);
+    assert!(all.len() > live.len());
+    assert_eq!(all[..live.len()], live[..]);
+}

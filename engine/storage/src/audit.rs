@@ -166,6 +166,51 @@ fn parse_entry(line: &[u8]) -> Result<AuditEntry> {
     serde_json::from_slice(line).map_err(|e| StorageError::corrupt("audit", e))
 }
 
+/// Every durable audit record of a data directory that a running `tributary serve` holds,
+/// oldest first (`f` returns `false` to stop), read from the log's files without opening the
+/// store: the records up to the chain head as of the call (the head is written after each
+/// group's `fdatasync`, so nothing is passed on that a crash could still take back). Records
+/// appended meanwhile are left for the next read.
+pub fn for_each_durable_record(data_dir: &Path, f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
+    let dir = files::dir_of(data_dir);
+    match files::read_head(&dir)? {
+        Some(head) => for_each_in(&dir, 0, head.seq, f),
+        None => Ok(()),
+    }
+}
+
+/// Entries with `after < seq <= through`, oldest first, from the segments in `dir`.
+fn for_each_in(
+    dir: &Path,
+    after: u64,
+    through: u64,
+    mut f: impl FnMut(AuditEntry) -> bool,
+) -> Result<()> {
+    let anchor = files::read_anchor(dir)?;
+    let segments = files::live_segments(dir, anchor)?;
+    let start = segments
+        .partition_point(|(first, _)| *first <= after.saturating_add(1))
+        .saturating_sub(1);
+    for (_, path) in &segments[start..] {
+        let go_on = files::for_each_line(path, anchor.map_or(0, |a| a.seq), |_, line| {
+            match files::line_seq(line) {
+                Some(s) if s <= after => return Ok(true),
+                Some(s) if s > through => return Ok(false),
+                _ => {}
+            }
+            Ok(f(parse_entry(line)?))
+        });
+        match go_on {
+            Ok(true) => {}
+            Ok(false) => break,
+            // Pruned while reading: its records are gone, the next segment goes on.
+            Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl AuditLog {
     pub fn new(db: Db) -> Self {
         Self { db }
@@ -206,29 +251,8 @@ impl AuditLog {
 
     /// Calls `f` with every entry whose `seq > after`, oldest first, streaming through the
     /// segments; `f` returns `false` to stop.
-    pub fn for_each_after(&self, after: u64, mut f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
-        let dir = self.dir()?;
-        let anchor = files::read_anchor(&dir)?;
-        let segments = files::live_segments(&dir, anchor)?;
-        let start = segments
-            .partition_point(|(first, _)| *first <= after.saturating_add(1))
-            .saturating_sub(1);
-        for (_, path) in &segments[start..] {
-            let go_on = files::for_each_line(path, anchor.map_or(0, |a| a.seq), |_, line| {
-                if files::line_seq(line).is_some_and(|s| s <= after) {
-                    return Ok(true);
-                }
-                Ok(f(parse_entry(line)?))
-            });
-            match go_on {
-                Ok(true) => {}
-                Ok(false) => break,
-                // Pruned while reading: its records are gone, the next segment goes on.
-                Err(StorageError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    pub fn for_each_after(&self, after: u64, f: impl FnMut(AuditEntry) -> bool) -> Result<()> {
+        for_each_in(&self.dir()?, after, u64::MAX, f)
     }
 
     /// Entries with `seq > after`, oldest first.

@@ -20,8 +20,8 @@ mod outbox;
 mod store;
 
 pub use audit::{
-    record_time, AuditAnchor, AuditEntry, AuditLog, AuditPruneStats, AuditQuery, AuditVerifyError,
-    AuditVerifyReport, PreparedRecord, RETENTION_KIND,
+    for_each_durable_record, record_time, AuditAnchor, AuditEntry, AuditLog, AuditPruneStats,
+    AuditQuery, AuditVerifyError, AuditVerifyReport, PreparedRecord, RETENTION_KIND,
 };
 pub use db::{Db, DbOptions};
 pub use dead_letters::DeadLetterLog;

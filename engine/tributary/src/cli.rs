@@ -141,7 +141,8 @@ pub enum AuditCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Print audit records as JSON lines (each with its seq and prev hash) for a SIEM.
+    /// Print audit records as JSON lines (each with its seq and prev hash) for a SIEM; works
+    /// beside a running `tributary serve` (it reads the log's files, up to the durable head).
     #[command(
         after_help = "Examples:\n  tributary audit export --since 2026-11-01\n  tributary audit export --since 2026-11-23T08:00:00Z --until 2026-11-24 > audit.jsonl"
     )]
@@ -427,13 +428,11 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             let config = common.load()?;
             let since = parse_time("--since", &since)?.unwrap_or(i64::MIN);
             let until = parse_time("--until", &until)?.unwrap_or(i64::MAX);
-            let db = open_db(&config)?;
-            let log = tributary_storage::AuditLog::new(db);
             use std::io::Write;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             let mut written: std::io::Result<()> = Ok(());
-            log.for_each_after(0, |e| {
+            let mut export = |e: tributary_storage::AuditEntry| {
                 // Facade records carry `time` (ms), ingress records `at` (RFC 3339).
                 let t = tributary_storage::record_time(&e.body).unwrap_or(i64::MIN);
                 if t >= since && t < until {
@@ -442,7 +441,15 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                         .and_then(|_| out.write_all(b"\n"));
                 }
                 written.is_ok()
-            })?;
+            };
+            match unless_served(open_db(&config))? {
+                Some(db) => tributary_storage::AuditLog::new(db).for_each_after(0, &mut export)?,
+                // The server appends while this reads; the log's files are readable beside it.
+                None => {
+                    tributary_storage::for_each_durable_record(&config.data_dir, &mut export)?;
+                    eprintln!("exported the records the running server had made durable when the export started");
+                }
+            }
             written?;
             out.flush()?;
             Ok(ExitCode::SUCCESS)

@@ -256,7 +256,7 @@ pub async fn seed(f: &Facade, tenant: Option<&str>) -> String {
     admin
 }
 
-/// The audit log as exported by `tributary audit export` (the server must be stopped).
+/// The audit log as exported by `tributary audit export`.
 pub fn export_audit(f: &Facade, since: Option<&str>) -> Vec<Value> {
     let mut args = vec!["audit", "export"];
     if let Some(s) = since {
