@@ -355,6 +355,16 @@ async fn a_running_pipeline_applies_large_and_small_messages_of_one_patient_in_o
     assert_eq!(current.version, 4);
 }
 
+/// Journals a FHIR message from partner `ehr` of tenant `t1`, as the Subscriptions-in hook does.
+async fn journal_fhir(rt: &Runtime, payload: impl Into<Vec<u8>>) -> tributary_core::MessageId {
+    let env = tributary_core::Envelope::builder(tributary_core::Protocol::Fhir, payload.into())
+        .tenant("t1")
+        .partner("ehr")
+        .ordering_key("ehr")
+        .build();
+    rt.journal.append(env).await.unwrap().id
+}
+
 /// A FHIR notification (as the Subscriptions-in hook journals it) reaches the store through the
 /// pass-through mapping: our ids, references rewritten, the status entry left out; sent again,
 /// nothing changes; a deletion deletes ours; one that cannot be stored fails with the reason.
@@ -372,19 +382,7 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
             "id": "e1", "status": "in-progress", "class": {"code": "IMP"},
             "subject": {"reference": "Patient/7"}}}
     ]});
-    let fhir = |payload: Vec<u8>| {
-        tributary_core::Envelope::builder(tributary_core::Protocol::Fhir, payload)
-            .tenant("t1")
-            .partner("ehr")
-            .ordering_key("ehr")
-            .build()
-    };
-    let id = rt
-        .journal
-        .append(fhir(bundle.to_string().into_bytes()))
-        .await
-        .unwrap()
-        .id;
+    let id = journal_fhir(&rt, bundle.to_string().into_bytes()).await;
     drain(&p, &rt).await;
     let st = rt.journal.get(id).unwrap().unwrap().state;
     assert_eq!(st.state, MessageState::Committed);
@@ -414,12 +412,7 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
         {"fullUrl": "https://ehr.example/fhir/Encounter/e1",
             "request": {"method": "DELETE", "url": "Encounter/e1"}, "response": {"status": "204"}}
     ]});
-    let del = rt
-        .journal
-        .append(fhir(deletion.to_string().into_bytes()))
-        .await
-        .unwrap()
-        .id;
+    let del = journal_fhir(&rt, deletion.to_string().into_bytes()).await;
     drain(&p, &rt).await;
     assert_eq!(
         rt.journal.get(del).unwrap().unwrap().state.state,
@@ -445,12 +438,7 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
     let unread = serde_json::json!({"resourceType": "Bundle", "type": "history", "entry": [
         {"fullUrl": "https://ehr.example/fhir/Patient/7", "request": {"method": "PUT", "url": "Patient/7"}}
     ]});
-    let unread = rt
-        .journal
-        .append(fhir(unread.to_string().into_bytes()))
-        .await
-        .unwrap()
-        .id;
+    let unread = journal_fhir(&rt, unread.to_string().into_bytes()).await;
     drain(&p, &rt).await;
     let st = rt.journal.get(unread).unwrap().unwrap().state;
     assert!(st
@@ -458,14 +446,11 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
         .reason()
         .is_some_and(|r| r.starts_with("entry 0: no resource to store")));
     // a resource without an id cannot be stored: the message fails, saying why
-    let bad = rt
-        .journal
-        .append(fhir(
-            br#"{"resourceType":"Patient","gender":"male"}"#.to_vec(),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let bad = journal_fhir(
+        &rt,
+        br#"{"resourceType":"Patient","gender":"male"}"#.to_vec(),
+    )
+    .await;
     drain(&p, &rt).await;
     let st = rt.journal.get(bad).unwrap().unwrap().state;
     assert_eq!(st.state.reason(), Some("entry 0: Patient without an id"));
