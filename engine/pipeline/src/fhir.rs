@@ -93,7 +93,7 @@ fn entry(i: usize, e: &Value) -> Result<Option<Found>, String> {
             .and_then(Value::as_str)
             .ok_or_else(|| format!("entry {i}: DELETE without request.url"))?;
         let (rtype, id) = deleted_target(url)
-            .ok_or_else(|| format!("entry {i}: DELETE of {url:?}: only Type/id deletions can be applied (a conditional delete does not name the sender's resource)"))?;
+            .ok_or_else(|| format!("entry {i}: a DELETE whose request.url is not Type/id: only those can be applied (a conditional delete does not name the sender's resource)"))?;
         return Ok(Some(Found {
             theirs: format!("{rtype}/{id}"),
             rtype: rtype.to_string(),
@@ -113,7 +113,10 @@ fn entry(i: usize, e: &Value) -> Result<Option<Found>, String> {
 fn resource(i: usize, r: Value, full_url: Option<String>) -> Result<Found, String> {
     let rtype = r.get("resourceType").and_then(Value::as_str).unwrap_or("");
     if !valid_type(rtype) {
-        return Err(format!("entry {i}: {rtype:?} is not a resource type"));
+        // not quoted: it is the sender's text, whatever it holds
+        return Err(format!(
+            "entry {i}: its resourceType is not a resource type name"
+        ));
     }
     let Some(id) = r
         .get("id")
@@ -130,7 +133,8 @@ fn resource(i: usize, r: Value, full_url: Option<String>) -> Result<Found, Strin
     })
 }
 
-/// `Type/id`, optionally under a base URL, of a DELETE entry's `request.url`.
+/// `Type/id`, optionally under a base URL, of a DELETE entry's `request.url`. (Errors never
+/// quote that URL: a conditional one carries identifier values.)
 fn deleted_target(url: &str) -> Option<(&str, &str)> {
     if url.contains('?') || url.contains('#') {
         return None;
@@ -291,10 +295,11 @@ mod tests {
         assert!(err(json!({"fullUrl": "https://ehr.example/fhir/Patient/7",
             "request": {"method": "PUT", "url": "Patient/7"}}))
         .contains("entry 0: no resource to store"));
-        assert!(
-            err(json!({"request": {"method": "DELETE", "url": "Patient?identifier=x|1"}}))
-                .contains("only Type/id deletions")
-        );
+        let conditional =
+            err(json!({"request": {"method": "DELETE", "url": "Patient?identifier=x|MRN-4711"}}));
+        assert!(conditional.contains("only those can be applied"));
+        // reasons are logged and listed: never the sender's values
+        assert!(!conditional.contains("MRN-4711"), "{conditional}");
         assert!(err(json!({"request": {"method": "DELETE"}})).contains("without request.url"));
     }
 
