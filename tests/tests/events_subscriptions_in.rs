@@ -1,7 +1,8 @@
 //! Subscriptions in, end to end on the running binary: an upstream server's full-resource
 //! notification posted to the hook is journaled, taken by the pipeline's FHIR pass-through
 //! mapping, and readable through the facade under our ids with its references rewritten —
-//! like any other feed. Sent again, it changes nothing.
+//! like any other feed. Sent again, it changes nothing; a later notification that the Encounter
+//! was deleted deletes ours.
 
 mod mllp_common;
 
@@ -101,17 +102,56 @@ async fn a_notification_from_upstream_reaches_the_store_through_the_pipeline() {
         .await
         .unwrap();
     assert_eq!(p["gender"], "female");
+
+    // the upstream server deletes the Encounter: ours goes too (410 Gone), the Patient stays
+    let mut deletion = notification(2);
+    deletion["entry"].as_array_mut().unwrap().truncate(1);
+    deletion["entry"].as_array_mut().unwrap().push(json!({
+        "fullUrl": "https://ehr.example/fhir/Encounter/enc-1",
+        "request": {"method": "DELETE", "url": "Encounter/enc-1"},
+        "response": {"status": "204"}}));
+    let res = http
+        .post(format!("{base}/fhir/subscription-hook/ehr"))
+        .bearer_auth(PARTNER_TOKEN)
+        .json(&deletion)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http
+            .get(format!("{base}/fhir/Encounter/{encounter}"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 410 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never deleted: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = http
+        .get(format!("{base}/fhir/Patient/{patient}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
     server.stop();
 
-    // one journal entry (the resend was recognised), committed by the pass-through mapping
+    // one journal entry per notification (the resend was recognised), each committed by the
+    // pass-through mapping
     let records = journal_records(&data);
-    assert_eq!(records.len(), 1);
-    assert_eq!(
-        records[0].state.state,
-        tributary_core::MessageState::Committed
-    );
-    assert_eq!(
-        records[0].state.mapping_version.as_deref(),
-        Some(tributary_pipeline::fhir::VERSION)
-    );
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!(r.state.state, tributary_core::MessageState::Committed);
+        assert_eq!(
+            r.state.mapping_version.as_deref(),
+            Some(tributary_pipeline::fhir::VERSION)
+        );
+    }
 }
