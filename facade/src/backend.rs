@@ -164,8 +164,16 @@ async fn forward(
             return Err(ApiError::out_of_scope());
         }
     }
-    if perm == Perm::Delete {
-        // Check the current resource first: a delete must be within the caller's access too.
+    if perm == Perm::Update && fhir.id.is_none() {
+        // A conditional update would replace whatever the backend's search matches, which the
+        // caller's access cannot be checked against first.
+        return Err(ApiError::MethodNotAllowed(format!(
+            "conditional update is not available for {rtype} (served by a backend): update by id"
+        )));
+    }
+    if matches!(perm, Perm::Update | Perm::Delete) {
+        // Check the current resource first: what an update replaces or a delete removes must be
+        // within the caller's access too, not only the body written.
         let current = call(
             st,
             backend,
@@ -179,7 +187,7 @@ async fn forward(
         .await?;
         if current.0.is_success() {
             let v: Value = serde_json::from_slice(&current.1).unwrap_or(Value::Null);
-            if !access.permits(Perm::Delete, &rtype, fhir.id.as_deref().unwrap_or(""), &v) {
+            if !access.permits(perm, &rtype, fhir.id.as_deref().unwrap_or(""), &v) {
                 return Err(ApiError::out_of_scope());
             }
         }
@@ -247,7 +255,14 @@ async fn forward(
             })
             .collect();
         let dropped = before - kept.len();
-        if dropped > 0 {
+        if access.narrowed(perm, &rtype) {
+            // The backend counted everything its search matched, not what this caller may see
+            // (a `_summary=count` would otherwise tell a patient-context token how many other
+            // patients have a code); a narrowed caller gets no total.
+            if let Some(o) = v.as_object_mut() {
+                o.remove("total");
+            }
+        } else if dropped > 0 {
             if let Some(total) = v.get("total").and_then(Value::as_u64) {
                 v["total"] = Value::from(total.saturating_sub(dropped as u64));
             }

@@ -261,11 +261,16 @@ pub fn patient_links(rtype: &str, id: &str, resource: &Value) -> Vec<String> {
     out
 }
 
-/// Is this resource in `patient`'s compartment (or a shared, patient-free type)?
-pub fn in_compartment(rtype: &str, id: &str, resource: &Value, patient: &str) -> bool {
+/// Is this resource in `patient`'s compartment (or a shared, patient-free type)? To read it, one
+/// link to the patient is enough; to write it (`write`), every patient it links to must be that
+/// patient — or a patient-context token could file data into another patient's record by
+/// naming its own patient in a second field.
+pub fn in_compartment(rtype: &str, id: &str, resource: &Value, patient: &str, write: bool) -> bool {
     let ids = patient_links(rtype, id, resource);
     if ids.is_empty() {
         rtype != "Patient" && SHARED_TYPES.contains(&rtype)
+    } else if write {
+        ids.iter().all(|p| p == patient)
     } else {
         ids.iter().any(|p| p == patient)
     }
@@ -306,10 +311,27 @@ impl Access {
             g @ Grant::Granted { patient_only, .. } => {
                 g.admits(resource)
                     && (!patient_only
-                        || p.patient
-                            .as_deref()
-                            .is_some_and(|pid| in_compartment(rtype, id, resource, pid)))
+                        || p.patient.as_deref().is_some_and(|pid| {
+                            let write = !matches!(perm, Perm::Read | Perm::Search);
+                            in_compartment(rtype, id, resource, pid, write)
+                        }))
             }
+        }
+    }
+
+    /// Whether what the caller sees of `rtype` with `perm` is narrowed (patient compartment or v2
+    /// search-parameter constraints), so that counts taken over everything must not reach it.
+    pub fn narrowed(&self, perm: Perm, rtype: &str) -> bool {
+        if self.break_glass && matches!(perm, Perm::Read | Perm::Search) {
+            return false;
+        }
+        let p = &self.principal;
+        match p.scopes.grant(perm, rtype, p.patient.is_some()) {
+            Grant::Denied => true,
+            Grant::Granted {
+                patient_only,
+                narrowing,
+            } => patient_only || !narrowing.is_empty(),
         }
     }
 

@@ -170,6 +170,14 @@ pub async fn vread(
     let v = stored.resource()?;
     note_patient(&slot, &rtype, &id, &v);
     access.require(Perm::Read, &rtype, &id, &v)?;
+    if let Some(current) = st
+        .rt
+        .store
+        .read(tenant, &rtype, &id)?
+        .filter(|c| !c.deleted && c.version != version)
+    {
+        access.require(Perm::Read, &rtype, &id, &current.resource()?)?;
+    }
     Ok(resource_response(StatusCode::OK, &stored))
 }
 
@@ -239,13 +247,16 @@ pub(crate) fn parse_etag(s: &str) -> Option<u64> {
         .ok()
 }
 
-/// Resolves a conditional (`identifier=…`, `_id=…`) to the matching ids, unscoped by access:
-/// the caller must then be allowed to act on the match.
+/// Resolves a conditional (`identifier=…`, `_id=…`) to the matching resources the caller may
+/// act on with `perm` (the operation's: create, update, delete). Matches outside the caller's
+/// access count as no match: answering 403 or 412 for them would tell a patient-context token
+/// whether some other patient's resource with that identifier exists.
 pub(crate) fn conditional_matches(
     st: &AppState,
     access: &Access,
     rtype: &str,
     query: &str,
+    perm: Perm,
 ) -> ApiResult<Vec<StoredResource>> {
     let params = crate::policy::decode_query(Some(query.trim_start_matches('?')));
     if params.is_empty() {
@@ -253,27 +264,35 @@ pub(crate) fn conditional_matches(
             "a conditional operation needs search parameters".into(),
         ));
     }
-    let res = crate::search::run_search(st, access, rtype, &params, false)?;
+    let res = crate::search::run_search(st, access, rtype, &params, perm)?;
     Ok(res.matches)
 }
 
-/// The one resource a conditional update or delete (`verb` on the type URL) targets: `None` when
-/// nothing matches, 412 when several do, 400 without search parameters.
+/// The one resource a conditional update or delete (`perm`) targets: `None` when nothing the
+/// caller may act on matches, 412 when several do, 400 without search parameters.
 fn single_match(
     st: &AppState,
     access: &Access,
     rtype: &str,
     req: &FhirRequest,
-    verb: &str,
+    perm: Perm,
     operation: &str,
 ) -> ApiResult<Option<StoredResource>> {
+    let verb = if perm == Perm::Delete {
+        "DELETE"
+    } else {
+        "PUT"
+    };
+    if !access.may(perm, rtype) {
+        return Err(ApiError::out_of_scope());
+    }
     if req.params.is_empty() {
         return Err(ApiError::BadRequest(format!(
             "{verb} on a type needs search parameters ({operation})"
         )));
     }
     let query: Vec<String> = req.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let mut found = conditional_matches(st, access, rtype, &query.join("&"))?;
+    let mut found = conditional_matches(st, access, rtype, &query.join("&"), perm)?;
     if found.len() > 1 {
         return Err(ApiError::PreconditionFailed(
             "the condition matched more than one resource".into(),
@@ -294,7 +313,7 @@ pub async fn create(
     let mut v = parse_body(&body, &rtype)?;
     let base = base_url(&st, &headers);
     if let Some(cond) = headers.get("if-none-exist").and_then(|h| h.to_str().ok()) {
-        let found = conditional_matches(&st, &access, &rtype, cond)?;
+        let found = conditional_matches(&st, &access, &rtype, cond, Perm::Create)?;
         match found.len() {
             0 => {}
             1 => {
@@ -314,9 +333,7 @@ pub async fn create(
     }
     let id = new_id();
     v["id"] = Value::String(id.clone());
-    if rtype == "Subscription" {
-        crate::subscription::stamp(&access, &mut v);
-    }
+    crate::subscription::stamp_if_subscription(&access, &rtype, &mut v);
     note_patient(&slot, &rtype, &id, &v);
     slot.update(|d| d.resource_id = Some(id.clone()));
     access.require(Perm::Create, &rtype, &id, &v)?;
@@ -405,7 +422,14 @@ pub async fn conditional_update(
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
     let v = parse_body(&body, &rtype)?;
-    let found = single_match(&st, &access, &rtype, &req, "PUT", "conditional update")?;
+    let found = single_match(
+        &st,
+        &access,
+        &rtype,
+        &req,
+        Perm::Update,
+        "conditional update",
+    )?;
     let id = match found {
         None => v
             .get("id")
@@ -436,9 +460,7 @@ async fn store_update(
     mut v: Value,
 ) -> ApiResult<Response> {
     v["id"] = Value::String(id.to_string());
-    if rtype == "Subscription" {
-        crate::subscription::stamp(access, &mut v);
-    }
+    crate::subscription::stamp_if_subscription(access, rtype, &mut v);
     note_patient(slot, rtype, id, &v);
     check_update(st, access, rtype, id, &v, Some(slot))?;
     let mut w = ResourceWrite::upsert(rtype, id, v);
@@ -475,8 +497,8 @@ pub async fn delete(
 }
 
 /// `DELETE /fhir/{type}?identifier=…`: no match → 204 (an ordinary delete of nothing, as R4
-/// says), one match → that resource is deleted (204), several → 412. The match must be within
-/// the caller's access (403 otherwise).
+/// says), one match → that resource is deleted (204), several → 412. Only resources the caller
+/// may delete match (a token without delete scope for the type gets 403).
 pub async fn conditional_delete(
     State(st): State<AppState>,
     Path(rtype): Path<String>,
@@ -485,7 +507,14 @@ pub async fn conditional_delete(
     Extension(req): Extension<FhirRequest>,
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
-    let target = single_match(&st, &access, &rtype, &req, "DELETE", "conditional delete")?;
+    let target = single_match(
+        &st,
+        &access,
+        &rtype,
+        &req,
+        Perm::Delete,
+        "conditional delete",
+    )?;
     if let Some(c) = &target {
         let cv = c.resource()?;
         slot.update(|d| d.resource_id = Some(c.id.clone()));
@@ -583,6 +612,7 @@ pub async fn patch(
         meta.remove("versionId");
         meta.remove("lastUpdated");
     }
+    crate::subscription::stamp_if_subscription(&access, &rtype, &mut patched);
     note_patient(&slot, &rtype, &id, &patched);
     check_update(&st, &access, &rtype, &id, &patched, None)?;
     let mut w = ResourceWrite::upsert(&rtype, &id, patched);

@@ -273,7 +273,7 @@ pub fn run_search(
     access: &Access,
     rtype: &str,
     params: &[(String, String)],
-    with_access: bool,
+    perm: Perm,
 ) -> ApiResult<SearchResult> {
     let tenant = access.principal.tenant.as_str();
     let store = &st.rt.store;
@@ -330,17 +330,15 @@ pub fn run_search(
     debug_assert!(CONTROL_PARAMS.contains(&"_count"));
     // Candidates from the most selective index available.
     let mut ids: Option<Vec<String>> = None;
-    if with_access {
-        if let Some(pid) = access.compartment_for(Perm::Search, rtype) {
-            ids = intersect(
-                ids,
-                if rtype == "Patient" {
-                    vec![pid.to_string()]
-                } else {
-                    patient_ids(st, tenant, pid, rtype)?
-                },
-            );
-        }
+    if let Some(pid) = access.compartment_for(perm, rtype) {
+        ids = intersect(
+            ids,
+            if rtype == "Patient" {
+                vec![pid.to_string()]
+            } else {
+                patient_ids(st, tenant, pid, rtype)?
+            },
+        );
     }
     for (k, v) in &filters {
         let base = k.split(':').next().unwrap_or(k);
@@ -399,7 +397,7 @@ pub fn run_search(
                 break;
             }
         }
-        if ok && (!with_access || access.permits(Perm::Search, rtype, &stored.id, &r)) {
+        if ok && access.permits(perm, rtype, &stored.id, &r) {
             matches.push(stored);
         }
     }
@@ -568,7 +566,7 @@ async fn do_search(
     params: Vec<(String, String)>,
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
-    let res = run_search(&st, &access, &rtype, &params, true)?;
+    let res = run_search(&st, &access, &rtype, &params, Perm::Search)?;
     slot.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
     let base = base_url(&st, &headers);
     Ok(bundle_response(&searchset(&base, &rtype, &params, &res)?))

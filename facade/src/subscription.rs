@@ -53,8 +53,18 @@ fn readable_types(access: &Access) -> String {
     types.join(",")
 }
 
+/// Every write of a resource of type `rtype` goes through here before its access check: a
+/// Subscription gets the two extensions that bound what it may deliver (patient context,
+/// readable types) from the writing token, whatever the body said — on create, update,
+/// conditional update, PATCH and transaction entries alike, or a write could lift them.
+pub fn stamp_if_subscription(access: &Access, rtype: &str, v: &mut Value) {
+    if rtype == "Subscription" {
+        stamp(access, v);
+    }
+}
+
 /// Replaces the two extensions on a Subscription being written with the token's values.
-pub fn stamp(access: &Access, v: &mut Value) {
+fn stamp(access: &Access, v: &mut Value) {
     let p = &access.principal;
     let mut ext: Vec<Value> = v
         .get("extension")

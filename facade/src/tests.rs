@@ -599,6 +599,90 @@ async fn patient_context_is_narrowed_everywhere() {
     assert_eq!(ids(&b), vec!["Observation/o9"]);
 }
 
+/// A patient-context token learns nothing about other patients from conditional operations,
+/// cannot file data into another patient's record by naming its own patient beside it, and
+/// cannot vread an old version of a resource that now belongs to another patient.
+#[tokio::test]
+async fn patient_context_writes_and_conditionals_stay_in_the_compartment() {
+    let e = env();
+    let admin = seed(&e).await;
+    let t = e.token("patient/*.cruds", |r| r.patient = Some("p1".into()));
+    // o3 is p2's: a condition that only o3 matches is no match for p1 (not a 403 or a 412
+    // telling that it exists); the create goes ahead in p1's own compartment.
+    let (s, _, b) = e
+        .call_h(
+            "POST",
+            "/fhir/Observation",
+            Some(&t),
+            Some(obs("ignored", "p1", "laboratory")),
+            &[("if-none-exist", "_id=o3")],
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_ne!(b["id"], "o3");
+    let (s, _, _) = e
+        .call("DELETE", "/fhir/Observation?_id=o3", Some(&t), None)
+        .await;
+    assert_eq!(s, 204);
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation/o3", Some(&admin), None)
+        .await;
+    assert_eq!(
+        (s.as_u16(), &b["subject"]["reference"]),
+        (200, &json!("Patient/p2"))
+    );
+    // an Appointment naming p2 and p1 is p2's data too: p1 may not write it
+    let appt = json!({"resourceType": "Appointment", "status": "booked", "participant": [
+        {"actor": {"reference": "Patient/p2"}, "status": "accepted"},
+        {"actor": {"reference": "Patient/p1"}, "status": "accepted"}]});
+    let (s, _, _) = e
+        .call("POST", "/fhir/Appointment", Some(&t), Some(appt.clone()))
+        .await;
+    assert_eq!(s, 403);
+    let (s, _, b) = e
+        .call("POST", "/fhir/Appointment", Some(&admin), Some(appt))
+        .await;
+    assert_eq!(s, 201);
+    let appt_id = b["id"].as_str().unwrap().to_string();
+    // reading it is fine (p1 is in it); deleting it is not
+    let (s, _, _) = e
+        .call(
+            "GET",
+            &format!("/fhir/Appointment/{appt_id}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _, _) = e
+        .call(
+            "DELETE",
+            &format!("/fhir/Appointment/{appt_id}"),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    // o1 was filed to p1 by mistake and moved to p2: its first version is no longer p1's to read
+    let (s, _, _) = e
+        .call(
+            "PUT",
+            "/fhir/Observation/o1",
+            Some(&admin),
+            Some(obs("o1", "p2", "laboratory")),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _, _) = e
+        .call("GET", "/fhir/Observation/o1/_history/1", Some(&t), None)
+        .await;
+    assert_eq!(s, 403);
+    let (s, _, _) = e
+        .call("GET", "/fhir/Observation/o1/_history/1", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200);
+}
+
 #[tokio::test]
 async fn tenants_are_isolated() {
     let e = env();

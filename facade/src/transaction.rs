@@ -105,7 +105,7 @@ fn plan_entry(
                 .ok_or_else(|| ApiError::BadRequest("POST entry needs a resource".into()))?;
             check_resource(&v, &rtype)?;
             if let Some(cond) = req.get("ifNoneExist").and_then(Value::as_str) {
-                let found = conditional_matches(st, access, &rtype, cond)?;
+                let found = conditional_matches(st, access, &rtype, cond, Perm::Create)?;
                 match found.len() {
                     0 => {}
                     1 => {
@@ -145,7 +145,7 @@ fn plan_entry(
                     id
                 }
                 (None, Some(q)) => {
-                    let found = conditional_matches(st, access, &rtype, &q)?;
+                    let found = conditional_matches(st, access, &rtype, &q, Perm::Update)?;
                     match found.len() {
                         0 => v
                             .get("id")
@@ -213,9 +213,7 @@ fn check_write(
     if let WriteOp::Upsert(v) = &mut w.op {
         rewrite_refs(v, map);
         v["id"] = Value::String(w.id.clone());
-        if w.resource_type == "Subscription" {
-            crate::subscription::stamp(access, v);
-        }
+        crate::subscription::stamp_if_subscription(access, &w.resource_type, v);
         if w.precondition == Precondition::MustNotExist {
             access.require(Perm::Create, &w.resource_type, &w.id, v)?;
         } else {
@@ -381,7 +379,8 @@ async fn run_batch(
                             )));
                         }
                         let params = crate::policy::decode_query(query.as_deref());
-                        let res = crate::search::run_search(st, access, &rtype, &params, true)?;
+                        let res =
+                            crate::search::run_search(st, access, &rtype, &params, Perm::Search)?;
                         Ok(response_entry(
                             "200 OK",
                             None,

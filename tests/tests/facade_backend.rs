@@ -140,6 +140,32 @@ async fn backend_fhir_server_responses_are_narrowed_and_audited() {
         "{}",
         r.text
     );
+    // An update is checked against what it replaces, not only what it writes: pa's token may
+    // not overwrite pb's result by naming pa in the body.
+    let writer = f.token("portal-writer", "patient/*.cruds", &["--patient", "pa"]);
+    let r = f
+        .call(
+            "PUT",
+            "/fhir/Observation/lab-b",
+            Some(&writer),
+            Some(&obs("lab-b", "pa")),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let r = f
+        .call("GET", "/fhir/Observation/lab-b", Some(&admin), None)
+        .await;
+    assert_eq!(r.json["subject"]["reference"], "Patient/pb", "{}", r.text);
+    // ... and a conditional update, whose target cannot be checked first, is not forwarded
+    let r = f
+        .call(
+            "PUT",
+            "/fhir/Observation?identifier=urn:lab|lab-b",
+            Some(&writer),
+            Some(&obs("lab-b", "pa")),
+        )
+        .await;
+    assert_eq!(r.status, 405, "{}", r.text);
     // Scope mismatch is refused before the backend is asked.
     let pat_only = f.token("portal", "patient/Patient.read", &["--patient", "pa"]);
     assert_eq!(

@@ -75,7 +75,8 @@ async fn conditional_delete_zero_one_or_many_matches() {
     // Without parameters it is not a conditional delete.
     let r = f.call("DELETE", "/fhir/Patient", Some(&admin), None).await;
     assert_outcome(&r, 400);
-    // Scopes: no `d` → 403; a patient-context token may not delete another patient.
+    // Scopes: no `d` → 403; for a patient-context token another patient's resource does not
+    // match (204, nothing deleted: a 403 would tell it that the identifier exists).
     let no_d = f.token("writer", "user/*.cru", &[]);
     let r = f
         .call(
@@ -95,7 +96,7 @@ async fn conditional_delete_zero_one_or_many_matches() {
             None,
         )
         .await;
-    assert_outcome(&r, 403);
+    assert_eq!(r.status, 204, "{}", r.text);
     let r = f.call("GET", "/fhir/Patient/pd", Some(&admin), None).await;
     assert_eq!(r.status, 200, "{}", r.text);
     // One match: deleted.
@@ -121,7 +122,7 @@ async fn conditional_delete_zero_one_or_many_matches() {
         .iter()
         .map(|b| b["status"].as_u64().unwrap())
         .collect();
-    assert_eq!(statuses, vec![204, 412, 400, 403, 403, 204], "{deletes:?}");
+    assert_eq!(statuses, vec![204, 412, 400, 403, 204, 204], "{deletes:?}");
     let last = deletes.last().unwrap();
     assert_eq!(last["resource_id"], "pb", "{last}");
     assert_eq!(last["patient"], "pb", "{last}");
@@ -244,4 +245,56 @@ async fn json_patch_honours_if_match_scopes_and_reports_errors() {
     assert_eq!(denied["outcome"], "denied");
     assert_eq!(denied["resource_type"], "Observation");
     assert_eq!(denied["resource_id"], "ob");
+}
+
+/// A Subscription's delivery bounds (the writing token's readable types, its patient context)
+/// are the server's: a PATCH that removes or widens them leaves the token's values in place,
+/// as create and update do — or a narrow token could subscribe to everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_cannot_lift_a_subscriptions_delivery_bounds() {
+    let f = Facade::start(None);
+    let narrow = f.token(
+        "narrow-app",
+        "user/Subscription.cru user/Observation.rs",
+        &[],
+    );
+    let sub = json!({"resourceType": "Subscription", "status": "requested", "reason": "labs",
+        "criteria": "http://tributary.dev/fhir/SubscriptionTopic/observation",
+        "channel": {"type": "rest-hook", "endpoint": "http://127.0.0.1:9/hook", "payload": "application/fhir+json"}});
+    let r = f
+        .call("POST", "/fhir/Subscription", Some(&narrow), Some(&sub))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let id = r.json["id"].as_str().unwrap().to_string();
+    let allowed = |v: &Value| -> Vec<String> {
+        v["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("subscription-allowed-types"))
+            })
+            .map(|e| e["valueString"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(allowed(&r.json), ["Observation,Subscription"]);
+    for ops in [
+        r#"[{"op":"remove","path":"/extension"}]"#,
+        r#"[{"op":"replace","path":"/extension","value":[{"url":"http://tributary.dev/fhir/StructureDefinition/subscription-allowed-types","valueString":"*"}]}]"#,
+    ] {
+        let r = patch(&f, &format!("/fhir/Subscription/{id}"), &narrow, ops, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(allowed(&r.json), ["Observation,Subscription"], "{ops}");
+        let stored = f
+            .call(
+                "GET",
+                &format!("/fhir/Subscription/{id}"),
+                Some(&narrow),
+                None,
+            )
+            .await;
+        assert_eq!(allowed(&stored.json), ["Observation,Subscription"], "{ops}");
+    }
 }
