@@ -169,6 +169,8 @@ impl AmqpSink {
     ) -> Result<(), String> {
         let mut sent_upto = *acked;
         let mut pending: VecDeque<(u64, String, PublisherConfirm)> = VecDeque::new();
+        // Routing keys already reported as bound to no queue (reported once each, bounded).
+        let mut unroutable: std::collections::HashSet<String> = Default::default();
         let mut head_rx = self.outbox.subscribe();
         loop {
             if self.shutdown.is_cancelled() {
@@ -203,7 +205,16 @@ impl AmqpSink {
             };
             let (seq, event_id, _) = pending.pop_front().expect("front exists");
             match confirmation {
-                Ok(Confirmation::Ack(_)) => {
+                Ok(Confirmation::Ack(returned)) => {
+                    if let Some(r) = returned {
+                        // Confirmed but routed to no queue: RabbitMQ dropped it, as a topic
+                        // exchange does for keys nobody binds. Said once per key so that a
+                        // missing binding is seen; an alternate exchange keeps such messages.
+                        let key = r.delivery.routing_key.to_string();
+                        if unroutable.len() < 1024 && unroutable.insert(key.clone()) {
+                            tracing::warn!(component = %self.component, routing_key = %key, "amqp sink: no queue is bound for this routing key; its events are dropped by the broker (bind a queue, or set an alternate exchange)");
+                        }
+                    }
                     *acked = seq;
                     if pending.is_empty() || seq.is_multiple_of(64) {
                         acks.record(seq);
@@ -247,7 +258,11 @@ async fn publish<R>(
     ch.basic_publish(
         exchange.into(),
         msg.routing_key.as_str().into(),
-        BasicPublishOptions::default(),
+        // mandatory: an unroutable message comes back with its confirm, so it can be reported
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
         &msg.body,
         props,
     )

@@ -86,6 +86,13 @@ pub struct KafkaConfig {
     /// Most records sent but not yet acknowledged by the brokers (memory bound); the rest wait
     /// in the outbox.
     pub max_in_flight: usize,
+    /// Largest resource sent as a record's value (bytes). A bigger one (a large Binary or
+    /// DocumentReference) goes as the id-only notification instead, with the header
+    /// `ce_payload: id-only`, and consumers read it from the facade: a record over the
+    /// producer's or topic's size limit would be refused on every attempt and hold up every
+    /// event behind it. Keep it under librdkafka's `message.max.bytes` (1,000,000) and the
+    /// topics' `max.message.bytes`.
+    pub max_record_bytes: usize,
     /// librdkafka `linger.ms`: how long to wait to fill a batch.
     pub linger_ms: u64,
     /// librdkafka `compression.type`: none, gzip, snappy, lz4 or zstd.
@@ -135,6 +142,7 @@ impl Default for KafkaConfig {
             topic_partitions: 3,
             topic_replication: -1,
             max_in_flight: 10_000,
+            max_record_bytes: 900_000,
             linger_ms: 5,
             compression: "none".into(),
             security_protocol: "plaintext".into(),
@@ -186,6 +194,13 @@ impl KafkaConfig {
         }
         if self.cursor_name.is_empty() {
             return Err(invalid("cursor_name", "", "a non-empty name"));
+        }
+        if self.max_record_bytes < 1024 {
+            return Err(invalid(
+                "max_record_bytes",
+                &self.max_record_bytes.to_string(),
+                "at least 1024 (an id-only notification must fit)",
+            ));
         }
         for (key, value, placeholder) in [
             ("resource_topic", &self.resource_topic, "{resource_type}"),

@@ -64,11 +64,17 @@ pub fn notification<R>(ev: &OutboxEvent<R>) -> serde_json::Value {
 pub fn build<R: serde::Serialize>(cfg: &KafkaConfig, ev: &OutboxEvent<R>) -> Option<KafkaRecord> {
     let (topic, base) = topic_for(cfg, ev)?;
     let mode = cfg.topic_payload.get(&base).copied().unwrap_or(cfg.payload);
-    let (value, content_type) = match (mode, &ev.resource) {
-        (PayloadMode::FullResource, Some(r)) => (
-            serde_json::to_vec(r).expect("stored JSON serializes"),
-            FHIR_JSON,
-        ),
+    let full = match (mode, &ev.resource) {
+        (PayloadMode::FullResource, Some(r)) => {
+            Some(serde_json::to_vec(r).expect("stored JSON serializes"))
+        }
+        _ => None,
+    };
+    let too_large = full
+        .as_ref()
+        .is_some_and(|v| v.len() > cfg.max_record_bytes);
+    let (value, content_type) = match full {
+        Some(v) if !too_large => (v, FHIR_JSON),
         _ => (
             serde_json::to_vec(&notification(ev)).expect("a Value always serializes"),
             NOTIFICATION_JSON,
@@ -103,6 +109,9 @@ pub fn build<R: serde::Serialize>(cfg: &KafkaConfig, ev: &OutboxEvent<R>) -> Opt
     }
     if let Some(mv) = &ev.mapping_version {
         headers.push(("ce_mappingversion", mv.clone()));
+    }
+    if too_large {
+        headers.push(("ce_payload", "id-only".to_string()));
     }
     Some(KafkaRecord {
         seq: ev.seq,
@@ -161,6 +170,29 @@ mod tests {
         let r = build(&cfg, &ev("hl7v2.adt.A01", None)).unwrap();
         assert_eq!(r.topic, "hl7v2.adt.A01");
         assert_eq!(header(&r, "content-type"), Some(NOTIFICATION_JSON));
+    }
+
+    /// A resource over `max_record_bytes` goes as the id-only notification, saying so, instead
+    /// of a record the producer refuses on every attempt.
+    #[test]
+    fn a_resource_over_the_record_limit_goes_as_its_notification() {
+        let cfg = KafkaConfig {
+            max_record_bytes: 2048,
+            ..KafkaConfig::default()
+        };
+        let mut big = ev("fhir.Binary.create", Some("Binary"));
+        big.resource = Some(serde_json::json!({"resourceType": "Binary", "id": "r1",
+            "data": "A".repeat(4096)}));
+        let r = build(&cfg, &big).unwrap();
+        assert!(r.value.len() < 2048, "{}", r.value.len());
+        assert_eq!(header(&r, "content-type"), Some(NOTIFICATION_JSON));
+        assert_eq!(header(&r, "ce_payload"), Some("id-only"));
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        assert_eq!(v, big.id_only_notification());
+        // under the limit: the resource itself, no marker
+        let r = build(&cfg, &ev("fhir.Binary.create", Some("Binary"))).unwrap();
+        assert_eq!(header(&r, "content-type"), Some(FHIR_JSON));
+        assert_eq!(header(&r, "ce_payload"), None);
     }
 
     #[test]

@@ -358,12 +358,16 @@ impl KafkaRelay {
                 tracing::warn!(component = %self.component, %reason, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; resending from the last acknowledged event");
                 self.failing.store(true, Relaxed);
                 self.set_status(ComponentStatus::Failed { reason });
+                // Records still queued behind a failed one would reach the topic before its
+                // resend (a later version of a patient's resource before an earlier one): a
+                // fresh producer purges them, and everything goes again from the cursor.
+                let behind = !pending.is_empty();
                 pending.clear();
                 sent_upto = acked;
                 // A restarted cluster may have lost topics: check them again.
                 known_topics.clear();
                 self.stats.resends.fetch_add(1, Relaxed);
-                if restart_producer || producer.client().fatal_error().is_some() {
+                if restart_producer || behind || producer.client().fatal_error().is_some() {
                     tracing::warn!(component = %self.component, "creating a new kafka producer");
                     // Dropping the old one purges what it still queued; its drop waits up to
                     // half a second for the purge, so it happens off the async workers.

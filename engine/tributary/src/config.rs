@@ -370,6 +370,44 @@ impl Config {
             s.validate()
                 .map_err(|e| invalid(&format!("subscriptions.{}", e.key), e.value, &e.allowed))?;
         }
+        self.check_outbox_cursors()
+    }
+
+    /// The configured outbox relays' cursors, as (config key, name).
+    pub fn relay_cursors(&self) -> Vec<(&'static str, &str)> {
+        let mut names: Vec<(&'static str, &str)> = Vec::new();
+        if let Some(k) = &self.kafka {
+            names.push(("kafka.cursor_name", &k.cursor_name));
+        }
+        if let Some(s) = self.amqp.as_ref().and_then(|a| a.sink.as_ref()) {
+            names.push(("amqp.sink.cursor_name", &s.cursor_name));
+        }
+        names
+    }
+
+    /// Every outbox consumer keeps its own cursor: two relays sharing a name would overwrite
+    /// each other's position (the slower one skipping events after a restart, retention pruning
+    /// what it never delivered), as would a name in the Subscriptions' `sub:`/`substart:` space.
+    fn check_outbox_cursors(&self) -> Result<(), ConfigError> {
+        let names = self.relay_cursors();
+        for (i, (key, name)) in names.iter().enumerate() {
+            if name.starts_with("sub:") || name.starts_with("substart:") {
+                return Err(invalid(
+                    key,
+                    name,
+                    "a name outside the Subscriptions' `sub:` and `substart:` cursors",
+                ));
+            }
+            if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                return Err(invalid(
+                    key,
+                    name,
+                    &format!(
+                        "a name of its own (`{other}` uses it: each relay keeps its own position)"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -426,6 +464,24 @@ mod tests {
     #[test]
     fn empty_config_is_the_embedded_default() {
         assert_eq!(load("", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn each_relay_keeps_its_own_outbox_cursor() {
+        let both = |kafka: &str, amqp: &str| {
+            load(
+                &format!("[kafka]\nbrokers = \"127.0.0.1:9092\"\ncursor_name = \"{kafka}\"\n[amqp.sink]\ncursor_name = \"{amqp}\"\n"),
+                &[],
+            )
+        };
+        assert!(both("kafka", "amqp").is_ok());
+        let msg = both("relay", "relay").unwrap_err().to_string();
+        assert!(
+            msg.contains("amqp.sink.cursor_name") && msg.contains("kafka.cursor_name"),
+            "{msg}"
+        );
+        let msg = both("sub:t1/x", "amqp").unwrap_err().to_string();
+        assert!(msg.contains("kafka.cursor_name"), "{msg}");
     }
 
     #[test]

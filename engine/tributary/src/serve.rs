@@ -289,14 +289,11 @@ async fn audit_retention_loop(rt: Runtime, cfg: crate::config::AuditConfig) -> a
 
 /// The relay cursors every delivered event must have passed before it may be pruned.
 fn outbox_consumers(config: &Config) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Some(k) = &config.kafka {
-        names.push(k.cursor_name.clone());
-    }
-    if let Some(s) = config.amqp.as_ref().and_then(|a| a.sink.as_ref()) {
-        names.push(s.cursor_name.clone());
-    }
-    names
+    config
+        .relay_cursors()
+        .into_iter()
+        .map(|(_, name)| name.to_string())
+        .collect()
 }
 
 /// Outbox retention: every `prune_interval_secs`, events older than `max_age_secs` that every
