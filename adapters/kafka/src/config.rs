@@ -198,7 +198,7 @@ impl KafkaConfig {
         if self.max_record_bytes < 1024 {
             return Err(invalid(
                 "max_record_bytes",
-                &self.max_record_bytes.to_string(),
+                self.max_record_bytes.to_string(),
                 "at least 1024 (an id-only notification must fit)",
             ));
         }
