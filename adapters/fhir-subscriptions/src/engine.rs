@@ -189,6 +189,55 @@ impl SubscriptionService {
         format!("sub:{}", key(tenant, id))
     }
 
+    /// The outbox position of a Subscription's creation event, for one first seen without it
+    /// (the periodic rescan found it before the change notice did, more events arrived at once
+    /// than a notice reads, or it was created just before a crash). Found by its version 1's
+    /// time: the lowest position not older than that (less a clock slack — commits stamp their
+    /// time before they are ordered), then forward to the creation event itself. Where that
+    /// cannot be found, the earlier position: a few older matching events are delivered rather
+    /// than any later one missed. `head` when nothing tells.
+    fn creation_seq(&self, tenant: &str, id: &str, head: u64) -> tributary_storage::Result<u64> {
+        const CLOCK_SLACK_MS: i64 = 5_000;
+        const SCAN_MAX: u64 = 100_000;
+        let outbox = self.store.outbox();
+        if outbox.cursor(&Self::start_name(tenant, id))? != 0 {
+            return Ok(head); // recorded already: start_seq ignores this
+        }
+        let Some(v1) = self.store.vread(tenant, "Subscription", id, 1)? else {
+            return Ok(head);
+        };
+        let from_ms = v1.last_updated.saturating_sub(CLOCK_SLACK_MS);
+        // Pruned positions (the front of the outbox) count as older.
+        let (mut lo, mut hi) = (1u64, head.saturating_add(1));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let older = outbox.event(mid)?.is_none_or(|e| e.occurred_at < from_ms);
+            if older {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let start = lo.saturating_sub(1);
+        let mut at = start;
+        while at < head && at - start < SCAN_MAX {
+            let batch = outbox.read_after(at, 1000)?;
+            let Some(last) = batch.last().map(|e| e.seq) else {
+                break;
+            };
+            if let Some(e) = batch.iter().find(|e| {
+                e.version == Some(1)
+                    && e.tenant == tenant
+                    && e.resource_type.as_deref() == Some("Subscription")
+                    && e.resource_id.as_deref() == Some(id)
+            }) {
+                return Ok(e.seq);
+            }
+            at = last;
+        }
+        Ok(start)
+    }
+
     /// The outbox position a subscription starts after (its own creation), recorded durably
     /// the first time it is seen.
     async fn start_seq(
@@ -837,7 +886,10 @@ impl SubscriptionService {
                         }
                         None => {
                             // Delivery starts after the Subscription's own creation event.
-                            let seen_at = created.get(&k).copied().unwrap_or(head);
+                            let seen_at = match created.get(&k) {
+                                Some(seq) => *seq,
+                                None => self.creation_seq(&k.0, &k.1, head)?,
+                            };
                             let h = Arc::new(SubHandle::new(spec, shutdown.child_token()));
                             self.subs.write().expect("subs").insert(k, h.clone());
                             let me = self.clone();

@@ -337,6 +337,45 @@ async fn handshake_heartbeat_and_matching_notifications_only() {
     env.shutdown.cancel();
 }
 
+/// A Subscription created just before a crash (no worker had recorded where it starts) and
+/// a matching change after it: at the next start, delivery begins at the Subscription's own
+/// creation, not at the outbox head, so the change is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_seen_first_at_start_gets_the_changes_since_its_creation() {
+    let rx = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let store = Arc::new(FjallStore::new(db.clone()));
+    put(
+        &store,
+        "Encounter",
+        "before",
+        encounter("p1", "in-progress"),
+    )
+    .await; // before: not sent
+    put(
+        &store,
+        "Subscription",
+        "adm",
+        subscription("patient-admission", &rx.url(), "id-only", None),
+    )
+    .await;
+    put(&store, "Encounter", "e1", encounter("p1", "in-progress")).await;
+    put(&store, "Observation", "o1", observation("Patient/p1")).await;
+    let service = SubscriptionService::new(config(), store.clone(), db, "t1").unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(service.run(Readiness::default(), shutdown.clone()));
+    wait_for("the admission after the subscription", 20, || {
+        !rx.events().is_empty()
+    })
+    .await;
+    assert_eq!(
+        rx.events(),
+        vec![(1, Some("http://tributary.test/fhir/Encounter/e1".into()))]
+    );
+    shutdown.cancel();
+}
+
 /// The subscriber's endpoint is down (port closed) while changes keep coming; when it returns
 /// it receives every event, numbered without gaps, in order. `SUBS_OUTAGE_SECS` sets the outage
 /// (default 120 s: the two minutes).
