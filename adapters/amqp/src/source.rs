@@ -153,15 +153,12 @@ impl AmqpSource {
             .ordering_key(ordering_key(&self.src.partner, protocol, &d.data))
             .meta("ingress", "amqp")
             .meta("amqp.queue", self.src.queue.as_str());
-        let partner = self.src.partner.as_str();
-        match (&control_id, &message_id) {
-            (Some(id), _) => {
-                let after_msh = &d.data[header.msh_end..];
-                b = b.dedup_key(tributary_core::hl7v2_dedup_key(partner, id, after_msh));
-            }
-            (None, Some(id)) => b = b.dedup_key(format!("{partner}/{id}")),
-            (None, None) => {}
-        }
+        b = b.dedup_key(dedup_key(
+            &self.src.partner,
+            &header,
+            message_id.as_deref(),
+            &d.data,
+        ));
         if let Some(id) = &control_id {
             b = b.meta("hl7.control_id", id.as_str());
         }
@@ -307,9 +304,44 @@ impl AmqpSource {
     }
 }
 
+/// What makes a queue message a redelivery of one already journaled: the same partner, label
+/// (HL7 MSH-10, else the AMQP `message-id`, else none) and content. Without the content, a
+/// different message under a reused label would be dropped; without a key at all, a message
+/// redelivered after a crash between the journal append and the ack would be stored twice.
+fn dedup_key(partner: &str, header: &Hl7Header, message_id: Option<&str>, data: &[u8]) -> String {
+    match (&header.control_id, message_id) {
+        (Some(id), _) => tributary_core::hl7v2_dedup_key(partner, id, &data[header.msh_end..]),
+        (None, Some(id)) => tributary_core::content_dedup_key(partner, &format!("amqp:{id}"), data),
+        (None, None) => tributary_core::content_dedup_key(partner, "-", data),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redelivery_has_the_key_of_the_first_delivery_and_another_message_another_key() {
+        let fhir = br#"{"resourceType":"Patient","id":"1"}"#;
+        let none = Hl7Header::default();
+        let key = |id: Option<&str>, data: &[u8]| dedup_key("q", &none, id, data);
+        assert_eq!(key(None, fhir), key(None, fhir));
+        assert_ne!(
+            key(None, fhir),
+            key(None, br#"{"resourceType":"Patient","id":"2"}"#)
+        );
+        assert_eq!(key(Some("m-1"), fhir), key(Some("m-1"), fhir));
+        // a publisher that reuses message ids: a different body is a different message
+        assert_ne!(key(Some("m-1"), fhir), key(Some("m-1"), b"{}"));
+        assert_ne!(key(Some("m-1"), fhir), key(None, fhir));
+        let m = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-42|P|2.5\rPID|1||123";
+        let h = hl7_header(m);
+        // MSH-10 decides over the AMQP message id
+        assert_eq!(
+            dedup_key("q", &h, Some("a"), m),
+            dedup_key("q", &h, Some("b"), m)
+        );
+    }
 
     #[test]
     fn control_id_and_message_type_from_msh() {

@@ -137,9 +137,16 @@ pub fn deterministic_id(parts: &[&str]) -> String {
 /// messages with one control id can collide, so a crafted collision could only make that
 /// partner's own message look resent.
 pub fn hl7v2_dedup_key(partner: &str, control_id: &str, after_msh: &[u8]) -> String {
+    content_dedup_key(partner, control_id, after_msh)
+}
+
+/// `partner/label/<hash of content>`: the de-duplication key of a message from `partner` that
+/// the sender labels `label` (a control id, a message id) — a resend has the same label and
+/// content; a different message under a reused label does not. See [`hl7v2_dedup_key`].
+pub fn content_dedup_key(partner: &str, label: &str, content: &[u8]) -> String {
     format!(
-        "{partner}/{control_id}/{:032x}",
-        xxhash_rust::xxh3::xxh3_128(after_msh)
+        "{partner}/{label}/{:032x}",
+        xxhash_rust::xxh3::xxh3_128(content)
     )
 }
 

@@ -10,8 +10,8 @@ mod time_util;
 
 pub use envelope::{Envelope, EnvelopeBuilder, Protocol};
 pub use ids::{
-    deterministic_id, hl7v2_dedup_key, hl7v2_ordering_key, valid_fhir_id, valid_fhir_type,
-    MessageId, PartnerId, TenantId,
+    content_dedup_key, deterministic_id, hl7v2_dedup_key, hl7v2_ordering_key, valid_fhir_id,
+    valid_fhir_type, MessageId, PartnerId, TenantId,
 };
 pub use state::{MessageState, StateError, StateKind};
 pub use time_util::{format_rfc3339_millis, now_millis, parse_rfc3339_millis};
