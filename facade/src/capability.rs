@@ -177,7 +177,8 @@ fn resource_entry(t: &str, routed: bool) -> Value {
             ]
         });
     }
-    // Types served by a backend FHIR server get neither patch nor conditional delete.
+    // Types served by a backend FHIR server get neither patch, conditional update nor
+    // conditional delete (their target cannot be checked against the caller's access first).
     let mut codes = vec![
         "read",
         "vread",
@@ -204,7 +205,7 @@ fn resource_entry(t: &str, routed: bool) -> Value {
         "readHistory": true,
         "updateCreate": true,
         "conditionalCreate": true,
-        "conditionalUpdate": true,
+        "conditionalUpdate": !routed,
         "conditionalDelete": if routed { "not-supported" } else { "single" },
         "searchInclude": [format!("{t}:*")],
         "searchParam": params,

@@ -166,6 +166,15 @@ async fn backend_fhir_server_responses_are_narrowed_and_audited() {
         )
         .await;
     assert_eq!(r.status, 405, "{}", r.text);
+    let cap = f.call("GET", "/fhir/metadata", None, None).await;
+    let observation = cap.json["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap()
+        .clone();
+    assert_eq!(observation["conditionalUpdate"], false, "{observation}");
     // Scope mismatch is refused before the backend is asked.
     let pat_only = f.token("portal", "patient/Patient.read", &["--patient", "pa"]);
     assert_eq!(
