@@ -64,6 +64,8 @@ pub struct Authenticator {
     cfg: AuthConfig,
     default_tenant: String,
     keys: RwLock<HashMap<String, TrustedKey>>,
+    /// The local key and the `jwks_file` keys: a JWKS URL refresh replaces the rest.
+    static_keys: HashMap<String, TrustedKey>,
     verified: Mutex<HashMap<String, Arc<Principal>>>,
     pub revocations: Arc<Revocations>,
     jwks_cache_path: PathBuf,
@@ -72,7 +74,16 @@ pub struct Authenticator {
     introspection_secret: String,
     /// token → (principal, when introspected)
     introspected: Mutex<HashMap<String, (Arc<Principal>, Instant)>>,
+    /// Bounds the introspection calls in flight: any bearer value that is not a JWT is
+    /// introspected before anything else limits its sender, so a flood of random tokens must
+    /// not become a flood at the authorization server.
+    introspecting: tokio::sync::Semaphore,
 }
+
+/// Introspection calls in flight at once; a request that finds none free within
+/// [`INTROSPECTION_WAIT`] gets 401 (the token could not be checked), not a queue.
+const INTROSPECTION_CONCURRENCY: usize = 16;
+const INTROSPECTION_WAIT: Duration = Duration::from_secs(1);
 
 const VERIFIED_CACHE_MAX: usize = 50_000;
 /// A JWKS document larger than this is not read (a few keys take a few KiB).
@@ -146,6 +157,7 @@ impl Authenticator {
             }
             keys.extend(found);
         }
+        let static_keys = keys.clone();
         let jwks_cache_path = crate::keys::keys_dir(data_dir).join("jwks-cache.json");
         if !cfg.jwks_url.is_empty() {
             if let Ok(text) = std::fs::read_to_string(&jwks_cache_path) {
@@ -176,6 +188,7 @@ impl Authenticator {
             cfg,
             default_tenant: default_tenant.to_string(),
             keys: RwLock::new(keys),
+            static_keys,
             verified: Mutex::new(HashMap::new()),
             revocations,
             jwks_cache_path,
@@ -183,11 +196,13 @@ impl Authenticator {
             http,
             introspection_secret,
             introspected: Mutex::new(HashMap::new()),
+            introspecting: tokio::sync::Semaphore::new(INTROSPECTION_CONCURRENCY),
         })
     }
 
     /// Fetches the JWKS URL (if configured and not fetched within `jwks_refresh_min_secs`),
-    /// merges its keys and writes the on-disk cache. Failures keep the cached keys.
+    /// takes its key set (beside the local and file keys) and writes the on-disk cache.
+    /// Failures keep the cached keys.
     pub async fn refresh_jwks(&self) -> bool {
         let Some(http) = self.http.as_ref().filter(|_| !self.cfg.jwks_url.is_empty()) else {
             return false;
@@ -241,8 +256,24 @@ impl Authenticator {
         if std::fs::write(&tmp, &text).is_ok() {
             let _ = std::fs::rename(&tmp, &self.jwks_cache_path);
         }
-        if let Ok(mut k) = self.keys.write() {
-            k.extend(found);
+        // The URL's set replaces what it said before: a key the provider rotated out (maybe a
+        // compromised one) stops being trusted now, not at the next restart.
+        let mut merged = self.static_keys.clone();
+        merged.extend(found);
+        let removed = match self.keys.write() {
+            Ok(mut k) => {
+                let removed = k.keys().any(|kid| !merged.contains_key(kid));
+                *k = merged;
+                removed
+            }
+            Err(_) => false,
+        };
+        if removed {
+            // Tokens verified with a removed key must be verified again.
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
         }
         true
     }
@@ -307,6 +338,14 @@ impl Authenticator {
             }
         }
         let http = self.http.as_ref().ok_or_else(unusable)?;
+        let _permit = tokio::time::timeout(INTROSPECTION_WAIT, self.introspecting.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                tracing::debug!("token introspection saturated; request refused");
+                unusable()
+            })?;
         let res = http
             .post(&self.cfg.introspection_url)
             .basic_auth(
@@ -669,6 +708,47 @@ mod tests {
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
         format!("http://{addr}")
+    }
+
+    /// A key the identity provider drops from its JWKS stops being trusted at the next refresh,
+    /// also for tokens verified (and cached) before.
+    #[tokio::test]
+    async fn a_key_rotated_out_of_the_jwks_is_no_longer_trusted() {
+        use axum::routing::get;
+        let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = LocalSigningKey::load_or_create(dir_a.path()).unwrap();
+        let b = LocalSigningKey::load_or_create(dir_b.path()).unwrap();
+        let served = Arc::new(Mutex::new(json!({"keys": [a.jwk(), b.jwk()]})));
+        let current = served.clone();
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            get(move || {
+                let current = current.clone();
+                async move { current.lock().unwrap().to_string() }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuthConfig {
+            local_key: false,
+            jwks_url: format!("http://{addr}/jwks.json"),
+            jwks_refresh_min_secs: 0,
+            ..AuthConfig::default()
+        };
+        let rev = Arc::new(Revocations::open(dir.path()));
+        let auth = Authenticator::new(cfg, dir.path(), "default", None, rev).unwrap();
+        let (ta, tb) = (issue(&a, &req()).unwrap(), issue(&b, &req()).unwrap());
+        auth.authenticate(&ta, false).await.unwrap();
+        auth.authenticate(&tb, false).await.unwrap();
+        *served.lock().unwrap() = json!({"keys": [b.jwk()]});
+        assert!(auth.refresh_jwks().await);
+        assert!(matches!(
+            auth.authenticate(&ta, false).await,
+            Err(ApiError::Unauthorized(_))
+        ));
+        auth.authenticate(&tb, false).await.unwrap();
     }
 
     #[tokio::test]

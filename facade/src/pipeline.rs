@@ -201,10 +201,12 @@ async fn authenticate(st: &AppState, mut req: Request) -> Step {
             ApiError::Unauthorized("bearer token required".into()).into_response(),
         );
     };
-    let write = req
-        .extensions()
-        .get::<FhirRequest>()
-        .is_some_and(|f| f.interaction.is_write());
+    // A state change — a FHIR write, or an admin POST (replay, consent revocation) — is
+    // introspected anew, never answered from the cache.
+    let write = req.extensions().get::<FhirRequest>().is_some_and(|f| {
+        f.interaction.is_write()
+            || (f.interaction == Interaction::Admin && req.method() != axum::http::Method::GET)
+    });
     let principal = match st.facade.auth.authenticate(token, write).await {
         Ok(p) => p,
         Err(e) => return Step::Answer(e.into_response()),

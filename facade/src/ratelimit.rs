@@ -66,7 +66,8 @@ impl RateLimiter {
         }
     }
 
-    /// Extra cost charged after the fact (each entry of a transaction beyond the first).
+    /// Extra cost charged once the body is read: each entry of a transaction or batch beyond
+    /// the first (see `transaction.rs`).
     pub fn write_cost(&self) -> u64 {
         self.cfg.costs.write
     }

@@ -917,6 +917,26 @@ async fn rate_limit_429_with_headers_and_per_client_isolation() {
     assert_eq!(rec["outcome"], "denied");
 }
 
+/// A batch pays for each entry: one request carrying a thousand searches is not one write.
+#[tokio::test]
+async fn a_batch_is_charged_per_entry() {
+    let mut cfg = FacadeConfig::default();
+    cfg.rate_limit.client_burst = 25;
+    cfg.rate_limit.client_per_sec = 1;
+    let e = env_with(cfg);
+    seed(&e).await;
+    let t = e.token("system/*.cruds", |r| r.client_id = "batcher".into());
+    let batch = |n: usize| {
+        let entry = json!({"request": {"method": "GET", "url": "Patient/p1"}});
+        json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry; n]})
+    };
+    let (s, _, b) = e.call("POST", "/fhir", Some(&t), Some(batch(2))).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, h, b) = e.call("POST", "/fhir", Some(&t), Some(batch(10))).await;
+    assert_eq!(s, 429, "{b}");
+    assert!(h.contains_key("retry-after"));
+}
+
 #[tokio::test]
 async fn revoked_grant_fails_next_request() {
     let e = env();

@@ -269,6 +269,18 @@ pub async fn transaction(
             "a Bundle may hold at most {MAX_ENTRIES} entries"
         )));
     }
+    // The policy stage charged one write; each further entry costs a write too (a batch of a
+    // thousand searches is not one request's worth of work).
+    let limiter = &st.facade.limiter;
+    if limiter.enabled() && entries.len() > 1 {
+        let extra = (entries.len() as u64 - 1).saturating_mul(limiter.write_cost());
+        let p = &access.principal;
+        if let Err(l) = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), extra) {
+            return Err(ApiError::TooManyRequests {
+                retry_after_secs: l.retry_after_secs,
+            });
+        }
+    }
     let base = base_url(&st, &headers);
     slot.update(|d| d.returned = Some(entries.len()));
     match kind {
