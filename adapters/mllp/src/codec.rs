@@ -256,12 +256,13 @@ impl MllpCodec {
                     match memchr::memchr2(END_BLOCK, START_BLOCK, window) {
                         Some(rel) if window[rel] == START_BLOCK => {
                             // A new frame begins before the old one ended: the sender gave up on
-                            // it. Drop the fragment and start over at the new start block.
+                            // it. Drop the fragment and start over at the new start block. The read
+                            // timeout keeps counting from the abandoned frame's start: a sender that
+                            // sent start blocks forever would otherwise never time out.
                             self.abandoned_frames += 1;
                             self.junk_bytes += (scanned + rel) as u64;
                             src.advance(scanned + rel);
                             self.state = State::InFrame { scanned: 1 };
-                            self.frame_started = Some(Instant::now());
                         }
                         Some(rel) => {
                             let end = scanned + rel;
@@ -439,6 +440,22 @@ mod tests {
         let out = decode_all(&mut c, &[b"\x0bMSH|broken", b"\x0bMSH|ok\x1c\r"]);
         assert_eq!(out, vec![msg(b"MSH|ok")]);
         assert_eq!(c.abandoned_frames(), 1);
+    }
+
+    /// Start blocks without an end block do not restart the read timeout's clock.
+    #[test]
+    fn a_restarted_frame_keeps_the_first_frames_start_time() {
+        let mut c = MllpCodec::default();
+        let mut buf = BytesMut::from(&b"\x0bMSH|1"[..]);
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        let first = c.frame_started().expect("a frame is in progress");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        buf.extend_from_slice(b"\x0bMSH|2");
+        assert!(c.decode(&mut buf).unwrap().is_none());
+        assert_eq!(c.frame_started(), Some(first));
+        buf.extend_from_slice(b"\x1c\r");
+        assert_eq!(c.decode(&mut buf).unwrap(), Some(msg(b"MSH|2")));
+        assert_eq!(c.frame_started(), None);
     }
 
     #[test]

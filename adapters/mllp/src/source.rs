@@ -595,7 +595,7 @@ async fn handle_payload(
     if header::is_batch(&payload) {
         return handle_batch(shared, partner, addr, payload, conn).await;
     }
-    let (ack, _) = handle_message(shared, partner, addr, payload, None, conn).await;
+    let (ack, _) = handle_message(shared, partner, addr, payload, None, None, conn).await;
     Reply { ack, close: false }
 }
 
@@ -603,7 +603,11 @@ async fn refuse_unknown(shared: &Arc<Shared>, addr: &SocketAddr, payload: Bytes)
     let h = Header::read(&payload).ok();
     let reason = format!("unknown partner on listener {}", shared.cfg.name);
     let (outcome, header) = (Outcome::UnknownPartner, h.as_ref());
-    let id = journal_refused(shared, None, addr, payload.clone(), header, outcome, reason).await;
+    let Some(id) =
+        journal_refused(shared, None, addr, payload.clone(), header, outcome, reason).await
+    else {
+        return not_stored(shared, header, true);
+    };
     tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, "message from unknown partner refused");
     let err = AckError::new(
         ("207", "Application internal error"),
@@ -632,7 +636,11 @@ async fn handle_oversized(
         head.len()
     );
     let (outcome, header) = (Outcome::Oversized, h.as_ref());
-    let id = journal_refused(shared, partner, addr, head.clone(), header, outcome, reason).await;
+    let Some(id) =
+        journal_refused(shared, partner, addr, head.clone(), header, outcome, reason).await
+    else {
+        return not_stored(shared, header, partner.is_none());
+    };
     tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, limit, "oversized frame rejected");
     let err = AckError::new(
         ("207", "Application internal error"),
@@ -768,6 +776,7 @@ async fn handle_message(
     addr: &SocketAddr,
     payload: Bytes,
     batch_id: Option<&str>,
+    held: Option<&std::sync::atomic::AtomicBool>,
     conn: &ConnTx,
 ) -> (Option<Vec<u8>>, Outcome) {
     let cfg = &shared.cfg;
@@ -786,7 +795,7 @@ async fn handle_message(
         Err(e) => {
             let partial = Header::read(&payload).ok();
             let reason = format!("cannot acknowledge: {e}");
-            let id = journal_refused(
+            let Some(id) = journal_refused(
                 shared,
                 Some(partner),
                 addr,
@@ -795,7 +804,11 @@ async fn handle_message(
                 Outcome::Unparseable,
                 reason,
             )
-            .await;
+            .await
+            else {
+                let reply = not_stored(shared, partial.as_ref(), false);
+                return (reply.ack, Outcome::StorageUnavailable);
+            };
             tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "message rejected");
             let mut err = AckError::new(e.hl7_code(), e.to_string());
             if let Some((seg, n)) = e.location() {
@@ -808,7 +821,13 @@ async fn handle_message(
         }
     };
     let mt = message_type_of(&h);
-    if !partner.admit() {
+    // In a batch, once one message is refused "retry", every later one is too (`held`): the
+    // bucket refills while earlier messages are stored, and a later message admitted now would
+    // be journaled before the refused one the sender sends again — mapped out of order.
+    if held.is_some_and(|h| h.load(Ordering::Acquire)) || !partner.admit() {
+        if let Some(h) = held {
+            h.store(true, Ordering::Release);
+        }
         shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
         audit(
             shared,
@@ -945,21 +964,26 @@ async fn handle_batch(
         .filter(|s| !s.is_empty());
     if batch.messages.is_empty() {
         // A batch envelope with no message in it: nothing to store but the envelope itself.
-        let (ack, _) = handle_message(shared, partner, addr, payload, None, conn).await;
+        let (ack, _) = handle_message(shared, partner, addr, payload, None, None, conn).await;
         return Reply { ack, close: false };
     }
-    let results: Vec<(Option<Vec<u8>>, Outcome)> =
-        futures::stream::iter(batch.messages.clone())
-            .map(|r| {
-                let msg = payload.slice(r);
-                let batch_id = batch_id.clone();
-                async move {
-                    handle_message(shared, partner, addr, msg, batch_id.as_deref(), conn).await
-                }
-            })
-            .buffered(64)
-            .collect()
-            .await;
+    // Messages are started in batch order (`buffered` polls them in order, and the admission
+    // check runs before a message's first wait), so `held` refuses exactly those after the first
+    // rate-limited one.
+    let held = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<(Option<Vec<u8>>, Outcome)> = futures::stream::iter(batch.messages.clone())
+        .map(|r| {
+            let msg = payload.slice(r);
+            let batch_id = batch_id.clone();
+            let held = &held;
+            async move {
+                let id = batch_id.as_deref();
+                handle_message(shared, partner, addr, msg, id, Some(held), conn).await
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
     let acks: Vec<Vec<u8>> = results
         .iter()
         .enumerate()
@@ -988,6 +1012,8 @@ async fn handle_batch(
 /// Journals a refused frame whole as rejected with `reason` (kept for inspection and replay),
 /// counts and audits it with `outcome`; returns its message id. A frame from an unknown sender
 /// keeps the sender's address; an oversized one is marked truncated (only its head is kept).
+/// `None` when it could not be stored: then the sender must not get a final AR/CR (it would
+/// never resend), but [`not_stored`]'s "could not be stored, retry".
 async fn journal_refused(
     shared: &Arc<Shared>,
     partner: Option<&Partner>,
@@ -996,7 +1022,7 @@ async fn journal_refused(
     header: Option<&Header<'_>>,
     outcome: Outcome,
     reason: String,
-) -> MessageId {
+) -> Option<MessageId> {
     let mut env = Envelope::builder(Protocol::Hl7v2, payload)
         .tenant(partner.map_or_else(|| shared.tenant.clone(), |p| p.tenant.clone()))
         .partner(partner.map_or_else(|| "unknown".to_string(), |p| p.id.clone()))
@@ -1012,13 +1038,29 @@ async fn journal_refused(
     }
     let env = env.build();
     let id = env.id;
+    let mt = header.map(message_type_of);
     if let Err(se) = shared.journal.append_rejected(env, reason).await {
-        tracing::error!(listener = %shared.cfg.name, error = %se, "journal write of a rejected message failed");
+        tracing::error!(listener = %shared.cfg.name, error = %se, "journal write of a rejected message failed; the sender is asked to retry");
+        let unavailable = Outcome::StorageUnavailable;
+        audit(shared, partner, addr, unavailable, None, mt.as_deref()).await;
+        return None;
     }
     shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-    let mt = header.map(message_type_of);
     audit(shared, partner, addr, outcome, Some(id), mt.as_deref()).await;
-    id
+    Some(id)
+}
+
+/// The answer to a frame that could not be kept: "could not be stored, retry" (AE/CE), never
+/// the final AR/CR its content would get; the connection is closed when `close`.
+fn not_stored(shared: &Shared, h: Option<&Header<'_>>, close: bool) -> Reply {
+    let err = AckError::new(
+        ("207", "Application internal error"),
+        "message could not be stored, retry",
+    );
+    Reply {
+        ack: reply_for(shared, h, Outcome::StorageUnavailable, Some(&err)),
+        close,
+    }
 }
 
 /// A batch that cannot be split (a segment other than FHS/BHS/MSH before the first message):
@@ -1038,7 +1080,7 @@ async fn refuse_batch(
         .map(|r| r.start);
     let h = first.and_then(|at| Header::read(&payload[at..]).ok());
     let reason = format!("batch cannot be split: {e}");
-    let id = journal_refused(
+    let Some(id) = journal_refused(
         shared,
         Some(partner),
         addr,
@@ -1047,7 +1089,10 @@ async fn refuse_batch(
         Outcome::Unparseable,
         reason,
     )
-    .await;
+    .await
+    else {
+        return not_stored(shared, h.as_ref(), false);
+    };
     tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
     let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
     Reply {
