@@ -206,8 +206,19 @@ struct Shared {
     inbound_budget: Option<Arc<InboundBudget>>,
     tls: Option<ReloadingAcceptor>,
     stats: Arc<ListenerStats>,
+    /// Frames from senders that are not partners, kept as rejected: bounded so that anyone who
+    /// can connect cannot fill the disk (see [`admit_unknown`]).
+    unknown_frames: crate::partners::RateLimiter,
     shutdown: CancellationToken,
 }
+
+/// Frames per second (and burst) kept from senders that are not configured partners; beyond
+/// that, such a frame gets no answer and the connection is closed (nothing was accepted, so a
+/// real sender that was misconfigured retries later; an intruder only wastes its own time).
+const UNKNOWN_FRAMES_PER_SEC: f64 = 5.0;
+const UNKNOWN_FRAMES_BURST: u32 = 50;
+/// Of a frame from an unknown sender, at most this much is kept.
+const UNKNOWN_FRAME_KEPT: usize = 64 * 1024;
 
 /// A bound MLLP listener, ready to [`run`](MllpListener::run).
 pub struct MllpListener {
@@ -275,6 +286,10 @@ impl MllpListener {
                 inbound_budget: ctx.inbound_budget,
                 tls,
                 stats: Arc::default(),
+                unknown_frames: crate::partners::RateLimiter::new(
+                    UNKNOWN_FRAMES_PER_SEC,
+                    UNKNOWN_FRAMES_BURST,
+                ),
                 shutdown,
             }),
         })
@@ -599,13 +614,37 @@ async fn handle_payload(
     Reply { ack, close: false }
 }
 
+/// Whether a frame from a sender that is no partner may be kept; when not, it is counted and
+/// the connection closed without an answer.
+fn admit_unknown(shared: &Shared, addr: &SocketAddr) -> bool {
+    if shared.unknown_frames.try_acquire() {
+        return true;
+    }
+    shared.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(listener = %shared.cfg.name, remote = %addr, "frame from an unknown sender dropped: over the unknown-sender budget");
+    false
+}
+
 async fn refuse_unknown(shared: &Arc<Shared>, addr: &SocketAddr, payload: Bytes) -> Reply {
+    if !admit_unknown(shared, addr) {
+        return Reply {
+            ack: None,
+            close: true,
+        };
+    }
     let h = Header::read(&payload).ok();
-    let reason = format!("unknown partner on listener {}", shared.cfg.name);
+    let mut reason = format!("unknown partner on listener {}", shared.cfg.name);
+    let kept = if payload.len() > UNKNOWN_FRAME_KEPT {
+        reason.push_str(&format!(
+            "; first {UNKNOWN_FRAME_KEPT} of {} bytes kept",
+            payload.len()
+        ));
+        payload.slice(..UNKNOWN_FRAME_KEPT)
+    } else {
+        payload.clone()
+    };
     let (outcome, header) = (Outcome::UnknownPartner, h.as_ref());
-    let Some(id) =
-        journal_refused(shared, None, addr, payload.clone(), header, outcome, reason).await
-    else {
+    let Some(id) = journal_refused(shared, None, addr, kept, header, outcome, reason).await else {
         return not_stored(shared, header, true);
     };
     tracing::warn!(listener = %shared.cfg.name, remote = %addr, message_id = %id, "message from unknown partner refused");
@@ -630,6 +669,12 @@ async fn handle_oversized(
     head: Bytes,
     limit: usize,
 ) -> Reply {
+    if partner.is_none() && !admit_unknown(shared, addr) {
+        return Reply {
+            ack: None,
+            close: true,
+        };
+    }
     let h = Header::read(&head).ok();
     let reason = format!(
         "frame exceeds max_frame_bytes ({limit} bytes); first {} bytes kept",

@@ -448,6 +448,54 @@ async fn connection_limit_closes_excess_connections() {
     );
 }
 
+/// What senders that are no partner can make the listener keep is bounded: past the budget
+/// (50 frames, then 5 a second) a frame gets no answer and the connection is closed, and a
+/// large frame is kept only in part — so anyone who can connect cannot fill the disk.
+#[tokio::test]
+async fn unknown_senders_cannot_fill_the_journal() {
+    let h = start(MllpListenerConfig {
+        allow_unknown_partners: false,
+        partners: vec![PartnerConfig {
+            id: "faraway".into(),
+            source_cidrs: vec!["10.0.0.0/8".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+    .await;
+    let mut big = adt("BIG");
+    big.extend_from_slice(format!("ZPD|{}\r", "x".repeat(200_000)).as_bytes());
+    let mut answered = 0;
+    let mut dropped = 0;
+    for i in 0..200 {
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        let msg = if i == 0 {
+            big.clone()
+        } else {
+            adt(&format!("U{i}"))
+        };
+        s.write_all(&frame(&msg)).await.unwrap();
+        match read_reply(&mut s).await {
+            Some(reply) => {
+                assert_eq!(read_msa(&reply).unwrap().0, AckCode::AR);
+                answered += 1;
+            }
+            None => dropped += 1,
+        }
+    }
+    assert!(
+        answered >= 50 && dropped > 0,
+        "{answered} answered, {dropped} dropped"
+    );
+    let recs = h.records();
+    assert_eq!(recs.len(), answered);
+    let first = recs
+        .iter()
+        .find(|r| r.envelope.payload.starts_with(&adt("BIG")))
+        .expect("the large frame is kept in part");
+    assert_eq!(first.envelope.payload.len(), 64 * 1024);
+}
+
 #[tokio::test]
 async fn unknown_partner_is_refused_audited_and_kept() {
     let h = start(MllpListenerConfig {
