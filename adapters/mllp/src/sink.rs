@@ -15,6 +15,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+/// Frames for other messages skipped while waiting for an ACK before the connection is given
+/// up as confused (a fresh one is opened for the retry).
+const MAX_UNRELATED_FRAMES: usize = 16;
+
 /// Where and how to send.
 #[derive(Clone)]
 pub struct MllpSenderConfig {
@@ -119,7 +123,8 @@ impl MllpSender {
         Ok(())
     }
 
-    /// Sends once over the current (or a new) connection and waits for the reply frame.
+    /// Sends once over the current (or a new) connection and waits for the reply frame that
+    /// acknowledges it (see [`MAX_UNRELATED_FRAMES`]).
     pub async fn send_once(&mut self, payload: &[u8]) -> Result<Vec<u8>, SendError> {
         if self.conn.is_none() {
             self.connect().await?;
@@ -131,22 +136,47 @@ impl MllpSender {
             addr: addr.clone(),
             reason,
         };
+        // The ACK is the frame whose MSA-2 names this message's MSH-10. A receiver may send
+        // other frames on the connection (application ACKs of earlier messages in enhanced
+        // mode): taking the first frame would shift every later ACK onto the wrong message.
+        // (A batch — FHS/BHS first — is answered by one batch ACK: the first frame.)
+        let control_id = payload
+            .starts_with(b"MSH")
+            .then(|| crate::header::Header::read(payload).ok())
+            .flatten()
+            .map(|h| h.control_id().to_vec())
+            .filter(|c| !c.is_empty());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || SendError::AckTimeout {
+            addr: addr.clone(),
+            timeout,
+        };
         let result = async {
-            conn.send(payload)
+            // A receiver that stops reading must not hold the route: the write has the same bound.
+            tokio::time::timeout_at(deadline, conn.send(payload))
                 .await
+                .map_err(|_| timed_out())?
                 .map_err(|e| io_err(e.to_string()))?;
-            match tokio::time::timeout(timeout, conn.next()).await {
-                Err(_) => Err(SendError::AckTimeout {
-                    addr: addr.clone(),
-                    timeout,
-                }),
-                Ok(None) => Err(io_err("connection closed before the ACK".into())),
-                Ok(Some(Err(e))) => Err(io_err(e.to_string())),
-                Ok(Some(Ok(MllpFrame::Message(ack)))) => Ok(ack.to_vec()),
-                Ok(Some(Ok(MllpFrame::Oversized { .. } | MllpFrame::Overloaded { .. }))) => {
-                    Err(SendError::BadAck)
+            for _ in 0..MAX_UNRELATED_FRAMES {
+                let ack = match tokio::time::timeout_at(deadline, conn.next()).await {
+                    Err(_) => return Err(timed_out()),
+                    Ok(None) => return Err(io_err("connection closed before the ACK".into())),
+                    Ok(Some(Err(e))) => return Err(io_err(e.to_string())),
+                    Ok(Some(Ok(MllpFrame::Message(ack)))) => ack.to_vec(),
+                    Ok(Some(Ok(MllpFrame::Oversized { .. } | MllpFrame::Overloaded { .. }))) => {
+                        return Err(SendError::BadAck)
+                    }
+                };
+                let matches = match (&control_id, read_msa(&ack)) {
+                    (Some(ours), Some((_, acked))) => acked == *ours,
+                    _ => true,
+                };
+                if matches {
+                    return Ok(ack);
                 }
+                tracing::debug!(addr = %addr, "MLLP frame for another message skipped while waiting for an ACK");
             }
+            Err(SendError::BadAck)
         }
         .await;
         if result.is_err() {

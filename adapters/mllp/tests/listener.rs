@@ -694,3 +694,27 @@ async fn message_invalid_in_its_declared_charset_is_rejected_with_err() {
         AckCode::AA
     );
 }
+
+/// The outbound client takes the frame that acknowledges *its* message: a receiver that first
+/// sends something else on the connection (an application ACK of an earlier message) does not
+/// shift the ACKs onto the wrong messages.
+#[tokio::test]
+async fn the_sender_matches_the_ack_to_its_message() {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = server.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .unwrap();
+        let other = b"MSH|^~\\&|R|R|S|S|20240101||ACK^A01|A1|P|2.5\rMSA|AA|EARLIER\r";
+        let ours = b"MSH|^~\\&|R|R|S|S|20240101||ACK^A01|A2|P|2.5\rMSA|AE|M-7\r";
+        s.write_all(&frame(other)).await.unwrap();
+        s.write_all(&frame(ours)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let mut sender = tributary_mllp::sink::MllpSender::new(sender_cfg(addr));
+    let ack = sender.send_once(&adt("M-7")).await.unwrap();
+    assert_eq!(read_msa(&ack).unwrap(), (AckCode::AE, b"M-7".to_vec()));
+}
