@@ -448,12 +448,9 @@ async fn connection_limit_closes_excess_connections() {
     );
 }
 
-/// What senders that are no partner can make the listener keep is bounded: past the budget
-/// (50 frames, then 5 a second) a frame gets no answer and the connection is closed, and a
-/// large frame is kept only in part — so anyone who can connect cannot fill the disk.
-#[tokio::test]
-async fn unknown_senders_cannot_fill_the_journal() {
-    let h = start(MllpListenerConfig {
+/// A listener whose only partner is elsewhere (10.0.0.0/8): every local sender is unknown.
+async fn start_for_strangers() -> Harness {
+    start(MllpListenerConfig {
         allow_unknown_partners: false,
         partners: vec![PartnerConfig {
             id: "faraway".into(),
@@ -462,7 +459,15 @@ async fn unknown_senders_cannot_fill_the_journal() {
         }],
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+/// What senders that are no partner can make the listener keep is bounded: past the budget
+/// (50 frames, then 5 a second) a frame gets no answer and the connection is closed, and a
+/// large frame is kept only in part — so anyone who can connect cannot fill the disk.
+#[tokio::test]
+async fn unknown_senders_cannot_fill_the_journal() {
+    let h = start_for_strangers().await;
     let mut big = adt("BIG");
     big.extend_from_slice(format!("ZPD|{}\r", "x".repeat(200_000)).as_bytes());
     let mut answered = 0;
@@ -498,16 +503,7 @@ async fn unknown_senders_cannot_fill_the_journal() {
 
 #[tokio::test]
 async fn unknown_partner_is_refused_audited_and_kept() {
-    let h = start(MllpListenerConfig {
-        allow_unknown_partners: false,
-        partners: vec![PartnerConfig {
-            id: "faraway".into(),
-            source_cidrs: vec!["10.0.0.0/8".into()],
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-    .await;
+    let h = start_for_strangers().await;
     let mut s = TcpStream::connect(h.addr).await.unwrap();
     s.write_all(&frame(&adt("UNK1"))).await.unwrap();
     let reply = read_reply(&mut s).await.unwrap();
