@@ -311,7 +311,7 @@ impl Authenticator {
 
     fn check_revoked(&self, principal: &Principal) -> Result<(), ApiError> {
         for id in [&principal.grant, &principal.jti].into_iter().flatten() {
-            if self.revocations.is_revoked(id) {
+            if self.revocations.is_revoked(&principal.tenant, id) {
                 return Err(ApiError::Unauthorized(
                     "token grant has been revoked".into(),
                 ));
@@ -662,7 +662,7 @@ mod tests {
         )
         .unwrap();
         auth.authenticate(&t, false).await.unwrap();
-        crate::revocation::revoke_in_data_dir(dir.path(), "consent-7").unwrap();
+        crate::revocation::revoke_in_data_dir(dir.path(), None, "consent-7").unwrap();
         assert!(matches!(
             auth.authenticate(&t, false).await,
             Err(ApiError::Unauthorized(_))

@@ -940,17 +940,22 @@ struct AuditPage {
     last: Option<(i64, u64)>,
 }
 
-/// `POST /admin/consent/{id}/revoke` (admin role): tokens carrying `grant = id` (or `jti = id`)
-/// fail from the next request on.
+/// `POST /admin/consent/{id}/revoke` (admin role): the caller's tenant's tokens carrying
+/// `grant = id` (or `jti = id`) fail from the next request on. The audit record names the id
+/// (a consent id, not patient data).
 pub async fn revoke_consent(
     State(st): State<AppState>,
     Path(id): Path<String>,
-    Extension(_access): Extension<Access>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
 ) -> ApiResult<Response> {
+    if crate::revocation::valid_grant_id(&id) {
+        slot.update(|d| d.resource_id = Some(id.clone()));
+    }
     st.facade
         .auth
         .revocations
-        .revoke(&id)
+        .revoke(Some(&access.principal.tenant), &id)
         .map_err(|e| match e {
             crate::revocation::RevocationError::BadId => ApiError::BadRequest(e.to_string()),
             other => ApiError::Internal(other.to_string()),

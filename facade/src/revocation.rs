@@ -1,5 +1,9 @@
 //! Consent / grant revocation: a durable list of revoked ids, checked on every request against a
-//! token's `grant` (consent id) and `jti` claims. The list is a file in `<data_dir>/keys/`
+//! token's `grant` (consent id) and `jti` claims. A line `tenant/id` revokes the id for that
+//! tenant's tokens only (what a tenant's admin can do: another tenant's identity provider may
+//! issue the same id); a bare `id` line revokes it for every tenant (the operator's
+//! `tributary consent revoke` without `--tenant`, and every line written before tenants were
+//! named). The list is a file in `<data_dir>/keys/`
 //! appended with fsync, so `tributary consent revoke` and the admin endpoint share it and a
 //! running server sees a revocation on its next request (it re-reads the file when it changes).
 //!
@@ -122,27 +126,37 @@ impl Revocations {
         }
     }
 
-    pub fn is_revoked(&self, id: &str) -> bool {
+    /// Is `id` revoked for a token of `tenant` (for that tenant, or for all)?
+    pub fn is_revoked(&self, tenant: &str, id: &str) -> bool {
         self.refresh();
         self.loaded
             .read()
-            .map(|l| l.ids.contains(id))
+            .map(|l| l.ids.contains(id) || l.ids.contains(&entry(Some(tenant), id)))
             .unwrap_or(true)
     }
 
-    /// Durably adds `id` (fsync before returning).
-    pub fn revoke(&self, id: &str) -> Result<(), RevocationError> {
-        revoke_in(&self.path, id)?;
+    /// Durably adds `id` for `tenant` (`None`: every tenant); fsync before returning.
+    pub fn revoke(&self, tenant: Option<&str>, id: &str) -> Result<(), RevocationError> {
+        revoke_in(&self.path, tenant, id)?;
         self.refresh();
         Ok(())
     }
 }
 
-/// Appends one id to the list at `path`, durably.
-pub fn revoke_in(path: &Path, id: &str) -> Result<(), RevocationError> {
-    if !valid_grant_id(id) {
+/// The list's line for `id` revoked for `tenant` (all tenants: `None`).
+fn entry(tenant: Option<&str>, id: &str) -> String {
+    match tenant {
+        Some(t) => format!("{t}/{id}"),
+        None => id.to_string(),
+    }
+}
+
+/// Appends one id (for one tenant, or all) to the list at `path`, durably.
+pub fn revoke_in(path: &Path, tenant: Option<&str>, id: &str) -> Result<(), RevocationError> {
+    if !valid_grant_id(id) || tenant.is_some_and(|t| !valid_grant_id(t) || t.contains(':')) {
         return Err(RevocationError::BadId);
     }
+    let id = &entry(tenant, id);
     let io = |source| RevocationError::Io {
         path: path.to_path_buf(),
         source,
@@ -160,10 +174,14 @@ pub fn revoke_in(path: &Path, id: &str) -> Result<(), RevocationError> {
     Ok(())
 }
 
-/// For the CLI: revoke in a data directory.
-pub fn revoke_in_data_dir(data_dir: &Path, id: &str) -> Result<PathBuf, RevocationError> {
+/// For the CLI: revoke in a data directory (for `tenant`, or every tenant).
+pub fn revoke_in_data_dir(
+    data_dir: &Path,
+    tenant: Option<&str>,
+    id: &str,
+) -> Result<PathBuf, RevocationError> {
     let path = crate::keys::keys_dir(data_dir).join(REVOKED_FILE);
-    revoke_in(&path, id)?;
+    revoke_in(&path, tenant, id)?;
     Ok(path)
 }
 
@@ -174,27 +192,40 @@ mod tests {
     #[test]
     fn a_list_replaced_by_hand_is_read_again() {
         let dir = tempfile::tempdir().unwrap();
-        revoke_in_data_dir(dir.path(), "consent-1").unwrap();
+        revoke_in_data_dir(dir.path(), None, "consent-1").unwrap();
         let server = Revocations::open(dir.path());
-        assert!(server.is_revoked("consent-1"));
+        assert!(server.is_revoked("t", "consent-1"));
         // An editor writes a new file and renames it over the list.
         let path = crate::keys::keys_dir(dir.path()).join(REVOKED_FILE);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, "consent-9\n").unwrap();
         std::fs::rename(&tmp, &path).unwrap();
         server.handle.lock().unwrap().looked = None; // as if RELOOK had passed
-        assert!(server.is_revoked("consent-9"));
-        assert!(!server.is_revoked("consent-1"));
+        assert!(server.is_revoked("t", "consent-9"));
+        assert!(!server.is_revoked("t", "consent-1"));
     }
 
     #[test]
     fn revocation_is_seen_by_another_handle() {
         let dir = tempfile::tempdir().unwrap();
         let server = Revocations::open(dir.path());
-        assert!(!server.is_revoked("consent-1"));
-        revoke_in_data_dir(dir.path(), "consent-1").unwrap();
-        assert!(server.is_revoked("consent-1"));
-        assert!(!server.is_revoked("consent-2"));
-        assert!(revoke_in_data_dir(dir.path(), "bad id\n").is_err());
+        assert!(!server.is_revoked("t", "consent-1"));
+        revoke_in_data_dir(dir.path(), None, "consent-1").unwrap();
+        assert!(server.is_revoked("t", "consent-1"));
+        assert!(!server.is_revoked("t", "consent-2"));
+        assert!(revoke_in_data_dir(dir.path(), None, "bad id\n").is_err());
+        assert!(revoke_in_data_dir(dir.path(), Some("a/b"), "consent-3").is_err());
+    }
+
+    /// A tenant's revocation stops that tenant's tokens only; a bare one stops every tenant's.
+    #[test]
+    fn a_tenants_revocation_is_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Revocations::open(dir.path());
+        server.revoke(Some("north"), "consent-7").unwrap();
+        assert!(server.is_revoked("north", "consent-7"));
+        assert!(!server.is_revoked("south", "consent-7"));
+        server.revoke(None, "consent-8").unwrap();
+        assert!(server.is_revoked("north", "consent-8") && server.is_revoked("south", "consent-8"));
     }
 }

@@ -282,6 +282,27 @@ async fn revoked_consent_fails_the_next_request() {
         &f.call("GET", "/fhir/Patient/pa", Some(&other), None).await,
         401,
     );
+    // Another tenant's admin revokes only its own tenant's tokens under that id.
+    let third = f.token(
+        "portal",
+        "patient/*.rs",
+        &["--patient", "pa", "--grant", "consent-2026-0044"],
+    );
+    let elsewhere = f.token(
+        "ops",
+        "system/*.cruds",
+        &["--role", "admin", "--tenant", "elsewhere"],
+    );
+    let r = f
+        .call(
+            "POST",
+            "/admin/consent/consent-2026-0044/revoke",
+            Some(&elsewhere),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(f.get_status("/fhir/Patient/pa", &third).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -173,12 +173,18 @@ pub enum AuditCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ConsentCommand {
-    /// Durably revoke a consent / grant id (matched against tokens' `grant` and `jti` claims).
-    #[command(after_help = "Example:\n  tributary consent revoke consent-2026-0042")]
+    /// Durably revoke a consent / grant id (matched against tokens' `grant` and `jti` claims),
+    /// for one tenant's tokens or, without `--tenant`, for every tenant's.
+    #[command(
+        after_help = "Examples:\n  tributary consent revoke consent-2026-0042 --tenant north\n  tributary consent revoke consent-2026-0042   # every tenant"
+    )]
     Revoke {
         #[command(flatten)]
         common: Common,
         id: String,
+        /// Only this tenant's tokens (the admin API always revokes for the caller's tenant).
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -312,10 +318,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(args),
         Command::Token(TokenCommand::Issue(args)) => issue_token(args),
         Command::Audit(cmd) => audit(cmd),
-        Command::Consent(ConsentCommand::Revoke { common, id }) => {
+        Command::Consent(ConsentCommand::Revoke { common, id, tenant }) => {
             let config = common.load()?;
-            let path = tributary_facade::revocation::revoke_in_data_dir(&config.data_dir, &id)?;
-            eprintln!("revoked {id} (list: {})", path.display());
+            let path = tributary_facade::revocation::revoke_in_data_dir(
+                &config.data_dir,
+                tenant.as_deref(),
+                &id,
+            )?;
+            let scope =
+                tenant.map_or_else(|| "every tenant".to_string(), |t| format!("tenant {t}"));
+            eprintln!("revoked {id} for {scope} (list: {})", path.display());
             Ok(ExitCode::SUCCESS)
         }
     }
