@@ -31,15 +31,22 @@ pub struct Limited {
 pub struct RateLimiter {
     cfg: RateLimitConfig,
     buckets: Mutex<HashMap<(String, u8, String), Bucket>>,
+    /// When the map was last swept (see [`MAX_BUCKETS`]).
+    swept: Mutex<Instant>,
 }
 
+/// Past this many buckets, those idle for an hour are dropped — at most once per
+/// [`SWEEP_EVERY`]: when every bucket is recent, a sweep frees nothing, and sweeping on every
+/// request would scan the whole map under its lock each time.
 const MAX_BUCKETS: usize = 100_000;
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl RateLimiter {
     pub fn new(cfg: RateLimitConfig) -> Self {
         Self {
             cfg,
             buckets: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
         }
     }
 
@@ -103,8 +110,12 @@ impl RateLimiter {
         }
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > MAX_BUCKETS {
-            // Full buckets carry no state worth keeping.
-            map.retain(|_, b| now.duration_since(b.last).as_secs() < 3600);
+            let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+            if now.duration_since(*swept) >= SWEEP_EVERY {
+                *swept = now;
+                // Buckets idle for an hour are full again: they carry no state worth keeping.
+                map.retain(|_, b| now.duration_since(b.last).as_secs() < 3600);
+            }
         }
         let mut tightest: Option<Quota> = None;
         let mut short: Option<Limited> = None;
