@@ -54,26 +54,26 @@ pub fn normalise(tenant: &str, partner: &str, payload: &[u8]) -> Result<Vec<Chan
         None => return Err("no resourceType".into()),
     }
     // the sender's ids → ours, for the resources and the references to them
-    let ids: std::collections::HashMap<&str, String> = found
+    let ids: std::collections::HashMap<String, String> = found
         .iter()
         .map(|f| {
             let (rtype, id) = f.theirs.split_once('/').expect("Type/id");
             (
-                f.theirs.as_str(),
+                f.theirs.clone(),
                 deterministic_id(&[tenant, partner, rtype, id]),
             )
         })
         .collect();
     let mut out = Vec::with_capacity(found.len());
-    for f in &found {
-        let ours = ids[f.theirs.as_str()].clone();
-        let resource = f.resource.clone().map(|mut r| {
+    for f in found {
+        let ours = ids[&f.theirs].clone();
+        let resource = f.resource.map(|mut r| {
             rewrite_references(&mut r, &ids);
             stamp_source(&mut r, f.full_url.as_deref().unwrap_or(&f.theirs));
             r
         });
         out.push(Change {
-            resource_type: f.rtype.clone(),
+            resource_type: f.rtype,
             id: ours,
             resource,
         });
@@ -171,7 +171,7 @@ fn not_stored(r: &Value) -> bool {
 }
 
 /// Rewrites every `reference` that names a resource of this message, relative or absolute.
-fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<&str, String>) {
+fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<String, String>) {
     match v {
         Value::Object(map) => {
             if let Some(Value::String(r)) = map.get_mut("reference") {
@@ -193,7 +193,7 @@ fn rewrite_references(v: &mut Value, ids: &std::collections::HashMap<&str, Strin
 }
 
 /// `Type/id`, `Type/id/_history/v` or `<base>/Type/id[...]` of a resource in `ids` → `Type/ours`.
-fn resolve(reference: &str, ids: &std::collections::HashMap<&str, String>) -> Option<String> {
+fn resolve(reference: &str, ids: &std::collections::HashMap<String, String>) -> Option<String> {
     let path = reference.split('/').collect::<Vec<_>>();
     let at = match path.iter().rposition(|p| *p == "_history") {
         Some(h) if h >= 2 => h - 2,
@@ -201,8 +201,7 @@ fn resolve(reference: &str, ids: &std::collections::HashMap<&str, String>) -> Op
         None => path.len().checked_sub(2)?,
     };
     let key = format!("{}/{}", path[at], path.get(at + 1)?);
-    ids.get(key.as_str())
-        .map(|ours| format!("{}/{ours}", path[at]))
+    ids.get(&key).map(|ours| format!("{}/{ours}", path[at]))
 }
 
 #[cfg(test)]
