@@ -296,7 +296,7 @@ impl Authenticator {
             if !introspection {
                 return Err(ApiError::Unauthorized("invalid bearer token".into()));
             }
-            let p = self.introspect(token, write).await?;
+            let p = self.introspect(token, write, true).await?;
             self.check_revoked(&p)?;
             return Ok(p);
         }
@@ -304,7 +304,7 @@ impl Authenticator {
         if introspection && self.cfg.introspect_jwts {
             // The signature is ours to check; whether the token is still active is the
             // authorization server's.
-            self.introspect(token, write).await?;
+            self.introspect(token, write, false).await?;
         }
         Ok(p)
     }
@@ -321,7 +321,13 @@ impl Authenticator {
     }
 
     /// RFC 7662: POST token=… to the introspection endpoint; answers are cached for reads.
-    async fn introspect(&self, token: &str, write: bool) -> Result<Arc<Principal>, ApiError> {
+    /// `opaque`: the answer is all we know of the token (not a JWT whose claims we verified).
+    async fn introspect(
+        &self,
+        token: &str,
+        write: bool,
+        opaque: bool,
+    ) -> Result<Arc<Principal>, ApiError> {
         let ttl = Duration::from_secs(self.cfg.introspection_cache_secs);
         let unusable = || ApiError::Unauthorized("token could not be introspected".into());
         if !write {
@@ -388,18 +394,27 @@ impl Authenticator {
                 return Err(ApiError::Unauthorized("token issuer not accepted".into()));
             }
         }
-        if let Some(aud) = v.get("aud") {
-            let auds: Vec<&str> = match aud {
-                Value::String(s) => vec![s.as_str()],
-                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-                _ => Vec::new(),
-            };
-            if !auds
-                .iter()
-                .any(|a| self.cfg.audiences.iter().any(|x| x == a))
-            {
-                return Err(ApiError::Unauthorized("token audience not accepted".into()));
+        match v.get("aud") {
+            Some(aud) => {
+                let auds: Vec<&str> = match aud {
+                    Value::String(s) => vec![s.as_str()],
+                    Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                    _ => Vec::new(),
+                };
+                if !auds
+                    .iter()
+                    .any(|a| self.cfg.audiences.iter().any(|x| x == a))
+                {
+                    return Err(ApiError::Unauthorized("token audience not accepted".into()));
+                }
             }
+            // A JWT's own `aud` was checked with its signature.
+            None if opaque && self.cfg.introspection_requires_audience => {
+                return Err(ApiError::Unauthorized(
+                    "token audience not stated by the authorization server".into(),
+                ));
+            }
+            None => {}
         }
         let claims: Claims = serde_json::from_value(v).map_err(|_| unusable())?;
         let now = tributary_core::now_millis() / 1000;
@@ -680,7 +695,7 @@ mod tests {
             v.to_string()
         };
         let big_jwks = padded(jwks.clone(), MAX_JWKS_BYTES);
-        let active = json!({"active": true, "client_id": "opaque-app", "scope": "user/*.rs",
+        let active = json!({"active": true, "client_id": "opaque-app", "scope": "user/*.rs", "aud": "tributary",
             "exp": tributary_core::now_millis() / 1000 + 600});
         let big_active = padded(active.clone(), MAX_INTROSPECTION_BYTES);
         let app = axum::Router::new()

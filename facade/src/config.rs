@@ -115,6 +115,11 @@ pub struct AuthConfig {
     /// Also introspect JWTs (after their signature verified), so that a token revoked at the
     /// authorization server fails within `introspection_cache_secs`.
     pub introspect_jwts: bool,
+    /// An opaque token's introspection answer must name one of `audiences` in `aud`. RFC 7662
+    /// makes `aud` optional, but an authorization server that serves several APIs answers
+    /// "active" for a token minted for any of them; without an audience we cannot tell ours.
+    /// Turn off only for a server that never says `aud` and issues tokens for this API alone.
+    pub introspection_requires_audience: bool,
     /// Role names a token's `role` claim may carry, mapped to what they may do:
     /// `view` (read/search), `edit` (read and write), `admin` (everything, plus admin endpoints),
     /// `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
@@ -136,6 +141,7 @@ impl Default for AuthConfig {
             introspection_client_id: String::new(),
             introspection_secret_file: PathBuf::new(),
             introspection_cache_secs: 30,
+            introspection_requires_audience: true,
             introspect_jwts: false,
             roles: [
                 ("view", "view"),
@@ -278,6 +284,14 @@ impl FacadeConfig {
                 "auth.leeway_secs",
                 a.leeway_secs,
                 "0 to 300 seconds",
+            ));
+        }
+        if !(1..=86_400).contains(&a.jwks_refresh_min_secs) {
+            // 0 would let every token with a made-up `kid` make us fetch the JWKS again.
+            return Err(invalid(
+                "auth.jwks_refresh_min_secs",
+                a.jwks_refresh_min_secs,
+                "1 to 86400 seconds",
             ));
         }
         if !a.jwks_url.is_empty()

@@ -992,7 +992,8 @@ async fn smart_configuration_and_jwks_are_served() {
     );
 }
 
-/// A stand-in RFC 7662 endpoint: `good` is active (patient context p1), anything else inactive.
+/// A stand-in RFC 7662 endpoint: `good` is active (patient context p1); `no-audience` and
+/// `other-api` are active too but say no audience or another API's; anything else inactive.
 /// Counts the calls it gets.
 async fn introspection_server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1012,8 +1013,17 @@ async fn introspection_server() -> (String, Arc<std::sync::atomic::AtomicUsize>)
                 let req = String::from_utf8_lossy(&buf[..n]).into_owned();
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let authed = req.to_ascii_lowercase().contains("authorization: basic ");
+                let active = json!({"active": true, "client_id": "opaque-app", "sub": "u1", "scope": "patient/*.cruds", "patient": "p1", "aud": "tributary", "iss": "tributary", "exp": tributary_core::now_millis() / 1000 + 600});
                 let body = if authed && req.contains("token=good&") {
-                    json!({"active": true, "client_id": "opaque-app", "sub": "u1", "scope": "patient/*.cruds", "patient": "p1", "aud": "tributary", "iss": "tributary", "exp": tributary_core::now_millis() / 1000 + 600})
+                    active
+                } else if authed && req.contains("token=no-audience&") {
+                    let mut v = active;
+                    v.as_object_mut().unwrap().remove("aud");
+                    v
+                } else if authed && req.contains("token=other-api&") {
+                    let mut v = active;
+                    v["aud"] = json!(["billing-api"]);
+                    v
                 } else {
                     json!({"active": false})
                 };
@@ -1086,6 +1096,13 @@ async fn opaque_tokens_are_introspected_cached_for_reads_and_rechecked_for_write
         .0,
         401
     );
+    for token in ["no-audience", "other-api"] {
+        assert_eq!(
+            e.call("GET", "/fhir/Patient/p1", Some(token), None).await.0,
+            401,
+            "an active token not stated to be for this API: {token}"
+        );
+    }
     let rec = e
         .audit()
         .into_iter()

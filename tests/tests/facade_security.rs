@@ -608,7 +608,7 @@ async fn outbound_network_blocked_keeps_serving_enforcing_and_auditing() {
             .unwrap()
             .to_string()
     };
-    let config = format!("[facade.auth]\nlocal_key = false\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_min_secs = 0\n", idp.addr);
+    let config = format!("[facade.auth]\nlocal_key = false\njwks_url = \"http://{}/jwks.json\"\njwks_refresh_min_secs = 1\n", idp.addr);
     let mut f = Facade::start(Some(&config));
     let admin = idp_token("system/*.cruds", &[]);
     let p = json!({"resourceType": "Patient", "id": "pa", "gender": "female"});
