@@ -311,7 +311,13 @@ fn authorize(st: &AppState, mut req: Request) -> Step {
 /// For routes served by other components (mounted through [`crate::app_with`]): an instance
 /// request (`Subscription/<id>/$status`, `$events`, `$get-ws-binding-token`) passes only when
 /// the caller may read that resource — the same check as a `read` (404, 410 or 403 otherwise).
+/// `$events` and a websocket binding also hand out the resources the Subscription delivers, so
+/// they need a caller whose own token could read all of them (403 otherwise).
 pub async fn instance_guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let delivers = {
+        let path = req.uri().path();
+        path.ends_with("/$events") || path.ends_with("/$get-ws-binding-token")
+    };
     let fhir = req.extensions().get::<FhirRequest>();
     let access = req.extensions().get::<crate::policy::Access>();
     let slot = req
@@ -321,8 +327,15 @@ pub async fn instance_guard(State(st): State<AppState>, req: Request, next: Next
         .unwrap_or_default();
     if let (Some(f), Some(a)) = (fhir, access) {
         if let (Some(t), Some(id)) = (&f.resource_type, &f.id) {
-            if let Err(e) = crate::rest::read_visible(&st, a, t, id, &slot) {
-                return e.into_response();
+            match crate::rest::read_visible(&st, a, t, id, &slot) {
+                Err(e) => return e.into_response(),
+                Ok((_, v)) if delivers && !crate::subscription::covers(a, &v) => {
+                    return ApiError::Forbidden(
+                        "this Subscription delivers resources your token may not read".into(),
+                    )
+                    .into_response();
+                }
+                Ok(_) => {}
             }
         }
     }

@@ -30,6 +30,41 @@ pub fn patient_context(v: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Whether the caller may receive everything `sub` (a stored Subscription) delivers: its
+/// `$events` and websocket binding hand out resources under the Subscription's stamped bounds,
+/// which were the *creator's* token's; another caller that may read the Subscription itself
+/// must not get more than its own token could read.
+pub fn covers(access: &Access, sub: &Value) -> bool {
+    if let Some(pid) = &access.principal.patient {
+        if patient_context(sub).as_deref() != Some(pid.as_str()) {
+            return false;
+        }
+    }
+    let mine = readable_types(access);
+    if mine == "*" {
+        return true;
+    }
+    let theirs = sub
+        .get("extension")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .find(|e| e.get("url").and_then(Value::as_str) == Some(ALLOWED_TYPES_EXT))
+        })
+        .and_then(|e| e.get("valueString"))
+        .and_then(Value::as_str);
+    match theirs {
+        Some(t) if t.trim() != "*" => {
+            let mine: Vec<&str> = mine.split(',').collect();
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .all(|t| mine.contains(&t))
+        }
+        _ => false,
+    }
+}
+
 /// The resource types the token may read without narrowing: `*` or a sorted list.
 fn readable_types(access: &Access) -> String {
     let p = &access.principal;
@@ -135,5 +170,40 @@ mod tests {
         stamp(&access("system/*.cruds", None), &mut v);
         assert_eq!(patient_context(&v), None);
         assert_eq!(v["extension"][0]["valueString"], "*");
+    }
+
+    #[test]
+    fn only_a_caller_who_could_read_everything_delivered_is_covered() {
+        let mut wide = json!({"resourceType": "Subscription"});
+        stamp(&access("system/*.rs", None), &mut wide);
+        let mut labs = json!({"resourceType": "Subscription"});
+        stamp(&access("patient/Observation.rs", Some("p1")), &mut labs);
+        let cases = [
+            ("system/*.rs", None, &wide, true),
+            ("user/Subscription.rs", None, &wide, false),
+            (
+                "user/Subscription.rs user/Observation.rs",
+                None,
+                &wide,
+                false,
+            ),
+            (
+                "user/Subscription.rs user/Observation.rs",
+                None,
+                &labs,
+                true,
+            ),
+            ("patient/*.rs", Some("p1"), &labs, true),
+            ("patient/*.rs", Some("p2"), &labs, false),
+            ("patient/*.rs", Some("p1"), &wide, false),
+            ("user/Encounter.rs", None, &labs, false),
+        ];
+        for (scope, patient, sub, want) in cases {
+            assert_eq!(
+                covers(&access(scope, patient), sub),
+                want,
+                "{scope} {patient:?} on {sub}"
+            );
+        }
     }
 }

@@ -126,13 +126,6 @@ fn load(
     tenant: &str,
     id: &str,
 ) -> Result<(SubscriptionSpec, SubState), Response> {
-    if let Some((spec, mut st)) = state.service.state(tenant, id) {
-        // The worker knows what it delivered; `$status` also counts what matched since.
-        st.events_since_start = st
-            .events_since_start
-            .max(state.service.events_since_start(&spec));
-        return Ok((spec, st));
-    }
     let stored = state
         .service
         .store
@@ -153,8 +146,30 @@ fn load(
             "store error",
         )
     })?;
-    let spec = SubscriptionSpec::parse(tenant, id, stored.version, &body, true)
+    let mut spec = SubscriptionSpec::parse(tenant, id, stored.version, &body, true)
         .map_err(|e| outcome(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &e.to_string()))?;
+    spec.incarnation = state
+        .service
+        .incarnation(tenant, id, stored.version)
+        .map_err(|_| {
+            outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "store error",
+            )
+        })?;
+    // The worker's view, unless it is of an earlier incarnation the rescan has not replaced yet.
+    if let Some((spec, mut st)) = state
+        .service
+        .state(tenant, id)
+        .filter(|(s, _)| s.incarnation == spec.incarnation)
+    {
+        // The worker knows what it delivered; `$status` also counts what matched since.
+        st.events_since_start = st
+            .events_since_start
+            .max(state.service.events_since_start(&spec));
+        return Ok((spec, st));
+    }
     let st = SubState {
         status: spec.status.clone(),
         events_since_start: state.service.events_since_start(&spec),
@@ -219,7 +234,7 @@ async fn events(
             )
         }
     };
-    let start = match state.service.start_of(&t, &id) {
+    let start = match state.service.start_of(&spec) {
         Ok(0) | Err(_) => {
             return outcome(
                 StatusCode::CONFLICT,
@@ -529,7 +544,19 @@ async fn inbound(
     .meta("fhir.fetched", fetched.to_string());
     if let (Some(first), Some(last)) = (numbers.first(), numbers.last()) {
         if *first > 0 {
-            env = env.dedup_key(format!("{partner}/{sub}/{first}-{last}"));
+            // With the content: a sender whose numbering restarted (its Subscription created
+            // again, its server reset) reuses numbers for new events, which must not be taken
+            // for resends. The status entry is left out (a resend may have a new timestamp).
+            let content = bundle
+                .get("entry")
+                .and_then(Value::as_array)
+                .map(|e| serde_json::to_vec(&e[1.min(e.len())..]).unwrap_or_default())
+                .unwrap_or_default();
+            env = env.dedup_key(tributary_core::content_dedup_key(
+                &partner,
+                &format!("{sub}/{first}-{last}"),
+                &content,
+            ));
         }
     }
     match state.journal.append(env.build()).await {

@@ -123,11 +123,17 @@ pub struct SubscriptionService {
 }
 
 const MAX_DEAD_LETTERS: usize = 10_000;
+/// How `Subscription.error` starts when the endpoint did not answer the handshake.
+const HANDSHAKE_FAILED: &str = "handshake failed";
 /// Most websocket connections bound to one subscription at once.
 pub(crate) const MAX_WS_PER_SUBSCRIPTION: usize = 16;
 
-fn key(tenant: &str, id: &str) -> String {
-    format!("{tenant}/{id}")
+/// The first incarnation keeps the names it always had, so existing delivery state stays valid.
+fn incarnation_key(spec: &SubscriptionSpec) -> String {
+    match spec.incarnation {
+        0 | 1 => format!("{}/{}", spec.tenant, spec.id),
+        n => format!("{}/{}@{n}", spec.tenant, spec.id),
+    }
 }
 
 impl SubscriptionService {
@@ -181,12 +187,30 @@ impl SubscriptionService {
         Some((spec, state))
     }
 
-    fn start_name(tenant: &str, id: &str) -> String {
-        format!("substart:{}", key(tenant, id))
+    fn start_name(spec: &SubscriptionSpec) -> String {
+        format!("substart:{}", incarnation_key(spec))
     }
 
-    fn cursor_name(tenant: &str, id: &str) -> String {
-        format!("sub:{}", key(tenant, id))
+    fn cursor_name(spec: &SubscriptionSpec) -> String {
+        format!("sub:{}", incarnation_key(spec))
+    }
+
+    /// See [`SubscriptionSpec::incarnation`]: read from the history when the current version
+    /// is not the first (deletions are versions too).
+    pub(crate) fn incarnation(
+        &self,
+        tenant: &str,
+        id: &str,
+        version: u64,
+    ) -> tributary_storage::Result<u64> {
+        if version <= 1 {
+            return Ok(1);
+        }
+        let history = self.store.history(tenant, "Subscription", id)?;
+        Ok(history
+            .iter()
+            .find(|r| r.deleted && r.version < version)
+            .map_or(1, |r| r.version + 1))
     }
 
     /// The outbox position of a Subscription's creation event, for one first seen without it
@@ -196,14 +220,15 @@ impl SubscriptionService {
     /// time before they are ordered), then forward to the creation event itself. Where that
     /// cannot be found, the earlier position: a few older matching events are delivered rather
     /// than any later one missed. `head` when nothing tells.
-    fn creation_seq(&self, tenant: &str, id: &str, head: u64) -> tributary_storage::Result<u64> {
+    fn creation_seq(&self, spec: &SubscriptionSpec, head: u64) -> tributary_storage::Result<u64> {
         const CLOCK_SLACK_MS: i64 = 5_000;
         const SCAN_MAX: u64 = 100_000;
+        let (tenant, id, created) = (spec.tenant.as_str(), spec.id.as_str(), spec.incarnation);
         let outbox = self.store.outbox();
-        if outbox.cursor(&Self::start_name(tenant, id))? != 0 {
+        if outbox.cursor(&Self::start_name(spec))? != 0 {
             return Ok(head); // recorded already: start_seq ignores this
         }
-        let Some(v1) = self.store.vread(tenant, "Subscription", id, 1)? else {
+        let Some(v1) = self.store.vread(tenant, "Subscription", id, created)? else {
             return Ok(head);
         };
         let from_ms = v1.last_updated.saturating_sub(CLOCK_SLACK_MS);
@@ -226,7 +251,7 @@ impl SubscriptionService {
                 break;
             };
             if let Some(e) = batch.iter().find(|e| {
-                e.version == Some(1)
+                e.version == Some(created)
                     && e.tenant == tenant
                     && e.resource_type.as_deref() == Some("Subscription")
                     && e.resource_id.as_deref() == Some(id)
@@ -242,12 +267,11 @@ impl SubscriptionService {
     /// the first time it is seen.
     async fn start_seq(
         &self,
-        tenant: &str,
-        id: &str,
+        spec: &SubscriptionSpec,
         seen_at: u64,
     ) -> tributary_storage::Result<u64> {
         let outbox = self.store.outbox();
-        let name = Self::start_name(tenant, id);
+        let name = Self::start_name(spec);
         match outbox.cursor(&name)? {
             0 => {
                 let s = seen_at.max(1);
@@ -396,7 +420,7 @@ impl SubscriptionService {
         limit: usize,
     ) -> tributary_storage::Result<EventsPage> {
         let outbox = self.store.outbox();
-        let name = Self::cursor_name(&spec.tenant, &spec.id);
+        let name = Self::cursor_name(spec);
         let head = outbox.head();
         let Some(n) = outbox.numbering(&name)? else {
             // The worker has not started yet: nothing is numbered (or pruned) so far.
@@ -473,10 +497,10 @@ impl SubscriptionService {
     }
 
     /// Event numbers given so far (0 before the worker first ran).
-    pub(crate) fn numbered_count(&self, tenant: &str, id: &str) -> u64 {
+    pub(crate) fn numbered_count(&self, spec: &SubscriptionSpec) -> u64 {
         self.store
             .outbox()
-            .numbering(&Self::cursor_name(tenant, id))
+            .numbering(&Self::cursor_name(spec))
             .ok()
             .flatten()
             .map_or(0, |n| n.count)
@@ -486,8 +510,8 @@ impl SubscriptionService {
     /// those matching since the worker's position (committed, not yet delivered) — a client
     /// whose endpoint is down still sees the count grow. Scans only the undelivered backlog.
     pub(crate) fn events_since_start(&self, spec: &SubscriptionSpec) -> u64 {
-        let recorded = self.numbered_count(&spec.tenant, &spec.id);
-        match self.start_of(&spec.tenant, &spec.id) {
+        let recorded = self.numbered_count(spec);
+        match self.start_of(spec) {
             Ok(start) if start > 0 => self
                 .events_page(spec, start, u64::MAX, u64::MAX, 1)
                 .map_or(recorded, |p| p.total.max(recorded)),
@@ -509,8 +533,8 @@ impl SubscriptionService {
             .subs
             .read()
             .expect("subs")
-            .keys()
-            .map(|(t, i)| Self::cursor_name(t, i))
+            .values()
+            .filter_map(|h| h.spec.read().ok().map(|s| Self::cursor_name(&s)))
             .collect();
         for name in names {
             floor = floor.min(self.store.outbox().cursor(&name)?);
@@ -518,8 +542,8 @@ impl SubscriptionService {
         Ok(Some(floor))
     }
 
-    pub(crate) fn start_of(&self, tenant: &str, id: &str) -> tributary_storage::Result<u64> {
-        self.store.outbox().cursor(&Self::start_name(tenant, id))
+    pub(crate) fn start_of(&self, spec: &SubscriptionSpec) -> tributary_storage::Result<u64> {
+        self.store.outbox().cursor(&Self::start_name(spec))
     }
 
     async fn dead_letter(&self, d: DeadLetter) -> tributary_storage::Result<()> {
@@ -604,14 +628,32 @@ impl SubscriptionService {
         }
     }
 
-    /// Posts with retries until success (`Ok`), give-up (`Err(reason)`) or cancellation
-    /// (`Ok(false)` meaning "not sent").
-    async fn post_with_retries(&self, h: &SubHandle, body: &Value) -> Result<bool, String> {
+    /// Posts `body` (built under `built`) with retries until success (`Ok(true)`), give-up
+    /// (`Err(reason)`), cancellation, or a change of the Subscription while retrying (both
+    /// `Ok(false)`: not sent; a changed one is rebuilt under its new spec, so a new endpoint
+    /// never gets a body made for the old one's filters and payload). While the Subscription is
+    /// in `error` (an earlier notification was given up), a notification gets one round of
+    /// retries, not the whole give-up time: an endpoint that is gone for good must not hold
+    /// every later event for `give_up_after_secs` each.
+    async fn post_with_retries(
+        &self,
+        h: &SubHandle,
+        built: &SubscriptionSpec,
+        body: &Value,
+    ) -> Result<bool, String> {
         let began = Instant::now();
-        let give_up = Duration::from_secs(self.cfg.give_up_after_secs);
+        let failing = h.state.lock().is_ok_and(|s| s.status == "error");
+        let give_up = if failing {
+            Duration::from_millis(self.cfg.retry_max_ms)
+        } else {
+            Duration::from_secs(self.cfg.give_up_after_secs)
+        };
         let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
         loop {
             let spec = h.spec.read().expect("spec lock").clone();
+            if spec.version != built.version {
+                return Ok(false);
+            }
             match self.post(&spec, body).await {
                 Ok(()) => return Ok(true),
                 Err(reason) => {
@@ -648,15 +690,15 @@ impl SubscriptionService {
         h: Arc<SubHandle>,
         seen_at: u64,
     ) -> tributary_storage::Result<()> {
-        let (tenant, id) = {
-            let s = h.spec.read().expect("spec lock");
-            (s.tenant.clone(), s.id.clone())
-        };
-        let outbox = self.store.outbox().clone();
-        let start = self.start_seq(&tenant, &id, seen_at).await?;
-        let cursor_name = Self::cursor_name(&tenant, &id);
-        let mut cursor = outbox.cursor(&cursor_name)?.max(start);
         let spec0 = h.spec.read().expect("spec lock").clone();
+        let (tenant, id) = (spec0.tenant.clone(), spec0.id.clone());
+        let outbox = self.store.outbox().clone();
+        // A rest-hook endpoint must answer the handshake before its first delivery, whatever
+        // status the client wrote (one created `active` would otherwise skip it).
+        let first_start = outbox.cursor(&Self::start_name(&spec0))? == 0;
+        let start = self.start_seq(&spec0, seen_at).await?;
+        let cursor_name = Self::cursor_name(&spec0);
+        let mut cursor = outbox.cursor(&cursor_name)?.max(start);
         let numbering = self
             .init_numbering(&spec0, &cursor_name, start, cursor)
             .await?;
@@ -667,7 +709,7 @@ impl SubscriptionService {
         }
         tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
         // Rest-hook handshake; a websocket client gets its handshake when it binds.
-        if spec0.channel == ChannelType::RestHook && spec0.status == "requested" {
+        if spec0.channel == ChannelType::RestHook && (spec0.status == "requested" || first_start) {
             let st = h.state.lock().expect("state lock").clone();
             let body = bundle::notification_bundle(
                 &self.info(&spec0, &st),
@@ -675,11 +717,11 @@ impl SubscriptionService {
                 &[],
                 spec0.content,
             );
-            match self.post_with_retries(&h, &body).await {
+            match self.post_with_retries(&h, &spec0, &body).await {
                 Ok(true) => self.set_status(&h, "active", None).await,
                 Ok(false) => return Ok(()),
                 Err(reason) => {
-                    self.set_status(&h, "error", Some(&format!("handshake failed: {reason}")))
+                    self.set_status(&h, "error", Some(&format!("{HANDSHAKE_FAILED}: {reason}")))
                         .await;
                     return Ok(());
                 }
@@ -760,8 +802,9 @@ impl SubscriptionService {
             );
             let outcome = match spec.channel {
                 ChannelType::Websocket => Ok(h.broadcast(&body.to_string()) > 0),
-                ChannelType::RestHook => match self.post_with_retries(h, &body).await {
-                    Ok(false) => return Ok(()),
+                ChannelType::RestHook => match self.post_with_retries(h, &spec, &body).await {
+                    Ok(false) if h.cancel.is_cancelled() => return Ok(()),
+                    Ok(false) => continue, // changed while retrying: rebuilt from the cursor
                     Ok(true) => Ok(true),
                     Err(reason) => Err(reason),
                 },
@@ -849,7 +892,7 @@ impl SubscriptionService {
                 for r in page {
                     let Ok(body) = r.resource() else { continue };
                     let k = (tenant.clone(), r.id.clone());
-                    let spec = match SubscriptionSpec::parse(
+                    let mut spec = match SubscriptionSpec::parse(
                         &tenant,
                         &r.id,
                         r.version,
@@ -860,7 +903,7 @@ impl SubscriptionService {
                         Err(e) => {
                             let status = body.get("status").and_then(Value::as_str);
                             if status != Some("error") && status != Some("off") {
-                                tracing::info!(subscription = %r.id, %tenant, error = %e, "subscription refused");
+                                tracing::info!(subscription = %r.id, %tenant, reason = e.kind(), "subscription refused");
                                 self.write_refusal(&tenant, &r.id, r.version, body, &e.to_string())
                                     .await;
                             }
@@ -868,18 +911,38 @@ impl SubscriptionService {
                         }
                     };
                     let expired = spec.end.is_some_and(|e| e <= tributary_core::now_millis());
-                    if spec.status == "off" || expired {
+                    // A failed handshake stops delivery until the client asks again (sets
+                    // `requested`); the endpoint never agreed to receive anything.
+                    let refused = spec.status == "error"
+                        && body
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .is_some_and(|e| e.starts_with(HANDSHAKE_FAILED));
+                    if spec.status == "off" || expired || refused {
                         continue;
                     }
                     live.insert(k.clone());
-                    let existing = self.subs.read().expect("subs").get(&k).cloned();
+                    let mut existing = self.subs.read().expect("subs").get(&k).cloned();
+                    let known = existing
+                        .as_ref()
+                        .map(|h| h.spec.read().expect("spec").clone())
+                        .filter(|cur| cur.version == spec.version);
+                    spec.incarnation = match &known {
+                        Some(cur) => cur.incarnation,
+                        None => self.incarnation(&tenant, &r.id, r.version)?,
+                    };
+                    if let Some(h) = &existing {
+                        let incarnation = h.spec.read().expect("spec").incarnation;
+                        if incarnation != spec.incarnation {
+                            // Deleted and created again since the last look: a new subscriber.
+                            h.cancel.cancel();
+                            self.subs.write().expect("subs").remove(&k);
+                            existing = None;
+                        }
+                    }
                     match existing {
                         Some(h) => {
-                            let changed = {
-                                let cur = h.spec.read().expect("spec");
-                                cur.version != spec.version
-                            };
-                            if changed {
+                            if known.is_none() {
                                 *h.spec.write().expect("spec") = spec;
                                 h.changed.notify_one();
                             }
@@ -888,7 +951,7 @@ impl SubscriptionService {
                             // Delivery starts after the Subscription's own creation event.
                             let seen_at = match created.get(&k) {
                                 Some(seq) => *seq,
-                                None => self.creation_seq(&k.0, &k.1, head)?,
+                                None => self.creation_seq(&spec, head)?,
                             };
                             let h = Arc::new(SubHandle::new(spec, shutdown.child_token()));
                             self.subs.write().expect("subs").insert(k, h.clone());
@@ -905,7 +968,12 @@ impl SubscriptionService {
                                 if let Ok(mut c) = h.clients.lock() {
                                     c.clear();
                                 }
-                                me.subs.write().expect("subs").remove(&(t, i));
+                                // Only its own entry: a stopped worker can end after a rescan
+                                // started the next one under the same key.
+                                let mut subs = me.subs.write().expect("subs");
+                                if subs.get(&(t.clone(), i.clone())).is_some_and(|x| Arc::ptr_eq(x, &h)) {
+                                    subs.remove(&(t, i));
+                                }
                             });
                         }
                     }
@@ -980,7 +1048,7 @@ impl SubscriptionService {
                     for e in outbox.read_after(seen, span.min(10_000) as usize)? {
                         if e.resource_type.as_deref() == Some("Subscription") {
                             touched = true;
-                            if e.version == Some(1) {
+                            if e.event_type.ends_with(".create") {
                                 if let Some(id) = &e.resource_id {
                                     created.insert((e.tenant.clone(), id.clone()), e.seq);
                                 }

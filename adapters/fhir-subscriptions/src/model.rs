@@ -170,6 +170,10 @@ pub struct SubscriptionSpec {
     pub tenant: String,
     pub id: String,
     pub version: u64,
+    /// The version that created this incarnation of the id: 1, or the first version after its
+    /// latest deletion. Delivery state (start, cursor, numbers) belongs to one incarnation, so a
+    /// Subscription re-created under a deleted one's id starts afresh. Set by the engine.
+    pub incarnation: u64,
     pub status: String,
     pub topic_url: String,
     pub filter_type: Option<String>,
@@ -201,18 +205,52 @@ pub enum SpecError {
     UnsupportedFilter(String),
     #[error("Subscription.channel.header entries must be `Name: value`")]
     BadHeader,
+    #[error("Subscription.channel.header may not set Host, Content-Length, Content-Type, Transfer-Encoding, Connection or Upgrade")]
+    ReservedHeader,
 }
 
-fn ext<'a>(v: &'a Value, url_suffix: &str) -> Option<&'a Value> {
-    v.get("extension")?.as_array()?.iter().find(|e| {
-        e.get("url")
-            .and_then(Value::as_str)
-            .is_some_and(|u| u.ends_with(url_suffix))
-    })
+impl SpecError {
+    /// A fixed name for logs: the message quotes the client's own text (a criteria string can
+    /// hold a name or an identifier), which belongs in its Subscription, not in our logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SpecError::UnknownTopic(_) => "unknown-topic",
+            SpecError::BadEndpoint => "bad-endpoint",
+            SpecError::InsecureEndpoint => "insecure-endpoint",
+            SpecError::UnsupportedChannel(_) => "unsupported-channel",
+            SpecError::UnsupportedFilter(_) => "unsupported-filter",
+            SpecError::BadHeader => "bad-header",
+            SpecError::ReservedHeader => "reserved-header",
+        }
+    }
 }
 
-fn ext_u64(v: &Value, suffix: &str) -> Option<u64> {
-    let e = ext(v, suffix)?;
+/// Headers a Subscription may not set on its notifications.
+const RESERVED_HEADERS: [&str; 7] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+];
+
+/// The extension with exactly this URL. Never a suffix match: the facade replaces only the exact
+/// URLs of the extensions it stamps, so a look-alike URL a client wrote must not be read as one.
+fn ext<'a>(v: &'a Value, url: &str) -> Option<&'a Value> {
+    v.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(url))
+}
+
+fn backport_ext<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    ext(v, &format!("{BACKPORT}/{name}"))
+}
+
+fn ext_u64(v: &Value, name: &str) -> Option<u64> {
+    let e = backport_ext(v, name)?;
     e.get("valueUnsignedInt")
         .or_else(|| e.get("valuePositiveInt"))
         .or_else(|| e.get("valueInteger"))
@@ -269,7 +307,7 @@ impl SubscriptionSpec {
         }
         let criteria = r
             .get("_criteria")
-            .and_then(|c| ext(c, "backport-filter-criteria"))
+            .and_then(|c| backport_ext(c, "backport-filter-criteria"))
             .and_then(|e| e.get("valueString"))
             .and_then(Value::as_str);
         let (filter_type, filters) = match criteria {
@@ -308,11 +346,22 @@ impl SubscriptionSpec {
                 .as_str()
                 .and_then(|h| h.split_once(':'))
                 .ok_or(SpecError::BadHeader)?;
-            headers.push((k.trim().to_string(), v.trim().to_string()));
+            let (k, v) = (k.trim(), v.trim());
+            let valid = reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                && reqwest::header::HeaderValue::from_str(v).is_ok();
+            if !valid {
+                return Err(SpecError::BadHeader);
+            }
+            // What frames the request is ours: a client's `Host` or length would redirect or
+            // smuggle it.
+            if RESERVED_HEADERS.iter().any(|r| k.eq_ignore_ascii_case(r)) {
+                return Err(SpecError::ReservedHeader);
+            }
+            headers.push((k.to_string(), v.to_string()));
         }
         let content = match channel
             .get("_payload")
-            .and_then(|p| ext(p, "backport-payload-content"))
+            .and_then(|p| backport_ext(p, "backport-payload-content"))
             .and_then(|e| e.get("valueCode"))
             .and_then(Value::as_str)
         {
@@ -320,12 +369,12 @@ impl SubscriptionSpec {
             Some("empty") => Content::Empty,
             _ => Content::IdOnly,
         };
-        let patient_context = ext(r, "subscription-patient-context")
+        let patient_context = ext(r, PATIENT_CONTEXT_EXT)
             .and_then(|e| e.get("valueReference"))
             .and_then(|v| v.get("reference"))
             .and_then(Value::as_str)
             .map(|s| s.strip_prefix("Patient/").unwrap_or(s).to_string());
-        let allowed_types = ext(r, "subscription-allowed-types")
+        let allowed_types = ext(r, ALLOWED_TYPES_EXT)
             .and_then(|e| e.get("valueString"))
             .and_then(Value::as_str)
             .filter(|s| s.trim() != "*")
@@ -340,6 +389,7 @@ impl SubscriptionSpec {
             tenant: tenant.to_string(),
             id: id.to_string(),
             version,
+            incarnation: 1,
             status,
             topic_url,
             filter_type,
@@ -499,6 +549,20 @@ mod tests {
             Err(SpecError::InsecureEndpoint)
         );
         assert!(parse_criteria("Observation?name=x").is_err());
+        for (header, want) in [
+            ("Host: internal.svc", SpecError::ReservedHeader),
+            ("content-length: 0", SpecError::ReservedHeader),
+            ("X-Key: a\r\nHost: internal.svc", SpecError::BadHeader),
+            ("Bad Name: x", SpecError::BadHeader),
+        ] {
+            let mut h = sub("observation", None);
+            h["channel"]["header"] = json!([header]);
+            assert_eq!(
+                SubscriptionSpec::parse("t1", "s", 1, &h, true),
+                Err(want),
+                "{header:?}"
+            );
+        }
         let mut ws = sub("observation", None);
         ws["channel"]["type"] = json!("websocket");
         ws["channel"].as_object_mut().unwrap().remove("endpoint");
@@ -579,6 +643,22 @@ mod tests {
             event: &bp,
             previous: None
         }));
+    }
+
+    #[test]
+    fn look_alike_extension_urls_are_not_read_as_the_stamped_bounds() {
+        // The facade replaces the exact URLs only; a client's look-alikes placed first (one
+        // without a patient, one allowing everything) must not lift the stamped bounds.
+        let mut s = sub("resource-change", None);
+        s["extension"] = json!([
+            {"url": "urn:x:subscription-patient-context"},
+            {"url": "urn:x:subscription-allowed-types", "valueString": "*"},
+            {"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": "Patient/p1"}},
+            {"url": ALLOWED_TYPES_EXT, "valueString": "Observation"}
+        ]);
+        let spec = SubscriptionSpec::parse("t1", "s", 1, &s, false).unwrap();
+        assert_eq!(spec.patient_context.as_deref(), Some("p1"));
+        assert_eq!(spec.allowed_types, Some(vec!["Observation".to_string()]));
     }
 
     #[test]

@@ -447,6 +447,89 @@ async fn endpoint_down_then_receives_everything() {
     env.shutdown.cancel();
 }
 
+/// A client that writes its Subscription as `active` still gets the handshake before the first
+/// notification: the endpoint must agree to receive before anything is sent to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_created_active_is_handshaken_first() {
+    let rx = Receiver::start().await;
+    let env = start(config());
+    let mut s = subscription("observation", &rx.url(), "id-only", None);
+    s["status"] = json!("active");
+    put(&env.store, "Subscription", "eager", s).await;
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
+    wait_for("the event", 20, || !rx.events().is_empty()).await;
+    let kinds: Vec<String> = rx
+        .bundles()
+        .iter()
+        .filter_map(|b| read_status(b).map(|s| s.0))
+        .filter(|k| k != "heartbeat")
+        .collect();
+    assert_eq!(kinds[..2], ["handshake", "event-notification"]);
+    env.shutdown.cancel();
+}
+
+/// A Subscription deleted and created again under the same id is a new subscriber: it gets its
+/// own handshake, numbers from 1 and none of the earlier incarnation's events, by delivery or by
+/// `$events` (which would otherwise hand the new owner what the old one's token could read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_created_again_under_a_deleted_id_starts_afresh() {
+    let first = Receiver::start().await;
+    let env = start(config());
+    put(
+        &env.store,
+        "Subscription",
+        "obs",
+        subscription("observation", &first.url(), "id-only", None),
+    )
+    .await;
+    wait_for("handshake", 20, || !first.of_type("handshake").is_empty()).await;
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
+    put(&env.store, "Observation", "o2", observation("Patient/p2")).await;
+    wait_for("two events", 20, || first.events().len() >= 2).await;
+    env.store
+        .commit(tributary_storage::StoreTransaction {
+            tenant: "t1".into(),
+            writes: vec![tributary_storage::ResourceWrite::delete(
+                "Subscription",
+                "obs",
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let second = Receiver::start().await;
+    put(
+        &env.store,
+        "Subscription",
+        "obs",
+        subscription("observation", &second.url(), "id-only", None),
+    )
+    .await;
+    wait_for("the new incarnation's handshake", 20, || {
+        !second.of_type("handshake").is_empty()
+    })
+    .await;
+    put(&env.store, "Observation", "o3", observation("Patient/p1")).await;
+    wait_for("the new event", 20, || !second.events().is_empty()).await;
+    assert_eq!(
+        second.events(),
+        vec![(1, Some("http://tributary.test/fhir/Observation/o3".into()))]
+    );
+    let (code, ev) = api_get(&env, "/Subscription/obs/$events?eventsSinceNumber=1").await;
+    assert_eq!(code, StatusCode::OK);
+    let (_, listed) = read_status(&ev).unwrap();
+    assert_eq!(
+        listed,
+        vec![(1, Some("http://tributary.test/fhir/Observation/o3".into()))]
+    );
+    assert_eq!(
+        first.events().len(),
+        2,
+        "the deleted one's endpoint got no more"
+    );
+    env.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patient_context_subscriber_never_receives_another_patients_events() {
     let rx = Receiver::start().await;
@@ -740,7 +823,17 @@ async fn inbound_notifications_are_fetched_and_journaled() {
     // The same notification again (sender retry) is recognised, not journaled twice.
     let res = app
         .clone()
-        .oneshot(hook_request(note, "partner-token-0123456789"))
+        .oneshot(hook_request(note.clone(), "partner-token-0123456789"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    // The same event number with other content (the sender's numbering restarted) is new.
+    let mut renumbered = note;
+    renumbered["entry"][1]["resource"] = json!({"resourceType": "Encounter", "id": "enc-1",
+        "status": "finished", "class": {"code": "IMP"}});
+    let res = app
+        .clone()
+        .oneshot(hook_request(renumbered, "partner-token-0123456789"))
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -810,7 +903,7 @@ async fn inbound_notifications_are_fetched_and_journaled() {
     assert!(kept.iter().any(|r| &r.envelope.payload[..] == b"{not json"));
     assert!(kept.iter().all(|r| r.envelope.partner.as_str() == "ehr"));
     let text = metrics.render(Vec::new());
-    for (outcome, n) in [("accepted", 1), ("duplicate", 1), ("rejected", 5)] {
+    for (outcome, n) in [("accepted", 2), ("duplicate", 1), ("rejected", 5)] {
         let line = format!(
             "tributary_ingress_messages_total{{source=\"fhir-subscription\",outcome=\"{outcome}\"}} {n}"
         );
@@ -820,8 +913,8 @@ async fn inbound_notifications_are_fetched_and_journaled() {
     let listed = accepted_messages(&env);
     assert_eq!(
         listed.len(),
-        1,
-        "handshake not journaled; retry de-duplicated"
+        2,
+        "handshake not journaled; retry de-duplicated; renumbered event kept"
     );
     let rec = &listed[0];
     assert_eq!(rec.envelope.protocol, tributary_core::Protocol::Fhir);
