@@ -66,10 +66,16 @@ impl LocalSigningKey {
                     &SystemRandom::new(),
                 )
                 .map_err(|_| KeyError::Random)?;
-                let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+                // A name of this process's own: a shared one let a second process truncate the
+                // file the first had already linked into place.
+                let tmp = dir.join(format!(
+                    "{KEY_FILE}.{}.{:x}.tmp",
+                    std::process::id(),
+                    tributary_core::now_millis()
+                ));
                 {
                     let mut opts = std::fs::OpenOptions::new();
-                    opts.write(true).create(true).truncate(true);
+                    opts.write(true).create_new(true);
                     #[cfg(unix)]
                     {
                         use std::os::unix::fs::OpenOptionsExt;
@@ -79,7 +85,7 @@ impl LocalSigningKey {
                     f.write_all(doc.as_ref()).map_err(io(&tmp))?;
                     f.sync_all().map_err(io(&tmp))?;
                 }
-                // Two processes racing on first start: the first rename wins, both read it back.
+                // Two processes racing on first start: the first link wins, both read it back.
                 if std::fs::hard_link(&tmp, &path).is_err() && !path.exists() {
                     std::fs::rename(&tmp, &path).map_err(io(&path))?;
                 }

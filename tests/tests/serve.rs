@@ -54,6 +54,63 @@ fn serve_with_no_config_starts_answers_and_stops_cleanly() {
     let db = tributary_storage::Db::open(cwd.path().join("tributary-data"), Default::default());
     assert!(db.is_ok());
     let _ = std::fs::remove_file(log);
+
+    // Other commands need the directory `serve` made: a wrong path is an error, not a new
+    // empty store that answers "0 records".
+    let missing = cwd.path().join("not-the-data-dir");
+    for args in [
+        &["audit", "verify"][..],
+        &["journal", "list"],
+        &["consent", "revoke", "grant-1"],
+        &["token", "issue", "--client", "c", "--scope", "user/*.rs"],
+    ] {
+        let out = Command::new(workspace_bin("tributary"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&missing)
+            .current_dir(cwd.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("does not exist"), "{args:?}: {stderr}");
+        assert!(!missing.exists(), "{args:?} created the directory");
+    }
+}
+
+/// A component that stops on its own (here: the MLLP port is taken) stops the server with a
+/// failing exit status, so that a supervisor restarts it.
+#[test]
+fn a_failed_component_makes_serve_exit_with_failure() {
+    let cwd = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mllp = taken.local_addr().unwrap().to_string();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(workspace_bin("tributary"))
+        .arg("serve")
+        .current_dir(cwd.path())
+        .env("TRIBUTARY_HTTP__LISTEN", &http)
+        .env("TRIBUTARY_MLLP__LISTEN", &mllp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let began = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if began.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("serve kept running without its MLLP listener");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "exit status {status:?}: {stderr}");
+    assert!(stderr.contains("component"), "{stderr}");
+    drop(taken);
 }
 
 #[test]

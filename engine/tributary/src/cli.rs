@@ -277,7 +277,22 @@ pub enum JournalCommand {
     Stats(Common),
 }
 
+/// Every command but `serve` works on a data directory that `serve` made. One that does not
+/// exist is a wrong `--data-dir`/`--config` (or a relative path from another directory): making
+/// an empty one would answer "0 records", "revoked" or a token its server never trusts.
+pub fn require_data_dir(config: &Config) -> anyhow::Result<()> {
+    if config.data_dir.is_dir() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "data directory {} does not exist: pass the server's --data-dir or --config \
+         (`tributary serve` creates it)",
+        config.data_dir.display()
+    )
+}
+
 pub fn open_db(config: &Config) -> anyhow::Result<Db> {
+    require_data_dir(config)?;
     Db::open(&config.data_dir, DbOptions::default())
         .with_context(|| format!("opening data directory {}", config.data_dir.display()))
 }
@@ -307,7 +322,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Check(common)) => {
             let config = common.load()?;
-            println!("{}", toml::to_string_pretty(&config)?);
+            let mut shown = toml::Value::try_from(&config)?;
+            redact_secrets(&mut shown);
+            println!("{}", toml::to_string_pretty(&shown)?);
             eprintln!("config ok");
             Ok(ExitCode::SUCCESS)
         }
@@ -320,6 +337,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit(cmd),
         Command::Consent(ConsentCommand::Revoke { common, id, tenant }) => {
             let config = common.load()?;
+            require_data_dir(&config)?;
             let path = tributary_facade::revocation::revoke_in_data_dir(
                 &config.data_dir,
                 tenant.as_deref(),
@@ -333,12 +351,47 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Replaces secrets in a config about to be printed: values of keys that name one (passwords,
+/// secrets, tokens) and the password of a URL's `user:password@`. File paths stay (they are
+/// where secrets are kept, not secrets).
+fn redact_secrets(v: &mut toml::Value) {
+    const REDACTED: &str = "<redacted>";
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                let secret = !["_file", "_url", "_secs"].iter().any(|s| k.ends_with(s))
+                    && ["password", "secret", "token"]
+                        .iter()
+                        .any(|s| k.contains(s));
+                match v {
+                    toml::Value::String(s) if secret && !s.is_empty() => *s = REDACTED.into(),
+                    _ => redact_secrets(v),
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter_mut().for_each(redact_secrets),
+        toml::Value::String(s) => {
+            if let Some((scheme, rest)) = s.split_once("://") {
+                let authority_end = rest.find('/').unwrap_or(rest.len());
+                if let Some(at) = rest[..authority_end].rfind('@') {
+                    if let Some(colon) = rest[..at].find(':') {
+                        *s = format!("{scheme}://{}:{REDACTED}{}", &rest[..colon], &rest[at..]);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 fn issue_token(args: IssueArgs) -> anyhow::Result<ExitCode> {
     let config = args.common.load()?;
     let auth = &config.facade.auth;
     if !auth.local_key {
         anyhow::bail!("facade.auth.local_key is false: tokens come from your identity provider");
     }
+    require_data_dir(&config)?;
     let key = tributary_facade::LocalSigningKey::load_or_create(&config.data_dir)?;
     let req = tributary_facade::IssueRequest {
         client_id: args.client,
@@ -478,7 +531,7 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                 server,
             } = *args;
             let config = common.load()?;
-            select.limit.get_or_insert(100);
+            let limit = *select.limit.get_or_insert(100);
             let rows = match unless_served(open_journal(&config))? {
                 Some(j) => {
                     let current = configured_mapping_version(&config, select.stale)?;
@@ -487,8 +540,12 @@ fn journal(cmd: JournalCommand) -> anyhow::Result<ExitCode> {
                 }
                 None => block_on(remote::list(&config, &server, &select))?.messages,
             };
+            let shown = rows.len();
             for row in rows {
                 println!("{}", row.line());
+            }
+            if shown >= limit {
+                eprintln!("(the first {shown} listed, oldest first; --limit N for more)");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -569,7 +626,13 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         None => block_on(remote::replay(&config, &args.server, &select, args.dry_run))?,
     };
     report.print(args.dry_run);
-    Ok(ExitCode::SUCCESS)
+    // Nothing selected is most often a mistyped selection; a script should see it (a dry run
+    // is the way to ask whether anything matches, and answers 0 with success).
+    Ok(if report.matched == 0 && !args.dry_run {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// What was opened from the data directory, or `None` when a running server holds it: the
@@ -609,4 +672,42 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("a current-thread runtime starts")
         .block_on(f)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_check_redacts_secrets_but_not_where_they_are_kept() {
+        let mut v: toml::Value = toml::from_str(
+            r#"
+            [amqp]
+            url = "amqp://guest:s3cret@rabbit:5672/%2f"
+            [kafka]
+            sasl_password = "pw"
+            sasl_username = "svc"
+            [facade.auth]
+            introspection_secret_file = "/run/secrets/introspection"
+            [[subscriptions.inbound]]
+            token = "partner-token"
+            token_url = "https://ehr.example/token"
+            client_secret = "cs"
+            base_url = "https://ehr.example/fhir"
+            "#,
+        )
+        .unwrap();
+        super::redact_secrets(&mut v);
+        let text = toml::to_string(&v).unwrap();
+        for secret in ["s3cret", "\"pw\"", "partner-token", "\"cs\""] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        for kept in [
+            "amqp://guest:<redacted>@rabbit:5672/%2f",
+            "svc",
+            "/run/secrets/introspection",
+            "https://ehr.example/fhir",
+            "https://ehr.example/token",
+        ] {
+            assert!(text.contains(kept), "{kept} not in {text}");
+        }
+    }
 }

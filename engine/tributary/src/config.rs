@@ -422,8 +422,9 @@ fn apply_env(
         let Some(rest) = name.strip_prefix("TRIBUTARY_") else {
             continue;
         };
-        // TRIBUTARY_CONFIG names the file and TRIBUTARY_LOG is the log filter: not config keys.
-        if rest == "CONFIG" || rest == "LOG" || rest.is_empty() {
+        // TRIBUTARY_CONFIG names the file, TRIBUTARY_LOG is the log filter and TRIBUTARY_TOKEN the
+        // admin commands' bearer token (`--token`): not config keys.
+        if matches!(rest, "CONFIG" | "LOG" | "TOKEN") || rest.is_empty() {
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -583,7 +584,11 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         let filter_only = load(
             "",
-            &[("TRIBUTARY_LOG", "warn"), ("TRIBUTARY_CONFIG", "x.toml")],
+            &[
+                ("TRIBUTARY_LOG", "warn"),
+                ("TRIBUTARY_CONFIG", "x.toml"),
+                ("TRIBUTARY_TOKEN", "eyJ.admin.token"),
+            ],
         );
         assert_eq!(filter_only.unwrap(), Config::default());
         let err = load("", &[("TRIBUTARY_HTTP__PORT", "1")])

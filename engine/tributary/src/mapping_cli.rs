@@ -102,7 +102,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
         tenant: &args.tenant,
         lineage: args.explain,
     };
-    let mut failed = 0;
+    let (mut mapped, mut failed) = (0usize, 0usize);
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -122,6 +122,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("{}: {e}", input.display());
                 }
                 Ok(m) => {
+                    mapped += 1;
                     let json = serde_json::to_string_pretty(&m.bundle())?;
                     match &args.out_dir {
                         Some(dir) => {
@@ -192,8 +193,8 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if args.inputs.len() > 1 {
-        eprintln!("{} mapped, {failed} failed", args.inputs.len() - failed);
+    if mapped + failed > 1 {
+        eprintln!("{mapped} mapped, {failed} failed");
     }
     Ok(if failed > 0 {
         ExitCode::from(1)

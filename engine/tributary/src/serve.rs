@@ -195,25 +195,51 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let shutdown = rt.shutdown.clone();
-    tokio::select! {
-        _ = wait_for_signal() => tracing::info!("shutdown requested"),
+    // A component that ends before a signal asked it to is a failure, whatever it returned:
+    // the exit status must tell a supervisor (`Restart=on-failure`) to start us again.
+    let mut failed = tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("shutdown requested");
+            false
+        }
         Some(res) = tasks.join_next() => {
-            if let Ok(Err(e)) = res {
-                tracing::error!(error = %format!("{e:#}"), "component stopped");
+            component_ended(res);
+            true
+        }
+    };
+    shutdown.cancel();
+    let drain = async {
+        let mut failed = false;
+        while let Some(res) = tasks.join_next().await {
+            if matches!(res, Ok(Err(_)) | Err(_)) {
+                failed = true;
+                component_ended(res);
             }
         }
-    }
-    shutdown.cancel();
-    let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(30), drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!("components did not stop within 30 s; exiting anyway");
+        failed
+    };
+    match tokio::time::timeout(Duration::from_secs(30), drain).await {
+        Ok(f) => failed |= f,
+        Err(_) => {
+            tracing::warn!("components did not stop within 30 s; exiting anyway");
+            failed = true;
+        }
     }
     drop(rt);
+    if failed {
+        anyhow::bail!("stopped after a component failed (see the log above)");
+    }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn component_ended(res: Result<anyhow::Result<()>, tokio::task::JoinError>) {
+    match res {
+        Ok(Ok(())) => tracing::error!("component stopped unexpectedly"),
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "component stopped"),
+        Err(e) if e.is_panic() => tracing::error!("component panicked"),
+        Err(_) => tracing::error!("component was cancelled"),
+    }
 }
 
 fn spawn_source(
