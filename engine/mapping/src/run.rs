@@ -951,7 +951,11 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             };
             if let RuleKind::Ref(name) = &rule.kind {
                 let targets = self.lookup_name(name, ctx.scope);
-                for t in targets.iter().take(if rule.many { usize::MAX } else { 1 }) {
+                if !rule.many && targets.len() > 1 {
+                    self.ambiguous_ref(rule, ctx, name, &targets)?;
+                }
+                let n = if rule.many { targets.len() } else { 1 };
+                for t in targets.iter().take(n) {
                     let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
                     self.put(obj, rule, reference(url), jpath, None);
                 }
@@ -996,11 +1000,26 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         Ok(())
     }
 
+    /// The instances `ref: name` reaches from `scope`: those of the scope itself and its groups;
+    /// else, climbing, those planned directly in an enclosing scope. Never those of a sibling
+    /// group: the patient group of one PID does not see another patient's encounter.
     fn lookup_name(&self, name: &str, scope: usize) -> Vec<usize> {
-        let mut s = Some(scope);
+        if let Some(v) = self.scopes[scope].names.get(name) {
+            if !v.is_empty() {
+                return v.clone();
+            }
+        }
+        let mut s = self.scopes[scope].parent;
         while let Some(i) = s {
             if let Some(v) = self.scopes[i].names.get(name) {
-                return v.clone();
+                let own: Vec<usize> = v
+                    .iter()
+                    .copied()
+                    .filter(|&t| self.instances[t].ctx.scope == i)
+                    .collect();
+                if !own.is_empty() {
+                    return own;
+                }
             }
             s = self.scopes[i].parent;
         }
@@ -1031,6 +1050,46 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             }
         }
         set_target(obj, &rule.target, v);
+    }
+
+    /// A single-valued `ref:` that names several resources. When they belong to different
+    /// patients (the PID each one's segment follows), taking one would file data under the wrong
+    /// patient: the message fails and the message map must scope them (`group: [PID]`). Several
+    /// of one patient (two SPM of one order for `Observation.specimen`) keep the first, with a
+    /// warning.
+    fn ambiguous_ref(
+        &mut self,
+        rule: &Rule,
+        ctx: Ctx,
+        name: &str,
+        targets: &[usize],
+    ) -> Fallible<()> {
+        let patient_of = |seg: usize| (0..=seg).rev().find(|&i| self.src.segment_name(i) == "PID");
+        let first = patient_of(self.instances[targets[0]].ctx.seg);
+        if targets
+            .iter()
+            .any(|&t| patient_of(self.instances[t].ctx.seg) != first)
+        {
+            return Err(self.fail(
+                rule,
+                ctx,
+                format!(
+                    "`ref: {name}` matches {} resources of different patients here but `{}` \
+                     holds one; put each patient's resources in a group of the message map \
+                     (`group: [PID]`)",
+                    targets.len(),
+                    rule.set
+                ),
+            ));
+        }
+        self.warnings.push(format!(
+            "{}: `ref: {name}` at {} matches {} resources but `{}` holds one: the first is referenced",
+            rule.loc,
+            self.concrete(ctx),
+            targets.len(),
+            rule.set
+        ));
+        Ok(())
     }
 
     fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> Box<MappingError> {
