@@ -332,7 +332,8 @@ struct Runner<'s, S: V2Source + ?Sized> {
     out_index: FxHashMap<(&'static str, String), usize>,
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
-    msg_key: [String; 3],
+    /// MSH-3.1, MSH-4.1, MSH-10 and MSH-7: the message, in ids that have no identifying value.
+    msg_key: [String; 4],
     /// Where the object being built lies in its resource (tracked only inside objects that
     /// hold a Period `end`).
     loc: Vec<LocStep>,
@@ -406,6 +407,7 @@ impl MappingSet {
                 leaf(3, 1).into_owned(),
                 leaf(4, 1).into_owned(),
                 src.leaf(0, 10, 1, 1, 1).unwrap_or_default().into_owned(),
+                leaf(7, 1).into_owned(),
             ],
             loc: Vec::new(),
             period_ends: Vec::new(),
@@ -580,24 +582,46 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
         let seg_s;
         let salt_s;
-        let mut all: smallvec::SmallVec<[&str; 10]> = smallvec::smallvec![self.tenant, *resource];
+        let patient;
+        let mut all: smallvec::SmallVec<[&str; 16]> = smallvec::smallvec![self.tenant, *resource];
         if any && !key_empty {
             all.extend(parts.iter().map(|p| p.as_ref()));
         } else {
-            // No identifying value: stable per message (replays give the same id), unique per place.
+            // No identifying value: stable per message (replays give the same id), unique per
+            // place. The patient (PID-3's id parts, when a PID is in scope) and the message time
+            // are in it too: a sender that reuses control ids must not make one patient's
+            // message overwrite another's resources.
             seg_s = ctx.seg.to_string();
             salt_s = format!("{}.{}.{}", ctx.field, ctx.rep, salt);
+            patient = self.patient_key(ctx.scope);
             all.extend([
                 "msg",
                 self.msg_key[0].as_str(),
                 self.msg_key[1].as_str(),
                 self.msg_key[2].as_str(),
-                m.name.as_str(),
-                seg_s.as_str(),
-                salt_s.as_str(),
+                self.msg_key[3].as_str(),
             ]);
+            all.extend(patient.iter().map(|p| p.as_ref()));
+            all.extend([m.name.as_str(), seg_s.as_str(), salt_s.as_str()]);
         }
         (resource, tributary_core::deterministic_id(&all))
+    }
+
+    /// The id parts of the patient in scope (PID-3[1].1, .4.1, .4.2; empty without a PID), read
+    /// without counting them as mapped.
+    fn patient_key(&self, scope: usize) -> [Cow<'s, str>; 3] {
+        let src: &'s S = self.src;
+        let Some(seg) = self.find_segment("PID", scope) else {
+            return Default::default();
+        };
+        let part = |comp, sub| match src.leaf(seg, 3, 1, comp, sub) {
+            Some(v) if has_text(&v) => match v {
+                Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
+            },
+            _ => Cow::Borrowed(""),
+        };
+        [part(1, 1), part(4, 1), part(4, 2)]
     }
 
     /// The trimmed text of the first value at `sp` ("" when there is none): one id part.

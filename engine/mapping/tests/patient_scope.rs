@@ -186,3 +186,48 @@ fn a_single_valued_ref_to_several_resources_of_one_patient_warns() {
         out.warnings
     );
 }
+
+/// Resources without an identifying value get a message-specific id. A sender that reuses a
+/// control id (MSH-10) for another patient, or at another time, must not overwrite the first
+/// message's resources; a replay of the same message keeps its ids.
+#[test]
+fn message_specific_ids_include_the_patient_and_the_message_time() {
+    let adt = |time: &str, mrn: &str| -> Vec<String> {
+        let msh = format!(
+            "MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|{time}||ADT^A01^ADT_A01|REUSED-1|P|2.5.1"
+        );
+        let pid = format!("PID|1||{mrn}^^^RIVERSIDE^MR||One^Pat");
+        let out = map(
+            &library(),
+            &[
+                &msh,
+                &pid,
+                "PV1|1|I|4WEST^401^A^RIVERSIDE",
+                "OBX|1|NM|8867-4^Heart rate^LN||72|/min|||||F",
+            ],
+        );
+        // the visit has no number and the OBX no order: both ids are message-specific
+        let mut ids: Vec<String> = out
+            .resources()
+            .filter(|(t, _, _)| matches!(*t, "Encounter" | "Observation"))
+            .map(|(t, id, _)| format!("{t}/{id}"))
+            .collect();
+        ids.sort();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        ids
+    };
+    let first = adt("20261123081500-0600", "MRN1");
+    assert_eq!(
+        first,
+        adt("20261123081500-0600", "MRN1"),
+        "a replay keeps its ids"
+    );
+    let other_patient = adt("20261123081500-0600", "MRN2");
+    let later = adt("20261124081500-0600", "MRN1");
+    for (what, ids) in [("another patient", other_patient), ("another time", later)] {
+        assert!(
+            first.iter().all(|id| !ids.contains(id)),
+            "{what} with the same control id shares ids: {first:?} {ids:?}"
+        );
+    }
+}
