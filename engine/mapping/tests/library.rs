@@ -308,7 +308,7 @@ fn lineage_names_source_path_and_rule_for_each_element() {
         .unwrap();
     assert_eq!(gender.source, "PID-8");
     assert!(
-        gender.rule.ends_with("segments/PID-Patient.yaml:62"),
+        gender.rule.ends_with("segments/PID-Patient.yaml:65"),
         "{}",
         gender.rule
     );

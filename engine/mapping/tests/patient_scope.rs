@@ -231,3 +231,48 @@ fn message_specific_ids_include_the_patient_and_the_message_time() {
         );
     }
 }
+
+/// An MRN without an assigning authority (PID-3.4) is only unique at its sender: two facilities'
+/// "1234" are two Patients (and two sets of visits), as for Practitioners and Locations. With an
+/// authority the facility does not matter; and an A40's MRG names the Patient a PID made.
+#[test]
+fn a_patient_id_without_an_assigning_authority_is_scoped_to_the_sending_facility() {
+    let ids = |facility: &str, cx: &str| -> (String, String) {
+        let msh = format!(
+            "MSH|^~\\&|SYNTH|{facility}|TRIBUTARY|HIE|20261123081500-0600||ADT^A01^ADT_A01|A01-1|P|2.5.1"
+        );
+        let pid = format!("PID|1||{cx}||One^Pat");
+        let pv1 = format!("PV1|1|I|4WEST^401^A|||||||||||||||||V77^^^{facility}");
+        let out = map(&library(), &[&msh, &pid, &pv1]);
+        let id = |ty: &str| of_type(&out, ty).remove(0).0;
+        (id("Patient"), id("Encounter"))
+    };
+    let (p_here, e_here) = ids("RIVERSIDE", "1234^^^^MR");
+    let (p_there, e_there) = ids("LAKESIDE", "1234^^^^MR");
+    assert_ne!(
+        p_here, p_there,
+        "two facilities' bare MRN 1234 share a Patient"
+    );
+    assert_ne!(e_here, e_there);
+    let with_authority = "1234^^^MPI&2.16.840.1.113883.3.1&ISO^MR";
+    assert_eq!(
+        ids("RIVERSIDE", with_authority).0,
+        ids("LAKESIDE", with_authority).0
+    );
+    let merge = map(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH|LAKESIDE|TRIBUTARY|HIE|20261123081500-0600||ADT^A40^ADT_A40|A40-1|P|2.5.1",
+            "PID|1||5678^^^^MR||One^Pat",
+            "MRG|1234^^^^MR",
+        ],
+    );
+    let merged = of_type(&merge, "Patient")
+        .into_iter()
+        .find(|(_, r)| r["identifier"][0]["value"] == "1234")
+        .unwrap();
+    assert_eq!(
+        merged.0, p_there,
+        "the MRG names the Patient the sender's PID made"
+    );
+}
