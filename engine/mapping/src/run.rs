@@ -1,7 +1,7 @@
 //! Running a compiled mapping set over one message: pick the message map, plan resource instances
 //! (with deterministic ids, so references resolve in any order), run the rules, assemble a FHIR R4
 //! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage, every
-//! non-empty source field no rule read, and every value left out because it contradicts the rest
+//! non-empty source field no rule mapped, and every value left out because it contradicts the rest
 //! (a Period `end` before its `start`). Pure: no I/O, no clock, no randomness.
 
 use crate::compile::{
@@ -135,7 +135,8 @@ pub struct MappedBundle {
     /// Content hash of the mapping set.
     pub version: String,
     pub lineage: Vec<Lineage>,
-    /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
+    /// Non-empty source fields/components no rule mapped (wrote, or chose what was written),
+    /// e.g. `PID-11.7`, `OBX[2]-8`.
     pub unconsumed: Vec<SourceField>,
     /// Source values a rule read but the output leaves out (a Period `end` before its `start`):
     /// reported like `unconsumed`, so nothing is dropped silently.
@@ -340,6 +341,9 @@ struct Runner<'s, S: V2Source + ?Sized> {
     /// Period `end`s written in the resources being built (innermost resource last).
     period_ends: Vec<PeriodEnd>,
     dropped: Vec<DroppedValue>,
+    /// Source values the conditions being evaluated compared (`OBX-2 == NM`): marked as mapped
+    /// only when the rule they guard writes a value.
+    cond_reads: Vec<Ctx>,
 }
 
 fn has_text(s: &str) -> bool {
@@ -412,6 +416,7 @@ impl MappingSet {
             loc: Vec::new(),
             period_ends: Vec::new(),
             dropped: Vec::new(),
+            cond_reads: Vec::new(),
         };
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
@@ -482,7 +487,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             scope,
                         };
                         if let Some(c) = when {
-                            if !self.eval(c, ctx) {
+                            let reads_at = self.cond_reads.len();
+                            let pass = self.eval(c, ctx);
+                            for c in self.cond_reads.split_off(reads_at) {
+                                if pass {
+                                    self.mark(c.seg, c.field, c.comp.max(1));
+                                }
+                            }
+                            if !pass {
                                 continue;
                             }
                         }
@@ -629,7 +641,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         match self
             .resolve(ctx, sp, false)
             .first()
-            .and_then(|c| self.leaf_text(*c))
+            .and_then(|c| self.peek_text(*c))
         {
             Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
             Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
@@ -788,7 +800,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             }
             Operand::Path(p) => {
                 let c = *self.resolve(ctx, p, false).first()?;
-                match self.leaf_text(c)? {
+                match self.peek_text(c)? {
                     Cow::Borrowed(b) => Some(Cow::Borrowed(b.trim())),
                     Cow::Owned(o) => Some(Cow::Owned(o.trim().to_string())),
                 }
@@ -801,19 +813,58 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         if c.rep == 0 {
             return None;
         }
-        let comp = c.comp.max(1);
-        self.mark(c.seg, c.field, comp);
+        self.mark(c.seg, c.field, c.comp.max(1));
+        self.peek_text(c)
+    }
+
+    /// The text at a location, read without counting it as mapped: conditions and id parts only
+    /// look at a value; it is consumed when a rule writes it (or writes something from it).
+    fn peek_text(&self, c: Ctx) -> Option<Cow<'s, str>> {
+        if c.rep == 0 {
+            return None;
+        }
         let src: &'s S = self.src;
-        let v = src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        let v = src.leaf(c.seg, c.field, c.rep, c.comp.max(1), c.sub.max(1))?;
         has_text(&v).then_some(v)
+    }
+
+    /// A rule wrote a value from `c` without reading its text (a constant or an object of
+    /// constants chosen by the source, like `from: PID-31` + `value:`): the source counts as
+    /// mapped when it is one value — a component, or a field without components.
+    fn mark_written_from(&mut self, c: Ctx) {
+        if c.rep == 0 {
+            return;
+        }
+        if c.comp > 0 || self.src.comp_count(c.seg, c.field, c.rep) <= 1 {
+            self.mark(c.seg, c.field, c.comp.max(1));
+        }
+    }
+
+    /// Remembers the source value a comparison looks at (an `exists()` test only looks at
+    /// whether there is one, so it is not remembered).
+    fn note_compared(&mut self, o: &Operand, ctx: Ctx) {
+        if let Operand::Path(p) = o {
+            if let Some(c) = self.resolve(ctx, p, false).first() {
+                self.cond_reads.push(*c);
+            }
+        }
     }
 
     fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
         match c {
             Cond::Exists(o) => self.operand(o, ctx).is_some_and(|v| !v.is_empty()),
-            Cond::Eq(a, b) => self.operand(a, ctx) == self.operand(b, ctx),
-            Cond::Ne(a, b) => self.operand(a, ctx) != self.operand(b, ctx),
+            Cond::Eq(a, b) => {
+                self.note_compared(a, ctx);
+                self.note_compared(b, ctx);
+                self.operand(a, ctx) == self.operand(b, ctx)
+            }
+            Cond::Ne(a, b) => {
+                self.note_compared(a, ctx);
+                self.note_compared(b, ctx);
+                self.operand(a, ctx) != self.operand(b, ctx)
+            }
             Cond::In(a, items) => {
+                self.note_compared(a, ctx);
                 let v = self.operand(a, ctx);
                 v.is_some() && items.iter().any(|i| self.operand(i, ctx) == v)
             }
@@ -932,11 +983,28 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
 
     fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
         for rule in rules {
+            let reads_at = self.cond_reads.len();
             if let Some(c) = &rule.when {
                 if !self.eval(c, ctx) {
+                    self.cond_reads.truncate(reads_at);
                     continue;
                 }
             }
+            let reads = self.cond_reads.split_off(reads_at);
+            if self.apply_rule(rule, ctx, obj, jpath)? {
+                // the values the condition compared chose what was written: they are mapped
+                for c in reads {
+                    self.mark(c.seg, c.field, c.comp.max(1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one rule whose condition holds; whether it wrote anything.
+    fn apply_rule(&mut self, rule: &Rule, ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<bool> {
+        let mut wrote = false;
+        {
             if let (Some(sep), RuleKind::Prim(p)) = (&rule.join, &rule.kind) {
                 let mut parts = Vec::new();
                 let mut first = None;
@@ -957,9 +1025,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     };
                     if let Some(v) = v {
                         self.put(obj, rule, v, jpath, Some(c));
+                        wrote = true;
                     }
                 }
-                continue;
+                return Ok(wrote);
             }
             let sources: Ctxs = if rule.from.is_empty() {
                 smallvec::smallvec![ctx]
@@ -982,8 +1051,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 for t in targets.iter().take(n) {
                     let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
                     self.put(obj, rule, reference(url), jpath, None);
+                    wrote = true;
                 }
-                continue;
+                return Ok(wrote);
             }
             for c in sources {
                 let element = if self.lineage.is_some() {
@@ -1008,7 +1078,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         } else {
                             Some(c)
                         };
+                        if !rule.from.is_empty()
+                            && matches!(rule.kind, RuleKind::Const(_) | RuleKind::Nested(_))
+                        {
+                            self.mark_written_from(c);
+                        }
                         self.put(obj, rule, v, jpath, src);
+                        wrote = true;
                         if !rule.many {
                             break;
                         }
@@ -1021,7 +1097,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// The instances `ref: name` reaches from `scope`: those of the scope itself and its groups;
