@@ -82,12 +82,17 @@ pub enum DropReason {
     /// A Period's `end` before its `start` (FHIR R4 invariant per-1): the `end` is left out,
     /// the `start` kept.
     EndBeforeStart,
+    /// A segment whose resource id equals one already in the message (two OBX with the same
+    /// code, sub-id and set id in one order): its resource is not built — a second PUT would
+    /// replace the first — and its fields stay in the unconsumed report.
+    DuplicateId,
 }
 
 impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DropReason::EndBeforeStart => "end before start",
+            DropReason::DuplicateId => "duplicate id",
         })
     }
 }
@@ -96,13 +101,15 @@ impl fmt::Display for DropReason {
 /// resource invalid FHIR R4 (a Period ending before it starts). Names paths, never the value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DroppedValue {
-    /// The source path, e.g. `PV1-45`, `PID-5[2].10.2`; empty when a constant was left out.
+    /// The source path, e.g. `PV1-45`, `PID-5[2].10.2`, or the segment (`OBX[3]`) of a
+    /// duplicate id; empty when a constant was left out.
     pub source: String,
     pub resource_type: &'static str,
     pub resource_id: String,
     /// The element within the resource, e.g. `period.end`, `name[1].period.end`.
     pub element: String,
-    /// The rule that filled it: `mappings/hl7v2/segments/PV1-Encounter.yaml:75`.
+    /// The rule that filled it: `mappings/hl7v2/segments/PV1-Encounter.yaml:75` (for a
+    /// duplicate id, the resource map's file).
     pub rule: String,
     pub reason: DropReason,
 }
@@ -881,6 +888,21 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             let inst = &self.instances[i];
             (inst.map, inst.ctx, inst.rtype, inst.id.clone())
         };
+        if self.out_index.contains_key(&(rtype, id.clone())) {
+            // Another segment already gave this id: building this one would lose one of the two
+            // without a trace. Its fields stay unmapped (so they are reported) and the collision
+            // is reported with the segment, never a value.
+            let set = self.set;
+            self.dropped.push(DroppedValue {
+                source: self.concrete(ctx),
+                resource_type: rtype,
+                resource_id: id,
+                element: "id".into(),
+                rule: set.maps[map].file.to_string(),
+                reason: DropReason::DuplicateId,
+            });
+            return Ok(());
+        }
         self.build_resource(map, ctx, rtype, id)?;
         Ok(())
     }

@@ -116,3 +116,39 @@ fn the_obx_sub_id_is_kept_in_its_extension() {
     );
     assert_eq!(obs["extension"][0]["extension"][0]["valueString"], "2");
 }
+
+/// Two OBX that give one Observation id (same order, code and set id, no sub-id): the second is
+/// not built — one PUT would replace the other — and is reported with the reason `duplicate id`,
+/// its fields listed as unconsumed, instead of being discarded without a trace.
+#[test]
+fn a_second_segment_with_the_same_id_is_reported_not_dropped_silently() {
+    let out = run(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH_LAB|RIVERSIDE|TRIBUTARY|HIE|20261123090000-0600||ORU^R01^ORU_R01|O-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "OBR|1|PLC-1|FIL-1|GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L||100|mg/dL|||||F",
+            "OBX|1|NM|GLU^Glucose^L||200|mg/dL|||||F",
+        ],
+    );
+    assert_eq!(
+        out.resources()
+            .filter(|(t, _, _)| *t == "Observation")
+            .count(),
+        1
+    );
+    let dup: Vec<String> = out
+        .dropped
+        .iter()
+        .filter(|d| d.reason == tributary_mapping::DropReason::DuplicateId)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        dup,
+        vec!["OBX[2] (Observation.id: duplicate id)".to_string()]
+    );
+    let u = unconsumed(&out);
+    assert!(u.iter().any(|x| x.starts_with("OBX[2]-5")), "{u:?}");
+    assert!(!u.iter().any(|x| x.starts_with("OBX[1]-5")), "{u:?}");
+}
