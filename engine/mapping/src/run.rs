@@ -1364,9 +1364,11 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         {
                             continue;
                         }
+                        // `""` (HL7's explicit null) is no data: rules skip it and the
+                        // upsert replaces the whole resource, so the element is absent anyway
                         let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
                             src.leaf(seg, field, rep, comp, s)
-                                .is_some_and(|v| !v.is_empty())
+                                .is_some_and(|v| has_text(&v))
                         });
                         if !data {
                             continue;

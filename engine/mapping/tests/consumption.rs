@@ -152,3 +152,25 @@ fn a_second_segment_with_the_same_id_is_reported_not_dropped_silently() {
     assert!(u.iter().any(|x| x.starts_with("OBX[2]-5")), "{u:?}");
     assert!(!u.iter().any(|x| x.starts_with("OBX[1]-5")), "{u:?}");
 }
+
+/// `""` is HL7's explicit null: rules skip it, and as the upsert replaces the whole resource the
+/// element is absent in the output. It is not unmapped data, so a message with one is not
+/// reported (under `quarantine`/`reject` it would fail for nothing).
+#[test]
+fn an_explicit_null_is_not_reported_as_unconsumed() {
+    let out = run(
+        &library(),
+        &[
+            MSH,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||\"\"|F|||1 Main St^^Town^IL^62701^USA^\"\"||\"\"",
+        ],
+    );
+    let u = unconsumed(&out);
+    assert!(
+        !u.iter()
+            .any(|x| x == "PID-7" || x == "PID-11.7" || x.starts_with("PID-13")),
+        "{u:?}"
+    );
+    let patient = out.resources().find(|(t, _, _)| *t == "Patient").unwrap().2;
+    assert!(patient.get("birthDate").is_none(), "{patient}");
+}

@@ -199,7 +199,7 @@ fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
             }
             for rep in f.split('~') {
                 for (c, comp) in rep.split('^').enumerate() {
-                    if comp.split('&').any(|x| !x.is_empty()) {
+                    if comp.split('&').any(|x| !x.is_empty() && x != "\"\"") {
                         out.insert((name.to_string(), o, field, c + 1));
                     }
                 }
