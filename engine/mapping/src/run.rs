@@ -351,7 +351,13 @@ struct Runner<'s, S: V2Source + ?Sized> {
     /// Source values the conditions being evaluated compared (`OBX-2 == NM`): marked as mapped
     /// only when the rule they guard writes a value.
     cond_reads: Vec<Ctx>,
+    /// How many `map:`/`create:` the rule being run is nested in (see `MAX_DEPTH`).
+    depth: usize,
 }
+
+/// Deeper `map:`/`create:` nesting fails the message instead of overflowing the stack. Loading
+/// rejects cyclic maps, so only a pathological set gets near it (the library nests a few deep).
+const MAX_DEPTH: usize = 32;
 
 fn has_text(s: &str) -> bool {
     !s.is_empty() && s != "\"\""
@@ -424,6 +430,7 @@ impl MappingSet {
             period_ends: Vec::new(),
             dropped: Vec::new(),
             cond_reads: Vec::new(),
+            depth: 0,
         };
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
@@ -1214,6 +1221,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         Ok(())
     }
 
+    /// One level deeper into a `map:`/`create:`; fails past `MAX_DEPTH`.
+    fn enter(&mut self, rule: &Rule, c: Ctx) -> Fallible<()> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.fail(
+                rule,
+                c,
+                format!("maps nested more than {MAX_DEPTH} deep (a map that uses itself?)"),
+            ));
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
     fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> Box<MappingError> {
         Box::new(MappingError::Rule {
             rule: rule.loc.to_string(),
@@ -1264,7 +1284,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Map(idx) => {
                 let set = self.set;
                 let mut o = Obj::new();
-                self.apply(&set.maps[*idx].rules, c, &mut o, element)?;
+                self.enter(rule, c)?;
+                let r = self.apply(&set.maps[*idx].rules, c, &mut o, element);
+                self.depth -= 1;
+                r?;
                 (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Nested(rules) => {
@@ -1304,8 +1327,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Create(idx) => {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
-                let url = self.build_resource(*idx, c, rtype, id)?;
-                Some(reference(url))
+                self.enter(rule, c)?;
+                let url = self.build_resource(*idx, c, rtype, id);
+                self.depth -= 1;
+                Some(reference(url?))
             }
         })
     }

@@ -491,3 +491,33 @@ fn an_id_part_list_takes_the_first_value_and_scopes_bare_person_ids_to_the_sende
         "{errors:?}"
     );
 }
+
+/// A map that uses itself — through `map:` or `create:`, directly or via another map — would
+/// recurse until the stack overflows on the first message: it is a load error at the rule that
+/// closes the cycle.
+#[test]
+fn cyclic_maps_are_load_errors_at_the_rule_that_closes_the_cycle() {
+    let a = "datatype: CWE\nto: CodeableConcept\nrules:\n  - set: text\n    from: .2\n  - set: coding\n    rules:\n      - set: code\n        from: .1\n  - set: extension\n    rules:\n      - set: url\n        value: http://x\n      - set: valueCodeableConcept\n        map: CWE-B\n";
+    let b = "datatype: CWE\nto: CodeableConcept\nrules:\n  - set: text\n    from: .1\n  - set: extension\n    rules:\n      - set: url\n        value: http://y\n      - set: valueCodeableConcept\n        map: CWE-A\n";
+    let xcn = "resource: Practitioner\nid: [\".1\"]\nrules:\n  - set: name\n    rules:\n      - set: family\n        from: .2\n  - set: extension\n    rules:\n      - set: url\n        value: http://z\n      - set: valueReference\n        create: XCN-Practitioner\n";
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: maritalStatus\n    from: PID-16\n    map: CWE-A\n  - set: generalPractitioner\n    from: PD1-4\n    create: XCN-Practitioner\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let errors = load_error_lines(&[
+        ("datatypes/CWE-A.yaml", a),
+        ("datatypes/CWE-B.yaml", b),
+        ("datatypes/XCN-Practitioner.yaml", xcn),
+        ("segments/PID-Patient.yaml", pid),
+        ("messages/ADT.yaml", msg),
+    ]);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.starts_with(
+            "m/datatypes/CWE-B.yaml:10:12: `map: CWE-A` makes a cycle (CWE-A → CWE-B → CWE-A)"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("m/datatypes/XCN-Practitioner.yaml:12:12: `create: XCN-Practitioner` makes a cycle (XCN-Practitioner → XCN-Practitioner)")),
+        "{errors:?}"
+    );
+}
