@@ -412,21 +412,16 @@ impl MappingSet {
             }
             if let Some(tz) = node.get("default_timezone") {
                 let t = tz.as_str().unwrap_or("");
-                let ok = t == "Z"
-                    || (t.len() == 6
-                        && matches!(&t[..1], "+" | "-")
-                        && t.as_bytes()[3] == b':'
-                        && t[1..3]
-                            .bytes()
-                            .chain(t[4..].bytes())
-                            .all(|b| b.is_ascii_digit()));
-                if ok {
+                if valid_offset(t) {
                     default_timezone = t.to_string();
                 } else {
                     c.err(
                         file,
                         tz.pos,
-                        "default_timezone must be `Z` or `+HH:MM`/`-HH:MM`".into(),
+                        format!(
+                            "default_timezone must be `Z` or `+HH:MM`/`-HH:MM` with HH at most 14 \
+                             and MM at most 59, found `{t}`"
+                        ),
                     );
                 }
             }
@@ -468,6 +463,22 @@ impl MappingSet {
             fixtures: Vec::new(),
         })
     }
+}
+
+/// `Z` or a UTC offset `±HH:MM` (HH ≤ 14, MM ≤ 59), checked on bytes: any text, including
+/// multi-byte characters (`±1:00`), gives an answer, never a panic.
+fn valid_offset(t: &str) -> bool {
+    if t == "Z" {
+        return true;
+    }
+    let b = t.as_bytes();
+    if b.len() != 6 || !matches!(b[0], b'+' | b'-') || b[3] != b':' {
+        return false;
+    }
+    let two = |x: u8, y: u8| {
+        (x.is_ascii_digit() && y.is_ascii_digit()).then(|| (x - b'0') * 10 + (y - b'0'))
+    };
+    matches!((two(b[1], b[2]), two(b[4], b[5])), (Some(hh), Some(mm)) if hh <= 14 && mm <= 59)
 }
 
 /// Every Period in a constant of FHIR type `ty` whose `start` is after its `end`, by path.

@@ -521,3 +521,31 @@ fn cyclic_maps_are_load_errors_at_the_rule_that_closes_the_cycle() {
         "{errors:?}"
     );
 }
+
+/// `default_timezone` is `Z` or `±HH:MM` within real offsets; anything else — a multi-byte sign
+/// that used to panic the loader, an hour of 99 — is a load error naming the setting.
+#[test]
+fn default_timezone_is_checked_without_panicking() {
+    let msg = "message: [ADT^A01]\nresources:\n  - segment: MSH\n    map: MSH-MessageHeader\n";
+    let with = |tz: &str| {
+        load_texts(&[
+            ("mapping-set.yaml", &format!("default_timezone: \"{tz}\"\n")),
+            ("segments/MSH-MessageHeader.yaml", HEADER),
+            ("messages/ADT.yaml", msg),
+        ])
+    };
+    for good in ["Z", "+00:00", "-05:00", "+05:30", "+14:00", "-12:00"] {
+        assert_eq!(with(good).unwrap().default_timezone, good);
+    }
+    for bad in [
+        "±1:00", "+99:99", "+15:00", "+01:60", "+1:00", "0500", "+05:3x", "", "−05:00",
+    ] {
+        let errs = with(bad).unwrap_err().0;
+        assert!(
+            errs.iter().any(|e| e.file == "m/mapping-set.yaml"
+                && e.line == 1
+                && e.message.starts_with("default_timezone must be")),
+            "{bad}: {errs:?}"
+        );
+    }
+}
