@@ -86,6 +86,9 @@ pub enum DropReason {
     /// code, sub-id and set id in one order): its resource is not built — a second PUT would
     /// replace the first — and its fields stay in the unconsumed report.
     DuplicateId,
+    /// A value that cannot become its FHIR type (PID-7 = 19630231) under `on_error: warn`: the
+    /// element is left out (the warning says why, without the value).
+    InvalidValue,
 }
 
 impl fmt::Display for DropReason {
@@ -93,6 +96,7 @@ impl fmt::Display for DropReason {
         f.write_str(match self {
             DropReason::EndBeforeStart => "end before start",
             DropReason::DuplicateId => "duplicate id",
+            DropReason::InvalidValue => "invalid value",
         })
     }
 }
@@ -353,6 +357,10 @@ struct Runner<'s, S: V2Source + ?Sized> {
     cond_reads: Vec<Ctx>,
     /// How many `map:`/`create:` the rule being run is nested in (see `MAX_DEPTH`).
     depth: usize,
+    /// The resources being built (innermost last) and, per nested object of the innermost,
+    /// the `set:` that builds it: where a left-out value would have gone.
+    building: Vec<(&'static str, String)>,
+    sets: Vec<&'s str>,
 }
 
 /// Deeper `map:`/`create:` nesting fails the message instead of overflowing the stack. Loading
@@ -431,6 +439,8 @@ impl MappingSet {
             dropped: Vec::new(),
             cond_reads: Vec::new(),
             depth: 0,
+            building: Vec::new(),
+            sets: Vec::new(),
         };
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
@@ -938,8 +948,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let lineage_mark = self.lineage.as_ref().map(Vec::len);
         // a resource created from inside another starts its own locations and Period checks
         let outer_loc = std::mem::take(&mut self.loc);
+        let outer_sets = std::mem::take(&mut self.sets);
         let ends_mark = self.period_ends.len();
-        self.apply(rules, ctx, &mut obj, &url)?;
+        self.building.push((rtype, id.clone()));
+        let applied = self.apply(rules, ctx, &mut obj, &url);
+        self.building.pop();
+        self.sets = outer_sets;
+        applied?;
         self.loc = outer_loc;
         let ends = self.period_ends.split_off(ends_mark);
         if !duplicate {
@@ -1010,7 +1025,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
+    fn apply(&mut self, rules: &'s [Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
         for rule in rules {
             let reads_at = self.cond_reads.len();
             if let Some(c) = &rule.when {
@@ -1031,7 +1046,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     /// Runs one rule whose condition holds; whether it wrote anything.
-    fn apply_rule(&mut self, rule: &Rule, ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<bool> {
+    fn apply_rule(
+        &mut self,
+        rule: &'s Rule,
+        ctx: Ctx,
+        obj: &mut Obj,
+        jpath: &str,
+    ) -> Fallible<bool> {
         let mut wrote = false;
         {
             if let (Some(sep), RuleKind::Prim(p)) = (&rule.join, &rule.kind) {
@@ -1253,18 +1274,33 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         match rule.on_error.unwrap_or(self.set.on_invalid_value) {
             OnError::Fail => Err(self.fail(rule, c, reason)),
             OnError::Warn => {
+                let source = self.concrete(c);
                 self.warnings.push(format!(
-                    "{}: value at {} left out of `{}`: {reason}",
-                    rule.loc,
-                    self.concrete(c),
-                    rule.set
+                    "{}: value at {source} left out of `{}`: {reason}",
+                    rule.loc, rule.set
                 ));
+                // reported like an unconsumed field, so the feed's policy applies to it
+                let (resource_type, resource_id) =
+                    self.building.last().cloned().unwrap_or(("", String::new()));
+                let mut element = self.sets.join(".");
+                if !element.is_empty() {
+                    element.push('.');
+                }
+                element.push_str(&rule.set);
+                self.dropped.push(DroppedValue {
+                    source,
+                    resource_type,
+                    resource_id,
+                    element,
+                    rule: rule.loc.to_string(),
+                    reason: DropReason::InvalidValue,
+                });
                 Ok(None)
             }
         }
     }
 
-    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
+    fn value(&mut self, rule: &'s Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
         Ok(match &rule.kind {
             RuleKind::Const(v) => Some(Node::Const(v.clone())),
             RuleKind::Var(name, p) => match self.vars.get(name) {
@@ -1285,14 +1321,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let set = self.set;
                 let mut o = Obj::new();
                 self.enter(rule, c)?;
+                self.sets.push(&rule.set);
                 let r = self.apply(&set.maps[*idx].rules, c, &mut o, element);
+                self.sets.pop();
                 self.depth -= 1;
                 r?;
                 (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Nested(rules) => {
                 let mut o = Obj::new();
-                self.apply(rules, c, &mut o, element)?;
+                self.sets.push(&rule.set);
+                let r = self.apply(rules, c, &mut o, element);
+                self.sets.pop();
+                r?;
                 (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Translate { map, out, default } => {

@@ -174,3 +174,32 @@ fn an_explicit_null_is_not_reported_as_unconsumed() {
     let patient = out.resources().find(|(t, _, _)| *t == "Patient").unwrap().2;
     assert!(patient.get("birthDate").is_none(), "{patient}");
 }
+
+/// Under `on_invalid_value: warn` (the library's setting) a value that cannot become its FHIR
+/// type is left out with a warning — and reported as left out, like an unconsumed field, so the
+/// feed's `[mapping] unconsumed` policy applies to it. Paths and reasons only, never the value.
+#[test]
+fn an_invalid_value_left_out_under_warn_is_reported() {
+    let out = run(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH_LAB|RIVERSIDE|TRIBUTARY|HIE|20261123090000-0600||ORU^R01^ORU_R01|O-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||19630231|F",
+            "OBR|1|PLC-1|FIL-1|GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L||12abc|mg/dL|||||F",
+        ],
+    );
+    let dropped: Vec<String> = out.dropped.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        dropped,
+        vec![
+            "PID-7 (Patient.birthDate: invalid value)".to_string(),
+            "OBX-5 (Observation.valueQuantity.value: invalid value)".to_string(),
+        ]
+    );
+    assert!(out.dropped[0].rule.contains("segments/PID-Patient.yaml:"));
+    for d in &out.dropped {
+        assert!(!d.to_string().contains("19630231") && !d.to_string().contains("12abc"));
+    }
+    assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+}
