@@ -412,21 +412,16 @@ impl MappingSet {
             }
             if let Some(tz) = node.get("default_timezone") {
                 let t = tz.as_str().unwrap_or("");
-                let ok = t == "Z"
-                    || (t.len() == 6
-                        && matches!(&t[..1], "+" | "-")
-                        && t.as_bytes()[3] == b':'
-                        && t[1..3]
-                            .bytes()
-                            .chain(t[4..].bytes())
-                            .all(|b| b.is_ascii_digit()));
-                if ok {
+                if valid_offset(t) {
                     default_timezone = t.to_string();
                 } else {
                     c.err(
                         file,
                         tz.pos,
-                        "default_timezone must be `Z` or `+HH:MM`/`-HH:MM`".into(),
+                        format!(
+                            "default_timezone must be `Z` or `+HH:MM`/`-HH:MM` with HH at most 14 \
+                             and MM at most 59, found `{t}`"
+                        ),
                     );
                 }
             }
@@ -436,6 +431,7 @@ impl MappingSet {
         for i in 0..c.maps.len() {
             c.compile_map(i);
         }
+        check_cycles(&mut c);
         mark_period_rules(&mut c.maps);
         let mut messages = Vec::new();
         let mut seen: HashMap<String, Arc<str>> = HashMap::new();
@@ -469,6 +465,22 @@ impl MappingSet {
     }
 }
 
+/// `Z` or a UTC offset `±HH:MM` (HH ≤ 14, MM ≤ 59), checked on bytes: any text, including
+/// multi-byte characters (`±1:00`), gives an answer, never a panic.
+fn valid_offset(t: &str) -> bool {
+    if t == "Z" {
+        return true;
+    }
+    let b = t.as_bytes();
+    if b.len() != 6 || !matches!(b[0], b'+' | b'-') || b[3] != b':' {
+        return false;
+    }
+    let two = |x: u8, y: u8| {
+        (x.is_ascii_digit() && y.is_ascii_digit()).then(|| (x - b'0') * 10 + (y - b'0'))
+    };
+    matches!((two(b[1], b[2]), two(b[4], b[5])), (Some(hh), Some(mm)) if hh <= 14 && mm <= 59)
+}
+
 /// Every Period in a constant of FHIR type `ty` whose `start` is after its `end`, by path.
 fn periods_out_of_order(ty: &str, v: &Value, path: &str, out: &mut Vec<String>) {
     match v {
@@ -494,6 +506,75 @@ fn periods_out_of_order(ty: &str, v: &Value, path: &str, out: &mut Vec<String>) 
         }
         _ => {}
     }
+}
+
+/// A map that uses itself through `map:`/`create:` (directly or through others) would recurse
+/// until the stack overflows at run time: every rule that closes such a cycle is a load error.
+fn check_cycles(c: &mut Compiler) {
+    fn uses(rules: &[Rule], out: &mut Vec<(usize, RuleLoc, &'static str)>) {
+        for r in rules {
+            match &r.kind {
+                RuleKind::Map(j) => out.push((*j, r.loc.clone(), "map")),
+                RuleKind::Create(j) => out.push((*j, r.loc.clone(), "create")),
+                RuleKind::Nested(n) => uses(n, out),
+                _ => {}
+            }
+        }
+    }
+    let edges: Vec<Vec<(usize, RuleLoc, &'static str)>> = c
+        .maps
+        .iter()
+        .map(|m| {
+            let mut out = Vec::new();
+            uses(&m.compiled.rules, &mut out);
+            out
+        })
+        .collect();
+    // iterative depth-first search; 0 = unseen, 1 = on the current path, 2 = done
+    let mut state = vec![0u8; edges.len()];
+    let mut errors = Vec::new();
+    for root in 0..edges.len() {
+        if state[root] != 0 {
+            continue;
+        }
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        state[root] = 1;
+        while let Some(&mut (m, ref mut next)) = path.last_mut() {
+            let Some((j, loc, kind)) = edges[m].get(*next) else {
+                state[m] = 2;
+                path.pop();
+                continue;
+            };
+            *next += 1;
+            match state[*j] {
+                0 => {
+                    state[*j] = 1;
+                    path.push((*j, 0));
+                }
+                1 => {
+                    let start = path.iter().position(|(p, _)| p == j).unwrap_or(0);
+                    let names: Vec<&str> = path[start..]
+                        .iter()
+                        .map(|(p, _)| c.maps[*p].compiled.name.as_str())
+                        .chain(std::iter::once(c.maps[*j].compiled.name.as_str()))
+                        .collect();
+                    errors.push(LoadError {
+                        file: loc.file.to_string(),
+                        line: loc.line,
+                        col: loc.col,
+                        message: format!(
+                            "`{kind}: {}` makes a cycle ({}): a map may not use itself, \
+                             directly or through other maps",
+                            c.maps[*j].compiled.name,
+                            names.join(" → ")
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    c.errors.extend(errors);
 }
 
 /// Sets `holds_period_end` on every `map:`/`rules:` rule whose object has, at any depth, a rule

@@ -1,7 +1,7 @@
 //! Running a compiled mapping set over one message: pick the message map, plan resource instances
 //! (with deterministic ids, so references resolve in any order), run the rules, assemble a FHIR R4
 //! `transaction` Bundle of conditional upserts (`PUT Type/id`), and report lineage, every
-//! non-empty source field no rule read, and every value left out because it contradicts the rest
+//! non-empty source field no rule mapped, and every value left out because it contradicts the rest
 //! (a Period `end` before its `start`). Pure: no I/O, no clock, no randomness.
 
 use crate::compile::{
@@ -82,12 +82,21 @@ pub enum DropReason {
     /// A Period's `end` before its `start` (FHIR R4 invariant per-1): the `end` is left out,
     /// the `start` kept.
     EndBeforeStart,
+    /// A segment whose resource id equals one already in the message (two OBX with the same
+    /// code, sub-id and set id in one order): its resource is not built — a second PUT would
+    /// replace the first — and its fields stay in the unconsumed report.
+    DuplicateId,
+    /// A value that cannot become its FHIR type (PID-7 = 19630231) under `on_error: warn`: the
+    /// element is left out (the warning says why, without the value).
+    InvalidValue,
 }
 
 impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DropReason::EndBeforeStart => "end before start",
+            DropReason::DuplicateId => "duplicate id",
+            DropReason::InvalidValue => "invalid value",
         })
     }
 }
@@ -96,13 +105,15 @@ impl fmt::Display for DropReason {
 /// resource invalid FHIR R4 (a Period ending before it starts). Names paths, never the value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DroppedValue {
-    /// The source path, e.g. `PV1-45`, `PID-5[2].10.2`; empty when a constant was left out.
+    /// The source path, e.g. `PV1-45`, `PID-5[2].10.2`, or the segment (`OBX[3]`) of a
+    /// duplicate id; empty when a constant was left out.
     pub source: String,
     pub resource_type: &'static str,
     pub resource_id: String,
     /// The element within the resource, e.g. `period.end`, `name[1].period.end`.
     pub element: String,
-    /// The rule that filled it: `mappings/hl7v2/segments/PV1-Encounter.yaml:75`.
+    /// The rule that filled it: `mappings/hl7v2/segments/PV1-Encounter.yaml:75` (for a
+    /// duplicate id, the resource map's file).
     pub rule: String,
     pub reason: DropReason,
 }
@@ -135,7 +146,8 @@ pub struct MappedBundle {
     /// Content hash of the mapping set.
     pub version: String,
     pub lineage: Vec<Lineage>,
-    /// Non-empty source fields/components no rule read, e.g. `PID-11.7`, `OBX[2]-8`.
+    /// Non-empty source fields/components no rule mapped (wrote, or chose what was written),
+    /// e.g. `PID-11.7`, `OBX[2]-8`.
     pub unconsumed: Vec<SourceField>,
     /// Source values a rule read but the output leaves out (a Period `end` before its `start`):
     /// reported like `unconsumed`, so nothing is dropped silently.
@@ -332,14 +344,28 @@ struct Runner<'s, S: V2Source + ?Sized> {
     out_index: FxHashMap<(&'static str, String), usize>,
     lineage: Option<Vec<Lineage>>,
     warnings: Vec<String>,
-    msg_key: [String; 3],
+    /// MSH-3.1, MSH-4.1, MSH-10 and MSH-7: the message, in ids that have no identifying value.
+    msg_key: [String; 4],
     /// Where the object being built lies in its resource (tracked only inside objects that
     /// hold a Period `end`).
     loc: Vec<LocStep>,
     /// Period `end`s written in the resources being built (innermost resource last).
     period_ends: Vec<PeriodEnd>,
     dropped: Vec<DroppedValue>,
+    /// Source values the conditions being evaluated compared (`OBX-2 == NM`): marked as mapped
+    /// only when the rule they guard writes a value.
+    cond_reads: Vec<Ctx>,
+    /// How many `map:`/`create:` the rule being run is nested in (see `MAX_DEPTH`).
+    depth: usize,
+    /// The resources being built (innermost last) and, per nested object of the innermost,
+    /// the `set:` that builds it: where a left-out value would have gone.
+    building: Vec<(&'static str, String)>,
+    sets: Vec<&'s str>,
 }
+
+/// Deeper `map:`/`create:` nesting fails the message instead of overflowing the stack. Loading
+/// rejects cyclic maps, so only a pathological set gets near it (the library nests a few deep).
+const MAX_DEPTH: usize = 32;
 
 fn has_text(s: &str) -> bool {
     !s.is_empty() && s != "\"\""
@@ -406,10 +432,15 @@ impl MappingSet {
                 leaf(3, 1).into_owned(),
                 leaf(4, 1).into_owned(),
                 src.leaf(0, 10, 1, 1, 1).unwrap_or_default().into_owned(),
+                leaf(7, 1).into_owned(),
             ],
             loc: Vec::new(),
             period_ends: Vec::new(),
             dropped: Vec::new(),
+            cond_reads: Vec::new(),
+            depth: 0,
+            building: Vec::new(),
+            sets: Vec::new(),
         };
         // MSH-9 picked the map; MSH-1/2 are the delimiters themselves.
         r.mark(0, 9, 1);
@@ -480,7 +511,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             scope,
                         };
                         if let Some(c) = when {
-                            if !self.eval(c, ctx) {
+                            let reads_at = self.cond_reads.len();
+                            let pass = self.eval(c, ctx);
+                            for c in self.cond_reads.split_off(reads_at) {
+                                if pass {
+                                    self.mark(c.seg, c.field, c.comp.max(1));
+                                }
+                            }
+                            if !pass {
                                 continue;
                             }
                         }
@@ -580,24 +618,46 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
         let seg_s;
         let salt_s;
-        let mut all: smallvec::SmallVec<[&str; 10]> = smallvec::smallvec![self.tenant, *resource];
+        let patient;
+        let mut all: smallvec::SmallVec<[&str; 16]> = smallvec::smallvec![self.tenant, *resource];
         if any && !key_empty {
             all.extend(parts.iter().map(|p| p.as_ref()));
         } else {
-            // No identifying value: stable per message (replays give the same id), unique per place.
+            // No identifying value: stable per message (replays give the same id), unique per
+            // place. The patient (PID-3's id parts, when a PID is in scope) and the message time
+            // are in it too: a sender that reuses control ids must not make one patient's
+            // message overwrite another's resources.
             seg_s = ctx.seg.to_string();
             salt_s = format!("{}.{}.{}", ctx.field, ctx.rep, salt);
+            patient = self.patient_key(ctx.scope);
             all.extend([
                 "msg",
                 self.msg_key[0].as_str(),
                 self.msg_key[1].as_str(),
                 self.msg_key[2].as_str(),
-                m.name.as_str(),
-                seg_s.as_str(),
-                salt_s.as_str(),
+                self.msg_key[3].as_str(),
             ]);
+            all.extend(patient.iter().map(|p| p.as_ref()));
+            all.extend([m.name.as_str(), seg_s.as_str(), salt_s.as_str()]);
         }
         (resource, tributary_core::deterministic_id(&all))
+    }
+
+    /// The id parts of the patient in scope (PID-3[1].1, .4.1, .4.2; empty without a PID), read
+    /// without counting them as mapped.
+    fn patient_key(&self, scope: usize) -> [Cow<'s, str>; 3] {
+        let src: &'s S = self.src;
+        let Some(seg) = self.find_segment("PID", scope) else {
+            return Default::default();
+        };
+        let part = |comp, sub| match src.leaf(seg, 3, 1, comp, sub) {
+            Some(v) if has_text(&v) => match v {
+                Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+                Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
+            },
+            _ => Cow::Borrowed(""),
+        };
+        [part(1, 1), part(4, 1), part(4, 2)]
     }
 
     /// The trimmed text of the first value at `sp` ("" when there is none): one id part.
@@ -605,7 +665,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         match self
             .resolve(ctx, sp, false)
             .first()
-            .and_then(|c| self.leaf_text(*c))
+            .and_then(|c| self.peek_text(*c))
         {
             Some(Cow::Borrowed(b)) => Cow::Borrowed(b.trim()),
             Some(Cow::Owned(o)) => Cow::Owned(o.trim().to_string()),
@@ -764,7 +824,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             }
             Operand::Path(p) => {
                 let c = *self.resolve(ctx, p, false).first()?;
-                match self.leaf_text(c)? {
+                match self.peek_text(c)? {
                     Cow::Borrowed(b) => Some(Cow::Borrowed(b.trim())),
                     Cow::Owned(o) => Some(Cow::Owned(o.trim().to_string())),
                 }
@@ -777,19 +837,58 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         if c.rep == 0 {
             return None;
         }
-        let comp = c.comp.max(1);
-        self.mark(c.seg, c.field, comp);
+        self.mark(c.seg, c.field, c.comp.max(1));
+        self.peek_text(c)
+    }
+
+    /// The text at a location, read without counting it as mapped: conditions and id parts only
+    /// look at a value; it is consumed when a rule writes it (or writes something from it).
+    fn peek_text(&self, c: Ctx) -> Option<Cow<'s, str>> {
+        if c.rep == 0 {
+            return None;
+        }
         let src: &'s S = self.src;
-        let v = src.leaf(c.seg, c.field, c.rep, comp, c.sub.max(1))?;
+        let v = src.leaf(c.seg, c.field, c.rep, c.comp.max(1), c.sub.max(1))?;
         has_text(&v).then_some(v)
+    }
+
+    /// A rule wrote a value from `c` without reading its text (a constant or an object of
+    /// constants chosen by the source, like `from: PID-31` + `value:`): the source counts as
+    /// mapped when it is one value — a component, or a field without components.
+    fn mark_written_from(&mut self, c: Ctx) {
+        if c.rep == 0 {
+            return;
+        }
+        if c.comp > 0 || self.src.comp_count(c.seg, c.field, c.rep) <= 1 {
+            self.mark(c.seg, c.field, c.comp.max(1));
+        }
+    }
+
+    /// Remembers the source value a comparison looks at (an `exists()` test only looks at
+    /// whether there is one, so it is not remembered).
+    fn note_compared(&mut self, o: &Operand, ctx: Ctx) {
+        if let Operand::Path(p) = o {
+            if let Some(c) = self.resolve(ctx, p, false).first() {
+                self.cond_reads.push(*c);
+            }
+        }
     }
 
     fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
         match c {
             Cond::Exists(o) => self.operand(o, ctx).is_some_and(|v| !v.is_empty()),
-            Cond::Eq(a, b) => self.operand(a, ctx) == self.operand(b, ctx),
-            Cond::Ne(a, b) => self.operand(a, ctx) != self.operand(b, ctx),
+            Cond::Eq(a, b) => {
+                self.note_compared(a, ctx);
+                self.note_compared(b, ctx);
+                self.operand(a, ctx) == self.operand(b, ctx)
+            }
+            Cond::Ne(a, b) => {
+                self.note_compared(a, ctx);
+                self.note_compared(b, ctx);
+                self.operand(a, ctx) != self.operand(b, ctx)
+            }
             Cond::In(a, items) => {
+                self.note_compared(a, ctx);
                 let v = self.operand(a, ctx);
                 v.is_some() && items.iter().any(|i| self.operand(i, ctx) == v)
             }
@@ -806,6 +905,21 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             let inst = &self.instances[i];
             (inst.map, inst.ctx, inst.rtype, inst.id.clone())
         };
+        if self.out_index.contains_key(&(rtype, id.clone())) {
+            // Another segment already gave this id: building this one would lose one of the two
+            // without a trace. Its fields stay unmapped (so they are reported) and the collision
+            // is reported with the segment, never a value.
+            let set = self.set;
+            self.dropped.push(DroppedValue {
+                source: self.concrete(ctx),
+                resource_type: rtype,
+                resource_id: id,
+                element: "id".into(),
+                rule: set.maps[map].file.to_string(),
+                reason: DropReason::DuplicateId,
+            });
+            return Ok(());
+        }
         self.build_resource(map, ctx, rtype, id)?;
         Ok(())
     }
@@ -834,8 +948,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let lineage_mark = self.lineage.as_ref().map(Vec::len);
         // a resource created from inside another starts its own locations and Period checks
         let outer_loc = std::mem::take(&mut self.loc);
+        let outer_sets = std::mem::take(&mut self.sets);
         let ends_mark = self.period_ends.len();
-        self.apply(rules, ctx, &mut obj, &url)?;
+        self.building.push((rtype, id.clone()));
+        let applied = self.apply(rules, ctx, &mut obj, &url);
+        self.building.pop();
+        self.sets = outer_sets;
+        applied?;
         self.loc = outer_loc;
         let ends = self.period_ends.split_off(ends_mark);
         if !duplicate {
@@ -906,13 +1025,36 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn apply(&mut self, rules: &[Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
+    fn apply(&mut self, rules: &'s [Rule], ctx: Ctx, obj: &mut Obj, jpath: &str) -> Fallible<()> {
         for rule in rules {
+            let reads_at = self.cond_reads.len();
             if let Some(c) = &rule.when {
                 if !self.eval(c, ctx) {
+                    self.cond_reads.truncate(reads_at);
                     continue;
                 }
             }
+            let reads = self.cond_reads.split_off(reads_at);
+            if self.apply_rule(rule, ctx, obj, jpath)? {
+                // the values the condition compared chose what was written: they are mapped
+                for c in reads {
+                    self.mark(c.seg, c.field, c.comp.max(1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one rule whose condition holds; whether it wrote anything.
+    fn apply_rule(
+        &mut self,
+        rule: &'s Rule,
+        ctx: Ctx,
+        obj: &mut Obj,
+        jpath: &str,
+    ) -> Fallible<bool> {
+        let mut wrote = false;
+        {
             if let (Some(sep), RuleKind::Prim(p)) = (&rule.join, &rule.kind) {
                 let mut parts = Vec::new();
                 let mut first = None;
@@ -933,9 +1075,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     };
                     if let Some(v) = v {
                         self.put(obj, rule, v, jpath, Some(c));
+                        wrote = true;
                     }
                 }
-                continue;
+                return Ok(wrote);
             }
             let sources: Ctxs = if rule.from.is_empty() {
                 smallvec::smallvec![ctx]
@@ -951,11 +1094,16 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             };
             if let RuleKind::Ref(name) = &rule.kind {
                 let targets = self.lookup_name(name, ctx.scope);
-                for t in targets.iter().take(if rule.many { usize::MAX } else { 1 }) {
+                if !rule.many && targets.len() > 1 {
+                    self.ambiguous_ref(rule, ctx, name, &targets)?;
+                }
+                let n = if rule.many { targets.len() } else { 1 };
+                for t in targets.iter().take(n) {
                     let url = format!("{}/{}", self.instances[*t].rtype, self.instances[*t].id);
                     self.put(obj, rule, reference(url), jpath, None);
+                    wrote = true;
                 }
-                continue;
+                return Ok(wrote);
             }
             for c in sources {
                 let element = if self.lineage.is_some() {
@@ -980,7 +1128,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         } else {
                             Some(c)
                         };
+                        if !rule.from.is_empty()
+                            && matches!(rule.kind, RuleKind::Const(_) | RuleKind::Nested(_))
+                        {
+                            self.mark_written_from(c);
+                        }
                         self.put(obj, rule, v, jpath, src);
+                        wrote = true;
                         if !rule.many {
                             break;
                         }
@@ -993,14 +1147,29 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 
+    /// The instances `ref: name` reaches from `scope`: those of the scope itself and its groups;
+    /// else, climbing, those planned directly in an enclosing scope. Never those of a sibling
+    /// group: the patient group of one PID does not see another patient's encounter.
     fn lookup_name(&self, name: &str, scope: usize) -> Vec<usize> {
-        let mut s = Some(scope);
+        if let Some(v) = self.scopes[scope].names.get(name) {
+            if !v.is_empty() {
+                return v.clone();
+            }
+        }
+        let mut s = self.scopes[scope].parent;
         while let Some(i) = s {
             if let Some(v) = self.scopes[i].names.get(name) {
-                return v.clone();
+                let own: Vec<usize> = v
+                    .iter()
+                    .copied()
+                    .filter(|&t| self.instances[t].ctx.scope == i)
+                    .collect();
+                if !own.is_empty() {
+                    return own;
+                }
             }
             s = self.scopes[i].parent;
         }
@@ -1033,6 +1202,59 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         set_target(obj, &rule.target, v);
     }
 
+    /// A single-valued `ref:` that names several resources. When they belong to different
+    /// patients (the PID each one's segment follows), taking one would file data under the wrong
+    /// patient: the message fails and the message map must scope them (`group: [PID]`). Several
+    /// of one patient (two SPM of one order for `Observation.specimen`) keep the first, with a
+    /// warning.
+    fn ambiguous_ref(
+        &mut self,
+        rule: &Rule,
+        ctx: Ctx,
+        name: &str,
+        targets: &[usize],
+    ) -> Fallible<()> {
+        let patient_of = |seg: usize| (0..=seg).rev().find(|&i| self.src.segment_name(i) == "PID");
+        let first = patient_of(self.instances[targets[0]].ctx.seg);
+        if targets
+            .iter()
+            .any(|&t| patient_of(self.instances[t].ctx.seg) != first)
+        {
+            return Err(self.fail(
+                rule,
+                ctx,
+                format!(
+                    "`ref: {name}` matches {} resources of different patients here but `{}` \
+                     holds one; put each patient's resources in a group of the message map \
+                     (`group: [PID]`)",
+                    targets.len(),
+                    rule.set
+                ),
+            ));
+        }
+        self.warnings.push(format!(
+            "{}: `ref: {name}` at {} matches {} resources but `{}` holds one: the first is referenced",
+            rule.loc,
+            self.concrete(ctx),
+            targets.len(),
+            rule.set
+        ));
+        Ok(())
+    }
+
+    /// One level deeper into a `map:`/`create:`; fails past `MAX_DEPTH`.
+    fn enter(&mut self, rule: &Rule, c: Ctx) -> Fallible<()> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.fail(
+                rule,
+                c,
+                format!("maps nested more than {MAX_DEPTH} deep (a map that uses itself?)"),
+            ));
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
     fn fail(&self, rule: &Rule, c: Ctx, reason: String) -> Box<MappingError> {
         Box::new(MappingError::Rule {
             rule: rule.loc.to_string(),
@@ -1052,18 +1274,33 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         match rule.on_error.unwrap_or(self.set.on_invalid_value) {
             OnError::Fail => Err(self.fail(rule, c, reason)),
             OnError::Warn => {
+                let source = self.concrete(c);
                 self.warnings.push(format!(
-                    "{}: value at {} left out of `{}`: {reason}",
-                    rule.loc,
-                    self.concrete(c),
-                    rule.set
+                    "{}: value at {source} left out of `{}`: {reason}",
+                    rule.loc, rule.set
                 ));
+                // reported like an unconsumed field, so the feed's policy applies to it
+                let (resource_type, resource_id) =
+                    self.building.last().cloned().unwrap_or(("", String::new()));
+                let mut element = self.sets.join(".");
+                if !element.is_empty() {
+                    element.push('.');
+                }
+                element.push_str(&rule.set);
+                self.dropped.push(DroppedValue {
+                    source,
+                    resource_type,
+                    resource_id,
+                    element,
+                    rule: rule.loc.to_string(),
+                    reason: DropReason::InvalidValue,
+                });
                 Ok(None)
             }
         }
     }
 
-    fn value(&mut self, rule: &Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
+    fn value(&mut self, rule: &'s Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
         Ok(match &rule.kind {
             RuleKind::Const(v) => Some(Node::Const(v.clone())),
             RuleKind::Var(name, p) => match self.vars.get(name) {
@@ -1083,12 +1320,20 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Map(idx) => {
                 let set = self.set;
                 let mut o = Obj::new();
-                self.apply(&set.maps[*idx].rules, c, &mut o, element)?;
+                self.enter(rule, c)?;
+                self.sets.push(&rule.set);
+                let r = self.apply(&set.maps[*idx].rules, c, &mut o, element);
+                self.sets.pop();
+                self.depth -= 1;
+                r?;
                 (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Nested(rules) => {
                 let mut o = Obj::new();
-                self.apply(rules, c, &mut o, element)?;
+                self.sets.push(&rule.set);
+                let r = self.apply(rules, c, &mut o, element);
+                self.sets.pop();
+                r?;
                 (!o.is_empty()).then_some(Node::Obj(o))
             }
             RuleKind::Translate { map, out, default } => {
@@ -1123,8 +1368,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Create(idx) => {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
-                let url = self.build_resource(*idx, c, rtype, id)?;
-                Some(reference(url))
+                self.enter(rule, c)?;
+                let url = self.build_resource(*idx, c, rtype, id);
+                self.depth -= 1;
+                Some(reference(url?))
             }
         })
     }
@@ -1183,9 +1430,11 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         {
                             continue;
                         }
+                        // `""` (HL7's explicit null) is no data: rules skip it and the
+                        // upsert replaces the whole resource, so the element is absent anyway
                         let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
                             src.leaf(seg, field, rep, comp, s)
-                                .is_some_and(|v| !v.is_empty())
+                                .is_some_and(|v| has_text(&v))
                         });
                         if !data {
                             continue;

@@ -199,7 +199,7 @@ fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
             }
             for rep in f.split('~') {
                 for (c, comp) in rep.split('^').enumerate() {
-                    if comp.split('&').any(|x| !x.is_empty()) {
+                    if comp.split('&').any(|x| !x.is_empty() && x != "\"\"") {
                         out.insert((name.to_string(), o, field, c + 1));
                     }
                 }
@@ -308,7 +308,7 @@ fn lineage_names_source_path_and_rule_for_each_element() {
         .unwrap();
     assert_eq!(gender.source, "PID-8");
     assert!(
-        gender.rule.ends_with("segments/PID-Patient.yaml:62"),
+        gender.rule.ends_with("segments/PID-Patient.yaml:65"),
         "{}",
         gender.rule
     );
@@ -490,4 +490,62 @@ fn an_id_part_list_takes_the_first_value_and_scopes_bare_person_ids_to_the_sende
             && e.contains("`constant` is not a source path")),
         "{errors:?}"
     );
+}
+
+/// A map that uses itself — through `map:` or `create:`, directly or via another map — would
+/// recurse until the stack overflows on the first message: it is a load error at the rule that
+/// closes the cycle.
+#[test]
+fn cyclic_maps_are_load_errors_at_the_rule_that_closes_the_cycle() {
+    let a = "datatype: CWE\nto: CodeableConcept\nrules:\n  - set: text\n    from: .2\n  - set: coding\n    rules:\n      - set: code\n        from: .1\n  - set: extension\n    rules:\n      - set: url\n        value: http://x\n      - set: valueCodeableConcept\n        map: CWE-B\n";
+    let b = "datatype: CWE\nto: CodeableConcept\nrules:\n  - set: text\n    from: .1\n  - set: extension\n    rules:\n      - set: url\n        value: http://y\n      - set: valueCodeableConcept\n        map: CWE-A\n";
+    let xcn = "resource: Practitioner\nid: [\".1\"]\nrules:\n  - set: name\n    rules:\n      - set: family\n        from: .2\n  - set: extension\n    rules:\n      - set: url\n        value: http://z\n      - set: valueReference\n        create: XCN-Practitioner\n";
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: maritalStatus\n    from: PID-16\n    map: CWE-A\n  - set: generalPractitioner\n    from: PD1-4\n    create: XCN-Practitioner\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let errors = load_error_lines(&[
+        ("datatypes/CWE-A.yaml", a),
+        ("datatypes/CWE-B.yaml", b),
+        ("datatypes/XCN-Practitioner.yaml", xcn),
+        ("segments/PID-Patient.yaml", pid),
+        ("messages/ADT.yaml", msg),
+    ]);
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.starts_with(
+            "m/datatypes/CWE-B.yaml:10:12: `map: CWE-A` makes a cycle (CWE-A → CWE-B → CWE-A)"
+        )),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("m/datatypes/XCN-Practitioner.yaml:12:12: `create: XCN-Practitioner` makes a cycle (XCN-Practitioner → XCN-Practitioner)")),
+        "{errors:?}"
+    );
+}
+
+/// `default_timezone` is `Z` or `±HH:MM` within real offsets; anything else — a multi-byte sign
+/// that used to panic the loader, an hour of 99 — is a load error naming the setting.
+#[test]
+fn default_timezone_is_checked_without_panicking() {
+    let msg = "message: [ADT^A01]\nresources:\n  - segment: MSH\n    map: MSH-MessageHeader\n";
+    let with = |tz: &str| {
+        load_texts(&[
+            ("mapping-set.yaml", &format!("default_timezone: \"{tz}\"\n")),
+            ("segments/MSH-MessageHeader.yaml", HEADER),
+            ("messages/ADT.yaml", msg),
+        ])
+    };
+    for good in ["Z", "+00:00", "-05:00", "+05:30", "+14:00", "-12:00"] {
+        assert_eq!(with(good).unwrap().default_timezone, good);
+    }
+    for bad in [
+        "±1:00", "+99:99", "+15:00", "+01:60", "+1:00", "0500", "+05:3x", "", "−05:00",
+    ] {
+        let errs = with(bad).unwrap_err().0;
+        assert!(
+            errs.iter().any(|e| e.file == "m/mapping-set.yaml"
+                && e.line == 1
+                && e.message.starts_with("default_timezone must be")),
+            "{bad}: {errs:?}"
+        );
+    }
 }

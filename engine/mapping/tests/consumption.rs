@@ -1,0 +1,205 @@
+//! What counts as mapped in the unconsumed-field report: a value a rule writes (or that chose
+//! what a rule wrote). A value a condition only looked at, or that only went into an id, is still
+//! reported, so nothing in a message is dropped without a trace.
+//!
+//! The messages here are hand-written synthetic data.
+
+use std::path::{Path, PathBuf};
+use tributary_mapping::{MappedBundle, MappingSet, RunOptions, SplitMessage};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn library() -> MappingSet {
+    MappingSet::load(&repo().join("mappings/hl7v2")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(set: &MappingSet, segments: &[&str]) -> MappedBundle {
+    set.run(
+        &SplitMessage::parse(&segments.join("\r")),
+        tributary_terminology::builtin(),
+        &RunOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn unconsumed(out: &MappedBundle) -> Vec<String> {
+    out.unconsumed.iter().map(ToString::to_string).collect()
+}
+
+fn load(files: &[(&str, &str)]) -> MappingSet {
+    let texts: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+        .collect();
+    MappingSet::from_texts(Path::new("m"), &texts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+const MSH: &str =
+    "MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|20261123081500-0600||ADT^A01^ADT_A01|C-1|P|2.5.1";
+
+/// XAD-7 (address type) fills `use` or `type` only for the codes their conditions accept: a
+/// code neither accepts (`L`, legal) is reported, not counted as read by the conditions.
+#[test]
+fn a_value_a_condition_only_looked_at_is_reported() {
+    let set = library();
+    let with = |xad7: &str| {
+        let pid = format!(
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat|||F|||1 Main St^^Town^IL^62701^USA^{xad7}"
+        );
+        unconsumed(&run(&set, &[MSH, &pid]))
+    };
+    assert!(
+        with("L").contains(&"PID-11.7".to_string()),
+        "{:?}",
+        with("L")
+    );
+    assert!(
+        !with("H").iter().any(|u| u.starts_with("PID-11")),
+        "{:?}",
+        with("H")
+    );
+}
+
+/// A field only used in the resource id, or only compared by a condition whose rule wrote
+/// nothing, is reported; a compared value that chose what was written is mapped.
+#[test]
+fn id_parts_and_condition_operands_count_only_when_a_value_is_written() {
+    let set = load(&[
+        (
+            "segments/PID-Patient.yaml",
+            "resource: Patient\nsegment: PID\nid: [\"PID-3.1\", \"PID-2\"]\nrules:\n  - set: identifier\n    rules:\n      - set: value\n        from: PID-3.1\n  - set: active\n    when: PID-30 == N\n    value: true\n  - set: gender\n    when: PID-8 == F\n    value: female\n",
+        ),
+        (
+            "messages/ADT.yaml",
+            "message: [ADT^A01]\nignore: [MSH]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n",
+        ),
+    ]);
+    let mut pid = vec![""; 31];
+    (pid[0], pid[1], pid[2], pid[3], pid[8], pid[30]) = ("PID", "1", "ALT-7", "MRN1", "M", "N");
+    let out = run(&set, &[MSH, &pid.join("|")]);
+    let u = unconsumed(&out);
+    // PID-2: only an id part; PID-8: compared, but `gender` was not written (M is not F)
+    assert!(u.contains(&"PID-2".to_string()), "{u:?}");
+    assert!(u.contains(&"PID-8".to_string()), "{u:?}");
+    // PID-30 == N chose `active`; PID-3.1 was written
+    assert!(
+        !u.iter().any(|x| x == "PID-30" || x.starts_with("PID-3")),
+        "{u:?}"
+    );
+    assert_eq!(u.len(), 3, "{u:?}"); // and PID-1
+}
+
+/// OBX-4 (sub-id) is in the Observation id and, as the IG keeps it, in the observation-v2-subid
+/// extension: mapped, not reported.
+#[test]
+fn the_obx_sub_id_is_kept_in_its_extension() {
+    let out = run(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH_LAB|RIVERSIDE|TRIBUTARY|HIE|20261123090000-0600||ORU^R01^ORU_R01|O-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "OBR|1|PLC-1|FIL-1|GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L|2|100|mg/dL|||||F",
+        ],
+    );
+    assert!(!unconsumed(&out).iter().any(|u| u.starts_with("OBX-4")));
+    let obs = out
+        .resources()
+        .find(|(t, _, _)| *t == "Observation")
+        .unwrap()
+        .2;
+    assert_eq!(
+        obs["extension"][0]["url"],
+        "http://hl7.org/fhir/StructureDefinition/observation-v2-subid"
+    );
+    assert_eq!(obs["extension"][0]["extension"][0]["valueString"], "2");
+}
+
+/// Two OBX that give one Observation id (same order, code and set id, no sub-id): the second is
+/// not built — one PUT would replace the other — and is reported with the reason `duplicate id`,
+/// its fields listed as unconsumed, instead of being discarded without a trace.
+#[test]
+fn a_second_segment_with_the_same_id_is_reported_not_dropped_silently() {
+    let out = run(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH_LAB|RIVERSIDE|TRIBUTARY|HIE|20261123090000-0600||ORU^R01^ORU_R01|O-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "OBR|1|PLC-1|FIL-1|GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L||100|mg/dL|||||F",
+            "OBX|1|NM|GLU^Glucose^L||200|mg/dL|||||F",
+        ],
+    );
+    assert_eq!(
+        out.resources()
+            .filter(|(t, _, _)| *t == "Observation")
+            .count(),
+        1
+    );
+    let dup: Vec<String> = out
+        .dropped
+        .iter()
+        .filter(|d| d.reason == tributary_mapping::DropReason::DuplicateId)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        dup,
+        vec!["OBX[2] (Observation.id: duplicate id)".to_string()]
+    );
+    let u = unconsumed(&out);
+    assert!(u.iter().any(|x| x.starts_with("OBX[2]-5")), "{u:?}");
+    assert!(!u.iter().any(|x| x.starts_with("OBX[1]-5")), "{u:?}");
+}
+
+/// `""` is HL7's explicit null: rules skip it, and as the upsert replaces the whole resource the
+/// element is absent in the output. It is not unmapped data, so a message with one is not
+/// reported (under `quarantine`/`reject` it would fail for nothing).
+#[test]
+fn an_explicit_null_is_not_reported_as_unconsumed() {
+    let out = run(
+        &library(),
+        &[
+            MSH,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||\"\"|F|||1 Main St^^Town^IL^62701^USA^\"\"||\"\"",
+        ],
+    );
+    let u = unconsumed(&out);
+    assert!(
+        !u.iter()
+            .any(|x| x == "PID-7" || x == "PID-11.7" || x.starts_with("PID-13")),
+        "{u:?}"
+    );
+    let patient = out.resources().find(|(t, _, _)| *t == "Patient").unwrap().2;
+    assert!(patient.get("birthDate").is_none(), "{patient}");
+}
+
+/// Under `on_invalid_value: warn` (the library's setting) a value that cannot become its FHIR
+/// type is left out with a warning — and reported as left out, like an unconsumed field, so the
+/// feed's `[mapping] unconsumed` policy applies to it. Paths and reasons only, never the value.
+#[test]
+fn an_invalid_value_left_out_under_warn_is_reported() {
+    let out = run(
+        &library(),
+        &[
+            "MSH|^~\\&|SYNTH_LAB|RIVERSIDE|TRIBUTARY|HIE|20261123090000-0600||ORU^R01^ORU_R01|O-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||19630231|F",
+            "OBR|1|PLC-1|FIL-1|GLU^Glucose^L",
+            "OBX|1|NM|GLU^Glucose^L||12abc|mg/dL|||||F",
+        ],
+    );
+    let dropped: Vec<String> = out.dropped.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        dropped,
+        vec![
+            "PID-7 (Patient.birthDate: invalid value)".to_string(),
+            "OBX-5 (Observation.valueQuantity.value: invalid value)".to_string(),
+        ]
+    );
+    assert!(out.dropped[0].rule.contains("segments/PID-Patient.yaml:"));
+    for d in &out.dropped {
+        assert!(!d.to_string().contains("19630231") && !d.to_string().contains("12abc"));
+    }
+    assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
+}
