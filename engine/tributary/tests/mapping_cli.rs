@@ -255,6 +255,7 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
     assert_eq!(v["overflow"]["acme"], 2);
 
     // an empty data directory says so
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
     let out = tributary()
         .args(["mapping", "report", "--data-dir"])
         .arg(tmp.path().join("empty"))
