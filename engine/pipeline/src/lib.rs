@@ -35,8 +35,8 @@ use tributary_core::{deterministic_id, MessageId, MessageState, Protocol, StateK
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
-    FieldKey, FieldKind, FieldReportStore, JournalEntry, JournalRecord, MessageUpdate, OutboxEvent,
-    ResourceWrite, StateRecord, StorageError, StoreTransaction,
+    FieldKey, FieldKind, FieldReportStore, Journal, JournalEntry, JournalRecord, MessageUpdate,
+    OutboxEvent, ResourceWrite, StateRecord, StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -95,6 +95,78 @@ fn shard_of(key: &str, workers: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() % workers.max(1) as u64) as usize
+}
+
+type ShardSender = mpsc::Sender<(JournalEntry, Option<JournalRecord>)>;
+
+/// The dispatcher's place in the journal: how far it has handed entries to workers, and which
+/// of those are not processed yet.
+struct Dispatch {
+    /// Every entry up to here was handed to its worker (or needs no processing).
+    position: u64,
+    /// Handed to a worker, not reported done yet.
+    in_flight: std::collections::BTreeSet<u64>,
+    /// Whether the journal may hold entries after `position` (read again when set).
+    more: bool,
+}
+
+impl Dispatch {
+    fn new(cursor: u64) -> Self {
+        Self {
+            position: cursor,
+            in_flight: Default::default(),
+            more: true,
+        }
+    }
+
+    /// Every entry up to here is processed: where the cursor may go.
+    fn done_through(&self) -> u64 {
+        self.in_flight
+            .first()
+            .map_or(self.position, |oldest| oldest - 1)
+    }
+
+    /// Reads entries after `position` and hands each to the worker of its ordering key, until
+    /// `MAX_IN_FLIGHT` are out or the journal has no more. A worker that is gone (shutdown, or
+    /// it died) stops the pass: its entry is not counted as handed over, so `position` stays
+    /// before it and the cursor never passes it. Returns that worker's shard.
+    async fn fill(&mut self, journal: &dyn Journal, shards: &[ShardSender]) -> Option<usize> {
+        while self.more && self.in_flight.len() < MAX_IN_FLIGHT {
+            let entries = match journal.entries_after(self.position, 512) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the journal failed; retrying");
+                    return None;
+                }
+            };
+            self.more = entries.len() == 512;
+            for e in entries {
+                let record = match journal.get(e.id) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        self.position = e.seq;
+                        continue;
+                    }
+                    Err(err) => {
+                        // read again on the next pass, from this entry on
+                        tracing::warn!(error = %err, "reading a journal record failed");
+                        self.more = false;
+                        return None;
+                    }
+                };
+                let seq = e.seq;
+                let shard = shard_of(&record.envelope.ordering_key, shards.len());
+                if shards[shard].send((e, queued(record))).await.is_err() {
+                    // offered again on a later pass, from this entry on
+                    self.more = false;
+                    return Some(shard);
+                }
+                self.position = seq;
+                self.in_flight.insert(seq);
+            }
+        }
+        None
+    }
 }
 
 impl Pipeline {
@@ -157,55 +229,26 @@ impl Pipeline {
         let mut shards = Vec::with_capacity(workers);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..workers {
-            let (tx, rx) = mpsc::channel::<(JournalEntry, Option<JournalRecord>)>(SHARD_QUEUE);
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
             shards.push(tx);
             tasks.spawn(self.clone().worker(rt.clone(), rx, done_tx.clone()));
         }
         drop(done_tx);
 
-        let mut position = rt.journal.cursor(CONSUMER)?;
-        let mut saved = position;
+        let mut dispatch = Dispatch::new(rt.journal.cursor(CONSUMER)?);
+        let mut saved = dispatch.position;
         let mut last_save = Instant::now();
-        let mut in_flight = std::collections::BTreeSet::new();
-        let mut more = true;
         loop {
-            while more && in_flight.len() < MAX_IN_FLIGHT {
-                let entries = match rt.journal.entries_after(position, 512) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the journal failed; retrying");
-                        break;
-                    }
-                };
-                more = entries.len() == 512;
-                for e in entries {
-                    let record = match rt.journal.get(e.id) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => {
-                            position = e.seq;
-                            continue;
-                        }
-                        Err(err) => {
-                            // read again on the next pass, from this entry on
-                            tracing::warn!(error = %err, "reading a journal record failed");
-                            more = false;
-                            break;
-                        }
-                    };
-                    position = e.seq;
-                    in_flight.insert(e.seq);
-                    let seq = e.seq;
-                    let shard = shard_of(&record.envelope.ordering_key, workers);
-                    if shards[shard].send((e, queued(record))).await.is_err() {
-                        in_flight.remove(&seq);
-                    }
+            if let Some(shard) = dispatch.fill(rt.journal.as_ref(), &shards).await {
+                if !rt.shutdown.is_cancelled() {
+                    tracing::error!(shard, "a pipeline worker stopped; its entries wait");
                 }
             }
             // Everything before the oldest entry in flight is done. The cursor is only where a
             // restart resumes (processed entries are skipped), so saving it is rate-limited.
-            let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+            let done_through = dispatch.done_through();
             if done_through > saved
-                && (in_flight.is_empty() || last_save.elapsed() >= CURSOR_SAVE_EVERY)
+                && (dispatch.in_flight.is_empty() || last_save.elapsed() >= CURSOR_SAVE_EVERY)
             {
                 last_save = Instant::now();
                 match rt.journal.set_cursor(CONSUMER, done_through).await {
@@ -216,16 +259,16 @@ impl Pipeline {
             tokio::select! {
                 _ = rt.shutdown.cancelled() => break,
                 Some(seq) = done_rx.recv() => {
-                    in_flight.remove(&seq);
+                    dispatch.in_flight.remove(&seq);
                     while let Ok(seq) = done_rx.try_recv() {
-                        in_flight.remove(&seq);
+                        dispatch.in_flight.remove(&seq);
                     }
-                    more = true;
+                    dispatch.more = true;
                 }
-                _ = head.changed() => more = true,
+                _ = head.changed() => dispatch.more = true,
                 _ = reload_tick.tick(), if self.config.reload_interval_secs > 0 => {
                     self.reload_and_requeue(&rt).await;
-                    more = true;
+                    dispatch.more = true;
                 }
                 _ = report_tick.tick() => {
                     self.log_summaries();
@@ -233,16 +276,16 @@ impl Pipeline {
                         tracing::warn!(error = %e, "saving the mapping field report failed; retrying");
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => more = true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => dispatch.more = true,
             }
         }
         // Finish what the workers hold (each entry is one atomic commit), then save the cursor.
         drop(shards);
         while tasks.join_next().await.is_some() {}
         while let Ok(seq) = done_rx.try_recv() {
-            in_flight.remove(&seq);
+            dispatch.in_flight.remove(&seq);
         }
-        let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+        let done_through = dispatch.done_through();
         if done_through > saved {
             rt.journal.set_cursor(CONSUMER, done_through).await?;
         }
@@ -788,7 +831,68 @@ fn check_bundle(m: &MappedBundle) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::message_event_type;
+    use super::*;
+    use tributary_core::Envelope;
+    use tributary_storage::{Db, DbOptions};
+
+    fn runtime(dir: &std::path::Path) -> Runtime {
+        Runtime::embedded(Db::open(dir, DbOptions::default()).unwrap(), 0)
+    }
+
+    async fn journal(rt: &Runtime, ordering_key: &str) -> u64 {
+        let env = Envelope::builder(Protocol::Hl7v2, b"MSH|^~\\&|".to_vec())
+            .tenant("t1")
+            .partner("riverside")
+            .ordering_key(ordering_key)
+            .build();
+        rt.journal.append(env).await.unwrap().seq.unwrap()
+    }
+
+    /// An ordering key whose messages go to `shard` of two.
+    fn key_for(shard: usize) -> String {
+        (0..)
+            .map(|i| format!("riverside/MRN{i}"))
+            .find(|k| shard_of(k, 2) == shard)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_entry_a_worker_did_not_take_is_never_passed_by_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let (live, gone) = (key_for(0), key_for(1));
+        let first = journal(&rt, &live).await;
+        let refused = journal(&rt, &gone).await;
+        let last = journal(&rt, &live).await;
+        let (live_tx, mut live_rx) = mpsc::channel(SHARD_QUEUE);
+        let (gone_tx, gone_rx) = mpsc::channel(SHARD_QUEUE);
+        drop(gone_rx); // that worker has returned (shutdown) or died
+        let mut dispatch = Dispatch::new(0);
+        let stopped = dispatch
+            .fill(rt.journal.as_ref(), &[live_tx.clone(), gone_tx])
+            .await;
+        // The live worker processes everything it was handed.
+        while let Ok((e, _)) = live_rx.try_recv() {
+            dispatch.in_flight.remove(&e.seq);
+        }
+        assert!(
+            dispatch.done_through() < refused,
+            "the cursor may go to {} past entry {refused}, which no worker took",
+            dispatch.done_through()
+        );
+        assert_eq!(dispatch.done_through(), first);
+        assert_eq!(stopped, Some(1));
+        // A worker taking entries again gets the refused entry and the ones after it.
+        let (again_tx, mut again_rx) = mpsc::channel(SHARD_QUEUE);
+        dispatch.more = true;
+        let stopped = dispatch
+            .fill(rt.journal.as_ref(), &[live_tx, again_tx])
+            .await;
+        assert_eq!(stopped, None);
+        assert_eq!(again_rx.try_recv().unwrap().0.seq, refused);
+        assert_eq!(live_rx.try_recv().unwrap().0.seq, last);
+        assert_eq!(dispatch.done_through(), first);
+    }
 
     #[test]
     fn event_type_keeps_the_trigger_event_as_hl7_writes_it() {
