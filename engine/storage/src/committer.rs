@@ -8,7 +8,9 @@
 //!
 //! Jobs run one after the other on this thread, so a job sees the writes of the jobs before it in
 //! the same group (point reads only) and may keep counters (sequence numbers) without locks.
-//! A job that returns an error leaves no writes behind.
+//! A job that returns an error leaves no writes behind. A job that panics is turned into that
+//! job's error ([`StorageError::Internal`]) the same way, with the counters it moved put back:
+//! the thread, and every other job of the group, go on.
 
 use crate::db::{Table, Tables};
 use crate::{Result, StorageError};
@@ -226,7 +228,19 @@ impl Committer {
         reply: oneshot::Sender<Result<R>>,
     ) -> Job {
         Box::new(move |txn: &mut Txn<'_>| {
-            let res = f(txn);
+            let counters = txn.counters.clone();
+            // The job's writes wait in `job_ops` (dropped below unless it succeeds) and the
+            // counters are restored, so nothing a panicking job left half done is kept.
+            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(txn))) {
+                Ok(res) => res,
+                Err(_) => {
+                    *txn.counters = counters;
+                    tracing::error!(
+                        "a storage write panicked; it is refused, the committer goes on"
+                    );
+                    Err(StorageError::Internal("panic in a storage write"))
+                }
+            };
             txn.finish_job(res.is_ok());
             Box::new(move |commit_error: Option<&str>| {
                 let out = match (res, commit_error) {
@@ -371,6 +385,38 @@ mod tests {
         db.committer()
             .run_blocking(move |txn| Ok(txn.unwritten_since(table, key, group)))
             .unwrap()
+    }
+
+    #[test]
+    fn a_panicking_job_is_refused_alone_and_the_committer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let seq_before = db
+            .committer()
+            .run_blocking(|txn| Ok(txn.counters.journal_seq))
+            .unwrap();
+        let err = db
+            .committer()
+            .run_blocking(|txn| -> Result<()> {
+                txn.counters.journal_seq += 1;
+                txn.put(Table::Meta, b"half".to_vec(), b"done".to_vec());
+                panic!("a bug in a storage write");
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Internal(_)), "{err}");
+        // Nothing of it stayed: neither its write nor the counter it moved.
+        let (seq_after, half) = db
+            .committer()
+            .run_blocking(|txn| Ok((txn.counters.journal_seq, txn.get(Table::Meta, b"half")?)))
+            .unwrap();
+        assert_eq!((seq_after, half), (seq_before, None));
+        put(&db, Table::Meta, b"after");
+        assert!(db
+            .tables()
+            .get(Table::Meta)
+            .get(b"after")
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -383,9 +383,9 @@ impl FjallJournal {
                 if let Some(key) = &dedup_key {
                     if let Some(prev) = txn.get(Table::Dedup, key.as_bytes())? {
                         let prev_id = MessageId::from_bytes(
-                            prev[..16]
-                                .try_into()
-                                .map_err(|_| StorageError::corrupt("dedup", "short"))?,
+                            prev.get(..16)
+                                .and_then(|b| b.try_into().ok())
+                                .ok_or_else(|| StorageError::corrupt("dedup", "short"))?,
                         );
                         let prev_at = keys::read_i64(&prev[16..]).unwrap_or(i64::MIN);
                         if received_at.saturating_sub(prev_at) <= window {
@@ -763,6 +763,25 @@ mod tests {
         assert_eq!(r2.id, r1.id);
         assert!(j.get(again.id).unwrap().is_none());
         assert_eq!(j.entries_after(0, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cut_short_dedup_record_is_an_error_not_a_dead_committer() {
+        let (_d, j) = journal();
+        j.db.committer()
+            .run(|txn| {
+                txn.put(Table::Dedup, b"lab/CTRL9".to_vec(), vec![1, 2, 3]);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let keyed = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("lab/CTRL9")
+            .build();
+        let err = j.append(keyed).await.unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        // The committer is still there for everything else.
+        assert_eq!(j.append(env("a")).await.unwrap().seq, Some(1));
     }
 
     #[tokio::test]
