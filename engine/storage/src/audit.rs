@@ -1135,6 +1135,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_or_short_head_left_by_a_power_cut_is_no_witness() {
+        for short in [0usize, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let log = open_log(dir.path());
+                for i in 0..2 {
+                    log.append(vec![json!({"i": i})]).await.unwrap();
+                }
+            }
+            // The head file was created but its bytes never reached the disk (or only some).
+            let head = files::dir_of(dir.path()).join("head");
+            let bytes = std::fs::read(&head).unwrap();
+            std::fs::write(&head, &bytes[..short]).unwrap();
+            let log = open_log(dir.path());
+            assert_eq!(log.append(vec![json!({"i": 2})]).await.unwrap(), vec![3]);
+            let report = log.verify().unwrap().unwrap();
+            assert_eq!((report.entries, report.head_seq), (3, 3));
+        }
+    }
+
+    #[tokio::test]
     async fn a_sealed_segment_index_witnesses_the_log_s_length_without_the_head() {
         let dir = tempfile::tempdir().unwrap();
         {

@@ -97,12 +97,14 @@ fn encode_pair(seq: u64, hash: &[u8; 32]) -> [u8; 40] {
     out
 }
 
-fn read_pair(path: &Path, what: &'static str) -> Result<Option<AuditAnchor>> {
+/// A stored (seq, hash) pair; `short_is_none`: a file shorter than a pair reads as no pair.
+fn read_pair(path: &Path, what: &'static str, short_is_none: bool) -> Result<Option<AuditAnchor>> {
     match std::fs::read(path) {
         Ok(b) if b.len() == 40 => Ok(Some(AuditAnchor {
             seq: keys::read_u64(&b).unwrap_or(0),
             hash: b[8..40].try_into().expect("32 bytes"),
         })),
+        Ok(b) if short_is_none && b.len() < 40 => Ok(None),
         Ok(_) => Err(StorageError::corrupt(what, "not seq + sha256")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
@@ -110,8 +112,12 @@ fn read_pair(path: &Path, what: &'static str) -> Result<Option<AuditAnchor>> {
 }
 
 /// The newest record's sequence number and hash, as of the last completed group.
+///
+/// The head is rewritten without a sync, so a power cut can leave it empty or cut short (a
+/// file created, its bytes never written back): that is no witness, like a missing head — the
+/// head only ever lags the data, so the log itself says how long it is.
 pub(crate) fn read_head(dir: &Path) -> Result<Option<AuditAnchor>> {
-    read_pair(&dir.join(HEAD_FILE), "audit head")
+    read_pair(&dir.join(HEAD_FILE), "audit head", true)
 }
 
 /// Writes the chain head (seq and hash of the newest record) without syncing it.
@@ -121,7 +127,8 @@ pub(crate) fn write_head_file(dir: &Path, head: AuditAnchor) -> Result<()> {
 }
 
 pub(crate) fn read_anchor(dir: &Path) -> Result<Option<AuditAnchor>> {
-    read_pair(&dir.join(ANCHOR_FILE), "audit anchor")
+    // replaced atomically and durably: anything but a whole pair is damage
+    read_pair(&dir.join(ANCHOR_FILE), "audit anchor", false)
 }
 
 /// Replaces the anchor atomically and durably (temp file, fsync, rename, fsync the directory).
@@ -350,7 +357,8 @@ impl AuditWriter {
         // The head and the sidecars are written only after their records are durable, so
         // either beyond the last record means records were cut off the end: keep the evidence,
         // do not chain onto it.
-        let witnessed = read_head(&dir)?
+        let head_witness = read_head(&dir)?;
+        let witnessed = head_witness
             .map_or(0, |h| h.seq)
             .max(idx::sealed_through(&dir)?);
         if witnessed > seq {
@@ -389,6 +397,12 @@ impl AuditWriter {
         };
         let stats = state.stats.clone();
         state.write_head()?;
+        if head_witness.is_none() {
+            // A new (or empty) head is made durable once, with its directory entry, so that a
+            // power cut cannot leave it short again before a clean shutdown syncs it.
+            state.head_file.sync_all()?;
+            sync_dir(&dir)?;
+        }
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let thread = std::thread::Builder::new()
             .name("tributary-audit".into())
