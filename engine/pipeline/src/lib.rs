@@ -26,8 +26,10 @@ pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
 pub use field_report::FieldAggregator;
 pub use registry::{MappingRegistry, ReloadOutcome};
 
+use futures_util::FutureExt;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -35,8 +37,8 @@ use tributary_core::{deterministic_id, MessageId, MessageState, Protocol, StateK
 use tributary_mapping::{MappedBundle, RunOptions};
 use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
 use tributary_storage::{
-    FieldKey, FieldKind, FieldReportStore, JournalEntry, JournalRecord, MessageUpdate, OutboxEvent,
-    ResourceWrite, StateRecord, StorageError, StoreTransaction,
+    FieldKey, FieldKind, FieldReportStore, Journal, JournalEntry, JournalRecord, MessageUpdate,
+    OutboxEvent, ResourceWrite, StateRecord, StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -50,6 +52,9 @@ const MAX_IN_FLIGHT: usize = 2048;
 /// Largest payload a dispatched entry carries to its worker (see [`queued`]).
 const QUEUED_PAYLOAD_MAX: usize = 64 * 1024;
 const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
+/// The reason a message fails with when mapping it hit a bug (a panic). Fixed: the panic's own
+/// message may quote the message's content.
+pub const PANIC_REASON: &str = "internal error: panic in mapping";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -95,6 +100,106 @@ fn shard_of(key: &str, workers: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() % workers.max(1) as u64) as usize
+}
+
+type ShardSender = mpsc::Sender<(JournalEntry, Option<JournalRecord>)>;
+
+/// The dispatcher's place in the journal: how far it has handed entries to workers, and which
+/// of those are not processed yet.
+struct Dispatch {
+    /// Every entry up to here was handed to its worker (or needs no processing).
+    position: u64,
+    /// Handed to a worker (entry → shard), not reported done yet.
+    in_flight: std::collections::BTreeMap<u64, usize>,
+    /// Whether the journal may hold entries after `position` (read again when set).
+    more: bool,
+}
+
+impl Dispatch {
+    fn new(cursor: u64) -> Self {
+        Self {
+            position: cursor,
+            in_flight: Default::default(),
+            more: true,
+        }
+    }
+
+    /// Every entry up to here is processed: where the cursor may go.
+    fn done_through(&self) -> u64 {
+        self.in_flight
+            .first_key_value()
+            .map_or(self.position, |(oldest, _)| self.position.min(oldest - 1))
+    }
+
+    fn done(&mut self, seq: u64) {
+        self.in_flight.remove(&seq);
+    }
+
+    /// A worker that stopped lost the entries queued for it: they are handed out again, from
+    /// the oldest on. Entries of other shards still in flight are not sent twice (see
+    /// [`Dispatch::fill`]); those already processed are read again and skipped.
+    fn forget_shard(&mut self, shard: usize) {
+        let lost: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, s)| **s == shard)
+            .map(|(seq, _)| *seq)
+            .collect();
+        if let Some(oldest) = lost.first() {
+            self.position = self.position.min(oldest - 1);
+            for seq in &lost {
+                self.in_flight.remove(seq);
+            }
+            self.more = true;
+        }
+    }
+
+    /// Reads entries after `position` and hands each to the worker of its ordering key, until
+    /// `MAX_IN_FLIGHT` are out or the journal has no more. A worker that is gone (shutdown, or
+    /// it died) stops the pass: its entry is not counted as handed over, so `position` stays
+    /// before it and the cursor never passes it. Returns that worker's shard.
+    async fn fill(&mut self, journal: &dyn Journal, shards: &[ShardSender]) -> Option<usize> {
+        while self.more && self.in_flight.len() < MAX_IN_FLIGHT {
+            let entries = match journal.entries_after(self.position, 512) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the journal failed; retrying");
+                    return None;
+                }
+            };
+            self.more = entries.len() == 512;
+            for e in entries {
+                if self.in_flight.contains_key(&e.seq) {
+                    // still with its worker (the pass re-reads after a worker stopped)
+                    self.position = e.seq;
+                    continue;
+                }
+                let record = match journal.get(e.id) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        self.position = e.seq;
+                        continue;
+                    }
+                    Err(err) => {
+                        // read again on the next pass, from this entry on
+                        tracing::warn!(error = %err, "reading a journal record failed");
+                        self.more = false;
+                        return None;
+                    }
+                };
+                let seq = e.seq;
+                let shard = shard_of(&record.envelope.ordering_key, shards.len());
+                if shards[shard].send((e, queued(record))).await.is_err() {
+                    // offered again on a later pass, from this entry on
+                    self.more = false;
+                    return Some(shard);
+                }
+                self.position = seq;
+                self.in_flight.insert(seq, shard);
+            }
+        }
+        None
+    }
 }
 
 impl Pipeline {
@@ -155,57 +260,32 @@ impl Pipeline {
 
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
         let mut shards = Vec::with_capacity(workers);
+        let mut worker_ids = Vec::with_capacity(workers);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..workers {
-            let (tx, rx) = mpsc::channel::<(JournalEntry, Option<JournalRecord>)>(SHARD_QUEUE);
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE);
             shards.push(tx);
-            tasks.spawn(self.clone().worker(rt.clone(), rx, done_tx.clone()));
+            let worker = self.clone().worker(rt.clone(), rx, done_tx.clone());
+            worker_ids.push(tasks.spawn(worker).id());
         }
-        drop(done_tx);
 
-        let mut position = rt.journal.cursor(CONSUMER)?;
-        let mut saved = position;
+        let mut dispatch = Dispatch::new(rt.journal.cursor(CONSUMER)?);
+        let mut saved = dispatch.position;
         let mut last_save = Instant::now();
-        let mut in_flight = std::collections::BTreeSet::new();
-        let mut more = true;
         loop {
-            while more && in_flight.len() < MAX_IN_FLIGHT {
-                let entries = match rt.journal.entries_after(position, 512) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the journal failed; retrying");
-                        break;
-                    }
-                };
-                more = entries.len() == 512;
-                for e in entries {
-                    let record = match rt.journal.get(e.id) {
-                        Ok(Some(r)) => r,
-                        Ok(None) => {
-                            position = e.seq;
-                            continue;
-                        }
-                        Err(err) => {
-                            // read again on the next pass, from this entry on
-                            tracing::warn!(error = %err, "reading a journal record failed");
-                            more = false;
-                            break;
-                        }
-                    };
-                    position = e.seq;
-                    in_flight.insert(e.seq);
-                    let seq = e.seq;
-                    let shard = shard_of(&record.envelope.ordering_key, workers);
-                    if shards[shard].send((e, queued(record))).await.is_err() {
-                        in_flight.remove(&seq);
-                    }
+            if let Some(shard) = dispatch.fill(rt.journal.as_ref(), &shards).await {
+                if !rt.shutdown.is_cancelled() {
+                    tracing::warn!(
+                        shard,
+                        "a pipeline worker is not taking entries; dispatch waits"
+                    );
                 }
             }
             // Everything before the oldest entry in flight is done. The cursor is only where a
             // restart resumes (processed entries are skipped), so saving it is rate-limited.
-            let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+            let done_through = dispatch.done_through();
             if done_through > saved
-                && (in_flight.is_empty() || last_save.elapsed() >= CURSOR_SAVE_EVERY)
+                && (dispatch.in_flight.is_empty() || last_save.elapsed() >= CURSOR_SAVE_EVERY)
             {
                 last_save = Instant::now();
                 match rt.journal.set_cursor(CONSUMER, done_through).await {
@@ -216,16 +296,36 @@ impl Pipeline {
             tokio::select! {
                 _ = rt.shutdown.cancelled() => break,
                 Some(seq) = done_rx.recv() => {
-                    in_flight.remove(&seq);
+                    dispatch.done(seq);
                     while let Ok(seq) = done_rx.try_recv() {
-                        in_flight.remove(&seq);
+                        dispatch.done(seq);
                     }
-                    more = true;
+                    dispatch.more = true;
                 }
-                _ = head.changed() => more = true,
+                // A worker returns only at shutdown; one that stops otherwise (a bug outside the
+                // per-message panic guard) is started again and given its lost entries anew.
+                Some(joined) = tasks.join_next_with_id() => {
+                    if rt.shutdown.is_cancelled() {
+                        break;
+                    }
+                    let (id, panicked) = match &joined {
+                        Ok((id, ())) => (*id, false),
+                        Err(e) => (e.id(), e.is_panic()),
+                    };
+                    if let Some(shard) = worker_ids.iter().position(|w| *w == id) {
+                        tracing::error!(shard, panicked, "a pipeline worker stopped; starting it again");
+                        rt.metrics.inc("tributary_pipeline_worker_restarts_total", &[]);
+                        let (tx, rx) = mpsc::channel(SHARD_QUEUE);
+                        shards[shard] = tx;
+                        let worker = self.clone().worker(rt.clone(), rx, done_tx.clone());
+                        worker_ids[shard] = tasks.spawn(worker).id();
+                        dispatch.forget_shard(shard);
+                    }
+                }
+                _ = head.changed() => dispatch.more = true,
                 _ = reload_tick.tick(), if self.config.reload_interval_secs > 0 => {
                     self.reload_and_requeue(&rt).await;
-                    more = true;
+                    dispatch.more = true;
                 }
                 _ = report_tick.tick() => {
                     self.log_summaries();
@@ -233,16 +333,17 @@ impl Pipeline {
                         tracing::warn!(error = %e, "saving the mapping field report failed; retrying");
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)) => more = true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => dispatch.more = true,
             }
         }
         // Finish what the workers hold (each entry is one atomic commit), then save the cursor.
         drop(shards);
+        drop(done_tx);
         while tasks.join_next().await.is_some() {}
         while let Ok(seq) = done_rx.try_recv() {
-            in_flight.remove(&seq);
+            dispatch.done(seq);
         }
-        let done_through = in_flight.first().map_or(position, |oldest| oldest - 1);
+        let done_through = dispatch.done_through();
         if done_through > saved {
             rt.journal.set_cursor(CONSUMER, done_through).await?;
         }
@@ -453,13 +554,24 @@ impl Pipeline {
 
     /// Maps and commits one journal entry; counts the outcome for `/metrics`. `record` is the
     /// entry's journal record when the caller has just read it (otherwise it is read here).
+    ///
+    /// A panic while mapping (a bug, in a mapping or in this crate) does not stop the worker:
+    /// the message fails with [`PANIC_REASON`] and the next one is taken.
     pub async fn process(
         &self,
         rt: &Runtime,
         entry: JournalEntry,
         record: Option<JournalRecord>,
     ) -> Result<Outcome, PipelineError> {
-        let out = self.map_and_commit(rt, entry, record).await;
+        // Unwind safety: a panicking attempt leaves nothing of its own behind (its commit is
+        // one atomic write, done or not); the message is read again below.
+        let attempt = AssertUnwindSafe(self.map_and_commit(rt, entry, record))
+            .catch_unwind()
+            .await;
+        let out = match attempt {
+            Ok(out) => out,
+            Err(_) => self.fail_after_panic(rt, entry).await,
+        };
         let outcome = match &out {
             Ok(Outcome::Committed { .. }) => "committed",
             Ok(Outcome::Failed { .. }) => "failed",
@@ -469,6 +581,29 @@ impl Pipeline {
         rt.metrics
             .inc("tributary_pipeline_messages_total", &[("outcome", outcome)]);
         out
+    }
+
+    /// Marks a message failed with [`PANIC_REASON`] after mapping it panicked, unless it was
+    /// committed before the panic or queued again since.
+    async fn fail_after_panic(
+        &self,
+        rt: &Runtime,
+        entry: JournalEntry,
+    ) -> Result<Outcome, PipelineError> {
+        let Some(record) = rt.journal.get(entry.id)? else {
+            return Ok(Outcome::Skipped);
+        };
+        if record.state.state != MessageState::Received || record.state.seq != Some(entry.seq) {
+            return Ok(Outcome::Skipped);
+        }
+        let env = &record.envelope;
+        tracing::error!(message_id = %env.id, seq = entry.seq, "panic while mapping a message; marked failed");
+        let version = match env.protocol {
+            Protocol::Fhir => fhir::VERSION.to_string(),
+            _ => self.registry.current().version.clone(),
+        };
+        self.fail(rt, env, entry.seq, PANIC_REASON.to_string(), &version)
+            .await
     }
 
     async fn map_and_commit(
@@ -489,6 +624,10 @@ impl Pipeline {
             return Ok(Outcome::Skipped);
         }
         let env = &record.envelope;
+        #[cfg(test)]
+        if env.payload.starts_with(tests::PANIC_IN_MAPPING) {
+            panic!("test: a bug in mapping");
+        }
         match env.protocol {
             Protocol::Hl7v2 => {}
             Protocol::Fhir => return self.pass_through(rt, entry, env).await,
@@ -788,7 +927,150 @@ fn check_bundle(m: &MappedBundle) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::message_event_type;
+    use super::*;
+    use tributary_core::Envelope;
+    use tributary_storage::{Db, DbOptions};
+
+    fn runtime(dir: &std::path::Path) -> Runtime {
+        Runtime::embedded(Db::open(dir, DbOptions::default()).unwrap(), 0)
+    }
+
+    async fn journal(rt: &Runtime, ordering_key: &str) -> u64 {
+        let env = Envelope::builder(Protocol::Hl7v2, b"MSH|^~\\&|".to_vec())
+            .tenant("t1")
+            .partner("riverside")
+            .ordering_key(ordering_key)
+            .build();
+        rt.journal.append(env).await.unwrap().seq.unwrap()
+    }
+
+    /// An ordering key whose messages go to `shard` of two.
+    fn key_for(shard: usize) -> String {
+        (0..)
+            .map(|i| format!("riverside/MRN{i}"))
+            .find(|k| shard_of(k, 2) == shard)
+            .unwrap()
+    }
+
+    /// A payload that makes mapping panic (the test seam in `map_and_commit`).
+    pub(super) const PANIC_IN_MAPPING: &[u8] = b"TEST-PANIC-IN-MAPPING";
+
+    fn repo() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    async fn journal_payload(rt: &Runtime, payload: Vec<u8>) -> (MessageId, u64) {
+        let env = Envelope::builder(Protocol::Hl7v2, payload)
+            .tenant("t1")
+            .partner("riverside")
+            .ordering_key("riverside/MRN70001")
+            .build();
+        let r = rt.journal.append(env).await.unwrap();
+        (r.id, r.seq.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_mapping_fails_that_message_and_its_shard_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let registry = MappingRegistry::load(&repo().join("mappings/hl7v2")).expect("loads");
+        let p = Pipeline::new(
+            Arc::new(registry),
+            MappingConfig {
+                workers: 1,
+                ..Default::default()
+            },
+        );
+        let adt = std::fs::read(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
+        // One ordering key: the message after the panicking one waits on the same worker.
+        let (bad, _) = journal_payload(&rt, PANIC_IN_MAPPING.to_vec()).await;
+        let (good, last) = journal_payload(&rt, adt).await;
+        let running = tokio::spawn(p.clone().run(rt.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let state = |id| rt.journal.get(id).unwrap().unwrap().state.state;
+        while state(bad) == MessageState::Received || state(good) == MessageState::Received {
+            assert!(Instant::now() < deadline, "messages not processed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rt.shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert_eq!(
+            state(bad),
+            MessageState::Failed {
+                reason: PANIC_REASON.into()
+            }
+        );
+        assert_eq!(state(good), MessageState::Committed);
+        assert_eq!(rt.journal.cursor(CONSUMER).unwrap(), last);
+    }
+
+    #[tokio::test]
+    async fn entries_a_stopped_worker_held_are_handed_out_again_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let (zero, one) = (key_for(0), key_for(1));
+        let a = journal(&rt, &zero).await;
+        let b = journal(&rt, &one).await;
+        let c = journal(&rt, &zero).await;
+        let (tx0, mut rx0) = mpsc::channel(SHARD_QUEUE);
+        let (tx1, rx1) = mpsc::channel(SHARD_QUEUE);
+        let mut dispatch = Dispatch::new(0);
+        let journal = rt.journal.as_ref();
+        assert_eq!(dispatch.fill(journal, &[tx0.clone(), tx1]).await, None);
+        // Worker 1 stops with entry b still queued for it.
+        drop(rx1);
+        dispatch.forget_shard(1);
+        assert!(dispatch.done_through() < b);
+        let (tx1, mut rx1) = mpsc::channel(SHARD_QUEUE);
+        assert_eq!(dispatch.fill(journal, &[tx0, tx1]).await, None);
+        assert_eq!(rx1.try_recv().unwrap().0.seq, b);
+        assert!(rx1.try_recv().is_err());
+        let to_zero: Vec<u64> =
+            std::iter::from_fn(|| rx0.try_recv().ok().map(|(e, _)| e.seq)).collect();
+        assert_eq!(to_zero, vec![a, c], "nothing sent twice to the live worker");
+        for seq in [a, b, c] {
+            dispatch.done(seq);
+        }
+        assert_eq!(dispatch.done_through(), c);
+    }
+
+    #[tokio::test]
+    async fn an_entry_a_worker_did_not_take_is_never_passed_by_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let (live, gone) = (key_for(0), key_for(1));
+        let first = journal(&rt, &live).await;
+        let refused = journal(&rt, &gone).await;
+        let last = journal(&rt, &live).await;
+        let (live_tx, mut live_rx) = mpsc::channel(SHARD_QUEUE);
+        let (gone_tx, gone_rx) = mpsc::channel(SHARD_QUEUE);
+        drop(gone_rx); // that worker has returned (shutdown) or died
+        let mut dispatch = Dispatch::new(0);
+        let stopped = dispatch
+            .fill(rt.journal.as_ref(), &[live_tx.clone(), gone_tx])
+            .await;
+        // The live worker processes everything it was handed.
+        while let Ok((e, _)) = live_rx.try_recv() {
+            dispatch.in_flight.remove(&e.seq);
+        }
+        assert!(
+            dispatch.done_through() < refused,
+            "the cursor may go to {} past entry {refused}, which no worker took",
+            dispatch.done_through()
+        );
+        assert_eq!(dispatch.done_through(), first);
+        assert_eq!(stopped, Some(1));
+        // A worker taking entries again gets the refused entry and the ones after it.
+        let (again_tx, mut again_rx) = mpsc::channel(SHARD_QUEUE);
+        dispatch.more = true;
+        let stopped = dispatch
+            .fill(rt.journal.as_ref(), &[live_tx, again_tx])
+            .await;
+        assert_eq!(stopped, None);
+        assert_eq!(again_rx.try_recv().unwrap().0.seq, refused);
+        assert_eq!(live_rx.try_recv().unwrap().0.seq, last);
+        assert_eq!(dispatch.done_through(), first);
+    }
 
     #[test]
     fn event_type_keeps_the_trigger_event_as_hl7_writes_it() {

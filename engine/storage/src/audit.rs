@@ -829,13 +829,18 @@ mod tests {
 
     async fn log_with(n: u64) -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
-        let log = open_log(dir.path());
+        let log = log_with_in(dir.path(), n).await;
+        (dir, log)
+    }
+
+    async fn log_with_in(dir: &Path, n: u64) -> AuditLog {
+        let log = open_log(dir);
         for i in 0..n {
             log.append(vec![json!({"i": i, "outcome": "allowed"})])
                 .await
                 .unwrap();
         }
-        (dir, log)
+        log
     }
 
     #[test]
@@ -1131,6 +1136,128 @@ mod tests {
         assert!(
             refused.to_string().contains("removed from the end"),
             "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_short_head_left_by_a_power_cut_is_no_witness() {
+        for short in [0usize, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let log = open_log(dir.path());
+                for i in 0..2 {
+                    log.append(vec![json!({"i": i})]).await.unwrap();
+                }
+            }
+            // The head file was created but its bytes never reached the disk (or only some).
+            let head = files::dir_of(dir.path()).join("head");
+            let bytes = std::fs::read(&head).unwrap();
+            std::fs::write(&head, &bytes[..short]).unwrap();
+            let log = open_log(dir.path());
+            assert_eq!(log.append(vec![json!({"i": 2})]).await.unwrap(), vec![3]);
+            let report = log.verify().unwrap().unwrap();
+            assert_eq!((report.entries, report.head_seq), (3, 3));
+        }
+    }
+
+    /// The stored lines of records `from..=to` of a log of `{"i": n}` records, as one group
+    /// would write them.
+    async fn lines_of(from: u64, to: u64) -> Vec<Vec<u8>> {
+        let (_d, log) = log_with(to).await;
+        (from..=to)
+            .map(|seq| {
+                let mut line = log.raw(seq).unwrap().unwrap();
+                line.push(b'\n');
+                line
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_torn_group_is_cut_at_its_first_break_and_kept_as_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with_in(dir.path(), 3).await);
+        // Records 4–8 written as one group; power lost before its fdatasync: 4 reached the
+        // disk, a block from inside 5 to inside 6 did not (zeros), 7 and 8 did.
+        let group = lines_of(4, 8).await;
+        let kept = group[0].len();
+        let mut torn = group.concat();
+        let hole = kept + 10..kept + group[1].len() + 12;
+        torn[hole].fill(0);
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let before = std::fs::metadata(&seg).unwrap().len();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &torn).unwrap();
+        drop(f);
+        let log = open_log(dir.path());
+        // Record 4 links and is kept; 5 onwards were never acknowledged.
+        assert_eq!(log.append(vec![json!({"i": 9})]).await.unwrap(), vec![5]);
+        let report = log.verify().unwrap().unwrap();
+        assert_eq!((report.entries, report.head_seq), (5, 5));
+        let audit = files::dir_of(dir.path());
+        let evidence: Vec<_> = std::fs::read_dir(&audit)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "torn"))
+            .collect();
+        assert_eq!(evidence.len(), 1, "{evidence:?}");
+        assert_eq!(std::fs::read(&evidence[0]).unwrap(), torn[kept..]);
+        assert_eq!(
+            std::fs::read(&seg).unwrap().len() as u64,
+            before + kept as u64 + log.raw(5).unwrap().unwrap().len() as u64 + 1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_torn_group_that_opened_a_segment_is_cut_from_the_segment_s_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
+            for i in 0..3 {
+                log.append(vec![json!({"i": i, "outcome": "allowed"})])
+                    .await
+                    .unwrap();
+            }
+        }
+        // Records 1–3 each fill a segment; the open fourth is empty. Records 4–5 written as
+        // one group into it: the block holding 4 never reached the disk, 5 did.
+        let group = lines_of(4, 5).await;
+        let mut torn = group.concat();
+        torn[..group[0].len()].fill(0);
+        let seg = segment_files(dir.path()).pop().unwrap();
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), 0);
+        std::fs::write(&seg, &torn).unwrap();
+        let log = AuditLog::new(Db::open(dir.path(), small_segments()).unwrap());
+        assert_eq!(log.append(vec![json!({"i": 9})]).await.unwrap(), vec![4]);
+        let report = log.verify().unwrap().unwrap();
+        assert_eq!((report.entries, report.head_seq), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn a_break_before_what_the_head_witnesses_still_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(log_with_in(dir.path(), 4).await);
+        // Record 2 zeroed in place: the head says 4, so 2 was acknowledged.
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let lines: Vec<usize> = bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .map(|(i, _)| i)
+            .collect();
+        bytes[lines[0] + 1..lines[1]].fill(0);
+        std::fs::write(&seg, &bytes).unwrap();
+        let log = open_log(dir.path());
+        let refused = log.append(vec![json!({"i": 9})]).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("record 2 does not link"),
+            "{refused}"
+        );
+        assert_eq!(
+            std::fs::read(&seg).unwrap(),
+            bytes,
+            "the evidence stays in place"
         );
     }
 

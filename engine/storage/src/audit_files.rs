@@ -15,6 +15,8 @@
 //! - `anchor`: where the chain starts after retention (see `audit.rs`), replaced atomically.
 //! - `<first seq, 20 digits>.idx`: a sealed segment's index ([`crate::audit_index`]); the open
 //!   segment's index is held in memory and rebuilt from the segment when the log is opened.
+//! - `<first seq, 20 digits>.<offset>.torn`: evidence — the tail of a segment cut at open because
+//!   it did not link (a group torn by a power cut before its fdatasync; see `AuditWriter::open`).
 
 use crate::audit::{entry_hash, AuditAnchor, PreparedRecord};
 use crate::audit_index::{self as idx, Index, SidecarWriter};
@@ -97,12 +99,14 @@ fn encode_pair(seq: u64, hash: &[u8; 32]) -> [u8; 40] {
     out
 }
 
-fn read_pair(path: &Path, what: &'static str) -> Result<Option<AuditAnchor>> {
+/// A stored (seq, hash) pair; `short_is_none`: a file shorter than a pair reads as no pair.
+fn read_pair(path: &Path, what: &'static str, short_is_none: bool) -> Result<Option<AuditAnchor>> {
     match std::fs::read(path) {
         Ok(b) if b.len() == 40 => Ok(Some(AuditAnchor {
             seq: keys::read_u64(&b).unwrap_or(0),
             hash: b[8..40].try_into().expect("32 bytes"),
         })),
+        Ok(b) if short_is_none && b.len() < 40 => Ok(None),
         Ok(_) => Err(StorageError::corrupt(what, "not seq + sha256")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
@@ -110,8 +114,12 @@ fn read_pair(path: &Path, what: &'static str) -> Result<Option<AuditAnchor>> {
 }
 
 /// The newest record's sequence number and hash, as of the last completed group.
+///
+/// The head is rewritten without a sync, so a power cut can leave it empty or cut short (a
+/// file created, its bytes never written back): that is no witness, like a missing head — the
+/// head only ever lags the data, so the log itself says how long it is.
 pub(crate) fn read_head(dir: &Path) -> Result<Option<AuditAnchor>> {
-    read_pair(&dir.join(HEAD_FILE), "audit head")
+    read_pair(&dir.join(HEAD_FILE), "audit head", true)
 }
 
 /// Writes the chain head (seq and hash of the newest record) without syncing it.
@@ -121,7 +129,8 @@ pub(crate) fn write_head_file(dir: &Path, head: AuditAnchor) -> Result<()> {
 }
 
 pub(crate) fn read_anchor(dir: &Path) -> Result<Option<AuditAnchor>> {
-    read_pair(&dir.join(ANCHOR_FILE), "audit anchor")
+    // replaced atomically and durably: anything but a whole pair is damage
+    read_pair(&dir.join(ANCHOR_FILE), "audit anchor", false)
 }
 
 /// Replaces the anchor atomically and durably (temp file, fsync, rename, fsync the directory).
@@ -203,6 +212,106 @@ fn complete_len(path: &Path) -> Result<(u64, u64)> {
         hi = lo;
     }
     Ok((0, len))
+}
+
+/// The last complete line of a segment (without its newline and any zeroed debris before it).
+fn last_line(path: &Path) -> Result<Option<Vec<u8>>> {
+    let (end, _) = complete_len(path)?;
+    if end == 0 {
+        return Ok(None);
+    }
+    let file = std::fs::File::open(path)?;
+    let body_end = end - 1;
+    let mut start = body_end;
+    let mut buf = vec![0u8; 1 << 16];
+    while start > 0 {
+        let lo = start.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(start - lo) as usize];
+        file.read_exact_at(chunk, lo)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            start = lo + i as u64 + 1;
+            break;
+        }
+        start = lo;
+    }
+    let mut line = vec![0u8; (body_end - start) as usize];
+    file.read_exact_at(&mut line, start)?;
+    if let Some(nul) = line.iter().rposition(|b| *b == 0) {
+        line.drain(..=nul);
+    }
+    Ok(Some(line))
+}
+
+/// The hex `prev` a stored line claims, read from its prefix like [`line_seq`].
+fn line_prev(line: &[u8]) -> Option<&[u8]> {
+    let rest = line.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().position(|b| !b.is_ascii_digit())?;
+    let rest = rest[digits..].strip_prefix(b",\"prev\":\"")?;
+    let hash = rest.get(..64)?;
+    rest.get(64).filter(|b| **b == b'"').map(|_| hash)
+}
+
+/// How far a segment's records link up: each claims the next sequence number and the hash of
+/// the one before.
+struct Links {
+    /// Sequence number and hash of the last record that links.
+    last: Option<(u64, [u8; 32])>,
+    /// Where the first record that does not link starts, if one does not.
+    broken_at: Option<u64>,
+    /// The sequence number the first record that does not link should have had.
+    expected: u64,
+}
+
+/// Walks a segment's records from `expected` on; `prev` is the hash the first one must
+/// name, when it is known. A record written only in part (a power cut before its group's
+/// fdatasync leaves unwritten blocks as zeros) is not whole JSON and breaks the walk.
+fn walk_links(path: &Path, floor: u64, expected: u64, prev: Option<[u8; 32]>) -> Result<Links> {
+    let mut links = Links {
+        last: None,
+        broken_at: None,
+        expected,
+    };
+    let mut prev = prev;
+    for_each_line(path, floor, |offset, line| {
+        let whole = !line.contains(&0) && line.ends_with(b"}");
+        let linked = whole
+            && line_seq(line) == Some(links.expected)
+            && match (&prev, line_prev(line)) {
+                (Some(p), Some(claimed)) => claimed == hex::encode(p).as_bytes(),
+                (None, Some(_)) => true,
+                (_, None) => false,
+            };
+        if !linked {
+            links.broken_at = Some(offset);
+            return Ok(false);
+        }
+        let hash = entry_hash(line)?;
+        links.last = Some((links.expected, hash));
+        prev = Some(hash);
+        links.expected += 1;
+        Ok(true)
+    })?;
+    Ok(links)
+}
+
+/// Moves the bytes of a segment from `at` on to an evidence file beside it
+/// (`<first seq>.<offset>.torn`, synced), then cuts the segment there.
+fn cut_to_evidence(dir: &Path, first: u64, path: &Path, at: u64) -> Result<u64> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let mut bytes = vec![0u8; (len - at) as usize];
+    file.read_exact_at(&mut bytes, at)?;
+    let evidence = dir.join(format!("{first:020}.{at}.torn"));
+    let mut out = std::fs::File::create(&evidence)?;
+    out.write_all(&bytes)?;
+    out.sync_all()?;
+    sync_dir(dir)?;
+    file.set_len(at)?;
+    file.sync_all()?;
+    Ok(len - at)
 }
 
 /// Overwrites `[0, end)` of a segment with zeros and syncs it: retention's deletion of the
@@ -321,38 +430,65 @@ impl AuditWriter {
                 std::fs::remove_file(path)?;
             }
         }
+        let floor = anchor.map_or(0, |a| a.seq);
         let (mut seq, mut head) = anchor.map_or((0, [0u8; 32]), |a| (a.seq, a.hash));
-        // The newest record: the last complete line of the newest segment holding one. A line
-        // cut short by a crash was never acknowledged and is cut off.
-        for (first, path) in segments.iter().rev() {
-            let mut last: Option<Vec<u8>> = None;
-            for_each_line(path, anchor.map_or(0, |a| a.seq), |_, line| {
-                last = Some(line.to_vec());
-                Ok(true)
-            })?;
+        // The head and the sidecars are written only after their records are durable: they
+        // are witnesses of how long the log was at least.
+        let head_witness = read_head(&dir)?;
+        let witnessed = head_witness
+            .map_or(0, |h| h.seq)
+            .max(idx::sealed_through(&dir)?);
+        // The newest record: the last one of the newest segment holding one that links to the
+        // records before it. A line a crash cut short was never acknowledged and is cut off.
+        // So is a torn group: written with one write, power lost before its fdatasync, it can
+        // leave whole lines, then zeros (blocks never written back), then whole lines again.
+        // Nothing from its first break on was acknowledged — if that break lies after every
+        // witness — so those bytes go to an evidence file and the chain goes on before them.
+        for (i, (first, path)) in segments.iter().enumerate().rev() {
             let (end, file_len) = complete_len(path)?;
             if file_len > end {
                 let f = std::fs::OpenOptions::new().write(true).open(path)?;
                 f.set_len(end)?;
                 f.sync_all()?;
             }
-            if let Some(line) = last {
-                seq = line_seq(&line).ok_or_else(|| {
-                    StorageError::corrupt(
+            let expected = (*first).max(floor + 1);
+            let prev = if expected == floor + 1 {
+                Some(head)
+            } else if i > 0 {
+                last_line(&segments[i - 1].1)?
+                    .map(|l| entry_hash(&l))
+                    .transpose()?
+            } else {
+                None
+            };
+            let links = walk_links(path, floor, expected, prev)?;
+            if let Some(at) = links.broken_at {
+                if links.expected <= witnessed {
+                    return Err(StorageError::corrupt(
                         "audit",
-                        format!("the last record of segment {first} has no sequence number; run `tributary audit verify`"),
-                    )
-                })?;
-                head = entry_hash(&line)?;
+                        format!("record {} does not link to the one before it, and the chain head or an index file shows the log reached {witnessed}; run `tributary audit verify`", links.expected),
+                    ));
+                }
+                // Nothing of the segment links: from its start (a torn group that opened the
+                // segment may begin with zeros), unless retention zeroed its front.
+                let at = if links.last.is_none() && expected == *first {
+                    0
+                } else {
+                    at
+                };
+                let moved = cut_to_evidence(&dir, *first, path, at)?;
+                tracing::warn!(
+                    segment = *first,
+                    from_record = links.expected,
+                    bytes = moved,
+                    "audit segment ended in a torn write (power lost before its sync): the unacknowledged tail was moved to a .torn evidence file"
+                );
+            }
+            if let Some((s, h)) = links.last {
+                (seq, head) = (s, h);
                 break;
             }
         }
-        // The head and the sidecars are written only after their records are durable, so
-        // either beyond the last record means records were cut off the end: keep the evidence,
-        // do not chain onto it.
-        let witnessed = read_head(&dir)?
-            .map_or(0, |h| h.seq)
-            .max(idx::sealed_through(&dir)?);
         if witnessed > seq {
             return Err(StorageError::corrupt(
                 "audit",
@@ -389,6 +525,12 @@ impl AuditWriter {
         };
         let stats = state.stats.clone();
         state.write_head()?;
+        if head_witness.is_none() {
+            // A new (or empty) head is made durable once, with its directory entry, so that a
+            // power cut cannot leave it short again before a clean shutdown syncs it.
+            state.head_file.sync_all()?;
+            sync_dir(&dir)?;
+        }
         let (tx, rx) = mpsc::channel(QUEUE_BOUND);
         let thread = std::thread::Builder::new()
             .name("tributary-audit".into())

@@ -8,7 +8,9 @@
 //!
 //! Jobs run one after the other on this thread, so a job sees the writes of the jobs before it in
 //! the same group (point reads only) and may keep counters (sequence numbers) without locks.
-//! A job that returns an error leaves no writes behind.
+//! A job that returns an error leaves no writes behind. A job that panics is turned into that
+//! job's error ([`StorageError::Internal`]) the same way, with the counters it moved put back:
+//! the thread, and every other job of the group, go on.
 
 use crate::db::{Table, Tables};
 use crate::{Result, StorageError};
@@ -35,8 +37,6 @@ pub struct Counters {
     pub outbox_seq: u64,
     pub dead_letter_seq: u64,
 }
-
-type Op = (Table, Vec<u8>, Option<Vec<u8>>);
 
 /// One map per table: key → latest value (`None` = delete) written by the group so far.
 ///
@@ -100,7 +100,11 @@ pub struct Txn<'a> {
     recent: &'a RecentWrites,
     pub counters: &'a mut Counters,
     writes: WriteSet,
-    job_ops: Vec<Op>,
+    /// The running job's writes, kept apart until it succeeds, indexed like `writes` so that
+    /// its own point reads are lookups (a 10,000-resource bundle reads and writes each key).
+    job: WriteSet,
+    /// Whether `job` holds anything (most jobs' maps are all empty at the end).
+    job_dirty: bool,
 }
 
 impl<'a> Txn<'a> {
@@ -110,17 +114,13 @@ impl<'a> Txn<'a> {
             recent,
             counters,
             writes: (0..Table::COUNT).map(|_| KeyMap::default()).collect(),
-            job_ops: Vec::new(),
+            job: (0..Table::COUNT).map(|_| KeyMap::default()).collect(),
+            job_dirty: false,
         }
     }
 
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some((_, _, v)) = self
-            .job_ops
-            .iter()
-            .rev()
-            .find(|(t, k, _)| *t == table && k == key)
-        {
+        if let Some(v) = self.job[table as usize].get(key) {
             return Ok(v.clone());
         }
         if let Some(v) = self.writes[table as usize].get(key) {
@@ -138,7 +138,7 @@ impl<'a> Txn<'a> {
             return None;
         }
         let pending = self.writes[table as usize].contains_key(key)
-            || self.job_ops.iter().any(|(t, k, _)| *t == table && k == key);
+            || self.job[table as usize].contains_key(key);
         if pending {
             return Some(false);
         }
@@ -147,18 +147,26 @@ impl<'a> Txn<'a> {
     }
 
     pub fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
-        self.job_ops.push((table, key, Some(value)));
+        self.job[table as usize].insert(key, Some(value));
+        self.job_dirty = true;
     }
 
     pub fn delete(&mut self, table: Table, key: Vec<u8>) {
-        self.job_ops.push((table, key, None));
+        self.job[table as usize].insert(key, None);
+        self.job_dirty = true;
     }
 
+    /// Moves the job's writes into the group's (`keep`) or drops them; the job's maps keep
+    /// their capacity for the next job.
     fn finish_job(&mut self, keep: bool) {
-        let ops = std::mem::take(&mut self.job_ops);
-        if keep {
-            for (t, k, v) in ops {
-                self.writes[t as usize].insert(k, v);
+        if !std::mem::take(&mut self.job_dirty) {
+            return;
+        }
+        for (job, group) in self.job.iter_mut().zip(self.writes.iter_mut()) {
+            if keep {
+                group.extend(job.drain());
+            } else {
+                job.clear();
             }
         }
     }
@@ -226,7 +234,19 @@ impl Committer {
         reply: oneshot::Sender<Result<R>>,
     ) -> Job {
         Box::new(move |txn: &mut Txn<'_>| {
-            let res = f(txn);
+            let counters = txn.counters.clone();
+            // The job's writes wait in `job` (dropped below unless it succeeds) and the
+            // counters are restored, so nothing a panicking job left half done is kept.
+            let res = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(txn))) {
+                Ok(res) => res,
+                Err(_) => {
+                    *txn.counters = counters;
+                    tracing::error!(
+                        "a storage write panicked; it is refused, the committer goes on"
+                    );
+                    Err(StorageError::Internal("panic in a storage write"))
+                }
+            };
             txn.finish_job(res.is_ok());
             Box::new(move |commit_error: Option<&str>| {
                 let out = match (res, commit_error) {
@@ -371,6 +391,81 @@ mod tests {
         db.committer()
             .run_blocking(move |txn| Ok(txn.unwritten_since(table, key, group)))
             .unwrap()
+    }
+
+    #[test]
+    fn a_panicking_job_is_refused_alone_and_the_committer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let seq_before = db
+            .committer()
+            .run_blocking(|txn| Ok(txn.counters.journal_seq))
+            .unwrap();
+        let err = db
+            .committer()
+            .run_blocking(|txn| -> Result<()> {
+                txn.counters.journal_seq += 1;
+                txn.put(Table::Meta, b"half".to_vec(), b"done".to_vec());
+                panic!("a bug in a storage write");
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Internal(_)), "{err}");
+        // Nothing of it stayed: neither its write nor the counter it moved.
+        let (seq_after, half) = db
+            .committer()
+            .run_blocking(|txn| Ok((txn.counters.journal_seq, txn.get(Table::Meta, b"half")?)))
+            .unwrap();
+        assert_eq!((seq_after, half), (seq_before, None));
+        put(&db, Table::Meta, b"after");
+        assert!(db
+            .tables()
+            .get(Table::Meta)
+            .get(b"after")
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn a_job_reads_its_own_latest_writes_and_a_failed_job_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        put(&db, Table::Res, b"kept");
+        let seen = db
+            .committer()
+            .run_blocking(|txn| {
+                let n = 10_000u32;
+                for i in 0..n {
+                    txn.put(Table::Res, i.to_be_bytes().to_vec(), b"1".to_vec());
+                }
+                // as a bundle's commit does: read each key, then write it
+                for i in 0..n {
+                    let key = i.to_be_bytes();
+                    assert_eq!(txn.get(Table::Res, &key)?, Some(b"1".to_vec()));
+                    txn.put(Table::Res, key.to_vec(), i.to_string().into_bytes());
+                }
+                txn.delete(Table::Res, b"kept".to_vec());
+                let last = txn.get(Table::Res, &(n - 1).to_be_bytes())?;
+                let gone = txn.get(Table::Res, b"kept")?;
+                let other_table = txn.get(Table::Meta, &0u32.to_be_bytes())?;
+                Ok((last, gone, other_table))
+            })
+            .unwrap();
+        assert_eq!(seen, (Some(b"9999".to_vec()), None, None));
+        let res = db.tables().get(Table::Res);
+        assert_eq!(res.get(7u32.to_be_bytes()).unwrap().unwrap().to_vec(), b"7");
+        assert!(res.get(b"kept").unwrap().is_none());
+        // A job that fails leaves none of its writes to the next job of the group or to disk.
+        let failed = db.committer().run_blocking(|txn| -> Result<()> {
+            txn.put(Table::Res, b"failed".to_vec(), b"v".to_vec());
+            Err(StorageError::TooMany("test".into()))
+        });
+        assert!(failed.is_err());
+        let after = db
+            .committer()
+            .run_blocking(|txn| txn.get(Table::Res, b"failed"))
+            .unwrap();
+        assert_eq!(after, None);
+        assert!(res.get(b"failed").unwrap().is_none());
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum StorageError {
     AlreadyExists { resource: String },
     #[error("the storage committer has stopped")]
     CommitterStopped,
+    /// A bug caught at run time (a panic inside a storage write); the write was refused and
+    /// nothing of it was stored. Carries a fixed description, never record content.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// A request would touch more records than one call may hold in memory.
     #[error("{0}")]
     TooMany(String),

@@ -5,6 +5,7 @@ use crate::{Result, StorageError};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use tokio::sync::watch;
 use tributary_core::{Envelope, MessageId, MessageState, StateKind};
 
@@ -160,6 +161,8 @@ fn finished(state: &StateRecord, passed_by_all: u64) -> bool {
 pub struct PruneStats {
     pub pruned: u64,
     pub bytes_freed: u64,
+    /// Failed or rejected messages old enough to be due that retention kept for a human (only
+    /// the part of the journal it read: up to the cut-off, further while over the budget).
     pub kept_for_attention: u64,
 }
 
@@ -296,6 +299,10 @@ fn note_key(id: &MessageId) -> Vec<u8> {
     [&b"note:"[..], id.as_bytes()].concat()
 }
 
+/// Time-index keys retention reads, and messages it deletes, per step (one durable write each).
+/// (Small in unit tests, so that they cross chunk boundaries.)
+const PRUNE_CHUNK: usize = if cfg!(test) { 4 } else { 512 };
+
 /// The embedded journal on the shared fjall database.
 #[derive(Clone)]
 pub struct FjallJournal {
@@ -383,9 +390,9 @@ impl FjallJournal {
                 if let Some(key) = &dedup_key {
                     if let Some(prev) = txn.get(Table::Dedup, key.as_bytes())? {
                         let prev_id = MessageId::from_bytes(
-                            prev[..16]
-                                .try_into()
-                                .map_err(|_| StorageError::corrupt("dedup", "short"))?,
+                            prev.get(..16)
+                                .and_then(|b| b.try_into().ok())
+                                .ok_or_else(|| StorageError::corrupt("dedup", "short"))?,
                         );
                         let prev_at = keys::read_i64(&prev[16..]).unwrap_or(i64::MIN);
                         if received_at.saturating_sub(prev_at) <= window {
@@ -437,45 +444,123 @@ impl FjallJournal {
         }
     }
 
-    fn total_payload_and_candidates(
-        &self,
-        policy: &RetentionPolicy,
-        now_ms: i64,
-    ) -> Result<(Vec<(MessageId, u64)>, PruneStats)> {
+    /// The payload bytes of every message the journal holds (one pass over the time index's
+    /// values; no message is read or kept).
+    fn total_payload(&self) -> Result<u64> {
+        let mut total = 0u64;
+        for item in self.db.range::<&[u8], _>(Table::Time, ..) {
+            let (_, v) = item.into_inner()?;
+            total = total.saturating_add(keys::read_u64(&v).unwrap_or(0));
+        }
+        Ok(total)
+    }
+
+    /// Retention, on a blocking thread: walks the time index oldest first, a chunk of
+    /// `PRUNE_CHUNK` keys at a time, and deletes the finished messages that are due as it
+    /// goes. It stops at the cut-off unless a payload budget is still exceeded, so only what
+    /// is due is read, and no more than one chunk of candidates is held at once.
+    fn prune_blocking(&self, policy: &RetentionPolicy, now_ms: i64) -> Result<PruneStats> {
         let mut stats = PruneStats::default();
-        let mut total: u64 = 0;
-        let mut delivered: Vec<(MessageId, i64, u64)> = Vec::new();
         let passed_by_all = policy
             .consumers
             .iter()
             .map(|c| self.cursor(c))
             .try_fold(u64::MAX, |min, c| c.map(|c| min.min(c)))?;
-        for item in self.db.tables().get(Table::Time).iter() {
-            let (k, v) = item.into_inner()?;
-            let at = keys::read_i64(&k).unwrap_or(0);
-            let id = MessageId::from_bytes(
-                k[8..24]
-                    .try_into()
-                    .map_err(|_| StorageError::corrupt("journal_time", "short key"))?,
-            );
-            let len = keys::read_u64(&v).unwrap_or(0);
-            total += len;
-            match self.read_state(id)? {
-                Some(s) if finished(&s, passed_by_all) => delivered.push((id, at, len)),
-                Some(s) if s.state.kind().needs_attention() => stats.kept_for_attention += 1,
-                _ => {}
+        let cutoff = now_ms.saturating_sub(policy.delivered_max_age_ms);
+        let mut total = match policy.max_payload_bytes {
+            Some(_) => self.total_payload()?,
+            None => 0,
+        };
+        let over_budget = |total: u64| policy.max_payload_bytes.is_some_and(|max| total > max);
+        let mut after: Option<Vec<u8>> = None;
+        let mut chosen: Vec<(MessageId, u64)> = Vec::with_capacity(PRUNE_CHUNK);
+        'scan: loop {
+            let from = after
+                .as_ref()
+                .map_or(Bound::Unbounded, |k| Bound::Excluded(k.clone()));
+            let mut keys_read: Vec<(Vec<u8>, u64)> = Vec::with_capacity(PRUNE_CHUNK);
+            for item in self.db.range(Table::Time, (from, Bound::Unbounded)) {
+                let (k, v) = item.into_inner()?;
+                keys_read.push((k.to_vec(), keys::read_u64(&v).unwrap_or(0)));
+                if keys_read.len() == PRUNE_CHUNK {
+                    break;
+                }
+            }
+            if keys_read.is_empty() {
+                break;
+            }
+            for (k, len) in keys_read {
+                let at = keys::read_i64(&k).unwrap_or(0);
+                // Time-ordered: nothing after this is due by age, and the budget is met.
+                if at >= cutoff && !over_budget(total) {
+                    break 'scan;
+                }
+                let id = MessageId::from_bytes(
+                    k.get(8..24)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| StorageError::corrupt("journal_time", "short key"))?,
+                );
+                match self.read_state(id)? {
+                    Some(s) if finished(&s, passed_by_all) => {
+                        total = total.saturating_sub(len);
+                        chosen.push((id, len));
+                    }
+                    Some(s) if s.state.kind().needs_attention() => stats.kept_for_attention += 1,
+                    _ => {}
+                }
+                after = Some(k);
+            }
+            if chosen.len() >= PRUNE_CHUNK {
+                self.delete_finished(std::mem::take(&mut chosen), &mut stats)?;
             }
         }
-        let cutoff = now_ms - policy.delivered_max_age_ms;
-        let mut chosen = Vec::new();
-        for (id, at, len) in delivered {
-            let over_budget = policy.max_payload_bytes.is_some_and(|max| total > max);
-            if at < cutoff || over_budget {
-                total = total.saturating_sub(len);
-                chosen.push((id, len));
-            }
+        if !chosen.is_empty() {
+            self.delete_finished(chosen, &mut stats)?;
         }
-        Ok((chosen, stats))
+        Ok(stats)
+    }
+
+    /// Deletes messages retention chose, in one durable write, unless one was queued again
+    /// since it was chosen; raises the sequence floor so numbers never go backwards.
+    fn delete_finished(&self, chosen: Vec<(MessageId, u64)>, stats: &mut PruneStats) -> Result<()> {
+        let (n, bytes) = self.db.committer().run_blocking(move |txn| {
+            let (mut n, mut bytes) = (0u64, 0u64);
+            for (id, len) in chosen {
+                let Ok(state) = load_state(txn, id) else {
+                    continue;
+                };
+                // replayed since it was chosen: no longer finished
+                if !finished(&state, u64::MAX) {
+                    continue;
+                }
+                let Some(env) = txn.get(Table::Msg, id.as_bytes())? else {
+                    continue;
+                };
+                let env: Envelope = decode("journal_msg", &env)?;
+                if let Some(key) = &env.dedup_key {
+                    if let Some(d) = txn.get(Table::Dedup, key.as_bytes())? {
+                        if d.starts_with(id.as_bytes()) {
+                            txn.delete(Table::Dedup, key.as_bytes().to_vec());
+                        }
+                    }
+                }
+                if let Some(seq) = state.seq {
+                    txn.delete(Table::Seq, keys::u64_be(seq).to_vec());
+                }
+                txn.delete(Table::Time, time_key(env.received_at, &id));
+                txn.delete(Table::State, id.as_bytes().to_vec());
+                txn.delete(Table::Msg, id.as_bytes().to_vec());
+                txn.delete(Table::Meta, note_key(&id));
+                n += 1;
+                bytes += len;
+            }
+            let floor = keys::u64_be(txn.counters.journal_seq).to_vec();
+            txn.put(Table::Meta, b"journal_seq_floor".to_vec(), floor);
+            Ok((n, bytes))
+        })?;
+        stats.pruned += n;
+        stats.bytes_freed += bytes;
+        Ok(())
     }
 }
 
@@ -620,52 +705,11 @@ impl Journal for FjallJournal {
     }
 
     async fn prune(&self, policy: &RetentionPolicy, now_ms: i64) -> Result<PruneStats> {
-        let (chosen, mut stats) = self.total_payload_and_candidates(policy, now_ms)?;
-        for chunk in chosen.chunks(512) {
-            let chunk = chunk.to_vec();
-            let (n, bytes) = self
-                .db
-                .committer()
-                .run(move |txn| {
-                    let (mut n, mut bytes) = (0u64, 0u64);
-                    for (id, len) in chunk {
-                        let Ok(state) = load_state(txn, id) else {
-                            continue;
-                        };
-                        // replayed since it was chosen: no longer finished
-                        if !finished(&state, u64::MAX) {
-                            continue;
-                        }
-                        let Some(env) = txn.get(Table::Msg, id.as_bytes())? else {
-                            continue;
-                        };
-                        let env: Envelope = decode("journal_msg", &env)?;
-                        if let Some(key) = &env.dedup_key {
-                            if let Some(d) = txn.get(Table::Dedup, key.as_bytes())? {
-                                if d.starts_with(id.as_bytes()) {
-                                    txn.delete(Table::Dedup, key.as_bytes().to_vec());
-                                }
-                            }
-                        }
-                        if let Some(seq) = state.seq {
-                            txn.delete(Table::Seq, keys::u64_be(seq).to_vec());
-                        }
-                        txn.delete(Table::Time, time_key(env.received_at, &id));
-                        txn.delete(Table::State, id.as_bytes().to_vec());
-                        txn.delete(Table::Msg, id.as_bytes().to_vec());
-                        txn.delete(Table::Meta, note_key(&id));
-                        n += 1;
-                        bytes += len;
-                    }
-                    let floor = keys::u64_be(txn.counters.journal_seq).to_vec();
-                    txn.put(Table::Meta, b"journal_seq_floor".to_vec(), floor);
-                    Ok((n, bytes))
-                })
-                .await?;
-            stats.pruned += n;
-            stats.bytes_freed += bytes;
-        }
-        Ok(stats)
+        // Reads and deletes in chunks: a blocking thread, not a tokio worker.
+        let (this, policy) = (self.clone(), policy.clone());
+        tokio::task::spawn_blocking(move || this.prune_blocking(&policy, now_ms))
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?
     }
 
     fn stats(&self) -> JournalStats {
@@ -763,6 +807,25 @@ mod tests {
         assert_eq!(r2.id, r1.id);
         assert!(j.get(again.id).unwrap().is_none());
         assert_eq!(j.entries_after(0, 10).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cut_short_dedup_record_is_an_error_not_a_dead_committer() {
+        let (_d, j) = journal();
+        j.db.committer()
+            .run(|txn| {
+                txn.put(Table::Dedup, b"lab/CTRL9".to_vec(), vec![1, 2, 3]);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let keyed = Envelope::builder(Protocol::Hl7v2, &b"m"[..])
+            .dedup_key("lab/CTRL9")
+            .build();
+        let err = j.append(keyed).await.unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        // The committer is still there for everything else.
+        assert_eq!(j.append(env("a")).await.unwrap().seq, Some(1));
     }
 
     #[tokio::test]
@@ -1042,6 +1105,72 @@ mod tests {
             .dedup_key("k0")
             .build();
         assert!(!j.append(again).await.unwrap().duplicate);
+    }
+
+    /// `n` delivered messages of 100 bytes received at 1000, 1001, …
+    async fn delivered(j: &FjallJournal, n: i64) -> Vec<MessageId> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let e = Envelope::builder(Protocol::Hl7v2, vec![b'x'; 100])
+                .received_at(1_000 + i)
+                .build();
+            let id = j.append(e).await.unwrap().id;
+            j.transition(id, MessageState::Committed, None)
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn retention_reads_only_up_to_the_cut_off() {
+        let (_d, j) = journal();
+        let ids = delivered(&j, 10).await;
+        // A record newer than the cut-off is damaged: retention has no business reading it.
+        let damaged = ids[9];
+        j.db.committer()
+            .run(move |txn| {
+                txn.put(Table::State, damaged.as_bytes().to_vec(), b"x".to_vec());
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let policy = RetentionPolicy {
+            delivered_max_age_ms: 1_000,
+            ..Default::default()
+        };
+        // cut-off 1006: the six messages received before it go, over two chunks
+        let stats = j.prune(&policy, 2_006).await.unwrap();
+        assert_eq!((stats.pruned, stats.bytes_freed), (6, 600));
+        assert!(j.get(ids[5]).unwrap().is_none());
+        assert!(j.state(ids[6]).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_payload_budget_prunes_the_oldest_finished_messages_across_chunks() {
+        let (_d, j) = journal();
+        let ids = delivered(&j, 10).await;
+        j.transition(ids[1], MessageState::Failed { reason: "r".into() }, None)
+            .await
+            .unwrap();
+        let policy = RetentionPolicy {
+            delivered_max_age_ms: i64::MAX / 2,
+            max_payload_bytes: Some(450),
+            ..Default::default()
+        };
+        // 1,000 bytes, 100 of them failed and kept: the oldest finished go until 450 remain.
+        let stats = j.prune(&policy, 5_000).await.unwrap();
+        assert_eq!(stats.pruned, 6);
+        assert_eq!(stats.kept_for_attention, 1);
+        let kept: Vec<bool> = ids
+            .iter()
+            .map(|id| j.state(*id).unwrap().is_some())
+            .collect();
+        assert_eq!(
+            kept,
+            [false, true, false, false, false, false, false, true, true, true]
+        );
     }
 
     #[tokio::test]
