@@ -2,9 +2,11 @@
 //! so that delivery (rest-hook or websocket, crate `tributary-subscriptions`) never sends a
 //! subscriber more than its token could have read:
 //! - a token with a patient context stamps `subscription-patient-context` (that patient only);
-//! - the token's read scopes stamp `subscription-allowed-types` (`*` or `Observation,Encounter`).
+//! - the token's read scopes stamp `subscription-allowed-types` (`*` or `Observation,Encounter`);
+//! - the token's consent/grant id and `jti` stamp `subscription-grant`: revoking either (consent
+//!   revocation) stops the Subscription's delivery too.
 //!
-//! A client's own values for these two extensions are replaced, never trusted. Types granted
+//! A client's own values for these extensions are replaced, never trusted. Types granted
 //! only under SMART v2 narrowing (`patient/Observation.rs?category=laboratory`) are left out
 //! (delivery cannot apply the narrowing), so such a token receives none of that type.
 
@@ -17,6 +19,9 @@ pub const PATIENT_CONTEXT_EXT: &str =
     "http://tributary.dev/fhir/StructureDefinition/subscription-patient-context";
 pub const ALLOWED_TYPES_EXT: &str =
     "http://tributary.dev/fhir/StructureDefinition/subscription-allowed-types";
+/// The writing token's consent/grant id and token id (`jti`), one extension each: revoking
+/// either stops delivery, as it stops the token.
+pub const GRANT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-grant";
 
 /// The patient a Subscription is confined to, if any (its compartment, for the policy checks).
 pub fn patient_context(v: &Value) -> Option<String> {
@@ -98,7 +103,7 @@ pub fn stamp_if_subscription(access: &Access, rtype: &str, v: &mut Value) {
     }
 }
 
-/// Replaces the two extensions on a Subscription being written with the token's values.
+/// Replaces the stamped extensions on a Subscription being written with the token's values.
 fn stamp(access: &Access, v: &mut Value) {
     let p = &access.principal;
     let mut ext: Vec<Value> = v
@@ -109,9 +114,14 @@ fn stamp(access: &Access, v: &mut Value) {
         .into_iter()
         .filter(|e| {
             let url = e.get("url").and_then(Value::as_str);
-            url != Some(PATIENT_CONTEXT_EXT) && url != Some(ALLOWED_TYPES_EXT)
+            url != Some(PATIENT_CONTEXT_EXT)
+                && url != Some(ALLOWED_TYPES_EXT)
+                && url != Some(GRANT_EXT)
         })
         .collect();
+    for id in [&p.grant, &p.jti].into_iter().flatten() {
+        ext.push(json!({"url": GRANT_EXT, "valueString": id}));
+    }
     if let Some(pid) = &p.patient {
         ext.push(json!({"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": format!("Patient/{pid}")}}));
     }
@@ -166,10 +176,28 @@ mod tests {
         assert!(ext
             .iter()
             .any(|e| e["url"] == ALLOWED_TYPES_EXT && e["valueString"] == "Encounter,Observation"));
-        let mut v = json!({"resourceType": "Subscription"});
+        let mut v = json!({"resourceType": "Subscription",
+            "extension": [{"url": GRANT_EXT, "valueString": "not-mine"}]});
         stamp(&access("system/*.cruds", None), &mut v);
         assert_eq!(patient_context(&v), None);
-        assert_eq!(v["extension"][0]["valueString"], "*");
+        assert_eq!(
+            v["extension"],
+            json!([{"url": ALLOWED_TYPES_EXT, "valueString": "*"}])
+        );
+        let mut granted = access("user/*.rs", None);
+        let mut p = (*granted.principal).clone();
+        p.grant = Some("consent-7".into());
+        p.jti = Some("t-1".into());
+        granted.principal = Arc::new(p);
+        stamp(&granted, &mut v);
+        let grants: Vec<&Value> = v["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["url"] == GRANT_EXT)
+            .map(|e| &e["valueString"])
+            .collect();
+        assert_eq!(grants, [&json!("consent-7"), &json!("t-1")]);
     }
 
     #[test]

@@ -120,9 +120,17 @@ pub struct SubscriptionService {
     rescanned_head: AtomicU64,
     /// Cancelled when [`SubscriptionService::run`] stops: websocket connections close.
     pub(crate) shutdown: CancellationToken,
+    /// Whether a grant or token id is revoked for a tenant (consent revocation, kept by the
+    /// facade); unset: nothing is.
+    revoked: std::sync::OnceLock<RevocationCheck>,
 }
 
+/// `(tenant, grant or token id) -> revoked?`
+pub type RevocationCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
 const MAX_DEAD_LETTERS: usize = 10_000;
+/// `Subscription.error` of one switched off because its authorization was revoked.
+const REVOKED: &str = "the authorization this Subscription was created under was revoked";
 /// How `Subscription.error` starts when the endpoint did not answer the handshake.
 const HANDSHAKE_FAILED: &str = "handshake failed";
 /// Most websocket connections bound to one subscription at once.
@@ -158,7 +166,20 @@ impl SubscriptionService {
             next_client: AtomicU64::new(1),
             rescanned_head: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
+            revoked: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Delivery of a Subscription stops (status `off`) once the consent or token it was
+    /// created under is revoked, as the token itself stops working. Set once, at start.
+    pub fn set_revocation_check(&self, check: RevocationCheck) {
+        let _ = self.revoked.set(check);
+    }
+
+    fn grant_revoked(&self, spec: &SubscriptionSpec) -> bool {
+        self.revoked
+            .get()
+            .is_some_and(|f| spec.grants.iter().any(|g| f(&spec.tenant, g)))
     }
 
     pub fn tenants(&self) -> Vec<String> {
@@ -750,6 +771,11 @@ impl SubscriptionService {
                 return Ok(());
             }
             let spec = h.spec.read().expect("spec lock").clone();
+            if self.grant_revoked(&spec) {
+                tracing::info!(subscription = %spec.id, tenant = %spec.tenant, "subscription's authorization revoked; delivery stopped");
+                self.set_status(h, "off", Some(REVOKED)).await;
+                return Ok(());
+            }
             let (matched, scanned) = self.next_batch(&spec, &outbox, cursor)?;
             if matched.is_empty() {
                 if scanned > cursor {

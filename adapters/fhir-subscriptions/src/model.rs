@@ -15,6 +15,9 @@ pub const PATIENT_CONTEXT_EXT: &str =
 /// delivered. `*` or absent = no restriction beyond the topic.
 pub const ALLOWED_TYPES_EXT: &str =
     "http://tributary.dev/fhir/StructureDefinition/subscription-allowed-types";
+/// The writing token's grant and token ids (stamped by the facade): revoking either stops
+/// delivery.
+pub const GRANT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-grant";
 
 /// What changed, as a topic trigger sees it.
 pub struct Change<'a> {
@@ -189,6 +192,8 @@ pub struct SubscriptionSpec {
     pub patient_context: Option<String>,
     /// Resource types the creating token could read (`None` = unrestricted).
     pub allowed_types: Option<Vec<String>>,
+    /// The writing token's grant and token ids: delivery stops when one is revoked.
+    pub grants: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -384,8 +389,18 @@ impl SubscriptionSpec {
                     .filter(|t| !t.is_empty())
                     .collect()
             });
+        let grants = r
+            .get("extension")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.get("url").and_then(Value::as_str) == Some(GRANT_EXT))
+            .filter_map(|e| e.get("valueString").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
         Ok(Self {
             allowed_types,
+            grants,
             tenant: tenant.to_string(),
             id: id.to_string(),
             version,

@@ -447,6 +447,41 @@ async fn endpoint_down_then_receives_everything() {
     env.shutdown.cancel();
 }
 
+/// Revoking the consent a Subscription was created under (the facade stamps its grant id)
+/// switches the Subscription off: nothing more is delivered, as the token itself stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_grant_stops_delivery() {
+    use tributary_subscriptions::model::GRANT_EXT;
+    let rx = Receiver::start().await;
+    let env = start(config());
+    let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = revoked.clone();
+    env.service
+        .set_revocation_check(Arc::new(move |tenant: &str, id: &str| {
+            tenant == "t1" && id == "consent-9" && flag.load(std::sync::atomic::Ordering::SeqCst)
+        }));
+    let mut s = subscription("observation", &rx.url(), "full-resource", None);
+    s["extension"] = json!([{"url": GRANT_EXT, "valueString": "consent-9"}]);
+    put(&env.store, "Subscription", "granted", s).await;
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
+    wait_for("the first event", 20, || !rx.events().is_empty()).await;
+    revoked.store(true, std::sync::atomic::Ordering::SeqCst);
+    put(&env.store, "Observation", "o2", observation("Patient/p1")).await;
+    wait_for("status off", 20, || {
+        stored_subscription(&env, "granted")["status"] == "off"
+    })
+    .await;
+    assert_eq!(
+        rx.events(),
+        vec![(1, Some("http://tributary.test/fhir/Observation/o1".into()))]
+    );
+    assert!(stored_subscription(&env, "granted")["error"]
+        .as_str()
+        .unwrap()
+        .contains("revoked"));
+    env.shutdown.cancel();
+}
+
 /// A client that writes its Subscription as `active` still gets the handshake before the first
 /// notification: the endpoint must agree to receive before anything is sent to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

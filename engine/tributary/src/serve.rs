@@ -99,6 +99,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
+        // The facade's revocation list (a file in the data directory, reread when it changes).
+        let revocations = Arc::new(tributary_facade::revocation::Revocations::open(
+            &config.data_dir,
+        ));
+        service.set_revocation_check(Arc::new(move |tenant: &str, id: &str| {
+            revocations.is_revoked(tenant, id)
+        }));
         subscriptions = Some(service.clone());
         guarded_routes = guarded_routes.merge(tributary_subscriptions::operations_router(
             service.clone(),
