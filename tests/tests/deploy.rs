@@ -100,6 +100,17 @@ fn read(rel: &str) -> String {
 }
 
 /// The `KEY=value` assignments of a Dockerfile's `ENV` instructions (continuation lines included).
+/// The image's environment as a local run sees it: its configuration file (container paths
+/// and ports moved under `local`) named by `TRIBUTARY_CONFIG`.
+fn image_env(local: &Local) -> Vec<(String, String)> {
+    let config = local.dir.path().join("container.toml");
+    std::fs::write(&config, local.localize(&read("deploy/container.toml"))).unwrap();
+    vec![(
+        "TRIBUTARY_CONFIG".to_string(),
+        config.to_str().unwrap().to_string(),
+    )]
+}
+
 fn dockerfile_env(text: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut continued = false;
@@ -140,23 +151,19 @@ fn kubernetes_configmap_configuration_starts_a_working_engine() {
 
 #[test]
 fn container_image_environment_starts_a_working_engine_and_issues_tokens() {
-    let env = dockerfile_env(&read("deploy/Dockerfile"));
-    let keys: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    let dockerfile = read("deploy/Dockerfile");
+    let env = dockerfile_env(&dockerfile);
+    // Settings in the image's file, only its name in ENV: a mounted file replaces them whole.
     assert_eq!(
-        keys,
-        [
-            "TRIBUTARY_DATA_DIR",
-            "TRIBUTARY_MAPPING__DIR",
-            "TRIBUTARY_HTTP__LISTEN",
-            "TRIBUTARY_MLLP__LISTEN",
-            "TRIBUTARY_LOG__FORMAT"
-        ]
+        env,
+        [(
+            "TRIBUTARY_CONFIG".to_string(),
+            "/etc/tributary/tributary.toml".to_string()
+        )]
     );
+    assert!(dockerfile.contains("COPY deploy/container.toml /etc/tributary/tributary.toml"));
     let local = Local::new();
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .map(|(k, v)| (k, local.localize(&v)))
-        .collect();
+    let env = image_env(&local);
     let server = local.serve(&[], &env);
     // `docker exec … tributary token issue` finds the key through the same environment.
     let out = Command::new(workspace_bin("tributary"))
@@ -386,7 +393,7 @@ async fn compose_settings_start_an_engine_that_streams_to_kafka_and_rabbitmq() {
         .map(|(a, _)| a.to_string())
         .unwrap();
     let local = Local::new();
-    let mut env: Vec<(String, String)> = dockerfile_env(&read("deploy/Dockerfile"))
+    let mut env: Vec<(String, String)> = image_env(&local)
         .into_iter()
         .filter(|(k, _)| !compose_env.iter().any(|(c, _)| c == k))
         .chain(compose_env.iter().cloned())
