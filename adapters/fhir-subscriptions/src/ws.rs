@@ -211,7 +211,10 @@ async fn connection(state: ApiState, mut socket: WebSocket) {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break "client closed",
                     Some(Ok(Message::Text(t))) if t.trim().starts_with("bind-with-token") => {
                         // One subscription per connection: open another connection for another.
-                        let _ = socket.send(Message::Text(error_text("not-supported", "this connection is already bound; open another connection to bind another subscription").into())).await;
+                        let answer = Message::Text(error_text("not-supported", "this connection is already bound; open another connection to bind another subscription").into());
+                        if !matches!(tokio::time::timeout(write_timeout, socket.send(answer)).await, Ok(Ok(()))) {
+                            break "send timed out";
+                        }
                         last_heard = Instant::now();
                     }
                     Some(Ok(_)) => last_heard = Instant::now(),
