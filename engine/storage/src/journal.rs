@@ -164,6 +164,10 @@ pub struct PruneStats {
     /// Failed or rejected messages old enough to be due that retention kept for a human (only
     /// the part of the journal it read: up to the cut-off, further while over the budget).
     pub kept_for_attention: u64,
+    /// Finished messages kept because a failed message of the same ordering key (sender and
+    /// patient) precedes them: replaying the failed one re-queues them behind it, so its older
+    /// data cannot end up over theirs. Only a payload budget overrides this.
+    pub held_for_replay: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -474,6 +478,11 @@ impl FjallJournal {
         let over_budget = |total: u64| policy.max_payload_bytes.is_some_and(|max| total > max);
         let mut after: Option<Vec<u8>> = None;
         let mut chosen: Vec<(MessageId, u64)> = Vec::with_capacity(PRUNE_CHUNK);
+        // Ordering keys of the failed messages read so far (time order: before their followers).
+        let mut held: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let key_of = |id: MessageId| -> Result<Option<String>> {
+            Ok(self.get(id)?.map(|r| r.envelope.ordering_key))
+        };
         'scan: loop {
             let from = after
                 .as_ref()
@@ -502,10 +511,24 @@ impl FjallJournal {
                 );
                 match self.read_state(id)? {
                     Some(s) if finished(&s, passed_by_all) => {
-                        total = total.saturating_sub(len);
-                        chosen.push((id, len));
+                        let hold = !held.is_empty()
+                            && !over_budget(total)
+                            && key_of(id)?.is_some_and(|k| held.contains(&k));
+                        if hold {
+                            stats.held_for_replay += 1;
+                        } else {
+                            total = total.saturating_sub(len);
+                            chosen.push((id, len));
+                        }
                     }
-                    Some(s) if s.state.kind().needs_attention() => stats.kept_for_attention += 1,
+                    Some(s) if s.state.kind().needs_attention() => {
+                        stats.kept_for_attention += 1;
+                        if s.state.kind() == StateKind::Failed {
+                            if let Some(k) = key_of(id)? {
+                                held.insert(k);
+                            }
+                        }
+                    }
                     _ => {}
                 }
                 after = Some(k);
@@ -1105,6 +1128,50 @@ mod tests {
             .dedup_key("k0")
             .build();
         assert!(!j.append(again).await.unwrap().duplicate);
+    }
+
+    /// A failed message's later messages of the same sender and patient stay while it is
+    /// unresolved (a replay re-queues them behind it); other keys' messages go as usual; a
+    /// payload budget still prunes them.
+    #[tokio::test]
+    async fn prune_keeps_the_followers_of_a_failed_message() {
+        let (_d, j) = journal();
+        let mut ids = Vec::new();
+        for (i, key) in ["p1", "p1", "p2", "p1"].iter().enumerate() {
+            let e = Envelope::builder(Protocol::Hl7v2, vec![b'x'; 100])
+                .received_at(1_000 + i as i64)
+                .ordering_key(*key)
+                .dedup_key(format!("f{i}"))
+                .build();
+            ids.push(j.append(e).await.unwrap().id);
+        }
+        j.transition(ids[0], MessageState::Failed { reason: "r".into() }, None)
+            .await
+            .unwrap();
+        for id in &ids[1..] {
+            j.transition(*id, MessageState::Committed, None)
+                .await
+                .unwrap();
+        }
+        let policy = RetentionPolicy {
+            delivered_max_age_ms: 10,
+            ..Default::default()
+        };
+        let stats = j.prune(&policy, 5_000).await.unwrap();
+        assert_eq!((stats.pruned, stats.held_for_replay), (1, 2));
+        assert!(
+            j.get(ids[2]).unwrap().is_none(),
+            "another patient's message"
+        );
+        for id in [ids[0], ids[1], ids[3]] {
+            assert!(j.get(id).unwrap().is_some());
+        }
+        let budget = RetentionPolicy {
+            max_payload_bytes: Some(150),
+            ..policy
+        };
+        let stats = j.prune(&budget, 5_000).await.unwrap();
+        assert_eq!(stats.pruned, 2, "the budget overrides the hold");
     }
 
     /// `n` delivered messages of 100 bytes received at 1000, 1001, …

@@ -286,6 +286,7 @@ async fn prune_loop(
                 pruned = s.pruned,
                 bytes = s.bytes_freed,
                 kept_for_attention = s.kept_for_attention,
+                held_for_replay = s.held_for_replay,
                 "journal retention"
             ),
             Err(e) => tracing::warn!(error = %e, "journal retention failed"),
