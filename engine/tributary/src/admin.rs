@@ -146,20 +146,32 @@ async fn replay(
     let filter = sel
         .replay_filter(st.current_version().as_deref())
         .map_err(bad_request)?;
-    let selected = st
-        .reading(move |j| sel.select_for_replay(j, &filter))
-        .await?;
-    let report = selection::replay(st.rt.journal.as_ref(), selected, q.dry_run)
-        .await
-        .map_err(selection_error)?;
-    tracing::info!(
-        tenant = %access.principal.tenant,
-        client = %access.principal.client_id,
-        matched = report.matched,
-        followers = report.followers,
-        queued = report.queued,
-        dry_run = q.dry_run,
-        "replay requested through the admin API"
+    // A task of its own: a large replay that outlives the request timeout (which drops this
+    // handler) still finishes, rather than stopping between two chunks with part queued.
+    let (tenant, client) = (
+        access.principal.tenant.clone(),
+        access.principal.client_id.clone(),
     );
+    let work = tokio::spawn(async move {
+        let selected = st
+            .reading(move |j| sel.select_for_replay(j, &filter))
+            .await?;
+        let report = selection::replay(st.rt.journal.as_ref(), selected, q.dry_run)
+            .await
+            .map_err(selection_error)?;
+        tracing::info!(
+            %tenant,
+            %client,
+            matched = report.matched,
+            followers = report.followers,
+            queued = report.queued,
+            dry_run = q.dry_run,
+            "replay requested through the admin API"
+        );
+        Ok::<_, ApiError>(report)
+    });
+    let report = work
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(Json(report))
 }
