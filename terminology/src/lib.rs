@@ -176,6 +176,10 @@ const BUILTIN: &[(&str, &str)] = &[
         "v2-0485-priority",
         include_str!("../conceptmaps/v2-0485-priority.tsv"),
     ),
+    (
+        "v2-ed-mime-type",
+        include_str!("../conceptmaps/v2-ed-mime-type.tsv"),
+    ),
 ];
 
 /// The built-in HL7 v2 tables, parsed once.
