@@ -307,6 +307,9 @@ struct Scope<'s> {
     start: usize,
     end: usize,
     names: FxHashMap<&'s str, Vec<usize>>,
+    /// The first segment of each name in `start..end`, built on the first lookup: a message of
+    /// many segments would otherwise be scanned again for every lookup of every segment.
+    first: std::cell::OnceCell<FxHashMap<String, usize>>,
 }
 
 /// One step from a resource root to an object in it: element name, and the array index when
@@ -422,6 +425,7 @@ impl MappingSet {
                 start: 0,
                 end: src.segment_count(),
                 names: FxHashMap::default(),
+                first: Default::default(),
             }],
             instances: Vec::new(),
             out: Vec::new(),
@@ -572,6 +576,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             start: gs,
                             end: ge,
                             names: FxHashMap::default(),
+                            first: Default::default(),
                         });
                         self.plan(entries, id);
                     }
@@ -679,8 +684,15 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let mut s = Some(scope);
         while let Some(i) = s {
             let sc = &self.scopes[i];
-            if let Some(found) = (sc.start..sc.end).find(|&k| self.src.segment_name(k) == name) {
-                return Some(found);
+            let first = sc.first.get_or_init(|| {
+                let mut m = FxHashMap::default();
+                for k in sc.start..sc.end {
+                    m.entry(self.src.segment_name(k).to_string()).or_insert(k);
+                }
+                m
+            });
+            if let Some(found) = first.get(name) {
+                return Some(*found);
             }
             s = sc.parent;
         }
