@@ -35,7 +35,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let extra =
-        "[subscriptions]\nallow_http_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
+        "[subscriptions]\nallow_http_endpoints = true\nallow_private_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
     // A SMART token (system scope) signed by the data directory's local key.
     let token = issue_token(&token_config(&data), "care-app", "system/*.cruds", None);
 

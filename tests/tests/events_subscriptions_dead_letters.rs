@@ -45,7 +45,7 @@ async fn dead_letters_survive_a_restart() {
     let data = dir.path().join("data");
     let token = issue_token(&token_config(&data), "ops", "system/*.cruds", None);
 
-    let extra = "[subscriptions]\nallow_http_endpoints = true\nrescan_secs = 1\ngive_up_after_secs = 2\nretry_initial_ms = 200\nretry_max_ms = 500\n";
+    let extra = "[subscriptions]\nallow_http_endpoints = true\nallow_private_endpoints = true\nrescan_secs = 1\ngive_up_after_secs = 2\nretry_initial_ms = 200\nretry_max_ms = 500\n";
     let server = Server::start(&data, extra);
     let base = format!("http://{}/fhir", server.http);
     let http = reqwest::Client::new();

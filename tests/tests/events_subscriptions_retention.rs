@@ -72,7 +72,7 @@ async fn subscriptions_with_retention_prune_and_keep_counting() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let token = issue_token(&token_config(&data), "care-app", "system/*.cruds", None);
-    let extra = "[outbox]\nmax_age_secs = 1\nprune_interval_secs = 1\n[subscriptions]\nallow_http_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
+    let extra = "[outbox]\nmax_age_secs = 1\nprune_interval_secs = 1\n[subscriptions]\nallow_http_endpoints = true\nallow_private_endpoints = true\nmin_heartbeat_secs = 1\nrescan_secs = 1\n";
     let server = Server::start(&data, extra);
     let http = reqwest::Client::new();
     let base = format!("http://{}/fhir", server.http);

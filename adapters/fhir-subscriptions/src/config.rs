@@ -63,6 +63,11 @@ pub struct SubscriptionsConfig {
     pub min_heartbeat_secs: u64,
     /// Allow `http://` endpoints (tests, loopback); otherwise only `https://`.
     pub allow_http_endpoints: bool,
+    /// Allow rest-hook endpoints at loopback, private (RFC 1918, IPv6 unique-local), link-local
+    /// (cloud metadata services among them), shared (100.64/10) or unspecified addresses. Off:
+    /// a client that may create Subscriptions cannot make the engine post into the network it
+    /// runs in. Checked on the address each request connects to, after name resolution.
+    pub allow_private_endpoints: bool,
     /// Websocket channel: the URL `$get-ws-binding-token` tells clients to connect to. Empty =
     /// `ws://<Host of the request><path_prefix>/subscription-ws` (`wss://` when the request came
     /// over `[http.tls]` or with `X-Forwarded-Proto: https`); set it when a proxy serves another
@@ -102,6 +107,7 @@ impl Default for SubscriptionsConfig {
             max_events_per_notification: 50,
             min_heartbeat_secs: 10,
             allow_http_endpoints: false,
+            allow_private_endpoints: false,
             websocket_url: String::new(),
             ws_token_ttl_secs: 60,
             ws_bind_timeout_secs: 10,
@@ -144,7 +150,19 @@ impl SubscriptionsConfig {
     /// The client for every outbound call: `request_timeout_ms` per request, the public web
     /// roots plus `ca_file`, `client_identity_file` for mutual TLS, no redirects (a subscriber's
     /// endpoint is the URL it registered).
+    /// The client for rest-hook notifications: as [`Self::http_client`], and unless
+    /// `allow_private_endpoints`, names resolve to public addresses only.
+    pub fn notification_client(&self) -> Result<reqwest::Client, SubscriptionsConfigError> {
+        self.client(!self.allow_private_endpoints)
+    }
+
+    /// The client for reads from inbound partners' servers (configured by the operator, so
+    /// they may be on the private network).
     pub fn http_client(&self) -> Result<reqwest::Client, SubscriptionsConfigError> {
+        self.client(false)
+    }
+
+    fn client(&self, public_only: bool) -> Result<reqwest::Client, SubscriptionsConfigError> {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
             .timeout(std::time::Duration::from_millis(self.request_timeout_ms))
@@ -170,6 +188,9 @@ impl SubscriptionsConfig {
             let id = reqwest::Identity::from_pem(&pem)
                 .map_err(|e| unusable(format!("a PEM certificate chain and private key ({e})")))?;
             b = b.identity(id);
+        }
+        if public_only {
+            b = b.dns_resolver(std::sync::Arc::new(crate::netpolicy::PublicOnly));
         }
         b.build()
             .map_err(|e| invalid("ca_file", "", &e.to_string()))

@@ -107,6 +107,8 @@ pub struct SubscriptionService {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) default_tenant: String,
     pub(crate) http: reqwest::Client,
+    /// For rest-hook notifications: public addresses only unless `allow_private_endpoints`.
+    notify: reqwest::Client,
     /// Access tokens for reading from inbound partners' servers.
     pub(crate) upstream_tokens: crate::upstream::UpstreamTokens,
     subs: RwLock<HashMap<(String, String), Arc<SubHandle>>>,
@@ -153,11 +155,13 @@ impl SubscriptionService {
         default_tenant: &str,
     ) -> Result<Arc<Self>, crate::SubscriptionsConfigError> {
         let http = cfg.http_client()?;
+        let notify = cfg.notification_client()?;
         Ok(Arc::new(Self {
             cfg,
             store,
             default_tenant: default_tenant.to_string(),
             http,
+            notify,
             upstream_tokens: Default::default(),
             subs: RwLock::default(),
             dead_letters: DeadLetterLog::new(db.clone(), "subscriptions", MAX_DEAD_LETTERS),
@@ -631,8 +635,17 @@ impl SubscriptionService {
             .map(|s| Duration::from_secs(s.max(1)))
             .unwrap_or(Duration::from_millis(self.cfg.request_timeout_ms))
             .min(Duration::from_millis(self.cfg.request_timeout_ms));
+        if !self.cfg.allow_private_endpoints
+            && crate::netpolicy::literal_ip(&spec.endpoint)
+                .is_some_and(|ip| !crate::netpolicy::is_public(ip))
+        {
+            return Err(
+                "endpoint address is not public (see [subscriptions] allow_private_endpoints)"
+                    .into(),
+            );
+        }
         let mut req = self
-            .http
+            .notify
             .post(&spec.endpoint)
             .timeout(timeout)
             .header("content-type", "application/fhir+json")

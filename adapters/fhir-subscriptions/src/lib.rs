@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod netpolicy;
 mod upstream;
 pub mod ws;
 

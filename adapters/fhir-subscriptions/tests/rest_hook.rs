@@ -159,6 +159,7 @@ fn config() -> SubscriptionsConfig {
         request_timeout_ms: 2_000,
         min_heartbeat_secs: 1,
         allow_http_endpoints: true,
+        allow_private_endpoints: true,
         ..Default::default()
     }
 }
@@ -479,6 +480,41 @@ async fn revoking_the_grant_stops_delivery() {
         .as_str()
         .unwrap()
         .contains("revoked"));
+    env.shutdown.cancel();
+}
+
+/// Without `allow_private_endpoints`, an endpoint on the engine's own network is never posted
+/// to, whether written as an address or as a name that resolves to one: the handshake fails
+/// (the Subscription goes to `error`) and the listener there receives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_on_private_addresses_are_not_posted_to() {
+    let rx = Receiver::start().await;
+    let env = start(SubscriptionsConfig {
+        allow_private_endpoints: false,
+        give_up_after_secs: 1,
+        retry_initial_ms: 100,
+        retry_max_ms: 200,
+        ..config()
+    });
+    let by_name = rx.url().replace("127.0.0.1", "localhost");
+    for (id, url) in [("literal", rx.url()), ("named", by_name)] {
+        put(
+            &env.store,
+            "Subscription",
+            id,
+            subscription("observation", &url, "id-only", None),
+        )
+        .await;
+    }
+    for id in ["literal", "named"] {
+        wait_for("status error", 20, || {
+            stored_subscription(&env, id)["status"] == "error"
+        })
+        .await;
+    }
+    assert!(rx.bundles().is_empty(), "nothing reached the private listener");
+    let reason = stored_subscription(&env, "literal")["error"].to_string();
+    assert!(reason.contains("not public"), "{reason}");
     env.shutdown.cancel();
 }
 
@@ -1191,6 +1227,7 @@ async fn tls_receiver(dir: &std::path::Path, require_client_cert: bool) -> (Rece
 async fn subscribe_over_tls(cfg: SubscriptionsConfig, rx: &Receiver, id: &str, delivered: bool) {
     let env = start(SubscriptionsConfig {
         allow_http_endpoints: false,
+        allow_private_endpoints: true,
         give_up_after_secs: 1,
         ..cfg
     });

@@ -36,6 +36,7 @@ fn config() -> SubscriptionsConfig {
         request_timeout_ms: 2_000,
         min_heartbeat_secs: 1,
         allow_http_endpoints: true,
+        allow_private_endpoints: true,
         ..Default::default()
     }
 }
