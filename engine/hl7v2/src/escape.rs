@@ -2,7 +2,8 @@ use crate::message::Delimiters;
 use std::borrow::Cow;
 
 /// Resolves HL7 escape sequences: `\F\ \S\ \T\ \R\ \E\` to the delimiter characters, `\Xhh…\` to
-/// the bytes it names (read as UTF-8, else ISO 8859-1), `\.br\` to a line break, and drops
+/// the bytes it names (read as UTF-8, else ISO 8859-1; kept as written when they include a
+/// control character other than tab, CR or LF), `\.br\` to a line break, and drops
 /// formatting commands (`\H\ \N\ \.sp\ \.in\ \.ti\ \.sk\ \.ce\ \.fi\ \.nf\`). Unknown or
 /// unterminated sequences are kept literally so nothing is silently lost.
 pub fn unescape<'a>(raw: &'a str, d: &Delimiters) -> Cow<'a, str> {
@@ -40,11 +41,14 @@ pub fn unescape<'a>(raw: &'a str, d: &Delimiters) -> Cow<'a, str> {
                 }
             }
             s if s.starts_with('X') && s.len() > 1 && s.len() % 2 == 1 => {
-                match hex_bytes(&s[1..]) {
-                    Some(bytes) => match String::from_utf8(bytes) {
-                        Ok(t) => out.push_str(&t),
-                        Err(e) => out.extend(e.into_bytes().into_iter().map(char::from)),
-                    },
+                // Control characters other than tab and line breaks are kept as the escape they
+                // came in: FHIR strings may not hold them, and dropping them would lose data.
+                let text = hex_bytes(&s[1..]).map(|bytes| match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(e) => e.into_bytes().into_iter().map(char::from).collect(),
+                });
+                match text.filter(|t| !t.chars().any(|c| c < ' ' && !"\t\n\r".contains(c))) {
+                    Some(t) => out.push_str(&t),
                     None => {
                         out.push(esc);
                         out.push_str(s);
@@ -119,6 +123,9 @@ mod tests {
         assert_eq!(unescape(r"\H\bold\N\", &d), "bold");
         assert_eq!(unescape(r"caf\XC3A9\", &d), "caf\u{e9}");
         assert_eq!(unescape(r"x\XE9\", &d), "x\u{e9}");
+        // control characters FHIR strings may not hold stay as written; tab and CR/LF resolve
+        assert_eq!(unescape(r"a\X01\b\X411B\c", &d), r"a\X01\b\X411B\c");
+        assert_eq!(unescape(r"a\X09\b\X0D0A\c", &d), "a\tb\r\nc");
         assert_eq!(
             unescape(r"keep \Zfoo\ and \unterminated", &d),
             r"keep \Zfoo\ and \unterminated"
