@@ -105,8 +105,15 @@ fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
     }
     wait_for(&up_log, "forwarding failed; retrying", 1);
     std::thread::sleep(Duration::from_secs(2));
+    // `/ready` says the route cannot deliver (messages wait in the journal) …
+    let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("not answering"), "{ready}");
     let down = downstream(&down_data, &down_log, down_addr, &maps);
     wait_for(&up_log, "\"forwarded\"", 4);
+    // … and is ready again once it delivers.
+    let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     std::thread::sleep(Duration::from_millis(500));
     up.stop();
     down.stop();

@@ -512,7 +512,10 @@ async fn endpoints_on_private_addresses_are_not_posted_to() {
         })
         .await;
     }
-    assert!(rx.bundles().is_empty(), "nothing reached the private listener");
+    assert!(
+        rx.bundles().is_empty(),
+        "nothing reached the private listener"
+    );
     let reason = stored_subscription(&env, "literal")["error"].to_string();
     assert!(reason.contains("not public"), "{reason}");
     env.shutdown.cancel();

@@ -153,6 +153,7 @@ impl MllpRoute {
                     tracing::debug!(route = name, message_id = %id, message_type = %mt, code = a.code.as_str(), "forwarded");
                     if failures > 0 {
                         tracing::info!(route = name, destination = %self.cfg.destination, after_failures = failures, "downstream reachable again");
+                        rt.readiness.set(&self.consumer(), ComponentStatus::Ready);
                     }
                     return Ok(Forwarded::Sent);
                 }
@@ -162,6 +163,18 @@ impl MllpRoute {
                 }
                 Err(e) => {
                     failures += 1;
+                    // Messages wait in the journal meanwhile; `/ready` tells the operator.
+                    if failures == FAILURES_BEFORE_NOT_READY {
+                        rt.readiness.set(
+                            &self.consumer(),
+                            ComponentStatus::Failed {
+                                reason: format!(
+                                    "route {name}: downstream {} not answering; messages wait in the journal",
+                                    self.cfg.destination
+                                ),
+                            },
+                        );
+                    }
                     // the first failure and then every 10th: an outage must not flood the log
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(route = name, destination = %self.cfg.destination, message_id = %id, failures, retry_in_ms = delay.as_millis() as u64, error = %e, "forwarding failed; retrying");
@@ -261,6 +274,10 @@ fn ack_texts(ack: &[u8]) -> (String, String) {
     }
     (msa3, code)
 }
+
+/// Consecutive failed attempts to reach the downstream before the route reports not ready
+/// (one refused connection during a downstream restart should not flap `/ready`).
+const FAILURES_BEFORE_NOT_READY: u32 = 3;
 
 #[async_trait]
 impl Sink for MllpRoute {
