@@ -453,7 +453,9 @@ async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'sta
         .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))?
 }
 
-fn verify_once(dir: &Path) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
+pub(crate) fn verify_once(
+    dir: &Path,
+) -> Result<std::result::Result<AuditVerifyReport, AuditVerifyError>> {
     let head0 = files::read_head(dir)?;
     // The sidecars name the last record of their segments: a second witness of how long the
     // log was, beside the head.
@@ -1053,6 +1055,50 @@ mod tests {
         let (_d, log) = log_at(&[100, 200, 300]).await;
         log.tamper_raw(1, None).await.unwrap();
         assert_eq!(log.verify().unwrap().unwrap_err().seq, 1);
+    }
+
+    /// Segments outside the anchor's range (an interrupted prune) are deleted at open only when
+    /// the chain confirms the anchor; an anchor written over (past records still there) deletes
+    /// nothing and keeps the log from opening.
+    #[tokio::test]
+    async fn leftover_segments_go_only_on_the_word_of_a_confirmed_anchor() {
+        let (d, log) = log_at(&[100, 200, 300, 400, 500]).await;
+        let audit_dir = files::dir_of(d.path());
+        let saved = files::list_segments(&audit_dir).unwrap();
+        let first = std::fs::read(&saved[0].1).unwrap();
+        log.prune_before(350, 1000).await.unwrap();
+        drop(log);
+        // A prune interrupted before deleting its first segment: it goes at the next open.
+        std::fs::write(&saved[0].1, &first).unwrap();
+        let log = AuditLog::new(Db::open(d.path(), small_segments()).unwrap());
+        log.append(vec![json!({"time": 600, "tenant": "t1"})])
+            .await
+            .unwrap();
+        assert!(!saved[0].1.exists(), "a confirmed leftover is deleted");
+        assert!(log.verify().unwrap().is_ok());
+        drop(log);
+
+        let (d, log) = log_at(&[100, 200, 300, 400, 500]).await;
+        let four: AuditEntry = serde_json::from_slice(&log.raw(4).unwrap().unwrap()).unwrap();
+        drop(log);
+        let audit_dir = files::dir_of(d.path());
+        let before = files::list_segments(&audit_dir).unwrap().len();
+        files::write_anchor(
+            &audit_dir,
+            AuditAnchor {
+                seq: 3,
+                hash: hex::decode(&four.prev).unwrap().try_into().unwrap(),
+            },
+        )
+        .unwrap();
+        let log = AuditLog::new(Db::open(d.path(), small_segments()).unwrap());
+        let refused = log.append(vec![json!({"time": 600})]).await;
+        assert!(refused.is_err(), "an unconfirmed anchor keeps the log closed");
+        assert_eq!(
+            files::list_segments(&audit_dir).unwrap().len(),
+            before,
+            "nothing deleted"
+        );
     }
 
     #[tokio::test]

@@ -424,9 +424,21 @@ impl AuditWriter {
         let dir = dir_of(data_dir);
         let anchor = read_anchor(&dir)?;
         let mut segments = live_segments(&dir, anchor)?;
-        // Leftovers of an interrupted prune.
-        for (first, path) in list_segments(&dir)? {
-            if !segments.iter().any(|(f, _)| *f == first) {
+        // Leftovers of an interrupted prune, deleted only on the word of an anchor the chain
+        // confirms (the newest retention record names it): an anchor edited or restored from
+        // another copy must not delete records. Rare, so the whole chain is walked then.
+        let leftovers: Vec<(u64, PathBuf)> = list_segments(&dir)?
+            .into_iter()
+            .filter(|(first, _)| !segments.iter().any(|(f, _)| f == first))
+            .collect();
+        if !leftovers.is_empty() {
+            if let Err(e) = crate::audit::verify_once(&dir)? {
+                return Err(StorageError::corrupt(
+                    "audit",
+                    format!("segments left by an interrupted prune were kept: the chain does not confirm the retention anchor (record {}: {}); run `tributary audit verify`", e.seq, e.reason),
+                ));
+            }
+            for (_, path) in leftovers {
                 std::fs::remove_file(path)?;
             }
         }
