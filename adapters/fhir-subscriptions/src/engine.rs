@@ -743,26 +743,44 @@ impl SubscriptionService {
         }
         tracing::info!(subscription = %id, %tenant, topic = %spec0.topic_url, start, cursor, "subscription delivery started");
         // Rest-hook handshake; a websocket client gets its handshake when it binds.
+        let mut handshaken = spec0.endpoint.clone();
         if spec0.channel == ChannelType::RestHook && (spec0.status == "requested" || first_start) {
-            let st = h.state.lock().expect("state lock").clone();
-            let body = bundle::notification_bundle(
-                &self.info(&spec0, &st),
-                NotificationType::Handshake,
-                &[],
-                spec0.content,
-            );
-            match self.post_with_retries(&h, &spec0, &body).await {
-                Ok(true) => self.set_status(&h, "active", None).await,
-                Ok(false) => return Ok(()),
-                Err(reason) => {
-                    self.set_status(&h, "error", Some(&format!("{HANDSHAKE_FAILED}: {reason}")))
-                        .await;
-                    return Ok(());
-                }
+            match self.handshake(&h).await {
+                Some(endpoint) => handshaken = endpoint,
+                None => return Ok(()),
             }
         }
 
-        self.deliver(&h, cursor, &cursor_name).await
+        self.deliver(&h, cursor, &cursor_name, handshaken).await
+    }
+
+    /// Posts the handshake to the endpoint the Subscription names (again, under its new spec,
+    /// when it changed meanwhile): the endpoint it reached, once it answered (status `active`),
+    /// or `None` when stopped or given up (status `error`, recorded).
+    async fn handshake(&self, h: &SubHandle) -> Option<String> {
+        loop {
+            let spec = h.spec.read().expect("spec lock").clone();
+            let st = h.state.lock().expect("state lock").clone();
+            let body = bundle::notification_bundle(
+                &self.info(&spec, &st),
+                NotificationType::Handshake,
+                &[],
+                spec.content,
+            );
+            match self.post_with_retries(h, &spec, &body).await {
+                Ok(true) => {
+                    self.set_status(h, "active", None).await;
+                    return Some(spec.endpoint);
+                }
+                Ok(false) if h.cancel.is_cancelled() => return None,
+                Ok(false) => continue,
+                Err(reason) => {
+                    self.set_status(h, "error", Some(&format!("{HANDSHAKE_FAILED}: {reason}")))
+                        .await;
+                    return None;
+                }
+            }
+        }
     }
 
     /// Delivery after the handshake, for both channels: matches the events after `cursor`,
@@ -775,6 +793,7 @@ impl SubscriptionService {
         h: &SubHandle,
         mut cursor: u64,
         cursor_name: &str,
+        mut handshaken: String,
     ) -> tributary_storage::Result<()> {
         let outbox = self.store.outbox().clone();
         let mut head_rx = outbox.subscribe();
@@ -788,6 +807,14 @@ impl SubscriptionService {
                 tracing::info!(subscription = %spec.id, tenant = %spec.tenant, "subscription's authorization revoked; delivery stopped");
                 self.set_status(h, "off", Some(REVOKED)).await;
                 return Ok(());
+            }
+            // A new endpoint agrees to receive before anything is sent to it.
+            if spec.channel == ChannelType::RestHook && spec.endpoint != handshaken {
+                match self.handshake(h).await {
+                    Some(endpoint) => handshaken = endpoint,
+                    None => return Ok(()),
+                }
+                continue;
             }
             let (matched, scanned) = self.next_batch(&spec, &outbox, cursor)?;
             if matched.is_empty() {

@@ -542,6 +542,44 @@ async fn a_subscription_created_active_is_handshaken_first() {
     env.shutdown.cancel();
 }
 
+/// A Subscription moved to another endpoint: the new endpoint gets a handshake before any
+/// notification, and numbering goes on (same subscriber).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_endpoint_is_handshaken_before_it_receives_events() {
+    let first = Receiver::start().await;
+    let second = Receiver::start().await;
+    let env = start(config());
+    put(
+        &env.store,
+        "Subscription",
+        "moving",
+        subscription("observation", &first.url(), "id-only", None),
+    )
+    .await;
+    put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
+    wait_for("the first event", 20, || !first.events().is_empty()).await;
+    let mut moved = subscription("observation", &second.url(), "id-only", None);
+    moved["status"] = json!("active");
+    put(&env.store, "Subscription", "moving", moved).await;
+    put(&env.store, "Observation", "o2", observation("Patient/p1")).await;
+    wait_for("the event at the new endpoint", 20, || {
+        !second.events().is_empty()
+    })
+    .await;
+    let kinds: Vec<String> = second
+        .bundles()
+        .iter()
+        .filter_map(|b| read_status(b).map(|s| s.0))
+        .filter(|k| k != "heartbeat")
+        .collect();
+    assert_eq!(kinds[..2], ["handshake", "event-notification"]);
+    assert_eq!(
+        second.events(),
+        vec![(2, Some("http://tributary.test/fhir/Observation/o2".into()))]
+    );
+    env.shutdown.cancel();
+}
+
 /// A Subscription deleted and created again under the same id is a new subscriber: it gets its
 /// own handshake, numbers from 1 and none of the earlier incarnation's events, by delivery or by
 /// `$events` (which would otherwise hand the new owner what the old one's token could read).

@@ -1093,7 +1093,10 @@ mod tests {
         .unwrap();
         let log = AuditLog::new(Db::open(d.path(), small_segments()).unwrap());
         let refused = log.append(vec![json!({"time": 600})]).await;
-        assert!(refused.is_err(), "an unconfirmed anchor keeps the log closed");
+        assert!(
+            refused.is_err(),
+            "an unconfirmed anchor keeps the log closed"
+        );
         assert_eq!(
             files::list_segments(&audit_dir).unwrap().len(),
             before,
