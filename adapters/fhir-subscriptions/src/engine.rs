@@ -180,10 +180,17 @@ impl SubscriptionService {
         let _ = self.revoked.set(check);
     }
 
-    fn grant_revoked(&self, spec: &SubscriptionSpec) -> bool {
-        self.revoked
+    /// Switches the Subscription off when its authorization was revoked; `true` then.
+    async fn stop_if_revoked(&self, h: &SubHandle, spec: &SubscriptionSpec) -> bool {
+        let revoked = self
+            .revoked
             .get()
-            .is_some_and(|f| spec.grants.iter().any(|g| f(&spec.tenant, g)))
+            .is_some_and(|f| spec.grants.iter().any(|g| f(&spec.tenant, g)));
+        if revoked {
+            tracing::info!(subscription = %spec.id, tenant = %spec.tenant, "subscription's authorization revoked; delivery stopped");
+            self.set_status(h, "off", Some(REVOKED)).await;
+        }
+        revoked
     }
 
     pub fn tenants(&self) -> Vec<String> {
@@ -803,9 +810,7 @@ impl SubscriptionService {
                 return Ok(());
             }
             let spec = h.spec.read().expect("spec lock").clone();
-            if self.grant_revoked(&spec) {
-                tracing::info!(subscription = %spec.id, tenant = %spec.tenant, "subscription's authorization revoked; delivery stopped");
-                self.set_status(h, "off", Some(REVOKED)).await;
+            if self.stop_if_revoked(h, &spec).await {
                 return Ok(());
             }
             // A new endpoint agrees to receive before anything is sent to it.
@@ -845,6 +850,11 @@ impl SubscriptionService {
                 continue;
             }
 
+            // Again with the batch in hand: a revocation made before these events were
+            // committed must stop them.
+            if self.stop_if_revoked(h, &spec).await {
+                return Ok(());
+            }
             let first_number = h.state.lock().expect("state lock").events_since_start + 1;
             let numbered: Vec<NumberedEvent<'_>> = matched
                 .iter()

@@ -561,6 +561,11 @@ async fn a_new_endpoint_is_handshaken_before_it_receives_events() {
     let mut moved = subscription("observation", &second.url(), "id-only", None);
     moved["status"] = json!("active");
     put(&env.store, "Subscription", "moving", moved).await;
+    // (An event committed before the engine has seen the move may still go to the old one.)
+    wait_for("the handshake at the new endpoint", 20, || {
+        !second.of_type("handshake").is_empty()
+    })
+    .await;
     put(&env.store, "Observation", "o2", observation("Patient/p1")).await;
     wait_for("the event at the new endpoint", 20, || {
         !second.events().is_empty()
