@@ -288,8 +288,23 @@ impl Message {
         let mut segments = Vec::with_capacity(16);
         let mut line_no = 0u32;
         let mut pos = 0usize;
+        // The segment terminator is CR (CRLF tolerated). A message whose first line ends in a
+        // bare LF was saved with LF line ends and is split on LF; otherwise a lone LF is data (a
+        // line break inside a text field), not the start of a segment: splitting there made
+        // "NEG" of "Lungs clear<LF>NEG" a segment of its own and lost it.
+        let lf_only = memchr::memchr2(b'\r', b'\n', bytes).is_some_and(|i| bytes[i] == b'\n');
         while pos < bytes.len() {
-            let end = memchr::memchr2(b'\r', b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
+            let next = if lf_only {
+                memchr::memchr2(b'\r', b'\n', &bytes[pos..])
+            } else {
+                memchr::memchr(b'\r', &bytes[pos..])
+            };
+            let stop = next.map_or(bytes.len(), |i| pos + i);
+            // LFs that end a CR-terminated line (or the message) break no text: not data.
+            let mut end = stop;
+            while !lf_only && end > pos && bytes[end - 1] == b'\n' {
+                end -= 1;
+            }
             line_no += 1;
             let line = &bytes[pos..end];
             let meaningful = line
@@ -330,9 +345,9 @@ impl Message {
                 // The LF of a CRLF pair: not a line of its own.
                 line_no -= 1;
             }
-            pos = end + 1;
-            if end < bytes.len() && bytes[end] == b'\r' && bytes.get(end + 1) == Some(&b'\n') {
-                pos = end + 2;
+            pos = stop + 1;
+            if stop < bytes.len() && bytes[stop] == b'\r' && bytes.get(stop + 1) == Some(&b'\n') {
+                pos = stop + 2;
             }
         }
         Ok(Self {
@@ -677,6 +692,21 @@ ZPD|custom&sub^x\r";
         let z = m.segment("ZPD").unwrap();
         assert_eq!(z.field(1).unwrap().subcomponent(1, 2).unwrap().raw(), "sub");
         assert_eq!(m.segments_named("NK1").count(), 1);
+    }
+
+    #[test]
+    fn a_line_break_inside_a_cr_terminated_segment_is_data() {
+        let cr = "MSH|^~\\&|A|B|C|D|20240101||ORU^R01|1|P|2.5\rOBX|1|TX|CXR^Chest||Lungs clear\nNEG\nEND\rNTE|1||x\r\n";
+        let m = Message::parse(cr.as_bytes()).unwrap();
+        assert_eq!(m.segment_count(), 3);
+        assert_eq!(
+            m.segment("OBX").unwrap().field(5).unwrap().value(),
+            "Lungs clear\nNEG\nEND"
+        );
+        assert_eq!(m.segment("NTE").unwrap().field(3).unwrap().value(), "x");
+        // A file saved with LF line ends is split on LF.
+        let lf = "MSH|^~\\&|A|B|C|D|20240101||ORU^R01|1|P|2.5\nOBX|1|TX|c||v\nNTE|1||x\n";
+        assert_eq!(Message::parse(lf.as_bytes()).unwrap().segment_count(), 3);
     }
 
     #[test]
