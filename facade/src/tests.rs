@@ -858,21 +858,32 @@ async fn roles_break_glass_and_audit_trail() {
 async fn audit_records_carry_no_phi() {
     let e = env();
     let admin = seed(&e).await;
-    e.call(
-        "GET",
-        "/fhir/Patient?name=Smith&birthdate=1970-01-02&identifier=urn:mrn|MRN-p1",
-        Some(&admin),
-        None,
-    )
-    .await;
-    e.call(
-        "POST",
-        "/fhir/Patient",
-        Some(&admin),
-        Some(patient("x", "Secretname")),
-    )
-    .await;
-    for rec in e.audit() {
+    let searched = e
+        .call(
+            "GET",
+            "/fhir/Patient?name=Smith&birthdate=1970-01-02&identifier=urn:mrn|MRN-p1",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(searched.0, 200);
+    let created = e
+        .call(
+            "POST",
+            "/fhir/Patient",
+            Some(&admin),
+            Some(patient("x", "Secretname")),
+        )
+        .await;
+    assert_eq!(created.0, 201);
+    let records = e.audit();
+    for interaction in ["search-type", "create"] {
+        assert!(
+            records.iter().any(|r| r["interaction"] == interaction),
+            "the {interaction} carrying PHI is audited: {records:?}"
+        );
+    }
+    for rec in records {
         let text = rec.to_string();
         for phi in ["Smith", "Jones", "Secretname", "1970", "MRN-", "Ann"] {
             assert!(!text.contains(phi), "audit record leaks {phi}: {text}");

@@ -232,6 +232,10 @@ fn kubernetes_manifest_is_valid_against_the_api_schemas() {
     let tool =
         repo_root().join("target/test-tools/kubernetes-validate-venv/bin/kubernetes-validate");
     if !tool.exists() {
+        assert!(
+            std::env::var_os("TEST_REQUIRE_TOOLS").is_none(),
+            "kubernetes-validate is missing but TEST_REQUIRE_TOOLS is set"
+        );
         eprintln!(
             "kubernetes-validate not installed (scripts/install-test-tools): manifest not checked"
         );

@@ -95,12 +95,10 @@ fn corpus_subscriptions_parse() {
         r["criteria"] = json!(format!("{TOPIC_BASE}/patient-admission"));
         let s = SubscriptionSpec::parse("t1", "x", 1, &r, true)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expected = if name.contains("full-resource") {
-            Content::FullResource
-        } else if name.contains("empty") {
-            Content::Empty
-        } else {
-            s.content
+        let expected = match name {
+            "docs_Subscription_empty.json" => Content::Empty,
+            "docs_Subscription_id-only.json" => Content::IdOnly,
+            _ => Content::FullResource,
         };
         assert_eq!(s.content, expected, "{name}");
     }

@@ -53,7 +53,13 @@ impl MappingRegistry {
     pub fn reload(&self) -> ReloadOutcome {
         let current = self.current();
         match MappingSet::version_of(&self.dir) {
-            Ok(v) if v == current.version => return ReloadOutcome::Unchanged,
+            Ok(v) if v == current.version => {
+                // The files are the running set again (a bad edit undone): its error is over.
+                if let Ok(mut e) = self.last_error.write() {
+                    *e = None;
+                }
+                return ReloadOutcome::Unchanged;
+            }
             Ok(_) => {}
             Err(errors) => return self.reject(errors),
         }

@@ -224,13 +224,23 @@ async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_
     let st = rt.journal.get(id).unwrap().unwrap().state;
     assert_eq!(st.state, MessageState::Committed);
     assert_eq!(st.mapping_version.as_deref(), Some(before.as_str()));
-    // the fix is picked up
+    // the fix is picked up: the good file again is the version that was running, the error
+    // is gone, and messages still map with it
     std::fs::write(&file, &good).unwrap();
     assert!(matches!(
         p.registry.reload(),
         ReloadOutcome::Unchanged | ReloadOutcome::Reloaded { .. }
     ));
-    assert!(p.registry.last_error().is_none() || p.registry.current().version == before);
+    assert!(
+        p.registry.last_error().is_none(),
+        "the fixed file's error is cleared"
+    );
+    assert_eq!(p.registry.current().version, before);
+    let id = append(&rt, fixture("ADT_A01.hl7")).await;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(id).unwrap().unwrap().state;
+    assert_eq!(st.state, MessageState::Committed);
+    assert_eq!(st.mapping_version.as_deref(), Some(before.as_str()));
 }
 
 #[tokio::test]
