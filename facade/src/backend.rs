@@ -359,7 +359,7 @@ async fn call(
         tracing::warn!(backend = %backend.cfg.name, timeout = e.is_timeout(), connect = e.is_connect(), "backend request failed");
         if e.is_timeout() {
             ApiError::BackendTimeout(format!(
-                "backend {} did not answer in time",
+                "backend {} did not answer within its timeout_secs",
                 backend.cfg.name
             ))
         } else {

@@ -62,20 +62,19 @@ async fn slow_backend_gets_504_within_the_request_timeout_and_is_audited() {
     let mut f = Facade::start(Some(&config));
     let t = f.token("app", "user/*.cruds", &[]);
 
-    let started = Instant::now();
+    // Which timeout decided is in the answer (not measured: durations flake on a busy host).
     let r = f.call("GET", "/fhir/Observation", Some(&t), None).await;
-    let took = started.elapsed();
     assert_timeout_outcome(&r, 504);
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
-        "answered after {took:?}, expected about the 2 s request timeout"
+    assert_eq!(
+        r.json["issue"][0]["diagnostics"],
+        "backend slow-lab did not answer within the request timeout"
     );
 
-    let started = Instant::now();
     let r = f.call("GET", "/fhir/Condition", Some(&t), None).await;
     assert_timeout_outcome(&r, 504);
-    assert!(
-        started.elapsed() < Duration::from_millis(1900),
+    assert_eq!(
+        r.json["issue"][0]["diagnostics"],
+        "backend slow-problems did not answer within its timeout_secs",
         "the backend's 1 s timeout decides"
     );
 
