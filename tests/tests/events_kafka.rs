@@ -3,8 +3,8 @@
 //! only with the same id — in order per topic and patient key. Skips without `tansu`.
 //!
 //! The events are committed through `Store::commit` into the data directory while the binary is
-//! not running (before the first start and between the kill and the restart): the mapping
-//! pipeline that would commit them from HL7 input is not on this branch yet.
+//! not running (before the first start and between the kill and the restart), so the kill lands
+//! mid-relay at a known outbox size; HL7 input through MLLP to Kafka is `events_mllp_kafka.rs`.
 
 mod events_common;
 
@@ -116,13 +116,16 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
 
     let server = Server::start(&data, &extra);
     // Kill it moments after the relay started sending (its first topic is ready).
+    let mut started = false;
     for _ in 0..600 {
         let log = std::fs::read_to_string(&server.log).unwrap_or_default();
         if log.contains("kafka topic ready") {
+            started = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(started, "the relay never started sending");
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.kill9();
     let (_, head, cursor) = outbox_state(&data);

@@ -85,6 +85,7 @@ async fn hl7_corpus_over_mllp_reaches_kafka_topics() {
         "{acked} of {} corpus files acknowledged over MLLP",
         files.len()
     );
+    assert!(acked > 0, "no corpus file was acknowledged over MLLP");
 
     // Consume until nothing new arrives for 20 s (mapping and relaying run behind the ACKs) and
     // the relay has nothing left to deliver: a broker that holds one produce request past its
@@ -164,6 +165,11 @@ async fn hl7_corpus_over_mllp_reaches_kafka_topics() {
         }
     }
     // Message events: `hl7v2.<code lower case>.<trigger as HL7 writes it>` (`hl7v2.adt.A01`).
+    assert!(
+        topics.keys().any(|t| t.starts_with("hl7v2.")),
+        "no message event topic: {:?}",
+        topics.keys().collect::<Vec<_>>()
+    );
     for topic in topics.keys().filter(|t| t.starts_with("hl7v2.")) {
         let parts: Vec<&str> = topic.split('.').collect();
         assert!(
