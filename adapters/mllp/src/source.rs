@@ -794,6 +794,7 @@ impl Rejection {
                 K::Empty | K::MissingMsh { .. } | K::BadSegmentName => {
                     ("100", "Segment sequence error")
                 }
+                K::TooManySegments => ("207", "Application internal error"),
                 K::BadDelimiters(_) | K::InvalidEncoding { .. } => ("102", "Data type error"),
                 K::UnsupportedCharset(_) => ("103", "Table value not found"),
             },

@@ -66,9 +66,18 @@ impl Charset {
             Charset::Utf8 => std::str::from_utf8(bytes)
                 .map(Cow::Borrowed)
                 .map_err(|e| e.valid_up_to()),
+            // UTF-8 where it is valid, ISO 8859-1 for the bytes that are not: one stray byte
+            // (a Windows quote in a note) must not turn every UTF-8 name into mojibake.
             Charset::Undeclared => match std::str::from_utf8(bytes) {
                 Ok(s) => Ok(Cow::Borrowed(s)),
-                Err(_) => Ok(Cow::Owned(latin1(bytes))),
+                Err(_) => {
+                    let mut out = String::with_capacity(bytes.len() + 8);
+                    for chunk in bytes.utf8_chunks() {
+                        out.push_str(chunk.valid());
+                        out.extend(chunk.invalid().iter().map(|&b| char::from(b)));
+                    }
+                    Ok(Cow::Owned(out))
+                }
             },
             Charset::Latin1 => match std::str::from_utf8(bytes) {
                 Ok(s) if bytes.is_ascii() => Ok(Cow::Borrowed(s)),
@@ -117,6 +126,21 @@ mod tests {
         assert_eq!(
             Charset::Undeclared.decode(&[0x41, 0xfc]).unwrap(),
             "A\u{fc}"
+        );
+        // valid UTF-8 stays UTF-8 beside a stray byte
+        assert_eq!(
+            Charset::Undeclared
+                .decode(
+                    "MU\u{d1}OZ|"
+                        .as_bytes()
+                        .iter()
+                        .chain(&[0x93])
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .as_slice()
+                )
+                .unwrap(),
+            "MU\u{d1}OZ|\u{93}"
         );
     }
 }

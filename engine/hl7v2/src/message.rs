@@ -60,7 +60,13 @@ pub enum ParseErrorKind {
     },
     /// A line does not start with a three-character segment name.
     BadSegmentName,
+    /// More segments than [`MAX_SEGMENTS`].
+    TooManySegments,
 }
+
+/// Most segments one message may have: far beyond any real message (a large ORU has a few
+/// thousand), and a bound on what parsing a hostile frame can cost.
+pub const MAX_SEGMENTS: usize = 100_000;
 
 /// Where and why parsing failed. Displays position and kind only, never message content.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +94,9 @@ impl fmt::Display for ParseError {
             }
             ParseErrorKind::BadSegmentName => {
                 "segment does not start with a 3-character name (A-Z, 0-9)".to_string()
+            }
+            ParseErrorKind::TooManySegments => {
+                format!("more than {MAX_SEGMENTS} segments in one message")
             }
         };
         write!(f, "line {} column {}: {what}", self.line, self.column)
@@ -321,8 +330,11 @@ impl Message {
                         1,
                     ));
                 }
-                let mut fields = Vec::with_capacity(32);
+                // Sized to the segment: a fixed guess per segment made a message of many
+                // empty segments cost ~80 times its size.
+                let mut fields = Vec::new();
                 if line.len() > 4 {
+                    fields.reserve_exact(memchr::memchr_iter(fs, &bytes[pos + 4..end]).count() + 1);
                     let mut start = pos + 4;
                     for i in memchr::memchr_iter(fs, &bytes[pos + 4..end]) {
                         let i = pos + 4 + i;
@@ -330,6 +342,13 @@ impl Message {
                         start = i + 1;
                     }
                     fields.push((start as u32, end as u32));
+                }
+                if segments.len() == MAX_SEGMENTS {
+                    return Err(ParseError::at(
+                        ParseErrorKind::TooManySegments,
+                        line_no as usize,
+                        1,
+                    ));
                 }
                 segments.push(SegmentData {
                     line: line_no,
@@ -692,6 +711,17 @@ ZPD|custom&sub^x\r";
         let z = m.segment("ZPD").unwrap();
         assert_eq!(z.field(1).unwrap().subcomponent(1, 2).unwrap().raw(), "sub");
         assert_eq!(m.segments_named("NK1").count(), 1);
+    }
+
+    #[test]
+    fn a_message_of_too_many_segments_is_refused() {
+        let mut m = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5\r".to_vec();
+        for _ in 0..MAX_SEGMENTS {
+            m.extend_from_slice(b"ZZZ\r");
+        }
+        let err = Message::parse(&m).unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::TooManySegments);
+        assert_eq!(err.line, MAX_SEGMENTS + 1);
     }
 
     #[test]
