@@ -131,6 +131,15 @@ impl Receiver {
             .collect()
     }
 
+    /// The type of every notification received (heartbeats left out), in arrival order.
+    fn kinds(&self) -> Vec<String> {
+        self.bundles()
+            .iter()
+            .filter_map(|b| read_status(b).map(|s| s.0))
+            .filter(|k| k != "heartbeat")
+            .collect()
+    }
+
     /// (event number, focus reference) of every event notified, in arrival order.
     fn events(&self) -> Vec<(u64, Option<String>)> {
         self.of_type("event-notification")
@@ -532,13 +541,7 @@ async fn a_subscription_created_active_is_handshaken_first() {
     put(&env.store, "Subscription", "eager", s).await;
     put(&env.store, "Observation", "o1", observation("Patient/p1")).await;
     wait_for("the event", 20, || !rx.events().is_empty()).await;
-    let kinds: Vec<String> = rx
-        .bundles()
-        .iter()
-        .filter_map(|b| read_status(b).map(|s| s.0))
-        .filter(|k| k != "heartbeat")
-        .collect();
-    assert_eq!(kinds[..2], ["handshake", "event-notification"]);
+    assert_eq!(rx.kinds()[..2], ["handshake", "event-notification"]);
     env.shutdown.cancel();
 }
 
@@ -571,13 +574,7 @@ async fn a_new_endpoint_is_handshaken_before_it_receives_events() {
         !second.events().is_empty()
     })
     .await;
-    let kinds: Vec<String> = second
-        .bundles()
-        .iter()
-        .filter_map(|b| read_status(b).map(|s| s.0))
-        .filter(|k| k != "heartbeat")
-        .collect();
-    assert_eq!(kinds[..2], ["handshake", "event-notification"]);
+    assert_eq!(second.kinds()[..2], ["handshake", "event-notification"]);
     assert_eq!(
         second.events(),
         vec![(2, Some("http://tributary.test/fhir/Observation/o2".into()))]
