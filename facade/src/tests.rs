@@ -764,6 +764,62 @@ async fn transaction_is_atomic_and_resolves_urn_uuids() {
     );
 }
 
+/// A decimal keeps the precision it was sent with (FHIR R4 decimal: `7.10` is not `7.1`) through
+/// create, transaction, read, search and history.
+#[tokio::test]
+async fn decimals_keep_their_precision_through_the_api() {
+    let e = env();
+    let t = e.token("user/*.cruds", |_| {});
+    let quantity = |v: &str| -> Value {
+        serde_json::from_str(&format!(
+            r#"{{"resourceType": "Observation", "status": "final", "code": {{"text": "x"}}, "valueQuantity": {{"value": {v}, "unit": "mg/dL"}}}}"#
+        ))
+        .unwrap()
+    };
+    let (s, _, created) = e
+        .call(
+            "POST",
+            "/fhir/Observation",
+            Some(&t),
+            Some(quantity("7.10")),
+        )
+        .await;
+    assert_eq!(s, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut entry = quantity("0.0500");
+    entry["id"] = json!("dec-tx");
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": entry, "request": {"method": "PUT", "url": "Observation/dec-tx"}}
+    ]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&t), Some(bundle)).await;
+    assert_eq!(s, 200, "{out}");
+    let value = |v: &Value| v["valueQuantity"]["value"].to_string();
+    for (id, written) in [(id.as_str(), "7.10"), ("dec-tx", "0.0500")] {
+        let (_, _, read) = e
+            .call("GET", &format!("/fhir/Observation/{id}"), Some(&t), None)
+            .await;
+        assert_eq!(value(&read), written);
+        let (_, _, hist) = e
+            .call(
+                "GET",
+                &format!("/fhir/Observation/{id}/_history"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(value(&hist["entry"][0]["resource"]), written);
+        let (_, _, found) = e
+            .call(
+                "GET",
+                &format!("/fhir/Observation?_id={id}"),
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(value(&found["entry"][0]["resource"]), written);
+    }
+}
+
 #[tokio::test]
 async fn roles_break_glass_and_audit_trail() {
     let e = env();

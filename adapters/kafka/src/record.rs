@@ -202,7 +202,7 @@ mod tests {
         stored["resource_type"] = "Observation".into();
         stored["resource"] = serde_json::from_str(resource).unwrap();
         let stored = serde_json::to_string(&stored).unwrap().replace(
-            r#"{"id":"r1","resourceType":"Observation","valueQuantity":{"unit":"mé","value":1.5}}"#,
+            r#"{"id":"r1","resourceType":"Observation","valueQuantity":{"unit":"mé","value":1.50}}"#,
             resource,
         );
         assert!(stored.contains(resource), "{stored}");
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(String::from_utf8(r.value.clone()).unwrap(), resource);
         assert_ne!(
             r.value, p.value,
-            "parsing would have rewritten 1.50 and the escape"
+            "parsing would have rewritten the escape and the key order"
         );
         assert_eq!(
             (&r.topic, &r.key, &r.headers),

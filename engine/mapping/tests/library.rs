@@ -549,3 +549,42 @@ fn default_timezone_is_checked_without_panicking() {
         );
     }
 }
+
+/// FHIR decimals keep their precision (R4 §2.1.28.0.1: `0.010` is not `0.01`): a result of
+/// `7.10` is written `7.10`, in the Bundle, in the stored resource and through a `Value`.
+#[test]
+fn decimals_keep_their_written_precision() {
+    let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ORU_R01.hl7"))
+        .unwrap()
+        .replace("||105|mg/dL", "||7.10|mg/dL")
+        .replace("||^1^:^128|", "||^1.0^:^128.00|");
+    let mut out = map_as(&library(), text.as_bytes(), "t1");
+    let bundle = String::from_utf8(out.to_json()).unwrap();
+    let observations: Vec<String> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Observation")
+        .map(|(_, _, v)| serde_json::to_string(&v).unwrap())
+        .collect();
+    let stored: Vec<String> = out
+        .take_resources()
+        .into_iter()
+        .filter(|r| r.resource_type == "Observation")
+        .map(|r| {
+            let mut json = Vec::new();
+            r.write_stamped(&mut json, "1", "2026-12-06T00:00:00Z");
+            String::from_utf8(json).unwrap()
+        })
+        .collect();
+    for written in ["7.10", "1.0", "128.00"] {
+        let literal = format!(":{written}");
+        assert!(bundle.contains(&literal), "{written} in the Bundle");
+        assert!(
+            observations.iter().any(|o| o.contains(&literal)),
+            "{written} via Value"
+        );
+        assert!(
+            stored.iter().any(|o| o.contains(&literal)),
+            "{written} as stored"
+        );
+    }
+}

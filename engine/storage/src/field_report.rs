@@ -94,11 +94,67 @@ impl FieldStats {
 
 /// One line of the report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "FlatRow", into = "FlatRow")]
 pub struct FieldReportRow {
-    #[serde(flatten)]
     pub key: FieldKey,
-    #[serde(flatten)]
     pub stats: FieldStats,
+}
+
+/// The wire form of [`FieldReportRow`]: key and counts side by side in one object. Spelled out
+/// rather than `#[serde(flatten)]`, which cannot read numbers back when serde_json keeps them
+/// exact (`arbitrary_precision`, which FHIR decimals need).
+#[derive(Serialize, Deserialize)]
+struct FlatRow {
+    tenant: String,
+    message_map: String,
+    message_type: String,
+    kind: FieldKind,
+    path: String,
+    #[serde(default)]
+    reason: String,
+    count: u64,
+    first_seen: i64,
+    last_seen: i64,
+    example_message: String,
+}
+
+impl From<FlatRow> for FieldReportRow {
+    fn from(r: FlatRow) -> Self {
+        FieldReportRow {
+            key: FieldKey {
+                tenant: r.tenant,
+                message_map: r.message_map,
+                message_type: r.message_type,
+                kind: r.kind,
+                path: r.path,
+                reason: r.reason,
+            },
+            stats: FieldStats {
+                count: r.count,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                example_message: r.example_message,
+            },
+        }
+    }
+}
+
+impl From<FieldReportRow> for FlatRow {
+    fn from(r: FieldReportRow) -> Self {
+        let (k, s) = (r.key, r.stats);
+        FlatRow {
+            tenant: k.tenant,
+            message_map: k.message_map,
+            message_type: k.message_type,
+            kind: k.kind,
+            path: k.path,
+            reason: k.reason,
+            count: s.count,
+            first_seen: s.first_seen,
+            last_seen: s.last_seen,
+            example_message: s.example_message,
+        }
+    }
 }
 
 /// The stored report, rows sorted by count (highest first).
