@@ -103,6 +103,7 @@ pub fn files_with_extension(dir: &std::path::Path, ext: &str) -> Vec<PathBuf> {
 pub use tributary_runtime::test_ports::{
     free_loopback_addr as free_addr, free_loopback_port as free_port,
 };
+pub use tributary_runtime::test_wait::wait;
 
 /// A running `tributary serve` child process, killed on drop.
 pub struct Server {
@@ -225,4 +226,40 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// The value of one series of the `/metrics` answer at `http` — `series` is the name with its
+/// labels exactly as rendered, e.g. `tributary_outbox_lag_events{relay="amqp"}` — or `None`
+/// when the server does not answer or has no such series.
+pub fn metric(http: &str, series: &str) -> Option<f64> {
+    series_value(&http_get(http, "/metrics").ok()?, series)
+}
+
+fn series_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Journaled messages the mapping pipeline at `http` is done with (committed, failed or
+/// skipped), from one `/metrics` answer; 0 when the server does not answer.
+pub fn pipeline_finished(http: &str) -> f64 {
+    let text = http_get(http, "/metrics").unwrap_or_default();
+    ["committed", "failed", "skipped"]
+        .iter()
+        .filter_map(|o| {
+            series_value(
+                &text,
+                &format!("tributary_pipeline_messages_total{{outcome=\"{o}\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// How often `needle` occurs in the log file at `log` (0 while it does not exist).
+pub fn log_count(log: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(needle)
+        .count()
 }

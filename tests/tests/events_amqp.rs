@@ -9,6 +9,7 @@ use events_common::Server;
 use lapin::options::QueueDeleteOptions;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tributary_e2e::{metric, wait};
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,14 +59,16 @@ async fn queue_feed_survives_kill_9_mid_consumption() {
     eprintln!("killed with {killed_at} of {n} messages still queued ({left} after the kill: unacked ones returned)");
 
     let server = Server::start(&data, &extra);
-    for _ in 0..1200 {
-        if queue_depth(&ch, &queue).await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(queue_depth(&ch, &queue).await, 0, "queue drained");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Drained, and what was taken last journaled too (duplicates are not journaled again).
+    let http = server.http.to_string();
+    wait(format!(
+        "the queue to drain and {n} messages to be journaled"
+    ))
+    .until_async(|| async {
+        let head = metric(&http, "tributary_journal_head_seq")?;
+        (queue_depth(&ch, &queue).await == 0 && head >= f64::from(n)).then_some(())
+    })
+    .await;
     server.stop();
 
     let db = Db::open(&data, DbOptions::default()).unwrap();

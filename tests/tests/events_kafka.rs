@@ -15,6 +15,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
+use tributary_e2e::{metric, wait};
 use tributary_kafka::testing::{tansu_or_skip, Tansu};
 use tributary_storage::{Db, DbOptions, FjallStore, ResourceWrite, Store, StoreTransaction};
 
@@ -103,7 +104,7 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
 
     // A small in-flight window paces the relay (~64 records per broker round trip), so the kill
     // lands mid-stream on a fast machine too: at the default 10,000 it sent all 20,000 events
-    // within the 300 ms below.
+    // within 300 ms.
     let extra = format!(
         "[kafka]\nbrokers = \"{}\"\ntopic_replication = 1\nretry_initial_ms = 200\nretry_max_ms = 2000\nmax_in_flight = 64\n",
         broker.bootstrap()
@@ -115,18 +116,14 @@ async fn kafka_relay_survives_kill_9_mid_stream() {
     let mut seen_ids = HashSet::new();
 
     let server = Server::start(&data, &extra);
-    // Kill it moments after the relay started sending (its first topic is ready).
-    let mut started = false;
-    for _ in 0..600 {
-        let log = std::fs::read_to_string(&server.log).unwrap_or_default();
-        if log.contains("kafka topic ready") {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(started, "the relay never started sending");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill it as soon as the relay has delivered some of the events (its cursor moved).
+    let http = server.http.to_string();
+    wait("the relay to deliver its first events")
+        .until_async(|| async {
+            let lag = metric(&http, "tributary_outbox_lag_events{relay=\"kafka\"}")?;
+            (lag < 20_000.0).then_some(())
+        })
+        .await;
     server.kill9();
     let (_, head, cursor) = outbox_state(&data);
     eprintln!(

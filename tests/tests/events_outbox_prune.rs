@@ -7,9 +7,9 @@ mod events_common;
 
 use events_common::rabbit::{amqp_url, rabbit_or_skip};
 use events_common::{issue_token, post_fhir, token_config, Server};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::Path;
-use std::time::Duration;
+use tributary_e2e::{metric, wait};
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
 
 /// (remaining event seqs, the relay's cursor) read from the stopped server's data directory.
@@ -23,6 +23,17 @@ fn outbox_state(data: &Path) -> (Vec<u64>, u64) {
         .map(|e| e.seq)
         .collect();
     (seqs, store.outbox().cursor("amqp").unwrap())
+}
+
+/// Events the outbox pruner reported removing (its `outbox retention` lines in the JSON log).
+fn pruned_in_log(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "outbox retention")
+        .filter_map(|l| l["pruned"].as_u64())
+        .sum()
 }
 
 async fn create_patients(server: &Server, token: &str, n: usize) {
@@ -57,7 +68,13 @@ async fn delivered_old_events_are_pruned_and_only_then() {
     // Pruning on: delivered and older than a second → gone.
     let server = Server::start(&data, &relay(1));
     create_patients(&server, &token, 3).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let http = server.http.to_string();
+    wait("the pruner to report every outbox event removed")
+        .until_async(|| async {
+            let head = metric(&http, "tributary_outbox_head_seq")? as u64;
+            (head >= 3 && pruned_in_log(&server.log) >= head).then_some(())
+        })
+        .await;
     server.stop();
     let (left, cursor) = outbox_state(&data);
     assert!(
@@ -69,7 +86,16 @@ async fn delivered_old_events_are_pruned_and_only_then() {
     // Pruning off: they stay, and numbering goes on after the prune.
     let server = Server::start(&data, &relay(0));
     create_patients(&server, &token, 2).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The pruner says it is off (it never runs), and the relay has delivered both events.
+    let http = server.http.to_string();
+    wait("pruning off and both new events delivered")
+        .until_async(|| async {
+            let head = metric(&http, "tributary_outbox_head_seq")? as u64;
+            let lag = metric(&http, "tributary_outbox_lag_events{relay=\"amqp\"}")?;
+            let off = tributary_e2e::log_count(&server.log, "outbox pruning off") > 0;
+            (off && head >= cursor + 2 && lag == 0.0).then_some(())
+        })
+        .await;
     server.stop();
     let (left, cursor2) = outbox_state(&data);
     assert_eq!(left.len(), 2, "max_age_secs = 0 keeps events: {left:?}");

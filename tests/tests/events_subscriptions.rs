@@ -12,8 +12,7 @@ use events_common::{
     token_config, Server,
 };
 use hook::start_hook;
-use serde_json::Value;
-use std::time::Duration;
+use serde_json::{json, Value};
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 
 type Check = Box<dyn Fn(&[Value]) -> bool + Send>;
@@ -59,13 +58,9 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     let wait = |what: &'static str, f: Check| {
         let got = got.clone();
         async move {
-            for _ in 0..300 {
-                if f(&got.lock().unwrap()) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("timed out waiting for {what}");
+            tributary_e2e::wait(what)
+                .until_async(|| async { f(&got.lock().unwrap()).then_some(()) })
+                .await
         }
     };
     wait(
@@ -89,15 +84,36 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         Box::new(|g| g.iter().any(|b| kind(b) == "event-notification")),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let bundles = got.lock().unwrap().clone();
-    let mut focus = Vec::new();
-    for b in bundles.iter().filter(|b| kind(b) == "event-notification") {
-        for e in b["entry"].as_array().unwrap().iter().skip(1) {
-            focus.push(e["fullUrl"].as_str().unwrap().to_string());
-        }
-    }
-    assert!(!focus.is_empty());
+    // Then a marker Observation, changed after both messages were committed: notifications
+    // follow the outbox order, so once it is notified every change before it was looked at.
+    let metrics = server.http.to_string();
+    tributary_e2e::wait("the pipeline to finish both messages")
+        .until_async(|| async { (tributary_e2e::pipeline_finished(&metrics) >= 2.0).then_some(()) })
+        .await;
+    let marker = json!({"resourceType": "Observation", "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/marker"}});
+    let res = post_fhir(&http, &base, &token, "Observation", &marker).await;
+    let marker: Value = res.json().await.unwrap();
+    let marker = format!("/Observation/{}", marker["id"].as_str().unwrap());
+    let focus = |g: &[Value]| -> Vec<String> {
+        g.iter()
+            .filter(|b| kind(b) == "event-notification")
+            .flat_map(|b| b["entry"].as_array().unwrap().iter().skip(1))
+            .map(|e| e["fullUrl"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let m = marker.clone();
+    wait(
+        "the marker's notification",
+        Box::new(move |g| focus(g).iter().any(|u| u.ends_with(&m))),
+    )
+    .await;
+    let focus = focus(&got.lock().unwrap());
+    assert!(
+        focus.iter().any(|u| !u.ends_with(&marker)),
+        "the ORU's Observations are notified: {focus:?}"
+    );
     assert!(
         focus.iter().all(|u| u.contains("/Observation/")),
         "only Observations are notified: {focus:?}"

@@ -17,6 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
+use tributary_e2e::wait;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -232,23 +233,24 @@ async fn websocket_subscribers_get_handshake_heartbeat_and_only_their_patients_e
         .as_str()
         .unwrap()
         .to_string();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Expiry is the passing of time itself: wait until the expiration the server gave is past.
+    let expires = param(&p, "expiration")["valueDateTime"].as_str().unwrap();
+    let expires = tributary_core::parse_rfc3339_millis(expires).expect("an RFC 3339 expiration");
+    wait("the binding token's expiration to pass")
+        .until_async(|| async { (tributary_core::now_millis() > expires).then_some(()) })
+        .await;
     expect_refused(&url, &late, "expired token").await;
 
     // Missed while disconnected: $events has them.
     drop(ws_a);
     let oa2 = feeder.post("Observation", &obs("pA")).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ev = get_json(
-        &http,
-        &format!("{base}/Subscription/{id_a}/$events"),
-        &alice,
-    )
-    .await;
-    assert!(
-        ev.to_string().contains(&want(&oa2)),
-        "$events has the missed event: {ev}"
-    );
+    wait("$events to have the event missed while disconnected")
+        .until_async(|| async {
+            let url = format!("{base}/Subscription/{id_a}/$events");
+            let ev = get_json(&http, &url, &alice).await;
+            ev.to_string().contains(&want(&oa2)).then_some(())
+        })
+        .await;
     server.stop();
 
     // Binds and closes are audited, with client and patient, and no payload.

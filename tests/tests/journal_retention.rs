@@ -7,8 +7,11 @@ mod mllp_common;
 
 use mllp_common::*;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use tributary_e2e::{log_count, wait};
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
+
+/// What the retention task logs after each pass (JSON log).
+const RETENTION_PASS: &str = "\"message\":\"journal retention\"";
 
 /// Message ids `tributary journal list` prints (through the running server).
 fn listed(config: &std::path::Path) -> Vec<String> {
@@ -36,23 +39,30 @@ async fn processed_messages_are_pruned_after_every_route_has_passed_them() {
          backoff_max_secs = 1\n",
         tributary_e2e::repo_root().join("mappings").display().to_string()
     );
-    let server = Server::start(&data, &tmp.path().join("serve.log"), &extra, &[]);
+    let log = tmp.path().join("serve.log");
+    let server = Server::start(&data, &log, &extra, &[]);
     let fixtures = tributary_e2e::repo_root().join("mappings/hl7v2/messages");
     let mllp = server.mllp.to_string();
     send_accepted(&mllp, &std::fs::read(fixtures.join("ADT_A01.hl7")).unwrap()).await;
     send_accepted(&mllp, &std::fs::read(fixtures.join("ORU_R01.hl7")).unwrap()).await;
 
     // The ADT is not for the route: pruned once committed. The ORU waits for its destination.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let kept = loop {
-        let ids = listed(&config);
-        if ids.len() == 1 {
-            break ids;
-        }
-        assert!(Instant::now() < deadline, "never pruned: {ids:?}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
-    std::thread::sleep(Duration::from_secs(3));
+    let kept = wait("the committed ADT to be pruned, the ORU kept")
+        .until_async(|| async {
+            let ids = listed(&config);
+            (ids.len() == 1).then_some(ids)
+        })
+        .await;
+    // Two more retention passes (one logged line each) after both messages were committed:
+    // the second started after the ORU was, and kept it.
+    let http = server.http.to_string();
+    wait("the pipeline to finish both messages")
+        .until_async(|| async { (tributary_e2e::pipeline_finished(&http) >= 2.0).then_some(()) })
+        .await;
+    let passes = log_count(&log, RETENTION_PASS);
+    wait("two more journal retention passes")
+        .until_async(|| async { (log_count(&log, RETENTION_PASS) >= passes + 2).then_some(()) })
+        .await;
     assert_eq!(listed(&config), kept, "the unforwarded ORU was pruned");
     server.stop();
 

@@ -109,11 +109,19 @@ fn application_acks_follow_msh16_and_are_never_silently_dropped() {
     c.send(&adt("APP-4", "AL", "NE", false));
     // a duplicate of APP-1 (processed, AA sent): its commit ACK again, no second AA
     c.send(&adt("APP-1", "AL", "AL", false));
-    std::thread::sleep(Duration::from_secs(3));
+    let msa = |f: &str| format!("{}:{}", field(f, "MSA", 1), field(f, "MSA", 2));
+    let mut got: Vec<String> = (0..3)
+        .filter_map(|_| c.recv(wait))
+        .map(|f| msa(&f))
+        .collect();
+    // APP-1 to APP-4 mapped (committed or failed): an application ACK they wrongly got would
+    // be on its way before SU's below.
+    let http = server.http.to_string();
+    tributary_e2e::wait("the pipeline to finish APP-1 to APP-4")
+        .until(|| (tributary_e2e::pipeline_finished(&http) >= 4.0).then_some(()));
     c.send(&adt("APP-5", "AL", "SU", false));
-    let mut got = Vec::new();
     while let Some(f) = c.recv(Duration::from_secs(5)) {
-        got.push(format!("{}:{}", field(&f, "MSA", 1), field(&f, "MSA", 2)));
+        got.push(msa(&f));
     }
     assert_eq!(
         got,
@@ -142,7 +150,10 @@ fn application_acks_follow_msh16_and_are_never_silently_dropped() {
     a.send(&adt("LOST-1", "AL", "AL", false));
     let _ = a.s.shutdown(std::net::Shutdown::Write);
     drop(a);
-    std::thread::sleep(Duration::from_secs(3));
+    // logged as it is recorded; the graceful stop lets the recording (note, audit) finish
+    tributary_e2e::wait("LOST-1's application ACK to be recorded as undelivered").until(|| {
+        (tributary_e2e::log_count(&log, "undelivered AA: the connection closed") > 0).then_some(())
+    });
     server.stop();
 
     let db = Db::open(&data, DbOptions::default()).unwrap();

@@ -8,7 +8,8 @@ mod mllp_common;
 use mllp_common::*;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tributary_e2e::{log_count, wait};
 use tributary_storage::{Db, DbOptions, FjallJournal, Journal, ListFilter};
 
 fn original_mode(fixture: &str, control_id: &str, old_id: &str, bad_birth_date: bool) -> Vec<u8> {
@@ -28,23 +29,9 @@ fn adt(id: &str, bad: bool) -> Vec<u8> {
     original_mode("ADT_A01.hl7", id, "SYN-ADT-A01-0001", bad)
 }
 
-fn count(log: &Path, needle: &str) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches(needle)
-        .count()
-}
-
 fn wait_for(log: &Path, needle: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(log, needle) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} seen {} times, expected {n}",
-            count(log, needle)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait(format!("{needle:?} {n} times in {}", log.display()))
+        .until(|| (log_count(log, needle) >= n).then_some(()));
 }
 
 fn downstream(data: &Path, log: &Path, addr: SocketAddr, maps: &Path) -> Server {
@@ -104,17 +91,18 @@ fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
         sent.push((id, msg));
     }
     wait_for(&up_log, "forwarding failed; retrying", 1);
-    std::thread::sleep(Duration::from_secs(2));
     // `/ready` says the route cannot deliver (messages wait in the journal) …
-    let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").unwrap();
-    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let ready = wait("/ready to answer 503").until(|| {
+        let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").ok()?;
+        ready.starts_with("HTTP/1.1 503").then_some(ready)
+    });
     assert!(ready.contains("not answering"), "{ready}");
     let down = downstream(&down_data, &down_log, down_addr, &maps);
     wait_for(&up_log, "\"forwarded\"", 4);
     // … and is ready again once it delivers.
     let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").unwrap();
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    std::thread::sleep(Duration::from_millis(500));
+    // (each "forwarded" is logged after the delivery note is recorded: nothing left to wait for)
     up.stop();
     down.stop();
 

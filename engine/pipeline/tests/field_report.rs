@@ -9,6 +9,7 @@ use common::{
 };
 use std::sync::Arc;
 use tributary_pipeline::{MappingConfig, MappingRegistry, Pipeline, UnconsumedPolicy};
+use tributary_runtime::test_wait::wait;
 
 /// Log lines written while a test runs, for asserting what the pipeline logs.
 #[derive(Clone, Default)]
@@ -72,15 +73,23 @@ async fn the_field_report_counts_fields_per_message_map_and_never_keeps_a_value(
     }
     ids.push(append(&rt, discharge_before_admit()).await);
     wait_processed(&rt, &ids).await;
-    // one report tick: the summary is logged and the counts are flushed
-    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
-    let flushed = tributary_storage::FieldReportStore::new(rt.db.clone())
-        .read(Some("t1"))
-        .unwrap();
-    assert!(
-        flushed.rows.iter().any(|r| r.key.path == "ZXT-2"),
-        "flushed while running: {flushed:?}"
-    );
+    // report ticks while running: the counts are flushed and the summaries logged
+    let summarized = |needle: &str| {
+        String::from_utf8_lossy(&logs.0.lock().unwrap())
+            .lines()
+            .any(|l| l.contains("message(s) of") && l.contains(needle))
+    };
+    wait("ZXT-2 flushed to the store and summaries of ZXT-2 and PV1-45 logged, while running")
+        .until_async(|| async {
+            let flushed = tributary_storage::FieldReportStore::new(rt.db.clone())
+                .read(Some("t1"))
+                .unwrap();
+            (flushed.rows.iter().any(|r| r.key.path == "ZXT-2")
+                && summarized("ZXT-2 (")
+                && summarized("PV1-45 left out"))
+            .then_some(())
+        })
+        .await;
     // more after the flush: counted at shutdown
     ids.push(append(&rt, with_z_segment(SECRET)).await);
     wait_processed(&rt, &ids).await;

@@ -16,6 +16,7 @@ pub mod http_server;
 pub mod log_throttle;
 pub mod metrics;
 pub mod test_ports;
+pub mod test_wait;
 pub mod tls;
 pub use log_throttle::LogThrottle;
 pub use metrics::{Metrics, Sample};
