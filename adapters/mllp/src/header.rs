@@ -309,7 +309,7 @@ pub fn ascii_lossy(bytes: &[u8], max: usize) -> String {
 
 /// Batch detection and splitting are the parser's (one implementation for the listener, the
 /// mapping CLI and the corpus tests).
-pub use tributary_hl7v2::{is_batch, split_batch, Batch};
+pub use tributary_hl7v2::{is_batch, split_batch, Batch, BatchPart, CountMismatch};
 
 #[cfg(test)]
 mod tests {

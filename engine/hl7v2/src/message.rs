@@ -187,6 +187,20 @@ pub(crate) fn trim_start(bytes: &[u8]) -> &[u8] {
     }
 }
 
+/// How many bytes of BOM, VT or NUL precede a segment name on a line of a batch or stream.
+pub(crate) fn line_lead(line: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        if line[i..].starts_with(b"\xEF\xBB\xBF") {
+            i += 3;
+        } else if matches!(line.get(i), Some(0 | 0x0b)) {
+            i += 1;
+        } else {
+            return i;
+        }
+    }
+}
+
 fn parse_delimiters(b: &[u8]) -> Result<Delimiters, ParseError> {
     let bad = |why| ParseError::at(ParseErrorKind::BadDelimiters(why), 1, 4);
     let field = *b.get(3).ok_or_else(|| bad("MSH-1 is missing"))?;
