@@ -15,9 +15,12 @@ use tributary_mllp::ack::{read_all_msa, AckCode};
 use tributary_mllp::header::{is_batch, segments, split_batch, Header};
 use tributary_mllp::sink::{MllpSender, MllpSenderConfig};
 
-/// Corpus files that are rejected on purpose, with the reason (none so far: every corpus file is
-/// acknowledged positively). Keep this list short and explained.
-const EXPECTED_REJECTIONS: &[(&str, &str)] = &[];
+/// Corpus files that are rejected on purpose, with the reason. Keep this list short and
+/// explained.
+const EXPECTED_REJECTIONS: &[(&str, &str)] = &[(
+    "reportstream/messages/test-0001-input-covid-19.hl7",
+    "BTS-1 declares 25 messages, the batch holds 20: a batch whose count disagrees is refused whole",
+)];
 
 struct Sent {
     file: PathBuf,

@@ -411,20 +411,62 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_string()
 }
 
-/// Builds a batch ACK: `[FHS] BHS <one ACK per message> BTS [FTS]`, mirroring the original's
-/// FHS/BHS and referencing its batch/file control ids (BHS-12/FHS-12).
+/// Builds a batch ACK: `[FHS] {BHS <one ACK per message> BTS} [FTS]`, one BHS…BTS per batch of
+/// the original, each mirroring its BHS and referencing its control id (BHS-12, FHS-12). `acks`
+/// follow `batch.messages`; any beyond them (a NAK for a batch without messages) go into the last
+/// batch. A batch ACK without negative ACKs tells the sender every message was accepted, so a
+/// batch without messages gets `BTS|0` and nothing else.
 pub fn build_batch_ack(payload: &[u8], batch: &crate::header::Batch, acks: &[Vec<u8>]) -> Vec<u8> {
+    batch_ack(payload, batch, acks, None)
+}
+
+/// The batch ACK for a batch refused whole: every message gets `AR` (`CR` in enhanced mode) with
+/// `error`, each BTS-2 carries its text, and a batch without messages gets one general NAK —
+/// an ACK of no NAKs would read as "all accepted".
+pub fn build_batch_reject(
+    payload: &[u8],
+    batch: &crate::header::Batch,
+    error: &AckError,
+) -> Vec<u8> {
+    let mut acks: Vec<Vec<u8>> = batch
+        .messages
+        .iter()
+        .map(|r| {
+            let h = Header::read(&payload[r.clone()]).ok();
+            let code = if h.as_ref().is_some_and(|h| h.enhanced_mode()) {
+                AckCode::CR
+            } else {
+                AckCode::AR
+            };
+            build_ack(h.as_ref(), code, Some(error))
+        })
+        .collect();
+    if acks.is_empty() {
+        acks.push(build_ack(None, AckCode::AR, Some(error)));
+    }
+    batch_ack(payload, batch, &acks, Some(&error.message))
+}
+
+fn batch_ack(
+    payload: &[u8],
+    batch: &crate::header::Batch,
+    acks: &[Vec<u8>],
+    comment: Option<&str>,
+) -> Vec<u8> {
     let fhs = batch
         .fhs
         .clone()
         .and_then(|r| Header::read_segment(payload, r).ok());
-    let bhs = batch
-        .bhs
-        .clone()
-        .and_then(|r| Header::read_segment(payload, r).ok());
-    let d = bhs
-        .as_ref()
-        .or(fhs.as_ref())
+    let bhs_of = |part: &crate::header::BatchPart| {
+        part.bhs
+            .clone()
+            .and_then(|r| Header::read_segment(payload, r).ok())
+    };
+    let d = batch
+        .batches
+        .iter()
+        .find_map(bhs_of)
+        .or_else(|| fhs.clone())
         .map(|h| h.delims)
         .unwrap_or_else(|| {
             batch
@@ -460,18 +502,42 @@ pub fn build_batch_ack(payload: &[u8], batch: &crate::header::Batch, acks: &[Vec
     if batch.fhs.is_some() {
         header_seg(&mut out, b"FHS", fhs.as_ref());
     }
-    header_seg(&mut out, b"BHS", bhs.as_ref());
-    for a in acks {
-        out.extend_from_slice(a);
+    // the ACK needs a batch to hold its ACKs even when the original had no BHS, BTS or MSH
+    let whole = crate::header::BatchPart {
+        messages: 0..batch.messages.len(),
+        ..Default::default()
+    };
+    let parts = if batch.batches.is_empty() {
+        std::slice::from_ref(&whole)
+    } else {
+        &batch.batches[..]
+    };
+    for (n, part) in parts.iter().enumerate() {
+        header_seg(&mut out, b"BHS", bhs_of(part).as_ref());
+        let mut range = part.messages.start.min(acks.len())..part.messages.end.min(acks.len());
+        if n + 1 == parts.len() {
+            range.end = acks.len();
+        }
+        for a in &acks[range.clone()] {
+            out.extend_from_slice(a);
+        }
+        out.extend_from_slice(b"BTS");
+        out.push(d.field);
+        out.extend_from_slice(range.len().to_string().as_bytes());
+        if let Some(c) = comment {
+            out.push(d.field);
+            out.extend_from_slice(&escape_text(c, &d));
+        }
+        out.push(b'\r');
     }
-    out.extend_from_slice(b"BTS");
-    out.push(d.field);
-    out.extend_from_slice(acks.len().to_string().as_bytes());
-    out.push(b'\r');
     if batch.fhs.is_some() {
         out.extend_from_slice(b"FTS");
         out.push(d.field);
-        out.push(b'1');
+        out.extend_from_slice(parts.len().to_string().as_bytes());
+        if let Some(c) = comment {
+            out.push(d.field);
+            out.extend_from_slice(&escape_text(c, &d));
+        }
         out.push(b'\r');
     }
     out

@@ -4,8 +4,9 @@
 //! facility name comes back in ISO 8859-1). Full parsing and charset decoding happen in the
 //! mapping pipeline.
 //!
-//! Tolerated: a UTF-8 BOM, leading CR/LF/whitespace, CR, LF or CRLF segment separators, any
-//! field separator and 4- or 5-character encoding characters (`^~\&` or `^~\&#`).
+//! Tolerated: a UTF-8 BOM, a stray VT, leading CR/LF/whitespace, CR, LF or CRLF segment
+//! separators, any field separator and 4- or 5-character encoding characters (`^~\&` or
+//! `^~\&#`).
 
 use std::ops::Range;
 
@@ -99,15 +100,18 @@ fn is_seg_end(b: u8) -> bool {
     b == b'\r' || b == b'\n'
 }
 
-/// Skips a UTF-8 BOM and leading whitespace/line ends; returns the offset of the first segment.
+/// Skips UTF-8 BOMs, whitespace/line ends, NUL and VT (a stray MLLP start block), in any order;
+/// returns the offset of the first segment.
 pub fn body_start(payload: &[u8]) -> usize {
-    let mut i = if payload.starts_with(b"\xEF\xBB\xBF") {
-        3
-    } else {
-        0
-    };
-    while i < payload.len() && (payload[i].is_ascii_whitespace() || payload[i] == 0) {
-        i += 1;
+    let mut i = 0;
+    while i < payload.len() {
+        if payload[i..].starts_with(b"\xEF\xBB\xBF") {
+            i += 3;
+        } else if payload[i].is_ascii_whitespace() || matches!(payload[i], 0 | 0x0b) {
+            i += 1;
+        } else {
+            break;
+        }
     }
     i
 }
@@ -305,7 +309,7 @@ pub fn ascii_lossy(bytes: &[u8], max: usize) -> String {
 
 /// Batch detection and splitting are the parser's (one implementation for the listener, the
 /// mapping CLI and the corpus tests).
-pub use tributary_hl7v2::{is_batch, split_batch, Batch};
+pub use tributary_hl7v2::{is_batch, split_batch, Batch, BatchPart, CountMismatch};
 
 #[cfg(test)]
 mod tests {
@@ -341,6 +345,19 @@ mod tests {
         assert_eq!(h.trigger_event(), b"R01");
         assert_eq!(h.control_id(), b"X1");
         assert!(!h.enhanced_mode());
+    }
+
+    #[test]
+    fn a_stray_vt_or_a_bom_after_a_line_break_is_skipped() {
+        for m in [
+            &b"\x0bMSH|^~\\&|A|B|C|D|||ADT^A01|V1|P|2.5\rPID|1\r"[..],
+            &b"\r\n\xEF\xBB\xBFMSH|^~\\&|A|B|C|D|||ADT^A01|V1|P|2.5\r"[..],
+            &b"\x0b\xEF\xBB\xBF\x0bMSH|^~\\&|A|B|C|D|||ADT^A01|V1|P|2.5\r"[..],
+        ] {
+            let h = Header::read(m).unwrap();
+            assert_eq!(h.control_id(), b"V1");
+            assert!(m[segments(m).next().unwrap()].starts_with(b"MSH|"));
+        }
     }
 
     #[test]

@@ -999,37 +999,72 @@ async fn handle_batch(
 ) -> Reply {
     let batch = match header::split_batch(&payload) {
         Ok(b) => b,
-        Err(e) => return refuse_batch(shared, partner, addr, payload, e).await,
+        Err(e) => {
+            let reason = format!("batch cannot be split: {e}");
+            let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
+            return refuse_batch(shared, partner, addr, payload, None, reason, err).await;
+        }
     };
-    let batch_id = batch
-        .bhs
-        .clone()
-        .or(batch.fhs.clone())
-        .and_then(|r| Header::read_segment(&payload, r).ok())
-        .map(|h| ascii_lossy(h.control_id(), 64))
-        .filter(|s| !s.is_empty());
+    // A trailer count that disagrees means messages were lost or run together on the way: none
+    // of the batch is processed, the sender resends it whole.
+    let mismatches = batch.count_mismatches();
+    if !mismatches.is_empty() {
+        let why = mismatches
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let reason = format!("batch count mismatch: {why}");
+        let err = AckError::new(
+            ("100", "Segment sequence error"),
+            format!("batch rejected, no message of it accepted: {why}"),
+        );
+        return refuse_batch(shared, partner, addr, payload, Some(&batch), reason, err).await;
+    }
+    let control_id = |r: Option<std::ops::Range<usize>>| {
+        r.and_then(|r| Header::read_segment(&payload, r).ok())
+            .map(|h| ascii_lossy(h.control_id(), 64))
+            .filter(|s| !s.is_empty())
+    };
+    // each message carries the control id of its own batch (BHS-11), else the file's (FHS-11)
+    let batch_ids: Vec<Option<String>> = batch
+        .batches
+        .iter()
+        .map(|p| control_id(p.bhs.clone()).or_else(|| control_id(batch.fhs.clone())))
+        .collect();
     if batch.messages.is_empty() {
-        // A batch envelope with no message in it: nothing to store but the envelope itself.
-        let (ack, _) = handle_message(shared, partner, addr, payload, None, None, conn).await;
-        return Reply { ack, close: false };
+        // HL7 allows an empty batch (periodic submission with nothing to send): nothing to
+        // store, and the batch ACK says so (`BTS|0`).
+        tracing::info!(
+            listener = %shared.cfg.name,
+            partner = %partner.id,
+            batches = batch.batches.len(),
+            messages = 0,
+            "empty batch acknowledged"
+        );
+        return Reply {
+            ack: Some(ack::build_batch_ack(&payload, &batch, &[])),
+            close: false,
+        };
     }
     // Messages are started in batch order (`buffered` polls them in order, and the admission
     // check runs before a message's first wait), so `held` refuses exactly those after the first
     // rate-limited one.
     let held = std::sync::atomic::AtomicBool::new(false);
-    let results: Vec<(Option<Vec<u8>>, Outcome)> = futures::stream::iter(batch.messages.clone())
-        .map(|r| {
-            let msg = payload.slice(r);
-            let batch_id = batch_id.clone();
-            let held = &held;
-            async move {
-                let id = batch_id.as_deref();
-                handle_message(shared, partner, addr, msg, id, Some(held), conn).await
-            }
-        })
-        .buffered(64)
-        .collect()
-        .await;
+    let results: Vec<(Option<Vec<u8>>, Outcome)> =
+        futures::stream::iter(batch.messages.clone().into_iter().enumerate())
+            .map(|(i, r)| {
+                let msg = payload.slice(r);
+                let batch_id = batch.batch_of(i).and_then(|b| batch_ids[b].clone());
+                let held = &held;
+                async move {
+                    let id = batch_id.as_deref();
+                    handle_message(shared, partner, addr, msg, id, Some(held), conn).await
+                }
+            })
+            .buffered(64)
+            .collect()
+            .await;
     let acks: Vec<Vec<u8>> = results
         .iter()
         .enumerate()
@@ -1109,23 +1144,28 @@ fn not_stored(shared: &Shared, h: Option<&Header<'_>>, close: bool) -> Reply {
     }
 }
 
-/// A batch that cannot be split (a segment other than FHS/BHS/MSH before the first message):
-/// the whole frame is journaled as rejected with the parser's reason and answered `AR`/`CR`, so
-/// no segment is dropped silently.
+/// A batch refused whole: it cannot be split (a segment other than FHS/BHS/MSH before the first
+/// message), or its BTS-1/FTS-1 counts disagree with what arrived. The whole frame is journaled
+/// as rejected with `reason`, so no segment is dropped silently, and answered `AR`/`CR`: a plain
+/// ACK when it could not be split, a batch ACK rejecting every message otherwise.
 async fn refuse_batch(
     shared: &Arc<Shared>,
     partner: &Partner,
     addr: &SocketAddr,
     payload: Bytes,
-    e: tributary_hl7v2::ParseError,
+    batch: Option<&header::Batch>,
+    reason: String,
+    err: AckError,
 ) -> Reply {
     let listener = shared.cfg.name.as_str();
     // the first MSH, if any, for the ACK's header and MSA-2
-    let first = header::segments(&payload)
-        .find(|r| payload[r.clone()].starts_with(b"MSH"))
-        .map(|r| r.start);
+    let first = match batch {
+        Some(b) => b.messages.first().map(|r| r.start),
+        None => header::segments(&payload)
+            .find(|r| payload[r.clone()].starts_with(b"MSH"))
+            .map(|r| r.start),
+    };
     let h = first.and_then(|at| Header::read(&payload[at..]).ok());
-    let reason = format!("batch cannot be split: {e}");
     let Some(id) = journal_refused(
         shared,
         Some(partner),
@@ -1133,20 +1173,23 @@ async fn refuse_batch(
         payload.clone(),
         h.as_ref(),
         Outcome::Unparseable,
-        reason,
+        reason.clone(),
     )
     .await
     else {
         return not_stored(shared, h.as_ref(), false);
     };
-    tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %e, "batch rejected");
-    let err = AckError::new(("100", "Segment sequence error"), format!("batch: {e}"));
-    Reply {
-        ack: Some(ack::build_ack(
+    tracing::warn!(listener, partner = %partner.id, message_id = %id, reason = %reason, "batch rejected");
+    let ack = match batch {
+        Some(b) => ack::build_batch_reject(&payload, b, &err),
+        None => ack::build_ack(
             h.as_ref(),
             Outcome::Unparseable.code(enhanced(h.as_ref())),
             Some(&err),
-        )),
+        ),
+    };
+    Reply {
+        ack: Some(ack),
         close: false,
     }
 }

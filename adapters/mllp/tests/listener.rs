@@ -253,6 +253,143 @@ async fn batch_is_split_journaled_and_batch_acked() {
 }
 
 #[tokio::test]
+async fn empty_batch_gets_a_batch_ack_of_no_messages() {
+    let h = start(MllpListenerConfig::default()).await;
+    let empty = "FHS|^~\\&|A|B|C|D|||||F1\rBHS|^~\\&|A|B|C|D|||||B1\rBTS|0\rFTS|1\r";
+    let ack = send_plain(h.addr, empty.as_bytes()).await;
+    let s = segs(&ack);
+    assert_eq!(s.len(), 4, "{s:?}");
+    assert!(s[0].starts_with("FHS|") && s[0].ends_with("|F1"), "{s:?}");
+    assert!(s[1].starts_with("BHS|") && s[1].ends_with("|B1"), "{s:?}");
+    assert_eq!(&s[2..], ["BTS|0", "FTS|1"]);
+    assert!(h.records().is_empty(), "nothing to store");
+    // an envelope claiming messages it does not hold is refused and kept
+    let claims = "BHS|^~\\&|A|B|C|D|||||B2\rBTS|2\r";
+    let ack = send_plain(h.addr, claims.as_bytes()).await;
+    let msas = read_all_msa(&ack);
+    assert_eq!(
+        msas.len(),
+        1,
+        "one general NAK: an ACK of no NAKs means all accepted"
+    );
+    assert_eq!(msas[0].0, AckCode::AR);
+    assert!(
+        String::from_utf8_lossy(&ack).contains("BTS-1 declares 2 message(s), 0 received"),
+        "{}",
+        String::from_utf8_lossy(&ack)
+    );
+    let recs = h.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].state.state.kind(), StateKind::Rejected);
+    assert_eq!(&recs[0].envelope.payload[..], claims.as_bytes());
+}
+
+#[tokio::test]
+async fn every_batch_of_a_file_is_acked_and_journaled_with_its_own_id() {
+    let h = start(MllpListenerConfig::default()).await;
+    let m = |id: &str| format!("MSH|^~\\&|A|B|C|D|||ADT^A01|{id}|P|2.5\rPID|1||X{id}\r");
+    let file = format!(
+        "FHS|^~\\&|A|B|C|D|||||F1\rBHS|^~\\&|A|B|C|D|||||B1\r{}{}BTS|2\rBHS|^~\\&|A|B|C|D|||||B2\r{}BTS|1\rFTS|2\r",
+        m("FM1"),
+        m("FM2"),
+        m("FM3")
+    );
+    let ack = send_plain(h.addr, file.as_bytes()).await;
+    let s = segs(&ack);
+    let shape: Vec<&str> = s.iter().map(|x| &x[..3]).collect();
+    assert_eq!(
+        shape,
+        ["FHS", "BHS", "MSH", "MSA", "MSH", "MSA", "BTS", "BHS", "MSH", "MSA", "BTS", "FTS"],
+        "{s:?}"
+    );
+    assert!(s[1].ends_with("|B1") && s[7].ends_with("|B2"), "{s:?}");
+    assert_eq!(
+        (&s[6][..], &s[10][..], &s[11][..]),
+        ("BTS|2", "BTS|1", "FTS|2")
+    );
+    assert_eq!(s[9], "MSA|AA|FM3");
+    let recs = h.records();
+    assert_eq!(recs.len(), 3);
+    for r in &recs {
+        let want = if r.envelope.meta["control_id"] == "FM3" {
+            "B2"
+        } else {
+            "B1"
+        };
+        assert_eq!(r.envelope.meta["batch_control_id"], want);
+        assert_eq!(r.state.state.kind(), StateKind::Received);
+    }
+}
+
+#[tokio::test]
+async fn batch_whose_counts_disagree_is_rejected_whole_and_kept() {
+    let h = start(MllpListenerConfig::default()).await;
+    let m1 = "MSH|^~\\&|A|B|C|D|||ADT^A01|CM1|P|2.5\rPID|1||X1\r";
+    let m2 = "MSH|^~\\&|A|B|C|D|||ADT^A01|CM2|P|2.6|||AL|NE\rPID|1||X2\r";
+    let short = format!("BHS|^~\\&|A|B|C|D|||||B9\r{m1}{m2}BTS|3\r");
+    let ack = send_plain(h.addr, short.as_bytes()).await;
+    let s = segs(&ack);
+    assert_eq!(
+        read_all_msa(&ack),
+        [
+            (AckCode::AR, b"CM1".to_vec()),
+            (AckCode::CR, b"CM2".to_vec())
+        ]
+    );
+    assert!(s[0].ends_with("|B9"), "{s:?}");
+    assert!(
+        s.iter().filter(|x| x.starts_with("ERR|")).count() == 2
+            && s.last().unwrap().starts_with("BTS|2|batch rejected"),
+        "{s:?}"
+    );
+    let recs = h.records();
+    assert_eq!(recs.len(), 1, "kept whole, no message of it processed");
+    assert_eq!(recs[0].state.state.kind(), StateKind::Rejected);
+    assert_eq!(&recs[0].envelope.payload[..], short.as_bytes());
+    let reason = recs[0].state.state.reason().unwrap().to_string();
+    assert_eq!(
+        reason,
+        "batch count mismatch: batch 1: BTS-1 declares 3 message(s), 2 received"
+    );
+    // FTS-1 is checked too
+    let file = format!(
+        "FHS|^~\\&|A|B|C|D|||||F9\rBHS|^~\\&\r{}BTS|1\rFTS|2\r",
+        m1.replace("CM1", "CM3")
+    );
+    let ack = send_plain(h.addr, file.as_bytes()).await;
+    assert_eq!(read_all_msa(&ack), [(AckCode::AR, b"CM3".to_vec())]);
+    assert!(segs(&ack)
+        .last()
+        .unwrap()
+        .starts_with("FTS|1|batch rejected"));
+    let recs = h.records();
+    assert_eq!(recs.len(), 2);
+    assert!(recs
+        .iter()
+        .all(|r| r.state.state.kind() == StateKind::Rejected));
+}
+
+#[tokio::test]
+async fn a_bom_before_a_batch_message_does_not_merge_it_into_the_previous_one() {
+    let h = start(MllpListenerConfig::default()).await;
+    let m1 = "MSH|^~\\&|A|B|C|D|||ADT^A01|BOM1|P|2.5\rPID|1||X1\r";
+    let m2 = "MSH|^~\\&|A|B|C|D|||ADT^A01|BOM2|P|2.5\rPID|1||X2\r";
+    let batch = format!("BHS|^~\\&|A|B|C|D|||||B5\r{m1}\u{feff}{m2}BTS|2\r");
+    let ack = send_plain(h.addr, batch.as_bytes()).await;
+    assert_eq!(
+        read_all_msa(&ack),
+        [
+            (AckCode::AA, b"BOM1".to_vec()),
+            (AckCode::AA, b"BOM2".to_vec())
+        ]
+    );
+    let recs = h.records();
+    let payloads: Vec<&[u8]> = recs.iter().map(|r| &r.envelope.payload[..]).collect();
+    assert_eq!(payloads.len(), 2);
+    assert!(payloads.contains(&m1.as_bytes()) && payloads.contains(&m2.as_bytes()));
+}
+
+#[tokio::test]
 async fn oversized_frame_is_rejected_clearly_and_the_connection_goes_on() {
     let h = start(MllpListenerConfig {
         max_frame_bytes: 4096,

@@ -16,7 +16,7 @@ mod charset;
 mod escape;
 mod message;
 
-pub use batch::{is_batch, split_batch, Batch};
+pub use batch::{is_batch, split_batch, Batch, BatchPart, CountMismatch};
 pub use charset::Charset;
 pub use escape::{escape, unescape};
 pub use message::{Delimiters, Header, Level, Message, ParseError, ParseErrorKind, Segment, Value};

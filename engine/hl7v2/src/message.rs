@@ -171,14 +171,34 @@ fn is_segment_name(bytes: &[u8]) -> bool {
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
-/// Strips a UTF-8 byte-order mark and leading whitespace or control bytes.
+/// Strips UTF-8 byte-order marks, whitespace, NUL and VT (an MLLP start block left in a saved
+/// frame) from the start, in any order: a BOM after a VT or a line break is skipped too.
 pub(crate) fn trim_start(bytes: &[u8]) -> &[u8] {
-    let b = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let skip = b
-        .iter()
-        .take_while(|c| c.is_ascii_whitespace() || **c == 0 || **c == 0x0b)
-        .count();
-    &b[skip..]
+    let mut b = bytes;
+    loop {
+        if let Some(rest) = b.strip_prefix(b"\xEF\xBB\xBF") {
+            b = rest;
+            continue;
+        }
+        match b.first() {
+            Some(c) if c.is_ascii_whitespace() || *c == 0 || *c == 0x0b => b = &b[1..],
+            _ => return b,
+        }
+    }
+}
+
+/// How many bytes of BOM, VT or NUL precede a segment name on a line of a batch or stream.
+pub(crate) fn line_lead(line: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        if line[i..].starts_with(b"\xEF\xBB\xBF") {
+            i += 3;
+        } else if matches!(line.get(i), Some(0 | 0x0b)) {
+            i += 1;
+        } else {
+            return i;
+        }
+    }
 }
 
 fn parse_delimiters(b: &[u8]) -> Result<Delimiters, ParseError> {
@@ -747,6 +767,18 @@ ZPD|custom&sub^x\r";
         assert_eq!(m.segment_count(), 3);
         assert_eq!(m.segment("OBX").unwrap().field(5).unwrap().value(), "v|w");
         assert_eq!(m.segment("OBX").unwrap().line(), 4);
+    }
+
+    #[test]
+    fn a_vt_or_line_break_before_the_bom_is_skipped_too() {
+        for input in [
+            &b"\x0b\xEF\xBB\xBFMSH|^~\\&|A|B|C|D|||ADT^A01|V1|P|2.5\rPID|1\r"[..],
+            &b"\r\n\xEF\xBB\xBF\x0bMSH|^~\\&|A|B|C|D|||ADT^A01|V1|P|2.5\rPID|1\r"[..],
+        ] {
+            let m = Message::parse(input).unwrap();
+            assert_eq!(m.header().control_id, "V1");
+            assert_eq!(m.segment_count(), 2);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub struct MapArgs {
     /// Mapping set directory.
     #[arg(long, short = 'm', default_value = "mappings/hl7v2")]
     pub mapping: PathBuf,
-    /// Input message file(s) (one HL7 v2 message each).
+    /// Input message file(s): one HL7 v2 message, several, or FHS/BHS batches each.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Also print, per produced element, the source path and the rule (file:line) behind it.
@@ -27,7 +27,8 @@ pub struct MapArgs {
     /// Tenant for deterministic ids.
     #[arg(long, default_value = "default")]
     pub tenant: String,
-    /// Write `<out-dir>/<input stem>.json` per input instead of printing (for batches).
+    /// Write `<out-dir>/<input stem>.json` per input instead of printing (for batches:
+    /// `<stem>.<n>.json`, or `<stem>.<batch>.<n>.json` for a file of several batches).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
 }
@@ -102,16 +103,39 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
         tenant: &args.tenant,
         lineage: args.explain,
     };
-    let (mut mapped, mut failed) = (0usize, 0usize);
+    let (mut mapped, mut failed, mut count_errors) = (0usize, 0usize, 0usize);
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     for input in &args.inputs {
         let all = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
         // A batch file (FHS/BHS, or several MSH) maps message by message.
-        let ranges = match tributary_hl7v2::split_batch(&all) {
-            Ok(b) if b.messages.len() > 1 || b.enveloped => b.messages,
-            _ => std::iter::once(0..all.len()).collect(),
+        let batch = tributary_hl7v2::split_batch(&all)
+            .ok()
+            .filter(|b| b.messages.len() > 1 || b.enveloped);
+        let ranges = match &batch {
+            Some(b) => b.messages.clone(),
+            None => std::iter::once(0..all.len()).collect(),
+        };
+        if let Some(b) = &batch {
+            // the messages are still mapped: this tool only reads, and the count error is reported
+            for m in b.count_mismatches() {
+                count_errors += 1;
+                eprintln!("error: {}: {m}", input.display());
+            }
+            if b.messages.is_empty() {
+                eprintln!(
+                    "{}: batch without messages: nothing to map",
+                    input.display()
+                );
+            }
+        }
+        // a file of several batches names its outputs `<stem>.<batch>.<message>.json`
+        let batch_of = |n: usize| {
+            batch
+                .as_ref()
+                .filter(|b| b.batches.len() > 1)
+                .and_then(|b| b.batch_of(n).map(|i| (i, n - b.batches[i].messages.start)))
         };
         let many = ranges.len() > 1;
         for (n, range) in ranges.into_iter().enumerate() {
@@ -127,7 +151,9 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     match &args.out_dir {
                         Some(dir) => {
                             let stem = input.file_stem().unwrap_or_default().to_string_lossy();
-                            let name = if many {
+                            let name = if let Some((b, k)) = batch_of(n) {
+                                format!("{stem}.{}.{}.json", b + 1, k + 1)
+                            } else if many {
                                 format!("{stem}.{}.json", n + 1)
                             } else {
                                 format!("{stem}.json")
@@ -193,10 +219,13 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    if mapped + failed > 1 {
+    if mapped + failed > 1 || count_errors > 0 {
         eprintln!("{mapped} mapped, {failed} failed");
     }
-    Ok(if failed > 0 {
+    if count_errors > 0 {
+        eprintln!("{count_errors} batch count error(s): BTS-1/FTS-1 disagree with the input");
+    }
+    Ok(if failed > 0 || count_errors > 0 {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

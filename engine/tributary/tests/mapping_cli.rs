@@ -264,3 +264,62 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("no unconsumed or left-out"));
 }
+
+#[test]
+fn map_keeps_the_batches_of_a_file_apart_and_reports_counts_and_empty_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adt = std::fs::read_to_string(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
+    let write = |name: &str, text: String| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let map = |input: &Path, out_dir: Option<&Path>| {
+        let mut c = tributary();
+        c.args(["map", "--mapping"])
+            .arg(repo().join("mappings/hl7v2"));
+        if let Some(d) = out_dir {
+            c.arg("--out-dir").arg(d);
+        }
+        let out = c.arg(input).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), out.stdout, stderr)
+    };
+    // two batches: each output named by its batch
+    let two = write(
+        "two.hl7",
+        format!("FHS|^~\\&|A\rBHS|^~\\&|A|||||||||B1\r{adt}BTS|1\rBHS|^~\\&|A|||||||||B2\r{adt}BTS|1\rFTS|2\r"),
+    );
+    let out_dir = tmp.path().join("out");
+    let (code, _, stderr) = map(&two, Some(&out_dir));
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["two.1.1.json", "two.2.1.json"]);
+    // an empty batch says so
+    let empty = write(
+        "empty.hl7",
+        "FHS|^~\\&|A\rBHS|^~\\&|A\rBTS|0\rFTS|1\r".into(),
+    );
+    let (code, stdout, stderr) = map(&empty, None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.is_empty());
+    assert!(
+        stderr.contains("empty.hl7: batch without messages: nothing to map"),
+        "{stderr}"
+    );
+    // a BTS-1 that disagrees is an error; the message is still mapped
+    let short = write("short.hl7", format!("BHS|^~\\&|A\r{adt}BTS|2\r"));
+    let (code, stdout, stderr) = map(&short, None);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("error: ")
+            && stderr.contains("short.hl7: batch 1: BTS-1 declares 2 message(s), 1 received"),
+        "{stderr}"
+    );
+    let bundle: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(bundle["type"], "transaction");
+}
