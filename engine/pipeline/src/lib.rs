@@ -213,6 +213,12 @@ impl Dispatch {
         }
     }
 
+    /// Every entry up to `seq` is handed out (or needs no processing).
+    fn advance(&mut self, seq: u64) {
+        self.position = seq;
+        self.waiting = false;
+    }
+
     fn push_overflow(&mut self, shard: usize, item: Queued) {
         self.overflow[shard].push_back(item);
         self.overflowed += 1;
@@ -312,13 +318,13 @@ impl Dispatch {
             for e in entries {
                 if self.in_flight.contains_key(&e.seq) {
                     // still with its worker (the pass re-reads after a worker stopped)
-                    self.position = e.seq;
+                    self.advance(e.seq);
                     continue;
                 }
                 let record = match journal.get(e.id) {
                     Ok(Some(r)) => r,
                     Ok(None) => {
-                        self.position = e.seq;
+                        self.advance(e.seq);
                         continue;
                     }
                     Err(err) => {
@@ -335,9 +341,8 @@ impl Dispatch {
                 if self.overflow[shard].is_empty() {
                     match shards[shard].try_send(item) {
                         Ok(()) => {
-                            self.position = seq;
+                            self.advance(seq);
                             self.hold(seq, shard);
-                            self.waiting = false;
                             continue;
                         }
                         Err(TrySendError::Full(back)) => item = back,
@@ -354,9 +359,8 @@ impl Dispatch {
                     return gone;
                 }
                 self.push_overflow(shard, item);
-                self.position = seq;
+                self.advance(seq);
                 self.hold(seq, shard);
-                self.waiting = false;
             }
         }
         gone
@@ -1217,7 +1221,7 @@ mod tests {
     /// the other shard's messages are still dispatched and committed, the cursor stays before the
     /// stuck key's messages, and after a restart those are processed, each key in journal order.
     #[tokio::test]
-    async fn a_stuck_key_holds_back_only_its_own_messages_and_the_cursor_waits_for_them() {
+    async fn a_stuck_key_holds_back_only_its_own_shard_and_the_cursor_waits_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(dir.path());
         let registry = MappingRegistry::load(&repo().join("mappings/hl7v2")).expect("loads");
