@@ -35,7 +35,8 @@ pub struct MappingConfig {
     /// fsync before its next message, so more workers than cores is the point: their commits
     /// share one fsync (group commit) while the CPU maps the next messages. Workers are tasks,
     /// not threads, each holding one message: with group commits of 10–20 ms under load, 16
-    /// capped the pipeline below the MLLP ingest rate (docs/PERFORMANCE.md), hence 64.
+    /// capped the pipeline below the MLLP ingest rate (docs/PERFORMANCE.md), hence 64. A worker
+    /// that falls behind holds back only its own keys until the dispatcher's overflow is full.
     pub workers: usize,
     /// Seconds between checks of the mapping directory for changes; 0 turns hot reload off.
     pub reload_interval_secs: u64,

@@ -27,15 +27,19 @@ pub use field_report::FieldAggregator;
 pub use registry::{MappingRegistry, ReloadOutcome};
 
 use futures_util::FutureExt;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tributary_core::{deterministic_id, MessageId, MessageState, Protocol, StateKind};
 use tributary_mapping::{MappedBundle, RunOptions};
-use tributary_runtime::{ComponentStatus, Processed, ProcessedFeed, ProcessedOutcome, Runtime};
+use tributary_runtime::{
+    ComponentStatus, LogThrottle, Processed, ProcessedFeed, ProcessedOutcome, Runtime, Sample,
+};
 use tributary_storage::{
     FieldKey, FieldKind, FieldReportStore, Journal, JournalEntry, JournalRecord, MessageUpdate,
     OutboxEvent, ResourceWrite, StateRecord, StorageError, StoreTransaction,
@@ -47,8 +51,11 @@ pub const CONSUMER: &str = "pipeline.hl7v2";
 pub const COMPONENT: &str = "pipeline";
 /// Entries queued per worker.
 const SHARD_QUEUE: usize = 64;
-/// Entries dispatched but not yet processed, across all workers.
+/// Entries dispatched but not yet processed, across all workers (overflow included).
 const MAX_IN_FLIGHT: usize = 2048;
+/// Entries the dispatcher holds for workers whose queue is full, across all shards (see
+/// [`Dispatch`]).
+const OVERFLOW_MAX: usize = 1024;
 /// Largest payload a dispatched entry carries to its worker (see [`queued`]).
 const QUEUED_PAYLOAD_MAX: usize = 64 * 1024;
 const CURSOR_SAVE_EVERY: Duration = Duration::from_millis(100);
@@ -88,6 +95,10 @@ pub struct Pipeline {
     feed: Option<ProcessedFeed>,
     /// Unconsumed / left-out field counts, flushed to storage by [`Pipeline::flush_report`].
     pub report: Arc<FieldAggregator>,
+    /// Test seam: mapping a message whose payload starts with `tests::HOLD_IN_MAPPING` waits
+    /// for a permit here (a slow or stuck mapping of one key).
+    #[cfg(test)]
+    hold: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A dispatched record, kept for its worker unless its payload is large: the worker reads those
@@ -102,25 +113,84 @@ fn shard_of(key: &str, workers: usize) -> usize {
     (h.finish() % workers.max(1) as u64) as usize
 }
 
-type ShardSender = mpsc::Sender<(JournalEntry, Option<JournalRecord>)>;
+type Queued = (JournalEntry, Option<JournalRecord>);
+type ShardSender = mpsc::Sender<Queued>;
+
+/// What the dispatcher holds, read by `/metrics` at scrape time: per shard, entries not
+/// processed yet, and the entries waiting in its overflow. Counts and shard numbers only.
+struct DispatchStats {
+    /// Per shard: queued for its worker, being processed, or waiting in the overflow.
+    backlog: Vec<AtomicU64>,
+    /// Entries waiting in the overflow, across shards.
+    overflow: AtomicU64,
+}
+
+impl DispatchStats {
+    fn new(shards: usize) -> Self {
+        Self {
+            backlog: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            overflow: AtomicU64::new(0),
+        }
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        let mut out: Vec<Sample> = self
+            .backlog
+            .iter()
+            .enumerate()
+            .map(|(shard, n)| Sample {
+                name: "tributary_pipeline_shard_backlog",
+                labels: vec![("shard", shard.to_string())],
+                value: n.load(Ordering::Relaxed) as f64,
+            })
+            .collect();
+        out.push(Sample {
+            name: "tributary_pipeline_dispatch_overflow",
+            labels: Vec::new(),
+            value: self.overflow.load(Ordering::Relaxed) as f64,
+        });
+        out
+    }
+}
 
 /// The dispatcher's place in the journal: how far it has handed entries to workers, and which
 /// of those are not processed yet.
+///
+/// It never waits for one worker: an entry whose shard's queue is full goes to that shard's
+/// overflow and the dispatcher reads on, so one slow or stuck key holds back only its own shard.
+/// While a shard has entries in the overflow its newer entries queue behind them (journal order
+/// per key). The overflow is bounded across shards ([`OVERFLOW_MAX`]); when it is full, reading
+/// stops before the entry that does not fit until a worker takes entries.
 struct Dispatch {
-    /// Every entry up to here was handed to its worker (or needs no processing).
+    /// Every entry up to here was handed to its worker, put in its shard's overflow, or needs no
+    /// processing.
     position: u64,
-    /// Handed to a worker (entry → shard), not reported done yet.
-    in_flight: std::collections::BTreeMap<u64, usize>,
+    /// Handed to a worker or waiting in the overflow (entry → shard), not reported done yet.
+    in_flight: BTreeMap<u64, usize>,
+    /// Per shard: entries read while its queue was full, oldest first (each also in `in_flight`).
+    overflow: Vec<VecDeque<Queued>>,
+    /// Entries in `overflow`, across shards.
+    overflowed: usize,
+    /// At most this many in `overflow` ([`OVERFLOW_MAX`]; tests set less).
+    overflow_max: usize,
     /// Whether the journal may hold entries after `position` (read again when set).
     more: bool,
+    /// Whether the last pass stopped at a full overflow: the entry after `position` waits.
+    waiting: bool,
+    stats: Arc<DispatchStats>,
 }
 
 impl Dispatch {
-    fn new(cursor: u64) -> Self {
+    fn new(cursor: u64, shards: usize) -> Self {
         Self {
             position: cursor,
             in_flight: Default::default(),
+            overflow: (0..shards).map(|_| VecDeque::new()).collect(),
+            overflowed: 0,
+            overflow_max: OVERFLOW_MAX,
             more: true,
+            waiting: false,
+            stats: Arc::new(DispatchStats::new(shards)),
         }
     }
 
@@ -131,14 +201,51 @@ impl Dispatch {
             .map_or(self.position, |(oldest, _)| self.position.min(oldest - 1))
     }
 
+    fn hold(&mut self, seq: u64, shard: usize) {
+        if self.in_flight.insert(seq, shard).is_none() {
+            self.stats.backlog[shard].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn done(&mut self, seq: u64) {
-        self.in_flight.remove(&seq);
+        if let Some(shard) = self.in_flight.remove(&seq) {
+            self.stats.backlog[shard].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Every entry up to `seq` is handed out (or needs no processing).
+    fn advance(&mut self, seq: u64) {
+        self.position = seq;
+        self.waiting = false;
+    }
+
+    fn push_overflow(&mut self, shard: usize, item: Queued) {
+        self.overflow[shard].push_back(item);
+        self.overflowed += 1;
+        self.stats.overflow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The shard with the most entries not processed yet, and how many (for the log).
+    fn fullest(&self) -> (usize, u64) {
+        self.stats
+            .backlog
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .enumerate()
+            .max_by_key(|(_, n)| *n)
+            .unwrap_or_default()
     }
 
     /// A worker that stopped lost the entries queued for it: they are handed out again, from
-    /// the oldest on. Entries of other shards still in flight are not sent twice (see
-    /// [`Dispatch::fill`]); those already processed are read again and skipped.
+    /// the oldest on, and so are those waiting in its overflow. Entries of other shards still in
+    /// flight are not sent twice (see [`Dispatch::fill`]); those already processed are read
+    /// again and skipped.
     fn forget_shard(&mut self, shard: usize) {
+        let waiting = std::mem::take(&mut self.overflow[shard]).len();
+        self.overflowed -= waiting;
+        self.stats
+            .overflow
+            .fetch_sub(waiting as u64, Ordering::Relaxed);
         let lost: Vec<u64> = self
             .in_flight
             .iter()
@@ -148,57 +255,115 @@ impl Dispatch {
         if let Some(oldest) = lost.first() {
             self.position = self.position.min(oldest - 1);
             for seq in &lost {
-                self.in_flight.remove(seq);
+                self.done(*seq);
             }
             self.more = true;
         }
     }
 
-    /// Reads entries after `position` and hands each to the worker of its ordering key, until
-    /// `MAX_IN_FLIGHT` are out or the journal has no more. A worker that is gone (shutdown, or
-    /// it died) stops the pass: its entry is not counted as handed over, so `position` stays
-    /// before it and the cursor never passes it. Returns that worker's shard.
-    async fn fill(&mut self, journal: &dyn Journal, shards: &[ShardSender]) -> Option<usize> {
+    /// Hands a shard's overflow to its worker, oldest first, while its queue takes entries;
+    /// `false` when the worker is gone.
+    fn drain(&mut self, shard: usize, tx: &ShardSender) -> bool {
+        while let Some(item) = self.overflow[shard].pop_front() {
+            match tx.try_send(item) {
+                Ok(()) => {
+                    self.overflowed -= 1;
+                    self.stats.overflow.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Full(item)) => {
+                    self.overflow[shard].push_front(item);
+                    return true;
+                }
+                Err(TrySendError::Closed(item)) => {
+                    self.overflow[shard].push_front(item);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Hands waiting overflow entries on, then reads entries after `position` and hands each to
+    /// the worker of its ordering key (or its shard's overflow), until `MAX_IN_FLIGHT` are out,
+    /// the journal has no more, or the overflow is full. Never waits for a worker. An entry that
+    /// fits nowhere is not counted as read: `position` stays before it, so the cursor never
+    /// passes it, and the next pass reads it again. Returns a shard whose worker is gone
+    /// (shutdown, or it died): its entries wait in the overflow until it is started again.
+    fn fill(&mut self, journal: &dyn Journal, shards: &[ShardSender]) -> Option<usize> {
+        let mut gone = None;
+        for (shard, tx) in shards.iter().enumerate() {
+            if !self.drain(shard, tx) {
+                gone.get_or_insert(shard);
+            }
+        }
+        let stopped = self.read_on(journal, shards);
+        gone.or(stopped)
+    }
+
+    /// The reading half of [`Dispatch::fill`]. A worker may take entries while it runs, so a
+    /// shard's queue can have room while its overflow still holds older entries.
+    fn read_on(&mut self, journal: &dyn Journal, shards: &[ShardSender]) -> Option<usize> {
+        let mut gone = None;
         while self.more && self.in_flight.len() < MAX_IN_FLIGHT {
-            let entries = match journal.entries_after(self.position, 512) {
+            // While waiting, only the entry that did not fit is read again.
+            let batch = if self.waiting { 1 } else { 512 };
+            let entries = match journal.entries_after(self.position, batch) {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the journal failed; retrying");
-                    return None;
+                    return gone;
                 }
             };
-            self.more = entries.len() == 512;
+            self.more = entries.len() == batch;
             for e in entries {
                 if self.in_flight.contains_key(&e.seq) {
                     // still with its worker (the pass re-reads after a worker stopped)
-                    self.position = e.seq;
+                    self.advance(e.seq);
                     continue;
                 }
                 let record = match journal.get(e.id) {
                     Ok(Some(r)) => r,
                     Ok(None) => {
-                        self.position = e.seq;
+                        self.advance(e.seq);
                         continue;
                     }
                     Err(err) => {
                         // read again on the next pass, from this entry on
                         tracing::warn!(error = %err, "reading a journal record failed");
                         self.more = false;
-                        return None;
+                        return gone;
                     }
                 };
                 let seq = e.seq;
                 let shard = shard_of(&record.envelope.ordering_key, shards.len());
-                if shards[shard].send((e, queued(record))).await.is_err() {
-                    // offered again on a later pass, from this entry on
-                    self.more = false;
-                    return Some(shard);
+                let mut item = (e, queued(record));
+                // Behind its shard's overflow, if any: one key's entries stay in journal order.
+                if self.overflow[shard].is_empty() {
+                    match shards[shard].try_send(item) {
+                        Ok(()) => {
+                            self.advance(seq);
+                            self.hold(seq, shard);
+                            continue;
+                        }
+                        Err(TrySendError::Full(back)) => item = back,
+                        Err(TrySendError::Closed(back)) => {
+                            gone.get_or_insert(shard);
+                            item = back;
+                        }
+                    }
                 }
-                self.position = seq;
-                self.in_flight.insert(seq, shard);
+                if self.overflowed >= self.overflow_max {
+                    // read again from this entry once a worker took entries
+                    self.more = true;
+                    self.waiting = true;
+                    return gone;
+                }
+                self.push_overflow(shard, item);
+                self.advance(seq);
+                self.hold(seq, shard);
             }
         }
-        None
+        gone
     }
 }
 
@@ -214,6 +379,8 @@ impl Pipeline {
             config,
             feed: None,
             report,
+            #[cfg(test)]
+            hold: None,
         }
     }
 
@@ -233,9 +400,12 @@ impl Pipeline {
     ///
     /// A dispatcher reads the journal after its position and hands each entry to the worker of
     /// its ordering key over a bounded channel; workers map and commit one entry at a time. There
-    /// is no barrier between batches: a slow shard holds back only its own key's messages. The
-    /// stored cursor advances to just before the oldest entry still in flight, so after a crash
-    /// the entries after it are offered again and those already processed are skipped.
+    /// is no barrier between batches, and the dispatcher never waits on one worker: while a
+    /// shard's queue is full its entries wait in a bounded overflow and the other shards are
+    /// still fed (see [`Dispatch`]), so a slow shard holds back only its own keys' messages until
+    /// the overflow fills. The stored cursor advances to just before the oldest entry still in
+    /// flight (overflow included), so after a crash the entries after it are offered again and
+    /// those already processed are skipped.
     pub async fn run(self, rt: Runtime) -> Result<(), PipelineError> {
         rt.readiness.set(COMPONENT, ComponentStatus::Ready);
         let workers = self.config.workers.max(1);
@@ -269,15 +439,38 @@ impl Pipeline {
             worker_ids.push(tasks.spawn(worker).id());
         }
 
-        let mut dispatch = Dispatch::new(rt.journal.cursor(CONSUMER)?);
+        let mut dispatch = Dispatch::new(rt.journal.cursor(CONSUMER)?, workers);
+        // Read at scrape time while this run lasts.
+        let stats = Arc::downgrade(&dispatch.stats);
+        rt.metrics.provide(Box::new(move || {
+            stats.upgrade().map_or_else(Vec::new, |s| s.samples())
+        }));
+        let overflow_full_log = LogThrottle::new(Duration::from_secs(10));
         let mut saved = dispatch.position;
         let mut last_save = Instant::now();
         loop {
-            if let Some(shard) = dispatch.fill(rt.journal.as_ref(), &shards).await {
+            let was_waiting = dispatch.waiting;
+            if let Some(shard) = dispatch.fill(rt.journal.as_ref(), &shards) {
                 if !rt.shutdown.is_cancelled() {
                     tracing::warn!(
                         shard,
-                        "a pipeline worker is not taking entries; dispatch waits"
+                        "a pipeline worker is not taking entries; its entries wait"
+                    );
+                }
+            }
+            if dispatch.waiting && !was_waiting {
+                // One shard is far behind (a slow or stuck key): the others got what was read so
+                // far, and get more once it takes entries.
+                rt.metrics
+                    .inc("tributary_pipeline_dispatch_overflow_full_total", &[]);
+                if let Some(not_logged) = overflow_full_log.hit() {
+                    let (shard, backlog) = dispatch.fullest();
+                    tracing::warn!(
+                        shard,
+                        backlog,
+                        overflow = dispatch.overflowed,
+                        not_logged,
+                        "pipeline dispatch overflow full; reading the journal waits for a shard"
                     );
                 }
             }
@@ -627,6 +820,12 @@ impl Pipeline {
         #[cfg(test)]
         if env.payload.starts_with(tests::PANIC_IN_MAPPING) {
             panic!("test: a bug in mapping");
+        }
+        #[cfg(test)]
+        if let (true, Some(gate)) = (env.payload.starts_with(tests::HOLD_IN_MAPPING), &self.hold) {
+            if let Ok(permit) = gate.acquire().await {
+                permit.forget();
+            }
         }
         match env.protocol {
             Protocol::Hl7v2 => {}
@@ -1004,6 +1203,152 @@ mod tests {
         assert_eq!(rt.journal.cursor(CONSUMER).unwrap(), last);
     }
 
+    /// A payload whose mapping waits for a permit of `Pipeline::hold` (the test seam in
+    /// `map_and_commit`) and then fails (it is no HL7 v2): one key's slow or stuck mapping.
+    pub(super) const HOLD_IN_MAPPING: &[u8] = b"TEST-HOLD-IN-MAPPING";
+
+    async fn journal_as(rt: &Runtime, ordering_key: &str, payload: Vec<u8>) -> (MessageId, u64) {
+        let env = Envelope::builder(Protocol::Hl7v2, payload)
+            .tenant("t1")
+            .partner("riverside")
+            .ordering_key(ordering_key)
+            .build();
+        let r = rt.journal.append(env).await.unwrap();
+        (r.id, r.seq.unwrap())
+    }
+
+    /// One key's mapping is stuck while more of its messages wait than its worker's queue holds:
+    /// the other shard's messages are still dispatched and committed, the cursor stays before the
+    /// stuck key's messages, and after a restart those are processed, each key in journal order.
+    #[tokio::test]
+    async fn a_stuck_key_holds_back_only_its_own_shard_and_the_cursor_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let registry = MappingRegistry::load(&repo().join("mappings/hl7v2")).expect("loads");
+        let feed = ProcessedFeed::default();
+        let mut processed = feed.subscribe();
+        let mut p = Pipeline::new(
+            Arc::new(registry),
+            MappingConfig {
+                workers: 2,
+                ..Default::default()
+            },
+        )
+        .with_feed(feed);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        p.hold = Some(gate.clone());
+        let adt = std::fs::read(repo().join("mappings/hl7v2/messages/ADT_A01.hl7")).unwrap();
+        let (stuck, other) = (key_for(0), key_for(1));
+        // The stuck message, more of its key than its worker's queue holds, then another key's.
+        let mut stuck_ids = vec![journal_as(&rt, &stuck, HOLD_IN_MAPPING.to_vec()).await];
+        for _ in 0..SHARD_QUEUE + 8 {
+            stuck_ids.push(journal_as(&rt, &stuck, adt.clone()).await);
+        }
+        let mut other_ids = Vec::new();
+        for _ in 0..8 {
+            other_ids.push(journal_as(&rt, &other, adt.clone()).await);
+        }
+        let state = |rt: &Runtime, id| rt.journal.get(id).unwrap().unwrap().state.state;
+
+        let running = tokio::spawn(p.clone().run(rt.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while other_ids
+            .iter()
+            .any(|(id, _)| state(&rt, *id) == MessageState::Received)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the other key's messages starve behind the stuck key"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (id, _) in &other_ids {
+            assert_eq!(state(&rt, *id), MessageState::Committed);
+        }
+        for (id, _) in &stuck_ids {
+            assert_eq!(state(&rt, *id), MessageState::Received, "the key is stuck");
+        }
+        assert!(rt.journal.cursor(CONSUMER).unwrap() < stuck_ids[0].1);
+        // An operator sees the shard's backlog, and what waits for its queue (the dispatcher
+        // moves one entry into it once the worker took the stuck message).
+        let backlog = format!(
+            "tributary_pipeline_shard_backlog{{shard=\"0\"}} {}",
+            stuck_ids.len()
+        );
+        let overflow = format!(
+            "tributary_pipeline_dispatch_overflow {}",
+            stuck_ids.len() - 1 - SHARD_QUEUE
+        );
+        loop {
+            let metrics = rt.metrics.render(Vec::new());
+            let has = |want: &str| metrics.lines().any(|l| l == want);
+            if has(&backlog) && has(&overflow) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backlog}, {overflow}:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Shut down while the key is stuck: its worker finishes the message it holds (let go
+        // now); the rest of the key stays after the cursor, though later entries are done.
+        rt.shutdown.cancel();
+        gate.add_permits(1);
+        running.await.unwrap().unwrap();
+        assert_eq!(rt.journal.cursor(CONSUMER).unwrap(), stuck_ids[0].1);
+        assert!(matches!(
+            state(&rt, stuck_ids[0].0),
+            MessageState::Failed { .. }
+        ));
+        for (id, _) in &stuck_ids[1..] {
+            assert_eq!(state(&rt, *id), MessageState::Received);
+        }
+
+        // A restart hands them out again.
+        let rt = Runtime {
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            ..rt
+        };
+        p.hold = None;
+        let running = tokio::spawn(p.clone().run(rt.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stuck_ids
+            .iter()
+            .any(|(id, _)| state(&rt, *id) == MessageState::Received)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the stuck key's messages not processed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rt.shutdown.cancel();
+        running.await.unwrap().unwrap();
+        for (id, _) in &stuck_ids[1..] {
+            assert_eq!(state(&rt, *id), MessageState::Committed);
+        }
+        assert_eq!(
+            rt.journal.cursor(CONSUMER).unwrap(),
+            other_ids.last().unwrap().1
+        );
+        // Each key's messages were processed once each, in journal order.
+        let order: Vec<MessageId> = std::iter::from_fn(|| processed.try_recv().ok())
+            .map(|p| p.id)
+            .collect();
+        for ids in [&stuck_ids, &other_ids] {
+            let want: Vec<MessageId> = ids.iter().map(|(id, _)| *id).collect();
+            let got: Vec<MessageId> = order
+                .iter()
+                .filter(|id| want.contains(id))
+                .copied()
+                .collect();
+            assert_eq!(got, want);
+        }
+        assert_eq!(order.len(), stuck_ids.len() + other_ids.len());
+    }
+
     #[tokio::test]
     async fn entries_a_stopped_worker_held_are_handed_out_again_and_no_others() {
         let dir = tempfile::tempdir().unwrap();
@@ -1014,15 +1359,15 @@ mod tests {
         let c = journal(&rt, &zero).await;
         let (tx0, mut rx0) = mpsc::channel(SHARD_QUEUE);
         let (tx1, rx1) = mpsc::channel(SHARD_QUEUE);
-        let mut dispatch = Dispatch::new(0);
+        let mut dispatch = Dispatch::new(0, 2);
         let journal = rt.journal.as_ref();
-        assert_eq!(dispatch.fill(journal, &[tx0.clone(), tx1]).await, None);
+        assert_eq!(dispatch.fill(journal, &[tx0.clone(), tx1]), None);
         // Worker 1 stops with entry b still queued for it.
         drop(rx1);
         dispatch.forget_shard(1);
         assert!(dispatch.done_through() < b);
         let (tx1, mut rx1) = mpsc::channel(SHARD_QUEUE);
-        assert_eq!(dispatch.fill(journal, &[tx0, tx1]).await, None);
+        assert_eq!(dispatch.fill(journal, &[tx0, tx1]), None);
         assert_eq!(rx1.try_recv().unwrap().0.seq, b);
         assert!(rx1.try_recv().is_err());
         let to_zero: Vec<u64> =
@@ -1045,31 +1390,189 @@ mod tests {
         let (live_tx, mut live_rx) = mpsc::channel(SHARD_QUEUE);
         let (gone_tx, gone_rx) = mpsc::channel(SHARD_QUEUE);
         drop(gone_rx); // that worker has returned (shutdown) or died
-        let mut dispatch = Dispatch::new(0);
-        let stopped = dispatch
-            .fill(rt.journal.as_ref(), &[live_tx.clone(), gone_tx])
-            .await;
-        // The live worker processes everything it was handed.
+        let mut dispatch = Dispatch::new(0, 2);
+        let stopped = dispatch.fill(rt.journal.as_ref(), &[live_tx.clone(), gone_tx]);
+        assert_eq!(stopped, Some(1));
+        // The live worker processes everything it was handed: the gone one does not hold it up.
+        let mut processed = Vec::new();
         while let Ok((e, _)) = live_rx.try_recv() {
-            dispatch.in_flight.remove(&e.seq);
+            processed.push(e.seq);
+            dispatch.done(e.seq);
         }
+        assert_eq!(processed, vec![first, last]);
         assert!(
             dispatch.done_through() < refused,
             "the cursor may go to {} past entry {refused}, which no worker took",
             dispatch.done_through()
         );
         assert_eq!(dispatch.done_through(), first);
-        assert_eq!(stopped, Some(1));
-        // A worker taking entries again gets the refused entry and the ones after it.
+        // A worker taking entries again gets the refused entry, and nothing is sent twice.
         let (again_tx, mut again_rx) = mpsc::channel(SHARD_QUEUE);
-        dispatch.more = true;
-        let stopped = dispatch
-            .fill(rt.journal.as_ref(), &[live_tx, again_tx])
-            .await;
+        let stopped = dispatch.fill(rt.journal.as_ref(), &[live_tx, again_tx]);
         assert_eq!(stopped, None);
         assert_eq!(again_rx.try_recv().unwrap().0.seq, refused);
-        assert_eq!(live_rx.try_recv().unwrap().0.seq, last);
+        assert!(again_rx.try_recv().is_err());
+        assert!(live_rx.try_recv().is_err());
         assert_eq!(dispatch.done_through(), first);
+        dispatch.done(refused);
+        assert_eq!(dispatch.done_through(), last);
+    }
+
+    fn received(rx: &mut mpsc::Receiver<Queued>) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv().ok().map(|(e, _)| e.seq)).collect()
+    }
+
+    /// Takes a shard's entries one at a time, as its worker would, reporting each done and
+    /// letting the dispatcher refill the queue; the order they arrived in.
+    fn work_off(
+        dispatch: &mut Dispatch,
+        journal: &dyn Journal,
+        shards: &mut [(ShardSender, mpsc::Receiver<Queued>)],
+        shard: usize,
+    ) -> Vec<u64> {
+        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
+        let mut order = Vec::new();
+        while let Ok((e, _)) = shards[shard].1.try_recv() {
+            order.push(e.seq);
+            dispatch.done(e.seq);
+            assert_eq!(dispatch.fill(journal, &senders), None);
+        }
+        order
+    }
+
+    #[tokio::test]
+    async fn a_full_shard_queue_holds_back_only_its_own_entries_and_keeps_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let jr = rt.journal.as_ref();
+        let (zero, one) = (key_for(0), key_for(1));
+        let a = journal(&rt, &zero).await;
+        let b = journal(&rt, &zero).await;
+        let c = journal(&rt, &zero).await;
+        let x = journal(&rt, &one).await;
+        let d = journal(&rt, &zero).await;
+        let y = journal(&rt, &one).await;
+        // Worker 0 is stuck: its queue holds one entry and it takes none.
+        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
+        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
+        let mut dispatch = Dispatch::new(0, 2);
+        assert_eq!(dispatch.fill(jr, &senders), None);
+        assert_eq!(
+            received(&mut shards[1].1),
+            vec![x, y],
+            "shard 1 is fed past shard 0's entries"
+        );
+        assert_eq!(dispatch.overflowed, 3);
+        for seq in [x, y] {
+            dispatch.done(seq);
+        }
+        assert_eq!(
+            dispatch.done_through(),
+            a - 1,
+            "the cursor waits for shard 0's entries"
+        );
+        let stats = dispatch.stats.clone();
+        assert_eq!(stats.backlog[0].load(Ordering::Relaxed), 4);
+        assert_eq!(stats.backlog[1].load(Ordering::Relaxed), 0);
+        assert_eq!(stats.overflow.load(Ordering::Relaxed), 3);
+        // A pass while it is still stuck sends nothing twice and loses nothing.
+        assert_eq!(dispatch.fill(jr, &senders), None);
+        assert_eq!(dispatch.overflowed, 3);
+        // Worker 0 goes on: its entries arrive in journal order.
+        assert_eq!(
+            work_off(&mut dispatch, jr, &mut shards, 0),
+            vec![a, b, c, d]
+        );
+        assert_eq!(dispatch.done_through(), y);
+        assert_eq!(stats.backlog[0].load(Ordering::Relaxed), 0);
+        assert_eq!(stats.overflow.load(Ordering::Relaxed), 0);
+    }
+
+    /// The worker takes an entry while the dispatcher reads (after it handed the overflow on):
+    /// the entry read then still queues behind its shard's overflow.
+    #[tokio::test]
+    async fn an_entry_read_while_its_shard_has_overflow_queues_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let zero = key_for(0);
+        let a = journal(&rt, &zero).await;
+        let b = journal(&rt, &zero).await;
+        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
+        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
+        let mut dispatch = Dispatch::new(0, 2);
+        assert_eq!(dispatch.fill(rt.journal.as_ref(), &senders), None);
+        assert_eq!(dispatch.overflowed, 1, "b waits");
+        let c = journal(&rt, &zero).await;
+        // Worker 0 takes a: its queue has room, b still waits in the overflow.
+        assert_eq!(shards[0].1.try_recv().unwrap().0.seq, a);
+        dispatch.done(a);
+        dispatch.more = true;
+        assert_eq!(dispatch.read_on(rt.journal.as_ref(), &senders), None);
+        assert_eq!(dispatch.overflowed, 2, "c queues behind b");
+        let jr = rt.journal.as_ref();
+        assert_eq!(dispatch.fill(jr, &senders), None);
+        assert_eq!(work_off(&mut dispatch, jr, &mut shards, 0), vec![b, c]);
+    }
+
+    #[tokio::test]
+    async fn a_full_overflow_stops_reading_before_the_entry_that_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let jr = rt.journal.as_ref();
+        let (zero, one) = (key_for(0), key_for(1));
+        let a = journal(&rt, &zero).await;
+        let b = journal(&rt, &zero).await;
+        let c = journal(&rt, &zero).await;
+        let d = journal(&rt, &zero).await;
+        let x = journal(&rt, &one).await;
+        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
+        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
+        let mut dispatch = Dispatch::new(0, 2);
+        dispatch.overflow_max = 2;
+        for _ in 0..2 {
+            assert_eq!(dispatch.fill(jr, &senders), None);
+            assert!(dispatch.waiting);
+            assert_eq!(dispatch.overflowed, 2);
+            assert_eq!(dispatch.position, c, "d was not taken");
+            assert!(shards[1].1.try_recv().is_err(), "nothing is read past d");
+        }
+        assert_eq!(dispatch.done_through(), a - 1);
+        // Worker 0 takes one: d fits, and the entries after it are read again.
+        let (e, _) = shards[0].1.try_recv().unwrap();
+        assert_eq!(e.seq, a);
+        dispatch.done(a);
+        assert_eq!(dispatch.fill(jr, &senders), None);
+        assert!(!dispatch.waiting);
+        assert_eq!(received(&mut shards[1].1), vec![x]);
+        dispatch.done(x);
+        assert_eq!(work_off(&mut dispatch, jr, &mut shards, 0), vec![b, c, d]);
+        assert_eq!(dispatch.done_through(), x);
+    }
+
+    #[tokio::test]
+    async fn entries_waiting_in_the_overflow_of_a_stopped_worker_are_handed_out_again_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let jr = rt.journal.as_ref();
+        let zero = key_for(0);
+        let a = journal(&rt, &zero).await;
+        let b = journal(&rt, &zero).await;
+        let c = journal(&rt, &zero).await;
+        let (tx0, rx0) = mpsc::channel(1);
+        let (tx1, _rx1) = mpsc::channel(SHARD_QUEUE);
+        let mut dispatch = Dispatch::new(0, 2);
+        assert_eq!(dispatch.fill(jr, &[tx0, tx1.clone()]), None);
+        assert_eq!(dispatch.overflowed, 2);
+        // Worker 0 stops with a queued and b, c waiting for it.
+        drop(rx0);
+        dispatch.forget_shard(0);
+        assert_eq!(dispatch.overflowed, 0);
+        assert_eq!(dispatch.stats.overflow.load(Ordering::Relaxed), 0);
+        assert_eq!(dispatch.done_through(), a - 1);
+        let (tx0, mut rx0) = mpsc::channel(SHARD_QUEUE);
+        assert_eq!(dispatch.fill(jr, &[tx0, tx1]), None);
+        assert_eq!(received(&mut rx0), vec![a, b, c]);
+        assert_eq!(dispatch.stats.backlog[0].load(Ordering::Relaxed), 3);
     }
 
     #[test]

@@ -40,6 +40,26 @@ const CATALOG: &[(&str, &str, &str)] = &[
         "Journaled messages the mapping pipeline finished, by outcome (committed, failed, skipped; error: a storage failure, retried).",
     ),
     (
+        "tributary_pipeline_worker_restarts_total",
+        "counter",
+        "Mapping workers that stopped outside the per-message panic guard and were started again.",
+    ),
+    (
+        "tributary_pipeline_shard_backlog",
+        "gauge",
+        "Journal entries dispatched to a mapping worker (or waiting in the dispatcher's overflow for it) and not processed yet, by shard.",
+    ),
+    (
+        "tributary_pipeline_dispatch_overflow",
+        "gauge",
+        "Journal entries the pipeline dispatcher holds because their shard's queue is full (at most 1,024 across shards).",
+    ),
+    (
+        "tributary_pipeline_dispatch_overflow_full_total",
+        "counter",
+        "Times the dispatcher's overflow filled up and reading the journal waited for a shard to take entries.",
+    ),
+    (
         "tributary_mllp_messages_total",
         "counter",
         "Frames an MLLP listener answered, by listener and outcome (accepted, duplicate, rejected, rate_limited, busy).",
