@@ -415,9 +415,15 @@ fn truncate(s: &str, max: usize) -> String {
 /// the original, each mirroring its BHS and referencing its control id (BHS-12, FHS-12). `acks`
 /// follow `batch.messages`; any beyond them (a NAK for a batch without messages) go into the last
 /// batch. A batch ACK without negative ACKs tells the sender every message was accepted, so a
-/// batch without messages gets `BTS|0` and nothing else.
-pub fn build_batch_ack(payload: &[u8], batch: &crate::header::Batch, acks: &[Vec<u8>]) -> Vec<u8> {
-    batch_ack(payload, batch, acks, None)
+/// batch without messages gets `BTS|0` and nothing else. `note` (PHI-free) goes into BTS-2 and
+/// FTS-2, the trailers' comment fields.
+pub fn build_batch_ack(
+    payload: &[u8],
+    batch: &crate::header::Batch,
+    acks: &[Vec<u8>],
+    note: Option<&str>,
+) -> Vec<u8> {
+    batch_ack(payload, batch, acks, note)
 }
 
 /// The batch ACK for a batch refused whole: every message gets `AR` (`CR` in enhanced mode) with

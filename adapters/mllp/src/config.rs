@@ -238,6 +238,19 @@ pub enum AckAfter {
     Mapped,
 }
 
+/// What a listener does with a batch whose BTS-1 (or FTS-1) count disagrees with what arrived.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchCountMismatch {
+    /// Refuse the batch whole: kept as one rejected journal entry, every message answered
+    /// `AR`/`CR`. The default: a count that disagrees can mean lost or merged messages.
+    #[default]
+    Reject,
+    /// Process the messages that arrived; the mismatch is logged (counts only) and stated in the
+    /// batch ACK's BTS-2/FTS-2. For senders known to miscount.
+    Accept,
+}
+
 /// One MLLP listener.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +303,8 @@ pub struct MllpListenerConfig {
     /// send its application ACK again. Off: a duplicate gets its commit ACK only, unless the
     /// first application ACK was never delivered.
     pub resend_app_ack_on_duplicate: bool,
+    /// `reject` (default) or `accept`: see [`BatchCountMismatch`].
+    pub batch_count_mismatch: BatchCountMismatch,
     /// TLS for this listener; absent means plain TCP (loopback or VPN use).
     pub tls: Option<MllpTlsConfig>,
     /// The partners allowed to send here.
@@ -316,6 +331,7 @@ impl Default for MllpListenerConfig {
             app_ack_timeout_secs: 600,
             max_pending_app_acks: 10_000,
             resend_app_ack_on_duplicate: false,
+            batch_count_mismatch: BatchCountMismatch::Reject,
             tls: None,
             partners: Vec::new(),
         }

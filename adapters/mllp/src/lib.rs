@@ -24,8 +24,8 @@ pub mod source;
 pub use tributary_runtime::tls;
 
 pub use config::{
-    AckAfter, MllpClientTlsConfig, MllpConfig, MllpListenerConfig, MllpRouteConfig, MllpTlsConfig,
-    PartnerConfig,
+    AckAfter, BatchCountMismatch, MllpClientTlsConfig, MllpConfig, MllpListenerConfig,
+    MllpRouteConfig, MllpTlsConfig, PartnerConfig,
 };
 pub use route::MllpRoute;
 pub use source::{

@@ -12,7 +12,7 @@
 use crate::ack::{self, AckError, Outcome};
 use crate::app_ack::{AppAckJob, AppAckType, AppAcks, ConnTx, ConnWrite};
 use crate::codec::{InboundBudget, MllpCodec, MllpFrame};
-use crate::config::{AckAfter, MllpListenerConfig};
+use crate::config::{AckAfter, BatchCountMismatch, MllpListenerConfig};
 use crate::header::{self, ascii_lossy, Header};
 use crate::partners::{Partner, Partners, PeerIdentity};
 use async_trait::async_trait;
@@ -1005,21 +1005,39 @@ async fn handle_batch(
             return refuse_batch(shared, partner, addr, payload, None, reason, err).await;
         }
     };
-    // A trailer count that disagrees means messages were lost or run together on the way: none
-    // of the batch is processed, the sender resends it whole.
+    // A trailer count that disagrees means messages were lost or run together on the way, or a
+    // sender that miscounts: by default none of the batch is processed and the sender resends it
+    // whole; a listener set to `accept` processes what arrived and says so in the batch ACK.
     let mismatches = batch.count_mismatches();
+    let mut note = None;
     if !mismatches.is_empty() {
         let why = mismatches
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        let reason = format!("batch count mismatch: {why}");
-        let err = AckError::new(
-            ("100", "Segment sequence error"),
-            format!("batch rejected, no message of it accepted: {why}"),
-        );
-        return refuse_batch(shared, partner, addr, payload, Some(&batch), reason, err).await;
+        match shared.cfg.batch_count_mismatch {
+            BatchCountMismatch::Reject => {
+                let reason = format!("batch count mismatch: {why}");
+                let err = AckError::new(
+                    ("100", "Segment sequence error"),
+                    format!("batch rejected, no message of it accepted: {why}"),
+                );
+                return refuse_batch(shared, partner, addr, payload, Some(&batch), reason, err)
+                    .await;
+            }
+            BatchCountMismatch::Accept => {
+                tracing::warn!(
+                    listener = %shared.cfg.name,
+                    partner = %partner.id,
+                    mismatch = %why,
+                    "batch counts disagree; processing the messages received"
+                );
+                note = Some(format!(
+                    "batch count mismatch, the messages received were processed: {why}"
+                ));
+            }
+        }
     }
     let control_id = |r: Option<std::ops::Range<usize>>| {
         r.and_then(|r| Header::read_segment(&payload, r).ok())
@@ -1043,7 +1061,7 @@ async fn handle_batch(
             "empty batch acknowledged"
         );
         return Reply {
-            ack: Some(ack::build_batch_ack(&payload, &batch, &[])),
+            ack: Some(ack::build_batch_ack(&payload, &batch, &[], None)),
             close: false,
         };
     }
@@ -1085,7 +1103,12 @@ async fn handle_batch(
         "batch processed"
     );
     Reply {
-        ack: Some(ack::build_batch_ack(&payload, &batch, &acks)),
+        ack: Some(ack::build_batch_ack(
+            &payload,
+            &batch,
+            &acks,
+            note.as_deref(),
+        )),
         close: false,
     }
 }

@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tributary_core::{MessageState, StateKind};
 use tributary_mllp::ack::{read_all_msa, read_msa, AckCode};
 use tributary_mllp::header::Header;
-use tributary_mllp::{AckAfter, MllpListenerConfig, PartnerConfig};
+use tributary_mllp::{AckAfter, BatchCountMismatch, MllpListenerConfig, PartnerConfig};
 use tributary_storage::Journal;
 
 fn segs(b: &[u8]) -> Vec<String> {
@@ -367,6 +367,39 @@ async fn batch_whose_counts_disagree_is_rejected_whole_and_kept() {
     assert!(recs
         .iter()
         .all(|r| r.state.state.kind() == StateKind::Rejected));
+}
+
+/// A listener set to accept a miscounting sender's batches processes what arrived and states
+/// the mismatch in the batch ACK's BTS-2.
+#[tokio::test]
+async fn a_listener_set_to_accept_processes_a_miscounted_batch_and_says_so() {
+    let h = start(MllpListenerConfig {
+        batch_count_mismatch: BatchCountMismatch::Accept,
+        ..MllpListenerConfig::default()
+    })
+    .await;
+    let m1 = "MSH|^~\\&|A|B|C|D|||ADT^A01|CA1|P|2.5\rPID|1||X1\r";
+    let m2 = "MSH|^~\\&|A|B|C|D|||ADT^A01|CA2|P|2.5\rPID|1||X2\r";
+    let batch = format!("BHS|^~\\&|A|B|C|D|||||B7\r{m1}{m2}BTS|25\r");
+    let ack = send_plain(h.addr, batch.as_bytes()).await;
+    assert_eq!(
+        read_all_msa(&ack),
+        [
+            (AckCode::AA, b"CA1".to_vec()),
+            (AckCode::AA, b"CA2".to_vec())
+        ]
+    );
+    let s = segs(&ack);
+    assert!(
+        s.last().unwrap().starts_with(
+            "BTS|2|batch count mismatch, the messages received were processed: batch 1: BTS-1 declares 25"
+        ),
+        "{s:?}"
+    );
+    let recs = h.records();
+    let payloads: Vec<&[u8]> = recs.iter().map(|r| &r.envelope.payload[..]).collect();
+    assert_eq!(payloads.len(), 2);
+    assert!(payloads.contains(&m1.as_bytes()) && payloads.contains(&m2.as_bytes()));
 }
 
 #[tokio::test]
