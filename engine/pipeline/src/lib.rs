@@ -1440,6 +1440,16 @@ mod tests {
         order
     }
 
+    type Shards = Vec<(ShardSender, mpsc::Receiver<Queued>)>;
+
+    /// A dispatcher over two shards whose worker 0 has room for one queued entry and worker 1
+    /// for a full queue.
+    fn shard_zero_holds_one() -> (Shards, Vec<ShardSender>, Dispatch) {
+        let shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
+        let senders = shards.iter().map(|(tx, _)| tx.clone()).collect();
+        (shards, senders, Dispatch::new(0, 2))
+    }
+
     #[tokio::test]
     async fn a_full_shard_queue_holds_back_only_its_own_entries_and_keeps_their_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -1453,9 +1463,7 @@ mod tests {
         let d = journal(&rt, &zero).await;
         let y = journal(&rt, &one).await;
         // Worker 0 is stuck: its queue holds one entry and it takes none.
-        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
-        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
-        let mut dispatch = Dispatch::new(0, 2);
+        let (mut shards, senders, mut dispatch) = shard_zero_holds_one();
         assert_eq!(dispatch.fill(jr, &senders), None);
         assert_eq!(
             received(&mut shards[1].1),
@@ -1497,9 +1505,7 @@ mod tests {
         let zero = key_for(0);
         let a = journal(&rt, &zero).await;
         let b = journal(&rt, &zero).await;
-        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
-        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
-        let mut dispatch = Dispatch::new(0, 2);
+        let (mut shards, senders, mut dispatch) = shard_zero_holds_one();
         assert_eq!(dispatch.fill(rt.journal.as_ref(), &senders), None);
         assert_eq!(dispatch.overflowed, 1, "b waits");
         let c = journal(&rt, &zero).await;
@@ -1525,9 +1531,7 @@ mod tests {
         let c = journal(&rt, &zero).await;
         let d = journal(&rt, &zero).await;
         let x = journal(&rt, &one).await;
-        let mut shards = vec![mpsc::channel(1), mpsc::channel(SHARD_QUEUE)];
-        let senders: Vec<ShardSender> = shards.iter().map(|(tx, _)| tx.clone()).collect();
-        let mut dispatch = Dispatch::new(0, 2);
+        let (mut shards, senders, mut dispatch) = shard_zero_holds_one();
         dispatch.overflow_max = 2;
         for _ in 0..2 {
             assert_eq!(dispatch.fill(jr, &senders), None);
