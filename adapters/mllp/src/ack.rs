@@ -527,26 +527,24 @@ fn batch_ack(
         for a in &acks[range.clone()] {
             out.extend_from_slice(a);
         }
-        out.extend_from_slice(b"BTS");
-        out.push(d.field);
-        out.extend_from_slice(range.len().to_string().as_bytes());
-        if let Some(c) = comment {
-            out.push(d.field);
-            out.extend_from_slice(&escape_text(c, &d));
-        }
-        out.push(b'\r');
+        trailer(&mut out, b"BTS", range.len(), comment, &d);
     }
     if batch.fhs.is_some() {
-        out.extend_from_slice(b"FTS");
-        out.push(d.field);
-        out.extend_from_slice(parts.len().to_string().as_bytes());
-        if let Some(c) = comment {
-            out.push(d.field);
-            out.extend_from_slice(&escape_text(c, &d));
-        }
-        out.push(b'\r');
+        trailer(&mut out, b"FTS", parts.len(), comment, &d);
     }
     out
+}
+
+/// A batch or file trailer: `BTS|count[|comment]` or `FTS|count[|comment]`.
+fn trailer(out: &mut Vec<u8>, name: &[u8], count: usize, comment: Option<&str>, d: &Delims) {
+    out.extend_from_slice(name);
+    out.push(d.field);
+    out.extend_from_slice(count.to_string().as_bytes());
+    if let Some(c) = comment {
+        out.push(d.field);
+        out.extend_from_slice(&escape_text(c, d));
+    }
+    out.push(b'\r');
 }
 
 /// MSA-1 and MSA-2 of an ACK (for clients and tests).
