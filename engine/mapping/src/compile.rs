@@ -321,8 +321,12 @@ impl MappingSet {
 
     /// Loads, checks and compiles the mapping set in `dir`.
     pub fn load(dir: &Path) -> Result<MappingSet, LoadErrors> {
-        let texts = read_texts(dir)?;
-        let mut set = Self::from_texts(dir, &texts)?;
+        Self::load_texts(dir, &read_texts(dir)?)
+    }
+
+    /// [`load`](Self::load) from texts already read from `dir` (by [`texts`](Self::texts)).
+    pub fn load_texts(dir: &Path, texts: &[(PathBuf, String)]) -> Result<MappingSet, LoadErrors> {
+        let mut set = Self::from_texts(dir, texts)?;
         set.fixtures = find_fixtures(dir, &set.messages);
         Ok(set)
     }
@@ -334,7 +338,12 @@ impl MappingSet {
 
     /// The content hash `load` would give `dir`, without compiling (hot reload polls this).
     pub fn version_of(dir: &Path) -> Result<String, LoadErrors> {
-        Ok(hash_texts(&read_texts(dir)?))
+        Ok(Self::version_of_texts(&read_texts(dir)?))
+    }
+
+    /// The content hash of texts read by [`texts`](Self::texts).
+    pub fn version_of_texts(texts: &[(PathBuf, String)]) -> String {
+        hash_texts(texts)
     }
 
     /// Compiles a set from (relative path, text) pairs; `root` is used for display and fixtures.

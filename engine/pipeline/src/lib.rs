@@ -14,7 +14,9 @@
 //!
 //! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
-//! replaces a good set — the error is logged and the old version keeps running.
+//! replaces a good set — the error is logged and the old version keeps running. A change is
+//! loaded once two checks in a row read the same files, so an edit of several files is never
+//! caught half-way.
 
 mod body;
 mod config;
@@ -517,7 +519,8 @@ impl Pipeline {
                 }
                 _ = head.changed() => dispatch.more = true,
                 _ = reload_tick.tick(), if self.config.reload_interval_secs > 0 => {
-                    self.reload_and_requeue(&rt).await;
+                    let outcome = self.registry.poll();
+                    self.after_reload(&rt, outcome).await;
                     dispatch.more = true;
                 }
                 _ = report_tick.tick() => {
@@ -666,11 +669,18 @@ impl Pipeline {
         }
     }
 
-    /// Checks the mapping directory; on a new good version, re-queues quarantined messages.
+    /// Checks the mapping directory now; on a new good version, re-queues quarantined messages.
     pub async fn reload_and_requeue(&self, rt: &Runtime) -> ReloadOutcome {
         let outcome = self.registry.reload();
+        self.after_reload(rt, outcome).await
+    }
+
+    async fn after_reload(&self, rt: &Runtime, outcome: ReloadOutcome) -> ReloadOutcome {
         match &outcome {
             ReloadOutcome::Unchanged => {}
+            ReloadOutcome::Settling => {
+                tracing::debug!("mapping directory changed; loading it once it stays the same");
+            }
             ReloadOutcome::Reloaded { from, to } => {
                 tracing::info!(%from, %to, "mapping set reloaded");
                 let filter = tributary_storage::ListFilter {
