@@ -76,6 +76,8 @@ pub enum Outcome {
     ApplicationError,
     /// The listeners' shared inbound buffer (`max_buffered_bytes`) is full; retry later.
     Busy,
+    /// A batch with no message in it (HL7's "nothing to send"): acknowledged, nothing stored.
+    EmptyBatch,
 }
 
 impl Outcome {
@@ -90,14 +92,15 @@ impl Outcome {
             Outcome::StorageUnavailable => "storage_unavailable",
             Outcome::ApplicationError => "application_error",
             Outcome::Busy => "busy_buffer_limit",
+            Outcome::EmptyBatch => "accepted_empty_batch",
         }
     }
 
     /// The MSA-1 code for this outcome in the given mode.
     pub fn code(&self, enhanced: bool) -> AckCode {
         match (self, enhanced) {
-            (Outcome::Accepted | Outcome::Duplicate, false) => AckCode::AA,
-            (Outcome::Accepted | Outcome::Duplicate, true) => AckCode::CA,
+            (Outcome::Accepted | Outcome::Duplicate | Outcome::EmptyBatch, false) => AckCode::AA,
+            (Outcome::Accepted | Outcome::Duplicate | Outcome::EmptyBatch, true) => AckCode::CA,
             (Outcome::ApplicationError, false) => AckCode::AE,
             (Outcome::ApplicationError, true) => AckCode::CE,
             (Outcome::RateLimited | Outcome::StorageUnavailable | Outcome::Busy, false) => {

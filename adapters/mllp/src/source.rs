@@ -193,6 +193,8 @@ pub struct ListenerStats {
     pub timeouts: AtomicU64,
     /// Frames refused because the shared inbound buffer was full.
     pub busy: AtomicU64,
+    /// Batches that held no message (acknowledged with `BTS|0`).
+    pub empty_batches: AtomicU64,
 }
 
 struct Shared {
@@ -1060,6 +1062,8 @@ async fn handle_batch(
             messages = 0,
             "empty batch acknowledged"
         );
+        shared.stats.empty_batches.fetch_add(1, Ordering::Relaxed);
+        audit(shared, Some(partner), addr, Outcome::EmptyBatch, None, None).await;
         return Reply {
             ack: Some(ack::build_batch_ack(&payload, &batch, &[], None)),
             close: false,
@@ -1326,6 +1330,10 @@ fn listener_samples(
                 v(&stats.connections_refused),
             ),
             one("tributary_mllp_timeouts_total", v(&stats.timeouts)),
+            one(
+                "tributary_mllp_empty_batches_total",
+                v(&stats.empty_batches),
+            ),
         ];
         for (outcome, counter) in [
             ("accepted", &stats.accepted),

@@ -263,6 +263,17 @@ async fn empty_batch_gets_a_batch_ack_of_no_messages() {
     assert!(s[1].starts_with("BHS|") && s[1].ends_with("|B1"), "{s:?}");
     assert_eq!(&s[2..], ["BTS|0", "FTS|1"]);
     assert!(h.records().is_empty(), "nothing to store");
+    // … but the submission is on the audit trail, and counted
+    let audit = h.audit_bodies();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["outcome"], "accepted_empty_batch");
+    assert!(audit[0]["message_id"].is_null(), "{audit:?}");
+    assert_eq!(
+        h.stats
+            .empty_batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     // an envelope claiming messages it does not hold is refused and kept
     let claims = "BHS|^~\\&|A|B|C|D|||||B2\rBTS|2\r";
     let ack = send_plain(h.addr, claims.as_bytes()).await;

@@ -85,6 +85,11 @@ const CATALOG: &[(&str, &str, &str)] = &[
         "MLLP connections closed for a read, write or idle timeout, by listener.",
     ),
     (
+        "tributary_mllp_empty_batches_total",
+        "counter",
+        "HL7 v2 batches that held no message (acknowledged, nothing stored), by listener.",
+    ),
+    (
         "tributary_journal_head_seq",
         "gauge",
         "Sequence number of the newest journaled message.",
