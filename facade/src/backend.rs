@@ -17,10 +17,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::time::Duration;
 use tributary_runtime::http::{read_limited, BodyError};
+use tributary_runtime::{ComponentStatus, Readiness};
 
 pub struct Backend {
     pub cfg: BackendConfig,
     client: reqwest::Client,
+    /// Whether the last request failed to reach it (so `/ready` changes only on a change).
+    unreachable: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,7 @@ impl Backends {
             list.push(Backend {
                 cfg: cfg.clone(),
                 client,
+                unreachable: false.into(),
             });
         }
         Ok(Self { list })
@@ -84,11 +88,43 @@ impl Backends {
             .any(|b| b.cfg.resource_types.iter().any(|t| t == rtype))
     }
 
+    /// Lists every backend in `/ready` (as `backend.<name>`); a backend that stops answering is
+    /// reported `degraded` by the request that finds out, and `ready` again by the next that
+    /// gets an answer. Requests for other resource types are unaffected, so it never makes the
+    /// instance unready.
+    pub fn report_readiness(&self, readiness: &Readiness) {
+        for b in &self.list {
+            readiness.set(&b.component(), ComponentStatus::Ready);
+        }
+    }
+
     pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
         self.list.iter().find(|b| {
             b.cfg.resource_types.iter().any(|t| t == rtype)
                 && (b.cfg.tenants.is_empty() || b.cfg.tenants.iter().any(|t| t == tenant))
         })
+    }
+}
+
+impl Backend {
+    fn component(&self) -> String {
+        format!("backend.{}", self.cfg.name)
+    }
+
+    fn record_reachable(&self, readiness: &Readiness, reachable: Result<(), String>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match reachable {
+            Ok(()) => {
+                if self.unreachable.swap(false, Relaxed) {
+                    tracing::info!(backend = %self.cfg.name, "backend answering again");
+                    readiness.set(&self.component(), ComponentStatus::Ready);
+                }
+            }
+            Err(reason) => {
+                self.unreachable.store(true, Relaxed);
+                readiness.set(&self.component(), ComponentStatus::Degraded { reason });
+            }
+        }
     }
 }
 
@@ -321,7 +357,7 @@ async fn forward(
 
 #[allow(clippy::too_many_arguments)]
 async fn call(
-    _st: &AppState,
+    st: &AppState,
     backend: &Backend,
     access: &Access,
     slot: &AuditSlot,
@@ -355,8 +391,24 @@ async fn call(
             .header("content-type", "application/fhir+json")
             .body(body);
     }
+    let readiness = &st.rt.readiness;
     let unavailable = |e: reqwest::Error| {
         tracing::warn!(backend = %backend.cfg.name, timeout = e.is_timeout(), connect = e.is_connect(), "backend request failed");
+        let kind = if e.is_timeout() {
+            "no answer within timeout_secs"
+        } else if e.is_connect() {
+            "connection failed"
+        } else {
+            "request failed"
+        };
+        backend.record_reachable(
+            readiness,
+            Err(format!(
+                "backend {}: {kind} (last request at {}); requests routed to it get 502/504",
+                backend.cfg.name,
+                tributary_core::format_rfc3339_millis(tributary_core::now_millis())
+            )),
+        );
         if e.is_timeout() {
             ApiError::BackendTimeout(format!(
                 "backend {} did not answer within its timeout_secs",
@@ -369,7 +421,10 @@ async fn call(
     let res = rb.send().await.map_err(unavailable)?;
     let status = res.status();
     match read_limited(res, backend.cfg.max_response_bytes).await {
-        Ok(bytes) => Ok((status, bytes)),
+        Ok(bytes) => {
+            backend.record_reachable(readiness, Ok(()));
+            Ok((status, bytes))
+        }
         Err(BodyError::Failed(e)) => Err(unavailable(e)),
         Err(too_large @ BodyError::TooLarge { .. }) => {
             tracing::warn!(backend = %backend.cfg.name, "backend response refused: larger than max_response_bytes");

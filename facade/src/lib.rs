@@ -228,17 +228,20 @@ async fn health() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: the store is open and every configured component reported ready.
+/// Readiness: the store is open and every configured component serves; `degraded` (still 200)
+/// when a downstream is unreachable and work waits for it.
 async fn ready(State(state): State<AppState>) -> Response {
     let components = state.rt.readiness.snapshot();
-    let ready = state.rt.readiness.all_ready();
-    let code = if ready {
-        StatusCode::OK
+    let serving = state.rt.readiness.all_serving();
+    let (code, status) = if !serving {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    } else if state.rt.readiness.any_degraded() {
+        (StatusCode::OK, "degraded")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::OK, "ready")
     };
     let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
+        "status": status,
         "components": components,
         "journal": { "head_seq": state.rt.journal.stats().head_seq },
     });
@@ -309,11 +312,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         }
     }
     for (component, status) in rt.readiness.snapshot() {
-        let ready = status == tributary_runtime::ComponentStatus::Ready;
+        let degraded = matches!(status, tributary_runtime::ComponentStatus::Degraded { .. });
         samples.push(gauge(
             "tributary_component_ready",
+            vec![("component", component.clone())],
+            if status.serving() { 1.0 } else { 0.0 },
+        ));
+        samples.push(gauge(
+            "tributary_component_degraded",
             vec![("component", component)],
-            if ready { 1.0 } else { 0.0 },
+            if degraded { 1.0 } else { 0.0 },
         ));
     }
     (

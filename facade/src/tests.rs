@@ -171,8 +171,33 @@ async fn ready_reflects_components() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     e.st.rt.readiness.set("mllp", ComponentStatus::Ready);
-    assert_eq!(e.call("GET", "/ready", None, None).await.0, StatusCode::OK);
+    let (code, _, body) = e.call("GET", "/ready", None, None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["status"], "ready");
     assert_eq!(e.call("GET", "/health", None, None).await.0, StatusCode::OK);
+
+    // a downstream outage: still serving, and saying why
+    let reason = "kafka brokers unreachable".to_string();
+    e.st.rt
+        .readiness
+        .set("kafka", ComponentStatus::Degraded { reason });
+    let (code, _, body) = e.call("GET", "/ready", None, None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["status"], "degraded");
+    assert_eq!(body["components"]["kafka"]["status"], "degraded");
+    assert_eq!(
+        body["components"]["kafka"]["reason"],
+        "kafka brokers unreachable"
+    );
+    e.st.rt.readiness.set(
+        "mllp",
+        ComponentStatus::Failed {
+            reason: "address in use".into(),
+        },
+    );
+    let (code, _, body) = e.call("GET", "/ready", None, None).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["status"], "not_ready");
 }
 
 #[tokio::test]

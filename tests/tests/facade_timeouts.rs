@@ -2,6 +2,7 @@
 //! answer in time gives 504, a request the facade itself cannot finish in time (here: a client
 //! that never sends its announced body) gives 503 — each with an OperationOutcome and an audit
 //! record saying so. A backend's answer is bounded in size too (`max_response_bytes`): 502.
+//! A backend that cannot be reached shows as degraded in `/ready`, which stays 200.
 
 mod facade_support;
 
@@ -13,7 +14,13 @@ use std::time::{Duration, Instant};
 
 /// A backend that accepts connections, reads the request, and lets `answer` write the response.
 fn backend(answer: impl Fn(&mut TcpStream) + Send + Sync + 'static) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    backend_on(TcpListener::bind("127.0.0.1:0").unwrap(), answer)
+}
+
+fn backend_on(
+    listener: TcpListener,
+    answer: impl Fn(&mut TcpStream) + Send + Sync + 'static,
+) -> String {
     let addr = listener.local_addr().unwrap();
     let answer = Arc::new(answer);
     std::thread::spawn(move || {
@@ -211,4 +218,75 @@ async fn backend_answers_past_max_response_bytes_get_502_without_reading_to_the_
         assert_eq!(rec["status"], 502, "{rec}");
         assert_eq!(rec["outcome"], "failed", "{rec}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_backend_shows_degraded_in_ready_and_ready_again_once_it_answers() {
+    // A port that refuses connections now, and takes them once the backend "comes back".
+    let parked = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = parked.local_addr().unwrap();
+    drop(parked);
+    let config = format!(
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nconnect_timeout_secs = 2\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let t = f.token("app", "user/*.cruds", &[]);
+    let ready = f.call("GET", "/ready", None, None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert_eq!(ready.json["status"], "ready", "{}", ready.text);
+    assert_eq!(
+        ready.json["components"]["backend.lab"]["status"], "ready",
+        "every backend is listed from the start: {}",
+        ready.text
+    );
+
+    let r = f.call("GET", "/fhir/Observation", Some(&t), None).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let ready = f.call("GET", "/ready", None, None).await;
+    assert_eq!(
+        ready.status, 200,
+        "one backend down leaves the rest of the API serving: {}",
+        ready.text
+    );
+    assert_eq!(ready.json["status"], "degraded", "{}", ready.text);
+    let lab = &ready.json["components"]["backend.lab"];
+    assert_eq!(lab["status"], "degraded", "{}", ready.text);
+    assert!(
+        lab["reason"]
+            .as_str()
+            .unwrap()
+            .contains("connection failed"),
+        "{}",
+        ready.text
+    );
+    let metrics = f.call("GET", "/metrics", None, None).await.text;
+    assert!(
+        metrics.contains("tributary_component_degraded{component=\"backend.lab\"} 1"),
+        "{metrics}"
+    );
+    // the store's types are unaffected
+    let r = f.call("GET", "/fhir/Patient", Some(&t), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // The backend comes back: the next request routed to it turns it ready again.
+    let back = TcpListener::bind(addr).unwrap();
+    let url = backend_on(back, |conn| {
+        let body = r#"{"resourceType":"Bundle","type":"searchset","entry":[]}"#;
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    assert_eq!(url, format!("http://{addr}/fhir"));
+    let r = f.call("GET", "/fhir/Observation", Some(&t), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ready = f.call("GET", "/ready", None, None).await;
+    assert_eq!(ready.json["status"], "ready", "{}", ready.text);
+    assert_eq!(
+        ready.json["components"]["backend.lab"]["status"], "ready",
+        "{}",
+        ready.text
+    );
+    f.stop();
 }

@@ -29,7 +29,7 @@ pub(crate) async fn wait_to_retry(
     backoff: &mut Duration,
     reason: String,
 ) -> bool {
-    readiness.set(component, ComponentStatus::Failed { reason });
+    readiness.set(component, ComponentStatus::Degraded { reason });
     tokio::select! {
         _ = shutdown.cancelled() => return false,
         _ = tokio::time::sleep(*backoff) => {}

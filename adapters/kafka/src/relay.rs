@@ -75,7 +75,7 @@ impl ClientContext for RelayContext {
         self.failing.store(true, Relaxed);
         self.readiness.set(
             &self.component,
-            ComponentStatus::Failed {
+            ComponentStatus::Degraded {
                 reason: format!("kafka: {error}: {reason}"),
             },
         );
@@ -256,7 +256,7 @@ impl KafkaRelay {
             Err(reason) => {
                 self.failing.store(true, Relaxed);
                 tracing::warn!(component = %self.component, %reason, "kafka not reachable at start; events wait in the outbox");
-                self.set_status(ComponentStatus::Failed { reason });
+                self.set_status(ComponentStatus::Degraded { reason });
             }
         }
         tracing::info!(component = %self.component, cursor = start, "kafka relay started");
@@ -357,7 +357,7 @@ impl KafkaRelay {
                 self.stats.delivery_errors.fetch_add(1, Relaxed);
                 tracing::warn!(component = %self.component, %reason, retry_in_ms = backoff.as_millis() as u64, "kafka delivery failed; resending from the last acknowledged event");
                 self.failing.store(true, Relaxed);
-                self.set_status(ComponentStatus::Failed { reason });
+                self.set_status(ComponentStatus::Degraded { reason });
                 // Records still queued behind a failed one would reach the topic before its
                 // resend (a later version of a patient's resource before an earlier one): a
                 // fresh producer purges them, and everything goes again from the cursor.

@@ -167,7 +167,7 @@ impl MllpRoute {
                     if failures == FAILURES_BEFORE_NOT_READY {
                         rt.readiness.set(
                             &self.consumer(),
-                            ComponentStatus::Failed {
+                            ComponentStatus::Degraded {
                                 reason: format!(
                                     "route {name}: downstream {} not answering; messages wait in the journal",
                                     self.cfg.destination

@@ -27,13 +27,29 @@ pub use metrics::{Metrics, Sample};
 pub enum ComponentStatus {
     Starting,
     Ready,
+    /// Serving, but something it delivers to or pulls from is unreachable and its work waits
+    /// durably (outbox, journal) until it returns: a Kafka or RabbitMQ broker, a downstream MLLP
+    /// system, a backend FHIR server. It does not make the instance unready: taking the pod out
+    /// of its Service would refuse the senders whose messages it can still store, and spread one
+    /// downstream outage upstream. `reason` as for `Failed`.
+    Degraded {
+        reason: String,
+    },
     /// Not serving; `reason` is for operators (no PHI: addresses, config keys, error kinds).
     Failed {
         reason: String,
     },
 }
 
-/// Readiness of every component; `/ready` answers 200 only when all are `Ready`.
+impl ComponentStatus {
+    /// Ready or degraded: the component takes its share of the instance's work.
+    pub fn serving(&self) -> bool {
+        matches!(self, Self::Ready | Self::Degraded { .. })
+    }
+}
+
+/// Readiness of every component: `/ready` answers 200 when every one is serving (`Ready` or
+/// `Degraded`), and says `degraded` when any is.
 #[derive(Clone, Default)]
 pub struct Readiness {
     inner: Arc<RwLock<BTreeMap<String, ComponentStatus>>>,
@@ -50,9 +66,15 @@ impl Readiness {
         self.inner.read().map(|m| m.clone()).unwrap_or_default()
     }
 
-    pub fn all_ready(&self) -> bool {
+    pub fn all_serving(&self) -> bool {
         let snap = self.snapshot();
-        !snap.is_empty() && snap.values().all(|s| *s == ComponentStatus::Ready)
+        !snap.is_empty() && snap.values().all(ComponentStatus::serving)
+    }
+
+    pub fn any_degraded(&self) -> bool {
+        self.snapshot()
+            .values()
+            .any(|s| matches!(s, ComponentStatus::Degraded { .. }))
     }
 }
 

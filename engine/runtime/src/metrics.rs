@@ -142,7 +142,12 @@ const CATALOG: &[(&str, &str, &str)] = &[
     (
         "tributary_component_ready",
         "gauge",
-        "1 when a component reports ready, 0 otherwise.",
+        "1 when a component serves (ready or degraded), 0 otherwise.",
+    ),
+    (
+        "tributary_component_degraded",
+        "gauge",
+        "1 when a component serves but something it delivers to is unreachable (work waits).",
     ),
 ];
 

@@ -154,6 +154,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     facade.request_timeout = Duration::from_secs(config.http.request_timeout_secs);
     facade.https = config.http.tls.is_some();
     let facade = std::sync::Arc::new(facade);
+    facade.backends.report_readiness(&rt.readiness);
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
         let f = facade.clone();
