@@ -3,7 +3,8 @@
 //! Subscription, get a binding token with `$get-ws-binding-token`, bind, and receive the
 //! handshake, a heartbeat, and notifications for their own patient's matching changes only.
 //! Bad, reused and expired binding tokens get an OperationOutcome and a close. Over `[http.tls]`
-//! the binding URL is `wss://` and binding works there.
+//! the binding URL is `wss://` and binding works there. Open websockets are bounded by
+//! `ws_max_connections`.
 
 mod events_common;
 #[path = "../../adapters/mllp/tests/common/pki.rs"]
@@ -362,4 +363,42 @@ async fn over_https_the_binding_url_is_wss_and_binding_works() {
     let hs = next_json(&mut ws, 15).await.expect("handshake over wss");
     assert_eq!(kind(&hs), "handshake", "{hs}");
     server.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_connections_are_bounded_and_a_freed_slot_is_reused() {
+    let _ = repo_root();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // (a bind timeout long enough that no unbound connection is dropped during the test)
+    let server = Server::start(
+        &data,
+        "[subscriptions]\nws_max_connections = 2\nws_bind_timeout_secs = 120\n",
+    );
+    let url = format!("ws://{}/fhir/subscription-ws", server.http);
+    // Two connections that have not bound yet hold both slots …
+    let (first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (_second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    // … so a third is refused before the upgrade, with an OperationOutcome and Retry-After.
+    let refused = tokio_tungstenite::connect_async(&url).await.unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(res) = refused else {
+        panic!("expected an HTTP refusal, got {refused:?}");
+    };
+    assert_eq!(res.status().as_u16(), 503);
+    assert_eq!(res.headers()["retry-after"], "5");
+    let body: Value = serde_json::from_slice(res.body().as_deref().unwrap()).unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    assert_eq!(body["issue"][0]["code"], "transient", "{body}");
+    // The HTTP API is not affected.
+    let health = tributary_e2e::http_get(&server.http.to_string(), "/health").unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+
+    // A connection that closes gives its slot back.
+    drop(first);
+    wait("a websocket slot to be free again")
+        .until_async(|| {
+            let url = url.clone();
+            async move { tokio_tungstenite::connect_async(&url).await.ok() }
+        })
+        .await;
 }

@@ -82,6 +82,10 @@ pub struct SubscriptionsConfig {
     pub ws_queue_bound: usize,
     /// Websocket ping period; a client that answers nothing for three periods is dropped.
     pub ws_ping_secs: u64,
+    /// Most websocket connections open at once, bound or still waiting for their bind. An
+    /// upgraded connection leaves the HTTP listener's `max_connections`, so this bounds them;
+    /// one more is answered 503 before the upgrade.
+    pub ws_max_connections: usize,
     /// Partners allowed to post notifications to `/subscription-hook/<partner>`.
     pub inbound: Vec<InboundPartner>,
     /// Extra trusted CA certificates (a PEM bundle) for the HTTPS calls this component makes:
@@ -113,6 +117,7 @@ impl Default for SubscriptionsConfig {
             ws_bind_timeout_secs: 10,
             ws_queue_bound: 64,
             ws_ping_secs: 30,
+            ws_max_connections: 1024,
             inbound: Vec::new(),
             ca_file: std::path::PathBuf::new(),
             client_identity_file: std::path::PathBuf::new(),
@@ -228,6 +233,7 @@ impl SubscriptionsConfig {
             ("ws_bind_timeout_secs", self.ws_bind_timeout_secs),
             ("ws_queue_bound", self.ws_queue_bound as u64),
             ("ws_ping_secs", self.ws_ping_secs),
+            ("ws_max_connections", self.ws_max_connections as u64),
         ] {
             if v == 0 {
                 return Err(invalid(key, v, "must be greater than 0"));

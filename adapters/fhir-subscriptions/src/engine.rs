@@ -115,6 +115,8 @@ pub struct SubscriptionService {
     dead_letters: DeadLetterLog,
     /// Outstanding `$get-ws-binding-token` tokens.
     pub(crate) ws_tokens: BindingTokens,
+    /// One permit per open websocket connection (`ws_max_connections`).
+    pub(crate) ws_slots: Arc<tokio::sync::Semaphore>,
     /// Websocket binds and closes are audited (they open a stream of resources).
     audit: AuditLog,
     next_client: AtomicU64,
@@ -156,6 +158,7 @@ impl SubscriptionService {
     ) -> Result<Arc<Self>, crate::SubscriptionsConfigError> {
         let http = cfg.http_client()?;
         let notify = cfg.notification_client()?;
+        let ws_slots = Arc::new(tokio::sync::Semaphore::new(cfg.ws_max_connections));
         Ok(Arc::new(Self {
             cfg,
             store,
@@ -167,6 +170,7 @@ impl SubscriptionService {
             dead_letters: DeadLetterLog::new(db.clone(), "subscriptions", MAX_DEAD_LETTERS),
             audit: AuditLog::new(db),
             ws_tokens: BindingTokens::default(),
+            ws_slots,
             next_client: AtomicU64::new(1),
             rescanned_head: AtomicU64::new(0),
             shutdown: CancellationToken::new(),

@@ -14,7 +14,7 @@
 use crate::api::ApiState;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -97,9 +97,32 @@ pub(crate) struct WsClient {
 
 /// `GET <path_prefix>/subscription-ws`: upgrades to a websocket.
 pub(crate) async fn upgrade(State(state): State<ApiState>, ws: WebSocketUpgrade) -> Response {
+    let Ok(slot) = state.service.ws_slots.clone().try_acquire_owned() else {
+        tracing::warn!(
+            max = state.service.cfg.ws_max_connections,
+            "websocket refused: ws_max_connections open"
+        );
+        let mut res = (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::CONTENT_TYPE, "application/fhir+json")],
+            error_text(
+                "transient",
+                "too many websocket connections open; retry later",
+            ),
+        )
+            .into_response();
+        res.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("5"),
+        );
+        return res;
+    };
     ws.max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
-        .on_upgrade(move |socket| connection(state, socket))
+        .on_upgrade(move |socket| async move {
+            connection(state, socket).await;
+            drop(slot);
+        })
 }
 
 fn error_text(code: &str, text: &str) -> String {
