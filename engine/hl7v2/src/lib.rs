@@ -14,7 +14,9 @@
 mod batch;
 mod charset;
 mod escape;
+pub mod ingress;
 mod message;
+pub mod raw;
 
 pub use batch::{is_batch, split_batch, Batch, BatchPart, CountMismatch};
 pub use charset::Charset;
