@@ -726,38 +726,9 @@ async fn handle_busy(
     }
 }
 
-fn add_header_meta(
-    mut env: tributary_core::EnvelopeBuilder,
-    h: &Header<'_>,
-) -> tributary_core::EnvelopeBuilder {
-    for (k, v) in [
-        ("message_type", h.message_code()),
-        ("trigger_event", h.trigger_event()),
-        ("message_structure", h.message_structure()),
-        ("version", h.version()),
-        ("control_id", h.control_id()),
-        ("processing_id", h.processing_id()),
-        ("charset", h.charset()),
-    ] {
-        if !v.is_empty() {
-            env = env.meta(k, ascii_lossy(v, 64));
-        }
-    }
-    env
-}
-
-/// [`tributary_core::hl7v2_ordering_key`] of a parsed message.
-pub fn ordering_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
-    let d = h.delims;
-    let segments = header::segments(payload).map(|r| &payload[r]);
-    tributary_core::hl7v2_ordering_key(partner, segments, d.field, d.component, d.repetition)
-}
-
-/// [`tributary_core::hl7v2_dedup_key`] of a parsed message.
-pub fn dedup_key(partner: &str, payload: &[u8], h: &Header<'_>) -> String {
-    let body = &payload[h.msh.end.min(payload.len())..];
-    tributary_core::hl7v2_dedup_key(partner, &ascii_lossy(h.control_id(), 64), body)
-}
+/// The keys of a message as every HL7 v2 ingress computes them (one implementation, shared with
+/// the pipeline's split of a replayed batch).
+pub use tributary_hl7v2::ingress::{dedup_key, ordering_key};
 
 /// Why a message cannot be accepted: its header lacks what an ACK needs, or it does not parse.
 #[derive(Debug)]
@@ -893,13 +864,13 @@ async fn handle_message(
             Outcome::RateLimited,
         );
     }
-    let mut env = Envelope::builder(Protocol::Hl7v2, payload.clone())
-        .tenant(partner.tenant.clone())
-        .partner(partner.id.clone())
-        .ordering_key(ordering_key(&partner.id, &payload, &h))
-        .dedup_key(dedup_key(&partner.id, &payload, &h))
-        .meta("listener", listener.to_string());
-    env = add_header_meta(env, &h);
+    let mut env = tributary_hl7v2::ingress::message_envelope(
+        payload.clone(),
+        &partner.tenant,
+        &partner.id,
+        &h,
+    )
+    .meta("listener", listener.to_string());
     if let Some(b) = batch_id {
         env = env.meta("batch_control_id", b.to_string());
     }
@@ -1041,17 +1012,8 @@ async fn handle_batch(
             }
         }
     }
-    let control_id = |r: Option<std::ops::Range<usize>>| {
-        r.and_then(|r| Header::read_segment(&payload, r).ok())
-            .map(|h| ascii_lossy(h.control_id(), 64))
-            .filter(|s| !s.is_empty())
-    };
     // each message carries the control id of its own batch (BHS-11), else the file's (FHS-11)
-    let batch_ids: Vec<Option<String>> = batch
-        .batches
-        .iter()
-        .map(|p| control_id(p.bhs.clone()).or_else(|| control_id(batch.fhs.clone())))
-        .collect();
+    let batch_ids = tributary_hl7v2::ingress::batch_control_ids(&payload, &batch);
     if batch.messages.is_empty() {
         // HL7 allows an empty batch (periodic submission with nothing to send): nothing to
         // store, and the batch ACK says so (`BTS|0`).
@@ -1142,7 +1104,7 @@ async fn journal_refused(
         env = env.meta("truncated", "true");
     }
     if let Some(h) = header {
-        env = add_header_meta(env, h);
+        env = tributary_hl7v2::ingress::header_meta(env, h);
     }
     let env = env.build();
     let id = env.id;
@@ -1364,32 +1326,5 @@ mod tests {
         );
         assert_eq!(field_in("OBX.5.1 bad").as_deref(), Some("OBX-5"));
         assert_eq!(field_in("no field here"), None);
-    }
-
-    #[test]
-    fn keys_carry_no_identifier_in_clear() {
-        let m = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\rPID|1||MRN123^^^HOSP||DOE^JANE\r";
-        let h = Header::read(m).unwrap();
-        let k = ordering_key("lab", m, &h);
-        assert!(k.starts_with("lab/p:"), "{k}");
-        assert!(!k.contains("MRN123"));
-        let d = dedup_key("lab", m, &h);
-        assert!(d.starts_with("lab/C1/"), "{d}");
-        let m2 = b"MSH|^~\\&|A|B|C|D|2025||ADT^A01|C1|P|2.5\rPID|1||MRN123^^^HOSP||DOE^JANE\r";
-        let h2 = Header::read(m2).unwrap();
-        assert_eq!(
-            dedup_key("lab", m2, &h2),
-            d,
-            "a resend with a new MSH-7 is a duplicate"
-        );
-        let m3 = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\rPID|1||OTHER^^^HOSP\r";
-        let h3 = Header::read(m3).unwrap();
-        assert_ne!(dedup_key("lab", m3, &h3), d);
-        assert_ne!(ordering_key("lab", m3, &h3), k);
-        let no_pid = b"MSH|^~\\&|A|B|C|D|||ADT^A01|C1|P|2.5\r";
-        assert_eq!(
-            ordering_key("lab", no_pid, &Header::read(no_pid).unwrap()),
-            "lab"
-        );
     }
 }

@@ -10,11 +10,16 @@
 //! borrows it, so the charset decision (which needs MSH-18 from the raw bytes) and an owned,
 //! cheaply movable message for the pipeline both have to live outside it anyway. What remains is
 //! small enough to own here, together with batch splitting and the encoding rules we depend on.
+//!
+//! [`raw`] reads the MSH on undecoded bytes (what an ACK needs); [`ingress`] derives from it the
+//! journal keys and meta every HL7 v2 ingress gives a message, and splits a journaled batch.
 
 mod batch;
 mod charset;
 mod escape;
+pub mod ingress;
 mod message;
+pub mod raw;
 
 pub use batch::{is_batch, split_batch, Batch, BatchPart, CountMismatch};
 pub use charset::Charset;

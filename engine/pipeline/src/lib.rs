@@ -10,7 +10,9 @@
 //! log names each field the first time it is seen and then summarizes once per interval.
 //!
 //! FHIR messages (inbound Subscription notifications, FHIR from a queue) take the pass-through
-//! mapping of [`fhir`] to the same store, outbox and state.
+//! mapping of [`fhir`] to the same store, outbox and state. An HL7 v2 batch file (one refused
+//! whole at the door, then replayed) is split into its messages, each journaled on its own
+//! ([`SPLIT_NOTE`]).
 //!
 //! The mapping set is hot-reloaded: a changed directory is compiled aside and swapped in whole
 //! (each message is mapped by exactly one version, recorded on the message); a bad file never
@@ -23,10 +25,12 @@ mod config;
 pub mod fhir;
 pub mod field_report;
 mod registry;
+mod split;
 
 pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
 pub use field_report::FieldAggregator;
 pub use registry::{MappingRegistry, ReloadOutcome};
+pub use split::SPLIT_NOTE;
 
 use futures_util::FutureExt;
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -83,6 +87,12 @@ pub enum Outcome {
     },
     Failed {
         reason: String,
+    },
+    /// A batch file split into its `messages`, of which `journaled` were new to the journal
+    /// (see [`SPLIT_NOTE`]).
+    Split {
+        messages: usize,
+        journaled: usize,
     },
     /// Not for this pipeline (another protocol), already processed, or queued again later.
     Skipped,
@@ -778,6 +788,7 @@ impl Pipeline {
         let outcome = match &out {
             Ok(Outcome::Committed { .. }) => "committed",
             Ok(Outcome::Failed { .. }) => "failed",
+            Ok(Outcome::Split { .. }) => "split",
             Ok(Outcome::Skipped) => "skipped",
             Err(_) => "error",
         };
@@ -838,6 +849,10 @@ impl Pipeline {
             }
         }
         match env.protocol {
+            // a batch file (replayed after it was refused whole) is split, not mapped
+            Protocol::Hl7v2 if tributary_hl7v2::ingress::starts_as_batch(&env.payload) => {
+                return self.split_batch(rt, entry, env).await
+            }
             Protocol::Hl7v2 => {}
             Protocol::Fhir => return self.pass_through(rt, entry, env).await,
             _ => return Ok(Outcome::Skipped),

@@ -37,7 +37,7 @@ const CATALOG: &[(&str, &str, &str)] = &[
     (
         "tributary_pipeline_messages_total",
         "counter",
-        "Journaled messages the mapping pipeline finished, by outcome (committed, failed, skipped; error: a storage failure, retried).",
+        "Journaled messages the mapping pipeline finished, by outcome (committed, failed, skipped; split: a batch file split into its messages; error: a storage failure, retried).",
     ),
     (
         "tributary_pipeline_worker_restarts_total",
