@@ -34,10 +34,16 @@ pub struct AuditDraft {
     pub returned: Option<usize>,
     /// Name of the backend FHIR server the request was routed to, if any.
     pub backend: Option<String>,
+    /// A bundle entry's own status; unset, it has the request's (a failed transaction, a
+    /// timeout). Unused on a request's own draft, whose status is its response's.
+    pub status: Option<u16>,
+    /// The entries of a transaction or batch Bundle, each recorded after the request's record
+    /// (see [`AuditSlot::entry`]).
+    pub entries: Vec<(usize, AuditSlot)>,
 }
 
 /// The request's draft, shared between the layers through request extensions.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AuditSlot(pub Arc<Mutex<AuditDraft>>);
 
 impl AuditSlot {
@@ -49,6 +55,51 @@ impl AuditSlot {
 
     pub fn snapshot(&self) -> AuditDraft {
         self.0.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// The draft, leaving an empty one behind (for the final record: no copy).
+    pub fn take(&self) -> AuditDraft {
+        self.0
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    /// Opens the draft of entry `index` of a transaction or batch Bundle (`method` and `url` are
+    /// the entry's `request`), classified like a request of its own, and attaches it to this
+    /// request's draft. The entry's record is written with the request's, whatever happens
+    /// after this call, so the handler fills the draft in as it goes (patient, id, status).
+    pub fn entry(&self, index: usize, method: &str, url: &str) -> AuditSlot {
+        let method = axum::http::Method::from_bytes(method.as_bytes())
+            .unwrap_or(axum::http::Method::OPTIONS);
+        let url = url.trim_start_matches('/');
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url, None),
+        };
+        let f = crate::policy::classify(&method, &format!("/{path}"), query);
+        let draft = AuditDraft {
+            interaction: if path.is_empty() {
+                "unknown"
+            } else {
+                f.interaction.name()
+            },
+            patient: f.target_patient().filter(|p| crate::policy::valid_id(p)),
+            resource_type: f.resource_type.filter(|t| crate::policy::valid_type(t)),
+            resource_id: f.id.filter(|i| crate::policy::valid_id(i)),
+            ..Default::default()
+        };
+        let slot = AuditSlot(Arc::new(Mutex::new(draft)));
+        self.update(|d| d.entries.push((index, slot.clone())));
+        slot
+    }
+
+    /// Sets an entry's outcome (`detail`: the error kind, if any).
+    pub fn finish(&self, status: u16, detail: Option<&'static str>) {
+        self.update(|d| {
+            d.status = Some(status);
+            d.detail = detail;
+        });
     }
 }
 
@@ -63,11 +114,17 @@ pub fn outcome_for(status: u16) -> &'static str {
 
 /// The stored shape of a facade request record (keys are part of the audit format: the
 /// `AuditEvent` view, `audit export` and the indexes read them).
+///
+/// A bundle entry's record (`kind = "fhir-bundle-entry"`) has the same keys plus `entry` (its
+/// position in the Bundle); its `latency_us` is the whole request's, and `review` (of a
+/// break-glass access) is asked on the request's record only.
 #[derive(Serialize)]
 struct Record<'a> {
     kind: &'static str,
     time: i64,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entry: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,14 +160,68 @@ struct Record<'a> {
 }
 
 impl AuditDraft {
-    /// The record, serialized once (no intermediate JSON tree: this runs for every request), with
-    /// the tenant, time and patient the audit indexes need.
+    /// The request's record followed by one per bundle entry, in entry order.
+    pub fn into_records(
+        mut self,
+        status: u16,
+        latency_us: u64,
+        policy_version: &str,
+    ) -> Vec<PreparedRecord> {
+        let entries = std::mem::take(&mut self.entries);
+        let mut out = Vec::with_capacity(1 + entries.len());
+        for (index, slot) in entries {
+            let e = slot.take();
+            let entry = AuditDraft {
+                request_id: self.request_id.clone(),
+                time_ms: self.time_ms,
+                tenant: self.tenant.clone(),
+                client: self.client.clone(),
+                user: self.user.clone(),
+                role: self.role.clone(),
+                scopes: self.scopes.clone(),
+                break_glass: self.break_glass.clone(),
+                context_patient: self.context_patient.clone(),
+                detail: if e.status.is_some() {
+                    e.detail
+                } else {
+                    e.detail.or(self.detail)
+                },
+                status: Some(e.status.unwrap_or(status)),
+                ..e
+            };
+            out.push(entry.serialize(Some(index), latency_us, policy_version));
+        }
+        out.insert(0, self.into_record(status, latency_us, policy_version));
+        out
+    }
+
+    /// The request's record, serialized once (no intermediate JSON tree: this runs for every
+    /// request), with the tenant, time and patient the audit indexes need.
     pub fn into_record(self, status: u16, latency_us: u64, policy_version: &str) -> PreparedRecord {
+        let d = AuditDraft {
+            status: Some(status),
+            ..self
+        };
+        d.serialize(None, latency_us, policy_version)
+    }
+
+    fn serialize(
+        self,
+        entry: Option<usize>,
+        latency_us: u64,
+        policy_version: &str,
+    ) -> PreparedRecord {
+        let status = self.status.unwrap_or(0);
         let patient = self.patient.as_deref().or(self.context_patient.as_deref());
         let record = Record {
-            kind: "fhir-request",
+            kind: if entry.is_some() {
+                "fhir-bundle-entry"
+            } else {
+                "fhir-request"
+            },
             time: self.time_ms,
             request_id: &self.request_id,
+            entry,
             tenant: self.tenant.as_deref(),
             client: self.client.as_deref(),
             user: self.user.as_deref(),
@@ -129,7 +240,11 @@ impl AuditDraft {
             policy_version,
             break_glass: self.break_glass.is_some(),
             break_glass_reason: self.break_glass.as_deref(),
-            review: self.break_glass.as_ref().map(|_| "required"),
+            review: self
+                .break_glass
+                .as_ref()
+                .filter(|_| entry.is_none())
+                .map(|_| "required"),
         };
         let json = serde_json::to_vec(&record).expect("audit records serialize");
         PreparedRecord::serialized(
@@ -270,6 +385,12 @@ fn request_event(e: &AuditEntry) -> Value {
     if !entity.is_empty() {
         ev["entity"] = Value::Array(entity);
     }
+    if let (Some(i), Some(ext)) = (
+        b.get("entry").and_then(Value::as_u64),
+        ev["extension"].as_array_mut(),
+    ) {
+        ext.push(json!({"url": "urn:tributary:audit:bundle-entry", "valueInteger": i}));
+    }
     if let Some(reason) = s("break_glass_reason") {
         ev["purposeOfEvent"] = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "ETREAT"}], "text": reason}]);
     }
@@ -347,6 +468,61 @@ mod tests {
         });
         assert_eq!(ev["id"], "9");
         assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p1");
+    }
+
+    #[test]
+    fn bundle_entries_follow_the_request_record_with_its_identity() {
+        let slot = AuditSlot::default();
+        slot.update(|d| {
+            d.request_id = "r3".into();
+            d.time_ms = 9;
+            d.tenant = Some("t".into());
+            d.client = Some("app".into());
+            d.interaction = "transaction";
+            d.resource_type = Some("Bundle".into());
+            d.break_glass = Some("emergency".into());
+        });
+        let read = slot.entry(0, "GET", "Observation/o1");
+        read.update(|d| d.patient = Some("p1".into()));
+        read.finish(200, None);
+        // Never finished (the transaction failed at commit): the request's outcome.
+        let search = slot.entry(1, "GET", "/Observation?patient=p2&code=x");
+        slot.update(|d| d.detail = Some("conflict"));
+        let records: Vec<Value> = slot
+            .take()
+            .into_records(409, 5, "pv")
+            .iter()
+            .map(|r| serde_json::from_slice(r.json()).unwrap())
+            .collect();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0]["kind"], "fhir-request");
+        assert!(records[0].get("entry").is_none());
+        assert_eq!(records[0]["review"], "required");
+        for (i, r) in records[1..].iter().enumerate() {
+            assert_eq!(r["kind"], "fhir-bundle-entry");
+            assert_eq!(r["entry"], i);
+            assert_eq!(
+                (&r["request_id"], &r["client"]),
+                (&json!("r3"), &json!("app"))
+            );
+            assert_eq!(r["break_glass_reason"], "emergency");
+            assert!(r.get("review").is_none());
+        }
+        assert_eq!(
+            (&records[1]["interaction"], &records[1]["resource_id"]),
+            (&json!("read"), &json!("o1"))
+        );
+        assert_eq!(
+            (&records[1]["status"], &records[1]["patient"]),
+            (&json!(200), &json!("p1"))
+        );
+        assert_eq!(records[2]["interaction"], "search-type");
+        assert_eq!(records[2]["patient"], "p2");
+        assert_eq!(
+            (&records[2]["status"], &records[2]["detail"]),
+            (&json!(409), &json!("conflict"))
+        );
+        drop(search);
     }
 
     #[test]
