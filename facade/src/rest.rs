@@ -98,7 +98,7 @@ fn write_response(base: &str, w: &WriteOutcome) -> Response {
     res
 }
 
-fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
+pub(crate) fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
     if let Some(p) = patient_links(rtype, id, resource).into_iter().next() {
         slot.update(|d| {
             if d.patient.is_none() {
