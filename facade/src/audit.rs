@@ -8,6 +8,7 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tributary_storage::{AuditEntry, PreparedRecord};
 
@@ -40,6 +41,27 @@ pub struct AuditDraft {
     /// The entries of a transaction or batch Bundle, each recorded after the request's record
     /// (see [`AuditSlot::entry`]).
     pub entries: Vec<(usize, AuditSlot)>,
+    /// The patients whose resources a search, history or `$everything` returned, with how many
+    /// ([`Disclosed`]).
+    pub disclosed: BTreeMap<String, usize>,
+}
+
+/// Counts the resources of a multi-resource response by the patient compartments they belong
+/// to. Each patient other than the one the record names gets a `fhir-disclosure` record of its
+/// own (same request, `returned` = its resources), so a search or history across patients is in
+/// each of their reports.
+#[derive(Default)]
+pub struct Disclosed(BTreeMap<String, usize>);
+
+impl Disclosed {
+    pub fn add(&mut self, rtype: &str, id: &str, resource: &Value) {
+        let mut links = crate::policy::patient_links(rtype, id, resource);
+        links.sort_unstable();
+        links.dedup();
+        for p in links.into_iter().filter(|p| crate::policy::valid_id(p)) {
+            *self.0.entry(p).or_default() += 1;
+        }
+    }
 }
 
 /// The request's draft, shared between the layers through request extensions.
@@ -94,6 +116,18 @@ impl AuditSlot {
         slot
     }
 
+    /// Adds what a response returned to the draft's [`AuditDraft::disclosed`].
+    pub fn disclose(&self, seen: Disclosed) {
+        if seen.0.is_empty() {
+            return;
+        }
+        self.update(|d| {
+            for (p, n) in seen.0 {
+                *d.disclosed.entry(p).or_default() += n;
+            }
+        });
+    }
+
     /// Sets an entry's outcome (`detail`: the error kind, if any).
     pub fn finish(&self, status: u16, detail: Option<&'static str>) {
         self.update(|d| {
@@ -116,8 +150,10 @@ pub fn outcome_for(status: u16) -> &'static str {
 /// `AuditEvent` view, `audit export` and the indexes read them).
 ///
 /// A bundle entry's record (`kind = "fhir-bundle-entry"`) has the same keys plus `entry` (its
-/// position in the Bundle); its `latency_us` is the whole request's, and `review` (of a
-/// break-glass access) is asked on the request's record only.
+/// position in the Bundle); a disclosure record (`kind = "fhir-disclosure"`) repeats the request's
+/// (or the entry's) keys for one more patient, with `returned` = that patient's resources. Both
+/// carry the whole request's `latency_us`; `review` (of a break-glass access) is asked on the
+/// request's record only.
 #[derive(Serialize)]
 struct Record<'a> {
     kind: &'static str,
@@ -160,38 +196,45 @@ struct Record<'a> {
 }
 
 impl AuditDraft {
-    /// The request's record followed by one per bundle entry, in entry order.
+    /// The request's record, then one per patient it disclosed, then one per bundle entry (each
+    /// followed by its own disclosures), in entry order.
     pub fn into_records(
         mut self,
         status: u16,
         latency_us: u64,
         policy_version: &str,
     ) -> Vec<PreparedRecord> {
-        let entries = std::mem::take(&mut self.entries);
+        let entries: Vec<(usize, AuditDraft)> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|(index, slot)| {
+                let e = slot.take();
+                let entry = AuditDraft {
+                    request_id: self.request_id.clone(),
+                    time_ms: self.time_ms,
+                    tenant: self.tenant.clone(),
+                    client: self.client.clone(),
+                    user: self.user.clone(),
+                    role: self.role.clone(),
+                    scopes: self.scopes.clone(),
+                    break_glass: self.break_glass.clone(),
+                    context_patient: self.context_patient.clone(),
+                    detail: if e.status.is_some() {
+                        e.detail
+                    } else {
+                        e.detail.or(self.detail)
+                    },
+                    status: Some(e.status.unwrap_or(status)),
+                    ..e
+                };
+                (index, entry)
+            })
+            .collect();
         let mut out = Vec::with_capacity(1 + entries.len());
-        for (index, slot) in entries {
-            let e = slot.take();
-            let entry = AuditDraft {
-                request_id: self.request_id.clone(),
-                time_ms: self.time_ms,
-                tenant: self.tenant.clone(),
-                client: self.client.clone(),
-                user: self.user.clone(),
-                role: self.role.clone(),
-                scopes: self.scopes.clone(),
-                break_glass: self.break_glass.clone(),
-                context_patient: self.context_patient.clone(),
-                detail: if e.status.is_some() {
-                    e.detail
-                } else {
-                    e.detail.or(self.detail)
-                },
-                status: Some(e.status.unwrap_or(status)),
-                ..e
-            };
-            out.push(entry.serialize(Some(index), latency_us, policy_version));
+        self.status = Some(status);
+        self.push_records(&mut out, None, latency_us, policy_version);
+        for (index, entry) in entries {
+            entry.push_records(&mut out, Some(index), latency_us, policy_version);
         }
-        out.insert(0, self.into_record(status, latency_us, policy_version));
         out
     }
 
@@ -202,11 +245,46 @@ impl AuditDraft {
             status: Some(status),
             ..self
         };
-        d.serialize(None, latency_us, policy_version)
+        d.serialize("fhir-request", None, latency_us, policy_version)
+    }
+
+    /// This draft's record and its disclosures'.
+    fn push_records(
+        mut self,
+        out: &mut Vec<PreparedRecord>,
+        entry: Option<usize>,
+        latency_us: u64,
+        policy_version: &str,
+    ) {
+        let kind = match entry {
+            Some(_) => "fhir-bundle-entry",
+            None => "fhir-request",
+        };
+        let disclosed = std::mem::take(&mut self.disclosed);
+        if disclosed.is_empty() {
+            out.push(self.serialize(kind, entry, latency_us, policy_version));
+            return;
+        }
+        let own = self.patient.clone().or(self.context_patient.clone());
+        let template = self.clone();
+        out.push(self.serialize(kind, entry, latency_us, policy_version));
+        for (patient, n) in disclosed {
+            if own.as_deref() == Some(patient.as_str()) {
+                continue;
+            }
+            let d = AuditDraft {
+                patient: Some(patient),
+                context_patient: None,
+                returned: Some(n),
+                ..template.clone()
+            };
+            out.push(d.serialize("fhir-disclosure", entry, latency_us, policy_version));
+        }
     }
 
     fn serialize(
         self,
+        kind: &'static str,
         entry: Option<usize>,
         latency_us: u64,
         policy_version: &str,
@@ -214,11 +292,7 @@ impl AuditDraft {
         let status = self.status.unwrap_or(0);
         let patient = self.patient.as_deref().or(self.context_patient.as_deref());
         let record = Record {
-            kind: if entry.is_some() {
-                "fhir-bundle-entry"
-            } else {
-                "fhir-request"
-            },
+            kind,
             time: self.time_ms,
             request_id: &self.request_id,
             entry,
@@ -243,7 +317,7 @@ impl AuditDraft {
             review: self
                 .break_glass
                 .as_ref()
-                .filter(|_| entry.is_none())
+                .filter(|_| kind == "fhir-request")
                 .map(|_| "required"),
         };
         let json = serde_json::to_vec(&record).expect("audit records serialize");

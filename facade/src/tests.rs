@@ -1471,3 +1471,112 @@ async fn bundle_entry_records_are_chained_and_verified() {
     let bad = log.verify().unwrap().expect_err("an edited entry is named");
     assert_eq!(bad.seq, seq + 1, "{bad}");
 }
+
+/// `AuditEvent?patient=…&agent=analytics` as "interaction entity outcome" lines.
+async fn report(e: &Env, auditor: &str, patient: &str) -> Vec<String> {
+    let (s, _, b) = e
+        .call(
+            "GET",
+            &format!("/fhir/AuditEvent?patient={patient}&agent=analytics"),
+            Some(auditor),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let ev = &x["resource"];
+            format!(
+                "{} {} {}",
+                ev["subtype"][0]["code"].as_str().unwrap(),
+                ev["entity"][0]["what"]["reference"].as_str().unwrap(),
+                ev["outcome"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// A search or history whose results span patients is in each of their reports (a
+/// `fhir-disclosure` record per patient besides the one the request names), not only in the
+/// report of the patient its URL or token names.
+#[tokio::test]
+async fn searches_across_patients_are_in_each_patients_report() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("user/*.rs", |r| r.client_id = "analytics".into());
+    let auditor = e.token("user/*.rs", |r| r.role = Some("audit".into()));
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?category=laboratory",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!((s, ids(&b).len()), (StatusCode::OK, 2), "{b}");
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation/_history", Some(&t), None)
+        .await;
+    assert_eq!(
+        (s, b["entry"].as_array().unwrap().len()),
+        (StatusCode::OK, 3)
+    );
+    // Named by the URL: one record, no disclosure of the same patient again.
+    let (s, _, _) = e
+        .call("GET", "/fhir/Observation?patient=p1", Some(&t), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        report(&e, &auditor, "p1").await,
+        [
+            "search-type Observation 0",
+            "history-type Observation 0",
+            "search-type Observation 0"
+        ]
+    );
+    assert_eq!(
+        report(&e, &auditor, "p2").await,
+        ["search-type Observation 0", "history-type Observation 0"]
+    );
+    let records = e.audit();
+    let disclosures: Vec<(&Value, &Value)> = records
+        .iter()
+        .filter(|r| r["kind"] == "fhir-disclosure")
+        .map(|r| (&r["patient"], &r["returned"]))
+        .collect();
+    assert_eq!(
+        disclosures,
+        [
+            (&json!("p1"), &json!(1)),
+            (&json!("p2"), &json!(1)),
+            (&json!("p1"), &json!(2)),
+            (&json!("p2"), &json!(1)),
+        ]
+    );
+    // Break-glass lifts a patient-context token's compartment: the record names the token's
+    // patient, and the other patient whose data it saw gets one too.
+    let clin = e.token("patient/*.rs", |r| {
+        r.client_id = "analytics".into();
+        r.patient = Some("p1".into());
+        r.role = Some("clinician".into());
+    });
+    let (s, _, b) = e
+        .call_h(
+            "GET",
+            "/fhir/Observation?category=laboratory",
+            Some(&clin),
+            None,
+            &[("x-break-glass", "emergency")],
+        )
+        .await;
+    assert_eq!((s, ids(&b).len()), (StatusCode::OK, 2), "{b}");
+    let last = e.audit().pop().unwrap();
+    assert_eq!(
+        (&last["kind"], &last["patient"], &last["break_glass"]),
+        (&json!("fhir-disclosure"), &json!("p2"), &json!(true))
+    );
+    assert_eq!(report(&e, &auditor, "p2").await.len(), 3);
+}

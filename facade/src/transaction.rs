@@ -458,7 +458,9 @@ async fn batch_entry(
                         StatusCode::OK,
                         None,
                         None,
-                        Some(crate::search::searchset(base, &rtype, &params, &res)?),
+                        Some(crate::search::searchset(
+                            base, &rtype, &params, &res, audit,
+                        )?),
                     ),
                 ))
             }
