@@ -600,6 +600,52 @@ mod tests {
     }
 
     #[test]
+    fn disclosures_count_resources_once_and_skip_the_recorded_patient() {
+        let mut seen = Disclosed::default();
+        let both =
+            json!({"subject": {"reference": "Patient/p1"}, "patient": {"reference": "Patient/p1"}});
+        seen.add("Observation", "o1", &both);
+        seen.add(
+            "Observation",
+            "o2",
+            &json!({"subject": {"reference": "Patient/p2"}}),
+        );
+        seen.add("Patient", "p2", &json!({}));
+        seen.add("Practitioner", "d1", &json!({}));
+        let slot = AuditSlot::default();
+        slot.update(|d| {
+            d.request_id = "r4".into();
+            d.interaction = "search-type";
+            d.context_patient = Some("p1".into());
+        });
+        slot.disclose(seen);
+        let records: Vec<Value> = slot
+            .take()
+            .into_records(200, 1, "pv")
+            .iter()
+            .map(|r| serde_json::from_slice(r.json()).unwrap())
+            .collect();
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r["kind"].clone(),
+                    r["patient"].clone(),
+                    r["returned"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (json!("fhir-request"), json!("p1"), Value::Null),
+                (json!("fhir-disclosure"), json!("p2"), json!(2)),
+            ]
+        );
+        assert_eq!(records[1]["request_id"], "r4");
+    }
+
+    #[test]
     fn absent_fields_are_left_out_and_the_token_patient_is_the_fallback() {
         let d = AuditDraft {
             request_id: "r2".into(),
