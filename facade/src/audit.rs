@@ -8,6 +8,7 @@
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tributary_storage::{AuditEntry, PreparedRecord};
 
@@ -34,10 +35,37 @@ pub struct AuditDraft {
     pub returned: Option<usize>,
     /// Name of the backend FHIR server the request was routed to, if any.
     pub backend: Option<String>,
+    /// A bundle entry's own status; unset, it has the request's (a failed transaction, a
+    /// timeout). Unused on a request's own draft, whose status is its response's.
+    pub status: Option<u16>,
+    /// The entries of a transaction or batch Bundle, each recorded after the request's record
+    /// (see [`AuditSlot::entry`]).
+    pub entries: Vec<(usize, AuditSlot)>,
+    /// The patients whose resources a search, history or `$everything` returned, with how many
+    /// ([`Disclosed`]).
+    pub disclosed: BTreeMap<String, usize>,
+}
+
+/// Counts the resources of a multi-resource response by the patient compartments they belong
+/// to. Each patient other than the one the record names gets a `fhir-disclosure` record of its
+/// own (same request, `returned` = its resources), so a search or history across patients is in
+/// each of their reports.
+#[derive(Default)]
+pub struct Disclosed(BTreeMap<String, usize>);
+
+impl Disclosed {
+    pub fn add(&mut self, rtype: &str, id: &str, resource: &Value) {
+        let mut links = crate::policy::patient_links(rtype, id, resource);
+        links.sort_unstable();
+        links.dedup();
+        for p in links.into_iter().filter(|p| crate::policy::valid_id(p)) {
+            *self.0.entry(p).or_default() += 1;
+        }
+    }
 }
 
 /// The request's draft, shared between the layers through request extensions.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct AuditSlot(pub Arc<Mutex<AuditDraft>>);
 
 impl AuditSlot {
@@ -49,6 +77,63 @@ impl AuditSlot {
 
     pub fn snapshot(&self) -> AuditDraft {
         self.0.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// The draft, leaving an empty one behind (for the final record: no copy).
+    pub fn take(&self) -> AuditDraft {
+        self.0
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    /// Opens the draft of entry `index` of a transaction or batch Bundle (`method` and `url` are
+    /// the entry's `request`), classified like a request of its own, and attaches it to this
+    /// request's draft. The entry's record is written with the request's, whatever happens
+    /// after this call, so the handler fills the draft in as it goes (patient, id, status).
+    pub fn entry(&self, index: usize, method: &str, url: &str) -> AuditSlot {
+        let method = axum::http::Method::from_bytes(method.as_bytes())
+            .unwrap_or(axum::http::Method::OPTIONS);
+        let url = url.trim_start_matches('/');
+        let (path, query) = match url.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (url, None),
+        };
+        let f = crate::policy::classify(&method, &format!("/{path}"), query);
+        let draft = AuditDraft {
+            interaction: if path.is_empty() {
+                "unknown"
+            } else {
+                f.interaction.name()
+            },
+            patient: f.target_patient().filter(|p| crate::policy::valid_id(p)),
+            resource_type: f.resource_type.filter(|t| crate::policy::valid_type(t)),
+            resource_id: f.id.filter(|i| crate::policy::valid_id(i)),
+            ..Default::default()
+        };
+        let slot = AuditSlot(Arc::new(Mutex::new(draft)));
+        self.update(|d| d.entries.push((index, slot.clone())));
+        slot
+    }
+
+    /// Adds what a response returned to the draft's [`AuditDraft::disclosed`].
+    pub fn disclose(&self, seen: Disclosed) {
+        if seen.0.is_empty() {
+            return;
+        }
+        self.update(|d| {
+            for (p, n) in seen.0 {
+                *d.disclosed.entry(p).or_default() += n;
+            }
+        });
+    }
+
+    /// Sets an entry's outcome (`detail`: the error kind, if any).
+    pub fn finish(&self, status: u16, detail: Option<&'static str>) {
+        self.update(|d| {
+            d.status = Some(status);
+            d.detail = detail;
+        });
     }
 }
 
@@ -63,11 +148,19 @@ pub fn outcome_for(status: u16) -> &'static str {
 
 /// The stored shape of a facade request record (keys are part of the audit format: the
 /// `AuditEvent` view, `audit export` and the indexes read them).
+///
+/// A bundle entry's record (`kind = "fhir-bundle-entry"`) has the same keys plus `entry` (its
+/// position in the Bundle); a disclosure record (`kind = "fhir-disclosure"`) repeats the request's
+/// (or the entry's) keys for one more patient, with `returned` = that patient's resources. Both
+/// carry the whole request's `latency_us`; `review` (of a break-glass access) is asked on the
+/// request's record only.
 #[derive(Serialize)]
 struct Record<'a> {
     kind: &'static str,
     time: i64,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entry: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,14 +196,106 @@ struct Record<'a> {
 }
 
 impl AuditDraft {
-    /// The record, serialized once (no intermediate JSON tree: this runs for every request), with
-    /// the tenant, time and patient the audit indexes need.
+    /// The request's record, then one per patient it disclosed, then one per bundle entry (each
+    /// followed by its own disclosures), in entry order.
+    pub fn into_records(
+        mut self,
+        status: u16,
+        latency_us: u64,
+        policy_version: &str,
+    ) -> Vec<PreparedRecord> {
+        let entries: Vec<(usize, AuditDraft)> = std::mem::take(&mut self.entries)
+            .into_iter()
+            .map(|(index, slot)| {
+                let e = slot.take();
+                let entry = AuditDraft {
+                    request_id: self.request_id.clone(),
+                    time_ms: self.time_ms,
+                    tenant: self.tenant.clone(),
+                    client: self.client.clone(),
+                    user: self.user.clone(),
+                    role: self.role.clone(),
+                    scopes: self.scopes.clone(),
+                    break_glass: self.break_glass.clone(),
+                    context_patient: self.context_patient.clone(),
+                    detail: if e.status.is_some() {
+                        e.detail
+                    } else {
+                        e.detail.or(self.detail)
+                    },
+                    status: Some(e.status.unwrap_or(status)),
+                    ..e
+                };
+                (index, entry)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(1 + entries.len());
+        self.status = Some(status);
+        self.push_records(&mut out, None, latency_us, policy_version);
+        for (index, entry) in entries {
+            entry.push_records(&mut out, Some(index), latency_us, policy_version);
+        }
+        out
+    }
+
+    /// The request's record, serialized once (no intermediate JSON tree: this runs for every
+    /// request), with the tenant, time and patient the audit indexes need.
     pub fn into_record(self, status: u16, latency_us: u64, policy_version: &str) -> PreparedRecord {
+        let d = AuditDraft {
+            status: Some(status),
+            ..self
+        };
+        d.serialize("fhir-request", None, latency_us, policy_version)
+    }
+
+    /// This draft's record and its disclosures'.
+    fn push_records(
+        mut self,
+        out: &mut Vec<PreparedRecord>,
+        entry: Option<usize>,
+        latency_us: u64,
+        policy_version: &str,
+    ) {
+        let kind = match entry {
+            Some(_) => "fhir-bundle-entry",
+            None => "fhir-request",
+        };
+        let disclosed = std::mem::take(&mut self.disclosed);
+        if disclosed.is_empty() {
+            out.push(self.serialize(kind, entry, latency_us, policy_version));
+            return;
+        }
+        let own = self.patient.clone().or(self.context_patient.clone());
+        let template = self.clone();
+        out.push(self.serialize(kind, entry, latency_us, policy_version));
+        for (patient, n) in disclosed {
+            if own.as_deref() == Some(patient.as_str()) {
+                continue;
+            }
+            let d = AuditDraft {
+                patient: Some(patient),
+                context_patient: None,
+                returned: Some(n),
+                ..template.clone()
+            };
+            out.push(d.serialize("fhir-disclosure", entry, latency_us, policy_version));
+        }
+    }
+
+    fn serialize(
+        self,
+        kind: &'static str,
+        entry: Option<usize>,
+        latency_us: u64,
+        policy_version: &str,
+    ) -> PreparedRecord {
+        let status = self.status.unwrap_or(0);
         let patient = self.patient.as_deref().or(self.context_patient.as_deref());
         let record = Record {
-            kind: "fhir-request",
+            kind,
             time: self.time_ms,
             request_id: &self.request_id,
+            entry,
             tenant: self.tenant.as_deref(),
             client: self.client.as_deref(),
             user: self.user.as_deref(),
@@ -129,7 +314,11 @@ impl AuditDraft {
             policy_version,
             break_glass: self.break_glass.is_some(),
             break_glass_reason: self.break_glass.as_deref(),
-            review: self.break_glass.as_ref().map(|_| "required"),
+            review: self
+                .break_glass
+                .as_ref()
+                .filter(|_| kind == "fhir-request")
+                .map(|_| "required"),
         };
         let json = serde_json::to_vec(&record).expect("audit records serialize");
         PreparedRecord::serialized(
@@ -270,6 +459,12 @@ fn request_event(e: &AuditEntry) -> Value {
     if !entity.is_empty() {
         ev["entity"] = Value::Array(entity);
     }
+    if let (Some(i), Some(ext)) = (
+        b.get("entry").and_then(Value::as_u64),
+        ev["extension"].as_array_mut(),
+    ) {
+        ext.push(json!({"url": "urn:tributary:audit:bundle-entry", "valueInteger": i}));
+    }
     if let Some(reason) = s("break_glass_reason") {
         ev["purposeOfEvent"] = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "ETREAT"}], "text": reason}]);
     }
@@ -347,6 +542,107 @@ mod tests {
         });
         assert_eq!(ev["id"], "9");
         assert_eq!(ev["entity"][1]["what"]["reference"], "Patient/p1");
+    }
+
+    #[test]
+    fn bundle_entries_follow_the_request_record_with_its_identity() {
+        let slot = AuditSlot::default();
+        slot.update(|d| {
+            d.request_id = "r3".into();
+            d.time_ms = 9;
+            d.tenant = Some("t".into());
+            d.client = Some("app".into());
+            d.interaction = "transaction";
+            d.resource_type = Some("Bundle".into());
+            d.break_glass = Some("emergency".into());
+        });
+        let read = slot.entry(0, "GET", "Observation/o1");
+        read.update(|d| d.patient = Some("p1".into()));
+        read.finish(200, None);
+        // Never finished (the transaction failed at commit): the request's outcome.
+        let search = slot.entry(1, "GET", "/Observation?patient=p2&code=x");
+        slot.update(|d| d.detail = Some("conflict"));
+        let records: Vec<Value> = slot
+            .take()
+            .into_records(409, 5, "pv")
+            .iter()
+            .map(|r| serde_json::from_slice(r.json()).unwrap())
+            .collect();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[0]["kind"], "fhir-request");
+        assert!(records[0].get("entry").is_none());
+        assert_eq!(records[0]["review"], "required");
+        for (i, r) in records[1..].iter().enumerate() {
+            assert_eq!(r["kind"], "fhir-bundle-entry");
+            assert_eq!(r["entry"], i);
+            assert_eq!(
+                (&r["request_id"], &r["client"]),
+                (&json!("r3"), &json!("app"))
+            );
+            assert_eq!(r["break_glass_reason"], "emergency");
+            assert!(r.get("review").is_none());
+        }
+        assert_eq!(
+            (&records[1]["interaction"], &records[1]["resource_id"]),
+            (&json!("read"), &json!("o1"))
+        );
+        assert_eq!(
+            (&records[1]["status"], &records[1]["patient"]),
+            (&json!(200), &json!("p1"))
+        );
+        assert_eq!(records[2]["interaction"], "search-type");
+        assert_eq!(records[2]["patient"], "p2");
+        assert_eq!(
+            (&records[2]["status"], &records[2]["detail"]),
+            (&json!(409), &json!("conflict"))
+        );
+        drop(search);
+    }
+
+    #[test]
+    fn disclosures_count_resources_once_and_skip_the_recorded_patient() {
+        let mut seen = Disclosed::default();
+        let both =
+            json!({"subject": {"reference": "Patient/p1"}, "patient": {"reference": "Patient/p1"}});
+        seen.add("Observation", "o1", &both);
+        seen.add(
+            "Observation",
+            "o2",
+            &json!({"subject": {"reference": "Patient/p2"}}),
+        );
+        seen.add("Patient", "p2", &json!({}));
+        seen.add("Practitioner", "d1", &json!({}));
+        let slot = AuditSlot::default();
+        slot.update(|d| {
+            d.request_id = "r4".into();
+            d.interaction = "search-type";
+            d.context_patient = Some("p1".into());
+        });
+        slot.disclose(seen);
+        let records: Vec<Value> = slot
+            .take()
+            .into_records(200, 1, "pv")
+            .iter()
+            .map(|r| serde_json::from_slice(r.json()).unwrap())
+            .collect();
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                (
+                    r["kind"].clone(),
+                    r["patient"].clone(),
+                    r["returned"].clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (json!("fhir-request"), json!("p1"), Value::Null),
+                (json!("fhir-disclosure"), json!("p2"), json!(2)),
+            ]
+        );
+        assert_eq!(records[1]["request_id"], "r4");
     }
 
     #[test]

@@ -303,6 +303,12 @@ async fn forward(
                 v["total"] = Value::from(total.saturating_sub(dropped as u64));
             }
         }
+        let mut seen = crate::audit::Disclosed::default();
+        for r in kept.iter().filter_map(|e| e.get("resource")) {
+            let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("");
+            seen.add(s("resourceType"), s("id"), r);
+        }
+        slot.disclose(seen);
         slot.update(|d| d.returned = Some(kept.len()));
         v["entry"] = Value::Array(kept);
         // Links and fullUrls point at the facade, never at the backend.

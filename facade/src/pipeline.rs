@@ -148,10 +148,11 @@ async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) 
         slot.update(|d| d.detail = Some(kind));
     }
     let latency_us = started.elapsed().as_micros() as u64;
-    let record = slot
-        .snapshot()
-        .into_record(status, latency_us, &st.facade.policy_version);
-    let res = match st.rt.audit.append_prepared(vec![record]).await {
+    // One group-commit job: a bundle's entry records are durable with the request's.
+    let records = slot
+        .take()
+        .into_records(status, latency_us, &st.facade.policy_version);
+    let res = match st.rt.audit.append_prepared(records).await {
         Ok(_) => res,
         Err(e) => {
             tracing::error!(error = %e, "audit append failed; refusing to answer without a record");

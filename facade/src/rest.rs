@@ -2,7 +2,7 @@
 //! create), update (with `If-Match`, and conditional update), delete, history, `$everything`,
 //! and the auditor's `AuditEvent` search.
 
-use crate::audit::{to_audit_event, AuditSlot};
+use crate::audit::{to_audit_event, AuditSlot, Disclosed};
 use crate::capability::RESOURCE_TYPES;
 use crate::error::{ApiError, ApiResult, FHIR_JSON};
 use crate::policy::{patient_links, valid_id, Access, FhirRequest};
@@ -98,7 +98,7 @@ fn write_response(base: &str, w: &WriteOutcome) -> Response {
     res
 }
 
-fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
+pub(crate) fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
     if let Some(p) = patient_links(rtype, id, resource).into_iter().next() {
         slot.update(|d| {
             if d.patient.is_none() {
@@ -659,6 +659,7 @@ pub async fn instance_op(
             // Every version must be visible: moving a resource between patients must not let
             // either see the other's versions.
             let mut entries = Vec::new();
+            let mut seen = Disclosed::default();
             for r in &versions {
                 if r.deleted {
                     entries.push(history_entry(&base, r)?);
@@ -667,8 +668,10 @@ pub async fn instance_op(
                 let v = r.resource()?;
                 note_patient(&slot, &rtype, &id, &v);
                 access.require(Perm::Read, &rtype, &id, &v)?;
+                seen.add(&rtype, &id, &v);
                 entries.push(history_entry(&base, r)?);
             }
+            slot.disclose(seen);
             slot.update(|d| d.returned = Some(entries.len()));
             Ok(bundle_response(&history_bundle(entries)))
         }
@@ -684,6 +687,8 @@ pub async fn instance_op(
             ];
             let tenant = &access.principal.tenant;
             let mut total = 1;
+            // Resources in this patient's compartment may be in another's too.
+            let mut seen = Disclosed::default();
             for (t, rid) in st.rt.store.ids_by_patient(tenant, &id, None)? {
                 if t == "Patient" {
                     continue;
@@ -700,9 +705,11 @@ pub async fn instance_op(
                 }
                 total += 1;
                 if entries.len() < count {
+                    seen.add(&t, &rid, &v);
                     entries.push(json!({"fullUrl": format!("{base}/{t}/{rid}"), "resource": v, "search": {"mode": "match"}}));
                 }
             }
+            slot.disclose(seen);
             slot.update(|d| d.returned = Some(entries.len()));
             Ok(bundle_response(
                 &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
@@ -737,6 +744,7 @@ pub async fn history_type(
     let base = base_url(&st, &headers);
     let narrowed = access.compartment_for(Perm::Search, &rtype).is_some();
     let mut entries = Vec::new();
+    let mut seen = Disclosed::default();
     // Read more than asked: versions the caller may not see are dropped, not counted.
     for r in st
         .rt
@@ -754,9 +762,11 @@ pub async fn history_type(
         }
         let v = r.resource()?;
         if access.permits(Perm::Search, &rtype, &r.id, &v) {
+            seen.add(&rtype, &r.id, &v);
             entries.push(history_entry(&base, &r)?);
         }
     }
+    slot.disclose(seen);
     slot.update(|d| d.returned = Some(entries.len()));
     Ok(bundle_response(&history_bundle(entries)))
 }

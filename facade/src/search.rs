@@ -4,7 +4,7 @@
 //! (`_count`, `_offset`) with `next`/`previous` links; `_include` follows references and applies
 //! the same access rules to what it brings in.
 
-use crate::audit::AuditSlot;
+use crate::audit::{AuditSlot, Disclosed};
 use crate::error::{ApiError, ApiResult};
 use crate::policy::{Access, FhirRequest};
 use crate::rest::{base_url, bundle_response, check_type};
@@ -519,7 +519,9 @@ pub(crate) fn searchset(
     rtype: &str,
     params: &[(String, String)],
     res: &SearchResult,
+    audit: &AuditSlot,
 ) -> ApiResult<Value> {
+    let mut seen = Disclosed::default();
     let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
     let mut links = vec![
         json!({"relation": "self", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset))}),
@@ -538,13 +540,16 @@ pub(crate) fn searchset(
             .map(|r| (r, "match"))
             .chain(res.included.iter().map(|r| (r, "include")))
         {
+            let v = r.resource()?;
+            seen.add(&r.resource_type, &r.id, &v);
             entries.push(json!({
                 "fullUrl": format!("{base}/{}/{}", r.resource_type, r.id),
-                "resource": r.resource()?,
+                "resource": v,
                 "search": {"mode": mode},
             }));
         }
     }
+    audit.disclose(seen);
     let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
@@ -569,7 +574,9 @@ async fn do_search(
     let res = run_search(&st, &access, &rtype, &params, Perm::Search)?;
     slot.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
     let base = base_url(&st, &headers);
-    Ok(bundle_response(&searchset(&base, &rtype, &params, &res)?))
+    Ok(bundle_response(&searchset(
+        &base, &rtype, &params, &res, &slot,
+    )?))
 }
 
 pub async fn search_get(

@@ -957,6 +957,20 @@ async fn audit_records_carry_no_phi() {
         )
         .await;
     assert_eq!(created.0, 201);
+    // The same through bundle entries, whose URLs and bodies carry PHI too.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient?name=Smith&birthdate=1970-01-02"}},
+        {"request": {"method": "GET", "url": "Patient?identifier=urn:mrn|MRN-p2"}},
+        {"resource": patient("y", "Secretname"), "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|MRN-p2"}}
+    ]});
+    assert_eq!(
+        e.call("POST", "/fhir", Some(&admin), Some(batch)).await.0,
+        200
+    );
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient("z", "Secretname"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|MRN-p1"}}
+    ]});
+    assert_eq!(e.call("POST", "/fhir", Some(&admin), Some(tx)).await.0, 200);
     let records = e.audit();
     for interaction in ["search-type", "create"] {
         assert!(
@@ -964,6 +978,13 @@ async fn audit_records_carry_no_phi() {
             "the {interaction} carrying PHI is audited: {records:?}"
         );
     }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "fhir-bundle-entry")
+            .count(),
+        4
+    );
     for rec in records {
         let text = rec.to_string();
         for phi in ["Smith", "Jones", "Secretname", "1970", "MRN-", "Ann"] {
@@ -1257,4 +1278,330 @@ async fn mapping_report_is_for_the_admin_role_and_the_callers_tenant_only() {
     assert_eq!(paths, ["ZXT-2", "PID-11.7"], "{v}");
     assert!(rows.iter().all(|r| r["tenant"] == "default"), "{v}");
     assert_eq!(rows[0]["count"], 9);
+}
+
+/// The AuditEvents of `/fhir/AuditEvent?{query}` (auditor role) that record a bundle entry, as
+/// (interaction, entity, outcome, client, request id).
+async fn bundle_entry_events(e: &Env, query: &str) -> Vec<[String; 5]> {
+    let auditor = e.token("user/*.rs", |r| r.role = Some("audit".into()));
+    let (s, _, b) = e
+        .call(
+            "GET",
+            &format!("/fhir/AuditEvent?{query}"),
+            Some(&auditor),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| &x["resource"])
+        .filter(|ev| {
+            ev["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["url"] == "urn:tributary:audit:bundle-entry")
+        })
+        .map(|ev| {
+            let request_id = ev["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["url"] == "urn:tributary:audit:request-id")
+                .map(|x| text(&x["valueString"]))
+                .unwrap_or_default();
+            [
+                text(&ev["subtype"][0]["code"]),
+                text(&ev["entity"][0]["what"]["reference"]),
+                text(&ev["outcome"]),
+                text(&ev["agent"][0]["who"]["identifier"]["value"]),
+                request_id,
+            ]
+        })
+        .collect()
+}
+
+/// What a client reads or writes through a batch or transaction shows in the audit report of
+/// the patient whose data it is, entry by entry, with the Bundle's request id.
+#[tokio::test]
+async fn bundle_entries_are_in_their_patients_audit_report() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("user/*.cruds", |r| r.client_id = "bundler".into());
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/o1"}},
+        {"request": {"method": "GET", "url": "Observation/o3"}},
+        {"request": {"method": "GET", "url": "Observation?patient=p1&category=laboratory"}}
+    ]});
+    let (s, _, out) = e
+        .call_h(
+            "POST",
+            "/fhir",
+            Some(&t),
+            Some(batch),
+            &[("x-request-id", "batch-1")],
+        )
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": obs("ignored", "p1", "vital-signs"), "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (s, _, out) = e
+        .call_h(
+            "POST",
+            "/fhir",
+            Some(&t),
+            Some(tx),
+            &[("x-request-id", "tx-1")],
+        )
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let created = out["entry"][0]["resource"]["id"].as_str().unwrap();
+    let row = |i: &str, what: &str, outcome: &str, req: &str| {
+        [i, what, outcome, "bundler", req].map(String::from)
+    };
+    assert_eq!(
+        bundle_entry_events(&e, "patient=p1").await,
+        [
+            row("read", "Observation/o1", "0", "batch-1"),
+            row("search-type", "Observation", "0", "batch-1"),
+            row("create", &format!("Observation/{created}"), "0", "tx-1"),
+        ]
+    );
+    assert_eq!(
+        bundle_entry_events(&e, "patient=p2").await,
+        [row("read", "Observation/o3", "0", "batch-1")]
+    );
+    // The Bundle's own record stays as it was: one `transaction` request on `Bundle`.
+    let records = e.audit();
+    let bundle_records: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["request_id"] == "batch-1" && r["kind"] == "fhir-request")
+        .collect();
+    assert_eq!(bundle_records.len(), 1);
+    assert_eq!(bundle_records[0]["resource_type"], "Bundle");
+    assert_eq!(bundle_records[0]["returned"], 3);
+}
+
+/// A batch entry refused by the token's patient context is recorded as denied for the patient
+/// it would have touched; in a refused transaction the other entries are recorded as not
+/// committed.
+#[tokio::test]
+async fn denied_bundle_entries_are_audited_as_denied() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("patient/*.cruds", |r| {
+        r.client_id = "portal".into();
+        r.patient = Some("p1".into());
+    });
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/o1"}},
+        {"request": {"method": "GET", "url": "Observation/o3"}}
+    ]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&t), Some(batch)).await;
+    assert_eq!(s, 200, "{out}");
+    assert!(out["entry"][1]["response"]["status"]
+        .as_str()
+        .unwrap()
+        .starts_with("403"));
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": obs("a", "p1", "laboratory"), "request": {"method": "POST", "url": "Observation"}},
+        {"resource": obs("b", "p2", "laboratory"), "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let (s, _, out) = e
+        .call_h(
+            "POST",
+            "/fhir",
+            Some(&t),
+            Some(tx),
+            &[("x-request-id", "tx-2")],
+        )
+        .await;
+    assert_eq!(s, 403, "{out}");
+    let p2: Vec<[String; 3]> = bundle_entry_events(&e, "patient=p2&agent=portal")
+        .await
+        .into_iter()
+        .map(|[i, what, outcome, ..]| [i, what.split('/').next().unwrap().into(), outcome])
+        .collect();
+    let row = |i: &str, t: &str, o: &str| [i, t, o].map(String::from);
+    assert_eq!(
+        p2,
+        [
+            row("read", "Observation", "4"),
+            row("create", "Observation", "4")
+        ]
+    );
+    let records = e.audit();
+    let entries: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["request_id"] == "tx-2" && r["kind"] == "fhir-bundle-entry")
+        .collect();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        (&entries[0]["patient"], &entries[0]["detail"]),
+        (&json!("p1"), &json!("not-committed"))
+    );
+    assert_eq!(
+        (
+            &entries[1]["patient"],
+            &entries[1]["outcome"],
+            &entries[1]["detail"]
+        ),
+        (&json!("p2"), &json!("denied"), &json!("forbidden"))
+    );
+}
+
+/// Entry records are links of the hash chain like any other: the chain verifies with them, and
+/// an edited entry record is named.
+#[tokio::test]
+async fn bundle_entry_records_are_chained_and_verified() {
+    let e = env();
+    let admin = seed(&e).await;
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/o1"}},
+        {"request": {"method": "GET", "url": "Observation/o3"}}
+    ]});
+    assert_eq!(
+        e.call("POST", "/fhir", Some(&admin), Some(batch)).await.0,
+        200
+    );
+    assert_eq!(
+        e.call("GET", "/fhir/Patient/p1", Some(&admin), None)
+            .await
+            .0,
+        200
+    );
+    let log = &e.st.rt.audit;
+    let report = log.verify().unwrap().expect("the chain verifies");
+    let entries: Vec<u64> = log
+        .read_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|x| x.body["kind"] == "fhir-bundle-entry")
+        .map(|x| x.seq)
+        .collect();
+    assert_eq!(entries.len(), 2);
+    assert!(report.head_seq > entries[1]);
+    let seq = entries[0];
+    let raw = String::from_utf8(log.raw(seq).unwrap().unwrap()).unwrap();
+    let edited = raw.replace("\"patient\":\"p1\"", "\"patient\":\"p9\"");
+    assert_ne!(raw, edited);
+    log.tamper_raw(seq, Some(edited.into_bytes()))
+        .await
+        .unwrap();
+    let bad = log.verify().unwrap().expect_err("an edited entry is named");
+    assert_eq!(bad.seq, seq + 1, "{bad}");
+}
+
+/// `AuditEvent?patient=…&agent=analytics` as "interaction entity outcome" lines.
+async fn report(e: &Env, auditor: &str, patient: &str) -> Vec<String> {
+    let (s, _, b) = e
+        .call(
+            "GET",
+            &format!("/fhir/AuditEvent?patient={patient}&agent=analytics"),
+            Some(auditor),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            let ev = &x["resource"];
+            format!(
+                "{} {} {}",
+                ev["subtype"][0]["code"].as_str().unwrap(),
+                ev["entity"][0]["what"]["reference"].as_str().unwrap(),
+                ev["outcome"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// A search or history whose results span patients is in each of their reports (a
+/// `fhir-disclosure` record per patient besides the one the request names), not only in the
+/// report of the patient its URL or token names.
+#[tokio::test]
+async fn searches_across_patients_are_in_each_patients_report() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("user/*.rs", |r| r.client_id = "analytics".into());
+    let auditor = e.token("user/*.rs", |r| r.role = Some("audit".into()));
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?category=laboratory",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!((s, ids(&b).len()), (StatusCode::OK, 2), "{b}");
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation/_history", Some(&t), None)
+        .await;
+    assert_eq!(
+        (s, b["entry"].as_array().unwrap().len()),
+        (StatusCode::OK, 3)
+    );
+    // Named by the URL: one record, no disclosure of the same patient again.
+    let (s, _, _) = e
+        .call("GET", "/fhir/Observation?patient=p1", Some(&t), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        report(&e, &auditor, "p1").await,
+        [
+            "search-type Observation 0",
+            "history-type Observation 0",
+            "search-type Observation 0"
+        ]
+    );
+    assert_eq!(
+        report(&e, &auditor, "p2").await,
+        ["search-type Observation 0", "history-type Observation 0"]
+    );
+    let records = e.audit();
+    let disclosures: Vec<(&Value, &Value)> = records
+        .iter()
+        .filter(|r| r["kind"] == "fhir-disclosure")
+        .map(|r| (&r["patient"], &r["returned"]))
+        .collect();
+    assert_eq!(
+        disclosures,
+        [
+            (&json!("p1"), &json!(1)),
+            (&json!("p2"), &json!(1)),
+            (&json!("p1"), &json!(2)),
+            (&json!("p2"), &json!(1)),
+        ]
+    );
+    // Break-glass lifts a patient-context token's compartment: the record names the token's
+    // patient, and the other patient whose data it saw gets one too.
+    let clin = e.token("patient/*.rs", |r| {
+        r.client_id = "analytics".into();
+        r.patient = Some("p1".into());
+        r.role = Some("clinician".into());
+    });
+    let (s, _, b) = e
+        .call_h(
+            "GET",
+            "/fhir/Observation?category=laboratory",
+            Some(&clin),
+            None,
+            &[("x-break-glass", "emergency")],
+        )
+        .await;
+    assert_eq!((s, ids(&b).len()), (StatusCode::OK, 2), "{b}");
+    let last = e.audit().pop().unwrap();
+    assert_eq!(
+        (&last["kind"], &last["patient"], &last["break_glass"]),
+        (&json!("fhir-disclosure"), &json!("p2"), &json!(true))
+    );
+    assert_eq!(report(&e, &auditor, "p2").await.len(), 3);
 }

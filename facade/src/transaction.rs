@@ -9,12 +9,12 @@ use crate::error::{operation_outcome, ApiError, ApiResult};
 use crate::policy::{valid_id, Access};
 use crate::rest::{
     base_url, bundle_response, check_id, check_resource, check_type, check_update,
-    conditional_matches, new_id, parse_etag, read_visible,
+    conditional_matches, new_id, note_patient, parse_etag, read_visible,
 };
 use crate::scopes::Perm;
 use crate::AppState;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use serde_json::{json, Value};
@@ -86,6 +86,7 @@ fn plan_entry(
     access: &Access,
     entry: &Value,
     map: &mut HashMap<String, String>,
+    audit: &AuditSlot,
 ) -> ApiResult<Planned> {
     let req = entry
         .get("request")
@@ -110,7 +111,10 @@ fn plan_entry(
                     0 => {}
                     1 => {
                         let f = &found[0];
-                        access.require(Perm::Read, &rtype, &f.id, &f.resource()?)?;
+                        let fv = f.resource()?;
+                        note_patient(audit, &rtype, &f.id, &fv);
+                        audit.update(|d| d.resource_id = Some(f.id.clone()));
+                        access.require(Perm::Read, &rtype, &f.id, &fv)?;
                         if let Some(fu) = full_url {
                             map.insert(fu.to_string(), format!("{rtype}/{}", f.id));
                         }
@@ -128,6 +132,7 @@ fn plan_entry(
                 }
             }
             let id = new_id();
+            audit.update(|d| d.resource_id = Some(id.clone()));
             if let Some(fu) = full_url {
                 map.insert(fu.to_string(), format!("{rtype}/{id}"));
             }
@@ -167,6 +172,7 @@ fn plan_entry(
                     ))
                 }
             };
+            audit.update(|d| d.resource_id = Some(id.clone()));
             if let Some(fu) = full_url {
                 map.insert(fu.to_string(), format!("{rtype}/{id}"));
             }
@@ -189,7 +195,9 @@ fn plan_entry(
                 .read(&access.principal.tenant, &rtype, &id)?
                 .filter(|c| !c.deleted)
             {
-                access.require(Perm::Delete, &rtype, &id, &c.resource()?)?;
+                let cv = c.resource()?;
+                note_patient(audit, &rtype, &id, &cv);
+                access.require(Perm::Delete, &rtype, &id, &cv)?;
             } else if !access.may(Perm::Delete, &rtype) {
                 return Err(ApiError::Forbidden(
                     "token scopes do not allow delete".into(),
@@ -209,27 +217,29 @@ fn check_write(
     access: &Access,
     w: &mut ResourceWrite,
     map: &HashMap<String, String>,
+    audit: &AuditSlot,
 ) -> ApiResult<()> {
     if let WriteOp::Upsert(v) = &mut w.op {
         rewrite_refs(v, map);
         v["id"] = Value::String(w.id.clone());
         crate::subscription::stamp_if_subscription(access, &w.resource_type, v);
+        note_patient(audit, &w.resource_type, &w.id, v);
         if w.precondition == Precondition::MustNotExist {
             access.require(Perm::Create, &w.resource_type, &w.id, v)?;
         } else {
-            check_update(st, access, &w.resource_type, &w.id, v, None)?;
+            check_update(st, access, &w.resource_type, &w.id, v, Some(audit))?;
         }
     }
     Ok(())
 }
 
 fn response_entry(
-    status: &str,
+    status: StatusCode,
     location: Option<String>,
     etag: Option<u64>,
     resource: Option<Value>,
 ) -> Value {
-    let mut r = json!({"status": status});
+    let mut r = json!({"status": status_line(status)});
     if let Some(l) = location {
         r["location"] = json!(l);
     }
@@ -241,6 +251,25 @@ fn response_entry(
         e["resource"] = res;
     }
     e
+}
+
+fn status_line(status: StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}
+
+/// The audit draft of entry `i` (see [`AuditSlot::entry`]).
+fn open_entry(slot: &AuditSlot, i: usize, entry: &Value) -> AuditSlot {
+    let req = entry.get("request");
+    let field = |k: &str| {
+        req.and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    slot.entry(i, field("method"), field("url"))
 }
 
 pub async fn transaction(
@@ -284,12 +313,25 @@ pub async fn transaction(
     let base = base_url(&st, &headers);
     slot.update(|d| d.returned = Some(entries.len()));
     match kind {
-        "transaction" => run_transaction(&st, &access, &base, &entries).await,
-        "batch" => run_batch(&st, &access, &base, &entries).await,
+        "transaction" => run_transaction(&st, &access, &base, &entries, &slot).await,
+        "batch" => run_batch(&st, &access, &base, &entries, &slot).await,
         other => Err(ApiError::BadRequest(format!(
             "Bundle.type must be transaction or batch, not {other:?}"
         ))),
     }
+}
+
+/// Entry `i` failed, and with it the transaction: its audit record gets its error, the other
+/// entries examined so far are recorded with the same status as `not-committed`.
+fn entry_failed(audits: &[AuditSlot], i: usize, err: ApiError) -> ApiError {
+    let status = err.status().as_u16();
+    for (j, a) in audits.iter().enumerate() {
+        a.finish(
+            status,
+            Some(if j == i { err.kind() } else { "not-committed" }),
+        );
+    }
+    entry_err(i, err)
 }
 
 async fn run_transaction(
@@ -297,16 +339,24 @@ async fn run_transaction(
     access: &Access,
     base: &str,
     entries: &[Value],
+    slot: &AuditSlot,
 ) -> ApiResult<Response> {
     let mut map = HashMap::new();
     let mut planned = Vec::with_capacity(entries.len());
+    let mut audits = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
-        planned.push(plan_entry(st, access, e, &mut map).map_err(|err| entry_err(i, err))?);
+        audits.push(open_entry(slot, i, e));
+        match plan_entry(st, access, e, &mut map, &audits[i]) {
+            Ok(p) => planned.push(p),
+            Err(err) => return Err(entry_failed(&audits, i, err)),
+        }
     }
     let mut writes = Vec::new();
     for (i, p) in planned.iter_mut().enumerate() {
         if let Planned::Write(w) = p {
-            check_write(st, access, w, &map).map_err(|err| entry_err(i, err))?;
+            if let Err(err) = check_write(st, access, w, &map, &audits[i]) {
+                return Err(entry_failed(&audits, i, err));
+            }
             writes.push(w.clone());
         }
     }
@@ -315,25 +365,36 @@ async fn run_transaction(
         writes,
         ..Default::default()
     };
+    // A failed commit leaves the entries' status unset: they get the request's.
     let outcome = st.rt.store.commit(tx).await?;
     let mut results = outcome.writes.into_iter();
     let mut out = Vec::new();
-    for p in planned {
-        match p {
-            Planned::Existing { rtype, id, version } => out.push(response_entry(
-                "200 OK",
-                Some(format!("{rtype}/{id}/_history/{version}")),
-                Some(version),
-                None,
-            )),
+    for (p, audit) in planned.into_iter().zip(&audits) {
+        let (status, entry) = match p {
+            Planned::Existing { rtype, id, version } => (
+                StatusCode::OK,
+                response_entry(
+                    StatusCode::OK,
+                    Some(format!("{rtype}/{id}/_history/{version}")),
+                    Some(version),
+                    None,
+                ),
+            ),
             Planned::Write(w) => {
                 let r = results
                     .next()
                     .ok_or_else(|| ApiError::Internal("commit outcome short".into()))?;
                 if matches!(w.op, WriteOp::Delete) {
-                    out.push(response_entry("204 No Content", None, None, None));
+                    (
+                        StatusCode::NO_CONTENT,
+                        response_entry(StatusCode::NO_CONTENT, None, None, None),
+                    )
                 } else {
-                    let status = if r.created { "201 Created" } else { "200 OK" };
+                    let status = if r.created {
+                        StatusCode::CREATED
+                    } else {
+                        StatusCode::OK
+                    };
                     let res: Value = serde_json::from_slice(&r.json).unwrap_or(Value::Null);
                     let mut e = response_entry(
                         status,
@@ -345,14 +406,106 @@ async fn run_transaction(
                         Some(res),
                     );
                     e["fullUrl"] = json!(format!("{base}/{}/{}", r.resource_type, r.id));
-                    out.push(e);
+                    (status, e)
                 }
             }
-        }
+        };
+        audit.finish(status.as_u16(), None);
+        out.push(entry);
     }
     Ok(bundle_response(
         &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": out}),
     ))
+}
+
+/// One batch entry: its response status and `Bundle.entry`.
+async fn batch_entry(
+    st: &AppState,
+    access: &Access,
+    base: &str,
+    e: &Value,
+    audit: &AuditSlot,
+) -> ApiResult<(StatusCode, Value)> {
+    let method = e
+        .get("request")
+        .and_then(|r| r.get("method"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if method == "GET" {
+        let url = e["request"]["url"].as_str().unwrap_or("");
+        let (rtype, id, query) = split_url(url);
+        return match id {
+            Some(id) => {
+                let (stored, v) = read_visible(st, access, &rtype, &id, audit)?;
+                Ok((
+                    StatusCode::OK,
+                    response_entry(StatusCode::OK, None, Some(stored.version), Some(v)),
+                ))
+            }
+            None => {
+                check_type(&rtype)?;
+                if !access.may(Perm::Search, &rtype) {
+                    return Err(ApiError::Forbidden(format!(
+                        "token scopes do not allow search on {rtype}"
+                    )));
+                }
+                let params = crate::policy::decode_query(query.as_deref());
+                let res = crate::search::run_search(st, access, &rtype, &params, Perm::Search)?;
+                audit.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
+                Ok((
+                    StatusCode::OK,
+                    response_entry(
+                        StatusCode::OK,
+                        None,
+                        None,
+                        Some(crate::search::searchset(
+                            base, &rtype, &params, &res, audit,
+                        )?),
+                    ),
+                ))
+            }
+        };
+    }
+    let mut map = HashMap::new();
+    match plan_entry(st, access, e, &mut map, audit)? {
+        Planned::Existing { rtype, id, version } => Ok((
+            StatusCode::OK,
+            response_entry(
+                StatusCode::OK,
+                Some(format!("{rtype}/{id}/_history/{version}")),
+                Some(version),
+                None,
+            ),
+        )),
+        Planned::Write(mut w) => {
+            check_write(st, access, &mut w, &map, audit)?;
+            let is_delete = matches!(w.op, WriteOp::Delete);
+            let r = crate::rest::commit_one(st, access, w).await?;
+            if is_delete {
+                return Ok((
+                    StatusCode::NO_CONTENT,
+                    response_entry(StatusCode::NO_CONTENT, None, None, None),
+                ));
+            }
+            let status = if r.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                response_entry(
+                    status,
+                    Some(format!(
+                        "{}/{}/_history/{}",
+                        r.resource_type, r.id, r.version
+                    )),
+                    Some(r.version),
+                    serde_json::from_slice(&r.json).ok(),
+                ),
+            ))
+        }
+    }
 }
 
 async fn run_batch(
@@ -360,84 +513,20 @@ async fn run_batch(
     access: &Access,
     base: &str,
     entries: &[Value],
+    slot: &AuditSlot,
 ) -> ApiResult<Response> {
-    let mut out = Vec::new();
-    let scratch = AuditSlot::default();
-    for e in entries {
-        let result: ApiResult<Value> = async {
-            let method = e
-                .get("request")
-                .and_then(|r| r.get("method"))
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if method == "GET" {
-                let url = e["request"]["url"].as_str().unwrap_or("");
-                let (rtype, id, query) = split_url(url);
-                return match id {
-                    Some(id) => {
-                        let (stored, v) = read_visible(st, access, &rtype, &id, &scratch)?;
-                        Ok(response_entry(
-                            "200 OK",
-                            None,
-                            Some(stored.version),
-                            Some(v),
-                        ))
-                    }
-                    None => {
-                        check_type(&rtype)?;
-                        if !access.may(Perm::Search, &rtype) {
-                            return Err(ApiError::Forbidden(format!(
-                                "token scopes do not allow search on {rtype}"
-                            )));
-                        }
-                        let params = crate::policy::decode_query(query.as_deref());
-                        let res =
-                            crate::search::run_search(st, access, &rtype, &params, Perm::Search)?;
-                        Ok(response_entry(
-                            "200 OK",
-                            None,
-                            None,
-                            Some(crate::search::searchset(base, &rtype, &params, &res)?),
-                        ))
-                    }
-                };
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let audit = open_entry(slot, i, e);
+        out.push(match batch_entry(st, access, base, e, &audit).await {
+            Ok((status, v)) => {
+                audit.finish(status.as_u16(), None);
+                v
             }
-            let mut map = HashMap::new();
-            let planned = plan_entry(st, access, e, &mut map)?;
-            match planned {
-                Planned::Existing { rtype, id, version } => Ok(response_entry(
-                    "200 OK",
-                    Some(format!("{rtype}/{id}/_history/{version}")),
-                    Some(version),
-                    None,
-                )),
-                Planned::Write(mut w) => {
-                    check_write(st, access, &mut w, &map)?;
-                    let is_delete = matches!(w.op, WriteOp::Delete);
-                    let r = crate::rest::commit_one(st, access, w).await?;
-                    if is_delete {
-                        Ok(response_entry("204 No Content", None, None, None))
-                    } else {
-                        let status = if r.created { "201 Created" } else { "200 OK" };
-                        Ok(response_entry(
-                            status,
-                            Some(format!(
-                                "{}/{}/_history/{}",
-                                r.resource_type, r.id, r.version
-                            )),
-                            Some(r.version),
-                            serde_json::from_slice(&r.json).ok(),
-                        ))
-                    }
-                }
-            }
-        }
-        .await;
-        out.push(match result {
-            Ok(v) => v,
             Err(err) => {
                 let status = err.status();
-                json!({"response": {"status": format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")), "outcome": operation_outcome("error", "processing", &err.public_message())}})
+                audit.finish(status.as_u16(), Some(err.kind()));
+                json!({"response": {"status": status_line(status), "outcome": operation_outcome("error", "processing", &err.public_message())}})
             }
         });
     }

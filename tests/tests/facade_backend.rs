@@ -200,6 +200,25 @@ async fn backend_fhir_server_responses_are_narrowed_and_audited() {
         (denied["status"].as_u64(), denied["patient"].as_str()),
         (Some(403), Some("pb"))
     );
+    // The unrestricted search proxied to the backend returned both patients' results: it is in
+    // both patients' audit reports.
+    let mut disclosed: Vec<(&str, u64)> = records
+        .iter()
+        .map(|e| &e["body"])
+        .filter(|b| b["kind"] == "fhir-disclosure" && b["resource_type"] == "Observation")
+        .map(|b| {
+            assert_eq!(
+                (&b["client"], &b["backend"]),
+                (&json!("seeder"), &json!("lab"))
+            );
+            (
+                b["patient"].as_str().unwrap(),
+                b["returned"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    disclosed.sort();
+    assert_eq!(disclosed, [("pa", 1), ("pb", 1)]);
 }
 
 /// A backend that records what it received and answers one Observation.

@@ -495,6 +495,78 @@ async fn audit_report_for_one_patient_and_window_lists_every_access_without_phi(
     }
 }
 
+/// Bundles are audited entry by entry (and searches across patients patient by patient): those
+/// records are exported PHI-free, `audit verify` passes over them, and an edit of one is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_entry_records_are_exported_verified_and_tamper_evident() {
+    let mut f = Facade::start(None);
+    let admin = seed(&f, None).await;
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/oa"}},
+        {"request": {"method": "GET", "url": "Patient?name=Quixote"}},
+        {"request": {"method": "GET", "url": "Observation/ob"}}
+    ]});
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&batch)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "MRN-77"}, "subject": {"reference": "Patient/pa"}}, "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&tx)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(f.get_status("/fhir/Patient/pa", &admin).await, 200);
+    f.stop();
+    let lines = export_audit(&f, None);
+    let text = serde_json::to_string(&lines).unwrap();
+    for phi in PHI {
+        assert!(!text.contains(phi), "audit export leaks {phi}");
+    }
+    let parts: Vec<(u64, &str, &str, &str)> = lines
+        .iter()
+        .filter(|l| l["body"]["kind"] != "fhir-request")
+        .map(|l| {
+            let b = &l["body"];
+            (
+                l["seq"].as_u64().unwrap(),
+                b["kind"].as_str().unwrap(),
+                b["interaction"].as_str().unwrap(),
+                b["patient"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    let shape: Vec<_> = parts.iter().map(|(_, k, i, p)| (*k, *i, *p)).collect();
+    assert_eq!(
+        shape,
+        [
+            ("fhir-bundle-entry", "read", "pa"),
+            ("fhir-bundle-entry", "search-type", ""),
+            ("fhir-disclosure", "search-type", "pa"),
+            ("fhir-bundle-entry", "read", "pb"),
+            ("fhir-bundle-entry", "create", "pa"),
+        ]
+    );
+    let ok = cli(&f, &["audit", "verify"]);
+    assert!(
+        ok.status.success(),
+        "a chain with entry records must verify: {}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let seq = parts[0].0;
+    {
+        let db = tributary_storage::Db::open(data_dir(&f.dir), Default::default()).unwrap();
+        let log = tributary_storage::AuditLog::new(db);
+        let raw = String::from_utf8(log.raw(seq).unwrap().unwrap()).unwrap();
+        let edited = raw.replace("\"patient\":\"pa\"", "\"patient\":\"pb\"");
+        assert_ne!(raw, edited);
+        log.tamper_raw(seq, Some(edited.into_bytes()))
+            .await
+            .unwrap();
+    }
+    let out = cli(&f, &["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1), "verify must fail");
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(out.contains(&format!("record {}", seq + 1)), "{out}");
+}
+
 async fn tampered_verify(
     tamper: impl FnOnce(
         &tributary_storage::AuditLog,
