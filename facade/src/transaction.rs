@@ -233,6 +233,19 @@ fn check_write(
     Ok(())
 }
 
+/// The answer to a conditional create that found its resource: nothing written.
+fn existing_entry(rtype: &str, id: &str, version: u64) -> (StatusCode, Value) {
+    (
+        StatusCode::OK,
+        response_entry(
+            StatusCode::OK,
+            Some(format!("{rtype}/{id}/_history/{version}")),
+            Some(version),
+            None,
+        ),
+    )
+}
+
 fn response_entry(
     status: StatusCode,
     location: Option<String>,
@@ -371,15 +384,7 @@ async fn run_transaction(
     let mut out = Vec::new();
     for (p, audit) in planned.into_iter().zip(&audits) {
         let (status, entry) = match p {
-            Planned::Existing { rtype, id, version } => (
-                StatusCode::OK,
-                response_entry(
-                    StatusCode::OK,
-                    Some(format!("{rtype}/{id}/_history/{version}")),
-                    Some(version),
-                    None,
-                ),
-            ),
+            Planned::Existing { rtype, id, version } => existing_entry(&rtype, &id, version),
             Planned::Write(w) => {
                 let r = results
                     .next()
@@ -468,15 +473,7 @@ async fn batch_entry(
     }
     let mut map = HashMap::new();
     match plan_entry(st, access, e, &mut map, audit)? {
-        Planned::Existing { rtype, id, version } => Ok((
-            StatusCode::OK,
-            response_entry(
-                StatusCode::OK,
-                Some(format!("{rtype}/{id}/_history/{version}")),
-                Some(version),
-                None,
-            ),
-        )),
+        Planned::Existing { rtype, id, version } => Ok(existing_entry(&rtype, &id, version)),
         Planned::Write(mut w) => {
             check_write(st, access, &mut w, &map, audit)?;
             let is_delete = matches!(w.op, WriteOp::Delete);

@@ -197,6 +197,19 @@ pub fn wait_listening(
     }
 }
 
+/// The stdout of a CLI run that must have succeeded; panics with its exit status, stdout and
+/// stderr otherwise.
+pub fn succeeded(out: std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "exit {}: {text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 /// The token a `tributary token issue` run printed (its last line); panics with the CLI's
 /// stderr when the run failed.
 pub fn issued_token(out: std::process::Output) -> String {

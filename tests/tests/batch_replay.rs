@@ -19,14 +19,7 @@ fn cli(config: &Path, args: &[&str]) -> String {
         .env_remove("TRIBUTARY_TOKEN")
         .output()
         .expect("run tributary");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "exit {}: {text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    tributary_e2e::succeeded(out)
 }
 
 /// `journal list` rows (through the running server): (id, state).

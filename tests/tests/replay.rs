@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tributary_core::MessageState;
+use tributary_e2e::succeeded as ok;
 use tributary_storage::{Db, DbOptions, FjallStore, Store};
 
 fn cli(config: &Path, args: &[&str]) -> Output {
@@ -22,17 +23,6 @@ fn cli(config: &Path, args: &[&str]) -> Output {
         .env_remove("TRIBUTARY_TOKEN")
         .output()
         .expect("run tributary")
-}
-
-fn ok(out: Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "exit {}: {text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 /// `journal list` rows: (id, state, attempts, version prefix).
