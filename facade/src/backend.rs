@@ -98,6 +98,17 @@ impl Backends {
         }
     }
 
+    /// A request routed to backend `name` ran out of `http.request_timeout_secs` before it
+    /// answered (its own `timeout_secs` is longer): it counts as not answering.
+    pub(crate) fn timed_out(&self, name: &str, readiness: &Readiness) {
+        if let Some(b) = self.list.iter().find(|b| b.cfg.name == name) {
+            b.record_reachable(
+                readiness,
+                Err(b.unreachable_reason("no answer within the request timeout")),
+            );
+        }
+    }
+
     pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
         self.list.iter().find(|b| {
             b.cfg.resource_types.iter().any(|t| t == rtype)
@@ -109,6 +120,14 @@ impl Backends {
 impl Backend {
     fn component(&self) -> String {
         format!("backend.{}", self.cfg.name)
+    }
+
+    fn unreachable_reason(&self, kind: &str) -> String {
+        format!(
+            "backend {}: {kind} (last request at {}); requests routed to it get 502/504",
+            self.cfg.name,
+            tributary_core::format_rfc3339_millis(tributary_core::now_millis())
+        )
     }
 
     fn record_reachable(&self, readiness: &Readiness, reachable: Result<(), String>) {
@@ -407,14 +426,7 @@ async fn call(
         } else {
             "request failed"
         };
-        backend.record_reachable(
-            readiness,
-            Err(format!(
-                "backend {}: {kind} (last request at {}); requests routed to it get 502/504",
-                backend.cfg.name,
-                tributary_core::format_rfc3339_millis(tributary_core::now_millis())
-            )),
-        );
+        backend.record_reachable(readiness, Err(backend.unreachable_reason(kind)));
         if e.is_timeout() {
             ApiError::BackendTimeout(format!(
                 "backend {} did not answer within its timeout_secs",

@@ -131,9 +131,12 @@ async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) 
                 "request exceeded http.request_timeout_secs"
             );
             match backend {
-                Some(name) => ApiError::BackendTimeout(format!(
-                    "backend {name} did not answer within the request timeout"
-                )),
+                Some(name) => {
+                    st.facade.backends.timed_out(&name, &st.rt.readiness);
+                    ApiError::BackendTimeout(format!(
+                        "backend {name} did not answer within the request timeout"
+                    ))
+                }
                 None => ApiError::Timeout(format!(
                     "request not completed within {} s",
                     limit.as_secs()

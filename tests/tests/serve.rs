@@ -35,6 +35,9 @@ fn serve_with_no_config_starts_answers_and_stops_cleanly() {
         "{ready}"
     );
     assert!(ready.contains("\"http\":{\"status\":\"ready\"}"), "{ready}");
+    // no mapping set in this directory: messages are kept, and /ready says they wait
+    assert!(ready.contains("\"status\":\"degraded\""), "{ready}");
+    assert!(ready.contains("no mapping set at"), "{ready}");
 
     let status = server.terminate(Duration::from_secs(30));
     assert!(status.success(), "exit status after SIGTERM: {status:?}");

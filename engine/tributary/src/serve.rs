@@ -65,6 +65,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         // No mapping set next to a config-less `tributary serve`: ingest and journal still work;
         // messages wait in `received` until a pipeline with mappings runs.
         tracing::warn!(dir = %mapping_dir.display(), "no mapping set found; mapping pipeline not started");
+        rt.readiness.set(
+            tributary_pipeline::COMPONENT,
+            ComponentStatus::Degraded {
+                reason: format!(
+                    "no mapping set at {}: messages are journaled and wait in `received` until serve runs with one ([mapping] dir)",
+                    mapping_dir.display()
+                ),
+            },
+        );
     } else {
         let loaded = tributary_pipeline::MappingRegistry::load(&mapping_dir).map_err(|e| {
             anyhow::anyhow!("mapping set {} does not load:\n{e}", mapping_dir.display())
