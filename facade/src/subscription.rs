@@ -22,6 +22,8 @@ pub const ALLOWED_TYPES_EXT: &str =
 /// The writing token's consent/grant id and token id (`jti`), one extension each: revoking
 /// either stops delivery, as it stops the token.
 pub const GRANT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-grant";
+/// The writing token's client id: the audit records of what is delivered name it.
+pub const CLIENT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-client";
 
 /// The patient a Subscription is confined to, if any (its compartment, for the policy checks).
 pub fn patient_context(v: &Value) -> Option<String> {
@@ -117,8 +119,10 @@ fn stamp(access: &Access, v: &mut Value) {
             url != Some(PATIENT_CONTEXT_EXT)
                 && url != Some(ALLOWED_TYPES_EXT)
                 && url != Some(GRANT_EXT)
+                && url != Some(CLIENT_EXT)
         })
         .collect();
+    ext.push(json!({"url": CLIENT_EXT, "valueString": p.client_id}));
     for id in [&p.grant, &p.jti].into_iter().flatten() {
         ext.push(json!({"url": GRANT_EXT, "valueString": id}));
     }
@@ -160,6 +164,7 @@ mod tests {
         let mut v = json!({"resourceType": "Subscription", "extension": [
             {"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": "Patient/someone-else"}},
             {"url": ALLOWED_TYPES_EXT, "valueString": "*"},
+            {"url": CLIENT_EXT, "valueString": "someone-else"},
             {"url": "http://example.org/other", "valueString": "kept"}
         ]});
         stamp(
@@ -171,7 +176,10 @@ mod tests {
         );
         assert_eq!(patient_context(&v).as_deref(), Some("p1"));
         let ext = v["extension"].as_array().unwrap();
-        assert_eq!(ext.len(), 3);
+        assert_eq!(ext.len(), 4);
+        assert!(ext
+            .iter()
+            .any(|e| e["url"] == CLIENT_EXT && e["valueString"] == "app"));
         assert!(ext.iter().any(|e| e["valueString"] == "kept"));
         assert!(ext
             .iter()
@@ -182,7 +190,10 @@ mod tests {
         assert_eq!(patient_context(&v), None);
         assert_eq!(
             v["extension"],
-            json!([{"url": ALLOWED_TYPES_EXT, "valueString": "*"}])
+            json!([
+                {"url": CLIENT_EXT, "valueString": "app"},
+                {"url": ALLOWED_TYPES_EXT, "valueString": "*"}
+            ])
         );
         let mut granted = access("user/*.rs", None);
         let mut p = (*granted.principal).clone();

@@ -97,7 +97,11 @@ async fn slow_backend_gets_504_within_the_request_timeout_and_is_audited() {
     ] {
         let c = &ready.json["components"][format!("backend.{name}")];
         assert_eq!(c["status"], "degraded", "{}", ready.text);
-        assert!(c["reason"].as_str().unwrap().contains(why), "{}", ready.text);
+        assert!(
+            c["reason"].as_str().unwrap().contains(why),
+            "{}",
+            ready.text
+        );
     }
 
     f.stop();

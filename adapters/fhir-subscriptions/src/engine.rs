@@ -895,6 +895,9 @@ impl SubscriptionService {
                     s.delivered_notifications += 1;
                 }
             }
+            if outcome == Ok(true) {
+                self.audit_notification(&spec, &matched, first_number).await;
+            }
             match outcome {
                 Ok(true) if spec.channel == ChannelType::RestHook => {
                     let was_error = h.state.lock().map(|s| s.status == "error").unwrap_or(false);
@@ -1201,6 +1204,55 @@ impl SubscriptionService {
             slow: slow.clone(),
         });
         Ok((id, rx, slow))
+    }
+
+    /// A delivered event notification tells its subscriber about its events' patients (and,
+    /// with `full-resource`, hands over their data): one PHI-free record per patient (events of
+    /// no patient get one without), written before the cursor moves past the events, so each
+    /// patient's audit report lists what went to which Subscription. A crash in between sends
+    /// the notification again and records it again.
+    async fn audit_notification(
+        &self,
+        spec: &SubscriptionSpec,
+        events: &[OutboxEvent],
+        first_number: u64,
+    ) {
+        let mut by_patient: std::collections::BTreeMap<Option<&str>, u64> = Default::default();
+        for e in events {
+            *by_patient.entry(e.patient_id.as_deref()).or_default() += 1;
+        }
+        let time = tributary_core::now_millis();
+        let last_number = first_number + events.len() as u64 - 1;
+        let records = by_patient
+            .into_iter()
+            .map(|(patient, n)| {
+                let mut rec = serde_json::json!({
+                    "kind": "subscription-notification",
+                    "time": time,
+                    "tenant": spec.tenant,
+                    "interaction": "notify",
+                    "resource_type": "Subscription",
+                    "resource_id": spec.id,
+                    "channel": spec.channel.code(),
+                    "content": spec.content.code(),
+                    "events": n,
+                    "first_event": first_number,
+                    "last_event": last_number,
+                    "status": 200,
+                    "outcome": "allowed",
+                });
+                if let Some(p) = patient {
+                    rec["patient"] = Value::String(p.to_string());
+                }
+                if let Some(c) = &spec.client {
+                    rec["client"] = Value::String(c.clone());
+                }
+                rec
+            })
+            .collect();
+        if let Err(e) = self.audit.append(records).await {
+            tracing::error!(subscription = %spec.id, error = %e, "could not audit a delivered notification");
+        }
     }
 
     /// A PHI-free audit record of a websocket bind or close, durable when this returns (a

@@ -18,6 +18,8 @@ pub const ALLOWED_TYPES_EXT: &str =
 /// The writing token's grant and token ids (stamped by the facade): revoking either stops
 /// delivery.
 pub const GRANT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-grant";
+/// The writing token's client id (stamped by the facade), for the audit records of deliveries.
+pub const CLIENT_EXT: &str = "http://tributary.dev/fhir/StructureDefinition/subscription-client";
 
 /// What changed, as a topic trigger sees it.
 pub struct Change<'a> {
@@ -160,6 +162,16 @@ pub enum ChannelType {
     Websocket,
 }
 
+impl ChannelType {
+    /// `Subscription.channel.type`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ChannelType::RestHook => "rest-hook",
+            ChannelType::Websocket => "websocket",
+        }
+    }
+}
+
 /// One filter from `backport-filter-criteria`: `Encounter?patient=Patient/123&status=final`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Filter {
@@ -194,6 +206,8 @@ pub struct SubscriptionSpec {
     pub allowed_types: Option<Vec<String>>,
     /// The writing token's grant and token ids: delivery stops when one is revoked.
     pub grants: Vec<String>,
+    /// The writing token's client id, if the facade stamped it.
+    pub client: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -398,9 +412,14 @@ impl SubscriptionSpec {
             .filter_map(|e| e.get("valueString").and_then(Value::as_str))
             .map(str::to_string)
             .collect();
+        let client = ext(r, CLIENT_EXT)
+            .and_then(|e| e.get("valueString"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
         Ok(Self {
             allowed_types,
             grants,
+            client,
             tenant: tenant.to_string(),
             id: id.to_string(),
             version,
@@ -669,11 +688,13 @@ mod tests {
             {"url": "urn:x:subscription-patient-context"},
             {"url": "urn:x:subscription-allowed-types", "valueString": "*"},
             {"url": PATIENT_CONTEXT_EXT, "valueReference": {"reference": "Patient/p1"}},
-            {"url": ALLOWED_TYPES_EXT, "valueString": "Observation"}
+            {"url": ALLOWED_TYPES_EXT, "valueString": "Observation"},
+            {"url": CLIENT_EXT, "valueString": "care-app"}
         ]);
         let spec = SubscriptionSpec::parse("t1", "s", 1, &s, false).unwrap();
         assert_eq!(spec.patient_context.as_deref(), Some("p1"));
         assert_eq!(spec.allowed_types, Some(vec!["Observation".to_string()]));
+        assert_eq!(spec.client.as_deref(), Some("care-app"));
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl Receiver {
 
 struct Env {
     _dir: tempfile::TempDir,
+    db: Db,
     store: Arc<FjallStore>,
     journal: Arc<FjallJournal>,
     service: Arc<SubscriptionService>,
@@ -178,11 +179,12 @@ fn start(cfg: SubscriptionsConfig) -> Env {
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let store = Arc::new(FjallStore::new(db.clone()));
     let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
-    let service = SubscriptionService::new(cfg, store.clone(), db, "t1").unwrap();
+    let service = SubscriptionService::new(cfg, store.clone(), db.clone(), "t1").unwrap();
     let shutdown = CancellationToken::new();
     tokio::spawn(service.clone().run(Readiness::default(), shutdown.clone()));
     Env {
         _dir: dir,
+        db,
         store,
         journal,
         service,
@@ -695,6 +697,25 @@ async fn patient_context_subscriber_never_receives_another_patients_events() {
         }
     }
     assert_eq!(count, 30);
+    // What went out is in p1's audit report, and in nobody else's.
+    let audit = tributary_storage::AuditLog::new(env.db.clone())
+        .read_after(0, 100_000)
+        .unwrap();
+    let notified: Vec<&Value> = audit
+        .iter()
+        .map(|e| &e.body)
+        .filter(|b| b["kind"] == "subscription-notification")
+        .collect();
+    assert!(!notified.is_empty(), "{audit:?}");
+    for b in &notified {
+        assert_eq!(b["patient"], "p1", "{b}");
+        assert_eq!(b["resource_id"], "ctx", "{b}");
+        assert_eq!(b["tenant"], "t1", "{b}");
+        assert_eq!(b["content"], "full-resource", "{b}");
+        assert_eq!(b["channel"], "rest-hook", "{b}");
+    }
+    let events: u64 = notified.iter().map(|b| b["events"].as_u64().unwrap()).sum();
+    assert_eq!(events, 30, "every delivered event is accounted for once");
     env.shutdown.cancel();
 }
 
