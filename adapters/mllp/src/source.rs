@@ -885,9 +885,29 @@ async fn handle_message(
             Some(new_id),
             Some(&mt),
         );
+        // The record is written beside the journal append, not after it (one fsync's wait, not
+        // two), so it is written before the append's outcome is known. When that outcome is
+        // not "accepted" — the journal failed, or holds the message already under another id —
+        // a second record says so and names the first (`corrects`: its sequence number); the
+        // chain cannot be edited.
         let (j, a) = tokio::join!(shared.journal.append(env), shared.audit.append(vec![body]));
-        if let Err(e) = a {
-            tracing::error!(listener, error = %e, "audit write failed");
+        match &a {
+            Err(e) => tracing::error!(listener, error = %e, "audit write failed"),
+            Ok(seqs) => {
+                let actual = match &j {
+                    Err(_) => Some((Outcome::StorageUnavailable, new_id)),
+                    Ok(r) if r.duplicate => Some((Outcome::Duplicate, r.id)),
+                    Ok(_) => None,
+                };
+                if let (Some((outcome, id)), Some(seq)) = (actual, seqs.first()) {
+                    let mut body =
+                        audit_body(shared, Some(partner), addr, outcome, Some(id), Some(&mt));
+                    body["corrects"] = serde_json::json!(seq);
+                    if let Err(e) = shared.audit.append(vec![body]).await {
+                        tracing::error!(listener, error = %e, "audit write failed");
+                    }
+                }
+            }
         }
         j
     } else {
