@@ -15,6 +15,25 @@ pub enum Charset {
 }
 
 impl Charset {
+    /// The decoder for a whole MSH-18: its first repetition is the default character set, and
+    /// later ones name the sets the message switches to with ISO 2022 escape sequences. The
+    /// Japanese sets (`ISO IR87`, `ISO IR159`) over an ASCII default are decoded as ISO-2022-JP,
+    /// which reads those escapes; decoded as ASCII, the escapes and the kanji bytes would pass
+    /// as Latin letters and punctuation and reach the output garbled without an error.
+    pub fn from_msh18_repetitions(values: &[String]) -> Option<Self> {
+        let first = Self::from_msh18(values.first().map_or("", String::as_str))?;
+        let switches_to_japanese = values.iter().skip(1).any(|v| {
+            matches!(
+                v.trim().to_ascii_uppercase().as_str(),
+                "ISO IR87" | "ISO IR159"
+            )
+        });
+        if switches_to_japanese && matches!(first, Charset::Ascii | Charset::Undeclared) {
+            return Self::from_msh18("ISO IR87");
+        }
+        Some(first)
+    }
+
     /// Maps an MSH-18 value (HL7 table 0211) to a decoder; `None` when unsupported.
     pub fn from_msh18(value: &str) -> Option<Self> {
         let v = value.trim();

@@ -238,8 +238,9 @@ fn parse_delimiters(b: &[u8]) -> Result<Delimiters, ParseError> {
     })
 }
 
-/// MSH-18 read from the raw bytes (delimiters are ASCII in every supported charset).
-fn raw_msh18(b: &[u8], d: &Delimiters) -> String {
+/// MSH-18's repetitions (first component each) read from the raw bytes (delimiters are ASCII in
+/// every supported charset); at least one, possibly empty.
+fn raw_msh18(b: &[u8], d: &Delimiters) -> Vec<String> {
     let line_end = b
         .iter()
         .position(|c| *c == b'\r' || *c == b'\n')
@@ -248,15 +249,16 @@ fn raw_msh18(b: &[u8], d: &Delimiters) -> String {
         .split(|c| *c == d.field as u8)
         .nth(17)
         .unwrap_or_default();
-    let first = field
+    field
         .split(|c| *c == d.repetition as u8)
-        .next()
-        .unwrap_or_default();
-    let first = first
-        .split(|c| *c == d.component as u8)
-        .next()
-        .unwrap_or_default();
-    String::from_utf8_lossy(first).into_owned()
+        .map(|rep| {
+            let value = rep
+                .split(|c| *c == d.component as u8)
+                .next()
+                .unwrap_or_default();
+            String::from_utf8_lossy(value).into_owned()
+        })
+        .collect()
 }
 
 fn line_col(text: &[u8], offset: usize) -> (usize, usize) {
@@ -296,8 +298,13 @@ impl Message {
         }
         let delimiters = parse_delimiters(b)?;
         let declared = raw_msh18(b, &delimiters);
-        let charset = Charset::from_msh18(&declared)
-            .ok_or_else(|| ParseError::at(ParseErrorKind::UnsupportedCharset(declared), 1, 1))?;
+        let charset = Charset::from_msh18_repetitions(&declared).ok_or_else(|| {
+            ParseError::at(
+                ParseErrorKind::UnsupportedCharset(declared[0].clone()),
+                1,
+                1,
+            )
+        })?;
         let text = charset.decode(b).map_err(|offset| {
             let (line, column) = line_col(b, offset);
             ParseError::at(
@@ -825,6 +832,32 @@ ZPD|custom&sub^x\r";
         let err =
             Message::parse(b"MSH|^~\\&|A|B|C|D|2024||ADT^A08|1|P|2.5||||||EBCDIC\r").unwrap_err();
         assert!(matches!(err.kind, ParseErrorKind::UnsupportedCharset(_)));
+    }
+
+    #[test]
+    fn a_later_msh18_repetition_names_the_set_escapes_switch_to() {
+        // ASCII by default, JIS X 0208 between ESC $ B and ESC ( B (ISO 2022, as Japanese
+        // senders write it): 山田 for the family name.
+        for default in ["ISO IR6", ""] {
+            let mut jis = format!(
+                "MSH|^~\\&|A|B|C|D|2024||ADT^A08|1|P|2.5||||||{default}~ISO IR87\rPID|1||1||"
+            )
+            .into_bytes();
+            jis.extend_from_slice(b"\x1b$B;3ED\x1b(B^TARO");
+            let m = Message::parse(&jis).unwrap();
+            let name = m.segment("PID").unwrap().field(5).unwrap();
+            assert_eq!(name.component(1).unwrap().value(), "\u{5c71}\u{7530}");
+            assert_eq!(name.component(2).unwrap().value(), "TARO");
+        }
+        // a later repetition alone does not change an 8-bit default
+        let mut latin =
+            b"MSH|^~\\&|A|B|C|D|2024||ADT^A08|1|P|2.5||||||8859/1~ISO IR87\rPID|1||1||M".to_vec();
+        latin.push(0xdc);
+        let m = Message::parse(&latin).unwrap();
+        assert_eq!(
+            m.segment("PID").unwrap().field(5).unwrap().value(),
+            "M\u{dc}"
+        );
     }
 
     #[test]
