@@ -130,7 +130,7 @@ async fn nothing_is_acknowledged_that_the_journal_did_not_store() {
         failing: AtomicBool::new(true),
     });
     let audit = AuditLog::new(db.clone());
-    let mut cfg = MllpListenerConfig {
+    let cfg = MllpListenerConfig {
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
