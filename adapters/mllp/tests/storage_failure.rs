@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tributary_core::{Envelope, MessageId, MessageState};
 use tributary_mllp::ack::{read_all_msa, AckCode};
-use tributary_mllp::{ListenerContext, MllpListener, MllpListenerConfig};
+use tributary_mllp::{ListenerContext, MllpListenerConfig};
 use tributary_storage::{
     AppendReceipt, AuditLog, Db, DbOptions, FjallJournal, Journal, JournalEntry, JournalRecord,
     JournalStats, ListFilter, PruneStats, RetentionPolicy, StateRecord, StorageError,
@@ -134,22 +134,13 @@ async fn nothing_is_acknowledged_that_the_journal_did_not_store() {
         listen: "127.0.0.1:0".into(),
         ..Default::default()
     };
-    cfg.validate("mllp").unwrap();
-    let listener = MllpListener::bind(
-        cfg,
-        "default",
-        ListenerContext {
-            journal: journal.clone(),
-            audit: audit.clone(),
-            app_ack: None,
-            inbound_budget: None,
-        },
-    )
-    .await
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(listener.run(shutdown.clone()));
+    let ctx = ListenerContext {
+        journal: journal.clone(),
+        audit: audit.clone(),
+        app_ack: None,
+        inbound_budget: None,
+    };
+    let (addr, _, shutdown, task) = listen(cfg, ctx).await;
     let stored = || journal.list(&ListFilter::default()).unwrap().len();
     let retry_text = "message could not be stored, retry";
 

@@ -28,6 +28,25 @@ pub struct Harness {
     pub dir: TempDir,
 }
 
+/// Binds `cfg` (its `listen` address) over `ctx` and runs it until the token is cancelled.
+pub async fn listen(
+    cfg: MllpListenerConfig,
+    ctx: ListenerContext,
+) -> (
+    SocketAddr,
+    Arc<ListenerStats>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    cfg.validate("mllp").unwrap();
+    let listener = MllpListener::bind(cfg, "default", ctx).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = listener.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(listener.run(shutdown.clone()));
+    (addr, stats, shutdown, task)
+}
+
 pub async fn start(cfg: MllpListenerConfig) -> Harness {
     start_with(cfg, true, None).await
 }
@@ -49,10 +68,8 @@ pub async fn start_with(
     let journal = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
     let audit = AuditLog::new(db.clone());
     cfg.listen = "127.0.0.1:0".into();
-    cfg.validate("mllp").unwrap();
-    let listener = MllpListener::bind(
+    let (addr, stats, shutdown, task) = listen(
         cfg,
-        "default",
         ListenerContext {
             journal: journal.clone(),
             audit: audit.clone(),
@@ -60,12 +77,7 @@ pub async fn start_with(
             inbound_budget: None,
         },
     )
-    .await
-    .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let stats = listener.stats();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(listener.run(shutdown.clone()));
+    .await;
     Harness {
         addr,
         journal,
