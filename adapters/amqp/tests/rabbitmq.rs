@@ -305,3 +305,95 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
 }
+
+/// The journal cannot write: no queue message is acknowledged, each goes back to the queue,
+/// the source reports itself degraded with the reason, and once the journal writes again every
+/// message is journaled exactly once and the queue drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
+    let Some(conn) =
+        rabbit_or_skip("a_journal_that_cannot_write_leaves_every_message_in_the_queue").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+    let journal = Arc::new(tributary_testing::failing_journal::FailingJournal::new(
+        FjallJournal::new(db, 86_400_000),
+        true,
+    ));
+    let queue = unique("test.ingest-failing");
+    let ch = conn.create_channel().await.unwrap();
+    let n = 20;
+    fill_durable_queue(
+        &ch,
+        &queue,
+        (0..n).map(|i| {
+            format!(
+                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|FJ-{i}|P|2.5\rPID|1||{i}\r"
+            )
+        }),
+    )
+    .await;
+    let cfg = AmqpConfig {
+        url: amqp_url(),
+        retry_initial_ms: 100,
+        retry_max_ms: 500,
+        source: Some(AmqpSourceConfig {
+            queue: queue.clone(),
+            partner: "lab".into(),
+            prefetch: 4,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let readiness = Readiness::default();
+    let shutdown = CancellationToken::new();
+    let source = AmqpSource::new(
+        cfg,
+        "default",
+        journal.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let task = tokio::spawn(source.run());
+    wait_for("the source to report the journal failure", || {
+        matches!(
+            readiness.snapshot().get("amqp-source"),
+            Some(ComponentStatus::Degraded { reason }) if reason.contains("journal append failed")
+        )
+    })
+    .await;
+    let all = ListFilter {
+        limit: Some(10_000),
+        ..Default::default()
+    };
+    assert!(journal.list(&all).unwrap().is_empty());
+    // Every message is still the broker's (requeued, or held by a consumer that has not acked).
+    let depth = queue_depth(&ch, &queue).await;
+    assert!(depth + 4 >= n, "{depth} of {n} left in the queue");
+
+    journal.set_failing(false);
+    wait_for("every message journaled", || {
+        journal.list(&all).unwrap().len() >= n as usize
+    })
+    .await;
+    for _ in 0..100 {
+        if queue_depth(&ch, &queue).await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queue_depth(&ch, &queue).await, 0);
+    assert_eq!(
+        journal.list(&all).unwrap().len(),
+        n as usize,
+        "each message once, although some were delivered more than once"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+}

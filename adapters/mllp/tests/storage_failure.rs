@@ -4,116 +4,17 @@
 //! writes again the sender's retry is accepted and stored once.
 //!
 //! The failure is injected by a wrapper over the real journal whose appends fail while a switch
-//! is on; everything else (sockets, framing, the journal itself, the audit log) is real.
+//! is on (`tributary_testing::failing_journal`); everything else (sockets, framing, the journal
+//! itself, the audit log) is real.
 
 mod common;
 
-use async_trait::async_trait;
 use common::*;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::watch;
-use tributary_core::{Envelope, MessageId, MessageState};
 use tributary_mllp::ack::{read_all_msa, AckCode};
 use tributary_mllp::{ListenerContext, MllpListenerConfig};
-use tributary_storage::{
-    AppendReceipt, AuditLog, Db, DbOptions, FjallJournal, Journal, JournalEntry, JournalRecord,
-    JournalStats, ListFilter, PruneStats, RetentionPolicy, StateRecord, StorageError,
-};
-
-/// The real journal, with appends failing while `failing` is set.
-struct FailingJournal {
-    inner: FjallJournal,
-    failing: AtomicBool,
-}
-
-impl FailingJournal {
-    fn check(&self) -> tributary_storage::Result<()> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StorageError::Io(std::io::Error::other(
-                "no space left on device (injected)",
-            )));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Journal for FailingJournal {
-    async fn append(&self, envelope: Envelope) -> tributary_storage::Result<AppendReceipt> {
-        self.check()?;
-        self.inner.append(envelope).await
-    }
-    async fn append_rejected(
-        &self,
-        envelope: Envelope,
-        reason: String,
-    ) -> tributary_storage::Result<AppendReceipt> {
-        self.check()?;
-        self.inner.append_rejected(envelope, reason).await
-    }
-    async fn transition(
-        &self,
-        id: MessageId,
-        to: MessageState,
-        mapping_version: Option<String>,
-    ) -> tributary_storage::Result<StateRecord> {
-        self.inner.transition(id, to, mapping_version).await
-    }
-    fn get(&self, id: MessageId) -> tributary_storage::Result<Option<JournalRecord>> {
-        self.inner.get(id)
-    }
-    fn entries_after(
-        &self,
-        after_seq: u64,
-        limit: usize,
-    ) -> tributary_storage::Result<Vec<JournalEntry>> {
-        self.inner.entries_after(after_seq, limit)
-    }
-    fn cursor(&self, consumer: &str) -> tributary_storage::Result<u64> {
-        self.inner.cursor(consumer)
-    }
-    async fn set_cursor(&self, consumer: &str, seq: u64) -> tributary_storage::Result<()> {
-        self.inner.set_cursor(consumer, seq).await
-    }
-    fn list(
-        &self,
-        filter: &ListFilter,
-    ) -> tributary_storage::Result<Vec<(MessageId, i64, StateRecord)>> {
-        self.inner.list(filter)
-    }
-    async fn replay(&self, ids: &[MessageId]) -> tributary_storage::Result<Vec<u64>> {
-        self.inner.replay(ids).await
-    }
-    async fn prune(
-        &self,
-        policy: &RetentionPolicy,
-        now_ms: i64,
-    ) -> tributary_storage::Result<PruneStats> {
-        self.inner.prune(policy, now_ms).await
-    }
-    fn stats(&self) -> JournalStats {
-        self.inner.stats()
-    }
-    fn subscribe(&self) -> watch::Receiver<u64> {
-        self.inner.subscribe()
-    }
-    fn state(&self, id: MessageId) -> tributary_storage::Result<Option<StateRecord>> {
-        self.inner.state(id)
-    }
-    async fn set_note(
-        &self,
-        id: MessageId,
-        name: &str,
-        text: String,
-    ) -> tributary_storage::Result<()> {
-        self.inner.set_note(id, name, text).await
-    }
-    fn notes(&self, id: MessageId) -> tributary_storage::Result<BTreeMap<String, String>> {
-        self.inner.notes(id)
-    }
-}
+use tributary_storage::{AuditLog, Db, DbOptions, FjallJournal, Journal, ListFilter};
+use tributary_testing::failing_journal::FailingJournal;
 
 fn adt(id: &str) -> String {
     format!(
@@ -125,10 +26,10 @@ fn adt(id: &str) -> String {
 async fn nothing_is_acknowledged_that_the_journal_did_not_store() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
-    let journal = Arc::new(FailingJournal {
-        inner: FjallJournal::new(db.clone(), 86_400_000),
-        failing: AtomicBool::new(true),
-    });
+    let journal = Arc::new(FailingJournal::new(
+        FjallJournal::new(db.clone(), 86_400_000),
+        true,
+    ));
     let audit = AuditLog::new(db.clone());
     let cfg = MllpListenerConfig {
         listen: "127.0.0.1:0".into(),
@@ -204,7 +105,7 @@ async fn nothing_is_acknowledged_that_the_journal_did_not_store() {
     let seen = records.len();
 
     // The disk recovers; the sender's retries are accepted and stored once each.
-    journal.failing.store(false, Ordering::SeqCst);
+    journal.set_failing(false);
     for id in ["F1", "F1"] {
         let ack = send_plain(addr, adt(id).as_bytes()).await;
         assert_eq!(read_all_msa(&ack)[0].0, AckCode::AA);

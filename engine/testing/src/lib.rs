@@ -1,5 +1,8 @@
-//! Helpers shared by the property tests: generated input that stays close to a valid request,
-//! so a test reaches the code behind the first validation step as well as the step itself.
+//! Helpers shared by the tests of several crates: generated input that stays close to a valid
+//! request, so a property test reaches the code behind the first validation step as well as the
+//! step itself; and a journal that fails on demand ([`failing_journal`]).
+
+pub mod failing_journal;
 
 use proptest::prelude::*;
 use serde_json::Value;
