@@ -1364,3 +1364,58 @@ async fn mutual_tls_endpoints_get_the_client_certificate() {
     };
     assert_eq!(bad.http_client().unwrap_err().key, "client_identity_file");
 }
+
+/// Subscriptions in, when the journal cannot write: the sender gets `503` (retry), nothing is
+/// kept or half-kept — a notification it would refuse for its content is not refused for good
+/// either, since it could not be kept for inspection — and once the journal writes again its
+/// retry is journaled, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_notification_the_journal_cannot_take_gets_503_and_its_retry_is_kept() {
+    let base = "http://127.0.0.1:9"; // never contacted: the notification carries its resource
+    let env = start(SubscriptionsConfig {
+        inbound: vec![partner("ehr", base, "/token")],
+        ..config()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(tributary_testing::failing_journal::FailingJournal::new(
+        FjallJournal::new(
+            Db::open(dir.path(), DbOptions::default()).unwrap(),
+            86_400_000,
+        ),
+        true,
+    ));
+    let app = router(ApiState {
+        service: env.service.clone(),
+        journal: journal.clone(),
+        metrics: tributary_runtime::Metrics::default(),
+    });
+    let focus = format!("{base}/fhir/Encounter/enc-9");
+    let event = json!([{"name": "notification-event", "part": [
+        {"name": "event-number", "valueString": "1"},
+        {"name": "focus", "valueReference": {"reference": focus}}]}]);
+    let note = json!({"resourceType": "Bundle", "type": "history", "entry": [
+        status_entry(base, "event-notification", event),
+        {"fullUrl": focus, "resource": {"resourceType": "Encounter", "id": "enc-9", "status": "in-progress"},
+         "request": {"method": "PUT", "url": "Encounter/enc-9"}, "response": {"status": "200"}}
+    ]});
+    let token = "partner-token-0123456789";
+    let (status, why) = hook_answer(&app, hook_request(note.clone(), token)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    assert_eq!(why, "journal unavailable");
+    let (status, why) = hook_answer(
+        &app,
+        hook_request(json!({"resourceType": "Patient"}), token),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{why}");
+    let all = ListFilter::default();
+    assert!(journal.list(&all).unwrap().is_empty());
+
+    journal.set_failing(false);
+    for _ in 0..2 {
+        let (status, why) = hook_answer(&app, hook_request(note.clone(), token)).await;
+        assert_eq!(status, StatusCode::OK, "{why}");
+    }
+    assert_eq!(journal.list(&all).unwrap().len(), 1, "the retry, once");
+    env.shutdown.cancel();
+}
