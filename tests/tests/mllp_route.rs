@@ -93,18 +93,24 @@ fn route_forwards_in_order_byte_identical_and_survives_a_downstream_outage() {
     wait_for(&up_log, "forwarding failed; retrying", 1);
     // `/ready` says the route cannot deliver (messages wait in the journal), and stays 200:
     // the upstream keeps sending to an instance that stores what it is sent …
-    let ready = wait("/ready to say degraded").until(|| {
+    let ready = wait("/ready to say the route is degraded").until(|| {
         let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").ok()?;
-        ready.contains("\"degraded\"").then_some(ready)
+        ready.contains("not answering").then_some(ready)
     });
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    assert!(ready.contains("not answering"), "{ready}");
+    assert!(
+        ready.contains("\"mllp.route.to-down\":{\"reason\":") && ready.contains("\"degraded\""),
+        "{ready}"
+    );
     let down = downstream(&down_data, &down_log, down_addr, &maps);
     wait_for(&up_log, "\"forwarded\"", 4);
     // … and is ready again once it delivers.
     let ready = tributary_e2e::http_get(&up.http.to_string(), "/ready").unwrap();
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    assert!(!ready.contains("degraded"), "{ready}");
+    assert!(
+        ready.contains("\"mllp.route.to-down\":{\"status\":\"ready\"}"),
+        "{ready}"
+    );
     // (each "forwarded" is logged after the delivery note is recorded: nothing left to wait for)
     up.stop();
     down.stop();
