@@ -55,6 +55,18 @@ impl Env {
         self.call_h(method, uri, token, body, &[]).await
     }
 
+    /// A transaction or batch Bundle posted to the base with request id `request_id`.
+    pub(crate) async fn post_bundle(
+        &self,
+        token: &str,
+        bundle: Value,
+        request_id: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let id = [("x-request-id", request_id)];
+        self.call_h("POST", "/fhir", Some(token), Some(bundle), &id)
+            .await
+    }
+
     pub(crate) async fn call_h(
         &self,
         method: &str,
@@ -1337,28 +1349,12 @@ async fn bundle_entries_are_in_their_patients_audit_report() {
         {"request": {"method": "GET", "url": "Observation/o3"}},
         {"request": {"method": "GET", "url": "Observation?patient=p1&category=laboratory"}}
     ]});
-    let (s, _, out) = e
-        .call_h(
-            "POST",
-            "/fhir",
-            Some(&t),
-            Some(batch),
-            &[("x-request-id", "batch-1")],
-        )
-        .await;
+    let (s, _, out) = e.post_bundle(&t, batch, "batch-1").await;
     assert_eq!(s, 200, "{out}");
     let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": obs("ignored", "p1", "vital-signs"), "request": {"method": "POST", "url": "Observation"}}
     ]});
-    let (s, _, out) = e
-        .call_h(
-            "POST",
-            "/fhir",
-            Some(&t),
-            Some(tx),
-            &[("x-request-id", "tx-1")],
-        )
-        .await;
+    let (s, _, out) = e.post_bundle(&t, tx, "tx-1").await;
     assert_eq!(s, 200, "{out}");
     let created = out["entry"][0]["resource"]["id"].as_str().unwrap();
     let row = |i: &str, what: &str, outcome: &str, req: &str| {
@@ -1412,15 +1408,7 @@ async fn denied_bundle_entries_are_audited_as_denied() {
         {"resource": obs("a", "p1", "laboratory"), "request": {"method": "POST", "url": "Observation"}},
         {"resource": obs("b", "p2", "laboratory"), "request": {"method": "POST", "url": "Observation"}}
     ]});
-    let (s, _, out) = e
-        .call_h(
-            "POST",
-            "/fhir",
-            Some(&t),
-            Some(tx),
-            &[("x-request-id", "tx-2")],
-        )
-        .await;
+    let (s, _, out) = e.post_bundle(&t, tx, "tx-2").await;
     assert_eq!(s, 403, "{out}");
     let p2: Vec<[String; 3]> = bundle_entry_events(&e, "patient=p2&agent=portal")
         .await

@@ -49,6 +49,20 @@ async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     .unwrap();
 }
 
+/// A new durable `queue` holding `n` ORU^R01 messages, control ids `{prefix}-0` … `{prefix}-{n-1}`.
+async fn fill_with_orus(ch: &lapin::Channel, queue: &str, prefix: &str, n: usize) {
+    fill_durable_queue(
+        ch,
+        queue,
+        (0..n).map(|i| {
+            format!(
+                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|{prefix}-{i}|P|2.5\rPID|1||{i}\r"
+            )
+        }),
+    )
+    .await;
+}
+
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     for _ in 0..600 {
         if cond() {
@@ -186,16 +200,7 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     let queue = unique("test.ingest");
     let ch = conn.create_channel().await.unwrap();
     let n = 200;
-    fill_durable_queue(
-        &ch,
-        &queue,
-        (0..n).map(|i| {
-            format!(
-                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|CTRL-{i}|P|2.5\rPID|1||{i}\r"
-            )
-        }),
-    )
-    .await;
+    fill_with_orus(&ch, &queue, "CTRL", n).await;
     // Over the size limit: refused but kept, as a rejected journal entry with the reason.
     let oversized = format!(
         "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|BIG-1|P|2.5\rNTE|1||{}\r",
@@ -325,16 +330,7 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
     let queue = unique("test.ingest-failing");
     let ch = conn.create_channel().await.unwrap();
     let n = 20;
-    fill_durable_queue(
-        &ch,
-        &queue,
-        (0..n).map(|i| {
-            format!(
-                "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ORU^R01|FJ-{i}|P|2.5\rPID|1||{i}\r"
-            )
-        }),
-    )
-    .await;
+    fill_with_orus(&ch, &queue, "FJ", n).await;
     let cfg = AmqpConfig {
         url: amqp_url(),
         retry_initial_ms: 100,
@@ -372,11 +368,11 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
     assert!(journal.list(&all).unwrap().is_empty());
     // Every message is still the broker's (requeued, or held by a consumer that has not acked).
     let depth = queue_depth(&ch, &queue).await;
-    assert!(depth + 4 >= n, "{depth} of {n} left in the queue");
+    assert!(depth as usize + 4 >= n, "{depth} of {n} left in the queue");
 
     journal.set_failing(false);
     wait_for("every message journaled", || {
-        journal.list(&all).unwrap().len() >= n as usize
+        journal.list(&all).unwrap().len() >= n
     })
     .await;
     for _ in 0..100 {
@@ -388,7 +384,7 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
     assert_eq!(queue_depth(&ch, &queue).await, 0);
     assert_eq!(
         journal.list(&all).unwrap().len(),
-        n as usize,
+        n,
         "each message once, although some were delivered more than once"
     );
     shutdown.cancel();
