@@ -64,6 +64,17 @@ impl Disclosed {
     }
 }
 
+impl From<&tributary_runtime::PatientsDisclosed> for Disclosed {
+    fn from(p: &tributary_runtime::PatientsDisclosed) -> Self {
+        Disclosed(
+            p.0.iter()
+                .filter(|(id, n)| **n > 0 && crate::policy::valid_id(id))
+                .map(|(id, n)| (id.clone(), *n))
+                .collect(),
+        )
+    }
+}
+
 /// The request's draft, shared between the layers through request extensions.
 #[derive(Clone, Debug, Default)]
 pub struct AuditSlot(pub Arc<Mutex<AuditDraft>>);

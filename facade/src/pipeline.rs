@@ -146,6 +146,14 @@ async fn audit(st: &AppState, request_id: String, mut req: Request, next: Next) 
         }
     };
     let status = res.status().as_u16();
+    // An operation served by another component (a Subscription's `$events`) says whose data it
+    // handed out; those patients get disclosure records like a search's.
+    if let Some(seen) = res
+        .extensions()
+        .get::<tributary_runtime::PatientsDisclosed>()
+    {
+        slot.disclose(seen.into());
+    }
     if let Some(ErrorKind(kind)) = res.extensions().get::<ErrorKind>() {
         let kind = *kind;
         slot.update(|d| d.detail = Some(kind));

@@ -98,13 +98,26 @@ fn write_response(base: &str, w: &WriteOutcome) -> Response {
     res
 }
 
+/// Names the resource's patient on the request's record, unless it names one already. A resource
+/// in more than one patient's compartment (an Appointment with two patients among its
+/// participants) is in each of their reports: the others get disclosure records.
 pub(crate) fn note_patient(slot: &AuditSlot, rtype: &str, id: &str, resource: &Value) {
-    if let Some(p) = patient_links(rtype, id, resource).into_iter().next() {
-        slot.update(|d| {
-            if d.patient.is_none() {
-                d.patient = Some(p);
-            }
-        });
+    let mut links = patient_links(rtype, id, resource);
+    links.retain(|p| crate::policy::valid_id(p));
+    if links.is_empty() {
+        return;
+    }
+    slot.update(|d| {
+        if d.patient.is_none() {
+            // the token's own patient when the resource is in its compartment, else the first
+            let own = d.context_patient.as_ref().filter(|c| links.contains(c));
+            d.patient = Some(own.unwrap_or(&links[0]).clone());
+        }
+    });
+    if links.len() > 1 {
+        let mut seen = Disclosed::default();
+        seen.add(rtype, id, resource);
+        slot.disclose(seen);
     }
 }
 

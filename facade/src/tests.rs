@@ -1512,6 +1512,68 @@ async fn report(e: &Env, auditor: &str, patient: &str) -> Vec<String> {
         .collect()
 }
 
+/// A resource in two patients' compartments (an Appointment with both as participants): its
+/// write and its reads are in both patients' reports, whichever the record itself names.
+#[tokio::test]
+async fn a_resource_in_two_compartments_is_in_both_patients_reports() {
+    let e = env();
+    seed(&e).await;
+    let t = e.token("user/*.cruds", |r| r.client_id = "analytics".into());
+    let auditor = e.token("user/*.rs", |r| r.role = Some("audit".into()));
+    let appt = json!({"resourceType": "Appointment", "id": "a1", "status": "booked",
+        "participant": [
+            {"actor": {"reference": "Patient/p1"}, "status": "accepted"},
+            {"actor": {"reference": "Patient/p2"}, "status": "accepted"}]});
+    let (s, _, b) = e
+        .call("PUT", "/fhir/Appointment/a1", Some(&t), Some(appt))
+        .await;
+    assert!(s.is_success(), "{s} {b}");
+    let (s, _, _) = e.call("GET", "/fhir/Appointment/a1", Some(&t), None).await;
+    assert_eq!(s, 200);
+    // A patient-context token of p2 may read it (one link to its patient is enough); the record
+    // names p2, and p1's report lists the read as well.
+    let p2 = e.token("patient/Appointment.rs", |r| {
+        r.client_id = "analytics".into();
+        r.patient = Some("p2".into());
+    });
+    let (s, _, _) = e.call("GET", "/fhir/Appointment/a1", Some(&p2), None).await;
+    assert_eq!(s, 200);
+    for p in ["p1", "p2"] {
+        assert_eq!(
+            report(&e, &auditor, p).await,
+            [
+                "update Appointment/a1 0",
+                "read Appointment/a1 0",
+                "read Appointment/a1 0"
+            ],
+            "{p}"
+        );
+    }
+    let kinds: Vec<(String, String)> = e
+        .audit()
+        .iter()
+        .filter(|r| r["resource_type"] == "Appointment")
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap().to_string(),
+                r["patient"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect = |k: &str, p: &str| (k.to_string(), p.to_string());
+    assert_eq!(
+        kinds,
+        [
+            expect("fhir-request", "p1"),
+            expect("fhir-disclosure", "p2"),
+            expect("fhir-request", "p1"),
+            expect("fhir-disclosure", "p2"),
+            expect("fhir-request", "p2"),
+            expect("fhir-disclosure", "p1"),
+        ]
+    );
+}
+
 /// A search or history whose results span patients is in each of their reports (a
 /// `fhir-disclosure` record per patient besides the one the request names), not only in the
 /// report of the patient its URL or token names.

@@ -138,9 +138,40 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     assert!(params
         .iter()
         .any(|p| p["name"] == "status" && p["valueCode"] == "active"));
+    // $events hands out the same events again: each of their patients' audit reports lists it,
+    // as it lists a delivered notification.
+    let ev = get_json(&http, &format!("{base}/Subscription/{id}/$events"), &token).await;
+    assert_eq!(ev["type"], "history", "{ev}");
     eprintln!(
         "{} Observation notifications after handshake and heartbeat",
         focus.len()
     );
     server.stop();
+    let out = std::process::Command::new(tributary_e2e::tributary_bin())
+        .args(["audit", "export", "--config"])
+        .arg(token_config(&data))
+        .output()
+        .unwrap();
+    let exported = tributary_e2e::succeeded(out);
+    let catch_up: Vec<Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["body"].clone())
+        .filter(|b| b["resource_type"] == "Subscription" && b["resource_id"] == id.as_str())
+        .filter(|b| b["interaction"] != "notify" && b["kind"] == "fhir-disclosure")
+        .collect();
+    let mut patients: Vec<&str> = catch_up
+        .iter()
+        .map(|b| {
+            assert_eq!(
+                (&b["client"], &b["status"]),
+                (&json!("care-app"), &json!(200))
+            );
+            b["patient"].as_str().unwrap()
+        })
+        .collect();
+    patients.sort_unstable();
+    assert!(
+        patients.contains(&"marker") && patients.len() >= 2,
+        "$events is in the marker's and the ORU patient's reports: {patients:?}"
+    );
 }

@@ -279,7 +279,15 @@ async fn events(
             event: e,
         })
         .collect();
-    fhir(bundle::notification_bundle(
+    // Whose events these are, for the facade's audit layer: each patient's report lists this
+    // catch-up as it lists a delivered notification.
+    let mut seen = tributary_runtime::PatientsDisclosed::default();
+    for (_, e) in &found {
+        if let Some(p) = e.patient_id.as_deref() {
+            seen.add(p, 1);
+        }
+    }
+    let mut res = fhir(bundle::notification_bundle(
         &StatusInfo {
             base_url: &state.service.cfg.base_url,
             spec: &spec,
@@ -290,7 +298,11 @@ async fn events(
         NotificationType::QueryEvent,
         &numbered,
         content,
-    ))
+    ));
+    if !seen.is_empty() {
+        res.extensions_mut().insert(seen);
+    }
+    res
 }
 
 /// `$get-ws-binding-token` on one Subscription (its channel must be `websocket`). The facade

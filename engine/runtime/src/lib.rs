@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_core::MessageId;
 use tributary_storage::{AuditLog, Db, FjallJournal, FjallStore, Journal, Store};
 
+pub mod disclosure;
 pub mod http;
 pub mod http_server;
 pub mod log_throttle;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod test_ports;
 pub mod test_wait;
 pub mod tls;
+pub use disclosure::PatientsDisclosed;
 pub use log_throttle::LogThrottle;
 pub use metrics::{Metrics, Sample};
 
