@@ -16,14 +16,18 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tributary_runtime::http::{read_limited, BodyError};
-use tributary_runtime::{ComponentStatus, Readiness};
+use tributary_runtime::{ComponentStatus, Metrics, Readiness};
 
 pub struct Backend {
     pub cfg: BackendConfig,
     client: reqwest::Client,
     /// Whether the last request failed to reach it (so `/ready` changes only on a change).
     unreachable: std::sync::atomic::AtomicBool,
+    /// What the last health check noticed about the answer to `GET /metadata` (not a
+    /// CapabilityStatement, not R4), so it is logged once, not at every check.
+    metadata_note: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +80,7 @@ impl Backends {
                 cfg: cfg.clone(),
                 client,
                 unreachable: false.into(),
+                metadata_note: Default::default(),
             });
         }
         Ok(Self { list })
@@ -96,6 +101,44 @@ impl Backends {
         for b in &self.list {
             readiness.set(&b.component(), ComponentStatus::Ready);
         }
+    }
+
+    /// Asks every backend with `health_check_secs` > 0 for `GET <url>/metadata`, at once and
+    /// then at that interval, until `shutdown`: a backend that cannot be reached shows as
+    /// `degraded` in `/ready` before a request is routed to it, and `ready` once it answers.
+    /// Any HTTP answer counts as reachable, as for routed requests; one that is not an R4
+    /// CapabilityStatement is logged (a wrong `url`, a server of another FHIR version). Returns
+    /// at shutdown.
+    pub async fn watch_health(
+        &self,
+        readiness: &Readiness,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) {
+        let checks = self
+            .list
+            .iter()
+            .filter(|b| b.cfg.health_check_secs > 0)
+            .map(|b| async move {
+                let every = Duration::from_secs(b.cfg.health_check_secs);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        outcome = b.check_health(readiness) => {
+                            metrics.inc(
+                                "tributary_backend_health_checks_total",
+                                &[("backend", b.cfg.name.as_str()), ("outcome", outcome)],
+                            );
+                        }
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                }
+            });
+        futures_util::future::join_all(checks).await;
+        shutdown.cancelled().await;
     }
 
     /// A request routed to backend `name` ran out of `http.request_timeout_secs` before it
@@ -123,11 +166,86 @@ impl Backend {
     }
 
     fn unreachable_reason(&self, kind: &str) -> String {
+        self.unreachable_reason_from("last request", kind)
+    }
+
+    fn unreachable_reason_from(&self, what: &str, kind: &str) -> String {
         format!(
-            "backend {}: {kind} (last request at {}); requests routed to it get 502/504",
+            "backend {}: {kind} ({what} at {}); requests routed to it get 502/504",
             self.cfg.name,
             tributary_core::format_rfc3339_millis(tributary_core::now_millis())
         )
+    }
+
+    /// One health check (see [`Backends::watch_health`]); returns its outcome for the metric.
+    async fn check_health(&self, readiness: &Readiness) -> &'static str {
+        let url = format!("{}/metadata", self.cfg.url.trim_end_matches('/'));
+        let answer = match self
+            .client
+            .get(&url)
+            .header("accept", "application/fhir+json")
+            .send()
+            .await
+        {
+            Ok(res) => {
+                let status = res.status();
+                read_limited(res, self.cfg.max_response_bytes)
+                    .await
+                    .map(|body| (status, body))
+            }
+            Err(e) => Err(BodyError::Failed(e)),
+        };
+        match answer {
+            Ok((status, body)) => {
+                self.record_reachable(readiness, Ok(()));
+                self.note_metadata(metadata_problem(status, &body));
+                "answered"
+            }
+            Err(e) => {
+                let kind = match &e {
+                    BodyError::Failed(e) if e.is_timeout() => "no answer within timeout_secs",
+                    BodyError::Failed(e) if e.is_connect() => "connection failed",
+                    BodyError::Failed(_) => "request failed",
+                    // an answer all the same: reachable
+                    BodyError::TooLarge { .. } => {
+                        self.record_reachable(readiness, Ok(()));
+                        return "answered";
+                    }
+                };
+                if !self.unreachable.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(backend = %self.cfg.name, reason = kind, "backend health check failed");
+                }
+                self.record_reachable(
+                    readiness,
+                    Err(self.unreachable_reason_from(
+                        "health check",
+                        &format!("{kind} on GET /metadata"),
+                    )),
+                );
+                "unreachable"
+            }
+        }
+    }
+
+    /// Logs what is wrong with the `/metadata` answer when it changes (and once it is right
+    /// again), never at every check.
+    fn note_metadata(&self, problem: Option<String>) {
+        let Ok(mut last) = self.metadata_note.lock() else {
+            return;
+        };
+        if *last == problem {
+            return;
+        }
+        match &problem {
+            Some(p) => {
+                tracing::warn!(backend = %self.cfg.name, problem = %p, "backend /metadata is not an R4 CapabilityStatement; check its url")
+            }
+            None if last.is_some() => {
+                tracing::info!(backend = %self.cfg.name, "backend /metadata is an R4 CapabilityStatement again")
+            }
+            None => {}
+        }
+        *last = problem;
     }
 
     fn record_reachable(&self, readiness: &Readiness, reachable: Result<(), String>) {
@@ -144,6 +262,26 @@ impl Backend {
                 readiness.set(&self.component(), ComponentStatus::Degraded { reason });
             }
         }
+    }
+}
+
+/// What is wrong with a backend's answer to `GET /metadata` for an R4 facade, if anything:
+/// not a success, not a CapabilityStatement, or another FHIR version than 4.0.x.
+fn metadata_problem(status: reqwest::StatusCode, body: &[u8]) -> Option<String> {
+    if !status.is_success() {
+        return Some(format!("answered HTTP {}", status.as_u16()));
+    }
+    let v: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return Some("answered something that is not JSON".into()),
+    };
+    if v["resourceType"] != "CapabilityStatement" {
+        return Some("answered JSON that is not a CapabilityStatement".into());
+    }
+    match v["fhirVersion"].as_str() {
+        Some(ver) if ver.starts_with("4.0") => None,
+        Some(ver) => Some(format!("fhirVersion {ver}, not R4 (4.0.x)")),
+        None => Some("its CapabilityStatement has no fhirVersion".into()),
     }
 }
 
@@ -450,6 +588,50 @@ async fn call(
                 "backend {}: {too_large}",
                 backend.cfg.name
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metadata_problem;
+    use reqwest::StatusCode;
+
+    #[test]
+    fn a_metadata_answer_is_checked_for_an_r4_capability_statement() {
+        let cap = |v: &str| {
+            format!(r#"{{"resourceType":"CapabilityStatement","fhirVersion":"{v}"}}"#).into_bytes()
+        };
+        assert_eq!(metadata_problem(StatusCode::OK, &cap("4.0.1")), None);
+        for (status, body, problem) in [
+            (
+                StatusCode::OK,
+                cap("5.0.0"),
+                "fhirVersion 5.0.0, not R4 (4.0.x)",
+            ),
+            (
+                StatusCode::OK,
+                cap("3.0.2"),
+                "fhirVersion 3.0.2, not R4 (4.0.x)",
+            ),
+            (StatusCode::NOT_FOUND, cap("4.0.1"), "answered HTTP 404"),
+            (
+                StatusCode::OK,
+                b"<html/>".to_vec(),
+                "answered something that is not JSON",
+            ),
+            (
+                StatusCode::OK,
+                br#"{"resourceType":"Bundle"}"#.to_vec(),
+                "answered JSON that is not a CapabilityStatement",
+            ),
+            (
+                StatusCode::OK,
+                br#"{"resourceType":"CapabilityStatement"}"#.to_vec(),
+                "its CapabilityStatement has no fhirVersion",
+            ),
+        ] {
+            assert_eq!(metadata_problem(status, &body).as_deref(), Some(problem));
         }
     }
 }

@@ -68,6 +68,14 @@ pub struct BackendConfig {
     /// Client certificate chain and private key (PEM, one file) for mutual TLS. Empty: none.
     #[serde(default)]
     pub client_identity_file: PathBuf,
+    /// Seconds between `GET <url>/metadata` health checks (the first at start), so `/ready`
+    /// shows a backend that cannot be reached before a request finds out. 0: no checks.
+    #[serde(default = "default_health_check")]
+    pub health_check_secs: u64,
+}
+
+fn default_health_check() -> u64 {
+    30
 }
 
 fn default_backend_timeout() -> u64 {

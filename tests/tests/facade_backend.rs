@@ -244,7 +244,7 @@ async fn backend_never_receives_the_callers_authorization() {
             });
         }
     });
-    let config = format!("[[facade.backends]]\nname = \"capture\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\n");
+    let config = format!("[[facade.backends]]\nname = \"capture\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nhealth_check_secs = 0\n");
     let f = Facade::start(Some(&config));
     let t = f.token(
         "portal",

@@ -63,8 +63,8 @@ async fn slow_backend_gets_504_within_the_request_timeout_and_is_audited() {
     // Condition: the backend's own timeout (1 s) fires first; that is a 504 as well.
     let config = format!(
         "[http]\nrequest_timeout_secs = 2\n\n\
-         [[facade.backends]]\nname = \"slow-lab\"\nurl = \"{slow}\"\nresource_types = [\"Observation\"]\ntimeout_secs = 60\n\n\
-         [[facade.backends]]\nname = \"slow-problems\"\nurl = \"{slow}\"\nresource_types = [\"Condition\"]\ntimeout_secs = 1\n"
+         [[facade.backends]]\nname = \"slow-lab\"\nurl = \"{slow}\"\nresource_types = [\"Observation\"]\ntimeout_secs = 60\nhealth_check_secs = 0\n\n\
+         [[facade.backends]]\nname = \"slow-problems\"\nurl = \"{slow}\"\nresource_types = [\"Condition\"]\ntimeout_secs = 1\nhealth_check_secs = 0\n"
     );
     let mut f = Facade::start(Some(&config));
     let t = f.token("app", "user/*.cruds", &[]);
@@ -237,12 +237,13 @@ async fn backend_answers_past_max_response_bytes_get_502_without_reading_to_the_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_backend_shows_degraded_in_ready_and_ready_again_once_it_answers() {
+    // Health checks off: what a routed request finds decides (they are tested below).
     // A port that refuses connections now, and takes them once the backend "comes back".
     let parked = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = parked.local_addr().unwrap();
     drop(parked);
     let config = format!(
-        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nconnect_timeout_secs = 2\n"
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nconnect_timeout_secs = 2\nhealth_check_secs = 0\n"
     );
     let mut f = Facade::start(Some(&config));
     let t = f.token("app", "user/*.cruds", &[]);
@@ -301,5 +302,89 @@ async fn an_unreachable_backend_shows_degraded_in_ready_and_ready_again_once_it_
         "{}",
         ready.text
     );
+    f.stop();
+}
+
+/// With health checks (`health_check_secs`), `/ready` shows a backend that cannot be reached
+/// without any request routed to it, and `ready` again once it answers `GET /metadata`; each
+/// check is counted in `/metrics`.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_checks_show_a_backend_down_and_back_before_any_request() {
+    let parked = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = parked.local_addr().unwrap();
+    drop(parked);
+    let config = format!(
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nconnect_timeout_secs = 2\nhealth_check_secs = 1\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let backend_status = |r: &facade_support::Resp| {
+        let c = &r.json["components"]["backend.lab"];
+        (
+            c["status"].as_str().unwrap_or("").to_string(),
+            c["reason"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut ready = f.call("GET", "/ready", None, None).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend_status(&ready).0 != "degraded" {
+        assert!(Instant::now() < deadline, "never degraded: {}", ready.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = f.call("GET", "/ready", None, None).await;
+    }
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    let (_, reason) = backend_status(&ready);
+    assert!(
+        reason.contains("connection failed on GET /metadata") && reason.contains("health check"),
+        "{reason}"
+    );
+
+    // It comes back: the next check finds it, with no request routed to it.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx = std::sync::Mutex::new(tx);
+    let back = TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        for conn in back.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let _ = tx
+                .lock()
+                .unwrap()
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let body = r#"{"resourceType":"CapabilityStatement","status":"active","fhirVersion":"4.0.1","kind":"instance","format":["json"]}"#;
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend_status(&ready).0 != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "never ready again: {}",
+            ready.text
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = f.call("GET", "/ready", None, None).await;
+    }
+    // What reached the backend is the health check alone: no caller identity, no token.
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(seen.starts_with("get /fhir/metadata "), "{seen}");
+    assert!(
+        !seen.contains("authorization") && !seen.contains("x-tributary-"),
+        "{seen}"
+    );
+    let metrics = f.call("GET", "/metrics", None, None).await.text;
+    for outcome in ["unreachable", "answered"] {
+        let line = format!(
+            "tributary_backend_health_checks_total{{backend=\"lab\",outcome=\"{outcome}\"}}"
+        );
+        assert!(metrics.contains(&line), "{line} missing: {metrics}");
+    }
     f.stop();
 }

@@ -164,6 +164,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     facade.https = config.http.tls.is_some();
     let facade = std::sync::Arc::new(facade);
     facade.backends.report_readiness(&rt.readiness);
+    let (f, health_rt) = (facade.clone(), rt.clone());
+    tasks.spawn(async move {
+        f.backends
+            .watch_health(
+                &health_rt.readiness,
+                &health_rt.metrics,
+                &health_rt.shutdown,
+            )
+            .await;
+        Ok(())
+    });
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
         let f = facade.clone();
