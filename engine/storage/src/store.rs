@@ -632,7 +632,15 @@ fn plan_write(
     } else {
         "update"
     };
-    let patient = new_fields.and_then(|f| f.patients.into_iter().next());
+    // A delete names the patient of what it deleted: its event is keyed and routed like that
+    // resource's earlier events (Kafka partition, order per patient, the patient's subscribers).
+    // A change that drops the link names none: the new content is no longer that patient's.
+    let fields = if stored.deleted {
+        current_fields
+    } else {
+        new_fields
+    };
+    let patient = fields.and_then(|f| f.patients.into_iter().next());
     let event = OutboxEvent {
         seq: 0,
         event_id: deterministic_id(&[tenant, rtype, id, &next_version.to_string()]),
@@ -1514,6 +1522,45 @@ mod tests {
             1
         );
         assert!(s.outbox().read_after(0, 10).unwrap().is_empty());
+    }
+
+    /// A delete's event names the patient of the resource it deleted, as its create and update
+    /// did (a change event without one would be keyed by resource, not by patient); an update
+    /// that drops the link names none.
+    #[tokio::test]
+    async fn a_delete_event_keeps_the_patient_of_what_it_deleted() {
+        let (_d, _db, s) = store();
+        let obs = |subject: Option<&str>| {
+            let mut v = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+                "code": {"text": "x"}});
+            if let Some(p) = subject {
+                v["subject"] = json!({"reference": format!("Patient/{p}")});
+            }
+            ResourceWrite::upsert("Observation", "o1", v)
+        };
+        s.commit(tx(vec![obs(Some("p1"))])).await.unwrap();
+        s.commit(tx(vec![ResourceWrite::delete("Observation", "o1")]))
+            .await
+            .unwrap();
+        s.commit(tx(vec![obs(Some("p2"))])).await.unwrap();
+        s.commit(tx(vec![obs(None)])).await.unwrap();
+        let events: Vec<(String, Option<String>)> = s
+            .outbox()
+            .read_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.event_type, e.patient_id))
+            .collect();
+        let p = |t: &str, p: &str| (t.to_string(), Some(p.to_string()));
+        assert_eq!(
+            events,
+            [
+                p("fhir.Observation.create", "p1"),
+                p("fhir.Observation.delete", "p1"),
+                p("fhir.Observation.create", "p2"),
+                ("fhir.Observation.update".to_string(), None),
+            ]
+        );
     }
 
     #[tokio::test]
