@@ -253,14 +253,49 @@ pub async fn smart_configuration(State(st): State<AppState>, headers: HeaderMap)
     let base = crate::rest::base_url(&st, &headers);
     let root = base.trim_end_matches("/fhir").to_string();
     let cfg = &st.facade.cfg.auth;
+    // Only what the configured authorization server is said to offer: a client library that
+    // reads a capability or grant type here will try it.
+    let mut capabilities = vec![
+        "permission-v1",
+        "permission-v2",
+        "permission-patient",
+        "permission-user",
+    ];
+    let methods = &cfg.token_endpoint_auth_methods;
+    if methods.iter().any(|m| m == "private_key_jwt") {
+        capabilities.push("client-confidential-asymmetric");
+    }
+    if methods
+        .iter()
+        .any(|m| m == "client_secret_basic" || m == "client_secret_post")
+    {
+        capabilities.push("client-confidential-symmetric");
+    }
+    let mut grants = Vec::new();
+    let mut pkce = Vec::new();
+    if !cfg.authorization_endpoint.is_empty() {
+        grants.push("authorization_code");
+        pkce.push("S256");
+    }
+    if !cfg.token_endpoint.is_empty() {
+        grants.push("client_credentials");
+    }
     let mut v = json!({
         "issuer": cfg.issuers.first(),
         "scopes_supported": ["patient/*.rs", "user/*.cruds", "system/*.cruds", "patient/*.read", "user/*.read", "user/*.write", "system/*.*"],
-        "capabilities": ["permission-v1", "permission-v2", "permission-patient", "permission-user", "client-confidential-asymmetric"],
-        "code_challenge_methods_supported": [],
-        "grant_types_supported": [],
-        "token_endpoint_auth_methods_supported": [],
+        "capabilities": capabilities,
+        "code_challenge_methods_supported": pkce,
+        "grant_types_supported": grants,
+        "token_endpoint_auth_methods_supported": methods,
     });
+    for (key, url) in [
+        ("token_endpoint", &cfg.token_endpoint),
+        ("authorization_endpoint", &cfg.authorization_endpoint),
+    ] {
+        if !url.is_empty() {
+            v[key] = json!(url);
+        }
+    }
     if st.facade.local_key.is_some() {
         v["jwks_uri"] = json!(format!("{root}/.well-known/jwks.json"));
     } else if !cfg.jwks_url.is_empty() {

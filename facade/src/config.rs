@@ -129,10 +129,19 @@ pub struct AuthConfig {
     /// Turn off only for a server that never says `aud` and issues tokens for this API alone.
     pub introspection_requires_audience: bool,
     /// Role names a token's `role` claim may carry, mapped to what they may do:
-    /// `view` (read/search), `edit` (read and write), `admin` (everything, plus admin endpoints),
-    /// `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
+    /// `view` (read/search), `edit` (read and write), `admin` (everything, plus the admin
+    /// endpoints except the audit trail), `audit` (AuditEvent only, nothing clinical). A token without a role is limited by its
     /// scopes alone.
     pub roles: BTreeMap<String, String>,
+    /// The authorization server's token endpoint, announced in
+    /// `/.well-known/smart-configuration` so SMART clients find where to get a token. Empty:
+    /// none is announced (the embedded default issues tokens with `tributary token issue`).
+    pub token_endpoint: String,
+    /// Its authorization endpoint (authorization code with PKCE S256). Empty: none announced.
+    pub authorization_endpoint: String,
+    /// How clients authenticate at the token endpoint (`private_key_jwt`,
+    /// `client_secret_basic`, …), announced as given.
+    pub token_endpoint_auth_methods: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -161,6 +170,9 @@ impl Default for AuthConfig {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            token_endpoint: String::new(),
+            authorization_endpoint: String::new(),
+            token_endpoint_auth_methods: Vec::new(),
         }
     }
 }

@@ -182,6 +182,14 @@ fn reference_matches(r: &Value, fields: &[&str], wanted: &str) -> bool {
     })
 }
 
+/// Whether one of `participant[].actor` is `wanted` (Appointment's `patient` parameter: the
+/// patients among its participants).
+fn participant_is(r: &Value, wanted: &str) -> bool {
+    r.get("participant")
+        .and_then(Value::as_array)
+        .is_some_and(|ps| ps.iter().any(|p| reference_matches(p, &["actor"], wanted)))
+}
+
 fn identifier_matches(r: &Value, wanted: &str) -> bool {
     let (system, value) = match wanted.split_once('|') {
         Some((s, v)) => (Some(s), v),
@@ -218,6 +226,9 @@ fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) ->
                     stored.id == v.strip_prefix("Patient/").unwrap_or(v)
                 } else {
                     reference_matches(r, &["subject", "patient", "beneficiary"], v)
+                        || (base == "patient"
+                            && stored.resource_type == "Appointment"
+                            && participant_is(r, v))
                 }
             }
             "code" | "category" | "status" | "gender" => matches_token(r, base, v),

@@ -932,19 +932,14 @@ async fn roles_break_glass_and_audit_trail() {
         "{v}"
     );
     assert!(v["entries"].as_u64().unwrap() > 5);
+    // Neither a clinical token nor the admin role reads the audit trail.
     let app_token = e.token("user/*.cruds", |_| {});
-    assert_eq!(
-        e.call("GET", "/admin/audit/verify", Some(&app_token), None)
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        e.call("GET", "/fhir/AuditEvent", Some(&app_token), None)
-            .await
-            .0,
-        403
-    );
+    let admin = e.token("system/*.cruds", |r| r.role = Some("admin".into()));
+    for t in [&app_token, &admin] {
+        for path in ["/admin/audit/verify", "/fhir/AuditEvent"] {
+            assert_eq!(e.call("GET", path, Some(t), None).await.0, 403, "{path}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -1109,6 +1104,36 @@ async fn smart_configuration_and_jwks_are_served() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(v["jwks_uri"], "http://test/.well-known/jwks.json");
+    // No authorization server configured: no endpoint, grant or client authentication claimed.
+    assert!(v.get("token_endpoint").is_none(), "{v}");
+    assert_eq!(v["grant_types_supported"], json!([]));
+    assert!(!v["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c.as_str().unwrap().starts_with("client-")));
+    let mut cfg = FacadeConfig::default();
+    cfg.auth.token_endpoint = "https://idp.example/token".into();
+    cfg.auth.authorization_endpoint = "https://idp.example/authorize".into();
+    cfg.auth.token_endpoint_auth_methods = vec!["private_key_jwt".into()];
+    let (_, _, v) = env_with(cfg)
+        .call("GET", "/.well-known/smart-configuration", None, None)
+        .await;
+    assert_eq!(v["token_endpoint"], "https://idp.example/token");
+    assert_eq!(v["authorization_endpoint"], "https://idp.example/authorize");
+    assert_eq!(
+        v["grant_types_supported"],
+        json!(["authorization_code", "client_credentials"])
+    );
+    assert_eq!(v["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(
+        v["token_endpoint_auth_methods_supported"],
+        json!(["private_key_jwt"])
+    );
+    assert!(v["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("client-confidential-asymmetric")));
     let (_, _, jwks) = e.call("GET", "/.well-known/jwks.json", None, None).await;
     assert_eq!(jwks["keys"][0]["kty"], "EC");
     assert!(
@@ -1510,6 +1535,64 @@ async fn report(e: &Env, auditor: &str, patient: &str) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// `Appointment?patient=` finds the Appointments a patient takes part in (`participant.actor`,
+/// where the SIU^S12 mapping puts the patient), also for a patient-context token's search.
+#[tokio::test]
+async fn appointments_are_found_by_their_patient_participants() {
+    let e = env();
+    let admin = seed(&e).await;
+    for (id, patients) in [
+        ("a1", vec!["p1"]),
+        ("a2", vec!["p2"]),
+        ("a3", vec!["p1", "p2"]),
+    ] {
+        let participant: Vec<Value> = patients
+            .iter()
+            .map(|p| json!({"actor": {"reference": format!("Patient/{p}")}, "status": "accepted"}))
+            .chain([json!({"actor": {"reference": "Practitioner/d1"}, "status": "accepted"})])
+            .collect();
+        let appt = json!({"resourceType": "Appointment", "id": id, "status": "booked",
+            "participant": participant});
+        let (s, _, b) = e
+            .call(
+                "PUT",
+                &format!("/fhir/Appointment/{id}"),
+                Some(&admin),
+                Some(appt),
+            )
+            .await;
+        assert!(s.is_success(), "{s} {b}");
+    }
+    let found = |b: &Value| {
+        let mut v: Vec<String> = ids(b)
+            .into_iter()
+            .map(|i| i.trim_start_matches("Appointment/").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    for (query, expect) in [
+        ("patient=p1", vec!["a1", "a3"]),
+        ("patient=Patient/p2", vec!["a2", "a3"]),
+        ("patient=p3", vec![]),
+    ] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Appointment?{query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{query}: {b}");
+        assert_eq!(found(&b), expect, "{query}: {b}");
+    }
+    let p2 = e.token("patient/Appointment.rs", |r| r.patient = Some("p2".into()));
+    let (s, _, b) = e.call("GET", "/fhir/Appointment", Some(&p2), None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(found(&b), ["a2", "a3"], "{b}");
 }
 
 /// A resource in two patients' compartments (an Appointment with both as participants): its
