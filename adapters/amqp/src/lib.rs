@@ -106,7 +106,10 @@ impl Source for AmqpIngress {
             rt.readiness.clone(),
             rt.shutdown.clone(),
         ) {
-            s.with_metrics(rt.metrics.clone()).run().await?;
+            s.with_metrics(rt.metrics.clone())
+                .with_audit(rt.audit.clone())
+                .run()
+                .await?;
         }
         Ok(())
     }

@@ -14,9 +14,9 @@ use lapin::{Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tributary_core::{Envelope, Protocol};
+use tributary_core::{Envelope, MessageId, Protocol};
 use tributary_runtime::{ComponentStatus, Metrics, Readiness};
-use tributary_storage::Journal;
+use tributary_storage::{AuditLog, Journal};
 
 /// The header facts of an HL7 v2 message that the journal keeps beside it, as the MLLP listener
 /// records them: MSH-10 (message control id) and MSH-9's message code and trigger event.
@@ -83,6 +83,16 @@ pub struct AmqpSource {
     shutdown: CancellationToken,
     component: String,
     metrics: Metrics,
+    audit: Option<AuditLog>,
+}
+
+/// What the ingress audit record says about one queue message: ids and types, never content
+/// (nor the sender's own labels, MSH-10 or the AMQP `message-id`, which a sender may build from
+/// patient data).
+struct Facts {
+    tenant: String,
+    protocol: Protocol,
+    message_type: Option<String>,
 }
 
 impl AmqpSource {
@@ -103,7 +113,41 @@ impl AmqpSource {
             readiness,
             shutdown,
             component: "amqp-source".into(),
+            audit: None,
         })
+    }
+
+    /// Writes one PHI-free `ingress` audit record per queue message (journaled, duplicate,
+    /// rejected, or not stored and given back to the queue), as the MLLP listener does.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// The record is durable before the broker is told to forget the message; a failure to
+    /// write it is logged, and the message is acknowledged all the same (it is journaled).
+    async fn audit(&self, facts: &Facts, outcome: &str, id: Option<MessageId>) {
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let body = serde_json::json!({
+            "kind": "ingress",
+            "protocol": match facts.protocol {
+                Protocol::Fhir => "fhir-amqp",
+                _ => "hl7v2-amqp",
+            },
+            "at": tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
+            "source": self.component,
+            "queue": self.src.queue,
+            "tenant": facts.tenant,
+            "partner": self.src.partner,
+            "outcome": outcome,
+            "message_id": id.map(|i| i.to_string()),
+            "message_type": facts.message_type,
+        });
+        if let Err(e) = audit.append(vec![body]).await {
+            tracing::error!(component = %self.component, error = %e, "audit write failed");
+        }
     }
 
     /// Counts each message's outcome in `/metrics`.
@@ -253,6 +297,16 @@ impl AmqpSource {
                 Some(Ok(d)) => d,
             };
             let env = self.envelope(&delivery);
+            let facts = Facts {
+                tenant: env.tenant.to_string(),
+                protocol: env.protocol,
+                message_type: env.meta.get("message_type").map(|code| {
+                    match env.meta.get("trigger_event") {
+                        Some(t) => format!("{code}^{t}"),
+                        None => code.clone(),
+                    }
+                }),
+            };
             let stored = if delivery.data.len() > self.src.max_message_bytes {
                 // Refused, but kept: journaled as rejected with the reason (for inspection and
                 // replay once the limit is raised), then acknowledged — never silently dropped.
@@ -265,20 +319,22 @@ impl AmqpSource {
                 self.journal
                     .append_rejected(env, reason)
                     .await
-                    .map(|_| "rejected")
+                    .map(|receipt| ("rejected", receipt.id))
             } else {
                 let protocol = env.protocol;
                 self.journal.append(env).await.map(|receipt| {
                     tracing::debug!(component = %self.component, message_id = %receipt.id, %protocol, duplicate = receipt.duplicate, "journaled from amqp");
-                    if receipt.duplicate {
+                    let outcome = if receipt.duplicate {
                         "duplicate"
                     } else {
                         "accepted"
-                    }
+                    };
+                    (outcome, receipt.id)
                 })
             };
             match stored {
-                Ok(outcome) => {
+                Ok((outcome, id)) => {
+                    self.audit(&facts, outcome, Some(id)).await;
                     // Durable now: only then tell the broker it may forget the message.
                     delivery
                         .acker
@@ -290,6 +346,7 @@ impl AmqpSource {
                 }
                 Err(e) => {
                     // Not stored: give it back to the queue and slow down.
+                    self.audit(&facts, "storage_unavailable", None).await;
                     let _ = delivery
                         .acker
                         .nack(BasicNackOptions {

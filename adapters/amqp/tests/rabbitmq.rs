@@ -196,7 +196,8 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     };
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
-    let journal: Arc<dyn Journal> = Arc::new(FjallJournal::new(db, 86_400_000));
+    let journal: Arc<dyn Journal> = Arc::new(FjallJournal::new(db.clone(), 86_400_000));
+    let audit = tributary_storage::AuditLog::new(db);
     let queue = unique("test.ingest");
     let ch = conn.create_channel().await.unwrap();
     let n = 200;
@@ -236,7 +237,8 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
         shutdown.clone(),
     )
     .unwrap()
-    .with_metrics(metrics.clone());
+    .with_metrics(metrics.clone())
+    .with_audit(audit.clone());
     let task = tokio::spawn(source.run());
     let all = ListFilter {
         limit: Some(10_000),
@@ -304,6 +306,49 @@ async fn source_journals_before_ack_and_recognises_redeliveries() {
     };
     assert_eq!(journal.list(&oru).unwrap().len(), n + 2);
     assert_eq!(readiness.snapshot()["amqp-source"], ComponentStatus::Ready);
+    // One ingress audit record per queue message, naming the journal entry, and no content.
+    let records: Vec<serde_json::Value> = audit
+        .read_after(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body)
+        .collect();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for r in &records {
+        assert_eq!(
+            (&r["kind"], &r["protocol"], &r["partner"], &r["queue"]),
+            (
+                &json!("ingress"),
+                &json!("hl7v2-amqp"),
+                &json!("lab"),
+                &json!(queue)
+            ),
+            "{r}"
+        );
+        assert_eq!(r["message_type"], "ORU^R01", "{r}");
+        let id: tributary_core::MessageId = r["message_id"].as_str().unwrap().parse().unwrap();
+        assert!(journal.get(id).unwrap().is_some(), "{r}");
+        *outcomes
+            .entry(r["outcome"].as_str().unwrap().into())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        outcomes,
+        [
+            ("accepted".to_string(), n + 1),
+            ("duplicate".into(), 1),
+            ("rejected".into(), 1)
+        ]
+        .into_iter()
+        .collect()
+    );
+    let text = serde_json::to_string(&records).unwrap();
+    for phi in ["other", "xxxxxxxx", "PID|"] {
+        assert!(
+            !text.contains(phi),
+            "audit records hold message content: {phi}"
+        );
+    }
     shutdown.cancel();
     task.await.unwrap().unwrap();
     let _ = ch
@@ -324,9 +369,10 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(dir.path(), DbOptions::default()).unwrap();
     let journal = Arc::new(tributary_testing::failing_journal::FailingJournal::new(
-        FjallJournal::new(db, 86_400_000),
+        FjallJournal::new(db.clone(), 86_400_000),
         true,
     ));
+    let audit = tributary_storage::AuditLog::new(db);
     let queue = unique("test.ingest-failing");
     let ch = conn.create_channel().await.unwrap();
     let n = 20;
@@ -352,7 +398,8 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
         readiness.clone(),
         shutdown.clone(),
     )
-    .unwrap();
+    .unwrap()
+    .with_audit(audit.clone());
     let task = tokio::spawn(source.run());
     wait_for("the source to report the journal failure", || {
         matches!(
@@ -387,6 +434,17 @@ async fn a_journal_that_cannot_write_leaves_every_message_in_the_queue() {
         n,
         "each message once, although some were delivered more than once"
     );
+    // The audit log says what happened to each delivery: given back while the journal could not
+    // write, then journaled once each.
+    let outcomes: Vec<String> = audit
+        .read_after(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body["outcome"].as_str().unwrap().to_string())
+        .collect();
+    let count = |o: &str| outcomes.iter().filter(|x| *x == o).count();
+    assert!(count("storage_unavailable") >= 1, "{outcomes:?}");
+    assert_eq!(count("accepted"), n, "{outcomes:?}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
     let _ = ch

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tributary_core::{Envelope, Protocol};
+use tributary_core::{Envelope, MessageId, Protocol};
 use tributary_storage::Journal;
 
 #[derive(Clone)]
@@ -431,7 +431,7 @@ async fn refuse(
     body: Bytes,
     code: &str,
     reason: &str,
-) -> Response {
+) -> (Response, Received) {
     let env = Envelope::builder(Protocol::Fhir, body.to_vec())
         .tenant(tenant)
         .partner(p.partner.as_str())
@@ -442,38 +442,118 @@ async fn refuse(
             // The reason may quote the sender's text, so the log names the message id only.
             tracing::warn!(partner = %p.partner, message_id = %r.id, code, "inbound notification rejected; journaled as rejected");
             count_ingress(state, "rejected");
-            outcome(StatusCode::BAD_REQUEST, code, reason)
+            (
+                outcome(StatusCode::BAD_REQUEST, code, reason),
+                Received::stored("rejected", r.id),
+            )
         }
         Err(e) => {
             tracing::error!(partner = %p.partner, error = %e, "rejected inbound notification could not be journaled");
-            outcome(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "transient",
-                "journal unavailable",
-            )
+            journal_unavailable()
         }
+    }
+}
+
+fn journal_unavailable() -> (Response, Received) {
+    (
+        outcome(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "transient",
+            "journal unavailable",
+        ),
+        Received::outcome("storage_unavailable"),
+    )
+}
+
+/// What became of one inbound POST, for its audit record.
+struct Received {
+    outcome: &'static str,
+    message_id: Option<MessageId>,
+    /// The notification's type (`handshake`, `event-notification`, …), once read.
+    kind: Option<String>,
+    events: Option<usize>,
+}
+
+impl Received {
+    fn outcome(outcome: &'static str) -> Self {
+        Self {
+            outcome,
+            message_id: None,
+            kind: None,
+            events: None,
+        }
+    }
+
+    fn stored(outcome: &'static str, id: MessageId) -> Self {
+        Self {
+            message_id: Some(id),
+            ..Self::outcome(outcome)
+        }
+    }
+}
+
+fn tenant_of(state: &ApiState, p: &InboundPartner) -> String {
+    if p.tenant.is_empty() {
+        state.service.default_tenant.clone()
+    } else {
+        p.tenant.clone()
     }
 }
 
 /// `POST /subscription-hook/<partner>`: a notification from an upstream FHIR server.
 /// Handshakes and heartbeats are answered; event notifications (id-only ones completed with
 /// the resources) are journaled as FHIR messages before the 200.
+///
+/// Every POST gets one PHI-free `ingress` audit record before the answer, whatever became of
+/// it: a bad token or an unknown partner too (the path's partner name is recorded only when it
+/// is a configured partner).
 async fn inbound(
     State(state): State<ApiState>,
     Path(partner): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(p) = state
+    let known = state
         .service
         .cfg
         .inbound
         .iter()
         .find(|p| p.partner == partner)
-        .cloned()
-    else {
-        return outcome(StatusCode::NOT_FOUND, "not-found", "unknown partner");
+        .cloned();
+    let (res, received) = match &known {
+        None => (
+            outcome(StatusCode::NOT_FOUND, "not-found", "unknown partner"),
+            Received::outcome("unknown_partner"),
+        ),
+        Some(p) => receive(&state, p, &headers, body).await,
     };
+    let mut record = json!({
+        "kind": "ingress",
+        "protocol": INGRESS_SOURCE,
+        "at": tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
+        "tenant": known.as_ref().map_or_else(|| state.service.default_tenant.clone(), |p| tenant_of(&state, p)),
+        "partner": known.as_ref().map(|p| p.partner.as_str()),
+        "outcome": received.outcome,
+        "status": res.status().as_u16(),
+        "message_id": received.message_id.map(|i| i.to_string()),
+    });
+    if let Some(kind) = received.kind {
+        record["notification"] = Value::String(kind);
+    }
+    if let Some(n) = received.events {
+        record["events"] = json!(n);
+    }
+    state.service.append_audit(record).await;
+    res
+}
+
+async fn receive(
+    state: &ApiState,
+    p: &InboundPartner,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> (Response, Received) {
+    let partner = &p.partner;
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -481,55 +561,73 @@ async fn inbound(
         .unwrap_or("");
     if !constant_time_eq(presented.as_bytes(), p.token.as_bytes()) {
         tracing::warn!(%partner, "inbound notification with a bad or missing token");
-        return outcome(
-            StatusCode::UNAUTHORIZED,
-            "login",
-            "bad or missing bearer token",
+        return (
+            outcome(
+                StatusCode::UNAUTHORIZED,
+                "login",
+                "bad or missing bearer token",
+            ),
+            Received::outcome("unauthorized"),
         );
     }
-    let tenant = if p.tenant.is_empty() {
-        state.service.default_tenant.clone()
-    } else {
-        p.tenant.clone()
-    };
+    let tenant = tenant_of(state, p);
     let Ok(mut bundle) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(&state, &p, &tenant, body, "structure", "body is not JSON").await;
+        return refuse(state, p, &tenant, body, "structure", "body is not JSON").await;
     };
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         let reason = "expected a notification Bundle";
-        return refuse(&state, &p, &tenant, body, "structure", reason).await;
+        return refuse(state, p, &tenant, body, "structure", reason).await;
     }
     let Some((kind, events)) = bundle::read_status(&bundle) else {
         let reason = "the Bundle has no SubscriptionStatus parameters";
-        return refuse(&state, &p, &tenant, body, "structure", reason).await;
+        return refuse(state, p, &tenant, body, "structure", reason).await;
+    };
+    let read = |mut r: Received| {
+        // the type only when it is one of the spec's codes (the sender's text otherwise)
+        if matches!(
+            kind.as_str(),
+            "handshake" | "heartbeat" | "event-notification" | "query-event" | "query-status"
+        ) {
+            r.kind = Some(kind.clone());
+        }
+        r.events = Some(events.len());
+        r
     };
     match kind.as_str() {
         "handshake" | "heartbeat" => {
             tracing::info!(%partner, kind, "inbound subscription notification");
-            return (StatusCode::OK, Json(json!({}))).into_response();
+            return (
+                (StatusCode::OK, Json(json!({}))).into_response(),
+                read(Received::outcome("answered")),
+            );
         }
         "event-notification" | "query-event" => {}
         other => {
             let reason = format!("notification type {other:?} is not accepted");
-            return refuse(&state, &p, &tenant, body, "value", &reason).await;
+            let (res, r) = refuse(state, p, &tenant, body, "value", &reason).await;
+            return (res, read(r));
         }
     }
     let fetched = match fetch_resources(
         &state.service.http,
         &state.service.upstream_tokens,
-        &p,
+        p,
         &mut bundle,
     )
     .await
     {
         Ok(n) => n,
         Err(FetchError::Refused(reason)) => {
-            return refuse(&state, &p, &tenant, body, "value", &reason).await;
+            let (res, r) = refuse(state, p, &tenant, body, "value", &reason).await;
+            return (res, read(r));
         }
         Err(FetchError::Transient(reason)) => {
             tracing::warn!(%partner, %reason, "inbound notification: fetching resources failed");
             // 503: the sender retries later; nothing is journaled half-complete.
-            return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", &reason);
+            return (
+                outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", &reason),
+                read(Received::outcome("fetch_failed")),
+            );
         }
     };
     let sub = bundle
@@ -565,7 +663,7 @@ async fn inbound(
                 .map(|e| serde_json::to_vec(&e[1.min(e.len())..]).unwrap_or_default())
                 .unwrap_or_default();
             env = env.dedup_key(tributary_core::content_dedup_key(
-                &partner,
+                partner,
                 &format!("{sub}/{first}-{last}"),
                 &content,
             ));
@@ -575,16 +673,16 @@ async fn inbound(
         Ok(r) => {
             tracing::info!(%partner, message_id = %r.id, events = numbers.len(), fetched, duplicate = r.duplicate, "inbound notification journaled");
             let counted = if r.duplicate { "duplicate" } else { "accepted" };
-            count_ingress(&state, counted);
-            (StatusCode::OK, Json(json!({}))).into_response()
+            count_ingress(state, counted);
+            (
+                (StatusCode::OK, Json(json!({}))).into_response(),
+                read(Received::stored(counted, r.id)),
+            )
         }
         Err(e) => {
             tracing::error!(%partner, error = %e, "inbound notification could not be journaled");
-            outcome(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "transient",
-                "journal unavailable",
-            )
+            let (res, r) = journal_unavailable();
+            (res, read(r))
         }
     }
 }

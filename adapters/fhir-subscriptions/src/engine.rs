@@ -1255,6 +1255,14 @@ impl SubscriptionService {
         }
     }
 
+    /// Appends one PHI-free audit record (the inbound hook's `ingress` records), durable when
+    /// this returns; a failure is logged.
+    pub(crate) async fn append_audit(&self, record: Value) {
+        if let Err(e) = self.audit.append(vec![record]).await {
+            tracing::error!(error = %e, "audit write failed");
+        }
+    }
+
     /// A PHI-free audit record of a websocket bind or close, durable when this returns (a
     /// failure is logged: the connection is refused or closed anyway).
     pub(crate) async fn audit_ws(

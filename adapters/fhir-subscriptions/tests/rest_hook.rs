@@ -1059,6 +1059,86 @@ async fn inbound_notifications_are_fetched_and_journaled() {
         journaled["entry"][1]["resource"]["id"], "enc-1",
         "id-only completed with the resource"
     );
+    // A post to a partner that is not configured: 404, audited without the name it used.
+    let res = app
+        .clone()
+        .oneshot(
+            Request::post("/subscription-hook/someone-else")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+
+    // Every POST has its ingress audit record, in order, naming the journal entry if any.
+    let records: Vec<Value> = tributary_storage::AuditLog::new(env.db.clone())
+        .read_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.body)
+        .filter(|b| b["kind"] == "ingress")
+        .collect();
+    let seen: Vec<(String, u64, Option<String>)> = records
+        .iter()
+        .map(|b| {
+            assert_eq!(b["protocol"], "fhir-subscription", "{b}");
+            (
+                b["outcome"].as_str().unwrap().to_string(),
+                b["status"].as_u64().unwrap(),
+                b["notification"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    let row = |o: &str, s: u64, n: Option<&str>| (o.to_string(), s, n.map(str::to_string));
+    let notification = Some("event-notification");
+    assert_eq!(
+        seen,
+        [
+            row("unauthorized", 401, None),
+            row("answered", 200, Some("handshake")),
+            row("accepted", 200, notification),
+            row("duplicate", 200, notification),
+            row("accepted", 200, notification),
+            row("rejected", 400, None),
+            row("rejected", 400, None),
+            row("rejected", 400, notification),
+            row("rejected", 400, notification),
+            row("rejected", 400, notification),
+            row("unknown_partner", 404, None),
+        ]
+    );
+    for b in &records[..10] {
+        assert_eq!(
+            (&b["partner"], &b["tenant"]),
+            (&json!("ehr"), &json!("t1")),
+            "{b}"
+        );
+    }
+    assert_eq!(records[10]["partner"], Value::Null);
+    for b in &records {
+        let stored = matches!(
+            b["outcome"].as_str(),
+            Some("accepted" | "duplicate" | "rejected")
+        );
+        assert_eq!(b["message_id"].is_string(), stored, "{b}");
+        if let Some(id) = b["message_id"].as_str() {
+            assert!(
+                env.journal.get(id.parse().unwrap()).unwrap().is_some(),
+                "{b}"
+            );
+        }
+    }
+    let text = serde_json::to_string(&records).unwrap();
+    for content in [
+        "enc-1",
+        "in-progress",
+        "partner-token",
+        "someone-else",
+        "not json",
+    ] {
+        assert!(!text.contains(content), "audit records hold {content}");
+    }
     env.shutdown.cancel();
 }
 
