@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Regenerates engine/mapping/data/fhir_r4_elements.tsv from the FHIR R4 (4.0.1) models of
+"""Regenerates engine/core/data/fhir_r4_elements.tsv from the FHIR R4 (4.0.1) models of
 fhir.resources==6.4.0: one line per element, `Owner<TAB>element<TAB>type<TAB>max` (max is 1 or *).
-Run: python3 scripts/gen_fhir_elements.py > engine/mapping/data/fhir_r4_elements.tsv"""
+Run: python3 scripts/gen_fhir_elements.py > engine/core/data/fhir_r4_elements.tsv"""
 import importlib, inspect, pkgutil
 import fhir.resources as fr
 from fhir.resources.core.fhirabstractmodel import FHIRAbstractModel

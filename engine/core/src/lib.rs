@@ -4,6 +4,7 @@
 //! journal tracks each message through the [`MessageState`] machine. Nothing here does I/O.
 
 mod envelope;
+pub mod fhir_r4;
 mod ids;
 mod state;
 mod time_util;
