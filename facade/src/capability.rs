@@ -196,6 +196,7 @@ fn resource_entry(t: &str, routed: bool) -> Value {
     let interactions: Vec<Value> = codes.iter().map(|c| json!({"code": c})).collect();
     let params: Vec<Value> = SEARCH_PARAMS
         .iter()
+        .filter(|(n, _)| crate::search::supports(t, n))
         .map(|(n, ty)| json!({"name": n, "type": ty}))
         .collect();
     let mut r = json!({

@@ -106,32 +106,119 @@ fn split_prefix(v: &str) -> (&str, &str) {
     ("eq", v)
 }
 
+/// The elements `date` compares: date-times, then the starts of periods.
+const DATE_ELEMENTS: [&str; 11] = [
+    "effectiveDateTime",
+    "issued",
+    "authoredOn",
+    "onsetDateTime",
+    "recordedDate",
+    "occurrenceDateTime",
+    "performedDateTime",
+    "date",
+    "recorded",
+    "created",
+    "start",
+];
+const DATE_PERIODS: [&str; 4] = [
+    "effectivePeriod",
+    "period",
+    "performedPeriod",
+    "onsetPeriod",
+];
+
+/// What an `_include` follows: top-level elements (`None`: all), and the type it implies.
+type IncludeElements = (Option<Vec<&'static str>>, Option<&'static str>);
+
+/// The top-level elements an `_include` of `rtype:name` follows, and the type it implies:
+/// `name` itself when `rtype` has that element as a Reference or as a backbone element holding
+/// one (`Encounter:location`), or the elements of the search parameter of that name (`patient`:
+/// `subject`, `patient` or `beneficiary`; for an Appointment its participants that are
+/// Patients); `None` for `*` (every top-level reference). Anything else is refused: an include
+/// that could never match is a client's error.
+fn include_elements(rtype: &str, name: &str) -> ApiResult<IncludeElements> {
+    use tributary_core::fhir_r4::{element, static_element_name};
+    if name == "*" {
+        return Ok((None, None));
+    }
+    if rtype == "Appointment" && name == "patient" {
+        return Ok((Some(vec!["participant"]), Some("Patient")));
+    }
+    // Backbone element classes are named after their owner (`EncounterLocation`).
+    let reference = |e: &str| {
+        element(rtype, e)
+            .filter(|x| x.ty == "Reference" || x.ty.starts_with(rtype))
+            .and(static_element_name(rtype, e))
+    };
+    if let Some(e) = reference(name) {
+        return Ok((Some(vec![e]), None));
+    }
+    if name == "patient" {
+        let found: Vec<&'static str> = ["subject", "patient", "beneficiary"]
+            .into_iter()
+            .filter_map(reference)
+            .collect();
+        if !found.is_empty() {
+            return Ok((Some(found), None));
+        }
+    }
+    Err(ApiError::BadRequest(format!(
+        "_include {rtype}:{name}: {rtype} has no reference element or search parameter {name:?}"
+    )))
+}
+
+/// The `reference` strings of one element's value: a Reference, a backbone element holding one
+/// (`{"location": {"reference": …}}`, a participant's `actor`), or a list of either.
+fn references(v: &Value) -> Vec<&str> {
+    fn one(x: &Value) -> Option<&str> {
+        match x.get("reference") {
+            Some(r) => r.as_str(),
+            None => x
+                .as_object()?
+                .values()
+                .find_map(|c| c.get("reference").and_then(Value::as_str)),
+        }
+    }
+    match v {
+        Value::Array(a) => a.iter().filter_map(one).collect(),
+        other => one(other).into_iter().collect(),
+    }
+}
+
+/// Whether search parameter `name` means something for `rtype`: `_id`, `_lastUpdated` and
+/// `_tag` for every type, the others only where the type has the R4 element they read. The
+/// CapabilityStatement lists these per type, and a search with another is refused (400) rather
+/// than answered with nothing (`Observation?gender=male`).
+pub fn supports(rtype: &str, name: &str) -> bool {
+    use tributary_core::fhir_r4::element;
+    let has = |e: &str| element(rtype, e).is_some();
+    let reference = |e: &str| element(rtype, e).is_some_and(|x| x.ty == "Reference");
+    match name {
+        "_id" | "_lastUpdated" | "_tag" => true,
+        "identifier" | "subject" | "code" | "category" | "status" | "gender" | "name" => has(name),
+        "patient" => {
+            rtype == "Patient"
+                || rtype == "Appointment"
+                || ["subject", "patient", "beneficiary"]
+                    .into_iter()
+                    .any(reference)
+        }
+        "birthdate" => has("birthDate"),
+        "family" => element(rtype, "name").is_some_and(|e| e.ty == "HumanName"),
+        "date" => DATE_ELEMENTS.into_iter().chain(DATE_PERIODS).any(has),
+        _ => false,
+    }
+}
+
 /// The clinically relevant date of a resource, for `date=`.
 fn resource_dates(r: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    for f in [
-        "effectiveDateTime",
-        "issued",
-        "authoredOn",
-        "onsetDateTime",
-        "recordedDate",
-        "occurrenceDateTime",
-        "performedDateTime",
-        "date",
-        "recorded",
-        "created",
-        "start",
-    ] {
+    for f in DATE_ELEMENTS {
         if let Some(s) = r.get(f).and_then(Value::as_str) {
             out.push(s.to_string());
         }
     }
-    for f in [
-        "effectivePeriod",
-        "period",
-        "performedPeriod",
-        "onsetPeriod",
-    ] {
+    for f in DATE_PERIODS {
         if let Some(s) = r
             .get(f)
             .and_then(|p| p.get("start"))
@@ -334,6 +421,11 @@ pub fn run_search(
                         "unsupported search parameter {name:?}"
                     )));
                 }
+                if !supports(rtype, base) {
+                    return Err(ApiError::BadRequest(format!(
+                        "search parameter {base:?} does not apply to {rtype} (it has no such element)"
+                    )));
+                }
                 filters.push((k.clone(), v.clone()));
             }
         }
@@ -439,19 +531,22 @@ pub fn run_search(
                     "_include must be {rtype}:<reference field>"
                 )));
             }
+            let (fields, implied) = include_elements(rtype, field)?;
+            let target = target.or(implied);
             for r in &page {
                 let body = r.resource()?;
-                let refs: Vec<&str> = match body.get(field) {
-                    Some(Value::Array(a)) => a
+                let refs: Vec<&str> = match &fields {
+                    Some(names) => names
                         .iter()
-                        .filter_map(|x| x.get("reference").and_then(Value::as_str))
+                        .filter_map(|f| body.get(*f))
+                        .flat_map(references)
                         .collect(),
-                    Some(v) => v
-                        .get("reference")
-                        .and_then(Value::as_str)
+                    None => body
+                        .as_object()
                         .into_iter()
+                        .flat_map(|o| o.values())
+                        .flat_map(references)
                         .collect(),
-                    None => Vec::new(),
                 };
                 for reference in refs {
                     let Some((t, id)) = reference.split_once('/') else {

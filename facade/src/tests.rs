@@ -1537,6 +1537,117 @@ async fn report(e: &Env, auditor: &str, patient: &str) -> Vec<String> {
         .collect()
 }
 
+/// The CapabilityStatement lists per type only the search parameters that type can match (by
+/// its R4 elements); a search with one that cannot match is refused, not answered with nothing;
+/// `_include` follows search-parameter names (`Observation:patient`), backbone references
+/// (`Encounter:location`) and `*`, as `searchInclude` declares.
+#[tokio::test]
+async fn search_parameters_and_includes_are_what_the_capability_statement_says() {
+    let e = env();
+    let admin = seed(&e).await;
+    let (s, _, cap) = e.call("GET", "/fhir/metadata", None, None).await;
+    assert_eq!(s, 200);
+    let params = |t: &str| -> Vec<String> {
+        cap["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == t)
+            .unwrap()["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let obs = params("Observation");
+    for p in [
+        "_id",
+        "identifier",
+        "patient",
+        "subject",
+        "code",
+        "category",
+        "date",
+        "status",
+    ] {
+        assert!(
+            obs.contains(&p.to_string()),
+            "Observation lacks {p}: {obs:?}"
+        );
+    }
+    for p in ["gender", "birthdate", "name", "family"] {
+        assert!(!obs.contains(&p.to_string()), "Observation claims {p}");
+    }
+    let pat = params("Patient");
+    for p in ["gender", "birthdate", "name", "family", "identifier"] {
+        assert!(pat.contains(&p.to_string()), "Patient lacks {p}: {pat:?}");
+    }
+    for p in ["code", "subject", "category"] {
+        assert!(!pat.contains(&p.to_string()), "Patient claims {p}");
+    }
+    assert!(params("Appointment").contains(&"patient".to_string()));
+    assert!(
+        !params("Immunization").contains(&"code".to_string()),
+        "vaccineCode, not code"
+    );
+    assert!(!params("Organization").contains(&"family".to_string()));
+
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation?gender=female", Some(&admin), None)
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("does not apply to Observation"),
+        "{b}"
+    );
+
+    let enc = json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+        "class": {"code": "IMP"}, "subject": {"reference": "Patient/p1"},
+        "location": [{"location": {"reference": "Location/l1"}}]});
+    let loc = json!({"resourceType": "Location", "id": "l1", "name": "Ward 3"});
+    for (path, body) in [("/fhir/Encounter/e1", enc), ("/fhir/Location/l1", loc)] {
+        let (s, _, b) = e.call("PUT", path, Some(&admin), Some(body)).await;
+        assert!(s.is_success(), "{s} {b}");
+    }
+    for (query, expect) in [
+        (
+            "Observation?_id=o1&_include=Observation:patient",
+            vec!["Observation/o1", "Patient/p1"],
+        ),
+        (
+            "Observation?_id=o3&_include=Observation:*",
+            vec!["Observation/o3", "Patient/p2"],
+        ),
+        (
+            "Encounter?_id=e1&_include=Encounter:location",
+            vec!["Encounter/e1", "Location/l1"],
+        ),
+        (
+            "Encounter?_id=e1&_include=Encounter:*",
+            vec!["Encounter/e1", "Location/l1", "Patient/p1"],
+        ),
+    ] {
+        let (s, _, b) = e
+            .call("GET", &format!("/fhir/{query}"), Some(&admin), None)
+            .await;
+        assert_eq!(s, 200, "{query}: {b}");
+        assert_eq!(ids(&b), expect, "{query}");
+    }
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?_include=Observation:performerz",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+}
+
 /// `Appointment?patient=` finds the Appointments a patient takes part in (`participant.actor`,
 /// where the SIU^S12 mapping puts the patient), also for a patient-context token's search.
 #[tokio::test]
