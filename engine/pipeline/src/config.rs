@@ -1,6 +1,7 @@
 //! `[mapping]` in `tributary.toml`. The doc comments are the operator documentation.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// What the pipeline does with a message some of whose non-empty source fields no rule consumed,
@@ -21,6 +22,13 @@ pub enum UnconsumedPolicy {
     Reject,
 }
 
+/// One `[mapping.feeds.<partner>]` table.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeedConfig {
+    pub unconsumed: UnconsumedPolicy,
+}
+
 /// The `[mapping]` section.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -30,6 +38,11 @@ pub struct MappingConfig {
     pub dir: PathBuf,
     /// `warn` (default), `quarantine` or `reject`: see [`UnconsumedPolicy`].
     pub unconsumed: UnconsumedPolicy,
+    /// Per feed (the sending partner's id, as the journal records it: an MLLP partner, the AMQP
+    /// source's `partner`, an inbound Subscriptions partner), a policy other than `unconsumed`:
+    /// `[mapping.feeds.new-lab] unconsumed = "quarantine"` holds a new lab feed's messages with
+    /// unmapped fields while the others stay on `warn`.
+    pub feeds: BTreeMap<String, FeedConfig>,
     /// Mapping workers. Messages with the same ordering key (sender + patient) always go to the
     /// same worker, so they are committed in journal order. A worker waits for each commit's
     /// fsync before its next message, so more workers than cores is the point: their commits
@@ -57,6 +70,7 @@ impl Default for MappingConfig {
         Self {
             dir: PathBuf::from("mappings"),
             unconsumed: UnconsumedPolicy::Warn,
+            feeds: BTreeMap::new(),
             workers: 64,
             reload_interval_secs: 2,
             report_flush_secs: 5,
@@ -120,7 +134,30 @@ impl MappingConfig {
                 allowed: "1 to 1000000".into(),
             });
         }
+        if let Some(name) = self.feeds.keys().find(|k| k.trim().is_empty()) {
+            return Err(MappingConfigError {
+                key: "mapping.feeds".into(),
+                value: name.clone(),
+                allowed: "a partner id".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The unconsumed-field policy for messages from `partner`.
+    pub fn unconsumed_for(&self, partner: &str) -> UnconsumedPolicy {
+        self.feeds
+            .get(partner)
+            .map_or(self.unconsumed, |f| f.unconsumed)
+    }
+
+    /// Whether some feed is under `warn` (then the summaries are logged).
+    pub fn any_warn(&self) -> bool {
+        self.unconsumed == UnconsumedPolicy::Warn
+            || self
+                .feeds
+                .values()
+                .any(|f| f.unconsumed == UnconsumedPolicy::Warn)
     }
 
     /// The HL7 v2 mapping set directory.
@@ -147,5 +184,21 @@ mod tests {
         assert!(bad.is_err());
         let bad: Result<MappingConfig, _> = toml::from_str("dirr = \"x\"");
         assert!(bad.is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn a_feed_can_have_its_own_policy() {
+        let c: MappingConfig =
+            toml::from_str("unconsumed = \"warn\"\n[feeds.new-lab]\nunconsumed = \"quarantine\"\n")
+                .unwrap();
+        assert_eq!(c.unconsumed_for("new-lab"), UnconsumedPolicy::Quarantine);
+        assert_eq!(c.unconsumed_for("old-lab"), UnconsumedPolicy::Warn);
+        assert!(c.any_warn());
+        let c: MappingConfig =
+            toml::from_str("unconsumed = \"reject\"\n[feeds.a]\nunconsumed = \"reject\"\n")
+                .unwrap();
+        assert!(!c.any_warn());
+        let bad: Result<MappingConfig, _> = toml::from_str("[feeds.a]\nunconsumed = \"drop\"\n");
+        assert!(bad.is_err());
     }
 }

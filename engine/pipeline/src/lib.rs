@@ -27,7 +27,7 @@ pub mod field_report;
 mod registry;
 mod split;
 
-pub use config::{MappingConfig, MappingConfigError, UnconsumedPolicy};
+pub use config::{FeedConfig, MappingConfig, MappingConfigError, UnconsumedPolicy};
 pub use field_report::FieldAggregator;
 pub use registry::{MappingRegistry, ReloadOutcome};
 pub use split::SPLIT_NOTE;
@@ -580,7 +580,7 @@ impl Pipeline {
     /// Under `warn`: one summary line per message map once per `report_log_interval_secs`.
     fn log_summaries(&self) {
         let summaries = self.report.take_summaries(Instant::now());
-        if self.config.unconsumed != UnconsumedPolicy::Warn {
+        if !self.config.any_warn() {
             return;
         }
         for s in summaries {
@@ -613,7 +613,7 @@ impl Pipeline {
             at: tributary_core::now_millis(),
             fields: &fields,
         });
-        if self.config.unconsumed == UnconsumedPolicy::Warn {
+        if self.config.unconsumed_for(env.partner.as_str()) == UnconsumedPolicy::Warn {
             for k in new {
                 log_first_sighting(&id, &k);
             }
@@ -876,7 +876,7 @@ impl Pipeline {
         // output had to leave out (a Period end before its start), both go by the feed's policy.
         if !mapped.unconsumed.is_empty() || !mapped.dropped.is_empty() {
             let (what, list) = report(&mapped);
-            match self.config.unconsumed {
+            match self.config.unconsumed_for(env.partner.as_str()) {
                 // counted (and logged when new) once the message is committed, below
                 UnconsumedPolicy::Warn => {}
                 UnconsumedPolicy::Quarantine => {
@@ -943,7 +943,7 @@ impl Pipeline {
         else {
             return Ok(Outcome::Skipped);
         };
-        if self.config.unconsumed == UnconsumedPolicy::Warn {
+        if self.config.unconsumed_for(env.partner.as_str()) == UnconsumedPolicy::Warn {
             self.observe_fields(env, &mapped);
         }
         Ok(Outcome::Committed {

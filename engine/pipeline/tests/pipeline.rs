@@ -191,6 +191,45 @@ async fn quarantine_policy_holds_messages_with_unconsumed_fields_and_requeues_af
     assert_eq!(st.attempts, 2, "re-queued once by the reload");
 }
 
+/// The policy is per feed: the same message with a local segment no map reads is held from the
+/// feed under `quarantine` and committed from the feed that stays on the default `warn`.
+#[tokio::test]
+async fn the_unconsumed_policy_is_per_feed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let mut config = MappingConfig::default();
+    config.feeds.insert(
+        "new-lab".into(),
+        tributary_pipeline::FeedConfig {
+            unconsumed: UnconsumedPolicy::Quarantine,
+        },
+    );
+    let registry = Arc::new(MappingRegistry::load(&repo().join("mappings/hl7v2")).unwrap());
+    let p = Pipeline::new(registry, config);
+    let msg = String::from_utf8(fixture("ADT_A08.hl7")).unwrap() + "ZPI|1|LOCALVALUE\r";
+    let mut ids = Vec::new();
+    for partner in ["new-lab", "riverside"] {
+        let env = tributary_core::Envelope::builder(
+            tributary_core::Protocol::Hl7v2,
+            msg.clone().into_bytes(),
+        )
+        .tenant("t1")
+        .partner(partner)
+        .ordering_key(format!("{partner}/MRN70001"))
+        .build();
+        ids.push(rt.journal.append(env).await.unwrap().id);
+    }
+    drain(&p, &rt).await;
+    let state = |i: usize| rt.journal.get(ids[i]).unwrap().unwrap().state.state;
+    let held = state(0);
+    assert!(
+        held.reason()
+            .is_some_and(|r| r.starts_with("quarantined:") && r.contains("ZPI-2")),
+        "{held:?}"
+    );
+    assert_eq!(state(1), MessageState::Committed);
+}
+
 #[tokio::test]
 async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_mapping() {
     let tmp = tempfile::tempdir().unwrap();
