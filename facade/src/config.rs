@@ -217,6 +217,29 @@ pub struct RateLimitConfig {
     pub costs: CostWeights,
     /// Per-tenant or per-client limits. Key `tenant` or `tenant/client`; the most specific wins.
     pub overrides: BTreeMap<String, LimitOverride>,
+    /// Per interaction class, the share (0 < share ≤ 1) of each client's and each user's
+    /// budget that class may use: its own bucket of that share of the burst and rate, charged
+    /// besides the client's and the user's. So a client's `$everything` or history calls cannot
+    /// use up the budget its point-of-care reads need. A class not listed has no bucket of its own.
+    pub class_shares: BTreeMap<RateClass, f64>,
+}
+
+/// The interaction classes rate limits are kept per (see `class_shares`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateClass {
+    /// read, vread
+    Read,
+    /// searches (and the audit trail's)
+    Search,
+    /// instance and type history
+    History,
+    /// create, update, patch, delete, transaction and batch entries
+    Write,
+    /// `Patient/$everything`
+    Everything,
+    /// admin endpoints and anything else
+    Metadata,
 }
 
 impl Default for RateLimitConfig {
@@ -229,6 +252,9 @@ impl Default for RateLimitConfig {
             user_per_sec: 500,
             costs: CostWeights::default(),
             overrides: BTreeMap::new(),
+            class_shares: [(RateClass::Everything, 0.2), (RateClass::History, 0.25)]
+                .into_iter()
+                .collect(),
         }
     }
 }
@@ -394,6 +420,15 @@ impl FacadeConfig {
                 ));
             }
         }
+        for (class, share) in &rl.class_shares {
+            if !(*share > 0.0 && *share <= 1.0) {
+                return Err(invalid(
+                    &format!("rate_limit.class_shares.{class:?}").to_lowercase(),
+                    share,
+                    "a share greater than 0 and at most 1",
+                ));
+            }
+        }
         let mut routed = std::collections::BTreeSet::new();
         for (i, b) in self.backends.iter().enumerate() {
             let key = |k: &str| format!("backends[{i}].{k}");
@@ -479,5 +514,20 @@ mod tests {
         let mut c = FacadeConfig::default();
         c.break_glass.roles = vec!["ghost".into()];
         assert!(c.validate().unwrap_err().to_string().contains("ghost"));
+        let c: RateLimitConfig =
+            toml::from_str("[class_shares]\neverything = 0.1\nread = 1.0\n").unwrap();
+        assert_eq!(c.class_shares[&RateClass::Everything], 0.1);
+        assert!(
+            !c.class_shares.contains_key(&RateClass::History),
+            "replaced, not merged"
+        );
+        assert!(toml::from_str::<RateLimitConfig>("[class_shares]\nbulk = 0.1\n").is_err());
+        let mut c = FacadeConfig::default();
+        c.rate_limit.class_shares.insert(RateClass::Search, 1.5);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("rate_limit.class_shares.search"));
     }
 }

@@ -368,7 +368,8 @@ fn rate_limit(st: &AppState, req: Request) -> Step<(Request, Option<crate::ratel
         return Step::Next((req, None)); // public endpoints
     };
     let cost = limiter.cost(fhir);
-    match limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), cost) {
+    let class = crate::ratelimit::RateLimiter::class(fhir);
+    match limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), class, cost) {
         Ok(q) => Step::Next((req, Some(q))),
         Err(l) => {
             let mut res = ApiError::TooManyRequests {

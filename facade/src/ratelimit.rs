@@ -1,8 +1,11 @@
 //! Token buckets per (tenant, client) and per (tenant, user), charged by the request's cost
 //! (read 1, search 3 + 1 per include, history 10, write 5, `$everything` 20 by default). A client
-//! that exhausts its bucket gets 429 while other clients keep their own budget.
+//! that exhausts its bucket gets 429 while other clients keep their own budget. Classes with a
+//! share (`class_shares`: `$everything` 20%, history 25% by default) also have a bucket per
+//! client and per user of that share, so bulk calls cannot use up what the same client's reads
+//! need.
 
-use crate::config::RateLimitConfig;
+use crate::config::{RateClass, RateLimitConfig};
 use crate::policy::{FhirRequest, Interaction};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,9 +33,18 @@ pub struct Limited {
 
 pub struct RateLimiter {
     cfg: RateLimitConfig,
-    buckets: Mutex<HashMap<(String, u8, String), Bucket>>,
+    buckets: Mutex<HashMap<BucketKey, Bucket>>,
     /// When the map was last swept (see [`MAX_BUCKETS`]).
     swept: Mutex<Instant>,
+}
+
+/// (tenant, client or user, its id, the class of a class bucket).
+type BucketKey = (String, Owner, String, Option<RateClass>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Owner {
+    Client,
+    User,
 }
 
 /// Past this many buckets, those idle for an hour are dropped — at most once per
@@ -52,6 +64,24 @@ impl RateLimiter {
 
     pub fn enabled(&self) -> bool {
         self.cfg.enabled
+    }
+
+    /// The class a request's interaction is limited in.
+    pub fn class(req: &FhirRequest) -> RateClass {
+        match req.interaction {
+            Interaction::Read | Interaction::Vread => RateClass::Read,
+            Interaction::Search | Interaction::AuditQuery => RateClass::Search,
+            Interaction::HistoryInstance | Interaction::HistoryType => RateClass::History,
+            Interaction::Create
+            | Interaction::Update
+            | Interaction::Patch
+            | Interaction::Delete
+            | Interaction::Transaction => RateClass::Write,
+            Interaction::Everything => RateClass::Everything,
+            Interaction::Capabilities | Interaction::Admin | Interaction::Unknown => {
+                RateClass::Metadata
+            }
+        }
     }
 
     /// The cost of a request in bucket units.
@@ -90,23 +120,41 @@ impl RateLimiter {
         (self.cfg.client_burst, self.cfg.client_per_sec)
     }
 
-    /// Charges `cost` to the client's and the user's bucket, or to neither if either is short.
+    /// Charges `cost` to the client's and the user's bucket, and to their buckets of `class`
+    /// when it has a share, or to none of them if any is short.
     pub fn check(
         &self,
         tenant: &str,
         client: &str,
         user: Option<&str>,
+        class: RateClass,
         cost: u64,
     ) -> Result<Quota, Limited> {
         let now = Instant::now();
         let (cb, cr) = self.client_limits(tenant, client);
-        let mut keys = vec![((tenant.to_string(), 0u8, client.to_string()), cb, cr)];
+        let mut owners = vec![(Owner::Client, client, cb, cr)];
         if let Some(u) = user {
+            owners.push((Owner::User, u, self.cfg.user_burst, self.cfg.user_per_sec));
+        }
+        let share = self.cfg.class_shares.get(&class).copied();
+        let mut keys = Vec::with_capacity(4);
+        for (owner, id, burst, rate) in owners {
             keys.push((
-                (tenant.to_string(), 1u8, u.to_string()),
-                self.cfg.user_burst,
-                self.cfg.user_per_sec,
+                (tenant.to_string(), owner, id.to_string(), None),
+                burst,
+                rate,
             ));
+            if let Some(share) = share {
+                // Never below one request's cost: a request the whole budget admits must not
+                // be refused for good by its class's share.
+                let part = |v: u64| ((v as f64 * share).round() as u64).max(1);
+                let class_burst = part(burst).max(cost).min(burst);
+                keys.push((
+                    (tenant.to_string(), owner, id.to_string(), Some(class)),
+                    class_burst,
+                    part(rate),
+                ));
+            }
         }
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() > MAX_BUCKETS {
@@ -182,15 +230,15 @@ mod tests {
     #[test]
     fn bucket_exhausts_and_reports() {
         let l = limiter(10, 1);
-        let q = l.check("t", "a", None, 4).unwrap();
+        let q = l.check("t", "a", None, RateClass::Read, 4).unwrap();
         assert_eq!((q.limit, q.remaining), (10, 6));
-        l.check("t", "a", None, 6).unwrap();
-        let err = l.check("t", "a", None, 3).unwrap_err();
+        l.check("t", "a", None, RateClass::Read, 6).unwrap();
+        let err = l.check("t", "a", None, RateClass::Read, 3).unwrap_err();
         assert!(err.retry_after_secs >= 2, "{err:?}");
         assert_eq!(err.quota.limit, 10);
         // Another client and another tenant are untouched.
-        assert!(l.check("t", "b", None, 10).is_ok());
-        assert!(l.check("u", "a", None, 10).is_ok());
+        assert!(l.check("t", "b", None, RateClass::Read, 10).is_ok());
+        assert!(l.check("u", "a", None, RateClass::Read, 10).is_ok());
     }
 
     #[test]
@@ -200,9 +248,9 @@ mod tests {
             user_per_sec: 1,
             ..Default::default()
         });
-        l.check("t", "a", Some("dr-x"), 5).unwrap();
-        assert!(l.check("t", "b", Some("dr-x"), 1).is_err());
-        assert!(l.check("t", "b", Some("dr-y"), 1).is_ok());
+        l.check("t", "a", Some("dr-x"), RateClass::Read, 5).unwrap();
+        assert!(l.check("t", "b", Some("dr-x"), RateClass::Read, 1).is_err());
+        assert!(l.check("t", "b", Some("dr-y"), RateClass::Read, 1).is_ok());
     }
 
     #[test]
@@ -216,13 +264,32 @@ mod tests {
             },
         );
         let l = RateLimiter::new(cfg);
-        assert!(l.check("t", "bulk", None, 4).is_err());
-        assert!(l.check("t", "other", None, 4).is_ok());
+        assert!(l.check("t", "bulk", None, RateClass::Read, 4).is_err());
+        assert!(l.check("t", "other", None, RateClass::Read, 4).is_ok());
         let req = crate::policy::classify(
             &axum::http::Method::GET,
             "/Observation",
             Some("_include=Observation:subject"),
         );
         assert_eq!(l.cost(&req), 4);
+    }
+
+    /// A class with a share has its own bucket of that share: the client's `$everything` calls
+    /// stop at it while its reads go on; a class without one draws on the whole budget.
+    #[test]
+    fn a_class_share_keeps_bulk_calls_from_using_up_the_reads() {
+        let l = limiter(100, 1);
+        let everything = RateClass::Everything;
+        assert_eq!(l.check("t", "a", None, everything, 20).unwrap().limit, 20);
+        let err = l.check("t", "a", None, everything, 20).unwrap_err();
+        assert_eq!(err.quota.limit, 20, "the class bucket is the one short");
+        for _ in 0..80 {
+            l.check("t", "a", None, RateClass::Read, 1).unwrap();
+        }
+        assert!(l.check("t", "a", None, RateClass::Read, 1).is_err());
+        // A request larger than the share still fits a budget that admits it.
+        let l = limiter(50, 1);
+        assert!(l.check("t", "b", None, everything, 20).is_ok());
+        assert!(l.check("t", "b", None, everything, 20).is_err());
     }
 }

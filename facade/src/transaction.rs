@@ -317,7 +317,8 @@ pub async fn transaction(
     if limiter.enabled() && entries.len() > 1 {
         let extra = (entries.len() as u64 - 1).saturating_mul(limiter.write_cost());
         let p = &access.principal;
-        if let Err(l) = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), extra) {
+        let class = crate::config::RateClass::Write;
+        if let Err(l) = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), class, extra) {
             return Err(ApiError::TooManyRequests {
                 retry_after_secs: l.retry_after_secs,
             });
