@@ -1102,6 +1102,46 @@ async fn revoked_grant_fails_next_request() {
     );
 }
 
+/// Most identity providers sign RS256: a token signed with the key a JWKS file trusts is
+/// accepted; one signed by another RSA key under the same kid, or naming a kid nobody trusts,
+/// is refused with 401.
+#[tokio::test]
+async fn rs256_tokens_trusted_through_a_jwks_file_are_verified() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut cfg = FacadeConfig::default();
+    cfg.auth.jwks_file = fixtures.join("idp-rs256-jwks.json");
+    cfg.auth.issuers = vec!["tributary".into(), "https://idp.example".into()];
+    let e = env_with(cfg);
+    seed(&e).await;
+    let sign = |pem: &str, kid: &str| {
+        let key =
+            jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(fixtures.join(pem)).unwrap())
+                .unwrap();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(kid.into());
+        let now = tributary_core::now_millis() / 1000;
+        let claims = json!({"iss": "https://idp.example", "aud": "tributary", "sub": "dr-1",
+            "client_id": "ehr-app", "scope": "user/*.rs", "iat": now, "nbf": now,
+            "exp": now + 300});
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    };
+    let good = sign("idp-rs256.pem", "idp-rsa-1");
+    let (s, _, b) = e.call("GET", "/fhir/Patient/p1", Some(&good), None).await;
+    assert_eq!(s, 200, "{b}");
+    for bad in [
+        sign("idp-rs256-other.pem", "idp-rsa-1"),
+        sign("idp-rs256.pem", "idp-rsa-2"),
+    ] {
+        let (s, _, b) = e.call("GET", "/fhir/Patient/p1", Some(&bad), None).await;
+        assert_eq!(s, 401, "{b}");
+    }
+    // The audit record names the identity provider's client.
+    assert!(e
+        .audit()
+        .iter()
+        .any(|r| r["client"] == "ehr-app" && r["status"] == 200));
+}
+
 #[tokio::test]
 async fn smart_configuration_and_jwks_are_served() {
     let e = env();

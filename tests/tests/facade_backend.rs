@@ -5,6 +5,8 @@
 //! server would read as configuration).
 
 mod facade_support;
+#[path = "../../adapters/mllp/tests/common/pki.rs"]
+mod pki;
 
 use facade_support::{export_audit, Facade};
 use serde_json::{json, Value};
@@ -279,4 +281,84 @@ async fn backend_never_receives_the_callers_authorization() {
     ] {
         assert!(seen.contains(h), "missing {h}: {seen}");
     }
+}
+
+/// Routing to a backend over HTTPS with mutual TLS: the facade trusts the backend's CA
+/// (`ca_file`) and presents its client certificate (`client_identity_file`). A route to the
+/// same backend without the certificate fails the handshake: 502, and the backend degraded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_behind_mutual_tls_is_reached_with_the_configured_identity() {
+    use tributary_runtime::http_server::{serve, Limits};
+    use tributary_runtime::tls::{ListenerTlsConfig, ReloadingAcceptor};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = pki::Pki::new("Backend Test CA");
+    ca.write_ca(&d.join("ca.crt"));
+    ca.write(d, "server", "localhost", &["localhost"], false);
+    let (cert, key) = ca.issue("tributary-facade", &[], true);
+    std::fs::write(d.join("client.pem"), format!("{cert}{key}")).unwrap();
+
+    let app = axum::Router::new().route(
+        "/fhir/Observation/{id}",
+        axum::routing::get(
+            |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                (
+                    [("content-type", "application/fhir+json")],
+                    obs(&id, "pa").to_string(),
+                )
+            },
+        ),
+    );
+    let acceptor = ReloadingAcceptor::new(ListenerTlsConfig {
+        cert: d.join("server.crt"),
+        key: d.join("server.key"),
+        client_ca: Some(d.join("ca.crt")),
+        require_client_cert: true,
+        reload_interval_secs: 0,
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(30),
+        max_connections: 64,
+    };
+    tokio::spawn(serve(
+        listener,
+        app,
+        limits,
+        Some(acceptor),
+        tributary_runtime::Metrics::default(),
+        shutdown.clone(),
+    ));
+
+    let url = format!("https://localhost:{port}/fhir");
+    let (ca_file, identity) = (d.join("ca.crt"), d.join("client.pem"));
+    let config = format!(
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"{url}\"\nresource_types = [\"Observation\"]\nca_file = {ca_file:?}\nclient_identity_file = {identity:?}\nhealth_check_secs = 0\n\n\
+         [[facade.backends]]\nname = \"lab-anonymous\"\nurl = \"{url}\"\nresource_types = [\"Condition\"]\nca_file = {ca_file:?}\nhealth_check_secs = 0\n"
+    );
+    let f = Facade::start(Some(&config));
+    let t = f.token("portal", "user/*.rs", &[]);
+    let r = f.call("GET", "/fhir/Observation/x1", Some(&t), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        (&r.json["resourceType"], &r.json["id"]),
+        (&json!("Observation"), &json!("x1"))
+    );
+    let r = f.call("GET", "/fhir/Condition/c1", Some(&t), None).await;
+    assert_eq!(r.status, 502, "without the client certificate: {}", r.text);
+    let ready = f.call("GET", "/ready", None, None).await;
+    assert_eq!(
+        ready.json["components"]["backend.lab-anonymous"]["status"], "degraded",
+        "{}",
+        ready.text
+    );
+    assert_eq!(
+        ready.json["components"]["backend.lab"]["status"], "ready",
+        "{}",
+        ready.text
+    );
+    shutdown.cancel();
 }
