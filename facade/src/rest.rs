@@ -694,12 +694,22 @@ pub async fn instance_op(
                 .param("_count")
                 .and_then(|c| c.parse::<usize>().ok())
                 .unwrap_or(1000)
-                .min(5000);
-            let mut entries = vec![
-                json!({"fullUrl": format!("{base}/Patient/{id}"), "resource": patient.resource()?, "search": {"mode": "match"}}),
-            ];
+                .clamp(1, 5000);
+            // Pages follow each other by `_offset` into the compartment's resources (type, id
+            // order); the Patient itself opens the first page.
+            let offset = match req.param("_offset") {
+                Some(o) => o
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?,
+                None => 0,
+            };
+            let mut entries = Vec::new();
+            if offset == 0 {
+                entries.push(json!({"fullUrl": format!("{base}/Patient/{id}"), "resource": patient.resource()?, "search": {"mode": "match"}}));
+            }
             let tenant = &access.principal.tenant;
             let mut total = 1;
+            let mut listed = 0usize;
             // Resources in this patient's compartment may be in another's too.
             let mut seen = Disclosed::default();
             for (t, rid) in st.rt.store.ids_by_patient(tenant, &id, None)? {
@@ -717,15 +727,36 @@ pub async fn instance_op(
                     continue;
                 }
                 total += 1;
-                if entries.len() < count {
+                listed += 1;
+                // the Patient on the first page is on top of `count`
+                if listed > offset && entries.len() < count + usize::from(offset == 0) {
                     seen.add(&t, &rid, &v);
                     entries.push(json!({"fullUrl": format!("{base}/{t}/{rid}"), "resource": v, "search": {"mode": "match"}}));
                 }
             }
             slot.disclose(seen);
             slot.update(|d| d.returned = Some(entries.len()));
+            let page = |o: usize| {
+                let params: Vec<(String, String)> = req
+                    .params
+                    .iter()
+                    .filter(|(k, _)| k != "_offset")
+                    .cloned()
+                    .chain([("_offset".to_string(), o.to_string())])
+                    .collect();
+                format!(
+                    "{base}/Patient/{id}/$everything?{}",
+                    crate::search::link_query_with(&params, "_count", &count.to_string())
+                )
+            };
+            let mut links = vec![json!({"relation": "self", "url": page(offset)})];
+            // the next offset: what this page showed of the compartment (the Patient aside)
+            let shown = offset + entries.len() - usize::from(offset == 0);
+            if shown < listed {
+                links.push(json!({"relation": "next", "url": page(shown)}));
+            }
             Ok(bundle_response(
-                &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "entry": entries}),
+                &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries}),
             ))
         }
         _ => Err(ApiError::NotFound(format!("unknown operation {op:?}"))),
@@ -753,40 +784,96 @@ pub async fn history_type(
         .param("_count")
         .and_then(|c| c.parse::<usize>().ok())
         .unwrap_or(100)
-        .min(1000);
+        .clamp(1, 1000);
+    let after = match req.param("_cursor") {
+        Some(c) => Some(parse_history_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest("_cursor is not one of this server's history links".into())
+        })?),
+        None => None,
+    };
     let base = base_url(&st, &headers);
     let narrowed = access.compartment_for(Perm::Search, &rtype).is_some();
     let mut entries = Vec::new();
     let mut seen = Disclosed::default();
     // Read more than asked: versions the caller may not see are dropped, not counted.
-    for r in st
-        .rt
-        .store
-        .history_type(&access.principal.tenant, &rtype, since, count * 4 + 100)?
-    {
+    let read = count * 4 + 100;
+    let versions = st.rt.store.history_type(
+        &access.principal.tenant,
+        &rtype,
+        since,
+        after.as_ref(),
+        read,
+    )?;
+    let more_stored = versions.len() == read;
+    let mut last = None;
+    let mut full = false;
+    for r in &versions {
         if entries.len() >= count {
+            full = true;
             break;
         }
+        last = Some(tributary_storage::HistoryPosition::of(r));
         if r.deleted {
             if !narrowed && access.may(Perm::Search, &rtype) {
-                entries.push(history_entry(&base, &r)?);
+                entries.push(history_entry(&base, r)?);
             }
             continue;
         }
         let v = r.resource()?;
         if access.permits(Perm::Search, &rtype, &r.id, &v) {
             seen.add(&rtype, &r.id, &v);
-            entries.push(history_entry(&base, &r)?);
+            entries.push(history_entry(&base, r)?);
         }
     }
     slot.disclose(seen);
     slot.update(|d| d.returned = Some(entries.len()));
-    Ok(bundle_response(&history_bundle(entries)))
+    // The next page starts after the last version looked at (seen or not): nothing is
+    // skipped, nothing comes twice. Its total is unknown, so a paged Bundle has none.
+    let next = last.filter(|_| full || more_stored);
+    let mut bundle = history_bundle(entries);
+    let query = |params: &[(String, String)]| {
+        crate::search::link_query_with(params, "_count", &count.to_string())
+    };
+    let mut links = vec![
+        json!({"relation": "self", "url": format!("{base}/{rtype}/_history?{}", query(&req.params))}),
+    ];
+    if let Some(p) = next {
+        let cursor = format!("{}.{}.{}", p.last_updated, p.version, p.id);
+        let params: Vec<(String, String)> = req
+            .params
+            .iter()
+            .filter(|(k, _)| k != "_cursor")
+            .cloned()
+            .chain([("_cursor".to_string(), cursor)])
+            .collect();
+        links.push(json!({"relation": "next", "url": format!("{base}/{rtype}/_history?{}", query(&params))}));
+        if let Some(o) = bundle.as_object_mut() {
+            o.remove("total");
+        }
+    }
+    bundle["link"] = Value::Array(links);
+    Ok(bundle_response(&bundle))
+}
+
+/// A `_cursor` of a type history `next` link: `<ms>.<version>.<id>`.
+fn parse_history_cursor(c: &str) -> Option<tributary_storage::HistoryPosition> {
+    let mut it = c.splitn(3, '.');
+    let last_updated = it.next()?.parse().ok()?;
+    let version = it.next()?.parse().ok()?;
+    let id = it
+        .next()
+        .filter(|i| crate::policy::valid_id(i))?
+        .to_string();
+    Some(tributary_storage::HistoryPosition {
+        last_updated,
+        id,
+        version,
+    })
 }
 
 /// `GET /fhir/AuditEvent?patient=&date=ge…&date=le…&agent=&entity=&type=&subtype=&action=&outcome=&_count=`:
-/// the caller's tenant's audit trail as AuditEvents, oldest first, for the audit (and admin)
-/// role. Pages of `_count` (default 1000, at most 5000; 0 for the total only) follow each other
+/// the caller's tenant's audit trail as AuditEvents, oldest first, for the audit role. Pages
+/// of `_count` (default 1000, at most 5000; 0 for the total only) follow each other
 /// through a `next` link whose `_cursor` is the (time, sequence number) of the page's last
 /// record, so a report over any window can be read to its end without rescanning it. The first
 /// page's `total` counts every match; later pages carry none (counting would mean rescanning

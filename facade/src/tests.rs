@@ -1694,6 +1694,133 @@ async fn search_parameters_and_includes_are_what_the_capability_statement_says()
     assert_eq!(s, 400, "{b}");
 }
 
+/// Follows `next` links from `first`: every page's entries, in order.
+async fn all_pages(e: &Env, token: &str, first: &str) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut url = first.to_string();
+    loop {
+        let (s, _, b) = e.call("GET", &url, Some(token), None).await;
+        assert_eq!(s, 200, "{url}: {b}");
+        pages.push(
+            b["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| {
+                    let r = &x["resource"];
+                    match r["meta"]["versionId"].as_str() {
+                        Some(v) => format!(
+                            "{}/{}/{v}",
+                            r["resourceType"].as_str().unwrap(),
+                            r["id"].as_str().unwrap()
+                        ),
+                        None => x["request"]["url"].as_str().unwrap_or("").to_string(),
+                    }
+                })
+                .collect(),
+        );
+        let next = b["link"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+            .map(|l| {
+                l["url"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("http://test")
+                    .to_string()
+            });
+        match next {
+            Some(n) => url = n,
+            None => return pages,
+        }
+        assert!(pages.len() < 50, "paging does not end");
+    }
+}
+
+/// Type history and `$everything` page with `next` links: every version (or compartment
+/// resource) comes exactly once across the pages, in order, whatever the page size.
+#[tokio::test]
+async fn history_and_everything_page_with_next_links() {
+    let e = env();
+    let admin = seed(&e).await;
+    // more versions: o1 updated twice, o3 deleted
+    for status in ["amended", "corrected"] {
+        let mut o = obs("o1", "p1", "laboratory");
+        o["status"] = json!(status);
+        let (s, _, _) = e
+            .call("PUT", "/fhir/Observation/o1", Some(&admin), Some(o))
+            .await;
+        assert!(s.is_success());
+    }
+    let (s, _, _) = e
+        .call("DELETE", "/fhir/Observation/o3", Some(&admin), None)
+        .await;
+    assert!(s.is_success());
+    let (_, _, whole) = e
+        .call(
+            "GET",
+            "/fhir/Observation/_history?_count=100",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(whole["entry"].as_array().unwrap().len(), 6, "{whole}");
+    assert_eq!(whole["total"], 6, "one page: the total is known");
+    let everything: Vec<String> = all_pages(&e, &admin, "/fhir/Observation/_history?_count=100")
+        .await
+        .concat();
+    for size in [1, 2, 4] {
+        let pages = all_pages(
+            &e,
+            &admin,
+            &format!("/fhir/Observation/_history?_count={size}"),
+        )
+        .await;
+        assert!(pages.iter().all(|p| p.len() <= size), "{pages:?}");
+        assert_eq!(pages.concat(), everything, "page size {size}");
+    }
+    let (_, _, paged) = e
+        .call(
+            "GET",
+            "/fhir/Observation/_history?_count=2",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert!(
+        paged.get("total").is_none(),
+        "a paged history has no total: {paged}"
+    );
+    let (s, _, _) = e
+        .call(
+            "GET",
+            "/fhir/Observation/_history?_cursor=nonsense",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    // $everything of p1: the Patient, then its compartment (o1, o2), one per page.
+    let pages = all_pages(&e, &admin, "/fhir/Patient/p1/$everything?_count=1").await;
+    let flat: Vec<String> = pages.concat();
+    assert_eq!(flat.len(), 3, "{pages:?}");
+    assert!(flat[0].starts_with("Patient/p1/"), "{flat:?}");
+    let mut rest = flat[1..].to_vec();
+    rest.sort();
+    rest.dedup();
+    assert_eq!(rest.len(), 2, "each once: {flat:?}");
+    let (_, _, first) = e
+        .call(
+            "GET",
+            "/fhir/Patient/p1/$everything?_count=1",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(first["total"], 3);
+}
+
 /// `Appointment?patient=` finds the Appointments a patient takes part in (`participant.actor`,
 /// where the SIU^S12 mapping puts the patient), also for a patient-context token's search.
 #[tokio::test]

@@ -227,12 +227,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<StoredResource>>;
     /// Every version, newest first.
     fn history(&self, tenant: &str, rtype: &str, id: &str) -> Result<Vec<StoredResource>>;
-    /// Every version of every resource of a type changed at or after `since`, newest first.
+    /// Every version of every resource of a type changed at or after `since`, newest first
+    /// (by time, then id, then version), starting after `after` (the last one of a previous
+    /// page).
     fn history_type(
         &self,
         tenant: &str,
         rtype: &str,
         since: Option<i64>,
+        after: Option<&HistoryPosition>,
         limit: usize,
     ) -> Result<Vec<StoredResource>>;
     /// Live resources of a type, in id order, starting after `after_id`.
@@ -267,6 +270,33 @@ pub trait Store: Send + Sync + 'static {
         to: i64,
     ) -> Result<Vec<String>>;
     fn outbox(&self) -> &Outbox;
+}
+
+/// Where a page of type history ended: its last version's time, id and version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryPosition {
+    pub last_updated: i64,
+    pub id: String,
+    pub version: u64,
+}
+
+impl HistoryPosition {
+    pub fn of(r: &StoredResource) -> Self {
+        Self {
+            last_updated: r.last_updated,
+            id: r.id.clone(),
+            version: r.version,
+        }
+    }
+
+    /// The order of type history: newest first, then by id, then newest version first.
+    fn order_key(&self) -> (std::cmp::Reverse<i64>, &str, std::cmp::Reverse<u64>) {
+        (
+            std::cmp::Reverse(self.last_updated),
+            &self.id,
+            std::cmp::Reverse(self.version),
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -981,12 +1011,21 @@ impl Store for FjallStore {
         tenant: &str,
         rtype: &str,
         since: Option<i64>,
+        after: Option<&HistoryPosition>,
         limit: usize,
     ) -> Result<Vec<StoredResource>> {
         let snap = self.db.snapshot();
         let tables = self.db.tables();
         let p = prefix(&[tenant.as_bytes(), rtype.as_bytes()]);
-        let recent = |r: &StoredResource| since.is_none_or(|s| r.last_updated >= s);
+        let recent = |r: &StoredResource| {
+            since.is_none_or(|s| r.last_updated >= s)
+                && after.is_none_or(|a| {
+                    HistoryPosition::of(r)
+                        .order_key()
+                        .cmp(&a.order_key())
+                        .is_gt()
+                })
+        };
         let mut out = Vec::new();
         let mut current_versions = std::collections::HashMap::new();
         for item in snap.prefix(tables.get(Table::Res), &p) {
@@ -1008,6 +1047,7 @@ impl Store for FjallStore {
         out.sort_by(|a, b| {
             b.last_updated
                 .cmp(&a.last_updated)
+                .then_with(|| a.id.cmp(&b.id))
                 .then(b.version.cmp(&a.version))
         });
         out.truncate(limit);
@@ -1195,7 +1235,7 @@ mod tests {
             versions(store.history("t1", "Patient", "p1").unwrap()),
             [2, 1]
         );
-        let typed = store.history_type("t1", "Patient", None, 10).unwrap();
+        let typed = store.history_type("t1", "Patient", None, None, 10).unwrap();
         assert_eq!(versions(typed), [2, 1]);
         let v1 = store.vread("t1", "Patient", "p1", 1).unwrap().unwrap();
         assert_eq!(v1.resource().unwrap()["name"][0]["family"], "A");
