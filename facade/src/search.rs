@@ -95,6 +95,21 @@ fn date_matches(prefix: &str, v: (i64, i64), p: (i64, i64)) -> bool {
     }
 }
 
+/// The `[from, to)` range of `_lastUpdated` times a `_lastUpdated` value can match (a superset:
+/// the filter itself still decides), or `None` for `ne` and values that are no date.
+fn last_updated_bounds(v: &str) -> Option<(i64, i64)> {
+    let (prefix, val) = split_prefix(v);
+    let (lo, hi) = date_range(val)?;
+    match prefix {
+        "eq" => Some((lo, hi)),
+        "gt" | "sa" => Some((hi, i64::MAX)),
+        "ge" => Some((lo, i64::MAX)),
+        "lt" | "eb" => Some((i64::MIN, lo)),
+        "le" => Some((i64::MIN, hi)),
+        _ => None,
+    }
+}
+
 fn split_prefix(v: &str) -> (&str, &str) {
     for p in ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"] {
         if let Some(rest) = v.strip_prefix(p) {
@@ -465,13 +480,24 @@ pub fn run_search(
                 };
                 ids = intersect(ids, store.ids_by_identifier(tenant, rtype, system, value)?);
             }
+            "_lastUpdated" if !v.contains(',') => {
+                if let Some((from, to)) = last_updated_bounds(v) {
+                    ids = intersect(ids, store.ids_by_last_updated(tenant, rtype, from, to)?);
+                }
+            }
             _ => {}
         }
     }
     let candidates: Vec<StoredResource> = match ids {
         Some(ids) => {
+            // Never a silently shortened answer: past the bound, the client narrows the search.
+            if ids.len() > MAX_SCAN {
+                return Err(ApiError::BadRequest(format!(
+                    "search matches more than {MAX_SCAN} resources by its indexed parameters; narrow it (_lastUpdated, _id, identifier)"
+                )));
+            }
             let mut out = Vec::new();
-            for id in ids.iter().take(MAX_SCAN) {
+            for id in &ids {
                 if let Some(r) = store.read(tenant, rtype, id)? {
                     if !r.deleted {
                         out.push(r);

@@ -1694,6 +1694,44 @@ async fn search_parameters_and_includes_are_what_the_capability_statement_says()
     assert_eq!(s, 400, "{b}");
 }
 
+/// `_lastUpdated` is answered from its index (a type larger than the scan bound stays
+/// searchable by it), and each prefix selects what the filter itself would.
+#[tokio::test]
+async fn last_updated_searches_select_by_prefix() {
+    let e = env();
+    let admin = seed(&e).await;
+    let (_, _, o1) = e
+        .call("GET", "/fhir/Observation/o1", Some(&admin), None)
+        .await;
+    let ms =
+        tributary_core::parse_rfc3339_millis(o1["meta"]["lastUpdated"].as_str().unwrap()).unwrap();
+    let iso = |t: i64| tributary_core::format_rfc3339_millis(t);
+    // o1, o2, o3 were written in that order, so all three are at or after o1's time.
+    for (query, expect) in [
+        (format!("ge{}", iso(ms)), 3),
+        (format!("gt{}", iso(ms + 60_000)), 0),
+        (format!("lt{}", iso(ms - 60_000)), 0),
+        (format!("le{}", iso(ms + 60_000)), 3),
+        (format!("lt{}", iso(ms)), 0),
+        (
+            format!("ge{}&_lastUpdated=le{}", iso(ms - 60_000), iso(ms + 60_000)),
+            3,
+        ),
+        ("2020".to_string(), 0),
+    ] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Observation?_lastUpdated={query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{query}: {b}");
+        assert_eq!(ids(&b).len(), expect, "{query}: {b}");
+    }
+}
+
 /// Follows `next` links from `first`: every page's entries, in order.
 async fn all_pages(e: &Env, token: &str, first: &str) -> Vec<Vec<String>> {
     let mut pages = Vec::new();
