@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Regenerates engine/core/data/fhir_r4_elements.tsv from the FHIR R4 (4.0.1) models of
-fhir.resources==6.4.0: one line per element, `Owner<TAB>element<TAB>type<TAB>max` (max is 1 or *).
+fhir.resources==6.4.0: one line per element, `Owner<TAB>element<TAB>type<TAB>max<TAB>min`, where
+max is 1 or *, and min is 1 (required), 0, or `<group>[x]` for a member of a choice of which one
+is required (`occurrence[x]`: occurrenceDateTime or occurrenceString).
 Run: python3 scripts/gen_fhir_elements.py > engine/core/data/fhir_r4_elements.tsv"""
 import importlib, inspect, pkgutil
 import fhir.resources as fr
 from fhir.resources.core.fhirabstractmodel import FHIRAbstractModel
 
-PRIMS = {"Boolean":"boolean","Integer":"integer","Decimal":"decimal","String":"string","Uri":"uri",
+PRIMS = {"Boolean":"boolean","bool":"boolean","Integer":"integer","Decimal":"decimal","String":"string","Uri":"uri",
  "Url":"url","Canonical":"canonical","Code":"code","Id":"id","Oid":"oid","Uuid":"uuid","Markdown":"markdown",
  "Base64Binary":"base64Binary","Date":"date","DateTime":"dateTime","Instant":"instant","Time":"time",
  "PositiveInt":"positiveInt","UnsignedInt":"unsignedInt","Xhtml":"xhtml"}
@@ -35,6 +37,13 @@ for m in pkgutil.iter_modules(fr.__path__):
             t = PRIMS.get(t, t)
             if t == "Resource" or t == "FHIRAbstractModel":
                 t = "Resource"
-            rows.add((cname, f.alias, t, "*" if f.shape != 1 else "1"))
+            extra = f.field_info.extra
+            if extra.get("one_of_many") and extra.get("one_of_many_required"):
+                least = extra["one_of_many"] + "[x]"
+            elif f.required or extra.get("element_required"):
+                least = "1"
+            else:
+                least = "0"
+            rows.add((cname, f.alias, t, "*" if f.shape != 1 else "1", least))
 for r in sorted(rows):
     print("\t".join(r))

@@ -19,12 +19,41 @@ pub struct Element {
 
 struct Table {
     elements: HashMap<&'static str, HashMap<&'static str, Element>>,
+    /// Per type, what R4 requires (min 1): an element name, or a choice group (`occurrence[x]`)
+    /// of which one member must be present.
+    required: HashMap<&'static str, Vec<Required>>,
+}
+
+/// One requirement of a type's R4 definition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Required {
+    Element(&'static str),
+    /// `occurrence[x]` and its members (`occurrenceDateTime`, `occurrenceString`).
+    Choice(&'static str, Vec<&'static str>),
+}
+
+impl Required {
+    /// Whether `has(name)` finds the element, or one member of the choice.
+    pub fn met_by(&self, has: impl Fn(&str) -> bool) -> bool {
+        match self {
+            Required::Element(e) => has(e),
+            Required::Choice(_, members) => members.iter().any(|m| has(m)),
+        }
+    }
+
+    /// `status`, `occurrence[x]`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Required::Element(e) | Required::Choice(e, _) => e,
+        }
+    }
 }
 
 fn table() -> &'static Table {
     static T: OnceLock<Table> = OnceLock::new();
     T.get_or_init(|| {
         let mut elements: HashMap<&'static str, HashMap<&'static str, Element>> = HashMap::new();
+        let mut required: HashMap<&'static str, Vec<Required>> = HashMap::new();
         for line in TABLE.lines() {
             let mut it = line.split('\t');
             let (Some(owner), Some(name), Some(ty), Some(max)) =
@@ -39,9 +68,28 @@ fn table() -> &'static Table {
                     many: max == "*",
                 },
             );
+            let list = required.entry(owner).or_default();
+            match it.next() {
+                Some("1") => list.push(Required::Element(name)),
+                Some(group) if group.ends_with("[x]") => {
+                    match list
+                        .iter_mut()
+                        .find(|r| matches!(r, Required::Choice(g, _) if *g == group))
+                    {
+                        Some(Required::Choice(_, members)) => members.push(name),
+                        _ => list.push(Required::Choice(group, vec![name])),
+                    }
+                }
+                _ => {}
+            }
         }
-        Table { elements }
+        Table { elements, required }
     })
+}
+
+/// What R4 requires of `ty` (min 1 elements and required choices), in table order.
+pub fn required(ty: &str) -> &'static [Required] {
+    table().required.get(ty).map_or(&[], Vec::as_slice)
 }
 
 /// True for a type the table knows (a resource, datatype or backbone element).
@@ -137,5 +185,13 @@ mod tests {
         assert_eq!(suggest_element("Patient", "gendr"), Some("gender"));
         assert!(is_resource("Encounter"));
         assert!(!is_resource("HumanName"));
+        let names: Vec<&str> = required("Immunization")
+            .iter()
+            .map(Required::name)
+            .collect();
+        assert_eq!(names, ["occurrence[x]", "patient", "status", "vaccineCode"]);
+        assert!(required("Immunization")[0].met_by(|e| e == "occurrenceString"));
+        assert!(!required("Immunization")[0].met_by(|e| e == "recorded"));
+        assert!(required("Patient").is_empty());
     }
 }

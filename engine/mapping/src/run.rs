@@ -212,6 +212,22 @@ impl MappedBundle {
         self.entries.iter().map(|e| (e.rtype, e.id.as_str()))
     }
 
+    /// What the entries lack of what FHIR R4 requires of their type at the top level (min 1
+    /// elements, required choices such as `Immunization.occurrence[x]`), as `Type/id: element`.
+    /// A source field the rule would have read was empty or failed to convert: the output
+    /// would not be valid R4, so the pipeline does not commit it.
+    pub fn missing_required(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            for r in tributary_core::fhir_r4::required(e.rtype) {
+                if !r.met_by(|name| e.resource.get(name).is_some()) {
+                    out.push(format!("{}/{}: {}", e.rtype, e.id, r.name()));
+                }
+            }
+        }
+        out
+    }
+
     /// (resource type, id, resource) for every entry.
     pub fn resources(&self) -> impl Iterator<Item = (&str, &str, Value)> + '_ {
         self.entries

@@ -1139,12 +1139,22 @@ fn summarize<T: std::fmt::Display>(paths: &[T]) -> String {
 
 /// The output check the store relies on: no two entries for one resource (the mapping crate
 /// builds each entry's type, id and `PUT` url together).
+/// Validates the output before anything is committed: one entry per resource, and every
+/// element FHIR R4 requires of each resource present (a required source field that was empty
+/// would otherwise commit an invalid resource and send it to every subscriber).
 fn check_bundle(m: &MappedBundle) -> Result<(), String> {
     let mut seen: HashSet<(&str, &str)> = HashSet::new();
     for (t, id) in m.entries() {
         if !seen.insert((t, id)) {
             return Err(format!("two entries for {t} {id}"));
         }
+    }
+    let missing = m.missing_required();
+    if !missing.is_empty() {
+        return Err(format!(
+            "not valid FHIR R4: required element(s) missing: {}",
+            missing.join("; ")
+        ));
     }
     Ok(())
 }

@@ -191,6 +191,50 @@ async fn quarantine_policy_holds_messages_with_unconsumed_fields_and_requeues_af
     assert_eq!(st.attempts, 2, "re-queued once by the reload");
 }
 
+/// The output is validated before it is committed: a VXU whose administration time (RXA-3) is
+/// empty would give an Immunization without the `occurrence[x]` R4 requires. It fails with the
+/// reason instead, and nothing of it is stored.
+#[tokio::test]
+async fn a_resource_without_an_element_r4_requires_fails_the_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let msg = String::from_utf8(fixture("VXU_V04.hl7")).unwrap();
+    let blanked: Vec<String> = msg
+        .split('\r')
+        .map(|seg| {
+            if seg.starts_with("RXA|") {
+                let mut f: Vec<&str> = seg.split('|').collect();
+                f[3] = "";
+                f.join("|")
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect();
+    let id = append(&rt, blanked.join("\r").into_bytes()).await;
+    drain(&p, &rt).await;
+    let st = rt.journal.get(id).unwrap().unwrap().state.state;
+    assert_eq!(st.kind(), StateKind::Failed, "{st:?}");
+    let reason = st.reason().unwrap();
+    assert!(
+        reason.contains("not valid FHIR R4") && reason.contains("occurrence[x]"),
+        "{reason}"
+    );
+    assert!(rt
+        .store
+        .list("t1", "Immunization", None, 10)
+        .unwrap()
+        .is_empty());
+    // the unchanged fixture commits
+    let id = append(&rt, msg.into_bytes()).await;
+    drain(&p, &rt).await;
+    assert_eq!(
+        rt.journal.get(id).unwrap().unwrap().state.state,
+        MessageState::Committed
+    );
+}
+
 /// The policy is per feed: the same message with a local segment no map reads is held from the
 /// feed under `quarantine` and committed from the feed that stays on the default `warn`.
 #[tokio::test]

@@ -208,6 +208,12 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     for w in &m.warnings {
                         eprintln!("warning: {}: {w}", input.display());
                     }
+                    for r in m.missing_required() {
+                        eprintln!(
+                            "warning: {}: not valid FHIR R4, the pipeline would fail it: required element missing: {r}",
+                            input.display()
+                        );
+                    }
                     for d in &m.dropped {
                         eprintln!(
                             "warning: {}: {}: source value left out: {d}",
