@@ -222,8 +222,9 @@ pub struct ServerArgs {
     /// Base URL of the running server (default: http:// and `http.listen` from the config).
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
-    /// A bearer token with the admin role (default: one signed with the local key in the data
-    /// directory, valid for two minutes, when `facade.auth.local_key` is on).
+    /// A bearer token with the admin role, or the audit role for `audit verify` (default: one
+    /// signed with the local key in the data directory, valid for two minutes, when
+    /// `facade.auth.local_key` is on).
     #[arg(long, env = "TRIBUTARY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// PEM file of the CA that signed an `https` server's certificate, when the system's roots

@@ -29,6 +29,7 @@ pub async fn list(
         config,
         server,
         sel.tenant.as_deref(),
+        "admin",
         reqwest::Method::GET,
         "/admin/journal",
     )?;
@@ -46,6 +47,7 @@ pub async fn replay(
         config,
         server,
         sel.tenant.as_deref(),
+        "admin",
         reqwest::Method::POST,
         "/admin/replay",
     )?;
@@ -64,6 +66,7 @@ pub async fn message(
         config,
         server,
         tenant,
+        "admin",
         reqwest::Method::GET,
         &format!("/admin/journal/{id}"),
     )?;
@@ -89,6 +92,7 @@ pub async fn mapping_report(
         config,
         server,
         tenant,
+        "admin",
         reqwest::Method::GET,
         "/admin/mapping/report",
     )?;
@@ -111,6 +115,7 @@ pub async fn audit_verify(config: &Config, server: &ServerArgs) -> anyhow::Resul
         config,
         server,
         None,
+        "audit",
         reqwest::Method::GET,
         "/admin/audit/verify",
     )?;
@@ -122,12 +127,14 @@ pub async fn audit_verify(config: &Config, server: &ServerArgs) -> anyhow::Resul
     bail!("the server answered {status}: {}", diagnostics(&body))
 }
 
-/// A request to the running server's `path` with an admin token for `tenant` (the default
-/// tenant when `None`): the server answers for the token's tenant only.
+/// A request to the running server's `path` with a token of `role` for `tenant` (the default
+/// tenant when `None`): the server answers for the token's tenant only. The audit trail is
+/// the audit role's; everything else here is the admin role's.
 fn authorized(
     config: &Config,
     server: &ServerArgs,
     tenant: Option<&str>,
+    role: &str,
     method: reqwest::Method,
     path: &str,
 ) -> anyhow::Result<reqwest::RequestBuilder> {
@@ -152,7 +159,7 @@ fn authorized(
     };
     let token = match &server.token {
         Some(t) => t.clone(),
-        None => local_admin_token(config, tenant)?,
+        None => local_token(config, tenant, role)?,
     };
     let mut client = reqwest::Client::builder().timeout(TIMEOUT);
     if let Some(path) = &server.cacert {
@@ -167,10 +174,10 @@ fn authorized(
         .bearer_auth(token))
 }
 
-fn local_admin_token(config: &Config, tenant: Option<&str>) -> anyhow::Result<String> {
+fn local_token(config: &Config, tenant: Option<&str>, role: &str) -> anyhow::Result<String> {
     let auth = &config.facade.auth;
     if !auth.local_key {
-        bail!("the data directory is held by a running server: pass --token with an admin-role token from your identity provider (facade.auth.local_key is off)");
+        bail!("the data directory is held by a running server: pass --token with an {role}-role token from your identity provider (facade.auth.local_key is off)");
     }
     let key = tributary_facade::LocalSigningKey::load_or_create(&config.data_dir)?;
     let req = tributary_facade::IssueRequest {
@@ -179,7 +186,7 @@ fn local_admin_token(config: &Config, tenant: Option<&str>) -> anyhow::Result<St
         subject: None,
         patient: None,
         tenant: Some(tenant.unwrap_or(&config.default_tenant).to_string()),
-        role: Some("admin".into()),
+        role: Some(role.into()),
         grant: None,
         ttl_secs: TOKEN_TTL_SECS,
         issuer: auth.issuers[0].clone(),
