@@ -1859,6 +1859,56 @@ async fn history_and_everything_page_with_next_links() {
     assert_eq!(first["total"], 3);
 }
 
+/// Writes are checked against the FHIR R4 element table at the top level: an element the type
+/// does not have, or a required one missing, is 422 naming it; nothing is stored. A patch whose
+/// result lacks a required element is refused the same way.
+#[tokio::test]
+async fn writes_with_unknown_or_missing_required_elements_are_refused() {
+    let e = env();
+    let admin = seed(&e).await;
+    let mut typo = obs("x1", "p1", "laboratory");
+    typo["valueQuantty"] = json!({"value": 1});
+    let mut no_code = obs("x2", "p1", "laboratory");
+    no_code.as_object_mut().unwrap().remove("code");
+    let imm = json!({"resourceType": "Immunization", "id": "i1", "status": "completed",
+        "vaccineCode": {"text": "x"}, "patient": {"reference": "Patient/p1"}});
+    for (path, body, says) in [
+        ("/fhir/Observation/x1", typo, "no element `valueQuantty`"),
+        ("/fhir/Observation/x2", no_code, "requires code"),
+        (
+            "/fhir/Immunization/i1",
+            imm.clone(),
+            "requires occurrence[x]",
+        ),
+    ] {
+        let (s, _, b) = e.call("PUT", path, Some(&admin), Some(body)).await;
+        assert_eq!(s, 422, "{path}: {b}");
+        let text = b["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(text.contains(says), "{path}: {text}");
+        let (s, _, _) = e.call("GET", path, Some(&admin), None).await;
+        assert_eq!(s, 404, "{path}: nothing stored");
+    }
+    let mut ok = imm;
+    ok["occurrenceDateTime"] = json!("2026-11-01");
+    let (s, _, b) = e
+        .call("PUT", "/fhir/Immunization/i1", Some(&admin), Some(ok))
+        .await;
+    assert!(s.is_success(), "{b}");
+    // "did you mean" for a near miss
+    let mut near = obs("x3", "p1", "laboratory");
+    near["subjekt"] = json!({"reference": "Patient/p1"});
+    let (_, _, b) = e
+        .call("PUT", "/fhir/Observation/x3", Some(&admin), Some(near))
+        .await;
+    assert!(
+        b["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `subject`"),
+        "{b}"
+    );
+}
+
 /// `Appointment?patient=` finds the Appointments a patient takes part in (`participant.actor`,
 /// where the SIU^S12 mapping puts the patient), also for a patient-context token's search.
 #[tokio::test]
