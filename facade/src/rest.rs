@@ -771,16 +771,11 @@ pub async fn instance_op(
             slot.disclose(seen);
             slot.update(|d| d.returned = Some(entries.len()));
             let page = |o: usize| {
-                let params: Vec<(String, String)> = req
-                    .params
-                    .iter()
-                    .filter(|(k, _)| k != "_offset")
-                    .cloned()
-                    .chain([("_offset".to_string(), o.to_string())])
-                    .collect();
+                let set = [("_offset", o.to_string()), ("_count", count.to_string())];
+                let set: Vec<(&str, &str)> = set.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 format!(
                     "{base}/Patient/{id}/$everything?{}",
-                    crate::search::link_query_with(&params, "_count", &count.to_string())
+                    crate::search::link_query_set(&req.params, &set)
                 )
             };
             let mut links = vec![json!({"relation": "self", "url": page(offset)})];
@@ -865,22 +860,17 @@ pub async fn history_type(
     // skipped, nothing comes twice. Its total is unknown, so a paged Bundle has none.
     let next = last.filter(|_| full || more_stored);
     let mut bundle = history_bundle(entries);
-    let query = |params: &[(String, String)]| {
-        crate::search::link_query_with(params, "_count", &count.to_string())
-    };
-    let mut links = vec![
-        json!({"relation": "self", "url": format!("{base}/{rtype}/_history?{}", query(&req.params))}),
-    ];
+    let count = count.to_string();
+    let self_query = crate::search::link_query_set(&req.params, &[("_count", &count)]);
+    let mut links =
+        vec![json!({"relation": "self", "url": format!("{base}/{rtype}/_history?{self_query}")})];
     if let Some(p) = next {
         let cursor = format!("{}.{}.{}", p.last_updated, p.version, p.id);
-        let params: Vec<(String, String)> = req
-            .params
-            .iter()
-            .filter(|(k, _)| k != "_cursor")
-            .cloned()
-            .chain([("_cursor".to_string(), cursor)])
-            .collect();
-        links.push(json!({"relation": "next", "url": format!("{base}/{rtype}/_history?{}", query(&params))}));
+        let next_query =
+            crate::search::link_query_set(&req.params, &[("_cursor", &cursor), ("_count", &count)]);
+        links.push(
+            json!({"relation": "next", "url": format!("{base}/{rtype}/_history?{next_query}")}),
+        );
         if let Some(o) = bundle.as_object_mut() {
             o.remove("total");
         }
@@ -1053,14 +1043,10 @@ pub async fn audit_events(
         json!({"relation": "self", "url": format!("{base}/AuditEvent?{}", crate::search::link_query_with(&req.params, "_count", &count.to_string()))}),
     ];
     if let Some((t, seq)) = page.last.filter(|_| page.total > page.events.len()) {
-        let next: Vec<(String, String)> = req
-            .params
-            .iter()
-            .filter(|(k, _)| k != "_count")
-            .cloned()
-            .chain([("_count".to_string(), count.to_string())])
-            .collect();
-        links.push(json!({"relation": "next", "url": format!("{base}/AuditEvent?{}", crate::search::link_query_with(&next, "_cursor", &format!("{t}:{seq}")))}));
+        let (count, cursor) = (count.to_string(), format!("{t}:{seq}"));
+        let next =
+            crate::search::link_query_set(&req.params, &[("_count", &count), ("_cursor", &cursor)]);
+        links.push(json!({"relation": "next", "url": format!("{base}/AuditEvent?{next}")}));
     }
     let entries: Vec<Value> = page
         .events

@@ -625,13 +625,20 @@ pub(crate) fn link_query(params: &[(String, String)], offset: usize) -> String {
 
 /// The request's parameters with the paging parameter `key` set to `value`, as a query string.
 pub(crate) fn link_query_with(params: &[(String, String)], key: &str, value: &str) -> String {
-    let mut parts: Vec<String> = params
+    link_query_set(params, &[(key, value)])
+}
+
+/// The request's parameters with each of `set` replacing any of the same name (appended in
+/// that order), as a query string: the links of a paged answer.
+pub(crate) fn link_query_set(params: &[(String, String)], set: &[(&str, &str)]) -> String {
+    params
         .iter()
-        .filter(|(k, _)| k != key)
+        .filter(|(k, _)| !set.iter().any(|(s, _)| s == k))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(set.iter().copied())
         .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect();
-    parts.push(format!("{key}={}", encode(value)));
-    parts.join("&")
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn encode(s: &str) -> String {
