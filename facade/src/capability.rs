@@ -159,7 +159,9 @@ pub const RESOURCE_TYPES: &[&str] = &[
     "VisionPrescription",
 ];
 
-fn resource_entry(t: &str, routed: bool) -> Value {
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport";
+
+fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
     if t == "AuditEvent" {
         return json!({
             "type": "AuditEvent",
@@ -214,6 +216,17 @@ fn resource_entry(t: &str, routed: bool) -> Value {
     if t == "Patient" {
         r["operation"] = json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
     }
+    // R4 Subscriptions Backport: the topics a client can subscribe to, and the operations.
+    if t == "Subscription" && !topics.is_empty() {
+        r["extension"] = topics
+            .iter()
+            .map(|url| json!({"url": format!("{BACKPORT}/StructureDefinition/capabilitystatement-subscriptiontopic-canonical"), "valueCanonical": url}))
+            .collect();
+        r["operation"] = ["status", "events", "get-ws-binding-token"]
+            .iter()
+            .map(|op| json!({"name": op, "definition": format!("{BACKPORT}/OperationDefinition/backport-subscription-{op}")}))
+            .collect();
+    }
     r
 }
 
@@ -222,7 +235,10 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
     let resources: Vec<Value> = RESOURCE_TYPES
         .iter()
         .filter(|t| !matches!(**t, "Bundle" | "OperationOutcome" | "Parameters"))
-        .map(|t| resource_entry(t, st.facade.backends.routes_type(t)))
+        .map(|t| {
+            let routed = st.facade.backends.routes_type(t);
+            resource_entry(t, routed, &st.facade.subscription_topics)
+        })
         .collect();
     let body = json!({
         "resourceType": "CapabilityStatement",

@@ -69,6 +69,9 @@ pub struct Facade {
     /// When this configuration took effect (RFC 3339): the CapabilityStatement's `date`, since
     /// what it declares (routes to backends, conditional delete) depends on the configuration.
     pub configured_at: String,
+    /// Canonical URLs of the SubscriptionTopics served beside the facade (`[subscriptions]`),
+    /// announced in the CapabilityStatement with the Subscription operations; empty: none.
+    pub subscription_topics: Vec<String>,
 }
 
 impl Facade {
@@ -99,6 +102,7 @@ impl Facade {
             request_timeout: std::time::Duration::from_secs(30),
             https: false,
             configured_at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
+            subscription_topics: Vec::new(),
             auth,
             local_key,
             cfg,

@@ -1633,6 +1633,17 @@ async fn search_parameters_and_includes_are_what_the_capability_statement_says()
         assert!(!pat.contains(&p.to_string()), "Patient claims {p}");
     }
     assert!(params("Appointment").contains(&"patient".to_string()));
+    // Without [subscriptions] beside the facade no topic or Subscription operation is claimed.
+    let sub = cap["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Subscription")
+        .unwrap();
+    assert!(
+        sub.get("extension").is_none() && sub.get("operation").is_none(),
+        "{sub}"
+    );
     assert!(
         !params("Immunization").contains(&"code".to_string()),
         "vaccineCode, not code"

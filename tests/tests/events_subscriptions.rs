@@ -138,6 +138,46 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
     assert!(params
         .iter()
         .any(|p| p["name"] == "status" && p["valueCode"] == "active"));
+    // The CapabilityStatement names the topics and the Subscription operations (Backport IG).
+    let cap: Value = http
+        .get(format!("{base}/metadata"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sub_entry = cap["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Subscription")
+        .unwrap()
+        .clone();
+    let topics: Vec<&str> = sub_entry["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| {
+            x["url"]
+                .as_str()
+                .unwrap()
+                .ends_with("capabilitystatement-subscriptiontopic-canonical")
+        })
+        .map(|x| x["valueCanonical"].as_str().unwrap())
+        .collect();
+    let topic = sub["criteria"].as_str().unwrap().to_string();
+    assert!(
+        topics.contains(&topic.as_str()),
+        "{topic} not in {topics:?}"
+    );
+    let ops: Vec<&str> = sub_entry["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops, ["status", "events", "get-ws-binding-token"]);
     // $events hands out the same events again: each of their patients' audit reports lists it,
     // as it lists a delivered notification.
     let ev = get_json(&http, &format!("{base}/Subscription/{id}/$events"), &token).await;

@@ -161,6 +161,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .context("setting up the FHIR facade")?;
     facade.request_timeout = Duration::from_secs(config.http.request_timeout_secs);
+    if config.subscriptions.is_some() {
+        facade.subscription_topics = tributary_subscriptions::model::TOPICS
+            .iter()
+            .map(|t| t.url())
+            .collect();
+    }
     facade.https = config.http.tls.is_some();
     let facade = std::sync::Arc::new(facade);
     facade.backends.report_readiness(&rt.readiness);
