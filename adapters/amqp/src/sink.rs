@@ -284,6 +284,7 @@ mod tests {
             resource_id: Some("p1".into()),
             version: Some(1),
             patient_id: Some("p1".into()),
+            other_patients: Vec::new(),
             source_message: None,
             mapping_version: None,
             occurred_at: 0,

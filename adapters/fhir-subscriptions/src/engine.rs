@@ -1219,7 +1219,15 @@ impl SubscriptionService {
     ) {
         let mut by_patient: std::collections::BTreeMap<Option<&str>, u64> = Default::default();
         for e in events {
-            *by_patient.entry(e.patient_id.as_deref()).or_default() += 1;
+            // A patient-context subscriber received it as its own patient's (the resource may
+            // be keyed by another patient whose compartment it is in too).
+            let own = spec
+                .patient_context
+                .as_deref()
+                .filter(|p| e.other_patients.iter().any(|o| o == p));
+            *by_patient
+                .entry(own.or(e.patient_id.as_deref()))
+                .or_default() += 1;
         }
         let time = tributary_core::now_millis();
         let last_number = first_number + events.len() as u64 - 1;

@@ -467,7 +467,7 @@ impl SubscriptionSpec {
             }
         }
         if let Some(p) = &self.patient_context {
-            if ev.patient_id.as_deref() != Some(p.as_str()) {
+            if ev.patient_id.as_deref() != Some(p.as_str()) && !ev.other_patients.contains(p) {
                 return false;
             }
         }
@@ -532,6 +532,7 @@ mod tests {
             resource_id: Some("r1".into()),
             version: Some(1),
             patient_id: Some(patient.into()),
+            other_patients: Vec::new(),
             source_message: None,
             mapping_version: None,
             occurred_at: 0,
@@ -711,6 +712,13 @@ mod tests {
         }));
         assert!(!spec.matches(&Change {
             event: &theirs,
+            previous: None
+        }));
+        // A resource in both compartments (keyed by p2, naming p1 too) is p1's as well.
+        let mut shared = event("Appointment", "create", "p2", json!({}));
+        shared.other_patients = vec!["p1".into()];
+        assert!(spec.matches(&Change {
+            event: &shared,
             previous: None
         }));
         // Scopes for Observations only: an Encounter of the same patient is not delivered.

@@ -72,6 +72,7 @@ fn encounter_event() -> OutboxEvent {
         resource_id: Some("86009987".into()),
         version: Some(1),
         patient_id: Some("p1".into()),
+        other_patients: Vec::new(),
         source_message: None,
         mapping_version: None,
         occurred_at: 1_590_770_653_188,

@@ -137,6 +137,7 @@ mod tests {
             resource_id: rt.map(|_| "r1".to_string()),
             version: rt.map(|_| 2),
             patient_id: Some("p1".into()),
+            other_patients: Vec::new(),
             source_message: None,
             mapping_version: Some("sha256:ab".into()),
             occurred_at: 0,

@@ -102,6 +102,7 @@ async fn commit_batch(store: &FjallStore, n: u64, patients: u64) {
             resource_id: None,
             version: None,
             patient_id: Some(pid.clone()),
+            other_patients: Vec::new(),
             source_message: Some(format!("m{n}")),
             mapping_version: Some("sha256:test".into()),
             occurred_at: 0,

@@ -931,6 +931,7 @@ impl Pipeline {
             resource_id: None,
             version: None,
             patient_id: patient,
+            other_patients: Vec::new(),
             source_message: Some(env.id.to_string()),
             mapping_version: Some(version.clone()),
             occurred_at: env.received_at,

@@ -26,6 +26,10 @@ pub struct OutboxEvent<R = serde_json::Value> {
     pub version: Option<u64>,
     /// Pseudonymous Patient resource id, the partition key for ordering per patient.
     pub patient_id: Option<String>,
+    /// The other patients whose compartment the resource is in (an Appointment with two
+    /// patients among its participants): their patient-context subscribers hear of it too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_patients: Vec<String>,
     pub source_message: Option<String>,
     pub mapping_version: Option<String>,
     pub occurred_at: i64,

@@ -670,7 +670,9 @@ fn plan_write(
     } else {
         new_fields
     };
-    let patient = fields.and_then(|f| f.patients.into_iter().next());
+    let mut patients = fields.map(|f| f.patients.into_iter()).into_iter().flatten();
+    let patient = patients.next();
+    let other_patients: Vec<String> = patients.collect();
     let event = OutboxEvent {
         seq: 0,
         event_id: deterministic_id(&[tenant, rtype, id, &next_version.to_string()]),
@@ -680,6 +682,7 @@ fn plan_write(
         resource_id: Some(id.clone()),
         version: Some(next_version),
         patient_id: patient,
+        other_patients,
         source_message: src.message.clone(),
         mapping_version: src.mapping_version.clone(),
         occurred_at: now,
@@ -1273,6 +1276,7 @@ mod tests {
             resource_id: Some("p1".into()),
             version: Some(2),
             patient_id: Some("p1".into()),
+            other_patients: Vec::new(),
             source_message: None,
             mapping_version: Some("v".into()),
             occurred_at: 5,
@@ -1600,6 +1604,24 @@ mod tests {
                 p("fhir.Observation.create", "p2"),
                 ("fhir.Observation.update".to_string(), None),
             ]
+        );
+    }
+
+    /// A resource in two patients' compartments: its event is keyed by the first and names the
+    /// other, so both patients' subscribers can hear of it.
+    #[tokio::test]
+    async fn an_event_names_every_patient_of_its_resource() {
+        let (_d, _db, s) = store();
+        let appt = json!({"resourceType": "Appointment", "id": "a1", "status": "booked",
+            "participant": [{"actor": {"reference": "Patient/pB"}, "status": "accepted"},
+                            {"actor": {"reference": "Patient/pA"}, "status": "accepted"}]});
+        s.commit(tx(vec![ResourceWrite::upsert("Appointment", "a1", appt)]))
+            .await
+            .unwrap();
+        let ev = &s.outbox().read_after(0, 10).unwrap()[0];
+        assert_eq!(
+            (ev.patient_id.as_deref(), ev.other_patients.as_slice()),
+            (Some("pA"), &["pB".to_string()][..])
         );
     }
 
