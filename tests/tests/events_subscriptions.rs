@@ -139,14 +139,7 @@ async fn smart_client_subscribes_and_gets_matching_notifications_only() {
         .iter()
         .any(|p| p["name"] == "status" && p["valueCode"] == "active"));
     // The CapabilityStatement names the topics and the Subscription operations (Backport IG).
-    let cap: Value = http
-        .get(format!("{base}/metadata"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cap = get_json(&http, &format!("{base}/metadata"), &token).await;
     let sub_entry = cap["rest"][0]["resource"]
         .as_array()
         .unwrap()
