@@ -110,6 +110,34 @@ fn last_updated_bounds(v: &str) -> Option<(i64, i64)> {
     }
 }
 
+/// Which indexed `birthDate` strings a `birthdate` value can match (a superset: the filter
+/// itself still decides).
+#[derive(Debug, PartialEq)]
+enum BirthdateBounds<'a> {
+    /// `eq`: a date within the value's day, month or year starts with it.
+    Prefix(&'a str),
+    /// The ordering prefixes, by whole years: `[from, to)`, no upper bound without `to`.
+    Range(String, Option<String>),
+}
+
+/// `None` for `ne`, `ap` and values with a time (a time zone can move them into another year).
+fn birthdate_bounds(v: &str) -> Option<BirthdateBounds<'_>> {
+    let (prefix, val) = split_prefix(v);
+    if !(matches!(val.len(), 4 | 7 | 10) && date_range(val).is_some()) {
+        return None;
+    }
+    let year: u32 = val.get(..4)?.parse().ok()?;
+    match prefix {
+        "eq" => Some(BirthdateBounds::Prefix(val)),
+        "gt" | "sa" | "ge" => Some(BirthdateBounds::Range(format!("{year:04}"), None)),
+        "lt" | "eb" | "le" => Some(BirthdateBounds::Range(
+            String::new(),
+            Some(format!("{:04}", year + 1)),
+        )),
+        _ => None,
+    }
+}
+
 fn split_prefix(v: &str) -> (&str, &str) {
     for p in ["eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"] {
         if let Some(rest) = v.strip_prefix(p) {
@@ -254,14 +282,25 @@ fn date_param_ok(values: &[String], raw: &str) -> ApiResult<bool> {
         .any(|r| date_matches(prefix, r, p)))
 }
 
-fn string_matches(r: &Value, field: &str, wanted: &str) -> bool {
-    let w = wanted.to_lowercase();
-    let check = |s: &str| s.to_lowercase().starts_with(&w);
-    match r.get(field) {
-        Some(Value::String(s)) => check(s),
+/// FHIR string search over `name` (`param` "name": a plain string, or HumanNames' text, family
+/// and given; "family": the HumanNames' family): starts-with, case- and accent-insensitive;
+/// `:exact` is whole-string and case-sensitive, `:contains` matches anywhere.
+fn string_matches(r: &Value, param: &str, modifier: Option<&str>, wanted: &str) -> bool {
+    let folded = tributary_core::fold_search_string(wanted);
+    let check = |s: &str| match modifier {
+        Some("exact") => s == wanted,
+        Some("contains") => tributary_core::fold_search_string(s).contains(&folded),
+        _ => tributary_core::fold_search_string(s).starts_with(&folded),
+    };
+    match r.get("name") {
+        Some(Value::String(s)) if param == "name" => check(s),
         Some(Value::Array(names)) => names.iter().any(|n| {
+            let family = n.get("family").and_then(Value::as_str);
+            if param == "family" {
+                return family.is_some_and(check);
+            }
             n.get("text").and_then(Value::as_str).is_some_and(check)
-                || n.get("family").and_then(Value::as_str).is_some_and(check)
+                || family.is_some_and(check)
                 || n.get("given")
                     .and_then(Value::as_array)
                     .is_some_and(|g| g.iter().filter_map(Value::as_str).any(check))
@@ -311,7 +350,10 @@ fn identifier_matches(r: &Value, wanted: &str) -> bool {
 
 /// Does one resource match one (name, value) parameter? Comma means OR.
 fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) -> ApiResult<bool> {
-    let base = name.split(':').next().unwrap_or(name);
+    let (base, modifier) = match name.split_once(':') {
+        Some((b, m)) => (b, Some(m)),
+        None => (name, None),
+    };
     let mut any = false;
     for v in value.split(',') {
         let ok = match base {
@@ -343,14 +385,7 @@ fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) ->
                     .unwrap_or_default(),
                 v,
             )?,
-            "name" => string_matches(r, "name", v),
-            "family" => r.get("name").and_then(Value::as_array).is_some_and(|ns| {
-                ns.iter().any(|n| {
-                    n.get("family")
-                        .and_then(Value::as_str)
-                        .is_some_and(|f| f.to_lowercase().starts_with(&v.to_lowercase()))
-                })
-            }),
+            "name" | "family" => string_matches(r, base, modifier, v),
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unsupported search parameter {other:?}"
@@ -441,6 +476,14 @@ pub fn run_search(
                         "search parameter {base:?} does not apply to {rtype} (it has no such element)"
                     )));
                 }
+                if let Some((_, m)) = name.split_once(':') {
+                    let string = SEARCH_PARAMS.contains(&(base, "string"));
+                    if !(string && (m == "exact" || m == "contains")) {
+                        return Err(ApiError::BadRequest(format!(
+                            "modifier :{m} is not supported on {base:?} (string parameters take :exact and :contains)"
+                        )));
+                    }
+                }
                 filters.push((k.clone(), v.clone()));
             }
         }
@@ -485,6 +528,42 @@ pub fn run_search(
                     ids = intersect(ids, store.ids_by_last_updated(tenant, rtype, from, to)?);
                 }
             }
+            // `:contains` cannot use a prefix index; every other form matches a prefix of the
+            // folded value (`:exact` too: an exact match is a folded prefix match).
+            "name" | "family" if !k.ends_with(":contains") => {
+                let values: Vec<String> = v
+                    .split(',')
+                    .map(tributary_core::fold_search_string)
+                    .collect();
+                // an empty prefix would name every resource with a name: no narrowing
+                if values.iter().all(|x| !x.is_empty()) {
+                    let mut any = Vec::new();
+                    for value in &values {
+                        any.extend(store.ids_by_string_prefix(tenant, rtype, base, value)?);
+                    }
+                    any.sort_unstable();
+                    any.dedup();
+                    ids = intersect(ids, any);
+                }
+            }
+            "birthdate" if !v.contains(',') => {
+                let found = match birthdate_bounds(v) {
+                    Some(BirthdateBounds::Prefix(p)) => {
+                        Some(store.ids_by_string_prefix(tenant, rtype, base, p)?)
+                    }
+                    Some(BirthdateBounds::Range(from, to)) => Some(store.ids_by_string_range(
+                        tenant,
+                        rtype,
+                        base,
+                        &from,
+                        to.as_deref(),
+                    )?),
+                    None => None,
+                };
+                if let Some(found) = found {
+                    ids = intersect(ids, found);
+                }
+            }
             _ => {}
         }
     }
@@ -510,7 +589,7 @@ pub fn run_search(
             let all = store.list(tenant, rtype, None, MAX_SCAN + 1)?;
             if all.len() > MAX_SCAN {
                 return Err(ApiError::BadRequest(format!(
-                    "search would scan more than {MAX_SCAN} resources; add _id, identifier, patient or _lastUpdated"
+                    "search would scan more than {MAX_SCAN} resources; add _id, identifier, patient, name, birthdate or _lastUpdated"
                 )));
             }
             all
@@ -765,11 +844,76 @@ mod tests {
     }
 
     #[test]
+    fn birthdate_index_bounds_cover_every_date_the_filter_accepts() {
+        use BirthdateBounds::*;
+        assert_eq!(birthdate_bounds("1980-03"), Some(Prefix("1980-03")));
+        assert_eq!(
+            birthdate_bounds("ge1980-03-05"),
+            Some(Range("1980".into(), None))
+        );
+        assert_eq!(
+            birthdate_bounds("lt1980-03-05"),
+            Some(Range(String::new(), Some("1981".into())))
+        );
+        assert_eq!(birthdate_bounds("ne1980"), None);
+        assert_eq!(birthdate_bounds("ge1980-03-05T10:00:00+14:00"), None);
+        // Every stored date the filter accepts falls inside the bounds.
+        let stored = [
+            "1979",
+            "1979-12-31",
+            "1980",
+            "1980-03",
+            "1980-03-04",
+            "1980-03-05",
+            "1980-12-31",
+            "1981-01-01",
+        ];
+        for q in [
+            "1980",
+            "1980-03",
+            "1980-03-05",
+            "ge1980-03-05",
+            "gt1980-03",
+            "le1980-03-05",
+            "lt1980",
+            "sa1980-03-04",
+            "eb1981",
+        ] {
+            let (prefix, val) = split_prefix(q);
+            let p = date_range(val).unwrap();
+            for s in stored {
+                if !date_matches(prefix, date_range(s).unwrap(), p) {
+                    continue;
+                }
+                let inside = match birthdate_bounds(q).unwrap() {
+                    Prefix(pre) => s.starts_with(pre),
+                    Range(from, to) => s >= from.as_str() && to.is_none_or(|t| s < t.as_str()),
+                };
+                assert!(inside, "{q} accepts {s} but the index bounds miss it");
+            }
+        }
+    }
+
+    #[test]
     fn names_and_identifiers() {
         let p = json!({"name":[{"family":"Smith","given":["Ann"]}],"identifier":[{"system":"urn:mrn","value":"7"}]});
-        assert!(string_matches(&p, "name", "smi"));
-        assert!(string_matches(&p, "name", "ann"));
-        assert!(!string_matches(&p, "name", "bob"));
+        assert!(string_matches(&p, "name", None, "smi"));
+        assert!(string_matches(&p, "name", None, "ann"));
+        assert!(!string_matches(&p, "name", None, "bob"));
+        assert!(string_matches(&p, "family", None, "SMI"));
+        assert!(!string_matches(&p, "family", None, "ann"));
+        assert!(string_matches(&p, "name", Some("exact"), "Smith"));
+        assert!(!string_matches(&p, "name", Some("exact"), "smith"));
+        assert!(!string_matches(&p, "name", Some("exact"), "Smit"));
+        assert!(string_matches(&p, "name", Some("contains"), "MIT"));
+        assert!(!string_matches(&p, "name", None, "mit"));
+        let accented = json!({"name":[{"family":"Müller","given":["Zoë"]}]});
+        assert!(string_matches(&accented, "name", None, "muller"));
+        assert!(string_matches(&accented, "family", None, "MÜL"));
+        assert!(string_matches(&accented, "name", None, "zoe"));
+        let org = json!({"name":"Good Health Clinic"});
+        assert!(string_matches(&org, "name", None, "good"));
+        assert!(!string_matches(&org, "family", None, "good"));
         assert!(identifier_matches(&p, "urn:mrn|7"));
         assert!(identifier_matches(&p, "7"));
         assert!(!identifier_matches(&p, "urn:other|7"));

@@ -55,12 +55,16 @@ pub enum Table {
     /// `n` \0 consumer \0 number BE → outbox seq BE: which event got that number
     /// (see [`crate::Numbering`])
     EventNumber,
+    /// tenant \0 type \0 parameter \0 value \0 id → (): the string and date search parameters
+    /// (`name`, `family` folded by [`tributary_core::fold_search_string`]; `birthdate` as
+    /// written), scanned by prefix or range
+    IdxString,
 }
 
 impl Table {
     pub(crate) const COUNT: usize = Self::ALL.len();
     /// In discriminant order: `Table::ALL[t as usize] == t`.
-    pub(crate) const ALL: [Table; 19] = [
+    pub(crate) const ALL: [Table; 20] = [
         Table::Msg,
         Table::State,
         Table::Seq,
@@ -80,6 +84,7 @@ impl Table {
         Table::DeadLetter,
         Table::FieldReport,
         Table::EventNumber,
+        Table::IdxString,
     ];
 
     fn name(self) -> &'static str {
@@ -103,6 +108,7 @@ impl Table {
             Table::DeadLetter => "dead_letters",
             Table::FieldReport => "mapping_field_report",
             Table::EventNumber => "outbox_event_numbers",
+            Table::IdxString => "idx_string",
         }
     }
 }
@@ -180,6 +186,7 @@ impl Db {
             spaces.push(db.keyspace(t.name(), KeyspaceCreateOptions::default)?);
         }
         let tables = Tables(Arc::new(spaces));
+        crate::store::build_string_index(&db, &tables)?;
         let counters = load_counters(&tables)?;
         let (committer, thread) = Committer::start(
             db.clone(),

@@ -269,6 +269,25 @@ pub trait Store: Send + Sync + 'static {
         from: i64,
         to: i64,
     ) -> Result<Vec<String>>;
+    /// Ids of live resources with an indexed `param` value ([`IndexFields::strings`]) that
+    /// starts with `prefix`, in id order.
+    fn ids_by_string_prefix(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        param: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>>;
+    /// Ids of live resources with an indexed `param` value in `from..to` (byte order; no upper
+    /// bound without `to`), in id order.
+    fn ids_by_string_range(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        param: &str,
+        from: &str,
+        to: Option<&str>,
+    ) -> Result<Vec<String>>;
     fn outbox(&self) -> &Outbox;
 }
 
@@ -359,6 +378,10 @@ pub struct IndexFields {
     pub patients: BTreeSet<String>,
     /// `(system, value)` of each identifier with a value (`system` empty when absent).
     pub identifiers: Vec<(String, String)>,
+    /// `(parameter, value)` for the string and date search parameters, sorted and distinct:
+    /// `name` (a plain `name` string, or each HumanName's text, family and given) and `family`,
+    /// folded by [`tributary_core::fold_search_string`]; `birthdate` as written.
+    pub strings: Vec<(&'static str, String)>,
 }
 
 impl IndexFields {
@@ -392,9 +415,39 @@ impl IndexFields {
                 Some((system.to_string(), value.to_string()))
             })
             .collect();
+        let mut strings = Vec::new();
+        let mut add = |param: &'static str, v: Option<&str>| {
+            if let Some(v) = v.map(tributary_core::fold_search_string) {
+                if !v.is_empty() {
+                    strings.push((param, v));
+                }
+            }
+        };
+        let name = resource.get("name");
+        if let Some(s) = name.and_then(V::as_str) {
+            add("name", Some(s));
+        }
+        for n in each(name) {
+            add("name", n.get("text").and_then(V::as_str));
+            let family = n.get("family").and_then(V::as_str);
+            add("name", family);
+            add("family", family);
+            let given = n.get("given");
+            for i in 0..given.and_then(V::array_len).unwrap_or(0) {
+                add("name", given.and_then(|g| g.element(i)).and_then(V::as_str));
+            }
+        }
+        if let Some(b) = resource.get("birthDate").and_then(V::as_str) {
+            if !b.is_empty() && !b.contains('\0') {
+                strings.push(("birthdate", b.to_string()));
+            }
+        }
+        strings.sort();
+        strings.dedup();
         Self {
             patients,
             identifiers,
+            strings,
         }
     }
 }
@@ -422,6 +475,12 @@ fn index_keys(
         out.push((
             Table::IdxIdent,
             join(&[t, ty, v.as_bytes(), system.as_bytes(), i]),
+        ));
+    }
+    for (param, v) in &fields.strings {
+        out.push((
+            Table::IdxString,
+            join(&[t, ty, param.as_bytes(), v.as_bytes(), i]),
         ));
     }
     out
@@ -1159,9 +1218,109 @@ impl Store for FjallStore {
         Ok(out)
     }
 
+    fn ids_by_string_prefix(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        param: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>> {
+        let mut p = keys::prefix(&[tenant.as_bytes(), rtype.as_bytes(), param.as_bytes()]);
+        p.extend_from_slice(prefix.as_bytes());
+        ids_after_last_sep(self.db.prefix(Table::IdxString, &p))
+    }
+
+    fn ids_by_string_range(
+        &self,
+        tenant: &str,
+        rtype: &str,
+        param: &str,
+        from: &str,
+        to: Option<&str>,
+    ) -> Result<Vec<String>> {
+        let parts = [tenant.as_bytes(), rtype.as_bytes(), param.as_bytes()];
+        let lo = join(&[&parts[..], &[from.as_bytes()]].concat());
+        let hi = match to {
+            Some(to) => join(&[&parts[..], &[to.as_bytes()]].concat()),
+            None => {
+                let mut end = join(&parts);
+                end.push(keys::SEP + 1);
+                end
+            }
+        };
+        ids_after_last_sep(self.db.range(Table::IdxString, lo..hi))
+    }
+
     fn outbox(&self) -> &Outbox {
         &self.outbox
     }
+}
+
+const STRING_INDEX_BUILT: &[u8] = b"idx_string_built";
+
+/// Builds the string index for resources stored before it existed: once, when the database is
+/// opened and before anything writes, so a name or birth date search never misses an older
+/// resource. Later writes keep it up to date.
+pub(crate) fn build_string_index(db: &fjall::Database, tables: &crate::db::Tables) -> Result<()> {
+    let meta = tables.get(Table::Meta);
+    if meta.get(STRING_INDEX_BUILT)?.is_some() {
+        return Ok(());
+    }
+    let index = tables.get(Table::IdxString);
+    let mut batch = db.batch();
+    let (mut pending, mut resources) = (0usize, 0usize);
+    for item in tables.get(Table::Res).iter() {
+        let (k, v) = item.into_inner()?;
+        let mut parts = k.splitn(3, |b| *b == keys::SEP);
+        let (Some(tenant), Some(rtype), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (rtype, id) = (String::from_utf8_lossy(rtype), String::from_utf8_lossy(id));
+        let stored = StoredResource::decode(&rtype, &id, &v)?;
+        if stored.deleted {
+            continue;
+        }
+        let fields = IndexFields::of(&rtype, &id, &stored.resource()?);
+        for (param, value) in &fields.strings {
+            let key = join(&[
+                tenant,
+                rtype.as_bytes(),
+                param.as_bytes(),
+                value.as_bytes(),
+                id.as_bytes(),
+            ]);
+            batch.insert(index, key, []);
+            pending += 1;
+        }
+        resources += 1;
+        if pending >= 10_000 {
+            batch.commit()?;
+            batch = db.batch();
+            pending = 0;
+        }
+    }
+    batch.insert(meta, STRING_INDEX_BUILT, []);
+    batch.commit()?;
+    db.persist(fjall::PersistMode::SyncAll)?;
+    if resources > 0 {
+        tracing::info!(resources, "name and birth date search index built");
+    }
+    Ok(())
+}
+
+/// The ids (the part after the last separator) of an index scan's keys, sorted and distinct: a
+/// resource may have several values under the scanned range.
+fn ids_after_last_sep(iter: fjall::Iter) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for item in iter {
+        let k = item.key()?;
+        let id_start = k.iter().rposition(|b| *b == keys::SEP).map_or(0, |i| i + 1);
+        out.push(String::from_utf8_lossy(&k[id_start..]).into_owned());
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1693,5 +1852,140 @@ mod tests {
         s.commit(tx(vec![patient("p4", "Doe")])).await.unwrap();
         let last = s.outbox().read_after(0, 10).unwrap().last().unwrap().seq;
         assert_eq!(last, seqs[2] + 1);
+    }
+
+    fn person(id: &str, name: Value, birth: &str) -> ResourceWrite {
+        ResourceWrite::upsert(
+            "Patient",
+            id,
+            json!({"resourceType":"Patient","name":name,"birthDate":birth}),
+        )
+    }
+
+    #[tokio::test]
+    async fn names_and_birth_dates_are_found_by_prefix_and_range_and_leave_the_index_with_their_version(
+    ) {
+        let (_d, _db, s) = store();
+        s.commit(tx(vec![
+            person(
+                "p1",
+                json!([{"family":"Müller","given":["Anna","Lena"]}]),
+                "1980-03-05",
+            ),
+            person("p2", json!([{"text":"Ann Smith","family":"Smith"}]), "1980"),
+            person("p3", json!([{"family":"Annan"}]), "1991-12-31"),
+            ResourceWrite::upsert(
+                "Organization",
+                "o1",
+                json!({"resourceType":"Organization","name":"Annex Clinic"}),
+            ),
+        ]))
+        .await
+        .unwrap();
+        let prefix =
+            |param: &str, v: &str| s.ids_by_string_prefix("t1", "Patient", param, v).unwrap();
+        assert_eq!(prefix("name", "ann"), vec!["p1", "p2", "p3"]);
+        assert_eq!(prefix("name", "mul"), vec!["p1"]);
+        assert_eq!(prefix("name", "len"), vec!["p1"]);
+        assert_eq!(prefix("family", "ann"), vec!["p3"]);
+        assert_eq!(prefix("family", "smith"), vec!["p2"]);
+        assert!(prefix("name", "bob").is_empty());
+        assert_eq!(
+            s.ids_by_string_prefix("t1", "Organization", "name", "annex c")
+                .unwrap(),
+            vec!["o1"]
+        );
+        assert!(s
+            .ids_by_string_prefix("t2", "Patient", "name", "ann")
+            .unwrap()
+            .is_empty());
+        assert_eq!(prefix("birthdate", "1980"), vec!["p1", "p2"]);
+        let range = |from: &str, to: Option<&str>| {
+            s.ids_by_string_range("t1", "Patient", "birthdate", from, to)
+                .unwrap()
+        };
+        assert_eq!(range("1981", None), vec!["p3"]);
+        assert_eq!(range("", Some("1981")), vec!["p1", "p2"]);
+        assert_eq!(range("1980-03-05", Some("1980-03-06")), vec!["p1"]);
+
+        // A new version replaces its index entries; a deleted resource has none.
+        s.commit(tx(vec![person(
+            "p1",
+            json!([{"family":"Berg"}]),
+            "1975-01-01",
+        )]))
+        .await
+        .unwrap();
+        assert_eq!(prefix("name", "ann"), vec!["p2", "p3"]);
+        assert_eq!(prefix("name", "berg"), vec!["p1"]);
+        assert_eq!(prefix("birthdate", "1980"), vec!["p2"]);
+        let del = ResourceWrite {
+            resource_type: "Patient".into(),
+            id: "p2".into(),
+            op: WriteOp::Delete,
+            precondition: Precondition::None,
+        };
+        s.commit(tx(vec![del])).await.unwrap();
+        assert_eq!(prefix("name", "ann"), vec!["p3"]);
+        assert!(prefix("birthdate", "1980").is_empty());
+    }
+
+    /// A store written before the string index existed gets it built when it is opened.
+    #[tokio::test]
+    async fn resources_stored_before_the_string_index_are_indexed_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+            let s = FjallStore::new(db.clone());
+            s.commit(tx(vec![
+                person("p1", json!([{"family":"Okafor"}]), "1990-07-01"),
+                person("p2", json!([{"family":"Okoro"}]), "1990-08-01"),
+            ]))
+            .await
+            .unwrap();
+            let del = ResourceWrite {
+                resource_type: "Patient".into(),
+                id: "p2".into(),
+                op: WriteOp::Delete,
+                precondition: Precondition::None,
+            };
+            s.commit(tx(vec![del])).await.unwrap();
+            // as an older store left it: no string index, no marker
+            let keys: Vec<Vec<u8>> = db
+                .prefix(Table::IdxString, b"")
+                .map(|i| i.key().unwrap().to_vec())
+                .collect();
+            assert_eq!(keys.len(), 3, "p1's name, family and birth date");
+            db.committer()
+                .run(move |txn| {
+                    for k in keys {
+                        txn.delete(Table::IdxString, k);
+                    }
+                    txn.delete(Table::Meta, STRING_INDEX_BUILT.to_vec());
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            assert!(s
+                .ids_by_string_prefix("t1", "Patient", "name", "ok")
+                .unwrap()
+                .is_empty());
+        }
+        let db = Db::open(dir.path(), DbOptions::default()).unwrap();
+        let s = FjallStore::new(db);
+        assert_eq!(
+            s.ids_by_string_prefix("t1", "Patient", "name", "oka")
+                .unwrap(),
+            vec!["p1"]
+        );
+        assert!(s
+            .ids_by_string_prefix("t1", "Patient", "name", "okoro")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.ids_by_string_prefix("t1", "Patient", "birthdate", "1990")
+                .unwrap(),
+            vec!["p1"]
+        );
     }
 }
