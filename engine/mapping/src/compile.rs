@@ -217,6 +217,8 @@ pub(crate) enum Entry {
         when: Option<Cond>,
         /// Only occurrences before the first `until` segment of the scope.
         until: Option<String>,
+        /// `write: merge`: the resource is merged into the stored one, not put in its place.
+        merge: bool,
     },
     Group {
         start: Vec<String>,
@@ -1676,7 +1678,7 @@ impl Compiler {
             self.check_keys(
                 file,
                 it,
-                &["name", "segment", "map", "when", "until", "note"],
+                &["name", "segment", "map", "when", "until", "write", "note"],
             );
             let Some(mn) = it.get("map") else {
                 self.err(
@@ -1728,12 +1730,31 @@ impl Compiler {
                 }
             }
             let until = self.until(file, it);
+            let merge = match it.get("write") {
+                None => false,
+                Some(w) => match w.as_str() {
+                    Some("replace") => false,
+                    Some("merge") => true,
+                    other => {
+                        self.err(
+                            file,
+                            w.pos,
+                            format!(
+                                "`write:` is `replace` (the default: the mapped resource takes the stored one's place) or `merge` (its elements go into the stored one), found `{}`",
+                                other.unwrap_or("")
+                            ),
+                        );
+                        false
+                    }
+                },
+            };
             out.push(Entry::Resource {
                 name,
                 segment,
                 map,
                 when,
                 until,
+                merge,
             });
         }
         out

@@ -17,6 +17,7 @@ pub mod cond;
 pub mod datetime;
 pub mod fhir;
 pub mod fixtures;
+mod patch;
 pub mod path;
 mod run;
 pub mod segments;

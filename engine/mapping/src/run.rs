@@ -163,10 +163,32 @@ struct BundleEntry {
     /// `Type/id`, the conditional upsert's url.
     url: String,
     resource: Obj,
+    /// Merged into the stored resource (`write: merge`) rather than put in its place.
+    merge: bool,
+}
+
+impl BundleEntry {
+    fn method(&self) -> &'static str {
+        if self.merge {
+            "PATCH"
+        } else {
+            "PUT"
+        }
+    }
+
+    fn body(&self) -> Value {
+        let resource = self.resource.clone().into_value();
+        if self.merge {
+            crate::patch::merge_patch(self.rtype, &resource)
+        } else {
+            resource
+        }
+    }
 }
 
 impl MappedBundle {
-    /// The FHIR R4 Bundle of type `transaction`.
+    /// The FHIR R4 Bundle of type `transaction`: a conditional `PUT` per resource, or, for a
+    /// `write: merge` entry, a `PATCH` with the FHIRPath Patch that merges it.
     pub fn bundle(&self) -> Value {
         let entries = self
             .entries
@@ -174,10 +196,10 @@ impl MappedBundle {
             .map(|e| {
                 let mut o = Map::new();
                 let mut req = Map::new();
-                req.insert("method".into(), "PUT".into());
+                req.insert("method".into(), e.method().into());
                 req.insert("url".into(), e.url.as_str().into());
                 o.insert("request".into(), Value::Object(req));
-                o.insert("resource".into(), e.resource.clone().into_value());
+                o.insert("resource".into(), e.body());
                 Value::Object(o)
             })
             .collect();
@@ -189,7 +211,7 @@ impl MappedBundle {
     }
 
     /// The Bundle as compact JSON: the bytes `serde_json::to_vec(&self.bundle())` gives,
-    /// written without building a `Value`.
+    /// written without building a `Value` (but for the rare merge entry).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1024 * self.entries.len().max(1));
         out.extend_from_slice(b"{\"entry\":[");
@@ -197,10 +219,16 @@ impl MappedBundle {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(b"{\"request\":{\"method\":\"PUT\",\"url\":");
+            out.extend_from_slice(b"{\"request\":{\"method\":\"");
+            out.extend_from_slice(e.method().as_bytes());
+            out.extend_from_slice(b"\",\"url\":");
             write_str(&mut out, &e.url);
             out.extend_from_slice(b"},\"resource\":");
-            e.resource.write_json(&mut out);
+            if e.merge {
+                serde_json::to_writer(&mut out, &e.body()).expect("a Value always serializes");
+            } else {
+                e.resource.write_json(&mut out);
+            }
             out.push(b'}');
         }
         out.extend_from_slice(b"],\"resourceType\":\"Bundle\",\"type\":\"transaction\"}");
@@ -243,6 +271,7 @@ impl MappedBundle {
             .map(|e| MappedResource {
                 resource_type: e.rtype,
                 id: e.id,
+                merge: e.merge,
                 tree: e.resource,
             })
             .collect()
@@ -254,6 +283,9 @@ impl MappedBundle {
 pub struct MappedResource {
     pub resource_type: &'static str,
     pub id: String,
+    /// `write: merge`: its elements go into the stored resource (lists gain the items they
+    /// lack, other elements are replaced, the rest is kept) instead of replacing it.
+    pub merge: bool,
     tree: Obj,
 }
 
@@ -345,6 +377,7 @@ struct Instance {
     ctx: Ctx,
     rtype: &'static str,
     id: String,
+    merge: bool,
 }
 
 struct Runner<'s, S: V2Source + ?Sized> {
@@ -512,6 +545,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     map,
                     when,
                     until,
+                    merge,
                 } => {
                     let (start, end) = (self.scopes[scope].start, self.scopes[scope].end);
                     let end = self.until_end(start, end, until.as_deref());
@@ -549,6 +583,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             ctx,
                             rtype,
                             id,
+                            merge: *merge,
                         });
                         if let Some(n) = name {
                             // visible in this scope and, for `ref:` to all of them, its ancestors
@@ -929,9 +964,9 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     // ---- building ----------------------------------------------------------------------------
 
     fn build_instance(&mut self, i: usize) -> Fallible<()> {
-        let (map, ctx, rtype, id) = {
+        let (map, ctx, rtype, id, merge) = {
             let inst = &self.instances[i];
-            (inst.map, inst.ctx, inst.rtype, inst.id.clone())
+            (inst.map, inst.ctx, inst.rtype, inst.id.clone(), inst.merge)
         };
         if self.out_index.contains_key(&(rtype, id.clone())) {
             // Another segment already gave this id: building this one would lose one of the two
@@ -948,7 +983,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             });
             return Ok(());
         }
-        self.build_resource(map, ctx, rtype, id)?;
+        self.build_resource(map, ctx, rtype, id, merge)?;
         Ok(())
     }
 
@@ -959,6 +994,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         ctx: Ctx,
         rtype: &'static str,
         id: String,
+        merge: bool,
     ) -> Fallible<String> {
         let url = format!("{rtype}/{id}");
         let set = self.set;
@@ -1000,6 +1036,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 id,
                 url: url.clone(),
                 resource: obj,
+                merge,
             });
         }
         Ok(url)
@@ -1397,7 +1434,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
                 self.enter(rule, c)?;
-                let url = self.build_resource(*idx, c, rtype, id);
+                let url = self.build_resource(*idx, c, rtype, id, false);
                 self.depth -= 1;
                 Some(reference(url?))
             }

@@ -588,3 +588,47 @@ fn decimals_keep_their_written_precision() {
         );
     }
 }
+
+/// `write:` is `replace` or `merge`; anything else is a load error at its position, and a
+/// merge entry is a PATCH in the Bundle while the others stay conditional PUTs.
+#[test]
+fn write_merge_entries_are_patches_and_other_write_values_are_load_errors() {
+    let pat = "resource: Patient\nsegment: PID\nid: [\"PID-3[1].1\"]\nrules:\n  - set: active\n    value: false\n";
+    let msg = |write: &str| {
+        format!("message: [ADT^A40]\nresources:\n  - segment: MSH\n    map: MSH-Header\n  - segment: PID\n    map: PID-Patient\n    write: {write}\n")
+    };
+    let bad = msg("upsert");
+    let errs = load_texts(&[
+        ("segments/MSH-Header.yaml", HEADER),
+        ("segments/PID-Patient.yaml", pat),
+        ("messages/ADT_A40.yaml", &bad),
+    ])
+    .unwrap_err();
+    assert!(
+        errs.to_string()
+            .contains("ADT_A40.yaml:7:12: `write:` is `replace` (the default"),
+        "{errs}"
+    );
+    let good = msg("merge");
+    let set = load_texts(&[
+        ("segments/MSH-Header.yaml", HEADER),
+        ("segments/PID-Patient.yaml", pat),
+        ("messages/ADT_A40.yaml", &good),
+    ])
+    .unwrap();
+    let m = map_as(
+        &set,
+        b"MSH|^~\\&|A|B|C|D|202601010000||ADT^A40|1|P|2.5.1\rPID|1||M1\r",
+        "t1",
+    );
+    let b = m.bundle();
+    let methods: Vec<&str> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["request"]["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["PUT", "PATCH"]);
+    assert_eq!(b["entry"][1]["resource"]["resourceType"], "Parameters");
+    assert_eq!(serde_json::to_vec(&b).unwrap(), m.to_json());
+}

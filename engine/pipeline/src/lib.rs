@@ -917,7 +917,11 @@ impl Pipeline {
             .into_iter()
             .map(|r| {
                 let (rtype, id) = (r.resource_type, r.id.clone());
-                ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
+                if r.merge {
+                    ResourceWrite::merge(rtype, &id, r.into_value())
+                } else {
+                    ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
+                }
             })
             .collect();
         let event_type = message_event_type(&mapped.message_type);

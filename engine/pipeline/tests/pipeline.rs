@@ -548,3 +548,63 @@ async fn fhir_notifications_reach_the_store_under_our_ids_and_replays_change_not
     let st = rt.journal.get(bad).unwrap().unwrap().state;
     assert_eq!(st.state.reason(), Some("entry 0: Patient without an id"));
 }
+
+/// An ADT^A40 marks the merged-away Patient inactive and links it to the survivor, and that
+/// record keeps what the MRG segment does not carry (birth date, address, gender): a merge, not
+/// a replacement. Replaying the A40 changes nothing.
+#[tokio::test]
+async fn a_merge_keeps_the_merged_away_patients_record_and_replays_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let register = "MSH|^~\\&|SYNTH_ADT|RIVERSIDE^2.16.840.1.113883.3.9999.1^ISO|TRIBUTARY|TRIB_HIE|20261101080000-0600||ADT^A04^ADT_A01|SYN-A04-MERGED|P|2.5.1\r\
+EVN|A04|20261101080000-0600\r\
+PID|1||MRN70999^^^RIVERSIDE&2.16.840.1.113883.3.9999.1&ISO^MR||Testpatient^Avery||19800214|F|||12 Synthetic Way^^Springfield^IL^62701^USA^H\r\
+PV1|1|O\r";
+    let first = append(&rt, register.as_bytes().to_vec()).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[first]);
+    let ids = rt
+        .store
+        .ids_by_identifier("t1", "Patient", None, "MRN70999")
+        .unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let merged_id = ids[0].clone();
+    let before = rt.store.read("t1", "Patient", &merged_id).unwrap().unwrap();
+    let before = before.resource().unwrap();
+    assert_eq!(before["birthDate"], "1980-02-14");
+
+    let merge = append(&rt, fixture("ADT_A40.hl7")).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[merge]);
+    let after = rt.store.read("t1", "Patient", &merged_id).unwrap().unwrap();
+    assert_eq!(after.version, 2);
+    let after = after.resource().unwrap();
+    for kept in ["birthDate", "gender", "address"] {
+        assert_eq!(after[kept], before[kept], "{kept} is kept");
+    }
+    assert_eq!(after["active"], false);
+    let survivor = rt
+        .store
+        .ids_by_identifier("t1", "Patient", None, "MRN70001")
+        .unwrap();
+    assert_eq!(
+        after["link"],
+        serde_json::json!([{"other": {"reference": format!("Patient/{}", survivor[0])}, "type": "replaced-by"}])
+    );
+    let mrns: Vec<&serde_json::Value> = after["identifier"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["value"] == "MRN70999")
+        .collect();
+    assert_eq!(mrns.len(), 1, "the MRN the record had is not repeated");
+
+    rt.journal.replay(&[merge]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[merge]);
+    assert_eq!(
+        rt.store.history("t1", "Patient", &merged_id).unwrap().len(),
+        2
+    );
+}

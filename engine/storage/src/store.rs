@@ -82,6 +82,9 @@ pub enum WriteOp {
     /// [`WriteOp::Upsert`] of a body its producer serializes itself: the mapping pipeline hands
     /// over its own tree rather than building a `Value` only for the store to serialize it.
     UpsertBody(Arc<dyn ResourceBody>),
+    /// Merge these elements into the stored resource (see [`merge_into`]), or create it when
+    /// none is stored. A merge that adds nothing new is unchanged, like an equal upsert.
+    Merge(Value),
     Delete,
 }
 
@@ -90,6 +93,7 @@ impl PartialEq for WriteOp {
         match (self, other) {
             (Self::Upsert(a), Self::Upsert(b)) => a == b,
             (Self::UpsertBody(a), Self::UpsertBody(b)) => a.to_json() == b.to_json(),
+            (Self::Merge(a), Self::Merge(b)) => a == b,
             (Self::Delete, Self::Delete) => true,
             _ => false,
         }
@@ -156,6 +160,17 @@ impl ResourceWrite {
             resource_type: resource_type.into(),
             id: id.into(),
             op: WriteOp::UpsertBody(body),
+            precondition: Precondition::None,
+        }
+    }
+
+    /// A merge of `elements` into the stored resource ([`WriteOp::Merge`]).
+    pub fn merge(resource_type: &str, id: &str, mut elements: Value) -> Self {
+        set_type_and_id(&mut elements, resource_type, id);
+        Self {
+            resource_type: resource_type.into(),
+            id: id.into(),
+            op: WriteOp::Merge(elements),
             precondition: Precondition::None,
         }
     }
@@ -452,6 +467,50 @@ impl IndexFields {
     }
 }
 
+/// `given`'s elements merged into `stored` (a `write: merge` mapping, such as the merged-away
+/// Patient of an ADT^A40): a list gains each of `given`'s items, which replaces every stored item
+/// that holds the same values (it may hold more); any other element is replaced; elements
+/// `given` lacks are kept. `tributary-mapping`'s FHIRPath Patch for a merge says the same.
+pub fn merge_into(stored: Value, given: &Value) -> Value {
+    let mut out = without_meta_stamps(&stored);
+    if let (Some(o), Some(g)) = (out.as_object_mut(), given.as_object()) {
+        for (k, gv) in g {
+            if k == "resourceType" || k == "id" {
+                continue;
+            }
+            match (o.get_mut(k), gv) {
+                (Some(Value::Array(list)), Value::Array(items)) => {
+                    for item in items {
+                        list.retain(|s| !holds_values_of(s, item));
+                        list.push(item.clone());
+                    }
+                }
+                _ => {
+                    o.insert(k.clone(), gv.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `s` has every value `m` has (objects: each of `m`'s members, lists: each item).
+fn holds_values_of(s: &Value, m: &Value) -> bool {
+    let one_of = |sv: &Value, mi: &Value| match sv {
+        Value::Array(a) => a.iter().any(|x| holds_values_of(x, mi)),
+        x => holds_values_of(x, mi),
+    };
+    match (s, m) {
+        (Value::Object(so), Value::Object(mo)) => mo.iter().all(|(k, mv)| {
+            so.get(k).is_some_and(|sv| match mv {
+                Value::Array(items) => items.iter().all(|mi| one_of(sv, mi)),
+                _ => one_of(sv, mv),
+            })
+        }),
+        _ => s == m,
+    }
+}
+
 /// Index entries of one stored version (`fields` absent when it is a deletion).
 fn index_keys(
     tenant: &str,
@@ -629,6 +688,15 @@ fn plan_write(
             Some(body)
         }
         WriteOp::UpsertBody(b) => Some(b.as_ref()),
+        WriteOp::Merge(given) => {
+            let mut merged = match live {
+                Some(l) => merge_into(l.resource()?, given),
+                None => given.clone(),
+            };
+            set_type_and_id(&mut merged, &w.resource_type, &w.id);
+            with_type_and_id = merged;
+            Some(&with_type_and_id as &dyn ResourceBody)
+        }
         WriteOp::Delete => None,
     };
     let (rtype, id) = (&w.resource_type, &w.id);
@@ -1987,5 +2055,56 @@ mod tests {
                 .unwrap(),
             vec!["p1"]
         );
+    }
+
+    #[test]
+    fn a_merge_adds_list_items_replacing_those_with_the_same_values_and_keeps_the_rest() {
+        let stored = json!({"resourceType":"Patient","id":"p1",
+            "meta":{"versionId":"3","lastUpdated":"2026-01-01T00:00:00.000Z","source":"urn:feed"},
+            "birthDate":"1980-02-14","active":true,
+            "identifier":[{"system":"urn:mrn","value":"7","period":{"start":"2020"}},
+                          {"system":"urn:ssn","value":"9"}],
+            "name":[{"family":"Doe","given":["Ann","B"]}]});
+        let given = json!({"resourceType":"Patient","id":"p1","active":false,
+            "identifier":[{"system":"urn:mrn","value":"7"}],
+            "name":[{"family":"Doe","given":["Ann"]},{"family":"Roe"}],
+            "link":[{"other":{"reference":"Patient/p2"},"type":"replaced-by"}]});
+        let merged = merge_into(stored, &given);
+        assert_eq!(
+            merged,
+            json!({"resourceType":"Patient","id":"p1","meta":{"source":"urn:feed"},
+                "birthDate":"1980-02-14","active":false,
+                "identifier":[{"system":"urn:ssn","value":"9"},{"system":"urn:mrn","value":"7"}],
+                "name":[{"family":"Doe","given":["Ann"]},{"family":"Roe"}],
+                "link":[{"other":{"reference":"Patient/p2"},"type":"replaced-by"}]})
+        );
+        // merging the same elements again changes nothing
+        assert_eq!(merge_into(merged.clone(), &given), merged);
+    }
+
+    #[tokio::test]
+    async fn a_merge_creates_what_is_absent_and_an_equal_merge_is_no_new_version() {
+        let (_d, _db, s) = store();
+        let m = || ResourceWrite::merge("Patient", "p1", json!({"active": false}));
+        let o = s.commit(tx(vec![m()])).await.unwrap();
+        assert!(o.writes[0].created);
+        s.commit(tx(vec![person("p1", json!([{"family":"Doe"}]), "1980")]))
+            .await
+            .unwrap();
+        let o = s.commit(tx(vec![m()])).await.unwrap();
+        assert!(o.writes[0].changed);
+        let r = s
+            .read("t1", "Patient", "p1")
+            .unwrap()
+            .unwrap()
+            .resource()
+            .unwrap();
+        assert_eq!(
+            (r["active"].clone(), r["birthDate"].clone()),
+            (json!(false), json!("1980"))
+        );
+        let o = s.commit(tx(vec![m()])).await.unwrap();
+        assert!(!o.writes[0].changed);
+        assert_eq!(s.history("t1", "Patient", "p1").unwrap().len(), 3);
     }
 }
