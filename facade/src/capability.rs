@@ -249,6 +249,8 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
         "implementation": {"description": "Tributary FHIR facade", "url": base},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
+        // JSON Patch, and FHIRPath Patch as a Parameters resource
+        "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [{
             "mode": "server",
             "security": {

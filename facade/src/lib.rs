@@ -11,6 +11,7 @@ pub mod backend;
 mod capability;
 pub mod config;
 pub mod error;
+pub mod fhirpatch;
 pub mod keys;
 pub mod patch;
 pub mod pipeline;

@@ -1,5 +1,6 @@
 //! JSON Patch (RFC 6902) over `serde_json::Value`, with JSON Pointers (RFC 6901): the body of
-//! `PATCH /fhir/{type}/{id}` with `Content-Type: application/json-patch+json`.
+//! `PATCH /fhir/{type}/{id}` with `Content-Type: application/json-patch+json` (the FHIRPath
+//! Patch form is [`crate::fhirpatch`]; both report errors as [`PatchError`]).
 //!
 //! A malformed patch document is a [`PatchError::Malformed`] (the client's request is wrong:
 //! 400); a well-formed operation that cannot apply to this resource — a missing path, a failed
@@ -14,9 +15,9 @@ pub const MAX_OPERATIONS: usize = 1000;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
-    #[error("invalid JSON Patch: {0}")]
+    #[error("invalid patch: {0}")]
     Malformed(String),
-    #[error("JSON Patch does not apply: {0}")]
+    #[error("the patch does not apply: {0}")]
     NotApplicable(String),
 }
 

@@ -582,11 +582,55 @@ pub async fn conditional_delete(
     Ok(res)
 }
 
-/// `PATCH /fhir/{type}/{id}` with a JSON Patch (`application/json-patch+json`): the patch is
-/// applied to the current version, the result checked like an update (structure, id, scopes,
-/// compartment) and committed only if the resource is still at the version patched (or the
-/// `If-Match` one). 400 for a bad patch document, 412 for a version mismatch, 422 when the patch
-/// does not apply or its result is not an acceptable resource.
+/// A patch document, by its form.
+pub(crate) enum PatchBody<'a> {
+    /// JSON Patch (RFC 6902): an array of operations.
+    Json(&'a Value),
+    /// FHIRPath Patch: a `Parameters` resource.
+    FhirPath(&'a Value),
+}
+
+/// `current` (resource `rtype/id`) with `patch` applied, checked like an update's body: 400 for
+/// a malformed patch, 422 when it does not apply or its result is not an acceptable resource or
+/// no longer this one. `meta.versionId`/`lastUpdated` are left to the store.
+pub(crate) fn patched_resource(
+    current: &Value,
+    rtype: &str,
+    id: &str,
+    patch: PatchBody<'_>,
+) -> ApiResult<Value> {
+    let applied = match patch {
+        PatchBody::Json(ops) => crate::patch::apply(current, ops),
+        PatchBody::FhirPath(params) => crate::fhirpatch::apply(current, rtype, params),
+    };
+    let mut patched = applied.map_err(|e| match e {
+        crate::patch::PatchError::Malformed(_) => ApiError::BadRequest(e.to_string()),
+        crate::patch::PatchError::NotApplicable(_) => ApiError::Unprocessable(e.to_string()),
+    })?;
+    check_resource(&patched, rtype).map_err(|e| {
+        ApiError::Unprocessable(format!(
+            "the patched resource is invalid: {}",
+            e.public_message()
+        ))
+    })?;
+    if patched.get("id").and_then(Value::as_str) != Some(id) {
+        return Err(ApiError::Unprocessable(
+            "the patch must not change or remove the resource id".into(),
+        ));
+    }
+    if let Some(meta) = patched.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+    }
+    Ok(patched)
+}
+
+/// `PATCH /fhir/{type}/{id}` with a JSON Patch (`application/json-patch+json`) or a FHIRPath
+/// Patch `Parameters` (`application/fhir+json`): the patch is applied to the current version,
+/// the result checked like an update (structure, id, scopes, compartment) and committed only if
+/// the resource is still at the version patched (or the `If-Match` one). 400 for a bad patch
+/// document, 412 for a version mismatch, 422 when the patch does not apply or its result is not
+/// an acceptable resource.
 pub async fn patch(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -597,20 +641,22 @@ pub async fn patch(
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
     check_id(&id)?;
-    let ctype = headers
+    let media = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ctype
-        .split(';')
-        .next()
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json-patch+json"))
-    {
-        return Err(ApiError::BadRequest(
-            "PATCH needs Content-Type: application/json-patch+json (JSON Patch)".into(),
-        ));
-    }
-    let ops: Value = serde_json::from_slice(&body).map_err(|e| {
+        .and_then(|c| c.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let json_patch = match media.as_str() {
+        "application/json-patch+json" => true,
+        "application/fhir+json" | "application/json" => false,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "PATCH takes a JSON Patch (Content-Type: application/json-patch+json) or a FHIRPath Patch Parameters (Content-Type: application/fhir+json)".into(),
+            ))
+        }
+    };
+    let doc: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "body is not JSON (line {}, column {})",
             e.line(),
@@ -638,27 +684,12 @@ pub async fn patch(
         Some(v) => v,
         None => stored.version,
     };
-    let mut patched = crate::patch::apply(&current, &ops).map_err(|e| match e {
-        crate::patch::PatchError::Malformed(_) => ApiError::BadRequest(e.to_string()),
-        crate::patch::PatchError::NotApplicable(_) => ApiError::Unprocessable(e.to_string()),
-    })?;
-    // The result must still be this resource, and an acceptable one.
-    check_resource(&patched, &rtype).map_err(|e| {
-        ApiError::Unprocessable(format!(
-            "the patched resource is invalid: {}",
-            e.public_message()
-        ))
-    })?;
-    if patched.get("id").and_then(Value::as_str) != Some(id.as_str()) {
-        return Err(ApiError::Unprocessable(
-            "the patch must not change or remove the resource id".into(),
-        ));
-    }
-    if let Some(meta) = patched.get_mut("meta").and_then(Value::as_object_mut) {
-        // versionId and lastUpdated are the server's; the store sets them.
-        meta.remove("versionId");
-        meta.remove("lastUpdated");
-    }
+    let body = if json_patch {
+        PatchBody::Json(&doc)
+    } else {
+        PatchBody::FhirPath(&doc)
+    };
+    let mut patched = patched_resource(&current, &rtype, &id, body)?;
     crate::subscription::stamp_if_subscription(&access, &rtype, &mut patched);
     note_patient(&slot, &rtype, &id, &patched);
     check_update(&st, &access, &rtype, &id, &patched, None)?;

@@ -9,7 +9,8 @@ use crate::error::{operation_outcome, ApiError, ApiResult};
 use crate::policy::{valid_id, Access};
 use crate::rest::{
     base_url, bundle_response, check_id, check_resource, check_type, check_update,
-    conditional_matches, new_id, note_patient, parse_etag, read_visible,
+    conditional_matches, new_id, note_patient, parse_etag, patched_resource, read_visible,
+    PatchBody,
 };
 use crate::scopes::Perm;
 use crate::AppState;
@@ -205,8 +206,63 @@ fn plan_entry(
             }
             Ok(Planned::Write(ResourceWrite::delete(&rtype, &id)))
         }
+        "PATCH" => {
+            let id =
+                id.ok_or_else(|| ApiError::BadRequest("PATCH entry url must be Type/id".into()))?;
+            check_id(&id)?;
+            let v = resource.ok_or_else(|| {
+                ApiError::BadRequest(
+                    "PATCH entry needs a resource: a FHIRPath Patch Parameters, or a Binary holding a JSON Patch".into(),
+                )
+            })?;
+            let json_patch;
+            let body = match v.get("resourceType").and_then(Value::as_str) {
+                Some("Parameters") => PatchBody::FhirPath(&v),
+                Some("Binary")
+                    if v.get("contentType").and_then(Value::as_str)
+                        == Some("application/json-patch+json") =>
+                {
+                    use base64::Engine as _;
+                    let bytes = v
+                        .get("data")
+                        .and_then(Value::as_str)
+                        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+                        .ok_or_else(|| {
+                            ApiError::BadRequest("the Binary's data is not base64".into())
+                        })?;
+                    json_patch = serde_json::from_slice::<Value>(&bytes).map_err(|_| {
+                        ApiError::BadRequest("the Binary's JSON Patch is not JSON".into())
+                    })?;
+                    PatchBody::Json(&json_patch)
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "PATCH entry resource must be a FHIRPath Patch Parameters, or a Binary with contentType application/json-patch+json".into(),
+                    ))
+                }
+            };
+            let stored = st
+                .rt
+                .store
+                .read(&access.principal.tenant, &rtype, &id)?
+                .filter(|c| !c.deleted)
+                .ok_or_else(|| ApiError::NotFound(format!("{rtype}/{id} not found")))?;
+            let current = stored.resource()?;
+            note_patient(audit, &rtype, &id, &current);
+            audit.update(|d| d.resource_id = Some(id.clone()));
+            access.require(Perm::Update, &rtype, &id, &current)?;
+            let version = match req.get("ifMatch").and_then(Value::as_str) {
+                Some(etag) => parse_etag(etag)
+                    .ok_or_else(|| ApiError::BadRequest("ifMatch must be W/\"n\"".into()))?,
+                None => stored.version,
+            };
+            let patched = patched_resource(&current, &rtype, &id, body)?;
+            let mut w = ResourceWrite::upsert(&rtype, &id, patched);
+            w.precondition = Precondition::VersionMatch(version);
+            Ok(Planned::Write(w))
+        }
         other => Err(ApiError::BadRequest(format!(
-            "entry method {other:?} is not supported here (POST, PUT, DELETE; GET in batch)"
+            "entry method {other:?} is not supported here (POST, PUT, PATCH, DELETE; GET in batch)"
         ))),
     }
 }

@@ -298,3 +298,156 @@ async fn patch_cannot_lift_a_subscriptions_delivery_bounds() {
         assert_eq!(allowed(&stored.json), ["Observation,Subscription"], "{ops}");
     }
 }
+
+/// A FHIRPath Patch (`application/fhir+json` Parameters) through `PATCH`, and `PATCH` entries of
+/// a transaction: a FHIRPath Patch, and a Binary holding a JSON Patch.
+#[tokio::test(flavor = "multi_thread")]
+async fn fhirpath_patch_and_transaction_patch_entries() {
+    let f = Facade::start(None);
+    let admin = seed(&f, None).await;
+    let r = f
+        .call(
+            "PUT",
+            "/fhir/Patient/pf",
+            Some(&admin),
+            Some(&patient("pf", "MRN-5")),
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.text);
+    let op = |kind: &str, path: &str, rest: Value| {
+        let mut part = vec![
+            json!({"name": "type", "valueCode": kind}),
+            json!({"name": "path", "valueString": path}),
+        ];
+        part.extend(rest.as_array().cloned().unwrap_or_default());
+        json!({"name": "operation", "part": part})
+    };
+    let params = json!({"resourceType": "Parameters", "parameter": [
+        op("add", "Patient", json!([{"name": "name", "valueString": "gender"}, {"name": "value", "valueCode": "female"}])),
+        op("add", "Patient", json!([{"name": "name", "valueString": "identifier"},
+            {"name": "value", "valueIdentifier": {"system": "urn:ssn", "value": "9"}}])),
+        op("delete", "Patient.identifier.where(system = 'urn:mrn')", json!([])),
+    ]});
+    let fhir = [("content-type", "application/fhir+json")];
+    let r = patch(&f, "/fhir/Patient/pf", &admin, &params.to_string(), &fhir).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["gender"], "female");
+    assert_eq!(
+        r.json["identifier"],
+        json!([{"system": "urn:ssn", "value": "9"}])
+    );
+    // a path the patch subset does not take, and an operation that cannot apply
+    let bad = json!({"resourceType": "Parameters", "parameter": [op("delete", "Patient.name.select(family)", json!([]))]});
+    let r = patch(&f, "/fhir/Patient/pf", &admin, &bad.to_string(), &fhir).await;
+    assert_outcome(&r, 400);
+    let twice = json!({"resourceType": "Parameters", "parameter": [
+        op("add", "Patient", json!([{"name": "name", "valueString": "gender"}, {"name": "value", "valueCode": "male"}]))]});
+    let r = patch(&f, "/fhir/Patient/pf", &admin, &twice.to_string(), &fhir).await;
+    assert_outcome(&r, 422);
+
+    use base64::Engine as _;
+    let json_patch = base64::engine::general_purpose::STANDARD
+        .encode(r#"[{"op": "replace", "path": "/gender", "value": "other"}]"#);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "PATCH", "url": "Patient/pf"},
+         "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": json_patch}},
+        {"request": {"method": "PATCH", "url": "Patient/pa"},
+         "resource": {"resourceType": "Parameters", "parameter": [
+            op("add", "Patient", json!([{"name": "name", "valueString": "active"}, {"name": "value", "valueBoolean": false}]))]}},
+    ]});
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&bundle)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let statuses: Vec<&str> = r.json["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["200 OK", "200 OK"]);
+    let pf = f.call("GET", "/fhir/Patient/pf", Some(&admin), None).await;
+    assert_eq!(pf.json["gender"], "other");
+    let pa = f.call("GET", "/fhir/Patient/pa", Some(&admin), None).await;
+    assert_eq!(pa.json["active"], false);
+    // a transaction whose PATCH does not apply changes nothing
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "PUT", "url": "Patient/pg"}, "resource": patient("pg", "MRN-6")},
+        {"request": {"method": "PATCH", "url": "Patient/pa"}, "resource": {"resourceType": "Parameters", "parameter": [
+            op("replace", "Patient.deceasedBoolean", json!([{"name": "value", "valueBoolean": true}]))]}},
+    ]});
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&bundle)).await;
+    assert_outcome(&r, 422);
+    let pg = f.call("GET", "/fhir/Patient/pg", Some(&admin), None).await;
+    assert_eq!(pg.status, 404, "{}", pg.text);
+}
+
+/// What `tributary map` prints is a transaction the facade takes: the ADT^A40's merge entry (a
+/// FHIRPath Patch) merges into the Patient an earlier Bundle stored, and posting it again
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_merge_bundle_posted_to_the_facade_merges_into_the_stored_patient() {
+    let f = Facade::start(None);
+    let admin = f.token("loader", "system/*.cruds", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let register = dir.path().join("a04.hl7");
+    std::fs::write(
+        &register,
+        "MSH|^~\\&|SYNTH_ADT|RIVERSIDE^2.16.840.1.113883.3.9999.1^ISO|TRIBUTARY|TRIB_HIE|20261101080000-0600||ADT^A04^ADT_A01|SYN-A04-MERGED|P|2.5.1\r\
+EVN|A04|20261101080000-0600\r\
+PID|1||MRN70999^^^RIVERSIDE&2.16.840.1.113883.3.9999.1&ISO^MR||Testpatient^Avery||19800214|F|||12 Synthetic Way^^Springfield^IL^62701^USA^H\r\
+PV1|1|O\r",
+    )
+    .unwrap();
+    let library = tributary_e2e::repo_root().join("mappings/hl7v2");
+    let map = |file: &std::path::Path| -> Value {
+        let out = std::process::Command::new(tributary_e2e::workspace_bin("tributary"))
+            .args(["map", "--mapping"])
+            .arg(&library)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = map(&register);
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&first)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let merge = map(&library.join("messages/ADT_A40.hl7"));
+    let patch_entry = merge["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["request"]["method"] == "PATCH")
+        .expect("the A40 Bundle has a merge entry")
+        .clone();
+    let url = patch_entry["request"]["url"].as_str().unwrap().to_string();
+    for round in 0..2 {
+        let r = f.call("POST", "/fhir", Some(&admin), Some(&merge)).await;
+        assert_eq!(r.status, 200, "round {round}: {}", r.text);
+        let p = f
+            .call("GET", &format!("/fhir/{url}"), Some(&admin), None)
+            .await;
+        assert_eq!(p.json["birthDate"], "1980-02-14", "round {round}: kept");
+        assert_eq!(p.json["gender"], "female");
+        assert_eq!(p.json["active"], false);
+        assert_eq!(
+            p.json["link"].as_array().unwrap().len(),
+            1,
+            "round {round}: {}",
+            p.text
+        );
+        assert_eq!(
+            p.json["identifier"].as_array().unwrap().len(),
+            1,
+            "round {round}: {}",
+            p.text
+        );
+        assert_eq!(
+            p.json["meta"]["versionId"], "2",
+            "round {round}: a replay is no new version"
+        );
+    }
+}
