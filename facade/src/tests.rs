@@ -2205,3 +2205,61 @@ async fn name_and_birthdate_searches_use_their_index_beyond_the_scan_bound() {
     assert_eq!(s, 400, "{b}");
     assert!(b.to_string().contains("modifier :missing"), "{b}");
 }
+
+/// A Bundle is answered from the built-in store, so entries of a type routed to a backend FHIR
+/// server are refused (405) rather than written to, or read from, the wrong place.
+#[tokio::test]
+async fn bundle_entries_of_a_backend_routed_type_are_refused() {
+    let cfg: FacadeConfig = toml::from_str(
+        r#"
+        [[backends]]
+        name = "lab"
+        url = "http://127.0.0.1:9/fhir"
+        resource_types = ["Observation"]
+        health_check_secs = 0
+        "#,
+    )
+    .unwrap();
+    let e = env_with(cfg);
+    let admin = e.token("system/*.cruds", |_| {});
+    let obs = obs("o1", "p1", "laboratory");
+    let transaction = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "PUT", "url": "Patient/p1"}, "resource": patient("p1", "Smith")},
+        {"request": {"method": "PUT", "url": "Observation/o1"}, "resource": obs},
+    ]});
+    let (s, _, b) = e
+        .call("POST", "/fhir", Some(&admin), Some(transaction))
+        .await;
+    assert_eq!(s, 405, "{b}");
+    assert!(
+        b.to_string()
+            .contains("entry 1: Observation is served by the backend FHIR server \\\"lab\\\""),
+        "{b}"
+    );
+    let store = &e.st.rt.store;
+    assert!(store
+        .read("default", "Observation", "o1")
+        .unwrap()
+        .is_none());
+    assert!(
+        store.read("default", "Patient", "p1").unwrap().is_none(),
+        "all or nothing"
+    );
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation?patient=p1"}},
+        {"request": {"method": "PUT", "url": "Patient/p1"}, "resource": patient("p1", "Smith")},
+    ]});
+    let (s, _, b) = e.call("POST", "/fhir", Some(&admin), Some(batch)).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["entry"][0]["response"]["status"], "405 Method Not Allowed",
+        "{b}"
+    );
+    assert!(
+        b["entry"][1]["response"]["status"]
+            .as_str()
+            .unwrap()
+            .starts_with("201"),
+        "{b}"
+    );
+}

@@ -67,6 +67,19 @@ fn split_url(url: &str) -> (String, Option<String>, Option<String>) {
     (t, id, query)
 }
 
+/// A Bundle is answered from the built-in store: an entry of a type the caller's tenant routes
+/// to a backend FHIR server would read or write the wrong place (and a transaction cannot span
+/// two servers atomically), so it is refused (405) and goes as its own request instead.
+fn not_routed(st: &AppState, access: &Access, rtype: &str) -> ApiResult<()> {
+    match st.facade.backends.route(&access.principal.tenant, rtype) {
+        Some(b) => Err(ApiError::MethodNotAllowed(format!(
+            "{rtype} is served by the backend FHIR server {:?}: send it as its own request, not in a Bundle",
+            b.cfg.name
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn entry_err(i: usize, e: ApiError) -> ApiError {
     let msg = format!("entry {i}: {}", e.public_message());
     match e {
@@ -76,6 +89,7 @@ fn entry_err(i: usize, e: ApiError) -> ApiError {
         ApiError::Conflict(_) => ApiError::Conflict(msg),
         ApiError::PreconditionFailed(_) => ApiError::PreconditionFailed(msg),
         ApiError::Unprocessable(_) => ApiError::Unprocessable(msg),
+        ApiError::MethodNotAllowed(_) => ApiError::MethodNotAllowed(msg),
         other => other,
     }
 }
@@ -99,6 +113,7 @@ fn plan_entry(
         .ok_or_else(|| ApiError::BadRequest("entry.request.url is missing".into()))?;
     let (rtype, id, query) = split_url(url);
     check_type(&rtype)?;
+    not_routed(st, access, &rtype)?;
     let full_url = entry.get("fullUrl").and_then(Value::as_str);
     let resource = entry.get("resource").cloned();
     match method {
@@ -496,6 +511,7 @@ async fn batch_entry(
     if method == "GET" {
         let url = e["request"]["url"].as_str().unwrap_or("");
         let (rtype, id, query) = split_url(url);
+        not_routed(st, access, &rtype)?;
         return match id {
             Some(id) => {
                 let (stored, v) = read_visible(st, access, &rtype, &id, audit)?;
