@@ -138,6 +138,14 @@ fn json_value() -> impl Strategy<Value = Value> {
     tributary_testing::json(words, keys)
 }
 
+fn primitive_value() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        any::<bool>().prop_map(Value::from),
+        any::<i32>().prop_map(Value::from),
+        "[A-Za-z0-9 ./-]{0,16}".prop_map(Value::from),
+    ]
+}
+
 fn runner(cases: u32) -> TestRunner {
     TestRunner::new(Config {
         cases,
@@ -256,8 +264,11 @@ fn generated_bodies_never_fail_the_server() {
     let successes = std::cell::Cell::new(0);
     // a valid body with one value replaced by generated JSON, or generated JSON alone
     let bases: Vec<Value> = targets.iter().map(|t| t.2.clone()).collect();
+    // Most values are primitives: writes are checked against R4 at every level, so most
+    // generated objects are refused (422), and a primitive in a primitive's place still commits.
     let case = (0..targets.len(), any::<bool>()).prop_flat_map(move |(target, as_portal)| {
-        let near = tributary_testing::near(bases[target].clone(), json_value());
+        let value = prop_oneof![1 => json_value(), 3 => primitive_value()];
+        let near = tributary_testing::near(bases[target].clone(), value);
         (Just(target), near, Just(as_portal))
     });
     runner(300)

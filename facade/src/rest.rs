@@ -235,41 +235,16 @@ pub(crate) fn check_resource(v: &Value, rtype: &str) -> ApiResult<()> {
             "text must be a Narrative object".into(),
         ));
     }
-    check_elements(rtype, obj)
+    check_elements(rtype, v)
 }
 
-/// The top level of a resource against the FHIR R4 element table: every key an element of the
-/// type (or `_element`, a primitive's extensions), every element R4 requires present. 422 names
-/// the element (never a value). Deeper levels are the client's to get right.
-fn check_elements(rtype: &str, obj: &serde_json::Map<String, Value>) -> ApiResult<()> {
-    use tributary_core::fhir_r4::{element, required, suggest_element};
+/// A resource against the FHIR R4 element table, at every level
+/// ([`tributary_core::fhir_r4::check_resource`]): 422 names the path and element, never a value.
+fn check_elements(rtype: &str, v: &Value) -> ApiResult<()> {
     if !tributary_core::fhir_r4::is_resource(rtype) {
         return Ok(());
     }
-    for key in obj.keys() {
-        let name = key.strip_prefix('_').unwrap_or(key);
-        if key == "resourceType" || element(rtype, name).is_some() {
-            continue;
-        }
-        let hint = suggest_element(rtype, name)
-            .map(|s| format!(" — did you mean `{s}`?"))
-            .unwrap_or_default();
-        return Err(ApiError::Unprocessable(format!(
-            "{rtype} has no element `{name}` in FHIR R4{hint}"
-        )));
-    }
-    let missing: Vec<&str> = required(rtype)
-        .iter()
-        .filter(|r| !r.met_by(|e| obj.get(e).is_some_and(|v| !v.is_null())))
-        .map(|r| r.name())
-        .collect();
-    if !missing.is_empty() {
-        return Err(ApiError::Unprocessable(format!(
-            "{rtype} requires {} in FHIR R4",
-            missing.join(", ")
-        )));
-    }
-    Ok(())
+    tributary_core::fhir_r4::check_resource(rtype, v).map_err(ApiError::Unprocessable)
 }
 
 pub(crate) fn new_id() -> String {

@@ -166,6 +166,105 @@ fn levenshtein(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Checks a resource of type `rtype` against the table at every level: each member is an element
+/// of its type (or `_element`, a primitive's id and extensions), a list where R4 repeats it and a
+/// single value where it does not, an object for a complex type, and every element R4 requires
+/// is present; contained and nested resources (`Bundle.entry.resource`) are checked as their own
+/// type. The error names the path and element (`Observation.code.coding[0] has no element
+/// \`sytem\``), never a value.
+pub fn check_resource(rtype: &str, resource: &serde_json::Value) -> Result<(), String> {
+    match resource.as_object() {
+        Some(obj) => check_object(rtype, obj, rtype),
+        None => Err(format!("{rtype} must be a JSON object")),
+    }
+}
+
+fn check_object(
+    ty: &str,
+    obj: &serde_json::Map<String, serde_json::Value>,
+    path: &str,
+) -> Result<(), String> {
+    use serde_json::Value;
+    if !is_type(ty) {
+        return Ok(());
+    }
+    let resource = is_resource(ty);
+    for (key, v) in obj {
+        if resource && key == "resourceType" {
+            continue;
+        }
+        let (name, shadow) = match key.strip_prefix('_') {
+            Some(n) => (n, true),
+            None => (key.as_str(), false),
+        };
+        let Some(el) = element(ty, name) else {
+            let hint = suggest_element(ty, name)
+                .map(|s| format!(" — did you mean `{s}`?"))
+                .unwrap_or_default();
+            return Err(format!("{path} has no element `{name}` in FHIR R4{hint}"));
+        };
+        if shadow {
+            continue;
+        }
+        let here = format!("{path}.{name}");
+        match v {
+            Value::Array(items) if el.many => {
+                for (i, item) in items.iter().enumerate() {
+                    check_value(el.ty, item, &format!("{here}[{i}]"))?;
+                }
+            }
+            Value::Array(_) => {
+                return Err(format!(
+                    "{here} does not repeat in FHIR R4: one value, not a list"
+                ))
+            }
+            Value::Null => {}
+            _ if el.many => return Err(format!("{here} repeats in FHIR R4: a list")),
+            other => check_value(el.ty, other, &here)?,
+        }
+    }
+    let present =
+        |e: &str| obj.get(e).is_some_and(|v| !v.is_null()) || obj.contains_key(&format!("_{e}"));
+    let missing: Vec<&str> = required(ty)
+        .iter()
+        .filter(|r| !r.met_by(present))
+        .map(Required::name)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{path} requires {} in FHIR R4", missing.join(", ")))
+    }
+}
+
+fn check_value(ty: &str, v: &serde_json::Value, path: &str) -> Result<(), String> {
+    if is_primitive(ty) {
+        return match v.is_object() || v.is_array() {
+            true => Err(format!(
+                "{path} is a {ty}: a single JSON value, not an object"
+            )),
+            false => Ok(()),
+        };
+    }
+    let Some(obj) = v.as_object() else {
+        return match v.is_null() {
+            true => Ok(()),
+            false => Err(format!("{path} is a {ty}: a JSON object")),
+        };
+    };
+    if ty == "Resource" {
+        let rt = obj
+            .get("resourceType")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| format!("{path} needs a resourceType"))?;
+        if !is_resource(rt) {
+            return Err(format!("{path}: {rt:?} is not a FHIR R4 resource type"));
+        }
+        return check_object(rt, obj, path);
+    }
+    check_object(ty, obj, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +292,53 @@ mod tests {
         assert!(required("Immunization")[0].met_by(|e| e == "occurrenceString"));
         assert!(!required("Immunization")[0].met_by(|e| e == "recorded"));
         assert!(required("Patient").is_empty());
+    }
+
+    #[test]
+    fn every_level_of_a_resource_is_checked_and_the_error_names_the_path() {
+        use serde_json::json;
+        let ok = json!({"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}], "text": "Hgb"},
+            "_status": {"extension": [{"url": "urn:x", "valueString": "y"}]},
+            "valueQuantity": {"value": 7.2, "unit": "g/dL"},
+            "component": [{"code": {"text": "a"}, "valueString": "b"}],
+            "contained": [{"resourceType": "Patient", "id": "p", "name": [{"given": ["A", null]}],
+                           "_name": null}],
+            "extension": [{"url": "urn:e", "valueReference": {"reference": "Patient/p"}}]});
+        assert_eq!(check_resource("Observation", &ok), Ok(()));
+        for (bad, error) in [
+            (json!({"code": {"coding": [{"sytem": "x"}]}}),
+             "Observation.code.coding[0] has no element `sytem` in FHIR R4 — did you mean `system`?"),
+            (json!({"code": {"coding": {"code": "x"}}}),
+             "Observation.code.coding repeats in FHIR R4: a list"),
+            (json!({"code": [{"text": "x"}]}),
+             "Observation.code does not repeat in FHIR R4: one value, not a list"),
+            (json!({"code": "718-7"}), "Observation.code is a CodeableConcept: a JSON object"),
+            (json!({"status": {"code": "final"}}),
+             "Observation.status is a code: a single JSON value, not an object"),
+            (json!({"component": [{"valueString": "b"}]}),
+             "Observation.component[0] requires code in FHIR R4"),
+            (json!({"contained": [{"resourceType": "Patient", "gendr": "x"}]}),
+             "Observation.contained[0] has no element `gendr` in FHIR R4 — did you mean `gender`?"),
+            (json!({"contained": [{"id": "x"}]}), "Observation.contained[0] needs a resourceType"),
+            (json!({"extension": [{"valueString": "x"}]}),
+             "Observation.extension[0] requires url in FHIR R4"),
+        ] {
+            let mut v = ok.clone();
+            for (k, x) in bad.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            assert_eq!(check_resource("Observation", &v), Err(error.to_string()), "{bad}");
+        }
+        let mut no_code = ok.clone();
+        no_code.as_object_mut().unwrap().remove("code");
+        assert_eq!(
+            check_resource("Observation", &no_code),
+            Err("Observation requires code in FHIR R4".into())
+        );
+        // a primitive's extension alone stands for it
+        let mut only_ext = ok;
+        only_ext.as_object_mut().unwrap().remove("status");
+        assert_eq!(check_resource("Observation", &only_ext), Ok(()));
     }
 }
