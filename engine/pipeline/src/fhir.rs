@@ -125,6 +125,12 @@ fn resource(i: usize, r: Value, full_url: Option<String>) -> Result<Found, Strin
     else {
         return Err(format!("entry {i}: {rtype} without an id"));
     };
+    // What the facade would refuse is not stored from a feed either: the reason (paths and
+    // element names, no values) stays with the message for a fix and a replay.
+    if !tributary_core::fhir_r4::is_resource(rtype) {
+        return Err(format!("entry {i}: {rtype} is not a FHIR R4 resource type"));
+    }
+    tributary_core::fhir_r4::check_resource(rtype, &r).map_err(|e| format!("entry {i}: {e}"))?;
     Ok(Found {
         theirs: format!("{rtype}/{id}"),
         rtype: rtype.to_string(),
@@ -217,6 +223,7 @@ mod tests {
             {"fullUrl": "https://ehr.example/fhir/Patient/7", "resource": {"resourceType": "Patient", "id": "7",
                 "meta": {"versionId": "3", "lastUpdated": "2026-01-01T00:00:00Z"}}},
             {"fullUrl": "https://ehr.example/fhir/Encounter/e1", "resource": {"resourceType": "Encounter", "id": "e1",
+                "status": "finished", "class": {"code": "AMB"},
                 "subject": {"reference": "https://ehr.example/fhir/Patient/7"},
                 "participant": [{"individual": {"reference": "Practitioner/elsewhere"}}],
                 "basedOn": [{"reference": "Patient/7/_history/3"}]}}
@@ -255,6 +262,17 @@ mod tests {
         assert!(err(json!({"id": "1"})).contains("no resourceType"));
         assert!(err(json!({"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "x y", "id": "1"}}]}))
             .contains("not a resource type"));
+        assert_eq!(
+            err(json!({"resourceType": "Bundle", "entry": [
+                {"resource": {"resourceType": "Patient", "id": "p1"}},
+                {"resource": {"resourceType": "Observation", "id": "o1", "status": "final",
+                              "code": {"coding": [{"sytem": "http://loinc.org", "code": "1-8"}]}}}]})),
+            "entry 1: Observation.code.coding[0] has no element `sytem` in FHIR R4 — did you mean `system`?"
+        );
+        assert_eq!(
+            err(json!({"resourceType": "Requirements", "id": "r1"})),
+            "entry 0: Requirements is not a FHIR R4 resource type"
+        );
         assert!(normalise("t", "p", b"<xml/>")
             .unwrap_err()
             .contains("not FHIR JSON"));
@@ -269,7 +287,7 @@ mod tests {
             {"request": {"method": "DELETE", "url": "https://ehr.example/fhir/Observation/o2/"}},
             {"fullUrl": "https://ehr.example/fhir/DiagnosticReport/r1", "resource": {
                 "resourceType": "DiagnosticReport", "id": "r1", "status": "final",
-                "result": [{"reference": "Observation/o1"}]}}
+                "code": {"text": "CBC"}, "result": [{"reference": "Observation/o1"}]}}
         ]});
         let out = normalise("t1", "ehr", bundle.to_string().as_bytes()).unwrap();
         let o1 = deterministic_id(&["t1", "ehr", "Observation", "o1"]);
