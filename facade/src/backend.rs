@@ -153,14 +153,31 @@ impl Backends {
     }
 
     pub fn route(&self, tenant: &str, rtype: &str) -> Option<&Backend> {
-        self.list.iter().find(|b| {
-            b.cfg.resource_types.iter().any(|t| t == rtype)
-                && (b.cfg.tenants.is_empty() || b.cfg.tenants.iter().any(|t| t == tenant))
-        })
+        self.list
+            .iter()
+            .find(|b| b.serves(tenant) && b.cfg.resource_types.iter().any(|t| t == rtype))
+    }
+
+    /// The types `tenant`'s requests go to a backend for, with that backend's name, by type.
+    pub fn routed_types(&self, tenant: &str) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for b in self.list.iter().filter(|b| b.serves(tenant)) {
+            for t in &b.cfg.resource_types {
+                if !out.iter().any(|(seen, _)| seen == t) {
+                    out.push((t, &b.cfg.name));
+                }
+            }
+        }
+        out.sort_unstable();
+        out
     }
 }
 
 impl Backend {
+    fn serves(&self, tenant: &str) -> bool {
+        self.cfg.tenants.is_empty() || self.cfg.tenants.iter().any(|t| t == tenant)
+    }
+
     fn component(&self) -> String {
         format!("backend.{}", self.cfg.name)
     }

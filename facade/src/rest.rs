@@ -790,6 +790,21 @@ pub async fn instance_op(
             if shown < listed {
                 links.push(json!({"relation": "next", "url": page(shown)}));
             }
+            // Never a silently shorter answer: the types a backend serves are not in the store.
+            let elsewhere: Vec<String> = st
+                .facade
+                .backends
+                .routed_types(tenant)
+                .into_iter()
+                .filter(|(t, _)| *t != "Patient")
+                .map(|(t, b)| format!("{t} ({b})"))
+                .collect();
+            if offset == 0 && !elsewhere.is_empty() {
+                entries.push(crate::search::incomplete_entry(&format!(
+                    "not in this answer: {}, served by backend FHIR servers; search each by patient (GET /fhir/<type>?patient={id})",
+                    elsewhere.join(", ")
+                )));
+            }
             Ok(bundle_response(
                 &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries}),
             ))

@@ -403,6 +403,9 @@ pub struct SearchResult {
     pub total: usize,
     pub offset: usize,
     pub count: usize,
+    /// Types `_include` named whose targets a backend FHIR server serves (`Observation (lab)`):
+    /// not included, and the Bundle says so.
+    pub elsewhere: BTreeSet<String>,
 }
 
 fn intersect(acc: Option<Vec<String>>, next: Vec<String>) -> Option<Vec<String>> {
@@ -619,6 +622,7 @@ pub fn run_search(
     let total = matches.len();
     let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
     let mut included = Vec::new();
+    let mut elsewhere = BTreeSet::new();
     if !includes.is_empty() {
         let mut seen: BTreeSet<(String, String)> = page
             .iter()
@@ -666,6 +670,10 @@ pub fn run_search(
                     if !seen.insert((t.to_string(), id.to_string())) {
                         continue;
                     }
+                    if let Some(b) = st.facade.backends.route(tenant, t) {
+                        elsewhere.insert(format!("{t} ({})", b.cfg.name));
+                        continue;
+                    }
                     if let Some(inc) = store.read(tenant, t, id)? {
                         if inc.deleted {
                             continue;
@@ -682,6 +690,7 @@ pub fn run_search(
     Ok(SearchResult {
         matches: page,
         included,
+        elsewhere,
         total,
         offset,
         count,
@@ -732,6 +741,13 @@ fn encode(s: &str) -> String {
     out
 }
 
+/// A searchset entry saying the answer leaves something out, and why (`search.mode` `outcome`).
+pub(crate) fn incomplete_entry(diagnostics: &str) -> Value {
+    json!({"resource": {"resourceType": "OperationOutcome", "issue": [{
+        "severity": "warning", "code": "incomplete", "diagnostics": diagnostics}]},
+        "search": {"mode": "outcome"}})
+}
+
 pub(crate) fn searchset(
     base: &str,
     rtype: &str,
@@ -766,6 +782,12 @@ pub(crate) fn searchset(
                 "search": {"mode": mode},
             }));
         }
+    }
+    if !summary_count && !res.elsewhere.is_empty() {
+        entries.push(incomplete_entry(&format!(
+            "_include: {} not included, served by backend FHIR servers; read them there",
+            res.elsewhere.iter().cloned().collect::<Vec<_>>().join(", ")
+        )));
     }
     audit.disclose(seen);
     let mut bundle = json!({

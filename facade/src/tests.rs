@@ -2263,3 +2263,73 @@ async fn bundle_entries_of_a_backend_routed_type_are_refused() {
         "{b}"
     );
 }
+
+/// `$everything` and `_include` are answered from the built-in store: when the tenant's
+/// Observations or Practitioners live on a backend FHIR server, the answer says so in an
+/// OperationOutcome entry instead of looking complete.
+#[tokio::test]
+async fn everything_says_which_types_a_backend_serves() {
+    let cfg: FacadeConfig = toml::from_str(
+        r#"
+        [[backends]]
+        name = "lab"
+        url = "http://127.0.0.1:9/fhir"
+        resource_types = ["Observation", "DiagnosticReport", "Practitioner"]
+        health_check_secs = 0
+        "#,
+    )
+    .unwrap();
+    let e = env_with(cfg);
+    let admin = e.token("system/*.cruds", |_| {});
+    let (s, _, b) = e
+        .call(
+            "PUT",
+            "/fhir/Patient/p1",
+            Some(&admin),
+            Some(patient("p1", "Smith")),
+        )
+        .await;
+    assert!(s.is_success(), "{b}");
+    let (s, _, b) = e
+        .call("GET", "/fhir/Patient/p1/$everything", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let outcomes: Vec<&Value> = b["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["search"]["mode"] == "outcome")
+        .collect();
+    assert_eq!(outcomes.len(), 1, "{b}");
+    let said = outcomes[0]["resource"]["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap();
+    assert!(
+        said.starts_with(
+            "not in this answer: DiagnosticReport (lab), Observation (lab), Practitioner (lab),"
+        ),
+        "{said}"
+    );
+    assert_eq!(b["total"], 1);
+    // without backends, no such entry
+    let e = env();
+    let admin = e.token("system/*.cruds", |_| {});
+    e.call(
+        "PUT",
+        "/fhir/Patient/p1",
+        Some(&admin),
+        Some(patient("p1", "Smith")),
+    )
+    .await;
+    let (_, _, b) = e
+        .call("GET", "/fhir/Patient/p1/$everything", Some(&admin), None)
+        .await;
+    assert!(
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["search"]["mode"] == "match"),
+        "{b}"
+    );
+}

@@ -405,12 +405,7 @@ PV1|1|O\r",
             .arg(file)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_str(&tributary_e2e::succeeded(out)).unwrap()
     };
     let first = map(&register);
     let r = f.call("POST", "/fhir", Some(&admin), Some(&first)).await;
@@ -450,4 +445,35 @@ PV1|1|O\r",
             "round {round}: a replay is no new version"
         );
     }
+}
+
+/// Every Bundle of the mapping library's fixtures (what `tributary map` prints for them) is a
+/// transaction the facade takes as is — once the Patient an ADT^A40 merges into is there: FHIR
+/// answers a `PATCH` of an absent resource 404 (the pipeline's merge creates it instead).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_library_fixture_bundle_posts_as_a_transaction() {
+    // a loader's burst of Bundles is no test of the rate limit
+    let f = Facade::start(Some("[facade.rate_limit]\nenabled = false\n"));
+    let admin = f.token("loader", "system/*.cruds", &[]);
+    let dir = tributary_e2e::repo_root().join("mappings/hl7v2/messages");
+    let mut posted = 0;
+    for path in tributary_e2e::files_with_extension(&dir, "json") {
+        let bundle: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for e in bundle["entry"].as_array().unwrap() {
+            if e["request"]["method"] == "PATCH" {
+                let url = e["request"]["url"].as_str().unwrap();
+                let id = url.split('/').nth(1).unwrap();
+                let earlier =
+                    json!({"resourceType": "Patient", "id": id, "birthDate": "1980-02-14"});
+                let r = f
+                    .call("PUT", &format!("/fhir/{url}"), Some(&admin), Some(&earlier))
+                    .await;
+                assert!(r.status < 300, "{}", r.text);
+            }
+        }
+        let r = f.call("POST", "/fhir", Some(&admin), Some(&bundle)).await;
+        assert_eq!(r.status, 200, "{}: {}", path.display(), r.text);
+        posted += 1;
+    }
+    assert!(posted >= 20, "{posted} fixture Bundles");
 }
