@@ -169,9 +169,10 @@ fn levenshtein(a: &str, b: &str) -> usize {
 /// Checks a resource of type `rtype` against the table at every level: each member is an element
 /// of its type (or `_element`, a primitive's id and extensions), a list where R4 repeats it and a
 /// single value where it does not, an object for a complex type, and every element R4 requires
-/// is present; contained and nested resources (`Bundle.entry.resource`) are checked as their own
-/// type. The error names the path and element (`Observation.code.coding[0] has no element
-/// \`sytem\``), never a value.
+/// is present, every primitive value in its type's format ([`crate::fhir_primitive`]: a
+/// `birthDate` is a calendar date, a `code` has no stray whitespace); contained and nested
+/// resources (`Bundle.entry.resource`) are checked as their own type. The error names the path
+/// and element (`Observation.code.coding[0] has no element \`sytem\``), never a value.
 pub fn check_resource(rtype: &str, resource: &serde_json::Value) -> Result<(), String> {
     match resource.as_object() {
         Some(obj) => check_object(rtype, obj, rtype),
@@ -237,19 +238,29 @@ fn check_object(
     }
 }
 
+fn article(ty: &str) -> &'static str {
+    match ty.starts_with(['a', 'e', 'i', 'o', 'u', 'A', 'E', 'I', 'O', 'U']) {
+        true => "an",
+        false => "a",
+    }
+}
+
 fn check_value(ty: &str, v: &serde_json::Value, path: &str) -> Result<(), String> {
     if is_primitive(ty) {
-        return match v.is_object() || v.is_array() {
-            true => Err(format!(
-                "{path} is a {ty}: a single JSON value, not an object"
+        return match v {
+            serde_json::Value::Null => Ok(()),
+            serde_json::Value::Object(_) | serde_json::Value::Array(_) => Err(format!(
+                "{path} is {} {ty}: a single JSON value, not an object",
+                article(ty)
             )),
-            false => Ok(()),
+            _ => crate::fhir_primitive::check(ty, v)
+                .map_err(|need| format!("{path} is {} {ty}: {need}", article(ty))),
         };
     }
     let Some(obj) = v.as_object() else {
         return match v.is_null() {
             true => Ok(()),
-            false => Err(format!("{path} is a {ty}: a JSON object")),
+            false => Err(format!("{path} is {} {ty}: a JSON object", article(ty))),
         };
     };
     if ty == "Resource" {
@@ -323,6 +334,17 @@ mod tests {
             (json!({"contained": [{"id": "x"}]}), "Observation.contained[0] needs a resourceType"),
             (json!({"extension": [{"valueString": "x"}]}),
              "Observation.extension[0] requires url in FHIR R4"),
+            (json!({"effectiveDateTime": "2026-02-30"}),
+             "Observation.effectiveDateTime is a dateTime: YYYY, YYYY-MM, YYYY-MM-DD, or \
+              YYYY-MM-DDThh:mm:ss[.f] with Z or ±hh:mm, a real calendar date"),
+            (json!({"status": "final "}),
+             "Observation.status is a code: a non-empty string without leading, trailing or \
+              repeated whitespace"),
+            (json!({"valueQuantity": {"value": "7.2"}}),
+             "Observation.valueQuantity.value is a decimal: a JSON number"),
+            (json!({"component": [{"code": {"text": "a"}, "valueInteger": 2.5}]}),
+             "Observation.component[0].valueInteger is an integer: a whole number from \
+              -2147483648 to 2147483647"),
         ] {
             let mut v = ok.clone();
             for (k, x) in bad.as_object().unwrap() {

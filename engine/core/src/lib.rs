@@ -4,6 +4,7 @@
 //! journal tracks each message through the [`MessageState`] machine. Nothing here does I/O.
 
 mod envelope;
+pub mod fhir_primitive;
 pub mod fhir_r4;
 mod ids;
 mod search_text;
