@@ -535,6 +535,91 @@ async fn forward(
     Ok(res)
 }
 
+/// One backend's part of a patient's `$everything`: the resources of `rtype` it holds in the
+/// patient's compartment that the caller may read.
+pub(crate) struct CompartmentPart {
+    pub resources: Vec<Value>,
+    /// The backend had more than one page: the rest is a search away.
+    pub more: bool,
+}
+
+/// Searches `backend` for `rtype` in patient `pid`'s compartment (`patient=`, or `subject=` for
+/// a type without `patient`), at most `count` of them. Whatever the backend answers is kept only
+/// when it is of that type, in that patient's compartment and readable by the caller: a backend
+/// that ignores the parameter cannot put another patient's data in this patient's answer.
+pub(crate) async fn compartment_search(
+    st: &AppState,
+    backend: &Backend,
+    access: &Access,
+    slot: &AuditSlot,
+    rtype: &str,
+    pid: &str,
+    count: usize,
+) -> Result<CompartmentPart, ApiError> {
+    let param = if crate::search::supports(rtype, "patient") {
+        format!("patient={pid}")
+    } else {
+        format!("subject=Patient/{pid}")
+    };
+    let query = format!("{param}&_count={count}");
+    let path = format!("/{rtype}");
+    let (status, bytes) = call(
+        st,
+        backend,
+        access,
+        slot,
+        reqwest::Method::GET,
+        &path,
+        Some(&query),
+        Vec::new(),
+    )
+    .await?;
+    if !status.is_success() {
+        return Err(ApiError::Backend(format!(
+            "backend {} answered {}",
+            backend.cfg.name,
+            status.as_u16()
+        )));
+    }
+    let bundle: Value = serde_json::from_slice(&bytes).map_err(|_| {
+        ApiError::Backend(format!(
+            "backend {} answered something that is not JSON",
+            backend.cfg.name
+        ))
+    })?;
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::Backend(format!(
+            "backend {} answered a search with something other than a Bundle",
+            backend.cfg.name
+        )));
+    }
+    let entries = bundle.get("entry").and_then(Value::as_array);
+    let mut resources = Vec::new();
+    for r in entries
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("resource"))
+    {
+        let id = r.get("id").and_then(Value::as_str).unwrap_or("");
+        let kept = r.get("resourceType").and_then(Value::as_str) == Some(rtype)
+            && crate::policy::valid_id(id)
+            && crate::policy::in_compartment(rtype, id, r, pid, false)
+            && access.permits(Perm::Read, rtype, id, r);
+        if kept && resources.len() < count {
+            resources.push(r.clone());
+        }
+    }
+    let next = bundle
+        .get("link")
+        .and_then(Value::as_array)
+        .is_some_and(|l| l.iter().any(|x| x["relation"] == "next"));
+    let shown = entries.map_or(0, Vec::len);
+    Ok(CompartmentPart {
+        resources,
+        more: next || shown > count,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn call(
     st: &AppState,

@@ -774,8 +774,6 @@ pub async fn instance_op(
                     entries.push(json!({"fullUrl": format!("{base}/{t}/{rid}"), "resource": v, "search": {"mode": "match"}}));
                 }
             }
-            slot.disclose(seen);
-            slot.update(|d| d.returned = Some(entries.len()));
             let page = |o: usize| {
                 let set = [("_offset", o.to_string()), ("_count", count.to_string())];
                 let set: Vec<(&str, &str)> = set.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -790,27 +788,100 @@ pub async fn instance_op(
             if shown < listed {
                 links.push(json!({"relation": "next", "url": page(shown)}));
             }
-            // Never a silently shorter answer: the types a backend serves are not in the store.
-            let elsewhere: Vec<String> = st
-                .facade
-                .backends
-                .routed_types(tenant)
-                .into_iter()
-                .filter(|(t, _)| *t != "Patient")
-                .map(|(t, b)| format!("{t} ({b})"))
-                .collect();
-            if offset == 0 && !elsewhere.is_empty() {
-                entries.push(crate::search::incomplete_entry(&format!(
-                    "not in this answer: {}, served by backend FHIR servers; search each by patient (GET /fhir/<type>?patient={id})",
-                    elsewhere.join(", ")
-                )));
+            let mut complete = true;
+            if offset == 0 {
+                let from_backends = everything_from_backends(&st, &access, &slot, &id, count).await;
+                for (rtype, resource) in from_backends.resources {
+                    let rid = resource["id"].as_str().unwrap_or_default().to_string();
+                    seen.add(&rtype, &rid, &resource);
+                    total += 1;
+                    entries.push(json!({"fullUrl": format!("{base}/{rtype}/{rid}"), "resource": resource, "search": {"mode": "match"}}));
+                }
+                // Never a silently shorter answer: what a backend could not give is named.
+                if !from_backends.missing.is_empty() {
+                    complete = false;
+                    entries.push(crate::search::incomplete_entry(&format!(
+                        "not all in this answer: {}",
+                        from_backends.missing.join("; ")
+                    )));
+                }
             }
-            Ok(bundle_response(
-                &json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries}),
-            ))
+            slot.disclose(seen);
+            slot.update(|d| d.returned = Some(entries.len()));
+            let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries});
+            if !complete {
+                bundle.as_object_mut().map(|b| b.remove("total"));
+            }
+            Ok(bundle_response(&bundle))
         }
         _ => Err(ApiError::NotFound(format!("unknown operation {op:?}"))),
     }
+}
+
+/// What the backend FHIR servers add to a patient's `$everything`.
+#[derive(Default)]
+struct BackendCompartment {
+    /// `(type, resource)` the caller may read.
+    resources: Vec<(String, Value)>,
+    /// Per routed type that is not all here, why (`Observation (lab): backend lab unavailable`).
+    missing: Vec<String>,
+}
+
+/// The patient's resources of each type a backend serves for the tenant, asked of all of them
+/// at once (at most `count` per type). Types without a patient link (`Practitioner`) are not in
+/// a compartment, as in the store's part; types the caller may not read are not asked.
+async fn everything_from_backends(
+    st: &AppState,
+    access: &Access,
+    slot: &AuditSlot,
+    pid: &str,
+    count: usize,
+) -> BackendCompartment {
+    let tenant = &access.principal.tenant;
+    let backends = &st.facade.backends;
+    let asked: Vec<(&str, &crate::backend::Backend)> = backends
+        .routed_types(tenant)
+        .into_iter()
+        .filter(|(t, _)| {
+            *t != "Patient"
+                && (crate::search::supports(t, "patient") || crate::search::supports(t, "subject"))
+                && access.may(Perm::Read, t)
+        })
+        .filter_map(|(t, _)| backends.route(tenant, t).map(|b| (t, b)))
+        .collect();
+    if asked.is_empty() {
+        return BackendCompartment::default();
+    }
+    let mut names: Vec<&str> = asked.iter().map(|(_, b)| b.cfg.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let names = names.join(",");
+    slot.update(|d| d.backend = Some(names));
+    let answers = futures_util::future::join_all(
+        asked
+            .iter()
+            .map(|(t, b)| crate::backend::compartment_search(st, b, access, slot, t, pid, count)),
+    )
+    .await;
+    let mut out = BackendCompartment::default();
+    for ((t, b), answer) in asked.into_iter().zip(answers) {
+        let name = &b.cfg.name;
+        match answer {
+            Ok(part) => {
+                if part.more {
+                    out.missing.push(format!(
+                        "{t} ({name}): more than {count}; search them by patient (GET /fhir/{t}?patient={pid})"
+                    ));
+                }
+                out.resources
+                    .extend(part.resources.into_iter().map(|r| (t.to_string(), r)));
+            }
+            Err(e) => out
+                .missing
+                .push(format!("{t} ({name}): {}", e.public_message())),
+        }
+    }
+    out
 }
 
 /// `GET /fhir/{type}/_history[?_since=…&_count=…]`

@@ -362,3 +362,141 @@ async fn a_backend_behind_mutual_tls_is_reached_with_the_configured_identity() {
     );
     shutdown.cancel();
 }
+
+/// `$everything` gathers the patient's resources from the backends as well as the store. The
+/// backend here ignores the `patient` parameter (it answers two patients' Observations): only
+/// the asked patient's reach the answer. A backend that fails is named in an OperationOutcome
+/// entry; a type with no patient link (Practitioner) and a type the caller may not read are
+/// not asked.
+#[tokio::test(flavor = "multi_thread")]
+async fn everything_gathers_the_patients_resources_from_the_backends() {
+    use axum::extract::{OriginalUri, State};
+    use axum::http::StatusCode;
+    use std::sync::{Arc, Mutex};
+    type Asked = Arc<Mutex<Vec<String>>>;
+    async fn answer(State(asked): State<Asked>, uri: OriginalUri) -> (StatusCode, String) {
+        let path = uri.0.to_string();
+        asked.lock().unwrap().push(path.clone());
+        let bundle = |entries: Vec<Value>| {
+            json!({"resourceType": "Bundle", "type": "searchset", "total": entries.len(),
+                   "entry": entries.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+            .to_string()
+        };
+        if path.starts_with("/fhir/Observation?") {
+            (
+                StatusCode::OK,
+                bundle(vec![obs("lab-a", "pa"), obs("lab-b", "pb")]),
+            )
+        } else if path.starts_with("/fhir/Condition?") {
+            (StatusCode::SERVICE_UNAVAILABLE, String::new())
+        } else {
+            (StatusCode::NOT_FOUND, String::new())
+        }
+    }
+    let asked: Asked = Arc::default();
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state(asked.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = format!(
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\", \"Practitioner\"]\nhealth_check_secs = 0\n\
+         [[facade.backends]]\nname = \"problems\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Condition\"]\nhealth_check_secs = 0\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let admin = f.token("seeder", "system/*.cruds", &[]);
+    for (path, body) in [
+        (
+            "/fhir/Patient/pa",
+            json!({"resourceType": "Patient", "id": "pa"}),
+        ),
+        (
+            "/fhir/Patient/pb",
+            json!({"resourceType": "Patient", "id": "pb"}),
+        ),
+        (
+            "/fhir/Encounter/ea",
+            json!({"resourceType": "Encounter", "id": "ea", "status": "finished",
+                   "class": {"code": "IMP"}, "subject": {"reference": "Patient/pa"}}),
+        ),
+    ] {
+        let r = f.call("PUT", path, Some(&admin), Some(&body)).await;
+        assert!(r.status < 300, "{}", r.text);
+    }
+    let portal = f.token("portal", "patient/*.rs", &["--patient", "pa"]);
+    for token in [&admin, &portal] {
+        let r = f
+            .call("GET", "/fhir/Patient/pa/$everything", Some(token), None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.ids(),
+            [
+                "Patient/pa",
+                "Encounter/ea",
+                "Observation/lab-a",
+                "OperationOutcome/"
+            ],
+            "{}",
+            r.text
+        );
+        let entries = r.json["entry"].as_array().unwrap();
+        assert!(
+            entries[2]["fullUrl"]
+                .as_str()
+                .unwrap()
+                .ends_with("/fhir/Observation/lab-a"),
+            "{}",
+            r.text
+        );
+        assert_eq!(
+            entries[3]["resource"]["issue"][0]["diagnostics"],
+            "not all in this answer: Condition (problems): backend problems answered 503"
+        );
+        assert!(r.json.get("total").is_none(), "{}", r.text);
+        assert!(!r.text.contains(&addr.to_string()), "{}", r.text);
+    }
+    // Only Patient and Encounter in scope: no backend is asked.
+    let narrow = f.token(
+        "narrow",
+        "patient/Patient.rs patient/Encounter.rs",
+        &["--patient", "pa"],
+    );
+    let before = asked.lock().unwrap().len();
+    let r = f
+        .call("GET", "/fhir/Patient/pa/$everything", Some(&narrow), None)
+        .await;
+    assert_eq!(r.ids(), ["Patient/pa", "Encounter/ea"], "{}", r.text);
+    assert_eq!(r.json["total"], 2, "{}", r.text);
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), before, "{asked:?}");
+    let mut first_two = asked[..2].to_vec();
+    first_two.sort();
+    assert_eq!(
+        first_two,
+        [
+            "/fhir/Condition?patient=pa&_count=1000",
+            "/fhir/Observation?patient=pa&_count=1000"
+        ]
+    );
+    assert!(
+        asked.len() == 4 && !asked.iter().any(|p| p.contains("Practitioner")),
+        "{asked:?}"
+    );
+
+    f.stop();
+    let records = export_audit(&f, None);
+    let everything: Vec<&Value> = records
+        .iter()
+        .map(|e| &e["body"])
+        .filter(|b| b["interaction"] == "operation-everything")
+        .collect();
+    assert_eq!(everything.len(), 3, "{everything:?}");
+    assert_eq!(
+        everything[0]["backend"], "lab,problems",
+        "{}",
+        everything[0]
+    );
+    assert_eq!(everything[0]["returned"], 4, "{}", everything[0]);
+}
