@@ -275,7 +275,7 @@ fn generated_bodies_never_fail_the_server() {
         let near = tributary_testing::near(bases[target].clone(), value);
         (Just(target), near, Just(as_portal))
     });
-    runner(300)
+    runner(500)
         .run(&case, |(target, body, as_portal)| {
             let (method, uri, _) = &targets[target];
             let token = if as_portal { &portal } else { &system };
@@ -294,5 +294,7 @@ fn generated_bodies_never_fail_the_server() {
         })
         .unwrap();
     let ok = successes.get();
+    // about 58 of 500 on average (most replaced values land where R4 wants another type or
+    // format), 30 is far below any run's
     assert!(ok > 30, "only {ok} generated writes succeeded");
 }
