@@ -174,6 +174,25 @@ impl Backends {
 }
 
 impl Backend {
+    /// A failure status from the backend, for an answer the facade builds itself (the
+    /// backend's own OperationOutcome may carry data).
+    fn answered(&self, status: reqwest::StatusCode) -> ApiError {
+        ApiError::Backend(format!(
+            "backend {} answered {}",
+            self.cfg.name,
+            status.as_u16()
+        ))
+    }
+
+    fn json(&self, bytes: &[u8]) -> Result<Value, ApiError> {
+        serde_json::from_slice(bytes).map_err(|_| {
+            ApiError::Backend(format!(
+                "backend {} answered something that is not JSON",
+                self.cfg.name
+            ))
+        })
+    }
+
     fn serves(&self, tenant: &str) -> bool {
         self.cfg.tenants.is_empty() || self.cfg.tenants.iter().any(|t| t == tenant)
     }
@@ -535,6 +554,38 @@ async fn forward(
     Ok(res)
 }
 
+/// Reads `rtype/id` from `backend` (an `_include` target): `None` when it is gone (404, 410) or
+/// the answer is not that resource.
+pub(crate) async fn read(
+    st: &AppState,
+    backend: &Backend,
+    access: &Access,
+    slot: &AuditSlot,
+    rtype: &str,
+    id: &str,
+) -> Result<Option<Value>, ApiError> {
+    let path = format!("/{rtype}/{id}");
+    let (status, bytes) = call(
+        st,
+        backend,
+        access,
+        slot,
+        reqwest::Method::GET,
+        &path,
+        None,
+        Vec::new(),
+    )
+    .await?;
+    match status.as_u16() {
+        404 | 410 => return Ok(None),
+        _ if !status.is_success() => return Err(backend.answered(status)),
+        _ => {}
+    }
+    let v = backend.json(&bytes)?;
+    let is = |k: &str, want: &str| v.get(k).and_then(Value::as_str) == Some(want);
+    Ok((is("resourceType", rtype) && is("id", id)).then_some(v))
+}
+
 /// One backend's part of a patient's `$everything`: the resources of `rtype` it holds in the
 /// patient's compartment that the caller may read.
 pub(crate) struct CompartmentPart {
@@ -575,18 +626,9 @@ pub(crate) async fn compartment_search(
     )
     .await?;
     if !status.is_success() {
-        return Err(ApiError::Backend(format!(
-            "backend {} answered {}",
-            backend.cfg.name,
-            status.as_u16()
-        )));
+        return Err(backend.answered(status));
     }
-    let bundle: Value = serde_json::from_slice(&bytes).map_err(|_| {
-        ApiError::Backend(format!(
-            "backend {} answered something that is not JSON",
-            backend.cfg.name
-        ))
-    })?;
+    let bundle = backend.json(&bytes)?;
     if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
         return Err(ApiError::Backend(format!(
             "backend {} answered a search with something other than a Bundle",

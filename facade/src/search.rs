@@ -403,9 +403,81 @@ pub struct SearchResult {
     pub total: usize,
     pub offset: usize,
     pub count: usize,
-    /// Types `_include` named whose targets a backend FHIR server serves (`Observation (lab)`):
-    /// not included, and the Bundle says so.
+    /// References `_include` found whose type a backend FHIR server serves, not yet read from
+    /// it ([`include_from_backends`] does); any left are named in the Bundle as not included.
+    pub remote: Vec<RemoteRef>,
+    /// Included resources read from backends.
+    pub remote_included: Vec<Value>,
+    /// Why some `_include` targets are not in the answer (`Practitioner (lab): backend lab
+    /// unavailable`): the Bundle says so.
     pub elsewhere: BTreeSet<String>,
+}
+
+/// A reference to a resource a backend serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteRef {
+    pub rtype: String,
+    pub id: String,
+    pub backend: String,
+}
+
+/// Most references one search's `_include` reads from backends; past it, the rest are named as
+/// not included.
+pub const MAX_REMOTE_INCLUDES: usize = 100;
+
+/// Reads `_include` targets that backends serve (all at once, at most [`MAX_REMOTE_INCLUDES`]),
+/// keeping each that is the resource referenced and readable by the caller; a target that is
+/// gone (404) is left out as a dangling reference is, any other failure is named.
+pub(crate) async fn include_from_backends(
+    st: &AppState,
+    access: &Access,
+    slot: &AuditSlot,
+    res: &mut SearchResult,
+) {
+    if res.remote.is_empty() {
+        return;
+    }
+    let tenant = access.principal.tenant.as_str();
+    let refs = std::mem::take(&mut res.remote);
+    let (asked, rest) = refs.split_at(refs.len().min(MAX_REMOTE_INCLUDES));
+    for r in rest {
+        res.elsewhere.insert(format!(
+            "{} ({}): more than {MAX_REMOTE_INCLUDES} references to read from backends",
+            r.rtype, r.backend
+        ));
+    }
+    let mut names: Vec<&str> = asked.iter().map(|r| r.backend.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let names = names.join(",");
+    slot.update(|d| {
+        if d.backend.is_none() {
+            d.backend = Some(names);
+        }
+    });
+    let reads = asked.iter().filter_map(|r| {
+        let backend = st.facade.backends.route(tenant, &r.rtype)?;
+        Some(async move {
+            let answer = crate::backend::read(st, backend, access, slot, &r.rtype, &r.id).await;
+            (r, answer)
+        })
+    });
+    for (r, answer) in futures_util::future::join_all(reads).await {
+        match answer {
+            Ok(Some(v)) if access.permits(Perm::Read, &r.rtype, &r.id, &v) => {
+                res.remote_included.push(v);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                res.elsewhere.insert(format!(
+                    "{} ({}): {}",
+                    r.rtype,
+                    r.backend,
+                    e.public_message()
+                ));
+            }
+        }
+    }
 }
 
 fn intersect(acc: Option<Vec<String>>, next: Vec<String>) -> Option<Vec<String>> {
@@ -622,7 +694,7 @@ pub fn run_search(
     let total = matches.len();
     let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
     let mut included = Vec::new();
-    let mut elsewhere = BTreeSet::new();
+    let mut remote = Vec::new();
     if !includes.is_empty() {
         let mut seen: BTreeSet<(String, String)> = page
             .iter()
@@ -671,7 +743,11 @@ pub fn run_search(
                         continue;
                     }
                     if let Some(b) = st.facade.backends.route(tenant, t) {
-                        elsewhere.insert(format!("{t} ({})", b.cfg.name));
+                        remote.push(RemoteRef {
+                            rtype: t.to_string(),
+                            id: id.to_string(),
+                            backend: b.cfg.name.clone(),
+                        });
                         continue;
                     }
                     if let Some(inc) = store.read(tenant, t, id)? {
@@ -690,7 +766,9 @@ pub fn run_search(
     Ok(SearchResult {
         matches: page,
         included,
-        elsewhere,
+        remote,
+        remote_included: Vec::new(),
+        elsewhere: BTreeSet::new(),
         total,
         offset,
         count,
@@ -782,11 +860,28 @@ pub(crate) fn searchset(
                 "search": {"mode": mode},
             }));
         }
+        for v in &res.remote_included {
+            let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default();
+            let (t, id) = (s("resourceType"), s("id"));
+            seen.add(t, id, v);
+            entries.push(json!({
+                "fullUrl": format!("{base}/{t}/{id}"),
+                "resource": v,
+                "search": {"mode": "include"},
+            }));
+        }
     }
-    if !summary_count && !res.elsewhere.is_empty() {
+    let mut elsewhere = res.elsewhere.clone();
+    for r in &res.remote {
+        elsewhere.insert(format!(
+            "{} ({}): served by a backend FHIR server; read them there",
+            r.rtype, r.backend
+        ));
+    }
+    if !summary_count && !elsewhere.is_empty() {
         entries.push(incomplete_entry(&format!(
-            "_include: {} not included, served by backend FHIR servers; read them there",
-            res.elsewhere.iter().cloned().collect::<Vec<_>>().join(", ")
+            "_include: not all included: {}",
+            elsewhere.into_iter().collect::<Vec<_>>().join("; ")
         )));
     }
     audit.disclose(seen);
@@ -811,8 +906,13 @@ async fn do_search(
     params: Vec<(String, String)>,
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
-    let res = run_search(&st, &access, &rtype, &params, Perm::Search)?;
-    slot.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
+    let mut res = run_search(&st, &access, &rtype, &params, Perm::Search)?;
+    if !params.iter().any(|(k, v)| k == "_summary" && v == "count") {
+        include_from_backends(&st, &access, &slot, &mut res).await;
+    }
+    slot.update(|d| {
+        d.returned = Some(res.matches.len() + res.included.len() + res.remote_included.len())
+    });
     let base = base_url(&st, &headers);
     Ok(bundle_response(&searchset(
         &base, &rtype, &params, &res, &slot,

@@ -389,6 +389,9 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
             )
         } else if path.starts_with("/fhir/Condition?") {
             (StatusCode::SERVICE_UNAVAILABLE, String::new())
+        } else if path == "/fhir/Practitioner/dr1" {
+            let dr = json!({"resourceType": "Practitioner", "id": "dr1", "active": true});
+            (StatusCode::OK, dr.to_string())
         } else {
             (StatusCode::NOT_FOUND, String::new())
         }
@@ -418,7 +421,9 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
         (
             "/fhir/Encounter/ea",
             json!({"resourceType": "Encounter", "id": "ea", "status": "finished",
-                   "class": {"code": "IMP"}, "subject": {"reference": "Patient/pa"}}),
+                   "class": {"code": "IMP"}, "subject": {"reference": "Patient/pa"},
+                   "participant": [{"individual": {"reference": "Practitioner/dr1"}},
+                                   {"individual": {"reference": "Practitioner/gone"}}]}),
         ),
     ] {
         let r = f.call("PUT", path, Some(&admin), Some(&body)).await;
@@ -485,6 +490,44 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
         "{asked:?}"
     );
 
+    // `_include` reads the targets a backend serves from it; one that is gone is left out, as
+    // a dangling reference is.
+    let r = f
+        .call(
+            "GET",
+            "/fhir/Encounter?patient=pa&_include=Encounter:participant",
+            Some(&portal),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.ids(), ["Encounter/ea", "Practitioner/dr1"], "{}", r.text);
+    assert_eq!(r.json["entry"][1]["search"]["mode"], "include");
+    // The backend down: the Bundle says what is missing and why.
+    let gone = "[[facade.backends]]\nname = \"lab\"\nurl = \"http://127.0.0.1:9/fhir\"\nresource_types = [\"Practitioner\"]\nhealth_check_secs = 0\n";
+    let mut g = Facade::start(Some(gone));
+    let admin_g = g.token("seeder", "system/*.cruds", &[]);
+    let ea = json!({"resourceType": "Encounter", "id": "ea", "status": "finished",
+        "class": {"code": "IMP"}, "participant": [{"individual": {"reference": "Practitioner/dr1"}}]});
+    let w = g
+        .call("PUT", "/fhir/Encounter/ea", Some(&admin_g), Some(&ea))
+        .await;
+    assert!(w.status < 300, "{}", w.text);
+    let r = g
+        .call(
+            "GET",
+            "/fhir/Encounter?_include=Encounter:participant",
+            Some(&admin_g),
+            None,
+        )
+        .await;
+    assert_eq!(r.ids(), ["Encounter/ea", "OperationOutcome/"], "{}", r.text);
+    assert_eq!(
+        r.json["entry"][1]["resource"]["issue"][0]["diagnostics"],
+        "_include: not all included: Practitioner (lab): backend lab unavailable"
+    );
+    g.stop();
+
     f.stop();
     let records = export_audit(&f, None);
     let everything: Vec<&Value> = records
@@ -499,4 +542,14 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
         everything[0]
     );
     assert_eq!(everything[0]["returned"], 4, "{}", everything[0]);
+    let search = records
+        .iter()
+        .map(|e| &e["body"])
+        .find(|b| b["interaction"] == "search-type" && b["resource_type"] == "Encounter")
+        .unwrap();
+    assert_eq!(
+        (&search["backend"], &search["returned"]),
+        (&json!("lab"), &json!(2)),
+        "{search}"
+    );
 }
