@@ -1388,6 +1388,24 @@ impl Compiler {
 
     /// A constant, converted by the target's FHIR type (maps are checked element by element).
     fn constant(&mut self, file: &Arc<str>, node: &Node, ty: &'static str) -> Option<Value> {
+        let value = self.constant_value(file, node, ty)?;
+        if let (YKind::Scalar { text, .. }, Err(need)) = (
+            &node.kind,
+            tributary_core::fhir_primitive::check(ty, &value),
+        ) {
+            if Prim::for_type(ty).is_some() {
+                self.err(
+                    file,
+                    node.pos,
+                    format!("`{text}` is not a FHIR R4 {ty}: {need}"),
+                );
+                return None;
+            }
+        }
+        Some(value)
+    }
+
+    fn constant_value(&mut self, file: &Arc<str>, node: &Node, ty: &'static str) -> Option<Value> {
         match &node.kind {
             YKind::Scalar { text, .. } => match Prim::for_type(ty) {
                 Some(Prim::Boolean) => match text.as_str() {

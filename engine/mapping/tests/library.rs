@@ -147,6 +147,28 @@ fn load_errors_name_file_line_col_the_bad_element_and_a_suggestion() {
     );
 }
 
+/// A constant is checked against its element's R4 format when the file loads, so an analyst's
+/// typo is a load error at its position, not an invalid resource in every message.
+#[test]
+fn constants_in_a_wrong_format_are_load_errors() {
+    let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: gender\n    value: \"female \"\n  - set: birthDate\n    value: 1962-02-30\n  - set: multipleBirthInteger\n    value: 3000000000\n  - set: identifier\n    value:\n      system: urn:x y\n      value: \"7\"\n  - set: active\n    value: true\n";
+    let msg = "message: [ADT^A01]\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n";
+    let errs = load_error_lines(&[
+        ("segments/PID-Patient.yaml", pid),
+        ("messages/ADT.yaml", msg),
+    ]);
+    let all = errs.join("\n");
+    for expected in [
+        "PID-Patient.yaml:5:12: `female ` is not a FHIR R4 code: a non-empty string without leading, trailing or repeated whitespace",
+        "PID-Patient.yaml:7:12: `1962-02-30` is not a FHIR R4 date: YYYY, YYYY-MM or YYYY-MM-DD, a real calendar date",
+        "PID-Patient.yaml:9:12: `3000000000` is not a FHIR R4 integer: a whole number from -2147483648 to 2147483647",
+        "PID-Patient.yaml:12:15: `urn:x y` is not a FHIR R4 uri: a non-empty string without whitespace",
+    ] {
+        assert!(all.contains(expected), "{expected}\n{all}");
+    }
+    assert_eq!(errs.len(), 4, "{all}");
+}
+
 #[test]
 fn meta_stamps_are_the_stores_and_a_mapping_that_sets_them_does_not_load() {
     let pid = "resource: Patient\nsegment: PID\nrules:\n  - set: meta.versionId\n    from: PID-1\n  - set: meta\n    value:\n      lastUpdated: x\n  - set: meta.tag\n    rules:\n      - set: code\n        from: PID-2\n";
