@@ -2206,6 +2206,82 @@ async fn name_and_birthdate_searches_use_their_index_beyond_the_scan_bound() {
     assert!(b.to_string().contains("modifier :missing"), "{b}");
 }
 
+/// `code` searches come from the store's code index: they answer over more Observations than
+/// a search may scan, by code alone, by system and code, or any of several.
+#[tokio::test]
+async fn code_searches_use_their_index_beyond_the_scan_bound() {
+    use tributary_storage::{ResourceWrite, StoreTransaction};
+    let e = env();
+    let admin = e.token("system/*.cruds", |_| {});
+    let obs = |codings: Value| json!({"resourceType": "Observation", "status": "final", "code": {"coding": codings}});
+    let coded = [
+        (
+            "h1",
+            json!([{"system": "http://loinc.org", "code": "718-7"}]),
+        ),
+        (
+            "h2",
+            json!([{"system": "urn:local", "code": "718-7"}, {"code": "HGB"}]),
+        ),
+        ("h3", json!([{"code": "718-7"}])),
+        (
+            "w1",
+            json!([{"system": "http://loinc.org", "code": "6690-2"}]),
+        ),
+    ];
+    let mut writes: Vec<ResourceWrite> = coded
+        .iter()
+        .map(|(id, c)| ResourceWrite::upsert("Observation", id, obs(c.clone())))
+        .collect();
+    writes.extend((0..=search::MAX_SCAN).map(|i| {
+        let c = json!([{"system": "http://loinc.org", "code": "2345-7"}]);
+        ResourceWrite::upsert("Observation", &format!("x{i}"), obs(c))
+    }));
+    for chunk in writes.chunks(2_000) {
+        e.st.rt
+            .store
+            .commit(StoreTransaction {
+                tenant: "default".into(),
+                writes: chunk.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for (q, expect) in [
+        ("code=718-7", vec!["h1", "h2", "h3"]),
+        ("code=|718-7", vec!["h1", "h2", "h3"]),
+        ("code=http://loinc.org|718-7", vec!["h1"]),
+        ("code=urn:local|718-7", vec!["h2"]),
+        ("code=http://loinc.org/x|718-7", vec![]),
+        ("code=HGB,6690-2", vec!["h2", "w1"]),
+        ("code=718&status=final", vec![]),
+    ] {
+        let (s, _, b) = e
+            .call("GET", &format!("/fhir/Observation?{q}"), Some(&admin), None)
+            .await;
+        assert_eq!(s, 200, "{q}: {b}");
+        let mut found = ids(&b);
+        found.sort();
+        let expect: Vec<String> = expect
+            .iter()
+            .map(|id| format!("Observation/{id}"))
+            .collect();
+        assert_eq!(found, expect, "{q}");
+    }
+    // A system alone cannot narrow by the index; a code matching everything cannot be answered.
+    for (q, why) in [
+        ("code=http://loinc.org|", "would scan more than"),
+        ("code=2345-7", "matches more than"),
+    ] {
+        let (s, _, b) = e
+            .call("GET", &format!("/fhir/Observation?{q}"), Some(&admin), None)
+            .await;
+        assert_eq!(s, 400, "{q}: {b}");
+        assert!(b.to_string().contains(why), "{q}: {b}");
+    }
+}
+
 /// A Bundle is answered from the built-in store, so entries of a type routed to a backend FHIR
 /// server are refused (405) rather than written to, or read from, the wrong place.
 #[tokio::test]
