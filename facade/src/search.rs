@@ -612,17 +612,13 @@ pub fn run_search(
                     .collect();
                 // an empty prefix would name every resource with a name: no narrowing
                 if values.iter().all(|x| !x.is_empty()) {
-                    ids = intersect(ids, ids_by_any_prefix(st, tenant, rtype, base, &values)?);
-                }
-            }
-            // Each value is a prefix of the code index, unless one cannot be (`system|`).
-            "code" => {
-                let prefixes: Option<Vec<String>> = v
-                    .split(',')
-                    .map(tributary_storage::code_index_prefix)
-                    .collect();
-                if let Some(prefixes) = prefixes {
-                    ids = intersect(ids, ids_by_any_prefix(st, tenant, rtype, base, &prefixes)?);
+                    let mut any = Vec::new();
+                    for value in &values {
+                        any.extend(store.ids_by_string_prefix(tenant, rtype, base, value)?);
+                    }
+                    any.sort_unstable();
+                    any.dedup();
+                    ids = intersect(ids, any);
                 }
             }
             "birthdate" if !v.contains(',') => {
@@ -651,7 +647,7 @@ pub fn run_search(
             // Never a silently shortened answer: past the bound, the client narrows the search.
             if ids.len() > MAX_SCAN {
                 return Err(ApiError::BadRequest(format!(
-                    "search matches more than {MAX_SCAN} resources by its indexed parameters; narrow it (_lastUpdated, _id, identifier, patient)"
+                    "search matches more than {MAX_SCAN} resources by its indexed parameters; narrow it (_lastUpdated, _id, identifier)"
                 )));
             }
             let mut out = Vec::new();
@@ -668,7 +664,7 @@ pub fn run_search(
             let all = store.list(tenant, rtype, None, MAX_SCAN + 1)?;
             if all.len() > MAX_SCAN {
                 return Err(ApiError::BadRequest(format!(
-                    "search would scan more than {MAX_SCAN} resources; add _id, identifier, patient, code, name, birthdate or _lastUpdated"
+                    "search would scan more than {MAX_SCAN} resources; add _id, identifier, patient, name, birthdate or _lastUpdated"
                 )));
             }
             all
@@ -777,24 +773,6 @@ pub fn run_search(
         offset,
         count,
     })
-}
-
-/// Ids with a `param` index value starting with any of `prefixes` (a comma-separated search
-/// value: OR), sorted and distinct.
-fn ids_by_any_prefix(
-    st: &AppState,
-    tenant: &str,
-    rtype: &str,
-    param: &str,
-    prefixes: &[String],
-) -> ApiResult<Vec<String>> {
-    let mut any = Vec::new();
-    for p in prefixes {
-        any.extend(st.rt.store.ids_by_string_prefix(tenant, rtype, param, p)?);
-    }
-    any.sort_unstable();
-    any.dedup();
-    Ok(any)
 }
 
 fn patient_ids(st: &AppState, tenant: &str, pid: &str, rtype: &str) -> ApiResult<Vec<String>> {

@@ -35,9 +35,8 @@ pub use journal::{
 };
 pub use outbox::{AckRecorder, Numbering, Outbox, OutboxEvent, RawOutboxEvent};
 pub use store::{
-    code_index_prefix, CommitOutcome, FjallStore, HistoryPosition, IndexFields, JsonView,
-    MessageUpdate, Precondition, ResourceBody, ResourceWrite, Store, StoreTransaction,
-    StoredResource, WriteOp, WriteOutcome,
+    CommitOutcome, FjallStore, HistoryPosition, IndexFields, JsonView, MessageUpdate, Precondition,
+    ResourceBody, ResourceWrite, Store, StoreTransaction, StoredResource, WriteOp, WriteOutcome,
 };
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

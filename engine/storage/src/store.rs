@@ -393,11 +393,9 @@ pub struct IndexFields {
     pub patients: BTreeSet<String>,
     /// `(system, value)` of each identifier with a value (`system` empty when absent).
     pub identifiers: Vec<(String, String)>,
-    /// `(parameter, value)` for the string, date and token search parameters the store
-    /// indexes, sorted and distinct: `name` (a plain `name` string, or each HumanName's text,
-    /// family and given) and `family`, folded by [`tributary_core::fold_search_string`];
-    /// `birthdate` as written; `code` as [`code_index_value`] (each coding of a `code`
-    /// CodeableConcept, or a `code` primitive).
+    /// `(parameter, value)` for the string and date search parameters, sorted and distinct:
+    /// `name` (a plain `name` string, or each HumanName's text, family and given) and `family`,
+    /// folded by [`tributary_core::fold_search_string`]; `birthdate` as written.
     pub strings: Vec<(&'static str, String)>,
 }
 
@@ -459,23 +457,6 @@ impl IndexFields {
                 strings.push(("birthdate", b.to_string()));
             }
         }
-        let code = resource.get("code");
-        let mut add_code = |code: Option<&str>, system: Option<&str>| {
-            if let Some(v) = code.and_then(|c| code_index_value(c, system.unwrap_or(""))) {
-                strings.push(("code", v));
-            }
-        };
-        match code.and_then(V::as_str) {
-            Some(c) => add_code(Some(c), None),
-            None => {
-                for c in each(code.and_then(|c| c.get("coding"))) {
-                    add_code(
-                        c.get("code").and_then(V::as_str),
-                        c.get("system").and_then(V::as_str),
-                    );
-                }
-            }
-        }
         strings.sort();
         strings.dedup();
         Self {
@@ -484,35 +465,6 @@ impl IndexFields {
             strings,
         }
     }
-}
-
-/// Between a code and its system in a `code` index value.
-const CODE_SYSTEM_SEP: char = '\u{1f}';
-
-/// The `code` index value of one coding: the code, then its system (empty when it has none),
-/// so that a search by code alone is a prefix scan (`code` + separator) and one by system and
-/// code is the whole value. `None` for an empty code, or text a key cannot hold.
-pub fn code_index_value(code: &str, system: &str) -> Option<String> {
-    let bad = |s: &str| s.contains(['\0', CODE_SYSTEM_SEP]);
-    (!code.is_empty() && !bad(code) && !bad(system))
-        .then(|| format!("{code}{CODE_SYSTEM_SEP}{system}"))
-}
-
-/// The `code` index prefix a token search value selects (`code`, `|code`: any system;
-/// `system|code`: that system), or `None` where the index cannot narrow (`system|`, an empty
-/// code).
-pub fn code_index_prefix(token: &str) -> Option<String> {
-    let (system, code) = match token.split_once('|') {
-        Some((s, c)) if !s.is_empty() => (Some(s), c),
-        Some((_, c)) => (None, c),
-        None => (None, token),
-    };
-    let whole = code_index_value(code, system.unwrap_or(""))?;
-    Some(match system {
-        // the whole value, then the separator before the id
-        Some(_) => format!("{whole}\0"),
-        None => whole,
-    })
 }
 
 /// `given`'s elements merged into `stored` (a `write: merge` mapping, such as the merged-away
@@ -1372,9 +1324,7 @@ impl Store for FjallStore {
     }
 }
 
-/// Set once the string index holds every stored resource's entries. A new indexed parameter
-/// gets a new marker, so stores written before it are indexed again once (`_v2`: `code`).
-const STRING_INDEX_BUILT: &[u8] = b"idx_string_built_v2";
+const STRING_INDEX_BUILT: &[u8] = b"idx_string_built";
 
 /// Builds the string index for resources stored before it existed: once, when the database is
 /// opened and before anything writes, so a name or birth date search never misses an older
@@ -1422,7 +1372,7 @@ pub(crate) fn build_string_index(db: &fjall::Database, tables: &crate::db::Table
     batch.commit()?;
     db.persist(fjall::PersistMode::SyncAll)?;
     if resources > 0 {
-        tracing::info!(resources, "name, birth date and code search index built");
+        tracing::info!(resources, "name and birth date search index built");
     }
     Ok(())
 }
@@ -1461,40 +1411,6 @@ mod tests {
             json!({"resourceType":"Patient","identifier":[{"system":"urn:mrn","value":"123"}],
                    "name":[{"family":family}]}),
         )
-    }
-
-    #[test]
-    fn codes_are_indexed_with_their_system_and_searched_by_prefix() {
-        let obs = json!({"resourceType": "Observation", "code": {"coding": [
-            {"system": "http://loinc.org", "code": "718-7"}, {"code": "HGB"}, {"system": "x"},
-            {"system": "urn:bad\u{1f}", "code": "y"}]}});
-        let codes: Vec<String> = IndexFields::of("Observation", "o1", &obs)
-            .strings
-            .into_iter()
-            .filter(|(p, _)| *p == "code")
-            .map(|(_, v)| v)
-            .collect();
-        assert_eq!(codes, ["718-7\u{1f}http://loinc.org", "HGB\u{1f}"]);
-        let primitive = json!({"resourceType": "Coverage", "code": "plain"});
-        assert!(IndexFields::of("X", "x", &primitive)
-            .strings
-            .contains(&("code", "plain\u{1f}".to_string())));
-        for (token, prefix) in [
-            ("718-7", Some("718-7\u{1f}")),
-            ("|718-7", Some("718-7\u{1f}")),
-            (
-                "http://loinc.org|718-7",
-                Some("718-7\u{1f}http://loinc.org\0"),
-            ),
-            ("http://loinc.org|", None),
-            ("", None),
-        ] {
-            assert_eq!(code_index_prefix(token).as_deref(), prefix, "{token}");
-        }
-        // a system that merely starts like another is not it
-        let value = code_index_value("718-7", "http://loinc.org/extra").unwrap();
-        let key = format!("{value}\0o1");
-        assert!(!key.starts_with(&code_index_prefix("http://loinc.org|718-7").unwrap()));
     }
 
     #[tokio::test]
