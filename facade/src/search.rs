@@ -413,6 +413,13 @@ pub struct SearchResult {
     pub elsewhere: BTreeSet<String>,
 }
 
+impl SearchResult {
+    /// How many resources the answer holds (matches and includes), for the audit record.
+    pub fn returned(&self) -> usize {
+        self.matches.len() + self.included.len() + self.remote_included.len()
+    }
+}
+
 /// A reference to a resource a backend serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteRef {
@@ -432,9 +439,11 @@ pub(crate) async fn include_from_backends(
     st: &AppState,
     access: &Access,
     slot: &AuditSlot,
+    params: &[(String, String)],
     res: &mut SearchResult,
 ) {
-    if res.remote.is_empty() {
+    let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
+    if res.remote.is_empty() || summary_count {
         return;
     }
     let tenant = access.principal.tenant.as_str();
@@ -907,12 +916,8 @@ async fn do_search(
 ) -> ApiResult<Response> {
     check_type(&rtype)?;
     let mut res = run_search(&st, &access, &rtype, &params, Perm::Search)?;
-    if !params.iter().any(|(k, v)| k == "_summary" && v == "count") {
-        include_from_backends(&st, &access, &slot, &mut res).await;
-    }
-    slot.update(|d| {
-        d.returned = Some(res.matches.len() + res.included.len() + res.remote_included.len())
-    });
+    include_from_backends(&st, &access, &slot, &params, &mut res).await;
+    slot.update(|d| d.returned = Some(res.returned()));
     let base = base_url(&st, &headers);
     Ok(bundle_response(&searchset(
         &base, &rtype, &params, &res, &slot,

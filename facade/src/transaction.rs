@@ -528,8 +528,9 @@ async fn batch_entry(
                     )));
                 }
                 let params = crate::policy::decode_query(query.as_deref());
-                let res = crate::search::run_search(st, access, &rtype, &params, Perm::Search)?;
-                audit.update(|d| d.returned = Some(res.matches.len() + res.included.len()));
+                let mut res = crate::search::run_search(st, access, &rtype, &params, Perm::Search)?;
+                crate::search::include_from_backends(st, access, audit, &params, &mut res).await;
+                audit.update(|d| d.returned = Some(res.returned()));
                 Ok((
                     StatusCode::OK,
                     response_entry(

@@ -503,6 +503,21 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.ids(), ["Encounter/ea", "Practitioner/dr1"], "{}", r.text);
     assert_eq!(r.json["entry"][1]["search"]["mode"], "include");
+    // ... also as a batch entry
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [{"request": {
+        "method": "GET", "url": "Encounter?patient=pa&_include=Encounter:participant"}}]});
+    let r = f.call("POST", "/fhir", Some(&admin), Some(&batch)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let inner = &r.json["entry"][0]["resource"]["entry"];
+    let found: Vec<String> = inner
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!("{}/{}", e["resource"]["resourceType"], e["resource"]["id"]).replace('"', "")
+        })
+        .collect();
+    assert_eq!(found, ["Encounter/ea", "Practitioner/dr1"], "{}", r.text);
     // The backend down: the Bundle says what is missing and why.
     let gone = "[[facade.backends]]\nname = \"lab\"\nurl = \"http://127.0.0.1:9/fhir\"\nresource_types = [\"Practitioner\"]\nhealth_check_secs = 0\n";
     let mut g = Facade::start(Some(gone));
