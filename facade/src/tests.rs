@@ -786,17 +786,44 @@ async fn transaction_is_atomic_and_resolves_urn_uuids() {
         .as_str()
         .unwrap()
         .starts_with("404"));
-    // A read-only token cannot post a transaction.
+    // A read-only token may batch its reads; any write in its Bundle is refused.
     let ro = e.token("user/*.rs", |_| {});
-    assert_eq!(
-        e.call(
+    let write = json!({"request": {"method": "POST", "url": "Patient"},
+                       "resource": {"resourceType": "Patient"}});
+    let read = json!({"request": {"method": "GET", "url": format!("Patient/{pid}")}});
+    let (s, _, out) = e
+        .call(
             "POST",
             "/fhir",
             Some(&ro),
-            Some(json!({"resourceType": "Bundle", "type": "transaction", "entry": []}))
+            Some(json!({"resourceType": "Bundle", "type": "batch", "entry": [read, write]})),
         )
-        .await
-        .0,
+        .await;
+    assert_eq!(s, 200, "{out}");
+    assert_eq!(out["entry"][0]["response"]["status"], "200 OK");
+    assert!(out["entry"][1]["response"]["status"]
+        .as_str()
+        .unwrap()
+        .starts_with("403"));
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [write]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&ro), Some(tx.clone())).await;
+    assert_eq!(s, 403, "{out}");
+    // The view role reads, in a Bundle too, and never writes, whatever its scopes.
+    let viewer = e.token("user/*.cruds", |r| r.role = Some("view".into()));
+    let reads = json!({"resourceType": "Bundle", "type": "batch", "entry": [read]});
+    let (s, _, out) = e.call("POST", "/fhir", Some(&viewer), Some(reads)).await;
+    assert_eq!(
+        (s, &out["entry"][0]["response"]["status"]),
+        (StatusCode::OK, &json!("200 OK"))
+    );
+    let (s, _, out) = e.call("POST", "/fhir", Some(&viewer), Some(tx)).await;
+    assert_eq!(s, 403, "{out}");
+    assert_eq!(out["issue"][0]["diagnostics"], "the view role cannot write");
+    // A token without any FHIR scope posts no Bundle.
+    let none = e.token("openid", |_| {});
+    let empty = json!({"resourceType": "Bundle", "type": "batch", "entry": []});
+    assert_eq!(
+        e.call("POST", "/fhir", Some(&none), Some(empty)).await.0,
         403
     );
 }

@@ -382,6 +382,17 @@ pub async fn transaction(
             "a Bundle may hold at most {MAX_ENTRIES} entries"
         )));
     }
+    let reads_only = entries.iter().all(|e| {
+        matches!(
+            e.get("request")
+                .and_then(|r| r.get("method"))
+                .and_then(Value::as_str),
+            Some("GET" | "HEAD")
+        )
+    });
+    if !reads_only && access.principal.role_kind.as_deref() == Some("view") {
+        return Err(ApiError::Forbidden("the view role cannot write".into()));
+    }
     // The policy stage charged one write; each further entry costs a write too (a batch of a
     // thousand searches is not one request's worth of work).
     let limiter = &st.facade.limiter;
