@@ -1070,7 +1070,8 @@ async fn rate_limit_429_with_headers_and_per_client_isolation() {
     assert_eq!(rec["outcome"], "denied");
 }
 
-/// A batch pays for each entry: one request carrying a thousand searches is not one write.
+/// A batch pays for each entry what it would cost as a request of its own: one request
+/// carrying a thousand searches is not one write, and ten reads are not ten writes.
 #[tokio::test]
 async fn a_batch_is_charged_per_entry() {
     let mut cfg = FacadeConfig::default();
@@ -1083,11 +1084,23 @@ async fn a_batch_is_charged_per_entry() {
         let entry = json!({"request": {"method": "GET", "url": "Patient/p1"}});
         json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry; n]})
     };
-    let (s, _, b) = e.call("POST", "/fhir", Some(&t), Some(batch(2))).await;
-    assert_eq!(s, 200, "{b}");
+    // 25 to spend: ten reads cost 10 (at least one write's 5), twice
+    for _ in 0..2 {
+        let (s, _, b) = e.call("POST", "/fhir", Some(&t), Some(batch(10))).await;
+        assert_eq!(s, 200, "{b}");
+    }
     let (s, h, b) = e.call("POST", "/fhir", Some(&t), Some(batch(10))).await;
     assert_eq!(s, 429, "{b}");
     assert!(h.contains_key("retry-after"));
+    // five writes cost 25: the whole budget
+    let w = e.token("system/*.cruds", |r| r.client_id = "writer".into());
+    let entry = json!({"request": {"method": "POST", "url": "Patient"},
+                       "resource": {"resourceType": "Patient"}});
+    let writes = |n: usize| json!({"resourceType": "Bundle", "type": "batch", "entry": vec![entry.clone(); n]});
+    let (s, _, b) = e.call("POST", "/fhir", Some(&w), Some(writes(5))).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, _, b) = e.call("POST", "/fhir", Some(&w), Some(writes(1))).await;
+    assert_eq!(s, 429, "{b}");
 }
 
 #[tokio::test]

@@ -393,11 +393,13 @@ pub async fn transaction(
     if !reads_only && access.principal.role_kind.as_deref() == Some("view") {
         return Err(ApiError::Forbidden("the view role cannot write".into()));
     }
-    // The policy stage charged one write; each further entry costs a write too (a batch of a
-    // thousand searches is not one request's worth of work).
+    // The policy stage charged one write; the Bundle costs what its entries would cost as
+    // requests of their own (a batch of a thousand searches is not one request's worth of
+    // work, and a batch of reads is not charged as writes).
     let limiter = &st.facade.limiter;
-    if limiter.enabled() && entries.len() > 1 {
-        let extra = (entries.len() as u64 - 1).saturating_mul(limiter.write_cost());
+    if limiter.enabled() && !entries.is_empty() {
+        let cost: u64 = entries.iter().map(|e| entry_cost(limiter, e)).sum();
+        let extra = cost.saturating_sub(limiter.write_cost());
         let p = &access.principal;
         let class = crate::config::RateClass::Write;
         if let Err(l) = limiter.check(&p.tenant, &p.client_id, p.user.as_deref(), class, extra) {
@@ -414,6 +416,28 @@ pub async fn transaction(
         other => Err(ApiError::BadRequest(format!(
             "Bundle.type must be transaction or batch, not {other:?}"
         ))),
+    }
+}
+
+/// What one entry would cost as a request of its own; an entry whose request cannot be read
+/// costs a write.
+fn entry_cost(limiter: &crate::ratelimit::RateLimiter, entry: &Value) -> u64 {
+    let request = entry.get("request");
+    let field = |k: &str| request.and_then(|r| r.get(k)).and_then(Value::as_str);
+    let method = field("method").and_then(|m| axum::http::Method::from_bytes(m.as_bytes()).ok());
+    match (method, field("url")) {
+        (Some(m), Some(url)) => {
+            let (path, query) = match url.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (url, None),
+            };
+            let req = crate::policy::classify(&m, path, query);
+            match req.interaction {
+                crate::policy::Interaction::Unknown => limiter.write_cost(),
+                _ => limiter.cost(&req),
+            }
+        }
+        _ => limiter.write_cost(),
     }
 }
 
