@@ -403,17 +403,7 @@ async fn forward(
     if matches!(perm, Perm::Update | Perm::Delete) {
         // Check the current resource first: what an update replaces or a delete removes must be
         // within the caller's access too, not only the body written.
-        let current = call(
-            st,
-            backend,
-            access,
-            slot,
-            reqwest::Method::GET,
-            &path,
-            None,
-            Vec::new(),
-        )
-        .await?;
+        let current = get(st, backend, access, slot, &path, None).await?;
         if current.0.is_success() {
             let v: Value = serde_json::from_slice(&current.1).unwrap_or(Value::Null);
             if !access.permits(perm, &rtype, fhir.id.as_deref().unwrap_or(""), &v) {
@@ -565,17 +555,7 @@ pub(crate) async fn read(
     id: &str,
 ) -> Result<Option<Value>, ApiError> {
     let path = format!("/{rtype}/{id}");
-    let (status, bytes) = call(
-        st,
-        backend,
-        access,
-        slot,
-        reqwest::Method::GET,
-        &path,
-        None,
-        Vec::new(),
-    )
-    .await?;
+    let (status, bytes) = get(st, backend, access, slot, &path, None).await?;
     match status.as_u16() {
         404 | 410 => return Ok(None),
         _ if !status.is_success() => return Err(backend.answered(status)),
@@ -614,17 +594,7 @@ pub(crate) async fn compartment_search(
     };
     let query = format!("{param}&_count={count}");
     let path = format!("/{rtype}");
-    let (status, bytes) = call(
-        st,
-        backend,
-        access,
-        slot,
-        reqwest::Method::GET,
-        &path,
-        Some(&query),
-        Vec::new(),
-    )
-    .await?;
+    let (status, bytes) = get(st, backend, access, slot, &path, Some(&query)).await?;
     if !status.is_success() {
         return Err(backend.answered(status));
     }
@@ -660,6 +630,19 @@ pub(crate) async fn compartment_search(
         resources,
         more: next || shown > count,
     })
+}
+
+/// A `GET` of `path` (and `query`) from the backend, as [`call`] makes it.
+async fn get(
+    st: &AppState,
+    backend: &Backend,
+    access: &Access,
+    slot: &AuditSlot,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(reqwest::StatusCode, bytes::Bytes), ApiError> {
+    let get = reqwest::Method::GET;
+    call(st, backend, access, slot, get, path, query, Vec::new()).await
 }
 
 #[allow(clippy::too_many_arguments)]

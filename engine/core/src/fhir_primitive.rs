@@ -145,10 +145,13 @@ fn date(s: &str) -> Option<&str> {
         return Some(rest);
     };
     let (day, rest) = digits(rest, 2)?;
-    (1..=days_in(year, month)).contains(&day).then_some(rest)
+    (1..=days_in_month(year, month))
+        .contains(&day)
+        .then_some(rest)
 }
 
-fn days_in(year: u32, month: u32) -> u32 {
+/// Days in `month` (1–12) of `year` in the proleptic Gregorian calendar.
+pub fn days_in_month(year: u32, month: u32) -> u32 {
     match month {
         2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
             29

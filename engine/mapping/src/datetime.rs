@@ -98,23 +98,11 @@ pub fn parse_dtm(raw: &str) -> Result<Dtm<'_>, DtmError> {
     // "Dates SHALL be valid dates" (R4): no 30 February, no 31 April.
     if let (Some(m), Some(day)) = (d.month, d.day) {
         let parse = |s: &str| s.parse::<u32>().map_err(|_| DtmError::Syntax);
-        if parse(day)? > days_in_month(parse(d.year)?, parse(m)?) {
+        if parse(day)? > tributary_core::fhir_primitive::days_in_month(parse(d.year)?, parse(m)?) {
             return Err(DtmError::Range);
         }
     }
     Ok(d)
-}
-
-/// Days in a month of the proleptic Gregorian calendar.
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
 }
 
 fn date_part(d: &Dtm<'_>) -> String {
