@@ -632,6 +632,20 @@ pub(crate) async fn compartment_search(
     })
 }
 
+/// Names the backends a request asked (besides its own route) in its audit record, sorted and
+/// comma-separated, unless the request was routed to one (that one is named).
+pub(crate) fn note_backends<'a>(slot: &AuditSlot, names: impl Iterator<Item = &'a str>) {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    names.dedup();
+    let names = names.join(",");
+    slot.update(|d| {
+        if d.backend.is_none() {
+            d.backend = Some(names);
+        }
+    });
+}
+
 /// A `GET` of `path` (and `query`) from the backend, as [`call`] makes it.
 async fn get(
     st: &AppState,

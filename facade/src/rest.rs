@@ -809,8 +809,8 @@ pub async fn instance_op(
             slot.disclose(seen);
             slot.update(|d| d.returned = Some(entries.len()));
             let mut bundle = json!({"resourceType": "Bundle", "type": "searchset", "total": total, "link": links, "entry": entries});
-            if !complete {
-                bundle.as_object_mut().map(|b| b.remove("total"));
+            if let (false, Some(b)) = (complete, bundle.as_object_mut()) {
+                b.remove("total");
             }
             Ok(bundle_response(&bundle))
         }
@@ -852,11 +852,7 @@ async fn everything_from_backends(
     if asked.is_empty() {
         return BackendCompartment::default();
     }
-    let mut names: Vec<&str> = asked.iter().map(|(_, b)| b.cfg.name.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    let names = names.join(",");
-    slot.update(|d| d.backend = Some(names));
+    crate::backend::note_backends(slot, asked.iter().map(|(_, b)| b.cfg.name.as_str()));
     let answers = futures_util::future::join_all(
         asked
             .iter()

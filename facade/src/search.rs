@@ -432,7 +432,7 @@ pub struct RemoteRef {
 /// not included.
 pub const MAX_REMOTE_INCLUDES: usize = 100;
 
-/// Reads `_include` targets that backends serve (all at once, at most [`MAX_REMOTE_INCLUDES`]),
+/// Reads `_include` targets that backends serve (16 at a time, at most [`MAX_REMOTE_INCLUDES`]),
 /// keeping each that is the resource referenced and readable by the caller; a target that is
 /// gone (404) is left out as a dangling reference is, any other failure is named.
 pub(crate) async fn include_from_backends(
@@ -455,23 +455,23 @@ pub(crate) async fn include_from_backends(
             r.rtype, r.backend
         ));
     }
-    let mut names: Vec<&str> = asked.iter().map(|r| r.backend.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    let names = names.join(",");
-    slot.update(|d| {
-        if d.backend.is_none() {
-            d.backend = Some(names);
+    crate::backend::note_backends(slot, asked.iter().map(|r| r.backend.as_str()));
+    let mut reads = Vec::new();
+    for r in asked {
+        if let Some(backend) = st.facade.backends.route(tenant, &r.rtype) {
+            reads.push(async move {
+                let answer = crate::backend::read(st, backend, access, slot, &r.rtype, &r.id).await;
+                (r, answer)
+            });
         }
-    });
-    let reads = asked.iter().filter_map(|r| {
-        let backend = st.facade.backends.route(tenant, &r.rtype)?;
-        Some(async move {
-            let answer = crate::backend::read(st, backend, access, slot, &r.rtype, &r.id).await;
-            (r, answer)
-        })
-    });
-    for (r, answer) in futures_util::future::join_all(reads).await {
+    }
+    // at most 16 reads in flight: a page of includes is no burst against one backend
+    let answers: Vec<_> = futures_util::StreamExt::collect(futures_util::StreamExt::buffered(
+        futures_util::stream::iter(reads),
+        16,
+    ))
+    .await;
+    for (r, answer) in answers {
         match answer {
             Ok(Some(v)) if access.permits(Perm::Read, &r.rtype, &r.id, &v) => {
                 res.remote_included.push(v);
