@@ -20,6 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tributary_runtime::http::{read_limited, BodyError};
 use tributary_runtime::{ComponentStatus, Metrics, Readiness};
 
+/// The search parameter that carries a backend's own page link through the facade, for a link
+/// not of the `{base}/{type}?…` shape. Only the path and query below the backend's base URL are
+/// carried, and a link given back is checked again ([`Backend::page_of`]).
+pub(crate) const PAGE_PARAM: &str = "_backend_page";
+
 pub struct Backend {
     pub cfg: BackendConfig,
     client: reqwest::Client,
@@ -191,6 +196,20 @@ impl Backend {
                 self.cfg.name
             ))
         })
+    }
+
+    /// `url`, from one of this backend's Bundles, as the path and query of a page of an `rtype`
+    /// search on it: under its base URL, at the base itself (HAPI pages from there:
+    /// `{base}?_getpages=…`) or at `/{rtype}`. Any other link (another host, another path) is
+    /// not followed.
+    fn page_of<'u>(&self, url: &'u str, rtype: &str) -> Option<(&'u str, Option<&'u str>)> {
+        let rest = url.strip_prefix(self.cfg.url.trim_end_matches('/'))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let allowed = path.is_empty() || path == "/" || path.strip_prefix('/') == Some(rtype);
+        (allowed && !rest.contains('#')).then_some((path, query))
     }
 
     fn serves(&self, tenant: &str) -> bool {
@@ -380,7 +399,18 @@ async fn forward(
         .strip_prefix("/fhir")
         .unwrap_or("")
         .to_string();
-    let query = req.uri().query().map(String::from);
+    let (path, query) = match fhir.param(PAGE_PARAM) {
+        Some(page) if fhir.interaction == Interaction::Search => {
+            let url = format!("{}{page}", backend.cfg.url.trim_end_matches('/'));
+            let (p, q) = backend.page_of(&url, &rtype).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{PAGE_PARAM} is not a page link this facade gave for {rtype}"
+                ))
+            })?;
+            (p.to_string(), q.map(String::from))
+        }
+        _ => (path, req.uri().query().map(String::from)),
+    };
     let body = axum::body::to_bytes(req.into_body(), 16 << 20)
         .await
         .map_err(|_| ApiError::BadRequest("body too large".into()))?;
@@ -494,6 +524,24 @@ async fn forward(
         slot.disclose(seen);
         slot.update(|d| d.returned = Some(kept.len()));
         v["entry"] = Value::Array(kept);
+        // A page link the facade could not route by replacing the base (HAPI's
+        // `{base}?_getpages=…`) is carried in a parameter of a search on this type.
+        for l in v
+            .get_mut("link")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let Some(url) = l.get("url").and_then(Value::as_str) else {
+                continue;
+            };
+            if let Some((path, _)) = backend.page_of(url, &rtype) {
+                if path.strip_prefix('/') != Some(rtype.as_str()) {
+                    let page = crate::search::encode(&url[backend_base.len()..]);
+                    l["url"] = Value::String(format!("{our_base}/{rtype}?{PAGE_PARAM}={page}"));
+                }
+            }
+        }
         // Links and fullUrls point at the facade, never at the backend.
         let text = serde_json::to_string(&v)
             .unwrap_or_default()
@@ -570,14 +618,19 @@ pub(crate) async fn read(
 /// patient's compartment that the caller may read.
 pub(crate) struct CompartmentPart {
     pub resources: Vec<Value>,
-    /// The backend had more than one page: the rest is a search away.
-    pub more: bool,
+    /// Why the backend's answer is not all here (`more than 1000`), when it is not.
+    pub more: Option<String>,
 }
 
+/// How many pages of one backend search `$everything` follows before it says the rest is a
+/// search away: a backend paging 20 at a time still gives 1,000 resources of a type.
+const COMPARTMENT_PAGES: usize = 50;
+
 /// Searches `backend` for `rtype` in patient `pid`'s compartment (`patient=`, or `subject=` for
-/// a type without `patient`), at most `count` of them. Whatever the backend answers is kept only
-/// when it is of that type, in that patient's compartment and readable by the caller: a backend
-/// that ignores the parameter cannot put another patient's data in this patient's answer.
+/// a type without `patient`), at most `count` of them, following the backend's `next` links.
+/// Whatever the backend answers is kept only when it is of that type, in that patient's
+/// compartment and readable by the caller: a backend that ignores the parameter cannot put
+/// another patient's data in this patient's answer.
 pub(crate) async fn compartment_search(
     st: &AppState,
     backend: &Backend,
@@ -592,44 +645,72 @@ pub(crate) async fn compartment_search(
     } else {
         format!("subject=Patient/{pid}")
     };
-    let query = format!("{param}&_count={count}");
-    let path = format!("/{rtype}");
-    let (status, bytes) = get(st, backend, access, slot, &path, Some(&query)).await?;
-    if !status.is_success() {
-        return Err(backend.answered(status));
-    }
-    let bundle = backend.json(&bytes)?;
-    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
-        return Err(ApiError::Backend(format!(
-            "backend {} answered a search with something other than a Bundle",
-            backend.cfg.name
-        )));
-    }
-    let entries = bundle.get("entry").and_then(Value::as_array);
+    let mut path = format!("/{rtype}");
+    let mut query = Some(format!("{param}&_count={count}"));
     let mut resources = Vec::new();
-    for r in entries
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.get("resource"))
-    {
-        let id = r.get("id").and_then(Value::as_str).unwrap_or("");
-        let kept = r.get("resourceType").and_then(Value::as_str) == Some(rtype)
-            && crate::policy::valid_id(id)
-            && crate::policy::in_compartment(rtype, id, r, pid, false)
-            && access.permits(Perm::Read, rtype, id, r);
-        if kept && resources.len() < count {
-            resources.push(r.clone());
+    for _ in 0..COMPARTMENT_PAGES {
+        let (status, bytes) = get(st, backend, access, slot, &path, query.as_deref()).await?;
+        if !status.is_success() {
+            return Err(backend.answered(status));
         }
+        let bundle = backend.json(&bytes)?;
+        if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+            return Err(ApiError::Backend(format!(
+                "backend {} answered a search with something other than a Bundle",
+                backend.cfg.name
+            )));
+        }
+        for r in bundle
+            .get("entry")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("resource"))
+        {
+            let id = r.get("id").and_then(Value::as_str).unwrap_or("");
+            let kept = r.get("resourceType").and_then(Value::as_str) == Some(rtype)
+                && crate::policy::valid_id(id)
+                && crate::policy::in_compartment(rtype, id, r, pid, false)
+                && access.permits(Perm::Read, rtype, id, r);
+            if kept {
+                if resources.len() == count {
+                    return Ok(CompartmentPart {
+                        resources,
+                        more: Some(format!("more than {count}")),
+                    });
+                }
+                resources.push(r.clone());
+            }
+        }
+        let Some(next) = link(&bundle, "next") else {
+            return Ok(CompartmentPart {
+                resources,
+                more: None,
+            });
+        };
+        let Some((p, q)) = backend.page_of(next, rtype) else {
+            return Ok(CompartmentPart {
+                resources,
+                more: Some("its next page is not on the backend".into()),
+            });
+        };
+        (path, query) = (p.to_string(), q.map(String::from));
     }
-    let next = bundle
-        .get("link")
-        .and_then(Value::as_array)
-        .is_some_and(|l| l.iter().any(|x| x["relation"] == "next"));
-    let shown = entries.map_or(0, Vec::len);
     Ok(CompartmentPart {
         resources,
-        more: next || shown > count,
+        more: Some(format!("more than {COMPARTMENT_PAGES} pages")),
     })
+}
+
+/// The url of a Bundle's link of `relation` (`next`).
+fn link<'b>(bundle: &'b Value, relation: &str) -> Option<&'b str> {
+    bundle
+        .get("link")?
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == relation)?
+        .get("url")?
+        .as_str()
 }
 
 /// Names the backends a request asked (besides its own route) in its audit record, sorted and

@@ -864,9 +864,9 @@ async fn everything_from_backends(
         let name = &b.cfg.name;
         match answer {
             Ok(part) => {
-                if part.more {
+                if let Some(why) = part.more {
                     out.missing.push(format!(
-                        "{t} ({name}): more than {count}; search them by patient (GET /fhir/{t}?patient={pid})"
+                        "{t} ({name}): {why}; search them by patient (GET /fhir/{t}?patient={pid})"
                     ));
                 }
                 out.resources

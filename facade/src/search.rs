@@ -816,7 +816,7 @@ pub(crate) fn link_query_set(params: &[(String, String)], set: &[(&str, &str)]) 
         .join("&")
 }
 
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {

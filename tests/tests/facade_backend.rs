@@ -568,3 +568,159 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
         "{search}"
     );
 }
+
+/// A backend that pages from its base URL, as HAPI does (`{base}?_getpages=…`): its page links
+/// reach the caller as links on the facade and lead to the next page through the same filtering;
+/// `$everything` follows them to gather all of the patient's resources there. A page link made
+/// up to reach anything else on the backend is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
+    use axum::extract::{OriginalUri, State};
+    use axum::http::StatusCode;
+    use std::sync::{Arc, Mutex};
+    type Asked = Arc<Mutex<Vec<String>>>;
+    // Six Observations, one of another patient among them, two to a page.
+    let all = || {
+        ["lab-1", "lab-2", "other", "lab-3", "lab-4", "lab-5"]
+            .map(|id| obs(id, if id == "other" { "pb" } else { "pa" }))
+    };
+    async fn answer(
+        State((asked, base)): State<(Asked, Arc<Mutex<String>>)>,
+        uri: OriginalUri,
+    ) -> (StatusCode, String) {
+        let uri = uri.0.to_string();
+        asked.lock().unwrap().push(uri.clone());
+        let from = if uri.starts_with("/fhir/Observation?patient=pa") {
+            0
+        } else if let Some(q) = uri.strip_prefix("/fhir?_getpages=s1&_getpagesoffset=") {
+            q.split('&').next().unwrap().parse().unwrap()
+        } else {
+            return (StatusCode::NOT_FOUND, String::new());
+        };
+        let all = ["lab-1", "lab-2", "other", "lab-3", "lab-4", "lab-5"];
+        let page = &all[from..(from + 2).min(all.len())];
+        let base = base.lock().unwrap().clone();
+        let mut links = vec![json!({"relation": "self", "url": format!("{base}{uri}")})];
+        if from + 2 < all.len() {
+            links.push(json!({"relation": "next",
+                "url": format!("{base}/fhir?_getpages=s1&_getpagesoffset={}&_count=2", from + 2)}));
+        }
+        let entries: Vec<Value> = page
+            .iter()
+            .map(|id| json!({"resource": obs(id, if *id == "other" { "pb" } else { "pa" })}))
+            .collect();
+        let b = json!({"resourceType": "Bundle", "type": "searchset", "total": all.len(),
+                       "link": links, "entry": entries});
+        (StatusCode::OK, b.to_string())
+    }
+    let asked: Asked = Arc::default();
+    let origin = Arc::new(Mutex::new(String::new()));
+    let app = axum::Router::new()
+        .fallback(answer)
+        .with_state((asked.clone(), origin.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    *origin.lock().unwrap() = format!("http://{addr}");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = format!(
+        "[[facade.backends]]\nname = \"lab\"\nurl = \"http://{addr}/fhir\"\nresource_types = [\"Observation\"]\nhealth_check_secs = 0\n"
+    );
+    let mut f = Facade::start(Some(&config));
+    let admin = f.token("seeder", "system/*.cruds", &[]);
+    let pa = json!({"resourceType": "Patient", "id": "pa"});
+    let r = f
+        .call("PUT", "/fhir/Patient/pa", Some(&admin), Some(&pa))
+        .await;
+    assert!(r.status < 300, "{}", r.text);
+    let portal = f.token("portal", "patient/*.rs", &["--patient", "pa"]);
+
+    // Search: every page through the facade, the other patient's Observation left out.
+    for (token, expected) in [
+        (
+            &admin,
+            all()
+                .map(|o| format!("Observation/{}", o["id"].as_str().unwrap()))
+                .to_vec(),
+        ),
+        (
+            &portal,
+            ["lab-1", "lab-2", "lab-3", "lab-4", "lab-5"]
+                .map(|i| format!("Observation/{i}"))
+                .to_vec(),
+        ),
+    ] {
+        let mut found = Vec::new();
+        let mut path = String::from("/fhir/Observation?patient=pa");
+        let mut pages = 0;
+        loop {
+            let r = f.call("GET", &path, Some(token), None).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.text);
+            assert!(!r.text.contains(&addr.to_string()), "{}", r.text);
+            found.extend(r.ids());
+            pages += 1;
+            let next = r.json["link"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .map(|l| l["url"].as_str().unwrap().to_string());
+            let Some(next) = next else { break };
+            let at = next
+                .find("/fhir/Observation?_backend_page=")
+                .unwrap_or_else(|| panic!("{next}"));
+            path = next[at..].to_string();
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(found, expected);
+    }
+
+    // $everything follows the backend's pages.
+    let r = f
+        .call("GET", "/fhir/Patient/pa/$everything", Some(&portal), None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut expected = vec!["Patient/pa".to_string()];
+    expected.extend((1..=5).map(|i| format!("Observation/lab-{i}")));
+    assert_eq!(r.ids(), expected, "{}", r.text);
+    assert_eq!(r.json["total"], 6, "{}", r.text);
+    // ... up to its `_count` per type, and says so beyond it
+    let r = f
+        .call(
+            "GET",
+            "/fhir/Patient/pa/$everything?_count=3",
+            Some(&portal),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let ids = r.ids();
+    assert_eq!(ids.len(), 5, "{}", r.text);
+    assert_eq!(ids[4], "OperationOutcome/");
+    assert_eq!(
+        r.json["entry"][4]["resource"]["issue"][0]["diagnostics"],
+        "not all in this answer: Observation (lab): more than 3; search them by patient (GET /fhir/Observation?patient=pa)"
+    );
+
+    // A page link made up to reach something else on the backend, or another host, is refused
+    // before anything is asked of the backend.
+    let before = asked.lock().unwrap().len();
+    for page in [
+        "%2FPatient%2Fpa",
+        "%2FObservation%2Flab-1",
+        "%2F..%2Fadmin%3Fx%3D1",
+        "http%3A%2F%2Fexample.org%2F",
+    ] {
+        let r = f
+            .call(
+                "GET",
+                &format!("/fhir/Observation?_backend_page={page}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 400, "{page}: {}", r.text);
+        assert_eq!(r.json["resourceType"], "OperationOutcome", "{}", r.text);
+    }
+    assert_eq!(asked.lock().unwrap().len(), before);
+    f.stop();
+}
