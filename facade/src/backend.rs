@@ -631,6 +631,7 @@ const COMPARTMENT_PAGES: usize = 50;
 /// Whatever the backend answers is kept only when it is of that type, in that patient's
 /// compartment and readable by the caller: a backend that ignores the parameter cannot put
 /// another patient's data in this patient's answer.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn compartment_search(
     st: &AppState,
     backend: &Backend,
@@ -639,6 +640,7 @@ pub(crate) async fn compartment_search(
     rtype: &str,
     pid: &str,
     count: usize,
+    filter: &crate::everything::Filter,
 ) -> Result<CompartmentPart, ApiError> {
     let param = if crate::search::supports(rtype, "patient") {
         format!("patient={pid}")
@@ -646,7 +648,11 @@ pub(crate) async fn compartment_search(
         format!("subject=Patient/{pid}")
     };
     let mut path = format!("/{rtype}");
-    let mut query = Some(format!("{param}&_count={count}"));
+    let mut query = format!("{param}&_count={count}");
+    if let Some(since) = &filter.since_text {
+        query.push_str(&format!("&_lastUpdated=ge{}", crate::search::encode(since)));
+    }
+    let mut query = Some(query);
     let mut resources = Vec::new();
     for _ in 0..COMPARTMENT_PAGES {
         let (status, bytes) = get(st, backend, access, slot, &path, query.as_deref()).await?;
@@ -671,7 +677,8 @@ pub(crate) async fn compartment_search(
             let kept = r.get("resourceType").and_then(Value::as_str) == Some(rtype)
                 && crate::policy::valid_id(id)
                 && crate::policy::in_compartment(rtype, id, r, pid, false)
-                && access.permits(Perm::Read, rtype, id, r);
+                && access.permits(Perm::Read, rtype, id, r)
+                && filter.admits(rtype, r);
             if kept {
                 if resources.len() == count {
                     return Ok(CompartmentPart {

@@ -11,6 +11,7 @@ pub mod backend;
 mod capability;
 pub mod config;
 pub mod error;
+mod everything;
 pub mod fhirpatch;
 pub mod keys;
 pub mod patch;

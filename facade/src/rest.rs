@@ -730,6 +730,7 @@ pub async fn instance_op(
         }
         "$everything" if rtype == "Patient" => {
             let (patient, _) = read_visible(&st, &access, "Patient", &id, &slot)?;
+            let filter = crate::everything::Filter::parse(&req)?;
             let count = req
                 .param("_count")
                 .and_then(|c| c.parse::<usize>().ok())
@@ -744,16 +745,20 @@ pub async fn instance_op(
                 None => 0,
             };
             let mut entries = Vec::new();
-            if offset == 0 {
-                entries.push(json!({"fullUrl": format!("{base}/Patient/{id}"), "resource": patient.resource()?, "search": {"mode": "match"}}));
+            let patient = patient.resource()?;
+            let with_patient = filter.admits("Patient", &patient);
+            // The Patient opens the first page, on top of `count`.
+            let first = usize::from(offset == 0 && with_patient);
+            if first == 1 {
+                entries.push(json!({"fullUrl": format!("{base}/Patient/{id}"), "resource": patient, "search": {"mode": "match"}}));
             }
             let tenant = &access.principal.tenant;
-            let mut total = 1;
+            let mut total = usize::from(with_patient);
             let mut listed = 0usize;
             // Resources in this patient's compartment may be in another's too.
             let mut seen = Disclosed::default();
             for (t, rid) in st.rt.store.ids_by_patient(tenant, &id, None)? {
-                if t == "Patient" {
+                if t == "Patient" || !filter.wants(&t) {
                     continue;
                 }
                 let Some(r) = st.rt.store.read(tenant, &t, &rid)? else {
@@ -763,13 +768,12 @@ pub async fn instance_op(
                     continue;
                 }
                 let v = r.resource()?;
-                if !access.permits(Perm::Read, &t, &rid, &v) {
+                if !access.permits(Perm::Read, &t, &rid, &v) || !filter.admits(&t, &v) {
                     continue;
                 }
                 total += 1;
                 listed += 1;
-                // the Patient on the first page is on top of `count`
-                if listed > offset && entries.len() < count + usize::from(offset == 0) {
+                if listed > offset && entries.len() < count + first {
                     seen.add(&t, &rid, &v);
                     entries.push(json!({"fullUrl": format!("{base}/{t}/{rid}"), "resource": v, "search": {"mode": "match"}}));
                 }
@@ -784,13 +788,14 @@ pub async fn instance_op(
             };
             let mut links = vec![json!({"relation": "self", "url": page(offset)})];
             // the next offset: what this page showed of the compartment (the Patient aside)
-            let shown = offset + entries.len() - usize::from(offset == 0);
+            let shown = offset + entries.len() - first;
             if shown < listed {
                 links.push(json!({"relation": "next", "url": page(shown)}));
             }
             let mut complete = true;
             if offset == 0 {
-                let from_backends = everything_from_backends(&st, &access, &slot, &id, count).await;
+                let from_backends =
+                    everything_from_backends(&st, &access, &slot, &id, count, &filter).await;
                 for (rtype, resource) in from_backends.resources {
                     let rid = resource["id"].as_str().unwrap_or_default().to_string();
                     seen.add(&rtype, &rid, &resource);
@@ -836,6 +841,7 @@ async fn everything_from_backends(
     slot: &AuditSlot,
     pid: &str,
     count: usize,
+    filter: &crate::everything::Filter,
 ) -> BackendCompartment {
     let tenant = &access.principal.tenant;
     let backends = &st.facade.backends;
@@ -846,6 +852,7 @@ async fn everything_from_backends(
             *t != "Patient"
                 && (crate::search::supports(t, "patient") || crate::search::supports(t, "subject"))
                 && access.may(Perm::Read, t)
+                && filter.wants(t)
         })
         .filter_map(|(t, _)| backends.route(tenant, t).map(|b| (t, b)))
         .collect();
@@ -853,11 +860,9 @@ async fn everything_from_backends(
         return BackendCompartment::default();
     }
     crate::backend::note_backends(slot, asked.iter().map(|(_, b)| b.cfg.name.as_str()));
-    let answers = futures_util::future::join_all(
-        asked
-            .iter()
-            .map(|(t, b)| crate::backend::compartment_search(st, b, access, slot, t, pid, count)),
-    )
+    let answers = futures_util::future::join_all(asked.iter().map(|(t, b)| {
+        crate::backend::compartment_search(st, b, access, slot, t, pid, count, filter)
+    }))
     .await;
     let mut out = BackendCompartment::default();
     for ((t, b), answer) in asked.into_iter().zip(answers) {

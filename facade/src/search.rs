@@ -150,7 +150,7 @@ fn split_prefix(v: &str) -> (&str, &str) {
 }
 
 /// The elements `date` compares: date-times, then the starts of periods.
-const DATE_ELEMENTS: [&str; 11] = [
+pub(crate) const DATE_ELEMENTS: [&str; 11] = [
     "effectiveDateTime",
     "issued",
     "authoredOn",
@@ -163,7 +163,7 @@ const DATE_ELEMENTS: [&str; 11] = [
     "created",
     "start",
 ];
-const DATE_PERIODS: [&str; 4] = [
+pub(crate) const DATE_PERIODS: [&str; 4] = [
     "effectivePeriod",
     "period",
     "performedPeriod",

@@ -1910,6 +1910,157 @@ async fn history_and_everything_page_with_next_links() {
     assert_eq!(first["total"], 3);
 }
 
+/// `$everything` takes the R4 operation's `_type`, `_since` and care-date `start`/`end`, also
+/// across pages; a parameter it does not take is refused rather than ignored.
+#[tokio::test]
+async fn everything_takes_type_since_start_and_end() {
+    let mut cfg = FacadeConfig::default();
+    cfg.rate_limit.enabled = false;
+    let e = env_with(cfg);
+    let admin = seed(&e).await;
+    let subject = json!({"reference": "Patient/q1"});
+    let code = json!({"text": "x"});
+    let writes = [
+        ("Patient/q1", json!({"resourceType": "Patient", "id": "q1"})),
+        (
+            "Observation/qa",
+            json!({"resourceType": "Observation", "id": "qa", "status": "final",
+            "code": code, "subject": subject, "effectiveDateTime": "2024-01-10"}),
+        ),
+        (
+            "Observation/qb",
+            json!({"resourceType": "Observation", "id": "qb", "status": "final",
+            "code": code, "subject": subject, "effectiveDateTime": "2024-03-05T10:00:00Z"}),
+        ),
+        (
+            "Encounter/qe",
+            json!({"resourceType": "Encounter", "id": "qe", "status": "finished",
+            "class": {"code": "IMP"}, "subject": subject,
+            "period": {"start": "2024-02-25", "end": "2024-03-02"}}),
+        ),
+        (
+            "AllergyIntolerance/qx",
+            json!({"resourceType": "AllergyIntolerance", "id": "qx",
+            "patient": subject}),
+        ),
+    ];
+    for (path, body) in writes {
+        let (s, _, b) = e
+            .call("PUT", &format!("/fhir/{path}"), Some(&admin), Some(body))
+            .await;
+        assert!(s.is_success(), "{b}");
+    }
+    let ids = |b: &Value| -> Vec<String> {
+        let mut v: Vec<String> = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                format!(
+                    "{}/{}",
+                    x["resource"]["resourceType"].as_str().unwrap(),
+                    x["resource"]["id"].as_str().unwrap()
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for (query, expected) in [
+        (
+            "_type=Observation",
+            vec!["Observation/qa", "Observation/qb"],
+        ),
+        (
+            "_type=Patient,Encounter",
+            vec!["Encounter/qe", "Patient/q1"],
+        ),
+        (
+            "_type=Encounter&_type=AllergyIntolerance",
+            vec!["AllergyIntolerance/qx", "Encounter/qe"],
+        ),
+        (
+            "start=2024-03-01",
+            vec![
+                "AllergyIntolerance/qx",
+                "Encounter/qe",
+                "Observation/qb",
+                "Patient/q1",
+            ],
+        ),
+        (
+            "end=2024-02",
+            vec![
+                "AllergyIntolerance/qx",
+                "Encounter/qe",
+                "Observation/qa",
+                "Patient/q1",
+            ],
+        ),
+        (
+            "start=2024-03-03&end=2024-03-05&_type=Observation,Encounter",
+            vec!["Observation/qb"],
+        ),
+    ] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Patient/q1/$everything?{query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{query}: {b}");
+        assert_eq!(ids(&b), expected, "{query}");
+        assert_eq!(b["total"], expected.len(), "{query}");
+    }
+    // `_since`: what changed at or after the time given (here: qb, updated again).
+    let mut qb = json!({"resourceType": "Observation", "id": "qb", "status": "amended",
+        "code": code, "subject": subject, "effectiveDateTime": "2024-03-05T10:00:00Z"});
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (_, _, updated) = e
+        .call("PUT", "/fhir/Observation/qb", Some(&admin), Some(qb.take()))
+        .await;
+    let since = updated["meta"]["lastUpdated"]
+        .as_str()
+        .unwrap()
+        .replace('+', "%2B");
+    let (s, _, b) = e
+        .call(
+            "GET",
+            &format!("/fhir/Patient/q1/$everything?_since={since}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(ids(&b), ["Observation/qb"]);
+    // Pages keep the filter.
+    let pages = all_pages(
+        &e,
+        &admin,
+        "/fhir/Patient/q1/$everything?_type=Observation&_count=1",
+    )
+    .await;
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert!(
+        pages.concat().iter().all(|p| p.starts_with("Observation/")),
+        "{pages:?}"
+    );
+    for bad in ["foo=1", "_type=Nonsense", "_since=2024-01-01", "start=soon"] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Patient/q1/$everything?{bad}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, 400, "{bad}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+    }
+}
+
 /// Writes are checked against the FHIR R4 element table at the top level: an element the type
 /// does not have, or a required one missing, is 422 naming it; nothing is stored. A patch whose
 /// result lacks a required element is refused the same way.

@@ -701,6 +701,34 @@ async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
         "not all in this answer: Observation (lab): more than 3; search them by patient (GET /fhir/Observation?patient=pa)"
     );
 
+    // `_type` and `_since` reach the backend part too: a type left out is not asked for, and
+    // `_since` is passed on as `_lastUpdated`.
+    let before = asked.lock().unwrap().len();
+    let r = f
+        .call(
+            "GET",
+            "/fhir/Patient/pa/$everything?_type=Patient",
+            Some(&portal),
+            None,
+        )
+        .await;
+    assert_eq!(r.ids(), ["Patient/pa"], "{}", r.text);
+    assert_eq!(asked.lock().unwrap().len(), before);
+    let r = f
+        .call(
+            "GET",
+            "/fhir/Patient/pa/$everything?_type=Observation&_since=2024-01-01T00:00:00Z",
+            Some(&portal),
+            None,
+        )
+        .await;
+    assert_eq!(r.ids().len(), 5, "{}", r.text);
+    let asked_now = asked.lock().unwrap().clone();
+    assert!(
+        asked_now[before].ends_with("&_lastUpdated=ge2024-01-01T00:00:00Z"),
+        "{asked_now:?}"
+    );
+
     // A page link made up to reach something else on the backend, or another host, is refused
     // before anything is asked of the backend.
     let before = asked.lock().unwrap().len();
