@@ -23,6 +23,7 @@ pub mod revocation;
 pub mod scopes;
 mod search;
 pub mod subscription;
+mod subset;
 mod transaction;
 
 use axum::extract::State;

@@ -36,7 +36,6 @@ fn param_name() -> impl Strategy<Value = String> {
         "subject:Patient",
         "date:exact",
         "_has:Observation:patient:code",
-        "_elements",
     ];
     let known: Vec<&str> = (crate::search::SEARCH_PARAMS.iter().map(|(n, _)| *n))
         .chain(crate::search::CONTROL_PARAMS)

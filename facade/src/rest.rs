@@ -151,9 +151,22 @@ pub async fn read(
     Path((rtype, id)): Path<(String, String)>,
     Extension(access): Extension<Access>,
     Extension(slot): Extension<AuditSlot>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> ApiResult<Response> {
-    let (stored, _) = read_visible(&st, &access, &rtype, &id, &slot)?;
-    Ok(resource_response(StatusCode::OK, &stored))
+    let subset = match query {
+        Some(q) => {
+            crate::subset::Subset::from_params(&rtype, &crate::policy::decode_query(Some(&q)))?
+        }
+        None => None,
+    };
+    let (stored, mut v) = read_visible(&st, &access, &rtype, &id, &slot)?;
+    let Some(subset) = subset else {
+        return Ok(resource_response(StatusCode::OK, &stored));
+    };
+    subset.apply(&rtype, &mut v);
+    let mut res = resource_response(StatusCode::OK, &stored);
+    *res.body_mut() = axum::body::Body::from(serde_json::to_vec(&v).unwrap_or_default());
+    Ok(res)
 }
 
 pub async fn vread(
@@ -229,6 +242,11 @@ pub(crate) fn check_resource(v: &Value, rtype: &str) -> ApiResult<()> {
     }
     if obj.get("meta").is_some_and(|m| !m.is_object()) {
         return Err(ApiError::Unprocessable("meta must be an object".into()));
+    }
+    if crate::subset::is_subsetted(v) {
+        return Err(ApiError::Unprocessable(
+            "the resource is tagged SUBSETTED (a part of one, from _elements or _summary): write the whole resource".into(),
+        ));
     }
     if obj.get("text").is_some_and(|m| !m.is_object()) {
         return Err(ApiError::Unprocessable(

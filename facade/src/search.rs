@@ -41,8 +41,9 @@ pub const SEARCH_PARAMS: [(&str, &str); 14] = [
     ("_tag", "token"),
 ];
 
-pub(crate) const CONTROL_PARAMS: [&str; 7] = [
+pub(crate) const CONTROL_PARAMS: [&str; 8] = [
     "_count",
+    "_elements",
     "_offset",
     "_include",
     "_revinclude",
@@ -540,9 +541,17 @@ pub fn run_search(
             }
             "_include" => includes.push(v.clone()),
             "_summary" => {
-                if v != "count" && v != "false" {
-                    return Err(ApiError::BadRequest("_summary supports count".into()));
+                if !["count", "false", "data", "text"].contains(&v.as_str()) {
+                    return Err(ApiError::BadRequest(
+                        "_summary supports count, data, text and false".into(),
+                    ));
                 }
+            }
+            "_elements" => {
+                crate::subset::Subset::from_params(
+                    rtype,
+                    std::slice::from_ref(&(k.clone(), v.clone())),
+                )?;
             }
             "_revinclude" => {
                 return Err(ApiError::BadRequest("_revinclude is not supported".into()))
@@ -848,6 +857,7 @@ pub(crate) fn searchset(
         json!({"relation": "self", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset))}),
     ];
     let mut entries = Vec::new();
+    let subset = crate::subset::Subset::from_params(rtype, params)?;
     if !summary_count {
         if res.offset + res.count < res.total {
             links.push(json!({"relation": "next", "url": format!("{base}/{rtype}?{}", link_query(params, res.offset + res.count))}));
@@ -861,8 +871,11 @@ pub(crate) fn searchset(
             .map(|r| (r, "match"))
             .chain(res.included.iter().map(|r| (r, "include")))
         {
-            let v = r.resource()?;
+            let mut v = r.resource()?;
             seen.add(&r.resource_type, &r.id, &v);
+            if let (Some(s), "match") = (&subset, mode) {
+                s.apply(rtype, &mut v);
+            }
             entries.push(json!({
                 "fullUrl": format!("{base}/{}/{}", r.resource_type, r.id),
                 "resource": v,

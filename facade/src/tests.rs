@@ -2061,6 +2061,88 @@ async fn everything_takes_type_since_start_and_end() {
     }
 }
 
+/// `_elements` and `_summary=data|text` cut matched resources (a search's, a read's) down to
+/// what was asked, what R4 requires, `id` and `meta`, tagged `SUBSETTED`; included resources
+/// stay whole. A name the type does not have is a 400.
+#[tokio::test]
+async fn elements_and_summary_return_tagged_subsets() {
+    let e = env();
+    let admin = seed(&e).await;
+    let tags = |r: &Value| r["meta"]["tag"].to_string();
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?patient=p1&_elements=effective&_include=Observation:subject",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let entries = b["entry"].as_array().unwrap();
+    let mut saw_patient = false;
+    for x in entries {
+        let r = &x["resource"];
+        if x["search"]["mode"] == "match" {
+            let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+            keys.sort();
+            assert_eq!(
+                keys,
+                [
+                    "code",
+                    "effectiveDateTime",
+                    "id",
+                    "meta",
+                    "resourceType",
+                    "status"
+                ],
+                "{r}"
+            );
+            assert!(tags(r).contains("SUBSETTED"), "{r}");
+        } else {
+            saw_patient = true;
+            assert_eq!(r["name"][0]["family"], "Smith", "an include is whole: {r}");
+            assert!(!tags(r).contains("SUBSETTED"), "{r}");
+        }
+    }
+    assert!(saw_patient, "{b}");
+    let (s, _, r) = e
+        .call(
+            "GET",
+            "/fhir/Patient/p1?_elements=gender",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["gender"], "female");
+    assert!(
+        r.get("name").is_none() && r.get("birthDate").is_none(),
+        "{r}"
+    );
+    assert!(tags(&r).contains("SUBSETTED"), "{r}");
+    // ... and cannot be written back over the whole one
+    let (s, _, b) = e
+        .call("PUT", "/fhir/Patient/p1", Some(&admin), Some(r.clone()))
+        .await;
+    assert_eq!(s, 422, "{b}");
+    let (_, _, whole) = e.call("GET", "/fhir/Patient/p1", Some(&admin), None).await;
+    assert_eq!(whole["name"][0]["family"], "Smith");
+    assert!(whole["meta"].get("tag").is_none(), "{whole}");
+    let (s, _, b) = e
+        .call("GET", "/fhir/Patient?_summary=data", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["entry"][0]["resource"].get("name").is_some(), "{b}");
+    for bad in [
+        "/fhir/Patient/p1?_elements=valueQuantity",
+        "/fhir/Observation?_elements=birthDate",
+        "/fhir/Observation?_summary=true",
+    ] {
+        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+}
+
 /// Writes are checked against the FHIR R4 element table at the top level: an element the type
 /// does not have, or a required one missing, is 422 naming it; nothing is stored. A patch whose
 /// result lacks a required element is refused the same way.

@@ -109,6 +109,17 @@ pub fn element(owner: &str, name: &str) -> Option<Element> {
     table().elements.get(owner)?.get(name).copied()
 }
 
+/// Whether `owner` has a choice element named `base` (`value` for `valueQuantity`,
+/// `valueString`, …).
+pub fn has_choice(owner: &str, base: &str) -> bool {
+    table().elements.get(owner).is_some_and(|els| {
+        els.keys().any(|k| {
+            k.strip_prefix(base)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+        })
+    })
+}
+
 /// The table's own `'static` copy of a type name.
 pub fn static_type_name(ty: &str) -> Option<&'static str> {
     table().elements.get_key_value(ty).map(|(k, _)| *k)

@@ -1,0 +1,155 @@
+//! `_elements` and `_summary=text|data`: a subset of each matched resource instead of all of it
+//! (FHIR R4 search §3.1.1.5.9–10). What R4 requires of the type, `id` and `meta` always stay, and
+//! the subset is tagged `SUBSETTED`, so that a client cannot mistake it for the whole resource
+//! and write it back over the stored one.
+
+use crate::error::{ApiError, ApiResult};
+use serde_json::{json, Value};
+use tributary_core::fhir_r4;
+
+const SUBSETTED_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue";
+
+/// Whether `r` carries the `SUBSETTED` tag: it is a part of a resource, not one to store.
+pub(crate) fn is_subsetted(r: &Value) -> bool {
+    r.pointer("/meta/tag")
+        .and_then(Value::as_array)
+        .is_some_and(|tags| {
+            tags.iter()
+                .any(|t| t["code"] == "SUBSETTED" && t["system"] == SUBSETTED_SYSTEM)
+        })
+}
+
+pub(crate) enum Subset {
+    /// Only these top-level elements (a choice name such as `value` keeps `valueQuantity`).
+    Elements(Vec<String>),
+    /// Everything but the narrative.
+    Data,
+    /// The narrative and what R4 requires.
+    Text,
+}
+
+impl Subset {
+    /// The subset `params` ask for on `rtype`, if any; a name `rtype` does not have is a 400.
+    pub fn from_params(rtype: &str, params: &[(String, String)]) -> ApiResult<Option<Subset>> {
+        let mut out = None;
+        for (k, v) in params {
+            match (k.as_str(), v.as_str()) {
+                ("_elements", list) => {
+                    let mut names = Vec::new();
+                    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                        if fhir_r4::element(rtype, name).is_none()
+                            && !fhir_r4::has_choice(rtype, name)
+                        {
+                            return Err(ApiError::BadRequest(format!(
+                                "_elements: {rtype} has no element {name:?}"
+                            )));
+                        }
+                        names.push(name.to_string());
+                    }
+                    out = Some(Subset::Elements(names));
+                }
+                ("_summary", "data") => out = Some(Subset::Data),
+                ("_summary", "text") => out = Some(Subset::Text),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cuts `r` (of `rtype`) down to the subset and tags it.
+    pub fn apply(&self, rtype: &str, r: &mut Value) {
+        let Some(o) = r.as_object_mut() else { return };
+        let required = fhir_r4::required(rtype);
+        o.retain(|k, _| {
+            let always = matches!(k.as_str(), "resourceType" | "id" | "meta")
+                || required.iter().any(|q| q.met_by(|e| e == k));
+            always
+                || match self {
+                    Subset::Elements(names) => names.iter().any(|n| {
+                        k == n
+                            || k.strip_prefix(n.as_str()).is_some_and(|rest| {
+                                rest.starts_with(|c: char| c.is_ascii_uppercase())
+                            })
+                    }),
+                    Subset::Data => k != "text",
+                    Subset::Text => k == "text",
+                }
+        });
+        let meta = o.entry("meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            let tags = m.entry("tag").or_insert_with(|| json!([]));
+            if let Some(t) = tags.as_array_mut() {
+                t.push(json!({
+                    "system": SUBSETTED_SYSTEM,
+                    "code": "SUBSETTED",
+                    "display": "subsetted"
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(k: &str, v: &str) -> Vec<(String, String)> {
+        vec![(k.to_string(), v.to_string())]
+    }
+
+    #[test]
+    fn elements_keep_what_is_asked_and_what_r4_requires_and_are_tagged() {
+        let obs = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "2"},
+            "text": {"status": "generated", "div": "<div/>"}, "status": "final",
+            "code": {"text": "Hb"}, "valueQuantity": {"value": 13.2}, "note": [{"text": "n"}],
+            "subject": {"reference": "Patient/p1"}});
+        let s = Subset::from_params("Observation", &params("_elements", "value,subject"))
+            .unwrap()
+            .unwrap();
+        let mut v = obs.clone();
+        s.apply("Observation", &mut v);
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "code",
+                "id",
+                "meta",
+                "resourceType",
+                "status",
+                "subject",
+                "valueQuantity"
+            ]
+        );
+        assert_eq!(v["meta"]["versionId"], "2");
+        assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
+        let mut d = obs.clone();
+        Subset::from_params("Observation", &params("_summary", "data"))
+            .unwrap()
+            .unwrap()
+            .apply("Observation", &mut d);
+        assert!(d.get("text").is_none() && d.get("note").is_some());
+        let mut t = obs;
+        Subset::from_params("Observation", &params("_summary", "text"))
+            .unwrap()
+            .unwrap()
+            .apply("Observation", &mut t);
+        assert!(t.get("text").is_some() && t.get("note").is_none() && t.get("code").is_some());
+    }
+
+    #[test]
+    fn an_element_the_type_does_not_have_is_refused() {
+        for bad in ["valueQuantty", "birthDate", "value,"] {
+            let r = Subset::from_params("Observation", &params("_elements", bad));
+            if bad == "value," {
+                assert!(r.is_ok(), "an empty name in the list is skipped");
+            } else {
+                assert!(matches!(r, Err(ApiError::BadRequest(_))), "{bad}");
+            }
+        }
+        assert!(Subset::from_params("Patient", &params("_summary", "count"))
+            .unwrap()
+            .is_none());
+    }
+}
