@@ -210,6 +210,7 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         "conditionalCreate": true,
         "conditionalUpdate": !routed,
         "conditionalDelete": if routed { "not-supported" } else { "single" },
+        "conditionalRead": if routed { "not-supported" } else { "full-support" },
         "searchInclude": [format!("{t}:*")],
         "searchParam": params,
     });

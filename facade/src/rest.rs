@@ -72,11 +72,45 @@ pub(crate) fn bundle_response(v: &Value) -> Response {
 
 fn resource_response(status: StatusCode, r: &StoredResource) -> Response {
     let mut res = json_response(status, r.json.to_vec());
+    validators(&mut res, r);
+    res
+}
+
+/// `ETag` and `Last-Modified` (an HTTP-date, as HTTP and FHIR R4 §3.1.0.4 require).
+fn validators(res: &mut Response, r: &StoredResource) {
     res.headers_mut().insert(header::ETAG, etag(r.version));
-    if let Ok(v) = HeaderValue::from_str(&tributary_core::format_rfc3339_millis(r.last_updated)) {
+    let modified = u64::try_from(r.last_updated)
+        .ok()
+        .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+    if let Some(v) = modified.and_then(|t| HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok())
+    {
         res.headers_mut().insert(header::LAST_MODIFIED, v);
     }
-    res
+}
+
+/// A conditional read (FHIR R4 §3.1.0.4.1): whether the caller's copy is still current, by
+/// `If-None-Match` (the version's ETag, weak or strong, or `*`) or, only without it,
+/// `If-Modified-Since` (at the one-second precision of an HTTP-date).
+fn not_modified(headers: &HeaderMap, r: &StoredResource) -> bool {
+    if let Some(tags) = headers.get(header::IF_NONE_MATCH) {
+        let Ok(tags) = tags.to_str() else {
+            return false;
+        };
+        let version = r.version.to_string();
+        return tags
+            .split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).trim_matches('"') == version);
+    }
+    let since = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| httpdate::parse_http_date(s).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    since.is_some_and(|s| {
+        let whole_seconds = r.last_updated.div_euclid(1000) * 1000;
+        i64::try_from(s.as_millis()).is_ok_and(|s| whole_seconds <= s)
+    })
 }
 
 fn write_response(base: &str, w: &WriteOutcome) -> Response {
@@ -152,6 +186,7 @@ pub async fn read(
     Extension(access): Extension<Access>,
     Extension(slot): Extension<AuditSlot>,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     let subset = match query {
         Some(q) => {
@@ -160,6 +195,12 @@ pub async fn read(
         None => None,
     };
     let (stored, mut v) = read_visible(&st, &access, &rtype, &id, &slot)?;
+    if not_modified(&headers, &stored) {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        validators(&mut res, &stored);
+        return Ok(res);
+    }
     let Some(subset) = subset else {
         return Ok(resource_response(StatusCode::OK, &stored));
     };

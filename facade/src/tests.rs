@@ -2143,6 +2143,50 @@ async fn elements_and_summary_return_tagged_subsets() {
     }
 }
 
+/// A conditional read: `If-None-Match` with the current version's ETag, or `If-Modified-Since`
+/// not before the last update, is a 304 with no body; an older copy gets the resource.
+/// `Last-Modified` is an HTTP-date.
+#[tokio::test]
+async fn conditional_read_answers_304_for_a_current_copy() {
+    let e = env();
+    let admin = seed(&e).await;
+    let (s, h, _) = e.call("GET", "/fhir/Patient/p1", Some(&admin), None).await;
+    assert_eq!(s, 200);
+    let etag = h["etag"].to_str().unwrap().to_string();
+    let modified = h["last-modified"].to_str().unwrap().to_string();
+    assert!(modified.ends_with(" GMT"), "{modified}");
+    let t = httpdate::parse_http_date(&modified).unwrap();
+    let later = httpdate::fmt_http_date(t + std::time::Duration::from_secs(60));
+    let earlier = httpdate::fmt_http_date(t - std::time::Duration::from_secs(60));
+    let not_modified = [
+        ("if-none-match", etag.as_str()),
+        ("if-none-match", "\"1\""),
+        ("if-none-match", "W/\"9\", *"),
+        ("if-modified-since", modified.as_str()),
+        ("if-modified-since", later.as_str()),
+    ];
+    for (k, v) in not_modified {
+        let (s, h, b) = e
+            .call_h("GET", "/fhir/Patient/p1", Some(&admin), None, &[(k, v)])
+            .await;
+        assert_eq!(s, 304, "{k}: {v}");
+        assert_eq!(h["etag"].to_str().unwrap(), etag);
+        assert!(b.is_null(), "{b}");
+    }
+    let modified_since = [
+        ("if-none-match", "W/\"2\""),
+        ("if-modified-since", earlier.as_str()),
+        ("if-modified-since", "yesterday"),
+    ];
+    for (k, v) in modified_since {
+        let (s, _, b) = e
+            .call_h("GET", "/fhir/Patient/p1", Some(&admin), None, &[(k, v)])
+            .await;
+        assert_eq!(s, 200, "{k}: {v}");
+        assert_eq!(b["id"], "p1");
+    }
+}
+
 /// Writes are checked against the FHIR R4 element table at the top level: an element the type
 /// does not have, or a required one missing, is 422 naming it; nothing is stored. A patch whose
 /// result lacks a required element is refused the same way.
