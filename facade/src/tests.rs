@@ -1950,19 +1950,8 @@ async fn everything_takes_type_since_start_and_end() {
             .await;
         assert!(s.is_success(), "{b}");
     }
-    let ids = |b: &Value| -> Vec<String> {
-        let mut v: Vec<String> = b["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| {
-                format!(
-                    "{}/{}",
-                    x["resource"]["resourceType"].as_str().unwrap(),
-                    x["resource"]["id"].as_str().unwrap()
-                )
-            })
-            .collect();
+    let ids = |b: &Value| {
+        let mut v = ids(b);
         v.sort();
         v
     };
