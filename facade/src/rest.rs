@@ -227,8 +227,8 @@ pub async fn read(
         return Ok(resource_response(StatusCode::OK, &stored));
     };
     subset.apply(&rtype, &mut v);
-    let mut res = resource_response(StatusCode::OK, &stored);
-    *res.body_mut() = axum::body::Body::from(serde_json::to_vec(&v).unwrap_or_default());
+    let mut res = json_response(StatusCode::OK, serde_json::to_vec(&v).unwrap_or_default());
+    validators(&mut res, &stored);
     Ok(res)
 }
 

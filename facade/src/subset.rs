@@ -65,12 +65,9 @@ impl Subset {
                 || required.iter().any(|q| q.met_by(|e| e == k));
             always
                 || match self {
-                    Subset::Elements(names) => names.iter().any(|n| {
-                        k == n
-                            || k.strip_prefix(n.as_str()).is_some_and(|rest| {
-                                rest.starts_with(|c: char| c.is_ascii_uppercase())
-                            })
-                    }),
+                    Subset::Elements(names) => names
+                        .iter()
+                        .any(|n| k == n || fhir_r4::is_choice_member(k, n)),
                     Subset::Data => k != "text",
                     Subset::Text => k == "text",
                 }

@@ -112,12 +112,16 @@ pub fn element(owner: &str, name: &str) -> Option<Element> {
 /// Whether `owner` has a choice element named `base` (`value` for `valueQuantity`,
 /// `valueString`, …).
 pub fn has_choice(owner: &str, base: &str) -> bool {
-    table().elements.get(owner).is_some_and(|els| {
-        els.keys().any(|k| {
-            k.strip_prefix(base)
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
-        })
-    })
+    table()
+        .elements
+        .get(owner)
+        .is_some_and(|els| els.keys().any(|k| is_choice_member(k, base)))
+}
+
+/// Whether element name `name` is a member of choice `base` (`valueQuantity` of `value`).
+pub fn is_choice_member(name: &str, base: &str) -> bool {
+    name.strip_prefix(base)
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
 }
 
 /// The table's own `'static` copy of a type name.
