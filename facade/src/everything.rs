@@ -4,7 +4,7 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::policy::FhirRequest;
-use crate::search::{date_range, DATE_ELEMENTS, DATE_PERIODS};
+use crate::search::{date_range, resource_dates};
 use serde_json::Value;
 
 /// The parameters `$everything` takes; any other is refused (400) rather than ignored.
@@ -104,30 +104,12 @@ impl Filter {
         if self.start.is_none() && self.end.is_none() {
             return true;
         }
-        let dates = care_dates(r);
+        let dates = resource_dates(r);
         dates.is_empty()
             || dates.iter().any(|&(lo, hi)| {
                 self.start.is_none_or(|s| hi > s) && self.end.is_none_or(|e| lo < e)
             })
     }
-}
-
-/// A resource's care dates as `[lo, hi)` epoch-millis ranges: its date-times, and its periods
-/// from start to end (an open end runs on).
-fn care_dates(r: &Value) -> Vec<(i64, i64)> {
-    let mut out: Vec<(i64, i64)> = DATE_ELEMENTS
-        .iter()
-        .filter_map(|f| r.get(*f).and_then(Value::as_str).and_then(date_range))
-        .collect();
-    for f in DATE_PERIODS {
-        let Some(p) = r.get(f) else { continue };
-        let bound = |k: &str| p.get(k).and_then(Value::as_str).and_then(date_range);
-        match (bound("start"), bound("end")) {
-            (None, None) => {}
-            (s, e) => out.push((s.map_or(i64::MIN, |s| s.0), e.map_or(i64::MAX, |e| e.1))),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

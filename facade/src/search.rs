@@ -150,8 +150,8 @@ fn split_prefix(v: &str) -> (&str, &str) {
     ("eq", v)
 }
 
-/// The elements `date` compares: date-times, then the starts of periods.
-pub(crate) const DATE_ELEMENTS: [&str; 11] = [
+/// The elements `date` compares: date-times, then periods.
+const DATE_ELEMENTS: [&str; 11] = [
     "effectiveDateTime",
     "issued",
     "authoredOn",
@@ -164,7 +164,7 @@ pub(crate) const DATE_ELEMENTS: [&str; 11] = [
     "created",
     "start",
 ];
-pub(crate) const DATE_PERIODS: [&str; 4] = [
+const DATE_PERIODS: [&str; 4] = [
     "effectivePeriod",
     "period",
     "performedPeriod",
@@ -254,33 +254,30 @@ pub fn supports(rtype: &str, name: &str) -> bool {
     }
 }
 
-/// The clinically relevant date of a resource, for `date=`.
-fn resource_dates(r: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for f in DATE_ELEMENTS {
-        if let Some(s) = r.get(f).and_then(Value::as_str) {
-            out.push(s.to_string());
-        }
-    }
+/// The clinically relevant dates of a resource as `[lo, hi)` epoch-millis ranges, for `date=`
+/// and `$everything`'s care dates: its date-times, and its periods from start to end (an open
+/// end runs on, an open start reaches back), so a search or a range compares with the whole
+/// period (FHIR R4 search §3.1.1.4.2).
+pub(crate) fn resource_dates(r: &Value) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = DATE_ELEMENTS
+        .iter()
+        .filter_map(|f| r.get(*f).and_then(Value::as_str).and_then(date_range))
+        .collect();
     for f in DATE_PERIODS {
-        if let Some(s) = r
-            .get(f)
-            .and_then(|p| p.get("start"))
-            .and_then(Value::as_str)
-        {
-            out.push(s.to_string());
+        let Some(p) = r.get(f) else { continue };
+        let bound = |k: &str| p.get(k).and_then(Value::as_str).and_then(date_range);
+        match (bound("start"), bound("end")) {
+            (None, None) => {}
+            (s, e) => out.push((s.map_or(i64::MIN, |s| s.0), e.map_or(i64::MAX, |e| e.1))),
         }
     }
     out
 }
 
-fn date_param_ok(values: &[String], raw: &str) -> ApiResult<bool> {
+fn date_param_ok(values: &[(i64, i64)], raw: &str) -> ApiResult<bool> {
     let (prefix, v) = split_prefix(raw);
     let p = date_range(v).ok_or_else(|| ApiError::BadRequest(format!("not a FHIR date: {v:?}")))?;
-    Ok(values
-        .iter()
-        .filter_map(|s| date_range(s))
-        .any(|r| date_matches(prefix, r, p)))
+    Ok(values.iter().any(|r| date_matches(prefix, *r, p)))
 }
 
 /// FHIR string search over `name` (`param` "name": a plain string, or HumanNames' text, family
@@ -382,8 +379,9 @@ fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) ->
             "birthdate" => date_param_ok(
                 &r.get("birthDate")
                     .and_then(Value::as_str)
-                    .map(|s| vec![s.to_string()])
-                    .unwrap_or_default(),
+                    .and_then(date_range)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
                 v,
             )?,
             "name" | "family" => string_matches(r, base, modifier, v),

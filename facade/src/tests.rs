@@ -2003,6 +2003,25 @@ async fn everything_takes_type_since_start_and_end() {
         assert_eq!(ids(&b), expected, "{query}");
         assert_eq!(b["total"], expected.len(), "{query}");
     }
+    // `date=` compares with a period as a whole, its end too.
+    for (query, expected) in [
+        ("date=ge2024-03-01", vec!["Encounter/qe"]),
+        ("date=lt2024-02-26", vec!["Encounter/qe"]),
+        ("date=gt2024-03-03", vec![]),
+        ("date=eq2024-03", vec![]),
+        ("date=eq2024", vec!["Encounter/qe"]),
+    ] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Encounter?patient=q1&{query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{query}: {b}");
+        assert_eq!(ids(&b), expected, "{query}");
+    }
     // `_since`: what changed at or after the time given (here: qb, updated again).
     let mut qb = json!({"resourceType": "Observation", "id": "qb", "status": "amended",
         "code": code, "subject": subject, "effectiveDateTime": "2024-03-05T10:00:00Z"});
