@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tributary_runtime::http::{read_limited, BodyError};
 use tributary_runtime::{ComponentStatus, Metrics, Readiness};
 
-/// The search parameter that carries a backend's own page link through the facade, for a link
-/// not of the `{base}/{type}?…` shape. Only the path and query below the backend's base URL are
+/// The parameter that carries a backend's own page link (of a search or a history) through the
+/// facade, for a link not of the `{base}/{type}?…` shape. Only the path and query below the backend's base URL are
 /// carried, and a link given back is checked again ([`Backend::page_of`]).
 pub(crate) const PAGE_PARAM: &str = "_backend_page";
 
@@ -393,14 +393,18 @@ async fn forward(
         }
     };
     let method = req.method().clone();
-    let path = req
+    let incoming = req
         .uri()
         .path()
         .strip_prefix("/fhir")
         .unwrap_or("")
         .to_string();
+    let paged = matches!(
+        fhir.interaction,
+        Interaction::Search | Interaction::HistoryType | Interaction::HistoryInstance
+    );
     let (path, query) = match fhir.param(PAGE_PARAM) {
-        Some(page) if fhir.interaction == Interaction::Search => {
+        Some(page) if paged => {
             let url = format!("{}{page}", backend.cfg.url.trim_end_matches('/'));
             let (p, q) = backend.page_of(&url, &rtype).ok_or_else(|| {
                 ApiError::BadRequest(format!(
@@ -409,7 +413,7 @@ async fn forward(
             })?;
             (p.to_string(), q.map(String::from))
         }
-        _ => (path, req.uri().query().map(String::from)),
+        _ => (incoming.clone(), req.uri().query().map(String::from)),
     };
     let body = axum::body::to_bytes(req.into_body(), 16 << 20)
         .await
@@ -525,7 +529,8 @@ async fn forward(
         slot.update(|d| d.returned = Some(kept.len()));
         v["entry"] = Value::Array(kept);
         // A page link the facade could not route by replacing the base (HAPI's
-        // `{base}?_getpages=…`) is carried in a parameter of a search on this type.
+        // `{base}?_getpages=…`) is carried in a parameter of the request it answers (a search,
+        // or a history), so following it takes the same permission.
         for l in v
             .get_mut("link")
             .and_then(Value::as_array_mut)
@@ -538,7 +543,7 @@ async fn forward(
             if let Some((path, _)) = backend.page_of(url, &rtype) {
                 if path.strip_prefix('/') != Some(rtype.as_str()) {
                     let page = crate::search::encode(&url[backend_base.len()..]);
-                    l["url"] = Value::String(format!("{our_base}/{rtype}?{PAGE_PARAM}={page}"));
+                    l["url"] = Value::String(format!("{our_base}{incoming}?{PAGE_PARAM}={page}"));
                 }
             }
         }

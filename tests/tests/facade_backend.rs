@@ -590,7 +590,10 @@ async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
     ) -> (StatusCode, String) {
         let uri = uri.0.to_string();
         asked.lock().unwrap().push(uri.clone());
-        let from = if uri.starts_with("/fhir/Observation?patient=pa") {
+        // A history pages the same way (its entries here are the search's).
+        let from = if uri.starts_with("/fhir/Observation?patient=pa")
+            || uri == "/fhir/Observation/lab-1/_history"
+        {
             0
         } else if let Some(q) = uri.strip_prefix("/fhir?_getpages=s1&_getpagesoffset=") {
             q.split('&').next().unwrap().parse().unwrap()
@@ -673,6 +676,32 @@ async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
         assert_eq!(pages, 3);
         assert_eq!(found, expected);
     }
+
+    // A history's page links stay on the history, so following them takes the read permission
+    // the history took, not a search permission.
+    let reader = f.token("reader", "patient/Observation.r", &["--patient", "pa"]);
+    let r = f
+        .call(
+            "GET",
+            "/fhir/Observation/lab-1/_history",
+            Some(&reader),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let next = r.json["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .map(|l| l["url"].as_str().unwrap().to_string())
+        .unwrap();
+    let at = next
+        .find("/fhir/Observation/lab-1/_history?_backend_page=")
+        .unwrap_or_else(|| panic!("{next}"));
+    let r = f.call("GET", &next[at..], Some(&reader), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.ids(), ["Observation/lab-3"], "{}", r.text);
 
     // $everything follows the backend's pages.
     let r = f
