@@ -274,6 +274,26 @@ pub(crate) fn resource_dates(r: &Value) -> Vec<(i64, i64)> {
     out
 }
 
+/// The order of a search's matches (`_sort`); by id when none is asked for.
+#[derive(Clone, Copy)]
+enum Sort {
+    Id,
+    /// Ascending when true.
+    LastUpdated(bool),
+    Date(bool),
+}
+
+/// Where `r` goes in a `_sort=date` (ascending: its earliest date; descending: its latest, so
+/// an ongoing stay comes first); `None` when it has no date.
+fn date_sort_key(r: &Value, ascending: bool) -> Option<i64> {
+    let dates = resource_dates(r);
+    if ascending {
+        dates.iter().map(|d| d.0).min()
+    } else {
+        dates.iter().map(|d| d.1).max()
+    }
+}
+
 fn date_param_ok(values: &[(i64, i64)], raw: &str) -> ApiResult<bool> {
     let (prefix, v) = split_prefix(raw);
     let p = date_range(v).ok_or_else(|| ApiError::BadRequest(format!("not a FHIR date: {v:?}")))?;
@@ -510,7 +530,7 @@ pub fn run_search(
     let store = &st.rt.store;
     let mut count = DEFAULT_COUNT;
     let mut offset = 0usize;
-    let mut sort: Option<bool> = None;
+    let mut sort = Sort::Id;
     let mut includes = Vec::new();
     let mut filters = Vec::new();
     for (k, v) in params {
@@ -527,15 +547,24 @@ pub fn run_search(
                     .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
             }
             "_sort" => {
-                sort = Some(match v.as_str() {
-                    "_lastUpdated" => true,
-                    "-_lastUpdated" => false,
+                let (ascending, key) = match v.strip_prefix('-') {
+                    Some(key) => (false, key),
+                    None => (true, v.as_str()),
+                };
+                sort = match key {
+                    "_lastUpdated" => Sort::LastUpdated(ascending),
+                    "date" if supports(rtype, "date") => Sort::Date(ascending),
                     _ => {
-                        return Err(ApiError::BadRequest(
-                            "_sort supports _lastUpdated and -_lastUpdated".into(),
-                        ))
+                        return Err(ApiError::BadRequest(format!(
+                            "_sort supports [-]_lastUpdated{} (one key)",
+                            if supports(rtype, "date") {
+                                " and [-]date"
+                            } else {
+                                ""
+                            }
+                        )))
                     }
-                })
+                }
             }
             "_include" => includes.push(v.clone()),
             "_summary" => {
@@ -686,7 +715,8 @@ pub fn run_search(
             all
         }
     };
-    let mut matches = Vec::new();
+    // Each match with its date key when sorting by date.
+    let mut matches: Vec<(StoredResource, Option<i64>)> = Vec::new();
     for stored in candidates {
         let r = stored.resource()?;
         let mut ok = true;
@@ -697,16 +727,34 @@ pub fn run_search(
             }
         }
         if ok && access.permits(perm, rtype, &stored.id, &r) {
-            matches.push(stored);
+            let key = match sort {
+                Sort::Date(ascending) => date_sort_key(&r, ascending),
+                _ => None,
+            };
+            matches.push((stored, key));
         }
     }
     match sort {
-        Some(true) => matches.sort_by(|a, b| (a.last_updated, &a.id).cmp(&(b.last_updated, &b.id))),
-        Some(false) => {
-            matches.sort_by(|a, b| (b.last_updated, &b.id).cmp(&(a.last_updated, &a.id)))
+        Sort::LastUpdated(true) => {
+            matches.sort_by(|(a, _), (b, _)| (a.last_updated, &a.id).cmp(&(b.last_updated, &b.id)))
         }
-        None => matches.sort_by(|a, b| a.id.cmp(&b.id)),
+        Sort::LastUpdated(false) => {
+            matches.sort_by(|(a, _), (b, _)| (b.last_updated, &b.id).cmp(&(a.last_updated, &a.id)))
+        }
+        Sort::Date(ascending) => matches.sort_by(|(a, x), (b, y)| {
+            let by_date = match (x, y) {
+                (Some(x), Some(y)) if ascending => x.cmp(y),
+                (Some(x), Some(y)) => y.cmp(x),
+                // undated last, either way
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            by_date.then_with(|| a.id.cmp(&b.id))
+        }),
+        Sort::Id => matches.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id)),
     }
+    let matches: Vec<StoredResource> = matches.into_iter().map(|(m, _)| m).collect();
     let total = matches.len();
     let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
     let mut included = Vec::new();

@@ -2022,6 +2022,40 @@ async fn everything_takes_type_since_start_and_end() {
         assert_eq!(s, 200, "{query}: {b}");
         assert_eq!(ids(&b), expected, "{query}");
     }
+    // `_sort=date` orders by the same dates, undated last; pages keep the order.
+    for (query, expected) in [
+        ("_sort=date", ["Observation/qa", "Observation/qb"]),
+        ("_sort=-date", ["Observation/qb", "Observation/qa"]),
+    ] {
+        let (s, _, b) = e
+            .call(
+                "GET",
+                &format!("/fhir/Observation?patient=q1&{query}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{query}: {b}");
+        assert_eq!(crate::tests::ids(&b), expected, "{query}");
+        let pages = all_pages(
+            &e,
+            &admin,
+            &format!("/fhir/Observation?patient=q1&{query}&_count=1"),
+        )
+        .await;
+        let paged: Vec<String> = pages
+            .concat()
+            .iter()
+            .map(|p| p.rsplit_once('/').unwrap().0.to_string())
+            .collect();
+        assert_eq!(paged, expected, "{query}");
+    }
+    for bad in ["Patient?_sort=date", "Observation?_sort=-date,_id"] {
+        let (s, _, b) = e
+            .call("GET", &format!("/fhir/{bad}"), Some(&admin), None)
+            .await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
     // `_since`: what changed at or after the time given (here: qb, updated again).
     let mut qb = json!({"resourceType": "Observation", "id": "qb", "status": "amended",
         "code": code, "subject": subject, "effectiveDateTime": "2024-03-05T10:00:00Z"});
