@@ -661,17 +661,10 @@ async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
             assert!(!r.text.contains(&addr.to_string()), "{}", r.text);
             found.extend(r.ids());
             pages += 1;
-            let next = r.json["link"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|l| l["relation"] == "next")
-                .map(|l| l["url"].as_str().unwrap().to_string());
-            let Some(next) = next else { break };
-            let at = next
-                .find("/fhir/Observation?_backend_page=")
-                .unwrap_or_else(|| panic!("{next}"));
-            path = next[at..].to_string();
+            let Some(next) = r.next_from("/fhir/Observation?_backend_page=") else {
+                break;
+            };
+            path = next;
         }
         assert_eq!(pages, 3);
         assert_eq!(found, expected);
@@ -689,17 +682,10 @@ async fn a_backend_paging_from_its_base_is_paged_through_the_facade() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let next = r.json["link"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["relation"] == "next")
-        .map(|l| l["url"].as_str().unwrap().to_string())
-        .unwrap();
-    let at = next
-        .find("/fhir/Observation/lab-1/_history?_backend_page=")
-        .unwrap_or_else(|| panic!("{next}"));
-    let r = f.call("GET", &next[at..], Some(&reader), None).await;
+    let next = r
+        .next_from("/fhir/Observation/lab-1/_history?_backend_page=")
+        .expect("a next page");
+    let r = f.call("GET", &next, Some(&reader), None).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.ids(), ["Observation/lab-3"], "{}", r.text);
 

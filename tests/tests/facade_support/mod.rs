@@ -184,6 +184,20 @@ impl Resp {
         }
     }
 
+    /// The `next` link's path on the facade, from `prefix` on (`None` on the last page); a
+    /// `next` link without `prefix` fails the test.
+    #[allow(dead_code)] // not every including test pages
+    pub fn next_from(&self, prefix: &str) -> Option<String> {
+        let next = self.json["link"]
+            .as_array()?
+            .iter()
+            .find(|l| l["relation"] == "next")?["url"]
+            .as_str()
+            .unwrap();
+        let at = next.find(prefix).unwrap_or_else(|| panic!("{next}"));
+        Some(next[at..].to_string())
+    }
+
     pub fn ids(&self) -> Vec<String> {
         self.json["entry"]
             .as_array()
