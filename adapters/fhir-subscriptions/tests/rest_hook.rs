@@ -5,149 +5,29 @@
 mod api;
 #[path = "../../mllp/tests/common/pki.rs"]
 mod pki;
+#[path = "common/receiver.rs"]
+mod receiver;
 #[path = "common/store.rs"]
 mod store;
 
 use axum::body::Body;
-use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use receiver::{Receiver, RECEIVER_AUTH};
 use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use store::put;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tributary_runtime::tls::{ListenerTlsConfig, ReloadingAcceptor};
-use tributary_runtime::{http_server, Readiness};
+use tributary_runtime::Readiness;
 use tributary_storage::{Db, DbOptions, FjallJournal, FjallStore, Journal, ListFilter, Store};
 use tributary_subscriptions::api::{router, ApiState};
 use tributary_subscriptions::bundle::read_status;
 use tributary_subscriptions::model::{BACKPORT, PATIENT_CONTEXT_EXT, TOPIC_BASE};
 use tributary_subscriptions::{InboundPartner, SubscriptionService, SubscriptionsConfig};
-
-/// A subscriber endpoint that records every Bundle it receives; can be taken down for real
-/// (its port closed) and brought back on the same port.
-struct Receiver {
-    port: u16,
-    got: Arc<Mutex<Vec<Value>>>,
-    status: Arc<Mutex<StatusCode>>,
-    stop: Option<CancellationToken>,
-    /// Serves HTTPS with this certificate when set.
-    tls: Option<ReloadingAcceptor>,
-}
-
-type ReceiverState = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<StatusCode>>);
-
-async fn record(
-    State((got, status)): State<ReceiverState>,
-    headers: axum::http::HeaderMap,
-    Json(b): Json<Value>,
-) -> StatusCode {
-    let code = *status.lock().unwrap();
-    if code.is_success() {
-        assert_eq!(
-            headers.get("authorization").and_then(|v| v.to_str().ok()),
-            Some("Bearer sub-secret"),
-            "channel.header is sent"
-        );
-        got.lock().unwrap().push(b);
-    }
-    code
-}
-
-impl Receiver {
-    async fn start() -> Self {
-        Self::start_with(None).await
-    }
-
-    async fn start_with(tls: Option<ReloadingAcceptor>) -> Self {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let mut r = Self {
-            port,
-            got: Arc::default(),
-            status: Arc::new(Mutex::new(StatusCode::OK)),
-            stop: None,
-            tls,
-        };
-        r.serve(l);
-        r
-    }
-
-    fn serve(&mut self, l: tokio::net::TcpListener) {
-        let app = Router::new()
-            .route("/hook", post(record))
-            .with_state((self.got.clone(), self.status.clone()));
-        let stop = CancellationToken::new();
-        let limits = http_server::Limits {
-            idle_timeout: Duration::from_secs(30),
-            max_connections: 100,
-        };
-        tokio::spawn(http_server::serve(
-            l,
-            app,
-            limits,
-            self.tls.clone(),
-            Default::default(),
-            stop.clone(),
-        ));
-        self.stop = Some(stop);
-    }
-
-    fn down(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.cancel();
-        }
-    }
-
-    async fn up(&mut self) {
-        for _ in 0..100 {
-            if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
-                self.serve(l);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("could not rebind the receiver port");
-    }
-
-    fn url(&self) -> String {
-        match self.tls {
-            Some(_) => format!("https://localhost:{}/hook", self.port),
-            None => format!("http://127.0.0.1:{}/hook", self.port),
-        }
-    }
-
-    fn bundles(&self) -> Vec<Value> {
-        self.got.lock().unwrap().clone()
-    }
-
-    fn of_type(&self, kind: &str) -> Vec<Value> {
-        self.bundles()
-            .into_iter()
-            .filter(|b| read_status(b).map(|s| s.0) == Some(kind.to_string()))
-            .collect()
-    }
-
-    /// The type of every notification received (heartbeats left out), in arrival order.
-    fn kinds(&self) -> Vec<String> {
-        self.bundles()
-            .iter()
-            .filter_map(|b| read_status(b).map(|s| s.0))
-            .filter(|k| k != "heartbeat")
-            .collect()
-    }
-
-    /// (event number, focus reference) of every event notified, in arrival order.
-    fn events(&self) -> Vec<(u64, Option<String>)> {
-        self.of_type("event-notification")
-            .iter()
-            .flat_map(|b| read_status(b).unwrap().1)
-            .collect()
-    }
-}
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -205,7 +85,7 @@ fn subscription(topic: &str, endpoint: &str, content: &str, criteria: Option<&st
             "endpoint": endpoint,
             "payload": "application/fhir+json",
             "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": content}]},
-            "header": ["Authorization: Bearer sub-secret"]
+            "header": [format!("Authorization: {RECEIVER_AUTH}")]
         }
     });
     if let Some(c) = criteria {
