@@ -50,7 +50,7 @@ pub struct AuditDraft {
 /// to. Each patient other than the one the record names gets a `fhir-disclosure` record of its
 /// own (same request, `returned` = its resources), so a search or history across patients is in
 /// each of their reports.
-#[derive(Default)]
+#[derive(Default, Serialize, serde::Deserialize)]
 pub struct Disclosed(BTreeMap<String, usize>);
 
 impl Disclosed {

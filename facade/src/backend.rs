@@ -349,6 +349,10 @@ pub(crate) async fn route(st: &AppState, req: Request) -> Step {
     ) else {
         return Step::Next(req);
     };
+    // An export reads the built-in store and names the routed types among its errors.
+    if fhir.interaction == Interaction::Export {
+        return Step::Next(req);
+    }
     let Some(rtype) = fhir.resource_type.as_deref() else {
         return Step::Next(req);
     };

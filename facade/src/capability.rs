@@ -215,7 +215,10 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         "searchParam": params,
     });
     if t == "Patient" {
-        r["operation"] = json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
+        r["operation"] = json!([
+            {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}
+        ]);
     }
     // R4 Subscriptions Backport: the topics a client can subscribe to, and the operations.
     if t == "Subscription" && !topics.is_empty() {
@@ -248,6 +251,7 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
         "kind": "instance",
         "software": {"name": "Tributary", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Tributary FHIR facade", "url": base},
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         // JSON Patch, and FHIRPath Patch as a Parameters resource
@@ -261,6 +265,7 @@ pub async fn metadata(State(st): State<AppState>, headers: HeaderMap) -> Respons
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
         }]
     });
     crate::rest::json_response(

@@ -35,6 +35,32 @@ pub struct FacadeConfig {
     /// built-in store. Requests to them pass the same policy stack; responses are filtered by the
     /// caller's scopes and patient compartment before they leave.
     pub backends: Vec<BackendConfig>,
+    pub export: ExportConfig,
+}
+
+/// Bulk Data export (`$export`): NDJSON files written under `<data_dir>/exports/`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Export jobs running at once across all tenants; one more kick-off is answered 429.
+    pub max_running: usize,
+    /// Export jobs a tenant may keep (running or finished, until they expire or are deleted).
+    pub max_jobs_per_tenant: usize,
+    /// How long a finished export's files stay downloadable before they are deleted.
+    pub retention_secs: u64,
+    /// Resources per NDJSON file; a type with more is split over several files.
+    pub file_max_resources: usize,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 2,
+            max_jobs_per_tenant: 10,
+            retention_secs: 24 * 3600,
+            file_max_resources: 100_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -388,6 +414,32 @@ impl FacadeConfig {
                     "a role defined in facade.auth.roles",
                 ));
             }
+        }
+        let ex = &self.export;
+        for (k, v, range) in [
+            ("export.max_running", ex.max_running, 1..=64),
+            (
+                "export.max_jobs_per_tenant",
+                ex.max_jobs_per_tenant,
+                1..=1000,
+            ),
+            (
+                "export.file_max_resources",
+                ex.file_max_resources,
+                1..=10_000_000,
+            ),
+        ] {
+            if !range.contains(&v) {
+                let allowed = format!("{} to {}", range.start(), range.end());
+                return Err(invalid(k, v, &allowed));
+            }
+        }
+        if !(60..=30 * 86_400).contains(&ex.retention_secs) {
+            return Err(invalid(
+                "export.retention_secs",
+                ex.retention_secs,
+                "60 to 2592000 seconds",
+            ));
         }
         let rl = &self.rate_limit;
         for (k, v) in [

@@ -12,6 +12,27 @@ const PARAMS: [&str; 7] = [
     "_count", "_offset", "_type", "_since", "start", "end", "_format",
 ];
 
+/// A `_type` value (comma-separated resource types) added to `into`; 400 on an unknown type.
+pub(crate) fn parse_types(v: &str, into: &mut Vec<String>) -> ApiResult<()> {
+    for t in v.split(',').map(str::trim) {
+        crate::rest::check_type(t).map_err(|_| {
+            ApiError::BadRequest(format!("_type: {t:?} is not a FHIR R4 resource type"))
+        })?;
+        into.push(t.to_string());
+    }
+    Ok(())
+}
+
+/// A `_since` value: an instant (date, time and offset), as epoch millis; 400 otherwise.
+pub(crate) fn parse_since(v: &str) -> ApiResult<i64> {
+    tributary_core::fhir_primitive::check("instant", &Value::String(v.to_string()))
+        .ok()
+        .and_then(|()| tributary_core::parse_rfc3339_millis(v))
+        .ok_or_else(|| {
+            ApiError::BadRequest("_since must be an instant (date, time and offset)".into())
+        })
+}
+
 #[derive(Default)]
 pub(crate) struct Filter {
     /// Only these types (`_type`, repeated or comma-separated); `None`: every type.
@@ -31,27 +52,9 @@ impl Filter {
         let mut f = Filter::default();
         for (k, v) in &req.params {
             match k.as_str() {
-                "_type" => {
-                    let types = f.types.get_or_insert_with(Vec::new);
-                    for t in v.split(',').map(str::trim) {
-                        crate::rest::check_type(t).map_err(|_| {
-                            ApiError::BadRequest(format!(
-                                "_type: {t:?} is not a FHIR R4 resource type"
-                            ))
-                        })?;
-                        types.push(t.to_string());
-                    }
-                }
+                "_type" => parse_types(v, f.types.get_or_insert_with(Vec::new))?,
                 "_since" => {
-                    let instant =
-                        tributary_core::fhir_primitive::check("instant", &Value::String(v.clone()))
-                            .ok()
-                            .and_then(|()| tributary_core::parse_rfc3339_millis(v));
-                    f.since = Some(instant.ok_or_else(|| {
-                        ApiError::BadRequest(
-                            "_since must be an instant (date, time and offset)".into(),
-                        )
-                    })?);
+                    f.since = Some(parse_since(v)?);
                     f.since_text = Some(v.clone());
                 }
                 "start" | "end" => {

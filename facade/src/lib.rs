@@ -12,6 +12,7 @@ mod capability;
 pub mod config;
 pub mod error;
 mod everything;
+pub mod export;
 pub mod fhirpatch;
 pub mod keys;
 pub mod patch;
@@ -75,6 +76,8 @@ pub struct Facade {
     /// Canonical URLs of the SubscriptionTopics served beside the facade (`[subscriptions]`),
     /// announced in the CapabilityStatement with the Subscription operations; empty: none.
     pub subscription_topics: Vec<String>,
+    /// Bulk Data export jobs (`$export`).
+    pub exports: export::Exports,
 }
 
 impl Facade {
@@ -106,6 +109,7 @@ impl Facade {
             https: false,
             configured_at: tributary_core::format_rfc3339_millis(tributary_core::now_millis()),
             subscription_topics: Vec::new(),
+            exports: export::Exports::open(data_dir, cfg.export.clone()),
             auth,
             local_key,
             cfg,
@@ -127,6 +131,13 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir", post(transaction::transaction))
         .route("/fhir/", post(transaction::transaction))
         .route("/fhir/metadata", get(capability::metadata))
+        .route("/fhir/$export", get(export::kick_off))
+        .route("/fhir/Patient/$export", get(export::kick_off))
+        .route(
+            "/fhir/$export-status/{job}",
+            get(export::status).delete(export::status),
+        )
+        .route("/fhir/$export-file/{job}/{file}", get(export::file))
         .route("/fhir/AuditEvent", get(rest::audit_events))
         .route(
             "/fhir/{rtype}",

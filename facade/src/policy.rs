@@ -26,6 +26,13 @@ pub enum Interaction {
     /// A transaction or batch Bundle posted to the base; entries are authorized one by one.
     Transaction,
     Everything,
+    /// Bulk Data `$export` kick-off (system level, or `Patient/$export`); the handler checks
+    /// each exported type against the token.
+    Export,
+    /// Polling (`GET`) or cancelling (`DELETE`) an export job, by the client that started it.
+    ExportStatus,
+    /// Downloading one of an export job's NDJSON files, by the client that started it.
+    ExportFile,
     /// `GET /fhir/AuditEvent`: the audit trail, for the auditor role.
     AuditQuery,
     /// Admin endpoints (`/admin/...`).
@@ -48,6 +55,9 @@ impl Interaction {
             Interaction::HistoryType => "history-type",
             Interaction::Transaction => "transaction",
             Interaction::Everything => "operation-everything",
+            Interaction::Export => "operation-export",
+            Interaction::ExportStatus => "export-status",
+            Interaction::ExportFile => "export-file",
             Interaction::AuditQuery => "audit-query",
             Interaction::Admin => "admin",
             Interaction::Unknown => "unknown",
@@ -182,6 +192,12 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
             (Interaction::Search, Some("Subscription"), None)
         }
         ([], m) if m == Method::POST => (Interaction::Transaction, None, None),
+        (["$export"], _) if get => (Interaction::Export, None, None),
+        (["Patient", "$export"], _) if get => (Interaction::Export, Some("Patient"), None),
+        (["$export-status", _], m) if get || m == Method::DELETE => {
+            (Interaction::ExportStatus, None, None)
+        }
+        (["$export-file", _, _], _) if get => (Interaction::ExportFile, None, None),
         (["metadata"], _) if get => (Interaction::Capabilities, None, None),
         (["AuditEvent"], _) if get => (Interaction::AuditQuery, Some("AuditEvent"), None),
         ([t], _) if get => (Interaction::Search, Some(*t), None),
@@ -421,6 +437,25 @@ pub fn authorize(
         return Err(ApiError::Forbidden(
             "the audit role reads audit records only".into(),
         ));
+    }
+    if matches!(
+        req.interaction,
+        Interaction::Export | Interaction::ExportStatus | Interaction::ExportFile
+    ) {
+        // The kick-off checks each exported type against the scopes; polling and downloads
+        // are the starting client's alone (the handlers compare tenant and client).
+        if break_glass {
+            return Err(ApiError::Forbidden(
+                "break-glass does not apply to bulk export".into(),
+            ));
+        }
+        return if p.scopes.scopes.is_empty() {
+            Err(ApiError::Forbidden(
+                "token has no scope for FHIR data".into(),
+            ))
+        } else {
+            Ok(access)
+        };
     }
     if req.interaction == Interaction::Transaction {
         // Each entry is checked by the handler, which also keeps the view role to Bundles of

@@ -77,7 +77,8 @@ impl RateLimiter {
             | Interaction::Patch
             | Interaction::Delete
             | Interaction::Transaction => RateClass::Write,
-            Interaction::Everything => RateClass::Everything,
+            Interaction::Everything | Interaction::Export => RateClass::Everything,
+            Interaction::ExportStatus | Interaction::ExportFile => RateClass::Read,
             Interaction::Capabilities | Interaction::Admin | Interaction::Unknown => {
                 RateClass::Metadata
             }
@@ -98,7 +99,8 @@ impl RateLimiter {
             | Interaction::Patch
             | Interaction::Delete
             | Interaction::Transaction => c.write,
-            Interaction::Everything => c.everything,
+            Interaction::Everything | Interaction::Export => c.everything,
+            Interaction::ExportStatus | Interaction::ExportFile => c.read,
             Interaction::Capabilities | Interaction::Admin | Interaction::Unknown => c.metadata,
         }
     }

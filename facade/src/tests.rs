@@ -75,6 +75,24 @@ impl Env {
         body: Option<Value>,
         extra: &[(&str, &str)],
     ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let (status, headers, bytes) = self.call_bytes(method, uri, token, body, extra).await;
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        (status, headers, v)
+    }
+
+    /// [`Env::call_h`] with the body as it came (NDJSON, say).
+    pub(crate) async fn call_bytes(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        extra: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, bytes::Bytes) {
         let mut b = Request::builder()
             .method(method)
             .uri(uri)
@@ -97,15 +115,10 @@ impl Env {
         let bytes = axum::body::to_bytes(res.into_body(), 1 << 24)
             .await
             .unwrap();
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-        };
-        (status, headers, v)
+        (status, headers, bytes)
     }
 
-    fn audit(&self) -> Vec<Value> {
+    pub(crate) fn audit(&self) -> Vec<Value> {
         self.st
             .rt
             .audit

@@ -1,0 +1,909 @@
+//! Bulk Data export (FHIR Bulk Data Access IG 2.0, the asynchronous request pattern).
+//!
+//! `GET /fhir/$export` (every type) and `GET /fhir/Patient/$export` (the patient compartments)
+//! start a job and answer 202 with a status URL. The job writes what the token may read from the
+//! built-in store as NDJSON files under `<data_dir>/exports/<job>/`, one type per file (split at
+//! `export.file_max_resources`). Polling the status URL answers 202 with progress, then the
+//! manifest; a `DELETE` cancels the job or deletes its files. Status and files belong to the
+//! client that started the job (same tenant, same client id): anyone else gets 404.
+//!
+//! A job's state lives in `job.json` beside its files, so a finished export survives a restart;
+//! a job interrupted by one reports the failure instead of hanging at 202. Downloads are audited
+//! like searches: each patient whose resources a file holds gets a disclosure record, so an
+//! export is in every exported patient's audit report.
+
+use crate::audit::{AuditSlot, Disclosed};
+use crate::capability::RESOURCE_TYPES;
+use crate::config::ExportConfig;
+use crate::error::{operation_outcome, ApiError, ApiResult, FHIR_JSON};
+use crate::policy::{patient_links, Access, FhirRequest};
+use crate::scopes::Perm;
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tributary_storage::Store;
+
+const JOB_FILE: &str = "job.json";
+const NDJSON: &str = "application/fhir+ndjson";
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+const PARAMS: [&str; 3] = ["_outputFormat", "_since", "_type"];
+/// Exported only when `_type` names them: a Subscription carries its endpoint's credentials in
+/// `channel.header`, and the others are not stored resources.
+const NOT_BY_DEFAULT: [&str; 4] = ["Subscription", "Bundle", "OperationOutcome", "Parameters"];
+/// Resources read from the store at a time.
+const PAGE: usize = 1000;
+/// Seconds a client is asked to wait between polls, and before retrying a refused kick-off.
+const POLL_SECS: u64 = 2;
+const BUSY_SECS: u64 = 30;
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum JobState {
+    Running,
+    Complete,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Output {
+    #[serde(rename = "type")]
+    rtype: String,
+    file: String,
+    count: usize,
+}
+
+/// What `job.json` holds: the owner, the request, and (once finished) the files.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Job {
+    tenant: String,
+    client: String,
+    /// The kick-off URL, repeated in the manifest's `request`.
+    request: String,
+    transaction_time: i64,
+    state: JobState,
+    /// Why a failed job failed: a kind of error, never data.
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    output: Vec<Output>,
+    /// NDJSON files of OperationOutcomes: the types that could not be exported, and why.
+    #[serde(default)]
+    errors: Vec<Output>,
+    #[serde(default)]
+    finished: Option<i64>,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    progress: Arc<Mutex<String>>,
+}
+
+/// The export jobs of this instance: their directory, and the ones running now.
+pub struct Exports {
+    dir: PathBuf,
+    cfg: ExportConfig,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl Exports {
+    /// Opens `<data_dir>/exports`; jobs a previous process left running are marked failed.
+    pub fn open(data_dir: &FsPath, cfg: ExportConfig) -> Exports {
+        let ex = Exports {
+            dir: data_dir.join("exports"),
+            cfg,
+            running: Mutex::default(),
+        };
+        for (id, mut job) in ex.jobs() {
+            if job.state == JobState::Running {
+                job.state = JobState::Failed;
+                job.error =
+                    Some("interrupted by a restart of the server; start the export again".into());
+                job.finished = Some(tributary_core::now_millis());
+                if let Err(e) = ex.save(&id, &job) {
+                    tracing::warn!(job = %id, error = %e, "could not mark an interrupted export failed");
+                }
+            }
+        }
+        ex
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn load(&self, id: &str) -> Option<Job> {
+        let bytes = std::fs::read(self.job_dir(id).join(JOB_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn save(&self, id: &str, job: &Job) -> std::io::Result<()> {
+        let dir = self.job_dir(id);
+        let tmp = dir.join("job.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(job)?)?;
+        std::fs::rename(tmp, dir.join(JOB_FILE))
+    }
+
+    /// Every job on disk, by id.
+    fn jobs(&self) -> Vec<(String, Job)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let id = e.file_name().to_str()?.to_string();
+                valid_job_id(&id).then(|| self.load(&id).map(|j| (id, j)))?
+            })
+            .collect()
+    }
+
+    /// Deletes the files of finished jobs older than `retention_secs`.
+    fn sweep(&self) {
+        let now = tributary_core::now_millis();
+        let keep_ms =
+            i64::try_from(self.cfg.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        for (id, job) in self.jobs() {
+            if job
+                .finished
+                .is_some_and(|f| f.saturating_add(keep_ms) < now)
+            {
+                if let Err(e) = std::fs::remove_dir_all(self.job_dir(&id)) {
+                    tracing::warn!(job = %id, error = %e, "could not delete an expired export");
+                }
+            }
+        }
+    }
+
+    fn expires(&self, job: &Job) -> Option<i64> {
+        let keep_ms = i64::try_from(self.cfg.retention_secs.saturating_mul(1000)).ok()?;
+        job.finished.map(|f| f.saturating_add(keep_ms))
+    }
+
+    /// The job `id` if it is the caller's: another client's job, or another tenant's, is
+    /// answered as if it did not exist.
+    fn owned(&self, id: &str, access: &Access) -> ApiResult<Job> {
+        let p = &access.principal;
+        valid_job_id(id)
+            .then(|| self.load(id))
+            .flatten()
+            .filter(|j| j.tenant == p.tenant && j.client == p.client_id)
+            .ok_or_else(|| ApiError::NotFound(format!("no export job {id}")))
+    }
+}
+
+/// Job ids are UUIDs written by us; anything else never reaches the file system.
+fn valid_job_id(id: &str) -> bool {
+    uuid::Uuid::parse_str(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+}
+
+/// `{Type}-{n}.ndjson`, with a known type.
+fn valid_file_name(name: &str) -> bool {
+    name.strip_suffix(".ndjson")
+        .and_then(|s| s.rsplit_once('-'))
+        .is_some_and(|(t, n)| {
+            RESOURCE_TYPES.binary_search(&t).is_ok()
+                && !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+/// What a kick-off asked for.
+struct Request {
+    types: Vec<String>,
+    since: Option<i64>,
+    /// `Patient/$export`: only resources in some patient's compartment.
+    patients_only: bool,
+}
+
+fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
+    let mut asked: Option<Vec<String>> = None;
+    let mut since = None;
+    for (k, v) in &req.params {
+        match k.as_str() {
+            "_type" => crate::everything::parse_types(v, asked.get_or_insert_with(Vec::new))?,
+            "_since" => since = Some(crate::everything::parse_since(v)?),
+            "_outputFormat" if OUTPUT_FORMATS.contains(&v.as_str()) => {}
+            "_outputFormat" => {
+                return Err(ApiError::BadRequest(format!(
+                    "_outputFormat: only NDJSON ({})",
+                    OUTPUT_FORMATS.join(", ")
+                )))
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "$export does not take {other:?} (it takes {})",
+                    PARAMS.join(", ")
+                )))
+            }
+        }
+    }
+    let types = match asked {
+        Some(mut types) => {
+            types.sort_unstable();
+            types.dedup();
+            if let Some(t) = types.iter().find(|t| !access.may(Perm::Read, t)) {
+                return Err(ApiError::Forbidden(format!(
+                    "token scopes do not allow read on {t}"
+                )));
+            }
+            types
+        }
+        None => RESOURCE_TYPES
+            .iter()
+            .filter(|t| !NOT_BY_DEFAULT.contains(t) && access.may(Perm::Read, t))
+            .map(|t| t.to_string())
+            .collect(),
+    };
+    if types.is_empty() {
+        return Err(ApiError::Forbidden(
+            "token scopes allow reading no resource type".into(),
+        ));
+    }
+    Ok(Request {
+        types,
+        since,
+        patients_only: req.resource_type.as_deref() == Some("Patient"),
+    })
+}
+
+fn asks_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+fn busy(reason: &str) -> Response {
+    let mut res = (
+        StatusCode::TOO_MANY_REQUESTS,
+        operation_outcome("error", "throttled", reason).to_string(),
+    )
+        .into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    h.insert(header::RETRY_AFTER, HeaderValue::from(BUSY_SECS));
+    res
+}
+
+fn status_url(base: &str, id: &str) -> String {
+    format!("{base}/$export-status/{id}")
+}
+
+/// `GET /fhir/$export`, `GET /fhir/Patient/$export`: starts a job (202, `Content-Location`).
+pub async fn kick_off(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    Extension(access): Extension<Access>,
+    Extension(req): Extension<FhirRequest>,
+) -> ApiResult<Response> {
+    if !asks_async(&headers) {
+        return Err(ApiError::BadRequest(
+            "bulk export is asynchronous: send `Prefer: respond-async`".into(),
+        ));
+    }
+    let asked = parse(&req, &access)?;
+    let exports = &st.facade.exports;
+    exports.sweep();
+    let p = &access.principal;
+    let id = uuid::Uuid::now_v7().hyphenated().to_string();
+    let base = crate::rest::base_url(&st, &headers);
+    let path = uri.path_and_query().map_or("", |pq| pq.as_str());
+    let job = Job {
+        tenant: p.tenant.clone(),
+        client: p.client_id.clone(),
+        request: format!("{base}{}", path.strip_prefix("/fhir").unwrap_or(path)),
+        transaction_time: tributary_core::now_millis(),
+        state: JobState::Running,
+        error: None,
+        output: Vec::new(),
+        errors: Vec::new(),
+        finished: None,
+    };
+    let running = Running {
+        cancel: st.rt.shutdown.child_token(),
+        progress: Arc::default(),
+    };
+    let (cancel, progress) = (running.cancel.clone(), running.progress.clone());
+    {
+        let mut now = exports.running.lock().unwrap_or_else(|e| e.into_inner());
+        if now.len() >= exports.cfg.max_running {
+            return Ok(busy(
+                "the server is running as many exports as it may; try again later",
+            ));
+        }
+        let kept = exports
+            .jobs()
+            .iter()
+            .filter(|(_, j)| j.tenant == p.tenant)
+            .count();
+        if kept >= exports.cfg.max_jobs_per_tenant {
+            return Ok(busy(
+                "this tenant keeps as many exports as it may; delete finished ones (DELETE their status URL) or wait for them to expire",
+            ));
+        }
+        std::fs::create_dir_all(exports.job_dir(&id))
+            .and_then(|()| exports.save(&id, &job))
+            .map_err(|e| ApiError::Internal(format!("export job directory: {e}")))?;
+        now.insert(id.clone(), running);
+    }
+    let routed: Vec<String> = st
+        .facade
+        .backends
+        .routed_types(&p.tenant)
+        .into_iter()
+        .map(|(t, b)| format!("{t}\u{0}{b}"))
+        .collect();
+    let (st2, id2) = (st.clone(), id.clone());
+    tokio::task::spawn_blocking(move || {
+        let exports = &st2.facade.exports;
+        let dir = exports.job_dir(&id2);
+        let w = Writer {
+            store: st2.rt.store.as_ref(),
+            access: &access,
+            dir: &dir,
+            file_max: exports.cfg.file_max_resources,
+            cancel: &cancel,
+            progress: &progress,
+        };
+        let mut job = job;
+        match w.run(&asked, &routed) {
+            Ok((output, errors)) => {
+                job.state = JobState::Complete;
+                job.output = output;
+                job.errors = errors;
+            }
+            Err(_) if st2.rt.shutdown.is_cancelled() => {
+                job.state = JobState::Failed;
+                job.error =
+                    Some("interrupted by a shutdown of the server; start the export again".into());
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e);
+            }
+        }
+        job.finished = Some(tributary_core::now_millis());
+        let cancelled = cancel.is_cancelled() && !st2.rt.shutdown.is_cancelled();
+        // A job deleted while it ran leaves nothing behind.
+        if cancelled {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else if let Err(e) = exports.save(&id2, &job) {
+            tracing::error!(job = %id2, error = %e, "could not record a finished export");
+        }
+        tracing::info!(job = %id2, state = ?job.state, files = job.output.len(), cancelled, "export finished");
+        exports
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id2);
+    });
+    let mut res = (
+        StatusCode::ACCEPTED,
+        operation_outcome(
+            "information",
+            "informational",
+            "export started; poll the Content-Location URL",
+        )
+        .to_string(),
+    )
+        .into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    if let Ok(v) = HeaderValue::from_str(&status_url(&base, &id)) {
+        h.insert(header::CONTENT_LOCATION, v);
+    }
+    Ok(res)
+}
+
+/// Writes one job's files.
+struct Writer<'a> {
+    store: &'a dyn Store,
+    access: &'a Access,
+    dir: &'a FsPath,
+    file_max: usize,
+    cancel: &'a CancellationToken,
+    progress: &'a Mutex<String>,
+}
+
+/// One NDJSON file being written, and the patients its resources belong to.
+struct File {
+    name: String,
+    out: std::io::BufWriter<std::fs::File>,
+    count: usize,
+    patients: Disclosed,
+}
+
+impl Writer<'_> {
+    /// `(output, errors)`, or why the job failed.
+    fn run(
+        &self,
+        asked: &Request,
+        routed: &[String],
+    ) -> Result<(Vec<Output>, Vec<Output>), String> {
+        let tenant = &self.access.principal.tenant;
+        let mut output = Vec::new();
+        let mut problems = Vec::new();
+        for (i, t) in asked.types.iter().enumerate() {
+            if let Some(backend) = routed
+                .iter()
+                .find_map(|r| r.strip_prefix(&format!("{t}\u{0}")))
+            {
+                problems.push(operation_outcome(
+                    "error",
+                    "not-supported",
+                    &format!("{t} is served by backend {backend}, not the built-in store; export it from there"),
+                ));
+                continue;
+            }
+            self.set_progress(format!("{t} ({} of {} types)", i + 1, asked.types.len()));
+            let mut file: Option<File> = None;
+            let mut n = 0;
+            let mut after: Option<String> = None;
+            loop {
+                if self.cancel.is_cancelled() {
+                    return Err("cancelled".into());
+                }
+                let page = self
+                    .store
+                    .list(tenant, t, after.as_deref(), PAGE)
+                    .map_err(|e| format!("store: {e}"))?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                for r in &page {
+                    if asked.since.is_some_and(|s| r.last_updated < s) {
+                        continue;
+                    }
+                    let v = r.resource().map_err(|e| format!("store: {e}"))?;
+                    if !self.access.permits(Perm::Read, t, &r.id, &v)
+                        || (asked.patients_only && patient_links(t, &r.id, &v).is_empty())
+                    {
+                        continue;
+                    }
+                    if file.as_ref().is_some_and(|f| f.count >= self.file_max) {
+                        output.push(self.close(file.take().expect("checked"), t)?);
+                    }
+                    let f = match file.as_mut() {
+                        Some(f) => f,
+                        None => {
+                            n += 1;
+                            file.insert(self.create(&format!("{t}-{n}.ndjson"))?)
+                        }
+                    };
+                    // Stored JSON is compact: one resource per line as it is.
+                    let line: std::borrow::Cow<[u8]> = if r.json.contains(&b'\n') {
+                        serde_json::to_vec(&v).map_err(|e| e.to_string())?.into()
+                    } else {
+                        r.json.as_ref().into()
+                    };
+                    f.out
+                        .write_all(&line)
+                        .and_then(|()| f.out.write_all(b"\n"))
+                        .map_err(|e| format!("writing an export file: {e}"))?;
+                    f.count += 1;
+                    f.patients.add(t, &r.id, &v);
+                }
+                if page.len() < PAGE {
+                    break;
+                }
+            }
+            if let Some(f) = file {
+                output.push(self.close(f, t)?);
+            }
+        }
+        let mut errors = Vec::new();
+        if !problems.is_empty() {
+            let mut f = self.create("OperationOutcome-1.ndjson")?;
+            for p in &problems {
+                serde_json::to_writer(&mut f.out, p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| f.out.write_all(b"\n").map_err(|e| e.to_string()))?;
+                f.count += 1;
+            }
+            errors.push(self.close(f, "OperationOutcome")?);
+        }
+        Ok((output, errors))
+    }
+
+    fn set_progress(&self, p: String) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    fn create(&self, name: &str) -> Result<File, String> {
+        let f = std::fs::File::create(self.dir.join(name))
+            .map_err(|e| format!("creating an export file: {e}"))?;
+        Ok(File {
+            name: name.to_string(),
+            out: std::io::BufWriter::new(f),
+            count: 0,
+            patients: Disclosed::default(),
+        })
+    }
+
+    /// Flushes the file and writes the patients it discloses beside it (for the audit records
+    /// of its downloads).
+    fn close(&self, f: File, rtype: &str) -> Result<Output, String> {
+        let File {
+            name,
+            mut out,
+            count,
+            patients,
+        } = f;
+        out.flush()
+            .map_err(|e| format!("writing an export file: {e}"))?;
+        std::fs::write(
+            self.dir.join(format!("{name}.patients.json")),
+            serde_json::to_vec(&patients).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| format!("writing an export file: {e}"))?;
+        Ok(Output {
+            rtype: rtype.to_string(),
+            file: name,
+            count,
+        })
+    }
+}
+
+/// `GET /fhir/$export-status/{job}`: 202 with `X-Progress` while it runs, the manifest when
+/// complete, an OperationOutcome (500) when it failed. `DELETE`: cancels it, or deletes its files.
+pub async fn status(
+    State(st): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Extension(access): Extension<Access>,
+) -> ApiResult<Response> {
+    let exports = &st.facade.exports;
+    exports.sweep();
+    let job = exports.owned(&id, &access)?;
+    if method == Method::DELETE {
+        let running = exports
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|r| r.cancel.clone());
+        match running {
+            // The job deletes its files as it stops.
+            Some(cancel) => cancel.cancel(),
+            None => std::fs::remove_dir_all(exports.job_dir(&id))
+                .map_err(|e| ApiError::Internal(format!("deleting an export: {e}")))?,
+        }
+        let body = operation_outcome("information", "informational", "export deleted");
+        return Ok(with_type(
+            (StatusCode::ACCEPTED, body.to_string()).into_response(),
+            FHIR_JSON,
+        ));
+    }
+    match job.state {
+        JobState::Running => {
+            let progress = exports
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .map(|r| r.progress.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .unwrap_or_default();
+            let mut res = StatusCode::ACCEPTED.into_response();
+            let h = res.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&format!("exporting {progress}")) {
+                h.insert("x-progress", v);
+            }
+            h.insert(header::RETRY_AFTER, HeaderValue::from(POLL_SECS));
+            Ok(res)
+        }
+        JobState::Failed => {
+            // A job's failure is the client's business, unlike other internal errors: say why
+            // (a kind of error, never data).
+            let text = format!(
+                "export {id} failed: {}",
+                job.error.as_deref().unwrap_or("unknown")
+            );
+            let body = operation_outcome("error", "exception", &text);
+            Ok(with_type(
+                (StatusCode::INTERNAL_SERVER_ERROR, body.to_string()).into_response(),
+                FHIR_JSON,
+            ))
+        }
+        JobState::Complete => {
+            let base = crate::rest::base_url(&st, &headers);
+            let files = |list: &[Output]| -> Vec<Value> {
+                list.iter()
+                    .map(|o| json!({"type": o.rtype, "url": format!("{base}/$export-file/{id}/{}", o.file), "count": o.count}))
+                    .collect()
+            };
+            let manifest = json!({
+                "transactionTime": tributary_core::format_rfc3339_millis(job.transaction_time),
+                "request": job.request,
+                "requiresAccessToken": true,
+                "output": files(&job.output),
+                "error": files(&job.errors),
+            });
+            let mut res = with_type(
+                (StatusCode::OK, manifest.to_string()).into_response(),
+                "application/json",
+            );
+            let expires = exports
+                .expires(&job)
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+            if let Some(v) =
+                expires.and_then(|t| HeaderValue::from_str(&httpdate::fmt_http_date(t)).ok())
+            {
+                res.headers_mut().insert(header::EXPIRES, v);
+            }
+            Ok(res)
+        }
+    }
+}
+
+fn with_type(mut res: Response, content_type: &'static str) -> Response {
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res
+}
+
+/// `GET /fhir/$export-file/{job}/{file}`: one NDJSON file of a complete job, streamed.
+pub async fn file(
+    State(st): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    Extension(access): Extension<Access>,
+    Extension(slot): Extension<AuditSlot>,
+) -> ApiResult<Response> {
+    let exports = &st.facade.exports;
+    let job = exports.owned(&id, &access)?;
+    let listed = job
+        .output
+        .iter()
+        .chain(&job.errors)
+        .find(|o| o.file == name && valid_file_name(&name))
+        .filter(|_| job.state == JobState::Complete)
+        .ok_or_else(|| ApiError::NotFound(format!("export {id} has no file {name:?}")))?;
+    let dir = exports.job_dir(&id);
+    let f = tokio::fs::File::open(dir.join(&name))
+        .await
+        .map_err(|_| ApiError::NotFound(format!("export {id} has no file {name:?} (expired?)")))?;
+    if let Some(seen) = std::fs::read(dir.join(format!("{name}.patients.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Disclosed>(&b).ok())
+    {
+        slot.disclose(seen);
+    }
+    slot.update(|d| d.returned = Some(listed.count));
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(f));
+    Ok(with_type((StatusCode::OK, body).into_response(), NDJSON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_own_names_reach_the_file_system() {
+        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        assert!(valid_job_id(&id));
+        for bad in ["..", "../x", "", "not-a-uuid", &id.to_uppercase()] {
+            assert!(!valid_job_id(bad), "{bad}");
+        }
+        assert!(valid_file_name("Observation-12.ndjson"));
+        for bad in [
+            "Observation-.ndjson",
+            "../Observation-1.ndjson",
+            "Observation-1.ndjson.patients.json",
+            "job.json",
+            "Nope-1.ndjson",
+        ] {
+            assert!(!valid_file_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefer_respond_async_is_found_among_other_preferences() {
+        let mut h = HeaderMap::new();
+        assert!(!asks_async(&h));
+        h.insert(
+            "prefer",
+            HeaderValue::from_static("handling=strict, respond-async"),
+        );
+        assert!(asks_async(&h));
+    }
+
+    /// Kick-off, poll, download and delete through the whole policy stack: the manifest lists
+    /// what the token may read (split at `file_max_resources`), a patient-context token exports
+    /// its own compartment only, the files are the starting client's alone, and each
+    /// download is in every exported patient's audit report.
+    #[tokio::test]
+    async fn an_export_is_kicked_off_polled_downloaded_and_deleted() {
+        use crate::tests::{env_with, seed, Env};
+        let mut cfg = crate::FacadeConfig::default();
+        cfg.rate_limit.enabled = false;
+        cfg.export.file_max_resources = 2;
+        cfg.export.max_jobs_per_tenant = 3;
+        let e = env_with(cfg);
+        let admin = seed(&e).await;
+        let prefer = [("prefer", "respond-async")];
+        let kick = |token: String, uri: &'static str| {
+            let e: &Env = &e;
+            async move {
+                let (s, h, b) = e.call_h("GET", uri, Some(&token), None, &prefer).await;
+                assert_eq!(s, StatusCode::ACCEPTED, "{uri}: {b}");
+                let status = h["content-location"].to_str().unwrap();
+                status.strip_prefix("http://test").unwrap().to_string()
+            }
+        };
+        let poll = |token: String, status: String| {
+            let e: &Env = &e;
+            async move {
+                for _ in 0..200 {
+                    let (s, h, b) = e.call("GET", &status, Some(&token), None).await;
+                    if s == StatusCode::OK {
+                        assert!(h.contains_key("expires"));
+                        return b;
+                    }
+                    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+                    assert!(h.contains_key("x-progress") && h.contains_key("retry-after"));
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                panic!("the export did not finish");
+            }
+        };
+        let files = |manifest: &Value| -> Vec<(String, u64, String)> {
+            manifest["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    let url = o["url"].as_str().unwrap();
+                    (
+                        o["type"].as_str().unwrap().to_string(),
+                        o["count"].as_u64().unwrap(),
+                        url.strip_prefix("http://test").unwrap().to_string(),
+                    )
+                })
+                .collect()
+        };
+
+        // Refused before a job starts: no Prefer, unknown type or format or parameter, a type
+        // the token may not read.
+        let (s, _, _) = e.call("GET", "/fhir/$export", Some(&admin), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        for q in [
+            "_type=Nope",
+            "_outputFormat=text%2Fcsv",
+            "patient=p1",
+            "_since=2024",
+        ] {
+            let uri = format!("/fhir/$export?{q}");
+            let (s, _, b) = e.call_h("GET", &uri, Some(&admin), None, &prefer).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {b}");
+        }
+        let narrow = e.token("patient/Patient.read", |r| r.patient = Some("p1".into()));
+        let (s, _, _) = e
+            .call_h(
+                "GET",
+                "/fhir/$export?_type=Observation",
+                Some(&narrow),
+                None,
+                &prefer,
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+
+        let status = kick(admin.clone(), "/fhir/$export?_type=Patient,Observation").await;
+        let manifest = poll(admin.clone(), status.clone()).await;
+        assert_eq!(manifest["requiresAccessToken"], true);
+        assert!(manifest["request"]
+            .as_str()
+            .unwrap()
+            .ends_with("/fhir/$export?_type=Patient,Observation"));
+        let got = files(&manifest);
+        let summary: Vec<(&str, u64)> = got.iter().map(|(t, n, _)| (t.as_str(), *n)).collect();
+        assert_eq!(
+            summary,
+            [("Observation", 2), ("Observation", 1), ("Patient", 2)]
+        );
+        let mut observations = Vec::new();
+        for (_, n, url) in got.iter().filter(|f| f.0 == "Observation") {
+            let (s, h, body) = e.call_bytes("GET", url, Some(&admin), None, &[]).await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(h["content-type"], NDJSON);
+            let lines: Vec<Value> = body
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect();
+            assert_eq!(lines.len() as u64, *n);
+            observations.extend(lines.iter().map(|o| o["id"].as_str().unwrap().to_string()));
+        }
+        assert_eq!(observations, ["o1", "o2", "o3"]);
+        // Each download is in the report of every patient whose data it held; no PHI in them.
+        let records = e.audit();
+        let disclosed: Vec<&str> = records
+            .iter()
+            .filter(|r| r["interaction"] == "export-file" && r["kind"] == "fhir-disclosure")
+            .map(|r| r["patient"].as_str().unwrap())
+            .collect();
+        assert!(
+            disclosed.contains(&"p1") && disclosed.contains(&"p2"),
+            "{disclosed:?}"
+        );
+        let text = serde_json::to_string(&records).unwrap();
+        assert!(
+            !text.contains("Smith") && !text.contains("MRN-"),
+            "PHI in the audit trail"
+        );
+
+        // Another client of the tenant sees neither the job nor its files.
+        let other = e.token("system/*.rs", |r| r.client_id = "other".into());
+        let (s, _, _) = e.call("GET", &status, Some(&other), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, _) = e.call("GET", &got[0].2, Some(&other), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+
+        // A patient-context token exports its compartment only.
+        let mine = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+        let pstatus = kick(mine.clone(), "/fhir/Patient/$export").await;
+        let manifest = poll(mine.clone(), pstatus).await;
+        let summary: Vec<(String, u64)> = files(&manifest)
+            .into_iter()
+            .map(|(t, n, _)| (t, n))
+            .collect();
+        assert_eq!(
+            summary,
+            [("Observation".to_string(), 2), ("Patient".to_string(), 1)]
+        );
+
+        // Two jobs kept so far; the tenant may keep three.
+        kick(admin.clone(), "/fhir/$export?_type=Patient").await;
+        let (s, h, b) = e
+            .call_h("GET", "/fhir/$export", Some(&admin), None, &prefer)
+            .await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{b}");
+        assert!(h.contains_key("retry-after"));
+
+        // Deleting a job removes its files.
+        let (s, _, _) = e.call("DELETE", &status, Some(&admin), None).await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (s, _, _) = e.call("GET", &status, Some(&admin), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, _) = e.call("GET", &got[0].2, Some(&admin), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_job_a_restart_interrupted_reports_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ex = Exports::open(dir.path(), ExportConfig::default());
+        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        std::fs::create_dir_all(ex.job_dir(&id)).unwrap();
+        let job = Job {
+            tenant: "t".into(),
+            client: "c".into(),
+            request: "x".into(),
+            transaction_time: 0,
+            state: JobState::Running,
+            error: None,
+            output: Vec::new(),
+            errors: Vec::new(),
+            finished: None,
+        };
+        ex.save(&id, &job).unwrap();
+        let ex = Exports::open(dir.path(), ExportConfig::default());
+        let job = ex.load(&id).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.error.unwrap().contains("restart"));
+        assert!(job.finished.is_some());
+    }
+}
