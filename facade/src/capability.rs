@@ -221,6 +221,9 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         ]);
     }
     // R4 Subscriptions Backport: the topics a client can subscribe to, and the operations.
+    if t == "Group" {
+        r["operation"] = json!([{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]);
+    }
     if t == "Subscription" && !topics.is_empty() {
         r["extension"] = topics
             .iter()

@@ -26,12 +26,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
-use tributary_storage::Store;
+use tributary_storage::{Store, StoredResource};
 
 const JOB_FILE: &str = "job.json";
 const NDJSON: &str = "application/fhir+ndjson";
@@ -201,8 +201,10 @@ fn valid_file_name(name: &str) -> bool {
 struct Request {
     types: Vec<String>,
     since: Option<i64>,
-    /// `Patient/$export`: only resources in some patient's compartment.
+    /// `Patient/$export`, `Group/{id}/$export`: only resources in some patient's compartment.
     patients_only: bool,
+    /// `Group/{id}/$export`: the Group's active Patient members, as of the kick-off.
+    group: Option<Vec<String>>,
 }
 
 fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
@@ -252,8 +254,36 @@ fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
     Ok(Request {
         types,
         since,
-        patients_only: req.resource_type.as_deref() == Some("Patient"),
+        patients_only: matches!(req.resource_type.as_deref(), Some("Patient" | "Group")),
+        group: None,
     })
+}
+
+/// The Patient members of Group `id` (`member.entity`, leaving out `inactive` ones), when the
+/// caller may read the Group; 404 as for a read otherwise.
+fn group_members(st: &AppState, access: &Access, id: &str) -> ApiResult<Vec<String>> {
+    crate::rest::check_id(id)?;
+    let missing = || ApiError::NotFound(format!("Group/{id} not found"));
+    let r = st
+        .rt
+        .store
+        .read(&access.principal.tenant, "Group", id)?
+        .filter(|r| !r.deleted)
+        .ok_or_else(missing)?;
+    let group = r.resource()?;
+    access.require(Perm::Read, "Group", id, &group)?;
+    let mut members: Vec<String> = group["member"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["inactive"] != true)
+        .filter_map(|m| m["entity"]["reference"].as_str()?.strip_prefix("Patient/"))
+        .filter(|p| crate::policy::valid_id(p))
+        .map(String::from)
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    Ok(members)
 }
 
 fn asks_async(headers: &HeaderMap) -> bool {
@@ -294,7 +324,10 @@ pub async fn kick_off(
             "bulk export is asynchronous: send `Prefer: respond-async`".into(),
         ));
     }
-    let asked = parse(&req, &access)?;
+    let mut asked = parse(&req, &access)?;
+    if let (Some("Group"), Some(id)) = (req.resource_type.as_deref(), req.id.as_deref()) {
+        asked.group = Some(group_members(&st, &access, id)?);
+    }
     let exports = &st.facade.exports;
     exports.sweep();
     let p = &access.principal;
@@ -426,6 +459,51 @@ struct File {
     patients: Disclosed,
 }
 
+/// The files of one type: the one being written, and those already closed.
+struct TypeFiles<'t> {
+    rtype: &'t str,
+    open: Option<File>,
+    opened: usize,
+    done: Vec<Output>,
+}
+
+impl TypeFiles<'_> {
+    fn add(&mut self, w: &Writer, r: &StoredResource, v: &Value) -> Result<(), String> {
+        if self.open.as_ref().is_some_and(|f| f.count >= w.file_max) {
+            let full = self.open.take().expect("checked");
+            self.done.push(w.close(full, self.rtype)?);
+        }
+        let f = match self.open.as_mut() {
+            Some(f) => f,
+            None => {
+                self.opened += 1;
+                let name = format!("{}-{}.ndjson", self.rtype, self.opened);
+                self.open.insert(w.create(&name)?)
+            }
+        };
+        // Stored JSON is compact: one resource per line as it is.
+        let line: std::borrow::Cow<[u8]> = if r.json.contains(&b'\n') {
+            serde_json::to_vec(v).map_err(|e| e.to_string())?.into()
+        } else {
+            r.json.as_ref().into()
+        };
+        f.out
+            .write_all(&line)
+            .and_then(|()| f.out.write_all(b"\n"))
+            .map_err(|e| format!("writing an export file: {e}"))?;
+        f.count += 1;
+        f.patients.add(self.rtype, &r.id, v);
+        Ok(())
+    }
+
+    fn finish(mut self, w: &Writer) -> Result<Vec<Output>, String> {
+        if let Some(f) = self.open.take() {
+            self.done.push(w.close(f, self.rtype)?);
+        }
+        Ok(self.done)
+    }
+}
+
 impl Writer<'_> {
     /// `(output, errors)`, or why the job failed.
     fn run(
@@ -436,6 +514,10 @@ impl Writer<'_> {
         let tenant = &self.access.principal.tenant;
         let mut output = Vec::new();
         let mut problems = Vec::new();
+        let members = match &asked.group {
+            Some(patients) => Some(self.compartments(patients)?),
+            None => None,
+        };
         for (i, t) in asked.types.iter().enumerate() {
             if let Some(backend) = routed
                 .iter()
@@ -449,59 +531,50 @@ impl Writer<'_> {
                 continue;
             }
             self.set_progress(format!("{t} ({} of {} types)", i + 1, asked.types.len()));
-            let mut file: Option<File> = None;
-            let mut n = 0;
-            let mut after: Option<String> = None;
-            loop {
-                if self.cancel.is_cancelled() {
-                    return Err("cancelled".into());
-                }
-                let page = self
-                    .store
-                    .list(tenant, t, after.as_deref(), PAGE)
-                    .map_err(|e| format!("store: {e}"))?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.id.clone());
-                for r in &page {
-                    if asked.since.is_some_and(|s| r.last_updated < s) {
-                        continue;
-                    }
-                    let v = r.resource().map_err(|e| format!("store: {e}"))?;
-                    if !self.access.permits(Perm::Read, t, &r.id, &v)
-                        || (asked.patients_only && patient_links(t, &r.id, &v).is_empty())
-                    {
-                        continue;
-                    }
-                    if file.as_ref().is_some_and(|f| f.count >= self.file_max) {
-                        output.push(self.close(file.take().expect("checked"), t)?);
-                    }
-                    let f = match file.as_mut() {
-                        Some(f) => f,
-                        None => {
-                            n += 1;
-                            file.insert(self.create(&format!("{t}-{n}.ndjson"))?)
+            let mut files = TypeFiles {
+                rtype: t,
+                open: None,
+                opened: 0,
+                done: Vec::new(),
+            };
+            match &members {
+                // A Group's members: their compartments' resources of this type, by id.
+                Some(members) => {
+                    let ids = members
+                        .get(t.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    for chunk in ids.chunks(PAGE) {
+                        self.check_cancelled()?;
+                        let mut page = Vec::with_capacity(chunk.len());
+                        for id in chunk {
+                            match self.store.read(tenant, t, id) {
+                                Ok(Some(r)) if !r.deleted => page.push(r),
+                                Ok(_) => {}
+                                Err(e) => return Err(format!("store: {e}")),
+                            }
                         }
-                    };
-                    // Stored JSON is compact: one resource per line as it is.
-                    let line: std::borrow::Cow<[u8]> = if r.json.contains(&b'\n') {
-                        serde_json::to_vec(&v).map_err(|e| e.to_string())?.into()
-                    } else {
-                        r.json.as_ref().into()
-                    };
-                    f.out
-                        .write_all(&line)
-                        .and_then(|()| f.out.write_all(b"\n"))
-                        .map_err(|e| format!("writing an export file: {e}"))?;
-                    f.count += 1;
-                    f.patients.add(t, &r.id, &v);
+                        self.emit(&page, asked, &mut files)?;
+                    }
                 }
-                if page.len() < PAGE {
-                    break;
+                None => {
+                    let mut after: Option<String> = None;
+                    loop {
+                        self.check_cancelled()?;
+                        let page = self
+                            .store
+                            .list(tenant, t, after.as_deref(), PAGE)
+                            .map_err(|e| format!("store: {e}"))?;
+                        let Some(last) = page.last() else { break };
+                        after = Some(last.id.clone());
+                        self.emit(&page, asked, &mut files)?;
+                        if page.len() < PAGE {
+                            break;
+                        }
+                    }
                 }
             }
-            if let Some(f) = file {
-                output.push(self.close(f, t)?);
-            }
+            output.extend(files.finish(self)?);
         }
         let mut errors = Vec::new();
         if !problems.is_empty() {
@@ -515,6 +588,62 @@ impl Writer<'_> {
             errors.push(self.close(f, "OperationOutcome")?);
         }
         Ok((output, errors))
+    }
+
+    /// The ids of the resources in these patients' compartments, the Patients included, by
+    /// type, each once.
+    fn compartments(&self, patients: &[String]) -> Result<BTreeMap<String, Vec<String>>, String> {
+        let tenant = &self.access.principal.tenant;
+        let mut by_type: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for p in patients {
+            self.check_cancelled()?;
+            by_type
+                .entry("Patient".into())
+                .or_default()
+                .insert(p.clone());
+            for (t, id) in self
+                .store
+                .ids_by_patient(tenant, p, None)
+                .map_err(|e| format!("store: {e}"))?
+            {
+                by_type.entry(t).or_default().insert(id);
+            }
+        }
+        Ok(by_type
+            .into_iter()
+            .map(|(t, ids)| (t, ids.into_iter().collect()))
+            .collect())
+    }
+
+    fn check_cancelled(&self) -> Result<(), String> {
+        if self.cancel.is_cancelled() {
+            Err("cancelled".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes the resources of `page` the request and the token admit.
+    fn emit(
+        &self,
+        page: &[StoredResource],
+        asked: &Request,
+        files: &mut TypeFiles,
+    ) -> Result<(), String> {
+        let t = files.rtype;
+        for r in page {
+            if asked.since.is_some_and(|s| r.last_updated < s) {
+                continue;
+            }
+            let v = r.resource().map_err(|e| format!("store: {e}"))?;
+            if !self.access.permits(Perm::Read, t, &r.id, &v)
+                || (asked.patients_only && patient_links(t, &r.id, &v).is_empty())
+            {
+                continue;
+            }
+            files.add(self, r, &v)?;
+        }
+        Ok(())
     }
 
     fn set_progress(&self, p: String) {
@@ -730,7 +859,7 @@ mod tests {
         let mut cfg = crate::FacadeConfig::default();
         cfg.rate_limit.enabled = false;
         cfg.export.file_max_resources = 2;
-        cfg.export.max_jobs_per_tenant = 3;
+        cfg.export.max_jobs_per_tenant = 4;
         let e = env_with(cfg);
         let admin = seed(&e).await;
         let prefer = [("prefer", "respond-async")];
@@ -865,7 +994,39 @@ mod tests {
             [("Observation".to_string(), 2), ("Patient".to_string(), 1)]
         );
 
-        // Two jobs kept so far; the tenant may keep three.
+        // A Group's export: its active Patient members' compartments.
+        let group = json!({"resourceType": "Group", "id": "g1", "type": "person", "actual": true,
+            "member": [{"entity": {"reference": "Patient/p1"}},
+                       {"entity": {"reference": "Patient/p2"}, "inactive": true}]});
+        let (s, _, b) = e
+            .call("PUT", "/fhir/Group/g1", Some(&admin), Some(group))
+            .await;
+        assert!(s.is_success(), "{b}");
+        let (s, _, _) = e
+            .call_h(
+                "GET",
+                "/fhir/Group/nope/$export",
+                Some(&admin),
+                None,
+                &prefer,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let gstatus = kick(admin.clone(), "/fhir/Group/g1/$export").await;
+        let manifest = poll(admin.clone(), gstatus).await;
+        let got_group = files(&manifest);
+        let summary: Vec<(String, u64)> =
+            got_group.iter().map(|(t, n, _)| (t.clone(), *n)).collect();
+        assert_eq!(
+            summary,
+            [("Observation".to_string(), 2), ("Patient".to_string(), 1)]
+        );
+        let (_, _, body) = e
+            .call_bytes("GET", &got_group[1].2, Some(&admin), None, &[])
+            .await;
+        assert!(String::from_utf8_lossy(&body).contains("\"id\":\"p1\""));
+
+        // Three jobs kept so far; the tenant may keep four.
         kick(admin.clone(), "/fhir/$export?_type=Patient").await;
         let (s, h, b) = e
             .call_h("GET", "/fhir/$export", Some(&admin), None, &prefer)

@@ -133,6 +133,7 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/metadata", get(capability::metadata))
         .route("/fhir/$export", get(export::kick_off))
         .route("/fhir/Patient/$export", get(export::kick_off))
+        .route("/fhir/Group/{id}/$export", get(export::kick_off))
         .route(
             "/fhir/$export-status/{job}",
             get(export::status).delete(export::status),

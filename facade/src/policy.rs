@@ -194,6 +194,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         ([], m) if m == Method::POST => (Interaction::Transaction, None, None),
         (["$export"], _) if get => (Interaction::Export, None, None),
         (["Patient", "$export"], _) if get => (Interaction::Export, Some("Patient"), None),
+        (["Group", id, "$export"], _) if get => (Interaction::Export, Some("Group"), Some(*id)),
         (["$export-status", _], m) if get || m == Method::DELETE => {
             (Interaction::ExportStatus, None, None)
         }
