@@ -87,7 +87,7 @@ impl Table {
         Table::IdxString,
     ];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Table::Msg => "journal_msg",
             Table::State => "journal_state",

@@ -9,6 +9,7 @@
 mod audit;
 mod audit_files;
 mod audit_index;
+mod backup;
 pub mod committer;
 mod db;
 mod dead_letters;
@@ -23,6 +24,7 @@ pub use audit::{
     for_each_durable_record, record_time, AuditAnchor, AuditEntry, AuditLog, AuditPruneStats,
     AuditQuery, AuditVerifyError, AuditVerifyReport, PreparedRecord, RETENTION_KIND,
 };
+pub use backup::BackupReport;
 pub use db::{Db, DbOptions};
 pub use dead_letters::DeadLetterLog;
 pub use error::StorageError;

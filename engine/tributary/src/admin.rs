@@ -1,7 +1,8 @@
 //! The journal on a running server: `GET /admin/journal` lists messages, `GET
 //! /admin/journal/{id}` shows one (never its content) and `POST /admin/replay[?dry_run=true]`
-//! queues a selection for mapping again. A running server holds the data directory, so this is
-//! how `tributary journal list`, `journal show` and `replay` reach it. Mounted behind the
+//! queues a selection for mapping again; `POST /admin/backup` copies the data directory while it
+//! serves. A running server holds the data directory, so this is how `tributary journal list`,
+//! `journal show`, `replay` and `backup` reach it. Mounted behind the
 //! facade's policy stack: admin role only, the token's tenant only, every call audited like any
 //! other request.
 
@@ -24,14 +25,31 @@ struct AdminState {
     rt: Arc<Runtime>,
     /// The running mapping set, which `stale` compares with; absent when no pipeline runs.
     registry: Option<Arc<MappingRegistry>>,
+    /// `backup.dir`; empty: online backups are off.
+    backup_dir: std::path::PathBuf,
+    /// The instance's own tenant: its admins operate the instance (backups hold every tenant).
+    default_tenant: String,
+    /// One backup at a time.
+    backing_up: Arc<tokio::sync::Mutex<()>>,
 }
 
-pub fn router(rt: Arc<Runtime>, registry: Option<Arc<MappingRegistry>>) -> Router {
+pub fn router(
+    rt: Arc<Runtime>,
+    registry: Option<Arc<MappingRegistry>>,
+    config: &crate::config::Config,
+) -> Router {
     Router::new()
         .route("/admin/journal", get(list))
         .route("/admin/journal/{id}", get(show))
         .route("/admin/replay", post(replay))
-        .with_state(AdminState { rt, registry })
+        .route("/admin/backup", post(backup))
+        .with_state(AdminState {
+            rt,
+            registry,
+            backup_dir: config.backup.dir.clone(),
+            default_tenant: config.default_tenant.clone(),
+            backing_up: Arc::default(),
+        })
 }
 
 /// `GET /admin/journal` answers this; `mapping_version` is what `stale` compares with.
@@ -173,5 +191,57 @@ async fn replay(
     let report = work
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(report))
+}
+
+/// `POST /admin/backup`: a consistent copy of the data directory, written while the server
+/// serves to `backup.dir/tributary-<time>` (see `tributary_storage::Db::backup`). For admins of
+/// the instance's default tenant only: the copy holds every tenant's data.
+async fn backup(
+    State(st): State<AdminState>,
+    Extension(access): Extension<Access>,
+) -> Result<Json<tributary_storage::BackupReport>, ApiError> {
+    if access.principal.tenant != st.default_tenant {
+        return Err(ApiError::Forbidden(
+            "backups hold every tenant's data: an admin of the instance's default tenant starts them".into(),
+        ));
+    }
+    if st.backup_dir.as_os_str().is_empty() {
+        return Err(ApiError::Conflict(
+            "online backups are off: set backup.dir in the configuration".into(),
+        ));
+    }
+    let Ok(_one) = st.backing_up.clone().try_lock_owned() else {
+        return Err(ApiError::Conflict("a backup is running already".into()));
+    };
+    let stamp: String = tributary_core::format_rfc3339_millis(tributary_core::now_millis())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let target = st.backup_dir.join(format!("tributary-{stamp}"));
+    let db = st.rt.db.clone();
+    // A task of its own, like a replay: a backup that outlives the request timeout finishes.
+    let work = tokio::task::spawn_blocking(move || {
+        let _one = _one;
+        db.backup(&target)
+    });
+    let report = work
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| match e {
+            tributary_storage::StorageError::Io(io)
+                if io.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                ApiError::Conflict(io.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        })?;
+    tracing::info!(
+        client = %access.principal.client_id,
+        entries = report.store_entries,
+        bytes = report.bytes,
+        millis = report.millis,
+        "backup written through the admin API"
+    );
     Ok(Json(report))
 }

@@ -83,6 +83,24 @@ pub enum Command {
     /// Revoke consents / grants: tokens issued under them fail from the next request on.
     #[command(subcommand)]
     Consent(ConsentCommand),
+    /// Copy the data directory (store, journal, outbox, audit log, keys) into a new directory
+    /// that `tributary serve --data-dir` can run on as it is.
+    #[command(
+        after_help = "Examples:\n  tributary backup --to /backups/tributary-2026-12-07     # server stopped\n  tributary backup --config /etc/tributary/tributary.toml  # server running: it writes to backup.dir\n\nWith `tributary serve` running, the server takes the copy while it serves (POST /admin/backup), into a new directory under `backup.dir`. The copy holds the local signing key: keep it as safe as the data directory."
+    )]
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The new directory (must not exist, or be empty; outside the data directory). Only when
+    /// no server runs on the data directory: a running server writes to `backup.dir`.
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -336,6 +354,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(args),
         Command::Token(TokenCommand::Issue(args)) => issue_token(args),
         Command::Audit(cmd) => audit(cmd),
+        Command::Backup(args) => backup(args),
         Command::Consent(ConsentCommand::Revoke { common, id, tenant }) => {
             let config = common.load()?;
             require_data_dir(&config)?;
@@ -634,6 +653,47 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn backup(args: BackupArgs) -> anyhow::Result<ExitCode> {
+    let config = args.common.load()?;
+    let report = match unless_served(open_db(&config))? {
+        Some(db) => {
+            let Some(to) = &args.to else {
+                anyhow::bail!(
+                    "no server runs on {}: give the new directory with --to DIR",
+                    config.data_dir.display()
+                );
+            };
+            db.backup(to).with_context(|| {
+                format!(
+                    "backing up {} to {}",
+                    config.data_dir.display(),
+                    to.display()
+                )
+            })?
+        }
+        None => {
+            if let Some(to) = &args.to {
+                anyhow::bail!(
+                    "a server runs on {}: it writes backups under backup.dir, not to {} (drop --to)",
+                    config.data_dir.display(),
+                    to.display()
+                );
+            }
+            block_on(remote::backup(&config, &args.server))?
+        }
+    };
+    println!(
+        "backup {}: {} store entries, {} audit files, {} other files, {} bytes, {} ms",
+        report.path.display(),
+        report.store_entries,
+        report.audit_files,
+        report.other_files,
+        report.bytes,
+        report.millis
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What was opened from the data directory, or `None` when a running server holds it: the

@@ -31,7 +31,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Directory holding the journal, the FHIR store, the outbox, the audit log and local keys.
-    /// Tributary writes nothing outside it.
+    /// Tributary writes nothing outside it, but the backups it is asked for (`[backup]`).
     pub data_dir: PathBuf,
     /// Tenant that messages and requests belong to when nothing else says (the embedded setup).
     pub default_tenant: String,
@@ -41,6 +41,8 @@ pub struct Config {
     pub journal: JournalConfig,
     /// The hash-chained audit log: retention.
     pub audit: AuditConfig,
+    /// Online backups (`tributary backup` against a running server, `POST /admin/backup`).
+    pub backup: BackupConfig,
     /// How long delivered events stay in the outbox.
     pub outbox: OutboxConfig,
     /// The mapping pipeline: where the mapping sets live, the unconsumed-field policy, workers.
@@ -69,6 +71,7 @@ impl Default for Config {
             mllp: MllpConfig::default(),
             journal: JournalConfig::default(),
             audit: AuditConfig::default(),
+            backup: BackupConfig::default(),
             outbox: OutboxConfig::default(),
             mapping: tributary_pipeline::MappingConfig::default(),
             facade: tributary_facade::FacadeConfig::default(),
@@ -205,6 +208,17 @@ impl Default for AuditConfig {
     }
 }
 
+/// The `[backup]` section.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Where a running server writes the backups it is asked for, each in a directory of its
+    /// own named by the time (`tributary-20261207T033000123Z`). Empty: online backups are off
+    /// (a stopped server's data directory is backed up with `tributary backup --to DIR`). Must
+    /// lie outside `data_dir`.
+    pub dir: PathBuf,
+}
+
 /// The `[outbox]` section: pruning of delivered events.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -290,6 +304,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "", "a directory path"));
+        }
+        if !self.backup.dir.as_os_str().is_empty() && self.backup.dir.starts_with(&self.data_dir) {
+            return Err(invalid(
+                "backup.dir",
+                self.backup.dir.display(),
+                "a directory outside data_dir",
+            ));
         }
         if self.default_tenant.is_empty()
             || !self

@@ -77,6 +77,22 @@ pub async fn message(
     }
 }
 
+/// `POST /admin/backup`: the running server copies its data directory to `backup.dir`.
+pub async fn backup(
+    config: &Config,
+    server: &ServerArgs,
+) -> anyhow::Result<tributary_storage::BackupReport> {
+    let req = authorized(
+        config,
+        server,
+        None,
+        "admin",
+        reqwest::Method::POST,
+        "/admin/backup",
+    )?;
+    send(req).await
+}
+
 /// The server answered 404.
 #[derive(Debug, thiserror::Error)]
 #[error("the server answered 404 Not Found: {0}")]

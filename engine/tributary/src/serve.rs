@@ -104,7 +104,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Subscription operations go behind the facade's policy layers (below); the inbound
     // notification hook authenticates partners itself, the websocket channel by binding token.
     let mut subscriptions = None;
-    let mut guarded_routes = crate::admin::router(Arc::new(rt.clone()), registry);
+    let mut guarded_routes = crate::admin::router(Arc::new(rt.clone()), registry, &config);
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
