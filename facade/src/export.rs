@@ -147,8 +147,9 @@ impl Exports {
             .collect()
     }
 
-    /// Deletes the files of finished jobs older than `retention_secs`.
-    fn sweep(&self) {
+    /// Deletes the files of finished jobs older than `retention_secs`. Runs at each kick-off
+    /// and poll, and every few minutes from [`Exports::keep_swept`].
+    pub fn sweep(&self) {
         let now = tributary_core::now_millis();
         let keep_ms =
             i64::try_from(self.cfg.retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
@@ -161,6 +162,19 @@ impl Exports {
                     tracing::warn!(job = %id, error = %e, "could not delete an expired export");
                 }
             }
+        }
+    }
+
+    /// Sweeps every five minutes until `shutdown`, so expired files go even when no client
+    /// asks for exports any more.
+    pub async fn keep_swept(&self, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(300)) => {}
+            }
+            // A directory listing and a few small files: short enough for a worker.
+            self.sweep();
         }
     }
 
@@ -409,19 +423,18 @@ pub async fn kick_off(
             }
         }
         job.finished = Some(tributary_core::now_millis());
+        // Under the lock a DELETE takes: either it found the job running and cancelled it
+        // (then the job removes its files here), or it finds it finished and removes them.
+        let mut running = exports.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.remove(&id2);
         let cancelled = cancel.is_cancelled() && !st2.rt.shutdown.is_cancelled();
-        // A job deleted while it ran leaves nothing behind.
         if cancelled {
             let _ = std::fs::remove_dir_all(&dir);
         } else if let Err(e) = exports.save(&id2, &job) {
             tracing::error!(job = %id2, error = %e, "could not record a finished export");
         }
+        drop(running);
         tracing::info!(job = %id2, state = ?job.state, files = job.output.len(), cancelled, "export finished");
-        exports
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id2);
     });
     let mut res = (
         StatusCode::ACCEPTED,
@@ -698,18 +711,14 @@ pub async fn status(
     exports.sweep();
     let job = exports.owned(&id, &access)?;
     if method == Method::DELETE {
-        let running = exports
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .map(|r| r.cancel.clone());
-        match running {
+        let running = exports.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get(&id) {
             // The job deletes its files as it stops.
-            Some(cancel) => cancel.cancel(),
+            Some(r) => r.cancel.cancel(),
             None => std::fs::remove_dir_all(exports.job_dir(&id))
                 .map_err(|e| ApiError::Internal(format!("deleting an export: {e}")))?,
         }
+        drop(running);
         let body = operation_outcome("information", "informational", "export deleted");
         return Ok(with_type(
             (StatusCode::ACCEPTED, body.to_string()).into_response(),

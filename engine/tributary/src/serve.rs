@@ -181,6 +181,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .await;
         Ok(())
     });
+    let (f, sweep_rt) = (facade.clone(), rt.clone());
+    tasks.spawn(async move {
+        f.exports.keep_swept(&sweep_rt.shutdown).await;
+        Ok(())
+    });
     if !config.facade.auth.jwks_url.is_empty() {
         // Refresh the identity provider's keys in the background; the cached copy serves meanwhile.
         let f = facade.clone();
