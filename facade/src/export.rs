@@ -325,7 +325,8 @@ fn status_url(base: &str, id: &str) -> String {
     format!("{base}/$export-status/{id}")
 }
 
-/// `GET /fhir/$export`, `GET /fhir/Patient/$export`: starts a job (202, `Content-Location`).
+/// `GET /fhir/$export`, `GET /fhir/Patient/$export`, `GET /fhir/Group/{id}/$export`: starts a
+/// job (202, `Content-Location`).
 pub async fn kick_off(
     State(st): State<AppState>,
     headers: HeaderMap,
@@ -386,12 +387,12 @@ pub async fn kick_off(
             .map_err(|e| ApiError::Internal(format!("export job directory: {e}")))?;
         now.insert(id.clone(), running);
     }
-    let routed: Vec<String> = st
+    let routed: Vec<(String, String)> = st
         .facade
         .backends
         .routed_types(&p.tenant)
         .into_iter()
-        .map(|(t, b)| format!("{t}\u{0}{b}"))
+        .map(|(t, b)| (t.to_string(), b.to_string()))
         .collect();
     let (st2, id2) = (st.clone(), id.clone());
     tokio::task::spawn_blocking(move || {
@@ -522,7 +523,7 @@ impl Writer<'_> {
     fn run(
         &self,
         asked: &Request,
-        routed: &[String],
+        routed: &[(String, String)],
     ) -> Result<(Vec<Output>, Vec<Output>), String> {
         let tenant = &self.access.principal.tenant;
         let mut output = Vec::new();
@@ -532,10 +533,7 @@ impl Writer<'_> {
             None => None,
         };
         for (i, t) in asked.types.iter().enumerate() {
-            if let Some(backend) = routed
-                .iter()
-                .find_map(|r| r.strip_prefix(&format!("{t}\u{0}")))
-            {
+            if let Some((_, backend)) = routed.iter().find(|(routed, _)| routed == t) {
                 problems.push(operation_outcome(
                     "error",
                     "not-supported",
@@ -1050,6 +1048,52 @@ mod tests {
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _, _) = e.call("GET", &got[0].2, Some(&admin), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    /// A type a backend FHIR server serves is not exported from the (empty) store: the manifest
+    /// names it in an OperationOutcome file of its `error` list.
+    #[tokio::test]
+    async fn a_backend_routed_type_is_named_among_the_errors() {
+        use crate::tests::{env_with, seed};
+        let cfg: crate::FacadeConfig = toml::from_str(
+            "[[backends]]\nname = \"lab\"\nurl = \"http://127.0.0.1:9/fhir\"\nresource_types = [\"DiagnosticReport\"]\nhealth_check_secs = 0\n",
+        )
+        .unwrap();
+        let e = env_with(cfg);
+        let admin = seed(&e).await;
+        let (s, h, b) = e
+            .call_h(
+                "GET",
+                "/fhir/$export?_type=Observation,DiagnosticReport",
+                Some(&admin),
+                None,
+                &[("prefer", "respond-async")],
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+        let status = h["content-location"].to_str().unwrap()["http://test".len()..].to_string();
+        let manifest = loop {
+            let (s, _, b) = e.call("GET", &status, Some(&admin), None).await;
+            if s == StatusCode::OK {
+                break b;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(manifest["output"][0]["type"], "Observation");
+        assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
+        let error = &manifest["error"][0];
+        assert_eq!(
+            (&error["type"], &error["count"]),
+            (&json!("OperationOutcome"), &json!(1))
+        );
+        let url = error["url"].as_str().unwrap()["http://test".len()..].to_string();
+        let (s, _, body) = e.call_bytes("GET", &url, Some(&admin), None, &[]).await;
+        assert_eq!(s, StatusCode::OK);
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("DiagnosticReport is served by backend lab"),
+            "{text}"
+        );
     }
 
     #[test]
