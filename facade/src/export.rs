@@ -856,13 +856,37 @@ mod tests {
         assert!(asks_async(&h));
     }
 
+    /// Starts an export as `token`; the status URL's path.
+    async fn kick_off_as(e: &crate::tests::Env, token: String, uri: &str) -> String {
+        let prefer = [("prefer", "respond-async")];
+        let (s, h, b) = e.call_h("GET", uri, Some(&token), None, &prefer).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{uri}: {b}");
+        let status = h["content-location"].to_str().unwrap();
+        status.strip_prefix("http://test").unwrap().to_string()
+    }
+
+    /// Polls the status URL until the manifest comes.
+    async fn manifest_of(e: &crate::tests::Env, token: String, status: String) -> Value {
+        for _ in 0..200 {
+            let (s, h, b) = e.call("GET", &status, Some(&token), None).await;
+            if s == StatusCode::OK {
+                assert!(h.contains_key("expires"));
+                return b;
+            }
+            assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+            assert!(h.contains_key("x-progress") && h.contains_key("retry-after"));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the export did not finish");
+    }
+
     /// Kick-off, poll, download and delete through the whole policy stack: the manifest lists
     /// what the token may read (split at `file_max_resources`), a patient-context token exports
     /// its own compartment only, the files are the starting client's alone, and each
     /// download is in every exported patient's audit report.
     #[tokio::test]
     async fn an_export_is_kicked_off_polled_downloaded_and_deleted() {
-        use crate::tests::{env_with, seed, Env};
+        use crate::tests::{env_with, seed};
         let mut cfg = crate::FacadeConfig::default();
         cfg.rate_limit.enabled = false;
         cfg.export.file_max_resources = 2;
@@ -870,31 +894,8 @@ mod tests {
         let e = env_with(cfg);
         let admin = seed(&e).await;
         let prefer = [("prefer", "respond-async")];
-        let kick = |token: String, uri: &'static str| {
-            let e: &Env = &e;
-            async move {
-                let (s, h, b) = e.call_h("GET", uri, Some(&token), None, &prefer).await;
-                assert_eq!(s, StatusCode::ACCEPTED, "{uri}: {b}");
-                let status = h["content-location"].to_str().unwrap();
-                status.strip_prefix("http://test").unwrap().to_string()
-            }
-        };
-        let poll = |token: String, status: String| {
-            let e: &Env = &e;
-            async move {
-                for _ in 0..200 {
-                    let (s, h, b) = e.call("GET", &status, Some(&token), None).await;
-                    if s == StatusCode::OK {
-                        assert!(h.contains_key("expires"));
-                        return b;
-                    }
-                    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
-                    assert!(h.contains_key("x-progress") && h.contains_key("retry-after"));
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                panic!("the export did not finish");
-            }
-        };
+        let kick = |token: String, uri: &'static str| kick_off_as(&e, token, uri);
+        let poll = |token: String, status: String| manifest_of(&e, token, status);
         let files = |manifest: &Value| -> Vec<(String, u64, String)> {
             manifest["output"]
                 .as_array()
@@ -1061,24 +1062,13 @@ mod tests {
         .unwrap();
         let e = env_with(cfg);
         let admin = seed(&e).await;
-        let (s, h, b) = e
-            .call_h(
-                "GET",
-                "/fhir/$export?_type=Observation,DiagnosticReport",
-                Some(&admin),
-                None,
-                &[("prefer", "respond-async")],
-            )
-            .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{b}");
-        let status = h["content-location"].to_str().unwrap()["http://test".len()..].to_string();
-        let manifest = loop {
-            let (s, _, b) = e.call("GET", &status, Some(&admin), None).await;
-            if s == StatusCode::OK {
-                break b;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        let status = kick_off_as(
+            &e,
+            admin.clone(),
+            "/fhir/$export?_type=Observation,DiagnosticReport",
+        )
+        .await;
+        let manifest = manifest_of(&e, admin.clone(), status).await;
         assert_eq!(manifest["output"][0]["type"], "Observation");
         assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
         let error = &manifest["error"][0];

@@ -13,15 +13,6 @@ fn patient(id: &str) -> serde_json::Value {
     json!({"resourceType": "Patient", "id": id, "name": [{"family": "Quixote"}]})
 }
 
-fn stdout(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The directory a `backup …: …` line names.
 fn backup_path(printed: &str) -> std::path::PathBuf {
     let line = printed
@@ -66,7 +57,7 @@ async fn an_online_backup_restores_to_a_server_that_serves_what_was_committed_be
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("drop --to"));
 
-    let printed = stdout(cli(&f, &["backup", "--server", &f.base]));
+    let printed = tributary_e2e::succeeded(cli(&f, &["backup", "--server", &f.base]));
     let online = backup_path(&printed);
     assert!(online.starts_with(backups.path()), "{printed}");
     let r = f
@@ -81,22 +72,18 @@ async fn an_online_backup_restores_to_a_server_that_serves_what_was_committed_be
     f.stop();
 
     // The copy's audit chain verifies on its own.
-    let verify = tributary_e2e::tributary_bin();
-    let out = std::process::Command::new(&verify)
-        .args(["audit", "verify", "--data-dir"])
-        .arg(&online)
-        .env_remove("TRIBUTARY_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+    tributary_e2e::succeeded(
+        std::process::Command::new(tributary_e2e::tributary_bin())
+            .args(["audit", "verify", "--data-dir"])
+            .arg(&online)
+            .env_remove("TRIBUTARY_CONFIG")
+            .output()
+            .unwrap(),
     );
 
     // A stopped server's data directory is backed up with --to.
     let offline = backups.path().join("offline");
-    let printed = stdout(cli(&f, &["backup", "--to", offline.to_str().unwrap()]));
+    let printed = tributary_e2e::succeeded(cli(&f, &["backup", "--to", offline.to_str().unwrap()]));
     assert_eq!(backup_path(&printed), offline);
 
     // Restore: the online copy moved into place, then served.
