@@ -912,6 +912,22 @@ mod tests {
                 .collect()
         };
 
+        // The CapabilityStatement says so (Bulk Data IG: system, Patient and Group level).
+        let (_, _, cap) = e.call("GET", "/fhir/metadata", None, None).await;
+        assert_eq!(cap["rest"][0]["operation"][0]["name"], "export");
+        let ops = |t: &str| -> Vec<String> {
+            let r = cap["rest"][0]["resource"].as_array().unwrap();
+            let r = r.iter().find(|r| r["type"] == t).unwrap();
+            r["operation"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(ops("Patient"), ["everything", "export"]);
+        assert_eq!(ops("Group"), ["export"]);
+
         // Refused before a job starts: no Prefer, unknown type or format or parameter, a type
         // the token may not read.
         let (s, _, _) = e.call("GET", "/fhir/$export", Some(&admin), None).await;
