@@ -27,6 +27,8 @@ struct AdminState {
     registry: Option<Arc<MappingRegistry>>,
     /// `backup.dir`; empty: online backups are off.
     backup_dir: std::path::PathBuf,
+    /// `backup.keep`: 0 keeps every backup.
+    backup_keep: usize,
     /// The instance's own tenant: its admins operate the instance (backups hold every tenant).
     default_tenant: String,
     /// One backup at a time.
@@ -47,6 +49,7 @@ pub fn router(
             rt,
             registry,
             backup_dir: config.backup.dir.clone(),
+            backup_keep: config.backup.keep,
             default_tenant: config.default_tenant.clone(),
             backing_up: Arc::default(),
         })
@@ -220,10 +223,15 @@ async fn backup(
         .collect();
     let target = st.backup_dir.join(format!("tributary-{stamp}"));
     let db = st.rt.db.clone();
+    let (dir, keep) = (st.backup_dir.clone(), st.backup_keep);
     // A task of its own, like a replay: a backup that outlives the request timeout finishes.
     let work = tokio::task::spawn_blocking(move || {
         let _one = _one;
-        db.backup(&target)
+        let report = db.backup(&target)?;
+        if keep > 0 {
+            rotate_backups(&dir, keep);
+        }
+        Ok(report)
     });
     let report = work
         .await
@@ -244,4 +252,70 @@ async fn backup(
         "backup written through the admin API"
     );
     Ok(Json(report))
+}
+
+/// Deletes the oldest of the backups in `dir` beyond the newest `keep`. Only directories this
+/// server names (`tributary-<time>`) and that hold a store count; anything else there is left.
+fn rotate_backups(dir: &std::path::Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut ours: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("tributary-"))
+                .is_some_and(|stamp| {
+                    stamp.len() == 19 && stamp.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
+                && p.join("keyspaces").is_dir()
+        })
+        .collect();
+    // The names are UTC times of one width: their order is the order they were taken in.
+    ours.sort();
+    let excess = ours.len().saturating_sub(keep);
+    for old in &ours[..excess] {
+        match std::fs::remove_dir_all(old) {
+            Ok(()) => tracing::info!(backup = %old.display(), "old backup deleted (backup.keep)"),
+            Err(e) => {
+                tracing::warn!(backup = %old.display(), error = %e, "could not delete an old backup")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rotation_keeps_the_newest_backups_and_nothing_else_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "tributary-20261207T010000000Z",
+            "tributary-20261207T020000000Z",
+            "tributary-20261207T030000000Z",
+        ];
+        for n in names {
+            std::fs::create_dir_all(dir.path().join(n).join("keyspaces")).unwrap();
+        }
+        // Not ours: a name of another shape, and one without a store.
+        std::fs::create_dir_all(dir.path().join("tributary-manual").join("keyspaces")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tributary-20261207T000000000Z")).unwrap();
+        super::rotate_backups(dir.path(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "tributary-20261207T000000000Z",
+                "tributary-20261207T020000000Z",
+                "tributary-20261207T030000000Z",
+                "tributary-manual"
+            ]
+        );
+    }
 }

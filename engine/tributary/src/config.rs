@@ -217,6 +217,9 @@ pub struct BackupConfig {
     /// (a stopped server's data directory is backed up with `tributary backup --to DIR`). Must
     /// lie outside `data_dir`.
     pub dir: PathBuf,
+    /// Online backups kept in `dir`: after a new one is written, the oldest beyond this many
+    /// are deleted. 0 keeps them all.
+    pub keep: usize,
 }
 
 /// The `[outbox]` section: pruning of delivered events.
