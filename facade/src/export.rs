@@ -5,7 +5,8 @@
 //! built-in store as NDJSON files under `<data_dir>/exports/<job>/`, one type per file (split at
 //! `export.file_max_resources`). Polling the status URL answers 202 with progress, then the
 //! manifest; a `DELETE` cancels the job or deletes its files. Status and files belong to the
-//! client that started the job (same tenant, same client id): anyone else gets 404.
+//! grant that started the job (same tenant, client, user, patient context and scopes): anyone
+//! else gets 404.
 //!
 //! A job's state lives in `job.json` beside its files, so a finished export survives a restart;
 //! a job interrupted by one reports the failure instead of hanging at 202. Downloads are audited
@@ -67,6 +68,14 @@ struct Output {
 struct Job {
     tenant: String,
     client: String,
+    /// The starting token's user, patient context and scopes: the status and the files answer
+    /// that same grant only (two users of one app share a client id, not their data).
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    patient: Option<String>,
+    #[serde(default)]
+    scopes: String,
     /// The kick-off URL, repeated in the manifest's `request`.
     request: String,
     transaction_time: i64,
@@ -183,14 +192,20 @@ impl Exports {
         job.finished.map(|f| f.saturating_add(keep_ms))
     }
 
-    /// The job `id` if it is the caller's: another client's job, or another tenant's, is
-    /// answered as if it did not exist.
+    /// The job `id` if it is the caller's (same tenant, client, user, patient context and
+    /// scopes as the token that started it): anyone else's is answered as if it did not exist.
     fn owned(&self, id: &str, access: &Access) -> ApiResult<Job> {
         let p = &access.principal;
         valid_job_id(id)
             .then(|| self.load(id))
             .flatten()
-            .filter(|j| j.tenant == p.tenant && j.client == p.client_id)
+            .filter(|j| {
+                j.tenant == p.tenant
+                    && j.client == p.client_id
+                    && j.user == p.user
+                    && j.patient == p.patient
+                    && j.scopes == p.scope_text
+            })
             .ok_or_else(|| ApiError::NotFound(format!("no export job {id}")))
     }
 }
@@ -352,6 +367,9 @@ pub async fn kick_off(
     let job = Job {
         tenant: p.tenant.clone(),
         client: p.client_id.clone(),
+        user: p.user.clone(),
+        patient: p.patient.clone(),
+        scopes: p.scope_text.clone(),
         request: format!("{base}{}", path.strip_prefix("/fhir").unwrap_or(path)),
         transaction_time: tributary_core::now_millis(),
         state: JobState::Running,
@@ -1005,10 +1023,19 @@ mod tests {
         let (s, _, _) = e.call("GET", &got[0].2, Some(&other), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
 
-        // A patient-context token exports its compartment only.
+        // A patient-context token exports its compartment only, and the same app's token for
+        // another patient sees neither the job nor its files.
         let mine = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
         let pstatus = kick(mine.clone(), "/fhir/Patient/$export").await;
-        let manifest = poll(mine.clone(), pstatus).await;
+        let manifest = poll(mine.clone(), pstatus.clone()).await;
+        let theirs = e.token("patient/*.rs", |r| r.patient = Some("p2".into()));
+        let (s, _, _) = e.call("GET", &pstatus, Some(&theirs), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let first = files(&manifest)[0].2.clone();
+        let (s, _, _) = e.call("GET", &first, Some(&theirs), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, _) = e.call("GET", &first, Some(&mine), None).await;
+        assert_eq!(s, StatusCode::OK);
         let summary: Vec<(String, u64)> = files(&manifest)
             .into_iter()
             .map(|(t, n, _)| (t, n))
@@ -1111,6 +1138,9 @@ mod tests {
         let job = Job {
             tenant: "t".into(),
             client: "c".into(),
+            user: None,
+            patient: None,
+            scopes: String::new(),
             request: "x".into(),
             transaction_time: 0,
             state: JobState::Running,
