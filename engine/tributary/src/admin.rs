@@ -25,20 +25,16 @@ struct AdminState {
     rt: Arc<Runtime>,
     /// The running mapping set, which `stale` compares with; absent when no pipeline runs.
     registry: Option<Arc<MappingRegistry>>,
-    /// `backup.dir`; empty: online backups are off.
-    backup_dir: std::path::PathBuf,
-    /// `backup.keep`: 0 keeps every backup.
-    backup_keep: usize,
+    backups: Arc<Backups>,
     /// The instance's own tenant: its admins operate the instance (backups hold every tenant).
     default_tenant: String,
-    /// One backup at a time.
-    backing_up: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub fn router(
     rt: Arc<Runtime>,
     registry: Option<Arc<MappingRegistry>>,
-    config: &crate::config::Config,
+    backups: Arc<Backups>,
+    default_tenant: &str,
 ) -> Router {
     Router::new()
         .route("/admin/journal", get(list))
@@ -48,10 +44,8 @@ pub fn router(
         .with_state(AdminState {
             rt,
             registry,
-            backup_dir: config.backup.dir.clone(),
-            backup_keep: config.backup.keep,
-            default_tenant: config.default_tenant.clone(),
-            backing_up: Arc::default(),
+            backups,
+            default_tenant: default_tenant.to_string(),
         })
 }
 
@@ -209,33 +203,15 @@ async fn backup(
             "backups hold every tenant's data: an admin of the instance's default tenant starts them".into(),
         ));
     }
-    if st.backup_dir.as_os_str().is_empty() {
+    if st.backups.dir.as_os_str().is_empty() {
         return Err(ApiError::Conflict(
             "online backups are off: set backup.dir in the configuration".into(),
         ));
     }
-    let Ok(_one) = st.backing_up.clone().try_lock_owned() else {
-        return Err(ApiError::Conflict("a backup is running already".into()));
-    };
-    let stamp: String = tributary_core::format_rfc3339_millis(tributary_core::now_millis())
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
-    let target = st.backup_dir.join(format!("tributary-{stamp}"));
-    let db = st.rt.db.clone();
-    let (dir, keep) = (st.backup_dir.clone(), st.backup_keep);
-    // A task of its own, like a replay: a backup that outlives the request timeout finishes.
-    let work = tokio::task::spawn_blocking(move || {
-        let _one = _one;
-        let report = db.backup(&target)?;
-        if keep > 0 {
-            rotate_backups(&dir, keep);
-        }
-        Ok(report)
-    });
-    let report = work
+    let report = st
+        .backups
+        .take()
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| match e {
             tributary_storage::StorageError::Io(io)
                 if io.kind() == std::io::ErrorKind::InvalidInput =>
@@ -243,7 +219,8 @@ async fn backup(
                 ApiError::Conflict(io.to_string())
             }
             other => ApiError::Internal(other.to_string()),
-        })?;
+        })?
+        .ok_or_else(|| ApiError::Conflict("a backup is running already".into()))?;
     tracing::info!(
         client = %access.principal.client_id,
         entries = report.store_entries,
@@ -252,6 +229,79 @@ async fn backup(
         "backup written through the admin API"
     );
     Ok(Json(report))
+}
+
+/// Online backups into `backup.dir` (`tributary_storage::Db::backup`), one at a time: asked
+/// for through `POST /admin/backup`, or every `backup.every_secs`.
+pub struct Backups {
+    db: tributary_storage::Db,
+    dir: std::path::PathBuf,
+    keep: usize,
+    running: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Backups {
+    pub fn new(db: tributary_storage::Db, cfg: &crate::config::BackupConfig) -> Self {
+        Self {
+            db,
+            dir: cfg.dir.clone(),
+            keep: cfg.keep,
+            running: Arc::default(),
+        }
+    }
+
+    /// Takes a backup into `dir/tributary-<time>` and deletes the oldest beyond `keep`;
+    /// `None` when another one is running. Runs as a task of its own, like a replay: a backup
+    /// that outlives the request that asked for it finishes.
+    pub async fn take(
+        &self,
+    ) -> Result<Option<tributary_storage::BackupReport>, tributary_storage::StorageError> {
+        let Ok(one) = self.running.clone().try_lock_owned() else {
+            return Ok(None);
+        };
+        let stamp: String = tributary_core::format_rfc3339_millis(tributary_core::now_millis())
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let target = self.dir.join(format!("tributary-{stamp}"));
+        let (db, dir, keep) = (self.db.clone(), self.dir.clone(), self.keep);
+        let work = tokio::task::spawn_blocking(move || {
+            let _one = one;
+            let report = db.backup(&target)?;
+            if keep > 0 {
+                rotate_backups(&dir, keep);
+            }
+            Ok(report)
+        });
+        work.await
+            .map_err(|e| tributary_storage::StorageError::Io(std::io::Error::other(e.to_string())))?
+            .map(Some)
+    }
+
+    /// Takes a backup every `every`, until `shutdown`; a failure is logged (and the next one
+    /// tried), never fatal to the server.
+    pub async fn every(
+        &self,
+        every: std::time::Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.take().await {
+                Ok(Some(r)) => tracing::info!(
+                    entries = r.store_entries,
+                    bytes = r.bytes,
+                    millis = r.millis,
+                    "scheduled backup written"
+                ),
+                Ok(None) => tracing::info!("scheduled backup skipped: one is running"),
+                Err(e) => tracing::error!(error = %e, "scheduled backup failed"),
+            }
+        }
+    }
 }
 
 /// Deletes the oldest of the backups in `dir` beyond the newest `keep`. Only directories this
@@ -288,6 +338,41 @@ fn rotate_backups(dir: &std::path::Path, keep: usize) {
 
 #[cfg(test)]
 mod tests {
+    /// Scheduled backups come at the interval, each a store of its own, and `keep` bounds how
+    /// many stay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduled_backups_are_taken_and_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = tributary_storage::Db::open(dir.path().join("data"), Default::default()).unwrap();
+        let cfg = crate::config::BackupConfig {
+            dir: dir.path().join("backups"),
+            keep: 2,
+            every_secs: 60,
+        };
+        let backups = std::sync::Arc::new(super::Backups::new(db, &cfg));
+        let taken = || std::fs::read_dir(&cfg.dir).map_or(0, |e| e.count());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (b, s) = (backups.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            b.every(std::time::Duration::from_millis(100), &s).await;
+        });
+        tributary_runtime::test_wait::wait("a scheduled backup")
+            .until_async(|| async { (taken() >= 1).then_some(()) })
+            .await;
+        stop.cancel();
+        task.await.unwrap();
+        // Asked for three more: two stay.
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            assert!(backups.take().await.unwrap().is_some());
+        }
+        assert_eq!(taken(), 2, "keep = 2");
+        for e in std::fs::read_dir(&cfg.dir).unwrap() {
+            let copy = e.unwrap().path();
+            assert!(copy.join("keyspaces").is_dir() && copy.join("audit").is_dir());
+        }
+    }
+
     #[test]
     fn rotation_keeps_the_newest_backups_and_nothing_else_is_touched() {
         let dir = tempfile::tempdir().unwrap();

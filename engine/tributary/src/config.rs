@@ -220,6 +220,9 @@ pub struct BackupConfig {
     /// Online backups kept in `dir`: after a new one is written, the oldest beyond this many
     /// are deleted. 0 keeps them all.
     pub keep: usize,
+    /// Take an online backup this often, in seconds (at least 60; needs `dir`). 0: only when
+    /// asked for.
+    pub every_secs: u64,
 }
 
 /// The `[outbox]` section: pruning of delivered events.
@@ -307,6 +310,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "", "a directory path"));
+        }
+        if self.backup.every_secs > 0
+            && (self.backup.every_secs < 60 || self.backup.dir.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "backup.every_secs",
+                self.backup.every_secs,
+                "0, or at least 60 with backup.dir set",
+            ));
         }
         if !self.backup.dir.as_os_str().is_empty() && self.backup.dir.starts_with(&self.data_dir) {
             return Err(invalid(

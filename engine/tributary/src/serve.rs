@@ -104,7 +104,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Subscription operations go behind the facade's policy layers (below); the inbound
     // notification hook authenticates partners itself, the websocket channel by binding token.
     let mut subscriptions = None;
-    let mut guarded_routes = crate::admin::router(Arc::new(rt.clone()), registry, &config);
+    let backups = Arc::new(crate::admin::Backups::new(rt.db.clone(), &config.backup));
+    if config.backup.every_secs > 0 {
+        let (b, every, stop) = (
+            backups.clone(),
+            Duration::from_secs(config.backup.every_secs),
+            rt.shutdown.clone(),
+        );
+        tokio::spawn(async move { b.every(every, &stop).await });
+    }
+    let mut guarded_routes = crate::admin::router(
+        Arc::new(rt.clone()),
+        registry,
+        backups,
+        &config.default_tenant,
+    );
     let mut extra_routes = axum::Router::new();
     if let Some(s) = &config.subscriptions {
         let service = tributary_subscriptions::service(s.clone(), &rt, &config.default_tenant)?;
