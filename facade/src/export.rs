@@ -566,13 +566,13 @@ impl Writer<'_> {
                 opened: 0,
                 done: Vec::new(),
             };
-            match &members {
-                // A Group's members: their compartments' resources of this type, by id.
-                Some(members) => {
-                    let ids = members
-                        .get(t.as_str())
-                        .map(Vec::as_slice)
-                        .unwrap_or_default();
+            let by_id = match &members {
+                Some(m) => Some(m.get(t.as_str()).cloned().unwrap_or_default()),
+                None => self.own_compartment(t)?,
+            };
+            match by_id {
+                // A Group's members' compartments, or the token's own patient's: by id.
+                Some(ids) => {
                     for chunk in ids.chunks(PAGE) {
                         self.check_cancelled()?;
                         let mut page = Vec::with_capacity(chunk.len());
@@ -617,6 +617,27 @@ impl Writer<'_> {
             errors.push(self.close(f, "OperationOutcome")?);
         }
         Ok((output, errors))
+    }
+
+    /// For a type the token reads in its patient's compartment only, that compartment's ids
+    /// from the store's patient index (the links `permits()` checks), instead of a scan of the
+    /// type: a patient's export need not read the whole tenant. Types without patient links
+    /// (shared ones, Subscriptions) are scanned.
+    fn own_compartment(&self, t: &str) -> Result<Option<Vec<String>>, String> {
+        let Some(pid) = self.access.compartment_for(Perm::Read, t) else {
+            return Ok(None);
+        };
+        if t == "Subscription" || crate::policy::SHARED_TYPES.contains(&t) {
+            return Ok(None);
+        }
+        if t == "Patient" {
+            return Ok(Some(vec![pid.to_string()]));
+        }
+        let ids = self
+            .store
+            .ids_by_patient(&self.access.principal.tenant, pid, Some(t))
+            .map_err(|e| format!("store: {e}"))?;
+        Ok(Some(ids.into_iter().map(|(_, id)| id).collect()))
     }
 
     /// The ids of the resources in these patients' compartments, the Patients included, by

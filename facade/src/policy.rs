@@ -226,7 +226,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
 
 /// Types that hold no patient data of their own: a patient-context token with a scope for them
 /// may read them even though they do not point at its patient.
-const SHARED_TYPES: [&str; 16] = [
+pub(crate) const SHARED_TYPES: [&str; 16] = [
     "Practitioner",
     "PractitionerRole",
     "Organization",
