@@ -84,6 +84,13 @@ impl Env {
         (status, headers, v)
     }
 
+    /// `GET uri` with `token`, asserting 200 (naming the URI otherwise); the body.
+    pub(crate) async fn get_ok(&self, uri: &str, token: &str) -> Value {
+        let (s, _, b) = self.call("GET", uri, Some(token), None).await;
+        assert_eq!(s, 200, "{uri}: {b}");
+        b
+    }
+
     /// [`Env::call_h`] with the body as it came (NDJSON, say).
     pub(crate) async fn call_bytes(
         &self,
@@ -2004,15 +2011,9 @@ async fn everything_takes_type_since_start_and_end() {
             vec!["Observation/qb"],
         ),
     ] {
-        let (s, _, b) = e
-            .call(
-                "GET",
-                &format!("/fhir/Patient/q1/$everything?{query}"),
-                Some(&admin),
-                None,
-            )
+        let b = e
+            .get_ok(&format!("/fhir/Patient/q1/$everything?{query}"), &admin)
             .await;
-        assert_eq!(s, 200, "{query}: {b}");
         assert_eq!(ids(&b), expected, "{query}");
         assert_eq!(b["total"], expected.len(), "{query}");
     }
@@ -2024,15 +2025,9 @@ async fn everything_takes_type_since_start_and_end() {
         ("date=eq2024-03", vec![]),
         ("date=eq2024", vec!["Encounter/qe"]),
     ] {
-        let (s, _, b) = e
-            .call(
-                "GET",
-                &format!("/fhir/Encounter?patient=q1&{query}"),
-                Some(&admin),
-                None,
-            )
+        let b = e
+            .get_ok(&format!("/fhir/Encounter?patient=q1&{query}"), &admin)
             .await;
-        assert_eq!(s, 200, "{query}: {b}");
         assert_eq!(ids(&b), expected, "{query}");
     }
     // `_sort=date` orders by the same dates, undated last; pages keep the order.
@@ -2040,15 +2035,9 @@ async fn everything_takes_type_since_start_and_end() {
         ("_sort=date", ["Observation/qa", "Observation/qb"]),
         ("_sort=-date", ["Observation/qb", "Observation/qa"]),
     ] {
-        let (s, _, b) = e
-            .call(
-                "GET",
-                &format!("/fhir/Observation?patient=q1&{query}"),
-                Some(&admin),
-                None,
-            )
+        let b = e
+            .get_ok(&format!("/fhir/Observation?patient=q1&{query}"), &admin)
             .await;
-        assert_eq!(s, 200, "{query}: {b}");
         assert_eq!(crate::tests::ids(&b), expected, "{query}");
         let pages = all_pages(
             &e,
@@ -2080,15 +2069,12 @@ async fn everything_takes_type_since_start_and_end() {
         .as_str()
         .unwrap()
         .replace('+', "%2B");
-    let (s, _, b) = e
-        .call(
-            "GET",
+    let b = e
+        .get_ok(
             &format!("/fhir/Patient/q1/$everything?_since={since}"),
-            Some(&admin),
-            None,
+            &admin,
         )
         .await;
-    assert_eq!(s, 200, "{b}");
     assert_eq!(ids(&b), ["Observation/qb"]);
     // Pages keep the filter.
     let pages = all_pages(
