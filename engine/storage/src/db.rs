@@ -186,7 +186,7 @@ impl Db {
             spaces.push(db.keyspace(t.name(), KeyspaceCreateOptions::default)?);
         }
         let tables = Tables(Arc::new(spaces));
-        crate::store::build_string_index(&db, &tables)?;
+        crate::store::build_new_indexes(&db, &tables)?;
         let counters = load_counters(&tables)?;
         let (committer, thread) = Committer::start(
             db.clone(),

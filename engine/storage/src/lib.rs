@@ -37,8 +37,9 @@ pub use journal::{
 };
 pub use outbox::{AckRecorder, Numbering, Outbox, OutboxEvent, RawOutboxEvent};
 pub use store::{
-    CommitOutcome, FjallStore, HistoryPosition, IndexFields, JsonView, MessageUpdate, Precondition,
-    ResourceBody, ResourceWrite, Store, StoreTransaction, StoredResource, WriteOp, WriteOutcome,
+    patient_references, CommitOutcome, FjallStore, HistoryPosition, IndexFields, JsonView,
+    MessageUpdate, Precondition, ResourceBody, ResourceWrite, Store, StoreTransaction,
+    StoredResource, WriteOp, WriteOutcome,
 };
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

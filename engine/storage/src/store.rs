@@ -343,6 +343,29 @@ pub struct FjallStore {
 const PATIENT_REFERENCE_FIELDS: [&str; 5] =
     ["subject", "patient", "beneficiary", "individual", "child"];
 
+/// The patients a resource other than a Patient belongs to: the ids its patient reference
+/// fields, its participants' `actor`s and, for a Provenance, its `target`s name (R4's Patient
+/// compartment puts a Provenance in the compartment of each Patient it is about). One piece of
+/// code for the store's patient index and the facade's compartment checks, so that what a
+/// patient-context search finds through the index is what a read of it allows.
+pub fn patient_references<'a, V: JsonView<'a>>(rtype: &str, resource: V) -> BTreeSet<String> {
+    let reference = |v: Option<V>| {
+        v.and_then(|v| v.get("reference"))
+            .and_then(V::as_str)
+            .and_then(|r| r.strip_prefix("Patient/"))
+            .map(str::to_string)
+    };
+    let mut patients: BTreeSet<String> = PATIENT_REFERENCE_FIELDS
+        .into_iter()
+        .filter_map(|field| reference(resource.get(field)))
+        .collect();
+    patients.extend(each(resource.get("participant")).filter_map(|p| reference(p.get("actor"))));
+    if rtype == "Provenance" {
+        patients.extend(each(resource.get("target")).filter_map(|t| reference(Some(t))));
+    }
+    patients
+}
+
 /// Read access to a JSON tree. The index entries of a resource are found by one piece of code
 /// whether the resource is a `serde_json::Value` or a producer's own tree ([`ResourceBody`]).
 pub trait JsonView<'a>: Copy {
@@ -401,28 +424,11 @@ pub struct IndexFields {
 
 impl IndexFields {
     pub fn of<'a, V: JsonView<'a>>(rtype: &str, id: &str, resource: V) -> Self {
-        let reference = |v: Option<V>| {
-            v.and_then(|v| v.get("reference"))
-                .and_then(V::as_str)
-                .and_then(|r| r.strip_prefix("Patient/"))
-        };
-        let mut patients = BTreeSet::new();
-        if rtype == "Patient" {
-            patients.insert(id.to_string());
+        let patients = if rtype == "Patient" {
+            BTreeSet::from([id.to_string()])
         } else {
-            for field in PATIENT_REFERENCE_FIELDS {
-                if let Some(pid) = reference(resource.get(field)) {
-                    patients.insert(pid.to_string());
-                }
-            }
-            if rtype == "Encounter" || rtype == "Appointment" {
-                for p in each(resource.get("participant")) {
-                    if let Some(pid) = reference(p.get("actor")) {
-                        patients.insert(pid.to_string());
-                    }
-                }
-            }
-        }
+            patient_references(rtype, resource)
+        };
         let identifiers = each(resource.get("identifier"))
             .filter_map(|i| {
                 let value = i.get("value")?.as_str()?;
@@ -1325,18 +1331,36 @@ impl Store for FjallStore {
 }
 
 const STRING_INDEX_BUILT: &[u8] = b"idx_string_built";
+const PROVENANCE_PATIENTS_BUILT: &[u8] = b"idx_patient_provenance_built";
 
-/// Builds the string index for resources stored before it existed: once, when the database is
-/// opened and before anything writes, so a name or birth date search never misses an older
-/// resource. Later writes keep it up to date.
-pub(crate) fn build_string_index(db: &fjall::Database, tables: &crate::db::Tables) -> Result<()> {
+/// Index entries that later versions of the store added, written once for the resources stored
+/// before them: when the database is opened and before anything writes, so a search never
+/// misses an older resource. Later writes keep them up to date.
+pub(crate) fn build_new_indexes(db: &fjall::Database, tables: &crate::db::Tables) -> Result<()> {
+    // name, family and birth date searches
+    backfill_index(db, tables, STRING_INDEX_BUILT, |_, table| {
+        table == Table::IdxString
+    })?;
+    // a Provenance in the compartment of the Patients it targets
+    backfill_index(db, tables, PROVENANCE_PATIENTS_BUILT, |rtype, table| {
+        rtype == "Provenance" && table == Table::IdxPatient
+    })
+}
+
+/// Writes, once (`marker` in `Meta` says it is done), the index entries `wanted` picks (by
+/// resource type and index table) of every live resource.
+fn backfill_index(
+    db: &fjall::Database,
+    tables: &crate::db::Tables,
+    marker: &[u8],
+    wanted: impl Fn(&str, Table) -> bool,
+) -> Result<()> {
     let meta = tables.get(Table::Meta);
-    if meta.get(STRING_INDEX_BUILT)?.is_some() {
+    if meta.get(marker)?.is_some() {
         return Ok(());
     }
-    let index = tables.get(Table::IdxString);
     let mut batch = db.batch();
-    let (mut pending, mut resources) = (0usize, 0usize);
+    let (mut pending, mut entries) = (0usize, 0usize);
     for item in tables.get(Table::Res).iter() {
         let (k, v) = item.into_inner()?;
         let mut parts = k.splitn(3, |b| *b == keys::SEP);
@@ -1345,34 +1369,37 @@ pub(crate) fn build_string_index(db: &fjall::Database, tables: &crate::db::Table
             continue;
         };
         let (rtype, id) = (String::from_utf8_lossy(rtype), String::from_utf8_lossy(id));
+        if !Table::ALL.iter().any(|t| wanted(&rtype, *t)) {
+            continue;
+        }
         let stored = StoredResource::decode(&rtype, &id, &v)?;
         if stored.deleted {
             continue;
         }
         let fields = IndexFields::of(&rtype, &id, &stored.resource()?);
-        for (param, value) in &fields.strings {
-            let key = join(&[
-                tenant,
-                rtype.as_bytes(),
-                param.as_bytes(),
-                value.as_bytes(),
-                id.as_bytes(),
-            ]);
-            batch.insert(index, key, []);
-            pending += 1;
+        let tenant = String::from_utf8_lossy(tenant);
+        for (table, key) in index_keys(&tenant, &rtype, &id, stored.last_updated, Some(&fields)) {
+            if wanted(&rtype, table) {
+                batch.insert(tables.get(table), key, []);
+                pending += 1;
+                entries += 1;
+            }
         }
-        resources += 1;
         if pending >= 10_000 {
             batch.commit()?;
             batch = db.batch();
             pending = 0;
         }
     }
-    batch.insert(meta, STRING_INDEX_BUILT, []);
+    batch.insert(meta, marker, []);
     batch.commit()?;
     db.persist(fjall::PersistMode::SyncAll)?;
-    if resources > 0 {
-        tracing::info!(resources, "name and birth date search index built");
+    if entries > 0 {
+        tracing::info!(
+            entries,
+            index = %String::from_utf8_lossy(marker),
+            "search index entries written for resources stored before them"
+        );
     }
     Ok(())
 }
@@ -1998,19 +2025,54 @@ mod tests {
         assert!(prefix("birthdate", "1980").is_empty());
     }
 
-    /// A store written before the string index existed gets it built when it is opened.
+    /// A store written before the string index, or before a Provenance was in the compartment
+    /// of the Patients it targets, gets those index entries written when it is opened.
     #[tokio::test]
-    async fn resources_stored_before_the_string_index_are_indexed_when_the_store_opens() {
+    async fn resources_stored_before_an_index_are_indexed_when_the_store_opens() {
         let dir = tempfile::tempdir().unwrap();
+        let provenance = |id: &str, targets: &[&str]| {
+            let target: Vec<Value> = targets.iter().map(|t| json!({"reference": t})).collect();
+            ResourceWrite::upsert(
+                "Provenance",
+                id,
+                json!({"resourceType": "Provenance", "target": target}),
+            )
+        };
         {
             let db = Db::open(dir.path(), DbOptions::default()).unwrap();
             let s = FjallStore::new(db.clone());
             s.commit(tx(vec![
                 person("p1", json!([{"family":"Okafor"}]), "1990-07-01"),
                 person("p2", json!([{"family":"Okoro"}]), "1990-08-01"),
+                provenance("pv1", &["Patient/p1", "Observation/o1", "Patient/p2"]),
+                provenance("pv2", &["Observation/o1"]),
             ]))
             .await
             .unwrap();
+            assert_eq!(
+                s.ids_by_patient("t1", "p2", Some("Provenance")).unwrap(),
+                vec![("Provenance".to_string(), "pv1".to_string())]
+            );
+            let provenance_keys: Vec<Vec<u8>> = db
+                .prefix(Table::IdxPatient, b"")
+                .map(|i| i.key().unwrap().to_vec())
+                .filter(|k| k.windows(10).any(|w| w == b"Provenance"))
+                .collect();
+            assert_eq!(
+                provenance_keys.len(),
+                2,
+                "pv1 in p1's and p2's compartments"
+            );
+            db.committer()
+                .run(move |txn| {
+                    for k in provenance_keys {
+                        txn.delete(Table::IdxPatient, k);
+                    }
+                    txn.delete(Table::Meta, PROVENANCE_PATIENTS_BUILT.to_vec());
+                    Ok(())
+                })
+                .await
+                .unwrap();
             let del = ResourceWrite {
                 resource_type: "Patient".into(),
                 id: "p2".into(),
@@ -2055,6 +2117,13 @@ mod tests {
                 .unwrap(),
             vec!["p1"]
         );
+        for p in ["p1", "p2"] {
+            assert_eq!(
+                s.ids_by_patient("t1", p, Some("Provenance")).unwrap(),
+                vec![("Provenance".to_string(), "pv1".to_string())],
+                "{p}"
+            );
+        }
     }
 
     #[test]
