@@ -212,6 +212,7 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         "conditionalDelete": if routed { "not-supported" } else { "single" },
         "conditionalRead": if routed { "not-supported" } else { "full-support" },
         "searchInclude": [format!("{t}:*")],
+        "searchRevInclude": crate::search::rev_includes_of(t, RESOURCE_TYPES),
         "searchParam": params,
     });
     if t == "Patient" {

@@ -17,7 +17,7 @@ use crate::audit::{AuditSlot, Disclosed};
 use crate::capability::RESOURCE_TYPES;
 use crate::config::ExportConfig;
 use crate::error::{operation_outcome, ApiError, ApiResult, FHIR_JSON};
-use crate::policy::{patient_links, Access, FhirRequest};
+use crate::policy::{patient_links, valid_type, Access, FhirRequest};
 use crate::scopes::Perm;
 use crate::AppState;
 use axum::body::Body;
@@ -37,7 +37,7 @@ use tributary_storage::{Store, StoredResource};
 const JOB_FILE: &str = "job.json";
 const NDJSON: &str = "application/fhir+ndjson";
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
-const PARAMS: [&str; 3] = ["_outputFormat", "_since", "_type"];
+const PARAMS: [&str; 4] = ["_outputFormat", "_since", "_type", "_typeFilter"];
 /// Exported only when `_type` names them: a Subscription carries its endpoint's credentials in
 /// `channel.header`, and the others are not stored resources.
 const NOT_BY_DEFAULT: [&str; 4] = ["Subscription", "Bundle", "OperationOutcome", "Parameters"];
@@ -234,15 +234,70 @@ struct Request {
     patients_only: bool,
     /// `Group/{id}/$export`: the Group's active Patient members, as of the kick-off.
     group: Option<Vec<String>>,
+    /// `_typeFilter`: per type, the searches of which a resource must match one (all of one's
+    /// parameters); types without any are exported whole.
+    filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
+}
+
+impl Request {
+    /// Whether `r` matches one of its type's `_typeFilter` searches (if it has any).
+    fn admits(&self, r: &StoredResource, v: &Value) -> Result<bool, String> {
+        let Some(searches) = self.filters.get(&r.resource_type) else {
+            return Ok(true);
+        };
+        for search in searches {
+            let mut all = true;
+            for (k, value) in search {
+                if !crate::search::param_matches(r, v, k, value).map_err(|e| e.public_message())? {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Adds the searches of one `_typeFilter` value (`Type?query`, several separated by commas, each
+/// query URL-encoded as in a search URL) to `filters`, refusing what a search would refuse.
+fn parse_type_filter(
+    v: &str,
+    filters: &mut BTreeMap<String, Vec<Vec<(String, String)>>>,
+) -> ApiResult<()> {
+    for one in v.split(',').filter(|q| !q.is_empty()) {
+        let Some((t, query)) = one.split_once('?').filter(|(t, _)| valid_type(t)) else {
+            return Err(ApiError::BadRequest(format!(
+                "_typeFilter {one:?}: must be <resource type>?<search parameters>"
+            )));
+        };
+        let params = crate::policy::decode_query(Some(query));
+        if params.is_empty() {
+            return Err(ApiError::BadRequest(format!(
+                "_typeFilter {one:?}: no search parameters"
+            )));
+        }
+        for (k, v) in &params {
+            crate::search::check_filter(t, k, v).map_err(|e| {
+                ApiError::BadRequest(format!("_typeFilter {t}: {}", e.public_message()))
+            })?;
+        }
+        filters.entry(t.to_string()).or_default().push(params);
+    }
+    Ok(())
 }
 
 fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
     let mut asked: Option<Vec<String>> = None;
     let mut since = None;
+    let mut filters = BTreeMap::new();
     for (k, v) in &req.params {
         match k.as_str() {
             "_type" => crate::everything::parse_types(v, asked.get_or_insert_with(Vec::new))?,
             "_since" => since = Some(crate::everything::parse_since(v)?),
+            "_typeFilter" => parse_type_filter(v, &mut filters)?,
             "_outputFormat" if OUTPUT_FORMATS.contains(&v.as_str()) => {}
             "_outputFormat" => {
                 return Err(ApiError::BadRequest(format!(
@@ -280,11 +335,17 @@ fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
             "token scopes allow reading no resource type".into(),
         ));
     }
+    if let Some(t) = filters.keys().find(|t| !types.contains(t)) {
+        return Err(ApiError::BadRequest(format!(
+            "_typeFilter names {t}, which this export does not include (_type, or the types the token may read)"
+        )));
+    }
     Ok(Request {
         types,
         since,
         patients_only: matches!(req.resource_type.as_deref(), Some("Patient" | "Group")),
         group: None,
+        filters,
     })
 }
 
@@ -624,12 +685,9 @@ impl Writer<'_> {
     /// type: a patient's export need not read the whole tenant. Types without patient links
     /// (shared ones, Subscriptions) are scanned.
     fn own_compartment(&self, t: &str) -> Result<Option<Vec<String>>, String> {
-        let Some(pid) = self.access.compartment_for(Perm::Read, t) else {
+        let Some(pid) = self.access.indexed_compartment(Perm::Read, t) else {
             return Ok(None);
         };
-        if t == "Subscription" || crate::policy::SHARED_TYPES.contains(&t) {
-            return Ok(None);
-        }
         if t == "Patient" {
             return Ok(Some(vec![pid.to_string()]));
         }
@@ -688,6 +746,7 @@ impl Writer<'_> {
             let v = r.resource().map_err(|e| format!("store: {e}"))?;
             if !self.access.permits(Perm::Read, t, &r.id, &v)
                 || (asked.patients_only && patient_links(t, &r.id, &v).is_empty())
+                || !asked.admits(r, &v)?
             {
                 continue;
             }
@@ -1113,6 +1172,84 @@ mod tests {
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _, _) = e.call("GET", &got[0].2, Some(&admin), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    /// `_typeFilter` exports of a type only what matches one of its searches; other types whole.
+    /// A filter a search would refuse, or for a type the export leaves out, is a 400.
+    #[tokio::test]
+    async fn type_filters_narrow_their_type_only() {
+        use crate::tests::{env_with, seed};
+        let mut cfg = crate::FacadeConfig::default();
+        cfg.rate_limit.enabled = false;
+        let e = env_with(cfg);
+        let admin = seed(&e).await;
+        let exported = |uri: &'static str| {
+            let (e, admin) = (&e, admin.clone());
+            async move {
+                let status = kick_off_as(e, admin.clone(), uri).await;
+                let manifest = manifest_of(e, admin.clone(), status).await;
+                let mut ids = Vec::new();
+                for o in manifest["output"].as_array().unwrap() {
+                    let url = o["url"]
+                        .as_str()
+                        .unwrap()
+                        .strip_prefix("http://test")
+                        .unwrap();
+                    let (_, _, body) = e.call_bytes("GET", url, Some(&admin), None, &[]).await;
+                    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                        let v: Value = serde_json::from_slice(line).unwrap();
+                        ids.push(format!(
+                            "{}/{}",
+                            v["resourceType"].as_str().unwrap(),
+                            v["id"].as_str().unwrap()
+                        ));
+                    }
+                }
+                ids.sort();
+                ids
+            }
+        };
+        // seed: o1 (p1, laboratory), o2 (p1, vital-signs), o3 (p2, laboratory)
+        assert_eq!(
+            exported("/fhir/$export?_type=Patient,Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory").await,
+            ["Observation/o1", "Observation/o3", "Patient/p1", "Patient/p2"]
+        );
+        // several searches of one type: a resource matching any of them
+        assert_eq!(
+            exported("/fhir/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dvital-signs,Observation%3Fsubject%3DPatient%252Fp2").await,
+            ["Observation/o2", "Observation/o3"]
+        );
+        // all of one search's parameters; a comma inside a value (encoded) is an OR
+        assert_eq!(
+            exported("/fhir/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory%26patient%3Dp1").await,
+            ["Observation/o1"]
+        );
+        assert_eq!(
+            exported("/fhir/$export?_type=Observation&_typeFilter=Observation%3F_id%3Do1%252Co2")
+                .await,
+            ["Observation/o1", "Observation/o2"]
+        );
+        let prefer = [("prefer", "respond-async")];
+        for q in [
+            "_type=Observation&_typeFilter=Observation%3Fgender%3Dmale",
+            "_type=Observation&_typeFilter=Observation%3Fbogus%3D1",
+            "_type=Observation&_typeFilter=Observation%3Fdate%3Dyesterday",
+            "_type=Observation&_typeFilter=Observation%3F_count%3D1",
+            "_type=Observation&_typeFilter=Patient%3Fgender%3Dmale",
+            "_type=Observation&_typeFilter=Observation",
+            "_typeFilter=Subscription%3Fstatus%3Dactive",
+        ] {
+            let uri = format!("/fhir/$export?{q}");
+            let (s, _, b) = e.call_h("GET", &uri, Some(&admin), None, &prefer).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {b}");
+            assert!(
+                b["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap()
+                    .contains("_typeFilter"),
+                "{q}: {b}"
+            );
+        }
     }
 
     /// A type a backend FHIR server serves is not exported from the (empty) store: the manifest

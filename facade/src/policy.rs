@@ -226,7 +226,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
 
 /// Types that hold no patient data of their own: a patient-context token with a scope for them
 /// may read them even though they do not point at its patient.
-pub(crate) const SHARED_TYPES: [&str; 16] = [
+const SHARED_TYPES: [&str; 16] = [
     "Practitioner",
     "PractitionerRole",
     "Organization",
@@ -245,8 +245,8 @@ pub(crate) const SHARED_TYPES: [&str; 16] = [
     "CapabilityStatement",
 ];
 
-/// Patient ids a resource points at (itself for a Patient) — the same reference fields the
-/// store's patient index uses.
+/// Patient ids a resource points at (itself for a Patient) — what the store's patient index
+/// holds for it.
 pub fn patient_links(rtype: &str, id: &str, resource: &Value) -> Vec<String> {
     if rtype == "Patient" {
         return vec![id.to_string()];
@@ -257,25 +257,9 @@ pub fn patient_links(rtype: &str, id: &str, resource: &Value) -> Vec<String> {
             .into_iter()
             .collect();
     }
-    let mut out = Vec::new();
-    let mut push = |r: Option<&Value>| {
-        if let Some(pid) = r
-            .and_then(|v| v.get("reference"))
-            .and_then(Value::as_str)
-            .and_then(|s| s.strip_prefix("Patient/"))
-        {
-            out.push(pid.to_string());
-        }
-    };
-    for field in ["subject", "patient", "beneficiary", "individual", "child"] {
-        push(resource.get(field));
-    }
-    if let Some(parts) = resource.get("participant").and_then(Value::as_array) {
-        for p in parts {
-            push(p.get("actor"));
-        }
-    }
-    out
+    tributary_storage::patient_references(rtype, resource)
+        .into_iter()
+        .collect()
 }
 
 /// Is this resource in `patient`'s compartment (or a shared, patient-free type)? To read it, one
@@ -364,6 +348,17 @@ impl Access {
             } => p.patient.as_deref(),
             _ => None,
         }
+    }
+
+    /// The patient whose compartment, as the store's patient index holds it, a search of `rtype`
+    /// can be answered from. None for the types the index does not hold by patient, even under
+    /// a patient-context token: shared types (read whole) and Subscriptions (which belong to
+    /// the patient of their creator's token); those are checked resource by resource instead.
+    pub fn indexed_compartment(&self, perm: Perm, rtype: &str) -> Option<&str> {
+        if rtype == "Subscription" || SHARED_TYPES.contains(&rtype) {
+            return None;
+        }
+        self.compartment_for(perm, rtype)
     }
 
     pub fn may(&self, perm: Perm, rtype: &str) -> bool {

@@ -254,6 +254,24 @@ pub fn supports(rtype: &str, name: &str) -> bool {
     }
 }
 
+/// The `_revinclude`s the CapabilityStatement names for `rtype` (of `types`): the Provenances
+/// about it, and for a Patient the resources whose `patient` parameter points at it, for an
+/// Encounter the ones whose `encounter` does. Any other `Type:<reference element>` and `Type:*`
+/// work as well; these are the ones apps ask for.
+pub fn rev_includes_of(rtype: &str, types: &[&str]) -> Vec<String> {
+    use tributary_core::fhir_r4::element;
+    let mut out = vec!["Provenance:target".to_string()];
+    for s in types.iter().filter(|s| **s != rtype) {
+        if rtype == "Patient" && supports(s, "patient") {
+            out.push(format!("{s}:patient"));
+        }
+        if rtype == "Encounter" && element(s, "encounter").is_some_and(|e| e.ty == "Reference") {
+            out.push(format!("{s}:encounter"));
+        }
+    }
+    out
+}
+
 /// The clinically relevant dates of a resource as `[lo, hi)` epoch-millis ranges, for `date=`
 /// and `$everything`'s care dates: its date-times, and its periods from start to end (an open
 /// end runs on, an open start reaches back), so a search or a range compares with the whole
@@ -367,7 +385,12 @@ fn identifier_matches(r: &Value, wanted: &str) -> bool {
 }
 
 /// Does one resource match one (name, value) parameter? Comma means OR.
-fn param_matches(stored: &StoredResource, r: &Value, name: &str, value: &str) -> ApiResult<bool> {
+pub(crate) fn param_matches(
+    stored: &StoredResource,
+    r: &Value,
+    name: &str,
+    value: &str,
+) -> ApiResult<bool> {
     let (base, modifier) = match name.split_once(':') {
         Some((b, m)) => (b, Some(m)),
         None => (name, None),
@@ -518,6 +541,40 @@ fn intersect(acc: Option<Vec<String>>, next: Vec<String>) -> Option<Vec<String>>
     })
 }
 
+/// Refuses (400) a search parameter `name` (with its modifier) that `rtype` does not support, and
+/// a date parameter's value that is no FHIR date.
+pub(crate) fn check_filter(rtype: &str, name: &str, value: &str) -> ApiResult<()> {
+    let base = name.split(':').next().unwrap_or(name);
+    let Some((_, kind)) = SEARCH_PARAMS.iter().find(|(n, _)| *n == base) else {
+        return Err(ApiError::BadRequest(format!(
+            "unsupported search parameter {name:?}"
+        )));
+    };
+    if !supports(rtype, base) {
+        return Err(ApiError::BadRequest(format!(
+            "search parameter {base:?} does not apply to {rtype} (it has no such element)"
+        )));
+    }
+    if let Some((_, m)) = name.split_once(':') {
+        if !(*kind == "string" && (m == "exact" || m == "contains")) {
+            return Err(ApiError::BadRequest(format!(
+                "modifier :{m} is not supported on {base:?} (string parameters take :exact and :contains)"
+            )));
+        }
+    }
+    if *kind == "date" {
+        for v in value.split(',') {
+            let (_, val) = split_prefix(v);
+            if date_range(val).is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "{base}: not a FHIR date: {val:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
 pub fn run_search(
     st: &AppState,
@@ -532,6 +589,7 @@ pub fn run_search(
     let mut offset = 0usize;
     let mut sort = Sort::Id;
     let mut includes = Vec::new();
+    let mut revincludes = Vec::new();
     let mut filters = Vec::new();
     for (k, v) in params {
         match k.as_str() {
@@ -580,30 +638,10 @@ pub fn run_search(
                     std::slice::from_ref(&(k.clone(), v.clone())),
                 )?;
             }
-            "_revinclude" => {
-                return Err(ApiError::BadRequest("_revinclude is not supported".into()))
-            }
+            "_revinclude" => revincludes.push(RevInclude::parse(v)?),
             "_format" => {}
             name => {
-                let base = name.split(':').next().unwrap_or(name);
-                if !SEARCH_PARAMS.iter().any(|(n, _)| *n == base) {
-                    return Err(ApiError::BadRequest(format!(
-                        "unsupported search parameter {name:?}"
-                    )));
-                }
-                if !supports(rtype, base) {
-                    return Err(ApiError::BadRequest(format!(
-                        "search parameter {base:?} does not apply to {rtype} (it has no such element)"
-                    )));
-                }
-                if let Some((_, m)) = name.split_once(':') {
-                    let string = SEARCH_PARAMS.contains(&(base, "string"));
-                    if !(string && (m == "exact" || m == "contains")) {
-                        return Err(ApiError::BadRequest(format!(
-                            "modifier :{m} is not supported on {base:?} (string parameters take :exact and :contains)"
-                        )));
-                    }
-                }
+                check_filter(rtype, name, v)?;
                 filters.push((k.clone(), v.clone()));
             }
         }
@@ -611,7 +649,7 @@ pub fn run_search(
     debug_assert!(CONTROL_PARAMS.contains(&"_count"));
     // Candidates from the most selective index available.
     let mut ids: Option<Vec<String>> = None;
-    if let Some(pid) = access.compartment_for(perm, rtype) {
+    if let Some(pid) = access.indexed_compartment(perm, rtype) {
         ids = intersect(
             ids,
             if rtype == "Patient" {
@@ -759,11 +797,12 @@ pub fn run_search(
     let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
     let mut included = Vec::new();
     let mut remote = Vec::new();
+    let mut elsewhere = BTreeSet::new();
+    let mut seen: BTreeSet<(String, String)> = page
+        .iter()
+        .map(|r| (r.resource_type.clone(), r.id.clone()))
+        .collect();
     if !includes.is_empty() {
-        let mut seen: BTreeSet<(String, String)> = page
-            .iter()
-            .map(|r| (r.resource_type.clone(), r.id.clone()))
-            .collect();
         for inc in &includes {
             let mut parts = inc.split(':');
             let (src, field, target) = (
@@ -827,16 +866,219 @@ pub fn run_search(
             }
         }
     }
+    let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
+    if !summary_count {
+        let mut found = RevIncluded {
+            seen: &mut seen,
+            included: &mut included,
+            notes: &mut elsewhere,
+            budget: MAX_REVINCLUDES,
+        };
+        for rev in &revincludes {
+            rev_include(st, access, rtype, &page, rev, &mut found)?;
+        }
+    }
     Ok(SearchResult {
         matches: page,
         included,
         remote,
         remote_included: Vec::new(),
-        elsewhere: BTreeSet::new(),
+        elsewhere,
         total,
         offset,
         count,
     })
+}
+
+/// Most resources one search's `_revinclude`s bring in; past it, the answer says so.
+pub const MAX_REVINCLUDES: usize = 1_000;
+
+/// One `_revinclude=Source:field[:Target]`: the `Source` resources whose `field` references a
+/// match.
+#[derive(Debug)]
+struct RevInclude {
+    source: String,
+    field: String,
+    /// The elements holding the references (`None`: every top-level reference, for `*`).
+    elements: Option<Vec<&'static str>>,
+    /// The only type of match the references may point at (given, or implied by the field).
+    target: Option<String>,
+}
+
+impl RevInclude {
+    fn parse(v: &str) -> ApiResult<Self> {
+        let mut parts = v.split(':');
+        let (source, field, target) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next(),
+        );
+        if !crate::policy::valid_type(source) || field.is_empty() || parts.next().is_some() {
+            return Err(ApiError::BadRequest(
+                "_revinclude must be <resource type>:<reference field>[:<target type>]".into(),
+            ));
+        }
+        if target.is_some_and(|t| !crate::policy::valid_type(t)) {
+            return Err(ApiError::BadRequest(format!(
+                "_revinclude {v}: the target is no resource type"
+            )));
+        }
+        let (elements, implied) = include_elements(source, field)?;
+        Ok(Self {
+            source: source.to_string(),
+            field: field.to_string(),
+            elements,
+            target: target.or(implied).map(String::from),
+        })
+    }
+
+    fn name(&self) -> String {
+        format!("{}:{}", self.source, self.field)
+    }
+
+    /// Whether `resource` (of the source type) references `target` (`Type/id`).
+    fn references(&self, resource: &Value, target: &str) -> bool {
+        let mut refs: Box<dyn Iterator<Item = &Value>> = match &self.elements {
+            Some(names) => Box::new(names.iter().filter_map(|f| resource.get(*f))),
+            None => Box::new(resource.as_object().into_iter().flat_map(|o| o.values())),
+        };
+        refs.any(|v| references(v).contains(&target))
+    }
+}
+
+/// What a search's `_revinclude`s have brought in so far.
+struct RevIncluded<'a> {
+    /// Every resource in the answer already (matches and includes), by type and id.
+    seen: &'a mut BTreeSet<(String, String)>,
+    included: &'a mut Vec<StoredResource>,
+    /// Why the answer leaves some out (named in the Bundle).
+    notes: &'a mut BTreeSet<String>,
+    /// How many more may come in.
+    budget: usize,
+}
+
+/// Adds the resources of `rev.source` that reference one of `page`'s matches and that the
+/// caller may read. Where to look, without an index of references: for a match that belongs to
+/// patients (a Patient, an Encounter, an Observation), the resources of those patients'
+/// compartments as the patient index holds them — for a Patient that is every resource whose
+/// patient reference names it, for anything else the resources of the same patients; for a
+/// match outside every compartment (a Practitioner, an Organization), the source type's
+/// resources, at most [`MAX_SCAN`] of them. What cannot be looked through is named in the
+/// answer, never silently left out.
+fn rev_include(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    page: &[StoredResource],
+    rev: &RevInclude,
+    found: &mut RevIncluded<'_>,
+) -> ApiResult<()> {
+    let tenant = access.principal.tenant.as_str();
+    if rev.target.as_deref().is_some_and(|t| t != rtype) || page.is_empty() {
+        return Ok(());
+    }
+    if let Some(b) = st.facade.backends.route(tenant, &rev.source) {
+        found.notes.insert(format!(
+            "_revinclude {}: {} is served by the backend FHIR server {}; search it there",
+            rev.name(),
+            rev.source,
+            b.cfg.name
+        ));
+        return Ok(());
+    }
+    // Where to look, each read and decoded once per search: a patient's compartment of the
+    // source type (by patient id), or all of the source type (`None`).
+    let mut pools: std::collections::BTreeMap<Option<String>, Vec<(StoredResource, Value)>> =
+        Default::default();
+    for m in page {
+        let target = format!("{rtype}/{}", m.id);
+        let patients = crate::policy::patient_links(rtype, &m.id, &m.resource()?);
+        let keys: Vec<Option<String>> = if patients.is_empty() {
+            vec![None]
+        } else {
+            patients.into_iter().map(Some).collect()
+        };
+        for key in keys {
+            if !pools.contains_key(&key) {
+                let pool = rev_include_pool(st, tenant, rtype, rev, key.as_deref(), found)?;
+                pools.insert(key.clone(), pool);
+            }
+            for (r, v) in &pools[&key] {
+                if found
+                    .seen
+                    .contains(&(r.resource_type.clone(), r.id.clone()))
+                    || !rev.references(v, &target)
+                    || !access.permits(Perm::Read, &rev.source, &r.id, v)
+                {
+                    continue;
+                }
+                if found.budget == 0 {
+                    found.notes.insert(format!(
+                        "_revinclude: more than {MAX_REVINCLUDES} resources; ask for fewer matches (_count) or search {} directly",
+                        rev.source
+                    ));
+                    return Ok(());
+                }
+                found.budget -= 1;
+                found.seen.insert((r.resource_type.clone(), r.id.clone()));
+                found.included.push(r.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The live resources of `rev.source` in `patient`'s compartment, or all of them (`None`); empty,
+/// with a note, when there are more than [`MAX_SCAN`].
+fn rev_include_pool(
+    st: &AppState,
+    tenant: &str,
+    rtype: &str,
+    rev: &RevInclude,
+    patient: Option<&str>,
+    found: &mut RevIncluded<'_>,
+) -> ApiResult<Vec<(StoredResource, Value)>> {
+    let store = &st.rt.store;
+    let stored = match patient {
+        Some(p) => {
+            let ids = patient_ids(st, tenant, p, &rev.source)?;
+            if ids.len() > MAX_SCAN {
+                found.notes.insert(format!(
+                    "_revinclude {}: a patient has more than {MAX_SCAN} {}; search {} directly",
+                    rev.name(),
+                    rev.source,
+                    rev.source
+                ));
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::with_capacity(ids.len());
+            for id in &ids {
+                if let Some(r) = store.read(tenant, &rev.source, id)? {
+                    out.push(r);
+                }
+            }
+            out
+        }
+        None => {
+            let all = store.list(tenant, &rev.source, None, MAX_SCAN + 1)?;
+            if all.len() > MAX_SCAN {
+                found.notes.insert(format!(
+                    "_revinclude {}: more than {MAX_SCAN} {} to look through for references to a {rtype}; search {} directly",
+                    rev.name(),
+                    rev.source,
+                    rev.source
+                ));
+                return Ok(Vec::new());
+            }
+            all
+        }
+    };
+    let mut out = Vec::with_capacity(stored.len());
+    for r in stored.into_iter().filter(|r| !r.deleted) {
+        let v = r.resource()?;
+        out.push((r, v));
+    }
+    Ok(out)
 }
 
 fn patient_ids(st: &AppState, tenant: &str, pid: &str, rtype: &str) -> ApiResult<Vec<String>> {
@@ -948,7 +1190,7 @@ pub(crate) fn searchset(
     }
     if !summary_count && !elsewhere.is_empty() {
         entries.push(incomplete_entry(&format!(
-            "_include: not all included: {}",
+            "not all included: {}",
             elsewhere.into_iter().collect::<Vec<_>>().join("; ")
         )));
     }

@@ -656,6 +656,169 @@ async fn patient_context_is_narrowed_everywhere() {
     assert_eq!(ids(&b), vec!["Observation/o9"]);
 }
 
+/// `_revinclude` brings the resources that reference the matches: through the patient index
+/// for a Patient and for what belongs to patients, by a scan of the source type for what does
+/// not (a Practitioner) — and only what the caller may read.
+#[tokio::test]
+async fn revinclude_brings_what_references_the_matches() {
+    let e = env();
+    let admin = seed(&e).await;
+    let mut o4 = obs("o4", "p1", "laboratory");
+    o4["encounter"] = json!({"reference": "Encounter/e1"});
+    for (path, body) in [
+        (
+            "Encounter/e1",
+            json!({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "IMP"}, "subject": {"reference": "Patient/p1"}}),
+        ),
+        (
+            "Encounter/e2",
+            json!({"resourceType": "Encounter", "id": "e2", "status": "finished", "class": {"code": "IMP"}, "subject": {"reference": "Patient/p2"}, "participant": [{"individual": {"reference": "Practitioner/dr1"}}]}),
+        ),
+        ("Observation/o4", o4),
+        (
+            "Practitioner/dr1",
+            json!({"resourceType": "Practitioner", "id": "dr1"}),
+        ),
+        (
+            "Provenance/pv1",
+            json!({"resourceType": "Provenance", "id": "pv1", "recorded": "2024-03-05T10:00:00Z", "target": [{"reference": "Patient/p1"}, {"reference": "Observation/o1"}], "agent": [{"who": {"display": "lab"}}]}),
+        ),
+        (
+            "Provenance/pv2",
+            json!({"resourceType": "Provenance", "id": "pv2", "recorded": "2024-03-05T10:00:00Z", "target": [{"reference": "Patient/p2"}], "agent": [{"who": {"display": "lab"}}]}),
+        ),
+    ] {
+        let (s, _, b) = e
+            .call("PUT", &format!("/fhir/{path}"), Some(&admin), Some(body))
+            .await;
+        assert!(s.is_success(), "{path}: {s} {b}");
+    }
+    let search = |uri: &'static str, token: String| {
+        let e = &e;
+        async move {
+            let (s, _, b) = e.call("GET", uri, Some(&token), None).await;
+            assert_eq!(s, 200, "{uri}: {b}");
+            b
+        }
+    };
+    let b = search(
+        "/fhir/Patient?_id=p1&_revinclude=Provenance:target",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&b), vec!["Patient/p1", "Provenance/pv1"]);
+    assert_eq!(b["total"], 1, "total counts the matches only");
+    assert_eq!(b["entry"][1]["search"]["mode"], "include");
+    let b = search(
+        "/fhir/Patient?_id=p1&_revinclude=Observation:subject",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(
+        ids(&b),
+        vec![
+            "Patient/p1",
+            "Observation/o1",
+            "Observation/o2",
+            "Observation/o4"
+        ]
+    );
+    // an Encounter's and an Observation's referrers, found among their patient's resources
+    let b = search(
+        "/fhir/Encounter?_revinclude=Observation:encounter",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(
+        ids(&b),
+        vec!["Encounter/e1", "Encounter/e2", "Observation/o4"]
+    );
+    let b = search(
+        "/fhir/Observation?patient=p1&_revinclude=Provenance:target",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(
+        ids(&b),
+        vec![
+            "Observation/o1",
+            "Observation/o2",
+            "Observation/o4",
+            "Provenance/pv1"
+        ]
+    );
+    // a Practitioner belongs to no patient: the Encounters are looked through
+    let b = search(
+        "/fhir/Practitioner?_revinclude=Encounter:participant",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&b), vec!["Practitioner/dr1", "Encounter/e2"]);
+    // a target type other than the search's brings nothing
+    let b = search(
+        "/fhir/Patient?_id=p1&_revinclude=Provenance:target:Observation",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!(ids(&b), vec!["Patient/p1"]);
+    let b = search(
+        "/fhir/Patient?_id=p1&_revinclude=Provenance:target&_summary=count",
+        admin.clone(),
+    )
+    .await;
+    assert_eq!((b["total"].as_u64(), b.get("entry")), (Some(1), None));
+    // A patient-context token gets its own patient's referrers only.
+    let t = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+    let b = search("/fhir/Patient?_revinclude=Provenance:target", t.clone()).await;
+    assert_eq!(ids(&b), vec!["Patient/p1", "Provenance/pv1"]);
+    let b = search(
+        "/fhir/Practitioner?_revinclude=Encounter:participant",
+        t.clone(),
+    )
+    .await;
+    assert_eq!(ids(&b), vec!["Practitioner/dr1"], "e2 is p2's");
+    // and none of a type its scopes do not grant
+    let t = e.token("patient/Patient.rs", |r| r.patient = Some("p1".into()));
+    let b = search("/fhir/Patient?_revinclude=Observation:subject", t).await;
+    assert_eq!(ids(&b), vec!["Patient/p1"]);
+    for bad in [
+        "/fhir/Patient?_revinclude=Observation",
+        "/fhir/Patient?_revinclude=Observation:bogus",
+        "/fhir/Patient?_revinclude=observation:subject",
+        "/fhir/Patient?_revinclude=Provenance:target:patient",
+    ] {
+        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+        assert_eq!(b["resourceType"], "OperationOutcome");
+    }
+    let (_, _, cap) = e.call("GET", "/fhir/metadata", None, None).await;
+    let rev = |t: &str| {
+        cap["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == t)
+            .unwrap()["searchRevInclude"]
+            .clone()
+    };
+    let patient = rev("Patient");
+    for want in [
+        "Provenance:target",
+        "Observation:patient",
+        "Encounter:patient",
+    ] {
+        assert!(
+            patient.as_array().unwrap().iter().any(|v| v == want),
+            "{want}: {patient}"
+        );
+    }
+    assert!(rev("Encounter")
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v == "Observation:encounter"));
+}
+
 /// A patient-context token learns nothing about other patients from conditional operations,
 /// cannot file data into another patient's record by naming its own patient beside it, and
 /// cannot vread an old version of a resource that now belongs to another patient.

@@ -539,7 +539,7 @@ async fn everything_gathers_the_patients_resources_from_the_backends() {
     assert_eq!(r.ids(), ["Encounter/ea", "OperationOutcome/"], "{}", r.text);
     assert_eq!(
         r.json["entry"][1]["resource"]["issue"][0]["diagnostics"],
-        "_include: not all included: Practitioner (lab): backend lab unavailable"
+        "not all included: Practitioner (lab): backend lab unavailable"
     );
     g.stop();
 
