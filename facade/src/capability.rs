@@ -199,7 +199,11 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
     let params: Vec<Value> = SEARCH_PARAMS
         .iter()
         .filter(|(n, _)| crate::search::supports(t, n))
-        .map(|(n, ty)| json!({"name": n, "type": ty}))
+        .map(|(n, ty)| match *n {
+            "patient" | "subject" if t != "Patient" => json!({"name": n, "type": ty,
+                "documentation": format!("Also chained to one Patient search parameter: {n}.identifier=system|value, {n}.name=…, {n}.birthdate=… (at most {} Patients)", crate::search::MAX_CHAINED)}),
+            _ => json!({"name": n, "type": ty}),
+        })
         .collect();
     let mut r = json!({
         "type": t,

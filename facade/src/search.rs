@@ -575,6 +575,76 @@ pub(crate) fn check_filter(rtype: &str, name: &str, value: &str) -> ApiResult<()
     Ok(())
 }
 
+/// Most Patients a chained parameter (`patient.identifier=…`) may match.
+pub const MAX_CHAINED: usize = 100;
+
+/// A chained parameter through the patient reference — `patient.<param>`, `subject.<param>` or
+/// `subject:Patient.<param>` with any search parameter Patient takes
+/// (`Observation?patient.identifier=urn:mrn|123`) — as the reference parameter and the Patients
+/// it names (`Patient/a,Patient/b`; empty when none). The Patients are found by a search with
+/// the caller's own access, so a chain never reaches a Patient the caller could not find.
+fn chained_patients<'a>(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    name: &'a str,
+    value: &str,
+) -> ApiResult<(&'a str, String)> {
+    let (reference, inner) = name.split_once('.').unwrap_or((name, ""));
+    let base = match reference {
+        "patient" | "subject" | "subject:Patient" | "patient:Patient" => {
+            reference.split(':').next().unwrap_or(reference)
+        }
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "chained parameter {name:?}: chains go through patient or subject (patient.identifier=…)"
+            )))
+        }
+    };
+    if rtype == "Patient" || !supports(rtype, base) {
+        return Err(ApiError::BadRequest(format!(
+            "chained parameter {name:?} does not apply to {rtype}"
+        )));
+    }
+    if inner.contains('.') || (inner.starts_with('_') && inner != "_id") {
+        return Err(ApiError::BadRequest(format!(
+            "chained parameter {name:?}: one link, ending in a Patient search parameter"
+        )));
+    }
+    check_filter("Patient", inner, value).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "chained parameter {name:?}: {}",
+            e.public_message()
+        ))
+    })?;
+    if !access.may(Perm::Search, "Patient") {
+        return Err(ApiError::Forbidden(format!(
+            "chained parameter {name:?}: token scopes do not allow searching Patient"
+        )));
+    }
+    let found = run_search(
+        st,
+        access,
+        "Patient",
+        &[
+            (inner.to_string(), value.to_string()),
+            ("_count".into(), (MAX_CHAINED + 1).to_string()),
+        ],
+        Perm::Search,
+    )?;
+    if found.total > MAX_CHAINED {
+        return Err(ApiError::BadRequest(format!(
+            "chained parameter {name:?} matches more than {MAX_CHAINED} Patients; narrow it"
+        )));
+    }
+    let patients: Vec<String> = found
+        .matches
+        .iter()
+        .map(|p| format!("Patient/{}", p.id))
+        .collect();
+    Ok((base, patients.join(",")))
+}
+
 /// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
 pub fn run_search(
     st: &AppState,
@@ -640,6 +710,10 @@ pub fn run_search(
             }
             "_revinclude" => revincludes.push(RevInclude::parse(v)?),
             "_format" => {}
+            name if name.contains('.') => {
+                let (reference, patients) = chained_patients(st, access, rtype, name, v)?;
+                filters.push((reference.to_string(), patients));
+            }
             name => {
                 check_filter(rtype, name, v)?;
                 filters.push((k.clone(), v.clone()));
@@ -663,14 +737,22 @@ pub fn run_search(
         let base = k.split(':').next().unwrap_or(k);
         match base {
             "_id" => ids = intersect(ids, v.split(',').map(String::from).collect()),
-            "patient" | "subject" if !v.contains(',') => {
-                let pid = v.strip_prefix("Patient/").unwrap_or(v);
-                if !pid.contains('/') {
-                    let found = if rtype == "Patient" {
-                        vec![pid.to_string()]
-                    } else {
-                        patient_ids(st, tenant, pid, rtype)?
-                    };
+            "patient" | "subject" => {
+                let pids: Vec<&str> = v
+                    .split(',')
+                    .map(|p| p.strip_prefix("Patient/").unwrap_or(p))
+                    .collect();
+                if pids.iter().all(|p| !p.contains('/')) {
+                    let mut found = Vec::new();
+                    for pid in pids.into_iter().filter(|p| !p.is_empty()) {
+                        if rtype == "Patient" {
+                            found.push(pid.to_string());
+                        } else {
+                            found.extend(patient_ids(st, tenant, pid, rtype)?);
+                        }
+                    }
+                    found.sort_unstable();
+                    found.dedup();
                     ids = intersect(ids, found);
                 }
             }

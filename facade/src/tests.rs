@@ -656,6 +656,87 @@ async fn patient_context_is_narrowed_everywhere() {
     assert_eq!(ids(&b), vec!["Observation/o9"]);
 }
 
+/// A chained parameter through the patient reference finds a patient's resources by what the
+/// caller knows of the Patient (an MRN, a name), with the caller's own access to Patients.
+#[tokio::test]
+async fn chained_patient_parameters_find_resources_by_the_patients_own_parameters() {
+    let e = env();
+    let admin = seed(&e).await;
+    let found = |uri: &'static str, token: String| {
+        let e = &e;
+        async move {
+            let (s, _, b) = e.call("GET", uri, Some(&token), None).await;
+            assert_eq!(s, 200, "{uri}: {b}");
+            ids(&b)
+        }
+    };
+    // seed: p1 Smith (MRN-p1) with o1, o2; p2 Jones (MRN-p2) with o3
+    assert_eq!(
+        found(
+            "/fhir/Observation?patient.identifier=urn:mrn|MRN-p1",
+            admin.clone()
+        )
+        .await,
+        ["Observation/o1", "Observation/o2"]
+    );
+    assert_eq!(
+        found(
+            "/fhir/Observation?subject:Patient.name=jones",
+            admin.clone()
+        )
+        .await,
+        ["Observation/o3"]
+    );
+    assert_eq!(
+        found(
+            "/fhir/Observation?subject.identifier=MRN-p1,MRN-p2&category=laboratory",
+            admin.clone()
+        )
+        .await,
+        ["Observation/o1", "Observation/o3"]
+    );
+    assert!(found(
+        "/fhir/Observation?patient.identifier=urn:mrn|nobody",
+        admin.clone()
+    )
+    .await
+    .is_empty());
+    // a patient-context token's chain reaches its own patient only
+    let t = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+    assert!(found(
+        "/fhir/Observation?patient.identifier=urn:mrn|MRN-p2",
+        t.clone()
+    )
+    .await
+    .is_empty());
+    assert_eq!(
+        found("/fhir/Observation?patient.family=smith", t).await,
+        ["Observation/o1", "Observation/o2"]
+    );
+    // without search on Patient there is no chain through it
+    let no_patients = e.token("user/Observation.rs", |_| {});
+    let (s, _, _) = e
+        .call(
+            "GET",
+            "/fhir/Observation?patient.identifier=MRN-p1",
+            Some(&no_patients),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    for bad in [
+        "/fhir/Observation?patient.bogus=1",
+        "/fhir/Observation?patient.birthdate=someday",
+        "/fhir/Observation?performer.identifier=x",
+        "/fhir/Observation?patient.organization.name=x",
+        "/fhir/Patient?patient.identifier=MRN-p1",
+        "/fhir/Practitioner?subject.identifier=MRN-p1",
+    ] {
+        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+}
+
 /// `_revinclude` brings the resources that reference the matches: through the patient index
 /// for a Patient and for what belongs to patients, by a scan of the source type for what does
 /// not (a Practitioner) — and only what the caller may read.

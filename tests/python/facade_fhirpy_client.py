@@ -1,8 +1,9 @@
 """A FHIR client nobody here wrote (fhirpy) against the Tributary facade.
 
 Usage: python3 facade_fhirpy_client.py BASE_URL TOKEN
-Posts a transaction (Patient + 5 Observations linked by urn:uuid), reads the Patient back,
-and searches the Observations with _count=2 so that fhirpy has to follow `next` links.
+Posts a transaction (Patient + 5 Observations + a Provenance linked by urn:uuid), reads the
+Patient back, searches the Observations with _count=2 so that fhirpy has to follow `next`
+links, and searches the Patient with its Provenances (`_revinclude=Provenance:target`).
 Prints one JSON line with what it saw; exits non-zero on any failure.
 """
 import json
@@ -29,6 +30,12 @@ def main():
                          "valueQuantity": {"value": 60 + i, "unit": "/min"}},
             "request": {"method": "POST", "url": "Observation"},
         })
+    entries.append({
+        "resource": {"resourceType": "Provenance", "recorded": "2026-01-02T03:04:05Z",
+                     "target": [{"reference": patient_urn}],
+                     "agent": [{"who": {"display": "fhirpy test"}}]},
+        "request": {"method": "POST", "url": "Provenance"},
+    })
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
     response = client.execute("", method="post", data=bundle)
     assert response["type"] == "transaction-response", response
@@ -43,6 +50,11 @@ def main():
     first_page = search.fetch_raw()
     has_next = any(l.get("relation") == "next" for l in first_page.get("link", []))
     refs = sorted(o["subject"]["reference"] for o in observations)
+    with_provenance = client.resources("Patient").search(_id=patient_id) \
+        .revinclude("Provenance", "target").fetch_raw()
+    revincluded = sorted(
+        (e["resource"]["resourceType"], e["resource"]["target"][0]["reference"])
+        for e in with_provenance.get("entry", []) if e["search"]["mode"] == "include")
     print(json.dumps({
         "patient": patient_id,
         "read_ok": True,
@@ -50,6 +62,7 @@ def main():
         "first_page_size": len(first_page.get("entry", [])),
         "first_page_has_next": has_next,
         "subjects": sorted(set(refs)),
+        "revincluded": revincluded,
     }))
 
 

@@ -1,5 +1,5 @@
-//! A FHIR client nobody here wrote — python `fhirpy` (PyPI) — performs a transaction, a read and
-//! a paged search against the running facade. Skips with a message when fhirpy is not installed
+//! A FHIR client nobody here wrote — python `fhirpy` (PyPI) — performs a transaction, a read, a
+//! paged search and a search with `_revinclude` against the running facade. Skips with a message when fhirpy is not installed
 //! (CI installs it: `pip install fhirpy==2.3.1`).
 
 mod facade_support;
@@ -57,6 +57,11 @@ async fn fhirpy_reads_searches_with_paging_and_posts_a_transaction() {
         seen["subjects"],
         serde_json::json!([format!("Patient/{pid}")]),
         "urn:uuid resolved"
+    );
+    assert_eq!(
+        seen["revincluded"],
+        serde_json::json!([["Provenance", format!("Patient/{pid}")]]),
+        "_revinclude=Provenance:target brought the transaction's Provenance: {seen}"
     );
     // What fhirpy wrote is really in the store, under one transaction.
     let r = f

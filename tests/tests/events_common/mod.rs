@@ -54,7 +54,9 @@ impl Server {
             .spawn()
             .expect("start tributary");
         let mut s = Server { child, http, log };
-        tributary_e2e::wait_listening(&mut s.child, &s.log, &[http]);
+        // the MLLP listener binds after the HTTP one: a sender right after a restart must not race it
+        let listening: Vec<SocketAddr> = std::iter::once(http).chain(mllp).collect();
+        tributary_e2e::wait_listening(&mut s.child, &s.log, &listening);
         s
     }
 
