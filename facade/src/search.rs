@@ -292,24 +292,101 @@ pub(crate) fn resource_dates(r: &Value) -> Vec<(i64, i64)> {
     out
 }
 
-/// The order of a search's matches (`_sort`); by id when none is asked for.
-#[derive(Clone, Copy)]
-enum Sort {
+/// One key of a search's order (`_sort=a,-b`: ascending unless `-`); ties, and a search
+/// without `_sort`, go by id.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SortKey {
     Id,
-    /// Ascending when true.
-    LastUpdated(bool),
-    Date(bool),
+    LastUpdated,
+    /// Ascending: a resource's earliest date; descending: its latest, so an ongoing stay comes
+    /// first. Undated resources last, either way.
+    Date,
+    Birthdate,
 }
 
-/// Where `r` goes in a `_sort=date` (ascending: its earliest date; descending: its latest, so
-/// an ongoing stay comes first); `None` when it has no date.
-fn date_sort_key(r: &Value, ascending: bool) -> Option<i64> {
-    let dates = resource_dates(r);
-    if ascending {
-        dates.iter().map(|d| d.0).min()
-    } else {
-        dates.iter().map(|d| d.1).max()
+/// The keys of one `_sort` value, with their direction (true: ascending).
+fn parse_sort(rtype: &str, v: &str) -> ApiResult<Vec<(SortKey, bool)>> {
+    let mut out = Vec::new();
+    for part in v.split(',') {
+        let (ascending, key) = match part.strip_prefix('-') {
+            Some(key) => (false, key),
+            None => (true, part),
+        };
+        let key = match key {
+            "_id" => SortKey::Id,
+            "_lastUpdated" => SortKey::LastUpdated,
+            "date" if supports(rtype, "date") => SortKey::Date,
+            "birthdate" if supports(rtype, "birthdate") => SortKey::Birthdate,
+            _ => {
+                let mut keys = vec!["_id", "_lastUpdated"];
+                keys.extend(
+                    ["date", "birthdate"]
+                        .into_iter()
+                        .filter(|k| supports(rtype, k)),
+                );
+                return Err(ApiError::BadRequest(format!(
+                    "_sort on {rtype} takes {} (each with - for descending, comma-separated)",
+                    keys.join(", ")
+                )));
+            }
+        };
+        out.push((key, ascending));
     }
+    Ok(out)
+}
+
+/// Where a match goes for each of `keys` that reads its content (`None`: no value, or a key
+/// compared by the stored resource's id or time).
+fn sort_values(r: &Value, keys: &[(SortKey, bool)]) -> Vec<Option<i64>> {
+    keys.iter()
+        .map(|(key, ascending)| {
+            let edge = |(lo, hi): (i64, i64)| if *ascending { lo } else { hi };
+            match key {
+                SortKey::Id | SortKey::LastUpdated => None,
+                SortKey::Date => {
+                    let dates = resource_dates(r).into_iter().map(edge);
+                    if *ascending {
+                        dates.min()
+                    } else {
+                        dates.max()
+                    }
+                }
+                SortKey::Birthdate => r
+                    .get("birthDate")
+                    .and_then(Value::as_str)
+                    .and_then(date_range)
+                    .map(edge),
+            }
+        })
+        .collect()
+}
+
+/// The order of two matches by `keys` (their [`sort_values`] beside them), then by id.
+fn sort_order(
+    keys: &[(SortKey, bool)],
+    (a, x): (&StoredResource, &[Option<i64>]),
+    (b, y): (&StoredResource, &[Option<i64>]),
+) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    for (i, (key, ascending)) in keys.iter().enumerate() {
+        let order = match (key, x[i], y[i]) {
+            (SortKey::Id, _, _) => a.id.cmp(&b.id),
+            // times to the millisecond tie: the id decides, in the key's direction
+            (SortKey::LastUpdated, _, _) => (a.last_updated, &a.id).cmp(&(b.last_updated, &b.id)),
+            (_, Some(p), Some(q)) => p.cmp(&q),
+            (_, Some(_), None) if *ascending => Ordering::Less,
+            (_, None, Some(_)) if *ascending => Ordering::Greater,
+            // so that, reversed below, what has no value still comes last
+            (_, Some(_), None) => Ordering::Greater,
+            (_, None, Some(_)) => Ordering::Less,
+            (_, None, None) => Ordering::Equal,
+        };
+        let order = if *ascending { order } else { order.reverse() };
+        if order != Ordering::Equal {
+            return order;
+        }
+    }
+    a.id.cmp(&b.id)
 }
 
 fn date_param_ok(values: &[(i64, i64)], raw: &str) -> ApiResult<bool> {
@@ -657,7 +734,7 @@ pub fn run_search(
     let store = &st.rt.store;
     let mut count = DEFAULT_COUNT;
     let mut offset = 0usize;
-    let mut sort = Sort::Id;
+    let mut sort = Vec::new();
     let mut includes = Vec::new();
     let mut revincludes = Vec::new();
     let mut filters = Vec::new();
@@ -674,26 +751,7 @@ pub fn run_search(
                     .parse()
                     .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
             }
-            "_sort" => {
-                let (ascending, key) = match v.strip_prefix('-') {
-                    Some(key) => (false, key),
-                    None => (true, v.as_str()),
-                };
-                sort = match key {
-                    "_lastUpdated" => Sort::LastUpdated(ascending),
-                    "date" if supports(rtype, "date") => Sort::Date(ascending),
-                    _ => {
-                        return Err(ApiError::BadRequest(format!(
-                            "_sort supports [-]_lastUpdated{} (one key)",
-                            if supports(rtype, "date") {
-                                " and [-]date"
-                            } else {
-                                ""
-                            }
-                        )))
-                    }
-                }
-            }
+            "_sort" => sort.extend(parse_sort(rtype, v)?),
             "_include" => includes.push(v.clone()),
             "_summary" => {
                 if !["count", "false", "data", "text"].contains(&v.as_str()) {
@@ -835,8 +893,8 @@ pub fn run_search(
             all
         }
     };
-    // Each match with its date key when sorting by date.
-    let mut matches: Vec<(StoredResource, Option<i64>)> = Vec::new();
+    // Each match with its values for the sort keys.
+    let mut matches: Vec<(StoredResource, Vec<Option<i64>>)> = Vec::new();
     for stored in candidates {
         let r = stored.resource()?;
         let mut ok = true;
@@ -847,33 +905,11 @@ pub fn run_search(
             }
         }
         if ok && access.permits(perm, rtype, &stored.id, &r) {
-            let key = match sort {
-                Sort::Date(ascending) => date_sort_key(&r, ascending),
-                _ => None,
-            };
-            matches.push((stored, key));
+            let values = sort_values(&r, &sort);
+            matches.push((stored, values));
         }
     }
-    match sort {
-        Sort::LastUpdated(true) => {
-            matches.sort_by(|(a, _), (b, _)| (a.last_updated, &a.id).cmp(&(b.last_updated, &b.id)))
-        }
-        Sort::LastUpdated(false) => {
-            matches.sort_by(|(a, _), (b, _)| (b.last_updated, &b.id).cmp(&(a.last_updated, &a.id)))
-        }
-        Sort::Date(ascending) => matches.sort_by(|(a, x), (b, y)| {
-            let by_date = match (x, y) {
-                (Some(x), Some(y)) if ascending => x.cmp(y),
-                (Some(x), Some(y)) => y.cmp(x),
-                // undated last, either way
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            };
-            by_date.then_with(|| a.id.cmp(&b.id))
-        }),
-        Sort::Id => matches.sort_by(|(a, _), (b, _)| a.id.cmp(&b.id)),
-    }
+    matches.sort_by(|(a, x), (b, y)| sort_order(&sort, (a, x), (b, y)));
     let matches: Vec<StoredResource> = matches.into_iter().map(|(m, _)| m).collect();
     let total = matches.len();
     let page: Vec<StoredResource> = matches.into_iter().skip(offset).take(count).collect();
@@ -1121,40 +1157,43 @@ fn rev_include_pool(
     found: &mut RevIncluded<'_>,
 ) -> ApiResult<Vec<(StoredResource, Value)>> {
     let store = &st.rt.store;
-    let stored = match patient {
+    let (stored, too_many) = match patient {
         Some(p) => {
             let ids = patient_ids(st, tenant, p, &rev.source)?;
             if ids.len() > MAX_SCAN {
-                found.notes.insert(format!(
-                    "_revinclude {}: a patient has more than {MAX_SCAN} {}; search {} directly",
-                    rev.name(),
-                    rev.source,
-                    rev.source
-                ));
-                return Ok(Vec::new());
-            }
-            let mut out = Vec::with_capacity(ids.len());
-            for id in &ids {
-                if let Some(r) = store.read(tenant, &rev.source, id)? {
-                    out.push(r);
+                (
+                    Vec::new(),
+                    Some(format!("a patient has more than {MAX_SCAN} {}", rev.source)),
+                )
+            } else {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    out.extend(store.read(tenant, &rev.source, id)?);
                 }
+                (out, None)
             }
-            out
         }
         None => {
             let all = store.list(tenant, &rev.source, None, MAX_SCAN + 1)?;
             if all.len() > MAX_SCAN {
-                found.notes.insert(format!(
-                    "_revinclude {}: more than {MAX_SCAN} {} to look through for references to a {rtype}; search {} directly",
-                    rev.name(),
-                    rev.source,
+                let why = format!(
+                    "more than {MAX_SCAN} {} to look through for references to a {rtype}",
                     rev.source
-                ));
-                return Ok(Vec::new());
+                );
+                (Vec::new(), Some(why))
+            } else {
+                (all, None)
             }
-            all
         }
     };
+    if let Some(why) = too_many {
+        found.notes.insert(format!(
+            "_revinclude {}: {why}; search {} directly",
+            rev.name(),
+            rev.source
+        ));
+        return Ok(Vec::new());
+    }
     let mut out = Vec::with_capacity(stored.len());
     for r in stored.into_iter().filter(|r| !r.deleted) {
         let v = r.resource()?;

@@ -656,6 +656,41 @@ async fn patient_context_is_narrowed_everywhere() {
     assert_eq!(ids(&b), vec!["Observation/o9"]);
 }
 
+/// `_sort` takes several keys; ties on one go to the next, then to the id; what has no value
+/// for a key comes last in either direction.
+#[tokio::test]
+async fn sort_by_several_keys() {
+    let e = env();
+    let admin = e.token("system/*.cruds", |_| {});
+    for (id, birth) in [
+        ("pa", Some("1990-05-01")),
+        ("pb", Some("1980")),
+        ("pc", Some("1990-05-01")),
+        ("pd", None),
+    ] {
+        let mut p = json!({"resourceType": "Patient", "id": id});
+        if let Some(b) = birth {
+            p["birthDate"] = json!(b);
+        }
+        let (s, _, _) = e
+            .call("PUT", &format!("/fhir/Patient/{id}"), Some(&admin), Some(p))
+            .await;
+        assert!(s.is_success());
+    }
+    for (sort, expected) in [
+        ("birthdate", ["pb", "pa", "pc", "pd"]),
+        ("-birthdate", ["pa", "pc", "pb", "pd"]),
+        ("-birthdate,-_id", ["pc", "pa", "pb", "pd"]),
+        ("-_id", ["pd", "pc", "pb", "pa"]),
+    ] {
+        let b = e
+            .get_ok(&format!("/fhir/Patient?_sort={sort}"), &admin)
+            .await;
+        let want: Vec<String> = expected.iter().map(|id| format!("Patient/{id}")).collect();
+        assert_eq!(ids(&b), want, "{sort}");
+    }
+}
+
 /// A chained parameter through the patient reference finds a patient's resources by what the
 /// caller knows of the Patient (an MRN, a name), with the caller's own access to Patients.
 #[tokio::test]
@@ -2296,7 +2331,11 @@ async fn everything_takes_type_since_start_and_end() {
             .collect();
         assert_eq!(paged, expected, "{query}");
     }
-    for bad in ["Patient?_sort=date", "Observation?_sort=-date,_id"] {
+    for bad in [
+        "Patient?_sort=date",
+        "Observation?_sort=-date,status",
+        "Observation?_sort=birthdate",
+    ] {
         let (s, _, b) = e
             .call("GET", &format!("/fhir/{bad}"), Some(&admin), None)
             .await;
