@@ -19,6 +19,7 @@ use crate::config::ExportConfig;
 use crate::error::{operation_outcome, ApiError, ApiResult, FHIR_JSON};
 use crate::policy::{patient_links, valid_type, Access, FhirRequest};
 use crate::scopes::Perm;
+use crate::subset::Subset;
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -37,7 +38,13 @@ use tributary_storage::{Store, StoredResource};
 const JOB_FILE: &str = "job.json";
 const NDJSON: &str = "application/fhir+ndjson";
 const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
-const PARAMS: [&str; 4] = ["_outputFormat", "_since", "_type", "_typeFilter"];
+const PARAMS: [&str; 5] = [
+    "_elements",
+    "_outputFormat",
+    "_since",
+    "_type",
+    "_typeFilter",
+];
 /// Exported only when `_type` names them: a Subscription carries its endpoint's credentials in
 /// `channel.header`, and the others are not stored resources.
 const NOT_BY_DEFAULT: [&str; 4] = ["Subscription", "Bundle", "OperationOutcome", "Parameters"];
@@ -237,9 +244,50 @@ struct Request {
     /// `_typeFilter`: per type, the searches of which a resource must match one (all of one's
     /// parameters); types without any are exported whole.
     filters: BTreeMap<String, Vec<Vec<(String, String)>>>,
+    /// `_elements`: the elements to keep (`Patient.name`: of that type; `id`: of every type
+    /// that has it); `None`: whole resources.
+    elements: Option<Vec<(Option<String>, String)>>,
+}
+
+/// Adds the elements one `_elements` value names (`Type.element` or `element`, top level only).
+fn parse_elements(v: &str, out: &mut Vec<(Option<String>, String)>) -> ApiResult<()> {
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let (t, e) = match name.split_once('.') {
+            Some((t, e)) if valid_type(t) && !e.is_empty() && !e.contains('.') => {
+                (Some(t.to_string()), e)
+            }
+            Some(_) => {
+                return Err(ApiError::BadRequest(format!(
+                    "_elements {name:?}: <resource type>.<top-level element> or <element>"
+                )))
+            }
+            None => (None, name),
+        };
+        out.push((t, e.to_string()));
+    }
+    Ok(())
+}
+
+/// Whether `rtype` has the element `name` (a choice such as `value` counts).
+fn has_element(rtype: &str, name: &str) -> bool {
+    tributary_core::fhir_r4::element(rtype, name).is_some()
+        || tributary_core::fhir_r4::has_choice(rtype, name)
 }
 
 impl Request {
+    /// The subset `_elements` asks of `rtype`'s resources: the elements named for it or for
+    /// every type that it has.
+    fn subset(&self, rtype: &str) -> Option<Subset> {
+        let names = self
+            .elements
+            .as_ref()?
+            .iter()
+            .filter(|(t, e)| t.as_deref().map_or(has_element(rtype, e), |t| t == rtype))
+            .map(|(_, e)| e.clone())
+            .collect();
+        Some(Subset::Elements(names))
+    }
+
     /// Whether `r` matches one of its type's `_typeFilter` searches (if it has any).
     fn admits(&self, r: &StoredResource, v: &Value) -> Result<bool, String> {
         let Some(searches) = self.filters.get(&r.resource_type) else {
@@ -293,11 +341,13 @@ fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
     let mut asked: Option<Vec<String>> = None;
     let mut since = None;
     let mut filters = BTreeMap::new();
+    let mut elements = None;
     for (k, v) in &req.params {
         match k.as_str() {
             "_type" => crate::everything::parse_types(v, asked.get_or_insert_with(Vec::new))?,
             "_since" => since = Some(crate::everything::parse_since(v)?),
             "_typeFilter" => parse_type_filter(v, &mut filters)?,
+            "_elements" => parse_elements(v, elements.get_or_insert_with(Vec::new))?,
             "_outputFormat" if OUTPUT_FORMATS.contains(&v.as_str()) => {}
             "_outputFormat" => {
                 return Err(ApiError::BadRequest(format!(
@@ -340,12 +390,29 @@ fn parse(req: &FhirRequest, access: &Access) -> ApiResult<Request> {
             "_typeFilter names {t}, which this export does not include (_type, or the types the token may read)"
         )));
     }
+    for (t, e) in elements.iter().flatten() {
+        let known = match t {
+            Some(t) if !types.contains(t) => {
+                return Err(ApiError::BadRequest(format!(
+                    "_elements names {t}.{e}, but this export does not include {t}"
+                )))
+            }
+            Some(t) => has_element(t, e),
+            None => types.iter().any(|t| has_element(t, e)),
+        };
+        if !known {
+            return Err(ApiError::BadRequest(format!(
+                "_elements: no exported type has the element {e:?}"
+            )));
+        }
+    }
     Ok(Request {
         types,
         since,
         patients_only: matches!(req.resource_type.as_deref(), Some("Patient" | "Group")),
         group: None,
         filters,
+        elements,
     })
 }
 
@@ -561,7 +628,14 @@ struct TypeFiles<'t> {
 }
 
 impl TypeFiles<'_> {
-    fn add(&mut self, w: &Writer, r: &StoredResource, v: &Value) -> Result<(), String> {
+    /// Writes `r` (its JSON `v`), cut down to `subset` if there is one.
+    fn add(
+        &mut self,
+        w: &Writer,
+        r: &StoredResource,
+        v: &Value,
+        subset: Option<&Subset>,
+    ) -> Result<(), String> {
         if self.open.as_ref().is_some_and(|f| f.count >= w.file_max) {
             let full = self.open.take().expect("checked");
             self.done.push(w.close(full, self.rtype)?);
@@ -575,7 +649,11 @@ impl TypeFiles<'_> {
             }
         };
         // Stored JSON is compact: one resource per line as it is.
-        let line: std::borrow::Cow<[u8]> = if r.json.contains(&b'\n') {
+        let line: std::borrow::Cow<[u8]> = if let Some(s) = subset {
+            let mut part = v.clone();
+            s.apply(self.rtype, &mut part);
+            serde_json::to_vec(&part).map_err(|e| e.to_string())?.into()
+        } else if r.json.contains(&b'\n') {
             serde_json::to_vec(v).map_err(|e| e.to_string())?.into()
         } else {
             r.json.as_ref().into()
@@ -739,6 +817,7 @@ impl Writer<'_> {
         files: &mut TypeFiles,
     ) -> Result<(), String> {
         let t = files.rtype;
+        let subset = asked.subset(t);
         for r in page {
             if asked.since.is_some_and(|s| r.last_updated < s) {
                 continue;
@@ -750,7 +829,7 @@ impl Writer<'_> {
             {
                 continue;
             }
-            files.add(self, r, &v)?;
+            files.add(self, r, &v, subset.as_ref())?;
         }
         Ok(())
     }
@@ -1249,6 +1328,59 @@ mod tests {
                     .contains("_typeFilter"),
                 "{q}: {b}"
             );
+        }
+    }
+
+    /// `_elements` cuts every exported resource down to the elements named for its type or for
+    /// all types (and what R4 requires), tagged SUBSETTED.
+    #[tokio::test]
+    async fn elements_cut_exported_resources_down() {
+        use crate::tests::{env_with, seed};
+        let mut cfg = crate::FacadeConfig::default();
+        cfg.rate_limit.enabled = false;
+        let e = env_with(cfg);
+        let admin = seed(&e).await;
+        let status = kick_off_as(
+            &e,
+            admin.clone(),
+            "/fhir/$export?_type=Patient,Observation&_elements=Patient.gender,subject",
+        )
+        .await;
+        let manifest = manifest_of(&e, admin.clone(), status).await;
+        let mut seen = 0;
+        for o in manifest["output"].as_array().unwrap() {
+            let url = o["url"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("http://test")
+                .unwrap();
+            let (_, _, body) = e.call_bytes("GET", url, Some(&admin), None, &[]).await;
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let v: Value = serde_json::from_slice(line).unwrap();
+                let mut keys: Vec<&str> =
+                    v.as_object().unwrap().keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                let want: &[&str] = match v["resourceType"].as_str().unwrap() {
+                    "Patient" => &["gender", "id", "meta", "resourceType"],
+                    // status and code: R4 requires them
+                    _ => &["code", "id", "meta", "resourceType", "status", "subject"],
+                };
+                assert_eq!(keys, want, "{v}");
+                assert!(crate::subset::is_subsetted(&v), "{v}");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 5, "two Patients and three Observations");
+        let prefer = [("prefer", "respond-async")];
+        for q in [
+            "_type=Patient&_elements=Patient.bogus",
+            "_type=Patient&_elements=Encounter.status",
+            "_type=Patient&_elements=bogus",
+            "_type=Patient&_elements=Patient.name.family",
+        ] {
+            let uri = format!("/fhir/$export?{q}");
+            let (s, _, b) = e.call_h("GET", &uri, Some(&admin), None, &prefer).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {b}");
         }
     }
 
