@@ -1057,6 +1057,23 @@ mod tests {
         panic!("the export did not finish");
     }
 
+    /// Starts an export as `token`, waits for it, and downloads every output file: the
+    /// exported resources.
+    async fn exported_resources(e: &crate::tests::Env, token: String, uri: &str) -> Vec<Value> {
+        let status = kick_off_as(e, token.clone(), uri).await;
+        let manifest = manifest_of(e, token.clone(), status).await;
+        let mut out = Vec::new();
+        for o in manifest["output"].as_array().unwrap() {
+            let url = o["url"].as_str().unwrap();
+            let url = url.strip_prefix("http://test").unwrap();
+            let (_, _, body) = e.call_bytes("GET", url, Some(&token), None, &[]).await;
+            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                out.push(serde_json::from_slice(line).unwrap());
+            }
+        }
+        out
+    }
+
     /// Kick-off, poll, download and delete through the whole policy stack: the manifest lists
     /// what the token may read (split at `file_max_resources`), a patient-context token exports
     /// its own compartment only, the files are the starting client's alone, and each
@@ -1265,25 +1282,14 @@ mod tests {
         let exported = |uri: &'static str| {
             let (e, admin) = (&e, admin.clone());
             async move {
-                let status = kick_off_as(e, admin.clone(), uri).await;
-                let manifest = manifest_of(e, admin.clone(), status).await;
-                let mut ids = Vec::new();
-                for o in manifest["output"].as_array().unwrap() {
-                    let url = o["url"]
-                        .as_str()
-                        .unwrap()
-                        .strip_prefix("http://test")
-                        .unwrap();
-                    let (_, _, body) = e.call_bytes("GET", url, Some(&admin), None, &[]).await;
-                    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                        let v: Value = serde_json::from_slice(line).unwrap();
-                        ids.push(format!(
-                            "{}/{}",
-                            v["resourceType"].as_str().unwrap(),
-                            v["id"].as_str().unwrap()
-                        ));
-                    }
-                }
+                let mut ids: Vec<String> = exported_resources(e, admin, uri)
+                    .await
+                    .iter()
+                    .map(|v| {
+                        let s = |k: &str| v[k].as_str().unwrap().to_string();
+                        format!("{}/{}", s("resourceType"), s("id"))
+                    })
+                    .collect();
                 ids.sort();
                 ids
             }
@@ -1340,36 +1346,24 @@ mod tests {
         cfg.rate_limit.enabled = false;
         let e = env_with(cfg);
         let admin = seed(&e).await;
-        let status = kick_off_as(
+        let exported = exported_resources(
             &e,
             admin.clone(),
             "/fhir/$export?_type=Patient,Observation&_elements=Patient.gender,subject",
         )
         .await;
-        let manifest = manifest_of(&e, admin.clone(), status).await;
-        let mut seen = 0;
-        for o in manifest["output"].as_array().unwrap() {
-            let url = o["url"]
-                .as_str()
-                .unwrap()
-                .strip_prefix("http://test")
-                .unwrap();
-            let (_, _, body) = e.call_bytes("GET", url, Some(&admin), None, &[]).await;
-            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let v: Value = serde_json::from_slice(line).unwrap();
-                let mut keys: Vec<&str> =
-                    v.as_object().unwrap().keys().map(String::as_str).collect();
-                keys.sort_unstable();
-                let want: &[&str] = match v["resourceType"].as_str().unwrap() {
-                    "Patient" => &["gender", "id", "meta", "resourceType"],
-                    // status and code: R4 requires them
-                    _ => &["code", "id", "meta", "resourceType", "status", "subject"],
-                };
-                assert_eq!(keys, want, "{v}");
-                assert!(crate::subset::is_subsetted(&v), "{v}");
-                seen += 1;
-            }
+        for v in &exported {
+            let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            let want: &[&str] = match v["resourceType"].as_str().unwrap() {
+                "Patient" => &["gender", "id", "meta", "resourceType"],
+                // status and code: R4 requires them
+                _ => &["code", "id", "meta", "resourceType", "status", "subject"],
+            };
+            assert_eq!(keys, want, "{v}");
+            assert!(crate::subset::is_subsetted(v), "{v}");
         }
+        let seen = exported.len();
         assert_eq!(seen, 5, "two Patients and three Observations");
         let prefer = [("prefer", "respond-async")];
         for q in [
