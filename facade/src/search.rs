@@ -754,9 +754,9 @@ pub fn run_search(
             "_sort" => sort.extend(parse_sort(rtype, v)?),
             "_include" => includes.push(v.clone()),
             "_summary" => {
-                if !["count", "false", "data", "text"].contains(&v.as_str()) {
+                if !["count", "true", "false", "data", "text"].contains(&v.as_str()) {
                     return Err(ApiError::BadRequest(
-                        "_summary supports count, data, text and false".into(),
+                        "_summary supports true, count, data, text and false".into(),
                     ));
                 }
             }

@@ -1,4 +1,4 @@
-//! `_elements` and `_summary=text|data`: a subset of each matched resource instead of all of it
+//! `_elements` and `_summary=true|text|data`: a subset of each matched resource instead of all of it
 //! (FHIR R4 search §3.1.1.5.9–10). What R4 requires of the type, `id` and `meta` always stay, and
 //! the subset is tagged `SUBSETTED`, so that a client cannot mistake it for the whole resource
 //! and write it back over the stored one.
@@ -26,6 +26,9 @@ pub(crate) enum Subset {
     Data,
     /// The narrative and what R4 requires.
     Text,
+    /// The elements R4 marks `isSummary`, inside backbone elements too (`Observation.component`
+    /// keeps its `code` and `value[x]`); a datatype's value comes whole.
+    True,
 }
 
 impl Subset {
@@ -50,6 +53,7 @@ impl Subset {
                 }
                 ("_summary", "data") => out = Some(Subset::Data),
                 ("_summary", "text") => out = Some(Subset::Text),
+                ("_summary", "true") => out = Some(Subset::True),
                 _ => {}
             }
         }
@@ -70,8 +74,12 @@ impl Subset {
                         .any(|n| k == n || fhir_r4::is_choice_member(k, n)),
                     Subset::Data => k != "text",
                     Subset::Text => k == "text",
+                    Subset::True => true,
                 }
         });
+        if let Subset::True = self {
+            summary_of(rtype, "", o);
+        }
         let meta = o.entry("meta").or_insert_with(|| json!({}));
         if let Some(m) = meta.as_object_mut() {
             let tags = m.entry("tag").or_insert_with(|| json!([]));
@@ -84,6 +92,42 @@ impl Subset {
             }
         }
     }
+}
+
+/// Keeps the members of `o` (the resource, or the backbone element at `path`) that R4 marks
+/// as summary elements, and cuts the kept backbone elements down the same way. A primitive's
+/// extension (`_birthDate`) goes with its value. `resourceType` and what R4 requires of the
+/// resource stay (`id` and `meta` are summary elements).
+fn summary_of(rtype: &str, path: &str, o: &mut serde_json::Map<String, Value>) {
+    o.retain(|k, v| {
+        let name = k.strip_prefix('_').unwrap_or(k);
+        let top = path.is_empty();
+        if !fhir_r4::in_summary(rtype, path, name)
+            && !(top
+                && (k == "resourceType"
+                    || fhir_r4::required(rtype)
+                        .iter()
+                        .any(|q| q.met_by(|e| e == name))))
+        {
+            return false;
+        }
+        let at = if top {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        };
+        if fhir_r4::summary_has_parts(rtype, &at) {
+            match v {
+                Value::Object(m) => summary_of(rtype, &at, m),
+                Value::Array(items) => items
+                    .iter_mut()
+                    .filter_map(Value::as_object_mut)
+                    .for_each(|m| summary_of(rtype, &at, m)),
+                _ => {}
+            }
+        }
+        true
+    });
 }
 
 #[cfg(test)]
@@ -133,6 +177,54 @@ mod tests {
             .unwrap()
             .apply("Observation", &mut t);
         assert!(t.get("text").is_some() && t.get("note").is_none() && t.get("code").is_some());
+    }
+
+    #[test]
+    fn summary_true_keeps_the_summary_elements_at_every_level() {
+        let obs = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "2"},
+            "text": {"status": "generated", "div": "<div/>"}, "status": "final",
+            "_status": {"extension": [{"url": "urn:x", "valueString": "y"}]},
+            "category": [{"text": "laboratory"}], "code": {"text": "BP", "coding": [{"code": "85354-9"}]},
+            "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2026-01-02",
+            "valueQuantity": {"value": 13.2, "unit": "g/dL"}, "note": [{"text": "n"}],
+            "interpretation": [{"text": "H"}], "referenceRange": [{"text": "10-15"}],
+            "component": [{"code": {"text": "sys"}, "valueQuantity": {"value": 120},
+                           "interpretation": [{"text": "N"}]}]});
+        let mut v = obs;
+        Subset::from_params("Observation", &params("_summary", "true"))
+            .unwrap()
+            .unwrap()
+            .apply("Observation", &mut v);
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "_status",
+                "code",
+                "component",
+                "effectiveDateTime",
+                "id",
+                "meta",
+                "resourceType",
+                "status",
+                "subject",
+                "valueQuantity"
+            ]
+        );
+        // a datatype comes whole; a backbone element keeps its own summary parts
+        assert_eq!(v["code"]["coding"][0]["code"], "85354-9");
+        assert_eq!(
+            v["component"],
+            json!([{"code": {"text": "sys"}, "valueQuantity": {"value": 120}}])
+        );
+        assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
+        // what R4 requires stays even where it is not a summary element
+        let mut a = json!({"resourceType": "Appointment", "id": "a", "status": "booked",
+            "participant": [{"status": "accepted"}], "comment": "x"});
+        Subset::True.apply("Appointment", &mut a);
+        assert!(a.get("participant").is_some() && a.get("comment").is_none());
+        assert!(!fhir_r4::in_summary("Appointment", "", "participant"));
     }
 
     #[test]

@@ -2457,10 +2457,30 @@ async fn elements_and_summary_return_tagged_subsets() {
         .await;
     assert_eq!(s, 200, "{b}");
     assert!(b["entry"][0]["resource"].get("name").is_some(), "{b}");
+    // `_summary=true`: R4's summary elements, on a search and on a read
+    let (s, _, b) = e
+        .call("GET", "/fhir/Observation?_summary=true", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let first = &b["entry"][0]["resource"];
+    assert!(
+        first.get("category").is_none() && first.get("code").is_some(),
+        "{first}"
+    );
+    assert!(
+        first.get("subject").is_some() && tags(first).contains("SUBSETTED"),
+        "{first}"
+    );
+    let (s, _, r) = e
+        .call("GET", "/fhir/Patient/p1?_summary=true", Some(&admin), None)
+        .await;
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["name"][0]["family"], "Smith", "{r}");
+    assert!(tags(&r).contains("SUBSETTED"), "{r}");
     for bad in [
         "/fhir/Patient/p1?_elements=valueQuantity",
         "/fhir/Observation?_elements=birthDate",
-        "/fhir/Observation?_summary=true",
+        "/fhir/Observation?_summary=yes",
     ] {
         let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
         assert_eq!(s, 400, "{bad}: {b}");
