@@ -219,6 +219,9 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         "searchRevInclude": crate::search::rev_includes_of(t, RESOURCE_TYPES),
         "searchParam": params,
     });
+    if !routed {
+        r["documentation"] = json!("Search also takes _has:<type>:<reference>:<parameter> (reverse chaining, one level, through a type of the built-in store).");
+    }
     if t == "Patient" {
         r["operation"] = json!([
             {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},

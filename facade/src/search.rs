@@ -461,6 +461,68 @@ fn identifier_matches(r: &Value, wanted: &str) -> bool {
     })
 }
 
+/// Whether `r` has a value for search parameter `base` (`:missing`).
+fn has_value(stored: &StoredResource, r: &Value, base: &str) -> bool {
+    let present = |v: Option<&Value>| {
+        v.is_some_and(|v| match v {
+            Value::Null => false,
+            Value::Array(a) => !a.is_empty(),
+            _ => true,
+        })
+    };
+    match base {
+        "_id" | "_lastUpdated" => true,
+        "patient" if stored.resource_type == "Patient" => true,
+        "patient" | "subject" => {
+            ["subject", "patient", "beneficiary"]
+                .iter()
+                .any(|f| present(r.get(*f)))
+                || (base == "patient"
+                    && stored.resource_type == "Appointment"
+                    && r.get("participant")
+                        .and_then(Value::as_array)
+                        .is_some_and(|ps| {
+                            ps.iter().any(|p| {
+                                p.pointer("/actor/reference")
+                                    .and_then(Value::as_str)
+                                    .is_some_and(|x| x.starts_with("Patient/"))
+                            })
+                        }))
+        }
+        "_tag" => present(r.pointer("/meta/tag")),
+        "date" => !resource_dates(r).is_empty(),
+        "birthdate" => present(r.get("birthDate")),
+        "family" => r
+            .get("name")
+            .and_then(Value::as_array)
+            .is_some_and(|ns| ns.iter().any(|n| present(n.get("family")))),
+        other => present(r.get(other)),
+    }
+}
+
+/// `:text` on a token (`code:text=glucose`): the CodeableConcept's `text` or a coding's
+/// `display` begins with the value, or has a word that does, case- and accent-insensitive.
+fn token_text_matches(r: &Value, base: &str, wanted: &str) -> bool {
+    let wanted = tributary_core::fold_search_string(wanted);
+    let fits = |s: &str| {
+        let s = tributary_core::fold_search_string(s);
+        s.starts_with(&wanted) || s.contains(&format!(" {wanted}"))
+    };
+    let concepts: Vec<&Value> = match r.get(base) {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(v) => vec![v],
+        None => Vec::new(),
+    };
+    concepts.into_iter().any(|c| {
+        c.get("text").and_then(Value::as_str).is_some_and(fits)
+            || c.get("coding").and_then(Value::as_array).is_some_and(|cs| {
+                cs.iter()
+                    .filter_map(|x| x.get("display").and_then(Value::as_str))
+                    .any(fits)
+            })
+    })
+}
+
 /// Does one resource match one (name, value) parameter? Comma means OR.
 pub(crate) fn param_matches(
     stored: &StoredResource,
@@ -472,6 +534,13 @@ pub(crate) fn param_matches(
         Some((b, m)) => (b, Some(m)),
         None => (name, None),
     };
+    match modifier {
+        Some("missing") => return Ok(has_value(stored, r, base) == (value == "false")),
+        // none of the values: a resource without the element matches too
+        Some("not") => return param_matches(stored, r, base, value).map(|m| !m),
+        Some("text") => return Ok(value.split(',').any(|v| token_text_matches(r, base, v))),
+        _ => {}
+    }
     let mut any = false;
     for v in value.split(',') {
         let ok = match base {
@@ -484,6 +553,16 @@ pub(crate) fn param_matches(
             }
             "identifier" => identifier_matches(r, v),
             "patient" | "subject" => {
+                // `subject:Group=g1`: the id of a resource of that type
+                let typed;
+                let v = match modifier {
+                    Some(t) if !v.contains('/') => {
+                        typed = format!("{t}/{v}");
+                        typed.as_str()
+                    }
+                    Some(t) if !v.strip_prefix(t).is_some_and(|x| x.starts_with('/')) => continue,
+                    _ => v,
+                };
                 if stored.resource_type == "Patient" && base == "patient" {
                     stored.id == v.strip_prefix("Patient/").unwrap_or(v)
                 } else {
@@ -633,9 +712,30 @@ pub(crate) fn check_filter(rtype: &str, name: &str, value: &str) -> ApiResult<()
         )));
     }
     if let Some((_, m)) = name.split_once(':') {
-        if !(*kind == "string" && (m == "exact" || m == "contains")) {
+        let fits = match (*kind, m) {
+            (_, "missing") => {
+                if value != "true" && value != "false" {
+                    return Err(ApiError::BadRequest(format!(
+                        "{name}: the value is true or false"
+                    )));
+                }
+                return Ok(());
+            }
+            ("string", "exact" | "contains") => true,
+            ("token", "not") => true,
+            ("token", "text") => matches!(base, "code" | "category"),
+            ("reference", t) => {
+                crate::policy::valid_type(t)
+                    && tributary_core::fhir_r4::is_resource(t)
+                    && (base != "patient" || t == "Patient")
+            }
+            _ => false,
+        };
+        if !fits {
             return Err(ApiError::BadRequest(format!(
-                "modifier :{m} is not supported on {base:?} (string parameters take :exact and :contains)"
+                "modifier :{m} is not supported on {base:?} (every parameter takes :missing; \
+                 strings :exact and :contains; tokens :not, and code and category :text; \
+                 references a resource type)"
             )));
         }
     }
@@ -722,63 +822,94 @@ fn chained_patients<'a>(
     Ok((base, patients.join(",")))
 }
 
-/// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
-pub fn run_search(
+/// A reverse chain, `_has:Type:reference:param` (`Patient?_has:Observation:patient:code=1234-5`):
+/// the ids, as an `_id` list, of the `rtype` resources that a `Type` resource matching
+/// `param=value` points at through its `reference` element or search parameter. The `Type`
+/// resources are found with the caller's own access (scopes, patient compartment, SMART v2
+/// narrowing), so a reverse chain never tells what the caller could not search for; one level.
+fn has_targets(
     st: &AppState,
     access: &Access,
     rtype: &str,
-    params: &[(String, String)],
-    perm: Perm,
-) -> ApiResult<SearchResult> {
-    let tenant = access.principal.tenant.as_str();
-    let store = &st.rt.store;
-    let mut count = DEFAULT_COUNT;
-    let mut offset = 0usize;
-    let mut sort = Vec::new();
-    let mut includes = Vec::new();
-    let mut revincludes = Vec::new();
-    let mut filters = Vec::new();
-    for (k, v) in params {
-        match k.as_str() {
-            "_count" => {
-                count = v
-                    .parse::<usize>()
-                    .map_err(|_| ApiError::BadRequest("_count must be a number".into()))?
-                    .min(MAX_COUNT)
-            }
-            "_offset" => {
-                offset = v
-                    .parse()
-                    .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
-            }
-            "_sort" => sort.extend(parse_sort(rtype, v)?),
-            "_include" => includes.push(v.clone()),
-            "_summary" => {
-                if !["count", "true", "false", "data", "text"].contains(&v.as_str()) {
-                    return Err(ApiError::BadRequest(
-                        "_summary supports true, count, data, text and false".into(),
-                    ));
-                }
-            }
-            "_elements" => {
-                crate::subset::Subset::from_params(
-                    rtype,
-                    std::slice::from_ref(&(k.clone(), v.clone())),
-                )?;
-            }
-            "_revinclude" => revincludes.push(RevInclude::parse(v)?),
-            "_format" => {}
-            name if name.contains('.') => {
-                let (reference, patients) = chained_patients(st, access, rtype, name, v)?;
-                filters.push((reference.to_string(), patients));
-            }
-            name => {
-                check_filter(rtype, name, v)?;
-                filters.push((k.clone(), v.clone()));
+    name: &str,
+    value: &str,
+) -> ApiResult<String> {
+    let bad = |why: String| ApiError::BadRequest(format!("{name}: {why}"));
+    let mut parts = name.splitn(4, ':').skip(1);
+    let (Some(src), Some(reference), Some(param)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad(
+            "a reverse chain is _has:<resource type>:<reference parameter>:<search parameter>"
+                .into(),
+        ));
+    };
+    if param.starts_with("_has") {
+        return Err(bad("one level of _has is supported".into()));
+    }
+    if !crate::policy::valid_type(src) || !tributary_core::fhir_r4::is_resource(src) {
+        return Err(bad(format!("{src:?} is not a FHIR R4 resource type")));
+    }
+    if st
+        .facade
+        .backends
+        .route(&access.principal.tenant, src)
+        .is_some()
+    {
+        return Err(bad(format!(
+            "{src} is served by a backend FHIR server; _has searches the built-in store"
+        )));
+    }
+    check_filter(src, param, value).map_err(|e| bad(e.public_message()))?;
+    let fields = match include_elements(src, reference) {
+        Ok((Some(fields), implied)) if implied.is_none_or(|t| t == rtype) => fields,
+        _ => {
+            return Err(bad(format!(
+                "{src} has no reference {reference:?} that can point at {rtype}"
+            )))
+        }
+    };
+    if reference == "patient" && rtype != "Patient" {
+        return Err(bad(format!(
+            "{src}'s {reference} points at a Patient, not {rtype}"
+        )));
+    }
+    if !access.may(Perm::Search, src) {
+        return Err(ApiError::Forbidden(format!(
+            "{name}: token scopes do not allow searching {src}"
+        )));
+    }
+    let filters = [(param.to_string(), value.to_string())];
+    let mut ids = BTreeSet::new();
+    each_match(st, access, src, &filters, Perm::Search, |_, body| {
+        for reference in fields
+            .iter()
+            .filter_map(|f| body.get(*f))
+            .flat_map(references)
+        {
+            let id = reference
+                .strip_prefix(rtype)
+                .and_then(|r| r.strip_prefix('/'));
+            if let Some(id) = id.filter(|id| crate::policy::valid_id(id)) {
+                ids.insert(id.to_string());
             }
         }
-    }
-    debug_assert!(CONTROL_PARAMS.contains(&"_count"));
+    })?;
+    Ok(ids.into_iter().collect::<Vec<_>>().join(","))
+}
+
+/// Calls `each` with every `rtype` resource that matches all `filters` and that the caller may
+/// see, with its parsed body: candidates from the most selective index the filters allow, at
+/// most [`MAX_SCAN`] of them (a 400 past that).
+fn each_match(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    filters: &[(String, String)],
+    perm: Perm,
+    mut each: impl FnMut(StoredResource, &Value),
+) -> ApiResult<()> {
+    let tenant = access.principal.tenant.as_str();
+    let store = &st.rt.store;
     // Candidates from the most selective index available.
     let mut ids: Option<Vec<String>> = None;
     if let Some(pid) = access.indexed_compartment(perm, rtype) {
@@ -791,10 +922,22 @@ pub fn run_search(
             },
         );
     }
-    for (k, v) in &filters {
-        let base = k.split(':').next().unwrap_or(k);
+    for (k, v) in filters {
+        let (base, modifier) = k.split_once(':').unwrap_or((k, ""));
+        // `:missing`, `:not` and `:text` ask something no index answers
+        let indexed = match modifier {
+            "" | "exact" => true,
+            "Patient" => matches!(base, "patient" | "subject"),
+            _ => false,
+        };
+        if !indexed {
+            continue;
+        }
         match base {
-            "_id" => ids = intersect(ids, v.split(',').map(String::from).collect()),
+            "_id" => {
+                let listed = v.split(',').filter(|x| !x.is_empty()).map(String::from);
+                ids = intersect(ids, listed.collect())
+            }
             "patient" | "subject" => {
                 let pids: Vec<&str> = v
                     .split(',')
@@ -826,9 +969,9 @@ pub fn run_search(
                     ids = intersect(ids, store.ids_by_last_updated(tenant, rtype, from, to)?);
                 }
             }
-            // `:contains` cannot use a prefix index; every other form matches a prefix of the
-            // folded value (`:exact` too: an exact match is a folded prefix match).
-            "name" | "family" if !k.ends_with(":contains") => {
+            // a prefix of the folded value (`:exact` too: an exact match is a folded prefix
+            // match; `:contains` cannot use a prefix index)
+            "name" | "family" => {
                 let values: Vec<String> = v
                     .split(',')
                     .map(tributary_core::fold_search_string)
@@ -893,22 +1036,88 @@ pub fn run_search(
             all
         }
     };
-    // Each match with its values for the sort keys.
-    let mut matches: Vec<(StoredResource, Vec<Option<i64>>)> = Vec::new();
     for stored in candidates {
         let r = stored.resource()?;
         let mut ok = true;
-        for (k, v) in &filters {
+        for (k, v) in filters {
             if !param_matches(&stored, &r, k, v)? {
                 ok = false;
                 break;
             }
         }
         if ok && access.permits(perm, rtype, &stored.id, &r) {
-            let values = sort_values(&r, &sort);
-            matches.push((stored, values));
+            each(stored, &r);
         }
     }
+    Ok(())
+}
+
+/// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
+pub fn run_search(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    params: &[(String, String)],
+    perm: Perm,
+) -> ApiResult<SearchResult> {
+    let tenant = access.principal.tenant.as_str();
+    let store = &st.rt.store;
+    let mut count = DEFAULT_COUNT;
+    let mut offset = 0usize;
+    let mut sort = Vec::new();
+    let mut includes = Vec::new();
+    let mut revincludes = Vec::new();
+    let mut filters = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "_count" => {
+                count = v
+                    .parse::<usize>()
+                    .map_err(|_| ApiError::BadRequest("_count must be a number".into()))?
+                    .min(MAX_COUNT)
+            }
+            "_offset" => {
+                offset = v
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
+            }
+            "_sort" => sort.extend(parse_sort(rtype, v)?),
+            "_include" => includes.push(v.clone()),
+            "_summary" => {
+                if !["count", "true", "false", "data", "text"].contains(&v.as_str()) {
+                    return Err(ApiError::BadRequest(
+                        "_summary supports true, count, data, text and false".into(),
+                    ));
+                }
+            }
+            "_elements" => {
+                crate::subset::Subset::from_params(
+                    rtype,
+                    std::slice::from_ref(&(k.clone(), v.clone())),
+                )?;
+            }
+            "_revinclude" => revincludes.push(RevInclude::parse(v)?),
+            "_format" => {}
+            name if name.starts_with("_has:") => {
+                filters.push(("_id".into(), has_targets(st, access, rtype, name, v)?));
+            }
+            name if name.contains('.') => {
+                let (reference, patients) = chained_patients(st, access, rtype, name, v)?;
+                filters.push((reference.to_string(), patients));
+            }
+            name => {
+                check_filter(rtype, name, v)?;
+                filters.push((k.clone(), v.clone()));
+            }
+        }
+    }
+    debug_assert!(CONTROL_PARAMS.contains(&"_count"));
+    // Each match with its values for the sort keys.
+    let mut matches: Vec<(StoredResource, Vec<Option<i64>>)> = Vec::new();
+    each_match(st, access, rtype, &filters, perm, |stored, r| {
+        let values = sort_values(r, &sort);
+        matches.push((stored, values));
+    })?;
     matches.sort_by(|(a, x), (b, y)| sort_order(&sort, (a, x), (b, y)));
     let matches: Vec<StoredResource> = matches.into_iter().map(|(m, _)| m).collect();
     let total = matches.len();

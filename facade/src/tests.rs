@@ -772,6 +772,166 @@ async fn chained_patient_parameters_find_resources_by_the_patients_own_parameter
     }
 }
 
+/// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element
+/// matches), `:text` on codes and categories, and a resource type on references.
+#[tokio::test]
+async fn search_modifiers_missing_not_text_and_reference_type() {
+    let e = env();
+    let admin = seed(&e).await;
+    // o4: p2's, no category, no date, a code known by its text only
+    let o4 = json!({"resourceType": "Observation", "id": "o4", "status": "preliminary",
+        "code": {"text": "Glucose [Mass/volume] fasting"}, "subject": {"reference": "Patient/p2"}});
+    let (s, _, _) = e
+        .call("PUT", "/fhir/Observation/o4", Some(&admin), Some(o4))
+        .await;
+    assert!(s.is_success());
+    // seed: o1 (p1, laboratory), o2 (p1, vital-signs), o3 (p2, laboratory), all final, dated
+    for (uri, want) in [
+        (
+            "/fhir/Observation?category:not=laboratory",
+            vec!["o2", "o4"],
+        ),
+        (
+            "/fhir/Observation?category:not=laboratory,vital-signs",
+            vec!["o4"],
+        ),
+        ("/fhir/Observation?status:not=final", vec!["o4"]),
+        ("/fhir/Observation?category:missing=true", vec!["o4"]),
+        (
+            "/fhir/Observation?category:missing=false",
+            vec!["o1", "o2", "o3"],
+        ),
+        ("/fhir/Observation?date:missing=true", vec!["o4"]),
+        ("/fhir/Observation?code:text=fasting", vec!["o4"]),
+        ("/fhir/Observation?code:text=GLUC", vec!["o4"]),
+        ("/fhir/Observation?code:text=ose", vec![]),
+        ("/fhir/Observation?subject:Patient=p1", vec!["o1", "o2"]),
+        (
+            "/fhir/Observation?subject:Patient=Patient/p2",
+            vec!["o3", "o4"],
+        ),
+        ("/fhir/Observation?subject:Group=p1", vec![]),
+        ("/fhir/Observation?patient:missing=true", vec![]),
+        (
+            "/fhir/Patient?birthdate:missing=false&name:missing=false",
+            vec!["p1", "p2"],
+        ),
+    ] {
+        let (s, _, b) = e.call("GET", uri, Some(&admin), None).await;
+        assert_eq!(s, 200, "{uri}: {b}");
+        let got: Vec<String> = ids(&b)
+            .into_iter()
+            .map(|x| x.split('/').nth(1).unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(got, want, "{uri}");
+    }
+    // a patient-context token's :not stays in its compartment
+    let p1 = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+    let (s, _, b) = e
+        .call(
+            "GET",
+            "/fhir/Observation?category:not=vital-signs",
+            Some(&p1),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(ids(&b), ["Observation/o1"]);
+    for bad in [
+        "/fhir/Observation?code:missing=maybe",
+        "/fhir/Patient?name:not=smith",
+        "/fhir/Observation?status:text=final",
+        "/fhir/Observation?subject:Bogus=p1",
+        "/fhir/Observation?patient:Group=p1",
+        "/fhir/Observation?date:not=2024",
+    ] {
+        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+}
+
+/// `_has` (a reverse chain) finds the resources that matching resources of another type point
+/// at, with the caller's own access to those: what the caller could not search for never
+/// decides what it finds.
+#[tokio::test]
+async fn reverse_chains_find_what_matching_resources_point_at() {
+    let e = env();
+    let admin = seed(&e).await;
+    let found = |uri: &'static str, token: String| {
+        let e = &e;
+        async move {
+            let (s, _, b) = e.call("GET", uri, Some(&token), None).await;
+            assert_eq!(s, 200, "{uri}: {b}");
+            ids(&b)
+        }
+    };
+    // seed: p1 Smith with o1 (laboratory), o2 (vital-signs); p2 Jones with o3 (laboratory)
+    for (uri, want) in [
+        (
+            "/fhir/Patient?_has:Observation:patient:category=vital-signs",
+            vec!["Patient/p1"],
+        ),
+        (
+            "/fhir/Patient?_has:Observation:subject:category=laboratory",
+            vec!["Patient/p1", "Patient/p2"],
+        ),
+        (
+            "/fhir/Patient?_has:Observation:patient:category=laboratory&name=jones",
+            vec!["Patient/p2"],
+        ),
+        (
+            "/fhir/Patient?_has:Observation:patient:code=http://loinc.org|718-7&_id=p2",
+            vec!["Patient/p2"],
+        ),
+        ("/fhir/Patient?_has:Observation:patient:code=2345-7", vec![]),
+    ] {
+        assert_eq!(found(uri, admin.clone()).await, want, "{uri}");
+    }
+    // SMART v2 narrowing on the chained type: vital signs are not this token's to search
+    let lab_only = e.token(
+        "user/Patient.rs user/Observation.rs?category=laboratory",
+        |_| {},
+    );
+    assert!(found(
+        "/fhir/Patient?_has:Observation:patient:category=vital-signs",
+        lab_only
+    )
+    .await
+    .is_empty());
+    // a patient-context token's reverse chain sees its own patient's resources only
+    let p2 = e.token("patient/*.rs", |r| r.patient = Some("p2".into()));
+    assert_eq!(
+        found(
+            "/fhir/Patient?_has:Observation:patient:category=laboratory",
+            p2
+        )
+        .await,
+        ["Patient/p2"]
+    );
+    let no_observations = e.token("user/Patient.rs", |_| {});
+    let (s, _, _) = e
+        .call(
+            "GET",
+            "/fhir/Patient?_has:Observation:patient:category=laboratory",
+            Some(&no_observations),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
+    for bad in [
+        "/fhir/Patient?_has:Observation:patient=x",
+        "/fhir/Patient?_has:Bogus:patient:code=x",
+        "/fhir/Patient?_has:Observation:code:code=x",
+        "/fhir/Patient?_has:Observation:patient:bogus=x",
+        "/fhir/Patient?_has:Observation:patient:date=someday",
+        "/fhir/Patient?_has:Observation:patient:_has:Observation:patient:code=x",
+        "/fhir/Practitioner?_has:Observation:patient:code=x",
+    ] {
+        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+}
+
 /// `_revinclude` brings the resources that reference the matches: through the patient index
 /// for a Patient and for what belongs to patients, by a scan of the source type for what does
 /// not (a Practitioner) — and only what the caller may read.
@@ -2857,14 +3017,16 @@ async fn name_and_birthdate_searches_use_their_index_beyond_the_scan_bound() {
         assert_eq!(found, expect, "{q}");
     }
     // Without an index to narrow by, the bound still holds, and the answer says why.
-    for q in ["name:contains=ulle", "gender=female", "birthdate=ne1980"] {
+    for q in [
+        "name:contains=ulle",
+        "gender=female",
+        "birthdate=ne1980",
+        "name:missing=true",
+    ] {
         let (s, _, b) = search(q).await;
         assert_eq!(s, 400, "{q}: {b}");
         assert!(b.to_string().contains("would scan more than"), "{q}: {b}");
     }
-    let (s, _, b) = search("name:missing=true").await;
-    assert_eq!(s, 400, "{b}");
-    assert!(b.to_string().contains("modifier :missing"), "{b}");
 }
 
 /// A Bundle is answered from the built-in store, so entries of a type routed to a backend FHIR
