@@ -138,19 +138,26 @@ mod tests {
         vec![(k.to_string(), v.to_string())]
     }
 
+    /// `r` cut down as `param=value` asks, and its top-level element names, sorted.
+    fn cut(r: &Value, param: &str, value: &str) -> (Value, Vec<String>) {
+        let mut v = r.clone();
+        let rtype = r["resourceType"].as_str().unwrap();
+        Subset::from_params(rtype, &params(param, value))
+            .unwrap()
+            .unwrap()
+            .apply(rtype, &mut v);
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        (v, keys)
+    }
+
     #[test]
     fn elements_keep_what_is_asked_and_what_r4_requires_and_are_tagged() {
         let obs = json!({"resourceType": "Observation", "id": "o1", "meta": {"versionId": "2"},
             "text": {"status": "generated", "div": "<div/>"}, "status": "final",
             "code": {"text": "Hb"}, "valueQuantity": {"value": 13.2}, "note": [{"text": "n"}],
             "subject": {"reference": "Patient/p1"}});
-        let s = Subset::from_params("Observation", &params("_elements", "value,subject"))
-            .unwrap()
-            .unwrap();
-        let mut v = obs.clone();
-        s.apply("Observation", &mut v);
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort();
+        let (v, keys) = cut(&obs, "_elements", "value,subject");
         assert_eq!(
             keys,
             [
@@ -165,17 +172,9 @@ mod tests {
         );
         assert_eq!(v["meta"]["versionId"], "2");
         assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
-        let mut d = obs.clone();
-        Subset::from_params("Observation", &params("_summary", "data"))
-            .unwrap()
-            .unwrap()
-            .apply("Observation", &mut d);
+        let (d, _) = cut(&obs, "_summary", "data");
         assert!(d.get("text").is_none() && d.get("note").is_some());
-        let mut t = obs;
-        Subset::from_params("Observation", &params("_summary", "text"))
-            .unwrap()
-            .unwrap()
-            .apply("Observation", &mut t);
+        let (t, _) = cut(&obs, "_summary", "text");
         assert!(t.get("text").is_some() && t.get("note").is_none() && t.get("code").is_some());
     }
 
@@ -190,13 +189,7 @@ mod tests {
             "interpretation": [{"text": "H"}], "referenceRange": [{"text": "10-15"}],
             "component": [{"code": {"text": "sys"}, "valueQuantity": {"value": 120},
                            "interpretation": [{"text": "N"}]}]});
-        let mut v = obs;
-        Subset::from_params("Observation", &params("_summary", "true"))
-            .unwrap()
-            .unwrap()
-            .apply("Observation", &mut v);
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort();
+        let (v, keys) = cut(&obs, "_summary", "true");
         assert_eq!(
             keys,
             [
@@ -220,9 +213,9 @@ mod tests {
         );
         assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
         // what R4 requires stays even where it is not a summary element
-        let mut a = json!({"resourceType": "Appointment", "id": "a", "status": "booked",
+        let a = json!({"resourceType": "Appointment", "id": "a", "status": "booked",
             "participant": [{"status": "accepted"}], "comment": "x"});
-        Subset::True.apply("Appointment", &mut a);
+        let (a, _) = cut(&a, "_summary", "true");
         assert!(a.get("participant").is_some() && a.get("comment").is_none());
         assert!(!fhir_r4::in_summary("Appointment", "", "participant"));
     }

@@ -55,6 +55,22 @@ impl Env {
         self.call_h(method, uri, token, body, &[]).await
     }
 
+    /// The `Type/id`s a search answers with (it must answer 200).
+    pub(crate) async fn found(&self, uri: &str, token: &str) -> Vec<String> {
+        let (s, _, b) = self.call("GET", uri, Some(token), None).await;
+        assert_eq!(s, 200, "{uri}: {b}");
+        ids(&b)
+    }
+
+    /// Each GET is refused as the client's error: 400 with an OperationOutcome.
+    pub(crate) async fn refuses(&self, token: &str, uris: &[&str]) {
+        for uri in uris {
+            let (s, _, b) = self.call("GET", uri, Some(token), None).await;
+            assert_eq!(s, 400, "{uri}: {b}");
+            assert_eq!(b["resourceType"], "OperationOutcome", "{uri}");
+        }
+    }
+
     /// A transaction or batch Bundle posted to the base with request id `request_id`.
     pub(crate) async fn post_bundle(
         &self,
@@ -697,55 +713,43 @@ async fn sort_by_several_keys() {
 async fn chained_patient_parameters_find_resources_by_the_patients_own_parameters() {
     let e = env();
     let admin = seed(&e).await;
-    let found = |uri: &'static str, token: String| {
-        let e = &e;
-        async move {
-            let (s, _, b) = e.call("GET", uri, Some(&token), None).await;
-            assert_eq!(s, 200, "{uri}: {b}");
-            ids(&b)
-        }
-    };
     // seed: p1 Smith (MRN-p1) with o1, o2; p2 Jones (MRN-p2) with o3
     assert_eq!(
-        found(
+        e.found(
             "/fhir/Observation?patient.identifier=urn:mrn|MRN-p1",
-            admin.clone()
+            &admin
         )
         .await,
         ["Observation/o1", "Observation/o2"]
     );
     assert_eq!(
-        found(
-            "/fhir/Observation?subject:Patient.name=jones",
-            admin.clone()
-        )
-        .await,
+        e.found("/fhir/Observation?subject:Patient.name=jones", &admin)
+            .await,
         ["Observation/o3"]
     );
     assert_eq!(
-        found(
+        e.found(
             "/fhir/Observation?subject.identifier=MRN-p1,MRN-p2&category=laboratory",
-            admin.clone()
+            &admin
         )
         .await,
         ["Observation/o1", "Observation/o3"]
     );
-    assert!(found(
-        "/fhir/Observation?patient.identifier=urn:mrn|nobody",
-        admin.clone()
-    )
-    .await
-    .is_empty());
+    assert!(e
+        .found(
+            "/fhir/Observation?patient.identifier=urn:mrn|nobody",
+            &admin
+        )
+        .await
+        .is_empty());
     // a patient-context token's chain reaches its own patient only
     let t = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
-    assert!(found(
-        "/fhir/Observation?patient.identifier=urn:mrn|MRN-p2",
-        t.clone()
-    )
-    .await
-    .is_empty());
+    assert!(e
+        .found("/fhir/Observation?patient.identifier=urn:mrn|MRN-p2", &t)
+        .await
+        .is_empty());
     assert_eq!(
-        found("/fhir/Observation?patient.family=smith", t).await,
+        e.found("/fhir/Observation?patient.family=smith", &t).await,
         ["Observation/o1", "Observation/o2"]
     );
     // without search on Patient there is no chain through it
@@ -759,17 +763,18 @@ async fn chained_patient_parameters_find_resources_by_the_patients_own_parameter
         )
         .await;
     assert_eq!(s, 403);
-    for bad in [
-        "/fhir/Observation?patient.bogus=1",
-        "/fhir/Observation?patient.birthdate=someday",
-        "/fhir/Observation?performer.identifier=x",
-        "/fhir/Observation?patient.organization.name=x",
-        "/fhir/Patient?patient.identifier=MRN-p1",
-        "/fhir/Practitioner?subject.identifier=MRN-p1",
-    ] {
-        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
-        assert_eq!(s, 400, "{bad}: {b}");
-    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Observation?patient.bogus=1",
+            "/fhir/Observation?patient.birthdate=someday",
+            "/fhir/Observation?performer.identifier=x",
+            "/fhir/Observation?patient.organization.name=x",
+            "/fhir/Patient?patient.identifier=MRN-p1",
+            "/fhir/Practitioner?subject.identifier=MRN-p1",
+        ],
+    )
+    .await;
 }
 
 /// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element
@@ -837,17 +842,18 @@ async fn search_modifiers_missing_not_text_and_reference_type() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(ids(&b), ["Observation/o1"]);
-    for bad in [
-        "/fhir/Observation?code:missing=maybe",
-        "/fhir/Patient?name:not=smith",
-        "/fhir/Observation?status:text=final",
-        "/fhir/Observation?subject:Bogus=p1",
-        "/fhir/Observation?patient:Group=p1",
-        "/fhir/Observation?date:not=2024",
-    ] {
-        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
-        assert_eq!(s, 400, "{bad}: {b}");
-    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Observation?code:missing=maybe",
+            "/fhir/Patient?name:not=smith",
+            "/fhir/Observation?status:text=final",
+            "/fhir/Observation?subject:Bogus=p1",
+            "/fhir/Observation?patient:Group=p1",
+            "/fhir/Observation?date:not=2024",
+        ],
+    )
+    .await;
 }
 
 /// `_has` (a reverse chain) finds the resources that matching resources of another type point
@@ -857,14 +863,6 @@ async fn search_modifiers_missing_not_text_and_reference_type() {
 async fn reverse_chains_find_what_matching_resources_point_at() {
     let e = env();
     let admin = seed(&e).await;
-    let found = |uri: &'static str, token: String| {
-        let e = &e;
-        async move {
-            let (s, _, b) = e.call("GET", uri, Some(&token), None).await;
-            assert_eq!(s, 200, "{uri}: {b}");
-            ids(&b)
-        }
-    };
     // seed: p1 Smith with o1 (laboratory), o2 (vital-signs); p2 Jones with o3 (laboratory)
     for (uri, want) in [
         (
@@ -885,25 +883,26 @@ async fn reverse_chains_find_what_matching_resources_point_at() {
         ),
         ("/fhir/Patient?_has:Observation:patient:code=2345-7", vec![]),
     ] {
-        assert_eq!(found(uri, admin.clone()).await, want, "{uri}");
+        assert_eq!(e.found(uri, &admin).await, want, "{uri}");
     }
     // SMART v2 narrowing on the chained type: vital signs are not this token's to search
     let lab_only = e.token(
         "user/Patient.rs user/Observation.rs?category=laboratory",
         |_| {},
     );
-    assert!(found(
-        "/fhir/Patient?_has:Observation:patient:category=vital-signs",
-        lab_only
-    )
-    .await
-    .is_empty());
+    assert!(e
+        .found(
+            "/fhir/Patient?_has:Observation:patient:category=vital-signs",
+            &lab_only
+        )
+        .await
+        .is_empty());
     // a patient-context token's reverse chain sees its own patient's resources only
     let p2 = e.token("patient/*.rs", |r| r.patient = Some("p2".into()));
     assert_eq!(
-        found(
+        e.found(
             "/fhir/Patient?_has:Observation:patient:category=laboratory",
-            p2
+            &p2
         )
         .await,
         ["Patient/p2"]
@@ -918,18 +917,19 @@ async fn reverse_chains_find_what_matching_resources_point_at() {
         )
         .await;
     assert_eq!(s, 403);
-    for bad in [
-        "/fhir/Patient?_has:Observation:patient=x",
-        "/fhir/Patient?_has:Bogus:patient:code=x",
-        "/fhir/Patient?_has:Observation:code:code=x",
-        "/fhir/Patient?_has:Observation:patient:bogus=x",
-        "/fhir/Patient?_has:Observation:patient:date=someday",
-        "/fhir/Patient?_has:Observation:patient:_has:Observation:patient:code=x",
-        "/fhir/Practitioner?_has:Observation:patient:code=x",
-    ] {
-        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
-        assert_eq!(s, 400, "{bad}: {b}");
-    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Patient?_has:Observation:patient=x",
+            "/fhir/Patient?_has:Bogus:patient:code=x",
+            "/fhir/Patient?_has:Observation:code:code=x",
+            "/fhir/Patient?_has:Observation:patient:bogus=x",
+            "/fhir/Patient?_has:Observation:patient:date=someday",
+            "/fhir/Patient?_has:Observation:patient:_has:Observation:patient:code=x",
+            "/fhir/Practitioner?_has:Observation:patient:code=x",
+        ],
+    )
+    .await;
 }
 
 /// `_revinclude` brings the resources that reference the matches: through the patient index
@@ -1057,16 +1057,16 @@ async fn revinclude_brings_what_references_the_matches() {
     let t = e.token("patient/Patient.rs", |r| r.patient = Some("p1".into()));
     let b = search("/fhir/Patient?_revinclude=Observation:subject", t).await;
     assert_eq!(ids(&b), vec!["Patient/p1"]);
-    for bad in [
-        "/fhir/Patient?_revinclude=Observation",
-        "/fhir/Patient?_revinclude=Observation:bogus",
-        "/fhir/Patient?_revinclude=observation:subject",
-        "/fhir/Patient?_revinclude=Provenance:target:patient",
-    ] {
-        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
-        assert_eq!(s, 400, "{bad}: {b}");
-        assert_eq!(b["resourceType"], "OperationOutcome");
-    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Patient?_revinclude=Observation",
+            "/fhir/Patient?_revinclude=Observation:bogus",
+            "/fhir/Patient?_revinclude=observation:subject",
+            "/fhir/Patient?_revinclude=Provenance:target:patient",
+        ],
+    )
+    .await;
     let (_, _, cap) = e.call("GET", "/fhir/metadata", None, None).await;
     let rev = |t: &str| {
         cap["rest"][0]["resource"]
@@ -2637,14 +2637,15 @@ async fn elements_and_summary_return_tagged_subsets() {
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["name"][0]["family"], "Smith", "{r}");
     assert!(tags(&r).contains("SUBSETTED"), "{r}");
-    for bad in [
-        "/fhir/Patient/p1?_elements=valueQuantity",
-        "/fhir/Observation?_elements=birthDate",
-        "/fhir/Observation?_summary=yes",
-    ] {
-        let (s, _, b) = e.call("GET", bad, Some(&admin), None).await;
-        assert_eq!(s, 400, "{bad}: {b}");
-    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Patient/p1?_elements=valueQuantity",
+            "/fhir/Observation?_elements=birthDate",
+            "/fhir/Observation?_summary=yes",
+        ],
+    )
+    .await;
 }
 
 /// A conditional read: `If-None-Match` with the current version's ETag, or `If-Modified-Since`
