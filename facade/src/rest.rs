@@ -135,13 +135,83 @@ fn not_modified(headers: &Validators, r: &StoredResource) -> bool {
     })
 }
 
-fn write_response(base: &str, w: &WriteOutcome) -> Response {
+/// What a write answers with, from `Prefer: return=…` (FHIR R4 RESTful API, "Managing Return
+/// Content"): the resource as stored (the default), nothing, or an OperationOutcome about the
+/// write. Headers (`Location`, `ETag`) are the same for all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Return {
+    Representation,
+    Minimal,
+    Outcome,
+}
+
+impl Return {
+    pub(crate) fn of(headers: &HeaderMap) -> Return {
+        headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|h| h.to_str().ok())
+            .flat_map(|h| h.split([',', ';']))
+            .filter_map(|p| p.trim().strip_prefix("return="))
+            .find_map(|v| match v.trim_matches('"') {
+                "representation" => Some(Return::Representation),
+                "minimal" => Some(Return::Minimal),
+                "OperationOutcome" => Some(Return::Outcome),
+                _ => None,
+            })
+            .unwrap_or(Return::Representation)
+    }
+
+    /// The OperationOutcome that stands for a write's resource: what happened, by id only.
+    pub(crate) fn outcome(verb: &str, rtype: &str, id: &str, version: u64) -> Value {
+        crate::error::operation_outcome(
+            "information",
+            "informational",
+            &format!("{verb} {rtype}/{id} version {version}"),
+        )
+    }
+
+    /// A write's answer with the body this preference asks for (`json`: the stored resource),
+    /// saying which one it applied.
+    fn respond(self, status: StatusCode, json: &[u8], outcome: impl FnOnce() -> Value) -> Response {
+        let (mut res, applied) = match self {
+            Return::Representation => (json_response(status, json.to_vec()), None),
+            Return::Minimal => {
+                let mut res = Response::new(Body::empty());
+                *res.status_mut() = status;
+                (res, Some("return=minimal"))
+            }
+            Return::Outcome => (
+                json_response(status, serde_json::to_vec(&outcome()).unwrap_or_default()),
+                Some("return=OperationOutcome"),
+            ),
+        };
+        if let Some(a) = applied {
+            res.headers_mut()
+                .insert("preference-applied", HeaderValue::from_static(a));
+        }
+        res
+    }
+}
+
+/// What a write did, for its OperationOutcome.
+pub(crate) fn written(w: &WriteOutcome) -> &'static str {
+    match (w.created, w.changed) {
+        (true, _) => "created",
+        (false, true) => "updated",
+        (false, false) => "unchanged",
+    }
+}
+
+fn write_response(base: &str, w: &WriteOutcome, ret: Return) -> Response {
     let status = if w.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let mut res = json_response(status, w.json.to_vec());
+    let mut res = ret.respond(status, &w.json, || {
+        Return::outcome(written(w), &w.resource_type, &w.id, w.version)
+    });
     let h = res.headers_mut();
     h.insert(header::ETAG, etag(w.version));
     if let Ok(v) = HeaderValue::from_str(&format!(
@@ -425,7 +495,17 @@ pub async fn create(
                 note_patient(&slot, &rtype, &existing.id, &ev);
                 slot.update(|d| d.resource_id = Some(existing.id.clone()));
                 access.require(Perm::Read, &rtype, &existing.id, &ev)?;
-                return Ok(resource_response(StatusCode::OK, existing));
+                let ret = Return::of(&headers);
+                let mut res = ret.respond(StatusCode::OK, &existing.json, || {
+                    Return::outcome(
+                        "found (If-None-Exist)",
+                        &rtype,
+                        &existing.id,
+                        existing.version,
+                    )
+                });
+                validators(&mut res, existing);
+                return Ok(res);
             }
             _ => {
                 return Err(ApiError::PreconditionFailed(
@@ -443,7 +523,7 @@ pub async fn create(
     let mut w = ResourceWrite::upsert(&rtype, &id, v);
     w.precondition = Precondition::MustNotExist;
     let out = commit_one(&st, &access, w).await?;
-    Ok(write_response(&base, &out))
+    Ok(write_response(&base, &out, Return::of(&headers)))
 }
 
 pub(crate) async fn commit_one(
@@ -571,7 +651,11 @@ async fn store_update(
         w.precondition = Precondition::VersionMatch(version);
     }
     let out = commit_one(st, access, w).await?;
-    Ok(write_response(&base_url(st, headers), &out))
+    Ok(write_response(
+        &base_url(st, headers),
+        &out,
+        Return::of(headers),
+    ))
 }
 
 pub async fn delete(
@@ -752,7 +836,11 @@ pub async fn patch(
     let mut w = ResourceWrite::upsert(&rtype, &id, patched);
     w.precondition = Precondition::VersionMatch(expected);
     let out = commit_one(&st, &access, w).await?;
-    Ok(write_response(&base_url(&st, &headers), &out))
+    Ok(write_response(
+        &base_url(&st, &headers),
+        &out,
+        Return::of(&headers),
+    ))
 }
 
 fn history_entry(base: &str, r: &StoredResource) -> ApiResult<Value> {

@@ -57,9 +57,7 @@ impl Env {
 
     /// The `Type/id`s a search answers with (it must answer 200).
     pub(crate) async fn found(&self, uri: &str, token: &str) -> Vec<String> {
-        let (s, _, b) = self.call("GET", uri, Some(token), None).await;
-        assert_eq!(s, 200, "{uri}: {b}");
-        ids(&b)
+        ids(&self.get_ok(uri, token).await)
     }
 
     /// Each GET is refused as the client's error: 400 with an OperationOutcome.
@@ -775,6 +773,95 @@ async fn chained_patient_parameters_find_resources_by_the_patients_own_parameter
         ],
     )
     .await;
+}
+
+/// `Prefer: return=minimal|representation|OperationOutcome` shapes what a write answers with,
+/// on its own and inside a batch or transaction; the headers stay.
+#[tokio::test]
+async fn prefer_return_shapes_what_writes_answer_with() {
+    let e = env();
+    let admin = e.token("system/*.cruds", |_| {});
+    let write = |method: &'static str, uri: &'static str, prefer: &'static str| {
+        let (e, admin) = (&e, &admin);
+        async move {
+            let body = patient("pr1", "Ode");
+            let h = [("prefer", prefer)];
+            let extra: &[(&str, &str)] = if prefer.is_empty() { &[] } else { &h };
+            e.call_bytes(method, uri, Some(admin), Some(body), extra)
+                .await
+        }
+    };
+    let (s, h, body) = write("POST", "/fhir/Patient", "return=minimal").await;
+    assert_eq!(s, 201);
+    assert!(body.is_empty(), "{body:?}");
+    assert!(h["location"].to_str().unwrap().contains("/fhir/Patient/"));
+    assert_eq!(h["etag"], "W/\"1\"");
+    assert_eq!(h["preference-applied"], "return=minimal");
+    let (s, h, body) = write("PUT", "/fhir/Patient/pr1", "return=OperationOutcome").await;
+    assert_eq!(s, 201);
+    let oo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert_eq!(
+        oo["issue"][0]["diagnostics"],
+        "created Patient/pr1 version 1"
+    );
+    assert!(
+        !String::from_utf8_lossy(&body).contains("Ode"),
+        "no resource content"
+    );
+    assert_eq!(h["preference-applied"], "return=OperationOutcome");
+    let (s, _, body) = write(
+        "PUT",
+        "/fhir/Patient/pr1",
+        "respond-async, return=OperationOutcome",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let oo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        oo["issue"][0]["diagnostics"],
+        "unchanged Patient/pr1 version 1"
+    );
+    let (s, h, body) = write("PUT", "/fhir/Patient/pr1", "").await;
+    assert_eq!(s, 200);
+    let r: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(r["name"][0]["family"], "Ode");
+    assert!(h.get("preference-applied").is_none());
+    // in a batch: no resource with minimal, the outcome beside the status with OperationOutcome
+    let bundle = |id: &str| {
+        json!({"resourceType": "Bundle", "type": "batch", "entry": [{
+            "resource": patient(id, "Ode"),
+            "request": {"method": "PUT", "url": format!("Patient/{id}")}}]})
+    };
+    for (prefer, kind) in [
+        ("return=minimal", "batch"),
+        ("return=OperationOutcome", "transaction"),
+    ] {
+        let mut b = bundle(&format!("pr-{kind}"));
+        b["type"] = json!(kind);
+        let (s, _, out) = e
+            .call_h(
+                "POST",
+                "/fhir",
+                Some(&admin),
+                Some(b),
+                &[("prefer", prefer)],
+            )
+            .await;
+        assert_eq!(s, 200, "{out}");
+        let entry = &out["entry"][0];
+        assert_eq!(entry["response"]["status"], "201 Created", "{out}");
+        assert!(entry.get("resource").is_none(), "{out}");
+        assert_eq!(
+            entry["response"].get("outcome").is_some(),
+            prefer == "return=OperationOutcome",
+            "{out}"
+        );
+    }
+    let (_, _, out) = e
+        .call("POST", "/fhir", Some(&admin), Some(bundle("pr-default")))
+        .await;
+    assert_eq!(out["entry"][0]["resource"]["id"], "pr-default", "{out}");
 }
 
 /// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element

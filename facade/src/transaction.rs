@@ -10,7 +10,7 @@ use crate::policy::{valid_id, Access};
 use crate::rest::{
     base_url, bundle_response, check_id, check_resource, check_type, check_update,
     conditional_matches, new_id, note_patient, parse_etag, patched_resource, read_visible,
-    PatchBody,
+    PatchBody, Return,
 };
 use crate::scopes::Perm;
 use crate::AppState;
@@ -20,7 +20,7 @@ use axum::response::Response;
 use axum::Extension;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use tributary_storage::{Precondition, ResourceWrite, StoreTransaction, WriteOp};
+use tributary_storage::{Precondition, ResourceWrite, StoreTransaction, WriteOp, WriteOutcome};
 
 /// Most entries in one Bundle.
 pub const MAX_ENTRIES: usize = 1000;
@@ -317,6 +317,35 @@ fn existing_entry(rtype: &str, id: &str, version: u64) -> (StatusCode, Value) {
     )
 }
 
+/// The answer to a committed create or update: its location and version, and the resource,
+/// an OperationOutcome or neither, as `Prefer: return=` asks.
+fn written_entry(base: &str, r: &WriteOutcome, ret: Return) -> (StatusCode, Value) {
+    let status = if r.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let resource = match ret {
+        Return::Representation => serde_json::from_slice(&r.json).ok(),
+        Return::Minimal | Return::Outcome => None,
+    };
+    let mut e = response_entry(
+        status,
+        Some(format!(
+            "{}/{}/_history/{}",
+            r.resource_type, r.id, r.version
+        )),
+        Some(r.version),
+        resource,
+    );
+    if ret == Return::Outcome {
+        e["response"]["outcome"] =
+            Return::outcome(crate::rest::written(r), &r.resource_type, &r.id, r.version);
+    }
+    e["fullUrl"] = json!(format!("{base}/{}/{}", r.resource_type, r.id));
+    (status, e)
+}
+
 fn response_entry(
     status: StatusCode,
     location: Option<String>,
@@ -409,10 +438,11 @@ pub async fn transaction(
         }
     }
     let base = base_url(&st, &headers);
+    let ret = Return::of(&headers);
     slot.update(|d| d.returned = Some(entries.len()));
     match kind {
-        "transaction" => run_transaction(&st, &access, &base, &entries, &slot).await,
-        "batch" => run_batch(&st, &access, &base, &entries, &slot).await,
+        "transaction" => run_transaction(&st, &access, &base, &entries, &slot, ret).await,
+        "batch" => run_batch(&st, &access, &base, &entries, &slot, ret).await,
         other => Err(ApiError::BadRequest(format!(
             "Bundle.type must be transaction or batch, not {other:?}"
         ))),
@@ -460,6 +490,7 @@ async fn run_transaction(
     base: &str,
     entries: &[Value],
     slot: &AuditSlot,
+    ret: Return,
 ) -> ApiResult<Response> {
     let mut map = HashMap::new();
     let mut planned = Vec::with_capacity(entries.len());
@@ -502,23 +533,7 @@ async fn run_transaction(
                         response_entry(StatusCode::NO_CONTENT, None, None, None),
                     )
                 } else {
-                    let status = if r.created {
-                        StatusCode::CREATED
-                    } else {
-                        StatusCode::OK
-                    };
-                    let res: Value = serde_json::from_slice(&r.json).unwrap_or(Value::Null);
-                    let mut e = response_entry(
-                        status,
-                        Some(format!(
-                            "{}/{}/_history/{}",
-                            r.resource_type, r.id, r.version
-                        )),
-                        Some(r.version),
-                        Some(res),
-                    );
-                    e["fullUrl"] = json!(format!("{base}/{}/{}", r.resource_type, r.id));
-                    (status, e)
+                    written_entry(base, &r, ret)
                 }
             }
         };
@@ -537,6 +552,7 @@ async fn batch_entry(
     base: &str,
     e: &Value,
     audit: &AuditSlot,
+    ret: Return,
 ) -> ApiResult<(StatusCode, Value)> {
     let method = e
         .get("request")
@@ -593,23 +609,7 @@ async fn batch_entry(
                     response_entry(StatusCode::NO_CONTENT, None, None, None),
                 ));
             }
-            let status = if r.created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok((
-                status,
-                response_entry(
-                    status,
-                    Some(format!(
-                        "{}/{}/_history/{}",
-                        r.resource_type, r.id, r.version
-                    )),
-                    Some(r.version),
-                    serde_json::from_slice(&r.json).ok(),
-                ),
-            ))
+            Ok(written_entry(base, &r, ret))
         }
     }
 }
@@ -620,11 +620,12 @@ async fn run_batch(
     base: &str,
     entries: &[Value],
     slot: &AuditSlot,
+    ret: Return,
 ) -> ApiResult<Response> {
     let mut out = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let audit = open_entry(slot, i, e);
-        out.push(match batch_entry(st, access, base, e, &audit).await {
+        out.push(match batch_entry(st, access, base, e, &audit, ret).await {
             Ok((status, v)) => {
                 audit.finish(status.as_u16(), None);
                 v
