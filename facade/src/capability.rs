@@ -225,7 +225,8 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
     if t == "Patient" {
         r["operation"] = json!([
             {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}
+            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"},
+            {"name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match"}
         ]);
     }
     // R4 Subscriptions Backport: the topics a client can subscribe to, and the operations.

@@ -15,6 +15,7 @@ mod everything;
 pub mod export;
 pub mod fhirpatch;
 pub mod keys;
+mod matching;
 pub mod patch;
 pub mod pipeline;
 pub mod policy;
@@ -133,6 +134,7 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/metadata", get(capability::metadata))
         .route("/fhir/$export", get(export::kick_off))
         .route("/fhir/Patient/$export", get(export::kick_off))
+        .route("/fhir/Patient/$match", post(matching::patient_match))
         .route("/fhir/Group/{id}/$export", get(export::kick_off))
         .route(
             "/fhir/$export-status/{job}",

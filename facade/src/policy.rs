@@ -26,6 +26,8 @@ pub enum Interaction {
     /// A transaction or batch Bundle posted to the base; entries are authorized one by one.
     Transaction,
     Everything,
+    /// `POST Patient/$match`: a search for the Patients a described person may be.
+    Match,
     /// Bulk Data `$export` kick-off (system level, or `Patient/$export`); the handler checks
     /// each exported type against the token.
     Export,
@@ -55,6 +57,7 @@ impl Interaction {
             Interaction::HistoryType => "history-type",
             Interaction::Transaction => "transaction",
             Interaction::Everything => "operation-everything",
+            Interaction::Match => "operation-match",
             Interaction::Export => "operation-export",
             Interaction::ExportStatus => "export-status",
             Interaction::ExportFile => "export-file",
@@ -82,7 +85,9 @@ impl Interaction {
             | Interaction::Vread
             | Interaction::HistoryInstance
             | Interaction::Everything => Some(Perm::Read),
-            Interaction::Search | Interaction::HistoryType => Some(Perm::Search),
+            Interaction::Search | Interaction::HistoryType | Interaction::Match => {
+                Some(Perm::Search)
+            }
             Interaction::Create => Some(Perm::Create),
             Interaction::Update | Interaction::Patch => Some(Perm::Update),
             Interaction::Delete => Some(Perm::Delete),
@@ -203,6 +208,9 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         (["AuditEvent"], _) if get => (Interaction::AuditQuery, Some("AuditEvent"), None),
         ([t], _) if get => (Interaction::Search, Some(*t), None),
         ([t, "_search"], m) if m == Method::POST => (Interaction::Search, Some(*t), None),
+        (["Patient", "$match"], m) if m == Method::POST => {
+            (Interaction::Match, Some("Patient"), None)
+        }
         ([t], m) if m == Method::POST => (Interaction::Create, Some(*t), None),
         ([t], m) if m == Method::PUT => (Interaction::Update, Some(*t), None),
         ([t], m) if m == Method::DELETE => (Interaction::Delete, Some(*t), None),

@@ -70,7 +70,7 @@ impl RateLimiter {
     pub fn class(req: &FhirRequest) -> RateClass {
         match req.interaction {
             Interaction::Read | Interaction::Vread => RateClass::Read,
-            Interaction::Search | Interaction::AuditQuery => RateClass::Search,
+            Interaction::Search | Interaction::AuditQuery | Interaction::Match => RateClass::Search,
             Interaction::HistoryInstance | Interaction::HistoryType => RateClass::History,
             Interaction::Create
             | Interaction::Update
@@ -93,6 +93,7 @@ impl RateLimiter {
             Interaction::Search | Interaction::AuditQuery => {
                 c.search + c.include * req.includes() as u64
             }
+            Interaction::Match => c.search,
             Interaction::HistoryInstance | Interaction::HistoryType => c.history,
             Interaction::Create
             | Interaction::Update

@@ -864,6 +864,97 @@ async fn prefer_return_shapes_what_writes_answer_with() {
     assert_eq!(out["entry"][0]["resource"]["id"], "pr-default", "{out}");
 }
 
+/// `Patient/$match`: the Patients a described person may be, scored and graded, found through
+/// the indexes, and only those the caller may search.
+#[tokio::test]
+async fn patient_match_ranks_candidates_by_identifier_then_demographics() {
+    let e = env();
+    let admin = seed(&e).await;
+    // seed: p1 Ann Smith and p2 Ann Jones, both female, born 1970-01-02, MRN-p1 / MRN-p2
+    let mut twin = patient("p3", "Smith");
+    twin["identifier"] = json!([{"system": "urn:mrn", "value": "MRN-p3"}]);
+    twin["gender"] = json!("male");
+    twin["name"][0]["given"] = json!(["Bob"]);
+    let (s, _, _) = e
+        .call("PUT", "/fhir/Patient/p3", Some(&admin), Some(twin))
+        .await;
+    assert!(s.is_success());
+    let ask = |who: Value, token: String, only_certain: bool| {
+        let e = &e;
+        async move {
+            let body = json!({"resourceType": "Parameters", "parameter": [
+                {"name": "resource", "resource": who},
+                {"name": "onlyCertainMatches", "valueBoolean": only_certain}]});
+            let (s, _, b) = e
+                .call("POST", "/fhir/Patient/$match", Some(&token), Some(body))
+                .await;
+            (s, b)
+        }
+    };
+    let graded = |b: &Value| -> Vec<(String, String, f64)> {
+        b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                (
+                    x["resource"]["id"].as_str().unwrap().to_string(),
+                    x["search"]["extension"][0]["valueCode"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                    x["search"]["score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    // by MRN: certain; Ann Jones (same given name and birth date, another family) is no match
+    let by_mrn = json!({"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "MRN-p1"}],
+        "name": [{"family": "Smith", "given": ["Ann"]}], "birthDate": "1970-01-02"});
+    let (s, b) = ask(by_mrn.clone(), admin.clone(), false).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["type"], "searchset");
+    assert_eq!(graded(&b), [("p1".to_string(), "certain".to_string(), 1.0)]);
+    // by demographics only: p1 agrees on all four (probable); p2 on all but the family name (a
+    // name change: possible); p3 on family name and birth date only (no match)
+    let by_name = json!({"resourceType": "Patient", "name": [{"family": "SMITH", "given": ["ann"]}],
+        "birthDate": "1970-01-02", "gender": "female"});
+    let (s, b) = ask(by_name.clone(), admin.clone(), false).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        graded(&b),
+        [
+            ("p1".to_string(), "probable".to_string(), 0.85),
+            ("p2".to_string(), "possible".to_string(), 0.6)
+        ],
+        "{b}"
+    );
+    // onlyCertainMatches leaves the demographic ones out
+    let (_, b) = ask(by_name, admin.clone(), true).await;
+    assert!(b.get("entry").is_none() || graded(&b).is_empty(), "{b}");
+    // a patient-context token finds its own patient only; no Patient search, no match
+    let p2 = e.token("patient/Patient.rs", |r| r.patient = Some("p2".into()));
+    let (s, b) = ask(by_mrn.clone(), p2, false).await;
+    assert_eq!(s, 200);
+    assert!(b.get("entry").is_none() || graded(&b).is_empty(), "{b}");
+    let no_search = e.token("user/Patient.r", |_| {});
+    assert_eq!(ask(by_mrn, no_search, false).await.0, 403);
+    let (s, b) = ask(json!({"resourceType": "Observation"}), admin, false).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["resourceType"], "OperationOutcome");
+    // the audit record names the operation, and no detail of the person asked about
+    let rec = e
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|r| r["interaction"] == "operation-match" && r["status"] == 200)
+        .expect("an audit record of the match");
+    assert!(
+        !rec.to_string().contains("Smith") && !rec.to_string().contains("MRN-p1"),
+        "{rec}"
+    );
+}
+
 /// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element
 /// matches), `:text` on codes and categories, and a resource type on references.
 #[tokio::test]
