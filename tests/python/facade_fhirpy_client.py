@@ -3,7 +3,8 @@
 Usage: python3 facade_fhirpy_client.py BASE_URL TOKEN
 Posts a transaction (Patient + 5 Observations + a Provenance linked by urn:uuid), reads the
 Patient back, searches the Observations with _count=2 so that fhirpy has to follow `next`
-links, and searches the Patient with its Provenances (`_revinclude=Provenance:target`).
+links, searches the Patient with its Provenances (`_revinclude=Provenance:target`) and by its
+Observations (`_has:Observation:patient:code`), and asks `Patient/$match` for it by identifier.
 Prints one JSON line with what it saw; exits non-zero on any failure.
 """
 import json
@@ -55,7 +56,19 @@ def main():
     revincluded = sorted(
         (e["resource"]["resourceType"], e["resource"]["target"][0]["reference"])
         for e in with_provenance.get("entry", []) if e["search"]["mode"] == "include")
+    has = client.resources("Patient").search(
+        **{"_has:Observation:patient:code": "http://loinc.org|8867-4", "identifier": "urn:test|fhirpy-1"}
+    ).fetch()
+    match = client.execute("Patient/$match", method="post", data={
+        "resourceType": "Parameters",
+        "parameter": [{"name": "resource", "resource": {
+            "resourceType": "Patient", "identifier": [{"system": "urn:test", "value": "fhirpy-1"}]}}],
+    })
+    matched = [(e["resource"]["id"], e["search"]["extension"][0]["valueCode"])
+               for e in match.get("entry", [])]
     print(json.dumps({
+        "has": sorted(p["id"] for p in has),
+        "matched": matched,
         "patient": patient_id,
         "read_ok": True,
         "observations": len(observations),

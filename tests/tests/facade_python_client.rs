@@ -1,6 +1,7 @@
 //! A FHIR client nobody here wrote — python `fhirpy` (PyPI) — performs a transaction, a read, a
-//! paged search and a search with `_revinclude` against the running facade. Skips with a message when fhirpy is not installed
-//! (CI installs it: `pip install fhirpy==2.3.1`).
+//! paged search, searches with `_revinclude` and `_has`, and a `Patient/$match` against the
+//! running facade. Skips with a message when fhirpy is not installed (CI installs it:
+//! `pip install fhirpy==2.3.1`).
 
 mod facade_support;
 
@@ -62,6 +63,16 @@ async fn fhirpy_reads_searches_with_paging_and_posts_a_transaction() {
         seen["revincluded"],
         serde_json::json!([["Provenance", format!("Patient/{pid}")]]),
         "_revinclude=Provenance:target brought the transaction's Provenance: {seen}"
+    );
+    assert_eq!(
+        seen["has"],
+        serde_json::json!([pid]),
+        "_has found the Patient by its Observations' code: {seen}"
+    );
+    assert_eq!(
+        seen["matched"],
+        serde_json::json!([[pid, "certain"]]),
+        "$match found the Patient by its identifier: {seen}"
     );
     // What fhirpy wrote is really in the store, under one transaction.
     let r = f
