@@ -222,6 +222,9 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
     if !routed {
         r["documentation"] = json!("Search also takes _has:<type>:<reference>:<parameter> (reverse chaining, one level, through a type of the built-in store).");
     }
+    if t == "Observation" {
+        r["operation"] = json!([{"name": "lastn", "definition": "http://hl7.org/fhir/OperationDefinition/Observation-lastn"}]);
+    }
     if t == "Patient" {
         r["operation"] = json!([
             {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},

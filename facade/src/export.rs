@@ -1119,8 +1119,9 @@ mod tests {
                 .map(|o| o["name"].as_str().unwrap().to_string())
                 .collect()
         };
-        assert_eq!(ops("Patient"), ["everything", "export"]);
+        assert_eq!(ops("Patient"), ["everything", "export", "match"]);
         assert_eq!(ops("Group"), ["export"]);
+        assert_eq!(ops("Observation"), ["lastn"]);
 
         // Refused before a job starts: no Prefer, unknown type or format or parameter, a type
         // the token may not read.

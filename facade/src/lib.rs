@@ -15,6 +15,7 @@ mod everything;
 pub mod export;
 pub mod fhirpatch;
 pub mod keys;
+mod lastn;
 mod matching;
 pub mod patch;
 pub mod pipeline;
@@ -135,6 +136,7 @@ fn fhir_routes() -> Router<AppState> {
         .route("/fhir/$export", get(export::kick_off))
         .route("/fhir/Patient/$export", get(export::kick_off))
         .route("/fhir/Patient/$match", post(matching::patient_match))
+        .route("/fhir/Observation/$lastn", get(lastn::lastn))
         .route("/fhir/Group/{id}/$export", get(export::kick_off))
         .route(
             "/fhir/$export-status/{job}",

@@ -270,19 +270,12 @@ pub async fn patient_match(
         }
     }
     let ranked: Vec<_> = found.into_iter().take(req.count).collect();
-    let result = SearchResult {
-        matches: ranked
+    let result = SearchResult::only(
+        ranked
             .iter()
             .filter_map(|((_, id), _)| stored.remove(id))
             .collect(),
-        included: Vec::new(),
-        total: ranked.len(),
-        offset: 0,
-        count: ranked.len(),
-        remote: Vec::new(),
-        remote_included: Vec::new(),
-        elsewhere: BTreeSet::new(),
-    };
+    );
     let base = base_url(&st, &headers);
     slot.update(|d| d.returned = Some(ranked.len()));
     let mut bundle = searchset(&base, "Patient", &[], &result, &slot)?;

@@ -28,6 +28,8 @@ pub enum Interaction {
     Everything,
     /// `POST Patient/$match`: a search for the Patients a described person may be.
     Match,
+    /// `GET Observation/$lastn`: a search for the newest Observations per code.
+    LastN,
     /// Bulk Data `$export` kick-off (system level, or `Patient/$export`); the handler checks
     /// each exported type against the token.
     Export,
@@ -58,6 +60,7 @@ impl Interaction {
             Interaction::Transaction => "transaction",
             Interaction::Everything => "operation-everything",
             Interaction::Match => "operation-match",
+            Interaction::LastN => "operation-lastn",
             Interaction::Export => "operation-export",
             Interaction::ExportStatus => "export-status",
             Interaction::ExportFile => "export-file",
@@ -85,9 +88,10 @@ impl Interaction {
             | Interaction::Vread
             | Interaction::HistoryInstance
             | Interaction::Everything => Some(Perm::Read),
-            Interaction::Search | Interaction::HistoryType | Interaction::Match => {
-                Some(Perm::Search)
-            }
+            Interaction::Search
+            | Interaction::HistoryType
+            | Interaction::Match
+            | Interaction::LastN => Some(Perm::Search),
             Interaction::Create => Some(Perm::Create),
             Interaction::Update | Interaction::Patch => Some(Perm::Update),
             Interaction::Delete => Some(Perm::Delete),
@@ -208,6 +212,7 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>) -> FhirRequest
         (["AuditEvent"], _) if get => (Interaction::AuditQuery, Some("AuditEvent"), None),
         ([t], _) if get => (Interaction::Search, Some(*t), None),
         ([t, "_search"], m) if m == Method::POST => (Interaction::Search, Some(*t), None),
+        (["Observation", "$lastn"], _) if get => (Interaction::LastN, Some("Observation"), None),
         (["Patient", "$match"], m) if m == Method::POST => {
             (Interaction::Match, Some("Patient"), None)
         }

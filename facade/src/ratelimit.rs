@@ -70,7 +70,10 @@ impl RateLimiter {
     pub fn class(req: &FhirRequest) -> RateClass {
         match req.interaction {
             Interaction::Read | Interaction::Vread => RateClass::Read,
-            Interaction::Search | Interaction::AuditQuery | Interaction::Match => RateClass::Search,
+            Interaction::Search
+            | Interaction::AuditQuery
+            | Interaction::Match
+            | Interaction::LastN => RateClass::Search,
             Interaction::HistoryInstance | Interaction::HistoryType => RateClass::History,
             Interaction::Create
             | Interaction::Update
@@ -93,7 +96,7 @@ impl RateLimiter {
             Interaction::Search | Interaction::AuditQuery => {
                 c.search + c.include * req.includes() as u64
             }
-            Interaction::Match => c.search,
+            Interaction::Match | Interaction::LastN => c.search,
             Interaction::HistoryInstance | Interaction::HistoryType => c.history,
             Interaction::Create
             | Interaction::Update

@@ -295,7 +295,7 @@ pub(crate) fn resource_dates(r: &Value) -> Vec<(i64, i64)> {
 /// One key of a search's order (`_sort=a,-b`: ascending unless `-`); ties, and a search
 /// without `_sort`, go by id.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum SortKey {
+pub(crate) enum SortKey {
     Id,
     LastUpdated,
     /// Ascending: a resource's earliest date; descending: its latest, so an ongoing stay comes
@@ -305,7 +305,7 @@ enum SortKey {
 }
 
 /// The keys of one `_sort` value, with their direction (true: ascending).
-fn parse_sort(rtype: &str, v: &str) -> ApiResult<Vec<(SortKey, bool)>> {
+pub(crate) fn parse_sort(rtype: &str, v: &str) -> ApiResult<Vec<(SortKey, bool)>> {
     let mut out = Vec::new();
     for part in v.split(',') {
         let (ascending, key) = match part.strip_prefix('-') {
@@ -337,7 +337,7 @@ fn parse_sort(rtype: &str, v: &str) -> ApiResult<Vec<(SortKey, bool)>> {
 
 /// Where a match goes for each of `keys` that reads its content (`None`: no value, or a key
 /// compared by the stored resource's id or time).
-fn sort_values(r: &Value, keys: &[(SortKey, bool)]) -> Vec<Option<i64>> {
+pub(crate) fn sort_values(r: &Value, keys: &[(SortKey, bool)]) -> Vec<Option<i64>> {
     keys.iter()
         .map(|(key, ascending)| {
             let edge = |(lo, hi): (i64, i64)| if *ascending { lo } else { hi };
@@ -362,7 +362,7 @@ fn sort_values(r: &Value, keys: &[(SortKey, bool)]) -> Vec<Option<i64>> {
 }
 
 /// The order of two matches by `keys` (their [`sort_values`] beside them), then by id.
-fn sort_order(
+pub(crate) fn sort_order(
     keys: &[(SortKey, bool)],
     (a, x): (&StoredResource, &[Option<i64>]),
     (b, y): (&StoredResource, &[Option<i64>]),
@@ -612,6 +612,20 @@ pub struct SearchResult {
 }
 
 impl SearchResult {
+    /// An answer of these matches and nothing else: one page, nothing included.
+    pub(crate) fn only(matches: Vec<StoredResource>) -> SearchResult {
+        SearchResult {
+            total: matches.len(),
+            count: matches.len(),
+            offset: 0,
+            matches,
+            included: Vec::new(),
+            remote: Vec::new(),
+            remote_included: Vec::new(),
+            elsewhere: BTreeSet::new(),
+        }
+    }
+
     /// How many resources the answer holds (matches and includes), for the audit record.
     pub fn returned(&self) -> usize {
         self.matches.len() + self.included.len() + self.remote_included.len()
@@ -900,7 +914,7 @@ fn has_targets(
 /// Calls `each` with every `rtype` resource that matches all `filters` and that the caller may
 /// see, with its parsed body: candidates from the most selective index the filters allow, at
 /// most [`MAX_SCAN`] of them (a 400 past that).
-fn each_match(
+pub(crate) fn each_match(
     st: &AppState,
     access: &Access,
     rtype: &str,
@@ -1052,16 +1066,23 @@ fn each_match(
     Ok(())
 }
 
-/// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
-pub fn run_search(
+/// A search's parameters, checked: the page, the order, what to include, and the filters (a
+/// chain or `_has` already resolved to the ids it names).
+pub(crate) struct Query {
+    count: usize,
+    offset: usize,
+    sort: Vec<(SortKey, bool)>,
+    includes: Vec<String>,
+    revincludes: Vec<RevInclude>,
+    pub(crate) filters: Vec<(String, String)>,
+}
+
+pub(crate) fn parse_query(
     st: &AppState,
     access: &Access,
     rtype: &str,
     params: &[(String, String)],
-    perm: Perm,
-) -> ApiResult<SearchResult> {
-    let tenant = access.principal.tenant.as_str();
-    let store = &st.rt.store;
+) -> ApiResult<Query> {
     let mut count = DEFAULT_COUNT;
     let mut offset = 0usize;
     let mut sort = Vec::new();
@@ -1112,6 +1133,34 @@ pub fn run_search(
         }
     }
     debug_assert!(CONTROL_PARAMS.contains(&"_count"));
+    Ok(Query {
+        count,
+        offset,
+        sort,
+        includes,
+        revincludes,
+        filters,
+    })
+}
+
+/// Runs a search for the caller. Shared by GET/POST search, batch entries and conditional ops.
+pub fn run_search(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    params: &[(String, String)],
+    perm: Perm,
+) -> ApiResult<SearchResult> {
+    let tenant = access.principal.tenant.as_str();
+    let store = &st.rt.store;
+    let Query {
+        count,
+        offset,
+        sort,
+        includes,
+        revincludes,
+        filters,
+    } = parse_query(st, access, rtype, params)?;
     // Each match with its values for the sort keys.
     let mut matches: Vec<(StoredResource, Vec<Option<i64>>)> = Vec::new();
     each_match(st, access, rtype, &filters, perm, |stored, r| {

@@ -955,6 +955,70 @@ async fn patient_match_ranks_candidates_by_identifier_then_demographics() {
     );
 }
 
+/// `Observation/$lastn`: per code, the newest Observations that match, `max` of each; the
+/// patient must be named or be the token's.
+#[tokio::test]
+async fn lastn_gives_the_newest_observations_per_code() {
+    let e = env();
+    let admin = seed(&e).await;
+    // seed: o1 (p1, laboratory), o2 (p1, vital-signs), o3 (p2, laboratory): 718-7, 2024-03-05
+    for (id, cat, code, when) in [
+        ("o5", "laboratory", "718-7", "2024-04-01"),
+        ("o6", "vital-signs", "8867-4", "2024-01-01"),
+        ("o7", "vital-signs", "8867-4", "2024-02-01T08:00:00Z"),
+    ] {
+        let mut o = obs(id, "p1", cat);
+        o["code"]["coding"][0]["code"] = json!(code);
+        o["effectiveDateTime"] = json!(when);
+        let (s, _, _) = e
+            .call(
+                "PUT",
+                &format!("/fhir/Observation/{id}"),
+                Some(&admin),
+                Some(o),
+            )
+            .await;
+        assert!(s.is_success());
+    }
+    for (query, want) in [
+        ("patient=p1", vec!["o5", "o7"]),
+        ("patient=p1&max=2", vec!["o5", "o1", "o7", "o6"]),
+        (
+            "subject=Patient/p1&category=laboratory&max=5",
+            vec!["o5", "o1"],
+        ),
+        ("patient=p1&code=http://loinc.org|8867-4", vec!["o7"]),
+        ("patient=p2", vec!["o3"]),
+    ] {
+        let got = e
+            .found(&format!("/fhir/Observation/$lastn?{query}"), &admin)
+            .await;
+        let want: Vec<String> = want.iter().map(|id| format!("Observation/{id}")).collect();
+        assert_eq!(got, want, "{query}");
+    }
+    // a patient-context token names no patient: its own
+    let p2 = e.token("patient/Observation.rs", |r| r.patient = Some("p2".into()));
+    assert_eq!(
+        e.found("/fhir/Observation/$lastn", &p2).await,
+        ["Observation/o3"]
+    );
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Observation/$lastn",
+            "/fhir/Observation/$lastn?patient=p1&max=0",
+            "/fhir/Observation/$lastn?patient=p1&max=many",
+            "/fhir/Observation/$lastn?patient=p1&_sort=date",
+            "/fhir/Observation/$lastn?patient=p1&bogus=1",
+        ],
+    )
+    .await;
+    assert!(e
+        .audit()
+        .iter()
+        .any(|r| r["interaction"] == "operation-lastn" && r["status"] == 200));
+}
+
 /// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element
 /// matches), `:text` on codes and categories, and a resource type on references.
 #[tokio::test]
