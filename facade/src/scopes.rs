@@ -153,36 +153,7 @@ impl Grant {
     }
 }
 
-/// A resource field matched as a token: `system|code`, `code`, or a plain string value.
-pub fn matches_token(resource: &Value, field: &str, wanted: &str) -> bool {
-    let (system, code) = match wanted.split_once('|') {
-        Some((s, c)) => (Some(s), c),
-        None => (None, wanted),
-    };
-    let Some(v) = resource.get(field) else {
-        return false;
-    };
-    let items: Vec<&Value> = match v {
-        Value::Array(a) => a.iter().collect(),
-        other => vec![other],
-    };
-    items.into_iter().any(|item| match item {
-        Value::String(s) => s == code,
-        Value::Object(_) => {
-            let codings: Vec<&Value> = match item.get("coding") {
-                Some(Value::Array(c)) => c.iter().collect(),
-                _ => vec![item],
-            };
-            codings.into_iter().any(|c| {
-                c.get("code").and_then(Value::as_str) == Some(code)
-                    && system.is_none_or(|s| {
-                        s.is_empty() || c.get("system").and_then(Value::as_str) == Some(s)
-                    })
-            })
-        }
-        _ => false,
-    })
-}
+pub use tributary_core::matches_token;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScopeSet {

@@ -220,7 +220,7 @@ pub enum SpecError {
     InsecureEndpoint,
     #[error("Subscription.channel.type {0:?} is not supported (rest-hook and websocket are)")]
     UnsupportedChannel(String),
-    #[error("unsupported filter {0:?}: supported are patient, subject, status, code")]
+    #[error("unsupported filter {0:?}: supported are patient, subject, status, code, category")]
     UnsupportedFilter(String),
     #[error("Subscription.channel.header entries must be `Name: value`")]
     BadHeader,
@@ -292,7 +292,7 @@ pub fn parse_criteria(s: &str) -> Result<(Option<String>, Vec<Filter>), SpecErro
         let (name, value) = pair
             .split_once('=')
             .ok_or_else(|| SpecError::UnsupportedFilter(pair.to_string()))?;
-        if !matches!(name, "patient" | "subject" | "status" | "code") {
+        if !matches!(name, "patient" | "subject" | "status" | "code" | "category") {
             return Err(SpecError::UnsupportedFilter(name.to_string()));
         }
         filters.push(Filter {
@@ -491,28 +491,11 @@ fn filter_holds(f: &Filter, c: &Change<'_>) -> bool {
             ev.patient_id.as_deref() == Some(want)
         }
         "status" => f.value.split(',').any(|s| c.status() == Some(s)),
-        "code" => {
-            let Some(codings) = ev
-                .resource
-                .as_ref()
-                .and_then(|r| r.get("code"))
-                .and_then(|c| c.get("coding"))
-                .and_then(Value::as_array)
-            else {
-                return false;
-            };
-            f.value.split(',').any(|want| {
-                let (system, code) = match want.split_once('|') {
-                    Some((s, c)) => (Some(s), c),
-                    None => (None, want),
-                };
-                codings.iter().any(|cd| {
-                    cd.get("code").and_then(Value::as_str) == Some(code)
-                        && system
-                            .is_none_or(|s| cd.get("system").and_then(Value::as_str) == Some(s))
-                })
-            })
-        }
+        "code" | "category" => ev.resource.as_ref().is_some_and(|r| {
+            f.value
+                .split(',')
+                .any(|want| tributary_core::matches_token(r, &f.name, want))
+        }),
         _ => false,
     }
 }
@@ -678,6 +661,37 @@ mod tests {
             event: &bp,
             previous: None
         }));
+        // new lab results only: the category, as a search and a scope read it
+        let labs = SubscriptionSpec::parse(
+            "t1",
+            "s",
+            1,
+            &sub("observation", Some("Observation?category=laboratory")),
+            false,
+        )
+        .unwrap();
+        let lab = event(
+            "Observation",
+            "create",
+            "p1",
+            json!({"category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}]}),
+        );
+        let vital = event(
+            "Observation",
+            "create",
+            "p1",
+            json!({"category": [{"coding": [{"code": "vital-signs"}]}]}),
+        );
+        assert!(labs.matches(&Change {
+            event: &lab,
+            previous: None
+        }));
+        for other in [&vital, &hr] {
+            assert!(!labs.matches(&Change {
+                event: other,
+                previous: None
+            }));
+        }
     }
 
     #[test]

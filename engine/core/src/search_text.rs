@@ -1,3 +1,4 @@
+use serde_json::Value;
 use unicode_normalization::{char::is_combining_mark, UnicodeNormalization};
 
 /// A string as FHIR string search compares it: case- and accent-insensitive, so "Müller",
@@ -9,6 +10,40 @@ pub fn fold_search_string(s: &str) -> String {
         .filter(|c| !is_combining_mark(*c) && *c != '\0')
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// A resource field matched as a FHIR token: `system|code` or `code` against a code, a Coding,
+/// a CodeableConcept or a list of them. One rule for searches, SMART v2 scope narrowing
+/// (`?category=laboratory`) and Subscription filters, so that what a token may read, what a
+/// search finds and what a subscriber receives agree.
+pub fn matches_token(resource: &Value, field: &str, wanted: &str) -> bool {
+    let (system, code) = match wanted.split_once('|') {
+        Some((s, c)) => (Some(s), c),
+        None => (None, wanted),
+    };
+    let Some(v) = resource.get(field) else {
+        return false;
+    };
+    let items: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        other => vec![other],
+    };
+    items.into_iter().any(|item| match item {
+        Value::String(s) => s == code,
+        Value::Object(_) => {
+            let codings: Vec<&Value> = match item.get("coding") {
+                Some(Value::Array(c)) => c.iter().collect(),
+                _ => vec![item],
+            };
+            codings.into_iter().any(|c| {
+                c.get("code").and_then(Value::as_str) == Some(code)
+                    && system.is_none_or(|s| {
+                        s.is_empty() || c.get("system").and_then(Value::as_str) == Some(s)
+                    })
+            })
+        }
+        _ => false,
+    })
 }
 
 #[cfg(test)]
