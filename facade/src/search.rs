@@ -456,8 +456,7 @@ fn identifier_matches(r: &Value, wanted: &str) -> bool {
     };
     list.into_iter().any(|i| {
         i.get("value").and_then(Value::as_str) == Some(value)
-            && system
-                .is_none_or(|s| s.is_empty() || i.get("system").and_then(Value::as_str) == Some(s))
+            && system.is_none_or(|s| tributary_core::system_is(i, s))
     })
 }
 

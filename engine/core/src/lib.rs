@@ -16,6 +16,6 @@ pub use ids::{
     content_dedup_key, deterministic_id, hl7v2_dedup_key, hl7v2_ordering_key, valid_fhir_id,
     valid_fhir_type, MessageId, PartnerId, TenantId,
 };
-pub use search_text::{fold_search_string, matches_token};
+pub use search_text::{fold_search_string, matches_token, system_is};
 pub use state::{MessageState, StateError, StateKind};
 pub use time_util::{format_rfc3339_millis, now_millis, parse_rfc3339_millis};

@@ -37,18 +37,41 @@ pub fn matches_token(resource: &Value, field: &str, wanted: &str) -> bool {
             };
             codings.into_iter().any(|c| {
                 c.get("code").and_then(Value::as_str) == Some(code)
-                    && system.is_none_or(|s| {
-                        s.is_empty() || c.get("system").and_then(Value::as_str) == Some(s)
-                    })
+                    && system.is_none_or(|s| system_is(c, s))
             })
         }
         _ => false,
     })
 }
 
+/// Whether a Coding or Identifier has system `s`; `""` (a token written `|code`) means it has
+/// none, as FHIR token search reads it.
+pub fn system_is(coding: &Value, s: &str) -> bool {
+    match coding.get("system").and_then(Value::as_str) {
+        Some(x) => x == s,
+        None => s.is_empty(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_match_codes_with_or_without_their_system() {
+        let r = serde_json::json!({"status": "final",
+            "category": [{"coding": [{"system": "urn:s", "code": "lab"}]}, {"coding": [{"code": "x"}]}]});
+        assert!(matches_token(&r, "category", "lab"));
+        assert!(matches_token(&r, "category", "urn:s|lab"));
+        assert!(!matches_token(&r, "category", "urn:t|lab"));
+        assert!(
+            !matches_token(&r, "category", "|lab"),
+            "|code: a coding without a system"
+        );
+        assert!(matches_token(&r, "category", "|x"));
+        assert!(matches_token(&r, "status", "final") && !matches_token(&r, "status", "fin"));
+        assert!(!matches_token(&r, "code", "lab"));
+    }
 
     #[test]
     fn case_and_accents_fold_away_and_other_letters_stay() {
