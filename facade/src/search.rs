@@ -24,7 +24,7 @@ pub const DEFAULT_COUNT: usize = 50;
 pub const MAX_COUNT: usize = 500;
 
 /// Parameters every type supports, and the ones that apply to any resource with that field.
-pub const SEARCH_PARAMS: [(&str, &str); 14] = [
+pub const SEARCH_PARAMS: [(&str, &str); 18] = [
     ("_id", "token"),
     ("_lastUpdated", "date"),
     ("identifier", "token"),
@@ -39,7 +39,58 @@ pub const SEARCH_PARAMS: [(&str, &str); 14] = [
     ("birthdate", "date"),
     ("gender", "token"),
     ("_tag", "token"),
+    ("encounter", "reference"),
+    ("performer", "reference"),
+    ("requester", "reference"),
+    ("based-on", "reference"),
 ];
+
+/// The reference parameters beside `patient` and `subject`: the element each reads (a Reference,
+/// a list of them, or backbone elements holding one: a Procedure's `performer.actor`) and the
+/// type a bare id names (`encounter=e1` is `Encounter/e1`; `None`: any type with that id).
+const REFERENCE_PARAMS: [(&str, &str, Option<&str>); 4] = [
+    ("encounter", "encounter", Some("Encounter")),
+    ("performer", "performer", None),
+    ("requester", "requester", None),
+    ("based-on", "basedOn", None),
+];
+
+fn reference_param(name: &str) -> Option<(&'static str, Option<&'static str>)> {
+    REFERENCE_PARAMS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, element, ty)| (*element, *ty))
+}
+
+/// Whether reference parameter `name` (one of [`REFERENCE_PARAMS`]) of `r` names `wanted`:
+/// `Type/id`, a bare id, or an absolute URL ending in `Type/id`; a type modifier
+/// (`performer:Practitioner=p1`) says which type a bare id names.
+fn reference_param_matches(r: &Value, name: &str, modifier: Option<&str>, wanted: &str) -> bool {
+    let Some((element, default)) = reference_param(name) else {
+        return false;
+    };
+    let Some(v) = r.get(element) else {
+        return false;
+    };
+    let typed;
+    let wanted = match (wanted.contains('/'), modifier.or(default)) {
+        (false, Some(t)) => {
+            typed = format!("{t}/{wanted}");
+            typed.as_str()
+        }
+        (true, Some(t)) if modifier.is_some() && !wanted.starts_with(&format!("{t}/")) => {
+            return false
+        }
+        _ => wanted,
+    };
+    references(v).into_iter().any(|s| {
+        if wanted.contains('/') {
+            s == wanted || s.ends_with(&format!("/{wanted}"))
+        } else {
+            s.rsplit('/').next() == Some(wanted) && s.contains('/')
+        }
+    })
+}
 
 pub(crate) const CONTROL_PARAMS: [&str; 8] = [
     "_count",
@@ -249,6 +300,11 @@ pub fn supports(rtype: &str, name: &str) -> bool {
         }
         "birthdate" => has("birthDate"),
         "family" => element(rtype, "name").is_some_and(|e| e.ty == "HumanName"),
+        other if reference_param(other).is_some() => {
+            reference_param(other).is_some_and(|(e, _)| {
+                element(rtype, e).is_some_and(|x| x.ty == "Reference" || x.ty.starts_with(rtype))
+            })
+        }
         "date" => DATE_ELEMENTS.into_iter().chain(DATE_PERIODS).any(has),
         _ => false,
     }
@@ -495,7 +551,7 @@ fn has_value(stored: &StoredResource, r: &Value, base: &str) -> bool {
             .get("name")
             .and_then(Value::as_array)
             .is_some_and(|ns| ns.iter().any(|n| present(n.get("family")))),
-        other => present(r.get(other)),
+        other => present(r.get(reference_param(other).map_or(other, |(e, _)| e))),
     }
 }
 
@@ -583,6 +639,9 @@ pub(crate) fn param_matches(
                 v,
             )?,
             "name" | "family" => string_matches(r, base, modifier, v),
+            other if reference_param(other).is_some() => {
+                reference_param_matches(r, other, modifier, v)
+            }
             other => {
                 return Err(ApiError::BadRequest(format!(
                     "unsupported search parameter {other:?}"

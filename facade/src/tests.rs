@@ -1019,6 +1019,94 @@ async fn lastn_gives_the_newest_observations_per_code() {
         .any(|r| r["interaction"] == "operation-lastn" && r["status"] == 200));
 }
 
+/// `encounter`, `performer`, `requester` and `based-on` find resources by the references they
+/// hold, in lists and in backbone elements too, with a type modifier for a bare id.
+#[tokio::test]
+async fn reference_parameters_beside_patient() {
+    let e = env();
+    let admin = seed(&e).await;
+    let refs = |v: &[&str]| {
+        json!(v
+            .iter()
+            .map(|r| json!({"reference": r}))
+            .collect::<Vec<_>>())
+    };
+    let mut o8 = obs("o8", "p1", "laboratory");
+    o8["encounter"] = json!({"reference": "Encounter/e1"});
+    o8["performer"] = refs(&["Practitioner/dr1", "Organization/lab1"]);
+    o8["basedOn"] = refs(&["ServiceRequest/sr1"]);
+    let mut o9 = obs("o9", "p1", "laboratory");
+    o9["encounter"] = json!({"reference": "https://other.example/fhir/Encounter/e2"});
+    o9["performer"] = refs(&["Practitioner/dr2"]);
+    let sr1 = json!({"resourceType": "ServiceRequest", "id": "sr1", "status": "active",
+        "intent": "order", "subject": {"reference": "Patient/p1"},
+        "requester": {"reference": "Practitioner/dr1"}});
+    let pr1 = json!({"resourceType": "Procedure", "id": "pr1", "status": "completed",
+        "subject": {"reference": "Patient/p1"},
+        "performer": [{"actor": {"reference": "Practitioner/dr1"}}]});
+    for r in [o8, o9, sr1, pr1] {
+        let uri = format!(
+            "/fhir/{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let (s, _, b) = e.call("PUT", &uri, Some(&admin), Some(r)).await;
+        assert!(s.is_success(), "{uri}: {b}");
+    }
+    for (uri, want) in [
+        ("/fhir/Observation?encounter=e1", vec!["Observation/o8"]),
+        (
+            "/fhir/Observation?encounter=Encounter/e2",
+            vec!["Observation/o9"],
+        ),
+        (
+            "/fhir/Observation?encounter:missing=true&patient=p1",
+            vec!["Observation/o1", "Observation/o2"],
+        ),
+        ("/fhir/Observation?performer=dr1", vec!["Observation/o8"]),
+        (
+            "/fhir/Observation?performer=Organization/lab1",
+            vec!["Observation/o8"],
+        ),
+        (
+            "/fhir/Observation?performer:Practitioner=dr2",
+            vec!["Observation/o9"],
+        ),
+        ("/fhir/Observation?performer:Organization=dr2", vec![]),
+        (
+            "/fhir/Observation?based-on=ServiceRequest/sr1",
+            vec!["Observation/o8"],
+        ),
+        (
+            "/fhir/ServiceRequest?requester=Practitioner/dr1",
+            vec!["ServiceRequest/sr1"],
+        ),
+        (
+            "/fhir/Procedure?performer=Practitioner/dr1",
+            vec!["Procedure/pr1"],
+        ),
+    ] {
+        assert_eq!(e.found(uri, &admin).await, want, "{uri}");
+    }
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/Patient?encounter=e1",
+            "/fhir/Observation?requester=dr1",
+        ],
+    )
+    .await;
+    let (_, _, cap) = e.call("GET", "/fhir/metadata", None, None).await;
+    let obs_params = cap["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Observation")
+        .unwrap()["searchParam"]
+        .to_string();
+    assert!(obs_params.contains("\"encounter\"") && obs_params.contains("\"based-on\""));
+}
+
 /// Modifiers: `:missing` on any parameter, `:not` on tokens (a resource without the element
 /// matches), `:text` on codes and categories, and a resource type on references.
 #[tokio::test]
