@@ -234,6 +234,8 @@ pub(crate) struct MessageMap {
     pub file: Arc<str>,
     pub matches: Vec<String>,
     pub vars: BTreeMap<String, String>,
+    /// Per trigger event named under `event_vars:`, `vars` with that event's values in place.
+    pub vars_by_event: BTreeMap<String, BTreeMap<String, String>>,
     pub ignore: Vec<IgnorePattern>,
     pub entries: Vec<Entry>,
 }
@@ -1527,7 +1529,14 @@ impl Compiler {
         self.check_keys(
             file,
             node,
-            &["message", "description", "vars", "ignore", "resources"],
+            &[
+                "message",
+                "description",
+                "vars",
+                "event_vars",
+                "ignore",
+                "resources",
+            ],
         );
         let m = node.get("message")?;
         let items: Vec<&Node> = match m.as_seq() {
@@ -1562,6 +1571,41 @@ impl Compiler {
                     k.as_str().unwrap_or("").to_string(),
                     val.as_str().unwrap_or("").to_string(),
                 );
+            }
+        }
+        // `event_vars:` — per trigger event of `message:`, the vars whose values differ from
+        // `vars:` (a cancellation's status); each must be a var `vars:` defines, so every
+        // event of the map has a value for it
+        let mut vars_by_event = BTreeMap::new();
+        if let Some(ev) = node.get("event_vars") {
+            for (event, over) in ev.as_map().unwrap_or(&[]) {
+                let name = event.as_str().unwrap_or("");
+                if !matches.iter().any(|m| m == name) {
+                    self.err(
+                        file,
+                        event.pos,
+                        format!(
+                            "`event_vars:` names `{name}`, which is not in this map's `message:` ({})",
+                            matches.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                let mut merged = vars.clone();
+                for (k, val) in over.as_map().unwrap_or(&[]) {
+                    let k = k.as_str().unwrap_or("").to_string();
+                    if !vars.contains_key(&k) {
+                        self.err(
+                            file,
+                            over.pos,
+                            format!(
+                                "`event_vars:` of `{name}` sets `{k}`, which `vars:` does not define (it gives the other events their value)"
+                            ),
+                        );
+                    }
+                    merged.insert(k, val.as_str().unwrap_or("").to_string());
+                }
+                vars_by_event.insert(name.to_string(), merged);
             }
         }
         let ignore = self.ignore_list(file, node.get("ignore"));
@@ -1609,6 +1653,7 @@ impl Compiler {
             file: file.clone(),
             matches,
             vars,
+            vars_by_event,
             ignore,
             entries,
         })

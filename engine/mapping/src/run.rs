@@ -466,7 +466,7 @@ impl MappingSet {
             src,
             term,
             tenant: opts.tenant,
-            vars: &mm.vars,
+            vars: mm.vars_by_event.get(&message_type).unwrap_or(&mm.vars),
             consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
             fields_at,
             scopes: vec![Scope {

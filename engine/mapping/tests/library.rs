@@ -201,6 +201,41 @@ fn a_ref_to_a_name_the_message_map_lacks_is_a_load_error() {
     assert!(errs.to_string().contains("PV1-Encounter.yaml:5:10: `ref: patient` names no resource of message map m/messages/ADT_A03.yaml"), "{errs}");
 }
 
+/// One message map for a family of trigger events: `event_vars:` gives an event the values that
+/// differ from `vars:`; an event it does not name, or a message matched by its structure
+/// (MSH-9.3), takes `vars:`. Naming an event the map does not handle, or a var `vars:` lacks,
+/// is a load error at its place.
+#[test]
+fn event_vars_give_each_trigger_event_its_own_values() {
+    let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: status\n    var: encounter_status\n  - set: class\n    value:\n      code: IMP\n";
+    let msg = "message: [ADT^A05, ADT^A14, ADT^A27]\nvars:\n  encounter_status: planned\nevent_vars:\n  ADT^A27: {encounter_status: cancelled}\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
+    let files = [
+        ("segments/PV1-Encounter.yaml", enc),
+        ("messages/ADT_A05.yaml", msg),
+    ];
+    let status = |event: &str| {
+        let out = run_texts(
+            &files,
+            &format!("MSH|^~\\&|A|B|C|D|20260101||ADT^{event}|1|P|2.5\rPV1|1|I\r"),
+        )
+        .unwrap();
+        let (_, _, enc) = out.resources().find(|(t, _, _)| *t == "Encounter").unwrap();
+        enc["status"].as_str().unwrap().to_string()
+    };
+    assert_eq!(status("A05"), "planned");
+    assert_eq!(status("A14"), "planned");
+    assert_eq!(status("A27"), "cancelled");
+    assert_eq!(status("A99^ADT_A05"), "planned", "matched by its structure");
+    let bad = "message: [ADT^A05]\nvars:\n  encounter_status: planned\nevent_vars:\n  ADT^A27: {encounter_status: cancelled}\n  ADT^A05: {status: x}\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n";
+    let errs = load_error_lines(&[
+        ("segments/PV1-Encounter.yaml", enc),
+        ("messages/ADT_A05.yaml", bad),
+    ])
+    .join("\n");
+    assert!(errs.contains("ADT_A05.yaml:5:3: `event_vars:` names `ADT^A27`, which is not in this map's `message:` (ADT^A05)"), "{errs}");
+    assert!(errs.contains("ADT_A05.yaml:6:12: `event_vars:` of `ADT^A05` sets `status`, which `vars:` does not define"), "{errs}");
+}
+
 /// Every non-empty component of every field, as `SEG-f.c` / `SEG[n]-f.c` (independent splitter).
 fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
     let mut out = BTreeSet::new();
