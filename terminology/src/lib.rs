@@ -109,6 +109,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0038-order-status.tsv"),
     ),
     (
+        "v2-0038-medicationrequest-status",
+        include_str!("../conceptmaps/v2-0038-medicationrequest-status.tsv"),
+    ),
+    (
         "v2-0078-interpretation",
         include_str!("../conceptmaps/v2-0078-interpretation.tsv"),
     ),
@@ -119,6 +123,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "v2-0119-order-control-status",
         include_str!("../conceptmaps/v2-0119-order-control-status.tsv"),
+    ),
+    (
+        "v2-0119-medicationrequest-status",
+        include_str!("../conceptmaps/v2-0119-medicationrequest-status.tsv"),
     ),
     (
         "v2-0123-report-status",

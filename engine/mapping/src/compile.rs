@@ -222,6 +222,10 @@ pub(crate) enum Entry {
     },
     Group {
         start: Vec<String>,
+        /// `with:` — the segments a group holds after its start; the group ends at the first
+        /// segment that is neither (the SPM after an order's OBX groups is the order's). Empty:
+        /// a group runs to the next start.
+        with: Vec<String>,
         entries: Vec<Entry>,
         until: Option<String>,
     },
@@ -1711,14 +1715,33 @@ impl Compiler {
         let mut out = Vec::new();
         for it in items {
             if let Some(g) = it.get("group") {
-                self.check_keys(file, it, &["group", "resources", "until", "note"]);
-                let start: Vec<String> = match g.as_seq() {
-                    Some(s) => s
-                        .iter()
-                        .filter_map(|n| n.as_str().map(str::to_string))
-                        .collect(),
-                    None => g.as_str().map(|s| vec![s.to_string()]).unwrap_or_default(),
+                self.check_keys(file, it, &["group", "with", "resources", "until", "note"]);
+                let segment_list = |n: &Node| -> Vec<String> {
+                    match n.as_seq() {
+                        Some(s) => s
+                            .iter()
+                            .filter_map(|n| n.as_str().map(str::to_string))
+                            .collect(),
+                        None => n.as_str().map(|s| vec![s.to_string()]).unwrap_or_default(),
+                    }
                 };
+                let start = segment_list(g);
+                let with = it.get("with").map(segment_list).unwrap_or_default();
+                for w in it.get("with").into_iter() {
+                    let names = segment_list(w);
+                    if names.is_empty()
+                        || names
+                            .iter()
+                            .any(|n| n.len() != 3 || !n.bytes().all(|c| c.is_ascii_alphanumeric()))
+                    {
+                        self.err(
+                            file,
+                            w.pos,
+                            "`with:` names the segments a group holds after its start, e.g. [NTE]"
+                                .into(),
+                        );
+                    }
+                }
                 if start.is_empty() {
                     self.err(
                         file,
@@ -1733,6 +1756,7 @@ impl Compiler {
                 let until = self.until(file, it);
                 out.push(Entry::Group {
                     start,
+                    with,
                     entries,
                     until,
                 });

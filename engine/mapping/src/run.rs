@@ -355,9 +355,12 @@ struct Scope<'s> {
     start: usize,
     end: usize,
     names: FxHashMap<&'s str, Vec<usize>>,
-    /// The first segment of each name in `start..end`, built on the first lookup: a message of
-    /// many segments would otherwise be scanned again for every lookup of every segment.
-    first: std::cell::OnceCell<FxHashMap<String, usize>>,
+    /// Every segment of each name in `start..end`, in order, built on the first lookup: a
+    /// message of many segments would otherwise be scanned again for every lookup.
+    first: std::cell::OnceCell<FxHashMap<String, Vec<usize>>>,
+    /// The ranges of the segment groups planned inside this scope: their segments are theirs,
+    /// so a lookup climbing into this scope from one group never reads a sibling group's.
+    groups: Vec<(usize, usize)>,
 }
 
 /// One step from a resource root to an object in it: element name, and the array index when
@@ -475,6 +478,7 @@ impl MappingSet {
                 end: src.segment_count(),
                 names: FxHashMap::default(),
                 first: Default::default(),
+                groups: Vec::new(),
             }],
             instances: Vec::new(),
             out: Vec::new(),
@@ -597,6 +601,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
                 Entry::Group {
                     start,
+                    with,
                     entries,
                     until,
                 } => {
@@ -620,6 +625,16 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             seen_rank = Some(rank);
                         }
                     }
+                    if !with.is_empty() {
+                        for g in &mut groups {
+                            let held = |i: &usize| {
+                                let n = self.src.segment_name(*i);
+                                start.iter().chain(with).any(|s| s == n)
+                            };
+                            g.1 = (g.0 + 1..g.1).find(|i| !held(i)).unwrap_or(g.1);
+                        }
+                    }
+                    self.scopes[scope].groups.extend(groups.iter().copied());
                     for (gs, ge) in groups {
                         let id = self.scopes.len();
                         self.scopes.push(Scope {
@@ -628,6 +643,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             end: ge,
                             names: FxHashMap::default(),
                             first: Default::default(),
+                            groups: Vec::new(),
                         });
                         self.plan(entries, id);
                     }
@@ -731,19 +747,29 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
 
     // ---- source access ---------------------------------------------------------------------
 
+    /// The segment a single-valued path reads: the first of that name in the scope, else,
+    /// climbing, the first in an enclosing scope that lies outside all of that scope's groups
+    /// (the TQ1 of one order is not the timing of the next order, which has none).
     fn find_segment(&self, name: &str, scope: usize) -> Option<usize> {
         let mut s = Some(scope);
         while let Some(i) = s {
             let sc = &self.scopes[i];
             let first = sc.first.get_or_init(|| {
-                let mut m = FxHashMap::default();
+                let mut m: FxHashMap<String, Vec<usize>> = FxHashMap::default();
                 for k in sc.start..sc.end {
-                    m.entry(self.src.segment_name(k).to_string()).or_insert(k);
+                    m.entry(self.src.segment_name(k).to_string())
+                        .or_default()
+                        .push(k);
                 }
                 m
             });
-            if let Some(found) = first.get(name) {
-                return Some(*found);
+            let found = first.get(name).and_then(|at| {
+                at.iter().copied().find(|&k| {
+                    i == scope || !sc.groups.iter().any(|&(gs, ge)| (gs..ge).contains(&k))
+                })
+            });
+            if found.is_some() {
+                return found;
             }
             s = sc.parent;
         }

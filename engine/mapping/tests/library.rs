@@ -236,6 +236,55 @@ fn event_vars_give_each_trigger_event_its_own_values() {
     assert!(errs.contains("ADT_A05.yaml:6:12: `event_vars:` of `ADT^A05` sets `status`, which `vars:` does not define"), "{errs}");
 }
 
+/// A single-valued path climbing out of a group never reads a segment inside another group: the
+/// second order, without a TQ1, gets no timing (not the first order's). `with:` ends a group at
+/// the first segment it does not hold, so the SPM after an order's OBX groups is the order's,
+/// found from every OBX.
+#[test]
+fn groups_keep_their_segments_to_themselves() {
+    let sr = "resource: ServiceRequest\nsegment: OBR\nrules:\n  - set: status\n    value: active\n  - set: intent\n    value: order\n  - set: occurrenceDateTime\n    from: TQ1-7\n";
+    let obs = "resource: Observation\nsegment: OBX\nrules:\n  - set: status\n    value: final\n  - set: code.text\n    from: OBX-3\n  - set: effectiveDateTime\n    from: SPM-17\n";
+    let msg = "message: [OML^O21]\nresources:\n  - group: [ORC]\n    resources:\n      - segment: OBR\n        map: OBR-ServiceRequest\n      - group: [OBX]\n        with: [NTE]\n        resources:\n          - segment: OBX\n            map: OBX-Observation\n";
+    let out = run_texts(
+        &[
+            ("segments/OBR-ServiceRequest.yaml", sr),
+            ("segments/OBX-Observation.yaml", obs),
+            ("messages/OML.yaml", msg),
+        ],
+        "MSH|^~\\&|A|B|C|D|20260101||OML^O21|1|P|2.5\rORC|NW|1\rTQ1|1||||||20260102\rOBR|1|1||a\rORC|NW|2\rOBR|2|2||b\rOBX|1|ST|x||v\rNTE|1||n\rOBX|2|ST|y||w\rSPM|1|s|||||||||||||||20260103\r",
+    )
+    .unwrap();
+    let dates: Vec<Option<String>> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "ServiceRequest")
+        .map(|(_, _, r)| r["occurrenceDateTime"].as_str().map(String::from))
+        .collect();
+    assert_eq!(dates, [Some("2026-01-02".to_string()), None]);
+    let issued: Vec<Option<String>> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Observation")
+        .map(|(_, _, r)| r["effectiveDateTime"].as_str().map(String::from))
+        .collect();
+    assert_eq!(issued.len(), 2);
+    assert!(
+        issued
+            .iter()
+            .all(|i| i.as_deref().is_some_and(|d| d.starts_with("2026-01-03"))),
+        "{issued:?}"
+    );
+    let bad = msg.replace("with: [NTE]", "with: [N]");
+    let errs = load_error_lines(&[
+        ("segments/OBR-ServiceRequest.yaml", sr),
+        ("segments/OBX-Observation.yaml", obs),
+        ("messages/OML.yaml", &bad),
+    ])
+    .join("\n");
+    assert!(
+        errs.contains("OML.yaml:8:15: `with:` names the segments a group holds"),
+        "{errs}"
+    );
+}
+
 /// Every non-empty component of every field, as `SEG-f.c` / `SEG[n]-f.c` (independent splitter).
 fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
     let mut out = BTreeSet::new();
