@@ -92,8 +92,9 @@ fn reference_param_matches(r: &Value, name: &str, modifier: Option<&str>, wanted
     })
 }
 
-pub(crate) const CONTROL_PARAMS: [&str; 8] = [
+pub(crate) const CONTROL_PARAMS: [&str; 9] = [
     "_count",
+    "_total",
     "_elements",
     "_offset",
     "_include",
@@ -1176,6 +1177,14 @@ pub(crate) fn parse_query(
                 )?;
             }
             "_revinclude" => revincludes.push(RevInclude::parse(v)?),
+            // every total is exact (the matches are counted before a page is cut); `none`
+            // leaves it out of the Bundle
+            "_total" if ["none", "estimate", "accurate"].contains(&v.as_str()) => {}
+            "_total" => {
+                return Err(ApiError::BadRequest(
+                    "_total is none, estimate or accurate".into(),
+                ))
+            }
             "_format" => {}
             name if name.starts_with("_has:") => {
                 filters.push(("_id".into(), has_targets(st, access, rtype, name, v)?));
@@ -1640,6 +1649,9 @@ pub(crate) fn searchset(
     });
     if !summary_count {
         bundle["entry"] = Value::Array(entries);
+    }
+    if params.iter().any(|(k, v)| k == "_total" && v == "none") && !summary_count {
+        bundle.as_object_mut().map(|b| b.remove("total"));
     }
     Ok(bundle)
 }

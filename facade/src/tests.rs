@@ -2967,9 +2967,18 @@ async fn elements_and_summary_return_tagged_subsets() {
     assert_eq!(s, 200, "{r}");
     assert_eq!(r["name"][0]["family"], "Smith", "{r}");
     assert!(tags(&r).contains("SUBSETTED"), "{r}");
+    // `_total`: exact either way; `none` leaves it out
+    let b = e.get_ok("/fhir/Observation?_total=accurate", &admin).await;
+    assert_eq!(b["total"], 3, "{b}");
+    let b = e.get_ok("/fhir/Observation?_total=none", &admin).await;
+    assert!(
+        b.get("total").is_none() && b["entry"].as_array().unwrap().len() == 3,
+        "{b}"
+    );
     e.refuses(
         &admin,
         &[
+            "/fhir/Observation?_total=some",
             "/fhir/Patient/p1?_elements=valueQuantity",
             "/fhir/Observation?_elements=birthDate",
             "/fhir/Observation?_summary=yes",
