@@ -20,7 +20,8 @@ for (const f of files) {
     }
   };
   check(data, 'Bundle');
-  (data.entry || []).forEach((e, i) => check(e.resource, `entry[${i}] ${e.resource && e.resource.resourceType}`));
+  // a DELETE entry has no resource
+  (data.entry || []).forEach((e, i) => e.resource && check(e.resource, `entry[${i}] ${e.resource.resourceType}`));
   if (problems.length) {
     bad++;
     console.log(`INVALID ${f}`);

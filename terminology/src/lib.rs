@@ -181,6 +181,14 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0396-system.tsv"),
     ),
     (
+        "v2-0436-allergy-type",
+        include_str!("../conceptmaps/v2-0436-allergy-type.tsv"),
+    ),
+    (
+        "v2-0438-allergy-verification",
+        include_str!("../conceptmaps/v2-0438-allergy-verification.tsv"),
+    ),
+    (
         "v2-0485-priority",
         include_str!("../conceptmaps/v2-0485-priority.tsv"),
     ),

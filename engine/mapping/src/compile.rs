@@ -73,6 +73,8 @@ pub(crate) enum Prim {
     String,
     Code,
     Uri,
+    /// A locator (`url`): only an absolute URL converts.
+    Url,
     Decimal,
     Integer,
     Boolean,
@@ -87,7 +89,8 @@ impl Prim {
         Some(match ty {
             "string" | "markdown" | "base64Binary" | "xhtml" => Prim::String,
             "code" | "id" | "oid" => Prim::Code,
-            "uri" | "url" | "canonical" | "uuid" => Prim::Uri,
+            "uri" | "canonical" | "uuid" => Prim::Uri,
+            "url" => Prim::Url,
             "decimal" => Prim::Decimal,
             "integer" | "positiveInt" | "unsignedInt" => Prim::Integer,
             "boolean" => Prim::Boolean,
@@ -206,6 +209,44 @@ pub(crate) struct CompiledMap {
     pub rules: Vec<Rule>,
 }
 
+/// What a mapped resource does to the stored resource of the same id (`write:` in a message map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Write {
+    /// A conditional `PUT`: the mapped resource is the new version.
+    #[default]
+    Replace,
+    /// A `PATCH`: its elements go into the stored resource (lists gain the items they lack,
+    /// other elements are replaced, the rest is kept).
+    Merge,
+    /// A `DELETE`: the mapped resource only names what is deleted (its id comes from the
+    /// source identifiers like any other); the store keeps the deleted versions in history.
+    Delete,
+    /// Nothing is written: the resource only gives the id other resources reference (the
+    /// patient of a message that must not change the stored Patient).
+    None,
+}
+
+impl Write {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "replace" => Some(Self::Replace),
+            "merge" => Some(Self::Merge),
+            "delete" => Some(Self::Delete),
+            "none" => Some(Self::None),
+            _ => None,
+        }
+    }
+
+    /// The Bundle entry's `request.method` (`write: none` makes no entry).
+    pub fn method(self) -> &'static str {
+        match self {
+            Self::Replace | Self::None => "PUT",
+            Self::Merge => "PATCH",
+            Self::Delete => "DELETE",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 #[allow(clippy::large_enum_variant)] // a handful per message map, built once
 pub(crate) enum Entry {
@@ -217,8 +258,7 @@ pub(crate) enum Entry {
         when: Option<Cond>,
         /// Only occurrences before the first `until` segment of the scope.
         until: Option<String>,
-        /// `write: merge`: the resource is merged into the stored one, not put in its place.
-        merge: bool,
+        write: Write,
     },
     Group {
         start: Vec<String>,
@@ -1817,21 +1857,20 @@ impl Compiler {
                 }
             }
             let until = self.until(file, it);
-            let merge = match it.get("write") {
-                None => false,
-                Some(w) => match w.as_str() {
-                    Some("replace") => false,
-                    Some("merge") => true,
-                    other => {
+            let write = match it.get("write") {
+                None => Write::Replace,
+                Some(w) => match w.as_str().and_then(Write::parse) {
+                    Some(write) => write,
+                    None => {
                         self.err(
                             file,
                             w.pos,
                             format!(
-                                "`write:` is `replace` (the default: the mapped resource takes the stored one's place) or `merge` (its elements go into the stored one), found `{}`",
-                                other.unwrap_or("")
+                                "`write:` is `replace` (the default: the mapped resource takes the stored one's place), `merge` (its elements go into the stored one), `delete` (the stored one is deleted) or `none` (only referenced), found `{}`",
+                                w.as_str().unwrap_or("")
                             ),
                         );
-                        false
+                        Write::Replace
                     }
                 },
             };
@@ -1841,7 +1880,7 @@ impl Compiler {
                 map,
                 when,
                 until,
-                merge,
+                write,
             });
         }
         out

@@ -1,4 +1,5 @@
 //! Conditions (`when:`): `OBX-2 == NM`, `OBX-2 in [NM, SN]`, `PID-30 != Y`, `exists(PV1-45)`,
+//! `is_url(OBX-5.1)` (an absolute URL such as `https://…`, which FHIR `url` elements take),
 //! `PV1-19` (true when non-empty), combined with `and`, `or`, `not` and parentheses.
 //! Words that are not paths are literal codes; quote a literal that looks like a path.
 
@@ -14,6 +15,7 @@ pub enum Operand {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cond {
     Exists(Operand),
+    IsUrl(Operand),
     Eq(Operand, Operand),
     Ne(Operand, Operand),
     In(Operand, Vec<Operand>),
@@ -141,12 +143,17 @@ impl P {
             self.expect(")")?;
             return Ok(c);
         }
-        if self.word_is("exists") {
-            self.i += 1;
-            self.expect("(")?;
-            let o = self.operand()?;
-            self.expect(")")?;
-            return Ok(Cond::Exists(o));
+        for (name, make) in [
+            ("exists", Cond::Exists as fn(Operand) -> Cond),
+            ("is_url", Cond::IsUrl),
+        ] {
+            if self.word_is(name) {
+                self.i += 1;
+                self.expect("(")?;
+                let o = self.operand()?;
+                self.expect(")")?;
+                return Ok(make(o));
+            }
         }
         let l = self.operand()?;
         match self.peek() {
@@ -194,6 +201,21 @@ impl P {
     }
 }
 
+/// An absolute URL: a scheme (letters, digits, `+`, `-`, `.`, starting with a letter), `://`
+/// and something after it, without spaces. FHIR `url` elements (Attachment.url, endpoints)
+/// take only these; an identifier-like `urn:` is a `uri`, not a locator.
+pub fn is_url(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !s.contains(char::is_whitespace)
+}
+
 /// Parses a condition; errors carry the byte offset in the expression.
 pub fn parse(s: &str) -> Result<Cond, (usize, String)> {
     let mut p = P {
@@ -217,7 +239,7 @@ impl Cond {
             }
         };
         match self {
-            Cond::Exists(a) => op(a),
+            Cond::Exists(a) | Cond::IsUrl(a) => op(a),
             Cond::Eq(a, b) | Cond::Ne(a, b) => {
                 op(a);
                 op(b);
@@ -246,6 +268,29 @@ mod tests {
         let c = parse("PID-8 == 'F'").unwrap();
         assert!(matches!(c, Cond::Eq(Operand::Path(_), Operand::Literal(_))));
         assert!(matches!(parse("PV1-45").unwrap(), Cond::Exists(_)));
+        assert!(matches!(parse("is_url(OBX-5.1)").unwrap(), Cond::IsUrl(_)));
+    }
+
+    #[test]
+    fn only_absolute_urls_are_urls() {
+        for u in [
+            "https://example.org/doc/1",
+            "mllp://lab-1",
+            "s3+https://b/k",
+        ] {
+            assert!(is_url(u), "{u}");
+        }
+        for u in [
+            "60",
+            "urn:oid:1.2.3",
+            "://x",
+            "1http://x",
+            "http://",
+            "http://a b",
+            "cid:60",
+        ] {
+            assert!(!is_url(u), "{u}");
+        }
         assert!(matches!(
             parse("$status != final").unwrap(),
             Cond::Ne(Operand::Var(_), _)

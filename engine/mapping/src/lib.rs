@@ -25,7 +25,7 @@ pub mod source;
 mod tree;
 mod yaml;
 
-pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc};
+pub use compile::{Fixture, LoadError, LoadErrors, MappingSet, RuleLoc, Write};
 pub use run::{
     to_uri, DropReason, DroppedValue, Lineage, MappedBundle, MappedResource, MappingError,
     RunOptions, SourceField,

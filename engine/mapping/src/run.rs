@@ -6,7 +6,7 @@
 
 use crate::compile::{
     Entry, IdPart, MapKind, MappingSet, OnError, Prim, Rule, RuleKind, RuleLoc, Step, TransOut,
-    Transform,
+    Transform, Write,
 };
 use crate::cond::{Cond, Operand};
 use crate::datetime;
@@ -163,32 +163,25 @@ struct BundleEntry {
     /// `Type/id`, the conditional upsert's url.
     url: String,
     resource: Obj,
-    /// Merged into the stored resource (`write: merge`) rather than put in its place.
-    merge: bool,
+    write: Write,
 }
 
 impl BundleEntry {
-    fn method(&self) -> &'static str {
-        if self.merge {
-            "PATCH"
-        } else {
-            "PUT"
-        }
-    }
-
-    fn body(&self) -> Value {
+    /// The entry's `resource`; a delete has none.
+    fn body(&self) -> Option<Value> {
         let resource = self.resource.clone().into_value();
-        if self.merge {
-            crate::patch::merge_patch(self.rtype, &resource)
-        } else {
-            resource
+        match self.write {
+            Write::Replace => Some(resource),
+            Write::Merge => Some(crate::patch::merge_patch(self.rtype, &resource)),
+            Write::Delete | Write::None => None,
         }
     }
 }
 
 impl MappedBundle {
-    /// The FHIR R4 Bundle of type `transaction`: a conditional `PUT` per resource, or, for a
-    /// `write: merge` entry, a `PATCH` with the FHIRPath Patch that merges it.
+    /// The FHIR R4 Bundle of type `transaction`: a conditional `PUT` per resource; for a
+    /// `write: merge` entry, a `PATCH` with the FHIRPath Patch that merges it; for a
+    /// `write: delete` entry, a `DELETE` without a resource.
     pub fn bundle(&self) -> Value {
         let entries = self
             .entries
@@ -196,10 +189,12 @@ impl MappedBundle {
             .map(|e| {
                 let mut o = Map::new();
                 let mut req = Map::new();
-                req.insert("method".into(), e.method().into());
+                req.insert("method".into(), e.write.method().into());
                 req.insert("url".into(), e.url.as_str().into());
                 o.insert("request".into(), Value::Object(req));
-                o.insert("resource".into(), e.body());
+                if let Some(body) = e.body() {
+                    o.insert("resource".into(), body);
+                }
                 Value::Object(o)
             })
             .collect();
@@ -211,7 +206,8 @@ impl MappedBundle {
     }
 
     /// The Bundle as compact JSON: the bytes `serde_json::to_vec(&self.bundle())` gives,
-    /// written without building a `Value` (but for the rare merge entry).
+    /// written without building a `Value` (but for the rare merge entry). Keys are sorted, as
+    /// serde_json writes them, so `request` comes before `resource`.
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(1024 * self.entries.len().max(1));
         out.extend_from_slice(b"{\"entry\":[");
@@ -220,14 +216,20 @@ impl MappedBundle {
                 out.push(b',');
             }
             out.extend_from_slice(b"{\"request\":{\"method\":\"");
-            out.extend_from_slice(e.method().as_bytes());
+            out.extend_from_slice(e.write.method().as_bytes());
             out.extend_from_slice(b"\",\"url\":");
             write_str(&mut out, &e.url);
-            out.extend_from_slice(b"},\"resource\":");
-            if e.merge {
-                serde_json::to_writer(&mut out, &e.body()).expect("a Value always serializes");
-            } else {
-                e.resource.write_json(&mut out);
+            out.push(b'}');
+            match e.write {
+                Write::Replace => {
+                    out.extend_from_slice(b",\"resource\":");
+                    e.resource.write_json(&mut out);
+                }
+                Write::Merge => {
+                    out.extend_from_slice(b",\"resource\":");
+                    serde_json::to_writer(&mut out, &e.body()).expect("a Value always serializes");
+                }
+                Write::Delete | Write::None => {}
             }
             out.push(b'}');
         }
@@ -246,7 +248,7 @@ impl MappedBundle {
     /// would not be valid R4, so the pipeline does not commit it.
     pub fn missing_required(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for e in &self.entries {
+        for e in self.entries.iter().filter(|e| e.write != Write::Delete) {
             for r in tributary_core::fhir_r4::required(e.rtype) {
                 if !r.met_by(|name| e.resource.get(name).is_some()) {
                     out.push(format!("{}/{}: {}", e.rtype, e.id, r.name()));
@@ -271,7 +273,7 @@ impl MappedBundle {
             .map(|e| MappedResource {
                 resource_type: e.rtype,
                 id: e.id,
-                merge: e.merge,
+                write: e.write,
                 tree: e.resource,
             })
             .collect()
@@ -283,9 +285,9 @@ impl MappedBundle {
 pub struct MappedResource {
     pub resource_type: &'static str,
     pub id: String,
-    /// `write: merge`: its elements go into the stored resource (lists gain the items they
-    /// lack, other elements are replaced, the rest is kept) instead of replacing it.
-    pub merge: bool,
+    /// What it does to the stored resource of its id: replace it (the default), merge into it
+    /// or delete it (then the tree only named it).
+    pub write: Write,
     tree: Obj,
 }
 
@@ -380,7 +382,7 @@ struct Instance {
     ctx: Ctx,
     rtype: &'static str,
     id: String,
-    merge: bool,
+    write: Write,
 }
 
 struct Runner<'s, S: V2Source + ?Sized> {
@@ -549,7 +551,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     map,
                     when,
                     until,
-                    merge,
+                    write,
                 } => {
                     let (start, end) = (self.scopes[scope].start, self.scopes[scope].end);
                     let end = self.until_end(start, end, until.as_deref());
@@ -587,7 +589,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             ctx,
                             rtype,
                             id,
-                            merge: *merge,
+                            write: *write,
                         });
                         if let Some(n) = name {
                             // visible in this scope and, for `ref:` to all of them, its ancestors
@@ -966,6 +968,11 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     fn eval(&mut self, c: &Cond, ctx: Ctx) -> bool {
         match c {
             Cond::Exists(o) => self.operand(o, ctx).is_some_and(|v| !v.is_empty()),
+            Cond::IsUrl(o) => {
+                self.note_compared(o, ctx);
+                self.operand(o, ctx)
+                    .is_some_and(|v| crate::cond::is_url(v.trim()))
+            }
             Cond::Eq(a, b) => {
                 self.note_compared(a, ctx);
                 self.note_compared(b, ctx);
@@ -990,10 +997,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     // ---- building ----------------------------------------------------------------------------
 
     fn build_instance(&mut self, i: usize) -> Fallible<()> {
-        let (map, ctx, rtype, id, merge) = {
+        let (map, ctx, rtype, id, write) = {
             let inst = &self.instances[i];
-            (inst.map, inst.ctx, inst.rtype, inst.id.clone(), inst.merge)
+            (inst.map, inst.ctx, inst.rtype, inst.id.clone(), inst.write)
         };
+        if write == Write::None {
+            // Only referenced: its fields stay unconsumed unless the message map ignores them.
+            return Ok(());
+        }
         if self.out_index.contains_key(&(rtype, id.clone())) {
             // Another segment already gave this id: building this one would lose one of the two
             // without a trace. Its fields stay unmapped (so they are reported) and the collision
@@ -1009,7 +1020,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             });
             return Ok(());
         }
-        self.build_resource(map, ctx, rtype, id, merge)?;
+        self.build_resource(map, ctx, rtype, id, write)?;
         Ok(())
     }
 
@@ -1020,7 +1031,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         ctx: Ctx,
         rtype: &'static str,
         id: String,
-        merge: bool,
+        write: Write,
     ) -> Fallible<String> {
         let url = format!("{rtype}/{id}");
         let set = self.set;
@@ -1062,7 +1073,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 id,
                 url: url.clone(),
                 resource: obj,
-                merge,
+                write,
             });
         }
         Ok(url)
@@ -1460,7 +1471,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 let salt = rule.loc.line;
                 let (rtype, id) = self.instance_id(*idx, c, salt);
                 self.enter(rule, c)?;
-                let url = self.build_resource(*idx, c, rtype, id, false);
+                let url = self.build_resource(*idx, c, rtype, id, Write::Replace);
                 self.depth -= 1;
                 Some(reference(url?))
             }
@@ -1627,6 +1638,8 @@ fn convert(p: Prim, s: &str, tz: &str) -> Result<Node, String> {
             Node::Str(c)
         }
         Prim::Uri => Node::Str(t.replace(char::is_whitespace, "_")),
+        Prim::Url if crate::cond::is_url(t) => Node::Str(t.to_string()),
+        Prim::Url => return Err("not an absolute URL (scheme://…)".into()),
         Prim::Decimal => Node::Num(decimal(t).ok_or_else(|| "not a decimal number".to_string())?),
         Prim::Integer => Node::Num(
             t.parse::<i64>()

@@ -3,7 +3,8 @@
 //! (+ the R4 date/dateTime/instant regexes) and npm fhir@4.12.0 — via scripts/validate_fhir.py.
 //!
 //! Also checks FHIR R4 invariant per-1 (Period start not after end) on every Period, which
-//! neither validator evaluates.
+//! neither validator evaluates; and that the library's own fixtures (the expected outputs
+//! `tributary mapping test` compares with) pass the same two validators.
 //!
 //! Skips (saying so) when the corpus or the validators are absent; set
 //! TEST_REQUIRE_TOOLS=1 (CI) to make their absence a failure.
@@ -73,11 +74,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
         eprintln!("SKIP: corpus {} absent", corpus.display());
         return;
     }
-    let validators = Command::new("python3")
-        .args(["-c", "import fhir.resources, sys; sys.exit(0 if fhir.resources.__version__ == '6.4.0' else 1)"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && repo().join("scripts/node_modules/fhir").is_dir();
+    let validators = validators_present();
     let set = MappingSet::load(&repo().join("mappings/hl7v2")).unwrap();
     let term = tributary_terminology::builtin();
     let out = tempfile::tempdir().unwrap();
@@ -134,17 +131,53 @@ fn every_corpus_output_is_valid_fhir_r4() {
         failures.join("\n")
     );
     assert!(mapped >= 300, "only {mapped} corpus messages mapped");
-    if !validators {
+    if validators {
+        validate(out.path());
+    }
+}
+
+#[test]
+fn every_fixture_output_is_valid_fhir_r4() {
+    if !validators_present() {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let dir = repo().join("mappings/hl7v2/messages");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".expected.json") {
+            std::fs::copy(e.path(), out.path().join(&name)).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n >= 40, "only {n} fixtures in {}", dir.display());
+    validate(out.path());
+}
+
+/// fhir.resources 6.4.0 and npm fhir@4.12.0 are installed; when they are not, says so and (in
+/// CI, `TEST_REQUIRE_TOOLS=1`) fails.
+fn validators_present() -> bool {
+    let present = Command::new("python3")
+        .args(["-c", "import fhir.resources, sys; sys.exit(0 if fhir.resources.__version__ == '6.4.0' else 1)"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && repo().join("scripts/node_modules/fhir").is_dir();
+    if !present {
         assert!(
             !require(),
             "validators missing: run scripts/install-test-tools"
         );
         eprintln!("SKIP validation: fhir.resources==6.4.0 or scripts/node_modules/fhir missing (scripts/install-test-tools)");
-        return;
     }
+    present
+}
+
+/// Runs both validators over every JSON file in `dir`.
+fn validate(dir: &Path) {
     let status = Command::new("python3")
         .arg(repo().join("scripts/validate_fhir.py"))
-        .arg(out.path())
+        .arg(dir)
         .status()
         .unwrap();
     assert!(

@@ -695,10 +695,11 @@ fn decimals_keep_their_written_precision() {
     }
 }
 
-/// `write:` is `replace` or `merge`; anything else is a load error at its position, and a
-/// merge entry is a PATCH in the Bundle while the others stay conditional PUTs.
+/// `write:` is `replace`, `merge`, `delete` or `none`; anything else is a load error at its
+/// position. A merge entry is a PATCH in the Bundle, a delete a DELETE without a resource, a
+/// `none` no entry at all, while the others stay conditional PUTs.
 #[test]
-fn write_merge_entries_are_patches_and_other_write_values_are_load_errors() {
+fn write_modes_give_their_bundle_entries_and_other_write_values_are_load_errors() {
     let pat = "resource: Patient\nsegment: PID\nid: [\"PID-3[1].1\"]\nrules:\n  - set: active\n    value: false\n";
     let msg = |write: &str| {
         format!("message: [ADT^A40]\nresources:\n  - segment: MSH\n    map: MSH-Header\n  - segment: PID\n    map: PID-Patient\n    write: {write}\n")
@@ -737,4 +738,30 @@ fn write_merge_entries_are_patches_and_other_write_values_are_load_errors() {
     assert_eq!(methods, ["PUT", "PATCH"]);
     assert_eq!(b["entry"][1]["resource"]["resourceType"], "Parameters");
     assert_eq!(serde_json::to_vec(&b).unwrap(), m.to_json());
+
+    let message = b"MSH|^~\\&|A|B|C|D|202601010000||ADT^A40|1|P|2.5.1\rPID|1||M1\r";
+    for (write, methods) in [("delete", &["PUT", "DELETE"][..]), ("none", &["PUT"][..])] {
+        let set = load_texts(&[
+            ("segments/MSH-Header.yaml", HEADER),
+            ("segments/PID-Patient.yaml", pat),
+            ("messages/ADT_A40.yaml", &msg(write)),
+        ])
+        .unwrap();
+        let mut m = map_as(&set, message, "t1");
+        let b = m.bundle();
+        let entries = b["entry"].as_array().unwrap();
+        let got: Vec<&str> = entries
+            .iter()
+            .map(|e| e["request"]["method"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, methods, "write: {write}");
+        assert!(entries[1..].iter().all(|e| e.get("resource").is_none()));
+        assert_eq!(
+            serde_json::to_vec(&b).unwrap(),
+            m.to_json(),
+            "write: {write}"
+        );
+        let writes: Vec<_> = m.take_resources().into_iter().map(|r| r.write).collect();
+        assert_eq!(writes.len(), methods.len());
+    }
 }

@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tributary_core::{deterministic_id, MessageId, MessageState, Protocol, StateKind};
-use tributary_mapping::{MappedBundle, RunOptions};
+use tributary_mapping::{MappedBundle, RunOptions, Write};
 use tributary_runtime::{
     ComponentStatus, LogThrottle, Processed, ProcessedFeed, ProcessedOutcome, Runtime, Sample,
 };
@@ -915,13 +915,17 @@ impl Pipeline {
         let writes: Vec<ResourceWrite> = mapped
             .take_resources()
             .into_iter()
-            .map(|r| {
+            .filter_map(|r| {
                 let (rtype, id) = (r.resource_type, r.id.clone());
-                if r.merge {
-                    ResourceWrite::merge(rtype, &id, r.into_value())
-                } else {
-                    ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
-                }
+                Some(match r.write {
+                    Write::Replace => {
+                        ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
+                    }
+                    Write::Merge => ResourceWrite::merge(rtype, &id, r.into_value()),
+                    Write::Delete => ResourceWrite::delete(rtype, &id),
+                    // never built into an entry; nothing to write either way
+                    Write::None => return None,
+                })
             })
             .collect();
         let event_type = message_event_type(&mapped.message_type);
@@ -1142,8 +1146,6 @@ fn summarize<T: std::fmt::Display>(paths: &[T]) -> String {
     s
 }
 
-/// The output check the store relies on: no two entries for one resource (the mapping crate
-/// builds each entry's type, id and `PUT` url together).
 /// Validates the output before anything is committed: one entry per resource, and every
 /// element FHIR R4 requires of each resource present (a required source field that was empty
 /// would otherwise commit an invalid resource and send it to every subscriber).

@@ -608,3 +608,93 @@ PV1|1|O\r";
         2
     );
 }
+
+/// `write: delete` through the pipeline: an IAM with action code D (ADT^A60) deletes the stored
+/// allergy of its unique identifier and leaves the patient's other allergies; the history keeps
+/// the deleted allergy's version; a replay changes nothing. An ADT^A29 deletes the Patient.
+#[tokio::test]
+async fn a_delete_entry_deletes_what_it_names_and_replays_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let deleting = fixture("ADT_A60.hl7");
+    let text = String::from_utf8(deleting.clone()).unwrap();
+    assert!(text.contains("|D^Delete^HL70206|"));
+    let adding = text
+        .replace("|D^Delete^HL70206|", "|A^Add/Insert^HL70206|")
+        .replace("SYN-ADT-A60-0001", "SYN-ADT-A60-0000");
+    let add = append(&rt, adding.into_bytes()).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[add]);
+    let allergy = |value: &str| {
+        let ids = rt
+            .store
+            .ids_by_identifier("t1", "AllergyIntolerance", None, value)
+            .unwrap();
+        assert_eq!(ids.len(), 1, "{value}: {ids:?}");
+        ids[0].clone()
+    };
+    let (kept, deleted) = (allergy("AL-9001"), allergy("AL-9003"));
+
+    let del = append(&rt, deleting).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[del]);
+    let gone = rt
+        .store
+        .read("t1", "AllergyIntolerance", &deleted)
+        .unwrap()
+        .unwrap();
+    assert!(gone.deleted, "the D allergy is deleted");
+    let history = rt
+        .store
+        .history("t1", "AllergyIntolerance", &deleted)
+        .unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(
+        history[1].resource().unwrap()["code"]["coding"][0]["code"],
+        "256277009"
+    );
+    let other = rt
+        .store
+        .read("t1", "AllergyIntolerance", &kept)
+        .unwrap()
+        .unwrap();
+    assert!(!other.deleted, "the other allergies stay");
+
+    rt.journal.replay(&[del]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[del]);
+    assert_eq!(
+        rt.store
+            .history("t1", "AllergyIntolerance", &deleted)
+            .unwrap()
+            .len(),
+        2,
+        "deleting again changes nothing"
+    );
+
+    let a29 = fixture("ADT_A29.hl7");
+    let register = String::from_utf8(a29.clone())
+        .unwrap()
+        .replace("ADT^A29^ADT_A21", "ADT^A28^ADT_A05")
+        .replace("EVN|A29", "EVN|A28")
+        .replace("SYN-ADT-A29-0001", "SYN-ADT-A28-0001");
+    let reg = append(&rt, register.into_bytes()).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[reg]);
+    let ids = rt
+        .store
+        .ids_by_identifier("t1", "Patient", None, "MRN70999")
+        .unwrap();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let withdraw = append(&rt, a29).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[withdraw]);
+    assert!(
+        rt.store
+            .read("t1", "Patient", &ids[0])
+            .unwrap()
+            .unwrap()
+            .deleted
+    );
+}
