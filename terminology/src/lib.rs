@@ -173,6 +173,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0278-appointment-status.tsv"),
     ),
     (
+        "v2-0283-referral-status",
+        include_str!("../conceptmaps/v2-0283-referral-status.tsv"),
+    ),
+    (
         "v2-0322-immunization-status",
         include_str!("../conceptmaps/v2-0322-immunization-status.tsv"),
     ),
@@ -191,6 +195,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "v2-0485-priority",
         include_str!("../conceptmaps/v2-0485-priority.tsv"),
+    ),
+    (
+        "problem-clinical-status",
+        include_str!("../conceptmaps/problem-clinical-status.tsv"),
     ),
     (
         "v2-ed-mime-type",

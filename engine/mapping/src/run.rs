@@ -1057,6 +1057,17 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         self.sets = outer_sets;
         applied?;
         self.loc = outer_loc;
+        if write == Write::Delete {
+            // A deleted resource only names what goes: what its rules created (the assigning
+            // authority of an identifier, a practitioner) is not written on its account. Taken
+            // out of the index too, so a resource written later can still create them.
+            let first_created = if duplicate { slot } else { slot + 1 };
+            for i in first_created..self.out.len() {
+                if let Some(e) = self.out[i].take() {
+                    self.out_index.remove(&(e.rtype, e.id));
+                }
+            }
+        }
         let ends = self.period_ends.split_off(ends_mark);
         if !duplicate {
             self.check_periods(rtype, &id, &mut obj, ends);
