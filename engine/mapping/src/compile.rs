@@ -218,6 +218,9 @@ pub enum Write {
     /// A `PATCH`: its elements go into the stored resource (lists gain the items they lack,
     /// other elements are replaced, the rest is kept).
     Merge,
+    /// As `Merge`, but only into a stored resource: with none stored nothing is written (a
+    /// replaced document's status, when the document itself never came).
+    Amend,
     /// A `DELETE`: the mapped resource only names what is deleted (its id comes from the
     /// source identifiers like any other); the store keeps the deleted versions in history.
     Delete,
@@ -231,6 +234,7 @@ impl Write {
         match s {
             "replace" => Some(Self::Replace),
             "merge" => Some(Self::Merge),
+            "amend" => Some(Self::Amend),
             "delete" => Some(Self::Delete),
             "none" => Some(Self::None),
             _ => None,
@@ -241,7 +245,7 @@ impl Write {
     pub fn method(self) -> &'static str {
         match self {
             Self::Replace | Self::None => "PUT",
-            Self::Merge => "PATCH",
+            Self::Merge | Self::Amend => "PATCH",
             Self::Delete => "DELETE",
         }
     }
@@ -1866,7 +1870,7 @@ impl Compiler {
                             file,
                             w.pos,
                             format!(
-                                "`write:` is `replace` (the default: the mapped resource takes the stored one's place), `merge` (its elements go into the stored one), `delete` (the stored one is deleted) or `none` (only referenced), found `{}`",
+                                "`write:` is `replace` (the default: the mapped resource takes the stored one's place), `merge` (its elements go into the stored one), `amend` (as merge, only when one is stored), `delete` (the stored one is deleted) or `none` (only referenced), found `{}`",
                                 w.as_str().unwrap_or("")
                             ),
                         );

@@ -172,7 +172,7 @@ impl BundleEntry {
         let resource = self.resource.clone().into_value();
         match self.write {
             Write::Replace => Some(resource),
-            Write::Merge => Some(crate::patch::merge_patch(self.rtype, &resource)),
+            Write::Merge | Write::Amend => Some(crate::patch::merge_patch(self.rtype, &resource)),
             Write::Delete | Write::None => None,
         }
     }
@@ -225,7 +225,7 @@ impl MappedBundle {
                     out.extend_from_slice(b",\"resource\":");
                     e.resource.write_json(&mut out);
                 }
-                Write::Merge => {
+                Write::Merge | Write::Amend => {
                     out.extend_from_slice(b",\"resource\":");
                     serde_json::to_writer(&mut out, &e.body()).expect("a Value always serializes");
                 }
@@ -248,7 +248,12 @@ impl MappedBundle {
     /// would not be valid R4, so the pipeline does not commit it.
     pub fn missing_required(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for e in self.entries.iter().filter(|e| e.write != Write::Delete) {
+        // a delete writes no resource; an amendment goes into one that has the required elements
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| !matches!(e.write, Write::Delete | Write::Amend))
+        {
             for r in tributary_core::fhir_r4::required(e.rtype) {
                 if !r.met_by(|name| e.resource.get(name).is_some()) {
                     out.push(format!("{}/{}: {}", e.rtype, e.id, r.name()));

@@ -695,9 +695,9 @@ fn decimals_keep_their_written_precision() {
     }
 }
 
-/// `write:` is `replace`, `merge`, `delete` or `none`; anything else is a load error at its
-/// position. A merge entry is a PATCH in the Bundle, a delete a DELETE without a resource, a
-/// `none` no entry at all, while the others stay conditional PUTs.
+/// `write:` is `replace`, `merge`, `amend`, `delete` or `none`; anything else is a load error at
+/// its position. A merge or amend entry is a PATCH in the Bundle, a delete a DELETE without a
+/// resource, a `none` no entry at all, while the others stay conditional PUTs.
 #[test]
 fn write_modes_give_their_bundle_entries_and_other_write_values_are_load_errors() {
     let pat = "resource: Patient\nsegment: PID\nid: [\"PID-3[1].1\"]\nrules:\n  - set: active\n    value: false\n";
@@ -740,7 +740,11 @@ fn write_modes_give_their_bundle_entries_and_other_write_values_are_load_errors(
     assert_eq!(serde_json::to_vec(&b).unwrap(), m.to_json());
 
     let message = b"MSH|^~\\&|A|B|C|D|202601010000||ADT^A40|1|P|2.5.1\rPID|1||M1\r";
-    for (write, methods) in [("delete", &["PUT", "DELETE"][..]), ("none", &["PUT"][..])] {
+    for (write, methods) in [
+        ("amend", &["PUT", "PATCH"][..]),
+        ("delete", &["PUT", "DELETE"][..]),
+        ("none", &["PUT"][..]),
+    ] {
         let set = load_texts(&[
             ("segments/MSH-Header.yaml", HEADER),
             ("segments/PID-Patient.yaml", pat),
@@ -755,7 +759,10 @@ fn write_modes_give_their_bundle_entries_and_other_write_values_are_load_errors(
             .map(|e| e["request"]["method"].as_str().unwrap())
             .collect();
         assert_eq!(got, methods, "write: {write}");
-        assert!(entries[1..].iter().all(|e| e.get("resource").is_none()));
+        let patch = write == "amend";
+        assert!(entries[1..]
+            .iter()
+            .all(|e| e.get("resource").is_some() == patch));
         assert_eq!(
             serde_json::to_vec(&b).unwrap(),
             m.to_json(),

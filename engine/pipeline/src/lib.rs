@@ -48,7 +48,7 @@ use tributary_runtime::{
 };
 use tributary_storage::{
     FieldKey, FieldKind, FieldReportStore, Journal, JournalEntry, JournalRecord, MessageUpdate,
-    OutboxEvent, ResourceWrite, StateRecord, StorageError, StoreTransaction,
+    OutboxEvent, Precondition, ResourceWrite, StateRecord, StorageError, StoreTransaction,
 };
 
 /// Journal consumer name under which the pipeline keeps its cursor.
@@ -922,6 +922,11 @@ impl Pipeline {
                         ResourceWrite::upsert_body(rtype, &id, Arc::new(body::MappedBody(r)))
                     }
                     Write::Merge => ResourceWrite::merge(rtype, &id, r.into_value()),
+                    Write::Amend => {
+                        let mut w = ResourceWrite::merge(rtype, &id, r.into_value());
+                        w.precondition = Precondition::IfStored;
+                        w
+                    }
                     Write::Delete => ResourceWrite::delete(rtype, &id),
                     // never built into an entry; nothing to write either way
                     Write::None => return None,

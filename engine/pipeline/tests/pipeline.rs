@@ -698,3 +698,58 @@ async fn a_delete_entry_deletes_what_it_names_and_replays_change_nothing() {
             .deleted
     );
 }
+
+/// `write: amend`: an MDM^T10 replacement supersedes the stored original document (keeping its
+/// content), and a replacement whose original never came creates no document without content.
+#[tokio::test]
+async fn a_replacement_supersedes_a_stored_parent_and_creates_no_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    // by document number (TXA-12: masterIdentifier)
+    let doc = |rt: &Runtime, number: &str| {
+        let docs: Vec<_> = rt
+            .store
+            .list("t1", "DocumentReference", None, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.resource().unwrap()["masterIdentifier"]["value"] == number)
+            .collect();
+        assert!(docs.len() <= 1, "{number}: {} documents", docs.len());
+        docs.into_iter().next()
+    };
+
+    // the replacement first: its parent is not stored, so nothing is made of it
+    let early = append(&rt, fixture("MDM_T02.replacement.hl7")).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[early]);
+    assert!(doc(&rt, "DOC-7001").is_none(), "no partial parent document");
+    assert_eq!(
+        doc(&rt, "DOC-7002").unwrap().resource().unwrap()["status"],
+        "current"
+    );
+
+    // the original, then the replacement again (a resend): the original is superseded
+    let original = append(&rt, fixture("MDM_T02.hl7")).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[original]);
+    assert_eq!(
+        doc(&rt, "DOC-7001").unwrap().resource().unwrap()["status"],
+        "current"
+    );
+    rt.journal.replay(&[early]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[early]);
+    let parent = doc(&rt, "DOC-7001").unwrap();
+    let parent_json = parent.resource().unwrap();
+    assert_eq!(parent_json["status"], "superseded");
+    assert!(
+        parent_json["content"][0]["attachment"]["data"].is_string(),
+        "content kept"
+    );
+    let replacement = doc(&rt, "DOC-7002").unwrap().resource().unwrap();
+    assert_eq!(
+        replacement["relatesTo"][0]["target"]["reference"],
+        format!("DocumentReference/{}", parent.id)
+    );
+}

@@ -131,6 +131,9 @@ pub enum Precondition {
     VersionMatch(u64),
     /// `If-None-Exist` / create: refuse if a live resource already has this id.
     MustNotExist,
+    /// Only a live stored resource is changed; without one the write changes nothing (a message
+    /// amending a record it does not carry never creates a partial one).
+    IfStored,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -677,6 +680,13 @@ fn plan_write(
         ops: Vec::new(),
         event: None,
     };
+    if w.precondition == Precondition::IfStored && live.is_none() {
+        return Ok(unchanged(
+            current.as_ref().map_or(0, |c| c.version),
+            current.as_ref().map_or(now, |c| c.last_updated),
+            Bytes::new(),
+        ));
+    }
     let next_version = current.as_ref().map_or(1, |c| c.version + 1);
     let with_type_and_id;
     let body = match &w.op {
@@ -1781,6 +1791,37 @@ mod tests {
             s.commit(tx(vec![dup])).await.unwrap_err(),
             StorageError::AlreadyExists { .. }
         ));
+    }
+
+    #[tokio::test]
+    async fn an_if_stored_write_changes_only_a_live_resource() {
+        let (_d, _db, s) = store();
+        let amend = |id: &str| {
+            let mut w = ResourceWrite::merge("Patient", id, json!({"active": false}));
+            w.precondition = Precondition::IfStored;
+            w
+        };
+        let out = s.commit(tx(vec![amend("p9")])).await.unwrap();
+        assert!(!out.writes[0].changed);
+        assert!(
+            s.read("t1", "Patient", "p9").unwrap().is_none(),
+            "nothing created"
+        );
+        s.commit(tx(vec![patient("p1", "Doe")])).await.unwrap();
+        let out = s.commit(tx(vec![amend("p1")])).await.unwrap();
+        assert!(out.writes[0].changed);
+        let p1 = s.read("t1", "Patient", "p1").unwrap().unwrap();
+        let p1 = p1.resource().unwrap();
+        assert_eq!(
+            (p1["active"].clone(), p1["name"][0]["family"].clone()),
+            (json!(false), json!("Doe"))
+        );
+        s.commit(tx(vec![ResourceWrite::delete("Patient", "p1")]))
+            .await
+            .unwrap();
+        let out = s.commit(tx(vec![amend("p1")])).await.unwrap();
+        assert!(!out.writes[0].changed, "a deleted resource stays deleted");
+        assert!(s.read("t1", "Patient", "p1").unwrap().unwrap().deleted);
     }
 
     #[tokio::test]
