@@ -448,8 +448,10 @@ PV1|1|O\r",
 }
 
 /// Every Bundle of the mapping library's fixtures (what `tributary map` prints for them) is a
-/// transaction the facade takes as is — once the Patient an ADT^A40 merges into is there: FHIR
-/// answers a `PATCH` of an absent resource 404 (the pipeline's merge creates it instead).
+/// transaction the facade takes as is, `DELETE` entries included — once what the `PATCH`
+/// entries merge into is there (the Patient an ADT^A40 merges, the Account an A41 retires, the
+/// document an MDM^T10 replaces): FHIR answers a `PATCH` of an absent resource 404 (the
+/// pipeline's merge creates it instead, its amend leaves it absent).
 #[tokio::test(flavor = "multi_thread")]
 async fn every_library_fixture_bundle_posts_as_a_transaction() {
     // a loader's burst of Bundles is no test of the rate limit
@@ -462,9 +464,17 @@ async fn every_library_fixture_bundle_posts_as_a_transaction() {
         for e in bundle["entry"].as_array().unwrap() {
             if e["request"]["method"] == "PATCH" {
                 let url = e["request"]["url"].as_str().unwrap();
-                let id = url.split('/').nth(1).unwrap();
-                let earlier =
-                    json!({"resourceType": "Patient", "id": id, "birthDate": "1980-02-14"});
+                let (rtype, id) = url.split_once('/').unwrap();
+                let earlier = match rtype {
+                    "Patient" => json!({"birthDate": "1980-02-14"}),
+                    "Account" => json!({"status": "active"}),
+                    "DocumentReference" => json!({"status": "current", "content": [
+                        {"attachment": {"contentType": "text/plain", "data": "b3JpZ2luYWw="}}]}),
+                    other => panic!("{}: no earlier {other} for its PATCH", path.display()),
+                };
+                let mut earlier = earlier;
+                earlier["resourceType"] = json!(rtype);
+                earlier["id"] = json!(id);
                 let r = f
                     .call("PUT", &format!("/fhir/{url}"), Some(&admin), Some(&earlier))
                     .await;

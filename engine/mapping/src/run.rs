@@ -548,7 +548,22 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     // ---- planning -------------------------------------------------------------------------
 
     fn plan(&mut self, entries: &'s [Entry], scope: usize) {
-        for e in entries {
+        // Every group's range first: a lookup made while planning (an id part, a `when:`) must
+        // not read inside a sibling group that is planned after it (a patient's OBX taking
+        // the filler number of an order further down).
+        let ranges: Vec<Vec<(usize, usize)>> = entries
+            .iter()
+            .map(|e| match e {
+                Entry::Group {
+                    start, with, until, ..
+                } => self.group_ranges(scope, start, with, until.as_deref()),
+                Entry::Resource { .. } => Vec::new(),
+            })
+            .collect();
+        for r in &ranges {
+            self.scopes[scope].groups.extend(r.iter().copied());
+        }
+        for (e, ranges) in entries.iter().zip(ranges) {
             match e {
                 Entry::Resource {
                     name,
@@ -606,43 +621,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         }
                     }
                 }
-                Entry::Group {
-                    start,
-                    with,
-                    entries,
-                    until,
-                } => {
-                    let (s0, s1) = (self.scopes[scope].start, self.scopes[scope].end);
-                    let s1 = self.until_end(s0, s1, until.as_deref());
-                    let mut groups: Vec<(usize, usize)> = Vec::new();
-                    let mut seen_rank: Option<usize> = None;
-                    for i in s0..s1 {
-                        let name = self.src.segment_name(i);
-                        if let Some(rank) = start.iter().position(|s| s == name) {
-                            let new = match seen_rank {
-                                None => true,
-                                Some(r) => rank <= r,
-                            };
-                            if new {
-                                if let Some(last) = groups.last_mut() {
-                                    last.1 = i;
-                                }
-                                groups.push((i, s1));
-                            }
-                            seen_rank = Some(rank);
-                        }
-                    }
-                    if !with.is_empty() {
-                        for g in &mut groups {
-                            let held = |i: &usize| {
-                                let n = self.src.segment_name(*i);
-                                start.iter().chain(with).any(|s| s == n)
-                            };
-                            g.1 = (g.0 + 1..g.1).find(|i| !held(i)).unwrap_or(g.1);
-                        }
-                    }
-                    self.scopes[scope].groups.extend(groups.iter().copied());
-                    for (gs, ge) in groups {
+                Entry::Group { entries, .. } => {
+                    for (gs, ge) in ranges {
                         let id = self.scopes.len();
                         self.scopes.push(Scope {
                             parent: Some(scope),
@@ -657,6 +637,48 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
         }
+    }
+
+    /// The segment ranges of a group entry in `scope`: each starts at a `start` segment (a
+    /// later name of the list only continues the group), ends at the next start, at the first
+    /// segment neither `start` nor `with` holds (when `with` is given), or at `until`.
+    fn group_ranges(
+        &self,
+        scope: usize,
+        start: &[String],
+        with: &[String],
+        until: Option<&str>,
+    ) -> Vec<(usize, usize)> {
+        let (s0, s1) = (self.scopes[scope].start, self.scopes[scope].end);
+        let s1 = self.until_end(s0, s1, until);
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut seen_rank: Option<usize> = None;
+        for i in s0..s1 {
+            let name = self.src.segment_name(i);
+            if let Some(rank) = start.iter().position(|s| s == name) {
+                let new = match seen_rank {
+                    None => true,
+                    Some(r) => rank <= r,
+                };
+                if new {
+                    if let Some(last) = groups.last_mut() {
+                        last.1 = i;
+                    }
+                    groups.push((i, s1));
+                }
+                seen_rank = Some(rank);
+            }
+        }
+        if !with.is_empty() {
+            for g in &mut groups {
+                let held = |i: &usize| {
+                    let n = self.src.segment_name(*i);
+                    start.iter().chain(with).any(|s| s == n)
+                };
+                g.1 = (g.0 + 1..g.1).find(|i| !held(i)).unwrap_or(g.1);
+            }
+        }
+        groups
     }
 
     /// The end of a scope range cut at the first `until` segment.

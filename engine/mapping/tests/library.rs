@@ -285,6 +285,31 @@ fn groups_keep_their_segments_to_themselves() {
     );
 }
 
+/// Ids are computed while the message is planned; a lookup made then (an id part, a `when:`)
+/// must not read inside a sibling group planned after it. A patient's OBX before any order
+/// keeps a message-specific id instead of taking the filler number of the order further down,
+/// so it no longer collides with another order-less OBX of the same code and set id.
+#[test]
+fn ids_never_read_a_later_sibling_group() {
+    let obs = "resource: Observation\nsegment: OBX\nid: [\"OBR-3\", \"OBX-3\", \"OBX-1\"]\nrules:\n  - set: status\n    value: final\n  - set: code.text\n    from: OBX-3\n";
+    let msg = "message: [OUL^R22]\nresources:\n  - group: [OBX]\n    until: SPM\n    resources:\n      - segment: OBX\n        map: OBX-Observation\n  - group: [SPM]\n    resources:\n      - group: [OBX]\n        until: OBR\n        resources:\n          - segment: OBX\n            map: OBX-Observation\n      - group: [OBR]\n        resources:\n          - group: [OBX]\n            resources:\n              - segment: OBX\n                map: OBX-Observation\n";
+    let out = run_texts(
+        &[
+            ("segments/OBX-Observation.yaml", obs),
+            ("messages/OUL.yaml", msg),
+        ],
+        "MSH|^~\\&|A|B|C|D|20260101||OUL^R22|1|P|2.5\rPID|1||p1\rOBX|27|NM|hr||60\rSPM|1|s1\rOBX|27|NM|hr||61\rOBR|1||F-1|panel\rOBX|27|NM|hr||62\r",
+    )
+    .unwrap();
+    let ids: BTreeSet<&str> = out
+        .entries()
+        .filter(|(t, _)| *t == "Observation")
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(out.dropped.is_empty(), "{:?}", out.dropped);
+}
+
 /// Every non-empty component of every field, as `SEG-f.c` / `SEG[n]-f.c` (independent splitter).
 fn all_nonempty(text: &str) -> BTreeSet<(String, usize, usize, usize)> {
     let mut out = BTreeSet::new();
