@@ -797,3 +797,84 @@ fn write_modes_give_their_bundle_entries_and_other_write_values_are_load_errors(
         assert_eq!(writes.len(), methods.len());
     }
 }
+
+/// The events the library maps through another event's map do what their event says: each
+/// fixture sent again as a sibling event (MSH-9.2 and the EVN event type changed).
+#[test]
+fn sibling_events_map_with_their_own_meaning() {
+    let set = library();
+    let as_event = |fixture: &str, from: &str, to: &str| {
+        let text = std::fs::read_to_string(repo().join("mappings/hl7v2/messages").join(fixture))
+            .unwrap()
+            .replacen(&format!("ADT^{from}"), &format!("ADT^{to}"), 1)
+            .replace(&format!("EVN|{from}"), &format!("EVN|{to}"));
+        assert!(text.contains(&format!("ADT^{to}")), "{fixture}");
+        map_as(&set, text.as_bytes(), "t1")
+    };
+    let encounter_status = |out: &tributary_mapping::MappedBundle| {
+        let (_, _, enc) = out.resources().find(|(t, _, _)| *t == "Encounter").unwrap();
+        enc["status"].as_str().unwrap().to_string()
+    };
+    for (event, status) in [
+        ("A21", "onleave"),
+        ("A22", "in-progress"),
+        ("A52", "in-progress"),
+        ("A53", "onleave"),
+        ("A32", "in-progress"),
+        ("A33", "in-progress"),
+    ] {
+        let out = as_event("ADT_A02.hl7", "A02", event);
+        assert_eq!(encounter_status(&out), status, "{event}");
+    }
+    assert_eq!(
+        encounter_status(&as_event("ADT_A11.hl7", "A11", "A38")),
+        "cancelled"
+    );
+    assert_eq!(
+        encounter_status(&as_event("ADT_A08.hl7", "A08", "A54")),
+        "in-progress"
+    );
+    // the older merges link the surviving Patient to the merged one, as A40 does
+    for event in ["A18", "A30"] {
+        let out = as_event("ADT_A40.hl7", "A40", event);
+        let links: Vec<String> = out
+            .resources()
+            .filter(|(t, _, _)| *t == "Patient")
+            .filter_map(|(_, _, p)| p["link"][0]["type"].as_str().map(String::from))
+            .collect();
+        assert_eq!(links, ["replaces", "replaced-by"], "{event}");
+        assert_eq!(
+            out.bundle()["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["request"]["method"] == "PATCH")
+                .count(),
+            1,
+            "{event}: the merged record"
+        );
+    }
+    // a visit merge or renumbering deletes the Encounter stored under the old number
+    for event in ["A42", "A50"] {
+        let out = as_event("ADT_A45.hl7", "A45", event);
+        let deleted: Vec<String> = out.bundle()["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["request"]["method"] == "DELETE")
+            .map(|e| e["request"]["url"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(deleted.len(), 1, "{event}");
+        assert!(deleted[0].starts_with("Encounter/"), "{event}");
+    }
+    let out = as_event("ADT_A41.hl7", "A41", "A35");
+    assert!(out.bundle()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["request"]["method"] == "PATCH"
+            && e["request"]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("Account/")));
+}
