@@ -36,6 +36,51 @@ pub struct FacadeConfig {
     /// caller's scopes and patient compartment before they leave.
     pub backends: Vec<BackendConfig>,
     pub export: ExportConfig,
+    /// `Patient/$match`: what each agreeing detail adds to a candidate's score, and where the
+    /// grades start. A shared identifier always makes a match certain (score 1).
+    #[serde(rename = "match")]
+    pub matching: MatchConfig,
+}
+
+/// Weights of `Patient/$match` (`[facade.match]`). A candidate's score is the sum of the
+/// weights of what agrees with the Patient asked about, at most 0.99; from `probable` it is
+/// graded probable, from `possible` possible, below that it is not returned.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// A family name in common (case- and accent-insensitive).
+    pub family: f64,
+    /// Otherwise, family names that sound alike (American Soundex: `Smith` and `Smyth`).
+    pub family_sounds_alike: f64,
+    /// The first given name in common.
+    pub given: f64,
+    /// Otherwise, its initial.
+    pub given_initial: f64,
+    pub birth_date: f64,
+    pub gender: f64,
+    /// A postal code or first address line in common.
+    pub address: f64,
+    /// A phone number (by its digits) or other telecom value in common.
+    pub telecom: f64,
+    pub probable: f64,
+    pub possible: f64,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        Self {
+            family: 0.25,
+            family_sounds_alike: 0.15,
+            given: 0.2,
+            given_initial: 0.05,
+            birth_date: 0.3,
+            gender: 0.1,
+            address: 0.075,
+            telecom: 0.075,
+            probable: 0.85,
+            possible: 0.6,
+        }
+    }
 }
 
 /// Bulk Data export (`$export`): NDJSON files written under `<data_dir>/exports/`.
@@ -415,6 +460,42 @@ impl FacadeConfig {
                 ));
             }
         }
+        let m = &self.matching;
+        for (k, v) in [
+            ("match.family", m.family),
+            ("match.family_sounds_alike", m.family_sounds_alike),
+            ("match.given", m.given),
+            ("match.given_initial", m.given_initial),
+            ("match.birth_date", m.birth_date),
+            ("match.gender", m.gender),
+            ("match.address", m.address),
+            ("match.telecom", m.telecom),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid(k, v, "a weight from 0 to 1"));
+            }
+        }
+        if m.family_sounds_alike > m.family {
+            return Err(invalid(
+                "match.family_sounds_alike",
+                m.family_sounds_alike,
+                "at most match.family: sounding alike counts less than agreeing",
+            ));
+        }
+        if m.given_initial > m.given {
+            return Err(invalid(
+                "match.given_initial",
+                m.given_initial,
+                "at most match.given: an initial counts less than the name",
+            ));
+        }
+        if !(m.possible > 0.0 && m.possible <= m.probable && m.probable < 1.0) {
+            return Err(invalid(
+                "match.possible",
+                format!("{} (probable {})", m.possible, m.probable),
+                "0 < possible <= probable < 1 (1 is for a shared identifier)",
+            ));
+        }
         let ex = &self.export;
         for (k, v, range) in [
             ("export.max_running", ex.max_running, 1..=64),
@@ -547,6 +628,23 @@ mod tests {
 
     #[test]
     fn errors_name_key_value_allowed() {
+        for (toml_text, key) in [
+            ("[match]\nbirth_date = 1.5\n", "match.birth_date"),
+            (
+                "[match]\nfamily_sounds_alike = 0.3\n",
+                "match.family_sounds_alike",
+            ),
+            ("[match]\ngiven_initial = 0.25\n", "match.given_initial"),
+            ("[match]\npossible = 0.9\n", "match.possible"),
+            ("[match]\nprobable = 1.0\n", "match.possible"),
+        ] {
+            let c: FacadeConfig = toml::from_str(toml_text).unwrap();
+            let msg = c.validate().unwrap_err().to_string();
+            assert!(msg.contains(&format!("facade.{key}")), "{toml_text}: {msg}");
+        }
+        let c: FacadeConfig = toml::from_str("[match]\nfamily = 0.3\npossible = 0.5\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.matching.family, c.matching.given), (0.3, 0.2));
         let mut c = FacadeConfig::default();
         c.auth.roles.insert("nurse".into(), "superuser".into());
         let msg = c.validate().unwrap_err().to_string();

@@ -6,14 +6,16 @@
 //! name and birth date agreeing — so a match never scans the Patient table. Each candidate is
 //! then scored on its whole record:
 //! - an identifier of the input (same system and value) makes it **certain** (score 1);
-//! - otherwise the demographics add up to at most 1: family name 0.25, given name 0.2 (its
-//!   initial 0.05), birth date 0.3, gender 0.1, address (postal code or first line) 0.075,
-//!   telecom 0.075. At least 0.85 is **probable**, at least 0.6 **possible**; less is not
-//!   returned;
+//! - otherwise the demographics add up to at most 0.99, by the weights of `[facade.match]`
+//!   (defaults: family name 0.25 — or 0.15 when the names only sound alike —, given name 0.2
+//!   (its initial 0.05), birth date 0.3, gender 0.1, address (postal code or first line)
+//!   0.075, telecom 0.075). From `probable` (0.85) it is **probable**, from `possible` (0.6)
+//!   **possible**; less is not returned;
 //! - an identifier of the same system with another value (another MRN from the same
 //!   authority) caps it at possible: within one system, two values are two people.
 
 use crate::audit::AuditSlot;
+use crate::config::MatchConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::policy::Access;
 use crate::rest::{base_url, bundle_response};
@@ -32,8 +34,6 @@ const MATCH_GRADE: &str = "http://hl7.org/fhir/StructureDefinition/match-grade";
 /// Matches returned when the client does not say (`count`), and the most it may ask for.
 const DEFAULT_COUNT: usize = 10;
 const MAX_COUNT: usize = 100;
-const PROBABLE: f64 = 0.85;
-const POSSIBLE: f64 = 0.6;
 
 /// What the operation's `Parameters` ask.
 struct MatchRequest {
@@ -134,8 +134,45 @@ fn contacts(p: &Value) -> (BTreeSet<String>, BTreeSet<String>) {
     (addresses, telecom)
 }
 
+/// American Soundex of a folded name: its first letter and the codes of the next consonant
+/// sounds, three digits (`smith` and `smyth` are both S530). Empty for a name without letters.
+fn soundex(name: &str) -> String {
+    let code = |c: char| match c {
+        'b' | 'f' | 'p' | 'v' => Some('1'),
+        'c' | 'g' | 'j' | 'k' | 'q' | 's' | 'x' | 'z' => Some('2'),
+        'd' | 't' => Some('3'),
+        'l' => Some('4'),
+        'm' | 'n' => Some('5'),
+        'r' => Some('6'),
+        _ => None,
+    };
+    let mut letters = name.chars().filter(char::is_ascii_alphabetic);
+    let Some(first) = letters.next() else {
+        return String::new();
+    };
+    let mut out = first.to_ascii_uppercase().to_string();
+    let mut last = code(first);
+    for c in letters {
+        let d = code(c);
+        if d.is_some() && d != last {
+            out.extend(d);
+            if out.len() == 4 {
+                break;
+            }
+        }
+        // h and w do not separate two letters of one code; vowels do
+        if !matches!(c, 'h' | 'w') {
+            last = d;
+        }
+    }
+    while out.len() < 4 {
+        out.push('0');
+    }
+    out
+}
+
 /// The score and grade of `candidate` as the person `wanted` describes; `None` below possible.
-fn score(wanted: &Value, candidate: &Value) -> Option<(f64, &'static str)> {
+fn score(wanted: &Value, candidate: &Value, w: &MatchConfig) -> Option<(f64, &'static str)> {
     let theirs = identifiers(candidate);
     let ours = identifiers(wanted);
     let same =
@@ -148,47 +185,57 @@ fn score(wanted: &Value, candidate: &Value) -> Option<(f64, &'static str)> {
         .any(|(s, v)| !s.is_empty() && theirs.iter().any(|(ts, tv)| ts == s && tv != v));
     let overlap = |a: &BTreeSet<String>, b: &BTreeSet<String>| !a.is_disjoint(b);
     let mut total = 0.0;
-    if overlap(&names(wanted, "family"), &names(candidate, "family")) {
-        total += 0.25;
+    let (family, their_family) = (names(wanted, "family"), names(candidate, "family"));
+    let sounds = |names: &BTreeSet<String>| -> BTreeSet<String> {
+        names
+            .iter()
+            .map(|n| soundex(n))
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    if overlap(&family, &their_family) {
+        total += w.family;
+    } else if overlap(&sounds(&family), &sounds(&their_family)) {
+        total += w.family_sounds_alike;
     }
     let (given, their_given) = (names(wanted, "given"), names(candidate, "given"));
     if overlap(&given, &their_given) {
-        total += 0.2;
+        total += w.given;
     } else if given.iter().any(|g| {
         their_given
             .iter()
             .any(|t| g.chars().next() == t.chars().next())
     }) {
-        total += 0.05;
+        total += w.given_initial;
     }
     let field = |v: &Value, k: &str| v[k].as_str().map(str::to_string);
     if field(wanted, "birthDate").is_some()
         && field(wanted, "birthDate") == field(candidate, "birthDate")
     {
-        total += 0.3;
+        total += w.birth_date;
     }
     if field(wanted, "gender").is_some() && field(wanted, "gender") == field(candidate, "gender") {
-        total += 0.1;
+        total += w.gender;
     }
     let ((addr, tel), (their_addr, their_tel)) = (contacts(wanted), contacts(candidate));
     if overlap(&addr, &their_addr) {
-        total += 0.075;
+        total += w.address;
     }
     if overlap(&tel, &their_tel) {
-        total += 0.075;
+        total += w.telecom;
     }
     // only an identifier makes a match certain: 1 is for those
     let total: f64 = ((total * 1000.0_f64).round() / 1000.0).min(0.99);
-    let grade = if total >= PROBABLE && !conflict {
+    let grade = if total >= w.probable && !conflict {
         "probable"
-    } else if total >= POSSIBLE {
+    } else if total >= w.possible {
         "possible"
     } else {
         return None;
     };
     Some((
         if conflict {
-            total.min(PROBABLE - 0.001)
+            total.min(w.probable - 0.001)
         } else {
             total
         },
@@ -261,7 +308,7 @@ pub async fn patient_match(
         if !access.permits(Perm::Search, "Patient", &id, &v) {
             continue;
         }
-        if let Some((s, grade)) = score(&req.patient, &v) {
+        if let Some((s, grade)) = score(&req.patient, &v, &st.facade.cfg.matching) {
             if req.only_certain && grade != "certain" {
                 continue;
             }
@@ -309,6 +356,50 @@ mod tests {
             p[k] = v.clone();
         }
         p
+    }
+
+    fn score(wanted: &Value, candidate: &Value) -> Option<(f64, &'static str)> {
+        super::score(wanted, candidate, &MatchConfig::default())
+    }
+
+    #[test]
+    fn soundex_codes_names_by_their_sound() {
+        for (name, code) in [
+            ("robert", "R163"),
+            ("rupert", "R163"),
+            ("ashcraft", "A261"),
+            ("tymczak", "T522"),
+            ("pfister", "P236"),
+            ("lee", "L000"),
+            ("", ""),
+        ] {
+            assert_eq!(soundex(name), code, "{name}");
+        }
+        assert_eq!(soundex("smith"), soundex("smyth"));
+        assert_ne!(soundex("smith"), soundex("jones"));
+    }
+
+    #[test]
+    fn weights_and_grades_come_from_the_configuration() {
+        let stored = patient(json!({}));
+        // family name spelled another way, same sound; given name and birth date agree
+        let sounds_alike = json!({"resourceType": "Patient",
+            "name": [{"family": "Okafore", "given": ["Ada"]}], "birthDate": "1980-02-03"});
+        assert_eq!(score(&sounds_alike, &stored), Some((0.65, "possible")));
+        let strict = MatchConfig {
+            family_sounds_alike: 0.0,
+            ..MatchConfig::default()
+        };
+        assert_eq!(super::score(&sounds_alike, &stored, &strict), None);
+        let lenient = MatchConfig {
+            possible: 0.5,
+            probable: 0.6,
+            ..MatchConfig::default()
+        };
+        assert_eq!(
+            super::score(&sounds_alike, &stored, &lenient),
+            Some((0.65, "probable"))
+        );
     }
 
     #[test]
