@@ -752,4 +752,13 @@ async fn a_replacement_supersedes_a_stored_parent_and_creates_no_missing_one() {
         replacement["relatesTo"][0]["target"]["reference"],
         format!("DocumentReference/{}", parent.id)
     );
+    // a replay amends nothing more
+    rt.journal.replay(&[early]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[early]);
+    let history = rt
+        .store
+        .history("t1", "DocumentReference", &parent.id)
+        .unwrap();
+    assert_eq!(history.len(), 2, "the original and its superseded version");
 }
