@@ -139,6 +139,8 @@ impl fmt::Display for DroppedValue {
 pub struct MappedBundle {
     /// The Bundle's entries, in order.
     entries: Vec<BundleEntry>,
+    /// Resources the message names without writing them (`write: none`), as (type, id).
+    named_only: Vec<(&'static str, String)>,
     /// `ADT^A01`
     pub message_type: String,
     /// The message map file that mapped it.
@@ -240,6 +242,16 @@ impl MappedBundle {
     /// (resource type, id) of every entry.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries.iter().map(|e| (e.rtype, e.id.as_str()))
+    }
+
+    /// The id of the (first) Patient the message is about: written, deleted or only named
+    /// (`write: none`, the patient of a BAR^P02). It keys the message's events, so they keep
+    /// their order per patient and reach that patient's subscribers.
+    pub fn patient_id(&self) -> Option<&str> {
+        self.entries()
+            .chain(self.named_only.iter().map(|(t, id)| (*t, id.as_str())))
+            .find(|(t, _)| *t == "Patient")
+            .map(|(_, id)| id)
     }
 
     /// What the entries lack of what FHIR R4 requires of their type at the top level (min 1
@@ -515,8 +527,15 @@ impl MappingSet {
             r.build_instance(i).map_err(|e| *e)?;
         }
         let unconsumed = r.unconsumed(&mm.ignore);
+        let named_only = r
+            .instances
+            .iter()
+            .filter(|i| i.write == Write::None)
+            .map(|i| (i.rtype, i.id.clone()))
+            .collect();
         Ok(MappedBundle {
             entries: r.out.into_iter().flatten().collect(),
+            named_only,
             message_type,
             message_map: mm.file.to_string(),
             version: self.version.clone(),

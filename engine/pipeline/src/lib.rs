@@ -908,10 +908,7 @@ impl Pipeline {
                 )
                 .await;
         }
-        let patient = mapped
-            .entries()
-            .find(|(t, _)| *t == "Patient")
-            .map(|(_, id)| id.to_string());
+        let patient = mapped.patient_id().map(str::to_string);
         let writes: Vec<ResourceWrite> = mapped
             .take_resources()
             .into_iter()

@@ -697,6 +697,31 @@ async fn a_delete_entry_deletes_what_it_names_and_replays_change_nothing() {
             .unwrap()
             .deleted
     );
+
+    // BAR^P02 deletes the Account and only names the Patient (`write: none`): the Patient (the
+    // A60's, stored above) is untouched, and the message event still carries the patient key
+    let stored = rt
+        .store
+        .ids_by_identifier("t1", "Patient", None, "MRN70001")
+        .unwrap();
+    let version = |rt: &Runtime| {
+        let p = rt.store.read("t1", "Patient", &stored[0]).unwrap().unwrap();
+        p.version
+    };
+    let before = version(&rt);
+    let purge = append(&rt, fixture("BAR_P02.hl7")).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[purge]);
+    let event = rt
+        .store
+        .outbox()
+        .read_after(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type == "hl7v2.bar.P02")
+        .unwrap();
+    assert_eq!(event.patient_id.as_deref(), Some(stored[0].as_str()));
+    assert_eq!(version(&rt), before, "the Patient is not written");
 }
 
 /// `write: amend`: an MDM^T10 replacement supersedes the stored original document (keeping its
