@@ -784,6 +784,8 @@ struct Compiler {
     errors: Vec<LoadError>,
     maps: Vec<MapSlot>,
     by_name: HashMap<String, usize>,
+    /// Variables the `when:` of the message map being compiled reads, with their positions.
+    entry_vars: Vec<(String, Pos)>,
 }
 
 const RULE_KEYS: &[&str] = &[
@@ -1685,14 +1687,18 @@ impl Compiler {
             }
             collect_creates(&self.maps[i].compiled.rules, &mut used);
         }
-        for (k, pos) in self.var_uses(&entries) {
+        let mut uses = self.var_uses(&entries);
+        uses.extend(
+            std::mem::take(&mut self.entry_vars)
+                .into_iter()
+                .map(|(k, pos)| (k, file.clone(), pos)),
+        );
+        for (k, at, pos) in uses {
             if !vars.contains_key(&k) {
                 self.err(
-                    file,
+                    &at,
                     pos,
-                    format!(
-                        "`${k}` is used by a map but not defined under `vars:` of this message map"
-                    ),
+                    format!("`${k}` is not defined under `vars:` of message map {file}"),
                 );
             }
         }
@@ -1707,7 +1713,9 @@ impl Compiler {
         })
     }
 
-    fn var_uses(&self, entries: &[Entry]) -> Vec<(String, Pos)> {
+    /// Every variable the maps a message map uses read (`var:` and `$name` in `when:`), with
+    /// the file and position of the rule that reads it.
+    fn var_uses(&self, entries: &[Entry]) -> Vec<(String, Arc<str>, Pos)> {
         let mut used = Vec::new();
         collect_used(entries, &mut used);
         let mut out = Vec::new();
@@ -1716,20 +1724,23 @@ impl Compiler {
             if !seen.insert(i) {
                 continue;
             }
-            fn walk(rules: &[Rule], out: &mut Vec<(String, Pos)>, used: &mut Vec<usize>) {
+            fn walk(rules: &[Rule], out: &mut Vec<(String, Arc<str>, Pos)>, used: &mut Vec<usize>) {
                 for r in rules {
+                    let at = Pos {
+                        line: r.loc.line,
+                        col: r.loc.col,
+                    };
+                    let mut names = Vec::new();
+                    if let Some(c) = &r.when {
+                        c.vars(&mut names);
+                    }
                     match &r.kind {
-                        RuleKind::Var(v, _) => out.push((
-                            v.clone(),
-                            Pos {
-                                line: r.loc.line,
-                                col: r.loc.col,
-                            },
-                        )),
+                        RuleKind::Var(v, _) => names.push(v.clone()),
                         RuleKind::Nested(n) => walk(n, out, used),
                         RuleKind::Map(i) | RuleKind::Create(i) => used.push(*i),
                         _ => {}
                     }
+                    out.extend(names.into_iter().map(|v| (v, r.loc.file.clone(), at)));
                 }
             }
             walk(&self.maps[i].compiled.rules, &mut out, &mut used);
@@ -1848,7 +1859,13 @@ impl Compiler {
             let when = it
                 .get("when")
                 .and_then(|w| match cond::parse(w.as_str().unwrap_or("")) {
-                    Ok(c) => Some(c),
+                    Ok(c) => {
+                        let mut names = Vec::new();
+                        c.vars(&mut names);
+                        self.entry_vars
+                            .extend(names.into_iter().map(|v| (v, w.pos)));
+                        Some(c)
+                    }
                     Err((_, m)) => {
                         self.err(file, w.pos, format!("condition: {m}"));
                         None

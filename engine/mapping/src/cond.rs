@@ -231,6 +231,31 @@ pub fn parse(s: &str) -> Result<Cond, (usize, String)> {
 }
 
 impl Cond {
+    /// Every message-map variable the condition reads (`$encounter_status`).
+    pub fn vars(&self, out: &mut Vec<String>) {
+        let mut op = |o: &Operand| {
+            if let Operand::Var(v) = o {
+                out.push(v.clone())
+            }
+        };
+        match self {
+            Cond::Exists(a) | Cond::IsUrl(a) => op(a),
+            Cond::Eq(a, b) | Cond::Ne(a, b) => {
+                op(a);
+                op(b);
+            }
+            Cond::In(a, items) => {
+                op(a);
+                items.iter().for_each(op);
+            }
+            Cond::Not(c) => c.vars(out),
+            Cond::And(a, b) | Cond::Or(a, b) => {
+                a.vars(out);
+                b.vars(out);
+            }
+        }
+    }
+
     /// Every source path the condition reads (for load-time checks).
     pub fn paths(&self, out: &mut Vec<SourcePath>) {
         let mut op = |o: &Operand| {

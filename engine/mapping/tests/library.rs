@@ -878,3 +878,31 @@ fn sibling_events_map_with_their_own_meaning() {
                 .unwrap()
                 .starts_with("Account/")));
 }
+
+/// A variable a map reads (`var:`, or `$name` in a `when:` of a rule or of the message map)
+/// that the message map does not define is a load error at the place that reads it, naming the
+/// message map — never a silently false condition.
+#[test]
+fn undefined_variables_are_load_errors_where_they_are_read() {
+    let enc = "resource: Encounter\nsegment: PV1\nrules:\n  - set: status\n    var: encounter_status\n  - set: class.code\n    when: $kind == visit\n    value: IMP\n";
+    let msg = "message: [ADT^A01]\nvars:\n  other: x\nresources:\n  - segment: PV1\n    map: PV1-Encounter\n    when: $admitting == yes\n";
+    let errs = load_error_lines(&[
+        ("segments/PV1-Encounter.yaml", enc),
+        ("messages/ADT_A01.yaml", msg),
+    ])
+    .join("\n");
+    for (at, var) in [
+        ("PV1-Encounter.yaml:4:8", "encounter_status"),
+        ("PV1-Encounter.yaml:6:8", "kind"),
+        ("ADT_A01.yaml:7:11", "admitting"),
+    ] {
+        assert!(
+            errs.lines().any(|l| l.contains(at)
+                && l.contains(&format!(
+                    "`${var}` is not defined under `vars:` of message map"
+                ))
+                && l.contains("ADT_A01.yaml")),
+            "{at} {var}:\n{errs}"
+        );
+    }
+}
