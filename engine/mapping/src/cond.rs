@@ -231,54 +231,42 @@ pub fn parse(s: &str) -> Result<Cond, (usize, String)> {
 }
 
 impl Cond {
-    /// Every message-map variable the condition reads (`$encounter_status`).
-    pub fn vars(&self, out: &mut Vec<String>) {
-        let mut op = |o: &Operand| {
-            if let Operand::Var(v) = o {
-                out.push(v.clone())
-            }
-        };
+    /// Every operand of the condition, in order.
+    fn each_operand<'a>(&'a self, f: &mut impl FnMut(&'a Operand)) {
         match self {
-            Cond::Exists(a) | Cond::IsUrl(a) => op(a),
+            Cond::Exists(a) | Cond::IsUrl(a) => f(a),
             Cond::Eq(a, b) | Cond::Ne(a, b) => {
-                op(a);
-                op(b);
+                f(a);
+                f(b);
             }
             Cond::In(a, items) => {
-                op(a);
-                items.iter().for_each(op);
+                f(a);
+                items.iter().for_each(&mut *f);
             }
-            Cond::Not(c) => c.vars(out),
+            Cond::Not(c) => c.each_operand(f),
             Cond::And(a, b) | Cond::Or(a, b) => {
-                a.vars(out);
-                b.vars(out);
+                a.each_operand(f);
+                b.each_operand(f);
             }
         }
     }
 
+    /// Every message-map variable the condition reads (`$encounter_status`).
+    pub fn vars(&self, out: &mut Vec<String>) {
+        self.each_operand(&mut |o| {
+            if let Operand::Var(v) = o {
+                out.push(v.clone())
+            }
+        });
+    }
+
     /// Every source path the condition reads (for load-time checks).
     pub fn paths(&self, out: &mut Vec<SourcePath>) {
-        let mut op = |o: &Operand| {
+        self.each_operand(&mut |o| {
             if let Operand::Path(p) = o {
                 out.push(p.clone())
             }
-        };
-        match self {
-            Cond::Exists(a) | Cond::IsUrl(a) => op(a),
-            Cond::Eq(a, b) | Cond::Ne(a, b) => {
-                op(a);
-                op(b);
-            }
-            Cond::In(a, items) => {
-                op(a);
-                items.iter().for_each(op);
-            }
-            Cond::Not(c) => c.paths(out),
-            Cond::And(a, b) | Cond::Or(a, b) => {
-                a.paths(out);
-                b.paths(out);
-            }
-        }
+        });
     }
 }
 
