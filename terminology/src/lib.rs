@@ -201,6 +201,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/problem-clinical-status.tsv"),
     ),
     (
+        "problem-verification-status",
+        include_str!("../conceptmaps/problem-verification-status.tsv"),
+    ),
+    (
         "v2-ed-mime-type",
         include_str!("../conceptmaps/v2-ed-mime-type.tsv"),
     ),
