@@ -182,8 +182,8 @@ impl BundleEntry {
 
 impl MappedBundle {
     /// The FHIR R4 Bundle of type `transaction`: a conditional `PUT` per resource; for a
-    /// `write: merge` entry, a `PATCH` with the FHIRPath Patch that merges it; for a
-    /// `write: delete` entry, a `DELETE` without a resource.
+    /// `write: merge` or `amend` entry, a `PATCH` with the FHIRPath Patch that merges it; for a
+    /// `write: delete` entry, a `DELETE` without a resource (`write: none` makes no entry).
     pub fn bundle(&self) -> Value {
         let entries = self
             .entries
@@ -303,7 +303,7 @@ pub struct MappedResource {
     pub resource_type: &'static str,
     pub id: String,
     /// What it does to the stored resource of its id: replace it (the default), merge into it
-    /// or delete it (then the tree only named it).
+    /// (`amend`: only into a stored one) or delete it (then the tree only named it).
     pub write: Write,
     tree: Obj,
 }

@@ -680,7 +680,11 @@ fn plan_write(
         ops: Vec::new(),
         event: None,
     };
-    if w.precondition == Precondition::IfStored && live.is_none() {
+    // Deleting what is absent or already deleted is a no-op (FHIR: 200/204 either way); so is
+    // a write that only changes a stored resource, with none stored.
+    if live.is_none()
+        && (matches!(w.op, WriteOp::Delete) || w.precondition == Precondition::IfStored)
+    {
         return Ok(unchanged(
             current.as_ref().map_or(0, |c| c.version),
             current.as_ref().map_or(now, |c| c.last_updated),
@@ -743,14 +747,6 @@ fn plan_write(
             (stored, Some(body.index_fields(rtype, id)), Some(hash))
         }
         None => {
-            if live.is_none() {
-                // Deleting what is absent or already deleted is a no-op (FHIR: 200/204 either way).
-                return Ok(unchanged(
-                    current.as_ref().map_or(0, |c| c.version),
-                    current.as_ref().map_or(now, |c| c.last_updated),
-                    Bytes::new(),
-                ));
-            }
             let stored = StoredResource {
                 resource_type: w.resource_type.clone(),
                 id: w.id.clone(),
