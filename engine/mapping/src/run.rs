@@ -402,6 +402,13 @@ struct Instance {
     write: Write,
 }
 
+/// Two source locations holding the same value, as (segment, field, component bits).
+#[derive(Clone, Copy)]
+struct SameValue {
+    a: (usize, usize, u64),
+    b: (usize, usize, u64),
+}
+
 struct Runner<'s, S: V2Source + ?Sized> {
     set: &'s MappingSet,
     src: &'s S,
@@ -410,6 +417,8 @@ struct Runner<'s, S: V2Source + ?Sized> {
     vars: &'s BTreeMap<String, String>,
     /// Per field, the components read (bit masks); segment `s`'s fields start at `fields_at[s]`.
     consumed: Vec<u64>,
+    /// Later `from:` alternatives equal to the one mapped ([`Runner::same_value`]).
+    same_values: Vec<SameValue>,
     fields_at: Vec<usize>,
     scopes: Vec<Scope<'s>>,
     instances: Vec<Instance>,
@@ -490,6 +499,7 @@ impl MappingSet {
             tenant: opts.tenant,
             vars: mm.vars_by_event.get(&message_type).unwrap_or(&mm.vars),
             consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
+            same_values: Vec::new(),
             fields_at,
             scopes: vec![Scope {
                 parent: None,
@@ -526,6 +536,7 @@ impl MappingSet {
         for i in 0..r.instances.len() {
             r.build_instance(i).map_err(|e| *e)?;
         }
+        r.share_same_values();
         let unconsumed = r.unconsumed(&mm.ignore);
         let named_only = r
             .instances
@@ -1239,18 +1250,21 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
                 return Ok(wrote);
             }
+            let mut chosen = 0;
             let sources: Ctxs = if rule.from.is_empty() {
                 smallvec::smallvec![ctx]
             } else {
                 let mut found = Ctxs::new();
-                for p in &rule.from {
+                for (i, p) in rule.from.iter().enumerate() {
                     found = self.resolve(ctx, p, rule.many);
                     if !found.is_empty() {
+                        chosen = i;
                         break;
                     }
                 }
                 found
             };
+            let alternatives_after = (rule.from.len() > chosen + 1).then(|| sources.clone());
             if let RuleKind::Ref(name) = &rule.kind {
                 let targets = self.lookup_name(name, ctx.scope);
                 if !rule.many && targets.len() > 1 {
@@ -1305,8 +1319,86 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     }
                 }
             }
+            if let (true, Some(chosen_at)) = (wrote, alternatives_after) {
+                for p in &rule.from[chosen + 1..] {
+                    let alts = self.resolve(ctx, p, rule.many);
+                    for (a, b) in chosen_at.iter().zip(alts.iter()) {
+                        if let Some(pair) = self.same_value(*a, *b) {
+                            self.same_values.push(pair);
+                        }
+                    }
+                }
+            }
         }
         Ok(wrote)
+    }
+
+    /// `b`, a later alternative of a `from:` list, holds exactly what `a` (the one a rule
+    /// mapped) holds — ORC-12 and OBR-16 naming the same orderer. What the rules map of either
+    /// is then in the output for both, so neither is reported as unconsumed; a `b` that holds
+    /// something else stays in the report. Whole fields and components are compared; a pair
+    /// of subcomponents is not (consumption is tracked per component).
+    fn same_value(&self, a: Ctx, b: Ctx) -> Option<SameValue> {
+        let src = self.src;
+        let same_comp = |a: Ctx, b: Ctx, ca: usize, cb: usize| {
+            let n = src.sub_count(a.seg, a.field, a.rep, ca);
+            n == src.sub_count(b.seg, b.field, b.rep, cb)
+                && (1..=n).all(|s| {
+                    src.leaf(a.seg, a.field, a.rep, ca, s) == src.leaf(b.seg, b.field, b.rep, cb, s)
+                })
+        };
+        if a.rep == 0 || b.rep == 0 || a.sub != 0 || b.sub != 0 || (a.comp == 0) != (b.comp == 0) {
+            return None;
+        }
+        let (a_bits, b_bits) = if a.comp == 0 {
+            let reps = src.rep_count(a.seg, a.field);
+            let same = reps == src.rep_count(b.seg, b.field)
+                && (1..=reps).all(|rep| {
+                    let (a, b) = (Ctx { rep, ..a }, Ctx { rep, ..b });
+                    let n = src.comp_count(a.seg, a.field, rep);
+                    n == src.comp_count(b.seg, b.field, rep)
+                        && (1..=n).all(|c| same_comp(a, b, c, c))
+                });
+            if !same {
+                return None;
+            }
+            (u64::MAX, u64::MAX)
+        } else {
+            if !same_comp(a, b, a.comp, b.comp) {
+                return None;
+            }
+            (comp_bit(a.comp), comp_bit(b.comp))
+        };
+        Some(SameValue {
+            a: (a.seg, a.field, a_bits),
+            b: (b.seg, b.field, b_bits),
+        })
+    }
+
+    /// Shares what was consumed between the two sides of each [`SameValue`] (run once every
+    /// rule has run: a component of either may be mapped by a later rule).
+    fn share_same_values(&mut self) {
+        // twice, so a value equal to two alternatives reaches both through the chosen one
+        for _ in 0..2 {
+            for i in 0..self.same_values.len() {
+                let SameValue { a, b } = self.same_values[i];
+                let (ma, mb) = (
+                    self.consumed_mask(a.0, a.1) & a.2,
+                    self.consumed_mask(b.0, b.1) & b.2,
+                );
+                let (to_b, to_a) = if a.2 == u64::MAX {
+                    (ma, mb)
+                } else {
+                    (if ma != 0 { b.2 } else { 0 }, if mb != 0 { a.2 } else { 0 })
+                };
+                if let Some(i) = self.field_slot(b.0, b.1) {
+                    self.consumed[i] |= to_b;
+                }
+                if let Some(i) = self.field_slot(a.0, a.1) {
+                    self.consumed[i] |= to_a;
+                }
+            }
+        }
     }
 
     /// The instances `ref: name` reaches from `scope`: those of the scope itself and its groups;

@@ -203,3 +203,52 @@ fn an_invalid_value_left_out_under_warn_is_reported() {
     }
     assert_eq!(out.warnings.len(), 2, "{:?}", out.warnings);
 }
+
+/// A `from:` list maps its first alternative with a value. A later alternative holding the same
+/// value (the orderer in ORC-12 and again in OBR-16) is in the output through the first, so it is
+/// not reported; one holding something else is, component by component, as is whatever neither
+/// copy had mapped.
+#[test]
+fn a_later_alternative_with_the_same_value_is_mapped_through_the_first() {
+    let set = load(&[
+        (
+            "segments/ORC-Task.yaml",
+            "resource: Task\nsegment: ORC\nid: [ORC-2.1]\nrules:\n  - set: status\n    value: requested\n  - set: intent\n    value: order\n  - set: identifier\n    from: [ORC-2, OBR-2]\n    rules:\n      - set: value\n        from: .1\n  - set: note\n    from: [ORC-3.1, OBR-3.1]\n    rules:\n      - set: text\n        from: .\n",
+        ),
+        (
+            "messages/ORM_O01.yaml",
+            "message: [ORM^O01]\nresources:\n  - name: task\n    segment: ORC\n    map: ORC-Task\n",
+        ),
+    ]);
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORM^O01^ORM_O01");
+    let with = |orc: &str, obr: &str| unconsumed(&run(&set, &[&msh, orc, obr]));
+    // the same order number (both components) and filler number: only the unmapped .2 is left
+    let same = with("ORC|NW|P-1^LAB|F-9", "OBR|1|P-1^LAB|F-9");
+    assert!(same.contains(&"ORC-2.2".to_string()), "{same:?}");
+    assert!(same.contains(&"OBR-2.2".to_string()), "{same:?}");
+    assert!(
+        !same
+            .iter()
+            .any(|u| u == "OBR-2.1" || u.starts_with("OBR-3")),
+        "{same:?}"
+    );
+    // a different placer number in OBR-2 is data the output does not hold
+    let other = with("ORC|NW|P-1^LAB|F-9", "OBR|1|P-2^LAB|F-8");
+    assert!(other.contains(&"OBR-2.1".to_string()), "{other:?}");
+    assert!(
+        other.contains(&"OBR-3".to_string()) || other.contains(&"OBR-3.1".to_string()),
+        "{other:?}"
+    );
+    // an extra component makes the field a different value
+    let longer = with("ORC|NW|P-1^LAB|F-9", "OBR|1|P-1^LAB^1.2.3^ISO|F-9");
+    assert!(longer.contains(&"OBR-2.1".to_string()), "{longer:?}");
+    assert!(!longer.iter().any(|u| u.starts_with("OBR-3")), "{longer:?}");
+    // with the first alternative empty, the second is the one mapped
+    let second = with("ORC|NW||", "OBR|1|P-1^LAB|F-9");
+    assert!(
+        !second
+            .iter()
+            .any(|u| u == "OBR-2.1" || u.starts_with("OBR-3")),
+        "{second:?}"
+    );
+}
