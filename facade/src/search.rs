@@ -24,7 +24,7 @@ pub const DEFAULT_COUNT: usize = 50;
 pub const MAX_COUNT: usize = 500;
 
 /// Parameters every type supports, and the ones that apply to any resource with that field.
-pub const SEARCH_PARAMS: [(&str, &str); 18] = [
+pub const SEARCH_PARAMS: [(&str, &str); 20] = [
     ("_id", "token"),
     ("_lastUpdated", "date"),
     ("identifier", "token"),
@@ -43,16 +43,20 @@ pub const SEARCH_PARAMS: [(&str, &str); 18] = [
     ("performer", "reference"),
     ("requester", "reference"),
     ("based-on", "reference"),
+    ("practitioner", "reference"),
+    ("organization", "reference"),
 ];
 
 /// The reference parameters beside `patient` and `subject`: the element each reads (a Reference,
 /// a list of them, or backbone elements holding one: a Procedure's `performer.actor`) and the
 /// type a bare id names (`encounter=e1` is `Encounter/e1`; `None`: any type with that id).
-const REFERENCE_PARAMS: [(&str, &str, Option<&str>); 4] = [
+const REFERENCE_PARAMS: [(&str, &str, Option<&str>); 6] = [
     ("encounter", "encounter", Some("Encounter")),
     ("performer", "performer", None),
     ("requester", "requester", None),
     ("based-on", "basedOn", None),
+    ("practitioner", "practitioner", Some("Practitioner")),
+    ("organization", "organization", Some("Organization")),
 ];
 
 fn reference_param(name: &str) -> Option<(&'static str, Option<&'static str>)> {

@@ -1044,7 +1044,11 @@ async fn reference_parameters_beside_patient() {
     let pr1 = json!({"resourceType": "Procedure", "id": "pr1", "status": "completed",
         "subject": {"reference": "Patient/p1"},
         "performer": [{"actor": {"reference": "Practitioner/dr1"}}]});
-    for r in [o8, o9, sr1, pr1] {
+    // the orderer at an ordering facility, as the library maps ORC-12 with ORC-21
+    let role1 = json!({"resourceType": "PractitionerRole", "id": "role1",
+        "practitioner": {"reference": "Practitioner/dr1"},
+        "organization": {"reference": "Organization/clinic1"}});
+    for r in [o8, o9, sr1, pr1, role1] {
         let uri = format!(
             "/fhir/{}/{}",
             r["resourceType"].as_str().unwrap(),
@@ -1085,6 +1089,15 @@ async fn reference_parameters_beside_patient() {
             "/fhir/Procedure?performer=Practitioner/dr1",
             vec!["Procedure/pr1"],
         ),
+        (
+            "/fhir/PractitionerRole?practitioner=dr1",
+            vec!["PractitionerRole/role1"],
+        ),
+        (
+            "/fhir/PractitionerRole?organization=Organization/clinic1",
+            vec!["PractitionerRole/role1"],
+        ),
+        ("/fhir/PractitionerRole?practitioner=dr2", vec![]),
     ] {
         assert_eq!(e.found(uri, &admin).await, want, "{uri}");
     }
@@ -1093,6 +1106,8 @@ async fn reference_parameters_beside_patient() {
         &[
             "/fhir/Patient?encounter=e1",
             "/fhir/Observation?requester=dr1",
+            "/fhir/Observation?practitioner=dr1",
+            "/fhir/Observation?organization=clinic1",
         ],
     )
     .await;
