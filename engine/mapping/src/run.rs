@@ -417,8 +417,10 @@ struct Runner<'s, S: V2Source + ?Sized> {
     vars: &'s BTreeMap<String, String>,
     /// Per field, the components read (bit masks); segment `s`'s fields start at `fields_at[s]`.
     consumed: Vec<u64>,
-    /// Later `from:` alternatives equal to the one mapped ([`Runner::same_value`]).
-    same_values: Vec<SameValue>,
+    /// Rules that wrote from one `from:` alternative while later ones remain: (where the rule
+    /// ran, the rule, the alternative it took), looked at once every rule has run
+    /// ([`Runner::share_same_values`]).
+    alternatives: Vec<(Ctx, &'s Rule, usize)>,
     fields_at: Vec<usize>,
     scopes: Vec<Scope<'s>>,
     instances: Vec<Instance>,
@@ -499,7 +501,7 @@ impl MappingSet {
             tenant: opts.tenant,
             vars: mm.vars_by_event.get(&message_type).unwrap_or(&mm.vars),
             consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
-            same_values: Vec::new(),
+            alternatives: Vec::new(),
             fields_at,
             scopes: vec![Scope {
                 parent: None,
@@ -1264,7 +1266,6 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
                 found
             };
-            let alternatives_after = (rule.from.len() > chosen + 1).then(|| sources.clone());
             if let RuleKind::Ref(name) = &rule.kind {
                 let targets = self.lookup_name(name, ctx.scope);
                 if !rule.many && targets.len() > 1 {
@@ -1319,15 +1320,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     }
                 }
             }
-            if let (true, Some(chosen_at)) = (wrote, alternatives_after) {
-                for p in &rule.from[chosen + 1..] {
-                    let alts = self.resolve(ctx, p, rule.many);
-                    for (a, b) in chosen_at.iter().zip(alts.iter()) {
-                        if let Some(pair) = self.same_value(*a, *b) {
-                            self.same_values.push(pair);
-                        }
-                    }
-                }
+            if wrote && rule.from.len() > chosen + 1 {
+                self.alternatives.push((ctx, rule, chosen));
             }
         }
         Ok(wrote)
@@ -1375,13 +1369,29 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         })
     }
 
-    /// Shares what was consumed between the two sides of each [`SameValue`] (run once every
-    /// rule has run: a component of either may be mapped by a later rule).
+    /// Counts a later `from:` alternative as mapped where it holds what the mapped one holds
+    /// ([`Runner::same_value`]), sharing what was consumed between the two. Run once every rule
+    /// has run (a component of either may be mapped by a later rule), and only for alternatives
+    /// whose field still has data no rule read: most have none, or are absent.
     fn share_same_values(&mut self) {
-        // twice, so a value equal to two alternatives reaches both through the chosen one
+        let mut pairs = Vec::new();
+        for &(ctx, rule, chosen) in &self.alternatives {
+            let mapped = self.resolve(ctx, &rule.from[chosen], rule.many);
+            for p in &rule.from[chosen + 1..] {
+                if p.segment.is_none() && !self.has_unread(ctx.seg, ctx.field) {
+                    continue;
+                }
+                let alts = self.resolve(ctx, p, rule.many);
+                for (a, b) in mapped.iter().zip(alts.iter()) {
+                    if self.has_unread(b.seg, b.field) {
+                        pairs.extend(self.same_value(*a, *b));
+                    }
+                }
+            }
+        }
+        // twice, so a value equal to two alternatives reaches both through the mapped one
         for _ in 0..2 {
-            for i in 0..self.same_values.len() {
-                let SameValue { a, b } = self.same_values[i];
+            for &SameValue { a, b } in &pairs {
                 let (ma, mb) = (
                     self.consumed_mask(a.0, a.1) & a.2,
                     self.consumed_mask(b.0, b.1) & b.2,
@@ -1399,6 +1409,21 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
         }
+    }
+
+    /// Whether a field holds data in a component no rule read.
+    fn has_unread(&self, seg: usize, field: usize) -> bool {
+        let src = self.src;
+        let consumed = self.consumed_mask(seg, field);
+        (1..=src.rep_count(seg, field)).any(|rep| {
+            (1..=src.comp_count(seg, field, rep)).any(|comp| {
+                consumed & comp_bit(comp) == 0
+                    && (1..=src.sub_count(seg, field, rep, comp)).any(|sub| {
+                        src.leaf(seg, field, rep, comp, sub)
+                            .is_some_and(|v| has_text(&v))
+                    })
+            })
+        })
     }
 
     /// The instances `ref: name` reaches from `scope`: those of the scope itself and its groups;
