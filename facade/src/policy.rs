@@ -121,7 +121,7 @@ impl FhirRequest {
     pub fn includes(&self) -> usize {
         self.params
             .iter()
-            .filter(|(k, _)| k == "_include" || k == "_revinclude")
+            .filter(|(k, _)| k.starts_with("_include") || k == "_revinclude")
             .count()
     }
 

@@ -96,12 +96,14 @@ fn reference_param_matches(r: &Value, name: &str, modifier: Option<&str>, wanted
     })
 }
 
-pub(crate) const CONTROL_PARAMS: [&str; 9] = [
+pub(crate) const CONTROL_PARAMS: [&str; 11] = [
     "_count",
     "_total",
     "_elements",
     "_offset",
     "_include",
+    "_include:iterate",
+    "_include:recurse",
     "_revinclude",
     "_summary",
     "_sort",
@@ -1135,7 +1137,7 @@ pub(crate) struct Query {
     count: usize,
     offset: usize,
     sort: Vec<(SortKey, bool)>,
-    includes: Vec<String>,
+    includes: Vec<Include>,
     revincludes: Vec<RevInclude>,
     pub(crate) filters: Vec<(String, String)>,
 }
@@ -1166,7 +1168,10 @@ pub(crate) fn parse_query(
                     .map_err(|_| ApiError::BadRequest("_offset must be a number".into()))?
             }
             "_sort" => sort.extend(parse_sort(rtype, v)?),
-            "_include" => includes.push(v.clone()),
+            "_include" | "_include:iterate" | "_include:recurse" => includes.push(Include {
+                spec: v.clone(),
+                iterate: k != "_include",
+            }),
             "_summary" => {
                 if !["count", "true", "false", "data", "text"].contains(&v.as_str()) {
                     return Err(ApiError::BadRequest(
@@ -1222,8 +1227,6 @@ pub fn run_search(
     params: &[(String, String)],
     perm: Perm,
 ) -> ApiResult<SearchResult> {
-    let tenant = access.principal.tenant.as_str();
-    let store = &st.rt.store;
     let Query {
         count,
         offset,
@@ -1249,68 +1252,36 @@ pub fn run_search(
         .iter()
         .map(|r| (r.resource_type.clone(), r.id.clone()))
         .collect();
-    if !includes.is_empty() {
-        for inc in &includes {
-            let mut parts = inc.split(':');
-            let (src, field, target) = (
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-                parts.next(),
-            );
-            if src != rtype || field.is_empty() {
-                return Err(ApiError::BadRequest(format!(
-                    "_include must be {rtype}:<reference field>"
-                )));
+    let mut found = Included {
+        seen: &mut seen,
+        included: &mut included,
+        remote: &mut remote,
+    };
+    for inc in includes.iter().filter(|i| !i.iterate) {
+        follow_include(st, access, rtype, inc, &page, &mut found)?;
+    }
+    // `:iterate` follows its references from the matches and from everything included so far,
+    // then from what each round added, until a round adds nothing
+    let iterating: Vec<&Include> = includes.iter().filter(|i| i.iterate).collect();
+    if !iterating.is_empty() {
+        let mut sources: Vec<StoredResource> =
+            page.iter().chain(found.included.iter()).cloned().collect();
+        for _ in 0..MAX_ITERATE_ROUNDS {
+            let before = found.included.len();
+            for inc in &iterating {
+                follow_include(st, access, rtype, inc, &sources, &mut found)?;
             }
-            let (fields, implied) = include_elements(rtype, field)?;
-            let target = target.or(implied);
-            for r in &page {
-                let body = r.resource()?;
-                let refs: Vec<&str> = match &fields {
-                    Some(names) => names
-                        .iter()
-                        .filter_map(|f| body.get(*f))
-                        .flat_map(references)
-                        .collect(),
-                    None => body
-                        .as_object()
-                        .into_iter()
-                        .flat_map(|o| o.values())
-                        .flat_map(references)
-                        .collect(),
-                };
-                for reference in refs {
-                    let Some((t, id)) = reference.split_once('/') else {
-                        continue;
-                    };
-                    if target.is_some_and(|want| want != t)
-                        || !crate::policy::valid_type(t)
-                        || !crate::policy::valid_id(id)
-                    {
-                        continue;
-                    }
-                    if !seen.insert((t.to_string(), id.to_string())) {
-                        continue;
-                    }
-                    if let Some(b) = st.facade.backends.route(tenant, t) {
-                        remote.push(RemoteRef {
-                            rtype: t.to_string(),
-                            id: id.to_string(),
-                            backend: b.cfg.name.clone(),
-                        });
-                        continue;
-                    }
-                    if let Some(inc) = store.read(tenant, t, id)? {
-                        if inc.deleted {
-                            continue;
-                        }
-                        let v = inc.resource()?;
-                        if access.permits(Perm::Read, t, id, &v) {
-                            included.push(inc);
-                        }
-                    }
-                }
+            if found.included.len() == before {
+                break;
             }
+            if found.included.len() > MAX_ITERATED {
+                found.included.truncate(MAX_ITERATED);
+                elsewhere.insert(format!(
+                    "_include:iterate stopped at {MAX_ITERATED} included resources; narrow the search"
+                ));
+                break;
+            }
+            sources = found.included[before..].to_vec();
         }
     }
     let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
@@ -1339,6 +1310,107 @@ pub fn run_search(
 
 /// Most resources one search's `_revinclude`s bring in; past it, the answer says so.
 pub const MAX_REVINCLUDES: usize = 1_000;
+
+/// Rounds of `_include:iterate` (each follows the references of what the round before added).
+const MAX_ITERATE_ROUNDS: usize = 8;
+/// Most resources the includes of one search bring in when one of them iterates.
+pub const MAX_ITERATED: usize = 1_000;
+
+/// One `_include=Source:field[:Target]`; `iterate` (`_include:iterate`, R4's name for STU3's
+/// `:recurse`) also follows it from included resources, and its `Source` may be any type.
+#[derive(Debug)]
+pub(crate) struct Include {
+    spec: String,
+    iterate: bool,
+}
+
+/// What the includes of one search found so far.
+struct Included<'a> {
+    /// Every resource in the answer already (matches and includes), by type and id.
+    seen: &'a mut BTreeSet<(String, String)>,
+    included: &'a mut Vec<StoredResource>,
+    /// References whose type a backend FHIR server serves (read later; not iterated from).
+    remote: &'a mut Vec<RemoteRef>,
+}
+
+/// Adds what `inc` reaches from `sources` (those of its source type): each referenced resource
+/// the caller may read, once.
+fn follow_include(
+    st: &AppState,
+    access: &Access,
+    rtype: &str,
+    inc: &Include,
+    sources: &[StoredResource],
+    found: &mut Included,
+) -> ApiResult<()> {
+    let tenant = access.principal.tenant.as_str();
+    let mut parts = inc.spec.split(':');
+    let (src, field, target) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next(),
+    );
+    if field.is_empty() || (!inc.iterate && src != rtype) {
+        return Err(ApiError::BadRequest(format!(
+            "_include must be {rtype}:<reference field> (another type's references with _include:iterate)"
+        )));
+    }
+    if !crate::policy::valid_type(src) {
+        return Err(ApiError::BadRequest(format!(
+            "_include:iterate {src}:{field}: {src} is not a resource type"
+        )));
+    }
+    let (fields, implied) = include_elements(src, field)?;
+    let target = target.or(implied);
+    for r in sources.iter().filter(|r| r.resource_type == src) {
+        let body = r.resource()?;
+        let refs: Vec<&str> = match &fields {
+            Some(names) => names
+                .iter()
+                .filter_map(|f| body.get(*f))
+                .flat_map(references)
+                .collect(),
+            None => body
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.values())
+                .flat_map(references)
+                .collect(),
+        };
+        for reference in refs {
+            let Some((t, id)) = reference.split_once('/') else {
+                continue;
+            };
+            if target.is_some_and(|want| want != t)
+                || !crate::policy::valid_type(t)
+                || !crate::policy::valid_id(id)
+            {
+                continue;
+            }
+            if !found.seen.insert((t.to_string(), id.to_string())) {
+                continue;
+            }
+            if let Some(b) = st.facade.backends.route(tenant, t) {
+                found.remote.push(RemoteRef {
+                    rtype: t.to_string(),
+                    id: id.to_string(),
+                    backend: b.cfg.name.clone(),
+                });
+                continue;
+            }
+            if let Some(inc) = st.rt.store.read(tenant, t, id)? {
+                if inc.deleted {
+                    continue;
+                }
+                let v = inc.resource()?;
+                if access.permits(Perm::Read, t, id, &v) {
+                    found.included.push(inc);
+                }
+            }
+        }
+    }
+    Ok(())
+}
 
 /// One `_revinclude=Source:field[:Target]`: the `Source` resources whose `field` references a
 /// match.

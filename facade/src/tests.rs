@@ -2549,6 +2549,89 @@ async fn search_parameters_and_includes_are_what_the_capability_statement_says()
     assert_eq!(s, 400, "{b}");
 }
 
+/// `_include:iterate` follows its references from the matches and from what other includes
+/// brought in, round after round (an order's requester role, then the role's practitioner),
+/// stops at a cycle, and brings only what the caller may read.
+#[tokio::test]
+async fn include_iterate_follows_references_of_included_resources() {
+    let e = env();
+    let admin = seed(&e).await;
+    let mut p1 = patient("p1", "Smith");
+    p1["link"] = json!([{"other": {"reference": "Patient/p2"}, "type": "seealso"}]);
+    let mut p2 = patient("p2", "Jones");
+    p2["link"] = json!([{"other": {"reference": "Patient/p1"}, "type": "seealso"}]);
+    let sr1 = json!({"resourceType": "ServiceRequest", "id": "sr1", "status": "active",
+        "intent": "order", "subject": {"reference": "Patient/p1"},
+        "requester": {"reference": "PractitionerRole/role1"}});
+    let role1 = json!({"resourceType": "PractitionerRole", "id": "role1",
+        "practitioner": {"reference": "Practitioner/dr1"},
+        "organization": {"reference": "Organization/clinic1"}});
+    let dr1 = json!({"resourceType": "Practitioner", "id": "dr1", "name": [{"family": "Orderly"}]});
+    let clinic1 = json!({"resourceType": "Organization", "id": "clinic1", "name": "Clinic"});
+    for r in [p1, p2, sr1, role1, dr1, clinic1] {
+        let uri = format!(
+            "/fhir/{}/{}",
+            r["resourceType"].as_str().unwrap(),
+            r["id"].as_str().unwrap()
+        );
+        let (s, _, b) = e.call("PUT", &uri, Some(&admin), Some(r)).await;
+        assert!(s.is_success(), "{uri}: {b}");
+    }
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    for (uri, want) in [
+        // without :iterate the role's references are not followed
+        (
+            "/fhir/ServiceRequest?_id=sr1&_include=ServiceRequest:requester",
+            vec!["PractitionerRole/role1", "ServiceRequest/sr1"],
+        ),
+        (
+            "/fhir/ServiceRequest?_id=sr1&_include=ServiceRequest:requester&_include:iterate=PractitionerRole:practitioner",
+            vec!["Practitioner/dr1", "PractitionerRole/role1", "ServiceRequest/sr1"],
+        ),
+        // an iterating include applies to the matches too, then to what it added
+        (
+            "/fhir/ServiceRequest?_id=sr1&_include:iterate=ServiceRequest:requester&_include:iterate=PractitionerRole:*",
+            vec![
+                "Organization/clinic1",
+                "Practitioner/dr1",
+                "PractitionerRole/role1",
+                "ServiceRequest/sr1",
+            ],
+        ),
+        // STU3's name
+        (
+            "/fhir/ServiceRequest?_id=sr1&_include:recurse=ServiceRequest:requester",
+            vec!["PractitionerRole/role1", "ServiceRequest/sr1"],
+        ),
+        // a cycle ends
+        (
+            "/fhir/Patient?_id=p1&_include:iterate=Patient:link",
+            vec!["Patient/p1", "Patient/p2"],
+        ),
+    ] {
+        assert_eq!(sorted(e.found(uri, &admin).await), sorted(want.iter().map(|s| s.to_string()).collect()), "{uri}");
+    }
+    // a patient-context token never receives another patient through a chain of includes
+    let own = e.token("patient/*.rs", |r| r.patient = Some("p1".into()));
+    assert_eq!(
+        e.found("/fhir/Patient?_id=p1&_include:iterate=Patient:link", &own)
+            .await,
+        vec!["Patient/p1"]
+    );
+    e.refuses(
+        &admin,
+        &[
+            "/fhir/ServiceRequest?_include=PractitionerRole:practitioner",
+            "/fhir/ServiceRequest?_include:iterate=Nonsense:practitioner",
+            "/fhir/ServiceRequest?_include:iterate=PractitionerRole:bogus",
+        ],
+    )
+    .await;
+}
+
 /// `_lastUpdated` is answered from its index (a type larger than the scan bound stays
 /// searchable by it), and each prefix selects what the filter itself would.
 #[tokio::test]
