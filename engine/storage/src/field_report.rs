@@ -166,6 +166,19 @@ pub struct FieldReport {
     pub overflow: BTreeMap<String, u64>,
 }
 
+impl FieldReport {
+    /// A report of these rows, highest count first (then by key).
+    pub fn from_rows(mut rows: Vec<FieldReportRow>, overflow: BTreeMap<String, u64>) -> Self {
+        rows.sort_by(|a, b| {
+            b.stats
+                .count
+                .cmp(&a.stats.count)
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        Self { rows, overflow }
+    }
+}
+
 const OVERFLOW: &[u8] = b"field_report_overflow";
 
 fn overflow_key(tenant: &str) -> Vec<u8> {
@@ -250,12 +263,6 @@ impl FieldReportStore {
                 .map_err(|e| StorageError::corrupt("mapping_field_report", e))?;
             rows.push(row);
         }
-        rows.sort_by(|a, b| {
-            b.stats
-                .count
-                .cmp(&a.stats.count)
-                .then_with(|| a.key.cmp(&b.key))
-        });
         let mut overflow = BTreeMap::new();
         let prefix = match tenant {
             Some(t) => overflow_key(t),
@@ -270,7 +277,7 @@ impl FieldReportStore {
             let n = keys::read_u64(&v).unwrap_or(0);
             overflow.insert(String::from_utf8_lossy(t).into_owned(), n);
         }
-        Ok(FieldReport { rows, overflow })
+        Ok(FieldReport::from_rows(rows, overflow))
     }
 
     /// Every stored key (the pipeline starts from these, so a field it already reported is not

@@ -9,7 +9,7 @@ use tributary_mapping::{fixtures, MappingSet, RunOptions};
 /// Convert HL7 v2 messages to FHIR R4 Bundles with a mapping set, without a server.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7"
+    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7\n  tributary map --mapping mappings/hl7v2 --report samples/*.hl7   # what the set leaves unmapped, over all samples"
 )]
 pub struct MapArgs {
     /// Mapping set directory.
@@ -31,6 +31,12 @@ pub struct MapArgs {
     /// `<stem>.<n>.json`, or `<stem>.<batch>.<n>.json` for a file of several batches).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Instead of printing Bundles, print one table over all inputs: per message map, type and
+    /// source field no rule consumed (or value left out), how many messages had it and an input
+    /// that did — the table `tributary mapping report` gives for a running feed, for a folder
+    /// of a new sender's sample messages.
+    #[arg(long)]
+    pub report: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,6 +113,14 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // The pipeline's own counting, so the table means what `mapping report` means.
+    let fields = args.report.then(|| {
+        tributary_pipeline::field_report::FieldAggregator::new(
+            usize::MAX,
+            std::time::Duration::MAX,
+            std::time::Instant::now(),
+        )
+    });
     for input in &args.inputs {
         let all = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
         // A batch file (FHS/BHS, or several MSH) maps message by message.
@@ -147,6 +161,21 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                 }
                 Ok(m) => {
                     mapped += 1;
+                    if let Some(agg) = &fields {
+                        let example = match batch_of(n) {
+                            Some((b, k)) => format!("{}#{}.{}", input.display(), b + 1, k + 1),
+                            None if many => format!("{}#{}", input.display(), n + 1),
+                            None => input.display().to_string(),
+                        };
+                        agg.observe(&tributary_pipeline::field_report::Observation {
+                            tenant: &args.tenant,
+                            message_map: &m.message_map,
+                            message_type: &m.message_type,
+                            message_id: &example,
+                            at: 0,
+                            fields: &tributary_pipeline::field_report::fields_of(&m),
+                        });
+                    }
                     let json = serde_json::to_string_pretty(&m.bundle())?;
                     match &args.out_dir {
                         Some(dir) => {
@@ -160,6 +189,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                             };
                             std::fs::write(dir.join(name), json)?;
                         }
+                        None if args.report => {}
                         None => println!("{json}"),
                     }
                     if args.explain {
@@ -223,6 +253,20 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
+        }
+    }
+    if let Some(agg) = fields {
+        let rows = agg
+            .take_pending()
+            .deltas
+            .into_iter()
+            .map(|(key, stats)| tributary_storage::FieldReportRow { key, stats })
+            .collect();
+        let report = tributary_storage::FieldReport::from_rows(rows, Default::default());
+        if report.rows.is_empty() {
+            println!("every non-empty source field of {mapped} message(s) was mapped");
+        } else {
+            print!("{}", report_table(&report, Columns::Samples));
         }
     }
     if mapped + failed > 1 || count_errors > 0 {
@@ -340,7 +384,7 @@ fn report(
     if report.rows.is_empty() {
         println!("no unconsumed or left-out source fields recorded");
     } else {
-        print!("{}", report_table(&report));
+        print!("{}", report_table(&report, Columns::Feed));
     }
     for (t, n) in &report.overflow {
         println!(
@@ -351,8 +395,19 @@ fn report(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Which columns [`report_table`] prints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Columns {
+    /// A running feed's report: with the tenant, when each field was first and last seen, and
+    /// a message id.
+    Feed,
+    /// `tributary map --report` over sample files: the example is an input file (and the
+    /// message's place in a batch); no tenant or times.
+    Samples,
+}
+
 /// The report as an aligned text table, rows as given (highest count first).
-pub fn report_table(report: &tributary_storage::FieldReport) -> String {
+pub fn report_table(report: &tributary_storage::FieldReport, columns: Columns) -> String {
     let day = |ms: i64| {
         let s = tributary_core::format_rfc3339_millis(ms);
         // to the second: `2026-11-23T08:00:00Z`
@@ -361,24 +416,37 @@ pub fn report_table(report: &tributary_storage::FieldReport) -> String {
             None => s,
         }
     };
-    let mut lines = vec![[
-        "COUNT".to_string(),
-        "TENANT".into(),
-        "MESSAGE MAP".into(),
-        "TYPE".into(),
-        "KIND".into(),
-        "FIELD".into(),
-        "FIRST SEEN".into(),
-        "LAST SEEN".into(),
-        "EXAMPLE MESSAGE".into(),
-    ]];
+    // tenant, first seen and last seen: a running feed's columns only
+    let feed_only = [1, 6, 7];
+    let keep = |i: &usize| columns == Columns::Feed || !feed_only.contains(i);
+    let example = match columns {
+        Columns::Feed => "EXAMPLE MESSAGE",
+        Columns::Samples => "EXAMPLE INPUT",
+    };
+    let header = [
+        "COUNT",
+        "TENANT",
+        "MESSAGE MAP",
+        "TYPE",
+        "KIND",
+        "FIELD",
+        "FIRST SEEN",
+        "LAST SEEN",
+        example,
+    ];
+    let mut lines: Vec<Vec<String>> = vec![header
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| keep(i))
+        .map(|(_, h)| h.to_string())
+        .collect()];
     for r in &report.rows {
         let field = if r.key.reason.is_empty() {
             r.key.path.clone()
         } else {
             format!("{} ({})", r.key.path, r.key.reason)
         };
-        lines.push([
+        let cells = [
             r.stats.count.to_string(),
             r.key.tenant.clone(),
             r.key.message_map.clone(),
@@ -388,9 +456,17 @@ pub fn report_table(report: &tributary_storage::FieldReport) -> String {
             day(r.stats.first_seen),
             day(r.stats.last_seen),
             r.stats.example_message.clone(),
-        ]);
+        ];
+        lines.push(
+            cells
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| keep(i))
+                .map(|(_, c)| c)
+                .collect(),
+        );
     }
-    let mut widths = [0usize; 9];
+    let mut widths = vec![0usize; lines[0].len()];
     for l in &lines {
         for (w, c) in widths.iter_mut().zip(l) {
             *w = (*w).max(c.chars().count());
@@ -400,9 +476,9 @@ pub fn report_table(report: &tributary_storage::FieldReport) -> String {
     for l in &lines {
         let cells: Vec<String> = l
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .enumerate()
-            .map(|(i, (c, w))| {
+            .map(|(i, (c, &w))| {
                 if i == 0 {
                     format!("{c:>w$}")
                 } else {

@@ -323,3 +323,59 @@ fn map_keeps_the_batches_of_a_file_apart_and_reports_counts_and_empty_batches() 
     let bundle: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     assert_eq!(bundle["type"], "transaction");
 }
+
+/// `map --report` over several inputs prints one table instead of Bundles: per message map, type
+/// and field no rule consumed, in how many of the messages, and an input that had it.
+#[test]
+fn map_report_counts_unconsumed_fields_over_all_inputs() {
+    let dir = repo().join("mappings/hl7v2/messages");
+    let out = tributary()
+        .args(["map", "--report", "--mapping"])
+        .arg(repo().join("mappings/hl7v2"))
+        .arg(dir.join("ORU_R01.hl7"))
+        .arg(dir.join("ORU_R01.two-patients.hl7"))
+        .arg(dir.join("ORU_R01.ordering-facility.hl7"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("\"resourceType\""),
+        "no Bundle printed: {stdout}"
+    );
+    let mut lines = stdout.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap()
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "COUNT",
+            "MESSAGE MAP",
+            "TYPE",
+            "KIND",
+            "FIELD",
+            "EXAMPLE INPUT"
+        ]
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    let row = |field: &str| rows.iter().find(|r| r[4] == field).cloned();
+    // the performing lab's name type code is only in the ordering-facility sample
+    let obx = row("OBX-23.2").expect("OBX-23.2 reported");
+    assert_eq!(obx[0], "1");
+    assert_eq!(obx[2], "ORU^R01");
+    assert!(obx[5].ends_with("ORU_R01.ordering-facility.hl7"), "{obx:?}");
+    // NTE-2 (source of comment) is in two of the three, counted once per message
+    assert_eq!(row("NTE-2").expect("NTE-2 reported")[0], "2");
+    // highest count first
+    let counts: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+}
