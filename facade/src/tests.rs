@@ -98,6 +98,19 @@ impl Env {
         (status, headers, v)
     }
 
+    /// `PUT`s each resource at `/fhir/<type>/<id>`, asserting success.
+    pub(crate) async fn put_all(&self, token: &str, resources: impl IntoIterator<Item = Value>) {
+        for r in resources {
+            let uri = format!(
+                "/fhir/{}/{}",
+                r["resourceType"].as_str().unwrap(),
+                r["id"].as_str().unwrap()
+            );
+            let (s, _, b) = self.call("PUT", &uri, Some(token), Some(r)).await;
+            assert!(s.is_success(), "{uri}: {b}");
+        }
+    }
+
     /// `GET uri` with `token`, asserting 200 (naming the URI otherwise); the body.
     pub(crate) async fn get_ok(&self, uri: &str, token: &str) -> Value {
         let (s, _, b) = self.call("GET", uri, Some(token), None).await;
@@ -1048,15 +1061,7 @@ async fn reference_parameters_beside_patient() {
     let role1 = json!({"resourceType": "PractitionerRole", "id": "role1",
         "practitioner": {"reference": "Practitioner/dr1"},
         "organization": {"reference": "Organization/clinic1"}});
-    for r in [o8, o9, sr1, pr1, role1] {
-        let uri = format!(
-            "/fhir/{}/{}",
-            r["resourceType"].as_str().unwrap(),
-            r["id"].as_str().unwrap()
-        );
-        let (s, _, b) = e.call("PUT", &uri, Some(&admin), Some(r)).await;
-        assert!(s.is_success(), "{uri}: {b}");
-    }
+    e.put_all(&admin, [o8, o9, sr1, pr1, role1]).await;
     for (uri, want) in [
         ("/fhir/Observation?encounter=e1", vec!["Observation/o8"]),
         (
@@ -2568,15 +2573,7 @@ async fn include_iterate_follows_references_of_included_resources() {
         "organization": {"reference": "Organization/clinic1"}});
     let dr1 = json!({"resourceType": "Practitioner", "id": "dr1", "name": [{"family": "Orderly"}]});
     let clinic1 = json!({"resourceType": "Organization", "id": "clinic1", "name": "Clinic"});
-    for r in [p1, p2, sr1, role1, dr1, clinic1] {
-        let uri = format!(
-            "/fhir/{}/{}",
-            r["resourceType"].as_str().unwrap(),
-            r["id"].as_str().unwrap()
-        );
-        let (s, _, b) = e.call("PUT", &uri, Some(&admin), Some(r)).await;
-        assert!(s.is_success(), "{uri}: {b}");
-    }
+    e.put_all(&admin, [p1, p2, sr1, role1, dr1, clinic1]).await;
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
