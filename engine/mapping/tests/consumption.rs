@@ -252,3 +252,45 @@ fn a_later_alternative_with_the_same_value_is_mapped_through_the_first() {
         "{second:?}"
     );
 }
+
+/// A flag the output states through another field is mapped: a date of death (PID-29) says
+/// "deceased" and a birth order (PID-25) says "multiple birth", so PID-30 `Y` and PID-24 `Y` are
+/// in the output; a flag contradicting them (`N`) is not, and is reported.
+#[test]
+fn a_flag_another_element_states_is_mapped_and_a_contradicting_one_reported() {
+    let set = library();
+    let with = |pid24: &str, pid25: &str, pid29: &str, pid30: &str| {
+        let pid = format!(
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||19900101|F||||||||||||||||{pid24}|{pid25}||||{pid29}|{pid30}"
+        );
+        let out = run(&set, &[MSH, &pid]);
+        let patient = out
+            .resources()
+            .find(|(t, ..)| *t == "Patient")
+            .map(|(.., v)| v)
+            .unwrap();
+        (unconsumed(&out), patient)
+    };
+    let (u, p) = with("Y", "2", "20261101080000-0600", "Y");
+    assert!(
+        !u.iter()
+            .any(|f| f.starts_with("PID-24") || f.starts_with("PID-30")),
+        "{u:?}"
+    );
+    assert_eq!(p["multipleBirthInteger"], 2);
+    assert_eq!(p["deceasedDateTime"], "2026-11-01T08:00:00-06:00");
+    let (u, p) = with("N", "2", "20261101080000-0600", "N");
+    assert!(
+        u.contains(&"PID-24".to_string()) && u.contains(&"PID-30".to_string()),
+        "{u:?}"
+    );
+    assert_eq!(p["multipleBirthInteger"], 2);
+    let (u, p) = with("N", "", "", "N");
+    assert!(
+        !u.iter()
+            .any(|f| f.starts_with("PID-24") || f.starts_with("PID-30")),
+        "{u:?}"
+    );
+    assert_eq!(p["multipleBirthBoolean"], false);
+    assert_eq!(p["deceasedBoolean"], false);
+}
