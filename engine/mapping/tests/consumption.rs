@@ -294,3 +294,24 @@ fn a_flag_another_element_states_is_mapped_and_a_contradicting_one_reported() {
     assert_eq!(p["multipleBirthBoolean"], false);
     assert_eq!(p["deceasedBoolean"], false);
 }
+
+/// EI-4 `ISO` says EI-3 is an OID, which the `urn:oid:` system states: mapped. Another type
+/// (`L`) is not in the output and is reported.
+#[test]
+fn an_iso_universal_id_type_is_stated_by_the_oid_system() {
+    let set = library();
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORM^O01^ORM_O01");
+    let with = |ei: &str| {
+        let orc = format!("ORC|NW|{ei}");
+        let obr = format!("OBR|1|{ei}||24323-8^Metabolic panel^LN");
+        let pid = "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat";
+        unconsumed(&run(&set, &[&msh, pid, &orc, &obr]))
+    };
+    let iso = with("P-1^^2.16.840.1.113883.3.9999.8^ISO");
+    assert!(
+        !iso.iter().any(|f| f == "OBR-2.4" || f == "ORC-2.4"),
+        "{iso:?}"
+    );
+    let local = with("P-1^^2.16.840.1.113883.3.9999.8^L");
+    assert!(local.contains(&"OBR-2.4".to_string()), "{local:?}");
+}
