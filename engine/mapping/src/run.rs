@@ -838,12 +838,15 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
     }
 
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
+        (1..=self.src.comp_count(seg, field, rep)).any(|c| self.comp_has_data(seg, field, rep, c))
+    }
+
+    /// Whether a component holds text in any subcomponent (`""`, HL7's explicit null, is none).
+    fn comp_has_data(&self, seg: usize, field: usize, rep: usize, comp: usize) -> bool {
         let src = self.src;
-        (1..=src.comp_count(seg, field, rep)).any(|c| {
-            (1..=src.sub_count(seg, field, rep, c)).any(|s| {
-                src.leaf(seg, field, rep, c, s)
-                    .is_some_and(|v| has_text(&v))
-            })
+        (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
+            src.leaf(seg, field, rep, comp, s)
+                .is_some_and(|v| has_text(&v))
         })
     }
 
@@ -855,11 +858,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             return self.rep_has_data(c.seg, c.field, c.rep);
         }
         if c.sub == 0 {
-            return (1..=self.src.sub_count(c.seg, c.field, c.rep, c.comp)).any(|s| {
-                self.src
-                    .leaf(c.seg, c.field, c.rep, c.comp, s)
-                    .is_some_and(|v| has_text(&v))
-            });
+            return self.comp_has_data(c.seg, c.field, c.rep, c.comp);
         }
         self.src
             .leaf(c.seg, c.field, c.rep, c.comp, c.sub)
@@ -1417,11 +1416,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let consumed = self.consumed_mask(seg, field);
         (1..=src.rep_count(seg, field)).any(|rep| {
             (1..=src.comp_count(seg, field, rep)).any(|comp| {
-                consumed & comp_bit(comp) == 0
-                    && (1..=src.sub_count(seg, field, rep, comp)).any(|sub| {
-                        src.leaf(seg, field, rep, comp, sub)
-                            .is_some_and(|v| has_text(&v))
-                    })
+                consumed & comp_bit(comp) == 0 && self.comp_has_data(seg, field, rep, comp)
             })
         })
     }
@@ -1708,11 +1703,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         }
                         // `""` (HL7's explicit null) is no data: rules skip it and the
                         // upsert replaces the whole resource, so the element is absent anyway
-                        let data = (1..=src.sub_count(seg, field, rep, comp)).any(|s| {
-                            src.leaf(seg, field, rep, comp, s)
-                                .is_some_and(|v| has_text(&v))
-                        });
-                        if !data {
+                        if !self.comp_has_data(seg, field, rep, comp) {
                             continue;
                         }
                         if comp <= 64 {
