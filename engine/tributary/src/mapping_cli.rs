@@ -9,7 +9,7 @@ use tributary_mapping::{fixtures, MappingSet, RunOptions};
 /// Convert HL7 v2 messages to FHIR R4 Bundles with a mapping set, without a server.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7\n  tributary map --mapping mappings/hl7v2 --report samples/*.hl7   # what the set leaves unmapped, over all samples"
+    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7\n  tributary map --mapping mappings/hl7v2 --report samples/*.hl7   # what the set leaves unmapped, over all samples\n  tributary map --report --json samples/*.hl7 | jq '.rows | length'"
 )]
 pub struct MapArgs {
     /// Mapping set directory.
@@ -37,6 +37,9 @@ pub struct MapArgs {
     /// of a new sender's sample messages.
     #[arg(long)]
     pub report: bool,
+    /// With `--report`: print it as JSON (`{"rows": [...]}`, as `mapping report --json`).
+    #[arg(long, requires = "report")]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,7 +175,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                             message_map: &m.message_map,
                             message_type: &m.message_type,
                             message_id: &example,
-                            at: 0,
+                            at: tributary_core::now_millis(),
                             fields: &tributary_pipeline::field_report::fields_of(&m),
                         });
                     }
@@ -263,7 +266,9 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
             .map(|(key, stats)| tributary_storage::FieldReportRow { key, stats })
             .collect();
         let report = tributary_storage::FieldReport::from_rows(rows, Default::default());
-        if report.rows.is_empty() {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else if report.rows.is_empty() {
             println!("every non-empty source field of {mapped} message(s) was mapped");
         } else {
             print!("{}", report_table(&report, Columns::Samples));

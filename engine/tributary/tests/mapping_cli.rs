@@ -378,4 +378,19 @@ fn map_report_counts_unconsumed_fields_over_all_inputs() {
     // highest count first
     let counts: Vec<u64> = rows.iter().map(|r| r[0].parse().unwrap()).collect();
     assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+    // the same rows as JSON
+    let out = tributary()
+        .args(["map", "--report", "--json", "--mapping"])
+        .arg(repo().join("mappings/hl7v2"))
+        .arg(dir.join("ORU_R01.hl7"))
+        .arg(dir.join("ORU_R01.two-patients.hl7"))
+        .arg(dir.join("ORU_R01.ordering-facility.hl7"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_rows = json["rows"].as_array().unwrap();
+    assert_eq!(json_rows.len(), rows.len());
+    let nte = json_rows.iter().find(|r| r["path"] == "NTE-2").unwrap();
+    assert_eq!(nte["count"], 2, "{nte}");
 }
