@@ -3,11 +3,13 @@
 //! The built-in set is a small collection of HL7 v2 tables (administrative sex 0001, patient class
 //! 0004, abnormal flags 0078, observation result status 0085, marital status 0002, …) kept as data
 //! files in `terminology/conceptmaps/*.tsv` (one `source<TAB>target system<TAB>target code<TAB>
-//! display` per line; `*` is the fallback for unmapped codes). The terminology issue grows this
+//! display` per line; `*` is the fallback for unmapped codes; `source<TAB>-` says the code has no
+//! target on purpose, as a ConceptMap target with equivalence `unmatched`, so translating it
+//! leaves the element out without the warning an unknown code gets). The terminology issue grows this
 //! into loadable CodeSystems, ValueSets and ConceptMaps with `$translate`, `$lookup` and
 //! `$validate-code` on the facade.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 /// A source code mapped to a target system and code, as a ConceptMap `group.element.target`.
@@ -25,6 +27,8 @@ pub struct ConceptMap {
     pub entries: BTreeMap<String, Target>,
     /// Target for codes the map does not list (ConceptMap `group.unmapped`, mode `fixed`).
     pub unmapped: Option<Target>,
+    /// Codes the map lists as having no target (equivalence `unmatched`).
+    pub no_target: BTreeSet<String>,
 }
 
 /// A malformed line in a ConceptMap data file.
@@ -48,12 +52,19 @@ impl ConceptMap {
                 continue;
             }
             let cols: Vec<&str> = line.split('\t').collect();
+            if cols.len() == 2 && cols[1] == "-" && !cols[0].is_empty() && cols[0] != "*" {
+                if map.entries.contains_key(cols[0]) || !map.no_target.insert(cols[0].into()) {
+                    return Err(duplicate(name, i, cols[0]));
+                }
+                continue;
+            }
             if cols.len() < 3 || cols[0].is_empty() || cols[2].is_empty() {
                 return Err(TerminologyError {
                     map: name.to_string(),
                     line: i + 1,
                     reason:
-                        "expected source, target system, target code[, display] separated by tabs"
+                        "expected source, target system, target code[, display] separated by tabs, \
+                         or source and - (no target)"
                             .into(),
                 });
             }
@@ -64,8 +75,10 @@ impl ConceptMap {
             };
             if cols[0] == "*" {
                 map.unmapped = Some(target);
-            } else {
-                map.entries.insert(cols[0].to_string(), target);
+            } else if map.no_target.contains(cols[0])
+                || map.entries.insert(cols[0].to_string(), target).is_some()
+            {
+                return Err(duplicate(name, i, cols[0]));
             }
         }
         Ok(map)
@@ -81,7 +94,24 @@ impl ConceptMap {
                     .find(|(k, _)| k.eq_ignore_ascii_case(code))
                     .map(|(_, v)| v)
             })
-            .or(self.unmapped.as_ref())
+            .or_else(|| {
+                (!self.states_no_target(code))
+                    .then_some(self.unmapped.as_ref())
+                    .flatten()
+            })
+    }
+
+    /// Whether the map lists `code` (exactly or ignoring case) as having no target.
+    pub fn states_no_target(&self, code: &str) -> bool {
+        self.no_target.contains(code) || self.no_target.iter().any(|k| k.eq_ignore_ascii_case(code))
+    }
+}
+
+fn duplicate(map: &str, index: usize, code: &str) -> TerminologyError {
+    TerminologyError {
+        map: map.to_string(),
+        line: index + 1,
+        reason: format!("source code {code} is listed twice"),
     }
 }
 
@@ -111,6 +141,14 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "v2-0038-medicationrequest-status",
         include_str!("../conceptmaps/v2-0038-medicationrequest-status.tsv"),
+    ),
+    (
+        "v2-0074-observation-category",
+        include_str!("../conceptmaps/v2-0074-observation-category.tsv"),
+    ),
+    (
+        "v2-0074-lab-report",
+        include_str!("../conceptmaps/v2-0074-lab-report.tsv"),
     ),
     (
         "v2-0078-interpretation",
@@ -234,6 +272,11 @@ impl Terminology {
         self.maps.get(name)
     }
 
+    /// Whether the named map says `code` has no target on purpose (see the crate docs).
+    pub fn states_no_target(&self, map: &str, code: &str) -> bool {
+        self.maps.get(map).is_some_and(|m| m.states_no_target(code))
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.maps.keys().cloned().collect()
     }
@@ -287,6 +330,41 @@ mod tests {
             ConceptMap::parse(name, text).unwrap();
         }
         assert_eq!(builtin().names().len(), BUILTIN.len());
+    }
+
+    #[test]
+    fn a_code_listed_without_target_is_not_translated_nor_given_the_fallback() {
+        let m = ConceptMap::parse("m", "A\tsys\ta\nB\t-\n*\tsys\tother\n").unwrap();
+        assert_eq!(m.translate("A").unwrap().code, "a");
+        assert!(m.translate("B").is_none() && m.translate("b").is_none());
+        assert!(m.states_no_target("b") && !m.states_no_target("C"));
+        assert_eq!(m.translate("C").unwrap().code, "other");
+        let t = builtin();
+        assert!(t.translate("v2-0074-observation-category", "OTH").is_none());
+        assert!(t.states_no_target("v2-0074-observation-category", "OTH"));
+        assert!(!t.states_no_target("v2-0074-observation-category", "ZZZ"));
+        assert_eq!(
+            t.translate("v2-0074-observation-category", "HM")
+                .unwrap()
+                .code,
+            "laboratory"
+        );
+    }
+
+    #[test]
+    fn a_code_listed_twice_is_an_error() {
+        for text in [
+            "A\tsys\ta\nA\t-\n",
+            "A\t-\nA\tsys\ta\n",
+            "A\tsys\ta\nA\tsys\tb\n",
+        ] {
+            let e = ConceptMap::parse("m", text).unwrap_err();
+            assert_eq!(
+                (e.line, e.reason.contains("listed twice")),
+                (2, true),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
