@@ -380,6 +380,8 @@ struct Scope<'s> {
     /// The ranges of the segment groups planned inside this scope: their segments are theirs,
     /// so a lookup climbing into this scope from one group never reads a sibling group's.
     groups: Vec<(usize, usize)>,
+    /// The segment names that start this scope's group (`group: [ORC, OBR]`); none at top level.
+    starts: &'s [String],
 }
 
 /// One step from a resource root to an object in it: element name, and the array index when
@@ -510,6 +512,7 @@ impl MappingSet {
                 names: FxHashMap::default(),
                 first: Default::default(),
                 groups: Vec::new(),
+                starts: &[],
             }],
             instances: Vec::new(),
             out: Vec::new(),
@@ -653,7 +656,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         }
                     }
                 }
-                Entry::Group { entries, .. } => {
+                Entry::Group { entries, start, .. } => {
                     for (gs, ge) in ranges {
                         let id = self.scopes.len();
                         self.scopes.push(Scope {
@@ -663,6 +666,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             names: FxHashMap::default(),
                             first: Default::default(),
                             groups: Vec::new(),
+                            starts: start,
                         });
                         self.plan(entries, id);
                     }
@@ -837,6 +841,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         None
     }
 
+    /// The `name` segment of the nearest enclosing group (not `scope` itself) that `name` starts.
+    fn enclosing_start(&self, name: &str, scope: usize) -> Option<usize> {
+        let mut s = self.scopes[scope].parent;
+        while let Some(i) = s {
+            let sc = &self.scopes[i];
+            if sc.starts.iter().any(|n| n == name) {
+                return self.find_segment(name, i);
+            }
+            s = sc.parent;
+        }
+        None
+    }
+
     fn rep_has_data(&self, seg: usize, field: usize, rep: usize) -> bool {
         (1..=self.src.comp_count(seg, field, rep)).any(|c| self.comp_has_data(seg, field, rep, c))
     }
@@ -874,10 +891,19 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     self.resolve_in(ctx.seg, ctx, p, many, &mut out);
                 } else if many {
                     // every one in the current scope (a segment group's own segments: the NTEs
-                    // after an OBX belong to that OBX), or in the whole message at top level
+                    // after an OBX belong to that OBX), or in the whole message at top level;
+                    // with none there, the segment that starts an enclosing group (an OBX's
+                    // order: its OBR), which a group holds once
                     let sc = &self.scopes[ctx.scope];
+                    let mut found = false;
                     for seg in sc.start..sc.end {
                         if self.src.segment_name(seg) == segname {
+                            found = true;
+                            self.resolve_in(seg, ctx, p, many, &mut out);
+                        }
+                    }
+                    if !found {
+                        if let Some(seg) = self.enclosing_start(segname, ctx.scope) {
                             self.resolve_in(seg, ctx, p, many, &mut out);
                         }
                     }
@@ -1622,6 +1648,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                         }
                     }),
                     None => match default {
+                        _ if self.term.states_no_target(map, code.trim()) => None,
                         Some(d) if *out == TransOut::Code => Some(Node::str(d.as_str())),
                         _ => {
                             self.warnings.push(format!(

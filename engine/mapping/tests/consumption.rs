@@ -315,3 +315,82 @@ fn an_iso_universal_id_type_is_stated_by_the_oid_system() {
     let local = with("P-1^^2.16.840.1.113883.3.9999.8^L");
     assert!(local.contains(&"OBR-2.4".to_string()), "{local:?}");
 }
+
+/// OBR-24 (diagnostic service section) gives each result its observation category and a
+/// laboratory report US Core's `LAB` category beside the section as sent. A section the
+/// ConceptMap says has no category adds nothing without a warning; a code it does not know is
+/// warned about by map and path, never by value.
+#[test]
+fn the_diagnostic_service_section_categorizes_results_and_reports() {
+    let set = library();
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
+    let with = |section: &str| {
+        let obr = format!(
+            "OBR|1|P-1||24323-8^Metabolic panel^LN{}|{section}",
+            "|".repeat(19)
+        );
+        run(
+            &set,
+            &[
+                &msh,
+                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+                &obr,
+                "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+                "OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F",
+            ],
+        )
+    };
+    let codes = |out: &MappedBundle, rtype: &str| -> Vec<Vec<String>> {
+        out.resources()
+            .filter(|(t, _, _)| *t == rtype)
+            .map(|(_, _, r)| {
+                r["category"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| c["coding"].as_array().into_iter().flatten())
+                    .map(|c| format!("{}|{}", c["system"].as_str().unwrap(), c["code"]))
+                    .collect()
+            })
+            .collect()
+    };
+    const CAT: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+    const SECTION: &str = "http://terminology.hl7.org/CodeSystem/v2-0074";
+
+    let hm = with("HM");
+    let lab = vec![format!("{CAT}|\"laboratory\"")];
+    assert_eq!(codes(&hm, "Observation"), [lab.clone(), lab]);
+    assert_eq!(
+        codes(&hm, "DiagnosticReport"),
+        [[format!("{SECTION}|\"HM\""), format!("{SECTION}|\"LAB\"")]]
+    );
+    assert!(hm.warnings.is_empty(), "{:?}", hm.warnings);
+    assert!(!unconsumed(&hm).iter().any(|f| f.starts_with("OBR-24")));
+
+    // LAB is the section and US Core's code at once: one coding
+    let as_lab = with("LAB");
+    assert_eq!(
+        codes(&as_lab, "DiagnosticReport"),
+        [[format!("{SECTION}|\"LAB\"")]]
+    );
+    assert!(as_lab.warnings.is_empty(), "{:?}", as_lab.warnings);
+
+    let other = with("OTH");
+    assert_eq!(codes(&other, "Observation"), [Vec::<String>::new(), vec![]]);
+    assert_eq!(
+        codes(&other, "DiagnosticReport"),
+        [[format!("{SECTION}|\"OTH\"")]]
+    );
+    assert!(other.warnings.is_empty(), "{:?}", other.warnings);
+
+    let unknown = with("QQX");
+    assert_eq!(
+        codes(&unknown, "Observation"),
+        [Vec::<String>::new(), vec![]]
+    );
+    assert_eq!(unknown.warnings.len(), 3, "{:?}", unknown.warnings);
+    assert!(unknown
+        .warnings
+        .iter()
+        .all(|w| w.contains("OBR-24") && w.contains("v2-0074-") && !w.contains("QQX")));
+}

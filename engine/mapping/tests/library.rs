@@ -285,6 +285,55 @@ fn groups_keep_their_segments_to_themselves() {
     );
 }
 
+/// A repeating element read from another segment takes every one of the rule's own group (an
+/// OBX's NTEs) and, where the group holds none, the segment that starts an enclosing group (the
+/// OBX's order, its OBR) — never a segment that merely sits in an enclosing group: an OBX
+/// without notes does not take its order's NTE.
+#[test]
+fn a_repeating_element_reads_the_segment_that_starts_an_enclosing_group() {
+    let obs = "resource: Observation\nsegment: OBX\nrules:\n  - set: status\n    value: final\n  - set: code.text\n    from: OBX-3\n  - set: category\n    from: OBR-24\n    rules:\n      - set: text\n        from: .1\n  - set: note\n    from: NTE-3\n    rules:\n      - set: text\n        from: .\n";
+    let msg = "message: [ORU^R01]\nresources:\n  - group: [ORC, OBR]\n    resources:\n      - group: [OBX]\n        with: [NTE]\n        resources:\n          - segment: OBX\n            map: OBX-Observation\n";
+    let out = run_texts(
+        &[
+            ("segments/OBX-Observation.yaml", obs),
+            ("messages/ORU.yaml", msg),
+        ],
+        &[
+            "MSH|^~\\&|A|B|C|D|20260101||ORU^R01|1|P|2.5",
+            &format!("OBR|1|1||a{}|HM", "|".repeat(19)),
+            "NTE|1||order note",
+            "OBX|1|ST|x||v",
+            "NTE|1||result note",
+            "OBX|2|ST|y||w",
+            &format!("OBR|2|2||b{}|MB", "|".repeat(19)),
+            "OBX|1|ST|z||u",
+        ]
+        .join("\r"),
+    )
+    .unwrap();
+    let got: Vec<(String, String, String)> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Observation")
+        .map(|(_, _, r)| {
+            let text = |v: &serde_json::Value| v[0]["text"].as_str().unwrap_or("-").to_string();
+            (
+                r["code"]["text"].as_str().unwrap().to_string(),
+                text(&r["category"]),
+                text(&r["note"]),
+            )
+        })
+        .collect();
+    let row = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        got,
+        [
+            row("x", "HM", "result note"),
+            row("y", "HM", "-"),
+            row("z", "MB", "-")
+        ]
+    );
+}
+
 /// Ids are computed while the message is planned; a lookup made then (an id part, a `when:`)
 /// must not read inside a sibling group planned after it. A patient's OBX before any order
 /// keeps a message-specific id instead of taking the filler number of the order further down,
