@@ -15,6 +15,7 @@ fn bench(c: &mut Criterion) {
     let opts = RunOptions {
         tenant: "default",
         lineage: false,
+        feed: None,
     };
     let mut g = c.benchmark_group("map_parse_map_serialize");
     for name in [

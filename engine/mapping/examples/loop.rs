@@ -18,6 +18,7 @@ fn main() {
     let opts = tributary_mapping::RunOptions {
         tenant: "default",
         lineage: false,
+        feed: None,
     };
     let t = std::time::Instant::now();
     let total: usize = std::thread::scope(|s| {

@@ -281,9 +281,12 @@ pub(crate) struct MessageMap {
     pub name: String,
     pub file: Arc<str>,
     pub matches: Vec<String>,
+    /// The set's `vars:` with this map's own in place.
     pub vars: BTreeMap<String, String>,
     /// Per trigger event named under `event_vars:`, `vars` with that event's values in place.
     pub vars_by_event: BTreeMap<String, BTreeMap<String, String>>,
+    /// Per trigger event, only the values `event_vars:` gives (they win over a feed's).
+    pub event_vars: BTreeMap<String, BTreeMap<String, String>>,
     pub ignore: Vec<IgnorePattern>,
     pub entries: Vec<Entry>,
 }
@@ -336,6 +339,8 @@ pub struct MappingSet {
     pub(crate) maps: Vec<CompiledMap>,
     pub(crate) messages: Vec<MessageMap>,
     pub(crate) global_ignore: Vec<IgnorePattern>,
+    /// `feeds:` of mapping-set.yaml: per feed (sending partner), the variables it sets.
+    pub(crate) feed_vars: BTreeMap<String, BTreeMap<String, String>>,
     /// Message map files with their fixture inputs, for `tributary mapping test`.
     pub fixtures: Vec<Fixture>,
 }
@@ -355,6 +360,15 @@ impl MappingSet {
             .iter()
             .flat_map(|m| m.matches.iter().map(|t| (t.clone(), m.file.to_string())))
             .collect()
+    }
+
+    /// The feeds `feeds:` of mapping-set.yaml gives variables to.
+    pub fn feeds(&self) -> impl Iterator<Item = &str> {
+        self.feed_vars.keys().map(String::as_str)
+    }
+
+    pub fn has_feed(&self, feed: &str) -> bool {
+        self.feed_vars.contains_key(feed)
     }
 
     /// Message map files that have no fixture beside them.
@@ -455,8 +469,11 @@ impl MappingSet {
                     "default_timezone",
                     "on_invalid_value",
                     "ignore",
+                    "vars",
+                    "feeds",
                 ],
             );
+            c.set_vars = vars_of(node.get("vars"));
             if let Some(n) = node.get("on_invalid_value") {
                 match n.as_str() {
                     Some("fail") => on_invalid_value = OnError::Fail,
@@ -510,6 +527,10 @@ impl MappingSet {
                 messages.push(m);
             }
         }
+        let feed_vars = match &settings {
+            Some((file, node)) => c.feeds(file, node.get("feeds"), &messages),
+            None => BTreeMap::new(),
+        };
         if !c.errors.is_empty() {
             return Err(LoadErrors(c.errors));
         }
@@ -521,9 +542,24 @@ impl MappingSet {
             maps: c.maps.into_iter().map(|m| m.compiled).collect(),
             messages,
             global_ignore,
+            feed_vars,
             fixtures: Vec::new(),
         })
     }
+}
+
+/// A `vars:` map's names and values (text; a value's type is checked where a rule writes it).
+fn vars_of(node: Option<&Node>) -> BTreeMap<String, String> {
+    node.and_then(Node::as_map)
+        .unwrap_or(&[])
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().unwrap_or("").to_string(),
+                v.as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
 }
 
 /// `Z` or a UTC offset `±HH:MM` (HH ≤ 14, MM ≤ 59), checked on bytes: any text, including
@@ -786,6 +822,8 @@ struct Compiler {
     by_name: HashMap<String, usize>,
     /// Variables the `when:` of the message map being compiled reads, with their positions.
     entry_vars: Vec<(String, Pos)>,
+    /// `vars:` of mapping-set.yaml: every message map's defaults.
+    set_vars: BTreeMap<String, String>,
 }
 
 const RULE_KEYS: &[&str] = &[
@@ -1614,19 +1652,13 @@ impl Compiler {
                 );
             }
         }
-        let mut vars = BTreeMap::new();
-        if let Some(v) = node.get("vars") {
-            for (k, val) in v.as_map().unwrap_or(&[]) {
-                vars.insert(
-                    k.as_str().unwrap_or("").to_string(),
-                    val.as_str().unwrap_or("").to_string(),
-                );
-            }
-        }
+        let mut vars = self.set_vars.clone();
+        vars.extend(vars_of(node.get("vars")));
         // `event_vars:` — per trigger event of `message:`, the vars whose values differ from
         // `vars:` (a cancellation's status); each must be a var `vars:` defines, so every
         // event of the map has a value for it
         let mut vars_by_event = BTreeMap::new();
+        let mut event_vars = BTreeMap::new();
         if let Some(ev) = node.get("event_vars") {
             for (event, over) in ev.as_map().unwrap_or(&[]) {
                 let name = event.as_str().unwrap_or("");
@@ -1642,6 +1674,8 @@ impl Compiler {
                     continue;
                 }
                 let mut merged = vars.clone();
+                let own: &mut BTreeMap<String, String> =
+                    event_vars.entry(name.to_string()).or_default();
                 for (k, val) in over.as_map().unwrap_or(&[]) {
                     let k = k.as_str().unwrap_or("").to_string();
                     if !vars.contains_key(&k) {
@@ -1653,7 +1687,9 @@ impl Compiler {
                             ),
                         );
                     }
-                    merged.insert(k, val.as_str().unwrap_or("").to_string());
+                    let val = val.as_str().unwrap_or("").to_string();
+                    own.insert(k.clone(), val.clone());
+                    merged.insert(k, val);
                 }
                 vars_by_event.insert(name.to_string(), merged);
             }
@@ -1708,9 +1744,62 @@ impl Compiler {
             matches,
             vars,
             vars_by_event,
+            event_vars,
             ignore,
             entries,
         })
+    }
+
+    /// `feeds:` of mapping-set.yaml: `<feed>: {vars: {name: value}}`, each name a variable the
+    /// set's or a message map's `vars:` defines (a typo would otherwise never take effect).
+    fn feeds(
+        &mut self,
+        file: &Arc<str>,
+        node: Option<&Node>,
+        messages: &[MessageMap],
+    ) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        let Some(node) = node else {
+            return out;
+        };
+        let Some(feeds) = node.as_map() else {
+            self.err(file, node.pos, "`feeds:` maps a feed (the sending partner's id) to its settings, e.g. `lab-a: {vars: {result_category: laboratory}}`".into());
+            return out;
+        };
+        for (feed, settings) in feeds {
+            let name = feed.as_str().unwrap_or("").trim().to_string();
+            if name.is_empty() {
+                self.err(
+                    file,
+                    feed.pos,
+                    "a feed name is the sending partner's id; found an empty one".into(),
+                );
+                continue;
+            }
+            self.check_keys(file, settings, &["vars"]);
+            let vars = vars_of(settings.get("vars"));
+            if let Some(v) = settings.get("vars") {
+                for (key, _) in v.as_map().unwrap_or(&[]) {
+                    let k = key.as_str().unwrap_or("");
+                    let known = self.set_vars.contains_key(k)
+                        || messages.iter().any(|m| m.vars.contains_key(k));
+                    if !known {
+                        let all = self
+                            .set_vars
+                            .keys()
+                            .chain(messages.iter().flat_map(|m| m.vars.keys()))
+                            .map(String::as_str);
+                        let hint = fhir::closest(k, all)
+                            .map(|s| format!(" — did you mean `{s}`?"))
+                            .unwrap_or_default();
+                        self.err(file, key.pos, format!(
+                            "feed `{name}` sets `{k}`, which neither this file's `vars:` nor a message map's defines{hint}"));
+                    }
+                }
+            }
+            out.insert(name, vars);
+        }
+        out
     }
 
     /// Every variable the maps a message map uses read (`var:` and `$name` in `when:`), with

@@ -50,6 +50,7 @@ pub fn run_fixtures(set: &MappingSet, term: &Terminology) -> Vec<FixtureOutcome>
                 &RunOptions {
                     tenant: "default",
                     lineage: false,
+                    feed: None,
                 },
             ) {
                 Ok(m) => m,

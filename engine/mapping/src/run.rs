@@ -28,6 +28,8 @@ pub struct RunOptions<'a> {
     pub tenant: &'a str,
     /// Record which source path and rule produced each element (`tributary map --explain`).
     pub lineage: bool,
+    /// The feed (sending partner) the message came from: its `feeds:` variables apply.
+    pub feed: Option<&'a str>,
 }
 
 impl Default for RunOptions<'_> {
@@ -35,6 +37,7 @@ impl Default for RunOptions<'_> {
         Self {
             tenant: "default",
             lineage: true,
+            feed: None,
         }
     }
 }
@@ -491,6 +494,23 @@ impl MappingSet {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        let event_vars = mm.vars_by_event.get(&message_type).unwrap_or(&mm.vars);
+        // A feed's values replace the map's own, not those `event_vars:` gives one event (a
+        // cancellation's status stays the cancellation's).
+        let feed_vars = opts
+            .feed
+            .and_then(|f| self.feed_vars.get(f))
+            .filter(|fv| fv.keys().any(|k| mm.vars.contains_key(k)))
+            .map(|fv| {
+                let mut merged = event_vars.clone();
+                let own = mm.event_vars.get(&message_type);
+                for (k, v) in fv {
+                    if mm.vars.contains_key(k) && !own.is_some_and(|o| o.contains_key(k)) {
+                        merged.insert(k.clone(), v.clone());
+                    }
+                }
+                merged
+            });
         let mut fields_at = Vec::with_capacity(src.segment_count() + 1);
         fields_at.push(0);
         for seg in 0..src.segment_count() {
@@ -501,7 +521,7 @@ impl MappingSet {
             src,
             term,
             tenant: opts.tenant,
-            vars: mm.vars_by_event.get(&message_type).unwrap_or(&mm.vars),
+            vars: feed_vars.as_ref().unwrap_or(event_vars),
             consumed: vec![0; fields_at.last().copied().unwrap_or(0)],
             alternatives: Vec::new(),
             fields_at,

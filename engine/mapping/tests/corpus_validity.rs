@@ -95,6 +95,7 @@ fn every_corpus_output_is_valid_fhir_r4() {
                 &RunOptions {
                     tenant: "default",
                     lineage: false,
+                    feed: None,
                 },
             ) {
                 Ok(m) => {

@@ -87,6 +87,7 @@ fn map_as(set: &MappingSet, message: &[u8], tenant: &str) -> tributary_mapping::
         &RunOptions {
             tenant,
             lineage: false,
+            feed: None,
         },
     )
     .unwrap()
@@ -954,4 +955,124 @@ fn undefined_variables_are_load_errors_where_they_are_read() {
             "{at} {var}:\n{errs}"
         );
     }
+}
+
+/// The library's texts with `feeds:` added to mapping-set.yaml.
+fn library_with_feeds(feeds: &str) -> Result<MappingSet, tributary_mapping::LoadErrors> {
+    let dir = repo().join("mappings/hl7v2");
+    let mut texts = MappingSet::texts(&dir).unwrap();
+    let settings = texts
+        .iter_mut()
+        .find(|(p, _)| p == Path::new("mapping-set.yaml"))
+        .unwrap();
+    settings.1.push_str(feeds);
+    MappingSet::from_texts(&dir, &texts)
+}
+
+/// A feed whose results are all laboratory results but whose orders carry no OBR-24 gets its
+/// Observations `laboratory` and its reports US Core's `LAB` through `feeds:`; another feed's
+/// messages, and an OBR-24 where sent, are unaffected.
+#[test]
+fn a_feed_states_the_category_its_orders_leave_out() {
+    let set =
+        library_with_feeds("feeds:\n  elr-lab:\n    vars:\n      result_category: laboratory\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+    let oru = |obr24: &str| {
+        [
+            "MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|20261123081500-0600||ORU^R01^ORU_R01|C-1|P|2.5.1",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            &format!("OBR|1|P-1||24323-8^Metabolic panel^LN{}|{obr24}", "|".repeat(19)),
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+        ]
+        .join("\r")
+    };
+    let categories = |feed: Option<&str>, obr24: &str| -> Vec<(String, String)> {
+        let out = set
+            .map_bytes(
+                oru(obr24).as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions {
+                    feed,
+                    lineage: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut got = Vec::new();
+        for (t, _, r) in out.resources() {
+            if !matches!(t, "Observation" | "DiagnosticReport") {
+                continue;
+            }
+            for c in r["category"].as_array().into_iter().flatten() {
+                for coding in c["coding"].as_array().unwrap() {
+                    got.push((t.to_string(), coding["code"].as_str().unwrap().to_string()));
+                }
+            }
+        }
+        got
+    };
+    let pair = |t: &str, c: &str| (t.to_string(), c.to_string());
+    assert_eq!(
+        categories(Some("elr-lab"), ""),
+        [
+            pair("Observation", "laboratory"),
+            pair("DiagnosticReport", "LAB")
+        ]
+    );
+    assert_eq!(categories(None, ""), []);
+    assert_eq!(categories(Some("another-feed"), ""), []);
+    // OBR-24 wins over the feed's default
+    assert_eq!(
+        categories(Some("elr-lab"), "RAD"),
+        [
+            pair("Observation", "imaging"),
+            pair("DiagnosticReport", "RAD")
+        ]
+    );
+}
+
+/// A feed's variables never replace what `event_vars:` gives one trigger event (a leave of
+/// absence stays `onleave`), and a name no `vars:` defines is a load error at its place.
+#[test]
+fn feed_variables_yield_to_event_variables_and_must_be_defined() {
+    let set = library_with_feeds("feeds:\n  adt-a:\n    vars:\n      encounter_status: finished\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = |event: &str, feed: Option<&str>| {
+        let msg = [
+            &format!("MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|20261123081500-0600||ADT^{event}^ADT_A02|C-1|P|2.5.1"),
+            "EVN||20261123081500-0600",
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "PV1|1|I|W1^101^A^RIVERSIDE||||||||||||||||V1^^^RIVERSIDE^VN",
+        ]
+        .join("\r");
+        let out = set
+            .map_bytes(
+                msg.as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions {
+                    feed,
+                    lineage: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let status = out
+            .resources()
+            .find(|(t, _, _)| *t == "Encounter")
+            .map(|(_, _, r)| r["status"].as_str().unwrap().to_string());
+        status.unwrap()
+    };
+    assert_eq!(status("A02", None), "in-progress");
+    assert_eq!(status("A02", Some("adt-a")), "finished");
+    assert_eq!(status("A21", Some("adt-a")), "onleave");
+
+    let errs = library_with_feeds("feeds:\n  lab:\n    vars:\n      result_categry: laboratory\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errs.contains("mapping-set.yaml:")
+            && errs.contains("feed `lab` sets `result_categry`")
+            && errs.contains("did you mean `result_category`?"),
+        "{errs}"
+    );
 }

@@ -151,6 +151,7 @@ fn a_discharge_before_the_admit_is_left_out_and_reported_by_path() {
             &RunOptions {
                 tenant: "default",
                 lineage: false,
+                feed: None,
             },
         )
         .unwrap();

@@ -95,6 +95,7 @@ mod tests {
         let opts = RunOptions {
             tenant: "t1",
             lineage: false,
+            feed: None,
         };
         let (mut resources, mut with_mapped_meta) = (0, 0);
         for (n, msg) in messages.iter().enumerate() {

@@ -863,6 +863,7 @@ impl Pipeline {
         let opts = RunOptions {
             tenant: env.tenant.as_str(),
             lineage: false,
+            feed: Some(env.partner.as_str()),
         };
         let mut mapped = match set.map_bytes(&env.payload, tributary_terminology::builtin(), &opts)
         {

@@ -139,6 +139,7 @@ impl Setup {
                 &tributary_mapping::RunOptions {
                     tenant: "default",
                     lineage: false,
+                    feed: None,
                 },
             )
             .unwrap();

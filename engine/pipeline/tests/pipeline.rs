@@ -80,6 +80,7 @@ async fn replaying_a_message_three_times_leaves_one_version_of_each_resource() {
             &tributary_mapping::RunOptions {
                 tenant: "t1",
                 lineage: false,
+                feed: None,
             },
         )
         .unwrap();
@@ -274,6 +275,58 @@ async fn the_unconsumed_policy_is_per_feed() {
     assert_eq!(state(1), MessageState::Committed);
 }
 
+/// The feed a message came from chooses its `feeds:` variables: the same ORU without OBR-24
+/// commits laboratory results for the ELR feed and uncategorized ones for another.
+#[tokio::test]
+async fn the_sending_feed_chooses_the_mapping_variables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(&tmp.path().join("data"));
+    let dir = tmp.path().join("mappings");
+    copy_dir(&repo().join("mappings/hl7v2"), &dir);
+    let settings = dir.join("mapping-set.yaml");
+    let mut text = std::fs::read_to_string(&settings).unwrap();
+    text.push_str("feeds:\n  elr-lab:\n    vars:\n      result_category: laboratory\n");
+    std::fs::write(&settings, text).unwrap();
+    let p = pipeline(&dir, UnconsumedPolicy::Warn);
+    let msg = fixture("ORU_R01.value-types.hl7");
+    for (tenant, partner) in [("t1", "elr-lab"), ("t2", "riverside")] {
+        let env = tributary_core::Envelope::builder(tributary_core::Protocol::Hl7v2, msg.clone())
+            .tenant(tenant)
+            .partner(partner)
+            .ordering_key(format!("{partner}/MRN70003"))
+            .build();
+        rt.journal.append(env).await.unwrap();
+    }
+    drain(&p, &rt).await;
+    for (tenant, expected) in [("t1", Some("laboratory")), ("t2", None)] {
+        let mapped = p
+            .registry
+            .current()
+            .map_bytes(
+                &msg,
+                tributary_terminology::builtin(),
+                &tributary_mapping::RunOptions {
+                    tenant,
+                    lineage: false,
+                    feed: None,
+                },
+            )
+            .unwrap();
+        let observations: Vec<String> = mapped
+            .entries()
+            .filter(|(t, _)| *t == "Observation")
+            .map(|(_, i)| i.to_string())
+            .collect();
+        assert!(observations.len() >= 3);
+        for id in observations {
+            let stored = rt.store.history(tenant, "Observation", &id).unwrap();
+            let r = stored.first().expect("committed").resource().unwrap();
+            let category = r["category"][0]["coding"][0]["code"].as_str();
+            assert_eq!(category, expected, "{tenant} Observation/{id}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_bad_mapping_file_is_reported_with_position_and_the_old_version_keeps_mapping() {
     let tmp = tempfile::tempdir().unwrap();
@@ -347,6 +400,7 @@ async fn a_period_end_before_its_start_is_left_out_and_goes_by_the_feed_policy()
             &tributary_mapping::RunOptions {
                 tenant: "t1",
                 lineage: false,
+                feed: None,
             },
         )
         .unwrap();
@@ -424,6 +478,7 @@ async fn a_running_pipeline_applies_large_and_small_messages_of_one_patient_in_o
             &tributary_mapping::RunOptions {
                 tenant: "t1",
                 lineage: false,
+                feed: None,
             },
         )
         .unwrap();

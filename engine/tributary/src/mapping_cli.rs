@@ -9,7 +9,7 @@ use tributary_mapping::{fixtures, MappingSet, RunOptions};
 /// Convert HL7 v2 messages to FHIR R4 Bundles with a mapping set, without a server.
 #[derive(Args, Debug)]
 #[command(
-    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7\n  tributary map --mapping mappings/hl7v2 --report samples/*.hl7   # what the set leaves unmapped, over all samples\n  tributary map --report --json samples/*.hl7 | jq '.rows | length'"
+    after_help = "Examples:\n  tributary map --mapping mappings/hl7v2 adt.hl7\n  tributary map --mapping mappings/hl7v2 --explain --unmapped adt.hl7\n  tributary map --mapping mappings/hl7v2 --out-dir out/ samples/*.hl7\n  tributary map --feed elr-lab oru.hl7   # with the variables mapping-set.yaml gives that feed\n  tributary map --mapping mappings/hl7v2 --report samples/*.hl7   # what the set leaves unmapped, over all samples\n  tributary map --report --json samples/*.hl7 | jq '.rows | length'"
 )]
 pub struct MapArgs {
     /// Mapping set directory.
@@ -27,6 +27,10 @@ pub struct MapArgs {
     /// Tenant for deterministic ids.
     #[arg(long, default_value = "default")]
     pub tenant: String,
+    /// Map as messages from this feed (the sending partner's id) are mapped: the variables
+    /// `feeds:` of mapping-set.yaml gives it apply.
+    #[arg(long)]
+    pub feed: Option<String>,
     /// Write `<out-dir>/<input stem>.json` per input instead of printing (for batches:
     /// `<stem>.<n>.json`, or `<stem>.<batch>.<n>.json` for a file of several batches).
     #[arg(long)]
@@ -108,9 +112,19 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let term = tributary_terminology::builtin();
+    if let Some(feed) = args.feed.as_deref().filter(|f| !set.has_feed(f)) {
+        let known = set.feeds().collect::<Vec<_>>().join(", ");
+        eprintln!(
+            "feed `{feed}` is not under `feeds:` of {}/mapping-set.yaml (it names: {})",
+            args.mapping.display(),
+            if known.is_empty() { "none" } else { &known }
+        );
+        return Ok(ExitCode::from(2));
+    }
     let opts = RunOptions {
         tenant: &args.tenant,
         lineage: args.explain,
+        feed: args.feed.as_deref(),
     };
     let (mut mapped, mut failed, mut count_errors) = (0usize, 0usize, 0usize);
     if let Some(dir) = &args.out_dir {

@@ -397,3 +397,56 @@ fn map_report_counts_unconsumed_fields_over_all_inputs() {
     let nte = json_rows.iter().find(|r| r["path"] == "NTE-2").unwrap();
     assert_eq!(nte["count"], 2, "{nte}");
 }
+
+/// `tributary map --feed NAME` maps a sample as that feed's messages are mapped (its `feeds:`
+/// variables); a feed the set does not name is an error naming those it does, not a silent
+/// run without them.
+#[test]
+fn map_as_a_feed_applies_its_variables_and_rejects_an_unknown_feed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hl7v2");
+    copy_dir(&repo().join("mappings/hl7v2"), &dir);
+    let settings = dir.join("mapping-set.yaml");
+    let text = std::fs::read_to_string(&settings).unwrap()
+        + "feeds:\n  elr-lab:\n    vars:\n      result_category: laboratory\n";
+    std::fs::write(&settings, text).unwrap();
+    let input = dir.join("messages/ORU_R01.value-types.hl7");
+    let map = |feed: Option<&str>| {
+        let mut cmd = tributary();
+        cmd.arg("map").arg("--mapping").arg(&dir);
+        if let Some(f) = feed {
+            cmd.args(["--feed", f]);
+        }
+        cmd.arg(&input).output().unwrap()
+    };
+    let categories = |out: &std::process::Output| -> Vec<String> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+            .map(|e| e["resource"]["category"][0]["coding"][0]["code"].to_string())
+            .collect()
+    };
+    let with = categories(&map(Some("elr-lab")));
+    assert!(
+        with.len() >= 3 && with.iter().all(|c| c == "\"laboratory\""),
+        "{with:?}"
+    );
+    let without = categories(&map(None));
+    assert!(without.iter().all(|c| c == "null"), "{without:?}");
+
+    let unknown = map(Some("elr-lb"));
+    assert_eq!(unknown.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        err.contains("feed `elr-lb` is not under `feeds:`") && err.contains("elr-lab"),
+        "{err}"
+    );
+}

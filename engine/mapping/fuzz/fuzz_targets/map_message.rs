@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
     let opts = RunOptions {
         tenant: "t1",
         lineage: true,
+        feed: None,
     };
     let Ok(out) = library().map_bytes(data, tributary_terminology::builtin(), &opts) else {
         return;
