@@ -118,3 +118,88 @@ async fn mapped_patients_come_with_their_provenance_and_are_found_by_identifier(
     );
     server.stop();
 }
+
+/// A care-management app whose SMART v2 scope is narrowed to lab results
+/// (`system/Observation.rs?category=laboratory`) sees the mapped results of a lab order (OBR-24
+/// a laboratory section) and none of an imaging order's (OBR-24 CT), searching or reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_category_narrowed_scope_sees_the_mapped_lab_results_only() {
+    let corpus = repo_root().join("../shared/corpus/hl7v2");
+    let files = [
+        corpus.join("ms-fhir-converter/ORU-R01-01.hl7"),
+        corpus.join("linuxforhealth/ORU-multiline-short.hl7"),
+    ];
+    if files.iter().any(|f| !f.is_file()) {
+        eprintln!("SKIP a_category_narrowed_scope_sees_the_mapped_lab_results_only: corpus absent");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = token_config(&data);
+    let all = issue_token(&config, "records", "system/Observation.rs", None);
+    let labs = issue_token(
+        &config,
+        "lab-app",
+        "system/Observation.rs?category=laboratory",
+        None,
+    );
+    let mllp = free_addr();
+    let server = Server::start_with_mllp(&data, "", Some(mllp));
+    let mut sender = MllpSender::new(MllpSenderConfig::new(mllp.to_string()));
+    for f in &files {
+        let ack = sender.send_once(&std::fs::read(f).unwrap()).await.unwrap();
+        let ack = String::from_utf8_lossy(&ack);
+        assert!(
+            ack.contains("MSA|AA") || ack.contains("MSA|CA"),
+            "{f:?}: {ack}"
+        );
+    }
+    let metrics = server.http.to_string();
+    tributary_e2e::wait("the pipeline to map both messages")
+        .until_async(|| async { (tributary_e2e::pipeline_finished(&metrics) >= 2.0).then_some(()) })
+        .await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/fhir", server.http);
+    let ids = |b: &Value| -> Vec<String> {
+        let mut v: Vec<String> = of_mode(b, "match")
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let everything = get_json(&http, &format!("{base}/Observation?_count=200"), &all).await;
+    let category = |r: &Value| {
+        r["category"][0]["coding"][0]["code"]
+            .as_str()
+            .map(String::from)
+    };
+    let (mut lab, mut imaging) = (Vec::new(), Vec::new());
+    for r in of_mode(&everything, "match") {
+        let id = r["id"].as_str().unwrap().to_string();
+        match category(r).as_deref() {
+            Some("laboratory") => lab.push(id),
+            Some("imaging") => imaging.push(id),
+            other => panic!("Observation/{id} has category {other:?}: {everything}"),
+        }
+    }
+    lab.sort();
+    assert!(!lab.is_empty() && !imaging.is_empty(), "{everything}");
+
+    let seen = get_json(&http, &format!("{base}/Observation?_count=200"), &labs).await;
+    assert_eq!(ids(&seen), lab, "{seen}");
+    let read = |id: String| {
+        let (http, labs) = (http.clone(), labs.clone());
+        let url = format!("{base}/Observation/{id}");
+        async move {
+            http.get(url)
+                .bearer_auth(labs)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(read(lab[0].clone()).await, 200);
+    assert_eq!(read(imaging[0].clone()).await, 403);
+    server.stop();
+}
