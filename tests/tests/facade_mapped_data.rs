@@ -19,6 +19,29 @@ fn of_mode<'a>(bundle: &'a Value, mode: &'a str) -> impl Iterator<Item = &'a Val
         .map(|e| &e["resource"])
 }
 
+/// Starts the server over `data` with an MLLP listener, sends each file as one message (each
+/// must be accepted) and waits until the pipeline has mapped them all.
+async fn serve_and_send(data: &std::path::Path, files: &[std::path::PathBuf]) -> Server {
+    let mllp = free_addr();
+    let server = Server::start_with_mllp(data, "", Some(mllp));
+    let mut sender = MllpSender::new(MllpSenderConfig::new(mllp.to_string()));
+    for f in files {
+        let ack = sender.send_once(&std::fs::read(f).unwrap()).await.unwrap();
+        // original mode AA; enhanced mode (MSH-15 AL) a commit accept, CA
+        let ack = String::from_utf8_lossy(&ack);
+        assert!(
+            ack.contains("MSA|AA") || ack.contains("MSA|CA"),
+            "{f:?}: {ack}"
+        );
+    }
+    let metrics = server.http.to_string();
+    let n = files.len() as f64;
+    tributary_e2e::wait("the pipeline to map every message")
+        .until_async(|| async { (tributary_e2e::pipeline_finished(&metrics) >= n).then_some(()) })
+        .await;
+    server
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mapped_patients_come_with_their_provenance_and_are_found_by_identifier() {
     let corpus = repo_root().join("../shared/corpus/hl7v2/linuxforhealth");
@@ -33,22 +56,7 @@ async fn mapped_patients_come_with_their_provenance_and_are_found_by_identifier(
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let token = issue_token(&token_config(&data), "care-app", "system/*.rs", None);
-    let mllp = free_addr();
-    let server = Server::start_with_mllp(&data, "", Some(mllp));
-    let mut sender = MllpSender::new(MllpSenderConfig::new(mllp.to_string()));
-    for f in &files {
-        let ack = sender.send_once(&std::fs::read(f).unwrap()).await.unwrap();
-        // original mode AA; enhanced mode (MSH-15 AL) a commit accept, CA
-        let ack = String::from_utf8_lossy(&ack);
-        assert!(
-            ack.contains("MSA|AA") || ack.contains("MSA|CA"),
-            "{f:?}: {ack}"
-        );
-    }
-    let metrics = server.http.to_string();
-    tributary_e2e::wait("the pipeline to map both messages")
-        .until_async(|| async { (tributary_e2e::pipeline_finished(&metrics) >= 2.0).then_some(()) })
-        .await;
+    let server = serve_and_send(&data, &files).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}/fhir", server.http);
 
@@ -143,21 +151,7 @@ async fn a_category_narrowed_scope_sees_the_mapped_lab_results_only() {
         "system/Observation.rs?category=laboratory",
         None,
     );
-    let mllp = free_addr();
-    let server = Server::start_with_mllp(&data, "", Some(mllp));
-    let mut sender = MllpSender::new(MllpSenderConfig::new(mllp.to_string()));
-    for f in &files {
-        let ack = sender.send_once(&std::fs::read(f).unwrap()).await.unwrap();
-        let ack = String::from_utf8_lossy(&ack);
-        assert!(
-            ack.contains("MSA|AA") || ack.contains("MSA|CA"),
-            "{f:?}: {ack}"
-        );
-    }
-    let metrics = server.http.to_string();
-    tributary_e2e::wait("the pipeline to map both messages")
-        .until_async(|| async { (tributary_e2e::pipeline_finished(&metrics) >= 2.0).then_some(()) })
-        .await;
+    let server = serve_and_send(&data, &files).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}/fhir", server.http);
     let ids = |b: &Value| -> Vec<String> {
