@@ -202,6 +202,8 @@ fn resource_entry(t: &str, routed: bool, topics: &[String]) -> Value {
         .map(|(n, ty)| match *n {
             "patient" | "subject" if t != "Patient" => json!({"name": n, "type": ty,
                 "documentation": format!("Also chained to one Patient search parameter: {n}.identifier=system|value, {n}.name=…, {n}.birthdate=… (at most {} Patients)", crate::search::MAX_CHAINED)}),
+            _ if *ty == "reference" && !matches!(*n, "patient" | "subject") => json!({"name": n, "type": ty,
+                "documentation": format!("Also chained, one link, to a search parameter of the type it points at: {n}:<Type>.<parameter>=… ({n}.<parameter>=… where it points at one type; at most {} of them)", crate::search::MAX_CHAINED)}),
             _ => json!({"name": n, "type": ty}),
         })
         .collect();

@@ -831,57 +831,85 @@ pub(crate) fn check_filter(rtype: &str, name: &str, value: &str) -> ApiResult<()
     Ok(())
 }
 
-/// Most Patients a chained parameter (`patient.identifier=…`) may match.
+/// Most resources a chained parameter (`patient.identifier=…`) may match.
 pub const MAX_CHAINED: usize = 100;
 
-/// A chained parameter through the patient reference — `patient.<param>`, `subject.<param>` or
-/// `subject:Patient.<param>` with any search parameter Patient takes
-/// (`Observation?patient.identifier=urn:mrn|123`) — as the reference parameter and the Patients
-/// it names (`Patient/a,Patient/b`; empty when none). The Patients are found by a search with
-/// the caller's own access, so a chain never reaches a Patient the caller could not find.
-fn chained_patients<'a>(
+/// A chained parameter, one link: through the patient reference — `patient.<param>`,
+/// `subject.<param>` or `subject:Patient.<param>` — or through another reference parameter,
+/// typed where it may point at several types (`encounter.identifier=…`,
+/// `requester:PractitionerRole.practitioner=Practitioner/dr1`, `performer:Organization.name=…`),
+/// with any search parameter the target type takes. Returns the reference parameter and the
+/// resources the chain names (`Patient/a,Patient/b`; empty when none). They are found by a
+/// search with the caller's own access (scopes, patient compartment, SMART v2 narrowing), so a
+/// chain never reaches a resource the caller could not find.
+fn chained_targets<'a>(
     st: &AppState,
     access: &Access,
     rtype: &str,
     name: &'a str,
     value: &str,
 ) -> ApiResult<(&'a str, String)> {
+    let bad = |why: String| ApiError::BadRequest(format!("chained parameter {name:?}: {why}"));
     let (reference, inner) = name.split_once('.').unwrap_or((name, ""));
-    let base = match reference {
-        "patient" | "subject" | "subject:Patient" | "patient:Patient" => {
-            reference.split(':').next().unwrap_or(reference)
-        }
-        _ => {
-            return Err(ApiError::BadRequest(format!(
-                "chained parameter {name:?}: chains go through patient or subject (patient.identifier=…)"
-            )))
-        }
+    let (base, modifier) = match reference.split_once(':') {
+        Some((b, m)) => (b, Some(m)),
+        None => (reference, None),
     };
-    if rtype == "Patient" || !supports(rtype, base) {
-        return Err(ApiError::BadRequest(format!(
-            "chained parameter {name:?} does not apply to {rtype}"
-        )));
+    let target = match (base, modifier) {
+        ("patient" | "subject", None | Some("Patient")) => "Patient",
+        (b, m) if reference_param(b).is_some() => {
+            match m.or(reference_param(b).and_then(|r| r.1)) {
+                Some(t)
+                    if crate::policy::valid_type(t) && tributary_core::fhir_r4::is_resource(t) =>
+                {
+                    t
+                }
+                Some(t) => return Err(bad(format!("{t:?} is not a FHIR R4 resource type"))),
+                None => {
+                    return Err(bad(format!(
+                        "{b} may point at several types: name one ({b}:PractitionerRole.{})",
+                        if inner.is_empty() {
+                            "practitioner"
+                        } else {
+                            inner
+                        }
+                    )))
+                }
+            }
+        }
+        _ => return Err(bad(
+            "chains go through patient, subject or a reference parameter (patient.identifier=…)"
+                .into(),
+        )),
+    };
+    if (target == "Patient" && rtype == "Patient") || !supports(rtype, base) {
+        return Err(bad(format!("does not apply to {rtype}")));
     }
     if inner.contains('.') || (inner.starts_with('_') && inner != "_id") {
-        return Err(ApiError::BadRequest(format!(
-            "chained parameter {name:?}: one link, ending in a Patient search parameter"
+        return Err(bad(format!(
+            "one link, ending in a {target} search parameter"
         )));
     }
-    check_filter("Patient", inner, value).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "chained parameter {name:?}: {}",
-            e.public_message()
-        ))
-    })?;
-    if !access.may(Perm::Search, "Patient") {
+    check_filter(target, inner, value).map_err(|e| bad(e.public_message()))?;
+    if st
+        .facade
+        .backends
+        .route(&access.principal.tenant, target)
+        .is_some()
+    {
+        return Err(bad(format!(
+            "{target} is served by a backend FHIR server; chains search the built-in store"
+        )));
+    }
+    if !access.may(Perm::Search, target) {
         return Err(ApiError::Forbidden(format!(
-            "chained parameter {name:?}: token scopes do not allow searching Patient"
+            "chained parameter {name:?}: token scopes do not allow searching {target}"
         )));
     }
     let found = run_search(
         st,
         access,
-        "Patient",
+        target,
         &[
             (inner.to_string(), value.to_string()),
             ("_count".into(), (MAX_CHAINED + 1).to_string()),
@@ -889,16 +917,16 @@ fn chained_patients<'a>(
         Perm::Search,
     )?;
     if found.total > MAX_CHAINED {
-        return Err(ApiError::BadRequest(format!(
-            "chained parameter {name:?} matches more than {MAX_CHAINED} Patients; narrow it"
+        return Err(bad(format!(
+            "matches more than {MAX_CHAINED} {target} resources; narrow it"
         )));
     }
-    let patients: Vec<String> = found
+    let named: Vec<String> = found
         .matches
         .iter()
-        .map(|p| format!("Patient/{}", p.id))
+        .map(|r| format!("{target}/{}", r.id))
         .collect();
-    Ok((base, patients.join(",")))
+    Ok((base, named.join(",")))
 }
 
 /// A reverse chain, `_has:Type:reference:param` (`Patient?_has:Observation:patient:code=1234-5`):
@@ -1199,8 +1227,8 @@ pub(crate) fn parse_query(
                 filters.push(("_id".into(), has_targets(st, access, rtype, name, v)?));
             }
             name if name.contains('.') => {
-                let (reference, patients) = chained_patients(st, access, rtype, name, v)?;
-                filters.push((reference.to_string(), patients));
+                let (reference, targets) = chained_targets(st, access, rtype, name, v)?;
+                filters.push((reference.to_string(), targets));
             }
             name => {
                 check_filter(rtype, name, v)?;

@@ -1061,7 +1061,14 @@ async fn reference_parameters_beside_patient() {
     let role1 = json!({"resourceType": "PractitionerRole", "id": "role1",
         "practitioner": {"reference": "Practitioner/dr1"},
         "organization": {"reference": "Organization/clinic1"}});
-    e.put_all(&admin, [o8, o9, sr1, pr1, role1]).await;
+    // an order whose requester is that role, and the visit o8 belongs to
+    let sr2 = json!({"resourceType": "ServiceRequest", "id": "sr2", "status": "active",
+        "intent": "order", "subject": {"reference": "Patient/p1"},
+        "requester": {"reference": "PractitionerRole/role1"}});
+    let e1 = json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+        "class": {"code": "IMP"}, "subject": {"reference": "Patient/p1"},
+        "identifier": [{"system": "urn:visit", "value": "V1"}]});
+    e.put_all(&admin, [o8, o9, sr1, pr1, role1, sr2, e1]).await;
     for (uri, want) in [
         ("/fhir/Observation?encounter=e1", vec!["Observation/o8"]),
         (
@@ -1103,9 +1110,34 @@ async fn reference_parameters_beside_patient() {
             vec!["PractitionerRole/role1"],
         ),
         ("/fhir/PractitionerRole?practitioner=dr2", vec![]),
+        // chained through a reference parameter: typed where it may point at several types
+        (
+            "/fhir/ServiceRequest?requester:PractitionerRole.practitioner=Practitioner/dr1",
+            vec!["ServiceRequest/sr2"],
+        ),
+        (
+            "/fhir/ServiceRequest?requester:PractitionerRole.practitioner=dr2",
+            vec![],
+        ),
+        (
+            "/fhir/Observation?encounter.identifier=urn:visit|V1",
+            vec!["Observation/o8"],
+        ),
+        ("/fhir/Observation?encounter.identifier=V2", vec![]),
     ] {
         assert_eq!(e.found(uri, &admin).await, want, "{uri}");
     }
+    // the chained type is searched with the caller's own scopes
+    let orders_only = e.token("user/ServiceRequest.rs", |_| {});
+    let (s, _, _) = e
+        .call(
+            "GET",
+            "/fhir/ServiceRequest?requester:PractitionerRole.practitioner=dr1",
+            Some(&orders_only),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403);
     e.refuses(
         &admin,
         &[
@@ -1113,6 +1145,11 @@ async fn reference_parameters_beside_patient() {
             "/fhir/Observation?requester=dr1",
             "/fhir/Observation?practitioner=dr1",
             "/fhir/Observation?organization=clinic1",
+            "/fhir/ServiceRequest?requester.practitioner=dr1",
+            "/fhir/ServiceRequest?requester:Nope.practitioner=dr1",
+            "/fhir/ServiceRequest?requester:PractitionerRole.bogus=1",
+            "/fhir/ServiceRequest?requester:PractitionerRole.organization.name=x",
+            "/fhir/Observation?requester:PractitionerRole.practitioner=dr1",
         ],
     )
     .await;
