@@ -891,12 +891,7 @@ fn chained_targets<'a>(
         )));
     }
     check_filter(target, inner, value).map_err(|e| bad(e.public_message()))?;
-    if st
-        .facade
-        .backends
-        .route(&access.principal.tenant, target)
-        .is_some()
-    {
+    if routed_elsewhere(st, access, target) {
         return Err(bad(format!(
             "{target} is served by a backend FHIR server; chains search the built-in store"
         )));
@@ -929,6 +924,14 @@ fn chained_targets<'a>(
     Ok((base, named.join(",")))
 }
 
+/// Whether the caller's tenant has `rtype` served by a backend FHIR server, not the store.
+fn routed_elsewhere(st: &AppState, access: &Access, rtype: &str) -> bool {
+    st.facade
+        .backends
+        .route(&access.principal.tenant, rtype)
+        .is_some()
+}
+
 /// A reverse chain, `_has:Type:reference:param` (`Patient?_has:Observation:patient:code=1234-5`):
 /// the ids, as an `_id` list, of the `rtype` resources that a `Type` resource matching
 /// `param=value` points at through its `reference` element or search parameter. The `Type`
@@ -956,12 +959,7 @@ fn has_targets(
     if !crate::policy::valid_type(src) || !tributary_core::fhir_r4::is_resource(src) {
         return Err(bad(format!("{src:?} is not a FHIR R4 resource type")));
     }
-    if st
-        .facade
-        .backends
-        .route(&access.principal.tenant, src)
-        .is_some()
-    {
+    if routed_elsewhere(st, access, src) {
         return Err(bad(format!(
             "{src} is served by a backend FHIR server; _has searches the built-in store"
         )));
