@@ -351,6 +351,8 @@ pub struct Fixture {
     pub message_map: PathBuf,
     pub input: PathBuf,
     pub expected: PathBuf,
+    /// `ADT_A01.<feed>.hl7`, named after a feed of `feeds:`: mapped as that feed's messages.
+    pub feed: Option<String>,
 }
 
 impl MappingSet {
@@ -393,7 +395,7 @@ impl MappingSet {
     /// [`load`](Self::load) from texts already read from `dir` (by [`texts`](Self::texts)).
     pub fn load_texts(dir: &Path, texts: &[(PathBuf, String)]) -> Result<MappingSet, LoadErrors> {
         let mut set = Self::from_texts(dir, texts)?;
-        set.fixtures = find_fixtures(dir, &set.messages);
+        set.fixtures = find_fixtures(&set.messages, &set.feed_vars);
         Ok(set)
     }
 
@@ -769,7 +771,10 @@ fn collect_yaml(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Res
     Ok(())
 }
 
-fn find_fixtures(root: &Path, messages: &[MessageMap]) -> Vec<Fixture> {
+fn find_fixtures(
+    messages: &[MessageMap],
+    feeds: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Vec<Fixture> {
     let mut out = Vec::new();
     for m in messages {
         let file = PathBuf::from(m.file.as_ref());
@@ -794,14 +799,18 @@ fn find_fixtures(root: &Path, messages: &[MessageMap]) -> Vec<Fixture> {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .to_string();
+            let feed = stem
+                .strip_prefix(&format!("{}.", m.name))
+                .filter(|variant| feeds.contains_key(*variant))
+                .map(str::to_string);
             out.push(Fixture {
                 message_map: file.clone(),
                 expected: input.with_file_name(format!("{stem}.expected.json")),
                 input,
+                feed,
             });
         }
     }
-    let _ = root;
     out
 }
 

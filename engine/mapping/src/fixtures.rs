@@ -25,7 +25,8 @@ impl FixtureOutcome {
     }
 }
 
-/// Runs every fixture of the set (tenant `default`, as `tributary map` does).
+/// Runs every fixture of the set (tenant `default`, as `tributary map` does; a fixture named
+/// after a feed, `ORU_R01.<feed>.hl7`, as `tributary map --feed <feed>` does).
 pub fn run_fixtures(set: &MappingSet, term: &Terminology) -> Vec<FixtureOutcome> {
     set.fixtures
         .iter()
@@ -50,7 +51,7 @@ pub fn run_fixtures(set: &MappingSet, term: &Terminology) -> Vec<FixtureOutcome>
                 &RunOptions {
                     tenant: "default",
                     lineage: false,
-                    feed: None,
+                    feed: f.feed.as_deref(),
                 },
             ) {
                 Ok(m) => m,

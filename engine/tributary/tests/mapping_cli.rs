@@ -402,7 +402,7 @@ fn map_report_counts_unconsumed_fields_over_all_inputs() {
 /// variables); a feed the set does not name is an error naming those it does, not a silent
 /// run without them.
 #[test]
-fn map_as_a_feed_applies_its_variables_and_rejects_an_unknown_feed() {
+fn a_feed_s_variables_apply_to_map_and_to_fixtures_named_after_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("hl7v2");
     copy_dir(&repo().join("mappings/hl7v2"), &dir);
@@ -419,13 +419,7 @@ fn map_as_a_feed_applies_its_variables_and_rejects_an_unknown_feed() {
         }
         cmd.arg(&input).output().unwrap()
     };
-    let categories = |out: &std::process::Output| -> Vec<String> {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let categories_of = |bundle: &serde_json::Value| -> Vec<String> {
         bundle["entry"]
             .as_array()
             .unwrap()
@@ -433,6 +427,14 @@ fn map_as_a_feed_applies_its_variables_and_rejects_an_unknown_feed() {
             .filter(|e| e["resource"]["resourceType"] == "Observation")
             .map(|e| e["resource"]["category"][0]["coding"][0]["code"].to_string())
             .collect()
+    };
+    let categories = |out: &std::process::Output| -> Vec<String> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        categories_of(&serde_json::from_slice(&out.stdout).unwrap())
     };
     let with = categories(&map(Some("elr-lab")));
     assert!(
@@ -448,5 +450,34 @@ fn map_as_a_feed_applies_its_variables_and_rejects_an_unknown_feed() {
     assert!(
         err.contains("feed `elr-lb` is not under `feeds:`") && err.contains("elr-lab"),
         "{err}"
+    );
+
+    // a fixture named after the feed is mapped as that feed's messages are
+    std::fs::copy(&input, dir.join("messages/ORU_R01.elr-lab.hl7")).unwrap();
+    let test = |update: bool| {
+        let mut cmd = tributary();
+        cmd.args(["mapping", "test"]);
+        if update {
+            cmd.arg("--update");
+        }
+        cmd.arg(&dir).output().unwrap()
+    };
+    assert!(test(true).status.success());
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("messages/ORU_R01.elr-lab.expected.json")).unwrap(),
+    )
+    .unwrap();
+    let fixture = categories_of(&expected);
+    assert!(
+        fixture.len() >= 3 && fixture.iter().all(|c| c == "\"laboratory\""),
+        "{fixture:?}"
+    );
+    let again = test(false);
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success()
+            && stdout.contains("ok    ")
+            && stdout.contains("ORU_R01.elr-lab.hl7"),
+        "{stdout}"
     );
 }
