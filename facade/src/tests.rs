@@ -2206,6 +2206,7 @@ async fn mapping_report_is_for_the_admin_role_and_the_callers_tenant_only() {
                 kind: FieldKind::Unconsumed,
                 path: path.into(),
                 reason: String::new(),
+                feed: "riverside".into(),
             },
             FieldStats {
                 count,

@@ -1,5 +1,5 @@
-//! Counting, in memory, the source fields mapping left unconsumed or out, per tenant, message map,
-//! message type and path; merged into storage ([`FieldReportStore`]) every
+//! Counting, in memory, the source fields mapping left unconsumed or out, per tenant, feed,
+//! message map, message type and path; merged into storage ([`FieldReportStore`]) every
 //! `mapping.report_flush_secs` and at shutdown, and summarized in the log once per
 //! `mapping.report_log_interval_secs` instead of one line per message.
 //!
@@ -66,6 +66,8 @@ pub fn fields_of(m: &MappedBundle) -> Vec<(FieldKind, String, String)> {
 /// One message's fields to count.
 pub struct Observation<'a> {
     pub tenant: &'a str,
+    /// The sending partner; empty where there is none (sample files).
+    pub feed: &'a str,
     pub message_map: &'a str,
     pub message_type: &'a str,
     pub message_id: &'a str,
@@ -212,6 +214,7 @@ impl FieldAggregator {
                 kind: *kind,
                 path: path.clone(),
                 reason: reason.clone(),
+                feed: o.feed.to_string(),
             };
             if !g.known.contains(&key) {
                 if g.known.len() >= self.max_keys {
@@ -327,6 +330,7 @@ mod tests {
     ) -> Observation<'a> {
         Observation {
             tenant: "t1",
+            feed: "riverside",
             message_map: map,
             message_type: "ADT^A01",
             message_id: id,

@@ -5,8 +5,8 @@
 //! path (never a value) and waits for a fix and `tributary replay`. A message whose report lists
 //! source fields no rule consumed, or values the output had to leave out (a Period `end` before
 //! its `start`, FHIR R4 invariant per-1), is committed with a warning, quarantined or rejected
-//! as `[mapping] unconsumed` says. Either way the fields are counted per tenant, message map and
-//! path in the field report ([`FieldAggregator`], `tributary mapping report`); under `warn` the
+//! as `[mapping] unconsumed` says. Either way the fields are counted per tenant, feed, message
+//! map and path in the field report ([`FieldAggregator`], `tributary mapping report`); under `warn` the
 //! log names each field the first time it is seen and then summarizes once per interval.
 //!
 //! FHIR messages (inbound Subscription notifications, FHIR from a queue) take the pass-through
@@ -607,6 +607,7 @@ impl Pipeline {
             .map_or(mapped.message_map.as_str(), |n| n.to_str().unwrap_or(""));
         let new = self.report.observe(&field_report::Observation {
             tenant: env.tenant.as_str(),
+            feed: env.partner.as_str(),
             message_map: map,
             message_type: &mapped.message_type,
             message_id: &id,
@@ -1084,6 +1085,7 @@ fn log_first_sighting(message: &str, k: &FieldKey) {
         FieldKind::Unconsumed => tracing::warn!(
             message_id = %message,
             tenant = %k.tenant,
+            feed = %k.feed,
             message_map = %k.message_map,
             field = %k.path,
             "source field no rule consumed (first sighting; further ones are summarized \
@@ -1092,6 +1094,7 @@ fn log_first_sighting(message: &str, k: &FieldKey) {
         FieldKind::LeftOut => tracing::warn!(
             message_id = %message,
             tenant = %k.tenant,
+            feed = %k.feed,
             message_map = %k.message_map,
             field = %k.path,
             reason = %k.reason,

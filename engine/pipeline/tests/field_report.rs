@@ -111,6 +111,7 @@ async fn the_field_report_counts_fields_per_message_map_and_never_keeps_a_value(
     let z = row(tributary_storage::FieldKind::Unconsumed, "ZXT-2");
     assert_eq!(z.stats.count, 4, "{z:?}");
     assert_eq!(z.key.tenant, "t1");
+    assert_eq!(z.key.feed, "riverside", "counted per sending partner");
     assert_eq!(z.key.message_type, "ADT^A01");
     assert_eq!(z.key.message_map, "ADT_A01.yaml", "{z:?}");
     assert_eq!(

@@ -1,4 +1,4 @@
-//! The mapping field report: per tenant, message map, message type and source field path, how
+//! The mapping field report: per tenant, feed, message map, message type and source field path, how
 //! many mapped messages had that field unconsumed (no rule read it) or its value left out of the
 //! output (with the reason), when that was first and last seen, and the id of a recent such
 //! message. Paths, reasons and message ids only — never a field value, so the report is PHI-free.
@@ -52,18 +52,27 @@ pub struct FieldKey {
     /// empty for `unconsumed`.
     #[serde(default)]
     pub reason: String,
+    /// The feed (sending partner) the messages came from; empty where it is not known (counts
+    /// stored before feeds were counted apart, `tributary map --report` without `--feed`).
+    #[serde(default)]
+    pub feed: String,
 }
 
 impl FieldKey {
+    /// A key without a feed is stored as before feeds were counted apart, so those counts go on.
     fn encode(&self) -> Vec<u8> {
-        keys::join(&[
+        let mut parts = vec![
             self.tenant.as_bytes(),
             self.message_map.as_bytes(),
             self.message_type.as_bytes(),
             self.kind.as_str().as_bytes(),
             self.path.as_bytes(),
             self.reason.as_bytes(),
-        ])
+        ];
+        if !self.feed.is_empty() {
+            parts.push(self.feed.as_bytes());
+        }
+        keys::join(&parts)
     }
 }
 
@@ -112,6 +121,8 @@ struct FlatRow {
     path: String,
     #[serde(default)]
     reason: String,
+    #[serde(default)]
+    feed: String,
     count: u64,
     first_seen: i64,
     last_seen: i64,
@@ -128,6 +139,7 @@ impl From<FlatRow> for FieldReportRow {
                 kind: r.kind,
                 path: r.path,
                 reason: r.reason,
+                feed: r.feed,
             },
             stats: FieldStats {
                 count: r.count,
@@ -149,6 +161,7 @@ impl From<FieldReportRow> for FlatRow {
             kind: k.kind,
             path: k.path,
             reason: k.reason,
+            feed: k.feed,
             count: s.count,
             first_seen: s.first_seen,
             last_seen: s.last_seen,
@@ -304,6 +317,7 @@ mod tests {
             } else {
                 String::new()
             },
+            feed: String::new(),
         }
     }
 
@@ -377,5 +391,52 @@ mod tests {
         assert_eq!(json["kind"], "left_out");
         assert_eq!(json["path"], "PV1-45");
         assert_eq!(json["count"], 4);
+    }
+
+    /// Each feed's counts are its own; counts without a feed — rows stored before feeds were
+    /// counted apart, whose JSON has no `feed` — read and go on under the feed-less key.
+    #[tokio::test]
+    async fn feeds_are_counted_apart_and_rows_without_a_feed_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FieldReportStore::new(Db::open(dir.path(), DbOptions::default()).unwrap());
+        let of = |feed: &str| FieldKey {
+            feed: feed.into(),
+            ..key("t1", "PID-11.7", FieldKind::Unconsumed)
+        };
+        s.merge(
+            vec![
+                (of(""), stats(1, 10, 10, "old")),
+                (of("lab-a"), stats(2, 20, 30, "a")),
+                (of("lab-b"), stats(5, 20, 40, "b")),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+        s.merge(vec![(of("lab-a"), stats(1, 50, 50, "a2"))], vec![])
+            .await
+            .unwrap();
+        let rows = s.read(Some("t1")).unwrap().rows;
+        let got: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|r| (r.key.feed.as_str(), r.stats.count))
+            .collect();
+        assert_eq!(got, [("lab-b", 5), ("lab-a", 3), ("", 1)]);
+        // the feed-less key is the one stored before feeds were counted apart
+        assert_eq!(
+            of("").encode(),
+            keys::join(&[
+                b"t1",
+                b"ADT_A01.yaml",
+                b"ADT^A01",
+                b"unconsumed",
+                b"PID-11.7",
+                b""
+            ])
+        );
+        let old = r#"{"tenant":"t1","message_map":"ADT_A01.yaml","message_type":"ADT^A01","kind":"unconsumed","path":"PID-11.7","count":3,"first_seen":1,"last_seen":2,"example_message":"m"}"#;
+        let row: FieldReportRow = serde_json::from_str(old).unwrap();
+        assert_eq!(row.key, of(""));
+        assert_eq!(serde_json::to_value(&rows[0]).unwrap()["feed"], "lab-b");
     }
 }

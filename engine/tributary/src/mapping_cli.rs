@@ -66,11 +66,11 @@ pub enum MappingCommand {
         dir: PathBuf,
     },
     /// Which source fields the running pipeline's mappings leave unconsumed (or values they leave
-    /// out), per tenant and message map: how many messages, first and last seen, an example
-    /// message id. Paths and ids only, never values. Counts reach the data directory every
+    /// out), per tenant, feed (sending partner) and message map: how many messages, first and
+    /// last seen, an example message id. Paths and ids only, never values. Counts reach the data directory every
     /// `mapping.report_flush_secs` and at shutdown.
     #[command(
-        after_help = "Examples:\n  tributary mapping report --data-dir /var/lib/tributary\n  tributary mapping report --config tributary.toml --tenant acme\n  tributary mapping report --json | jq '.rows[] | select(.count > 100)'\n  tributary journal show <EXAMPLE MESSAGE>   # the message behind a row"
+        after_help = "Examples:\n  tributary mapping report --data-dir /var/lib/tributary\n  tributary mapping report --config tributary.toml --tenant acme\n  tributary mapping report --feed new-lab   # what one sender's messages leave unmapped\n  tributary mapping report --json | jq '.rows[] | select(.count > 100)'\n  tributary journal show <EXAMPLE MESSAGE>   # the message behind a row"
     )]
     Report {
         #[command(flatten)]
@@ -78,6 +78,9 @@ pub enum MappingCommand {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
+        /// Only this feed (the sending partner's id).
+        #[arg(long)]
+        feed: Option<String>,
         /// Print JSON ({"rows": [...], "overflow": {tenant: n}}) instead of a table.
         #[arg(long)]
         json: bool,
@@ -186,6 +189,7 @@ pub fn map(args: MapArgs) -> anyhow::Result<ExitCode> {
                         };
                         agg.observe(&tributary_pipeline::field_report::Observation {
                             tenant: &args.tenant,
+                            feed: args.feed.as_deref().unwrap_or(""),
                             message_map: &m.message_map,
                             message_type: &m.message_type,
                             message_id: &example,
@@ -306,10 +310,18 @@ pub fn mapping(cmd: MappingCommand) -> anyhow::Result<ExitCode> {
         MappingCommand::Report {
             common,
             tenant,
+            feed,
             json,
             limit,
             server,
-        } => report(&common, &server, tenant.as_deref(), json, limit),
+        } => report(
+            &common,
+            &server,
+            tenant.as_deref(),
+            feed.as_deref(),
+            json,
+            limit,
+        ),
         MappingCommand::Check { dir } => {
             let set = match load(&dir)? {
                 Ok(s) => s,
@@ -385,6 +397,7 @@ fn report(
     common: &crate::cli::Common,
     server: &crate::cli::ServerArgs,
     tenant: Option<&str>,
+    feed: Option<&str>,
     json: bool,
     limit: usize,
 ) -> anyhow::Result<ExitCode> {
@@ -393,6 +406,9 @@ fn report(
         Some(db) => tributary_storage::FieldReportStore::new(db).read(tenant)?,
         None => crate::cli::block_on(crate::remote::mapping_report(&config, server, tenant))?,
     };
+    if let Some(feed) = feed {
+        report.rows.retain(|r| r.key.feed == feed);
+    }
     if limit > 0 {
         report.rows.truncate(limit);
     }
@@ -435,8 +451,8 @@ pub fn report_table(report: &tributary_storage::FieldReport, columns: Columns) -
             None => s,
         }
     };
-    // tenant, first seen and last seen: a running feed's columns only
-    let feed_only = [1, 6, 7];
+    // tenant, feed, first seen and last seen: a running feed's columns only
+    let feed_only = [1, 2, 7, 8];
     let keep = |i: &usize| columns == Columns::Feed || !feed_only.contains(i);
     let example = match columns {
         Columns::Feed => "EXAMPLE MESSAGE",
@@ -445,6 +461,7 @@ pub fn report_table(report: &tributary_storage::FieldReport, columns: Columns) -
     let header = [
         "COUNT",
         "TENANT",
+        "FEED",
         "MESSAGE MAP",
         "TYPE",
         "KIND",
@@ -468,6 +485,11 @@ pub fn report_table(report: &tributary_storage::FieldReport, columns: Columns) -
         let cells = [
             r.stats.count.to_string(),
             r.key.tenant.clone(),
+            if r.key.feed.is_empty() {
+                "-".to_string()
+            } else {
+                r.key.feed.clone()
+            },
             r.key.message_map.clone(),
             r.key.message_type.clone(),
             r.key.kind.to_string(),

@@ -162,6 +162,12 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
         kind,
         path: path.into(),
         reason: reason.into(),
+        // the new sender's field; counts stored before feeds were counted apart have none
+        feed: match path {
+            "ZXT-2" => "new-lab".into(),
+            "PID-13" => String::new(),
+            _ => "riverside".into(),
+        },
     };
     let stats = |count, example: &str| FieldStats {
         count,
@@ -217,12 +223,14 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
     );
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
-        lines[0].contains("COUNT") && lines[0].contains("FIELD"),
+        lines[0].contains("COUNT") && lines[0].contains("FEED") && lines[0].contains("FIELD"),
         "{stdout}"
     );
     // highest count first; the other tenant is not shown
     assert!(
-        lines[1].trim_start().starts_with("120 ") && lines[1].contains("ZXT-2"),
+        lines[1].trim_start().starts_with("120 ")
+            && lines[1].contains("ZXT-2")
+            && lines[1].contains(" new-lab "),
         "{stdout}"
     );
     assert!(
@@ -238,6 +246,23 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
     assert!(!stdout.contains("PID-13"), "{stdout}");
     assert!(stdout.contains("tenant acme: 2 observation(s)"), "{stdout}");
 
+    // one sender's fields
+    let out = tributary()
+        .args(["mapping", "report", "--feed", "new-lab", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.contains("ADT_A01.yaml"))
+            .count(),
+        1,
+        "{stdout}"
+    );
+    assert!(stdout.contains("ZXT-2"), "{stdout}");
+
     let out = tributary()
         .args(["mapping", "report", "--json", "--data-dir"])
         .arg(&data)
@@ -249,6 +274,8 @@ fn mapping_report_prints_the_stored_field_counts_as_a_table_and_as_json() {
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[0]["tenant"], "other");
     assert_eq!(rows[0]["path"], "PID-13");
+    assert_eq!(rows[0]["feed"], "");
+    assert_eq!(rows[1]["feed"], "new-lab");
     assert_eq!(rows[0]["count"], 500);
     assert_eq!(rows[1]["kind"], "unconsumed");
     assert_eq!(rows[1]["example_message"], "m-120");
