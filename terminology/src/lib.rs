@@ -5,7 +5,8 @@
 //! files in `terminology/conceptmaps/*.tsv` (one `source<TAB>target system<TAB>target code<TAB>
 //! display` per line; `*` is the fallback for unmapped codes; `source<TAB>-` says the code has no
 //! target on purpose, as a ConceptMap target with equivalence `unmatched`, so translating it
-//! leaves the element out without the warning an unknown code gets). The terminology issue grows this
+//! leaves the element out without the warning an unknown code gets; `*<TAB>-` says that of every
+//! code the map does not list). The terminology issue grows this
 //! into loadable CodeSystems, ValueSets and ConceptMaps with `$translate`, `$lookup` and
 //! `$validate-code` on the facade.
 
@@ -29,6 +30,9 @@ pub struct ConceptMap {
     pub unmapped: Option<Target>,
     /// Codes the map lists as having no target (equivalence `unmatched`).
     pub no_target: BTreeSet<String>,
+    /// `*<TAB>-`: codes the map does not list have no target, on purpose (a map that picks a
+    /// few codes out of a large code system, such as the vital signs out of LOINC).
+    pub others_no_target: bool,
 }
 
 /// A malformed line in a ConceptMap data file.
@@ -52,7 +56,14 @@ impl ConceptMap {
                 continue;
             }
             let cols: Vec<&str> = line.split('\t').collect();
-            if cols.len() == 2 && cols[1] == "-" && !cols[0].is_empty() && cols[0] != "*" {
+            if cols.len() == 2 && cols[1] == "-" && cols[0] == "*" {
+                if map.unmapped.is_some() || map.others_no_target {
+                    return Err(duplicate(name, i, cols[0]));
+                }
+                map.others_no_target = true;
+                continue;
+            }
+            if cols.len() == 2 && cols[1] == "-" && !cols[0].is_empty() {
                 if map.entries.contains_key(cols[0]) || !map.no_target.insert(cols[0].into()) {
                     return Err(duplicate(name, i, cols[0]));
                 }
@@ -74,6 +85,9 @@ impl ConceptMap {
                 display: cols.get(3).filter(|d| !d.is_empty()).map(|d| d.to_string()),
             };
             if cols[0] == "*" {
+                if map.unmapped.is_some() || map.others_no_target {
+                    return Err(duplicate(name, i, cols[0]));
+                }
                 map.unmapped = Some(target);
             } else if map.no_target.contains(cols[0])
                 || map.entries.insert(cols[0].to_string(), target).is_some()
@@ -86,24 +100,29 @@ impl ConceptMap {
 
     /// The target for `code`: an exact match, then a case-insensitive one, then the fallback.
     pub fn translate(&self, code: &str) -> Option<&Target> {
-        self.entries
-            .get(code)
-            .or_else(|| {
-                self.entries
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(code))
-                    .map(|(_, v)| v)
-            })
-            .or_else(|| {
-                (!self.states_no_target(code))
-                    .then_some(self.unmapped.as_ref())
-                    .flatten()
-            })
+        self.listed(code).or_else(|| {
+            (!self.states_no_target(code))
+                .then_some(self.unmapped.as_ref())
+                .flatten()
+        })
     }
 
-    /// Whether the map lists `code` (exactly or ignoring case) as having no target.
+    /// The target the map lists for `code`, exactly or ignoring case.
+    fn listed(&self, code: &str) -> Option<&Target> {
+        self.entries.get(code).or_else(|| {
+            self.entries
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(code))
+                .map(|(_, v)| v)
+        })
+    }
+
+    /// Whether the map says `code` has no target: listed so (exactly or ignoring case), or not
+    /// listed in a map whose `*` line says so.
     pub fn states_no_target(&self, code: &str) -> bool {
-        self.no_target.contains(code) || self.no_target.iter().any(|k| k.eq_ignore_ascii_case(code))
+        self.no_target.contains(code)
+            || self.no_target.iter().any(|k| k.eq_ignore_ascii_case(code))
+            || (self.others_no_target && self.listed(code).is_none())
     }
 }
 
@@ -149,6 +168,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "v2-0074-lab-report",
         include_str!("../conceptmaps/v2-0074-lab-report.tsv"),
+    ),
+    (
+        "loinc-vital-signs",
+        include_str!("../conceptmaps/loinc-vital-signs.tsv"),
     ),
     (
         "v2-0078-interpretation",
@@ -352,11 +375,28 @@ mod tests {
     }
 
     #[test]
+    fn a_star_without_target_makes_every_unlisted_code_quiet() {
+        let m = ConceptMap::parse("m", "A\tsys\ta\n*\t-\n").unwrap();
+        assert_eq!(m.translate("a").unwrap().code, "a");
+        assert!(m.translate("B").is_none());
+        assert!(m.states_no_target("B") && !m.states_no_target("A"));
+        let t = builtin();
+        assert_eq!(
+            t.translate("loinc-vital-signs", "8302-2").unwrap().code,
+            "vital-signs"
+        );
+        assert!(t.translate("loinc-vital-signs", "2345-7").is_none());
+        assert!(t.states_no_target("loinc-vital-signs", "2345-7"));
+    }
+
+    #[test]
     fn a_code_listed_twice_is_an_error() {
         for text in [
             "A\tsys\ta\nA\t-\n",
             "A\t-\nA\tsys\ta\n",
             "A\tsys\ta\nA\tsys\tb\n",
+            "*\tsys\ta\n*\t-\n",
+            "*\t-\n*\tsys\ta\n",
         ] {
             let e = ConceptMap::parse("m", text).unwrap_err();
             assert_eq!(
