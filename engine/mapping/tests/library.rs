@@ -1076,3 +1076,57 @@ fn feed_variables_yield_to_event_variables_and_must_be_defined() {
         "{errs}"
     );
 }
+
+/// A feed that sends ids without an assigning authority names their system once, for all of
+/// them; ids that carry an authority keep theirs, and resource ids do not change with it.
+#[test]
+fn a_feed_names_the_system_of_the_ids_it_sends_unqualified() {
+    let set = library_with_feeds(
+        "feeds:\n  clinic-a:\n    vars:\n      identifier_system: urn:oid:2.16.840.1.113883.3.9999.7\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let msg = [
+        "MSH|^~\\&|SYNTH|CLINIC_A|TRIBUTARY|HIE|20261123081500-0600||ADT^A04^ADT_A01|C-1|P|2.5.1",
+        "EVN||20261123081500-0600",
+        "PID|1||MRN1^^^^MR~X9^^^OTHER&1.2.3&ISO^MR||One^Pat",
+        "PV1|1|O",
+    ]
+    .join("\r");
+    let patient = |feed: Option<&str>| {
+        let out = set
+            .map_bytes(
+                msg.as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions {
+                    feed,
+                    lineage: false,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let found = out
+            .resources()
+            .find(|(t, _, _)| *t == "Patient")
+            .map(|(_, id, r)| (id.to_string(), r));
+        found.unwrap()
+    };
+    let systems = |r: &serde_json::Value| -> Vec<Option<String>> {
+        r["identifier"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["system"].as_str().map(String::from))
+            .collect()
+    };
+    let (id_a, a) = patient(Some("clinic-a"));
+    let (id_none, none) = patient(None);
+    assert_eq!(
+        systems(&a),
+        [
+            Some("urn:oid:2.16.840.1.113883.3.9999.7".to_string()),
+            Some("urn:oid:1.2.3".to_string())
+        ]
+    );
+    assert_eq!(systems(&none), [None, Some("urn:oid:1.2.3".to_string())]);
+    assert_eq!(id_a, id_none);
+}
