@@ -957,6 +957,24 @@ fn undefined_variables_are_load_errors_where_they_are_read() {
     }
 }
 
+/// Maps one HL7 v2 message with `set` as messages from `feed` are mapped (tenant `default`).
+fn map_as_feed(
+    set: &MappingSet,
+    message: &[u8],
+    feed: Option<&str>,
+) -> tributary_mapping::MappedBundle {
+    set.map_bytes(
+        message,
+        tributary_terminology::builtin(),
+        &RunOptions {
+            feed,
+            lineage: false,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// The library's texts with `feeds:` added to mapping-set.yaml.
 fn library_with_feeds(feeds: &str) -> Result<MappingSet, tributary_mapping::LoadErrors> {
     let dir = repo().join("mappings/hl7v2");
@@ -987,17 +1005,7 @@ fn a_feed_states_the_category_its_orders_leave_out() {
         .join("\r")
     };
     let categories = |feed: Option<&str>, obr24: &str| -> Vec<(String, String)> {
-        let out = set
-            .map_bytes(
-                oru(obr24).as_bytes(),
-                tributary_terminology::builtin(),
-                &RunOptions {
-                    feed,
-                    lineage: false,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = map_as_feed(&set, oru(obr24).as_bytes(), feed);
         let mut got = Vec::new();
         for (t, _, r) in out.resources() {
             if !matches!(t, "Observation" | "DiagnosticReport") {
@@ -1045,17 +1053,7 @@ fn feed_variables_yield_to_event_variables_and_must_be_defined() {
             "PV1|1|I|W1^101^A^RIVERSIDE||||||||||||||||V1^^^RIVERSIDE^VN",
         ]
         .join("\r");
-        let out = set
-            .map_bytes(
-                msg.as_bytes(),
-                tributary_terminology::builtin(),
-                &RunOptions {
-                    feed,
-                    lineage: false,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = map_as_feed(&set, msg.as_bytes(), feed);
         let status = out
             .resources()
             .find(|(t, _, _)| *t == "Encounter")
@@ -1093,17 +1091,7 @@ fn a_feed_names_the_system_of_the_ids_it_sends_unqualified() {
     ]
     .join("\r");
     let patient = |feed: Option<&str>| {
-        let out = set
-            .map_bytes(
-                msg.as_bytes(),
-                tributary_terminology::builtin(),
-                &RunOptions {
-                    feed,
-                    lineage: false,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let out = map_as_feed(&set, msg.as_bytes(), feed);
         let found = out
             .resources()
             .find(|(t, _, _)| *t == "Patient")
