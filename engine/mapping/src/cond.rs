@@ -1,6 +1,8 @@
 //! Conditions (`when:`): `OBX-2 == NM`, `OBX-2 in [NM, SN]`, `PID-30 != Y`, `exists(PV1-45)`,
 //! `is_url(OBX-5.1)` (an absolute URL such as `https://…`, which FHIR `url` elements take),
-//! `PV1-19` (true when non-empty), combined with `and`, `or`, `not` and parentheses.
+//! `PV1-19` (true when non-empty), `from(ORC-12)` (the value being mapped was read from that
+//! field: one map of an XCN serving ORC-12 and PV1-7 can add what only the orderer has),
+//! combined with `and`, `or`, `not` and parentheses.
 //! Words that are not paths are literal codes; quote a literal that looks like a path.
 
 use crate::path::{self, SourcePath};
@@ -16,6 +18,8 @@ pub enum Operand {
 pub enum Cond {
     Exists(Operand),
     IsUrl(Operand),
+    /// The value being mapped is a repetition of this field (`from(ORC-12)`).
+    From(Operand),
     Eq(Operand, Operand),
     Ne(Operand, Operand),
     In(Operand, Vec<Operand>),
@@ -143,6 +147,19 @@ impl P {
             self.expect(")")?;
             return Ok(c);
         }
+        if self.word_is("from") {
+            self.i += 1;
+            self.expect("(")?;
+            let at = self.at();
+            let o = self.operand()?;
+            self.expect(")")?;
+            return match o {
+                Operand::Path(p) if p.segment.is_some() && p.steps.is_empty() => {
+                    Ok(Cond::From(Operand::Path(p)))
+                }
+                _ => Err((at, "from() takes a field such as ORC-12".into())),
+            };
+        }
         for (name, make) in [
             ("exists", Cond::Exists as fn(Operand) -> Cond),
             ("is_url", Cond::IsUrl),
@@ -234,7 +251,7 @@ impl Cond {
     /// Every operand of the condition, in order.
     fn each_operand<'a>(&'a self, f: &mut impl FnMut(&'a Operand)) {
         match self {
-            Cond::Exists(a) | Cond::IsUrl(a) => f(a),
+            Cond::Exists(a) | Cond::IsUrl(a) | Cond::From(a) => f(a),
             Cond::Eq(a, b) | Cond::Ne(a, b) => {
                 f(a);
                 f(b);
@@ -282,6 +299,11 @@ mod tests {
         assert!(matches!(c, Cond::Eq(Operand::Path(_), Operand::Literal(_))));
         assert!(matches!(parse("PV1-45").unwrap(), Cond::Exists(_)));
         assert!(matches!(parse("is_url(OBX-5.1)").unwrap(), Cond::IsUrl(_)));
+        assert!(matches!(parse("from(ORC-12)").unwrap(), Cond::From(_)));
+        for bad in ["from(.1)", "from(ORC-12.1)", "from(NW)"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.1.contains("from() takes a field"), "{bad}: {e:?}");
+        }
     }
 
     #[test]

@@ -1077,6 +1077,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 self.operand(o, ctx)
                     .is_some_and(|v| crate::cond::is_url(v.trim()))
             }
+            Cond::From(crate::cond::Operand::Path(p)) => {
+                ctx.rep > 0
+                    && ctx.field == p.field
+                    && p.segment.as_deref() == Some(self.src.segment_name(ctx.seg))
+            }
+            Cond::From(_) => false,
             Cond::Eq(a, b) => {
                 self.note_compared(a, ctx);
                 self.note_compared(b, ctx);
@@ -1141,7 +1147,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         let set = self.set;
         let rules = &set.maps[map].rules;
         let key = (rtype, id.clone());
-        let duplicate = self.out_index.contains_key(&key);
+        let first_build = self.out_index.get(&key).copied();
+        let duplicate = first_build.is_some();
         let slot = self.out.len();
         if !duplicate {
             self.out_index.insert(key, slot);
@@ -1172,15 +1179,46 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
         }
-        let ends = self.period_ends.split_off(ends_mark);
-        if !duplicate {
-            self.check_periods(rtype, &id, &mut obj, ends);
-        }
+        let mut ends = self.period_ends.split_off(ends_mark);
         if duplicate {
-            // Same resource reached twice in one message (the same doctor as attending and
-            // referring): the first build stands; this one only counted its fields as read.
+            // only the elements this build may add are checked (and reported) here
+            if let Some(first) = first_build.and_then(|i| self.out[i].as_ref()) {
+                ends.retain(|e| {
+                    e.period
+                        .first()
+                        .is_some_and(|(name, _)| first.resource.get(name).is_none())
+                });
+            }
+        }
+        self.check_periods(rtype, &id, &mut obj, ends);
+        if duplicate {
+            // Same resource reached twice in one message (the same doctor as ordering provider
+            // and as attending): the first build stands, and this one adds the elements it
+            // lacks (the orderer's address, which only the ORC-12 build has) rather than lose
+            // them; what both builds wrote is the first's.
+            let added = match first_build.and_then(|i| self.out[i].as_mut()) {
+                Some(first) => first.resource.fill_from(obj),
+                None => Vec::new(),
+            };
             if let (Some(l), Some(m)) = (self.lineage.as_mut(), lineage_mark) {
-                l.truncate(m);
+                let kept: Vec<Lineage> = l
+                    .drain(m..)
+                    .filter(|x| {
+                        x.element
+                            .strip_prefix(url.as_str())
+                            .and_then(|rest| rest.strip_prefix('.'))
+                            .is_some_and(|rest| {
+                                added.iter().any(|k| {
+                                    rest.strip_prefix(k.as_ref()).is_some_and(|after| {
+                                        after.is_empty()
+                                            || after.starts_with('.')
+                                            || after.starts_with('[')
+                                    })
+                                })
+                            })
+                    })
+                    .collect();
+                l.extend(kept);
             }
         } else {
             self.out[slot] = Some(BundleEntry {

@@ -95,6 +95,18 @@ impl Obj {
         }
     }
 
+    /// Moves in every member of `other` whose key this object lacks; returns those keys.
+    pub fn fill_from(&mut self, other: Obj) -> Vec<Key> {
+        let mut added = Vec::new();
+        for (k, v) in other.0 {
+            if let Err(i) = self.find(&k) {
+                added.push(k.clone());
+                self.0.insert(i, (k, v));
+            }
+        }
+        added
+    }
+
     /// Sets `key` (replacing an existing value, as a map does).
     pub fn insert(&mut self, key: impl Into<Key>, v: Node) {
         let key = key.into();

@@ -394,3 +394,72 @@ fn the_diagnostic_service_section_categorizes_results_and_reports() {
         .iter()
         .all(|w| w.contains("OBR-24") && w.contains("v2-0074-") && !w.contains("QQX")));
 }
+
+/// One person reached by two maps (the attending doctor of PV1-7 is also the orderer of ORC-12)
+/// is one Practitioner with what each reading adds: the orderer's address (ORC-24) joins the
+/// resource the attending reading made first, instead of being counted as read and lost. Another
+/// attending doctor does not get the orderer's address.
+#[test]
+fn one_person_read_twice_keeps_what_either_reading_adds() {
+    let set = library();
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
+    let doe = "1234^Doe^Jane^^^^^^NPI";
+    let address = "6789 Main St^^San Jose^CA^95126";
+    let with = |attending: &str| {
+        let pv1 = format!("PV1|1|O|||||{attending}");
+        let orc = format!(
+            "ORC|RE|P-1{}{doe}{}{address}",
+            "|".repeat(10),
+            "|".repeat(12)
+        );
+        run(
+            &set,
+            &[
+                &msh,
+                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+                &pv1,
+                &orc,
+                "OBR|1|P-1||24323-8^Metabolic panel^LN",
+                "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+            ],
+        )
+    };
+    let practitioners = |out: &MappedBundle| -> Vec<(String, serde_json::Value)> {
+        out.resources()
+            .filter(|(t, _, _)| *t == "Practitioner")
+            .map(|(_, id, r)| (id.to_string(), r))
+            .collect()
+    };
+
+    let same = with(doe);
+    let found = practitioners(&same);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let (id, doctor) = &found[0];
+    assert_eq!(doctor["name"][0]["family"], "Doe");
+    assert_eq!(doctor["address"][0]["line"][0], "6789 Main St");
+    assert_eq!(doctor["address"][0]["city"], "San Jose");
+    assert!(
+        !unconsumed(&same).iter().any(|u| u.starts_with("ORC-24")),
+        "{:?}",
+        unconsumed(&same)
+    );
+    let line = format!("Practitioner/{id}.address[0].line[0]");
+    let lineage = same.lineage.iter().find(|l| l.element == line);
+    assert_eq!(
+        lineage.map(|l| l.source.as_str()),
+        Some("ORC-24.1.1"),
+        "{:?}",
+        same.lineage
+            .iter()
+            .filter(|l| l.element.starts_with("Practitioner/"))
+            .collect::<Vec<_>>()
+    );
+
+    let other = with("5678^Roe^Rick^^^^^^NPI");
+    let found = practitioners(&other);
+    assert_eq!(found.len(), 2, "{found:?}");
+    for (_, p) in &found {
+        let has_address = p.get("address").is_some();
+        assert_eq!(has_address, p["name"][0]["family"] == "Doe", "{p}");
+    }
+}
