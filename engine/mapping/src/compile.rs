@@ -476,6 +476,7 @@ impl MappingSet {
                 ],
             );
             c.set_vars = vars_of(node.get("vars"));
+            c.declare_vars(file, node.get("vars"), "`vars:`");
             if let Some(n) = node.get("on_invalid_value") {
                 match n.as_str() {
                     Some("fail") => on_invalid_value = OnError::Fail,
@@ -550,7 +551,8 @@ impl MappingSet {
     }
 }
 
-/// A `vars:` map's names and values (text; a value's type is checked where a rule writes it).
+/// A `vars:` map's names and values (text; a value's type is checked where a rule writes it,
+/// and against `one_of:` where the declaration lists the values).
 fn vars_of(node: Option<&Node>) -> BTreeMap<String, String> {
     node.and_then(Node::as_map)
         .unwrap_or(&[])
@@ -558,10 +560,32 @@ fn vars_of(node: Option<&Node>) -> BTreeMap<String, String> {
         .map(|(k, v)| {
             (
                 k.as_str().unwrap_or("").to_string(),
-                v.as_str().unwrap_or("").to_string(),
+                var_value(v).as_str().unwrap_or("").to_string(),
             )
         })
         .collect()
+}
+
+/// `scheme:rest`, the scheme a letter then letters, digits, `+`, `-` or `.`, and no whitespace.
+fn is_absolute_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !rest.is_empty()
+        && !s.contains(char::is_whitespace)
+}
+
+/// The node holding a variable's value: itself, or `value:` of the long form
+/// `{value: "", one_of: [laboratory, imaging]}`.
+fn var_value(v: &Node) -> &Node {
+    match v.as_map() {
+        Some(_) => v.get("value").unwrap_or(v),
+        None => v,
+    }
 }
 
 /// `Z` or a UTC offset `±HH:MM` (HH ≤ 14, MM ≤ 59), checked on bytes: any text, including
@@ -833,6 +857,10 @@ struct Compiler {
     entry_vars: Vec<(String, Pos)>,
     /// `vars:` of mapping-set.yaml: every message map's defaults.
     set_vars: BTreeMap<String, String>,
+    /// The values a variable may take, where its declaration lists them (`one_of:`).
+    var_choices: BTreeMap<String, Vec<String>>,
+    /// Variables declared `format: uri`: a value must be an absolute URI.
+    uri_vars: std::collections::BTreeSet<String>,
 }
 
 const RULE_KEYS: &[&str] = &[
@@ -1662,6 +1690,7 @@ impl Compiler {
             }
         }
         let mut vars = self.set_vars.clone();
+        self.declare_vars(file, node.get("vars"), "`vars:`");
         vars.extend(vars_of(node.get("vars")));
         // `event_vars:` — per trigger event of `message:`, the vars whose values differ from
         // `vars:` (a cancellation's status); each must be a var `vars:` defines, so every
@@ -1682,6 +1711,7 @@ impl Compiler {
                     );
                     continue;
                 }
+                self.check_var_values(file, Some(over), &format!("`event_vars:` of `{name}`"));
                 let mut merged = vars.clone();
                 let own: &mut BTreeMap<String, String> =
                     event_vars.entry(name.to_string()).or_default();
@@ -1759,6 +1789,93 @@ impl Compiler {
         })
     }
 
+    /// Records the values of each variable a `vars:` map declares in the long form
+    /// (`name: {value: …, one_of: […]}`), then checks every value it gives.
+    fn declare_vars(&mut self, file: &Arc<str>, node: Option<&Node>, whose: &str) {
+        for (key, v) in node.and_then(Node::as_map).unwrap_or(&[]) {
+            if v.as_map().is_none() {
+                continue;
+            }
+            self.check_keys(file, v, &["value", "one_of", "format", "description"]);
+            let name = key.as_str().unwrap_or("").to_string();
+            if let Some(f) = v.get("format") {
+                if f.as_str() == Some("uri") {
+                    self.uri_vars.insert(name.clone());
+                } else {
+                    self.err(
+                        file,
+                        f.pos,
+                        format!(
+                            "`format:` of `{name}` can only be `uri` (an absolute URI such as urn:oid:1.2.3 or https://…), found `{}`",
+                            f.as_str().unwrap_or("")
+                        ),
+                    );
+                }
+            }
+            let Some(list) = v.get("one_of") else {
+                continue;
+            };
+            let values: Vec<String> = list
+                .as_seq()
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .filter(|t| !t.is_empty())
+                .collect();
+            if values.is_empty() || list.as_seq().is_some_and(|l| l.len() != values.len()) {
+                self.err(
+                    file,
+                    list.pos,
+                    format!("`one_of:` of `{name}` is a list of the values it may take, e.g. [laboratory, imaging] (the empty value, none, is always allowed)"),
+                );
+                continue;
+            }
+            let known = self.var_choices.entry(name).or_default();
+            for t in values {
+                if !known.contains(&t) {
+                    known.push(t);
+                }
+            }
+        }
+        self.check_var_values(file, node, whose);
+    }
+
+    /// Every value a `vars:`-like map gives must be one its variable's `one_of:` lists (or
+    /// empty): a misspelt `labratory` would otherwise be written into every result of a feed.
+    fn check_var_values(&mut self, file: &Arc<str>, node: Option<&Node>, whose: &str) {
+        for (key, v) in node.and_then(Node::as_map).unwrap_or(&[]) {
+            let name = key.as_str().unwrap_or("");
+            let at = var_value(v);
+            let value = at.as_str().unwrap_or("");
+            if value.is_empty() {
+                continue;
+            }
+            if self.uri_vars.contains(name) && !is_absolute_uri(value) {
+                self.err(
+                    file,
+                    at.pos,
+                    format!("{whose} sets `{name}` to `{value}`, which is not an absolute URI (urn:oid:2.16.840.1.113883.3.9999, https://example.org/ids, …)"),
+                );
+                continue;
+            }
+            let Some(choices) = self.var_choices.get(name) else {
+                continue;
+            };
+            if choices.iter().any(|c| c == value) {
+                continue;
+            }
+            let hint = fhir::closest(value, choices.iter().map(String::as_str))
+                .map(|s| format!(" — did you mean `{s}`?"))
+                .unwrap_or_default();
+            let list = choices.join(", ");
+            self.err(
+                file,
+                at.pos,
+                format!("{whose} sets `{name}` to `{value}`, which is not one of its values ({list}, or empty for none){hint}"),
+            );
+        }
+    }
+
     /// `feeds:` of mapping-set.yaml: `<feed>: {vars: {name: value}}`, each name a variable the
     /// set's or a message map's `vars:` defines (a typo would otherwise never take effect).
     fn feeds(
@@ -1786,6 +1903,7 @@ impl Compiler {
                 continue;
             }
             self.check_keys(file, settings, &["vars"]);
+            self.check_var_values(file, settings.get("vars"), &format!("feed `{name}`"));
             let vars = vars_of(settings.get("vars"));
             if let Some(v) = settings.get("vars") {
                 for (key, _) in v.as_map().unwrap_or(&[]) {

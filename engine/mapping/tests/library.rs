@@ -1075,6 +1075,94 @@ fn feed_variables_yield_to_event_variables_and_must_be_defined() {
     );
 }
 
+/// A variable declared with the values it may take (`one_of:`) or their form (`format: uri`)
+/// refuses any other value a feed gives it, at its `file:line:col` and with the nearest value:
+/// a misspelt category would otherwise be written into every result of that feed, where no
+/// `category=laboratory` search or scope finds it. Empty (none) stays allowed.
+#[test]
+fn a_feed_value_outside_its_variable_s_declared_values_is_a_load_error() {
+    let errs = library_with_feeds(
+        "feeds:\n  lab:\n    vars:\n      result_category: Laboratory\n      identifier_system: MRN SYSTEM\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errs.contains("mapping-set.yaml:")
+            && errs.contains("feed `lab` sets `result_category` to `Laboratory`")
+            && errs.contains("did you mean `laboratory`?"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains(
+            "feed `lab` sets `identifier_system` to `MRN SYSTEM`, which is not an absolute URI"
+        ),
+        "{errs}"
+    );
+    let ok = "feeds:\n  lab:\n    vars:\n      result_category: vital-signs\n      identifier_system: urn:oid:2.16.840.1.113883.3.9999.7\n  other:\n    vars:\n      result_category: \"\"\n";
+    library_with_feeds(ok).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The long form works in a message map too, and its `one_of:` holds for the map's own value,
+/// its `event_vars:` and a feed's; a malformed declaration is an error where it is written.
+#[test]
+fn a_message_map_variable_declares_its_values_for_events_and_feeds() {
+    let files = |status: &str, event: &str, feed: &str| {
+        vec![
+            (
+                PathBuf::from("mapping-set.yaml"),
+                format!("name: t\nfeeds:\n  f:\n    vars:\n      status: {feed}\n"),
+            ),
+            (
+                PathBuf::from("segments/PID-Patient.yaml"),
+                "resource: Patient\nid: [PID-3.1]\nrules:\n  - set: gender\n    var: status\n".to_string(),
+            ),
+            (
+                PathBuf::from("messages/ADT_A01.yaml"),
+                format!(
+                    "message: [ADT^A01, ADT^A03]\nvars:\n  status:\n    value: {status}\n    one_of: [male, female]\nevent_vars:\n  ADT^A03:\n    status: {event}\nresources:\n  - name: patient\n    segment: PID\n    map: PID-Patient\n"
+                ),
+            ),
+        ]
+    };
+    MappingSet::from_texts(Path::new("t"), &files("male", "female", "female"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (bad, whose) in [
+        (
+            files("mail", "female", "female"),
+            "`vars:` sets `status` to `mail`",
+        ),
+        (
+            files("male", "femal", "female"),
+            "`event_vars:` of `ADT^A03` sets `status` to `femal`",
+        ),
+        (
+            files("male", "female", "other"),
+            "feed `f` sets `status` to `other`",
+        ),
+    ] {
+        let errs = MappingSet::from_texts(Path::new("t"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(errs.contains(whose), "{errs}");
+    }
+    let mut broken = files("male", "female", "female");
+    broken[2].1 = broken[2]
+        .1
+        .replace("one_of: [male, female]", "one_of: male\n    format: url");
+    let errs = MappingSet::from_texts(Path::new("t"), &broken)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errs.contains("messages/ADT_A01.yaml:5:")
+            && errs.contains("`one_of:` of `status` is a list"),
+        "{errs}"
+    );
+    assert!(
+        errs.contains("`format:` of `status` can only be `uri`"),
+        "{errs}"
+    );
+}
+
 /// A feed that sends ids without an assigning authority names their system once, for all of
 /// them; ids that carry an authority keep theirs, and resource ids do not change with it.
 #[test]
