@@ -463,3 +463,57 @@ fn one_person_read_twice_keeps_what_either_reading_adds() {
         assert_eq!(has_address, p["name"][0]["family"] == "Doe", "{p}");
     }
 }
+
+/// PL-7 (building) and PL-8 (floor) are Locations of their own, linked by `partOf` as the IG's
+/// PL[Location] links a location's levels: bed → floor → building. Two floors of one building
+/// share it; a location with a building and no floor is part of the building; nothing of either
+/// component is left unmapped.
+#[test]
+fn a_bed_is_part_of_its_floor_and_the_floor_of_its_building() {
+    let set = library();
+    // PV1-3 (assigned), PV1-6 (prior) and PV1-42 (pending) locations
+    let pv1 = format!(
+        "PV1|1|I|4WEST^401^A^RIVERSIDE^^^North Tower^4|||3EAST^310^B^RIVERSIDE^^^North Tower^3{}ICU^1^^RIVERSIDE^^^North Tower",
+        "|".repeat(36)
+    );
+    let out = run(&set, &[MSH, "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat", &pv1]);
+    let locations: std::collections::HashMap<String, serde_json::Value> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Location")
+        .map(|(_, id, r)| (format!("Location/{id}"), r))
+        .collect();
+    let named = |name: &str| {
+        locations
+            .iter()
+            .find(|(_, r)| r["name"] == name)
+            .unwrap_or_else(|| panic!("no Location {name}: {locations:?}"))
+    };
+    let kind = |r: &serde_json::Value| r["physicalType"]["coding"][0]["code"].clone();
+    let parent = |r: &serde_json::Value| r["partOf"]["reference"].as_str().map(str::to_string);
+
+    let (building_ref, building) = named("North Tower");
+    assert_eq!(kind(building), "bu");
+    assert_eq!(parent(building), None);
+    for (bed, floor) in [("4WEST 401 A", "4"), ("3EAST 310 B", "3")] {
+        let (_, bed) = named(bed);
+        let (floor_ref, floor_r) = named(floor);
+        assert_eq!(kind(bed), "bd");
+        assert_eq!(kind(floor_r), "lvl");
+        assert_eq!(parent(bed).as_ref(), Some(floor_ref));
+        assert_eq!(parent(floor_r).as_ref(), Some(building_ref));
+    }
+    let (_, icu) = named("ICU 1");
+    assert_eq!(parent(icu).as_ref(), Some(building_ref));
+    assert_eq!(
+        locations.values().filter(|r| kind(r) == "bu").count(),
+        1,
+        "{locations:?}"
+    );
+    assert!(
+        !unconsumed(&out).iter().any(|u| u.starts_with("PV1-3.")
+            || u.starts_with("PV1-6.")
+            || u.starts_with("PV1-42.")),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
