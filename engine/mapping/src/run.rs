@@ -385,6 +385,10 @@ struct Scope<'s> {
     groups: Vec<(usize, usize)>,
     /// The segment names that start this scope's group (`group: [ORC, OBR]`); none at top level.
     starts: &'s [String],
+    /// The groups inside this scope that name the segments they hold after their start
+    /// (`with: [NTE, PRT]`): range and names. Those segments are their group's own (the NTEs
+    /// after an OBX are that result's comments, not its order's).
+    attached: Vec<(usize, usize, &'s [String])>,
 }
 
 /// One step from a resource root to an object in it: element name, and the array index when
@@ -533,6 +537,7 @@ impl MappingSet {
                 first: Default::default(),
                 groups: Vec::new(),
                 starts: &[],
+                attached: Vec::new(),
             }],
             instances: Vec::new(),
             out: Vec::new(),
@@ -615,8 +620,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 Entry::Resource { .. } => Vec::new(),
             })
             .collect();
-        for r in &ranges {
+        for (e, r) in entries.iter().zip(&ranges) {
             self.scopes[scope].groups.extend(r.iter().copied());
+            if let Entry::Group { with, .. } = e {
+                if !with.is_empty() {
+                    let held = r.iter().map(|&(gs, ge)| (gs, ge, with.as_slice()));
+                    self.scopes[scope].attached.extend(held);
+                }
+            }
         }
         for (e, ranges) in entries.iter().zip(ranges) {
             match e {
@@ -687,6 +698,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                             first: Default::default(),
                             groups: Vec::new(),
                             starts: start,
+                            attached: Vec::new(),
                         });
                         self.plan(entries, id);
                     }
@@ -911,13 +923,18 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     self.resolve_in(ctx.seg, ctx, p, many, &mut out);
                 } else if many {
                     // every one in the current scope (a segment group's own segments: the NTEs
-                    // after an OBX belong to that OBX), or in the whole message at top level;
-                    // with none there, the segment that starts an enclosing group (an OBX's
-                    // order: its OBR), which a group holds once
+                    // after an OBX belong to that OBX, and are not its order's), or in the
+                    // whole message at top level; with none there, the segment that starts an
+                    // enclosing group (an OBX's order: its OBR), which a group holds once
                     let sc = &self.scopes[ctx.scope];
                     let mut found = false;
                     for seg in sc.start..sc.end {
-                        if self.src.segment_name(seg) == segname {
+                        let held_below = |&(gs, ge, with): &(usize, usize, &[String])| {
+                            seg > gs && seg < ge && with.iter().any(|w| w == segname)
+                        };
+                        if self.src.segment_name(seg) == segname
+                            && !sc.attached.iter().any(held_below)
+                        {
                             found = true;
                             self.resolve_in(seg, ctx, p, many, &mut out);
                         }

@@ -517,3 +517,53 @@ fn a_bed_is_part_of_its_floor_and_the_floor_of_its_building() {
         unconsumed(&out)
     );
 }
+
+/// The NTEs right after an order's OBR are the order's comments (ServiceRequest.note); the NTEs
+/// after an OBX are that result's (Observation.note) and never the order's too. No comment text
+/// is left unmapped.
+#[test]
+fn an_order_s_comments_are_its_own_and_a_result_s_are_the_result_s() {
+    let set = library();
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
+    let out = run(
+        &set,
+        &[
+            &msh,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "ORC|RE|P-1",
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            "NTE|1|L|Patient was fasting",
+            "NTE|2|L|Drawn at home",
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+            "NTE|1|L|Repeated, same value",
+            "OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F",
+        ],
+    );
+    let notes = |rtype: &str| -> Vec<Vec<String>> {
+        out.resources()
+            .filter(|(t, _, _)| *t == rtype)
+            .map(|(_, _, r)| {
+                r["note"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n["text"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(
+        notes("ServiceRequest"),
+        [vec!["Patient was fasting", "Drawn at home"]]
+    );
+    let mut results = notes("Observation");
+    results.sort();
+    assert_eq!(results, [vec![], vec!["Repeated, same value"]]);
+    assert!(
+        !unconsumed(&out)
+            .iter()
+            .any(|u| u.starts_with("NTE") && u.ends_with("-3")),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
