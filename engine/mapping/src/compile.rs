@@ -566,19 +566,6 @@ fn vars_of(node: Option<&Node>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `scheme:rest`, the scheme a letter then letters, digits, `+`, `-` or `.`, and no whitespace.
-fn is_absolute_uri(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once(':') else {
-        return false;
-    };
-    scheme.starts_with(|c: char| c.is_ascii_alphabetic())
-        && scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        && !rest.is_empty()
-        && !s.contains(char::is_whitespace)
-}
-
 /// The node holding a variable's value: itself, or `value:` of the long form
 /// `{value: "", one_of: [laboratory, imaging]}`.
 fn var_value(v: &Node) -> &Node {
@@ -1850,7 +1837,7 @@ impl Compiler {
             if value.is_empty() {
                 continue;
             }
-            if self.uri_vars.contains(name) && !is_absolute_uri(value) {
+            if self.uri_vars.contains(name) && !cond::is_absolute_uri(value) {
                 self.err(
                     file,
                     at.pos,

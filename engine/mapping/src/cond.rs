@@ -218,11 +218,10 @@ impl P {
     }
 }
 
-/// An absolute URL: a scheme (letters, digits, `+`, `-`, `.`, starting with a letter), `://`
-/// and something after it, without spaces. FHIR `url` elements (Attachment.url, endpoints)
-/// take only these; an identifier-like `urn:` is a `uri`, not a locator.
-pub fn is_url(s: &str) -> bool {
-    let Some((scheme, rest)) = s.split_once("://") else {
+/// An absolute URI, `scheme:rest`: the scheme a letter then letters, digits, `+`, `-` or `.`,
+/// something after the colon, and no whitespace (`urn:oid:1.2.3`, `https://…`).
+pub fn is_absolute_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else {
         return false;
     };
     scheme.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -231,6 +230,16 @@ pub fn is_url(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
         && !rest.is_empty()
         && !s.contains(char::is_whitespace)
+}
+
+/// An absolute URL: an absolute URI whose scheme is followed by `://` and something after it.
+/// FHIR `url` elements (Attachment.url, endpoints) take only these; an identifier-like `urn:`
+/// is a `uri`, not a locator.
+pub fn is_url(s: &str) -> bool {
+    is_absolute_uri(s)
+        && s.split_once(':')
+            .and_then(|(_, rest)| rest.strip_prefix("//"))
+            .is_some_and(|after| !after.is_empty())
 }
 
 /// Parses a condition; errors carry the byte offset in the expression.
@@ -325,6 +334,16 @@ mod tests {
             "cid:60",
         ] {
             assert!(!is_url(u), "{u}");
+        }
+        for u in [
+            "urn:oid:1.2.3",
+            "https://example.org/ids",
+            "urn:id:RIVERSIDE",
+        ] {
+            assert!(is_absolute_uri(u), "{u}");
+        }
+        for u in ["MRN SYSTEM", "60", ":x", "urn:", "1a:b", "urn:oid:1 2"] {
+            assert!(!is_absolute_uri(u), "{u}");
         }
         assert!(matches!(
             parse("$status != final").unwrap(),
