@@ -567,3 +567,48 @@ fn an_order_s_comments_are_its_own_and_a_result_s_are_the_result_s() {
         unconsumed(&out)
     );
 }
+
+/// One NTE is one note (IG NTE[Observation]): its comment lines (NTE-3 repetitions) are one
+/// text, who entered it (NTE-5) its author, a Practitioner, and when (NTE-6) its time.
+#[test]
+fn a_comment_is_one_note_with_its_lines_author_and_time() {
+    let set = library();
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
+    let out = run(
+        &set,
+        &[
+            &msh,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+            "NTE|1|L|Repeated~same value||T900^Tech^Terry|202611230915-0600",
+            "NTE|2|L|Called to the ward",
+        ],
+    );
+    let resources: Vec<(String, serde_json::Value)> = out
+        .resources()
+        .map(|(t, id, r)| (format!("{t}/{id}"), r))
+        .collect();
+    let observation = &resources
+        .iter()
+        .find(|(k, _)| k.starts_with("Observation/"))
+        .unwrap()
+        .1;
+    let notes = observation["note"].as_array().unwrap();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(notes[0]["text"], "Repeated\nsame value");
+    assert_eq!(notes[0]["time"], "2026-11-23T09:15:00-06:00");
+    let author = notes[0]["authorReference"]["reference"].as_str().unwrap();
+    let practitioner = &resources.iter().find(|(k, _)| k == author).unwrap().1;
+    assert_eq!(practitioner["name"][0]["family"], "Tech");
+    assert_eq!(notes[1]["text"], "Called to the ward");
+    assert!(notes[1].get("authorReference").is_none() && notes[1].get("time").is_none());
+    assert!(
+        !unconsumed(&out)
+            .iter()
+            .any(|u| u.starts_with("NTE")
+                && (u.contains("-3") || u.contains("-5") || u.contains("-6"))),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
