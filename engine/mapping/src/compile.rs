@@ -146,7 +146,11 @@ pub(crate) enum RuleKind {
         default: Option<String>,
     },
     Ref(String),
-    Create(usize),
+    /// The map to create with, and the rule's place in its own map for the id of a resource
+    /// without identifying values: `set` path from the map's root, the map created, and which
+    /// such rule of the map it is. Not the line: a comment or rule added above must not give
+    /// those resources new ids (a replay after the edit would leave the old ones behind).
+    Create(usize, Arc<str>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -625,7 +629,7 @@ fn check_cycles(c: &mut Compiler) {
         for r in rules {
             match &r.kind {
                 RuleKind::Map(j) => out.push((*j, r.loc.clone(), "map")),
-                RuleKind::Create(j) => out.push((*j, r.loc.clone(), "create")),
+                RuleKind::Create(j, _) => out.push((*j, r.loc.clone(), "create")),
                 RuleKind::Nested(n) => uses(n, out),
                 _ => {}
             }
@@ -848,6 +852,11 @@ struct Compiler {
     var_choices: BTreeMap<String, Vec<String>>,
     /// Variables declared `format: uri`: a value must be an absolute URI.
     uri_vars: std::collections::BTreeSet<String>,
+    /// The `set:` paths of the nested rules being compiled, outermost first.
+    set_path: Vec<String>,
+    /// Per `set` path and created map, how many `create:` rules of the map being compiled
+    /// have them so far.
+    creates_seen: HashMap<String, u32>,
 }
 
 const RULE_KEYS: &[&str] = &[
@@ -973,6 +982,7 @@ impl Compiler {
     }
 
     fn compile_map(&mut self, i: usize) {
+        self.creates_seen.clear();
         let node = self.maps[i].node.clone();
         let file = self.maps[i].compiled.file.clone();
         let owner = self.maps[i].produces;
@@ -1247,7 +1257,9 @@ impl Compiler {
                 }
                 let cond = usize::from(node.get("when").is_some());
                 self.conditional += cond;
+                self.set_path.push(set.clone());
                 let nested = self.rules(file, node.get("rules")?, last.ty, refs);
+                self.set_path.pop();
                 self.conditional -= cond;
                 RuleKind::Nested(nested)
             }
@@ -1321,7 +1333,16 @@ impl Compiler {
                     );
                     return None;
                 }
-                RuleKind::Create(idx)
+                let path: Vec<&str> = self
+                    .set_path
+                    .iter()
+                    .map(String::as_str)
+                    .chain([set.as_str()])
+                    .collect();
+                let place = format!("{}>{name}", path.join("."));
+                let n = self.creates_seen.entry(place.clone()).or_insert(0);
+                *n += 1;
+                RuleKind::Create(idx, format!("{place}#{n}").into())
             }
             _ => match prim {
                 Some(p) => {
@@ -1940,7 +1961,7 @@ impl Compiler {
                     match &r.kind {
                         RuleKind::Var(v, _) => names.push(v.clone()),
                         RuleKind::Nested(n) => walk(n, out, used),
-                        RuleKind::Map(i) | RuleKind::Create(i) => used.push(*i),
+                        RuleKind::Map(i) | RuleKind::Create(i, _) => used.push(*i),
                         _ => {}
                     }
                     out.extend(names.into_iter().map(|v| (v, r.loc.file.clone(), at)));
@@ -2123,7 +2144,7 @@ fn collect_used(entries: &[Entry], out: &mut Vec<usize>) {
 fn collect_creates(rules: &[Rule], out: &mut Vec<usize>) {
     for r in rules {
         match &r.kind {
-            RuleKind::Create(i) | RuleKind::Map(i) => out.push(*i),
+            RuleKind::Create(i, _) | RuleKind::Map(i) => out.push(*i),
             RuleKind::Nested(n) => collect_creates(n, out),
             _ => {}
         }

@@ -668,7 +668,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                                 continue;
                             }
                         }
-                        let (rtype, id) = self.instance_id(*map, ctx, 0);
+                        let (rtype, id) = self.instance_id(*map, ctx, "0");
                         let idx = self.instances.len();
                         self.instances.push(Instance {
                             map: *map,
@@ -759,7 +759,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         }
     }
 
-    fn instance_id(&mut self, map: usize, ctx: Ctx, salt: usize) -> (&'static str, String) {
+    fn instance_id(&mut self, map: usize, ctx: Ctx, salt: &str) -> (&'static str, String) {
         let set = self.set;
         let m = &set.maps[map];
         let MapKind::Resource { resource, id, .. } = &m.kind else {
@@ -1738,9 +1738,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 }
             }
             RuleKind::Ref(_) => None,
-            RuleKind::Create(idx) => {
-                let salt = rule.loc.line;
-                let (rtype, id) = self.instance_id(*idx, c, salt);
+            RuleKind::Create(idx, place) => {
+                let (rtype, id) = self.instance_id(*idx, c, place);
                 self.enter(rule, c)?;
                 let url = self.build_resource(*idx, c, rtype, id, Write::Replace);
                 self.depth -= 1;

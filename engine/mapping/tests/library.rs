@@ -1206,3 +1206,72 @@ fn a_feed_names_the_system_of_the_ids_it_sends_unqualified() {
     assert_eq!(systems(&none), [None, Some("urn:oid:1.2.3".to_string())]);
     assert_eq!(id_a, id_none);
 }
+
+/// A resource created without identifying values (a performing lab named only by name) gets an
+/// id from its message and the creating rule's place in its map — not the rule's line: an
+/// analyst's comment or a rule added above it must leave that id alone, or a replay after the
+/// edit would write the resource again under a new id and leave the old one behind. Another
+/// creating rule still gives another id.
+#[test]
+fn an_edit_above_a_creating_rule_keeps_the_ids_it_gives() {
+    let dir = repo().join("mappings/hl7v2");
+    let texts = MappingSet::texts(&dir).unwrap();
+    // OBX-23: the performing organization, by name only
+    let obx = format!(
+        "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F{}Riverside Reference Lab",
+        "|".repeat(12)
+    );
+    let message = [
+        "MSH|^~\\&|SYNTH|RIVERSIDE|TRIBUTARY|HIE|20261123081500-0600||ORU^R01^ORU_R01|C-1|P|2.5.1",
+        "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+        "OBR|1|P-1||24323-8^Metabolic panel^LN",
+        &obx,
+    ]
+    .join("\r");
+    let bundle = |texts: &[(PathBuf, String)]| {
+        let set = MappingSet::from_texts(&dir, texts).unwrap_or_else(|e| panic!("{e}"));
+        let out = map_as_feed(&set, message.as_bytes(), None);
+        out.resources()
+            .map(|(t, id, r)| (format!("{t}/{id}"), r))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let before = bundle(&texts);
+    let performer = before
+        .iter()
+        .find(|(k, r)| k.starts_with("Organization/") && r["name"] == "Riverside Reference Lab")
+        .map(|(k, _)| k.clone())
+        .unwrap_or_else(|| panic!("no performing Organization: {:?}", before.keys()));
+
+    let mut edited = texts.clone();
+    let obx = edited
+        .iter_mut()
+        .find(|(p, _)| p.ends_with("segments/OBX-Observation.yaml"))
+        .unwrap();
+    obx.1 = obx.1.replacen(
+        "rules:\n",
+        "rules:\n  # a note an analyst added\n  - set: language\n    value: en\n",
+        1,
+    );
+    let after = bundle(&edited);
+    assert!(after.contains_key(&performer), "{:?}", after.keys());
+    let ids = |b: &std::collections::BTreeMap<String, serde_json::Value>| {
+        b.keys().cloned().collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&before), ids(&after));
+
+    // the same organization created by a second rule of the map (its performer as well) is
+    // another resource
+    let mut twice = texts.clone();
+    let obx = twice
+        .iter_mut()
+        .find(|(p, _)| p.ends_with("segments/OBX-Observation.yaml"))
+        .unwrap();
+    obx.1
+        .push_str("  - set: performer\n    from: OBX-23\n    create: XON-Organization\n");
+    let doubled = bundle(&twice);
+    let labs = doubled
+        .values()
+        .filter(|r| r["name"] == "Riverside Reference Lab")
+        .count();
+    assert_eq!(labs, 2, "{:?}", doubled.keys());
+}
