@@ -24,6 +24,15 @@ fn run(set: &MappingSet, segments: &[&str]) -> MappedBundle {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Maps an ORU^R01 of one patient (`PID|1||MRN1^^^RIVERSIDE^MR||One^Pat`) with `rest` after
+/// the PID.
+fn run_oru(set: &MappingSet, rest: &[&str]) -> MappedBundle {
+    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
+    let mut segments = vec![msh.as_str(), "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat"];
+    segments.extend_from_slice(rest);
+    run(set, &segments)
+}
+
 fn unconsumed(out: &MappedBundle) -> Vec<String> {
     out.unconsumed.iter().map(ToString::to_string).collect()
 }
@@ -323,17 +332,14 @@ fn an_iso_universal_id_type_is_stated_by_the_oid_system() {
 #[test]
 fn the_diagnostic_service_section_categorizes_results_and_reports() {
     let set = library();
-    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
     let with = |section: &str| {
         let obr = format!(
             "OBR|1|P-1||24323-8^Metabolic panel^LN{}|{section}",
             "|".repeat(19)
         );
-        run(
+        run_oru(
             &set,
             &[
-                &msh,
-                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
                 &obr,
                 "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
                 "OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F",
@@ -402,7 +408,6 @@ fn the_diagnostic_service_section_categorizes_results_and_reports() {
 #[test]
 fn one_person_read_twice_keeps_what_either_reading_adds() {
     let set = library();
-    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
     let doe = "1234^Doe^Jane^^^^^^NPI";
     let address = "6789 Main St^^San Jose^CA^95126";
     let with = |attending: &str| {
@@ -412,11 +417,9 @@ fn one_person_read_twice_keeps_what_either_reading_adds() {
             "|".repeat(10),
             "|".repeat(12)
         );
-        run(
+        run_oru(
             &set,
             &[
-                &msh,
-                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
                 &pv1,
                 &orc,
                 "OBR|1|P-1||24323-8^Metabolic panel^LN",
@@ -524,12 +527,9 @@ fn a_bed_is_part_of_its_floor_and_the_floor_of_its_building() {
 #[test]
 fn an_order_s_comments_are_its_own_and_a_result_s_are_the_result_s() {
     let set = library();
-    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
-    let out = run(
+    let out = run_oru(
         &set,
         &[
-            &msh,
-            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
             "ORC|RE|P-1",
             "OBR|1|P-1||24323-8^Metabolic panel^LN",
             "NTE|1|L|Patient was fasting",
@@ -573,12 +573,9 @@ fn an_order_s_comments_are_its_own_and_a_result_s_are_the_result_s() {
 #[test]
 fn a_comment_is_one_note_with_its_lines_author_and_time() {
     let set = library();
-    let msh = MSH.replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01");
-    let out = run(
+    let out = run_oru(
         &set,
         &[
-            &msh,
-            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
             "OBR|1|P-1||24323-8^Metabolic panel^LN",
             "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
             "NTE|1|L|Repeated~same value||T900^Tech^Terry|202611230915-0600",
