@@ -92,6 +92,11 @@ pub enum DropReason {
     /// A value that cannot become its FHIR type (PID-7 = 19630231) under `on_error: warn`: the
     /// element is left out (the warning says why, without the value).
     InvalidValue,
+    /// A resource the message creates twice (the same doctor as ordering provider and as
+    /// attending) whose second creation holds, in an element the first already wrote, something
+    /// the first does not (another family name, an identifier type): the first creation's
+    /// element stands and the second's is left out.
+    Conflict,
 }
 
 impl fmt::Display for DropReason {
@@ -100,6 +105,7 @@ impl fmt::Display for DropReason {
             DropReason::EndBeforeStart => "end before start",
             DropReason::DuplicateId => "duplicate id",
             DropReason::InvalidValue => "invalid value",
+            DropReason::Conflict => "differs from the same resource created earlier in the message",
         })
     }
 }
@@ -1147,11 +1153,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             });
             return Ok(());
         }
-        self.build_resource(map, ctx, rtype, id, write)?;
+        self.build_resource(map, ctx, rtype, id, write, None)?;
         Ok(())
     }
 
     /// Builds one resource into the bundle (once per type/id); returns its `Type/id`.
+    /// `creator` is the `create:` rule that asked for it, where there is one.
     fn build_resource(
         &mut self,
         map: usize,
@@ -1159,6 +1166,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
         rtype: &'static str,
         id: String,
         write: Write,
+        creator: Option<&RuleLoc>,
     ) -> Fallible<String> {
         let url = format!("{rtype}/{id}");
         let set = self.set;
@@ -1212,11 +1220,27 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             // Same resource reached twice in one message (the same doctor as ordering provider
             // and as attending): the first build stands, and this one adds the elements it
             // lacks (the orderer's address, which only the ORC-12 build has) rather than lose
-            // them; what both builds wrote is the first's.
-            let added = match first_build.and_then(|i| self.out[i].as_mut()) {
+            // them; what both builds wrote is the first's, and where this build's says more or
+            // else, that is reported, not merged.
+            let (added, conflicting) = match first_build.and_then(|i| self.out[i].as_mut()) {
                 Some(first) => first.resource.fill_from(obj),
-                None => Vec::new(),
+                None => (Vec::new(), Vec::new()),
             };
+            if !conflicting.is_empty() {
+                let source = self.concrete(ctx);
+                let rule =
+                    creator.map_or_else(|| set.maps[map].file.to_string(), ToString::to_string);
+                for element in conflicting {
+                    self.dropped.push(DroppedValue {
+                        source: source.clone(),
+                        resource_type: rtype,
+                        resource_id: id.clone(),
+                        element: element.into_owned(),
+                        rule: rule.clone(),
+                        reason: DropReason::Conflict,
+                    });
+                }
+            }
             if let (Some(l), Some(m)) = (self.lineage.as_mut(), lineage_mark) {
                 let kept: Vec<Lineage> = l
                     .drain(m..)
@@ -1741,7 +1765,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Create(idx, place) => {
                 let (rtype, id) = self.instance_id(*idx, c, place);
                 self.enter(rule, c)?;
-                let url = self.build_resource(*idx, c, rtype, id, Write::Replace);
+                let url = self.build_resource(*idx, c, rtype, id, Write::Replace, Some(&rule.loc));
                 self.depth -= 1;
                 Some(reference(url?))
             }

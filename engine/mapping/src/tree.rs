@@ -95,16 +95,26 @@ impl Obj {
         }
     }
 
-    /// Moves in every member of `other` whose key this object lacks; returns those keys.
-    pub fn fill_from(&mut self, other: Obj) -> Vec<Key> {
+    /// Moves in every member of `other` whose key this object lacks. Returns the keys it
+    /// added, and the keys both hold where `other`'s value says something this object's does
+    /// not (see [`covers`]): those values are not merged, so the caller reports them.
+    pub fn fill_from(&mut self, other: Obj) -> (Vec<Key>, Vec<Key>) {
         let mut added = Vec::new();
+        let mut conflicting = Vec::new();
         for (k, v) in other.0 {
-            if let Err(i) = self.find(&k) {
-                added.push(k.clone());
-                self.0.insert(i, (k, v));
+            match self.find(&k) {
+                Err(i) => {
+                    added.push(k.clone());
+                    self.0.insert(i, (k, v));
+                }
+                Ok(i) => {
+                    if !covers(&self.0[i].1.to_value(), &v.into_value()) {
+                        conflicting.push(k);
+                    }
+                }
             }
         }
-        added
+        (added, conflicting)
     }
 
     /// Sets `key` (replacing an existing value, as a map does).
@@ -204,6 +214,22 @@ impl Node {
         }
     }
 
+    pub fn to_value(&self) -> Value {
+        match self {
+            Node::Null => Value::Null,
+            Node::Bool(b) => Value::Bool(*b),
+            Node::Num(n) => Value::Number(n.clone()),
+            Node::Str(s) => Value::String(s.clone()),
+            Node::Arr(a) => Value::Array(a.iter().map(Node::to_value).collect()),
+            Node::Obj(o) => Value::Object(
+                o.0.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_value()))
+                    .collect(),
+            ),
+            Node::Const(c) => c.value.clone(),
+        }
+    }
+
     pub fn into_value(self) -> Value {
         match self {
             Node::Null => Value::Null,
@@ -250,6 +276,20 @@ fn write_key(out: &mut Vec<u8>, k: &Key) {
             write_str(out, k);
             out.push(b':');
         }
+    }
+}
+
+/// Whether `b` says nothing `a` does not: every member of an object `b` is covered by `a`'s
+/// member of that name, every element of an array `b` by some element of `a`, and anything else
+/// is equal. A second reading of the same doctor with fewer name parts is covered; one with
+/// another family name or an identifier type the first lacks is not.
+pub(crate) fn covers(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => b
+            .iter()
+            .all(|(k, bv)| a.get(k).is_some_and(|av| covers(av, bv))),
+        (Value::Array(a), Value::Array(b)) => b.iter().all(|bv| a.iter().any(|av| covers(av, bv))),
+        _ => a == b,
     }
 }
 
@@ -394,6 +434,53 @@ mod tests {
         assert_eq!(bytes, serde_json::to_vec(&value).unwrap());
         assert_eq!(value["alpha"], 7);
         assert_eq!(value["arr"][1]["y"][1], "x");
+    }
+
+    #[test]
+    fn a_second_reading_with_less_is_covered_and_one_with_other_values_is_not() {
+        let first = json!({"name": [{"family": "Doe", "given": ["Jane", "Q"], "prefix": ["Dr"]}],
+                           "identifier": [{"value": "1234", "system": "urn:id:NPI"}]});
+        assert!(covers(&first, &first));
+        assert!(covers(
+            &first,
+            &json!({"name": [{"family": "Doe", "given": ["Jane"]}]})
+        ));
+        assert!(covers(&first, &json!({"name": [{"given": ["Q", "Jane"]}]})));
+        assert!(covers(&first, &json!({"identifier": [{"value": "1234"}]})));
+        assert!(!covers(&first, &json!({"name": [{"family": "Dow"}]})));
+        assert!(!covers(
+            &first,
+            &json!({"name": [{"family": "Doe", "suffix": ["Jr"]}]})
+        ));
+        assert!(!covers(
+            &first,
+            &json!({"identifier": [{"value": "1234", "type": {"text": "NPI"}}]})
+        ));
+        assert!(!covers(&json!(["a"]), &json!("a")));
+        assert!(!covers(&json!(1), &json!(1.0)));
+    }
+
+    #[test]
+    fn fill_from_adds_what_is_missing_and_names_what_differs() {
+        let mut first = Obj::new();
+        first.insert("gender", Node::str("female"));
+        first.insert(
+            "name",
+            Node::Const(Arc::new(Constant::new(
+                json!([{"family": "Doe", "given": ["Jane"]}]),
+            ))),
+        );
+        let mut second = Obj::new();
+        second.insert("gender", Node::str("male"));
+        second.insert("name", Node::from_value(&json!([{"family": "Doe"}])));
+        second.insert("address", Node::from_value(&json!([{"city": "Ann Arbor"}])));
+        let (added, conflicting) = first.fill_from(second);
+        assert_eq!(added, vec![Key::Borrowed("address")]);
+        assert_eq!(conflicting, vec![Key::Borrowed("gender")]);
+        let merged = first.into_value();
+        assert_eq!(merged["gender"], "female");
+        assert_eq!(merged["address"][0]["city"], "Ann Arbor");
+        assert_eq!(merged["name"][0]["given"][0], "Jane");
     }
 
     #[test]

@@ -465,6 +465,74 @@ fn one_person_read_twice_keeps_what_either_reading_adds() {
         let has_address = p.get("address").is_some();
         assert_eq!(has_address, p["name"][0]["family"] == "Doe", "{p}");
     }
+    assert!(same.dropped.is_empty(), "{:?}", same.dropped);
+    assert!(other.dropped.is_empty(), "{:?}", other.dropped);
+
+    // the attending's reading has less than the orderer's: nothing the first lacks is lost
+    let fewer = with("1234^Doe^^^^^^^NPI");
+    let conflicts = |out: &MappedBundle| -> Vec<String> {
+        out.dropped
+            .iter()
+            .filter(|d| d.reason == tributary_mapping::DropReason::Conflict)
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert_eq!(practitioners(&fewer).len(), 1);
+    let fewer_conflicts = conflicts(&fewer);
+    let first_has_given = practitioners(&fewer)[0].1["name"][0].get("given").is_some();
+    // whichever reading came first, a given name only one of them holds is either in the
+    // resource or reported as left out
+    assert!(
+        first_has_given
+            || fewer_conflicts
+                .iter()
+                .any(|c| c.contains("Practitioner.name")),
+        "{fewer_conflicts:?}"
+    );
+}
+
+/// The same identifier with two different names in one message: one Practitioner, and the
+/// name of the second reading is reported as left out (with the field, never the value) instead
+/// of vanishing.
+#[test]
+fn one_id_read_twice_with_different_values_reports_the_second() {
+    let set = library();
+    let out = run_oru(
+        &set,
+        &[
+            "PV1|1|O|||||1234^Dow^Jane^^^^^^NPI",
+            &format!("ORC|RE|P-1{}1234^Doe^Jane^^^^^^NPI", "|".repeat(10)),
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+        ],
+    );
+    let doctors: Vec<serde_json::Value> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Practitioner")
+        .map(|(_, _, r)| r)
+        .collect();
+    assert_eq!(doctors.len(), 1, "{doctors:?}");
+    let kept = doctors[0]["name"][0]["family"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let conflicts: Vec<_> = out
+        .dropped
+        .iter()
+        .filter(|d| d.reason == tributary_mapping::DropReason::Conflict)
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{:?}", out.dropped);
+    let c = conflicts[0];
+    assert_eq!(
+        (c.resource_type, c.element.as_str()),
+        ("Practitioner", "name")
+    );
+    // the reading that lost is the one whose family name is not in the resource
+    let lost_from = if kept == "Doe" { "PV1-7" } else { "ORC-12" };
+    assert_eq!(c.source, lost_from, "{c:?}");
+    assert!(c.rule.contains(".yaml:"), "{}", c.rule);
+    let shown = c.to_string();
+    assert!(!shown.contains("Dow") && !shown.contains("Doe"), "{shown}");
 }
 
 /// PL-7 (building) and PL-8 (floor) are Locations of their own, linked by `partOf` as the IG's
