@@ -677,3 +677,123 @@ fn a_comment_is_one_note_with_its_lines_author_and_time() {
         unconsumed(&out)
     );
 }
+
+fn organizations(out: &MappedBundle) -> Vec<(String, serde_json::Value)> {
+    out.resources()
+        .filter(|(t, _, _)| *t == "Organization")
+        .map(|(_, id, r)| (id.to_string(), r))
+        .collect()
+}
+
+/// The authority that assigned an order number (EI-2..4) is an HD like MSH-4: the same lab in
+/// both is one Organization, identified by its OID, and EI-4 (the id's type) is mapped.
+#[test]
+fn an_order_number_s_authority_is_the_organization_the_header_names() {
+    let set = library();
+    let oid = "2.16.840.1.113883.3.9999.7";
+    let msh = format!(
+        "MSH|^~\\&|LIS|NORTHGATE^{oid}^ISO|TRIBUTARY|HIE|20261123081500-0600||ORU^R01^ORU_R01|C-9|P|2.5.1"
+    );
+    let orc = format!("ORC|RE||F-77^NORTHGATE^{oid}^ISO");
+    let out = run(
+        &set,
+        &[
+            &msh,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            &orc,
+            &format!("OBR|1||F-77^NORTHGATE^{oid}^ISO|24323-8^Metabolic panel^LN"),
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+        ],
+    );
+    let labs: Vec<_> = organizations(&out)
+        .into_iter()
+        .filter(|(_, o)| o["name"] == "NORTHGATE")
+        .collect();
+    assert_eq!(labs.len(), 1, "{labs:?}");
+    let (lab_id, lab) = &labs[0];
+    assert_eq!(lab["identifier"][0]["value"], format!("urn:oid:{oid}"));
+    assert_eq!(lab["identifier"][0]["type"]["coding"][0]["code"], "ISO");
+    let order = out
+        .resources()
+        .find(|(t, _, _)| *t == "ServiceRequest")
+        .map(|(_, _, r)| r)
+        .expect("a ServiceRequest");
+    assert_eq!(
+        order["identifier"][0]["assigner"]["reference"],
+        format!("Organization/{lab_id}")
+    );
+    let left = unconsumed(&out);
+    assert!(
+        !left
+            .iter()
+            .any(|u| u.starts_with("ORC-3") || u.starts_with("OBR-3")),
+        "{left:?}"
+    );
+}
+
+/// A producer sent by its code alone (OBX-15 without a coding system) is one Organization per
+/// sending facility: the same in every result and every message, not a new one per result.
+#[test]
+fn a_producer_code_without_a_system_is_one_organization_across_results_and_messages() {
+    let set = library();
+    let message = |control: &str, time: &str, facility: &str| {
+        let msh = MSH
+            .replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01")
+            .replace("C-1", control)
+            .replace("20261123081500", time)
+            .replace("|RIVERSIDE|", &format!("|{facility}|"));
+        let out = run(
+            &set,
+            &[
+                &msh,
+                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+                "OBR|1|P-1||24323-8^Metabolic panel^LN",
+                "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F||||36D1332559",
+                "OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F||||36D1332559",
+            ],
+        );
+        let producers: Vec<String> = out
+            .resources()
+            .filter(|(t, _, r)| *t == "Organization" && r["identifier"][0]["value"] == "36D1332559")
+            .map(|(_, id, _)| id.to_string())
+            .collect();
+        producers
+    };
+    let first = message("C-1", "20261123081500", "RIVERSIDE");
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(message("C-2", "20261124091500", "RIVERSIDE"), first);
+    // another sender's local code "36D1332559" is another organization
+    assert_ne!(message("C-1", "20261123081500", "LAKEVIEW"), first);
+}
+
+/// Before v2.5 an organization's id came in XON-3: it identifies the Organization as XON-10
+/// does, so two messages naming the lab that way give the same one.
+#[test]
+fn an_organization_id_in_xon_3_identifies_it_across_messages() {
+    let set = library();
+    let performer = |control: &str| {
+        let msh = MSH
+            .replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01")
+            .replace("C-1", control);
+        let out = run(
+            &set,
+            &[
+                &msh,
+                "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+                "OBR|1|P-1||24323-8^Metabolic panel^LN",
+                &format!(
+                    "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F{}Northgate Lab^^7788",
+                    "|".repeat(12)
+                ),
+            ],
+        );
+        organizations(&out)
+            .into_iter()
+            .filter(|(_, o)| o["name"] == "Northgate Lab")
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>()
+    };
+    let first = performer("C-1");
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(performer("C-2"), first);
+}
