@@ -1209,9 +1209,13 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             // only the elements this build may add are checked (and reported) here
             if let Some(first) = first_build.and_then(|i| self.out[i].as_ref()) {
                 ends.retain(|e| {
-                    e.period
-                        .first()
-                        .is_some_and(|(name, _)| first.resource.get(name).is_none())
+                    e.period.first().is_some_and(|(name, _)| {
+                        // a list gains this build's items, so theirs are checked too
+                        first
+                            .resource
+                            .get(name)
+                            .is_none_or(|v| View::Node(v).array_len().is_some())
+                    })
                 });
             }
         }
@@ -1220,43 +1224,48 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             // Same resource reached twice in one message (the same doctor as ordering provider
             // and as attending): the first build stands, and this one adds the elements it
             // lacks (the orderer's address, which only the ORC-12 build has) rather than lose
-            // them; what both builds wrote is the first's, and where this build's says more or
-            // else, that is reported, not merged.
-            let (added, conflicting) = match first_build.and_then(|i| self.out[i].as_mut()) {
+            // them; a list both wrote gains this build's items the first's do not cover, and any
+            // other element both wrote is the first's, this build's reported where it differs.
+            let filled = match first_build.and_then(|i| self.out[i].as_mut()) {
                 Some(first) => first.resource.fill_from(obj),
-                None => (Vec::new(), Vec::new()),
+                None => Default::default(),
             };
-            if !conflicting.is_empty() {
+            if !filled.conflicting.is_empty() {
                 let source = self.concrete(ctx);
                 let rule =
                     creator.map_or_else(|| set.maps[map].file.to_string(), ToString::to_string);
-                for element in conflicting {
+                for element in &filled.conflicting {
                     self.dropped.push(DroppedValue {
                         source: source.clone(),
                         resource_type: rtype,
                         resource_id: id.clone(),
-                        element: element.into_owned(),
+                        element: element.to_string(),
                         rule: rule.clone(),
                         reason: DropReason::Conflict,
                     });
                 }
             }
             if let (Some(l), Some(m)) = (self.lineage.as_mut(), lineage_mark) {
+                // this build's lineage, for what it added, at the places it landed
                 let kept: Vec<Lineage> = l
                     .drain(m..)
-                    .filter(|x| {
-                        x.element
-                            .strip_prefix(url.as_str())
-                            .and_then(|rest| rest.strip_prefix('.'))
-                            .is_some_and(|rest| {
-                                added.iter().any(|k| {
-                                    rest.strip_prefix(k.as_ref()).is_some_and(|after| {
-                                        after.is_empty()
-                                            || after.starts_with('.')
-                                            || after.starts_with('[')
-                                    })
-                                })
-                            })
+                    .filter_map(|mut x| {
+                        let rest = x.element.strip_prefix(url.as_str())?.strip_prefix('.')?;
+                        let under = |k: &str| {
+                            rest.strip_prefix(k)
+                                .filter(|after| after.is_empty() || after.starts_with(['.', '[']))
+                                .map(str::len)
+                        };
+                        if filled.added.iter().any(|k| under(k).is_some()) {
+                            return Some(x);
+                        }
+                        let (k, places) = filled.lists.iter().find(|(k, _)| under(k).is_some())?;
+                        let after = rest.strip_prefix(k.as_ref())?.strip_prefix('[')?;
+                        let close = after.find(']')?;
+                        let item: usize = after[..close].parse().ok()?;
+                        let at = (*places.get(item)?)?;
+                        x.element = format!("{url}.{k}[{at}]{}", &after[close + 1..]);
+                        Some(x)
                     })
                     .collect();
                 l.extend(kept);

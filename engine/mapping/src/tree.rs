@@ -41,6 +41,19 @@ impl Constant {
     }
 }
 
+/// What [`Obj::fill_from`] did with the other object's members.
+#[derive(Debug, Default)]
+pub(crate) struct Filled {
+    /// Members this object lacked, moved in whole.
+    pub added: Vec<Key>,
+    /// Lists both held: for each item of the other's, its index in the merged list, or `None`
+    /// where an item already there covers it.
+    pub lists: Vec<(Key, Vec<Option<usize>>)>,
+    /// Elements both held where the other's says something this one's does not: kept as this
+    /// object has them.
+    pub conflicting: Vec<Key>,
+}
+
 /// Object members sorted by key.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Obj(Vec<(Key, Node)>);
@@ -95,26 +108,44 @@ impl Obj {
         }
     }
 
-    /// Moves in every member of `other` whose key this object lacks. Returns the keys it
-    /// added, and the keys both hold where `other`'s value says something this object's does
-    /// not (see [`covers`]): those values are not merged, so the caller reports them.
-    pub fn fill_from(&mut self, other: Obj) -> (Vec<Key>, Vec<Key>) {
-        let mut added = Vec::new();
-        let mut conflicting = Vec::new();
+    /// Moves in every member of `other` whose key this object lacks, and into a list both hold
+    /// the items of `other`'s that no item of this one covers (see [`covers`]) — a list gains
+    /// items as the store's `write: merge` does. Other elements both hold where `other`'s value
+    /// says something this object's does not are not merged; the caller reports them.
+    pub fn fill_from(&mut self, other: Obj) -> Filled {
+        let mut filled = Filled::default();
         for (k, v) in other.0 {
             match self.find(&k) {
                 Err(i) => {
-                    added.push(k.clone());
+                    filled.added.push(k.clone());
                     self.0.insert(i, (k, v));
                 }
                 Ok(i) => {
-                    if !covers(&self.0[i].1.to_value(), &v.into_value()) {
-                        conflicting.push(k);
+                    let mine = self.0[i].1.to_value();
+                    let theirs = v.into_value();
+                    if covers(&mine, &theirs) {
+                        continue;
+                    }
+                    match (mine, theirs) {
+                        (Value::Array(mut items), Value::Array(new)) => {
+                            let mut places = Vec::with_capacity(new.len());
+                            for item in new {
+                                if items.iter().any(|have| covers(have, &item)) {
+                                    places.push(None);
+                                } else {
+                                    places.push(Some(items.len()));
+                                    items.push(item);
+                                }
+                            }
+                            self.0[i].1 = Node::from_value(&Value::Array(items));
+                            filled.lists.push((k, places));
+                        }
+                        _ => filled.conflicting.push(k),
                     }
                 }
             }
         }
-        (added, conflicting)
+        filled
     }
 
     /// Sets `key` (replacing an existing value, as a map does).
@@ -470,17 +501,43 @@ mod tests {
                 json!([{"family": "Doe", "given": ["Jane"]}]),
             ))),
         );
+        first.insert("identifier", Node::from_value(&json!([{"value": "1234"}])));
+        first.insert("maritalStatus", Node::from_value(&json!({"text": "M"})));
         let mut second = Obj::new();
         second.insert("gender", Node::str("male"));
         second.insert("name", Node::from_value(&json!([{"family": "Doe"}])));
         second.insert("address", Node::from_value(&json!([{"city": "Ann Arbor"}])));
-        let (added, conflicting) = first.fill_from(second);
-        assert_eq!(added, vec![Key::Borrowed("address")]);
-        assert_eq!(conflicting, vec![Key::Borrowed("gender")]);
-        let merged = first.into_value();
+        second.insert(
+            "identifier",
+            Node::from_value(&json!([{"value": "1234"}, {"value": "ABC", "system": "urn:id:x"}])),
+        );
+        second.insert("maritalStatus", Node::from_value(&json!({"text": "S"})));
+        let filled = first.fill_from(second);
+        assert_eq!(filled.added, vec![Key::Borrowed("address")]);
+        assert_eq!(
+            filled.lists,
+            vec![(Key::Borrowed("identifier"), vec![None, Some(1)])]
+        );
+        assert_eq!(
+            filled.conflicting,
+            vec![Key::Borrowed("gender"), Key::Borrowed("maritalStatus")]
+        );
+        let merged = first.clone().into_value();
         assert_eq!(merged["gender"], "female");
+        assert_eq!(merged["maritalStatus"]["text"], "M");
         assert_eq!(merged["address"][0]["city"], "Ann Arbor");
-        assert_eq!(merged["name"][0]["given"][0], "Jane");
+        assert_eq!(
+            merged["name"],
+            json!([{"family": "Doe", "given": ["Jane"]}])
+        );
+        assert_eq!(
+            merged["identifier"],
+            json!([{"value": "1234"}, {"value": "ABC", "system": "urn:id:x"}])
+        );
+        // what the merged resource holds serializes as a built one would
+        let mut bytes = Vec::new();
+        first.write_json(&mut bytes);
+        assert_eq!(bytes, serde_json::to_vec(&merged).unwrap());
     }
 
     #[test]
