@@ -478,6 +478,149 @@ fn one_person_read_twice_keeps_what_either_reading_adds() {
     assert!(fewer.dropped.is_empty(), "{:?}", fewer.dropped);
 }
 
+/// PL-7 (building) and PL-8 (floor) are Locations of their own, linked by `partOf` as the IG's
+/// PL[Location] links a location's levels: bed → floor → building. Two floors of one building
+/// share it; a location with a building and no floor is part of the building; nothing of either
+/// component is left unmapped.
+#[test]
+fn a_bed_is_part_of_its_floor_and_the_floor_of_its_building() {
+    let set = library();
+    // PV1-3 (assigned), PV1-6 (prior) and PV1-42 (pending) locations
+    let pv1 = format!(
+        "PV1|1|I|4WEST^401^A^RIVERSIDE^^^North Tower^4|||3EAST^310^B^RIVERSIDE^^^North Tower^3{}ICU^1^^RIVERSIDE^^^North Tower",
+        "|".repeat(36)
+    );
+    let out = run(&set, &[MSH, "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat", &pv1]);
+    let locations: std::collections::HashMap<String, serde_json::Value> = out
+        .resources()
+        .filter(|(t, _, _)| *t == "Location")
+        .map(|(_, id, r)| (format!("Location/{id}"), r))
+        .collect();
+    let named = |name: &str| {
+        locations
+            .iter()
+            .find(|(_, r)| r["name"] == name)
+            .unwrap_or_else(|| panic!("no Location {name}: {locations:?}"))
+    };
+    let kind = |r: &serde_json::Value| r["physicalType"]["coding"][0]["code"].clone();
+    let parent = |r: &serde_json::Value| r["partOf"]["reference"].as_str().map(str::to_string);
+
+    let (building_ref, building) = named("North Tower");
+    assert_eq!(kind(building), "bu");
+    assert_eq!(parent(building), None);
+    for (bed, floor) in [("4WEST 401 A", "4"), ("3EAST 310 B", "3")] {
+        let (_, bed) = named(bed);
+        let (floor_ref, floor_r) = named(floor);
+        assert_eq!(kind(bed), "bd");
+        assert_eq!(kind(floor_r), "lvl");
+        assert_eq!(parent(bed).as_ref(), Some(floor_ref));
+        assert_eq!(parent(floor_r).as_ref(), Some(building_ref));
+    }
+    let (_, icu) = named("ICU 1");
+    assert_eq!(parent(icu).as_ref(), Some(building_ref));
+    assert_eq!(
+        locations.values().filter(|r| kind(r) == "bu").count(),
+        1,
+        "{locations:?}"
+    );
+    assert!(
+        !unconsumed(&out).iter().any(|u| u.starts_with("PV1-3.")
+            || u.starts_with("PV1-6.")
+            || u.starts_with("PV1-42.")),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
+
+/// The NTEs right after an order's OBR are the order's comments (ServiceRequest.note); the NTEs
+/// after an OBX are that result's (Observation.note) and never the order's too. No comment text
+/// is left unmapped.
+#[test]
+fn an_order_s_comments_are_its_own_and_a_result_s_are_the_result_s() {
+    let set = library();
+    let out = run_oru(
+        &set,
+        &[
+            "ORC|RE|P-1",
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            "NTE|1|L|Patient was fasting",
+            "NTE|2|L|Drawn at home",
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+            "NTE|1|L|Repeated, same value",
+            "OBX|2|NM|2951-2^Sodium^LN||140|mmol/L|||||F",
+        ],
+    );
+    let notes = |rtype: &str| -> Vec<Vec<String>> {
+        out.resources()
+            .filter(|(t, _, _)| *t == rtype)
+            .map(|(_, _, r)| {
+                r["note"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n["text"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(
+        notes("ServiceRequest"),
+        [vec!["Patient was fasting", "Drawn at home"]]
+    );
+    let mut results = notes("Observation");
+    results.sort();
+    assert_eq!(results, [vec![], vec!["Repeated, same value"]]);
+    assert!(
+        !unconsumed(&out)
+            .iter()
+            .any(|u| u.starts_with("NTE") && u.ends_with("-3")),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
+
+/// One NTE is one note (IG NTE[Observation]): its comment lines (NTE-3 repetitions) are one
+/// text, who entered it (NTE-5) its author, a Practitioner, and when (NTE-6) its time.
+#[test]
+fn a_comment_is_one_note_with_its_lines_author_and_time() {
+    let set = library();
+    let out = run_oru(
+        &set,
+        &[
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F",
+            "NTE|1|L|Repeated~same value||T900^Tech^Terry|202611230915-0600",
+            "NTE|2|L|Called to the ward",
+        ],
+    );
+    let resources: Vec<(String, serde_json::Value)> = out
+        .resources()
+        .map(|(t, id, r)| (format!("{t}/{id}"), r))
+        .collect();
+    let observation = &resources
+        .iter()
+        .find(|(k, _)| k.starts_with("Observation/"))
+        .unwrap()
+        .1;
+    let notes = observation["note"].as_array().unwrap();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert_eq!(notes[0]["text"], "Repeated\nsame value");
+    assert_eq!(notes[0]["time"], "2026-11-23T09:15:00-06:00");
+    let author = notes[0]["authorReference"]["reference"].as_str().unwrap();
+    let practitioner = &resources.iter().find(|(k, _)| k == author).unwrap().1;
+    assert_eq!(practitioner["name"][0]["family"], "Tech");
+    assert_eq!(notes[1]["text"], "Called to the ward");
+    assert!(notes[1].get("authorReference").is_none() && notes[1].get("time").is_none());
+    assert!(
+        !unconsumed(&out)
+            .iter()
+            .any(|u| u.starts_with("NTE")
+                && (u.contains("-3") || u.contains("-5") || u.contains("-6"))),
+        "{:?}",
+        unconsumed(&out)
+    );
+}
+
 /// The same identifier with two different names in one message: one Practitioner holding both
 /// names (a list gains what the second reading adds), each explained by its own field.
 #[test]
