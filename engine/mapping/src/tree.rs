@@ -121,12 +121,10 @@ impl Obj {
                     self.0.insert(i, (k, v));
                 }
                 Ok(i) => {
-                    let mine = self.0[i].1.to_value();
-                    let theirs = v.into_value();
-                    if covers(&mine, &theirs) {
+                    if covers_view(View::Node(&self.0[i].1), View::Node(&v)) {
                         continue;
                     }
-                    match (mine, theirs) {
+                    match (self.0[i].1.to_value(), v.into_value()) {
                         (Value::Array(mut items), Value::Array(new)) => {
                             let mut places = Vec::with_capacity(new.len());
                             for item in new {
@@ -324,6 +322,61 @@ pub(crate) fn covers(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// [`covers`] over the tree as built, without copying it into `Value`s: most second readings
+/// hold nothing new, and the check runs for every element both readings wrote.
+fn covers_view(a: View, b: View) -> bool {
+    match b {
+        View::Node(Node::Const(c)) => covers_view(a, View::Value(&c.value)),
+        View::Obj(o) | View::Node(Node::Obj(o)) => {
+            a.is_object()
+                && o.0
+                    .iter()
+                    .all(|(k, bv)| a.get(k).is_some_and(|av| covers_view(av, View::Node(bv))))
+        }
+        View::Value(Value::Object(m)) => {
+            a.is_object()
+                && m.iter()
+                    .all(|(k, bv)| a.get(k).is_some_and(|av| covers_view(av, View::Value(bv))))
+        }
+        View::Node(Node::Arr(items)) => items_cover(a, items.len(), |j| View::Node(&items[j])),
+        View::Value(Value::Array(items)) => items_cover(a, items.len(), |j| View::Value(&items[j])),
+        _ => match (scalar(a), scalar(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
+        },
+    }
+}
+
+/// Whether `a` is a list and each of `n` items (`item(j)`) is covered by one of its items.
+fn items_cover<'b>(a: View, n: usize, item: impl Fn(usize) -> View<'b>) -> bool {
+    let Some(len) = a.array_len() else {
+        return false;
+    };
+    (0..n).all(|j| {
+        let b = item(j);
+        (0..len).any(|i| a.element(i).is_some_and(|av| covers_view(av, b)))
+    })
+}
+
+#[derive(PartialEq)]
+enum Scalar<'a> {
+    Null,
+    Bool(bool),
+    Num(&'a Number),
+    Str(&'a str),
+}
+
+fn scalar(v: View) -> Option<Scalar> {
+    Some(match v {
+        View::Node(Node::Null) | View::Value(Value::Null) => Scalar::Null,
+        View::Node(Node::Bool(b)) | View::Value(Value::Bool(b)) => Scalar::Bool(*b),
+        View::Node(Node::Num(n)) | View::Value(Value::Number(n)) => Scalar::Num(n),
+        View::Node(Node::Str(s)) | View::Value(Value::String(s)) => Scalar::Str(s),
+        View::Node(Node::Const(c)) => return scalar(View::Value(&c.value)),
+        _ => return None,
+    })
+}
+
 /// A read-only view of a place in the tree, which may lie inside a shared constant.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum View<'a> {
@@ -489,6 +542,38 @@ mod tests {
         ));
         assert!(!covers(&json!(["a"]), &json!("a")));
         assert!(!covers(&json!(1), &json!(1.0)));
+    }
+
+    #[test]
+    fn the_tree_check_agrees_with_the_value_check() {
+        let cases = [
+            json!({"name": [{"family": "Doe", "given": ["Jane", "Q"]}], "n": 1, "b": true}),
+            json!({"name": [{"family": "Doe"}]}),
+            json!({"name": [{"family": "Dow"}]}),
+            json!({"name": [{"given": ["Q"]}], "b": true}),
+            json!({"n": 1.0}),
+            json!({"n": 1, "x": null}),
+            json!({"name": {"family": "Doe"}}),
+            json!({}),
+            json!([]),
+            json!("Doe"),
+        ];
+        for a in &cases {
+            for b in &cases {
+                let built = Node::from_value(b);
+                let shared = Node::Const(Arc::new(Constant::new(a.clone())));
+                assert_eq!(
+                    covers_view(View::Node(&shared), View::Node(&built)),
+                    covers(a, b),
+                    "{a} covers {b}"
+                );
+                assert_eq!(
+                    covers_view(View::Node(&Node::from_value(a)), View::Value(b)),
+                    covers(a, b),
+                    "{a} covers {b}"
+                );
+            }
+        }
     }
 
     #[test]
