@@ -201,6 +201,9 @@ pub(crate) enum MapKind {
         resource: &'static str,
         segment: Option<String>,
         id: Vec<IdPart>,
+        /// What a resource made by a `create:` rule does to the stored one (`write:` at the top
+        /// of the map: `replace` or `merge`); a message map's entries say their own.
+        created: Write,
     },
 }
 
@@ -930,7 +933,7 @@ impl Compiler {
             self.check_keys(
                 file,
                 &node,
-                &["resource", "segment", "id", "description", "rules"],
+                &["resource", "segment", "id", "write", "description", "rules"],
             );
             let r = node.get("resource");
             let ty = r.and_then(Node::as_str).unwrap_or("");
@@ -949,12 +952,30 @@ impl Compiler {
                 .get("segment")
                 .and_then(Node::as_str)
                 .map(str::to_string);
+            let created = match node.get("write") {
+                None => Write::Replace,
+                Some(w) => match w.as_str().and_then(Write::parse) {
+                    Some(write @ (Write::Replace | Write::Merge)) => write,
+                    _ => {
+                        self.err(
+                            file,
+                            w.pos,
+                            format!(
+                                "a resource map's `write:` (for the resources `create:` makes from it) is `replace` (the default: each takes the stored one's place) or `merge` (its elements go into the stored one, lists gaining what they lack), found `{}`",
+                                w.as_str().unwrap_or("")
+                            ),
+                        );
+                        Write::Replace
+                    }
+                },
+            };
             (
                 static_ty,
                 MapKind::Resource {
                     resource: static_ty,
                     segment,
                     id: Vec::new(),
+                    created,
                 },
             )
         };

@@ -1773,8 +1773,12 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             RuleKind::Ref(_) => None,
             RuleKind::Create(idx, place) => {
                 let (rtype, id) = self.instance_id(*idx, c, place);
+                let write = match &self.set.maps[*idx].kind {
+                    MapKind::Resource { created, .. } => *created,
+                    MapKind::Datatype => Write::Replace,
+                };
                 self.enter(rule, c)?;
-                let url = self.build_resource(*idx, c, rtype, id, Write::Replace, Some(&rule.loc));
+                let url = self.build_resource(*idx, c, rtype, id, write, Some(&rule.loc));
                 self.depth -= 1;
                 Some(reference(url?))
             }

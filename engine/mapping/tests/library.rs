@@ -534,7 +534,16 @@ fn ids_are_deterministic_per_tenant_and_source_identifier() {
     let bundle = a.bundle();
     assert_eq!(bundle["type"], "transaction");
     for e in bundle["entry"].as_array().unwrap() {
-        assert_eq!(e["request"]["method"], "PUT");
+        // only an authority's Organization is merged (HD-Organization `write: merge`)
+        let organization = e["request"]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("Organization/");
+        let method = e["request"]["method"].as_str().unwrap();
+        assert!(
+            method == "PUT" || (organization && method == "PATCH"),
+            "{e}"
+        );
     }
 }
 
@@ -898,7 +907,11 @@ fn sibling_events_map_with_their_own_meaning() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|e| e["request"]["method"] == "PATCH")
+                .filter(|e| e["request"]["method"] == "PATCH"
+                    && e["request"]["url"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("Patient/"))
                 .count(),
             1,
             "{event}: the merged record"
@@ -1274,4 +1287,48 @@ fn an_edit_above_a_creating_rule_keeps_the_ids_it_gives() {
         .filter(|r| r["name"] == "Riverside Reference Lab")
         .count();
     assert_eq!(labs, 2, "{:?}", doubled.keys());
+}
+
+/// A resource map's own `write:` applies to what `create:` makes from it: `merge` gives PATCH
+/// entries; a mode that makes no sense for a created resource is a load error at its place.
+#[test]
+fn a_resource_map_s_write_applies_to_the_resources_created_from_it() {
+    let pat = "resource: Patient\nsegment: PID\nid: [\"PID-3[1].1\"]\nrules:\n  - set: managingOrganization\n    from: PID-3[1].4\n    create: HD-Org\n";
+    let org = |write: &str| {
+        format!("resource: Organization\nid: [\".1\"]\nwrite: {write}\nrules:\n  - set: name\n    from: .1\n")
+    };
+    let msg = "message: [ADT^A01]\nresources:\n  - segment: MSH\n    map: MSH-Header\n  - segment: PID\n    map: PID-Patient\n";
+    let load = |write: &str| {
+        load_texts(&[
+            ("segments/MSH-Header.yaml", HEADER),
+            ("segments/PID-Patient.yaml", pat),
+            ("segments/HD-Org.yaml", &org(write)),
+            ("messages/ADT_A01.yaml", msg),
+        ])
+    };
+    for bad in ["delete", "amend", "none", "upsert"] {
+        let errs = load(bad).unwrap_err().to_string();
+        assert!(
+            errs.contains("HD-Org.yaml:3:8: a resource map's `write:`"),
+            "{bad}: {errs}"
+        );
+    }
+    let message = b"MSH|^~\\&|A|B|C|D|202601010000||ADT^A01|1|P|2.5.1\rPID|1||M1^^^RIVERSIDE\r";
+    for (write, method) in [("merge", "PATCH"), ("replace", "PUT")] {
+        let set = load(write).unwrap();
+        let b = map_as(&set, message, "t1").bundle();
+        let org = b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["request"]["url"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("Organization/")
+            })
+            .unwrap_or_else(|| panic!("{b}"))
+            .clone();
+        assert_eq!(org["request"]["method"], method, "{write}");
+    }
 }

@@ -842,3 +842,70 @@ async fn a_replacement_supersedes_a_stored_parent_and_creates_no_missing_one() {
         .unwrap();
     assert_eq!(history.len(), 2, "the original and its superseded version");
 }
+
+/// An assigning authority named under two namespaces by two messages (its OID the same) is one
+/// stored Organization holding both, because HD-Organization merges: the second message adds
+/// its namespace instead of putting back only its own, and a message that adds nothing makes no
+/// new version.
+#[tokio::test]
+async fn an_authority_sent_under_two_namespaces_keeps_both_in_one_stored_organization() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = runtime(tmp.path());
+    let p = pipeline(&repo().join("mappings/hl7v2"), UnconsumedPolicy::Warn);
+    let oid = "2.16.840.1.113883.3.9999.1";
+    let first = fixture("ORU_R01.hl7");
+    let text = String::from_utf8(first.clone()).unwrap();
+    assert!(text.contains(&format!("RIVERSIDE&{oid}&ISO^MR")));
+    let second = text
+        .replacen(
+            &format!("RIVERSIDE&{oid}&ISO^MR"),
+            &format!("RIVERSIDE_HIM&{oid}&ISO^MR"),
+            1,
+        )
+        .replacen("SYN-ORU-0001", "SYN-ORU-0002", 1)
+        .into_bytes();
+    let org_id = tributary_core::deterministic_id(&["t1", "Organization", oid]);
+    let namespaces = || -> (Vec<String>, usize) {
+        let stored = rt
+            .store
+            .read("t1", "Organization", &org_id)
+            .unwrap()
+            .unwrap();
+        let mut values: Vec<String> = stored.resource().unwrap()["identifier"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["value"].as_str().unwrap().to_string())
+            .collect();
+        values.sort();
+        let versions = rt
+            .store
+            .history("t1", "Organization", &org_id)
+            .unwrap()
+            .len();
+        (values, versions)
+    };
+
+    let a = append(&rt, first.clone()).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[a]);
+    let (values, versions) = namespaces();
+    assert_eq!(values, ["RIVERSIDE", &format!("urn:oid:{oid}")]);
+    assert_eq!(versions, 1);
+
+    let b = append(&rt, second).await;
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[b]);
+    let (values, versions) = namespaces();
+    assert_eq!(
+        values,
+        ["RIVERSIDE", "RIVERSIDE_HIM", &format!("urn:oid:{oid}")]
+    );
+    assert_eq!(versions, 2);
+
+    // the first message again (a replay) takes nothing away and adds nothing: no new version
+    rt.journal.replay(&[a]).await.unwrap();
+    drain(&p, &rt).await;
+    assert_committed(&rt, &[a]);
+    assert_eq!(namespaces(), (values, 2));
+}

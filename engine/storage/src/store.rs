@@ -479,7 +479,10 @@ impl IndexFields {
 /// `given`'s elements merged into `stored` (a `write: merge` mapping, such as the merged-away
 /// Patient of an ADT^A40): a list gains each of `given`'s items, which replaces every stored item
 /// that holds the same values (it may hold more); any other element is replaced; elements
-/// `given` lacks are kept. `tributary-mapping`'s FHIRPath Patch for a merge says the same.
+/// `given` lacks are kept. `tributary-mapping`'s FHIRPath Patch for a merge says the same, except
+/// for the order: here an item takes the place of the first stored item it replaces (a new one
+/// goes last), so two messages that each merge what the other already gave do not reorder the
+/// list — and make no new version — every time they alternate.
 pub fn merge_into(stored: Value, given: &Value) -> Value {
     let mut out = without_meta_stamps(&stored);
     if let (Some(o), Some(g)) = (out.as_object_mut(), given.as_object()) {
@@ -490,8 +493,18 @@ pub fn merge_into(stored: Value, given: &Value) -> Value {
             match (o.get_mut(k), gv) {
                 (Some(Value::Array(list)), Value::Array(items)) => {
                     for item in items {
-                        list.retain(|s| !holds_values_of(s, item));
-                        list.push(item.clone());
+                        let holders: Vec<usize> = (0..list.len())
+                            .filter(|&i| tributary_core::covers(&list[i], item))
+                            .collect();
+                        match holders.split_first() {
+                            Some((&at, rest)) => {
+                                list[at] = item.clone();
+                                for &i in rest.iter().rev() {
+                                    list.remove(i);
+                                }
+                            }
+                            None => list.push(item.clone()),
+                        }
                     }
                 }
                 _ => {
@@ -501,23 +514,6 @@ pub fn merge_into(stored: Value, given: &Value) -> Value {
         }
     }
     out
-}
-
-/// Whether `s` has every value `m` has (objects: each of `m`'s members, lists: each item).
-fn holds_values_of(s: &Value, m: &Value) -> bool {
-    let one_of = |sv: &Value, mi: &Value| match sv {
-        Value::Array(a) => a.iter().any(|x| holds_values_of(x, mi)),
-        x => holds_values_of(x, mi),
-    };
-    match (s, m) {
-        (Value::Object(so), Value::Object(mo)) => mo.iter().all(|(k, mv)| {
-            so.get(k).is_some_and(|sv| match mv {
-                Value::Array(items) => items.iter().all(|mi| one_of(sv, mi)),
-                _ => one_of(sv, mv),
-            })
-        }),
-        _ => s == m,
-    }
 }
 
 /// Index entries of one stored version (`fields` absent when it is a deletion).
@@ -2180,12 +2176,20 @@ mod tests {
             merged,
             json!({"resourceType":"Patient","id":"p1","meta":{"source":"urn:feed"},
                 "birthDate":"1980-02-14","active":false,
-                "identifier":[{"system":"urn:ssn","value":"9"},{"system":"urn:mrn","value":"7"}],
+                "identifier":[{"system":"urn:mrn","value":"7"},{"system":"urn:ssn","value":"9"}],
                 "name":[{"family":"Doe","given":["Ann"]},{"family":"Roe"}],
                 "link":[{"other":{"reference":"Patient/p2"},"type":"replaced-by"}]})
         );
         // merging the same elements again changes nothing
         assert_eq!(merge_into(merged.clone(), &given), merged);
+        // two writers that each merge part of what the other gave: once both are in, merging
+        // either again leaves the resource as it is (no reordering, so no new version)
+        let a = json!({"identifier":[{"value":"NS-A"},{"system":"urn:oid","value":"1.2"}]});
+        let b = json!({"identifier":[{"value":"NS-B"},{"system":"urn:oid","value":"1.2"}]});
+        let both = merge_into(merge_into(json!({}), &a), &b);
+        assert_eq!(both["identifier"].as_array().unwrap().len(), 3, "{both}");
+        assert_eq!(merge_into(both.clone(), &a), both);
+        assert_eq!(merge_into(both.clone(), &b), both);
     }
 
     #[tokio::test]
