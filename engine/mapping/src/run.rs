@@ -1252,14 +1252,14 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     .filter_map(|mut x| {
                         let rest = x.element.strip_prefix(url.as_str())?.strip_prefix('.')?;
                         let under = |k: &str| {
-                            rest.strip_prefix(k)
-                                .filter(|after| after.is_empty() || after.starts_with(['.', '[']))
-                                .map(str::len)
+                            rest.strip_prefix(k).is_some_and(|after| {
+                                after.is_empty() || after.starts_with(['.', '['])
+                            })
                         };
-                        if filled.added.iter().any(|k| under(k).is_some()) {
+                        if filled.added.iter().any(|k| under(k)) {
                             return Some(x);
                         }
-                        let (k, places) = filled.lists.iter().find(|(k, _)| under(k).is_some())?;
+                        let (k, places) = filled.lists.iter().find(|(k, _)| under(k))?;
                         let after = rest.strip_prefix(k.as_ref())?.strip_prefix('[')?;
                         let close = after.find(']')?;
                         let item: usize = after[..close].parse().ok()?;
