@@ -825,3 +825,30 @@ fn an_organization_id_in_xon_3_identifies_it_across_messages() {
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(performer("C-2"), first);
 }
+
+/// A lab's CLIA number has one identifier system whether the lab is sent as a code whose coding
+/// system is `CLIA` (OBX-15) or as an XON naming the CLIA authority by its OID (OBX-23).
+#[test]
+fn a_clia_number_has_one_system_however_the_lab_is_sent() {
+    let set = library();
+    let out = run_oru(
+        &set,
+        &[
+            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            &format!(
+                "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F||||36D1332559^Northgate Lab^CLIA{}Northgate Lab^^^^^CLIA&2.16.840.1.113883.4.7&ISO^XX^^^36D1332559",
+                "|".repeat(8)
+            ),
+        ],
+    );
+    let systems: Vec<String> = organizations(&out)
+        .iter()
+        .flat_map(|(_, o)| o["identifier"].as_array().cloned().unwrap_or_default())
+        .filter(|i| i["value"] == "36D1332559")
+        .map(|i| i["system"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(systems.len(), 2, "{systems:?}");
+    for s in &systems {
+        assert_eq!(s, "urn:oid:2.16.840.1.113883.4.7");
+    }
+}
