@@ -125,7 +125,7 @@ impl Obj {
                     if covers_view(View::Node(&self.0[i].1), View::Node(&v)) {
                         continue;
                     }
-                    match (self.0[i].1.to_value(), v.into_value()) {
+                    match (self.0[i].1.clone().into_value(), v.into_value()) {
                         (Value::Array(mut items), Value::Array(new)) => {
                             let mut places = Vec::with_capacity(new.len());
                             for item in new {
@@ -241,22 +241,6 @@ impl Node {
                 .iter()
                 .map(|(k, v)| (Cow::Owned(k.clone()), Node::from_value(v)))
                 .collect())),
-        }
-    }
-
-    pub fn to_value(&self) -> Value {
-        match self {
-            Node::Null => Value::Null,
-            Node::Bool(b) => Value::Bool(*b),
-            Node::Num(n) => Value::Number(n.clone()),
-            Node::Str(s) => Value::String(s.clone()),
-            Node::Arr(a) => Value::Array(a.iter().map(Node::to_value).collect()),
-            Node::Obj(o) => Value::Object(
-                o.0.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_value()))
-                    .collect(),
-            ),
-            Node::Const(c) => c.value.clone(),
         }
     }
 
