@@ -1,5 +1,7 @@
 //! Conditions (`when:`): `OBX-2 == NM`, `OBX-2 in [NM, SN]`, `PID-30 != Y`, `exists(PV1-45)`,
 //! `is_url(OBX-5.1)` (an absolute URL such as `https://…`, which FHIR `url` elements take),
+//! `is_uri(.2)` (a value that is a URI in some spelling: an OID, a UUID, a URL or URN — what
+//! `transform: uri` turns into a URI without inventing a `urn:id:` for it),
 //! `PV1-19` (true when non-empty), `from(ORC-12)` (the value being mapped was read from that
 //! field: one map of an XCN serving ORC-12 and PV1-7 can add what only the orderer has),
 //! combined with `and`, `or`, `not` and parentheses.
@@ -18,6 +20,7 @@ pub enum Operand {
 pub enum Cond {
     Exists(Operand),
     IsUrl(Operand),
+    IsUri(Operand),
     /// The value being mapped is a repetition of this field (`from(ORC-12)`).
     From(Operand),
     Eq(Operand, Operand),
@@ -163,6 +166,7 @@ impl P {
         for (name, make) in [
             ("exists", Cond::Exists as fn(Operand) -> Cond),
             ("is_url", Cond::IsUrl),
+            ("is_uri", Cond::IsUri),
         ] {
             if self.word_is(name) {
                 self.i += 1;
@@ -260,7 +264,7 @@ impl Cond {
     /// Every operand of the condition, in order.
     fn each_operand<'a>(&'a self, f: &mut impl FnMut(&'a Operand)) {
         match self {
-            Cond::Exists(a) | Cond::IsUrl(a) | Cond::From(a) => f(a),
+            Cond::Exists(a) | Cond::IsUrl(a) | Cond::IsUri(a) | Cond::From(a) => f(a),
             Cond::Eq(a, b) | Cond::Ne(a, b) => {
                 f(a);
                 f(b);
@@ -308,6 +312,7 @@ mod tests {
         assert!(matches!(c, Cond::Eq(Operand::Path(_), Operand::Literal(_))));
         assert!(matches!(parse("PV1-45").unwrap(), Cond::Exists(_)));
         assert!(matches!(parse("is_url(OBX-5.1)").unwrap(), Cond::IsUrl(_)));
+        assert!(matches!(parse("is_uri(.2)").unwrap(), Cond::IsUri(_)));
         assert!(matches!(parse("from(ORC-12)").unwrap(), Cond::From(_)));
         for bad in ["from(.1)", "from(ORC-12.1)", "from(NW)"] {
             let e = parse(bad).unwrap_err();

@@ -1100,6 +1100,10 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                 self.operand(o, ctx)
                     .is_some_and(|v| crate::cond::is_url(v.trim()))
             }
+            Cond::IsUri(o) => {
+                self.note_compared(o, ctx);
+                self.operand(o, ctx).is_some_and(|v| uri_form(&v).is_some())
+            }
             Cond::From(crate::cond::Operand::Path(p)) => {
                 ctx.rep > 0
                     && ctx.field == p.field
@@ -1897,21 +1901,27 @@ fn reference(url: String) -> Node {
 /// An identifier namespace as a legal URI: OIDs become `urn:oid:`, UUIDs `urn:uuid:`, URLs and
 /// URNs stay, anything else becomes `urn:id:` with spaces replaced (R4 `uri` has no whitespace).
 pub fn to_uri(s: &str) -> String {
+    uri_form(s).unwrap_or_else(|| format!("urn:id:{}", s.trim().replace(char::is_whitespace, "_")))
+}
+
+/// The URI a value already is, in another spelling: an OID (`urn:oid:`), a UUID (`urn:uuid:`),
+/// a URL or URN (spaces escaped). `None` for a name or a local code, which has no URI of its own.
+pub fn uri_form(s: &str) -> Option<String> {
     let s = s.trim();
     let is_oid = s.contains('.')
         && s.split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if is_oid {
-        return format!("urn:oid:{s}");
+        return Some(format!("urn:oid:{s}"));
     }
     let is_uuid = s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
     if is_uuid {
-        return format!("urn:uuid:{s}");
+        return Some(format!("urn:uuid:{s}"));
     }
     if s.contains("://") || s.starts_with("urn:") {
-        return s.replace(' ', "%20");
+        return Some(s.replace(' ', "%20"));
     }
-    format!("urn:id:{}", s.replace(char::is_whitespace, "_"))
+    None
 }
 
 fn transform<'a>(rule: &Rule, mut s: Cow<'a, str>) -> Cow<'a, str> {

@@ -827,28 +827,65 @@ fn an_organization_id_in_xon_3_identifies_it_across_messages() {
 }
 
 /// A lab's CLIA number has one identifier system whether the lab is sent as a code whose coding
-/// system is `CLIA` (OBX-15) or as an XON naming the CLIA authority by its OID (OBX-23).
+/// system is `CLIA` (OBX-15), as an XON naming the CLIA authority by its OID (OBX-23), or as an
+/// HD whose universal id type is CLIA (MSH-4, an order number's authority): the CLIA OID, with
+/// the number as sent, never an invented `urn:id:` URI.
 #[test]
 fn a_clia_number_has_one_system_however_the_lab_is_sent() {
     let set = library();
-    let out = run_oru(
+    let msh = MSH
+        .replace("ADT^A01^ADT_A01", "ORU^R01^ORU_R01")
+        .replace("|RIVERSIDE|", "|Northgate Lab^36D1332559^CLIA|");
+    let out = run(
         &set,
         &[
-            "OBR|1|P-1||24323-8^Metabolic panel^LN",
+            &msh,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "OBR|1|P-1|F-1^Northgate Lab^36D1332559^CLIA|24323-8^Metabolic panel^LN",
             &format!(
                 "OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F||||36D1332559^Northgate Lab^CLIA{}Northgate Lab^^^^^CLIA&2.16.840.1.113883.4.7&ISO^XX^^^36D1332559",
                 "|".repeat(8)
             ),
         ],
     );
-    let systems: Vec<String> = organizations(&out)
+    let identifiers: Vec<serde_json::Value> = organizations(&out)
         .iter()
         .flat_map(|(_, o)| o["identifier"].as_array().cloned().unwrap_or_default())
-        .filter(|i| i["value"] == "36D1332559")
-        .map(|i| i["system"].as_str().unwrap_or("").to_string())
+        .filter(|i| i["value"].as_str().unwrap_or("").contains("36D1332559"))
         .collect();
-    assert_eq!(systems.len(), 2, "{systems:?}");
-    for s in &systems {
-        assert_eq!(s, "urn:oid:2.16.840.1.113883.4.7");
+    // MSH-4 and the filler number's authority are one Organization; OBX-15 and OBX-23 are two
+    assert_eq!(identifiers.len(), 3, "{identifiers:#?}");
+    for i in &identifiers {
+        assert_eq!(i["system"], "urn:oid:2.16.840.1.113883.4.7", "{i}");
+        assert_eq!(i["value"], "36D1332559", "{i}");
+    }
+}
+
+/// An HD's universal id is a URI under `urn:ietf:rfc:3986` only where it is one in some
+/// spelling (an OID, a UUID); a local id or a DNS name is the identifier's value as sent,
+/// typed by HD-3, without a system (IG HD[Organization]: the system only for ISO and UUID).
+#[test]
+fn an_hd_universal_id_that_is_no_uri_is_kept_as_sent() {
+    let set = library();
+    let universal = |hd: &str| {
+        let msh = MSH.replace("|RIVERSIDE|", &format!("|{hd}|"));
+        let out = run(&set, &[&msh, "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat"]);
+        organizations(&out)
+            .into_iter()
+            .flat_map(|(_, o)| o["identifier"].as_array().cloned().unwrap_or_default())
+            .find(|i| i.get("type").is_some())
+            .unwrap_or_else(|| panic!("no universal id for {hd}"))
+    };
+    let oid = universal("North^2.16.840.1.113883.3.9999^ISO");
+    assert_eq!(oid["system"], "urn:ietf:rfc:3986");
+    assert_eq!(oid["value"], "urn:oid:2.16.840.1.113883.3.9999");
+    for (hd, value, kind) in [
+        ("North^rt23^HCD", "rt23", "HCD"),
+        ("North^north.example.org^DNS", "north.example.org", "DNS"),
+    ] {
+        let id = universal(hd);
+        assert_eq!(id.get("system"), None, "{id}");
+        assert_eq!(id["value"], value);
+        assert_eq!(id["type"]["coding"][0]["code"], kind);
     }
 }
