@@ -889,3 +889,56 @@ fn an_hd_universal_id_that_is_no_uri_is_kept_as_sent() {
         assert_eq!(id["type"]["coding"][0]["code"], kind);
     }
 }
+
+/// PID-33/34 (when and where the patient's record was last updated) become a Provenance of the
+/// Patient (IG PID[Provenance-Patient]): activity UPDATE, occurred at PID-33, the PID-34
+/// facility — else the sending facility — as performer. The same update reported by two
+/// messages is one Provenance.
+#[test]
+fn a_record_update_time_and_facility_are_a_provenance_of_the_patient() {
+    let set = library();
+    let update = |control: &str, pid34: &str| {
+        let msh = MSH.replace("C-1", control);
+        let pid = format!(
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat{}20261120101500-0600|{pid34}",
+            "|".repeat(28)
+        );
+        let out = run(&set, &[&msh, &pid]);
+        let patient = out
+            .resources()
+            .find(|(t, _, _)| *t == "Patient")
+            .map(|(_, id, _)| id.to_string())
+            .expect("a Patient");
+        let provenance: Vec<serde_json::Value> = out
+            .resources()
+            .filter(|(t, _, r)| {
+                *t == "Provenance" && r["activity"]["coding"][0]["code"] == "UPDATE"
+            })
+            .map(|(_, _, r)| r)
+            .collect();
+        assert_eq!(provenance.len(), 1, "{provenance:#?}");
+        let p = provenance[0].clone();
+        assert_eq!(p["target"][0]["reference"], format!("Patient/{patient}"));
+        assert_eq!(p["occurredDateTime"], "2026-11-20T10:15:00-06:00");
+        assert_eq!(p["agent"][0]["type"]["coding"][0]["code"], "performer");
+        let who = p["agent"][0]["who"]["reference"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let facility = organizations(&out)
+            .into_iter()
+            .find(|(id, _)| who == format!("Organization/{id}"))
+            .map(|(_, o)| o["identifier"][0]["value"].clone())
+            .expect("the performer is an Organization of the bundle");
+        (p["id"].clone(), facility)
+    };
+    let (first, facility) = update("C-1", "REGISTRATION^2.16.840.1.113883.3.9999.4^ISO");
+    assert_eq!(facility, "REGISTRATION");
+    let (again, _) = update("C-2", "REGISTRATION^2.16.840.1.113883.3.9999.4^ISO");
+    assert_eq!(again, first, "one update, one Provenance");
+    let (_, sender) = update("C-3", "");
+    assert_eq!(
+        sender, "RIVERSIDE",
+        "without PID-34 the sending facility performed it"
+    );
+}
