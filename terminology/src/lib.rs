@@ -218,6 +218,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../conceptmaps/v2-0200-name-use.tsv"),
     ),
     (
+        "v2-0136-protection-confidentiality",
+        include_str!("../conceptmaps/v2-0136-protection-confidentiality.tsv"),
+    ),
+    (
         "v2-0201-telecom-use",
         include_str!("../conceptmaps/v2-0201-telecom-use.tsv"),
     ),

@@ -115,6 +115,8 @@ pub(crate) enum Transform {
     Uri,
     /// `base64` — encode the text (for `Attachment.data`).
     Base64,
+    /// `xhtml` — the text as a FHIR narrative `div` (escaped, in the XHTML namespace).
+    Xhtml,
     /// `endpoint` — an R4 `url` for MessageHeader endpoints: kept when it has a scheme
     /// (`mllp://host:port`), else `mllp://` + the name with unsafe characters replaced.
     Endpoint,
@@ -1181,11 +1183,12 @@ impl Compiler {
                     "trim" => transforms.push(Transform::Trim),
                     "uri" => transforms.push(Transform::Uri),
                     "base64" => transforms.push(Transform::Base64),
+                    "xhtml" => transforms.push(Transform::Xhtml),
                     "comparator" => transforms.push(Transform::Comparator),
                     "endpoint" => transforms.push(Transform::Endpoint),
                     "strip_comparator" => transforms.push(Transform::StripComparator),
                     other => self.err(file, it.pos, format!(
-                        "unknown transform `{other}` (allowed: upper, lower, trim, uri, endpoint, base64, comparator, strip_comparator; use `prefix:` to prepend text)")),
+                        "unknown transform `{other}` (allowed: upper, lower, trim, uri, endpoint, base64, xhtml, comparator, strip_comparator; use `prefix:` to prepend text)")),
                 }
             }
         }

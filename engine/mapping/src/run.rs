@@ -1933,6 +1933,7 @@ fn transform<'a>(rule: &Rule, mut s: Cow<'a, str>) -> Cow<'a, str> {
             Transform::Prefix(p) => format!("{p}{s}"),
             Transform::Uri => to_uri(&s),
             Transform::Base64 => base64(s.as_bytes()),
+            Transform::Xhtml => narrative_div(&s),
             Transform::Endpoint => to_endpoint(&s),
             Transform::Comparator => split_comparator(&s).0.to_string(),
             Transform::StripComparator => split_comparator(&s).1.to_string(),
@@ -2086,6 +2087,23 @@ fn target_path(obj: &Obj, steps: &[Step], jpath: &str) -> String {
 }
 
 /// Standard base64 with padding (RFC 4648), for `Attachment.data`.
+/// Plain text as a FHIR narrative: one XHTML `div`, the text escaped so it stays text.
+fn narrative_div(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 48);
+    out.push_str("<div xmlns=\"http://www.w3.org/1999/xhtml\">");
+    for c in text.trim().chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out.push_str("</div>");
+    out
+}
+
 fn base64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);

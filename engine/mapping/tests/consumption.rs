@@ -942,3 +942,61 @@ fn a_record_update_time_and_facility_are_a_provenance_of_the_patient() {
         "without PID-34 the sending facility performed it"
     );
 }
+
+/// PV2-22 (visit protection) labels the Encounter's confidentiality — restricted for `Y`,
+/// normal for `N` — and a code outside table 0136 labels nothing, with a warning naming the field
+/// and the map but not the code; PV2-12 (visit
+/// description) is the Encounter's narrative, escaped so the text stays text. IG PV2[Encounter].
+#[test]
+fn a_protected_visit_is_labelled_restricted_and_its_description_is_the_narrative() {
+    let set = library();
+    let visit = |pv2_12: &str, pv2_22: &str| {
+        let pv2 = format!("PV2|{}{pv2_12}{}{pv2_22}", "|".repeat(11), "|".repeat(10));
+        // the HL7 parser, not the test splitter: PV2-12 carries an escape sequence
+        let text = [
+            MSH,
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat",
+            "PV1|1|I|ICU^101^A",
+            &pv2,
+        ]
+        .join("\r");
+        let out = set
+            .map_bytes(
+                text.as_bytes(),
+                tributary_terminology::builtin(),
+                &RunOptions::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let encounter = out
+            .resources()
+            .find(|(t, _, _)| *t == "Encounter")
+            .map(|(_, _, r)| r)
+            .expect("an Encounter");
+        (encounter, out.warnings)
+    };
+    let (protected, _) = visit("Work-up <telemetry> \\T\\ echo", "Y");
+    assert_eq!(
+        protected["meta"]["security"],
+        serde_json::json!([{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+            "code": "R",
+            "display": "restricted"
+        }])
+    );
+    assert_eq!(protected["text"]["status"], "additional");
+    assert_eq!(
+        protected["text"]["div"],
+        "<div xmlns=\"http://www.w3.org/1999/xhtml\">Work-up &lt;telemetry&gt; &amp; echo</div>"
+    );
+    let (open, _) = visit("", "N");
+    assert_eq!(open["meta"]["security"][0]["code"], "N");
+    assert!(open.get("text").is_none());
+    let (unknown, warnings) = visit("", "SEC");
+    assert!(unknown.get("meta").is_none(), "{unknown}");
+    assert!(
+        warnings.iter().any(|w| w.contains("PV2-22")
+            && w.contains("v2-0136-protection-confidentiality")
+            && !w.contains("SEC")),
+        "{warnings:?}"
+    );
+}
