@@ -1000,3 +1000,39 @@ fn a_protected_visit_is_labelled_restricted_and_its_description_is_the_narrative
         "{warnings:?}"
     );
 }
+
+/// A practitioner's name carries the period it is valid for: XCN-19/20 (effective and
+/// expiration date), or XCN-17 (the name validity range messages before v2.5 send) when
+/// neither is there. IG XCN[Practitioner].
+#[test]
+fn a_practitioner_name_carries_its_validity_period() {
+    let set = library();
+    let name_period = |xcn: &str| {
+        let out = run_oru(
+            &set,
+            &[
+                "OBR|1|P-1||24323-8^Metabolic panel^LN",
+                &format!("OBX|1|NM|2345-7^Glucose^LN||105|mg/dL|||||F|||||{xcn}"),
+            ],
+        );
+        let period = out
+            .resources()
+            .find(|(t, _, _)| *t == "Practitioner")
+            .map(|(_, _, r)| r["name"][0]["period"].clone());
+        period.expect("a Practitioner")
+    };
+    let fields = |tail: &str| format!("P1^Tech^Toni^^^^^^NORTHGATE{tail}");
+    assert_eq!(
+        name_period(&fields("^^^^^^^^^^20190301^20291231")),
+        serde_json::json!({"start": "2019-03-01", "end": "2029-12-31"})
+    );
+    assert_eq!(
+        name_period(&fields("^^^^^^^^20100115&20200115")),
+        serde_json::json!({"start": "2010-01-15", "end": "2020-01-15"})
+    );
+    assert_eq!(
+        name_period(&fields("^^^^^^^^20100115&20200115^^20190301")),
+        serde_json::json!({"start": "2019-03-01"}),
+        "XCN-19/20 win over XCN-17"
+    );
+}

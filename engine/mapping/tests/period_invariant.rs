@@ -125,7 +125,8 @@ fn a_discharge_before_the_admit_is_left_out_and_reported_by_path() {
         .map(|i| i + 1)
         .unwrap();
     assert!(
-        pv1.rule.ends_with(&format!("segments/PV1-Encounter.yaml:{line}")),
+        pv1.rule
+            .ends_with(&format!("segments/PV1-Encounter.yaml:{line}")),
         "{} (expected line {line})",
         pv1.rule
     );
