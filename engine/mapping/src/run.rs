@@ -97,6 +97,10 @@ pub enum DropReason {
     /// the first does not (another family name, an identifier type): the first creation's
     /// element stands and the second's is left out.
     Conflict,
+    /// A code the rule's ConceptMap (`translate:`) does not list, and no `default:`: the element
+    /// is left empty. The rule's location names the map; adding the code to it (or `-` for "no
+    /// target on purpose") maps it.
+    UnknownCode,
 }
 
 impl fmt::Display for DropReason {
@@ -106,6 +110,7 @@ impl fmt::Display for DropReason {
             DropReason::DuplicateId => "duplicate id",
             DropReason::InvalidValue => "invalid value",
             DropReason::Conflict => "differs from the same resource created earlier in the message",
+            DropReason::UnknownCode => "code not in the rule's ConceptMap",
         })
     }
 }
@@ -1688,25 +1693,30 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                     "{}: value at {source} left out of `{}`: {reason}",
                     rule.loc, rule.set
                 ));
-                // reported like an unconsumed field, so the feed's policy applies to it
-                let (resource_type, resource_id) =
-                    self.building.last().cloned().unwrap_or(("", String::new()));
-                let mut element = self.sets.join(".");
-                if !element.is_empty() {
-                    element.push('.');
-                }
-                element.push_str(&rule.set);
-                self.dropped.push(DroppedValue {
-                    source,
-                    resource_type,
-                    resource_id,
-                    element,
-                    rule: rule.loc.to_string(),
-                    reason: DropReason::InvalidValue,
-                });
+                self.left_out(rule, c, DropReason::InvalidValue);
                 Ok(None)
             }
         }
+    }
+
+    /// Records a value the rule read but leaves out of the output, reported like an unconsumed
+    /// field so the feed's policy applies to it.
+    fn left_out(&mut self, rule: &Rule, c: Ctx, reason: DropReason) {
+        let (resource_type, resource_id) =
+            self.building.last().cloned().unwrap_or(("", String::new()));
+        let mut element = self.sets.join(".");
+        if !element.is_empty() {
+            element.push('.');
+        }
+        element.push_str(&rule.set);
+        self.dropped.push(DroppedValue {
+            source: self.concrete(c),
+            resource_type,
+            resource_id,
+            element,
+            rule: rule.loc.to_string(),
+            reason,
+        });
     }
 
     fn value(&mut self, rule: &'s Rule, c: Ctx, element: &str) -> Fallible<Option<Node>> {
@@ -1769,6 +1779,7 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
                                 self.concrete(c),
                                 rule.set
                             ));
+                            self.left_out(rule, c, DropReason::UnknownCode);
                             None
                         }
                     },

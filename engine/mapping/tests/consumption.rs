@@ -944,8 +944,8 @@ fn a_record_update_time_and_facility_are_a_provenance_of_the_patient() {
 }
 
 /// PV2-22 (visit protection) labels the Encounter's confidentiality — restricted for `Y`,
-/// normal for `N` — and a code outside table 0136 labels nothing, with a warning naming the field
-/// and the map but not the code; PV2-12 (visit
+/// normal for `N` — and a code outside table 0136 labels nothing and is reported as left out
+/// (the warning names the field and the map, not the code); PV2-12 (visit
 /// description) is the Encounter's narrative, escaped so the text stays text. IG PV2[Encounter].
 #[test]
 fn a_protected_visit_is_labelled_restricted_and_its_description_is_the_narrative() {
@@ -972,9 +972,9 @@ fn a_protected_visit_is_labelled_restricted_and_its_description_is_the_narrative
             .find(|(t, _, _)| *t == "Encounter")
             .map(|(_, _, r)| r)
             .expect("an Encounter");
-        (encounter, out.warnings)
+        (encounter, out.warnings, out.dropped)
     };
-    let (protected, _) = visit("Work-up <telemetry> \\T\\ echo", "Y");
+    let (protected, _, _) = visit("Work-up <telemetry> \\T\\ echo", "Y");
     assert_eq!(
         protected["meta"]["security"],
         serde_json::json!([{
@@ -988,11 +988,26 @@ fn a_protected_visit_is_labelled_restricted_and_its_description_is_the_narrative
         protected["text"]["div"],
         "<div xmlns=\"http://www.w3.org/1999/xhtml\">Work-up &lt;telemetry&gt; &amp; echo</div>"
     );
-    let (open, _) = visit("", "N");
+    let (open, _, _) = visit("", "N");
     assert_eq!(open["meta"]["security"][0]["code"], "N");
     assert!(open.get("text").is_none());
-    let (unknown, warnings) = visit("", "SEC");
+    let (unknown, warnings, dropped) = visit("", "SEC");
     assert!(unknown.get("meta").is_none(), "{unknown}");
+    // left out, and reported like an unconsumed field so the feed's policy applies
+    let d: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        d,
+        ["PV2-22 (Encounter.meta.security: code not in the rule's ConceptMap)"]
+    );
+    assert_eq!(
+        dropped[0].reason,
+        tributary_mapping::DropReason::UnknownCode
+    );
+    assert!(
+        dropped[0].rule.contains("PV1-Encounter.yaml:"),
+        "{}",
+        dropped[0].rule
+    );
     assert!(
         warnings.iter().any(|w| w.contains("PV2-22")
             && w.contains("v2-0136-protection-confidentiality")
@@ -1034,5 +1049,34 @@ fn a_practitioner_name_carries_its_validity_period() {
         name_period(&fields("^^^^^^^^20100115&20200115^^20190301")),
         serde_json::json!({"start": "2019-03-01"}),
         "XCN-19/20 win over XCN-17"
+    );
+}
+
+/// A code a ConceptMap lists with `-` (no target on purpose: XTN-2 `NET` says the address is an
+/// e-mail, which the system carries) is mapped without a use and not reported; an unlisted one
+/// is reported as left out.
+#[test]
+fn a_code_with_no_target_on_purpose_is_not_reported_an_unlisted_one_is() {
+    let set = library();
+    let telecom = |use_code: &str| {
+        let pid =
+            format!("PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||||||||^{use_code}^Internet^a@example.org");
+        let out = run(&set, &[MSH, &pid]);
+        let dropped: Vec<String> = out.dropped.iter().map(ToString::to_string).collect();
+        let patient = out
+            .resources()
+            .find(|(t, _, _)| *t == "Patient")
+            .map(|(_, _, r)| r["telecom"][0].clone());
+        (patient.expect("a Patient"), dropped, unconsumed(&out))
+    };
+    let (email, dropped, left) = telecom("NET");
+    assert_eq!(email["system"], "email");
+    assert!(email.get("use").is_none(), "{email}");
+    assert!(dropped.is_empty(), "{dropped:?}");
+    assert!(!left.iter().any(|p| p.starts_with("PID-13")), "{left:?}");
+    let (_, dropped, _) = telecom("XYZ");
+    assert_eq!(
+        dropped,
+        ["PID-13.2 (Patient.telecom.use: code not in the rule's ConceptMap)"]
     );
 }
