@@ -1107,7 +1107,8 @@ impl<'s, S: V2Source + ?Sized> Runner<'s, S> {
             }
             Cond::IsUri(o) => {
                 self.note_compared(o, ctx);
-                self.operand(o, ctx).is_some_and(|v| uri_form(&v).is_some())
+                self.operand(o, ctx)
+                    .is_some_and(|v| uri_prefix(v.trim()).is_some())
             }
             Cond::From(crate::cond::Operand::Path(p)) => {
                 ctx.rep > 0
@@ -1917,22 +1918,28 @@ pub fn to_uri(s: &str) -> String {
 
 /// The URI a value already is, in another spelling: an OID (`urn:oid:`), a UUID (`urn:uuid:`),
 /// a URL or URN (spaces escaped). `None` for a name or a local code, which has no URI of its own.
-pub fn uri_form(s: &str) -> Option<String> {
+fn uri_form(s: &str) -> Option<String> {
     let s = s.trim();
+    uri_prefix(s).map(|prefix| match prefix {
+        "" => s.replace(' ', "%20"),
+        p => format!("{p}{s}"),
+    })
+}
+
+/// What makes `s` (trimmed) a URI: `urn:oid:` or `urn:uuid:` before it, or nothing (`""`) when
+/// it is a URL or URN already; `None` when nothing does.
+fn uri_prefix(s: &str) -> Option<&'static str> {
     let is_oid = s.contains('.')
         && s.split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if is_oid {
-        return Some(format!("urn:oid:{s}"));
+        return Some("urn:oid:");
     }
     let is_uuid = s.len() == 36 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
     if is_uuid {
-        return Some(format!("urn:uuid:{s}"));
+        return Some("urn:uuid:");
     }
-    if s.contains("://") || s.starts_with("urn:") {
-        return Some(s.replace(' ', "%20"));
-    }
-    None
+    (s.contains("://") || s.starts_with("urn:")).then_some("")
 }
 
 fn transform<'a>(rule: &Rule, mut s: Cow<'a, str>) -> Cow<'a, str> {
@@ -2097,7 +2104,6 @@ fn target_path(obj: &Obj, steps: &[Step], jpath: &str) -> String {
     s
 }
 
-/// Standard base64 with padding (RFC 4648), for `Attachment.data`.
 /// Plain text as a FHIR narrative: one XHTML `div`, the text escaped so it stays text.
 fn narrative_div(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 48);
@@ -2115,6 +2121,7 @@ fn narrative_div(text: &str) -> String {
     out
 }
 
+/// Standard base64 with padding (RFC 4648), for `Attachment.data`.
 fn base64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);

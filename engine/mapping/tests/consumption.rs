@@ -1059,8 +1059,9 @@ fn a_practitioner_name_carries_its_validity_period() {
 fn a_code_with_no_target_on_purpose_is_not_reported_an_unlisted_one_is() {
     let set = library();
     let telecom = |use_code: &str| {
-        let pid =
-            format!("PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||||||||^{use_code}^Internet^a@example.org");
+        let pid = format!(
+            "PID|1||MRN1^^^RIVERSIDE^MR||One^Pat||||||||^{use_code}^Internet^a@example.org"
+        );
         let out = run(&set, &[MSH, &pid]);
         let dropped: Vec<String> = out.dropped.iter().map(ToString::to_string).collect();
         let patient = out
